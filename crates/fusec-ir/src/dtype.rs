@@ -1,0 +1,104 @@
+//! Element types of tensors.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// The element type of a tensor value.
+///
+/// The set is closed: it is what a Llama decode step needs in full precision (`f32`),
+/// in the half formats (`f16`, `bf16`), in the two OCP FP8 formats, and `i32` for token
+/// ids and positions.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    F32,
+    F16,
+    Bf16,
+    Fp8E4M3,
+    Fp8E5M2,
+    I32,
+}
+
+impl DType {
+    /// Every dtype, in a fixed order (used by parsers and tests).
+    pub const ALL: [DType; 6] = [
+        DType::F32,
+        DType::F16,
+        DType::Bf16,
+        DType::Fp8E4M3,
+        DType::Fp8E5M2,
+        DType::I32,
+    ];
+
+    /// Bytes per element.
+    pub const fn size_bytes(self) -> u64 {
+        match self {
+            DType::F32 | DType::I32 => 4,
+            DType::F16 | DType::Bf16 => 2,
+            DType::Fp8E4M3 | DType::Fp8E5M2 => 1,
+        }
+    }
+
+    /// The canonical name used in the text IR and in configuration files.
+    pub const fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::Bf16 => "bf16",
+            DType::Fp8E4M3 => "fp8e4m3",
+            DType::Fp8E5M2 => "fp8e5m2",
+            DType::I32 => "i32",
+        }
+    }
+
+    pub const fn is_float(self) -> bool {
+        !matches!(self, DType::I32)
+    }
+
+    pub const fn is_fp8(self) -> bool {
+        matches!(self, DType::Fp8E4M3 | DType::Fp8E5M2)
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The error for a dtype name that is not one of [`DType::ALL`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown dtype `{0}` (expected one of f32, f16, bf16, fp8e4m3, fp8e5m2, i32)")]
+pub struct UnknownDType(pub String);
+
+impl FromStr for DType {
+    type Err = UnknownDType;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        DType::ALL
+            .into_iter()
+            .find(|d| d.name() == s)
+            .ok_or_else(|| UnknownDType(s.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for d in DType::ALL {
+            assert_eq!(d.name().parse::<DType>(), Ok(d));
+        }
+        assert!("float32".parse::<DType>().is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(DType::F32.size_bytes(), 4);
+        assert_eq!(DType::Bf16.size_bytes(), 2);
+        assert_eq!(DType::Fp8E4M3.size_bytes(), 1);
+        assert_eq!(DType::I32.size_bytes(), 4);
+    }
+}

@@ -1,0 +1,192 @@
+//! The validated model description shared by both frontends.
+
+use std::path::PathBuf;
+
+use crate::dtype::DType;
+
+/// The architecture hyper-parameters of a Llama-family decoder.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct ModelConfig {
+    pub name: String,
+    pub hidden_size: u64,
+    pub num_layers: u64,
+    pub num_heads: u64,
+    pub num_kv_heads: u64,
+    pub head_dim: u64,
+    pub intermediate_size: u64,
+    pub vocab_size: u64,
+    pub rope_theta: f64,
+    pub rms_norm_eps: f64,
+    pub max_seq_len: u64,
+    pub tie_word_embeddings: bool,
+    /// The dtype the checkpoint is stored and run in eagerly.
+    pub dtype: DType,
+    /// Mistral's sliding attention window, if any: contexts beyond it are rejected,
+    /// since the decode graph attends to the whole cache.
+    pub sliding_window: Option<u64>,
+}
+
+impl ModelConfig {
+    /// Query heads per KV head (the GQA group size).
+    pub fn group_size(&self) -> u64 {
+        self.num_heads / self.num_kv_heads
+    }
+
+    /// Parameters, counting the embedding table (and lm_head unless tied).
+    pub fn parameter_count(&self) -> u64 {
+        let (d, h, kv, hd, i, v) = (
+            self.hidden_size,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.intermediate_size,
+            self.vocab_size,
+        );
+        let attn = d * h * hd * 2 + d * kv * hd * 2;
+        let mlp = 3 * d * i;
+        let layer = attn + mlp + 2 * d;
+        let head = if self.tie_word_embeddings { 0 } else { v * d };
+        self.num_layers * layer + v * d + head + d
+    }
+}
+
+/// The decode step costs are reported for.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct DecodeConfig {
+    /// Sequences decoded together.
+    pub batch: u64,
+    /// KV length after the step (the cache held `context - 1` positions before it).
+    pub context: u64,
+}
+
+/// Compute precision of the compiled step.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    F32,
+    F16,
+    Bf16,
+    Fp8,
+}
+
+impl Precision {
+    pub fn parse(s: &str) -> Option<Precision> {
+        match s {
+            "f32" => Some(Precision::F32),
+            "f16" => Some(Precision::F16),
+            "bf16" => Some(Precision::Bf16),
+            "fp8" => Some(Precision::Fp8),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::F16 => "f16",
+            Precision::Bf16 => "bf16",
+            Precision::Fp8 => "fp8",
+        }
+    }
+
+    /// The precision a checkpoint stored in `dtype` runs in by default.
+    pub fn of_dtype(dtype: DType) -> Precision {
+        match dtype {
+            DType::F16 => Precision::F16,
+            DType::Bf16 => Precision::Bf16,
+            _ => Precision::F32,
+        }
+    }
+}
+
+/// The hardware and precision to compile for.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct TargetConfig {
+    pub gpu: String,
+    pub precision: Precision,
+}
+
+/// Everything a frontend reads from a model description.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct ModelSpec {
+    pub model: ModelConfig,
+    pub decode: DecodeConfig,
+    pub target: TargetConfig,
+    /// A safetensors file or a Hugging Face model directory, resolved against the
+    /// description's directory.
+    pub weights: Option<PathBuf>,
+    /// The file the description came from.
+    pub source: PathBuf,
+}
+
+/// The default GPU for cost estimates.
+pub const DEFAULT_GPU: &str = "h100-sxm";
+
+/// Cross-field checks shared by both frontends. Each error names the field at fault
+/// (returned as its key, so the caller can point at it in the file).
+pub(crate) fn check(model: &ModelConfig, decode: &DecodeConfig) -> Result<(), (&'static str, String)> {
+    for (key, v) in [
+        ("hidden_size", model.hidden_size),
+        ("num_layers", model.num_layers),
+        ("num_heads", model.num_heads),
+        ("num_kv_heads", model.num_kv_heads),
+        ("head_dim", model.head_dim),
+        ("intermediate_size", model.intermediate_size),
+        ("vocab_size", model.vocab_size),
+        ("max_seq_len", model.max_seq_len),
+        ("batch", decode.batch),
+        ("context", decode.context),
+    ] {
+        if v == 0 {
+            return Err((key, format!("`{key}` must be positive")));
+        }
+    }
+    if model.num_heads % model.num_kv_heads != 0 {
+        return Err((
+            "num_kv_heads",
+            format!(
+                "num_heads ({}) is not a multiple of num_kv_heads ({})",
+                model.num_heads, model.num_kv_heads
+            ),
+        ));
+    }
+    if model.head_dim % 2 != 0 {
+        return Err((
+            "head_dim",
+            format!("head_dim ({}) must be even for rotary embeddings", model.head_dim),
+        ));
+    }
+    if !(model.rope_theta.is_finite() && model.rope_theta > 0.0) {
+        return Err(("rope_theta", "`rope_theta` must be a positive number".into()));
+    }
+    if !(model.rms_norm_eps.is_finite() && model.rms_norm_eps > 0.0) {
+        return Err(("rms_norm_eps", "`rms_norm_eps` must be a positive number".into()));
+    }
+    if !matches!(model.dtype, DType::F32 | DType::F16 | DType::Bf16) {
+        return Err((
+            "dtype",
+            format!("checkpoint dtype must be f32, f16 or bf16, got {}", model.dtype),
+        ));
+    }
+    if decode.context > model.max_seq_len {
+        return Err((
+            "context",
+            format!(
+                "context {} is beyond max_seq_len {}",
+                decode.context, model.max_seq_len
+            ),
+        ));
+    }
+    if let Some(w) = model.sliding_window {
+        if decode.context > w {
+            return Err((
+                "context",
+                format!(
+                    "context {} is beyond the sliding window ({w}); fusec attends to the whole cache",
+                    decode.context
+                ),
+            ));
+        }
+    }
+    Ok(())
+}

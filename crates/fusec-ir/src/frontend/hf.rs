@@ -1,0 +1,233 @@
+//! The Hugging Face `config.json` frontend, for both the transformers 4.x and 5.x
+//! spellings (`rope_theta` or `rope_parameters.rope_theta`, `torch_dtype` or `dtype`).
+//! Keys fusec does not use are ignored, as transformers ignores them; keys it uses are
+//! type-checked, and settings it cannot honour (biases, other activations, scaled RoPE)
+//! are rejected rather than silently dropped.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use super::config::{
+    check, DecodeConfig, ModelConfig, ModelSpec, Precision, TargetConfig, DEFAULT_GPU,
+};
+use super::ConfigError;
+use crate::dtype::DType;
+
+pub(super) fn load(config: &Path) -> Result<ModelSpec, ConfigError> {
+    let src = std::fs::read_to_string(config)
+        .map_err(|e| ConfigError::new(config, format!("cannot read: {e}")))?;
+    parse(config, &src)
+}
+
+/// The config's keys, with the source for pointing at them.
+struct Json<'a> {
+    path: &'a Path,
+    src: &'a str,
+    root: serde_json::Map<String, Value>,
+}
+
+impl Json<'_> {
+    /// An error at the key's position in the source (its first occurrence).
+    fn err_at(&self, key: &str, message: String) -> ConfigError {
+        match self.src.find(&format!("\"{key}\"")) {
+            Some(at) => ConfigError::at(self.path, self.src, at, message),
+            None => ConfigError::new(self.path, message),
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.root.get(key).filter(|v| !v.is_null())
+    }
+
+    fn uint(&self, key: &str) -> Result<Option<u64>, ConfigError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => match v.as_i64() {
+                Some(x) if x > 0 => Ok(Some(x as u64)),
+                Some(x) => Err(self.err_at(key, format!("`{key}` must be positive, got {x}"))),
+                None => Err(self.err_at(key, format!("`{key}` must be an integer, got {v}"))),
+            },
+        }
+    }
+
+    fn required_uint(&self, key: &str) -> Result<u64, ConfigError> {
+        self.uint(key)?
+            .ok_or_else(|| ConfigError::new(self.path, format!("missing key `{key}`")))
+    }
+
+    fn float_in(&self, key: &str, v: &Value) -> Result<f64, ConfigError> {
+        v.as_f64()
+            .ok_or_else(|| self.err_at(key, format!("`{key}` must be a number, got {v}")))
+    }
+
+    fn string(&self, key: &str) -> Result<Option<&str>, ConfigError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(v) => Err(self.err_at(key, format!("`{key}` must be a string, got {v}"))),
+        }
+    }
+
+    fn bool(&self, key: &str) -> Result<Option<bool>, ConfigError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(v) => Err(self.err_at(key, format!("`{key}` must be true or false, got {v}"))),
+        }
+    }
+}
+
+fn hf_dtype(name: &str) -> Option<DType> {
+    match name {
+        "float32" | "float" => Some(DType::F32),
+        "float16" | "half" => Some(DType::F16),
+        "bfloat16" => Some(DType::Bf16),
+        _ => None,
+    }
+}
+
+pub(super) fn parse(path: &Path, src: &str) -> Result<ModelSpec, ConfigError> {
+    let root = match serde_json::from_str::<Value>(src) {
+        Ok(Value::Object(m)) => m,
+        Ok(_) => return Err(ConfigError::new(path, "expected a JSON object")),
+        Err(e) => {
+            return Err(ConfigError {
+                path: path.to_path_buf(),
+                location: Some((e.line(), e.column())),
+                message: format!("invalid JSON: {e}"),
+            })
+        }
+    };
+    let j = Json { path, src, root };
+
+    if let Some(mt) = j.string("model_type")? {
+        if mt != "llama" && mt != "mistral" {
+            return Err(j.err_at(
+                "model_type",
+                format!("unsupported model_type `{mt}` (fusec compiles llama and mistral)"),
+            ));
+        }
+    }
+    for key in ["attention_bias", "mlp_bias"] {
+        if j.bool(key)? == Some(true) {
+            return Err(j.err_at(key, format!("`{key}` = true is not supported (no biases)")));
+        }
+    }
+    if let Some(act) = j.string("hidden_act")? {
+        if act != "silu" {
+            return Err(j.err_at("hidden_act", format!("unsupported hidden_act `{act}` (expected silu)")));
+        }
+    }
+
+    let hidden_size = j.required_uint("hidden_size")?;
+    let num_layers = j.required_uint("num_hidden_layers")?;
+    let num_heads = j.required_uint("num_attention_heads")?;
+    let num_kv_heads = j.uint("num_key_value_heads")?.unwrap_or(num_heads);
+    let head_dim = match j.uint("head_dim")? {
+        Some(h) => h,
+        None => {
+            if hidden_size % num_heads != 0 {
+                return Err(j.err_at(
+                    "num_attention_heads",
+                    format!("hidden_size ({hidden_size}) is not divisible by num_attention_heads ({num_heads}) and head_dim is absent"),
+                ));
+            }
+            hidden_size / num_heads
+        }
+    };
+
+    // RoPE: 5.x nests theta and type in `rope_parameters`; 4.x has `rope_theta` and an
+    // optional `rope_scaling`.
+    let mut rope_theta = 10_000.0;
+    let mut rope_type: Option<(String, &str)> = None;
+    if let Some(v) = j.get("rope_theta") {
+        rope_theta = j.float_in("rope_theta", v)?;
+    }
+    for key in ["rope_parameters", "rope_scaling"] {
+        match j.get(key) {
+            None => {}
+            Some(Value::Object(p)) => {
+                if let Some(t) = p.get("rope_theta").filter(|v| !v.is_null()) {
+                    rope_theta = j.float_in("rope_theta", t)?;
+                }
+                let ty = p
+                    .get("rope_type")
+                    .or_else(|| p.get("type"))
+                    .and_then(Value::as_str)
+                    .unwrap_or("default");
+                rope_type = Some((ty.to_string(), key));
+            }
+            Some(v) => return Err(j.err_at(key, format!("`{key}` must be an object, got {v}"))),
+        }
+    }
+    if let Some((ty, key)) = rope_type {
+        if ty != "default" {
+            return Err(j.err_at(
+                key,
+                format!("rope_type `{ty}` is not supported (fusec implements the default RoPE)"),
+            ));
+        }
+    }
+
+    let rms_norm_eps = match j.get("rms_norm_eps") {
+        Some(v) => j.float_in("rms_norm_eps", v)?,
+        None => 1e-6,
+    };
+    let dtype_key = if j.get("dtype").is_some() { "dtype" } else { "torch_dtype" };
+    let dtype = match j.string(dtype_key)? {
+        Some(name) => hf_dtype(name).ok_or_else(|| {
+            j.err_at(dtype_key, format!("unsupported {dtype_key} `{name}` (expected float32, float16 or bfloat16)"))
+        })?,
+        None => DType::F32,
+    };
+    let max_seq_len = j.uint("max_position_embeddings")?.unwrap_or(2048);
+
+    let model = ModelConfig {
+        name: path
+            .parent()
+            .and_then(|p| p.file_name())
+            .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned()),
+        hidden_size,
+        num_layers,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        intermediate_size: j.required_uint("intermediate_size")?,
+        vocab_size: j.required_uint("vocab_size")?,
+        rope_theta,
+        rms_norm_eps,
+        max_seq_len,
+        tie_word_embeddings: j.bool("tie_word_embeddings")?.unwrap_or(false),
+        dtype,
+        sliding_window: j.uint("sliding_window")?,
+    };
+    let decode = DecodeConfig {
+        batch: 1,
+        context: max_seq_len.min(1024),
+    };
+    check(&model, &decode).map_err(|(key, message)| {
+        let hf_key = match key {
+            "num_layers" => "num_hidden_layers",
+            "num_heads" => "num_attention_heads",
+            "num_kv_heads" => "num_key_value_heads",
+            "max_seq_len" => "max_position_embeddings",
+            "dtype" => dtype_key,
+            other => other,
+        };
+        j.err_at(hf_key, message)
+    })?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let has_weights = dir.join("model.safetensors").is_file()
+        || dir.join("model.safetensors.index.json").is_file();
+    Ok(ModelSpec {
+        model,
+        decode,
+        target: TargetConfig {
+            gpu: DEFAULT_GPU.to_string(),
+            precision: Precision::of_dtype(dtype),
+        },
+        weights: has_weights.then(|| dir.to_path_buf()),
+        source: path.to_path_buf(),
+    })
+}

@@ -1,0 +1,202 @@
+//! The `model.toml` frontend. See README.md for the format.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::config::{
+    check, DecodeConfig, ModelConfig, ModelSpec, Precision, TargetConfig, DEFAULT_GPU,
+};
+use super::ConfigError;
+use crate::dtype::DType;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    model: RawModel,
+    decode: Option<RawDecode>,
+    weights: Option<RawWeights>,
+    target: Option<RawTarget>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    name: Option<String>,
+    architecture: Spanned<String>,
+    hidden_size: Spanned<i64>,
+    num_layers: Spanned<i64>,
+    num_heads: Spanned<i64>,
+    num_kv_heads: Option<Spanned<i64>>,
+    head_dim: Option<Spanned<i64>>,
+    intermediate_size: Spanned<i64>,
+    vocab_size: Spanned<i64>,
+    rope_theta: Spanned<f64>,
+    rms_norm_eps: Spanned<f64>,
+    max_seq_len: Spanned<i64>,
+    #[serde(default)]
+    tie_word_embeddings: bool,
+    dtype: Option<Spanned<String>>,
+    sliding_window: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDecode {
+    batch: Option<Spanned<i64>>,
+    context: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWeights {
+    path: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTarget {
+    gpu: Option<Spanned<String>>,
+    precision: Option<Spanned<String>>,
+}
+
+pub(super) fn parse(path: &Path, src: &str) -> Result<ModelSpec, ConfigError> {
+    let raw: RawFile = toml::from_str(src).map_err(|e| match e.span() {
+        Some(span) => ConfigError::at(path, src, span.start, e.message().trim()),
+        None => ConfigError::new(path, e.message().trim()),
+    })?;
+    let m = raw.model;
+    // Where each checked key's value is, so cross-field errors point at it.
+    let mut spans: HashMap<&'static str, usize> = HashMap::new();
+    let mut size = |key: &'static str, v: &Spanned<i64>| -> Result<u64, ConfigError> {
+        spans.insert(key, v.span().start);
+        u64::try_from(*v.get_ref())
+            .ok()
+            .filter(|&x| x > 0)
+            .ok_or_else(|| {
+                ConfigError::at(path, src, v.span().start, format!("`{key}` must be positive, got {}", v.get_ref()))
+            })
+    };
+    if m.architecture.get_ref() != "llama" && m.architecture.get_ref() != "mistral" {
+        return Err(ConfigError::at(
+            path,
+            src,
+            m.architecture.span().start,
+            format!(
+                "unsupported architecture `{}` (fusec compiles \"llama\" and \"mistral\")",
+                m.architecture.get_ref()
+            ),
+        ));
+    }
+    let hidden_size = size("hidden_size", &m.hidden_size)?;
+    let num_layers = size("num_layers", &m.num_layers)?;
+    let num_heads = size("num_heads", &m.num_heads)?;
+    let num_kv_heads = match &m.num_kv_heads {
+        Some(v) => size("num_kv_heads", v)?,
+        None => num_heads,
+    };
+    let head_dim = match &m.head_dim {
+        Some(v) => size("head_dim", v)?,
+        None => {
+            if hidden_size % num_heads != 0 {
+                return Err(ConfigError::at(
+                    path,
+                    src,
+                    m.num_heads.span().start,
+                    format!(
+                        "hidden_size ({hidden_size}) is not divisible by num_heads ({num_heads}); give head_dim explicitly"
+                    ),
+                ));
+            }
+            hidden_size / num_heads
+        }
+    };
+    let intermediate_size = size("intermediate_size", &m.intermediate_size)?;
+    let vocab_size = size("vocab_size", &m.vocab_size)?;
+    let max_seq_len = size("max_seq_len", &m.max_seq_len)?;
+    let sliding_window = m
+        .sliding_window
+        .as_ref()
+        .map(|v| size("sliding_window", v))
+        .transpose()?;
+    let dtype = match &m.dtype {
+        Some(d) => d.get_ref().parse::<DType>().map_err(|e| {
+            ConfigError::at(path, src, d.span().start, e.to_string())
+        })?,
+        None => DType::F32,
+    };
+
+    let decode = raw.decode.unwrap_or(RawDecode {
+        batch: None,
+        context: None,
+    });
+    let batch = decode.batch.as_ref().map(|v| size("batch", v)).transpose()?.unwrap_or(1);
+    let context = decode
+        .context
+        .as_ref()
+        .map(|v| size("context", v))
+        .transpose()?
+        .unwrap_or_else(|| max_seq_len.min(1024));
+
+    spans.insert("rope_theta", m.rope_theta.span().start);
+    spans.insert("rms_norm_eps", m.rms_norm_eps.span().start);
+    if let Some(d) = &m.dtype {
+        spans.insert("dtype", d.span().start);
+    }
+
+    let model = ModelConfig {
+        name: m.name.unwrap_or_else(|| {
+            path.file_stem()
+                .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
+        }),
+        hidden_size,
+        num_layers,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        intermediate_size,
+        vocab_size,
+        rope_theta: *m.rope_theta.get_ref(),
+        rms_norm_eps: *m.rms_norm_eps.get_ref(),
+        max_seq_len,
+        tie_word_embeddings: m.tie_word_embeddings,
+        dtype,
+        sliding_window,
+    };
+    let decode = DecodeConfig { batch, context };
+    check(&model, &decode).map_err(|(key, message)| match spans.get(key) {
+        Some(&at) => ConfigError::at(path, src, at, message),
+        None => ConfigError::new(path, message),
+    })?;
+
+    let mut target = TargetConfig {
+        gpu: DEFAULT_GPU.to_string(),
+        precision: Precision::of_dtype(dtype),
+    };
+    if let Some(t) = raw.target {
+        if let Some(g) = t.gpu {
+            target.gpu = g.into_inner();
+        }
+        if let Some(p) = t.precision {
+            target.precision = Precision::parse(p.get_ref()).ok_or_else(|| {
+                ConfigError::at(
+                    path,
+                    src,
+                    p.span().start,
+                    format!("unknown precision `{}` (expected f32, f16, bf16 or fp8)", p.get_ref()),
+                )
+            })?;
+        }
+    }
+    let base = path.parent().unwrap_or(Path::new("."));
+    let weights = raw.weights.map(|w| base.join(w.path.get_ref()));
+    Ok(ModelSpec {
+        model,
+        decode,
+        target,
+        weights,
+        source: path.to_path_buf(),
+    })
+}

@@ -1,0 +1,29 @@
+//! fusec's intermediate representation.
+//!
+//! - [`dtype`], [`shape`], [`types`]: element types, symbolic shapes, value types;
+//! - [`op`]: the closed op enum shared with the rewrite e-graph, with type inference;
+//! - [`graph`]: the typed tensor graph on petgraph;
+//! - [`verify`]: the invariants checked after every phase;
+//! - [`text`]: the canonical text form and its parser; [`dot`]: Graphviz export;
+//! - [`cost`]: launches, bytes and FLOPs per node, and the memory floor;
+//! - [`frontend`]: `model.toml` and Hugging Face `config.json`;
+//! - [`build`]: the eager decode graph of a Llama model.
+
+pub mod build;
+pub mod cost;
+pub mod dot;
+pub mod dtype;
+pub mod frontend;
+pub mod graph;
+pub mod op;
+pub mod shape;
+pub mod text;
+pub mod types;
+pub mod verify;
+
+pub use dtype::DType;
+pub use graph::{Graph, Node, NodeId, Output, OutputKind, Provenance};
+pub use op::{BinaryOp, InputKind, Op, ReduceOp, UnaryOp, F64};
+pub use shape::{Bindings, Dim, Shape};
+pub use types::{TensorType, Type};
+pub use verify::{verify, VerifyError};

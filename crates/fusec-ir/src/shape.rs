@@ -1,0 +1,242 @@
+//! Shapes with static and named symbolic dimensions.
+//!
+//! A decode step is compiled once and run at every context length, so the KV-cache
+//! length is a symbol (`S`, the number of positions already cached) and so is the batch
+//! (`B`). A dimension is either a constant or a symbol plus a constant offset (`S+1` is
+//! the cache length after this step's append). Symbols are bound to numbers only when
+//! costs are computed or a graph is run, through [`Bindings`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// One dimension of a shape.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Dim {
+    /// A size known when the graph is built.
+    Fixed(u64),
+    /// A named size plus a constant offset, e.g. `S+1`.
+    Sym { name: String, plus: u64 },
+}
+
+impl Dim {
+    pub fn sym(name: &str) -> Dim {
+        Dim::Sym {
+            name: name.to_string(),
+            plus: 0,
+        }
+    }
+
+    /// This dimension plus `n`.
+    pub fn plus(&self, n: u64) -> Dim {
+        match self {
+            Dim::Fixed(v) => Dim::Fixed(v + n),
+            Dim::Sym { name, plus } => Dim::Sym {
+                name: name.clone(),
+                plus: plus + n,
+            },
+        }
+    }
+
+    pub fn as_fixed(&self) -> Option<u64> {
+        match self {
+            Dim::Fixed(v) => Some(*v),
+            Dim::Sym { .. } => None,
+        }
+    }
+
+    pub fn is_one(&self) -> bool {
+        *self == Dim::Fixed(1)
+    }
+
+    /// The value of this dimension under `bindings`.
+    pub fn eval(&self, bindings: &Bindings) -> Result<u64, UnboundSymbol> {
+        match self {
+            Dim::Fixed(v) => Ok(*v),
+            Dim::Sym { name, plus } => bindings
+                .get(name)
+                .map(|v| v + plus)
+                .ok_or_else(|| UnboundSymbol(name.clone())),
+        }
+    }
+}
+
+impl From<u64> for Dim {
+    fn from(v: u64) -> Dim {
+        Dim::Fixed(v)
+    }
+}
+
+impl fmt::Display for Dim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Dim::Fixed(v) => write!(f, "{v}"),
+            Dim::Sym { name, plus: 0 } => f.write_str(name),
+            Dim::Sym { name, plus } => write!(f, "{name}+{plus}"),
+        }
+    }
+}
+
+/// A symbol that a shape uses but the bindings do not give a value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("symbolic dimension `{0}` has no value")]
+pub struct UnboundSymbol(pub String);
+
+/// Values for the symbolic dimensions, e.g. `B = 1, S = 8191`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Bindings(BTreeMap<String, u64>);
+
+impl Bindings {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn with(mut self, name: &str, value: u64) -> Self {
+        self.set(name, value);
+        self
+    }
+
+    pub fn set(&mut self, name: &str, value: u64) {
+        self.0.insert(name.to_string(), value);
+    }
+
+    pub fn get(&self, name: &str) -> Option<u64> {
+        self.0.get(name).copied()
+    }
+}
+
+/// A tensor shape: a list of dimensions, outermost first, row-major.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Shape(pub Vec<Dim>);
+
+impl Shape {
+    pub fn new(dims: impl IntoIterator<Item = Dim>) -> Shape {
+        Shape(dims.into_iter().collect())
+    }
+
+    /// A shape of fixed dimensions only.
+    pub fn fixed(dims: &[u64]) -> Shape {
+        Shape(dims.iter().map(|&d| Dim::Fixed(d)).collect())
+    }
+
+    pub fn scalar() -> Shape {
+        Shape(Vec::new())
+    }
+
+    pub fn rank(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn dims(&self) -> &[Dim] {
+        &self.0
+    }
+
+    pub fn dim(&self, axis: usize) -> &Dim {
+        &self.0[axis]
+    }
+
+    pub fn last(&self) -> Option<&Dim> {
+        self.0.last()
+    }
+
+    /// The concrete dimensions under `bindings`.
+    pub fn eval(&self, bindings: &Bindings) -> Result<Vec<u64>, UnboundSymbol> {
+        self.0.iter().map(|d| d.eval(bindings)).collect()
+    }
+
+    /// The number of elements under `bindings`.
+    pub fn numel(&self, bindings: &Bindings) -> Result<u64, UnboundSymbol> {
+        Ok(self.eval(bindings)?.iter().product())
+    }
+
+    /// The element count as a symbolic product: the product of the fixed dimensions and
+    /// the sorted list of symbolic factors. Two shapes with equal products hold the same
+    /// number of elements for every binding, which is what a reshape must preserve.
+    pub fn symbolic_numel(&self) -> (u64, Vec<Dim>) {
+        let mut konst = 1u64;
+        let mut syms = Vec::new();
+        for d in &self.0 {
+            match d {
+                Dim::Fixed(v) => konst = konst.saturating_mul(*v),
+                sym => syms.push(sym.clone()),
+            }
+        }
+        syms.sort();
+        (konst, syms)
+    }
+
+    /// Numpy/PyTorch broadcasting of two shapes; `None` where they do not broadcast.
+    pub fn broadcast(a: &Shape, b: &Shape) -> Option<Shape> {
+        let rank = a.rank().max(b.rank());
+        let mut out = Vec::with_capacity(rank);
+        for i in 0..rank {
+            let da = (i + a.rank()).checked_sub(rank).map(|j| &a.0[j]);
+            let db = (i + b.rank()).checked_sub(rank).map(|j| &b.0[j]);
+            let d = match (da, db) {
+                (Some(x), None) | (None, Some(x)) => x.clone(),
+                (Some(x), Some(y)) if x == y => x.clone(),
+                (Some(x), Some(y)) if x.is_one() => y.clone(),
+                (Some(x), Some(y)) if y.is_one() => x.clone(),
+                _ => return None,
+            };
+            out.push(d);
+        }
+        Some(Shape(out))
+    }
+}
+
+impl fmt::Display for Shape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[")?;
+        for (i, d) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{d}")?;
+        }
+        f.write_str("]")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(dims: &[Dim]) -> Shape {
+        Shape(dims.to_vec())
+    }
+
+    #[test]
+    fn broadcasting_follows_numpy() {
+        let b = Dim::sym("B");
+        let a = s(&[b.clone(), 1.into(), 64.into()]);
+        let w = Shape::fixed(&[64]);
+        assert_eq!(Shape::broadcast(&a, &w), Some(a.clone()));
+        let m = s(&[b.clone(), 1.into(), 1.into()]);
+        assert_eq!(Shape::broadcast(&a, &m), Some(a.clone()));
+        assert_eq!(Shape::broadcast(&a, &Shape::fixed(&[63])), None);
+        assert_eq!(Shape::broadcast(&Shape::scalar(), &a), Some(a));
+    }
+
+    #[test]
+    fn symbolic_dims_evaluate() {
+        let sh = s(&[Dim::sym("B"), 2.into(), Dim::sym("S").plus(1), 16.into()]);
+        assert_eq!(sh.to_string(), "[B,2,S+1,16]");
+        let bind = Bindings::new().with("B", 3).with("S", 9);
+        assert_eq!(sh.eval(&bind), Ok(vec![3, 2, 10, 16]));
+        assert_eq!(sh.numel(&bind), Ok(960));
+        assert_eq!(
+            sh.eval(&Bindings::new().with("B", 1)),
+            Err(UnboundSymbol("S".into()))
+        );
+    }
+
+    #[test]
+    fn symbolic_numel_compares_reshapes() {
+        let b = Dim::sym("B");
+        let x = s(&[b.clone(), 1.into(), 4.into(), 16.into()]);
+        let y = s(&[b.clone(), 1.into(), 64.into()]);
+        let z = s(&[b, 65.into()]);
+        assert_eq!(x.symbolic_numel(), y.symbolic_numel());
+        assert_ne!(x.symbolic_numel(), z.symbolic_numel());
+    }
+}
