@@ -1,1 +1,56 @@
-fn main() {}
+//! The `fusec` command line.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod cmd;
+
+/// fusec compiles one decode step of an LLM: it captures the step as an eager
+/// framework runs it, fuses it, and reports what that saves.
+#[derive(Parser, Debug)]
+#[command(name = "fusec", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    Compile(cmd::compile::Args),
+}
+
+/// How a command failed: bad input (exit 2) or an internal error (exit 1).
+#[derive(Debug)]
+pub enum Failure {
+    Input(anyhow::Error),
+    Internal(anyhow::Error),
+}
+
+impl From<fusec::pipeline::PipelineError> for Failure {
+    fn from(e: fusec::pipeline::PipelineError) -> Self {
+        if e.is_input_error() {
+            Failure::Input(e.into())
+        } else {
+            Failure::Internal(e.into())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Compile(args) => cmd::compile::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Input(e)) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Internal(e)) => {
+            eprintln!("internal error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -76,7 +76,8 @@ impl Builder {
             },
             ty,
         );
-        self.wrap(r)
+        let id = self.wrap(r)?;
+        Ok(self.tag(id))
     }
 
     /// The weight `name`, created on first use.

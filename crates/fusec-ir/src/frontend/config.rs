@@ -190,3 +190,23 @@ pub(crate) fn check(model: &ModelConfig, decode: &DecodeConfig) -> Result<(), (&
     }
     Ok(())
 }
+
+impl ModelSpec {
+    /// Overrides the decode batch and/or context (from the command line) and checks
+    /// the result as the frontends do.
+    pub fn set_decode(
+        &mut self,
+        batch: Option<u64>,
+        context: Option<u64>,
+    ) -> Result<(), super::ConfigError> {
+        if let Some(b) = batch {
+            self.decode.batch = b;
+        }
+        if let Some(c) = context {
+            self.decode.context = c;
+        }
+        check(&self.model, &self.decode).map_err(|(key, message)| {
+            super::ConfigError::new(&self.source, format!("{message} (--{key} on the command line or in the file)"))
+        })
+    }
+}
