@@ -16,7 +16,10 @@ pub enum PipelineError {
     #[error(transparent)]
     Input(#[from] ConfigError),
     #[error("{phase}: {message}")]
-    Internal { phase: &'static str, message: String },
+    Internal {
+        phase: &'static str,
+        message: String,
+    },
 }
 
 impl PipelineError {

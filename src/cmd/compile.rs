@@ -66,7 +66,8 @@ pub fn run(args: Args) -> Result<(), Failure> {
         println!("wrote {}", p.display());
     }
     if let Some(path) = &args.report_json {
-        let json = serde_json::to_string_pretty(&summary).map_err(|e| Failure::Internal(e.into()))?;
+        let json =
+            serde_json::to_string_pretty(&summary).map_err(|e| Failure::Internal(e.into()))?;
         std::fs::write(path, json + "\n")
             .with_context(|| format!("cannot write {}", path.display()))
             .map_err(Failure::Input)?;

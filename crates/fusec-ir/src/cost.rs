@@ -185,7 +185,9 @@ impl Floor {
 
 /// Sums the costs of every node and computes the floor.
 pub fn graph_cost(graph: &Graph, b: &Bindings) -> Result<GraphCost, UnboundSymbol> {
-    let order = graph.topo_order().unwrap_or_else(|_| graph.node_ids().collect());
+    let order = graph
+        .topo_order()
+        .unwrap_or_else(|_| graph.node_ids().collect());
     let mut cost = GraphCost {
         layers: graph.layers(),
         ..GraphCost::default()

@@ -35,7 +35,11 @@ pub fn to_dot(graph: &Graph) -> Result<String, CycleError> {
     }
     for &id in &order {
         for (port, o) in graph.operands(id).into_iter().enumerate() {
-            let _ = writeln!(out, "  n{} -> n{} [label=\"{port}\"];", number[&o], number[&id]);
+            let _ = writeln!(
+                out,
+                "  n{} -> n{} [label=\"{port}\"];",
+                number[&o], number[&id]
+            );
         }
     }
     for o in graph.outputs() {

@@ -8,7 +8,9 @@ use std::str::FromStr;
 /// The set is closed: it is what a Llama decode step needs in full precision (`f32`),
 /// in the half formats (`f16`, `bf16`), in the two OCP FP8 formats, and `i32` for token
 /// ids and positions.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum DType {
     F32,

@@ -1,7 +1,7 @@
 //! The tensor graph: nodes are ops with their result types, edges carry operands.
 
-use std::collections::{BTreeMap, BinaryHeap};
 use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
 
 use petgraph::stable_graph::{NodeIndex, StableDiGraph};
 use petgraph::visit::{EdgeRef, NodeIndexable};
@@ -283,11 +283,8 @@ impl Graph {
             }
             stack.extend(self.g.neighbors_directed(n, Direction::Incoming));
         }
-        let dead: Vec<NodeIndex<u32>> = self
-            .g
-            .node_indices()
-            .filter(|n| !live[n.index()])
-            .collect();
+        let dead: Vec<NodeIndex<u32>> =
+            self.g.node_indices().filter(|n| !live[n.index()]).collect();
         for &n in &dead {
             self.g.remove_node(n);
         }

@@ -180,27 +180,47 @@ pub enum InputKind {
 pub enum Op {
     // ---- leaves -------------------------------------------------------------------
     /// A graph input; its type is the node's type.
-    Input { name: String, kind: InputKind },
+    Input {
+        name: String,
+        kind: InputKind,
+    },
     /// A named weight (the safetensors tensor name); its type is the node's type.
-    Weight { name: String },
+    Weight {
+        name: String,
+    },
     /// A scalar kernel argument, `f32[]`. Broadcasts against any tensor and takes the
     /// other operand's dtype, as a Python scalar does in PyTorch.
-    Scalar { value: F64 },
+    Scalar {
+        value: F64,
+    },
     /// RoPE inverse frequencies `theta^(-2j/head_dim)`, `f32[head_dim/2]`: a constant
     /// buffer computed when the model is loaded, like HF's `inv_freq`.
-    RopeInvFreq { theta: F64, head_dim: u64 },
+    RopeInvFreq {
+        theta: F64,
+        head_dim: u64,
+    },
 
     // ---- elementwise --------------------------------------------------------------
     Unary(UnaryOp),
     Binary(BinaryOp),
     /// Elementwise conversion to another dtype.
-    Cast { to: DType },
+    Cast {
+        to: DType,
+    },
 
     // ---- reductions ---------------------------------------------------------------
-    Reduce { kind: ReduceOp, axis: usize, keepdim: bool },
+    Reduce {
+        kind: ReduceOp,
+        axis: usize,
+        keepdim: bool,
+    },
     /// Index of the largest element along `axis` (ties to the lowest index), as `i32`.
-    Argmax { axis: usize },
-    Softmax { axis: usize },
+    Argmax {
+        axis: usize,
+    },
+    Softmax {
+        axis: usize,
+    },
 
     // ---- contractions -------------------------------------------------------------
     /// Batched matrix product with broadcast batch dimensions, as `torch.matmul`.
@@ -212,23 +232,40 @@ pub enum Op {
 
     // ---- data movement ------------------------------------------------------------
     /// Concatenation along `axis` into a new buffer (a copy of every operand).
-    Cat { axis: usize },
+    Cat {
+        axis: usize,
+    },
     /// A contiguous copy (`.contiguous()` or the copy inside `reshape` of a
     /// non-viewable tensor).
     Copy,
 
     // ---- free views ---------------------------------------------------------------
-    Reshape { shape: Shape },
-    Transpose { a: usize, b: usize },
+    Reshape {
+        shape: Shape,
+    },
+    Transpose {
+        a: usize,
+        b: usize,
+    },
     /// Elements `start..end` along `axis`.
-    Slice { axis: usize, start: u64, end: u64 },
-    Unsqueeze { axis: usize },
+    Slice {
+        axis: usize,
+        start: u64,
+        end: u64,
+    },
+    Unsqueeze {
+        axis: usize,
+    },
     /// Broadcast size-1 dimensions to `shape` (stride 0, no copy).
-    Expand { shape: Shape },
+    Expand {
+        shape: Shape,
+    },
 
     // ---- tuples -------------------------------------------------------------------
     /// Element `index` of a tuple-typed operand (free).
-    Get { index: usize },
+    Get {
+        index: usize,
+    },
 }
 
 /// How many operands an op takes.
@@ -372,12 +409,9 @@ impl Op {
                 ("start", Attr::Int(*start as i64)),
             ],
             Op::Get { index } => vec![("index", u(*index))],
-            Op::Unary(_)
-            | Op::Binary(_)
-            | Op::MatMul
-            | Op::Linear
-            | Op::Embedding
-            | Op::Copy => vec![],
+            Op::Unary(_) | Op::Binary(_) | Op::MatMul | Op::Linear | Op::Embedding | Op::Copy => {
+                vec![]
+            }
         };
         attrs.sort_by_key(|(k, _)| *k);
         attrs
@@ -470,7 +504,9 @@ impl Op {
                 }
             }
         }
-        infer_tensor(self, &tensors, leaf_type).map(Type::Tensor).map_err(err)
+        infer_tensor(self, &tensors, leaf_type)
+            .map(Type::Tensor)
+            .map_err(err)
     }
 }
 
@@ -568,7 +604,12 @@ fn infer_tensor(
                 &Shape(a.shape.0[..ra - 2].to_vec()),
                 &Shape(b.shape.0[..rb - 2].to_vec()),
             )
-            .ok_or_else(|| format!("batch dimensions of {} and {} do not broadcast", a.shape, b.shape))?;
+            .ok_or_else(|| {
+                format!(
+                    "batch dimensions of {} and {} do not broadcast",
+                    a.shape, b.shape
+                )
+            })?;
             let mut dims = batch.0;
             dims.push(a.shape.0[ra - 2].clone());
             dims.push(b.shape.0[rb - 1].clone());
@@ -672,7 +713,10 @@ fn infer_tensor(
         }
         Op::Expand { shape } => {
             if shape.rank() != t[0].rank() {
-                return Err(format!("cannot expand {} to {}: ranks differ", t[0].shape, shape));
+                return Err(format!(
+                    "cannot expand {} to {}: ranks differ",
+                    t[0].shape, shape
+                ));
             }
             for (a, b) in t[0].shape.0.iter().zip(&shape.0) {
                 if a != b && !a.is_one() {
@@ -778,7 +822,9 @@ pub fn op_from_parts(
     fn usize_of(key: &str, a: Attr) -> Result<usize, String> {
         match a {
             Attr::Int(v) if v >= 0 => Ok(v as usize),
-            other => Err(format!("attribute `{key}` must be a non-negative integer, got {other}")),
+            other => Err(format!(
+                "attribute `{key}` must be a non-negative integer, got {other}"
+            )),
         }
     }
     fn f64_of(key: &str, a: Attr) -> Result<F64, String> {
@@ -791,7 +837,9 @@ pub fn op_from_parts(
     fn bool_of(key: &str, a: Attr) -> Result<bool, String> {
         match a {
             Attr::Bool(v) => Ok(v),
-            other => Err(format!("attribute `{key}` must be true or false, got {other}")),
+            other => Err(format!(
+                "attribute `{key}` must be true or false, got {other}"
+            )),
         }
     }
     fn shape_of(key: &str, a: Attr) -> Result<Shape, String> {
@@ -872,7 +920,10 @@ pub fn op_from_parts(
         other => {
             if let Some(u) = UnaryOp::ALL.iter().find(|u| Op::Unary(**u).name() == other) {
                 Op::Unary(*u)
-            } else if let Some(b) = BinaryOp::ALL.iter().find(|b| Op::Binary(**b).name() == other) {
+            } else if let Some(b) = BinaryOp::ALL
+                .iter()
+                .find(|b| Op::Binary(**b).name() == other)
+            {
                 Op::Binary(*b)
             } else if let Some(kind) = ReduceOp::ALL
                 .iter()

@@ -31,7 +31,11 @@ pub enum VerifyError {
         inferred: String,
     },
     #[error("%{value} is a tuple and is used by %{user} = {op}; only `get` reads tuples")]
-    TupleUse { value: usize, user: usize, op: String },
+    TupleUse {
+        value: usize,
+        user: usize,
+        op: String,
+    },
     #[error("weight `{0}` appears more than once")]
     DuplicateWeight(String),
     #[error("a {0} has an empty name")]
@@ -65,11 +69,14 @@ pub fn verify(graph: &Graph) -> Result<(), VerifyError> {
         let node = graph.node(id);
         let operands = graph.operands(id);
         let types: Vec<&Type> = operands.iter().map(|&o| graph.ty(o)).collect();
-        let inferred = node.op.infer(&types, Some(&node.ty)).map_err(|e| VerifyError::Type {
-            value: number[&id],
-            op: node.op.name().to_string(),
-            message: e.message,
-        })?;
+        let inferred = node
+            .op
+            .infer(&types, Some(&node.ty))
+            .map_err(|e| VerifyError::Type {
+                value: number[&id],
+                op: node.op.name().to_string(),
+                message: e.message,
+            })?;
         if inferred != node.ty {
             return Err(VerifyError::TypeMismatch {
                 value: number[&id],
@@ -143,9 +150,7 @@ pub fn verify(graph: &Graph) -> Result<(), VerifyError> {
         }
     }
     for (name, o) in &outputs {
-        if o.kind == OutputKind::State
-            && !matches!(inputs.get(name), Some((InputKind::State, _)))
-        {
+        if o.kind == OutputKind::State && !matches!(inputs.get(name), Some((InputKind::State, _))) {
             return Err(VerifyError::StateWithoutInput(name.clone()));
         }
     }

@@ -120,7 +120,14 @@ impl Builder {
     }
 
     pub fn reduce(&mut self, kind: ReduceOp, x: NodeId, axis: usize, keepdim: bool) -> R {
-        self.op(Op::Reduce { kind, axis, keepdim }, &[x])
+        self.op(
+            Op::Reduce {
+                kind,
+                axis,
+                keepdim,
+            },
+            &[x],
+        )
     }
 
     /// `x.to(dtype)`: a cast kernel, or nothing when `x` already has that dtype.

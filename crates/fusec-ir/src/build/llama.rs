@@ -121,7 +121,9 @@ impl<'a> Llama<'a> {
         }
         self.b.set_layer(None);
 
-        let w = self.b.weight(names::FINAL_NORM, self.dt, Shape::fixed(&[cfg.hidden_size]))?;
+        let w = self
+            .b
+            .weight(names::FINAL_NORM, self.dt, Shape::fixed(&[cfg.hidden_size]))?;
         let h = self.rms_norm(x, w)?;
         let head = if cfg.tie_word_embeddings {
             embed
@@ -184,7 +186,9 @@ impl<'a> Llama<'a> {
         let h = self.b.to_dtype(x, DType::F32)?;
         let sq = self.b.binary_scalar(BinaryOp::Pow, h, 2.0)?;
         let var = self.b.reduce(ReduceOp::Mean, sq, axis, true)?;
-        let var = self.b.binary_scalar(BinaryOp::Add, var, self.cfg.rms_norm_eps)?;
+        let var = self
+            .b
+            .binary_scalar(BinaryOp::Add, var, self.cfg.rms_norm_eps)?;
         let r = self.b.unary(UnaryOp::Rsqrt, var)?;
         let h = self.b.binary(BinaryOp::Mul, h, r)?;
         let h = self.b.to_dtype(h, self.dt)?;
@@ -261,7 +265,11 @@ impl<'a> Llama<'a> {
         let bd = self.batch.clone();
         let one = Dim::Fixed(1);
         let w = |b: &mut Builder, module: &str, dims: &[u64]| {
-            b.weight(&names::layer_weight(layer, module), cfg.dtype, Shape::fixed(dims))
+            b.weight(
+                &names::layer_weight(layer, module),
+                cfg.dtype,
+                Shape::fixed(dims),
+            )
         };
 
         // Attention block.
@@ -304,14 +312,18 @@ impl<'a> Llama<'a> {
 
         let kt = self.b.transpose(k_all, 2, 3)?;
         let scores = self.b.op(Op::MatMul, &[q, kt])?;
-        let scores = self.b.binary_scalar(BinaryOp::Mul, scores, (hd as f64).powf(-0.5))?;
+        let scores = self
+            .b
+            .binary_scalar(BinaryOp::Mul, scores, (hd as f64).powf(-0.5))?;
         let scores = self.b.binary(BinaryOp::Add, scores, mask)?;
         let scores = self.b.to_dtype(scores, DType::F32)?;
         let probs = self.b.op(Op::Softmax { axis: 3 }, &[scores])?;
         let probs = self.b.to_dtype(probs, self.dt)?;
         let o = self.b.op(Op::MatMul, &[probs, v_all])?;
         let o = self.b.transpose(o, 1, 2)?;
-        let o = self.b.reshape(o, shape(&[bd.clone(), one.clone(), self.d(h * hd)]))?;
+        let o = self
+            .b
+            .reshape(o, shape(&[bd.clone(), one.clone(), self.d(h * hd)]))?;
         let wo = w(&mut self.b, "self_attn.o_proj", &[d, h * hd])?;
         let o = self.b.linear(o, wo)?;
         let x = self.b.binary(BinaryOp::Add, x, o)?;

@@ -124,7 +124,10 @@ pub const DEFAULT_GPU: &str = "h100-sxm";
 
 /// Cross-field checks shared by both frontends. Each error names the field at fault
 /// (returned as its key, so the caller can point at it in the file).
-pub(crate) fn check(model: &ModelConfig, decode: &DecodeConfig) -> Result<(), (&'static str, String)> {
+pub(crate) fn check(
+    model: &ModelConfig,
+    decode: &DecodeConfig,
+) -> Result<(), (&'static str, String)> {
     for (key, v) in [
         ("hidden_size", model.hidden_size),
         ("num_layers", model.num_layers),
@@ -141,7 +144,7 @@ pub(crate) fn check(model: &ModelConfig, decode: &DecodeConfig) -> Result<(), (&
             return Err((key, format!("`{key}` must be positive")));
         }
     }
-    if model.num_heads % model.num_kv_heads != 0 {
+    if !model.num_heads.is_multiple_of(model.num_kv_heads) {
         return Err((
             "num_kv_heads",
             format!(
@@ -150,22 +153,34 @@ pub(crate) fn check(model: &ModelConfig, decode: &DecodeConfig) -> Result<(), (&
             ),
         ));
     }
-    if model.head_dim % 2 != 0 {
+    if !model.head_dim.is_multiple_of(2) {
         return Err((
             "head_dim",
-            format!("head_dim ({}) must be even for rotary embeddings", model.head_dim),
+            format!(
+                "head_dim ({}) must be even for rotary embeddings",
+                model.head_dim
+            ),
         ));
     }
     if !(model.rope_theta.is_finite() && model.rope_theta > 0.0) {
-        return Err(("rope_theta", "`rope_theta` must be a positive number".into()));
+        return Err((
+            "rope_theta",
+            "`rope_theta` must be a positive number".into(),
+        ));
     }
     if !(model.rms_norm_eps.is_finite() && model.rms_norm_eps > 0.0) {
-        return Err(("rms_norm_eps", "`rms_norm_eps` must be a positive number".into()));
+        return Err((
+            "rms_norm_eps",
+            "`rms_norm_eps` must be a positive number".into(),
+        ));
     }
     if !matches!(model.dtype, DType::F32 | DType::F16 | DType::Bf16) {
         return Err((
             "dtype",
-            format!("checkpoint dtype must be f32, f16 or bf16, got {}", model.dtype),
+            format!(
+                "checkpoint dtype must be f32, f16 or bf16, got {}",
+                model.dtype
+            ),
         ));
     }
     if decode.context > model.max_seq_len {
@@ -206,7 +221,10 @@ impl ModelSpec {
             self.decode.context = c;
         }
         check(&self.model, &self.decode).map_err(|(key, message)| {
-            super::ConfigError::new(&self.source, format!("{message} (--{key} on the command line or in the file)"))
+            super::ConfigError::new(
+                &self.source,
+                format!("{message} (--{key} on the command line or in the file)"),
+            )
         })
     }
 }

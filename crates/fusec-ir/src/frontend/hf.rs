@@ -116,7 +116,10 @@ pub(super) fn parse(path: &Path, src: &str) -> Result<ModelSpec, ConfigError> {
     }
     if let Some(act) = j.string("hidden_act")? {
         if act != "silu" {
-            return Err(j.err_at("hidden_act", format!("unsupported hidden_act `{act}` (expected silu)")));
+            return Err(j.err_at(
+                "hidden_act",
+                format!("unsupported hidden_act `{act}` (expected silu)"),
+            ));
         }
     }
 
@@ -174,10 +177,17 @@ pub(super) fn parse(path: &Path, src: &str) -> Result<ModelSpec, ConfigError> {
         Some(v) => j.float_in("rms_norm_eps", v)?,
         None => 1e-6,
     };
-    let dtype_key = if j.get("dtype").is_some() { "dtype" } else { "torch_dtype" };
+    let dtype_key = if j.get("dtype").is_some() {
+        "dtype"
+    } else {
+        "torch_dtype"
+    };
     let dtype = match j.string(dtype_key)? {
         Some(name) => hf_dtype(name).ok_or_else(|| {
-            j.err_at(dtype_key, format!("unsupported {dtype_key} `{name}` (expected float32, float16 or bfloat16)"))
+            j.err_at(
+                dtype_key,
+                format!("unsupported {dtype_key} `{name}` (expected float32, float16 or bfloat16)"),
+            )
         })?,
         None => DType::F32,
     };

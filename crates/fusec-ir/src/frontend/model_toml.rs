@@ -76,7 +76,12 @@ pub(super) fn parse(path: &Path, src: &str) -> Result<ModelSpec, ConfigError> {
             .ok()
             .filter(|&x| x > 0)
             .ok_or_else(|| {
-                ConfigError::at(path, src, v.span().start, format!("`{key}` must be positive, got {}", v.get_ref()))
+                ConfigError::at(
+                    path,
+                    src,
+                    v.span().start,
+                    format!("`{key}` must be positive, got {}", v.get_ref()),
+                )
             })
     };
     if m.architecture.get_ref() != "llama" && m.architecture.get_ref() != "mistral" {
@@ -122,9 +127,10 @@ pub(super) fn parse(path: &Path, src: &str) -> Result<ModelSpec, ConfigError> {
         .map(|v| size("sliding_window", v))
         .transpose()?;
     let dtype = match &m.dtype {
-        Some(d) => d.get_ref().parse::<DType>().map_err(|e| {
-            ConfigError::at(path, src, d.span().start, e.to_string())
-        })?,
+        Some(d) => d
+            .get_ref()
+            .parse::<DType>()
+            .map_err(|e| ConfigError::at(path, src, d.span().start, e.to_string()))?,
         None => DType::F32,
     };
 
@@ -132,7 +138,12 @@ pub(super) fn parse(path: &Path, src: &str) -> Result<ModelSpec, ConfigError> {
         batch: None,
         context: None,
     });
-    let batch = decode.batch.as_ref().map(|v| size("batch", v)).transpose()?.unwrap_or(1);
+    let batch = decode
+        .batch
+        .as_ref()
+        .map(|v| size("batch", v))
+        .transpose()?
+        .unwrap_or(1);
     let context = decode
         .context
         .as_ref()
@@ -185,7 +196,10 @@ pub(super) fn parse(path: &Path, src: &str) -> Result<ModelSpec, ConfigError> {
                     path,
                     src,
                     p.span().start,
-                    format!("unknown precision `{}` (expected f32, f16, bf16 or fp8)", p.get_ref()),
+                    format!(
+                        "unknown precision `{}` (expected f32, f16, bf16 or fp8)",
+                        p.get_ref()
+                    ),
                 )
             })?;
         }

@@ -135,7 +135,12 @@ pub fn parse(src: &str) -> Result<Graph, ParseError> {
         let ty = c.ty().map_err(|e| lex(line_no, raw, e))?;
         c.skip_ws();
         if !c.at_end() {
-            return Err(at(line_no, raw, c.pos, format!("unexpected `{}`", c.rest())));
+            return Err(at(
+                line_no,
+                raw,
+                c.pos,
+                format!("unexpected `{}`", c.rest()),
+            ));
         }
         let operand_types: Vec<&Type> = operands.iter().map(|&o| g.ty(o)).collect();
         let inferred = op

@@ -80,5 +80,9 @@ pub fn print(graph: &Graph) -> Result<String, CycleError> {
 
 /// `rules=[a,b] covers=[binary.add x2,unary.rsqrt]`.
 pub fn provenance_comment(p: &Provenance) -> String {
-    format!("rules=[{}] covers=[{}]", p.rules.join(","), p.covers.join(","))
+    format!(
+        "rules=[{}] covers=[{}]",
+        p.rules.join(","),
+        p.covers.join(",")
+    )
 }

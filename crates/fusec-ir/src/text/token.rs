@@ -254,10 +254,13 @@ impl<'a> Cursor<'a> {
                     "false" => Ok(Attr::Bool(false)),
                     "inf" => Ok(Attr::Float(f64::INFINITY)),
                     "NaN" => Ok(Attr::Float(f64::NAN)),
-                    _ => word.parse::<DType>().map(Attr::DType).map_err(|_| LexError {
-                        offset: start,
-                        message: format!("`{word}` is not an attribute value"),
-                    }),
+                    _ => word
+                        .parse::<DType>()
+                        .map(Attr::DType)
+                        .map_err(|_| LexError {
+                            offset: start,
+                            message: format!("`{word}` is not an attribute value"),
+                        }),
                 }
             }
         }

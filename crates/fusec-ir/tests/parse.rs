@@ -1,0 +1,62 @@
+//! Parse errors carry a line and column, and type errors are caught at their line.
+
+use fusec_ir::text::parse;
+
+fn err(src: &str) -> (usize, usize, String) {
+    let e = parse(src).expect_err("the text is invalid");
+    (e.line, e.column, e.message)
+}
+
+const GOOD: &str = r#"graph "g" layers=1 {
+  %0 = input{name="x"} : f32[B,4]
+  layer 0 {
+    %1 = unary.neg(%0) : f32[B,4]  ; rules=[r1,r2] covers=[unary.neg]
+  }
+  output "y" = %1
+}
+"#;
+
+#[test]
+fn good_text_round_trips_with_provenance() {
+    let g = parse(GOOD).expect("parses");
+    assert_eq!(fusec_ir::text::print(&g).expect("acyclic"), GOOD);
+}
+
+#[test]
+fn errors_have_positions() {
+    let (l, c, m) = err(
+        "graph \"g\" {\n  %0 = input{name=\"x\"} : f32[4]\n  %1 = unary.nope(%0) : f32[4]\n}\n",
+    );
+    assert_eq!((l, c), (3, 8));
+    assert!(m.contains("unknown op `unary.nope`"), "{m}");
+
+    let (l, c, m) =
+        err("graph \"g\" {\n  %0 = input{name=\"x\"} : f32[4]\n  %1 = unary.neg(%0) : f32[5]\n}\n");
+    assert_eq!((l, c), (3, 24));
+    assert!(
+        m.contains("declared type f32[5] differs from the inferred type f32[4]"),
+        "{m}"
+    );
+
+    let (l, c, m) =
+        err("graph \"g\" {\n  %0 = input{name=\"x\"} : f32[4]\n  %1 = unary.neg(%7) : f32[4]\n}\n");
+    assert_eq!((l, c), (3, 18));
+    assert!(m.contains("%7 is used before it is defined"), "{m}");
+
+    let (l, _, m) =
+        err("graph \"g\" {\n  %0 = input{name=\"x\"} : f32[4]\n  %2 = unary.neg(%0) : f32[4]\n}\n");
+    assert_eq!(l, 3);
+    assert!(m.contains("expected %1, found %2"), "{m}");
+
+    let (l, c, m) = err("graph \"g\" {\n  %0 = input{name=\"x\"} : f33[4]\n}\n");
+    assert_eq!((l, c), (2, 26));
+    assert!(m.contains("unknown dtype `f33`"), "{m}");
+
+    let (l, _, m) = err("graph \"g\" {\n  %0 = input{name=\"x\"} : f32[4]\n");
+    assert_eq!(l, 2);
+    assert!(m.contains("not closed"), "{m}");
+
+    let (l, c, m) = err("grph \"g\" {\n}\n");
+    assert_eq!((l, c), (1, 1));
+    assert!(m.contains("expected `graph`"), "{m}");
+}
