@@ -18,6 +18,8 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     Compile(cmd::compile::Args),
+    Explain(cmd::explain::Args),
+    Run(cmd::run::Args),
 }
 
 /// How a command failed: bad input (exit 2) or an internal error (exit 1).
@@ -41,6 +43,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Compile(args) => cmd::compile::run(args),
+        Command::Explain(args) => cmd::explain::run(args),
+        Command::Run(args) => cmd::run::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

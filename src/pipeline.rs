@@ -1,30 +1,35 @@
 //! The compile pipeline, phase by phase, with the verifier after every phase.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use fusec_ir::build::eager_decode_graph;
+use fusec_ir::build::{eager_decode_graph, names};
 use fusec_ir::frontend::{load_model, ConfigError, ModelSpec};
+use fusec_ir::gpu::{gpu, gpu_names, Gpu};
 use fusec_ir::shape::Bindings;
 use fusec_ir::{verify, Graph};
+use fusec_rewrite::{FuseReport, Limits, RuleError, RuleFileError, RuleSet};
 
-use fusec_ir::build::names;
-
-/// What can go wrong when compiling. `Input` errors are the user's (exit code 2);
-/// the rest are fusec's own (exit code 1).
+/// What can go wrong when compiling. Everything but `Internal` is the user's input
+/// (exit code 2); `Internal` is fusec's own (exit code 1).
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
     #[error(transparent)]
     Input(#[from] ConfigError),
+    #[error(transparent)]
+    RuleFile(#[from] RuleFileError),
+    #[error("{0}")]
+    Io(String),
+    #[error("a user rule was rejected: {0}")]
+    BadRule(RuleError),
+    #[error("unknown GPU `{name}` (known: {})", gpu_names().join(", "))]
+    UnknownGpu { name: String },
     #[error("{phase}: {message}")]
-    Internal {
-        phase: &'static str,
-        message: String,
-    },
+    Internal { phase: &'static str, message: String },
 }
 
 impl PipelineError {
     pub fn is_input_error(&self) -> bool {
-        matches!(self, PipelineError::Input(_))
+        !matches!(self, PipelineError::Internal { .. })
     }
 }
 
@@ -63,4 +68,56 @@ pub fn bindings(spec: &ModelSpec) -> Bindings {
     Bindings::new()
         .with(names::BATCH, spec.decode.batch)
         .with(names::PAST, spec.decode.context - 1)
+}
+
+/// The spec's target GPU, or the one named by `--gpu`.
+pub fn target_gpu(spec: &ModelSpec) -> Result<&'static Gpu, PipelineError> {
+    gpu(&spec.target.gpu).ok_or_else(|| PipelineError::UnknownGpu {
+        name: spec.target.gpu.clone(),
+    })
+}
+
+/// The built-in rules plus the user's rule files, in order.
+pub fn rules(user_files: &[PathBuf]) -> Result<RuleSet, PipelineError> {
+    let mut set = RuleSet::builtin()?;
+    for path in user_files {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| PipelineError::Io(format!("{}: cannot read: {e}", path.display())))?;
+        set.add_file(&path.display().to_string(), &text)?;
+    }
+    Ok(set)
+}
+
+/// Fuses the eager graph for the spec's target. A rejected application of a user's
+/// rule is an error; one of a built-in rule stays in the report.
+pub fn fuse(
+    spec: &ModelSpec,
+    eager: &Graph,
+    rules: &RuleSet,
+) -> Result<(Graph, FuseReport), PipelineError> {
+    let gpu = target_gpu(spec)?;
+    let bindings = bindings(spec);
+    let opts = fusec_rewrite::Options {
+        rules,
+        gpu,
+        bindings: &bindings,
+        limits: Limits::default(),
+    };
+    let (graph, report) = fusec_rewrite::fuse(eager, &opts).map_err(|e| PipelineError::Internal {
+        phase: e.phase,
+        message: e.message,
+    })?;
+    let builtin: Vec<&str> = fusec_rewrite::ruleset::BUILTIN_RULE_FILES
+        .iter()
+        .map(|(t, _)| *t)
+        .collect();
+    if let Some(bad) = report.rejected.iter().find(|e| {
+        rules
+            .rules()
+            .iter()
+            .any(|r| r.name == e.rule && !builtin.contains(&r.topic.as_str()))
+    }) {
+        return Err(PipelineError::BadRule(bad.clone()));
+    }
+    Ok((verified("fuse", graph)?, report))
 }

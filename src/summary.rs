@@ -2,8 +2,9 @@
 
 use std::fmt::Write;
 
-use fusec_ir::cost::{graph_cost, GraphCost};
+use fusec_ir::cost::{estimate_seconds, graph_cost, GraphCost};
 use fusec_ir::frontend::ModelSpec;
+use fusec_ir::gpu::Gpu;
 use fusec_ir::shape::UnboundSymbol;
 use fusec_ir::Graph;
 use serde::Serialize;
@@ -19,11 +20,18 @@ pub struct VariantSummary {
     pub floor_bytes: u64,
     /// Bytes moved per step over the floor.
     pub floor_ratio: f64,
+    /// Estimated microseconds per token on the target GPU.
+    pub est_us_per_token: f64,
+    #[serde(skip)]
+    pub cost: GraphCost,
 }
 
 impl VariantSummary {
-    pub fn from_cost(c: &GraphCost) -> Self {
-        Self {
+    pub fn new(graph: &Graph, spec: &ModelSpec, gpu: &Gpu) -> Result<Self, UnboundSymbol> {
+        let c = graph_cost(graph, &crate::pipeline::bindings(spec))?;
+        // One step yields one token per sequence.
+        let us = estimate_seconds(graph, &c, gpu) * 1e6 / spec.decode.batch as f64;
+        Ok(Self {
             launches_total: c.total.launches,
             launches_per_layer: c.launches_per_layer(),
             bytes_read: c.total.bytes_read,
@@ -31,7 +39,13 @@ impl VariantSummary {
             flops: c.total.flops,
             floor_bytes: c.floor.total(),
             floor_ratio: c.floor_ratio(),
-        }
+            est_us_per_token: us,
+            cost: c,
+        })
+    }
+
+    fn bytes(&self) -> u64 {
+        self.bytes_read + self.bytes_written
     }
 }
 
@@ -45,26 +59,30 @@ pub struct Summary {
     pub precision: String,
     pub gpu: String,
     pub eager: VariantSummary,
-    #[serde(skip)]
-    pub eager_cost: GraphCost,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fused: Option<VariantSummary>,
 }
 
 impl Summary {
-    pub fn new(spec: &ModelSpec, eager: &Graph) -> Result<Self, UnboundSymbol> {
-        let cost = graph_cost(eager, &crate::pipeline::bindings(spec))?;
+    pub fn new(
+        spec: &ModelSpec,
+        gpu: &Gpu,
+        eager: &Graph,
+        fused: Option<&Graph>,
+    ) -> Result<Self, UnboundSymbol> {
         Ok(Self {
             model: spec.model.name.clone(),
             layers: spec.model.num_layers,
             batch: spec.decode.batch,
             context: spec.decode.context,
             precision: spec.target.precision.name().to_string(),
-            gpu: spec.target.gpu.clone(),
-            eager: VariantSummary::from_cost(&cost),
-            eager_cost: cost,
+            gpu: gpu.name.to_string(),
+            eager: VariantSummary::new(eager, spec, gpu)?,
+            fused: fused.map(|f| VariantSummary::new(f, spec, gpu)).transpose()?,
         })
     }
 
-    /// The human-readable summary.
+    /// The human-readable summary: eager next to fused.
     pub fn render(&self) -> String {
         let mut out = String::new();
         let _ = writeln!(
@@ -73,19 +91,47 @@ impl Summary {
             self.model, self.layers, self.batch, self.context, self.precision, self.gpu
         );
         let e = &self.eager;
-        let f = &self.eager_cost.floor;
-        let _ = writeln!(
-            out,
-            "eager: {:.1} launches/layer, {} launches/step",
-            e.launches_per_layer, e.launches_total
-        );
-        let _ = writeln!(
-            out,
-            "       {} read + {} written per step, {} FLOPs",
-            human_bytes(e.bytes_read),
-            human_bytes(e.bytes_written),
-            human_count(e.flops)
-        );
+        let mut cols = vec![("eager", e)];
+        if let Some(f) = &self.fused {
+            cols.push(("fused", f));
+        }
+        let _ = write!(out, "{:<18}", "");
+        for (name, _) in &cols {
+            let _ = write!(out, "{name:>14}");
+        }
+        if cols.len() == 2 {
+            let _ = write!(out, "{:>14}", "saved");
+        }
+        out.push('\n');
+        type Row<'a> = (&'a str, Box<dyn Fn(&VariantSummary) -> String>, Option<String>);
+        let saved = self.fused.as_ref().map(|f| {
+            (
+                format!("{}", e.launches_total as i64 - f.launches_total as i64),
+                human_bytes(e.bytes().saturating_sub(f.bytes())),
+                format!("{:.2}x", e.est_us_per_token / f.est_us_per_token.max(1e-12)),
+            )
+        });
+        let rows: Vec<Row<'_>> = vec![
+            ("launches/layer", Box::new(|v| format!("{:.1}", v.launches_per_layer)), None),
+            ("launches/step", Box::new(|v| v.launches_total.to_string()), saved.as_ref().map(|s| s.0.clone())),
+            ("bytes read/step", Box::new(|v| human_bytes(v.bytes_read)), None),
+            ("bytes written/step", Box::new(|v| human_bytes(v.bytes_written)), None),
+            ("bytes/step", Box::new(|v| human_bytes(v.bytes())), saved.as_ref().map(|s| s.1.clone())),
+            ("FLOPs/step", Box::new(|v| human_count(v.flops)), None),
+            ("x floor", Box::new(|v| format!("{:.3}", v.floor_ratio)), None),
+            ("est. us/token", Box::new(|v| format!("{:.1}", v.est_us_per_token)), saved.as_ref().map(|s| s.2.clone())),
+        ];
+        for (label, value, save) in rows {
+            let _ = write!(out, "{label:<18}");
+            for (_, v) in &cols {
+                let _ = write!(out, "{:>14}", value(v));
+            }
+            if let Some(s) = save {
+                let _ = write!(out, "{s:>14}");
+            }
+            out.push('\n');
+        }
+        let f = &e.cost.floor;
         let _ = writeln!(
             out,
             "floor: {} = weights {} + KV read {} + KV write {} + io {}",
@@ -95,7 +141,6 @@ impl Summary {
             human_bytes(f.kv_write_bytes),
             human_bytes(f.io_bytes)
         );
-        let _ = writeln!(out, "eager moves {:.2}x the floor", e.floor_ratio);
         out
     }
 }

@@ -1,15 +1,17 @@
-//! `fusec compile`: build the decode graph, write its dumps, print the summary.
+//! `fusec compile`: build the eager decode graph, fuse it, write the dumps, print the
+//! summary of eager next to fused.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use anyhow::Context;
 use fusec::pipeline;
 use fusec::summary::Summary;
-use fusec_ir::{dot, text};
+use fusec_ir::{dot, text, Graph};
 
 use crate::Failure;
 
-/// Compile one decode step of MODEL and report launches, bytes and FLOPs.
+/// Compile one decode step of MODEL: fuse it, and report launches, bytes and time.
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// A model.toml, a Hugging Face config.json, or a model directory holding one.
@@ -17,7 +19,8 @@ pub struct Args {
     /// Directory for the dumps [default: fusec-out/<model name>].
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// What to write, comma-separated: `ir` (eager.fir), `dot` (eager.dot).
+    /// What to write, comma-separated: `ir` (eager.fir, fused.fir), `dot` (eager.dot,
+    /// fused.dot).
     #[arg(long, value_delimiter = ',', default_value = "ir")]
     pub emit: Vec<Emit>,
     /// Write the summary as JSON to this file.
@@ -29,6 +32,16 @@ pub struct Args {
     /// Sequences per step (overrides [decode] batch).
     #[arg(long)]
     pub batch: Option<u64>,
+    /// Target GPU for the cost model (overrides [target] gpu): h100-sxm, h200-sxm,
+    /// a100-sxm, l40s, l4.
+    #[arg(long)]
+    pub gpu: Option<String>,
+    /// Keep the eager graph: no fusion.
+    #[arg(long)]
+    pub no_fuse: bool,
+    /// Load fusion rules from this file too (repeatable); see README.md for the syntax.
+    #[arg(long = "rules", value_name = "FILE")]
+    pub rules: Vec<PathBuf>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,9 +50,53 @@ pub enum Emit {
     Dot,
 }
 
+fn write(path: &Path, contents: String) -> Result<(), Failure> {
+    std::fs::write(path, contents)
+        .with_context(|| format!("cannot write {}", path.display()))
+        .map_err(Failure::Input)
+}
+
+fn dumps(out: &Path, stem: &str, graph: &Graph, emit: &[Emit]) -> Result<Vec<PathBuf>, Failure> {
+    let internal = |e: fusec_ir::graph::CycleError| Failure::Internal(e.into());
+    let mut written = Vec::new();
+    for e in emit {
+        let (ext, contents) = match e {
+            Emit::Ir => ("fir", text::print(graph).map_err(internal)?),
+            Emit::Dot => ("dot", dot::to_dot(graph).map_err(internal)?),
+        };
+        let path = out.join(format!("{stem}.{ext}"));
+        write(&path, contents)?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
 pub fn run(args: Args) -> Result<(), Failure> {
-    let spec = pipeline::load(&args.model, args.batch, args.context)?;
+    let mut spec = pipeline::load(&args.model, args.batch, args.context)?;
+    if let Some(g) = &args.gpu {
+        spec.target.gpu = g.clone();
+    }
+    let gpu = pipeline::target_gpu(&spec)?;
     let eager = pipeline::eager(&spec)?;
+    let fused = if args.no_fuse {
+        None
+    } else {
+        let rules = pipeline::rules(&args.rules)?;
+        let start = Instant::now();
+        let (graph, report) = pipeline::fuse(&spec, &eager, &rules)?;
+        let elapsed = start.elapsed();
+        for e in &report.rejected {
+            eprintln!("warning: {e} (not applied)");
+        }
+        if report.hit_limit {
+            eprintln!(
+                "warning: equality saturation stopped at a limit ({}); the result is correct but may be less fused",
+                report.stop_reason
+            );
+        }
+        Some((graph, report, elapsed))
+    };
+
     let out = args
         .out
         .clone()
@@ -47,30 +104,31 @@ pub fn run(args: Args) -> Result<(), Failure> {
     std::fs::create_dir_all(&out)
         .with_context(|| format!("cannot create {}", out.display()))
         .map_err(Failure::Input)?;
-    let internal = |e: fusec_ir::graph::CycleError| Failure::Internal(e.into());
-    let mut written = Vec::new();
-    for emit in &args.emit {
-        let (file, contents) = match emit {
-            Emit::Ir => ("eager.fir", text::print(&eager).map_err(internal)?),
-            Emit::Dot => ("eager.dot", dot::to_dot(&eager).map_err(internal)?),
-        };
-        let path = out.join(file);
-        std::fs::write(&path, contents)
-            .with_context(|| format!("cannot write {}", path.display()))
-            .map_err(Failure::Input)?;
-        written.push(path);
+    let mut written = dumps(&out, "eager", &eager, &args.emit)?;
+    if let Some((graph, _, _)) = &fused {
+        written.extend(dumps(&out, "fused", graph, &args.emit)?);
     }
-    let summary = Summary::new(&spec, &eager).map_err(|e| Failure::Internal(e.into()))?;
+
+    let summary = Summary::new(&spec, gpu, &eager, fused.as_ref().map(|(g, _, _)| g))
+        .map_err(|e| Failure::Internal(e.into()))?;
     print!("{}", summary.render());
+    if let Some((_, report, elapsed)) = &fused {
+        println!(
+            "fusion: {} after {} iterations ({} e-nodes, {} e-classes), {:.1} ms; {} near misses (fusec explain)",
+            report.stop_reason,
+            report.iterations,
+            report.egraph_nodes,
+            report.egraph_classes,
+            elapsed.as_secs_f64() * 1e3,
+            report.near_misses.len()
+        );
+    }
     for p in &written {
         println!("wrote {}", p.display());
     }
     if let Some(path) = &args.report_json {
-        let json =
-            serde_json::to_string_pretty(&summary).map_err(|e| Failure::Internal(e.into()))?;
-        std::fs::write(path, json + "\n")
-            .with_context(|| format!("cannot write {}", path.display()))
-            .map_err(Failure::Input)?;
+        let json = serde_json::to_string_pretty(&summary).map_err(|e| Failure::Internal(e.into()))?;
+        write(path, json + "\n")?;
         println!("wrote {}", path.display());
     }
     Ok(())

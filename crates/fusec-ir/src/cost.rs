@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 
 use crate::graph::{Graph, NodeId, OutputKind};
-use crate::op::{BinaryOp, InputKind, Op, ReduceOp};
+use crate::op::{BinaryOp, FusedOp, InputKind, Op, ReduceOp};
 use crate::shape::{Bindings, UnboundSymbol};
 use crate::types::{TensorType, Type};
 
@@ -76,6 +76,10 @@ pub fn operand_read_bytes(
     operand: NodeId,
     b: &Bindings,
 ) -> Result<u64, UnboundSymbol> {
+    if let (Op::Fused(FusedOp::KvAppend), 0) = (graph.op(id), index) {
+        // An in-place append leaves the cached entries where they are.
+        return Ok(0);
+    }
     if let (Op::Embedding, 0) = (graph.op(id), index) {
         // A gather reads one row of the table per id: as many bytes as it writes.
         return graph.ty(id).bytes(b);
@@ -90,15 +94,42 @@ pub fn node_cost(graph: &Graph, id: NodeId, b: &Bindings) -> Result<Cost, Unboun
         return Ok(Cost::default());
     }
     let operands = graph.operands(id);
-    let mut bytes_read = 0;
+    let mut reads = Vec::with_capacity(operands.len());
     for (i, &o) in operands.iter().enumerate() {
-        bytes_read += operand_read_bytes(graph, id, i, o, b)?;
+        reads.push(operand_read_bytes(graph, id, i, o, b)?);
     }
-    let out = graph.ty(id);
-    let bytes_written = out.bytes(b)?;
+    let types: Vec<&Type> = operands.iter().map(|&o| graph.ty(o)).collect();
+    op_cost(op, &types, &reads, graph.ty(id), b)
+}
+
+/// The cost of running `op` on operands of the given types, of which it reads
+/// `reads[i]` bytes each, producing `out`. Shared by the graph and the e-graph's
+/// extraction, so that extraction optimises what the report counts.
+pub fn op_cost(
+    op: &Op,
+    operands: &[&Type],
+    reads: &[u64],
+    out: &Type,
+    b: &Bindings,
+) -> Result<Cost, UnboundSymbol> {
+    if !op.launches_kernel() {
+        return Ok(Cost::default());
+    }
+    let mut bytes_written = out.bytes(b)?;
+    if let Op::Fused(FusedOp::KvAppend | FusedOp::DecodeAttention) = op {
+        // The appended caches are written in place: only the new entries are stored.
+        let pasts: &[usize] = if matches!(op, Op::Fused(FusedOp::KvAppend)) {
+            &[0]
+        } else {
+            &[5, 6]
+        };
+        for &p in pasts {
+            bytes_written = bytes_written.saturating_sub(operands[p].bytes(b)?);
+        }
+    }
     let n_out = numel(out, b)?;
     let n_in0 = match operands.first() {
-        Some(&o) => numel(graph.ty(o), b)?,
+        Some(t) => numel(t, b)?,
         None => 0,
     };
     let flops = match op {
@@ -108,29 +139,69 @@ pub fn node_cost(graph: &Graph, id: NodeId, b: &Bindings) -> Result<Cost, Unboun
         Op::Reduce { kind, .. } => n_in0 + if *kind == ReduceOp::Mean { n_out } else { 0 },
         Op::Argmax { .. } => n_in0,
         Op::Softmax { .. } => 5 * n_out,
-        Op::MatMul => {
-            let k = contracted(graph.ty(operands[0]), b, 1)?;
-            2 * n_out * k
-        }
-        Op::Linear => {
-            let k = contracted(graph.ty(operands[1]), b, 1)?;
-            2 * n_out * k
-        }
+        Op::MatMul => 2 * n_out * last_dim(operands[0], b)?,
+        Op::Linear => 2 * n_out * last_dim(operands[1], b)?,
+        Op::Fused(f) => fused_flops(*f, operands, n_out, n_in0, b)?,
         _ => 0,
     };
     Ok(Cost {
         launches: 1,
-        bytes_read,
+        bytes_read: reads.iter().sum(),
         bytes_written,
         flops,
     })
 }
 
-/// Dimension `from_end` counted from the last (1 = last) of a tensor type.
-fn contracted(ty: &Type, b: &Bindings, from_end: usize) -> Result<u64, UnboundSymbol> {
-    match tensor(ty) {
-        Some(t) if t.rank() >= from_end => t.shape.dim(t.rank() - from_end).eval(b),
-        _ => Ok(0),
+/// FLOPs of a fused kernel: its GEMVs and attention dominate; elementwise work is
+/// charged as in the primitive ops it replaces.
+fn fused_flops(
+    f: FusedOp,
+    operands: &[&Type],
+    n_out: u64,
+    n_in0: u64,
+    b: &Bindings,
+) -> Result<u64, UnboundSymbol> {
+    // 2 FLOPs per weight element per row of x (operand 0).
+    let rows = n_in0 / last_dim(operands[0], b)?.max(1);
+    let gemv = |w: &Type| -> Result<u64, UnboundSymbol> { Ok(2 * rows * numel(w, b)?) };
+    Ok(match f {
+        FusedOp::KvAppend => 0,
+        FusedOp::Rope => 3 * n_out,
+        FusedOp::RmsNorm => 5 * n_out,
+        FusedOp::RmsNormLinear => {
+            let mut total = 4 * n_in0;
+            for w in &operands[3..] {
+                total += gemv(w)?;
+            }
+            total
+        }
+        FusedOp::Swiglu => gemv(operands[1])? + gemv(operands[2])? + 8 * n_out,
+        FusedOp::RmsNormSwiglu => {
+            4 * n_in0 + gemv(operands[3])? + gemv(operands[4])? + 8 * n_out
+        }
+        FusedOp::LinearAdd => gemv(operands[1])? + n_out,
+        FusedOp::Attention | FusedOp::DecodeAttention => {
+            let (k, extra) = if f == FusedOp::Attention {
+                (operands[1], 0)
+            } else {
+                (operands[5], 1)
+            };
+            // q k^T and p v: 2 * 2 * (query elements) * (cache length), plus softmax.
+            let len = match tensor(k) {
+                Some(t) if t.rank() >= 2 => t.shape.dim(t.rank() - 2).eval(b)? + extra,
+                _ => 0,
+            };
+            let hd = last_dim(operands[0], b)?.max(1);
+            4 * n_in0 * len + 5 * (n_in0 / hd) * len
+        }
+    })
+}
+
+/// The last dimension of a tensor type (0 for a scalar or a tuple).
+fn last_dim(ty: &Type, b: &Bindings) -> Result<u64, UnboundSymbol> {
+    match tensor(ty).and_then(|t| t.shape.last()) {
+        Some(d) => d.eval(b),
+        None => Ok(0),
     }
 }
 
@@ -238,4 +309,20 @@ pub fn graph_cost(graph: &Graph, b: &Bindings) -> Result<GraphCost, UnboundSymbo
         }
     }
     Ok(cost)
+}
+
+/// Estimated seconds per step on `gpu`: every kernel's launch overhead plus the larger
+/// of its memory and math time, summed.
+pub fn estimate_seconds(graph: &Graph, cost: &GraphCost, gpu: &crate::gpu::Gpu) -> f64 {
+    cost.nodes
+        .iter()
+        .map(|(id, c)| {
+            let dtype = graph
+                .ty(*id)
+                .tensors()
+                .first()
+                .map_or(crate::DType::F32, |t| t.dtype);
+            gpu.kernel_seconds(c.bytes(), c.flops, dtype)
+        })
+        .sum()
 }

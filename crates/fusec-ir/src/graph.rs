@@ -186,6 +186,15 @@ impl Graph {
         });
     }
 
+    /// Renames outputs for which `f` gives a new name.
+    pub fn rename_outputs(&mut self, f: impl Fn(&str) -> Option<String>) {
+        for o in &mut self.outputs {
+            if let Some(n) = f(&o.name) {
+                o.name = n;
+            }
+        }
+    }
+
     /// The output called `name`.
     pub fn output(&self, name: &str) -> Option<&Output> {
         self.outputs.iter().find(|o| o.name == name)
@@ -289,6 +298,44 @@ impl Graph {
             self.g.remove_node(n);
         }
         dead.len()
+    }
+
+    /// A copy holding only the nodes the outputs need, created in use order: a
+    /// post-order walk from the outputs in order, operands in order, so every value is
+    /// defined just before its first use. Passes that add nodes call this to keep the
+    /// text form readable.
+    pub fn reordered(&self) -> Graph {
+        let mut out = Graph::new(self.name.clone());
+        out.attrs = self.attrs.clone();
+        let mut new_id: std::collections::HashMap<NodeId, NodeId> = std::collections::HashMap::new();
+        // (node, whether its operands are done); iterative, as graphs are deep.
+        let mut stack: Vec<(NodeId, bool)> = self.outputs.iter().rev().map(|o| (o.value, false)).collect();
+        while let Some((id, expanded)) = stack.pop() {
+            if new_id.contains_key(&id) {
+                continue;
+            }
+            let operands = self.operands(id);
+            if expanded {
+                let mapped: Vec<NodeId> = operands.iter().map(|o| new_id[o]).collect();
+                let node = self.node(id);
+                let n = out.add_typed(node.op.clone(), &mapped, node.ty.clone());
+                let copy = out.node_mut(n);
+                copy.layer = node.layer;
+                copy.provenance = node.provenance.clone();
+                new_id.insert(id, n);
+            } else {
+                stack.push((id, true));
+                for &o in operands.iter().rev() {
+                    if !new_id.contains_key(&o) {
+                        stack.push((o, false));
+                    }
+                }
+            }
+        }
+        for o in &self.outputs {
+            out.add_output(o.name.clone(), o.kind, new_id[&o.value]);
+        }
+        out
     }
 
     /// The number of decoder layers, from the `layers` attribute (0 when absent).

@@ -14,6 +14,8 @@ pub mod cost;
 pub mod dot;
 pub mod dtype;
 pub mod frontend;
+mod fused;
+pub mod gpu;
 pub mod graph;
 pub mod op;
 pub mod shape;
@@ -23,7 +25,7 @@ pub mod verify;
 
 pub use dtype::DType;
 pub use graph::{Graph, Node, NodeId, Output, OutputKind, Provenance};
-pub use op::{BinaryOp, InputKind, Op, ReduceOp, UnaryOp, F64};
+pub use op::{BinaryOp, FusedOp, InputKind, Op, ReduceOp, UnaryOp, F64};
 pub use shape::{Bindings, Dim, Shape};
 pub use types::{TensorType, Type};
 pub use verify::{verify, VerifyError};

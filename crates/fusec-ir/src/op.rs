@@ -211,15 +211,15 @@ pub enum Op {
     // ---- reductions ---------------------------------------------------------------
     Reduce {
         kind: ReduceOp,
-        axis: usize,
+        axis: i64,
         keepdim: bool,
     },
     /// Index of the largest element along `axis` (ties to the lowest index), as `i32`.
     Argmax {
-        axis: usize,
+        axis: i64,
     },
     Softmax {
-        axis: usize,
+        axis: i64,
     },
 
     // ---- contractions -------------------------------------------------------------
@@ -233,7 +233,7 @@ pub enum Op {
     // ---- data movement ------------------------------------------------------------
     /// Concatenation along `axis` into a new buffer (a copy of every operand).
     Cat {
-        axis: usize,
+        axis: i64,
     },
     /// A contiguous copy (`.contiguous()` or the copy inside `reshape` of a
     /// non-viewable tensor).
@@ -249,7 +249,7 @@ pub enum Op {
     },
     /// Elements `start..end` along `axis`.
     Slice {
-        axis: usize,
+        axis: i64,
         start: u64,
         end: u64,
     },
@@ -266,6 +266,97 @@ pub enum Op {
     Get {
         index: usize,
     },
+
+    // ---- fused kernels ------------------------------------------------------------
+    /// A kernel that replaces several primitive ops; see [`FusedOp`].
+    Fused(FusedOp),
+}
+
+/// Kernels produced by fusion. None has attributes: constants such as `eps` and the
+/// attention scale are scalar operands, so rewrite rules can bind them as variables.
+///
+/// Every fused op computes what the primitive ops it replaces compute, with the same
+/// roundings to its dtype (a bf16 intermediate of the eager graph is rounded to bf16
+/// inside the fused kernel too), so the eager graph is its reference.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FusedOp {
+    /// `(past [..,S,hd], new [..,1,hd]) -> [..,S+1,hd]`: `cat` along axis -2 into the
+    /// state buffer in place: only the new entries are read and written.
+    KvAppend,
+    /// `(x [..,hd], cos, sin) -> x * cos + rotate_half(x) * sin`, cos and sin
+    /// broadcasting to x.
+    Rope,
+    /// `(x [..,D], w [D], eps) -> w * to(x.dtype)(x32 * rsqrt(mean(x32^2, -1) + eps))`,
+    /// Hugging Face's `LlamaRMSNorm`.
+    RmsNorm,
+    /// `(x, w, eps, W1, .., Wn)`: RMSNorm in the prologue of n GEMVs sharing it. One
+    /// weight gives a tensor, several a tuple.
+    RmsNormLinear,
+    /// `(x, Wg, Wu) -> silu(x @ Wg^T) * (x @ Wu^T)`.
+    Swiglu,
+    /// `(x, w, eps, Wg, Wu)`: RMSNorm then SwiGLU in one kernel.
+    RmsNormSwiglu,
+    /// `(x, W, r) -> r + x @ W^T`: a GEMV with a residual-add epilogue.
+    LinearAdd,
+    /// `(q [B,H,T,hd], k [B,KV,L,hd], v [B,KV,L,hd], scale, mask [B,1,T,L]) ->
+    /// softmax(q k^T * scale + mask) v`, with query head `h` reading KV head
+    /// `h / (H/KV)` (GQA), computed with an online softmax.
+    Attention,
+    /// `(q, k, v, cos, sin, past_k, past_v, scale, mask) -> (out, k_all, v_all)`: RoPE
+    /// on q and k, the KV append in place, and attention, in one kernel.
+    DecodeAttention,
+}
+
+impl FusedOp {
+    pub const ALL: [FusedOp; 9] = [
+        FusedOp::KvAppend,
+        FusedOp::Rope,
+        FusedOp::RmsNorm,
+        FusedOp::RmsNormLinear,
+        FusedOp::Swiglu,
+        FusedOp::RmsNormSwiglu,
+        FusedOp::LinearAdd,
+        FusedOp::Attention,
+        FusedOp::DecodeAttention,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            FusedOp::KvAppend => "kv.append",
+            FusedOp::Rope => "fused.rope",
+            FusedOp::RmsNorm => "fused.rms_norm",
+            FusedOp::RmsNormLinear => "fused.rms_norm_linear",
+            FusedOp::Swiglu => "fused.swiglu",
+            FusedOp::RmsNormSwiglu => "fused.rms_norm_swiglu",
+            FusedOp::LinearAdd => "fused.linear_add",
+            FusedOp::Attention => "fused.attention",
+            FusedOp::DecodeAttention => "fused.decode_attention",
+        }
+    }
+
+    pub const fn arity(self) -> Arity {
+        match self {
+            FusedOp::KvAppend => Arity::Exactly(2),
+            FusedOp::Rope | FusedOp::RmsNorm | FusedOp::Swiglu | FusedOp::LinearAdd => {
+                Arity::Exactly(3)
+            }
+            FusedOp::RmsNormLinear => Arity::AtLeast(4),
+            FusedOp::RmsNormSwiglu | FusedOp::Attention => Arity::Exactly(5),
+            FusedOp::DecodeAttention => Arity::Exactly(9),
+        }
+    }
+}
+
+/// The axis `axis` of a rank-`rank` tensor, where a negative axis counts from the end
+/// as in PyTorch (`-1` is the last).
+pub fn resolve_axis(axis: i64, rank: usize) -> Result<usize, String> {
+    let r = rank as i64;
+    let a = if axis < 0 { axis + r } else { axis };
+    if (0..r).contains(&a) {
+        Ok(a as usize)
+    } else {
+        Err(format!("axis {axis} out of range for rank {rank}"))
+    }
 }
 
 /// How many operands an op takes.
@@ -376,6 +467,7 @@ impl Op {
             Op::Unsqueeze { .. } => "view.unsqueeze",
             Op::Expand { .. } => "view.expand",
             Op::Get { .. } => "get",
+            Op::Fused(f) => f.name(),
         }
     }
 
@@ -383,6 +475,7 @@ impl Op {
     /// form writes them as `@name`.
     pub fn attrs(&self) -> Vec<(&'static str, Attr)> {
         let u = |v: usize| Attr::Int(v as i64);
+        let i = |v: i64| Attr::Int(v);
         let mut attrs = match self {
             Op::Input { name, .. } => vec![("name", Attr::Str(name.clone()))],
             Op::Weight { .. } => vec![],
@@ -393,25 +486,29 @@ impl Op {
             ],
             Op::Cast { to } => vec![("to", Attr::DType(*to))],
             Op::Reduce { axis, keepdim, .. } => {
-                vec![("axis", u(*axis)), ("keepdim", Attr::Bool(*keepdim))]
+                vec![("axis", i(*axis)), ("keepdim", Attr::Bool(*keepdim))]
             }
-            Op::Argmax { axis }
-            | Op::Softmax { axis }
-            | Op::Cat { axis }
-            | Op::Unsqueeze { axis } => vec![("axis", u(*axis))],
+            Op::Argmax { axis } | Op::Softmax { axis } | Op::Cat { axis } => {
+                vec![("axis", i(*axis))]
+            }
+            Op::Unsqueeze { axis } => vec![("axis", u(*axis))],
             Op::Reshape { shape } | Op::Expand { shape } => {
                 vec![("shape", Attr::Shape(shape.clone()))]
             }
             Op::Transpose { a, b } => vec![("a", u(*a)), ("b", u(*b))],
             Op::Slice { axis, start, end } => vec![
-                ("axis", u(*axis)),
+                ("axis", i(*axis)),
                 ("end", Attr::Int(*end as i64)),
                 ("start", Attr::Int(*start as i64)),
             ],
             Op::Get { index } => vec![("index", u(*index))],
-            Op::Unary(_) | Op::Binary(_) | Op::MatMul | Op::Linear | Op::Embedding | Op::Copy => {
-                vec![]
-            }
+            Op::Unary(_)
+            | Op::Binary(_)
+            | Op::MatMul
+            | Op::Linear
+            | Op::Embedding
+            | Op::Copy
+            | Op::Fused(_) => vec![],
         };
         attrs.sort_by_key(|(k, _)| *k);
         attrs
@@ -437,6 +534,7 @@ impl Op {
             | Op::Get { .. } => Arity::Exactly(1),
             Op::Binary(_) | Op::MatMul | Op::Linear | Op::Embedding => Arity::Exactly(2),
             Op::Cat { .. } => Arity::AtLeast(2),
+            Op::Fused(f) => f.arity(),
         }
     }
 
@@ -504,6 +602,9 @@ impl Op {
                 }
             }
         }
+        if let Op::Fused(f) = self {
+            return crate::fused::infer(*f, &tensors).map_err(err);
+        }
         infer_tensor(self, &tensors, leaf_type)
             .map(Type::Tensor)
             .map_err(err)
@@ -565,23 +666,23 @@ fn infer_tensor(
             Ok(TensorType::new(dtype, shape))
         }
         Op::Reduce { axis, keepdim, .. } => {
-            check_axis(*axis, t[0].rank())?;
+            let axis = resolve_axis(*axis, t[0].rank())?;
             let mut dims = t[0].shape.0.clone();
             if *keepdim {
-                dims[*axis] = Dim::Fixed(1);
+                dims[axis] = Dim::Fixed(1);
             } else {
-                dims.remove(*axis);
+                dims.remove(axis);
             }
             Ok(TensorType::new(t[0].dtype, Shape(dims)))
         }
         Op::Argmax { axis } => {
-            check_axis(*axis, t[0].rank())?;
+            let axis = resolve_axis(*axis, t[0].rank())?;
             let mut dims = t[0].shape.0.clone();
-            dims.remove(*axis);
+            dims.remove(axis);
             Ok(TensorType::new(DType::I32, Shape(dims)))
         }
         Op::Softmax { axis } => {
-            check_axis(*axis, t[0].rank())?;
+            resolve_axis(*axis, t[0].rank())?;
             Ok(t[0].clone())
         }
         Op::MatMul => {
@@ -648,22 +749,22 @@ fn infer_tensor(
         }
         Op::Cat { axis } => {
             let first = t[0];
-            check_axis(*axis, first.rank())?;
-            let mut along = first.shape.0[*axis].clone();
+            let axis = resolve_axis(*axis, first.rank())?;
+            let mut along = first.shape.0[axis].clone();
             for other in &t[1..] {
                 same_dtype(first, other)?;
                 if other.rank() != first.rank() {
                     return Err(format!("ranks differ: {} vs {}", first.shape, other.shape));
                 }
                 for (i, (a, b)) in first.shape.0.iter().zip(&other.shape.0).enumerate() {
-                    if i != *axis && a != b {
+                    if i != axis && a != b {
                         return Err(format!(
                             "dimension {i} differs: {} vs {}",
                             first.shape, other.shape
                         ));
                     }
                 }
-                along = match (&along, &other.shape.0[*axis]) {
+                along = match (&along, &other.shape.0[axis]) {
                     (x, Dim::Fixed(n)) => x.plus(*n),
                     (Dim::Fixed(n), y) => y.plus(*n),
                     (x, y) => {
@@ -674,7 +775,7 @@ fn infer_tensor(
                 };
             }
             let mut dims = first.shape.0.clone();
-            dims[*axis] = along;
+            dims[axis] = along;
             Ok(TensorType::new(first.dtype, Shape(dims)))
         }
         Op::Reshape { shape } => {
@@ -694,15 +795,15 @@ fn infer_tensor(
             Ok(TensorType::new(t[0].dtype, Shape(dims)))
         }
         Op::Slice { axis, start, end } => {
-            check_axis(*axis, t[0].rank())?;
-            let Some(n) = t[0].shape.0[*axis].as_fixed() else {
+            let axis = resolve_axis(*axis, t[0].rank())?;
+            let Some(n) = t[0].shape.0[axis].as_fixed() else {
                 return Err(format!("axis {axis} of {} is symbolic", t[0].shape));
             };
             if start >= end || *end > n {
                 return Err(format!("range {start}..{end} out of 0..{n}"));
             }
             let mut dims = t[0].shape.0.clone();
-            dims[*axis] = Dim::Fixed(end - start);
+            dims[axis] = Dim::Fixed(end - start);
             Ok(TensorType::new(t[0].dtype, Shape(dims)))
         }
         Op::Unsqueeze { axis } => {
@@ -729,6 +830,7 @@ fn infer_tensor(
             Ok(TensorType::new(t[0].dtype, shape.clone()))
         }
         Op::Get { .. } => unreachable!("handled by Op::infer"),
+        Op::Fused(_) => unreachable!("handled by Op::infer"),
     }
 }
 
@@ -786,6 +888,7 @@ pub fn op_names() -> Vec<&'static str> {
         "get",
     ];
     names.extend(UnaryOp::ALL.iter().map(|u| Op::Unary(*u).name()));
+    names.extend(FusedOp::ALL.iter().map(|f| f.name()));
     names.extend(BinaryOp::ALL.iter().map(|b| Op::Binary(*b).name()));
     names.extend(ReduceOp::ALL.iter().map(|r| {
         Op::Reduce {
@@ -819,6 +922,12 @@ pub fn op_from_parts(
             .remove(key)
             .ok_or_else(|| format!("`{name}` needs attribute `{key}`"))
     };
+    fn i64_of(key: &str, a: Attr) -> Result<i64, String> {
+        match a {
+            Attr::Int(v) => Ok(v),
+            other => Err(format!("attribute `{key}` must be an integer, got {other}")),
+        }
+    }
     fn usize_of(key: &str, a: Attr) -> Result<usize, String> {
         match a {
             Attr::Int(v) if v >= 0 => Ok(v as usize),
@@ -884,16 +993,16 @@ pub fn op_from_parts(
             },
         },
         "argmax" => Op::Argmax {
-            axis: usize_of("axis", take("axis")?)?,
+            axis: i64_of("axis", take("axis")?)?,
         },
         "softmax" => Op::Softmax {
-            axis: usize_of("axis", take("axis")?)?,
+            axis: i64_of("axis", take("axis")?)?,
         },
         "matmul" => Op::MatMul,
         "linear" => Op::Linear,
         "embedding" => Op::Embedding,
         "cat" => Op::Cat {
-            axis: usize_of("axis", take("axis")?)?,
+            axis: i64_of("axis", take("axis")?)?,
         },
         "copy" => Op::Copy,
         "view.reshape" => Op::Reshape {
@@ -907,7 +1016,7 @@ pub fn op_from_parts(
             b: usize_of("b", take("b")?)?,
         },
         "view.slice" => Op::Slice {
-            axis: usize_of("axis", take("axis")?)?,
+            axis: i64_of("axis", take("axis")?)?,
             end: usize_of("end", take("end")?)? as u64,
             start: usize_of("start", take("start")?)? as u64,
         },
@@ -925,13 +1034,15 @@ pub fn op_from_parts(
                 .find(|b| Op::Binary(**b).name() == other)
             {
                 Op::Binary(*b)
+            } else if let Some(f) = FusedOp::ALL.iter().find(|f| f.name() == other) {
+                Op::Fused(*f)
             } else if let Some(kind) = ReduceOp::ALL
                 .iter()
                 .find(|r| format!("reduce.{}", r.name()) == other)
             {
                 Op::Reduce {
                     kind: *kind,
-                    axis: usize_of("axis", take("axis")?)?,
+                    axis: i64_of("axis", take("axis")?)?,
                     keepdim: bool_of("keepdim", take("keepdim")?)?,
                 }
             } else {

@@ -119,7 +119,7 @@ impl Builder {
         self.binary(b, x, s)
     }
 
-    pub fn reduce(&mut self, kind: ReduceOp, x: NodeId, axis: usize, keepdim: bool) -> R {
+    pub fn reduce(&mut self, kind: ReduceOp, x: NodeId, axis: i64, keepdim: bool) -> R {
         self.op(
             Op::Reduce {
                 kind,

@@ -135,7 +135,7 @@ impl<'a> Llama<'a> {
             )?
         };
         let logits = self.b.linear(h, head)?;
-        let next = self.b.op(Op::Argmax { axis: 2 }, &[logits])?;
+        let next = self.b.op(Op::Argmax { axis: -1 }, &[logits])?;
         self.b.output(names::LOGITS, OutputKind::Data, logits);
         self.b.output(names::NEXT_TOKEN, OutputKind::Data, next);
         Ok(self.b.finish())
@@ -169,7 +169,7 @@ impl<'a> Llama<'a> {
         // (inv_freq @ positions).transpose(1, 2)
         let freqs = self.b.op(Op::MatMul, &[inv, p])?;
         let freqs = self.b.transpose(freqs, 1, 2)?;
-        let emb = self.b.op(Op::Cat { axis: 2 }, &[freqs, freqs])?;
+        let emb = self.b.op(Op::Cat { axis: -1 }, &[freqs, freqs])?;
         // cos() * attention_scaling (1.0 for the default RoPE), then .to(dtype)
         let cos = self.b.unary(UnaryOp::Cos, emb)?;
         let cos = self.b.binary_scalar(BinaryOp::Mul, cos, 1.0)?;
@@ -182,10 +182,9 @@ impl<'a> Llama<'a> {
 
     /// `LlamaRMSNorm.forward`.
     fn rms_norm(&mut self, x: NodeId, weight: NodeId) -> Result<NodeId, BuildError> {
-        let axis = self.b.ty(x).rank() - 1;
         let h = self.b.to_dtype(x, DType::F32)?;
         let sq = self.b.binary_scalar(BinaryOp::Pow, h, 2.0)?;
-        let var = self.b.reduce(ReduceOp::Mean, sq, axis, true)?;
+        let var = self.b.reduce(ReduceOp::Mean, sq, -1, true)?;
         let var = self
             .b
             .binary_scalar(BinaryOp::Add, var, self.cfg.rms_norm_eps)?;
@@ -201,7 +200,7 @@ impl<'a> Llama<'a> {
         let xc = self.b.binary(BinaryOp::Mul, x, cos)?;
         let x1 = self.b.op(
             Op::Slice {
-                axis: 3,
+                axis: -1,
                 start: 0,
                 end: hd / 2,
             },
@@ -209,14 +208,14 @@ impl<'a> Llama<'a> {
         )?;
         let x2 = self.b.op(
             Op::Slice {
-                axis: 3,
+                axis: -1,
                 start: hd / 2,
                 end: hd,
             },
             &[x],
         )?;
         let nx2 = self.b.unary(UnaryOp::Neg, x2)?;
-        let rot = self.b.op(Op::Cat { axis: 3 }, &[nx2, x1])?;
+        let rot = self.b.op(Op::Cat { axis: -1 }, &[nx2, x1])?;
         let rs = self.b.binary(BinaryOp::Mul, rot, sin)?;
         self.b.binary(BinaryOp::Add, xc, rs)
     }
@@ -303,7 +302,7 @@ impl<'a> Llama<'a> {
         let mut caches = Vec::new();
         for (name, new) in [(names::past_key(layer), k), (names::past_value(layer), v)] {
             let past = self.b.input(&name, InputKind::State, cache_ty.clone())?;
-            let all = self.b.op(Op::Cat { axis: 2 }, &[past, new])?;
+            let all = self.b.op(Op::Cat { axis: -2 }, &[past, new])?;
             self.b.output(&name, OutputKind::State, all);
             caches.push(all);
         }
@@ -317,7 +316,7 @@ impl<'a> Llama<'a> {
             .binary_scalar(BinaryOp::Mul, scores, (hd as f64).powf(-0.5))?;
         let scores = self.b.binary(BinaryOp::Add, scores, mask)?;
         let scores = self.b.to_dtype(scores, DType::F32)?;
-        let probs = self.b.op(Op::Softmax { axis: 3 }, &[scores])?;
+        let probs = self.b.op(Op::Softmax { axis: -1 }, &[scores])?;
         let probs = self.b.to_dtype(probs, self.dt)?;
         let o = self.b.op(Op::MatMul, &[probs, v_all])?;
         let o = self.b.transpose(o, 1, 2)?;

@@ -102,6 +102,22 @@ impl<'a> Cursor<'a> {
         Ok(&self.src[start..self.pos])
     }
 
+    /// A name that may also contain `-` (rule and condition names).
+    pub fn ident_with_dash(&mut self) -> LexResult<&'a str> {
+        let start = self.pos;
+        while let Some(c) = self.peek() {
+            if is_ident_char(c) || c == '-' {
+                self.pos += c.len_utf8();
+            } else {
+                break;
+            }
+        }
+        if start == self.pos {
+            return self.error("expected a name");
+        }
+        Ok(&self.src[start..self.pos])
+    }
+
     /// A weight name after `@`: anything up to whitespace, `(`, `)` or `,`.
     pub fn weight_name(&mut self) -> LexResult<&'a str> {
         let start = self.pos;

@@ -1,0 +1,86 @@
+//! The executor's error type.
+
+use std::path::PathBuf;
+
+use crate::kernels::KernelError;
+
+/// Everything that can go wrong when loading weights or running a graph.
+///
+/// Weight-file problems and bad run inputs are the user's ([`Error::is_input_error`]);
+/// the rest mean the graph or the executor is at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{}: cannot read: {source}", file.display())]
+    Io {
+        file: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: no weights found: expected a .safetensors file, a model.safetensors.index.json, or a directory holding one", path.display())]
+    NoWeights { path: PathBuf },
+    #[error("{}: bad shard index: {message}", file.display())]
+    BadIndex { file: PathBuf, message: String },
+    #[error("{}: cannot read tensor `{tensor}`: the file is truncated or corrupt ({message})", file.display())]
+    Corrupt {
+        tensor: String,
+        file: PathBuf,
+        message: String,
+    },
+    #[error("{}: tensor `{tensor}` is missing", file.display())]
+    MissingWeight { tensor: String, file: PathBuf },
+    #[error("{}: tensor `{tensor}` has shape {found:?}, the model needs {expected:?}", file.display())]
+    WrongShape {
+        tensor: String,
+        file: PathBuf,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("{}: tensor `{tensor}` has dtype {found}, the model needs {expected}", file.display())]
+    WrongDtype {
+        tensor: String,
+        file: PathBuf,
+        expected: String,
+        found: String,
+    },
+    #[error("{}: tensor `{tensor}` holds a non-finite value ({value}) at element {index}", file.display())]
+    NonFinite {
+        tensor: String,
+        file: PathBuf,
+        index: usize,
+        value: f32,
+    },
+    #[error("input `{name}`: {message}")]
+    BadInput { name: String, message: String },
+    #[error("symbolic dimension `{0}` has no value")]
+    Unbound(String),
+    #[error("the graph is not executable: {0}")]
+    InvalidGraph(String),
+    #[error("%{node} = {op}: {source}")]
+    Node {
+        /// The node's raw index in the graph.
+        node: usize,
+        op: String,
+        #[source]
+        source: KernelError,
+    },
+}
+
+impl Error {
+    /// Whether the error is the user's: a bad weight file or a bad run input (a token
+    /// id outside the vocabulary included).
+    pub fn is_input_error(&self) -> bool {
+        match self {
+            Error::Io { .. }
+            | Error::NoWeights { .. }
+            | Error::BadIndex { .. }
+            | Error::Corrupt { .. }
+            | Error::MissingWeight { .. }
+            | Error::WrongShape { .. }
+            | Error::WrongDtype { .. }
+            | Error::NonFinite { .. }
+            | Error::BadInput { .. } => true,
+            Error::Node { source, .. } => source.is_input_error(),
+            Error::InvalidGraph(_) | Error::Unbound(_) => false,
+        }
+    }
+}

@@ -1,0 +1,40 @@
+//! Row gathers: the embedding lookup.
+
+use super::strided::walk;
+use super::{float_buffer, KernelError};
+use crate::tensor::Tensor;
+
+/// `table[ids]`: for `table [V, D]` and `i32` ids of any shape, the rows `[..., D]`.
+/// An id outside `0..V` is an error, not a panic.
+pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor, KernelError> {
+    let data = float_buffer(table, "embedding")?;
+    if table.rank() != 2 {
+        return Err(KernelError::Invalid(format!(
+            "embedding: table must be [vocab, dim], got {:?}",
+            table.shape()
+        )));
+    }
+    let id_values = ids.to_vec_i32().ok_or_else(|| {
+        KernelError::Invalid(format!("embedding: ids must be i32, got {}", ids.dtype()))
+    })?;
+    let (vocab, dim) = (table.shape()[0], table.shape()[1]);
+    let (row_stride, col_stride) = (table.strides()[0], table.strides()[1]);
+    let mut out = Vec::with_capacity(id_values.len() * dim);
+    for &id in &id_values {
+        let row = usize::try_from(id).ok().filter(|&r| r < vocab).ok_or(
+            KernelError::TokenOutOfRange {
+                id: i64::from(id),
+                vocab,
+            },
+        )?;
+        let start = table.offset() + row * row_stride;
+        if col_stride == 1 {
+            out.extend_from_slice(&data[start..start + dim]);
+        } else {
+            walk(&[dim], [&[col_stride]], [start], |[o]| out.push(data[o]));
+        }
+    }
+    let mut shape = ids.shape().to_vec();
+    shape.push(dim);
+    Ok(Tensor::from_kernel_f32(table.dtype(), shape, out))
+}

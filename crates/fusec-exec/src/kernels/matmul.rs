@@ -1,0 +1,192 @@
+//! Contractions: batched `matmul` with broadcast batch axes, and `linear` (`x @ W^T`).
+//!
+//! Products accumulate in `f32` over eight lanes (which the compiler vectorizes); each
+//! output element is computed by one thread in a fixed order, so results do not depend
+//! on the thread count.
+
+use rayon::prelude::*;
+
+use super::strided::{broadcast_shape, broadcast_strides, walk};
+use super::{float_buffer, same_dtype, KernelError};
+use crate::tensor::Tensor;
+
+/// Multiply-adds below which a contraction runs on the calling thread: splitting
+/// smaller ones costs more in scheduling than it saves.
+const PARALLEL_MIN_WORK: usize = 1 << 16;
+
+/// The dot product of two equally long slices.
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    let mut acc = [0.0f32; 8];
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// `torch.matmul` for operands of rank >= 2: `[..., M, K] @ [..., K, N]` with the
+/// batch axes broadcast.
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor, KernelError> {
+    let dtype = same_dtype(a, b, "matmul")?;
+    let (da, db) = (float_buffer(a, "matmul")?, float_buffer(b, "matmul")?);
+    let (ra, rb) = (a.rank(), b.rank());
+    if ra < 2 || rb < 2 {
+        return Err(KernelError::Invalid(format!(
+            "matmul: operands must have rank >= 2, got {:?} and {:?}",
+            a.shape(),
+            b.shape()
+        )));
+    }
+    let (m, k, n) = (a.shape()[ra - 2], a.shape()[ra - 1], b.shape()[rb - 1]);
+    if b.shape()[rb - 2] != k {
+        return Err(KernelError::Invalid(format!(
+            "matmul: contracted axes differ: {:?} @ {:?}",
+            a.shape(),
+            b.shape()
+        )));
+    }
+    let batch = broadcast_shape(&a.shape()[..ra - 2], &b.shape()[..rb - 2]).ok_or_else(|| {
+        KernelError::Invalid(format!(
+            "matmul: batch axes of {:?} and {:?} do not broadcast",
+            a.shape(),
+            b.shape()
+        ))
+    })?;
+    let sa = broadcast_strides(&a.shape()[..ra - 2], &a.strides()[..ra - 2], &batch);
+    let sb = broadcast_strides(&b.shape()[..rb - 2], &b.strides()[..rb - 2], &batch);
+    let mut starts = Vec::with_capacity(batch.iter().product());
+    walk(&batch, [&sa, &sb], [a.offset(), b.offset()], |[oa, ob]| {
+        starts.push((oa, ob))
+    });
+
+    let layout = Layout {
+        k,
+        n,
+        a_strides: (a.strides()[ra - 2], a.strides()[ra - 1]),
+        b_strides: (b.strides()[rb - 2], b.strides()[rb - 1]),
+    };
+    let mut out = vec![0.0f32; starts.len() * m * n];
+    if m * n > 0 {
+        let work = starts.len() * m * n * k;
+        let body =
+            |(block, &(oa, ob)): (&mut [f32], &(usize, usize))| layout.run(da, oa, db, ob, block);
+        if work >= PARALLEL_MIN_WORK {
+            out.par_chunks_mut(m * n)
+                .zip(starts.par_iter())
+                .for_each(body);
+        } else {
+            out.chunks_mut(m * n).zip(starts.iter()).for_each(body);
+        }
+    }
+    let mut shape = batch;
+    shape.extend([m, n]);
+    Ok(Tensor::from_kernel_f32(dtype, shape, out))
+}
+
+/// The geometry of one `[M, K] @ [K, N]` product of a batched matmul.
+struct Layout {
+    k: usize,
+    n: usize,
+    /// Strides of `a` along M and K.
+    a_strides: (usize, usize),
+    /// Strides of `b` along K and N.
+    b_strides: (usize, usize),
+}
+
+impl Layout {
+    /// Writes `a[oa..] @ b[ob..]` into `out` (`M * N`, row-major, zeroed).
+    fn run(&self, a: &[f32], oa: usize, b: &[f32], ob: usize, out: &mut [f32]) {
+        let (sam, sak) = self.a_strides;
+        let (sbk, sbn) = self.b_strides;
+        let mut row = Vec::with_capacity(self.k);
+        for (i, out_row) in out.chunks_mut(self.n).enumerate() {
+            row.clear();
+            row.extend((0..self.k).map(|p| a[oa + i * sam + p * sak]));
+            if sbk == 1 || self.k == 1 {
+                // Columns of b are contiguous (e.g. a transposed K cache): dot products.
+                for (j, o) in out_row.iter_mut().enumerate() {
+                    let col = ob + j * sbn;
+                    *o = dot(&row, &b[col..col + self.k]);
+                }
+            } else if sbn == 1 {
+                // Rows of b are contiguous (e.g. the V cache): accumulate scaled rows.
+                for (p, &x) in row.iter().enumerate() {
+                    let start = ob + p * sbk;
+                    for (o, &y) in out_row.iter_mut().zip(&b[start..start + self.n]) {
+                        *o += x * y;
+                    }
+                }
+            } else {
+                for (j, o) in out_row.iter_mut().enumerate() {
+                    *o = (0..self.k)
+                        .map(|p| row[p] * b[ob + p * sbk + j * sbn])
+                        .sum();
+                }
+            }
+        }
+    }
+}
+
+/// `torch.nn.functional.linear` without bias: `x [..., in] @ w^T` for `w [out, in]`.
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor, KernelError> {
+    let dtype = same_dtype(x, w, "linear")?;
+    float_buffer(x, "linear")?;
+    float_buffer(w, "linear")?;
+    if w.rank() != 2 || x.rank() == 0 || x.shape()[x.rank() - 1] != w.shape()[1] {
+        return Err(KernelError::Invalid(format!(
+            "linear: needs x [..., in] and w [out, in], got {:?} and {:?}",
+            x.shape(),
+            w.shape()
+        )));
+    }
+    let (outs, ins) = (w.shape()[0], w.shape()[1]);
+    let rows = x.numel() / ins.max(1);
+    let xs = x.contiguous_f32().unwrap_or_default();
+    let ws = w.contiguous_f32().unwrap_or_default();
+    // Each output feature is a dot product of one weight row with every input row;
+    // computing feature-major streams each weight row from memory once.
+    let mut by_feature = vec![0.0f32; outs * rows];
+    if rows > 0 {
+        let feature = |(o, col): (usize, &mut [f32])| {
+            let wrow = &ws[o * ins..(o + 1) * ins];
+            for (r, c) in col.iter_mut().enumerate() {
+                *c = dot(&xs[r * ins..(r + 1) * ins], wrow);
+            }
+        };
+        if outs * ins * rows >= PARALLEL_MIN_WORK {
+            by_feature
+                .par_chunks_mut(rows)
+                .enumerate()
+                .with_min_len(16)
+                .for_each(feature);
+        } else {
+            by_feature.chunks_mut(rows).enumerate().for_each(feature);
+        }
+    }
+    let out = if rows == 1 {
+        by_feature
+    } else {
+        let mut out = vec![0.0f32; outs * rows];
+        for (o, col) in by_feature.chunks(rows.max(1)).enumerate() {
+            for (r, &v) in col.iter().enumerate() {
+                out[r * outs + o] = v;
+            }
+        }
+        out
+    };
+    let mut shape = x.shape().to_vec();
+    if let Some(last) = shape.last_mut() {
+        *last = outs;
+    }
+    Ok(Tensor::from_kernel_f32(dtype, shape, out))
+}

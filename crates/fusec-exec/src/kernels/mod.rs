@@ -1,0 +1,68 @@
+//! Reference CPU kernels, one module per op family.
+//!
+//! Every kernel takes its operands as [`Tensor`]s (any strides), computes in `f32`,
+//! and returns a new contiguous tensor rounded to its dtype. Kernels check what the
+//! IR verifier cannot know (token ids against the vocabulary) and what a hand-built
+//! call may get wrong (shapes, dtypes), and return a [`KernelError`] instead of
+//! panicking.
+
+pub mod constant;
+pub mod elementwise;
+pub mod gather;
+pub mod matmul;
+pub mod movement;
+pub mod reduce;
+pub mod strided;
+
+use fusec_ir::DType;
+
+use crate::tensor::{Tensor, TensorError};
+
+/// Why a kernel could not run on its operands.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum KernelError {
+    #[error("token id {id} is out of range for a vocabulary of {vocab}")]
+    TokenOutOfRange { id: i64, vocab: usize },
+    #[error(transparent)]
+    Tensor(#[from] TensorError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl KernelError {
+    /// Whether the error comes from the run's inputs rather than from the graph.
+    pub fn is_input_error(&self) -> bool {
+        matches!(self, KernelError::TokenOutOfRange { .. })
+    }
+}
+
+/// The `f32` buffer of a float operand.
+pub(crate) fn float_buffer<'a>(t: &'a Tensor, op: &str) -> Result<&'a [f32], KernelError> {
+    t.f32_buffer().ok_or_else(|| {
+        KernelError::Invalid(format!("{op} needs a float operand, got {}", t.dtype()))
+    })
+}
+
+/// Checks that two operands share a dtype.
+pub(crate) fn same_dtype(a: &Tensor, b: &Tensor, op: &str) -> Result<DType, KernelError> {
+    if a.dtype() == b.dtype() {
+        Ok(a.dtype())
+    } else {
+        Err(KernelError::Invalid(format!(
+            "{op}: dtype mismatch: {} vs {}",
+            a.dtype(),
+            b.dtype()
+        )))
+    }
+}
+
+/// Checks an axis against a rank.
+pub(crate) fn check_axis(axis: usize, rank: usize, op: &str) -> Result<(), KernelError> {
+    if axis < rank {
+        Ok(())
+    } else {
+        Err(KernelError::Invalid(format!(
+            "{op}: axis {axis} out of range for rank {rank}"
+        )))
+    }
+}

@@ -1,0 +1,33 @@
+//! fusec's CPU executor: runs a verified fusec graph on real or random weights.
+//!
+//! - [`tensor`]: CPU tensors (shared storage, shape, strides, offset), so that views are
+//!   free as in PyTorch; [`dtype`]: rounding of values to their IR dtype;
+//! - [`weights`]: safetensors checkpoints by memory map, checked against the graph;
+//!   [`random`]: seeded random weights with a documented distribution;
+//! - [`kernels`]: reference CPU kernels, one module per op family;
+//! - [`exec`]: the interpreter, which measures launches, bytes and time per node;
+//! - [`decode`]: a greedy-decoding [`Session`] that carries the KV cache across steps;
+//! - [`profile`]: per-op-kind totals of the measured counts.
+//!
+//! Invariant: every launching node's measured launches and bytes equal the prediction
+//! of `fusec_ir::cost` for the same graph and bindings, but they are computed from the
+//! runtime tensors, never from the cost model.
+
+pub mod decode;
+pub mod dtype;
+mod error;
+pub mod exec;
+pub mod kernels;
+pub mod profile;
+pub mod random;
+pub mod tensor;
+pub mod weights;
+
+pub use decode::{Generation, Session, StepOutput};
+pub use error::Error;
+pub use exec::{Executor, RunOutput, Value};
+pub use kernels::KernelError;
+pub use profile::{KindStats, NodeStats, Profile, StepStats};
+pub use random::SplitMix64;
+pub use tensor::{Tensor, TensorError};
+pub use weights::{WeightSource, Weights};

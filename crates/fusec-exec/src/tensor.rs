@@ -1,0 +1,539 @@
+//! CPU tensors: a shared buffer seen through a shape, strides and an offset.
+//!
+//! As in PyTorch, a view (reshape, transpose, slice, unsqueeze, expand) shares its
+//! operand's buffer and costs O(rank): only the shape, strides and offset change. A
+//! reshape that cannot be expressed as a view of the existing strides is an error (the
+//! IR inserts an explicit `copy` where PyTorch's `reshape` would copy); viewability
+//! ignores size-1 dimensions, as PyTorch's does.
+//!
+//! Float values are stored as `f32` whatever their IR dtype; a tensor whose dtype is
+//! `f16` or `bf16` holds values already rounded to that dtype (see [`crate::dtype`]).
+//! Token ids and positions are `i32`.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use fusec_ir::DType;
+
+use crate::dtype;
+
+/// The storage a tensor views.
+#[derive(Clone, Debug)]
+pub enum Buffer {
+    F32(Arc<Vec<f32>>),
+    I32(Arc<Vec<i32>>),
+}
+
+impl Buffer {
+    /// Elements in the buffer.
+    pub fn len(&self) -> usize {
+        match self {
+            Buffer::F32(b) => b.len(),
+            Buffer::I32(b) => b.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A tensor operation that does not apply to the given tensor.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TensorError {
+    #[error("{len} values do not fill shape {shape:?}")]
+    Length { shape: Vec<usize>, len: usize },
+    #[error("a tensor of dtype {dtype} cannot hold {what}")]
+    DType { dtype: DType, what: &'static str },
+    #[error("cannot view shape {shape:?} with strides {strides:?} as {target:?} without a copy")]
+    NotViewable {
+        shape: Vec<usize>,
+        strides: Vec<usize>,
+        target: Vec<usize>,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// A strided view of a [`Buffer`]; cloning shares the buffer.
+#[derive(Clone, Debug)]
+pub struct Tensor {
+    dtype: DType,
+    buffer: Buffer,
+    shape: Vec<usize>,
+    strides: Vec<usize>,
+    offset: usize,
+}
+
+/// Row-major strides of a contiguous tensor of `shape`.
+pub fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
+    let mut strides = vec![0; shape.len()];
+    let mut s = 1;
+    for (st, &d) in strides.iter_mut().zip(shape).rev() {
+        *st = s;
+        s *= d;
+    }
+    strides
+}
+
+fn check_len(shape: &[usize], len: usize) -> Result<(), TensorError> {
+    if shape.iter().product::<usize>() == len {
+        Ok(())
+    } else {
+        Err(TensorError::Length {
+            shape: shape.to_vec(),
+            len,
+        })
+    }
+}
+
+impl Tensor {
+    /// A contiguous float tensor; the values are rounded to `dtype`.
+    pub fn from_f32(
+        dtype: DType,
+        shape: &[usize],
+        mut data: Vec<f32>,
+    ) -> Result<Tensor, TensorError> {
+        if !dtype.is_float() || !dtype::is_supported(dtype) {
+            return Err(TensorError::DType {
+                dtype,
+                what: "f32 storage",
+            });
+        }
+        check_len(shape, data.len())?;
+        dtype::round_slice(dtype, &mut data);
+        Ok(Tensor::contiguous(
+            dtype,
+            shape.to_vec(),
+            Buffer::F32(Arc::new(data)),
+        ))
+    }
+
+    /// A contiguous `i32` tensor.
+    pub fn from_i32(shape: &[usize], data: Vec<i32>) -> Result<Tensor, TensorError> {
+        check_len(shape, data.len())?;
+        Ok(Tensor::contiguous(
+            DType::I32,
+            shape.to_vec(),
+            Buffer::I32(Arc::new(data)),
+        ))
+    }
+
+    /// A contiguous tensor of zeros.
+    pub fn zeros(dtype: DType, shape: &[usize]) -> Result<Tensor, TensorError> {
+        let n = shape.iter().product();
+        if dtype == DType::I32 {
+            Tensor::from_i32(shape, vec![0; n])
+        } else {
+            Tensor::from_f32(dtype, shape, vec![0.0; n])
+        }
+    }
+
+    /// A rank-0 `f32` tensor.
+    pub fn scalar(value: f32) -> Tensor {
+        Tensor::contiguous(DType::F32, Vec::new(), Buffer::F32(Arc::new(vec![value])))
+    }
+
+    /// A contiguous tensor over `buffer`, whose length must be the shape's element
+    /// count and whose kind must match `dtype` (kernels uphold both).
+    pub(crate) fn contiguous(dtype: DType, shape: Vec<usize>, buffer: Buffer) -> Tensor {
+        debug_assert_eq!(shape.iter().product::<usize>(), buffer.len());
+        debug_assert_eq!(dtype == DType::I32, matches!(buffer, Buffer::I32(_)));
+        Tensor {
+            dtype,
+            strides: contiguous_strides(&shape),
+            shape,
+            buffer,
+            offset: 0,
+        }
+    }
+
+    /// A kernel's float result: rounds to `dtype` and wraps.
+    pub(crate) fn from_kernel_f32(dtype: DType, shape: Vec<usize>, mut data: Vec<f32>) -> Tensor {
+        dtype::round_slice(dtype, &mut data);
+        Tensor::contiguous(dtype, shape, Buffer::F32(Arc::new(data)))
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn strides(&self) -> &[usize] {
+        &self.strides
+    }
+
+    /// The offset of element `[0, 0, ...]` in the buffer.
+    pub fn offset(&self) -> usize {
+        self.offset
+    }
+
+    pub fn rank(&self) -> usize {
+        self.shape.len()
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn buffer(&self) -> &Buffer {
+        &self.buffer
+    }
+
+    /// Elements in the underlying buffer (more than `numel` for a slice, fewer for an
+    /// expanded view).
+    pub fn storage_len(&self) -> usize {
+        self.buffer.len()
+    }
+
+    /// The whole `f32` buffer, or `None` for an `i32` tensor.
+    pub fn f32_buffer(&self) -> Option<&[f32]> {
+        match &self.buffer {
+            Buffer::F32(b) => Some(b),
+            Buffer::I32(_) => None,
+        }
+    }
+
+    /// The whole `i32` buffer, or `None` for a float tensor.
+    pub fn i32_buffer(&self) -> Option<&[i32]> {
+        match &self.buffer {
+            Buffer::I32(b) => Some(b),
+            Buffer::F32(_) => None,
+        }
+    }
+
+    /// Bytes of the logical value at its IR dtype.
+    pub fn bytes(&self) -> u64 {
+        self.numel() as u64 * self.dtype.size_bytes()
+    }
+
+    /// Bytes a kernel reads when it reads this tensor once: the smaller of the view's
+    /// and the buffer's size (an expanded view reads its source once).
+    pub fn read_bytes(&self) -> u64 {
+        self.numel().min(self.storage_len()) as u64 * self.dtype.size_bytes()
+    }
+
+    /// Whether the elements lie row-major and dense from the offset on; size-1
+    /// dimensions may have any stride.
+    pub fn is_contiguous(&self) -> bool {
+        dense(&self.shape, &self.strides)
+    }
+
+    /// The values in row-major order, borrowed when the tensor is contiguous.
+    pub fn contiguous_f32(&self) -> Option<Cow<'_, [f32]>> {
+        let buf = self.f32_buffer()?;
+        if self.is_contiguous() {
+            Some(Cow::Borrowed(&buf[self.offset..self.offset + self.numel()]))
+        } else {
+            Some(Cow::Owned(gather(
+                buf,
+                &self.shape,
+                &self.strides,
+                self.offset,
+            )))
+        }
+    }
+
+    /// The values in row-major order as `f32` (ids converted).
+    pub fn to_vec_f32(&self) -> Vec<f32> {
+        match &self.buffer {
+            Buffer::F32(b) => gather(b, &self.shape, &self.strides, self.offset),
+            Buffer::I32(b) => gather(b, &self.shape, &self.strides, self.offset)
+                .into_iter()
+                .map(|v| v as f32)
+                .collect(),
+        }
+    }
+
+    /// The values in row-major order, or `None` for a float tensor.
+    pub fn to_vec_i32(&self) -> Option<Vec<i32>> {
+        let b = self.i32_buffer()?;
+        Some(gather(b, &self.shape, &self.strides, self.offset))
+    }
+
+    /// A contiguous copy (a new buffer) of the tensor's values.
+    pub fn clone_contiguous(&self) -> Tensor {
+        let shape = self.shape.clone();
+        let buffer = match &self.buffer {
+            Buffer::F32(b) => {
+                Buffer::F32(Arc::new(gather(b, &self.shape, &self.strides, self.offset)))
+            }
+            Buffer::I32(b) => {
+                Buffer::I32(Arc::new(gather(b, &self.shape, &self.strides, self.offset)))
+            }
+        };
+        Tensor::contiguous(self.dtype, shape, buffer)
+    }
+
+    /// The element at a logical index, as `f64`; `None` if the index is out of range.
+    pub fn get(&self, index: &[usize]) -> Option<f64> {
+        if index.len() != self.rank() || index.iter().zip(&self.shape).any(|(i, d)| i >= d) {
+            return None;
+        }
+        let off = self.offset
+            + index
+                .iter()
+                .zip(&self.strides)
+                .map(|(i, s)| i * s)
+                .sum::<usize>();
+        match &self.buffer {
+            Buffer::F32(b) => b.get(off).map(|&v| f64::from(v)),
+            Buffer::I32(b) => b.get(off).map(|&v| f64::from(v)),
+        }
+    }
+
+    fn with_layout(&self, shape: Vec<usize>, strides: Vec<usize>, offset: usize) -> Tensor {
+        Tensor {
+            dtype: self.dtype,
+            buffer: self.buffer.clone(),
+            shape,
+            strides,
+            offset,
+        }
+    }
+
+    fn check_axis(&self, axis: usize, rank: usize) -> Result<(), TensorError> {
+        if axis < rank {
+            Ok(())
+        } else {
+            Err(TensorError::Invalid(format!(
+                "axis {axis} out of range for shape {:?}",
+                self.shape
+            )))
+        }
+    }
+
+    /// A view with another shape of the same element count, without copying.
+    pub fn reshape(&self, shape: &[usize]) -> Result<Tensor, TensorError> {
+        if shape.iter().product::<usize>() != self.numel() {
+            return Err(TensorError::Invalid(format!(
+                "cannot reshape {:?} to {shape:?}: element counts differ",
+                self.shape
+            )));
+        }
+        let strides = view_strides(&self.shape, &self.strides, shape).ok_or_else(|| {
+            TensorError::NotViewable {
+                shape: self.shape.clone(),
+                strides: self.strides.clone(),
+                target: shape.to_vec(),
+            }
+        })?;
+        Ok(self.with_layout(shape.to_vec(), strides, self.offset))
+    }
+
+    /// Swaps two axes.
+    pub fn transpose(&self, a: usize, b: usize) -> Result<Tensor, TensorError> {
+        self.check_axis(a, self.rank())?;
+        self.check_axis(b, self.rank())?;
+        let (mut shape, mut strides) = (self.shape.clone(), self.strides.clone());
+        shape.swap(a, b);
+        strides.swap(a, b);
+        Ok(self.with_layout(shape, strides, self.offset))
+    }
+
+    /// Elements `start..end` along `axis`.
+    pub fn slice(&self, axis: usize, start: usize, end: usize) -> Result<Tensor, TensorError> {
+        self.check_axis(axis, self.rank())?;
+        if start > end || end > self.shape[axis] {
+            return Err(TensorError::Invalid(format!(
+                "slice {start}..{end} out of 0..{} on axis {axis}",
+                self.shape[axis]
+            )));
+        }
+        let mut shape = self.shape.clone();
+        shape[axis] = end - start;
+        let offset = self.offset + start * self.strides[axis];
+        Ok(self.with_layout(shape, self.strides.clone(), offset))
+    }
+
+    /// Inserts a size-1 axis at `axis`.
+    pub fn unsqueeze(&self, axis: usize) -> Result<Tensor, TensorError> {
+        self.check_axis(axis, self.rank() + 1)?;
+        // PyTorch's choice of stride for the new axis; any stride works for size 1.
+        let stride = if axis < self.rank() {
+            self.shape[axis] * self.strides[axis]
+        } else {
+            1
+        };
+        let (mut shape, mut strides) = (self.shape.clone(), self.strides.clone());
+        shape.insert(axis, 1);
+        strides.insert(axis, stride);
+        Ok(self.with_layout(shape, strides, self.offset))
+    }
+
+    /// Broadcasts size-1 axes to `shape` (stride 0); the rank is unchanged.
+    pub fn expand(&self, shape: &[usize]) -> Result<Tensor, TensorError> {
+        if shape.len() != self.rank() {
+            return Err(TensorError::Invalid(format!(
+                "cannot expand {:?} to {shape:?}: ranks differ",
+                self.shape
+            )));
+        }
+        let mut strides = self.strides.clone();
+        for (i, (&from, &to)) in self.shape.iter().zip(shape).enumerate() {
+            if from != to {
+                if from != 1 {
+                    return Err(TensorError::Invalid(format!(
+                        "cannot expand {:?} to {shape:?}: only size-1 axes expand",
+                        self.shape
+                    )));
+                }
+                strides[i] = 0;
+            }
+        }
+        Ok(self.with_layout(shape.to_vec(), strides, self.offset))
+    }
+}
+
+/// Strides that view a tensor of `old` shape and `old_strides` as `new` (same element
+/// count), or `None` when no strides do. This is PyTorch's `computeStride`: the old
+/// dimensions are grouped into chunks that are contiguous among themselves, and each
+/// chunk must be covered exactly by consecutive new dimensions. Size-1 dimensions never
+/// break a chunk.
+fn view_strides(old: &[usize], old_strides: &[usize], new: &[usize]) -> Option<Vec<usize>> {
+    if old.is_empty() {
+        // A scalar views as any all-ones shape.
+        return Some(vec![1; new.len()]);
+    }
+    let numel: usize = old.iter().product();
+    if numel == 0 {
+        return Some(contiguous_strides(new));
+    }
+    let mut new_strides = vec![0; new.len()];
+    let mut view_d = new.len();
+    let mut chunk_base_stride = old_strides[old.len() - 1];
+    let (mut tensor_numel, mut view_numel) = (1usize, 1usize);
+    for tensor_d in (0..old.len()).rev() {
+        tensor_numel *= old[tensor_d];
+        let chunk_ends = tensor_d == 0
+            || (old[tensor_d - 1] != 1
+                && old_strides[tensor_d - 1] != tensor_numel * chunk_base_stride);
+        if chunk_ends {
+            while view_d > 0 && (view_numel < tensor_numel || new[view_d - 1] == 1) {
+                new_strides[view_d - 1] = view_numel * chunk_base_stride;
+                view_numel *= new[view_d - 1];
+                view_d -= 1;
+            }
+            if view_numel != tensor_numel {
+                return None;
+            }
+            if tensor_d > 0 {
+                chunk_base_stride = old_strides[tensor_d - 1];
+                tensor_numel = 1;
+                view_numel = 1;
+            }
+        }
+    }
+    (view_d == 0).then_some(new_strides)
+}
+
+/// Whether a view of `shape` and `strides` lies row-major and dense; size-1 axes may
+/// have any stride, and an empty view is dense.
+pub fn dense(shape: &[usize], strides: &[usize]) -> bool {
+    let mut expected = 1;
+    for (&d, &s) in shape.iter().zip(strides).rev() {
+        if d == 0 {
+            return true;
+        }
+        if d != 1 {
+            if s != expected {
+                return false;
+            }
+            expected *= d;
+        }
+    }
+    true
+}
+
+/// The elements of a strided view, row-major, into a new vector.
+pub(crate) fn gather<T: Copy>(
+    buf: &[T],
+    shape: &[usize],
+    strides: &[usize],
+    offset: usize,
+) -> Vec<T> {
+    let n: usize = shape.iter().product();
+    if dense(shape, strides) {
+        return buf[offset..offset + n].to_vec();
+    }
+    let mut out = Vec::with_capacity(n);
+    match (shape.split_last(), strides.split_last()) {
+        // Rows that are contiguous in memory are copied whole.
+        (Some((&inner, outer)), Some((&1, outer_strides))) => {
+            crate::kernels::strided::walk(outer, [outer_strides], [offset], |[o]| {
+                out.extend_from_slice(&buf[o..o + inner])
+            });
+        }
+        _ => crate::kernels::strided::walk(shape, [strides], [offset], |[o]| out.push(buf[o])),
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn iota(shape: &[usize]) -> Tensor {
+        let n = shape.iter().product::<usize>();
+        Tensor::from_f32(DType::F32, shape, (0..n).map(|v| v as f32).collect())
+            .expect("sizes match")
+    }
+
+    #[test]
+    fn views_share_storage() {
+        let t = iota(&[2, 3, 4]);
+        let tt = t.transpose(0, 2).expect("axes in range");
+        assert_eq!(tt.shape(), &[4, 3, 2]);
+        assert_eq!(tt.get(&[3, 1, 1]), Some(12.0 + 4.0 + 3.0));
+        let s = t.slice(2, 1, 3).expect("in range");
+        assert_eq!(s.to_vec_f32()[..4], [1.0, 2.0, 5.0, 6.0]);
+        assert_eq!(s.read_bytes(), 12 * 4);
+        let e = iota(&[1, 3]).expand(&[4, 3]).expect("size-1 axis");
+        assert_eq!(e.numel(), 12);
+        assert_eq!(e.read_bytes(), 3 * 4);
+    }
+
+    #[test]
+    fn reshape_follows_pytorch_viewability() {
+        let t = iota(&[2, 3, 4]);
+        assert!(t.reshape(&[6, 4]).is_ok());
+        // A transposed tensor cannot be flattened without a copy...
+        let tt = t.transpose(1, 2).expect("axes in range");
+        assert!(matches!(
+            tt.reshape(&[24]),
+            Err(TensorError::NotViewable { .. })
+        ));
+        // ...but the untouched leading axis can still be split.
+        assert!(tt.reshape(&[2, 1, 4, 3]).is_ok());
+        // Size-1 axes never block a view: [B,H,1,hd] -> [B,1,H,hd] -> [B,1,H*hd].
+        let o = iota(&[2, 4, 1, 8]).transpose(1, 2).expect("axes in range");
+        let r = o.reshape(&[2, 1, 32]).expect("viewable");
+        assert_eq!(r.to_vec_f32(), iota(&[2, 1, 32]).to_vec_f32());
+        // An expanded tensor cannot merge its broadcast axis.
+        let e = iota(&[2, 1, 3]).expand(&[2, 4, 3]).expect("size-1 axis");
+        assert!(e.reshape(&[8, 3]).is_err());
+        assert!(iota(&[]).reshape(&[1, 1]).is_ok());
+    }
+
+    #[test]
+    fn contiguity_ignores_size_one_axes() {
+        let t = iota(&[3, 1, 4]).unsqueeze(0).expect("axis in range");
+        assert!(t.is_contiguous());
+        assert!(!iota(&[3, 4])
+            .transpose(0, 1)
+            .expect("in range")
+            .is_contiguous());
+    }
+
+    #[test]
+    fn rejects_bad_construction() {
+        assert!(Tensor::from_f32(DType::F32, &[2, 2], vec![0.0; 3]).is_err());
+        assert!(Tensor::from_f32(DType::I32, &[1], vec![0.0]).is_err());
+        assert!(Tensor::from_f32(DType::Fp8E4M3, &[1], vec![0.0]).is_err());
+        let h = Tensor::from_f32(DType::F16, &[1], vec![0.1]).expect("valid");
+        assert_eq!(h.to_vec_f32(), [half::f16::from_f32(0.1).to_f32()]);
+    }
+}

@@ -1,0 +1,385 @@
+//! Model weights: Hugging Face safetensors checkpoints, read by memory map and checked
+//! against the graph, or seeded random weights (see [`crate::random`]).
+//!
+//! A checkpoint is a `.safetensors` file, a `model.safetensors.index.json` listing
+//! shards, or a directory holding either. Only the tensors the graph names are read
+//! (a tied `lm_head` is absent from the graph, which uses the embedding table). Each
+//! is checked for presence, shape and dtype (F32, F16 or BF16), converted once to
+//! `f32`, rounded to the dtype the graph declares (as `torch_dtype` does when loading),
+//! and checked for NaN and infinities. Every error names the tensor and the file.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use fusec_ir::{Graph, TensorType};
+use half::{bf16, f16};
+use safetensors::{Dtype, SafeTensorError, SafeTensors};
+
+use crate::dtype;
+use crate::error::Error;
+use crate::tensor::Tensor;
+
+/// Where a weight's values came from, for messages.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WeightSource {
+    File(PathBuf),
+    Random {
+        seed: u64,
+    },
+    /// Built in memory by the caller.
+    Memory,
+}
+
+impl WeightSource {
+    /// The file to name in an error (a placeholder for non-file sources).
+    pub fn path(&self) -> PathBuf {
+        match self {
+            WeightSource::File(p) => p.clone(),
+            WeightSource::Random { seed } => {
+                PathBuf::from(format!("<random weights, seed {seed}>"))
+            }
+            WeightSource::Memory => PathBuf::from("<in-memory weights>"),
+        }
+    }
+}
+
+/// Named weight tensors, stored as `f32` (rounded to their IR dtype).
+#[derive(Clone, Debug)]
+pub struct Weights {
+    tensors: HashMap<String, (Tensor, WeightSource)>,
+    /// Where a missing tensor would have come from.
+    origin: WeightSource,
+}
+
+impl Default for Weights {
+    fn default() -> Self {
+        Weights::new(WeightSource::Memory)
+    }
+}
+
+impl Weights {
+    /// An empty set whose missing tensors are reported against `origin`.
+    pub fn new(origin: WeightSource) -> Weights {
+        Weights {
+            tensors: HashMap::new(),
+            origin,
+        }
+    }
+
+    /// Weights built in memory (tests, tools).
+    pub fn from_tensors(tensors: impl IntoIterator<Item = (String, Tensor)>) -> Weights {
+        let mut w = Weights::default();
+        for (name, t) in tensors {
+            w.insert(name, t, WeightSource::Memory);
+        }
+        w
+    }
+
+    pub fn insert(&mut self, name: String, tensor: Tensor, source: WeightSource) {
+        self.tensors.insert(name, (tensor, source));
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.get(name).map(|(t, _)| t)
+    }
+
+    pub fn source(&self, name: &str) -> Option<&WeightSource> {
+        self.tensors.get(name).map(|(_, s)| s)
+    }
+
+    pub fn origin(&self) -> &WeightSource {
+        &self.origin
+    }
+
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// Parameters held (elements over all tensors).
+    pub fn parameter_count(&self) -> u64 {
+        self.tensors.values().map(|(t, _)| t.numel() as u64).sum()
+    }
+
+    /// Seeded random weights for every weight of `graph`; see [`crate::random`].
+    pub fn random(graph: &Graph, seed: u64) -> Result<Weights, Error> {
+        crate::random::random_weights(graph, seed)
+    }
+
+    /// The tensor `name` for a graph weight of type `ty`: present, of that shape and
+    /// dtype.
+    pub(crate) fn bind(&self, name: &str, ty: &TensorType) -> Result<Tensor, Error> {
+        let Some((t, source)) = self.tensors.get(name) else {
+            return Err(Error::MissingWeight {
+                tensor: name.to_string(),
+                file: self.origin.path(),
+            });
+        };
+        let expected = fixed_shape(name, ty)?;
+        if t.shape() != expected.as_slice() {
+            return Err(Error::WrongShape {
+                tensor: name.to_string(),
+                file: source.path(),
+                expected,
+                found: t.shape().to_vec(),
+            });
+        }
+        if t.dtype() != ty.dtype {
+            return Err(Error::WrongDtype {
+                tensor: name.to_string(),
+                file: source.path(),
+                expected: ty.dtype.to_string(),
+                found: t.dtype().to_string(),
+            });
+        }
+        Ok(t.clone())
+    }
+
+    /// Loads and checks every weight `graph` names from the checkpoint at `path`.
+    pub fn load(path: &Path, graph: &Graph) -> Result<Weights, Error> {
+        let layout = Layout::resolve(path)?;
+        let mut by_file: BTreeMap<PathBuf, Vec<(String, TensorType)>> = BTreeMap::new();
+        for (id, name) in graph.weights() {
+            let ty = graph
+                .ty(id)
+                .tensor()
+                .ok_or_else(|| Error::InvalidGraph(format!("weight `{name}` has a tuple type")))?;
+            let file = layout.file_of(name)?;
+            by_file
+                .entry(file)
+                .or_default()
+                .push((name.to_string(), ty.clone()));
+        }
+        let mut weights = Weights::new(WeightSource::File(layout.origin()));
+        for (file, wanted) in &by_file {
+            load_file(file, wanted, &mut weights)?;
+        }
+        Ok(weights)
+    }
+}
+
+/// The fixed shape of a weight type.
+pub(crate) fn fixed_shape(name: &str, ty: &TensorType) -> Result<Vec<usize>, Error> {
+    ty.shape
+        .dims()
+        .iter()
+        .map(|d| d.as_fixed().and_then(|v| usize::try_from(v).ok()))
+        .collect::<Option<Vec<usize>>>()
+        .ok_or_else(|| {
+            Error::InvalidGraph(format!("weight `{name}` has a symbolic shape {}", ty.shape))
+        })
+}
+
+/// How a checkpoint is laid out on disk.
+enum Layout {
+    Single(PathBuf),
+    Sharded {
+        index: PathBuf,
+        files: HashMap<String, PathBuf>,
+    },
+}
+
+impl Layout {
+    fn resolve(path: &Path) -> Result<Layout, Error> {
+        if path.is_dir() {
+            let index = path.join("model.safetensors.index.json");
+            if index.is_file() {
+                return Layout::sharded(&index);
+            }
+            let single = path.join("model.safetensors");
+            if single.is_file() {
+                return Ok(Layout::Single(single));
+            }
+            let entries = std::fs::read_dir(path).map_err(|source| Error::Io {
+                file: path.to_path_buf(),
+                source,
+            })?;
+            let mut found: Vec<PathBuf> = entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+                .collect();
+            return match found.len() {
+                1 => Ok(Layout::Single(found.remove(0))),
+                _ => Err(Error::NoWeights {
+                    path: path.to_path_buf(),
+                }),
+            };
+        }
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        if name.ends_with(".index.json") {
+            Layout::sharded(path)
+        } else if path.is_file() {
+            Ok(Layout::Single(path.to_path_buf()))
+        } else {
+            Err(Error::Io {
+                file: path.to_path_buf(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no such file or directory",
+                ),
+            })
+        }
+    }
+
+    /// Reads a shard index: `{"weight_map": {"tensor name": "shard file", ...}}`.
+    fn sharded(index: &Path) -> Result<Layout, Error> {
+        let bad = |message: String| Error::BadIndex {
+            file: index.to_path_buf(),
+            message,
+        };
+        let text = std::fs::read_to_string(index).map_err(|source| Error::Io {
+            file: index.to_path_buf(),
+            source,
+        })?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| bad("no `weight_map` object".into()))?;
+        let dir = index.parent().unwrap_or(Path::new("."));
+        let mut files = HashMap::with_capacity(map.len());
+        for (name, file) in map {
+            let file = file
+                .as_str()
+                .ok_or_else(|| bad(format!("`weight_map.{name}` is not a file name")))?;
+            files.insert(name.clone(), dir.join(file));
+        }
+        Ok(Layout::Sharded {
+            index: index.to_path_buf(),
+            files,
+        })
+    }
+
+    fn file_of(&self, tensor: &str) -> Result<PathBuf, Error> {
+        match self {
+            Layout::Single(f) => Ok(f.clone()),
+            Layout::Sharded { index, files } => {
+                files
+                    .get(tensor)
+                    .cloned()
+                    .ok_or_else(|| Error::MissingWeight {
+                        tensor: tensor.to_string(),
+                        file: index.clone(),
+                    })
+            }
+        }
+    }
+
+    fn origin(&self) -> PathBuf {
+        match self {
+            Layout::Single(f) => f.clone(),
+            Layout::Sharded { index, .. } => index.clone(),
+        }
+    }
+}
+
+/// Maps `file` read-only.
+///
+/// Mapping is `unsafe` because another process could truncate or rewrite the file
+/// while it is mapped. The map lives only while this module copies the needed tensors
+/// out (converting them to `f32`), the bytes are only ever read as plain integers, and
+/// checkpoints are not rewritten in place while a model loads; a rewrite at worst
+/// yields wrong values, which the shape and finiteness checks are likely to catch.
+#[allow(unsafe_code)]
+fn map_file(file: &File) -> std::io::Result<memmap2::Mmap> {
+    // SAFETY: see the function documentation: the mapping is read-only and short-lived.
+    unsafe { memmap2::Mmap::map(file) }
+}
+
+fn load_file(
+    file: &Path,
+    wanted: &[(String, TensorType)],
+    weights: &mut Weights,
+) -> Result<(), Error> {
+    let io = |source| Error::Io {
+        file: file.to_path_buf(),
+        source,
+    };
+    let handle = File::open(file).map_err(io)?;
+    let map = map_file(&handle).map_err(io)?;
+    let first = wanted.first().map(|(n, _)| n.clone()).unwrap_or_default();
+    let st = SafeTensors::deserialize(&map).map_err(|e| Error::Corrupt {
+        tensor: first,
+        file: file.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    for (name, ty) in wanted {
+        let view = st.tensor(name).map_err(|e| match e {
+            SafeTensorError::TensorNotFound(_) => Error::MissingWeight {
+                tensor: name.clone(),
+                file: file.to_path_buf(),
+            },
+            other => Error::Corrupt {
+                tensor: name.clone(),
+                file: file.to_path_buf(),
+                message: other.to_string(),
+            },
+        })?;
+        let expected = fixed_shape(name, ty)?;
+        if view.shape() != expected.as_slice() {
+            return Err(Error::WrongShape {
+                tensor: name.clone(),
+                file: file.to_path_buf(),
+                expected,
+                found: view.shape().to_vec(),
+            });
+        }
+        let mut values = decode(view.dtype(), view.data()).ok_or_else(|| Error::WrongDtype {
+            tensor: name.clone(),
+            file: file.to_path_buf(),
+            expected: format!("{} (stored as F32, F16 or BF16)", ty.dtype),
+            found: format!("{:?}", view.dtype()),
+        })?;
+        dtype::round_slice(ty.dtype, &mut values);
+        if let Some((index, &value)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(Error::NonFinite {
+                tensor: name.clone(),
+                file: file.to_path_buf(),
+                index,
+                value,
+            });
+        }
+        let tensor =
+            Tensor::from_f32(ty.dtype, &expected, values).map_err(|e| Error::WrongDtype {
+                tensor: name.clone(),
+                file: file.to_path_buf(),
+                expected: ty.dtype.to_string(),
+                found: e.to_string(),
+            })?;
+        weights.insert(name.clone(), tensor, WeightSource::File(file.to_path_buf()));
+    }
+    Ok(())
+}
+
+/// Little-endian F32, F16 or BF16 bytes as `f32`; `None` for any other dtype.
+fn decode(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+    match dtype {
+        Dtype::F32 => Some(
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        ),
+        Dtype::F16 => Some(
+            bytes
+                .chunks_exact(2)
+                .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+                .collect(),
+        ),
+        Dtype::BF16 => Some(
+            bytes
+                .chunks_exact(2)
+                .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+                .collect(),
+        ),
+        _ => None,
+    }
+}

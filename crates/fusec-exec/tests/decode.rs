@@ -1,0 +1,356 @@
+//! End-to-end decoding: parity with Hugging Face on the bundled fixture, generality
+//! over random Llama configurations, and measured counts against the cost model.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use fusec_exec::{Executor, Session, Weights};
+use fusec_ir::build::eager_decode_graph;
+use fusec_ir::frontend::load_model;
+
+mod common;
+
+use common::{graph_weights, rel_l2, write_safetensors, Cfg};
+use fusec_exec::{SplitMix64, Tensor};
+use fusec_ir::cost::graph_cost;
+use fusec_ir::frontend::ModelConfig;
+use fusec_ir::{DType, Graph, InputKind};
+use safetensors::Dtype;
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/hf-tiny-llama-s0")
+}
+
+fn rel_l2_f64(actual: &[f32], expected: &[f64]) -> f64 {
+    let (mut num, mut den) = (0.0, 0.0);
+    for (&a, &e) in actual.iter().zip(expected) {
+        num += (f64::from(a) - e).powi(2);
+        den += e * e;
+    }
+    (num / den).sqrt()
+}
+
+#[test]
+fn matches_hugging_face_on_the_fixture() {
+    let spec = load_model(&fixture()).expect("fixture config loads");
+    let graph = eager_decode_graph(&spec.model).expect("graph builds");
+    let weights_path = spec
+        .weights
+        .clone()
+        .expect("a model directory names its weights");
+    let weights = Weights::load(&weights_path, &graph).expect("fixture weights load");
+    let mut session =
+        Session::new(Executor::new(graph, &weights).expect("plans"), 1).expect("session");
+
+    let text = std::fs::read_to_string(fixture().join("expected.json")).expect("expected.json");
+    let expected: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+    let ids = |v: &serde_json::Value| -> Vec<i32> {
+        v.as_array()
+            .expect("an id list")
+            .iter()
+            .map(|x| x.as_i64().expect("an id") as i32)
+            .collect()
+    };
+    let prompt = ids(&expected["prompt"]);
+    let want = ids(&expected["generated"]);
+    let gen = session
+        .generate(std::slice::from_ref(&prompt), want.len())
+        .expect("decodes");
+    assert_eq!(gen.generated[0], want);
+    let rows = expected["logits"].as_array().expect("logits rows");
+    assert_eq!(gen.logits[0].len(), rows.len());
+    for (step, (row, exp)) in gen.logits[0].iter().zip(rows).enumerate() {
+        let exp: Vec<f64> = exp
+            .as_array()
+            .expect("a row")
+            .iter()
+            .map(|x| x.as_f64().expect("a number"))
+            .collect();
+        let err = rel_l2_f64(row, &exp);
+        assert!(err <= 1e-4, "step {step}: relative L2 error {err}");
+    }
+    assert_eq!(gen.steps as usize, prompt.len() + want.len() - 1);
+}
+
+fn session(graph: Graph, weights: &Weights, batch: usize) -> Session {
+    Session::new(Executor::new(graph, weights).expect("plans"), batch).expect("session")
+}
+
+fn random_prompt(rng: &mut SplitMix64, len: usize, vocab: u64) -> Vec<i32> {
+    (0..len).map(|_| rng.below(vocab) as i32).collect()
+}
+
+/// MQA (one KV head), a head_dim unrelated to hidden/heads, tied embeddings.
+fn odd_config() -> Cfg {
+    Cfg {
+        hidden: 48,
+        layers: 2,
+        heads: 4,
+        kv_heads: 1,
+        head_dim: 20,
+        inter: 64,
+        vocab: 97,
+        tied: true,
+        dtype: DType::F32,
+    }
+}
+
+#[test]
+fn safetensors_files_in_f32_f16_and_bf16_load_and_agree() {
+    let cfg = odd_config().model("odd");
+    let graph = eager_decode_graph(&cfg).expect("graph builds");
+    assert!(graph.weights().iter().all(|(_, n)| *n != "lm_head.weight"));
+    let weights = Weights::random(&graph, 3).expect("random weights");
+    let prompt = vec![3, 14, 15, 92, 65];
+    let reference = session(graph.clone(), &weights, 1)
+        .generate(std::slice::from_ref(&prompt), 4)
+        .expect("decodes");
+    let dir = tempfile::tempdir().expect("temp dir");
+    for (dtype, tol) in [(Dtype::F32, 0.0), (Dtype::F16, 5e-3), (Dtype::BF16, 4e-2)] {
+        let path = dir.path().join(format!("{dtype:?}.safetensors"));
+        write_safetensors(&path, &graph_weights(&graph, &weights), dtype);
+        let loaded = Weights::load(&path, &graph).expect("loads");
+        let gen = session(graph.clone(), &loaded, 1)
+            .generate(std::slice::from_ref(&prompt), 4)
+            .expect("decodes");
+        let err = rel_l2(&gen.logits[0][0], &reference.logits[0][0]);
+        assert!(err <= tol, "{dtype:?}: relative L2 error {err} over {tol}");
+        if dtype == Dtype::F32 {
+            assert_eq!(gen.logits, reference.logits);
+            assert_eq!(gen.generated, reference.generated);
+        }
+    }
+}
+
+#[test]
+fn a_hugging_face_4x_directory_loads_with_its_weights() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/in/hf-v4-mqa/config.json");
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::copy(&src, dir.path().join("config.json")).expect("copies config");
+    let spec = load_model(dir.path()).expect("4.x config loads");
+    let graph = eager_decode_graph(&spec.model).expect("graph builds");
+    let weights = Weights::random(&graph, 11).expect("random weights");
+    write_safetensors(
+        &dir.path().join("model.safetensors"),
+        &graph_weights(&graph, &weights),
+        Dtype::BF16,
+    );
+    let spec = load_model(dir.path()).expect("reloads");
+    let path = spec
+        .weights
+        .expect("the directory's weights are the default");
+    let loaded = Weights::load(&path, &graph).expect("loads");
+    let gen = session(graph, &loaded, 1)
+        .generate(&[vec![1, 2, 3]], 3)
+        .expect("decodes");
+    assert_eq!(gen.generated[0].len(), 3);
+    assert!(gen.logits[0].iter().flatten().all(|v| v.is_finite()));
+}
+
+#[test]
+fn a_bf16_graph_tracks_its_f32_twin() {
+    let mut cfg = odd_config();
+    cfg.dtype = DType::Bf16;
+    let graph = eager_decode_graph(&cfg.model("bf16")).expect("graph builds");
+    let weights = Weights::random(&graph, 5).expect("random weights");
+    cfg.dtype = DType::F32;
+    let graph32 = eager_decode_graph(&cfg.model("f32")).expect("graph builds");
+    // The same (bf16-representable) values, held by an f32 graph.
+    let weights32 =
+        Weights::from_tensors(graph_weights(&graph, &weights).into_iter().map(|(n, t)| {
+            let v = t.to_vec_f32();
+            (
+                n,
+                Tensor::from_f32(DType::F32, t.shape(), v).expect("same size"),
+            )
+        }));
+    let prompt = vec![7, 8, 9, 10];
+    let lo = session(graph, &weights, 1)
+        .generate(std::slice::from_ref(&prompt), 2)
+        .expect("decodes");
+    let hi = session(graph32, &weights32, 1)
+        .generate(&[prompt], 2)
+        .expect("decodes");
+    let err = rel_l2(&lo.logits[0][0], &hi.logits[0][0]);
+    assert!(err < 5e-2, "bf16 vs f32: relative L2 error {err}");
+    assert!(err > 0.0, "the bf16 graph should round its activations");
+}
+
+#[test]
+fn batch_of_two_equals_two_batches_of_one() {
+    let cfg = Cfg::tiny().model("tiny");
+    let graph = eager_decode_graph(&cfg).expect("graph builds");
+    let weights = Weights::random(&graph, 9).expect("random weights");
+    let mut rng = SplitMix64::new(2);
+    let prompts = [
+        random_prompt(&mut rng, 6, cfg.vocab_size),
+        random_prompt(&mut rng, 6, cfg.vocab_size),
+    ];
+    let both = session(graph.clone(), &weights, 2)
+        .generate(&prompts, 5)
+        .expect("decodes");
+    for (s, prompt) in prompts.iter().enumerate() {
+        let one = session(graph.clone(), &weights, 1)
+            .generate(std::slice::from_ref(prompt), 5)
+            .expect("decodes");
+        assert_eq!(one.generated[0], both.generated[s]);
+        for (a, b) in one.logits[0].iter().zip(&both.logits[s]) {
+            let max = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0f32, f32::max);
+            assert!(max <= 1e-6, "sequence {s}: logits differ by {max}");
+        }
+    }
+}
+
+#[test]
+fn resuming_from_a_longer_prompt_continues_the_same_text() {
+    let cfg = Cfg::tiny().model("tiny");
+    let graph = eager_decode_graph(&cfg).expect("graph builds");
+    let weights = Weights::random(&graph, 4).expect("random weights");
+    let prompt = vec![5, 6, 7];
+    let full = session(graph.clone(), &weights, 1)
+        .generate(std::slice::from_ref(&prompt), 8)
+        .expect("decodes");
+    let mut longer = prompt;
+    longer.extend(&full.generated[0][..3]);
+    let rest = session(graph, &weights, 1)
+        .generate(&[longer], 5)
+        .expect("decodes");
+    assert_eq!(rest.generated[0], full.generated[0][3..]);
+    for (a, b) in rest.logits[0].iter().zip(&full.logits[0][3..]) {
+        assert!(rel_l2(a, b) < 1e-5);
+    }
+}
+
+#[test]
+fn bad_run_inputs_are_errors_and_leave_the_session_usable() {
+    let cfg = Cfg::tiny().model("tiny");
+    let graph = eager_decode_graph(&cfg).expect("graph builds");
+    let weights = Weights::random(&graph, 1).expect("random weights");
+    let mut s = session(graph, &weights, 1);
+    let err = s
+        .step(&[cfg.vocab_size as i32])
+        .expect_err("id out of range");
+    assert!(err.is_input_error(), "{err}");
+    assert!(err.to_string().contains("out of range"), "{err}");
+    assert!(s.step(&[-1]).is_err());
+    assert!(s.step(&[1, 2]).is_err());
+    assert_eq!(s.past_len(), 0);
+    assert!(s.step(&[1]).is_ok());
+    assert!(s.generate(&[vec![]], 2).is_err());
+    assert_eq!(s.past_len(), 1);
+}
+
+/// Inputs for one step at `past` cached positions, with random caches.
+fn step_inputs(
+    graph: &Graph,
+    batch: usize,
+    past: usize,
+    rng: &mut SplitMix64,
+) -> HashMap<String, Tensor> {
+    let b = fusec_exec::decode::bindings(batch, past);
+    let mut inputs = HashMap::new();
+    for (id, name, kind) in graph.inputs() {
+        let ty = graph.ty(id).tensor().expect("tensor input");
+        let shape: Vec<usize> = ty
+            .shape
+            .eval(&b)
+            .expect("bound")
+            .iter()
+            .map(|&d| d as usize)
+            .collect();
+        let n = shape.iter().product();
+        let t = match (kind, ty.dtype) {
+            (_, DType::I32) => Tensor::from_i32(&shape, vec![past as i32; n]),
+            (InputKind::State, dtype) => {
+                Tensor::from_f32(dtype, &shape, (0..n).map(|_| rng.normal() as f32).collect())
+            }
+            (InputKind::Data, dtype) => Tensor::zeros(dtype, &shape),
+        };
+        inputs.insert(name.to_string(), t.expect("sizes match"));
+    }
+    inputs
+}
+
+fn assert_counts_match(cfg: &ModelConfig, batch: usize, pasts: &[usize]) {
+    let graph = eager_decode_graph(cfg).expect("graph builds");
+    let weights = Weights::random(&graph, 0).expect("random weights");
+    let mut exec = Executor::new(graph.clone(), &weights).expect("plans");
+    let mut rng = SplitMix64::new(8);
+    for &past in pasts {
+        let b = fusec_exec::decode::bindings(batch, past);
+        let out = exec
+            .run(&b, step_inputs(&graph, batch, past, &mut rng))
+            .expect("runs");
+        let predicted = graph_cost(&graph, &b).expect("bound");
+        let measured: HashMap<_, _> = out.stats.nodes.iter().map(|n| (n.node, n)).collect();
+        for (id, cost) in &predicted.nodes {
+            let m = measured.get(id).unwrap_or_else(|| {
+                panic!(
+                    "{}: node {} predicted but not launched",
+                    cfg.name,
+                    graph.op(*id)
+                )
+            });
+            assert_eq!(
+                (m.bytes_read, m.bytes_written),
+                (cost.bytes_read, cost.bytes_written),
+                "{} B={batch} S={past}: {}",
+                cfg.name,
+                graph.op(*id)
+            );
+        }
+        assert_eq!(
+            out.stats.launches, predicted.total.launches,
+            "{} S={past}",
+            cfg.name
+        );
+        assert_eq!(
+            out.stats.bytes_read, predicted.total.bytes_read,
+            "{} S={past}",
+            cfg.name
+        );
+        assert_eq!(
+            out.stats.bytes_written, predicted.total.bytes_written,
+            "{} S={past}",
+            cfg.name
+        );
+    }
+}
+
+#[test]
+fn measured_counts_equal_the_cost_model() {
+    let spec = load_model(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/tiny.toml"))
+        .expect("tiny example loads");
+    assert_counts_match(&spec.model, 1, &[0, 5, 63]);
+    let mut gqa = Cfg::tiny();
+    gqa.heads = 8;
+    gqa.kv_heads = 2;
+    assert_counts_match(&gqa.model("gqa"), 2, &[0, 17, 40]);
+    let mut odd = odd_config();
+    odd.dtype = DType::Bf16;
+    assert_counts_match(&odd.model("mqa-bf16-tied"), 3, &[1, 9]);
+}
+
+#[test]
+fn a_session_step_counts_what_the_cost_model_predicts() {
+    let spec = load_model(&fixture()).expect("fixture config loads");
+    let graph = eager_decode_graph(&spec.model).expect("graph builds");
+    let weights = Weights::random(&graph, 0).expect("random weights");
+    let mut s = session(graph.clone(), &weights, 1);
+    for past in 0..4 {
+        let out = s.step(&[1]).expect("steps");
+        let predicted = graph_cost(&graph, &fusec_exec::decode::bindings(1, past)).expect("bound");
+        assert_eq!(out.stats.launches, predicted.total.launches);
+        assert_eq!(out.stats.bytes(), predicted.total.bytes());
+    }
+    assert_eq!(s.profile().steps(), 4);
+    let table = s.profile().render();
+    assert!(
+        table.contains("linear") && table.contains("total/4 steps"),
+        "{table}"
+    );
+}

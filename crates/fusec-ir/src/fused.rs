@@ -1,0 +1,162 @@
+//! Type rules of the fused ops ([`FusedOp`]).
+
+use crate::op::{FusedOp, Op};
+use crate::shape::{Dim, Shape};
+use crate::types::{TensorType, Type};
+
+type R<T> = Result<T, String>;
+
+fn scalar(t: &TensorType, what: &str) -> R<()> {
+    if t.rank() == 0 {
+        Ok(())
+    } else {
+        Err(format!("{what} must be a scalar, got {t}"))
+    }
+}
+
+fn same_dtype(a: &TensorType, b: &TensorType) -> R<()> {
+    if a.dtype == b.dtype {
+        Ok(())
+    } else {
+        Err(format!("dtype mismatch: {} vs {}", a.dtype, b.dtype))
+    }
+}
+
+/// The type of `linear(x, w)`, by the primitive op's own rule.
+fn linear(x: &TensorType, w: &TensorType) -> R<TensorType> {
+    match Op::Linear.infer(&[&Type::Tensor(x.clone()), &Type::Tensor(w.clone())], None) {
+        Ok(Type::Tensor(t)) => Ok(t),
+        Ok(Type::Tuple(_)) => Err("linear gave a tuple".into()),
+        Err(e) => Err(e.message),
+    }
+}
+
+/// Checks the RMSNorm operands `(x, w, eps)`.
+fn norm(x: &TensorType, w: &TensorType, eps: &TensorType) -> R<()> {
+    scalar(eps, "eps")?;
+    same_dtype(x, w)?;
+    if w.rank() != 1 || x.shape.last() != Some(w.shape.dim(0)) {
+        return Err(format!("norm weight {} does not match the last dimension of {}", w.shape, x.shape));
+    }
+    Ok(())
+}
+
+/// Checks that `a` broadcasts to `x`'s shape without growing it.
+fn broadcasts_to(a: &TensorType, x: &TensorType, what: &str) -> R<()> {
+    same_dtype(x, a)?;
+    match Shape::broadcast(&x.shape, &a.shape) {
+        Some(s) if s == x.shape => Ok(()),
+        _ => Err(format!("{what} {} does not broadcast to {}", a.shape, x.shape)),
+    }
+}
+
+/// `[B, heads, T, hd]`: returns (heads, T, hd).
+fn heads(t: &TensorType, what: &str) -> R<(Dim, Dim, Dim)> {
+    if t.rank() != 4 {
+        return Err(format!("{what} must be [batch, heads, len, head_dim], got {}", t.shape));
+    }
+    Ok((t.shape.dim(1).clone(), t.shape.dim(2).clone(), t.shape.dim(3).clone()))
+}
+
+/// Query heads must be a whole multiple of KV heads.
+fn gqa(q: &TensorType, k: &TensorType) -> R<()> {
+    let (hq, _, dq) = heads(q, "q")?;
+    let (hk, _, dk) = heads(k, "k")?;
+    if dq != dk || q.shape.dim(0) != k.shape.dim(0) {
+        return Err(format!("q {} and k {} differ in batch or head_dim", q.shape, k.shape));
+    }
+    match (hq.as_fixed(), hk.as_fixed()) {
+        (Some(h), Some(kv)) if kv > 0 && h % kv == 0 => Ok(()),
+        _ => Err(format!("query heads {hq} are not a multiple of KV heads {hk}")),
+    }
+}
+
+/// The cache after appending `new` to `past` along axis -2.
+fn appended(past: &TensorType, new: &TensorType) -> R<TensorType> {
+    match (Op::Cat { axis: -2 }).infer(
+        &[&Type::Tensor(past.clone()), &Type::Tensor(new.clone())],
+        None,
+    ) {
+        Ok(Type::Tensor(t)) => Ok(t),
+        Ok(Type::Tuple(_)) => Err("cat gave a tuple".into()),
+        Err(e) => Err(e.message),
+    }
+}
+
+/// The result type of a fused op; `t` has already been checked for arity.
+pub(crate) fn infer(op: FusedOp, t: &[&TensorType]) -> R<Type> {
+    match op {
+        FusedOp::KvAppend => appended(t[0], t[1]).map(Type::Tensor),
+        FusedOp::Rope => {
+            let x = t[0];
+            if !x.shape.last().and_then(Dim::as_fixed).is_some_and(|d| d % 2 == 0) {
+                return Err(format!("rotary input {} needs an even, fixed last dimension", x.shape));
+            }
+            broadcasts_to(t[1], x, "cos")?;
+            broadcasts_to(t[2], x, "sin")?;
+            Ok(Type::Tensor(x.clone()))
+        }
+        FusedOp::RmsNorm => {
+            norm(t[0], t[1], t[2])?;
+            Ok(Type::Tensor(t[0].clone()))
+        }
+        FusedOp::RmsNormLinear => {
+            norm(t[0], t[1], t[2])?;
+            let outs = t[3..]
+                .iter()
+                .map(|w| linear(t[0], w))
+                .collect::<R<Vec<_>>>()?;
+            Ok(if outs.len() == 1 {
+                Type::Tensor(outs.into_iter().next().expect("one output"))
+            } else {
+                Type::Tuple(outs)
+            })
+        }
+        FusedOp::Swiglu | FusedOp::RmsNormSwiglu => {
+            let (x, wg, wu) = if op == FusedOp::Swiglu {
+                (t[0], t[1], t[2])
+            } else {
+                norm(t[0], t[1], t[2])?;
+                (t[0], t[3], t[4])
+            };
+            if wg.shape != wu.shape {
+                return Err(format!("gate {} and up {} weights differ", wg.shape, wu.shape));
+            }
+            linear(x, wg).map(Type::Tensor)
+        }
+        FusedOp::LinearAdd => {
+            let y = linear(t[0], t[1])?;
+            if &y != t[2] {
+                return Err(format!("residual {} does not match the GEMV result {y}", t[2]));
+            }
+            Ok(Type::Tensor(y))
+        }
+        FusedOp::Attention => {
+            let (q, k, v, scale, mask) = (t[0], t[1], t[2], t[3], t[4]);
+            gqa(q, k)?;
+            if k != v {
+                return Err(format!("k {k} and v {v} differ"));
+            }
+            same_dtype(q, k)?;
+            scalar(scale, "scale")?;
+            let (_, tq, _) = heads(q, "q")?;
+            let (_, len, _) = heads(k, "k")?;
+            let scores = TensorType::new(
+                q.dtype,
+                Shape(vec![q.shape.dim(0).clone(), q.shape.dim(1).clone(), tq, len]),
+            );
+            broadcasts_to(mask, &scores, "mask")?;
+            Ok(Type::Tensor(q.clone()))
+        }
+        FusedOp::DecodeAttention => {
+            let (q, k, v, cos, sin, pk, pv, scale, mask) =
+                (t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[8]);
+            infer(FusedOp::Rope, &[q, cos, sin])?;
+            infer(FusedOp::Rope, &[k, cos, sin])?;
+            let k_all = appended(pk, k)?;
+            let v_all = appended(pv, v)?;
+            infer(FusedOp::Attention, &[q, &k_all, &v_all, scale, mask])?;
+            Ok(Type::Tuple(vec![q.clone(), k_all, v_all]))
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! Graph passes after extraction. They fuse what single-rooted rewrite rules cannot
+//! express, because the result has several values:
+//!
+//! - `absorb-kv-append`: attention whose query and key carry RoPE and whose caches are
+//!   appended in place becomes one `fused.decode_attention` that returns the output
+//!   and both updated caches. The KV write is a side effect of the kernel, so it is
+//!   done here, in a pass over the ordered graph, not by a rule in the e-graph.
+//! - `merge-gemv`: GEMVs with the same normalised input (`q`, `k`, `v`) become one
+//!   kernel with several weights and a tuple result.
+
+use std::collections::BTreeMap;
+
+use fusec_ir::graph::Provenance;
+use fusec_ir::{FusedOp, Graph, NodeId, Op};
+
+use crate::analysis::merge_provenance;
+
+fn is(graph: &Graph, id: NodeId, f: FusedOp) -> bool {
+    graph.op(id) == &Op::Fused(f)
+}
+
+fn merged(graph: &Graph, nodes: &[NodeId], pass: &str) -> Provenance {
+    let mut p = Provenance::default();
+    for &n in nodes {
+        merge_provenance(&mut p, &graph.node(n).provenance);
+    }
+    p.rules.push(pass.to_string());
+    p
+}
+
+/// Replaces `node` by a tuple-typed `fused` node, each old value by a `get`.
+fn replace_with_tuple(graph: &mut Graph, fused: NodeId, old: &[NodeId]) -> Result<(), String> {
+    for (index, &o) in old.iter().enumerate() {
+        let get = graph
+            .add(Op::Get { index }, &[fused])
+            .map_err(|e| e.to_string())?;
+        graph.node_mut(get).layer = graph.node(fused).layer;
+        graph.replace_all_uses(o, get);
+    }
+    Ok(())
+}
+
+/// `absorb-kv-append`; returns how many attentions it fused.
+pub fn absorb_kv_append(graph: &mut Graph) -> Result<usize, String> {
+    let attentions: Vec<NodeId> = graph
+        .node_ids()
+        .filter(|&n| is(graph, n, FusedOp::Attention))
+        .collect();
+    let mut fused = 0;
+    for att in attentions {
+        let ops = graph.operands(att);
+        let (q, k_all, v_all, scale, mask) = (ops[0], ops[1], ops[2], ops[3], ops[4]);
+        if !(is(graph, q, FusedOp::Rope)
+            && is(graph, k_all, FusedOp::KvAppend)
+            && is(graph, v_all, FusedOp::KvAppend))
+        {
+            continue;
+        }
+        let q_ops = graph.operands(q);
+        let (pk, k_rot) = {
+            let o = graph.operands(k_all);
+            (o[0], o[1])
+        };
+        let (pv, v) = {
+            let o = graph.operands(v_all);
+            (o[0], o[1])
+        };
+        if !is(graph, k_rot, FusedOp::Rope) {
+            continue;
+        }
+        let k_ops = graph.operands(k_rot);
+        // The same tables rotate q and k.
+        if q_ops[1..] != k_ops[1..] {
+            continue;
+        }
+        // The appended caches must feed only this attention and the state outputs.
+        let only_here = |n: NodeId| graph.users(n).iter().all(|&u| u == att);
+        if !only_here(k_all) || !only_here(v_all) {
+            continue;
+        }
+        let operands = [q_ops[0], k_ops[0], v, q_ops[1], q_ops[2], pk, pv, scale, mask];
+        let new = graph
+            .add(Op::Fused(FusedOp::DecodeAttention), &operands)
+            .map_err(|e| format!("absorb-kv-append: {e}"))?;
+        let provenance = merged(graph, &[att, q, k_rot, k_all, v_all], "absorb-kv-append");
+        let layer = graph.node(att).layer;
+        let node = graph.node_mut(new);
+        node.provenance = provenance;
+        node.layer = layer;
+        replace_with_tuple(graph, new, &[att, k_all, v_all])?;
+        fused += 1;
+    }
+    graph.remove_dead();
+    Ok(fused)
+}
+
+/// `merge-gemv`; returns how many kernels it removed.
+pub fn merge_gemv(graph: &mut Graph) -> Result<usize, String> {
+    // Single-weight norm GEMVs, grouped by their (x, w, eps) prologue.
+    let mut groups: BTreeMap<Vec<NodeId>, Vec<NodeId>> = BTreeMap::new();
+    for n in graph.node_ids().collect::<Vec<_>>() {
+        if is(graph, n, FusedOp::RmsNormLinear) {
+            let ops = graph.operands(n);
+            if ops.len() == 4 {
+                groups.entry(ops[..3].to_vec()).or_default().push(n);
+            }
+        }
+    }
+    let mut removed = 0;
+    for (prologue, members) in groups {
+        if members.len() < 2 {
+            continue;
+        }
+        let mut operands = prologue.clone();
+        operands.extend(members.iter().map(|&m| graph.operands(m)[3]));
+        let new = graph
+            .add(Op::Fused(FusedOp::RmsNormLinear), &operands)
+            .map_err(|e| format!("merge-gemv: {e}"))?;
+        let provenance = merged(graph, &members, "merge-gemv");
+        let layer = graph.node(members[0]).layer;
+        let node = graph.node_mut(new);
+        node.provenance = provenance;
+        node.layer = layer;
+        replace_with_tuple(graph, new, &members)?;
+        removed += members.len() - 1;
+    }
+    graph.remove_dead();
+    Ok(removed)
+}
