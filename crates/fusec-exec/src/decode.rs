@@ -19,7 +19,8 @@ use fusec_ir::shape::Bindings;
 use fusec_ir::{InputKind, OutputKind, TensorType};
 
 use crate::error::Error;
-use crate::exec::{Executor, Value};
+use crate::exec::{self, Executor, Value};
+use crate::pool;
 use crate::profile::{Profile, StepStats};
 use crate::tensor::Tensor;
 
@@ -252,14 +253,27 @@ impl Session {
         let next = tensor_out(names::NEXT_TOKEN)?
             .to_vec_i32()
             .ok_or_else(|| Error::InvalidGraph("next_token is not i32".into()))?;
-        for (name, kind, value) in &out.outputs {
-            if *kind == OutputKind::State {
-                let t = value.tensor().ok_or_else(|| {
-                    Error::InvalidGraph(format!("state `{name}` is not a tensor"))
-                })?;
-                self.state.insert(name.clone(), t.clone());
+        let mut new_state = Vec::with_capacity(self.state.len());
+        let mut spent = Vec::with_capacity(out.outputs.len());
+        for (name, kind, value) in out.outputs {
+            match (kind, value) {
+                (OutputKind::State, Value::Tensor(t)) => new_state.push((name, t)),
+                (OutputKind::State, _) => {
+                    return Err(Error::InvalidGraph(format!(
+                        "state `{name}` is not a tensor"
+                    )))
+                }
+                (OutputKind::Data, v) => spent.push(v),
             }
         }
+        // Commit: the previous caches and this step's data outputs are dead, and
+        // their buffers serve the next step.
+        for (name, t) in new_state {
+            if let Some(old) = self.state.insert(name, t) {
+                pool::recycle(old);
+            }
+        }
+        spent.into_iter().for_each(exec::recycle);
         self.past += 1;
         self.profile.add(&out.stats);
         Ok(StepOutput {

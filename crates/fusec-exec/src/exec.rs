@@ -18,13 +18,13 @@ use fusec_ir::op::resolve_axis;
 use fusec_ir::shape::{Bindings, Shape};
 use fusec_ir::{verify, Graph, NodeId, Op, OutputKind, TensorType, Type};
 
-use crate::dtype;
 use crate::error::Error;
 use crate::kernels::elementwise::Arg;
 use crate::kernels::{constant, elementwise, gather, matmul, movement, reduce, KernelError};
 use crate::profile::{NodeStats, StepStats};
 use crate::tensor::{Tensor, TensorError};
 use crate::weights::Weights;
+use crate::{dtype, pool};
 
 /// A runtime value: a tensor, a scalar kernel argument, or the results of a
 /// multi-result (fused) op, read with `get`.
@@ -249,7 +249,7 @@ impl Executor {
             stats.time = step_start.elapsed();
             RunOutput { outputs, stats }
         });
-        slots.iter_mut().for_each(|s| *s = None);
+        slots.iter_mut().filter_map(Option::take).for_each(recycle);
         self.slots = slots;
         outputs
     }
@@ -293,10 +293,21 @@ impl Executor {
             }
             slots[pos] = Some(value);
             for &s in &node.free {
-                slots[s] = None;
+                if let Some(v) = slots[s].take() {
+                    recycle(v);
+                }
             }
         }
         Ok(stats)
+    }
+}
+
+/// Returns the buffers of a dropped value to the pool (those no other value shares).
+pub(crate) fn recycle(v: Value) {
+    match v {
+        Value::Tensor(t) => pool::recycle(t),
+        Value::Tuple(ts) => ts.into_iter().for_each(pool::recycle),
+        Value::Scalar(_) => {}
     }
 }
 

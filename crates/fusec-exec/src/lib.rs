@@ -7,7 +7,7 @@
 //! - [`kernels`]: reference CPU kernels, one module per op family;
 //! - [`exec`]: the interpreter, which measures launches, bytes and time per node;
 //! - [`decode`]: a greedy-decoding [`Session`] that carries the KV cache across steps;
-//! - [`profile`]: per-op-kind totals of the measured counts.
+//! - [`profile`]: per-op-kind totals of the measured counts; `pool`: reused buffers.
 //!
 //! Invariant: every launching node's measured launches and bytes equal the prediction
 //! of `fusec_ir::cost` for the same graph and bindings, but they are computed from the
@@ -18,6 +18,7 @@ pub mod dtype;
 mod error;
 pub mod exec;
 pub mod kernels;
+mod pool;
 pub mod profile;
 pub mod random;
 pub mod tensor;

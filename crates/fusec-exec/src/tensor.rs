@@ -183,6 +183,10 @@ impl Tensor {
         &self.buffer
     }
 
+    pub(crate) fn into_buffer(self) -> Buffer {
+        self.buffer
+    }
+
     /// Elements in the underlying buffer (more than `numel` for a slice, fewer for an
     /// expanded view).
     pub fn storage_len(&self) -> usize {
@@ -455,11 +459,24 @@ pub(crate) fn gather<T: Copy>(
     strides: &[usize],
     offset: usize,
 ) -> Vec<T> {
+    let mut out = Vec::with_capacity(shape.iter().product());
+    gather_into(buf, shape, strides, offset, &mut out);
+    out
+}
+
+/// Appends the elements of a strided view, row-major, to `out`.
+pub(crate) fn gather_into<T: Copy>(
+    buf: &[T],
+    shape: &[usize],
+    strides: &[usize],
+    offset: usize,
+    out: &mut Vec<T>,
+) {
     let n: usize = shape.iter().product();
     if dense(shape, strides) {
-        return buf[offset..offset + n].to_vec();
+        out.extend_from_slice(&buf[offset..offset + n]);
+        return;
     }
-    let mut out = Vec::with_capacity(n);
     match (shape.split_last(), strides.split_last()) {
         // Rows that are contiguous in memory are copied whole.
         (Some((&inner, outer)), Some((&1, outer_strides))) => {
@@ -469,7 +486,6 @@ pub(crate) fn gather<T: Copy>(
         }
         _ => crate::kernels::strided::walk(shape, [strides], [offset], |[o]| out.push(buf[o])),
     }
-    out
 }
 
 #[cfg(test)]

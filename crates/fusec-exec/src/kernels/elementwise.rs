@@ -4,8 +4,8 @@ use fusec_ir::{BinaryOp, DType, UnaryOp};
 
 use super::strided::{broadcast_shape, broadcast_strides, walk};
 use super::{float_buffer, KernelError};
-use crate::dtype;
 use crate::tensor::{dense, Tensor};
+use crate::{dtype, pool};
 
 /// An operand of a binary op: a tensor, or a scalar kernel argument (which reads no
 /// memory, broadcasts, and takes the other operand's dtype).
@@ -31,18 +31,18 @@ fn unary_fn(op: UnaryOp) -> fn(f32) -> f32 {
 pub fn unary(op: UnaryOp, x: &Tensor) -> Result<Tensor, KernelError> {
     let src = float_buffer(x, op.name())?;
     let f = unary_fn(op);
-    let out: Vec<f32> = if x.is_contiguous() {
-        src[x.offset()..x.offset() + x.numel()]
-            .iter()
-            .map(|&v| f(v))
-            .collect()
+    let mut out = pool::take(x.numel());
+    if x.is_contiguous() {
+        out.extend(
+            src[x.offset()..x.offset() + x.numel()]
+                .iter()
+                .map(|&v| f(v)),
+        );
     } else {
-        let mut out = Vec::with_capacity(x.numel());
         walk(x.shape(), [x.strides()], [x.offset()], |[o]| {
             out.push(f(src[o]))
         });
-        out
-    };
+    }
     Ok(Tensor::from_kernel_f32(x.dtype(), x.shape().to_vec(), out))
 }
 
@@ -129,7 +129,7 @@ pub fn binary(op: BinaryOp, a: Arg<'_>, b: Arg<'_>) -> Result<Tensor, KernelErro
         _ => binary_fn(op),
     };
     let n = shape.iter().product();
-    let mut out = Vec::with_capacity(n);
+    let mut out = pool::take(n);
     let same_layout = |s: &Src<'_>| s.shape == shape.as_slice() && dense(s.shape, s.strides);
     if same_layout(&sa) && same_layout(&sb) {
         // The common case of two dense operands of one shape: a plain zip.

@@ -2,6 +2,7 @@
 
 use super::strided::walk;
 use super::{float_buffer, KernelError};
+use crate::pool;
 use crate::tensor::Tensor;
 
 /// `table[ids]`: for `table [V, D]` and `i32` ids of any shape, the rows `[..., D]`.
@@ -19,7 +20,7 @@ pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor, KernelError> {
     })?;
     let (vocab, dim) = (table.shape()[0], table.shape()[1]);
     let (row_stride, col_stride) = (table.strides()[0], table.strides()[1]);
-    let mut out = Vec::with_capacity(id_values.len() * dim);
+    let mut out = pool::take(id_values.len() * dim);
     for &id in &id_values {
         let row = usize::try_from(id).ok().filter(|&r| r < vocab).ok_or(
             KernelError::TokenOutOfRange {

@@ -8,6 +8,7 @@ use rayon::prelude::*;
 
 use super::strided::{broadcast_shape, broadcast_strides, walk};
 use super::{float_buffer, same_dtype, KernelError};
+use crate::pool;
 use crate::tensor::Tensor;
 
 /// Multiply-adds below which a contraction runs on the calling thread: splitting
@@ -75,7 +76,7 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor, KernelError> {
         a_strides: (a.strides()[ra - 2], a.strides()[ra - 1]),
         b_strides: (b.strides()[rb - 2], b.strides()[rb - 1]),
     };
-    let mut out = vec![0.0f32; starts.len() * m * n];
+    let mut out = pool::zeros(starts.len() * m * n);
     if m * n > 0 {
         let work = starts.len() * m * n * k;
         let body =
@@ -155,7 +156,7 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor, KernelError> {
     let ws = w.contiguous_f32().unwrap_or_default();
     // Each output feature is a dot product of one weight row with every input row;
     // computing feature-major streams each weight row from memory once.
-    let mut by_feature = vec![0.0f32; outs * rows];
+    let mut by_feature = pool::zeros(outs * rows);
     if rows > 0 {
         let feature = |(o, col): (usize, &mut [f32])| {
             let wrow = &ws[o * ins..(o + 1) * ins];
@@ -176,12 +177,13 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor, KernelError> {
     let out = if rows == 1 {
         by_feature
     } else {
-        let mut out = vec![0.0f32; outs * rows];
+        let mut out = pool::zeros(outs * rows);
         for (o, col) in by_feature.chunks(rows.max(1)).enumerate() {
             for (r, &v) in col.iter().enumerate() {
                 out[r * outs + o] = v;
             }
         }
+        pool::give(by_feature);
         out
     };
     let mut shape = x.shape().to_vec();

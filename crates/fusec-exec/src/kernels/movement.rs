@@ -2,9 +2,9 @@
 
 use std::sync::Arc;
 
-use super::strided::walk;
 use super::{check_axis, KernelError};
-use crate::tensor::{contiguous_strides, Buffer, Tensor};
+use crate::pool;
+use crate::tensor::{gather_into, Buffer, Tensor};
 
 /// A contiguous copy into a new buffer (`.contiguous()`, or the copy inside a
 /// `reshape` that cannot be a view).
@@ -42,58 +42,63 @@ pub fn cat(xs: &[&Tensor], axis: usize) -> Result<Tensor, KernelError> {
         }
         shape[axis] += x.shape()[axis];
     }
-    let strides = contiguous_strides(&shape);
     let numel = shape.iter().product();
     let buffer = match first.buffer() {
         Buffer::F32(_) => Buffer::F32(Arc::new(cat_into(
             xs,
             axis,
-            &strides,
-            numel,
             Tensor::f32_buffer,
-            0.0,
+            pool::take(numel),
         )?)),
         Buffer::I32(_) => Buffer::I32(Arc::new(cat_into(
             xs,
             axis,
-            &strides,
-            numel,
             Tensor::i32_buffer,
-            0,
+            Vec::with_capacity(numel),
         )?)),
     };
     Ok(Tensor::contiguous(first.dtype(), shape, buffer))
 }
 
-/// Copies each operand into its block of a contiguous output of `numel` elements.
+/// Appends the concatenation to `out` in output order: for each index of the axes
+/// before `axis`, each operand's block of the remaining axes in turn. A block of a
+/// contiguous operand (the whole cached KV of one head) is one slice copy.
 fn cat_into<T: Copy>(
     xs: &[&Tensor],
     axis: usize,
-    out_strides: &[usize],
-    numel: usize,
     buffer: fn(&Tensor) -> Option<&[T]>,
-    zero: T,
+    mut out: Vec<T>,
 ) -> Result<Vec<T>, KernelError> {
-    let mut out = vec![zero; numel];
-    let mut start = 0;
-    for x in xs {
-        let src =
-            buffer(x).ok_or_else(|| KernelError::Invalid("cat: operand dtypes differ".into()))?;
-        let base = [x.offset(), start * out_strides[axis]];
-        let rank = x.rank();
-        if rank > 0 && x.strides()[rank - 1] == 1 {
-            // Rows that are contiguous in the operand (and always in the output) are
-            // copied whole; the KV cache append is such a copy.
-            let inner = x.shape()[rank - 1];
-            let (outer, in_strides, dst_strides) =
-                (&x.shape()[..rank - 1], &x.strides()[..rank - 1], &out_strides[..rank - 1]);
-            walk(outer, [in_strides, dst_strides], base, |[i, o]| {
-                out[o..o + inner].copy_from_slice(&src[i..i + inner])
-            });
-        } else {
-            walk(x.shape(), [x.strides(), out_strides], base, |[i, o]| out[o] = src[i]);
+    let srcs = xs
+        .iter()
+        .map(|x| buffer(x).ok_or_else(|| KernelError::Invalid("cat: operand dtypes differ".into())))
+        .collect::<Result<Vec<&[T]>, KernelError>>()?;
+    let outer = &xs[0].shape()[..axis];
+    let mut index = vec![0usize; axis];
+    for _ in 0..outer.iter().product::<usize>() {
+        for (x, src) in xs.iter().zip(&srcs) {
+            let base = x.offset()
+                + index
+                    .iter()
+                    .zip(x.strides())
+                    .map(|(i, s)| i * s)
+                    .sum::<usize>();
+            gather_into(
+                src,
+                &x.shape()[axis..],
+                &x.strides()[axis..],
+                base,
+                &mut out,
+            );
         }
-        start += x.shape()[axis];
+        // Advance the outer index like an odometer.
+        for d in (0..axis).rev() {
+            index[d] += 1;
+            if index[d] < outer[d] {
+                break;
+            }
+            index[d] = 0;
+        }
     }
     Ok(out)
 }

@@ -7,6 +7,7 @@ use fusec_ir::ReduceOp;
 
 use super::strided::{walk, without_axis};
 use super::{check_axis, float_buffer, KernelError};
+use crate::pool;
 use crate::tensor::{contiguous_strides, Tensor};
 
 fn non_empty(x: &Tensor, axis: usize, op: &str) -> Result<(), KernelError> {
@@ -99,7 +100,7 @@ pub fn softmax(x: &Tensor, axis: usize) -> Result<Tensor, KernelError> {
     let (n, st, ost) = (shape[axis], x.strides()[axis], out_strides[axis]);
     let (outer, in_outer) = without_axis(&shape, x.strides(), axis);
     let (_, out_outer) = without_axis(&shape, &out_strides, axis);
-    let mut out = vec![0.0f32; x.numel()];
+    let mut out = pool::zeros(x.numel());
     walk(&outer, [&in_outer, &out_outer], [x.offset(), 0], |[i, o]| {
         let max = (0..n)
             .map(|k| src[i + k * st])
