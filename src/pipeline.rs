@@ -7,6 +7,9 @@ use fusec_ir::frontend::{load_model, ConfigError, ModelSpec};
 use fusec_ir::gpu::{gpu, gpu_names, Gpu};
 use fusec_ir::shape::Bindings;
 use fusec_ir::{verify, Graph};
+use fusec_ir::frontend::Precision;
+use fusec_ir::DType;
+use fusec_rewrite::precision::{lower_fp8, Fp8Options};
 use fusec_rewrite::{FuseReport, Limits, RuleError, RuleFileError, RuleSet};
 
 /// What can go wrong when compiling. Everything but `Internal` is the user's input
@@ -23,6 +26,8 @@ pub enum PipelineError {
     BadRule(RuleError),
     #[error("unknown GPU `{name}` (known: {})", gpu_names().join(", "))]
     UnknownGpu { name: String },
+    #[error("{gpu} has no FP8 tensor cores: use --precision bf16, or a GPU with FP8 (h100-sxm, h200-sxm, l40s, l4)")]
+    NoFp8 { gpu: String },
     #[error("{phase}: {message}")]
     Internal { phase: &'static str, message: String },
 }
@@ -120,4 +125,51 @@ pub fn fuse(
         return Err(PipelineError::BadRule(bad.clone()));
     }
     Ok((verified("fuse", graph)?, report))
+}
+
+/// The dtype a precision computes in: FP8 lowers the GEMV weights and the KV cache of
+/// a graph that otherwise runs in bf16 (f16 for an f16 checkpoint).
+pub fn compute_dtype(spec: &ModelSpec, precision: Precision) -> DType {
+    match precision {
+        Precision::F32 => DType::F32,
+        Precision::F16 => DType::F16,
+        Precision::Bf16 => DType::Bf16,
+        Precision::Fp8 if spec.model.dtype == DType::F16 => DType::F16,
+        Precision::Fp8 => DType::Bf16,
+    }
+}
+
+/// The spec with its checkpoint run in `precision`'s compute dtype.
+pub fn in_precision(spec: &ModelSpec, precision: Precision) -> ModelSpec {
+    let mut s = spec.clone();
+    s.model.dtype = compute_dtype(spec, precision);
+    s.target.precision = precision;
+    s
+}
+
+/// The fused graph of `spec` in `precision`: the eager graph Hugging Face would run in
+/// that dtype, fused, and for FP8 lowered by [`lower_fp8`].
+pub fn fused_in(
+    spec: &ModelSpec,
+    precision: Precision,
+    rules: &RuleSet,
+    fp8: &Fp8Options,
+) -> Result<(Graph, FuseReport), PipelineError> {
+    let gpu = target_gpu(spec)?;
+    if precision == Precision::Fp8 && gpu.fp8_tflops.is_none() {
+        return Err(PipelineError::NoFp8 {
+            gpu: gpu.name.to_string(),
+        });
+    }
+    let s = in_precision(spec, precision);
+    let eager = eager(&s)?;
+    let (fused, report) = fuse(&s, &eager, rules)?;
+    if precision != Precision::Fp8 {
+        return Ok((fused, report));
+    }
+    let lowered = lower_fp8(&fused, fp8).map_err(|message| PipelineError::Internal {
+        phase: "lower-fp8",
+        message,
+    })?;
+    Ok((verified("lower-fp8", lowered)?, report))
 }

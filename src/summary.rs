@@ -118,6 +118,7 @@ impl Summary {
             ("bytes written/step", Box::new(|v| human_bytes(v.bytes_written)), None),
             ("bytes/step", Box::new(|v| human_bytes(v.bytes())), saved.as_ref().map(|s| s.1.clone())),
             ("FLOPs/step", Box::new(|v| human_count(v.flops)), None),
+            ("floor/step", Box::new(|v| human_bytes(v.floor_bytes)), None),
             ("x floor", Box::new(|v| format!("{:.3}", v.floor_ratio)), None),
             ("est. us/token", Box::new(|v| format!("{:.1}", v.est_us_per_token)), saved.as_ref().map(|s| s.2.clone())),
         ];
@@ -134,7 +135,7 @@ impl Summary {
         let f = &e.cost.floor;
         let _ = writeln!(
             out,
-            "floor: {} = weights {} + KV read {} + KV write {} + io {}",
+            "eager floor: {} = weights {} + KV read {} + KV write {} + io {}",
             human_bytes(e.floor_bytes),
             human_bytes(f.weight_bytes),
             human_bytes(f.kv_read_bytes),

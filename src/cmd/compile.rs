@@ -7,7 +7,9 @@ use std::time::Instant;
 use anyhow::Context;
 use fusec::pipeline;
 use fusec::summary::Summary;
+use fusec_ir::frontend::Precision;
 use fusec_ir::{dot, text, Graph};
+use fusec_rewrite::precision::{Fp8Options, Granularity, OpClass};
 
 use crate::Failure;
 
@@ -42,6 +44,47 @@ pub struct Args {
     /// Load fusion rules from this file too (repeatable); see README.md for the syntax.
     #[arg(long = "rules", value_name = "FILE")]
     pub rules: Vec<PathBuf>,
+    /// Precision of the fused graph (overrides [target] precision): f32, f16, bf16, fp8.
+    #[arg(long)]
+    pub precision: Option<String>,
+    /// With fp8: keep this op class at the compute precision (repeatable): qkv,
+    /// attn-out, mlp-up, mlp-down, lm-head, kv-cache.
+    #[arg(long = "keep", value_name = "CLASS")]
+    pub keep: Vec<String>,
+    /// With fp8: weight scales per output channel (default) or per tensor.
+    #[arg(long, value_enum, default_value = "per-channel")]
+    pub weight_scales: WeightScales,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightScales {
+    PerChannel,
+    PerTensor,
+}
+
+/// The FP8 options from the command line.
+pub fn fp8_options(keep: &[String], scales: WeightScales) -> Result<Fp8Options, Failure> {
+    let mut opts = Fp8Options {
+        granularity: match scales {
+            WeightScales::PerChannel => Granularity::PerChannel,
+            WeightScales::PerTensor => Granularity::PerTensor,
+        },
+        ..Fp8Options::default()
+    };
+    for k in keep {
+        opts.keep.insert(k.parse::<OpClass>().map_err(|e| Failure::Input(anyhow::anyhow!(e)))?);
+    }
+    Ok(opts)
+}
+
+/// Applies `--precision` to the spec.
+pub fn set_precision(spec: &mut fusec_ir::frontend::ModelSpec, precision: &Option<String>) -> Result<(), Failure> {
+    if let Some(p) = precision {
+        spec.target.precision = Precision::parse(p).ok_or_else(|| {
+            Failure::Input(anyhow::anyhow!("unknown precision `{p}` (expected f32, f16, bf16 or fp8)"))
+        })?;
+    }
+    Ok(())
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,6 +119,8 @@ pub fn run(args: Args) -> Result<(), Failure> {
     if let Some(g) = &args.gpu {
         spec.target.gpu = g.clone();
     }
+    set_precision(&mut spec, &args.precision)?;
+    let fp8 = fp8_options(&args.keep, args.weight_scales)?;
     let gpu = pipeline::target_gpu(&spec)?;
     let eager = pipeline::eager(&spec)?;
     let fused = if args.no_fuse {
@@ -83,7 +128,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
     } else {
         let rules = pipeline::rules(&args.rules)?;
         let start = Instant::now();
-        let (graph, report) = pipeline::fuse(&spec, &eager, &rules)?;
+        let (graph, report) = pipeline::fused_in(&spec, spec.target.precision, &rules, &fp8)?;
         let elapsed = start.elapsed();
         for e in &report.rejected {
             eprintln!("warning: {e} (not applied)");

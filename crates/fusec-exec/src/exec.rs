@@ -498,14 +498,18 @@ fn dispatch(
                 KernelError::Invalid("operand is not a tuple".into()),
             )),
         },
-        // Fused kernels come with the fusion work; until then a fused graph is
-        // rejected with a clear error rather than run wrongly.
+        // Fused kernels and FP8 weights come with the fusion and FP8 work; until then
+        // such graphs are rejected with a clear error rather than run wrongly.
         Op::Fused(f) => Err(node_error(
             node,
             KernelError::Invalid(format!(
                 "the CPU executor has no kernel for {} yet",
                 f.name()
             )),
+        )),
+        Op::Dequant { .. } => Err(node_error(
+            node,
+            KernelError::Invalid("the CPU executor does not run FP8 weights yet".into()),
         )),
     }
 }

@@ -1,19 +1,16 @@
 //! End-to-end decoding: parity with Hugging Face on the bundled fixture, generality
 //! over random Llama configurations, and measured counts against the cost model.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use fusec_exec::{Executor, Session, Weights};
-use fusec_ir::build::eager_decode_graph;
-use fusec_ir::frontend::load_model;
-
-mod common;
-
 use common::{graph_weights, rel_l2, write_safetensors, Cfg};
-use fusec_exec::{SplitMix64, Tensor};
+use fusec_exec::{Executor, Session, SplitMix64, Tensor, Weights};
+use fusec_ir::build::eager_decode_graph;
 use fusec_ir::cost::graph_cost;
-use fusec_ir::frontend::ModelConfig;
+use fusec_ir::frontend::{load_model, ModelConfig};
 use fusec_ir::{DType, Graph, InputKind};
 use safetensors::Dtype;
 

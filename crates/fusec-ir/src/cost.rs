@@ -54,8 +54,17 @@ fn numel(ty: &Type, b: &Bindings) -> Result<u64, UnboundSymbol> {
 /// Bytes read when an op reads `value` once: through views, the smaller of the view's
 /// size and its storage's size; nothing for a scalar.
 pub fn read_bytes(graph: &Graph, value: NodeId, b: &Bindings) -> Result<u64, UnboundSymbol> {
-    if matches!(graph.op(value), Op::Scalar { .. }) {
-        return Ok(0);
+    match graph.op(value) {
+        Op::Scalar { .. } => return Ok(0),
+        // A quantized weight is read as stored: the values and their scales.
+        Op::Dequant { .. } => {
+            let mut total = 0;
+            for o in graph.operands(value) {
+                total += read_bytes(graph, o, b)?;
+            }
+            return Ok(total);
+        }
+        _ => {}
     }
     let own = graph.ty(value).bytes(b)?;
     let mut base = value;
@@ -274,14 +283,26 @@ pub fn graph_cost(graph: &Graph, b: &Bindings) -> Result<GraphCost, UnboundSymbo
             }
             cost.nodes.push((id, c));
             for (i, o) in graph.operands(id).into_iter().enumerate() {
-                let mut base = o;
-                while graph.op(base).is_view() && !matches!(graph.op(base), Op::Get { .. }) {
-                    base = graph.operands(base)[0];
-                }
-                if matches!(graph.op(base), Op::Weight { .. }) {
-                    let bytes = operand_read_bytes(graph, id, i, o, b)?;
-                    let e = weight_read.entry(base).or_default();
-                    *e = (*e).max(bytes);
+                // A quantized weight credits its values and its scales.
+                let read: Vec<(usize, NodeId)> = if matches!(graph.op(o), Op::Dequant { .. }) {
+                    graph.operands(o).into_iter().map(|q| (usize::MAX, q)).collect()
+                } else {
+                    vec![(i, o)]
+                };
+                for (index, o) in read {
+                    let mut base = o;
+                    while graph.op(base).is_view() && !matches!(graph.op(base), Op::Get { .. }) {
+                        base = graph.operands(base)[0];
+                    }
+                    if matches!(graph.op(base), Op::Weight { .. }) {
+                        let bytes = if index == usize::MAX {
+                            read_bytes(graph, o, b)?
+                        } else {
+                            operand_read_bytes(graph, id, index, o, b)?
+                        };
+                        let e = weight_read.entry(base).or_default();
+                        *e = (*e).max(bytes);
+                    }
                 }
             }
         }

@@ -153,10 +153,31 @@ pub(crate) fn infer(op: FusedOp, t: &[&TensorType]) -> R<Type> {
                 (t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[8]);
             infer(FusedOp::Rope, &[q, cos, sin])?;
             infer(FusedOp::Rope, &[k, cos, sin])?;
-            let k_all = appended(pk, k)?;
-            let v_all = appended(pv, v)?;
+            // A cache in FP8 carries a per-tensor scale for keys and one for values:
+            // entries are stored as `x / scale` and read back as `q * scale`.
+            let cache = pk.dtype;
+            match (cache.is_fp8(), t.len()) {
+                (false, 9) => {}
+                (true, 11) => {
+                    scalar(t[9], "key cache scale")?;
+                    scalar(t[10], "value cache scale")?;
+                }
+                (false, n) => return Err(format!("takes 9 operands with a {cache} cache, got {n}")),
+                (true, n) => {
+                    return Err(format!(
+                        "takes 11 operands (the two cache scales last) with a {cache} cache, got {n}"
+                    ))
+                }
+            }
+            if pv.dtype != cache {
+                return Err(format!("key cache {} and value cache {} differ", pk.dtype, pv.dtype));
+            }
+            let as_compute = |c: &TensorType| TensorType::new(q.dtype, c.shape.clone());
+            let k_all = appended(&as_compute(pk), k)?;
+            let v_all = appended(&as_compute(pv), v)?;
             infer(FusedOp::Attention, &[q, &k_all, &v_all, scale, mask])?;
-            Ok(Type::Tuple(vec![q.clone(), k_all, v_all]))
+            let stored = |t: TensorType| TensorType::new(cache, t.shape);
+            Ok(Type::Tuple(vec![q.clone(), stored(k_all), stored(v_all)]))
         }
     }
 }

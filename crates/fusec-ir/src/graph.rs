@@ -262,6 +262,44 @@ impl Graph {
         }
     }
 
+    /// Makes operand `port` of `node` be `value`.
+    pub fn set_operand(&mut self, node: NodeId, port: usize, value: NodeId) {
+        let edge = self
+            .g
+            .edges_directed(node.0, Direction::Incoming)
+            .find(|e| *e.weight() as usize == port)
+            .map(|e| e.id());
+        if let Some(e) = edge {
+            self.g.remove_edge(e);
+        }
+        self.g.add_edge(value.0, node.0, port as u32);
+    }
+
+    /// Appends `value` to the operands of `node`.
+    pub fn push_operand(&mut self, node: NodeId, value: NodeId) {
+        let port = self.g.edges_directed(node.0, Direction::Incoming).count();
+        self.g.add_edge(value.0, node.0, port as u32);
+    }
+
+    /// Re-derives every non-leaf node's type from its operands, in order, after a pass
+    /// changed leaf types or operands.
+    pub fn reinfer_types(&mut self) -> Result<(), TypeError> {
+        let order = self.topo_order().map_err(|_| TypeError {
+            op: "graph".into(),
+            message: "the graph has a cycle".into(),
+        })?;
+        for id in order {
+            if self.node(id).op.is_leaf() && !matches!(self.node(id).op, Op::Scalar { .. } | Op::RopeInvFreq { .. }) {
+                continue;
+            }
+            let operands = self.operands(id);
+            let types: Vec<&Type> = operands.iter().map(|&o| &self.g[o.0].ty).collect();
+            let ty = self.g[id.0].op.infer(&types, None)?;
+            self.g[id.0].ty = ty;
+        }
+        Ok(())
+    }
+
     /// Makes every use of `old` (as an operand or output) a use of `new`.
     pub fn replace_all_uses(&mut self, old: NodeId, new: NodeId) {
         let uses: Vec<(NodeIndex<u32>, u32)> = self

@@ -267,6 +267,15 @@ pub enum Op {
         index: usize,
     },
 
+    // ---- quantization ---------------------------------------------------------------
+    /// `(q [.., in], scale [..] or []) -> to[.., in]`: a quantized weight with its
+    /// per-output-channel (or per-tensor) scales, `w = q * scale`. It launches nothing:
+    /// only GEMV-family ops consume it, dequantizing in registers. `act` is the recipe of
+    /// that GEMV's activations: `fp8e4m3` quantizes each activation row (token) to E4M3
+    /// with a dynamic scale `absmax / 448` and multiplies in FP8 with f32 accumulation,
+    /// folding both scales into the epilogue; `act == to` keeps activations unquantized.
+    Dequant { to: DType, act: DType },
+
     // ---- fused kernels ------------------------------------------------------------
     /// A kernel that replaces several primitive ops; see [`FusedOp`].
     Fused(FusedOp),
@@ -342,7 +351,7 @@ impl FusedOp {
             }
             FusedOp::RmsNormLinear => Arity::AtLeast(4),
             FusedOp::RmsNormSwiglu | FusedOp::Attention => Arity::Exactly(5),
-            FusedOp::DecodeAttention => Arity::Exactly(9),
+            FusedOp::DecodeAttention => Arity::AtLeast(9),
         }
     }
 }
@@ -467,6 +476,7 @@ impl Op {
             Op::Unsqueeze { .. } => "view.unsqueeze",
             Op::Expand { .. } => "view.expand",
             Op::Get { .. } => "get",
+            Op::Dequant { .. } => "dequant",
             Op::Fused(f) => f.name(),
         }
     }
@@ -502,6 +512,7 @@ impl Op {
                 ("start", Attr::Int(*start as i64)),
             ],
             Op::Get { index } => vec![("index", u(*index))],
+            Op::Dequant { to, act } => vec![("act", Attr::DType(*act)), ("to", Attr::DType(*to))],
             Op::Unary(_)
             | Op::Binary(_)
             | Op::MatMul
@@ -532,7 +543,9 @@ impl Op {
             | Op::Unsqueeze { .. }
             | Op::Expand { .. }
             | Op::Get { .. } => Arity::Exactly(1),
-            Op::Binary(_) | Op::MatMul | Op::Linear | Op::Embedding => Arity::Exactly(2),
+            Op::Binary(_) | Op::MatMul | Op::Linear | Op::Embedding | Op::Dequant { .. } => {
+                Arity::Exactly(2)
+            }
             Op::Cat { .. } => Arity::AtLeast(2),
             Op::Fused(f) => f.arity(),
         }
@@ -559,7 +572,20 @@ impl Op {
     /// Whether executing the op launches a kernel. Leaves (inputs, weights, scalars,
     /// load-time constants) and views launch nothing.
     pub fn launches_kernel(&self) -> bool {
-        !self.is_leaf() && !self.is_view()
+        !self.is_leaf() && !self.is_view() && !matches!(self, Op::Dequant { .. })
+    }
+
+    /// The operand positions that hold GEMV weights (`[out, in]` matrices), which may
+    /// be quantized `dequant` values.
+    pub fn weight_operands(&self, arity: usize) -> std::ops::Range<usize> {
+        match self {
+            Op::Linear => 1..2,
+            Op::Fused(FusedOp::Swiglu) => 1..3,
+            Op::Fused(FusedOp::LinearAdd) => 1..2,
+            Op::Fused(FusedOp::RmsNormLinear) => 3..arity,
+            Op::Fused(FusedOp::RmsNormSwiglu) => 3..5,
+            _ => 0..0,
+        }
     }
 
     /// The result type of this op applied to operands of the given types.
@@ -829,6 +855,29 @@ fn infer_tensor(
             }
             Ok(TensorType::new(t[0].dtype, shape.clone()))
         }
+        Op::Dequant { to, act } => {
+            let (q, scale) = (t[0], t[1]);
+            if !q.dtype.is_fp8() {
+                return Err(format!("quantized values must be fp8, got {}", q.dtype));
+            }
+            if !matches!(to, DType::F32 | DType::F16 | DType::Bf16) {
+                return Err(format!("dequantizes to f32, f16 or bf16, not {to}"));
+            }
+            if act != to && !act.is_fp8() {
+                return Err(format!("activations are {to} or fp8, not {act}"));
+            }
+            if scale.dtype != DType::F32 {
+                return Err(format!("scales must be f32, got {}", scale.dtype));
+            }
+            let per_channel = Shape(q.shape.0[..q.rank().saturating_sub(1)].to_vec());
+            if scale.rank() != 0 && scale.shape != per_channel {
+                return Err(format!(
+                    "scales {} must be per tensor [] or per output channel {per_channel}",
+                    scale.shape
+                ));
+            }
+            Ok(TensorType::new(*to, q.shape.clone()))
+        }
         Op::Get { .. } => unreachable!("handled by Op::infer"),
         Op::Fused(_) => unreachable!("handled by Op::infer"),
     }
@@ -886,6 +935,7 @@ pub fn op_names() -> Vec<&'static str> {
         "view.unsqueeze",
         "view.expand",
         "get",
+        "dequant",
     ];
     names.extend(UnaryOp::ALL.iter().map(|u| Op::Unary(*u).name()));
     names.extend(FusedOp::ALL.iter().map(|f| f.name()));
@@ -1022,6 +1072,16 @@ pub fn op_from_parts(
         },
         "view.unsqueeze" => Op::Unsqueeze {
             axis: usize_of("axis", take("axis")?)?,
+        },
+        "dequant" => Op::Dequant {
+            act: match take("act")? {
+                Attr::DType(d) => d,
+                other => return Err(format!("attribute `act` must be a dtype, got {other}")),
+            },
+            to: match take("to")? {
+                Attr::DType(d) => d,
+                other => return Err(format!("attribute `to` must be a dtype, got {other}")),
+            },
         },
         "get" => Op::Get {
             index: usize_of("index", take("index")?)?,

@@ -3,6 +3,7 @@
 //! - the graph is acyclic;
 //! - every node's type is what its op infers from its operands (arity included);
 //! - tuple-typed values are consumed only by `get`, and no output is a tuple;
+//! - `dequant` values are consumed only as GEMV weights;
 //! - weights, inputs and outputs have non-empty, unique names;
 //! - every state input has a state output of the same name and dtype, and vice versa.
 
@@ -50,6 +51,8 @@ pub enum VerifyError {
     StateWithoutOutput(String),
     #[error("state output `{0}` has no state input of the same name")]
     StateWithoutInput(String),
+    #[error("%{value} = dequant is used by %{user} = {op} outside a GEMV weight operand")]
+    DequantUse { value: usize, user: usize, op: String },
     #[error("state `{name}` is read as {input} but written as {output}")]
     StateTypeMismatch {
         name: String,
@@ -94,6 +97,17 @@ pub fn verify(graph: &Graph) -> Result<(), VerifyError> {
                         op: node.op.name().to_string(),
                     });
                 }
+            }
+        }
+        for (i, &o) in operands.iter().enumerate() {
+            if matches!(graph.op(o), Op::Dequant { .. })
+                && !node.op.weight_operands(operands.len()).contains(&i)
+            {
+                return Err(VerifyError::DequantUse {
+                    value: number[&o],
+                    user: number[&id],
+                    op: node.op.name().to_string(),
+                });
             }
         }
         match &node.op {

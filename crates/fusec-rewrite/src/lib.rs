@@ -17,6 +17,7 @@ pub mod condition;
 pub mod egraph;
 pub mod lang;
 pub mod passes;
+pub mod precision;
 pub mod pattern;
 pub mod rule;
 pub mod ruleset;

@@ -1,0 +1,68 @@
+//! fusec's report: what one decode step of a model costs in each compiled variant
+//! (eager, fused, fused in FP8...) on one GPU, and why.
+//!
+//! [`build`] takes the model's [`ModelSpec`](fusec_ir::frontend::ModelSpec) (its shape and the decode point), a list
+//! of named [`Variant`] graphs (the first is the baseline the others are compared
+//! with), a [`Gpu`](fusec_ir::gpu::Gpu), a price per GPU-hour and the sweep points, and returns a
+//! [`Report`]: plain data that serialises to JSON and renders as text, Markdown or a
+//! self-contained HTML page with hand-written SVG charts.
+//!
+//! - [`model`]: the report's data and how it is computed from the graphs;
+//! - [`kernel`]: one kernel's estimated time, what bounds it, and its class;
+//! - [`sweep`]: time per token against context length and against batch size;
+//! - [`measure`]: measured figures shown next to the predictions: GPU results in a
+//!   `measurements.toml` file, and the CPU executor's per-node profile;
+//! - `render`: the text, Markdown and HTML forms; `svg`: the charts.
+//!
+//! Invariant: the output is a function of the inputs alone. No clocks, no hash-map
+//! iteration order, no environment: the same inputs give byte-identical reports.
+//! (A CPU measurement carries wall times, which differ run to run; it is an input.)
+
+mod doc;
+mod error;
+mod format;
+pub mod kernel;
+pub mod measure;
+pub mod model;
+mod render;
+mod svg;
+pub mod sweep;
+
+pub use error::ReportError;
+pub use kernel::{Bound, KernelClass, KernelTime};
+pub use measure::{parse_measurements, CpuMeasurement, MeasuredNode, Measurement};
+pub use model::{build, dollars_per_million_tokens, Inputs, Report, Variant};
+
+/// The output formats of [`Report::render`].
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    Json,
+    Markdown,
+    Html,
+}
+
+impl Format {
+    /// Parses a format name as the command line spells it.
+    pub fn parse(s: &str) -> Option<Format> {
+        match s {
+            "text" | "txt" => Some(Format::Text),
+            "json" => Some(Format::Json),
+            "md" | "markdown" => Some(Format::Markdown),
+            "html" => Some(Format::Html),
+            _ => None,
+        }
+    }
+}
+
+impl Report {
+    /// The report in `format`.
+    pub fn render(&self, format: Format) -> Result<String, ReportError> {
+        match format {
+            Format::Text => Ok(render::text(self)),
+            Format::Json => render::json(self),
+            Format::Markdown => Ok(render::markdown(self)),
+            Format::Html => Ok(render::html(self)),
+        }
+    }
+}
