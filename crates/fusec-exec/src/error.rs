@@ -57,7 +57,7 @@ pub enum Error {
     InvalidGraph(String),
     #[error("%{node} = {op}: {source}")]
     Node {
-        /// The node's raw index in the graph.
+        /// The value's number `%N` in the graph's text form.
         node: usize,
         op: String,
         #[source]

@@ -74,6 +74,8 @@ impl Value {
 #[derive(Debug)]
 struct Planned {
     id: NodeId,
+    /// The position in the canonical order: the value's `%N` in the text form.
+    number: usize,
     op: Op,
     layer: Option<u32>,
     ty: Type,
@@ -115,7 +117,7 @@ pub struct Executor {
 
 fn node_error(node: &Planned, source: KernelError) -> Error {
     Error::Node {
-        node: node.id.index(),
+        node: node.number,
         op: node.op.to_string(),
         source,
     }
@@ -169,6 +171,7 @@ impl Executor {
             }
             let mut planned = Planned {
                 id,
+                number: pos,
                 op: node.op.clone(),
                 layer: node.layer,
                 ty: node.ty.clone(),
