@@ -17,6 +17,7 @@ pub mod frontend;
 mod fused;
 pub mod gpu;
 pub mod graph;
+pub mod numerics;
 pub mod op;
 pub mod shape;
 pub mod text;

@@ -1,0 +1,120 @@
+//! Numerics of the dtypes: rounding an f32 to a dtype as CUDA does, and the FP8
+//! formats' constants.
+//!
+//! Conversions round to nearest, ties to even. FP8 conversions saturate to the largest
+//! finite value (CUDA's `__NV_SATFINITE`) and keep NaN. The `float8` crate implements
+//! CUDA's conversion routine, but its `MAX` constants are wrong (GUIDE §4), so the
+//! format limits are defined here.
+
+use float8::{F8E4M3, F8E5M2};
+use half::{bf16, f16};
+
+use crate::dtype::DType;
+
+/// Largest finite E4M3 value (S.1111.110 = 448).
+pub const E4M3_MAX: f32 = 448.0;
+/// Largest finite E5M2 value (S.11110.11 = 57344).
+pub const E5M2_MAX: f32 = 57344.0;
+
+/// The largest finite value of an FP8 dtype.
+pub fn fp8_max(dtype: DType) -> Option<f32> {
+    match dtype {
+        DType::Fp8E4M3 => Some(E4M3_MAX),
+        DType::Fp8E5M2 => Some(E5M2_MAX),
+        _ => None,
+    }
+}
+
+/// `x` rounded to the nearest value of `dtype` (f32 and i32 unchanged).
+pub fn round_to(dtype: DType, x: f32) -> f32 {
+    match dtype {
+        DType::F32 | DType::I32 => x,
+        DType::F16 => f16::from_f32(x).to_f32(),
+        DType::Bf16 => bf16::from_f32(x).to_f32(),
+        DType::Fp8E4M3 => F8E4M3::from_f32(x).to_f32(),
+        DType::Fp8E5M2 => F8E5M2::from_f32(x).to_f32(),
+    }
+}
+
+/// The E4M3 code of `x`, saturating.
+pub fn e4m3_encode(x: f32) -> u8 {
+    F8E4M3::from_f32(x).to_bits()
+}
+
+/// The value of an E4M3 code.
+pub fn e4m3_decode(code: u8) -> f32 {
+    F8E4M3::from_bits(code).to_f32()
+}
+
+/// The E5M2 code of `x`, saturating.
+pub fn e5m2_encode(x: f32) -> u8 {
+    F8E5M2::from_f32(x).to_bits()
+}
+
+/// The value of an E5M2 code.
+pub fn e5m2_decode(code: u8) -> f32 {
+    F8E5M2::from_bits(code).to_f32()
+}
+
+/// The scale that maps `absmax` onto the largest finite value of `dtype`
+/// (`absmax / max`), or 1 for an all-zero tensor so that zeros stay zeros.
+pub fn scale_for(absmax: f32, dtype: DType) -> f32 {
+    let max = fp8_max(dtype).unwrap_or(1.0);
+    if absmax > 0.0 && absmax.is_finite() {
+        absmax / max
+    } else {
+        1.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_e4m3_codes_round_trip() {
+        for code in 0u8..=255 {
+            let v = e4m3_decode(code);
+            if code & 0x7F == 0x7F {
+                assert!(v.is_nan(), "{code:#x} is NaN in E4M3");
+                continue;
+            }
+            assert!(v.is_finite(), "E4M3 has no infinities: {code:#x}");
+            assert_eq!(e4m3_encode(v), code, "{code:#x} -> {v}");
+        }
+        assert_eq!(e4m3_decode(0x7E), E4M3_MAX);
+        assert_eq!(e4m3_decode(0xFE), -E4M3_MAX);
+        assert_eq!(e4m3_decode(0x01), 2f32.powi(-9), "smallest subnormal");
+    }
+
+    #[test]
+    fn all_e5m2_codes_round_trip() {
+        for code in 0u8..=255 {
+            let v = e5m2_decode(code);
+            match code & 0x7F {
+                0x7C => assert!(v.is_infinite(), "{code:#x} is inf"),
+                0x7D..=0x7F => assert!(v.is_nan(), "{code:#x} is NaN"),
+                _ => assert_eq!(e5m2_encode(v), code, "{code:#x} -> {v}"),
+            }
+        }
+        assert_eq!(e5m2_decode(0x7B), E5M2_MAX);
+        assert_eq!(e5m2_decode(0x01), 2f32.powi(-16), "smallest subnormal");
+    }
+
+    #[test]
+    fn conversions_saturate_and_round_to_even() {
+        assert_eq!(round_to(DType::Fp8E4M3, 1e6), E4M3_MAX);
+        assert_eq!(round_to(DType::Fp8E4M3, -1e6), -E4M3_MAX);
+        assert_eq!(round_to(DType::Fp8E5M2, 1e9), E5M2_MAX);
+        assert!(round_to(DType::Fp8E4M3, f32::NAN).is_nan());
+        // Between 1.0 (mantissa 000) and 1.125 (001), the tie goes to the even 1.0;
+        // between 1.125 and 1.25 (010) it goes to 1.25.
+        assert_eq!(round_to(DType::Fp8E4M3, 1.0625), 1.0);
+        assert_eq!(round_to(DType::Fp8E4M3, 1.1875), 1.25);
+        assert_eq!(round_to(DType::Fp8E4M3, 1.07), 1.125);
+        assert_eq!(round_to(DType::Bf16, 1.0 + 2f32.powi(-8)), 1.0);
+        assert_eq!(round_to(DType::F16, 65520.0), f32::INFINITY);
+        assert_eq!(scale_for(896.0, DType::Fp8E4M3), 2.0);
+        assert_eq!(scale_for(0.0, DType::Fp8E4M3), 1.0);
+    }
+}
