@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: small model configurations and a
 //! safetensors writer.
 
+// Each test binary uses a different subset of these helpers.
 #![allow(dead_code)]
 
 use std::path::Path;
