@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 
 use fusec::pipeline;
 
-fn compile_once(spec: &fusec::ir::frontend::ModelSpec, rules: &fusec::rewrite::RuleSet) -> Duration {
+fn compile_once(
+    spec: &fusec::ir::frontend::ModelSpec,
+    rules: &fusec::rewrite::RuleSet,
+) -> Duration {
     let start = Instant::now();
     let eager = pipeline::eager(spec).expect("eager graph builds");
     let (fused, _) = pipeline::fuse(spec, &eager, rules).expect("fusion succeeds");
@@ -29,6 +32,9 @@ fn main() {
         let mut times: Vec<Duration> = (0..5).map(|_| compile_once(&spec, &rules)).collect();
         times.sort();
         let median = times[2].as_secs_f64() * 1e3;
-        println!("{layers:>8} {median:>12.1} {:>14.3}", median / layers as f64);
+        println!(
+            "{layers:>8} {median:>12.1} {:>14.3}",
+            median / layers as f64
+        );
     }
 }

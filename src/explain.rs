@@ -58,7 +58,11 @@ pub fn explain(
                 let (code, comment) = line.split_once("  ; ").unwrap_or((line, ""));
                 let ops = covered_positions(line).len();
                 let rules = comment.split("covers=").next().unwrap_or("").trim();
-                let _ = writeln!(out, "  {}  [{ops} eager ops; {rules}]", code.split(" : ").next().unwrap_or(code));
+                let _ = writeln!(
+                    out,
+                    "  {}  [{ops} eager ops; {rules}]",
+                    code.split(" : ").next().unwrap_or(code)
+                );
             }
         }
         let mut by_rule: BTreeMap<&str, usize> = BTreeMap::new();
@@ -66,7 +70,10 @@ pub fn explain(
             *by_rule.entry(m.rule.as_str()).or_default() += 1;
         }
         if !by_rule.is_empty() {
-            let _ = writeln!(out, "near misses (a rule's pattern matched, a condition did not hold):");
+            let _ = writeln!(
+                out,
+                "near misses (a rule's pattern matched, a condition did not hold):"
+            );
             for (rule, count) in by_rule {
                 let _ = writeln!(out, "  {rule}: {count}");
             }
@@ -76,10 +83,18 @@ pub fn explain(
     let line = fused_lines
         .iter()
         .find(|l| value_number(l) == Some(n))
-        .ok_or_else(|| format!("the fused graph has no value %{n} (it has %0..%{})", fused_lines.len().saturating_sub(1)))?;
+        .ok_or_else(|| {
+            format!(
+                "the fused graph has no value %{n} (it has %0..%{})",
+                fused_lines.len().saturating_sub(1)
+            )
+        })?;
     let _ = writeln!(out, "{}", line.split("  ; ").next().unwrap_or(line));
     if !line.contains("rules=[") {
-        let _ = writeln!(out, "  not a fused node: no rule produced it; it is as in the eager graph");
+        let _ = writeln!(
+            out,
+            "  not a fused node: no rule produced it; it is as in the eager graph"
+        );
         return Ok(out);
     }
     let prov = fused

@@ -39,6 +39,13 @@ impl From<fusec::pipeline::PipelineError> for Failure {
     }
 }
 
+/// Writes to standard output. A closed pipe (`fusec ... | head`) ends the output
+/// quietly instead of panicking as `print!` would.
+pub fn say(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {

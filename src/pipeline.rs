@@ -3,12 +3,12 @@
 use std::path::{Path, PathBuf};
 
 use fusec_ir::build::{eager_decode_graph, names};
+use fusec_ir::frontend::Precision;
 use fusec_ir::frontend::{load_model, ConfigError, ModelSpec};
 use fusec_ir::gpu::{gpu, gpu_names, Gpu};
 use fusec_ir::shape::Bindings;
-use fusec_ir::{verify, Graph};
-use fusec_ir::frontend::Precision;
 use fusec_ir::DType;
+use fusec_ir::{verify, Graph};
 use fusec_rewrite::precision::{lower_fp8, Fp8Options};
 use fusec_rewrite::{FuseReport, Limits, RuleError, RuleFileError, RuleSet};
 
@@ -29,7 +29,10 @@ pub enum PipelineError {
     #[error("{gpu} has no FP8 tensor cores: use --precision bf16, or a GPU with FP8 (h100-sxm, h200-sxm, l40s, l4)")]
     NoFp8 { gpu: String },
     #[error("{phase}: {message}")]
-    Internal { phase: &'static str, message: String },
+    Internal {
+        phase: &'static str,
+        message: String,
+    },
 }
 
 impl PipelineError {
@@ -108,10 +111,11 @@ pub fn fuse(
         bindings: &bindings,
         limits: Limits::default(),
     };
-    let (graph, report) = fusec_rewrite::fuse(eager, &opts).map_err(|e| PipelineError::Internal {
-        phase: e.phase,
-        message: e.message,
-    })?;
+    let (graph, report) =
+        fusec_rewrite::fuse(eager, &opts).map_err(|e| PipelineError::Internal {
+            phase: e.phase,
+            message: e.message,
+        })?;
     let builtin: Vec<&str> = fusec_rewrite::ruleset::BUILTIN_RULE_FILES
         .iter()
         .map(|(t, _)| *t)

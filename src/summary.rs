@@ -78,7 +78,9 @@ impl Summary {
             precision: spec.target.precision.name().to_string(),
             gpu: gpu.name.to_string(),
             eager: VariantSummary::new(eager, spec, gpu)?,
-            fused: fused.map(|f| VariantSummary::new(f, spec, gpu)).transpose()?,
+            fused: fused
+                .map(|f| VariantSummary::new(f, spec, gpu))
+                .transpose()?,
         })
     }
 
@@ -103,7 +105,11 @@ impl Summary {
             let _ = write!(out, "{:>14}", "saved");
         }
         out.push('\n');
-        type Row<'a> = (&'a str, Box<dyn Fn(&VariantSummary) -> String>, Option<String>);
+        type Row<'a> = (
+            &'a str,
+            Box<dyn Fn(&VariantSummary) -> String>,
+            Option<String>,
+        );
         let saved = self.fused.as_ref().map(|f| {
             (
                 format!("{}", e.launches_total as i64 - f.launches_total as i64),
@@ -112,15 +118,43 @@ impl Summary {
             )
         });
         let rows: Vec<Row<'_>> = vec![
-            ("launches/layer", Box::new(|v| format!("{:.1}", v.launches_per_layer)), None),
-            ("launches/step", Box::new(|v| v.launches_total.to_string()), saved.as_ref().map(|s| s.0.clone())),
-            ("bytes read/step", Box::new(|v| human_bytes(v.bytes_read)), None),
-            ("bytes written/step", Box::new(|v| human_bytes(v.bytes_written)), None),
-            ("bytes/step", Box::new(|v| human_bytes(v.bytes())), saved.as_ref().map(|s| s.1.clone())),
+            (
+                "launches/layer",
+                Box::new(|v| format!("{:.1}", v.launches_per_layer)),
+                None,
+            ),
+            (
+                "launches/step",
+                Box::new(|v| v.launches_total.to_string()),
+                saved.as_ref().map(|s| s.0.clone()),
+            ),
+            (
+                "bytes read/step",
+                Box::new(|v| human_bytes(v.bytes_read)),
+                None,
+            ),
+            (
+                "bytes written/step",
+                Box::new(|v| human_bytes(v.bytes_written)),
+                None,
+            ),
+            (
+                "bytes/step",
+                Box::new(|v| human_bytes(v.bytes())),
+                saved.as_ref().map(|s| s.1.clone()),
+            ),
             ("FLOPs/step", Box::new(|v| human_count(v.flops)), None),
             ("floor/step", Box::new(|v| human_bytes(v.floor_bytes)), None),
-            ("x floor", Box::new(|v| format!("{:.3}", v.floor_ratio)), None),
-            ("est. us/token", Box::new(|v| format!("{:.1}", v.est_us_per_token)), saved.as_ref().map(|s| s.2.clone())),
+            (
+                "x floor",
+                Box::new(|v| format!("{:.3}", v.floor_ratio)),
+                None,
+            ),
+            (
+                "est. us/token",
+                Box::new(|v| format!("{:.1}", v.est_us_per_token)),
+                saved.as_ref().map(|s| s.2.clone()),
+            ),
         ];
         for (label, value, save) in rows {
             let _ = write!(out, "{label:<18}");

@@ -15,7 +15,9 @@ fn spec(name: &str) -> fusec_ir::frontend::ModelSpec {
 
 fn fused(spec: &fusec_ir::frontend::ModelSpec, p: Precision, fp8: &Fp8Options) -> fusec_ir::Graph {
     let rules = pipeline::rules(&[]).expect("built-in rules");
-    pipeline::fused_in(spec, p, &rules, fp8).expect("compiles").0
+    pipeline::fused_in(spec, p, &rules, fp8)
+        .expect("compiles")
+        .0
 }
 
 #[test]
@@ -24,7 +26,11 @@ fn weights_shrink_4x_from_f32_and_2x_from_bf16() {
     let gpu = pipeline::target_gpu(&s).expect("gpu");
     let weight_bytes = |p| {
         let g = fused(&s, p, &Fp8Options::default());
-        VariantSummary::new(&g, &s, gpu).expect("bound").cost.floor.weight_bytes as f64
+        VariantSummary::new(&g, &s, gpu)
+            .expect("bound")
+            .cost
+            .floor
+            .weight_bytes as f64
     };
     let (f32b, bf16b, fp8b) = (
         weight_bytes(Precision::F32),
@@ -52,8 +58,14 @@ fn every_scale_is_named_after_what_it_scales() {
         "mlp.down_proj",
     ] {
         let name = format!("model.layers.0.{module}.weight");
-        assert!(text.contains(&format!("weight@{name}.fp8 : fp8e4m3[")), "{name}");
-        assert!(text.contains(&format!("weight@{name}.scale : f32[")), "{name} scale");
+        assert!(
+            text.contains(&format!("weight@{name}.fp8 : fp8e4m3[")),
+            "{name}"
+        );
+        assert!(
+            text.contains(&format!("weight@{name}.scale : f32[")),
+            "{name} scale"
+        );
     }
     assert!(text.contains("weight@lm_head.weight.fp8"));
     assert!(text.contains("state{name=\"past.0.key\"} : fp8e4m3[B,2,S,16]"));
@@ -87,7 +99,10 @@ fn fp8_needs_a_gpu_with_fp8() {
     let e = pipeline::fused_in(&s, Precision::Fp8, &rules, &Fp8Options::default())
         .expect_err("no FP8 on A100");
     assert!(e.is_input_error());
-    assert!(e.to_string().contains("a100-sxm has no FP8 tensor cores"), "{e}");
+    assert!(
+        e.to_string().contains("a100-sxm has no FP8 tensor cores"),
+        "{e}"
+    );
 }
 
 #[test]

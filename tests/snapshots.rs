@@ -18,10 +18,16 @@ fn eager_and_fused_dumps_and_summaries() {
         let name = common::input_name(&input);
         let spec = pipeline::load(&input, None, None).expect("harness inputs are valid");
         let eager = pipeline::eager(&spec).expect("eager graph builds");
-        insta::assert_snapshot!(format!("{name}.eager"), text::print(&eager).expect("acyclic"));
+        insta::assert_snapshot!(
+            format!("{name}.eager"),
+            text::print(&eager).expect("acyclic")
+        );
         let (fused, report) = pipeline::fuse(&spec, &eager, &rules).expect("fusion succeeds");
         assert!(!report.hit_limit, "{name}: {}", report.stop_reason);
-        insta::assert_snapshot!(format!("{name}.fused"), text::print(&fused).expect("acyclic"));
+        insta::assert_snapshot!(
+            format!("{name}.fused"),
+            text::print(&fused).expect("acyclic")
+        );
         let gpu = pipeline::target_gpu(&spec).expect("known gpu");
         let summary = Summary::new(&spec, gpu, &eager, Some(&fused)).expect("all symbols bound");
         insta::assert_snapshot!(format!("{name}.summary"), summary.render());

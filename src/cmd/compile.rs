@@ -72,16 +72,24 @@ pub fn fp8_options(keep: &[String], scales: WeightScales) -> Result<Fp8Options, 
         ..Fp8Options::default()
     };
     for k in keep {
-        opts.keep.insert(k.parse::<OpClass>().map_err(|e| Failure::Input(anyhow::anyhow!(e)))?);
+        opts.keep.insert(
+            k.parse::<OpClass>()
+                .map_err(|e| Failure::Input(anyhow::anyhow!(e)))?,
+        );
     }
     Ok(opts)
 }
 
 /// Applies `--precision` to the spec.
-pub fn set_precision(spec: &mut fusec_ir::frontend::ModelSpec, precision: &Option<String>) -> Result<(), Failure> {
+pub fn set_precision(
+    spec: &mut fusec_ir::frontend::ModelSpec,
+    precision: &Option<String>,
+) -> Result<(), Failure> {
     if let Some(p) = precision {
         spec.target.precision = Precision::parse(p).ok_or_else(|| {
-            Failure::Input(anyhow::anyhow!("unknown precision `{p}` (expected f32, f16, bf16 or fp8)"))
+            Failure::Input(anyhow::anyhow!(
+                "unknown precision `{p}` (expected f32, f16, bf16 or fp8)"
+            ))
         })?;
     }
     Ok(())
@@ -156,25 +164,26 @@ pub fn run(args: Args) -> Result<(), Failure> {
 
     let summary = Summary::new(&spec, gpu, &eager, fused.as_ref().map(|(g, _, _)| g))
         .map_err(|e| Failure::Internal(e.into()))?;
-    print!("{}", summary.render());
+    crate::say(&summary.render());
     if let Some((_, report, elapsed)) = &fused {
-        println!(
-            "fusion: {} after {} iterations ({} e-nodes, {} e-classes), {:.1} ms; {} near misses (fusec explain)",
+        crate::say(&format!(
+            "fusion: {} after {} iterations ({} e-nodes, {} e-classes), {:.1} ms; {} near misses (fusec explain)\n",
             report.stop_reason,
             report.iterations,
             report.egraph_nodes,
             report.egraph_classes,
             elapsed.as_secs_f64() * 1e3,
             report.near_misses.len()
-        );
+        ));
     }
     for p in &written {
-        println!("wrote {}", p.display());
+        crate::say(&format!("wrote {}\n", p.display()));
     }
     if let Some(path) = &args.report_json {
-        let json = serde_json::to_string_pretty(&summary).map_err(|e| Failure::Internal(e.into()))?;
+        let json =
+            serde_json::to_string_pretty(&summary).map_err(|e| Failure::Internal(e.into()))?;
         write(path, json + "\n")?;
-        println!("wrote {}", path.display());
+        crate::say(&format!("wrote {}\n", path.display()));
     }
     Ok(())
 }

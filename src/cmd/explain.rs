@@ -43,6 +43,6 @@ pub fn run(args: Args) -> Result<(), Failure> {
     };
     let text = fusec::explain::explain(&eager, &fused, &report, &rules, node)
         .map_err(|e| Failure::Input(anyhow!(e)))?;
-    print!("{text}");
+    crate::say(&text);
     Ok(())
 }

@@ -185,9 +185,7 @@ fn fused_flops(
             total
         }
         FusedOp::Swiglu => gemv(operands[1])? + gemv(operands[2])? + 8 * n_out,
-        FusedOp::RmsNormSwiglu => {
-            4 * n_in0 + gemv(operands[3])? + gemv(operands[4])? + 8 * n_out
-        }
+        FusedOp::RmsNormSwiglu => 4 * n_in0 + gemv(operands[3])? + gemv(operands[4])? + 8 * n_out,
         FusedOp::LinearAdd => gemv(operands[1])? + n_out,
         FusedOp::Attention | FusedOp::DecodeAttention => {
             let (k, extra) = if f == FusedOp::Attention {
@@ -285,7 +283,11 @@ pub fn graph_cost(graph: &Graph, b: &Bindings) -> Result<GraphCost, UnboundSymbo
             for (i, o) in graph.operands(id).into_iter().enumerate() {
                 // A quantized weight credits its values and its scales.
                 let read: Vec<(usize, NodeId)> = if matches!(graph.op(o), Op::Dequant { .. }) {
-                    graph.operands(o).into_iter().map(|q| (usize::MAX, q)).collect()
+                    graph
+                        .operands(o)
+                        .into_iter()
+                        .map(|q| (usize::MAX, q))
+                        .collect()
                 } else {
                     vec![(i, o)]
                 };

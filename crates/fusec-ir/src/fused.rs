@@ -36,7 +36,10 @@ fn norm(x: &TensorType, w: &TensorType, eps: &TensorType) -> R<()> {
     scalar(eps, "eps")?;
     same_dtype(x, w)?;
     if w.rank() != 1 || x.shape.last() != Some(w.shape.dim(0)) {
-        return Err(format!("norm weight {} does not match the last dimension of {}", w.shape, x.shape));
+        return Err(format!(
+            "norm weight {} does not match the last dimension of {}",
+            w.shape, x.shape
+        ));
     }
     Ok(())
 }
@@ -46,16 +49,26 @@ fn broadcasts_to(a: &TensorType, x: &TensorType, what: &str) -> R<()> {
     same_dtype(x, a)?;
     match Shape::broadcast(&x.shape, &a.shape) {
         Some(s) if s == x.shape => Ok(()),
-        _ => Err(format!("{what} {} does not broadcast to {}", a.shape, x.shape)),
+        _ => Err(format!(
+            "{what} {} does not broadcast to {}",
+            a.shape, x.shape
+        )),
     }
 }
 
 /// `[B, heads, T, hd]`: returns (heads, T, hd).
 fn heads(t: &TensorType, what: &str) -> R<(Dim, Dim, Dim)> {
     if t.rank() != 4 {
-        return Err(format!("{what} must be [batch, heads, len, head_dim], got {}", t.shape));
+        return Err(format!(
+            "{what} must be [batch, heads, len, head_dim], got {}",
+            t.shape
+        ));
     }
-    Ok((t.shape.dim(1).clone(), t.shape.dim(2).clone(), t.shape.dim(3).clone()))
+    Ok((
+        t.shape.dim(1).clone(),
+        t.shape.dim(2).clone(),
+        t.shape.dim(3).clone(),
+    ))
 }
 
 /// Query heads must be a whole multiple of KV heads.
@@ -63,11 +76,16 @@ fn gqa(q: &TensorType, k: &TensorType) -> R<()> {
     let (hq, _, dq) = heads(q, "q")?;
     let (hk, _, dk) = heads(k, "k")?;
     if dq != dk || q.shape.dim(0) != k.shape.dim(0) {
-        return Err(format!("q {} and k {} differ in batch or head_dim", q.shape, k.shape));
+        return Err(format!(
+            "q {} and k {} differ in batch or head_dim",
+            q.shape, k.shape
+        ));
     }
     match (hq.as_fixed(), hk.as_fixed()) {
         (Some(h), Some(kv)) if kv > 0 && h % kv == 0 => Ok(()),
-        _ => Err(format!("query heads {hq} are not a multiple of KV heads {hk}")),
+        _ => Err(format!(
+            "query heads {hq} are not a multiple of KV heads {hk}"
+        )),
     }
 }
 
@@ -89,8 +107,16 @@ pub(crate) fn infer(op: FusedOp, t: &[&TensorType]) -> R<Type> {
         FusedOp::KvAppend => appended(t[0], t[1]).map(Type::Tensor),
         FusedOp::Rope => {
             let x = t[0];
-            if !x.shape.last().and_then(Dim::as_fixed).is_some_and(|d| d % 2 == 0) {
-                return Err(format!("rotary input {} needs an even, fixed last dimension", x.shape));
+            if !x
+                .shape
+                .last()
+                .and_then(Dim::as_fixed)
+                .is_some_and(|d| d % 2 == 0)
+            {
+                return Err(format!(
+                    "rotary input {} needs an even, fixed last dimension",
+                    x.shape
+                ));
             }
             broadcasts_to(t[1], x, "cos")?;
             broadcasts_to(t[2], x, "sin")?;
@@ -120,14 +146,20 @@ pub(crate) fn infer(op: FusedOp, t: &[&TensorType]) -> R<Type> {
                 (t[0], t[3], t[4])
             };
             if wg.shape != wu.shape {
-                return Err(format!("gate {} and up {} weights differ", wg.shape, wu.shape));
+                return Err(format!(
+                    "gate {} and up {} weights differ",
+                    wg.shape, wu.shape
+                ));
             }
             linear(x, wg).map(Type::Tensor)
         }
         FusedOp::LinearAdd => {
             let y = linear(t[0], t[1])?;
             if &y != t[2] {
-                return Err(format!("residual {} does not match the GEMV result {y}", t[2]));
+                return Err(format!(
+                    "residual {} does not match the GEMV result {y}",
+                    t[2]
+                ));
             }
             Ok(Type::Tensor(y))
         }
@@ -143,7 +175,12 @@ pub(crate) fn infer(op: FusedOp, t: &[&TensorType]) -> R<Type> {
             let (_, len, _) = heads(k, "k")?;
             let scores = TensorType::new(
                 q.dtype,
-                Shape(vec![q.shape.dim(0).clone(), q.shape.dim(1).clone(), tq, len]),
+                Shape(vec![
+                    q.shape.dim(0).clone(),
+                    q.shape.dim(1).clone(),
+                    tq,
+                    len,
+                ]),
             );
             broadcasts_to(mask, &scores, "mask")?;
             Ok(Type::Tensor(q.clone()))
@@ -162,15 +199,18 @@ pub(crate) fn infer(op: FusedOp, t: &[&TensorType]) -> R<Type> {
                     scalar(t[9], "key cache scale")?;
                     scalar(t[10], "value cache scale")?;
                 }
-                (false, n) => return Err(format!("takes 9 operands with a {cache} cache, got {n}")),
-                (true, n) => {
-                    return Err(format!(
-                        "takes 11 operands (the two cache scales last) with a {cache} cache, got {n}"
-                    ))
+                (false, n) => {
+                    return Err(format!("takes 9 operands with a {cache} cache, got {n}"))
                 }
+                (true, n) => return Err(format!(
+                    "takes 11 operands (the two cache scales last) with a {cache} cache, got {n}"
+                )),
             }
             if pv.dtype != cache {
-                return Err(format!("key cache {} and value cache {} differ", pk.dtype, pv.dtype));
+                return Err(format!(
+                    "key cache {} and value cache {} differ",
+                    pk.dtype, pv.dtype
+                ));
             }
             let as_compute = |c: &TensorType| TensorType::new(q.dtype, c.shape.clone());
             let k_all = appended(&as_compute(pk), k)?;

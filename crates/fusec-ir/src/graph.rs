@@ -289,7 +289,9 @@ impl Graph {
             message: "the graph has a cycle".into(),
         })?;
         for id in order {
-            if self.node(id).op.is_leaf() && !matches!(self.node(id).op, Op::Scalar { .. } | Op::RopeInvFreq { .. }) {
+            if self.node(id).op.is_leaf()
+                && !matches!(self.node(id).op, Op::Scalar { .. } | Op::RopeInvFreq { .. })
+            {
                 continue;
             }
             let operands = self.operands(id);
@@ -345,9 +347,15 @@ impl Graph {
     pub fn reordered(&self) -> Graph {
         let mut out = Graph::new(self.name.clone());
         out.attrs = self.attrs.clone();
-        let mut new_id: std::collections::HashMap<NodeId, NodeId> = std::collections::HashMap::new();
+        let mut new_id: std::collections::HashMap<NodeId, NodeId> =
+            std::collections::HashMap::new();
         // (node, whether its operands are done); iterative, as graphs are deep.
-        let mut stack: Vec<(NodeId, bool)> = self.outputs.iter().rev().map(|o| (o.value, false)).collect();
+        let mut stack: Vec<(NodeId, bool)> = self
+            .outputs
+            .iter()
+            .rev()
+            .map(|o| (o.value, false))
+            .collect();
         while let Some((id, expanded)) = stack.pop() {
             if new_id.contains_key(&id) {
                 continue;

@@ -274,7 +274,10 @@ pub enum Op {
     /// that GEMV's activations: `fp8e4m3` quantizes each activation row (token) to E4M3
     /// with a dynamic scale `absmax / 448` and multiplies in FP8 with f32 accumulation,
     /// folding both scales into the epilogue; `act == to` keeps activations unquantized.
-    Dequant { to: DType, act: DType },
+    Dequant {
+        to: DType,
+        act: DType,
+    },
 
     // ---- fused kernels ------------------------------------------------------------
     /// A kernel that replaces several primitive ops; see [`FusedOp`].

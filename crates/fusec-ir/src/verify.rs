@@ -52,7 +52,11 @@ pub enum VerifyError {
     #[error("state output `{0}` has no state input of the same name")]
     StateWithoutInput(String),
     #[error("%{value} = dequant is used by %{user} = {op} outside a GEMV weight operand")]
-    DequantUse { value: usize, user: usize, op: String },
+    DequantUse {
+        value: usize,
+        user: usize,
+        op: String,
+    },
     #[error("state `{name}` is read as {input} but written as {output}")]
     StateTypeMismatch {
         name: String,

@@ -21,13 +21,19 @@ pub struct Loaded {
 /// Adds every node of `graph` to a fresh e-graph, in canonical order. A class's origin
 /// is its node's position in the eager graph's text form (`%N`), from `positions`, or
 /// its position in `graph` where that has none.
-pub fn load(graph: &Graph, positions: &HashMap<NodeId, usize>) -> Result<Loaded, fusec_ir::graph::CycleError> {
+pub fn load(
+    graph: &Graph,
+    positions: &HashMap<NodeId, usize>,
+) -> Result<Loaded, fusec_ir::graph::CycleError> {
     let mut egraph = FGraph::new(TypeAnalysis::default());
     let mut class_of: HashMap<NodeId, Id> = HashMap::new();
     for (position, id) in graph.topo_order()?.into_iter().enumerate() {
         let node = graph.node(id);
         if matches!(node.op, Op::Input { .. } | Op::Weight { .. }) {
-            egraph.analysis.leaf_types.insert(node.op.clone(), node.ty.clone());
+            egraph
+                .analysis
+                .leaf_types
+                .insert(node.op.clone(), node.ty.clone());
         }
         let children = graph.operands(id).iter().map(|o| class_of[o]).collect();
         let origin = positions.get(&id).copied().unwrap_or(position);
@@ -95,7 +101,10 @@ impl GpuCost<'_> {
         let Ok(cost) = op_cost(&enode.op, &types, &reads, &out, self.bindings) else {
             return f64::INFINITY;
         };
-        let dtype = out.tensors().first().map_or(fusec_ir::DType::F32, |t| t.dtype);
+        let dtype = out
+            .tensors()
+            .first()
+            .map_or(fusec_ir::DType::F32, |t| t.dtype);
         self.gpu.kernel_seconds(cost.bytes(), cost.flops, dtype)
     }
 }
@@ -113,12 +122,21 @@ impl CostFunction<ENode> for GpuCost<'_> {
 
 /// Builds the graph of the cheapest node of every e-class the outputs need. Nodes are
 /// created ready-first by eager origin, so the result reads in the eager order.
-pub fn extract(loaded: &Loaded, cost: GpuCost<'_>, name: &str, attrs: BTreeMap<String, String>) -> Result<Graph, String> {
+pub fn extract(
+    loaded: &Loaded,
+    cost: GpuCost<'_>,
+    name: &str,
+    attrs: BTreeMap<String, String>,
+) -> Result<Graph, String> {
     let egraph = loaded.egraph_ref();
     let extractor = Extractor::new(egraph, cost);
     // The classes the outputs need, with their chosen nodes.
     let mut chosen: BTreeMap<Id, ENode> = BTreeMap::new();
-    let mut stack: Vec<Id> = loaded.outputs.iter().map(|(_, _, c)| egraph.find(*c)).collect();
+    let mut stack: Vec<Id> = loaded
+        .outputs
+        .iter()
+        .map(|(_, _, c)| egraph.find(*c))
+        .collect();
     while let Some(c) = stack.pop() {
         if chosen.contains_key(&c) {
             continue;
@@ -151,7 +169,11 @@ pub fn extract(loaded: &Loaded, cost: GpuCost<'_>, name: &str, attrs: BTreeMap<S
     while let Some(Reverse((_, c))) = ready.pop() {
         let node = &chosen[&c];
         let data = &egraph[c].data;
-        let operands: Vec<NodeId> = node.children.iter().map(|ch| node_of[&egraph.find(*ch)]).collect();
+        let operands: Vec<NodeId> = node
+            .children
+            .iter()
+            .map(|ch| node_of[&egraph.find(*ch)])
+            .collect();
         let id = match &node.op {
             Op::Input { .. } | Op::Weight { .. } => {
                 let ty = egraph.analysis.leaf_types[&node.op].clone();

@@ -17,8 +17,8 @@ pub mod condition;
 pub mod egraph;
 pub mod lang;
 pub mod passes;
-pub mod precision;
 pub mod pattern;
+pub mod precision;
 pub mod rule;
 pub mod ruleset;
 pub mod segment;
@@ -121,7 +121,8 @@ pub fn fuse(eager: &Graph, opts: &Options<'_>) -> Result<(Graph, FuseReport), Fu
         phases: vec![("split", t.elapsed())],
     };
     // Fused segments by shape key: the fused graph, the eager segment it came from.
-    let mut cache: HashMap<String, (Graph, Graph, HashMap<NodeId, usize>, Vec<NearMiss>)> = HashMap::new();
+    let mut cache: HashMap<String, (Graph, Graph, HashMap<NodeId, usize>, Vec<NearMiss>)> =
+        HashMap::new();
     let mut stitched = segment::Stitcher::new(eager);
     for seg in &segments {
         let key = segment::shape_key(&seg.graph).map_err(|message| FuseError {
@@ -131,7 +132,9 @@ pub fn fuse(eager: &Graph, opts: &Options<'_>) -> Result<(Graph, FuseReport), Fu
         let fused = match cache.get(&key) {
             Some((template, template_eager, template_positions, misses)) => {
                 let reused = segment::reuse(template, template_eager, template_positions, seg);
-                report.near_misses.extend(segment::remap_misses(misses, &reused.1));
+                report
+                    .near_misses
+                    .extend(segment::remap_misses(misses, &reused.1));
                 reused.0
             }
             None => {
@@ -143,7 +146,9 @@ pub fn fuse(eager: &Graph, opts: &Options<'_>) -> Result<(Graph, FuseReport), Fu
                 report.iterations = report.iterations.max(seg_report.iterations);
                 report.egraph_nodes += seg_report.egraph_nodes;
                 report.egraph_classes += seg_report.egraph_classes;
-                report.near_misses.extend(seg_report.near_misses.iter().cloned());
+                report
+                    .near_misses
+                    .extend(seg_report.near_misses.iter().cloned());
                 report.rejected.extend(seg_report.rejected.iter().cloned());
                 for (phase, d) in seg_report.phases {
                     match report.phases.iter_mut().find(|(p, _)| *p == phase) {
@@ -153,7 +158,12 @@ pub fn fuse(eager: &Graph, opts: &Options<'_>) -> Result<(Graph, FuseReport), Fu
                 }
                 cache.insert(
                     key,
-                    (fused.clone(), seg.graph.clone(), seg.positions.clone(), seg_report.near_misses),
+                    (
+                        fused.clone(),
+                        seg.graph.clone(),
+                        seg.positions.clone(),
+                        seg_report.near_misses,
+                    ),
                 );
                 fused
             }
@@ -165,7 +175,9 @@ pub fn fuse(eager: &Graph, opts: &Options<'_>) -> Result<(Graph, FuseReport), Fu
     }
     report.near_misses.sort();
     report.near_misses.dedup();
-    report.rejected.sort_by(|a, b| (&a.rule, &a.message).cmp(&(&b.rule, &b.message)));
+    report
+        .rejected
+        .sort_by(|a, b| (&a.rule, &a.message).cmp(&(&b.rule, &b.message)));
     report.rejected.dedup();
     let t = Instant::now();
     let mut graph = stitched.finish();
@@ -204,11 +216,15 @@ fn fuse_segment(
     let rewrites: Vec<Rewrite<ENode, TypeAnalysis>> = egg_rules
         .iter()
         .map(|r| {
-            Rewrite::new(r.rule.name.as_str(), SharedRule(r.clone()), SharedRule(r.clone()))
-                .map_err(|message| FuseError {
-                    phase: "saturate",
-                    message: format!("rule `{}`: {message}", r.rule.name),
-                })
+            Rewrite::new(
+                r.rule.name.as_str(),
+                SharedRule(r.clone()),
+                SharedRule(r.clone()),
+            )
+            .map_err(|message| FuseError {
+                phase: "saturate",
+                message: format!("rule `{}`: {message}", r.rule.name),
+            })
         })
         .collect::<Result<_, _>>()?;
     let outputs = loaded.outputs.clone();
@@ -251,10 +267,12 @@ fn fuse_segment(
         gpu: opts.gpu,
         bindings: opts.bindings,
     };
-    let extracted = egraph::extract(&loaded, cost, &eager.name, eager.attrs.clone())
-        .map_err(|message| FuseError {
-            phase: "extract",
-            message,
+    let extracted =
+        egraph::extract(&loaded, cost, &eager.name, eager.attrs.clone()).map_err(|message| {
+            FuseError {
+                phase: "extract",
+                message,
+            }
         })?;
     let mut graph = verified("extract", extracted)?;
     phases.push(("extract", t.elapsed()));

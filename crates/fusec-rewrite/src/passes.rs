@@ -78,7 +78,9 @@ pub fn absorb_kv_append(graph: &mut Graph) -> Result<usize, String> {
         if !only_here(k_all) || !only_here(v_all) {
             continue;
         }
-        let operands = [q_ops[0], k_ops[0], v, q_ops[1], q_ops[2], pk, pv, scale, mask];
+        let operands = [
+            q_ops[0], k_ops[0], v, q_ops[1], q_ops[2], pk, pv, scale, mask,
+        ];
         let new = graph
             .add(Op::Fused(FusedOp::DecodeAttention), &operands)
             .map_err(|e| format!("absorb-kv-append: {e}"))?;

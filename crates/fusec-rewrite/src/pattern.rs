@@ -280,7 +280,14 @@ pub struct Match {
 }
 
 /// All ways `pat` matches e-class `class`, extending `m`; at most `limit`.
-pub fn match_class(egraph: &FGraph, pat: &Pat, class: Id, m: Match, limit: usize, out: &mut Vec<Match>) {
+pub fn match_class(
+    egraph: &FGraph,
+    pat: &Pat,
+    class: Id,
+    m: Match,
+    limit: usize,
+    out: &mut Vec<Match>,
+) {
     if out.len() >= limit {
         return;
     }
@@ -382,10 +389,9 @@ pub fn instantiate_op(
     for (k, p) in attrs {
         let v = match p {
             AttrPat::Lit(a) => a.clone(),
-            AttrPat::Var(v) => bound
-                .get(v)
-                .cloned()
-                .ok_or_else(|| format!("attribute variable `${v}` is not bound by the left-hand side"))?,
+            AttrPat::Var(v) => bound.get(v).cloned().ok_or_else(|| {
+                format!("attribute variable `${v}` is not bound by the left-hand side")
+            })?,
             AttrPat::Any => return Err("`_` may only appear on the left-hand side".into()),
         };
         values.insert(k.clone(), v);

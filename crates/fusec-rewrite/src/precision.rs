@@ -77,7 +77,10 @@ impl FromStr for OpClass {
             .find(|c| c.name() == s)
             .ok_or_else(|| {
                 let names: Vec<&str> = OpClass::ALL.iter().map(|c| c.name()).collect();
-                format!("unknown op class `{s}` (expected one of {})", names.join(", "))
+                format!(
+                    "unknown op class `{s}` (expected one of {})",
+                    names.join(", ")
+                )
             })
     }
 }
@@ -114,7 +117,8 @@ fn producer(graph: &Graph, mut id: NodeId) -> NodeId {
 pub fn classify(graph: &Graph, id: NodeId) -> Option<OpClass> {
     let node = graph.node(id);
     if node.layer.is_none() {
-        return matches!(node.op, Op::Linear | Op::Fused(FusedOp::RmsNormLinear)).then_some(OpClass::LmHead);
+        return matches!(node.op, Op::Linear | Op::Fused(FusedOp::RmsNormLinear))
+            .then_some(OpClass::LmHead);
     }
     match node.op {
         Op::Linear | Op::Fused(FusedOp::RmsNormLinear) => Some(OpClass::Qkv),
@@ -163,12 +167,22 @@ pub fn lower_fp8(fused: &Graph, opts: &Fp8Options) -> Result<Graph, String> {
             let deq = match quantized.get(&w) {
                 Some(&d) => d,
                 None => {
-                    let q = weight(&mut g, format!("{name}{FP8_SUFFIX}"), DType::Fp8E4M3, t.shape.clone())?;
+                    let q = weight(
+                        &mut g,
+                        format!("{name}{FP8_SUFFIX}"),
+                        DType::Fp8E4M3,
+                        t.shape.clone(),
+                    )?;
                     let scale_shape = match opts.granularity {
                         Granularity::PerChannel => Shape(vec![t.shape.dim(0).clone()]),
                         Granularity::PerTensor => Shape::scalar(),
                     };
-                    let s = weight(&mut g, format!("{name}{SCALE_SUFFIX}"), DType::F32, scale_shape)?;
+                    let s = weight(
+                        &mut g,
+                        format!("{name}{SCALE_SUFFIX}"),
+                        DType::F32,
+                        scale_shape,
+                    )?;
                     let d = g
                         .add(
                             Op::Dequant {
@@ -207,7 +221,12 @@ pub fn lower_fp8(fused: &Graph, opts: &Fp8Options) -> Result<Graph, String> {
                 if let Type::Tensor(t) = &mut g.node_mut(past).ty {
                     t.dtype = DType::Fp8E4M3;
                 }
-                let s = weight(&mut g, format!("{name}{SCALE_SUFFIX}"), DType::F32, Shape::scalar())?;
+                let s = weight(
+                    &mut g,
+                    format!("{name}{SCALE_SUFFIX}"),
+                    DType::F32,
+                    Shape::scalar(),
+                )?;
                 g.node_mut(s).layer = layer;
                 g.push_operand(att, s);
             }

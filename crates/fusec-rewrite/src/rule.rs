@@ -23,8 +23,14 @@ pub enum ArgPat {
 /// A condition as written: `(name args...)`, or a Rust closure over the match.
 #[derive(Clone)]
 pub enum Condition {
-    Named { name: String, args: Vec<ArgPat> },
-    Rust { description: String, check: Arc<dyn Fn(&CondCtx<'_>, &Match) -> Result<(), String> + Send + Sync> },
+    Named {
+        name: String,
+        args: Vec<ArgPat>,
+    },
+    Rust {
+        description: String,
+        check: Arc<dyn Fn(&CondCtx<'_>, &Match) -> Result<(), String> + Send + Sync>,
+    },
 }
 
 impl std::fmt::Debug for Condition {
@@ -108,18 +114,25 @@ impl Rule {
         let lattrs = self.lhs.attr_vars();
         for v in self.rhs.vars() {
             if !lvars.contains(&v) {
-                return fail(format!("variable `?{v}` is used on the right but not bound on the left"));
+                return fail(format!(
+                    "variable `?{v}` is used on the right but not bound on the left"
+                ));
             }
         }
         for v in self.rhs.attr_vars() {
             if !lattrs.contains(&v) {
-                return fail(format!("attribute variable `${v}` is used on the right but not bound on the left"));
+                return fail(format!(
+                    "attribute variable `${v}` is used on the right but not bound on the left"
+                ));
             }
         }
         let mut rhs_problem = None;
         self.rhs.walk(&mut |p| {
             if let Pat::Op { attrs, .. } = p {
-                if attrs.iter().any(|(_, a)| *a == crate::pattern::AttrPat::Any) {
+                if attrs
+                    .iter()
+                    .any(|(_, a)| *a == crate::pattern::AttrPat::Any)
+                {
                     rhs_problem = Some("`_` may only appear on the left-hand side".to_string());
                 }
             }
@@ -169,7 +182,9 @@ pub struct EggRule {
 
 impl std::fmt::Debug for EggRule {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EggRule").field("rule", &self.rule.name).finish()
+        f.debug_struct("EggRule")
+            .field("rule", &self.rule.name)
+            .finish()
     }
 }
 
@@ -188,7 +203,9 @@ impl EggRule {
             .vars()
             .into_iter()
             .map(|v| {
-                let var: Var = format!("?{v}").parse().expect("validated variable names parse");
+                let var: Var = format!("?{v}")
+                    .parse()
+                    .expect("validated variable names parse");
                 (v, var)
             })
             .collect();
@@ -215,7 +232,9 @@ impl EggRule {
                             ArgPat::Lit(l) => CondArg::Attr(l.clone()),
                         })
                         .collect();
-                    let f = f.as_ref().ok_or_else(|| format!("unknown condition `{name}`"))?;
+                    let f = f
+                        .as_ref()
+                        .ok_or_else(|| format!("unknown condition `{name}`"))?;
                     f(&ctx, &resolved).map_err(|e| format!("({name}): {e}"))?;
                 }
                 Condition::Rust { description, check } => {
@@ -229,7 +248,14 @@ impl EggRule {
     /// Matches at `eclass` whose conditions hold.
     fn matches(&self, egraph: &FGraph, eclass: Id, limit: usize, record: bool) -> Vec<Match> {
         let mut all = Vec::new();
-        match_class(egraph, &self.rule.lhs, eclass, Match::default(), limit, &mut all);
+        match_class(
+            egraph,
+            &self.rule.lhs,
+            eclass,
+            Match::default(),
+            limit,
+            &mut all,
+        );
         all.into_iter()
             .filter(|m| match self.check(egraph, m) {
                 Ok(()) => true,
@@ -253,7 +279,13 @@ impl EggRule {
 
     /// Adds the right-hand side under `m`; `None` (with an error recorded) when a node
     /// does not type-check.
-    fn instantiate(&self, egraph: &mut FGraph, pat: &Pat, m: &Match, origin: (usize, Option<u32>)) -> Option<Id> {
+    fn instantiate(
+        &self,
+        egraph: &mut FGraph,
+        pat: &Pat,
+        m: &Match,
+        origin: (usize, Option<u32>),
+    ) -> Option<Id> {
         match pat {
             Pat::Var(v) => m.vars.get(v).copied(),
             Pat::Op {
@@ -324,7 +356,12 @@ impl EggRule {
 }
 
 impl Searcher<ENode, TypeAnalysis> for EggRule {
-    fn search_eclass_with_limit(&self, egraph: &FGraph, eclass: Id, limit: usize) -> Option<SearchMatches<'_, ENode>> {
+    fn search_eclass_with_limit(
+        &self,
+        egraph: &FGraph,
+        eclass: Id,
+        limit: usize,
+    ) -> Option<SearchMatches<'_, ENode>> {
         let root = self.rule.lhs.root_name()?;
         if !egraph[eclass].nodes.iter().any(|n| n.op.name() == root) {
             return None;

@@ -55,7 +55,10 @@ pub struct RuleSet {
 impl std::fmt::Debug for RuleSet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RuleSet")
-            .field("rules", &self.rules.iter().map(|r| &r.name).collect::<Vec<_>>())
+            .field(
+                "rules",
+                &self.rules.iter().map(|r| &r.name).collect::<Vec<_>>(),
+            )
             .field("conditions", &self.conditions.keys().collect::<Vec<_>>())
             .finish()
     }
@@ -113,7 +116,11 @@ impl RuleSet {
 
     /// Parses a rule file and adds its rules. `file` names it in errors and is its topic.
     pub fn add_file(&mut self, file: &str, text: &str) -> Result<(), RuleFileError> {
-        let topic = file.rsplit('/').next().unwrap_or(file).trim_end_matches(".rules");
+        let topic = file
+            .rsplit('/')
+            .next()
+            .unwrap_or(file)
+            .trim_end_matches(".rules");
         for (rule, at) in parse_rules(file, topic, text)? {
             let name = rule.name.clone();
             self.add_rule(rule).map_err(|e| {
@@ -209,15 +216,29 @@ fn parse_rules(file: &str, topic: &str, text: &str) -> Result<Vec<(Rule, usize)>
             }
         }
         algebra_lines.reverse();
-        let lhs = Pat::parse_at(body, &mut pos)
-            .map_err(|e| err(e.offset, Some(&name), format!("left-hand side: {}", e.message)))?;
+        let lhs = Pat::parse_at(body, &mut pos).map_err(|e| {
+            err(
+                e.offset,
+                Some(&name),
+                format!("left-hand side: {}", e.message),
+            )
+        })?;
         skip_ws(body, &mut pos);
         if !body[pos..].starts_with("=>") {
-            return Err(err(pos, Some(&name), "expected `=>` after the left-hand side".into()));
+            return Err(err(
+                pos,
+                Some(&name),
+                "expected `=>` after the left-hand side".into(),
+            ));
         }
         pos += 2;
-        let rhs = Pat::parse_at(body, &mut pos)
-            .map_err(|e| err(e.offset, Some(&name), format!("right-hand side: {}", e.message)))?;
+        let rhs = Pat::parse_at(body, &mut pos).map_err(|e| {
+            err(
+                e.offset,
+                Some(&name),
+                format!("right-hand side: {}", e.message),
+            )
+        })?;
         skip_ws(body, &mut pos);
         let mut conditions = Vec::new();
         if body[pos..].starts_with("if") {
@@ -228,14 +249,17 @@ fn parse_rules(file: &str, topic: &str, text: &str) -> Result<Vec<(Rule, usize)>
                     break;
                 }
                 conditions.push(
-                    parse_condition(body, &mut pos)
-                        .map_err(|(at, m)| err(at, Some(&name), m))?,
+                    parse_condition(body, &mut pos).map_err(|(at, m)| err(at, Some(&name), m))?,
                 );
             }
         }
         skip_ws(body, &mut pos);
         if pos < end {
-            return Err(err(pos, Some(&name), format!("unexpected `{}`", body[pos..end].trim())));
+            return Err(err(
+                pos,
+                Some(&name),
+                format!("unexpected `{}`", body[pos..end].trim()),
+            ));
         }
         rules.push((
             Rule {
@@ -287,7 +311,11 @@ fn parse_condition(body: &str, pos: &mut usize) -> Result<Condition, (usize, Str
             return Err((c.pos, "unclosed condition".into()));
         }
         let arg = if c.eat("?") {
-            ArgPat::Var(c.ident_with_dash().map_err(|e| (e.offset, e.message))?.to_string())
+            ArgPat::Var(
+                c.ident_with_dash()
+                    .map_err(|e| (e.offset, e.message))?
+                    .to_string(),
+            )
         } else if c.eat("$") {
             ArgPat::AttrVar(c.ident().map_err(|e| (e.offset, e.message))?.to_string())
         } else {

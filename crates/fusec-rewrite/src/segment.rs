@@ -97,7 +97,11 @@ pub fn split(graph: &Graph) -> Result<Vec<Segment>, String> {
         }
         let mut outputs = Vec::new();
         for &n in exported.get(&key).map(Vec::as_slice).unwrap_or(&[]) {
-            g.add_output(format!("segment.out{}", outputs.len()), OutputKind::Data, map[&n]);
+            g.add_output(
+                format!("segment.out{}", outputs.len()),
+                OutputKind::Data,
+                map[&n],
+            );
             outputs.push(position[&n]);
         }
         for o in graph.outputs() {
@@ -271,7 +275,9 @@ impl Stitcher {
             let node = fused.node(id);
             if let Op::Input { name, .. } = &node.op {
                 if let Some(k) = name.strip_prefix("segment.ext") {
-                    let k: usize = k.parse().map_err(|_| format!("bad segment input `{name}`"))?;
+                    let k: usize = k
+                        .parse()
+                        .map_err(|_| format!("bad segment input `{name}`"))?;
                     let value = seg
                         .inputs
                         .get(k)
@@ -282,7 +288,9 @@ impl Stitcher {
                 }
             }
             let operands: Vec<NodeId> = fused.operands(id).iter().map(|o| map[o]).collect();
-            let new = self.graph.add_typed(node.op.clone(), &operands, node.ty.clone());
+            let new = self
+                .graph
+                .add_typed(node.op.clone(), &operands, node.ty.clone());
             let n = self.graph.node_mut(new);
             n.layer = node.layer;
             n.provenance = node.provenance.clone();
@@ -292,7 +300,9 @@ impl Stitcher {
             let value = map[&o.value];
             match o.name.strip_prefix("segment.out") {
                 Some(k) => {
-                    let k: usize = k.parse().map_err(|_| format!("bad segment output `{}`", o.name))?;
+                    let k: usize = k
+                        .parse()
+                        .map_err(|_| format!("bad segment output `{}`", o.name))?;
                     let position = seg
                         .outputs
                         .get(k)

@@ -18,7 +18,15 @@ fn builtin_rules_load_with_algebra_and_topics() {
     let set = RuleSet::builtin().expect("built-in rules load");
     let topics: std::collections::BTreeSet<&str> =
         set.rules().iter().map(|r| r.topic.as_str()).collect();
-    for t in ["softmax", "attention", "kv", "norm", "rope", "mlp", "epilogue"] {
+    for t in [
+        "softmax",
+        "attention",
+        "kv",
+        "norm",
+        "rope",
+        "mlp",
+        "epilogue",
+    ] {
         assert!(topics.contains(t), "topic {t}");
     }
     for r in set.rules() {
@@ -29,19 +37,34 @@ fn builtin_rules_load_with_algebra_and_topics() {
 #[test]
 fn malformed_rules_are_rejected_by_name() {
     let e = add_err("# x\nrule broken\n  (binary.add ?a ?b\n  => ?a\n");
-    assert!(e.contains("user.rules:") && e.contains("rule `broken`"), "{e}");
+    assert!(
+        e.contains("user.rules:") && e.contains("rule `broken`"),
+        "{e}"
+    );
     let e = add_err("# x\nrule unbound\n  (unary.neg ?a)\n  => (unary.neg ?b)\n");
-    assert!(e.contains("rule `unbound`") && e.contains("`?b` is used on the right but not bound"), "{e}");
+    assert!(
+        e.contains("rule `unbound`") && e.contains("`?b` is used on the right but not bound"),
+        "{e}"
+    );
     let e = add_err("# x\nrule unbound-attr\n  (unary.neg ?a)\n  => (softmax{axis=$k} ?a)\n");
     assert!(e.contains("`$k` is used on the right but not bound"), "{e}");
     let e = add_err("# x\nrule no-such-op\n  (unary.frob ?a)\n  => ?a\n");
-    assert!(e.contains("rule `no-such-op`") && e.contains("unknown op `unary.frob`"), "{e}");
+    assert!(
+        e.contains("rule `no-such-op`") && e.contains("unknown op `unary.frob`"),
+        "{e}"
+    );
     let e = add_err("# x\nrule bad-attr\n  (softmax{axis=-1,dim=1} ?a)\n  => ?a\n");
     assert!(e.contains("has no attribute `dim`"), "{e}");
     let e = add_err("rule no-algebra\n  (unary.neg (unary.neg ?a))\n  => ?a\n");
-    assert!(e.contains("rule `no-algebra`") && e.contains("algebra"), "{e}");
+    assert!(
+        e.contains("rule `no-algebra`") && e.contains("algebra"),
+        "{e}"
+    );
     let e = add_err("# x\nrule wild-rhs\n  (softmax{axis=_} ?a)\n  => (softmax{axis=_} ?a)\n");
-    assert!(e.contains("`_` may only appear on the left-hand side"), "{e}");
+    assert!(
+        e.contains("`_` may only appear on the left-hand side"),
+        "{e}"
+    );
     let e = add_err("# x\nrule unknown-cond\n  (unary.neg ?a)\n  => ?a\n  if (is-purple ?a)\n");
     assert!(e.contains("unknown condition `is-purple`"), "{e}");
     let e = add_err("# x\nrule mul-one\n  (unary.neg (unary.neg ?a))\n  => ?a\n");
@@ -70,11 +93,18 @@ fn a_user_rule_file_fires() {
     let mut set = RuleSet::builtin().expect("built-in rules load");
     let (before, _) = common::fuse_text(SWAPPED_SWIGLU, &set);
     assert!(!before.contains("fused.swiglu"), "{before}");
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/rules/swiglu-up-first.rules");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/rules/swiglu-up-first.rules"
+    );
     let text = std::fs::read_to_string(path).expect("example rule file");
-    set.add_file("swiglu-up-first.rules", &text).expect("the example loads");
+    set.add_file("swiglu-up-first.rules", &text)
+        .expect("the example loads");
     let (after, _) = common::fuse_text(SWAPPED_SWIGLU, &set);
-    assert!(after.contains("%1 = weight@gate") && after.contains("fused.swiglu(%0, %1, %2)"), "{after}");
+    assert!(
+        after.contains("%1 = weight@gate") && after.contains("fused.swiglu(%0, %1, %2)"),
+        "{after}"
+    );
     assert!(after.contains("rules=[swiglu-up-first]"), "{after}");
 }
 
@@ -112,7 +142,9 @@ fn an_ill_typed_result_is_rejected_by_name() {
     let (_, report) = common::fuse_text(SWAPPED_SWIGLU, &set);
     let rejected: Vec<String> = report.rejected.iter().map(|e| e.to_string()).collect();
     assert!(
-        rejected.iter().any(|e| e.contains("rule `mul-to-linear`") && e.contains("does not type-check")),
+        rejected
+            .iter()
+            .any(|e| e.contains("rule `mul-to-linear`") && e.contains("does not type-check")),
         "{rejected:?}"
     );
 }
@@ -148,7 +180,9 @@ fn near_misses_say_why() {
     let set = RuleSet::builtin().expect("built-in rules load");
     let g = fusec_ir::text::parse(src).expect("valid");
     let (f, report) = common::fuse_with(&g, &set, Default::default());
-    assert!(f.node_ids().all(|n| f.op(n) != &Op::Fused(FusedOp::KvAppend)));
+    assert!(f
+        .node_ids()
+        .all(|n| f.op(n) != &Op::Fused(FusedOp::KvAppend)));
     // kv-append is a one-op pattern, so it is not reported; the absence is the test.
     assert!(report.near_misses.iter().all(|m| m.rule != "kv-append"));
 }
