@@ -88,25 +88,19 @@ impl<'a> Cursor<'a> {
 
     /// An identifier: letters, digits, `_` and `.`.
     pub fn ident(&mut self) -> LexResult<&'a str> {
-        let start = self.pos;
-        while let Some(c) = self.peek() {
-            if is_ident_char(c) {
-                self.pos += c.len_utf8();
-            } else {
-                break;
-            }
-        }
-        if start == self.pos {
-            return self.error("expected a name");
-        }
-        Ok(&self.src[start..self.pos])
+        self.name_while(is_ident_char)
     }
 
     /// A name that may also contain `-` (rule and condition names).
     pub fn ident_with_dash(&mut self) -> LexResult<&'a str> {
+        self.name_while(|c| is_ident_char(c) || c == '-')
+    }
+
+    /// The longest non-empty run of characters satisfying `accept`.
+    fn name_while(&mut self, accept: impl Fn(char) -> bool) -> LexResult<&'a str> {
         let start = self.pos;
         while let Some(c) = self.peek() {
-            if is_ident_char(c) || c == '-' {
+            if accept(c) {
                 self.pos += c.len_utf8();
             } else {
                 break;
