@@ -7,6 +7,7 @@
 
 pub use fusec_exec as exec;
 pub use fusec_ir as ir;
+pub use fusec_report as report;
 pub use fusec_rewrite as rewrite;
 
 pub mod explain;

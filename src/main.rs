@@ -19,6 +19,7 @@ struct Cli {
 enum Command {
     Compile(cmd::compile::Args),
     Explain(cmd::explain::Args),
+    Report(cmd::report::Args),
     Run(cmd::run::Args),
 }
 
@@ -51,6 +52,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Compile(args) => cmd::compile::run(args),
         Command::Explain(args) => cmd::explain::run(args),
+        Command::Report(args) => cmd::report::run(args),
         Command::Run(args) => cmd::run::run(args),
     };
     match result {

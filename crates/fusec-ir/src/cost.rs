@@ -334,18 +334,28 @@ pub fn graph_cost(graph: &Graph, b: &Bindings) -> Result<GraphCost, UnboundSymbo
     Ok(cost)
 }
 
+/// The dtype whose peak a node's math runs at: FP8 for a GEMV whose weights are
+/// `dequant{act=fp8...}` values (it multiplies FP8 by FP8), else its (first) result's.
+pub fn math_dtype(graph: &Graph, id: NodeId) -> crate::DType {
+    for o in graph.operands(id) {
+        if let Op::Dequant { act, .. } = graph.op(o) {
+            if act.is_fp8() {
+                return *act;
+            }
+        }
+    }
+    graph
+        .ty(id)
+        .tensors()
+        .first()
+        .map_or(crate::DType::F32, |t| t.dtype)
+}
+
 /// Estimated seconds per step on `gpu`: every kernel's launch overhead plus the larger
 /// of its memory and math time, summed.
 pub fn estimate_seconds(graph: &Graph, cost: &GraphCost, gpu: &crate::gpu::Gpu) -> f64 {
     cost.nodes
         .iter()
-        .map(|(id, c)| {
-            let dtype = graph
-                .ty(*id)
-                .tensors()
-                .first()
-                .map_or(crate::DType::F32, |t| t.dtype);
-            gpu.kernel_seconds(c.bytes(), c.flops, dtype)
-        })
+        .map(|(id, c)| gpu.kernel_seconds(c.bytes(), c.flops, math_dtype(graph, *id)))
         .sum()
 }

@@ -107,12 +107,12 @@ pub(crate) fn infer(op: FusedOp, t: &[&TensorType]) -> R<Type> {
         FusedOp::KvAppend => appended(t[0], t[1]).map(Type::Tensor),
         FusedOp::Rope => {
             let x = t[0];
-            if !x
+            let even = x
                 .shape
                 .last()
                 .and_then(Dim::as_fixed)
-                .is_some_and(|d| d % 2 == 0)
-            {
+                .is_some_and(|d| d.is_multiple_of(2));
+            if !even {
                 return Err(format!(
                     "rotary input {} needs an even, fixed last dimension",
                     x.shape
@@ -202,9 +202,11 @@ pub(crate) fn infer(op: FusedOp, t: &[&TensorType]) -> R<Type> {
                 (false, n) => {
                     return Err(format!("takes 9 operands with a {cache} cache, got {n}"))
                 }
-                (true, n) => return Err(format!(
+                (true, n) => {
+                    return Err(format!(
                     "takes 11 operands (the two cache scales last) with a {cache} cache, got {n}"
-                )),
+                ))
+                }
             }
             if pv.dtype != cache {
                 return Err(format!(

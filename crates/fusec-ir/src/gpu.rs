@@ -320,7 +320,11 @@ mod tests {
     fn bad_gpu_files_name_the_position() {
         let cases = [
             (ONE.replace("rtx-4090", "h100-sxm"), "built in", 2),
-            (ONE.replace("1008.0", "-3.0"), "`hbm_gbs` must be a positive number", 3),
+            (
+                ONE.replace("1008.0", "-3.0"),
+                "`hbm_gbs` must be a positive number",
+                3,
+            ),
             (ONE.replace("hbm_gbs", "hbm"), "unknown field `hbm`", 3),
             (format!("{ONE}{ONE}"), "defined twice", 8),
             (ONE.replace("Ada whitepaper", " "), "`source`", 6),
@@ -335,7 +339,10 @@ mod tests {
 
     #[test]
     fn built_in_names_are_listed() {
-        assert_eq!(gpu_names(), ["h100-sxm", "h200-sxm", "a100-sxm", "l40s", "l4"]);
+        assert_eq!(
+            gpu_names(),
+            ["h100-sxm", "h200-sxm", "a100-sxm", "l40s", "l4"]
+        );
         assert!(gpu("h100-sxm").is_some_and(|g| g.measured_bf16_tflops == Some(798.0)));
     }
 }

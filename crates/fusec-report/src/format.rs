@@ -3,7 +3,11 @@
 
 /// `1.23 GB`, with decimal units.
 pub fn bytes(b: u64) -> String {
-    scaled(b as f64, &[("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)], "B")
+    scaled(
+        b as f64,
+        &[("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)],
+        "B",
+    )
 }
 
 /// Bytes that may be negative (a variant that moves more than the baseline).
@@ -17,7 +21,20 @@ pub fn signed_bytes(b: i64) -> String {
 
 /// `4.56 G`, with decimal units.
 pub fn count(n: u64) -> String {
-    scaled(n as f64, &[("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)], "")
+    scaled(
+        n as f64,
+        &[("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)],
+        "",
+    )
+}
+
+/// A parameter count: `8.03 B`, `125.25 M`.
+pub fn params(n: u64) -> String {
+    scaled(
+        n as f64,
+        &[("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)],
+        "",
+    )
 }
 
 fn scaled(v: f64, units: &[(&str, f64)], base: &str) -> String {
@@ -84,7 +101,7 @@ mod tests {
 
     #[test]
     fn units_and_digits() {
-        assert_eq!(bytes(15_545_000_000), "15.55 GB");
+        assert_eq!(bytes(15_546_000_000), "15.55 GB");
         assert_eq!(bytes(999), "999 B");
         assert_eq!(signed_bytes(-2_000), "-2.00 kB");
         assert_eq!(count(17_190_000_000), "17.19 G");

@@ -9,7 +9,7 @@
 
 use fusec_ir::cost::Cost;
 use fusec_ir::gpu::Gpu;
-use fusec_ir::{DType, FusedOp, Graph, NodeId, Op};
+use fusec_ir::{FusedOp, Graph, NodeId, Op};
 use serde::Serialize;
 
 /// What limits a kernel's estimated time.
@@ -65,15 +65,7 @@ impl KernelTime {
     }
 }
 
-/// The dtype whose peak the cost model charges a node's math at: that of its (first)
-/// result, as `fusec_ir::cost::estimate_seconds` does.
-pub fn math_dtype(graph: &Graph, id: NodeId) -> DType {
-    graph
-        .ty(id)
-        .tensors()
-        .first()
-        .map_or(DType::F32, |t| t.dtype)
-}
+pub use fusec_ir::cost::math_dtype;
 
 /// The estimated time of node `id`, whose cost is `cost`, on `gpu`.
 pub fn kernel_time(graph: &Graph, id: NodeId, cost: &Cost, gpu: &Gpu) -> KernelTime {
@@ -128,9 +120,7 @@ impl KernelClass {
             ) => KernelClass::Gemv,
             Op::MatMul
             | Op::Softmax { .. }
-            | Op::Fused(FusedOp::Attention | FusedOp::DecodeAttention) => {
-                KernelClass::Attention
-            }
+            | Op::Fused(FusedOp::Attention | FusedOp::DecodeAttention) => KernelClass::Attention,
             Op::Cat { .. } | Op::Copy | Op::Fused(FusedOp::KvAppend) => KernelClass::Copies,
             _ => KernelClass::Elementwise,
         }
@@ -163,8 +153,8 @@ mod tests {
         let k = KernelTime {
             launch_s: gpu.launch_us * 1e-6,
             memory_s: gpu.memory_seconds(1 << 30),
-            math_s: gpu.math_seconds(1 << 40, DType::Bf16),
+            math_s: gpu.math_seconds(1 << 40, fusec_ir::DType::Bf16),
         };
-        assert_eq!(k.total(), gpu.kernel_seconds(1 << 30, 1 << 40, DType::Bf16));
+        assert_eq!(k.total(), gpu.kernel_seconds(1 << 30, 1 << 40, fusec_ir::DType::Bf16));
     }
 }

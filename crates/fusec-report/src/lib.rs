@@ -1,11 +1,12 @@
 //! fusec's report: what one decode step of a model costs in each compiled variant
 //! (eager, fused, fused in FP8...) on one GPU, and why.
 //!
-//! [`build`] takes the model's [`ModelSpec`](fusec_ir::frontend::ModelSpec) (its shape and the decode point), a list
-//! of named [`Variant`] graphs (the first is the baseline the others are compared
-//! with), a [`Gpu`](fusec_ir::gpu::Gpu), a price per GPU-hour and the sweep points, and returns a
-//! [`Report`]: plain data that serialises to JSON and renders as text, Markdown or a
-//! self-contained HTML page with hand-written SVG charts.
+//! [`build`] takes the model's [`ModelSpec`](fusec_ir::frontend::ModelSpec) (its
+//! shape and the decode point), a list of named [`Variant`] graphs (the first is the
+//! baseline the others are compared with), a [`Gpu`](fusec_ir::gpu::Gpu), a price per
+//! GPU-hour and the sweep points, and returns a [`Report`]: plain data that serialises
+//! to JSON and renders as text, Markdown or a self-contained HTML page with
+//! hand-written SVG charts.
 //!
 //! - [`model`]: the report's data and how it is computed from the graphs;
 //! - [`kernel`]: one kernel's estimated time, what bounds it, and its class;

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use fusec_ir::build::names;
-use fusec_ir::cost::{graph_cost, Cost, Floor, GraphCost};
+use fusec_ir::cost::{graph_cost, Floor, GraphCost};
 use fusec_ir::frontend::ModelSpec;
 use fusec_ir::gpu::Gpu;
 use fusec_ir::{Bindings, Graph, NodeId};
@@ -42,6 +42,8 @@ pub struct Inputs<'a> {
     pub spec: &'a ModelSpec,
     /// The variants; the first is the baseline that savings are measured against.
     pub variants: &'a [Variant],
+    /// The precision the variants were compiled for (`bf16`, `fp8`...).
+    pub precision: &'a str,
     /// The GPU every estimate is for.
     pub gpu: &'a Gpu,
     /// The GPUs listed in the report's table (built-in and the user's).
@@ -184,6 +186,9 @@ pub struct KernelRow {
     pub replaces: Vec<Replaced>,
     /// Eager kernels one instance replaced (views not counted).
     pub replaced_kernels: u64,
+    /// The first instance's provenance: every eager op it covers, views included, as
+    /// `%N op` numbered as in the eager IR dump.
+    pub covers: Vec<String>,
     pub class: KernelClass,
     /// Per instance: one launch.
     pub launches: u64,
@@ -233,6 +238,7 @@ pub struct Report {
     pub model: ModelInfo,
     pub batch: u64,
     pub context: u64,
+    pub precision: String,
     pub gpu: Gpu,
     pub cost_model: CostModel,
     pub price_per_hour: f64,
@@ -449,6 +455,7 @@ pub fn build(inputs: &Inputs<'_>) -> Result<Report, ReportError> {
         },
         batch,
         context,
+        precision: inputs.precision.to_string(),
         gpu: gpu.clone(),
         cost_model: CostModel {
             bandwidth_gbs: gpu.bandwidth_gbs(),
@@ -505,7 +512,7 @@ pub(crate) fn replaced(covers: &[String]) -> Vec<Replaced> {
         }
     }
     // A stable sort keeps first appearance among equal counts.
-    out.sort_by(|a, b| b.count.cmp(&a.count));
+    out.sort_by_key(|r| std::cmp::Reverse(r.count));
     out
 }
 
@@ -522,7 +529,7 @@ fn variant_report(
     let numbers = value_numbers(graph);
 
     let mut kernels: Vec<KernelRow> = Vec::new();
-    type Key = (bool, String, String, Vec<String>, Cost);
+    type Key = (bool, String, String, Vec<String>, [u64; 4]);
     let mut index: HashMap<Key, usize> = HashMap::new();
     let mut in_layer_s = 0.0;
     let mut by_class = [0.0f64; 4];
@@ -541,7 +548,12 @@ fn variant_report(
             op.clone(),
             result.clone(),
             node.provenance.covers.iter().map(|s| cover_op(s)).collect(),
-            *cost,
+            [
+                cost.launches,
+                cost.bytes_read,
+                cost.bytes_written,
+                cost.flops,
+            ],
         );
         if let Some(&i) = index.get(&key) {
             kernels[i].count += 1;
@@ -559,6 +571,7 @@ fn variant_report(
             result,
             replaced_kernels: replaces.iter().map(|r| r.count).sum(),
             replaces,
+            covers: node.provenance.covers.clone(),
             class,
             launches: cost.launches,
             bytes_read: cost.bytes_read,
@@ -655,6 +668,26 @@ mod tests {
         assert!((dollars_per_million_tokens(2.5, 370.0) - base / 2.0).abs() < 1e-12);
         assert!((dollars_per_million_tokens(5.0, 185.0) - base * 2.0).abs() < 1e-12);
         assert!((base - 2.5 / 3600.0 / 185.0 * 1e6).abs() < 1e-12);
+    }
+
+    #[test]
+    fn step_time_is_the_cost_models_estimate() {
+        let spec = fusec_ir::frontend::parse_model_toml(
+            std::path::Path::new("m.toml"),
+            "[model]\narchitecture = \"llama\"\nhidden_size = 64\nnum_layers = 2\n\
+             num_heads = 4\nintermediate_size = 128\nvocab_size = 100\n\
+             rope_theta = 10000.0\nrms_norm_eps = 1e-5\nmax_seq_len = 256\n",
+        )
+        .expect("valid model");
+        let graph = fusec_ir::build::eager_decode_graph(&spec.model).expect("builds");
+        let gpu = fusec_ir::gpu::gpu("l4").expect("built in");
+        let eval = Eval::new(&graph, 3, 200, gpu).expect("costs");
+        let expected = fusec_ir::cost::estimate_seconds(&graph, &eval.cost, gpu);
+        assert_eq!(eval.step_s, expected);
+        let parts = eval.by_bound();
+        let sum = (parts.launch_us + parts.memory_us + parts.compute_us) * 1e-6;
+        assert!((sum - eval.step_s).abs() < 1e-15);
+        assert_eq!(eval.tokens_per_s(), 3.0 / eval.step_s);
     }
 
     #[test]

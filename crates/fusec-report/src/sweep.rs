@@ -10,8 +10,30 @@ use serde::Serialize;
 
 use crate::error::ReportError;
 use crate::format;
-use crate::kernel::Bound;
+use crate::kernel::{Bound, KernelClass};
 use crate::model::{dollars_per_million_tokens, fits, Eval, Inputs};
+
+/// The default context sweep: powers of two halving down from `max_seq_len`, at
+/// most seven points and none below 16, in increasing order (8192 gives 128 to 8192).
+pub fn default_contexts(max_seq_len: u64) -> Vec<u64> {
+    let mut out = Vec::new();
+    let mut c = max_seq_len;
+    while c >= 16 && out.len() < 7 {
+        out.push(c);
+        c /= 2;
+    }
+    if out.is_empty() {
+        out.push(max_seq_len.max(1));
+    }
+    out.reverse();
+    out
+}
+
+/// The default batch sweep: powers of two from 1 to 1024, far enough to show where
+/// the weight GEMVs of a large GPU turn compute-bound (near its ridge point).
+pub fn default_batches() -> Vec<u64> {
+    (0..=10).map(|k| 1u64 << k).collect()
+}
 
 /// One variant at one sweep point.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -30,6 +52,8 @@ pub struct PointResult {
     pub compute_us: f64,
     /// The largest of the three.
     pub bound: Bound,
+    /// Whether the weight GEMVs together spend longer on memory or on math.
+    pub gemv_bound: Bound,
     /// Weights plus the KV cache after the step.
     pub resident_bytes: u64,
     /// Whether that fits in the GPU's memory, where known.
@@ -68,6 +92,8 @@ pub struct BoundChange {
     pub variant: String,
     /// The first swept batch whose step is compute-bound, if any.
     pub first_compute_bound_batch: Option<u64>,
+    /// The first swept batch whose weight GEMVs are compute-bound, if any.
+    pub first_gemv_compute_bound_batch: Option<u64>,
     /// The largest swept batch whose weights and KV cache fit in memory, where known.
     pub largest_batch_that_fits: Option<u64>,
 }
@@ -78,6 +104,13 @@ fn point(inputs: &Inputs<'_>, batch: u64, context: u64) -> Result<SweepPoint, Re
     for v in inputs.variants {
         let e = Eval::new(&v.graph, batch, context, gpu)?;
         let t = e.by_bound();
+        let (mut gemv_memory, mut gemv_math) = (0.0, 0.0);
+        for ((id, _), k) in e.cost.nodes.iter().zip(&e.times) {
+            if KernelClass::of(v.graph.op(*id)) == KernelClass::Gemv {
+                gemv_memory += k.memory_s;
+                gemv_math += k.math_s;
+            }
+        }
         let tokens_per_s = e.tokens_per_s();
         let resident = e.resident_bytes();
         variants.push(PointResult {
@@ -92,6 +125,11 @@ fn point(inputs: &Inputs<'_>, batch: u64, context: u64) -> Result<SweepPoint, Re
             bytes_per_step: e.cost.total.bytes(),
             kv_read_bytes: e.cost.floor.kv_read_bytes,
             bound: t.bound(),
+            gemv_bound: if gemv_math > gemv_memory {
+                Bound::Compute
+            } else {
+                Bound::Memory
+            },
             launch_us: t.launch_us,
             memory_us: t.memory_us,
             compute_us: t.compute_us,
@@ -138,6 +176,10 @@ pub(crate) fn batch_sweep(
             first_compute_bound_batch: points
                 .iter()
                 .find(|p| p.variants[i].bound == Bound::Compute)
+                .map(|p| p.batch),
+            first_gemv_compute_bound_batch: points
+                .iter()
+                .find(|p| p.variants[i].gemv_bound == Bound::Compute)
                 .map(|p| p.batch),
             largest_batch_that_fits: points
                 .iter()
@@ -186,24 +228,167 @@ pub(crate) fn summaries(
             ));
         }
     }
-    for c in &batch.memory_bound_until {
-        let bound = match c.first_compute_bound_batch {
-            Some(b) => format!("turns compute-bound at batch {b}"),
-            None => "stays memory-bound (or launch-bound) at every batch swept".to_string(),
+    let last = batch.points.last();
+    for (i, c) in batch.memory_bound_until.iter().enumerate() {
+        let gemv = match c.first_gemv_compute_bound_batch {
+            Some(b) => format!("its weight GEMVs turn compute-bound at batch {b}"),
+            None => "its weight GEMVs stay memory-bound at every batch swept".to_string(),
+        };
+        let step = match (c.first_compute_bound_batch, last) {
+            (Some(b), _) => format!("the whole step at batch {b}"),
+            (None, Some(p)) => format!(
+                "the whole step is still {}-bound at batch {}",
+                p.variants[i].bound.name(),
+                p.batch
+            ),
+            (None, None) => String::new(),
         };
         let fit = match (c.largest_batch_that_fits, gpu.memory_gb) {
             (Some(b), Some(gb)) => format!(
-                "; at context {} the largest swept batch whose weights and KV cache fit in \
-                 {gb} GB is {b}",
-                batch.context
+                "; the largest swept batch whose weights and KV cache fit in {gb} GB is {b}"
             ),
-            (None, Some(gb)) => format!(
-                "; at context {} no swept batch fits in {gb} GB",
-                batch.context
-            ),
+            (None, Some(gb)) => format!("; no swept batch fits in {gb} GB"),
             _ => String::new(),
         };
-        out.push(format!("{}: the step {bound}{fit}.", c.variant));
+        out.push(format!(
+            "{} at context {}: {gemv}, {step}{fit}.",
+            c.variant, batch.context
+        ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use fusec_ir::build::eager_decode_graph;
+    use fusec_ir::frontend::{parse_model_toml, ModelSpec};
+
+    use super::*;
+    use crate::model::{build, Report, Variant};
+
+    /// A small bf16 Llama with GQA whose KV cache matters at long contexts.
+    const MODEL: &str = "[model]\nname = \"small\"\narchitecture = \"llama\"\n\
+        hidden_size = 256\nnum_layers = 2\nnum_heads = 4\nnum_kv_heads = 2\n\
+        intermediate_size = 512\nvocab_size = 1000\nrope_theta = 10000.0\n\
+        rms_norm_eps = 1e-5\nmax_seq_len = 32768\ndtype = \"bf16\"\n\
+        [decode]\ncontext = 1024\n";
+
+    fn spec() -> ModelSpec {
+        parse_model_toml(Path::new("small.toml"), MODEL).expect("valid model")
+    }
+
+    fn report(contexts: &[u64], batches: &[u64]) -> Report {
+        let spec = spec();
+        let graph = eager_decode_graph(&spec.model).expect("builds");
+        let variants = [Variant {
+            name: "eager".into(),
+            description: "eager".into(),
+            graph,
+        }];
+        let gpu = fusec_ir::gpu::gpu("h100-sxm").expect("built in");
+        build(&Inputs {
+            spec: &spec,
+            variants: &variants,
+            precision: "bf16",
+            gpu,
+            gpus: fusec_ir::gpu::GPUS,
+            price_per_hour: 2.5,
+            contexts,
+            batches,
+            measurements: &[],
+            measurements_file: None,
+            cpu: None,
+            notes: &[],
+        })
+        .expect("report builds")
+    }
+
+    #[test]
+    fn time_per_token_grows_with_context() {
+        let r = report(&[32768, 128, 1024, 8192, 1024], &[1]);
+        let points = &r.context_sweep.points;
+        // Sorted and without the repeated 1024.
+        let contexts: Vec<u64> = points.iter().map(|p| p.context).collect();
+        assert_eq!(contexts, [128, 1024, 8192, 32768]);
+        for w in points.windows(2) {
+            let (a, b) = (&w[0].variants[0], &w[1].variants[0]);
+            assert!(b.us_per_token > a.us_per_token, "{a:?} then {b:?}");
+            assert!(b.kv_read_bytes > a.kv_read_bytes);
+            assert!(b.tokens_per_s < a.tokens_per_s);
+        }
+        // The KV cache read is proportional to the cached positions:
+        // layers * 2 (k, v) * kv_heads * head_dim * 2 bytes per position.
+        let per_position = 2 * 2 * 2 * 64 * 2;
+        assert_eq!(points[0].variants[0].kv_read_bytes, 127 * per_position);
+    }
+
+    #[test]
+    fn batching_shares_the_weight_reads() {
+        let r = report(&[1024], &[1, 4, 16, 64]);
+        let points = &r.batch_sweep.points;
+        for w in points.windows(2) {
+            let (a, b) = (&w[0].variants[0], &w[1].variants[0]);
+            assert!(b.us_per_token < a.us_per_token, "{a:?} then {b:?}");
+            assert!(b.tokens_per_s > a.tokens_per_s);
+            assert!(b.dollars_per_million_tokens < a.dollars_per_million_tokens);
+            // Tokens/s is the batch over the step time.
+            let expected = w[1].batch as f64 / (b.us_per_step * 1e-6);
+            assert!((b.tokens_per_s - expected).abs() / expected < 1e-12);
+        }
+        // A small model at batch 1 waits on launches, not memory.
+        assert_eq!(points[0].variants[0].bound, Bound::Launch);
+    }
+
+    #[test]
+    fn sweep_points_are_checked() {
+        let spec = spec();
+        let graph = eager_decode_graph(&spec.model).expect("builds");
+        let variants = [Variant {
+            name: "eager".into(),
+            description: String::new(),
+            graph,
+        }];
+        let gpu = fusec_ir::gpu::gpu("h100-sxm").expect("built in");
+        let inputs = |contexts: &'static [u64], batches: &'static [u64], price: f64| {
+            build(&Inputs {
+                spec: &spec,
+                variants: &variants,
+                precision: "bf16",
+                gpu,
+                gpus: &[],
+                price_per_hour: price,
+                contexts,
+                batches,
+                measurements: &[],
+                measurements_file: None,
+                cpu: None,
+                notes: &[],
+            })
+        };
+        for (result, needle) in [
+            (inputs(&[65536], &[1], 2.5), "beyond max_seq_len 32768"),
+            (inputs(&[0], &[1], 2.5), "at least 1"),
+            (inputs(&[128], &[0], 2.5), "--batch"),
+            (inputs(&[128], &[1], 0.0), "--price-per-hour"),
+            (inputs(&[128], &[1], f64::NAN), "--price-per-hour"),
+        ] {
+            let e = result.expect_err(needle);
+            assert!(e.is_input_error());
+            assert!(e.to_string().contains(needle), "{needle}: {e}");
+        }
+    }
+
+    #[test]
+    fn default_points() {
+        assert_eq!(
+            default_contexts(8192),
+            [128, 256, 512, 1024, 2048, 4096, 8192]
+        );
+        assert_eq!(default_contexts(128), [16, 32, 64, 128]);
+        assert_eq!(default_contexts(10), [10]);
+        assert_eq!(default_batches().first(), Some(&1));
+        assert_eq!(default_batches().last(), Some(&1024));
+    }
 }

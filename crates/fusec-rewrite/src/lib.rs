@@ -102,6 +102,15 @@ fn verified(phase: &'static str, g: Graph) -> Result<Graph, FuseError> {
     Ok(g)
 }
 
+/// A fused segment kept for reuse by segments of the same shape.
+struct Template {
+    fused: Graph,
+    /// The eager segment it was fused from, and that segment's eager positions.
+    eager: Graph,
+    positions: HashMap<NodeId, usize>,
+    near_misses: Vec<NearMiss>,
+}
+
 /// Fuses `eager` and returns the fused graph with a report. See [`segment`] for why
 /// the work is done per layer.
 pub fn fuse(eager: &Graph, opts: &Options<'_>) -> Result<(Graph, FuseReport), FuseError> {
@@ -121,8 +130,7 @@ pub fn fuse(eager: &Graph, opts: &Options<'_>) -> Result<(Graph, FuseReport), Fu
         phases: vec![("split", t.elapsed())],
     };
     // Fused segments by shape key: the fused graph, the eager segment it came from.
-    let mut cache: HashMap<String, (Graph, Graph, HashMap<NodeId, usize>, Vec<NearMiss>)> =
-        HashMap::new();
+    let mut cache: HashMap<String, Template> = HashMap::new();
     let mut stitched = segment::Stitcher::new(eager);
     for seg in &segments {
         let key = segment::shape_key(&seg.graph).map_err(|message| FuseError {
@@ -130,12 +138,12 @@ pub fn fuse(eager: &Graph, opts: &Options<'_>) -> Result<(Graph, FuseReport), Fu
             message,
         })?;
         let fused = match cache.get(&key) {
-            Some((template, template_eager, template_positions, misses)) => {
-                let reused = segment::reuse(template, template_eager, template_positions, seg);
+            Some(t) => {
+                let (fused, positions) = segment::reuse(&t.fused, &t.eager, &t.positions, seg);
                 report
                     .near_misses
-                    .extend(segment::remap_misses(misses, &reused.1));
-                reused.0
+                    .extend(segment::remap_misses(&t.near_misses, &positions));
+                fused
             }
             None => {
                 let (fused, seg_report) = fuse_segment(&seg.graph, &seg.positions, opts)?;
@@ -158,12 +166,12 @@ pub fn fuse(eager: &Graph, opts: &Options<'_>) -> Result<(Graph, FuseReport), Fu
                 }
                 cache.insert(
                     key,
-                    (
-                        fused.clone(),
-                        seg.graph.clone(),
-                        seg.positions.clone(),
-                        seg_report.near_misses,
-                    ),
+                    Template {
+                        fused: fused.clone(),
+                        eager: seg.graph.clone(),
+                        positions: seg.positions.clone(),
+                        near_misses: seg_report.near_misses,
+                    },
                 );
                 fused
             }

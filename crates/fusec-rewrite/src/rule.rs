@@ -20,6 +20,9 @@ pub enum ArgPat {
     Lit(Attr),
 }
 
+/// A condition written in Rust over a whole match.
+pub type MatchCheck = Arc<dyn Fn(&CondCtx<'_>, &Match) -> Result<(), String> + Send + Sync>;
+
 /// A condition as written: `(name args...)`, or a Rust closure over the match.
 #[derive(Clone)]
 pub enum Condition {
@@ -29,7 +32,7 @@ pub enum Condition {
     },
     Rust {
         description: String,
-        check: Arc<dyn Fn(&CondCtx<'_>, &Match) -> Result<(), String> + Send + Sync>,
+        check: MatchCheck,
     },
 }
 
