@@ -1,13 +1,28 @@
 //! `fusec run`: greedy decoding of a prompt on the CPU executor, with the launches and
 //! bytes it measures.
+//!
+//! It runs the fused graph by default (`--no-fuse`: the eager one), in the precision
+//! `--precision` or the model's `[target] precision` asks for. An FP8 run makes its
+//! quantized weights from the checkpoint when it loads them and calibrates the KV-cache
+//! scales on the prompt (see `fusec_exec::quant`), unless the weights are FP8 weights
+//! saved by `--save-weights`, which hold their scales. `--compare` also runs the f32
+//! graph on the same weights and reports the accuracy of the run against it,
+//! teacher-forced on the f32 run's tokens.
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context};
-use fusec::exec::{Executor, Generation, Session, Weights};
+use fusec::exec::accuracy::{self, Accuracy};
+use fusec::exec::quant::{self, KvScales};
+use fusec::exec::{Error as ExecError, Executor, Generation, Session, Weights};
 use fusec::pipeline;
+use fusec_ir::frontend::{ModelSpec, Precision};
+use fusec_ir::Graph;
+use fusec_rewrite::precision::Fp8Options;
 use serde::Serialize;
 
+use crate::cmd::compile::{fp8_options, set_precision, WeightScales};
 use crate::Failure;
 
 /// Decode greedily from a prompt on the CPU and report tokens/s (and optionally logits).
@@ -39,6 +54,33 @@ pub struct Args {
     /// Seed of the random weights used when there are no weights.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Run the eager graph: no fusion.
+    #[arg(long)]
+    pub no_fuse: bool,
+    /// Load fusion rules from this file too (repeatable); see README.md for the syntax.
+    #[arg(long = "rules", value_name = "FILE")]
+    pub rules: Vec<PathBuf>,
+    /// Precision to run in (overrides [target] precision): f32, f16, bf16, fp8.
+    #[arg(long)]
+    pub precision: Option<String>,
+    /// With fp8: keep this op class at the compute precision (repeatable): qkv,
+    /// attn-out, mlp-up, mlp-down, lm-head, kv-cache [default: as saved FP8 weights
+    /// say, else none].
+    #[arg(long = "keep", value_name = "CLASS")]
+    pub keep: Vec<String>,
+    /// With fp8: weight scales per output channel or per tensor [default: as saved FP8
+    /// weights say, else per-channel].
+    #[arg(long, value_enum)]
+    pub weight_scales: Option<WeightScales>,
+    /// Also run the f32 graph on the same weights, feed its tokens to this run
+    /// (teacher forcing), and report per step the relative L2 error of the logits,
+    /// top-1 agreement and KL(f32 || this run).
+    #[arg(long)]
+    pub compare: bool,
+    /// Write the weights this run used (FP8 values as F8_E4M3 with their scales, KV-cache
+    /// scales included) to DIR/model.safetensors, to load back with --weights DIR.
+    #[arg(long, value_name = "DIR")]
+    pub save_weights: Option<PathBuf>,
 }
 
 /// The `--json` file: the fields of the reference schema (`llm-reference/1`) that a
@@ -48,6 +90,9 @@ struct Report<'a> {
     schema: &'static str,
     model: &'a str,
     weights: String,
+    /// `fused` or `eager`.
+    graph: &'static str,
+    precision: &'static str,
     prompt: &'a [i32],
     new_tokens: usize,
     generated: &'a [i32],
@@ -55,6 +100,11 @@ struct Report<'a> {
     /// position, row i the output of feeding generated token i - 1.
     logits: &'a [Vec<f32>],
     stats: Stats,
+    /// The calibrated KV-cache scales of an FP8 run, by weight name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kv_scales: Option<&'a KvScales>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    accuracy: Option<AccuracyReport<'a>>,
 }
 
 #[derive(Serialize, Debug)]
@@ -68,7 +118,18 @@ struct Stats {
     tokens_per_s: f64,
 }
 
-fn exec_failure(e: fusec::exec::Error) -> Failure {
+/// `--compare` in the JSON: the run teacher-forced on the reference's tokens.
+#[derive(Serialize, Debug)]
+struct AccuracyReport<'a> {
+    reference: &'static str,
+    teacher_forced: bool,
+    /// The tokens fed after the prompt: the reference run's greedy tokens.
+    forced_tokens: &'a [i32],
+    #[serde(flatten)]
+    accuracy: &'a Accuracy,
+}
+
+fn exec_failure(e: ExecError) -> Failure {
     if e.is_input_error() {
         Failure::Input(e.into())
     } else {
@@ -76,9 +137,139 @@ fn exec_failure(e: fusec::exec::Error) -> Failure {
     }
 }
 
+/// Builds the graphs a run needs, all from one spec, rules and FP8 options.
+struct Builder<'a> {
+    spec: &'a ModelSpec,
+    rules: fusec_rewrite::RuleSet,
+    fp8: Fp8Options,
+    fuse: bool,
+}
+
+impl Builder<'_> {
+    fn graph(&self, precision: Precision) -> Result<Graph, Failure> {
+        if !self.fuse {
+            if precision == Precision::Fp8 {
+                return Err(Failure::Input(anyhow!(
+                    "--no-fuse cannot run fp8: the FP8 lowering applies to the fused graph"
+                )));
+            }
+            return Ok(pipeline::eager(&pipeline::in_precision(
+                self.spec, precision,
+            ))?);
+        }
+        let (graph, report) = pipeline::fused_in(self.spec, precision, &self.rules, &self.fp8)?;
+        for e in &report.rejected {
+            eprintln!("warning: {e} (not applied)");
+        }
+        if report.hit_limit {
+            eprintln!(
+                "warning: equality saturation stopped at a limit ({}); the result is correct but may be less fused",
+                report.stop_reason
+            );
+        }
+        Ok(graph)
+    }
+}
+
+/// Where weights come from.
+#[derive(Clone, Debug)]
+enum Source {
+    File(PathBuf),
+    Random(u64),
+}
+
+impl Source {
+    fn describe(&self) -> String {
+        match self {
+            Source::File(p) => p.display().to_string(),
+            Source::Random(seed) => format!("random (seed {seed})"),
+        }
+    }
+
+    fn load(&self, graph: &Graph) -> Result<Weights, ExecError> {
+        match self {
+            Source::File(p) => Weights::load(p, graph),
+            Source::Random(seed) => Weights::random(graph, *seed),
+        }
+    }
+}
+
+/// The weights of `graph`; for a lowered graph whose KV-cache scales the source lacks,
+/// the base weights of the unlowered graph with the scales calibrated on `prompt`.
+fn weights_for(
+    graph: &Graph,
+    precision: Precision,
+    source: &Source,
+    builder: &Builder<'_>,
+    prompt: &[i32],
+) -> Result<(Weights, Option<KvScales>), Failure> {
+    match source.load(graph) {
+        Ok(w) => Ok((w, None)),
+        Err(ExecError::Uncalibrated { .. }) if precision == Precision::Fp8 => {
+            let compute = pipeline::compute_dtype(builder.spec, precision);
+            let base_graph = builder.graph(Precision::of_dtype(compute))?;
+            let base = source.load(&base_graph).map_err(exec_failure)?;
+            let (scales, _) =
+                quant::calibrate_kv_scales(graph, &base_graph, &base, &[prompt.to_vec()])
+                    .map_err(exec_failure)?;
+            let weights = quant::lower_weights(&base, graph, &scales).map_err(exec_failure)?;
+            Ok((weights, Some(scales)))
+        }
+        Err(e) => Err(exec_failure(e)),
+    }
+}
+
+/// The FP8 options: the command line's, else what saved weights say, else defaults.
+fn fp8_from(args: &Args, source: &Source) -> Result<Fp8Options, Failure> {
+    let saved = match source {
+        Source::File(p) => Weights::metadata(p).unwrap_or_default(),
+        Source::Random(_) => Default::default(),
+    };
+    let scales =
+        args.weight_scales
+            .unwrap_or(match saved.get("fusec.weight_scales").map(String::as_str) {
+                Some("per-tensor") => WeightScales::PerTensor,
+                _ => WeightScales::PerChannel,
+            });
+    let keep: Vec<String> = if args.keep.is_empty() {
+        saved
+            .get("fusec.keep")
+            .map(|k| {
+                k.split(',')
+                    .filter(|c| !c.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default()
+    } else {
+        args.keep.clone()
+    };
+    fp8_options(&keep, scales)
+}
+
+fn run_session(
+    graph: Graph,
+    weights: &Weights,
+    prompt: &[i32],
+    tokens: usize,
+    forced: Option<&[i32]>,
+) -> Result<(Session, Generation), Failure> {
+    let exec = Executor::new(graph, weights).map_err(exec_failure)?;
+    let mut session =
+        Session::with_capacity(exec, 1, prompt.len() + tokens).map_err(exec_failure)?;
+    let prompts = [prompt.to_vec()];
+    let gen = match forced {
+        Some(f) => session.generate_forced(&prompts, &[f.to_vec()]),
+        None => session.generate(&prompts, tokens),
+    }
+    .map_err(exec_failure)?;
+    Ok((session, gen))
+}
+
 pub fn run(args: Args) -> Result<(), Failure> {
-    let spec = pipeline::load(&args.model, None, None)?;
-    let graph = pipeline::eager(&spec)?;
+    let mut spec = pipeline::load(&args.model, None, None)?;
+    set_precision(&mut spec, &args.precision)?;
+    let precision = spec.target.precision;
     let model = &spec.model;
     if args.tokens == 0 {
         return Err(Failure::Input(anyhow!("--tokens must be at least 1")));
@@ -109,31 +300,66 @@ pub fn run(args: Args) -> Result<(), Failure> {
         )));
     }
 
-    let (weights, source) = match args.weights.as_ref().or(spec.weights.as_ref()) {
-        Some(path) => (
-            Weights::load(path, &graph).map_err(exec_failure)?,
-            path.display().to_string(),
-        ),
-        None => (
-            Weights::random(&graph, args.seed).map_err(exec_failure)?,
-            format!("random (seed {})", args.seed),
-        ),
+    let source = match args.weights.as_ref().or(spec.weights.as_ref()) {
+        Some(path) => Source::File(path.clone()),
+        None => Source::Random(args.seed),
     };
-    let exec = Executor::new(graph, &weights).map_err(exec_failure)?;
-    let mut session = Session::new(exec, 1).map_err(exec_failure)?;
-    let gen = session
-        .generate(std::slice::from_ref(&prompt), args.tokens)
-        .map_err(exec_failure)?;
+    let builder = Builder {
+        spec: &spec,
+        rules: pipeline::rules(&args.rules)?,
+        fp8: fp8_from(&args, &source)?,
+        fuse: !args.no_fuse,
+    };
+    let graph = builder.graph(precision)?;
+    let (weights, kv_scales) = weights_for(&graph, precision, &source, &builder, &prompt)?;
+    if let Some(dir) = &args.save_weights {
+        save(
+            dir, &graph, &weights, &spec, precision, &builder, &source, &prompt,
+        )?;
+    }
+    let (session, gen) = run_session(graph.clone(), &weights, &prompt, args.tokens, None)?;
 
-    print_summary(&model.name, &source, &prompt, &gen);
+    print_summary(
+        &model.name,
+        &source.describe(),
+        &args,
+        precision,
+        &prompt,
+        &gen,
+    );
     if args.profile {
         print!("{}", session.profile().render());
     }
+    let compared = if args.compare {
+        let reference_graph = builder.graph(Precision::F32)?;
+        let reference_weights = source.load(&reference_graph).map_err(|e| match e {
+            ExecError::MissingWeight { .. } => Failure::Input(anyhow!(
+                "--compare runs the f32 graph on the checkpoint's own weights: {e}"
+            )),
+            other => exec_failure(other),
+        })?;
+        let (_, reference) = run_session(
+            reference_graph,
+            &reference_weights,
+            &prompt,
+            args.tokens,
+            None,
+        )?;
+        let forced = reference.generated[0][..args.tokens - 1].to_vec();
+        let (_, lowered) = run_session(graph, &weights, &prompt, args.tokens, Some(&forced))?;
+        let acc = accuracy::compare(&reference.logits[0], &lowered.logits[0]);
+        crate::say(&accuracy::render(&acc, precision.name(), "f32"));
+        Some((forced, acc))
+    } else {
+        None
+    };
     if let Some(path) = &args.json {
         let report = Report {
             schema: "llm-reference/1",
             model: &model.name,
-            weights: source,
+            weights: source.describe(),
+            graph: if args.no_fuse { "eager" } else { "fused" },
+            precision: precision.name(),
             prompt: &prompt,
             new_tokens: args.tokens,
             generated: &gen.generated[0],
@@ -144,6 +370,13 @@ pub fn run(args: Args) -> Result<(), Failure> {
                 bytes_per_step: gen.bytes_per_step().round() as u64,
                 tokens_per_s: gen.tokens_per_s(),
             },
+            kv_scales: kv_scales.as_ref(),
+            accuracy: compared.as_ref().map(|(forced, acc)| AccuracyReport {
+                reference: "f32",
+                teacher_forced: true,
+                forced_tokens: forced,
+                accuracy: acc,
+            }),
         };
         let json = serde_json::to_string(&report).map_err(|e| Failure::Internal(e.into()))?;
         std::fs::write(path, json + "\n")
@@ -154,12 +387,61 @@ pub fn run(args: Args) -> Result<(), Failure> {
     Ok(())
 }
 
+/// `--save-weights`: the weights with metadata that says how they were made.
+#[allow(clippy::too_many_arguments)]
+fn save(
+    dir: &Path,
+    graph: &Graph,
+    weights: &Weights,
+    spec: &ModelSpec,
+    precision: Precision,
+    builder: &Builder<'_>,
+    source: &Source,
+    prompt: &[i32],
+) -> Result<(), Failure> {
+    let granularity = match builder.fp8.granularity {
+        fusec_rewrite::precision::Granularity::PerChannel => "per-channel",
+        fusec_rewrite::precision::Granularity::PerTensor => "per-tensor",
+    };
+    let keep: Vec<&str> = builder.fp8.keep.iter().map(|c| c.name()).collect();
+    let metadata: BTreeMap<String, String> = [
+        ("fusec.model", spec.model.name.clone()),
+        ("fusec.precision", precision.name().to_string()),
+        (
+            "fusec.graph",
+            if builder.fuse { "fused" } else { "eager" }.to_string(),
+        ),
+        ("fusec.weight_scales", granularity.to_string()),
+        ("fusec.keep", keep.join(",")),
+        ("fusec.kv_scale_margin", quant::KV_SCALE_MARGIN.to_string()),
+        ("fusec.calibration_prompt", ids(prompt)),
+        ("fusec.source", source.describe()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let path = quant::save_weights(dir, graph, weights, &metadata).map_err(exec_failure)?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
 fn ids(v: &[i32]) -> String {
     v.iter().map(i32::to_string).collect::<Vec<_>>().join(",")
 }
 
-fn print_summary(model: &str, weights: &str, prompt: &[i32], gen: &Generation) {
-    println!("model     {model}, weights {weights}");
+fn print_summary(
+    model: &str,
+    weights: &str,
+    args: &Args,
+    precision: Precision,
+    prompt: &[i32],
+    gen: &Generation,
+) {
+    let graph = if args.no_fuse { "eager" } else { "fused" };
+    println!(
+        "model     {model}, weights {weights}, {graph} graph in {}",
+        precision.name()
+    );
     println!("prompt    {}", ids(prompt));
     println!("generated {}", ids(&gen.generated[0]));
     println!(

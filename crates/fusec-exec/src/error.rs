@@ -49,6 +49,14 @@ pub enum Error {
         index: usize,
         value: f32,
     },
+    #[error("{}: derived weight `{tensor}` cannot be made: {reason}", file.display())]
+    Underivable {
+        tensor: String,
+        file: PathBuf,
+        reason: String,
+    },
+    #[error("`{tensor}` is a KV-cache scale, which no checkpoint holds: calibrate it by running the prompt through the unlowered graph (`fusec_exec::quant::calibrate_kv_scales`), or load FP8 weights saved with their scales")]
+    Uncalibrated { tensor: String },
     #[error("input `{name}`: {message}")]
     BadInput { name: String, message: String },
     #[error("symbolic dimension `{0}` has no value")]
@@ -78,6 +86,8 @@ impl Error {
             | Error::WrongShape { .. }
             | Error::WrongDtype { .. }
             | Error::NonFinite { .. }
+            | Error::Underivable { .. }
+            | Error::Uncalibrated { .. }
             | Error::BadInput { .. } => true,
             Error::Node { source, .. } => source.is_input_error(),
             Error::InvalidGraph(_) | Error::Unbound(_) => false,

@@ -8,7 +8,18 @@
 //! The measurements come from the runtime tensors, not from `fusec_ir::cost`: a node
 //! counts as a launch when its kernel runs; it writes its result's bytes, and reads each
 //! operand's bytes through its view (the smaller of the view's and its buffer's size;
-//! nothing for a scalar kernel argument; the gathered rows for an embedding table).
+//! nothing for a scalar kernel argument; the gathered rows for an embedding table; the
+//! stored FP8 values and the scales of a quantized weight). A KV append in place
+//! (`kv.append`, `fused.decode_attention`) reads none of the cached entries it appends
+//! to and writes only the new ones; if it had to copy a cache to make room, the copy
+//! is counted too.
+//!
+//! **Ownership of the KV cache.** An append may write into a cache's buffer only if no
+//! other tensor shares it. So the executor takes its inputs by value, and when a node
+//! that appends in place is the last user of a cache, the cache is moved out of its
+//! slot and handed to the kernel, which finds the buffer unshared. Input values are
+//! kept until the end of the step (the append does not change what they show), so that
+//! [`Executor::run_restoring`] can hand them back to the caller when a step fails.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
@@ -16,23 +27,27 @@ use std::time::Instant;
 
 use fusec_ir::op::resolve_axis;
 use fusec_ir::shape::{Bindings, Shape};
-use fusec_ir::{verify, Graph, NodeId, Op, OutputKind, TensorType, Type};
+use fusec_ir::{verify, FusedOp, Graph, NodeId, Op, OutputKind, TensorType, Type};
 
 use crate::error::Error;
+use crate::kernels::attention::{self, Caches};
 use crate::kernels::elementwise::Arg;
-use crate::kernels::{constant, elementwise, gather, matmul, movement, reduce, KernelError};
+use crate::kernels::gemv::{self, GemvWeight, QuantWeight};
+use crate::kernels::{constant, elementwise, fused, gather, matmul, movement, reduce, KernelError};
 use crate::profile::{NodeStats, StepStats};
 use crate::tensor::{Tensor, TensorError};
 use crate::weights::Weights;
 use crate::{dtype, pool};
 
-/// A runtime value: a tensor, a scalar kernel argument, or the results of a
-/// multi-result (fused) op, read with `get`.
+/// A runtime value: a tensor, a scalar kernel argument, the results of a
+/// multi-result (fused) op, read with `get`, or a quantized GEMV weight (a `dequant`
+/// node, which launches nothing: its consumer reads the FP8 values and the scales).
 #[derive(Clone, Debug)]
 pub enum Value {
     Tensor(Tensor),
     Scalar(f32),
     Tuple(Vec<Tensor>),
+    Quant(QuantWeight),
 }
 
 impl Value {
@@ -40,14 +55,14 @@ impl Value {
     pub fn tensor(&self) -> Option<&Tensor> {
         match self {
             Value::Tensor(t) => Some(t),
-            Value::Scalar(_) | Value::Tuple(_) => None,
+            Value::Scalar(_) | Value::Tuple(_) | Value::Quant(_) => None,
         }
     }
 
     pub fn into_tensor(self) -> Option<Tensor> {
         match self {
             Value::Tensor(t) => Some(t),
-            Value::Scalar(_) | Value::Tuple(_) => None,
+            Value::Scalar(_) | Value::Tuple(_) | Value::Quant(_) => None,
         }
     }
 
@@ -57,6 +72,7 @@ impl Value {
             Value::Tensor(t) => t.read_bytes(),
             Value::Scalar(_) => 0,
             Value::Tuple(ts) => ts.iter().map(Tensor::read_bytes).sum(),
+            Value::Quant(q) => q.read_bytes(),
         }
     }
 
@@ -66,7 +82,17 @@ impl Value {
             Value::Tensor(t) => t.bytes(),
             Value::Scalar(_) => 4,
             Value::Tuple(ts) => ts.iter().map(Tensor::bytes).sum(),
+            Value::Quant(q) => q.values.bytes() + q.scale.bytes(),
         }
+    }
+}
+
+/// The operand positions of an op that it appends to in place.
+fn in_place_operands(op: &Op) -> &'static [usize] {
+    match op {
+        Op::Fused(FusedOp::KvAppend) => &[0],
+        Op::Fused(FusedOp::DecodeAttention) => &[5, 6],
+        _ => &[],
     }
 }
 
@@ -83,6 +109,12 @@ struct Planned {
     operands: Vec<usize>,
     /// Slots whose last use is this node: freed once it has run.
     free: Vec<usize>,
+    /// Operand positions appended to in place whose last use is this node: their
+    /// values are moved into the kernel (see the module documentation).
+    owned: Vec<usize>,
+    /// Whether this is an `input` or `state` leaf, whose value lives until the end of
+    /// the step.
+    is_input: bool,
     /// The value of a leaf bound when the executor is built (weights, constants).
     bound: Option<Value>,
 }
@@ -177,6 +209,8 @@ impl Executor {
                 ty: node.ty.clone(),
                 operands,
                 free: Vec::new(),
+                owned: Vec::new(),
+                is_input: matches!(node.op, Op::Input { .. }),
                 bound: None,
             };
             planned.bound = match &node.op {
@@ -203,8 +237,20 @@ impl Executor {
         for (_, _, s) in &outputs {
             last_use[*s] = usize::MAX;
         }
+        for node in &mut plan {
+            let pos = node.number;
+            node.owned = in_place_operands(&node.op)
+                .iter()
+                .copied()
+                .filter(|&i| {
+                    node.operands.get(i).is_some_and(|&s| {
+                        last_use[s] == pos && node.operands.iter().filter(|&&o| o == s).count() == 1
+                    })
+                })
+                .collect();
+        }
         for (s, &pos) in last_use.iter().enumerate() {
-            if pos != usize::MAX {
+            if pos != usize::MAX && !plan[s].is_input {
                 plan[pos].free.push(s);
             }
         }
@@ -228,11 +274,24 @@ impl Executor {
     }
 
     /// Runs one step. `inputs` gives every `input` and `state` leaf by name, with the
-    /// dtype and shape its type has under `bindings`.
+    /// dtype and shape its type has under `bindings`. A KV cache given here is appended
+    /// to in place when it has room and nothing else shares its buffer.
     pub fn run(
         &mut self,
         bindings: &Bindings,
         mut inputs: HashMap<String, Tensor>,
+    ) -> Result<RunOutput, Error> {
+        self.run_restoring(bindings, &mut inputs)
+    }
+
+    /// Runs one step like [`Executor::run`], taking the inputs out of `inputs`. If the
+    /// step fails, every input is put back into `inputs` with the values it had (an
+    /// in-place append writes only past the end of the cache it was given), so the
+    /// caller can go on from where it was.
+    pub fn run_restoring(
+        &mut self,
+        bindings: &Bindings,
+        inputs: &mut HashMap<String, Tensor>,
     ) -> Result<RunOutput, Error> {
         if let Some(extra) = inputs.keys().find(|n| !self.input_names.contains(*n)) {
             return Err(Error::BadInput {
@@ -242,16 +301,30 @@ impl Executor {
         }
         let step_start = Instant::now();
         let mut slots = std::mem::take(&mut self.slots);
-        let result = self.run_plan(bindings, &mut inputs, &mut slots);
-        let outputs = result.map(|mut stats| {
-            let outputs = self
-                .outputs
-                .iter()
-                .filter_map(|(name, kind, s)| slots[*s].clone().map(|v| (name.clone(), *kind, v)))
-                .collect();
-            stats.time = step_start.elapsed();
-            RunOutput { outputs, stats }
-        });
+        let result = self.run_plan(bindings, inputs, &mut slots);
+        let outputs = match result {
+            Ok(mut stats) => {
+                let outputs = self
+                    .outputs
+                    .iter()
+                    .filter_map(|(name, kind, s)| {
+                        slots[*s].clone().map(|v| (name.clone(), *kind, v))
+                    })
+                    .collect();
+                stats.time = step_start.elapsed();
+                Ok(RunOutput { outputs, stats })
+            }
+            Err(e) => {
+                for node in self.plan.iter().filter(|n| n.is_input) {
+                    if let (Op::Input { name, .. }, Some(Value::Tensor(t))) =
+                        (&node.op, slots[node.number].take())
+                    {
+                        inputs.insert(name.clone(), t);
+                    }
+                }
+                Err(e)
+            }
+        };
         slots.iter_mut().filter_map(Option::take).for_each(recycle);
         self.slots = slots;
         outputs
@@ -268,20 +341,56 @@ impl Executor {
             ..StepStats::default()
         };
         for (pos, node) in self.plan.iter().enumerate() {
-            let mut args: Vec<&Value> = Vec::with_capacity(node.operands.len());
-            for &o in &node.operands {
-                let v = slots[o].as_ref().ok_or_else(|| {
-                    Error::InvalidGraph(format!("operand %{o} freed before its last use"))
-                })?;
+            // Caches appended to in place are moved out of their slots first, so the
+            // kernel owns them (see the module documentation).
+            let mut owned: Vec<Option<Tensor>> = vec![None; node.operands.len()];
+            for &i in &node.owned {
+                let s = node.operands[i];
+                if let Some(Value::Tensor(_)) = slots[s] {
+                    if let Some(Value::Tensor(t)) = slots[s].take() {
+                        owned[i] = Some(t);
+                    }
+                }
+            }
+            let mut args: Vec<Option<&Value>> = Vec::with_capacity(node.operands.len());
+            for (i, &o) in node.operands.iter().enumerate() {
+                let v = slots[o].as_ref();
+                if v.is_none() && owned[i].is_none() {
+                    return Err(Error::InvalidGraph(format!(
+                        "operand %{o} freed before its last use"
+                    )));
+                }
                 args.push(v);
             }
+            let mut operands = Operands {
+                args: &args,
+                owned: &mut owned,
+            };
             let start = Instant::now();
-            let (value, launched) = dispatch(node, &args, inputs, b)?;
+            let outcome = dispatch(node, &mut operands, inputs, b).map(|o| {
+                let traffic = match (o.launched, o.traffic) {
+                    (true, Some(t)) => t,
+                    (true, None) => (read_bytes(&node.op, &args), o.value.bytes()),
+                    (false, _) => (0, 0),
+                };
+                (o.value, o.launched, traffic)
+            });
             let time = start.elapsed();
+            // The moved caches go back to their slots (an input lives until the end of
+            // the step) or are dropped, whatever the outcome.
+            for (i, t) in owned.into_iter().enumerate() {
+                if let Some(t) = t {
+                    let s = node.operands[i];
+                    if self.plan[s].is_input {
+                        slots[s] = Some(Value::Tensor(t));
+                    } else {
+                        pool::recycle(t);
+                    }
+                }
+            }
+            let (value, launched, (bytes_read, bytes_written)) = outcome?;
             check_result(node, &value, b)?;
             if launched {
-                let bytes_read = read_bytes(&node.op, &args);
-                let bytes_written = value.bytes();
                 stats.launches += 1;
                 stats.bytes_read += bytes_read;
                 stats.bytes_written += bytes_written;
@@ -310,20 +419,81 @@ pub(crate) fn recycle(v: Value) {
     match v {
         Value::Tensor(t) => pool::recycle(t),
         Value::Tuple(ts) => ts.into_iter().for_each(pool::recycle),
-        Value::Scalar(_) => {}
+        Value::Scalar(_) | Value::Quant(_) => {}
     }
 }
 
-/// Bytes a launched op reads from its operands.
-fn read_bytes(op: &Op, args: &[&Value]) -> u64 {
+/// Bytes a launched op reads from its operands (all present: ops that move an operand
+/// into the kernel measure their own traffic).
+fn read_bytes(op: &Op, args: &[Option<&Value>]) -> u64 {
     match (op, args) {
-        (Op::Embedding, [Value::Tensor(table), Value::Tensor(ids)]) => {
+        (Op::Embedding, [Some(Value::Tensor(table)), Some(Value::Tensor(ids))]) => {
             // A gather reads one table row per id.
             let row = table.shape().get(1).copied().unwrap_or(0) as u64;
             ids.numel() as u64 * row * table.dtype().size_bytes() + ids.read_bytes()
         }
-        _ => args.iter().map(|v| v.read_bytes()).sum(),
+        _ => args.iter().flatten().map(|v| v.read_bytes()).sum(),
     }
+}
+
+/// A node's operands: borrowed from their slots, or moved into the kernel.
+struct Operands<'a, 'v> {
+    args: &'a [Option<&'v Value>],
+    owned: &'a mut [Option<Tensor>],
+}
+
+impl Operands<'_, '_> {
+    fn len(&self) -> usize {
+        self.args.len()
+    }
+
+    /// Operand `i` as a tensor of its own: the moved value, or a copy of the handle
+    /// (which shares the buffer, so an append to it copies the cache first).
+    fn take_tensor(&mut self, node: &Planned, i: usize) -> Result<Tensor, Error> {
+        if let Some(t) = self.owned.get_mut(i).and_then(Option::take) {
+            return Ok(t);
+        }
+        Ok(tensor_arg(node, operand(node, self.args, i)?, i)?.into_owned())
+    }
+
+    /// Gives a tensor taken with [`Operands::take_tensor`] back, so that the executor
+    /// can keep an input's value to the end of the step.
+    fn give_back(&mut self, i: usize, t: Tensor) {
+        if let Some(slot) = self.owned.get_mut(i) {
+            if self.args.get(i).is_some_and(Option::is_none) {
+                *slot = Some(t);
+            }
+        }
+    }
+
+    /// Bytes read from the operands still in their slots.
+    fn borrowed_read_bytes(&self) -> u64 {
+        self.args.iter().flatten().map(|v| v.read_bytes()).sum()
+    }
+}
+
+/// Operand `i` as borrowed from its slot: an error if it is missing or was moved into
+/// the kernel.
+fn operand<'v>(node: &Planned, args: &[Option<&'v Value>], i: usize) -> Result<&'v Value, Error> {
+    match args.get(i) {
+        Some(Some(v)) => Ok(v),
+        Some(None) => Err(node_error(
+            node,
+            KernelError::Invalid(format!("operand {i} was moved into the kernel")),
+        )),
+        None => Err(node_error(
+            node,
+            KernelError::Invalid(format!("missing operand {i}")),
+        )),
+    }
+}
+
+/// What [`dispatch`] did: the value, whether a kernel ran, and the bytes it read and
+/// wrote when the kernel measured them itself (an in-place append).
+struct Outcome {
+    value: Value,
+    launched: bool,
+    traffic: Option<(u64, u64)>,
 }
 
 /// Checks a node's runtime value against its IR type: a mismatch is an executor bug.
@@ -343,6 +513,9 @@ fn check_result(node: &Planned, value: &Value, b: &Bindings) -> Result<(), Error
                     .into_iter()
                     .all(|ok| ok)
         }
+        (Value::Quant(q), Type::Tensor(ty)) => {
+            q.to == ty.dtype && q.shape() == dims(&ty.shape, b)?.as_slice()
+        }
         _ => false,
     };
     if ok {
@@ -355,6 +528,7 @@ fn check_result(node: &Planned, value: &Value, b: &Bindings) -> Result<(), Error
                 "({})",
                 ts.iter().map(describe).collect::<Vec<_>>().join(", ")
             ),
+            Value::Quant(q) => format!("dequant of {}", describe(&q.values)),
         };
         Err(node_error(
             node,
@@ -367,25 +541,27 @@ fn check_result(node: &Planned, value: &Value, b: &Bindings) -> Result<(), Error
 }
 
 /// An operand as a tensor: a scalar kernel argument becomes a rank-0 tensor.
-fn tensor_arg<'a>(node: &Planned, args: &[&'a Value], i: usize) -> Result<Cow<'a, Tensor>, Error> {
-    match args.get(i) {
-        Some(Value::Tensor(t)) => Ok(Cow::Borrowed(t)),
-        Some(Value::Scalar(v)) => Ok(Cow::Owned(Tensor::scalar(*v))),
-        Some(Value::Tuple(_)) => Err(node_error(
+fn tensor_arg<'a>(node: &Planned, v: &'a Value, i: usize) -> Result<Cow<'a, Tensor>, Error> {
+    match v {
+        Value::Tensor(t) => Ok(Cow::Borrowed(t)),
+        Value::Scalar(v) => Ok(Cow::Owned(Tensor::scalar(*v))),
+        Value::Tuple(_) => Err(node_error(
             node,
             KernelError::Invalid(format!("operand {i} is a tuple")),
         )),
-        None => Err(node_error(
+        Value::Quant(_) => Err(node_error(
             node,
-            KernelError::Invalid(format!("missing operand {i}")),
+            KernelError::Invalid(format!(
+                "operand {i} is a quantized weight, which only a GEMV can read"
+            )),
         )),
     }
 }
 
-fn binary_arg<'a>(node: &Planned, args: &[&'a Value], i: usize) -> Result<Arg<'a>, Error> {
-    match args.get(i) {
-        Some(Value::Tensor(t)) => Ok(Arg::Tensor(t)),
-        Some(Value::Scalar(v)) => Ok(Arg::Scalar(*v)),
+fn binary_arg<'a>(node: &Planned, v: &'a Value, i: usize) -> Result<Arg<'a>, Error> {
+    match v {
+        Value::Tensor(t) => Ok(Arg::Tensor(t)),
+        Value::Scalar(v) => Ok(Arg::Scalar(*v)),
         _ => Err(node_error(
             node,
             KernelError::Invalid(format!("operand {i} is not a tensor")),
@@ -393,32 +569,70 @@ fn binary_arg<'a>(node: &Planned, args: &[&'a Value], i: usize) -> Result<Arg<'a
     }
 }
 
-/// Evaluates one node: the single place that matches on every op. Returns the value
-/// and whether a kernel ran.
+/// An operand that must be one number: a scalar kernel argument or a one-element
+/// tensor (a per-tensor scale weight).
+fn scalar_arg(node: &Planned, v: &Value, i: usize) -> Result<f32, Error> {
+    match v {
+        Value::Scalar(x) => Ok(*x),
+        Value::Tensor(t) if t.numel() == 1 && t.dtype().is_float() => {
+            Ok(t.to_vec_f32().first().copied().unwrap_or(f32::NAN))
+        }
+        _ => Err(node_error(
+            node,
+            KernelError::Invalid(format!("operand {i} must be a scalar")),
+        )),
+    }
+}
+
+/// A GEMV weight operand: a plain tensor or a quantized weight.
+fn gemv_arg<'a>(node: &Planned, v: &'a Value, i: usize) -> Result<GemvWeight<'a>, Error> {
+    match v {
+        Value::Tensor(t) => Ok(GemvWeight::Dense(t)),
+        Value::Quant(q) => Ok(GemvWeight::Quant(q)),
+        _ => Err(node_error(
+            node,
+            KernelError::Invalid(format!("operand {i} is not a GEMV weight")),
+        )),
+    }
+}
+
+/// Evaluates one node: the single place that matches on every op. Returns the value,
+/// whether a kernel ran, and the traffic of kernels that measure their own.
 fn dispatch(
     node: &Planned,
-    args: &[&Value],
+    ops: &mut Operands<'_, '_>,
     inputs: &mut HashMap<String, Tensor>,
     b: &Bindings,
-) -> Result<(Value, bool), Error> {
-    let t = |i: usize| tensor_arg(node, args, i);
-    let launch = |r: Result<Tensor, KernelError>| -> Result<(Value, bool), Error> {
-        r.map(|t| (Value::Tensor(t), true))
+) -> Result<Outcome, Error> {
+    let done = |value: Value, launched: bool| Outcome {
+        value,
+        launched,
+        traffic: None,
+    };
+    let launch = |r: Result<Tensor, KernelError>| -> Result<Outcome, Error> {
+        r.map(|t| done(Value::Tensor(t), true))
             .map_err(|e| node_error(node, e))
     };
-    let view = |r: Result<Tensor, TensorError>| -> Result<(Value, bool), Error> {
-        r.map(|t| (Value::Tensor(t), false))
+    let view = |r: Result<Tensor, TensorError>| -> Result<Outcome, Error> {
+        r.map(|t| done(Value::Tensor(t), false))
             .map_err(|e| node_error(node, e.into()))
     };
-    let axis = |axis: i64, i: usize| -> Result<usize, Error> {
-        let rank = args.get(i).and_then(|v| v.tensor()).map_or(0, Tensor::rank);
-        resolve_axis(axis, rank).map_err(|m| node_error(node, KernelError::Invalid(m)))
-    };
+    let kernel = |e: KernelError| node_error(node, e);
     let bound = || {
         node.bound
             .clone()
-            .map(|v| (v, false))
+            .map(|v| done(v, false))
             .ok_or_else(|| Error::InvalidGraph(format!("leaf {} was not bound at load", node.op)))
+    };
+    // Operands that only borrow; the caches an op appends to are taken from `ops`.
+    let args = ops.args;
+    let value = |i: usize| operand(node, args, i);
+    let t = |i: usize| tensor_arg(node, value(i)?, i);
+    let scalar = |i: usize| scalar_arg(node, value(i)?, i);
+    let gemv_w = |i: usize| gemv_arg(node, value(i)?, i);
+    let axis = |axis: i64, i: usize| -> Result<usize, Error> {
+        let rank = value(i)?.tensor().map_or(0, Tensor::rank);
+        resolve_axis(axis, rank).map_err(|m| node_error(node, KernelError::Invalid(m)))
     };
     match &node.op {
         Op::Input { name, .. } => {
@@ -431,25 +645,28 @@ fn dispatch(
                 message: format!("missing (expected {ty})"),
             })?;
             if !matches_type(&tensor, ty, b)? {
+                let message = format!(
+                    "expected {}{:?}, got {}",
+                    ty.dtype,
+                    dims(&ty.shape, b)?,
+                    describe(&tensor)
+                );
+                // The caller gets its input back (see `Executor::run_restoring`).
+                inputs.insert(name.clone(), tensor);
                 return Err(Error::BadInput {
                     name: name.clone(),
-                    message: format!(
-                        "expected {}{:?}, got {}",
-                        ty.dtype,
-                        dims(&ty.shape, b)?,
-                        describe(&tensor)
-                    ),
+                    message,
                 });
             }
-            Ok((Value::Tensor(tensor), false))
+            Ok(done(Value::Tensor(tensor), false))
         }
         Op::Weight { .. } | Op::RopeInvFreq { .. } => bound(),
-        Op::Scalar { value } => Ok((Value::Scalar(value.0 as f32), false)),
+        Op::Scalar { value } => Ok(done(Value::Scalar(value.0 as f32), false)),
         Op::Unary(u) => launch(elementwise::unary(*u, &*t(0)?)),
         Op::Binary(op) => launch(elementwise::binary(
             *op,
-            binary_arg(node, args, 0)?,
-            binary_arg(node, args, 1)?,
+            binary_arg(node, value(0)?, 0)?,
+            binary_arg(node, value(1)?, 1)?,
         )),
         Op::Cast { to } => launch(elementwise::cast(&*t(0)?, *to)),
         Op::Reduce {
@@ -460,10 +677,14 @@ fn dispatch(
         Op::Argmax { axis: a } => launch(reduce::argmax(&*t(0)?, axis(*a, 0)?)),
         Op::Softmax { axis: a } => launch(reduce::softmax(&*t(0)?, axis(*a, 0)?)),
         Op::MatMul => launch(matmul::matmul(&*t(0)?, &*t(1)?)),
-        Op::Linear => launch(matmul::linear(&*t(0)?, &*t(1)?)),
+        Op::Linear => match gemv_w(1)? {
+            // A plain weight runs the eager kernel itself.
+            GemvWeight::Dense(w) => launch(matmul::linear(&*t(0)?, w)),
+            w @ GemvWeight::Quant(_) => launch(gemv::linear(&*t(0)?, w)),
+        },
         Op::Embedding => launch(gather::embedding(&*t(0)?, &*t(1)?)),
         Op::Cat { axis: a } => {
-            let parts = (0..args.len()).map(t).collect::<Result<Vec<_>, Error>>()?;
+            let parts = (0..ops.len()).map(t).collect::<Result<Vec<_>, Error>>()?;
             let refs: Vec<&Tensor> = parts.iter().map(|p| p.as_ref()).collect();
             launch(movement::cat(&refs, axis(*a, 0)?))
         }
@@ -486,10 +707,10 @@ fn dispatch(
         }
         Op::Unsqueeze { axis } => view(t(0)?.unsqueeze(*axis)),
         Op::Expand { shape } => view(t(0)?.expand(&dims(shape, b)?)),
-        Op::Get { index } => match args.first() {
-            Some(Value::Tuple(ts)) => ts
+        Op::Get { index } => match value(0)? {
+            Value::Tuple(ts) => ts
                 .get(*index)
-                .map(|t| (Value::Tensor(t.clone()), false))
+                .map(|t| done(Value::Tensor(t.clone()), false))
                 .ok_or_else(|| {
                     node_error(
                         node,
@@ -501,18 +722,104 @@ fn dispatch(
                 KernelError::Invalid("operand is not a tuple".into()),
             )),
         },
-        // Fused kernels and FP8 weights come with the fusion and FP8 work; until then
-        // such graphs are rejected with a clear error rather than run wrongly.
-        Op::Fused(f) => Err(node_error(
-            node,
-            KernelError::Invalid(format!(
-                "the CPU executor has no kernel for {} yet",
-                f.name()
+        Op::Dequant { to, act } => {
+            let q = QuantWeight::new(t(0)?.into_owned(), t(1)?.into_owned(), *to, *act)
+                .map_err(kernel)?;
+            Ok(done(Value::Quant(q), false))
+        }
+        Op::Fused(f) => match f {
+            FusedOp::RmsNorm => launch(fused::rms_norm(&*t(0)?, &*t(1)?, scalar(2)?)),
+            FusedOp::RmsNormLinear => {
+                let ws = (3..ops.len())
+                    .map(gemv_w)
+                    .collect::<Result<Vec<_>, Error>>()?;
+                let mut outs =
+                    fused::rms_norm_linear(&*t(0)?, &*t(1)?, scalar(2)?, &ws).map_err(kernel)?;
+                let value = if outs.len() == 1 {
+                    Value::Tensor(outs.remove(0))
+                } else {
+                    Value::Tuple(outs)
+                };
+                Ok(done(value, true))
+            }
+            FusedOp::Swiglu => launch(fused::swiglu(&*t(0)?, gemv_w(1)?, gemv_w(2)?)),
+            FusedOp::RmsNormSwiglu => launch(fused::rms_norm_swiglu(
+                &*t(0)?,
+                &*t(1)?,
+                scalar(2)?,
+                gemv_w(3)?,
+                gemv_w(4)?,
             )),
-        )),
-        Op::Dequant { .. } => Err(node_error(
-            node,
-            KernelError::Invalid("the CPU executor does not run FP8 weights yet".into()),
-        )),
+            FusedOp::LinearAdd => launch(fused::linear_add(&*t(0)?, gemv_w(1)?, &*t(2)?)),
+            FusedOp::Rope => launch(fused::rope(&*t(0)?, &*t(1)?, &*t(2)?)),
+            FusedOp::Attention => launch(attention::attention(
+                &*t(0)?,
+                &*t(1)?,
+                &*t(2)?,
+                scalar(3)?,
+                &*t(4)?,
+                None,
+            )),
+            FusedOp::KvAppend => {
+                let new = t(1)?;
+                let mut past = ops.take_tensor(node, 0)?;
+                let result = attention::kv_append(&mut past, &new);
+                let past_bytes = past.bytes();
+                ops.give_back(0, past);
+                let (all, copied) = result.map_err(kernel)?;
+                // Only the new entries are read and written, plus any copy made to grow.
+                let written = all.bytes().saturating_sub(past_bytes) + copied;
+                Ok(Outcome {
+                    value: Value::Tensor(all),
+                    launched: true,
+                    traffic: Some((new.read_bytes() + copied, written)),
+                })
+            }
+            FusedOp::DecodeAttention => {
+                let fp8_scales = match ops.len() {
+                    9 => None,
+                    11 => Some((scalar(9)?, scalar(10)?)),
+                    n => {
+                        return Err(node_error(
+                            node,
+                            KernelError::Invalid(format!("takes 9 or 11 operands, got {n}")),
+                        ))
+                    }
+                };
+                let (q, k, v, cos, sin) = (t(0)?, t(1)?, t(2)?, t(3)?, t(4)?);
+                let (scale, mask) = (scalar(7)?, t(8)?);
+                let mut past_k = ops.take_tensor(node, 5)?;
+                let mut past_v = ops.take_tensor(node, 6)?;
+                let past_bytes = past_k.bytes() + past_v.bytes();
+                let past_read = past_k.read_bytes() + past_v.read_bytes();
+                let result = attention::decode_attention(
+                    &q,
+                    &k,
+                    &v,
+                    &cos,
+                    &sin,
+                    Caches {
+                        past_k: &mut past_k,
+                        past_v: &mut past_v,
+                        scales: fp8_scales,
+                    },
+                    scale,
+                    &mask,
+                );
+                ops.give_back(5, past_k);
+                ops.give_back(6, past_v);
+                let (results, copied) = result.map_err(kernel)?;
+                let value = Value::Tuple(results.into());
+                // Attention reads the whole caches; the append writes the new entries
+                // only, plus any copy made to grow.
+                let read = ops.borrowed_read_bytes() + past_read + copied;
+                let written = value.bytes().saturating_sub(past_bytes) + copied;
+                Ok(Outcome {
+                    value,
+                    launched: true,
+                    traffic: Some((read, written)),
+                })
+            }
+        },
     }
 }

@@ -7,12 +7,15 @@
 //! - [`kernels`]: reference CPU kernels, one module per op family;
 //! - [`exec`]: the interpreter, which measures launches, bytes and time per node;
 //! - [`decode`]: a greedy-decoding [`Session`] that carries the KV cache across steps;
-//! - [`profile`]: per-op-kind totals of the measured counts; `pool`: reused buffers.
+//! - [`profile`]: per-op-kind totals of the measured counts; `pool`: reused buffers;
+//! - [`quant`]: FP8 weights made at load, calibrated KV-cache scales, saving;
+//!   [`accuracy`]: logits of a lowered run against a reference run.
 //!
 //! Invariant: every launching node's measured launches and bytes equal the prediction
 //! of `fusec_ir::cost` for the same graph and bindings, but they are computed from the
 //! runtime tensors, never from the cost model.
 
+pub mod accuracy;
 pub mod decode;
 pub mod dtype;
 mod error;
@@ -20,6 +23,7 @@ pub mod exec;
 pub mod kernels;
 mod pool;
 pub mod profile;
+pub mod quant;
 pub mod random;
 pub mod tensor;
 pub mod weights;

@@ -123,15 +123,16 @@ impl Profile {
         let mut rows: Vec<(&str, KindStats)> = self.kinds.iter().map(|(k, v)| (*k, *v)).collect();
         rows.sort_by(|a, b| b.1.time.cmp(&a.1.time).then(a.0.cmp(b.0)));
         let mut out = String::new();
+        // The first column fits the longest op name, `fused.decode_attention`.
         let _ = writeln!(
             out,
-            "{:<16} {:>10} {:>12} {:>12} {:>11} {:>8}",
+            "{:<24} {:>10} {:>12} {:>12} {:>11} {:>8}",
             "op", "launches", "read MB", "written MB", "time ms", "GB/s"
         );
         let line = |out: &mut String, name: &str, k: &KindStats| {
             let _ = writeln!(
                 out,
-                "{:<16} {:>10} {:>12.3} {:>12.3} {:>11.3} {:>8.2}",
+                "{:<24} {:>10} {:>12.3} {:>12.3} {:>11.3} {:>8.2}",
                 name,
                 k.launches,
                 k.bytes_read as f64 / 1e6,

@@ -8,11 +8,15 @@
 //! Each tensor has its own [`SplitMix64`] stream, seeded from the run's seed and the
 //! tensor's name, so a tensor's values depend on nothing else (not on the order or the
 //! set of other weights), on every platform and thread count.
+//!
+//! A lowered graph's quantized weights (`W.fp8`, `W.scale`) are made from a random
+//! `W`, drawn as the unlowered graph draws it, so both graphs run the same model.
 
 use fusec_ir::Graph;
 use rayon::prelude::*;
 
 use crate::error::Error;
+use crate::quant::{self, Derived, KvScales};
 use crate::tensor::Tensor;
 use crate::weights::{fixed_shape, WeightSource, Weights};
 
@@ -90,14 +94,27 @@ impl SplitMix64 {
 
 /// Random weights for every weight of `graph`, in its declared dtypes.
 pub fn random_weights(graph: &Graph, seed: u64) -> Result<Weights, Error> {
+    let derived = quant::derived_weights(graph)?;
     let mut wanted = Vec::new();
     for (id, name) in graph.weights() {
         let ty = graph
             .ty(id)
             .tensor()
             .ok_or_else(|| Error::InvalidGraph(format!("weight `{name}` has a tuple type")))?;
-        wanted.push((name.to_string(), ty.dtype, fixed_shape(name, ty)?));
+        match derived.get(name) {
+            Some(Derived::Gemv {
+                base, to, shape, ..
+            }) => wanted.push((base.clone(), *to, shape.clone())),
+            Some(Derived::KvScale { .. }) => {
+                return Err(Error::Uncalibrated {
+                    tensor: name.to_string(),
+                })
+            }
+            None => wanted.push((name.to_string(), ty.dtype, fixed_shape(name, ty)?)),
+        }
     }
+    wanted.sort_by(|a, b| a.0.cmp(&b.0));
+    wanted.dedup_by(|a, b| a.0 == b.0);
     let tensors = wanted
         .into_par_iter()
         .map(|(name, dtype, shape)| {
@@ -118,7 +135,11 @@ pub fn random_weights(graph: &Graph, seed: u64) -> Result<Weights, Error> {
     for (name, t) in tensors {
         weights.insert(name, t, source.clone());
     }
-    Ok(weights)
+    if derived.is_empty() {
+        Ok(weights)
+    } else {
+        quant::lower_weights(&weights, graph, &KvScales::new())
+    }
 }
 
 #[cfg(test)]

@@ -7,8 +7,16 @@
 //! ignores size-1 dimensions, as PyTorch's does.
 //!
 //! Float values are stored as `f32` whatever their IR dtype; a tensor whose dtype is
-//! `f16` or `bf16` holds values already rounded to that dtype (see [`crate::dtype`]).
-//! Token ids and positions are `i32`.
+//! `f16`, `bf16` or an FP8 format holds values already rounded to that dtype (see
+//! [`crate::dtype`]). Token ids and positions are `i32`.
+//!
+//! A KV cache lives in a buffer with spare capacity along its sequence axis: the
+//! tensor is a prefix view of that buffer ([`Tensor::zeros_with_capacity`],
+//! [`Tensor::with_capacity`], [`Tensor::capacity_along`]), so that appending one
+//! position writes only the new entries. Buffers are shared and immutable; the only
+//! mutation is an append into a buffer that no other tensor shares
+//! (`Tensor::unique_f32_mut`), which therefore cannot change any value another
+//! tensor can see.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -289,7 +297,94 @@ impl Tensor {
         }
     }
 
-    fn with_layout(&self, shape: Vec<usize>, strides: Vec<usize>, offset: usize) -> Tensor {
+    /// A zeroed tensor of `shape` whose buffer has room for `capacity` entries along
+    /// `axis` (at least `shape[axis]`): a prefix view of a dense buffer.
+    pub fn zeros_with_capacity(
+        dtype: DType,
+        shape: &[usize],
+        axis: usize,
+        capacity: usize,
+    ) -> Result<Tensor, TensorError> {
+        if axis >= shape.len() {
+            return Err(TensorError::Invalid(format!(
+                "axis {axis} out of range for shape {shape:?}"
+            )));
+        }
+        let mut full = shape.to_vec();
+        full[axis] = capacity.max(shape[axis]);
+        Tensor::zeros(dtype, &full)?.slice(axis, 0, shape[axis])
+    }
+
+    /// This tensor's values in a new buffer with room for `capacity` entries along
+    /// `axis` (at least the current length).
+    pub fn with_capacity(&self, axis: usize, capacity: usize) -> Result<Tensor, TensorError> {
+        self.check_axis(axis, self.rank())?;
+        let Buffer::F32(_) = &self.buffer else {
+            return Err(TensorError::DType {
+                dtype: self.dtype,
+                what: "spare capacity",
+            });
+        };
+        let len = self.shape[axis];
+        let capacity = capacity.max(len);
+        let outer: usize = self.shape[..axis].iter().product();
+        let block: usize = self.shape[axis + 1..].iter().product();
+        let values = self.to_vec_f32();
+        let mut data = crate::pool::zeros(outer * capacity * block);
+        if len * block > 0 {
+            for (o, src) in values.chunks(len * block).enumerate().take(outer) {
+                let dst = o * capacity * block;
+                data[dst..dst + src.len()].copy_from_slice(src);
+            }
+        }
+        let mut full = self.shape.clone();
+        full[axis] = capacity;
+        Tensor::contiguous(self.dtype, full, Buffer::F32(Arc::new(data))).slice(axis, 0, len)
+    }
+
+    /// The number of entries along `axis` that the buffer has room for, when the tensor
+    /// is a prefix view along `axis` of a dense buffer (as [`Tensor::with_capacity`]
+    /// makes); `None` for any other layout.
+    pub fn capacity_along(&self, axis: usize) -> Option<usize> {
+        if axis >= self.rank() || self.offset != 0 {
+            return None;
+        }
+        let others: usize = self
+            .shape
+            .iter()
+            .enumerate()
+            .filter(|(d, _)| *d != axis)
+            .map(|(_, &n)| n)
+            .product();
+        if others == 0 || !self.storage_len().is_multiple_of(others) {
+            return None;
+        }
+        let capacity = self.storage_len() / others;
+        let mut full = self.shape.clone();
+        full[axis] = capacity;
+        let strides = contiguous_strides(&full);
+        // Size-1 axes before `axis` may have any stride (their index is always 0); the
+        // appended axis and every axis after it must be laid out densely.
+        let dense = (0..self.rank())
+            .all(|d| (d < axis && self.shape[d] == 1) || self.strides[d] == strides[d]);
+        (dense && capacity >= self.shape[axis]).then_some(capacity)
+    }
+
+    /// The `f32` buffer for writing, if no other tensor shares it.
+    pub(crate) fn unique_f32_mut(&mut self) -> Option<&mut Vec<f32>> {
+        match &mut self.buffer {
+            Buffer::F32(b) => Arc::get_mut(b),
+            Buffer::I32(_) => None,
+        }
+    }
+
+    /// A view of this tensor's buffer with another layout.
+    pub(crate) fn with_layout(
+        &self,
+        shape: Vec<usize>,
+        strides: Vec<usize>,
+        offset: usize,
+    ) -> Tensor {
         Tensor {
             dtype: self.dtype,
             buffer: self.buffer.clone(),
@@ -535,6 +630,24 @@ mod tests {
     }
 
     #[test]
+    fn capacity_views_are_prefixes_of_a_dense_buffer() {
+        let t = iota(&[2, 3, 4]);
+        let c = t.with_capacity(1, 5).expect("axis in range");
+        assert_eq!(c.shape(), &[2, 3, 4]);
+        assert_eq!(c.to_vec_f32(), t.to_vec_f32());
+        assert_eq!(c.storage_len(), 2 * 5 * 4);
+        assert_eq!(c.capacity_along(1), Some(5));
+        assert_eq!(c.read_bytes(), t.read_bytes());
+        // A plain contiguous tensor is its own buffer: no room to spare.
+        assert_eq!(t.capacity_along(1), Some(3));
+        assert_eq!(t.transpose(0, 2).expect("in range").capacity_along(1), None);
+        let z = Tensor::zeros_with_capacity(DType::F32, &[1, 2, 0, 4], 2, 8).expect("valid");
+        assert_eq!(z.numel(), 0);
+        assert_eq!(z.capacity_along(2), Some(8));
+        assert_eq!(z.read_bytes(), 0);
+    }
+
+    #[test]
     fn contiguity_ignores_size_one_axes() {
         let t = iota(&[3, 1, 4]).unsqueeze(0).expect("axis in range");
         assert!(t.is_contiguous());
@@ -548,7 +661,9 @@ mod tests {
     fn rejects_bad_construction() {
         assert!(Tensor::from_f32(DType::F32, &[2, 2], vec![0.0; 3]).is_err());
         assert!(Tensor::from_f32(DType::I32, &[1], vec![0.0]).is_err());
-        assert!(Tensor::from_f32(DType::Fp8E4M3, &[1], vec![0.0]).is_err());
+        let q = Tensor::from_f32(DType::Fp8E4M3, &[2], vec![0.3, 1e4]).expect("valid");
+        assert_eq!(q.to_vec_f32(), [0.3125, 448.0]);
+        assert_eq!(q.bytes(), 2);
         let h = Tensor::from_f32(DType::F16, &[1], vec![0.1]).expect("valid");
         assert_eq!(h.to_vec_f32(), [half::f16::from_f32(0.1).to_f32()]);
     }

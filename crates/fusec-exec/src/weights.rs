@@ -4,20 +4,26 @@
 //! A checkpoint is a `.safetensors` file, a `model.safetensors.index.json` listing
 //! shards, or a directory holding either. Only the tensors the graph names are read
 //! (a tied `lm_head` is absent from the graph, which uses the embedding table). Each
-//! is checked for presence, shape and dtype (F32, F16 or BF16), converted once to
-//! `f32`, rounded to the dtype the graph declares (as `torch_dtype` does when loading),
-//! and checked for NaN and infinities. Every error names the tensor and the file.
+//! is checked for presence, shape and dtype (F32, F16, BF16, or F8_E4M3 and F8_E5M2
+//! as saved FP8 weights are), converted once to `f32`, rounded to the dtype the graph
+//! declares (as `torch_dtype` does when loading), and checked for NaN and infinities.
+//! Every error names the tensor and the file.
+//!
+//! A lowered (FP8) graph names derived weights (`W.fp8`, `W.scale`; see
+//! [`crate::quant`]): those the checkpoint lacks are made at load from their base `W`.
+//! KV-cache scales cannot be made from weights and must be calibrated or saved.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use fusec_ir::{Graph, TensorType};
+use fusec_ir::{numerics, Graph, TensorType};
 use half::{bf16, f16};
 use safetensors::{Dtype, SafeTensorError, SafeTensors};
 
 use crate::dtype;
 use crate::error::Error;
+use crate::quant::{self, Derived, KvScales};
 use crate::tensor::Tensor;
 
 /// Where a weight's values came from, for messages.
@@ -139,26 +145,86 @@ impl Weights {
         Ok(t.clone())
     }
 
-    /// Loads and checks every weight `graph` names from the checkpoint at `path`.
+    /// Loads and checks every weight `graph` names from the checkpoint at `path`. A
+    /// derived weight of a lowered graph that the checkpoint lacks is made from its
+    /// base (see [`crate::quant`]); a KV-cache scale it lacks is an
+    /// [`Error::Uncalibrated`].
     pub fn load(path: &Path, graph: &Graph) -> Result<Weights, Error> {
         let layout = Layout::resolve(path)?;
-        let mut by_file: BTreeMap<PathBuf, Vec<(String, TensorType)>> = BTreeMap::new();
+        let present = layout.names();
+        let has = |name: &str| present.as_ref().is_none_or(|p| p.contains(name));
+        let derived = quant::derived_weights(graph)?;
+        // In the graph's order, so that the first problem reported is the first weight
+        // the step needs.
+        let mut wanted: Vec<(String, TensorType)> = Vec::new();
+        let mut seen: HashSet<String> = HashSet::new();
+        let mut want = |name: &str, ty: TensorType| {
+            if seen.insert(name.to_string()) {
+                wanted.push((name.to_string(), ty));
+            }
+        };
+        let mut derives = false;
         for (id, name) in graph.weights() {
             let ty = graph
                 .ty(id)
                 .tensor()
                 .ok_or_else(|| Error::InvalidGraph(format!("weight `{name}` has a tuple type")))?;
-            let file = layout.file_of(name)?;
-            by_file
-                .entry(file)
-                .or_default()
-                .push((name.to_string(), ty.clone()));
+            match derived.get(name) {
+                _ if has(name) => want(name, ty.clone()),
+                Some(Derived::Gemv {
+                    base, to, shape, ..
+                }) if has(base) => {
+                    let dims = shape.iter().map(|&d| fusec_ir::Dim::Fixed(d as u64));
+                    let base_ty = TensorType::new(*to, fusec_ir::Shape::new(dims));
+                    want(base, base_ty);
+                    derives = true;
+                }
+                Some(Derived::KvScale { .. }) => {
+                    return Err(Error::Uncalibrated {
+                        tensor: name.to_string(),
+                    })
+                }
+                _ => want(name, ty.clone()),
+            }
+        }
+        let mut by_file: BTreeMap<PathBuf, Vec<(String, TensorType)>> = BTreeMap::new();
+        for (name, ty) in wanted {
+            let file = layout.file_of(&name)?;
+            by_file.entry(file).or_default().push((name, ty));
         }
         let mut weights = Weights::new(WeightSource::File(layout.origin()));
         for (file, wanted) in &by_file {
             load_file(file, wanted, &mut weights)?;
         }
+        if derives {
+            weights = quant::lower_weights(&weights, graph, &KvScales::new())?;
+        }
         Ok(weights)
+    }
+
+    /// The `__metadata__` of the checkpoint at `path` (empty if it has none), e.g. the
+    /// `fusec.*` keys of saved FP8 weights.
+    pub fn metadata(path: &Path) -> Result<HashMap<String, String>, Error> {
+        let layout = Layout::resolve(path)?;
+        let file = match &layout {
+            Layout::Single(f) => f.clone(),
+            Layout::Sharded { files, .. } => match files.values().next() {
+                Some(f) => f.clone(),
+                None => return Ok(HashMap::new()),
+            },
+        };
+        let io = |source| Error::Io {
+            file: file.clone(),
+            source,
+        };
+        let handle = File::open(&file).map_err(io)?;
+        let map = map_file(&handle).map_err(io)?;
+        let (_, meta) = SafeTensors::read_metadata(&map).map_err(|e| Error::Corrupt {
+            tensor: "__metadata__".into(),
+            file: file.clone(),
+            message: e.to_string(),
+        })?;
+        Ok(meta.metadata().clone().unwrap_or_default())
     }
 }
 
@@ -258,6 +324,20 @@ impl Layout {
         })
     }
 
+    /// The names of the tensors in the checkpoint, or `None` when a file's header cannot
+    /// be read (loading then reports the problem, naming the tensor it was after).
+    fn names(&self) -> Option<HashSet<String>> {
+        match self {
+            Layout::Sharded { files, .. } => Some(files.keys().cloned().collect()),
+            Layout::Single(file) => {
+                let handle = File::open(file).ok()?;
+                let map = map_file(&handle).ok()?;
+                let (_, meta) = SafeTensors::read_metadata(&map).ok()?;
+                Some(meta.tensors().into_keys().collect())
+            }
+        }
+    }
+
     fn file_of(&self, tensor: &str) -> Result<PathBuf, Error> {
         match self {
             Layout::Single(f) => Ok(f.clone()),
@@ -335,7 +415,10 @@ fn load_file(
         let mut values = decode(view.dtype(), view.data()).ok_or_else(|| Error::WrongDtype {
             tensor: name.clone(),
             file: file.to_path_buf(),
-            expected: format!("{} (stored as F32, F16 or BF16)", ty.dtype),
+            expected: format!(
+                "{} (stored as F32, F16, BF16, F8_E4M3 or F8_E5M2)",
+                ty.dtype
+            ),
             found: format!("{:?}", view.dtype()),
         })?;
         dtype::round_slice(ty.dtype, &mut values);
@@ -359,9 +442,12 @@ fn load_file(
     Ok(())
 }
 
-/// Little-endian F32, F16 or BF16 bytes as `f32`; `None` for any other dtype.
+/// Little-endian F32, F16 or BF16 bytes, or F8_E4M3 or F8_E5M2 codes, as `f32`; `None`
+/// for any other dtype.
 fn decode(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     match dtype {
+        Dtype::F8_E4M3 => Some(bytes.iter().map(|&c| numerics::e4m3_decode(c)).collect()),
+        Dtype::F8_E5M2 => Some(bytes.iter().map(|&c| numerics::e5m2_decode(c)).collect()),
         Dtype::F32 => Some(
             bytes
                 .chunks_exact(4)

@@ -6,7 +6,7 @@ mod common;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use common::{graph_weights, rel_l2, write_safetensors, Cfg};
+use common::{fuse, graph_weights, rel_l2, write_safetensors, Cfg};
 use fusec_exec::{Executor, Session, SplitMix64, Tensor, Weights};
 use fusec_ir::build::eager_decode_graph;
 use fusec_ir::cost::graph_cost;
@@ -241,7 +241,8 @@ fn bad_run_inputs_are_errors_and_leave_the_session_usable() {
     assert_eq!(s.past_len(), 1);
 }
 
-/// Inputs for one step at `past` cached positions, with random caches.
+/// Inputs for one step at `past` cached positions, with random caches that have room
+/// for the step's new entries (as a session's caches do).
 fn step_inputs(
     graph: &Graph,
     batch: usize,
@@ -264,6 +265,7 @@ fn step_inputs(
             (_, DType::I32) => Tensor::from_i32(&shape, vec![past as i32; n]),
             (InputKind::State, dtype) => {
                 Tensor::from_f32(dtype, &shape, (0..n).map(|_| rng.normal() as f32).collect())
+                    .and_then(|t| t.with_capacity(2, past + 1))
             }
             (InputKind::Data, dtype) => Tensor::zeros(dtype, &shape),
         };
@@ -273,7 +275,14 @@ fn step_inputs(
 }
 
 fn assert_counts_match(cfg: &ModelConfig, batch: usize, pasts: &[usize]) {
-    let graph = eager_decode_graph(cfg).expect("graph builds");
+    let eager = eager_decode_graph(cfg).expect("graph builds");
+    let fused = fuse(&eager);
+    assert_graph_counts_match(cfg, &eager, batch, pasts);
+    assert_graph_counts_match(cfg, &fused, batch, pasts);
+}
+
+fn assert_graph_counts_match(cfg: &ModelConfig, graph: &Graph, batch: usize, pasts: &[usize]) {
+    let graph = graph.clone();
     let weights = Weights::random(&graph, 0).expect("random weights");
     let mut exec = Executor::new(graph.clone(), &weights).expect("plans");
     let mut rng = SplitMix64::new(8);
@@ -335,19 +344,27 @@ fn measured_counts_equal_the_cost_model() {
 #[test]
 fn a_session_step_counts_what_the_cost_model_predicts() {
     let spec = load_model(&fixture()).expect("fixture config loads");
-    let graph = eager_decode_graph(&spec.model).expect("graph builds");
-    let weights = Weights::random(&graph, 0).expect("random weights");
-    let mut s = session(graph.clone(), &weights, 1);
-    for past in 0..4 {
-        let out = s.step(&[1]).expect("steps");
-        let predicted = graph_cost(&graph, &fusec_exec::decode::bindings(1, past)).expect("bound");
-        assert_eq!(out.stats.launches, predicted.total.launches);
-        assert_eq!(out.stats.bytes(), predicted.total.bytes());
+    let eager = eager_decode_graph(&spec.model).expect("graph builds");
+    let fused = fuse(&eager);
+    for (graph, kind) in [(eager, "linear"), (fused, "fused.decode_attention")] {
+        let weights = Weights::random(&graph, 0).expect("random weights");
+        let mut s = session(graph.clone(), &weights, 1);
+        for past in 0..4 {
+            let out = s.step(&[1]).expect("steps");
+            let b = fusec_exec::decode::bindings(1, past);
+            let predicted = graph_cost(&graph, &b).expect("bound");
+            assert_eq!(out.stats.launches, predicted.total.launches);
+            assert_eq!(out.stats.bytes_read, predicted.total.bytes_read, "{kind}");
+            assert_eq!(
+                out.stats.bytes_written, predicted.total.bytes_written,
+                "{kind}"
+            );
+        }
+        assert_eq!(s.profile().steps(), 4);
+        let table = s.profile().render();
+        assert!(
+            table.contains(kind) && table.contains("total/4 steps"),
+            "{table}"
+        );
     }
-    assert_eq!(s.profile().steps(), 4);
-    let table = s.profile().render();
-    assert!(
-        table.contains("linear") && table.contains("total/4 steps"),
-        "{table}"
-    );
 }

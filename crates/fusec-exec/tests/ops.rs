@@ -358,5 +358,15 @@ fn kernels_reject_bad_operands() {
     let ids = Tensor::zeros(DType::I32, &[2]).expect("valid");
     assert!(unary(UnaryOp::Exp, &ids).is_err());
     assert!(reduce(ReduceOp::Sum, &a, 2, false).is_err());
-    assert!(cast(&a, DType::Fp8E4M3).is_err());
+    assert!(embedding(&a, &ids.reshape(&[2, 1]).expect("viewable")).is_ok());
+    assert!(embedding(&ids, &ids).is_err());
+}
+
+#[test]
+fn casts_to_fp8_round_and_saturate() {
+    let x = Tensor::from_f32(DType::F32, &[3], vec![0.3, -1e6, 1.0 + 1.0 / 16.0]).expect("valid");
+    let q = cast(&x, DType::Fp8E4M3).expect("FP8 is supported");
+    assert_eq!(q.dtype(), DType::Fp8E4M3);
+    assert_eq!(q.to_vec_f32(), [0.3125, -448.0, 1.0]);
+    assert_eq!(q.bytes(), 3);
 }

@@ -6,9 +6,12 @@
 //! call may get wrong (shapes, dtypes), and return a [`KernelError`] instead of
 //! panicking.
 
+pub mod attention;
 pub mod constant;
 pub mod elementwise;
+pub mod fused;
 pub mod gather;
+pub mod gemv;
 pub mod matmul;
 pub mod movement;
 pub mod reduce;

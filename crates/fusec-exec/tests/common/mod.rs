@@ -131,3 +131,26 @@ pub fn rel_l2(actual: &[f32], expected: &[f32]) -> f64 {
     }
     (num / den).sqrt()
 }
+
+/// `graph` fused by the built-in rules for an H100 at batch 1 and context 64, with the
+/// runner's `limits` (what `fusec::pipeline::fuse` does, without the root crate).
+pub fn fuse_with(
+    graph: &Graph,
+    limits: fusec_rewrite::Limits,
+) -> (Graph, fusec_rewrite::FuseReport) {
+    let rules = fusec_rewrite::RuleSet::builtin().expect("built-in rules load");
+    let gpu = fusec_ir::gpu::gpu("h100-sxm").expect("a known GPU");
+    let bindings = fusec_exec::decode::bindings(1, 63);
+    let opts = fusec_rewrite::Options {
+        rules: &rules,
+        gpu,
+        bindings: &bindings,
+        limits,
+    };
+    fusec_rewrite::fuse(graph, &opts).expect("fuses")
+}
+
+/// `graph` fully fused by the built-in rules.
+pub fn fuse(graph: &Graph) -> Graph {
+    fuse_with(graph, fusec_rewrite::Limits::default()).0
+}

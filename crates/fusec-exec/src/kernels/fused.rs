@@ -1,0 +1,260 @@
+//! Fused kernels of one layer's norms, GEMVs and epilogues (see `fusec_ir::FusedOp`).
+//!
+//! Each computes what the primitive ops it replaces compute, with the same roundings:
+//! every intermediate that the eager graph holds in a half dtype (`f16`, `bf16`) is
+//! rounded to it here too, and everything else is `f32`. The GEMVs go through
+//! [`super::gemv`], whose plain path is bit-identical to the eager `linear`, and whose
+//! quantized path quantizes each activation row once for all the GEMVs that share it.
+
+use fusec_ir::DType;
+
+use super::gemv::{self, GemvWeight, QuantRows};
+use super::strided::{broadcast_shape, broadcast_strides, walk};
+use super::{float_buffer, KernelError};
+use crate::dtype::round;
+use crate::pool;
+use crate::tensor::Tensor;
+
+/// `x / (1 + exp(-x))`, as the eager `unary.silu` computes it.
+#[inline]
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// Hugging Face's `LlamaRMSNorm` over the rows of `x [..., D]`, row-major, rounded as
+/// the eager graph rounds: `r = rsqrt(mean(x^2) + eps)` in `f32` (the mean summed in
+/// `f64`, as the `reduce` kernel does), `n = to(x.dtype)(x * r)`, `y = to(x.dtype)(w * n)`.
+fn norm_rows(
+    x: &Tensor,
+    w: &Tensor,
+    eps: f32,
+    op: &str,
+) -> Result<(Vec<f32>, usize, usize), KernelError> {
+    let (xs, rows, d) = gemv::rows_of(x, op)?;
+    float_buffer(w, op)?;
+    if w.shape() != [d] {
+        return Err(KernelError::Invalid(format!(
+            "{op}: norm weight {:?} does not match the last axis of {:?}",
+            w.shape(),
+            x.shape()
+        )));
+    }
+    if w.dtype() != x.dtype() {
+        return Err(KernelError::Invalid(format!(
+            "{op}: dtype mismatch: x {}, norm weight {}",
+            x.dtype(),
+            w.dtype()
+        )));
+    }
+    let ws = w.contiguous_f32().unwrap_or_default();
+    let dtype = x.dtype();
+    let mut out = pool::take(rows * d);
+    for row in xs.chunks(d.max(1)).take(rows) {
+        let sum: f64 = row.iter().map(|&v| f64::from(v * v)).sum();
+        let mean = (sum / d as f64) as f32;
+        let r = 1.0 / (mean + eps).sqrt();
+        out.extend(
+            row.iter()
+                .zip(ws.iter())
+                .map(|(&v, &g)| round(dtype, g * round(dtype, v * r))),
+        );
+    }
+    Ok((out, rows, d))
+}
+
+/// `x`'s shape with the last axis replaced by `n`.
+fn with_last(x: &Tensor, n: usize) -> Vec<usize> {
+    let mut shape = x.shape().to_vec();
+    if let Some(last) = shape.last_mut() {
+        *last = n;
+    }
+    shape
+}
+
+/// The activation rows quantized once for every quantized weight with FP8 activations
+/// among `ws` (they must agree on the format, as one lowering makes them).
+fn shared_quant(xs: &[f32], ins: usize, ws: &[GemvWeight<'_>]) -> Option<QuantRows> {
+    let act = ws.iter().find_map(|w| match w {
+        GemvWeight::Quant(q) if q.act != q.to => Some(q.act),
+        _ => None,
+    })?;
+    let same = ws.iter().all(|w| match w {
+        GemvWeight::Quant(q) if q.act != q.to => q.act == act,
+        _ => true,
+    });
+    same.then(|| gemv::quantize_rows(xs, ins, act))
+}
+
+/// `fused.rms_norm(x, w, eps)`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor, KernelError> {
+    let (out, _, _) = norm_rows(x, w, eps, "fused.rms_norm")?;
+    Ok(Tensor::from_kernel_f32(x.dtype(), x.shape().to_vec(), out))
+}
+
+/// `fused.rms_norm_linear(x, w, eps, W1, .., Wn)`: one result per weight.
+pub fn rms_norm_linear(
+    x: &Tensor,
+    w: &Tensor,
+    eps: f32,
+    weights: &[GemvWeight<'_>],
+) -> Result<Vec<Tensor>, KernelError> {
+    let op = "fused.rms_norm_linear";
+    let (n, rows, d) = norm_rows(x, w, eps, op)?;
+    for &wt in weights {
+        gemv::check(op, x.dtype(), d, wt)?;
+    }
+    let act = shared_quant(&n, d, weights);
+    let mut outs = Vec::with_capacity(weights.len());
+    for &wt in weights {
+        let y = gemv::gemv(&n, rows, wt, act.as_ref())?;
+        outs.push(Tensor::from_kernel_f32(
+            x.dtype(),
+            with_last(x, wt.shape()[0]),
+            y,
+        ));
+    }
+    pool::give(n);
+    Ok(outs)
+}
+
+/// `silu(round(g)) * round(u)` with the eager roundings, for the SwiGLU kernels.
+fn swiglu_rows(
+    xs: &[f32],
+    rows: usize,
+    ins: usize,
+    dtype: DType,
+    wg: GemvWeight<'_>,
+    wu: GemvWeight<'_>,
+    op: &str,
+) -> Result<Vec<f32>, KernelError> {
+    gemv::check(op, dtype, ins, wg)?;
+    gemv::check(op, dtype, ins, wu)?;
+    if wg.shape() != wu.shape() {
+        return Err(KernelError::Invalid(format!(
+            "{op}: gate {:?} and up {:?} weights differ",
+            wg.shape(),
+            wu.shape()
+        )));
+    }
+    let act = shared_quant(xs, ins, &[wg, wu]);
+    let mut g = gemv::gemv(xs, rows, wg, act.as_ref())?;
+    let u = gemv::gemv(xs, rows, wu, act.as_ref())?;
+    for (a, &b) in g.iter_mut().zip(&u) {
+        let s = round(dtype, silu(round(dtype, *a)));
+        *a = round(dtype, s * round(dtype, b));
+    }
+    pool::give(u);
+    Ok(g)
+}
+
+/// `fused.swiglu(x, Wg, Wu) = silu(x @ Wg^T) * (x @ Wu^T)`.
+pub fn swiglu(x: &Tensor, wg: GemvWeight<'_>, wu: GemvWeight<'_>) -> Result<Tensor, KernelError> {
+    let (xs, rows, ins) = gemv::rows_of(x, "fused.swiglu")?;
+    let out = swiglu_rows(&xs, rows, ins, x.dtype(), wg, wu, "fused.swiglu")?;
+    Ok(Tensor::from_kernel_f32(
+        x.dtype(),
+        with_last(x, wg.shape()[0]),
+        out,
+    ))
+}
+
+/// `fused.rms_norm_swiglu(x, w, eps, Wg, Wu)`.
+pub fn rms_norm_swiglu(
+    x: &Tensor,
+    w: &Tensor,
+    eps: f32,
+    wg: GemvWeight<'_>,
+    wu: GemvWeight<'_>,
+) -> Result<Tensor, KernelError> {
+    let op = "fused.rms_norm_swiglu";
+    let (n, rows, d) = norm_rows(x, w, eps, op)?;
+    let out = swiglu_rows(&n, rows, d, x.dtype(), wg, wu, op)?;
+    pool::give(n);
+    Ok(Tensor::from_kernel_f32(
+        x.dtype(),
+        with_last(x, wg.shape()[0]),
+        out,
+    ))
+}
+
+/// `fused.linear_add(x, W, r) = r + round(x @ W^T)`.
+pub fn linear_add(x: &Tensor, w: GemvWeight<'_>, r: &Tensor) -> Result<Tensor, KernelError> {
+    let op = "fused.linear_add";
+    let (xs, rows, ins) = gemv::rows_of(x, op)?;
+    gemv::check(op, x.dtype(), ins, w)?;
+    let shape = with_last(x, w.shape()[0]);
+    if r.shape() != shape.as_slice() || r.dtype() != x.dtype() {
+        return Err(KernelError::Invalid(format!(
+            "{op}: residual {}{:?} does not match the GEMV result {}{shape:?}",
+            r.dtype(),
+            r.shape(),
+            x.dtype()
+        )));
+    }
+    let rs = r.contiguous_f32().ok_or_else(|| {
+        KernelError::Invalid(format!("{op} needs a float residual, got {}", r.dtype()))
+    })?;
+    let dtype = x.dtype();
+    let mut y = gemv::gemv(&xs, rows, w, None)?;
+    for (v, &res) in y.iter_mut().zip(rs.iter()) {
+        *v = round(dtype, res + round(dtype, *v));
+    }
+    Ok(Tensor::from_kernel_f32(dtype, shape, y))
+}
+
+/// `fused.rope(x, cos, sin) = x * cos + rotate_half(x) * sin`, with `cos` and `sin`
+/// broadcasting to `x` and `rotate_half(x) = cat(-x[.., h:], x[.., :h])` (the half-split
+/// layout of Hugging Face's Llama). Each product and the sum round to x's dtype, as the
+/// eager `binary.mul` and `binary.add` do.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor, KernelError> {
+    let op = "fused.rope";
+    let xd = float_buffer(x, op)?;
+    let (cd, sd) = (float_buffer(cos, op)?, float_buffer(sin, op)?);
+    let rank = x.rank();
+    let hd = x.shape().last().copied().unwrap_or(0);
+    if rank == 0 || hd % 2 != 0 {
+        return Err(KernelError::Invalid(format!(
+            "{op}: needs an even last axis, got {:?}",
+            x.shape()
+        )));
+    }
+    for (name, t) in [("cos", cos), ("sin", sin)] {
+        let fits =
+            t.rank() <= rank && broadcast_shape(x.shape(), t.shape()).as_deref() == Some(x.shape());
+        if !fits || t.dtype() != x.dtype() {
+            return Err(KernelError::Invalid(format!(
+                "{op}: {name} {}{:?} does not broadcast to x {}{:?}",
+                t.dtype(),
+                t.shape(),
+                x.dtype(),
+                x.shape()
+            )));
+        }
+    }
+    let dtype = x.dtype();
+    let cs = broadcast_strides(cos.shape(), cos.strides(), x.shape());
+    let ss = broadcast_strides(sin.shape(), sin.strides(), x.shape());
+    let (xl, cl, sl) = (x.strides()[rank - 1], cs[rank - 1], ss[rank - 1]);
+    let outer = &x.shape()[..rank - 1];
+    let half = hd / 2;
+    let mut out = pool::take(x.numel());
+    walk(
+        outer,
+        [&x.strides()[..rank - 1], &cs[..rank - 1], &ss[..rank - 1]],
+        [x.offset(), cos.offset(), sin.offset()],
+        |[xo, co, so]| {
+            for j in 0..hd {
+                let v = xd[xo + j * xl];
+                let rot = if j < half {
+                    -xd[xo + (j + half) * xl]
+                } else {
+                    xd[xo + (j - half) * xl]
+                };
+                let a = round(dtype, v * cd[co + j * cl]);
+                let b = round(dtype, rot * sd[so + j * sl]);
+                out.push(round(dtype, a + b));
+            }
+        },
+    );
+    Ok(Tensor::from_kernel_f32(dtype, x.shape().to_vec(), out))
+}

@@ -1,0 +1,292 @@
+//! The GEMV core shared by `linear` and every fused GEMV kernel, for plain weights
+//! and for quantized (`dequant`) ones.
+//!
+//! A plain weight is multiplied exactly as [`super::matmul::linear`] does (the same
+//! [`dot`] per output element), so a fused kernel gives bit-identical GEMV results to
+//! the eager `linear` it replaces.
+//!
+//! A quantized weight `W = q * s_w` ([`QuantWeight`]) is never expanded into a
+//! dequantized copy: each output reads the stored FP8 values of its row, and the scales
+//! are applied once per output in the epilogue. With `act` an FP8 format the
+//! activations are quantized too, per row (token), as CUDA would do it:
+//!
+//! 1. `s_x = absmax(x_row) / max(act)` (`numerics::scale_for`; 1 for an all-zero row);
+//! 2. `x_q = act(x / s_x)`: IEEE division, then round to nearest even with saturation
+//!    (a CUDA kernel must divide with `__fdiv_rn`, not multiply by `1 / s_x`, to match
+//!    element by element);
+//! 3. `acc = sum(x_q * q)` in `f32`: each product of two E4M3 values (4 significant bits
+//!    each) is exact in `f32`, so only the accumulation order can differ from a GPU;
+//! 4. `y = acc * (s_x * s_w[o])`, the scale product rounded once to `f32`.
+//!
+//! With `act` equal to the weight's compute dtype, activations stay as they are and
+//! `y = acc * s_w[o]`.
+
+use std::borrow::Cow;
+
+use fusec_ir::{numerics, DType};
+use rayon::prelude::*;
+
+use super::matmul::dot;
+use super::{float_buffer, KernelError};
+use crate::pool;
+use crate::tensor::Tensor;
+
+/// Multiply-adds below which a GEMV runs on the calling thread (as in `matmul`).
+const PARALLEL_MIN_WORK: usize = 1 << 16;
+
+/// A quantized GEMV weight: the value of a `dequant` node. It launches nothing and is
+/// read by the GEMV that consumes it.
+#[derive(Clone, Debug)]
+pub struct QuantWeight {
+    /// The FP8 values `[out, in]` (an FP8 dtype, values exact in that format).
+    pub values: Tensor,
+    /// `f32[out]` (per output channel) or `f32[]` (per tensor).
+    pub scale: Tensor,
+    /// The compute dtype the weight stands for.
+    pub to: DType,
+    /// How the consuming GEMV treats its activations: an FP8 format quantizes them per
+    /// row; `to` keeps them.
+    pub act: DType,
+}
+
+impl QuantWeight {
+    /// Checks the parts against each other, as the IR's type rule for `dequant` does.
+    pub fn new(values: Tensor, scale: Tensor, to: DType, act: DType) -> Result<Self, KernelError> {
+        if !values.dtype().is_fp8() || values.rank() != 2 {
+            return Err(KernelError::Invalid(format!(
+                "dequant: values must be an FP8 matrix, got {}{:?}",
+                values.dtype(),
+                values.shape()
+            )));
+        }
+        let per_channel = scale.rank() == 1 && scale.shape()[0] == values.shape()[0];
+        if scale.dtype() != DType::F32 || !(scale.rank() == 0 || per_channel) {
+            return Err(KernelError::Invalid(format!(
+                "dequant: scales must be f32[] or f32[{}], got {}{:?}",
+                values.shape()[0],
+                scale.dtype(),
+                scale.shape()
+            )));
+        }
+        if act != to && !act.is_fp8() {
+            return Err(KernelError::Invalid(format!(
+                "dequant: activations are {to} or FP8, not {act}"
+            )));
+        }
+        Ok(QuantWeight {
+            values,
+            scale,
+            to,
+            act,
+        })
+    }
+
+    /// `[out, in]`.
+    pub fn shape(&self) -> &[usize] {
+        self.values.shape()
+    }
+
+    /// Bytes a GEMV reads: the stored values and the scales.
+    pub fn read_bytes(&self) -> u64 {
+        self.values.read_bytes() + self.scale.read_bytes()
+    }
+
+    /// The scale of output channel `o`.
+    fn scale_of(scales: &[f32], o: usize) -> f32 {
+        if scales.len() == 1 {
+            scales[0]
+        } else {
+            scales[o]
+        }
+    }
+}
+
+/// A GEMV weight operand: a plain `[out, in]` tensor or a quantized one.
+#[derive(Copy, Clone, Debug)]
+pub enum GemvWeight<'a> {
+    Dense(&'a Tensor),
+    Quant(&'a QuantWeight),
+}
+
+impl GemvWeight<'_> {
+    /// `[out, in]`.
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            GemvWeight::Dense(t) => t.shape(),
+            GemvWeight::Quant(q) => q.shape(),
+        }
+    }
+
+    /// The dtype of the weight as the graph sees it (the compute dtype of a quantized
+    /// one).
+    pub fn dtype(&self) -> DType {
+        match self {
+            GemvWeight::Dense(t) => t.dtype(),
+            GemvWeight::Quant(q) => q.to,
+        }
+    }
+}
+
+/// Activations quantized per row: the FP8 values and each row's scale.
+#[derive(Debug)]
+pub struct QuantRows {
+    pub values: Vec<f32>,
+    pub scales: Vec<f32>,
+}
+
+/// Quantizes each row of `xs` (`rows x ins`, row-major) to `act` with a dynamic scale
+/// `absmax / max(act)` (see the module documentation).
+pub fn quantize_rows(xs: &[f32], ins: usize, act: DType) -> QuantRows {
+    let rows = xs.len().checked_div(ins).unwrap_or(0);
+    let mut values = Vec::with_capacity(xs.len());
+    let mut scales = Vec::with_capacity(rows);
+    for row in xs.chunks(ins.max(1)).take(rows) {
+        let absmax = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let s = numerics::scale_for(absmax, act);
+        values.extend(row.iter().map(|&v| numerics::round_to(act, v / s)));
+        scales.push(s);
+    }
+    QuantRows { values, scales }
+}
+
+/// Checks that `w` multiplies rows of `ins` features of `dtype`.
+pub fn check(op: &str, dtype: DType, ins: usize, w: GemvWeight<'_>) -> Result<(), KernelError> {
+    let shape = w.shape();
+    if shape.len() != 2 || shape[1] != ins {
+        return Err(KernelError::Invalid(format!(
+            "{op}: weight {shape:?} does not take {ins} input features"
+        )));
+    }
+    if w.dtype() != dtype {
+        return Err(KernelError::Invalid(format!(
+            "{op}: dtype mismatch: activations {dtype}, weight {}",
+            w.dtype()
+        )));
+    }
+    Ok(())
+}
+
+/// `x @ W^T` for `rows` rows of `ins` values (`xs`, row-major), unrounded: the `f32`
+/// results `[rows, out]`, row-major. `act` holds the rows already quantized for a
+/// quantized weight with FP8 activations (computed once and shared by every GEMV that
+/// reads the same rows); it is computed here when absent.
+pub fn gemv(
+    xs: &[f32],
+    rows: usize,
+    w: GemvWeight<'_>,
+    act: Option<&QuantRows>,
+) -> Result<Vec<f32>, KernelError> {
+    let (outs, ins) = match w.shape() {
+        [o, i] => (*o, *i),
+        other => {
+            return Err(KernelError::Invalid(format!(
+                "gemv: weight must be [out, in], got {other:?}"
+            )))
+        }
+    };
+    if xs.len() != rows * ins {
+        return Err(KernelError::Invalid(format!(
+            "gemv: {} values are not {rows} rows of {ins}",
+            xs.len()
+        )));
+    }
+    let mut by_feature = pool::zeros(outs * rows);
+    match w {
+        GemvWeight::Dense(t) => {
+            float_buffer(t, "gemv")?;
+            let ws = t.contiguous_f32().unwrap_or_default();
+            feature_major(&mut by_feature, rows, ins, |o, r| {
+                dot(&xs[r * ins..(r + 1) * ins], &ws[o * ins..(o + 1) * ins])
+            });
+        }
+        GemvWeight::Quant(q) => {
+            float_buffer(&q.values, "gemv")?;
+            let qs = q.values.contiguous_f32().unwrap_or_default();
+            let scales = q.scale.contiguous_f32().unwrap_or_default();
+            let owned;
+            let (xq, sx): (Cow<'_, [f32]>, Cow<'_, [f32]>) = if q.act == q.to {
+                (Cow::Borrowed(xs), Cow::Owned(vec![1.0; rows]))
+            } else {
+                let rows_q = match act {
+                    Some(a) if a.values.len() == xs.len() && a.scales.len() == rows => a,
+                    _ => {
+                        owned = quantize_rows(xs, ins, q.act);
+                        &owned
+                    }
+                };
+                (
+                    Cow::Borrowed(rows_q.values.as_slice()),
+                    Cow::Borrowed(rows_q.scales.as_slice()),
+                )
+            };
+            feature_major(&mut by_feature, rows, ins, |o, r| {
+                let acc = dot(&xq[r * ins..(r + 1) * ins], &qs[o * ins..(o + 1) * ins]);
+                acc * (sx[r] * QuantWeight::scale_of(&scales, o))
+            });
+        }
+    }
+    if rows == 1 {
+        return Ok(by_feature);
+    }
+    let mut out = pool::zeros(outs * rows);
+    for (o, col) in by_feature.chunks(rows.max(1)).enumerate() {
+        for (r, &v) in col.iter().enumerate() {
+            out[r * outs + o] = v;
+        }
+    }
+    pool::give(by_feature);
+    Ok(out)
+}
+
+/// Fills `by_feature` (`[out, rows]`) with `f(o, r)`; computing feature-major streams
+/// each weight row from memory once, and each value is computed by one thread in a
+/// fixed order, so results do not depend on the thread count.
+fn feature_major(
+    by_feature: &mut [f32],
+    rows: usize,
+    ins: usize,
+    f: impl Fn(usize, usize) -> f32 + Sync,
+) {
+    if rows == 0 {
+        return;
+    }
+    let feature = |(o, col): (usize, &mut [f32])| {
+        for (r, c) in col.iter_mut().enumerate() {
+            *c = f(o, r);
+        }
+    };
+    if by_feature.len() * ins >= PARALLEL_MIN_WORK {
+        by_feature
+            .par_chunks_mut(rows)
+            .enumerate()
+            .with_min_len(16)
+            .for_each(feature);
+    } else {
+        by_feature.chunks_mut(rows).enumerate().for_each(feature);
+    }
+}
+
+/// The rows of `x [..., in]` as one row-major slice, with the row count.
+pub fn rows_of<'a>(x: &'a Tensor, op: &str) -> Result<(Cow<'a, [f32]>, usize, usize), KernelError> {
+    float_buffer(x, op)?;
+    if x.rank() == 0 {
+        return Err(KernelError::Invalid(format!(
+            "{op}: needs x [..., features], got a scalar"
+        )));
+    }
+    let ins = x.shape()[x.rank() - 1];
+    let rows = x.numel().checked_div(ins).unwrap_or(0);
+    Ok((x.contiguous_f32().unwrap_or_default(), rows, ins))
+}
+
+/// `linear` with a plain or quantized weight: `x [..., in] @ W^T`, rounded to x's dtype.
+pub fn linear(x: &Tensor, w: GemvWeight<'_>) -> Result<Tensor, KernelError> {
+    let (xs, rows, ins) = rows_of(x, "linear")?;
+    check("linear", x.dtype(), ins, w)?;
+    let out = gemv(&xs, rows, w, None)?;
+    let mut shape = x.shape().to_vec();
+    if let Some(last) = shape.last_mut() {
+        *last = w.shape()[0];
+    }
+    Ok(Tensor::from_kernel_f32(x.dtype(), shape, out))
+}
