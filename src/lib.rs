@@ -5,6 +5,7 @@
 //! executor). The [`pipeline`] module runs the stages in order for the CLI and the
 //! tests.
 
+pub use fusec_codegen as codegen;
 pub use fusec_exec as exec;
 pub use fusec_ir as ir;
 pub use fusec_report as report;

@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
+use fusec::codegen::nvrtc::{Nvrtc, Target};
+use fusec::codegen::{self, DecodeShape};
 use fusec::pipeline;
 use fusec::summary::Summary;
 use fusec_ir::frontend::Precision;
@@ -22,7 +24,9 @@ pub struct Args {
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// What to write, comma-separated: `ir` (eager.fir, fused.fir), `dot` (eager.dot,
-    /// fused.dot).
+    /// fused.dot), `cuda` (kernels.cu and launch_plan.json for the fused graph,
+    /// eager_kernels.cu and eager_launch_plan.json for the eager one), `ptx` (the same
+    /// kernels compiled by NVRTC, kernels.sm_80.ptx and so on; needs libnvrtc).
     #[arg(long, value_delimiter = ',', default_value = "ir")]
     pub emit: Vec<Emit>,
     /// Write the summary as JSON to this file.
@@ -99,6 +103,8 @@ pub fn set_precision(
 pub enum Emit {
     Ir,
     Dot,
+    Cuda,
+    Ptx,
 }
 
 fn write(path: &Path, contents: String) -> Result<(), Failure> {
@@ -107,16 +113,73 @@ fn write(path: &Path, contents: String) -> Result<(), Failure> {
         .map_err(Failure::Input)
 }
 
-fn dumps(out: &Path, stem: &str, graph: &Graph, emit: &[Emit]) -> Result<Vec<PathBuf>, Failure> {
+fn dumps(
+    out: &Path,
+    stem: &str,
+    graph: &Graph,
+    shape: &DecodeShape,
+    emit: &[Emit],
+) -> Result<Vec<PathBuf>, Failure> {
     let internal = |e: fusec_ir::graph::CycleError| Failure::Internal(e.into());
     let mut written = Vec::new();
     for e in emit {
         let (ext, contents) = match e {
             Emit::Ir => ("fir", text::print(graph).map_err(internal)?),
             Emit::Dot => ("dot", dot::to_dot(graph).map_err(internal)?),
+            Emit::Cuda | Emit::Ptx => {
+                written.extend(cuda(out, stem, graph, shape, *e == Emit::Ptx)?);
+                continue;
+            }
         };
         let path = out.join(format!("{stem}.{ext}"));
         write(&path, contents)?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+/// The CUDA kernels and launch plan of `graph` (fused: `kernels.cu`; eager:
+/// `eager_kernels.cu`), or with `ptx` the kernels compiled by NVRTC for each target.
+fn cuda(
+    out: &Path,
+    stem: &str,
+    graph: &Graph,
+    shape: &DecodeShape,
+    ptx: bool,
+) -> Result<Vec<PathBuf>, Failure> {
+    let prefix = if stem == "fused" {
+        String::new()
+    } else {
+        format!("{stem}_")
+    };
+    let options = codegen::Options::default();
+    let code =
+        codegen::generate(graph, shape, &options).map_err(|e| Failure::Internal(e.into()))?;
+    let mut written = Vec::new();
+    if !ptx {
+        let plan = code
+            .plan
+            .to_json()
+            .map_err(|e| Failure::Internal(e.into()))?;
+        for (name, contents) in [
+            ("kernels.cu", code.source()),
+            ("launch_plan.json", plan + "\n"),
+        ] {
+            let path = out.join(format!("{prefix}{name}"));
+            write(&path, contents)?;
+            written.push(path);
+        }
+        return Ok(written);
+    }
+    let nvrtc = Nvrtc::load()
+        .map_err(|e| Failure::Input(anyhow::anyhow!("--emit ptx needs NVRTC: {e}")))?;
+    let source = code.source();
+    for arch in &options.archs {
+        let ptx = nvrtc
+            .compile(&source, Target::Ptx(*arch))
+            .map_err(|e| Failure::Internal(e.into()))?;
+        let path = out.join(format!("{prefix}kernels.{arch}.ptx"));
+        write(&path, String::from_utf8_lossy(&ptx.image).into_owned())?;
         written.push(path);
     }
     Ok(written)
@@ -157,9 +220,10 @@ pub fn run(args: Args) -> Result<(), Failure> {
     std::fs::create_dir_all(&out)
         .with_context(|| format!("cannot create {}", out.display()))
         .map_err(Failure::Input)?;
-    let mut written = dumps(&out, "eager", &eager, &args.emit)?;
+    let shape = DecodeShape::new(spec.decode.batch, spec.model.max_seq_len);
+    let mut written = dumps(&out, "eager", &eager, &shape, &args.emit)?;
     if let Some((graph, _, _)) = &fused {
-        written.extend(dumps(&out, "fused", graph, &args.emit)?);
+        written.extend(dumps(&out, "fused", graph, &shape, &args.emit)?);
     }
 
     let summary = Summary::new(&spec, gpu, &eager, fused.as_ref().map(|(g, _, _)| g))

@@ -20,6 +20,8 @@ pub mod decode;
 pub mod dtype;
 mod error;
 pub mod exec;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod kernels;
 mod pool;
 pub mod profile;

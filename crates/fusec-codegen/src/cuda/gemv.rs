@@ -1,0 +1,472 @@
+//! GEMV kernels: `linear` and the fused GEMV family (`fused.rms_norm_linear`,
+//! `fused.swiglu`, `fused.rms_norm_swiglu`, `fused.linear_add`), for f32, f16 and
+//! bf16 weights and for FP8 weights with their scales (`dequant`).
+//!
+//! One template: a prologue per activation row (the RMSNorm statistics, the dynamic
+//! FP8 activation scale) stages the prepared activations in shared memory; then each
+//! warp computes whole output rows, its lanes reading 16 bytes of the weight row at a
+//! time (coalesced), accumulating in f32, reducing with warp shuffles; the epilogue
+//! applies the scales and the op's rounding, SiLU-and-multiply or residual add. The
+//! rows of several weights sharing the prologue (q, k, v) are one index space.
+
+use std::fmt::Write;
+
+use fusec_ir::DType;
+
+use super::{ctype, flit, KernelCode, Operand, Params};
+use crate::layout::{Extent, View};
+use crate::options::{DecodeShape, Options};
+use crate::plan::Access;
+
+/// What the kernel does with the dot products.
+pub(crate) enum Epilogue<'a> {
+    /// One output per weight.
+    Plain,
+    /// Two weights, gate and up: `silu(x Wg^T) * (x Wu^T)`.
+    Swiglu,
+    /// One weight: `r + x W^T`.
+    Residual(&'a View),
+}
+
+/// A GEMV node's operands.
+pub(crate) struct Gemv<'a> {
+    pub x: &'a View,
+    /// The RMSNorm weight and eps of a normalised prologue.
+    pub norm: Option<(&'a View, f32)>,
+    pub weights: Vec<&'a Operand>,
+    pub epilogue: Epilogue<'a>,
+    pub outs: &'a [View],
+}
+
+/// One weight as the kernel reads it.
+struct Weight<'a> {
+    values: &'a View,
+    scale: Option<&'a View>,
+    rows: u64,
+}
+
+/// The largest finite value of an FP8 format.
+fn fp8_max(dtype: DType) -> f32 {
+    match dtype {
+        DType::Fp8E5M2 => 57344.0,
+        _ => 448.0,
+    }
+}
+
+/// The element offset of row `m` of a view whose last dimension is the row, with the
+/// leading dimensions all static.
+fn row_offset(v: &View, m: &str) -> Result<String, String> {
+    let r = v.rank();
+    let mut terms = vec![format!("{}LL", v.offset)];
+    let mut inner = 1u64;
+    for i in (0..r.saturating_sub(1)).rev() {
+        let d = v.dims[i].fixed().ok_or("GEMV rows must be static")?;
+        if d != 1 && v.strides[i] != 0 {
+            terms.push(format!("(({m} / {inner}) % {d}) * {}LL", v.strides[i]));
+        }
+        inner *= d;
+    }
+    Ok(format!("({})", terms.join(" + ")))
+}
+
+fn rows_of(v: &View) -> Result<u64, String> {
+    let r = v.rank();
+    v.dims[..r.saturating_sub(1)]
+        .iter()
+        .map(|d| {
+            d.fixed()
+                .ok_or_else(|| "GEMV rows must be static".to_string())
+        })
+        .product()
+}
+
+pub(crate) fn gemv(
+    g: &Gemv<'_>,
+    params: &mut Params,
+    _decode: &DecodeShape,
+    opts: &Options,
+) -> Result<KernelCode, String> {
+    let x = g.x;
+    let r = x.rank();
+    if r == 0 {
+        return Err("GEMV input must have a feature axis".into());
+    }
+    let k = x.dims[r - 1]
+        .fixed()
+        .ok_or("GEMV features must be static")?;
+    let m_rows = rows_of(x)?;
+    let t = out_dtype(g)?;
+    let tc = ctype(t);
+    // The weights, their activation recipe, and their row ranges.
+    let mut weights = Vec::new();
+    let mut act: Option<DType> = None;
+    for w in &g.weights {
+        let (values, scale, a) = match w {
+            Operand::View(v) => (v, None, t),
+            Operand::Dequant {
+                values, scale, act, ..
+            } => (values, Some(scale), *act),
+            Operand::Scalar(_) => return Err("a GEMV weight cannot be a scalar".into()),
+        };
+        if act.is_some_and(|prev| prev != a) {
+            return Err("weights of one GEMV quantize their activations differently".into());
+        }
+        act = Some(a);
+        if values.rank() != 2 || values.dims[1] != Extent::Fixed(k) {
+            return Err(format!(
+                "weight {:?} does not match {k} features",
+                values.dims
+            ));
+        }
+        let rows = values.dims[0].fixed().ok_or("weight rows must be static")?;
+        weights.push(Weight {
+            values,
+            scale,
+            rows,
+        });
+    }
+    let act = act.ok_or("a GEMV needs a weight")?;
+    let act_fp8 = act.is_fp8();
+    // The activations as the kernel stages them: quantized, or in the compute dtype.
+    let a_ty = if act_fp8 { act } else { t };
+    let staged_bytes = m_rows * k * a_ty.size_bytes();
+    let staged = staged_bytes.div_ceil(16) * 16 <= u64::from(opts.max_shared_bytes);
+    let warps = opts.gemv_warps;
+
+    let px = params.bind(x, Access::Read);
+    let mut b = String::new();
+    let _ = writeln!(b, "  constexpr int M = {m_rows};");
+    let _ = writeln!(b, "  constexpr int K = {k};");
+    let _ = writeln!(
+        b,
+        "  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;"
+    );
+    let _ = writeln!(b, "  __shared__ float fu_rs[M];");
+    let _ = writeln!(b, "  __shared__ float fu_as[M];");
+    if staged {
+        let _ = writeln!(
+            b,
+            "  extern __shared__ __align__(16) unsigned char fu_dyn[];"
+        );
+        let _ = writeln!(
+            b,
+            "  {}* xs = reinterpret_cast<{}*>(fu_dyn);",
+            ctype(a_ty),
+            ctype(a_ty)
+        );
+    }
+    let xrow = row_offset(x, "m")?;
+    let sx = x.strides[r - 1];
+    let xv = |kk: &str| format!("fu_f32({px}[{xrow} + (long long)({kk}) * {sx}LL])");
+    // The normalised activation XN(m, k) and the value the GEMV multiplies, XQ(m, k).
+    let xn = |p: &mut Params, kk: &str| -> String {
+        match g.norm {
+            Some((w, _)) => {
+                let pw = p.bind(w, Access::Read);
+                let wk = format!(
+                    "fu_f32({pw}[{}LL + (long long)({kk}) * {}LL])",
+                    w.offset, w.strides[0]
+                );
+                format!(
+                    "fu_round<{tc}>({wk} * fu_round<{tc}>({} * fu_rs[m]))",
+                    xv(kk)
+                )
+            }
+            None => xv(kk),
+        }
+    };
+    let xq = |p: &mut Params, kk: &str| -> String {
+        let n = xn(p, kk);
+        if act_fp8 {
+            format!("fu_round<{}>({n} / fu_as[m])", ctype(a_ty))
+        } else {
+            n
+        }
+    };
+
+    // Prologue.
+    let _ = writeln!(b, "  for (int m = 0; m < M; ++m) {{");
+    if let Some((_, eps)) = g.norm {
+        let _ = writeln!(b, "    float ss = 0.0f;");
+        let _ = writeln!(b, "    for (int k = threadIdx.x; k < K; k += blockDim.x) {{ const float v = {}; ss += v * v; }}", xv("k"));
+        let _ = writeln!(b, "    ss = fu_block_sum(ss);");
+        let _ = writeln!(
+            b,
+            "    if (threadIdx.x == 0) fu_rs[m] = fu_rsqrt(ss / (float)K + {});",
+            flit(eps)
+        );
+        let _ = writeln!(b, "    __syncthreads();");
+    }
+    if act_fp8 {
+        let e = xn(params, "k");
+        let _ = writeln!(b, "    float am = 0.0f;");
+        let _ = writeln!(
+            b,
+            "    for (int k = threadIdx.x; k < K; k += blockDim.x) am = fmaxf(am, fabsf({e}));"
+        );
+        let _ = writeln!(b, "    am = fu_block_max(am);");
+        let _ = writeln!(
+            b,
+            "    if (threadIdx.x == 0) fu_as[m] = am > 0.0f ? am / {} : 1.0f;",
+            flit(fp8_max(act))
+        );
+        let _ = writeln!(b, "    __syncthreads();");
+    }
+    if staged {
+        let raw = if act_fp8 {
+            format!("fu_from<{}>({} / fu_as[m])", ctype(a_ty), xn(params, "k"))
+        } else {
+            format!("fu_from<{}>({})", ctype(a_ty), xn(params, "k"))
+        };
+        let _ = writeln!(
+            b,
+            "    for (int k = threadIdx.x; k < K; k += blockDim.x) xs[m * K + k] = {raw};"
+        );
+    }
+    let _ = writeln!(b, "  }}");
+    let _ = writeln!(b, "  __syncthreads();");
+
+    // Rows: one index space over the weights (gate and up share rows).
+    let swiglu = matches!(g.epilogue, Epilogue::Swiglu);
+    if swiglu && (weights.len() != 2 || weights[0].rows != weights[1].rows) {
+        return Err("swiglu needs two weights of one shape".into());
+    }
+    let total: u64 = if swiglu {
+        weights[0].rows
+    } else {
+        weights.iter().map(|w| w.rows).sum()
+    };
+    let _ = writeln!(b, "  for (int row = blockIdx.x * {warps} + warp; row < {total}; row += gridDim.x * {warps}) {{");
+    let groups: Vec<Vec<usize>> = if swiglu {
+        vec![vec![0, 1]]
+    } else {
+        (0..weights.len()).map(|i| vec![i]).collect()
+    };
+    let mut base = 0u64;
+    for (gi, group) in groups.iter().enumerate() {
+        let rows = weights[group[0]].rows;
+        let cond = if gi + 1 == groups.len() {
+            String::new()
+        } else {
+            format!("if (row < {}) ", base + rows)
+        };
+        let opener = if gi == 0 {
+            "    ".to_string()
+        } else {
+            "    else ".to_string()
+        };
+        let _ = writeln!(b, "{opener}{cond}{{");
+        let _ = writeln!(b, "      const int n = row - {base};");
+        let ws: Vec<&Weight<'_>> = group.iter().map(|&i| &weights[i]).collect();
+        row_body(&mut b, params, &ws, k, staged, a_ty, &xq)?;
+        epilogue(&mut b, params, g, &ws, gi, t, act_fp8)?;
+        let _ = writeln!(b, "    }}");
+        base += rows;
+    }
+    let _ = writeln!(b, "  }}");
+
+    // As many rows per warp as keep the grid within target_blocks, then just enough
+    // blocks that every warp gets that many: a partial last round of rows would leave
+    // most warps idle while a few finish.
+    let per_round = u64::from(warps) * u64::from(opts.target_blocks);
+    let rows_per_warp = total.div_ceil(per_round).max(1);
+    let blocks = total.div_ceil(u64::from(warps) * rows_per_warp).max(1);
+    Ok(KernelCode {
+        family: match g.epilogue {
+            Epilogue::Swiglu => "gemv_swiglu",
+            Epilogue::Residual(_) => "gemv_add",
+            Epilogue::Plain => "gemv",
+        },
+        body: b,
+        // At most target_blocks, a u32.
+        grid: [blocks as u32, 1, 1],
+        block: warps * 32,
+        shared: if staged {
+            (staged_bytes.div_ceil(16) * 16) as u32
+        } else {
+            0
+        },
+    })
+}
+
+/// The dtype of the GEMV's results.
+fn out_dtype(g: &Gemv<'_>) -> Result<DType, String> {
+    let t = g.outs.first().ok_or("a GEMV needs an output")?.dtype;
+    if g.outs.iter().any(|o| o.dtype != t) || g.x.dtype != t {
+        return Err("GEMV input and outputs must share a dtype".into());
+    }
+    Ok(t)
+}
+
+/// The dot products of row `n` of each weight in `ws` with every activation row,
+/// into `acc{i}[m]`, reduced over the warp.
+fn row_body(
+    b: &mut String,
+    params: &mut Params,
+    ws: &[&Weight<'_>],
+    k: u64,
+    staged: bool,
+    a_ty: DType,
+    xq: &dyn Fn(&mut Params, &str) -> String,
+) -> Result<(), String> {
+    let ac = ctype(a_ty);
+    // 16-byte loads when every weight row starts 16-byte aligned and is unit-stride.
+    let wdt = ws[0].values.dtype;
+    let v = 16 / wdt.size_bytes();
+    let vector = ws.iter().all(|w| {
+        w.values.dtype == wdt
+            && w.values.strides[1] == 1
+            && w.values.offset.is_multiple_of(v)
+            && w.values.strides[0].is_multiple_of(v)
+    }) && k.is_multiple_of(v);
+    let mut ptrs = Vec::new();
+    for (i, w) in ws.iter().enumerate() {
+        let p = params.bind(w.values, Access::Read);
+        let _ = writeln!(
+            b,
+            "      const {}* w{i} = {p} + {}LL + (long long)n * {}LL;",
+            ctype(w.values.dtype),
+            w.values.offset,
+            w.values.strides[0]
+        );
+        let _ = writeln!(b, "      float acc{i}[M];");
+        let _ = writeln!(b, "      for (int m = 0; m < M; ++m) acc{i}[m] = 0.0f;");
+        ptrs.push(p);
+    }
+    if vector {
+        let _ = writeln!(b, "#pragma unroll 4");
+        let _ = writeln!(b, "      for (int k = lane * {v}; k < K; k += 32 * {v}) {{");
+        for (i, _) in ws.iter().enumerate() {
+            let _ = writeln!(b, "        float wv{i}[{v}];");
+            let _ = writeln!(b, "        fu_load<{}, {v}>(w{i} + k, wv{i});", ctype(wdt));
+        }
+        let _ = writeln!(b, "#pragma unroll");
+        let _ = writeln!(b, "        for (int m = 0; m < M; ++m) {{");
+        let _ = writeln!(b, "          float xv[{v}];");
+        if staged {
+            let _ = writeln!(
+                b,
+                "          fu_load_shared<{ac}, {v}>(xs + m * K + k, xv);"
+            );
+        } else {
+            let e = xq(params, "k + e");
+            let _ = writeln!(b, "#pragma unroll");
+            let _ = writeln!(b, "          for (int e = 0; e < {v}; ++e) xv[e] = {e};");
+        }
+        let _ = writeln!(b, "#pragma unroll");
+        let _ = writeln!(b, "          for (int e = 0; e < {v}; ++e) {{");
+        for (i, _) in ws.iter().enumerate() {
+            let _ = writeln!(
+                b,
+                "            acc{i}[m] = fmaf(xv[e], wv{i}[e], acc{i}[m]);"
+            );
+        }
+        let _ = writeln!(b, "          }}");
+        let _ = writeln!(b, "        }}");
+        let _ = writeln!(b, "      }}");
+    } else {
+        let _ = writeln!(b, "      for (int k = lane; k < K; k += 32) {{");
+        for (i, w) in ws.iter().enumerate() {
+            let _ = writeln!(
+                b,
+                "        const float wv{i} = fu_f32(w{i}[(long long)k * {}LL]);",
+                w.values.strides[1]
+            );
+        }
+        let _ = writeln!(b, "        for (int m = 0; m < M; ++m) {{");
+        let xe = if staged {
+            "fu_f32(xs[m * K + k])".to_string()
+        } else {
+            xq(params, "k")
+        };
+        let _ = writeln!(b, "          const float xv = {xe};");
+        for (i, _) in ws.iter().enumerate() {
+            let _ = writeln!(b, "          acc{i}[m] = fmaf(xv, wv{i}, acc{i}[m]);");
+        }
+        let _ = writeln!(b, "        }}");
+        let _ = writeln!(b, "      }}");
+    }
+    for (i, _) in ws.iter().enumerate() {
+        let _ = writeln!(
+            b,
+            "      for (int m = 0; m < M; ++m) acc{i}[m] = fu_warp_sum(acc{i}[m]);"
+        );
+    }
+    Ok(())
+}
+
+/// Lane 0 scales the sums and stores the results of row `n`.
+fn epilogue(
+    b: &mut String,
+    params: &mut Params,
+    g: &Gemv<'_>,
+    ws: &[&Weight<'_>],
+    group: usize,
+    t: DType,
+    act_fp8: bool,
+) -> Result<(), String> {
+    let tc = ctype(t);
+    let _ = writeln!(b, "      if (lane == 0) {{");
+    let _ = writeln!(b, "        for (int m = 0; m < M; ++m) {{");
+    for (i, w) in ws.iter().enumerate() {
+        let mut y = format!("acc{i}[m]");
+        if act_fp8 {
+            y = format!("{y} * fu_as[m]");
+        }
+        if let Some(s) = w.scale {
+            let ps = params.bind(s, Access::Read);
+            let idx = if s.rank() == 0 {
+                format!("{}LL", s.offset)
+            } else {
+                format!("{}LL + (long long)n * {}LL", s.offset, s.strides[0])
+            };
+            y = format!("{y} * fu_f32({ps}[{idx}])");
+        }
+        let _ = writeln!(b, "          const float y{i} = {y};");
+    }
+    let out_at = |params: &mut Params, o: &View| -> Result<String, String> {
+        let p = params.bind(o, Access::Write);
+        let r = o.rank();
+        Ok(format!(
+            "{p}[{} + (long long)n * {}LL]",
+            row_offset(o, "m")?,
+            o.strides[r - 1]
+        ))
+    };
+    match g.epilogue {
+        Epilogue::Plain => {
+            let o = g.outs.get(group).ok_or("a GEMV output per weight")?;
+            let _ = writeln!(b, "          {} = fu_from<{tc}>(y0);", out_at(params, o)?);
+        }
+        Epilogue::Swiglu => {
+            let o = g.outs.first().ok_or("a SwiGLU output")?;
+            let _ = writeln!(
+                b,
+                "          const float gt = fu_round<{tc}>(y0), up = fu_round<{tc}>(y1);"
+            );
+            let _ = writeln!(
+                b,
+                "          {} = fu_from<{tc}>(fu_round<{tc}>(fu_silu(gt)) * up);",
+                out_at(params, o)?
+            );
+        }
+        Epilogue::Residual(res) => {
+            let o = g.outs.first().ok_or("a GEMV output")?;
+            let pr = params.bind(res, Access::Read);
+            let rr = res.rank();
+            let rv = format!(
+                "fu_f32({pr}[{} + (long long)n * {}LL])",
+                row_offset(res, "m")?,
+                res.strides[rr - 1]
+            );
+            let _ = writeln!(
+                b,
+                "          {} = fu_from<{tc}>({rv} + fu_round<{tc}>(y0));",
+                out_at(params, o)?
+            );
+        }
+    }
+    let _ = writeln!(b, "        }}");
+    let _ = writeln!(b, "      }}");
+    Ok(())
+}

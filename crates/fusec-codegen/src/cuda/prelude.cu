@@ -1,0 +1,166 @@
+// fusec CUDA prelude: element conversions, reductions and vector loads shared by every
+// kernel. Values are computed in f32 and rounded to the stored type on store, which is
+// what PyTorch's kernels for half types do.
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+
+// Generated kernels name every index and constant of their family; those a shape does
+// not need (the batch index at batch 1) are expected, not worth a warning.
+#pragma nv_diag_suppress 177
+#pragma nv_diag_suppress 550
+
+#define FU_FULL_MASK 0xffffffffu
+#define FU_INF __int_as_float(0x7f800000)
+#define FU_NO_INDEX 0x7fffffff
+
+__device__ __forceinline__ float fu_f32(float x) { return x; }
+__device__ __forceinline__ float fu_f32(__half x) { return __half2float(x); }
+__device__ __forceinline__ float fu_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float fu_f32(__nv_fp8_e4m3 x) { return static_cast<float>(x); }
+__device__ __forceinline__ float fu_f32(__nv_fp8_e5m2 x) { return static_cast<float>(x); }
+__device__ __forceinline__ float fu_f32(int x) { return static_cast<float>(x); }
+
+// Round to nearest even; FP8 saturates to the largest finite value (E4M3: 448);
+// float to int truncates toward zero, saturating, NaN to 0 (as Rust's `as`).
+template <typename T> __device__ __forceinline__ T fu_from(float x);
+template <> __device__ __forceinline__ float fu_from<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half fu_from<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 fu_from<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <> __device__ __forceinline__ __nv_fp8_e4m3 fu_from<__nv_fp8_e4m3>(float x) { return __nv_fp8_e4m3(x); }
+template <> __device__ __forceinline__ __nv_fp8_e5m2 fu_from<__nv_fp8_e5m2>(float x) { return __nv_fp8_e5m2(x); }
+template <> __device__ __forceinline__ int fu_from<int>(float x) { return __float2int_rz(x); }
+
+// `x` rounded to the precision of `T` (the identity for float).
+template <typename T> __device__ __forceinline__ float fu_round(float x) { return fu_f32(fu_from<T>(x)); }
+
+__device__ __forceinline__ float fu_silu(float x) { return x / (1.0f + expf(-x)); }
+__device__ __forceinline__ float fu_rsqrt(float x) { return 1.0f / sqrtf(x); }
+
+// The larger of two values, NaN winning, as torch.amax.
+__device__ __forceinline__ float fu_max_nan(float a, float b) { return (a > b || a != a) ? a : b; }
+
+__device__ __forceinline__ float fu_warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FU_FULL_MASK, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float fu_warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fu_max_nan(v, __shfl_xor_sync(FU_FULL_MASK, v, o));
+  return v;
+}
+
+// Sum over the `W` lanes of an aligned group of lanes (W a power of two, at most 32).
+// Every lane of the warp must call it.
+template <int W> __device__ __forceinline__ float fu_group_sum(float v) {
+#pragma unroll
+  for (int o = W / 2; o > 0; o >>= 1) v += __shfl_xor_sync(FU_FULL_MASK, v, o);
+  return v;
+}
+
+// Block-wide reductions: every thread of the block calls them and gets the result.
+__device__ __forceinline__ float fu_block_sum(float v) {
+  __shared__ float red[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+  v = fu_warp_sum(v);
+  __syncthreads();
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  return fu_warp_sum(lane < warps ? red[lane] : 0.0f);
+}
+
+__device__ __forceinline__ float fu_block_max(float v) {
+  __shared__ float red[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+  v = fu_warp_max(v);
+  __syncthreads();
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  return fu_warp_max(lane < warps ? red[lane] : -FU_INF);
+}
+
+// Argmax as torch.argmax: the largest value, NaN counting as the largest, ties to the
+// lowest index. (v, i) absorbs (v2, i2); FU_NO_INDEX marks an empty candidate.
+__device__ __forceinline__ void fu_argmax_merge(float& v, int& i, float v2, int i2) {
+  bool take;
+  if (i2 == FU_NO_INDEX) take = false;
+  else if (i == FU_NO_INDEX) take = true;
+  else if (v != v || v2 != v2) take = (v2 != v2) && (v == v || i2 < i);
+  else take = v2 > v || (v2 == v && i2 < i);
+  if (take) { v = v2; i = i2; }
+}
+
+__device__ __forceinline__ int fu_block_argmax(float v, int i) {
+  __shared__ float rv[32];
+  __shared__ int ri[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    float v2 = __shfl_xor_sync(FU_FULL_MASK, v, o);
+    int i2 = __shfl_xor_sync(FU_FULL_MASK, i, o);
+    fu_argmax_merge(v, i, v2, i2);
+  }
+  __syncthreads();
+  if (lane == 0) { rv[warp] = v; ri[warp] = i; }
+  __syncthreads();
+  v = lane < warps ? rv[lane] : -FU_INF;
+  i = lane < warps ? ri[lane] : FU_NO_INDEX;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    float v2 = __shfl_xor_sync(FU_FULL_MASK, v, o);
+    int i2 = __shfl_xor_sync(FU_FULL_MASK, i, o);
+    fu_argmax_merge(v, i, v2, i2);
+  }
+  return i;
+}
+
+// N consecutive elements from global memory, converted to f32, in 16-, 8- or 4-byte
+// loads through the read-only cache. `p` must be aligned to the load size.
+template <typename T, int N>
+__device__ __forceinline__ void fu_load(const T* __restrict__ p, float (&out)[N]) {
+  constexpr int BYTES = N * (int)sizeof(T);
+  if constexpr (BYTES % 16 == 0) {
+    constexpr int PER = 16 / (int)sizeof(T);
+#pragma unroll
+    for (int c = 0; c < BYTES / 16; ++c) {
+      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p) + c);
+      const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int k = 0; k < PER; ++k) out[c * PER + k] = fu_f32(e[k]);
+    }
+  } else if constexpr (BYTES == 8) {
+    const uint2 raw = __ldg(reinterpret_cast<const uint2*>(p));
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int k = 0; k < N; ++k) out[k] = fu_f32(e[k]);
+  } else if constexpr (BYTES == 4) {
+    const unsigned int raw = __ldg(reinterpret_cast<const unsigned int*>(p));
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int k = 0; k < N; ++k) out[k] = fu_f32(e[k]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < N; ++k) out[k] = fu_f32(p[k]);
+  }
+}
+
+// The same from shared memory.
+template <typename T, int N>
+__device__ __forceinline__ void fu_load_shared(const T* p, float (&out)[N]) {
+  constexpr int BYTES = N * (int)sizeof(T);
+  if constexpr (BYTES % 16 == 0) {
+    constexpr int PER = 16 / (int)sizeof(T);
+#pragma unroll
+    for (int c = 0; c < BYTES / 16; ++c) {
+      const uint4 raw = reinterpret_cast<const uint4*>(p)[c];
+      const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int k = 0; k < PER; ++k) out[c * PER + k] = fu_f32(e[k]);
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < N; ++k) out[k] = fu_f32(p[k]);
+  }
+}

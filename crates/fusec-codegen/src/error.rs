@@ -1,0 +1,23 @@
+//! The backend's error type.
+
+/// Why a graph could not be lowered to CUDA.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// The graph fails the IR verifier or has a cycle: a bug upstream.
+    #[error("the graph is not valid: {0}")]
+    InvalidGraph(String),
+    /// A symbol other than the batch `B` and the cached length `S`.
+    #[error("symbolic dimension `{0}` has no value: only B (baked in) and S (a kernel argument) are supported")]
+    UnknownSymbol(String),
+    /// The options are inconsistent.
+    #[error("bad codegen options: {0}")]
+    Options(String),
+    /// A node the backend cannot lower, with the reason; `value` is its `%N` in the
+    /// canonical text form.
+    #[error("%{value} = {op}: {message}")]
+    Unsupported {
+        value: usize,
+        op: String,
+        message: String,
+    },
+}

@@ -1,0 +1,665 @@
+//! The lowering: walks the graph in canonical order, resolves every value to a view
+//! of a buffer, generates one kernel per launching node, merges identical kernels,
+//! and places the intermediates in an arena.
+
+use std::collections::{BTreeMap, HashMap};
+
+use fusec_ir::op::resolve_axis;
+use fusec_ir::{verify, DType, FusedOp, Graph, InputKind, NodeId, Op, OutputKind, Type};
+
+use crate::cuda::gemv::{Epilogue, Gemv};
+use crate::cuda::{
+    attention, elementwise, gemv, matmul, movement, norm, reduce, KernelCode, Operand, Params, NAME,
+};
+use crate::error::Error;
+use crate::layout::{extents, Extent, View};
+use crate::options::{DecodeShape, Options};
+use crate::plan::{
+    Arg, Binding, Buffer, BufferId, BufferKind, ConstantInit, Launch, LaunchPlan, StateBinding,
+};
+use crate::{Kernel, Output};
+
+/// Arena placements are aligned for 16-byte vector loads and for coalescing.
+const ALIGN: u64 = 256;
+
+/// A resolved value.
+#[derive(Clone, Debug)]
+enum Val {
+    One(Operand),
+    Tuple(Vec<View>),
+}
+
+struct Lower<'a> {
+    graph: &'a Graph,
+    decode: DecodeShape,
+    opts: &'a Options,
+    number: HashMap<NodeId, usize>,
+    buffers: Vec<Buffer>,
+    vals: HashMap<NodeId, Val>,
+    launches: Vec<Launch>,
+    /// Kernel functions by text (with the name placeholder), in order of first use.
+    kernels: Vec<(String, String, &'static str, usize)>,
+    by_text: HashMap<String, usize>,
+    /// The split-KV workspace shared by every attention launch (they run in order).
+    workspace: Option<(BufferId, BufferId)>,
+}
+
+/// Lowers `graph` to CUDA C and a launch plan. See the crate documentation.
+pub fn generate(graph: &Graph, shape: &DecodeShape, options: &Options) -> Result<Output, Error> {
+    options.check()?;
+    shape.check()?;
+    verify(graph).map_err(|e| Error::InvalidGraph(e.to_string()))?;
+    let order = graph
+        .topo_order()
+        .map_err(|e| Error::InvalidGraph(e.to_string()))?;
+    let number = order.iter().enumerate().map(|(i, &id)| (id, i)).collect();
+    let mut l = Lower {
+        graph,
+        decode: *shape,
+        opts: options,
+        number,
+        buffers: Vec::new(),
+        vals: HashMap::new(),
+        launches: Vec::new(),
+        kernels: Vec::new(),
+        by_text: HashMap::new(),
+        workspace: None,
+    };
+    for &id in &order {
+        l.node(id)?;
+    }
+    l.finish()
+}
+
+impl Lower<'_> {
+    fn unsupported(&self, id: NodeId, message: impl Into<String>) -> Error {
+        Error::Unsupported {
+            value: self.number.get(&id).copied().unwrap_or(usize::MAX),
+            op: self.graph.op(id).to_string(),
+            message: message.into(),
+        }
+    }
+
+    fn dims(&self, id: NodeId, ty: &fusec_ir::TensorType) -> Result<Vec<Extent>, Error> {
+        extents(&ty.shape, &self.decode).map_err(|name| {
+            let _ = id;
+            Error::UnknownSymbol(name)
+        })
+    }
+
+    fn add_buffer(
+        &mut self,
+        name: String,
+        kind: BufferKind,
+        dtype: DType,
+        dims: &[Extent],
+    ) -> BufferId {
+        let cap: Vec<u64> = dims.iter().map(|d| d.capacity(&self.decode)).collect();
+        let bytes = cap.iter().product::<u64>() * dtype.size_bytes();
+        self.buffers.push(Buffer {
+            name,
+            kind,
+            dtype,
+            ir_shape: format!(
+                "[{}]",
+                dims.iter().map(|d| d.ir()).collect::<Vec<_>>().join(",")
+            ),
+            dims: cap,
+            bytes,
+            arena_offset: None,
+        });
+        self.buffers.len() - 1
+    }
+
+    /// A new dense buffer for a value of `ty`.
+    fn leaf(&mut self, id: NodeId, name: String, kind: BufferKind) -> Result<View, Error> {
+        let ty = self
+            .graph
+            .ty(id)
+            .tensor()
+            .cloned()
+            .ok_or_else(|| self.unsupported(id, "a leaf must be a tensor"))?;
+        let dims = self.dims(id, &ty)?;
+        let b = self.add_buffer(name, kind, ty.dtype, &dims);
+        Ok(View::dense(b, ty.dtype, dims, &self.decode))
+    }
+
+    fn val(&self, id: NodeId) -> Result<&Val, Error> {
+        self.vals.get(&id).ok_or_else(|| {
+            Error::InvalidGraph(format!(
+                "%{} used before it is defined",
+                self.number.get(&id).copied().unwrap_or(0)
+            ))
+        })
+    }
+
+    fn view_of(&self, user: NodeId, id: NodeId) -> Result<View, Error> {
+        match self.val(id)? {
+            Val::One(Operand::View(v)) => Ok(v.clone()),
+            _ => Err(self.unsupported(user, "operand is not a tensor in memory")),
+        }
+    }
+
+    fn node(&mut self, id: NodeId) -> Result<(), Error> {
+        let op = self.graph.op(id).clone();
+        let operands = self.graph.operands(id);
+        let n = self.number[&id];
+        let val = match &op {
+            Op::Input { name, kind } => {
+                let kind = match kind {
+                    InputKind::Data => BufferKind::Input { name: name.clone() },
+                    InputKind::State => BufferKind::State { name: name.clone() },
+                };
+                Val::One(Operand::View(self.leaf(id, name.clone(), kind)?))
+            }
+            Op::Weight { name } => Val::One(Operand::View(self.leaf(
+                id,
+                name.clone(),
+                BufferKind::Weight { name: name.clone() },
+            )?)),
+            Op::Scalar { value } => Val::One(Operand::Scalar(value.0 as f32)),
+            Op::RopeInvFreq { theta, head_dim } => {
+                let init = ConstantInit::RopeInvFreq {
+                    theta: theta.0,
+                    head_dim: *head_dim,
+                };
+                Val::One(Operand::View(self.leaf(
+                    id,
+                    format!("%{n} rope.inv_freq"),
+                    BufferKind::Constant { init },
+                )?))
+            }
+            Op::Reshape { .. }
+            | Op::Transpose { .. }
+            | Op::Slice { .. }
+            | Op::Unsqueeze { .. }
+            | Op::Expand { .. } => {
+                let src = self.view_of(id, operands[0])?;
+                let ty = self
+                    .graph
+                    .ty(id)
+                    .tensor()
+                    .cloned()
+                    .ok_or_else(|| self.unsupported(id, "a view must be a tensor"))?;
+                let to = self.dims(id, &ty)?;
+                let r = match &op {
+                    Op::Reshape { .. } => src.reshape(&to, &self.decode),
+                    Op::Transpose { a, b } => src.transpose(*a, *b),
+                    Op::Slice { axis, start, end } => {
+                        resolve_axis(*axis, src.rank()).and_then(|a| src.slice(a, *start, *end))
+                    }
+                    Op::Unsqueeze { axis } => src.unsqueeze(*axis),
+                    _ => src.expand(&to),
+                };
+                let v = r.map_err(|m| self.unsupported(id, m))?;
+                if v.dims != to {
+                    return Err(self.unsupported(
+                        id,
+                        format!("view gives {:?}, the IR says {:?}", v.dims, to),
+                    ));
+                }
+                Val::One(Operand::View(v))
+            }
+            Op::Get { index } => match self.val(operands[0])? {
+                Val::Tuple(vs) => {
+                    let v = vs
+                        .get(*index)
+                        .cloned()
+                        .ok_or_else(|| self.unsupported(id, "no such tuple element"))?;
+                    Val::One(Operand::View(v))
+                }
+                Val::One(_) => {
+                    return Err(self.unsupported(id, "get of a value that is not a tuple"))
+                }
+            },
+            Op::Dequant { to, act } => Val::One(Operand::Dequant {
+                values: self.view_of(id, operands[0])?,
+                scale: self.view_of(id, operands[1])?,
+                to: *to,
+                act: *act,
+            }),
+            _ if op.launches_kernel() => self.launch(id)?,
+            _ => return Err(self.unsupported(id, "no lowering for this op")),
+        };
+        self.vals.insert(id, val);
+        Ok(())
+    }
+
+    /// The result views of a launching node: new intermediates, or the cache it
+    /// appends to in place.
+    fn results(&mut self, id: NodeId) -> Result<Vec<View>, Error> {
+        let n = self.number[&id];
+        let op = self.graph.op(id).clone();
+        let operands = self.graph.operands(id);
+        let tys: Vec<fusec_ir::TensorType> = self.graph.ty(id).tensors().to_vec();
+        let tuple = matches!(self.graph.ty(id), Type::Tuple(_));
+        let mut out = Vec::new();
+        for (i, ty) in tys.iter().enumerate() {
+            let dims = self.dims(id, ty)?;
+            let in_place = match (&op, i) {
+                (Op::Fused(FusedOp::KvAppend), 0) => Some(operands[0]),
+                (Op::Fused(FusedOp::DecodeAttention), 1) => Some(operands[5]),
+                (Op::Fused(FusedOp::DecodeAttention), 2) => Some(operands[6]),
+                _ => None,
+            };
+            let v = match in_place {
+                Some(past) => {
+                    // Appending in place overwrites nothing the step still needs only if
+                    // the cache is a whole state buffer that nothing else reads.
+                    if !matches!(
+                        self.graph.op(past),
+                        Op::Input {
+                            kind: InputKind::State,
+                            ..
+                        }
+                    ) || self.graph.users(past).len() != 1
+                    {
+                        return Err(self.unsupported(
+                            id,
+                            "an in-place append needs a state input used only here",
+                        ));
+                    }
+                    let p = self.view_of(id, past)?;
+                    View { dims, ..p }
+                }
+                None => {
+                    let name = if tuple {
+                        format!("%{n}.{i}")
+                    } else {
+                        format!("%{n}")
+                    };
+                    let b = self.add_buffer(name, BufferKind::Intermediate, ty.dtype, &dims);
+                    View::dense(b, ty.dtype, dims, &self.decode)
+                }
+            };
+            out.push(v);
+        }
+        Ok(out)
+    }
+
+    fn launch(&mut self, id: NodeId) -> Result<Val, Error> {
+        let node = self.graph.node(id);
+        let op = node.op.clone();
+        let operand_ids = self.graph.operands(id);
+        let mut ops = Vec::with_capacity(operand_ids.len());
+        for &o in &operand_ids {
+            match self.val(o)? {
+                Val::One(x) => ops.push(x.clone()),
+                Val::Tuple(_) => {
+                    return Err(self.unsupported(id, "a tuple operand must be read through get"))
+                }
+            }
+        }
+        let outs = self.results(id)?;
+        let (decode, opts) = (self.decode, self.opts);
+        let mut params = Params::default();
+        let p = &mut params;
+        let view = |i: usize| -> Result<&View, String> {
+            ops.get(i)
+                .ok_or_else(|| format!("missing operand {i}"))?
+                .view()
+        };
+        let scalar = |i: usize| -> Result<f32, String> {
+            ops.get(i)
+                .ok_or_else(|| format!("missing operand {i}"))?
+                .scalar()
+        };
+        let axis = |a: i64| -> Result<usize, String> { resolve_axis(a, view(0)?.rank()) };
+        let out0 = outs
+            .first()
+            .ok_or_else(|| self.unsupported(id, "no result"))?;
+        let mut workspace = None;
+        let code: Result<KernelCode, String> = match &op {
+            Op::Unary(u) => elementwise::unary(*u, &ops[0], out0, p, &decode, opts),
+            Op::Binary(b) => elementwise::binary(*b, &ops[0], &ops[1], out0, p, &decode, opts),
+            Op::Cast { .. } => elementwise::cast(&ops[0], out0, p, &decode, opts),
+            Op::Copy => elementwise::copy(&ops[0], out0, p, &decode, opts),
+            Op::Reduce {
+                kind,
+                axis: a,
+                keepdim,
+            } => axis(*a).and_then(|a| {
+                reduce::reduce(*kind, view(0)?, (a, *keepdim), out0, p, &decode, opts)
+            }),
+            Op::Argmax { axis: a } => {
+                axis(*a).and_then(|a| reduce::argmax(view(0)?, a, out0, p, &decode, opts))
+            }
+            Op::Softmax { axis: a } => {
+                axis(*a).and_then(|a| reduce::softmax(view(0)?, a, out0, p, &decode, opts))
+            }
+            Op::MatMul => view(0).and_then(|a| matmul::matmul(a, view(1)?, out0, p, &decode, opts)),
+            Op::Embedding => {
+                view(0).and_then(|t| movement::embedding(t, view(1)?, out0, p, &decode, opts))
+            }
+            Op::Cat { axis: a } => {
+                let parts: Result<Vec<View>, String> =
+                    (0..ops.len()).map(|i| view(i).cloned()).collect();
+                parts.and_then(|parts| {
+                    axis(*a).and_then(|a| movement::cat(&parts, a, out0, p, &decode, opts))
+                })
+            }
+            Op::Linear => view(0).and_then(|x| {
+                gemv::gemv(
+                    &Gemv {
+                        x,
+                        norm: None,
+                        weights: vec![&ops[1]],
+                        epilogue: Epilogue::Plain,
+                        outs: &outs,
+                    },
+                    p,
+                    &decode,
+                    opts,
+                )
+            }),
+            Op::Fused(f) => match f {
+                FusedOp::KvAppend => {
+                    view(0).and_then(|past| movement::kv_append(past, view(1)?, p, &decode, opts))
+                }
+                FusedOp::Rope => {
+                    view(0).and_then(|x| norm::rope(x, &ops[1], &ops[2], out0, p, &decode, opts))
+                }
+                FusedOp::RmsNorm => view(0)
+                    .and_then(|x| norm::rms_norm(x, view(1)?, scalar(2)?, out0, p, &decode, opts)),
+                FusedOp::RmsNormLinear => view(0).and_then(|x| {
+                    let g = Gemv {
+                        x,
+                        norm: Some((view(1)?, scalar(2)?)),
+                        weights: ops[3..].iter().collect(),
+                        epilogue: Epilogue::Plain,
+                        outs: &outs,
+                    };
+                    gemv::gemv(&g, p, &decode, opts)
+                }),
+                FusedOp::Swiglu => view(0).and_then(|x| {
+                    let g = Gemv {
+                        x,
+                        norm: None,
+                        weights: vec![&ops[1], &ops[2]],
+                        epilogue: Epilogue::Swiglu,
+                        outs: &outs,
+                    };
+                    gemv::gemv(&g, p, &decode, opts)
+                }),
+                FusedOp::RmsNormSwiglu => view(0).and_then(|x| {
+                    let g = Gemv {
+                        x,
+                        norm: Some((view(1)?, scalar(2)?)),
+                        weights: vec![&ops[3], &ops[4]],
+                        epilogue: Epilogue::Swiglu,
+                        outs: &outs,
+                    };
+                    gemv::gemv(&g, p, &decode, opts)
+                }),
+                FusedOp::LinearAdd => view(0).and_then(|x| {
+                    let g = Gemv {
+                        x,
+                        norm: None,
+                        weights: vec![&ops[1]],
+                        epilogue: Epilogue::Residual(view(2)?),
+                        outs: &outs,
+                    };
+                    gemv::gemv(&g, p, &decode, opts)
+                }),
+                FusedOp::Attention | FusedOp::DecodeAttention => {
+                    let built = (|| -> Result<attention::Attention<'_>, String> {
+                        let dec = if *f == FusedOp::DecodeAttention {
+                            let scales = match (ops.get(9), ops.get(10)) {
+                                (Some(k), Some(v)) => Some((k.view()?, v.view()?)),
+                                _ => None,
+                            };
+                            Some(attention::Decode {
+                                cos: &ops[3],
+                                sin: &ops[4],
+                                past_k: view(5)?,
+                                past_v: view(6)?,
+                                scales,
+                            })
+                        } else {
+                            None
+                        };
+                        let (scale_i, mask_i) = if dec.is_some() { (7, 8) } else { (3, 4) };
+                        Ok(attention::Attention {
+                            q: view(0)?,
+                            k: view(1)?,
+                            v: view(2)?,
+                            decode: dec,
+                            scale: scalar(scale_i)?,
+                            mask: ops.get(mask_i).ok_or("missing mask")?,
+                            out: out0,
+                        })
+                    })();
+                    match built.and_then(|a| attention::shape(&a, &decode, opts).map(|s| (a, s))) {
+                        Ok((a, sh)) => {
+                            if sh.splits > 1 {
+                                workspace = Some((sh.workspace_floats(), sh.tickets()));
+                            }
+                            let ws = workspace.map(|(f, t)| self.workspace(f, t));
+                            let wsv = ws.as_ref().map(|(f, t)| (f, t));
+                            attention::attention(&a, &sh, wsv, p, &decode, opts)
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+            },
+            _ => Err("no kernel for this op".to_string()),
+        };
+        let code = code.map_err(|m| self.unsupported(id, m))?;
+        let mut views: Vec<_> = Vec::new();
+        for o in &ops {
+            match o {
+                Operand::View(v) => views.push(v.info(&decode)),
+                Operand::Dequant { values, scale, .. } => {
+                    views.push(values.info(&decode));
+                    views.push(scale.info(&decode));
+                }
+                Operand::Scalar(_) => {}
+            }
+        }
+        views.extend(outs.iter().map(|v| v.info(&decode)));
+        self.add_launch(id, &code, &params, views);
+        Ok(if matches!(self.graph.ty(id), Type::Tuple(_)) {
+            Val::Tuple(outs)
+        } else {
+            Val::One(Operand::View(
+                outs.into_iter()
+                    .next()
+                    .ok_or_else(|| self.unsupported(id, "no result"))?,
+            ))
+        })
+    }
+
+    /// The shared split-KV workspace, grown to hold `floats` partials and `tickets`.
+    fn workspace(&mut self, floats: u64, tickets: u64) -> (View, View) {
+        let (f, t) = match self.workspace {
+            Some(w) => w,
+            None => {
+                let f = self.add_buffer(
+                    "attention.partials".into(),
+                    BufferKind::Workspace,
+                    attention::WORKSPACE_DTYPE,
+                    &[Extent::Fixed(0)],
+                );
+                let t = self.add_buffer(
+                    "attention.tickets".into(),
+                    BufferKind::Workspace,
+                    DType::I32,
+                    &[Extent::Fixed(0)],
+                );
+                self.workspace = Some((f, t));
+                (f, t)
+            }
+        };
+        for (b, n) in [(f, floats), (t, tickets)] {
+            let buf = &mut self.buffers[b];
+            if buf.dims[0] < n {
+                buf.dims[0] = n;
+                buf.ir_shape = format!("[{n}]");
+                buf.bytes = n * buf.dtype.size_bytes();
+            }
+        }
+        (
+            View::dense(
+                f,
+                attention::WORKSPACE_DTYPE,
+                vec![Extent::Fixed(floats)],
+                &self.decode,
+            ),
+            View::dense(t, DType::I32, vec![Extent::Fixed(tickets)], &self.decode),
+        )
+    }
+
+    fn add_launch(
+        &mut self,
+        id: NodeId,
+        code: &KernelCode,
+        params: &Params,
+        views: Vec<crate::plan::ViewInfo>,
+    ) {
+        let text = code.function(params);
+        let k = match self.by_text.get(&text) {
+            Some(&k) => {
+                self.kernels[k].3 += 1;
+                k
+            }
+            None => {
+                let k = self.kernels.len();
+                let name = format!("fusec_k{k}_{}", code.family);
+                self.kernels.push((text.clone(), name, code.family, 1));
+                self.by_text.insert(text, k);
+                k
+            }
+        };
+        let node = self.graph.node(id);
+        self.launches.push(Launch {
+            kernel: self.kernels[k].1.clone(),
+            value: self.number[&id],
+            op: node.op.to_string(),
+            layer: node.layer,
+            grid: code.grid,
+            block: [code.block, 1, 1],
+            shared_bytes: code.shared,
+            args: params.args(),
+            views,
+        });
+    }
+
+    fn finish(mut self) -> Result<Output, Error> {
+        let mut inputs = Vec::new();
+        for (id, name, kind) in self.graph.inputs() {
+            if kind == InputKind::Data {
+                let v = self.view_of(id, id)?;
+                inputs.push(Binding {
+                    name: name.to_string(),
+                    view: v.info(&self.decode),
+                });
+            }
+        }
+        let mut outputs = Vec::new();
+        let mut states = Vec::new();
+        for o in self.graph.outputs() {
+            let v = self.view_of(o.value, o.value)?;
+            let buf = &mut self.buffers[v.buffer];
+            if buf.kind == BufferKind::Intermediate {
+                buf.kind = match o.kind {
+                    OutputKind::Data => BufferKind::Output {
+                        name: o.name.clone(),
+                    },
+                    OutputKind::State => BufferKind::StateNext {
+                        name: o.name.clone(),
+                    },
+                };
+            }
+            match o.kind {
+                OutputKind::Data => outputs.push(Binding {
+                    name: o.name.clone(),
+                    view: v.info(&self.decode),
+                }),
+                OutputKind::State => {
+                    let input = self.graph.input(&o.name).ok_or_else(|| {
+                        Error::InvalidGraph(format!("state output `{}` has no state input", o.name))
+                    })?;
+                    let iv = self.view_of(input, input)?;
+                    if iv.strides != v.strides || iv.offset != v.offset || iv.dtype != v.dtype {
+                        return Err(self.unsupported(
+                            o.value,
+                            format!("state `{}` changes its layout across the step", o.name),
+                        ));
+                    }
+                    states.push(StateBinding {
+                        name: o.name.clone(),
+                        input: iv.info(&self.decode),
+                        output: v.info(&self.decode),
+                    });
+                }
+            }
+        }
+        let arena_bytes = self.place_arena();
+        let kernels = self
+            .kernels
+            .iter()
+            .map(|(text, name, family, launches)| Kernel {
+                name: name.clone(),
+                family: (*family).to_string(),
+                function: text.replace(NAME, name),
+                launches: *launches,
+            })
+            .collect();
+        Ok(Output {
+            kernels,
+            plan: LaunchPlan {
+                graph: self.graph.name.clone(),
+                shape: self.decode,
+                arena_bytes,
+                buffers: self.buffers,
+                launches: self.launches,
+                inputs,
+                outputs,
+                states,
+            },
+        })
+    }
+
+    /// First-fit placement of the intermediates by liveness: a buffer is live from
+    /// the launch that writes it to the last launch that reads it, and two buffers
+    /// live at the same launch never overlap.
+    fn place_arena(&mut self) -> u64 {
+        let mut first: BTreeMap<BufferId, usize> = BTreeMap::new();
+        let mut last: BTreeMap<BufferId, usize> = BTreeMap::new();
+        for (i, l) in self.launches.iter().enumerate() {
+            for a in &l.args {
+                if let Arg::Buffer { buffer, .. } = a {
+                    if self.buffers[*buffer].kind == BufferKind::Intermediate {
+                        first.entry(*buffer).or_insert(i);
+                        last.insert(*buffer, i);
+                    }
+                }
+            }
+        }
+        let mut by_first: BTreeMap<usize, Vec<BufferId>> = BTreeMap::new();
+        for (&b, &f) in &first {
+            by_first.entry(f).or_default().push(b);
+        }
+        // Live placements: (offset, end, buffer).
+        let mut live: Vec<(u64, u64, BufferId)> = Vec::new();
+        let mut top = 0u64;
+        for (launch, bufs) in by_first {
+            live.retain(|&(_, _, b)| last[&b] >= launch);
+            for b in bufs {
+                let size = self.buffers[b].bytes.div_ceil(ALIGN).max(1) * ALIGN;
+                live.sort_unstable();
+                let mut at = 0u64;
+                for &(o, e, _) in &live {
+                    if o >= at + size {
+                        break;
+                    }
+                    at = at.max(e);
+                }
+                live.push((at, at + size, b));
+                top = top.max(at + size);
+                self.buffers[b].arena_offset = Some(at);
+            }
+        }
+        top
+    }
+}

@@ -1,0 +1,393 @@
+//! Running a launch plan on a device: the plan's contract, executed.
+//!
+//! A [`Runner`] allocates every buffer of a [`LaunchPlan`] on a [`Device`], uploads
+//! the weights (converted to their dtypes) and the load-time constants, and runs one
+//! decode step per [`Runner::step`]: it uploads the token ids and positions, launches
+//! the kernels in order with the cached length `S` as their last argument, swaps the
+//! KV-cache buffers that the step did not update in place, and reads the logits and
+//! the greedy tokens back.
+//!
+//! The device is a trait so that the same runner drives a CUDA GPU (`fusec-exec`'s
+//! `gpu` module) and, in the tests, a CPU emulation of the kernels. Devices deal in raw
+//! addresses: the arena's intermediates are offsets into one allocation.
+
+use fusec_ir::build::names;
+use fusec_ir::DType;
+use half::{bf16, f16};
+
+use crate::plan::{Arg, BufferKind, ConstantInit, LaunchPlan, ViewInfo};
+use crate::Output;
+
+/// Why a plan could not run.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RunError {
+    /// The device failed (a driver or library error), with its message.
+    #[error("device: {0}")]
+    Device(String),
+    /// A weight the plan needs is missing or has the wrong shape.
+    #[error("weight `{name}`: {message}")]
+    Weight { name: String, message: String },
+    /// The step's inputs do not fit the plan.
+    #[error("input `{name}`: {message}")]
+    Input { name: String, message: String },
+    /// The plan asks for something the runner cannot provide.
+    #[error("the plan cannot run: {0}")]
+    Plan(String),
+}
+
+/// What a runner needs from a device. Addresses are device addresses (`CUdeviceptr`
+/// on CUDA); every allocation is zeroed.
+pub trait Device {
+    /// Allocates `bytes` zeroed bytes, aligned to 256.
+    fn alloc(&mut self, bytes: u64) -> Result<u64, RunError>;
+    fn write(&mut self, addr: u64, data: &[u8]) -> Result<(), RunError>;
+    fn read(&mut self, addr: u64, len: usize) -> Result<Vec<u8>, RunError>;
+    /// Compiles and loads the translation unit holding the plan's kernels.
+    fn load(&mut self, output: &Output) -> Result<(), RunError>;
+    /// Launches `kernel`: `args` are the pointer arguments in order; `past` (the `S`
+    /// argument) comes last.
+    fn launch(
+        &mut self,
+        kernel: &str,
+        grid: [u32; 3],
+        block: [u32; 3],
+        shared: u32,
+        args: &[u64],
+        past: i32,
+    ) -> Result<(), RunError>;
+    /// Waits for the launched work.
+    fn sync(&mut self) -> Result<(), RunError>;
+}
+
+/// The weights a runner uploads, by name.
+pub trait WeightSource {
+    /// The values of weight `name` as `dtype`, shaped `dims` (row-major), encoded as
+    /// the device stores them (see [`encode`]).
+    fn bytes(&self, name: &str, dtype: DType, dims: &[u64]) -> Result<Vec<u8>, RunError>;
+}
+
+/// `values` in the little-endian byte encoding of `dtype`: floats round to nearest
+/// even, FP8 saturating to its largest finite value as CUDA's `__NV_SATFINITE` does.
+pub fn encode(dtype: DType, values: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() * dtype.size_bytes() as usize);
+    for &v in values {
+        match dtype {
+            DType::F32 => out.extend_from_slice(&v.to_le_bytes()),
+            DType::I32 => out.extend_from_slice(&(v as i32).to_le_bytes()),
+            DType::F16 => out.extend_from_slice(&f16::from_f32(v).to_le_bytes()),
+            DType::Bf16 => out.extend_from_slice(&bf16::from_f32(v).to_le_bytes()),
+            DType::Fp8E4M3 => out.push(float8::F8E4M3::from_f32(v).to_bits()),
+            DType::Fp8E5M2 => out.push(float8::F8E5M2::from_f32(v).to_bits()),
+        }
+    }
+    out
+}
+
+/// The values of `bytes` encoded as `dtype`.
+pub fn decode(dtype: DType, bytes: &[u8]) -> Vec<f32> {
+    let n = dtype.size_bytes() as usize;
+    bytes
+        .chunks_exact(n)
+        .map(|c| match dtype {
+            DType::F32 => f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+            DType::I32 => i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32,
+            DType::F16 => f16::from_le_bytes([c[0], c[1]]).to_f32(),
+            DType::Bf16 => bf16::from_le_bytes([c[0], c[1]]).to_f32(),
+            DType::Fp8E4M3 => float8::F8E4M3::from_bits(c[0]).to_f32(),
+            DType::Fp8E5M2 => float8::F8E5M2::from_bits(c[0]).to_f32(),
+        })
+        .collect()
+}
+
+/// RoPE inverse frequencies as the IR's `rope.inv_freq` defines them, in f32.
+pub fn rope_inv_freq(theta: f64, head_dim: u64) -> Vec<f32> {
+    let base = theta as f32;
+    (0..head_dim / 2)
+        .map(|j| 1.0 / base.powf((2 * j) as f32 / head_dim as f32))
+        .collect()
+}
+
+/// One step's results.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Step {
+    /// Logits per sequence.
+    pub logits: Vec<Vec<f32>>,
+    /// The greedy next token per sequence.
+    pub next: Vec<i32>,
+}
+
+/// Runs a plan step by step on a device. See the module documentation.
+#[derive(Debug)]
+pub struct Runner<D: Device> {
+    device: D,
+    plan: LaunchPlan,
+    /// The device address of every buffer.
+    addr: Vec<u64>,
+    /// Positions cached so far.
+    past: u64,
+}
+
+/// The element offsets of a view's elements in row-major order, for `S = past`.
+fn offsets(v: &ViewInfo, past: u64) -> Result<Vec<u64>, RunError> {
+    let dims: Vec<u64> = v
+        .shape
+        .iter()
+        .map(|d| match d.strip_prefix('S') {
+            Some("") => Ok(past),
+            Some(rest) => rest
+                .trim_start_matches('+')
+                .parse::<u64>()
+                .map(|k| past + k)
+                .map_err(|_| RunError::Plan(format!("dimension `{d}`"))),
+            None => d
+                .parse::<u64>()
+                .map_err(|_| RunError::Plan(format!("dimension `{d}`"))),
+        })
+        .collect::<Result<_, _>>()?;
+    let n: u64 = dims.iter().product();
+    let mut out = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let (mut r, mut off) = (i, v.offset);
+        for (d, s) in dims.iter().zip(&v.strides).rev() {
+            off += (r % d) * s;
+            r /= d;
+        }
+        out.push(off);
+    }
+    Ok(out)
+}
+
+impl<D: Device> Runner<D> {
+    /// Allocates and fills every buffer and loads the kernels.
+    pub fn new(
+        mut device: D,
+        output: &Output,
+        weights: &dyn WeightSource,
+    ) -> Result<Runner<D>, RunError> {
+        let plan = output.plan.clone();
+        device.load(output)?;
+        let arena = device.alloc(plan.arena_bytes.max(256))?;
+        let mut addr = Vec::with_capacity(plan.buffers.len());
+        for b in &plan.buffers {
+            let a = match b.arena_offset {
+                Some(o) => arena + o,
+                None => device.alloc(b.bytes.max(1))?,
+            };
+            match &b.kind {
+                BufferKind::Weight { name } => {
+                    let bytes = weights.bytes(name, b.dtype, &b.dims)?;
+                    if bytes.len() as u64 != b.bytes {
+                        return Err(RunError::Weight {
+                            name: name.clone(),
+                            message: format!("{} bytes for a buffer of {}", bytes.len(), b.bytes),
+                        });
+                    }
+                    device.write(a, &bytes)?;
+                }
+                BufferKind::Constant {
+                    init: ConstantInit::RopeInvFreq { theta, head_dim },
+                } => {
+                    device.write(a, &encode(b.dtype, &rope_inv_freq(*theta, *head_dim)))?;
+                }
+                _ => {}
+            }
+            addr.push(a);
+        }
+        Ok(Runner {
+            device,
+            plan,
+            addr,
+            past: 0,
+        })
+    }
+
+    pub fn plan(&self) -> &LaunchPlan {
+        &self.plan
+    }
+
+    pub fn device(&mut self) -> &mut D {
+        &mut self.device
+    }
+
+    /// Positions cached so far.
+    pub fn past(&self) -> u64 {
+        self.past
+    }
+
+    /// Sets the number of cached positions without running the steps that would fill
+    /// them, so that a benchmark can time a step at a long context (the caches hold
+    /// whatever they held).
+    pub fn set_past(&mut self, past: u64) -> Result<(), RunError> {
+        if past >= self.plan.shape.max_seq_len {
+            return Err(RunError::Input {
+                name: names::POSITION_IDS.into(),
+                message: format!(
+                    "the caches hold at most {} positions",
+                    self.plan.shape.max_seq_len
+                ),
+            });
+        }
+        self.past = past;
+        Ok(())
+    }
+
+    /// Empties the KV caches.
+    pub fn reset(&mut self) -> Result<(), RunError> {
+        for s in self.plan.states.clone() {
+            for b in [s.input.buffer, s.output.buffer] {
+                let bytes = self.plan.buffers[b].bytes as usize;
+                self.device.write(self.addr[b], &vec![0u8; bytes])?;
+            }
+        }
+        self.past = 0;
+        Ok(())
+    }
+
+    /// Writes a data input's values (row-major over its shape at this step).
+    fn upload(&mut self, name: &str, values: &[f32]) -> Result<(), RunError> {
+        let binding = self
+            .plan
+            .inputs
+            .iter()
+            .find(|b| b.name == name)
+            .cloned()
+            .ok_or_else(|| RunError::Input {
+                name: name.into(),
+                message: "not an input of the plan".into(),
+            })?;
+        let v = &binding.view;
+        let offs = offsets(v, self.past)?;
+        if offs.len() != values.len() {
+            return Err(RunError::Input {
+                name: name.into(),
+                message: format!("{} values for {} elements", values.len(), offs.len()),
+            });
+        }
+        let buf = &self.plan.buffers[v.buffer];
+        let size = buf.dtype.size_bytes();
+        let mut bytes = vec![0u8; buf.bytes as usize];
+        for (o, x) in offs.iter().zip(values) {
+            let e = encode(buf.dtype, std::slice::from_ref(x));
+            let at = (o * size) as usize;
+            bytes[at..at + e.len()].copy_from_slice(&e);
+        }
+        self.device.write(self.addr[v.buffer], &bytes)
+    }
+
+    /// Reads a data output's values, row-major.
+    fn download(&mut self, name: &str) -> Result<Vec<f32>, RunError> {
+        let binding = self
+            .plan
+            .outputs
+            .iter()
+            .find(|b| b.name == name)
+            .cloned()
+            .ok_or_else(|| RunError::Plan(format!("the plan has no output `{name}`")))?;
+        let v = &binding.view;
+        let buf = &self.plan.buffers[v.buffer];
+        let bytes = self.device.read(self.addr[v.buffer], buf.bytes as usize)?;
+        let all = decode(buf.dtype, &bytes);
+        offsets(v, self.past)?
+            .into_iter()
+            .map(|o| {
+                all.get(o as usize)
+                    .copied()
+                    .ok_or_else(|| RunError::Plan(format!("output `{name}` overruns its buffer")))
+            })
+            .collect()
+    }
+
+    /// Launches every kernel of the plan once, with `S` the positions cached so far,
+    /// without touching inputs or outputs (for timing).
+    pub fn launch_all(&mut self) -> Result<(), RunError> {
+        let past = i32::try_from(self.past)
+            .map_err(|_| RunError::Plan("position overflows i32".into()))?;
+        let mut args = Vec::new();
+        for l in &self.plan.launches {
+            args.clear();
+            for a in &l.args {
+                if let Arg::Buffer { buffer, .. } = a {
+                    args.push(self.addr[*buffer]);
+                }
+            }
+            self.device
+                .launch(&l.kernel, l.grid, l.block, l.shared_bytes, &args, past)?;
+        }
+        Ok(())
+    }
+
+    /// After a step, the KV caches that were copied rather than appended in place
+    /// hold their next value in the other buffer: swap the two.
+    fn commit(&mut self) {
+        for s in &self.plan.states {
+            if s.input.buffer != s.output.buffer {
+                self.addr.swap(s.input.buffer, s.output.buffer);
+            }
+        }
+        self.past += 1;
+    }
+
+    /// One decode step: one token per sequence at the next position.
+    pub fn step(&mut self, tokens: &[i32]) -> Result<Step, RunError> {
+        let batch = self.plan.shape.batch as usize;
+        if tokens.len() != batch {
+            return Err(RunError::Input {
+                name: names::INPUT_IDS.into(),
+                message: format!("{} tokens for a batch of {batch}", tokens.len()),
+            });
+        }
+        if self.past + 1 > self.plan.shape.max_seq_len {
+            return Err(RunError::Input {
+                name: names::POSITION_IDS.into(),
+                message: format!(
+                    "the caches hold at most {} positions",
+                    self.plan.shape.max_seq_len
+                ),
+            });
+        }
+        if let Some(vocab) = self.vocab() {
+            if let Some(t) = tokens.iter().find(|&&t| t < 0 || t as u64 >= vocab) {
+                return Err(RunError::Input {
+                    name: names::INPUT_IDS.into(),
+                    message: format!("token id {t} is out of range for a vocabulary of {vocab}"),
+                });
+            }
+        }
+        let names_in: Vec<String> = self.plan.inputs.iter().map(|b| b.name.clone()).collect();
+        for name in names_in {
+            match name.as_str() {
+                names::INPUT_IDS => {
+                    let v: Vec<f32> = tokens.iter().map(|&t| t as f32).collect();
+                    self.upload(&name, &v)?;
+                }
+                names::POSITION_IDS => self.upload(&name, &vec![self.past as f32; batch])?,
+                // Every cached position is visible: the additive mask is zero.
+                names::ATTENTION_MASK => {
+                    let n = batch * (self.past as usize + 1);
+                    self.upload(&name, &vec![0.0; n])?;
+                }
+                other => {
+                    return Err(RunError::Plan(format!("cannot feed data input `{other}`")));
+                }
+            }
+        }
+        self.launch_all()?;
+        self.device.sync()?;
+        let logits = self.download(names::LOGITS)?;
+        let next = self.download(names::NEXT_TOKEN)?;
+        self.commit();
+        let vocab = logits.len() / batch.max(1);
+        Ok(Step {
+            logits: logits.chunks(vocab.max(1)).map(<[f32]>::to_vec).collect(),
+            next: next.into_iter().map(|t| t as i32).collect(),
+        })
+    }
+
+    /// The vocabulary: the embedding table's rows.
+    fn vocab(&self) -> Option<u64> {
+        self.plan.buffers.iter().find_map(|b| match &b.kind {
+            BufferKind::Weight { name } if name == names::EMBED => b.dims.first().copied(),
+            _ => None,
+        })
+    }
+}

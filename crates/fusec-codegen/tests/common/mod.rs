@@ -1,0 +1,111 @@
+//! Helpers shared by the codegen tests: every example model in every precision.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use fusec::pipeline;
+use fusec_codegen::{generate, DecodeShape, Options, Output};
+use fusec_ir::frontend::{ModelSpec, Precision};
+use fusec_ir::Graph;
+use fusec_rewrite::precision::Fp8Options;
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Every bundled example model, sorted.
+pub fn examples() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(root().join("examples"))
+        .expect("examples exists")
+        .map(|e| e.expect("readable entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    v.sort();
+    v
+}
+
+pub fn spec(path: &Path) -> ModelSpec {
+    pipeline::load(path, None, None).expect("example loads")
+}
+
+pub const PRECISIONS: [Precision; 4] = [
+    Precision::F32,
+    Precision::F16,
+    Precision::Bf16,
+    Precision::Fp8,
+];
+
+/// One graph to generate code for.
+pub struct Case {
+    pub label: String,
+    pub graph: Graph,
+    pub shape: DecodeShape,
+}
+
+/// The eager and fused graphs of `path` in `precision`.
+pub fn cases(path: &Path, precision: Precision) -> Vec<Case> {
+    let spec = spec(path);
+    let shape = DecodeShape::new(spec.decode.batch, spec.model.max_seq_len);
+    let s = pipeline::in_precision(&spec, precision);
+    let eager = pipeline::eager(&s).expect("eager graph");
+    let rules = pipeline::rules(&[]).expect("built-in rules");
+    let (fused, _) =
+        pipeline::fused_in(&spec, precision, &rules, &Fp8Options::default()).expect("fuses");
+    let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
+    vec![
+        Case {
+            label: format!("{name}/{}/eager", precision.name()),
+            graph: eager,
+            shape,
+        },
+        Case {
+            label: format!("{name}/{}/fused", precision.name()),
+            graph: fused,
+            shape,
+        },
+    ]
+}
+
+pub fn output(case: &Case) -> Output {
+    generate(&case.graph, &case.shape, &Options::default())
+        .unwrap_or_else(|e| panic!("{}: {e}", case.label))
+}
+
+/// The tiny model fused with subsets of the built-in rule topics (each topic alone,
+/// and all topics but one), so that every fused op appears on its own as well as in
+/// the full fusion: `(label, graph)` in f32.
+pub fn partial_fusions(precision: Precision) -> Vec<(String, Graph)> {
+    let spec = spec(&root().join("examples/tiny.toml"));
+    let s = pipeline::in_precision(&spec, precision);
+    let eager = pipeline::eager(&s).expect("eager graph");
+    let topics: Vec<&str> = fusec_rewrite::ruleset::BUILTIN_RULE_FILES
+        .iter()
+        .map(|(t, _)| *t)
+        .collect();
+    let mut subsets: Vec<(String, Vec<&str>)> = topics
+        .iter()
+        .map(|t| (format!("only {t}"), vec![*t]))
+        .collect();
+    subsets.extend(topics.iter().map(|t| {
+        (
+            format!("all but {t}"),
+            topics.iter().copied().filter(|x| x != t).collect(),
+        )
+    }));
+    let mut out = Vec::new();
+    for (label, subset) in subsets {
+        let mut rules = fusec_rewrite::RuleSet::empty();
+        for (topic, text) in fusec_rewrite::ruleset::BUILTIN_RULE_FILES {
+            if subset.contains(topic) {
+                rules
+                    .add_file(&format!("{topic}.rules"), text)
+                    .expect("built-in rules parse");
+            }
+        }
+        let (g, _) = pipeline::fuse(&s, &eager, &rules).expect("fuses");
+        out.push((label, g));
+    }
+    out
+}

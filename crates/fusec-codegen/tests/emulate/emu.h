@@ -1,0 +1,256 @@
+// A CPU emulation of the CUDA features fusec's kernels use, so that the tests can run
+// the generated kernels without a GPU. Blocks run one after another; the threads of a
+// block are fibers on one OS thread, switched at every barrier (__syncthreads, and the
+// two halves of a warp shuffle), so barriers and shuffles have their CUDA meaning at
+// the cost of a cheap user-space switch. Shared memory is static storage, which is
+// right because one block runs at a time; all of it is thread-local, so that tests
+// emulating on several threads do not share it. A barrier that can never complete (a
+// divergent __syncthreads or shuffle) aborts with a message instead of hanging.
+#pragma once
+#include <setjmp.h>
+#include <ucontext.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+struct dim3 { unsigned x = 1, y = 1, z = 1; };
+struct uint4 { unsigned x, y, z, w; };
+struct uint2 { unsigned x, y; };
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __shared__ static thread_local
+#define __launch_bounds__(n)
+#define __align__(n) alignas(n)
+
+namespace emu {
+struct Thread {
+  dim3 tid, bid, bdim, gdim;
+  unsigned lane = 0, warp = 0;
+};
+
+struct Fiber {
+  jmp_buf env;
+  ucontext_t uc;
+  std::vector<char> stack;
+  Thread t;
+  bool started = false, done = false;
+};
+
+// A barrier among `alive` fibers: the last to arrive releases the others.
+struct Barrier {
+  unsigned alive = 0, arrived = 0;
+  unsigned long long generation = 0;
+  void release_if_complete() {
+    if (arrived > 0 && arrived == alive) { arrived = 0; ++generation; }
+  }
+};
+
+inline thread_local jmp_buf scheduler;
+inline thread_local Fiber* current = nullptr;
+inline thread_local void (*entry_body)(void*) = nullptr;
+inline thread_local void* entry_arg = nullptr;
+inline thread_local Barrier block_bar;
+inline thread_local std::vector<Barrier> warp_bars;
+inline thread_local std::vector<uint64_t> slots;
+inline thread_local unsigned char* dyn_smem = nullptr;
+inline thread_local unsigned long long idle_yields = 0;
+
+struct Block { unsigned char* dyn; };
+inline thread_local Block block_view;
+inline thread_local Block* block = &block_view;
+
+inline void yield() {
+  if (_setjmp(current->env) == 0) _longjmp(scheduler, 1);
+}
+
+inline void wait(Barrier& b) {
+  const unsigned long long g = b.generation;
+  ++b.arrived;
+  b.release_if_complete();
+  while (b.generation == g) {
+    if (++idle_yields > 100000000ULL) {
+      std::fprintf(stderr, "emu: deadlock: a barrier can never complete (divergent __syncthreads or shuffle)\n");
+      std::abort();
+    }
+    yield();
+  }
+  idle_yields = 0;
+}
+
+inline void fiber_main() {
+  entry_body(entry_arg);
+  current->done = true;
+  --block_bar.alive;
+  block_bar.release_if_complete();
+  Barrier& w = warp_bars[current->t.warp];
+  --w.alive;
+  w.release_if_complete();
+  _longjmp(scheduler, 1);
+}
+
+inline std::vector<Fiber>& fibers() {
+  static thread_local std::vector<Fiber>* f = new std::vector<Fiber>();
+  return *f;
+}
+
+template <class F> void run_body(void* f) { (*static_cast<F*>(f))(); }
+
+template <class F>
+void launch(dim3 grid, unsigned bdim, unsigned shared, F body) {
+  std::vector<uint4> dyn(shared / 16 + 1);
+  std::vector<Fiber>& fs = fibers();
+  if (fs.size() < bdim) fs.resize(bdim);
+  slots.assign(bdim, 0);
+  entry_body = &run_body<F>;
+  entry_arg = &body;
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        std::memset(dyn.data(), 0, dyn.size() * sizeof(uint4));
+        block_view.dyn = reinterpret_cast<unsigned char*>(dyn.data());
+        block_bar = Barrier{bdim, 0, 0};
+        warp_bars.assign((bdim + 31) / 32, Barrier{});
+        for (unsigned t = 0; t < bdim; ++t) {
+          Fiber& f = fs[t];
+          f.t.tid = dim3{t, 0, 0};
+          f.t.bid = dim3{x, y, z};
+          f.t.bdim = dim3{bdim, 1, 1};
+          f.t.gdim = grid;
+          f.t.lane = t % 32;
+          f.t.warp = t / 32;
+          f.started = f.done = false;
+          ++warp_bars[t / 32].alive;
+          if (f.stack.empty()) f.stack.resize(256 * 1024);
+        }
+        unsigned remaining = bdim;
+        while (remaining > 0) {
+          for (unsigned t = 0; t < bdim; ++t) {
+            Fiber& f = fs[t];
+            if (f.done) continue;
+            current = &f;
+            if (_setjmp(scheduler) == 0) {
+              if (!f.started) {
+                f.started = true;
+                getcontext(&f.uc);
+                f.uc.uc_stack.ss_sp = f.stack.data();
+                f.uc.uc_stack.ss_size = f.stack.size();
+                f.uc.uc_link = nullptr;
+                makecontext(&f.uc, fiber_main, 0);
+                setcontext(&f.uc);
+              } else {
+                _longjmp(f.env, 1);
+              }
+            }
+            if (f.done) --remaining;
+          }
+        }
+      }
+}
+}  // namespace emu
+
+#define threadIdx (emu::current->t.tid)
+#define blockIdx (emu::current->t.bid)
+#define blockDim (emu::current->t.bdim)
+#define gridDim (emu::current->t.gdim)
+
+inline void __syncthreads() { emu::wait(emu::block_bar); }
+inline void __threadfence() {}
+inline int atomicAdd(int* p, int v) { const int old = *p; *p = old + v; return old; }
+template <class T> inline T __ldg(const T* p) { return *p; }
+template <class T> inline T __ldcg(const T* p) { return *(const volatile T*)p; }
+
+template <class T> inline T __shfl_xor_sync(unsigned, T v, int o) {
+  const unsigned lane = emu::current->t.lane, base = emu::current->t.warp * 32;
+  emu::Barrier& w = emu::warp_bars[emu::current->t.warp];
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  emu::slots[base + lane] = bits;
+  emu::wait(w);
+  const uint64_t r = emu::slots[base + (lane ^ (unsigned)o)];
+  emu::wait(w);
+  T out;
+  std::memcpy(&out, &r, sizeof(T));
+  return out;
+}
+
+inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
+inline int __float2int_rz(float x) {
+  if (x != x) return 0;
+  if (x >= 2147483648.0f) return 2147483647;
+  if (x <= -2147483648.0f) return (-2147483647 - 1);
+  return (int)x;
+}
+
+struct __half { _Float16 v; };
+inline float __half2float(__half h) { return (float)h.v; }
+inline __half __float2half_rn(float f) { return __half{(_Float16)f}; }
+
+struct __nv_bfloat16 { uint16_t x; };
+inline float __bfloat162float(__nv_bfloat16 h) { uint32_t b = (uint32_t)h.x << 16; float f; std::memcpy(&f, &b, 4); return f; }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+  uint32_t b; std::memcpy(&b, &f, 4);
+  if (f != f) return __nv_bfloat16{0x7fc0};
+  b += 0x7fffu + ((b >> 16) & 1u);
+  return __nv_bfloat16{(uint16_t)(b >> 16)};
+}
+
+namespace emu {
+// An OCP FP8 format with E exponent bits and M mantissa bits; E4M3 has no infinity
+// and one NaN per sign, E5M2 is IEEE-like. Conversion rounds to nearest even and
+// saturates to the largest finite value, as __NV_SATFINITE.
+template <int E, int M> struct Fp8 {
+  static constexpr int BIAS = (1 << (E - 1)) - 1;
+  static float decode(uint8_t c) {
+    const int s = c >> 7, e = (c >> M) & ((1 << E) - 1), m = c & ((1 << M) - 1);
+    float v;
+    if (E == 4 && e == 15 && m == 7) return NAN;
+    if (E == 5 && e == 31) return m ? NAN : (s ? -INFINITY : INFINITY);
+    if (e == 0) v = std::ldexp((float)m / (1 << M), 1 - BIAS);
+    else v = std::ldexp(1.0f + (float)m / (1 << M), e - BIAS);
+    return s ? -v : v;
+  }
+  static uint8_t max_code() { return E == 4 ? 0x7e : 0x7b; }
+  static uint8_t encode(float f) {
+    if (f != f) return 0x7f;
+    const uint8_t sign = std::signbit(f) ? 0x80 : 0;
+    const float a = std::fabs(f);
+    if (a >= decode(max_code())) return sign | max_code();
+    uint8_t best = 0;
+    float best_err = INFINITY;
+    for (int c = 0; c <= max_code(); ++c) {
+      const float err = std::fabs(decode((uint8_t)c) - a);
+      if (err < best_err || (err == best_err && (c & 1) == 0)) { best = (uint8_t)c; best_err = err; }
+    }
+    return sign | best;
+  }
+};
+}  // namespace emu
+
+struct __nv_fp8_e4m3 {
+  uint8_t __x;
+  __nv_fp8_e4m3() = default;
+  explicit __nv_fp8_e4m3(float f) : __x(emu::Fp8<4, 3>::encode(f)) {}
+  explicit operator float() const { return emu::Fp8<4, 3>::decode(__x); }
+};
+struct __nv_fp8_e5m2 {
+  uint8_t __x;
+  __nv_fp8_e5m2() = default;
+  explicit __nv_fp8_e5m2(float f) : __x(emu::Fp8<5, 2>::encode(f)) {}
+  explicit operator float() const { return emu::Fp8<5, 2>::decode(__x); }
+};
+
+extern "C" unsigned long long emu_alloc(unsigned long long bytes) {
+  const unsigned long long n = (bytes + 255) / 256 * 256;
+  void* p = std::aligned_alloc(256, n ? n : 256);
+  if (p) std::memset(p, 0, n ? n : 256);
+  return (unsigned long long)p;
+}
+extern "C" void emu_write(unsigned long long dst, const void* src, unsigned long long n) { std::memcpy((void*)dst, src, n); }
+extern "C" void emu_read(void* dst, unsigned long long src, unsigned long long n) { std::memcpy(dst, (const void*)src, n); }

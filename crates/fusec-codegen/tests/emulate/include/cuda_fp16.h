@@ -1,0 +1,1 @@
+// Empty: the emulator defines these types in emu.h.

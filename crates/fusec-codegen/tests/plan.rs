@@ -1,0 +1,418 @@
+//! The launch plan against the IR: determinism, one launch per launching node,
+//! buffers and views that hold what the IR types say, an arena without overlaps.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+
+use fusec_codegen::plan::{Arg, BufferKind, LaunchPlan};
+use fusec_codegen::{generate, DecodeShape, Error, Options};
+use fusec_ir::frontend::Precision;
+use fusec_ir::shape::Bindings;
+use fusec_ir::{DType, Dim, Graph, InputKind, NodeId, Op, OutputKind, Shape, TensorType};
+
+fn tiny_and_8b() -> Vec<common::Case> {
+    let mut cases = Vec::new();
+    for (model, precisions) in [
+        (
+            "tiny.toml",
+            &[Precision::F32, Precision::Bf16, Precision::Fp8][..],
+        ),
+        ("llama-3-8b.toml", &[Precision::Bf16, Precision::Fp8][..]),
+    ] {
+        for &p in precisions {
+            cases.extend(common::cases(
+                &common::root().join("examples").join(model),
+                p,
+            ));
+        }
+    }
+    cases
+}
+
+#[test]
+fn same_graph_gives_identical_source_and_plan() {
+    for case in tiny_and_8b() {
+        let (a, b) = (common::output(&case), common::output(&case));
+        assert_eq!(a.source(), b.source(), "{}", case.label);
+        assert_eq!(
+            a.plan.to_json().expect("json"),
+            b.plan.to_json().expect("json"),
+            "{}",
+            case.label
+        );
+    }
+    // A graph built again from the model file, not a clone, gives the same text too.
+    let path = common::root().join("examples/tiny.toml");
+    let first = common::output(&common::cases(&path, Precision::Bf16).remove(1));
+    let again = common::output(&common::cases(&path, Precision::Bf16).remove(1));
+    assert_eq!(first.source(), again.source());
+}
+
+/// `%N` numbering of the canonical text form.
+fn numbering(g: &Graph) -> (Vec<NodeId>, HashMap<NodeId, usize>) {
+    let order = g.topo_order().expect("acyclic");
+    let number = order.iter().enumerate().map(|(i, &id)| (id, i)).collect();
+    (order, number)
+}
+
+#[test]
+fn one_launch_per_launching_node_in_order() {
+    for path in common::examples() {
+        for case in common::cases(&path, Precision::Bf16) {
+            let out = common::output(&case);
+            let (order, _) = numbering(&case.graph);
+            let launching: Vec<usize> = order
+                .iter()
+                .enumerate()
+                .filter(|(_, &id)| case.graph.op(id).launches_kernel())
+                .map(|(i, _)| i)
+                .collect();
+            let launched: Vec<usize> = out.plan.launches.iter().map(|l| l.value).collect();
+            assert_eq!(launched, launching, "{}", case.label);
+            // Which is what the cost model counts.
+            let b = Bindings::new()
+                .with("B", case.shape.batch)
+                .with("S", case.shape.max_seq_len - 1);
+            let cost = fusec_ir::cost::graph_cost(&case.graph, &b).expect("bound");
+            assert_eq!(
+                out.plan.launches.len() as u64,
+                cost.total.launches,
+                "{}",
+                case.label
+            );
+            let runs: usize = out.kernels.iter().map(|k| k.launches).sum();
+            assert_eq!(runs, out.plan.launches.len());
+            for l in &out.plan.launches {
+                assert!(
+                    out.kernels.iter().any(|k| k.name == l.kernel),
+                    "{}: {}",
+                    case.label,
+                    l.kernel
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn identical_layers_share_kernels() {
+    let case = common::cases(
+        &common::root().join("examples/llama-3-8b.toml"),
+        Precision::Bf16,
+    )
+    .remove(1);
+    let out = common::output(&case);
+    // 32 layers of 5 kernels, plus the RoPE tables, the lm_head and the argmax.
+    assert!(out.plan.launches.len() > 160);
+    assert!(out.kernels.len() < 20, "{} kernels", out.kernels.len());
+    let attention = out
+        .kernels
+        .iter()
+        .find(|k| k.family == "decode_attention")
+        .expect("attention");
+    assert_eq!(attention.launches, 32);
+}
+
+/// The IR dims of a type with the batch baked in, as the plan writes them.
+fn ir_dims(t: &TensorType, batch: u64) -> Vec<String> {
+    t.shape
+        .dims()
+        .iter()
+        .map(|d| match d {
+            Dim::Sym { name, plus } if name == "B" => (batch + plus).to_string(),
+            other => other.to_string(),
+        })
+        .collect()
+}
+
+fn check_plan(label: &str, g: &Graph, plan: &LaunchPlan, shape: &DecodeShape) {
+    let (order, _) = numbering(g);
+    let largest = Bindings::new()
+        .with("B", shape.batch)
+        .with("S", shape.max_seq_len - 1);
+    for (i, buf) in plan.buffers.iter().enumerate() {
+        assert_eq!(
+            buf.bytes,
+            buf.dims.iter().product::<u64>() * buf.dtype.size_bytes(),
+            "{label}: {}",
+            buf.name
+        );
+        // Leaves are allocated exactly as the IR declares them, at capacity.
+        let leaf = match &buf.kind {
+            BufferKind::Weight { name } => g
+                .weights()
+                .into_iter()
+                .find(|(_, n)| n == name)
+                .map(|(id, _)| id),
+            BufferKind::Input { name } | BufferKind::State { name } => g.input(name),
+            _ => None,
+        };
+        if let Some(id) = leaf {
+            let t = g.ty(id).tensor().expect("tensor");
+            assert_eq!(t.dtype, buf.dtype, "{label}: buffer {i} {}", buf.name);
+            assert!(
+                buf.bytes >= t.bytes(&largest).expect("bound"),
+                "{label}: {}",
+                buf.name
+            );
+            if t.shape.dims().iter().all(|d| {
+                d.as_fixed().is_some() || matches!(d, Dim::Sym { name, .. } if name == "B")
+            }) {
+                assert_eq!(
+                    buf.bytes,
+                    t.bytes(&largest).expect("bound"),
+                    "{label}: {}",
+                    buf.name
+                );
+            }
+        }
+    }
+    for l in &plan.launches {
+        let id = order[l.value];
+        for a in &l.args {
+            if let Arg::Buffer { buffer, .. } = a {
+                assert!(
+                    *buffer < plan.buffers.len(),
+                    "{label}: {} binds a missing buffer",
+                    l.kernel
+                );
+            }
+        }
+        // Every view fits its buffer, at capacity, and has the IR's dims and dtype.
+        for v in &l.views {
+            let buf = &plan.buffers[v.buffer];
+            assert_eq!(v.dtype, buf.dtype, "{label}: %{}", l.value);
+            let mut last = v.offset;
+            for (d, s) in v.dims_at_capacity.iter().zip(&v.strides) {
+                last += d.saturating_sub(1) * s;
+            }
+            assert!(
+                (last + 1) * buf.dtype.size_bytes() <= buf.bytes,
+                "{label}: %{} view overruns {}",
+                l.value,
+                buf.name
+            );
+            assert!(
+                l.args
+                    .iter()
+                    .any(|a| matches!(a, Arg::Buffer { buffer, .. } if *buffer == v.buffer)),
+                "{label}: %{} has a view of an unbound buffer",
+                l.value
+            );
+        }
+        let mut expected: Vec<(DType, Vec<String>)> = Vec::new();
+        for o in g.operands(id) {
+            match g.op(o) {
+                Op::Scalar { .. } => {}
+                Op::Dequant { .. } => {
+                    for w in g.operands(o) {
+                        let t = g.ty(w).tensor().expect("tensor");
+                        expected.push((t.dtype, ir_dims(t, shape.batch)));
+                    }
+                }
+                _ => {
+                    let t = g.ty(o).tensor().expect("tensor operand");
+                    expected.push((t.dtype, ir_dims(t, shape.batch)));
+                }
+            }
+        }
+        for t in g.ty(id).tensors() {
+            expected.push((t.dtype, ir_dims(t, shape.batch)));
+        }
+        let got: Vec<(DType, Vec<String>)> =
+            l.views.iter().map(|v| (v.dtype, v.shape.clone())).collect();
+        // The views the kernel bakes in: operands (a mask or a RoPE table may be
+        // broadcast by the kernel itself, so compare what the plan records).
+        assert_eq!(got, expected, "{label}: %{} = {}", l.value, l.op);
+    }
+    for b in plan.inputs.iter().chain(&plan.outputs) {
+        assert!(b.view.buffer < plan.buffers.len());
+    }
+    for s in &plan.states {
+        assert_eq!(s.input.strides, s.output.strides, "{label}: {}", s.name);
+        assert_eq!(s.input.dtype, s.output.dtype);
+    }
+}
+
+#[test]
+fn buffers_and_views_match_the_ir_types() {
+    for path in common::examples() {
+        for precision in common::PRECISIONS {
+            for case in common::cases(&path, precision) {
+                let out = common::output(&case);
+                check_plan(&case.label, &case.graph, &out.plan, &case.shape);
+            }
+        }
+    }
+}
+
+#[test]
+fn arena_buffers_alive_together_never_overlap() {
+    for case in tiny_and_8b() {
+        let plan = common::output(&case).plan;
+        let mut live: BTreeMap<usize, (usize, usize)> = BTreeMap::new();
+        for (i, l) in plan.launches.iter().enumerate() {
+            for a in &l.args {
+                if let Arg::Buffer { buffer, .. } = a {
+                    if plan.buffers[*buffer].kind == BufferKind::Intermediate {
+                        let e = live.entry(*buffer).or_insert((i, i));
+                        e.1 = i;
+                    }
+                }
+            }
+        }
+        let items: Vec<_> = live.iter().collect();
+        for (n, (a, (af, al))) in items.iter().enumerate() {
+            for (b, (bf, bl)) in &items[n + 1..] {
+                if af <= bl && bf <= al {
+                    let (x, y) = (&plan.buffers[**a], &plan.buffers[**b]);
+                    let (xo, yo) = (
+                        x.arena_offset.expect("placed"),
+                        y.arena_offset.expect("placed"),
+                    );
+                    assert!(
+                        xo + x.bytes <= yo || yo + y.bytes <= xo,
+                        "{}: {} and {} overlap",
+                        case.label,
+                        x.name,
+                        y.name
+                    );
+                }
+            }
+        }
+        for b in &plan.buffers {
+            if let Some(o) = b.arena_offset {
+                assert!(o + b.bytes <= plan.arena_bytes);
+                assert_eq!(o % 256, 0);
+            }
+        }
+    }
+}
+
+#[test]
+fn long_contexts_split_the_kv_length() {
+    let big = common::output(
+        &common::cases(
+            &common::root().join("examples/llama-3-8b.toml"),
+            Precision::Bf16,
+        )
+        .remove(1),
+    );
+    let att: Vec<_> = big
+        .plan
+        .launches
+        .iter()
+        .filter(|l| l.op == "fused.decode_attention")
+        .collect();
+    assert_eq!(att.len(), 32);
+    assert!(att.iter().all(|l| l.grid[2] > 1), "grid {:?}", att[0].grid);
+    assert!(big
+        .plan
+        .buffers
+        .iter()
+        .any(|b| b.kind == BufferKind::Workspace));
+    let source = big.source();
+    assert!(source.contains("atomicAdd"), "split-KV combines by ticket");
+    // GQA: 32 query heads over 8 KV heads, 4 per block.
+    assert!(source.contains("G = 4"));
+    let tiny = common::output(
+        &common::cases(&common::root().join("examples/tiny.toml"), Precision::F32).remove(1),
+    );
+    assert!(tiny
+        .plan
+        .launches
+        .iter()
+        .filter(|l| l.op == "fused.decode_attention")
+        .all(|l| l.grid[2] == 1));
+}
+
+#[test]
+fn fused_caches_append_in_place_and_eager_caches_swap() {
+    let path = common::root().join("examples/tiny.toml");
+    let mut cases = common::cases(&path, Precision::F32);
+    let fused = common::output(&cases.remove(1)).plan;
+    let eager = common::output(&cases.remove(0)).plan;
+    assert_eq!(fused.states.len(), 4);
+    assert!(fused
+        .states
+        .iter()
+        .all(|s| s.input.buffer == s.output.buffer));
+    assert!(eager
+        .states
+        .iter()
+        .all(|s| s.input.buffer != s.output.buffer));
+    for s in &eager.states {
+        assert!(matches!(
+            eager.buffers[s.output.buffer].kind,
+            BufferKind::StateNext { .. }
+        ));
+    }
+}
+
+#[test]
+fn fp8_kernels_dequantize_with_their_scales() {
+    let path = common::root().join("examples/tiny.toml");
+    let out = common::output(&common::cases(&path, Precision::Fp8).remove(1));
+    let src = out.source();
+    assert!(
+        src.contains("fu_load<__nv_fp8_e4m3, 16>"),
+        "16-byte FP8 weight loads"
+    );
+    assert!(src.contains("fu_as[m]"), "per-token activation scales");
+    assert!(
+        src.contains("kr / ksc"),
+        "FP8 KV cache quantized with its scale"
+    );
+    let weights = out
+        .plan
+        .buffers
+        .iter()
+        .filter(|b| matches!(&b.kind, BufferKind::Weight { name } if name.ends_with(".scale")))
+        .count();
+    // Seven GEMV weights per layer, the lm_head, and a key and a value scale per layer.
+    assert_eq!(weights, 7 * 2 + 1 + 2 * 2, "scale buffers");
+}
+
+fn graph_with_symbol(sym: &str) -> Graph {
+    let mut g = Graph::new("t");
+    let t = TensorType::new(DType::F32, Shape::new([Dim::sym(sym), Dim::Fixed(4)]));
+    let x = g
+        .add_leaf(
+            Op::Input {
+                name: "x".into(),
+                kind: InputKind::Data,
+            },
+            t,
+        )
+        .expect("leaf");
+    let y = g.add(Op::Unary(fusec_ir::UnaryOp::Exp), &[x]).expect("exp");
+    g.add_output("y", OutputKind::Data, y);
+    g
+}
+
+#[test]
+fn unknown_symbols_and_bad_options_are_errors() {
+    let shape = DecodeShape::new(1, 16);
+    assert_eq!(
+        generate(&graph_with_symbol("X"), &shape, &Options::default()),
+        Err(Error::UnknownSymbol("X".into()))
+    );
+    assert!(generate(&graph_with_symbol("B"), &shape, &Options::default()).is_ok());
+    let bad = Options {
+        block_size: 100,
+        ..Options::default()
+    };
+    assert!(matches!(
+        generate(&graph_with_symbol("B"), &shape, &bad),
+        Err(Error::Options(_))
+    ));
+    assert!(matches!(
+        generate(
+            &graph_with_symbol("B"),
+            &DecodeShape::new(0, 16),
+            &Options::default()
+        ),
+        Err(Error::Options(_))
+    ));
+}
