@@ -12,15 +12,15 @@ use proptest::prelude::*;
 
 fn config() -> impl Strategy<Value = (u64, u64, u64, u64, u64, bool, bool, u64, u64)> {
     (
-        1u64..=3,            // layers
-        prop::sample::select(vec![1u64, 2, 4]), // kv heads
-        1u64..=3,            // query heads per kv head
+        1u64..=3,                                 // layers
+        prop::sample::select(vec![1u64, 2, 4]),   // kv heads
+        1u64..=3,                                 // query heads per kv head
         prop::sample::select(vec![8u64, 16, 20]), // head_dim
-        1u64..=3,            // intermediate multiple of 16
-        any::<bool>(),       // tied embeddings
-        any::<bool>(),       // bf16 checkpoint
-        1u64..=3,            // batch
-        2u64..=40,           // context
+        1u64..=3,                                 // intermediate multiple of 16
+        any::<bool>(),                            // tied embeddings
+        any::<bool>(),                            // bf16 checkpoint
+        1u64..=3,                                 // batch
+        2u64..=40,                                // context
     )
 }
 

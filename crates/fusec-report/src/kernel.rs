@@ -155,6 +155,9 @@ mod tests {
             memory_s: gpu.memory_seconds(1 << 30),
             math_s: gpu.math_seconds(1 << 40, fusec_ir::DType::Bf16),
         };
-        assert_eq!(k.total(), gpu.kernel_seconds(1 << 30, 1 << 40, fusec_ir::DType::Bf16));
+        assert_eq!(
+            k.total(),
+            gpu.kernel_seconds(1 << 30, 1 << 40, fusec_ir::DType::Bf16)
+        );
     }
 }
