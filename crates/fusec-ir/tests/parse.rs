@@ -60,3 +60,20 @@ fn errors_have_positions() {
     assert_eq!((l, c), (1, 1));
     assert!(m.contains("expected `graph`"), "{m}");
 }
+
+#[test]
+fn dot_export_draws_every_node_and_edge() {
+    let g = parse(GOOD).expect("parses");
+    let dot = fusec_ir::dot::to_dot(&g).expect("acyclic");
+    assert!(dot.starts_with("digraph \"g\" {"), "{dot}");
+    assert!(
+        dot.contains("n0 [label=\"%0 = input{name=\\\"x\\\"}\\nf32[B,4]\", style=dashed];"),
+        "{dot}"
+    );
+    assert!(
+        dot.contains("n1 [label=\"%1 = unary.neg\\nf32[B,4]\", style=solid];"),
+        "{dot}"
+    );
+    assert!(dot.contains("n0 -> n1 [label=\"0\"];"), "{dot}");
+    assert!(dot.contains("n1 -> \"out:y\";"), "{dot}");
+}
