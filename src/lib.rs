@@ -11,6 +11,7 @@ pub use fusec_ir as ir;
 pub use fusec_report as report;
 pub use fusec_rewrite as rewrite;
 
+pub mod bench;
 pub mod explain;
 pub mod pipeline;
 pub mod summary;

@@ -17,6 +17,7 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    Bench(cmd::bench::Args),
     Compile(cmd::compile::Args),
     Explain(cmd::explain::Args),
     Report(cmd::report::Args),
@@ -50,6 +51,7 @@ pub fn say(text: &str) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Bench(args) => cmd::bench::run(args),
         Command::Compile(args) => cmd::compile::run(args),
         Command::Explain(args) => cmd::explain::run(args),
         Command::Report(args) => cmd::report::run(args),

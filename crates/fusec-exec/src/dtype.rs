@@ -43,6 +43,71 @@ pub fn round_slice(dtype: DType, data: &mut [f32]) {
     }
 }
 
+/// The bits of `x` as a `bf16`, if `x` is exactly a `bf16` value (NaNs have no
+/// compact form here: a weight is finite).
+pub fn bf16_bits(x: f32) -> Option<u16> {
+    let b = bf16::from_f32(x);
+    (b.to_f32().to_bits() == x.to_bits()).then_some(b.to_bits())
+}
+
+/// The bits of `x` as an `f16`, if `x` is exactly an `f16` value.
+pub fn f16_bits(x: f32) -> Option<u16> {
+    let h = f16::from_f32(x);
+    (h.to_f32().to_bits() == x.to_bits()).then_some(h.to_bits())
+}
+
+/// The value of 16 stored bits of `dtype` (`f16`; anything else reads as `bf16`).
+#[inline]
+pub fn from_u16_bits(dtype: DType, bits: u16) -> f32 {
+    if dtype == DType::F16 {
+        f16::from_bits(bits).to_f32()
+    } else {
+        f32::from_bits(u32::from(bits) << 16)
+    }
+}
+
+/// The value of an FP8 E4M3 byte: `s eeee mmm` with bias 7, subnormals at exponent
+/// 0, and `s 1111 111` NaN (E4M3 has no infinities).
+#[inline]
+pub fn e4m3_value(bits: u8) -> f32 {
+    let sign = if bits & 0x80 != 0 { -1.0 } else { 1.0 };
+    let e = i32::from((bits >> 3) & 0x0f);
+    let m = f32::from(bits & 0x07);
+    if bits & 0x7f == 0x7f {
+        f32::NAN
+    } else if e == 0 {
+        sign * m * 2f32.powi(-9)
+    } else {
+        sign * (1.0 + m / 8.0) * 2f32.powi(e - 7)
+    }
+}
+
+/// The E4M3 byte of `x`, if `x` is exactly an E4M3 value. The byte is computed from
+/// the `f32` fields and checked by decoding it back, so an inexact `x` gives `None`.
+pub fn e4m3_bits(x: f32) -> Option<u8> {
+    let sign: u8 = if x.is_sign_negative() { 0x80 } else { 0 };
+    let a = x.abs();
+    let magnitude = if a == 0.0 {
+        0
+    } else {
+        let exp = ((a.to_bits() >> 23) & 0xff) as i32 - 127;
+        if exp < -6 {
+            // A subnormal: a multiple of 2^-9 below 2^-6.
+            let m = a * 512.0;
+            if !(1.0..8.0).contains(&m) {
+                return None;
+            }
+            m as u8
+        } else if exp > 8 {
+            return None;
+        } else {
+            (((exp + 7) as u8) << 3) | ((a.to_bits() >> 20) & 0x07) as u8
+        }
+    };
+    let bits = sign | magnitude;
+    (e4m3_value(bits).to_bits() == x.to_bits()).then_some(bits)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -58,6 +123,26 @@ mod tests {
         assert_eq!(round(DType::Bf16, 1.0 + 2f32.powi(-8)), 1.0);
         assert_eq!(round(DType::F32, 0.1), 0.1);
         assert!(round(DType::F16, 1e6).is_infinite());
+    }
+
+    #[test]
+    fn compact_bits_round_trip_exact_values_only() {
+        for bits in 0..=255u8 {
+            let v = e4m3_value(bits);
+            if bits & 0x7f == 0x7f {
+                assert!(v.is_nan());
+                continue;
+            }
+            assert_eq!(round(DType::Fp8E4M3, v), v, "byte {bits:#04x}");
+            assert_eq!(e4m3_value(e4m3_bits(v).expect("exact")), v);
+        }
+        assert_eq!(e4m3_bits(-0.0), Some(0x80));
+        assert_eq!(e4m3_bits(0.3), None);
+        assert_eq!(e4m3_bits(1000.0), None);
+        assert_eq!(bf16_bits(1.0 + 2f32.powi(-7)), Some(0x3f81));
+        assert_eq!(bf16_bits(1.0 + 2f32.powi(-9)), None);
+        let h = round(DType::F16, 0.1);
+        assert_eq!(from_u16_bits(DType::F16, f16_bits(h).expect("exact")), h);
     }
 
     #[test]

@@ -96,6 +96,20 @@ fn in_place_operands(op: &Op) -> &'static [usize] {
     }
 }
 
+/// Whether operand `i` of `op` is read only as a GEMV weight (or as the stored values
+/// of a quantized one), so that its weight may be bound in compact storage.
+fn is_gemv_weight_operand(op: &Op, i: usize) -> bool {
+    match op {
+        Op::Linear => i == 1,
+        Op::Dequant { .. } => i == 0,
+        Op::Fused(FusedOp::RmsNormLinear) => i >= 3,
+        Op::Fused(FusedOp::Swiglu) => i == 1 || i == 2,
+        Op::Fused(FusedOp::RmsNormSwiglu) => i == 3 || i == 4,
+        Op::Fused(FusedOp::LinearAdd) => i == 1,
+        _ => false,
+    }
+}
+
 /// One node of the plan.
 #[derive(Debug)]
 struct Planned {
@@ -254,6 +268,7 @@ impl Executor {
                 plan[pos].free.push(s);
             }
         }
+        compact_gemv_weights(&mut plan, &last_use);
         let input_names = graph
             .inputs()
             .iter()
@@ -411,6 +426,32 @@ impl Executor {
             }
         }
         Ok(stats)
+    }
+}
+
+/// Converts, once, every `bf16`, `f16` or FP8 E4M3 weight that only GEMVs read to
+/// compact storage (2 or 1 bytes per value instead of the `f32` every other kernel
+/// reads), so that decode streams the bytes the IR's dtype says. A weight that any
+/// other op reads, or that is an output, stays as it is; so does one with a value its
+/// dtype cannot hold exactly, which a checked load never gives.
+fn compact_gemv_weights(plan: &mut [Planned], last_use: &[usize]) {
+    let mut gemv_only = vec![true; plan.len()];
+    let mut used = vec![false; plan.len()];
+    for node in plan.iter() {
+        for (i, &o) in node.operands.iter().enumerate() {
+            used[o] = true;
+            gemv_only[o] &= is_gemv_weight_operand(&node.op, i);
+        }
+    }
+    for (s, node) in plan.iter_mut().enumerate() {
+        if !used[s] || !gemv_only[s] || last_use[s] == usize::MAX {
+            continue;
+        }
+        if let Some(Value::Tensor(t)) = &node.bound {
+            if let Some(compact) = t.to_compact() {
+                node.bound = Some(Value::Tensor(compact));
+            }
+        }
     }
 }
 
@@ -679,8 +720,10 @@ fn dispatch(
         Op::MatMul => launch(matmul::matmul(&*t(0)?, &*t(1)?)),
         Op::Linear => match gemv_w(1)? {
             // A plain weight runs the eager kernel itself.
-            GemvWeight::Dense(w) => launch(matmul::linear(&*t(0)?, w)),
-            w @ GemvWeight::Quant(_) => launch(gemv::linear(&*t(0)?, w)),
+            GemvWeight::Dense(w) if w.f32_buffer().is_some() => launch(matmul::linear(&*t(0)?, w)),
+            // A weight in compact storage runs the GEMV core, whose results are the
+            // same (see `kernels::gemv`).
+            w => launch(gemv::linear(&*t(0)?, w)),
         },
         Op::Embedding => launch(gather::embedding(&*t(0)?, &*t(1)?)),
         Op::Cat { axis: a } => {

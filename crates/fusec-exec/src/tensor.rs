@@ -30,6 +30,11 @@ use crate::dtype;
 pub enum Buffer {
     F32(Arc<Vec<f32>>),
     I32(Arc<Vec<i32>>),
+    /// The raw bits of `f16` or `bf16` values (which one is the tensor's dtype): the
+    /// compact storage of a GEMV weight, converted once when the executor binds it.
+    U16(Arc<Vec<u16>>),
+    /// The raw bits of FP8 E4M3 values: the compact storage of a quantized weight.
+    U8(Arc<Vec<u8>>),
 }
 
 impl Buffer {
@@ -38,6 +43,8 @@ impl Buffer {
         match self {
             Buffer::F32(b) => b.len(),
             Buffer::I32(b) => b.len(),
+            Buffer::U16(b) => b.len(),
+            Buffer::U8(b) => b.len(),
         }
     }
 
@@ -201,11 +208,11 @@ impl Tensor {
         self.buffer.len()
     }
 
-    /// The whole `f32` buffer, or `None` for an `i32` tensor.
+    /// The whole `f32` buffer, or `None` for an `i32` tensor or compact storage.
     pub fn f32_buffer(&self) -> Option<&[f32]> {
         match &self.buffer {
             Buffer::F32(b) => Some(b),
-            Buffer::I32(_) => None,
+            _ => None,
         }
     }
 
@@ -213,7 +220,67 @@ impl Tensor {
     pub fn i32_buffer(&self) -> Option<&[i32]> {
         match &self.buffer {
             Buffer::I32(b) => Some(b),
-            Buffer::F32(_) => None,
+            _ => None,
+        }
+    }
+
+    /// This contiguous `f16`, `bf16` or FP8 E4M3 tensor in compact storage (2 or 1
+    /// bytes per value), or `None` when its dtype has no compact form here, it is a view
+    /// of part of a buffer, or a value is not exact in its dtype (conversion must not
+    /// change a value). The executor stores GEMV weights this way so that a GEMV
+    /// streams 2 or 1 bytes per weight instead of 4.
+    pub fn to_compact(&self) -> Option<Tensor> {
+        let values = self.f32_buffer()?;
+        if !self.is_contiguous() || self.offset != 0 || values.len() != self.numel() {
+            return None;
+        }
+        let buffer = match self.dtype {
+            DType::Bf16 => Buffer::U16(Arc::new(
+                values
+                    .iter()
+                    .map(|&v| dtype::bf16_bits(v))
+                    .collect::<Option<Vec<u16>>>()?,
+            )),
+            DType::F16 => Buffer::U16(Arc::new(
+                values
+                    .iter()
+                    .map(|&v| dtype::f16_bits(v))
+                    .collect::<Option<Vec<u16>>>()?,
+            )),
+            DType::Fp8E4M3 => Buffer::U8(Arc::new(
+                values
+                    .iter()
+                    .map(|&v| dtype::e4m3_bits(v))
+                    .collect::<Option<Vec<u8>>>()?,
+            )),
+            _ => return None,
+        };
+        Some(Tensor {
+            dtype: self.dtype,
+            buffer,
+            shape: self.shape.clone(),
+            strides: self.strides.clone(),
+            offset: 0,
+        })
+    }
+
+    /// The row-major values of a compact tensor decoded to `f32`.
+    fn decode_compact(&self) -> Option<Vec<f32>> {
+        let dt = self.dtype;
+        match &self.buffer {
+            Buffer::U16(b) => Some(
+                gather(b, &self.shape, &self.strides, self.offset)
+                    .into_iter()
+                    .map(|v| dtype::from_u16_bits(dt, v))
+                    .collect(),
+            ),
+            Buffer::U8(b) => Some(
+                gather(b, &self.shape, &self.strides, self.offset)
+                    .into_iter()
+                    .map(dtype::e4m3_value)
+                    .collect(),
+            ),
+            Buffer::F32(_) | Buffer::I32(_) => None,
         }
     }
 
@@ -236,6 +303,9 @@ impl Tensor {
 
     /// The values in row-major order, borrowed when the tensor is contiguous.
     pub fn contiguous_f32(&self) -> Option<Cow<'_, [f32]>> {
+        if let Some(values) = self.decode_compact() {
+            return Some(Cow::Owned(values));
+        }
         let buf = self.f32_buffer()?;
         if self.is_contiguous() {
             Some(Cow::Borrowed(&buf[self.offset..self.offset + self.numel()]))
@@ -257,6 +327,7 @@ impl Tensor {
                 .into_iter()
                 .map(|v| v as f32)
                 .collect(),
+            Buffer::U16(_) | Buffer::U8(_) => self.decode_compact().unwrap_or_default(),
         }
     }
 
@@ -276,6 +347,12 @@ impl Tensor {
             Buffer::I32(b) => {
                 Buffer::I32(Arc::new(gather(b, &self.shape, &self.strides, self.offset)))
             }
+            Buffer::U16(b) => {
+                Buffer::U16(Arc::new(gather(b, &self.shape, &self.strides, self.offset)))
+            }
+            Buffer::U8(b) => {
+                Buffer::U8(Arc::new(gather(b, &self.shape, &self.strides, self.offset)))
+            }
         };
         Tensor::contiguous(self.dtype, shape, buffer)
     }
@@ -294,6 +371,10 @@ impl Tensor {
         match &self.buffer {
             Buffer::F32(b) => b.get(off).map(|&v| f64::from(v)),
             Buffer::I32(b) => b.get(off).map(|&v| f64::from(v)),
+            Buffer::U16(b) => b
+                .get(off)
+                .map(|&v| f64::from(dtype::from_u16_bits(self.dtype, v))),
+            Buffer::U8(b) => b.get(off).map(|&v| f64::from(dtype::e4m3_value(v))),
         }
     }
 
@@ -374,7 +455,7 @@ impl Tensor {
     pub(crate) fn unique_f32_mut(&mut self) -> Option<&mut Vec<f32>> {
         match &mut self.buffer {
             Buffer::F32(b) => Arc::get_mut(b),
-            Buffer::I32(_) => None,
+            _ => None,
         }
     }
 

@@ -26,10 +26,12 @@ use std::borrow::Cow;
 use fusec_ir::{numerics, DType};
 use rayon::prelude::*;
 
+#[cfg(doc)]
 use super::matmul::dot;
+use super::rowdot::{self, Rows};
 use super::{float_buffer, KernelError};
 use crate::pool;
-use crate::tensor::Tensor;
+use crate::tensor::{Buffer, Tensor};
 
 /// Multiply-adds below which a GEMV runs on the calling thread (as in `matmul`).
 const PARALLEL_MIN_WORK: usize = 1 << 16;
@@ -170,6 +172,10 @@ pub fn check(op: &str, dtype: DType, ins: usize, w: GemvWeight<'_>) -> Result<()
 /// results `[rows, out]`, row-major. `act` holds the rows already quantized for a
 /// quantized weight with FP8 activations (computed once and shared by every GEMV that
 /// reads the same rows); it is computed here when absent.
+///
+/// The weight is read in its stored format (`f32`, compact `bf16`/`f16` bits, or E4M3
+/// bytes) by [`rowdot::dots`], which decodes in registers and sums in the order of
+/// [`dot`], so every storage gives the results of the `f32` reference.
 pub fn gemv(
     xs: &[f32],
     rows: usize,
@@ -190,22 +196,17 @@ pub fn gemv(
             xs.len()
         )));
     }
-    let mut by_feature = pool::zeros(outs * rows);
-    match w {
-        GemvWeight::Dense(t) => {
-            float_buffer(t, "gemv")?;
-            let ws = t.contiguous_f32().unwrap_or_default();
-            feature_major(&mut by_feature, rows, ins, |o, r| {
-                dot(&xs[r * ins..(r + 1) * ins], &ws[o * ins..(o + 1) * ins])
-            });
-        }
+    let mut decoded = Vec::new();
+    let owned;
+    // The stored weight rows, the activations the products read, and for a quantized
+    // weight the per-row activation scales (`None`: 1) and the weight scales.
+    let (wrows, xq, sx, scales) = match w {
+        GemvWeight::Dense(t) => (stored(t, &mut decoded, "gemv")?, xs, None, None),
         GemvWeight::Quant(q) => {
-            float_buffer(&q.values, "gemv")?;
-            let qs = q.values.contiguous_f32().unwrap_or_default();
+            let wrows = stored(&q.values, &mut decoded, "gemv")?;
             let scales = q.scale.contiguous_f32().unwrap_or_default();
-            let owned;
-            let (xq, sx): (Cow<'_, [f32]>, Cow<'_, [f32]>) = if q.act == q.to {
-                (Cow::Borrowed(xs), Cow::Owned(vec![1.0; rows]))
+            if q.act == q.to {
+                (wrows, xs, None, Some(scales))
             } else {
                 let rows_q = match act {
                     Some(a) if a.values.len() == xs.len() && a.scales.len() == rows => a,
@@ -215,19 +216,45 @@ pub fn gemv(
                     }
                 };
                 (
-                    Cow::Borrowed(rows_q.values.as_slice()),
-                    Cow::Borrowed(rows_q.scales.as_slice()),
+                    wrows,
+                    rows_q.values.as_slice(),
+                    Some(rows_q.scales.as_slice()),
+                    Some(scales),
                 )
-            };
-            feature_major(&mut by_feature, rows, ins, |o, r| {
-                let acc = dot(&xq[r * ins..(r + 1) * ins], &qs[o * ins..(o + 1) * ins]);
-                acc * (sx[r] * QuantWeight::scale_of(&scales, o))
-            });
+            }
         }
+    };
+    if wrows.len() != outs * ins {
+        return Err(KernelError::Invalid(format!(
+            "gemv: {} stored weight values are not [{outs}, {ins}]",
+            wrows.len()
+        )));
     }
+    let epilogue = |acc: f32, o: usize, r: usize| match &scales {
+        Some(s) => acc * (sx.map_or(1.0, |sx| sx[r]) * QuantWeight::scale_of(s, o)),
+        None => acc,
+    };
     if rows == 1 {
-        return Ok(by_feature);
+        // Decode: one activation row, the output features split across threads.
+        let mut out = pool::zeros(outs);
+        parallel_dots(xq, wrows, ins, &mut out);
+        if scales.is_some() {
+            for (o, y) in out.iter_mut().enumerate() {
+                *y = epilogue(*y, o, 0);
+            }
+        }
+        return Ok(out);
     }
+    let mut by_feature = pool::zeros(outs * rows);
+    feature_major(&mut by_feature, rows, ins, |o, r| {
+        let mut y = [0.0f32];
+        rowdot::dots(
+            &xq[r * ins..(r + 1) * ins],
+            wrows.range(o * ins, (o + 1) * ins),
+            &mut y,
+        );
+        epilogue(y[0], o, r)
+    });
     let mut out = pool::zeros(outs * rows);
     for (o, col) in by_feature.chunks(rows.max(1)).enumerate() {
         for (r, &v) in col.iter().enumerate() {
@@ -236,6 +263,56 @@ pub fn gemv(
     }
     pool::give(by_feature);
     Ok(out)
+}
+
+/// The stored values of a weight tensor as rows for [`rowdot::dots`]: its own buffer
+/// when it is contiguous (the case of every bound weight), else its values gathered
+/// into `decoded` as `f32`.
+fn stored<'a>(t: &'a Tensor, decoded: &'a mut Vec<f32>, op: &str) -> Result<Rows<'a>, KernelError> {
+    let (start, end) = (t.offset(), t.offset() + t.numel());
+    if t.is_contiguous() && end <= t.storage_len() {
+        match t.buffer() {
+            Buffer::F32(b) => return Ok(Rows::F32(&b[start..end])),
+            Buffer::U16(b) if t.dtype() == DType::F16 => return Ok(Rows::F16(&b[start..end])),
+            Buffer::U16(b) => return Ok(Rows::Bf16(&b[start..end])),
+            Buffer::U8(b) if t.dtype() == DType::Fp8E4M3 => return Ok(Rows::E4M3(&b[start..end])),
+            Buffer::U8(_) | Buffer::I32(_) => {}
+        }
+    }
+    *decoded = match t.buffer() {
+        Buffer::I32(_) => {
+            return Err(KernelError::Invalid(format!(
+                "{op} needs a float weight, got {}",
+                t.dtype()
+            )))
+        }
+        _ => t.to_vec_f32(),
+    };
+    Ok(Rows::F32(decoded))
+}
+
+/// Blocks of output features per thread in a decode GEMV.
+const CHUNKS_PER_THREAD: usize = 2;
+
+/// `out[o] = dot(x, row o)` with the output features split into a few contiguous
+/// blocks per thread (`CHUNKS_PER_THREAD`), each block a multiple of the four rows the
+/// vector kernel handles at once: each task streams megabytes of weights, so the
+/// scheduling cost of a handful of tasks is negligible, and a second block per thread
+/// lets work stealing even out a core that another process slows down.
+fn parallel_dots(x: &[f32], w: Rows<'_>, ins: usize, out: &mut [f32]) {
+    let outs = out.len();
+    let threads = rayon::current_num_threads();
+    if outs * ins < PARALLEL_MIN_WORK || threads <= 1 {
+        rowdot::dots(x, w, out);
+        return;
+    }
+    let per = outs
+        .div_ceil(threads * CHUNKS_PER_THREAD)
+        .next_multiple_of(4);
+    out.par_chunks_mut(per).enumerate().for_each(|(c, block)| {
+        let start = c * per;
+        rowdot::dots(x, w.range(start * ins, (start + block.len()) * ins), block);
+    });
 }
 
 /// Fills `by_feature` (`[out, rows]`) with `f(o, r)`; computing feature-major streams

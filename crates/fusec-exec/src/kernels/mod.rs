@@ -15,6 +15,7 @@ pub mod gemv;
 pub mod matmul;
 pub mod movement;
 pub mod reduce;
+pub mod rowdot;
 pub mod strided;
 
 use fusec_ir::DType;

@@ -56,6 +56,11 @@ pub fn cat(xs: &[&Tensor], axis: usize) -> Result<Tensor, KernelError> {
             Tensor::i32_buffer,
             Vec::with_capacity(numel),
         )?)),
+        Buffer::U16(_) | Buffer::U8(_) => {
+            return Err(KernelError::Invalid(
+                "cat: compact weight storage is only read by GEMVs".into(),
+            ))
+        }
     };
     Ok(Tensor::contiguous(first.dtype(), shape, buffer))
 }

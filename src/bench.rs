@@ -1,0 +1,314 @@
+//! CPU decode benchmark: the eager graph and the fused graph in f32, bf16 and FP8,
+//! side by side in one process, against the memory read bandwidth measured by the same
+//! run (`fusec bench`, `cargo bench --bench decode`).
+//!
+//! Method. For each variant the model gets seeded random weights (an FP8 variant's
+//! are derived from the bf16 ones, with the KV-cache scales calibrated on a short
+//! random prompt, as `fusec run` does); the weights the executor does not keep are
+//! dropped before timing. The KV cache is filled to `context` positions with random
+//! tokens, then `steps` decode steps at batch 1 are timed. Streamed weight bytes per
+//! token are the weight bytes of the graph's memory floor (`fusec_ir::cost`): every
+//! GEMV weight once, at its IR dtype, plus the gathered embedding rows. The ceiling is
+//! a parallel sum (one thread per core, as many as the executor's rayon pool) over a buffer far larger than the
+//! caches, best of several passes, measured before and after the variants of each
+//! model; the larger figure is the ceiling, so the percentages are conservative.
+
+use std::time::Instant;
+
+use fusec_exec::quant;
+use fusec_exec::{Executor, Session, SplitMix64, Weights};
+use fusec_ir::frontend::{ModelSpec, Precision};
+use fusec_ir::Graph;
+use fusec_rewrite::precision::Fp8Options;
+
+use crate::pipeline::{self, PipelineError};
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Positions in the KV cache when timing starts.
+    pub context: usize,
+    /// Timed decode steps per variant.
+    pub steps: usize,
+    /// Seed of the random weights.
+    pub seed: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            context: 128,
+            steps: 32,
+            seed: 0,
+        }
+    }
+}
+
+/// Why a benchmark could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    #[error(transparent)]
+    Exec(#[from] fusec_exec::Error),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// One variant's figures.
+#[derive(Clone, Debug)]
+pub struct VariantResult {
+    /// `eager f32`, `fused f32`, `fused bf16` or `fused fp8`.
+    pub name: &'static str,
+    pub tokens_per_s: f64,
+    /// Weight bytes of the memory floor: what one token must stream.
+    pub weight_bytes: u64,
+    /// Bytes the executor measured moving per step (reads and writes).
+    pub measured_bytes: u64,
+    pub launches: u64,
+    /// Resident memory after the variant ran, bytes (`VmRSS`).
+    pub rss: u64,
+}
+
+impl VariantResult {
+    /// Streamed weight bytes per second, in GB/s.
+    pub fn weight_gb_per_s(&self) -> f64 {
+        self.weight_bytes as f64 * self.tokens_per_s / 1e9
+    }
+}
+
+/// One model's results.
+#[derive(Clone, Debug)]
+pub struct ModelResult {
+    pub model: String,
+    pub context: usize,
+    pub steps: usize,
+    /// The measured read bandwidth, GB/s.
+    pub ceiling_gb_per_s: f64,
+    pub variants: Vec<VariantResult>,
+}
+
+impl ModelResult {
+    fn get(&self, name: &str) -> Option<&VariantResult> {
+        self.variants.iter().find(|v| v.name == name)
+    }
+
+    /// `tokens/s of a` over `tokens/s of b`, when both ran.
+    pub fn ratio(&self, a: &str, b: &str) -> Option<f64> {
+        Some(self.get(a)?.tokens_per_s / self.get(b)?.tokens_per_s)
+    }
+
+    /// The result as a text table with the ratios between variants.
+    pub fn render(&self) -> String {
+        let mut s = format!(
+            "model {}: batch 1, context {}, {} timed steps, {} threads; read bandwidth ceiling {:.1} GB/s\n",
+            self.model,
+            self.context,
+            self.steps,
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+            self.ceiling_gb_per_s
+        );
+        s += &format!(
+            "{:<11} {:>10} {:>14} {:>9} {:>10} {:>9} {:>11} {:>9}\n",
+            "variant",
+            "tokens/s",
+            "weights/token",
+            "GB/s",
+            "% ceiling",
+            "launches",
+            "bytes/step",
+            "RSS"
+        );
+        for v in &self.variants {
+            s += &format!(
+                "{:<11} {:>10.1} {:>11.2} MB {:>9.2} {:>9.1}% {:>9} {:>8.2} MB {:>6.0} MB\n",
+                v.name,
+                v.tokens_per_s,
+                v.weight_bytes as f64 / 1e6,
+                v.weight_gb_per_s(),
+                100.0 * v.weight_gb_per_s() / self.ceiling_gb_per_s,
+                v.launches,
+                v.measured_bytes as f64 / 1e6,
+                v.rss as f64 / 1e6
+            );
+        }
+        for (a, b) in [
+            ("fused f32", "eager f32"),
+            ("fused bf16", "fused f32"),
+            ("fused fp8", "fused f32"),
+            ("fused fp8", "fused bf16"),
+        ] {
+            if let Some(r) = self.ratio(a, b) {
+                s += &format!("{a} / {b}: {r:.2}x\n");
+            }
+        }
+        s
+    }
+}
+
+/// The variants in the order they run.
+const VARIANTS: [(&str, bool, Precision); 4] = [
+    ("eager f32", false, Precision::F32),
+    ("fused f32", true, Precision::F32),
+    ("fused bf16", true, Precision::Bf16),
+    ("fused fp8", true, Precision::Fp8),
+];
+
+/// Runs every variant of `spec` and measures the ceiling around them.
+pub fn run_model(spec: &ModelSpec, opts: &Options) -> Result<ModelResult, BenchError> {
+    if opts.steps == 0 || opts.context == 0 {
+        return Err(BenchError::Invalid(
+            "--context and --steps must be at least 1".into(),
+        ));
+    }
+    let positions = (opts.context + opts.steps) as u64;
+    if positions > spec.model.max_seq_len {
+        return Err(BenchError::Invalid(format!(
+            "context {} plus {} steps exceed max_seq_len {}",
+            opts.context, opts.steps, spec.model.max_seq_len
+        )));
+    }
+    let rules = pipeline::rules(&[])?;
+    let fp8 = Fp8Options::default();
+    let mut ceiling = read_bandwidth();
+    let mut variants = Vec::new();
+    for (name, fused, precision) in VARIANTS {
+        let graph = if fused {
+            pipeline::fused_in(spec, precision, &rules, &fp8)?.0
+        } else {
+            pipeline::eager(&pipeline::in_precision(spec, precision))?
+        };
+        let weights = if precision == Precision::Fp8 {
+            let base_graph = pipeline::fused_in(spec, Precision::Bf16, &rules, &fp8)?.0;
+            let base = Weights::random(&base_graph, opts.seed)?;
+            let prompt = random_tokens(spec.model.vocab_size, 8, opts.seed ^ 0x5eed);
+            let (scales, _) = quant::calibrate_kv_scales(&graph, &base_graph, &base, &[prompt])?;
+            quant::lower_weights(&base, &graph, &scales)?
+        } else {
+            Weights::random(&graph, opts.seed)?
+        };
+        variants.push(run_variant(name, graph, weights, opts)?);
+    }
+    ceiling = ceiling.max(read_bandwidth());
+    Ok(ModelResult {
+        model: spec.model.name.clone(),
+        context: opts.context,
+        steps: opts.steps,
+        ceiling_gb_per_s: ceiling,
+        variants,
+    })
+}
+
+fn random_tokens(vocab: u64, n: usize, seed: u64) -> Vec<i32> {
+    let mut rng = SplitMix64::new(seed);
+    (0..n)
+        .map(|_| i32::try_from(rng.below(vocab)).unwrap_or(0))
+        .collect()
+}
+
+fn run_variant(
+    name: &'static str,
+    graph: Graph,
+    weights: Weights,
+    opts: &Options,
+) -> Result<VariantResult, BenchError> {
+    let cost = fusec_ir::cost::graph_cost(&graph, &fusec_exec::decode::bindings(1, opts.context))
+        .map_err(|e| BenchError::Invalid(format!("unbound symbol {}", e.0)))?;
+    let exec = Executor::new(graph, &weights)?;
+    // The executor holds what it reads (compact copies of GEMV weights included); the
+    // loaded `f32` values it does not need are freed here.
+    drop(weights);
+    let mut session = Session::with_capacity(exec, 1, opts.context + opts.steps + 1)?;
+    let vocab = session.vocab() as u64;
+    let prefill = random_tokens(vocab, opts.context, 1);
+    for &t in &prefill {
+        session.step(&[t])?;
+    }
+    let mut token = prefill.last().copied().unwrap_or(0);
+    let (mut bytes, mut launches) = (0u64, 0u64);
+    let start = Instant::now();
+    for _ in 0..opts.steps {
+        let out = session.step(&[token])?;
+        bytes += out.stats.bytes();
+        launches = out.stats.launches;
+        token = out.next.first().copied().unwrap_or(0);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    Ok(VariantResult {
+        name,
+        tokens_per_s: opts.steps as f64 / secs,
+        weight_bytes: cost.floor.weight_bytes,
+        measured_bytes: bytes / opts.steps as u64,
+        launches,
+        rss: proc_status_bytes("VmRSS:").unwrap_or(0),
+    })
+}
+
+/// Bytes of the read-bandwidth buffer: far beyond any last-level cache.
+const BANDWIDTH_BYTES: usize = 512 << 20;
+/// Timed passes over it; the best counts.
+const BANDWIDTH_PASSES: usize = 5;
+
+/// The machine's memory read bandwidth now, GB/s: a parallel sum over a buffer much
+/// larger than the caches, one thread per core (the size of the executor's rayon pool),
+/// best of several passes. The sum uses eight independent integer lanes, so it is
+/// limited by memory and not by an addition chain.
+pub fn read_bandwidth() -> f64 {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let words = BANDWIDTH_BYTES / 8;
+    let per = words.div_ceil(threads);
+    let mut buf = vec![0u64; words];
+    // Written in parallel so the pages are resident before the timed passes.
+    std::thread::scope(|s| {
+        for (c, chunk) in buf.chunks_mut(per).enumerate() {
+            s.spawn(move || {
+                for (i, w) in chunk.iter_mut().enumerate() {
+                    *w = (c * per + i) as u64;
+                }
+            });
+        }
+    });
+    let sum_chunk = |chunk: &[u64]| {
+        let mut lanes = [0u64; 8];
+        for c in chunk.chunks_exact(8) {
+            for (l, &w) in lanes.iter_mut().zip(c) {
+                *l = l.wrapping_add(w);
+            }
+        }
+        lanes.iter().fold(0u64, |a, &b| a.wrapping_add(b))
+    };
+    let mut best = 0.0f64;
+    let mut check = 0u64;
+    for _ in 0..BANDWIDTH_PASSES {
+        let start = Instant::now();
+        let sum = std::thread::scope(|s| {
+            let handles: Vec<_> = buf
+                .chunks(per)
+                .map(|chunk| s.spawn(move || sum_chunk(chunk)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or(0))
+                .fold(0u64, u64::wrapping_add)
+        });
+        let secs = start.elapsed().as_secs_f64();
+        check = check.wrapping_add(sum);
+        best = best.max(BANDWIDTH_BYTES as f64 / secs / 1e9);
+    }
+    // The sum is used, so the reads cannot be optimized away.
+    std::hint::black_box(check);
+    best
+}
+
+/// A `kB` field of `/proc/self/status` (`VmHWM:`, `VmRSS:`) in bytes; `None` where
+/// there is no such file.
+pub fn proc_status_bytes(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    let kb: u64 = line[field.len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}

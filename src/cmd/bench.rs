@@ -1,0 +1,49 @@
+//! `fusec bench`: CPU decode throughput of the eager graph and of the fused graph in
+//! f32, bf16 and FP8, on random weights, against the read bandwidth measured by the
+//! same run (see `fusec::bench` for the method).
+
+use std::path::PathBuf;
+
+use anyhow::anyhow;
+use fusec::bench::{self, BenchError, Options};
+use fusec::pipeline;
+
+use crate::{say, Failure};
+
+/// Benchmark CPU decode: eager, fused f32, fused bf16 and fused fp8, side by side.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A model.toml, a Hugging Face config.json, or a model directory holding one.
+    pub model: PathBuf,
+    /// Positions in the KV cache when timing starts.
+    #[arg(long, default_value_t = 128)]
+    pub context: usize,
+    /// Timed decode steps per variant.
+    #[arg(long, default_value_t = 32)]
+    pub steps: usize,
+    /// Seed of the random weights.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+pub fn run(args: Args) -> Result<(), Failure> {
+    let spec = pipeline::load(&args.model, None, None)?;
+    let opts = Options {
+        context: args.context,
+        steps: args.steps,
+        seed: args.seed,
+    };
+    let result = bench::run_model(&spec, &opts).map_err(|e| match e {
+        BenchError::Pipeline(p) => Failure::from(p),
+        BenchError::Invalid(m) => Failure::Input(anyhow!(m)),
+        e @ BenchError::Exec(_) => Failure::Internal(e.into()),
+    })?;
+    say(&result.render());
+    if let Some(hwm) = bench::proc_status_bytes("VmHWM:") {
+        say(&format!(
+            "peak resident memory (VmHWM): {:.0} MB\n",
+            hwm as f64 / 1e6
+        ));
+    }
+    Ok(())
+}
