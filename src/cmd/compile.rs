@@ -9,10 +9,9 @@ use fusec::codegen::nvrtc::{Nvrtc, Target};
 use fusec::codegen::{self, DecodeShape};
 use fusec::pipeline;
 use fusec::summary::Summary;
-use fusec_ir::frontend::Precision;
 use fusec_ir::{dot, text, Graph};
-use fusec_rewrite::precision::{Fp8Options, Granularity, OpClass};
 
+use crate::cmd::options::{FusionArgs, PrecisionArgs};
 use crate::Failure;
 
 /// Compile one decode step of MODEL: fuse it, and report launches, bytes and time.
@@ -42,61 +41,10 @@ pub struct Args {
     /// a100-sxm, l40s, l4.
     #[arg(long)]
     pub gpu: Option<String>,
-    /// Keep the eager graph: no fusion.
-    #[arg(long)]
-    pub no_fuse: bool,
-    /// Load fusion rules from this file too (repeatable); see README.md for the syntax.
-    #[arg(long = "rules", value_name = "FILE")]
-    pub rules: Vec<PathBuf>,
-    /// Precision of the fused graph (overrides [target] precision): f32, f16, bf16, fp8.
-    #[arg(long)]
-    pub precision: Option<String>,
-    /// With fp8: keep this op class at the compute precision (repeatable): qkv,
-    /// attn-out, mlp-up, mlp-down, lm-head, kv-cache.
-    #[arg(long = "keep", value_name = "CLASS")]
-    pub keep: Vec<String>,
-    /// With fp8: weight scales per output channel (default) or per tensor.
-    #[arg(long, value_enum, default_value = "per-channel")]
-    pub weight_scales: WeightScales,
-}
-
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum WeightScales {
-    PerChannel,
-    PerTensor,
-}
-
-/// The FP8 options from the command line.
-pub fn fp8_options(keep: &[String], scales: WeightScales) -> Result<Fp8Options, Failure> {
-    let mut opts = Fp8Options {
-        granularity: match scales {
-            WeightScales::PerChannel => Granularity::PerChannel,
-            WeightScales::PerTensor => Granularity::PerTensor,
-        },
-        ..Fp8Options::default()
-    };
-    for k in keep {
-        opts.keep.insert(
-            k.parse::<OpClass>()
-                .map_err(|e| Failure::Input(anyhow::anyhow!(e)))?,
-        );
-    }
-    Ok(opts)
-}
-
-/// Applies `--precision` to the spec.
-pub fn set_precision(
-    spec: &mut fusec_ir::frontend::ModelSpec,
-    precision: &Option<String>,
-) -> Result<(), Failure> {
-    if let Some(p) = precision {
-        spec.target.precision = Precision::parse(p).ok_or_else(|| {
-            Failure::Input(anyhow::anyhow!(
-                "unknown precision `{p}` (expected f32, f16, bf16 or fp8)"
-            ))
-        })?;
-    }
-    Ok(())
+    #[command(flatten)]
+    pub fusion: FusionArgs,
+    #[command(flatten)]
+    pub precision: PrecisionArgs,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -190,14 +138,14 @@ pub fn run(args: Args) -> Result<(), Failure> {
     if let Some(g) = &args.gpu {
         spec.target.gpu = g.clone();
     }
-    set_precision(&mut spec, &args.precision)?;
-    let fp8 = fp8_options(&args.keep, args.weight_scales)?;
+    args.precision.apply(&mut spec)?;
+    let fp8 = args.precision.fp8(&[], None)?;
     let gpu = pipeline::target_gpu(&spec)?;
     let eager = pipeline::eager(&spec)?;
-    let fused = if args.no_fuse {
+    let fused = if args.fusion.no_fuse {
         None
     } else {
-        let rules = pipeline::rules(&args.rules)?;
+        let rules = pipeline::rules(&args.fusion.rules)?;
         let start = Instant::now();
         let (graph, report) = pipeline::fused_in(&spec, spec.target.precision, &rules, &fp8)?;
         let elapsed = start.elapsed();

@@ -22,7 +22,7 @@ use fusec_ir::Graph;
 use fusec_rewrite::precision::Fp8Options;
 use serde::Serialize;
 
-use crate::cmd::compile::{fp8_options, set_precision, WeightScales};
+use crate::cmd::options::{FusionArgs, PrecisionArgs, WeightScales};
 use crate::Failure;
 
 /// Decode greedily from a prompt on the CPU and report tokens/s (and optionally logits).
@@ -54,24 +54,10 @@ pub struct Args {
     /// Seed of the random weights used when there are no weights.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Run the eager graph: no fusion.
-    #[arg(long)]
-    pub no_fuse: bool,
-    /// Load fusion rules from this file too (repeatable); see README.md for the syntax.
-    #[arg(long = "rules", value_name = "FILE")]
-    pub rules: Vec<PathBuf>,
-    /// Precision to run in (overrides [target] precision): f32, f16, bf16, fp8.
-    #[arg(long)]
-    pub precision: Option<String>,
-    /// With fp8: keep this op class at the compute precision (repeatable): qkv,
-    /// attn-out, mlp-up, mlp-down, lm-head, kv-cache [default: as saved FP8 weights
-    /// say, else none].
-    #[arg(long = "keep", value_name = "CLASS")]
-    pub keep: Vec<String>,
-    /// With fp8: weight scales per output channel or per tensor [default: as saved FP8
-    /// weights say, else per-channel].
-    #[arg(long, value_enum)]
-    pub weight_scales: Option<WeightScales>,
+    #[command(flatten)]
+    pub fusion: FusionArgs,
+    #[command(flatten)]
+    pub precision: PrecisionArgs,
     /// Also run the f32 graph on the same weights, feed its tokens to this run
     /// (teacher forcing), and report per step the relative L2 error of the logits,
     /// top-1 agreement and KL(f32 || this run).
@@ -225,26 +211,21 @@ fn fp8_from(args: &Args, source: &Source) -> Result<Fp8Options, Failure> {
         Source::File(p) => Weights::metadata(p).unwrap_or_default(),
         Source::Random(_) => Default::default(),
     };
-    let scales =
-        args.weight_scales
-            .unwrap_or(match saved.get("fusec.weight_scales").map(String::as_str) {
-                Some("per-tensor") => WeightScales::PerTensor,
-                _ => WeightScales::PerChannel,
-            });
-    let keep: Vec<String> = if args.keep.is_empty() {
-        saved
-            .get("fusec.keep")
-            .map(|k| {
-                k.split(',')
-                    .filter(|c| !c.is_empty())
-                    .map(str::to_string)
-                    .collect()
-            })
-            .unwrap_or_default()
-    } else {
-        args.keep.clone()
+    let scales = match saved.get("fusec.weight_scales").map(String::as_str) {
+        Some("per-tensor") => Some(WeightScales::PerTensor),
+        Some(_) => Some(WeightScales::PerChannel),
+        None => None,
     };
-    fp8_options(&keep, scales)
+    let keep: Vec<String> = saved
+        .get("fusec.keep")
+        .map(|k| {
+            k.split(',')
+                .filter(|c| !c.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    args.precision.fp8(&keep, scales)
 }
 
 fn run_session(
@@ -268,7 +249,7 @@ fn run_session(
 
 pub fn run(args: Args) -> Result<(), Failure> {
     let mut spec = pipeline::load(&args.model, None, None)?;
-    set_precision(&mut spec, &args.precision)?;
+    args.precision.apply(&mut spec)?;
     let precision = spec.target.precision;
     let model = &spec.model;
     if args.tokens == 0 {
@@ -306,9 +287,9 @@ pub fn run(args: Args) -> Result<(), Failure> {
     };
     let builder = Builder {
         spec: &spec,
-        rules: pipeline::rules(&args.rules)?,
+        rules: pipeline::rules(&args.fusion.rules)?,
         fp8: fp8_from(&args, &source)?,
-        fuse: !args.no_fuse,
+        fuse: !args.fusion.no_fuse,
     };
     let graph = builder.graph(precision)?;
     let (weights, kv_scales) = weights_for(&graph, precision, &source, &builder, &prompt)?;
@@ -358,7 +339,11 @@ pub fn run(args: Args) -> Result<(), Failure> {
             schema: "llm-reference/1",
             model: &model.name,
             weights: source.describe(),
-            graph: if args.no_fuse { "eager" } else { "fused" },
+            graph: if args.fusion.no_fuse {
+                "eager"
+            } else {
+                "fused"
+            },
             precision: precision.name(),
             prompt: &prompt,
             new_tokens: args.tokens,
@@ -437,7 +422,11 @@ fn print_summary(
     prompt: &[i32],
     gen: &Generation,
 ) {
-    let graph = if args.no_fuse { "eager" } else { "fused" };
+    let graph = if args.fusion.no_fuse {
+        "eager"
+    } else {
+        "fused"
+    };
     println!(
         "model     {model}, weights {weights}, {graph} graph in {}",
         precision.name()
