@@ -3,21 +3,9 @@
 
 mod common;
 
+use common::{fusec, scratch};
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn fusec(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fusec"))
-        .args(args)
-        .output()
-        .expect("fusec runs")
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("fusec-cli-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
-}
 
 const TINY: &str = r#"[model]
 architecture = "llama"

@@ -2,21 +2,11 @@
 //! on random weights with a profile, and bad weights or prompts giving exit code 2 with
 //! a message that names the tensor.
 
+mod common;
+
+use common::{fusec, scratch};
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn fusec(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fusec"))
-        .args(args)
-        .output()
-        .expect("fusec runs")
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("fusec-cli-run-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
-}
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -2,15 +2,11 @@
 //! user rules, what `fusec compile` predicts against what `fusec run` measures,
 //! `--precision` with `--compare`, and FP8 weights saved and loaded back.
 
-use std::path::{Path, PathBuf};
-use std::process::Output;
+mod common;
 
-fn fusec(args: &[&str]) -> Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_fusec"))
-        .args(args)
-        .output()
-        .expect("fusec runs")
-}
+use common::{fusec, scratch};
+
+use std::path::Path;
 
 fn ok(args: &[&str]) -> String {
     let out = fusec(args);
@@ -21,13 +17,6 @@ fn ok(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     stdout
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir =
-        std::env::temp_dir().join(format!("fusec-cli-run-fused-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
 }
 
 fn root() -> &'static Path {

@@ -7,25 +7,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use common::{fusec, fusec_in, scratch};
+
+use std::process::Output;
 
 use fusec::pipeline;
 use fusec::report::{self, Variant};
 use serde_json::Value;
-
-fn fusec_in(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fusec"))
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("fusec runs")
-}
-
-/// Runs fusec in the repository root.
-fn fusec(args: &[&str]) -> Output {
-    fusec_in(&common::root(), args)
-}
 
 fn stdout(out: &Output) -> String {
     assert!(
@@ -34,12 +22,6 @@ fn stdout(out: &Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout.clone()).expect("utf8 output")
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("fusec-report-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
 }
 
 fn example(name: &str) -> String {

@@ -39,3 +39,24 @@ pub fn input_name(p: &Path) -> String {
         .to_string_lossy()
         .into_owned()
 }
+
+/// Runs the `fusec` binary from the repository root.
+pub fn fusec(args: &[&str]) -> std::process::Output {
+    fusec_in(&root(), args)
+}
+
+/// Runs the `fusec` binary in `dir`.
+pub fn fusec_in(dir: &Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_fusec"))
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("fusec runs")
+}
+
+/// A fresh scratch directory for one test (the process id keeps test binaries apart).
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("fusec-test-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
