@@ -186,3 +186,37 @@ fn near_misses_say_why() {
     // kv-append is a one-op pattern, so it is not reported; the absence is the test.
     assert!(report.near_misses.iter().all(|m| m.rule != "kv-append"));
 }
+
+#[test]
+fn a_rotation_that_is_not_rotate_half_is_a_near_miss() {
+    // Slices at 3 of an 8-wide vector: the rope pattern matches, its condition fails.
+    let src = r#"graph "rot" {
+  %0 = input{name="x"} : f32[B,1,8]
+  %1 = input{name="cos"} : f32[B,1,8]
+  %2 = input{name="sin"} : f32[B,1,8]
+  %3 = binary.mul(%0, %1) : f32[B,1,8]
+  %4 = view.slice{axis=-1,end=8,start=3}(%0) : f32[B,1,5]
+  %5 = unary.neg(%4) : f32[B,1,5]
+  %6 = view.slice{axis=-1,end=3,start=0}(%0) : f32[B,1,3]
+  %7 = cat{axis=-1}(%5, %6) : f32[B,1,8]
+  %8 = binary.mul(%7, %2) : f32[B,1,8]
+  %9 = binary.add(%3, %8) : f32[B,1,8]
+  output "y" = %9
+}
+"#;
+    let set = RuleSet::builtin().expect("built-in rules load");
+    let (out, report) = common::fuse_text(src, &set);
+    assert!(!out.contains("fused.rope"), "{out}");
+    let miss = report
+        .near_misses
+        .iter()
+        .find(|m| m.rule == "rope-rotate-half")
+        .expect("a near miss is reported");
+    assert_eq!(miss.at, 9, "at the add that roots the pattern");
+    assert!(
+        miss.reason
+            .contains("slices at 3 and 8 do not halve the last dimension of [B,1,8]"),
+        "{}",
+        miss.reason
+    );
+}
