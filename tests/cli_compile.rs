@@ -247,3 +247,41 @@ fn llama_3_8b_eager_counts() {
     let floor = eager["floor_bytes"].as_u64().expect("number");
     assert!(floor > 13_000_000_000, "{floor}");
 }
+
+#[test]
+fn explain_says_why_and_what() {
+    let tiny = common::root().join("examples/tiny.toml");
+    let tiny = tiny.to_str().expect("utf8");
+    let out = fusec(&["explain", tiny]);
+    assert!(out.status.success());
+    let list = String::from_utf8_lossy(&out.stdout);
+    assert!(list.contains("fused.decode_attention"), "{list}");
+    // The first layer's attention in the fused dump of the tiny example.
+    let at = list
+        .lines()
+        .find(|l| l.contains("fused.decode_attention"))
+        .and_then(|l| {
+            l.trim()
+                .strip_prefix('%')?
+                .split(' ')
+                .next()
+                .map(String::from)
+        })
+        .expect("a numbered attention line");
+    let out = fusec(&["explain", tiny, "--node", &at]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "why: built by 5 rule(s)",
+        "attention (attention.rules): softmax(q k^T * scale + mask) v",
+        "absorb-kv-append (graph pass",
+        "replaced 30 eager op(s):",
+        "softmax{axis=-1}",
+        "cat{axis=-2}",
+    ] {
+        assert!(text.contains(needle), "`{needle}` in {text}");
+    }
+    let out = fusec(&["explain", tiny, "--node", "%9999"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has no value %9999"));
+}
