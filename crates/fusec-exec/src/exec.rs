@@ -159,6 +159,10 @@ pub struct Executor {
     input_names: HashSet<String>,
     /// Reused across steps so a step allocates no slot table.
     slots: Vec<Option<Value>>,
+    /// The per-node operand lists, kept empty between nodes and steps so that a step
+    /// allocates none (see [`reuse_refs`]).
+    spare_args: Vec<Option<&'static Value>>,
+    spare_owned: Vec<Option<Tensor>>,
 }
 
 fn node_error(node: &Planned, source: KernelError) -> Error {
@@ -182,7 +186,31 @@ fn dims(shape: &Shape, b: &Bindings) -> Result<Vec<usize>, Error> {
 
 /// Whether `t` has the dtype and shape of `ty` under `b`.
 fn matches_type(t: &Tensor, ty: &TensorType, b: &Bindings) -> Result<bool, Error> {
-    Ok(t.dtype() == ty.dtype && t.shape() == dims(&ty.shape, b)?.as_slice())
+    Ok(t.dtype() == ty.dtype && shape_matches(t.shape(), &ty.shape, b)?)
+}
+
+/// Whether `actual` is `shape` under `b`, evaluated dimension by dimension: this runs
+/// for every node of every step, so it builds no vector.
+fn shape_matches(actual: &[usize], shape: &Shape, b: &Bindings) -> Result<bool, Error> {
+    if actual.len() != shape.rank() {
+        return Ok(false);
+    }
+    for (d, &n) in shape.dims().iter().zip(actual) {
+        let v = d.eval(b).map_err(|e| Error::Unbound(e.0))?;
+        if usize::try_from(v).ok() != Some(n) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// `refs`, emptied and retyped for borrows of any lifetime, keeping its allocation:
+/// the standard library collects a mapped `Vec` iterator into the same allocation
+/// when the element layouts match, so the per-node operand list reuses one buffer
+/// across nodes and steps (the step allocation test checks it).
+fn reuse_refs<'b>(mut refs: Vec<Option<&Value>>) -> Vec<Option<&'b Value>> {
+    refs.clear();
+    refs.into_iter().map(|_| None).collect()
 }
 
 fn describe(t: &Tensor) -> String {
@@ -264,7 +292,9 @@ impl Executor {
                 .collect();
         }
         for (s, &pos) in last_use.iter().enumerate() {
-            if pos != usize::MAX && !plan[s].is_input {
+            // Bound leaves keep their value in the slot from step to step (see
+            // `run_plan`), so they are never freed.
+            if pos != usize::MAX && !plan[s].is_input && plan[s].bound.is_none() {
                 plan[pos].free.push(s);
             }
         }
@@ -275,12 +305,15 @@ impl Executor {
             .map(|(_, n, _)| n.to_string())
             .collect();
         let slots = vec![None; plan.len()];
+        let widest = plan.iter().map(|n| n.operands.len()).max().unwrap_or(0);
         Ok(Executor {
             graph,
             plan,
             outputs,
             input_names,
             slots,
+            spare_args: Vec::with_capacity(widest),
+            spare_owned: Vec::with_capacity(widest),
         })
     }
 
@@ -316,16 +349,30 @@ impl Executor {
         }
         let step_start = Instant::now();
         let mut slots = std::mem::take(&mut self.slots);
-        let result = self.run_plan(bindings, inputs, &mut slots);
+        let mut spare = Spare {
+            args: std::mem::take(&mut self.spare_args),
+            owned: std::mem::take(&mut self.spare_owned),
+        };
+        let result = self.run_plan(bindings, inputs, &mut slots, &mut spare);
+        self.spare_args = spare.args;
+        self.spare_owned = spare.owned;
         let outputs = match result {
             Ok(mut stats) => {
-                let outputs = self
-                    .outputs
-                    .iter()
-                    .filter_map(|(name, kind, s)| {
-                        slots[*s].clone().map(|v| (name.clone(), *kind, v))
-                    })
-                    .collect();
+                // Each output's value moves out of its slot (a clone would copy the
+                // tensor's shape and keep its buffer from going back to the pool),
+                // except when a later output names the same value.
+                let mut outputs = Vec::with_capacity(self.outputs.len());
+                for (i, (name, kind, s)) in self.outputs.iter().enumerate() {
+                    let again = self.outputs[i + 1..].iter().any(|o| o.2 == *s);
+                    let value = if again {
+                        slots[*s].clone()
+                    } else {
+                        slots[*s].take()
+                    };
+                    if let Some(v) = value {
+                        outputs.push((name.clone(), *kind, v));
+                    }
+                }
                 stats.time = step_start.elapsed();
                 Ok(RunOutput { outputs, stats })
             }
@@ -340,7 +387,15 @@ impl Executor {
                 Err(e)
             }
         };
-        slots.iter_mut().filter_map(Option::take).for_each(recycle);
+        // Everything but the bound leaves' values goes back to the pool; those stay
+        // for the next step.
+        for (slot, node) in slots.iter_mut().zip(&self.plan) {
+            if node.bound.is_none() {
+                if let Some(v) = slot.take() {
+                    recycle(v);
+                }
+            }
+        }
         self.slots = slots;
         outputs
     }
@@ -350,15 +405,24 @@ impl Executor {
         b: &Bindings,
         inputs: &mut HashMap<String, Tensor>,
         slots: &mut [Option<Value>],
+        spare: &mut Spare,
     ) -> Result<StepStats, Error> {
         let mut stats = StepStats {
             nodes: Vec::with_capacity(self.plan.len()),
             ..StepStats::default()
         };
         for (pos, node) in self.plan.iter().enumerate() {
+            // A bound leaf (a weight, RoPE frequencies) still holds the value an earlier
+            // step gave it: copying the tensor handle again would allocate its shape
+            // and strides for nothing.
+            if node.bound.is_some() && slots[pos].is_some() {
+                continue;
+            }
             // Caches appended to in place are moved out of their slots first, so the
             // kernel owns them (see the module documentation).
-            let mut owned: Vec<Option<Tensor>> = vec![None; node.operands.len()];
+            let owned = &mut spare.owned;
+            owned.clear();
+            owned.resize(node.operands.len(), None);
             for &i in &node.owned {
                 let s = node.operands[i];
                 if let Some(Value::Tensor(_)) = slots[s] {
@@ -367,7 +431,7 @@ impl Executor {
                     }
                 }
             }
-            let mut args: Vec<Option<&Value>> = Vec::with_capacity(node.operands.len());
+            let mut args = reuse_refs(std::mem::take(&mut spare.args));
             for (i, &o) in node.operands.iter().enumerate() {
                 let v = slots[o].as_ref();
                 if v.is_none() && owned[i].is_none() {
@@ -377,10 +441,7 @@ impl Executor {
                 }
                 args.push(v);
             }
-            let mut operands = Operands {
-                args: &args,
-                owned: &mut owned,
-            };
+            let mut operands = Operands { args: &args, owned };
             let start = Instant::now();
             let outcome = dispatch(node, &mut operands, inputs, b).map(|o| {
                 let traffic = match (o.launched, o.traffic) {
@@ -391,10 +452,11 @@ impl Executor {
                 (o.value, o.launched, traffic)
             });
             let time = start.elapsed();
+            spare.args = reuse_refs(args);
             // The moved caches go back to their slots (an input lives until the end of
             // the step) or are dropped, whatever the outcome.
-            for (i, t) in owned.into_iter().enumerate() {
-                if let Some(t) = t {
+            for (i, t) in spare.owned.iter_mut().enumerate() {
+                if let Some(t) = t.take() {
                     let s = node.operands[i];
                     if self.plan[s].is_input {
                         slots[s] = Some(Value::Tensor(t));
@@ -477,6 +539,13 @@ fn read_bytes(op: &Op, args: &[Option<&Value>]) -> u64 {
     }
 }
 
+/// The per-node operand lists of [`Executor::run_plan`], lent by the executor for one
+/// step so that their allocations outlive it.
+struct Spare {
+    args: Vec<Option<&'static Value>>,
+    owned: Vec<Option<Tensor>>,
+}
+
 /// A node's operands: borrowed from their slots, or moved into the kernel.
 struct Operands<'a, 'v> {
     args: &'a [Option<&'v Value>],
@@ -545,17 +614,14 @@ fn check_result(node: &Planned, value: &Value, b: &Bindings) -> Result<(), Error
             ty.dtype == fusec_ir::DType::F32 && ty.shape.rank() == 0
         }
         (Value::Tuple(ts), Type::Tuple(tys)) => {
-            ts.len() == tys.len()
-                && ts
-                    .iter()
-                    .zip(tys)
-                    .map(|(t, ty)| matches_type(t, ty, b))
-                    .collect::<Result<Vec<bool>, Error>>()?
-                    .into_iter()
-                    .all(|ok| ok)
+            let mut ok = ts.len() == tys.len();
+            for (t, ty) in ts.iter().zip(tys) {
+                ok &= matches_type(t, ty, b)?;
+            }
+            ok
         }
         (Value::Quant(q), Type::Tensor(ty)) => {
-            q.to == ty.dtype && q.shape() == dims(&ty.shape, b)?.as_slice()
+            q.to == ty.dtype && shape_matches(q.shape(), &ty.shape, b)?
         }
         _ => false,
     };

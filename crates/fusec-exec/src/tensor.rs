@@ -166,7 +166,7 @@ impl Tensor {
     /// A kernel's float result: rounds to `dtype` and wraps.
     pub(crate) fn from_kernel_f32(dtype: DType, shape: Vec<usize>, mut data: Vec<f32>) -> Tensor {
         dtype::round_slice(dtype, &mut data);
-        Tensor::contiguous(dtype, shape, Buffer::F32(Arc::new(data)))
+        Tensor::contiguous(dtype, shape, Buffer::F32(crate::pool::wrap(data)))
     }
 
     pub fn dtype(&self) -> DType {

@@ -145,10 +145,38 @@ pub fn quantize_rows(xs: &[f32], ins: usize, act: DType) -> QuantRows {
     for row in xs.chunks(ins.max(1)).take(rows) {
         let absmax = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         let s = numerics::scale_for(absmax, act);
-        values.extend(row.iter().map(|&v| numerics::round_to(act, v / s)));
+        if act == DType::Fp8E4M3 {
+            values.extend(row.iter().map(|&v| round_e4m3(v / s)));
+        } else {
+            values.extend(row.iter().map(|&v| numerics::round_to(act, v / s)));
+        }
         scales.push(s);
     }
     QuantRows { values, scales }
+}
+
+/// `numerics::round_to(Fp8E4M3, x)`, bit for bit, without its generic conversion
+/// (which measured about a fifth of an FP8 decode step, in the activation quantization
+/// every GEMV does): round to nearest even at 3 mantissa bits on the `f32` bits for
+/// normal E4M3 values, and at the subnormal quantum `2^-9` below `2^-6`. Values
+/// outside `[-448, 448]` and non-finite ones, which a row scaled by its own absolute
+/// maximum only produces by rounding, take the generic path and its saturation.
+#[inline]
+pub fn round_e4m3(x: f32) -> f32 {
+    let a = x.abs();
+    if a.is_nan() || a > 448.0 {
+        return numerics::round_to(DType::Fp8E4M3, x);
+    }
+    if a < 1.0 / 64.0 {
+        // Scaling by a power of two is exact, so this rounds `x` to a multiple of
+        // `2^-9`, ties to even, and keeps the sign of zero.
+        return (x * 512.0).round_ties_even() * (1.0 / 512.0);
+    }
+    // Drop the low 20 of the 23 mantissa bits, rounding to nearest even; a carry into
+    // the exponent is the correct next binade, and `a <= 448` keeps it in range.
+    let bits = x.to_bits();
+    let rounded = bits + 0x7_FFFF + ((bits >> 20) & 1);
+    f32::from_bits(rounded & !0xF_FFFF)
 }
 
 /// Checks that `w` multiplies rows of `ins` features of `dtype`.
@@ -366,4 +394,56 @@ pub fn linear(x: &Tensor, w: GemvWeight<'_>) -> Result<Tensor, KernelError> {
         *last = w.shape()[0];
     }
     Ok(Tensor::from_kernel_f32(x.dtype(), shape, out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn same(x: f32) {
+        let fast = round_e4m3(x);
+        let slow = numerics::round_to(DType::Fp8E4M3, x);
+        assert!(
+            fast.to_bits() == slow.to_bits() || (fast.is_nan() && slow.is_nan()),
+            "{x:e} ({:#x}): {fast:e} against {slow:e}",
+            x.to_bits()
+        );
+    }
+
+    #[test]
+    fn fast_e4m3_rounding_matches_the_generic_one() {
+        // Every E4M3 value, the midpoints between neighbours (the ties) and the `f32`
+        // values on either side of each midpoint.
+        let mut values: Vec<f32> = (0..=255u8)
+            .map(crate::dtype::e4m3_value)
+            .filter(|v| v.is_finite() && *v >= 0.0)
+            .collect();
+        values.sort_by(f32::total_cmp);
+        values.dedup();
+        for pair in values.windows(2) {
+            let mid = (pair[0] + pair[1]) / 2.0;
+            for v in [pair[0], mid, pair[1]] {
+                for x in [
+                    v,
+                    f32::from_bits(v.to_bits() + 1),
+                    f32::from_bits(v.to_bits().max(1) - 1),
+                ] {
+                    same(x);
+                    same(-x);
+                }
+            }
+        }
+        // A sweep over every magnitude up to past the saturation point, and the
+        // special values.
+        let top = 600.0f32.to_bits();
+        for bits in (0..top).step_by(997) {
+            let x = f32::from_bits(bits);
+            same(x);
+            same(-x);
+        }
+        for x in [0.0, -0.0, 448.0, 449.0, 464.0, 1e9, f32::INFINITY, f32::NAN] {
+            same(x);
+            same(-x);
+        }
+    }
 }
