@@ -149,15 +149,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
         let start = Instant::now();
         let (graph, report) = pipeline::fused_in(&spec, spec.target.precision, &rules, &fp8)?;
         let elapsed = start.elapsed();
-        for e in &report.rejected {
-            eprintln!("warning: {e} (not applied)");
-        }
-        if report.hit_limit {
-            eprintln!(
-                "warning: equality saturation stopped at a limit ({}); the result is correct but may be less fused",
-                report.stop_reason
-            );
-        }
+        crate::cmd::options::warn_fusion(&report);
         Some((graph, report, elapsed))
     };
 

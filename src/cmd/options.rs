@@ -19,6 +19,20 @@ pub struct FusionArgs {
     pub rules: Vec<PathBuf>,
 }
 
+/// Prints what a fusion run warns of: user rules rejected where they matched, and a
+/// saturation cut short by a limit.
+pub fn warn_fusion(report: &fusec_rewrite::FuseReport) {
+    for e in &report.rejected {
+        eprintln!("warning: {e} (not applied)");
+    }
+    if report.hit_limit {
+        eprintln!(
+            "warning: equality saturation stopped at a limit ({}); the result is correct but may be less fused",
+            report.stop_reason
+        );
+    }
+}
+
 /// The precision, and the FP8 recipe.
 #[derive(clap::Args, Debug)]
 pub struct PrecisionArgs {

@@ -144,15 +144,7 @@ impl Builder<'_> {
             ))?);
         }
         let (graph, report) = pipeline::fused_in(self.spec, precision, &self.rules, &self.fp8)?;
-        for e in &report.rejected {
-            eprintln!("warning: {e} (not applied)");
-        }
-        if report.hit_limit {
-            eprintln!(
-                "warning: equality saturation stopped at a limit ({}); the result is correct but may be less fused",
-                report.stop_reason
-            );
-        }
+        crate::cmd::options::warn_fusion(&report);
         Ok(graph)
     }
 }

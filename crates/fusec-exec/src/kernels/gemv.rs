@@ -273,8 +273,7 @@ pub fn gemv(
         }
         return Ok(out);
     }
-    let mut by_feature = pool::zeros(outs * rows);
-    feature_major(&mut by_feature, rows, ins, |o, r| {
+    Ok(by_output_feature(outs, rows, ins, |o, r| {
         let mut y = [0.0f32];
         rowdot::dots(
             &xq[r * ins..(r + 1) * ins],
@@ -282,15 +281,7 @@ pub fn gemv(
             &mut y,
         );
         epilogue(y[0], o, r)
-    });
-    let mut out = pool::zeros(outs * rows);
-    for (o, col) in by_feature.chunks(rows.max(1)).enumerate() {
-        for (r, &v) in col.iter().enumerate() {
-            out[r * outs + o] = v;
-        }
-    }
-    pool::give(by_feature);
-    Ok(out)
+    }))
 }
 
 /// The stored values of a weight tensor as rows for [`rowdot::dots`]: its own buffer
@@ -341,6 +332,29 @@ fn parallel_dots(x: &[f32], w: Rows<'_>, ins: usize, out: &mut [f32]) {
         let start = c * per;
         rowdot::dots(x, w.range(start * ins, (start + block.len()) * ins), block);
     });
+}
+
+/// The row-major `[rows, outs]` result whose element `(r, o)` is `f(o, r)`, computed
+/// feature-major (see [`feature_major`]) and laid out row-major after.
+pub(crate) fn by_output_feature(
+    outs: usize,
+    rows: usize,
+    ins: usize,
+    f: impl Fn(usize, usize) -> f32 + Sync,
+) -> Vec<f32> {
+    let mut by_feature = pool::zeros(outs * rows);
+    feature_major(&mut by_feature, rows, ins, f);
+    if rows == 1 {
+        return by_feature;
+    }
+    let mut out = pool::zeros(outs * rows);
+    for (o, col) in by_feature.chunks(rows.max(1)).enumerate() {
+        for (r, &v) in col.iter().enumerate() {
+            out[r * outs + o] = v;
+        }
+    }
+    pool::give(by_feature);
+    out
 }
 
 /// Fills `by_feature` (`[out, rows]`) with `f(o, r)`; computing feature-major streams

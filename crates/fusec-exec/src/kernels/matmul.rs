@@ -216,36 +216,9 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor, KernelError> {
     let ws = w.contiguous_f32().unwrap_or_default();
     // Each output feature is a dot product of one weight row with every input row;
     // computing feature-major streams each weight row from memory once.
-    let mut by_feature = pool::zeros(outs * rows);
-    if rows > 0 {
-        let feature = |(o, col): (usize, &mut [f32])| {
-            let wrow = &ws[o * ins..(o + 1) * ins];
-            for (r, c) in col.iter_mut().enumerate() {
-                *c = dot(&xs[r * ins..(r + 1) * ins], wrow);
-            }
-        };
-        if outs * ins * rows >= PARALLEL_MIN_WORK {
-            by_feature
-                .par_chunks_mut(rows)
-                .enumerate()
-                .with_min_len(16)
-                .for_each(feature);
-        } else {
-            by_feature.chunks_mut(rows).enumerate().for_each(feature);
-        }
-    }
-    let out = if rows == 1 {
-        by_feature
-    } else {
-        let mut out = pool::zeros(outs * rows);
-        for (o, col) in by_feature.chunks(rows.max(1)).enumerate() {
-            for (r, &v) in col.iter().enumerate() {
-                out[r * outs + o] = v;
-            }
-        }
-        pool::give(by_feature);
-        out
-    };
+    let out = super::gemv::by_output_feature(outs, rows, ins, |o, r| {
+        dot(&xs[r * ins..(r + 1) * ins], &ws[o * ins..(o + 1) * ins])
+    });
     let mut shape = x.shape().to_vec();
     if let Some(last) = shape.last_mut() {
         *last = outs;
