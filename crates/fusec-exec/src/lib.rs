@@ -7,6 +7,7 @@
 //! - [`kernels`]: reference CPU kernels, one module per op family;
 //! - [`exec`]: the interpreter, which measures launches, bytes and time per node;
 //! - [`decode`]: a greedy-decoding [`Session`] that carries the KV cache across steps;
+//! - [`team`]: how kernels split work across cores;
 //! - [`profile`]: per-op-kind totals of the measured counts; `pool`: reused buffers;
 //! - [`quant`]: FP8 weights made at load, calibrated KV-cache scales, saving;
 //!   [`accuracy`]: logits of a lowered run against a reference run.
@@ -27,6 +28,7 @@ mod pool;
 pub mod profile;
 pub mod quant;
 pub mod random;
+pub mod team;
 pub mod tensor;
 pub mod weights;
 
