@@ -35,9 +35,10 @@ use crate::kernels::elementwise::Arg;
 use crate::kernels::gemv::{self, GemvWeight, QuantWeight};
 use crate::kernels::{constant, elementwise, fused, gather, matmul, movement, reduce, KernelError};
 use crate::profile::{NodeStats, StepStats};
+use crate::tensor::Buffer;
 use crate::tensor::{Tensor, TensorError};
 use crate::weights::Weights;
-use crate::{dtype, pool};
+use crate::{dtype, hugepages, pool, team};
 
 /// A runtime value: a tensor, a scalar kernel argument, the results of a
 /// multi-result (fused) op, read with `get`, or a quantized GEMV weight (a `dequant`
@@ -353,7 +354,9 @@ impl Executor {
             args: std::mem::take(&mut self.spare_args),
             owned: std::mem::take(&mut self.spare_owned),
         };
-        let result = self.run_plan(bindings, inputs, &mut slots, &mut spare);
+        // The step is one team region: its kernels' parallel loops go to workers that
+        // spin for the whole step instead of sleeping between kernels (see `team`).
+        let result = team::region(|| self.run_plan(bindings, inputs, &mut slots, &mut spare));
         self.spare_args = spare.args;
         self.spare_owned = spare.owned;
         let outputs = match result {
@@ -495,7 +498,8 @@ impl Executor {
 /// compact storage (2 or 1 bytes per value instead of the `f32` every other kernel
 /// reads), so that decode streams the bytes the IR's dtype says. A weight that any
 /// other op reads, or that is an output, stays as it is; so does one with a value its
-/// dtype cannot hold exactly, which a checked load never gives.
+/// dtype cannot hold exactly, which a checked load never gives. Then every bound
+/// weight is moved onto huge pages (see [`hugepages`]).
 fn compact_gemv_weights(plan: &mut [Planned], last_use: &[usize]) {
     let mut gemv_only = vec![true; plan.len()];
     let mut used = vec![false; plan.len()];
@@ -513,6 +517,17 @@ fn compact_gemv_weights(plan: &mut [Planned], last_use: &[usize]) {
             if let Some(compact) = t.to_compact() {
                 node.bound = Some(Value::Tensor(compact));
             }
+        }
+    }
+    // Every bound weight a step streams, on huge pages where the OS agrees.
+    for node in plan.iter() {
+        if let Some(Value::Tensor(t)) = &node.bound {
+            match t.buffer() {
+                Buffer::F32(b) => hugepages::back_with_huge_pages(b),
+                Buffer::I32(b) => hugepages::back_with_huge_pages(b),
+                Buffer::U16(b) => hugepages::back_with_huge_pages(b),
+                Buffer::U8(b) => hugepages::back_with_huge_pages(b),
+            };
         }
     }
 }

@@ -7,7 +7,8 @@
 //! - [`kernels`]: reference CPU kernels, one module per op family;
 //! - [`exec`]: the interpreter, which measures launches, bytes and time per node;
 //! - [`decode`]: a greedy-decoding [`Session`] that carries the KV cache across steps;
-//! - [`team`]: how kernels split work across cores;
+//! - [`team`]: how kernels split work across cores; [`hugepages`]: weights on 2 MiB
+//!   pages;
 //! - [`profile`]: per-op-kind totals of the measured counts; `pool`: reused buffers;
 //! - [`quant`]: FP8 weights made at load, calibrated KV-cache scales, saving;
 //!   [`accuracy`]: logits of a lowered run against a reference run.
@@ -23,6 +24,7 @@ mod error;
 pub mod exec;
 #[cfg(feature = "cuda")]
 pub mod gpu;
+pub mod hugepages;
 pub mod kernels;
 mod pool;
 pub mod profile;

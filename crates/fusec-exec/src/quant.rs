@@ -168,7 +168,13 @@ pub fn quantize(w: &Tensor, format: DType, per_channel: bool) -> Result<(Tensor,
             } else {
                 scales[0]
             };
-            numerics::round_to(format, v / s)
+            if format == DType::Fp8E4M3 {
+                // Bit-identical to `round_to`, and several times faster on the ~10^8
+                // weights of a real checkpoint.
+                crate::kernels::gemv::round_e4m3(v / s)
+            } else {
+                numerics::round_to(format, v / s)
+            }
         })
         .collect();
     let scale_shape: &[usize] = if per_channel { &[o] } else { &[] };

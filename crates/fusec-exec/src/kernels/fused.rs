@@ -3,12 +3,14 @@
 //! Each computes what the primitive ops it replaces compute, with the same roundings:
 //! every intermediate that the eager graph holds in a half dtype (`f16`, `bf16`) is
 //! rounded to it here too, and everything else is `f32`. The GEMVs go through
-//! [`super::gemv`], whose plain path is bit-identical to the eager `linear`, and whose
-//! quantized path quantizes each activation row once for all the GEMVs that share it.
+//! [`super::gemv`], whose plain path is bit-identical to the eager `linear`; a kernel's
+//! GEMVs over the same rows run as one batch ([`gemv::gemv_many`]), which quantizes
+//! each activation row once for all of them and splits all of them across the threads
+//! as one parallel loop.
 
 use fusec_ir::DType;
 
-use super::gemv::{self, GemvWeight, QuantRows};
+use super::gemv::{self, GemvWeight};
 use super::strided::{broadcast_shape, broadcast_strides, walk};
 use super::{float_buffer, KernelError};
 use crate::dtype::round;
@@ -71,20 +73,6 @@ fn with_last(x: &Tensor, n: usize) -> Vec<usize> {
     shape
 }
 
-/// The activation rows quantized once for every quantized weight with FP8 activations
-/// among `ws` (they must agree on the format, as one lowering makes them).
-fn shared_quant(xs: &[f32], ins: usize, ws: &[GemvWeight<'_>]) -> Option<QuantRows> {
-    let act = ws.iter().find_map(|w| match w {
-        GemvWeight::Quant(q) if q.act != q.to => Some(q.act),
-        _ => None,
-    })?;
-    let same = ws.iter().all(|w| match w {
-        GemvWeight::Quant(q) if q.act != q.to => q.act == act,
-        _ => true,
-    });
-    same.then(|| gemv::quantize_rows(xs, ins, act))
-}
-
 /// `fused.rms_norm(x, w, eps)`.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor, KernelError> {
     let (out, _, _) = norm_rows(x, w, eps, "fused.rms_norm")?;
@@ -103,16 +91,15 @@ pub fn rms_norm_linear(
     for &wt in weights {
         gemv::check(op, x.dtype(), d, wt)?;
     }
-    let act = shared_quant(&n, d, weights);
     let mut outs = Vec::with_capacity(weights.len());
-    for &wt in weights {
-        let y = gemv::gemv(&n, rows, wt, act.as_ref())?;
+    gemv::gemv_many(&n, rows, weights, None, |i, y| {
         outs.push(Tensor::from_kernel_f32(
             x.dtype(),
-            with_last(x, wt.shape()[0]),
+            with_last(x, weights[i].shape()[0]),
             y,
         ));
-    }
+        Ok(())
+    })?;
     pool::give(n);
     Ok(outs)
 }
@@ -136,9 +123,14 @@ fn swiglu_rows(
             wu.shape()
         )));
     }
-    let act = shared_quant(xs, ins, &[wg, wu]);
-    let mut g = gemv::gemv(xs, rows, wg, act.as_ref())?;
-    let u = gemv::gemv(xs, rows, wu, act.as_ref())?;
+    let (mut g, mut u) = (None, None);
+    gemv::gemv_many(xs, rows, &[wg, wu], None, |i, y| {
+        *(if i == 0 { &mut g } else { &mut u }) = Some(y);
+        Ok(())
+    })?;
+    let (Some(mut g), Some(u)) = (g, u) else {
+        return Err(KernelError::Invalid(format!("{op}: a GEMV gave no result")));
+    };
     for (a, &b) in g.iter_mut().zip(&u) {
         let s = round(dtype, silu(round(dtype, *a)));
         *a = round(dtype, s * round(dtype, b));
