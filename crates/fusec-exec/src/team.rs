@@ -166,7 +166,7 @@ fn work() {
         }
         std::hint::spin_loop();
         spins = spins.wrapping_add(1);
-        if spins % SPINS_PER_CLOCK_READ != 0 {
+        if !spins.is_multiple_of(SPINS_PER_CLOCK_READ) {
             continue;
         }
         let since = *idle_since.get_or_insert_with(Instant::now);
