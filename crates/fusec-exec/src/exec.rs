@@ -413,8 +413,7 @@ impl Executor {
         };
         for (pos, node) in self.plan.iter().enumerate() {
             // A bound leaf (a weight, RoPE frequencies) still holds the value an earlier
-            // step gave it: copying the tensor handle again would allocate its shape
-            // and strides for nothing.
+            // step gave it: there is nothing to do, not even a reference count to bump.
             if node.bound.is_some() && slots[pos].is_some() {
                 continue;
             }
@@ -521,7 +520,7 @@ fn compact_gemv_weights(plan: &mut [Planned], last_use: &[usize]) {
 pub(crate) fn recycle(v: Value) {
     match v {
         Value::Tensor(t) => pool::recycle(t),
-        Value::Tuple(ts) => ts.into_iter().for_each(pool::recycle),
+        Value::Tuple(ts) => pool::give_tensors(ts),
         Value::Scalar(_) | Value::Quant(_) => {}
     }
 }
@@ -845,7 +844,10 @@ fn dispatch(
                 let mut outs =
                     fused::rms_norm_linear(&*t(0)?, &*t(1)?, scalar(2)?, &ws).map_err(kernel)?;
                 let value = if outs.len() == 1 {
-                    Value::Tensor(outs.remove(0))
+                    let single = outs.swap_remove(0);
+                    // The emptied list goes back to the pool for the next kernel.
+                    pool::give_tensors(outs);
+                    Value::Tensor(single)
                 } else {
                     Value::Tuple(outs)
                 };
@@ -918,7 +920,9 @@ fn dispatch(
                 ops.give_back(5, past_k);
                 ops.give_back(6, past_v);
                 let (results, copied) = result.map_err(kernel)?;
-                let value = Value::Tuple(results.into());
+                let mut list = pool::tensors(results.len());
+                list.extend(results);
+                let value = Value::Tuple(list);
                 // Attention reads the whole caches; the append writes the new entries
                 // only, plus any copy made to grow.
                 let read = ops.borrowed_read_bytes() + past_read + copied;

@@ -129,19 +129,27 @@ impl GemvWeight<'_> {
     }
 }
 
-/// Activations quantized per row: the FP8 values and each row's scale.
+/// Activations quantized per row: the FP8 values and each row's scale. The vectors
+/// come from the buffer pool and go back to it when this is dropped.
 #[derive(Debug)]
 pub struct QuantRows {
     pub values: Vec<f32>,
     pub scales: Vec<f32>,
 }
 
+impl Drop for QuantRows {
+    fn drop(&mut self) {
+        pool::give(std::mem::take(&mut self.values));
+        pool::give(std::mem::take(&mut self.scales));
+    }
+}
+
 /// Quantizes each row of `xs` (`rows x ins`, row-major) to `act` with a dynamic scale
 /// `absmax / max(act)` (see the module documentation).
 pub fn quantize_rows(xs: &[f32], ins: usize, act: DType) -> QuantRows {
     let rows = xs.len().checked_div(ins).unwrap_or(0);
-    let mut values = Vec::with_capacity(xs.len());
-    let mut scales = Vec::with_capacity(rows);
+    let mut values = pool::take(xs.len());
+    let mut scales = pool::take(rows);
     for row in xs.chunks(ins.max(1)).take(rows) {
         let absmax = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         let s = numerics::scale_for(absmax, act);
@@ -403,7 +411,7 @@ pub fn linear(x: &Tensor, w: GemvWeight<'_>) -> Result<Tensor, KernelError> {
     let (xs, rows, ins) = rows_of(x, "linear")?;
     check("linear", x.dtype(), ins, w)?;
     let out = gemv(&xs, rows, w, None)?;
-    let mut shape = x.shape().to_vec();
+    let mut shape = x.dims();
     if let Some(last) = shape.last_mut() {
         *last = w.shape()[0];
     }
