@@ -135,7 +135,7 @@ fn a_steady_state_fused_decode_step_allocates_the_same_bounded_amount_every_step
             let out = out.expect("step runs");
             for (name, kind, value) in out.outputs {
                 if kind == OutputKind::State {
-                    inputs.insert(name, value.into_tensor().expect("cache tensor"));
+                    inputs.insert(name.to_string(), value.into_tensor().expect("cache tensor"));
                 }
             }
         }
