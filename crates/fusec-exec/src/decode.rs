@@ -17,21 +17,29 @@
 //! as large (a step that does so moves more bytes than the cost model predicts). The
 //! session hands its caches to the executor by value and gets the new ones back, so it
 //! never holds a second handle on a buffer the step appends to.
+//!
+//! [`Session::step_into`] allocates nothing in steady state: the inputs live in a
+//! vector indexed by the graph's input positions (no key is ever rebuilt), the data
+//! inputs' buffers come from the executor's pool and go back to it, the bindings are
+//! updated in place, and the logits, tokens and statistics are written into a
+//! [`StepOutput`] the caller keeps from step to step.
 
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use fusec_ir::build::names;
 use fusec_ir::shape::Bindings;
-use fusec_ir::{Dim, InputKind, OutputKind, TensorType};
+use fusec_ir::{DType, Dim, InputKind, OutputKind, TensorType};
 
 use crate::error::Error;
-use crate::exec::{self, Executor, Value};
+use crate::exec::{self, Executor, RunOutput, Value};
+use crate::pool;
 use crate::profile::{Profile, StepStats};
 use crate::tensor::Tensor;
 
-/// One step's results.
-#[derive(Clone, Debug)]
+/// One step's results. Kept from step to step and handed to [`Session::step_into`],
+/// its vectors keep their capacity.
+#[derive(Clone, Debug, Default)]
 pub struct StepOutput {
     /// The logits of each sequence, `[batch][vocab]`.
     pub logits: Vec<Vec<f32>>,
@@ -91,11 +99,48 @@ pub struct Session {
     batch: usize,
     /// Positions cached so far.
     past: usize,
-    state: HashMap<String, Tensor>,
-    /// Each state's name and the axis that grows by one position per step, if any.
-    state_axes: Vec<(String, Option<usize>)>,
+    /// The step's inputs by their position among the graph's inputs
+    /// (`Executor::input_names`): the states (KV caches) between steps, and during a
+    /// step the data inputs too.
+    inputs: Vec<Option<Tensor>>,
+    /// The states, at their input positions.
+    states: Vec<State>,
+    /// The data inputs fed every step, at their input positions.
+    data: Vec<DataInput>,
     vocab: usize,
     profile: Profile,
+    /// `B` and `S`, updated in place every step.
+    bindings: Bindings,
+    /// The executor's outputs, kept for the capacity of their lists.
+    run: RunOutput,
+}
+
+/// A state input, carried from the output of the same name to the next step.
+#[derive(Debug)]
+struct State {
+    index: usize,
+    name: Arc<str>,
+    /// The axis that grows by one position per step, if any.
+    axis: Option<usize>,
+}
+
+/// What a data input holds.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum Feed {
+    /// This step's token of each sequence.
+    Ids,
+    /// This step's position, for each sequence.
+    Positions,
+    /// The additive attention mask: all zeros.
+    Mask,
+}
+
+/// A data input the session makes every step.
+#[derive(Debug)]
+struct DataInput {
+    index: usize,
+    feed: Feed,
+    ty: TensorType,
 }
 
 fn bad(name: &str, message: impl Into<String>) -> Error {
@@ -103,18 +148,6 @@ fn bad(name: &str, message: impl Into<String>) -> Error {
         name: name.to_string(),
         message: message.into(),
     }
-}
-
-fn eval_dims(ty: &TensorType, b: &Bindings) -> Result<Vec<usize>, Error> {
-    ty.shape
-        .eval(b)
-        .map_err(|e| Error::Unbound(e.0))?
-        .into_iter()
-        .map(|d| {
-            usize::try_from(d)
-                .map_err(|_| Error::InvalidGraph(format!("dimension {d} does not fit in memory")))
-        })
-        .collect()
 }
 
 /// The axis of a state type that holds the cached positions (the one sized by `S`).
@@ -140,35 +173,50 @@ impl Session {
         }
         let graph = exec.graph();
         let b = bindings(batch, 0);
-        let mut state = HashMap::new();
-        let mut state_axes = Vec::new();
+        let mut inputs = Vec::new();
+        let mut states = Vec::new();
+        let mut data = Vec::new();
         let mut has_ids = false;
-        for (id, name, kind) in graph.inputs() {
+        for (index, (id, name, kind)) in graph.inputs().into_iter().enumerate() {
             let ty = graph
                 .ty(id)
                 .tensor()
                 .ok_or_else(|| Error::InvalidGraph(format!("input `{name}` has a tuple type")))?;
+            let feed = |feed| DataInput {
+                index,
+                feed,
+                ty: ty.clone(),
+            };
             match kind {
                 InputKind::State => {
-                    let shape = eval_dims(ty, &b)?;
+                    let shape = exec::dims(&ty.shape, &b)?;
                     let axis = growing_axis(ty);
                     let t = match axis {
                         Some(a) => Tensor::zeros_with_capacity(ty.dtype, &shape, a, positions),
                         None => Tensor::zeros(ty.dtype, &shape),
                     }
                     .map_err(|e| Error::InvalidGraph(format!("state `{name}`: {e}")))?;
-                    state.insert(name.to_string(), t);
-                    state_axes.push((name.to_string(), axis));
+                    inputs.push(Some(t));
+                    states.push(State {
+                        index,
+                        name: Arc::from(name),
+                        axis,
+                    });
+                    continue;
                 }
-                InputKind::Data if name == names::INPUT_IDS => has_ids = true,
-                InputKind::Data if name == names::POSITION_IDS || name == names::ATTENTION_MASK => {
+                InputKind::Data if name == names::INPUT_IDS => {
+                    has_ids = true;
+                    data.push(feed(Feed::Ids));
                 }
+                InputKind::Data if name == names::POSITION_IDS => data.push(feed(Feed::Positions)),
+                InputKind::Data if name == names::ATTENTION_MASK => data.push(feed(Feed::Mask)),
                 InputKind::Data => {
                     return Err(Error::InvalidGraph(format!(
                         "a decode session cannot feed data input `{name}`"
                     )))
                 }
             }
+            inputs.push(None);
         }
         if !has_ids {
             return Err(Error::InvalidGraph(format!(
@@ -198,10 +246,13 @@ impl Session {
             exec,
             batch,
             past: 0,
-            state,
-            state_axes,
+            inputs,
+            states,
+            data,
             vocab,
             profile: Profile::new(),
+            bindings: b,
+            run: RunOutput::new(),
         })
     }
 
@@ -229,12 +280,23 @@ impl Session {
 
     /// The current value of a state (a KV cache) by name.
     pub fn state(&self, name: &str) -> Option<&Tensor> {
-        self.state.get(name)
+        let s = self.states.iter().find(|s| &*s.name == name)?;
+        self.inputs.get(s.index)?.as_ref()
     }
 
     /// Feeds one token per sequence at the next position. On error the session is
     /// unchanged.
     pub fn step(&mut self, tokens: &[i32]) -> Result<StepOutput, Error> {
+        let mut out = StepOutput::default();
+        self.step_into(tokens, &mut out)?;
+        Ok(out)
+    }
+
+    /// Feeds one token per sequence at the next position, like [`Session::step`], and
+    /// writes the results into `out`, replacing what it held. With `out` kept from
+    /// step to step, a steady-state step allocates nothing (see the module
+    /// documentation). On error the session is unchanged and `out` is unspecified.
+    pub fn step_into(&mut self, tokens: &[i32], out: &mut StepOutput) -> Result<(), Error> {
         if tokens.len() != self.batch {
             return Err(bad(
                 names::INPUT_IDS,
@@ -243,127 +305,167 @@ impl Session {
         }
         let position = i32::try_from(self.past)
             .map_err(|_| bad(names::POSITION_IDS, "position overflows i32"))?;
-        let b = bindings(self.batch, self.past);
-        let data = self.data_inputs(tokens, position, &b)?;
-        // The caches move into the step (see the module documentation).
-        let mut inputs = std::mem::take(&mut self.state);
-        inputs.extend(data);
-        let out = match self.exec.run_restoring(&b, &mut inputs) {
-            Ok(out) => out,
-            Err(e) => {
-                for (name, _) in &self.state_axes {
-                    if let Some(t) = inputs.remove(name) {
-                        self.state.insert(name.clone(), t);
+        self.bindings.set(names::PAST, self.past as u64);
+        if let Err(e) = self.feed(tokens, position) {
+            self.drop_data();
+            return Err(e);
+        }
+        // The caches move into the step (see the module documentation); a failed step
+        // puts every input back.
+        let result = self
+            .exec
+            .run_into(&self.bindings, &mut self.inputs, &mut self.run);
+        self.drop_data();
+        result?;
+        if let Err(e) = self.check_outputs() {
+            // The new caches begin with the old ones: their prefix is the state the
+            // session had before the step.
+            for (name, kind, value) in self.run.outputs.drain(..) {
+                let state = self.states.iter().find(|s| s.name == name);
+                match (kind, value, state) {
+                    (OutputKind::State, Value::Tensor(t), Some(s)) => {
+                        let old = match s.axis {
+                            Some(a) => t.slice(a, 0, self.past).unwrap_or(t),
+                            None => t,
+                        };
+                        self.inputs[s.index] = Some(old);
                     }
+                    (_, v, _) => exec::recycle(v),
                 }
-                return Err(e);
             }
-        };
-        let mut new_state = Vec::with_capacity(self.state_axes.len());
-        let mut spent = Vec::with_capacity(out.outputs.len());
-        let mut logits = Err(Error::InvalidGraph(format!(
-            "output `{}` is missing or not a tensor",
-            names::LOGITS
-        )));
-        let mut next = Err(Error::InvalidGraph(format!(
-            "output `{}` is missing or not an i32 tensor",
-            names::NEXT_TOKEN
-        )));
-        let mut bad_state = None;
-        for (name, kind, value) in out.outputs {
-            match (kind, value) {
-                (OutputKind::State, Value::Tensor(t)) => new_state.push((name, t)),
-                (OutputKind::State, _) => bad_state = Some(name),
-                (OutputKind::Data, Value::Tensor(t)) if name == names::LOGITS => {
-                    logits = Ok(t.to_vec_f32());
-                    spent.push(Value::Tensor(t));
+            return Err(e);
+        }
+        out.logits.resize_with(self.batch, Vec::new);
+        out.next.clear();
+        for (name, kind, value) in self.run.outputs.drain(..) {
+            let state = self.states.iter().find(|s| s.name == name);
+            match (kind, value, state) {
+                (OutputKind::State, Value::Tensor(t), Some(s)) => {
+                    self.inputs[s.index] = Some(t);
                 }
-                (OutputKind::Data, Value::Tensor(t)) if name == names::NEXT_TOKEN => {
-                    next = t.to_vec_i32().ok_or_else(|| {
-                        Error::InvalidGraph(format!("{} is not i32", names::NEXT_TOKEN))
-                    });
-                    spent.push(Value::Tensor(t));
+                (OutputKind::Data, Value::Tensor(t), _) if &*name == names::LOGITS => {
+                    if let Some(values) = t.contiguous_f32() {
+                        for (row, values) in out.logits.iter_mut().zip(values.chunks(self.vocab)) {
+                            row.clear();
+                            row.extend_from_slice(values);
+                        }
+                    }
+                    exec::recycle(Value::Tensor(t));
                 }
-                (OutputKind::Data, v) => spent.push(v),
+                (OutputKind::Data, Value::Tensor(t), _) if &*name == names::NEXT_TOKEN => {
+                    match (t.is_contiguous(), t.i32_buffer()) {
+                        (true, Some(ids)) => {
+                            out.next
+                                .extend_from_slice(&ids[t.offset()..t.offset() + t.numel()]);
+                        }
+                        _ => out.next.extend(t.to_vec_i32().unwrap_or_default()),
+                    }
+                    exec::recycle(Value::Tensor(t));
+                }
+                (_, v, _) => exec::recycle(v),
             }
         }
-        spent.into_iter().for_each(exec::recycle);
-        let checked = match (bad_state, logits, next) {
-            (Some(name), _, _) => Err(Error::InvalidGraph(format!(
-                "state `{name}` is not a tensor"
-            ))),
-            (None, Ok(l), Ok(n)) if l.len() == self.batch * self.vocab => Ok((l, n)),
-            (None, Ok(l), Ok(_)) => Err(Error::InvalidGraph(format!(
-                "logits hold {} values, expected {} x {}",
-                l.len(),
-                self.batch,
-                self.vocab
-            ))),
-            (None, Err(e), _) | (None, _, Err(e)) => Err(e),
-        };
-        let (logits, next) = match checked {
-            Ok(v) => v,
-            Err(e) => {
-                // The new caches begin with the old ones: their prefix is the state the
-                // session had before the step.
-                for (name, t) in new_state {
-                    let axis = self
-                        .state_axes
-                        .iter()
-                        .find(|(n, _)| *n == name)
-                        .and_then(|(_, a)| *a);
-                    let old = match axis {
-                        Some(a) => t.slice(a, 0, self.past).unwrap_or(t),
-                        None => t,
-                    };
-                    self.state.insert(name, old);
-                }
-                return Err(e);
-            }
-        };
-        self.state.extend(new_state);
+        // The step's statistics trade places with the caller's old ones, whose list
+        // the next step fills.
+        std::mem::swap(&mut out.stats, &mut self.run.stats);
         self.past += 1;
         self.profile.add(&out.stats);
-        Ok(StepOutput {
-            logits: logits.chunks(self.vocab).map(<[f32]>::to_vec).collect(),
-            next,
-            stats: out.stats,
-        })
+        Ok(())
     }
 
-    /// The data inputs of one step: ids, positions and the all-zero mask.
-    fn data_inputs(
-        &self,
-        tokens: &[i32],
-        position: i32,
-        b: &Bindings,
-    ) -> Result<Vec<(String, Tensor)>, Error> {
-        let graph = self.exec.graph();
-        let mut data = Vec::new();
-        for (id, name, kind) in graph.inputs() {
-            if kind != InputKind::Data {
-                continue;
-            }
-            let ty = graph
-                .ty(id)
-                .tensor()
-                .ok_or_else(|| Error::InvalidGraph(format!("input `{name}` has a tuple type")))?;
-            let shape = eval_dims(ty, b)?;
+    /// Makes this step's data inputs (ids, positions and the all-zero mask) in their
+    /// input slots, in buffers from the pool.
+    fn feed(&mut self, tokens: &[i32], position: i32) -> Result<(), Error> {
+        for d in &self.data {
+            let name = &self.exec.input_names()[d.index];
+            let shape = exec::dims(&d.ty.shape, &self.bindings)?;
             let numel: usize = shape.iter().product();
-            let tensor = match name {
-                names::INPUT_IDS | names::POSITION_IDS if numel != self.batch => {
+            let tensor = match d.feed {
+                Feed::Ids | Feed::Positions if numel != self.batch || d.ty.dtype != DType::I32 => {
                     return Err(Error::InvalidGraph(format!(
-                        "input `{name}` is {ty}, not one id per sequence"
+                        "input `{name}` is {}, not one i32 id per sequence",
+                        d.ty
                     )))
                 }
-                names::INPUT_IDS => Tensor::from_i32(&shape, tokens.to_vec()),
-                names::POSITION_IDS => Tensor::from_i32(&shape, vec![position; numel]),
-                _ => Tensor::zeros(ty.dtype, &shape),
-            }
-            .map_err(|e| Error::InvalidGraph(format!("input `{name}`: {e}")))?;
-            data.push((name.to_string(), tensor));
+                Feed::Ids => {
+                    let mut ids = pool::take(numel);
+                    ids.extend_from_slice(tokens);
+                    Tensor::from_kernel_i32(shape, ids)
+                }
+                Feed::Positions => {
+                    let mut ids = pool::take(numel);
+                    ids.resize(numel, position);
+                    Tensor::from_kernel_i32(shape, ids)
+                }
+                Feed::Mask if d.ty.dtype == DType::I32 => {
+                    Tensor::from_kernel_i32(shape, pool::zeros(numel))
+                }
+                Feed::Mask => Tensor::from_kernel_f32(d.ty.dtype, shape, pool::zeros(numel)),
+            };
+            self.inputs[d.index] = Some(tensor);
         }
-        Ok(data)
+        Ok(())
+    }
+
+    /// Empties the data inputs' slots (whatever a step left there), returning their
+    /// buffers to the pool.
+    fn drop_data(&mut self) {
+        for d in &self.data {
+            if let Some(t) = self.inputs[d.index].take() {
+                exec::recycle(Value::Tensor(t));
+            }
+        }
+    }
+
+    /// Checks the step's outputs before any of them is taken: every state a tensor,
+    /// the logits `batch x vocab` floats, the next tokens one `i32` per sequence.
+    fn check_outputs(&self) -> Result<(), Error> {
+        let outputs = &self.run.outputs;
+        if let Some((name, _, _)) = outputs
+            .iter()
+            .find(|(_, kind, v)| *kind == OutputKind::State && !matches!(v, Value::Tensor(_)))
+        {
+            return Err(Error::InvalidGraph(format!(
+                "state `{name}` is not a tensor"
+            )));
+        }
+        let data = |name: &str| {
+            outputs
+                .iter()
+                .find(|(n, kind, _)| *kind == OutputKind::Data && &**n == name)
+                .and_then(|(_, _, v)| v.tensor())
+        };
+        let logits = data(names::LOGITS).ok_or_else(|| {
+            Error::InvalidGraph(format!(
+                "output `{}` is missing or not a tensor",
+                names::LOGITS
+            ))
+        })?;
+        let next = data(names::NEXT_TOKEN)
+            .filter(|t| t.dtype() == DType::I32)
+            .ok_or_else(|| {
+                Error::InvalidGraph(format!(
+                    "output `{}` is missing or not an i32 tensor",
+                    names::NEXT_TOKEN
+                ))
+            })?;
+        if logits.f32_buffer().is_none() || logits.numel() != self.batch * self.vocab {
+            return Err(Error::InvalidGraph(format!(
+                "logits hold {} values, expected {} x {}",
+                logits.numel(),
+                self.batch,
+                self.vocab
+            )));
+        }
+        if next.numel() != self.batch {
+            return Err(Error::InvalidGraph(format!(
+                "{} holds {} values, expected {}",
+                names::NEXT_TOKEN,
+                next.numel(),
+                self.batch
+            )));
+        }
+        Ok(())
     }
 
     /// Prefills one prompt per sequence (all of one length) and greedily generates

@@ -20,9 +20,21 @@
 //! slot and handed to the kernel, which finds the buffer unshared. Input values are
 //! kept until the end of the step (the append does not change what they show), so that
 //! [`Executor::run_restoring`] can hand them back to the caller when a step fails.
+//!
+//! **Allocation.** A steady-state step allocates nothing on the heap.
+//! [`Executor::run_into`] writes into a [`RunOutput`] that the caller keeps from step
+//! to step, whose output list and per-node statistics keep their capacity; output
+//! names are shared `Arc<str>`s; the inputs are taken out of the caller's container
+//! ([`StepInputs`]) without touching its keys. The slot table and the per-node operand
+//! lists live in the executor; tensor headers are inline ([`crate::tensor::Dims`]);
+//! kernel buffers, their `Arc`s and the lists of multi-result kernels come from the
+//! per-thread pool (`crate::pool`), and every value a step drops goes back to it.
+//! Strings are only built on the error path. The test `tests/step_alloc.rs` counts
+//! every allocation of steady-state steps.
 
 use std::borrow::Cow;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use fusec_ir::op::resolve_axis;
@@ -35,8 +47,7 @@ use crate::kernels::elementwise::Arg;
 use crate::kernels::gemv::{self, GemvWeight, QuantWeight};
 use crate::kernels::{constant, elementwise, fused, gather, matmul, movement, reduce, KernelError};
 use crate::profile::{NodeStats, StepStats};
-use crate::tensor::Buffer;
-use crate::tensor::{Tensor, TensorError};
+use crate::tensor::{Buffer, Dims, Tensor, TensorError};
 use crate::weights::Weights;
 use crate::{dtype, hugepages, pool, team};
 
@@ -65,6 +76,14 @@ impl Value {
             Value::Tensor(t) => Some(t),
             Value::Scalar(_) | Value::Tuple(_) | Value::Quant(_) => None,
         }
+    }
+
+    /// Drops the value, giving its buffers that no other value shares back to this
+    /// thread's buffer pool, where the executor's next step finds them. A caller that
+    /// takes outputs out of a [`RunOutput`] and drops them frees their buffers
+    /// instead, and the next step has to allocate new ones.
+    pub fn recycle(self) {
+        recycle(self);
     }
 
     /// Bytes a kernel reads when it reads this value once.
@@ -130,24 +149,105 @@ struct Planned {
     /// Whether this is an `input` or `state` leaf, whose value lives until the end of
     /// the step.
     is_input: bool,
+    /// For an `input` or `state` leaf, its position among the graph's inputs (the
+    /// order of `Graph::inputs`), by which [`StepInputs`] finds it.
+    input: Option<usize>,
     /// The value of a leaf bound when the executor is built (weights, constants).
     bound: Option<Value>,
 }
 
 /// The graph's outputs after one step, with the step's measurements.
-#[derive(Debug)]
+///
+/// Kept from step to step and handed to [`Executor::run_into`], it keeps the capacity
+/// of its lists, so that a steady-state step allocates none. A caller may drain
+/// `outputs` to keep values, and give those it is done with back through
+/// [`Value::recycle`]; whatever it leaves there goes back to the buffer pool at the
+/// start of the next step.
+#[derive(Debug, Default)]
 pub struct RunOutput {
-    pub outputs: Vec<(String, OutputKind, Value)>,
+    /// Each output's name (shared with the executor, so that a step copies no string),
+    /// kind and value, in the graph's order.
+    pub outputs: Vec<(Arc<str>, OutputKind, Value)>,
     pub stats: StepStats,
 }
 
 impl RunOutput {
+    pub fn new() -> RunOutput {
+        RunOutput::default()
+    }
+
     /// The output called `name`.
     pub fn get(&self, name: &str) -> Option<&Value> {
         self.outputs
             .iter()
-            .find(|(n, _, _)| n == name)
+            .find(|(n, _, _)| &**n == name)
             .map(|(_, _, v)| v)
+    }
+
+    /// Empties the output list and the statistics, keeping their capacity; the values
+    /// left in the list go back to the buffer pool.
+    fn clear(&mut self) {
+        self.outputs.drain(..).for_each(|(_, _, v)| recycle(v));
+        let mut nodes = std::mem::take(&mut self.stats.nodes);
+        nodes.clear();
+        self.stats = StepStats {
+            nodes,
+            ..StepStats::default()
+        };
+    }
+}
+
+/// Where a step's `input` and `state` leaves come from: the executor takes each one
+/// out by its position among the graph's inputs (the order of `Graph::inputs`, see
+/// [`Executor::input_index`]) or by name, and puts them back if the step fails.
+///
+/// A map by name (`HashMap<String, Tensor>`) is the simple form; a vector indexed by
+/// position (`Vec<Option<Tensor>>`) is what a decode loop keeps from step to step.
+/// Neither allocates when a tensor is taken: the map only drops the key.
+pub trait StepInputs {
+    /// Takes input `index`, called `name`, out; `None` when it was not given.
+    fn take_input(&mut self, index: usize, name: &str) -> Option<Tensor>;
+
+    /// Puts input `index`, called `name`, back after a failed step.
+    fn restore_input(&mut self, index: usize, name: &str, tensor: Tensor);
+
+    /// An entry that is not an input of `exec`'s graph, by name, if there is one.
+    fn unknown_input(&self, exec: &Executor) -> Option<String>;
+}
+
+impl StepInputs for HashMap<String, Tensor> {
+    fn take_input(&mut self, _: usize, name: &str) -> Option<Tensor> {
+        self.remove(name)
+    }
+
+    fn restore_input(&mut self, _: usize, name: &str, tensor: Tensor) {
+        self.insert(name.to_string(), tensor);
+    }
+
+    fn unknown_input(&self, exec: &Executor) -> Option<String> {
+        self.keys().find(|n| exec.input_index(n).is_none()).cloned()
+    }
+}
+
+impl StepInputs for Vec<Option<Tensor>> {
+    fn take_input(&mut self, index: usize, _: &str) -> Option<Tensor> {
+        self.get_mut(index).and_then(Option::take)
+    }
+
+    fn restore_input(&mut self, index: usize, _: &str, tensor: Tensor) {
+        if self.len() <= index {
+            self.resize_with(index + 1, || None);
+        }
+        self[index] = Some(tensor);
+    }
+
+    fn unknown_input(&self, exec: &Executor) -> Option<String> {
+        let n = exec.input_names.len();
+        self.iter()
+            .enumerate()
+            .skip(n)
+            .find(|(_, t)| t.is_some())
+            .map(|(i, _)| format!("#{i} (the graph has {n} inputs)"))
     }
 }
 
@@ -156,8 +256,10 @@ impl RunOutput {
 pub struct Executor {
     graph: Graph,
     plan: Vec<Planned>,
-    outputs: Vec<(String, OutputKind, usize)>,
-    input_names: HashSet<String>,
+    outputs: Vec<(Arc<str>, OutputKind, usize)>,
+    /// The graph's inputs in the order of `Graph::inputs`, and their positions by name.
+    input_names: Vec<Arc<str>>,
+    input_index: HashMap<String, usize>,
     /// Reused across steps so a step allocates no slot table.
     slots: Vec<Option<Value>>,
     /// The per-node operand lists, kept empty between nodes and steps so that a step
@@ -174,15 +276,18 @@ fn node_error(node: &Planned, source: KernelError) -> Error {
     }
 }
 
-/// The concrete dimensions of `shape` under `b`.
-fn dims(shape: &Shape, b: &Bindings) -> Result<Vec<usize>, Error> {
-    let dims = shape.eval(b).map_err(|e| Error::Unbound(e.0))?;
-    dims.into_iter()
-        .map(|d| {
-            usize::try_from(d)
-                .map_err(|_| Error::InvalidGraph(format!("dimension {d} does not fit in memory")))
-        })
-        .collect()
+/// The concrete dimensions of `shape` under `b`, evaluated one by one into a [`Dims`]
+/// (a reshape or expand does this on every step, so it builds no vector).
+pub(crate) fn dims(shape: &Shape, b: &Bindings) -> Result<Dims, Error> {
+    let mut out = Dims::new();
+    for d in shape.dims() {
+        let v = d.eval(b).map_err(|e| Error::Unbound(e.0))?;
+        let v = usize::try_from(v)
+            .map_err(|_| Error::InvalidGraph(format!("dimension {v} does not fit in memory")))?;
+        out.push(v)
+            .map_err(|e| Error::InvalidGraph(format!("shape {shape}: {e}")))?;
+    }
+    Ok(out)
 }
 
 /// Whether `t` has the dtype and shape of `ty` under `b`.
@@ -228,6 +333,12 @@ impl Executor {
             .map_err(|e| Error::InvalidGraph(e.to_string()))?;
         let slot: HashMap<NodeId, usize> =
             order.iter().enumerate().map(|(i, &id)| (id, i)).collect();
+        let graph_inputs = graph.inputs();
+        let input_of: HashMap<NodeId, usize> = graph_inputs
+            .iter()
+            .enumerate()
+            .map(|(i, (id, _, _))| (*id, i))
+            .collect();
         let mut last_use: Vec<usize> = (0..order.len()).collect();
         let mut plan = Vec::with_capacity(order.len());
         for (pos, &id) in order.iter().enumerate() {
@@ -254,6 +365,7 @@ impl Executor {
                 free: Vec::new(),
                 owned: Vec::new(),
                 is_input: matches!(node.op, Op::Input { .. }),
+                input: input_of.get(&id).copied(),
                 bound: None,
             };
             planned.bound = match &node.op {
@@ -272,10 +384,10 @@ impl Executor {
             };
             plan.push(planned);
         }
-        let outputs: Vec<(String, OutputKind, usize)> = graph
+        let outputs: Vec<(Arc<str>, OutputKind, usize)> = graph
             .outputs()
             .iter()
-            .map(|o| (o.name.clone(), o.kind, slot[&o.value]))
+            .map(|o| (Arc::from(o.name.as_str()), o.kind, slot[&o.value]))
             .collect();
         for (_, _, s) in &outputs {
             last_use[*s] = usize::MAX;
@@ -300,10 +412,12 @@ impl Executor {
             }
         }
         compact_gemv_weights(&mut plan, &last_use);
-        let input_names = graph
-            .inputs()
+        let input_names: Vec<Arc<str>> =
+            graph_inputs.iter().map(|(_, n, _)| Arc::from(*n)).collect();
+        let input_index = graph_inputs
             .iter()
-            .map(|(_, n, _)| n.to_string())
+            .enumerate()
+            .map(|(i, (_, n, _))| (n.to_string(), i))
             .collect();
         let slots = vec![None; plan.len()];
         let widest = plan.iter().map(|n| n.operands.len()).max().unwrap_or(0);
@@ -312,6 +426,7 @@ impl Executor {
             plan,
             outputs,
             input_names,
+            input_index,
             slots,
             spare_args: Vec::with_capacity(widest),
             spare_owned: Vec::with_capacity(widest),
@@ -342,13 +457,45 @@ impl Executor {
         bindings: &Bindings,
         inputs: &mut HashMap<String, Tensor>,
     ) -> Result<RunOutput, Error> {
-        if let Some(extra) = inputs.keys().find(|n| !self.input_names.contains(*n)) {
+        let mut out = RunOutput::new();
+        self.run_into(bindings, inputs, &mut out)?;
+        Ok(out)
+    }
+
+    /// The graph's inputs, in the order of `Graph::inputs`: the positions by which a
+    /// `Vec<Option<Tensor>>` gives them to [`Executor::run_into`].
+    pub fn input_names(&self) -> &[Arc<str>] {
+        &self.input_names
+    }
+
+    /// The position of the input called `name` among the graph's inputs.
+    pub fn input_index(&self, name: &str) -> Option<usize> {
+        self.input_index.get(name).copied()
+    }
+
+    /// Runs one step like [`Executor::run_restoring`], taking the inputs out of
+    /// `inputs` (by name or by position, see [`StepInputs`]) and writing the outputs
+    /// and measurements into `out`, whose earlier contents it replaces. With `out`
+    /// kept from step to step, a steady-state step allocates nothing (see the module
+    /// documentation). If the step fails, every input is put back into `inputs` and
+    /// `out` is left empty.
+    pub fn run_into(
+        &mut self,
+        bindings: &Bindings,
+        inputs: &mut dyn StepInputs,
+        out: &mut RunOutput,
+    ) -> Result<(), Error> {
+        out.clear();
+        if let Some(extra) = inputs.unknown_input(self) {
             return Err(Error::BadInput {
-                name: extra.clone(),
+                name: extra,
                 message: "not an input of the graph".into(),
             });
         }
         let step_start = Instant::now();
+        // Room for every launch and output; a no-op after the first step.
+        out.stats.nodes.reserve(self.plan.len());
+        out.outputs.reserve(self.outputs.len());
         let mut slots = std::mem::take(&mut self.slots);
         let mut spare = Spare {
             args: std::mem::take(&mut self.spare_args),
@@ -356,15 +503,16 @@ impl Executor {
         };
         // The step is one team region: its kernels' parallel loops go to workers that
         // spin for the whole step instead of sleeping between kernels (see `team`).
-        let result = team::region(|| self.run_plan(bindings, inputs, &mut slots, &mut spare));
+        let result = team::region(|| {
+            self.run_plan(bindings, inputs, &mut slots, &mut spare, &mut out.stats)
+        });
         self.spare_args = spare.args;
         self.spare_owned = spare.owned;
-        let outputs = match result {
-            Ok(mut stats) => {
-                // Each output's value moves out of its slot (a clone would copy the
-                // tensor's shape and keep its buffer from going back to the pool),
-                // except when a later output names the same value.
-                let mut outputs = Vec::with_capacity(self.outputs.len());
+        match &result {
+            Ok(()) => {
+                // Each output's value moves out of its slot (a clone would keep its
+                // buffer from going back to the pool), except when a later output
+                // names the same value.
                 for (i, (name, kind, s)) in self.outputs.iter().enumerate() {
                     let again = self.outputs[i + 1..].iter().any(|o| o.2 == *s);
                     let value = if again {
@@ -373,23 +521,22 @@ impl Executor {
                         slots[*s].take()
                     };
                     if let Some(v) = value {
-                        outputs.push((name.clone(), *kind, v));
+                        out.outputs.push((Arc::clone(name), *kind, v));
                     }
                 }
-                stats.time = step_start.elapsed();
-                Ok(RunOutput { outputs, stats })
+                out.stats.time = step_start.elapsed();
             }
-            Err(e) => {
+            Err(_) => {
                 for node in self.plan.iter().filter(|n| n.is_input) {
-                    if let (Op::Input { name, .. }, Some(Value::Tensor(t))) =
-                        (&node.op, slots[node.number].take())
+                    if let (Op::Input { name, .. }, Some(index), Some(Value::Tensor(t))) =
+                        (&node.op, node.input, slots[node.number].take())
                     {
-                        inputs.insert(name.clone(), t);
+                        inputs.restore_input(index, name, t);
                     }
                 }
-                Err(e)
+                out.clear();
             }
-        };
+        }
         // Everything but the bound leaves' values goes back to the pool; those stay
         // for the next step.
         for (slot, node) in slots.iter_mut().zip(&self.plan) {
@@ -400,24 +547,22 @@ impl Executor {
             }
         }
         self.slots = slots;
-        outputs
+        result
     }
 
+    /// Runs every node of the plan, recording each launch in `stats` (emptied by the
+    /// caller).
     fn run_plan(
         &self,
         b: &Bindings,
-        inputs: &mut HashMap<String, Tensor>,
+        inputs: &mut dyn StepInputs,
         slots: &mut [Option<Value>],
         spare: &mut Spare,
-    ) -> Result<StepStats, Error> {
-        let mut stats = StepStats {
-            nodes: Vec::with_capacity(self.plan.len()),
-            ..StepStats::default()
-        };
+        stats: &mut StepStats,
+    ) -> Result<(), Error> {
         for (pos, node) in self.plan.iter().enumerate() {
             // A bound leaf (a weight, RoPE frequencies) still holds the value an earlier
-            // step gave it: copying the tensor handle again would allocate its shape
-            // and strides for nothing.
+            // step gave it: there is nothing to do, not even a reference count to bump.
             if node.bound.is_some() && slots[pos].is_some() {
                 continue;
             }
@@ -490,7 +635,7 @@ impl Executor {
                 }
             }
         }
-        Ok(stats)
+        Ok(())
     }
 }
 
@@ -536,7 +681,7 @@ fn compact_gemv_weights(plan: &mut [Planned], last_use: &[usize]) {
 pub(crate) fn recycle(v: Value) {
     match v {
         Value::Tensor(t) => pool::recycle(t),
-        Value::Tuple(ts) => ts.into_iter().for_each(pool::recycle),
+        Value::Tuple(ts) => pool::give_tensors(ts),
         Value::Scalar(_) | Value::Quant(_) => {}
     }
 }
@@ -696,9 +841,11 @@ fn binary_arg<'a>(node: &Planned, v: &'a Value, i: usize) -> Result<Arg<'a>, Err
 fn scalar_arg(node: &Planned, v: &Value, i: usize) -> Result<f32, Error> {
     match v {
         Value::Scalar(x) => Ok(*x),
-        Value::Tensor(t) if t.numel() == 1 && t.dtype().is_float() => {
-            Ok(t.to_vec_f32().first().copied().unwrap_or(f32::NAN))
-        }
+        // The one element read in place (the per-tensor scales of an FP8 graph are read
+        // on every step). Every float value is exact in `f64`, so the cast is exact.
+        Value::Tensor(t) if t.numel() == 1 && t.dtype().is_float() => Ok(t
+            .get(&[0; crate::tensor::MAX_RANK][..t.rank()])
+            .map_or(f32::NAN, |v| v as f32)),
         _ => Err(node_error(
             node,
             KernelError::Invalid(format!("operand {i} must be a scalar")),
@@ -718,12 +865,17 @@ fn gemv_arg<'a>(node: &Planned, v: &'a Value, i: usize) -> Result<GemvWeight<'a>
     }
 }
 
+/// Operand lists up to this long (`cat` operands, the weights of
+/// `fused.rms_norm_linear`) are gathered on the stack; longer ones, which no graph of
+/// the IR's builders has, go to the heap.
+const MAX_INLINE_OPERANDS: usize = 8;
+
 /// Evaluates one node: the single place that matches on every op. Returns the value,
 /// whether a kernel ran, and the traffic of kernels that measure their own.
 fn dispatch(
     node: &Planned,
     ops: &mut Operands<'_, '_>,
-    inputs: &mut HashMap<String, Tensor>,
+    inputs: &mut dyn StepInputs,
     b: &Bindings,
 ) -> Result<Outcome, Error> {
     let done = |value: Value, launched: bool| Outcome {
@@ -762,10 +914,15 @@ fn dispatch(
                 .ty
                 .tensor()
                 .ok_or_else(|| Error::InvalidGraph(format!("input `{name}` has a tuple type")))?;
-            let tensor = inputs.remove(name).ok_or_else(|| Error::BadInput {
-                name: name.clone(),
-                message: format!("missing (expected {ty})"),
+            let index = node.input.ok_or_else(|| {
+                Error::InvalidGraph(format!("input `{name}` is not among the graph's inputs"))
             })?;
+            let tensor = inputs
+                .take_input(index, name)
+                .ok_or_else(|| Error::BadInput {
+                    name: name.clone(),
+                    message: format!("missing (expected {ty})"),
+                })?;
             if !matches_type(&tensor, ty, b)? {
                 let message = format!(
                     "expected {}{:?}, got {}",
@@ -774,7 +931,7 @@ fn dispatch(
                     describe(&tensor)
                 );
                 // The caller gets its input back (see `Executor::run_restoring`).
-                inputs.insert(name.clone(), tensor);
+                inputs.restore_input(index, name, tensor);
                 return Err(Error::BadInput {
                     name: name.clone(),
                     message,
@@ -808,9 +965,26 @@ fn dispatch(
         },
         Op::Embedding => launch(gather::embedding(&*t(0)?, &*t(1)?)),
         Op::Cat { axis: a } => {
-            let parts = (0..ops.len()).map(t).collect::<Result<Vec<_>, Error>>()?;
-            let refs: Vec<&Tensor> = parts.iter().map(|p| p.as_ref()).collect();
-            launch(movement::cat(&refs, axis(*a, 0)?))
+            let tensor = |i: usize| match value(i)? {
+                Value::Tensor(t) => Ok(t),
+                _ => Err(node_error(
+                    node,
+                    KernelError::Invalid(format!("operand {i} is not a tensor")),
+                )),
+            };
+            let axis = axis(*a, 0)?;
+            let n = ops.len();
+            if n <= MAX_INLINE_OPERANDS {
+                // The operand list on the stack: a `cat` runs on every eager step.
+                let mut parts = [tensor(0)?; MAX_INLINE_OPERANDS];
+                for (i, p) in parts.iter_mut().enumerate().take(n).skip(1) {
+                    *p = tensor(i)?;
+                }
+                launch(movement::cat(&parts[..n], axis))
+            } else {
+                let parts = (0..n).map(tensor).collect::<Result<Vec<_>, Error>>()?;
+                launch(movement::cat(&parts, axis))
+            }
         }
         Op::Copy => launch(movement::copy(&*t(0)?)),
         Op::Reshape { shape } => view(t(0)?.reshape(&dims(shape, b)?)),
@@ -854,13 +1028,31 @@ fn dispatch(
         Op::Fused(f) => match f {
             FusedOp::RmsNorm => launch(fused::rms_norm(&*t(0)?, &*t(1)?, scalar(2)?)),
             FusedOp::RmsNormLinear => {
-                let ws = (3..ops.len())
-                    .map(gemv_w)
-                    .collect::<Result<Vec<_>, Error>>()?;
+                let n = ops.len().saturating_sub(3);
+                // The weights on the stack when they fit, as for `cat`.
+                let heap;
+                let mut inline;
+                let ws: &[GemvWeight<'_>] = if n == 0 {
+                    &[]
+                } else if n <= MAX_INLINE_OPERANDS {
+                    inline = [gemv_w(3)?; MAX_INLINE_OPERANDS];
+                    for (i, w) in inline.iter_mut().enumerate().take(n).skip(1) {
+                        *w = gemv_w(3 + i)?;
+                    }
+                    &inline[..n]
+                } else {
+                    heap = (3..ops.len())
+                        .map(gemv_w)
+                        .collect::<Result<Vec<_>, Error>>()?;
+                    &heap
+                };
                 let mut outs =
-                    fused::rms_norm_linear(&*t(0)?, &*t(1)?, scalar(2)?, &ws).map_err(kernel)?;
+                    fused::rms_norm_linear(&*t(0)?, &*t(1)?, scalar(2)?, ws).map_err(kernel)?;
                 let value = if outs.len() == 1 {
-                    Value::Tensor(outs.remove(0))
+                    let single = outs.swap_remove(0);
+                    // The emptied list goes back to the pool for the next kernel.
+                    pool::give_tensors(outs);
+                    Value::Tensor(single)
                 } else {
                     Value::Tuple(outs)
                 };
@@ -933,7 +1125,9 @@ fn dispatch(
                 ops.give_back(5, past_k);
                 ops.give_back(6, past_v);
                 let (results, copied) = result.map_err(kernel)?;
-                let value = Value::Tuple(results.into());
+                let mut list = pool::tensors(results.len());
+                list.extend(results);
+                let value = Value::Tuple(list);
                 // Attention reads the whole caches; the append writes the new entries
                 // only, plus any copy made to grow.
                 let read = ops.borrowed_read_bytes() + past_read + copied;

@@ -1,17 +1,22 @@
-//! A per-thread pool of `f32` buffers, so that a steady-state decode step reuses the
-//! buffers of the steps before it instead of asking the allocator again.
+//! Per-thread pools of buffers, so that a steady-state decode step reuses the buffers
+//! of the steps before it instead of asking the allocator again.
 //!
 //! Large allocations are fresh memory maps whose page faults cost more than the kernels
 //! that fill them (measured: a KV-cache `cat` ran at ~3 GB/s on fresh buffers and
 //! ~13 GB/s on reused ones). Kernels take output buffers from here, and the executor
 //! returns every buffer it drops that nothing else shares. Pooled buffers are rounded
 //! up to a power of two, so that a KV cache, which grows by one position per step,
-//! keeps fitting in the buffers of earlier steps until its size doubles. Small buffers
-//! are pooled too, and so are the emptied `Arc`s of recycled tensors ([`wrap`]), since
-//! every allocation counts against a step that should allocate nothing.
+//! keeps fitting in the buffers of earlier steps until its size doubles.
+//!
+//! Every allocation counts against a step that should allocate nothing, so small
+//! buffers are pooled as well as large ones, for `f32` values and for `i32` ids, and
+//! so are the emptied `Arc`s of recycled tensors ([`wrap`]) and the lists that hold
+//! the results of a multi-result kernel ([`tensors`]). A kernel's scratch vector is
+//! taken here and given back before the kernel returns.
 
 use std::cell::RefCell;
 use std::sync::Arc;
+use std::thread::LocalKey;
 
 use crate::tensor::{Buffer, Tensor};
 
@@ -21,11 +26,61 @@ const CLASSES: usize = usize::BITS as usize;
 /// At most this many buffers are kept per size class and thread.
 const MAX_PER_CLASS: usize = 64;
 
+/// At most this many emptied `Arc`s are kept per element type and thread.
+const MAX_SHELLS: usize = 1024;
+
+/// At most this many empty result lists are kept per thread.
+const MAX_LISTS: usize = 64;
+
+/// One element type's free buffers and emptied `Arc`s on one thread.
+pub(crate) struct Pool<T> {
+    /// Free buffers by size class. Every buffer, however small, is kept: a decode
+    /// step of a small model makes hundreds of small tensors, and reusing them is what
+    /// lets a steady-state step allocate nothing.
+    free: Vec<Vec<Vec<T>>>,
+    /// Emptied, unshared `Arc`s of recycled tensors: wrapping a kernel's result in
+    /// one of these instead of a new `Arc` saves an allocation per tensor.
+    shells: Vec<Arc<Vec<T>>>,
+}
+
+impl<T> Pool<T> {
+    const fn new() -> Pool<T> {
+        Pool {
+            free: Vec::new(),
+            shells: Vec::new(),
+        }
+    }
+}
+
+/// An element type the pool keeps buffers of.
+pub(crate) trait Pooled: Copy + Default + 'static {
+    /// This thread's pool of buffers of `Self`.
+    fn pool() -> &'static LocalKey<RefCell<Pool<Self>>>;
+}
+
 thread_local! {
-    /// Free buffers by size class. Every buffer, however small, is kept: a decode step
-    /// of a small model makes hundreds of small tensors, and reusing them is what lets
-    /// a steady-state step allocate nothing.
-    static FREE: RefCell<Vec<Vec<Vec<f32>>>> = const { RefCell::new(Vec::new()) };
+    static F32: RefCell<Pool<f32>> = const { RefCell::new(Pool::new()) };
+    static I32: RefCell<Pool<i32>> = const { RefCell::new(Pool::new()) };
+    /// Empty lists with room for a multi-result kernel's tensors.
+    static LISTS: RefCell<Vec<Vec<Tensor>>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Pooled for f32 {
+    fn pool() -> &'static LocalKey<RefCell<Pool<f32>>> {
+        &F32
+    }
+}
+
+impl Pooled for i32 {
+    fn pool() -> &'static LocalKey<RefCell<Pool<i32>>> {
+        &I32
+    }
+}
+
+/// Runs `f` on this thread's pool of `T`; `None` while the thread is being torn down
+/// (a buffer dropped then is simply freed, and a request allocates).
+fn with<T: Pooled, R>(f: impl FnOnce(&mut Pool<T>) -> R) -> Option<R> {
+    T::pool().try_with(|p| f(&mut p.borrow_mut())).ok()
 }
 
 /// The size class of a capacity (`floor(log2(capacity))`; 0 for 0).
@@ -34,7 +89,7 @@ fn class_of(capacity: usize) -> usize {
 }
 
 /// An empty vector with room for at least `n` values.
-pub(crate) fn take(n: usize) -> Vec<f32> {
+pub(crate) fn take<T: Pooled>(n: usize) -> Vec<T> {
     if n == 0 {
         return Vec::new();
     }
@@ -42,10 +97,7 @@ pub(crate) fn take(n: usize) -> Vec<f32> {
     // `4 n` values, so a small request never pins a big buffer. Finding one is a
     // constant-time pop.
     let rounded = n.checked_next_power_of_two().unwrap_or(n);
-    let reused = FREE.with(|free| {
-        let mut free = free.borrow_mut();
-        free.get_mut(class_of(rounded)).and_then(Vec::pop)
-    });
+    let reused = with::<T, _>(|p| p.free.get_mut(class_of(rounded)).and_then(Vec::pop)).flatten();
     match reused {
         Some(mut v) => {
             v.clear();
@@ -56,23 +108,22 @@ pub(crate) fn take(n: usize) -> Vec<f32> {
 }
 
 /// A vector of `n` zeros.
-pub(crate) fn zeros(n: usize) -> Vec<f32> {
+pub(crate) fn zeros<T: Pooled>(n: usize) -> Vec<T> {
     let mut v = take(n);
-    v.resize(n, 0.0);
+    v.resize(n, T::default());
     v
 }
 
 /// Returns a buffer to the pool.
-pub(crate) fn give(v: Vec<f32>) {
+pub(crate) fn give<T: Pooled>(v: Vec<T>) {
     if v.capacity() == 0 {
         return;
     }
-    let _ = FREE.try_with(|free| {
-        let mut free = free.borrow_mut();
-        if free.is_empty() {
-            free.resize_with(CLASSES, Vec::new);
+    with::<T, _>(|p| {
+        if p.free.is_empty() {
+            p.free.resize_with(CLASSES, Vec::new);
         }
-        let class = &mut free[class_of(v.capacity())];
+        let class = &mut p.free[class_of(v.capacity())];
         if class.capacity() == 0 {
             // Full size at once: a list that grew by doubling would reallocate now and
             // then during decode, whenever a class gains buffers.
@@ -84,42 +135,38 @@ pub(crate) fn give(v: Vec<f32>) {
     });
 }
 
-/// Returns the tensor's buffer to the pool if no other tensor shares it, and keeps
-/// its emptied `Arc` for [`wrap`].
-pub(crate) fn recycle(t: Tensor) {
-    if let Buffer::F32(mut arc) = t.into_buffer() {
-        if let Some(v) = Arc::get_mut(&mut arc) {
-            give(std::mem::take(v));
-            let _ = SHELLS.try_with(|shells| {
-                let mut shells = shells.borrow_mut();
-                if shells.capacity() == 0 {
-                    // Full size at once, for the reason given in `give`.
-                    shells.reserve_exact(MAX_SHELLS);
-                }
-                if shells.len() < MAX_SHELLS {
-                    shells.push(arc);
-                }
-            });
-        }
+/// Gives an unshared `Arc`'s buffer back to the pool and keeps the emptied `Arc` for
+/// [`wrap`]; a shared one is only dropped.
+fn recycle_arc<T: Pooled>(mut arc: Arc<Vec<T>>) {
+    if let Some(v) = Arc::get_mut(&mut arc) {
+        give(std::mem::take(v));
+        with::<T, _>(|p| {
+            if p.shells.capacity() == 0 {
+                // Full size at once, for the reason given in `give`.
+                p.shells.reserve_exact(MAX_SHELLS);
+            }
+            if p.shells.len() < MAX_SHELLS {
+                p.shells.push(arc);
+            }
+        });
     }
 }
 
-/// At most this many emptied `Arc`s are kept per thread.
-const MAX_SHELLS: usize = 1024;
-
-thread_local! {
-    /// Emptied, unshared `Arc`s of recycled tensors: wrapping a kernel's result in one
-    /// of these instead of a new `Arc` saves an allocation per tensor.
-    static SHELLS: RefCell<Vec<Arc<Vec<f32>>>> = const { RefCell::new(Vec::new()) };
+/// Returns the tensor's buffer to the pool if no other tensor shares it, and keeps
+/// its emptied `Arc` for [`wrap`].
+pub(crate) fn recycle(t: Tensor) {
+    match t.into_buffer() {
+        Buffer::F32(arc) => recycle_arc(arc),
+        Buffer::I32(arc) => recycle_arc(arc),
+        // Compact storage only ever holds bound weights, which live as long as the
+        // executor.
+        Buffer::U16(_) | Buffer::U8(_) => {}
+    }
 }
 
 /// `data` in an `Arc`, reusing the `Arc` of a recycled tensor when there is one.
-pub(crate) fn wrap(data: Vec<f32>) -> Arc<Vec<f32>> {
-    let shell = SHELLS
-        .try_with(|shells| shells.borrow_mut().pop())
-        .ok()
-        .flatten();
-    match shell {
+pub(crate) fn wrap<T: Pooled>(data: Vec<T>) -> Arc<Vec<T>> {
+    match with::<T, _>(|p| p.shells.pop()).flatten() {
         Some(mut arc) => match Arc::get_mut(&mut arc) {
             Some(slot) => {
                 *slot = data;
@@ -133,24 +180,72 @@ pub(crate) fn wrap(data: Vec<f32>) -> Arc<Vec<f32>> {
     }
 }
 
+/// An empty list with room for at least `n` tensors: the results of a multi-result
+/// kernel, which become a tuple value.
+pub(crate) fn tensors(n: usize) -> Vec<Tensor> {
+    let reused = LISTS
+        .try_with(|lists| {
+            let mut lists = lists.borrow_mut();
+            // Lists are few, and the last one given back nearly always fits.
+            let fits = lists.iter().rposition(|l| l.capacity() >= n)?;
+            Some(lists.swap_remove(fits))
+        })
+        .ok()
+        .flatten();
+    reused.unwrap_or_else(|| Vec::with_capacity(n))
+}
+
+/// Recycles every tensor of `list` (see [`recycle`]) and keeps the emptied list for
+/// [`tensors`].
+pub(crate) fn give_tensors(mut list: Vec<Tensor>) {
+    list.drain(..).for_each(recycle);
+    if list.capacity() == 0 {
+        return;
+    }
+    let _ = LISTS.try_with(|lists| {
+        let mut lists = lists.borrow_mut();
+        if lists.capacity() == 0 {
+            // Full size at once, for the reason given in `give`.
+            lists.reserve_exact(MAX_LISTS);
+        }
+        if lists.len() < MAX_LISTS {
+            lists.push(list);
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn reuses_a_fitting_buffer() {
-        let v = take(10_000);
+        let v = take::<f32>(10_000);
         let (ptr, cap) = (v.as_ptr(), v.capacity());
         assert_eq!(cap, 16_384);
         give(v);
-        let w = take(10_001);
+        let w = take::<f32>(10_001);
         assert_eq!((w.as_ptr(), w.capacity()), (ptr, cap));
         assert!(w.is_empty());
         give(w);
         // A request under half the buffer's size, or over it, allocates afresh.
-        let small = take(5_000);
-        let large = take(cap + 1);
+        let small = take::<f32>(5_000);
+        let large = take::<f32>(cap + 1);
         assert_ne!(small.as_ptr(), ptr);
         assert_ne!(large.as_ptr(), ptr);
+        // Each element type has a pool of its own.
+        let ids = take::<i32>(10_000);
+        assert_eq!(ids.capacity(), 16_384);
+    }
+
+    #[test]
+    fn reuses_result_lists() {
+        let mut list = tensors(3);
+        list.push(Tensor::scalar(1.0));
+        let ptr = list.as_ptr();
+        give_tensors(list);
+        let again = tensors(2);
+        assert_eq!(again.as_ptr(), ptr);
+        assert!(again.is_empty());
     }
 }

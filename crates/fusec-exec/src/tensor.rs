@@ -17,8 +17,16 @@
 //! mutation is an append into a buffer that no other tensor shares
 //! (`Tensor::unique_f32_mut`), which therefore cannot change any value another
 //! tensor can see.
+//!
+//! A tensor's shape and strides are [`Dims`]: at most [`MAX_RANK`] sizes held inline,
+//! so that making a tensor or a view allocates nothing but its buffer, and kernels
+//! take their buffers from the executor's pool: a decode step makes hundreds of small
+//! tensors, and a steady-state step allocates nothing on the heap at all. A rank
+//! above [`MAX_RANK`] is an error ([`TensorError::Rank`]), never a panic.
 
 use std::borrow::Cow;
+use std::fmt;
+use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
 use fusec_ir::DType;
@@ -53,6 +61,162 @@ impl Buffer {
     }
 }
 
+/// The largest rank a tensor may have. The IR's decode graphs use ranks up to 5 (the
+/// grouped-query `expand`); eight leaves room while keeping a tensor's header small.
+pub const MAX_RANK: usize = 8;
+
+/// A shape or strides: up to [`MAX_RANK`] sizes held inline, so that a tensor header
+/// never allocates. It reads as a `&[usize]` of its own length (through `Deref`).
+#[derive(Clone, Copy)]
+pub struct Dims {
+    len: usize,
+    /// The sizes in `values[..len]`; the entries after them are always 0.
+    values: [usize; MAX_RANK],
+}
+
+impl Dims {
+    /// Rank 0: the shape (and strides) of a scalar.
+    pub const fn new() -> Dims {
+        Dims {
+            len: 0,
+            values: [0; MAX_RANK],
+        }
+    }
+
+    /// `sizes` held inline, or [`TensorError::Rank`] when there are too many.
+    pub fn from_slice(sizes: &[usize]) -> Result<Dims, TensorError> {
+        let mut d = Dims::new();
+        d.values
+            .get_mut(..sizes.len())
+            .ok_or(TensorError::Rank { rank: sizes.len() })?
+            .copy_from_slice(sizes);
+        d.len = sizes.len();
+        Ok(d)
+    }
+
+    /// `len` copies of `value`. Every caller passes the rank of another `Dims`, so
+    /// `len` never exceeds [`MAX_RANK`]; a larger one would be cut to it.
+    pub(crate) fn filled(len: usize, value: usize) -> Dims {
+        let len = len.min(MAX_RANK);
+        let mut d = Dims::new();
+        d.values[..len].fill(value);
+        d.len = len;
+        d
+    }
+
+    /// Appends a size; [`TensorError::Rank`] when the rank would exceed [`MAX_RANK`].
+    pub fn push(&mut self, value: usize) -> Result<(), TensorError> {
+        self.insert(self.len, value)
+    }
+
+    /// Inserts a size before position `index` (at most the rank);
+    /// [`TensorError::Rank`] when the rank would exceed [`MAX_RANK`].
+    pub fn insert(&mut self, index: usize, value: usize) -> Result<(), TensorError> {
+        if self.len == MAX_RANK {
+            return Err(TensorError::Rank { rank: self.len + 1 });
+        }
+        if index > self.len {
+            return Err(TensorError::Invalid(format!(
+                "cannot insert at position {index} of a rank-{} shape",
+                self.len
+            )));
+        }
+        self.values.copy_within(index..self.len, index + 1);
+        self.values[index] = value;
+        self.len += 1;
+        Ok(())
+    }
+
+    /// Removes and returns the size at `index`, or `None` when it is out of range.
+    pub fn remove(&mut self, index: usize) -> Option<usize> {
+        if index >= self.len {
+            return None;
+        }
+        let value = self.values[index];
+        self.values.copy_within(index + 1..self.len, index);
+        self.len -= 1;
+        self.values[self.len] = 0;
+        Some(value)
+    }
+
+    pub fn as_slice(&self) -> &[usize] {
+        &self.values[..self.len]
+    }
+}
+
+impl Default for Dims {
+    fn default() -> Dims {
+        Dims::new()
+    }
+}
+
+impl Deref for Dims {
+    type Target = [usize];
+
+    fn deref(&self) -> &[usize] {
+        self.as_slice()
+    }
+}
+
+impl DerefMut for Dims {
+    fn deref_mut(&mut self) -> &mut [usize] {
+        &mut self.values[..self.len]
+    }
+}
+
+impl<'a> IntoIterator for &'a Dims {
+    type Item = &'a usize;
+    type IntoIter = std::slice::Iter<'a, usize>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.as_slice().iter()
+    }
+}
+
+impl PartialEq for Dims {
+    fn eq(&self, other: &Dims) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl Eq for Dims {}
+
+impl PartialEq<[usize]> for Dims {
+    fn eq(&self, other: &[usize]) -> bool {
+        self.as_slice() == other
+    }
+}
+
+impl fmt::Debug for Dims {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.as_slice().fmt(f)
+    }
+}
+
+/// Arrays of up to [`MAX_RANK`] sizes convert without a check.
+macro_rules! dims_from_array {
+    ($($n:literal)*) => {$(
+        impl From<[usize; $n]> for Dims {
+            fn from(sizes: [usize; $n]) -> Dims {
+                let mut d = Dims::new();
+                d.values[..$n].copy_from_slice(&sizes);
+                d.len = $n;
+                d
+            }
+        }
+    )*};
+}
+
+dims_from_array!(0 1 2 3 4 5 6 7 8);
+
+impl TryFrom<&[usize]> for Dims {
+    type Error = TensorError;
+
+    fn try_from(sizes: &[usize]) -> Result<Dims, TensorError> {
+        Dims::from_slice(sizes)
+    }
+}
+
 /// A tensor operation that does not apply to the given tensor.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TensorError {
@@ -66,6 +230,8 @@ pub enum TensorError {
         strides: Vec<usize>,
         target: Vec<usize>,
     },
+    #[error("rank {rank} exceeds the CPU executor's maximum of {MAX_RANK}")]
+    Rank { rank: usize },
     #[error("{0}")]
     Invalid(String),
 }
@@ -75,16 +241,16 @@ pub enum TensorError {
 pub struct Tensor {
     dtype: DType,
     buffer: Buffer,
-    shape: Vec<usize>,
-    strides: Vec<usize>,
+    shape: Dims,
+    strides: Dims,
     offset: usize,
 }
 
 /// Row-major strides of a contiguous tensor of `shape`.
-pub fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
-    let mut strides = vec![0; shape.len()];
+pub fn contiguous_strides(shape: &Dims) -> Dims {
+    let mut strides = Dims::filled(shape.len(), 0);
     let mut s = 1;
-    for (st, &d) in strides.iter_mut().zip(shape).rev() {
+    for (st, &d) in strides.iter_mut().zip(shape.iter()).rev() {
         *st = s;
         s *= d;
     }
@@ -116,10 +282,11 @@ impl Tensor {
             });
         }
         check_len(shape, data.len())?;
+        let shape = Dims::from_slice(shape)?;
         dtype::round_slice(dtype, &mut data);
         Ok(Tensor::contiguous(
             dtype,
-            shape.to_vec(),
+            shape,
             Buffer::F32(Arc::new(data)),
         ))
     }
@@ -129,7 +296,7 @@ impl Tensor {
         check_len(shape, data.len())?;
         Ok(Tensor::contiguous(
             DType::I32,
-            shape.to_vec(),
+            Dims::from_slice(shape)?,
             Buffer::I32(Arc::new(data)),
         ))
     }
@@ -146,12 +313,12 @@ impl Tensor {
 
     /// A rank-0 `f32` tensor.
     pub fn scalar(value: f32) -> Tensor {
-        Tensor::contiguous(DType::F32, Vec::new(), Buffer::F32(Arc::new(vec![value])))
+        Tensor::contiguous(DType::F32, Dims::new(), Buffer::F32(Arc::new(vec![value])))
     }
 
     /// A contiguous tensor over `buffer`, whose length must be the shape's element
     /// count and whose kind must match `dtype` (kernels uphold both).
-    pub(crate) fn contiguous(dtype: DType, shape: Vec<usize>, buffer: Buffer) -> Tensor {
+    pub(crate) fn contiguous(dtype: DType, shape: Dims, buffer: Buffer) -> Tensor {
         debug_assert_eq!(shape.iter().product::<usize>(), buffer.len());
         debug_assert_eq!(dtype == DType::I32, matches!(buffer, Buffer::I32(_)));
         Tensor {
@@ -163,10 +330,17 @@ impl Tensor {
         }
     }
 
-    /// A kernel's float result: rounds to `dtype` and wraps.
-    pub(crate) fn from_kernel_f32(dtype: DType, shape: Vec<usize>, mut data: Vec<f32>) -> Tensor {
+    /// A kernel's float result: rounds to `dtype` and wraps (in a recycled `Arc` when
+    /// the pool has one).
+    pub(crate) fn from_kernel_f32(dtype: DType, shape: Dims, mut data: Vec<f32>) -> Tensor {
         dtype::round_slice(dtype, &mut data);
         Tensor::contiguous(dtype, shape, Buffer::F32(crate::pool::wrap(data)))
+    }
+
+    /// A kernel's `i32` result (argmax, a cast to ids), wrapped as
+    /// [`Tensor::from_kernel_f32`] wraps.
+    pub(crate) fn from_kernel_i32(shape: Dims, data: Vec<i32>) -> Tensor {
+        Tensor::contiguous(DType::I32, shape, Buffer::I32(crate::pool::wrap(data)))
     }
 
     pub fn dtype(&self) -> DType {
@@ -179,6 +353,17 @@ impl Tensor {
 
     pub fn strides(&self) -> &[usize] {
         &self.strides
+    }
+
+    /// The shape as a [`Dims`] of its own (a copy, which allocates nothing), for a
+    /// kernel to edit into its result's shape.
+    pub fn dims(&self) -> Dims {
+        self.shape
+    }
+
+    /// The strides as a [`Dims`] of their own.
+    pub fn stride_dims(&self) -> Dims {
+        self.strides
     }
 
     /// The offset of element `[0, 0, ...]` in the buffer.
@@ -258,8 +443,8 @@ impl Tensor {
         Some(Tensor {
             dtype: self.dtype,
             buffer,
-            shape: self.shape.clone(),
-            strides: self.strides.clone(),
+            shape: self.shape,
+            strides: self.strides,
             offset: 0,
         })
     }
@@ -337,15 +522,20 @@ impl Tensor {
         Some(gather(b, &self.shape, &self.strides, self.offset))
     }
 
-    /// A contiguous copy (a new buffer) of the tensor's values.
+    /// A contiguous copy (a new buffer, from the pool for `f32` and `i32` values) of
+    /// the tensor's values.
     pub fn clone_contiguous(&self) -> Tensor {
-        let shape = self.shape.clone();
+        let shape = self.shape;
         let buffer = match &self.buffer {
             Buffer::F32(b) => {
-                Buffer::F32(Arc::new(gather(b, &self.shape, &self.strides, self.offset)))
+                let mut out = crate::pool::take(self.numel());
+                gather_into(b, &self.shape, &self.strides, self.offset, &mut out);
+                Buffer::F32(crate::pool::wrap(out))
             }
             Buffer::I32(b) => {
-                Buffer::I32(Arc::new(gather(b, &self.shape, &self.strides, self.offset)))
+                let mut out = crate::pool::take(self.numel());
+                gather_into(b, &self.shape, &self.strides, self.offset, &mut out);
+                Buffer::I32(crate::pool::wrap(out))
             }
             Buffer::U16(b) => {
                 Buffer::U16(Arc::new(gather(b, &self.shape, &self.strides, self.offset)))
@@ -391,7 +581,7 @@ impl Tensor {
                 "axis {axis} out of range for shape {shape:?}"
             )));
         }
-        let mut full = shape.to_vec();
+        let mut full = Dims::from_slice(shape)?;
         full[axis] = capacity.max(shape[axis]);
         Tensor::zeros(dtype, &full)?.slice(axis, 0, shape[axis])
     }
@@ -418,7 +608,7 @@ impl Tensor {
                 data[dst..dst + src.len()].copy_from_slice(src);
             }
         }
-        let mut full = self.shape.clone();
+        let mut full = self.shape;
         full[axis] = capacity;
         Tensor::contiguous(self.dtype, full, Buffer::F32(Arc::new(data))).slice(axis, 0, len)
     }
@@ -441,7 +631,7 @@ impl Tensor {
             return None;
         }
         let capacity = self.storage_len() / others;
-        let mut full = self.shape.clone();
+        let mut full = self.shape;
         full[axis] = capacity;
         let strides = contiguous_strides(&full);
         // Size-1 axes before `axis` may have any stride (their index is always 0); the
@@ -460,12 +650,7 @@ impl Tensor {
     }
 
     /// A view of this tensor's buffer with another layout.
-    pub(crate) fn with_layout(
-        &self,
-        shape: Vec<usize>,
-        strides: Vec<usize>,
-        offset: usize,
-    ) -> Tensor {
+    pub(crate) fn with_layout(&self, shape: Dims, strides: Dims, offset: usize) -> Tensor {
         Tensor {
             dtype: self.dtype,
             buffer: self.buffer.clone(),
@@ -494,21 +679,22 @@ impl Tensor {
                 self.shape
             )));
         }
-        let strides = view_strides(&self.shape, &self.strides, shape).ok_or_else(|| {
+        let target = Dims::from_slice(shape)?;
+        let strides = view_strides(&self.shape, &self.strides, &target).ok_or_else(|| {
             TensorError::NotViewable {
-                shape: self.shape.clone(),
-                strides: self.strides.clone(),
+                shape: self.shape.to_vec(),
+                strides: self.strides.to_vec(),
                 target: shape.to_vec(),
             }
         })?;
-        Ok(self.with_layout(shape.to_vec(), strides, self.offset))
+        Ok(self.with_layout(target, strides, self.offset))
     }
 
     /// Swaps two axes.
     pub fn transpose(&self, a: usize, b: usize) -> Result<Tensor, TensorError> {
         self.check_axis(a, self.rank())?;
         self.check_axis(b, self.rank())?;
-        let (mut shape, mut strides) = (self.shape.clone(), self.strides.clone());
+        let (mut shape, mut strides) = (self.shape, self.strides);
         shape.swap(a, b);
         strides.swap(a, b);
         Ok(self.with_layout(shape, strides, self.offset))
@@ -523,10 +709,10 @@ impl Tensor {
                 self.shape[axis]
             )));
         }
-        let mut shape = self.shape.clone();
+        let mut shape = self.shape;
         shape[axis] = end - start;
         let offset = self.offset + start * self.strides[axis];
-        Ok(self.with_layout(shape, self.strides.clone(), offset))
+        Ok(self.with_layout(shape, self.strides, offset))
     }
 
     /// Inserts a size-1 axis at `axis`.
@@ -538,9 +724,9 @@ impl Tensor {
         } else {
             1
         };
-        let (mut shape, mut strides) = (self.shape.clone(), self.strides.clone());
-        shape.insert(axis, 1);
-        strides.insert(axis, stride);
+        let (mut shape, mut strides) = (self.shape, self.strides);
+        shape.insert(axis, 1)?;
+        strides.insert(axis, stride)?;
         Ok(self.with_layout(shape, strides, self.offset))
     }
 
@@ -552,7 +738,8 @@ impl Tensor {
                 self.shape
             )));
         }
-        let mut strides = self.strides.clone();
+        let target = Dims::from_slice(shape)?;
+        let mut strides = self.strides;
         for (i, (&from, &to)) in self.shape.iter().zip(shape).enumerate() {
             if from != to {
                 if from != 1 {
@@ -564,7 +751,7 @@ impl Tensor {
                 strides[i] = 0;
             }
         }
-        Ok(self.with_layout(shape.to_vec(), strides, self.offset))
+        Ok(self.with_layout(target, strides, self.offset))
     }
 }
 
@@ -573,16 +760,16 @@ impl Tensor {
 /// dimensions are grouped into chunks that are contiguous among themselves, and each
 /// chunk must be covered exactly by consecutive new dimensions. Size-1 dimensions never
 /// break a chunk.
-fn view_strides(old: &[usize], old_strides: &[usize], new: &[usize]) -> Option<Vec<usize>> {
+fn view_strides(old: &[usize], old_strides: &[usize], new: &Dims) -> Option<Dims> {
     if old.is_empty() {
         // A scalar views as any all-ones shape.
-        return Some(vec![1; new.len()]);
+        return Some(Dims::filled(new.len(), 1));
     }
     let numel: usize = old.iter().product();
     if numel == 0 {
         return Some(contiguous_strides(new));
     }
-    let mut new_strides = vec![0; new.len()];
+    let mut new_strides = Dims::filled(new.len(), 0);
     let mut view_d = new.len();
     let mut chunk_base_stride = old_strides[old.len() - 1];
     let (mut tensor_numel, mut view_numel) = (1usize, 1usize);
@@ -736,6 +923,40 @@ mod tests {
             .transpose(0, 1)
             .expect("in range")
             .is_contiguous());
+    }
+
+    #[test]
+    fn dims_hold_up_to_the_maximum_rank_inline() {
+        let mut d = Dims::from([2, 3]);
+        d.insert(0, 1).expect("room");
+        d.push(4).expect("room");
+        assert_eq!(d, Dims::from([1, 2, 3, 4]));
+        assert_eq!(d.remove(1), Some(2));
+        assert_eq!(d.remove(3), None);
+        assert_eq!(d.as_slice(), &[1, 3, 4]);
+        assert_eq!(format!("{d:?}"), "[1, 3, 4]");
+        // Equality ignores what lies past the rank.
+        let mut e = Dims::from([1, 3, 4, 9]);
+        e.remove(3);
+        assert_eq!(d, e);
+        let mut full = Dims::from([1; MAX_RANK]);
+        assert_eq!(full.push(1), Err(TensorError::Rank { rank: MAX_RANK + 1 }));
+        assert!(full.insert(0, 1).is_err());
+        assert!(Dims::from_slice(&[1; MAX_RANK + 1]).is_err());
+        assert!(Dims::new().insert(1, 1).is_err());
+    }
+
+    #[test]
+    fn ranks_above_the_maximum_are_errors() {
+        let ones = [1; MAX_RANK + 1];
+        assert_eq!(
+            Tensor::from_f32(DType::F32, &ones, vec![0.0]).map(|_| ()),
+            Err(TensorError::Rank { rank: MAX_RANK + 1 })
+        );
+        let t = iota(&[1; MAX_RANK]);
+        assert!(matches!(t.unsqueeze(0), Err(TensorError::Rank { .. })));
+        assert!(matches!(t.reshape(&ones), Err(TensorError::Rank { .. })));
+        assert!(t.reshape(&[1]).is_ok());
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use common::{fuse, graph_weights, rel_l2, write_safetensors, Cfg};
-use fusec_exec::{Executor, Session, SplitMix64, Tensor, Weights};
+use fusec_exec::{Executor, RunOutput, Session, SplitMix64, StepOutput, Tensor, Weights};
 use fusec_ir::build::eager_decode_graph;
 use fusec_ir::cost::graph_cost;
 use fusec_ir::frontend::{load_model, ModelConfig};
@@ -367,4 +367,74 @@ fn a_session_step_counts_what_the_cost_model_predicts() {
             "{table}"
         );
     }
+}
+
+#[test]
+fn a_reused_step_output_gives_what_fresh_steps_give() {
+    let cfg = Cfg::tiny().model("tiny");
+    let fused = fuse(&eager_decode_graph(&cfg).expect("graph builds"));
+    let weights = Weights::random(&fused, 2).expect("random weights");
+    let mut fresh = session(fused.clone(), &weights, 2);
+    let mut reused = session(fused, &weights, 2);
+    let mut out = StepOutput::default();
+    for step in 0..6 {
+        let tokens = [step, 2 * step + 1];
+        let want = fresh.step(&tokens).expect("steps");
+        // A failed step in between changes nothing.
+        assert!(reused.step_into(&[-1, 0], &mut out).is_err());
+        reused.step_into(&tokens, &mut out).expect("steps");
+        let bits = |rows: &[Vec<f32>]| -> Vec<u32> {
+            rows.iter().flatten().map(|v| v.to_bits()).collect()
+        };
+        assert_eq!(bits(&out.logits), bits(&want.logits), "step {step}");
+        assert_eq!(out.next, want.next);
+        assert_eq!(out.stats.launches, want.stats.launches);
+        assert_eq!(out.stats.nodes.len(), want.stats.nodes.len());
+        assert_eq!(
+            out.stats.bytes(),
+            want.stats.bytes(),
+            "stats are the step's own, not accumulated"
+        );
+    }
+    assert_eq!(reused.past_len(), fresh.past_len());
+    assert_eq!(reused.profile().steps(), fresh.profile().steps());
+}
+
+#[test]
+fn inputs_by_position_run_like_inputs_by_name() {
+    let cfg = Cfg::tiny().model("tiny");
+    let graph = fuse(&eager_decode_graph(&cfg).expect("graph builds"));
+    let weights = Weights::random(&graph, 3).expect("random weights");
+    let mut by_name = Executor::new(graph.clone(), &weights).expect("plans");
+    let mut by_position = Executor::new(graph.clone(), &weights).expect("plans");
+    let b = fusec_exec::decode::bindings(1, 4);
+    let named = step_inputs(&graph, 1, 4, &mut SplitMix64::new(5));
+    let mut positional: Vec<Option<Tensor>> = by_position
+        .input_names()
+        .iter()
+        .map(|n| named.get(&**n).cloned())
+        .collect();
+    let want = by_name.run(&b, named).expect("runs");
+    let mut out = RunOutput::new();
+    by_position
+        .run_into(&b, &mut positional, &mut out)
+        .expect("runs");
+    assert!(positional.iter().all(Option::is_none), "inputs are taken");
+    assert_eq!(out.outputs.len(), want.outputs.len());
+    for ((n, k, v), (wn, wk, wv)) in out.outputs.iter().zip(&want.outputs) {
+        assert_eq!((n, k), (wn, wk));
+        let (v, wv) = (v.tensor().expect("tensor"), wv.tensor().expect("tensor"));
+        assert_eq!(v.to_vec_f32(), wv.to_vec_f32(), "{n}");
+    }
+    // A missing input is an error that hands every input back.
+    let mut short = vec![None; by_position.input_names().len()];
+    short[0] = Some(Tensor::zeros(DType::F32, &[1]).expect("valid"));
+    assert!(by_position.run_into(&b, &mut short, &mut out).is_err());
+    assert!(short[0].is_some() && out.outputs.is_empty());
+    // So is an entry past the graph's inputs.
+    short.push(Some(Tensor::scalar(0.0)));
+    let err = by_position
+        .run_into(&b, &mut short, &mut out)
+        .expect_err("not an input");
+    assert!(err.is_input_error(), "{err}");
 }

@@ -95,8 +95,15 @@ impl Bindings {
         self
     }
 
+    /// Binds `name` to `value`. Rebinding a bound name copies no string, so that a
+    /// decode loop can move `S` along every step without allocating.
     pub fn set(&mut self, name: &str, value: u64) {
-        self.0.insert(name.to_string(), value);
+        match self.0.get_mut(name) {
+            Some(v) => *v = value,
+            None => {
+                self.0.insert(name.to_string(), value);
+            }
+        }
     }
 
     pub fn get(&self, name: &str) -> Option<u64> {

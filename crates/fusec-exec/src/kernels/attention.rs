@@ -30,7 +30,7 @@ use super::strided::{broadcast_shape, broadcast_strides};
 use super::{float_buffer, KernelError};
 use crate::dtype::round;
 use crate::pool;
-use crate::tensor::Tensor;
+use crate::tensor::{Dims, Tensor};
 
 /// Query rows times keys below which attention runs on the calling thread.
 const PARALLEL_MIN_WORK: usize = 1 << 14;
@@ -90,9 +90,9 @@ pub fn append(
             *d = store(v);
         }
     }
-    let mut shape = past.shape().to_vec();
+    let mut shape = past.dims();
     shape[axis] = len + n;
-    Ok((past.with_layout(shape, past.strides().to_vec(), 0), copied))
+    Ok((past.with_layout(shape, past.stride_dims(), 0), copied))
 }
 
 /// How a cache's values are stored: rounded to its dtype, or for an FP8 cache
@@ -212,7 +212,7 @@ pub fn attention(
         )));
     }
     let md = float_buffer(mask, "attention")?;
-    let ms = broadcast_strides(mask.shape(), mask.strides(), &scores);
+    let ms = broadcast_strides(mask.shape(), mask.strides(), &Dims::from(scores));
     let group = heads / kv_heads;
     let rows = bq * heads * tq;
     let mut out = pool::zeros(rows * hd);
@@ -255,7 +255,11 @@ pub fn attention(
             out.chunks_mut(hd).enumerate().for_each(row);
         }
     }
-    Ok(Tensor::from_kernel_f32(dtype, vec![bq, heads, tq, hd], out))
+    Ok(Tensor::from_kernel_f32(
+        dtype,
+        Dims::from([bq, heads, tq, hd]),
+        out,
+    ))
 }
 
 /// The caches and their FP8 scales for [`decode_attention`].

@@ -4,7 +4,7 @@ use fusec_ir::{BinaryOp, DType, UnaryOp};
 
 use super::strided::{broadcast_shape, broadcast_strides, walk};
 use super::{float_buffer, KernelError};
-use crate::tensor::{dense, Tensor};
+use crate::tensor::{dense, gather_into, Buffer, Tensor};
 use crate::{dtype, pool};
 
 /// An operand of a binary op: a tensor, or a scalar kernel argument (which reads no
@@ -43,7 +43,7 @@ pub fn unary(op: UnaryOp, x: &Tensor) -> Result<Tensor, KernelError> {
             out.push(f(src[o]))
         });
     }
-    Ok(Tensor::from_kernel_f32(x.dtype(), x.shape().to_vec(), out))
+    Ok(Tensor::from_kernel_f32(x.dtype(), x.dims(), out))
 }
 
 /// Which special case of `pow` a scalar exponent selects. PyTorch computes these
@@ -159,14 +159,26 @@ pub fn cast(x: &Tensor, to: DType) -> Result<Tensor, KernelError> {
             "cast to {to} is not supported by the CPU executor"
         )));
     }
-    let shape = x.shape().to_vec();
-    match (x.dtype(), to) {
-        (DType::I32, DType::I32) => Ok(x.clone_contiguous()),
-        (_, DType::I32) => {
-            let ids = x.to_vec_f32().into_iter().map(|f| f as i32).collect();
-            Ok(Tensor::from_i32(&shape, ids)?)
-        }
+    if x.dtype() == DType::I32 && to == DType::I32 {
+        return Ok(x.clone_contiguous());
+    }
+    let shape = x.dims();
+    let mut values = pool::take(x.numel());
+    match x.buffer() {
+        Buffer::I32(b) => walk(x.shape(), [x.strides()], [x.offset()], |[o]| {
+            values.push(b[o] as f32)
+        }),
+        Buffer::F32(b) => gather_into(b, x.shape(), x.strides(), x.offset(), &mut values),
+        // Compact storage holds only GEMV weights, which no cast reads.
+        Buffer::U16(_) | Buffer::U8(_) => values.extend(x.to_vec_f32()),
+    }
+    if to == DType::I32 {
+        let mut ids = pool::take(values.len());
+        ids.extend(values.iter().map(|&f| f as i32));
+        pool::give(values);
+        Ok(Tensor::from_kernel_i32(shape, ids))
+    } else {
         // Ids convert to the nearest float; floats round to the target format.
-        (_, _) => Ok(Tensor::from_kernel_f32(to, shape, x.to_vec_f32())),
+        Ok(Tensor::from_kernel_f32(to, shape, values))
     }
 }

@@ -15,7 +15,7 @@ use super::strided::{broadcast_shape, broadcast_strides, walk};
 use super::{float_buffer, KernelError};
 use crate::dtype::round;
 use crate::pool;
-use crate::tensor::Tensor;
+use crate::tensor::{Dims, Tensor};
 
 /// `x / (1 + exp(-x))`, as the eager `unary.silu` computes it.
 #[inline]
@@ -65,8 +65,8 @@ fn norm_rows(
 }
 
 /// `x`'s shape with the last axis replaced by `n`.
-fn with_last(x: &Tensor, n: usize) -> Vec<usize> {
-    let mut shape = x.shape().to_vec();
+fn with_last(x: &Tensor, n: usize) -> Dims {
+    let mut shape = x.dims();
     if let Some(last) = shape.last_mut() {
         *last = n;
     }
@@ -76,7 +76,7 @@ fn with_last(x: &Tensor, n: usize) -> Vec<usize> {
 /// `fused.rms_norm(x, w, eps)`.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor, KernelError> {
     let (out, _, _) = norm_rows(x, w, eps, "fused.rms_norm")?;
-    Ok(Tensor::from_kernel_f32(x.dtype(), x.shape().to_vec(), out))
+    Ok(Tensor::from_kernel_f32(x.dtype(), x.dims(), out))
 }
 
 /// `fused.rms_norm_linear(x, w, eps, W1, .., Wn)`: one result per weight.
@@ -91,7 +91,7 @@ pub fn rms_norm_linear(
     for &wt in weights {
         gemv::check(op, x.dtype(), d, wt)?;
     }
-    let mut outs = Vec::with_capacity(weights.len());
+    let mut outs = pool::tensors(weights.len());
     gemv::gemv_many(&n, rows, weights, None, |i, y| {
         outs.push(Tensor::from_kernel_f32(
             x.dtype(),
@@ -224,8 +224,10 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor, KernelErro
         }
     }
     let dtype = x.dtype();
-    let cs = broadcast_strides(cos.shape(), cos.strides(), x.shape());
-    let ss = broadcast_strides(sin.shape(), sin.strides(), x.shape());
+    // The strides of `cos` and `sin` broadcast to `x`, held inline.
+    let shape = x.dims();
+    let cs = broadcast_strides(cos.shape(), cos.strides(), &shape);
+    let ss = broadcast_strides(sin.shape(), sin.strides(), &shape);
     let (xl, cl, sl) = (x.strides()[rank - 1], cs[rank - 1], ss[rank - 1]);
     let outer = &x.shape()[..rank - 1];
     let half = hd / 2;
@@ -248,5 +250,5 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor, KernelErro
             }
         },
     );
-    Ok(Tensor::from_kernel_f32(dtype, x.shape().to_vec(), out))
+    Ok(Tensor::from_kernel_f32(dtype, shape, out))
 }

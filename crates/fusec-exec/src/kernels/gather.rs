@@ -15,27 +15,39 @@ pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor, KernelError> {
             table.shape()
         )));
     }
-    let id_values = ids.to_vec_i32().ok_or_else(|| {
+    let id_values = ids.i32_buffer().ok_or_else(|| {
         KernelError::Invalid(format!("embedding: ids must be i32, got {}", ids.dtype()))
     })?;
+    let mut shape = ids.dims();
     let (vocab, dim) = (table.shape()[0], table.shape()[1]);
+    shape.push(dim)?;
     let (row_stride, col_stride) = (table.strides()[0], table.strides()[1]);
-    let mut out = pool::take(id_values.len() * dim);
-    for &id in &id_values {
-        let row = usize::try_from(id).ok().filter(|&r| r < vocab).ok_or(
-            KernelError::TokenOutOfRange {
-                id: i64::from(id),
-                vocab,
-            },
-        )?;
+    let mut out = pool::take(ids.numel() * dim);
+    // The ids are read through their view in place; the first one out of range stops
+    // the gather.
+    let mut bad = None;
+    walk(ids.shape(), [ids.strides()], [ids.offset()], |[i]| {
+        let id = id_values[i];
+        if bad.is_some() {
+            return;
+        }
+        let Some(row) = usize::try_from(id).ok().filter(|&r| r < vocab) else {
+            bad = Some(id);
+            return;
+        };
         let start = table.offset() + row * row_stride;
         if col_stride == 1 {
             out.extend_from_slice(&data[start..start + dim]);
         } else {
             walk(&[dim], [&[col_stride]], [start], |[o]| out.push(data[o]));
         }
+    });
+    if let Some(id) = bad {
+        pool::give(out);
+        return Err(KernelError::TokenOutOfRange {
+            id: i64::from(id),
+            vocab,
+        });
     }
-    let mut shape = ids.shape().to_vec();
-    shape.push(dim);
     Ok(Tensor::from_kernel_f32(table.dtype(), shape, out))
 }

@@ -129,19 +129,18 @@ impl GemvWeight<'_> {
     }
 }
 
-/// Activations quantized per row: the FP8 values and each row's scale (buffers of the
-/// executor's pool; [`QuantRows::release`] returns them).
+/// Activations quantized per row: the FP8 values and each row's scale. The vectors
+/// come from the buffer pool and go back to it when this is dropped.
 #[derive(Debug)]
 pub struct QuantRows {
     pub values: Vec<f32>,
     pub scales: Vec<f32>,
 }
 
-impl QuantRows {
-    /// Returns the buffers to the pool.
-    pub fn release(self) {
-        pool::give(self.values);
-        pool::give(self.scales);
+impl Drop for QuantRows {
+    fn drop(&mut self) {
+        pool::give(std::mem::take(&mut self.values));
+        pool::give(std::mem::take(&mut self.scales));
     }
 }
 
@@ -372,9 +371,7 @@ pub fn gemv_many(
     for a in prepared.into_iter().flatten() {
         a.release();
     }
-    if let Some(q) = owned {
-        q.release();
-    }
+    drop(owned);
     result
 }
 
@@ -525,7 +522,7 @@ pub fn linear(x: &Tensor, w: GemvWeight<'_>) -> Result<Tensor, KernelError> {
     let (xs, rows, ins) = rows_of(x, "linear")?;
     check("linear", x.dtype(), ins, w)?;
     let out = gemv(&xs, rows, w, None)?;
-    let mut shape = x.shape().to_vec();
+    let mut shape = x.dims();
     if let Some(last) = shape.last_mut() {
         *last = w.shape()[0];
     }

@@ -6,7 +6,7 @@
 
 use rayon::prelude::*;
 
-use super::strided::{broadcast_shape, broadcast_strides, walk};
+use super::strided::{broadcast_shape, broadcast_strides};
 use super::{float_buffer, same_dtype, KernelError};
 use crate::pool;
 use crate::tensor::Tensor;
@@ -125,10 +125,10 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor, KernelError> {
     })?;
     let sa = broadcast_strides(&a.shape()[..ra - 2], &a.strides()[..ra - 2], &batch);
     let sb = broadcast_strides(&b.shape()[..rb - 2], &b.strides()[..rb - 2], &batch);
-    let mut starts = Vec::with_capacity(batch.iter().product());
-    walk(&batch, [&sa, &sb], [a.offset(), b.offset()], |[oa, ob]| {
-        starts.push((oa, ob))
-    });
+    let mut shape = batch;
+    shape.push(m)?;
+    shape.push(n)?;
+    let batches: usize = batch.iter().product();
 
     let layout = Layout {
         k,
@@ -136,21 +136,31 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor, KernelError> {
         a_strides: (a.strides()[ra - 2], a.strides()[ra - 1]),
         b_strides: (b.strides()[rb - 2], b.strides()[rb - 1]),
     };
-    let mut out = pool::zeros(starts.len() * m * n);
+    // Where product `i` starts in each operand: batch index `i` unravelled row-major
+    // over the batch axes, O(rank) and nothing stored.
+    let start = |i: usize| {
+        let (mut oa, mut ob, mut rest) = (a.offset(), b.offset(), i);
+        for d in (0..batch.len()).rev() {
+            let j = rest % batch[d];
+            rest /= batch[d];
+            oa += j * sa[d];
+            ob += j * sb[d];
+        }
+        (oa, ob)
+    };
+    let mut out = pool::zeros(batches * m * n);
     if m * n > 0 {
-        let work = starts.len() * m * n * k;
-        let body =
-            |(block, &(oa, ob)): (&mut [f32], &(usize, usize))| layout.run(da, oa, db, ob, block);
+        let work = batches * m * n * k;
+        let body = |(i, block): (usize, &mut [f32])| {
+            let (oa, ob) = start(i);
+            layout.run(da, oa, db, ob, block);
+        };
         if work >= PARALLEL_MIN_WORK {
-            out.par_chunks_mut(m * n)
-                .zip(starts.par_iter())
-                .for_each(body);
+            out.par_chunks_mut(m * n).enumerate().for_each(body);
         } else {
-            out.chunks_mut(m * n).zip(starts.iter()).for_each(body);
+            out.chunks_mut(m * n).enumerate().for_each(body);
         }
     }
-    let mut shape = batch;
-    shape.extend([m, n]);
     Ok(Tensor::from_kernel_f32(dtype, shape, out))
 }
 
@@ -169,7 +179,9 @@ impl Layout {
     fn run(&self, a: &[f32], oa: usize, b: &[f32], ob: usize, out: &mut [f32]) {
         let (sam, sak) = self.a_strides;
         let (sbk, sbn) = self.b_strides;
-        let mut row = Vec::with_capacity(self.k);
+        // The row of `a` is gathered into a contiguous scratch buffer from this
+        // thread's pool, given back below.
+        let mut row = pool::take(self.k);
         for (i, out_row) in out.chunks_mut(self.n).enumerate() {
             row.clear();
             row.extend((0..self.k).map(|p| a[oa + i * sam + p * sak]));
@@ -195,6 +207,7 @@ impl Layout {
                 }
             }
         }
+        pool::give(row);
     }
 }
 
@@ -219,7 +232,7 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor, KernelError> {
     let out = super::gemv::by_output_feature(outs, rows, ins, |o, r| {
         dot(&xs[r * ins..(r + 1) * ins], &ws[o * ins..(o + 1) * ins])
     });
-    let mut shape = x.shape().to_vec();
+    let mut shape = x.dims();
     if let Some(last) = shape.last_mut() {
         *last = outs;
     }

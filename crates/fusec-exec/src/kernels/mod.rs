@@ -1,7 +1,9 @@
 //! Reference CPU kernels, one module per op family.
 //!
 //! Every kernel takes its operands as [`Tensor`]s (any strides), computes in `f32`,
-//! and returns a new contiguous tensor rounded to its dtype. Kernels check what the
+//! and returns a new contiguous tensor rounded to its dtype. Its buffer, and any
+//! scratch the kernel needs, come from the executor's per-thread pool (`crate::pool`),
+//! so that a steady-state decode step allocates nothing. Kernels check what the
 //! IR verifier cannot know (token ids against the vocabulary) and what a hand-built
 //! call may get wrong (shapes, dtypes), and return a [`KernelError`] instead of
 //! panicking.

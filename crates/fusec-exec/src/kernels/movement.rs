@@ -1,10 +1,8 @@
 //! Data movement: concatenation and contiguous copies, for any dtype.
 
-use std::sync::Arc;
-
 use super::{check_axis, KernelError};
 use crate::pool;
-use crate::tensor::{gather_into, Buffer, Tensor};
+use crate::tensor::{gather_into, Buffer, Tensor, MAX_RANK};
 
 /// A contiguous copy into a new buffer (`.contiguous()`, or the copy inside a
 /// `reshape` that cannot be a view).
@@ -21,7 +19,7 @@ pub fn cat(xs: &[&Tensor], axis: usize) -> Result<Tensor, KernelError> {
         ));
     };
     check_axis(axis, first.rank(), "cat")?;
-    let mut shape = first.shape().to_vec();
+    let mut shape = first.dims();
     shape[axis] = 0;
     for x in xs {
         let agrees = x.dtype() == first.dtype()
@@ -44,17 +42,17 @@ pub fn cat(xs: &[&Tensor], axis: usize) -> Result<Tensor, KernelError> {
     }
     let numel = shape.iter().product();
     let buffer = match first.buffer() {
-        Buffer::F32(_) => Buffer::F32(Arc::new(cat_into(
+        Buffer::F32(_) => Buffer::F32(pool::wrap(cat_into(
             xs,
             axis,
             Tensor::f32_buffer,
             pool::take(numel),
         )?)),
-        Buffer::I32(_) => Buffer::I32(Arc::new(cat_into(
+        Buffer::I32(_) => Buffer::I32(pool::wrap(cat_into(
             xs,
             axis,
             Tensor::i32_buffer,
-            Vec::with_capacity(numel),
+            pool::take(numel),
         )?)),
         Buffer::U16(_) | Buffer::U8(_) => {
             return Err(KernelError::Invalid(
@@ -68,20 +66,23 @@ pub fn cat(xs: &[&Tensor], axis: usize) -> Result<Tensor, KernelError> {
 /// Appends the concatenation to `out` in output order: for each index of the axes
 /// before `axis`, each operand's block of the remaining axes in turn. A block of a
 /// contiguous operand (the whole cached KV of one head) is one slice copy.
-fn cat_into<T: Copy>(
+fn cat_into<T: pool::Pooled>(
     xs: &[&Tensor],
     axis: usize,
     buffer: fn(&Tensor) -> Option<&[T]>,
     mut out: Vec<T>,
 ) -> Result<Vec<T>, KernelError> {
-    let srcs = xs
-        .iter()
-        .map(|x| buffer(x).ok_or_else(|| KernelError::Invalid("cat: operand dtypes differ".into())))
-        .collect::<Result<Vec<&[T]>, KernelError>>()?;
+    if xs.iter().any(|x| buffer(x).is_none()) {
+        pool::give(out);
+        return Err(KernelError::Invalid("cat: operand dtypes differ".into()));
+    }
     let outer = &xs[0].shape()[..axis];
-    let mut index = vec![0usize; axis];
+    // `axis` is below the operands' rank, so the odometer fits.
+    let mut index = [0usize; MAX_RANK];
+    let index = &mut index[..axis];
     for _ in 0..outer.iter().product::<usize>() {
-        for (x, src) in xs.iter().zip(&srcs) {
+        for x in xs {
+            let src = buffer(x).unwrap_or_default();
             let base = x.offset()
                 + index
                     .iter()

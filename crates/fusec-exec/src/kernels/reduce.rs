@@ -36,8 +36,8 @@ pub fn reduce(
         non_empty(x, axis, name)?;
     }
     let (n, st) = (x.shape()[axis], x.strides()[axis]);
-    let (outer, outer_strides) = without_axis(x.shape(), x.strides(), axis);
-    let mut out = Vec::with_capacity(outer.iter().product());
+    let (outer, outer_strides) = without_axis(x.dims(), x.stride_dims(), axis);
+    let mut out = pool::take(outer.iter().product());
     walk(&outer, [&outer_strides], [x.offset()], |[o]| {
         let lane = (0..n).map(|i| src[o + i * st]);
         let v = match kind {
@@ -50,7 +50,7 @@ pub fn reduce(
         };
         out.push(v);
     });
-    let mut shape = x.shape().to_vec();
+    let mut shape = x.dims();
     if keepdim {
         shape[axis] = 1;
     } else {
@@ -71,8 +71,8 @@ pub fn argmax(x: &Tensor, axis: usize) -> Result<Tensor, KernelError> {
             "argmax: axis of {n} elements overflows i32"
         )));
     }
-    let (outer, outer_strides) = without_axis(x.shape(), x.strides(), axis);
-    let mut out = Vec::with_capacity(outer.iter().product());
+    let (outer, outer_strides) = without_axis(x.dims(), x.stride_dims(), axis);
+    let mut out = pool::take(outer.iter().product());
     walk(&outer, [&outer_strides], [x.offset()], |[o]| {
         let (mut best, mut best_v) = (0usize, src[o]);
         for i in 1..n {
@@ -88,18 +88,18 @@ pub fn argmax(x: &Tensor, axis: usize) -> Result<Tensor, KernelError> {
         // In range: n fits in i32, checked above.
         out.push(best as i32);
     });
-    Ok(Tensor::from_i32(&outer, out)?)
+    Ok(Tensor::from_kernel_i32(outer, out))
 }
 
 /// `exp(x - max) / sum(exp(x - max))` along `axis`.
 pub fn softmax(x: &Tensor, axis: usize) -> Result<Tensor, KernelError> {
     let src = float_buffer(x, "softmax")?;
     check_axis(axis, x.rank(), "softmax")?;
-    let shape = x.shape().to_vec();
+    let shape = x.dims();
     let out_strides = contiguous_strides(&shape);
     let (n, st, ost) = (shape[axis], x.strides()[axis], out_strides[axis]);
-    let (outer, in_outer) = without_axis(&shape, x.strides(), axis);
-    let (_, out_outer) = without_axis(&shape, &out_strides, axis);
+    let (outer, in_outer) = without_axis(shape, x.stride_dims(), axis);
+    let (_, out_outer) = without_axis(shape, out_strides, axis);
     let mut out = pool::zeros(x.numel());
     walk(&outer, [&in_outer, &out_outer], [x.offset(), 0], |[i, o]| {
         let max = (0..n)
