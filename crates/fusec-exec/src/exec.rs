@@ -49,7 +49,7 @@ use crate::kernels::{constant, elementwise, fused, gather, matmul, movement, red
 use crate::profile::{NodeStats, StepStats};
 use crate::tensor::{Buffer, Dims, Tensor, TensorError};
 use crate::weights::Weights;
-use crate::{dtype, hugepages, pool, team};
+use crate::{dtype, hugepages, pack, pool, team};
 
 /// A runtime value: a tensor, a scalar kernel argument, the results of a
 /// multi-result (fused) op, read with `get`, or a quantized GEMV weight (a `dequant`
@@ -643,8 +643,9 @@ impl Executor {
 /// compact storage (2 or 1 bytes per value instead of the `f32` every other kernel
 /// reads), so that decode streams the bytes the IR's dtype says. A weight that any
 /// other op reads, or that is an output, stays as it is; so does one with a value its
-/// dtype cannot hold exactly, which a checked load never gives. Then every bound
-/// weight is moved onto huge pages (see [`hugepages`]).
+/// dtype cannot hold exactly, which a checked load never gives. Then the GEMV weights
+/// are packed on huge pages ([`pack`]), and every other bound tensor is moved onto huge
+/// pages where its allocation allows ([`hugepages`]).
 fn compact_gemv_weights(plan: &mut [Planned], last_use: &[usize]) {
     let mut gemv_only = vec![true; plan.len()];
     let mut used = vec![false; plan.len()];
@@ -664,9 +665,24 @@ fn compact_gemv_weights(plan: &mut [Planned], last_use: &[usize]) {
             }
         }
     }
-    // Every bound weight a step streams, on huge pages where the OS agrees.
+    // The GEMV weights packed end to end on huge pages, in the order a step reads
+    // them; every other bound tensor on huge pages where its allocation allows.
+    let mut gemv_weights: Vec<&mut Tensor> = plan
+        .iter_mut()
+        .enumerate()
+        .filter(|(s, _)| used[*s] && gemv_only[*s])
+        .filter_map(|(_, node)| match &mut node.bound {
+            Some(Value::Tensor(t)) => Some(t),
+            _ => None,
+        })
+        .collect();
+    pack::pack(&mut gemv_weights);
     for node in plan.iter() {
-        if let Some(Value::Tensor(t)) = &node.bound {
+        // A packed weight's buffer was put on huge pages as it was written.
+        if let Some(Value::Tensor(t)) = node.bound.as_ref().filter(|v| match v {
+            Value::Tensor(t) => t.storage_len() == t.numel(),
+            _ => false,
+        }) {
             match t.buffer() {
                 Buffer::F32(b) => hugepages::back_with_huge_pages(b),
                 Buffer::I32(b) => hugepages::back_with_huge_pages(b),

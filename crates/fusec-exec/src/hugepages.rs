@@ -18,7 +18,7 @@
 #![allow(unsafe_code)]
 
 /// The huge page size the advice aligns to.
-const HUGE_PAGE: usize = 2 << 20;
+pub(crate) const HUGE_PAGE: usize = 2 << 20;
 
 /// Asks for the 2 MiB-aligned interior of `data` to be backed by huge pages. Returns
 /// whether the kernel did it; `data` keeps its values either way. Buffers smaller
@@ -31,6 +31,28 @@ pub fn back_with_huge_pages<T>(data: &[T]) -> bool {
         return false;
     }
     advise(lo, hi - lo)
+}
+
+/// Asks for the 2 MiB-aligned interior of memory not written yet (a vector's spare
+/// capacity) to be backed by huge pages as it is first written. Returns whether the
+/// kernel took the advice.
+pub fn advise_unwritten<T>(spare: &mut [std::mem::MaybeUninit<T>]) -> bool {
+    let start = spare.as_ptr() as usize;
+    let end = start + std::mem::size_of_val(spare);
+    let (lo, hi) = (start.next_multiple_of(HUGE_PAGE), end & !(HUGE_PAGE - 1));
+    hi > lo && hint(lo, hi - lo)
+}
+
+#[cfg(target_os = "linux")]
+fn hint(addr: usize, len: usize) -> bool {
+    // SAFETY: as in `advise`; `MADV_HUGEPAGE` only changes which pages future faults
+    // in the range take.
+    unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_HUGEPAGE) == 0 }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn hint(_addr: usize, _len: usize) -> bool {
+    false
 }
 
 #[cfg(target_os = "linux")]

@@ -7,8 +7,8 @@
 //! - [`kernels`]: reference CPU kernels, one module per op family;
 //! - [`exec`]: the interpreter, which measures launches, bytes and time per node;
 //! - [`decode`]: a greedy-decoding [`Session`] that carries the KV cache across steps;
-//! - [`team`]: how kernels split work across cores; [`hugepages`]: weights on 2 MiB
-//!   pages;
+//! - [`team`]: how kernels split work across cores; [`hugepages`] and `pack`:
+//!   weights packed end to end on 2 MiB pages;
 //! - [`profile`]: per-op-kind totals of the measured counts; `pool`: reused buffers;
 //! - [`quant`]: FP8 weights made at load, calibrated KV-cache scales, saving;
 //!   [`accuracy`]: logits of a lowered run against a reference run.
@@ -26,6 +26,7 @@ pub mod exec;
 pub mod gpu;
 pub mod hugepages;
 pub mod kernels;
+mod pack;
 mod pool;
 pub mod profile;
 pub mod quant;
