@@ -33,7 +33,9 @@
 //! chunk is done, and a chunk cannot be claimed after that (its ticket is gone), so a
 //! successful claim proves the chunk function it read is still alive. The generation
 //! makes a stale read harmless: a worker that read the job fields of a newer job
-//! together with an older ticket fails its compare-and-swap.
+//! together with an older ticket fails its compare-and-swap, because the driver moves
+//! the ticket to the new generation (closed, with no chunk to claim) before it
+//! changes the job's fields, and opens it only after.
 //!
 //! `unsafe` is confined to this module: reading the published chunk function, and
 //! cutting the output into the disjoint chunks that threads write.
@@ -239,10 +241,19 @@ fn run_job(chunks: usize, f: &(dyn Fn(usize) + Sync)) {
     }
     let func: *const &(dyn Fn(usize) + Sync) = &f;
     let generation = (SHARED.ticket.load(Ordering::Relaxed) >> 32) + 1;
+    // Close the ticket under the new generation before changing the job's fields: a
+    // worker that read the previous ticket, fully claimed, together with this job's
+    // larger chunk count must fail its claim instead of taking a chunk past the end
+    // of the previous job.
+    SHARED
+        .ticket
+        .store((generation << 32) | u64::from(u32::MAX), Ordering::SeqCst);
     SHARED.done.store(0, Ordering::Relaxed);
     SHARED.panicked.store(false, Ordering::Relaxed);
     SHARED.chunks.store(chunks, Ordering::Relaxed);
     SHARED.func.store(func.cast_mut().cast(), Ordering::Relaxed);
+    #[cfg(test)]
+    tests::stall_before_opening();
     SHARED.ticket.store(generation << 32, Ordering::SeqCst);
     if SHARED.sleepers.load(Ordering::SeqCst) > 0 {
         for w in WORKERS.get().into_iter().flatten() {
@@ -299,7 +310,7 @@ pub fn for_each_chunk_mut<T: Send>(
             .for_each(|(i, c)| f(i, c));
         return;
     }
-    if !DRIVING.with(Cell::get) || chunks > u32::MAX as usize {
+    if !DRIVING.with(Cell::get) || chunks >= u32::MAX as usize {
         out.par_chunks_mut(chunk_len)
             .enumerate()
             .for_each(|(i, c)| f(i, c));
@@ -322,6 +333,20 @@ pub fn for_each_chunk_mut<T: Send>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Makes the driver pause between writing a job's fields and opening its ticket,
+    /// the window in which a worker holding the previous job's spent ticket could
+    /// claim a chunk if the ticket were not closed first.
+    static STALL: AtomicBool = AtomicBool::new(false);
+
+    pub(super) fn stall_before_opening() {
+        if STALL.load(Ordering::Relaxed) {
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_micros(20) {
+                std::hint::spin_loop();
+            }
+        }
+    }
 
     #[test]
     fn every_chunk_runs_once_inside_and_outside_a_region() {
@@ -349,6 +374,29 @@ mod tests {
                 assert_eq!(*v, 50 * (j + 1), "inside {inside}");
             }
         }
+    }
+
+    #[test]
+    fn jobs_of_changing_sizes_run_each_chunk_exactly_once() {
+        // A small job followed by a larger one is where a worker holding the small
+        // job's spent ticket could claim a chunk past its end.
+        let mut out = vec![0u32; 97];
+        STALL.store(true, Ordering::Relaxed);
+        region(|| {
+            for iter in 0..2_000usize {
+                let n = 1 + (iter * 7919) % out.len();
+                let part = &mut out[..n];
+                part.fill(0);
+                for_each_chunk_mut(part, 1, true, |i, c| {
+                    assert_eq!(c.len(), 1, "chunk {i} of {n}");
+                    // A little work, so that the workers take part.
+                    let spin = (0..50u32).fold(0u32, |a, b| std::hint::black_box(a ^ b));
+                    c[0] += 1 + (spin & 0);
+                });
+                assert!(part.iter().all(|&v| v == 1), "job {iter} of {n} chunks");
+            }
+        });
+        STALL.store(false, Ordering::Relaxed);
     }
 
     #[test]
