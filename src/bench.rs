@@ -220,6 +220,7 @@ fn run_variant(
     // The executor holds what it reads (compact copies of GEMV weights included); the
     // loaded `f32` values it does not need are freed here.
     drop(weights);
+    release_freed_memory();
     let mut session = Session::with_capacity(exec, 1, opts.context + opts.steps + 1)?;
     let vocab = session.vocab() as u64;
     let prefill = random_tokens(vocab, opts.context, 1);
@@ -244,6 +245,20 @@ fn run_variant(
         launches,
         rss: proc_status_bytes("VmRSS:").unwrap_or(0),
     })
+}
+
+/// Returns the heap memory freed so far to the OS, so that the resident size a variant
+/// reports is what it uses: glibc keeps freed blocks below its (adaptive) memory-map
+/// threshold in the heap, and the loaded weights that the executor replaced by its
+/// packed copies are such blocks.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `malloc_trim` only returns free heap pages to the OS; it touches no
+    // live allocation.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Bytes of the read-bandwidth buffer: far beyond any last-level cache.

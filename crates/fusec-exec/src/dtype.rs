@@ -27,7 +27,7 @@ pub fn is_supported(dtype: DType) -> bool {
 pub fn round(dtype: DType, x: f32) -> f32 {
     match dtype {
         DType::F16 => f16::from_f32(x).to_f32(),
-        DType::Bf16 => bf16::from_f32(x).to_f32(),
+        DType::Bf16 => round_bf16(x),
         DType::Fp8E4M3 => round_e4m3(x),
         DType::Fp8E5M2 => numerics::round_to(dtype, x),
         DType::F32 | DType::I32 => x,
@@ -58,10 +58,23 @@ pub fn round_e4m3(x: f32) -> f32 {
     f32::from_bits(rounded & !0xF_FFFF)
 }
 
+/// `x` rounded to `bf16` (nearest, ties to even), bit for bit as
+/// `half::bf16::from_f32(x).to_f32()` gives it, NaNs included (quieted, sign and top
+/// payload bits kept), but without branches on the common path, so that a loop over a
+/// slice vectorizes: every result of a `bf16` graph is rounded by it.
+#[inline]
+pub fn round_bf16(x: f32) -> f32 {
+    let bits = x.to_bits();
+    let rounded = bits.wrapping_add(0x7FFF + ((bits >> 16) & 1)) & 0xFFFF_0000;
+    let nan = (bits & 0xFFFF_0000) | 0x0040_0000;
+    f32::from_bits(if x.is_nan() { nan } else { rounded })
+}
+
 /// Rounds every value of `data` to `dtype`.
 pub fn round_slice(dtype: DType, data: &mut [f32]) {
     match dtype {
-        DType::F16 | DType::Bf16 | DType::Fp8E4M3 | DType::Fp8E5M2 => {
+        DType::Bf16 => data.iter_mut().for_each(|x| *x = round_bf16(*x)),
+        DType::F16 | DType::Fp8E4M3 | DType::Fp8E5M2 => {
             data.iter_mut().for_each(|x| *x = round(dtype, *x))
         }
         DType::F32 | DType::I32 => {}
@@ -187,6 +200,39 @@ mod tests {
         let mut v = [0.3f32, 500.0];
         round_slice(DType::Fp8E4M3, &mut v);
         assert_eq!(v, [0.3125, 448.0]);
+    }
+
+    #[test]
+    fn fast_bf16_rounding_matches_half() {
+        let check = |x: f32| {
+            let fast = round_bf16(x);
+            let slow = bf16::from_f32(x).to_f32();
+            assert_eq!(fast.to_bits(), slow.to_bits(), "{x:e} ({:#x})", x.to_bits());
+        };
+        // A sweep over all bit patterns (both signs, subnormals, infinities, NaNs with
+        // payloads), the ties and their neighbours around every `bf16` value near 1.
+        for bits in (0..=u32::MAX).step_by(4099) {
+            check(f32::from_bits(bits));
+        }
+        for hi in 0x3F00u32..0x4100 {
+            for lo in [0x7FFF, 0x8000, 0x8001, 0xFFFF, 0] {
+                check(f32::from_bits(hi << 16 | lo));
+                check(-f32::from_bits(hi << 16 | lo));
+            }
+        }
+        for x in [
+            f32::MAX,
+            f32::MIN_POSITIVE,
+            f32::INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            0.0,
+            -0.0,
+        ] {
+            check(x);
+        }
+        check(f32::from_bits(0x7F7F_FFFF));
+        check(f32::from_bits(0xFF80_0001));
     }
 
     fn same(x: f32) {
