@@ -1,26 +1,31 @@
 //! CPU decode: eager, fused f32, fused bf16 and fused fp8 side by side on the 125M
-//! example and the fixture-sized model, against the read bandwidth measured in the
-//! same run (the method is `fusec::bench`'s).
+//! example (context 128, 32 steps per round) and the fixture-sized model (context 32,
+//! 90 steps per round), against the read bandwidth measured in the same run (the
+//! method is `fusec::bench`'s).
 //!
-//! `cargo bench --bench decode [-- CONTEXT STEPS]` (defaults 128 and 32).
+//! `cargo bench --bench decode [-- ROUNDS]` (default 5).
 
 use std::path::Path;
 
 use fusec::bench::{self, Options};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args: Vec<usize> = std::env::args()
+    let rounds = std::env::args()
         .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .collect();
-    let opts = Options {
-        context: args.first().copied().unwrap_or(128),
-        steps: args.get(1).copied().unwrap_or(32),
-        seed: 0,
-    };
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(5);
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    for model in ["examples/llama-125m.toml", "examples/tiny.toml"] {
+    for (model, context, steps) in [
+        ("examples/llama-125m.toml", 128, 32),
+        ("examples/tiny.toml", 32, 90),
+    ] {
         let spec = fusec::pipeline::load(&root.join(model), None, None)?;
+        let opts = Options {
+            context,
+            steps,
+            rounds,
+            seed: 0,
+        };
         print!("{}", bench::run_model(&spec, &opts)?.render());
     }
     if let Some(hwm) = bench::proc_status_bytes("VmHWM:") {

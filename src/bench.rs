@@ -5,15 +5,19 @@
 //! Method. For each variant the model gets seeded random weights (an FP8 variant's
 //! are derived from the bf16 ones, with the KV-cache scales calibrated on a short
 //! random prompt, as `fusec run` does); the weights the executor does not keep are
-//! dropped before timing. The KV cache is filled to `context` positions with random
-//! tokens, then `steps` decode steps at batch 1 are timed. Streamed weight bytes per
-//! token are the weight bytes of the graph's memory floor (`fusec_ir::cost`): every
-//! GEMV weight once, at its IR dtype, plus the gathered embedding rows. The ceiling is
-//! a parallel sum (one thread per core, as many as the executor's rayon pool) over a buffer far larger than the
-//! caches, best of several passes, measured before and after the variants of each
-//! model; the larger figure is the ceiling, so the percentages are conservative. The
-//! buffer is put on huge pages, as the executor puts the weights (`fusec_exec::
-//! hugepages`), since on a virtual machine that alone moved both figures by a third.
+//! dropped before timing. Every variant's KV cache is filled to `context` positions
+//! with the same random tokens; then the variants take turns for `rounds` rounds, each
+//! round decoding the same `steps` tokens at batch 1 again from the same context (the
+//! session rewinds its caches to it), so that the machine's slow spells fall on all
+//! of them alike and the ratios between them hold even when the
+//! absolute figures move. Streamed weight bytes per token are the weight bytes of the
+//! graph's memory floor (`fusec_ir::cost`): every GEMV weight once, at its IR dtype,
+//! plus the gathered embedding rows. The ceiling is a parallel sum (one thread per
+//! core) over a buffer far larger than the caches, best of several passes, measured
+//! before and after the variants; the larger figure is the ceiling, so the
+//! percentages are conservative. The buffer is put on huge pages, as the executor puts
+//! the weights (`fusec_exec::hugepages`), since on a virtual machine that alone moved
+//! both figures by a third.
 
 use std::time::Instant;
 
@@ -30,8 +34,11 @@ use crate::pipeline::{self, PipelineError};
 pub struct Options {
     /// Positions in the KV cache when timing starts.
     pub context: usize,
-    /// Timed decode steps per variant.
+    /// Timed decode steps per variant and round.
     pub steps: usize,
+    /// Rounds: the variants take turns, each decoding the same steps again from the
+    /// same context.
+    pub rounds: usize,
     /// Seed of the random weights.
     pub seed: u64,
 }
@@ -41,6 +48,7 @@ impl Default for Options {
         Options {
             context: 128,
             steps: 32,
+            rounds: 5,
             seed: 0,
         }
     }
@@ -68,7 +76,8 @@ pub struct VariantResult {
     /// Bytes the executor measured moving per step (reads and writes).
     pub measured_bytes: u64,
     pub launches: u64,
-    /// Resident memory after the variant ran, bytes (`VmRSS`).
+    /// Resident memory the variant added: its executor (weights, buffers) and its
+    /// session with the KV cache (`VmRSS` after it was set up, minus before).
     pub rss: u64,
 }
 
@@ -85,6 +94,7 @@ pub struct ModelResult {
     pub model: String,
     pub context: usize,
     pub steps: usize,
+    pub rounds: usize,
     /// The measured read bandwidth, GB/s.
     pub ceiling_gb_per_s: f64,
     pub variants: Vec<VariantResult>,
@@ -103,10 +113,11 @@ impl ModelResult {
     /// The result as a text table with the ratios between variants.
     pub fn render(&self) -> String {
         let mut s = format!(
-            "model {}: batch 1, context {}, {} timed steps, {} threads; read bandwidth ceiling {:.1} GB/s\n",
+            "model {}: batch 1, context {}, {} timed steps x {} rounds, {} threads; read bandwidth ceiling {:.1} GB/s\n",
             self.model,
             self.context,
             self.steps,
+            self.rounds,
             std::thread::available_parallelism().map_or(1, |n| n.get()),
             self.ceiling_gb_per_s
         );
@@ -119,7 +130,7 @@ impl ModelResult {
             "% ceiling",
             "launches",
             "bytes/step",
-            "RSS"
+            "memory"
         );
         for v in &self.variants {
             s += &format!(
@@ -156,6 +167,19 @@ const VARIANTS: [(&str, bool, Precision); 4] = [
     ("fused fp8", true, Precision::Fp8),
 ];
 
+/// A variant ready to time: its session, with the KV cache filled to the context.
+struct Prepared {
+    name: &'static str,
+    session: Session,
+    weight_bytes: u64,
+    rss: u64,
+    /// The token that follows the context.
+    first: i32,
+    seconds: f64,
+    bytes: u64,
+    launches: u64,
+}
+
 /// Runs every variant of `spec` and measures the ceiling around them.
 pub fn run_model(spec: &ModelSpec, opts: &Options) -> Result<ModelResult, BenchError> {
     if opts.steps == 0 || opts.context == 0 {
@@ -173,7 +197,7 @@ pub fn run_model(spec: &ModelSpec, opts: &Options) -> Result<ModelResult, BenchE
     let rules = pipeline::rules(&[])?;
     let fp8 = Fp8Options::default();
     let mut ceiling = read_bandwidth();
-    let mut variants = Vec::new();
+    let mut prepared = Vec::new();
     for (name, fused, precision) in VARIANTS {
         let graph = if fused {
             pipeline::fused_in(spec, precision, &rules, &fp8)?.0
@@ -189,13 +213,43 @@ pub fn run_model(spec: &ModelSpec, opts: &Options) -> Result<ModelResult, BenchE
         } else {
             Weights::random(&graph, opts.seed)?
         };
-        variants.push(run_variant(name, graph, weights, opts)?);
+        prepared.push(prepare(name, graph, weights, opts)?);
+    }
+    // Rounds that the variants take in turn, each decoding the same `steps` tokens
+    // from the same context (the session rewinds its caches to it), so that a slow
+    // spell of this machine (other tenants, frequency changes) falls on every variant
+    // alike instead of on whichever ran then.
+    for _ in 0..opts.rounds.max(1) {
+        for v in &mut prepared {
+            v.session.rewind(opts.context)?;
+            let mut token = v.first;
+            let start = Instant::now();
+            for _ in 0..opts.steps {
+                let out = v.session.step(&[token])?;
+                v.bytes += out.stats.bytes();
+                v.launches = out.stats.launches;
+                token = out.next.first().copied().unwrap_or(0);
+            }
+            v.seconds += start.elapsed().as_secs_f64();
+        }
     }
     ceiling = ceiling.max(read_bandwidth());
+    let variants = prepared
+        .into_iter()
+        .map(|v| VariantResult {
+            name: v.name,
+            tokens_per_s: (opts.steps * opts.rounds.max(1)) as f64 / v.seconds,
+            weight_bytes: v.weight_bytes,
+            measured_bytes: v.bytes / (opts.steps * opts.rounds.max(1)) as u64,
+            launches: v.launches,
+            rss: v.rss,
+        })
+        .collect();
     Ok(ModelResult {
         model: spec.model.name.clone(),
         context: opts.context,
         steps: opts.steps,
+        rounds: opts.rounds.max(1),
         ceiling_gb_per_s: ceiling,
         variants,
     })
@@ -208,43 +262,43 @@ fn random_tokens(vocab: u64, n: usize, seed: u64) -> Vec<i32> {
         .collect()
 }
 
-fn run_variant(
+/// Builds `name`'s executor and session and fills the KV cache to the context.
+fn prepare(
     name: &'static str,
     graph: Graph,
     weights: Weights,
     opts: &Options,
-) -> Result<VariantResult, BenchError> {
+) -> Result<Prepared, BenchError> {
     let cost = fusec_ir::cost::graph_cost(&graph, &fusec_exec::decode::bindings(1, opts.context))
         .map_err(|e| BenchError::Invalid(format!("unbound symbol {}", e.0)))?;
+    let rss_before = resident_bytes();
     let exec = Executor::new(graph, &weights)?;
-    // The executor holds what it reads (compact copies of GEMV weights included); the
-    // loaded `f32` values it does not need are freed here.
+    // The executor holds what it reads (its packed, compact copies of the GEMV
+    // weights included); the loaded values it does not need are freed here.
     drop(weights);
-    release_freed_memory();
     let mut session = Session::with_capacity(exec, 1, opts.context + opts.steps + 1)?;
     let vocab = session.vocab() as u64;
-    let prefill = random_tokens(vocab, opts.context, 1);
-    for &t in &prefill {
-        session.step(&[t])?;
+    // The context; its last step gives the token the timed rounds decode from.
+    let mut first = 0;
+    for &t in &random_tokens(vocab, opts.context, 1) {
+        first = session.step(&[t])?.next.first().copied().unwrap_or(0);
     }
-    let mut token = prefill.last().copied().unwrap_or(0);
-    let (mut bytes, mut launches) = (0u64, 0u64);
-    let start = Instant::now();
-    for _ in 0..opts.steps {
-        let out = session.step(&[token])?;
-        bytes += out.stats.bytes();
-        launches = out.stats.launches;
-        token = out.next.first().copied().unwrap_or(0);
-    }
-    let secs = start.elapsed().as_secs_f64();
-    Ok(VariantResult {
+    Ok(Prepared {
         name,
-        tokens_per_s: opts.steps as f64 / secs,
+        session,
         weight_bytes: cost.floor.weight_bytes,
-        measured_bytes: bytes / opts.steps as u64,
-        launches,
-        rss: proc_status_bytes("VmRSS:").unwrap_or(0),
+        rss: resident_bytes().saturating_sub(rss_before),
+        first,
+        seconds: 0.0,
+        bytes: 0,
+        launches: 0,
     })
+}
+
+/// The resident size of this process, with the freed heap returned to the OS first.
+fn resident_bytes() -> u64 {
+    release_freed_memory();
+    proc_status_bytes("VmRSS:").unwrap_or(0)
 }
 
 /// Returns the heap memory freed so far to the OS, so that the resident size a variant

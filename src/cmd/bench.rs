@@ -18,9 +18,13 @@ pub struct Args {
     /// Positions in the KV cache when timing starts.
     #[arg(long, default_value_t = 128)]
     pub context: usize,
-    /// Timed decode steps per variant.
+    /// Timed decode steps per variant and round.
     #[arg(long, default_value_t = 32)]
     pub steps: usize,
+    /// Rounds the variants take in turn, each decoding the same steps from the same
+    /// context.
+    #[arg(long, default_value_t = 5)]
+    pub rounds: usize,
     /// Seed of the random weights.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -31,6 +35,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
     let opts = Options {
         context: args.context,
         steps: args.steps,
+        rounds: args.rounds,
         seed: args.seed,
     };
     let result = bench::run_model(&spec, &opts).map_err(|e| match e {

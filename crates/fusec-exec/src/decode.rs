@@ -265,6 +265,32 @@ impl Session {
         self.past
     }
 
+    /// Forgets every cached position from `positions` on, as if only the first
+    /// `positions` tokens had been decoded: each cache becomes a shorter view of its
+    /// buffer, without copying, and the next step appends in place after it. Used to
+    /// decode the same continuation again (a benchmark's repeated rounds; a rejected
+    /// speculative draft).
+    pub fn rewind(&mut self, positions: usize) -> Result<(), Error> {
+        if positions > self.past {
+            return Err(bad(
+                "positions",
+                format!("cannot rewind {} cached positions to {positions}", self.past),
+            ));
+        }
+        for state in &self.states {
+            let Some(axis) = state.axis else {
+                return Err(bad(&state.name, "has no position axis to rewind"));
+            };
+            if let Some(t) = self.inputs[state.index].as_mut() {
+                *t = t
+                    .slice(axis, 0, positions)
+                    .map_err(|e| bad(&state.name, e.to_string()))?;
+            }
+        }
+        self.past = positions;
+        Ok(())
+    }
+
     pub fn vocab(&self) -> usize {
         self.vocab
     }

@@ -223,6 +223,33 @@ fn resuming_from_a_longer_prompt_continues_the_same_text() {
 }
 
 #[test]
+fn a_rewound_session_decodes_the_same_continuation_again() {
+    let cfg = Cfg::tiny().model("tiny");
+    for fused in [false, true] {
+        let eager = eager_decode_graph(&cfg).expect("graph builds");
+        let graph = if fused { fuse(&eager) } else { eager };
+        let weights = Weights::random(&graph, 9).expect("random weights");
+        let mut s = session(graph, &weights, 1);
+        let first = s.generate(&[vec![3, 1, 4, 1, 5]], 6).expect("decodes");
+        assert_eq!(s.past_len(), 10);
+        // Back to before the last prompt token, whose step gave the first new token.
+        s.rewind(4).expect("rewinds");
+        assert_eq!(s.past_len(), 4);
+        // The last prompt token again, then the same greedy continuation, bit for bit.
+        let mut token = 5;
+        for (i, &want) in first.generated[0].iter().enumerate() {
+            let out = s.step(&[token]).expect("steps");
+            let logits = &first.logits[0][i];
+            assert_eq!(out.logits[0].len(), logits.len());
+            assert!(out.logits[0].iter().zip(logits).all(|(a, b)| a.to_bits() == b.to_bits()));
+            assert_eq!(out.next[0], want, "fused {fused}, step {i}");
+            token = want;
+        }
+        assert!(s.rewind(100).is_err(), "cannot rewind forward");
+    }
+}
+
+#[test]
 fn bad_run_inputs_are_errors_and_leave_the_session_usable() {
     let cfg = Cfg::tiny().model("tiny");
     let graph = eager_decode_graph(&cfg).expect("graph builds");
