@@ -8,7 +8,9 @@
 //! anyone can see changes); the executor hands the kernel the cache it owns. A cache
 //! without room, or one that is shared, is first copied into a new buffer with room
 //! (twice the length needed), and the kernel reports the bytes it copied so that the
-//! measured traffic stays honest.
+//! measured traffic stays honest. The new entries are read in place through their
+//! strides (no gathered copy), and an E4M3 cache quantizes them with the bit-exact
+//! fast rounding of [`round_e4m3`] rather than the generic conversion.
 //!
 //! **Online softmax.** For one query row, a single pass over the keys keeps the running
 //! maximum `m`, the running sum `l` of `exp(s - m)` and the running output
@@ -25,6 +27,7 @@ use fusec_ir::{numerics, DType};
 use rayon::prelude::*;
 
 use super::fused::rope;
+use super::gemv::round_e4m3;
 use super::matmul::dot;
 use super::strided::{broadcast_shape, broadcast_strides};
 use super::{float_buffer, KernelError};
@@ -37,6 +40,10 @@ const PARALLEL_MIN_WORK: usize = 1 << 14;
 
 /// The smallest capacity, in positions, of a cache that has to be copied to grow.
 const MIN_CAPACITY: usize = 16;
+
+/// The largest rank of a non-contiguous appended tensor read in place through its
+/// strides; a higher one (never a KV cache) is gathered into a copy first.
+const MAX_STRIDED_RANK: usize = 8;
 
 /// `past` with `new` appended along `axis`: written in place into `past`'s buffer when
 /// it has room and is not shared, else into a new buffer with room. Values of `new`
@@ -51,7 +58,7 @@ pub fn append(
 ) -> Result<(Tensor, u64), KernelError> {
     let op = "kv.append";
     float_buffer(past, op)?;
-    float_buffer(new, op)?;
+    let src = float_buffer(new, op)?;
     let agrees = past.rank() == new.rank()
         && axis < past.rank()
         && past
@@ -79,15 +86,39 @@ pub fn append(
     })?;
     let outer: usize = past.shape()[..axis].iter().product();
     let block: usize = past.shape()[axis + 1..].iter().product();
-    let values = new.contiguous_f32().unwrap_or_default();
+    let span = n * block;
     let buf = past.unique_f32_mut().ok_or_else(|| {
         KernelError::Invalid(format!("{op}: the cache buffer is shared after copying"))
     })?;
-    for o in 0..outer {
-        let src = &values[o * n * block..(o + 1) * n * block];
-        let dst = (o * capacity + len) * block;
-        for (d, &v) in buf[dst..dst + n * block].iter_mut().zip(src) {
-            *d = store(v);
+    if span > 0 && outer > 0 {
+        // Element `e` of `new` in row-major order is entry `rest` of outer index `o`.
+        let dst = |e: usize| (e / span * capacity + len) * block + e % span;
+        if new.is_contiguous() {
+            let values = &src[new.offset()..new.offset() + outer * span];
+            for (o, from) in values.chunks_exact(span).enumerate() {
+                let at = dst(o * span);
+                for (d, &v) in buf[at..at + span].iter_mut().zip(from) {
+                    *d = store(v);
+                }
+            }
+        } else if new.rank() <= MAX_STRIDED_RANK {
+            // A row along the last axis lies inside one outer index (the last axis is
+            // the appended one or one after it), so its destination is contiguous.
+            let (inner, step) = (new.shape()[new.rank() - 1], new.strides()[new.rank() - 1]);
+            for_each_last_axis_row(new.shape(), new.strides(), new.offset(), |e, from| {
+                let at = dst(e);
+                for (i, d) in buf[at..at + inner].iter_mut().enumerate() {
+                    *d = store(src[from + i * step]);
+                }
+            });
+        } else {
+            let values = new.contiguous_f32().unwrap_or_default();
+            for (o, from) in values.chunks_exact(span).enumerate() {
+                let at = dst(o * span);
+                for (d, &v) in buf[at..at + span].iter_mut().zip(from) {
+                    *d = store(v);
+                }
+            }
         }
     }
     let mut shape = past.shape().to_vec();
@@ -95,12 +126,56 @@ pub fn append(
     Ok((past.with_layout(shape, past.strides().to_vec(), 0), copied))
 }
 
+/// Calls `f(first, offset)` for every row along the last axis of the view of `shape`
+/// and `strides` at `offset`, in row-major order: `first` is the row-major index of the
+/// row's first element and `offset` its place in the buffer. The rank is at most
+/// [`MAX_STRIDED_RANK`] (the odometer lives on the stack, so this allocates nothing).
+fn for_each_last_axis_row(
+    shape: &[usize],
+    strides: &[usize],
+    offset: usize,
+    mut f: impl FnMut(usize, usize),
+) {
+    let rank = shape.len();
+    if rank == 0 || rank > MAX_STRIDED_RANK || shape.contains(&0) {
+        return;
+    }
+    let inner = shape[rank - 1];
+    let mut index = [0usize; MAX_STRIDED_RANK];
+    let (mut off, mut first) = (offset, 0);
+    loop {
+        f(first, off);
+        first += inner;
+        // Advance the outer index like an odometer.
+        let mut d = rank - 1;
+        loop {
+            if d == 0 {
+                return;
+            }
+            d -= 1;
+            index[d] += 1;
+            off += strides[d];
+            if index[d] < shape[d] {
+                break;
+            }
+            off -= strides[d] * shape[d];
+            index[d] = 0;
+        }
+    }
+}
+
 /// How a cache's values are stored: rounded to its dtype, or for an FP8 cache
-/// quantized as `fp8(x / scale)`.
+/// quantized as `fp8(x / scale)`. E4M3 takes [`round_e4m3`], which equals the generic
+/// `numerics::round_to` bit for bit at a fraction of its cost, and `f32` is stored as
+/// it is, without a call to the generic rounding per value.
 fn storer(dtype: DType, scale: Option<f32>) -> impl Fn(f32) -> f32 {
-    move |x| match scale {
-        Some(s) if dtype.is_fp8() => numerics::round_to(dtype, x / s),
-        _ => round(dtype, x),
+    let scale = scale.filter(|_| dtype.is_fp8());
+    move |x| match (dtype, scale) {
+        (DType::F32, _) => x,
+        (DType::Fp8E4M3, Some(s)) => round_e4m3(x / s),
+        (DType::Fp8E4M3, None) => round_e4m3(x),
+        (_, Some(s)) => numerics::round_to(dtype, x / s),
+        (_, None) => round(dtype, x),
     }
 }
 
