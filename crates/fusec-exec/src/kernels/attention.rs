@@ -1,5 +1,5 @@
-//! Attention kernels: the in-place KV append, attention with an online softmax and
-//! GQA, and decode attention (RoPE, append and attention in one kernel).
+//! Attention kernels: the in-place KV append, attention with GQA, and decode attention
+//! (RoPE, append and attention in one kernel).
 //!
 //! **The in-place append.** A KV cache is a prefix view of a buffer with spare
 //! capacity along its sequence axis (`Tensor::with_capacity`). Appending writes only
@@ -12,31 +12,77 @@
 //! strides (no gathered copy), and an E4M3 cache quantizes them with the bit-exact
 //! fast rounding of [`round_e4m3`] rather than the generic conversion.
 //!
-//! **Online softmax.** For one query row, a single pass over the keys keeps the running
-//! maximum `m`, the running sum `l` of `exp(s - m)` and the running output
-//! `acc = sum(exp(s - m) * v)`; when the maximum grows from `m` to `m'`, `l` and `acc`
-//! are rescaled by `exp(m - m')`. The result is `acc / l`. Scores are rounded as the
-//! eager graph rounds them (the `q k^T` product, the scaled scores and the masked scores
-//! are each a value of the attention dtype there); the softmax and the weighted sum are
-//! `f32`, as in flash attention.
+//! **Attention, in three passes over the keys.** Decode attention is memory-bound: it
+//! should read each cached key and value once, at close to memory speed. The query
+//! rows that share a KV head (the `heads / kv_heads` heads of a GQA group, and all
+//! query positions of one head) are processed together, up to [`ROW_TILE`] at a
+//! time, so that one pass over that head's cache serves the whole tile and a GQA
+//! group reads its cache once instead of once per head:
+//!
+//! 1. every score of every row of the tile, key by key, into a scratch buffer: the
+//!    key row is read in place from the cache (no copy when its `head_dim` values are
+//!    contiguous, as a cache's are; a strided view is gathered row by row) and dotted
+//!    with each query row in the order of [`super::matmul::dot`];
+//! 2. per row, the rounding of the scores, their maximum, one `exp` per key, the sum
+//!    and the normalized probabilities, all in place in the scratch buffer;
+//! 3. per row, the weighted sum of the value rows, read in place, into the output
+//!    row (which stays in L1).
+//!
+//! This replaces an online softmax, which kept a running maximum and paid an extra
+//! `exp` and a rescale of the whole accumulator every time the maximum grew, and
+//! copied every key and value row before using it. The scratch comes from the
+//! executor's per-thread pool ([`crate::pool`]) with a capacity asked for the cache's
+//! capacity rather than its length, so a decode step gets the same buffer back step
+//! after step and attention allocates nothing but its result.
+//!
+//! **Roundings, and agreement with the eager graph.** Scores are rounded as the eager
+//! graph rounds them (the `q k^T` product, the scaled scores and the masked scores
+//! are each a value of the attention dtype there). The softmax then does what the
+//! eager `softmax` kernel does: the maximum (NaN propagating), `e = exp(s - max)` in
+//! `f32`, the sum of the `e` in `f64`, and `p = e * (1 / sum)` with the reciprocal
+//! rounded to `f32`. The weighted sum adds `p * v` key by key, in key order, from
+//! zero, as the eager `p @ v` matmul does; a key whose probability is exactly 0 (a
+//! masked one) is skipped, which changes nothing for finite values. Hence, in `f32`
+//! and with `head_dim > 1` (where the eager matmul takes that path), the result equals
+//! the eager composition bit for bit. Probabilities stay `f32`, as in flash attention
+//! and the CUDA kernel; an eager `bf16` graph rounds them to `bf16`, so there the two
+//! differ by that rounding. A row whose every key is masked gets `exp(-inf - -inf)`,
+//! NaN, as the eager softmax does. The result does not depend on the thread count or
+//! on how rows are grouped into tiles and chunks: each row's arithmetic is the same
+//! in any grouping.
 //!
 //! **FP8 caches.** A cache in an FP8 format stores `fp8(x / scale)` with one static
-//! scale per cache, and attention reads an entry back as `q * scale` in `f32`.
+//! scale per cache, so an entry's value is `code * scale`; its buffer holds the codes
+//! as `f32` values, as the executor holds every float. The passes read the codes in
+//! place and apply the scales to the few values derived from them instead of to
+//! every entry: a score is `dot(q, codes) * k_scale` (then rounded as above), and the
+//! value scale is folded into the normalization, `p = e * ((1 / sum) * v_scale)`, so
+//! the weighted sum of code rows comes out in value units. Attention over the
+//! dequantized caches rounds every `code * scale` (once per entry); this order
+//! rounds instead once per score (the product by the key scale) and once per row
+//! (the normalization times the value scale), so the two differ by a few `f32` ulps,
+//! far below the FP8 quantization itself.
 
 use fusec_ir::{numerics, DType};
-use rayon::prelude::*;
 
 use super::fused::rope;
 use super::gemv::round_e4m3;
 use super::matmul::dot;
-use super::strided::{broadcast_shape, broadcast_strides};
 use super::{float_buffer, KernelError};
 use crate::dtype::round;
 use crate::pool;
+use crate::team;
 use crate::tensor::Tensor;
 
-/// Query rows times keys below which attention runs on the calling thread.
-const PARALLEL_MIN_WORK: usize = 1 << 14;
+/// Multiply-adds of the score pass (query rows times keys times `head_dim`; the value
+/// pass does as many again) below which attention runs on the calling thread: a
+/// smaller attention finishes in less time than handing work to another thread costs.
+const PARALLEL_MIN_WORK: usize = 1 << 15;
+
+/// Query rows that share one pass over their KV head's cache. A tile's query rows and
+/// outputs (`ROW_TILE * head_dim` values each) stay in L1 while the key and value rows
+/// stream past; eight covers the GQA groups of common models in one pass.
+pub const ROW_TILE: usize = 8;
 
 /// The smallest capacity, in positions, of a cache that has to be copied to grow.
 const MIN_CAPACITY: usize = 16;
@@ -195,18 +241,17 @@ pub fn kv_append(past: &mut Tensor, new: &Tensor) -> Result<(Tensor, u64), Kerne
     append(past, new, axis, storer(dtype, None))
 }
 
-/// A `[batch, heads, len, head_dim]` operand as a strided view.
+/// A `[batch, heads, len, head_dim]` operand as a strided view of its buffer.
+#[derive(Copy, Clone)]
 struct View4<'a> {
     data: &'a [f32],
     shape: [usize; 4],
     strides: [usize; 4],
     offset: usize,
-    /// The dequantization scale of an FP8 cache.
-    scale: Option<f32>,
 }
 
 impl<'a> View4<'a> {
-    fn new(t: &'a Tensor, what: &str, scale: Option<f32>) -> Result<Self, KernelError> {
+    fn new(t: &'a Tensor, what: &str) -> Result<Self, KernelError> {
         let data = float_buffer(t, "attention")?;
         match (t.shape(), t.strides()) {
             ([a, b, c, d], [sa, sb, sc, sd]) => Ok(View4 {
@@ -214,7 +259,6 @@ impl<'a> View4<'a> {
                 shape: [*a, *b, *c, *d],
                 strides: [*sa, *sb, *sc, *sd],
                 offset: t.offset(),
-                scale: scale.filter(|_| t.dtype().is_fp8()),
             }),
             _ => Err(KernelError::Invalid(format!(
                 "attention: {what} must be [batch, heads, len, head_dim], got {:?}",
@@ -223,25 +267,60 @@ impl<'a> View4<'a> {
         }
     }
 
-    /// Row `[b, h, i, :]` into `row`, dequantized.
-    fn row_into(&self, b: usize, h: usize, i: usize, row: &mut Vec<f32>) {
-        let base = self.offset + b * self.strides[0] + h * self.strides[1] + i * self.strides[2];
-        let sd = self.strides[3];
-        row.clear();
-        if sd == 1 {
-            row.extend_from_slice(&self.data[base..base + self.shape[3]]);
+    /// The buffer offset of row `[b, h, i, :]`.
+    #[inline(always)]
+    fn base(&self, b: usize, h: usize, i: usize) -> usize {
+        self.offset + b * self.strides[0] + h * self.strides[1] + i * self.strides[2]
+    }
+
+    /// Row `[b, h, i, :]`: read in place when its values are contiguous (a cache's
+    /// rows always are), else gathered into `tmp` (`head_dim` long).
+    #[inline(always)]
+    fn row<'s>(&'s self, b: usize, h: usize, i: usize, tmp: &'s mut [f32]) -> &'s [f32] {
+        let base = self.base(b, h, i);
+        let n = self.shape[3];
+        if self.strides[3] == 1 {
+            &self.data[base..base + n]
         } else {
-            row.extend((0..self.shape[3]).map(|j| self.data[base + j * sd]));
-        }
-        if let Some(s) = self.scale {
-            row.iter_mut().for_each(|v| *v *= s);
+            let sd = self.strides[3];
+            for (j, t) in tmp.iter_mut().enumerate() {
+                *t = self.data[base + j * sd];
+            }
+            tmp
         }
     }
 }
 
+/// One attention call's operands and geometry, shared by every chunk of rows.
+struct Plan<'a> {
+    q: View4<'a>,
+    k: View4<'a>,
+    v: View4<'a>,
+    mask: &'a [f32],
+    mask_offset: usize,
+    /// The mask's strides broadcast to the scores `[batch, heads, tq, len]`.
+    mask_strides: [usize; 4],
+    dtype: DType,
+    scale: f32,
+    /// The scales of FP8 caches: keys, values.
+    k_scale: Option<f32>,
+    v_scale: Option<f32>,
+    heads: usize,
+    group: usize,
+    tq: usize,
+    len: usize,
+    hd: usize,
+    /// Query rows per chunk: a divisor of `group * tq`, so that a chunk's rows share
+    /// one KV head.
+    chunk_rows: usize,
+    /// Positions the scores scratch has room for: the cache's capacity when the keys
+    /// are a cache, so that its size does not change as the cache grows in place.
+    positions: usize,
+}
+
 /// `softmax(q k^T * scale + mask) v` with GQA (query head `h` reads KV head
-/// `h / (H / KV)`) and an online softmax; see the module documentation. `kv_scales`
-/// dequantize FP8 caches. The result has q's dtype.
+/// `h / (H / KV)`), in three passes per tile of query rows; see the module
+/// documentation. `kv_scales` are the scales of FP8 caches. The result has q's dtype.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -250,9 +329,9 @@ pub fn attention(
     mask: &Tensor,
     kv_scales: Option<(f32, f32)>,
 ) -> Result<Tensor, KernelError> {
-    let qv = View4::new(q, "q", None)?;
-    let kv = View4::new(k, "k", kv_scales.map(|s| s.0))?;
-    let vv = View4::new(v, "v", kv_scales.map(|s| s.1))?;
+    let qv = View4::new(q, "q")?;
+    let kv = View4::new(k, "k")?;
+    let vv = View4::new(v, "v")?;
     let [bq, heads, tq, hd] = qv.shape;
     let [bk, kv_heads, len, hdk] = kv.shape;
     if bk != bq || hdk != hd || vv.shape != kv.shape {
@@ -280,57 +359,269 @@ pub fn attention(
         )));
     }
     let scores = [bq, heads, tq, len];
-    if mask.rank() > 4 || broadcast_shape(&scores, mask.shape()).as_deref() != Some(&scores[..]) {
-        return Err(KernelError::Invalid(format!(
+    let mask_strides = mask_strides(mask, scores).ok_or_else(|| {
+        KernelError::Invalid(format!(
             "attention: mask {:?} does not broadcast to the scores {scores:?}",
             mask.shape()
-        )));
-    }
-    let md = float_buffer(mask, "attention")?;
-    let ms = broadcast_strides(mask.shape(), mask.strides(), &scores);
+        ))
+    })?;
     let group = heads / kv_heads;
     let rows = bq * heads * tq;
-    let mut out = pool::zeros(rows * hd);
-    let row = |(r, o): (usize, &mut [f32])| {
-        let (b, h, t) = (r / (heads * tq), (r / tq) % heads, r % tq);
-        let kvh = h / group;
-        let (mut qrow, mut krow, mut vrow) = (Vec::new(), Vec::new(), Vec::new());
-        qv.row_into(b, h, t, &mut qrow);
-        let mask_base = mask.offset() + b * ms[0] + h * ms[1] + t * ms[2];
-        let (mut m, mut l) = (f32::NEG_INFINITY, 0.0f32);
-        for j in 0..len {
-            kv.row_into(b, kvh, j, &mut krow);
-            let s = round(dtype, dot(&qrow, &krow));
-            let s = round(dtype, s * scale);
-            let s = round(dtype, s + md[mask_base + j * ms[3]]);
-            if s == f32::NEG_INFINITY {
-                // A masked position has weight exp(-inf) = 0.
-                continue;
-            }
-            if s > m {
-                let c = (m - s).exp();
-                l *= c;
-                o.iter_mut().for_each(|a| *a *= c);
-                m = s;
-            }
-            let p = (s - m).exp();
-            l += p;
-            vv.row_into(b, kvh, j, &mut vrow);
-            for (a, &x) in o.iter_mut().zip(&vrow) {
-                *a += p * x;
-            }
-        }
-        // Every position masked gives 0 / 0 = NaN, as the eager softmax does.
-        o.iter_mut().for_each(|a| *a = round(dtype, *a / l));
+    let work = rows * len * hd;
+    let parallel = work >= PARALLEL_MIN_WORK;
+    let plan = Plan {
+        q: qv,
+        k: kv,
+        v: vv,
+        mask: float_buffer(mask, "attention")?,
+        mask_offset: mask.offset(),
+        mask_strides,
+        dtype,
+        scale,
+        k_scale: kv_scales.map(|s| s.0).filter(|_| k.dtype().is_fp8()),
+        v_scale: kv_scales.map(|s| s.1).filter(|_| v.dtype().is_fp8()),
+        heads,
+        group,
+        tq,
+        len,
+        hd,
+        chunk_rows: chunk_rows(bq * kv_heads, group * tq, parallel),
+        positions: len.max(k.storage_len() / (bq * kv_heads * hd).max(1)),
     };
-    if hd > 0 {
-        if rows * len * hd >= PARALLEL_MIN_WORK {
-            out.par_chunks_mut(hd).enumerate().for_each(row);
-        } else {
-            out.chunks_mut(hd).enumerate().for_each(row);
-        }
+    let mut out = pool::zeros(rows * hd);
+    if hd > 0 && rows > 0 {
+        team::for_each_chunk_mut(&mut out, plan.chunk_rows * hd, parallel, |i, chunk| {
+            plan.chunk(i, chunk)
+        });
     }
     Ok(Tensor::from_kernel_f32(dtype, vec![bq, heads, tq, hd], out))
+}
+
+/// The strides that read `mask` broadcast to the scores' shape, or `None` when it does
+/// not broadcast to it (without allocating, unlike the general broadcasting helpers).
+fn mask_strides(mask: &Tensor, scores: [usize; 4]) -> Option<[usize; 4]> {
+    let rank = mask.rank();
+    if rank > 4 {
+        return None;
+    }
+    let pad = 4 - rank;
+    let mut strides = [0; 4];
+    for (i, (&d, &s)) in mask.shape().iter().zip(mask.strides()).enumerate() {
+        if d == scores[pad + i] {
+            strides[pad + i] = s;
+        } else if d != 1 {
+            return None;
+        }
+    }
+    Some(strides)
+}
+
+/// Query rows per chunk of the parallel loop. A chunk is a whole block of rows that
+/// share a KV head (`block_rows = group * tq`), so that the block's cache is read once;
+/// only when there are fewer blocks than threads are blocks split, into the largest
+/// divisor of `block_rows` that gives every thread a chunk, trading extra reads of a
+/// cache for the second core's bandwidth. Grouping never changes a row's result.
+fn chunk_rows(blocks: usize, block_rows: usize, parallel: bool) -> usize {
+    let threads = if parallel { team::threads() } else { 1 };
+    if blocks >= threads || block_rows <= 1 {
+        return block_rows.max(1);
+    }
+    let most = block_rows.div_ceil(threads.div_ceil(blocks.max(1))).max(1);
+    (1..=most)
+        .rev()
+        .find(|&d| block_rows.is_multiple_of(d))
+        .unwrap_or(1)
+}
+
+impl Plan<'_> {
+    /// Computes chunk `index` of the output rows.
+    fn chunk(&self, index: usize, out: &mut [f32]) {
+        self.chunk_body(index, out, &Portable);
+    }
+
+    /// Chunk `index` of the output rows (`out`, zeroed, `rows * head_dim` long): every
+    /// row shares one KV head, and rows are processed [`ROW_TILE`] at a time in the
+    /// three passes of the module documentation, with the inner loops of `inner`.
+    #[inline(always)]
+    fn chunk_body(&self, index: usize, out: &mut [f32], inner: &impl Inner) {
+        let (hd, len) = (self.hd, self.len);
+        let rows = out.len() / hd;
+        let first = index * self.chunk_rows;
+        let (b, h0) = (first / (self.heads * self.tq), first / self.tq % self.heads);
+        let kvh = h0 / self.group;
+        let tile = ROW_TILE.min(rows);
+        // One scratch buffer, from this thread's pool, holds the tile's scores, its
+        // query rows, and a key and a value row for views with strided rows. Its
+        // capacity is asked for the cache's capacity, so that the pool hands back the
+        // same buffer at every length the cache takes in place; only the part this
+        // length uses is zeroed.
+        let mut scratch = pool::take(tile * (self.positions + hd) + 2 * hd);
+        scratch.resize(tile * (len + hd) + 2 * hd, 0.0);
+        let (scores, rest) = scratch.split_at_mut(tile * len);
+        let (queries, rest) = rest.split_at_mut(tile * hd);
+        let (ktmp, vtmp) = rest.split_at_mut(hd);
+        for start in (0..rows).step_by(tile) {
+            let n = tile.min(rows - start);
+            let at = |r: usize| {
+                let g = first + start + r;
+                (g / self.tq % self.heads, g % self.tq)
+            };
+            for (r, qrow) in queries.chunks_exact_mut(hd).take(n).enumerate() {
+                let (h, t) = at(r);
+                qrow.copy_from_slice(self.q.row(b, h, t, ktmp));
+            }
+            // Pass 1: every score of the tile, one key row read per key.
+            for j in 0..len {
+                let krow = self.k.row(b, kvh, j, ktmp);
+                for (r, qrow) in queries.chunks_exact(hd).take(n).enumerate() {
+                    scores[r * len + j] = inner.dot(qrow, krow);
+                }
+            }
+            // Pass 2: each row's softmax, in place.
+            for r in 0..n {
+                let (h, t) = at(r);
+                let ms = self.mask_strides;
+                let mask_base = self.mask_offset + b * ms[0] + h * ms[1] + t * ms[2];
+                self.softmax(&mut scores[r * len..(r + 1) * len], mask_base);
+            }
+            // Pass 3: the weighted sum of the value rows.
+            let outs = &mut out[start * hd..(start + n) * hd];
+            if self.v.strides[3] == 1 {
+                // Rows in place: each output row accumulates in registers over all keys
+                // (the value rows it reads again for the next row of the tile are in
+                // L1 or L2 by then).
+                let base = self.v.base(b, kvh, 0);
+                for (r, o) in outs.chunks_exact_mut(hd).enumerate() {
+                    let probs = &scores[r * len..(r + 1) * len];
+                    inner.accumulate(o, probs, self.v.data, base, self.v.strides[2]);
+                }
+            } else {
+                for j in 0..len {
+                    let vrow = self.v.row(b, kvh, j, vtmp);
+                    for (r, o) in outs.chunks_exact_mut(hd).enumerate() {
+                        Portable.accumulate(o, &scores[r * len + j..][..1], vrow, 0, 0);
+                    }
+                }
+            }
+        }
+        pool::give(scratch);
+    }
+
+    /// Turns one row's raw dot products into probabilities, in place: the scores
+    /// rounded as the eager graph rounds them, then the eager softmax's arithmetic (see
+    /// the module documentation), with an FP8 cache's scales applied.
+    #[inline(always)]
+    fn softmax(&self, row: &mut [f32], mask_base: usize) {
+        let (dtype, scale, step) = (self.dtype, self.scale, self.mask_strides[3]);
+        let ks = self.k_scale.unwrap_or(1.0);
+        let fp8 = self.k_scale.is_some();
+        let mask = |j: usize| self.mask[mask_base + j * step];
+        if dtype == DType::F32 {
+            // Rounding to f32 changes nothing; a loop without it vectorizes.
+            match (fp8, step) {
+                (false, 1) => {
+                    let m = &self.mask[mask_base..mask_base + row.len()];
+                    for (s, &m) in row.iter_mut().zip(m) {
+                        *s = *s * scale + m;
+                    }
+                }
+                (false, _) => {
+                    for (j, s) in row.iter_mut().enumerate() {
+                        *s = *s * scale + mask(j);
+                    }
+                }
+                (true, _) => {
+                    for (j, s) in row.iter_mut().enumerate() {
+                        *s = *s * ks * scale + mask(j);
+                    }
+                }
+            }
+        } else {
+            for (j, s) in row.iter_mut().enumerate() {
+                let raw = if fp8 { *s * ks } else { *s };
+                *s = round(dtype, round(dtype, round(dtype, raw) * scale) + mask(j));
+            }
+        }
+        let max = nan_max(row);
+        for s in row.iter_mut() {
+            *s = (*s - max).exp();
+        }
+        // Summed in order in f64, as the eager softmax sums.
+        let sum = row.iter().fold(0.0f64, |a, &e| a + f64::from(e));
+        let inv = (1.0 / sum) as f32;
+        let norm = match self.v_scale {
+            Some(vs) => inv * vs,
+            None => inv,
+        };
+        for s in row.iter_mut() {
+            *s *= norm;
+        }
+    }
+}
+
+/// The largest value, or NaN if any value is NaN: the eager softmax's maximum (a fold
+/// that keeps the first NaN), computed over eight lanes so that it vectorizes. Which
+/// of two equal values, or of `0.0` and `-0.0`, it picks does not matter to
+/// `exp(s - max)`.
+#[inline(always)]
+fn nan_max(row: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut nan = false;
+    let chunks = row.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (l, &x) in lanes.iter_mut().zip(c) {
+            *l = if x > *l { x } else { *l };
+            nan |= x.is_nan();
+        }
+    }
+    let mut max = lanes
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    for &x in tail {
+        max = if x > max { x } else { max };
+        nan |= x.is_nan();
+    }
+    if nan {
+        f32::NAN
+    } else {
+        max
+    }
+}
+
+/// The inner loops of the passes, as each path provides them.
+trait Inner {
+    /// [`super::matmul::dot`] of `a` and `b`, bit for bit.
+    fn dot(&self, a: &[f32], b: &[f32]) -> f32;
+
+    /// `out[d] += probs[j] * v[base + j * stride + d]` for every key `j` in order, each
+    /// product and sum rounded, skipping keys of probability exactly 0 (a masked key
+    /// adds nothing to a finite sum; a NaN weight, of a fully masked row, still
+    /// reaches the output).
+    fn accumulate(&self, out: &mut [f32], probs: &[f32], v: &[f32], base: usize, stride: usize);
+}
+
+/// The portable inner loops.
+struct Portable;
+
+impl Inner for Portable {
+    #[inline(always)]
+    fn dot(&self, a: &[f32], b: &[f32]) -> f32 {
+        dot(a, b)
+    }
+
+    #[inline(always)]
+    fn accumulate(&self, out: &mut [f32], probs: &[f32], v: &[f32], base: usize, stride: usize) {
+        let hd = out.len();
+        for (j, &p) in probs.iter().enumerate() {
+            if p != 0.0 {
+                let row = &v[base + j * stride..base + j * stride + hd];
+                for (a, &x) in out.iter_mut().zip(row) {
+                    *a += p * x;
+                }
+            }
+        }
+    }
 }
 
 /// The caches and their FP8 scales for [`decode_attention`].
