@@ -26,7 +26,7 @@
 //! 2. per row, the rounding of the scores, their maximum, one `exp` per key, the sum
 //!    and the normalized probabilities, all in place in the scratch buffer;
 //! 3. per row, the weighted sum of the value rows, read in place, into the output
-//!    row (which stays in L1).
+//!    row, which the AVX2 path keeps in registers across all keys.
 //!
 //! This replaces an online softmax, which kept a running maximum and paid an extra
 //! `exp` and a rescale of the whole accumulator every time the maximum grew, and
@@ -62,6 +62,13 @@
 //! rounds instead once per score (the product by the key scale) and once per row
 //! (the normalization times the value scale), so the two differ by a few `f32` ulps,
 //! far below the FP8 quantization itself.
+//!
+//! **Vector code.** On x86-64 with AVX2 (detected at run time) the passes are
+//! compiled for AVX2 and their two inner loops are written with intrinsics: the dot
+//! product in `matmul::dot`'s order (which the compiler does not vectorize once it is
+//! inlined into the passes), and the weighted sum with the output row in registers.
+//! Both use separate multiplies and adds, never FMA, so every path gives the same
+//! bits.
 
 use fusec_ir::{numerics, DType};
 
@@ -434,14 +441,23 @@ fn chunk_rows(blocks: usize, block_rows: usize, parallel: bool) -> usize {
 }
 
 impl Plan<'_> {
-    /// Computes chunk `index` of the output rows.
+    /// Computes chunk `index` of the output rows on the fastest path this machine has.
     fn chunk(&self, index: usize, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if avx2::available() {
+                avx2::chunk(self, index, out);
+                return;
+            }
+        }
         self.chunk_body(index, out, &Portable);
     }
 
     /// Chunk `index` of the output rows (`out`, zeroed, `rows * head_dim` long): every
     /// row shares one KV head, and rows are processed [`ROW_TILE`] at a time in the
     /// three passes of the module documentation, with the inner loops of `inner`.
+    /// Inlined into the AVX2 path, so that the code around the inner loops is compiled
+    /// for AVX2 too; the arithmetic is the same on every path.
     #[inline(always)]
     fn chunk_body(&self, index: usize, out: &mut [f32], inner: &impl Inner) {
         let (hd, len) = (self.hd, self.len);
@@ -619,6 +635,267 @@ impl Inner for Portable {
                 for (a, &x) in out.iter_mut().zip(row) {
                     *a += p * x;
                 }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    //! The attention passes compiled for AVX2, with the two inner loops written with
+    //! intrinsics: the dot product in the order of `matmul::dot` (the compiler does
+    //! not vectorize that order by itself once it is inlined into the passes), and the
+    //! weighted sum of value rows with the output row held in registers across all
+    //! keys, where the compiler's loop loaded and stored it once per key. Only
+    //! separate multiplies and adds are used, never FMA, so this path rounds exactly
+    //! as the portable one does.
+    //!
+    //! `unsafe` is confined to this module: the `#[target_feature]` functions run only
+    //! after run-time detection said the CPU has AVX2, and their loads and stores are
+    //! unaligned accesses of eight values inside slices whose lengths were checked
+    //! first.
+    #![allow(unsafe_code)]
+
+    use std::arch::x86_64::*;
+    use std::sync::OnceLock;
+
+    use super::{Inner, Plan, Portable};
+
+    /// Whether this CPU has AVX2, detected once.
+    pub(super) fn available() -> bool {
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| is_x86_feature_detected!("avx2"))
+    }
+
+    /// `Plan::chunk_body` on AVX2; the caller has checked [`available`].
+    pub(super) fn chunk(plan: &Plan<'_>, index: usize, out: &mut [f32]) {
+        // SAFETY: `available()` returned true (the caller checks it), so this CPU runs
+        // the AVX2 instructions `chunk_avx2` contains.
+        unsafe { chunk_avx2(plan, index, out) }
+    }
+
+    #[target_feature(enable = "avx2")]
+    fn chunk_avx2(plan: &Plan<'_>, index: usize, out: &mut [f32]) {
+        plan.chunk_body(index, out, &Avx2);
+    }
+
+    /// The AVX2 inner loops; only made where [`available`] said yes.
+    struct Avx2;
+
+    impl Inner for Avx2 {
+        #[inline(always)]
+        fn dot(&self, a: &[f32], b: &[f32]) -> f32 {
+            // SAFETY: an `Avx2` exists only inside `chunk_avx2`, which runs on CPUs
+            // with AVX2.
+            unsafe { dot(a, b) }
+        }
+
+        #[inline(always)]
+        fn accumulate(
+            &self,
+            out: &mut [f32],
+            probs: &[f32],
+            v: &[f32],
+            base: usize,
+            stride: usize,
+        ) {
+            let hd = out.len();
+            let last = probs.len().checked_sub(1).map(|j| base + j * stride + hd);
+            if last.is_some_and(|end| end > v.len()) {
+                // Not reachable for a valid view; the portable loop's bounds checks
+                // report the bug as a panic instead of reading out of bounds here.
+                Portable.accumulate(out, probs, v, base, stride);
+                return;
+            }
+            // SAFETY: as for `dot`; every value row read, `v[base + j * stride..][..hd]`
+            // for `j < probs.len()`, lies inside `v` (checked above).
+            unsafe { accumulate(out, probs, v, base, stride) }
+        }
+    }
+
+    /// `matmul::dot` on AVX2: chunk `c` of eight values goes to accumulator `c % 4`,
+    /// the accumulators are combined as `(a0 + a1) + (a2 + a3)`, the lanes reduced as
+    /// `((v0 + v4) + (v1 + v5)) + ((v2 + v6) + (v3 + v7))`, then the tail added in
+    /// order; every product and sum rounded separately.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (main, quad) = (n - n % 8, n - n % 32);
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        // Every load reads `j..j + 8` with `j + 8 <= main <= n`, inside both slices.
+        let madd = |acc: __m256, j: usize| {
+            _mm256_add_ps(
+                acc,
+                _mm256_mul_ps(_mm256_loadu_ps(pa.add(j)), _mm256_loadu_ps(pb.add(j))),
+            )
+        };
+        let (mut a0, mut a1, mut a2, mut a3) = (
+            _mm256_setzero_ps(),
+            _mm256_setzero_ps(),
+            _mm256_setzero_ps(),
+            _mm256_setzero_ps(),
+        );
+        let mut j = 0;
+        while j < quad {
+            a0 = madd(a0, j);
+            a1 = madd(a1, j + 8);
+            a2 = madd(a2, j + 16);
+            a3 = madd(a3, j + 24);
+            j += 32;
+        }
+        // The last full chunks (at most three) go to accumulators 0, 1, 2.
+        if j < main {
+            a0 = madd(a0, j);
+            j += 8;
+        }
+        if j < main {
+            a1 = madd(a1, j);
+            j += 8;
+        }
+        if j < main {
+            a2 = madd(a2, j);
+        }
+        let acc = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+        let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
+        let h = _mm_hadd_ps(s, s);
+        let mut s = _mm_cvtss_f32(h) + _mm_cvtss_f32(_mm_shuffle_ps::<1>(h, h));
+        for t in main..n {
+            s += a[t] * b[t];
+        }
+        s
+    }
+
+    /// Keys per block of [`accumulate`]: the value rows of a block (16 KB at a
+    /// `head_dim` of 128) stay in L1 while each strip of the output row goes over them.
+    const KEY_BLOCK: usize = 32;
+
+    /// `Inner::accumulate` on AVX2: for each block of [`KEY_BLOCK`] keys, the output
+    /// row in strips of up to 64 values, each strip held in eight registers while every
+    /// key's value strip is added to it, then the last `hd % 8` values in order. A row
+    /// of up to 64 values is one strip, read once; a longer one is read once per strip,
+    /// which the key blocks keep in L1. The caller has checked that every value row
+    /// read lies inside `v`.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn accumulate(out: &mut [f32], probs: &[f32], v: &[f32], base: usize, stride: usize) {
+        let hd = out.len();
+        let main = hd - hd % 8;
+        for (block, ps) in probs.chunks(KEY_BLOCK).enumerate() {
+            let from = base + block * KEY_BLOCK * stride;
+            let mut d = 0;
+            while d + 64 <= main {
+                strip::<8>(out, ps, v, from + d, stride, d);
+                d += 64;
+            }
+            while d + 32 <= main {
+                strip::<4>(out, ps, v, from + d, stride, d);
+                d += 32;
+            }
+            while d < main {
+                strip::<1>(out, ps, v, from + d, stride, d);
+                d += 8;
+            }
+            if main < hd {
+                for (j, &p) in ps.iter().enumerate() {
+                    if p != 0.0 {
+                        let row = &v[from + j * stride + main..from + j * stride + hd];
+                        for (a, &x) in out[main..].iter_mut().zip(row) {
+                            *a += p * x;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Values `d..d + 8 N` of the output row, accumulated over every key in registers:
+    /// `out[d + i] += probs[j] * v[from + j * stride + i]`, in key order.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn strip<const N: usize>(
+        out: &mut [f32],
+        probs: &[f32],
+        v: &[f32],
+        from: usize,
+        stride: usize,
+        d: usize,
+    ) {
+        let po = out.as_mut_ptr().add(d);
+        let mut acc = [_mm256_setzero_ps(); N];
+        for (i, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_loadu_ps(po.add(8 * i));
+        }
+        let pv = v.as_ptr().add(from);
+        for (j, &p) in probs.iter().enumerate() {
+            if p != 0.0 {
+                let pp = _mm256_set1_ps(p);
+                let row = pv.add(j * stride);
+                for (i, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_add_ps(*a, _mm256_mul_ps(pp, _mm256_loadu_ps(row.add(8 * i))));
+                }
+            }
+        }
+        for (i, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(po.add(8 * i), *a);
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::{Avx2, Inner, Portable};
+        use crate::kernels::matmul;
+
+        fn values(n: usize, seed: &mut u32) -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    *seed ^= *seed << 13;
+                    *seed ^= *seed >> 17;
+                    *seed ^= *seed << 5;
+                    (*seed as f32 / u32::MAX as f32 - 0.5) * 3.0
+                })
+                .collect()
+        }
+
+        #[test]
+        fn the_avx2_loops_equal_the_portable_ones() {
+            if !super::available() {
+                return;
+            }
+            let mut seed = 0x9e37_79b9u32;
+            for n in 0..140 {
+                let (a, b) = (values(n, &mut seed), values(n, &mut seed));
+                let fast = Avx2.dot(&a, &b);
+                assert_eq!(
+                    fast.to_bits(),
+                    matmul::dot(&a, &b).to_bits(),
+                    "dot, n = {n}"
+                );
+            }
+            for (hd, keys) in [
+                (1, 13),
+                (7, 40),
+                (8, 13),
+                (9, 13),
+                (31, 70),
+                (32, 13),
+                (40, 33),
+                (64, 13),
+                (72, 65),
+                (100, 13),
+                (128, 40),
+                (131, 13),
+            ] {
+                let stride = hd + 5;
+                let v = values(3 + keys * stride, &mut seed);
+                let mut probs = values(keys, &mut seed);
+                probs[4] = 0.0;
+                let init = values(hd, &mut seed);
+                let (mut fast, mut slow) = (init.clone(), init);
+                Avx2.accumulate(&mut fast, &probs, &v, 3, stride);
+                Portable.accumulate(&mut slow, &probs, &v, 3, stride);
+                let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&fast), bits(&slow), "accumulate, hd = {hd}");
             }
         }
     }
