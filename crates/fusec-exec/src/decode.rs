@@ -274,7 +274,10 @@ impl Session {
         if positions > self.past {
             return Err(bad(
                 "positions",
-                format!("cannot rewind {} cached positions to {positions}", self.past),
+                format!(
+                    "cannot rewind {} cached positions to {positions}",
+                    self.past
+                ),
             ));
         }
         for state in &self.states {

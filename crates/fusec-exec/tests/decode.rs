@@ -241,7 +241,10 @@ fn a_rewound_session_decodes_the_same_continuation_again() {
             let out = s.step(&[token]).expect("steps");
             let logits = &first.logits[0][i];
             assert_eq!(out.logits[0].len(), logits.len());
-            assert!(out.logits[0].iter().zip(logits).all(|(a, b)| a.to_bits() == b.to_bits()));
+            assert!(out.logits[0]
+                .iter()
+                .zip(logits)
+                .all(|(a, b)| a.to_bits() == b.to_bits()));
             assert_eq!(out.next[0], want, "fused {fused}, step {i}");
             token = want;
         }

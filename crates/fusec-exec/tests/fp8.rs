@@ -199,7 +199,7 @@ fn an_fp8_kv_cache_stores_x_over_scale_and_reads_back_q_times_scale() {
         v_all.slice(2, 5, 6).expect("in range").to_vec_f32(),
         codes(&v, vs).to_vec_f32()
     );
-    // The same attention over the caches dequantized (q * scale, exact in f32).
+    // The same attention over the caches dequantized (q * scale, rounded to f32).
     let deq = |t: &Tensor, s: f32| {
         let vals = t.to_vec_f32().iter().map(|&c| c * s).collect();
         Tensor::from_f32(DType::F32, t.shape(), vals).expect("sizes match")
@@ -214,7 +214,11 @@ fn an_fp8_kv_cache_stores_x_over_scale_and_reads_back_q_times_scale() {
         None,
     )
     .expect("runs");
-    assert_eq!(out.to_vec_f32(), want.to_vec_f32());
+    // The kernel applies the scales to the scores and the probabilities instead of to
+    // every cached entry, which rounds differently in the last f32 bits (a few ulps,
+    // see the attention module's documentation), far below the FP8 quantization.
+    let err = common::rel_l2(&out.to_vec_f32(), &want.to_vec_f32());
+    assert!(err <= 1e-6, "relative L2 error {err}");
     // Scales must be given, positive and finite.
     let (mut ck, mut cv) = (codes(&pk, ks), codes(&pv, vs));
     let caches = Caches {

@@ -1,5 +1,5 @@
-//! Attention kernels: the in-place KV append, attention with an online softmax and
-//! GQA, and decode attention (RoPE, append and attention in one kernel).
+//! Attention kernels: the in-place KV append, attention with GQA, and decode attention
+//! (RoPE, append and attention in one kernel).
 //!
 //! **The in-place append.** A KV cache is a prefix view of a buffer with spare
 //! capacity along its sequence axis (`Tensor::with_capacity`). Appending writes only
@@ -8,35 +8,95 @@
 //! anyone can see changes); the executor hands the kernel the cache it owns. A cache
 //! without room, or one that is shared, is first copied into a new buffer with room
 //! (twice the length needed), and the kernel reports the bytes it copied so that the
-//! measured traffic stays honest.
+//! measured traffic stays honest. The new entries are read in place through their
+//! strides (no gathered copy), and an E4M3 cache quantizes them with the bit-exact
+//! fast rounding of [`round_e4m3`] rather than the generic conversion.
 //!
-//! **Online softmax.** For one query row, a single pass over the keys keeps the running
-//! maximum `m`, the running sum `l` of `exp(s - m)` and the running output
-//! `acc = sum(exp(s - m) * v)`; when the maximum grows from `m` to `m'`, `l` and `acc`
-//! are rescaled by `exp(m - m')`. The result is `acc / l`. Scores are rounded as the
-//! eager graph rounds them (the `q k^T` product, the scaled scores and the masked scores
-//! are each a value of the attention dtype there); the softmax and the weighted sum are
-//! `f32`, as in flash attention.
+//! **Attention, in three passes over the keys.** Decode attention is memory-bound: it
+//! should read each cached key and value once, at close to memory speed. The query
+//! rows that share a KV head (the `heads / kv_heads` heads of a GQA group, and all
+//! query positions of one head) are processed together, up to [`ROW_TILE`] at a
+//! time, so that one pass over that head's cache serves the whole tile and a GQA
+//! group reads its cache once instead of once per head:
+//!
+//! 1. every score of every row of the tile, key by key, into a scratch buffer: the
+//!    key row is read in place from the cache (no copy when its `head_dim` values are
+//!    contiguous, as a cache's are; a strided view is gathered row by row) and dotted
+//!    with each query row in the order of [`super::matmul::dot`];
+//! 2. per row, the rounding of the scores, their maximum, one `exp` per key, the sum
+//!    and the normalized probabilities, all in place in the scratch buffer;
+//! 3. per row, the weighted sum of the value rows, read in place, into the output
+//!    row, which the AVX2 path keeps in registers across all keys.
+//!
+//! This replaces an online softmax, which kept a running maximum and paid an extra
+//! `exp` and a rescale of the whole accumulator every time the maximum grew, and
+//! copied every key and value row before using it. The scratch comes from the
+//! executor's per-thread pool ([`crate::pool`]) with a capacity asked for the cache's
+//! capacity rather than its length, so a decode step gets the same buffer back step
+//! after step and attention allocates nothing but its result.
+//!
+//! **Roundings, and agreement with the eager graph.** Scores are rounded as the eager
+//! graph rounds them (the `q k^T` product, the scaled scores and the masked scores
+//! are each a value of the attention dtype there). The softmax then does what the
+//! eager `softmax` kernel does: the maximum (NaN propagating), `e = exp(s - max)` in
+//! `f32`, the sum of the `e` in `f64`, and `p = e * (1 / sum)` with the reciprocal
+//! rounded to `f32`. The weighted sum adds `p * v` key by key, in key order, from
+//! zero, as the eager `p @ v` matmul does; a key whose probability is exactly 0 (a
+//! masked one) is skipped, which changes nothing for finite values. Hence, in `f32`
+//! and with `head_dim > 1` (where the eager matmul takes that path), the result equals
+//! the eager composition bit for bit. Probabilities stay `f32`, as in flash attention
+//! and the CUDA kernel; an eager `bf16` graph rounds them to `bf16`, so there the two
+//! differ by that rounding. A row whose every key is masked gets `exp(-inf - -inf)`,
+//! NaN, as the eager softmax does. The result does not depend on the thread count or
+//! on how rows are grouped into tiles and chunks: each row's arithmetic is the same
+//! in any grouping.
 //!
 //! **FP8 caches.** A cache in an FP8 format stores `fp8(x / scale)` with one static
-//! scale per cache, and attention reads an entry back as `q * scale` in `f32`.
+//! scale per cache, so an entry's value is `code * scale`; its buffer holds the codes
+//! as `f32` values, as the executor holds every float. The passes read the codes in
+//! place and apply the scales to the few values derived from them instead of to
+//! every entry: a score is `dot(q, codes) * k_scale` (then rounded as above), and the
+//! value scale is folded into the normalization, `p = e * ((1 / sum) * v_scale)`, so
+//! the weighted sum of code rows comes out in value units. Attention over the
+//! dequantized caches rounds every `code * scale` (once per entry); this order
+//! rounds instead once per score (the product by the key scale) and once per row
+//! (the normalization times the value scale), so the two differ by a few `f32` ulps,
+//! far below the FP8 quantization itself.
+//!
+//! **Vector code.** On x86-64 with AVX2 (detected at run time) the passes are
+//! compiled for AVX2 and their two inner loops are written with intrinsics: the dot
+//! product in `matmul::dot`'s order (which the compiler does not vectorize once it is
+//! inlined into the passes), and the weighted sum with the output row in registers.
+//! Both use separate multiplies and adds, never FMA, so every path gives the same
+//! bits.
 
 use fusec_ir::{numerics, DType};
-use rayon::prelude::*;
 
 use super::fused::rope;
+use super::gemv::round_e4m3;
 use super::matmul::dot;
-use super::strided::{broadcast_shape, broadcast_strides};
 use super::{float_buffer, KernelError};
 use crate::dtype::round;
 use crate::pool;
+use crate::team;
 use crate::tensor::{Dims, Tensor};
 
-/// Query rows times keys below which attention runs on the calling thread.
-const PARALLEL_MIN_WORK: usize = 1 << 14;
+/// Multiply-adds of the score pass (query rows times keys times `head_dim`; the value
+/// pass does as many again) below which attention runs on the calling thread: a
+/// smaller attention finishes in less time than handing work to another thread costs.
+const PARALLEL_MIN_WORK: usize = 1 << 15;
+
+/// Query rows that share one pass over their KV head's cache. A tile's query rows and
+/// outputs (`ROW_TILE * head_dim` values each) stay in L1 while the key and value rows
+/// stream past; eight covers the GQA groups of common models in one pass.
+pub const ROW_TILE: usize = 8;
 
 /// The smallest capacity, in positions, of a cache that has to be copied to grow.
 const MIN_CAPACITY: usize = 16;
+
+/// The largest rank of a non-contiguous appended tensor read in place through its
+/// strides; a higher one (never a KV cache) is gathered into a copy first.
+const MAX_STRIDED_RANK: usize = 8;
 
 /// `past` with `new` appended along `axis`: written in place into `past`'s buffer when
 /// it has room and is not shared, else into a new buffer with room. Values of `new`
@@ -51,7 +111,7 @@ pub fn append(
 ) -> Result<(Tensor, u64), KernelError> {
     let op = "kv.append";
     float_buffer(past, op)?;
-    float_buffer(new, op)?;
+    let src = float_buffer(new, op)?;
     let agrees = past.rank() == new.rank()
         && axis < past.rank()
         && past
@@ -79,15 +139,39 @@ pub fn append(
     })?;
     let outer: usize = past.shape()[..axis].iter().product();
     let block: usize = past.shape()[axis + 1..].iter().product();
-    let values = new.contiguous_f32().unwrap_or_default();
+    let span = n * block;
     let buf = past.unique_f32_mut().ok_or_else(|| {
         KernelError::Invalid(format!("{op}: the cache buffer is shared after copying"))
     })?;
-    for o in 0..outer {
-        let src = &values[o * n * block..(o + 1) * n * block];
-        let dst = (o * capacity + len) * block;
-        for (d, &v) in buf[dst..dst + n * block].iter_mut().zip(src) {
-            *d = store(v);
+    if span > 0 && outer > 0 {
+        // Element `e` of `new` in row-major order is entry `rest` of outer index `o`.
+        let dst = |e: usize| (e / span * capacity + len) * block + e % span;
+        if new.is_contiguous() {
+            let values = &src[new.offset()..new.offset() + outer * span];
+            for (o, from) in values.chunks_exact(span).enumerate() {
+                let at = dst(o * span);
+                for (d, &v) in buf[at..at + span].iter_mut().zip(from) {
+                    *d = store(v);
+                }
+            }
+        } else if new.rank() <= MAX_STRIDED_RANK {
+            // A row along the last axis lies inside one outer index (the last axis is
+            // the appended one or one after it), so its destination is contiguous.
+            let (inner, step) = (new.shape()[new.rank() - 1], new.strides()[new.rank() - 1]);
+            for_each_last_axis_row(new.shape(), new.strides(), new.offset(), |e, from| {
+                let at = dst(e);
+                for (i, d) in buf[at..at + inner].iter_mut().enumerate() {
+                    *d = store(src[from + i * step]);
+                }
+            });
+        } else {
+            let values = new.contiguous_f32().unwrap_or_default();
+            for (o, from) in values.chunks_exact(span).enumerate() {
+                let at = dst(o * span);
+                for (d, &v) in buf[at..at + span].iter_mut().zip(from) {
+                    *d = store(v);
+                }
+            }
         }
     }
     let mut shape = past.dims();
@@ -95,12 +179,56 @@ pub fn append(
     Ok((past.with_layout(shape, past.stride_dims(), 0), copied))
 }
 
+/// Calls `f(first, offset)` for every row along the last axis of the view of `shape`
+/// and `strides` at `offset`, in row-major order: `first` is the row-major index of the
+/// row's first element and `offset` its place in the buffer. The rank is at most
+/// [`MAX_STRIDED_RANK`] (the odometer lives on the stack, so this allocates nothing).
+fn for_each_last_axis_row(
+    shape: &[usize],
+    strides: &[usize],
+    offset: usize,
+    mut f: impl FnMut(usize, usize),
+) {
+    let rank = shape.len();
+    if rank == 0 || rank > MAX_STRIDED_RANK || shape.contains(&0) {
+        return;
+    }
+    let inner = shape[rank - 1];
+    let mut index = [0usize; MAX_STRIDED_RANK];
+    let (mut off, mut first) = (offset, 0);
+    loop {
+        f(first, off);
+        first += inner;
+        // Advance the outer index like an odometer.
+        let mut d = rank - 1;
+        loop {
+            if d == 0 {
+                return;
+            }
+            d -= 1;
+            index[d] += 1;
+            off += strides[d];
+            if index[d] < shape[d] {
+                break;
+            }
+            off -= strides[d] * shape[d];
+            index[d] = 0;
+        }
+    }
+}
+
 /// How a cache's values are stored: rounded to its dtype, or for an FP8 cache
-/// quantized as `fp8(x / scale)`.
+/// quantized as `fp8(x / scale)`. E4M3 takes [`round_e4m3`], which equals the generic
+/// `numerics::round_to` bit for bit at a fraction of its cost, and `f32` is stored as
+/// it is, without a call to the generic rounding per value.
 fn storer(dtype: DType, scale: Option<f32>) -> impl Fn(f32) -> f32 {
-    move |x| match scale {
-        Some(s) if dtype.is_fp8() => numerics::round_to(dtype, x / s),
-        _ => round(dtype, x),
+    let scale = scale.filter(|_| dtype.is_fp8());
+    move |x| match (dtype, scale) {
+        (DType::F32, _) => x,
+        (DType::Fp8E4M3, Some(s)) => round_e4m3(x / s),
+        (DType::Fp8E4M3, None) => round_e4m3(x),
+        (_, Some(s)) => numerics::round_to(dtype, x / s),
+        (_, None) => round(dtype, x),
     }
 }
 
@@ -120,18 +248,17 @@ pub fn kv_append(past: &mut Tensor, new: &Tensor) -> Result<(Tensor, u64), Kerne
     append(past, new, axis, storer(dtype, None))
 }
 
-/// A `[batch, heads, len, head_dim]` operand as a strided view.
+/// A `[batch, heads, len, head_dim]` operand as a strided view of its buffer.
+#[derive(Copy, Clone)]
 struct View4<'a> {
     data: &'a [f32],
     shape: [usize; 4],
     strides: [usize; 4],
     offset: usize,
-    /// The dequantization scale of an FP8 cache.
-    scale: Option<f32>,
 }
 
 impl<'a> View4<'a> {
-    fn new(t: &'a Tensor, what: &str, scale: Option<f32>) -> Result<Self, KernelError> {
+    fn new(t: &'a Tensor, what: &str) -> Result<Self, KernelError> {
         let data = float_buffer(t, "attention")?;
         match (t.shape(), t.strides()) {
             ([a, b, c, d], [sa, sb, sc, sd]) => Ok(View4 {
@@ -139,7 +266,6 @@ impl<'a> View4<'a> {
                 shape: [*a, *b, *c, *d],
                 strides: [*sa, *sb, *sc, *sd],
                 offset: t.offset(),
-                scale: scale.filter(|_| t.dtype().is_fp8()),
             }),
             _ => Err(KernelError::Invalid(format!(
                 "attention: {what} must be [batch, heads, len, head_dim], got {:?}",
@@ -148,25 +274,60 @@ impl<'a> View4<'a> {
         }
     }
 
-    /// Row `[b, h, i, :]` into `row`, dequantized.
-    fn row_into(&self, b: usize, h: usize, i: usize, row: &mut Vec<f32>) {
-        let base = self.offset + b * self.strides[0] + h * self.strides[1] + i * self.strides[2];
-        let sd = self.strides[3];
-        row.clear();
-        if sd == 1 {
-            row.extend_from_slice(&self.data[base..base + self.shape[3]]);
+    /// The buffer offset of row `[b, h, i, :]`.
+    #[inline(always)]
+    fn base(&self, b: usize, h: usize, i: usize) -> usize {
+        self.offset + b * self.strides[0] + h * self.strides[1] + i * self.strides[2]
+    }
+
+    /// Row `[b, h, i, :]`: read in place when its values are contiguous (a cache's
+    /// rows always are), else gathered into `tmp` (`head_dim` long).
+    #[inline(always)]
+    fn row<'s>(&'s self, b: usize, h: usize, i: usize, tmp: &'s mut [f32]) -> &'s [f32] {
+        let base = self.base(b, h, i);
+        let n = self.shape[3];
+        if self.strides[3] == 1 {
+            &self.data[base..base + n]
         } else {
-            row.extend((0..self.shape[3]).map(|j| self.data[base + j * sd]));
-        }
-        if let Some(s) = self.scale {
-            row.iter_mut().for_each(|v| *v *= s);
+            let sd = self.strides[3];
+            for (j, t) in tmp.iter_mut().enumerate() {
+                *t = self.data[base + j * sd];
+            }
+            tmp
         }
     }
 }
 
+/// One attention call's operands and geometry, shared by every chunk of rows.
+struct Plan<'a> {
+    q: View4<'a>,
+    k: View4<'a>,
+    v: View4<'a>,
+    mask: &'a [f32],
+    mask_offset: usize,
+    /// The mask's strides broadcast to the scores `[batch, heads, tq, len]`.
+    mask_strides: [usize; 4],
+    dtype: DType,
+    scale: f32,
+    /// The scales of FP8 caches: keys, values.
+    k_scale: Option<f32>,
+    v_scale: Option<f32>,
+    heads: usize,
+    group: usize,
+    tq: usize,
+    len: usize,
+    hd: usize,
+    /// Query rows per chunk: a divisor of `group * tq`, so that a chunk's rows share
+    /// one KV head.
+    chunk_rows: usize,
+    /// Positions the scores scratch has room for: the cache's capacity when the keys
+    /// are a cache, so that its size does not change as the cache grows in place.
+    positions: usize,
+}
+
 /// `softmax(q k^T * scale + mask) v` with GQA (query head `h` reads KV head
-/// `h / (H / KV)`) and an online softmax; see the module documentation. `kv_scales`
-/// dequantize FP8 caches. The result has q's dtype.
+/// `h / (H / KV)`), in three passes per tile of query rows; see the module
+/// documentation. `kv_scales` are the scales of FP8 caches. The result has q's dtype.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -175,9 +336,9 @@ pub fn attention(
     mask: &Tensor,
     kv_scales: Option<(f32, f32)>,
 ) -> Result<Tensor, KernelError> {
-    let qv = View4::new(q, "q", None)?;
-    let kv = View4::new(k, "k", kv_scales.map(|s| s.0))?;
-    let vv = View4::new(v, "v", kv_scales.map(|s| s.1))?;
+    let qv = View4::new(q, "q")?;
+    let kv = View4::new(k, "k")?;
+    let vv = View4::new(v, "v")?;
     let [bq, heads, tq, hd] = qv.shape;
     let [bk, kv_heads, len, hdk] = kv.shape;
     if bk != bq || hdk != hd || vv.shape != kv.shape {
@@ -205,61 +366,543 @@ pub fn attention(
         )));
     }
     let scores = [bq, heads, tq, len];
-    if mask.rank() > 4 || broadcast_shape(&scores, mask.shape()).as_deref() != Some(&scores[..]) {
-        return Err(KernelError::Invalid(format!(
+    let mask_strides = mask_strides(mask, scores).ok_or_else(|| {
+        KernelError::Invalid(format!(
             "attention: mask {:?} does not broadcast to the scores {scores:?}",
             mask.shape()
-        )));
-    }
-    let md = float_buffer(mask, "attention")?;
-    let ms = broadcast_strides(mask.shape(), mask.strides(), &Dims::from(scores));
+        ))
+    })?;
     let group = heads / kv_heads;
     let rows = bq * heads * tq;
-    let mut out = pool::zeros(rows * hd);
-    let row = |(r, o): (usize, &mut [f32])| {
-        let (b, h, t) = (r / (heads * tq), (r / tq) % heads, r % tq);
-        let kvh = h / group;
-        let (mut qrow, mut krow, mut vrow) = (Vec::new(), Vec::new(), Vec::new());
-        qv.row_into(b, h, t, &mut qrow);
-        let mask_base = mask.offset() + b * ms[0] + h * ms[1] + t * ms[2];
-        let (mut m, mut l) = (f32::NEG_INFINITY, 0.0f32);
-        for j in 0..len {
-            kv.row_into(b, kvh, j, &mut krow);
-            let s = round(dtype, dot(&qrow, &krow));
-            let s = round(dtype, s * scale);
-            let s = round(dtype, s + md[mask_base + j * ms[3]]);
-            if s == f32::NEG_INFINITY {
-                // A masked position has weight exp(-inf) = 0.
-                continue;
-            }
-            if s > m {
-                let c = (m - s).exp();
-                l *= c;
-                o.iter_mut().for_each(|a| *a *= c);
-                m = s;
-            }
-            let p = (s - m).exp();
-            l += p;
-            vv.row_into(b, kvh, j, &mut vrow);
-            for (a, &x) in o.iter_mut().zip(&vrow) {
-                *a += p * x;
-            }
-        }
-        // Every position masked gives 0 / 0 = NaN, as the eager softmax does.
-        o.iter_mut().for_each(|a| *a = round(dtype, *a / l));
+    let work = rows * len * hd;
+    let parallel = work >= PARALLEL_MIN_WORK;
+    let plan = Plan {
+        q: qv,
+        k: kv,
+        v: vv,
+        mask: float_buffer(mask, "attention")?,
+        mask_offset: mask.offset(),
+        mask_strides,
+        dtype,
+        scale,
+        k_scale: kv_scales.map(|s| s.0).filter(|_| k.dtype().is_fp8()),
+        v_scale: kv_scales.map(|s| s.1).filter(|_| v.dtype().is_fp8()),
+        heads,
+        group,
+        tq,
+        len,
+        hd,
+        chunk_rows: chunk_rows(bq * kv_heads, group * tq, parallel),
+        positions: len.max(k.storage_len() / (bq * kv_heads * hd).max(1)),
     };
-    if hd > 0 {
-        if rows * len * hd >= PARALLEL_MIN_WORK {
-            out.par_chunks_mut(hd).enumerate().for_each(row);
-        } else {
-            out.chunks_mut(hd).enumerate().for_each(row);
-        }
+    let mut out = pool::zeros(rows * hd);
+    if hd > 0 && rows > 0 {
+        team::for_each_chunk_mut(&mut out, plan.chunk_rows * hd, parallel, |i, chunk| {
+            plan.chunk(i, chunk)
+        });
     }
     Ok(Tensor::from_kernel_f32(
         dtype,
         Dims::from([bq, heads, tq, hd]),
         out,
     ))
+}
+
+/// The strides that read `mask` broadcast to the scores' shape, or `None` when it does
+/// not broadcast to it (without allocating, unlike the general broadcasting helpers).
+fn mask_strides(mask: &Tensor, scores: [usize; 4]) -> Option<[usize; 4]> {
+    let rank = mask.rank();
+    if rank > 4 {
+        return None;
+    }
+    let pad = 4 - rank;
+    let mut strides = [0; 4];
+    for (i, (&d, &s)) in mask.shape().iter().zip(mask.strides()).enumerate() {
+        if d == scores[pad + i] {
+            strides[pad + i] = s;
+        } else if d != 1 {
+            return None;
+        }
+    }
+    Some(strides)
+}
+
+/// Query rows per chunk of the parallel loop. A chunk is a whole block of rows that
+/// share a KV head (`block_rows = group * tq`), so that the block's cache is read once;
+/// only when there are fewer blocks than threads are blocks split, into the largest
+/// divisor of `block_rows` that gives every thread a chunk, trading extra reads of a
+/// cache for the second core's bandwidth. Grouping never changes a row's result.
+fn chunk_rows(blocks: usize, block_rows: usize, parallel: bool) -> usize {
+    let threads = if parallel { team::threads() } else { 1 };
+    if blocks >= threads || block_rows <= 1 {
+        return block_rows.max(1);
+    }
+    let most = block_rows.div_ceil(threads.div_ceil(blocks.max(1))).max(1);
+    (1..=most)
+        .rev()
+        .find(|&d| block_rows.is_multiple_of(d))
+        .unwrap_or(1)
+}
+
+impl Plan<'_> {
+    /// Computes chunk `index` of the output rows on the fastest path this machine has.
+    fn chunk(&self, index: usize, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if avx2::available() {
+                avx2::chunk(self, index, out);
+                return;
+            }
+        }
+        self.chunk_body(index, out, &Portable);
+    }
+
+    /// Chunk `index` of the output rows (`out`, zeroed, `rows * head_dim` long): every
+    /// row shares one KV head, and rows are processed [`ROW_TILE`] at a time in the
+    /// three passes of the module documentation, with the inner loops of `inner`.
+    /// Inlined into the AVX2 path, so that the code around the inner loops is compiled
+    /// for AVX2 too; the arithmetic is the same on every path.
+    #[inline(always)]
+    fn chunk_body(&self, index: usize, out: &mut [f32], inner: &impl Inner) {
+        let (hd, len) = (self.hd, self.len);
+        let rows = out.len() / hd;
+        let first = index * self.chunk_rows;
+        let (b, h0) = (first / (self.heads * self.tq), first / self.tq % self.heads);
+        let kvh = h0 / self.group;
+        let tile = ROW_TILE.min(rows);
+        // One scratch buffer, from this thread's pool, holds the tile's scores, its
+        // query rows, and a key and a value row for views with strided rows. Its
+        // capacity is asked for the cache's capacity, so that the pool hands back the
+        // same buffer at every length the cache takes in place; only the part this
+        // length uses is zeroed.
+        let mut scratch = pool::take(tile * (self.positions + hd) + 2 * hd);
+        scratch.resize(tile * (len + hd) + 2 * hd, 0.0);
+        let (scores, rest) = scratch.split_at_mut(tile * len);
+        let (queries, rest) = rest.split_at_mut(tile * hd);
+        let (ktmp, vtmp) = rest.split_at_mut(hd);
+        for start in (0..rows).step_by(tile) {
+            let n = tile.min(rows - start);
+            let at = |r: usize| {
+                let g = first + start + r;
+                (g / self.tq % self.heads, g % self.tq)
+            };
+            for (r, qrow) in queries.chunks_exact_mut(hd).take(n).enumerate() {
+                let (h, t) = at(r);
+                qrow.copy_from_slice(self.q.row(b, h, t, ktmp));
+            }
+            // Pass 1: every score of the tile, one key row read per key.
+            for j in 0..len {
+                let krow = self.k.row(b, kvh, j, ktmp);
+                for (r, qrow) in queries.chunks_exact(hd).take(n).enumerate() {
+                    scores[r * len + j] = inner.dot(qrow, krow);
+                }
+            }
+            // Pass 2: each row's softmax, in place.
+            for r in 0..n {
+                let (h, t) = at(r);
+                let ms = self.mask_strides;
+                let mask_base = self.mask_offset + b * ms[0] + h * ms[1] + t * ms[2];
+                self.softmax(&mut scores[r * len..(r + 1) * len], mask_base);
+            }
+            // Pass 3: the weighted sum of the value rows.
+            let outs = &mut out[start * hd..(start + n) * hd];
+            if self.v.strides[3] == 1 {
+                // Rows in place: each output row accumulates in registers over all keys
+                // (the value rows it reads again for the next row of the tile are in
+                // L1 or L2 by then).
+                let base = self.v.base(b, kvh, 0);
+                for (r, o) in outs.chunks_exact_mut(hd).enumerate() {
+                    let probs = &scores[r * len..(r + 1) * len];
+                    inner.accumulate(o, probs, self.v.data, base, self.v.strides[2]);
+                }
+            } else {
+                for j in 0..len {
+                    let vrow = self.v.row(b, kvh, j, vtmp);
+                    for (r, o) in outs.chunks_exact_mut(hd).enumerate() {
+                        Portable.accumulate(o, &scores[r * len + j..][..1], vrow, 0, 0);
+                    }
+                }
+            }
+        }
+        pool::give(scratch);
+    }
+
+    /// Turns one row's raw dot products into probabilities, in place: the scores
+    /// rounded as the eager graph rounds them, then the eager softmax's arithmetic (see
+    /// the module documentation), with an FP8 cache's scales applied.
+    #[inline(always)]
+    fn softmax(&self, row: &mut [f32], mask_base: usize) {
+        let (dtype, scale, step) = (self.dtype, self.scale, self.mask_strides[3]);
+        let ks = self.k_scale.unwrap_or(1.0);
+        let fp8 = self.k_scale.is_some();
+        let mask = |j: usize| self.mask[mask_base + j * step];
+        if dtype == DType::F32 {
+            // Rounding to f32 changes nothing; a loop without it vectorizes.
+            match (fp8, step) {
+                (false, 1) => {
+                    let m = &self.mask[mask_base..mask_base + row.len()];
+                    for (s, &m) in row.iter_mut().zip(m) {
+                        *s = *s * scale + m;
+                    }
+                }
+                (false, _) => {
+                    for (j, s) in row.iter_mut().enumerate() {
+                        *s = *s * scale + mask(j);
+                    }
+                }
+                (true, _) => {
+                    for (j, s) in row.iter_mut().enumerate() {
+                        *s = *s * ks * scale + mask(j);
+                    }
+                }
+            }
+        } else {
+            for (j, s) in row.iter_mut().enumerate() {
+                let raw = if fp8 { *s * ks } else { *s };
+                *s = round(dtype, round(dtype, round(dtype, raw) * scale) + mask(j));
+            }
+        }
+        let max = nan_max(row);
+        for s in row.iter_mut() {
+            *s = (*s - max).exp();
+        }
+        // Summed in order in f64, as the eager softmax sums.
+        let sum = row.iter().fold(0.0f64, |a, &e| a + f64::from(e));
+        let inv = (1.0 / sum) as f32;
+        let norm = match self.v_scale {
+            Some(vs) => inv * vs,
+            None => inv,
+        };
+        for s in row.iter_mut() {
+            *s *= norm;
+        }
+    }
+}
+
+/// The largest value, or NaN if any value is NaN: the eager softmax's maximum (a fold
+/// that keeps the first NaN), computed over eight lanes so that it vectorizes. Which
+/// of two equal values, or of `0.0` and `-0.0`, it picks does not matter to
+/// `exp(s - max)`.
+#[inline(always)]
+fn nan_max(row: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut nan = false;
+    let chunks = row.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (l, &x) in lanes.iter_mut().zip(c) {
+            *l = if x > *l { x } else { *l };
+            nan |= x.is_nan();
+        }
+    }
+    let mut max = lanes
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    for &x in tail {
+        max = if x > max { x } else { max };
+        nan |= x.is_nan();
+    }
+    if nan {
+        f32::NAN
+    } else {
+        max
+    }
+}
+
+/// The inner loops of the passes, as each path provides them.
+trait Inner {
+    /// [`super::matmul::dot`] of `a` and `b`, bit for bit.
+    fn dot(&self, a: &[f32], b: &[f32]) -> f32;
+
+    /// `out[d] += probs[j] * v[base + j * stride + d]` for every key `j` in order, each
+    /// product and sum rounded, skipping keys of probability exactly 0 (a masked key
+    /// adds nothing to a finite sum; a NaN weight, of a fully masked row, still
+    /// reaches the output).
+    fn accumulate(&self, out: &mut [f32], probs: &[f32], v: &[f32], base: usize, stride: usize);
+}
+
+/// The portable inner loops.
+struct Portable;
+
+impl Inner for Portable {
+    #[inline(always)]
+    fn dot(&self, a: &[f32], b: &[f32]) -> f32 {
+        dot(a, b)
+    }
+
+    #[inline(always)]
+    fn accumulate(&self, out: &mut [f32], probs: &[f32], v: &[f32], base: usize, stride: usize) {
+        let hd = out.len();
+        for (j, &p) in probs.iter().enumerate() {
+            if p != 0.0 {
+                let row = &v[base + j * stride..base + j * stride + hd];
+                for (a, &x) in out.iter_mut().zip(row) {
+                    *a += p * x;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    //! The attention passes compiled for AVX2, with the two inner loops written with
+    //! intrinsics: the dot product in the order of `matmul::dot` (the compiler does
+    //! not vectorize that order by itself once it is inlined into the passes), and the
+    //! weighted sum of value rows with the output row held in registers across all
+    //! keys, where the compiler's loop loaded and stored it once per key. Only
+    //! separate multiplies and adds are used, never FMA, so this path rounds exactly
+    //! as the portable one does.
+    //!
+    //! `unsafe` is confined to this module: the `#[target_feature]` functions run only
+    //! after run-time detection said the CPU has AVX2, and their loads and stores are
+    //! unaligned accesses of eight values inside slices whose lengths were checked
+    //! first.
+    #![allow(unsafe_code)]
+
+    use std::arch::x86_64::*;
+    use std::sync::OnceLock;
+
+    use super::{Inner, Plan, Portable};
+
+    /// Whether this CPU has AVX2, detected once.
+    pub(super) fn available() -> bool {
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| is_x86_feature_detected!("avx2"))
+    }
+
+    /// `Plan::chunk_body` on AVX2; the caller has checked [`available`].
+    pub(super) fn chunk(plan: &Plan<'_>, index: usize, out: &mut [f32]) {
+        // SAFETY: `available()` returned true (the caller checks it), so this CPU runs
+        // the AVX2 instructions `chunk_avx2` contains.
+        unsafe { chunk_avx2(plan, index, out) }
+    }
+
+    #[target_feature(enable = "avx2")]
+    fn chunk_avx2(plan: &Plan<'_>, index: usize, out: &mut [f32]) {
+        plan.chunk_body(index, out, &Avx2);
+    }
+
+    /// The AVX2 inner loops; only made where [`available`] said yes.
+    struct Avx2;
+
+    impl Inner for Avx2 {
+        #[inline(always)]
+        fn dot(&self, a: &[f32], b: &[f32]) -> f32 {
+            // SAFETY: an `Avx2` exists only inside `chunk_avx2`, which runs on CPUs
+            // with AVX2.
+            unsafe { dot(a, b) }
+        }
+
+        #[inline(always)]
+        fn accumulate(
+            &self,
+            out: &mut [f32],
+            probs: &[f32],
+            v: &[f32],
+            base: usize,
+            stride: usize,
+        ) {
+            let hd = out.len();
+            let last = probs.len().checked_sub(1).map(|j| base + j * stride + hd);
+            if last.is_some_and(|end| end > v.len()) {
+                // Not reachable for a valid view; the portable loop's bounds checks
+                // report the bug as a panic instead of reading out of bounds here.
+                Portable.accumulate(out, probs, v, base, stride);
+                return;
+            }
+            // SAFETY: as for `dot`; every value row read, `v[base + j * stride..][..hd]`
+            // for `j < probs.len()`, lies inside `v` (checked above).
+            unsafe { accumulate(out, probs, v, base, stride) }
+        }
+    }
+
+    /// `matmul::dot` on AVX2: chunk `c` of eight values goes to accumulator `c % 4`,
+    /// the accumulators are combined as `(a0 + a1) + (a2 + a3)`, the lanes reduced as
+    /// `((v0 + v4) + (v1 + v5)) + ((v2 + v6) + (v3 + v7))`, then the tail added in
+    /// order; every product and sum rounded separately.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (main, quad) = (n - n % 8, n - n % 32);
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        // Every load reads `j..j + 8` with `j + 8 <= main <= n`, inside both slices.
+        let madd = |acc: __m256, j: usize| {
+            _mm256_add_ps(
+                acc,
+                _mm256_mul_ps(_mm256_loadu_ps(pa.add(j)), _mm256_loadu_ps(pb.add(j))),
+            )
+        };
+        let (mut a0, mut a1, mut a2, mut a3) = (
+            _mm256_setzero_ps(),
+            _mm256_setzero_ps(),
+            _mm256_setzero_ps(),
+            _mm256_setzero_ps(),
+        );
+        let mut j = 0;
+        while j < quad {
+            a0 = madd(a0, j);
+            a1 = madd(a1, j + 8);
+            a2 = madd(a2, j + 16);
+            a3 = madd(a3, j + 24);
+            j += 32;
+        }
+        // The last full chunks (at most three) go to accumulators 0, 1, 2.
+        if j < main {
+            a0 = madd(a0, j);
+            j += 8;
+        }
+        if j < main {
+            a1 = madd(a1, j);
+            j += 8;
+        }
+        if j < main {
+            a2 = madd(a2, j);
+        }
+        let acc = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+        let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
+        let h = _mm_hadd_ps(s, s);
+        let mut s = _mm_cvtss_f32(h) + _mm_cvtss_f32(_mm_shuffle_ps::<1>(h, h));
+        for t in main..n {
+            s += a[t] * b[t];
+        }
+        s
+    }
+
+    /// Keys per block of [`accumulate`]: the value rows of a block (16 KB at a
+    /// `head_dim` of 128) stay in L1 while each strip of the output row goes over them.
+    const KEY_BLOCK: usize = 32;
+
+    /// `Inner::accumulate` on AVX2: for each block of [`KEY_BLOCK`] keys, the output
+    /// row in strips of up to 64 values, each strip held in eight registers while every
+    /// key's value strip is added to it, then the last `hd % 8` values in order. A row
+    /// of up to 64 values is one strip, read once; a longer one is read once per strip,
+    /// which the key blocks keep in L1. The caller has checked that every value row
+    /// read lies inside `v`.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn accumulate(out: &mut [f32], probs: &[f32], v: &[f32], base: usize, stride: usize) {
+        let hd = out.len();
+        let main = hd - hd % 8;
+        for (block, ps) in probs.chunks(KEY_BLOCK).enumerate() {
+            let from = base + block * KEY_BLOCK * stride;
+            let mut d = 0;
+            while d + 64 <= main {
+                strip::<8>(out, ps, v, from + d, stride, d);
+                d += 64;
+            }
+            while d + 32 <= main {
+                strip::<4>(out, ps, v, from + d, stride, d);
+                d += 32;
+            }
+            while d < main {
+                strip::<1>(out, ps, v, from + d, stride, d);
+                d += 8;
+            }
+            if main < hd {
+                for (j, &p) in ps.iter().enumerate() {
+                    if p != 0.0 {
+                        let row = &v[from + j * stride + main..from + j * stride + hd];
+                        for (a, &x) in out[main..].iter_mut().zip(row) {
+                            *a += p * x;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Values `d..d + 8 N` of the output row, accumulated over every key in registers:
+    /// `out[d + i] += probs[j] * v[from + j * stride + i]`, in key order.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn strip<const N: usize>(
+        out: &mut [f32],
+        probs: &[f32],
+        v: &[f32],
+        from: usize,
+        stride: usize,
+        d: usize,
+    ) {
+        let po = out.as_mut_ptr().add(d);
+        let mut acc = [_mm256_setzero_ps(); N];
+        for (i, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_loadu_ps(po.add(8 * i));
+        }
+        let pv = v.as_ptr().add(from);
+        for (j, &p) in probs.iter().enumerate() {
+            if p != 0.0 {
+                let pp = _mm256_set1_ps(p);
+                let row = pv.add(j * stride);
+                for (i, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_add_ps(*a, _mm256_mul_ps(pp, _mm256_loadu_ps(row.add(8 * i))));
+                }
+            }
+        }
+        for (i, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(po.add(8 * i), *a);
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::{Avx2, Inner, Portable};
+        use crate::kernels::matmul;
+
+        fn values(n: usize, seed: &mut u32) -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    *seed ^= *seed << 13;
+                    *seed ^= *seed >> 17;
+                    *seed ^= *seed << 5;
+                    (*seed as f32 / u32::MAX as f32 - 0.5) * 3.0
+                })
+                .collect()
+        }
+
+        #[test]
+        fn the_avx2_loops_equal_the_portable_ones() {
+            if !super::available() {
+                return;
+            }
+            let mut seed = 0x9e37_79b9u32;
+            for n in 0..140 {
+                let (a, b) = (values(n, &mut seed), values(n, &mut seed));
+                let fast = Avx2.dot(&a, &b);
+                assert_eq!(
+                    fast.to_bits(),
+                    matmul::dot(&a, &b).to_bits(),
+                    "dot, n = {n}"
+                );
+            }
+            for (hd, keys) in [
+                (1, 13),
+                (7, 40),
+                (8, 13),
+                (9, 13),
+                (31, 70),
+                (32, 13),
+                (40, 33),
+                (64, 13),
+                (72, 65),
+                (100, 13),
+                (128, 40),
+                (131, 13),
+            ] {
+                let stride = hd + 5;
+                let v = values(3 + keys * stride, &mut seed);
+                let mut probs = values(keys, &mut seed);
+                probs[4] = 0.0;
+                let init = values(hd, &mut seed);
+                let (mut fast, mut slow) = (init.clone(), init);
+                Avx2.accumulate(&mut fast, &probs, &v, 3, stride);
+                Portable.accumulate(&mut slow, &probs, &v, 3, stride);
+                let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&fast), bits(&slow), "accumulate, hd = {hd}");
+            }
+        }
+    }
 }
 
 /// The caches and their FP8 scales for [`decode_attention`].
@@ -318,5 +961,9 @@ pub fn decode_attention(
     let (k_all, copied_k) = append(caches.past_k, &k_rot, 2, storer(cache, ks))?;
     let (v_all, copied_v) = append(caches.past_v, v, 2, storer(cache, vs))?;
     let out = attention(&q_rot, &k_all, &v_all, scale, mask, caches.scales)?;
+    // The rotated q and k are this kernel's own scratch: back to the pool, so that the
+    // next step takes them again instead of allocating.
+    pool::recycle(q_rot);
+    pool::recycle(k_rot);
     Ok(([out, k_all, v_all], copied_k + copied_v))
 }

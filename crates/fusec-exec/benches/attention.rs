@@ -1,0 +1,73 @@
+//! The attention kernel at decode shapes, timed: `cargo bench -p fusec-exec --bench
+//! attention`. Timings are benchmarks, never test assertions.
+
+use fusec_exec::kernels::attention::attention;
+use fusec_exec::{SplitMix64, Tensor};
+use fusec_ir::numerics::round_to;
+use fusec_ir::DType;
+
+fn random(dtype: DType, shape: &[usize], rng: &mut SplitMix64) -> Tensor {
+    let n = shape.iter().product();
+    let values = (0..n).map(|_| rng.normal() as f32).collect();
+    Tensor::from_f32(dtype, shape, values).expect("sizes match")
+}
+
+/// Quantizes `t` as an FP8 cache with scale `s` stores it: `fp8(x / s)`.
+fn codes(t: &Tensor, s: f32) -> Tensor {
+    let vals = t
+        .to_vec_f32()
+        .iter()
+        .map(|&x| round_to(DType::Fp8E4M3, x / s))
+        .collect();
+    Tensor::from_f32(DType::Fp8E4M3, t.shape(), vals).expect("sizes match")
+}
+
+/// Times attention at the decode shape of `examples/llama-125m.toml` (12 heads of 64,
+/// 164 positions), per twelve calls (one decode step), over twelve layers' caches
+/// (which fit in a 32 MB L3) and over a hundred and twenty (which do not, as in a real
+/// step, where the weights streamed between two calls of a layer evict its cache).
+fn main() {
+    let mut rng = SplitMix64::new(1);
+    for (name, kv_heads, group, fp8, layers) in [
+        ("llama-125m f32, in L3", 12, 1, false, 12),
+        ("llama-125m f32, from memory", 12, 1, false, 120),
+        ("llama-125m fp8, from memory", 12, 1, true, 120),
+        ("gqa 32/8 f32, from memory", 8, 4, false, 120),
+    ] {
+        let (len, hd) = (164, 64);
+        let heads = kv_heads * group;
+        let scales = fp8.then_some((0.01f32, 0.02f32));
+        let caches: Vec<(Tensor, Tensor)> = (0..layers)
+            .map(|_| {
+                let k = random(DType::F32, &[1, kv_heads, len, hd], &mut rng);
+                let v = random(DType::F32, &[1, kv_heads, len, hd], &mut rng);
+                match scales {
+                    Some((ks, vs)) => (codes(&k, ks), codes(&v, vs)),
+                    None => (k, v),
+                }
+            })
+            .collect();
+        let q = random(DType::F32, &[1, heads, 1, hd], &mut rng);
+        let mask = Tensor::zeros(DType::F32, &[1, 1, 1, len]).expect("valid");
+        let pass = || {
+            let t = std::time::Instant::now();
+            for (k, v) in &caches {
+                std::hint::black_box(attention(&q, k, v, 0.125, &mask, scales).expect("runs"));
+            }
+            t.elapsed().as_secs_f64() * 12.0 / layers as f64
+        };
+        pass();
+        let times: Vec<f64> = (0..3000 / layers).map(|_| pass()).collect();
+        let best = times.iter().copied().fold(f64::INFINITY, f64::min);
+        let mean = times.iter().sum::<f64>() / times.len() as f64;
+        // The bytes of the values the caches hold, at 4 bytes each (how they are
+        // stored today, FP8 caches included).
+        let bytes = (2 * 12 * kv_heads * len * hd * 4) as f64;
+        eprintln!(
+            "{name}: {:.3} ms per step (best {:.3}), {:.1} GB/s at the best",
+            mean * 1e3,
+            best * 1e3,
+            bytes / best / 1e9
+        );
+    }
+}
