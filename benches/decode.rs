@@ -25,6 +25,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             steps,
             rounds,
             seed: 0,
+            only: Vec::new(),
         };
         print!("{}", bench::run_model(&spec, &opts)?.render());
     }

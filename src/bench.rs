@@ -12,12 +12,13 @@
 //! of them alike and the ratios between them hold even when the
 //! absolute figures move. Streamed weight bytes per token are the weight bytes of the
 //! graph's memory floor (`fusec_ir::cost`): every GEMV weight once, at its IR dtype,
-//! plus the gathered embedding rows. The ceiling is a parallel sum (one thread per
-//! core) over a buffer far larger than the caches, best of several passes, measured
-//! before and after the variants; the larger figure is the ceiling, so the
-//! percentages are conservative. The buffer is put on huge pages, as the executor puts
-//! the weights (`fusec_exec::hugepages`), since on a virtual machine that alone moved
-//! both figures by a third.
+//! plus the gathered embedding rows. The ceiling is the machine's read bandwidth
+//! measured in the same rounds: in each round every variant's turn starts with a timed
+//! pass of a parallel sum (one thread per core) over a 512 MB buffer, and the ceiling
+//! is all bytes over all time of those passes, the statistic a variant's tokens/s is. (A best-of-passes
+//! figure moved between 33 and 54 GB/s on the shared VM this was written on.) The
+//! buffer is on huge pages, as the executor's weights are (`fusec_exec::hugepages`),
+//! since on a virtual machine that alone moved both figures by a third.
 
 use std::time::Instant;
 
@@ -41,6 +42,9 @@ pub struct Options {
     pub rounds: usize,
     /// Seed of the random weights.
     pub seed: u64,
+    /// The variants to run, by name (`eager f32`, `fused f32`, `fused bf16`,
+    /// `fused fp8`); empty: all of them.
+    pub only: Vec<String>,
 }
 
 impl Default for Options {
@@ -50,6 +54,7 @@ impl Default for Options {
             steps: 32,
             rounds: 5,
             seed: 0,
+            only: Vec::new(),
         }
     }
 }
@@ -180,7 +185,7 @@ struct Prepared {
     launches: u64,
 }
 
-/// Runs every variant of `spec` and measures the ceiling around them.
+/// Runs every variant of `spec` and measures the ceiling in the same rounds.
 pub fn run_model(spec: &ModelSpec, opts: &Options) -> Result<ModelResult, BenchError> {
     if opts.steps == 0 || opts.context == 0 {
         return Err(BenchError::Invalid(
@@ -196,9 +201,22 @@ pub fn run_model(spec: &ModelSpec, opts: &Options) -> Result<ModelResult, BenchE
     }
     let rules = pipeline::rules(&[])?;
     let fp8 = Fp8Options::default();
-    let mut ceiling = read_bandwidth();
     let mut prepared = Vec::new();
-    for (name, fused, precision) in VARIANTS {
+    if let Some(unknown) = opts
+        .only
+        .iter()
+        .find(|o| !VARIANTS.iter().any(|(name, _, _)| name == o))
+    {
+        return Err(BenchError::Invalid(format!(
+            "unknown variant `{unknown}`: the variants are {}",
+            VARIANTS.map(|v| format!("`{}`", v.0)).join(", ")
+        )));
+    }
+    let selected = VARIANTS
+        .into_iter()
+        .filter(|(name, _, _)| opts.only.is_empty() || opts.only.iter().any(|o| o == name));
+    for (name, fused, precision) in selected {
+        let rss_before = resident_bytes();
         let graph = if fused {
             pipeline::fused_in(spec, precision, &rules, &fp8)?.0
         } else {
@@ -213,14 +231,16 @@ pub fn run_model(spec: &ModelSpec, opts: &Options) -> Result<ModelResult, BenchE
         } else {
             Weights::random(&graph, opts.seed)?
         };
-        prepared.push(prepare(name, graph, weights, opts)?);
+        prepared.push(prepare(name, graph, weights, rss_before, opts)?);
     }
     // Rounds that the variants take in turn, each decoding the same `steps` tokens
     // from the same context (the session rewinds its caches to it), so that a slow
     // spell of this machine (other tenants, frequency changes) falls on every variant
     // alike instead of on whichever ran then.
+    let mut probe = ReadProbe::new();
     for _ in 0..opts.rounds.max(1) {
         for v in &mut prepared {
+            probe.pass();
             v.session.rewind(opts.context)?;
             let mut token = v.first;
             let start = Instant::now();
@@ -233,7 +253,6 @@ pub fn run_model(spec: &ModelSpec, opts: &Options) -> Result<ModelResult, BenchE
             v.seconds += start.elapsed().as_secs_f64();
         }
     }
-    ceiling = ceiling.max(read_bandwidth());
     let variants = prepared
         .into_iter()
         .map(|v| VariantResult {
@@ -250,7 +269,7 @@ pub fn run_model(spec: &ModelSpec, opts: &Options) -> Result<ModelResult, BenchE
         context: opts.context,
         steps: opts.steps,
         rounds: opts.rounds.max(1),
-        ceiling_gb_per_s: ceiling,
+        ceiling_gb_per_s: probe.gb_per_s(),
         variants,
     })
 }
@@ -267,11 +286,11 @@ fn prepare(
     name: &'static str,
     graph: Graph,
     weights: Weights,
+    rss_before: u64,
     opts: &Options,
 ) -> Result<Prepared, BenchError> {
     let cost = fusec_ir::cost::graph_cost(&graph, &fusec_exec::decode::bindings(1, opts.context))
         .map_err(|e| BenchError::Invalid(format!("unbound symbol {}", e.0)))?;
-    let rss_before = resident_bytes();
     let exec = Executor::new(graph, &weights)?;
     // The executor holds what it reads (its packed, compact copies of the GEMV
     // weights included); the loaded values it does not need are freed here.
@@ -317,46 +336,57 @@ fn release_freed_memory() {
 
 /// Bytes of the read-bandwidth buffer: far beyond any last-level cache.
 const BANDWIDTH_BYTES: usize = 512 << 20;
-/// Timed passes over it; the best counts.
-const BANDWIDTH_PASSES: usize = 5;
 
-/// The machine's memory read bandwidth now, GB/s: a parallel sum over a buffer much
-/// larger than the caches, one thread per core (the size of the executor's rayon pool),
-/// best of several passes. The sum uses eight independent integer lanes, so it is
-/// limited by memory and not by an addition chain.
-pub fn read_bandwidth() -> f64 {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let words = BANDWIDTH_BYTES / 8;
-    let per = words.div_ceil(threads);
-    let mut buf = vec![0u64; words];
-    // Written in parallel so the pages are resident before the timed passes.
-    std::thread::scope(|s| {
-        for (c, chunk) in buf.chunks_mut(per).enumerate() {
-            s.spawn(move || {
-                for (i, w) in chunk.iter_mut().enumerate() {
-                    *w = (c * per + i) as u64;
+/// The machine's memory read bandwidth, measured by timed passes of a parallel sum
+/// over a buffer much larger than the caches, one thread per core. The sum uses eight
+/// independent integer lanes, so it is limited by memory and not by an addition
+/// chain. The buffer is on huge pages, as the executor's weights are, so that the
+/// ceiling is the best this machine reads, not a figure the weights beat.
+pub struct ReadProbe {
+    buf: Vec<u64>,
+    threads: usize,
+    bytes: f64,
+    seconds: f64,
+    check: u64,
+}
+
+impl ReadProbe {
+    /// Allocates and writes the buffer, and makes one untimed pass.
+    pub fn new() -> ReadProbe {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let words = BANDWIDTH_BYTES / 8;
+        let mut buf: Vec<u64> = Vec::with_capacity(words);
+        fusec_exec::hugepages::advise_unwritten(buf.spare_capacity_mut());
+        buf.extend(0..words as u64);
+        let mut probe = ReadProbe {
+            buf,
+            threads,
+            bytes: 0.0,
+            seconds: 0.0,
+            check: 0,
+        };
+        probe.pass();
+        probe.bytes = 0.0;
+        probe.seconds = 0.0;
+        probe
+    }
+
+    /// One timed pass over the buffer.
+    pub fn pass(&mut self) {
+        let per = self.buf.len().div_ceil(self.threads);
+        let sum_chunk = |chunk: &[u64]| {
+            let mut lanes = [0u64; 8];
+            for c in chunk.chunks_exact(8) {
+                for (l, &w) in lanes.iter_mut().zip(c) {
+                    *l = l.wrapping_add(w);
                 }
-            });
-        }
-    });
-    // On the same huge pages the executor puts the weights on, so that the ceiling is
-    // the best this machine reads, not a figure the weights beat.
-    fusec_exec::hugepages::back_with_huge_pages(&buf);
-    let sum_chunk = |chunk: &[u64]| {
-        let mut lanes = [0u64; 8];
-        for c in chunk.chunks_exact(8) {
-            for (l, &w) in lanes.iter_mut().zip(c) {
-                *l = l.wrapping_add(w);
             }
-        }
-        lanes.iter().fold(0u64, |a, &b| a.wrapping_add(b))
-    };
-    let mut best = 0.0f64;
-    let mut check = 0u64;
-    for _ in 0..BANDWIDTH_PASSES {
+            lanes.iter().fold(0u64, |a, &b| a.wrapping_add(b))
+        };
         let start = Instant::now();
         let sum = std::thread::scope(|s| {
-            let handles: Vec<_> = buf
+            let handles: Vec<_> = self
+                .buf
                 .chunks(per)
                 .map(|chunk| s.spawn(move || sum_chunk(chunk)))
                 .collect();
@@ -365,13 +395,32 @@ pub fn read_bandwidth() -> f64 {
                 .map(|h| h.join().unwrap_or(0))
                 .fold(0u64, u64::wrapping_add)
         });
-        let secs = start.elapsed().as_secs_f64();
-        check = check.wrapping_add(sum);
-        best = best.max(BANDWIDTH_BYTES as f64 / secs / 1e9);
+        self.seconds += start.elapsed().as_secs_f64();
+        self.bytes += (self.buf.len() * 8) as f64;
+        // The sum is used, so the reads cannot be optimized away.
+        self.check = std::hint::black_box(self.check.wrapping_add(sum));
     }
-    // The sum is used, so the reads cannot be optimized away.
-    std::hint::black_box(check);
-    best
+
+    /// GB/s over the timed passes so far: all bytes over all time, the same statistic
+    /// as a variant's tokens/s over its rounds.
+    pub fn gb_per_s(&self) -> f64 {
+        self.bytes / self.seconds.max(f64::MIN_POSITIVE) / 1e9
+    }
+}
+
+impl std::fmt::Debug for ReadProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadProbe")
+            .field("bytes", &self.bytes)
+            .field("seconds", &self.seconds)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for ReadProbe {
+    fn default() -> Self {
+        ReadProbe::new()
+    }
 }
 
 /// A `kB` field of `/proc/self/status` (`VmHWM:`, `VmRSS:`) in bytes; `None` where

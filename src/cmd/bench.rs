@@ -28,6 +28,10 @@ pub struct Args {
     /// Seed of the random weights.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Run only this variant (repeatable): "eager f32", "fused f32", "fused bf16" or
+    /// "fused fp8" [default: all four].
+    #[arg(long = "variant", value_name = "NAME")]
+    pub only: Vec<String>,
 }
 
 pub fn run(args: Args) -> Result<(), Failure> {
@@ -37,6 +41,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
         steps: args.steps,
         rounds: args.rounds,
         seed: args.seed,
+        only: args.only,
     };
     let result = bench::run_model(&spec, &opts).map_err(|e| match e {
         BenchError::Pipeline(p) => Failure::from(p),

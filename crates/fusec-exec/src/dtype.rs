@@ -23,10 +23,14 @@ pub fn is_supported(dtype: DType) -> bool {
 }
 
 /// `x` rounded to the float format `dtype` (unchanged for `f32` and non-floats).
-#[inline]
+///
+/// Always inlined, and small for it (the `f16` and FP8 conversions are calls): every
+/// elementwise loop of a half-precision graph rounds each value, and inlined, the
+/// `f32` case costs nothing and a loop over one dtype can be unswitched and vectorized.
+#[inline(always)]
 pub fn round(dtype: DType, x: f32) -> f32 {
     match dtype {
-        DType::F16 => f16::from_f32(x).to_f32(),
+        DType::F16 => round_f16(x),
         DType::Bf16 => round_bf16(x),
         DType::Fp8E4M3 => round_e4m3(x),
         DType::Fp8E5M2 => numerics::round_to(dtype, x),
@@ -68,6 +72,12 @@ pub fn round_bf16(x: f32) -> f32 {
     let rounded = bits.wrapping_add(0x7FFF + ((bits >> 16) & 1)) & 0xFFFF_0000;
     let nan = (bits & 0xFFFF_0000) | 0x0040_0000;
     f32::from_bits(if x.is_nan() { nan } else { rounded })
+}
+
+/// `x` rounded to `f16`.
+#[inline(never)]
+fn round_f16(x: f32) -> f32 {
+    f16::from_f32(x).to_f32()
 }
 
 /// Rounds every value of `data` to `dtype`.

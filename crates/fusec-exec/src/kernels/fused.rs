@@ -10,7 +10,7 @@
 
 use fusec_ir::DType;
 
-use super::gemv::{self, GemvWeight};
+use super::gemv::{self, Epilogue, GemvWeight};
 use super::strided::{broadcast_shape, broadcast_strides, walk};
 use super::{float_buffer, KernelError};
 use crate::dtype::round;
@@ -92,7 +92,7 @@ pub fn rms_norm_linear(
         gemv::check(op, x.dtype(), d, wt)?;
     }
     let mut outs = pool::tensors(weights.len());
-    gemv::gemv_many(&n, rows, weights, None, |i, y| {
+    gemv::gemv_many(&n, rows, weights, None, Epilogue::None, |i, y| {
         outs.push(Tensor::from_kernel_f32(
             x.dtype(),
             with_last(x, weights[i].shape()[0]),
@@ -123,20 +123,20 @@ fn swiglu_rows(
             wu.shape()
         )));
     }
-    let (mut g, mut u) = (None, None);
-    gemv::gemv_many(xs, rows, &[wg, wu], None, |i, y| {
-        *(if i == 0 { &mut g } else { &mut u }) = Some(y);
+    // The eager roundings, on each chunk of gate and up results inside the GEMVs'
+    // parallel loop (the `exp` of SiLU is most of this kernel's work outside them).
+    let combine = |g: &mut [f32], u: &[f32]| {
+        for (a, &b) in g.iter_mut().zip(u) {
+            let s = round(dtype, silu(round(dtype, *a)));
+            *a = round(dtype, s * round(dtype, b));
+        }
+    };
+    let mut out = None;
+    gemv::gemv_many(xs, rows, &[wg, wu], None, Epilogue::Pair(&combine), |_, y| {
+        out = Some(y);
         Ok(())
     })?;
-    let (Some(mut g), Some(u)) = (g, u) else {
-        return Err(KernelError::Invalid(format!("{op}: a GEMV gave no result")));
-    };
-    for (a, &b) in g.iter_mut().zip(&u) {
-        let s = round(dtype, silu(round(dtype, *a)));
-        *a = round(dtype, s * round(dtype, b));
-    }
-    pool::give(u);
-    Ok(g)
+    out.ok_or_else(|| KernelError::Invalid(format!("{op}: the GEMVs gave no result")))
 }
 
 /// `fused.swiglu(x, Wg, Wu) = silu(x @ Wg^T) * (x @ Wu^T)`.
@@ -187,10 +187,25 @@ pub fn linear_add(x: &Tensor, w: GemvWeight<'_>, r: &Tensor) -> Result<Tensor, K
         KernelError::Invalid(format!("{op} needs a float residual, got {}", r.dtype()))
     })?;
     let dtype = x.dtype();
-    let mut y = gemv::gemv(&xs, rows, w, None)?;
-    for (v, &res) in y.iter_mut().zip(rs.iter()) {
-        *v = round(dtype, res + round(dtype, *v));
+    if rs.len() != rows * w.shape()[0] {
+        return Err(KernelError::Invalid(format!(
+            "{op}: {} residual values for {rows} rows of {}",
+            rs.len(),
+            w.shape()[0]
+        )));
     }
+    // The residual add, on each chunk of results inside the GEMV's parallel loop.
+    let add = |first: usize, ys: &mut [f32]| {
+        for (v, &res) in ys.iter_mut().zip(&rs[first..]) {
+            *v = round(dtype, res + round(dtype, *v));
+        }
+    };
+    let mut y = None;
+    gemv::gemv_many(&xs, rows, &[w], None, Epilogue::Each(&add), |_, out| {
+        y = Some(out);
+        Ok(())
+    })?;
+    let y = y.ok_or_else(|| KernelError::Invalid(format!("{op}: the GEMV gave no result")))?;
     Ok(Tensor::from_kernel_f32(dtype, shape, y))
 }
 
