@@ -15,7 +15,7 @@ use super::strided::{broadcast_shape, broadcast_strides, walk};
 use super::{float_buffer, KernelError};
 use crate::dtype::round;
 use crate::pool;
-use crate::tensor::{Dims, Tensor};
+use crate::tensor::{Buffer, Dims, Tensor};
 
 /// `x / (1 + exp(-x))`, as the eager `unary.silu` computes it.
 #[inline]
@@ -64,6 +64,12 @@ fn norm_rows(
     Ok((out, rows, d))
 }
 
+/// A kernel result whose values its epilogue already rounded to `dtype` (inside the
+/// GEMVs' parallel loop), wrapped without rounding them a second time.
+fn rounded(dtype: DType, shape: Dims, data: Vec<f32>) -> Tensor {
+    Tensor::contiguous(dtype, shape, Buffer::F32(pool::wrap(data)))
+}
+
 /// `x`'s shape with the last axis replaced by `n`.
 fn with_last(x: &Tensor, n: usize) -> Dims {
     let mut shape = x.dims();
@@ -92,12 +98,9 @@ pub fn rms_norm_linear(
         gemv::check(op, x.dtype(), d, wt)?;
     }
     let mut outs = pool::tensors(weights.len());
-    gemv::gemv_many(&n, rows, weights, None, Epilogue::None, |i, y| {
-        outs.push(Tensor::from_kernel_f32(
-            x.dtype(),
-            with_last(x, weights[i].shape()[0]),
-            y,
-        ));
+    let round_to = Epilogue::Round(x.dtype());
+    gemv::gemv_many(&n, rows, weights, None, round_to, |i, y| {
+        outs.push(rounded(x.dtype(), with_last(x, weights[i].shape()[0]), y));
         Ok(())
     })?;
     pool::give(n);
@@ -132,10 +135,17 @@ fn swiglu_rows(
         }
     };
     let mut out = None;
-    gemv::gemv_many(xs, rows, &[wg, wu], None, Epilogue::Pair(&combine), |_, y| {
-        out = Some(y);
-        Ok(())
-    })?;
+    gemv::gemv_many(
+        xs,
+        rows,
+        &[wg, wu],
+        None,
+        Epilogue::Pair(&combine),
+        |_, y| {
+            out = Some(y);
+            Ok(())
+        },
+    )?;
     out.ok_or_else(|| KernelError::Invalid(format!("{op}: the GEMVs gave no result")))
 }
 
@@ -143,11 +153,7 @@ fn swiglu_rows(
 pub fn swiglu(x: &Tensor, wg: GemvWeight<'_>, wu: GemvWeight<'_>) -> Result<Tensor, KernelError> {
     let (xs, rows, ins) = gemv::rows_of(x, "fused.swiglu")?;
     let out = swiglu_rows(&xs, rows, ins, x.dtype(), wg, wu, "fused.swiglu")?;
-    Ok(Tensor::from_kernel_f32(
-        x.dtype(),
-        with_last(x, wg.shape()[0]),
-        out,
-    ))
+    Ok(rounded(x.dtype(), with_last(x, wg.shape()[0]), out))
 }
 
 /// `fused.rms_norm_swiglu(x, w, eps, Wg, Wu)`.
@@ -162,11 +168,7 @@ pub fn rms_norm_swiglu(
     let (n, rows, d) = norm_rows(x, w, eps, op)?;
     let out = swiglu_rows(&n, rows, d, x.dtype(), wg, wu, op)?;
     pool::give(n);
-    Ok(Tensor::from_kernel_f32(
-        x.dtype(),
-        with_last(x, wg.shape()[0]),
-        out,
-    ))
+    Ok(rounded(x.dtype(), with_last(x, wg.shape()[0]), out))
 }
 
 /// `fused.linear_add(x, W, r) = r + round(x @ W^T)`.
@@ -206,7 +208,7 @@ pub fn linear_add(x: &Tensor, w: GemvWeight<'_>, r: &Tensor) -> Result<Tensor, K
         Ok(())
     })?;
     let y = y.ok_or_else(|| KernelError::Invalid(format!("{op}: the GEMV gave no result")))?;
-    Ok(Tensor::from_kernel_f32(dtype, shape, y))
+    Ok(rounded(dtype, shape, y))
 }
 
 /// `fused.rope(x, cos, sin) = x * cos + rotate_half(x) * sin`, with `cos` and `sin`

@@ -153,7 +153,9 @@ pub fn quantize_rows(xs: &[f32], ins: usize, act: DType) -> QuantRows {
     for row in xs.chunks(ins.max(1)).take(rows) {
         let absmax = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         let s = numerics::scale_for(absmax, act);
-        if act == DType::Fp8E4M3 {
+        if act == DType::Fp8E4M3 && !row.iter().any(|v| v.is_nan()) {
+            values.extend(row.iter().map(|&v| round_e4m3_finite(v / s)));
+        } else if act == DType::Fp8E4M3 {
             values.extend(row.iter().map(|&v| round_e4m3(v / s)));
         } else {
             values.extend(row.iter().map(|&v| numerics::round_to(act, v / s)));
@@ -164,6 +166,29 @@ pub fn quantize_rows(xs: &[f32], ins: usize, act: DType) -> QuantRows {
 }
 
 pub use crate::dtype::round_e4m3;
+
+/// [`round_e4m3`] for a value that is not NaN, bit for bit, without branches, so that
+/// the activation quantization loop vectorizes: the value saturates to `±448` first
+/// (which is what the generic conversion does past it), both roundings are computed,
+/// and the magnitude picks one. The subnormal rounding adds and subtracts `1.5 * 2^23`,
+/// which rounds a magnitude below `2^22` to an integer, ties to even, in the default
+/// rounding mode; the sign is put back after, so that `-0.0` stays `-0.0`.
+#[inline]
+fn round_e4m3_finite(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    let c = x.clamp(-448.0, 448.0);
+    let sign = c.to_bits() & 0x8000_0000;
+    let a = c.abs();
+    let sub = ((a * 512.0 + MAGIC) - MAGIC) * (1.0 / 512.0);
+    let bits = c.to_bits();
+    let normal = (bits + 0x7_FFFF + ((bits >> 20) & 1)) & !0xF_FFFF;
+    let magnitude = if a < 1.0 / 64.0 {
+        sub.to_bits()
+    } else {
+        normal & 0x7FFF_FFFF
+    };
+    f32::from_bits(magnitude | sign)
+}
 
 /// Checks that `w` multiplies rows of `ins` features of `dtype`.
 pub fn check(op: &str, dtype: DType, ins: usize, w: GemvWeight<'_>) -> Result<(), KernelError> {
@@ -250,6 +275,8 @@ fn chunk_rows(total: usize, row_bytes: usize) -> usize {
 pub enum Epilogue<'a> {
     /// The results as they are.
     None,
+    /// Every result rounded to this dtype.
+    Round(DType),
     /// `f(first, values)` on the results of a single GEMV: `values` are results
     /// `first..first + values.len()` of the row-major `[rows, out]` result.
     Each(&'a (dyn Fn(usize, &mut [f32]) + Sync)),
@@ -262,6 +289,7 @@ impl std::fmt::Debug for Epilogue<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Epilogue::None => "Epilogue::None",
+            Epilogue::Round(_) => "Epilogue::Round",
             Epilogue::Each(_) => "Epilogue::Each",
             Epilogue::Pair(_) => "Epilogue::Pair",
         })
@@ -360,7 +388,7 @@ pub fn gemv_many(
     let parts: &[Option<Part<'_>>] = &parts[..ws.len()];
 
     let fits = match epilogue {
-        Epilogue::None => true,
+        Epilogue::None | Epilogue::Round(_) => true,
         Epilogue::Each(_) => ws.len() == 1,
         Epilogue::Pair(_) => ws.len() == 2 && ws[0].shape() == ws[1].shape(),
     };
@@ -396,7 +424,10 @@ pub fn gemv_many(
     // Each weight's activations, prepared once for its storage format.
     let mut prepared: [Option<rowdot::Activations<'_>>; 4] = Default::default();
     for (p, slot) in parts.iter().flatten().zip(prepared.iter_mut()) {
-        *slot = Some(rowdot::Activations::new(plain_x(p), p.rows));
+        *slot = Some(match (p.quantized, fp8_act) {
+            (true, Some(DType::Fp8E4M3)) => rowdot::Activations::fp8(plain_x(p), p.rows),
+            _ => rowdot::Activations::new(plain_x(p), p.rows),
+        });
     }
     let result = if rows == 1 {
         decode_gemvs(ins, parts, &prepared, &sx, epilogue, &mut emit)
@@ -416,6 +447,10 @@ pub fn gemv_many(
             }));
         }
         match (epilogue, &mut results) {
+            (Epilogue::Round(dtype), _) => results
+                .iter_mut()
+                .flatten()
+                .for_each(|y| crate::dtype::round_slice(dtype, y)),
             (Epilogue::Each(f), [Some(y), ..]) => f(0, y),
             (Epilogue::Pair(f), [Some(a), Some(b), ..]) => f(a, b),
             _ => {}
@@ -506,8 +541,10 @@ fn decode_gemvs(
             }
             base += p.outs;
         }
-        if let Epilogue::Each(f) = epilogue {
-            f(start, chunk);
+        match epilogue {
+            Epilogue::Each(f) => f(start, chunk),
+            Epilogue::Round(dtype) => crate::dtype::round_slice(dtype, chunk),
+            Epilogue::None | Epilogue::Pair(_) => {}
         }
     });
     let count = parts().count();
@@ -645,6 +682,44 @@ mod tests {
         let scale = Tensor::from_f32(DType::F32, &[outs], random(rng, outs)).expect("scales");
         let quant = QuantWeight::new(values, scale, DType::F32, DType::Fp8E4M3).expect("quant");
         (dense, quant)
+    }
+
+    #[test]
+    fn branch_free_e4m3_rounding_matches_round_e4m3() {
+        let check = |x: f32| {
+            let (fast, slow) = (round_e4m3_finite(x), round_e4m3(x));
+            assert_eq!(fast.to_bits(), slow.to_bits(), "{x:e} ({:#x})", x.to_bits());
+        };
+        // Every magnitude up to past saturation in fine steps (subnormal quanta, ties
+        // and their neighbours among them), both signs, and the specials but NaN.
+        let top = 1000.0f32.to_bits();
+        for bits in (0..top).step_by(61) {
+            check(f32::from_bits(bits));
+            check(-f32::from_bits(bits));
+        }
+        for k in 0..4096 {
+            let tie = (k as f32 + 0.5) / 512.0;
+            for x in [
+                tie,
+                f32::from_bits(tie.to_bits() + 1),
+                f32::from_bits(tie.to_bits() - 1),
+            ] {
+                check(x);
+                check(-x);
+            }
+        }
+        for x in [
+            0.0,
+            -0.0,
+            448.0,
+            464.0,
+            465.0,
+            1e30,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+        ] {
+            check(x);
+        }
     }
 
     /// Each epilogue at decode, across many chunks and in parallel (inside a team

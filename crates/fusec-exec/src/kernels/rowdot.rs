@@ -147,10 +147,23 @@ pub struct Row<'a> {
 impl<'a> Activations<'a> {
     /// Prepares the rows `x` (row-major) for dots with weight rows stored like `w`.
     pub fn new(x: &'a [f32], w: Rows<'_>) -> Self {
+        Activations::prepare(x, w, e4m3_products_exact)
+    }
+
+    /// [`Activations::new`] for rows of FP8 E4M3 values (activations quantized by
+    /// `gemv::quantize_rows`), which always qualify for the E4M3 FMA kernel, so the
+    /// check of every value is skipped (it stays as a debug assertion).
+    pub fn fp8(x: &'a [f32], w: Rows<'_>) -> Self {
+        Activations::prepare(x, w, |x| {
+            debug_assert!(e4m3_products_exact(x));
+            true
+        })
+    }
+
+    fn prepare(x: &'a [f32], w: Rows<'_>, exact: impl Fn(&[f32]) -> bool) -> Self {
         #[cfg(target_arch = "x86_64")]
         {
-            if matches!(w, Rows::E4M3(_)) && avx2::fma_kernel_available() && e4m3_products_exact(x)
-            {
+            if matches!(w, Rows::E4M3(_)) && avx2::fma_kernel_available() && exact(x) {
                 let mut scaled = crate::pool::take(x.len());
                 scaled.extend(x.iter().map(|&v| v * avx2::X_SCALE));
                 return Activations {
@@ -159,7 +172,7 @@ impl<'a> Activations<'a> {
                 };
             }
         }
-        let _ = w;
+        let _ = (w, exact);
         Activations { x, scaled: None }
     }
 
