@@ -640,7 +640,8 @@ impl Tensor {
     /// This view over its whole buffer converted to compact E4M3 storage (one byte per
     /// value, as [`Tensor::to_compact`] stores an FP8 weight), with the same shape,
     /// strides and offset; `None` unless the dtype is E4M3 and the buffer holds `f32`
-    /// values that are all exact E4M3 values. Spare capacity is kept, so a KV cache
+    /// values that are all exact E4M3 values or NaN (which stays NaN, without its
+    /// payload). Spare capacity is kept, so a KV cache
     /// made by [`Tensor::zeros_with_capacity`] converts into a compact cache that
     /// appends in place.
     pub fn to_compact_storage(&self) -> Option<Tensor> {
@@ -650,7 +651,7 @@ impl Tensor {
         let codes = self
             .f32_buffer()?
             .iter()
-            .map(|&v| dtype::e4m3_bits(v))
+            .map(|&v| dtype::e4m3_bits_nan(v))
             .collect::<Option<Vec<u8>>>()?;
         Some(Tensor {
             buffer: Buffer::U8(Arc::new(codes)),
@@ -977,6 +978,32 @@ mod tests {
         assert_eq!(z.numel(), 0);
         assert_eq!(z.capacity_along(2), Some(8));
         assert_eq!(z.read_bytes(), 0);
+    }
+
+    #[test]
+    fn compact_caches_keep_their_layout_and_grow_compact() {
+        let values = vec![0.5, -0.0, 448.0, f32::NAN, 0.001953125, -3.0];
+        let t = Tensor::from_f32(DType::Fp8E4M3, &[1, 3, 2], values).expect("valid");
+        let c = t.with_capacity(1, 5).expect("axis in range");
+        let compact = c.to_compact_storage().expect("exact values");
+        assert!(matches!(compact.buffer(), Buffer::U8(_)));
+        assert_eq!(compact.storage_len(), 10);
+        assert_eq!(compact.capacity_along(1), Some(5));
+        assert_eq!(compact.read_bytes(), 6);
+        let bits = |t: &Tensor| {
+            t.to_vec_f32()
+                .iter()
+                .map(|v| if v.is_nan() { f32::NAN } else { *v }.to_bits())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(bits(&compact), bits(&t));
+        let grown = compact.with_capacity(1, 8).expect("axis in range");
+        assert!(matches!(grown.buffer(), Buffer::U8(_)));
+        assert_eq!(grown.capacity_along(1), Some(8));
+        assert_eq!(bits(&grown), bits(&t));
+        // Only exact E4M3 values in f32 storage convert.
+        assert!(iota(&[2]).to_compact_storage().is_none());
+        assert!(compact.to_compact_storage().is_none());
     }
 
     #[test]

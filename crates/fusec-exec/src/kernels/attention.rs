@@ -179,7 +179,7 @@ pub fn append(
 /// back as NaN (its payload is not kept).
 #[inline]
 fn e4m3_code(x: f32) -> u8 {
-    dtype::e4m3_bits(x).unwrap_or_else(|| numerics::e4m3_encode(x))
+    dtype::e4m3_bits_nan(x).unwrap_or_else(|| numerics::e4m3_encode(x))
 }
 
 /// The entries of `new` to append, and where they go in a cache's buffer.
@@ -1224,6 +1224,38 @@ mod avx2 {
                 Portable.accumulate(&mut slow, &probs, &v, 3, stride);
                 let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&fast), bits(&slow), "accumulate, hd = {hd}");
+                // The same over E4M3 bytes, every code (NaNs included) among them.
+                let codes: Vec<u8> = (0..v.len()).map(|i| (i * 37 + hd) as u8).collect();
+                let init = values(hd, &mut seed);
+                let (mut fast, mut slow) = (init.clone(), init);
+                Avx2.accumulate_e4m3(&mut fast, &probs, &codes, 3, stride);
+                Portable.accumulate_e4m3(&mut slow, &probs, &codes, 3, stride);
+                let canonical = |x: &[f32]| {
+                    x.iter()
+                        .map(|v| if v.is_nan() { f32::NAN } else { *v }.to_bits())
+                        .collect::<Vec<_>>()
+                };
+                assert_eq!(canonical(&fast), canonical(&slow), "e4m3, hd = {hd}");
+            }
+        }
+
+        #[test]
+        fn the_avx2_e4m3_decoding_is_exact_for_every_byte() {
+            if !super::available() {
+                return;
+            }
+            let codes: Vec<u8> = (0..=255).chain(0..=6).collect();
+            let (mut fast, mut slow) = (vec![0.0; codes.len()], vec![0.0; codes.len()]);
+            Avx2.decode_e4m3(&codes, &mut fast);
+            Portable.decode_e4m3(&codes, &mut slow);
+            for (i, (&c, (f, s))) in codes.iter().zip(fast.iter().zip(&slow)).enumerate() {
+                let want = crate::dtype::e4m3_value(c);
+                assert_eq!(s.to_bits(), want.to_bits(), "portable, byte {c:#04x}");
+                if want.is_nan() {
+                    assert!(f.is_nan(), "byte {c:#04x} at {i}");
+                } else {
+                    assert_eq!(f.to_bits(), want.to_bits(), "byte {c:#04x} at {i}");
+                }
             }
         }
     }
