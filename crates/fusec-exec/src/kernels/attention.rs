@@ -92,6 +92,11 @@ const PARALLEL_MIN_WORK: usize = 1 << 15;
 /// stream past; eight covers the GQA groups of common models in one pass.
 pub const ROW_TILE: usize = 8;
 
+/// Value rows of a compact cache decoded at a time when several query rows share them
+/// (16 KB of `f32` values at a `head_dim` of 128, which stay in L1 while every row of
+/// the tile adds them).
+const VALUE_BLOCK: usize = 32;
+
 /// The smallest capacity, in positions, of a cache that has to be copied to grow.
 const MIN_CAPACITY: usize = 16;
 
@@ -308,6 +313,9 @@ pub fn kv_append(past: &mut Tensor, new: &Tensor) -> Result<(Tensor, u64), Kerne
 /// values (a cache in compact storage). The passes read keys and values through this,
 /// so that a compact cache is read at one byte per value and decoded in registers.
 trait Kv: Copy + Send + Sync + 'static {
+    /// Whether this is compact storage, decoded before use.
+    const COMPACT: bool;
+
     /// `t`'s buffer, if it has this storage.
     fn buffer(t: &Tensor) -> Option<&[Self]>;
 
@@ -330,6 +338,8 @@ trait Kv: Copy + Send + Sync + 'static {
 }
 
 impl Kv for f32 {
+    const COMPACT: bool = false;
+
     fn buffer(t: &Tensor) -> Option<&[f32]> {
         t.f32_buffer()
     }
@@ -358,6 +368,8 @@ impl Kv for f32 {
 }
 
 impl Kv for u8 {
+    const COMPACT: bool = true;
+
     fn buffer(t: &Tensor) -> Option<&[u8]> {
         match t.buffer() {
             Buffer::U8(b) if t.dtype() == DType::Fp8E4M3 => Some(b),
@@ -657,11 +669,14 @@ impl<T: Kv> Plan<'_, T> {
         // capacity is asked for the cache's capacity, so that the pool hands back the
         // same buffer at every length the cache takes in place; only the part this
         // length uses is zeroed.
-        let mut scratch = pool::take(tile * (self.positions + hd) + 2 * hd);
-        scratch.resize(tile * (len + hd) + 2 * hd, 0.0);
+        // Compact values take a block of decoded value rows as well.
+        let decoded = if T::COMPACT { VALUE_BLOCK * hd } else { 0 };
+        let mut scratch = pool::take(tile * (self.positions + hd) + 2 * hd + decoded);
+        scratch.resize(tile * (len + hd) + 2 * hd + decoded, 0.0);
         let (scores, rest) = scratch.split_at_mut(tile * len);
         let (queries, rest) = rest.split_at_mut(tile * hd);
-        let (ktmp, vtmp) = rest.split_at_mut(hd);
+        let (ktmp, rest) = rest.split_at_mut(hd);
+        let (vtmp, vblock) = rest.split_at_mut(hd);
         for start in (0..rows).step_by(tile) {
             let n = tile.min(rows - start);
             let at = |r: usize| {
@@ -689,7 +704,24 @@ impl<T: Kv> Plan<'_, T> {
             }
             // Pass 3: the weighted sum of the value rows.
             let outs = &mut out[start * hd..(start + n) * hd];
-            if self.v.strides[3] == 1 {
+            if T::COMPACT && n > 1 && self.v.strides[3] == 1 {
+                // Compact rows shared by several output rows: each block of value rows
+                // is decoded once, then every output row of the tile adds it. Each
+                // output value still sums its keys in key order, so the blocks change
+                // no bit.
+                let (base, stride) = (self.v.base(b, kvh, 0), self.v.strides[2]);
+                for first in (0..len).step_by(VALUE_BLOCK) {
+                    let keys = VALUE_BLOCK.min(len - first);
+                    for (i, dst) in vblock.chunks_exact_mut(hd).take(keys).enumerate() {
+                        let at = base + (first + i) * stride;
+                        T::values(inner, &self.v.data[at..at + hd], dst);
+                    }
+                    for (r, o) in outs.chunks_exact_mut(hd).enumerate() {
+                        let probs = &scores[r * len + first..r * len + first + keys];
+                        inner.accumulate(o, probs, vblock, 0, hd);
+                    }
+                }
+            } else if self.v.strides[3] == 1 {
                 // Rows in place: each output row accumulates in registers over all keys
                 // (the value rows it reads again for the next row of the tile are in
                 // L1 or L2 by then).
@@ -1025,9 +1057,10 @@ mod avx2 {
                 _mm256_castsi256_ps(bits),
                 _mm256_set1_ps(f32::from_bits((127 + 120) << 23)),
             );
+            // All ones, which OR makes the result, is a NaN.
             let low = _mm256_set1_epi32(0x7f);
             let nan = _mm256_cmpeq_epi32(_mm256_and_si256(wide, low), low);
-            _mm256_blendv_ps(value, _mm256_set1_ps(f32::NAN), _mm256_castsi256_ps(nan))
+            _mm256_or_ps(value, _mm256_castsi256_ps(nan))
         }
 
         fn portable(out: &mut [f32], probs: &[f32], v: &[u8], base: usize, stride: usize) {
