@@ -322,11 +322,18 @@ trait Kv: Copy + Send + Sync + 'static {
     /// The value of one stored entry.
     fn value(self) -> f32;
 
-    /// `row` as `f32` values: `row` itself, or decoded by `inner` into `tmp` (at least
-    /// `row.len()` long).
-    fn values<'s>(inner: &impl Inner, row: &'s [Self], tmp: &'s mut [f32]) -> &'s [f32];
+    /// Whether `data` may hold a NaN code, which the fast decoding does not read as NaN
+    /// (always false for `f32` values, which need no decoding).
+    fn may_hold_nan(inner: &impl Inner, data: &[Self]) -> bool;
 
-    /// [`Inner::accumulate`] over value rows of this storage.
+    /// `row` as `f32` values: `row` itself, or decoded by `inner` into `tmp` (at least
+    /// `row.len()` long), minding NaN codes when `nan` says they may occur.
+    fn values<'s>(inner: &impl Inner, row: &'s [Self], tmp: &'s mut [f32], nan: bool)
+        -> &'s [f32];
+
+    /// [`Inner::accumulate`] over value rows of this storage, minding NaN codes when
+    /// `nan` says they may occur.
+    #[allow(clippy::too_many_arguments)]
     fn accumulate(
         inner: &impl Inner,
         out: &mut [f32],
@@ -334,6 +341,7 @@ trait Kv: Copy + Send + Sync + 'static {
         v: &[Self],
         base: usize,
         stride: usize,
+        nan: bool,
     );
 }
 
@@ -349,8 +357,12 @@ impl Kv for f32 {
         self
     }
 
+    fn may_hold_nan(_: &impl Inner, _: &[f32]) -> bool {
+        false
+    }
+
     #[inline(always)]
-    fn values<'s>(_: &impl Inner, row: &'s [f32], _: &'s mut [f32]) -> &'s [f32] {
+    fn values<'s>(_: &impl Inner, row: &'s [f32], _: &'s mut [f32], _: bool) -> &'s [f32] {
         row
     }
 
@@ -362,6 +374,7 @@ impl Kv for f32 {
         v: &[f32],
         base: usize,
         stride: usize,
+        _: bool,
     ) {
         inner.accumulate(out, probs, v, base, stride);
     }
@@ -383,9 +396,14 @@ impl Kv for u8 {
     }
 
     #[inline(always)]
-    fn values<'s>(inner: &impl Inner, row: &'s [u8], tmp: &'s mut [f32]) -> &'s [f32] {
+    fn may_hold_nan(inner: &impl Inner, data: &[u8]) -> bool {
+        inner.has_e4m3_nan(data)
+    }
+
+    #[inline(always)]
+    fn values<'s>(inner: &impl Inner, row: &'s [u8], tmp: &'s mut [f32], nan: bool) -> &'s [f32] {
         let tmp = &mut tmp[..row.len()];
-        inner.decode_e4m3(row, tmp);
+        inner.decode_e4m3(row, tmp, nan);
         tmp
     }
 
@@ -397,8 +415,9 @@ impl Kv for u8 {
         v: &[u8],
         base: usize,
         stride: usize,
+        nan: bool,
     ) {
-        inner.accumulate_e4m3(out, probs, v, base, stride);
+        inner.accumulate_e4m3(out, probs, v, base, stride, nan);
     }
 }
 
@@ -439,22 +458,41 @@ impl<'a, T: Kv> View4<'a, T> {
         self.offset + b * self.strides[0] + h * self.strides[1] + i * self.strides[2]
     }
 
+    /// Whether rows `[b, h, :, :]` may hold a NaN code (see [`Kv::may_hold_nan`]); a
+    /// view with strided rows reads them exactly, so it answers false.
+    #[inline(always)]
+    fn may_hold_nan(&self, inner: &impl Inner, b: usize, h: usize) -> bool {
+        let [len, hd] = [self.shape[2], self.shape[3]];
+        if !T::COMPACT || self.strides[3] != 1 || len == 0 || hd == 0 {
+            return false;
+        }
+        let base = self.base(b, h, 0);
+        if self.strides[2] == hd {
+            T::may_hold_nan(inner, &self.data[base..base + len * hd])
+        } else {
+            (0..len).any(|j| {
+                let at = base + j * self.strides[2];
+                T::may_hold_nan(inner, &self.data[at..at + hd])
+            })
+        }
+    }
+
     /// Row `[b, h, i, :]` as `f32` values: read in place when its values are
     /// contiguous `f32`s (a cache's rows always are contiguous), else decoded by
-    /// `inner` or gathered into `tmp` (`head_dim` long).
+    /// `inner` (minding NaN codes when `nan`) or gathered into `tmp` (`head_dim`
+    /// long).
     #[inline(always)]
     fn row<'s>(
         &'s self,
         inner: &impl Inner,
-        b: usize,
-        h: usize,
-        i: usize,
+        (b, h, i): (usize, usize, usize),
         tmp: &'s mut [f32],
+        nan: bool,
     ) -> &'s [f32] {
         let base = self.base(b, h, i);
         let n = self.shape[3];
         if self.strides[3] == 1 {
-            T::values(inner, &self.data[base..base + n], tmp)
+            T::values(inner, &self.data[base..base + n], tmp, nan)
         } else {
             let sd = self.strides[3];
             for (j, t) in tmp.iter_mut().enumerate() {
@@ -677,6 +715,11 @@ impl<T: Kv> Plan<'_, T> {
         let (queries, rest) = rest.split_at_mut(tile * hd);
         let (ktmp, rest) = rest.split_at_mut(hd);
         let (vtmp, vblock) = rest.split_at_mut(hd);
+        // Whether this head's compact keys and values may hold a NaN code: one scan of
+        // their bytes (which the passes then find in cache) lets the common case,
+        // without any, decode without the per-value NaN fix-up.
+        let k_nan = self.k.may_hold_nan(inner, b, kvh);
+        let v_nan = self.v.may_hold_nan(inner, b, kvh);
         for start in (0..rows).step_by(tile) {
             let n = tile.min(rows - start);
             let at = |r: usize| {
@@ -685,12 +728,12 @@ impl<T: Kv> Plan<'_, T> {
             };
             for (r, qrow) in queries.chunks_exact_mut(hd).take(n).enumerate() {
                 let (h, t) = at(r);
-                qrow.copy_from_slice(self.q.row(inner, b, h, t, ktmp));
+                qrow.copy_from_slice(self.q.row(inner, (b, h, t), ktmp, false));
             }
             // Pass 1: every score of the tile, one key row read per key (a compact
             // row is decoded once, into `ktmp`, for all the rows of the tile).
             for j in 0..len {
-                let krow = self.k.row(inner, b, kvh, j, ktmp);
+                let krow = self.k.row(inner, (b, kvh, j), ktmp, k_nan);
                 for (r, qrow) in queries.chunks_exact(hd).take(n).enumerate() {
                     scores[r * len + j] = inner.dot(qrow, krow);
                 }
@@ -714,7 +757,7 @@ impl<T: Kv> Plan<'_, T> {
                     let keys = VALUE_BLOCK.min(len - first);
                     for (i, dst) in vblock.chunks_exact_mut(hd).take(keys).enumerate() {
                         let at = base + (first + i) * stride;
-                        T::values(inner, &self.v.data[at..at + hd], dst);
+                        T::values(inner, &self.v.data[at..at + hd], dst, v_nan);
                     }
                     for (r, o) in outs.chunks_exact_mut(hd).enumerate() {
                         let probs = &scores[r * len + first..r * len + first + keys];
@@ -728,11 +771,12 @@ impl<T: Kv> Plan<'_, T> {
                 let base = self.v.base(b, kvh, 0);
                 for (r, o) in outs.chunks_exact_mut(hd).enumerate() {
                     let probs = &scores[r * len..(r + 1) * len];
-                    T::accumulate(inner, o, probs, self.v.data, base, self.v.strides[2]);
+                    let stride = self.v.strides[2];
+                    T::accumulate(inner, o, probs, self.v.data, base, stride, v_nan);
                 }
             } else {
                 for j in 0..len {
-                    let vrow = self.v.row(inner, b, kvh, j, vtmp);
+                    let vrow = self.v.row(inner, (b, kvh, j), vtmp, true);
                     for (r, o) in outs.chunks_exact_mut(hd).enumerate() {
                         Portable.accumulate(o, &scores[r * len + j..][..1], vrow, 0, 0);
                     }
@@ -835,12 +879,18 @@ trait Inner {
     /// reaches the output).
     fn accumulate(&self, out: &mut [f32], probs: &[f32], v: &[f32], base: usize, stride: usize);
 
+    /// Whether any of `codes` is an E4M3 NaN (`s 1111 111`).
+    fn has_e4m3_nan(&self, codes: &[u8]) -> bool;
+
     /// `out[i]` = the value of the E4M3 byte `codes[i]`, exactly (`out` is as long as
-    /// `codes`).
-    fn decode_e4m3(&self, codes: &[u8], out: &mut [f32]);
+    /// `codes`). Unless `nan`, the caller has checked that no code is a NaN, and a
+    /// path may read one as any value.
+    fn decode_e4m3(&self, codes: &[u8], out: &mut [f32], nan: bool);
 
     /// [`Inner::accumulate`] over value rows of E4M3 bytes, each decoded exactly: the
-    /// same sums as over the same values stored as `f32`, bit for bit.
+    /// same sums as over the same values stored as `f32`, bit for bit (with `nan` as
+    /// for [`Inner::decode_e4m3`]).
+    #[allow(clippy::too_many_arguments)]
     fn accumulate_e4m3(
         &self,
         out: &mut [f32],
@@ -848,6 +898,7 @@ trait Inner {
         v: &[u8],
         base: usize,
         stride: usize,
+        nan: bool,
     );
 }
 
@@ -874,7 +925,12 @@ impl Inner for Portable {
     }
 
     #[inline(always)]
-    fn decode_e4m3(&self, codes: &[u8], out: &mut [f32]) {
+    fn has_e4m3_nan(&self, codes: &[u8]) -> bool {
+        codes.iter().any(|&c| c & 0x7f == 0x7f)
+    }
+
+    #[inline(always)]
+    fn decode_e4m3(&self, codes: &[u8], out: &mut [f32], _: bool) {
         let table = e4m3_table();
         for (o, &c) in out.iter_mut().zip(codes) {
             *o = table[usize::from(c)];
@@ -889,6 +945,7 @@ impl Inner for Portable {
         v: &[u8],
         base: usize,
         stride: usize,
+        _: bool,
     ) {
         let (hd, table) = (out.len(), e4m3_table());
         for (j, &p) in probs.iter().enumerate() {
@@ -961,21 +1018,33 @@ mod avx2 {
             base: usize,
             stride: usize,
         ) {
-            checked_accumulate(out, probs, v, base, stride);
+            checked_accumulate::<f32, false>(out, probs, v, base, stride);
         }
 
         #[inline(always)]
-        fn decode_e4m3(&self, codes: &[u8], out: &mut [f32]) {
-            let n = codes.len().min(out.len());
-            let main = n - n % 8;
-            for j in (0..main).step_by(8) {
-                // SAFETY: as for `dot`; `j + 8 <= main <= n` keeps the eight bytes
-                // read and the eight values written inside both slices.
-                unsafe {
-                    _mm256_storeu_ps(out.as_mut_ptr().add(j), u8::load8(codes.as_ptr().add(j)));
+        fn has_e4m3_nan(&self, codes: &[u8]) -> bool {
+            let main = codes.len() - codes.len() % 32;
+            // SAFETY: as for `dot`; every load reads `j..j + 32` with
+            // `j + 32 <= main <= codes.len()`.
+            let any = unsafe {
+                let low = _mm256_set1_epi8(0x7f);
+                let mut any = _mm256_setzero_si256();
+                for j in (0..main).step_by(32) {
+                    let c = _mm256_loadu_si256(codes.as_ptr().add(j).cast());
+                    any = _mm256_or_si256(any, _mm256_cmpeq_epi8(_mm256_and_si256(c, low), low));
                 }
+                _mm256_movemask_epi8(any) != 0
+            };
+            any || Portable.has_e4m3_nan(&codes[main..])
+        }
+
+        #[inline(always)]
+        fn decode_e4m3(&self, codes: &[u8], out: &mut [f32], nan: bool) {
+            if nan {
+                decode::<true>(codes, out);
+            } else {
+                decode::<false>(codes, out);
             }
-            Portable.decode_e4m3(&codes[main..n], &mut out[main..n]);
         }
 
         #[inline(always)]
@@ -986,15 +1055,36 @@ mod avx2 {
             v: &[u8],
             base: usize,
             stride: usize,
+            nan: bool,
         ) {
-            checked_accumulate(out, probs, v, base, stride);
+            if nan {
+                checked_accumulate::<u8, true>(out, probs, v, base, stride);
+            } else {
+                checked_accumulate::<u8, false>(out, probs, v, base, stride);
+            }
         }
+    }
+
+    /// `Inner::decode_e4m3` on AVX2, minding NaN codes when `NAN`.
+    #[inline(always)]
+    fn decode<const NAN: bool>(codes: &[u8], out: &mut [f32]) {
+        let n = codes.len().min(out.len());
+        let main = n - n % 8;
+        for j in (0..main).step_by(8) {
+            // SAFETY: as for `dot`; `j + 8 <= main <= n` keeps the eight bytes read
+            // and the eight values written inside both slices.
+            unsafe {
+                let v = u8::load8::<NAN>(codes.as_ptr().add(j));
+                _mm256_storeu_ps(out.as_mut_ptr().add(j), v);
+            }
+        }
+        Portable.decode_e4m3(&codes[main..n], &mut out[main..n], NAN);
     }
 
     /// `Inner::accumulate` on AVX2 over value rows stored as `T`, after checking that
     /// every row read lies inside `v`.
     #[inline(always)]
-    fn checked_accumulate<T: Load>(
+    fn checked_accumulate<T: Load, const NAN: bool>(
         out: &mut [f32],
         probs: &[f32],
         v: &[T],
@@ -1013,16 +1103,17 @@ mod avx2 {
         // AVX2, and this is only called by its methods; every value row read,
         // `v[base + j * stride..][..hd]` for `j < probs.len()`, lies inside `v`
         // (checked above).
-        unsafe { accumulate(out, probs, v, base, stride) }
+        unsafe { accumulate::<T, NAN>(out, probs, v, base, stride) }
     }
 
     /// Eight stored values as `f32`, exactly, and the portable loops over them.
     trait Load: Kv {
-        /// The eight values at `p`.
+        /// The eight values at `p`; unless `NAN`, the caller has checked that they
+        /// hold no NaN code, and one may read as any value.
         ///
         /// # Safety
         /// The CPU has AVX2 and `p..p + 8` lies inside one slice.
-        unsafe fn load8(p: *const Self) -> __m256;
+        unsafe fn load8<const NAN: bool>(p: *const Self) -> __m256;
 
         /// `Portable`'s weighted sum over rows of this storage.
         fn portable(out: &mut [f32], probs: &[f32], v: &[Self], base: usize, stride: usize);
@@ -1030,7 +1121,7 @@ mod avx2 {
 
     impl Load for f32 {
         #[inline(always)]
-        unsafe fn load8(p: *const f32) -> __m256 {
+        unsafe fn load8<const NAN: bool>(p: *const f32) -> __m256 {
             _mm256_loadu_ps(p)
         }
 
@@ -1047,7 +1138,7 @@ mod avx2 {
         /// see `rowdot`), and the product by `2^120` restores the value exactly. The
         /// NaN codes (`s 1111 111`), which that would read as 480, are replaced by NaN.
         #[inline(always)]
-        unsafe fn load8(p: *const u8) -> __m256 {
+        unsafe fn load8<const NAN: bool>(p: *const u8) -> __m256 {
             let wide = _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.cast()));
             let bits = _mm256_and_si256(
                 _mm256_slli_epi32::<20>(wide),
@@ -1057,6 +1148,9 @@ mod avx2 {
                 _mm256_castsi256_ps(bits),
                 _mm256_set1_ps(f32::from_bits((127 + 120) << 23)),
             );
+            if !NAN {
+                return value;
+            }
             // All ones, which OR makes the result, is a NaN.
             let low = _mm256_set1_epi32(0x7f);
             let nan = _mm256_cmpeq_epi32(_mm256_and_si256(wide, low), low);
@@ -1064,7 +1158,7 @@ mod avx2 {
         }
 
         fn portable(out: &mut [f32], probs: &[f32], v: &[u8], base: usize, stride: usize) {
-            Portable.accumulate_e4m3(out, probs, v, base, stride);
+            Portable.accumulate_e4m3(out, probs, v, base, stride, true);
         }
     }
 
@@ -1133,7 +1227,7 @@ mod avx2 {
     /// read lies inside `v`.
     #[target_feature(enable = "avx2")]
     #[inline]
-    unsafe fn accumulate<T: Load>(
+    unsafe fn accumulate<T: Load, const NAN: bool>(
         out: &mut [f32],
         probs: &[f32],
         v: &[T],
@@ -1146,15 +1240,15 @@ mod avx2 {
             let from = base + block * KEY_BLOCK * stride;
             let mut d = 0;
             while d + 64 <= main {
-                strip::<T, 8>(out, ps, v, from + d, stride, d);
+                strip::<T, NAN, 8>(out, ps, v, from + d, stride, d);
                 d += 64;
             }
             while d + 32 <= main {
-                strip::<T, 4>(out, ps, v, from + d, stride, d);
+                strip::<T, NAN, 4>(out, ps, v, from + d, stride, d);
                 d += 32;
             }
             while d < main {
-                strip::<T, 1>(out, ps, v, from + d, stride, d);
+                strip::<T, NAN, 1>(out, ps, v, from + d, stride, d);
                 d += 8;
             }
             if main < hd {
@@ -1174,7 +1268,7 @@ mod avx2 {
     /// `out[d + i] += probs[j] * v[from + j * stride + i]`, in key order.
     #[target_feature(enable = "avx2")]
     #[inline]
-    unsafe fn strip<T: Load, const N: usize>(
+    unsafe fn strip<T: Load, const NAN: bool, const N: usize>(
         out: &mut [f32],
         probs: &[f32],
         v: &[T],
@@ -1193,7 +1287,7 @@ mod avx2 {
                 let pp = _mm256_set1_ps(p);
                 let row = pv.add(j * stride);
                 for (i, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_add_ps(*a, _mm256_mul_ps(pp, T::load8(row.add(8 * i))));
+                    *a = _mm256_add_ps(*a, _mm256_mul_ps(pp, T::load8::<NAN>(row.add(8 * i))));
                 }
             }
         }
@@ -1261,8 +1355,8 @@ mod avx2 {
                 let codes: Vec<u8> = (0..v.len()).map(|i| (i * 37 + hd) as u8).collect();
                 let init = values(hd, &mut seed);
                 let (mut fast, mut slow) = (init.clone(), init);
-                Avx2.accumulate_e4m3(&mut fast, &probs, &codes, 3, stride);
-                Portable.accumulate_e4m3(&mut slow, &probs, &codes, 3, stride);
+                Avx2.accumulate_e4m3(&mut fast, &probs, &codes, 3, stride, true);
+                Portable.accumulate_e4m3(&mut slow, &probs, &codes, 3, stride, true);
                 let canonical = |x: &[f32]| {
                     x.iter()
                         .map(|v| if v.is_nan() { f32::NAN } else { *v }.to_bits())
@@ -1279,8 +1373,21 @@ mod avx2 {
             }
             let codes: Vec<u8> = (0..=255).chain(0..=6).collect();
             let (mut fast, mut slow) = (vec![0.0; codes.len()], vec![0.0; codes.len()]);
-            Avx2.decode_e4m3(&codes, &mut fast);
-            Portable.decode_e4m3(&codes, &mut slow);
+            Avx2.decode_e4m3(&codes, &mut fast, true);
+            Portable.decode_e4m3(&codes, &mut slow, true);
+            // Without NaN codes, the fast decoding is exact too.
+            let finite: Vec<u8> = codes.iter().copied().filter(|c| c & 0x7f != 0x7f).collect();
+            let mut quick = vec![0.0; finite.len()];
+            Avx2.decode_e4m3(&finite, &mut quick, false);
+            for (&c, q) in finite.iter().zip(&quick) {
+                assert_eq!(q.to_bits(), crate::dtype::e4m3_value(c).to_bits(), "{c:#04x}");
+            }
+            for (at, code) in [(0, 0x7f), (31, 0xff), (32, 0x7f), (40, 0xff)] {
+                let mut bytes = vec![0x3cu8; 41];
+                assert!(!Avx2.has_e4m3_nan(&bytes));
+                bytes[at] = code;
+                assert!(Avx2.has_e4m3_nan(&bytes), "{at}");
+            }
             for (i, (&c, (f, s))) in codes.iter().zip(fast.iter().zip(&slow)).enumerate() {
                 let want = crate::dtype::e4m3_value(c);
                 assert_eq!(s.to_bits(), want.to_bits(), "portable, byte {c:#04x}");
