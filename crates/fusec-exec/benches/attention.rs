@@ -31,9 +31,16 @@ fn main() {
     for (name, kv_heads, group, fp8, compact, layers) in [
         ("llama-125m f32, in L3", 12, 1, false, false, 12),
         ("llama-125m f32, from memory", 12, 1, false, false, 120),
-        ("llama-125m fp8 as f32, from memory", 12, 1, true, false, 120),
-        ("llama-125m fp8 compact, from memory", 12, 1, true, true, 120),
-        ("gqa 32/8 fp8 compact, from memory", 8, 4, true, true, 120),
+        (
+            "llama-125m fp8 in f32, from memory",
+            12,
+            1,
+            true,
+            false,
+            120,
+        ),
+        ("llama-125m fp8 bytes, from memory", 12, 1, true, true, 120),
+        ("gqa 32/8 fp8 bytes, from memory", 8, 4, true, true, 120),
         ("gqa 32/8 f32, from memory", 8, 4, false, false, 120),
     ] {
         let (len, hd) = (164, 64);

@@ -10,7 +10,8 @@
 //! (twice the length needed), and the kernel reports the bytes it copied so that the
 //! measured traffic stays honest. The new entries are read in place through their
 //! strides (no gathered copy), and an E4M3 cache quantizes them with the bit-exact
-//! fast rounding of [`round_e4m3`] rather than the generic conversion.
+//! fast rounding of [`round_e4m3`] rather than the generic conversion. A cache in
+//! compact storage (below) gets the byte of each quantized value.
 //!
 //! **Attention, in three passes over the keys.** Decode attention is memory-bound: it
 //! should read each cached key and value once, at close to memory speed. The query
@@ -52,10 +53,24 @@
 //! in any grouping.
 //!
 //! **FP8 caches.** A cache in an FP8 format stores `fp8(x / scale)` with one static
-//! scale per cache, so an entry's value is `code * scale`; its buffer holds the codes
-//! as `f32` values, as the executor holds every float. The passes read the codes in
-//! place and apply the scales to the few values derived from them instead of to
-//! every entry: a score is `dot(q, codes) * k_scale` (then rounded as above), and the
+//! scale per cache, so an entry's value is `code * scale`. Its buffer holds the codes
+//! either as `f32` values, as the executor holds every other float, or, for E4M3, in
+//! compact storage: one byte per code (`Buffer::U8`), which is what a decode session
+//! gives the caches only this kernel reads, so that attention streams one byte per
+//! cached value, as the IR and the cost model say, instead of four. Both hold the same
+//! values and give the same results bit for bit: a compact row is decoded exactly,
+//! in registers, into the `f32` values the other storage holds, and every sum then
+//! runs in the same order. A key row is decoded once into a row of scratch for all
+//! the query rows of a tile; the value rows are decoded inside the weighted sum when
+//! one query row reads them, and a block of [`VALUE_BLOCK`] rows at a time into
+//! scratch when several do (a GQA group), so each byte is decoded once per tile.
+//! The fast decoding reads an E4M3 NaN code as a finite value, so a pass first scans
+//! its head's bytes (32 at a time, and then found in cache by the pass) and takes a
+//! decoding that turns NaN codes into NaNs only where one occurs.
+//!
+//! In either storage the passes apply the scales to the few values derived from the
+//! codes instead of to every entry: a score is `dot(q, codes) * k_scale` (then
+//! rounded as above), and the
 //! value scale is folded into the normalization, `p = e * ((1 / sum) * v_scale)`, so
 //! the weighted sum of code rows comes out in value units. Attention over the
 //! dequantized caches rounds every `code * scale` (once per entry); this order
@@ -66,9 +81,9 @@
 //! **Vector code.** On x86-64 with AVX2 (detected at run time) the passes are
 //! compiled for AVX2 and their two inner loops are written with intrinsics: the dot
 //! product in `matmul::dot`'s order (which the compiler does not vectorize once it is
-//! inlined into the passes), and the weighted sum with the output row in registers.
-//! Both use separate multiplies and adds, never FMA, so every path gives the same
-//! bits.
+//! inlined into the passes), and the weighted sum with the output row in registers,
+//! over `f32` or E4M3 value rows. Both use separate multiplies and adds, never FMA,
+//! so every path gives the same bits. The portable path decodes E4M3 bytes by table.
 
 use fusec_ir::{numerics, DType};
 
@@ -165,8 +180,7 @@ pub fn append(
         len,
         block,
     };
-    let shared =
-        || KernelError::Invalid(format!("{op}: the cache buffer is shared after copying"));
+    let shared = || KernelError::Invalid(format!("{op}: the cache buffer is shared after copying"));
     if compact {
         let buf = past.unique_u8_mut().ok_or_else(shared)?;
         entries.write(buf, |v| e4m3_code(store(v)));
@@ -328,8 +342,7 @@ trait Kv: Copy + Send + Sync + 'static {
 
     /// `row` as `f32` values: `row` itself, or decoded by `inner` into `tmp` (at least
     /// `row.len()` long), minding NaN codes when `nan` says they may occur.
-    fn values<'s>(inner: &impl Inner, row: &'s [Self], tmp: &'s mut [f32], nan: bool)
-        -> &'s [f32];
+    fn values<'s>(inner: &impl Inner, row: &'s [Self], tmp: &'s mut [f32], nan: bool) -> &'s [f32];
 
     /// [`Inner::accumulate`] over value rows of this storage, minding NaN codes when
     /// `nan` says they may occur.
@@ -1380,7 +1393,11 @@ mod avx2 {
             let mut quick = vec![0.0; finite.len()];
             Avx2.decode_e4m3(&finite, &mut quick, false);
             for (&c, q) in finite.iter().zip(&quick) {
-                assert_eq!(q.to_bits(), crate::dtype::e4m3_value(c).to_bits(), "{c:#04x}");
+                assert_eq!(
+                    q.to_bits(),
+                    crate::dtype::e4m3_value(c).to_bits(),
+                    "{c:#04x}"
+                );
             }
             for (at, code) in [(0, 0x7f), (31, 0xff), (32, 0x7f), (40, 0xff)] {
                 let mut bytes = vec![0x3cu8; 41];

@@ -132,10 +132,17 @@ fn swiglu_rows(
         }
     };
     let mut out = None;
-    gemv::gemv_many(xs, rows, &[wg, wu], None, Epilogue::Pair(&combine), |_, y| {
-        out = Some(y);
-        Ok(())
-    })?;
+    gemv::gemv_many(
+        xs,
+        rows,
+        &[wg, wu],
+        None,
+        Epilogue::Pair(&combine),
+        |_, y| {
+            out = Some(y);
+            Ok(())
+        },
+    )?;
     out.ok_or_else(|| KernelError::Invalid(format!("{op}: the GEMVs gave no result")))
 }
 
