@@ -28,11 +28,20 @@ fn codes(t: &Tensor, s: f32) -> Tensor {
 /// step, where the weights streamed between two calls of a layer evict its cache).
 fn main() {
     let mut rng = SplitMix64::new(1);
-    for (name, kv_heads, group, fp8, layers) in [
-        ("llama-125m f32, in L3", 12, 1, false, 12),
-        ("llama-125m f32, from memory", 12, 1, false, 120),
-        ("llama-125m fp8, from memory", 12, 1, true, 120),
-        ("gqa 32/8 f32, from memory", 8, 4, false, 120),
+    for (name, kv_heads, group, fp8, compact, layers) in [
+        ("llama-125m f32, in L3", 12, 1, false, false, 12),
+        ("llama-125m f32, from memory", 12, 1, false, false, 120),
+        (
+            "llama-125m fp8 in f32, from memory",
+            12,
+            1,
+            true,
+            false,
+            120,
+        ),
+        ("llama-125m fp8 bytes, from memory", 12, 1, true, true, 120),
+        ("gqa 32/8 fp8 bytes, from memory", 8, 4, true, true, 120),
+        ("gqa 32/8 f32, from memory", 8, 4, false, false, 120),
     ] {
         let (len, hd) = (164, 64);
         let heads = kv_heads * group;
@@ -41,8 +50,13 @@ fn main() {
             .map(|_| {
                 let k = random(DType::F32, &[1, kv_heads, len, hd], &mut rng);
                 let v = random(DType::F32, &[1, kv_heads, len, hd], &mut rng);
+                // A session stores FP8 caches compactly, one byte per value.
+                let store = |t: Tensor| match compact {
+                    true => t.to_compact_storage().expect("E4M3 values"),
+                    false => t,
+                };
                 match scales {
-                    Some((ks, vs)) => (codes(&k, ks), codes(&v, vs)),
+                    Some((ks, vs)) => (store(codes(&k, ks)), store(codes(&v, vs))),
                     None => (k, v),
                 }
             })
@@ -60,9 +74,10 @@ fn main() {
         let times: Vec<f64> = (0..3000 / layers).map(|_| pass()).collect();
         let best = times.iter().copied().fold(f64::INFINITY, f64::min);
         let mean = times.iter().sum::<f64>() / times.len() as f64;
-        // The bytes of the values the caches hold, at 4 bytes each (how they are
-        // stored today, FP8 caches included).
-        let bytes = (2 * 12 * kv_heads * len * hd * 4) as f64;
+        // The bytes the caches' buffers hold: 4 per value stored as f32, 1 per value
+        // of a compact FP8 cache.
+        let size = if compact { 1 } else { 4 };
+        let bytes = (2 * 12 * kv_heads * len * hd * size) as f64;
         eprintln!(
             "{name}: {:.3} ms per step (best {:.3}), {:.1} GB/s at the best",
             mean * 1e3,

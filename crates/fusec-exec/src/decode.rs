@@ -14,7 +14,12 @@
 //! The caches live in buffers with room for a number of positions (the session's
 //! capacity) along their `S` axis, so that a fused graph appends to them in place and
 //! moves only the new entries; a cache that outgrows its buffer is copied into one twice
-//! as large (a step that does so moves more bytes than the cost model predicts). The
+//! as large (a step that does so moves more bytes than the cost model predicts). An
+//! FP8 E4M3 cache that only `fused.decode_attention` reads (every cache of an FP8
+//! graph lowered by `fusec_rewrite::precision`) is stored compactly, one byte per
+//! value, so that attention streams the bytes the IR says it does; any other cache
+//! holds `f32` values, which every kernel reads. The stored values are the same
+//! either way ([`Session::with_cache_storage`] chooses), and so are the results. The
 //! session hands its caches to the executor by value and gets the new ones back, so it
 //! never holds a second handle on a buffer the step appends to.
 //!
@@ -29,7 +34,7 @@ use std::time::Duration;
 
 use fusec_ir::build::names;
 use fusec_ir::shape::Bindings;
-use fusec_ir::{DType, Dim, InputKind, OutputKind, TensorType};
+use fusec_ir::{DType, Dim, FusedOp, Graph, InputKind, NodeId, Op, OutputKind, TensorType};
 
 use crate::error::Error;
 use crate::exec::{self, Executor, RunOutput, Value};
@@ -158,6 +163,20 @@ fn growing_axis(ty: &TensorType) -> Option<usize> {
         .position(|d| matches!(d, Dim::Sym { name, .. } if name == names::PAST))
 }
 
+/// Whether every reader of the state input `id` is a `fused.decode_attention` that
+/// takes it as a cache (operand 5 or 6), the one kernel that reads caches in compact
+/// storage; any other reader (an unfused graph's `cat`, say) needs `f32` values.
+fn only_decode_attention_reads(graph: &Graph, id: NodeId) -> bool {
+    graph.users(id).into_iter().all(|user| {
+        graph.op(user) == &Op::Fused(FusedOp::DecodeAttention)
+            && graph
+                .operands(user)
+                .iter()
+                .enumerate()
+                .all(|(i, &o)| o != id || i == 5 || i == 6)
+    })
+}
+
 impl Session {
     /// A session decoding `batch` sequences with empty caches, with room for
     /// [`DEFAULT_CAPACITY`] positions before a cache has to grow.
@@ -166,8 +185,21 @@ impl Session {
     }
 
     /// A session whose caches have room for `positions` positions (prompt plus
-    /// generated tokens) before they have to grow.
+    /// generated tokens) before they have to grow. E4M3 caches that only decode
+    /// attention reads are stored compactly (see the module documentation).
     pub fn with_capacity(exec: Executor, batch: usize, positions: usize) -> Result<Session, Error> {
+        Session::with_cache_storage(exec, batch, positions, true)
+    }
+
+    /// [`Session::with_capacity`], with E4M3 caches stored compactly (one byte per
+    /// value) where `compact` allows it and as `f32` values otherwise. Both give the
+    /// same results bit for bit; `f32` storage reads four times the bytes.
+    pub fn with_cache_storage(
+        exec: Executor,
+        batch: usize,
+        positions: usize,
+        compact: bool,
+    ) -> Result<Session, Error> {
         if batch == 0 {
             return Err(bad("batch", "must be at least 1"));
         }
@@ -196,6 +228,10 @@ impl Session {
                         None => Tensor::zeros(ty.dtype, &shape),
                     }
                     .map_err(|e| Error::InvalidGraph(format!("state `{name}`: {e}")))?;
+                    let t = match compact && only_decode_attention_reads(graph, id) {
+                        true => t.to_compact_storage().unwrap_or(t),
+                        false => t,
+                    };
                     inputs.push(Some(t));
                     states.push(State {
                         index,

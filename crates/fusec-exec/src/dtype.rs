@@ -160,6 +160,17 @@ pub fn e4m3_bits(x: f32) -> Option<u8> {
     (e4m3_value(bits).to_bits() == x.to_bits()).then_some(bits)
 }
 
+/// The E4M3 byte of `x` as [`e4m3_bits`] gives it, except that any NaN becomes the E4M3
+/// NaN of its sign (`s 1111 111`), whose value reads back as NaN: the storage of a KV
+/// cache, where a NaN activation must stay NaN but its payload need not survive.
+pub fn e4m3_bits_nan(x: f32) -> Option<u8> {
+    if x.is_nan() {
+        Some(if x.is_sign_negative() { 0xff } else { 0x7f })
+    } else {
+        e4m3_bits(x)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,15 +8,21 @@
 //!
 //! Float values are stored as `f32` whatever their IR dtype; a tensor whose dtype is
 //! `f16`, `bf16` or an FP8 format holds values already rounded to that dtype (see
-//! [`crate::dtype`]). Token ids and positions are `i32`.
+//! [`crate::dtype`]). Token ids and positions are `i32`. Two kinds of tensors are
+//! stored compactly instead, in the bits of their dtype, because the kernels that
+//! read them are bound by memory: GEMV weights (`f16`, `bf16` and E4M3,
+//! [`Tensor::to_compact`]) and the E4M3 KV caches of a decode session
+//! ([`Tensor::to_compact_storage`]), which decode attention reads at one byte per
+//! cached value. Generic kernels read `f32` buffers only;
+//! [`Tensor::contiguous_f32`] and [`Tensor::to_vec_f32`] decode compact storage.
 //!
 //! A KV cache lives in a buffer with spare capacity along its sequence axis: the
 //! tensor is a prefix view of that buffer ([`Tensor::zeros_with_capacity`],
 //! [`Tensor::with_capacity`], [`Tensor::capacity_along`]), so that appending one
 //! position writes only the new entries. Buffers are shared and immutable; the only
 //! mutation is an append into a buffer that no other tensor shares
-//! (`Tensor::unique_f32_mut`), which therefore cannot change any value another
-//! tensor can see.
+//! (`Tensor::unique_f32_mut`, `Tensor::unique_u8_mut` for a compact cache), which
+//! therefore cannot change any value another tensor can see.
 //!
 //! A tensor's shape and strides are [`Dims`]: at most [`MAX_RANK`] sizes held inline,
 //! so that making a tensor or a view allocates nothing but its buffer, and kernels
@@ -587,30 +593,70 @@ impl Tensor {
     }
 
     /// This tensor's values in a new buffer with room for `capacity` entries along
-    /// `axis` (at least the current length).
+    /// `axis` (at least the current length). The new buffer has the storage of this
+    /// one: an E4M3 cache in compact storage stays compact as it grows.
     pub fn with_capacity(&self, axis: usize, capacity: usize) -> Result<Tensor, TensorError> {
         self.check_axis(axis, self.rank())?;
-        let Buffer::F32(_) = &self.buffer else {
-            return Err(TensorError::DType {
-                dtype: self.dtype,
-                what: "spare capacity",
-            });
-        };
         let len = self.shape[axis];
         let capacity = capacity.max(len);
         let outer: usize = self.shape[..axis].iter().product();
         let block: usize = self.shape[axis + 1..].iter().product();
-        let values = self.to_vec_f32();
-        let mut data = crate::pool::zeros(outer * capacity * block);
-        if len * block > 0 {
-            for (o, src) in values.chunks(len * block).enumerate().take(outer) {
-                let dst = o * capacity * block;
-                data[dst..dst + src.len()].copy_from_slice(src);
+        let buffer = match &self.buffer {
+            Buffer::F32(b) => {
+                let mut data = crate::pool::zeros(outer * capacity * block);
+                self.copy_with_capacity(b, &mut data, len * block, capacity * block);
+                Buffer::F32(Arc::new(data))
             }
-        }
+            Buffer::U8(b) => {
+                let mut data = vec![0u8; outer * capacity * block];
+                self.copy_with_capacity(b, &mut data, len * block, capacity * block);
+                Buffer::U8(Arc::new(data))
+            }
+            Buffer::I32(_) | Buffer::U16(_) => {
+                return Err(TensorError::DType {
+                    dtype: self.dtype,
+                    what: "spare capacity",
+                })
+            }
+        };
         let mut full = self.shape;
         full[axis] = capacity;
-        Tensor::contiguous(self.dtype, full, Buffer::F32(Arc::new(data))).slice(axis, 0, len)
+        Tensor::contiguous(self.dtype, full, buffer).slice(axis, 0, len)
+    }
+
+    /// Copies this view of `buf`, row-major, into `data` in spans of `span` values
+    /// placed `pitch` values apart (the layout of [`Tensor::with_capacity`]).
+    fn copy_with_capacity<T: Copy>(&self, buf: &[T], data: &mut [T], span: usize, pitch: usize) {
+        if span == 0 {
+            return;
+        }
+        let values = gather(buf, &self.shape, &self.strides, self.offset);
+        for (o, src) in values.chunks(span).enumerate() {
+            let dst = o * pitch;
+            data[dst..dst + src.len()].copy_from_slice(src);
+        }
+    }
+
+    /// This view over its whole buffer converted to compact E4M3 storage (one byte per
+    /// value, as [`Tensor::to_compact`] stores an FP8 weight), with the same shape,
+    /// strides and offset; `None` unless the dtype is E4M3 and the buffer holds `f32`
+    /// values that are all exact E4M3 values or NaN (which stays NaN, without its
+    /// payload). Spare capacity is kept, so a KV cache
+    /// made by [`Tensor::zeros_with_capacity`] converts into a compact cache that
+    /// appends in place.
+    pub fn to_compact_storage(&self) -> Option<Tensor> {
+        if self.dtype != DType::Fp8E4M3 {
+            return None;
+        }
+        let codes = self
+            .f32_buffer()?
+            .iter()
+            .map(|&v| dtype::e4m3_bits_nan(v))
+            .collect::<Option<Vec<u8>>>()?;
+        Some(Tensor {
+            buffer: Buffer::U8(Arc::new(codes)),
+            ..self.clone()
+        })
     }
 
     /// The number of entries along `axis` that the buffer has room for, when the tensor
@@ -646,6 +692,25 @@ impl Tensor {
         match &mut self.buffer {
             Buffer::F32(b) => Arc::get_mut(b),
             _ => None,
+        }
+    }
+
+    /// The compact E4M3 buffer for writing, if no other tensor shares it.
+    pub(crate) fn unique_u8_mut(&mut self) -> Option<&mut Vec<u8>> {
+        match &mut self.buffer {
+            Buffer::U8(b) => Arc::get_mut(b),
+            _ => None,
+        }
+    }
+
+    /// Whether no other tensor shares this tensor's buffer, so that an append may
+    /// write into it.
+    pub(crate) fn is_unique(&mut self) -> bool {
+        match &mut self.buffer {
+            Buffer::F32(b) => Arc::get_mut(b).is_some(),
+            Buffer::I32(b) => Arc::get_mut(b).is_some(),
+            Buffer::U16(b) => Arc::get_mut(b).is_some(),
+            Buffer::U8(b) => Arc::get_mut(b).is_some(),
         }
     }
 
@@ -913,6 +978,32 @@ mod tests {
         assert_eq!(z.numel(), 0);
         assert_eq!(z.capacity_along(2), Some(8));
         assert_eq!(z.read_bytes(), 0);
+    }
+
+    #[test]
+    fn compact_caches_keep_their_layout_and_grow_compact() {
+        let values = vec![0.5, -0.0, 448.0, f32::NAN, 0.001953125, -3.0];
+        let t = Tensor::from_f32(DType::Fp8E4M3, &[1, 3, 2], values).expect("valid");
+        let c = t.with_capacity(1, 5).expect("axis in range");
+        let compact = c.to_compact_storage().expect("exact values");
+        assert!(matches!(compact.buffer(), Buffer::U8(_)));
+        assert_eq!(compact.storage_len(), 10);
+        assert_eq!(compact.capacity_along(1), Some(5));
+        assert_eq!(compact.read_bytes(), 6);
+        let bits = |t: &Tensor| {
+            t.to_vec_f32()
+                .iter()
+                .map(|v| if v.is_nan() { f32::NAN } else { *v }.to_bits())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(bits(&compact), bits(&t));
+        let grown = compact.with_capacity(1, 8).expect("axis in range");
+        assert!(matches!(grown.buffer(), Buffer::U8(_)));
+        assert_eq!(grown.capacity_along(1), Some(8));
+        assert_eq!(bits(&grown), bits(&t));
+        // Only exact E4M3 values in f32 storage convert.
+        assert!(iota(&[2]).to_compact_storage().is_none());
+        assert!(compact.to_compact_storage().is_none());
     }
 
     #[test]

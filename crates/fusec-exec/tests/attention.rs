@@ -2,12 +2,14 @@
 //! with batches, GQA groups of 1, 2 and 4, MQA, groups wider than a row tile,
 //! `head_dim` not a multiple of 8, strided operands, masks with `-inf` entries, fully
 //! masked rows, several query positions, and FP8 caches with scales; results that do
-//! not depend on the thread count; and the in-place append from strided inputs and
-//! into E4M3 caches.
+//! not depend on the thread count; the in-place append from strided inputs and into
+//! E4M3 caches; and E4M3 caches in compact storage (one byte per value), which must
+//! give what the same values stored as `f32` give, bit for bit.
 
 use fusec_exec::kernels::attention::{append, attention, decode_attention, kv_append, Caches};
 use fusec_exec::kernels::fused::rope;
 use fusec_exec::kernels::movement::cat;
+use fusec_exec::tensor::Buffer;
 use fusec_exec::{SplitMix64, Tensor};
 use fusec_ir::numerics::round_to;
 use fusec_ir::DType;
@@ -199,6 +201,156 @@ proptest! {
         let want = reference(&q, &k, &v, scale, &mask, (f64::from(ks), f64::from(vs)));
         assert_close(&got, &want, &v, f64::from(vs), 2e-5);
     }
+}
+
+/// The bits of `t`'s values, with every NaN as one pattern (compact storage keeps that
+/// a value is NaN, not its payload).
+fn bits(t: &Tensor) -> Vec<u32> {
+    t.to_vec_f32()
+        .iter()
+        .map(|x| if x.is_nan() { f32::NAN } else { *x }.to_bits())
+        .collect()
+}
+
+/// `t` (an E4M3 tensor holding `f32` values) in compact storage, same view.
+fn compact(t: &Tensor) -> Tensor {
+    let c = t.to_compact_storage().expect("exact E4M3 values");
+    assert!(matches!(c.buffer(), Buffer::U8(_)));
+    c
+}
+
+/// E4M3 codes of random values over a wide range (subnormals, saturation, zeros of
+/// both signs), with a NaN now and then when `nan`.
+fn spread_codes(shape: &[usize], nan: bool, rng: &mut SplitMix64) -> Tensor {
+    let n: usize = shape.iter().product();
+    let vals = (0..n)
+        .map(|_| match rng.below(50) {
+            0 => -0.0,
+            1 if nan => f32::NAN,
+            _ => (rng.normal() * 10f64.powf(rng.uniform(-3.0, 2.5))) as f32,
+        })
+        .collect();
+    Tensor::from_f32(E4M3, shape, vals).expect("sizes match")
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn attention_over_compact_caches_equals_f32_storage_bit_for_bit(
+        seed in 0u64..10_000,
+        batch in 1usize..3,
+        kv_heads in 1usize..3,
+        group_pick in 0usize..4,
+        hd in prop_oneof![1usize..20, 60usize..70, Just(128usize), Just(131usize)],
+        tq in prop_oneof![Just(1usize), 2usize..4],
+        len in 1usize..70,
+        spare in 0usize..5,
+        masked_row in any::<bool>(),
+        half in any::<bool>(),
+        nan in any::<bool>(),
+    ) {
+        let group = [1, 2, 4, 9][group_pick];
+        let heads = kv_heads * group;
+        let dtype = if half { DType::Bf16 } else { DType::F32 };
+        let mut rng = SplitMix64::new(seed);
+        let q = random(dtype, &[batch, heads, tq, hd], &mut rng);
+        // Caches with spare capacity, as a session holds them.
+        let cache = |rng: &mut SplitMix64| {
+            spread_codes(&[batch, kv_heads, len, hd], nan, rng)
+                .with_capacity(2, len + spare)
+                .expect("axis")
+        };
+        let (k, v) = (cache(&mut rng), cache(&mut rng));
+        let mask = random_mask(dtype, batch, tq, len, masked_row, &mut rng);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let scales = Some((0.0123f32, 0.0456f32));
+        let want = attention(&q, &k, &v, scale, &mask, scales).expect("runs");
+        let got = attention(&q, &compact(&k), &compact(&v), scale, &mask, scales).expect("runs");
+        prop_assert_eq!(bits(&got), bits(&want));
+        // One compact operand is decoded into a copy; still the same result.
+        let mixed = attention(&q, &compact(&k), &v, scale, &mask, scales).expect("runs");
+        prop_assert_eq!(bits(&mixed), bits(&want));
+        // A strided compact view takes the gathering path (`strided` checks its copy
+        // with an equality that NaNs fail).
+        if !nan {
+            let sk = compact(&strided(&k));
+            let strided_v = attention(&q, &sk, &compact(&strided(&v)), scale, &mask, scales)
+                .expect("runs");
+            prop_assert_eq!(bits(&strided_v), bits(&want));
+        }
+    }
+
+    #[test]
+    fn append_into_a_compact_cache_equals_f32_storage_bit_for_bit(
+        seed in 0u64..10_000,
+        kv_heads in 1usize..4,
+        hd in 1usize..40,
+        len in 0usize..20,
+        spare in 0usize..3,
+        n in 1usize..3,
+        strided_new in any::<bool>(),
+    ) {
+        let mut rng = SplitMix64::new(seed);
+        let past = spread_codes(&[1, kv_heads, len, hd], true, &mut rng)
+            .with_capacity(2, len + spare)
+            .expect("axis");
+        let new = random(DType::F32, &[1, kv_heads, n, hd], &mut rng);
+        let new = if strided_new { strided(&new) } else { new };
+        let s = 0.0137f32;
+        let scaled = |x: f32| round_to(E4M3, x / s);
+        let (mut wide, mut bytes) = (past.clone(), compact(&past));
+        drop(past);
+        let (want, copied_f32) = append(&mut wide, &new, 2, scaled).expect("appends");
+        let (got, copied) = append(&mut bytes, &new, 2, scaled).expect("appends");
+        prop_assert!(matches!(got.buffer(), Buffer::U8(_)));
+        prop_assert_eq!(bits(&got), bits(&want));
+        // The same bytes are counted, in place or copied to grow.
+        prop_assert_eq!(copied, copied_f32);
+        prop_assert_eq!(copied == 0, spare >= n || len == 0);
+        prop_assert_eq!(got.bytes(), want.bytes());
+        // `kv.append` (the cache's own rounding) stores the same bytes too.
+        let codes = codes(&new, 1.0);
+        let (mut wide, mut bytes) = (want.clone(), compact(&want));
+        drop((want, got));
+        let (want, _) = kv_append(&mut wide, &codes).expect("appends");
+        let (got, _) = kv_append(&mut bytes, &codes).expect("appends");
+        prop_assert_eq!(bits(&got), bits(&want));
+    }
+}
+
+#[test]
+fn decode_attention_over_compact_caches_appends_in_place_and_equals_f32_storage() {
+    let mut rng = SplitMix64::new(21);
+    let (kv_heads, heads, hd, len) = (2, 4, 20, 9);
+    let q = random(DType::F32, &[1, heads, 1, hd], &mut rng);
+    let k = random(DType::F32, &[1, kv_heads, 1, hd], &mut rng);
+    let v = random(DType::F32, &[1, kv_heads, 1, hd], &mut rng);
+    let cos = random(DType::F32, &[1, 1, 1, hd], &mut rng);
+    let sin = random(DType::F32, &[1, 1, 1, hd], &mut rng);
+    let mask = random_mask(DType::F32, 1, 1, len + 1, false, &mut rng);
+    let cache = |rng: &mut SplitMix64| {
+        spread_codes(&[1, kv_heads, len, hd], false, rng)
+            .with_capacity(2, len + 4)
+            .expect("axis")
+    };
+    let (pk, pv) = (cache(&mut rng), cache(&mut rng));
+    let run = |mut ck: Tensor, mut cv: Tensor| {
+        let caches = Caches {
+            past_k: &mut ck,
+            past_v: &mut cv,
+            scales: Some((0.02, 0.03)),
+        };
+        decode_attention(&q, &k, &v, &cos, &sin, caches, 0.2, &mask).expect("runs")
+    };
+    let ([out_c, k_c, v_c], copied) = run(compact(&pk), compact(&pv));
+    assert_eq!(copied, 0);
+    assert!(matches!(k_c.buffer(), Buffer::U8(_)));
+    assert_eq!(k_c.storage_len(), kv_heads * (len + 4) * hd);
+    let ([out_f, k_f, v_f], _) = run(pk, pv);
+    assert_eq!(bits(&out_c), bits(&out_f));
+    assert_eq!(bits(&k_c), bits(&k_f));
+    assert_eq!(bits(&v_c), bits(&v_f));
 }
 
 #[test]

@@ -10,6 +10,7 @@ use fusec_exec::kernels::attention::{attention, decode_attention, Caches};
 use fusec_exec::kernels::fused::rope;
 use fusec_exec::kernels::gemv::{self, GemvWeight, QuantWeight};
 use fusec_exec::quant::{self, Derived};
+use fusec_exec::tensor::Buffer;
 use fusec_exec::{Error, Executor, Session, SplitMix64, Tensor, Weights};
 use fusec_ir::build::eager_decode_graph;
 use fusec_ir::numerics::{round_to, scale_for};
@@ -335,6 +336,56 @@ fn a_checkpoint_loads_into_the_lowered_graph_and_saved_weights_round_trip() {
     common::write_safetensors(&mixed, &tensors, safetensors::Dtype::F32);
     let derived = Weights::load(&mixed, &fp8).expect("derives at load");
     assert_eq!(run(&derived).logits, a.logits);
+}
+
+#[test]
+fn compact_kv_caches_decode_bit_identically_to_f32_ones() {
+    let (bf16, fp8) = fp8_graph(&Cfg::tiny());
+    let base = Weights::random(&bf16, 12).expect("random weights");
+    let prompt = vec![vec![5, 3, 9, 2], vec![1, 8, 2, 7]];
+    let (scales, _) = quant::calibrate_kv_scales(&fp8, &bf16, &base, &prompt).expect("runs");
+    let w = quant::lower_weights(&base, &fp8, &scales).expect("lowers");
+    // A capacity of 6 makes the caches grow (by copying) during the run.
+    let session = |compact: bool| {
+        let exec = Executor::new(fp8.clone(), &w).expect("plans");
+        Session::with_cache_storage(exec, 2, 6, compact).expect("session")
+    };
+    let (mut bytes, mut wide) = (session(true), session(false));
+    let storage = |s: &Session| {
+        let cache = s.state("past.0.key").expect("a cache");
+        (cache.dtype(), matches!(cache.buffer(), Buffer::U8(_)))
+    };
+    assert_eq!(storage(&bytes), (E4M3, true));
+    assert_eq!(storage(&wide), (E4M3, false));
+    let (a, b) = (
+        bytes.generate(&prompt, 6).expect("decodes"),
+        wide.generate(&prompt, 6).expect("decodes"),
+    );
+    let logit_bits = |g: &fusec_exec::Generation| {
+        g.logits
+            .iter()
+            .flatten()
+            .flatten()
+            .map(|x| x.to_bits())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(logit_bits(&a), logit_bits(&b));
+    assert_eq!(a.generated, b.generated);
+    // The caches hold the same values, and stay compact after growing.
+    assert_eq!(storage(&bytes), (E4M3, true));
+    for layer in 0..2 {
+        for kind in ["key", "value"] {
+            let name = format!("past.{layer}.{kind}");
+            let values = |s: &Session| s.state(&name).expect("a cache").to_vec_f32();
+            let (x, y) = (values(&bytes), values(&wide));
+            assert!(!x.is_empty(), "{name}");
+            assert_eq!(
+                x.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                y.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{name}"
+            );
+        }
+    }
 }
 
 #[test]

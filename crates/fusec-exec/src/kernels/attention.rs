@@ -10,7 +10,8 @@
 //! (twice the length needed), and the kernel reports the bytes it copied so that the
 //! measured traffic stays honest. The new entries are read in place through their
 //! strides (no gathered copy), and an E4M3 cache quantizes them with the bit-exact
-//! fast rounding of [`round_e4m3`] rather than the generic conversion.
+//! fast rounding of [`round_e4m3`] rather than the generic conversion. A cache in
+//! compact storage (below) gets the byte of each quantized value.
 //!
 //! **Attention, in three passes over the keys.** Decode attention is memory-bound: it
 //! should read each cached key and value once, at close to memory speed. The query
@@ -52,10 +53,24 @@
 //! in any grouping.
 //!
 //! **FP8 caches.** A cache in an FP8 format stores `fp8(x / scale)` with one static
-//! scale per cache, so an entry's value is `code * scale`; its buffer holds the codes
-//! as `f32` values, as the executor holds every float. The passes read the codes in
-//! place and apply the scales to the few values derived from them instead of to
-//! every entry: a score is `dot(q, codes) * k_scale` (then rounded as above), and the
+//! scale per cache, so an entry's value is `code * scale`. Its buffer holds the codes
+//! either as `f32` values, as the executor holds every other float, or, for E4M3, in
+//! compact storage: one byte per code (`Buffer::U8`), which is what a decode session
+//! gives the caches only this kernel reads, so that attention streams one byte per
+//! cached value, as the IR and the cost model say, instead of four. Both hold the same
+//! values and give the same results bit for bit: a compact row is decoded exactly,
+//! in registers, into the `f32` values the other storage holds, and every sum then
+//! runs in the same order. A key row is decoded once into a row of scratch for all
+//! the query rows of a tile; the value rows are decoded inside the weighted sum when
+//! one query row reads them, and a block of [`VALUE_BLOCK`] rows at a time into
+//! scratch when several do (a GQA group), so each byte is decoded once per tile.
+//! The fast decoding reads an E4M3 NaN code as a finite value, so a pass first scans
+//! its head's bytes (32 at a time, and then found in cache by the pass) and takes a
+//! decoding that turns NaN codes into NaNs only where one occurs.
+//!
+//! In either storage the passes apply the scales to the few values derived from the
+//! codes instead of to every entry: a score is `dot(q, codes) * k_scale` (then
+//! rounded as above), and the
 //! value scale is folded into the normalization, `p = e * ((1 / sum) * v_scale)`, so
 //! the weighted sum of code rows comes out in value units. Attention over the
 //! dequantized caches rounds every `code * scale` (once per entry); this order
@@ -66,20 +81,21 @@
 //! **Vector code.** On x86-64 with AVX2 (detected at run time) the passes are
 //! compiled for AVX2 and their two inner loops are written with intrinsics: the dot
 //! product in `matmul::dot`'s order (which the compiler does not vectorize once it is
-//! inlined into the passes), and the weighted sum with the output row in registers.
-//! Both use separate multiplies and adds, never FMA, so every path gives the same
-//! bits.
+//! inlined into the passes), and the weighted sum with the output row in registers,
+//! over `f32` or E4M3 value rows. Both use separate multiplies and adds, never FMA,
+//! so every path gives the same bits. The portable path decodes E4M3 bytes by table.
 
 use fusec_ir::{numerics, DType};
 
 use super::fused::rope;
 use super::gemv::round_e4m3;
 use super::matmul::dot;
+use super::rowdot::e4m3_table;
 use super::{float_buffer, KernelError};
-use crate::dtype::round;
+use crate::dtype::{self, round};
 use crate::pool;
 use crate::team;
-use crate::tensor::{Dims, Tensor};
+use crate::tensor::{Buffer, Dims, Tensor};
 
 /// Multiply-adds of the score pass (query rows times keys times `head_dim`; the value
 /// pass does as many again) below which attention runs on the calling thread: a
@@ -91,6 +107,11 @@ const PARALLEL_MIN_WORK: usize = 1 << 15;
 /// stream past; eight covers the GQA groups of common models in one pass.
 pub const ROW_TILE: usize = 8;
 
+/// Value rows of a compact cache decoded at a time when several query rows share them
+/// (16 KB of `f32` values at a `head_dim` of 128, which stay in L1 while every row of
+/// the tile adds them).
+const VALUE_BLOCK: usize = 32;
+
 /// The smallest capacity, in positions, of a cache that has to be copied to grow.
 const MIN_CAPACITY: usize = 16;
 
@@ -100,9 +121,11 @@ const MAX_STRIDED_RANK: usize = 8;
 
 /// `past` with `new` appended along `axis`: written in place into `past`'s buffer when
 /// it has room and is not shared, else into a new buffer with room. Values of `new`
-/// are stored through `store` (the cache's rounding, or FP8 quantization). Returns the
-/// appended view and the bytes of `past` copied (0 in place). `past` is left viewing
-/// the buffer the result shares (a copy of its values if it was copied).
+/// are stored through `store` (the cache's rounding, or FP8 quantization); a cache in
+/// compact E4M3 storage (`Buffer::U8`) gets the byte of the stored value, which
+/// `store` has made an E4M3 value. Returns the appended view and the bytes of `past`
+/// copied (0 in place). `past` is left viewing the buffer the result shares (a copy of
+/// its values if it was copied).
 pub fn append(
     past: &mut Tensor,
     new: &Tensor,
@@ -110,7 +133,16 @@ pub fn append(
     store: impl Fn(f32) -> f32,
 ) -> Result<(Tensor, u64), KernelError> {
     let op = "kv.append";
-    float_buffer(past, op)?;
+    let compact = matches!(past.buffer(), Buffer::U8(_));
+    if compact && past.dtype() != DType::Fp8E4M3 {
+        return Err(KernelError::Invalid(format!(
+            "{op}: a {} cache cannot have byte storage",
+            past.dtype()
+        )));
+    }
+    if !compact {
+        float_buffer(past, op)?;
+    }
     let src = float_buffer(new, op)?;
     let agrees = past.rank() == new.rank()
         && axis < past.rank()
@@ -130,7 +162,7 @@ pub fn append(
     let (len, n) = (past.shape()[axis], new.shape()[axis]);
     let mut copied = 0;
     let room = past.capacity_along(axis).is_some_and(|c| c >= len + n);
-    if !room || past.unique_f32_mut().is_none() {
+    if !room || !past.is_unique() {
         copied = past.bytes();
         *past = past.with_capacity(axis, (2 * (len + n)).max(MIN_CAPACITY))?;
     }
@@ -139,19 +171,65 @@ pub fn append(
     })?;
     let outer: usize = past.shape()[..axis].iter().product();
     let block: usize = past.shape()[axis + 1..].iter().product();
-    let span = n * block;
-    let buf = past.unique_f32_mut().ok_or_else(|| {
-        KernelError::Invalid(format!("{op}: the cache buffer is shared after copying"))
-    })?;
-    if span > 0 && outer > 0 {
+    let entries = Entries {
+        new,
+        src,
+        outer,
+        span: n * block,
+        capacity,
+        len,
+        block,
+    };
+    let shared = || KernelError::Invalid(format!("{op}: the cache buffer is shared after copying"));
+    if compact {
+        let buf = past.unique_u8_mut().ok_or_else(shared)?;
+        entries.write(buf, |v| e4m3_code(store(v)));
+    } else {
+        let buf = past.unique_f32_mut().ok_or_else(shared)?;
+        entries.write(buf, store);
+    }
+    let mut shape = past.dims();
+    shape[axis] = len + n;
+    Ok((past.with_layout(shape, past.stride_dims(), 0), copied))
+}
+
+/// The byte of an E4M3 value (the result of [`round_e4m3`], which saturates, so every
+/// value but NaN is one); a NaN becomes the E4M3 NaN of its sign, whose value reads
+/// back as NaN (its payload is not kept).
+#[inline]
+fn e4m3_code(x: f32) -> u8 {
+    dtype::e4m3_bits_nan(x).unwrap_or_else(|| numerics::e4m3_encode(x))
+}
+
+/// The entries of `new` to append, and where they go in a cache's buffer.
+struct Entries<'a> {
+    new: &'a Tensor,
+    src: &'a [f32],
+    outer: usize,
+    /// Values of `new` per outer index.
+    span: usize,
+    capacity: usize,
+    len: usize,
+    block: usize,
+}
+
+impl Entries<'_> {
+    /// Writes `put(v)` for every value `v` of `new` at its place in `buf`. The new
+    /// entries are read in place through their strides (no gathered copy) unless the
+    /// rank is above [`MAX_STRIDED_RANK`].
+    fn write<T>(&self, buf: &mut [T], put: impl Fn(f32) -> T) {
+        let (span, new, src) = (self.span, self.new, self.src);
+        if span == 0 || self.outer == 0 {
+            return;
+        }
         // Element `e` of `new` in row-major order is entry `rest` of outer index `o`.
-        let dst = |e: usize| (e / span * capacity + len) * block + e % span;
+        let dst = |e: usize| (e / span * self.capacity + self.len) * self.block + e % span;
         if new.is_contiguous() {
-            let values = &src[new.offset()..new.offset() + outer * span];
+            let values = &src[new.offset()..new.offset() + self.outer * span];
             for (o, from) in values.chunks_exact(span).enumerate() {
                 let at = dst(o * span);
                 for (d, &v) in buf[at..at + span].iter_mut().zip(from) {
-                    *d = store(v);
+                    *d = put(v);
                 }
             }
         } else if new.rank() <= MAX_STRIDED_RANK {
@@ -161,7 +239,7 @@ pub fn append(
             for_each_last_axis_row(new.shape(), new.strides(), new.offset(), |e, from| {
                 let at = dst(e);
                 for (i, d) in buf[at..at + inner].iter_mut().enumerate() {
-                    *d = store(src[from + i * step]);
+                    *d = put(src[from + i * step]);
                 }
             });
         } else {
@@ -169,14 +247,11 @@ pub fn append(
             for (o, from) in values.chunks_exact(span).enumerate() {
                 let at = dst(o * span);
                 for (d, &v) in buf[at..at + span].iter_mut().zip(from) {
-                    *d = store(v);
+                    *d = put(v);
                 }
             }
         }
     }
-    let mut shape = past.dims();
-    shape[axis] = len + n;
-    Ok((past.with_layout(shape, past.stride_dims(), 0), copied))
 }
 
 /// Calls `f(first, offset)` for every row along the last axis of the view of `shape`
@@ -248,18 +323,134 @@ pub fn kv_append(past: &mut Tensor, new: &Tensor) -> Result<(Tensor, u64), Kerne
     append(past, new, axis, storer(dtype, None))
 }
 
+/// How an attention operand's values are stored: `f32` values, or the bytes of E4M3
+/// values (a cache in compact storage). The passes read keys and values through this,
+/// so that a compact cache is read at one byte per value and decoded in registers.
+trait Kv: Copy + Send + Sync + 'static {
+    /// Whether this is compact storage, decoded before use.
+    const COMPACT: bool;
+
+    /// `t`'s buffer, if it has this storage.
+    fn buffer(t: &Tensor) -> Option<&[Self]>;
+
+    /// The value of one stored entry.
+    fn value(self) -> f32;
+
+    /// Whether `data` may hold a NaN code, which the fast decoding does not read as NaN
+    /// (always false for `f32` values, which need no decoding).
+    fn may_hold_nan(inner: &impl Inner, data: &[Self]) -> bool;
+
+    /// `row` as `f32` values: `row` itself, or decoded by `inner` into `tmp` (at least
+    /// `row.len()` long), minding NaN codes when `nan` says they may occur.
+    fn values<'s>(inner: &impl Inner, row: &'s [Self], tmp: &'s mut [f32], nan: bool) -> &'s [f32];
+
+    /// [`Inner::accumulate`] over value rows of this storage, minding NaN codes when
+    /// `nan` says they may occur.
+    #[allow(clippy::too_many_arguments)]
+    fn accumulate(
+        inner: &impl Inner,
+        out: &mut [f32],
+        probs: &[f32],
+        v: &[Self],
+        base: usize,
+        stride: usize,
+        nan: bool,
+    );
+}
+
+impl Kv for f32 {
+    const COMPACT: bool = false;
+
+    fn buffer(t: &Tensor) -> Option<&[f32]> {
+        t.f32_buffer()
+    }
+
+    #[inline(always)]
+    fn value(self) -> f32 {
+        self
+    }
+
+    fn may_hold_nan(_: &impl Inner, _: &[f32]) -> bool {
+        false
+    }
+
+    #[inline(always)]
+    fn values<'s>(_: &impl Inner, row: &'s [f32], _: &'s mut [f32], _: bool) -> &'s [f32] {
+        row
+    }
+
+    #[inline(always)]
+    fn accumulate(
+        inner: &impl Inner,
+        out: &mut [f32],
+        probs: &[f32],
+        v: &[f32],
+        base: usize,
+        stride: usize,
+        _: bool,
+    ) {
+        inner.accumulate(out, probs, v, base, stride);
+    }
+}
+
+impl Kv for u8 {
+    const COMPACT: bool = true;
+
+    fn buffer(t: &Tensor) -> Option<&[u8]> {
+        match t.buffer() {
+            Buffer::U8(b) if t.dtype() == DType::Fp8E4M3 => Some(b),
+            _ => None,
+        }
+    }
+
+    #[inline(always)]
+    fn value(self) -> f32 {
+        e4m3_table()[usize::from(self)]
+    }
+
+    #[inline(always)]
+    fn may_hold_nan(inner: &impl Inner, data: &[u8]) -> bool {
+        inner.has_e4m3_nan(data)
+    }
+
+    #[inline(always)]
+    fn values<'s>(inner: &impl Inner, row: &'s [u8], tmp: &'s mut [f32], nan: bool) -> &'s [f32] {
+        let tmp = &mut tmp[..row.len()];
+        inner.decode_e4m3(row, tmp, nan);
+        tmp
+    }
+
+    #[inline(always)]
+    fn accumulate(
+        inner: &impl Inner,
+        out: &mut [f32],
+        probs: &[f32],
+        v: &[u8],
+        base: usize,
+        stride: usize,
+        nan: bool,
+    ) {
+        inner.accumulate_e4m3(out, probs, v, base, stride, nan);
+    }
+}
+
 /// A `[batch, heads, len, head_dim]` operand as a strided view of its buffer.
 #[derive(Copy, Clone)]
-struct View4<'a> {
-    data: &'a [f32],
+struct View4<'a, T> {
+    data: &'a [T],
     shape: [usize; 4],
     strides: [usize; 4],
     offset: usize,
 }
 
-impl<'a> View4<'a> {
+impl<'a, T: Kv> View4<'a, T> {
     fn new(t: &'a Tensor, what: &str) -> Result<Self, KernelError> {
-        let data = float_buffer(t, "attention")?;
+        let data = T::buffer(t).ok_or_else(|| {
+            KernelError::Invalid(format!(
+                "attention needs {what} stored as f32 values or E4M3 bytes, got {}",
+                t.dtype()
+            ))
+        })?;
         match (t.shape(), t.strides()) {
             ([a, b, c, d], [sa, sb, sc, sd]) => Ok(View4 {
                 data,
@@ -280,18 +471,45 @@ impl<'a> View4<'a> {
         self.offset + b * self.strides[0] + h * self.strides[1] + i * self.strides[2]
     }
 
-    /// Row `[b, h, i, :]`: read in place when its values are contiguous (a cache's
-    /// rows always are), else gathered into `tmp` (`head_dim` long).
+    /// Whether rows `[b, h, :, :]` may hold a NaN code (see [`Kv::may_hold_nan`]); a
+    /// view with strided rows reads them exactly, so it answers false.
     #[inline(always)]
-    fn row<'s>(&'s self, b: usize, h: usize, i: usize, tmp: &'s mut [f32]) -> &'s [f32] {
+    fn may_hold_nan(&self, inner: &impl Inner, b: usize, h: usize) -> bool {
+        let [len, hd] = [self.shape[2], self.shape[3]];
+        if !T::COMPACT || self.strides[3] != 1 || len == 0 || hd == 0 {
+            return false;
+        }
+        let base = self.base(b, h, 0);
+        if self.strides[2] == hd {
+            T::may_hold_nan(inner, &self.data[base..base + len * hd])
+        } else {
+            (0..len).any(|j| {
+                let at = base + j * self.strides[2];
+                T::may_hold_nan(inner, &self.data[at..at + hd])
+            })
+        }
+    }
+
+    /// Row `[b, h, i, :]` as `f32` values: read in place when its values are
+    /// contiguous `f32`s (a cache's rows always are contiguous), else decoded by
+    /// `inner` (minding NaN codes when `nan`) or gathered into `tmp` (`head_dim`
+    /// long).
+    #[inline(always)]
+    fn row<'s>(
+        &'s self,
+        inner: &impl Inner,
+        (b, h, i): (usize, usize, usize),
+        tmp: &'s mut [f32],
+        nan: bool,
+    ) -> &'s [f32] {
         let base = self.base(b, h, i);
         let n = self.shape[3];
         if self.strides[3] == 1 {
-            &self.data[base..base + n]
+            T::values(inner, &self.data[base..base + n], tmp, nan)
         } else {
             let sd = self.strides[3];
             for (j, t) in tmp.iter_mut().enumerate() {
-                *t = self.data[base + j * sd];
+                *t = self.data[base + j * sd].value();
             }
             tmp
         }
@@ -299,10 +517,11 @@ impl<'a> View4<'a> {
 }
 
 /// One attention call's operands and geometry, shared by every chunk of rows.
-struct Plan<'a> {
-    q: View4<'a>,
-    k: View4<'a>,
-    v: View4<'a>,
+struct Plan<'a, T> {
+    q: View4<'a, f32>,
+    /// The keys and values, both in the storage `T`.
+    k: View4<'a, T>,
+    v: View4<'a, T>,
     mask: &'a [f32],
     mask_offset: usize,
     /// The mask's strides broadcast to the scores `[batch, heads, tq, len]`.
@@ -328,6 +547,9 @@ struct Plan<'a> {
 /// `softmax(q k^T * scale + mask) v` with GQA (query head `h` reads KV head
 /// `h / (H / KV)`), in three passes per tile of query rows; see the module
 /// documentation. `kv_scales` are the scales of FP8 caches. The result has q's dtype.
+/// Keys and values are read as they are stored, `f32` values or E4M3 bytes; when only
+/// one of them is stored as bytes, it is decoded into a copy first (no cache the
+/// executor makes is stored that way).
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -336,9 +558,32 @@ pub fn attention(
     mask: &Tensor,
     kv_scales: Option<(f32, f32)>,
 ) -> Result<Tensor, KernelError> {
-    let qv = View4::new(q, "q")?;
-    let kv = View4::new(k, "k")?;
-    let vv = View4::new(v, "v")?;
+    let compact = |t: &Tensor| matches!(t.buffer(), Buffer::U8(_));
+    match (compact(k), compact(v)) {
+        (true, true) => attention_in::<u8>(q, k, v, scale, mask, kv_scales),
+        (false, false) => attention_in::<f32>(q, k, v, scale, mask, kv_scales),
+        (true, false) => attention_in::<f32>(q, &decoded(k), v, scale, mask, kv_scales),
+        (false, true) => attention_in::<f32>(q, k, &decoded(v), scale, mask, kv_scales),
+    }
+}
+
+/// A compact tensor's values in `f32` storage, as a new contiguous tensor.
+fn decoded(t: &Tensor) -> Tensor {
+    Tensor::from_kernel_f32(t.dtype(), t.dims(), t.to_vec_f32())
+}
+
+/// [`attention`] with keys and values stored as `T`.
+fn attention_in<T: Kv>(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+    mask: &Tensor,
+    kv_scales: Option<(f32, f32)>,
+) -> Result<Tensor, KernelError> {
+    let qv = View4::<f32>::new(q, "q")?;
+    let kv = View4::<T>::new(k, "k")?;
+    let vv = View4::<T>::new(v, "v")?;
     let [bq, heads, tq, hd] = qv.shape;
     let [bk, kv_heads, len, hdk] = kv.shape;
     if bk != bq || hdk != hd || vv.shape != kv.shape {
@@ -444,7 +689,7 @@ fn chunk_rows(blocks: usize, block_rows: usize, parallel: bool) -> usize {
         .unwrap_or(1)
 }
 
-impl Plan<'_> {
+impl<T: Kv> Plan<'_, T> {
     /// Computes chunk `index` of the output rows on the fastest path this machine has.
     fn chunk(&self, index: usize, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
@@ -475,11 +720,19 @@ impl Plan<'_> {
         // capacity is asked for the cache's capacity, so that the pool hands back the
         // same buffer at every length the cache takes in place; only the part this
         // length uses is zeroed.
-        let mut scratch = pool::take(tile * (self.positions + hd) + 2 * hd);
-        scratch.resize(tile * (len + hd) + 2 * hd, 0.0);
+        // Compact values take a block of decoded value rows as well.
+        let decoded = if T::COMPACT { VALUE_BLOCK * hd } else { 0 };
+        let mut scratch = pool::take(tile * (self.positions + hd) + 2 * hd + decoded);
+        scratch.resize(tile * (len + hd) + 2 * hd + decoded, 0.0);
         let (scores, rest) = scratch.split_at_mut(tile * len);
         let (queries, rest) = rest.split_at_mut(tile * hd);
-        let (ktmp, vtmp) = rest.split_at_mut(hd);
+        let (ktmp, rest) = rest.split_at_mut(hd);
+        let (vtmp, vblock) = rest.split_at_mut(hd);
+        // Whether this head's compact keys and values may hold a NaN code: one scan of
+        // their bytes (which the passes then find in cache) lets the common case,
+        // without any, decode without the per-value NaN fix-up.
+        let k_nan = self.k.may_hold_nan(inner, b, kvh);
+        let v_nan = self.v.may_hold_nan(inner, b, kvh);
         for start in (0..rows).step_by(tile) {
             let n = tile.min(rows - start);
             let at = |r: usize| {
@@ -488,11 +741,12 @@ impl Plan<'_> {
             };
             for (r, qrow) in queries.chunks_exact_mut(hd).take(n).enumerate() {
                 let (h, t) = at(r);
-                qrow.copy_from_slice(self.q.row(b, h, t, ktmp));
+                qrow.copy_from_slice(self.q.row(inner, (b, h, t), ktmp, false));
             }
-            // Pass 1: every score of the tile, one key row read per key.
+            // Pass 1: every score of the tile, one key row read per key (a compact
+            // row is decoded once, into `ktmp`, for all the rows of the tile).
             for j in 0..len {
-                let krow = self.k.row(b, kvh, j, ktmp);
+                let krow = self.k.row(inner, (b, kvh, j), ktmp, k_nan);
                 for (r, qrow) in queries.chunks_exact(hd).take(n).enumerate() {
                     scores[r * len + j] = inner.dot(qrow, krow);
                 }
@@ -506,18 +760,36 @@ impl Plan<'_> {
             }
             // Pass 3: the weighted sum of the value rows.
             let outs = &mut out[start * hd..(start + n) * hd];
-            if self.v.strides[3] == 1 {
+            if T::COMPACT && n > 1 && self.v.strides[3] == 1 {
+                // Compact rows shared by several output rows: each block of value rows
+                // is decoded once, then every output row of the tile adds it. Each
+                // output value still sums its keys in key order, so the blocks change
+                // no bit.
+                let (base, stride) = (self.v.base(b, kvh, 0), self.v.strides[2]);
+                for first in (0..len).step_by(VALUE_BLOCK) {
+                    let keys = VALUE_BLOCK.min(len - first);
+                    for (i, dst) in vblock.chunks_exact_mut(hd).take(keys).enumerate() {
+                        let at = base + (first + i) * stride;
+                        T::values(inner, &self.v.data[at..at + hd], dst, v_nan);
+                    }
+                    for (r, o) in outs.chunks_exact_mut(hd).enumerate() {
+                        let probs = &scores[r * len + first..r * len + first + keys];
+                        inner.accumulate(o, probs, vblock, 0, hd);
+                    }
+                }
+            } else if self.v.strides[3] == 1 {
                 // Rows in place: each output row accumulates in registers over all keys
                 // (the value rows it reads again for the next row of the tile are in
                 // L1 or L2 by then).
                 let base = self.v.base(b, kvh, 0);
                 for (r, o) in outs.chunks_exact_mut(hd).enumerate() {
                     let probs = &scores[r * len..(r + 1) * len];
-                    inner.accumulate(o, probs, self.v.data, base, self.v.strides[2]);
+                    let stride = self.v.strides[2];
+                    T::accumulate(inner, o, probs, self.v.data, base, stride, v_nan);
                 }
             } else {
                 for j in 0..len {
-                    let vrow = self.v.row(b, kvh, j, vtmp);
+                    let vrow = self.v.row(inner, (b, kvh, j), vtmp, true);
                     for (r, o) in outs.chunks_exact_mut(hd).enumerate() {
                         Portable.accumulate(o, &scores[r * len + j..][..1], vrow, 0, 0);
                     }
@@ -619,6 +891,28 @@ trait Inner {
     /// adds nothing to a finite sum; a NaN weight, of a fully masked row, still
     /// reaches the output).
     fn accumulate(&self, out: &mut [f32], probs: &[f32], v: &[f32], base: usize, stride: usize);
+
+    /// Whether any of `codes` is an E4M3 NaN (`s 1111 111`).
+    fn has_e4m3_nan(&self, codes: &[u8]) -> bool;
+
+    /// `out[i]` = the value of the E4M3 byte `codes[i]`, exactly (`out` is as long as
+    /// `codes`). Unless `nan`, the caller has checked that no code is a NaN, and a
+    /// path may read one as any value.
+    fn decode_e4m3(&self, codes: &[u8], out: &mut [f32], nan: bool);
+
+    /// [`Inner::accumulate`] over value rows of E4M3 bytes, each decoded exactly: the
+    /// same sums as over the same values stored as `f32`, bit for bit (with `nan` as
+    /// for [`Inner::decode_e4m3`]).
+    #[allow(clippy::too_many_arguments)]
+    fn accumulate_e4m3(
+        &self,
+        out: &mut [f32],
+        probs: &[f32],
+        v: &[u8],
+        base: usize,
+        stride: usize,
+        nan: bool,
+    );
 }
 
 /// The portable inner loops.
@@ -638,6 +932,40 @@ impl Inner for Portable {
                 let row = &v[base + j * stride..base + j * stride + hd];
                 for (a, &x) in out.iter_mut().zip(row) {
                     *a += p * x;
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn has_e4m3_nan(&self, codes: &[u8]) -> bool {
+        codes.iter().any(|&c| c & 0x7f == 0x7f)
+    }
+
+    #[inline(always)]
+    fn decode_e4m3(&self, codes: &[u8], out: &mut [f32], _: bool) {
+        let table = e4m3_table();
+        for (o, &c) in out.iter_mut().zip(codes) {
+            *o = table[usize::from(c)];
+        }
+    }
+
+    #[inline(always)]
+    fn accumulate_e4m3(
+        &self,
+        out: &mut [f32],
+        probs: &[f32],
+        v: &[u8],
+        base: usize,
+        stride: usize,
+        _: bool,
+    ) {
+        let (hd, table) = (out.len(), e4m3_table());
+        for (j, &p) in probs.iter().enumerate() {
+            if p != 0.0 {
+                let row = &v[base + j * stride..base + j * stride + hd];
+                for (a, &x) in out.iter_mut().zip(row) {
+                    *a += p * table[usize::from(x)];
                 }
             }
         }
@@ -663,7 +991,7 @@ mod avx2 {
     use std::arch::x86_64::*;
     use std::sync::OnceLock;
 
-    use super::{Inner, Plan, Portable};
+    use super::{Inner, Kv, Plan, Portable};
 
     /// Whether this CPU has AVX2, detected once.
     pub(super) fn available() -> bool {
@@ -672,14 +1000,14 @@ mod avx2 {
     }
 
     /// `Plan::chunk_body` on AVX2; the caller has checked [`available`].
-    pub(super) fn chunk(plan: &Plan<'_>, index: usize, out: &mut [f32]) {
+    pub(super) fn chunk<T: Kv>(plan: &Plan<'_, T>, index: usize, out: &mut [f32]) {
         // SAFETY: `available()` returned true (the caller checks it), so this CPU runs
         // the AVX2 instructions `chunk_avx2` contains.
         unsafe { chunk_avx2(plan, index, out) }
     }
 
     #[target_feature(enable = "avx2")]
-    fn chunk_avx2(plan: &Plan<'_>, index: usize, out: &mut [f32]) {
+    fn chunk_avx2<T: Kv>(plan: &Plan<'_, T>, index: usize, out: &mut [f32]) {
         plan.chunk_body(index, out, &Avx2);
     }
 
@@ -703,17 +1031,147 @@ mod avx2 {
             base: usize,
             stride: usize,
         ) {
-            let hd = out.len();
-            let last = probs.len().checked_sub(1).map(|j| base + j * stride + hd);
-            if last.is_some_and(|end| end > v.len()) {
-                // Not reachable for a valid view; the portable loop's bounds checks
-                // report the bug as a panic instead of reading out of bounds here.
-                Portable.accumulate(out, probs, v, base, stride);
-                return;
+            checked_accumulate::<f32, false>(out, probs, v, base, stride);
+        }
+
+        #[inline(always)]
+        fn has_e4m3_nan(&self, codes: &[u8]) -> bool {
+            let main = codes.len() - codes.len() % 32;
+            // SAFETY: as for `dot`; every load reads `j..j + 32` with
+            // `j + 32 <= main <= codes.len()`.
+            let any = unsafe {
+                let low = _mm256_set1_epi8(0x7f);
+                let mut any = _mm256_setzero_si256();
+                for j in (0..main).step_by(32) {
+                    let c = _mm256_loadu_si256(codes.as_ptr().add(j).cast());
+                    any = _mm256_or_si256(any, _mm256_cmpeq_epi8(_mm256_and_si256(c, low), low));
+                }
+                _mm256_movemask_epi8(any) != 0
+            };
+            any || Portable.has_e4m3_nan(&codes[main..])
+        }
+
+        #[inline(always)]
+        fn decode_e4m3(&self, codes: &[u8], out: &mut [f32], nan: bool) {
+            if nan {
+                decode::<true>(codes, out);
+            } else {
+                decode::<false>(codes, out);
             }
-            // SAFETY: as for `dot`; every value row read, `v[base + j * stride..][..hd]`
-            // for `j < probs.len()`, lies inside `v` (checked above).
-            unsafe { accumulate(out, probs, v, base, stride) }
+        }
+
+        #[inline(always)]
+        fn accumulate_e4m3(
+            &self,
+            out: &mut [f32],
+            probs: &[f32],
+            v: &[u8],
+            base: usize,
+            stride: usize,
+            nan: bool,
+        ) {
+            if nan {
+                checked_accumulate::<u8, true>(out, probs, v, base, stride);
+            } else {
+                checked_accumulate::<u8, false>(out, probs, v, base, stride);
+            }
+        }
+    }
+
+    /// `Inner::decode_e4m3` on AVX2, minding NaN codes when `NAN`.
+    #[inline(always)]
+    fn decode<const NAN: bool>(codes: &[u8], out: &mut [f32]) {
+        let n = codes.len().min(out.len());
+        let main = n - n % 8;
+        for j in (0..main).step_by(8) {
+            // SAFETY: as for `dot`; `j + 8 <= main <= n` keeps the eight bytes read
+            // and the eight values written inside both slices.
+            unsafe {
+                let v = u8::load8::<NAN>(codes.as_ptr().add(j));
+                _mm256_storeu_ps(out.as_mut_ptr().add(j), v);
+            }
+        }
+        Portable.decode_e4m3(&codes[main..n], &mut out[main..n], NAN);
+    }
+
+    /// `Inner::accumulate` on AVX2 over value rows stored as `T`, after checking that
+    /// every row read lies inside `v`.
+    #[inline(always)]
+    fn checked_accumulate<T: Load, const NAN: bool>(
+        out: &mut [f32],
+        probs: &[f32],
+        v: &[T],
+        base: usize,
+        stride: usize,
+    ) {
+        let hd = out.len();
+        let last = probs.len().checked_sub(1).map(|j| base + j * stride + hd);
+        if last.is_some_and(|end| end > v.len()) {
+            // Not reachable for a valid view; the portable loop's bounds checks
+            // report the bug as a panic instead of reading out of bounds here.
+            T::portable(out, probs, v, base, stride);
+            return;
+        }
+        // SAFETY: an `Avx2` exists only inside `chunk_avx2`, which runs on CPUs with
+        // AVX2, and this is only called by its methods; every value row read,
+        // `v[base + j * stride..][..hd]` for `j < probs.len()`, lies inside `v`
+        // (checked above).
+        unsafe { accumulate::<T, NAN>(out, probs, v, base, stride) }
+    }
+
+    /// Eight stored values as `f32`, exactly, and the portable loops over them.
+    trait Load: Kv {
+        /// The eight values at `p`; unless `NAN`, the caller has checked that they
+        /// hold no NaN code, and one may read as any value.
+        ///
+        /// # Safety
+        /// The CPU has AVX2 and `p..p + 8` lies inside one slice.
+        unsafe fn load8<const NAN: bool>(p: *const Self) -> __m256;
+
+        /// `Portable`'s weighted sum over rows of this storage.
+        fn portable(out: &mut [f32], probs: &[f32], v: &[Self], base: usize, stride: usize);
+    }
+
+    impl Load for f32 {
+        #[inline(always)]
+        unsafe fn load8<const NAN: bool>(p: *const f32) -> __m256 {
+            _mm256_loadu_ps(p)
+        }
+
+        fn portable(out: &mut [f32], probs: &[f32], v: &[f32], base: usize, stride: usize) {
+            Portable.accumulate(out, probs, v, base, stride);
+        }
+    }
+
+    impl Load for u8 {
+        /// Eight E4M3 bytes decoded exactly: each byte sign-extended to 32 bits,
+        /// shifted left 20 and masked to the sign, the four exponent bits and the three
+        /// mantissa bits is the `f32` whose value is the E4M3 value times `2^-120`
+        /// (subnormals included, which land on `f32` subnormals with the same factor;
+        /// see `rowdot`), and the product by `2^120` restores the value exactly. The
+        /// NaN codes (`s 1111 111`), which that would read as 480, are replaced by NaN.
+        #[inline(always)]
+        unsafe fn load8<const NAN: bool>(p: *const u8) -> __m256 {
+            let wide = _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.cast()));
+            let bits = _mm256_and_si256(
+                _mm256_slli_epi32::<20>(wide),
+                _mm256_set1_epi32(0x87F0_0000u32 as i32),
+            );
+            let value = _mm256_mul_ps(
+                _mm256_castsi256_ps(bits),
+                _mm256_set1_ps(f32::from_bits((127 + 120) << 23)),
+            );
+            if !NAN {
+                return value;
+            }
+            // All ones, which OR makes the result, is a NaN.
+            let low = _mm256_set1_epi32(0x7f);
+            let nan = _mm256_cmpeq_epi32(_mm256_and_si256(wide, low), low);
+            _mm256_or_ps(value, _mm256_castsi256_ps(nan))
+        }
+
+        fn portable(out: &mut [f32], probs: &[f32], v: &[u8], base: usize, stride: usize) {
+            Portable.accumulate_e4m3(out, probs, v, base, stride, true);
         }
     }
 
@@ -782,22 +1240,28 @@ mod avx2 {
     /// read lies inside `v`.
     #[target_feature(enable = "avx2")]
     #[inline]
-    unsafe fn accumulate(out: &mut [f32], probs: &[f32], v: &[f32], base: usize, stride: usize) {
+    unsafe fn accumulate<T: Load, const NAN: bool>(
+        out: &mut [f32],
+        probs: &[f32],
+        v: &[T],
+        base: usize,
+        stride: usize,
+    ) {
         let hd = out.len();
         let main = hd - hd % 8;
         for (block, ps) in probs.chunks(KEY_BLOCK).enumerate() {
             let from = base + block * KEY_BLOCK * stride;
             let mut d = 0;
             while d + 64 <= main {
-                strip::<8>(out, ps, v, from + d, stride, d);
+                strip::<T, NAN, 8>(out, ps, v, from + d, stride, d);
                 d += 64;
             }
             while d + 32 <= main {
-                strip::<4>(out, ps, v, from + d, stride, d);
+                strip::<T, NAN, 4>(out, ps, v, from + d, stride, d);
                 d += 32;
             }
             while d < main {
-                strip::<1>(out, ps, v, from + d, stride, d);
+                strip::<T, NAN, 1>(out, ps, v, from + d, stride, d);
                 d += 8;
             }
             if main < hd {
@@ -805,7 +1269,7 @@ mod avx2 {
                     if p != 0.0 {
                         let row = &v[from + j * stride + main..from + j * stride + hd];
                         for (a, &x) in out[main..].iter_mut().zip(row) {
-                            *a += p * x;
+                            *a += p * x.value();
                         }
                     }
                 }
@@ -817,10 +1281,10 @@ mod avx2 {
     /// `out[d + i] += probs[j] * v[from + j * stride + i]`, in key order.
     #[target_feature(enable = "avx2")]
     #[inline]
-    unsafe fn strip<const N: usize>(
+    unsafe fn strip<T: Load, const NAN: bool, const N: usize>(
         out: &mut [f32],
         probs: &[f32],
-        v: &[f32],
+        v: &[T],
         from: usize,
         stride: usize,
         d: usize,
@@ -836,7 +1300,7 @@ mod avx2 {
                 let pp = _mm256_set1_ps(p);
                 let row = pv.add(j * stride);
                 for (i, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_add_ps(*a, _mm256_mul_ps(pp, _mm256_loadu_ps(row.add(8 * i))));
+                    *a = _mm256_add_ps(*a, _mm256_mul_ps(pp, T::load8::<NAN>(row.add(8 * i))));
                 }
             }
         }
@@ -900,6 +1364,55 @@ mod avx2 {
                 Portable.accumulate(&mut slow, &probs, &v, 3, stride);
                 let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&fast), bits(&slow), "accumulate, hd = {hd}");
+                // The same over E4M3 bytes, every code (NaNs included) among them.
+                let codes: Vec<u8> = (0..v.len()).map(|i| (i * 37 + hd) as u8).collect();
+                let init = values(hd, &mut seed);
+                let (mut fast, mut slow) = (init.clone(), init);
+                Avx2.accumulate_e4m3(&mut fast, &probs, &codes, 3, stride, true);
+                Portable.accumulate_e4m3(&mut slow, &probs, &codes, 3, stride, true);
+                let canonical = |x: &[f32]| {
+                    x.iter()
+                        .map(|v| if v.is_nan() { f32::NAN } else { *v }.to_bits())
+                        .collect::<Vec<_>>()
+                };
+                assert_eq!(canonical(&fast), canonical(&slow), "e4m3, hd = {hd}");
+            }
+        }
+
+        #[test]
+        fn the_avx2_e4m3_decoding_is_exact_for_every_byte() {
+            if !super::available() {
+                return;
+            }
+            let codes: Vec<u8> = (0..=255).chain(0..=6).collect();
+            let (mut fast, mut slow) = (vec![0.0; codes.len()], vec![0.0; codes.len()]);
+            Avx2.decode_e4m3(&codes, &mut fast, true);
+            Portable.decode_e4m3(&codes, &mut slow, true);
+            // Without NaN codes, the fast decoding is exact too.
+            let finite: Vec<u8> = codes.iter().copied().filter(|c| c & 0x7f != 0x7f).collect();
+            let mut quick = vec![0.0; finite.len()];
+            Avx2.decode_e4m3(&finite, &mut quick, false);
+            for (&c, q) in finite.iter().zip(&quick) {
+                assert_eq!(
+                    q.to_bits(),
+                    crate::dtype::e4m3_value(c).to_bits(),
+                    "{c:#04x}"
+                );
+            }
+            for (at, code) in [(0, 0x7f), (31, 0xff), (32, 0x7f), (40, 0xff)] {
+                let mut bytes = vec![0x3cu8; 41];
+                assert!(!Avx2.has_e4m3_nan(&bytes));
+                bytes[at] = code;
+                assert!(Avx2.has_e4m3_nan(&bytes), "{at}");
+            }
+            for (i, (&c, (f, s))) in codes.iter().zip(fast.iter().zip(&slow)).enumerate() {
+                let want = crate::dtype::e4m3_value(c);
+                assert_eq!(s.to_bits(), want.to_bits(), "portable, byte {c:#04x}");
+                if want.is_nan() {
+                    assert!(f.is_nan(), "byte {c:#04x} at {i}");
+                } else {
+                    assert_eq!(f.to_bits(), want.to_bits(), "byte {c:#04x} at {i}");
+                }
             }
         }
     }

@@ -22,7 +22,7 @@ pub mod strided;
 
 use fusec_ir::DType;
 
-use crate::tensor::{Tensor, TensorError};
+use crate::tensor::{Buffer, Tensor, TensorError};
 
 /// Why a kernel could not run on its operands.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -42,10 +42,16 @@ impl KernelError {
     }
 }
 
-/// The `f32` buffer of a float operand.
+/// The `f32` buffer of a float operand. A tensor in compact storage (a GEMV weight,
+/// or an E4M3 KV cache, which only the attention kernels read) is refused with an
+/// error that says so.
 pub(crate) fn float_buffer<'a>(t: &'a Tensor, op: &str) -> Result<&'a [f32], KernelError> {
     t.f32_buffer().ok_or_else(|| {
-        KernelError::Invalid(format!("{op} needs a float operand, got {}", t.dtype()))
+        let what = match t.buffer() {
+            Buffer::U16(_) | Buffer::U8(_) => "in compact storage",
+            Buffer::F32(_) | Buffer::I32(_) => "values",
+        };
+        KernelError::Invalid(format!("{op} needs f32 values, got {} {what}", t.dtype()))
     })
 }
 

@@ -105,8 +105,8 @@ impl<'a> Rows<'a> {
     }
 }
 
-/// The 256 E4M3 values, for the portable path.
-fn e4m3_table() -> &'static [f32; 256] {
+/// The 256 E4M3 values, for the portable path (and attention's, over compact caches).
+pub(crate) fn e4m3_table() -> &'static [f32; 256] {
     static TABLE: OnceLock<[f32; 256]> = OnceLock::new();
     TABLE.get_or_init(|| {
         let mut t = [0.0f32; 256];
