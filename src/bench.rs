@@ -14,9 +14,11 @@
 //! graph's memory floor (`fusec_ir::cost`): every GEMV weight once, at its IR dtype,
 //! plus the gathered embedding rows. The ceiling is the machine's read bandwidth
 //! measured in the same rounds: in each round every variant's turn starts with a timed
-//! pass of a parallel sum (one thread per core) over a 512 MB buffer, and the ceiling
-//! is all bytes over all time of those passes, the statistic a variant's tokens/s is. (A best-of-passes
-//! figure moved between 33 and 54 GB/s on the shared VM this was written on.) The
+//! pass of a parallel sum (one thread per core) over a 512 MB buffer. A variant's
+//! tokens/s is its steps over the median time of its rounds, and the ceiling is the
+//! median GB/s of the passes: the VM this was written on stalls a thread now and then
+//! for tens of milliseconds, and a median does not move with one stall where a total
+//! does. (A best-of-passes figure moved between 33 and 54 GB/s from run to run.) The
 //! buffer is on huge pages, as the executor's weights are (`fusec_exec::hugepages`),
 //! since on a virtual machine that alone moved both figures by a third.
 
@@ -180,7 +182,8 @@ struct Prepared {
     rss: u64,
     /// The token that follows the context.
     first: i32,
-    seconds: f64,
+    /// Seconds of each round.
+    rounds: Vec<f64>,
     bytes: u64,
     launches: u64,
 }
@@ -255,14 +258,14 @@ pub fn run_model(spec: &ModelSpec, opts: &Options) -> Result<ModelResult, BenchE
                 v.launches = out.stats.launches;
                 token = out.next.first().copied().unwrap_or(0);
             }
-            v.seconds += start.elapsed().as_secs_f64();
+            v.rounds.push(start.elapsed().as_secs_f64());
         }
     }
     let variants = prepared
         .into_iter()
-        .map(|v| VariantResult {
+        .map(|mut v| VariantResult {
             name: v.name,
-            tokens_per_s: (opts.steps * opts.rounds.max(1)) as f64 / v.seconds,
+            tokens_per_s: opts.steps as f64 / median(&mut v.rounds),
             weight_bytes: v.weight_bytes,
             measured_bytes: v.bytes / (opts.steps * opts.rounds.max(1)) as u64,
             launches: v.launches,
@@ -313,7 +316,7 @@ fn prepare(
         weight_bytes: cost.floor.weight_bytes,
         rss: resident_bytes().saturating_sub(rss_before),
         first,
-        seconds: 0.0,
+        rounds: Vec::new(),
         bytes: 0,
         launches: 0,
     })
@@ -350,8 +353,8 @@ const BANDWIDTH_BYTES: usize = 512 << 20;
 pub struct ReadProbe {
     buf: Vec<u64>,
     threads: usize,
-    bytes: f64,
-    seconds: f64,
+    /// GB/s of each timed pass.
+    passes: Vec<f64>,
     check: u64,
 }
 
@@ -366,13 +369,11 @@ impl ReadProbe {
         let mut probe = ReadProbe {
             buf,
             threads,
-            bytes: 0.0,
-            seconds: 0.0,
+            passes: Vec::new(),
             check: 0,
         };
         probe.pass();
-        probe.bytes = 0.0;
-        probe.seconds = 0.0;
+        probe.passes.clear();
         probe
     }
 
@@ -400,24 +401,37 @@ impl ReadProbe {
                 .map(|h| h.join().unwrap_or(0))
                 .fold(0u64, u64::wrapping_add)
         });
-        self.seconds += start.elapsed().as_secs_f64();
-        self.bytes += (self.buf.len() * 8) as f64;
+        let seconds = start.elapsed().as_secs_f64();
+        self.passes
+            .push((self.buf.len() * 8) as f64 / seconds.max(f64::MIN_POSITIVE) / 1e9);
         // The sum is used, so the reads cannot be optimized away.
         self.check = std::hint::black_box(self.check.wrapping_add(sum));
     }
 
-    /// GB/s over the timed passes so far: all bytes over all time, the same statistic
-    /// as a variant's tokens/s over its rounds.
+    /// The median GB/s of the timed passes so far, the statistic a variant's tokens/s
+    /// is over its rounds.
     pub fn gb_per_s(&self) -> f64 {
-        self.bytes / self.seconds.max(f64::MIN_POSITIVE) / 1e9
+        median(&mut self.passes.clone())
+    }
+}
+
+/// The median of `values` (the mean of the middle two for an even count; 0 for none).
+/// A round that the VM's scheduler stalls (tens of milliseconds, against the 4 ms of
+/// a round of the fixture-sized model) moves a total or a mean; it does not move the
+/// median.
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
     }
 }
 
 impl std::fmt::Debug for ReadProbe {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReadProbe")
-            .field("bytes", &self.bytes)
-            .field("seconds", &self.seconds)
+            .field("passes", &self.passes)
             .finish_non_exhaustive()
     }
 }
