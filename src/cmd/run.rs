@@ -221,13 +221,11 @@ fn fp8_from(args: &Args, source: &Source) -> Result<Fp8Options, Failure> {
 }
 
 fn run_session(
-    graph: Graph,
-    weights: &Weights,
+    exec: Executor,
     prompt: &[i32],
     tokens: usize,
     forced: Option<&[i32]>,
 ) -> Result<(Session, Generation), Failure> {
-    let exec = Executor::new(graph, weights).map_err(exec_failure)?;
     let mut session =
         Session::with_capacity(exec, 1, prompt.len() + tokens).map_err(exec_failure)?;
     let prompts = [prompt.to_vec()];
@@ -290,7 +288,12 @@ pub fn run(args: Args) -> Result<(), Failure> {
             dir, &graph, &weights, &spec, precision, &builder, &source, &prompt,
         )?;
     }
-    let (session, gen) = run_session(graph.clone(), &weights, &prompt, args.tokens, None)?;
+    let exec = Executor::new(graph.clone(), &weights).map_err(exec_failure)?;
+    // The executor holds what it reads (packed, compact copies of the GEMV weights):
+    // the loaded values are only needed again to compare, and freeing them here keeps
+    // a large checkpoint from being resident twice while it decodes.
+    let weights = args.compare.then_some(weights);
+    let (session, gen) = run_session(exec, &prompt, args.tokens, None)?;
 
     print_summary(
         &model.name,
@@ -311,15 +314,17 @@ pub fn run(args: Args) -> Result<(), Failure> {
             )),
             other => exec_failure(other),
         })?;
-        let (_, reference) = run_session(
-            reference_graph,
-            &reference_weights,
-            &prompt,
-            args.tokens,
-            None,
-        )?;
+        let reference_exec =
+            Executor::new(reference_graph, &reference_weights).map_err(exec_failure)?;
+        drop(reference_weights);
+        let (_, reference) = run_session(reference_exec, &prompt, args.tokens, None)?;
         let forced = reference.generated[0][..args.tokens - 1].to_vec();
-        let (_, lowered) = run_session(graph, &weights, &prompt, args.tokens, Some(&forced))?;
+        let weights = weights.ok_or_else(|| {
+            Failure::Internal(anyhow!("the weights were freed before --compare ran"))
+        })?;
+        let exec = Executor::new(graph, &weights).map_err(exec_failure)?;
+        drop(weights);
+        let (_, lowered) = run_session(exec, &prompt, args.tokens, Some(&forced))?;
         let acc = accuracy::compare(&reference.logits[0], &lowered.logits[0]);
         crate::say(&accuracy::render(&acc, precision.name(), "f32"));
         Some((forced, acc))
