@@ -91,6 +91,7 @@ use super::fused::rope;
 use super::gemv::round_e4m3;
 use super::matmul::dot;
 use super::rowdot::e4m3_table;
+use super::strided::walk;
 use super::{float_buffer, KernelError};
 use crate::dtype::{self, round};
 use crate::pool;
@@ -114,10 +115,6 @@ const VALUE_BLOCK: usize = 32;
 
 /// The smallest capacity, in positions, of a cache that has to be copied to grow.
 const MIN_CAPACITY: usize = 16;
-
-/// The largest rank of a non-contiguous appended tensor read in place through its
-/// strides; a higher one (never a KV cache) is gathered into a copy first.
-const MAX_STRIDED_RANK: usize = 8;
 
 /// `past` with `new` appended along `axis`: written in place into `past`'s buffer when
 /// it has room and is not shared, else into a new buffer with room. Values of `new`
@@ -215,8 +212,7 @@ struct Entries<'a> {
 
 impl Entries<'_> {
     /// Writes `put(v)` for every value `v` of `new` at its place in `buf`. The new
-    /// entries are read in place through their strides (no gathered copy) unless the
-    /// rank is above [`MAX_STRIDED_RANK`].
+    /// entries are read in place through their strides (no gathered copy).
     fn write<T>(&self, buf: &mut [T], put: impl Fn(f32) -> T) {
         let (span, new, src) = (self.span, self.new, self.src);
         if span == 0 || self.outer == 0 {
@@ -232,62 +228,24 @@ impl Entries<'_> {
                     *d = put(v);
                 }
             }
-        } else if new.rank() <= MAX_STRIDED_RANK {
+        } else {
             // A row along the last axis lies inside one outer index (the last axis is
             // the appended one or one after it), so its destination is contiguous.
-            let (inner, step) = (new.shape()[new.rank() - 1], new.strides()[new.rank() - 1]);
-            for_each_last_axis_row(new.shape(), new.strides(), new.offset(), |e, from| {
-                let at = dst(e);
-                for (i, d) in buf[at..at + inner].iter_mut().enumerate() {
-                    *d = put(src[from + i * step]);
-                }
-            });
-        } else {
-            let values = new.contiguous_f32().unwrap_or_default();
-            for (o, from) in values.chunks_exact(span).enumerate() {
-                let at = dst(o * span);
-                for (d, &v) in buf[at..at + span].iter_mut().zip(from) {
-                    *d = put(v);
-                }
-            }
-        }
-    }
-}
-
-/// Calls `f(first, offset)` for every row along the last axis of the view of `shape`
-/// and `strides` at `offset`, in row-major order: `first` is the row-major index of the
-/// row's first element and `offset` its place in the buffer. The rank is at most
-/// [`MAX_STRIDED_RANK`] (the odometer lives on the stack, so this allocates nothing).
-fn for_each_last_axis_row(
-    shape: &[usize],
-    strides: &[usize],
-    offset: usize,
-    mut f: impl FnMut(usize, usize),
-) {
-    let rank = shape.len();
-    if rank == 0 || rank > MAX_STRIDED_RANK || shape.contains(&0) {
-        return;
-    }
-    let inner = shape[rank - 1];
-    let mut index = [0usize; MAX_STRIDED_RANK];
-    let (mut off, mut first) = (offset, 0);
-    loop {
-        f(first, off);
-        first += inner;
-        // Advance the outer index like an odometer.
-        let mut d = rank - 1;
-        loop {
-            if d == 0 {
-                return;
-            }
-            d -= 1;
-            index[d] += 1;
-            off += strides[d];
-            if index[d] < shape[d] {
-                break;
-            }
-            off -= strides[d] * shape[d];
-            index[d] = 0;
+            let rank = new.rank();
+            let (inner, step) = (new.shape()[rank - 1], new.strides()[rank - 1]);
+            let mut first = 0;
+            walk(
+                &new.shape()[..rank - 1],
+                [&new.strides()[..rank - 1]],
+                [new.offset()],
+                |[from]| {
+                    let at = dst(first);
+                    for (i, d) in buf[at..at + inner].iter_mut().enumerate() {
+                        *d = put(src[from + i * step]);
+                    }
+                    first += inner;
+                },
+            );
         }
     }
 }
