@@ -283,13 +283,7 @@ fn step_inputs(
     let mut inputs = HashMap::new();
     for (id, name, kind) in graph.inputs() {
         let ty = graph.ty(id).tensor().expect("tensor input");
-        let shape: Vec<usize> = ty
-            .shape
-            .eval(&b)
-            .expect("bound")
-            .iter()
-            .map(|&d| d as usize)
-            .collect();
+        let shape = common::input_shape(graph, id, &b);
         let n = shape.iter().product();
         let t = match (kind, ty.dtype) {
             (_, DType::I32) => Tensor::from_i32(&shape, vec![past as i32; n]),

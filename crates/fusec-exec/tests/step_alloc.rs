@@ -102,13 +102,7 @@ fn data_inputs(
             continue;
         }
         let ty = graph.ty(id).tensor().expect("tensor input");
-        let shape: Vec<usize> = ty
-            .shape
-            .eval(&b)
-            .expect("bound")
-            .iter()
-            .map(|&d| d as usize)
-            .collect();
+        let shape = common::input_shape(graph, id, &b);
         let n = shape.iter().product();
         let t = match ty.dtype {
             DType::I32 => Tensor::from_i32(&shape, vec![past as i32; n]),
@@ -132,13 +126,7 @@ fn executor_steps(graph: &Graph, weights: &Weights) -> Vec<usize> {
             continue;
         }
         let ty = graph.ty(id).tensor().expect("tensor state");
-        let shape: Vec<usize> = ty
-            .shape
-            .eval(&b0)
-            .expect("bound")
-            .iter()
-            .map(|&d| d as usize)
-            .collect();
+        let shape = common::input_shape(graph, id, &b0);
         let cache =
             Tensor::zeros_with_capacity(ty.dtype, &shape, 2, STEPS + 1).expect("cache shape");
         inputs.insert(name.to_string(), cache);

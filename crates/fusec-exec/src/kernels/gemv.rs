@@ -466,9 +466,9 @@ pub fn gemv_many(
         }
         outcome
     };
-    for a in prepared.into_iter().flatten() {
-        a.release();
-    }
+    // The prepared activations and the owned quantized rows go back to the pool
+    // when they are dropped here.
+    drop(prepared);
     drop(owned);
     result
 }

@@ -120,9 +120,7 @@ pub(crate) fn e4m3_table() -> &'static [f32; 256] {
 /// `out[o] = dot(x, row o of w)` for the `out.len()` rows of `x.len()` values that `w`
 /// holds, on the fastest path this machine has.
 pub fn dots(x: &[f32], w: Rows<'_>, out: &mut [f32]) {
-    let prepared = Activations::new(x, w);
-    prepared.row(0, x.len()).dots(w, out);
-    prepared.release();
+    Activations::new(x, w).row(0, x.len()).dots(w, out);
 }
 
 /// Activation rows prepared once for every row-dot of a GEMV: the checks and the
@@ -184,10 +182,13 @@ impl<'a> Activations<'a> {
             scaled: self.scaled.as_deref().map(|s| &s[range]),
         }
     }
+}
 
-    /// Returns the scaled copy to the pool.
-    pub fn release(self) {
-        if let Some(v) = self.scaled {
+/// The scaled copy goes back to the pool when the activations are dropped, as
+/// `gemv::QuantRows` does with its buffers.
+impl Drop for Activations<'_> {
+    fn drop(&mut self) {
+        if let Some(v) = self.scaled.take() {
             crate::pool::give(v);
         }
     }

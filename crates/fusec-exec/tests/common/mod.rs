@@ -62,6 +62,17 @@ impl Cfg {
 }
 
 /// The tensors of every weight of `graph`, by name.
+/// The concrete shape of the input `id` of `graph` at bindings `b`.
+pub fn input_shape(graph: &Graph, id: fusec_ir::NodeId, b: &fusec_ir::Bindings) -> Vec<usize> {
+    let ty = graph.ty(id).tensor().expect("tensor input");
+    ty.shape
+        .eval(b)
+        .expect("bound")
+        .iter()
+        .map(|&d| d as usize)
+        .collect()
+}
+
 pub fn graph_weights(graph: &Graph, weights: &Weights) -> Vec<(String, Tensor)> {
     graph
         .weights()
