@@ -4,7 +4,7 @@
 //! up-projection first, which the built-in `swiglu` rule does not match, and prints the
 //! fused graph. The same rule as a file is `examples/rules/swiglu-up-first.rules`.
 
-use fusec::ir::{gpu, text, Bindings};
+use fusec::ir::{hardware, text, Bindings};
 use fusec::rewrite::{fuse, Limits, Options, Rule, RuleSet};
 
 const GRAPH: &str = r#"graph "mlp" layers=1 {
@@ -41,7 +41,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let graph = text::parse(GRAPH)?;
     let bindings = Bindings::new().with("B", 1).with("S", 0);
-    let gpu = gpu::gpu("h100-sxm").ok_or("no such GPU")?;
+    let gpu = hardware::gpu("h100-sxm").ok_or("no such GPU")?;
     let (fused, report) = fuse(
         &graph,
         &Options {

@@ -2,11 +2,12 @@
 
 use std::path::{Path, PathBuf};
 
-use fusec_ir::build::{eager_decode_graph, names};
+use fusec_ir::build::eager_decode_graph;
 use fusec_ir::frontend::Precision;
 use fusec_ir::frontend::{load_model, ConfigError, ModelSpec};
-use fusec_ir::gpu::{gpu, gpu_names, Gpu};
+use fusec_ir::hardware::{gpu, gpu_names, GpuSpec};
 use fusec_ir::shape::Bindings;
+use fusec_ir::step;
 use fusec_ir::DType;
 use fusec_ir::{verify, Graph};
 use fusec_rewrite::precision::{lower_fp8, Fp8Options};
@@ -73,13 +74,11 @@ pub fn eager(spec: &ModelSpec) -> Result<Graph, PipelineError> {
 /// Values of the graph's symbols for the spec's decode shape: `B` sequences with
 /// `context - 1` positions cached before the step.
 pub fn bindings(spec: &ModelSpec) -> Bindings {
-    Bindings::new()
-        .with(names::BATCH, spec.decode.batch)
-        .with(names::PAST, spec.decode.context - 1)
+    step::bindings_for_context(spec.decode.batch, spec.decode.context)
 }
 
 /// The spec's target GPU, or the one named by `--gpu`.
-pub fn target_gpu(spec: &ModelSpec) -> Result<&'static Gpu, PipelineError> {
+pub fn target_gpu(spec: &ModelSpec) -> Result<&'static GpuSpec, PipelineError> {
     gpu(&spec.target.gpu).ok_or_else(|| PipelineError::UnknownGpu {
         name: spec.target.gpu.clone(),
     })

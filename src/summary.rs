@@ -4,7 +4,7 @@ use std::fmt::Write;
 
 use fusec_ir::cost::{estimate_seconds, graph_cost, GraphCost};
 use fusec_ir::frontend::ModelSpec;
-use fusec_ir::gpu::Gpu;
+use fusec_ir::hardware::GpuSpec;
 use fusec_ir::shape::UnboundSymbol;
 use fusec_ir::Graph;
 use serde::Serialize;
@@ -27,7 +27,7 @@ pub struct VariantSummary {
 }
 
 impl VariantSummary {
-    pub fn new(graph: &Graph, spec: &ModelSpec, gpu: &Gpu) -> Result<Self, UnboundSymbol> {
+    pub fn new(graph: &Graph, spec: &ModelSpec, gpu: &GpuSpec) -> Result<Self, UnboundSymbol> {
         let c = graph_cost(graph, &crate::pipeline::bindings(spec))?;
         // One step yields one token per sequence.
         let us = estimate_seconds(graph, &c, gpu) * 1e6 / spec.decode.batch as f64;
@@ -66,7 +66,7 @@ pub struct Summary {
 impl Summary {
     pub fn new(
         spec: &ModelSpec,
-        gpu: &Gpu,
+        gpu: &GpuSpec,
         eager: &Graph,
         fused: Option<&Graph>,
     ) -> Result<Self, UnboundSymbol> {

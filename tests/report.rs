@@ -220,7 +220,7 @@ fn the_report_agrees_with_the_compile_pipeline() {
         variants: &variants,
         precision: "bf16",
         gpu,
-        gpus: fusec_ir::gpu::GPUS,
+        gpus: fusec_ir::hardware::GPUS,
         price_per_hour: 2.5,
         contexts: &[4096],
         batches: &[1],

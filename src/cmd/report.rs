@@ -9,7 +9,7 @@ use fusec::exec::{Executor, Session, Weights};
 use fusec::pipeline;
 use fusec::report::{self, CpuMeasurement, Format, MeasuredNode, Measurement, Variant};
 use fusec_ir::frontend::{ModelSpec, Precision};
-use fusec_ir::gpu::{self, Gpu};
+use fusec_ir::hardware::{self, GpuSpec};
 use fusec_rewrite::precision::Fp8Options;
 
 use crate::Failure;
@@ -109,10 +109,10 @@ fn report_failure(e: report::ReportError) -> Failure {
 }
 
 /// The built-in GPUs followed by the user's.
-fn gpu_table(files: &[PathBuf]) -> Result<Vec<Gpu>, Failure> {
-    let mut gpus: Vec<Gpu> = gpu::GPUS.to_vec();
+fn gpu_table(files: &[PathBuf]) -> Result<Vec<GpuSpec>, Failure> {
+    let mut gpus: Vec<GpuSpec> = hardware::GPUS.to_vec();
     for f in files {
-        for g in gpu::load_gpu_file(f).map_err(|e| Failure::Input(e.into()))? {
+        for g in hardware::load_gpu_file(f).map_err(|e| Failure::Input(e.into()))? {
             if gpus.iter().any(|h| h.name == g.name) {
                 return Err(Failure::Input(anyhow!(
                     "{}: GPU `{}` is defined in another --gpu-file too",
@@ -267,11 +267,11 @@ pub fn run(args: Args) -> Result<(), Failure> {
     // none there, so its report is fused for the model's own target GPU (the default
     // one if that is unknown) and says so.
     let mut notes = Vec::new();
-    if gpu::gpu(&gpu.name).is_some() {
+    if hardware::gpu(&gpu.name).is_some() {
         spec.target.gpu = gpu.name.to_string();
     } else {
-        if gpu::gpu(&spec.target.gpu).is_none() {
-            spec.target.gpu = gpu::GPUS
+        if hardware::gpu(&spec.target.gpu).is_none() {
+            spec.target.gpu = hardware::GPUS
                 .first()
                 .map_or_else(String::new, |g| g.name.to_string());
         }

@@ -25,12 +25,10 @@ impl Extent {
     pub fn of(dim: &Dim, shape: &DecodeShape) -> Result<Extent, String> {
         match dim {
             Dim::Fixed(v) => Ok(Extent::Fixed(*v)),
-            Dim::Sym { name, plus } if name == fusec_ir::build::names::BATCH => {
+            Dim::Sym { name, plus } if name == fusec_ir::step::BATCH => {
                 Ok(Extent::Fixed(shape.batch + plus))
             }
-            Dim::Sym { name, plus } if name == fusec_ir::build::names::PAST => {
-                Ok(Extent::Past(*plus))
-            }
+            Dim::Sym { name, plus } if name == fusec_ir::step::PAST => Ok(Extent::Past(*plus)),
             Dim::Sym { name, .. } => Err(name.clone()),
         }
     }

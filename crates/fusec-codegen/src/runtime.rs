@@ -11,7 +11,7 @@
 //! `gpu` module) and, in the tests, a CPU emulation of the kernels. Devices deal in raw
 //! addresses: the arena's intermediates are offsets into one allocation.
 
-use fusec_ir::build::names;
+use fusec_ir::step;
 use fusec_ir::DType;
 use half::{bf16, f16};
 
@@ -220,7 +220,7 @@ impl<D: Device> Runner<D> {
     pub fn set_past(&mut self, past: u64) -> Result<(), RunError> {
         if past >= self.plan.shape.max_seq_len {
             return Err(RunError::Input {
-                name: names::POSITION_IDS.into(),
+                name: step::POSITION_IDS.into(),
                 message: format!(
                     "the caches hold at most {} positions",
                     self.plan.shape.max_seq_len
@@ -332,13 +332,13 @@ impl<D: Device> Runner<D> {
         let batch = self.plan.shape.batch as usize;
         if tokens.len() != batch {
             return Err(RunError::Input {
-                name: names::INPUT_IDS.into(),
+                name: step::INPUT_IDS.into(),
                 message: format!("{} tokens for a batch of {batch}", tokens.len()),
             });
         }
         if self.past + 1 > self.plan.shape.max_seq_len {
             return Err(RunError::Input {
-                name: names::POSITION_IDS.into(),
+                name: step::POSITION_IDS.into(),
                 message: format!(
                     "the caches hold at most {} positions",
                     self.plan.shape.max_seq_len
@@ -348,7 +348,7 @@ impl<D: Device> Runner<D> {
         if let Some(vocab) = self.vocab() {
             if let Some(t) = tokens.iter().find(|&&t| t < 0 || t as u64 >= vocab) {
                 return Err(RunError::Input {
-                    name: names::INPUT_IDS.into(),
+                    name: step::INPUT_IDS.into(),
                     message: format!("token id {t} is out of range for a vocabulary of {vocab}"),
                 });
             }
@@ -356,13 +356,13 @@ impl<D: Device> Runner<D> {
         let names_in: Vec<String> = self.plan.inputs.iter().map(|b| b.name.clone()).collect();
         for name in names_in {
             match name.as_str() {
-                names::INPUT_IDS => {
+                step::INPUT_IDS => {
                     let v: Vec<f32> = tokens.iter().map(|&t| t as f32).collect();
                     self.upload(&name, &v)?;
                 }
-                names::POSITION_IDS => self.upload(&name, &vec![self.past as f32; batch])?,
+                step::POSITION_IDS => self.upload(&name, &vec![self.past as f32; batch])?,
                 // Every cached position is visible: the additive mask is zero.
-                names::ATTENTION_MASK => {
+                step::ATTENTION_MASK => {
                     let n = batch * (self.past as usize + 1);
                     self.upload(&name, &vec![0.0; n])?;
                 }
@@ -373,8 +373,8 @@ impl<D: Device> Runner<D> {
         }
         self.launch_all()?;
         self.device.sync()?;
-        let logits = self.download(names::LOGITS)?;
-        let next = self.download(names::NEXT_TOKEN)?;
+        let logits = self.download(step::LOGITS)?;
+        let next = self.download(step::NEXT_TOKEN)?;
         self.commit();
         let vocab = logits.len() / batch.max(1);
         Ok(Step {
@@ -386,7 +386,7 @@ impl<D: Device> Runner<D> {
     /// The vocabulary: the embedding table's rows.
     fn vocab(&self) -> Option<u64> {
         self.plan.buffers.iter().find_map(|b| match &b.kind {
-            BufferKind::Weight { name } if name == names::EMBED => b.dims.first().copied(),
+            BufferKind::Weight { name } if name == step::EMBED => b.dims.first().copied(),
             _ => None,
         })
     }

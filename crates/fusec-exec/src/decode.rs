@@ -32,8 +32,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use fusec_ir::build::names;
 use fusec_ir::shape::Bindings;
+use fusec_ir::step;
 use fusec_ir::{DType, Dim, FusedOp, Graph, InputKind, NodeId, Op, OutputKind, TensorType};
 
 use crate::error::Error;
@@ -160,7 +160,7 @@ fn growing_axis(ty: &TensorType) -> Option<usize> {
     ty.shape
         .dims()
         .iter()
-        .position(|d| matches!(d, Dim::Sym { name, .. } if name == names::PAST))
+        .position(|d| matches!(d, Dim::Sym { name, .. } if name == step::PAST))
 }
 
 /// Whether every reader of the state input `id` is a `fused.decode_attention` that
@@ -240,12 +240,12 @@ impl Session {
                     });
                     continue;
                 }
-                InputKind::Data if name == names::INPUT_IDS => {
+                InputKind::Data if name == step::INPUT_IDS => {
                     has_ids = true;
                     data.push(feed(Feed::Ids));
                 }
-                InputKind::Data if name == names::POSITION_IDS => data.push(feed(Feed::Positions)),
-                InputKind::Data if name == names::ATTENTION_MASK => data.push(feed(Feed::Mask)),
+                InputKind::Data if name == step::POSITION_IDS => data.push(feed(Feed::Positions)),
+                InputKind::Data if name == step::ATTENTION_MASK => data.push(feed(Feed::Mask)),
                 InputKind::Data => {
                     return Err(Error::InvalidGraph(format!(
                         "a decode session cannot feed data input `{name}`"
@@ -257,16 +257,16 @@ impl Session {
         if !has_ids {
             return Err(Error::InvalidGraph(format!(
                 "the graph has no `{}` input",
-                names::INPUT_IDS
+                step::INPUT_IDS
             )));
         }
-        let logits = graph.output(names::LOGITS).ok_or_else(|| {
-            Error::InvalidGraph(format!("the graph has no `{}` output", names::LOGITS))
+        let logits = graph.output(step::LOGITS).ok_or_else(|| {
+            Error::InvalidGraph(format!("the graph has no `{}` output", step::LOGITS))
         })?;
-        if graph.output(names::NEXT_TOKEN).is_none() {
+        if graph.output(step::NEXT_TOKEN).is_none() {
             return Err(Error::InvalidGraph(format!(
                 "the graph has no `{}` output",
-                names::NEXT_TOKEN
+                step::NEXT_TOKEN
             )));
         }
         let vocab = graph
@@ -364,13 +364,13 @@ impl Session {
     pub fn step_into(&mut self, tokens: &[i32], out: &mut StepOutput) -> Result<(), Error> {
         if tokens.len() != self.batch {
             return Err(bad(
-                names::INPUT_IDS,
+                step::INPUT_IDS,
                 format!("{} token(s) for a batch of {}", tokens.len(), self.batch),
             ));
         }
         let position = i32::try_from(self.past)
-            .map_err(|_| bad(names::POSITION_IDS, "position overflows i32"))?;
-        self.bindings.set(names::PAST, self.past as u64);
+            .map_err(|_| bad(step::POSITION_IDS, "position overflows i32"))?;
+        self.bindings.set(step::PAST, self.past as u64);
         if let Err(e) = self.feed(tokens, position) {
             self.drop_data();
             return Err(e);
@@ -408,7 +408,7 @@ impl Session {
                 (OutputKind::State, Value::Tensor(t), Some(s)) => {
                     self.inputs[s.index] = Some(t);
                 }
-                (OutputKind::Data, Value::Tensor(t), _) if &*name == names::LOGITS => {
+                (OutputKind::Data, Value::Tensor(t), _) if &*name == step::LOGITS => {
                     if let Some(values) = t.contiguous_f32() {
                         for (row, values) in out.logits.iter_mut().zip(values.chunks(self.vocab)) {
                             row.clear();
@@ -417,7 +417,7 @@ impl Session {
                     }
                     exec::recycle(Value::Tensor(t));
                 }
-                (OutputKind::Data, Value::Tensor(t), _) if &*name == names::NEXT_TOKEN => {
+                (OutputKind::Data, Value::Tensor(t), _) if &*name == step::NEXT_TOKEN => {
                     match (t.is_contiguous(), t.i32_buffer()) {
                         (true, Some(ids)) => {
                             out.next
@@ -500,18 +500,18 @@ impl Session {
                 .find(|(n, kind, _)| *kind == OutputKind::Data && &**n == name)
                 .and_then(|(_, _, v)| v.tensor())
         };
-        let logits = data(names::LOGITS).ok_or_else(|| {
+        let logits = data(step::LOGITS).ok_or_else(|| {
             Error::InvalidGraph(format!(
                 "output `{}` is missing or not a tensor",
-                names::LOGITS
+                step::LOGITS
             ))
         })?;
-        let next = data(names::NEXT_TOKEN)
+        let next = data(step::NEXT_TOKEN)
             .filter(|t| t.dtype() == DType::I32)
             .ok_or_else(|| {
                 Error::InvalidGraph(format!(
                     "output `{}` is missing or not an i32 tensor",
-                    names::NEXT_TOKEN
+                    step::NEXT_TOKEN
                 ))
             })?;
         if logits.f32_buffer().is_none() || logits.numel() != self.batch * self.vocab {
@@ -525,7 +525,7 @@ impl Session {
         if next.numel() != self.batch {
             return Err(Error::InvalidGraph(format!(
                 "{} holds {} values, expected {}",
-                names::NEXT_TOKEN,
+                step::NEXT_TOKEN,
                 next.numel(),
                 self.batch
             )));
@@ -556,7 +556,7 @@ impl Session {
     ) -> Result<Generation, Error> {
         if forced.len() != self.batch {
             return Err(bad(
-                names::INPUT_IDS,
+                step::INPUT_IDS,
                 format!(
                     "{} forced sequence(s) for a batch of {}",
                     forced.len(),
@@ -567,7 +567,7 @@ impl Session {
         let n = forced[0].len();
         if forced.iter().any(|f| f.len() != n) {
             return Err(bad(
-                names::INPUT_IDS,
+                step::INPUT_IDS,
                 "forced sequences must be of one length",
             ));
         }
@@ -582,14 +582,14 @@ impl Session {
     ) -> Result<Generation, Error> {
         if prompts.len() != self.batch {
             return Err(bad(
-                names::INPUT_IDS,
+                step::INPUT_IDS,
                 format!("{} prompt(s) for a batch of {}", prompts.len(), self.batch),
             ));
         }
         let len = prompts[0].len();
         if len == 0 || prompts.iter().any(|p| p.len() != len) {
             return Err(bad(
-                names::INPUT_IDS,
+                step::INPUT_IDS,
                 "prompts must be non-empty and of one length",
             ));
         }
@@ -642,7 +642,5 @@ impl Session {
 
 /// The bindings of a step: `batch` sequences with `past` cached positions.
 pub fn bindings(batch: usize, past: usize) -> Bindings {
-    Bindings::new()
-        .with(names::BATCH, batch as u64)
-        .with(names::PAST, past as u64)
+    step::bindings(batch as u64, past as u64)
 }

@@ -36,7 +36,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use fusec_ir::build::names;
+use fusec_ir::step;
 use fusec_ir::{numerics, DType, FusedOp, Graph, InputKind, NodeId, Op, TensorType};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
@@ -314,7 +314,7 @@ pub fn calibrate_kv_scales(
     let len = prompts.first().map_or(0, Vec::len);
     if len == 0 || prompts.iter().any(|p| p.len() != len) {
         return Err(Error::BadInput {
-            name: names::INPUT_IDS.into(),
+            name: step::INPUT_IDS.into(),
             message: "calibration needs non-empty prompts of one length".into(),
         });
     }

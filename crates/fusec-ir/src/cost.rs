@@ -353,7 +353,7 @@ pub fn math_dtype(graph: &Graph, id: NodeId) -> crate::DType {
 
 /// Estimated seconds per step on `gpu`: every kernel's launch overhead plus the larger
 /// of its memory and math time, summed.
-pub fn estimate_seconds(graph: &Graph, cost: &GraphCost, gpu: &crate::gpu::Gpu) -> f64 {
+pub fn estimate_seconds(graph: &Graph, cost: &GraphCost, gpu: &crate::hardware::GpuSpec) -> f64 {
     cost.nodes
         .iter()
         .map(|(id, c)| gpu.kernel_seconds(c.bytes(), c.flops, math_dtype(graph, *id)))

@@ -8,6 +8,7 @@ use petgraph::visit::{EdgeRef, NodeIndexable};
 use petgraph::Direction;
 
 use crate::op::{InputKind, Op, TypeError};
+use crate::role::WeightRole;
 use crate::types::{TensorType, Type};
 
 /// A node of a [`Graph`]. Ids are stable across removals of other nodes.
@@ -84,6 +85,9 @@ pub struct Graph {
     pub attrs: BTreeMap<String, String>,
     g: StableDiGraph<Node, u32>,
     outputs: Vec<Output>,
+    /// What each weight is, by weight name, as its builder recorded it (see
+    /// [`crate::role`]); not part of the text form.
+    weight_roles: BTreeMap<String, WeightRole>,
 }
 
 impl Graph {
@@ -216,6 +220,29 @@ impl Graph {
             .into_iter()
             .find(|(_, n, _)| *n == name)
             .map(|(id, _, _)| id)
+    }
+
+    /// Records what the weight called `name` is.
+    pub fn set_weight_role(&mut self, name: impl Into<String>, role: WeightRole) {
+        self.weight_roles.insert(name.into(), role);
+    }
+
+    /// The role recorded for the weight called `name`.
+    pub fn weight_role(&self, name: &str) -> Option<WeightRole> {
+        self.weight_roles.get(name).copied()
+    }
+
+    /// Every recorded weight role, by weight name.
+    pub fn weight_roles(&self) -> &BTreeMap<String, WeightRole> {
+        &self.weight_roles
+    }
+
+    /// Copies `other`'s weight roles into this graph (a graph derived from another
+    /// keeps the roles of the weights they share).
+    pub fn inherit_weight_roles(&mut self, other: &Graph) {
+        for (name, role) in &other.weight_roles {
+            self.weight_roles.insert(name.clone(), *role);
+        }
     }
 
     /// Weight leaves, in insertion order, with their names.

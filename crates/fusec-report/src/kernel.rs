@@ -1,6 +1,6 @@
 //! One kernel's estimated time, what bounds it, and which class of work it does.
 //!
-//! The time model is `fusec_ir::gpu::Gpu::kernel_seconds`: a launch overhead plus the
+//! The time model is `fusec_ir::hardware::GpuSpec::kernel_seconds`: a launch overhead plus the
 //! larger of the memory time (bytes over bandwidth) and the math time (FLOPs over the
 //! peak of the result's dtype). [`kernel_time`] splits that sum into its parts so the
 //! report can say why a kernel takes the time it does; its total is computed with the
@@ -8,7 +8,7 @@
 //! `fusec_ir::cost::estimate_seconds` exactly.
 
 use fusec_ir::cost::Cost;
-use fusec_ir::gpu::Gpu;
+use fusec_ir::hardware::GpuSpec;
 use fusec_ir::{FusedOp, Graph, NodeId, Op};
 use serde::Serialize;
 
@@ -68,7 +68,7 @@ impl KernelTime {
 pub use fusec_ir::cost::math_dtype;
 
 /// The estimated time of node `id`, whose cost is `cost`, on `gpu`.
-pub fn kernel_time(graph: &Graph, id: NodeId, cost: &Cost, gpu: &Gpu) -> KernelTime {
+pub fn kernel_time(graph: &Graph, id: NodeId, cost: &Cost, gpu: &GpuSpec) -> KernelTime {
     KernelTime {
         launch_s: gpu.launch_us * 1e-6,
         memory_s: gpu.memory_seconds(cost.bytes()),
@@ -149,7 +149,7 @@ mod tests {
 
     #[test]
     fn parts_reproduce_the_gpu_time_model() {
-        let gpu = fusec_ir::gpu::gpu("h100-sxm").expect("built in");
+        let gpu = fusec_ir::hardware::gpu("h100-sxm").expect("built in");
         let k = KernelTime {
             launch_s: gpu.launch_us * 1e-6,
             memory_s: gpu.memory_seconds(1 << 30),

@@ -3,7 +3,7 @@
 //!
 //! [`build`] takes the model's [`ModelSpec`](fusec_ir::frontend::ModelSpec) (its
 //! shape and the decode point), a list of named [`Variant`] graphs (the first is the
-//! baseline the others are compared with), a [`Gpu`](fusec_ir::gpu::Gpu), a price per
+//! baseline the others are compared with), a [`GpuSpec`](fusec_ir::hardware::GpuSpec), a price per
 //! GPU-hour and the sweep points, and returns a [`Report`]: plain data that serialises
 //! to JSON and renders as text, Markdown or a self-contained HTML page with
 //! hand-written SVG charts.

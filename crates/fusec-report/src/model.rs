@@ -6,10 +6,10 @@
 
 use std::collections::HashMap;
 
-use fusec_ir::build::names;
 use fusec_ir::cost::{graph_cost, Floor, GraphCost};
 use fusec_ir::frontend::ModelSpec;
-use fusec_ir::gpu::Gpu;
+use fusec_ir::hardware::GpuSpec;
+use fusec_ir::step;
 use fusec_ir::{Bindings, Graph, NodeId};
 use serde::Serialize;
 
@@ -45,9 +45,9 @@ pub struct Inputs<'a> {
     /// The precision the variants were compiled for (`bf16`, `fp8`...).
     pub precision: &'a str,
     /// The GPU every estimate is for.
-    pub gpu: &'a Gpu,
+    pub gpu: &'a GpuSpec,
     /// The GPUs listed in the report's table (built-in and the user's).
-    pub gpus: &'a [Gpu],
+    pub gpus: &'a [GpuSpec],
     /// Dollars per GPU-hour.
     pub price_per_hour: f64,
     /// Context lengths of the context sweep (KV length after the step).
@@ -239,13 +239,13 @@ pub struct Report {
     pub batch: u64,
     pub context: u64,
     pub precision: String,
-    pub gpu: Gpu,
+    pub gpu: GpuSpec,
     pub cost_model: CostModel,
     pub price_per_hour: f64,
     pub variants: Vec<VariantReport>,
     pub context_sweep: ContextSweep,
     pub batch_sweep: BatchSweep,
-    pub gpus: Vec<Gpu>,
+    pub gpus: Vec<GpuSpec>,
     pub measured: Measured,
     pub notes: Vec<String>,
 }
@@ -259,9 +259,7 @@ pub fn dollars_per_million_tokens(price_per_hour: f64, tokens_per_s: f64) -> f64
 
 /// The bindings of a step of `batch` sequences whose KV length is `context` after it.
 pub fn bindings(batch: u64, context: u64) -> Bindings {
-    Bindings::new()
-        .with(names::BATCH, batch)
-        .with(names::PAST, context.saturating_sub(1))
+    step::bindings_for_context(batch, context)
 }
 
 /// One graph evaluated at one point: its costs and every kernel's time.
@@ -274,7 +272,12 @@ pub(crate) struct Eval {
 }
 
 impl Eval {
-    pub fn new(graph: &Graph, batch: u64, context: u64, gpu: &Gpu) -> Result<Eval, ReportError> {
+    pub fn new(
+        graph: &Graph,
+        batch: u64,
+        context: u64,
+        gpu: &GpuSpec,
+    ) -> Result<Eval, ReportError> {
         let cost = graph_cost(graph, &bindings(batch, context))?;
         let times: Vec<KernelTime> = cost
             .nodes
@@ -324,13 +327,13 @@ impl Eval {
         f.weight_bytes + f.kv_read_bytes + f.kv_write_bytes
     }
 
-    pub fn mbu(&self, gpu: &Gpu) -> f64 {
+    pub fn mbu(&self, gpu: &GpuSpec) -> f64 {
         gpu.memory_seconds(self.cost.floor.total()) / self.step_s
     }
 }
 
 /// Whether `bytes` fit in the GPU's memory, where it is known.
-pub(crate) fn fits(gpu: &Gpu, bytes: u64) -> Option<bool> {
+pub(crate) fn fits(gpu: &GpuSpec, bytes: u64) -> Option<bool> {
     gpu.memory_gb.map(|gb| bytes as f64 <= gb * 1e9)
 }
 
@@ -680,7 +683,7 @@ mod tests {
         )
         .expect("valid model");
         let graph = fusec_ir::build::eager_decode_graph(&spec.model).expect("builds");
-        let gpu = fusec_ir::gpu::gpu("l4").expect("built in");
+        let gpu = fusec_ir::hardware::gpu("l4").expect("built in");
         let eval = Eval::new(&graph, 3, 200, gpu).expect("costs");
         let expected = fusec_ir::cost::estimate_seconds(&graph, &eval.cost, gpu);
         assert_eq!(eval.step_s, expected);

@@ -199,7 +199,7 @@ pub(crate) fn batch_sweep(
 pub(crate) fn summaries(
     ctx: &ContextSweep,
     batch: &BatchSweep,
-    gpu: &fusec_ir::gpu::Gpu,
+    gpu: &fusec_ir::hardware::GpuSpec,
 ) -> Vec<String> {
     let mut out = Vec::new();
     if let (Some(first), Some(last)) = (ctx.points.first(), ctx.points.last()) {
@@ -287,13 +287,13 @@ mod tests {
             description: "eager".into(),
             graph,
         }];
-        let gpu = fusec_ir::gpu::gpu("h100-sxm").expect("built in");
+        let gpu = fusec_ir::hardware::gpu("h100-sxm").expect("built in");
         build(&Inputs {
             spec: &spec,
             variants: &variants,
             precision: "bf16",
             gpu,
-            gpus: fusec_ir::gpu::GPUS,
+            gpus: fusec_ir::hardware::GPUS,
             price_per_hour: 2.5,
             contexts,
             batches,
@@ -350,7 +350,7 @@ mod tests {
             description: String::new(),
             graph,
         }];
-        let gpu = fusec_ir::gpu::gpu("h100-sxm").expect("built in");
+        let gpu = fusec_ir::hardware::gpu("h100-sxm").expect("built in");
         let inputs = |contexts: &'static [u64], batches: &'static [u64], price: f64| {
             build(&Inputs {
                 spec: &spec,

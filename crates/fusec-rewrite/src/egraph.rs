@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap};
 
 use egg::{CostFunction, Extractor, Id, Language};
 use fusec_ir::cost::op_cost;
-use fusec_ir::gpu::Gpu;
+use fusec_ir::hardware::GpuSpec;
 use fusec_ir::{Bindings, FusedOp, Graph, NodeId, Op, OutputKind, Type};
 
 use crate::analysis::{FGraph, TypeAnalysis};
@@ -54,13 +54,13 @@ pub fn load(
 }
 
 /// Estimated seconds on a GPU, summed over a tree of e-nodes: each kernel costs its
-/// launch overhead plus the larger of its memory and math time (`Gpu::kernel_seconds`),
+/// launch overhead plus the larger of its memory and math time (`GpuSpec::kernel_seconds`),
 /// with bytes and FLOPs from the same rules as the report (`fusec_ir::cost::op_cost`).
 /// A fused node therefore wins exactly when it saves bytes or launches.
 #[derive(Debug)]
 pub struct GpuCost<'a> {
     pub egraph: &'a FGraph,
-    pub gpu: &'a Gpu,
+    pub gpu: &'a GpuSpec,
     pub bindings: &'a Bindings,
 }
 

@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use egg::{Rewrite, Runner, SimpleScheduler, StopReason};
-use fusec_ir::gpu::Gpu;
+use fusec_ir::hardware::GpuSpec;
 use fusec_ir::{verify, Bindings, Graph, NodeId};
 
 pub use condition::{CondArg, CondCtx, CondFn};
@@ -62,7 +62,7 @@ impl Default for Limits {
 #[derive(Clone, Debug)]
 pub struct Options<'a> {
     pub rules: &'a RuleSet,
-    pub gpu: &'a Gpu,
+    pub gpu: &'a GpuSpec,
     pub bindings: &'a Bindings,
     pub limits: Limits,
 }

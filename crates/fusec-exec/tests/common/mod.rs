@@ -150,7 +150,7 @@ pub fn fuse_with(
     limits: fusec_rewrite::Limits,
 ) -> (Graph, fusec_rewrite::FuseReport) {
     let rules = fusec_rewrite::RuleSet::builtin().expect("built-in rules load");
-    let gpu = fusec_ir::gpu::gpu("h100-sxm").expect("a known GPU");
+    let gpu = fusec_ir::hardware::gpu("h100-sxm").expect("a known GPU");
     let bindings = fusec_exec::decode::bindings(1, 63);
     let opts = fusec_rewrite::Options {
         rules: &rules,

@@ -19,35 +19,8 @@ use crate::frontend::ModelConfig;
 use crate::graph::{Graph, NodeId, OutputKind};
 use crate::op::{BinaryOp, InputKind, Op, ReduceOp, UnaryOp, F64};
 use crate::shape::{Dim, Shape};
+use crate::step;
 use crate::types::TensorType;
-
-/// Names of graph inputs, outputs and weights, as Hugging Face spells the weights.
-pub mod names {
-    pub const INPUT_IDS: &str = "input_ids";
-    pub const POSITION_IDS: &str = "position_ids";
-    pub const ATTENTION_MASK: &str = "attention_mask";
-    pub const LOGITS: &str = "logits";
-    pub const NEXT_TOKEN: &str = "next_token";
-    pub const EMBED: &str = "model.embed_tokens.weight";
-    pub const FINAL_NORM: &str = "model.norm.weight";
-    pub const LM_HEAD: &str = "lm_head.weight";
-    /// The symbol for the batch.
-    pub const BATCH: &str = "B";
-    /// The symbol for the number of cached positions before the step.
-    pub const PAST: &str = "S";
-
-    /// State name of layer `layer`'s key cache.
-    pub fn past_key(layer: u64) -> String {
-        format!("past.{layer}.key")
-    }
-    pub fn past_value(layer: u64) -> String {
-        format!("past.{layer}.value")
-    }
-    /// A weight of layer `layer`, e.g. `layer_weight(0, "self_attn.q_proj")`.
-    pub fn layer_weight(layer: u64, module: &str) -> String {
-        format!("model.layers.{layer}.{module}.weight")
-    }
-}
 
 fn shape(dims: &[Dim]) -> Shape {
     Shape(dims.to_vec())
@@ -76,8 +49,8 @@ impl<'a> Llama<'a> {
             cfg,
             b,
             dt: cfg.dtype,
-            batch: Dim::sym(names::BATCH),
-            past: Dim::sym(names::PAST),
+            batch: Dim::sym(step::BATCH),
+            past: Dim::sym(step::PAST),
         }
     }
 
@@ -89,17 +62,17 @@ impl<'a> Llama<'a> {
         let cfg = self.cfg;
         let (bd, one) = (self.batch.clone(), Dim::Fixed(1));
         let ids = self.b.input(
-            names::INPUT_IDS,
+            step::INPUT_IDS,
             InputKind::Data,
             TensorType::new(DType::I32, shape(&[bd.clone(), one.clone()])),
         )?;
         let pos = self.b.input(
-            names::POSITION_IDS,
+            step::POSITION_IDS,
             InputKind::Data,
             TensorType::new(DType::I32, shape(&[bd.clone(), one.clone()])),
         )?;
         let mask = self.b.input(
-            names::ATTENTION_MASK,
+            step::ATTENTION_MASK,
             InputKind::Data,
             TensorType::new(
                 self.dt,
@@ -108,7 +81,7 @@ impl<'a> Llama<'a> {
         )?;
 
         let embed = self.b.weight(
-            names::EMBED,
+            step::EMBED,
             self.dt,
             Shape::fixed(&[cfg.vocab_size, cfg.hidden_size]),
         )?;
@@ -123,21 +96,21 @@ impl<'a> Llama<'a> {
 
         let w = self
             .b
-            .weight(names::FINAL_NORM, self.dt, Shape::fixed(&[cfg.hidden_size]))?;
+            .weight(step::FINAL_NORM, self.dt, Shape::fixed(&[cfg.hidden_size]))?;
         let h = self.rms_norm(x, w)?;
         let head = if cfg.tie_word_embeddings {
             embed
         } else {
             self.b.weight(
-                names::LM_HEAD,
+                step::LM_HEAD,
                 self.dt,
                 Shape::fixed(&[cfg.vocab_size, cfg.hidden_size]),
             )?
         };
         let logits = self.b.linear(h, head)?;
         let next = self.b.op(Op::Argmax { axis: -1 }, &[logits])?;
-        self.b.output(names::LOGITS, OutputKind::Data, logits);
-        self.b.output(names::NEXT_TOKEN, OutputKind::Data, next);
+        self.b.output(step::LOGITS, OutputKind::Data, logits);
+        self.b.output(step::NEXT_TOKEN, OutputKind::Data, next);
         Ok(self.b.finish())
     }
 
@@ -265,7 +238,7 @@ impl<'a> Llama<'a> {
         let one = Dim::Fixed(1);
         let w = |b: &mut Builder, module: &str, dims: &[u64]| {
             b.weight(
-                &names::layer_weight(layer, module),
+                &step::layer_weight(layer, module),
                 cfg.dtype,
                 Shape::fixed(dims),
             )
@@ -300,7 +273,7 @@ impl<'a> Llama<'a> {
             shape(&[bd.clone(), self.d(kv), self.past.clone(), self.d(hd)]),
         );
         let mut caches = Vec::new();
-        for (name, new) in [(names::past_key(layer), k), (names::past_value(layer), v)] {
+        for (name, new) in [(step::past_key(layer), k), (step::past_value(layer), v)] {
             let past = self.b.input(&name, InputKind::State, cache_ty.clone())?;
             let all = self.b.op(Op::Cat { axis: -2 }, &[past, new])?;
             self.b.output(&name, OutputKind::State, all);

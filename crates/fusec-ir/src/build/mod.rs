@@ -4,4 +4,4 @@ mod builder;
 mod llama;
 
 pub use builder::{BuildError, Builder};
-pub use llama::{eager_decode_graph, names};
+pub use llama::eager_decode_graph;

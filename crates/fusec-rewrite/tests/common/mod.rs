@@ -10,7 +10,7 @@ pub fn bindings() -> Bindings {
 }
 
 pub fn fuse_with(graph: &Graph, rules: &RuleSet, limits: Limits) -> (Graph, FuseReport) {
-    let gpu = fusec_ir::gpu::gpu("h100-sxm").expect("built-in gpu");
+    let gpu = fusec_ir::hardware::gpu("h100-sxm").expect("built-in gpu");
     let b = bindings();
     fuse(
         graph,

@@ -2,7 +2,7 @@
 //! lent here was measured (GUIDE §5). Every figure says where it came from.
 //!
 //! The built-in table is [`GPUS`]; users add their own GPUs in a TOML file read by
-//! [`parse_gpu_file`] (format below), which yields owned [`Gpu`] values that work
+//! [`parse_gpu_file`] (format below), which yields owned [`GpuSpec`] values that work
 //! everywhere a built-in one does.
 //!
 //! ```toml
@@ -39,7 +39,7 @@ pub const DEFAULT_LAUNCH_US: f64 = 1.3;
 /// The strings are `Cow` so that the built-in table is a `const` of borrowed strings
 /// while GPUs read from a user's file own theirs.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
-pub struct Gpu {
+pub struct GpuSpec {
     pub name: Cow<'static, str>,
     pub description: Cow<'static, str>,
     /// HBM bandwidth from the vendor datasheet.
@@ -50,7 +50,7 @@ pub struct Gpu {
     pub bf16_tflops: f64,
     /// A bf16 GEMM measured on a lent machine, if any. Shown next to the datasheet
     /// figure; the cost model's math time uses the datasheet peaks (see
-    /// [`Gpu::peak_tflops`]), since no FP8 figure was measured to pair with it.
+    /// [`GpuSpec::peak_tflops`]), since no FP8 figure was measured to pair with it.
     pub measured_bf16_tflops: Option<f64>,
     /// `None` where the GPU has no FP8 tensor cores.
     pub fp8_tflops: Option<f64>,
@@ -62,13 +62,13 @@ pub struct Gpu {
     pub source: Cow<'static, str>,
 }
 
-impl Gpu {
+impl GpuSpec {
     /// The bandwidth the cost model uses: measured where known, else the datasheet.
     pub fn bandwidth_gbs(&self) -> f64 {
         self.measured_copy_gbs.unwrap_or(self.hbm_gbs)
     }
 
-    /// Which bandwidth figure [`Gpu::bandwidth_gbs`] uses.
+    /// Which bandwidth figure [`GpuSpec::bandwidth_gbs`] uses.
     pub fn bandwidth_source(&self) -> &'static str {
         if self.measured_copy_gbs.is_some() {
             "measured copy"
@@ -86,12 +86,12 @@ impl Gpu {
         }
     }
 
-    /// Seconds of memory traffic for `bytes` at [`Gpu::bandwidth_gbs`].
+    /// Seconds of memory traffic for `bytes` at [`GpuSpec::bandwidth_gbs`].
     pub fn memory_seconds(&self, bytes: u64) -> f64 {
         bytes as f64 / (self.bandwidth_gbs() * 1e9)
     }
 
-    /// Seconds of math for `flops` in `dtype` at [`Gpu::peak_tflops`].
+    /// Seconds of math for `flops` in `dtype` at [`GpuSpec::peak_tflops`].
     pub fn math_seconds(&self, flops: u64, dtype: DType) -> f64 {
         flops as f64 / (self.peak_tflops(dtype) * 1e12)
     }
@@ -106,8 +106,8 @@ impl Gpu {
 }
 
 /// The built-in GPUs.
-pub const GPUS: &[Gpu] = &[
-    Gpu {
+pub const GPUS: &[GpuSpec] = &[
+    GpuSpec {
         name: Cow::Borrowed("h100-sxm"),
         description: Cow::Borrowed("NVIDIA H100 SXM 80GB"),
         hbm_gbs: 3350.0,
@@ -122,7 +122,7 @@ pub const GPUS: &[Gpu] = &[
             "NVIDIA H100 datasheet; copy and bf16 GEMM measured on a lent H100 (GUIDE §5)",
         ),
     },
-    Gpu {
+    GpuSpec {
         name: Cow::Borrowed("h200-sxm"),
         description: Cow::Borrowed("NVIDIA H200 SXM 141GB"),
         hbm_gbs: 4800.0,
@@ -137,7 +137,7 @@ pub const GPUS: &[Gpu] = &[
             "NVIDIA H200 datasheet; copy and bf16 GEMM measured on a lent H200 (GUIDE §5)",
         ),
     },
-    Gpu {
+    GpuSpec {
         name: Cow::Borrowed("a100-sxm"),
         description: Cow::Borrowed("NVIDIA A100 SXM 80GB"),
         hbm_gbs: 2039.0,
@@ -150,7 +150,7 @@ pub const GPUS: &[Gpu] = &[
         launch_us: DEFAULT_LAUNCH_US,
         source: Cow::Borrowed("NVIDIA A100 datasheet"),
     },
-    Gpu {
+    GpuSpec {
         name: Cow::Borrowed("l40s"),
         description: Cow::Borrowed("NVIDIA L40S"),
         hbm_gbs: 864.0,
@@ -163,7 +163,7 @@ pub const GPUS: &[Gpu] = &[
         launch_us: DEFAULT_LAUNCH_US,
         source: Cow::Borrowed("NVIDIA L40S datasheet"),
     },
-    Gpu {
+    GpuSpec {
         name: Cow::Borrowed("l4"),
         description: Cow::Borrowed("NVIDIA L4"),
         hbm_gbs: 300.0,
@@ -179,7 +179,7 @@ pub const GPUS: &[Gpu] = &[
 ];
 
 /// The built-in GPU called `name`.
-pub fn gpu(name: &str) -> Option<&'static Gpu> {
+pub fn gpu(name: &str) -> Option<&'static GpuSpec> {
     GPUS.iter().find(|g| g.name == name)
 }
 
@@ -214,7 +214,7 @@ struct RawGpu {
 /// Reads a user's GPU file (format in the module documentation). Every GPU needs a
 /// unique name that is not a built-in one, positive finite figures, and a source; errors
 /// give the file, line and column.
-pub fn parse_gpu_file(path: &Path, src: &str) -> Result<Vec<Gpu>, ConfigError> {
+pub fn parse_gpu_file(path: &Path, src: &str) -> Result<Vec<GpuSpec>, ConfigError> {
     let raw: RawGpuFile = toml::from_str(src).map_err(|e| match e.span() {
         Some(span) => ConfigError::at(path, src, span.start, e.message().trim()),
         None => ConfigError::new(path, e.message().trim()),
@@ -267,7 +267,7 @@ pub fn parse_gpu_file(path: &Path, src: &str) -> Result<Vec<Gpu>, ConfigError> {
                 "`source` must say where the figures come from",
             ));
         }
-        gpus.push(Gpu {
+        gpus.push(GpuSpec {
             description: Cow::Owned(g.description.unwrap_or_else(|| name.clone())),
             hbm_gbs: positive("hbm_gbs", &g.hbm_gbs)?,
             measured_copy_gbs: optional("measured_copy_gbs", &g.measured_copy_gbs)?,
@@ -285,7 +285,7 @@ pub fn parse_gpu_file(path: &Path, src: &str) -> Result<Vec<Gpu>, ConfigError> {
 }
 
 /// Reads a GPU file from disk; see [`parse_gpu_file`].
-pub fn load_gpu_file(path: &Path) -> Result<Vec<Gpu>, ConfigError> {
+pub fn load_gpu_file(path: &Path) -> Result<Vec<GpuSpec>, ConfigError> {
     let src = std::fs::read_to_string(path)
         .map_err(|e| ConfigError::new(path, format!("cannot read: {e}")))?;
     parse_gpu_file(path, &src)
@@ -295,7 +295,7 @@ pub fn load_gpu_file(path: &Path) -> Result<Vec<Gpu>, ConfigError> {
 mod tests {
     use super::*;
 
-    fn parse(src: &str) -> Result<Vec<Gpu>, ConfigError> {
+    fn parse(src: &str) -> Result<Vec<GpuSpec>, ConfigError> {
         parse_gpu_file(Path::new("gpus.toml"), src)
     }
 

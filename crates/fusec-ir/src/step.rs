@@ -1,0 +1,47 @@
+//! The decode step's interface: what every decode graph takes and returns, by name.
+//!
+//! A decode step of `B` sequences with `S` positions cached before it takes `input_ids`
+//! `[B,1]` (i32), `position_ids` `[B,1]` (i32) and an additive `attention_mask`
+//! `[B,1,1,S+1]`, carries one key and one value cache per layer as state
+//! (`past.L.key`, `past.L.value`, `[B,KV,S,hd]` in, `[B,KV,S+1,hd]` out), and returns
+//! `logits` `[B,1,V]` and the greedy `next_token` `[B,1]`. Builders, the executor,
+//! codegen's runtime and the report all read these names from here. Weights are named
+//! as Hugging Face spells them.
+
+use crate::shape::Bindings;
+
+pub const INPUT_IDS: &str = "input_ids";
+pub const POSITION_IDS: &str = "position_ids";
+pub const ATTENTION_MASK: &str = "attention_mask";
+pub const LOGITS: &str = "logits";
+pub const NEXT_TOKEN: &str = "next_token";
+pub const EMBED: &str = "model.embed_tokens.weight";
+pub const FINAL_NORM: &str = "model.norm.weight";
+pub const LM_HEAD: &str = "lm_head.weight";
+/// The symbol for the batch.
+pub const BATCH: &str = "B";
+/// The symbol for the number of cached positions before the step.
+pub const PAST: &str = "S";
+
+/// State name of layer `layer`'s key cache.
+pub fn past_key(layer: u64) -> String {
+    format!("past.{layer}.key")
+}
+pub fn past_value(layer: u64) -> String {
+    format!("past.{layer}.value")
+}
+/// A weight of layer `layer`, e.g. `layer_weight(0, "self_attn.q_proj")`.
+pub fn layer_weight(layer: u64, module: &str) -> String {
+    format!("model.layers.{layer}.{module}.weight")
+}
+
+/// The bindings of a step of `batch` sequences with `past` positions cached before it.
+pub fn bindings(batch: u64, past: u64) -> Bindings {
+    Bindings::new().with(BATCH, batch).with(PAST, past)
+}
+
+/// The bindings of a step of `batch` sequences whose KV length is `context` after it
+/// (`context - 1` cached positions before; a context of 0 is taken as 1).
+pub fn bindings_for_context(batch: u64, context: u64) -> Bindings {
+    bindings(batch, context.saturating_sub(1))
+}
