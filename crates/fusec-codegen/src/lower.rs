@@ -185,9 +185,9 @@ impl Lower<'_> {
                 let r = match &op {
                     Op::Reshape { .. } => src.reshape(&to, &self.decode),
                     Op::Transpose { a, b } => src.transpose(*a, *b),
-                    Op::Slice { axis, start, end } => {
-                        resolve_axis(*axis, src.rank()).and_then(|a| src.slice(a, *start, *end))
-                    }
+                    Op::Slice { axis, start, end } => resolve_axis(*axis, src.rank())
+                        .map_err(|e| e.to_string())
+                        .and_then(|a| src.slice(a, *start, *end)),
                     Op::Unsqueeze { axis } => src.unsqueeze(*axis),
                     _ => src.expand(&to),
                 };
@@ -236,12 +236,10 @@ impl Lower<'_> {
         let mut out = Vec::new();
         for (i, ty) in tys.iter().enumerate() {
             let dims = self.dims(id, ty)?;
-            let in_place = match (&op, i) {
-                (Op::Fused(FusedOp::KvAppend), 0) => Some(operands[0]),
-                (Op::Fused(FusedOp::DecodeAttention), 1) => Some(operands[5]),
-                (Op::Fused(FusedOp::DecodeAttention), 2) => Some(operands[6]),
-                _ => None,
-            };
+            let in_place = op
+                .in_place()
+                .find(|&(_, result)| result == i)
+                .map(|(operand, _)| operands[operand]);
             let v = match in_place {
                 Some(past) => {
                     // Appending in place overwrites nothing the step still needs only if
@@ -304,7 +302,9 @@ impl Lower<'_> {
                 .ok_or_else(|| format!("missing operand {i}"))?
                 .scalar()
         };
-        let axis = |a: i64| -> Result<usize, String> { resolve_axis(a, view(0)?.rank()) };
+        let axis = |a: i64| -> Result<usize, String> {
+            resolve_axis(a, view(0)?.rank()).map_err(|e| e.to_string())
+        };
         let out0 = outs
             .first()
             .ok_or_else(|| self.unsupported(id, "no result"))?;

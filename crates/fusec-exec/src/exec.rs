@@ -39,7 +39,7 @@ use std::time::Instant;
 
 use fusec_ir::op::resolve_axis;
 use fusec_ir::shape::{Bindings, Shape};
-use fusec_ir::{verify, FusedOp, Graph, NodeId, Op, OutputKind, TensorType, Type};
+use fusec_ir::{verify, FusedOp, Graph, NodeId, Op, OperandRole, OutputKind, TensorType, Type};
 
 use crate::error::Error;
 use crate::kernels::attention::{self, Caches};
@@ -108,26 +108,14 @@ impl Value {
 }
 
 /// The operand positions of an op that it appends to in place.
-fn in_place_operands(op: &Op) -> &'static [usize] {
-    match op {
-        Op::Fused(FusedOp::KvAppend) => &[0],
-        Op::Fused(FusedOp::DecodeAttention) => &[5, 6],
-        _ => &[],
-    }
+fn in_place_operands(op: &Op) -> impl Iterator<Item = usize> + '_ {
+    op.in_place().map(|(operand, _)| operand)
 }
 
 /// Whether operand `i` of `op` is read only as a GEMV weight (or as the stored values
 /// of a quantized one), so that its weight may be bound in compact storage.
 fn is_gemv_weight_operand(op: &Op, i: usize) -> bool {
-    match op {
-        Op::Linear => i == 1,
-        Op::Dequant { .. } => i == 0,
-        Op::Fused(FusedOp::RmsNormLinear) => i >= 3,
-        Op::Fused(FusedOp::Swiglu) => i == 1 || i == 2,
-        Op::Fused(FusedOp::RmsNormSwiglu) => i == 3 || i == 4,
-        Op::Fused(FusedOp::LinearAdd) => i == 1,
-        _ => false,
-    }
+    op.operand_role(i).is_some_and(OperandRole::is_gemv_weight)
 }
 
 /// One node of the plan.
@@ -368,20 +356,17 @@ impl Executor {
                 input: input_of.get(&id).copied(),
                 bound: None,
             };
-            planned.bound = match &node.op {
-                Op::Weight { name } => {
-                    let ty = node.tensor_type().ok_or_else(|| {
-                        Error::InvalidGraph(format!("weight `{name}` has a tuple type"))
-                    })?;
-                    Some(Value::Tensor(weights.bind(name, ty)?))
-                }
-                Op::RopeInvFreq { theta, head_dim } => {
-                    let t = constant::rope_inv_freq(theta.0, *head_dim)
-                        .map_err(|e| node_error(&planned, e))?;
-                    Some(Value::Tensor(t))
-                }
-                _ => None,
-            };
+            // Leaves bound at load time: weights and load-time constants.
+            if let Op::Weight { name } = &node.op {
+                let ty = node.tensor_type().ok_or_else(|| {
+                    Error::InvalidGraph(format!("weight `{name}` has a tuple type"))
+                })?;
+                planned.bound = Some(Value::Tensor(weights.bind(name, ty)?));
+            } else if let Op::RopeInvFreq { theta, head_dim } = &node.op {
+                let t = constant::rope_inv_freq(theta.0, *head_dim)
+                    .map_err(|e| node_error(&planned, e))?;
+                planned.bound = Some(Value::Tensor(t));
+            }
             plan.push(planned);
         }
         let outputs: Vec<(Arc<str>, OutputKind, usize)> = graph
@@ -395,8 +380,6 @@ impl Executor {
         for node in &mut plan {
             let pos = node.number;
             node.owned = in_place_operands(&node.op)
-                .iter()
-                .copied()
                 .filter(|&i| {
                     node.operands.get(i).is_some_and(|&s| {
                         last_use[s] == pos && node.operands.iter().filter(|&&o| o == s).count() == 1
@@ -705,14 +688,23 @@ pub(crate) fn recycle(v: Value) {
 /// Bytes a launched op reads from its operands (all present: ops that move an operand
 /// into the kernel measure their own traffic).
 fn read_bytes(op: &Op, args: &[Option<&Value>]) -> u64 {
-    match (op, args) {
-        (Op::Embedding, [Some(Value::Tensor(table)), Some(Value::Tensor(ids))]) => {
+    let mut total = 0;
+    for (i, arg) in args.iter().enumerate() {
+        let Some(value) = arg else { continue };
+        total += match (op.operand_role(i), value, args.get(1)) {
             // A gather reads one table row per id.
-            let row = table.shape().get(1).copied().unwrap_or(0) as u64;
-            ids.numel() as u64 * row * table.dtype().size_bytes() + ids.read_bytes()
-        }
-        _ => args.iter().flatten().map(|v| v.read_bytes()).sum(),
+            (
+                Some(OperandRole::EmbeddingTable),
+                Value::Tensor(table),
+                Some(Some(Value::Tensor(ids))),
+            ) => {
+                let row = table.shape().get(1).copied().unwrap_or(0) as u64;
+                ids.numel() as u64 * row * table.dtype().size_bytes()
+            }
+            _ => value.read_bytes(),
+        };
     }
+    total
 }
 
 /// The per-node operand lists of [`Executor::run_plan`], lent by the executor for one
@@ -922,7 +914,7 @@ fn dispatch(
     let gemv_w = |i: usize| gemv_arg(node, value(i)?, i);
     let axis = |axis: i64, i: usize| -> Result<usize, Error> {
         let rank = value(i)?.tensor().map_or(0, Tensor::rank);
-        resolve_axis(axis, rank).map_err(|m| node_error(node, KernelError::Invalid(m)))
+        resolve_axis(axis, rank).map_err(|m| node_error(node, KernelError::Invalid(m.to_string())))
     };
     match &node.op {
         Op::Input { name, .. } => {

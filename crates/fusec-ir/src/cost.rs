@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 
 use crate::graph::{Graph, NodeId, OutputKind};
-use crate::op::{BinaryOp, FusedOp, InputKind, Op, ReduceOp};
+use crate::op::{BinaryOp, Execution, FusedOp, InputKind, Op, OperandRole, ReduceOp};
 use crate::shape::{Bindings, UnboundSymbol};
 use crate::types::{TensorType, Type};
 
@@ -54,17 +54,18 @@ fn numel(ty: &Type, b: &Bindings) -> Result<u64, UnboundSymbol> {
 /// Bytes read when an op reads `value` once: through views, the smaller of the view's
 /// size and its storage's size; nothing for a scalar.
 pub fn read_bytes(graph: &Graph, value: NodeId, b: &Bindings) -> Result<u64, UnboundSymbol> {
-    match graph.op(value) {
-        Op::Scalar { .. } => return Ok(0),
-        // A quantized weight is read as stored: the values and their scales.
-        Op::Dequant { .. } => {
-            let mut total = 0;
-            for o in graph.operands(value) {
-                total += read_bytes(graph, o, b)?;
-            }
-            return Ok(total);
+    let op = graph.op(value);
+    if let Op::Scalar { .. } = op {
+        return Ok(0);
+    }
+    if op.info().execution == Execution::Folded {
+        // A folded value (a quantized weight) is read as stored: its operands, the
+        // values and their scales.
+        let mut total = 0;
+        for o in graph.operands(value) {
+            total += read_bytes(graph, o, b)?;
         }
-        _ => {}
+        return Ok(total);
     }
     let own = graph.ty(value).bytes(b)?;
     let mut base = value;
@@ -85,15 +86,13 @@ pub fn operand_read_bytes(
     operand: NodeId,
     b: &Bindings,
 ) -> Result<u64, UnboundSymbol> {
-    if let (Op::Fused(FusedOp::KvAppend), 0) = (graph.op(id), index) {
+    match graph.op(id).operand_role(index) {
         // An in-place append leaves the cached entries where they are.
-        return Ok(0);
-    }
-    if let (Op::Embedding, 0) = (graph.op(id), index) {
+        Some(OperandRole::Cache { reads: false, .. }) => Ok(0),
         // A gather reads one row of the table per id: as many bytes as it writes.
-        return graph.ty(id).bytes(b);
+        Some(OperandRole::EmbeddingTable) => graph.ty(id).bytes(b),
+        _ => read_bytes(graph, operand, b),
     }
-    read_bytes(graph, operand, b)
 }
 
 /// The cost of one node under `b`.
@@ -125,16 +124,9 @@ pub fn op_cost(
         return Ok(Cost::default());
     }
     let mut bytes_written = out.bytes(b)?;
-    if let Op::Fused(FusedOp::KvAppend | FusedOp::DecodeAttention) = op {
-        // The appended caches are written in place: only the new entries are stored.
-        let pasts: &[usize] = if matches!(op, Op::Fused(FusedOp::KvAppend)) {
-            &[0]
-        } else {
-            &[5, 6]
-        };
-        for &p in pasts {
-            bytes_written = bytes_written.saturating_sub(operands[p].bytes(b)?);
-        }
+    // The appended caches are written in place: only the new entries are stored.
+    for (past, _) in op.in_place() {
+        bytes_written = bytes_written.saturating_sub(operands[past].bytes(b)?);
     }
     let n_out = numel(out, b)?;
     let n_in0 = match operands.first() {
@@ -151,7 +143,22 @@ pub fn op_cost(
         Op::MatMul => 2 * n_out * last_dim(operands[0], b)?,
         Op::Linear => 2 * n_out * last_dim(operands[1], b)?,
         Op::Fused(f) => fused_flops(*f, operands, n_out, n_in0, b)?,
-        _ => 0,
+        // Data movement and conversions are charged bytes, not FLOPs.
+        Op::Input { .. }
+        | Op::Weight { .. }
+        | Op::Scalar { .. }
+        | Op::RopeInvFreq { .. }
+        | Op::Cast { .. }
+        | Op::Embedding
+        | Op::Cat { .. }
+        | Op::Copy
+        | Op::Reshape { .. }
+        | Op::Transpose { .. }
+        | Op::Slice { .. }
+        | Op::Unsqueeze { .. }
+        | Op::Expand { .. }
+        | Op::Get { .. }
+        | Op::Dequant { .. } => 0,
     };
     Ok(Cost {
         launches: 1,
@@ -282,15 +289,16 @@ pub fn graph_cost(graph: &Graph, b: &Bindings) -> Result<GraphCost, UnboundSymbo
             cost.nodes.push((id, c));
             for (i, o) in graph.operands(id).into_iter().enumerate() {
                 // A quantized weight credits its values and its scales.
-                let read: Vec<(usize, NodeId)> = if matches!(graph.op(o), Op::Dequant { .. }) {
-                    graph
-                        .operands(o)
-                        .into_iter()
-                        .map(|q| (usize::MAX, q))
-                        .collect()
-                } else {
-                    vec![(i, o)]
-                };
+                let read: Vec<(usize, NodeId)> =
+                    if graph.op(o).info().execution == Execution::Folded {
+                        graph
+                            .operands(o)
+                            .into_iter()
+                            .map(|q| (usize::MAX, q))
+                            .collect()
+                    } else {
+                        vec![(i, o)]
+                    };
                 for (index, o) in read {
                     let mut base = o;
                     while graph.op(base).is_view() && !matches!(graph.op(base), Op::Get { .. }) {

@@ -374,6 +374,7 @@ impl Graph {
     pub fn reordered(&self) -> Graph {
         let mut out = Graph::new(self.name.clone());
         out.attrs = self.attrs.clone();
+        out.weight_roles = self.weight_roles.clone();
         let mut new_id: std::collections::HashMap<NodeId, NodeId> =
             std::collections::HashMap::new();
         // (node, whether its operands are done); iterative, as graphs are deep.

@@ -14,7 +14,6 @@ pub mod cost;
 pub mod dot;
 pub mod dtype;
 pub mod frontend;
-mod fused;
 pub mod graph;
 pub mod hardware;
 pub mod numerics;
@@ -28,7 +27,9 @@ pub mod verify;
 
 pub use dtype::DType;
 pub use graph::{Graph, Node, NodeId, Output, OutputKind, Provenance};
-pub use op::{BinaryOp, FusedOp, InputKind, Op, ReduceOp, UnaryOp, F64};
+pub use op::{
+    BinaryOp, FusedOp, InputKind, KernelClass, Op, OpKind, OperandRole, ReduceOp, UnaryOp, F64,
+};
 pub use role::WeightRole;
 pub use shape::{Bindings, Dim, Shape};
 pub use types::{TensorType, Type};

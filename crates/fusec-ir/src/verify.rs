@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use crate::graph::{Graph, NodeId, OutputKind};
-use crate::op::{InputKind, Op};
+use crate::op::{InputKind, Op, OperandRole};
 use crate::types::Type;
 
 /// A broken invariant. `%N` names a value in the canonical numbering of the text form.
@@ -105,7 +105,7 @@ pub fn verify(graph: &Graph) -> Result<(), VerifyError> {
         }
         for (i, &o) in operands.iter().enumerate() {
             if matches!(graph.op(o), Op::Dequant { .. })
-                && !node.op.weight_operands(operands.len()).contains(&i)
+                && node.op.operand_role(i) != Some(OperandRole::GemvWeight)
             {
                 return Err(VerifyError::DequantUse {
                     value: number[&o],

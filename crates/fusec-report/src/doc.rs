@@ -3,9 +3,9 @@
 //! always hold the same figures.
 
 use crate::format::{bytes, count, dollars, params, pct, sig, signed_bytes, us};
-use crate::kernel::KernelClass;
 use crate::model::{KernelRow, Report, VariantReport};
 use crate::svg;
+use fusec_ir::KernelClass;
 
 /// How a table column is aligned.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]

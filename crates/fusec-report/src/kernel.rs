@@ -9,7 +9,7 @@
 
 use fusec_ir::cost::Cost;
 use fusec_ir::hardware::GpuSpec;
-use fusec_ir::{FusedOp, Graph, NodeId, Op};
+use fusec_ir::{Graph, KernelClass, NodeId, Op};
 use serde::Serialize;
 
 /// What limits a kernel's estimated time.
@@ -76,55 +76,11 @@ pub fn kernel_time(graph: &Graph, id: NodeId, cost: &Cost, gpu: &GpuSpec) -> Ker
     }
 }
 
-/// The kind of work a kernel does, for the stacked bars of time per step.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum KernelClass {
-    /// Products with weight matrices (projections, the MLP, lm_head), fused or not.
-    Gemv,
-    /// Attention over the KV cache: `q k^T`, softmax, `p v`, or one fused kernel.
-    Attention,
-    /// Copies: the KV cache grown by `cat`, `repeat_kv`'s copy, appends.
-    Copies,
-    /// Norms, RoPE, casts, activations, the embedding gather, argmax.
-    Elementwise,
-}
-
-impl KernelClass {
-    pub const ALL: [KernelClass; 4] = [
-        KernelClass::Gemv,
-        KernelClass::Attention,
-        KernelClass::Copies,
-        KernelClass::Elementwise,
-    ];
-
-    /// A short label for tables and chart legends.
-    pub fn label(self) -> &'static str {
-        match self {
-            KernelClass::Gemv => "GEMV (weights)",
-            KernelClass::Attention => "attention",
-            KernelClass::Copies => "KV cache & copies",
-            KernelClass::Elementwise => "norms & elementwise",
-        }
-    }
-
-    /// The class of a kernel-launching op.
-    pub fn of(op: &Op) -> KernelClass {
-        match op {
-            Op::Linear
-            | Op::Fused(
-                FusedOp::RmsNormLinear
-                | FusedOp::Swiglu
-                | FusedOp::RmsNormSwiglu
-                | FusedOp::LinearAdd,
-            ) => KernelClass::Gemv,
-            Op::MatMul
-            | Op::Softmax { .. }
-            | Op::Fused(FusedOp::Attention | FusedOp::DecodeAttention) => KernelClass::Attention,
-            Op::Cat { .. } | Op::Copy | Op::Fused(FusedOp::KvAppend) => KernelClass::Copies,
-            _ => KernelClass::Elementwise,
-        }
-    }
+/// The class of a launching node's kernel, from the op table. The report's per-kernel
+/// figures only ever hold launching nodes (`fusec_ir::cost::GraphCost::nodes`), so the
+/// fallback for an op that launches nothing is never taken.
+pub fn class_of(op: &Op) -> KernelClass {
+    op.kernel_class().unwrap_or(KernelClass::Elementwise)
 }
 
 #[cfg(test)]

@@ -30,7 +30,8 @@ mod svg;
 pub mod sweep;
 
 pub use error::ReportError;
-pub use kernel::{Bound, KernelClass, KernelTime};
+pub use fusec_ir::KernelClass;
+pub use kernel::{class_of, Bound, KernelTime};
 pub use measure::{parse_measurements, CpuMeasurement, MeasuredNode, Measurement};
 pub use model::{build, dollars_per_million_tokens, Inputs, Report, Variant};
 

@@ -14,9 +14,10 @@ use fusec_ir::{Bindings, Graph, NodeId};
 use serde::Serialize;
 
 use crate::error::ReportError;
-use crate::kernel::{kernel_time, Bound, KernelClass, KernelTime};
+use crate::kernel::{class_of, kernel_time, Bound, KernelTime};
 use crate::measure::{self, CpuMeasurement, Measured, Measurement};
 use crate::sweep::{self, BatchSweep, ContextSweep};
+use fusec_ir::KernelClass;
 
 /// The version of the JSON form; bumped when a field changes meaning or goes away.
 pub const SCHEMA: &str = "fusec-report/1";
@@ -542,7 +543,7 @@ fn variant_report(
         if in_layer {
             in_layer_s += time.total();
         }
-        let class = KernelClass::of(&node.op);
+        let class = class_of(&node.op);
         by_class[class as usize] += time.work();
         let op = node.op.to_string();
         let result = node.ty.to_string();

@@ -10,8 +10,8 @@
 use std::fmt::Write;
 
 use crate::format::{self, sig};
-use crate::kernel::KernelClass;
 use crate::model::Report;
+use fusec_ir::KernelClass;
 
 const WIDTH: f64 = 760.0;
 const HEIGHT: f64 = 420.0;

@@ -10,8 +10,9 @@ use serde::Serialize;
 
 use crate::error::ReportError;
 use crate::format;
-use crate::kernel::{Bound, KernelClass};
+use crate::kernel::{class_of, Bound};
 use crate::model::{dollars_per_million_tokens, fits, Eval, Inputs};
+use fusec_ir::KernelClass;
 
 /// The default context sweep: powers of two halving down from `max_seq_len`, at
 /// most seven points and none below 16, in increasing order (8192 gives 128 to 8192).
@@ -106,7 +107,7 @@ fn point(inputs: &Inputs<'_>, batch: u64, context: u64) -> Result<SweepPoint, Re
         let t = e.by_bound();
         let (mut gemv_memory, mut gemv_math) = (0.0, 0.0);
         for ((id, _), k) in e.cost.nodes.iter().zip(&e.times) {
-            if KernelClass::of(v.graph.op(*id)) == KernelClass::Gemv {
+            if class_of(v.graph.op(*id)) == KernelClass::Gemv {
                 gemv_memory += k.memory_s;
                 gemv_math += k.math_s;
             }

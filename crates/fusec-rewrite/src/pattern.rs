@@ -244,10 +244,10 @@ fn parse_atom(src: &str, pos: &mut usize) -> Result<Pat, PatError> {
         probe.insert(k.clone(), lit);
     }
     let op_check = op_from_parts(&name, probe, weight.clone());
-    if let Err(message) = op_check {
+    if let Err(e) = op_check {
         return Err(PatError {
             offset: start,
-            message,
+            message: e.to_string(),
         });
     }
     Ok(Pat::Op {
@@ -396,5 +396,5 @@ pub fn instantiate_op(
         };
         values.insert(k.clone(), v);
     }
-    op_from_parts(name, values, weight.clone())
+    op_from_parts(name, values, weight.clone()).map_err(|e| e.to_string())
 }

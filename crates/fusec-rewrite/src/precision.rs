@@ -21,7 +21,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::str::FromStr;
 
-use fusec_ir::{DType, FusedOp, Graph, NodeId, Op, Shape, TensorType, Type};
+use fusec_ir::op::Execution;
+use fusec_ir::{DType, FusedOp, Graph, NodeId, Op, Shape, TensorType, Type, WeightRole};
 
 /// Groups of GEMVs (and the KV cache) that can be kept at the higher precision.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -105,33 +106,44 @@ pub struct Fp8Options {
 pub const FP8_SUFFIX: &str = ".fp8";
 pub const SCALE_SUFFIX: &str = ".scale";
 
-/// The value a GEMV reads its activation from, through views and `get`.
-fn producer(graph: &Graph, mut id: NodeId) -> NodeId {
-    while graph.op(id).is_view() {
-        id = graph.operands(id)[0];
+/// The op class of a weight in role `role` when a GEMV multiplies by it; `None` for
+/// roles that are never GEMV weights.
+pub fn class_of_role(role: WeightRole) -> Option<OpClass> {
+    match role {
+        WeightRole::Query | WeightRole::Key | WeightRole::Value => Some(OpClass::Qkv),
+        WeightRole::AttnOut => Some(OpClass::AttnOut),
+        WeightRole::Gate | WeightRole::Up => Some(OpClass::MlpUp),
+        WeightRole::Down => Some(OpClass::MlpDown),
+        // Tied embeddings: the table multiplied as a GEMV is the output head.
+        WeightRole::LmHead | WeightRole::Embedding => Some(OpClass::LmHead),
+        WeightRole::Norm | WeightRole::Bias | WeightRole::Scale => None,
     }
-    id
 }
 
-/// The class of a GEMV-family node.
-pub fn classify(graph: &Graph, id: NodeId) -> Option<OpClass> {
-    let node = graph.node(id);
-    if node.layer.is_none() {
-        return matches!(node.op, Op::Linear | Op::Fused(FusedOp::RmsNormLinear))
-            .then_some(OpClass::LmHead);
-    }
-    match node.op {
-        Op::Linear | Op::Fused(FusedOp::RmsNormLinear) => Some(OpClass::Qkv),
-        Op::Fused(FusedOp::Swiglu | FusedOp::RmsNormSwiglu) => Some(OpClass::MlpUp),
-        Op::Fused(FusedOp::LinearAdd) => {
-            let x = producer(graph, graph.operands(id)[0]);
-            Some(match graph.op(x) {
-                Op::Fused(FusedOp::DecodeAttention | FusedOp::Attention) => OpClass::AttnOut,
-                _ => OpClass::MlpDown,
-            })
+/// The weight leaf under `id`, through views and a `dequant`.
+fn weight_leaf(graph: &Graph, mut id: NodeId) -> Option<&str> {
+    loop {
+        let op = graph.op(id);
+        if let Op::Weight { name } = op {
+            return Some(name);
         }
-        _ => None,
+        if !(op.is_view() || op.info().execution == Execution::Folded) {
+            return None;
+        }
+        id = *graph.operands(id).first()?;
     }
+}
+
+/// The class of a GEMV-family node: the class of the role its builder recorded for
+/// the weights it multiplies by (all of one class, as a fused kernel only shares a
+/// prologue between projections of one class). `None` for a node that multiplies by
+/// no weight, or whose weights have no recorded role (a graph parsed from text).
+pub fn classify(graph: &Graph, id: NodeId) -> Option<OpClass> {
+    let op = graph.op(id);
+    let operands = graph.operands(id);
+    let slot = op.weight_operands(operands.len()).next()?;
+    let name = weight_leaf(graph, operands[slot])?;
+    class_of_role(graph.weight_role(name)?)
 }
 
 fn weight(graph: &mut Graph, name: String, dtype: DType, shape: Shape) -> Result<NodeId, String> {
@@ -153,7 +165,8 @@ pub fn lower_fp8(fused: &Graph, opts: &Fp8Options) -> Result<Graph, String> {
             continue;
         }
         let operands = g.operands(id);
-        for slot in g.op(id).weight_operands(operands.len()) {
+        let slots: Vec<usize> = g.op(id).weight_operands(operands.len()).collect();
+        for slot in slots {
             let w = operands[slot];
             let Op::Weight { name } = g.op(w).clone() else {
                 continue;
@@ -167,12 +180,12 @@ pub fn lower_fp8(fused: &Graph, opts: &Fp8Options) -> Result<Graph, String> {
             let deq = match quantized.get(&w) {
                 Some(&d) => d,
                 None => {
-                    let q = weight(
-                        &mut g,
-                        format!("{name}{FP8_SUFFIX}"),
-                        DType::Fp8E4M3,
-                        t.shape.clone(),
-                    )?;
+                    let q_name = format!("{name}{FP8_SUFFIX}");
+                    if let Some(role) = g.weight_role(&name) {
+                        g.set_weight_role(q_name.clone(), role);
+                    }
+                    g.set_weight_role(format!("{name}{SCALE_SUFFIX}"), WeightRole::Scale);
+                    let q = weight(&mut g, q_name, DType::Fp8E4M3, t.shape.clone())?;
                     let scale_shape = match opts.granularity {
                         Granularity::PerChannel => Shape(vec![t.shape.dim(0).clone()]),
                         Granularity::PerTensor => Shape::scalar(),
@@ -221,6 +234,7 @@ pub fn lower_fp8(fused: &Graph, opts: &Fp8Options) -> Result<Graph, String> {
                 if let Type::Tensor(t) = &mut g.node_mut(past).ty {
                     t.dtype = DType::Fp8E4M3;
                 }
+                g.set_weight_role(format!("{name}{SCALE_SUFFIX}"), WeightRole::Scale);
                 let s = weight(
                     &mut g,
                     format!("{name}{SCALE_SUFFIX}"),

@@ -259,6 +259,7 @@ pub struct Stitcher {
 impl Stitcher {
     pub fn new(eager: &Graph) -> Self {
         let mut graph = Graph::new(eager.name.clone());
+        graph.inherit_weight_roles(eager);
         graph.attrs = eager.attrs.clone();
         Self {
             graph,

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use crate::dtype::DType;
 use crate::graph::{Graph, NodeId, OutputKind};
 use crate::op::{BinaryOp, InputKind, Op, ReduceOp, TypeError, UnaryOp, F64};
+use crate::role::WeightRole;
 use crate::shape::Shape;
 use crate::types::TensorType;
 
@@ -80,11 +81,13 @@ impl Builder {
         Ok(self.tag(id))
     }
 
-    /// The weight `name`, created on first use.
-    pub fn weight(&mut self, name: &str, dtype: DType, shape: Shape) -> R {
+    /// The weight `name`, created on first use, with what it is in the model (later
+    /// stages read the role instead of guessing from the graph's shape).
+    pub fn weight(&mut self, name: &str, role: WeightRole, dtype: DType, shape: Shape) -> R {
         if let Some(&id) = self.weights.get(name) {
             return Ok(id);
         }
+        self.graph.set_weight_role(name, role);
         let r = self.graph.add_leaf(
             Op::Weight {
                 name: name.to_string(),

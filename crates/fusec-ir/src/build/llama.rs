@@ -18,6 +18,7 @@ use crate::dtype::DType;
 use crate::frontend::ModelConfig;
 use crate::graph::{Graph, NodeId, OutputKind};
 use crate::op::{BinaryOp, InputKind, Op, ReduceOp, UnaryOp, F64};
+use crate::role::WeightRole;
 use crate::shape::{Dim, Shape};
 use crate::step;
 use crate::types::TensorType;
@@ -82,6 +83,7 @@ impl<'a> Llama<'a> {
 
         let embed = self.b.weight(
             step::EMBED,
+            WeightRole::Embedding,
             self.dt,
             Shape::fixed(&[cfg.vocab_size, cfg.hidden_size]),
         )?;
@@ -94,15 +96,19 @@ impl<'a> Llama<'a> {
         }
         self.b.set_layer(None);
 
-        let w = self
-            .b
-            .weight(step::FINAL_NORM, self.dt, Shape::fixed(&[cfg.hidden_size]))?;
+        let w = self.b.weight(
+            step::FINAL_NORM,
+            WeightRole::Norm,
+            self.dt,
+            Shape::fixed(&[cfg.hidden_size]),
+        )?;
         let h = self.rms_norm(x, w)?;
         let head = if cfg.tie_word_embeddings {
             embed
         } else {
             self.b.weight(
                 step::LM_HEAD,
+                WeightRole::LmHead,
                 self.dt,
                 Shape::fixed(&[cfg.vocab_size, cfg.hidden_size]),
             )?
@@ -236,24 +242,25 @@ impl<'a> Llama<'a> {
         );
         let bd = self.batch.clone();
         let one = Dim::Fixed(1);
-        let w = |b: &mut Builder, module: &str, dims: &[u64]| {
+        let w = |b: &mut Builder, module: &str, role: WeightRole, dims: &[u64]| {
             b.weight(
                 &step::layer_weight(layer, module),
+                role,
                 cfg.dtype,
                 Shape::fixed(dims),
             )
         };
 
         // Attention block.
-        let w_norm = w(&mut self.b, "input_layernorm", &[d])?;
+        let w_norm = w(&mut self.b, "input_layernorm", WeightRole::Norm, &[d])?;
         let n = self.rms_norm(x, w_norm)?;
         let mut heads = Vec::new();
-        for (module, count) in [
-            ("self_attn.q_proj", h),
-            ("self_attn.k_proj", kv),
-            ("self_attn.v_proj", kv),
+        for (module, role, count) in [
+            ("self_attn.q_proj", WeightRole::Query, h),
+            ("self_attn.k_proj", WeightRole::Key, kv),
+            ("self_attn.v_proj", WeightRole::Value, kv),
         ] {
-            let wp = w(&mut self.b, module, &[count * hd, d])?;
+            let wp = w(&mut self.b, module, role, &[count * hd, d])?;
             let p = self.b.linear(n, wp)?;
             let p = self.b.reshape(
                 p,
@@ -296,20 +303,30 @@ impl<'a> Llama<'a> {
         let o = self
             .b
             .reshape(o, shape(&[bd.clone(), one.clone(), self.d(h * hd)]))?;
-        let wo = w(&mut self.b, "self_attn.o_proj", &[d, h * hd])?;
+        let wo = w(
+            &mut self.b,
+            "self_attn.o_proj",
+            WeightRole::AttnOut,
+            &[d, h * hd],
+        )?;
         let o = self.b.linear(o, wo)?;
         let x = self.b.binary(BinaryOp::Add, x, o)?;
 
         // MLP block.
-        let w_norm = w(&mut self.b, "post_attention_layernorm", &[d])?;
+        let w_norm = w(
+            &mut self.b,
+            "post_attention_layernorm",
+            WeightRole::Norm,
+            &[d],
+        )?;
         let n = self.rms_norm(x, w_norm)?;
-        let wg = w(&mut self.b, "mlp.gate_proj", &[inter, d])?;
-        let wu = w(&mut self.b, "mlp.up_proj", &[inter, d])?;
+        let wg = w(&mut self.b, "mlp.gate_proj", WeightRole::Gate, &[inter, d])?;
+        let wu = w(&mut self.b, "mlp.up_proj", WeightRole::Up, &[inter, d])?;
         let g = self.b.linear(n, wg)?;
         let u = self.b.linear(n, wu)?;
         let g = self.b.unary(UnaryOp::Silu, g)?;
         let a = self.b.binary(BinaryOp::Mul, g, u)?;
-        let wd = w(&mut self.b, "mlp.down_proj", &[d, inter])?;
+        let wd = w(&mut self.b, "mlp.down_proj", WeightRole::Down, &[d, inter])?;
         let m = self.b.linear(a, wd)?;
         self.b.binary(BinaryOp::Add, x, m)
     }

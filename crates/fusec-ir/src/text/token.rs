@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use crate::dtype::DType;
 use crate::op::{op_from_parts, Attr, Op, OpParseError};
+
 use crate::shape::{Dim, Shape};
 use crate::types::{TensorType, Type};
 
@@ -304,9 +305,9 @@ impl<'a> Cursor<'a> {
         } else {
             None
         };
-        op_from_parts(name, attrs, weight_name).map_err(|message| LexError {
+        op_from_parts(name, attrs, weight_name).map_err(|e| LexError {
             offset: start,
-            message,
+            message: e.to_string(),
         })
     }
 }
@@ -325,4 +326,13 @@ pub fn parse_op_token(token: &str) -> Result<Op, OpParseError> {
         });
     }
     Ok(op)
+}
+
+impl std::str::FromStr for Op {
+    type Err = OpParseError;
+
+    /// Parses an op token as printed by `Display`.
+    fn from_str(token: &str) -> Result<Op, OpParseError> {
+        parse_op_token(token)
+    }
 }

@@ -1,6 +1,6 @@
 //! Type rules of the fused ops ([`FusedOp`]).
 
-use crate::op::{FusedOp, Op};
+use super::def::{FusedOp, Op};
 use crate::shape::{Dim, Shape};
 use crate::types::{TensorType, Type};
 

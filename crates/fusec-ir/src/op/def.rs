@@ -1,0 +1,428 @@
+//! The op enum and its attributes: what an op *is made of*. What an op *is* (its
+//! name, arity, operand roles, how it executes) is stated once, in [`super::table`].
+
+use std::fmt;
+
+use crate::dtype::DType;
+use crate::shape::Shape;
+
+/// An `f64` attribute with total equality and hashing (by bits), so that ops can be
+/// hashed into an e-graph. It prints in Rust's shortest round-trip form.
+#[derive(Copy, Clone, Debug)]
+pub struct F64(pub f64);
+
+impl PartialEq for F64 {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.to_bits() == other.0.to_bits()
+    }
+}
+impl Eq for F64 {}
+impl std::hash::Hash for F64 {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.to_bits().hash(state);
+    }
+}
+impl PartialOrd for F64 {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for F64 {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&other.0)
+    }
+}
+impl fmt::Display for F64 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+/// Elementwise functions of one tensor.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum UnaryOp {
+    Neg,
+    Rsqrt,
+    Sqrt,
+    Exp,
+    Silu,
+    Cos,
+    Sin,
+}
+
+impl UnaryOp {
+    pub const ALL: [UnaryOp; 7] = [
+        UnaryOp::Neg,
+        UnaryOp::Rsqrt,
+        UnaryOp::Sqrt,
+        UnaryOp::Exp,
+        UnaryOp::Silu,
+        UnaryOp::Cos,
+        UnaryOp::Sin,
+    ];
+
+    /// FLOPs charged per element (a transcendental counts as a few).
+    pub const fn flops_per_element(self) -> u64 {
+        match self {
+            UnaryOp::Neg => 1,
+            UnaryOp::Rsqrt | UnaryOp::Sqrt => 2,
+            UnaryOp::Exp | UnaryOp::Cos | UnaryOp::Sin => 4,
+            UnaryOp::Silu => 6,
+        }
+    }
+
+    /// Applies the function in f64 (the reference semantics).
+    pub fn apply(self, x: f64) -> f64 {
+        match self {
+            UnaryOp::Neg => -x,
+            UnaryOp::Rsqrt => 1.0 / x.sqrt(),
+            UnaryOp::Sqrt => x.sqrt(),
+            UnaryOp::Exp => x.exp(),
+            UnaryOp::Silu => x / (1.0 + (-x).exp()),
+            UnaryOp::Cos => x.cos(),
+            UnaryOp::Sin => x.sin(),
+        }
+    }
+}
+
+/// Elementwise functions of two tensors, with numpy broadcasting.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Pow,
+}
+
+impl BinaryOp {
+    pub const ALL: [BinaryOp; 5] = [
+        BinaryOp::Add,
+        BinaryOp::Sub,
+        BinaryOp::Mul,
+        BinaryOp::Div,
+        BinaryOp::Pow,
+    ];
+
+    pub fn apply(self, a: f64, b: f64) -> f64 {
+        match self {
+            BinaryOp::Add => a + b,
+            BinaryOp::Sub => a - b,
+            BinaryOp::Mul => a * b,
+            BinaryOp::Div => a / b,
+            BinaryOp::Pow => a.powf(b),
+        }
+    }
+}
+
+/// Reductions over one axis.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ReduceOp {
+    Sum,
+    Mean,
+    Max,
+}
+
+impl ReduceOp {
+    pub const ALL: [ReduceOp; 3] = [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max];
+}
+
+/// Which kind of graph input an `input`/`state` leaf is.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum InputKind {
+    /// Fed by the caller each step (token ids, positions, the attention mask).
+    Data,
+    /// Carried from the previous step (the KV cache); the graph returns its next value as
+    /// a state output of the same name.
+    State,
+}
+
+/// An operation with its attributes. See the module documentation.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Op {
+    // ---- leaves -------------------------------------------------------------------
+    /// A graph input; its type is the node's type.
+    Input {
+        name: String,
+        kind: InputKind,
+    },
+    /// A named weight (the safetensors tensor name); its type is the node's type.
+    Weight {
+        name: String,
+    },
+    /// A scalar kernel argument, `f32[]`. Broadcasts against any tensor and takes the
+    /// other operand's dtype, as a Python scalar does in PyTorch.
+    Scalar {
+        value: F64,
+    },
+    /// RoPE inverse frequencies `theta^(-2j/head_dim)`, `f32[head_dim/2]`: a constant
+    /// buffer computed when the model is loaded, like HF's `inv_freq`.
+    RopeInvFreq {
+        theta: F64,
+        head_dim: u64,
+    },
+
+    // ---- elementwise --------------------------------------------------------------
+    Unary(UnaryOp),
+    Binary(BinaryOp),
+    /// Elementwise conversion to another dtype.
+    Cast {
+        to: DType,
+    },
+
+    // ---- reductions ---------------------------------------------------------------
+    Reduce {
+        kind: ReduceOp,
+        axis: i64,
+        keepdim: bool,
+    },
+    /// Index of the largest element along `axis` (ties to the lowest index), as `i32`.
+    Argmax {
+        axis: i64,
+    },
+    Softmax {
+        axis: i64,
+    },
+
+    // ---- contractions -------------------------------------------------------------
+    /// Batched matrix product with broadcast batch dimensions, as `torch.matmul`.
+    MatMul,
+    /// `x @ w^T` with `w` of shape `[out, in]`, as `torch.nn.functional.linear`.
+    Linear,
+    /// Row gather: operands `(table [V, D], ids [...])`, result `[..., D]`.
+    Embedding,
+
+    // ---- data movement ------------------------------------------------------------
+    /// Concatenation along `axis` into a new buffer (a copy of every operand).
+    Cat {
+        axis: i64,
+    },
+    /// A contiguous copy (`.contiguous()` or the copy inside `reshape` of a
+    /// non-viewable tensor).
+    Copy,
+
+    // ---- free views ---------------------------------------------------------------
+    Reshape {
+        shape: Shape,
+    },
+    Transpose {
+        a: usize,
+        b: usize,
+    },
+    /// Elements `start..end` along `axis`.
+    Slice {
+        axis: i64,
+        start: u64,
+        end: u64,
+    },
+    Unsqueeze {
+        axis: usize,
+    },
+    /// Broadcast size-1 dimensions to `shape` (stride 0, no copy).
+    Expand {
+        shape: Shape,
+    },
+
+    // ---- tuples -------------------------------------------------------------------
+    /// Element `index` of a tuple-typed operand (free).
+    Get {
+        index: usize,
+    },
+
+    // ---- quantization ---------------------------------------------------------------
+    /// `(q [.., in], scale [..] or []) -> to[.., in]`: a quantized weight with its
+    /// per-output-channel (or per-tensor) scales, `w = q * scale`. It launches nothing:
+    /// only GEMV-family ops consume it, dequantizing in registers. `act` is the recipe of
+    /// that GEMV's activations: `fp8e4m3` quantizes each activation row (token) to E4M3
+    /// with a dynamic scale `absmax / 448` and multiplies in FP8 with f32 accumulation,
+    /// folding both scales into the epilogue; `act == to` keeps activations unquantized.
+    Dequant {
+        to: DType,
+        act: DType,
+    },
+
+    // ---- fused kernels ------------------------------------------------------------
+    /// A kernel that replaces several primitive ops; see [`FusedOp`].
+    Fused(FusedOp),
+}
+
+/// Kernels produced by fusion. None has attributes: constants such as `eps` and the
+/// attention scale are scalar operands, so rewrite rules can bind them as variables.
+///
+/// Every fused op computes what the primitive ops it replaces compute, with the same
+/// roundings to its dtype (a bf16 intermediate of the eager graph is rounded to bf16
+/// inside the fused kernel too), so the eager graph is its reference.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FusedOp {
+    /// `(past [..,S,hd], new [..,1,hd]) -> [..,S+1,hd]`: `cat` along axis -2 into the
+    /// state buffer in place: only the new entries are read and written.
+    KvAppend,
+    /// `(x [..,hd], cos, sin) -> x * cos + rotate_half(x) * sin`, cos and sin
+    /// broadcasting to x.
+    Rope,
+    /// `(x [..,D], w [D], eps) -> w * to(x.dtype)(x32 * rsqrt(mean(x32^2, -1) + eps))`,
+    /// Hugging Face's `LlamaRMSNorm`.
+    RmsNorm,
+    /// `(x, w, eps, W1, .., Wn)`: RMSNorm in the prologue of n GEMVs sharing it. One
+    /// weight gives a tensor, several a tuple.
+    RmsNormLinear,
+    /// `(x, Wg, Wu) -> silu(x @ Wg^T) * (x @ Wu^T)`.
+    Swiglu,
+    /// `(x, w, eps, Wg, Wu)`: RMSNorm then SwiGLU in one kernel.
+    RmsNormSwiglu,
+    /// `(x, W, r) -> r + x @ W^T`: a GEMV with a residual-add epilogue.
+    LinearAdd,
+    /// `(q [B,H,T,hd], k [B,KV,L,hd], v [B,KV,L,hd], scale, mask [B,1,T,L]) ->
+    /// softmax(q k^T * scale + mask) v`, with query head `h` reading KV head
+    /// `h / (H/KV)` (GQA), computed with an online softmax.
+    Attention,
+    /// `(q, k, v, cos, sin, past_k, past_v, scale, mask) -> (out, k_all, v_all)`: RoPE
+    /// on q and k, the KV append in place, and attention, in one kernel.
+    DecodeAttention,
+}
+
+impl FusedOp {
+    pub const ALL: [FusedOp; 9] = [
+        FusedOp::KvAppend,
+        FusedOp::Rope,
+        FusedOp::RmsNorm,
+        FusedOp::RmsNormLinear,
+        FusedOp::Swiglu,
+        FusedOp::RmsNormSwiglu,
+        FusedOp::LinearAdd,
+        FusedOp::Attention,
+        FusedOp::DecodeAttention,
+    ];
+}
+
+/// The axis `axis` of a rank-`rank` tensor, where a negative axis counts from the end
+/// as in PyTorch (`-1` is the last).
+pub fn resolve_axis(axis: i64, rank: usize) -> Result<usize, AxisError> {
+    let r = rank as i64;
+    let a = if axis < 0 { axis + r } else { axis };
+    if (0..r).contains(&a) {
+        Ok(a as usize)
+    } else {
+        Err(AxisError { axis, rank })
+    }
+}
+
+/// An axis outside a tensor's rank.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("axis {axis} out of range for rank {rank}")]
+pub struct AxisError {
+    pub axis: i64,
+    pub rank: usize,
+}
+
+/// How many operands an op takes.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Arity {
+    Exactly(usize),
+    AtLeast(usize),
+}
+
+impl Arity {
+    pub fn accepts(self, n: usize) -> bool {
+        match self {
+            Arity::Exactly(k) => n == k,
+            Arity::AtLeast(k) => n >= k,
+        }
+    }
+}
+
+impl fmt::Display for Arity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Arity::Exactly(k) => write!(f, "{k}"),
+            Arity::AtLeast(k) => write!(f, "at least {k}"),
+        }
+    }
+}
+
+/// An attribute value, as written in an op token.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Attr {
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    Str(String),
+    Shape(Shape),
+    DType(DType),
+}
+
+impl fmt::Display for Attr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Attr::Int(v) => write!(f, "{v}"),
+            Attr::Float(v) => write!(f, "{v:?}"),
+            Attr::Bool(v) => write!(f, "{v}"),
+            Attr::Str(s) => write!(f, "{s:?}"),
+            Attr::Shape(s) => write!(f, "{s}"),
+            Attr::DType(d) => write!(f, "{d}"),
+        }
+    }
+}
+
+/// Why an operand list does not type-check for an op.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{op}: {message}")]
+pub struct TypeError {
+    /// The op's name.
+    pub op: String,
+    pub message: String,
+}
+
+impl Op {
+    /// The attributes, sorted by key. Leaf names of weights are not attributes: the text
+    /// form writes them as `@name`.
+    pub fn attrs(&self) -> Vec<(&'static str, Attr)> {
+        let u = |v: usize| Attr::Int(v as i64);
+        let i = |v: i64| Attr::Int(v);
+        let mut attrs = match self {
+            Op::Input { name, .. } => vec![("name", Attr::Str(name.clone()))],
+            Op::Weight { .. } => vec![],
+            Op::Scalar { value } => vec![("value", Attr::Float(value.0))],
+            Op::RopeInvFreq { theta, head_dim } => vec![
+                ("head_dim", Attr::Int(*head_dim as i64)),
+                ("theta", Attr::Float(theta.0)),
+            ],
+            Op::Cast { to } => vec![("to", Attr::DType(*to))],
+            Op::Reduce { axis, keepdim, .. } => {
+                vec![("axis", i(*axis)), ("keepdim", Attr::Bool(*keepdim))]
+            }
+            Op::Argmax { axis } | Op::Softmax { axis } | Op::Cat { axis } => {
+                vec![("axis", i(*axis))]
+            }
+            Op::Unsqueeze { axis } => vec![("axis", u(*axis))],
+            Op::Reshape { shape } | Op::Expand { shape } => {
+                vec![("shape", Attr::Shape(shape.clone()))]
+            }
+            Op::Transpose { a, b } => vec![("a", u(*a)), ("b", u(*b))],
+            Op::Slice { axis, start, end } => vec![
+                ("axis", i(*axis)),
+                ("end", Attr::Int(*end as i64)),
+                ("start", Attr::Int(*start as i64)),
+            ],
+            Op::Get { index } => vec![("index", u(*index))],
+            Op::Dequant { to, act } => vec![("act", Attr::DType(*act)), ("to", Attr::DType(*to))],
+            Op::Unary(_)
+            | Op::Binary(_)
+            | Op::MatMul
+            | Op::Linear
+            | Op::Embedding
+            | Op::Copy
+            | Op::Fused(_) => vec![],
+        };
+        attrs.sort_by_key(|(k, _)| *k);
+        attrs
+    }
+}
+
+/// Why an op token does not parse; `offset` is a byte offset into the token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct OpParseError {
+    pub offset: usize,
+    pub message: String,
+}
