@@ -10,9 +10,11 @@
 //!   roles, execution (leaf, view, folded, or a kernel of some class) and attribute
 //!   keys. Every stage reads what an op is from here;
 //! - `infer`, `infer_fused`: the type rules ([`Op::infer`]);
-//! - [`parse`]: an op from its name and attributes.
+//! - [`parse`]: an op from its name and attributes;
+//! - [`example`]: a minimal graph around each op kind, for tests that walk the table.
 
 pub mod def;
+pub mod example;
 mod infer;
 mod infer_fused;
 pub mod parse;
