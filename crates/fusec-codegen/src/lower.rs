@@ -14,10 +14,10 @@ use crate::cuda::{
 use crate::error::Error;
 use crate::layout::{extents, Extent, View};
 use crate::options::{DecodeShape, Options};
+use crate::output::{Kernel, Output};
 use crate::plan::{
     Arg, Binding, Buffer, BufferId, BufferKind, ConstantInit, Launch, LaunchPlan, StateBinding,
 };
-use crate::{Kernel, Output};
 
 /// Arena placements are aligned for 16-byte vector loads and for coalescing.
 const ALIGN: u64 = 256;
