@@ -4,7 +4,7 @@
 # 1B-shaped Llama with random weights (tokens/s, achieved GB/s, MBU against a copy
 # bandwidth measured in the same run), and PyTorch eager decode of the same shapes
 # where torch is installed. Needs an NVIDIA GPU (sm_80 or newer) and its driver;
-# NVRTC comes from the CUDA toolkit or, failing that, from pip wheels (GUIDE §8).
+# NVRTC comes from the CUDA toolkit or, failing that, from pip wheels (the `nvidia-cuda-nvrtc-cu12` wheels, as in .ci/run).
 # Runs in well under 8 minutes; every phase has its own time limit.
 #
 #   scripts/gpu-check.sh [--steps N] [--context N]

@@ -1,5 +1,6 @@
 //! Target GPUs for the cost model: datasheet figures, and measured ones where a machine
-//! lent here was measured (GUIDE §5). Every figure says where it came from.
+//! lent here was measured (BENCHMARKS.md, "GPU figures of the cost model"). Every
+//! figure says where it came from.
 //!
 //! The built-in table is [`GPUS`]; users add their own GPUs in a TOML file read by
 //! [`parse_gpu_file`] (format below), which yields owned [`GpuSpec`] values that work
@@ -30,8 +31,9 @@ use toml::Spanned;
 use crate::dtype::DType;
 use crate::frontend::ConfigError;
 
-/// The launch overhead charged when a GPU file does not give one: the CUDA-graph figure
-/// of GUIDE §1, which the built-in GPUs use too.
+/// The launch overhead charged when a GPU file does not give one: the per-kernel cost
+/// under CUDA graphs (NVIDIA's CUDA Graphs documentation and gpt-fast report about
+/// 1-1.5 us), which the built-in GPUs use too.
 pub const DEFAULT_LAUNCH_US: f64 = 1.3;
 
 /// A GPU's figures. Bandwidths in GB/s, throughputs in TFLOP/s (dense).
@@ -56,8 +58,8 @@ pub struct GpuSpec {
     pub fp8_tflops: Option<f64>,
     /// Device memory in GB, where known, to flag batches whose KV cache cannot fit.
     pub memory_gb: Option<f64>,
-    /// Overhead per kernel launch, in microseconds (GUIDE §1: 3-5 us eager, ~1.3 us
-    /// under CUDA graphs; we charge the CUDA-graph figure to every variant alike).
+    /// Overhead per kernel launch, in microseconds (3-5 us for an eager launch, about
+    /// 1.3 us under CUDA graphs; we charge the CUDA-graph figure to every variant alike).
     pub launch_us: f64,
     pub source: Cow<'static, str>,
 }
@@ -119,7 +121,7 @@ pub const GPUS: &[GpuSpec] = &[
         memory_gb: Some(80.0),
         launch_us: DEFAULT_LAUNCH_US,
         source: Cow::Borrowed(
-            "NVIDIA H100 datasheet; copy and bf16 GEMM measured on a lent H100 (GUIDE §5)",
+            "NVIDIA H100 datasheet; copy and bf16 GEMM measured on a lent H100 (BENCHMARKS.md)",
         ),
     },
     GpuSpec {
@@ -134,7 +136,7 @@ pub const GPUS: &[GpuSpec] = &[
         memory_gb: Some(141.0),
         launch_us: DEFAULT_LAUNCH_US,
         source: Cow::Borrowed(
-            "NVIDIA H200 datasheet; copy and bf16 GEMM measured on a lent H200 (GUIDE §5)",
+            "NVIDIA H200 datasheet; copy and bf16 GEMM measured on a lent H200 (BENCHMARKS.md)",
         ),
     },
     GpuSpec {

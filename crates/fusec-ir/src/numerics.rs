@@ -3,8 +3,9 @@
 //!
 //! Conversions round to nearest, ties to even. FP8 conversions saturate to the largest
 //! finite value (CUDA's `__NV_SATFINITE`) and keep NaN. The `float8` crate implements
-//! CUDA's conversion routine, but its `MAX` constants are wrong (GUIDE §4), so the
-//! format limits are defined here.
+//! CUDA's conversion routine, but its `MAX` constants are wrong (`E4M3::MAX` reads 416
+//! and `E5M2::MAX` 49152, where the OCP 8-bit floating point specification, v1.0,
+//! gives 448 and 57344), so the format limits are defined here.
 
 use float8::{F8E4M3, F8E5M2};
 use half::{bf16, f16};
