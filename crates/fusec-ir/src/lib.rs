@@ -32,4 +32,4 @@ pub use op::{BinaryOp, FusedOp, InputKind, Op, ReduceOp, UnaryOp, F64};
 pub use role::WeightRole;
 pub use shape::{Bindings, Dim, Shape};
 pub use types::{TensorType, Type};
-pub use verify::{verify, VerifyError};
+pub use verify::{verify, VerifyError, Violations};
