@@ -9,9 +9,9 @@
 
 use std::fmt::Write;
 
+use crate::assemble::Report;
 use crate::format::{self, sig};
 use crate::kernel::KernelClass;
-use crate::model::Report;
 
 const WIDTH: f64 = 760.0;
 const HEIGHT: f64 = 420.0;
