@@ -103,7 +103,7 @@ fn a_rust_rule_with_a_condition_fires() {
         if g == u {
             Ok(())
         } else {
-            Err(format!("{g} vs {u}"))
+            Err(format!("{g} vs {u}").into())
         }
     });
     set.add_rule(rule).expect("valid rule");
