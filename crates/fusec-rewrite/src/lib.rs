@@ -11,6 +11,11 @@
 //!    ([`passes`]).
 //!
 //! Every fused node records the rules that built it and the eager ops it covers.
+//!
+//! What a rule does to a graph is tested by files, not Rust: each
+//! `tests/filetests/**/*.fir` holds an input graph, the rules to load and the expected
+//! result as check lines or a whole blessed fused graph (`tests/filetests.rs` documents
+//! the directives; `FUSEC_BLESS=1` rewrites `; output:` blocks).
 
 pub mod analysis;
 pub mod condition;
