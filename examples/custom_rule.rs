@@ -34,7 +34,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         if gate == up {
             Ok(())
         } else {
-            Err(format!("gate {gate} and up {up} differ"))
+            Err(format!("gate {gate} and up {up} differ").into())
         }
     });
     rules.add_rule(rule)?;

@@ -29,6 +29,15 @@ fn covered_positions(p: &Provenance) -> Vec<usize> {
     positions
 }
 
+/// Why a node cannot be explained.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExplainError {
+    #[error(transparent)]
+    Cycle(#[from] fusec_ir::graph::CycleError),
+    #[error("the fused graph has no value %{value} (it has %0..%{last})")]
+    NoSuchValue { value: usize, last: usize },
+}
+
 /// Explains fused node `%node` (numbered as in the fused dump), or lists every fused
 /// node when `node` is `None`.
 pub fn explain(
@@ -37,8 +46,8 @@ pub fn explain(
     report: &FuseReport,
     rules: &RuleSet,
     node: Option<usize>,
-) -> Result<String, String> {
-    let order = fused.topo_order().map_err(|e| e.to_string())?;
+) -> Result<String, ExplainError> {
+    let order = fused.topo_order()?;
     let fused_lines = lines(fused);
     let line = |i: usize| fused_lines.get(i).map(String::as_str).unwrap_or("?");
     let mut out = String::new();
@@ -71,11 +80,9 @@ pub fn explain(
         }
         return Ok(out);
     };
-    let id = *order.get(n).ok_or_else(|| {
-        format!(
-            "the fused graph has no value %{n} (it has %0..%{})",
-            order.len().saturating_sub(1)
-        )
+    let id = *order.get(n).ok_or(ExplainError::NoSuchValue {
+        value: n,
+        last: order.len().saturating_sub(1),
     })?;
     let _ = writeln!(out, "{}", line(n));
     let prov = &fused.node(id).provenance;

@@ -21,8 +21,12 @@ pub enum PipelineError {
     Input(#[from] ConfigError),
     #[error(transparent)]
     RuleFile(#[from] RuleFileError),
-    #[error("{0}")]
-    Io(String),
+    #[error("{}: cannot read: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("a user rule was rejected: {0}")]
     BadRule(RuleError),
     #[error("unknown GPU `{name}` (known: {})", gpu_names().join(", "))]
@@ -88,8 +92,10 @@ pub fn target_gpu(spec: &ModelSpec) -> Result<&'static GpuSpec, PipelineError> {
 pub fn rules(user_files: &[PathBuf]) -> Result<RuleSet, PipelineError> {
     let mut set = RuleSet::builtin()?;
     for path in user_files {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| PipelineError::Io(format!("{}: cannot read: {e}", path.display())))?;
+        let text = std::fs::read_to_string(path).map_err(|source| PipelineError::Io {
+            path: path.clone(),
+            source,
+        })?;
         set.add_file(&path.display().to_string(), &text)?;
     }
     Ok(set)
@@ -170,9 +176,9 @@ pub fn fused_in(
     if precision != Precision::Fp8 {
         return Ok((fused, report));
     }
-    let lowered = lower_fp8(&fused, fp8).map_err(|message| PipelineError::Internal {
+    let lowered = lower_fp8(&fused, fp8).map_err(|e| PipelineError::Internal {
         phase: "lower-fp8",
-        message,
+        message: e.to_string(),
     })?;
     Ok((verified("lower-fp8", lowered)?, report))
 }

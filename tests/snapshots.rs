@@ -1,9 +1,11 @@
-//! The data-driven snapshot harness: for every model in `tests/in/`, the eager IR dump,
-//! the fused IR dump and the compile summary, checked against `tests/snapshots/`.
-//! Bless changes with `INSTA_UPDATE=always cargo test --test snapshots` and review the
-//! diff.
-
-mod common;
+//! The data-driven snapshot harness: for every model in `tests/in/` (a `.toml` spec or
+//! a directory holding a Hugging Face `config.json`), the eager IR dump, the fused IR
+//! dump and the compile summary, checked against `tests/snapshots/`.
+//!
+//! Each input and dump is its own case: `insta::glob!` runs every input and reports
+//! every failing snapshot, and a pipeline error becomes the text compared with the
+//! snapshot, so one broken input or dump hides no other. Bless changes with
+//! `INSTA_UPDATE=always cargo test --test snapshots` and review the diff.
 
 use fusec::pipeline;
 use fusec::summary::Summary;
@@ -11,25 +13,36 @@ use fusec_ir::text;
 
 #[test]
 fn eager_and_fused_dumps_and_summaries() {
-    let inputs = common::test_inputs();
-    assert!(inputs.len() >= 3, "tests/in holds the harness inputs");
-    let rules = pipeline::rules(&[]).expect("built-in rules load");
-    for input in inputs {
-        let name = common::input_name(&input);
-        let spec = pipeline::load(&input, None, None).expect("harness inputs are valid");
-        let eager = pipeline::eager(&spec).expect("eager graph builds");
-        insta::assert_snapshot!(
-            format!("{name}.eager"),
-            text::print(&eager).expect("acyclic")
-        );
-        let (fused, report) = pipeline::fuse(&spec, &eager, &rules).expect("fusion succeeds");
-        assert!(!report.hit_limit, "{name}: {}", report.stop_reason);
-        insta::assert_snapshot!(
-            format!("{name}.fused"),
-            text::print(&fused).expect("acyclic")
-        );
-        let gpu = pipeline::target_gpu(&spec).expect("known gpu");
-        let summary = Summary::new(&spec, gpu, &eager, Some(&fused)).expect("all symbols bound");
-        insta::assert_snapshot!(format!("{name}.summary"), summary.render());
-    }
+    insta::glob!("in/*", |input| {
+        let rules = pipeline::rules(&[]).map_err(|e| format!("rules: {e}"));
+        let spec = pipeline::load(input, None, None).map_err(|e| format!("load: {e}"));
+        let eager = spec
+            .as_ref()
+            .map_err(Clone::clone)
+            .and_then(|spec| pipeline::eager(spec).map_err(|e| format!("eager: {e}")));
+        let dump = |g: &fusec_ir::Graph| text::print(g).unwrap_or_else(|e| format!("print: {e}"));
+        insta::assert_snapshot!("eager", eager.as_ref().map_or_else(Clone::clone, dump));
+
+        let fused = match (&spec, &eager, &rules) {
+            (Ok(spec), Ok(eager), Ok(rules)) => pipeline::fuse(spec, eager, rules)
+                .map_err(|e| format!("fuse: {e}"))
+                .and_then(|(fused, report)| match report.hit_limit {
+                    false => Ok(fused),
+                    true => Err(format!("fusion hit a limit: {}", report.stop_reason)),
+                }),
+            (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => Err(e.clone()),
+        };
+        insta::assert_snapshot!("fused", fused.as_ref().map_or_else(Clone::clone, dump));
+
+        let summary = match (&spec, &eager, &fused) {
+            (Ok(spec), Ok(eager), Ok(fused)) => pipeline::target_gpu(spec)
+                .map_err(|e| format!("gpu: {e}"))
+                .and_then(|gpu| {
+                    Summary::new(spec, gpu, eager, Some(fused)).map_err(|e| format!("summary: {e}"))
+                })
+                .map(|s| s.render()),
+            (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => Err(e.clone()),
+        };
+        insta::assert_snapshot!("summary", summary.unwrap_or_else(|e| e));
+    });
 }

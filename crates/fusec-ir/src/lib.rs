@@ -33,4 +33,4 @@ pub use op::{
 pub use role::WeightRole;
 pub use shape::{Bindings, Dim, Shape};
 pub use types::{TensorType, Type};
-pub use verify::{verify, VerifyError};
+pub use verify::{verify, VerifyError, Violations};

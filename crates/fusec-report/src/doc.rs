@@ -2,8 +2,8 @@
 //! text, Markdown and HTML renderers format the same document, so the three forms
 //! always hold the same figures.
 
+use crate::assemble::{KernelRow, Report, VariantReport};
 use crate::format::{bytes, count, dollars, params, pct, sig, signed_bytes, us};
-use crate::model::{KernelRow, Report, VariantReport};
 use crate::svg;
 use fusec_ir::KernelClass;
 
@@ -199,7 +199,7 @@ fn per_step(d: &mut Vec<Block>, r: &Report) {
     let mut header = vec![s("")];
     header.extend(r.variants.iter().map(|v| v.name.clone()));
     let mut t = Table::new(header, 1);
-    let saved = |v: &VariantReport, f: fn(&crate::model::Saved) -> String| {
+    let saved = |v: &VariantReport, f: fn(&crate::assemble::Saved) -> String| {
         v.saved.as_ref().map_or(s("-"), f)
     };
     line(&mut t, r, "launches/step", |v| {

@@ -8,32 +8,41 @@
 //! to JSON and renders as text, Markdown or a self-contained HTML page with
 //! hand-written SVG charts.
 //!
-//! - [`model`]: the report's data and how it is computed from the graphs;
+//! Modules, each using only those listed before it:
+//!
+//! - [`inputs`]: what a report is built from ([`Variant`], [`Inputs`]);
+//! - [`measurement`]: measured inputs: GPU results in a `measurements.toml` file, and
+//!   the CPU executor's per-node profile;
 //! - [`kernel`]: one kernel's estimated time, what bounds it, and its class;
+//! - `eval`: one graph evaluated at one decode point;
 //! - [`sweep`]: time per token against context length and against batch size;
-//! - [`measure`]: measured figures shown next to the predictions: GPU results in a
-//!   `measurements.toml` file, and the CPU executor's per-node profile;
+//! - [`measure`]: the measurements paired with the predictions;
+//! - [`assemble`]: the report's data and [`build`], which assembles it;
 //! - `render`: the text, Markdown and HTML forms; `svg`: the charts.
 //!
 //! Invariant: the output is a function of the inputs alone. No clocks, no hash-map
 //! iteration order, no environment: the same inputs give byte-identical reports.
 //! (A CPU measurement carries wall times, which differ run to run; it is an input.)
 
+pub mod assemble;
 mod doc;
 mod error;
+mod eval;
 mod format;
+pub mod inputs;
 pub mod kernel;
 pub mod measure;
-pub mod model;
+pub mod measurement;
 mod render;
 mod svg;
 pub mod sweep;
 
+pub use assemble::{build, dollars_per_million_tokens, Report};
 pub use error::ReportError;
 pub use fusec_ir::KernelClass;
+pub use inputs::{Inputs, Variant};
 pub use kernel::{class_of, Bound, KernelTime};
-pub use measure::{parse_measurements, CpuMeasurement, MeasuredNode, Measurement};
-pub use model::{build, dollars_per_million_tokens, Inputs, Report, Variant};
+pub use measurement::{parse_measurements, CpuMeasurement, MeasuredNode, Measurement};
 
 /// The output formats of [`Report::render`].
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]

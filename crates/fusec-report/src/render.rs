@@ -3,9 +3,9 @@
 
 use std::fmt::Write;
 
+use crate::assemble::Report;
 use crate::doc::{document, Align, Block, Table};
 use crate::error::ReportError;
-use crate::model::Report;
 use crate::svg::esc;
 
 /// Width that text paragraphs wrap at.

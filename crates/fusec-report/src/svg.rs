@@ -9,8 +9,8 @@
 
 use std::fmt::Write;
 
+use crate::assemble::Report;
 use crate::format::{self, sig};
-use crate::model::Report;
 use fusec_ir::KernelClass;
 
 const WIDTH: f64 = 760.0;

@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use egg::{Analysis, DidMerge, EGraph, Id};
+use fusec_ir::op::TypeError;
 use fusec_ir::{Op, Provenance, Type};
 
 use crate::lang::ENode;
@@ -39,18 +40,27 @@ pub struct TypeAnalysis {
 
 pub type FGraph = EGraph<ENode, TypeAnalysis>;
 
+/// Why an e-node has no type.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InferError {
+    #[error("an operand has no type")]
+    UntypedOperand,
+    #[error(transparent)]
+    Type(#[from] TypeError),
+}
+
 impl TypeAnalysis {
     /// Infers the type of `node` from its children's classes.
-    pub fn infer(egraph: &FGraph, node: &ENode) -> Result<Type, String> {
+    pub fn infer(egraph: &FGraph, node: &ENode) -> Result<Type, InferError> {
         let mut types = Vec::with_capacity(node.children.len());
         for &c in &node.children {
             match &egraph[c].data.ty {
                 Some(t) => types.push(t),
-                None => return Err("an operand has no type".into()),
+                None => return Err(InferError::UntypedOperand),
             }
         }
         let leaf = egraph.analysis.leaf_types.get(&node.op);
-        node.op.infer(&types, leaf).map_err(|e| e.to_string())
+        Ok(node.op.infer(&types, leaf)?)
     }
 }
 

@@ -6,7 +6,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use egg::Id;
-use fusec_ir::op::Attr;
+use fusec_ir::op::{Attr, TypeError};
 use fusec_ir::{DType, Dim, Shape, TensorType, Type};
 
 use crate::analysis::FGraph;
@@ -39,10 +39,10 @@ impl CondCtx<'_> {
     }
 
     /// The tensor type of an e-class.
-    pub fn tensor(&self, id: Id) -> Result<&TensorType, String> {
+    pub fn tensor(&self, id: Id) -> Result<&TensorType, CondError> {
         self.ty(id)
             .and_then(Type::tensor)
-            .ok_or_else(|| "operand is not a tensor".to_string())
+            .ok_or(CondError::NotATensor)
     }
 
     pub fn is_state(&self, id: Id) -> bool {
@@ -54,34 +54,74 @@ impl CondCtx<'_> {
     }
 }
 
-/// A condition: `Ok(())` when it holds, else why not (reported as a near miss).
-pub type CondFn = Arc<dyn Fn(&CondCtx<'_>, &[CondArg]) -> Result<(), String> + Send + Sync>;
+/// Why a condition does not hold; its text is the near miss's reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CondError {
+    /// Argument `index` (1-based) is not of the kind the condition takes.
+    #[error("argument {index} must be {expected}")]
+    Argument {
+        index: usize,
+        expected: &'static str,
+    },
+    #[error("operand is not a tensor")]
+    NotATensor,
+    #[error("untyped operand")]
+    Untyped,
+    /// A value the condition builds does not type-check.
+    #[error(transparent)]
+    Type(#[from] TypeError),
+    /// The condition's own reason, in words.
+    #[error("{0}")]
+    Unmet(String),
+}
 
-fn class(args: &[CondArg], i: usize) -> Result<Id, String> {
+impl From<String> for CondError {
+    fn from(reason: String) -> Self {
+        CondError::Unmet(reason)
+    }
+}
+
+impl From<&str> for CondError {
+    fn from(reason: &str) -> Self {
+        CondError::Unmet(reason.to_string())
+    }
+}
+
+/// A condition: `Ok(())` when it holds, else why not (reported as a near miss).
+pub type CondFn = Arc<dyn Fn(&CondCtx<'_>, &[CondArg]) -> Result<(), CondError> + Send + Sync>;
+
+fn argument(i: usize, expected: &'static str) -> CondError {
+    CondError::Argument {
+        index: i + 1,
+        expected,
+    }
+}
+
+fn class(args: &[CondArg], i: usize) -> Result<Id, CondError> {
     match args.get(i) {
         Some(CondArg::Class(id)) => Ok(*id),
-        _ => Err(format!("argument {} must be a ?variable", i + 1)),
+        _ => Err(argument(i, "a ?variable")),
     }
 }
 
-fn int(args: &[CondArg], i: usize) -> Result<i64, String> {
+fn int(args: &[CondArg], i: usize) -> Result<i64, CondError> {
     match args.get(i) {
         Some(CondArg::Attr(Attr::Int(v))) => Ok(*v),
-        _ => Err(format!("argument {} must be an integer", i + 1)),
+        _ => Err(argument(i, "an integer")),
     }
 }
 
-fn shape(args: &[CondArg], i: usize) -> Result<&Shape, String> {
+fn shape(args: &[CondArg], i: usize) -> Result<&Shape, CondError> {
     match args.get(i) {
         Some(CondArg::Attr(Attr::Shape(s))) => Ok(s),
-        _ => Err(format!("argument {} must be a shape", i + 1)),
+        _ => Err(argument(i, "a shape")),
     }
 }
 
-fn dtype(args: &[CondArg], i: usize) -> Result<DType, String> {
+fn dtype(args: &[CondArg], i: usize) -> Result<DType, CondError> {
     match args.get(i) {
         Some(CondArg::Attr(Attr::DType(d))) => Ok(*d),
-        _ => Err(format!("argument {} must be a dtype", i + 1)),
+        _ => Err(argument(i, "a dtype")),
     }
 }
 
@@ -126,7 +166,7 @@ pub fn builtin_conditions() -> BTreeMap<String, CondFn> {
             if t.dtype == want {
                 Ok(())
             } else {
-                Err(format!("the operand is {}, not {want}", t.dtype))
+                Err(format!("the operand is {}, not {want}", t.dtype).into())
             }
         }),
     );
@@ -137,7 +177,7 @@ pub fn builtin_conditions() -> BTreeMap<String, CondFn> {
             if a == b {
                 Ok(())
             } else {
-                Err(format!("{a} and {b} differ"))
+                Err(format!("{a} and {b} differ").into())
             }
         }),
     );
@@ -148,7 +188,7 @@ pub fn builtin_conditions() -> BTreeMap<String, CondFn> {
             if w.rank() == 1 && x.shape.last() == Some(w.shape.dim(0)) && w.dtype == x.dtype {
                 Ok(())
             } else {
-                Err(format!("{w} is not a norm weight for {x}"))
+                Err(format!("{w} is not a norm weight for {x}").into())
             }
         }),
     );
@@ -157,12 +197,12 @@ pub fn builtin_conditions() -> BTreeMap<String, CondFn> {
         Arc::new(|ctx, args| {
             let (x, w, r) = (class(args, 0)?, class(args, 1)?, class(args, 2)?);
             let (Some(xt), Some(wt), Some(rt)) = (ctx.ty(x), ctx.ty(w), ctx.ty(r)) else {
-                return Err("untyped operand".into());
+                return Err(CondError::Untyped);
             };
             match fusec_ir::Op::Linear.infer(&[xt, wt], None) {
                 Ok(t) if &t == rt => Ok(()),
-                Ok(t) => Err(format!("the GEMV gives {t}, the residual is {rt}")),
-                Err(e) => Err(e.to_string()),
+                Ok(t) => Err(format!("the GEMV gives {t}, the residual is {rt}").into()),
+                Err(e) => Err(e.into()),
             }
         }),
     );
@@ -178,7 +218,8 @@ pub fn builtin_conditions() -> BTreeMap<String, CondFn> {
                 Err(format!(
                     "slices at {h} and {d} do not halve the last dimension of {}",
                     t.shape
-                ))
+                )
+                .into())
             }
         }),
     );
@@ -187,7 +228,7 @@ pub fn builtin_conditions() -> BTreeMap<String, CondFn> {
         Arc::new(|ctx, args| {
             let (e, s) = (shape(args, 0)?, shape(args, 1)?);
             let k = &ctx.tensor(class(args, 2)?)?.shape;
-            let why = || Err(format!("{e} then {s} is not repeat_kv of {k}"));
+            let why = || Err(format!("{e} then {s} is not repeat_kv of {k}").into());
             if k.rank() != 4 || e.rank() != 5 || s.rank() != 4 {
                 return why();
             }

@@ -9,6 +9,15 @@ use fusec_ir::hardware::GpuSpec;
 use fusec_ir::{Bindings, FusedOp, Graph, NodeId, Op, OutputKind, Type};
 
 use crate::analysis::{FGraph, TypeAnalysis};
+
+/// Why extraction failed: an invariant of the e-graph broke.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExtractError {
+    #[error("extracted node does not type-check: {0}")]
+    Type(fusec_ir::op::TypeError),
+    #[error("the extracted graph has a cycle")]
+    Cycle,
+}
 use crate::lang::ENode;
 
 /// The e-graph of a graph, with the e-class of every output.
@@ -127,7 +136,7 @@ pub fn extract(
     cost: GpuCost<'_>,
     name: &str,
     attrs: BTreeMap<String, String>,
-) -> Result<Graph, String> {
+) -> Result<Graph, ExtractError> {
     let egraph = loaded.egraph_ref();
     let extractor = Extractor::new(egraph, cost);
     // The classes the outputs need, with their chosen nodes.
@@ -181,7 +190,7 @@ pub fn extract(
             }
             op => graph
                 .add(op.clone(), &operands)
-                .map_err(|e| format!("extracted node does not type-check: {e}"))?,
+                .map_err(ExtractError::Type)?,
         };
         let n = graph.node_mut(id);
         n.layer = data.layer;
@@ -198,7 +207,7 @@ pub fn extract(
         }
     }
     if node_of.len() != chosen.len() {
-        return Err("the extracted graph has a cycle".into());
+        return Err(ExtractError::Cycle);
     }
     for (name, kind, c) in &loaded.outputs {
         graph.add_output(name.clone(), *kind, node_of[&egraph.find(*c)]);

@@ -11,6 +11,11 @@
 //!    ([`passes`]).
 //!
 //! Every fused node records the rules that built it and the eager ops it covers.
+//!
+//! What a rule does to a graph is tested by files, not Rust: each
+//! `tests/filetests/**/*.fir` holds an input graph, the rules to load and the expected
+//! result as check lines or a whole blessed fused graph (`tests/filetests.rs` documents
+//! the directives; `FUSEC_BLESS=1` rewrites `; output:` blocks).
 
 pub mod analysis;
 pub mod condition;
@@ -31,7 +36,7 @@ use egg::{Rewrite, Runner, SimpleScheduler, StopReason};
 use fusec_ir::hardware::GpuSpec;
 use fusec_ir::{verify, Bindings, Graph, NodeId};
 
-pub use condition::{CondArg, CondCtx, CondFn};
+pub use condition::{CondArg, CondCtx, CondError, CondFn};
 pub use pattern::Match;
 pub use rule::{NearMiss, Rule, RuleError};
 pub use ruleset::{RuleFileError, RuleSet};
@@ -115,9 +120,9 @@ struct Template {
 /// the work is done per layer.
 pub fn fuse(eager: &Graph, opts: &Options<'_>) -> Result<(Graph, FuseReport), FuseError> {
     let t = Instant::now();
-    let segments = segment::split(eager).map_err(|message| FuseError {
+    let segments = segment::split(eager).map_err(|e| FuseError {
         phase: "split",
-        message,
+        message: e.to_string(),
     })?;
     let mut report = FuseReport {
         stop_reason: "saturated".into(),
@@ -133,9 +138,9 @@ pub fn fuse(eager: &Graph, opts: &Options<'_>) -> Result<(Graph, FuseReport), Fu
     let mut cache: HashMap<String, Template> = HashMap::new();
     let mut stitched = segment::Stitcher::new(eager);
     for seg in &segments {
-        let key = segment::shape_key(&seg.graph).map_err(|message| FuseError {
+        let key = segment::shape_key(&seg.graph).map_err(|e| FuseError {
             phase: "split",
-            message,
+            message: e.to_string(),
         })?;
         let fused = match cache.get(&key) {
             Some(t) => {
@@ -176,9 +181,9 @@ pub fn fuse(eager: &Graph, opts: &Options<'_>) -> Result<(Graph, FuseReport), Fu
                 fused
             }
         };
-        stitched.add(seg, &fused).map_err(|message| FuseError {
+        stitched.add(seg, &fused).map_err(|e| FuseError {
             phase: "stitch",
-            message,
+            message: e.to_string(),
         })?;
     }
     report.near_misses.sort();
@@ -276,24 +281,24 @@ fn fuse_segment(
         bindings: opts.bindings,
     };
     let extracted =
-        egraph::extract(&loaded, cost, &eager.name, eager.attrs.clone()).map_err(|message| {
+        egraph::extract(&loaded, cost, &eager.name, eager.attrs.clone()).map_err(|e| {
             FuseError {
                 phase: "extract",
-                message,
+                message: e.to_string(),
             }
         })?;
     let mut graph = verified("extract", extracted)?;
     phases.push(("extract", t.elapsed()));
 
     let t = Instant::now();
-    passes::absorb_kv_append(&mut graph).map_err(|message| FuseError {
+    passes::absorb_kv_append(&mut graph).map_err(|e| FuseError {
         phase: "absorb-kv-append",
-        message,
+        message: e.to_string(),
     })?;
     let mut graph = verified("absorb-kv-append", graph)?;
-    passes::merge_gemv(&mut graph).map_err(|message| FuseError {
+    passes::merge_gemv(&mut graph).map_err(|e| FuseError {
         phase: "merge-gemv",
-        message,
+        message: e.to_string(),
     })?;
     let graph = verified("merge-gemv", graph)?;
     phases.push(("passes", t.elapsed()));

@@ -11,9 +11,25 @@
 use std::collections::BTreeMap;
 
 use fusec_ir::graph::Provenance;
+use fusec_ir::op::TypeError;
 use fusec_ir::{FusedOp, Graph, NodeId, Op};
 
 use crate::analysis::merge_provenance;
+
+/// A node a pass builds does not type-check: a pass's invariant broke.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PassError {
+    /// The fused node.
+    #[error("{pass}: {source}")]
+    Fused {
+        pass: &'static str,
+        #[source]
+        source: TypeError,
+    },
+    /// A `get` of its tuple result.
+    #[error(transparent)]
+    Get(TypeError),
+}
 
 fn is(graph: &Graph, id: NodeId, f: FusedOp) -> bool {
     graph.op(id) == &Op::Fused(f)
@@ -29,11 +45,11 @@ fn merged(graph: &Graph, nodes: &[NodeId], pass: &str) -> Provenance {
 }
 
 /// Replaces `node` by a tuple-typed `fused` node, each old value by a `get`.
-fn replace_with_tuple(graph: &mut Graph, fused: NodeId, old: &[NodeId]) -> Result<(), String> {
+fn replace_with_tuple(graph: &mut Graph, fused: NodeId, old: &[NodeId]) -> Result<(), PassError> {
     for (index, &o) in old.iter().enumerate() {
         let get = graph
             .add(Op::Get { index }, &[fused])
-            .map_err(|e| e.to_string())?;
+            .map_err(PassError::Get)?;
         graph.node_mut(get).layer = graph.node(fused).layer;
         graph.replace_all_uses(o, get);
     }
@@ -41,7 +57,7 @@ fn replace_with_tuple(graph: &mut Graph, fused: NodeId, old: &[NodeId]) -> Resul
 }
 
 /// `absorb-kv-append`; returns how many attentions it fused.
-pub fn absorb_kv_append(graph: &mut Graph) -> Result<usize, String> {
+pub fn absorb_kv_append(graph: &mut Graph) -> Result<usize, PassError> {
     let attentions: Vec<NodeId> = graph
         .node_ids()
         .filter(|&n| is(graph, n, FusedOp::Attention))
@@ -83,7 +99,10 @@ pub fn absorb_kv_append(graph: &mut Graph) -> Result<usize, String> {
         ];
         let new = graph
             .add(Op::Fused(FusedOp::DecodeAttention), &operands)
-            .map_err(|e| format!("absorb-kv-append: {e}"))?;
+            .map_err(|source| PassError::Fused {
+                pass: "absorb-kv-append",
+                source,
+            })?;
         let provenance = merged(graph, &[att, q, k_rot, k_all, v_all], "absorb-kv-append");
         let layer = graph.node(att).layer;
         let node = graph.node_mut(new);
@@ -97,7 +116,7 @@ pub fn absorb_kv_append(graph: &mut Graph) -> Result<usize, String> {
 }
 
 /// `merge-gemv`; returns how many kernels it removed.
-pub fn merge_gemv(graph: &mut Graph) -> Result<usize, String> {
+pub fn merge_gemv(graph: &mut Graph) -> Result<usize, PassError> {
     // Single-weight norm GEMVs, grouped by their (x, w, eps) prologue.
     let mut groups: BTreeMap<Vec<NodeId>, Vec<NodeId>> = BTreeMap::new();
     for n in graph.node_ids().collect::<Vec<_>>() {
@@ -117,7 +136,10 @@ pub fn merge_gemv(graph: &mut Graph) -> Result<usize, String> {
         operands.extend(members.iter().map(|&m| graph.operands(m)[3]));
         let new = graph
             .add(Op::Fused(FusedOp::RmsNormLinear), &operands)
-            .map_err(|e| format!("merge-gemv: {e}"))?;
+            .map_err(|source| PassError::Fused {
+                pass: "merge-gemv",
+                source,
+            })?;
         let provenance = merged(graph, &members, "merge-gemv");
         let layer = graph.node(members[0]).layer;
         let node = graph.node_mut(new);

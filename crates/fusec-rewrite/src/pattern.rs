@@ -378,23 +378,36 @@ pub fn attr_eq(a: &Attr, b: &Attr) -> bool {
     }
 }
 
+/// Why a right-hand-side pattern node does not build an op.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InstantiateError {
+    #[error("attribute variable `${0}` is not bound by the left-hand side")]
+    Unbound(String),
+    #[error("`_` may only appear on the left-hand side")]
+    Wildcard,
+    /// The op and attributes do not make an op.
+    #[error(transparent)]
+    Op(#[from] fusec_ir::op::OpPartsError),
+}
+
 /// Builds the op of a right-hand-side pattern node under the attribute bindings.
 pub fn instantiate_op(
     name: &str,
     attrs: &[(String, AttrPat)],
     weight: &Option<String>,
     bound: &BTreeMap<String, Attr>,
-) -> Result<Op, String> {
+) -> Result<Op, InstantiateError> {
     let mut values = BTreeMap::new();
     for (k, p) in attrs {
         let v = match p {
             AttrPat::Lit(a) => a.clone(),
-            AttrPat::Var(v) => bound.get(v).cloned().ok_or_else(|| {
-                format!("attribute variable `${v}` is not bound by the left-hand side")
-            })?,
-            AttrPat::Any => return Err("`_` may only appear on the left-hand side".into()),
+            AttrPat::Var(v) => bound
+                .get(v)
+                .cloned()
+                .ok_or_else(|| InstantiateError::Unbound(v.clone()))?,
+            AttrPat::Any => return Err(InstantiateError::Wildcard),
         };
         values.insert(k.clone(), v);
     }
-    op_from_parts(name, values, weight.clone()).map_err(|e| e.to_string())
+    op_from_parts(name, values, weight.clone()).map_err(InstantiateError::Op)
 }

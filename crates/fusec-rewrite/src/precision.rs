@@ -21,7 +21,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::str::FromStr;
 
-use fusec_ir::op::Execution;
+use fusec_ir::op::{Execution, TypeError};
 use fusec_ir::{DType, FusedOp, Graph, NodeId, Op, Shape, TensorType, Type, WeightRole};
 
 /// Groups of GEMVs (and the KV cache) that can be kept at the higher precision.
@@ -69,21 +69,29 @@ impl fmt::Display for OpClass {
     }
 }
 
-impl FromStr for OpClass {
-    type Err = String;
+/// A name that is no [`OpClass`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown op class `{0}` (expected one of {names})", names = OpClass::ALL.map(OpClass::name).join(", "))]
+pub struct UnknownOpClass(pub String);
 
-    fn from_str(s: &str) -> Result<Self, String> {
+impl FromStr for OpClass {
+    type Err = UnknownOpClass;
+
+    fn from_str(s: &str) -> Result<Self, UnknownOpClass> {
         OpClass::ALL
             .into_iter()
             .find(|c| c.name() == s)
-            .ok_or_else(|| {
-                let names: Vec<&str> = OpClass::ALL.iter().map(|c| c.name()).collect();
-                format!(
-                    "unknown op class `{s}` (expected one of {})",
-                    names.join(", ")
-                )
-            })
+            .ok_or_else(|| UnknownOpClass(s.to_string()))
     }
+}
+
+/// Why FP8 lowering failed: the fused graph broke an invariant the pass relies on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PrecisionError {
+    #[error(transparent)]
+    Type(#[from] TypeError),
+    #[error("decode attention reads a cache that is not a state input")]
+    CacheNotState,
 }
 
 /// Scale granularity of quantized weights.
@@ -146,14 +154,17 @@ pub fn classify(graph: &Graph, id: NodeId) -> Option<OpClass> {
     class_of_role(graph.weight_role(name)?)
 }
 
-fn weight(graph: &mut Graph, name: String, dtype: DType, shape: Shape) -> Result<NodeId, String> {
-    graph
-        .add_leaf(Op::Weight { name }, TensorType::new(dtype, shape))
-        .map_err(|e| e.to_string())
+fn weight(
+    graph: &mut Graph,
+    name: String,
+    dtype: DType,
+    shape: Shape,
+) -> Result<NodeId, TypeError> {
+    graph.add_leaf(Op::Weight { name }, TensorType::new(dtype, shape))
 }
 
 /// Lowers the GEMV weights and the KV cache of a fused graph to FP8 E4M3.
-pub fn lower_fp8(fused: &Graph, opts: &Fp8Options) -> Result<Graph, String> {
+pub fn lower_fp8(fused: &Graph, opts: &Fp8Options) -> Result<Graph, PrecisionError> {
     let mut g = fused.clone();
     let mut quantized: HashMap<NodeId, NodeId> = HashMap::new();
     let nodes: Vec<NodeId> = g.node_ids().collect();
@@ -196,15 +207,13 @@ pub fn lower_fp8(fused: &Graph, opts: &Fp8Options) -> Result<Graph, String> {
                         DType::F32,
                         scale_shape,
                     )?;
-                    let d = g
-                        .add(
-                            Op::Dequant {
-                                to: t.dtype,
-                                act: DType::Fp8E4M3,
-                            },
-                            &[q, s],
-                        )
-                        .map_err(|e| e.to_string())?;
+                    let d = g.add(
+                        Op::Dequant {
+                            to: t.dtype,
+                            act: DType::Fp8E4M3,
+                        },
+                        &[q, s],
+                    )?;
                     let layer = g.node(id).layer;
                     for n in [q, s, d] {
                         g.node_mut(n).layer = layer;
@@ -229,7 +238,7 @@ pub fn lower_fp8(fused: &Graph, opts: &Fp8Options) -> Result<Graph, String> {
             let layer = g.node(att).layer;
             for &past in &operands[5..7] {
                 let Op::Input { name, .. } = g.op(past).clone() else {
-                    return Err("decode attention reads a cache that is not a state input".into());
+                    return Err(PrecisionError::CacheNotState);
                 };
                 if let Type::Tensor(t) = &mut g.node_mut(past).ty {
                     t.dtype = DType::Fp8E4M3;
@@ -246,7 +255,7 @@ pub fn lower_fp8(fused: &Graph, opts: &Fp8Options) -> Result<Graph, String> {
             }
         }
     }
-    g.reinfer_types().map_err(|e| e.to_string())?;
+    g.reinfer_types()?;
     g.attrs.insert("precision".into(), "fp8".into());
     Ok(g.reordered())
 }

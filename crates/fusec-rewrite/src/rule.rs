@@ -8,7 +8,7 @@ use fusec_ir::op::Attr;
 use fusec_ir::Op;
 
 use crate::analysis::{merge_provenance, FGraph, TypeAnalysis};
-use crate::condition::{CondArg, CondCtx, CondFn};
+use crate::condition::{CondArg, CondCtx, CondError, CondFn};
 use crate::lang::ENode;
 use crate::pattern::{instantiate_op, match_class, Match, Pat};
 
@@ -21,7 +21,20 @@ pub enum ArgPat {
 }
 
 /// A condition written in Rust over a whole match.
-pub type MatchCheck = Arc<dyn Fn(&CondCtx<'_>, &Match) -> Result<(), String> + Send + Sync>;
+pub type MatchCheck = Arc<dyn Fn(&CondCtx<'_>, &Match) -> Result<(), CondError> + Send + Sync>;
+
+/// Why a match does not satisfy a rule: its text is the near miss's reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unmet {
+    #[error("unknown condition `{0}`")]
+    UnknownCondition(String),
+    /// The condition, as written or described, and why it does not hold.
+    #[error("({condition}): {reason}")]
+    Condition {
+        condition: String,
+        reason: CondError,
+    },
+}
 
 /// A condition as written: `(name args...)`, or a Rust closure over the match.
 #[derive(Clone)]
@@ -88,7 +101,7 @@ impl Rule {
     pub fn when(
         mut self,
         description: &str,
-        check: impl Fn(&CondCtx<'_>, &Match) -> Result<(), String> + Send + Sync + 'static,
+        check: impl Fn(&CondCtx<'_>, &Match) -> Result<(), CondError> + Send + Sync + 'static,
     ) -> Rule {
         self.conditions.push(Condition::Rust {
             description: description.to_string(),
@@ -222,7 +235,7 @@ impl EggRule {
     }
 
     /// Checks every condition; the first that fails says why.
-    fn check(&self, egraph: &FGraph, m: &Match) -> Result<(), String> {
+    fn check(&self, egraph: &FGraph, m: &Match) -> Result<(), Unmet> {
         let ctx = CondCtx { egraph };
         for (cond, f) in &self.conditions {
             match cond {
@@ -237,11 +250,17 @@ impl EggRule {
                         .collect();
                     let f = f
                         .as_ref()
-                        .ok_or_else(|| format!("unknown condition `{name}`"))?;
-                    f(&ctx, &resolved).map_err(|e| format!("({name}): {e}"))?;
+                        .ok_or_else(|| Unmet::UnknownCondition(name.clone()))?;
+                    f(&ctx, &resolved).map_err(|reason| Unmet::Condition {
+                        condition: name.clone(),
+                        reason,
+                    })?;
                 }
                 Condition::Rust { description, check } => {
-                    check(&ctx, m).map_err(|e| format!("({description}): {e}"))?;
+                    check(&ctx, m).map_err(|reason| Unmet::Condition {
+                        condition: description.clone(),
+                        reason,
+                    })?;
                 }
             }
         }
@@ -262,7 +281,7 @@ impl EggRule {
         all.into_iter()
             .filter(|m| match self.check(egraph, m) {
                 Ok(()) => true,
-                Err(reason) => {
+                Err(unmet) => {
                     // A one-op pattern "almost matches" wherever that op is; only a
                     // structural match of a larger pattern is worth reporting.
                     if record && self.rule.lhs.op_count() >= 2 {
@@ -270,7 +289,7 @@ impl EggRule {
                             nm.push(NearMiss {
                                 at: egraph[eclass].data.origin,
                                 rule: self.rule.name.clone(),
-                                reason,
+                                reason: unmet.to_string(),
                             });
                         }
                     }
@@ -303,7 +322,7 @@ impl EggRule {
                 }
                 let op = match instantiate_op(name, attrs, weight, &m.attrs) {
                     Ok(op) => op,
-                    Err(message) => return self.fail(message),
+                    Err(e) => return self.fail(e.to_string()),
                 };
                 let node = ENode { op, children: ids };
                 if let Err(e) = TypeAnalysis::infer(egraph, &node) {

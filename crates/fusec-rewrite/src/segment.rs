@@ -11,8 +11,23 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use fusec_ir::graph::Provenance;
+use fusec_ir::graph::{CycleError, Provenance};
 use fusec_ir::{Graph, InputKind, NodeId, Op, OutputKind};
+
+/// Why splitting or stitching failed: an invariant of the segments broke.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SegmentError {
+    #[error(transparent)]
+    Cycle(#[from] CycleError),
+    #[error("bad segment input `{0}`")]
+    BadInput(String),
+    #[error("segment input `{0}` has no producer")]
+    NoProducer(String),
+    #[error("bad segment output `{0}`")]
+    BadOutput(String),
+    #[error("segment output `{0}` out of range")]
+    OutputOutOfRange(String),
+}
 
 /// Which segment a node belongs to.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -37,8 +52,8 @@ pub struct Segment {
 }
 
 /// Splits a graph into segments, in order.
-pub fn split(graph: &Graph) -> Result<Vec<Segment>, String> {
-    let order = graph.topo_order().map_err(|e| e.to_string())?;
+pub fn split(graph: &Graph) -> Result<Vec<Segment>, SegmentError> {
+    let order = graph.topo_order()?;
     let position: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
     let first_layer = order.iter().position(|&n| graph.node(n).layer.is_some());
     let key_of = |n: NodeId| match graph.node(n).layer {
@@ -164,7 +179,7 @@ pub fn names(graph: &Graph) -> Vec<String> {
 
 /// The segment with names abstracted, printed: equal keys mean segments identical up
 /// to weight and state names.
-pub fn shape_key(graph: &Graph) -> Result<String, String> {
+pub fn shape_key(graph: &Graph) -> Result<String, SegmentError> {
     let map: HashMap<String, String> = names(graph)
         .into_iter()
         .enumerate()
@@ -176,7 +191,7 @@ pub fn shape_key(graph: &Graph) -> Result<String, String> {
         g.node_mut(id).provenance = Provenance::default();
         g.node_mut(id).layer = None;
     }
-    fusec_ir::text::print(&g).map_err(|e| e.to_string())
+    Ok(fusec_ir::text::print(&g)?)
 }
 
 /// Rewrites the `%N` eager positions in provenance through `map`.
@@ -270,20 +285,20 @@ impl Stitcher {
     }
 
     /// Appends a fused segment, wiring its inputs to earlier segments' outputs.
-    pub fn add(&mut self, seg: &Segment, fused: &Graph) -> Result<(), String> {
+    pub fn add(&mut self, seg: &Segment, fused: &Graph) -> Result<(), SegmentError> {
         let mut map: HashMap<NodeId, NodeId> = HashMap::new();
-        for id in fused.topo_order().map_err(|e| e.to_string())? {
+        for id in fused.topo_order()? {
             let node = fused.node(id);
             if let Op::Input { name, .. } = &node.op {
                 if let Some(k) = name.strip_prefix("segment.ext") {
                     let k: usize = k
                         .parse()
-                        .map_err(|_| format!("bad segment input `{name}`"))?;
+                        .map_err(|_| SegmentError::BadInput(name.clone()))?;
                     let value = seg
                         .inputs
                         .get(k)
                         .and_then(|p| self.value_at.get(p))
-                        .ok_or_else(|| format!("segment input `{name}` has no producer"))?;
+                        .ok_or_else(|| SegmentError::NoProducer(name.clone()))?;
                     map.insert(id, *value);
                     continue;
                 }
@@ -303,11 +318,11 @@ impl Stitcher {
                 Some(k) => {
                     let k: usize = k
                         .parse()
-                        .map_err(|_| format!("bad segment output `{}`", o.name))?;
+                        .map_err(|_| SegmentError::BadOutput(o.name.clone()))?;
                     let position = seg
                         .outputs
                         .get(k)
-                        .ok_or_else(|| format!("segment output `{}` out of range", o.name))?;
+                        .ok_or_else(|| SegmentError::OutputOutOfRange(o.name.clone()))?;
                     self.value_at.insert(*position, value);
                 }
                 None => {
