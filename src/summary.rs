@@ -3,7 +3,7 @@
 use std::fmt::Write;
 
 use fusec_ir::cost::{estimate_seconds, graph_cost, GraphCost};
-use fusec_ir::frontend::ModelSpec;
+use fusec_model::frontend::ModelSpec;
 use fusec_ir::hardware::GpuSpec;
 use fusec_ir::shape::UnboundSymbol;
 use fusec_ir::Graph;

@@ -22,7 +22,7 @@ use std::path::PathBuf;
 
 use fusec::exec::{accuracy, quant, Executor, Generation, Session, Weights};
 use fusec::pipeline;
-use fusec_ir::frontend::{ModelSpec, Precision};
+use fusec_model::frontend::{ModelSpec, Precision};
 use fusec_ir::Graph;
 use fusec_rewrite::precision::{Fp8Options, Granularity};
 

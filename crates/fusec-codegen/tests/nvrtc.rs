@@ -15,7 +15,7 @@ use std::time::Instant;
 use fusec_codegen::cuda::PRELUDE;
 use fusec_codegen::nvrtc::{Nvrtc, Target};
 use fusec_codegen::Arch;
-use fusec_ir::frontend::Precision;
+use fusec_model::frontend::Precision;
 use fusec_ir::{DType, Dim, FusedOp, Graph, InputKind, Op, OutputKind, Shape, TensorType, F64};
 
 /// Distinct kernel functions (with a neutral name) and where each first came from.

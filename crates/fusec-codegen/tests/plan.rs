@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use fusec_codegen::plan::{Arg, BufferKind, LaunchPlan};
 use fusec_codegen::{generate, DecodeShape, Error, Options};
-use fusec_ir::frontend::Precision;
+use fusec_model::frontend::Precision;
 use fusec_ir::shape::Bindings;
 use fusec_ir::{DType, Dim, Graph, InputKind, NodeId, Op, OutputKind, Shape, TensorType};
 

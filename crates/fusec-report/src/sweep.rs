@@ -262,8 +262,8 @@ pub(crate) fn summaries(
 mod tests {
     use std::path::Path;
 
-    use fusec_ir::build::eager_decode_graph;
-    use fusec_ir::frontend::{parse_model_toml, ModelSpec};
+    use fusec_model::arch::llama;
+    use fusec_model::{parse_model_toml, ModelSpec};
 
     use super::*;
     use crate::model::{build, Report, Variant};
@@ -281,7 +281,7 @@ mod tests {
 
     fn report(contexts: &[u64], batches: &[u64]) -> Report {
         let spec = spec();
-        let graph = eager_decode_graph(&spec.model).expect("builds");
+        let graph = llama::build(&spec.model).expect("builds");
         let variants = [Variant {
             name: "eager".into(),
             description: "eager".into(),
@@ -344,7 +344,7 @@ mod tests {
     #[test]
     fn sweep_points_are_checked() {
         let spec = spec();
-        let graph = eager_decode_graph(&spec.model).expect("builds");
+        let graph = llama::build(&spec.model).expect("builds");
         let variants = [Variant {
             name: "eager".into(),
             description: String::new(),

@@ -260,6 +260,8 @@ impl Stitcher {
     pub fn new(eager: &Graph) -> Self {
         let mut graph = Graph::new(eager.name.clone());
         graph.attrs = eager.attrs.clone();
+        // The fused graph keeps the eager graph's weights, and so their roles.
+        graph.inherit_weight_roles(eager);
         Self {
             graph,
             value_at: HashMap::new(),

@@ -1,7 +1,5 @@
-//! Graph builders: the decode step of a model, op for op as an eager framework runs it.
+//! The [`Builder`] that blocks and architectures append nodes to, front to back.
 
 mod builder;
-mod llama;
 
 pub use builder::{BuildError, Builder};
-pub use llama::eager_decode_graph;

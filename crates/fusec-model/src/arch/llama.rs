@@ -1,0 +1,129 @@
+//! Llama (Touvron et al., 2023), op for op as transformers' `LlamaForCausalLM` runs
+//! its decode step with eager attention:
+//!
+//! - the token embedding, and RoPE tables once per step;
+//! - per layer: RMSNorm, attention (q/k/v projections, RoPE, the KV cache grown by
+//!   `cat`, `repeat_kv` for GQA, scaled `QK^T`, additive mask, softmax in f32, `PV`,
+//!   `o_proj`), the residual add, RMSNorm, the SwiGLU MLP, the residual add;
+//! - the final norm, `lm_head` (or the tied embedding), and the greedy `argmax`.
+//!
+//! One token per sequence: `B` sequences, each with `S` cached positions. The additive
+//! attention mask `[B,1,1,S+1]` is an input, built by the caller once per step. The
+//! blocks are [`crate::blocks`]; this file only composes them.
+
+use fusec_ir::{step, BinaryOp, Graph, NodeId};
+
+use super::architecture::Architecture;
+use crate::blocks::{
+    greedy_outputs, Attention, Embedding, GatedMlp, LmHead, RmsNorm, RopeTables, StepDims,
+    StepInputs,
+};
+use crate::build::{BuildError, Builder};
+use crate::frontend::{decoder_config, ConfigError, HfConfig, ModelConfig};
+
+/// The Llama architecture, `model_type` `llama`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Llama;
+
+impl Architecture for Llama {
+    fn model_types(&self) -> &[&str] {
+        &["llama"]
+    }
+
+    fn parse_hf_config(&self, config: &HfConfig<'_>) -> Result<ModelConfig, ConfigError> {
+        parse_hf_config(config)
+    }
+
+    fn build(&self, model: &ModelConfig) -> Result<Graph, BuildError> {
+        build(model)
+    }
+}
+
+/// `LlamaConfig`'s keys: the shared decoder keys, without biases, with SiLU.
+pub fn parse_hf_config(j: &HfConfig<'_>) -> Result<ModelConfig, ConfigError> {
+    for key in ["attention_bias", "mlp_bias"] {
+        if j.bool(key)? == Some(true) {
+            return Err(j.err_at(key, format!("`{key}` = true is not supported (no biases)")));
+        }
+    }
+    if let Some(act) = j.string("hidden_act")? {
+        if act != "silu" {
+            return Err(j.err_at(
+                "hidden_act",
+                format!("unsupported hidden_act `{act}` (expected silu)"),
+            ));
+        }
+    }
+    decoder_config(j)
+}
+
+/// The eager decode step of `cfg` in its checkpoint dtype.
+pub fn build(cfg: &ModelConfig) -> Result<Graph, BuildError> {
+    let dims = StepDims::default();
+    let dt = cfg.dtype;
+    let mut b = Builder::new(&cfg.name);
+    b.set_layer_count(cfg.num_layers);
+    let inputs = StepInputs::new(&mut b, &dims, dt)?;
+    let embed = Embedding::new(&mut b, step::EMBED, cfg.vocab_size, cfg.hidden_size, dt)?;
+    let mut x = embed.forward(&mut b, inputs.input_ids)?;
+    let rope = RopeTables::new(
+        &mut b,
+        inputs.position_ids,
+        cfg.rope_theta,
+        cfg.head_dim,
+        &dims,
+        dt,
+    )?;
+    for layer in 0..cfg.num_layers {
+        b.set_layer(Some(layer as u32));
+        x = decoder_layer(&mut b, cfg, layer, x, &rope, inputs.attention_mask, &dims)?;
+    }
+    b.set_layer(None);
+    let norm = RmsNorm::new(&mut b, step::FINAL_NORM, cfg.hidden_size, cfg.rms_norm_eps, dt)?;
+    let h = norm.forward(&mut b, x)?;
+    let head = LmHead::new(
+        &mut b,
+        &embed,
+        cfg.tie_word_embeddings,
+        cfg.vocab_size,
+        cfg.hidden_size,
+        dt,
+    )?;
+    let logits = head.forward(&mut b, h)?;
+    greedy_outputs(&mut b, logits)?;
+    Ok(b.finish())
+}
+
+/// `LlamaDecoderLayer.forward`: pre-norm attention and MLP, each with a residual add.
+pub fn decoder_layer(
+    b: &mut Builder,
+    cfg: &ModelConfig,
+    layer: u64,
+    x: NodeId,
+    rope: &RopeTables,
+    mask: NodeId,
+    dims: &StepDims,
+) -> Result<NodeId, BuildError> {
+    let (d, eps, dt) = (cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype);
+    let norm = RmsNorm::new(
+        b,
+        &step::layer_weight(layer, "input_layernorm"),
+        d,
+        eps,
+        dt,
+    )?;
+    let n = norm.forward(b, x)?;
+    let o = Attention::llama(cfg, layer).forward(b, n, rope, mask, dims)?;
+    let x = b.binary(BinaryOp::Add, x, o)?;
+
+    let norm = RmsNorm::new(
+        b,
+        &step::layer_weight(layer, "post_attention_layernorm"),
+        d,
+        eps,
+        dt,
+    )?;
+    let n = norm.forward(b, x)?;
+    let m = GatedMlp::llama(cfg, layer).forward(b, n)?;
+    b.binary(BinaryOp::Add, x, m)
+}
