@@ -127,3 +127,102 @@ pub fn decoder_layer(
     let m = GatedMlp::llama(cfg, layer).forward(b, n)?;
     b.binary(BinaryOp::Add, x, m)
 }
+
+#[cfg(test)]
+mod tests {
+    use fusec_ir::{verify, DType, WeightRole};
+
+    use super::*;
+
+    fn config(num_kv_heads: u64, tie_word_embeddings: bool, dtype: DType) -> ModelConfig {
+        ModelConfig {
+            name: "t".into(),
+            hidden_size: 32,
+            num_layers: 2,
+            num_heads: 4,
+            num_kv_heads,
+            head_dim: 8,
+            intermediate_size: 48,
+            vocab_size: 64,
+            rope_theta: 10_000.0,
+            rms_norm_eps: 1e-5,
+            max_seq_len: 128,
+            tie_word_embeddings,
+            dtype,
+            sliding_window: None,
+        }
+    }
+
+    /// The role a weight of a Llama checkpoint has, by its Hugging Face name.
+    fn expected_role(name: &str) -> Option<WeightRole> {
+        let role = match name.rsplit('.').nth(1)? {
+            "embed_tokens" => WeightRole::Embedding,
+            "norm" | "input_layernorm" | "post_attention_layernorm" => WeightRole::Norm,
+            "q_proj" => WeightRole::Query,
+            "k_proj" => WeightRole::Key,
+            "v_proj" => WeightRole::Value,
+            "o_proj" => WeightRole::AttnOut,
+            "gate_proj" => WeightRole::Gate,
+            "up_proj" => WeightRole::Up,
+            "down_proj" => WeightRole::Down,
+            "lm_head" => WeightRole::LmHead,
+            _ => return None,
+        };
+        Some(role)
+    }
+
+    #[test]
+    fn every_weight_has_its_role() {
+        for (kv, tied, dtype) in [
+            (4, false, DType::F32),
+            (2, true, DType::Bf16),
+            (1, false, DType::F16),
+        ] {
+            let cfg = config(kv, tied, dtype);
+            let g = build(&cfg).expect("builds");
+            verify(&g).expect("verifies");
+            let weights = g.weights();
+            // embed, final norm, (lm_head), and 9 per layer.
+            let expected = 2 + usize::from(!tied) + 9 * cfg.num_layers as usize;
+            assert_eq!(weights.len(), expected, "{kv} {tied}");
+            for (_, name) in weights {
+                assert_eq!(
+                    g.weight_role(name),
+                    expected_role(name),
+                    "{name} (kv {kv}, tied {tied})"
+                );
+                assert!(g.weight_role(name).is_some(), "{name} has no role");
+            }
+            assert_eq!(g.weight_roles().len(), g.weights().len());
+        }
+    }
+
+    #[test]
+    fn layers_and_step_interface() {
+        let cfg = config(2, false, DType::Bf16);
+        let g = build(&cfg).expect("builds");
+        assert_eq!(g.layers(), 2);
+        let outputs: Vec<&str> = g.outputs().iter().map(|o| o.name.as_str()).collect();
+        assert_eq!(
+            outputs,
+            [
+                "past.0.key",
+                "past.0.value",
+                "past.1.key",
+                "past.1.value",
+                step::LOGITS,
+                step::NEXT_TOKEN
+            ]
+        );
+    }
+
+    #[test]
+    fn mistral_builds_llamas_graph() {
+        use crate::arch::Mistral;
+        let cfg = config(2, false, DType::Bf16);
+        let llama = fusec_ir::text::print(&Llama.build(&cfg).expect("builds")).expect("prints");
+        let mistral =
+            fusec_ir::text::print(&Mistral.build(&cfg).expect("builds")).expect("prints");
+        assert_eq!(llama, mistral);
+    }
+}

@@ -176,3 +176,113 @@ pub fn parse_model_toml(path: &Path, src: &str) -> Result<ModelSpec, ConfigError
 pub fn parse_hf_config(path: &Path, src: &str) -> Result<ModelSpec, ConfigError> {
     Registry::builtin().parse_hf_config(path, src)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::frontend::{ConfigError, HfConfig, ModelConfig};
+
+    const TOML: &str = "[model]\nhidden_size = 32\nnum_layers = 1\nnum_heads = 4\n\
+                        intermediate_size = 48\nvocab_size = 64\nrope_theta = 10000.0\n\
+                        rms_norm_eps = 1e-5\nmax_seq_len = 64\n";
+    const JSON: &str = r#"{"model_type": "MT", "hidden_size": 32, "num_hidden_layers": 1,
+        "num_attention_heads": 4, "intermediate_size": 48, "vocab_size": 64}"#;
+
+    /// An architecture that reads `config.json` as Llama does and builds Llama's graph.
+    #[derive(Debug)]
+    struct Custom;
+
+    impl Architecture for Custom {
+        fn model_types(&self) -> &[&str] {
+            &["custom", "custom2"]
+        }
+        fn parse_hf_config(&self, config: &HfConfig<'_>) -> Result<ModelConfig, ConfigError> {
+            crate::frontend::decoder_config(config)
+        }
+        fn build(&self, model: &ModelConfig) -> Result<Graph, BuildError> {
+            super::super::llama::build(model)
+        }
+    }
+
+    #[test]
+    fn builtins_are_llama_and_mistral() {
+        assert_eq!(Registry::builtin().model_types(), ["llama", "mistral"]);
+        assert!(Registry::new().model_types().is_empty());
+    }
+
+    #[test]
+    fn model_toml_names_the_architecture_default_llama() {
+        let path = Path::new("m.toml");
+        let spec = parse_model_toml(path, TOML).expect("parses");
+        assert_eq!(spec.architecture, "llama");
+        let with = TOML.replace("[model]\n", "[model]\narchitecture = \"mistral\"\n");
+        let spec = parse_model_toml(path, &with).expect("parses");
+        assert_eq!(spec.architecture, "mistral");
+        let bad = TOML.replace("[model]\n", "[model]\narchitecture = \"gpt2\"\n");
+        let e = parse_model_toml(path, &bad).expect_err("gpt2 is not registered");
+        assert_eq!(
+            e.message,
+            "unsupported architecture `gpt2` (fusec compiles \"llama\" and \"mistral\")"
+        );
+        assert_eq!(e.location, Some((2, 16)));
+    }
+
+    #[test]
+    fn hf_model_type_picks_the_architecture() {
+        let path = Path::new("m/config.json");
+        let spec = parse_hf_config(path, &JSON.replace("MT", "mistral")).expect("parses");
+        assert_eq!(spec.architecture, "mistral");
+        let e = parse_hf_config(path, &JSON.replace("MT", "custom")).expect_err("unknown");
+        assert_eq!(
+            e.message,
+            "unsupported model_type `custom` (fusec compiles llama and mistral)"
+        );
+
+        let mut registry = Registry::with_builtins();
+        registry.register(Arc::new(Custom)).expect("registers");
+        assert_eq!(
+            registry.model_types(),
+            ["llama", "mistral", "custom", "custom2"]
+        );
+        let spec = registry
+            .parse_hf_config(path, &JSON.replace("MT", "custom2"))
+            .expect("parses");
+        assert_eq!(spec.architecture, "custom2");
+        let graph = registry.build(&spec).expect("builds");
+        assert_eq!(graph.layers(), 1);
+        let e = registry
+            .parse_hf_config(path, &JSON.replace("MT", "qwen2"))
+            .expect_err("unknown");
+        assert!(
+            e.message.ends_with("(fusec compiles llama, mistral, custom and custom2)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_model_type_is_registered_once() {
+        let mut registry = Registry::with_builtins();
+        registry.register(Arc::new(Custom)).expect("registers");
+        assert_eq!(
+            registry.register(Arc::new(Custom)),
+            Err(RegistryError::Duplicate("custom".into()))
+        );
+        assert_eq!(
+            registry.register(Arc::new(Llama)),
+            Err(RegistryError::Duplicate("llama".into()))
+        );
+    }
+
+    #[test]
+    fn an_unregistered_spec_does_not_build() {
+        let mut spec = parse_model_toml(Path::new("m.toml"), TOML).expect("parses");
+        spec.architecture = "custom".into();
+        let e = Registry::builtin().build(&spec).expect_err("unknown");
+        assert_eq!(
+            e.to_string(),
+            "unknown architecture `custom` (registered: llama, mistral)"
+        );
+    }
+}
