@@ -14,8 +14,8 @@ use fusec::pipeline;
 use fusec_codegen::{DecodeShape, Options};
 use fusec_ir::{step, BinaryOp, Graph, NodeId, WeightRole};
 use fusec_model::blocks::{
-    eager_attention, greedy_outputs, kv_cache_append, split_heads, Attention, Embedding,
-    GatedMlp, Heads, Linear, LmHead, RmsNorm, RopeTables, StepDims, StepInputs,
+    eager_attention, greedy_outputs, kv_cache_append, split_heads, Attention, Embedding, GatedMlp,
+    Heads, Linear, LmHead, RmsNorm, RopeTables, StepDims, StepInputs,
 };
 use fusec_model::frontend::{decoder_config, ConfigError, HfConfig, ModelConfig, Precision};
 use fusec_model::{Architecture, BuildError, Builder, ModelSpec, Registry};
@@ -170,7 +170,8 @@ fn spec(registry: &Registry) -> ModelSpec {
     let mut spec = registry
         .parse_hf_config(Path::new("toy/config.json"), CONFIG)
         .expect("the toy's config parses");
-    spec.set_decode(Some(2), Some(16)).expect("a valid decode shape");
+    spec.set_decode(Some(2), Some(16))
+        .expect("a valid decode shape");
     spec
 }
 
@@ -186,16 +187,16 @@ fn bias_names(graph: &Graph) -> Vec<String> {
 #[test]
 fn the_toy_is_reached_only_through_its_registry() {
     let registry = registry();
-    assert_eq!(
-        registry.model_types(),
-        ["llama", "mistral", "toy-qkv-bias"]
-    );
+    assert_eq!(registry.model_types(), ["llama", "mistral", "toy-qkv-bias"]);
     let spec = spec(&registry);
     assert_eq!(spec.architecture, MODEL_TYPE);
     // The built-in registry does not know it.
     let path = Path::new("toy/config.json");
     let e = fusec_model::parse_hf_config(path, CONFIG).expect_err("not built in");
-    assert!(e.message.contains("unsupported model_type `toy-qkv-bias`"), "{e}");
+    assert!(
+        e.message.contains("unsupported model_type `toy-qkv-bias`"),
+        "{e}"
+    );
     assert!(pipeline::eager(&spec).is_err());
     // A model.toml may name it too.
     let toml = "[model]\narchitecture = \"toy-qkv-bias\"\nhidden_size = 64\nnum_layers = 1\n\
@@ -264,17 +265,22 @@ fn the_toy_compiles_and_runs_through_every_stage() {
     assert!(fused.node_count() < eager.node_count());
     assert_eq!(bias_names(&fused).len(), 6, "the biases survive fusion");
     for (_, name) in fused.weights() {
-        assert!(fused.weight_role(name).is_some(), "fused: {name} has no role");
+        assert!(
+            fused.weight_role(name).is_some(),
+            "fused: {name} has no role"
+        );
     }
 
     // FP8 lowering, through the registry.
-    let (fp8, _) =
-        pipeline::fused_in_with(&registry, &spec, Precision::Fp8, &rules, &Fp8Options::default())
-            .expect("lowers to FP8");
-    assert!(fp8
-        .weights()
-        .iter()
-        .any(|(_, name)| name.ends_with(".fp8")));
+    let (fp8, _) = pipeline::fused_in_with(
+        &registry,
+        &spec,
+        Precision::Fp8,
+        &rules,
+        &Fp8Options::default(),
+    )
+    .expect("lowers to FP8");
+    assert!(fp8.weights().iter().any(|(_, name)| name.ends_with(".fp8")));
 
     // The cost model: fusion saves launches and bytes.
     let bindings = pipeline::bindings(&spec);
@@ -286,14 +292,15 @@ fn the_toy_compiles_and_runs_through_every_stage() {
     assert!(cost(&fp8).total.launches > 0);
 
     // The report over the three variants.
-    let variants: Vec<fusec_report::Variant> = [("eager", &eager), ("fused", &fused), ("fused+fp8", &fp8)]
-        .into_iter()
-        .map(|(name, graph)| fusec_report::Variant {
-            name: name.to_string(),
-            description: format!("the toy, {name}"),
-            graph: graph.clone(),
-        })
-        .collect();
+    let variants: Vec<fusec_report::Variant> =
+        [("eager", &eager), ("fused", &fused), ("fused+fp8", &fp8)]
+            .into_iter()
+            .map(|(name, graph)| fusec_report::Variant {
+                name: name.to_string(),
+                description: format!("the toy, {name}"),
+                graph: graph.clone(),
+            })
+            .collect();
     let gpus = fusec_ir::hardware::GPUS.to_vec();
     let report = fusec_report::build(&fusec_report::Inputs {
         spec: &spec,
@@ -332,7 +339,10 @@ fn the_toy_compiles_and_runs_through_every_stage() {
     for (seq, (a, b)) in got.logits.iter().zip(&want.logits).enumerate() {
         for (i, (row_a, row_b)) in a.iter().zip(b).enumerate() {
             let err = rel_l2(row_a, row_b);
-            assert!(err <= 1e-5, "sequence {seq}, row {i}: relative L2 error {err}");
+            assert!(
+                err <= 1e-5,
+                "sequence {seq}, row {i}: relative L2 error {err}"
+            );
         }
     }
 

@@ -8,8 +8,8 @@ use anyhow::{anyhow, Context};
 use fusec::exec::{Executor, Session, Weights};
 use fusec::pipeline;
 use fusec::report::{self, CpuMeasurement, Format, MeasuredNode, Measurement, Variant};
-use fusec_model::frontend::{ModelSpec, Precision};
 use fusec_ir::hardware::{self, GpuSpec};
+use fusec_model::frontend::{ModelSpec, Precision};
 use fusec_rewrite::precision::Fp8Options;
 
 use crate::Failure;

@@ -13,8 +13,8 @@ use fusec::pipeline;
 use fusec_codegen::runtime::{encode, RunError, Runner, WeightSource};
 use fusec_codegen::{generate, DecodeShape, Options};
 use fusec_exec::{Executor, Session, Weights};
-use fusec_model::frontend::Precision;
 use fusec_ir::{DType, Graph};
+use fusec_model::frontend::Precision;
 use fusec_rewrite::precision::Fp8Options;
 
 struct Source<'a>(&'a Weights);

@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 
 use common::{fuse, graph_weights, rel_l2, write_safetensors, Cfg};
 use fusec_exec::{Executor, RunOutput, Session, SplitMix64, StepOutput, Tensor, Weights};
-use fusec_model::arch::llama;
 use fusec_ir::cost::graph_cost;
-use fusec_model::{load_model, ModelConfig};
 use fusec_ir::{DType, Graph, InputKind};
+use fusec_model::arch::llama;
+use fusec_model::{load_model, ModelConfig};
 use safetensors::Dtype;
 
 fn fixture() -> PathBuf {

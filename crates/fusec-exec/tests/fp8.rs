@@ -12,9 +12,9 @@ use fusec_exec::kernels::gemv::{self, GemvWeight, QuantWeight};
 use fusec_exec::quant::{self, Derived};
 use fusec_exec::tensor::Buffer;
 use fusec_exec::{Error, Executor, Session, SplitMix64, Tensor, Weights};
-use fusec_model::arch::llama;
 use fusec_ir::numerics::{round_to, scale_for};
 use fusec_ir::DType;
+use fusec_model::arch::llama;
 use fusec_rewrite::precision::{lower_fp8, Fp8Options};
 use proptest::prelude::*;
 

@@ -23,8 +23,8 @@ use fusec_exec::kernels::matmul::{linear, matmul};
 use fusec_exec::kernels::movement::{cat, copy};
 use fusec_exec::kernels::reduce::{reduce, softmax};
 use fusec_exec::{Executor, Session, SplitMix64, Tensor, Weights};
-use fusec_model::arch::llama;
 use fusec_ir::{BinaryOp, DType, FusedOp, Graph, Op, ReduceOp, UnaryOp};
+use fusec_model::arch::llama;
 use proptest::prelude::*;
 
 fn random(dtype: DType, shape: &[usize], rng: &mut SplitMix64, std: f64) -> Tensor {

@@ -16,9 +16,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use common::fuse;
 use fusec_exec::{quant, Executor, RunOutput, Session, StepOutput, Tensor, Weights};
+use fusec_ir::{DType, Graph, InputKind, OutputKind};
 use fusec_model::arch::llama;
 use fusec_model::load_model;
-use fusec_ir::{DType, Graph, InputKind, OutputKind};
 use fusec_rewrite::precision::{lower_fp8, Fp8Options};
 
 /// The system allocator, counting the allocations (and reallocations) made while

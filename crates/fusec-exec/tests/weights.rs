@@ -7,8 +7,8 @@ use std::path::Path;
 
 use common::{encode, graph_weights, write_raw, write_safetensors, Cfg};
 use fusec_exec::{Error, Executor, Tensor, Weights};
-use fusec_model::arch::llama;
 use fusec_ir::{DType, Graph};
+use fusec_model::arch::llama;
 use safetensors::Dtype;
 
 const NORM: &str = "model.norm.weight";

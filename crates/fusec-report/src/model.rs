@@ -7,10 +7,10 @@
 use std::collections::HashMap;
 
 use fusec_ir::cost::{graph_cost, Floor, GraphCost};
-use fusec_model::frontend::ModelSpec;
 use fusec_ir::hardware::GpuSpec;
 use fusec_ir::step;
 use fusec_ir::{Bindings, Graph, NodeId};
+use fusec_model::frontend::ModelSpec;
 use serde::Serialize;
 
 use crate::error::ReportError;

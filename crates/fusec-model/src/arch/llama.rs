@@ -79,7 +79,13 @@ pub fn build(cfg: &ModelConfig) -> Result<Graph, BuildError> {
         x = decoder_layer(&mut b, cfg, layer, x, &rope, inputs.attention_mask, &dims)?;
     }
     b.set_layer(None);
-    let norm = RmsNorm::new(&mut b, step::FINAL_NORM, cfg.hidden_size, cfg.rms_norm_eps, dt)?;
+    let norm = RmsNorm::new(
+        &mut b,
+        step::FINAL_NORM,
+        cfg.hidden_size,
+        cfg.rms_norm_eps,
+        dt,
+    )?;
     let h = norm.forward(&mut b, x)?;
     let head = LmHead::new(
         &mut b,
@@ -105,13 +111,7 @@ pub fn decoder_layer(
     dims: &StepDims,
 ) -> Result<NodeId, BuildError> {
     let (d, eps, dt) = (cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype);
-    let norm = RmsNorm::new(
-        b,
-        &step::layer_weight(layer, "input_layernorm"),
-        d,
-        eps,
-        dt,
-    )?;
+    let norm = RmsNorm::new(b, &step::layer_weight(layer, "input_layernorm"), d, eps, dt)?;
     let n = norm.forward(b, x)?;
     let o = Attention::llama(cfg, layer).forward(b, n, rope, mask, dims)?;
     let x = b.binary(BinaryOp::Add, x, o)?;
@@ -194,6 +194,9 @@ mod tests {
                 assert!(g.weight_role(name).is_some(), "{name} has no role");
             }
             assert_eq!(g.weight_roles().len(), g.weights().len());
+            // A reordered copy (what passes that add nodes make) keeps them.
+            let r = g.reordered();
+            assert_eq!(r.weight_roles(), g.weight_roles());
         }
     }
 
@@ -221,8 +224,7 @@ mod tests {
         use crate::arch::Mistral;
         let cfg = config(2, false, DType::Bf16);
         let llama = fusec_ir::text::print(&Llama.build(&cfg).expect("builds")).expect("prints");
-        let mistral =
-            fusec_ir::text::print(&Mistral.build(&cfg).expect("builds")).expect("prints");
+        let mistral = fusec_ir::text::print(&Mistral.build(&cfg).expect("builds")).expect("prints");
         assert_eq!(llama, mistral);
     }
 }

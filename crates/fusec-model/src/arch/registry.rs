@@ -10,7 +10,8 @@ use super::llama::Llama;
 use super::mistral::Mistral;
 use crate::build::BuildError;
 use crate::frontend::{
-    english_list, parse_model_toml_with, spec_from_hf, ConfigError, HfConfig, ModelSpec, DEFAULT_ARCHITECTURE,
+    english_list, parse_model_toml_with, spec_from_hf, ConfigError, HfConfig, ModelSpec,
+    DEFAULT_ARCHITECTURE,
 };
 
 /// The architectures fusec knows, by `model_type`. [`Registry::builtin`] holds Llama and
@@ -256,7 +257,8 @@ mod tests {
             .parse_hf_config(path, &JSON.replace("MT", "qwen2"))
             .expect_err("unknown");
         assert!(
-            e.message.ends_with("(fusec compiles llama, mistral, custom and custom2)"),
+            e.message
+                .ends_with("(fusec compiles llama, mistral, custom and custom2)"),
             "{e}"
         );
     }

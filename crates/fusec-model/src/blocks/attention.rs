@@ -5,8 +5,7 @@
 //! `head_dim^-0.5`, the additive mask, softmax in f32, `PV`, and `o_proj`.
 
 use fusec_ir::{
-    step, BinaryOp, DType, Dim, InputKind, NodeId, Op, OutputKind, Shape, TensorType,
-    WeightRole,
+    step, BinaryOp, DType, Dim, InputKind, NodeId, Op, OutputKind, Shape, TensorType, WeightRole,
 };
 
 use super::linear::Linear;

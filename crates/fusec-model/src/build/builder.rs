@@ -54,9 +54,7 @@ impl Builder {
     /// Records the number of decoder layers (the graph's `layers` attribute, read by
     /// [`Graph::layers`]).
     pub fn set_layer_count(&mut self, layers: u64) {
-        self.graph
-            .attrs
-            .insert("layers".into(), layers.to_string());
+        self.graph.attrs.insert("layers".into(), layers.to_string());
     }
 
     /// Nodes added from now on belong to `layer`.
