@@ -9,7 +9,7 @@ use fusec_ir::hardware::{gpu, GpuSpec, DEFAULT_LAUNCH_US};
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::ConfigError;
+use super::error::ConfigError;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
