@@ -14,8 +14,8 @@ use fusec::pipeline;
 use fusec_codegen::{DecodeShape, Options};
 use fusec_ir::{step, BinaryOp, Graph, NodeId, WeightRole};
 use fusec_model::blocks::{
-    eager_attention, greedy_outputs, kv_cache_append, split_heads, Attention, Embedding, GatedMlp,
-    Heads, Linear, LmHead, RmsNorm, RopeTables, StepDims, StepInputs,
+    eager_attention, greedy_outputs, kv_cache_append, split_heads, Embedding, GatedMlp, Heads,
+    Linear, LmHead, RmsNorm, RopeTables, StepDims, StepInputs,
 };
 use fusec_model::frontend::{decoder_config, ConfigError, HfConfig, ModelConfig, Precision};
 use fusec_model::{Architecture, BuildError, Builder, ModelSpec, Registry};
@@ -121,13 +121,13 @@ fn layer_forward(
     let (q, k) = rope.apply(b, qkv[0], qkv[1])?;
     let (k_all, v_all) = kv_cache_append(b, layer, k, qkv[2], dims)?;
     let o = eager_attention(b, q, k_all, v_all, mask, &heads, dims)?;
-    let o_proj = Attention::llama(cfg, layer).projection(
+    let o_proj = Linear::new(
         b,
-        "o_proj",
+        &step::layer_weight(layer, "self_attn.o_proj"),
         WeightRole::AttnOut,
+        dt,
         d,
         heads.num_heads * hd,
-        false,
     )?;
     let o = o_proj.forward(b, o)?;
     let x = b.binary(BinaryOp::Add, x, o)?;
