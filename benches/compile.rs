@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use fusec::pipeline;
 
 fn compile_once(
-    spec: &fusec::ir::frontend::ModelSpec,
+    spec: &fusec::model::frontend::ModelSpec,
     rules: &fusec::rewrite::RuleSet,
 ) -> Duration {
     let start = Instant::now();

@@ -26,8 +26,8 @@ use std::time::Instant;
 
 use fusec_exec::quant;
 use fusec_exec::{Executor, Session, SplitMix64, Weights};
-use fusec_ir::frontend::{ModelSpec, Precision};
 use fusec_ir::Graph;
+use fusec_model::frontend::{ModelSpec, Precision};
 use fusec_rewrite::precision::Fp8Options;
 
 use crate::pipeline::{self, PipelineError};

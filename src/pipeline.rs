@@ -2,14 +2,13 @@
 
 use std::path::{Path, PathBuf};
 
-use fusec_ir::build::eager_decode_graph;
-use fusec_ir::frontend::Precision;
-use fusec_ir::frontend::{load_model, ConfigError, ModelSpec};
 use fusec_ir::hardware::{gpu, gpu_names, GpuSpec};
 use fusec_ir::shape::Bindings;
 use fusec_ir::step;
 use fusec_ir::DType;
 use fusec_ir::{verify, Graph};
+use fusec_model::frontend::Precision;
+use fusec_model::{Architecture, ConfigError, ModelSpec, Registry, UnknownArchitecture};
 use fusec_rewrite::precision::{lower_fp8, Fp8Options};
 use fusec_rewrite::{FuseReport, Limits, RuleError, RuleFileError, RuleSet};
 
@@ -19,6 +18,8 @@ use fusec_rewrite::{FuseReport, Limits, RuleError, RuleFileError, RuleSet};
 pub enum PipelineError {
     #[error(transparent)]
     Input(#[from] ConfigError),
+    #[error(transparent)]
+    UnknownArchitecture(#[from] UnknownArchitecture),
     #[error(transparent)]
     RuleFile(#[from] RuleFileError),
     #[error("{}: cannot read: {source}", path.display())]
@@ -61,17 +62,39 @@ pub fn load(
     batch: Option<u64>,
     context: Option<u64>,
 ) -> Result<ModelSpec, PipelineError> {
-    let mut spec = load_model(path)?;
+    load_with(Registry::builtin(), path, batch, context)
+}
+
+/// [`load`] with the architectures of `registry` (a library user's own among them).
+pub fn load_with(
+    registry: &Registry,
+    path: &Path,
+    batch: Option<u64>,
+    context: Option<u64>,
+) -> Result<ModelSpec, PipelineError> {
+    let mut spec = registry.load_model(path)?;
     spec.set_decode(batch, context)?;
     Ok(spec)
 }
 
-/// The eager decode graph of a model, verified.
+/// The eager decode graph of a model, built by its (built-in) architecture, verified.
 pub fn eager(spec: &ModelSpec) -> Result<Graph, PipelineError> {
-    let graph = eager_decode_graph(&spec.model).map_err(|e| PipelineError::Internal {
-        phase: "build",
-        message: e.to_string(),
-    })?;
+    eager_with(Registry::builtin(), spec)
+}
+
+/// [`eager`] with the architecture `registry` holds for the spec.
+pub fn eager_with(registry: &Registry, spec: &ModelSpec) -> Result<Graph, PipelineError> {
+    eager_by(registry.architecture(&spec.architecture)?, spec)
+}
+
+/// The eager decode graph of `spec` built by `arch`, verified.
+pub fn eager_by(arch: &dyn Architecture, spec: &ModelSpec) -> Result<Graph, PipelineError> {
+    let graph = arch
+        .build(&spec.model)
+        .map_err(|e| PipelineError::Internal {
+            phase: "build",
+            message: e.to_string(),
+        })?;
     verified("build", graph)
 }
 
@@ -164,6 +187,17 @@ pub fn fused_in(
     rules: &RuleSet,
     fp8: &Fp8Options,
 ) -> Result<(Graph, FuseReport), PipelineError> {
+    fused_in_with(Registry::builtin(), spec, precision, rules, fp8)
+}
+
+/// [`fused_in`] with the architecture `registry` holds for the spec.
+pub fn fused_in_with(
+    registry: &Registry,
+    spec: &ModelSpec,
+    precision: Precision,
+    rules: &RuleSet,
+    fp8: &Fp8Options,
+) -> Result<(Graph, FuseReport), PipelineError> {
     let gpu = target_gpu(spec)?;
     if precision == Precision::Fp8 && gpu.fp8_tflops.is_none() {
         return Err(PipelineError::NoFp8 {
@@ -171,7 +205,7 @@ pub fn fused_in(
         });
     }
     let s = in_precision(spec, precision);
-    let eager = eager(&s)?;
+    let eager = eager_with(registry, &s)?;
     let (fused, report) = fuse(&s, &eager, rules)?;
     if precision != Precision::Fp8 {
         return Ok((fused, report));

@@ -3,10 +3,10 @@
 use std::fmt::Write;
 
 use fusec_ir::cost::{estimate_seconds, graph_cost, GraphCost};
-use fusec_ir::frontend::ModelSpec;
 use fusec_ir::hardware::GpuSpec;
 use fusec_ir::shape::UnboundSymbol;
 use fusec_ir::Graph;
+use fusec_model::frontend::ModelSpec;
 use serde::Serialize;
 
 /// Costs of one variant (eager, fused…) of the decode step.

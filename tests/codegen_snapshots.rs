@@ -9,7 +9,7 @@
 use fusec::codegen::{self, DecodeShape};
 use fusec::pipeline;
 use fusec::rewrite::precision::Fp8Options;
-use fusec_ir::frontend::Precision;
+use fusec_model::frontend::Precision;
 
 /// Codegen's output for the tiny example in `precision`, of the fused graph or of the
 /// eager one.

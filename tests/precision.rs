@@ -5,15 +5,19 @@ mod common;
 
 use fusec::pipeline;
 use fusec::summary::VariantSummary;
-use fusec_ir::frontend::Precision;
 use fusec_ir::{verify, DType, Op};
+use fusec_model::frontend::Precision;
 use fusec_rewrite::precision::{Fp8Options, Granularity, OpClass};
 
-fn spec(name: &str) -> fusec_ir::frontend::ModelSpec {
+fn spec(name: &str) -> fusec_model::frontend::ModelSpec {
     pipeline::load(&common::root().join("examples").join(name), None, None).expect("example loads")
 }
 
-fn fused(spec: &fusec_ir::frontend::ModelSpec, p: Precision, fp8: &Fp8Options) -> fusec_ir::Graph {
+fn fused(
+    spec: &fusec_model::frontend::ModelSpec,
+    p: Precision,
+    fp8: &Fp8Options,
+) -> fusec_ir::Graph {
     let rules = pipeline::rules(&[]).expect("built-in rules");
     pipeline::fused_in(spec, p, &rules, fp8)
         .expect("compiles")

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::anyhow;
-use fusec_ir::frontend::{ModelSpec, Precision};
+use fusec_model::frontend::{ModelSpec, Precision};
 use fusec_rewrite::precision::{Fp8Options, Granularity, OpClass};
 
 use crate::Failure;

@@ -8,8 +8,8 @@ use anyhow::{anyhow, Context};
 use fusec::exec::{Executor, Session, Weights};
 use fusec::pipeline;
 use fusec::report::{self, CpuMeasurement, Format, MeasuredNode, Measurement, Variant};
-use fusec_ir::frontend::{ModelSpec, Precision};
 use fusec_ir::hardware::{self, GpuSpec};
+use fusec_model::frontend::{ModelSpec, Precision};
 use fusec_rewrite::precision::Fp8Options;
 
 use crate::Failure;
@@ -112,7 +112,7 @@ fn report_failure(e: report::ReportError) -> Failure {
 fn gpu_table(files: &[PathBuf]) -> Result<Vec<GpuSpec>, Failure> {
     let mut gpus: Vec<GpuSpec> = hardware::GPUS.to_vec();
     for f in files {
-        for g in hardware::load_gpu_file(f).map_err(|e| Failure::Input(e.into()))? {
+        for g in fusec_model::frontend::load_gpu_file(f).map_err(|e| Failure::Input(e.into()))? {
             if gpus.iter().any(|h| h.name == g.name) {
                 return Err(Failure::Input(anyhow!(
                     "{}: GPU `{}` is defined in another --gpu-file too",

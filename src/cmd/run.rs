@@ -17,8 +17,8 @@ use fusec::exec::accuracy::{self, Accuracy};
 use fusec::exec::quant::{self, KvScales};
 use fusec::exec::{Error as ExecError, Executor, Generation, Session, Weights};
 use fusec::pipeline;
-use fusec_ir::frontend::{ModelSpec, Precision};
 use fusec_ir::Graph;
+use fusec_model::frontend::{ModelSpec, Precision};
 use fusec_rewrite::precision::Fp8Options;
 use serde::Serialize;
 

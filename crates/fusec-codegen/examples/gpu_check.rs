@@ -19,9 +19,9 @@ use fusec_codegen::runtime::{encode, Device, RunError, Runner, WeightSource};
 use fusec_codegen::{generate, DecodeShape, Options};
 use fusec_exec::gpu::{CheckpointWeights, CudaDevice};
 use fusec_exec::{Executor, Session, Weights};
-use fusec_ir::frontend::{ModelSpec, Precision};
 use fusec_ir::shape::Bindings;
 use fusec_ir::{DType, Graph};
+use fusec_model::frontend::{ModelSpec, Precision};
 use fusec_rewrite::precision::Fp8Options;
 
 type Fail = String;

@@ -13,8 +13,8 @@ use fusec::pipeline;
 use fusec_codegen::runtime::{encode, RunError, Runner, WeightSource};
 use fusec_codegen::{generate, DecodeShape, Options};
 use fusec_exec::{Executor, Session, Weights};
-use fusec_ir::frontend::Precision;
 use fusec_ir::{DType, Graph};
+use fusec_model::frontend::Precision;
 use fusec_rewrite::precision::Fp8Options;
 
 struct Source<'a>(&'a Weights);
@@ -113,7 +113,7 @@ fn tokens(d: &Decode) -> Vec<i32> {
 }
 
 struct Model {
-    spec: fusec_ir::frontend::ModelSpec,
+    spec: fusec_model::frontend::ModelSpec,
     rules: fusec_rewrite::RuleSet,
 }
 

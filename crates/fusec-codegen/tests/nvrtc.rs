@@ -15,8 +15,8 @@ use std::time::Instant;
 use fusec_codegen::cuda::PRELUDE;
 use fusec_codegen::nvrtc::{Nvrtc, Target};
 use fusec_codegen::Arch;
-use fusec_ir::frontend::Precision;
 use fusec_ir::{DType, Dim, FusedOp, Graph, InputKind, Op, OutputKind, Shape, TensorType, F64};
+use fusec_model::frontend::Precision;
 
 /// Distinct kernel functions (with a neutral name) and where each first came from.
 fn distinct_kernels() -> BTreeMap<String, String> {

@@ -7,9 +7,9 @@ use std::collections::{BTreeMap, HashMap};
 
 use fusec_codegen::plan::{Arg, BufferKind, LaunchPlan};
 use fusec_codegen::{generate, DecodeShape, Error, Options};
-use fusec_ir::frontend::Precision;
 use fusec_ir::shape::Bindings;
 use fusec_ir::{DType, Dim, Graph, InputKind, NodeId, Op, OutputKind, Shape, TensorType};
+use fusec_model::frontend::Precision;
 
 fn tiny_and_8b() -> Vec<common::Case> {
     let mut cases = Vec::new();

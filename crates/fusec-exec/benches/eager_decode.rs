@@ -9,8 +9,8 @@ use std::path::Path;
 use std::time::Instant;
 
 use fusec_exec::{Executor, Profile, Session, SplitMix64, Weights};
-use fusec_ir::build::eager_decode_graph;
-use fusec_ir::frontend::load_model;
+use fusec_model::arch::llama;
+use fusec_model::load_model;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<usize> = std::env::args()
@@ -22,7 +22,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/llama-125m.toml");
     let spec = load_model(&path)?;
-    let graph = eager_decode_graph(&spec.model)?;
+    let graph = llama::build(&spec.model)?;
     let t = Instant::now();
     let weights = Weights::random(&graph, 0)?;
     println!(

@@ -2,7 +2,7 @@
 //! step and carries its state (the KV cache) from step to step.
 //!
 //! The session drives any graph with the decode interface of
-//! `fusec_ir::build::names`: data inputs `input_ids` `[B,1]` (required),
+//! `fusec_ir::step`: data inputs `input_ids` `[B,1]` (required),
 //! `position_ids` `[B,1]` and an additive `attention_mask` `[B,1,1,S+1]` (optional,
 //! for fused graphs that drop them), state inputs carried to the state outputs of the
 //! same name, and outputs `logits` `[B,1,V]` and `next_token` `[B,1]`.

@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 
 use common::{fuse, graph_weights, rel_l2, write_safetensors, Cfg};
 use fusec_exec::{Executor, RunOutput, Session, SplitMix64, StepOutput, Tensor, Weights};
-use fusec_ir::build::eager_decode_graph;
 use fusec_ir::cost::graph_cost;
-use fusec_ir::frontend::{load_model, ModelConfig};
 use fusec_ir::{DType, Graph, InputKind};
+use fusec_model::arch::llama;
+use fusec_model::{load_model, ModelConfig};
 use safetensors::Dtype;
 
 fn fixture() -> PathBuf {
@@ -30,7 +30,7 @@ fn rel_l2_f64(actual: &[f32], expected: &[f64]) -> f64 {
 #[test]
 fn matches_hugging_face_on_the_fixture() {
     let spec = load_model(&fixture()).expect("fixture config loads");
-    let graph = eager_decode_graph(&spec.model).expect("graph builds");
+    let graph = llama::build(&spec.model).expect("graph builds");
     let weights_path = spec
         .weights
         .clone()
@@ -95,7 +95,7 @@ fn odd_config() -> Cfg {
 #[test]
 fn safetensors_files_in_f32_f16_and_bf16_load_and_agree() {
     let cfg = odd_config().model("odd");
-    let graph = eager_decode_graph(&cfg).expect("graph builds");
+    let graph = llama::build(&cfg).expect("graph builds");
     assert!(graph.weights().iter().all(|(_, n)| *n != "lm_head.weight"));
     let weights = Weights::random(&graph, 3).expect("random weights");
     let prompt = vec![3, 14, 15, 92, 65];
@@ -125,7 +125,7 @@ fn a_hugging_face_4x_directory_loads_with_its_weights() {
     let dir = tempfile::tempdir().expect("temp dir");
     std::fs::copy(&src, dir.path().join("config.json")).expect("copies config");
     let spec = load_model(dir.path()).expect("4.x config loads");
-    let graph = eager_decode_graph(&spec.model).expect("graph builds");
+    let graph = llama::build(&spec.model).expect("graph builds");
     let weights = Weights::random(&graph, 11).expect("random weights");
     write_safetensors(
         &dir.path().join("model.safetensors"),
@@ -148,10 +148,10 @@ fn a_hugging_face_4x_directory_loads_with_its_weights() {
 fn a_bf16_graph_tracks_its_f32_twin() {
     let mut cfg = odd_config();
     cfg.dtype = DType::Bf16;
-    let graph = eager_decode_graph(&cfg.model("bf16")).expect("graph builds");
+    let graph = llama::build(&cfg.model("bf16")).expect("graph builds");
     let weights = Weights::random(&graph, 5).expect("random weights");
     cfg.dtype = DType::F32;
-    let graph32 = eager_decode_graph(&cfg.model("f32")).expect("graph builds");
+    let graph32 = llama::build(&cfg.model("f32")).expect("graph builds");
     // The same (bf16-representable) values, held by an f32 graph.
     let weights32 =
         Weights::from_tensors(graph_weights(&graph, &weights).into_iter().map(|(n, t)| {
@@ -176,7 +176,7 @@ fn a_bf16_graph_tracks_its_f32_twin() {
 #[test]
 fn batch_of_two_equals_two_batches_of_one() {
     let cfg = Cfg::tiny().model("tiny");
-    let graph = eager_decode_graph(&cfg).expect("graph builds");
+    let graph = llama::build(&cfg).expect("graph builds");
     let weights = Weights::random(&graph, 9).expect("random weights");
     let mut rng = SplitMix64::new(2);
     let prompts = [
@@ -205,7 +205,7 @@ fn batch_of_two_equals_two_batches_of_one() {
 #[test]
 fn resuming_from_a_longer_prompt_continues_the_same_text() {
     let cfg = Cfg::tiny().model("tiny");
-    let graph = eager_decode_graph(&cfg).expect("graph builds");
+    let graph = llama::build(&cfg).expect("graph builds");
     let weights = Weights::random(&graph, 4).expect("random weights");
     let prompt = vec![5, 6, 7];
     let full = session(graph.clone(), &weights, 1)
@@ -226,7 +226,7 @@ fn resuming_from_a_longer_prompt_continues_the_same_text() {
 fn a_rewound_session_decodes_the_same_continuation_again() {
     let cfg = Cfg::tiny().model("tiny");
     for fused in [false, true] {
-        let eager = eager_decode_graph(&cfg).expect("graph builds");
+        let eager = llama::build(&cfg).expect("graph builds");
         let graph = if fused { fuse(&eager) } else { eager };
         let weights = Weights::random(&graph, 9).expect("random weights");
         let mut s = session(graph, &weights, 1);
@@ -255,7 +255,7 @@ fn a_rewound_session_decodes_the_same_continuation_again() {
 #[test]
 fn bad_run_inputs_are_errors_and_leave_the_session_usable() {
     let cfg = Cfg::tiny().model("tiny");
-    let graph = eager_decode_graph(&cfg).expect("graph builds");
+    let graph = llama::build(&cfg).expect("graph builds");
     let weights = Weights::random(&graph, 1).expect("random weights");
     let mut s = session(graph, &weights, 1);
     let err = s
@@ -299,7 +299,7 @@ fn step_inputs(
 }
 
 fn assert_counts_match(cfg: &ModelConfig, batch: usize, pasts: &[usize]) {
-    let eager = eager_decode_graph(cfg).expect("graph builds");
+    let eager = llama::build(cfg).expect("graph builds");
     let fused = fuse(&eager);
     assert_graph_counts_match(cfg, &eager, batch, pasts);
     assert_graph_counts_match(cfg, &fused, batch, pasts);
@@ -368,7 +368,7 @@ fn measured_counts_equal_the_cost_model() {
 #[test]
 fn a_session_step_counts_what_the_cost_model_predicts() {
     let spec = load_model(&fixture()).expect("fixture config loads");
-    let eager = eager_decode_graph(&spec.model).expect("graph builds");
+    let eager = llama::build(&spec.model).expect("graph builds");
     let fused = fuse(&eager);
     for (graph, kind) in [(eager, "linear"), (fused, "fused.decode_attention")] {
         let weights = Weights::random(&graph, 0).expect("random weights");
@@ -396,7 +396,7 @@ fn a_session_step_counts_what_the_cost_model_predicts() {
 #[test]
 fn a_reused_step_output_gives_what_fresh_steps_give() {
     let cfg = Cfg::tiny().model("tiny");
-    let fused = fuse(&eager_decode_graph(&cfg).expect("graph builds"));
+    let fused = fuse(&llama::build(&cfg).expect("graph builds"));
     let weights = Weights::random(&fused, 2).expect("random weights");
     let mut fresh = session(fused.clone(), &weights, 2);
     let mut reused = session(fused, &weights, 2);
@@ -427,7 +427,7 @@ fn a_reused_step_output_gives_what_fresh_steps_give() {
 #[test]
 fn inputs_by_position_run_like_inputs_by_name() {
     let cfg = Cfg::tiny().model("tiny");
-    let graph = fuse(&eager_decode_graph(&cfg).expect("graph builds"));
+    let graph = fuse(&llama::build(&cfg).expect("graph builds"));
     let weights = Weights::random(&graph, 3).expect("random weights");
     let mut by_name = Executor::new(graph.clone(), &weights).expect("plans");
     let mut by_position = Executor::new(graph.clone(), &weights).expect("plans");

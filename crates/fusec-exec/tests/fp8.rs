@@ -12,9 +12,9 @@ use fusec_exec::kernels::gemv::{self, GemvWeight, QuantWeight};
 use fusec_exec::quant::{self, Derived};
 use fusec_exec::tensor::Buffer;
 use fusec_exec::{Error, Executor, Session, SplitMix64, Tensor, Weights};
-use fusec_ir::build::eager_decode_graph;
 use fusec_ir::numerics::{round_to, scale_for};
 use fusec_ir::DType;
+use fusec_model::arch::llama;
 use fusec_rewrite::precision::{lower_fp8, Fp8Options};
 use proptest::prelude::*;
 
@@ -234,7 +234,7 @@ fn an_fp8_kv_cache_stores_x_over_scale_and_reads_back_q_times_scale() {
 fn fp8_graph(cfg: &Cfg) -> (fusec_ir::Graph, fusec_ir::Graph) {
     let mut c = Cfg { ..*cfg };
     c.dtype = DType::Bf16;
-    let fused = fuse(&eager_decode_graph(&c.model("tiny-bf16")).expect("builds"));
+    let fused = fuse(&llama::build(&c.model("tiny-bf16")).expect("builds"));
     let lowered = lower_fp8(&fused, &Fp8Options::default()).expect("lowers");
     (fused, lowered)
 }
@@ -392,7 +392,7 @@ fn compact_kv_caches_decode_bit_identically_to_f32_ones() {
 fn a_less_fused_fp8_graph_runs_its_linears_on_quantized_weights() {
     let mut cfg = Cfg::tiny();
     cfg.dtype = DType::Bf16;
-    let eager = eager_decode_graph(&cfg.model("tiny-bf16")).expect("builds");
+    let eager = llama::build(&cfg.model("tiny-bf16")).expect("builds");
     let limits = fusec_rewrite::Limits {
         iterations: 1,
         ..fusec_rewrite::Limits::default()

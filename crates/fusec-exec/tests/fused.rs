@@ -23,8 +23,8 @@ use fusec_exec::kernels::matmul::{linear, matmul};
 use fusec_exec::kernels::movement::{cat, copy};
 use fusec_exec::kernels::reduce::{reduce, softmax};
 use fusec_exec::{Executor, Session, SplitMix64, Tensor, Weights};
-use fusec_ir::build::eager_decode_graph;
 use fusec_ir::{BinaryOp, DType, FusedOp, Graph, Op, ReduceOp, UnaryOp};
+use fusec_model::arch::llama;
 use proptest::prelude::*;
 
 fn random(dtype: DType, shape: &[usize], rng: &mut SplitMix64, std: f64) -> Tensor {
@@ -300,7 +300,7 @@ fn count(graph: &Graph, f: impl Fn(&Op) -> bool) -> usize {
 /// Eager and fused graphs of `cfg` decode the same tokens with logits within `tol`.
 fn assert_fused_matches_eager(cfg: &Cfg, seed: u64, batch: usize, tol: f64) {
     let model = cfg.model("random");
-    let eager = eager_decode_graph(&model).expect("graph builds");
+    let eager = llama::build(&model).expect("graph builds");
     let fused = fuse(&eager);
     assert_eq!(
         count(&fused, |op| *op == Op::Fused(FusedOp::DecodeAttention)),
@@ -373,7 +373,7 @@ fn a_bf16_fused_graph_tracks_its_eager_graph() {
 #[test]
 fn a_fusion_stopped_by_a_limit_still_matches_the_eager_graph() {
     let model = Cfg::tiny().model("tiny");
-    let eager = eager_decode_graph(&model).expect("graph builds");
+    let eager = llama::build(&model).expect("graph builds");
     let limits = fusec_rewrite::Limits {
         iterations: 1,
         ..fusec_rewrite::Limits::default()
@@ -402,7 +402,7 @@ fn a_fusion_stopped_by_a_limit_still_matches_the_eager_graph() {
 #[test]
 fn the_session_appends_to_its_caches_in_place() {
     let model = Cfg::tiny().model("tiny");
-    let fused = fuse(&eager_decode_graph(&model).expect("graph builds"));
+    let fused = fuse(&llama::build(&model).expect("graph builds"));
     let weights = Weights::random(&fused, 1).expect("random weights");
     let exec = Executor::new(fused, &weights).expect("plans");
     let mut s = Session::with_capacity(exec, 1, 8).expect("session");

@@ -16,9 +16,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use common::fuse;
 use fusec_exec::{quant, Executor, RunOutput, Session, StepOutput, Tensor, Weights};
-use fusec_ir::build::eager_decode_graph;
-use fusec_ir::frontend::load_model;
 use fusec_ir::{DType, Graph, InputKind, OutputKind};
+use fusec_model::arch::llama;
+use fusec_model::load_model;
 use fusec_rewrite::precision::{lower_fp8, Fp8Options};
 
 /// The system allocator, counting the allocations (and reallocations) made while
@@ -181,11 +181,11 @@ fn session_steps(graph: &Graph, weights: &Weights) -> Vec<usize> {
 fn variants() -> Vec<(&'static str, Graph, Weights)> {
     let spec = load_model(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/tiny.toml"))
         .expect("tiny example loads");
-    let eager = eager_decode_graph(&spec.model).expect("graph builds");
+    let eager = llama::build(&spec.model).expect("graph builds");
     let fused = fuse(&eager);
     let mut model = spec.model.clone();
     model.dtype = DType::Bf16;
-    let bf16 = fuse(&eager_decode_graph(&model).expect("graph builds"));
+    let bf16 = fuse(&llama::build(&model).expect("graph builds"));
     let fp8 = lower_fp8(&bf16, &Fp8Options::default()).expect("lowers");
     let base = Weights::random(&bf16, 0).expect("random weights");
     let (scales, _) =

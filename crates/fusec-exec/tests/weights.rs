@@ -7,15 +7,15 @@ use std::path::Path;
 
 use common::{encode, graph_weights, write_raw, write_safetensors, Cfg};
 use fusec_exec::{Error, Executor, Tensor, Weights};
-use fusec_ir::build::eager_decode_graph;
 use fusec_ir::{DType, Graph};
+use fusec_model::arch::llama;
 use safetensors::Dtype;
 
 const NORM: &str = "model.norm.weight";
 const EMBED: &str = "model.embed_tokens.weight";
 
 fn model() -> (Graph, Vec<(String, Tensor)>) {
-    let graph = eager_decode_graph(&Cfg::tiny().model("tiny")).expect("graph builds");
+    let graph = llama::build(&Cfg::tiny().model("tiny")).expect("graph builds");
     let weights = Weights::random(&graph, 1).expect("random weights");
     let tensors = graph_weights(&graph, &weights);
     (graph, tensors)
@@ -145,7 +145,7 @@ fn non_finite_values_are_named() {
 fn values_that_overflow_the_graph_dtype_are_rejected() {
     let mut cfg = Cfg::tiny();
     cfg.dtype = DType::F16;
-    let graph = eager_decode_graph(&cfg.model("tiny-f16")).expect("graph builds");
+    let graph = llama::build(&cfg.model("tiny-f16")).expect("graph builds");
     let weights = Weights::random(&graph, 1).expect("random weights");
     let mut r = raw(&graph_weights(&graph, &weights));
     let e = r.iter_mut().find(|(n, ..)| n == NORM).expect("norm");

@@ -409,6 +409,15 @@ impl Graph {
         for o in &self.outputs {
             out.add_output(o.name.clone(), o.kind, new_id[&o.value]);
         }
+        // The weights kept keep their roles.
+        let roles: Vec<(String, WeightRole)> = out
+            .weights()
+            .into_iter()
+            .filter_map(|(_, name)| Some((name.to_string(), self.weight_role(name)?)))
+            .collect();
+        for (name, role) in roles {
+            out.set_weight_role(name, role);
+        }
         out
     }
 

@@ -6,14 +6,15 @@
 //! - [`verify`]: the invariants checked after every phase;
 //! - [`text`]: the canonical text form and its parser; [`dot`]: Graphviz export;
 //! - [`cost`]: launches, bytes and FLOPs per node, and the memory floor;
-//! - [`frontend`]: `model.toml` and Hugging Face `config.json`;
-//! - [`build`]: the eager decode graph of a Llama model.
+//! - [`step`]: the decode step's interface (input, state and output names, symbols);
+//! - [`role`]: what each weight is in the model, as its builder recorded it;
+//! - [`hardware`]: the target GPUs the cost model knows.
+//!
+//! Model frontends and graph builders live in `fusec-model`, on top of this crate.
 
-pub mod build;
 pub mod cost;
 pub mod dot;
 pub mod dtype;
-pub mod frontend;
 pub mod graph;
 pub mod hardware;
 pub mod numerics;

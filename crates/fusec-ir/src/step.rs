@@ -35,6 +35,11 @@ pub fn layer_weight(layer: u64, module: &str) -> String {
     format!("model.layers.{layer}.{module}.weight")
 }
 
+/// A bias of layer `layer`, e.g. `layer_bias(0, "self_attn.q_proj")`.
+pub fn layer_bias(layer: u64, module: &str) -> String {
+    format!("model.layers.{layer}.{module}.bias")
+}
+
 /// The bindings of a step of `batch` sequences with `past` positions cached before it.
 pub fn bindings(batch: u64, past: u64) -> Bindings {
     Bindings::new().with(BATCH, batch).with(PAST, past)

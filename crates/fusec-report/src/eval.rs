@@ -139,14 +139,14 @@ mod tests {
 
     #[test]
     fn step_time_is_the_cost_models_estimate() {
-        let spec = fusec_ir::frontend::parse_model_toml(
+        let spec = fusec_model::parse_model_toml(
             std::path::Path::new("m.toml"),
             "[model]\narchitecture = \"llama\"\nhidden_size = 64\nnum_layers = 2\n\
              num_heads = 4\nintermediate_size = 128\nvocab_size = 100\n\
              rope_theta = 10000.0\nrms_norm_eps = 1e-5\nmax_seq_len = 256\n",
         )
         .expect("valid model");
-        let graph = fusec_ir::build::eager_decode_graph(&spec.model).expect("builds");
+        let graph = fusec_model::arch::llama::build(&spec.model).expect("builds");
         let gpu = fusec_ir::hardware::gpu("l4").expect("built in");
         let eval = Eval::new(&graph, 3, 200, gpu).expect("costs");
         let expected = fusec_ir::cost::estimate_seconds(&graph, &eval.cost, gpu);

@@ -1,9 +1,9 @@
 //! What the report is built from: the variant graphs and the options of one report.
 //! Plain data, shared by every stage of the build (`assemble`, `sweep`, `measure`).
 
-use fusec_ir::frontend::ModelSpec;
 use fusec_ir::hardware::GpuSpec;
 use fusec_ir::Graph;
+use fusec_model::frontend::ModelSpec;
 
 use crate::measurement::{CpuMeasurement, Measurement};
 

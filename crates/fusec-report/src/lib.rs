@@ -1,7 +1,7 @@
 //! fusec's report: what one decode step of a model costs in each compiled variant
 //! (eager, fused, fused in FP8...) on one GPU, and why.
 //!
-//! [`build`] takes the model's [`ModelSpec`](fusec_ir::frontend::ModelSpec) (its
+//! [`build`] takes the model's [`ModelSpec`](fusec_model::frontend::ModelSpec) (its
 //! shape and the decode point), a list of named [`Variant`] graphs (the first is the
 //! baseline the others are compared with), a [`GpuSpec`](fusec_ir::hardware::GpuSpec), a price per
 //! GPU-hour and the sweep points, and returns a [`Report`]: plain data that serialises

@@ -60,7 +60,7 @@ struct MeasurementFile {
 pub fn parse_measurements(path: &Path, src: &str) -> Result<Vec<Measurement>, ReportError> {
     let at = |offset: Option<usize>, message: String| ReportError::BadFile {
         path: path.to_path_buf(),
-        location: offset.map(|o| fusec_ir::frontend::line_col(src, o)),
+        location: offset.map(|o| fusec_ir::text::line_col(src, o)),
         message,
     };
     let file: MeasurementFile = toml::from_str(src)

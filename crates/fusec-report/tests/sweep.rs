@@ -3,8 +3,8 @@
 
 use std::path::Path;
 
-use fusec_ir::build::eager_decode_graph;
-use fusec_ir::frontend::{parse_model_toml, ModelSpec};
+use fusec_model::arch::llama::build as eager_decode_graph;
+use fusec_model::{parse_model_toml, ModelSpec};
 use fusec_report::sweep::{default_batches, default_contexts};
 use fusec_report::{build, Bound, Inputs, Report, Variant};
 

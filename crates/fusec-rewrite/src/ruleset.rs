@@ -124,7 +124,7 @@ impl RuleSet {
         for (rule, at) in parse_rules(file, topic, text)? {
             let name = rule.name.clone();
             self.add_rule(rule).map_err(|e| {
-                let (line, column) = fusec_ir::frontend::line_col(text, at);
+                let (line, column) = fusec_ir::text::line_col(text, at);
                 RuleFileError {
                     file: file.to_string(),
                     line,
@@ -164,7 +164,7 @@ fn strip_comments(text: &str) -> (String, Vec<(usize, String)>) {
 fn parse_rules(file: &str, topic: &str, text: &str) -> Result<Vec<(Rule, usize)>, RuleFileError> {
     let (code, comments) = strip_comments(text);
     let err = |at: usize, rule: Option<&str>, message: String| {
-        let (line, column) = fusec_ir::frontend::line_col(text, at);
+        let (line, column) = fusec_ir::text::line_col(text, at);
         RuleFileError {
             file: file.to_string(),
             line,

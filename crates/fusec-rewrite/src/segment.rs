@@ -276,6 +276,8 @@ impl Stitcher {
         let mut graph = Graph::new(eager.name.clone());
         graph.inherit_weight_roles(eager);
         graph.attrs = eager.attrs.clone();
+        // The fused graph keeps the eager graph's weights, and so their roles.
+        graph.inherit_weight_roles(eager);
         Self {
             graph,
             value_at: HashMap::new(),

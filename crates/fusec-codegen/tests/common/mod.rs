@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use fusec::pipeline;
 use fusec_codegen::{generate, DecodeShape, Options, Output};
-use fusec_ir::frontend::{ModelSpec, Precision};
 use fusec_ir::Graph;
+use fusec_model::frontend::{ModelSpec, Precision};
 use fusec_rewrite::precision::Fp8Options;
 
 /// The repository root.

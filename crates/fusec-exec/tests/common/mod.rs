@@ -7,8 +7,8 @@
 use std::path::Path;
 
 use fusec_exec::{Tensor, Weights};
-use fusec_ir::frontend::ModelConfig;
 use fusec_ir::{DType, Graph};
+use fusec_model::frontend::ModelConfig;
 use half::{bf16, f16};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;

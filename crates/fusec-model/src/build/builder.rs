@@ -1,13 +1,13 @@
-//! A thin front-to-back graph builder that names weights once and tags layers.
+//! A thin front-to-back graph builder that names weights once, records their roles
+//! and tags layers.
 
 use std::collections::HashMap;
 
-use crate::dtype::DType;
-use crate::graph::{Graph, NodeId, OutputKind};
-use crate::op::{BinaryOp, InputKind, Op, ReduceOp, TypeError, UnaryOp, F64};
-use crate::role::WeightRole;
-use crate::shape::Shape;
-use crate::types::TensorType;
+use fusec_ir::op::TypeError;
+use fusec_ir::{
+    BinaryOp, DType, Graph, InputKind, NodeId, Op, OutputKind, ReduceOp, Shape, TensorType,
+    UnaryOp, WeightRole, F64,
+};
 
 /// A builder produced an ill-typed node: a bug in the builder, not in the user's input.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -18,7 +18,8 @@ pub struct BuildError {
     pub source: TypeError,
 }
 
-/// Appends nodes in order; every node gets the current layer tag.
+/// Appends nodes in order; every node gets the current layer tag, every weight the role
+/// it was declared with.
 #[derive(Debug)]
 pub struct Builder {
     graph: Graph,
@@ -37,12 +38,23 @@ impl Builder {
         }
     }
 
+    /// The graph built so far.
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
     pub fn graph_mut(&mut self) -> &mut Graph {
         &mut self.graph
     }
 
     pub fn finish(self) -> Graph {
         self.graph
+    }
+
+    /// Records the number of decoder layers (the graph's `layers` attribute, read by
+    /// [`Graph::layers`]).
+    pub fn set_layer_count(&mut self, layers: u64) {
+        self.graph.attrs.insert("layers".into(), layers.to_string());
     }
 
     /// Nodes added from now on belong to `layer`.
@@ -97,6 +109,7 @@ impl Builder {
         let id = self.wrap(r)?;
         let id = self.tag(id);
         self.weights.insert(name.to_string(), id);
+        self.graph.set_weight_role(name, role);
         Ok(id)
     }
 

@@ -1,4 +1,6 @@
-//! The `model.toml` frontend. See README.md for the format.
+//! The `model.toml` frontend. See README.md for the format. `[model] architecture`
+//! names the architecture that builds the graph (default `llama`); the caller says
+//! which names exist.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -6,11 +8,13 @@ use std::path::Path;
 use serde::Deserialize;
 use toml::Spanned;
 
+use fusec_ir::DType;
+
 use super::config::{
-    check, DecodeConfig, ModelConfig, ModelSpec, Precision, TargetConfig, DEFAULT_GPU,
+    check, DecodeConfig, ModelConfig, ModelSpec, Precision, TargetConfig, DEFAULT_ARCHITECTURE,
+    DEFAULT_GPU,
 };
-use super::ConfigError;
-use crate::dtype::DType;
+use super::error::{english_list, ConfigError};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -25,7 +29,7 @@ struct RawFile {
 #[serde(deny_unknown_fields)]
 struct RawModel {
     name: Option<String>,
-    architecture: Spanned<String>,
+    architecture: Option<Spanned<String>>,
     hidden_size: Spanned<i64>,
     num_layers: Spanned<i64>,
     num_heads: Spanned<i64>,
@@ -62,7 +66,9 @@ struct RawTarget {
     precision: Option<Spanned<String>>,
 }
 
-pub(super) fn parse(path: &Path, src: &str) -> Result<ModelSpec, ConfigError> {
+/// Parses `model.toml` text; `path` is used for messages and relative weight paths.
+/// `architectures` are the names `[model] architecture` may take.
+pub fn parse(path: &Path, src: &str, architectures: &[&str]) -> Result<ModelSpec, ConfigError> {
     let raw: RawFile = toml::from_str(src).map_err(|e| match e.span() {
         Some(span) => ConfigError::at(path, src, span.start, e.message().trim()),
         None => ConfigError::new(path, e.message().trim()),
@@ -84,17 +90,23 @@ pub(super) fn parse(path: &Path, src: &str) -> Result<ModelSpec, ConfigError> {
                 )
             })
     };
-    if m.architecture.get_ref() != "llama" && m.architecture.get_ref() != "mistral" {
-        return Err(ConfigError::at(
-            path,
-            src,
-            m.architecture.span().start,
-            format!(
-                "unsupported architecture `{}` (fusec compiles \"llama\" and \"mistral\")",
-                m.architecture.get_ref()
-            ),
-        ));
-    }
+    let architecture = match &m.architecture {
+        Some(a) if !architectures.contains(&a.get_ref().as_str()) => {
+            let known: Vec<String> = architectures.iter().map(|n| format!("\"{n}\"")).collect();
+            return Err(ConfigError::at(
+                path,
+                src,
+                a.span().start,
+                format!(
+                    "unsupported architecture `{}` (fusec compiles {})",
+                    a.get_ref(),
+                    english_list(&known)
+                ),
+            ));
+        }
+        Some(a) => a.get_ref().clone(),
+        None => DEFAULT_ARCHITECTURE.to_string(),
+    };
     let hidden_size = size("hidden_size", &m.hidden_size)?;
     let num_layers = size("num_layers", &m.num_layers)?;
     let num_heads = size("num_heads", &m.num_heads)?;
@@ -207,6 +219,7 @@ pub(super) fn parse(path: &Path, src: &str) -> Result<ModelSpec, ConfigError> {
     let base = path.parent().unwrap_or(Path::new("."));
     let weights = raw.weights.map(|w| base.join(w.path.get_ref()));
     Ok(ModelSpec {
+        architecture,
         model,
         decode,
         target,

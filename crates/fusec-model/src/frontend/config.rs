@@ -2,7 +2,9 @@
 
 use std::path::PathBuf;
 
-use crate::dtype::DType;
+use fusec_ir::DType;
+
+use super::error::ConfigError;
 
 /// The architecture hyper-parameters of a Llama-family decoder.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
@@ -109,6 +111,10 @@ pub struct TargetConfig {
 /// Everything a frontend reads from a model description.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct ModelSpec {
+    /// The architecture that builds the graph: a `model_type` registered in
+    /// [`crate::arch::Registry`] (`config.json`'s `model_type`, `model.toml`'s
+    /// `architecture`).
+    pub architecture: String,
     pub model: ModelConfig,
     pub decode: DecodeConfig,
     pub target: TargetConfig,
@@ -122,9 +128,13 @@ pub struct ModelSpec {
 /// The default GPU for cost estimates.
 pub const DEFAULT_GPU: &str = "h100-sxm";
 
+/// The architecture of a description that names none (transformers' `LlamaConfig` is
+/// the base every Llama-family config extends).
+pub const DEFAULT_ARCHITECTURE: &str = "llama";
+
 /// Cross-field checks shared by both frontends. Each error names the field at fault
 /// (returned as its key, so the caller can point at it in the file).
-pub(crate) fn check(
+pub(super) fn check(
     model: &ModelConfig,
     decode: &DecodeConfig,
 ) -> Result<(), (&'static str, String)> {
@@ -213,7 +223,7 @@ impl ModelSpec {
         &mut self,
         batch: Option<u64>,
         context: Option<u64>,
-    ) -> Result<(), super::ConfigError> {
+    ) -> Result<(), ConfigError> {
         if let Some(b) = batch {
             self.decode.batch = b;
         }
@@ -221,7 +231,7 @@ impl ModelSpec {
             self.decode.context = c;
         }
         check(&self.model, &self.decode).map_err(|(key, message)| {
-            super::ConfigError::new(
+            ConfigError::new(
                 &self.source,
                 format!("{message} (--{key} on the command line or in the file)"),
             )

@@ -1,46 +1,74 @@
 //! The Hugging Face `config.json` frontend, for both the transformers 4.x and 5.x
 //! spellings (`rope_theta` or `rope_parameters.rope_theta`, `torch_dtype` or `dtype`).
 //! Keys fusec does not use are ignored, as transformers ignores them; keys it uses are
-//! type-checked, and settings it cannot honour (biases, other activations, scaled RoPE)
-//! are rejected rather than silently dropped.
+//! type-checked, and settings an architecture cannot honour are rejected by it rather
+//! than silently dropped.
+//!
+//! [`HfConfig`] is the parsed file with typed, positioned getters; an architecture
+//! reads its keys through it ([`crate::arch::Architecture::parse_hf_config`]), usually
+//! starting from [`decoder_config`], the keys every Llama-style decoder shares
+//! (transformers' `LlamaConfig`). [`spec_from_hf`] completes the [`ModelSpec`].
 
 use std::path::Path;
 
+use fusec_ir::DType;
 use serde_json::Value;
 
 use super::config::{
     check, DecodeConfig, ModelConfig, ModelSpec, Precision, TargetConfig, DEFAULT_GPU,
 };
-use super::ConfigError;
-use crate::dtype::DType;
+use super::error::ConfigError;
 
-pub(super) fn load(config: &Path) -> Result<ModelSpec, ConfigError> {
-    let src = std::fs::read_to_string(config)
-        .map_err(|e| ConfigError::new(config, format!("cannot read: {e}")))?;
-    parse(config, &src)
-}
-
-/// The config's keys, with the source for pointing at them.
-struct Json<'a> {
+/// A `config.json`'s keys, with the source for pointing at them.
+#[derive(Debug)]
+pub struct HfConfig<'a> {
     path: &'a Path,
     src: &'a str,
     root: serde_json::Map<String, Value>,
 }
 
-impl Json<'_> {
+impl<'a> HfConfig<'a> {
+    /// Parses `src`, the text of `path`, which must be a JSON object.
+    pub fn parse(path: &'a Path, src: &'a str) -> Result<Self, ConfigError> {
+        let root = match serde_json::from_str::<Value>(src) {
+            Ok(Value::Object(m)) => m,
+            Ok(_) => return Err(ConfigError::new(path, "expected a JSON object")),
+            Err(e) => {
+                return Err(ConfigError {
+                    path: path.to_path_buf(),
+                    location: Some((e.line(), e.column())),
+                    message: format!("invalid JSON: {e}"),
+                })
+            }
+        };
+        Ok(Self { path, src, root })
+    }
+
+    /// The file the config came from.
+    pub fn path(&self) -> &Path {
+        self.path
+    }
+
+    /// `model_type`, if the config gives one.
+    pub fn model_type(&self) -> Result<Option<&str>, ConfigError> {
+        self.string("model_type")
+    }
+
     /// An error at the key's position in the source (its first occurrence).
-    fn err_at(&self, key: &str, message: String) -> ConfigError {
+    pub fn err_at(&self, key: &str, message: String) -> ConfigError {
         match self.src.find(&format!("\"{key}\"")) {
             Some(at) => ConfigError::at(self.path, self.src, at, message),
             None => ConfigError::new(self.path, message),
         }
     }
 
-    fn get(&self, key: &str) -> Option<&Value> {
+    /// The value of `key`; `null` counts as absent, as transformers reads it.
+    pub fn get(&self, key: &str) -> Option<&Value> {
         self.root.get(key).filter(|v| !v.is_null())
     }
 
-    fn uint(&self, key: &str) -> Result<Option<u64>, ConfigError> {
+    /// A positive integer, if present.
+    pub fn uint(&self, key: &str) -> Result<Option<u64>, ConfigError> {
         match self.get(key) {
             None => Ok(None),
             Some(v) => match v.as_i64() {
@@ -51,17 +79,20 @@ impl Json<'_> {
         }
     }
 
-    fn required_uint(&self, key: &str) -> Result<u64, ConfigError> {
+    /// A positive integer that must be present.
+    pub fn required_uint(&self, key: &str) -> Result<u64, ConfigError> {
         self.uint(key)?
             .ok_or_else(|| ConfigError::new(self.path, format!("missing key `{key}`")))
     }
 
-    fn float_in(&self, key: &str, v: &Value) -> Result<f64, ConfigError> {
+    /// `v`, the value of `key`, as a number.
+    pub fn float_in(&self, key: &str, v: &Value) -> Result<f64, ConfigError> {
         v.as_f64()
             .ok_or_else(|| self.err_at(key, format!("`{key}` must be a number, got {v}")))
     }
 
-    fn string(&self, key: &str) -> Result<Option<&str>, ConfigError> {
+    /// A string, if present.
+    pub fn string(&self, key: &str) -> Result<Option<&str>, ConfigError> {
         match self.get(key) {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s)),
@@ -69,7 +100,8 @@ impl Json<'_> {
         }
     }
 
-    fn bool(&self, key: &str) -> Result<Option<bool>, ConfigError> {
+    /// A boolean, if present.
+    pub fn bool(&self, key: &str) -> Result<Option<bool>, ConfigError> {
         match self.get(key) {
             None => Ok(None),
             Some(Value::Bool(b)) => Ok(Some(*b)),
@@ -87,42 +119,12 @@ fn hf_dtype(name: &str) -> Option<DType> {
     }
 }
 
-pub(super) fn parse(path: &Path, src: &str) -> Result<ModelSpec, ConfigError> {
-    let root = match serde_json::from_str::<Value>(src) {
-        Ok(Value::Object(m)) => m,
-        Ok(_) => return Err(ConfigError::new(path, "expected a JSON object")),
-        Err(e) => {
-            return Err(ConfigError {
-                path: path.to_path_buf(),
-                location: Some((e.line(), e.column())),
-                message: format!("invalid JSON: {e}"),
-            })
-        }
-    };
-    let j = Json { path, src, root };
-
-    if let Some(mt) = j.string("model_type")? {
-        if mt != "llama" && mt != "mistral" {
-            return Err(j.err_at(
-                "model_type",
-                format!("unsupported model_type `{mt}` (fusec compiles llama and mistral)"),
-            ));
-        }
-    }
-    for key in ["attention_bias", "mlp_bias"] {
-        if j.bool(key)? == Some(true) {
-            return Err(j.err_at(key, format!("`{key}` = true is not supported (no biases)")));
-        }
-    }
-    if let Some(act) = j.string("hidden_act")? {
-        if act != "silu" {
-            return Err(j.err_at(
-                "hidden_act",
-                format!("unsupported hidden_act `{act}` (expected silu)"),
-            ));
-        }
-    }
-
+/// The keys every Llama-style decoder shares, as transformers' `LlamaConfig` reads
+/// them: sizes, RoPE (default type only), RMSNorm epsilon, dtype, context length,
+/// tied embeddings and Mistral's sliding window. Checks an architecture adds (biases,
+/// activations) come before it, so that errors are reported in the file's terms.
+pub fn decoder_config(j: &HfConfig<'_>) -> Result<ModelConfig, ConfigError> {
+    let path = j.path;
     let hidden_size = j.required_uint("hidden_size")?;
     let num_layers = j.required_uint("num_hidden_layers")?;
     let num_heads = j.required_uint("num_attention_heads")?;
@@ -212,6 +214,25 @@ pub(super) fn parse(path: &Path, src: &str) -> Result<ModelSpec, ConfigError> {
         dtype,
         sliding_window: j.uint("sliding_window")?,
     };
+    Ok(model)
+}
+
+/// The spec of an HF model whose config `j` an architecture read into `model`: the
+/// default decode shape, the cross-field checks (pointing at the HF key at fault),
+/// and the directory's safetensors as the default weights.
+pub fn spec_from_hf(
+    j: &HfConfig<'_>,
+    architecture: &str,
+    model: ModelConfig,
+) -> Result<ModelSpec, ConfigError> {
+    let path = j.path;
+    let dtype_key = if j.get("dtype").is_some() {
+        "dtype"
+    } else {
+        "torch_dtype"
+    };
+    let max_seq_len = model.max_seq_len;
+    let dtype = model.dtype;
     let decode = DecodeConfig {
         batch: 1,
         context: max_seq_len.min(1024),
@@ -231,6 +252,7 @@ pub(super) fn parse(path: &Path, src: &str) -> Result<ModelSpec, ConfigError> {
     let has_weights = dir.join("model.safetensors").is_file()
         || dir.join("model.safetensors.index.json").is_file();
     Ok(ModelSpec {
+        architecture: architecture.to_string(),
         model,
         decode,
         target: TargetConfig {

@@ -1,0 +1,244 @@
+//! Self-attention for one decode token, as transformers' `LlamaAttention.forward` runs
+//! it with `eager_attention_forward`: q/k/v projections split into heads, RoPE, the KV
+//! cache grown by `cat` (a copy of the whole cache, as `DynamicCache.update` does),
+//! `repeat_kv` for grouped-query attention (Ainslie et al., 2023), `QK^T` scaled by
+//! `head_dim^-0.5`, the additive mask, softmax in f32, `PV`, and `o_proj`.
+
+use fusec_ir::{
+    step, BinaryOp, DType, Dim, InputKind, NodeId, Op, OutputKind, Shape, TensorType, WeightRole,
+};
+
+use super::linear::Linear;
+use super::rope::RopeTables;
+use super::step::StepDims;
+use crate::build::{BuildError, Builder};
+use crate::frontend::ModelConfig;
+
+/// The head layout of an attention layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Heads {
+    pub num_heads: u64,
+    pub num_kv_heads: u64,
+    pub head_dim: u64,
+}
+
+impl Heads {
+    pub fn of(cfg: &ModelConfig) -> Self {
+        Self {
+            num_heads: cfg.num_heads,
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+        }
+    }
+
+    /// Query heads per KV head (the GQA group size).
+    pub fn group_size(&self) -> u64 {
+        self.num_heads / self.num_kv_heads
+    }
+}
+
+/// One layer's self-attention block, from the normalised hidden state to `o_proj`'s
+/// output (the caller adds the residual).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Attention {
+    pub layer: u64,
+    pub hidden_size: u64,
+    pub heads: Heads,
+    /// The weights' dtype (the checkpoint's).
+    pub dtype: DType,
+    /// Biases on the q, k and v projections (Qwen2 has them; transformers' Llama
+    /// `attention_bias` puts one on `o_proj` too).
+    pub qkv_bias: bool,
+    pub o_bias: bool,
+}
+
+impl Attention {
+    /// Llama's attention at `layer`: no biases.
+    pub fn llama(cfg: &ModelConfig, layer: u64) -> Self {
+        Self {
+            layer,
+            hidden_size: cfg.hidden_size,
+            heads: Heads::of(cfg),
+            dtype: cfg.dtype,
+            qkv_bias: false,
+            o_bias: false,
+        }
+    }
+
+    /// A projection of this layer, `self_attn.<module>`.
+    pub fn projection(
+        &self,
+        b: &mut Builder,
+        module: &str,
+        role: WeightRole,
+        out_features: u64,
+        in_features: u64,
+        bias: bool,
+    ) -> Result<Linear, BuildError> {
+        let module = format!("self_attn.{module}");
+        let p = Linear::new(
+            b,
+            &step::layer_weight(self.layer, &module),
+            role,
+            self.dtype,
+            out_features,
+            in_features,
+        )?;
+        if bias {
+            p.with_bias(b, &step::layer_bias(self.layer, &module))
+        } else {
+            Ok(p)
+        }
+    }
+
+    /// `x` `[B,1,hidden]` to the attention output `[B,1,hidden]`.
+    pub fn forward(
+        &self,
+        b: &mut Builder,
+        x: NodeId,
+        rope: &RopeTables,
+        mask: NodeId,
+        dims: &StepDims,
+    ) -> Result<NodeId, BuildError> {
+        let Heads {
+            num_heads: h,
+            num_kv_heads: kv,
+            head_dim: hd,
+        } = self.heads;
+        let d = self.hidden_size;
+        let mut qkv = Vec::with_capacity(3);
+        for (module, role, count) in [
+            ("q_proj", WeightRole::Query, h),
+            ("k_proj", WeightRole::Key, kv),
+            ("v_proj", WeightRole::Value, kv),
+        ] {
+            let p = self.projection(b, module, role, count * hd, d, self.qkv_bias)?;
+            let y = p.forward(b, x)?;
+            qkv.push(split_heads(b, y, count, hd, dims)?);
+        }
+        let (q, k, v) = (qkv[0], qkv[1], qkv[2]);
+        let (q, k) = rope.apply(b, q, k)?;
+        let (k_all, v_all) = kv_cache_append(b, self.layer, k, v, dims)?;
+        let o = eager_attention(b, q, k_all, v_all, mask, &self.heads, dims)?;
+        let o_proj = self.projection(b, "o_proj", WeightRole::AttnOut, d, h * hd, self.o_bias)?;
+        o_proj.forward(b, o)
+    }
+}
+
+/// `x.view(B, 1, heads, head_dim).transpose(1, 2)`: `[B,1,heads*hd]` to
+/// `[B,heads,1,hd]`.
+pub fn split_heads(
+    b: &mut Builder,
+    x: NodeId,
+    heads: u64,
+    head_dim: u64,
+    dims: &StepDims,
+) -> Result<NodeId, BuildError> {
+    let one = Dim::Fixed(1);
+    let y = b.reshape(
+        x,
+        Shape(vec![
+            dims.batch.clone(),
+            one,
+            Dim::Fixed(heads),
+            Dim::Fixed(head_dim),
+        ]),
+    )?;
+    b.transpose(y, 1, 2)
+}
+
+/// `DynamicCache.update`: appends this step's k and v `[B,KV,1,hd]` to layer
+/// `layer`'s caches (state inputs `past.L.key`/`past.L.value` `[B,KV,S,hd]`, state
+/// outputs of the same names `[B,KV,S+1,hd]`) with `torch.cat` along the sequence.
+pub fn kv_cache_append(
+    b: &mut Builder,
+    layer: u64,
+    k: NodeId,
+    v: NodeId,
+    dims: &StepDims,
+) -> Result<(NodeId, NodeId), BuildError> {
+    let mut all = [k, v];
+    for (slot, name) in all
+        .iter_mut()
+        .zip([step::past_key(layer), step::past_value(layer)])
+    {
+        let new = b.ty(*slot);
+        let mut shape = new.shape.clone();
+        if let Some(seq) = shape.0.get_mut(2) {
+            *seq = dims.past.clone();
+        }
+        let past = b.input(&name, InputKind::State, TensorType::new(new.dtype, shape))?;
+        let cat = b.op(Op::Cat { axis: -2 }, &[past, *slot])?;
+        b.output(&name, OutputKind::State, cat);
+        *slot = cat;
+    }
+    Ok((all[0], all[1]))
+}
+
+/// `repeat_kv`: `[B,KV,S+1,hd]` to `[B,H,S+1,hd]`, nothing when `H == KV`.
+pub fn repeat_kv(
+    b: &mut Builder,
+    x: NodeId,
+    heads: &Heads,
+    dims: &StepDims,
+) -> Result<NodeId, BuildError> {
+    let n_rep = heads.group_size();
+    if n_rep == 1 {
+        return Ok(x);
+    }
+    let (bd, kv, len, hd) = (
+        dims.batch.clone(),
+        Dim::Fixed(heads.num_kv_heads),
+        dims.kv_len(),
+        Dim::Fixed(heads.head_dim),
+    );
+    let e = b.op(Op::Unsqueeze { axis: 2 }, &[x])?;
+    let e = b.op(
+        Op::Expand {
+            shape: Shape(vec![
+                bd.clone(),
+                kv,
+                Dim::Fixed(n_rep),
+                len.clone(),
+                hd.clone(),
+            ]),
+        },
+        &[e],
+    )?;
+    // reshape of an expanded tensor cannot be a view: PyTorch copies.
+    let e = b.op(Op::Copy, &[e])?;
+    b.reshape(e, Shape(vec![bd, Dim::Fixed(heads.num_heads), len, hd]))
+}
+
+/// `eager_attention_forward` and the head merge: q `[B,H,1,hd]` against the whole
+/// caches `[B,KV,S+1,hd]`, to `[B,1,H*hd]`.
+pub fn eager_attention(
+    b: &mut Builder,
+    q: NodeId,
+    k_all: NodeId,
+    v_all: NodeId,
+    mask: NodeId,
+    heads: &Heads,
+    dims: &StepDims,
+) -> Result<NodeId, BuildError> {
+    let dtype = b.ty(q).dtype;
+    let k_all = repeat_kv(b, k_all, heads, dims)?;
+    let v_all = repeat_kv(b, v_all, heads, dims)?;
+    let kt = b.transpose(k_all, 2, 3)?;
+    let scores = b.op(Op::MatMul, &[q, kt])?;
+    let scores = b.binary_scalar(BinaryOp::Mul, scores, (heads.head_dim as f64).powf(-0.5))?;
+    let scores = b.binary(BinaryOp::Add, scores, mask)?;
+    let scores = b.to_dtype(scores, DType::F32)?;
+    let probs = b.op(Op::Softmax { axis: -1 }, &[scores])?;
+    let probs = b.to_dtype(probs, dtype)?;
+    let o = b.op(Op::MatMul, &[probs, v_all])?;
+    let o = b.transpose(o, 1, 2)?;
+    b.reshape(
+        o,
+        Shape(vec![
+            dims.batch.clone(),
+            Dim::Fixed(1),
+            Dim::Fixed(heads.num_heads * heads.head_dim),
+        ]),
+    )
+}

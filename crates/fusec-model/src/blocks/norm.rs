@@ -1,0 +1,40 @@
+//! RMSNorm (Zhang & Sennrich, 2019), as transformers' `LlamaRMSNorm.forward` runs it:
+//! `to(f32)`, `pow 2`, `mean`, `add eps`, `rsqrt`, `mul`, `to(input dtype)`,
+//! `weight *` (the casts vanish for an f32 model).
+
+use fusec_ir::{BinaryOp, DType, NodeId, ReduceOp, Shape, UnaryOp, WeightRole};
+
+use crate::build::{BuildError, Builder};
+
+/// An RMSNorm over the last axis, with a learned scale.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RmsNorm {
+    pub weight: NodeId,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    /// Declares the scale `name`, `[dim]`.
+    pub fn new(
+        b: &mut Builder,
+        name: &str,
+        dim: u64,
+        eps: f64,
+        dtype: DType,
+    ) -> Result<Self, BuildError> {
+        let weight = b.weight(name, WeightRole::Norm, dtype, Shape::fixed(&[dim]))?;
+        Ok(Self { weight, eps })
+    }
+
+    pub fn forward(&self, b: &mut Builder, x: NodeId) -> Result<NodeId, BuildError> {
+        let input_dtype = b.ty(x).dtype;
+        let h = b.to_dtype(x, DType::F32)?;
+        let sq = b.binary_scalar(BinaryOp::Pow, h, 2.0)?;
+        let var = b.reduce(ReduceOp::Mean, sq, -1, true)?;
+        let var = b.binary_scalar(BinaryOp::Add, var, self.eps)?;
+        let r = b.unary(UnaryOp::Rsqrt, var)?;
+        let h = b.binary(BinaryOp::Mul, h, r)?;
+        let h = b.to_dtype(h, input_dtype)?;
+        b.binary(BinaryOp::Mul, self.weight, h)
+    }
+}

@@ -1,0 +1,22 @@
+//! Model frontends: a `model.toml` or a Hugging Face `config.json` read into a
+//! validated [`ModelSpec`], and a user's GPU file read into extra GPU specs.
+//!
+//! The frontends know no architecture: `model.toml` names one (checked against the
+//! names the caller passes), and an architecture reads its own `config.json` keys
+//! through [`HfConfig`]. [`crate::arch::Registry`] ties the two together.
+
+mod config;
+mod error;
+mod gpu_file;
+mod hf;
+mod model_toml;
+
+pub use config::{
+    DecodeConfig, ModelConfig, ModelSpec, Precision, TargetConfig, DEFAULT_ARCHITECTURE,
+    DEFAULT_GPU,
+};
+pub(crate) use error::english_list;
+pub use error::ConfigError;
+pub use gpu_file::{load_gpu_file, parse_gpu_file};
+pub use hf::{decoder_config, spec_from_hf, HfConfig};
+pub use model_toml::parse as parse_model_toml_with;
