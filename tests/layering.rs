@@ -157,7 +157,23 @@ fn code_only(src: &str) -> String {
 
 /// Expands a `use` tree (`a::{b, c::{d, e}}`) into full paths.
 fn expand(tree: &str) -> Vec<Vec<String>> {
-    let tree: String = tree.chars().filter(|c| !c.is_whitespace()).collect();
+    // `X as Y` keeps `X`; then whitespace goes.
+    let words: Vec<&str> = tree.split_whitespace().collect();
+    let mut kept = Vec::with_capacity(words.len());
+    let mut i = 0;
+    while i < words.len() {
+        if words.get(i + 1) == Some(&"as") {
+            kept.push(words[i]);
+            // Skip `as` and the alias, keeping any punctuation glued after the alias.
+            let alias = words.get(i + 2).copied().unwrap_or("");
+            kept.push(alias.trim_start_matches(|c: char| c.is_alphanumeric() || c == '_'));
+            i += 3;
+        } else {
+            kept.push(words[i]);
+            i += 1;
+        }
+    }
+    let tree: String = kept.concat();
     fn go(prefix: &[String], t: &str, out: &mut Vec<Vec<String>>) {
         if let Some(open) = t.find('{') {
             let head: Vec<String> = t[..open]
@@ -184,11 +200,7 @@ fn expand(tree: &str) -> Vec<Vec<String>> {
             go(&p, &inner[start..], out);
         } else if !t.is_empty() {
             let mut p = prefix.to_vec();
-            let t = t.split(" as ").next().unwrap_or(t);
-            p.extend(
-                t.split("::")
-                    .map(|s| s.split("as").next().unwrap_or(s).to_string()),
-            );
+            p.extend(t.split("::").map(str::to_string));
             out.push(p);
         }
     }
@@ -395,7 +407,11 @@ fn the_checker_finds_a_circle() {
         "pub struct B;\nfn f() { crate::c::g(); }\n",
     )
     .expect("write");
-    fs::write(src.join("c.rs"), "use super::a::A;\npub fn g() {}\n").expect("write");
+    fs::write(
+        src.join("c.rs"),
+        "use super::a::{A as Aliased, self as measured};\npub fn g() {}\n",
+    )
+    .expect("write");
     let circles = circles_in(src);
     assert_eq!(circles, ["a.rs -> b.rs -> c.rs"], "{circles:?}");
     fs::write(src.join("c.rs"), "pub fn g() {}\n").expect("write");
