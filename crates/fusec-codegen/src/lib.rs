@@ -1,4 +1,4 @@
-//! fusec's CUDA backend.
+//! fusec's code generator: pure text generation, graph to CUDA source and launch plan.
 //!
 //! [`generate`] lowers a verified decode-step graph to CUDA C, one kernel per
 //! launching node (eager primitives and fused ops alike), and a [`LaunchPlan`]: the
@@ -10,7 +10,9 @@
 //! - [`layout`]: static views, so views cost nothing at run time;
 //! - [`plan`]: the launch plan (serde);
 //! - [`cuda`]: the renderer, one module per kernel family;
-//! - [`nvrtc`]: NVRTC, loaded at run time, to check and compile the source.
+//!
+//! Compiling and running the output (NVRTC, the plan runner, the GPU executor) is
+//! `fusec-cuda`'s: this crate depends on the IR only.
 //!
 //! Invariant: the output is a pure function of its inputs. The same graph, shape and
 //! options give byte-identical source and plan; kernels with identical text (the
@@ -20,11 +22,9 @@ pub mod cuda;
 mod error;
 pub mod layout;
 mod lower;
-pub mod nvrtc;
 pub mod options;
 mod output;
 pub mod plan;
-pub mod runtime;
 
 pub use error::Error;
 pub use lower::generate;

@@ -15,8 +15,8 @@ use fusec_ir::step;
 use fusec_ir::DType;
 use half::{bf16, f16};
 
-use crate::output::Output;
-use crate::plan::{Arg, BufferKind, ConstantInit, LaunchPlan, ViewInfo};
+use fusec_codegen::plan::{Arg, BufferKind, ConstantInit, LaunchPlan, ViewInfo};
+use fusec_codegen::Output;
 
 /// Why a plan could not run.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
