@@ -9,7 +9,10 @@
 //! - [`options`]: targets, tuning knobs, and the [`DecodeShape`] kernels are built for;
 //! - [`layout`]: static views, so views cost nothing at run time;
 //! - [`plan`]: the launch plan (serde);
-//! - [`cuda`]: the renderer, one module per kernel family;
+//! - `emit`: the interface between the backend-neutral lowering (`lower`: buffers,
+//!   in-place aliases, views, arena, deduplication by text, the launch plan) and a
+//!   backend's `KernelEmitter`, one method per kernel family;
+//! - [`cuda`]: the CUDA C emitter, one module per kernel family;
 //!
 //! Compiling and running the output (NVRTC, the plan runner, the GPU executor) is
 //! `fusec-cuda`'s: this crate depends on the IR only.
@@ -19,6 +22,7 @@
 //! layers of a model) are emitted once.
 
 pub mod cuda;
+mod emit;
 mod error;
 pub mod layout;
 mod lower;
