@@ -7,7 +7,7 @@
 //! KV-cache buffers that the step did not update in place, and reads the logits and
 //! the greedy tokens back.
 //!
-//! The device is a trait so that the same runner drives a CUDA GPU (`fusec-exec`'s
+//! The device is a trait so that the same runner drives a CUDA GPU (this crate's
 //! `gpu` module) and, in the tests, a CPU emulation of the kernels. Devices deal in raw
 //! addresses: the arena's intermediates are offsets into one allocation.
 
