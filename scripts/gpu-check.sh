@@ -10,7 +10,7 @@
 #   scripts/gpu-check.sh [--steps N] [--context N]
 #
 # On a machine without crates.io, build the check where cargo works
-# (`cargo build --release -p fusec-codegen --features cuda --example gpu_check`) and
+# (`cargo build --release -p fusec-cuda --features cuda --example gpu_check`) and
 # point GPU_CHECK_BIN at target/release/examples/gpu_check: the build is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -66,7 +66,7 @@ if [ -n "${GPU_CHECK_BIN:-}" ]; then
 else
     phase "build (release, --features cuda)"
     timeout 240 cargo build --release --features cuda
-    timeout 240 cargo build --release -p fusec-codegen --features cuda --example gpu_check
+    timeout 240 cargo build --release -p fusec-cuda --features cuda --example gpu_check
     check="${CARGO_TARGET_DIR:-target}/release/examples/gpu_check"
 fi
 

@@ -6,6 +6,7 @@
 //! tests.
 
 pub use fusec_codegen as codegen;
+pub use fusec_cuda as cuda;
 pub use fusec_exec as exec;
 pub use fusec_ir as ir;
 pub use fusec_model as model;

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
-use fusec::codegen::nvrtc::{Nvrtc, Target};
 use fusec::codegen::{self, DecodeShape};
+use fusec::cuda::nvrtc::{Nvrtc, Target};
 use fusec::pipeline;
 use fusec::summary::Summary;
 use fusec_ir::{dot, text, Graph};

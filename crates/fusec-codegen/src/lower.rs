@@ -7,9 +7,9 @@ use std::collections::{BTreeMap, HashMap};
 use fusec_ir::op::resolve_axis;
 use fusec_ir::{verify, DType, FusedOp, Graph, InputKind, NodeId, Op, OutputKind, Type};
 
-use crate::cuda::gemv::{Epilogue, Gemv};
-use crate::cuda::{
-    attention, elementwise, gemv, matmul, movement, norm, reduce, KernelCode, Operand, Params, NAME,
+use crate::cuda::Cuda;
+use crate::emit::{
+    Attention, Ctx, Decode, Epilogue, Gemv, KernelCode, KernelEmitter, Operand, Params, NAME,
 };
 use crate::error::Error;
 use crate::layout::{extents, Extent, View};
@@ -33,6 +33,8 @@ struct Lower<'a> {
     graph: &'a Graph,
     decode: DecodeShape,
     opts: &'a Options,
+    /// The backend that renders each kernel.
+    emitter: &'a dyn KernelEmitter,
     number: HashMap<NodeId, usize>,
     buffers: Vec<Buffer>,
     vals: HashMap<NodeId, Val>,
@@ -57,6 +59,7 @@ pub fn generate(graph: &Graph, shape: &DecodeShape, options: &Options) -> Result
         graph,
         decode: *shape,
         opts: options,
+        emitter: &Cuda,
         number,
         buffers: Vec::new(),
         vals: HashMap::new(),
@@ -182,14 +185,18 @@ impl Lower<'_> {
                     .cloned()
                     .ok_or_else(|| self.unsupported(id, "a view must be a tensor"))?;
                 let to = self.dims(id, &ty)?;
-                let r = match &op {
-                    Op::Reshape { .. } => src.reshape(&to, &self.decode),
-                    Op::Transpose { a, b } => src.transpose(*a, *b),
-                    Op::Slice { axis, start, end } => resolve_axis(*axis, src.rank())
+                let r = if let Op::Transpose { a, b } = &op {
+                    src.transpose(*a, *b)
+                } else if let Op::Slice { axis, start, end } = &op {
+                    resolve_axis(*axis, src.rank())
                         .map_err(|e| e.to_string())
-                        .and_then(|a| src.slice(a, *start, *end)),
-                    Op::Unsqueeze { axis } => src.unsqueeze(*axis),
-                    _ => src.expand(&to),
+                        .and_then(|a| src.slice(a, *start, *end))
+                } else if let Op::Unsqueeze { axis } = &op {
+                    src.unsqueeze(*axis)
+                } else if let Op::Expand { .. } = &op {
+                    src.expand(&to)
+                } else {
+                    src.reshape(&to, &self.decode)
                 };
                 let v = r.map_err(|m| self.unsupported(id, m))?;
                 if v.dims != to {
@@ -218,8 +225,20 @@ impl Lower<'_> {
                 to: *to,
                 act: *act,
             }),
-            _ if op.launches_kernel() => self.launch(id)?,
-            _ => return Err(self.unsupported(id, "no lowering for this op")),
+            // Every other op launches a kernel (the op table says so; the
+            // `op_table_stages` test checks that each one lowers).
+            Op::Unary(_)
+            | Op::Binary(_)
+            | Op::Cast { .. }
+            | Op::Reduce { .. }
+            | Op::Argmax { .. }
+            | Op::Softmax { .. }
+            | Op::MatMul
+            | Op::Linear
+            | Op::Embedding
+            | Op::Cat { .. }
+            | Op::Copy
+            | Op::Fused(_) => self.launch(id)?,
         };
         self.vals.insert(id, val);
         Ok(())
@@ -291,7 +310,17 @@ impl Lower<'_> {
         let outs = self.results(id)?;
         let (decode, opts) = (self.decode, self.opts);
         let mut params = Params::default();
-        let p = &mut params;
+        let e = self.emitter;
+        // Every family method gets the kernel's parameters, the shape and the options.
+        macro_rules! cx {
+            () => {
+                Ctx {
+                    params: &mut params,
+                    decode: &decode,
+                    opts,
+                }
+            };
+        }
         let view = |i: usize| -> Result<&View, String> {
             ops.get(i)
                 .ok_or_else(|| format!("missing operand {i}"))?
@@ -308,38 +337,27 @@ impl Lower<'_> {
         let out0 = outs
             .first()
             .ok_or_else(|| self.unsupported(id, "no result"))?;
-        let mut workspace = None;
         let code: Result<KernelCode, String> = match &op {
-            Op::Unary(u) => elementwise::unary(*u, &ops[0], out0, p, &decode, opts),
-            Op::Binary(b) => elementwise::binary(*b, &ops[0], &ops[1], out0, p, &decode, opts),
-            Op::Cast { .. } => elementwise::cast(&ops[0], out0, p, &decode, opts),
-            Op::Copy => elementwise::copy(&ops[0], out0, p, &decode, opts),
+            Op::Unary(u) => e.unary(*u, &ops[0], out0, cx!()),
+            Op::Binary(b) => e.binary(*b, &ops[0], &ops[1], out0, cx!()),
+            Op::Cast { .. } => e.cast(&ops[0], out0, cx!()),
+            Op::Copy => e.copy(&ops[0], out0, cx!()),
             Op::Reduce {
                 kind,
                 axis: a,
                 keepdim,
-            } => axis(*a).and_then(|a| {
-                reduce::reduce(*kind, view(0)?, (a, *keepdim), out0, p, &decode, opts)
-            }),
-            Op::Argmax { axis: a } => {
-                axis(*a).and_then(|a| reduce::argmax(view(0)?, a, out0, p, &decode, opts))
-            }
-            Op::Softmax { axis: a } => {
-                axis(*a).and_then(|a| reduce::softmax(view(0)?, a, out0, p, &decode, opts))
-            }
-            Op::MatMul => view(0).and_then(|a| matmul::matmul(a, view(1)?, out0, p, &decode, opts)),
-            Op::Embedding => {
-                view(0).and_then(|t| movement::embedding(t, view(1)?, out0, p, &decode, opts))
-            }
+            } => axis(*a).and_then(|a| e.reduce(*kind, view(0)?, (a, *keepdim), out0, cx!())),
+            Op::Argmax { axis: a } => axis(*a).and_then(|a| e.argmax(view(0)?, a, out0, cx!())),
+            Op::Softmax { axis: a } => axis(*a).and_then(|a| e.softmax(view(0)?, a, out0, cx!())),
+            Op::MatMul => view(0).and_then(|a| e.matmul(a, view(1)?, out0, cx!())),
+            Op::Embedding => view(0).and_then(|t| e.embedding(t, view(1)?, out0, cx!())),
             Op::Cat { axis: a } => {
                 let parts: Result<Vec<View>, String> =
                     (0..ops.len()).map(|i| view(i).cloned()).collect();
-                parts.and_then(|parts| {
-                    axis(*a).and_then(|a| movement::cat(&parts, a, out0, p, &decode, opts))
-                })
+                parts.and_then(|parts| axis(*a).and_then(|a| e.cat(&parts, a, out0, cx!())))
             }
             Op::Linear => view(0).and_then(|x| {
-                gemv::gemv(
+                e.gemv(
                     &Gemv {
                         x,
                         norm: None,
@@ -347,20 +365,15 @@ impl Lower<'_> {
                         epilogue: Epilogue::Plain,
                         outs: &outs,
                     },
-                    p,
-                    &decode,
-                    opts,
+                    cx!(),
                 )
             }),
             Op::Fused(f) => match f {
-                FusedOp::KvAppend => {
-                    view(0).and_then(|past| movement::kv_append(past, view(1)?, p, &decode, opts))
+                FusedOp::KvAppend => view(0).and_then(|past| e.kv_append(past, view(1)?, cx!())),
+                FusedOp::Rope => view(0).and_then(|x| e.rope(x, &ops[1], &ops[2], out0, cx!())),
+                FusedOp::RmsNorm => {
+                    view(0).and_then(|x| e.rms_norm(x, view(1)?, scalar(2)?, out0, cx!()))
                 }
-                FusedOp::Rope => {
-                    view(0).and_then(|x| norm::rope(x, &ops[1], &ops[2], out0, p, &decode, opts))
-                }
-                FusedOp::RmsNorm => view(0)
-                    .and_then(|x| norm::rms_norm(x, view(1)?, scalar(2)?, out0, p, &decode, opts)),
                 FusedOp::RmsNormLinear => view(0).and_then(|x| {
                     let g = Gemv {
                         x,
@@ -369,7 +382,7 @@ impl Lower<'_> {
                         epilogue: Epilogue::Plain,
                         outs: &outs,
                     };
-                    gemv::gemv(&g, p, &decode, opts)
+                    e.gemv(&g, cx!())
                 }),
                 FusedOp::Swiglu => view(0).and_then(|x| {
                     let g = Gemv {
@@ -379,7 +392,7 @@ impl Lower<'_> {
                         epilogue: Epilogue::Swiglu,
                         outs: &outs,
                     };
-                    gemv::gemv(&g, p, &decode, opts)
+                    e.gemv(&g, cx!())
                 }),
                 FusedOp::RmsNormSwiglu => view(0).and_then(|x| {
                     let g = Gemv {
@@ -389,7 +402,7 @@ impl Lower<'_> {
                         epilogue: Epilogue::Swiglu,
                         outs: &outs,
                     };
-                    gemv::gemv(&g, p, &decode, opts)
+                    e.gemv(&g, cx!())
                 }),
                 FusedOp::LinearAdd => view(0).and_then(|x| {
                     let g = Gemv {
@@ -399,16 +412,16 @@ impl Lower<'_> {
                         epilogue: Epilogue::Residual(view(2)?),
                         outs: &outs,
                     };
-                    gemv::gemv(&g, p, &decode, opts)
+                    e.gemv(&g, cx!())
                 }),
                 FusedOp::Attention | FusedOp::DecodeAttention => {
-                    let built = (|| -> Result<attention::Attention<'_>, String> {
+                    let built = (|| -> Result<Attention<'_>, String> {
                         let dec = if *f == FusedOp::DecodeAttention {
                             let scales = match (ops.get(9), ops.get(10)) {
                                 (Some(k), Some(v)) => Some((k.view()?, v.view()?)),
                                 _ => None,
                             };
-                            Some(attention::Decode {
+                            Some(Decode {
                                 cos: &ops[3],
                                 sin: &ops[4],
                                 past_k: view(5)?,
@@ -419,7 +432,7 @@ impl Lower<'_> {
                             None
                         };
                         let (scale_i, mask_i) = if dec.is_some() { (7, 8) } else { (3, 4) };
-                        Ok(attention::Attention {
+                        Ok(Attention {
                             q: view(0)?,
                             k: view(1)?,
                             v: view(2)?,
@@ -429,20 +442,29 @@ impl Lower<'_> {
                             out: out0,
                         })
                     })();
-                    match built.and_then(|a| attention::shape(&a, &decode, opts).map(|s| (a, s))) {
-                        Ok((a, sh)) => {
-                            if sh.splits > 1 {
-                                workspace = Some((sh.workspace_floats(), sh.tickets()));
-                            }
-                            let ws = workspace.map(|(f, t)| self.workspace(f, t));
+                    match built
+                        .and_then(|a| e.attention_workspace(&a, &decode, opts).map(|w| (a, w)))
+                    {
+                        Ok((a, w)) => {
+                            let ws = w.map(|(f, t)| self.workspace(f, t));
                             let wsv = ws.as_ref().map(|(f, t)| (f, t));
-                            attention::attention(&a, &sh, wsv, p, &decode, opts)
+                            e.attention(&a, wsv, cx!())
                         }
                         Err(e) => Err(e),
                     }
                 }
             },
-            _ => Err("no kernel for this op".to_string()),
+            Op::Input { .. }
+            | Op::Weight { .. }
+            | Op::Scalar { .. }
+            | Op::RopeInvFreq { .. }
+            | Op::Reshape { .. }
+            | Op::Transpose { .. }
+            | Op::Slice { .. }
+            | Op::Unsqueeze { .. }
+            | Op::Expand { .. }
+            | Op::Get { .. }
+            | Op::Dequant { .. } => Err(format!("`{}` launches no kernel", op.name())),
         };
         let code = code.map_err(|m| self.unsupported(id, m))?;
         let mut views: Vec<_> = Vec::new();
@@ -477,7 +499,7 @@ impl Lower<'_> {
                 let f = self.add_buffer(
                     "attention.partials".into(),
                     BufferKind::Workspace,
-                    attention::WORKSPACE_DTYPE,
+                    self.emitter.workspace_dtype(),
                     &[Extent::Fixed(0)],
                 );
                 let t = self.add_buffer(
@@ -501,7 +523,7 @@ impl Lower<'_> {
         (
             View::dense(
                 f,
-                attention::WORKSPACE_DTYPE,
+                self.emitter.workspace_dtype(),
                 vec![Extent::Fixed(floats)],
                 &self.decode,
             ),
@@ -516,7 +538,7 @@ impl Lower<'_> {
         params: &Params,
         views: Vec<crate::plan::ViewInfo>,
     ) {
-        let text = code.function(params);
+        let text = self.emitter.function(code, params);
         let k = match self.by_text.get(&text) {
             Some(&k) => {
                 self.kernels[k].3 += 1;
@@ -606,6 +628,7 @@ impl Lower<'_> {
             })
             .collect();
         Ok(Output {
+            prelude: self.emitter.prelude(),
             kernels,
             plan: LaunchPlan {
                 graph: self.graph.name.clone(),

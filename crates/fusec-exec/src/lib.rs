@@ -22,8 +22,6 @@ pub mod decode;
 pub mod dtype;
 mod error;
 pub mod exec;
-#[cfg(feature = "cuda")]
-pub mod gpu;
 pub mod hugepages;
 pub mod kernels;
 mod pack;

@@ -23,30 +23,10 @@ use std::fmt::Write;
 use fusec_ir::DType;
 
 use super::{at, ctype, flit, KernelCode, Operand, Params};
+pub(crate) use crate::emit::Attention;
 use crate::layout::{Extent, View};
 use crate::options::{DecodeShape, Options};
 use crate::plan::Access;
-
-/// A decode attention's operands beyond plain attention's.
-pub(crate) struct Decode<'a> {
-    pub cos: &'a Operand,
-    pub sin: &'a Operand,
-    pub past_k: &'a View,
-    pub past_v: &'a View,
-    /// Per-tensor scales of an FP8 cache.
-    pub scales: Option<(&'a View, &'a View)>,
-}
-
-/// An attention node's operands. For decode, `k` and `v` are the new entries.
-pub(crate) struct Attention<'a> {
-    pub q: &'a View,
-    pub k: &'a View,
-    pub v: &'a View,
-    pub decode: Option<Decode<'a>>,
-    pub scale: f32,
-    pub mask: &'a Operand,
-    pub out: &'a View,
-}
 
 /// How an attention kernel is laid out; computed before the workspace is allocated.
 #[derive(Copy, Clone, Debug)]

@@ -14,29 +14,10 @@ use std::fmt::Write;
 use fusec_ir::DType;
 
 use super::{ctype, flit, KernelCode, Operand, Params};
+pub(crate) use crate::emit::{Epilogue, Gemv};
 use crate::layout::{Extent, View};
 use crate::options::{DecodeShape, Options};
 use crate::plan::Access;
-
-/// What the kernel does with the dot products.
-pub(crate) enum Epilogue<'a> {
-    /// One output per weight.
-    Plain,
-    /// Two weights, gate and up: `silu(x Wg^T) * (x Wu^T)`.
-    Swiglu,
-    /// One weight: `r + x W^T`.
-    Residual(&'a View),
-}
-
-/// A GEMV node's operands.
-pub(crate) struct Gemv<'a> {
-    pub x: &'a View,
-    /// The RMSNorm weight and eps of a normalised prologue.
-    pub norm: Option<(&'a View, f32)>,
-    pub weights: Vec<&'a Operand>,
-    pub epilogue: Epilogue<'a>,
-    pub outs: &'a [View],
-}
 
 /// One weight as the kernel reads it.
 struct Weight<'a> {

@@ -21,14 +21,14 @@ use fusec_ir::DType;
 
 use crate::layout::{Extent, View};
 use crate::options::{DecodeShape, Options};
-use crate::plan::{Access, Arg, BufferId};
+use crate::plan::Access;
+
+use crate::emit::{Attention, Ctx, Gemv, KernelEmitter};
+pub(crate) use crate::emit::{KernelCode, Operand, Params, NAME};
+use fusec_ir::{BinaryOp, ReduceOp, UnaryOp};
 
 /// Helpers every kernel may use; emitted once at the top of the translation unit.
 pub const PRELUDE: &str = include_str!("prelude.cu");
-
-/// The placeholder for the kernel's name in a generated body; the name is given once
-/// identical kernels have been merged.
-pub(crate) const NAME: &str = "FUSEC_KERNEL_NAME";
 
 /// The C type that stores `dtype`.
 pub fn ctype(dtype: DType) -> &'static str {
@@ -56,85 +56,6 @@ pub fn flit(v: f32) -> String {
         } else {
             format!("{s}.0f")
         }
-    }
-}
-
-/// The pointer parameters of a kernel, in order of first use.
-#[derive(Debug, Default)]
-pub(crate) struct Params {
-    list: Vec<(BufferId, DType, Access)>,
-}
-
-impl Params {
-    /// The parameter that points at `view`'s buffer, registering it on first use.
-    pub fn bind(&mut self, view: &View, access: Access) -> String {
-        self.bind_buffer(view.buffer, view.dtype, access)
-    }
-
-    pub fn bind_buffer(&mut self, buffer: BufferId, dtype: DType, access: Access) -> String {
-        if let Some(i) = self.list.iter().position(|(b, _, _)| *b == buffer) {
-            let a = &mut self.list[i].2;
-            if *a != access {
-                *a = Access::ReadWrite;
-            }
-            return format!("p{i}");
-        }
-        self.list.push((buffer, dtype, access));
-        format!("p{}", self.list.len() - 1)
-    }
-
-    /// The parameter list: pointers (const where only read), then `int S`.
-    pub fn signature(&self) -> String {
-        let mut s = String::new();
-        for (i, (_, dtype, access)) in self.list.iter().enumerate() {
-            let konst = if *access == Access::Read {
-                "const "
-            } else {
-                ""
-            };
-            let _ = write!(s, "{konst}{}* __restrict__ p{i}, ", ctype(*dtype));
-        }
-        s.push_str("const int S");
-        s
-    }
-
-    /// The plan's arguments, in parameter order.
-    pub fn args(&self) -> Vec<Arg> {
-        let mut args: Vec<Arg> = self
-            .list
-            .iter()
-            .map(|(b, _, a)| Arg::Buffer {
-                buffer: *b,
-                access: *a,
-            })
-            .collect();
-        args.push(Arg::PastLen);
-        args
-    }
-}
-
-/// What a family generator returns: the function body and how to launch it.
-#[derive(Debug)]
-pub(crate) struct KernelCode {
-    /// A short family name for the kernel's name (`gemv`, `softmax`).
-    pub family: &'static str,
-    /// The statements of the function body.
-    pub body: String,
-    pub grid: [u32; 3],
-    pub block: u32,
-    /// Dynamic shared memory bytes.
-    pub shared: u32,
-}
-
-impl KernelCode {
-    /// The whole `__global__` function, with [`NAME`] for its name.
-    pub fn function(&self, params: &Params) -> String {
-        format!(
-            "extern \"C\" __global__ void __launch_bounds__({}) {NAME}({}) {{\n{}}}\n",
-            self.block,
-            params.signature(),
-            self.body
-        )
     }
 }
 
@@ -244,6 +165,195 @@ pub(crate) fn row_threads(len: u64, opts: &Options) -> u32 {
     want as u32
 }
 
+/// The parameter list: pointers (const where only read), then `int S`.
+fn signature(params: &Params) -> String {
+    let mut s = String::new();
+    for (i, (_, dtype, access)) in params.list().iter().enumerate() {
+        let konst = if *access == Access::Read {
+            "const "
+        } else {
+            ""
+        };
+        let _ = write!(s, "{konst}{}* __restrict__ p{i}, ", Cuda.type_name(*dtype));
+    }
+    s.push_str("const int S");
+    s
+}
+
+/// The whole `__global__` function, with [`NAME`] for its name.
+fn function(code: &KernelCode, params: &Params) -> String {
+    format!(
+        "extern \"C\" __global__ void __launch_bounds__({}) {NAME}({}) {{\n{}}}\n",
+        code.block,
+        signature(params),
+        code.body
+    )
+}
+
+/// The CUDA C emitter: each family's module renders the kernel; this is the table the
+/// backend-neutral lowering calls.
+pub(crate) struct Cuda;
+
+impl KernelEmitter for Cuda {
+    fn prelude(&self) -> &'static str {
+        PRELUDE
+    }
+
+    fn type_name(&self, dtype: DType) -> &'static str {
+        ctype(dtype)
+    }
+
+    fn function(&self, code: &KernelCode, params: &Params) -> String {
+        function(code, params)
+    }
+
+    fn unary(
+        &self,
+        op: UnaryOp,
+        x: &Operand,
+        out: &View,
+        cx: Ctx<'_, '_>,
+    ) -> Result<KernelCode, String> {
+        elementwise::unary(op, x, out, cx.params, cx.decode, cx.opts)
+    }
+
+    fn binary(
+        &self,
+        op: BinaryOp,
+        a: &Operand,
+        b: &Operand,
+        out: &View,
+        cx: Ctx<'_, '_>,
+    ) -> Result<KernelCode, String> {
+        elementwise::binary(op, a, b, out, cx.params, cx.decode, cx.opts)
+    }
+
+    fn cast(&self, x: &Operand, out: &View, cx: Ctx<'_, '_>) -> Result<KernelCode, String> {
+        elementwise::cast(x, out, cx.params, cx.decode, cx.opts)
+    }
+
+    fn copy(&self, x: &Operand, out: &View, cx: Ctx<'_, '_>) -> Result<KernelCode, String> {
+        elementwise::copy(x, out, cx.params, cx.decode, cx.opts)
+    }
+
+    fn reduce(
+        &self,
+        kind: ReduceOp,
+        x: &View,
+        axis: (usize, bool),
+        out: &View,
+        cx: Ctx<'_, '_>,
+    ) -> Result<KernelCode, String> {
+        reduce::reduce(kind, x, axis, out, cx.params, cx.decode, cx.opts)
+    }
+
+    fn argmax(
+        &self,
+        x: &View,
+        axis: usize,
+        out: &View,
+        cx: Ctx<'_, '_>,
+    ) -> Result<KernelCode, String> {
+        reduce::argmax(x, axis, out, cx.params, cx.decode, cx.opts)
+    }
+
+    fn softmax(
+        &self,
+        x: &View,
+        axis: usize,
+        out: &View,
+        cx: Ctx<'_, '_>,
+    ) -> Result<KernelCode, String> {
+        reduce::softmax(x, axis, out, cx.params, cx.decode, cx.opts)
+    }
+
+    fn matmul(
+        &self,
+        a: &View,
+        b: &View,
+        out: &View,
+        cx: Ctx<'_, '_>,
+    ) -> Result<KernelCode, String> {
+        matmul::matmul(a, b, out, cx.params, cx.decode, cx.opts)
+    }
+
+    fn embedding(
+        &self,
+        table: &View,
+        ids: &View,
+        out: &View,
+        cx: Ctx<'_, '_>,
+    ) -> Result<KernelCode, String> {
+        movement::embedding(table, ids, out, cx.params, cx.decode, cx.opts)
+    }
+
+    fn cat(
+        &self,
+        parts: &[View],
+        axis: usize,
+        out: &View,
+        cx: Ctx<'_, '_>,
+    ) -> Result<KernelCode, String> {
+        movement::cat(parts, axis, out, cx.params, cx.decode, cx.opts)
+    }
+
+    fn kv_append(&self, past: &View, new: &View, cx: Ctx<'_, '_>) -> Result<KernelCode, String> {
+        movement::kv_append(past, new, cx.params, cx.decode, cx.opts)
+    }
+
+    fn rms_norm(
+        &self,
+        x: &View,
+        weight: &View,
+        eps: f32,
+        out: &View,
+        cx: Ctx<'_, '_>,
+    ) -> Result<KernelCode, String> {
+        norm::rms_norm(x, weight, eps, out, cx.params, cx.decode, cx.opts)
+    }
+
+    fn rope(
+        &self,
+        x: &View,
+        cos: &Operand,
+        sin: &Operand,
+        out: &View,
+        cx: Ctx<'_, '_>,
+    ) -> Result<KernelCode, String> {
+        norm::rope(x, cos, sin, out, cx.params, cx.decode, cx.opts)
+    }
+
+    fn gemv(&self, g: &Gemv<'_>, cx: Ctx<'_, '_>) -> Result<KernelCode, String> {
+        gemv::gemv(g, cx.params, cx.decode, cx.opts)
+    }
+
+    fn attention_workspace(
+        &self,
+        a: &Attention<'_>,
+        decode: &DecodeShape,
+        opts: &Options,
+    ) -> Result<Option<(u64, u64)>, String> {
+        let sh = attention::shape(a, decode, opts)?;
+        Ok((sh.splits > 1).then(|| (sh.workspace_floats(), sh.tickets())))
+    }
+
+    fn workspace_dtype(&self) -> DType {
+        attention::WORKSPACE_DTYPE
+    }
+
+    fn attention(
+        &self,
+        a: &Attention<'_>,
+        workspace: Option<(&View, &View)>,
+        cx: Ctx<'_, '_>,
+    ) -> Result<KernelCode, String> {
+        // The layout is a pure function of the operands, so recomputing it here gives
+        // the one `attention_workspace` sized the workspace for.
+        let sh = attention::shape(a, cx.decode, cx.opts)?;
+        attention::attention(a, &sh, workspace, cx.params, cx.decode, cx.opts)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -263,48 +373,5 @@ mod tests {
         assert_eq!(coords[0], "0LL");
         assert!(code.contains("cr % ((long long)S + 1LL)"), "{code}");
         assert_eq!(coords[1], "c1");
-    }
-}
-
-/// An operand of a kernel, as the lowering resolved it.
-#[derive(Clone, Debug)]
-pub(crate) enum Operand {
-    /// A tensor in a buffer.
-    View(View),
-    /// A scalar kernel argument, baked in as a literal.
-    Scalar(f32),
-    /// A quantized weight: `values * scale` (per output channel, or one per tensor),
-    /// read by GEMV kernels only. `act` is the recipe of the GEMV's activations.
-    Dequant {
-        values: View,
-        scale: View,
-        to: DType,
-        act: DType,
-    },
-}
-
-impl Operand {
-    pub fn view(&self) -> Result<&View, String> {
-        match self {
-            Operand::View(v) => Ok(v),
-            Operand::Scalar(_) => Err("expected a tensor operand, got a scalar".into()),
-            Operand::Dequant { .. } => Err("a quantized weight can only feed a GEMV".into()),
-        }
-    }
-
-    pub fn scalar(&self) -> Result<f32, String> {
-        match self {
-            Operand::Scalar(v) => Ok(*v),
-            _ => Err("expected a scalar operand".into()),
-        }
-    }
-
-    /// The dtype of the values the operand stands for.
-    pub fn dtype(&self) -> DType {
-        match self {
-            Operand::View(v) => v.dtype,
-            Operand::Scalar(_) => DType::F32,
-            Operand::Dequant { to, .. } => *to,
-        }
     }
 }

@@ -7,7 +7,7 @@
 //! KV-cache buffers that the step did not update in place, and reads the logits and
 //! the greedy tokens back.
 //!
-//! The device is a trait so that the same runner drives a CUDA GPU (`fusec-exec`'s
+//! The device is a trait so that the same runner drives a CUDA GPU (this crate's
 //! `gpu` module) and, in the tests, a CPU emulation of the kernels. Devices deal in raw
 //! addresses: the arena's intermediates are offsets into one allocation.
 
@@ -15,8 +15,8 @@ use fusec_ir::step;
 use fusec_ir::DType;
 use half::{bf16, f16};
 
-use crate::output::Output;
-use crate::plan::{Arg, BufferKind, ConstantInit, LaunchPlan, ViewInfo};
+use fusec_codegen::plan::{Arg, BufferKind, ConstantInit, LaunchPlan, ViewInfo};
+use fusec_codegen::Output;
 
 /// Why a plan could not run.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

@@ -6,9 +6,9 @@ mod common;
 use std::collections::{BTreeMap, HashMap};
 
 use fusec_codegen::plan::{Arg, BufferKind, LaunchPlan};
-use fusec_codegen::{generate, DecodeShape, Error, Options};
+use fusec_codegen::DecodeShape;
 use fusec_ir::shape::Bindings;
-use fusec_ir::{DType, Dim, Graph, InputKind, NodeId, Op, OutputKind, Shape, TensorType};
+use fusec_ir::{DType, Dim, Graph, NodeId, Op, TensorType};
 use fusec_model::frontend::Precision;
 
 fn tiny_and_8b() -> Vec<common::Case> {
@@ -372,47 +372,4 @@ fn fp8_kernels_dequantize_with_their_scales() {
         .count();
     // Seven GEMV weights per layer, the lm_head, and a key and a value scale per layer.
     assert_eq!(weights, 7 * 2 + 1 + 2 * 2, "scale buffers");
-}
-
-fn graph_with_symbol(sym: &str) -> Graph {
-    let mut g = Graph::new("t");
-    let t = TensorType::new(DType::F32, Shape::new([Dim::sym(sym), Dim::Fixed(4)]));
-    let x = g
-        .add_leaf(
-            Op::Input {
-                name: "x".into(),
-                kind: InputKind::Data,
-            },
-            t,
-        )
-        .expect("leaf");
-    let y = g.add(Op::Unary(fusec_ir::UnaryOp::Exp), &[x]).expect("exp");
-    g.add_output("y", OutputKind::Data, y);
-    g
-}
-
-#[test]
-fn unknown_symbols_and_bad_options_are_errors() {
-    let shape = DecodeShape::new(1, 16);
-    assert_eq!(
-        generate(&graph_with_symbol("X"), &shape, &Options::default()),
-        Err(Error::UnknownSymbol("X".into()))
-    );
-    assert!(generate(&graph_with_symbol("B"), &shape, &Options::default()).is_ok());
-    let bad = Options {
-        block_size: 100,
-        ..Options::default()
-    };
-    assert!(matches!(
-        generate(&graph_with_symbol("B"), &shape, &bad),
-        Err(Error::Options(_))
-    ));
-    assert!(matches!(
-        generate(
-            &graph_with_symbol("B"),
-            &DecodeShape::new(0, 16),
-            &Options::default()
-        ),
-        Err(Error::Options(_))
-    ));
 }

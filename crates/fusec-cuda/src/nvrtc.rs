@@ -21,7 +21,7 @@
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::path::{Path, PathBuf};
 
-use crate::options::Arch;
+use fusec_codegen::Arch;
 
 type Program = *mut c_void;
 type NvrtcResult = c_int;

@@ -10,14 +10,16 @@
 //!   against the copy bandwidth measured in the same run).
 //! - `gpu_check copy`: the device-to-device copy bandwidth.
 
+#[path = "../tests/common/stages.rs"]
+mod stages;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use fusec::pipeline;
-use fusec_codegen::runtime::{encode, Device, RunError, Runner, WeightSource};
 use fusec_codegen::{generate, DecodeShape, Options};
-use fusec_exec::gpu::{CheckpointWeights, CudaDevice};
+use fusec_cuda::gpu::{CheckpointWeights, CudaDevice};
+use fusec_cuda::runtime::{encode, Device, RunError, Runner, WeightSource};
 use fusec_exec::{Executor, Session, Weights};
 use fusec_ir::shape::Bindings;
 use fusec_ir::{DType, Graph};
@@ -38,10 +40,8 @@ fn root() -> PathBuf {
 }
 
 fn fused_in(spec: &ModelSpec, p: Precision) -> Result<Graph, Fail> {
-    let rules = pipeline::rules(&[]).map_err(|e| e.to_string())?;
-    Ok(pipeline::fused_in(spec, p, &rules, &Fp8Options::default())
-        .map_err(|e| e.to_string())?
-        .0)
+    let rules = stages::rules()?;
+    stages::fused_in(spec, p, &rules, &Fp8Options::default())
 }
 
 const PROMPT: [i32; 5] = [1, 17, 42, 99, 7];
@@ -97,8 +97,8 @@ fn tokens(d: &Decode) -> Vec<i32> {
 
 fn fixture() -> Result<bool, Fail> {
     let dir = root().join("tests/fixtures/hf-tiny-llama-s0");
-    let spec = pipeline::load(&root().join("examples/tiny.toml"), None, None)
-        .map_err(|e| e.to_string())?;
+    let spec =
+        stages::load(&root().join("examples/tiny.toml"), None, None).map_err(|e| e.to_string())?;
     let expected: Vec<i32> = {
         let text = std::fs::read_to_string(dir.join("expected.json")).map_err(|e| e.to_string())?;
         let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
@@ -123,8 +123,8 @@ fn fixture() -> Result<bool, Fail> {
         (Precision::Bf16, 3e-2),
         (Precision::Fp8, 5e-2),
     ] {
-        let s = pipeline::in_precision(&spec, p);
-        let eager = pipeline::eager(&s).map_err(|e| e.to_string())?;
+        let s = stages::in_precision(&spec, p);
+        let eager = stages::eager(&s).map_err(|e| e.to_string())?;
         let base = Weights::load(&dir, &eager).map_err(|e| e.to_string())?;
         let mut graphs = vec![("fused", fused_in(&spec, p)?)];
         if p != Precision::Fp8 {
@@ -234,7 +234,7 @@ fn bench(args: &[String]) -> Result<bool, Fail> {
     let (Some(model), Some(variant)) = (args.first(), args.get(1)) else {
         return Err("usage: gpu_check bench MODEL.toml eager|fused|fused-fp8 [--context N] [--batch N] [--steps N]".into());
     };
-    let spec = pipeline::load(
+    let spec = stages::load(
         Path::new(model),
         flag(args, "--batch"),
         flag(args, "--context"),
@@ -243,7 +243,7 @@ fn bench(args: &[String]) -> Result<bool, Fail> {
     let steps = flag(args, "--steps").unwrap_or(20).max(1);
     let (graph, label) = match variant.as_str() {
         "eager" => (
-            pipeline::eager(&pipeline::in_precision(&spec, Precision::Bf16))
+            stages::eager(&stages::in_precision(&spec, Precision::Bf16))
                 .map_err(|e| e.to_string())?,
             "eager bf16",
         ),

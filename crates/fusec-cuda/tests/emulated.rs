@@ -9,9 +9,9 @@ mod emulate;
 use std::io::Write as _;
 use std::path::PathBuf;
 
-use fusec::pipeline;
-use fusec_codegen::runtime::{encode, RunError, Runner, WeightSource};
+use common::stages;
 use fusec_codegen::{generate, DecodeShape, Options};
+use fusec_cuda::runtime::{encode, RunError, Runner, WeightSource};
 use fusec_exec::{Executor, Session, Weights};
 use fusec_ir::{DType, Graph};
 use fusec_model::frontend::Precision;
@@ -121,18 +121,16 @@ impl Model {
     fn new() -> Model {
         Model {
             spec: common::spec(&common::root().join("examples/tiny.toml")),
-            rules: pipeline::rules(&[]).expect("rules"),
+            rules: stages::rules().expect("rules"),
         }
     }
 
     fn eager(&self, p: Precision) -> Graph {
-        pipeline::eager(&pipeline::in_precision(&self.spec, p)).expect("eager")
+        stages::eager(&stages::in_precision(&self.spec, p)).expect("eager")
     }
 
     fn fused(&self, p: Precision) -> Graph {
-        pipeline::fused_in(&self.spec, p, &self.rules, &Fp8Options::default())
-            .expect("fused")
-            .0
+        stages::fused_in(&self.spec, p, &self.rules, &Fp8Options::default()).expect("fused")
     }
 }
 

@@ -2,10 +2,10 @@
 //! `fusec-codegen` on an NVIDIA GPU through cudarc, with the CUDA driver and NVRTC
 //! loaded at run time, so the crate builds and its tests run where CUDA is absent.
 //!
-//! - [`CudaDevice`] is `fusec_codegen::runtime::Device` on a GPU: allocations by
+//! - [`CudaDevice`] is `crate::runtime::Device` on a GPU: allocations by
 //!   address, NVRTC to a CUBIN for the GPU's own architecture, launches on one stream;
 //! - [`CheckpointWeights`] feeds a [`Weights`] set (a checkpoint, random weights, or
-//!   the FP8 weights of `crate::quant`) to the runner in the dtypes the plan wants;
+//!   the FP8 weights of `fusec_exec::quant`) to the runner in the dtypes the plan wants;
 //! - [`Runner`] (re-exported) allocates the plan's buffers and runs decode steps.
 //!
 //! A missing driver, a missing NVRTC, or no GPU is a [`GpuError`], never a panic:
@@ -22,17 +22,17 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::nvrtc::{Nvrtc, NvrtcError, Target};
+use crate::runtime::{encode, Device, RunError, WeightSource};
 use cudarc::driver::{
     result, sys, CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg,
 };
-use fusec_codegen::nvrtc::{Nvrtc, NvrtcError, Target};
-use fusec_codegen::runtime::{encode, Device, RunError, WeightSource};
 use fusec_codegen::{Arch, Output};
 use fusec_ir::DType;
 
-pub use fusec_codegen::runtime::{Runner, Step};
+pub use crate::runtime::{Runner, Step};
 
-use crate::weights::Weights;
+use fusec_exec::Weights;
 
 /// Why the GPU cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -72,7 +72,7 @@ pub struct CudaDevice {
 
 impl CudaDevice {
     /// The GPU `ordinal` (0 for the first), with NVRTC found as
-    /// `fusec_codegen::nvrtc` documents.
+    /// `crate::nvrtc` documents.
     pub fn new(ordinal: usize) -> Result<CudaDevice, GpuError> {
         if !driver_present() {
             return Err(GpuError::NoDriver);

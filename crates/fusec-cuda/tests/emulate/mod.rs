@@ -15,8 +15,8 @@ use std::fmt::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use fusec_codegen::runtime::{Device, RunError};
 use fusec_codegen::Output;
+use fusec_cuda::runtime::{Device, RunError};
 
 type Launch = unsafe extern "C" fn(*const u64, i32, u32, u32, u32, u32, u32);
 

@@ -1,10 +1,11 @@
-//! Helpers shared by the codegen tests: every example model in every precision.
+//! Helpers shared by the code generation tests: every example model in every precision.
 
 #![allow(dead_code)]
 
+pub mod stages;
+
 use std::path::{Path, PathBuf};
 
-use fusec::pipeline;
 use fusec_codegen::{generate, DecodeShape, Options, Output};
 use fusec_ir::Graph;
 use fusec_model::frontend::{ModelSpec, Precision};
@@ -27,7 +28,7 @@ pub fn examples() -> Vec<PathBuf> {
 }
 
 pub fn spec(path: &Path) -> ModelSpec {
-    pipeline::load(path, None, None).expect("example loads")
+    stages::load(path, None, None).expect("example loads")
 }
 
 pub const PRECISIONS: [Precision; 4] = [
@@ -48,11 +49,10 @@ pub struct Case {
 pub fn cases(path: &Path, precision: Precision) -> Vec<Case> {
     let spec = spec(path);
     let shape = DecodeShape::new(spec.decode.batch, spec.model.max_seq_len);
-    let s = pipeline::in_precision(&spec, precision);
-    let eager = pipeline::eager(&s).expect("eager graph");
-    let rules = pipeline::rules(&[]).expect("built-in rules");
-    let (fused, _) =
-        pipeline::fused_in(&spec, precision, &rules, &Fp8Options::default()).expect("fuses");
+    let s = stages::in_precision(&spec, precision);
+    let eager = stages::eager(&s).expect("eager graph");
+    let rules = stages::rules().expect("built-in rules");
+    let fused = stages::fused_in(&spec, precision, &rules, &Fp8Options::default()).expect("fuses");
     let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
     vec![
         Case {
@@ -78,8 +78,8 @@ pub fn output(case: &Case) -> Output {
 /// the full fusion: `(label, graph)` in f32.
 pub fn partial_fusions(precision: Precision) -> Vec<(String, Graph)> {
     let spec = spec(&root().join("examples/tiny.toml"));
-    let s = pipeline::in_precision(&spec, precision);
-    let eager = pipeline::eager(&s).expect("eager graph");
+    let s = stages::in_precision(&spec, precision);
+    let eager = stages::eager(&s).expect("eager graph");
     let topics: Vec<&str> = fusec_rewrite::ruleset::BUILTIN_RULE_FILES
         .iter()
         .map(|(t, _)| *t)
@@ -104,7 +104,7 @@ pub fn partial_fusions(precision: Precision) -> Vec<(String, Graph)> {
                     .expect("built-in rules parse");
             }
         }
-        let (g, _) = pipeline::fuse(&s, &eager, &rules).expect("fuses");
+        let g = stages::fuse(&s, &eager, &rules).expect("fuses");
         out.push((label, g));
     }
     out

@@ -13,8 +13,8 @@ use std::io::Write as _;
 use std::time::Instant;
 
 use fusec_codegen::cuda::PRELUDE;
-use fusec_codegen::nvrtc::{Nvrtc, Target};
 use fusec_codegen::Arch;
+use fusec_cuda::nvrtc::{Nvrtc, Target};
 use fusec_ir::{DType, Dim, FusedOp, Graph, InputKind, Op, OutputKind, Shape, TensorType, F64};
 use fusec_model::frontend::Precision;
 

@@ -1,0 +1,90 @@
+//! The compile pipeline's stages, called directly from the stage crates (the root
+//! package's `fusec::pipeline` is a later stage than this crate): load a model, build
+//! its eager graph in a precision, fuse it with the built-in rules, lower it to FP8,
+//! with the verifier after every phase. Shared by the tests and the `gpu_check`
+//! example (included by path), so that both compile exactly what `fusec` compiles.
+
+#![allow(dead_code)]
+
+use std::path::Path;
+
+use fusec_ir::{hardware, step, verify, DType, Graph};
+use fusec_model::frontend::{ModelSpec, Precision};
+use fusec_model::{load_model, Registry};
+use fusec_rewrite::precision::{lower_fp8, Fp8Options};
+use fusec_rewrite::{Limits, RuleSet};
+
+/// Loads a model description with the decode shape overridden where given.
+pub fn load(path: &Path, batch: Option<u64>, context: Option<u64>) -> Result<ModelSpec, String> {
+    let mut spec = load_model(path).map_err(|e| e.to_string())?;
+    spec.set_decode(batch, context).map_err(|e| e.to_string())?;
+    Ok(spec)
+}
+
+fn verified(phase: &str, graph: Graph) -> Result<Graph, String> {
+    verify(&graph).map_err(|e| format!("{phase}: verifier: {e}"))?;
+    Ok(graph)
+}
+
+/// The spec with its checkpoint run in `precision`'s compute dtype: FP8 lowers the
+/// GEMV weights and the KV cache of a graph that otherwise runs in bf16 (f16 for an
+/// f16 checkpoint).
+pub fn in_precision(spec: &ModelSpec, precision: Precision) -> ModelSpec {
+    let mut s = spec.clone();
+    s.model.dtype = match precision {
+        Precision::F32 => DType::F32,
+        Precision::F16 => DType::F16,
+        Precision::Bf16 => DType::Bf16,
+        Precision::Fp8 if spec.model.dtype == DType::F16 => DType::F16,
+        Precision::Fp8 => DType::Bf16,
+    };
+    s.target.precision = precision;
+    s
+}
+
+/// The eager decode graph, verified.
+pub fn eager(spec: &ModelSpec) -> Result<Graph, String> {
+    verified(
+        "build",
+        Registry::builtin().build(spec).map_err(|e| e.to_string())?,
+    )
+}
+
+/// The built-in rules.
+pub fn rules() -> Result<RuleSet, String> {
+    RuleSet::builtin().map_err(|e| e.to_string())
+}
+
+/// `eager` fused by `rules` for the spec's target GPU and decode shape, verified.
+pub fn fuse(spec: &ModelSpec, eager: &Graph, rules: &RuleSet) -> Result<Graph, String> {
+    let gpu = hardware::gpu(&spec.target.gpu)
+        .ok_or_else(|| format!("unknown GPU `{}`", spec.target.gpu))?;
+    let bindings = step::bindings_for_context(spec.decode.batch, spec.decode.context);
+    let opts = fusec_rewrite::Options {
+        rules,
+        gpu,
+        bindings: &bindings,
+        limits: Limits::default(),
+    };
+    let (graph, _) =
+        fusec_rewrite::fuse(eager, &opts).map_err(|e| format!("{}: {}", e.phase, e.message))?;
+    verified("fuse", graph)
+}
+
+/// The fused graph of `spec` in `precision`, lowered to FP8 for [`Precision::Fp8`].
+pub fn fused_in(
+    spec: &ModelSpec,
+    precision: Precision,
+    rules: &RuleSet,
+    fp8: &Fp8Options,
+) -> Result<Graph, String> {
+    let s = in_precision(spec, precision);
+    let fused = fuse(&s, &eager(&s)?, rules)?;
+    if precision != Precision::Fp8 {
+        return Ok(fused);
+    }
+    verified(
+        "lower-fp8",
+        lower_fp8(&fused, fp8).map_err(|e| e.to_string())?,
+    )
+}
