@@ -10,6 +10,7 @@ pub use fusec_exec as exec;
 pub use fusec_ir as ir;
 pub use fusec_report as report;
 pub use fusec_rewrite as rewrite;
+pub use fusec_weights as weights;
 
 pub mod bench;
 pub mod explain;

@@ -133,14 +133,14 @@ fn fixture() -> Result<bool, Fail> {
         for (variant, graph) in &graphs {
             let weights = if p == Precision::Fp8 {
                 let unlowered = fused_in(&spec, Precision::Bf16)?;
-                let (kv, _) = fusec_exec::quant::calibrate_kv_scales(
+                let (kv, _) = fusec_exec::calibrate::calibrate_kv_scales(
                     graph,
                     &unlowered,
                     &base,
                     &[PROMPT.to_vec()],
                 )
                 .map_err(|e| e.to_string())?;
-                fusec_exec::quant::lower_weights(&base, graph, &kv).map_err(|e| e.to_string())?
+                fusec_weights::lower_weights(&base, graph, &kv).map_err(|e| e.to_string())?
             } else {
                 base.clone()
             };

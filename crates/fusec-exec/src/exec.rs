@@ -40,6 +40,7 @@ use std::time::Instant;
 use fusec_ir::op::resolve_axis;
 use fusec_ir::shape::{Bindings, Shape};
 use fusec_ir::{verify, FusedOp, Graph, NodeId, Op, OutputKind, TensorType, Type};
+use fusec_weights::Weights;
 
 use crate::error::Error;
 use crate::kernels::attention::{self, Caches};
@@ -48,8 +49,7 @@ use crate::kernels::gemv::{self, GemvWeight, QuantWeight};
 use crate::kernels::{constant, elementwise, fused, gather, matmul, movement, reduce, KernelError};
 use crate::profile::{NodeStats, StepStats};
 use crate::tensor::{Buffer, Dims, Tensor, TensorError};
-use crate::weights::Weights;
-use crate::{dtype, hugepages, pack, pool, team};
+use crate::{hugepages, pack, pool, rounding, team};
 
 /// A runtime value: a tensor, a scalar kernel argument, the results of a
 /// multi-result (fused) op, read with `get`, or a quantized GEMV weight (a `dequant`
@@ -344,7 +344,7 @@ impl Executor {
         for (pos, &id) in order.iter().enumerate() {
             let node = graph.node(id);
             for t in node.ty.tensors() {
-                if !dtype::is_supported(t.dtype) {
+                if !rounding::is_supported(t.dtype) {
                     return Err(Error::InvalidGraph(format!(
                         "{} produces {t}: the CPU executor does not support {} yet",
                         node.op, t.dtype
@@ -373,7 +373,9 @@ impl Executor {
                     let ty = node.tensor_type().ok_or_else(|| {
                         Error::InvalidGraph(format!("weight `{name}` has a tuple type"))
                     })?;
-                    Some(Value::Tensor(weights.bind(name, ty)?))
+                    let t = Tensor::from_weight(weights.bind(name, ty)?)
+                        .map_err(|e| Error::InvalidGraph(format!("weight `{name}`: {e}")))?;
+                    Some(Value::Tensor(t))
                 }
                 Op::RopeInvFreq { theta, head_dim } => {
                     let t = constant::rope_inv_freq(theta.0, *head_dim)

@@ -18,8 +18,8 @@
 //! runtime tensors, never from the cost model.
 
 pub mod accuracy;
+pub mod calibrate;
 pub mod decode;
-pub mod dtype;
 mod error;
 pub mod exec;
 #[cfg(feature = "cuda")]
@@ -29,17 +29,16 @@ pub mod kernels;
 mod pack;
 mod pool;
 pub mod profile;
-pub mod quant;
-pub mod random;
 pub mod team;
 pub mod tensor;
-pub mod weights;
+
+/// Rounding to IR dtypes and the compact codes, shared with the weights.
+pub use fusec_weights::rounding;
 
 pub use decode::{Generation, Session, StepOutput};
 pub use error::Error;
 pub use exec::{Executor, RunOutput, Value};
+pub use fusec_weights::{SplitMix64, WeightSource, WeightTensor, Weights};
 pub use kernels::KernelError;
 pub use profile::{KindStats, NodeStats, Profile, StepStats};
-pub use random::SplitMix64;
 pub use tensor::{Tensor, TensorError};
-pub use weights::{WeightSource, Weights};

@@ -8,7 +8,7 @@
 //!
 //! Float values are stored as `f32` whatever their IR dtype; a tensor whose dtype is
 //! `f16`, `bf16` or an FP8 format holds values already rounded to that dtype (see
-//! [`crate::dtype`]). Token ids and positions are `i32`. Two kinds of tensors are
+//! [`crate::rounding`]). Token ids and positions are `i32`. Two kinds of tensors are
 //! stored compactly instead, in the bits of their dtype, because the kernels that
 //! read them are bound by memory: GEMV weights (`f16`, `bf16` and E4M3,
 //! [`Tensor::to_compact`]) and the E4M3 KV caches of a decode session
@@ -36,8 +36,9 @@ use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
 use fusec_ir::DType;
+use fusec_weights::{Storage, WeightTensor};
 
-use crate::dtype;
+use crate::rounding;
 
 /// The storage a tensor views.
 #[derive(Clone, Debug)]
@@ -281,7 +282,7 @@ impl Tensor {
         shape: &[usize],
         mut data: Vec<f32>,
     ) -> Result<Tensor, TensorError> {
-        if !dtype.is_float() || !dtype::is_supported(dtype) {
+        if !dtype.is_float() || !rounding::is_supported(dtype) {
             return Err(TensorError::DType {
                 dtype,
                 what: "f32 storage",
@@ -289,12 +290,48 @@ impl Tensor {
         }
         check_len(shape, data.len())?;
         let shape = Dims::from_slice(shape)?;
-        dtype::round_slice(dtype, &mut data);
+        rounding::round_slice(dtype, &mut data);
         Ok(Tensor::contiguous(
             dtype,
             shape,
             Buffer::F32(Arc::new(data)),
         ))
+    }
+
+    /// A weight as a tensor, sharing its buffer (no copy).
+    pub fn from_weight(w: &WeightTensor) -> Result<Tensor, TensorError> {
+        let buffer = match w.storage() {
+            Storage::F32(b) => Buffer::F32(Arc::clone(b)),
+            Storage::U16(b) => Buffer::U16(Arc::clone(b)),
+            Storage::U8(b) => Buffer::U8(Arc::clone(b)),
+        };
+        Ok(Tensor::contiguous(
+            w.dtype(),
+            Dims::from_slice(w.shape())?,
+            buffer,
+        ))
+    }
+
+    /// This tensor's values as a weight: its buffer shared when the tensor is the
+    /// whole of a dense buffer, else a copy of its values; an error for `i32` values.
+    pub fn to_weight(&self) -> Result<WeightTensor, TensorError> {
+        let whole = self.is_contiguous() && self.offset == 0 && self.storage_len() == self.numel();
+        let storage = match &self.buffer {
+            Buffer::F32(b) if whole => Storage::F32(Arc::clone(b)),
+            Buffer::U16(b) if whole => Storage::U16(Arc::clone(b)),
+            Buffer::U8(b) if whole => Storage::U8(Arc::clone(b)),
+            Buffer::F32(_) | Buffer::U16(_) | Buffer::U8(_) => {
+                Storage::F32(Arc::new(self.to_vec_f32()))
+            }
+            Buffer::I32(_) => {
+                return Err(TensorError::DType {
+                    dtype: self.dtype,
+                    what: "weight values",
+                })
+            }
+        };
+        WeightTensor::from_storage(self.dtype, &self.shape, storage)
+            .map_err(|e| TensorError::Invalid(e.to_string()))
     }
 
     /// A contiguous `i32` tensor.
@@ -339,7 +376,7 @@ impl Tensor {
     /// A kernel's float result: rounds to `dtype` and wraps (in a recycled `Arc` when
     /// the pool has one).
     pub(crate) fn from_kernel_f32(dtype: DType, shape: Dims, mut data: Vec<f32>) -> Tensor {
-        dtype::round_slice(dtype, &mut data);
+        rounding::round_slice(dtype, &mut data);
         Tensor::contiguous(dtype, shape, Buffer::F32(crate::pool::wrap(data)))
     }
 
@@ -429,19 +466,19 @@ impl Tensor {
             DType::Bf16 => Buffer::U16(Arc::new(
                 values
                     .iter()
-                    .map(|&v| dtype::bf16_bits(v))
+                    .map(|&v| rounding::bf16_bits(v))
                     .collect::<Option<Vec<u16>>>()?,
             )),
             DType::F16 => Buffer::U16(Arc::new(
                 values
                     .iter()
-                    .map(|&v| dtype::f16_bits(v))
+                    .map(|&v| rounding::f16_bits(v))
                     .collect::<Option<Vec<u16>>>()?,
             )),
             DType::Fp8E4M3 => Buffer::U8(Arc::new(
                 values
                     .iter()
-                    .map(|&v| dtype::e4m3_bits(v))
+                    .map(|&v| rounding::e4m3_bits(v))
                     .collect::<Option<Vec<u8>>>()?,
             )),
             _ => return None,
@@ -462,13 +499,13 @@ impl Tensor {
             Buffer::U16(b) => Some(
                 gather(b, &self.shape, &self.strides, self.offset)
                     .into_iter()
-                    .map(|v| dtype::from_u16_bits(dt, v))
+                    .map(|v| rounding::from_u16_bits(dt, v))
                     .collect(),
             ),
             Buffer::U8(b) => Some(
                 gather(b, &self.shape, &self.strides, self.offset)
                     .into_iter()
-                    .map(dtype::e4m3_value)
+                    .map(rounding::e4m3_value)
                     .collect(),
             ),
             Buffer::F32(_) | Buffer::I32(_) => None,
@@ -569,8 +606,8 @@ impl Tensor {
             Buffer::I32(b) => b.get(off).map(|&v| f64::from(v)),
             Buffer::U16(b) => b
                 .get(off)
-                .map(|&v| f64::from(dtype::from_u16_bits(self.dtype, v))),
-            Buffer::U8(b) => b.get(off).map(|&v| f64::from(dtype::e4m3_value(v))),
+                .map(|&v| f64::from(rounding::from_u16_bits(self.dtype, v))),
+            Buffer::U8(b) => b.get(off).map(|&v| f64::from(rounding::e4m3_value(v))),
         }
     }
 
@@ -651,7 +688,7 @@ impl Tensor {
         let codes = self
             .f32_buffer()?
             .iter()
-            .map(|&v| dtype::e4m3_bits_nan(v))
+            .map(|&v| rounding::e4m3_bits_nan(v))
             .collect::<Option<Vec<u8>>>()?;
         Some(Tensor {
             buffer: Buffer::U8(Arc::new(codes)),

@@ -158,7 +158,7 @@ fn a_bf16_graph_tracks_its_f32_twin() {
             let v = t.to_vec_f32();
             (
                 n,
-                Tensor::from_f32(DType::F32, t.shape(), v).expect("same size"),
+                fusec_exec::WeightTensor::from_f32(DType::F32, t.shape(), v).expect("same size"),
             )
         }));
     let prompt = vec![7, 8, 9, 10];

@@ -101,9 +101,9 @@ pub struct Fp8Options {
     pub keep: BTreeSet<OpClass>,
 }
 
-/// The suffixes of derived weight names.
-pub const FP8_SUFFIX: &str = ".fp8";
-pub const SCALE_SUFFIX: &str = ".scale";
+/// The suffixes of derived weight names (defined with the decode-step interface, which
+/// the weights that derive them read too).
+pub use fusec_ir::step::{FP8_SUFFIX, SCALE_SUFFIX};
 
 /// The value a GEMV reads its activation from, through views and `get`.
 fn producer(graph: &Graph, mut id: NodeId) -> NodeId {

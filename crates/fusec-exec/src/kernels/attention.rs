@@ -93,8 +93,8 @@ use super::matmul::dot;
 use super::rowdot::e4m3_table;
 use super::strided::walk;
 use super::{float_buffer, KernelError};
-use crate::dtype::{self, round};
 use crate::pool;
+use crate::rounding::{self, round};
 use crate::team;
 use crate::tensor::{Buffer, Dims, Tensor};
 
@@ -195,7 +195,7 @@ pub fn append(
 /// back as NaN (its payload is not kept).
 #[inline]
 fn e4m3_code(x: f32) -> u8 {
-    dtype::e4m3_bits_nan(x).unwrap_or_else(|| numerics::e4m3_encode(x))
+    rounding::e4m3_bits_nan(x).unwrap_or_else(|| numerics::e4m3_encode(x))
 }
 
 /// The entries of `new` to append, and where they go in a cache's buffer.
@@ -1353,7 +1353,7 @@ mod avx2 {
             for (&c, q) in finite.iter().zip(&quick) {
                 assert_eq!(
                     q.to_bits(),
-                    crate::dtype::e4m3_value(c).to_bits(),
+                    crate::rounding::e4m3_value(c).to_bits(),
                     "{c:#04x}"
                 );
             }
@@ -1364,7 +1364,7 @@ mod avx2 {
                 assert!(Avx2.has_e4m3_nan(&bytes), "{at}");
             }
             for (i, (&c, (f, s))) in codes.iter().zip(fast.iter().zip(&slow)).enumerate() {
-                let want = crate::dtype::e4m3_value(c);
+                let want = crate::rounding::e4m3_value(c);
                 assert_eq!(s.to_bits(), want.to_bits(), "portable, byte {c:#04x}");
                 if want.is_nan() {
                     assert!(f.is_nan(), "byte {c:#04x} at {i}");

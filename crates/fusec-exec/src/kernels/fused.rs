@@ -13,8 +13,8 @@ use fusec_ir::DType;
 use super::gemv::{self, Epilogue, GemvWeight};
 use super::strided::{broadcast_shape, broadcast_strides, walk};
 use super::{float_buffer, KernelError};
-use crate::dtype::round;
 use crate::pool;
+use crate::rounding::round;
 use crate::tensor::{Buffer, Dims, Tensor};
 
 /// `x / (1 + exp(-x))`, as the eager `unary.silu` computes it.

@@ -49,7 +49,7 @@ use std::sync::OnceLock;
 use fusec_ir::DType;
 
 use super::matmul::{dot, dot_by};
-use crate::dtype;
+use crate::rounding;
 
 /// Consecutive weight rows in one storage format.
 #[derive(Copy, Clone, Debug)]
@@ -98,8 +98,8 @@ impl<'a> Rows<'a> {
     fn value(&self, i: usize) -> f32 {
         match self {
             Rows::F32(w) => w[i],
-            Rows::Bf16(w) => dtype::from_u16_bits(DType::Bf16, w[i]),
-            Rows::F16(w) => dtype::from_u16_bits(DType::F16, w[i]),
+            Rows::Bf16(w) => rounding::from_u16_bits(DType::Bf16, w[i]),
+            Rows::F16(w) => rounding::from_u16_bits(DType::F16, w[i]),
             Rows::E4M3(w) => e4m3_table()[usize::from(w[i])],
         }
     }
@@ -111,7 +111,7 @@ pub(crate) fn e4m3_table() -> &'static [f32; 256] {
     TABLE.get_or_init(|| {
         let mut t = [0.0f32; 256];
         for (b, v) in t.iter_mut().enumerate() {
-            *v = dtype::e4m3_value(b as u8);
+            *v = rounding::e4m3_value(b as u8);
         }
         t
     })
@@ -507,7 +507,7 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::random::SplitMix64;
+    use fusec_weights::SplitMix64;
 
     /// Random exact values of `dtype` and their stored forms.
     fn weights(rng: &mut SplitMix64, n: usize) -> (Vec<f32>, Vec<u16>, Vec<u16>, Vec<u8>) {
@@ -525,7 +525,7 @@ mod tests {
             .iter()
             .map(|&v| {
                 let q = fusec_ir::numerics::round_to(DType::Fp8E4M3, v * 40.0);
-                dtype::e4m3_bits(q).expect("rounded")
+                rounding::e4m3_bits(q).expect("rounded")
             })
             .collect();
         (w32, wb, wh, w8)
