@@ -49,7 +49,7 @@ use crate::kernels::gemv::{self, GemvWeight, QuantWeight};
 use crate::kernels::{constant, elementwise, fused, gather, matmul, movement, reduce, KernelError};
 use crate::profile::{NodeStats, StepStats};
 use crate::tensor::{Buffer, Dims, Tensor, TensorError};
-use crate::{hugepages, pack, pool, rounding, team};
+use crate::{hugepages, pack, rounding, team};
 
 /// A runtime value: a tensor, a scalar kernel argument, the results of a
 /// multi-result (fused) op, read with `get`, or a quantized GEMV weight (a `dequant`
@@ -611,7 +611,7 @@ impl Executor {
                     if self.plan[s].is_input {
                         slots[s] = Some(Value::Tensor(t));
                     } else {
-                        pool::recycle(t);
+                        crate::recycle::recycle(t);
                     }
                 }
             }
@@ -698,8 +698,8 @@ fn compact_gemv_weights(plan: &mut [Planned], last_use: &[usize]) {
 /// Returns the buffers of a dropped value to the pool (those no other value shares).
 pub(crate) fn recycle(v: Value) {
     match v {
-        Value::Tensor(t) => pool::recycle(t),
-        Value::Tuple(ts) => pool::give_tensors(ts),
+        Value::Tensor(t) => crate::recycle::recycle(t),
+        Value::Tuple(ts) => crate::recycle::give_tensors(ts),
         Value::Scalar(_) | Value::Quant(_) => {}
     }
 }
@@ -1069,7 +1069,7 @@ fn dispatch(
                 let value = if outs.len() == 1 {
                     let single = outs.swap_remove(0);
                     // The emptied list goes back to the pool for the next kernel.
-                    pool::give_tensors(outs);
+                    crate::recycle::give_tensors(outs);
                     Value::Tensor(single)
                 } else {
                     Value::Tuple(outs)
@@ -1143,7 +1143,7 @@ fn dispatch(
                 ops.give_back(5, past_k);
                 ops.give_back(6, past_v);
                 let (results, copied) = result.map_err(kernel)?;
-                let mut list = pool::tensors(results.len());
+                let mut list = crate::recycle::tensors(results.len());
                 list.extend(results);
                 let value = Value::Tuple(list);
                 // Attention reads the whole caches; the append writes the new entries

@@ -20,6 +20,7 @@
 pub mod accuracy;
 pub mod calibrate;
 pub mod decode;
+mod dims;
 mod error;
 pub mod exec;
 #[cfg(feature = "cuda")]
@@ -29,6 +30,7 @@ pub mod kernels;
 mod pack;
 mod pool;
 pub mod profile;
+mod recycle;
 pub mod team;
 pub mod tensor;
 

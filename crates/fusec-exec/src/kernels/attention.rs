@@ -23,7 +23,7 @@
 //! 1. every score of every row of the tile, key by key, into a scratch buffer: the
 //!    key row is read in place from the cache (no copy when its `head_dim` values are
 //!    contiguous, as a cache's are; a strided view is gathered row by row) and dotted
-//!    with each query row in the order of [`super::matmul::dot`];
+//!    with each query row in the order of [`super::dot::dot`];
 //! 2. per row, the rounding of the scores, their maximum, one `exp` per key, the sum
 //!    and the normalized probabilities, all in place in the scratch buffer;
 //! 3. per row, the weighted sum of the value rows, read in place, into the output
@@ -80,20 +80,21 @@
 //!
 //! **Vector code.** On x86-64 with AVX2 (detected at run time) the passes are
 //! compiled for AVX2 and their two inner loops are written with intrinsics: the dot
-//! product in `matmul::dot`'s order (which the compiler does not vectorize once it is
+//! product in `dot::dot`'s order (which the compiler does not vectorize once it is
 //! inlined into the passes), and the weighted sum with the output row in registers,
 //! over `f32` or E4M3 value rows. Both use separate multiplies and adds, never FMA,
 //! so every path gives the same bits. The portable path decodes E4M3 bytes by table.
 
 use fusec_ir::{numerics, DType};
 
+use super::dot::dot;
 use super::fused::rope;
 use super::gemv::round_e4m3;
-use super::matmul::dot;
 use super::rowdot::e4m3_table;
 use super::strided::walk;
 use super::{float_buffer, KernelError};
 use crate::pool;
+use crate::recycle;
 use crate::rounding::{self, round};
 use crate::team;
 use crate::tensor::{Buffer, Dims, Tensor};
@@ -841,7 +842,7 @@ fn nan_max(row: &[f32]) -> f32 {
 
 /// The inner loops of the passes, as each path provides them.
 trait Inner {
-    /// [`super::matmul::dot`] of `a` and `b`, bit for bit.
+    /// [`super::dot::dot`] of `a` and `b`, bit for bit.
     fn dot(&self, a: &[f32], b: &[f32]) -> f32;
 
     /// `out[d] += probs[j] * v[base + j * stride + d]` for every key `j` in order, each
@@ -933,7 +934,7 @@ impl Inner for Portable {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     //! The attention passes compiled for AVX2, with the two inner loops written with
-    //! intrinsics: the dot product in the order of `matmul::dot` (the compiler does
+    //! intrinsics: the dot product in the order of `dot::dot` (the compiler does
     //! not vectorize that order by itself once it is inlined into the passes), and the
     //! weighted sum of value rows with the output row held in registers across all
     //! keys, where the compiler's loop loaded and stored it once per key. Only
@@ -1133,7 +1134,7 @@ mod avx2 {
         }
     }
 
-    /// `matmul::dot` on AVX2: chunk `c` of eight values goes to accumulator `c % 4`,
+    /// `dot::dot` on AVX2: chunk `c` of eight values goes to accumulator `c % 4`,
     /// the accumulators are combined as `(a0 + a1) + (a2 + a3)`, the lanes reduced as
     /// `((v0 + v4) + (v1 + v5)) + ((v2 + v6) + (v3 + v7))`, then the tail added in
     /// order; every product and sum rounded separately.
@@ -1270,7 +1271,7 @@ mod avx2 {
     #[cfg(test)]
     mod tests {
         use super::{Avx2, Inner, Portable};
-        use crate::kernels::matmul;
+        use crate::kernels::dot;
 
         fn values(n: usize, seed: &mut u32) -> Vec<f32> {
             (0..n)
@@ -1292,11 +1293,7 @@ mod avx2 {
             for n in 0..140 {
                 let (a, b) = (values(n, &mut seed), values(n, &mut seed));
                 let fast = Avx2.dot(&a, &b);
-                assert_eq!(
-                    fast.to_bits(),
-                    matmul::dot(&a, &b).to_bits(),
-                    "dot, n = {n}"
-                );
+                assert_eq!(fast.to_bits(), dot::dot(&a, &b).to_bits(), "dot, n = {n}");
             }
             for (hd, keys) in [
                 (1, 13),
@@ -1434,7 +1431,7 @@ pub fn decode_attention(
     let out = attention(&q_rot, &k_all, &v_all, scale, mask, caches.scales)?;
     // The rotated q and k are this kernel's own scratch: back to the pool, so that the
     // next step takes them again instead of allocating.
-    pool::recycle(q_rot);
-    pool::recycle(k_rot);
+    recycle::recycle(q_rot);
+    recycle::recycle(k_rot);
     Ok(([out, k_all, v_all], copied_k + copied_v))
 }

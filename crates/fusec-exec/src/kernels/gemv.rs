@@ -1,7 +1,7 @@
 //! The GEMV core shared by `linear` and every fused GEMV kernel, for plain weights
 //! and for quantized (`dequant`) ones.
 //!
-//! A plain weight is multiplied exactly as [`super::matmul::linear`] does (the same
+//! A plain weight is multiplied exactly as `super::matmul::linear` does (the same
 //! [`dot`] per output element), so a fused kernel gives bit-identical GEMV results to
 //! the eager `linear` it replaces.
 //!
@@ -26,7 +26,7 @@ use std::borrow::Cow;
 use fusec_ir::{numerics, DType};
 
 #[cfg(doc)]
-use super::matmul::dot;
+use super::dot::dot;
 use super::rowdot::{self, Rows};
 use super::{float_buffer, KernelError};
 use crate::pool;
