@@ -131,7 +131,7 @@ fn the_fused_graph_matches_hugging_face_on_the_fixture() {
         gen.launches_per_step, 18,
         "5 per layer, embedding, lm_head, argmax"
     );
-    for (step, (row, exp)) in gen.logits[0].iter().zip(&want.logits).enumerate() {
+    for (step, (row, exp)) in gen.rows(0).zip(&want.logits).enumerate() {
         let err = rel_err(row, exp);
         assert!(err <= 1e-4, "step {step}: relative L2 error {err}");
     }
@@ -145,8 +145,8 @@ fn the_bf16_graph_matches_hugging_face_within_bf16_error() {
     let want = expected();
     let gen = decode(graph, &weights, &want.prompt, want.generated.len());
     assert_eq!(gen.generated[0], want.generated);
-    let worst = gen.logits[0]
-        .iter()
+    let worst = gen
+        .rows(0)
         .zip(&want.logits)
         .map(|(r, e)| rel_err(r, e))
         .fold(0.0, f64::max);
@@ -185,7 +185,7 @@ fn the_fp8_graph_matches_hugging_face_up_to_a_near_tie() {
         );
     }
     for step in 0..(first + 1).min(want.generated.len()) {
-        let err = rel_err(&gen.logits[0][step], &want.logits[step]);
+        let err = rel_err(gen.row(0, step), &want.logits[step]);
         // Measured at most 0.17.
         assert!(err <= 0.25, "step {step}: relative L2 error {err}");
     }
@@ -201,7 +201,7 @@ fn teacher_forced_fp8_agrees_with_hugging_face_on_most_steps() {
     let gen = forced(graph, &weights, &want.prompt, &want.generated[..n - 1]);
     let mut agree = 0;
     let mut margins = Vec::new();
-    for (step, row) in gen.logits[0].iter().enumerate() {
+    for (step, row) in gen.rows(0).enumerate() {
         let hf: Vec<f32> = want.logits[step].iter().map(|&v| v as f32).collect();
         let s = accuracy::compare_step(step, &hf, row);
         assert_eq!(s.reference_top1 as i32, want.generated[step]);
@@ -235,7 +235,7 @@ fn per_tensor_weight_scales_run_too() {
         .expect("a scale");
     assert_eq!(scale.shape(), &[] as &[usize]);
     let gen = decode(graph, &weights, &want.prompt, 4);
-    let err = rel_err(&gen.logits[0][0], &want.logits[0]);
+    let err = rel_err(gen.row(0, 0), &want.logits[0]);
     assert!(err <= 0.3, "relative L2 error {err}");
 }
 

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, Context};
 use fusec::exec::accuracy::{self, Accuracy};
 use fusec::exec::calibrate::{self, KV_SCALE_MARGIN};
+use fusec::exec::ndarray::Axis;
 use fusec::exec::{Error as ExecError, Executor, Generation, Session};
 use fusec::pipeline;
 use fusec::weights::{self, Error as WeightError, KvScales, Weights};
@@ -327,13 +328,22 @@ pub fn run(args: Args) -> Result<(), Failure> {
         let exec = Executor::new(graph, &weights).map_err(exec_failure)?;
         drop(weights);
         let (_, lowered) = run_session(exec, &prompt, args.tokens, Some(&forced))?;
-        let acc = accuracy::compare(&reference.logits[0], &lowered.logits[0]);
+        let acc = accuracy::compare(
+            reference.logits.index_axis(Axis(0), 0),
+            lowered.logits.index_axis(Axis(0), 0),
+        );
         crate::say(&accuracy::render(&acc, precision.name(), "f32"));
         Some((forced, acc))
     } else {
         None
     };
     if let Some(path) = &args.json {
+        let first_logits: Vec<Vec<f32>> = gen
+            .logits
+            .index_axis(Axis(0), 0)
+            .outer_iter()
+            .map(|row| row.to_vec())
+            .collect();
         let report = Report {
             schema: "llm-reference/1",
             model: &model.name,
@@ -347,7 +357,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
             prompt: &prompt,
             new_tokens: args.tokens,
             generated: &gen.generated[0],
-            logits: &gen.logits[0],
+            logits: &first_logits,
             stats: Stats {
                 steps: gen.steps,
                 launches_per_step: gen.launches_per_step,

@@ -55,9 +55,8 @@ fn cpu(graph: &Graph, weights: &Weights) -> Result<Decode, Fail> {
     let g = s
         .generate(&[PROMPT.to_vec()], NEW_TOKENS)
         .map_err(|e| e.to_string())?;
-    Ok(g.logits[0]
-        .iter()
-        .cloned()
+    Ok(g.rows(0)
+        .map(<[f32]>::to_vec)
         .zip(g.generated[0].iter().copied())
         .collect())
 }

@@ -49,9 +49,8 @@ fn cpu(graph: &Graph, weights: &Weights, new_tokens: usize) -> Decode {
     let exec = Executor::new(graph.clone(), weights).expect("executor");
     let mut s = Session::new(exec, 1).expect("session");
     let g = s.generate(&[PROMPT.to_vec()], new_tokens).expect("decode");
-    g.logits[0]
-        .iter()
-        .cloned()
+    g.rows(0)
+        .map(<[f32]>::to_vec)
         .zip(g.generated[0].iter().copied())
         .collect()
 }

@@ -37,6 +37,9 @@ pub mod tensor;
 /// Rounding to IR dtypes and the compact codes, shared with the weights.
 pub use fusec_weights::rounding;
 
+/// The array types of the public API (weights, tensor views, logits).
+pub use ndarray;
+
 pub use decode::{Generation, Session, StepOutput};
 pub use error::Error;
 pub use exec::{Executor, RunOutput, Value};

@@ -35,6 +35,7 @@ use std::sync::Arc;
 
 use fusec_ir::DType;
 use fusec_weights::{Storage, WeightTensor};
+use ndarray::{ArrayD, ArrayViewD, IxDyn, ShapeBuilder};
 
 use crate::rounding;
 
@@ -159,6 +160,22 @@ impl Tensor {
             .map_err(|e| TensorError::Invalid(e.to_string()))
     }
 
+    /// A contiguous float tensor of `array`'s shape and values (read in logical
+    /// order), rounded to `dtype`.
+    pub fn from_array(dtype: DType, array: ArrayD<f32>) -> Result<Tensor, TensorError> {
+        let shape = array.shape().to_vec();
+        let values = if array.is_standard_layout() {
+            let n = array.len();
+            let (mut data, offset) = array.into_raw_vec_and_offset();
+            data.drain(..offset.unwrap_or(0));
+            data.truncate(n);
+            data
+        } else {
+            array.iter().copied().collect()
+        };
+        Tensor::from_f32(dtype, &shape, values)
+    }
+
     /// A contiguous `i32` tensor.
     pub fn from_i32(shape: &[usize], data: Vec<i32>) -> Result<Tensor, TensorError> {
         check_len(shape, data.len())?;
@@ -267,6 +284,25 @@ impl Tensor {
             Buffer::F32(b) => Some(b),
             _ => None,
         }
+    }
+
+    /// This view of an `f32` buffer as an `ndarray` view (same shape, strides and
+    /// offset, no copy); `None` for `i32` values and compact storage.
+    pub fn view_f32(&self) -> Option<ArrayViewD<'_, f32>> {
+        strided_view(self.f32_buffer()?, &self.shape, &self.strides, self.offset)
+    }
+
+    /// This view of an `i32` buffer as an `ndarray` view; `None` for a float tensor.
+    pub fn view_i32(&self) -> Option<ArrayViewD<'_, i32>> {
+        strided_view(self.i32_buffer()?, &self.shape, &self.strides, self.offset)
+    }
+
+    /// The values as a new `f32` array of this shape (compact storage decoded, ids
+    /// converted).
+    pub fn to_array(&self) -> ArrayD<f32> {
+        // `to_vec_f32` gives exactly `numel` values in row-major order.
+        ArrayD::from_shape_vec(IxDyn(&self.shape), self.to_vec_f32())
+            .unwrap_or_else(|_| ArrayD::zeros(IxDyn(&[0])))
     }
 
     /// The whole `i32` buffer, or `None` for a float tensor.
@@ -682,6 +718,18 @@ impl Tensor {
     }
 }
 
+/// `buf` seen through `shape`, `strides` and `offset` as an `ndarray` view; `None`
+/// when the view does not fit in the buffer (which no tensor's layout allows).
+fn strided_view<'a, T>(
+    buf: &'a [T],
+    shape: &[usize],
+    strides: &[usize],
+    offset: usize,
+) -> Option<ArrayViewD<'a, T>> {
+    let data = buf.get(offset..)?;
+    ArrayViewD::from_shape(IxDyn(shape).strides(IxDyn(strides)), data).ok()
+}
+
 /// Strides that view a tensor of `old` shape and `old_strides` as `new` (same element
 /// count), or `None` when no strides do. This is PyTorch's `computeStride`: the old
 /// dimensions are grouped into chunks that are contiguous among themselves, and each
@@ -786,6 +834,24 @@ mod tests {
         let n = shape.iter().product::<usize>();
         Tensor::from_f32(DType::F32, shape, (0..n).map(|v| v as f32).collect())
             .expect("sizes match")
+    }
+
+    #[test]
+    fn ndarray_views_see_the_same_layout() {
+        let t = iota(&[2, 3, 4]).transpose(0, 2).expect("axes in range");
+        let s = t.slice(1, 1, 3).expect("in range");
+        let v = s.view_f32().expect("f32 values");
+        assert_eq!(v.shape(), s.shape());
+        assert_eq!(v.iter().copied().collect::<Vec<_>>(), s.to_vec_f32());
+        assert_eq!(v[[3, 0, 1]] as f64, s.get(&[3, 0, 1]).expect("in range"));
+        assert_eq!(s.to_array(), v.to_owned());
+        let back = Tensor::from_array(DType::F32, v.to_owned()).expect("f32 values");
+        assert_eq!(back.to_vec_f32(), s.to_vec_f32());
+        let e = iota(&[1, 3]).expand(&[4, 3]).expect("size-1 axis");
+        assert_eq!(e.view_f32().expect("f32 values").sum(), 4.0 * 3.0);
+        let ids = Tensor::from_i32(&[2], vec![7, 9]).expect("sizes match");
+        assert!(ids.view_f32().is_none());
+        assert_eq!(ids.view_i32().expect("ids").as_slice(), Some(&[7, 9][..]));
     }
 
     #[test]

@@ -370,14 +370,8 @@ fn compact_kv_caches_decode_bit_identically_to_f32_ones() {
         bytes.generate(&prompt, 6).expect("decodes"),
         wide.generate(&prompt, 6).expect("decodes"),
     );
-    let logit_bits = |g: &fusec_exec::Generation| {
-        g.logits
-            .iter()
-            .flatten()
-            .flatten()
-            .map(|x| x.to_bits())
-            .collect::<Vec<_>>()
-    };
+    let logit_bits =
+        |g: &fusec_exec::Generation| g.logits.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     assert_eq!(logit_bits(&a), logit_bits(&b));
     assert_eq!(a.generated, b.generated);
     // The caches hold the same values, and stay compact after growing.
@@ -437,7 +431,7 @@ fn a_less_fused_fp8_graph_runs_its_linears_on_quantized_weights() {
     // arithmetic differs (bf16 probabilities in the eager attention), by about bf16's
     // precision, which FP8 rounding downstream amplifies where a value moves across a
     // rounding boundary. A wrong scale or a dropped quantization would be off by 1.
-    for (x, y) in a.logits[0].iter().zip(&b.logits[0]) {
+    for (x, y) in a.rows(0).zip(b.rows(0)) {
         let err = common::rel_l2(x, y);
         assert!(err < 0.1, "relative L2 error {err}");
     }
