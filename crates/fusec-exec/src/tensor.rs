@@ -726,6 +726,11 @@ fn strided_view<'a, T>(
     strides: &[usize],
     offset: usize,
 ) -> Option<ArrayViewD<'a, T>> {
+    if shape.contains(&0) {
+        // An empty view reads nothing; ndarray checks the strides of an empty shape
+        // against the data anyway, so it gets the row-major ones.
+        return ArrayViewD::from_shape(IxDyn(shape), &buf[..0]).ok();
+    }
     let data = buf.get(offset..)?;
     ArrayViewD::from_shape(IxDyn(shape).strides(IxDyn(strides)), data).ok()
 }
@@ -849,6 +854,8 @@ mod tests {
         assert_eq!(back.to_vec_f32(), s.to_vec_f32());
         let e = iota(&[1, 3]).expand(&[4, 3]).expect("size-1 axis");
         assert_eq!(e.view_f32().expect("f32 values").sum(), 4.0 * 3.0);
+        let empty = Tensor::zeros_with_capacity(DType::F32, &[2, 0, 3], 1, 4).expect("valid");
+        assert_eq!(empty.view_f32().expect("f32 values").shape(), &[2, 0, 3]);
         let ids = Tensor::from_i32(&[2], vec![7, 9]).expect("sizes match");
         assert!(ids.view_f32().is_none());
         assert_eq!(ids.view_i32().expect("ids").as_slice(), Some(&[7, 9][..]));
