@@ -74,7 +74,7 @@ pub fn save_weights(
         let dtype = file_dtype(t.dtype()).ok_or_else(|| {
             Error::InvalidGraph(format!("weight `{name}` has dtype {}", t.dtype()))
         })?;
-        tensors.push((name.to_string(), dtype, t.shape().to_vec(), encode(&t)));
+        tensors.push((name.to_string(), dtype, t.shape().to_vec(), encode(t)));
     }
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     tensors.dedup_by(|a, b| a.0 == b.0);
