@@ -13,7 +13,7 @@
 //! [`Executor::new`] plans the graph once: a topological order, operand slots, the
 //! point after which each value is dead (so intermediates and the previous KV cache are
 //! freed as soon as possible), and the leaves bound at load time (weights, RoPE
-//! frequencies). [`Executor::run`] then evaluates one step under given [`Bindings`].
+//! frequencies). [`Executor::run`] then evaluates one step under given [`Bindings`](fusec_ir::shape::Bindings).
 //!
 //! The measurements come from the runtime tensors, not from `fusec_ir::cost`: a node
 //! counts as a launch when its kernel runs; it writes its result's bytes, and reads each

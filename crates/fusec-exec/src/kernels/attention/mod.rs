@@ -19,7 +19,7 @@
 //! (twice the length needed), and the kernel reports the bytes it copied so that the
 //! measured traffic stays honest. The new entries are read in place through their
 //! strides (no gathered copy), and an E4M3 cache quantizes them with the bit-exact
-//! fast rounding of [`round_e4m3`] rather than the generic conversion. A cache in
+//! fast rounding of [`crate::rounding::round_e4m3`] rather than the generic conversion. A cache in
 //! compact storage (below) gets the byte of each quantized value.
 //!
 //! **Attention, in three passes over the keys.** Decode attention is memory-bound: it
@@ -41,7 +41,7 @@
 //! This replaces an online softmax, which kept a running maximum and paid an extra
 //! `exp` and a rescale of the whole accumulator every time the maximum grew, and
 //! copied every key and value row before using it. The scratch comes from the
-//! executor's per-thread pool ([`crate::pool`]) with a capacity asked for the cache's
+//! executor's per-thread pool (`crate::pool`) with a capacity asked for the cache's
 //! capacity rather than its length, so a decode step gets the same buffer back step
 //! after step and attention allocates nothing but its result.
 //!
@@ -71,7 +71,7 @@
 //! in registers, into the `f32` values the other storage holds, and every sum then
 //! runs in the same order. A key row is decoded once into a row of scratch for all
 //! the query rows of a tile; the value rows are decoded inside the weighted sum when
-//! one query row reads them, and a block of [`VALUE_BLOCK`] rows at a time into
+//! one query row reads them, and a block of `VALUE_BLOCK` rows at a time into
 //! scratch when several do (a GQA group), so each byte is decoded once per tile.
 //! The fast decoding reads an E4M3 NaN code as a finite value, so a pass first scans
 //! its head's bytes (32 at a time, and then found in cache by the pass) and takes a
