@@ -24,7 +24,7 @@
 
 use std::time::Instant;
 
-use fusec_exec::quant;
+use fusec_exec::calibrate;
 use fusec_exec::{Executor, Session, SplitMix64, Weights};
 use fusec_ir::Graph;
 use fusec_model::frontend::{ModelSpec, Precision};
@@ -68,6 +68,8 @@ pub enum BenchError {
     Pipeline(#[from] PipelineError),
     #[error(transparent)]
     Exec(#[from] fusec_exec::Error),
+    #[error(transparent)]
+    Weights(#[from] fusec_weights::Error),
     #[error("{0}")]
     Invalid(String),
 }
@@ -229,8 +231,9 @@ pub fn run_model(spec: &ModelSpec, opts: &Options) -> Result<ModelResult, BenchE
             let base_graph = pipeline::fused_in(spec, Precision::Bf16, &rules, &fp8)?.0;
             let base = Weights::random(&base_graph, opts.seed)?;
             let prompt = random_tokens(spec.model.vocab_size, 8, opts.seed ^ 0x5eed);
-            let (scales, _) = quant::calibrate_kv_scales(&graph, &base_graph, &base, &[prompt])?;
-            quant::lower_weights(&base, &graph, &scales)?
+            let (scales, _) =
+                calibrate::calibrate_kv_scales(&graph, &base_graph, &base, &[prompt])?;
+            fusec_weights::lower_weights(&base, &graph, &scales)?
         } else {
             Weights::random(&graph, opts.seed)?
         };

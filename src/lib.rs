@@ -12,6 +12,7 @@ pub use fusec_ir as ir;
 pub use fusec_model as model;
 pub use fusec_report as report;
 pub use fusec_rewrite as rewrite;
+pub use fusec_weights as weights;
 
 pub mod bench;
 pub mod explain;

@@ -20,8 +20,9 @@ mod common;
 
 use std::path::PathBuf;
 
-use fusec::exec::{accuracy, quant, Executor, Generation, Session, Weights};
+use fusec::exec::{accuracy, calibrate, Executor, Generation, Session};
 use fusec::pipeline;
+use fusec::weights::{self, KvScales, Weights};
 use fusec_ir::Graph;
 use fusec_model::frontend::{ModelSpec, Precision};
 use fusec_rewrite::precision::{Fp8Options, Granularity};
@@ -102,17 +103,17 @@ fn forced(graph: Graph, weights: &Weights, prompt: &[i32], tokens: &[i32]) -> Ge
 
 /// The FP8 graph's weights: the checkpoint quantized at load, with the KV-cache scales
 /// calibrated on the prompt through the bf16 graph.
-fn fp8_weights(spec: &ModelSpec, fp8: &Graph, prompt: &[i32]) -> (Weights, quant::KvScales) {
+fn fp8_weights(spec: &ModelSpec, fp8: &Graph, prompt: &[i32]) -> (Weights, KvScales) {
     let path = spec.weights.clone().expect("the fixture has weights");
     assert!(matches!(
         Weights::load(&path, fp8),
-        Err(fusec::exec::Error::Uncalibrated { .. })
+        Err(weights::Error::Uncalibrated { .. })
     ));
     let bf16 = graph_in(spec, Precision::Bf16, &Fp8Options::default());
     let base = Weights::load(&path, &bf16).expect("loads");
     let (scales, _) =
-        quant::calibrate_kv_scales(fp8, &bf16, &base, &[prompt.to_vec()]).expect("calibrates");
-    let weights = quant::lower_weights(&base, fp8, &scales).expect("quantizes");
+        calibrate::calibrate_kv_scales(fp8, &bf16, &base, &[prompt.to_vec()]).expect("calibrates");
+    let weights = weights::lower_weights(&base, fp8, &scales).expect("quantizes");
     (weights, scales)
 }
 
@@ -130,7 +131,7 @@ fn the_fused_graph_matches_hugging_face_on_the_fixture() {
         gen.launches_per_step, 18,
         "5 per layer, embedding, lm_head, argmax"
     );
-    for (step, (row, exp)) in gen.logits[0].iter().zip(&want.logits).enumerate() {
+    for (step, (row, exp)) in gen.rows(0).zip(&want.logits).enumerate() {
         let err = rel_err(row, exp);
         assert!(err <= 1e-4, "step {step}: relative L2 error {err}");
     }
@@ -144,8 +145,8 @@ fn the_bf16_graph_matches_hugging_face_within_bf16_error() {
     let want = expected();
     let gen = decode(graph, &weights, &want.prompt, want.generated.len());
     assert_eq!(gen.generated[0], want.generated);
-    let worst = gen.logits[0]
-        .iter()
+    let worst = gen
+        .rows(0)
         .zip(&want.logits)
         .map(|(r, e)| rel_err(r, e))
         .fold(0.0, f64::max);
@@ -184,7 +185,7 @@ fn the_fp8_graph_matches_hugging_face_up_to_a_near_tie() {
         );
     }
     for step in 0..(first + 1).min(want.generated.len()) {
-        let err = rel_err(&gen.logits[0][step], &want.logits[step]);
+        let err = rel_err(gen.row(0, step), &want.logits[step]);
         // Measured at most 0.17.
         assert!(err <= 0.25, "step {step}: relative L2 error {err}");
     }
@@ -200,7 +201,7 @@ fn teacher_forced_fp8_agrees_with_hugging_face_on_most_steps() {
     let gen = forced(graph, &weights, &want.prompt, &want.generated[..n - 1]);
     let mut agree = 0;
     let mut margins = Vec::new();
-    for (step, row) in gen.logits[0].iter().enumerate() {
+    for (step, row) in gen.rows(0).enumerate() {
         let hf: Vec<f32> = want.logits[step].iter().map(|&v| v as f32).collect();
         let s = accuracy::compare_step(step, &hf, row);
         assert_eq!(s.reference_top1 as i32, want.generated[step]);
@@ -234,7 +235,7 @@ fn per_tensor_weight_scales_run_too() {
         .expect("a scale");
     assert_eq!(scale.shape(), &[] as &[usize]);
     let gen = decode(graph, &weights, &want.prompt, 4);
-    let err = rel_err(&gen.logits[0][0], &want.logits[0]);
+    let err = rel_err(gen.row(0, 0), &want.logits[0]);
     assert!(err <= 0.3, "relative L2 error {err}");
 }
 
@@ -246,7 +247,7 @@ fn saved_fp8_weights_load_back_and_give_identical_results() {
     let (weights, scales) = fp8_weights(&spec, &graph, &want.prompt);
     let dir = std::env::temp_dir().join(format!("fusec-exec-fp8-save-{}", std::process::id()));
     let meta = [("fusec.precision".to_string(), "fp8".to_string())].into();
-    let path = quant::save_weights(&dir, &graph, &weights, &meta).expect("saves");
+    let path = weights::save_weights(&dir, &graph, &weights, &meta).expect("saves");
     let reloaded = Weights::load(&dir, &graph).expect("loads back");
     for (_, name) in graph.weights() {
         let (a, b) = (weights.get(name), reloaded.get(name));
@@ -287,24 +288,40 @@ fn the_kv_range_after_the_prompt_covers_the_decode() {
     let base = Weights::load(spec.weights.as_ref().expect("weights"), &bf16).expect("loads");
     let want = expected();
     let (_, prompt_max) =
-        quant::calibrate_kv_scales(&fp8, &bf16, &base, std::slice::from_ref(&want.prompt))
+        calibrate::calibrate_kv_scales(&fp8, &bf16, &base, std::slice::from_ref(&want.prompt))
             .expect("runs");
     let mut all = want.prompt.clone();
     all.extend(&want.generated);
-    let (_, run_max) = quant::calibrate_kv_scales(&fp8, &bf16, &base, &[all]).expect("runs");
+    let (_, run_max) = calibrate::calibrate_kv_scales(&fp8, &bf16, &base, &[all]).expect("runs");
     for (state, m) in &prompt_max {
         let growth = run_max[state] / m;
         println!(
             "{state}: absmax over the prompt {m}, over the decode {}, growth {growth:.3}",
             run_max[state]
         );
-        assert!(growth < quant::KV_SCALE_MARGIN, "{state}: {growth}");
+        assert!(growth < calibrate::KV_SCALE_MARGIN, "{state}: {growth}");
     }
 }
 
 #[test]
-fn the_executor_names_derived_weights_as_the_lowering_does() {
-    use fusec_rewrite::precision::{FP8_SUFFIX, SCALE_SUFFIX};
-    assert_eq!(quant::FP8_SUFFIX, FP8_SUFFIX);
-    assert_eq!(quant::SCALE_SUFFIX, SCALE_SUFFIX);
+fn the_weights_derive_every_weight_the_fp8_lowering_names() {
+    // The lowering and the derivation read the suffixes from one place
+    // (`fusec_ir::step`); this checks that what the lowering makes of them is what the
+    // derivation expects: every weight the FP8 graph adds is derived.
+    let spec = spec();
+    let bf16 = graph_in(&spec, Precision::Bf16, &Fp8Options::default());
+    let fp8 = graph_in(&spec, Precision::Fp8, &Fp8Options::default());
+    let derived = weights::derived_weights(&fp8).expect("derives");
+    let base: std::collections::HashSet<&str> =
+        bf16.weights().into_iter().map(|(_, n)| n).collect();
+    let added: Vec<&str> = fp8
+        .weights()
+        .into_iter()
+        .map(|(_, n)| n)
+        .filter(|n| !base.contains(n))
+        .collect();
+    assert!(!added.is_empty(), "the FP8 graph adds quantized weights");
+    for name in added {
+        assert!(derived.contains_key(name), "`{name}` is not derived");
+    }
 }

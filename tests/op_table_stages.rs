@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use fusec::codegen::{generate, DecodeShape, Options as CodegenOptions};
-use fusec::exec::{random::random_weights, Executor, Tensor};
+use fusec::exec::{Executor, Tensor, Weights};
 use fusec::ir::op::{example, OpKind};
 use fusec::ir::{cost, hardware, step, text, DType, Graph};
 use fusec::rewrite::{fuse, precision, Limits, Options, RuleSet};
@@ -97,7 +97,7 @@ fn the_cpu_executor_runs_every_op() {
     for &kind in OpKind::ALL {
         let name = kind.info().name;
         let g = example(kind);
-        let weights = random_weights(&g, 7).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let weights = Weights::random(&g, 7).unwrap_or_else(|e| panic!("{name}: {e}"));
         let mut exec = Executor::new(g.clone(), &weights).unwrap_or_else(|e| panic!("{name}: {e}"));
         let out = exec
             .run(&bindings(), inputs(&g))

@@ -46,7 +46,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
     let result = bench::run_model(&spec, &opts).map_err(|e| match e {
         BenchError::Pipeline(p) => Failure::from(p),
         BenchError::Invalid(m) => Failure::Input(anyhow!(m)),
-        e @ BenchError::Exec(_) => Failure::Internal(e.into()),
+        e @ (BenchError::Exec(_) | BenchError::Weights(_)) => Failure::Internal(e.into()),
     })?;
     say(&result.render());
     if let Some(hwm) = bench::proc_status_bytes("VmHWM:") {

@@ -198,7 +198,7 @@ fn measure_cpu(spec: &ModelSpec, eager: &Variant) -> Result<CpuMeasurement, Fail
     let batch = spec.decode.batch;
     let budget = (CPU_PARAMETER_STEPS / params.max(1)).clamp(CPU_MIN_CONTEXT, CPU_MAX_CONTEXT);
     let context = spec.decode.context.min(budget);
-    let weights = Weights::random(&eager.graph, 0).map_err(exec_failure)?;
+    let weights = Weights::random(&eager.graph, 0).map_err(|e| exec_failure(e.into()))?;
     let exec = Executor::new(eager.graph.clone(), &weights).map_err(exec_failure)?;
     let batch_usize = usize::try_from(batch)
         .map_err(|_| Failure::Input(anyhow!("batch {batch} is too large for --measure-cpu")))?;

@@ -4,7 +4,7 @@
 //! It runs the fused graph by default (`--no-fuse`: the eager one), in the precision
 //! `--precision` or the model's `[target] precision` asks for. An FP8 run makes its
 //! quantized weights from the checkpoint when it loads them and calibrates the KV-cache
-//! scales on the prompt (see `fusec_exec::quant`), unless the weights are FP8 weights
+//! scales on the prompt (see `fusec_exec::calibrate`), unless the weights are FP8 weights
 //! saved by `--save-weights`, which hold their scales. `--compare` also runs the f32
 //! graph on the same weights and reports the accuracy of the run against it,
 //! teacher-forced on the f32 run's tokens.
@@ -14,9 +14,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context};
 use fusec::exec::accuracy::{self, Accuracy};
-use fusec::exec::quant::{self, KvScales};
-use fusec::exec::{Error as ExecError, Executor, Generation, Session, Weights};
+use fusec::exec::calibrate::{self, KV_SCALE_MARGIN};
+use fusec::exec::ndarray::Axis;
+use fusec::exec::{Error as ExecError, Executor, Generation, Session};
 use fusec::pipeline;
+use fusec::weights::{self, Error as WeightError, KvScales, Weights};
 use fusec_ir::Graph;
 use fusec_model::frontend::{ModelSpec, Precision};
 use fusec_rewrite::precision::Fp8Options;
@@ -115,7 +117,8 @@ struct AccuracyReport<'a> {
     accuracy: &'a Accuracy,
 }
 
-fn exec_failure(e: ExecError) -> Failure {
+fn exec_failure(e: impl Into<ExecError>) -> Failure {
+    let e = e.into();
     if e.is_input_error() {
         Failure::Input(e.into())
     } else {
@@ -164,7 +167,7 @@ impl Source {
         }
     }
 
-    fn load(&self, graph: &Graph) -> Result<Weights, ExecError> {
+    fn load(&self, graph: &Graph) -> Result<Weights, WeightError> {
         match self {
             Source::File(p) => Weights::load(p, graph),
             Source::Random(seed) => Weights::random(graph, *seed),
@@ -183,14 +186,14 @@ fn weights_for(
 ) -> Result<(Weights, Option<KvScales>), Failure> {
     match source.load(graph) {
         Ok(w) => Ok((w, None)),
-        Err(ExecError::Uncalibrated { .. }) if precision == Precision::Fp8 => {
+        Err(WeightError::Uncalibrated { .. }) if precision == Precision::Fp8 => {
             let compute = pipeline::compute_dtype(builder.spec, precision);
             let base_graph = builder.graph(Precision::of_dtype(compute))?;
             let base = source.load(&base_graph).map_err(exec_failure)?;
             let (scales, _) =
-                quant::calibrate_kv_scales(graph, &base_graph, &base, &[prompt.to_vec()])
+                calibrate::calibrate_kv_scales(graph, &base_graph, &base, &[prompt.to_vec()])
                     .map_err(exec_failure)?;
-            let weights = quant::lower_weights(&base, graph, &scales).map_err(exec_failure)?;
+            let weights = weights::lower_weights(&base, graph, &scales).map_err(exec_failure)?;
             Ok((weights, Some(scales)))
         }
         Err(e) => Err(exec_failure(e)),
@@ -309,7 +312,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
     let compared = if args.compare {
         let reference_graph = builder.graph(Precision::F32)?;
         let reference_weights = source.load(&reference_graph).map_err(|e| match e {
-            ExecError::MissingWeight { .. } => Failure::Input(anyhow!(
+            WeightError::MissingWeight { .. } => Failure::Input(anyhow!(
                 "--compare runs the f32 graph on the checkpoint's own weights: {e}"
             )),
             other => exec_failure(other),
@@ -325,13 +328,22 @@ pub fn run(args: Args) -> Result<(), Failure> {
         let exec = Executor::new(graph, &weights).map_err(exec_failure)?;
         drop(weights);
         let (_, lowered) = run_session(exec, &prompt, args.tokens, Some(&forced))?;
-        let acc = accuracy::compare(&reference.logits[0], &lowered.logits[0]);
+        let acc = accuracy::compare(
+            reference.logits.index_axis(Axis(0), 0),
+            lowered.logits.index_axis(Axis(0), 0),
+        );
         crate::say(&accuracy::render(&acc, precision.name(), "f32"));
         Some((forced, acc))
     } else {
         None
     };
     if let Some(path) = &args.json {
+        let first_logits: Vec<Vec<f32>> = gen
+            .logits
+            .index_axis(Axis(0), 0)
+            .outer_iter()
+            .map(|row| row.to_vec())
+            .collect();
         let report = Report {
             schema: "llm-reference/1",
             model: &model.name,
@@ -345,7 +357,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
             prompt: &prompt,
             new_tokens: args.tokens,
             generated: &gen.generated[0],
-            logits: &gen.logits[0],
+            logits: &first_logits,
             stats: Stats {
                 steps: gen.steps,
                 launches_per_step: gen.launches_per_step,
@@ -395,14 +407,14 @@ fn save(
         ),
         ("fusec.weight_scales", granularity.to_string()),
         ("fusec.keep", keep.join(",")),
-        ("fusec.kv_scale_margin", quant::KV_SCALE_MARGIN.to_string()),
+        ("fusec.kv_scale_margin", KV_SCALE_MARGIN.to_string()),
         ("fusec.calibration_prompt", ids(prompt)),
         ("fusec.source", source.describe()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
-    let path = quant::save_weights(dir, graph, weights, &metadata).map_err(exec_failure)?;
+    let path = weights::save_weights(dir, graph, weights, &metadata).map_err(exec_failure)?;
     println!("wrote {}", path.display());
     Ok(())
 }

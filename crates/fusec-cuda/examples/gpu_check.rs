@@ -55,9 +55,8 @@ fn cpu(graph: &Graph, weights: &Weights) -> Result<Decode, Fail> {
     let g = s
         .generate(&[PROMPT.to_vec()], NEW_TOKENS)
         .map_err(|e| e.to_string())?;
-    Ok(g.logits[0]
-        .iter()
-        .cloned()
+    Ok(g.rows(0)
+        .map(<[f32]>::to_vec)
         .zip(g.generated[0].iter().copied())
         .collect())
 }
@@ -133,14 +132,14 @@ fn fixture() -> Result<bool, Fail> {
         for (variant, graph) in &graphs {
             let weights = if p == Precision::Fp8 {
                 let unlowered = fused_in(&spec, Precision::Bf16)?;
-                let (kv, _) = fusec_exec::quant::calibrate_kv_scales(
+                let (kv, _) = fusec_exec::calibrate::calibrate_kv_scales(
                     graph,
                     &unlowered,
                     &base,
                     &[PROMPT.to_vec()],
                 )
                 .map_err(|e| e.to_string())?;
-                fusec_exec::quant::lower_weights(&base, graph, &kv).map_err(|e| e.to_string())?
+                fusec_weights::lower_weights(&base, graph, &kv).map_err(|e| e.to_string())?
             } else {
                 base.clone()
             };

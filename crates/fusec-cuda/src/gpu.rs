@@ -5,7 +5,7 @@
 //! - [`CudaDevice`] is `crate::runtime::Device` on a GPU: allocations by
 //!   address, NVRTC to a CUBIN for the GPU's own architecture, launches on one stream;
 //! - [`CheckpointWeights`] feeds a [`Weights`] set (a checkpoint, random weights, or
-//!   the FP8 weights of `fusec_exec::quant`) to the runner in the dtypes the plan wants;
+//!   the FP8 weights of `fusec_weights::quant`) to the runner in the dtypes the plan wants;
 //! - [`Runner`] (re-exported) allocates the plan's buffers and runs decode steps.
 //!
 //! A missing driver, a missing NVRTC, or no GPU is a [`GpuError`], never a panic:
@@ -32,7 +32,7 @@ use fusec_ir::DType;
 
 pub use crate::runtime::{Runner, Step};
 
-use fusec_exec::Weights;
+use fusec_weights::Weights;
 
 /// Why the GPU cannot be used.
 #[derive(Debug, thiserror::Error)]

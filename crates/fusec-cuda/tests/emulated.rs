@@ -49,9 +49,8 @@ fn cpu(graph: &Graph, weights: &Weights, new_tokens: usize) -> Decode {
     let exec = Executor::new(graph.clone(), weights).expect("executor");
     let mut s = Session::new(exec, 1).expect("session");
     let g = s.generate(&[PROMPT.to_vec()], new_tokens).expect("decode");
-    g.logits[0]
-        .iter()
-        .cloned()
+    g.rows(0)
+        .map(<[f32]>::to_vec)
         .zip(g.generated[0].iter().copied())
         .collect()
 }
@@ -223,9 +222,9 @@ fn bf16_and_fp8_kernels_follow_the_cpu_executor() {
 
     let lowered = m.fused(Precision::Fp8);
     let (kv, _) =
-        fusec_exec::quant::calibrate_kv_scales(&lowered, &fused, &weights, &[PROMPT.to_vec()])
+        fusec_exec::calibrate::calibrate_kv_scales(&lowered, &fused, &weights, &[PROMPT.to_vec()])
             .expect("calibrates");
-    let fp8_weights = fusec_exec::quant::lower_weights(&weights, &lowered, &kv).expect("quantizes");
+    let fp8_weights = fusec_weights::lower_weights(&weights, &lowered, &kv).expect("quantizes");
     let cpu8 = cpu(&lowered, &fp8_weights, 6);
     let g8 = emulated(&cxx, "fp8-fused", &lowered, &fp8_weights, &options, 6);
     assert!(report("fp8 fused", &g8, &cpu8) < 5e-3);

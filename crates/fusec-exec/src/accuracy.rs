@@ -12,6 +12,8 @@
 //! - the reference's margin between its top two logits, which says how close to a tie
 //!   a disagreement was.
 
+use ndarray::ArrayView2;
+
 /// One step's comparison.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct StepAccuracy {
@@ -129,13 +131,14 @@ pub fn compare_step(step: usize, reference: &[f32], lowered: &[f32]) -> StepAccu
     }
 }
 
-/// Compares the logits rows of two teacher-forced runs, step by step.
-pub fn compare(reference: &[Vec<f32>], lowered: &[Vec<f32>]) -> Accuracy {
+/// Compares the logits rows (`[step, vocab]`) of two teacher-forced runs, step by
+/// step.
+pub fn compare(reference: ArrayView2<'_, f32>, lowered: ArrayView2<'_, f32>) -> Accuracy {
     let steps: Vec<StepAccuracy> = reference
-        .iter()
-        .zip(lowered)
+        .outer_iter()
+        .zip(lowered.outer_iter())
         .enumerate()
-        .map(|(i, (r, x))| compare_step(i, r, x))
+        .map(|(i, (r, x))| compare_step(i, &r.to_vec(), &x.to_vec()))
         .collect();
     let n = steps.len().max(1) as f64;
     Accuracy {
@@ -194,7 +197,11 @@ mod tests {
         let flipped = compare_step(1, &r, &[1.0, 2.0, 3.0]);
         assert!(!flipped.top1_agree && flipped.kl > 0.1);
         assert_eq!(argmax(&[1.0, 5.0, 5.0]), 1, "ties go to the lowest id");
-        let acc = compare(&[r.to_vec()], &[vec![1.0, 2.0, 3.0]]);
+        let (r, x) = (
+            ndarray::arr2(&[[r[0], r[1], r[2]]]),
+            ndarray::arr2(&[[1.0, 2.0, 3.0]]),
+        );
+        let acc = compare(r.view(), x.view());
         assert_eq!(acc.top1_agreement, 0);
         assert!(render(&acc, "fp8", "f32").contains("2!=1"));
     }

@@ -35,6 +35,7 @@ use std::time::Duration;
 use fusec_ir::shape::Bindings;
 use fusec_ir::step;
 use fusec_ir::{DType, Dim, FusedOp, Graph, InputKind, NodeId, Op, OutputKind, TensorType};
+use ndarray::{Array2, Array3, ArrayView2, Axis};
 
 use crate::error::Error;
 use crate::exec::{self, Executor, RunOutput, Value};
@@ -46,8 +47,8 @@ use crate::tensor::Tensor;
 /// its vectors keep their capacity.
 #[derive(Clone, Debug, Default)]
 pub struct StepOutput {
-    /// The logits of each sequence, `[batch][vocab]`.
-    pub logits: Vec<Vec<f32>>,
+    /// The logits of each sequence, `[batch, vocab]`.
+    pub logits: Array2<f32>,
     /// The greedy next token of each sequence.
     pub next: Vec<i32>,
     pub stats: StepStats,
@@ -58,9 +59,9 @@ pub struct StepOutput {
 pub struct Generation {
     /// Generated ids, `[sequence][token]`.
     pub generated: Vec<Vec<i32>>,
-    /// Logits, `[sequence][token][vocab]`: entry 0 is the output at the last prompt
-    /// position, entry `i` the output of feeding generated token `i - 1`.
-    pub logits: Vec<Vec<Vec<f32>>>,
+    /// Logits, `[sequence, token, vocab]`: token 0 is the output at the last prompt
+    /// position, token `i` the output of feeding generated token `i - 1`.
+    pub logits: Array3<f32>,
     /// Graph runs (prompt tokens plus generated tokens minus one).
     pub steps: u64,
     /// Kernel launches of the last step (the same for every step of one graph).
@@ -74,6 +75,35 @@ pub struct Generation {
 }
 
 impl Generation {
+    /// The logits of sequence `seq`, `[token, vocab]` (empty when there is no such
+    /// sequence).
+    pub fn sequence(&self, seq: usize) -> ArrayView2<'_, f32> {
+        if seq < self.logits.dim().0 {
+            self.logits.index_axis(Axis(0), seq)
+        } else {
+            ArrayView2::from(&[[0.0f32; 0]; 0])
+        }
+    }
+
+    /// The logits rows of sequence `seq`, token by token, as slices.
+    pub fn rows(&self, seq: usize) -> impl Iterator<Item = &[f32]> + '_ {
+        (0..self.logits.dim().1).map(move |token| self.row(seq, token))
+    }
+
+    /// The logits of sequence `seq` at token `token` (see [`Generation::logits`]);
+    /// empty when there is no such row.
+    pub fn row(&self, seq: usize, token: usize) -> &[f32] {
+        if seq >= self.logits.dim().0 || token >= self.logits.dim().1 {
+            return &[];
+        }
+        let (_, tokens, vocab) = self.logits.dim();
+        let start = (seq * tokens + token) * vocab;
+        self.logits
+            .as_slice()
+            .and_then(|all| all.get(start..start + vocab))
+            .unwrap_or(&[])
+    }
+
     /// Mean bytes moved per step.
     pub fn bytes_per_step(&self) -> f64 {
         if self.steps == 0 {
@@ -400,7 +430,10 @@ impl Session {
             }
             return Err(e);
         }
-        out.logits.resize_with(self.batch, Vec::new);
+        if out.logits.dim() != (self.batch, self.vocab) {
+            // Only the first step into this output allocates.
+            out.logits = Array2::zeros((self.batch, self.vocab));
+        }
         out.next.clear();
         for (name, kind, value) in self.run.outputs.drain(..) {
             let state = self.states.iter().find(|s| s.name == name);
@@ -409,11 +442,11 @@ impl Session {
                     self.inputs[s.index] = Some(t);
                 }
                 (OutputKind::Data, Value::Tensor(t), _) if &*name == step::LOGITS => {
-                    if let Some(values) = t.contiguous_f32() {
-                        for (row, values) in out.logits.iter_mut().zip(values.chunks(self.vocab)) {
-                            row.clear();
-                            row.extend_from_slice(values);
-                        }
+                    if let (Some(values), Some(rows)) =
+                        (t.contiguous_f32(), out.logits.as_slice_mut())
+                    {
+                        let n = values.len().min(rows.len());
+                        rows[..n].copy_from_slice(&values[..n]);
                     }
                     exec::recycle(Value::Tensor(t));
                 }
@@ -595,22 +628,25 @@ impl Session {
         }
         let mut gen = Generation {
             generated: vec![Vec::with_capacity(new_tokens); self.batch],
-            logits: vec![Vec::with_capacity(new_tokens); self.batch],
+            logits: Array3::zeros((self.batch, 0, self.vocab)),
             batch: self.batch,
             ..Generation::default()
         };
         if new_tokens == 0 {
             return Ok(gen);
         }
+        // Each sequence's rows, `[token, vocab]` row-major, made into `gen.logits` at
+        // the end.
+        let mut rows: Vec<Vec<f32>> = vec![Vec::with_capacity(new_tokens * self.vocab); self.batch];
         let record = |gen: &mut Generation, out: &StepOutput| {
             gen.steps += 1;
             gen.launches_per_step = out.stats.launches;
             gen.bytes += out.stats.bytes();
             gen.elapsed += out.stats.time;
         };
-        let keep = |gen: &mut Generation, out: StepOutput| {
-            for (s, row) in out.logits.into_iter().enumerate() {
-                gen.logits[s].push(row);
+        let keep = |gen: &mut Generation, rows: &mut [Vec<f32>], out: StepOutput| {
+            for (seq, row) in rows.iter_mut().zip(out.logits.rows()) {
+                seq.extend(row.iter());
             }
             for (s, &t) in out.next.iter().enumerate() {
                 gen.generated[s].push(t);
@@ -623,7 +659,7 @@ impl Session {
             let out = self.step(&tokens)?;
             record(&mut gen, &out);
             if pos + 1 == len {
-                keep(&mut gen, out);
+                keep(&mut gen, &mut rows, out);
             }
         }
         for i in 1..new_tokens {
@@ -634,8 +670,15 @@ impl Session {
             }
             let out = self.step(&tokens)?;
             record(&mut gen, &out);
-            keep(&mut gen, out);
+            keep(&mut gen, &mut rows, out);
         }
+        let tokens = rows
+            .first()
+            .map_or(0, Vec::len)
+            .checked_div(self.vocab)
+            .unwrap_or(0);
+        gen.logits = Array3::from_shape_vec((self.batch, tokens, self.vocab), rows.concat())
+            .map_err(|e| Error::InvalidGraph(format!("logits: {e}")))?;
         Ok(gen)
     }
 }

@@ -1,7 +1,5 @@
 //! The executor's error type.
 
-use std::path::PathBuf;
-
 use crate::kernels::KernelError;
 
 /// Everything that can go wrong when loading weights or running a graph.
@@ -10,53 +8,9 @@ use crate::kernels::KernelError;
 /// the rest mean the graph or the executor is at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{}: cannot read: {source}", file.display())]
-    Io {
-        file: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{}: no weights found: expected a .safetensors file, a model.safetensors.index.json, or a directory holding one", path.display())]
-    NoWeights { path: PathBuf },
-    #[error("{}: bad shard index: {message}", file.display())]
-    BadIndex { file: PathBuf, message: String },
-    #[error("{}: cannot read tensor `{tensor}`: the file is truncated or corrupt ({message})", file.display())]
-    Corrupt {
-        tensor: String,
-        file: PathBuf,
-        message: String,
-    },
-    #[error("{}: tensor `{tensor}` is missing", file.display())]
-    MissingWeight { tensor: String, file: PathBuf },
-    #[error("{}: tensor `{tensor}` has shape {found:?}, the model needs {expected:?}", file.display())]
-    WrongShape {
-        tensor: String,
-        file: PathBuf,
-        expected: Vec<usize>,
-        found: Vec<usize>,
-    },
-    #[error("{}: tensor `{tensor}` has dtype {found}, the model needs {expected}", file.display())]
-    WrongDtype {
-        tensor: String,
-        file: PathBuf,
-        expected: String,
-        found: String,
-    },
-    #[error("{}: tensor `{tensor}` holds a non-finite value ({value}) at element {index}", file.display())]
-    NonFinite {
-        tensor: String,
-        file: PathBuf,
-        index: usize,
-        value: f32,
-    },
-    #[error("{}: derived weight `{tensor}` cannot be made: {reason}", file.display())]
-    Underivable {
-        tensor: String,
-        file: PathBuf,
-        reason: String,
-    },
-    #[error("`{tensor}` is a KV-cache scale, which no checkpoint holds: calibrate it by running the prompt through the unlowered graph (`fusec_exec::quant::calibrate_kv_scales`), or load FP8 weights saved with their scales")]
-    Uncalibrated { tensor: String },
+    /// Loading, making or binding weights failed.
+    #[error(transparent)]
+    Weights(#[from] fusec_weights::Error),
     #[error("input `{name}`: {message}")]
     BadInput { name: String, message: String },
     #[error("symbolic dimension `{0}` has no value")]
@@ -78,17 +32,8 @@ impl Error {
     /// id outside the vocabulary included).
     pub fn is_input_error(&self) -> bool {
         match self {
-            Error::Io { .. }
-            | Error::NoWeights { .. }
-            | Error::BadIndex { .. }
-            | Error::Corrupt { .. }
-            | Error::MissingWeight { .. }
-            | Error::WrongShape { .. }
-            | Error::WrongDtype { .. }
-            | Error::NonFinite { .. }
-            | Error::Underivable { .. }
-            | Error::Uncalibrated { .. }
-            | Error::BadInput { .. } => true,
+            Error::Weights(e) => e.is_input_error(),
+            Error::BadInput { .. } => true,
             Error::Node { source, .. } => source.is_input_error(),
             Error::InvalidGraph(_) | Error::Unbound(_) => false,
         }

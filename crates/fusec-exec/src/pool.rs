@@ -10,15 +10,13 @@
 //!
 //! Every allocation counts against a step that should allocate nothing, so small
 //! buffers are pooled as well as large ones, for `f32` values and for `i32` ids, and
-//! so are the emptied `Arc`s of recycled tensors ([`wrap`]) and the lists that hold
-//! the results of a multi-result kernel ([`tensors`]). A kernel's scratch vector is
+//! so are the emptied `Arc`s of recycled buffers ([`wrap`]); `crate::recycle` gives
+//! the buffers of dropped tensors back. A kernel's scratch vector is
 //! taken here and given back before the kernel returns.
 
 use std::cell::RefCell;
 use std::sync::Arc;
 use std::thread::LocalKey;
-
-use crate::tensor::{Buffer, Tensor};
 
 /// Size classes: class `k` holds buffers with a capacity in `[2^k, 2^(k+1))`.
 const CLASSES: usize = usize::BITS as usize;
@@ -28,9 +26,6 @@ const MAX_PER_CLASS: usize = 64;
 
 /// At most this many emptied `Arc`s are kept per element type and thread.
 const MAX_SHELLS: usize = 1024;
-
-/// At most this many empty result lists are kept per thread.
-const MAX_LISTS: usize = 64;
 
 /// One element type's free buffers and emptied `Arc`s on one thread.
 pub(crate) struct Pool<T> {
@@ -61,8 +56,6 @@ pub(crate) trait Pooled: Copy + Default + 'static {
 thread_local! {
     static F32: RefCell<Pool<f32>> = const { RefCell::new(Pool::new()) };
     static I32: RefCell<Pool<i32>> = const { RefCell::new(Pool::new()) };
-    /// Empty lists with room for a multi-result kernel's tensors.
-    static LISTS: RefCell<Vec<Vec<Tensor>>> = const { RefCell::new(Vec::new()) };
 }
 
 impl Pooled for f32 {
@@ -137,7 +130,7 @@ pub(crate) fn give<T: Pooled>(v: Vec<T>) {
 
 /// Gives an unshared `Arc`'s buffer back to the pool and keeps the emptied `Arc` for
 /// [`wrap`]; a shared one is only dropped.
-fn recycle_arc<T: Pooled>(mut arc: Arc<Vec<T>>) {
+pub(crate) fn recycle_arc<T: Pooled>(mut arc: Arc<Vec<T>>) {
     if let Some(v) = Arc::get_mut(&mut arc) {
         give(std::mem::take(v));
         with::<T, _>(|p| {
@@ -149,18 +142,6 @@ fn recycle_arc<T: Pooled>(mut arc: Arc<Vec<T>>) {
                 p.shells.push(arc);
             }
         });
-    }
-}
-
-/// Returns the tensor's buffer to the pool if no other tensor shares it, and keeps
-/// its emptied `Arc` for [`wrap`].
-pub(crate) fn recycle(t: Tensor) {
-    match t.into_buffer() {
-        Buffer::F32(arc) => recycle_arc(arc),
-        Buffer::I32(arc) => recycle_arc(arc),
-        // Compact storage only ever holds bound weights, which live as long as the
-        // executor.
-        Buffer::U16(_) | Buffer::U8(_) => {}
     }
 }
 
@@ -178,40 +159,6 @@ pub(crate) fn wrap<T: Pooled>(data: Vec<T>) -> Arc<Vec<T>> {
         },
         None => Arc::new(data),
     }
-}
-
-/// An empty list with room for at least `n` tensors: the results of a multi-result
-/// kernel, which become a tuple value.
-pub(crate) fn tensors(n: usize) -> Vec<Tensor> {
-    let reused = LISTS
-        .try_with(|lists| {
-            let mut lists = lists.borrow_mut();
-            // Lists are few, and the last one given back nearly always fits.
-            let fits = lists.iter().rposition(|l| l.capacity() >= n)?;
-            Some(lists.swap_remove(fits))
-        })
-        .ok()
-        .flatten();
-    reused.unwrap_or_else(|| Vec::with_capacity(n))
-}
-
-/// Recycles every tensor of `list` (see [`recycle`]) and keeps the emptied list for
-/// [`tensors`].
-pub(crate) fn give_tensors(mut list: Vec<Tensor>) {
-    list.drain(..).for_each(recycle);
-    if list.capacity() == 0 {
-        return;
-    }
-    let _ = LISTS.try_with(|lists| {
-        let mut lists = lists.borrow_mut();
-        if lists.capacity() == 0 {
-            // Full size at once, for the reason given in `give`.
-            lists.reserve_exact(MAX_LISTS);
-        }
-        if lists.len() < MAX_LISTS {
-            lists.push(list);
-        }
-    });
 }
 
 #[cfg(test)]
@@ -236,16 +183,5 @@ mod tests {
         // Each element type has a pool of its own.
         let ids = take::<i32>(10_000);
         assert_eq!(ids.capacity(), 16_384);
-    }
-
-    #[test]
-    fn reuses_result_lists() {
-        let mut list = tensors(3);
-        list.push(Tensor::scalar(1.0));
-        let ptr = list.as_ptr();
-        give_tensors(list);
-        let again = tensors(2);
-        assert_eq!(again.as_ptr(), ptr);
-        assert!(again.is_empty());
     }
 }

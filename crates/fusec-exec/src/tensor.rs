@@ -8,7 +8,7 @@
 //!
 //! Float values are stored as `f32` whatever their IR dtype; a tensor whose dtype is
 //! `f16`, `bf16` or an FP8 format holds values already rounded to that dtype (see
-//! [`crate::dtype`]). Token ids and positions are `i32`. Two kinds of tensors are
+//! [`crate::rounding`]). Token ids and positions are `i32`. Two kinds of tensors are
 //! stored compactly instead, in the bits of their dtype, because the kernels that
 //! read them are bound by memory: GEMV weights (`f16`, `bf16` and E4M3,
 //! [`Tensor::to_compact`]) and the E4M3 KV caches of a decode session
@@ -31,13 +31,15 @@
 //! above [`MAX_RANK`] is an error ([`TensorError::Rank`]), never a panic.
 
 use std::borrow::Cow;
-use std::fmt;
-use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
 use fusec_ir::DType;
+use fusec_weights::{Storage, WeightTensor};
+use ndarray::{ArrayD, ArrayViewD, IxDyn, ShapeBuilder};
 
-use crate::dtype;
+use crate::rounding;
+
+pub use crate::dims::{Dims, TensorError, MAX_RANK};
 
 /// The storage a tensor views.
 #[derive(Clone, Debug)]
@@ -65,181 +67,6 @@ impl Buffer {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-}
-
-/// The largest rank a tensor may have. The IR's decode graphs use ranks up to 5 (the
-/// grouped-query `expand`); eight leaves room while keeping a tensor's header small.
-pub const MAX_RANK: usize = 8;
-
-/// A shape or strides: up to [`MAX_RANK`] sizes held inline, so that a tensor header
-/// never allocates. It reads as a `&[usize]` of its own length (through `Deref`).
-#[derive(Clone, Copy)]
-pub struct Dims {
-    len: usize,
-    /// The sizes in `values[..len]`; the entries after them are always 0.
-    values: [usize; MAX_RANK],
-}
-
-impl Dims {
-    /// Rank 0: the shape (and strides) of a scalar.
-    pub const fn new() -> Dims {
-        Dims {
-            len: 0,
-            values: [0; MAX_RANK],
-        }
-    }
-
-    /// `sizes` held inline, or [`TensorError::Rank`] when there are too many.
-    pub fn from_slice(sizes: &[usize]) -> Result<Dims, TensorError> {
-        let mut d = Dims::new();
-        d.values
-            .get_mut(..sizes.len())
-            .ok_or(TensorError::Rank { rank: sizes.len() })?
-            .copy_from_slice(sizes);
-        d.len = sizes.len();
-        Ok(d)
-    }
-
-    /// `len` copies of `value`. Every caller passes the rank of another `Dims`, so
-    /// `len` never exceeds [`MAX_RANK`]; a larger one would be cut to it.
-    pub(crate) fn filled(len: usize, value: usize) -> Dims {
-        let len = len.min(MAX_RANK);
-        let mut d = Dims::new();
-        d.values[..len].fill(value);
-        d.len = len;
-        d
-    }
-
-    /// Appends a size; [`TensorError::Rank`] when the rank would exceed [`MAX_RANK`].
-    pub fn push(&mut self, value: usize) -> Result<(), TensorError> {
-        self.insert(self.len, value)
-    }
-
-    /// Inserts a size before position `index` (at most the rank);
-    /// [`TensorError::Rank`] when the rank would exceed [`MAX_RANK`].
-    pub fn insert(&mut self, index: usize, value: usize) -> Result<(), TensorError> {
-        if self.len == MAX_RANK {
-            return Err(TensorError::Rank { rank: self.len + 1 });
-        }
-        if index > self.len {
-            return Err(TensorError::Invalid(format!(
-                "cannot insert at position {index} of a rank-{} shape",
-                self.len
-            )));
-        }
-        self.values.copy_within(index..self.len, index + 1);
-        self.values[index] = value;
-        self.len += 1;
-        Ok(())
-    }
-
-    /// Removes and returns the size at `index`, or `None` when it is out of range.
-    pub fn remove(&mut self, index: usize) -> Option<usize> {
-        if index >= self.len {
-            return None;
-        }
-        let value = self.values[index];
-        self.values.copy_within(index + 1..self.len, index);
-        self.len -= 1;
-        self.values[self.len] = 0;
-        Some(value)
-    }
-
-    pub fn as_slice(&self) -> &[usize] {
-        &self.values[..self.len]
-    }
-}
-
-impl Default for Dims {
-    fn default() -> Dims {
-        Dims::new()
-    }
-}
-
-impl Deref for Dims {
-    type Target = [usize];
-
-    fn deref(&self) -> &[usize] {
-        self.as_slice()
-    }
-}
-
-impl DerefMut for Dims {
-    fn deref_mut(&mut self) -> &mut [usize] {
-        &mut self.values[..self.len]
-    }
-}
-
-impl<'a> IntoIterator for &'a Dims {
-    type Item = &'a usize;
-    type IntoIter = std::slice::Iter<'a, usize>;
-
-    fn into_iter(self) -> Self::IntoIter {
-        self.as_slice().iter()
-    }
-}
-
-impl PartialEq for Dims {
-    fn eq(&self, other: &Dims) -> bool {
-        self.as_slice() == other.as_slice()
-    }
-}
-
-impl Eq for Dims {}
-
-impl PartialEq<[usize]> for Dims {
-    fn eq(&self, other: &[usize]) -> bool {
-        self.as_slice() == other
-    }
-}
-
-impl fmt::Debug for Dims {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.as_slice().fmt(f)
-    }
-}
-
-/// Arrays of up to [`MAX_RANK`] sizes convert without a check.
-macro_rules! dims_from_array {
-    ($($n:literal)*) => {$(
-        impl From<[usize; $n]> for Dims {
-            fn from(sizes: [usize; $n]) -> Dims {
-                let mut d = Dims::new();
-                d.values[..$n].copy_from_slice(&sizes);
-                d.len = $n;
-                d
-            }
-        }
-    )*};
-}
-
-dims_from_array!(0 1 2 3 4 5 6 7 8);
-
-impl TryFrom<&[usize]> for Dims {
-    type Error = TensorError;
-
-    fn try_from(sizes: &[usize]) -> Result<Dims, TensorError> {
-        Dims::from_slice(sizes)
-    }
-}
-
-/// A tensor operation that does not apply to the given tensor.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum TensorError {
-    #[error("{len} values do not fill shape {shape:?}")]
-    Length { shape: Vec<usize>, len: usize },
-    #[error("a tensor of dtype {dtype} cannot hold {what}")]
-    DType { dtype: DType, what: &'static str },
-    #[error("cannot view shape {shape:?} with strides {strides:?} as {target:?} without a copy")]
-    NotViewable {
-        shape: Vec<usize>,
-        strides: Vec<usize>,
-        target: Vec<usize>,
-    },
-    #[error("rank {rank} exceeds the CPU executor's maximum of {MAX_RANK}")]
-    Rank { rank: usize },
-    #[error("{0}")]
-    Invalid(String),
 }
 
 /// A strided view of a [`Buffer`]; cloning shares the buffer.
@@ -281,7 +108,7 @@ impl Tensor {
         shape: &[usize],
         mut data: Vec<f32>,
     ) -> Result<Tensor, TensorError> {
-        if !dtype.is_float() || !dtype::is_supported(dtype) {
+        if !dtype.is_float() || !rounding::is_supported(dtype) {
             return Err(TensorError::DType {
                 dtype,
                 what: "f32 storage",
@@ -289,12 +116,64 @@ impl Tensor {
         }
         check_len(shape, data.len())?;
         let shape = Dims::from_slice(shape)?;
-        dtype::round_slice(dtype, &mut data);
+        rounding::round_slice(dtype, &mut data);
         Ok(Tensor::contiguous(
             dtype,
             shape,
             Buffer::F32(Arc::new(data)),
         ))
+    }
+
+    /// A weight as a tensor, sharing its buffer (no copy).
+    pub fn from_weight(w: &WeightTensor) -> Result<Tensor, TensorError> {
+        let buffer = match w.storage() {
+            Storage::F32(b) => Buffer::F32(Arc::clone(b)),
+            Storage::U16(b) => Buffer::U16(Arc::clone(b)),
+            Storage::U8(b) => Buffer::U8(Arc::clone(b)),
+        };
+        Ok(Tensor::contiguous(
+            w.dtype(),
+            Dims::from_slice(w.shape())?,
+            buffer,
+        ))
+    }
+
+    /// This tensor's values as a weight: its buffer shared when the tensor is the
+    /// whole of a dense buffer, else a copy of its values; an error for `i32` values.
+    pub fn to_weight(&self) -> Result<WeightTensor, TensorError> {
+        let whole = self.is_contiguous() && self.offset == 0 && self.storage_len() == self.numel();
+        let storage = match &self.buffer {
+            Buffer::F32(b) if whole => Storage::F32(Arc::clone(b)),
+            Buffer::U16(b) if whole => Storage::U16(Arc::clone(b)),
+            Buffer::U8(b) if whole => Storage::U8(Arc::clone(b)),
+            Buffer::F32(_) | Buffer::U16(_) | Buffer::U8(_) => {
+                Storage::F32(Arc::new(self.to_vec_f32()))
+            }
+            Buffer::I32(_) => {
+                return Err(TensorError::DType {
+                    dtype: self.dtype,
+                    what: "weight values",
+                })
+            }
+        };
+        WeightTensor::from_storage(self.dtype, &self.shape, storage)
+            .map_err(|e| TensorError::Invalid(e.to_string()))
+    }
+
+    /// A contiguous float tensor of `array`'s shape and values (read in logical
+    /// order), rounded to `dtype`.
+    pub fn from_array(dtype: DType, array: ArrayD<f32>) -> Result<Tensor, TensorError> {
+        let shape = array.shape().to_vec();
+        let values = if array.is_standard_layout() {
+            let n = array.len();
+            let (mut data, offset) = array.into_raw_vec_and_offset();
+            data.drain(..offset.unwrap_or(0));
+            data.truncate(n);
+            data
+        } else {
+            array.iter().copied().collect()
+        };
+        Tensor::from_f32(dtype, &shape, values)
     }
 
     /// A contiguous `i32` tensor.
@@ -339,7 +218,7 @@ impl Tensor {
     /// A kernel's float result: rounds to `dtype` and wraps (in a recycled `Arc` when
     /// the pool has one).
     pub(crate) fn from_kernel_f32(dtype: DType, shape: Dims, mut data: Vec<f32>) -> Tensor {
-        dtype::round_slice(dtype, &mut data);
+        rounding::round_slice(dtype, &mut data);
         Tensor::contiguous(dtype, shape, Buffer::F32(crate::pool::wrap(data)))
     }
 
@@ -407,6 +286,25 @@ impl Tensor {
         }
     }
 
+    /// This view of an `f32` buffer as an `ndarray` view (same shape, strides and
+    /// offset, no copy); `None` for `i32` values and compact storage.
+    pub fn view_f32(&self) -> Option<ArrayViewD<'_, f32>> {
+        strided_view(self.f32_buffer()?, &self.shape, &self.strides, self.offset)
+    }
+
+    /// This view of an `i32` buffer as an `ndarray` view; `None` for a float tensor.
+    pub fn view_i32(&self) -> Option<ArrayViewD<'_, i32>> {
+        strided_view(self.i32_buffer()?, &self.shape, &self.strides, self.offset)
+    }
+
+    /// The values as a new `f32` array of this shape (compact storage decoded, ids
+    /// converted).
+    pub fn to_array(&self) -> ArrayD<f32> {
+        // `to_vec_f32` gives exactly `numel` values in row-major order.
+        ArrayD::from_shape_vec(IxDyn(&self.shape), self.to_vec_f32())
+            .unwrap_or_else(|_| ArrayD::zeros(IxDyn(&[0])))
+    }
+
     /// The whole `i32` buffer, or `None` for a float tensor.
     pub fn i32_buffer(&self) -> Option<&[i32]> {
         match &self.buffer {
@@ -429,19 +327,19 @@ impl Tensor {
             DType::Bf16 => Buffer::U16(Arc::new(
                 values
                     .iter()
-                    .map(|&v| dtype::bf16_bits(v))
+                    .map(|&v| rounding::bf16_bits(v))
                     .collect::<Option<Vec<u16>>>()?,
             )),
             DType::F16 => Buffer::U16(Arc::new(
                 values
                     .iter()
-                    .map(|&v| dtype::f16_bits(v))
+                    .map(|&v| rounding::f16_bits(v))
                     .collect::<Option<Vec<u16>>>()?,
             )),
             DType::Fp8E4M3 => Buffer::U8(Arc::new(
                 values
                     .iter()
-                    .map(|&v| dtype::e4m3_bits(v))
+                    .map(|&v| rounding::e4m3_bits(v))
                     .collect::<Option<Vec<u8>>>()?,
             )),
             _ => return None,
@@ -462,13 +360,13 @@ impl Tensor {
             Buffer::U16(b) => Some(
                 gather(b, &self.shape, &self.strides, self.offset)
                     .into_iter()
-                    .map(|v| dtype::from_u16_bits(dt, v))
+                    .map(|v| rounding::from_u16_bits(dt, v))
                     .collect(),
             ),
             Buffer::U8(b) => Some(
                 gather(b, &self.shape, &self.strides, self.offset)
                     .into_iter()
-                    .map(dtype::e4m3_value)
+                    .map(rounding::e4m3_value)
                     .collect(),
             ),
             Buffer::F32(_) | Buffer::I32(_) => None,
@@ -569,8 +467,8 @@ impl Tensor {
             Buffer::I32(b) => b.get(off).map(|&v| f64::from(v)),
             Buffer::U16(b) => b
                 .get(off)
-                .map(|&v| f64::from(dtype::from_u16_bits(self.dtype, v))),
-            Buffer::U8(b) => b.get(off).map(|&v| f64::from(dtype::e4m3_value(v))),
+                .map(|&v| f64::from(rounding::from_u16_bits(self.dtype, v))),
+            Buffer::U8(b) => b.get(off).map(|&v| f64::from(rounding::e4m3_value(v))),
         }
     }
 
@@ -651,7 +549,7 @@ impl Tensor {
         let codes = self
             .f32_buffer()?
             .iter()
-            .map(|&v| dtype::e4m3_bits_nan(v))
+            .map(|&v| rounding::e4m3_bits_nan(v))
             .collect::<Option<Vec<u8>>>()?;
         Some(Tensor {
             buffer: Buffer::U8(Arc::new(codes)),
@@ -820,6 +718,23 @@ impl Tensor {
     }
 }
 
+/// `buf` seen through `shape`, `strides` and `offset` as an `ndarray` view; `None`
+/// when the view does not fit in the buffer (which no tensor's layout allows).
+fn strided_view<'a, T>(
+    buf: &'a [T],
+    shape: &[usize],
+    strides: &[usize],
+    offset: usize,
+) -> Option<ArrayViewD<'a, T>> {
+    if shape.contains(&0) {
+        // An empty view reads nothing; ndarray checks the strides of an empty shape
+        // against the data anyway, so it gets the row-major ones.
+        return ArrayViewD::from_shape(IxDyn(shape), &buf[..0]).ok();
+    }
+    let data = buf.get(offset..)?;
+    ArrayViewD::from_shape(IxDyn(shape).strides(IxDyn(strides)), data).ok()
+}
+
 /// Strides that view a tensor of `old` shape and `old_strides` as `new` (same element
 /// count), or `None` when no strides do. This is PyTorch's `computeStride`: the old
 /// dimensions are grouped into chunks that are contiguous among themselves, and each
@@ -927,6 +842,26 @@ mod tests {
     }
 
     #[test]
+    fn ndarray_views_see_the_same_layout() {
+        let t = iota(&[2, 3, 4]).transpose(0, 2).expect("axes in range");
+        let s = t.slice(1, 1, 3).expect("in range");
+        let v = s.view_f32().expect("f32 values");
+        assert_eq!(v.shape(), s.shape());
+        assert_eq!(v.iter().copied().collect::<Vec<_>>(), s.to_vec_f32());
+        assert_eq!(v[[3, 0, 1]] as f64, s.get(&[3, 0, 1]).expect("in range"));
+        assert_eq!(s.to_array(), v.to_owned());
+        let back = Tensor::from_array(DType::F32, v.to_owned()).expect("f32 values");
+        assert_eq!(back.to_vec_f32(), s.to_vec_f32());
+        let e = iota(&[1, 3]).expand(&[4, 3]).expect("size-1 axis");
+        assert_eq!(e.view_f32().expect("f32 values").sum(), 4.0 * 3.0);
+        let empty = Tensor::zeros_with_capacity(DType::F32, &[2, 0, 3], 1, 4).expect("valid");
+        assert_eq!(empty.view_f32().expect("f32 values").shape(), &[2, 0, 3]);
+        let ids = Tensor::from_i32(&[2], vec![7, 9]).expect("sizes match");
+        assert!(ids.view_f32().is_none());
+        assert_eq!(ids.view_i32().expect("ids").as_slice(), Some(&[7, 9][..]));
+    }
+
+    #[test]
     fn views_share_storage() {
         let t = iota(&[2, 3, 4]);
         let tt = t.transpose(0, 2).expect("axes in range");
@@ -1014,27 +949,6 @@ mod tests {
             .transpose(0, 1)
             .expect("in range")
             .is_contiguous());
-    }
-
-    #[test]
-    fn dims_hold_up_to_the_maximum_rank_inline() {
-        let mut d = Dims::from([2, 3]);
-        d.insert(0, 1).expect("room");
-        d.push(4).expect("room");
-        assert_eq!(d, Dims::from([1, 2, 3, 4]));
-        assert_eq!(d.remove(1), Some(2));
-        assert_eq!(d.remove(3), None);
-        assert_eq!(d.as_slice(), &[1, 3, 4]);
-        assert_eq!(format!("{d:?}"), "[1, 3, 4]");
-        // Equality ignores what lies past the rank.
-        let mut e = Dims::from([1, 3, 4, 9]);
-        e.remove(3);
-        assert_eq!(d, e);
-        let mut full = Dims::from([1; MAX_RANK]);
-        assert_eq!(full.push(1), Err(TensorError::Rank { rank: MAX_RANK + 1 }));
-        assert!(full.insert(0, 1).is_err());
-        assert!(Dims::from_slice(&[1; MAX_RANK + 1]).is_err());
-        assert!(Dims::new().insert(1, 1).is_err());
     }
 
     #[test]

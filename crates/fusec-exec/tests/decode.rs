@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use common::{fuse, graph_weights, rel_l2, write_safetensors, Cfg};
+use fusec_exec::ndarray::Array2;
 use fusec_exec::{Executor, RunOutput, Session, SplitMix64, StepOutput, Tensor, Weights};
 use fusec_ir::cost::graph_cost;
 use fusec_ir::{DType, Graph, InputKind};
@@ -55,8 +56,8 @@ fn matches_hugging_face_on_the_fixture() {
         .expect("decodes");
     assert_eq!(gen.generated[0], want);
     let rows = expected["logits"].as_array().expect("logits rows");
-    assert_eq!(gen.logits[0].len(), rows.len());
-    for (step, (row, exp)) in gen.logits[0].iter().zip(rows).enumerate() {
+    assert_eq!(gen.logits.dim().1, rows.len());
+    for (step, (row, exp)) in gen.rows(0).zip(rows).enumerate() {
         let exp: Vec<f64> = exp
             .as_array()
             .expect("a row")
@@ -110,7 +111,7 @@ fn safetensors_files_in_f32_f16_and_bf16_load_and_agree() {
         let gen = session(graph.clone(), &loaded, 1)
             .generate(std::slice::from_ref(&prompt), 4)
             .expect("decodes");
-        let err = rel_l2(&gen.logits[0][0], &reference.logits[0][0]);
+        let err = rel_l2(gen.row(0, 0), reference.row(0, 0));
         assert!(err <= tol, "{dtype:?}: relative L2 error {err} over {tol}");
         if dtype == Dtype::F32 {
             assert_eq!(gen.logits, reference.logits);
@@ -141,7 +142,7 @@ fn a_hugging_face_4x_directory_loads_with_its_weights() {
         .generate(&[vec![1, 2, 3]], 3)
         .expect("decodes");
     assert_eq!(gen.generated[0].len(), 3);
-    assert!(gen.logits[0].iter().flatten().all(|v| v.is_finite()));
+    assert!(gen.sequence(0).iter().all(|v| v.is_finite()));
 }
 
 #[test]
@@ -158,7 +159,7 @@ fn a_bf16_graph_tracks_its_f32_twin() {
             let v = t.to_vec_f32();
             (
                 n,
-                Tensor::from_f32(DType::F32, t.shape(), v).expect("same size"),
+                fusec_exec::WeightTensor::from_f32(DType::F32, t.shape(), v).expect("same size"),
             )
         }));
     let prompt = vec![7, 8, 9, 10];
@@ -168,7 +169,7 @@ fn a_bf16_graph_tracks_its_f32_twin() {
     let hi = session(graph32, &weights32, 1)
         .generate(&[prompt], 2)
         .expect("decodes");
-    let err = rel_l2(&lo.logits[0][0], &hi.logits[0][0]);
+    let err = rel_l2(lo.row(0, 0), hi.row(0, 0));
     assert!(err < 5e-2, "bf16 vs f32: relative L2 error {err}");
     assert!(err > 0.0, "the bf16 graph should round its activations");
 }
@@ -191,7 +192,7 @@ fn batch_of_two_equals_two_batches_of_one() {
             .generate(std::slice::from_ref(prompt), 5)
             .expect("decodes");
         assert_eq!(one.generated[0], both.generated[s]);
-        for (a, b) in one.logits[0].iter().zip(&both.logits[s]) {
+        for (a, b) in one.rows(0).zip(both.rows(s)) {
             let max = a
                 .iter()
                 .zip(b)
@@ -217,7 +218,7 @@ fn resuming_from_a_longer_prompt_continues_the_same_text() {
         .generate(&[longer], 5)
         .expect("decodes");
     assert_eq!(rest.generated[0], full.generated[0][3..]);
-    for (a, b) in rest.logits[0].iter().zip(&full.logits[0][3..]) {
+    for (a, b) in rest.rows(0).zip(full.rows(0).skip(3)) {
         assert!(rel_l2(a, b) < 1e-5);
     }
 }
@@ -239,9 +240,11 @@ fn a_rewound_session_decodes_the_same_continuation_again() {
         let mut token = 5;
         for (i, &want) in first.generated[0].iter().enumerate() {
             let out = s.step(&[token]).expect("steps");
-            let logits = &first.logits[0][i];
-            assert_eq!(out.logits[0].len(), logits.len());
-            assert!(out.logits[0]
+            let logits = first.row(0, i);
+            assert_eq!(out.logits.row(0).len(), logits.len());
+            assert!(out
+                .logits
+                .row(0)
                 .iter()
                 .zip(logits)
                 .all(|(a, b)| a.to_bits() == b.to_bits()));
@@ -407,9 +410,7 @@ fn a_reused_step_output_gives_what_fresh_steps_give() {
         // A failed step in between changes nothing.
         assert!(reused.step_into(&[-1, 0], &mut out).is_err());
         reused.step_into(&tokens, &mut out).expect("steps");
-        let bits = |rows: &[Vec<f32>]| -> Vec<u32> {
-            rows.iter().flatten().map(|v| v.to_bits()).collect()
-        };
+        let bits = |rows: &Array2<f32>| -> Vec<u32> { rows.iter().map(|v| v.to_bits()).collect() };
         assert_eq!(bits(&out.logits), bits(&want.logits), "step {step}");
         assert_eq!(out.next, want.next);
         assert_eq!(out.stats.launches, want.stats.launches);

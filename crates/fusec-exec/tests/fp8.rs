@@ -6,16 +6,18 @@
 mod common;
 
 use common::{fuse, Cfg};
+use fusec_exec::calibrate::{calibrate_kv_scales, KV_SCALE_MARGIN};
 use fusec_exec::kernels::attention::{attention, decode_attention, Caches};
 use fusec_exec::kernels::fused::rope;
 use fusec_exec::kernels::gemv::{self, GemvWeight, QuantWeight};
-use fusec_exec::quant::{self, Derived};
 use fusec_exec::tensor::Buffer;
-use fusec_exec::{Error, Executor, Session, SplitMix64, Tensor, Weights};
+use fusec_exec::{Executor, Session, SplitMix64, Tensor, Weights};
 use fusec_ir::numerics::{round_to, scale_for};
 use fusec_ir::DType;
 use fusec_model::arch::llama;
 use fusec_rewrite::precision::{lower_fp8, Fp8Options};
+use fusec_weights::quant::{self, Derived};
+use fusec_weights::{save_weights, Error as WeightError, WeightTensor};
 use proptest::prelude::*;
 
 const E4M3: DType = DType::Fp8E4M3;
@@ -35,8 +37,10 @@ fn gaussian(shape: &[usize], rng: &mut SplitMix64, row_scale: impl Fn(usize) -> 
 }
 
 fn quant_weight(w: &Tensor, per_channel: bool) -> QuantWeight {
-    let (q, s) = quant::quantize(w, E4M3, per_channel).expect("quantizes");
-    QuantWeight::new(q, s, DType::F32, E4M3).expect("valid parts")
+    let w = w.to_weight().expect("float values");
+    let (q, s) = quant::quantize(&w, E4M3, per_channel).expect("quantizes");
+    let (q, s) = (Tensor::from_weight(&q), Tensor::from_weight(&s));
+    QuantWeight::new(q.expect("rank"), s.expect("rank"), DType::F32, E4M3).expect("valid parts")
 }
 
 proptest! {
@@ -258,27 +262,28 @@ fn derived_weights_are_made_from_their_base_and_kv_scales_are_calibrated() {
     // Random weights of the lowered graph need calibrated KV scales.
     let err = Weights::random(&fp8, 4).expect_err("uncalibrated");
     assert!(
-        matches!(err, Error::Uncalibrated { .. }) && err.is_input_error(),
+        matches!(err, WeightError::Uncalibrated { .. }) && err.is_input_error(),
         "{err}"
     );
     assert!(err.to_string().contains("past.0.key.scale"), "{err}");
     let base = Weights::random(&bf16, 4).expect("random weights");
     let prompt = vec![vec![3, 1, 4, 1, 5]];
-    let (scales, absmax) = quant::calibrate_kv_scales(&fp8, &bf16, &base, &prompt).expect("runs");
+    let (scales, absmax) = calibrate_kv_scales(&fp8, &bf16, &base, &prompt).expect("runs");
     assert_eq!(scales.len(), 4);
     for (state, m) in &absmax {
         let s = scales[&format!("{state}.scale")];
-        assert_eq!(s, m * quant::KV_SCALE_MARGIN / 448.0);
+        assert_eq!(s, m * KV_SCALE_MARGIN / 448.0);
     }
     let w = quant::lower_weights(&base, &fp8, &scales).expect("lowers");
     let name = "model.layers.0.self_attn.q_proj.weight";
     let (q, s) = quant::quantize(base.get(name).expect("base"), E4M3, true).expect("quantizes");
     assert_eq!(
-        w.get(&format!("{name}.fp8")).map(Tensor::to_vec_f32),
+        w.get(&format!("{name}.fp8")).map(WeightTensor::to_vec_f32),
         Some(q.to_vec_f32())
     );
     assert_eq!(
-        w.get(&format!("{name}.scale")).map(Tensor::to_vec_f32),
+        w.get(&format!("{name}.scale"))
+            .map(WeightTensor::to_vec_f32),
         Some(s.to_vec_f32())
     );
     // A missing base is named.
@@ -307,17 +312,17 @@ fn a_checkpoint_loads_into_the_lowered_graph_and_saved_weights_round_trip() {
     let base = Weights::random(&bf16, 9).expect("random weights");
     let dir = tempfile::tempdir().expect("temp dir");
     let ckpt = dir.path().join("ckpt");
-    quant::save_weights(&ckpt, &bf16, &base, &Default::default()).expect("saves");
+    save_weights(&ckpt, &bf16, &base, &Default::default()).expect("saves");
     // The checkpoint lacks the KV scales: loading says so.
     assert!(matches!(
         Weights::load(&ckpt, &fp8),
-        Err(Error::Uncalibrated { .. })
+        Err(WeightError::Uncalibrated { .. })
     ));
     let prompt = vec![vec![2, 7, 1]];
-    let (scales, _) = quant::calibrate_kv_scales(&fp8, &bf16, &base, &prompt).expect("runs");
+    let (scales, _) = calibrate_kv_scales(&fp8, &bf16, &base, &prompt).expect("runs");
     let w = quant::lower_weights(&base, &fp8, &scales).expect("lowers");
     let saved = dir.path().join("fp8");
-    quant::save_weights(&saved, &fp8, &w, &Default::default()).expect("saves");
+    save_weights(&saved, &fp8, &w, &Default::default()).expect("saves");
     let loaded = Weights::load(&saved, &fp8).expect("loads back");
     let run = |w: &Weights| {
         let exec = Executor::new(fp8.clone(), w).expect("plans");
@@ -331,7 +336,11 @@ fn a_checkpoint_loads_into_the_lowered_graph_and_saved_weights_round_trip() {
     assert_eq!(a.generated, b.generated);
     // A checkpoint with the KV scales but not the quantized values derives them.
     let mut tensors = common::graph_weights(&bf16, &base);
-    tensors.extend(scales.iter().map(|(n, s)| (n.clone(), Tensor::scalar(*s))));
+    tensors.extend(
+        scales
+            .iter()
+            .map(|(n, s)| (n.clone(), WeightTensor::scalar(*s))),
+    );
     let mixed = dir.path().join("mixed.safetensors");
     common::write_safetensors(&mixed, &tensors, safetensors::Dtype::F32);
     let derived = Weights::load(&mixed, &fp8).expect("derives at load");
@@ -343,7 +352,7 @@ fn compact_kv_caches_decode_bit_identically_to_f32_ones() {
     let (bf16, fp8) = fp8_graph(&Cfg::tiny());
     let base = Weights::random(&bf16, 12).expect("random weights");
     let prompt = vec![vec![5, 3, 9, 2], vec![1, 8, 2, 7]];
-    let (scales, _) = quant::calibrate_kv_scales(&fp8, &bf16, &base, &prompt).expect("runs");
+    let (scales, _) = calibrate_kv_scales(&fp8, &bf16, &base, &prompt).expect("runs");
     let w = quant::lower_weights(&base, &fp8, &scales).expect("lowers");
     // A capacity of 6 makes the caches grow (by copying) during the run.
     let session = |compact: bool| {
@@ -361,14 +370,8 @@ fn compact_kv_caches_decode_bit_identically_to_f32_ones() {
         bytes.generate(&prompt, 6).expect("decodes"),
         wide.generate(&prompt, 6).expect("decodes"),
     );
-    let logit_bits = |g: &fusec_exec::Generation| {
-        g.logits
-            .iter()
-            .flatten()
-            .flatten()
-            .map(|x| x.to_bits())
-            .collect::<Vec<_>>()
-    };
+    let logit_bits =
+        |g: &fusec_exec::Generation| g.logits.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     assert_eq!(logit_bits(&a), logit_bits(&b));
     assert_eq!(a.generated, b.generated);
     // The caches hold the same values, and stay compact after growing.
@@ -428,7 +431,7 @@ fn a_less_fused_fp8_graph_runs_its_linears_on_quantized_weights() {
     // arithmetic differs (bf16 probabilities in the eager attention), by about bf16's
     // precision, which FP8 rounding downstream amplifies where a value moves across a
     // rounding boundary. A wrong scale or a dropped quantization would be off by 1.
-    for (x, y) in a.logits[0].iter().zip(&b.logits[0]) {
+    for (x, y) in a.rows(0).zip(b.rows(0)) {
         let err = common::rel_l2(x, y);
         assert!(err < 0.1, "relative L2 error {err}");
     }

@@ -1,35 +1,37 @@
 //! Each primitive kernel against a plain `f64` reference on random shapes and layouts
-//! (contiguous, transposed, sliced and broadcast views).
+//! (contiguous, transposed, sliced and broadcast views). The references are written
+//! with `ndarray` over the operands' own views ([`Tensor::view_f32`]), so they share
+//! neither the kernels' code nor their strided walks.
 
 use fusec_exec::kernels::elementwise::{binary, cast, unary, Arg};
 use fusec_exec::kernels::gather::embedding;
 use fusec_exec::kernels::matmul::{linear, matmul};
 use fusec_exec::kernels::movement::{cat, copy};
 use fusec_exec::kernels::reduce::{argmax, reduce, softmax};
+use fusec_exec::ndarray::{concatenate, Array3, ArrayD, Axis, IxDyn, Zip};
 use fusec_exec::{KernelError, SplitMix64, Tensor};
 use fusec_ir::{BinaryOp, DType, ReduceOp, UnaryOp};
 use proptest::prelude::*;
+use proptest::test_runner::TestCaseError;
 
-/// Every index of `shape`, row-major.
-fn indices(shape: &[usize]) -> Vec<Vec<usize>> {
-    let mut out = vec![vec![]];
-    for &d in shape {
-        out = out
-            .into_iter()
-            .flat_map(|prefix| {
-                (0..d).map(move |i| {
-                    let mut p = prefix.clone();
-                    p.push(i);
-                    p
-                })
-            })
-            .collect();
+/// A tensor's values as an `f64` array, read through its view.
+fn arr(t: &Tensor) -> ArrayD<f64> {
+    match (t.view_f32(), t.view_i32()) {
+        (Some(v), _) => v.mapv(f64::from),
+        (None, Some(v)) => v.mapv(f64::from),
+        (None, None) => panic!("a test tensor holds f32 or i32 values"),
     }
-    out
 }
 
-fn at(t: &Tensor, index: &[usize]) -> f64 {
-    t.get(index).expect("index in range")
+/// Whether `actual` has `want`'s shape and every value within `tol` (relative, with an
+/// absolute floor) of it; `tol = 0` asks for equal values.
+fn check(actual: &Tensor, want: &ArrayD<f64>, tol: f64) -> Result<(), TestCaseError> {
+    let got = arr(actual);
+    prop_assert_eq!(got.shape(), want.shape());
+    for ((i, &g), &w) in got.indexed_iter().zip(want.iter()) {
+        prop_assert!(close(g, w, tol), "at {:?}: {} against {}", i, g, w);
+    }
+    Ok(())
 }
 
 /// A tensor of logical shape `shape` with values from `gen`, laid out as `layout`
@@ -79,6 +81,7 @@ fn positive(rng: &mut SplitMix64) -> f32 {
 fn close(actual: f64, expected: f64, tol: f64) -> bool {
     (actual - expected).abs() <= tol * (1.0 + expected.abs())
         || (actual.is_nan() && expected.is_nan())
+        || actual == expected
 }
 
 fn shape_strategy(max_rank: usize) -> impl Strategy<Value = Vec<usize>> {
@@ -107,11 +110,7 @@ proptest! {
         };
         let x = make(&shape, layout, &mut rng, gen);
         let y = unary(op, &x).expect("runs");
-        prop_assert_eq!(y.shape(), x.shape());
-        for i in indices(&shape) {
-            let want = op.apply(at(&x, &i));
-            prop_assert!(close(at(&y, &i), want, 1e-5), "{} at {:?}: {} vs {}", op.name(), i, at(&y, &i), want);
-        }
+        check(&y, &arr(&x).mapv(|v| op.apply(v)), 1e-5)?;
     }
 
     #[test]
@@ -127,16 +126,12 @@ proptest! {
         let a = make(&sa, la, &mut rng, gen);
         let b = make(&sb, lb, &mut rng, gen);
         let y = binary(op, Arg::Tensor(&a), Arg::Tensor(&b)).expect("runs");
-        prop_assert_eq!(y.shape(), shape.as_slice());
-        let rank = shape.len();
-        for i in indices(&shape) {
-            let pick = |t: &Tensor| -> Vec<usize> {
-                let pad = rank - t.rank();
-                t.shape().iter().enumerate().map(|(k, &d)| if d == 1 { 0 } else { i[k + pad] }).collect()
-            };
-            let want = op.apply(at(&a, &pick(&a)), at(&b, &pick(&b)));
-            prop_assert!(close(at(&y, &i), want, 1e-5), "{} at {:?}", op.name(), i);
-        }
+        let (xa, xb) = (arr(&a), arr(&b));
+        let to = IxDyn(&shape);
+        let want = Zip::from(&xa.broadcast(to.clone()).expect("broadcasts"))
+            .and(&xb.broadcast(to).expect("broadcasts"))
+            .map_collect(|&u, &v| op.apply(u, v));
+        check(&y, &want, 1e-5)?;
     }
 
     #[test]
@@ -147,10 +142,9 @@ proptest! {
         let s = if op == BinaryOp::Pow { exponent } else { rng.uniform(0.5, 2.0) as f32 };
         let y = binary(op, Arg::Tensor(&x), Arg::Scalar(s)).expect("runs");
         let z = binary(op, Arg::Scalar(s), Arg::Tensor(&x)).expect("runs");
-        for i in indices(&shape) {
-            prop_assert!(close(at(&y, &i), op.apply(at(&x, &i), f64::from(s)), 1e-5));
-            prop_assert!(close(at(&z, &i), op.apply(f64::from(s), at(&x, &i)), 1e-5));
-        }
+        let (xs, s) = (arr(&x), f64::from(s));
+        check(&y, &xs.mapv(|v| op.apply(v, s)), 1e-5)?;
+        check(&z, &xs.mapv(|v| op.apply(s, v)), 1e-5)?;
     }
 
     #[test]
@@ -162,13 +156,11 @@ proptest! {
         let i32s = cast(&x, DType::I32).expect("runs");
         let back = cast(&i32s, DType::F32).expect("runs");
         prop_assert_eq!(h.dtype(), DType::F16);
-        for i in indices(&shape) {
-            let v = at(&x, &i) as f32;
-            prop_assert_eq!(at(&h, &i), f64::from(half::f16::from_f32(v).to_f32()));
-            prop_assert_eq!(at(&b, &i), f64::from(half::bf16::from_f32(v).to_f32()));
-            prop_assert_eq!(at(&i32s, &i), f64::from(v).trunc());
-            prop_assert_eq!(at(&back, &i), f64::from(v).trunc());
-        }
+        let xs = arr(&x);
+        check(&h, &xs.mapv(|v| f64::from(half::f16::from_f32(v as f32).to_f32())), 0.0)?;
+        check(&b, &xs.mapv(|v| f64::from(half::bf16::from_f32(v as f32).to_f32())), 0.0)?;
+        check(&i32s, &xs.mapv(f64::trunc), 0.0)?;
+        check(&back, &xs.mapv(f64::trunc), 0.0)?;
     }
 
     #[test]
@@ -176,22 +168,16 @@ proptest! {
         let kind = ReduceOp::ALL[which];
         let mut rng = SplitMix64::new(seed);
         let x = make(&shape, layout, &mut rng, &normal);
-        let axis = axis_pick % shape.len();
-        let y = reduce(kind, &x, axis, keepdim).expect("runs");
-        for i in indices(&shape) {
-            if i[axis] != 0 {
-                continue;
-            }
-            let lane: Vec<f64> = (0..shape[axis]).map(|k| { let mut j = i.clone(); j[axis] = k; at(&x, &j) }).collect();
-            let want = match kind {
-                ReduceOp::Sum => lane.iter().sum(),
-                ReduceOp::Mean => lane.iter().sum::<f64>() / lane.len() as f64,
-                ReduceOp::Max => lane.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-            };
-            let mut out_i = i.clone();
-            if !keepdim { out_i.remove(axis); }
-            prop_assert!(close(at(&y, &out_i), want, 1e-5), "{} {:?}", kind.name(), i);
-        }
+        let axis = Axis(axis_pick % shape.len());
+        let y = reduce(kind, &x, axis.index(), keepdim).expect("runs");
+        let xs = arr(&x);
+        let want = match kind {
+            ReduceOp::Sum => xs.sum_axis(axis),
+            ReduceOp::Mean => xs.sum_axis(axis) / xs.len_of(axis) as f64,
+            ReduceOp::Max => xs.fold_axis(axis, f64::NEG_INFINITY, |m, &v| m.max(v)),
+        };
+        let want = if keepdim { want.insert_axis(axis) } else { want };
+        check(&y, &want, 1e-5)?;
     }
 
     #[test]
@@ -199,33 +185,27 @@ proptest! {
         let mut rng = SplitMix64::new(seed);
         // Few distinct values, so that ties are common.
         let x = make(&shape, layout, &mut rng, &|r| r.below(3) as f32);
-        let axis = axis_pick % shape.len();
-        let y = argmax(&x, axis).expect("runs");
+        let axis = Axis(axis_pick % shape.len());
+        let y = argmax(&x, axis.index()).expect("runs");
         prop_assert_eq!(y.dtype(), DType::I32);
-        for i in indices(&shape) {
-            if i[axis] != 0 { continue; }
-            let lane: Vec<f64> = (0..shape[axis]).map(|k| { let mut j = i.clone(); j[axis] = k; at(&x, &j) }).collect();
-            let max = lane.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            let want = lane.iter().position(|&v| v == max).expect("non-empty");
-            let mut out_i = i.clone();
-            out_i.remove(axis);
-            prop_assert_eq!(at(&y, &out_i), want as f64);
-        }
+        let want = arr(&x).map_axis(axis, |lane| {
+            let max = lane.fold(f64::NEG_INFINITY, |m, &v| m.max(v));
+            lane.iter().position(|&v| v == max).expect("non-empty") as f64
+        });
+        check(&y, &want, 0.0)?;
     }
 
     #[test]
     fn softmax_normalizes(shape in shape_strategy(4), layout in 0u8..4, seed: u64, axis_pick: usize) {
         let mut rng = SplitMix64::new(seed);
         let x = make(&shape, layout, &mut rng, &|r| (r.normal() * 4.0) as f32);
-        let axis = axis_pick % shape.len();
-        let y = softmax(&x, axis).expect("runs");
-        for i in indices(&shape) {
-            let lane: Vec<f64> = (0..shape[axis]).map(|k| { let mut j = i.clone(); j[axis] = k; at(&x, &j) }).collect();
-            let max = lane.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            let sum: f64 = lane.iter().map(|v| (v - max).exp()).sum();
-            let want = (at(&x, &i) - max).exp() / sum;
-            prop_assert!(close(at(&y, &i), want, 1e-5));
-        }
+        let axis = Axis(axis_pick % shape.len());
+        let y = softmax(&x, axis.index()).expect("runs");
+        let xs = arr(&x);
+        let max = xs.fold_axis(axis, f64::NEG_INFINITY, |m, &v| m.max(v)).insert_axis(axis);
+        let e = (&xs - &max).mapv(f64::exp);
+        let want = &e / &e.sum_axis(axis).insert_axis(axis);
+        check(&y, &want, 1e-5)?;
     }
 
     #[test]
@@ -247,20 +227,27 @@ proptest! {
             make(&sb, lb, &mut rng, &normal)
         };
         let y = matmul(&a, &b).expect("runs");
+        // The batch axes broadcast, then one 2-D product per batch entry.
+        let batches: usize = batch.iter().product();
+        let stacked = |t: &Tensor, rows: usize, cols: usize| -> Array3<f64> {
+            let mut to = batch.clone();
+            to.extend([rows, cols]);
+            let full = arr(t)
+                .broadcast(IxDyn(&to))
+                .expect("broadcasts")
+                .as_standard_layout()
+                .into_owned();
+            full.into_shape_with_order((batches, rows, cols)).expect("same size")
+        };
+        let (xa, xb) = (stacked(&a, m, k), stacked(&b, k, n));
+        let mut want = Array3::<f64>::zeros((batches, m, n));
+        for (i, mut out) in want.outer_iter_mut().enumerate() {
+            out.assign(&xa.index_axis(Axis(0), i).dot(&xb.index_axis(Axis(0), i)));
+        }
         let mut out_shape = batch.clone();
         out_shape.extend([m, n]);
-        prop_assert_eq!(y.shape(), out_shape.as_slice());
-        let r = batch.len();
-        for i in indices(&out_shape) {
-            let pad = r - b_batch.len();
-            let bi: Vec<usize> = b_batch.iter().enumerate().map(|(q, &d)| if d == 1 { 0 } else { i[q + pad] }).collect();
-            let want: f64 = (0..k).map(|p| {
-                let mut ai = i[..r].to_vec(); ai.extend([i[r], p]);
-                let mut bj = bi.clone(); bj.extend([p, i[r + 1]]);
-                at(&a, &ai) * at(&b, &bj)
-            }).sum();
-            prop_assert!(close(at(&y, &i), want, 1e-5), "{:?}", i);
-        }
+        let want = want.into_shape_with_order(IxDyn(&out_shape)).expect("same size");
+        check(&y, &want, 1e-5)?;
     }
 
     #[test]
@@ -271,17 +258,18 @@ proptest! {
         let x = make(&sx, layout, &mut rng, &normal);
         let w = make(&[outs, ins], 0, &mut rng, &normal);
         let y = linear(&x, &w).expect("runs");
+        let n: usize = rows.iter().product();
+        let xs = arr(&x).as_standard_layout().into_owned().into_shape_with_order((n, ins)).expect("same size");
+        let ws = arr(&w)
+            .as_standard_layout()
+            .into_owned()
+            .into_shape_with_order((outs, ins))
+            .expect("a matrix");
         let mut out_shape = rows.clone();
         out_shape.push(outs);
-        prop_assert_eq!(y.shape(), out_shape.as_slice());
-        let r = rows.len();
-        for i in indices(&out_shape) {
-            let want: f64 = (0..ins).map(|p| {
-                let mut xi = i[..r].to_vec(); xi.push(p);
-                at(&x, &xi) * at(&w, &[i[r], p])
-            }).sum();
-            prop_assert!(close(at(&y, &i), want, 1e-5));
-        }
+        let want = xs.dot(&ws.t()).as_standard_layout().into_owned();
+        let want = want.into_shape_with_order(IxDyn(&out_shape)).expect("same size");
+        check(&y, &want, 1e-5)?;
     }
 
     #[test]
@@ -290,12 +278,16 @@ proptest! {
         let table = make(&[vocab, dim], layout, &mut rng, &normal);
         let n = ids_shape.iter().product();
         let ids: Vec<i32> = (0..n).map(|_| rng.below(vocab as u64) as i32).collect();
+        let rows: Vec<usize> = ids.iter().map(|&i| i as usize).collect();
         let ids = Tensor::from_i32(&ids_shape, ids).expect("sizes match");
         let y = embedding(&table, &ids).expect("runs");
-        for i in indices(y.shape()) {
-            let id = at(&ids, &i[..i.len() - 1]) as usize;
-            prop_assert_eq!(at(&y, &i), at(&table, &[id, i[i.len() - 1]]));
-        }
+        let mut out_shape = ids_shape.clone();
+        out_shape.push(dim);
+        let want = arr(&table)
+            .select(Axis(0), &rows)
+            .into_shape_with_order(IxDyn(&out_shape))
+            .expect("same size");
+        check(&y, &want, 0.0)?;
         let bad = Tensor::from_i32(&[1], vec![vocab as i32]).expect("one id");
         prop_assert!(matches!(embedding(&table, &bad), Err(KernelError::TokenOutOfRange { .. })), "out-of-range id accepted");
     }
@@ -310,15 +302,11 @@ proptest! {
         let b = make(&other, if extra == 0 { 0 } else { lb }, &mut rng, &normal);
         let y = cat(&[&a, &b], axis).expect("runs");
         prop_assert!(y.is_contiguous());
-        for i in indices(y.shape()) {
-            let want = if i[axis] < shape[axis] { at(&a, &i) } else {
-                let mut j = i.clone(); j[axis] -= shape[axis]; at(&b, &j)
-            };
-            prop_assert_eq!(at(&y, &i), want);
-        }
+        let want = concatenate(Axis(axis), &[arr(&a).view(), arr(&b).view()]).expect("shapes agree");
+        check(&y, &want, 0.0)?;
         let c = copy(&a).expect("runs");
         prop_assert!(c.is_contiguous());
-        prop_assert_eq!(c.to_vec_f32(), a.to_vec_f32());
+        check(&c, &arr(&a), 0.0)?;
     }
 
     #[test]

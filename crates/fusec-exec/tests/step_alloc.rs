@@ -15,7 +15,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use common::fuse;
-use fusec_exec::{quant, Executor, RunOutput, Session, StepOutput, Tensor, Weights};
+use fusec_exec::{calibrate, Executor, RunOutput, Session, StepOutput, Tensor, Weights};
 use fusec_ir::{DType, Graph, InputKind, OutputKind};
 use fusec_model::arch::llama;
 use fusec_model::load_model;
@@ -188,9 +188,9 @@ fn variants() -> Vec<(&'static str, Graph, Weights)> {
     let bf16 = fuse(&llama::build(&model).expect("graph builds"));
     let fp8 = lower_fp8(&bf16, &Fp8Options::default()).expect("lowers");
     let base = Weights::random(&bf16, 0).expect("random weights");
-    let (scales, _) =
-        quant::calibrate_kv_scales(&fp8, &bf16, &base, &[vec![3, 1, 4, 1]]).expect("calibrates");
-    let fp8_weights = quant::lower_weights(&base, &fp8, &scales).expect("quantizes");
+    let (scales, _) = calibrate::calibrate_kv_scales(&fp8, &bf16, &base, &[vec![3, 1, 4, 1]])
+        .expect("calibrates");
+    let fp8_weights = fusec_weights::lower_weights(&base, &fp8, &scales).expect("quantizes");
     let random = |g: &Graph| Weights::random(g, 0).expect("random weights");
     vec![
         ("eager f32", eager.clone(), random(&eager)),

@@ -6,15 +6,16 @@ mod common;
 use std::path::Path;
 
 use common::{encode, graph_weights, write_raw, write_safetensors, Cfg};
-use fusec_exec::{Error, Executor, Tensor, Weights};
+use fusec_exec::{Executor, WeightTensor, Weights};
 use fusec_ir::{DType, Graph};
 use fusec_model::arch::llama;
+use fusec_weights::Error;
 use safetensors::Dtype;
 
 const NORM: &str = "model.norm.weight";
 const EMBED: &str = "model.embed_tokens.weight";
 
-fn model() -> (Graph, Vec<(String, Tensor)>) {
+fn model() -> (Graph, Vec<(String, WeightTensor)>) {
     let graph = llama::build(&Cfg::tiny().model("tiny")).expect("graph builds");
     let weights = Weights::random(&graph, 1).expect("random weights");
     let tensors = graph_weights(&graph, &weights);
@@ -22,7 +23,7 @@ fn model() -> (Graph, Vec<(String, Tensor)>) {
 }
 
 /// The raw form of `tensors` as F32, with `edit` applied to the list.
-fn raw(tensors: &[(String, Tensor)]) -> Vec<(String, Dtype, Vec<usize>, Vec<u8>)> {
+fn raw(tensors: &[(String, WeightTensor)]) -> Vec<(String, Dtype, Vec<usize>, Vec<u8>)> {
     tensors
         .iter()
         .map(|(n, t)| {
@@ -257,18 +258,21 @@ fn in_memory_weights_are_checked_when_the_executor_binds_them() {
     let short = Weights::from_tensors(tensors.iter().filter(|(n, _)| n != NORM).cloned());
     let err = Executor::new(graph.clone(), &short).expect_err("a weight is missing");
     assert!(
-        matches!(err, Error::MissingWeight { ref tensor, .. } if tensor == NORM),
+        matches!(err, fusec_exec::Error::Weights(Error::MissingWeight { ref tensor, .. }) if tensor == NORM),
         "{err}"
     );
     let wrong = Weights::from_tensors(tensors.iter().map(|(n, t)| {
         if n == NORM {
-            (n.clone(), Tensor::zeros(DType::F32, &[3]).expect("valid"))
+            (
+                n.clone(),
+                WeightTensor::from_f32(DType::F32, &[3], vec![0.0; 3]).expect("valid"),
+            )
         } else {
             (n.clone(), t.clone())
         }
     }));
     assert!(matches!(
         Executor::new(graph, &wrong),
-        Err(Error::WrongShape { .. })
+        Err(fusec_exec::Error::Weights(Error::WrongShape { .. }))
     ));
 }

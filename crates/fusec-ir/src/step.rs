@@ -18,6 +18,12 @@ pub const NEXT_TOKEN: &str = "next_token";
 pub const EMBED: &str = "model.embed_tokens.weight";
 pub const FINAL_NORM: &str = "model.norm.weight";
 pub const LM_HEAD: &str = "lm_head.weight";
+/// The suffix of the stored values of a weight quantized to FP8 (`W.fp8`), as the
+/// FP8 lowering names them and the weights derive them.
+pub const FP8_SUFFIX: &str = ".fp8";
+/// The suffix of a scale: of a quantized weight (`W.scale`), or of a KV cache
+/// (`past.L.key.scale`).
+pub const SCALE_SUFFIX: &str = ".scale";
 /// The symbol for the batch.
 pub const BATCH: &str = "B";
 /// The symbol for the number of cached positions before the step.

@@ -110,9 +110,9 @@ pub struct Fp8Options {
     pub keep: BTreeSet<OpClass>,
 }
 
-/// The suffixes of derived weight names.
-pub const FP8_SUFFIX: &str = ".fp8";
-pub const SCALE_SUFFIX: &str = ".scale";
+/// The suffixes of derived weight names (defined with the decode-step interface, which
+/// the weights that derive them read too).
+pub use fusec_ir::step::{FP8_SUFFIX, SCALE_SUFFIX};
 
 /// The op class of a weight in role `role` when a GEMV multiplies by it; `None` for
 /// roles that are never GEMV weights.

@@ -5,7 +5,7 @@ use fusec_ir::{BinaryOp, DType, UnaryOp};
 use super::strided::{broadcast_shape, broadcast_strides, walk};
 use super::{float_buffer, KernelError};
 use crate::tensor::{dense, gather_into, Buffer, Tensor};
-use crate::{dtype, pool};
+use crate::{pool, rounding};
 
 /// An operand of a binary op: a tensor, or a scalar kernel argument (which reads no
 /// memory, broadcasts, and takes the other operand's dtype).
@@ -154,7 +154,7 @@ pub fn binary(op: BinaryOp, a: Arg<'_>, b: Arg<'_>) -> Result<Tensor, KernelErro
 /// Elementwise conversion to `to`: floats are rounded to the target format, floats to
 /// `i32` truncate toward zero (saturating, NaN to 0), ids convert exactly or round.
 pub fn cast(x: &Tensor, to: DType) -> Result<Tensor, KernelError> {
-    if !dtype::is_supported(to) {
+    if !rounding::is_supported(to) {
         return Err(KernelError::Invalid(format!(
             "cast to {to} is not supported by the CPU executor"
         )));

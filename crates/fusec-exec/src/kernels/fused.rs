@@ -13,8 +13,9 @@ use fusec_ir::DType;
 use super::gemv::{self, Epilogue, GemvWeight};
 use super::strided::{broadcast_shape, broadcast_strides, walk};
 use super::{float_buffer, KernelError};
-use crate::dtype::round;
 use crate::pool;
+use crate::recycle;
+use crate::rounding::round;
 use crate::tensor::{Buffer, Dims, Tensor};
 
 /// `x / (1 + exp(-x))`, as the eager `unary.silu` computes it.
@@ -97,7 +98,7 @@ pub fn rms_norm_linear(
     for &wt in weights {
         gemv::check(op, x.dtype(), d, wt)?;
     }
-    let mut outs = pool::tensors(weights.len());
+    let mut outs = recycle::tensors(weights.len());
     let round_to = Epilogue::Round(x.dtype());
     gemv::gemv_many(&n, rows, weights, None, round_to, |i, y| {
         outs.push(rounded(x.dtype(), with_last(x, weights[i].shape()[0]), y));

@@ -1,7 +1,7 @@
 //! The GEMV core shared by `linear` and every fused GEMV kernel, for plain weights
 //! and for quantized (`dequant`) ones.
 //!
-//! A plain weight is multiplied exactly as [`super::matmul::linear`] does (the same
+//! A plain weight is multiplied exactly as `super::matmul::linear` does (the same
 //! [`dot`] per output element), so a fused kernel gives bit-identical GEMV results to
 //! the eager `linear` it replaces.
 //!
@@ -26,7 +26,7 @@ use std::borrow::Cow;
 use fusec_ir::{numerics, DType};
 
 #[cfg(doc)]
-use super::matmul::dot;
+use super::dot::dot;
 use super::rowdot::{self, Rows};
 use super::{float_buffer, KernelError};
 use crate::pool;
@@ -165,7 +165,7 @@ pub fn quantize_rows(xs: &[f32], ins: usize, act: DType) -> QuantRows {
     QuantRows { values, scales }
 }
 
-pub use crate::dtype::round_e4m3;
+pub use crate::rounding::round_e4m3;
 
 /// [`round_e4m3`] for a value that is not NaN, bit for bit, without branches, so that
 /// the activation quantization loop vectorizes: the value saturates to `±448` first
@@ -450,7 +450,7 @@ pub fn gemv_many(
             (Epilogue::Round(dtype), _) => results
                 .iter_mut()
                 .flatten()
-                .for_each(|y| crate::dtype::round_slice(dtype, y)),
+                .for_each(|y| crate::rounding::round_slice(dtype, y)),
             (Epilogue::Each(f), [Some(y), ..]) => f(0, y),
             (Epilogue::Pair(f), [Some(a), Some(b), ..]) => f(a, b),
             _ => {}
@@ -543,7 +543,7 @@ fn decode_gemvs(
         }
         match epilogue {
             Epilogue::Each(f) => f(start, chunk),
-            Epilogue::Round(dtype) => crate::dtype::round_slice(dtype, chunk),
+            Epilogue::Round(dtype) => crate::rounding::round_slice(dtype, chunk),
             Epilogue::None | Epilogue::Pair(_) => {}
         }
     });
@@ -663,7 +663,7 @@ pub fn linear(x: &Tensor, w: GemvWeight<'_>) -> Result<Tensor, KernelError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::random::SplitMix64;
+    use fusec_weights::SplitMix64;
 
     fn random(rng: &mut SplitMix64, n: usize) -> Vec<f32> {
         (0..n).map(|_| rng.normal() as f32).collect()

@@ -10,6 +10,7 @@
 
 pub mod attention;
 pub mod constant;
+pub mod dot;
 pub mod elementwise;
 pub mod fused;
 pub mod gather;

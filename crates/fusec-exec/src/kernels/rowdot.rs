@@ -3,7 +3,7 @@
 //! the byte of FP8 E4M3. Compact weights are decoded in registers, eight values at a
 //! time, and never into a temporary copy of the weights.
 //!
-//! Every path sums in exactly the order of [`super::matmul::dot`] (four independent
+//! Every path sums in exactly the order of [`super::dot::dot`] (four independent
 //! 8-lane accumulators taking the chunks of eight round-robin, a fixed reduction tree,
 //! then the tail in order, each product and sum rounded separately), so a fast path
 //! gives bit-identical results to the portable one and to the eager `linear`. The one
@@ -48,8 +48,8 @@ use std::sync::OnceLock;
 
 use fusec_ir::DType;
 
-use super::matmul::{dot, dot_by};
-use crate::dtype;
+use super::dot::{dot, dot_by};
+use crate::rounding;
 
 /// Consecutive weight rows in one storage format.
 #[derive(Copy, Clone, Debug)]
@@ -98,8 +98,8 @@ impl<'a> Rows<'a> {
     fn value(&self, i: usize) -> f32 {
         match self {
             Rows::F32(w) => w[i],
-            Rows::Bf16(w) => dtype::from_u16_bits(DType::Bf16, w[i]),
-            Rows::F16(w) => dtype::from_u16_bits(DType::F16, w[i]),
+            Rows::Bf16(w) => rounding::from_u16_bits(DType::Bf16, w[i]),
+            Rows::F16(w) => rounding::from_u16_bits(DType::F16, w[i]),
             Rows::E4M3(w) => e4m3_table()[usize::from(w[i])],
         }
     }
@@ -111,7 +111,7 @@ pub(crate) fn e4m3_table() -> &'static [f32; 256] {
     TABLE.get_or_init(|| {
         let mut t = [0.0f32; 256];
         for (b, v) in t.iter_mut().enumerate() {
-            *v = dtype::e4m3_value(b as u8);
+            *v = rounding::e4m3_value(b as u8);
         }
         t
     })
@@ -307,7 +307,7 @@ mod avx2 {
         }
     }
 
-    /// Steps 2 and 3 of `matmul::dot`'s order: the accumulators combined as
+    /// Steps 2 and 3 of `dot::dot`'s order: the accumulators combined as
     /// `(a0 + a1) + (a2 + a3)`, then the lanes `v` reduced as
     /// `((v0 + v4) + (v1 + v5)) + ((v2 + v6) + (v3 + v7))`.
     #[inline(always)]
@@ -332,7 +332,7 @@ mod avx2 {
     }
 
     /// Generates a kernel over one storage format, one row at a time, in the order of
-    /// `matmul::dot`: four independent accumulators take the chunks of eight values
+    /// `dot::dot`: four independent accumulators take the chunks of eight values
     /// round-robin, so four additions are in flight instead of one chain. `$load(p)`
     /// loads eight decoded values from `p`, `$madd` accumulates one chunk, `$value(w,
     /// i)` decodes one value for the tail, and `$post` scales each finished sum.
@@ -507,7 +507,7 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::random::SplitMix64;
+    use fusec_weights::SplitMix64;
 
     /// Random exact values of `dtype` and their stored forms.
     fn weights(rng: &mut SplitMix64, n: usize) -> (Vec<f32>, Vec<u16>, Vec<u16>, Vec<u8>) {
@@ -525,7 +525,7 @@ mod tests {
             .iter()
             .map(|&v| {
                 let q = fusec_ir::numerics::round_to(DType::Fp8E4M3, v * 40.0);
-                dtype::e4m3_bits(q).expect("rounded")
+                rounding::e4m3_bits(q).expect("rounded")
             })
             .collect();
         (w32, wb, wh, w8)
@@ -586,7 +586,7 @@ mod tests {
                     slow.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                     "{w:?} rows {rows} n {n} exact {exact}"
                 );
-                // The portable kernel is `matmul::dot` over the decoded values.
+                // The portable kernel is `dot::dot` over the decoded values.
                 for (o, &y) in slow.iter().enumerate() {
                     let decoded: Vec<f32> = (o * n..(o + 1) * n).map(|i| w.value(i)).collect();
                     assert_eq!(y.to_bits(), dot(&x, &decoded).to_bits());

@@ -1,7 +1,7 @@
 //! Iteration over strided views, and the shapes and strides of broadcasting, all
 //! without allocating: they run inside kernels on every step.
 
-use crate::tensor::{Dims, MAX_RANK};
+use crate::dims::{Dims, MAX_RANK};
 
 /// Calls `f` with the buffer offsets of `N` views for every index of `shape`, in
 /// row-major order. View `k` has strides `strides[k]` (of the same rank as `shape`;

@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use fusec_exec::{Tensor, Weights};
+use fusec_exec::{WeightTensor, Weights};
 use fusec_ir::{DType, Graph};
 use fusec_model::frontend::ModelConfig;
 use half::{bf16, f16};
@@ -73,7 +73,7 @@ pub fn input_shape(graph: &Graph, id: fusec_ir::NodeId, b: &fusec_ir::Bindings) 
         .collect()
 }
 
-pub fn graph_weights(graph: &Graph, weights: &Weights) -> Vec<(String, Tensor)> {
+pub fn graph_weights(graph: &Graph, weights: &Weights) -> Vec<(String, WeightTensor)> {
     graph
         .weights()
         .into_iter()
@@ -118,7 +118,7 @@ pub fn write_raw(path: &Path, tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)]) 
 }
 
 /// Writes `tensors` as a safetensors file with every tensor stored as `dtype`.
-pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)], dtype: Dtype) {
+pub fn write_safetensors(path: &Path, tensors: &[(String, WeightTensor)], dtype: Dtype) {
     let raw: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = tensors
         .iter()
         .map(|(name, t)| {

@@ -1,6 +1,8 @@
-//! Rounding of `f32` values to the dtype a value has in the IR.
+//! Rounding of `f32` values to the dtype a value has in the IR, and the compact codes
+//! (`f16`/`bf16` bits, E4M3 bytes) weights and caches are stored in.
 //!
-//! The executor stores every float as `f32` and computes in `f32`; a value whose IR
+//! Weights are held as `f32` rounded to their dtype, and the executor stores every
+//! float as `f32` and computes in `f32`; a value whose IR
 //! dtype is `f16` or `bf16` is rounded to that format (to nearest, ties to even) after
 //! every op, which is what PyTorch's CPU kernels for half types do: they compute in
 //! float and round the result.
@@ -14,7 +16,9 @@ use fusec_ir::numerics;
 use fusec_ir::DType;
 use half::{bf16, f16};
 
-/// Whether the executor can hold values of `dtype`: every dtype of the IR.
+/// Whether values of `dtype` can be held (by the weights and the executor): every
+/// dtype of the IR.
+#[inline]
 pub fn is_supported(dtype: DType) -> bool {
     matches!(
         dtype,
@@ -81,6 +85,7 @@ fn round_f16(x: f32) -> f32 {
 }
 
 /// Rounds every value of `data` to `dtype`.
+#[inline]
 pub fn round_slice(dtype: DType, data: &mut [f32]) {
     match dtype {
         DType::Bf16 => data.iter_mut().for_each(|x| *x = round_bf16(*x)),
@@ -93,12 +98,14 @@ pub fn round_slice(dtype: DType, data: &mut [f32]) {
 
 /// The bits of `x` as a `bf16`, if `x` is exactly a `bf16` value (NaNs have no
 /// compact form here: a weight is finite).
+#[inline]
 pub fn bf16_bits(x: f32) -> Option<u16> {
     let b = bf16::from_f32(x);
     (b.to_f32().to_bits() == x.to_bits()).then_some(b.to_bits())
 }
 
 /// The bits of `x` as an `f16`, if `x` is exactly an `f16` value.
+#[inline]
 pub fn f16_bits(x: f32) -> Option<u16> {
     let h = f16::from_f32(x);
     (h.to_f32().to_bits() == x.to_bits()).then_some(h.to_bits())
@@ -136,6 +143,7 @@ pub fn e4m3_value(bits: u8) -> f32 {
 
 /// The E4M3 byte of `x`, if `x` is exactly an E4M3 value. The byte is computed from
 /// the `f32` fields and checked by decoding it back, so an inexact `x` gives `None`.
+#[inline]
 pub fn e4m3_bits(x: f32) -> Option<u8> {
     let sign: u8 = if x.is_sign_negative() { 0x80 } else { 0 };
     let a = x.abs();
@@ -163,6 +171,7 @@ pub fn e4m3_bits(x: f32) -> Option<u8> {
 /// The E4M3 byte of `x` as [`e4m3_bits`] gives it, except that any NaN becomes the E4M3
 /// NaN of its sign (`s 1111 111`), whose value reads back as NaN: the storage of a KV
 /// cache, where a NaN activation must stay NaN but its payload need not survive.
+#[inline]
 pub fn e4m3_bits_nan(x: f32) -> Option<u8> {
     if x.is_nan() {
         Some(if x.is_sign_negative() { 0xff } else { 0x7f })

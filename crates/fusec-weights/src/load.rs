@@ -1,5 +1,5 @@
-//! Model weights: Hugging Face safetensors checkpoints, read by memory map and checked
-//! against the graph, or seeded random weights (see [`crate::random`]).
+//! Hugging Face safetensors checkpoints, read by memory map and checked against the
+//! graph.
 //!
 //! A checkpoint is a `.safetensors` file, a `model.safetensors.index.json` listing
 //! shards, or a directory holding either. Only the tensors the graph names are read
@@ -21,130 +21,13 @@ use fusec_ir::{numerics, Graph, TensorType};
 use half::{bf16, f16};
 use safetensors::{Dtype, SafeTensorError, SafeTensors};
 
-use crate::dtype;
 use crate::error::Error;
 use crate::quant::{self, Derived, KvScales};
-use crate::tensor::Tensor;
-
-/// Where a weight's values came from, for messages.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum WeightSource {
-    File(PathBuf),
-    Random {
-        seed: u64,
-    },
-    /// Built in memory by the caller.
-    Memory,
-}
-
-impl WeightSource {
-    /// The file to name in an error (a placeholder for non-file sources).
-    pub fn path(&self) -> PathBuf {
-        match self {
-            WeightSource::File(p) => p.clone(),
-            WeightSource::Random { seed } => {
-                PathBuf::from(format!("<random weights, seed {seed}>"))
-            }
-            WeightSource::Memory => PathBuf::from("<in-memory weights>"),
-        }
-    }
-}
-
-/// Named weight tensors, stored as `f32` (rounded to their IR dtype).
-#[derive(Clone, Debug)]
-pub struct Weights {
-    tensors: HashMap<String, (Tensor, WeightSource)>,
-    /// Where a missing tensor would have come from.
-    origin: WeightSource,
-}
-
-impl Default for Weights {
-    fn default() -> Self {
-        Weights::new(WeightSource::Memory)
-    }
-}
+use crate::rounding;
+use crate::tensor::WeightTensor;
+use crate::weights::{fixed_shape, WeightSource, Weights};
 
 impl Weights {
-    /// An empty set whose missing tensors are reported against `origin`.
-    pub fn new(origin: WeightSource) -> Weights {
-        Weights {
-            tensors: HashMap::new(),
-            origin,
-        }
-    }
-
-    /// Weights built in memory (tests, tools).
-    pub fn from_tensors(tensors: impl IntoIterator<Item = (String, Tensor)>) -> Weights {
-        let mut w = Weights::default();
-        for (name, t) in tensors {
-            w.insert(name, t, WeightSource::Memory);
-        }
-        w
-    }
-
-    pub fn insert(&mut self, name: String, tensor: Tensor, source: WeightSource) {
-        self.tensors.insert(name, (tensor, source));
-    }
-
-    pub fn get(&self, name: &str) -> Option<&Tensor> {
-        self.tensors.get(name).map(|(t, _)| t)
-    }
-
-    pub fn source(&self, name: &str) -> Option<&WeightSource> {
-        self.tensors.get(name).map(|(_, s)| s)
-    }
-
-    pub fn origin(&self) -> &WeightSource {
-        &self.origin
-    }
-
-    pub fn len(&self) -> usize {
-        self.tensors.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.tensors.is_empty()
-    }
-
-    /// Parameters held (elements over all tensors).
-    pub fn parameter_count(&self) -> u64 {
-        self.tensors.values().map(|(t, _)| t.numel() as u64).sum()
-    }
-
-    /// Seeded random weights for every weight of `graph`; see [`crate::random`].
-    pub fn random(graph: &Graph, seed: u64) -> Result<Weights, Error> {
-        crate::random::random_weights(graph, seed)
-    }
-
-    /// The tensor `name` for a graph weight of type `ty`: present, of that shape and
-    /// dtype.
-    pub(crate) fn bind(&self, name: &str, ty: &TensorType) -> Result<Tensor, Error> {
-        let Some((t, source)) = self.tensors.get(name) else {
-            return Err(Error::MissingWeight {
-                tensor: name.to_string(),
-                file: self.origin.path(),
-            });
-        };
-        let expected = fixed_shape(name, ty)?;
-        if t.shape() != expected.as_slice() {
-            return Err(Error::WrongShape {
-                tensor: name.to_string(),
-                file: source.path(),
-                expected,
-                found: t.shape().to_vec(),
-            });
-        }
-        if t.dtype() != ty.dtype {
-            return Err(Error::WrongDtype {
-                tensor: name.to_string(),
-                file: source.path(),
-                expected: ty.dtype.to_string(),
-                found: t.dtype().to_string(),
-            });
-        }
-        Ok(t.clone())
-    }
-
     /// Loads and checks every weight `graph` names from the checkpoint at `path`. A
     /// derived weight of a lowered graph that the checkpoint lacks is made from its
     /// base (see [`crate::quant`]); a KV-cache scale it lacks is an
@@ -226,18 +109,6 @@ impl Weights {
         })?;
         Ok(meta.metadata().clone().unwrap_or_default())
     }
-}
-
-/// The fixed shape of a weight type.
-pub(crate) fn fixed_shape(name: &str, ty: &TensorType) -> Result<Vec<usize>, Error> {
-    ty.shape
-        .dims()
-        .iter()
-        .map(|d| d.as_fixed().and_then(|v| usize::try_from(v).ok()))
-        .collect::<Option<Vec<usize>>>()
-        .ok_or_else(|| {
-            Error::InvalidGraph(format!("weight `{name}` has a symbolic shape {}", ty.shape))
-        })
 }
 
 /// How a checkpoint is laid out on disk.
@@ -421,7 +292,7 @@ fn load_file(
             ),
             found: format!("{:?}", view.dtype()),
         })?;
-        dtype::round_slice(ty.dtype, &mut values);
+        rounding::round_slice(ty.dtype, &mut values);
         if let Some((index, &value)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
             return Err(Error::NonFinite {
                 tensor: name.clone(),
@@ -431,7 +302,7 @@ fn load_file(
             });
         }
         let tensor =
-            Tensor::from_f32(ty.dtype, &expected, values).map_err(|e| Error::WrongDtype {
+            WeightTensor::from_f32(ty.dtype, &expected, values).map_err(|e| Error::WrongDtype {
                 tensor: name.clone(),
                 file: file.to_path_buf(),
                 expected: ty.dtype.to_string(),

@@ -17,7 +17,7 @@ use rayon::prelude::*;
 
 use crate::error::Error;
 use crate::quant::{self, Derived, KvScales};
-use crate::tensor::Tensor;
+use crate::tensor::WeightTensor;
 use crate::weights::{fixed_shape, WeightSource, Weights};
 
 /// The standard deviation of random matrices.
@@ -92,6 +92,14 @@ impl SplitMix64 {
     }
 }
 
+impl Weights {
+    /// Seeded random weights for every weight of `graph` (see the module
+    /// documentation).
+    pub fn random(graph: &Graph, seed: u64) -> Result<Weights, Error> {
+        random_weights(graph, seed)
+    }
+}
+
 /// Random weights for every weight of `graph`, in its declared dtypes.
 pub fn random_weights(graph: &Graph, seed: u64) -> Result<Weights, Error> {
     let derived = quant::derived_weights(graph)?;
@@ -125,7 +133,7 @@ pub fn random_weights(graph: &Graph, seed: u64) -> Result<Weights, Error> {
                 let mut rng = SplitMix64::for_name(seed, &name);
                 (0..n).map(|_| (rng.normal() * INIT_STD) as f32).collect()
             };
-            let t = Tensor::from_f32(dtype, &shape, values)
+            let t = WeightTensor::from_f32(dtype, &shape, values)
                 .map_err(|e| Error::InvalidGraph(format!("weight `{name}`: {e}")))?;
             Ok((name, t))
         })
