@@ -366,6 +366,24 @@ impl Executor {
                 let t = constant::rope_inv_freq(theta.0, *head_dim)
                     .map_err(|e| node_error(&planned, e))?;
                 planned.bound = Some(Value::Tensor(t));
+            } else if let Op::RopeInvFreqLlama3 {
+                theta,
+                head_dim,
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } = &node.op
+            {
+                let scaling = fusec_ir::rope::Llama3Scaling {
+                    factor: factor.0,
+                    low_freq_factor: low_freq_factor.0,
+                    high_freq_factor: high_freq_factor.0,
+                    original_max_position_embeddings: *original_max_position_embeddings,
+                };
+                let t = constant::rope_inv_freq_llama3(theta.0, *head_dim, &scaling)
+                    .map_err(|e| node_error(&planned, e))?;
+                planned.bound = Some(Value::Tensor(t));
             }
             plan.push(planned);
         }
@@ -947,7 +965,7 @@ fn dispatch(
             }
             Ok(done(Value::Tensor(tensor), false))
         }
-        Op::Weight { .. } | Op::RopeInvFreq { .. } => bound(),
+        Op::Weight { .. } | Op::RopeInvFreq { .. } | Op::RopeInvFreqLlama3 { .. } => bound(),
         Op::Scalar { value } => Ok(done(Value::Scalar(value.0 as f32), false)),
         Op::Unary(u) => launch(elementwise::unary(*u, &*t(0)?)),
         Op::Binary(op) => launch(elementwise::binary(
