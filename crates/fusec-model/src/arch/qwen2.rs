@@ -55,6 +55,13 @@ pub fn parse_qwen_config(j: &HfConfig<'_>) -> Result<ModelConfig, ConfigError> {
                 .into(),
         ));
     }
+    // Qwen2-VL's multimodal RoPE (sections of the head rotated by different positions).
+    if j.bool("use_mrope")? == Some(true) {
+        return Err(j.err_at(
+            "use_mrope",
+            "`use_mrope` = true is not supported (fusec implements 1-D RoPE)".into(),
+        ));
+    }
     if let Some(types) = j.get("layer_types") {
         let all_full = types
             .as_array()
