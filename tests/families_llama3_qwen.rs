@@ -342,3 +342,82 @@ fn unsupported_qwen_settings_are_rejected_by_name() {
         ],
     );
 }
+
+/// `model.toml` takes the same keys: `[model.rope_scaling]` for Llama 3's RoPE and
+/// `architecture = "qwen2"` / `"qwen3"`. Pointed at the fixtures' weights, each
+/// decodes as transformers does.
+#[test]
+fn model_toml_spells_the_same_models() {
+    let toml = |arch: &str, theta: &str, extra: &str, weights: &str| {
+        format!(
+            "[model]\narchitecture = \"{arch}\"\nhidden_size = 64\nnum_layers = 2\n\
+             num_heads = 4\nnum_kv_heads = 2\nhead_dim = 16\nintermediate_size = 176\n\
+             vocab_size = 256\nrope_theta = {theta}\nrms_norm_eps = 1e-5\nmax_seq_len = 128\n\
+             {extra}\n[weights]\npath = \"{weights}\"\n"
+        )
+    };
+    let llama3 = "[model.rope_scaling]\nrope_type = \"llama3\"\nfactor = 8.0\n\
+                  low_freq_factor = 1.0\nhigh_freq_factor = 4.0\n\
+                  original_max_position_embeddings = 16\n";
+    for (fixture, arch, theta, extra) in [
+        ("hf-tiny-llama3-rope-s0", "llama", "500000.0", llama3),
+        ("hf-tiny-qwen2-s0", "qwen2", "1000000.0", ""),
+        ("hf-tiny-qwen3-s0", "qwen3", "1000000.0", ""),
+    ] {
+        let dir = root().join("tests/fixtures").join(fixture);
+        let expected_path = dir.join("expected.json");
+        let expected: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&expected_path).expect("expected.json"))
+                .expect("valid JSON");
+        let prompt: Vec<String> = expected["prompt"]
+            .as_array()
+            .expect("a prompt")
+            .iter()
+            .map(|t| t.to_string())
+            .collect();
+        let out = scratch(&format!("families-toml-{fixture}"));
+        let model = out.join("model.toml");
+        std::fs::write(&model, toml(arch, theta, extra, path_str(&dir))).expect("write");
+        let json = out.join("out.json");
+        let tokens = expected["new_tokens"].to_string();
+        let run = fusec(&[
+            "run",
+            path_str(&model),
+            "--prompt",
+            &prompt.join(","),
+            "--tokens",
+            &tokens,
+            "--json",
+            path_str(&json),
+        ]);
+        assert!(
+            run.status.success(),
+            "{fixture}: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let check = Command::new("python3")
+            .arg(root().join("scripts/check_reference.py"))
+            .arg(&expected_path)
+            .arg(&json)
+            .output()
+            .expect("python3 runs");
+        assert!(
+            check.status.success(),
+            "{fixture} from model.toml: {}",
+            String::from_utf8_lossy(&check.stdout)
+        );
+    }
+    // Another rope type is rejected at its value.
+    let out = scratch("families-toml-yarn");
+    let model = out.join("model.toml");
+    let bad = toml("llama", "500000.0", llama3, "none").replace("\"llama3\"", "\"yarn\"");
+    std::fs::write(&model, bad).expect("write");
+    let run = fusec(&["compile", path_str(&model), "--out", path_str(&out)]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("rope_scaling.rope_type `yarn` is not supported"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("model.toml:"), "{stderr}");
+}
