@@ -239,6 +239,16 @@ fn unsupported_rope_types_are_rejected_by_name() {
         "    \"rope_type\": null\n".into(),
         "`rope_parameters.factor` is given without a `rope_type`".into(),
     ));
+    cases.push((
+        "\"factor\": 8.0,",
+        "\"factor\": 8.0, \"partial_rotary_factor\": 0.5,".into(),
+        "`rope_parameters.partial_rotary_factor` other than 1.0 is not supported".into(),
+    ));
+    cases.push((
+        "\"hidden_act\": \"silu\",",
+        "\"hidden_act\": \"silu\", \"partial_rotary_factor\": 0.4,".into(),
+        "`partial_rotary_factor` other than 1.0 is not supported".into(),
+    ));
     // A missing llama3 key.
     cases.push((
         "\"low_freq_factor\": 1.0,",

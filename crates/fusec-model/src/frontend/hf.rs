@@ -253,6 +253,15 @@ fn rope_config(j: &HfConfig<'_>) -> Result<(f64, Option<RopeScaling>), ConfigErr
     if let Some(v) = j.get("rope_theta") {
         rope_theta = j.float_in("rope_theta", v)?;
     }
+    // RoPE on a fraction of each head (transformers' `partial_rotary_factor`, at the
+    // top level or in the RoPE dict) is not implemented: fusec rotates the whole head.
+    let partial = |v: &Value| v.as_f64() != Some(1.0);
+    if j.get("partial_rotary_factor").is_some_and(partial) {
+        return Err(j.err_at(
+            "partial_rotary_factor",
+            "`partial_rotary_factor` other than 1.0 is not supported".into(),
+        ));
+    }
     let mut scaling = None;
     for key in ["rope_parameters", "rope_scaling"] {
         match j.get(key) {
@@ -260,6 +269,14 @@ fn rope_config(j: &HfConfig<'_>) -> Result<(f64, Option<RopeScaling>), ConfigErr
             Some(Value::Object(p)) => {
                 if let Some(t) = p.get("rope_theta").filter(|v| !v.is_null()) {
                     rope_theta = j.float_in("rope_theta", t)?;
+                }
+                if p.get("partial_rotary_factor")
+                    .is_some_and(|v| !v.is_null() && partial(v))
+                {
+                    return Err(j.err_at(
+                        key,
+                        format!("`{key}.partial_rotary_factor` other than 1.0 is not supported"),
+                    ));
                 }
                 if let Some(s) = parse_scaling(j, key, p)? {
                     scaling = Some(s);
