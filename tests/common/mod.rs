@@ -21,12 +21,13 @@ pub fn test_inputs() -> Vec<PathBuf> {
     inputs
 }
 
-/// Every bundled example model.
+/// Every bundled example model: a `model.toml`, or a directory holding a published
+/// `config.json`.
 pub fn examples() -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(root().join("examples"))
         .expect("examples exists")
         .map(|e| e.expect("readable entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .filter(|p| p.extension().is_some_and(|e| e == "toml") || p.join("config.json").is_file())
         .collect();
     v.sort();
     v

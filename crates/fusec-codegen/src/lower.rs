@@ -172,6 +172,28 @@ impl Lower<'_> {
                     BufferKind::Constant { init },
                 )?))
             }
+            Op::RopeInvFreqLlama3 {
+                theta,
+                head_dim,
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                let init = ConstantInit::RopeInvFreqLlama3 {
+                    theta: theta.0,
+                    head_dim: *head_dim,
+                    factor: factor.0,
+                    low_freq_factor: low_freq_factor.0,
+                    high_freq_factor: high_freq_factor.0,
+                    original_max_position_embeddings: *original_max_position_embeddings,
+                };
+                Val::One(Operand::View(self.leaf(
+                    id,
+                    format!("%{n} rope.inv_freq_llama3"),
+                    BufferKind::Constant { init },
+                )?))
+            }
             Op::Reshape { .. }
             | Op::Transpose { .. }
             | Op::Slice { .. }
@@ -458,6 +480,7 @@ impl Lower<'_> {
             | Op::Weight { .. }
             | Op::Scalar { .. }
             | Op::RopeInvFreq { .. }
+            | Op::RopeInvFreqLlama3 { .. }
             | Op::Reshape { .. }
             | Op::Transpose { .. }
             | Op::Slice { .. }

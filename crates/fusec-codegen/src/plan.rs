@@ -82,6 +82,16 @@ pub enum ConstantInit {
     /// `theta^(-2j/head_dim)` for `j < head_dim/2`, in f32, as the IR's
     /// `rope.inv_freq` and Hugging Face compute it.
     RopeInvFreq { theta: f64, head_dim: u64 },
+    /// Llama 3's scaled inverse frequencies, as the IR's `rope.inv_freq_llama3` and
+    /// transformers' `_compute_llama3_parameters` compute them.
+    RopeInvFreqLlama3 {
+        theta: f64,
+        head_dim: u64,
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: u64,
+    },
 }
 
 /// A tensor seen through a buffer: element offset and strides (0 broadcasts), with

@@ -189,6 +189,26 @@ impl<D: Device> Runner<D> {
                 } => {
                     device.write(a, &encode(b.dtype, &rope_inv_freq(*theta, *head_dim)))?;
                 }
+                BufferKind::Constant {
+                    init:
+                        ConstantInit::RopeInvFreqLlama3 {
+                            theta,
+                            head_dim,
+                            factor,
+                            low_freq_factor,
+                            high_freq_factor,
+                            original_max_position_embeddings,
+                        },
+                } => {
+                    let scaling = fusec_ir::rope::Llama3Scaling {
+                        factor: *factor,
+                        low_freq_factor: *low_freq_factor,
+                        high_freq_factor: *high_freq_factor,
+                        original_max_position_embeddings: *original_max_position_embeddings,
+                    };
+                    let inv = fusec_ir::rope::llama3_inv_freq(*theta, *head_dim, &scaling);
+                    device.write(a, &encode(b.dtype, &inv))?;
+                }
                 _ => {}
             }
             addr.push(a);

@@ -263,3 +263,32 @@ fn each_fused_op_alone_matches_the_eager_graph() {
         assert!(report(&label, &got, &reference) < 1e-4, "{label}");
     }
 }
+
+/// The families of tests/fixtures beyond Llama's (Llama 3's scaled RoPE frequencies,
+/// Qwen2's q/k/v biases, Qwen3's per-head q/k norms): their generated kernels, eager
+/// and fused, decode as the CPU executor does.
+#[test]
+fn llama3_and_qwen_kernels_decode_like_the_cpu_executor() {
+    let Some(cxx) = compiler() else { return };
+    let rules = stages::rules().expect("rules");
+    let options = Options::default();
+    for name in [
+        "hf-tiny-llama3-rope-s0",
+        "hf-tiny-qwen2-s0",
+        "hf-tiny-qwen3-s0",
+    ] {
+        let dir = common::root().join("tests/fixtures").join(name);
+        let spec = common::spec(&dir);
+        let eager = stages::eager(&stages::in_precision(&spec, Precision::F32)).expect("eager");
+        let weights = Weights::load(&dir, &eager).expect("fixture weights");
+        let reference = cpu(&eager, &weights, 8);
+        let fused =
+            stages::fused_in(&spec, Precision::F32, &rules, &Fp8Options::default()).expect("fused");
+        for (label, graph) in [("eager", &eager), ("fused", &fused)] {
+            let label = format!("{name}-{label}");
+            let e = emulated(&cxx, &label, graph, &weights, &options, 8);
+            assert_eq!(tokens(&e), tokens(&reference), "{label}");
+            assert!(report(&label, &e, &reference) < 1e-4, "{label}");
+        }
+    }
+}

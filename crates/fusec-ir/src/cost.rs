@@ -148,6 +148,7 @@ pub fn op_cost(
         | Op::Weight { .. }
         | Op::Scalar { .. }
         | Op::RopeInvFreq { .. }
+        | Op::RopeInvFreqLlama3 { .. }
         | Op::Cast { .. }
         | Op::Embedding
         | Op::Cat { .. }

@@ -317,7 +317,10 @@ impl Graph {
         })?;
         for id in order {
             if self.node(id).op.is_leaf()
-                && !matches!(self.node(id).op, Op::Scalar { .. } | Op::RopeInvFreq { .. })
+                && !matches!(
+                    self.node(id).op,
+                    Op::Scalar { .. } | Op::RopeInvFreq { .. } | Op::RopeInvFreqLlama3 { .. }
+                )
             {
                 continue;
             }

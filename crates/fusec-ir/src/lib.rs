@@ -20,6 +20,7 @@ pub mod hardware;
 pub mod numerics;
 pub mod op;
 pub mod role;
+pub mod rope;
 pub mod shape;
 pub mod step;
 pub mod text;

@@ -205,7 +205,7 @@ pub(super) fn dispatch(
             }
             Ok(done(Value::Tensor(tensor), false))
         }
-        Op::Weight { .. } | Op::RopeInvFreq { .. } => bound(),
+        Op::Weight { .. } | Op::RopeInvFreq { .. } | Op::RopeInvFreqLlama3 { .. } => bound(),
         Op::Scalar { value } => Ok(done(Value::Scalar(value.0 as f32), false)),
         Op::Unary(u) => launch(elementwise::unary(*u, &*t(0)?)),
         Op::Binary(op) => launch(elementwise::binary(

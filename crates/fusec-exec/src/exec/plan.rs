@@ -86,6 +86,24 @@ impl Executor {
                 let t = constant::rope_inv_freq(theta.0, *head_dim)
                     .map_err(|e| node_error(&planned, e))?;
                 planned.bound = Some(Value::Tensor(t));
+            } else if let Op::RopeInvFreqLlama3 {
+                theta,
+                head_dim,
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } = &node.op
+            {
+                let scaling = fusec_ir::rope::Llama3Scaling {
+                    factor: factor.0,
+                    low_freq_factor: low_freq_factor.0,
+                    high_freq_factor: high_freq_factor.0,
+                    original_max_position_embeddings: *original_max_position_embeddings,
+                };
+                let t = constant::rope_inv_freq_llama3(theta.0, *head_dim, &scaling)
+                    .map_err(|e| node_error(&planned, e))?;
+                planned.bound = Some(Value::Tensor(t));
             }
             plan.push(planned);
         }

@@ -161,6 +161,18 @@ pub enum Op {
         theta: F64,
         head_dim: u64,
     },
+    /// Llama 3's RoPE inverse frequencies, `f32[head_dim/2]`: those of
+    /// [`Op::RopeInvFreq`] scaled by wavelength band, as transformers'
+    /// `_compute_llama3_parameters` (modeling_rope_utils.py) computes them at load time
+    /// (see [`crate::rope::llama3_inv_freq`]).
+    RopeInvFreqLlama3 {
+        theta: F64,
+        head_dim: u64,
+        factor: F64,
+        low_freq_factor: F64,
+        high_freq_factor: F64,
+        original_max_position_embeddings: u64,
+    },
 
     // ---- elementwise --------------------------------------------------------------
     Unary(UnaryOp),
@@ -385,6 +397,24 @@ impl Op {
             Op::Scalar { value } => vec![("value", Attr::Float(value.0))],
             Op::RopeInvFreq { theta, head_dim } => vec![
                 ("head_dim", Attr::Int(*head_dim as i64)),
+                ("theta", Attr::Float(theta.0)),
+            ],
+            Op::RopeInvFreqLlama3 {
+                theta,
+                head_dim,
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => vec![
+                ("factor", Attr::Float(factor.0)),
+                ("head_dim", Attr::Int(*head_dim as i64)),
+                ("high_freq_factor", Attr::Float(high_freq_factor.0)),
+                ("low_freq_factor", Attr::Float(low_freq_factor.0)),
+                (
+                    "original_max_position_embeddings",
+                    Attr::Int(*original_max_position_embeddings as i64),
+                ),
                 ("theta", Attr::Float(theta.0)),
             ],
             Op::Cast { to } => vec![("to", Attr::DType(*to))],

@@ -159,6 +159,21 @@ pub fn graph(kind: OpKind) -> Result<Graph, TypeError> {
             let y = e.op(Op::Unary(UnaryOp::Cos), &[f])?;
             e.out(y)
         }
+        OpKind::RopeInvFreqLlama3 => {
+            let f = e.op(
+                Op::RopeInvFreqLlama3 {
+                    theta: F64(500000.0),
+                    head_dim: 8,
+                    factor: F64(8.0),
+                    low_freq_factor: F64(1.0),
+                    high_freq_factor: F64(4.0),
+                    original_max_position_embeddings: 16,
+                },
+                &[],
+            )?;
+            let y = e.op(Op::Unary(UnaryOp::Cos), &[f])?;
+            e.out(y)
+        }
         OpKind::UnaryNeg => e.unary(UnaryOp::Neg)?,
         OpKind::UnaryRsqrt => e.unary(UnaryOp::Rsqrt)?,
         OpKind::UnarySqrt => e.unary(UnaryOp::Sqrt)?,

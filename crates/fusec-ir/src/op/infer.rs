@@ -80,7 +80,7 @@ fn infer_tensor(
             None => Err("a leaf needs a declared type".into()),
         },
         Op::Scalar { .. } => Ok(TensorType::new(DType::F32, Shape::scalar())),
-        Op::RopeInvFreq { head_dim, .. } => {
+        Op::RopeInvFreq { head_dim, .. } | Op::RopeInvFreqLlama3 { head_dim, .. } => {
             if *head_dim == 0 || head_dim % 2 != 0 {
                 return Err(format!("head_dim {head_dim} must be even and positive"));
             }

@@ -178,6 +178,9 @@ op_table! {
     Weight = "weight", Exactly(0), [], None, Leaf, [];
     Scalar = "scalar", Exactly(0), [], None, Leaf, ["value"];
     RopeInvFreq = "rope.inv_freq", Exactly(0), [], None, Leaf, ["head_dim", "theta"];
+    RopeInvFreqLlama3 = "rope.inv_freq_llama3", Exactly(0), [], None, Leaf,
+        ["factor", "head_dim", "high_freq_factor", "low_freq_factor",
+         "original_max_position_embeddings", "theta"];
     // ---- elementwise ----------------------------------------------------------------
     UnaryNeg = "unary.neg", Exactly(1), [Act], None, Kernel(Elementwise), [];
     UnaryRsqrt = "unary.rsqrt", Exactly(1), [Act], None, Kernel(Elementwise), [];
@@ -249,6 +252,7 @@ impl Op {
             Op::Weight { .. } => OpKind::Weight,
             Op::Scalar { .. } => OpKind::Scalar,
             Op::RopeInvFreq { .. } => OpKind::RopeInvFreq,
+            Op::RopeInvFreqLlama3 { .. } => OpKind::RopeInvFreqLlama3,
             Op::Unary(u) => match u {
                 UnaryOp::Neg => OpKind::UnaryNeg,
                 UnaryOp::Rsqrt => OpKind::UnaryRsqrt,

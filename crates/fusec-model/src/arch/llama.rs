@@ -66,10 +66,11 @@ pub fn build(cfg: &ModelConfig) -> Result<Graph, BuildError> {
     let inputs = StepInputs::new(&mut b, &dims, dt)?;
     let embed = Embedding::new(&mut b, step::EMBED, cfg.vocab_size, cfg.hidden_size, dt)?;
     let mut x = embed.forward(&mut b, inputs.input_ids)?;
-    let rope = RopeTables::new(
+    let rope = RopeTables::scaled(
         &mut b,
         inputs.position_ids,
         cfg.rope_theta,
+        cfg.rope_scaling,
         cfg.head_dim,
         &dims,
         dt,
@@ -150,6 +151,7 @@ mod tests {
             tie_word_embeddings,
             dtype,
             sliding_window: None,
+            rope_scaling: None,
         }
     }
 

@@ -4,11 +4,15 @@
 mod architecture;
 pub mod llama;
 pub mod mistral;
+pub mod qwen2;
+pub mod qwen3;
 mod registry;
 
 pub use architecture::Architecture;
 pub use llama::Llama;
 pub use mistral::Mistral;
+pub use qwen2::Qwen2;
+pub use qwen3::Qwen3;
 pub use registry::{
     load_model, parse_hf_config, parse_model_toml, ArchError, Registry, RegistryError,
     UnknownArchitecture,

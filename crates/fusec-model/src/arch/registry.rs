@@ -8,14 +8,16 @@ use fusec_ir::Graph;
 use super::architecture::Architecture;
 use super::llama::Llama;
 use super::mistral::Mistral;
+use super::qwen2::Qwen2;
+use super::qwen3::Qwen3;
 use crate::build::BuildError;
 use crate::frontend::{
     english_list, parse_model_toml_with, spec_from_hf, ConfigError, HfConfig, ModelSpec,
     DEFAULT_ARCHITECTURE,
 };
 
-/// The architectures fusec knows, by `model_type`. [`Registry::builtin`] holds Llama and
-/// Mistral; a library user extends [`Registry::with_builtins`] with
+/// The architectures fusec knows, by `model_type`. [`Registry::builtin`] holds Llama,
+/// Mistral, Qwen2 and Qwen3; a library user extends [`Registry::with_builtins`] with
 /// [`Registry::register`] and passes it to the frontends and the pipeline.
 #[derive(Clone, Debug, Default)]
 pub struct Registry {
@@ -63,7 +65,12 @@ impl Registry {
 
     /// A new registry holding the built-in architectures, to extend.
     pub fn with_builtins() -> Self {
-        let architectures: Vec<Arc<dyn Architecture>> = vec![Arc::new(Llama), Arc::new(Mistral)];
+        let architectures: Vec<Arc<dyn Architecture>> = vec![
+            Arc::new(Llama),
+            Arc::new(Mistral),
+            Arc::new(Qwen2),
+            Arc::new(Qwen3),
+        ];
         Self { architectures }
     }
 
@@ -208,8 +215,11 @@ mod tests {
     }
 
     #[test]
-    fn builtins_are_llama_and_mistral() {
-        assert_eq!(Registry::builtin().model_types(), ["llama", "mistral"]);
+    fn builtins_are_llama_mistral_and_qwen() {
+        assert_eq!(
+            Registry::builtin().model_types(),
+            ["llama", "mistral", "qwen2", "qwen3"]
+        );
         assert!(Registry::new().model_types().is_empty());
     }
 
@@ -225,7 +235,7 @@ mod tests {
         let e = parse_model_toml(path, &bad).expect_err("gpt2 is not registered");
         assert_eq!(
             e.message,
-            "unsupported architecture `gpt2` (fusec compiles \"llama\" and \"mistral\")"
+            "unsupported architecture `gpt2` (fusec compiles \"llama\", \"mistral\", \"qwen2\" and \"qwen3\")"
         );
         assert_eq!(e.location, Some((2, 16)));
     }
@@ -238,14 +248,14 @@ mod tests {
         let e = parse_hf_config(path, &JSON.replace("MT", "custom")).expect_err("unknown");
         assert_eq!(
             e.message,
-            "unsupported model_type `custom` (fusec compiles llama and mistral)"
+            "unsupported model_type `custom` (fusec compiles llama, mistral, qwen2 and qwen3)"
         );
 
         let mut registry = Registry::with_builtins();
         registry.register(Arc::new(Custom)).expect("registers");
         assert_eq!(
             registry.model_types(),
-            ["llama", "mistral", "custom", "custom2"]
+            ["llama", "mistral", "qwen2", "qwen3", "custom", "custom2"]
         );
         let spec = registry
             .parse_hf_config(path, &JSON.replace("MT", "custom2"))
@@ -254,11 +264,11 @@ mod tests {
         let graph = registry.build(&spec).expect("builds");
         assert_eq!(graph.layers(), 1);
         let e = registry
-            .parse_hf_config(path, &JSON.replace("MT", "qwen2"))
+            .parse_hf_config(path, &JSON.replace("MT", "gpt2"))
             .expect_err("unknown");
         assert!(
             e.message
-                .ends_with("(fusec compiles llama, mistral, custom and custom2)"),
+                .ends_with("(fusec compiles llama, mistral, qwen2, qwen3, custom and custom2)"),
             "{e}"
         );
     }
@@ -284,7 +294,7 @@ mod tests {
         let e = Registry::builtin().build(&spec).expect_err("unknown");
         assert_eq!(
             e.to_string(),
-            "unknown architecture `custom` (registered: llama, mistral)"
+            "unknown architecture `custom` (registered: llama, mistral, qwen2, qwen3)"
         );
     }
 }

@@ -7,6 +7,7 @@ use fusec_ir::{BinaryOp, DType, Dim, NodeId, Op, Shape, UnaryOp, F64};
 
 use super::step::StepDims;
 use crate::build::{BuildError, Builder};
+use crate::frontend::RopeScaling;
 
 /// cos and sin `[B,1,head_dim]` for the step's positions (default RoPE: the
 /// `attention_scaling` factor is 1).
@@ -27,15 +28,38 @@ impl RopeTables {
         dims: &StepDims,
         dtype: DType,
     ) -> Result<Self, BuildError> {
+        Self::scaled(b, position_ids, theta, None, head_dim, dims, dtype)
+    }
+
+    /// [`RopeTables::new`] with the inverse frequencies of `scaling` (`None`: the
+    /// default RoPE). Llama 3's scaling changes only the `inv_freq` buffer, and its
+    /// `attention_scaling` is 1 (transformers' `_compute_llama3_parameters`).
+    pub fn scaled(
+        b: &mut Builder,
+        position_ids: NodeId,
+        theta: f64,
+        scaling: Option<RopeScaling>,
+        head_dim: u64,
+        dims: &StepDims,
+        dtype: DType,
+    ) -> Result<Self, BuildError> {
         let half = Dim::Fixed(head_dim / 2);
         let one = Dim::Fixed(1);
-        let inv = b.op(
-            Op::RopeInvFreq {
+        let inv_freq = match scaling {
+            None => Op::RopeInvFreq {
                 theta: F64(theta),
                 head_dim,
             },
-            &[],
-        )?;
+            Some(RopeScaling::Llama3(s)) => Op::RopeInvFreqLlama3 {
+                theta: F64(theta),
+                head_dim,
+                factor: F64(s.factor),
+                low_freq_factor: F64(s.low_freq_factor),
+                high_freq_factor: F64(s.high_freq_factor),
+                original_max_position_embeddings: s.original_max_position_embeddings,
+            },
+        };
+        let inv = b.op(inv_freq, &[])?;
         // inv_freq[None, :, None].expand(B, -1, 1)
         let inv = b.op(Op::Unsqueeze { axis: 0 }, &[inv])?;
         let inv = b.op(Op::Unsqueeze { axis: 2 }, &[inv])?;

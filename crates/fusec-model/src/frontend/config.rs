@@ -26,6 +26,17 @@ pub struct ModelConfig {
     /// Mistral's sliding attention window, if any: contexts beyond it are rejected,
     /// since the decode graph attends to the whole cache.
     pub sliding_window: Option<u64>,
+    /// A scaling of the RoPE inverse frequencies (none: the default RoPE).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeScaling>,
+}
+
+/// A RoPE type other than the default: how the inverse frequencies are scaled.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+#[serde(tag = "rope_type", rename_all = "snake_case")]
+pub enum RopeScaling {
+    /// Llama 3.1's frequency bands (transformers' `_compute_llama3_parameters`).
+    Llama3(fusec_ir::rope::Llama3Scaling),
 }
 
 impl ModelConfig {

@@ -11,11 +11,12 @@
 
 use std::path::Path;
 
+use fusec_ir::rope::Llama3Scaling;
 use fusec_ir::DType;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use super::config::{
-    check, DecodeConfig, ModelConfig, ModelSpec, Precision, TargetConfig, DEFAULT_GPU,
+    check, DecodeConfig, ModelConfig, ModelSpec, Precision, RopeScaling, TargetConfig, DEFAULT_GPU,
 };
 use super::error::ConfigError;
 
@@ -120,7 +121,7 @@ fn hf_dtype(name: &str) -> Option<DType> {
 }
 
 /// The keys every Llama-style decoder shares, as transformers' `LlamaConfig` reads
-/// them: sizes, RoPE (default type only), RMSNorm epsilon, dtype, context length,
+/// them: sizes, RoPE (the default type or `llama3`), RMSNorm epsilon, dtype, context length,
 /// tied embeddings and Mistral's sliding window. Checks an architecture adds (biases,
 /// activations) come before it, so that errors are reported in the file's terms.
 pub fn decoder_config(j: &HfConfig<'_>) -> Result<ModelConfig, ConfigError> {
@@ -144,36 +145,7 @@ pub fn decoder_config(j: &HfConfig<'_>) -> Result<ModelConfig, ConfigError> {
 
     // RoPE: 5.x nests theta and type in `rope_parameters`; 4.x has `rope_theta` and an
     // optional `rope_scaling`.
-    let mut rope_theta = 10_000.0;
-    let mut rope_type: Option<(String, &str)> = None;
-    if let Some(v) = j.get("rope_theta") {
-        rope_theta = j.float_in("rope_theta", v)?;
-    }
-    for key in ["rope_parameters", "rope_scaling"] {
-        match j.get(key) {
-            None => {}
-            Some(Value::Object(p)) => {
-                if let Some(t) = p.get("rope_theta").filter(|v| !v.is_null()) {
-                    rope_theta = j.float_in("rope_theta", t)?;
-                }
-                let ty = p
-                    .get("rope_type")
-                    .or_else(|| p.get("type"))
-                    .and_then(Value::as_str)
-                    .unwrap_or("default");
-                rope_type = Some((ty.to_string(), key));
-            }
-            Some(v) => return Err(j.err_at(key, format!("`{key}` must be an object, got {v}"))),
-        }
-    }
-    if let Some((ty, key)) = rope_type {
-        if ty != "default" {
-            return Err(j.err_at(
-                key,
-                format!("rope_type `{ty}` is not supported (fusec implements the default RoPE)"),
-            ));
-        }
-    }
+    let (rope_theta, rope_scaling) = rope_config(j)?;
 
     let rms_norm_eps = match j.get("rms_norm_eps") {
         Some(v) => j.float_in("rms_norm_eps", v)?,
@@ -213,6 +185,7 @@ pub fn decoder_config(j: &HfConfig<'_>) -> Result<ModelConfig, ConfigError> {
         tie_word_embeddings: j.bool("tie_word_embeddings")?.unwrap_or(false),
         dtype,
         sliding_window: j.uint("sliding_window")?,
+        rope_scaling,
     };
     Ok(model)
 }
@@ -262,4 +235,142 @@ pub fn spec_from_hf(
         weights: has_weights.then(|| dir.to_path_buf()),
         source: path.to_path_buf(),
     })
+}
+
+// ---- RoPE ------------------------------------------------------------------------
+// `rope_theta` and `rope_scaling` (4.x; its `type` is the older spelling of
+// `rope_type`) or `rope_parameters` (5.x, which also holds `rope_theta`). fusec
+// implements the `default` type and `llama3` (transformers'
+// `_compute_llama3_parameters`, modeling_rope_utils.py); every other type, and a
+// scaling key without a type, is rejected by name.
+
+/// The RoPE types fusec computes.
+const SUPPORTED: &str = "`default` and `llama3`";
+
+/// `rope_theta` (default 10000) and the scaling of the inverse frequencies, if any.
+fn rope_config(j: &HfConfig<'_>) -> Result<(f64, Option<RopeScaling>), ConfigError> {
+    let mut rope_theta = 10_000.0;
+    if let Some(v) = j.get("rope_theta") {
+        rope_theta = j.float_in("rope_theta", v)?;
+    }
+    // RoPE on a fraction of each head (transformers' `partial_rotary_factor`, at the
+    // top level or in the RoPE dict) is not implemented: fusec rotates the whole head.
+    let partial = |v: &Value| v.as_f64() != Some(1.0);
+    if j.get("partial_rotary_factor").is_some_and(partial) {
+        return Err(j.err_at(
+            "partial_rotary_factor",
+            "`partial_rotary_factor` other than 1.0 is not supported".into(),
+        ));
+    }
+    let mut scaling = None;
+    for key in ["rope_parameters", "rope_scaling"] {
+        match j.get(key) {
+            None => {}
+            Some(Value::Object(p)) => {
+                if let Some(t) = p.get("rope_theta").filter(|v| !v.is_null()) {
+                    rope_theta = j.float_in("rope_theta", t)?;
+                }
+                if p.get("partial_rotary_factor")
+                    .is_some_and(|v| !v.is_null() && partial(v))
+                {
+                    return Err(j.err_at(
+                        key,
+                        format!("`{key}.partial_rotary_factor` other than 1.0 is not supported"),
+                    ));
+                }
+                if let Some(s) = parse_scaling(j, key, p)? {
+                    scaling = Some(s);
+                }
+            }
+            Some(v) => return Err(j.err_at(key, format!("`{key}` must be an object, got {v}"))),
+        }
+    }
+    Ok((rope_theta, scaling))
+}
+
+/// The scaling `p` (the object under `key`) asks for.
+fn parse_scaling(
+    j: &HfConfig<'_>,
+    key: &str,
+    p: &Map<String, Value>,
+) -> Result<Option<RopeScaling>, ConfigError> {
+    let type_key = ["rope_type", "type"]
+        .into_iter()
+        .find(|k| p.get(*k).is_some_and(|v| !v.is_null()));
+    let ty = match type_key {
+        None => {
+            // A scaling parameter without a type would be ignored by the default RoPE.
+            if let Some(k) = ["factor", "low_freq_factor", "high_freq_factor"]
+                .into_iter()
+                .find(|k| p.get(*k).is_some_and(|v| !v.is_null()))
+            {
+                return Err(j.err_at(
+                    key,
+                    format!(
+                        "`{key}.{k}` is given without a `rope_type`; fusec implements {SUPPORTED}"
+                    ),
+                ));
+            }
+            return Ok(None);
+        }
+        Some(t) => match &p[t] {
+            Value::String(s) => s.as_str(),
+            other => {
+                return Err(j.err_at(key, format!("`{key}.{t}` must be a string, got {other}")))
+            }
+        },
+    };
+    match ty {
+        "default" => Ok(None),
+        "llama3" => {
+            let num = |k: &str| -> Result<f64, ConfigError> {
+                match p.get(k).filter(|v| !v.is_null()) {
+                    Some(v) => v.as_f64().ok_or_else(|| {
+                        j.err_at(key, format!("`{key}.{k}` must be a number, got {v}"))
+                    }),
+                    None => {
+                        Err(j.err_at(key, format!("`{key}` of rope_type `llama3` needs `{k}`")))
+                    }
+                }
+            };
+            let factor = num("factor")?;
+            let low_freq_factor = num("low_freq_factor")?;
+            let high_freq_factor = num("high_freq_factor")?;
+            let original = num("original_max_position_embeddings")?;
+            if !(factor.is_finite() && factor > 0.0) {
+                return Err(j.err_at(key, format!("`{key}.factor` must be positive")));
+            }
+            if !(low_freq_factor.is_finite()
+                && low_freq_factor > 0.0
+                && high_freq_factor.is_finite()
+                && high_freq_factor > low_freq_factor)
+            {
+                return Err(j.err_at(
+                    key,
+                    format!(
+                        "`{key}.high_freq_factor` ({high_freq_factor}) must exceed `low_freq_factor` ({low_freq_factor}) > 0"
+                    ),
+                ));
+            }
+            if !(original >= 1.0 && original.fract() == 0.0) {
+                return Err(j.err_at(
+                    key,
+                    format!("`{key}.original_max_position_embeddings` must be a positive integer"),
+                ));
+            }
+            Ok(Some(RopeScaling::Llama3(Llama3Scaling {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: original as u64,
+            })))
+        }
+        other => Err(j.err_at(
+            key,
+            format!(
+                "`{key}.{}`: rope_type `{other}` is not supported (fusec implements {SUPPORTED})",
+                type_key.unwrap_or("rope_type")
+            ),
+        )),
+    }
 }

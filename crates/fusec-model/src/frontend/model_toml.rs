@@ -11,8 +11,8 @@ use toml::Spanned;
 use fusec_ir::DType;
 
 use super::config::{
-    check, DecodeConfig, ModelConfig, ModelSpec, Precision, TargetConfig, DEFAULT_ARCHITECTURE,
-    DEFAULT_GPU,
+    check, DecodeConfig, ModelConfig, ModelSpec, Precision, RopeScaling, TargetConfig,
+    DEFAULT_ARCHITECTURE, DEFAULT_GPU,
 };
 use super::error::{english_list, ConfigError};
 
@@ -44,6 +44,19 @@ struct RawModel {
     tie_word_embeddings: bool,
     dtype: Option<Spanned<String>>,
     sliding_window: Option<Spanned<i64>>,
+    rope_scaling: Option<RawRopeScaling>,
+}
+
+/// `[model.rope_scaling]`: the keys of Hugging Face's `rope_parameters` for a RoPE
+/// type other than the default (only `llama3`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRopeScaling {
+    rope_type: Spanned<String>,
+    factor: Spanned<f64>,
+    low_freq_factor: Spanned<f64>,
+    high_freq_factor: Spanned<f64>,
+    original_max_position_embeddings: Spanned<i64>,
 }
 
 #[derive(Deserialize)]
@@ -138,6 +151,10 @@ pub fn parse(path: &Path, src: &str, architectures: &[&str]) -> Result<ModelSpec
         .as_ref()
         .map(|v| size("sliding_window", v))
         .transpose()?;
+    let rope_scaling = match &m.rope_scaling {
+        None => None,
+        Some(r) => Some(rope_scaling(path, src, r)?),
+    };
     let dtype = match &m.dtype {
         Some(d) => d
             .get_ref()
@@ -187,6 +204,7 @@ pub fn parse(path: &Path, src: &str, architectures: &[&str]) -> Result<ModelSpec
         tie_word_embeddings: m.tie_word_embeddings,
         dtype,
         sliding_window,
+        rope_scaling,
     };
     let decode = DecodeConfig { batch, context };
     check(&model, &decode).map_err(|(key, message)| match spans.get(key) {
@@ -226,4 +244,44 @@ pub fn parse(path: &Path, src: &str, architectures: &[&str]) -> Result<ModelSpec
         weights,
         source: path.to_path_buf(),
     })
+}
+
+/// `[model.rope_scaling]` checked as the Hugging Face frontend checks `rope_parameters`
+/// of type `llama3` (transformers' `_compute_llama3_parameters`).
+fn rope_scaling(path: &Path, src: &str, r: &RawRopeScaling) -> Result<RopeScaling, ConfigError> {
+    let at = |start: usize, message: String| ConfigError::at(path, src, start, message);
+    let ty = r.rope_type.get_ref();
+    if ty != "llama3" {
+        return Err(at(
+            r.rope_type.span().start,
+            format!("rope_scaling.rope_type `{ty}` is not supported (fusec implements `llama3`; omit the table for the default RoPE)"),
+        ));
+    }
+    let factor = *r.factor.get_ref();
+    if !(factor.is_finite() && factor > 0.0) {
+        return Err(at(
+            r.factor.span().start,
+            "`rope_scaling.factor` must be positive".into(),
+        ));
+    }
+    let (low, high) = (*r.low_freq_factor.get_ref(), *r.high_freq_factor.get_ref());
+    if !(low.is_finite() && low > 0.0 && high.is_finite() && high > low) {
+        return Err(at(
+            r.high_freq_factor.span().start,
+            format!("`rope_scaling.high_freq_factor` ({high}) must exceed `low_freq_factor` ({low}) > 0"),
+        ));
+    }
+    let original = *r.original_max_position_embeddings.get_ref();
+    if original < 1 {
+        return Err(at(
+            r.original_max_position_embeddings.span().start,
+            "`rope_scaling.original_max_position_embeddings` must be positive".into(),
+        ));
+    }
+    Ok(RopeScaling::Llama3(fusec_ir::rope::Llama3Scaling {
+        factor,
+        low_freq_factor: low,
+        high_freq_factor: high,
+        original_max_position_embeddings: original as u64,
+    }))
 }

@@ -1,0 +1,286 @@
+//! Qwen2 and Qwen2.5 (Yang et al., 2024, "Qwen2 Technical Report"), op for op as
+//! transformers' `Qwen2ForCausalLM` runs its decode step with eager attention
+//! (models/qwen2/modeling_qwen2.py): Llama's decoder with a bias on the q, k and v
+//! projections (`Qwen2Attention.__init__`: `bias=True` on `q_proj`, `k_proj` and
+//! `v_proj`, `bias=False` on `o_proj`), implied by the model type rather than a key.
+//!
+//! The layer skeleton here is shared with [`super::qwen3`], whose attention adds a
+//! per-head RMSNorm on q and k ([`QwenAttention::qk_norm`]).
+
+use fusec_ir::{step, BinaryOp, Graph, NodeId, WeightRole};
+
+use super::architecture::Architecture;
+use crate::blocks::{
+    eager_attention, greedy_outputs, kv_cache_append, Attention, Embedding, GatedMlp, LmHead,
+    RmsNorm, RopeTables, StepDims, StepInputs,
+};
+use crate::build::{BuildError, Builder};
+use crate::frontend::{decoder_config, ConfigError, HfConfig, ModelConfig};
+
+/// The Qwen2 architecture, `model_type` `qwen2` (Qwen2 and Qwen2.5).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Qwen2;
+
+impl Architecture for Qwen2 {
+    fn model_types(&self) -> &[&str] {
+        &["qwen2"]
+    }
+
+    fn parse_hf_config(&self, config: &HfConfig<'_>) -> Result<ModelConfig, ConfigError> {
+        parse_qwen_config(config)
+    }
+
+    fn build(&self, model: &ModelConfig) -> Result<Graph, BuildError> {
+        build(model, QwenAttentionKind::QKV_BIAS)
+    }
+}
+
+/// The keys `Qwen2Config` and `Qwen3Config` share beyond Llama's: SiLU only, and no
+/// sliding window. With `use_sliding_window` false transformers drops
+/// `sliding_window` (`self.sliding_window = ... if self.use_sliding_window else None`)
+/// and every layer is `full_attention`; a window fusec would have to honour is rejected.
+pub fn parse_qwen_config(j: &HfConfig<'_>) -> Result<ModelConfig, ConfigError> {
+    if let Some(act) = j.string("hidden_act")? {
+        if act != "silu" {
+            return Err(j.err_at(
+                "hidden_act",
+                format!("unsupported hidden_act `{act}` (expected silu)"),
+            ));
+        }
+    }
+    if j.bool("use_sliding_window")? == Some(true) {
+        return Err(j.err_at(
+            "use_sliding_window",
+            "`use_sliding_window` = true is not supported (fusec attends to the whole cache)"
+                .into(),
+        ));
+    }
+    // Qwen2-VL's multimodal RoPE (sections of the head rotated by different positions).
+    if j.bool("use_mrope")? == Some(true) {
+        return Err(j.err_at(
+            "use_mrope",
+            "`use_mrope` = true is not supported (fusec implements 1-D RoPE)".into(),
+        ));
+    }
+    if let Some(types) = j.get("layer_types") {
+        let all_full = types
+            .as_array()
+            .is_some_and(|t| t.iter().all(|v| v.as_str() == Some("full_attention")));
+        if !all_full {
+            return Err(j.err_at(
+                "layer_types",
+                "`layer_types` other than `full_attention` are not supported".into(),
+            ));
+        }
+    }
+    let mut model = decoder_config(j)?;
+    // `sliding_window` is only read when `use_sliding_window` is true.
+    model.sliding_window = None;
+    Ok(model)
+}
+
+/// What a Qwen attention adds to Llama's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QwenAttentionKind {
+    /// Biases on q, k and v.
+    pub qkv_bias: bool,
+    /// A bias on o.
+    pub o_bias: bool,
+    /// Qwen3's per-head RMSNorm on q and k, before RoPE.
+    pub qk_norm: bool,
+}
+
+impl QwenAttentionKind {
+    /// Qwen2's.
+    pub const QKV_BIAS: Self = Self {
+        qkv_bias: true,
+        o_bias: false,
+        qk_norm: false,
+    };
+}
+
+/// A Qwen attention layer: [`Attention`]'s projections, optionally with Qwen3's
+/// `q_norm` and `k_norm` (`Qwen3RMSNorm(head_dim)`) on each head of q and k, applied
+/// after `view(hidden_shape)` and before `transpose(1, 2)` and RoPE
+/// (`Qwen3Attention.forward`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct QwenAttention {
+    pub base: Attention,
+    pub qk_norm: bool,
+    pub eps: f64,
+}
+
+impl QwenAttention {
+    pub fn new(cfg: &ModelConfig, layer: u64, kind: QwenAttentionKind) -> Self {
+        let mut base = Attention::llama(cfg, layer);
+        base.qkv_bias = kind.qkv_bias;
+        base.o_bias = kind.o_bias;
+        Self {
+            base,
+            qk_norm: kind.qk_norm,
+            eps: cfg.rms_norm_eps,
+        }
+    }
+
+    /// `x` `[B,1,hidden]` to the attention output `[B,1,hidden]`.
+    pub fn forward(
+        &self,
+        b: &mut Builder,
+        x: NodeId,
+        rope: &RopeTables,
+        mask: NodeId,
+        dims: &StepDims,
+    ) -> Result<NodeId, BuildError> {
+        let a = &self.base;
+        let (h, kv, hd) = (a.heads.num_heads, a.heads.num_kv_heads, a.heads.head_dim);
+        let d = a.hidden_size;
+        let mut qkv = Vec::with_capacity(3);
+        for (module, norm, role, count) in [
+            ("q_proj", Some("q_norm"), WeightRole::Query, h),
+            ("k_proj", Some("k_norm"), WeightRole::Key, kv),
+            ("v_proj", None, WeightRole::Value, kv),
+        ] {
+            let p = a.projection(b, module, role, count * hd, d, a.qkv_bias)?;
+            let y = p.forward(b, x)?;
+            // .view(B, 1, heads, head_dim)
+            let y = b.reshape(
+                y,
+                fusec_ir::Shape(vec![
+                    dims.batch.clone(),
+                    fusec_ir::Dim::Fixed(1),
+                    fusec_ir::Dim::Fixed(count),
+                    fusec_ir::Dim::Fixed(hd),
+                ]),
+            )?;
+            let y = match norm.filter(|_| self.qk_norm) {
+                Some(norm) => {
+                    let name = step::layer_weight(a.layer, &format!("self_attn.{norm}"));
+                    RmsNorm::new(b, &name, hd, self.eps, a.dtype)?.forward(b, y)?
+                }
+                None => y,
+            };
+            qkv.push(b.transpose(y, 1, 2)?);
+        }
+        let (q, k, v) = (qkv[0], qkv[1], qkv[2]);
+        let (q, k) = rope.apply(b, q, k)?;
+        let (k_all, v_all) = kv_cache_append(b, a.layer, k, v, dims)?;
+        let o = eager_attention(b, q, k_all, v_all, mask, &a.heads, dims)?;
+        let o_proj = a.projection(b, "o_proj", WeightRole::AttnOut, d, h * hd, a.o_bias)?;
+        o_proj.forward(b, o)
+    }
+}
+
+/// The eager decode step of a Qwen model in its checkpoint dtype: Llama's skeleton
+/// (`Qwen2Model.forward`, `Qwen2DecoderLayer.forward`) with `kind`'s attention.
+pub fn build(cfg: &ModelConfig, kind: QwenAttentionKind) -> Result<Graph, BuildError> {
+    let dims = StepDims::default();
+    let dt = cfg.dtype;
+    let mut b = Builder::new(&cfg.name);
+    b.set_layer_count(cfg.num_layers);
+    let inputs = StepInputs::new(&mut b, &dims, dt)?;
+    let embed = Embedding::new(&mut b, step::EMBED, cfg.vocab_size, cfg.hidden_size, dt)?;
+    let mut x = embed.forward(&mut b, inputs.input_ids)?;
+    let rope = RopeTables::scaled(
+        &mut b,
+        inputs.position_ids,
+        cfg.rope_theta,
+        cfg.rope_scaling,
+        cfg.head_dim,
+        &dims,
+        dt,
+    )?;
+    let (d, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+    for layer in 0..cfg.num_layers {
+        b.set_layer(Some(layer as u32));
+        let norm = RmsNorm::new(
+            &mut b,
+            &step::layer_weight(layer, "input_layernorm"),
+            d,
+            eps,
+            dt,
+        )?;
+        let n = norm.forward(&mut b, x)?;
+        let o = QwenAttention::new(cfg, layer, kind).forward(
+            &mut b,
+            n,
+            &rope,
+            inputs.attention_mask,
+            &dims,
+        )?;
+        x = b.binary(BinaryOp::Add, x, o)?;
+        let norm = RmsNorm::new(
+            &mut b,
+            &step::layer_weight(layer, "post_attention_layernorm"),
+            d,
+            eps,
+            dt,
+        )?;
+        let n = norm.forward(&mut b, x)?;
+        let m = GatedMlp::llama(cfg, layer).forward(&mut b, n)?;
+        x = b.binary(BinaryOp::Add, x, m)?;
+    }
+    b.set_layer(None);
+    let norm = RmsNorm::new(&mut b, step::FINAL_NORM, d, eps, dt)?;
+    let h = norm.forward(&mut b, x)?;
+    let head = LmHead::new(
+        &mut b,
+        &embed,
+        cfg.tie_word_embeddings,
+        cfg.vocab_size,
+        d,
+        dt,
+    )?;
+    let logits = head.forward(&mut b, h)?;
+    greedy_outputs(&mut b, logits)?;
+    Ok(b.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use fusec_ir::{verify, WeightRole};
+
+    use super::*;
+    use crate::arch::parse_hf_config;
+
+    const JSON: &str = r#"{"model_type": "qwen2", "hidden_size": 32, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 48,
+        "vocab_size": 64, "use_sliding_window": false, "sliding_window": 131072,
+        "max_window_layers": 28, "hidden_act": "silu"}"#;
+
+    #[test]
+    fn biases_on_q_k_v_not_o() {
+        let spec = parse_hf_config(Path::new("q/config.json"), JSON).expect("parses");
+        assert_eq!(spec.architecture, "qwen2");
+        assert_eq!(spec.model.sliding_window, None);
+        let g = Qwen2.build(&spec.model).expect("builds");
+        verify(&g).expect("verifies");
+        // embed, final norm, lm_head, and 9 weights + 3 biases per layer.
+        assert_eq!(g.weights().len(), 3 + 12 * 2);
+        for (_, name) in g.weights() {
+            let role = g.weight_role(name).expect("a role");
+            if name.ends_with(".bias") {
+                assert_eq!(role, WeightRole::Bias, "{name}");
+                assert!(!name.contains("o_proj"), "{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_sliding_window_is_rejected_by_name() {
+        let path = Path::new("q/config.json");
+        let on = JSON.replace(
+            "\"use_sliding_window\": false",
+            "\"use_sliding_window\": true",
+        );
+        let e = parse_hf_config(path, &on).expect_err("rejected");
+        assert!(e.message.contains("`use_sliding_window`"), "{e}");
+        let mixed = JSON.replace(
+            "\"hidden_act\"",
+            "\"layer_types\": [\"sliding_attention\", \"full_attention\"], \"hidden_act\"",
+        );
+        let e = parse_hf_config(path, &mixed).expect_err("rejected");
+        assert!(e.message.contains("`layer_types`"), "{e}");
+    }
+}
