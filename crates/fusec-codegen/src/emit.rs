@@ -126,6 +126,8 @@ pub(crate) enum Epilogue<'a> {
     Swiglu,
     /// One weight: `r + x W^T`.
     Residual(&'a View),
+    /// One weight: `r + c * (x W^T)`, each step rounded to the dtype.
+    ScaledResidual(&'a View, f32),
 }
 
 /// A GEMV node's operands.

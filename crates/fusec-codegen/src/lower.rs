@@ -414,6 +414,16 @@ impl Lower<'_> {
                     };
                     e.gemv(&g, cx!())
                 }),
+                FusedOp::LinearScaleAdd => view(0).and_then(|x| {
+                    let g = Gemv {
+                        x,
+                        norm: None,
+                        weights: vec![&ops[1]],
+                        epilogue: Epilogue::ScaledResidual(view(3)?, scalar(2)?),
+                        outs: &outs,
+                    };
+                    e.gemv(&g, cx!())
+                }),
                 FusedOp::Attention | FusedOp::DecodeAttention => {
                     let built = (|| -> Result<Attention<'_>, String> {
                         let dec = if *f == FusedOp::DecodeAttention {

@@ -1075,6 +1075,12 @@ fn dispatch(
                 gemv_w(4)?,
             )),
             FusedOp::LinearAdd => launch(fused::linear_add(&*t(0)?, gemv_w(1)?, &*t(2)?)),
+            FusedOp::LinearScaleAdd => launch(fused::linear_scale_add(
+                &*t(0)?,
+                gemv_w(1)?,
+                scalar(2)?,
+                &*t(3)?,
+            )),
             FusedOp::Rope => launch(fused::rope(&*t(0)?, &*t(1)?, &*t(2)?)),
             FusedOp::Attention => launch(attention::attention(
                 &*t(0)?,

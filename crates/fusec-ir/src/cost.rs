@@ -194,6 +194,7 @@ fn fused_flops(
         FusedOp::Swiglu => gemv(operands[1])? + gemv(operands[2])? + 8 * n_out,
         FusedOp::RmsNormSwiglu => 4 * n_in0 + gemv(operands[3])? + gemv(operands[4])? + 8 * n_out,
         FusedOp::LinearAdd => gemv(operands[1])? + n_out,
+        FusedOp::LinearScaleAdd => gemv(operands[1])? + 2 * n_out,
         FusedOp::Attention | FusedOp::DecodeAttention => {
             let (k, extra) = if f == FusedOp::Attention {
                 (operands[1], 0)

@@ -256,6 +256,7 @@ pub(crate) fn gemv(
         family: match g.epilogue {
             Epilogue::Swiglu => "gemv_swiglu",
             Epilogue::Residual(_) => "gemv_add",
+            Epilogue::ScaledResidual(..) => "gemv_scale_add",
             Epilogue::Plain => "gemv",
         },
         body: b,
@@ -443,6 +444,22 @@ fn epilogue(
             let _ = writeln!(
                 b,
                 "          {} = fu_from<{tc}>({rv} + fu_round<{tc}>(y0));",
+                out_at(params, o)?
+            );
+        }
+        Epilogue::ScaledResidual(res, c) => {
+            let o = g.outs.first().ok_or("a GEMV output")?;
+            let pr = params.bind(res, Access::Read);
+            let rr = res.rank();
+            let rv = format!(
+                "fu_f32({pr}[{} + (long long)n * {}LL])",
+                row_offset(res, "m")?,
+                res.strides[rr - 1]
+            );
+            let c = flit(c);
+            let _ = writeln!(
+                b,
+                "          {} = fu_from<{tc}>({rv} + fu_round<{tc}>(__fmul_rn(fu_round<{tc}>(y0), {c})));",
                 out_at(params, o)?
             );
         }

@@ -180,6 +180,8 @@ template <class T> inline T __shfl_xor_sync(unsigned, T v, int o) {
   return out;
 }
 
+// A product rounded once, never contracted into an FMA (CUDA's `__fmul_rn`).
+inline float __fmul_rn(float a, float b) { volatile float p = a * b; return p; }
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline int __float2int_rz(float x) {
   if (x != x) return 0;

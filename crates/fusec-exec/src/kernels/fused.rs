@@ -173,7 +173,29 @@ pub fn rms_norm_swiglu(
 
 /// `fused.linear_add(x, W, r) = r + round(x @ W^T)`.
 pub fn linear_add(x: &Tensor, w: GemvWeight<'_>, r: &Tensor) -> Result<Tensor, KernelError> {
-    let op = "fused.linear_add";
+    residual_epilogue("fused.linear_add", x, w, None, r)
+}
+
+/// `fused.linear_scale_add(x, W, c, r) = r + c * (x W^T)`: the GEMV result rounded to
+/// the dtype, times `c` rounded (the eager `binary.mul` by a scalar), plus `r` rounded
+/// (the eager `binary.add`).
+pub fn linear_scale_add(
+    x: &Tensor,
+    w: GemvWeight<'_>,
+    c: f32,
+    r: &Tensor,
+) -> Result<Tensor, KernelError> {
+    residual_epilogue("fused.linear_scale_add", x, w, Some(c), r)
+}
+
+/// A GEMV with a residual-add epilogue, its result optionally scaled before the add.
+fn residual_epilogue(
+    op: &str,
+    x: &Tensor,
+    w: GemvWeight<'_>,
+    scale: Option<f32>,
+    r: &Tensor,
+) -> Result<Tensor, KernelError> {
     let (xs, rows, ins) = gemv::rows_of(x, op)?;
     gemv::check(op, x.dtype(), ins, w)?;
     let shape = with_last(x, w.shape()[0]);
@@ -197,9 +219,16 @@ pub fn linear_add(x: &Tensor, w: GemvWeight<'_>, r: &Tensor) -> Result<Tensor, K
         )));
     }
     // The residual add, on each chunk of results inside the GEMV's parallel loop.
-    let add = |first: usize, ys: &mut [f32]| {
-        for (v, &res) in ys.iter_mut().zip(&rs[first..]) {
-            *v = round(dtype, res + round(dtype, *v));
+    let add = |first: usize, ys: &mut [f32]| match scale {
+        None => {
+            for (v, &res) in ys.iter_mut().zip(&rs[first..]) {
+                *v = round(dtype, res + round(dtype, *v));
+            }
+        }
+        Some(c) => {
+            for (v, &res) in ys.iter_mut().zip(&rs[first..]) {
+                *v = round(dtype, res + round(dtype, round(dtype, *v) * c));
+            }
         }
     };
     let mut y = None;

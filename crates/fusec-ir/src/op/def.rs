@@ -272,6 +272,10 @@ pub enum FusedOp {
     RmsNormSwiglu,
     /// `(x, W, r) -> r + x @ W^T`: a GEMV with a residual-add epilogue.
     LinearAdd,
+    /// `(x, W, c, r) -> r + c * (x @ W^T)`: a GEMV whose result is scaled by the
+    /// scalar `c` before the residual add (Granite's `residual_multiplier`), each step
+    /// rounded to the dtype as the eager multiply and add are.
+    LinearScaleAdd,
     /// `(q [B,H,T,hd], k [B,KV,L,hd], v [B,KV,L,hd], scale, mask [B,1,T,L]) ->
     /// softmax(q k^T * scale + mask) v`, with query head `h` reading KV head
     /// `h / (H/KV)` (GQA), computed with an online softmax.
@@ -282,7 +286,7 @@ pub enum FusedOp {
 }
 
 impl FusedOp {
-    pub const ALL: [FusedOp; 9] = [
+    pub const ALL: [FusedOp; 10] = [
         FusedOp::KvAppend,
         FusedOp::Rope,
         FusedOp::RmsNorm,
@@ -290,6 +294,7 @@ impl FusedOp {
         FusedOp::Swiglu,
         FusedOp::RmsNormSwiglu,
         FusedOp::LinearAdd,
+        FusedOp::LinearScaleAdd,
         FusedOp::Attention,
         FusedOp::DecodeAttention,
     ];

@@ -300,6 +300,14 @@ pub fn graph(kind: OpKind) -> Result<Graph, TypeError> {
             let y = e.op(Op::Fused(FusedOp::LinearAdd), &[x, ws[0], r])?;
             e.out(y)
         }
+        OpKind::LinearScaleAdd => {
+            let x = e.x("x", &[1, 1, 8])?;
+            let ws = e.gemv_weights(1)?;
+            let c = e.scalar(0.22)?;
+            let r = e.x("r", &[1, 1, 6])?;
+            let y = e.op(Op::Fused(FusedOp::LinearScaleAdd), &[x, ws[0], c, r])?;
+            e.out(y)
+        }
         OpKind::Attention => {
             let q = e.x("q", &[1, 4, 1, 8])?;
             let k = e.x("k", &[1, 2, 5, 8])?;

@@ -153,13 +153,16 @@ pub(crate) fn infer(op: FusedOp, t: &[&TensorType]) -> R<Type> {
             }
             linear(x, wg).map(Type::Tensor)
         }
-        FusedOp::LinearAdd => {
+        FusedOp::LinearAdd | FusedOp::LinearScaleAdd => {
             let y = linear(t[0], t[1])?;
-            if &y != t[2] {
-                return Err(format!(
-                    "residual {} does not match the GEMV result {y}",
-                    t[2]
-                ));
+            let r = if op == FusedOp::LinearAdd {
+                t[2]
+            } else {
+                scalar(t[2], "scale")?;
+                t[3]
+            };
+            if &y != r {
+                return Err(format!("residual {r} does not match the GEMV result {y}"));
             }
             Ok(Type::Tensor(y))
         }

@@ -203,6 +203,7 @@ pub fn op_from_parts(
         OpKind::Swiglu => Op::Fused(FusedOp::Swiglu),
         OpKind::RmsNormSwiglu => Op::Fused(FusedOp::RmsNormSwiglu),
         OpKind::LinearAdd => Op::Fused(FusedOp::LinearAdd),
+        OpKind::LinearScaleAdd => Op::Fused(FusedOp::LinearScaleAdd),
         OpKind::Attention => Op::Fused(FusedOp::Attention),
         OpKind::DecodeAttention => Op::Fused(FusedOp::DecodeAttention),
     };

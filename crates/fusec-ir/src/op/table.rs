@@ -224,6 +224,8 @@ op_table! {
     RmsNormSwiglu = "fused.rms_norm_swiglu", Exactly(5), [Act, NormW, Sc, W, W], None,
         Kernel(Gemv), [];
     LinearAdd = "fused.linear_add", Exactly(3), [Act, W, Act], None, Kernel(Gemv), [];
+    LinearScaleAdd = "fused.linear_scale_add", Exactly(4), [Act, W, Sc, Act], None,
+        Kernel(Gemv), [];
     Attention = "fused.attention", Exactly(5), [Act, Act, Act, Sc, Mask], None,
         Kernel(Attention), [];
     DecodeAttention = "fused.decode_attention", AtLeast(9),
@@ -365,6 +367,7 @@ impl FusedOp {
             FusedOp::Swiglu => OpKind::Swiglu,
             FusedOp::RmsNormSwiglu => OpKind::RmsNormSwiglu,
             FusedOp::LinearAdd => OpKind::LinearAdd,
+            FusedOp::LinearScaleAdd => OpKind::LinearScaleAdd,
             FusedOp::Attention => OpKind::Attention,
             FusedOp::DecodeAttention => OpKind::DecodeAttention,
         }

@@ -150,6 +150,7 @@ mod tests {
             tie_word_embeddings,
             dtype,
             sliding_window: None,
+            multipliers: None,
         }
     }
 

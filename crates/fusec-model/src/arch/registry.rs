@@ -6,16 +6,18 @@ use std::sync::{Arc, LazyLock};
 use fusec_ir::Graph;
 
 use super::architecture::Architecture;
+use super::granite::Granite;
 use super::llama::Llama;
 use super::mistral::Mistral;
+use super::olmo2::Olmo2;
 use crate::build::BuildError;
 use crate::frontend::{
     english_list, parse_model_toml_with, spec_from_hf, ConfigError, HfConfig, ModelSpec,
     DEFAULT_ARCHITECTURE,
 };
 
-/// The architectures fusec knows, by `model_type`. [`Registry::builtin`] holds Llama and
-/// Mistral; a library user extends [`Registry::with_builtins`] with
+/// The architectures fusec knows, by `model_type`. [`Registry::builtin`] holds Llama,
+/// Mistral, OLMo 2 and Granite; a library user extends [`Registry::with_builtins`] with
 /// [`Registry::register`] and passes it to the frontends and the pipeline.
 #[derive(Clone, Debug, Default)]
 pub struct Registry {
@@ -63,7 +65,12 @@ impl Registry {
 
     /// A new registry holding the built-in architectures, to extend.
     pub fn with_builtins() -> Self {
-        let architectures: Vec<Arc<dyn Architecture>> = vec![Arc::new(Llama), Arc::new(Mistral)];
+        let architectures: Vec<Arc<dyn Architecture>> = vec![
+            Arc::new(Llama),
+            Arc::new(Mistral),
+            Arc::new(Olmo2),
+            Arc::new(Granite),
+        ];
         Self { architectures }
     }
 
@@ -209,7 +216,10 @@ mod tests {
 
     #[test]
     fn builtins_are_llama_and_mistral() {
-        assert_eq!(Registry::builtin().model_types(), ["llama", "mistral"]);
+        assert_eq!(
+            Registry::builtin().model_types(),
+            ["llama", "mistral", "olmo2", "granite"]
+        );
         assert!(Registry::new().model_types().is_empty());
     }
 
@@ -238,14 +248,14 @@ mod tests {
         let e = parse_hf_config(path, &JSON.replace("MT", "custom")).expect_err("unknown");
         assert_eq!(
             e.message,
-            "unsupported model_type `custom` (fusec compiles llama and mistral)"
+            "unsupported model_type `custom` (fusec compiles llama, mistral, olmo2 and granite)"
         );
 
         let mut registry = Registry::with_builtins();
         registry.register(Arc::new(Custom)).expect("registers");
         assert_eq!(
             registry.model_types(),
-            ["llama", "mistral", "custom", "custom2"]
+            ["llama", "mistral", "olmo2", "granite", "custom", "custom2"]
         );
         let spec = registry
             .parse_hf_config(path, &JSON.replace("MT", "custom2"))
@@ -258,7 +268,7 @@ mod tests {
             .expect_err("unknown");
         assert!(
             e.message
-                .ends_with("(fusec compiles llama, mistral, custom and custom2)"),
+                .ends_with("(fusec compiles llama, mistral, olmo2, granite, custom and custom2)"),
             "{e}"
         );
     }
@@ -284,7 +294,7 @@ mod tests {
         let e = Registry::builtin().build(&spec).expect_err("unknown");
         assert_eq!(
             e.to_string(),
-            "unknown architecture `custom` (registered: llama, mistral)"
+            "unknown architecture `custom` (registered: llama, mistral, olmo2, granite)"
         );
     }
 }

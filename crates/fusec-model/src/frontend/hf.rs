@@ -213,6 +213,7 @@ pub fn decoder_config(j: &HfConfig<'_>) -> Result<ModelConfig, ConfigError> {
         tie_word_embeddings: j.bool("tie_word_embeddings")?.unwrap_or(false),
         dtype,
         sliding_window: j.uint("sliding_window")?,
+        multipliers: None,
     };
     Ok(model)
 }

@@ -187,6 +187,7 @@ pub fn parse(path: &Path, src: &str, architectures: &[&str]) -> Result<ModelSpec
         tie_word_embeddings: m.tie_word_embeddings,
         dtype,
         sliding_window,
+        multipliers: None,
     };
     let decode = DecodeConfig { batch, context };
     check(&model, &decode).map_err(|(key, message)| match spans.get(key) {
