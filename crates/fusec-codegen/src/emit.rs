@@ -247,6 +247,17 @@ pub(crate) trait KernelEmitter {
         out: &View,
         cx: Ctx<'_, '_>,
     ) -> Result<KernelCode, String>;
+    /// `Olmo2RMSNorm` (the weight applied in f32 before the cast), then `+ residual`
+    /// when there is one.
+    fn post_rms_norm(
+        &self,
+        x: &View,
+        weight: &View,
+        eps: f32,
+        residual: Option<&View>,
+        out: &View,
+        cx: Ctx<'_, '_>,
+    ) -> Result<KernelCode, String>;
     fn rope(
         &self,
         x: &View,

@@ -374,6 +374,13 @@ impl Lower<'_> {
                 FusedOp::RmsNorm => {
                     view(0).and_then(|x| e.rms_norm(x, view(1)?, scalar(2)?, out0, cx!()))
                 }
+                FusedOp::PostRmsNorm => view(0).and_then(|x| {
+                    let residual = match ops.get(3) {
+                        Some(_) => Some(view(3)?),
+                        None => None,
+                    };
+                    e.post_rms_norm(x, view(1)?, scalar(2)?, residual, out0, cx!())
+                }),
                 FusedOp::RmsNormLinear => view(0).and_then(|x| {
                     let g = Gemv {
                         x,

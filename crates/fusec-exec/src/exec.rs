@@ -1074,6 +1074,18 @@ fn dispatch(
                 gemv_w(3)?,
                 gemv_w(4)?,
             )),
+            FusedOp::PostRmsNorm => {
+                let residual = match ops.len() {
+                    3 => None,
+                    _ => Some(t(3)?),
+                };
+                launch(fused::post_rms_norm(
+                    &*t(0)?,
+                    &*t(1)?,
+                    scalar(2)?,
+                    residual.as_deref(),
+                ))
+            }
             FusedOp::LinearAdd => launch(fused::linear_add(&*t(0)?, gemv_w(1)?, &*t(2)?)),
             FusedOp::LinearScaleAdd => launch(fused::linear_scale_add(
                 &*t(0)?,

@@ -184,6 +184,7 @@ fn fused_flops(
         FusedOp::KvAppend => 0,
         FusedOp::Rope => 3 * n_out,
         FusedOp::RmsNorm => 5 * n_out,
+        FusedOp::PostRmsNorm => (5 + operands.len().saturating_sub(3) as u64) * n_out,
         FusedOp::RmsNormLinear => {
             let mut total = 4 * n_in0;
             for w in &operands[3..] {

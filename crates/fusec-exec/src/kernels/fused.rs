@@ -85,6 +85,66 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor, KernelError>
     Ok(Tensor::from_kernel_f32(x.dtype(), x.dims(), out))
 }
 
+/// `fused.post_rms_norm(x, w, eps[, r])`: `Olmo2RMSNorm` (the weight multiplied in
+/// `f32`, then one rounding to the dtype: `y = to(x.dtype)(w * (x * r))`, with the
+/// statistics of [`norm_rows`]), then `to(x.dtype)(r + y)` when there is a residual.
+pub fn post_rms_norm(
+    x: &Tensor,
+    w: &Tensor,
+    eps: f32,
+    residual: Option<&Tensor>,
+) -> Result<Tensor, KernelError> {
+    let op = "fused.post_rms_norm";
+    let (xs, rows, d) = gemv::rows_of(x, op)?;
+    float_buffer(w, op)?;
+    if w.shape() != [d] || w.dtype() != x.dtype() {
+        return Err(KernelError::Invalid(format!(
+            "{op}: norm weight {}{:?} does not match x {}{:?}",
+            w.dtype(),
+            w.shape(),
+            x.dtype(),
+            x.shape()
+        )));
+    }
+    let rs = match residual {
+        None => None,
+        Some(r) => {
+            if r.shape() != x.shape() || r.dtype() != x.dtype() {
+                return Err(KernelError::Invalid(format!(
+                    "{op}: residual {}{:?} does not match x {}{:?}",
+                    r.dtype(),
+                    r.shape(),
+                    x.dtype(),
+                    x.shape()
+                )));
+            }
+            let rs = r.contiguous_f32().ok_or_else(|| {
+                KernelError::Invalid(format!("{op} needs a float residual, got {}", r.dtype()))
+            })?;
+            Some(rs)
+        }
+    };
+    let ws = w.contiguous_f32().unwrap_or_default();
+    let dtype = x.dtype();
+    let mut out = pool::take(rows * d);
+    for row in xs.chunks(d.max(1)).take(rows) {
+        let sum: f64 = row.iter().map(|&v| f64::from(v * v)).sum();
+        let mean = (sum / d as f64) as f32;
+        let r = 1.0 / (mean + eps).sqrt();
+        out.extend(
+            row.iter()
+                .zip(ws.iter())
+                .map(|(&v, &g)| round(dtype, g * (v * r))),
+        );
+    }
+    if let Some(rs) = rs {
+        for (y, &res) in out.iter_mut().zip(rs.iter()) {
+            *y = round(dtype, res + *y);
+        }
+    }
+    Ok(rounded(dtype, x.dims(), out))
+}
+
 /// `fused.rms_norm_linear(x, w, eps, W1, .., Wn)`: one result per weight.
 pub fn rms_norm_linear(
     x: &Tensor,

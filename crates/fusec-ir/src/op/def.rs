@@ -263,6 +263,12 @@ pub enum FusedOp {
     /// `(x [..,D], w [D], eps) -> w * to(x.dtype)(x32 * rsqrt(mean(x32^2, -1) + eps))`,
     /// Hugging Face's `LlamaRMSNorm`.
     RmsNorm,
+    /// `(x [..,D], w [D], eps[, r]) -> [r +] to(x.dtype)(w32 * x32 * rsqrt(mean(x32^2,
+    /// -1) + eps))`: transformers' `Olmo2RMSNorm` (models/olmo2/modeling_olmo2.py),
+    /// which multiplies by the weight in f32 before the cast, and with `r` the residual
+    /// add after it, as OLMo 2's post-norm decoder layer applies it to each sublayer's
+    /// output. For an f32 `x` it is [`FusedOp::RmsNorm`]'s value.
+    PostRmsNorm,
     /// `(x, w, eps, W1, .., Wn)`: RMSNorm in the prologue of n GEMVs sharing it. One
     /// weight gives a tensor, several a tuple.
     RmsNormLinear,
@@ -286,10 +292,11 @@ pub enum FusedOp {
 }
 
 impl FusedOp {
-    pub const ALL: [FusedOp; 10] = [
+    pub const ALL: [FusedOp; 11] = [
         FusedOp::KvAppend,
         FusedOp::Rope,
         FusedOp::RmsNorm,
+        FusedOp::PostRmsNorm,
         FusedOp::RmsNormLinear,
         FusedOp::Swiglu,
         FusedOp::RmsNormSwiglu,

@@ -300,6 +300,12 @@ pub fn graph(kind: OpKind) -> Result<Graph, TypeError> {
             let y = e.op(Op::Fused(FusedOp::LinearAdd), &[x, ws[0], r])?;
             e.out(y)
         }
+        OpKind::PostRmsNorm => {
+            let [x, w, eps] = e.norm_operands()?;
+            let r = e.x("r", &[1, 1, 8])?;
+            let y = e.op(Op::Fused(FusedOp::PostRmsNorm), &[x, w, eps, r])?;
+            e.out(y)
+        }
         OpKind::LinearScaleAdd => {
             let x = e.x("x", &[1, 1, 8])?;
             let ws = e.gemv_weights(1)?;

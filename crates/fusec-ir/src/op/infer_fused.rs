@@ -126,6 +126,18 @@ pub(crate) fn infer(op: FusedOp, t: &[&TensorType]) -> R<Type> {
             norm(t[0], t[1], t[2])?;
             Ok(Type::Tensor(t[0].clone()))
         }
+        FusedOp::PostRmsNorm => {
+            norm(t[0], t[1], t[2])?;
+            match t.get(3..) {
+                Some([]) => {}
+                Some([r]) if *r == t[0] => {}
+                Some([r]) => {
+                    return Err(format!("residual {r} does not match the input {}", t[0]));
+                }
+                _ => return Err(format!("expected 3 or 4 operands, got {}", t.len())),
+            }
+            Ok(Type::Tensor(t[0].clone()))
+        }
         FusedOp::RmsNormLinear => {
             norm(t[0], t[1], t[2])?;
             let outs = t[3..]

@@ -199,6 +199,7 @@ pub fn op_from_parts(
         OpKind::KvAppend => Op::Fused(FusedOp::KvAppend),
         OpKind::Rope => Op::Fused(FusedOp::Rope),
         OpKind::RmsNorm => Op::Fused(FusedOp::RmsNorm),
+        OpKind::PostRmsNorm => Op::Fused(FusedOp::PostRmsNorm),
         OpKind::RmsNormLinear => Op::Fused(FusedOp::RmsNormLinear),
         OpKind::Swiglu => Op::Fused(FusedOp::Swiglu),
         OpKind::RmsNormSwiglu => Op::Fused(FusedOp::RmsNormSwiglu),

@@ -218,6 +218,8 @@ op_table! {
     KvAppend = "kv.append", Exactly(2), [Cache { result: 0, reads: false }, Act], None, Kernel(Copies), [];
     Rope = "fused.rope", Exactly(3), [Act, Rope, Rope], None, Kernel(Elementwise), [];
     RmsNorm = "fused.rms_norm", Exactly(3), [Act, NormW, Sc], None, Kernel(Elementwise), [];
+    PostRmsNorm = "fused.post_rms_norm", AtLeast(3), [Act, NormW, Sc], Some(Act),
+        Kernel(Elementwise), [];
     RmsNormLinear = "fused.rms_norm_linear", AtLeast(4), [Act, NormW, Sc], Some(W),
         Kernel(Gemv), [];
     Swiglu = "fused.swiglu", Exactly(3), [Act, W, W], None, Kernel(Gemv), [];
@@ -363,6 +365,7 @@ impl FusedOp {
             FusedOp::KvAppend => OpKind::KvAppend,
             FusedOp::Rope => OpKind::Rope,
             FusedOp::RmsNorm => OpKind::RmsNorm,
+            FusedOp::PostRmsNorm => OpKind::PostRmsNorm,
             FusedOp::RmsNormLinear => OpKind::RmsNormLinear,
             FusedOp::Swiglu => OpKind::Swiglu,
             FusedOp::RmsNormSwiglu => OpKind::RmsNormSwiglu,

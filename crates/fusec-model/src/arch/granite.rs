@@ -194,3 +194,67 @@ fn attention(
     let o_proj = att.projection(b, "o_proj", WeightRole::AttnOut, d, h * hd, false)?;
     o_proj.forward(b, o)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use fusec_ir::{verify, DType, Op};
+
+    use super::*;
+
+    const JSON: &str = r#"{"model_type": "granite", "hidden_size": 32,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "intermediate_size": 48, "vocab_size": 64, "embedding_multiplier": 12.0,
+        "attention_multiplier": 0.0078125, "residual_multiplier": 0.22,
+        "logits_scaling": 16.0, "tie_word_embeddings": true, "torch_dtype": "bfloat16"}"#;
+
+    fn scalars(g: &Graph) -> Vec<f64> {
+        g.node_ids()
+            .filter_map(|n| match g.op(n) {
+                Op::Scalar { value } => Some(value.0),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_multipliers_are_read_and_applied() {
+        let j = HfConfig::parse(Path::new("m/config.json"), JSON).expect("parses");
+        let cfg = parse_hf_config(&j).expect("valid");
+        let m = cfg.multipliers.expect("granite has multipliers");
+        assert_eq!(
+            (m.embedding, m.attention, m.residual, m.logits_scaling),
+            (12.0, 0.0078125, 0.22, 16.0)
+        );
+        assert_eq!(cfg.dtype, DType::Bf16);
+        let g = build(&cfg).expect("builds");
+        verify(&g).expect("verifies");
+        let s = scalars(&g);
+        for v in [12.0, 0.0078125, 16.0] {
+            assert_eq!(s.iter().filter(|&&x| x == v).count(), 1 + usize::from(v == 0.0078125), "{v}");
+        }
+        // Two residual multiplies per layer.
+        assert_eq!(s.iter().filter(|&&x| x == 0.22).count(), 4);
+        // Llama's 1/sqrt(head_dim) does not appear.
+        assert!(!s.contains(&(8f64).powf(-0.5)));
+    }
+
+    #[test]
+    fn absent_multipliers_default_to_one() {
+        let json = r#"{"model_type": "granite", "hidden_size": 32, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "intermediate_size": 48, "vocab_size": 64}"#;
+        let j = HfConfig::parse(Path::new("m/config.json"), json).expect("parses");
+        let cfg = parse_hf_config(&j).expect("valid");
+        assert_eq!(cfg.multipliers, Some(Multipliers::default()));
+        let j = HfConfig::parse(
+            Path::new("m/config.json"),
+            r#"{"model_type": "granite", "logits_scaling": 0, "hidden_size": 32,
+            "num_hidden_layers": 1, "num_attention_heads": 4, "intermediate_size": 48,
+            "vocab_size": 64}"#,
+        )
+        .expect("parses");
+        let e = parse_hf_config(&j).expect_err("a zero divisor");
+        assert!(e.message.contains("logits_scaling"), "{e}");
+    }
+}

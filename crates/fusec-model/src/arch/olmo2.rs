@@ -168,3 +168,85 @@ fn attention(
     let o_proj = att.projection(b, "o_proj", WeightRole::AttnOut, d, h * hd, false)?;
     o_proj.forward(b, o)
 }
+
+#[cfg(test)]
+mod tests {
+    use fusec_ir::{verify, DType, WeightRole};
+
+    use super::*;
+
+    fn config(dtype: DType) -> ModelConfig {
+        ModelConfig {
+            name: "t".into(),
+            hidden_size: 32,
+            num_layers: 2,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 8,
+            intermediate_size: 48,
+            vocab_size: 64,
+            rope_theta: 500_000.0,
+            rms_norm_eps: 1e-6,
+            max_seq_len: 128,
+            tie_word_embeddings: false,
+            dtype,
+            sliding_window: None,
+            multipliers: None,
+        }
+    }
+
+    /// The role a weight of an OLMo 2 checkpoint has, by its Hugging Face name.
+    fn expected_role(name: &str) -> Option<WeightRole> {
+        let role = match name.rsplit('.').nth(1)? {
+            "embed_tokens" => WeightRole::Embedding,
+            "norm" | "q_norm" | "k_norm" | "post_attention_layernorm"
+            | "post_feedforward_layernorm" => WeightRole::Norm,
+            "q_proj" => WeightRole::Query,
+            "k_proj" => WeightRole::Key,
+            "v_proj" => WeightRole::Value,
+            "o_proj" => WeightRole::AttnOut,
+            "gate_proj" => WeightRole::Gate,
+            "up_proj" => WeightRole::Up,
+            "down_proj" => WeightRole::Down,
+            "lm_head" => WeightRole::LmHead,
+            _ => return None,
+        };
+        Some(role)
+    }
+
+    #[test]
+    fn every_weight_has_its_role() {
+        for dtype in [DType::F32, DType::Bf16] {
+            let cfg = config(dtype);
+            let g = build(&cfg).expect("builds");
+            verify(&g).expect("verifies");
+            let weights = g.weights();
+            // embed, final norm, lm_head, and 11 per layer (7 projections, 4 norms).
+            assert_eq!(weights.len(), 3 + 11 * cfg.num_layers as usize);
+            for (_, name) in weights {
+                assert_eq!(g.weight_role(name), expected_role(name), "{name}");
+            }
+            let names: Vec<&str> = g.weights().into_iter().map(|(_, n)| n).collect();
+            for module in ["q_norm", "k_norm"] {
+                let name = format!("model.layers.0.self_attn.{module}.weight");
+                assert!(names.contains(&name.as_str()), "{name}");
+            }
+            assert!(names.contains(&"model.layers.1.post_feedforward_layernorm.weight"));
+            assert!(!names.iter().any(|n| n.contains("input_layernorm")));
+        }
+    }
+
+    #[test]
+    fn the_bf16_norm_multiplies_the_weight_in_f32() {
+        let f32_text = fusec_ir::text::print(&build(&config(DType::F32)).expect("builds"))
+            .expect("prints");
+        let bf16 = fusec_ir::text::print(&build(&config(DType::Bf16)).expect("builds"))
+            .expect("prints");
+        // Olmo2RMSNorm promotes the weight to f32 and casts the product back once; in
+        // f32 the casts vanish.
+        let q_norm = "weight@model.layers.0.self_attn.q_norm.weight : bf16[32]";
+        assert!(bf16.contains(q_norm), "{bf16}");
+        let casts = |t: &str| t.matches("cast{to=f32}").count();
+        assert!(casts(&bf16) > casts(&f32_text) + 4 * 2 * 2);
+    }
+}

@@ -215,7 +215,7 @@ mod tests {
     }
 
     #[test]
-    fn builtins_are_llama_and_mistral() {
+    fn builtins_are_llama_mistral_olmo2_and_granite() {
         assert_eq!(
             Registry::builtin().model_types(),
             ["llama", "mistral", "olmo2", "granite"]
@@ -235,7 +235,7 @@ mod tests {
         let e = parse_model_toml(path, &bad).expect_err("gpt2 is not registered");
         assert_eq!(
             e.message,
-            "unsupported architecture `gpt2` (fusec compiles \"llama\" and \"mistral\")"
+            "unsupported architecture `gpt2` (fusec compiles \"llama\", \"mistral\", \"olmo2\" and \"granite\")"
         );
         assert_eq!(e.location, Some((2, 16)));
     }
