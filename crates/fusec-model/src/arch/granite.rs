@@ -232,7 +232,11 @@ mod tests {
         verify(&g).expect("verifies");
         let s = scalars(&g);
         for v in [12.0, 0.0078125, 16.0] {
-            assert_eq!(s.iter().filter(|&&x| x == v).count(), 1 + usize::from(v == 0.0078125), "{v}");
+            assert_eq!(
+                s.iter().filter(|&&x| x == v).count(),
+                1 + usize::from(v == 0.0078125),
+                "{v}"
+            );
         }
         // Two residual multiplies per layer.
         assert_eq!(s.iter().filter(|&&x| x == 0.22).count(), 4);

@@ -199,7 +199,10 @@ mod tests {
     fn expected_role(name: &str) -> Option<WeightRole> {
         let role = match name.rsplit('.').nth(1)? {
             "embed_tokens" => WeightRole::Embedding,
-            "norm" | "q_norm" | "k_norm" | "post_attention_layernorm"
+            "norm"
+            | "q_norm"
+            | "k_norm"
+            | "post_attention_layernorm"
             | "post_feedforward_layernorm" => WeightRole::Norm,
             "q_proj" => WeightRole::Query,
             "k_proj" => WeightRole::Key,
@@ -238,10 +241,10 @@ mod tests {
 
     #[test]
     fn the_bf16_norm_multiplies_the_weight_in_f32() {
-        let f32_text = fusec_ir::text::print(&build(&config(DType::F32)).expect("builds"))
-            .expect("prints");
-        let bf16 = fusec_ir::text::print(&build(&config(DType::Bf16)).expect("builds"))
-            .expect("prints");
+        let f32_text =
+            fusec_ir::text::print(&build(&config(DType::F32)).expect("builds")).expect("prints");
+        let bf16 =
+            fusec_ir::text::print(&build(&config(DType::Bf16)).expect("builds")).expect("prints");
         // Olmo2RMSNorm promotes the weight to f32 and casts the product back once; in
         // f32 the casts vanish.
         let q_norm = "weight@model.layers.0.self_attn.q_norm.weight : bf16[32]";
