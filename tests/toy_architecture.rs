@@ -187,7 +187,10 @@ fn bias_names(graph: &Graph) -> Vec<String> {
 #[test]
 fn the_toy_is_reached_only_through_its_registry() {
     let registry = registry();
-    assert_eq!(registry.model_types(), ["llama", "mistral", "toy-qkv-bias"]);
+    assert_eq!(
+        registry.model_types(),
+        ["llama", "mistral", "olmo2", "granite", "toy-qkv-bias"]
+    );
     let spec = spec(&registry);
     assert_eq!(spec.architecture, MODEL_TYPE);
     // The built-in registry does not know it.
