@@ -300,3 +300,26 @@ fn unimplemented_keys_are_rejected_by_name() {
         assert!(stderr.contains(key), "{fixture} {key}: {stderr}");
     }
 }
+
+/// The published configurations print and parse back identically, eager and fused
+/// (what `tests/roundtrip.rs` checks for the `.toml` examples).
+#[test]
+fn the_published_configurations_round_trip_through_the_text_form() {
+    let rules = pipeline::rules(&[]).expect("built-in rules");
+    for model in ["examples/olmo-2-7b", "examples/granite-3.1-8b"] {
+        let spec = pipeline::load(&root().join(model), None, None).expect("valid model");
+        let eager = pipeline::eager(&spec).expect("builds");
+        let (fused, _) = pipeline::fuse(&spec, &eager, &rules).expect("fuses");
+        for (what, g) in [("eager", eager), ("fused", fused)] {
+            let printed = fusec_ir::text::print(&g).expect("acyclic");
+            let parsed = fusec_ir::text::parse(&printed)
+                .unwrap_or_else(|e| panic!("{model} {what}: reparse failed: {e}"));
+            fusec_ir::verify(&parsed).unwrap_or_else(|e| panic!("{model} {what}: {e}"));
+            let again = fusec_ir::text::print(&parsed).expect("acyclic");
+            assert!(
+                printed == again,
+                "{model} {what}: print(parse(text)) != text"
+            );
+        }
+    }
+}
