@@ -391,6 +391,16 @@ impl Lower<'_> {
                     };
                     e.gemv(&g, cx!())
                 }),
+                FusedOp::MultiLinear => view(0).and_then(|x| {
+                    let g = Gemv {
+                        x,
+                        norm: None,
+                        weights: ops[1..].iter().collect(),
+                        epilogue: Epilogue::Plain,
+                        outs: &outs,
+                    };
+                    e.gemv(&g, cx!())
+                }),
                 FusedOp::Swiglu => view(0).and_then(|x| {
                     let g = Gemv {
                         x,

@@ -1066,6 +1066,28 @@ fn dispatch(
                 };
                 Ok(done(value, true))
             }
+            FusedOp::MultiLinear => {
+                let n = ops.len().saturating_sub(1);
+                // The weights on the stack when they fit, as for `rms_norm_linear`.
+                let heap;
+                let mut inline;
+                let ws: &[GemvWeight<'_>] = if n == 0 {
+                    &[]
+                } else if n <= MAX_INLINE_OPERANDS {
+                    inline = [gemv_w(1)?; MAX_INLINE_OPERANDS];
+                    for (i, w) in inline.iter_mut().enumerate().take(n).skip(1) {
+                        *w = gemv_w(1 + i)?;
+                    }
+                    &inline[..n]
+                } else {
+                    heap = (1..ops.len())
+                        .map(gemv_w)
+                        .collect::<Result<Vec<_>, Error>>()?;
+                    &heap
+                };
+                let outs = fused::multi_linear(&*t(0)?, ws).map_err(kernel)?;
+                Ok(done(Value::Tuple(outs), true))
+            }
             FusedOp::Swiglu => launch(fused::swiglu(&*t(0)?, gemv_w(1)?, gemv_w(2)?)),
             FusedOp::RmsNormSwiglu => launch(fused::rms_norm_swiglu(
                 &*t(0)?,

@@ -7,10 +7,12 @@
 //!   and the residual add of `Olmo2DecoderLayer.forward`;
 //! - `fused.linear_scale_add(x, W, c, r)`: `residual + hidden_states *
 //!   residual_multiplier` of `GraniteDecoderLayer.forward`
-//!   (models/granite/modeling_granite.py).
+//!   (models/granite/modeling_granite.py);
+//! - `fused.multi_linear(x, W1, .., Wn)`: OLMo 2's q, k and v projections of the
+//!   residual stream in one kernel, each what `linear` gives.
 
 use fusec_exec::kernels::elementwise::{binary, cast, unary, Arg};
-use fusec_exec::kernels::fused::{linear_scale_add, post_rms_norm};
+use fusec_exec::kernels::fused::{linear_scale_add, multi_linear, post_rms_norm};
 use fusec_exec::kernels::gemv::GemvWeight;
 use fusec_exec::kernels::matmul::linear;
 use fusec_exec::kernels::reduce::reduce;
@@ -100,6 +102,30 @@ proptest! {
         );
         let fused = linear_scale_add(&x, GemvWeight::Dense(&wt), c, &r).expect("runs");
         assert_same(&fused, &eager, "linear_scale_add");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+
+    #[test]
+    fn multi_linear_equals_its_linears(
+        seed in 0u64..1000,
+        rows in 1usize..4,
+        d in 1usize..40,
+        outs in 1usize..24,
+        half in any::<bool>(),
+    ) {
+        let dtype = if half { DType::Bf16 } else { DType::F32 };
+        let mut rng = SplitMix64::new(seed);
+        let x = random(dtype, &[rows, 1, d], &mut rng, 1.0);
+        let ws: Vec<Tensor> = (0..3).map(|i| random(dtype, &[outs + i, d], &mut rng, 0.1)).collect();
+        let gw: Vec<GemvWeight<'_>> = ws.iter().map(GemvWeight::Dense).collect();
+        let fused = multi_linear(&x, &gw).expect("runs");
+        prop_assert_eq!(fused.len(), 3);
+        for (f, wt) in fused.iter().zip(&ws) {
+            assert_same(f, &linear(&x, wt).expect("linear"), "multi_linear");
+        }
     }
 }
 

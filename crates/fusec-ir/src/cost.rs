@@ -192,6 +192,13 @@ fn fused_flops(
             }
             total
         }
+        FusedOp::MultiLinear => {
+            let mut total = 0;
+            for w in &operands[1..] {
+                total += gemv(w)?;
+            }
+            total
+        }
         FusedOp::Swiglu => gemv(operands[1])? + gemv(operands[2])? + 8 * n_out,
         FusedOp::RmsNormSwiglu => 4 * n_in0 + gemv(operands[3])? + gemv(operands[4])? + 8 * n_out,
         FusedOp::LinearAdd => gemv(operands[1])? + n_out,

@@ -167,6 +167,23 @@ pub fn rms_norm_linear(
     Ok(outs)
 }
 
+/// `fused.multi_linear(x, W1, .., Wn)`: one result per weight, each what `linear`
+/// gives.
+pub fn multi_linear(x: &Tensor, weights: &[GemvWeight<'_>]) -> Result<Vec<Tensor>, KernelError> {
+    let op = "fused.multi_linear";
+    let (xs, rows, d) = gemv::rows_of(x, op)?;
+    for &wt in weights {
+        gemv::check(op, x.dtype(), d, wt)?;
+    }
+    let mut outs = pool::tensors(weights.len());
+    let round_to = Epilogue::Round(x.dtype());
+    gemv::gemv_many(&xs, rows, weights, None, round_to, |i, y| {
+        outs.push(rounded(x.dtype(), with_last(x, weights[i].shape()[0]), y));
+        Ok(())
+    })?;
+    Ok(outs)
+}
+
 /// `silu(round(g)) * round(u)` with the eager roundings, for the SwiGLU kernels.
 fn swiglu_rows(
     xs: &[f32],

@@ -272,6 +272,10 @@ pub enum FusedOp {
     /// `(x, w, eps, W1, .., Wn)`: RMSNorm in the prologue of n GEMVs sharing it. One
     /// weight gives a tensor, several a tuple.
     RmsNormLinear,
+    /// `(x, W1, .., Wn) -> (x @ W1^T, .., x @ Wn^T)`, n >= 2: GEMVs over one
+    /// un-normalised input in one kernel (OLMo 2's q, k and v projections read the
+    /// residual stream itself), a tuple.
+    MultiLinear,
     /// `(x, Wg, Wu) -> silu(x @ Wg^T) * (x @ Wu^T)`.
     Swiglu,
     /// `(x, w, eps, Wg, Wu)`: RMSNorm then SwiGLU in one kernel.
@@ -292,12 +296,13 @@ pub enum FusedOp {
 }
 
 impl FusedOp {
-    pub const ALL: [FusedOp; 11] = [
+    pub const ALL: [FusedOp; 12] = [
         FusedOp::KvAppend,
         FusedOp::Rope,
         FusedOp::RmsNorm,
         FusedOp::PostRmsNorm,
         FusedOp::RmsNormLinear,
+        FusedOp::MultiLinear,
         FusedOp::Swiglu,
         FusedOp::RmsNormSwiglu,
         FusedOp::LinearAdd,

@@ -300,6 +300,17 @@ pub fn graph(kind: OpKind) -> Result<Graph, TypeError> {
             let y = e.op(Op::Fused(FusedOp::LinearAdd), &[x, ws[0], r])?;
             e.out(y)
         }
+        OpKind::MultiLinear => {
+            let x = e.x("x", &[1, 1, 8])?;
+            let ws = e.gemv_weights(3)?;
+            let t = e.op(Op::Fused(FusedOp::MultiLinear), &[x, ws[0], ws[1], ws[2]])?;
+            let k = e.op(Op::Get { index: 1 }, &[t])?;
+            let v = e.op(Op::Get { index: 2 }, &[t])?;
+            let q = e.op(Op::Get { index: 0 }, &[t])?;
+            e.g.add_output("k", OutputKind::Data, k);
+            e.g.add_output("v", OutputKind::Data, v);
+            e.out(q)
+        }
         OpKind::PostRmsNorm => {
             let [x, w, eps] = e.norm_operands()?;
             let r = e.x("r", &[1, 1, 8])?;

@@ -150,6 +150,13 @@ pub(crate) fn infer(op: FusedOp, t: &[&TensorType]) -> R<Type> {
                 Type::Tuple(outs)
             })
         }
+        FusedOp::MultiLinear => {
+            let outs = t[1..]
+                .iter()
+                .map(|w| linear(t[0], w))
+                .collect::<R<Vec<_>>>()?;
+            Ok(Type::Tuple(outs))
+        }
         FusedOp::Swiglu | FusedOp::RmsNormSwiglu => {
             let (x, wg, wu) = if op == FusedOp::Swiglu {
                 (t[0], t[1], t[2])

@@ -201,6 +201,7 @@ pub fn op_from_parts(
         OpKind::RmsNorm => Op::Fused(FusedOp::RmsNorm),
         OpKind::PostRmsNorm => Op::Fused(FusedOp::PostRmsNorm),
         OpKind::RmsNormLinear => Op::Fused(FusedOp::RmsNormLinear),
+        OpKind::MultiLinear => Op::Fused(FusedOp::MultiLinear),
         OpKind::Swiglu => Op::Fused(FusedOp::Swiglu),
         OpKind::RmsNormSwiglu => Op::Fused(FusedOp::RmsNormSwiglu),
         OpKind::LinearAdd => Op::Fused(FusedOp::LinearAdd),

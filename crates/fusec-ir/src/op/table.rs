@@ -222,6 +222,7 @@ op_table! {
         Kernel(Elementwise), [];
     RmsNormLinear = "fused.rms_norm_linear", AtLeast(4), [Act, NormW, Sc], Some(W),
         Kernel(Gemv), [];
+    MultiLinear = "fused.multi_linear", AtLeast(3), [Act, W, W], Some(W), Kernel(Gemv), [];
     Swiglu = "fused.swiglu", Exactly(3), [Act, W, W], None, Kernel(Gemv), [];
     RmsNormSwiglu = "fused.rms_norm_swiglu", Exactly(5), [Act, NormW, Sc, W, W], None,
         Kernel(Gemv), [];
@@ -367,6 +368,7 @@ impl FusedOp {
             FusedOp::RmsNorm => OpKind::RmsNorm,
             FusedOp::PostRmsNorm => OpKind::PostRmsNorm,
             FusedOp::RmsNormLinear => OpKind::RmsNormLinear,
+            FusedOp::MultiLinear => OpKind::MultiLinear,
             FusedOp::Swiglu => OpKind::Swiglu,
             FusedOp::RmsNormSwiglu => OpKind::RmsNormSwiglu,
             FusedOp::LinearAdd => OpKind::LinearAdd,
