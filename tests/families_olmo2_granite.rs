@@ -135,7 +135,7 @@ fn compile(model: &str, precision: &str, tag: &str) -> (serde_json::Value, PathB
 #[test]
 fn the_published_configurations_fuse_to_their_launch_counts() {
     for (model, per_layer, layers) in [
-        ("examples/olmo-2-7b", 9.0, 32),
+        ("examples/olmo-2-7b", 7.0, 32),
         ("examples/granite-3.1-8b", 5.0, 40),
     ] {
         for precision in ["default", "f32", "bf16", "fp8"] {
@@ -157,7 +157,7 @@ fn the_published_configurations_fuse_to_their_launch_counts() {
 /// weights (the Llama fixture's is 1.023 at its default context).
 #[test]
 fn the_fixtures_fuse_like_the_published_configurations() {
-    for (fixture, per_layer, max_ratio) in [(OLMO2, 9.0, 1.035), (GRANITE, 5.0, 1.03)] {
+    for (fixture, per_layer, max_ratio) in [(OLMO2, 7.0, 1.03), (GRANITE, 5.0, 1.03)] {
         let (r, _) = compile(fixture, "default", "fixture");
         assert_eq!(r["fused"]["launches_per_layer"], per_layer, "{fixture}");
         let ratio = r["fused"]["floor_ratio"].as_f64().expect("a ratio");
@@ -169,7 +169,7 @@ fn the_fixtures_fuse_like_the_published_configurations() {
 #[test]
 fn cuda_codegen_emits_the_new_kernels() {
     for (fixture, families) in [
-        (OLMO2, &["post_rms_norm_add"][..]),
+        (OLMO2, &["gemv_post_norm"][..]),
         (GRANITE, &["gemv_scale_add"][..]),
     ] {
         for precision in ["f32", "bf16", "fp8"] {

@@ -128,6 +128,16 @@ pub(crate) enum Epilogue<'a> {
     Residual(&'a View),
     /// One weight: `r + c * (x W^T)`, each step rounded to the dtype.
     ScaledResidual(&'a View, f32),
+    /// One weight: `r + to(T)(w * (y * rsqrt(mean(y^2) + eps)))` of the rounded
+    /// result `y` (OLMo 2's post-norm). The norm needs the whole result: every block
+    /// writes its rows, and the block that finishes last, known by an atomic ticket,
+    /// normalises them in place and resets the ticket.
+    PostNorm {
+        weight: &'a View,
+        eps: f32,
+        residual: &'a View,
+        ticket: &'a View,
+    },
 }
 
 /// A GEMV node's operands.

@@ -441,6 +441,24 @@ impl Lower<'_> {
                     };
                     e.gemv(&g, cx!())
                 }),
+                FusedOp::LinearPostRmsNorm => {
+                    let (_, ticket) = self.workspace(0, 1);
+                    view(0).and_then(|x| {
+                        let g = Gemv {
+                            x,
+                            norm: None,
+                            weights: vec![&ops[1]],
+                            epilogue: Epilogue::PostNorm {
+                                weight: view(2)?,
+                                eps: scalar(3)?,
+                                residual: view(4)?,
+                                ticket: &ticket,
+                            },
+                            outs: &outs,
+                        };
+                        e.gemv(&g, cx!())
+                    })
+                }
                 FusedOp::Attention | FusedOp::DecodeAttention => {
                     let built = (|| -> Result<Attention<'_>, String> {
                         let dec = if *f == FusedOp::DecodeAttention {

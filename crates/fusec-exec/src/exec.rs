@@ -1108,6 +1108,13 @@ fn dispatch(
                     residual.as_deref(),
                 ))
             }
+            FusedOp::LinearPostRmsNorm => launch(fused::linear_post_rms_norm(
+                &*t(0)?,
+                gemv_w(1)?,
+                &*t(2)?,
+                scalar(3)?,
+                &*t(4)?,
+            )),
             FusedOp::LinearAdd => launch(fused::linear_add(&*t(0)?, gemv_w(1)?, &*t(2)?)),
             FusedOp::LinearScaleAdd => launch(fused::linear_scale_add(
                 &*t(0)?,

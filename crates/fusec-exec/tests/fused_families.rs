@@ -8,11 +8,15 @@
 //! - `fused.linear_scale_add(x, W, c, r)`: `residual + hidden_states *
 //!   residual_multiplier` of `GraniteDecoderLayer.forward`
 //!   (models/granite/modeling_granite.py);
+//! - `fused.linear_post_rms_norm(x, W, w, eps, r)`: OLMo 2's `o_proj` and `down_proj`
+//!   with their post-norm and residual add;
 //! - `fused.multi_linear(x, W1, .., Wn)`: OLMo 2's q, k and v projections of the
 //!   residual stream in one kernel, each what `linear` gives.
 
 use fusec_exec::kernels::elementwise::{binary, cast, unary, Arg};
-use fusec_exec::kernels::fused::{linear_scale_add, multi_linear, post_rms_norm};
+use fusec_exec::kernels::fused::{
+    linear_post_rms_norm, linear_scale_add, multi_linear, post_rms_norm,
+};
 use fusec_exec::kernels::gemv::GemvWeight;
 use fusec_exec::kernels::matmul::linear;
 use fusec_exec::kernels::reduce::reduce;
@@ -79,6 +83,27 @@ proptest! {
             &bin(BinaryOp::Add, &r, &n),
             "post_rms_norm with a residual",
         );
+    }
+
+    #[test]
+    fn linear_post_rms_norm_equals_olmo2s_projection_norm_and_add(
+        seed in 0u64..1000,
+        rows in 1usize..4,
+        d in 1usize..40,
+        outs in 1usize..24,
+        half in any::<bool>(),
+    ) {
+        let dtype = if half { DType::Bf16 } else { DType::F32 };
+        let mut rng = SplitMix64::new(seed);
+        let x = random(dtype, &[rows, 1, d], &mut rng, 1.0);
+        let wt = random(dtype, &[outs, d], &mut rng, 0.1);
+        let w = random(dtype, &[outs], &mut rng, 1.0);
+        let r = random(dtype, &[rows, 1, outs], &mut rng, 1.0);
+        let eps = 1e-6;
+        let y = linear(&x, &wt).expect("linear");
+        let eager = bin(BinaryOp::Add, &r, &eager_olmo2_norm(&y, &w, eps));
+        let fused = linear_post_rms_norm(&x, GemvWeight::Dense(&wt), &w, eps, &r).expect("runs");
+        assert_same(&fused, &eager, "linear_post_rms_norm");
     }
 
     #[test]

@@ -203,6 +203,7 @@ fn fused_flops(
         FusedOp::RmsNormSwiglu => 4 * n_in0 + gemv(operands[3])? + gemv(operands[4])? + 8 * n_out,
         FusedOp::LinearAdd => gemv(operands[1])? + n_out,
         FusedOp::LinearScaleAdd => gemv(operands[1])? + 2 * n_out,
+        FusedOp::LinearPostRmsNorm => gemv(operands[1])? + 6 * n_out,
         FusedOp::Attention | FusedOp::DecodeAttention => {
             let (k, extra) = if f == FusedOp::Attention {
                 (operands[1], 0)

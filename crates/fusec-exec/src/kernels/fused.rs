@@ -145,6 +145,29 @@ pub fn post_rms_norm(
     Ok(rounded(dtype, x.dims(), out))
 }
 
+/// `fused.linear_post_rms_norm(x, W, w, eps, r)`: the GEMV rounded to the dtype, as
+/// `linear` gives it, then [`post_rms_norm`] with the residual.
+pub fn linear_post_rms_norm(
+    x: &Tensor,
+    wt: GemvWeight<'_>,
+    w: &Tensor,
+    eps: f32,
+    r: &Tensor,
+) -> Result<Tensor, KernelError> {
+    let op = "fused.linear_post_rms_norm";
+    let (xs, rows, ins) = gemv::rows_of(x, op)?;
+    gemv::check(op, x.dtype(), ins, wt)?;
+    let mut y = None;
+    let round_to = Epilogue::Round(x.dtype());
+    gemv::gemv_many(&xs, rows, &[wt], None, round_to, |_, out| {
+        y = Some(out);
+        Ok(())
+    })?;
+    let y = y.ok_or_else(|| KernelError::Invalid(format!("{op}: the GEMV gave no result")))?;
+    let y = rounded(x.dtype(), with_last(x, wt.shape()[0]), y);
+    post_rms_norm(&y, w, eps, Some(r))
+}
+
 /// `fused.rms_norm_linear(x, w, eps, W1, .., Wn)`: one result per weight.
 pub fn rms_norm_linear(
     x: &Tensor,

@@ -286,6 +286,11 @@ pub enum FusedOp {
     /// scalar `c` before the residual add (Granite's `residual_multiplier`), each step
     /// rounded to the dtype as the eager multiply and add are.
     LinearScaleAdd,
+    /// `(x, W, w, eps, r) -> post_rms_norm(x @ W^T, w, eps, r)`: a GEMV whose result,
+    /// rounded to the dtype, is normalised as `Olmo2RMSNorm` does and added to the
+    /// residual: OLMo 2's `o_proj` and `down_proj` with their post-norms
+    /// (`Olmo2DecoderLayer.forward`). The norm reads the whole GEMV result.
+    LinearPostRmsNorm,
     /// `(q [B,H,T,hd], k [B,KV,L,hd], v [B,KV,L,hd], scale, mask [B,1,T,L]) ->
     /// softmax(q k^T * scale + mask) v`, with query head `h` reading KV head
     /// `h / (H/KV)` (GQA), computed with an online softmax.
@@ -296,7 +301,7 @@ pub enum FusedOp {
 }
 
 impl FusedOp {
-    pub const ALL: [FusedOp; 12] = [
+    pub const ALL: [FusedOp; 13] = [
         FusedOp::KvAppend,
         FusedOp::Rope,
         FusedOp::RmsNorm,
@@ -307,6 +312,7 @@ impl FusedOp {
         FusedOp::RmsNormSwiglu,
         FusedOp::LinearAdd,
         FusedOp::LinearScaleAdd,
+        FusedOp::LinearPostRmsNorm,
         FusedOp::Attention,
         FusedOp::DecodeAttention,
     ];

@@ -311,6 +311,18 @@ pub fn graph(kind: OpKind) -> Result<Graph, TypeError> {
             e.g.add_output("v", OutputKind::Data, v);
             e.out(q)
         }
+        OpKind::LinearPostRmsNorm => {
+            let x = e.x("x", &[1, 1, 8])?;
+            let ws = e.gemv_weights(1)?;
+            let w = e.weight("norm", DType::F32, &[6])?;
+            let eps = e.scalar(1e-6)?;
+            let r = e.x("r", &[1, 1, 6])?;
+            let y = e.op(
+                Op::Fused(FusedOp::LinearPostRmsNorm),
+                &[x, ws[0], w, eps, r],
+            )?;
+            e.out(y)
+        }
         OpKind::PostRmsNorm => {
             let [x, w, eps] = e.norm_operands()?;
             let r = e.x("r", &[1, 1, 8])?;

@@ -185,6 +185,17 @@ pub(crate) fn infer(op: FusedOp, t: &[&TensorType]) -> R<Type> {
             }
             Ok(Type::Tensor(y))
         }
+        FusedOp::LinearPostRmsNorm => {
+            let y = linear(t[0], t[1])?;
+            norm(&y, t[2], t[3])?;
+            if &y != t[4] {
+                return Err(format!(
+                    "residual {} does not match the GEMV result {y}",
+                    t[4]
+                ));
+            }
+            Ok(Type::Tensor(y))
+        }
         FusedOp::Attention => {
             let (q, k, v, scale, mask) = (t[0], t[1], t[2], t[3], t[4]);
             gqa(q, k)?;

@@ -206,6 +206,7 @@ pub fn op_from_parts(
         OpKind::RmsNormSwiglu => Op::Fused(FusedOp::RmsNormSwiglu),
         OpKind::LinearAdd => Op::Fused(FusedOp::LinearAdd),
         OpKind::LinearScaleAdd => Op::Fused(FusedOp::LinearScaleAdd),
+        OpKind::LinearPostRmsNorm => Op::Fused(FusedOp::LinearPostRmsNorm),
         OpKind::Attention => Op::Fused(FusedOp::Attention),
         OpKind::DecodeAttention => Op::Fused(FusedOp::DecodeAttention),
     };

@@ -229,6 +229,8 @@ op_table! {
     LinearAdd = "fused.linear_add", Exactly(3), [Act, W, Act], None, Kernel(Gemv), [];
     LinearScaleAdd = "fused.linear_scale_add", Exactly(4), [Act, W, Sc, Act], None,
         Kernel(Gemv), [];
+    LinearPostRmsNorm = "fused.linear_post_rms_norm", Exactly(5), [Act, W, NormW, Sc, Act],
+        None, Kernel(Gemv), [];
     Attention = "fused.attention", Exactly(5), [Act, Act, Act, Sc, Mask], None,
         Kernel(Attention), [];
     DecodeAttention = "fused.decode_attention", AtLeast(9),
@@ -373,6 +375,7 @@ impl FusedOp {
             FusedOp::RmsNormSwiglu => OpKind::RmsNormSwiglu,
             FusedOp::LinearAdd => OpKind::LinearAdd,
             FusedOp::LinearScaleAdd => OpKind::LinearScaleAdd,
+            FusedOp::LinearPostRmsNorm => OpKind::LinearPostRmsNorm,
             FusedOp::Attention => OpKind::Attention,
             FusedOp::DecodeAttention => OpKind::DecodeAttention,
         }
