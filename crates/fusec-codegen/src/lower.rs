@@ -536,7 +536,8 @@ impl Lower<'_> {
         })
     }
 
-    /// The shared split-KV workspace, grown to hold `floats` partials and `tickets`.
+    /// The shared workspace (split-KV attention's partials and tickets, the post-norm
+    /// GEMV's ticket), grown to hold `floats` partials and `tickets`.
     fn workspace(&mut self, floats: u64, tickets: u64) -> (View, View) {
         let (f, t) = match self.workspace {
             Some(w) => w,
