@@ -323,3 +323,50 @@ fn the_published_configurations_round_trip_through_the_text_form() {
         }
     }
 }
+
+/// `fusec compile --context 11` predicts what `fusec run` measures over 21 steps (S =
+/// 0..20 average to S = 10): launches and bytes per step, eager and fused, so the new
+/// kernels are counted alike by the cost model and the CPU executor.
+#[test]
+fn compile_predicts_what_run_measures() {
+    for (fixture, name) in [(OLMO2, "olmo2"), (GRANITE, "granite")] {
+        let dir = scratch(&format!("families-predict-{name}"));
+        let model = root().join(fixture);
+        for (variant, extra) in [("eager", &["--no-fuse"][..]), ("fused", &[][..])] {
+            let report = dir.join(format!("compile-{variant}.json"));
+            ok(&[
+                "compile",
+                path_str(&model),
+                "--context",
+                "11",
+                "--out",
+                path_str(&dir),
+                "--report-json",
+                path_str(&report),
+            ]);
+            let p = &read_json(&report)[variant];
+            let out = dir.join(format!("run-{variant}.json"));
+            let mut args = vec![
+                "run",
+                path_str(&model),
+                "--prompt",
+                "1,17,42,99,7",
+                "--tokens",
+                "17",
+                "--json",
+                path_str(&out),
+            ];
+            args.extend_from_slice(extra);
+            ok(&args);
+            let stats = &read_json(&out)["stats"];
+            assert_eq!(stats["steps"], 21, "{name} {variant}");
+            assert_eq!(
+                stats["launches_per_step"], p["launches_total"],
+                "{name} {variant}"
+            );
+            let bytes = p["bytes_read"].as_u64().expect("bytes")
+                + p["bytes_written"].as_u64().expect("bytes");
+            assert_eq!(stats["bytes_per_step"], bytes, "{name} {variant}");
+        }
+    }
+}
