@@ -240,13 +240,21 @@ fn paths(code: &str) -> Vec<(bool, Vec<String>)> {
             let len = tail
                 .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == ':'))
                 .unwrap_or(tail.len());
-            let path: Vec<String> = tail[..len]
-                .split("::")
-                .filter(|s| !s.is_empty())
-                .map(str::to_string)
-                .collect();
-            out.push((false, path));
-            rest = &rest[at + start.len()..];
+            // Only whole paths: not the `super::` inside `super::super::x`, and not the
+            // head of a `use` group (`crate::{a, b}`), which the `use` pass expands.
+            let whole = rest[..at]
+                .chars()
+                .last()
+                .is_none_or(|c| !(c.is_alphanumeric() || c == '_' || c == ':'));
+            if whole && !tail[..len].ends_with("::") {
+                let path: Vec<String> = tail[..len]
+                    .split("::")
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect();
+                out.push((false, path));
+            }
+            rest = &rest[at + len.max(start.len())..];
         }
     }
     out
@@ -294,7 +302,7 @@ fn absolute(
 fn resolve(
     path: &[String],
     modules: &BTreeMap<Vec<String>, PathBuf>,
-    reexports: &HashMap<Vec<String>, HashMap<String, Vec<String>>>,
+    reexports: &HashMap<Vec<String>, HashMap<String, Option<Vec<String>>>>,
     depth: usize,
 ) -> Option<Vec<String>> {
     let mut k = path.len();
@@ -305,6 +313,8 @@ fn resolve(
     if depth < 8 {
         if let Some(next) = path.get(k) {
             if let Some(target) = reexports.get(&module).and_then(|r| r.get(next)) {
+                // A re-export of another crate's item is not an import of this file.
+                let target = target.as_ref()?;
                 let mut full = target.clone();
                 full.extend(path[k + 1..].iter().cloned());
                 if let Some(m) = resolve(&full, modules, reexports, depth + 1) {
@@ -319,7 +329,9 @@ fn resolve(
 fn circles_in(src: &Path) -> Vec<String> {
     let modules = modules(src);
     let mut uses: HashMap<Vec<String>, Vec<(bool, Vec<String>)>> = HashMap::new();
-    let mut reexports: HashMap<Vec<String>, HashMap<String, Vec<String>>> = HashMap::new();
+    // By module, the names it re-exports: what they name here, or `None` for another
+    // crate's item.
+    let mut reexports: HashMap<Vec<String>, HashMap<String, Option<Vec<String>>>> = HashMap::new();
     for (module, file) in &modules {
         let text = fs::read_to_string(file).expect("source");
         // Unit-test modules see their file through `super::*`; they are not imports.
@@ -327,15 +339,15 @@ fn circles_in(src: &Path) -> Vec<String> {
         let mut resolved = Vec::new();
         for (public, p) in paths(&code_only(&text)) {
             let abs = absolute(module, &p, &modules);
-            if let Some(abs) = abs {
-                if public {
-                    if let Some(last) = abs.last() {
-                        reexports
-                            .entry(module.clone())
-                            .or_default()
-                            .insert(last.clone(), abs.clone());
-                    }
+            if public {
+                if let Some(last) = p.last() {
+                    reexports
+                        .entry(module.clone())
+                        .or_default()
+                        .insert(last.clone(), abs.clone());
                 }
+            }
+            if let Some(abs) = abs {
                 resolved.push((public, abs));
             }
         }
@@ -371,7 +383,22 @@ fn circles_in(src: &Path) -> Vec<String> {
                 })
                 .collect();
             files.sort();
-            files.join(" -> ")
+            // The imports inside the circle, so that the one to cut can be chosen.
+            let name = |n| {
+                modules[&graph[n]]
+                    .strip_prefix(src)
+                    .unwrap_or(&modules[&graph[n]])
+                    .display()
+                    .to_string()
+            };
+            let mut inside: Vec<String> = graph
+                .edge_indices()
+                .filter_map(|e| graph.edge_endpoints(e))
+                .filter(|(a, b)| scc.contains(a) && scc.contains(b))
+                .map(|(a, b)| format!("{} imports {}", name(a), name(b)))
+                .collect();
+            inside.sort();
+            format!("{}\n    {}", files.join(" -> "), inside.join("\n    "))
         })
         .collect()
 }
@@ -413,7 +440,33 @@ fn the_checker_finds_a_circle() {
     )
     .expect("write");
     let circles = circles_in(src);
-    assert_eq!(circles, ["a.rs -> b.rs -> c.rs"], "{circles:?}");
+    assert_eq!(
+        circles,
+        ["a.rs -> b.rs -> c.rs\n    a.rs imports b.rs\n    b.rs imports c.rs\n    c.rs imports a.rs"],
+        "{circles:?}"
+    );
     fs::write(src.join("c.rs"), "pub fn g() {}\n").expect("write");
     assert!(circles_in(src).is_empty());
+    // A path through the root's re-export of another crate does not import the root.
+    fs::write(
+        src.join("lib.rs"),
+        "mod a;\nmod b;\nmod c;\npub use other::rounding;\nuse a::A;\n",
+    )
+    .expect("write");
+    fs::write(
+        src.join("a.rs"),
+        "use crate::rounding::round;\npub struct A;\n",
+    )
+    .expect("write");
+    assert!(circles_in(src).is_empty(), "{:?}", circles_in(src));
+    // `super::super::x` names the grandparent's `x`, not the parent; a `use` group's
+    // head (`crate::{a, b}`) names the items, not the root.
+    fs::create_dir(src.join("a")).expect("mkdir");
+    fs::write(src.join("a.rs"), "mod inner;\npub use inner::I;\n").expect("write");
+    fs::write(
+        src.join("a/inner.rs"),
+        "use super::super::b::B;\nuse crate::{b, c};\npub struct I;\n",
+    )
+    .expect("write");
+    assert!(circles_in(src).is_empty(), "{:?}", circles_in(src));
 }

@@ -126,6 +126,18 @@ pub(crate) enum Epilogue<'a> {
     Swiglu,
     /// One weight: `r + x W^T`.
     Residual(&'a View),
+    /// One weight: `r + c * (x W^T)`, each step rounded to the dtype.
+    ScaledResidual(&'a View, f32),
+    /// One weight: `r + to(T)(w * (y * rsqrt(mean(y^2) + eps)))` of the rounded
+    /// result `y` (OLMo 2's post-norm). The norm needs the whole result: every block
+    /// writes its rows, and the block that finishes last, known by an atomic ticket,
+    /// normalises them in place and resets the ticket.
+    PostNorm {
+        weight: &'a View,
+        eps: f32,
+        residual: &'a View,
+        ticket: &'a View,
+    },
 }
 
 /// A GEMV node's operands.
@@ -242,6 +254,17 @@ pub(crate) trait KernelEmitter {
         x: &View,
         weight: &View,
         eps: f32,
+        out: &View,
+        cx: Ctx<'_, '_>,
+    ) -> Result<KernelCode, String>;
+    /// `Olmo2RMSNorm` (the weight applied in f32 before the cast), then `+ residual`
+    /// when there is one.
+    fn post_rms_norm(
+        &self,
+        x: &View,
+        weight: &View,
+        eps: f32,
+        residual: Option<&View>,
         out: &View,
         cx: Ctx<'_, '_>,
     ) -> Result<KernelCode, String>;

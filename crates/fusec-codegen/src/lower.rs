@@ -396,11 +396,28 @@ impl Lower<'_> {
                 FusedOp::RmsNorm => {
                     view(0).and_then(|x| e.rms_norm(x, view(1)?, scalar(2)?, out0, cx!()))
                 }
+                FusedOp::PostRmsNorm => view(0).and_then(|x| {
+                    let residual = match ops.get(3) {
+                        Some(_) => Some(view(3)?),
+                        None => None,
+                    };
+                    e.post_rms_norm(x, view(1)?, scalar(2)?, residual, out0, cx!())
+                }),
                 FusedOp::RmsNormLinear => view(0).and_then(|x| {
                     let g = Gemv {
                         x,
                         norm: Some((view(1)?, scalar(2)?)),
                         weights: ops[3..].iter().collect(),
+                        epilogue: Epilogue::Plain,
+                        outs: &outs,
+                    };
+                    e.gemv(&g, cx!())
+                }),
+                FusedOp::MultiLinear => view(0).and_then(|x| {
+                    let g = Gemv {
+                        x,
+                        norm: None,
+                        weights: ops[1..].iter().collect(),
                         epilogue: Epilogue::Plain,
                         outs: &outs,
                     };
@@ -436,6 +453,34 @@ impl Lower<'_> {
                     };
                     e.gemv(&g, cx!())
                 }),
+                FusedOp::LinearScaleAdd => view(0).and_then(|x| {
+                    let g = Gemv {
+                        x,
+                        norm: None,
+                        weights: vec![&ops[1]],
+                        epilogue: Epilogue::ScaledResidual(view(3)?, scalar(2)?),
+                        outs: &outs,
+                    };
+                    e.gemv(&g, cx!())
+                }),
+                FusedOp::LinearPostRmsNorm => {
+                    let (_, ticket) = self.workspace(0, 1);
+                    view(0).and_then(|x| {
+                        let g = Gemv {
+                            x,
+                            norm: None,
+                            weights: vec![&ops[1]],
+                            epilogue: Epilogue::PostNorm {
+                                weight: view(2)?,
+                                eps: scalar(3)?,
+                                residual: view(4)?,
+                                ticket: &ticket,
+                            },
+                            outs: &outs,
+                        };
+                        e.gemv(&g, cx!())
+                    })
+                }
                 FusedOp::Attention | FusedOp::DecodeAttention => {
                     let built = (|| -> Result<Attention<'_>, String> {
                         let dec = if *f == FusedOp::DecodeAttention {
@@ -514,7 +559,8 @@ impl Lower<'_> {
         })
     }
 
-    /// The shared split-KV workspace, grown to hold `floats` partials and `tickets`.
+    /// The shared workspace (split-KV attention's partials and tickets, the post-norm
+    /// GEMV's ticket), grown to hold `floats` partials and `tickets`.
     fn workspace(&mut self, floats: u64, tickets: u64) -> (View, View) {
         let (f, t) = match self.workspace {
             Some(w) => w,

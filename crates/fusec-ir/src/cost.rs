@@ -185,6 +185,7 @@ fn fused_flops(
         FusedOp::KvAppend => 0,
         FusedOp::Rope => 3 * n_out,
         FusedOp::RmsNorm => 5 * n_out,
+        FusedOp::PostRmsNorm => (5 + operands.len().saturating_sub(3) as u64) * n_out,
         FusedOp::RmsNormLinear => {
             let mut total = 4 * n_in0;
             for w in &operands[3..] {
@@ -192,9 +193,18 @@ fn fused_flops(
             }
             total
         }
+        FusedOp::MultiLinear => {
+            let mut total = 0;
+            for w in &operands[1..] {
+                total += gemv(w)?;
+            }
+            total
+        }
         FusedOp::Swiglu => gemv(operands[1])? + gemv(operands[2])? + 8 * n_out,
         FusedOp::RmsNormSwiglu => 4 * n_in0 + gemv(operands[3])? + gemv(operands[4])? + 8 * n_out,
         FusedOp::LinearAdd => gemv(operands[1])? + n_out,
+        FusedOp::LinearScaleAdd => gemv(operands[1])? + 2 * n_out,
+        FusedOp::LinearPostRmsNorm => gemv(operands[1])? + 6 * n_out,
         FusedOp::Attention | FusedOp::DecodeAttention => {
             let (k, extra) = if f == FusedOp::Attention {
                 (operands[1], 0)

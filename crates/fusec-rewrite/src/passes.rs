@@ -6,7 +6,8 @@
 //!   and both updated caches. The KV write is a side effect of the kernel, so it is
 //!   done here, in a pass over the ordered graph, not by a rule in the e-graph.
 //! - `merge-gemv`: GEMVs with the same normalised input (`q`, `k`, `v`) become one
-//!   kernel with several weights and a tuple result.
+//!   kernel with several weights and a tuple result; so do plain GEMVs with the same
+//!   input (`fused.multi_linear`).
 
 use std::collections::BTreeMap;
 
@@ -127,15 +128,32 @@ pub fn merge_gemv(graph: &mut Graph) -> Result<usize, PassError> {
             }
         }
     }
+    // Plain GEMVs, grouped by their input (OLMo 2's q, k and v read the residual
+    // stream, with no norm to share): they become one `fused.multi_linear`.
+    let mut plain: BTreeMap<NodeId, Vec<NodeId>> = BTreeMap::new();
+    for n in graph.node_ids().collect::<Vec<_>>() {
+        if graph.op(n) == &Op::Linear {
+            plain.entry(graph.operands(n)[0]).or_default().push(n);
+        }
+    }
     let mut removed = 0;
-    for (prologue, members) in groups {
+    let normed = groups.into_iter().map(|(prologue, members)| {
+        let weights: Vec<NodeId> = members.iter().map(|&m| graph.operands(m)[3]).collect();
+        (FusedOp::RmsNormLinear, prologue, weights, members)
+    });
+    let plain = plain.into_iter().map(|(x, members)| {
+        let weights: Vec<NodeId> = members.iter().map(|&m| graph.operands(m)[1]).collect();
+        (FusedOp::MultiLinear, vec![x], weights, members)
+    });
+    let merges: Vec<_> = normed.chain(plain).collect();
+    for (op, prologue, weights, members) in merges {
         if members.len() < 2 {
             continue;
         }
-        let mut operands = prologue.clone();
-        operands.extend(members.iter().map(|&m| graph.operands(m)[3]));
+        let mut operands = prologue;
+        operands.extend(weights);
         let new = graph
-            .add(Op::Fused(FusedOp::RmsNormLinear), &operands)
+            .add(Op::Fused(op), &operands)
             .map_err(|source| PassError::Fused {
                 pass: "merge-gemv",
                 source,

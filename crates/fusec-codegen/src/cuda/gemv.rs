@@ -245,6 +245,15 @@ pub(crate) fn gemv(
         base += rows;
     }
     let _ = writeln!(b, "  }}");
+    if let Epilogue::PostNorm {
+        weight,
+        eps,
+        residual,
+        ticket,
+    } = g.epilogue
+    {
+        post_norm_tail(&mut b, params, g, weight, eps, residual, ticket, total, t)?;
+    }
 
     // As many rows per warp as keep the grid within target_blocks, then just enough
     // blocks that every warp gets that many: a partial last round of rows would leave
@@ -256,6 +265,8 @@ pub(crate) fn gemv(
         family: match g.epilogue {
             Epilogue::Swiglu => "gemv_swiglu",
             Epilogue::Residual(_) => "gemv_add",
+            Epilogue::ScaledResidual(..) => "gemv_scale_add",
+            Epilogue::PostNorm { .. } => "gemv_post_norm",
             Epilogue::Plain => "gemv",
         },
         body: b,
@@ -268,6 +279,75 @@ pub(crate) fn gemv(
             0
         },
     })
+}
+
+/// The post-norm after the rows: every block has written its rounded results; the one
+/// that finishes last (an atomic ticket, as split-KV attention combines its partials)
+/// reads the whole rows back (`__ldcg`, past the L1 cache, as split-KV reads its
+/// partials), normalises them as `Olmo2RMSNorm` does, adds the
+/// residual, and resets the ticket, so one launch does the op and the workspace is
+/// left as found.
+#[allow(clippy::too_many_arguments)]
+fn post_norm_tail(
+    b: &mut String,
+    params: &mut Params,
+    g: &Gemv<'_>,
+    weight: &View,
+    eps: f32,
+    residual: &View,
+    ticket: &View,
+    n_out: u64,
+    t: DType,
+) -> Result<(), String> {
+    let tc = ctype(t);
+    let o = g.outs.first().ok_or("a GEMV output")?;
+    let po = params.bind(o, Access::Write);
+    let pr = params.bind(residual, Access::Read);
+    let pw = params.bind(weight, Access::Read);
+    let pt = params.bind(ticket, Access::ReadWrite);
+    let at = |p: &str, v: &View| -> Result<String, String> {
+        Ok(format!(
+            "{p}[{} + (long long)n * {}LL]",
+            row_offset(v, "m")?,
+            v.strides[v.rank() - 1]
+        ))
+    };
+    let (oy, rv) = (at(&po, o)?, at(&pr, residual)?);
+    let wv = format!(
+        "fu_f32({pw}[{}LL + (long long)n * {}LL])",
+        weight.offset, weight.strides[0]
+    );
+    let _ = writeln!(b, "  __shared__ int fu_last;");
+    let _ = writeln!(b, "  __threadfence();");
+    let _ = writeln!(b, "  __syncthreads();");
+    let _ = writeln!(
+        b,
+        "  if (threadIdx.x == 0) fu_last = atomicAdd({pt} + {}, 1) == (int)gridDim.x - 1;",
+        ticket.offset
+    );
+    let _ = writeln!(b, "  __syncthreads();");
+    let _ = writeln!(b, "  if (fu_last) {{");
+    let _ = writeln!(b, "    __threadfence();");
+    let _ = writeln!(b, "    for (int m = 0; m < M; ++m) {{");
+    let _ = writeln!(b, "      float ss = 0.0f;");
+    let _ = writeln!(
+        b,
+        "      for (int n = threadIdx.x; n < {n_out}; n += blockDim.x) {{ const float v = fu_f32(__ldcg(&{oy})); ss += v * v; }}"
+    );
+    let _ = writeln!(
+        b,
+        "      const float inv = fu_rsqrt(fu_block_sum(ss) / (float){n_out} + {});",
+        flit(eps)
+    );
+    let _ = writeln!(
+        b,
+        "      for (int n = threadIdx.x; n < {n_out}; n += blockDim.x) {oy} = fu_from<{tc}>(fu_f32({rv}) + fu_round<{tc}>(__fmul_rn({wv}, fu_f32(__ldcg(&{oy})) * inv)));"
+    );
+    let _ = writeln!(b, "      __syncthreads();");
+    let _ = writeln!(b, "    }}");
+    let _ = writeln!(b, "    if (threadIdx.x == 0) {pt}[{}] = 0;", ticket.offset);
+    let _ = writeln!(b, "  }}");
+    Ok(())
 }
 
 /// The dtype of the GEMV's results.
@@ -415,7 +495,7 @@ fn epilogue(
         ))
     };
     match g.epilogue {
-        Epilogue::Plain => {
+        Epilogue::Plain | Epilogue::PostNorm { .. } => {
             let o = g.outs.get(group).ok_or("a GEMV output per weight")?;
             let _ = writeln!(b, "          {} = fu_from<{tc}>(y0);", out_at(params, o)?);
         }
@@ -443,6 +523,22 @@ fn epilogue(
             let _ = writeln!(
                 b,
                 "          {} = fu_from<{tc}>({rv} + fu_round<{tc}>(y0));",
+                out_at(params, o)?
+            );
+        }
+        Epilogue::ScaledResidual(res, c) => {
+            let o = g.outs.first().ok_or("a GEMV output")?;
+            let pr = params.bind(res, Access::Read);
+            let rr = res.rank();
+            let rv = format!(
+                "fu_f32({pr}[{} + (long long)n * {}LL])",
+                row_offset(res, "m")?,
+                res.strides[rr - 1]
+            );
+            let c = flit(c);
+            let _ = writeln!(
+                b,
+                "          {} = fu_from<{tc}>({rv} + fu_round<{tc}>(__fmul_rn(fu_round<{tc}>(y0), {c})));",
                 out_at(params, o)?
             );
         }

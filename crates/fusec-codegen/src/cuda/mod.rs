@@ -312,6 +312,18 @@ impl KernelEmitter for Cuda {
         norm::rms_norm(x, weight, eps, out, cx.params, cx.decode, cx.opts)
     }
 
+    fn post_rms_norm(
+        &self,
+        x: &View,
+        weight: &View,
+        eps: f32,
+        residual: Option<&View>,
+        out: &View,
+        cx: Ctx<'_, '_>,
+    ) -> Result<KernelCode, String> {
+        norm::post_rms_norm(x, weight, eps, residual, out, cx.params, cx.decode, cx.opts)
+    }
+
     fn rope(
         &self,
         x: &View,

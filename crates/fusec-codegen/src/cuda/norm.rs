@@ -67,6 +67,75 @@ pub(crate) fn rms_norm(
     })
 }
 
+/// `[r +] to(T)(w * (x * rsqrt(mean(x^2) + eps)))`, one block per row, as transformers'
+/// `Olmo2RMSNorm` (models/olmo2/modeling_olmo2.py) with the residual add of OLMo 2's
+/// post-norm layer: the weight multiplies the f32 values, and the product is rounded
+/// once. `__fmul_rn` keeps the product from contracting into the add.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn post_rms_norm(
+    x: &View,
+    w: &View,
+    eps: f32,
+    residual: Option<&View>,
+    out: &View,
+    params: &mut Params,
+    decode: &DecodeShape,
+    opts: &Options,
+) -> Result<KernelCode, String> {
+    let r = x.rank();
+    if r == 0 || w.rank() != 1 {
+        return Err("post_rms_norm needs x [.., D] and w [D]".into());
+    }
+    let d = x.dims[r - 1];
+    let t = ctype(out.dtype);
+    let px = params.bind(x, Access::Read);
+    let pw = params.bind(w, Access::Read);
+    let pr = residual.map(|res| params.bind(res, Access::Read));
+    let po = params.bind(out, Access::Write);
+    let outer = &x.dims[..r - 1];
+    let (split, mut coords) = decompose(outer, "r", "c", "    ");
+    coords.push("j".into());
+    let xv = load(&px, x, &coords);
+    let wv = load(&pw, w, &["j".to_string()]);
+    let normed = format!("fu_round<{t}>(__fmul_rn({wv}, {xv} * inv))");
+    let value = match (residual, &pr) {
+        (Some(res), Some(pr)) => format!("{} + {normed}", load(pr, res, &coords)),
+        _ => normed,
+    };
+    let mut body = String::new();
+    let _ = writeln!(body, "  const long long rows = {};", numel(outer));
+    let _ = writeln!(body, "  const long long len = {};", d.c());
+    let _ = writeln!(
+        body,
+        "  for (long long r = blockIdx.x; r < rows; r += gridDim.x) {{"
+    );
+    body.push_str(&split);
+    let _ = writeln!(body, "    float ss = 0.0f;");
+    let _ = writeln!(body, "    for (long long j = threadIdx.x; j < len; j += blockDim.x) {{ const float v = {xv}; ss += v * v; }}");
+    let _ = writeln!(
+        body,
+        "    const float inv = fu_rsqrt(fu_block_sum(ss) / (float)len + {});",
+        flit(eps)
+    );
+    let _ = writeln!(
+        body,
+        "    for (long long j = threadIdx.x; j < len; j += blockDim.x) {} = fu_from<{t}>({value});",
+        at(&po, out, &coords)
+    );
+    body.push_str("  }\n");
+    Ok(KernelCode {
+        family: if residual.is_some() {
+            "post_rms_norm_add"
+        } else {
+            "post_rms_norm"
+        },
+        body,
+        grid: [grid_for(numel_capacity(outer, decode), 1, opts), 1, 1],
+        block: row_threads(d.capacity(decode), opts),
+        shared: 0,
+    })
+}
+
 /// `x * cos + rotate_half(x) * sin` with the half-split layout, each product rounded
 /// to the dtype as the eager `mul`s are.
 pub(crate) fn rope(

@@ -164,7 +164,7 @@ inline void __syncthreads() { emu::wait(emu::block_bar); }
 inline void __threadfence() {}
 inline int atomicAdd(int* p, int v) { const int old = *p; *p = old + v; return old; }
 template <class T> inline T __ldg(const T* p) { return *p; }
-template <class T> inline T __ldcg(const T* p) { return *(const volatile T*)p; }
+template <class T> inline T __ldcg(const T* p) { T v; std::memcpy(&v, (const void*)p, sizeof(T)); return v; }
 
 template <class T> inline T __shfl_xor_sync(unsigned, T v, int o) {
   const unsigned lane = emu::current->t.lane, base = emu::current->t.warp * 32;
@@ -180,6 +180,8 @@ template <class T> inline T __shfl_xor_sync(unsigned, T v, int o) {
   return out;
 }
 
+// A product rounded once, never contracted into an FMA (CUDA's `__fmul_rn`).
+inline float __fmul_rn(float a, float b) { volatile float p = a * b; return p; }
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline int __float2int_rz(float x) {
   if (x != x) return 0;

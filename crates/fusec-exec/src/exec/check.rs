@@ -3,8 +3,8 @@
 use fusec_ir::shape::{Bindings, Shape};
 use fusec_ir::{TensorType, Type};
 
+use super::executor::{node_error, Planned};
 use super::value::Value;
-use super::{node_error, Planned};
 use crate::error::Error;
 use crate::kernels::KernelError;
 use crate::tensor::Tensor;

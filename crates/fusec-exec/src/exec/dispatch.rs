@@ -8,9 +8,9 @@ use fusec_ir::shape::Bindings;
 use fusec_ir::{FusedOp, Op};
 
 use super::check::{describe, matches_type};
+use super::executor::{node_error, Planned};
 use super::plan::dims;
 use super::value::{StepInputs, Value};
-use super::{node_error, Planned};
 use crate::error::Error;
 use crate::kernels::attention::{self, Caches};
 use crate::kernels::elementwise::Arg;
@@ -324,6 +324,28 @@ pub(super) fn dispatch(
                 };
                 Ok(done(value, true))
             }
+            FusedOp::MultiLinear => {
+                let n = ops.len().saturating_sub(1);
+                // The weights on the stack when they fit, as for `rms_norm_linear`.
+                let heap;
+                let mut inline;
+                let ws: &[GemvWeight<'_>] = if n == 0 {
+                    &[]
+                } else if n <= MAX_INLINE_OPERANDS {
+                    inline = [gemv_w(1)?; MAX_INLINE_OPERANDS];
+                    for (i, w) in inline.iter_mut().enumerate().take(n).skip(1) {
+                        *w = gemv_w(1 + i)?;
+                    }
+                    &inline[..n]
+                } else {
+                    heap = (1..ops.len())
+                        .map(gemv_w)
+                        .collect::<Result<Vec<_>, Error>>()?;
+                    &heap
+                };
+                let outs = fused::multi_linear(&*t(0)?, ws).map_err(kernel)?;
+                Ok(done(Value::Tuple(outs), true))
+            }
             FusedOp::Swiglu => launch(fused::swiglu(&*t(0)?, gemv_w(1)?, gemv_w(2)?)),
             FusedOp::RmsNormSwiglu => launch(fused::rms_norm_swiglu(
                 &*t(0)?,
@@ -332,7 +354,32 @@ pub(super) fn dispatch(
                 gemv_w(3)?,
                 gemv_w(4)?,
             )),
+            FusedOp::PostRmsNorm => {
+                let residual = match ops.len() {
+                    3 => None,
+                    _ => Some(t(3)?),
+                };
+                launch(fused::post_rms_norm(
+                    &*t(0)?,
+                    &*t(1)?,
+                    scalar(2)?,
+                    residual.as_deref(),
+                ))
+            }
+            FusedOp::LinearPostRmsNorm => launch(fused::linear_post_rms_norm(
+                &*t(0)?,
+                gemv_w(1)?,
+                &*t(2)?,
+                scalar(3)?,
+                &*t(4)?,
+            )),
             FusedOp::LinearAdd => launch(fused::linear_add(&*t(0)?, gemv_w(1)?, &*t(2)?)),
+            FusedOp::LinearScaleAdd => launch(fused::linear_scale_add(
+                &*t(0)?,
+                gemv_w(1)?,
+                scalar(2)?,
+                &*t(3)?,
+            )),
             FusedOp::Rope => launch(fused::rope(&*t(0)?, &*t(1)?, &*t(2)?)),
             FusedOp::Attention => launch(attention::attention(
                 &*t(0)?,

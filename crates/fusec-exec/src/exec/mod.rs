@@ -44,100 +44,14 @@
 
 mod check;
 mod dispatch;
+mod executor;
 mod packing;
 mod plan;
 mod run;
 mod traffic;
 mod value;
 
-use std::collections::HashMap;
-use std::sync::Arc;
-
-use fusec_ir::{Graph, NodeId, Op, OperandRole, OutputKind, Type};
-
-use crate::error::Error;
-use crate::kernels::KernelError;
-use crate::tensor::Tensor;
-
+pub use executor::Executor;
 pub(crate) use plan::dims;
 pub(crate) use value::recycle;
 pub use value::{RunOutput, StepInputs, Value};
-
-/// The operand positions of an op that it appends to in place.
-fn in_place_operands(op: &Op) -> impl Iterator<Item = usize> + '_ {
-    op.in_place().map(|(operand, _)| operand)
-}
-
-/// Whether operand `i` of `op` is read only as a GEMV weight (or as the stored values
-/// of a quantized one), so that its weight may be bound in compact storage.
-fn is_gemv_weight_operand(op: &Op, i: usize) -> bool {
-    op.operand_role(i).is_some_and(OperandRole::is_gemv_weight)
-}
-
-/// One node of the plan.
-#[derive(Debug)]
-struct Planned {
-    id: NodeId,
-    /// The position in the canonical order: the value's `%N` in the text form.
-    number: usize,
-    op: Op,
-    layer: Option<u32>,
-    ty: Type,
-    /// Slots (plan positions) of the operands, in order.
-    operands: Vec<usize>,
-    /// Slots whose last use is this node: freed once it has run.
-    free: Vec<usize>,
-    /// Operand positions appended to in place whose last use is this node: their
-    /// values are moved into the kernel (see the module documentation).
-    owned: Vec<usize>,
-    /// Whether this is an `input` or `state` leaf, whose value lives until the end of
-    /// the step.
-    is_input: bool,
-    /// For an `input` or `state` leaf, its position among the graph's inputs (the
-    /// order of `Graph::inputs`), by which [`StepInputs`] finds it.
-    input: Option<usize>,
-    /// The value of a leaf bound when the executor is built (weights, constants).
-    bound: Option<Value>,
-}
-
-/// Runs one graph on the CPU, step after step. See the module documentation.
-#[derive(Debug)]
-pub struct Executor {
-    graph: Graph,
-    plan: Vec<Planned>,
-    outputs: Vec<(Arc<str>, OutputKind, usize)>,
-    /// The graph's inputs in the order of `Graph::inputs`, and their positions by name.
-    input_names: Vec<Arc<str>>,
-    input_index: HashMap<String, usize>,
-    /// Reused across steps so a step allocates no slot table.
-    slots: Vec<Option<Value>>,
-    /// The per-node operand lists, kept empty between nodes and steps so that a step
-    /// allocates none (see [`reuse_refs`]).
-    spare_args: Vec<Option<&'static Value>>,
-    spare_owned: Vec<Option<Tensor>>,
-}
-
-fn node_error(node: &Planned, source: KernelError) -> Error {
-    Error::Node {
-        node: node.number,
-        op: node.op.to_string(),
-        source,
-    }
-}
-
-impl Executor {
-    pub fn graph(&self) -> &Graph {
-        &self.graph
-    }
-
-    /// The graph's inputs, in the order of `Graph::inputs`: the positions by which a
-    /// `Vec<Option<Tensor>>` gives them to [`Executor::run_into`].
-    pub fn input_names(&self) -> &[Arc<str>] {
-        &self.input_names
-    }
-
-    /// The position of the input called `name` among the graph's inputs.
-    pub fn input_index(&self, name: &str) -> Option<usize> {
-        self.input_index.get(name).copied()
-    }
-}

@@ -1,7 +1,7 @@
 //! The bound GEMV weights in compact storage, packed end to end on huge pages.
 
+use super::executor::{is_gemv_weight_operand, Planned};
 use super::value::Value;
-use super::{is_gemv_weight_operand, Planned};
 use crate::tensor::{Buffer, Tensor};
 use crate::{hugepages, pack};
 

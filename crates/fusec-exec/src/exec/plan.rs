@@ -7,9 +7,9 @@ use fusec_ir::shape::{Bindings, Shape};
 use fusec_ir::{verify, Graph, NodeId, Op, OutputKind};
 use fusec_weights::Weights;
 
+use super::executor::{in_place_operands, node_error, Executor, Planned};
 use super::packing::compact_gemv_weights;
 use super::value::Value;
-use super::{in_place_operands, node_error, Executor, Planned};
 use crate::error::Error;
 use crate::kernels::constant;
 use crate::rounding;

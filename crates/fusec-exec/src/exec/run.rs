@@ -10,9 +10,9 @@ use fusec_ir::Op;
 
 use super::check::check_result;
 use super::dispatch::{dispatch, Operands};
+use super::executor::Executor;
 use super::traffic::read_bytes;
 use super::value::{recycle, RunOutput, StepInputs, Value};
-use super::Executor;
 use crate::error::Error;
 use crate::profile::{NodeStats, StepStats};
 use crate::team;
@@ -57,7 +57,7 @@ impl Executor {
         out: &mut RunOutput,
     ) -> Result<(), Error> {
         out.clear();
-        if let Some(extra) = inputs.unknown_input(self) {
+        if let Some(extra) = inputs.unknown_input(&self.input_names) {
             return Err(Error::BadInput {
                 name: extra,
                 message: "not an input of the graph".into(),

@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use fusec_ir::OutputKind;
 
-use super::Executor;
 use crate::kernels::gemv::QuantWeight;
 use crate::profile::StepStats;
 use crate::tensor::Tensor;
@@ -48,7 +47,7 @@ impl Value {
 
 /// The graph's outputs after one step, with the step's measurements.
 ///
-/// Kept from step to step and handed to [`Executor::run_into`], it keeps the capacity
+/// Kept from step to step and handed to [`Executor::run_into`](crate::Executor::run_into), it keeps the capacity
 /// of its lists, so that a steady-state step allocates none. A caller may drain
 /// `outputs` to keep values, and give those it is done with back through
 /// [`Value::recycle`]; whatever it leaves there goes back to the buffer pool at the
@@ -89,7 +88,7 @@ impl RunOutput {
 
 /// Where a step's `input` and `state` leaves come from: the executor takes each one
 /// out by its position among the graph's inputs (the order of `Graph::inputs`, see
-/// [`Executor::input_index`]) or by name, and puts them back if the step fails.
+/// [`Executor::input_index`](crate::Executor::input_index)) or by name, and puts them back if the step fails.
 ///
 /// A map by name (`HashMap<String, Tensor>`) is the simple form; a vector indexed by
 /// position (`Vec<Option<Tensor>>`) is what a decode loop keeps from step to step.
@@ -101,8 +100,9 @@ pub trait StepInputs {
     /// Puts input `index`, called `name`, back after a failed step.
     fn restore_input(&mut self, index: usize, name: &str, tensor: Tensor);
 
-    /// An entry that is not an input of `exec`'s graph, by name, if there is one.
-    fn unknown_input(&self, exec: &Executor) -> Option<String>;
+    /// An entry that is not among the graph's inputs `names` (in the order of
+    /// `Graph::inputs`), by name, if there is one.
+    fn unknown_input(&self, names: &[Arc<str>]) -> Option<String>;
 }
 
 impl StepInputs for HashMap<String, Tensor> {
@@ -114,8 +114,10 @@ impl StepInputs for HashMap<String, Tensor> {
         self.insert(name.to_string(), tensor);
     }
 
-    fn unknown_input(&self, exec: &Executor) -> Option<String> {
-        self.keys().find(|n| exec.input_index(n).is_none()).cloned()
+    fn unknown_input(&self, names: &[Arc<str>]) -> Option<String> {
+        self.keys()
+            .find(|key| !names.iter().any(|name| **name == ***key))
+            .cloned()
     }
 }
 
@@ -131,8 +133,8 @@ impl StepInputs for Vec<Option<Tensor>> {
         self[index] = Some(tensor);
     }
 
-    fn unknown_input(&self, exec: &Executor) -> Option<String> {
-        let n = exec.input_names.len();
+    fn unknown_input(&self, names: &[Arc<str>]) -> Option<String> {
+        let n = names.len();
         self.iter()
             .enumerate()
             .skip(n)

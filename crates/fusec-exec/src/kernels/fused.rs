@@ -86,6 +86,89 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor, KernelError>
     Ok(Tensor::from_kernel_f32(x.dtype(), x.dims(), out))
 }
 
+/// `fused.post_rms_norm(x, w, eps[, r])`: `Olmo2RMSNorm` (the weight multiplied in
+/// `f32`, then one rounding to the dtype: `y = to(x.dtype)(w * (x * r))`, with the
+/// statistics of [`norm_rows`]), then `to(x.dtype)(r + y)` when there is a residual.
+pub fn post_rms_norm(
+    x: &Tensor,
+    w: &Tensor,
+    eps: f32,
+    residual: Option<&Tensor>,
+) -> Result<Tensor, KernelError> {
+    let op = "fused.post_rms_norm";
+    let (xs, rows, d) = gemv::rows_of(x, op)?;
+    float_buffer(w, op)?;
+    if w.shape() != [d] || w.dtype() != x.dtype() {
+        return Err(KernelError::Invalid(format!(
+            "{op}: norm weight {}{:?} does not match x {}{:?}",
+            w.dtype(),
+            w.shape(),
+            x.dtype(),
+            x.shape()
+        )));
+    }
+    let rs = match residual {
+        None => None,
+        Some(r) => {
+            if r.shape() != x.shape() || r.dtype() != x.dtype() {
+                return Err(KernelError::Invalid(format!(
+                    "{op}: residual {}{:?} does not match x {}{:?}",
+                    r.dtype(),
+                    r.shape(),
+                    x.dtype(),
+                    x.shape()
+                )));
+            }
+            let rs = r.contiguous_f32().ok_or_else(|| {
+                KernelError::Invalid(format!("{op} needs a float residual, got {}", r.dtype()))
+            })?;
+            Some(rs)
+        }
+    };
+    let ws = w.contiguous_f32().unwrap_or_default();
+    let dtype = x.dtype();
+    let mut out = pool::take(rows * d);
+    for row in xs.chunks(d.max(1)).take(rows) {
+        let sum: f64 = row.iter().map(|&v| f64::from(v * v)).sum();
+        let mean = (sum / d as f64) as f32;
+        let r = 1.0 / (mean + eps).sqrt();
+        out.extend(
+            row.iter()
+                .zip(ws.iter())
+                .map(|(&v, &g)| round(dtype, g * (v * r))),
+        );
+    }
+    if let Some(rs) = rs {
+        for (y, &res) in out.iter_mut().zip(rs.iter()) {
+            *y = round(dtype, res + *y);
+        }
+    }
+    Ok(rounded(dtype, x.dims(), out))
+}
+
+/// `fused.linear_post_rms_norm(x, W, w, eps, r)`: the GEMV rounded to the dtype, as
+/// `linear` gives it, then [`post_rms_norm`] with the residual.
+pub fn linear_post_rms_norm(
+    x: &Tensor,
+    wt: GemvWeight<'_>,
+    w: &Tensor,
+    eps: f32,
+    r: &Tensor,
+) -> Result<Tensor, KernelError> {
+    let op = "fused.linear_post_rms_norm";
+    let (xs, rows, ins) = gemv::rows_of(x, op)?;
+    gemv::check(op, x.dtype(), ins, wt)?;
+    let mut y = None;
+    let round_to = Epilogue::Round(x.dtype());
+    gemv::gemv_many(&xs, rows, &[wt], None, round_to, |_, out| {
+        y = Some(out);
+        Ok(())
+    })?;
+    let y = y.ok_or_else(|| KernelError::Invalid(format!("{op}: the GEMV gave no result")))?;
+    let y = rounded(x.dtype(), with_last(x, wt.shape()[0]), y);
+    post_rms_norm(&y, w, eps, Some(r))
+}
+
 /// `fused.rms_norm_linear(x, w, eps, W1, .., Wn)`: one result per weight.
 pub fn rms_norm_linear(
     x: &Tensor,
@@ -105,6 +188,23 @@ pub fn rms_norm_linear(
         Ok(())
     })?;
     pool::give(n);
+    Ok(outs)
+}
+
+/// `fused.multi_linear(x, W1, .., Wn)`: one result per weight, each what `linear`
+/// gives.
+pub fn multi_linear(x: &Tensor, weights: &[GemvWeight<'_>]) -> Result<Vec<Tensor>, KernelError> {
+    let op = "fused.multi_linear";
+    let (xs, rows, d) = gemv::rows_of(x, op)?;
+    for &wt in weights {
+        gemv::check(op, x.dtype(), d, wt)?;
+    }
+    let mut outs = recycle::tensors(weights.len());
+    let round_to = Epilogue::Round(x.dtype());
+    gemv::gemv_many(&xs, rows, weights, None, round_to, |i, y| {
+        outs.push(rounded(x.dtype(), with_last(x, weights[i].shape()[0]), y));
+        Ok(())
+    })?;
     Ok(outs)
 }
 
@@ -174,7 +274,29 @@ pub fn rms_norm_swiglu(
 
 /// `fused.linear_add(x, W, r) = r + round(x @ W^T)`.
 pub fn linear_add(x: &Tensor, w: GemvWeight<'_>, r: &Tensor) -> Result<Tensor, KernelError> {
-    let op = "fused.linear_add";
+    residual_epilogue("fused.linear_add", x, w, None, r)
+}
+
+/// `fused.linear_scale_add(x, W, c, r) = r + c * (x W^T)`: the GEMV result rounded to
+/// the dtype, times `c` rounded (the eager `binary.mul` by a scalar), plus `r` rounded
+/// (the eager `binary.add`).
+pub fn linear_scale_add(
+    x: &Tensor,
+    w: GemvWeight<'_>,
+    c: f32,
+    r: &Tensor,
+) -> Result<Tensor, KernelError> {
+    residual_epilogue("fused.linear_scale_add", x, w, Some(c), r)
+}
+
+/// A GEMV with a residual-add epilogue, its result optionally scaled before the add.
+fn residual_epilogue(
+    op: &str,
+    x: &Tensor,
+    w: GemvWeight<'_>,
+    scale: Option<f32>,
+    r: &Tensor,
+) -> Result<Tensor, KernelError> {
     let (xs, rows, ins) = gemv::rows_of(x, op)?;
     gemv::check(op, x.dtype(), ins, w)?;
     let shape = with_last(x, w.shape()[0]);
@@ -198,9 +320,16 @@ pub fn linear_add(x: &Tensor, w: GemvWeight<'_>, r: &Tensor) -> Result<Tensor, K
         )));
     }
     // The residual add, on each chunk of results inside the GEMV's parallel loop.
-    let add = |first: usize, ys: &mut [f32]| {
-        for (v, &res) in ys.iter_mut().zip(&rs[first..]) {
-            *v = round(dtype, res + round(dtype, *v));
+    let add = |first: usize, ys: &mut [f32]| match scale {
+        None => {
+            for (v, &res) in ys.iter_mut().zip(&rs[first..]) {
+                *v = round(dtype, res + round(dtype, *v));
+            }
+        }
+        Some(c) => {
+            for (v, &res) in ys.iter_mut().zip(&rs[first..]) {
+                *v = round(dtype, res + round(dtype, round(dtype, *v) * c));
+            }
         }
     };
     let mut y = None;

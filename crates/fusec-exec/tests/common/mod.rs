@@ -58,6 +58,7 @@ impl Cfg {
             dtype: self.dtype,
             sliding_window: None,
             rope_scaling: None,
+            multipliers: None,
         }
     }
 }

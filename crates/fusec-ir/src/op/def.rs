@@ -275,15 +275,34 @@ pub enum FusedOp {
     /// `(x [..,D], w [D], eps) -> w * to(x.dtype)(x32 * rsqrt(mean(x32^2, -1) + eps))`,
     /// Hugging Face's `LlamaRMSNorm`.
     RmsNorm,
+    /// `(x [..,D], w [D], eps[, r]) -> [r +] to(x.dtype)(w32 * x32 * rsqrt(mean(x32^2,
+    /// -1) + eps))`: transformers' `Olmo2RMSNorm` (models/olmo2/modeling_olmo2.py),
+    /// which multiplies by the weight in f32 before the cast, and with `r` the residual
+    /// add after it, as OLMo 2's post-norm decoder layer applies it to each sublayer's
+    /// output. For an f32 `x` it is [`FusedOp::RmsNorm`]'s value.
+    PostRmsNorm,
     /// `(x, w, eps, W1, .., Wn)`: RMSNorm in the prologue of n GEMVs sharing it. One
     /// weight gives a tensor, several a tuple.
     RmsNormLinear,
+    /// `(x, W1, .., Wn) -> (x @ W1^T, .., x @ Wn^T)`, n >= 2: GEMVs over one
+    /// un-normalised input in one kernel (OLMo 2's q, k and v projections read the
+    /// residual stream itself), a tuple.
+    MultiLinear,
     /// `(x, Wg, Wu) -> silu(x @ Wg^T) * (x @ Wu^T)`.
     Swiglu,
     /// `(x, w, eps, Wg, Wu)`: RMSNorm then SwiGLU in one kernel.
     RmsNormSwiglu,
     /// `(x, W, r) -> r + x @ W^T`: a GEMV with a residual-add epilogue.
     LinearAdd,
+    /// `(x, W, c, r) -> r + c * (x @ W^T)`: a GEMV whose result is scaled by the
+    /// scalar `c` before the residual add (Granite's `residual_multiplier`), each step
+    /// rounded to the dtype as the eager multiply and add are.
+    LinearScaleAdd,
+    /// `(x, W, w, eps, r) -> post_rms_norm(x @ W^T, w, eps, r)`: a GEMV whose result,
+    /// rounded to the dtype, is normalised as `Olmo2RMSNorm` does and added to the
+    /// residual: OLMo 2's `o_proj` and `down_proj` with their post-norms
+    /// (`Olmo2DecoderLayer.forward`). The norm reads the whole GEMV result.
+    LinearPostRmsNorm,
     /// `(q [B,H,T,hd], k [B,KV,L,hd], v [B,KV,L,hd], scale, mask [B,1,T,L]) ->
     /// softmax(q k^T * scale + mask) v`, with query head `h` reading KV head
     /// `h / (H/KV)` (GQA), computed with an online softmax.
@@ -294,14 +313,18 @@ pub enum FusedOp {
 }
 
 impl FusedOp {
-    pub const ALL: [FusedOp; 9] = [
+    pub const ALL: [FusedOp; 13] = [
         FusedOp::KvAppend,
         FusedOp::Rope,
         FusedOp::RmsNorm,
+        FusedOp::PostRmsNorm,
         FusedOp::RmsNormLinear,
+        FusedOp::MultiLinear,
         FusedOp::Swiglu,
         FusedOp::RmsNormSwiglu,
         FusedOp::LinearAdd,
+        FusedOp::LinearScaleAdd,
+        FusedOp::LinearPostRmsNorm,
         FusedOp::Attention,
         FusedOp::DecodeAttention,
     ];

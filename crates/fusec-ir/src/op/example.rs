@@ -315,6 +315,43 @@ pub fn graph(kind: OpKind) -> Result<Graph, TypeError> {
             let y = e.op(Op::Fused(FusedOp::LinearAdd), &[x, ws[0], r])?;
             e.out(y)
         }
+        OpKind::MultiLinear => {
+            let x = e.x("x", &[1, 1, 8])?;
+            let ws = e.gemv_weights(3)?;
+            let t = e.op(Op::Fused(FusedOp::MultiLinear), &[x, ws[0], ws[1], ws[2]])?;
+            let k = e.op(Op::Get { index: 1 }, &[t])?;
+            let v = e.op(Op::Get { index: 2 }, &[t])?;
+            let q = e.op(Op::Get { index: 0 }, &[t])?;
+            e.g.add_output("k", OutputKind::Data, k);
+            e.g.add_output("v", OutputKind::Data, v);
+            e.out(q)
+        }
+        OpKind::LinearPostRmsNorm => {
+            let x = e.x("x", &[1, 1, 8])?;
+            let ws = e.gemv_weights(1)?;
+            let w = e.weight("norm", DType::F32, &[6])?;
+            let eps = e.scalar(1e-6)?;
+            let r = e.x("r", &[1, 1, 6])?;
+            let y = e.op(
+                Op::Fused(FusedOp::LinearPostRmsNorm),
+                &[x, ws[0], w, eps, r],
+            )?;
+            e.out(y)
+        }
+        OpKind::PostRmsNorm => {
+            let [x, w, eps] = e.norm_operands()?;
+            let r = e.x("r", &[1, 1, 8])?;
+            let y = e.op(Op::Fused(FusedOp::PostRmsNorm), &[x, w, eps, r])?;
+            e.out(y)
+        }
+        OpKind::LinearScaleAdd => {
+            let x = e.x("x", &[1, 1, 8])?;
+            let ws = e.gemv_weights(1)?;
+            let c = e.scalar(0.22)?;
+            let r = e.x("r", &[1, 1, 6])?;
+            let y = e.op(Op::Fused(FusedOp::LinearScaleAdd), &[x, ws[0], c, r])?;
+            e.out(y)
+        }
         OpKind::Attention => {
             let q = e.x("q", &[1, 4, 1, 8])?;
             let k = e.x("k", &[1, 2, 5, 8])?;

@@ -126,6 +126,18 @@ pub(crate) fn infer(op: FusedOp, t: &[&TensorType]) -> R<Type> {
             norm(t[0], t[1], t[2])?;
             Ok(Type::Tensor(t[0].clone()))
         }
+        FusedOp::PostRmsNorm => {
+            norm(t[0], t[1], t[2])?;
+            match t.get(3..) {
+                Some([]) => {}
+                Some([r]) if *r == t[0] => {}
+                Some([r]) => {
+                    return Err(format!("residual {r} does not match the input {}", t[0]));
+                }
+                _ => return Err(format!("expected 3 or 4 operands, got {}", t.len())),
+            }
+            Ok(Type::Tensor(t[0].clone()))
+        }
         FusedOp::RmsNormLinear => {
             norm(t[0], t[1], t[2])?;
             let outs = t[3..]
@@ -137,6 +149,13 @@ pub(crate) fn infer(op: FusedOp, t: &[&TensorType]) -> R<Type> {
             } else {
                 Type::Tuple(outs)
             })
+        }
+        FusedOp::MultiLinear => {
+            let outs = t[1..]
+                .iter()
+                .map(|w| linear(t[0], w))
+                .collect::<R<Vec<_>>>()?;
+            Ok(Type::Tuple(outs))
         }
         FusedOp::Swiglu | FusedOp::RmsNormSwiglu => {
             let (x, wg, wu) = if op == FusedOp::Swiglu {
@@ -153,12 +172,26 @@ pub(crate) fn infer(op: FusedOp, t: &[&TensorType]) -> R<Type> {
             }
             linear(x, wg).map(Type::Tensor)
         }
-        FusedOp::LinearAdd => {
+        FusedOp::LinearAdd | FusedOp::LinearScaleAdd => {
             let y = linear(t[0], t[1])?;
-            if &y != t[2] {
+            let r = if op == FusedOp::LinearAdd {
+                t[2]
+            } else {
+                scalar(t[2], "scale")?;
+                t[3]
+            };
+            if &y != r {
+                return Err(format!("residual {r} does not match the GEMV result {y}"));
+            }
+            Ok(Type::Tensor(y))
+        }
+        FusedOp::LinearPostRmsNorm => {
+            let y = linear(t[0], t[1])?;
+            norm(&y, t[2], t[3])?;
+            if &y != t[4] {
                 return Err(format!(
                     "residual {} does not match the GEMV result {y}",
-                    t[2]
+                    t[4]
                 ));
             }
             Ok(Type::Tensor(y))

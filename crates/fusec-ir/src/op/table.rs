@@ -221,12 +221,19 @@ op_table! {
     KvAppend = "kv.append", Exactly(2), [Cache { result: 0, reads: false }, Act], None, Kernel(Copies), [];
     Rope = "fused.rope", Exactly(3), [Act, Rope, Rope], None, Kernel(Elementwise), [];
     RmsNorm = "fused.rms_norm", Exactly(3), [Act, NormW, Sc], None, Kernel(Elementwise), [];
+    PostRmsNorm = "fused.post_rms_norm", AtLeast(3), [Act, NormW, Sc], Some(Act),
+        Kernel(Elementwise), [];
     RmsNormLinear = "fused.rms_norm_linear", AtLeast(4), [Act, NormW, Sc], Some(W),
         Kernel(Gemv), [];
+    MultiLinear = "fused.multi_linear", AtLeast(3), [Act, W, W], Some(W), Kernel(Gemv), [];
     Swiglu = "fused.swiglu", Exactly(3), [Act, W, W], None, Kernel(Gemv), [];
     RmsNormSwiglu = "fused.rms_norm_swiglu", Exactly(5), [Act, NormW, Sc, W, W], None,
         Kernel(Gemv), [];
     LinearAdd = "fused.linear_add", Exactly(3), [Act, W, Act], None, Kernel(Gemv), [];
+    LinearScaleAdd = "fused.linear_scale_add", Exactly(4), [Act, W, Sc, Act], None,
+        Kernel(Gemv), [];
+    LinearPostRmsNorm = "fused.linear_post_rms_norm", Exactly(5), [Act, W, NormW, Sc, Act],
+        None, Kernel(Gemv), [];
     Attention = "fused.attention", Exactly(5), [Act, Act, Act, Sc, Mask], None,
         Kernel(Attention), [];
     DecodeAttention = "fused.decode_attention", AtLeast(9),
@@ -365,10 +372,14 @@ impl FusedOp {
             FusedOp::KvAppend => OpKind::KvAppend,
             FusedOp::Rope => OpKind::Rope,
             FusedOp::RmsNorm => OpKind::RmsNorm,
+            FusedOp::PostRmsNorm => OpKind::PostRmsNorm,
             FusedOp::RmsNormLinear => OpKind::RmsNormLinear,
+            FusedOp::MultiLinear => OpKind::MultiLinear,
             FusedOp::Swiglu => OpKind::Swiglu,
             FusedOp::RmsNormSwiglu => OpKind::RmsNormSwiglu,
             FusedOp::LinearAdd => OpKind::LinearAdd,
+            FusedOp::LinearScaleAdd => OpKind::LinearScaleAdd,
+            FusedOp::LinearPostRmsNorm => OpKind::LinearPostRmsNorm,
             FusedOp::Attention => OpKind::Attention,
             FusedOp::DecodeAttention => OpKind::DecodeAttention,
         }

@@ -152,6 +152,7 @@ mod tests {
             dtype,
             sliding_window: None,
             rope_scaling: None,
+            multipliers: None,
         }
     }
 

@@ -1,16 +1,21 @@
-//! Architectures as plug-ins: the [`Architecture`] trait, the built-in [`Llama`] and
-//! [`Mistral`], and the [`Registry`] that finds one by `model_type`.
+//! Architectures as plug-ins: the [`Architecture`] trait, the built-in [`Llama`],
+//! [`Mistral`], [`Qwen2`], [`Qwen3`], [`Olmo2`] and [`Granite`], and the [`Registry`] that
+//! finds one by `model_type`.
 
 mod architecture;
+pub mod granite;
 pub mod llama;
 pub mod mistral;
+pub mod olmo2;
 pub mod qwen2;
 pub mod qwen3;
 mod registry;
 
 pub use architecture::Architecture;
+pub use granite::Granite;
 pub use llama::Llama;
 pub use mistral::Mistral;
+pub use olmo2::Olmo2;
 pub use qwen2::Qwen2;
 pub use qwen3::Qwen3;
 pub use registry::{

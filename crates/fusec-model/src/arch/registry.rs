@@ -6,8 +6,10 @@ use std::sync::{Arc, LazyLock};
 use fusec_ir::Graph;
 
 use super::architecture::Architecture;
+use super::granite::Granite;
 use super::llama::Llama;
 use super::mistral::Mistral;
+use super::olmo2::Olmo2;
 use super::qwen2::Qwen2;
 use super::qwen3::Qwen3;
 use crate::build::BuildError;
@@ -17,7 +19,7 @@ use crate::frontend::{
 };
 
 /// The architectures fusec knows, by `model_type`. [`Registry::builtin`] holds Llama,
-/// Mistral, Qwen2 and Qwen3; a library user extends [`Registry::with_builtins`] with
+/// Mistral, Qwen2, Qwen3, OLMo 2 and Granite; a library user extends [`Registry::with_builtins`] with
 /// [`Registry::register`] and passes it to the frontends and the pipeline.
 #[derive(Clone, Debug, Default)]
 pub struct Registry {
@@ -70,6 +72,8 @@ impl Registry {
             Arc::new(Mistral),
             Arc::new(Qwen2),
             Arc::new(Qwen3),
+            Arc::new(Olmo2),
+            Arc::new(Granite),
         ];
         Self { architectures }
     }
@@ -215,10 +219,10 @@ mod tests {
     }
 
     #[test]
-    fn builtins_are_llama_mistral_and_qwen() {
+    fn builtins_are_the_families() {
         assert_eq!(
             Registry::builtin().model_types(),
-            ["llama", "mistral", "qwen2", "qwen3"]
+            ["llama", "mistral", "qwen2", "qwen3", "olmo2", "granite"]
         );
         assert!(Registry::new().model_types().is_empty());
     }
@@ -235,7 +239,7 @@ mod tests {
         let e = parse_model_toml(path, &bad).expect_err("gpt2 is not registered");
         assert_eq!(
             e.message,
-            "unsupported architecture `gpt2` (fusec compiles \"llama\", \"mistral\", \"qwen2\" and \"qwen3\")"
+            "unsupported architecture `gpt2` (fusec compiles \"llama\", \"mistral\", \"qwen2\", \"qwen3\", \"olmo2\" and \"granite\")"
         );
         assert_eq!(e.location, Some((2, 16)));
     }
@@ -248,14 +252,14 @@ mod tests {
         let e = parse_hf_config(path, &JSON.replace("MT", "custom")).expect_err("unknown");
         assert_eq!(
             e.message,
-            "unsupported model_type `custom` (fusec compiles llama, mistral, qwen2 and qwen3)"
+            "unsupported model_type `custom` (fusec compiles llama, mistral, qwen2, qwen3, olmo2 and granite)"
         );
 
         let mut registry = Registry::with_builtins();
         registry.register(Arc::new(Custom)).expect("registers");
         assert_eq!(
             registry.model_types(),
-            ["llama", "mistral", "qwen2", "qwen3", "custom", "custom2"]
+            ["llama", "mistral", "qwen2", "qwen3", "olmo2", "granite", "custom", "custom2"]
         );
         let spec = registry
             .parse_hf_config(path, &JSON.replace("MT", "custom2"))
@@ -267,8 +271,9 @@ mod tests {
             .parse_hf_config(path, &JSON.replace("MT", "gpt2"))
             .expect_err("unknown");
         assert!(
-            e.message
-                .ends_with("(fusec compiles llama, mistral, qwen2, qwen3, custom and custom2)"),
+            e.message.ends_with(
+                "(fusec compiles llama, mistral, qwen2, qwen3, olmo2, granite, custom and custom2)"
+            ),
             "{e}"
         );
     }
@@ -294,7 +299,7 @@ mod tests {
         let e = Registry::builtin().build(&spec).expect_err("unknown");
         assert_eq!(
             e.to_string(),
-            "unknown architecture `custom` (registered: llama, mistral, qwen2, qwen3)"
+            "unknown architecture `custom` (registered: llama, mistral, qwen2, qwen3, olmo2, granite)"
         );
     }
 }

@@ -221,12 +221,30 @@ pub fn eager_attention(
     heads: &Heads,
     dims: &StepDims,
 ) -> Result<NodeId, BuildError> {
+    let scale = (heads.head_dim as f64).powf(-0.5);
+    eager_attention_scaled(b, q, k_all, v_all, mask, heads, dims, scale)
+}
+
+/// [`eager_attention`] with the scores multiplied by `scale` instead of
+/// `head_dim^-0.5` (Granite's `attention_multiplier`, transformers'
+/// models/granite/modeling_granite.py `GraniteAttention.scaling`).
+#[allow(clippy::too_many_arguments)]
+pub fn eager_attention_scaled(
+    b: &mut Builder,
+    q: NodeId,
+    k_all: NodeId,
+    v_all: NodeId,
+    mask: NodeId,
+    heads: &Heads,
+    dims: &StepDims,
+    scale: f64,
+) -> Result<NodeId, BuildError> {
     let dtype = b.ty(q).dtype;
     let k_all = repeat_kv(b, k_all, heads, dims)?;
     let v_all = repeat_kv(b, v_all, heads, dims)?;
     let kt = b.transpose(k_all, 2, 3)?;
     let scores = b.op(Op::MatMul, &[q, kt])?;
-    let scores = b.binary_scalar(BinaryOp::Mul, scores, (heads.head_dim as f64).powf(-0.5))?;
+    let scores = b.binary_scalar(BinaryOp::Mul, scores, scale)?;
     let scores = b.binary(BinaryOp::Add, scores, mask)?;
     let scores = b.to_dtype(scores, DType::F32)?;
     let probs = b.op(Op::Softmax { axis: -1 }, &[scores])?;

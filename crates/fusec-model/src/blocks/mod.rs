@@ -23,7 +23,10 @@ pub mod norm;
 pub mod rope;
 pub mod step;
 
-pub use attention::{eager_attention, kv_cache_append, repeat_kv, split_heads, Attention, Heads};
+pub use attention::{
+    eager_attention, eager_attention_scaled, kv_cache_append, repeat_kv, split_heads, Attention,
+    Heads,
+};
 pub use embedding::Embedding;
 pub use head::LmHead;
 pub use linear::Linear;

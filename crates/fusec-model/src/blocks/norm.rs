@@ -37,4 +37,22 @@ impl RmsNorm {
         let h = b.to_dtype(h, input_dtype)?;
         b.binary(BinaryOp::Mul, self.weight, h)
     }
+
+    /// OLMo 2's order (transformers' models/olmo2/modeling_olmo2.py,
+    /// `Olmo2RMSNorm.forward`): the weight multiplies the f32 normalised values, and
+    /// the product is cast back, `(weight * x32 * rsqrt(...)).to(input_dtype)`. For an
+    /// f32 input this is [`RmsNorm::forward`]'s graph.
+    pub fn forward_weight_in_f32(&self, b: &mut Builder, x: NodeId) -> Result<NodeId, BuildError> {
+        let input_dtype = b.ty(x).dtype;
+        let h = b.to_dtype(x, DType::F32)?;
+        let sq = b.binary_scalar(BinaryOp::Pow, h, 2.0)?;
+        let var = b.reduce(ReduceOp::Mean, sq, -1, true)?;
+        let var = b.binary_scalar(BinaryOp::Add, var, self.eps)?;
+        let r = b.unary(UnaryOp::Rsqrt, var)?;
+        let h = b.binary(BinaryOp::Mul, h, r)?;
+        // PyTorch promotes the weight to f32 for the product (exactly).
+        let w = b.to_dtype(self.weight, DType::F32)?;
+        let h = b.binary(BinaryOp::Mul, w, h)?;
+        b.to_dtype(h, input_dtype)
+    }
 }

@@ -29,6 +29,10 @@ pub struct ModelConfig {
     /// A scaling of the RoPE inverse frequencies (none: the default RoPE).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<RopeScaling>,
+    /// Granite's scalar multipliers (transformers' `GraniteConfig`); `None` for the
+    /// families that have none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub multipliers: Option<Multipliers>,
 }
 
 /// A RoPE type other than the default: how the inverse frequencies are scaled.
@@ -37,6 +41,30 @@ pub struct ModelConfig {
 pub enum RopeScaling {
     /// Llama 3.1's frequency bands (transformers' `_compute_llama3_parameters`).
     Llama3(fusec_ir::rope::Llama3Scaling),
+}
+
+/// The scalars transformers' `GraniteModel` and `GraniteForCausalLM` apply
+/// (models/granite/modeling_granite.py): the embeddings times `embedding`, attention
+/// scores times `attention` (instead of `head_dim^-0.5`), each sublayer's output times
+/// `residual` before its residual add, the logits divided by `logits_scaling`.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct Multipliers {
+    pub embedding: f64,
+    pub attention: f64,
+    pub residual: f64,
+    pub logits_scaling: f64,
+}
+
+impl Default for Multipliers {
+    /// `GraniteConfig`'s defaults: every multiplier 1.
+    fn default() -> Self {
+        Self {
+            embedding: 1.0,
+            attention: 1.0,
+            residual: 1.0,
+            logits_scaling: 1.0,
+        }
+    }
 }
 
 impl ModelConfig {

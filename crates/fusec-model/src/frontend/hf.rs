@@ -186,6 +186,7 @@ pub fn decoder_config(j: &HfConfig<'_>) -> Result<ModelConfig, ConfigError> {
         dtype,
         sliding_window: j.uint("sliding_window")?,
         rope_scaling,
+        multipliers: None,
     };
     Ok(model)
 }

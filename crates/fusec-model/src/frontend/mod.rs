@@ -12,7 +12,7 @@ mod hf;
 mod model_toml;
 
 pub use config::{
-    DecodeConfig, ModelConfig, ModelSpec, Precision, RopeScaling, TargetConfig,
+    DecodeConfig, ModelConfig, ModelSpec, Multipliers, Precision, RopeScaling, TargetConfig,
     DEFAULT_ARCHITECTURE, DEFAULT_GPU,
 };
 pub(crate) use error::english_list;

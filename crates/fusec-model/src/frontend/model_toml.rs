@@ -205,6 +205,7 @@ pub fn parse(path: &Path, src: &str, architectures: &[&str]) -> Result<ModelSpec
         dtype,
         sliding_window,
         rope_scaling,
+        multipliers: None,
     };
     let decode = DecodeConfig { batch, context };
     check(&model, &decode).map_err(|(key, message)| match spans.get(key) {

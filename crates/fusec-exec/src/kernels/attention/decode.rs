@@ -3,7 +3,7 @@
 use super::super::fused::rope;
 use super::super::KernelError;
 use super::append::{append, storer};
-use super::attention;
+use super::full::attention;
 use crate::recycle;
 use crate::tensor::Tensor;
 
