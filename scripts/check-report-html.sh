@@ -5,8 +5,8 @@
 # the DOM chromium built from it, and a screenshot under target/report-check/.
 #
 # Chromium is installed with apt-get when it is missing. Where that is impossible (no
-# root, no network) the check is skipped LOUDLY rather than failing CI: it tests the
-# page, not the machine.
+# root, no network) the check is skipped LOUDLY, and fails when FUSEC_REQUIRE_TOOLS is
+# set (as .ci/run sets it), so that CI never passes without having drawn the page.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +19,10 @@ skip() {
     echo "################################################################" >&2
     echo "## SKIPPED check-report-html: $*" >&2
     echo "################################################################" >&2
+    if [ -n "${FUSEC_REQUIRE_TOOLS:-}" ]; then
+        echo "check-report-html: FAIL: FUSEC_REQUIRE_TOOLS is set" >&2
+        exit 1
+    fi
     exit 0
 }
 fail() {

@@ -6,7 +6,6 @@
 mod common;
 mod emulate;
 
-use std::io::Write as _;
 use std::path::PathBuf;
 
 use common::stages;
@@ -134,13 +133,7 @@ impl Model {
 }
 
 fn compiler() -> Option<String> {
-    let c = emulate::compiler();
-    if c.is_none() {
-        let line = "NO C++ COMPILER: the CUDA kernels were NOT run in emulation";
-        // Past the test harness's capture, so that the skipped check shows in every log.
-        let _ = writeln!(std::io::stderr(), "\n{line}\n");
-    }
-    c
+    emulate::compiler_or_report("the CUDA kernels")
 }
 
 #[test]

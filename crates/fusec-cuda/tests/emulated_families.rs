@@ -7,7 +7,6 @@
 mod common;
 mod emulate;
 
-use std::io::Write as _;
 use std::path::PathBuf;
 
 use common::stages;
@@ -93,12 +92,7 @@ fn tokens(d: &Decode) -> Vec<i32> {
 }
 
 fn compiler() -> Option<String> {
-    let c = emulate::compiler();
-    if c.is_none() {
-        let line = "NO C++ COMPILER: the CUDA kernels were NOT run in emulation";
-        let _ = writeln!(std::io::stderr(), "\n{line}\n");
-    }
-    c
+    emulate::compiler_or_report("the families' CUDA kernels")
 }
 
 #[test]

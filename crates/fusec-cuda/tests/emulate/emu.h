@@ -1,20 +1,28 @@
 // A CPU emulation of the CUDA features fusec's kernels use, so that the tests can run
-// the generated kernels without a GPU. Blocks run one after another; the threads of a
+// the generated kernels without a GPU. The blocks of a launch run in a shuffled order
+// (a fresh permutation per launch, from a seeded generator) on several OS threads, so
+// that kernels whose blocks communicate through global memory (the split-KV combine,
+// the last-block tickets) meet the orders a GPU may run them in; the threads of one
 // block are fibers on one OS thread, switched at every barrier (__syncthreads, and the
 // two halves of a warp shuffle), so barriers and shuffles have their CUDA meaning at
-// the cost of a cheap user-space switch. Shared memory is static storage, which is
-// right because one block runs at a time; all of it is thread-local, so that tests
-// emulating on several threads do not share it. A barrier that can never complete (a
+// the cost of a cheap user-space switch. Shared memory is thread-local static storage,
+// which is right because an OS thread runs one block at a time. atomicAdd and
+// __threadfence are real atomics and fences. A barrier that can never complete (a
 // divergent __syncthreads or shuffle) aborts with a message instead of hanging.
+//
+// FUSEC_EMU_THREADS (default 3) sets the OS threads per launch, FUSEC_EMU_SEED the
+// seed of the block orders.
 #pragma once
 #include <setjmp.h>
 #include <ucontext.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <thread>
 #include <vector>
 
 struct dim3 { unsigned x = 1, y = 1, z = 1; };
@@ -95,63 +103,98 @@ inline void fiber_main() {
   _longjmp(scheduler, 1);
 }
 
+// The fibers (and their stacks) of the calling OS thread, freed when it ends: a launch
+// starts its worker threads afresh.
 inline std::vector<Fiber>& fibers() {
-  static thread_local std::vector<Fiber>* f = new std::vector<Fiber>();
-  return *f;
+  static thread_local std::vector<Fiber> f;
+  return f;
 }
 
 template <class F> void run_body(void* f) { (*static_cast<F*>(f))(); }
 
+// One block of a launch, on the calling OS thread's fibers.
 template <class F>
-void launch(dim3 grid, unsigned bdim, unsigned shared, F body) {
+void run_block(dim3 grid, dim3 b, unsigned bdim, unsigned shared, F& body) {
   std::vector<uint4> dyn(shared / 16 + 1);
   std::vector<Fiber>& fs = fibers();
   if (fs.size() < bdim) fs.resize(bdim);
   slots.assign(bdim, 0);
   entry_body = &run_body<F>;
   entry_arg = &body;
-  for (unsigned z = 0; z < grid.z; ++z)
-    for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        std::memset(dyn.data(), 0, dyn.size() * sizeof(uint4));
-        block_view.dyn = reinterpret_cast<unsigned char*>(dyn.data());
-        block_bar = Barrier{bdim, 0, 0};
-        warp_bars.assign((bdim + 31) / 32, Barrier{});
-        for (unsigned t = 0; t < bdim; ++t) {
-          Fiber& f = fs[t];
-          f.t.tid = dim3{t, 0, 0};
-          f.t.bid = dim3{x, y, z};
-          f.t.bdim = dim3{bdim, 1, 1};
-          f.t.gdim = grid;
-          f.t.lane = t % 32;
-          f.t.warp = t / 32;
-          f.started = f.done = false;
-          ++warp_bars[t / 32].alive;
-          if (f.stack.empty()) f.stack.resize(256 * 1024);
-        }
-        unsigned remaining = bdim;
-        while (remaining > 0) {
-          for (unsigned t = 0; t < bdim; ++t) {
-            Fiber& f = fs[t];
-            if (f.done) continue;
-            current = &f;
-            if (_setjmp(scheduler) == 0) {
-              if (!f.started) {
-                f.started = true;
-                getcontext(&f.uc);
-                f.uc.uc_stack.ss_sp = f.stack.data();
-                f.uc.uc_stack.ss_size = f.stack.size();
-                f.uc.uc_link = nullptr;
-                makecontext(&f.uc, fiber_main, 0);
-                setcontext(&f.uc);
-              } else {
-                _longjmp(f.env, 1);
-              }
-            }
-            if (f.done) --remaining;
-          }
+  block_view.dyn = reinterpret_cast<unsigned char*>(dyn.data());
+  block_bar = Barrier{bdim, 0, 0};
+  warp_bars.assign((bdim + 31) / 32, Barrier{});
+  for (unsigned t = 0; t < bdim; ++t) {
+    Fiber& f = fs[t];
+    f.t.tid = dim3{t, 0, 0};
+    f.t.bid = b;
+    f.t.bdim = dim3{bdim, 1, 1};
+    f.t.gdim = grid;
+    f.t.lane = t % 32;
+    f.t.warp = t / 32;
+    f.started = f.done = false;
+    ++warp_bars[t / 32].alive;
+    if (f.stack.empty()) f.stack.resize(256 * 1024);
+  }
+  unsigned remaining = bdim;
+  while (remaining > 0) {
+    for (unsigned t = 0; t < bdim; ++t) {
+      Fiber& f = fs[t];
+      if (f.done) continue;
+      current = &f;
+      if (_setjmp(scheduler) == 0) {
+        if (!f.started) {
+          f.started = true;
+          getcontext(&f.uc);
+          f.uc.uc_stack.ss_sp = f.stack.data();
+          f.uc.uc_stack.ss_size = f.stack.size();
+          f.uc.uc_link = nullptr;
+          makecontext(&f.uc, fiber_main, 0);
+          setcontext(&f.uc);
+        } else {
+          _longjmp(f.env, 1);
         }
       }
+      if (f.done) --remaining;
+    }
+  }
+}
+
+inline unsigned long long env_or(const char* name, unsigned long long fallback) {
+  const char* v = std::getenv(name);
+  return v && *v ? std::strtoull(v, nullptr, 10) : fallback;
+}
+
+// SplitMix64 (Steele, Lea and Flood, "Fast splittable pseudorandom number generators",
+// OOPSLA 2014): the block orders.
+inline unsigned long long splitmix(unsigned long long& s) {
+  unsigned long long z = (s += 0x9e3779b97f4a7c15ULL);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
+inline std::atomic<unsigned long long> launches{0};
+
+template <class F>
+void launch(dim3 grid, unsigned bdim, unsigned shared, F body) {
+  const unsigned long long n = (unsigned long long)grid.x * grid.y * grid.z;
+  std::vector<dim3> order;
+  order.reserve(n);
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) order.push_back(dim3{x, y, z});
+  unsigned long long seed = env_or("FUSEC_EMU_SEED", 1) * 0x100000001b3ULL + launches.fetch_add(1);
+  for (unsigned long long i = n; i > 1; --i) std::swap(order[i - 1], order[splitmix(seed) % i]);
+  std::atomic<unsigned long long> next{0};
+  auto worker = [&] {
+    for (unsigned long long i; (i = next.fetch_add(1)) < n;) run_block(grid, order[i], bdim, shared, body);
+  };
+  const unsigned long long threads = std::min<unsigned long long>(n, std::max<unsigned long long>(1, env_or("FUSEC_EMU_THREADS", 3)));
+  std::vector<std::thread> pool;
+  for (unsigned long long t = 1; t < threads; ++t) pool.emplace_back(worker);
+  worker();
+  for (std::thread& t : pool) t.join();
 }
 }  // namespace emu
 
@@ -161,10 +204,14 @@ void launch(dim3 grid, unsigned bdim, unsigned shared, F body) {
 #define gridDim (emu::current->t.gdim)
 
 inline void __syncthreads() { emu::wait(emu::block_bar); }
-inline void __threadfence() {}
-inline int atomicAdd(int* p, int v) { const int old = *p; *p = old + v; return old; }
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 template <class T> inline T __ldg(const T* p) { return *p; }
-template <class T> inline T __ldcg(const T* p) { T v; std::memcpy(&v, (const void*)p, sizeof(T)); return v; }
+// A load that bypasses L1, used for what other blocks wrote: an acquire load here.
+template <class T> inline T __ldcg(const T* p) {
+  std::atomic_thread_fence(std::memory_order_acquire);
+  T v; std::memcpy(&v, (const void*)p, sizeof(T)); return v;
+}
 
 template <class T> inline T __shfl_xor_sync(unsigned, T v, int o) {
   const unsigned lane = emu::current->t.lane, base = emu::current->t.warp * 32;

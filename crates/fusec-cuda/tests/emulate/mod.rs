@@ -31,6 +31,22 @@ pub fn compiler() -> Option<String> {
     ok.then_some(cxx)
 }
 
+/// The C++ compiler, or `None` after saying loudly (past the test harness's capture, so
+/// that it shows in every log) that `what` was not run. With `FUSEC_REQUIRE_TOOLS` set,
+/// as `.ci/run` sets it, a missing compiler fails the test instead.
+pub fn compiler_or_report(what: &str) -> Option<String> {
+    let c = compiler();
+    if c.is_none() {
+        let line = format!("NO C++ COMPILER: {what} were NOT run in emulation");
+        if std::env::var_os("FUSEC_REQUIRE_TOOLS").is_some() {
+            panic!("{line} (FUSEC_REQUIRE_TOOLS is set)");
+        }
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), "\n{line}\n");
+    }
+    c
+}
+
 pub struct Emulator {
     dir: PathBuf,
     lib: Option<libloading::Library>,
@@ -133,6 +149,7 @@ impl Device for Emulator {
                 "-fno-gnu-unique",
                 "-shared",
                 "-fPIC",
+                "-pthread",
                 "-w",
                 "-include",
             ])
