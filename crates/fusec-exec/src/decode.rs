@@ -644,14 +644,31 @@ impl Session {
             gen.bytes += out.stats.bytes();
             gen.elapsed += out.stats.time;
         };
-        let keep = |gen: &mut Generation, rows: &mut [Vec<f32>], out: StepOutput| {
-            for (seq, row) in rows.iter_mut().zip(out.logits.rows()) {
-                seq.extend(row.iter());
-            }
-            for (s, &t) in out.next.iter().enumerate() {
-                gen.generated[s].push(t);
-            }
-        };
+        // A non-finite logit makes the greedy choice meaningless (every comparison
+        // with NaN is false), so it stops the run instead of yielding a token.
+        let keep =
+            |gen: &mut Generation, rows: &mut [Vec<f32>], out: StepOutput| -> Result<(), Error> {
+                for (sequence, row) in out.logits.rows().into_iter().enumerate() {
+                    if let Some((index, &value)) =
+                        row.iter().enumerate().find(|(_, v)| !v.is_finite())
+                    {
+                        return Err(Error::NonFiniteLogits {
+                            step: gen.steps,
+                            token: gen.generated[sequence].len(),
+                            sequence,
+                            index,
+                            value,
+                        });
+                    }
+                }
+                for (seq, row) in rows.iter_mut().zip(out.logits.rows()) {
+                    seq.extend(row.iter());
+                }
+                for (s, &t) in out.next.iter().enumerate() {
+                    gen.generated[s].push(t);
+                }
+                Ok(())
+            };
         let mut tokens = Vec::with_capacity(self.batch);
         for pos in 0..len {
             tokens.clear();
@@ -659,7 +676,7 @@ impl Session {
             let out = self.step(&tokens)?;
             record(&mut gen, &out);
             if pos + 1 == len {
-                keep(&mut gen, &mut rows, out);
+                keep(&mut gen, &mut rows, out)?;
             }
         }
         for i in 1..new_tokens {
@@ -670,7 +687,7 @@ impl Session {
             }
             let out = self.step(&tokens)?;
             record(&mut gen, &out);
-            keep(&mut gen, &mut rows, out);
+            keep(&mut gen, &mut rows, out)?;
         }
         let tokens = rows
             .first()

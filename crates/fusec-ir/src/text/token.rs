@@ -9,6 +9,11 @@ use crate::op::{op_from_parts, Attr, Op, OpParseError};
 use crate::shape::{Dim, Shape};
 use crate::types::{TensorType, Type};
 
+/// The largest dimension (or symbol offset) the text form accepts.
+pub const MAX_DIM: u64 = 1 << 40;
+/// The most elements the fixed dimensions of one shape may hold together.
+pub const MAX_FIXED_ELEMENTS: u64 = 1 << 50;
+
 /// A position-tracking reader over a string. Errors carry the byte offset at which
 /// they occurred; callers turn offsets into line and column.
 #[derive(Debug, Clone)]
@@ -178,7 +183,11 @@ impl<'a> Cursor<'a> {
         if self.eat("]") {
             return Ok(Shape(dims));
         }
+        // The product of the fixed dimensions so far, bounded so that element and byte
+        // counts of parsed graphs stay far from 64-bit overflow.
+        let mut fixed: u64 = 1;
         loop {
+            let dim_at = self.pos;
             let dim = if matches!(self.peek(), Some(c) if c.is_ascii_digit()) {
                 Dim::Fixed(self.uint()?)
             } else {
@@ -196,6 +205,19 @@ impl<'a> Cursor<'a> {
                     plus,
                 }
             };
+            let value = match &dim {
+                Dim::Fixed(v) => *v,
+                Dim::Sym { plus, .. } => *plus,
+            };
+            fixed = fixed.saturating_mul(value.max(1));
+            if value > MAX_DIM || fixed > MAX_FIXED_ELEMENTS {
+                return Err(LexError {
+                    offset: dim_at,
+                    message: format!(
+                        "dimension {value} makes the shape too large (at most {MAX_DIM} a dimension and {MAX_FIXED_ELEMENTS} elements)"
+                    ),
+                });
+            }
             dims.push(dim);
             if self.eat("]") {
                 return Ok(Shape(dims));
