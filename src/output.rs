@@ -22,11 +22,12 @@ pub enum OutputError {
     IntoCheckpoint { path: PathBuf, dir: PathBuf },
     #[error("{}: exists and is not a regular file", path.display())]
     NotAFile { path: PathBuf },
-    #[error("{}: cannot write: {source}", path.display())]
+    /// The I/O error is part of the message (not a `source`), so that `{:#}` does not
+    /// print it twice.
+    #[error("{}: cannot write: {error}", path.display())]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -162,9 +163,9 @@ impl Outputs {
         fill: impl FnOnce(&Path) -> Result<(), E>,
     ) -> Result<(), OutputError> {
         self.check(path, replace)?;
-        let io = |source: std::io::Error| OutputError::Io {
+        let io = |error: std::io::Error| OutputError::Io {
             path: path.to_path_buf(),
-            source,
+            error,
         };
         let tmp = temporary_beside(path);
         let created = OpenOptions::new()

@@ -188,6 +188,31 @@ fn existing_outputs_are_replaced_only_with_force_and_keep_their_mode() {
 }
 
 #[test]
+fn a_failed_write_leaves_no_partial_file() {
+    // A file-size limit of 8 KiB (with SIGXFSZ ignored, so that the write fails with
+    // EFBIG rather than killing the process): eager.fir cannot be written whole.
+    let dir = scratch("partial");
+    std::fs::write(dir.join("eager.fir"), "old dump").expect("write");
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "trap '' XFSZ; ulimit -f 8 && exec '{}' compile '{}' --out '{}'",
+            env!("CARGO_BIN_EXE_fusec"),
+            root().join("examples/tiny.toml").display(),
+            dir.display()
+        ))
+        .output()
+        .expect("sh runs");
+    assert_input_error(&out, &["eager.fir", "cannot write"]);
+    assert_eq!(read(&dir.join("eager.fir")), b"old dump");
+    let names: Vec<String> = std::fs::read_dir(&dir)
+        .expect("dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["eager.fir"], "a partial or temporary file is left");
+}
+
+#[test]
 fn output_directories_stay_under_fusec_out() {
     let dir = scratch("names");
     let work = dir.join("a/b");
@@ -417,7 +442,7 @@ fn non_finite_logits_stop_the_run_naming_the_step_and_the_op() {
         "--no-fuse",
         "--check-finite",
     ]);
-    assert_input_error(&out, &["linear", "of its result is"]);
+    assert_input_error(&out, &["decode step 1: %", "linear", "of its result is"]);
 }
 
 #[test]
@@ -567,4 +592,53 @@ fn errors_name_the_file_and_position() {
     let model = tiny_with(&dir, &[("num_heads", "4611686018427387904")]);
     let out = fusec(&["compile", s(&model), "--out", s(&dir)]);
     assert_input_error(&out, &["model.toml:9:13", "num_heads"]);
+}
+
+// ---- Config semantics -------------------------------------------------------------
+
+/// Keys that change the model's maths are implemented or rejected by name, in every
+/// spelling transformers reads: the 4.x `rope_scaling.type`, a numeric `rope_type`, a
+/// `factor` without a type, biases, other activations.
+#[test]
+fn config_keys_that_change_the_maths_are_rejected_by_name() {
+    let base: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture().join("config.json")).expect("config"),
+    )
+    .expect("json");
+    for (i, (patch, needle)) in [
+        (
+            r#"{"rope_scaling": {"type": "linear", "factor": 2.0}}"#,
+            "rope_scaling.type",
+        ),
+        (
+            r#"{"rope_scaling": {"rope_type": 3, "factor": 2.0}}"#,
+            "rope_scaling.rope_type",
+        ),
+        (
+            r#"{"rope_scaling": {"factor": 2.0}}"#,
+            "rope_scaling.factor",
+        ),
+        (
+            r#"{"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}"#,
+            "dynamic",
+        ),
+        (r#"{"hidden_act": "gelu"}"#, "hidden_act"),
+        (r#"{"attention_bias": true}"#, "attention_bias"),
+        (r#"{"mlp_bias": true}"#, "mlp_bias"),
+        (r#"{"partial_rotary_factor": 0.5}"#, "partial_rotary_factor"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut config = base.clone();
+        let patch: serde_json::Value = serde_json::from_str(patch).expect("patch");
+        for (k, v) in patch.as_object().expect("object") {
+            config[k] = v.clone();
+        }
+        let dir = scratch("config-keys").join(format!("m{i}"));
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("config.json"), config.to_string()).expect("write");
+        let out = fusec(&["compile", s(&dir), "--out", s(&scratch("config-keys"))]);
+        assert_input_error(&out, &["config.json:", needle]);
+    }
 }

@@ -673,7 +673,7 @@ impl Session {
         for pos in 0..len {
             tokens.clear();
             tokens.extend(prompts.iter().map(|p| p[pos]));
-            let out = self.step(&tokens)?;
+            let out = self.step(&tokens).map_err(|e| at_step(e, gen.steps + 1))?;
             record(&mut gen, &out);
             if pos + 1 == len {
                 keep(&mut gen, &mut rows, out)?;
@@ -685,7 +685,7 @@ impl Session {
                 Some(f) => tokens.extend(f.iter().map(|seq| seq[i - 1])),
                 None => tokens.extend(gen.generated.iter().map(|g| g[i - 1])),
             }
-            let out = self.step(&tokens)?;
+            let out = self.step(&tokens).map_err(|e| at_step(e, gen.steps + 1))?;
             record(&mut gen, &out);
             keep(&mut gen, &mut rows, out)?;
         }
@@ -697,6 +697,25 @@ impl Session {
         gen.logits = Array3::from_shape_vec((self.batch, tokens, self.vocab), rows.concat())
             .map_err(|e| Error::InvalidGraph(format!("logits: {e}")))?;
         Ok(gen)
+    }
+}
+
+/// A non-finite result found by the executor's finiteness check, with the decode step
+/// (counted from 1) it happened in; other errors as they are.
+fn at_step(e: Error, step: u64) -> Error {
+    match e {
+        Error::Node {
+            node,
+            op,
+            kernel: crate::kernels::KernelError::NonFinite { index, value },
+        } => Error::NonFiniteValue {
+            step,
+            node,
+            op,
+            index,
+            value,
+        },
+        other => other,
     }
 }
 

@@ -28,6 +28,16 @@ pub enum Error {
         index: usize,
         value: f32,
     },
+    /// With the executor's finiteness check on: the first infinity or NaN of a decode,
+    /// the node that produced it and the step (counted from 1).
+    #[error("decode step {step}: %{node} = {op}: element {index} of its result is {value}, not a finite number")]
+    NonFiniteValue {
+        step: u64,
+        node: usize,
+        op: String,
+        index: usize,
+        value: f32,
+    },
     /// The kernel's error is part of the message (not a `source`), so that a chain
     /// printed with `{:#}` does not repeat it.
     #[error("%{node} = {op}: {kernel}")]
@@ -45,7 +55,9 @@ impl Error {
     pub fn is_input_error(&self) -> bool {
         match self {
             Error::Weights(e) => e.is_input_error(),
-            Error::BadInput { .. } | Error::NonFiniteLogits { .. } => true,
+            Error::BadInput { .. }
+            | Error::NonFiniteLogits { .. }
+            | Error::NonFiniteValue { .. } => true,
             Error::Node { kernel, .. } => kernel.is_input_error(),
             Error::InvalidGraph(_) | Error::Unbound(_) => false,
         }

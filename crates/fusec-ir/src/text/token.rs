@@ -147,7 +147,9 @@ impl<'a> Cursor<'a> {
         })
     }
 
-    /// A double-quoted string with `\"`, `\\`, `\n` and `\t` escapes.
+    /// A double-quoted string with the escapes Rust's `{:?}` writes, which is how the
+    /// printer quotes names: `\"`, `\\`, `\n`, `\t`, `\r`, `\0`, `\'` and `\u{HEX}`
+    /// (a name holding any character then prints and parses back).
     pub fn string(&mut self) -> LexResult<String> {
         self.expect("\"")?;
         let mut out = String::new();
@@ -168,12 +170,42 @@ impl<'a> Cursor<'a> {
                         '\\' => '\\',
                         'n' => '\n',
                         't' => '\t',
+                        'r' => '\r',
+                        '0' => '\0',
+                        '\'' => '\'',
+                        'u' => self.unicode_escape()?,
                         other => return self.error(format!("unknown escape `\\{other}`")),
                     });
                 }
                 c => out.push(c),
             }
         }
+    }
+
+    /// The `{HEX}` of a `\u{HEX}` escape, as a character.
+    fn unicode_escape(&mut self) -> LexResult<char> {
+        let start = self.pos;
+        if !self.eat("{") {
+            return self.error("expected `{` after `\\u`");
+        }
+        let digits = self.pos;
+        while matches!(self.peek(), Some(c) if c.is_ascii_hexdigit()) {
+            self.pos += 1;
+        }
+        let hex = &self.src[digits..self.pos];
+        if !self.eat("}") || hex.is_empty() || hex.len() > 6 {
+            return Err(LexError {
+                offset: start,
+                message: "expected `{HEX}` after `\\u`".into(),
+            });
+        }
+        u32::from_str_radix(hex, 16)
+            .ok()
+            .and_then(char::from_u32)
+            .ok_or_else(|| LexError {
+                offset: start,
+                message: format!("`\\u{{{hex}}}` is not a character"),
+            })
     }
 
     /// A shape: `[64,B,S+1]`.
