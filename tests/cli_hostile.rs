@@ -313,6 +313,18 @@ fn sizes_beyond_the_limits_are_refused_by_key_and_position() {
     );
     let out = fusec(&["compile", s(&model), "--out", s(&dir)]);
     assert_input_error(&out, &["model.toml:", "limit"]);
+    // A cache whose capacity (what generated kernels allocate) is beyond the limits,
+    // though the decoded context is short.
+    let model = tiny_with(
+        &dir,
+        &[
+            ("batch", "65536"),
+            ("max_seq_len", "16777216"),
+            ("head_dim", "16384"),
+        ],
+    );
+    let out = fusec(&["compile", s(&model), "--out", s(&dir)]);
+    assert_input_error(&out, &["model.toml:", "max_seq_len", "at max_seq_len"]);
     // The command line's sizes.
     let tiny = root().join("examples/tiny.toml");
     for args in [

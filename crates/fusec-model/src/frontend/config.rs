@@ -216,7 +216,8 @@ impl Limits {
         );
         let (b, s) = (w(decode.batch), w(decode.context));
         let layer = d * (h + kv) * hd * 2 + 3 * d * i + 2 * d;
-        let checks: [(&'static str, &'static str, u128); 7] = [
+        let m = w(model.max_seq_len);
+        let checks: [(&'static str, &'static str, u128); 8] = [
             ("vocab_size", "the embedding table's elements", v * d),
             ("num_layers", "the parameter count", l * layer + 2 * v * d),
             ("intermediate_size", "one layer's parameter count", layer),
@@ -224,6 +225,12 @@ impl Limits {
                 "context",
                 "the KV cache's elements",
                 2 * l * b * s * kv * hd,
+            ),
+            // Generated kernels allocate each layer's cache at its capacity.
+            (
+                "max_seq_len",
+                "one layer's KV cache at max_seq_len",
+                b * m * kv * hd,
             ),
             ("context", "the attention scores' elements", l * b * h * s),
             (
