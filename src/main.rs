@@ -59,9 +59,17 @@ pub fn say(text: &str) {
         if e.kind() == std::io::ErrorKind::BrokenPipe {
             std::process::exit(0);
         }
-        eprintln!("error: cannot write to standard output: {e}");
+        complain(&format!("error: cannot write to standard output: {e}\n"));
         std::process::exit(2);
     }
+}
+
+/// Writes to standard error. Unlike `eprintln!`, which panics when the write fails
+/// (`2> /dev/full`), a failure here is ignored: there is nowhere left to report it, and
+/// the exit code still says what happened.
+pub fn complain(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().lock().write_all(text.as_bytes());
 }
 
 fn main() -> ExitCode {
@@ -76,11 +84,11 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Input(e)) => {
-            eprintln!("error: {e:#}");
+            complain(&format!("error: {e:#}\n"));
             ExitCode::from(2)
         }
         Err(Failure::Internal(e)) => {
-            eprintln!("internal error: {e:#}");
+            complain(&format!("internal error: {e:#}\n"));
             ExitCode::from(1)
         }
     }

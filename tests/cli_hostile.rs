@@ -273,6 +273,18 @@ fn a_closed_pipe_ends_quietly_and_a_full_disk_is_an_error() {
             .expect("runs");
         assert_input_error(&out, &["standard output"]);
     }
+    // Standard error on a full disk: the exit code still tells bad input (2) from a
+    // panic (101).
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("/dev/full");
+    let out = Command::new(env!("CARGO_BIN_EXE_fusec"))
+        .args(["compile", "/no/such/model.toml"])
+        .stderr(full)
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(2));
 }
 
 // ---- 3. Sizes -----------------------------------------------------------------------
@@ -464,8 +476,10 @@ fn model_maths_out_of_range_is_refused() {
         ("rope_theta", "1e-300"),
         ("rope_theta", "1.0"),
         ("rope_theta", "inf"),
+        ("rope_theta", "1e300"),
         ("rms_norm_eps", "2.0"),
         ("rms_norm_eps", "nan"),
+        ("rms_norm_eps", "1e-300"),
     ] {
         let model = tiny_with(&dir, &[(key, value)]);
         let out = fusec(&["run", s(&model), "--prompt", "1", "--tokens", "2"]);

@@ -320,6 +320,8 @@ pub fn run(args: Args) -> Result<(), Failure> {
     for f in args.gpu_file.iter().chain(&args.measurements) {
         outputs.reads(f);
     }
+    // Read when --measurements is not given.
+    outputs.reads(Path::new(DEFAULT_MEASUREMENTS));
     if let Some(path) = &args.out {
         outputs.check(path, Replace::IfForced)?;
     }

@@ -281,6 +281,12 @@ pub fn model_name_from(file_name: &str) -> String {
     }
 }
 
+/// Whether `v` is finite once rounded to f32, the widest precision the graph computes
+/// in.
+fn in_f32(v: f64) -> bool {
+    v.is_finite() && v.abs() <= f64::from(f32::MAX)
+}
+
 /// Cross-field checks shared by both frontends. Each error names the field at fault
 /// (returned as its key, so the caller can point at it in the file).
 pub(super) fn check(
@@ -365,22 +371,25 @@ pub(super) fn check(
     // RoPE's inverse frequencies are theta^(-2i/d) (Su et al., 2021, "RoFormer",
     // eq. 15): a base at or below 1 makes them grow with i, and a tiny one overflows
     // them to infinity, so the angles are no longer rotations the model was trained on.
-    if !(model.rope_theta.is_finite() && model.rope_theta > 1.0) {
+    // The graph computes in f32 at most, so the base must be finite there too.
+    if !(in_f32(model.rope_theta) && model.rope_theta > 1.0) {
         return Err((
             "rope_theta",
             format!(
-                "`rope_theta` must be a finite number above 1, got {:e}",
+                "`rope_theta` must be a number above 1 and finite in f32, got {:e}",
                 model.rope_theta
             ),
         ));
     }
     // RMSNorm adds eps to the mean square (Zhang & Sennrich, 2019): a value of 1 or
-    // more dominates it, and the published models use 1e-5 or 1e-6.
-    if !(model.rms_norm_eps.is_finite() && model.rms_norm_eps > 0.0 && model.rms_norm_eps < 1.0) {
+    // more dominates it, and the published models use 1e-5 or 1e-6. It is added in
+    // f32 (transformers' LlamaRMSNorm upcasts), where a value below the smallest
+    // normal number rounds towards 0 and a zero input then divides by zero.
+    if !(model.rms_norm_eps >= f64::from(f32::MIN_POSITIVE) && model.rms_norm_eps < 1.0) {
         return Err((
             "rms_norm_eps",
             format!(
-                "`rms_norm_eps` must be a positive number below 1, got {:e}",
+                "`rms_norm_eps` must be a number in [1.2e-38, 1) (positive and normal in f32), got {:e}",
                 model.rms_norm_eps
             ),
         ));
@@ -392,10 +401,10 @@ pub(super) fn check(
             ("residual_multiplier", m.residual),
             ("logits_scaling", m.logits_scaling),
         ] {
-            if !(v.is_finite() && v != 0.0) {
+            if !(in_f32(v) && v != 0.0) {
                 return Err((
                     key,
-                    format!("`{key}` must be a finite, non-zero number, got {v}"),
+                    format!("`{key}` must be a non-zero number, finite in f32, got {v:e}"),
                 ));
             }
         }
