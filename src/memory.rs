@@ -119,7 +119,7 @@ pub fn check(need: u128, what: &str, max_memory: Option<u64>) -> Result<(), Stri
     };
     if need > u128::from(limit) {
         return Err(format!(
-            "{what} needs at least {} of memory (weights and KV cache), more than the {} that {source} allows; use a smaller model, context or precision, or set --max-memory",
+            "{what} needs at least {} of memory (weights and KV cache), more than the {} that {source} allows: use a smaller model, batch, context or precision",
             human(need),
             human(u128::from(limit)),
         ));

@@ -403,6 +403,25 @@ fn a_run_that_cannot_fit_in_memory_is_refused_before_it_allocates() {
         "1G",
     ]);
     assert_input_error(&out, &["memory"]);
+    // report --measure-cpu of a small model at a batch whose KV cache cannot fit.
+    let model = tiny_with(
+        &scratch("memory"),
+        &[
+            ("batch", "65536"),
+            ("hidden_size", "4096"),
+            ("head_dim", "1024"),
+        ],
+    );
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -v 4000000 && exec '{}' report '{}' --measure-cpu",
+            env!("CARGO_BIN_EXE_fusec"),
+            model.display()
+        ))
+        .output()
+        .expect("sh runs");
+    assert_input_error(&out, &["--measure-cpu", "memory"]);
     // The machine's own limit: an address space too small for the weights.
     let out = Command::new("sh")
         .arg("-c")

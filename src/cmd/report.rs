@@ -202,6 +202,12 @@ fn measure_cpu(spec: &ModelSpec, eager: &Variant) -> Result<CpuMeasurement, Fail
     let batch = spec.decode.batch;
     let budget = (CPU_PARAMETER_STEPS / params.max(1)).clamp(CPU_MIN_CONTEXT, CPU_MAX_CONTEXT);
     let context = spec.decode.context.min(budget);
+    fusec::memory::check(
+        fusec::memory::least_bytes(spec, Precision::F32, batch, context),
+        &format!("--measure-cpu on {}", spec.model.name),
+        None,
+    )
+    .map_err(|m| Failure::Input(anyhow!(m)))?;
     let weights = Weights::random(&eager.graph, 0).map_err(|e| exec_failure(e.into()))?;
     let exec = Executor::new(eager.graph.clone(), &weights).map_err(exec_failure)?;
     let batch_usize = usize::try_from(batch)
