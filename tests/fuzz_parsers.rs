@@ -1,4 +1,6 @@
-//! Fuzz targets for every parser, on the stable toolchain: property tests that mutate
+//! Fuzz targets for every parser, on the stable toolchain (the text IR, `model.toml`,
+//! `config.json`, rule files, safetensors headers, GPU files and measurement files):
+//! property tests that mutate
 //! the seed corpus in `tests/fuzz/corpus/` (and the bundled examples) and assert that
 //! parsing never panics, that every rejection is a typed error that says where, and
 //! that what a parser accepts goes through the next stages (graph building, the cost
@@ -330,6 +332,37 @@ fn fuzz_safetensors_headers() {
                 prop_assert!(e.to_string().contains("model.safetensors"), "{e}");
             }
             let _ = Weights::metadata(&file);
+            Ok(())
+        })
+        .expect("no finding");
+}
+
+#[test]
+fn fuzz_gpu_files() {
+    let path = root().join("examples/fuzz-gpus.toml");
+    runner()
+        .run(&inputs(seeds("gpus", &[])), |src| {
+            match fusec::model::frontend::parse_gpu_file(&path, &src) {
+                Ok(gpus) => {
+                    for g in gpus {
+                        prop_assert!(g.hbm_gbs.is_finite() && g.hbm_gbs > 0.0, "{g:?}");
+                    }
+                }
+                Err(e) => prop_assert!(e.to_string().starts_with(&*path.to_string_lossy()), "{e}"),
+            }
+            Ok(())
+        })
+        .expect("no finding");
+}
+
+#[test]
+fn fuzz_measurement_files() {
+    let path = root().join("examples/fuzz-measurements.toml");
+    runner()
+        .run(&inputs(seeds("measurements", &[])), |src| {
+            if let Err(e) = fusec::report::parse_measurements(&path, &src) {
+                prop_assert!(e.to_string().contains("fuzz-measurements.toml"), "{e}");
+            }
             Ok(())
         })
         .expect("no finding");
