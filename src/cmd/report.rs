@@ -307,13 +307,14 @@ pub fn run(args: Args) -> Result<(), Failure> {
         args.batch.clone()
     };
     // Every point the user asks for is a decode shape the frontends' checks must
-    // accept, limits included, like --context and --batch of `fusec compile`.
-    for &c in &args.context {
+    // accept, limits included, like --context and --batch of `fusec compile` (a zero
+    // is left to the report, which names the flag).
+    for &c in args.context.iter().filter(|&&c| c > 0) {
         spec.clone()
             .set_decode(None, Some(c))
             .map_err(|e| Failure::Input(e.into()))?;
     }
-    for &b in &args.batch {
+    for &b in args.batch.iter().filter(|&&b| b > 0) {
         spec.clone()
             .set_decode(Some(b), None)
             .map_err(|e| Failure::Input(e.into()))?;
