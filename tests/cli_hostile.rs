@@ -330,7 +330,7 @@ fn sizes_beyond_the_limits_are_refused_by_key_and_position() {
     let model = tiny_with(
         &dir,
         &[
-            ("batch", "65536"),
+            ("batch", "32768"),
             ("max_seq_len", "16777216"),
             ("head_dim", "16384"),
         ],
@@ -407,7 +407,7 @@ fn a_run_that_cannot_fit_in_memory_is_refused_before_it_allocates() {
     let model = tiny_with(
         &scratch("memory"),
         &[
-            ("batch", "65536"),
+            ("batch", "32768"),
             ("hidden_size", "4096"),
             ("head_dim", "1024"),
         ],

@@ -178,9 +178,10 @@ pub const DEFAULT_ARCHITECTURE: &str = "llama";
 /// The largest sizes fusec accepts. Each bound is far above every published model
 /// (Llama 3.1 405B: hidden 16384, 126 layers, 128 heads, vocabulary 128256, 131072
 /// positions), and together with [`Limits::COUNT`] they keep every element, byte and
-/// FLOP count the pipeline computes in 64-bit arithmetic well clear of overflow: no
-/// tensor holds more than 2^50 elements, so a byte count (at most 4 bytes an element)
-/// fits in 2^52 and a sum of a few thousand of them in 2^63.
+/// FLOP count the pipeline computes in 64-bit arithmetic clear of overflow: the
+/// parameters, the KV cache, the attention scores and the FLOPs of a step each stay
+/// within 2^53, so their bytes (at most 4 an element) fit in 2^55 and the step's totals,
+/// sums of a few such, in 2^63.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits;
 
@@ -194,9 +195,11 @@ impl Limits {
     pub const VOCAB_SIZE: u64 = 1 << 24;
     /// `max_seq_len` and `context`.
     pub const POSITIONS: u64 = 1 << 24;
-    pub const BATCH: u64 = 1 << 16;
+    /// Below CUDA's limit of 65535 blocks along a grid's y axis, where generated
+    /// attention kernels put the sequences.
+    pub const BATCH: u64 = 1 << 15;
     /// The most elements (or FLOPs) of any one derived quantity below.
-    pub const COUNT: u128 = 1 << 50;
+    pub const COUNT: u128 = 1 << 53;
 
     /// The first derived count beyond [`Limits::COUNT`]: the key to lower, what the
     /// count is, and its value, computed in 128 bits so that it cannot wrap.
