@@ -26,6 +26,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             rounds,
             seed: 0,
             only: Vec::new(),
+            max_memory: None,
         };
         print!("{}", bench::run_model(&spec, &opts)?.render());
     }

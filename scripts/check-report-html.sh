@@ -58,7 +58,7 @@ echo "browser: $("$chrome" --version 2>/dev/null | tail -1)"
 
 page="$out/report.html"
 cargo run --quiet --bin fusec -- report examples/llama-3-8b.toml \
-    --gpu h100-sxm --precision fp8 --format html --out "$page" >/dev/null
+    --gpu h100-sxm --precision fp8 --format html --out "$page" --force >/dev/null
 
 profile="$(mktemp -d)"
 trap 'rm -rf "$profile"' EXIT

@@ -47,6 +47,9 @@ pub struct Options {
     /// The variants to run, by name (`eager f32`, `fused f32`, `fused bf16`,
     /// `fused fp8`); empty: all of them.
     pub only: Vec<String>,
+    /// The most memory the variants may hold together; `None`: what the machine can
+    /// give (see [`crate::memory`]).
+    pub max_memory: Option<u64>,
 }
 
 impl Default for Options {
@@ -57,6 +60,7 @@ impl Default for Options {
             rounds: 5,
             seed: 0,
             only: Vec::new(),
+            max_memory: None,
         }
     }
 }
@@ -192,21 +196,22 @@ struct Prepared {
 
 /// Runs every variant of `spec` and measures the ceiling in the same rounds.
 pub fn run_model(spec: &ModelSpec, opts: &Options) -> Result<ModelResult, BenchError> {
-    if opts.steps == 0 || opts.context == 0 {
+    if opts.steps == 0 || opts.context == 0 || opts.rounds == 0 {
         return Err(BenchError::Invalid(
-            "--context and --steps must be at least 1".into(),
+            "--context, --steps and --rounds must be at least 1".into(),
         ));
     }
-    let positions = (opts.context + opts.steps) as u64;
-    if positions > spec.model.max_seq_len {
-        return Err(BenchError::Invalid(format!(
-            "context {} plus {} steps exceed max_seq_len {}",
-            opts.context, opts.steps, spec.model.max_seq_len
-        )));
-    }
-    let rules = pipeline::rules(&[])?;
-    let fp8 = Fp8Options::default();
-    let mut prepared = Vec::new();
+    let positions = u64::try_from(opts.context)
+        .ok()
+        .zip(u64::try_from(opts.steps).ok())
+        .and_then(|(c, s)| c.checked_add(s))
+        .filter(|&p| p <= spec.model.max_seq_len)
+        .ok_or_else(|| {
+            BenchError::Invalid(format!(
+                "context {} plus {} steps exceed max_seq_len {}",
+                opts.context, opts.steps, spec.model.max_seq_len
+            ))
+        })?;
     if let Some(unknown) = opts
         .only
         .iter()
@@ -217,6 +222,21 @@ pub fn run_model(spec: &ModelSpec, opts: &Options) -> Result<ModelResult, BenchE
             VARIANTS.map(|v| format!("`{}`", v.0)).join(", ")
         )));
     }
+    // Every selected variant is held at once while they take turns.
+    let need: u128 = VARIANTS
+        .iter()
+        .filter(|(name, _, _)| opts.only.is_empty() || opts.only.iter().any(|o| o == name))
+        .map(|(_, _, precision)| crate::memory::least_bytes(spec, *precision, 1, positions))
+        .sum();
+    crate::memory::check(
+        need,
+        &format!("benchmarking {}", spec.model.name),
+        opts.max_memory,
+    )
+    .map_err(BenchError::Invalid)?;
+    let rules = pipeline::rules(&[])?;
+    let fp8 = Fp8Options::default();
+    let mut prepared = Vec::new();
     let selected = VARIANTS
         .into_iter()
         .filter(|(name, _, _)| opts.only.is_empty() || opts.only.iter().any(|o| o == name));

@@ -16,5 +16,7 @@ pub use fusec_weights as weights;
 
 pub mod bench;
 pub mod explain;
+pub mod memory;
+pub mod output;
 pub mod pipeline;
 pub mod summary;

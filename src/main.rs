@@ -41,11 +41,35 @@ impl From<fusec::pipeline::PipelineError> for Failure {
     }
 }
 
-/// Writes to standard output. A closed pipe (`fusec ... | head`) ends the output
-/// quietly instead of panicking as `print!` would.
+impl From<fusec::output::OutputError> for Failure {
+    fn from(e: fusec::output::OutputError) -> Self {
+        Failure::Input(e.into())
+    }
+}
+
+/// Writes to standard output, flushed at once so that a failure is seen here. A
+/// closed pipe (`fusec ... | head`) ends the program quietly with exit code 0, as
+/// ripgrep and other Rust tools do, where `print!` would panic; any other failure
+/// (`> /dev/full`) is an error of the environment: exit 2 with a message. Files the
+/// command wrote are complete by then (see `fusec::output`).
 pub fn say(text: &str) {
     use std::io::Write;
-    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        complain(&format!("error: cannot write to standard output: {e}\n"));
+        std::process::exit(2);
+    }
+}
+
+/// Writes to standard error. Unlike `eprintln!`, which panics when the write fails
+/// (`2> /dev/full`), a failure here is ignored: there is nowhere left to report it, and
+/// the exit code still says what happened.
+pub fn complain(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().lock().write_all(text.as_bytes());
 }
 
 fn main() -> ExitCode {
@@ -60,11 +84,11 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Input(e)) => {
-            eprintln!("error: {e:#}");
+            complain(&format!("error: {e:#}\n"));
             ExitCode::from(2)
         }
         Err(Failure::Internal(e)) => {
-            eprintln!("internal error: {e:#}");
+            complain(&format!("internal error: {e:#}\n"));
             ExitCode::from(1)
         }
     }

@@ -28,10 +28,18 @@ pub enum PipelineError {
         #[source]
         source: std::io::Error,
     },
-    #[error("a user rule was rejected: {0}")]
-    BadRule(RuleError),
-    #[error("unknown GPU `{name}` (known: {})", gpu_names().join(", "))]
-    UnknownGpu { name: String },
+    #[error("{}a user rule was rejected: {error}", location.as_ref().map(|l| format!("{l}: ")).unwrap_or_default())]
+    BadRule {
+        error: RuleError,
+        /// Where the rule is defined (`file:line`).
+        location: Option<String>,
+    },
+    #[error("{}unknown GPU `{name}` (known: {})", at.as_ref().map(|a| format!("{a}: ")).unwrap_or_default(), gpu_names().join(", "))]
+    UnknownGpu {
+        name: String,
+        /// Where the model description names it, if it does.
+        at: Option<String>,
+    },
     #[error("{gpu} has no FP8 tensor cores: use --precision bf16, or a GPU with FP8 (h100-sxm, h200-sxm, l40s, l4)")]
     NoFp8 { gpu: String },
     #[error("{phase}: {message}")]
@@ -108,6 +116,7 @@ pub fn bindings(spec: &ModelSpec) -> Bindings {
 pub fn target_gpu(spec: &ModelSpec) -> Result<&'static GpuSpec, PipelineError> {
     gpu(&spec.target.gpu).ok_or_else(|| PipelineError::UnknownGpu {
         name: spec.target.gpu.clone(),
+        at: spec.target.gpu_at.clone(),
     })
 }
 
@@ -148,13 +157,17 @@ pub fn fuse(
         .iter()
         .map(|(t, _)| *t)
         .collect();
-    if let Some(bad) = report.rejected.iter().find(|e| {
-        rules
+    for bad in &report.rejected {
+        if let Some(rule) = rules
             .rules()
             .iter()
-            .any(|r| r.name == e.rule && !builtin.contains(&r.topic.as_str()))
-    }) {
-        return Err(PipelineError::BadRule(bad.clone()));
+            .find(|r| r.name == bad.rule && !builtin.contains(&r.topic.as_str()))
+        {
+            return Err(PipelineError::BadRule {
+                error: bad.clone(),
+                location: rule.location.clone(),
+            });
+        }
     }
     Ok((verified("fuse", graph)?, report))
 }

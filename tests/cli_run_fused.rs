@@ -129,6 +129,8 @@ fn compile_predicts_what_run_measures() {
             dir.to_str().expect("utf-8"),
             "--report-json",
             report.to_str().expect("utf-8"),
+            // f32 is compiled twice, for the eager and the fused run.
+            "--force",
         ];
         args.extend(&compile_extra);
         ok(&args);

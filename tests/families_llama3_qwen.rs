@@ -123,6 +123,8 @@ fn compile_report(model: &Path, name: &str, extra: &[&str]) -> serde_json::Value
         "ir,cuda",
         "--report-json",
         path_str(&json),
+        // A name may be compiled again with other flags.
+        "--force",
     ];
     args.extend_from_slice(extra);
     let run = fusec(&args);

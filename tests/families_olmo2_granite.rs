@@ -122,6 +122,8 @@ fn compile(model: &str, precision: &str, tag: &str) -> (serde_json::Value, PathB
         "ir,cuda",
         "--report-json",
         path_str(&report),
+        // Each fixture compiles into the directory of its tag and precision in turn.
+        "--force",
     ];
     if precision != "default" {
         args.extend(["--precision", precision]);

@@ -32,6 +32,10 @@ pub struct Args {
     /// "fused fp8" [default: all four].
     #[arg(long = "variant", value_name = "NAME")]
     pub only: Vec<String>,
+    /// The most memory the variants may hold (e.g. 8G) [default: what the machine
+    /// can give].
+    #[arg(long, value_name = "BYTES", value_parser = fusec::memory::parse_bytes)]
+    pub max_memory: Option<u64>,
 }
 
 pub fn run(args: Args) -> Result<(), Failure> {
@@ -42,6 +46,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
         rounds: args.rounds,
         seed: args.seed,
         only: args.only,
+        max_memory: args.max_memory,
     };
     let result = bench::run_model(&spec, &opts).map_err(|e| match e {
         BenchError::Pipeline(p) => Failure::from(p),

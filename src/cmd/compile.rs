@@ -7,9 +7,11 @@ use std::time::Instant;
 use anyhow::Context;
 use fusec::codegen::{self, DecodeShape};
 use fusec::cuda::nvrtc::{Nvrtc, Target};
+use fusec::output::{Outputs, Replace};
 use fusec::pipeline;
 use fusec::summary::Summary;
 use fusec_ir::{dot, text, Graph};
+use fusec_model::frontend::valid_model_name;
 
 use crate::cmd::options::{FusionArgs, PrecisionArgs};
 use crate::Failure;
@@ -45,6 +47,10 @@ pub struct Args {
     pub fusion: FusionArgs,
     #[command(flatten)]
     pub precision: PrecisionArgs,
+    /// Replace an existing --report-json file (the dumps in the output directory are
+    /// compile's own and always replaced).
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,13 +61,13 @@ pub enum Emit {
     Ptx,
 }
 
-fn write(path: &Path, contents: String) -> Result<(), Failure> {
-    std::fs::write(path, contents)
-        .with_context(|| format!("cannot write {}", path.display()))
-        .map_err(Failure::Input)
+/// Writes one of compile's own dumps, which each compile replaces (see `Replace::Own`).
+fn write(outputs: &Outputs, path: &Path, contents: String) -> Result<(), Failure> {
+    Ok(outputs.write(path, contents.as_bytes(), Replace::Own)?)
 }
 
 fn dumps(
+    outputs: &Outputs,
     out: &Path,
     stem: &str,
     graph: &Graph,
@@ -75,12 +81,12 @@ fn dumps(
             Emit::Ir => ("fir", text::print(graph).map_err(internal)?),
             Emit::Dot => ("dot", dot::to_dot(graph).map_err(internal)?),
             Emit::Cuda | Emit::Ptx => {
-                written.extend(cuda(out, stem, graph, shape, *e == Emit::Ptx)?);
+                written.extend(cuda(outputs, out, stem, graph, shape, *e == Emit::Ptx)?);
                 continue;
             }
         };
         let path = out.join(format!("{stem}.{ext}"));
-        write(&path, contents)?;
+        write(outputs, &path, contents)?;
         written.push(path);
     }
     Ok(written)
@@ -89,6 +95,7 @@ fn dumps(
 /// The CUDA kernels and launch plan of `graph` (fused: `kernels.cu`; eager:
 /// `eager_kernels.cu`), or with `ptx` the kernels compiled by NVRTC for each target.
 fn cuda(
+    outputs: &Outputs,
     out: &Path,
     stem: &str,
     graph: &Graph,
@@ -114,7 +121,7 @@ fn cuda(
             ("launch_plan.json", plan + "\n"),
         ] {
             let path = out.join(format!("{prefix}{name}"));
-            write(&path, contents)?;
+            write(outputs, &path, contents)?;
             written.push(path);
         }
         return Ok(written);
@@ -127,7 +134,11 @@ fn cuda(
             .compile(&source, Target::Ptx(*arch))
             .map_err(|e| Failure::Internal(e.into()))?;
         let path = out.join(format!("{prefix}kernels.{arch}.ptx"));
-        write(&path, String::from_utf8_lossy(&ptx.image).into_owned())?;
+        write(
+            outputs,
+            &path,
+            String::from_utf8_lossy(&ptx.image).into_owned(),
+        )?;
         written.push(path);
     }
     Ok(written)
@@ -137,6 +148,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
     let mut spec = pipeline::load(&args.model, args.batch, args.context)?;
     if let Some(g) = &args.gpu {
         spec.target.gpu = g.clone();
+        spec.target.gpu_at = None;
     }
     args.precision.apply(&mut spec)?;
     let fp8 = args.precision.fp8(&[], None)?;
@@ -153,17 +165,35 @@ pub fn run(args: Args) -> Result<(), Failure> {
         Some((graph, report, elapsed))
     };
 
-    let out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("fusec-out").join(&spec.model.name));
+    let mut outputs = Outputs::new(args.force);
+    outputs.reads(&args.model);
+    if let Some(w) = &spec.weights {
+        outputs.reads(w);
+    }
+    for r in &args.fusion.rules {
+        outputs.reads(r);
+    }
+    let out = match &args.out {
+        Some(dir) => dir.clone(),
+        // The frontends accept only plain names; a library architecture might not.
+        None if valid_model_name(&spec.model.name) => {
+            PathBuf::from("fusec-out").join(&spec.model.name)
+        }
+        None => {
+            return Err(Failure::Input(anyhow::anyhow!(
+                "model name `{}` cannot name a directory under fusec-out/: give --out",
+                spec.model.name.escape_debug()
+            )))
+        }
+    };
+    outputs.check(&out.join("eager.fir"), Replace::Own)?;
     std::fs::create_dir_all(&out)
         .with_context(|| format!("cannot create {}", out.display()))
         .map_err(Failure::Input)?;
     let shape = DecodeShape::new(spec.decode.batch, spec.model.max_seq_len);
-    let mut written = dumps(&out, "eager", &eager, &shape, &args.emit)?;
+    let mut written = dumps(&outputs, &out, "eager", &eager, &shape, &args.emit)?;
     if let Some((graph, _, _)) = &fused {
-        written.extend(dumps(&out, "fused", graph, &shape, &args.emit)?);
+        written.extend(dumps(&outputs, &out, "fused", graph, &shape, &args.emit)?);
     }
 
     let summary = Summary::new(&spec, gpu, &eager, fused.as_ref().map(|(g, _, _)| g))
@@ -186,7 +216,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
     if let Some(path) = &args.report_json {
         let json =
             serde_json::to_string_pretty(&summary).map_err(|e| Failure::Internal(e.into()))?;
-        write(path, json + "\n")?;
+        outputs.write(path, (json + "\n").as_bytes(), Replace::IfForced)?;
         crate::say(&format!("wrote {}\n", path.display()));
     }
     Ok(())

@@ -23,13 +23,13 @@ pub struct FusionArgs {
 /// saturation cut short by a limit.
 pub fn warn_fusion(report: &fusec_rewrite::FuseReport) {
     for e in &report.rejected {
-        eprintln!("warning: {e} (not applied)");
+        crate::complain(&format!("warning: {e} (not applied)\n"));
     }
     if report.hit_limit {
-        eprintln!(
-            "warning: equality saturation stopped at a limit ({}); the result is correct but may be less fused",
+        crate::complain(&format!(
+            "warning: equality saturation stopped at a limit ({}); the result is correct but may be less fused\n",
             report.stop_reason
-        );
+        ));
     }
 }
 

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context};
 use fusec::exec::{Executor, Session, Weights};
+use fusec::output::{Outputs, Replace};
 use fusec::pipeline;
 use fusec::report::{self, CpuMeasurement, Format, MeasuredNode, Measurement, Variant};
 use fusec_ir::hardware::{self, GpuSpec};
@@ -61,6 +62,9 @@ pub struct Args {
     /// larger models).
     #[arg(long)]
     pub measure_cpu: bool,
+    /// Replace an existing --out file.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -198,6 +202,12 @@ fn measure_cpu(spec: &ModelSpec, eager: &Variant) -> Result<CpuMeasurement, Fail
     let batch = spec.decode.batch;
     let budget = (CPU_PARAMETER_STEPS / params.max(1)).clamp(CPU_MIN_CONTEXT, CPU_MAX_CONTEXT);
     let context = spec.decode.context.min(budget);
+    fusec::memory::check(
+        fusec::memory::least_bytes(spec, Precision::F32, batch, context),
+        &format!("--measure-cpu on {}", spec.model.name),
+        None,
+    )
+    .map_err(|m| Failure::Input(anyhow!(m)))?;
     let weights = Weights::random(&eager.graph, 0).map_err(|e| exec_failure(e.into()))?;
     let exec = Executor::new(eager.graph.clone(), &weights).map_err(exec_failure)?;
     let batch_usize = usize::try_from(batch)
@@ -243,8 +253,12 @@ pub fn run(args: Args) -> Result<(), Failure> {
         .find(|g| g.name == gpu_name.as_str())
         .ok_or_else(|| {
             let known: Vec<&str> = gpus.iter().map(|g| g.name.as_ref()).collect();
+            let at = match (&args.gpu, &spec.target.gpu_at) {
+                (None, Some(at)) => format!("{at}: "),
+                _ => String::new(),
+            };
             Failure::Input(anyhow!(
-                "unknown GPU `{gpu_name}` (known: {}; add one with --gpu-file)",
+                "{at}unknown GPU `{gpu_name}` (known: {}; add one with --gpu-file)",
                 known.join(", ")
             ))
         })?
@@ -292,6 +306,32 @@ pub fn run(args: Args) -> Result<(), Failure> {
     } else {
         args.batch.clone()
     };
+    // Every point the user asks for is a decode shape the frontends' checks must
+    // accept, limits included, like --context and --batch of `fusec compile` (a zero
+    // is left to the report, which names the flag).
+    for &c in args.context.iter().filter(|&&c| c > 0) {
+        spec.clone()
+            .set_decode(None, Some(c))
+            .map_err(|e| Failure::Input(e.into()))?;
+    }
+    for &b in args.batch.iter().filter(|&&b| b > 0) {
+        spec.clone()
+            .set_decode(Some(b), None)
+            .map_err(|e| Failure::Input(e.into()))?;
+    }
+    let mut outputs = Outputs::new(args.force);
+    outputs.reads(&args.model);
+    if let Some(w) = &spec.weights {
+        outputs.reads(w);
+    }
+    for f in args.gpu_file.iter().chain(&args.measurements) {
+        outputs.reads(f);
+    }
+    // Read when --measurements is not given.
+    outputs.reads(Path::new(DEFAULT_MEASUREMENTS));
+    if let Some(path) = &args.out {
+        outputs.check(path, Replace::IfForced)?;
+    }
     let (measurements, measurements_file) = measurements(args.measurements.as_deref())?;
     let cpu = if args.measure_cpu {
         Some(measure_cpu(&spec, &variants[0])?)
@@ -318,9 +358,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
         .map_err(report_failure)?;
     match &args.out {
         Some(path) => {
-            std::fs::write(path, text)
-                .with_context(|| format!("cannot write {}", path.display()))
-                .map_err(Failure::Input)?;
+            outputs.write(path, text.as_bytes(), Replace::IfForced)?;
             crate::say(&format!("wrote {}\n", path.display()));
         }
         None => crate::say(&text),

@@ -24,6 +24,8 @@ use fusec_model::frontend::{ModelSpec, Precision};
 use fusec_rewrite::precision::Fp8Options;
 use serde::Serialize;
 
+use fusec::output::{Outputs, Replace};
+
 use crate::cmd::options::{FusionArgs, PrecisionArgs, WeightScales};
 use crate::Failure;
 
@@ -69,6 +71,18 @@ pub struct Args {
     /// scales included) to DIR/model.safetensors, to load back with --weights DIR.
     #[arg(long, value_name = "DIR")]
     pub save_weights: Option<PathBuf>,
+    /// Replace existing --json and --save-weights files.
+    #[arg(long)]
+    pub force: bool,
+    /// Check the result of every op for infinities and NaNs, and stop at the first
+    /// (the logits are always checked; a non-finite logit reruns the decode with this
+    /// check to name the op).
+    #[arg(long)]
+    pub check_finite: bool,
+    /// The most memory the weights and KV cache may take (e.g. 8G) [default: what the
+    /// machine can give].
+    #[arg(long, value_name = "BYTES", value_parser = fusec::memory::parse_bytes)]
+    pub max_memory: Option<u64>,
 }
 
 /// The `--json` file: the fields of the reference schema (`llm-reference/1`) that a
@@ -224,11 +238,13 @@ fn fp8_from(args: &Args, source: &Source) -> Result<Fp8Options, Failure> {
 }
 
 fn run_session(
-    exec: Executor,
+    mut exec: Executor,
     prompt: &[i32],
     tokens: usize,
     forced: Option<&[i32]>,
+    check_finite: bool,
 ) -> Result<(Session, Generation), Failure> {
+    exec.set_check_finite(check_finite);
     let mut session =
         Session::with_capacity(exec, 1, prompt.len() + tokens).map_err(exec_failure)?;
     let prompts = [prompt.to_vec()];
@@ -264,7 +280,11 @@ pub fn run(args: Args) -> Result<(), Failure> {
         })
         .collect::<Result<Vec<i32>, _>>()
         .map_err(Failure::Input)?;
-    let positions = (prompt.len() + args.tokens - 1) as u64;
+    let positions = u64::try_from(prompt.len() + 1)
+        .ok()
+        .zip(u64::try_from(args.tokens).ok())
+        .and_then(|(p, t)| p.checked_add(t))
+        .map_or(u64::MAX, |n| n - 2);
     if positions > model.max_seq_len {
         return Err(Failure::Input(anyhow!(
             "{} prompt tokens and {} new tokens need {positions} positions, beyond max_seq_len {}",
@@ -273,6 +293,19 @@ pub fn run(args: Args) -> Result<(), Failure> {
             model.max_seq_len
         )));
     }
+    if let Some(window) = model.sliding_window.filter(|&w| positions > w) {
+        return Err(Failure::Input(anyhow!(
+            "{} prompt tokens and {} new tokens need {positions} positions, beyond the sliding window ({window}); fusec attends to the whole cache",
+            prompt.len(),
+            args.tokens,
+        )));
+    }
+    fusec::memory::check(
+        fusec::memory::least_bytes(&spec, precision, 1, positions),
+        &format!("decoding {}", model.name),
+        args.max_memory,
+    )
+    .map_err(|m| Failure::Input(anyhow!(m)))?;
 
     let source = match args.weights.as_ref().or(spec.weights.as_ref()) {
         Some(path) => Source::File(path.clone()),
@@ -284,11 +317,26 @@ pub fn run(args: Args) -> Result<(), Failure> {
         fp8: fp8_from(&args, &source)?,
         fuse: !args.fusion.no_fuse,
     };
+    let mut outputs = Outputs::new(args.force);
+    outputs.reads(&args.model);
+    if let Source::File(p) = &source {
+        outputs.reads(p);
+    }
+    for r in &args.fusion.rules {
+        outputs.reads(r);
+    }
+    // Checked before the run, so that a refused output costs no decode.
+    if let Some(path) = &args.json {
+        outputs.check(path, Replace::IfForced)?;
+    }
+    if let Some(dir) = &args.save_weights {
+        outputs.check(&dir.join("model.safetensors"), Replace::IfForced)?;
+    }
     let graph = builder.graph(precision)?;
     let (weights, kv_scales) = weights_for(&graph, precision, &source, &builder, &prompt)?;
     if let Some(dir) = &args.save_weights {
         save(
-            dir, &graph, &weights, &spec, precision, &builder, &source, &prompt,
+            &outputs, dir, &graph, &weights, &spec, precision, &builder, &source, &prompt,
         )?;
     }
     let exec = Executor::new(graph.clone(), &weights).map_err(exec_failure)?;
@@ -296,7 +344,23 @@ pub fn run(args: Args) -> Result<(), Failure> {
     // the loaded values are only needed again to compare, and freeing them here keeps
     // a large checkpoint from being resident twice while it decodes.
     let weights = args.compare.then_some(weights);
-    let (session, gen) = run_session(exec, &prompt, args.tokens, None)?;
+    let (session, gen) = match run_session(exec, &prompt, args.tokens, None, args.check_finite) {
+        Err(Failure::Input(e))
+            if !args.check_finite
+                && matches!(e.downcast_ref(), Some(ExecError::NonFiniteLogits { .. })) =>
+        {
+            return Err(first_non_finite(
+                e,
+                &graph,
+                precision,
+                &source,
+                &builder,
+                &prompt,
+                args.tokens,
+            ))
+        }
+        other => other?,
+    };
 
     print_summary(
         &model.name,
@@ -307,7 +371,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
         &gen,
     );
     if args.profile {
-        print!("{}", session.profile().render());
+        crate::say(&session.profile().render());
     }
     let compared = if args.compare {
         let reference_graph = builder.graph(Precision::F32)?;
@@ -320,14 +384,21 @@ pub fn run(args: Args) -> Result<(), Failure> {
         let reference_exec =
             Executor::new(reference_graph, &reference_weights).map_err(exec_failure)?;
         drop(reference_weights);
-        let (_, reference) = run_session(reference_exec, &prompt, args.tokens, None)?;
+        let (_, reference) = run_session(
+            reference_exec,
+            &prompt,
+            args.tokens,
+            None,
+            args.check_finite,
+        )?;
         let forced = reference.generated[0][..args.tokens - 1].to_vec();
         let weights = weights.ok_or_else(|| {
             Failure::Internal(anyhow!("the weights were freed before --compare ran"))
         })?;
         let exec = Executor::new(graph, &weights).map_err(exec_failure)?;
         drop(weights);
-        let (_, lowered) = run_session(exec, &prompt, args.tokens, Some(&forced))?;
+        let (_, lowered) =
+            run_session(exec, &prompt, args.tokens, Some(&forced), args.check_finite)?;
         let acc = accuracy::compare(
             reference.logits.index_axis(Axis(0), 0),
             lowered.logits.index_axis(Axis(0), 0),
@@ -373,10 +444,8 @@ pub fn run(args: Args) -> Result<(), Failure> {
             }),
         };
         let json = serde_json::to_string(&report).map_err(|e| Failure::Internal(e.into()))?;
-        std::fs::write(path, json + "\n")
-            .with_context(|| format!("cannot write {}", path.display()))
-            .map_err(Failure::Input)?;
-        println!("wrote {}", path.display());
+        outputs.write(path, (json + "\n").as_bytes(), Replace::IfForced)?;
+        crate::say(&format!("wrote {}\n", path.display()));
     }
     Ok(())
 }
@@ -384,6 +453,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
 /// `--save-weights`: the weights with metadata that says how they were made.
 #[allow(clippy::too_many_arguments)]
 fn save(
+    outputs: &Outputs,
     dir: &Path,
     graph: &Graph,
     weights: &Weights,
@@ -414,9 +484,42 @@ fn save(
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
-    let path = weights::save_weights(dir, graph, weights, &metadata).map_err(exec_failure)?;
-    println!("wrote {}", path.display());
+    let path = dir.join("model.safetensors");
+    outputs.check(&path, Replace::IfForced)?;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))
+        .map_err(Failure::Input)?;
+    outputs.write_with(&path, Replace::IfForced, |tmp| {
+        weights::save_weights_to(tmp, graph, weights, &metadata)
+    })?;
+    crate::say(&format!("wrote {}\n", path.display()));
     Ok(())
+}
+
+/// After the logits of a step turned out non-finite: decodes again with every op's
+/// result checked, to name the op that produced the first infinity or NaN (the
+/// decode is deterministic, so it fails at the same step or earlier).
+#[allow(clippy::too_many_arguments)]
+fn first_non_finite(
+    logits_error: anyhow::Error,
+    graph: &Graph,
+    precision: Precision,
+    source: &Source,
+    builder: &Builder<'_>,
+    prompt: &[i32],
+    tokens: usize,
+) -> Failure {
+    let diagnosis = weights_for(graph, precision, source, builder, prompt).and_then(|(w, _)| {
+        let exec = Executor::new(graph.clone(), &w).map_err(exec_failure)?;
+        drop(w);
+        run_session(exec, prompt, tokens, None, true)
+    });
+    match diagnosis {
+        Err(Failure::Input(op_error)) => Failure::Input(anyhow!(
+            "{logits_error:#}; the first non-finite value came from {op_error}"
+        )),
+        _ => Failure::Input(logits_error),
+    }
 }
 
 fn ids(v: &[i32]) -> String {
@@ -436,17 +539,14 @@ fn print_summary(
     } else {
         "fused"
     };
-    println!(
-        "model     {model}, weights {weights}, {graph} graph in {}",
-        precision.name()
-    );
-    println!("prompt    {}", ids(prompt));
-    println!("generated {}", ids(&gen.generated[0]));
-    println!(
-        "{} steps, {} launches/step, {:.3} MB/step, {:.1} tokens/s",
+    crate::say(&format!(
+        "model     {model}, weights {weights}, {graph} graph in {}\nprompt    {}\ngenerated {}\n{} steps, {} launches/step, {:.3} MB/step, {:.1} tokens/s\n",
+        precision.name(),
+        ids(prompt),
+        ids(&gen.generated[0]),
         gen.steps,
         gen.launches_per_step,
         gen.bytes_per_step() / 1e6,
         gen.tokens_per_s()
-    );
+    ));
 }

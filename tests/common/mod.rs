@@ -55,9 +55,17 @@ pub fn fusec_in(dir: &Path, args: &[&str]) -> std::process::Output {
         .expect("fusec runs")
 }
 
-/// A fresh scratch directory for one test (the process id keeps test binaries apart).
+/// A scratch directory for one test (the process id keeps test binaries apart). The
+/// first call for a name in this process empties what an earlier process of the same
+/// id left there, since fusec refuses to replace existing outputs without `--force`.
 pub fn scratch(name: &str) -> PathBuf {
+    static SEEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     let dir = std::env::temp_dir().join(format!("fusec-test-{}-{name}", std::process::id()));
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    if !seen.iter().any(|n| n == name) {
+        let _ = std::fs::remove_dir_all(&dir);
+        seen.push(name.to_string());
+    }
     std::fs::create_dir_all(&dir).expect("temp dir");
     dir
 }

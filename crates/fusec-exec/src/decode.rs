@@ -644,22 +644,39 @@ impl Session {
             gen.bytes += out.stats.bytes();
             gen.elapsed += out.stats.time;
         };
-        let keep = |gen: &mut Generation, rows: &mut [Vec<f32>], out: StepOutput| {
-            for (seq, row) in rows.iter_mut().zip(out.logits.rows()) {
-                seq.extend(row.iter());
-            }
-            for (s, &t) in out.next.iter().enumerate() {
-                gen.generated[s].push(t);
-            }
-        };
+        // A non-finite logit makes the greedy choice meaningless (every comparison
+        // with NaN is false), so it stops the run instead of yielding a token.
+        let keep =
+            |gen: &mut Generation, rows: &mut [Vec<f32>], out: StepOutput| -> Result<(), Error> {
+                for (sequence, row) in out.logits.rows().into_iter().enumerate() {
+                    if let Some((index, &value)) =
+                        row.iter().enumerate().find(|(_, v)| !v.is_finite())
+                    {
+                        return Err(Error::NonFiniteLogits {
+                            step: gen.steps,
+                            token: gen.generated[sequence].len(),
+                            sequence,
+                            index,
+                            value,
+                        });
+                    }
+                }
+                for (seq, row) in rows.iter_mut().zip(out.logits.rows()) {
+                    seq.extend(row.iter());
+                }
+                for (s, &t) in out.next.iter().enumerate() {
+                    gen.generated[s].push(t);
+                }
+                Ok(())
+            };
         let mut tokens = Vec::with_capacity(self.batch);
         for pos in 0..len {
             tokens.clear();
             tokens.extend(prompts.iter().map(|p| p[pos]));
-            let out = self.step(&tokens)?;
+            let out = self.step(&tokens).map_err(|e| at_step(e, gen.steps + 1))?;
             record(&mut gen, &out);
             if pos + 1 == len {
-                keep(&mut gen, &mut rows, out);
+                keep(&mut gen, &mut rows, out)?;
             }
         }
         for i in 1..new_tokens {
@@ -668,9 +685,9 @@ impl Session {
                 Some(f) => tokens.extend(f.iter().map(|seq| seq[i - 1])),
                 None => tokens.extend(gen.generated.iter().map(|g| g[i - 1])),
             }
-            let out = self.step(&tokens)?;
+            let out = self.step(&tokens).map_err(|e| at_step(e, gen.steps + 1))?;
             record(&mut gen, &out);
-            keep(&mut gen, &mut rows, out);
+            keep(&mut gen, &mut rows, out)?;
         }
         let tokens = rows
             .first()
@@ -680,6 +697,25 @@ impl Session {
         gen.logits = Array3::from_shape_vec((self.batch, tokens, self.vocab), rows.concat())
             .map_err(|e| Error::InvalidGraph(format!("logits: {e}")))?;
         Ok(gen)
+    }
+}
+
+/// A non-finite result found by the executor's finiteness check, with the decode step
+/// (counted from 1) it happened in; other errors as they are.
+fn at_step(e: Error, step: u64) -> Error {
+    match e {
+        Error::Node {
+            node,
+            op,
+            kernel: crate::kernels::KernelError::NonFinite { index, value },
+        } => Error::NonFiniteValue {
+            step,
+            node,
+            op,
+            index,
+            value,
+        },
+        other => other,
     }
 }
 

@@ -30,16 +30,17 @@ pub struct Cost {
 
 impl Cost {
     pub fn bytes(&self) -> u64 {
-        self.bytes_read + self.bytes_written
+        self.bytes_read.saturating_add(self.bytes_written)
     }
 }
 
 impl std::ops::AddAssign for Cost {
     fn add_assign(&mut self, o: Cost) {
-        self.launches += o.launches;
-        self.bytes_read += o.bytes_read;
-        self.bytes_written += o.bytes_written;
-        self.flops += o.flops;
+        // Saturating: a count never wraps around to a small one.
+        self.launches = self.launches.saturating_add(o.launches);
+        self.bytes_read = self.bytes_read.saturating_add(o.bytes_read);
+        self.bytes_written = self.bytes_written.saturating_add(o.bytes_written);
+        self.flops = self.flops.saturating_add(o.flops);
     }
 }
 
@@ -48,7 +49,9 @@ fn tensor(ty: &Type) -> Option<&TensorType> {
 }
 
 fn numel(ty: &Type, b: &Bindings) -> Result<u64, UnboundSymbol> {
-    ty.tensors().iter().map(|t| t.shape.numel(b)).sum()
+    ty.tensors()
+        .iter()
+        .try_fold(0u64, |n, t| Ok(n.saturating_add(t.shape.numel(b)?)))
 }
 
 /// Bytes read when an op reads `value` once: through views, the smaller of the view's
@@ -140,8 +143,10 @@ pub fn op_cost(
         Op::Reduce { kind, .. } => n_in0 + if *kind == ReduceOp::Mean { n_out } else { 0 },
         Op::Argmax { .. } => n_in0,
         Op::Softmax { .. } => 5 * n_out,
-        Op::MatMul => 2 * n_out * last_dim(operands[0], b)?,
-        Op::Linear => 2 * n_out * last_dim(operands[1], b)?,
+        // Products of three sizes: saturating, never wrapping (the frontends' limits
+        // keep real models far below; a hand-written graph may not be).
+        Op::MatMul => (2 * n_out).saturating_mul(last_dim(operands[0], b)?),
+        Op::Linear => (2 * n_out).saturating_mul(last_dim(operands[1], b)?),
         Op::Fused(f) => fused_flops(*f, operands, n_out, n_in0, b)?,
         // Data movement and conversions are charged bytes, not FLOPs.
         Op::Input { .. }
@@ -163,7 +168,7 @@ pub fn op_cost(
     };
     Ok(Cost {
         launches: 1,
-        bytes_read: reads.iter().sum(),
+        bytes_read: reads.iter().fold(0, |a, &v| a.saturating_add(v)),
         bytes_written,
         flops,
     })
@@ -180,7 +185,8 @@ fn fused_flops(
 ) -> Result<u64, UnboundSymbol> {
     // 2 FLOPs per weight element per row of x (operand 0).
     let rows = n_in0 / last_dim(operands[0], b)?.max(1);
-    let gemv = |w: &Type| -> Result<u64, UnboundSymbol> { Ok(2 * rows * numel(w, b)?) };
+    let gemv =
+        |w: &Type| -> Result<u64, UnboundSymbol> { Ok((2 * rows).saturating_mul(numel(w, b)?)) };
     Ok(match f {
         FusedOp::KvAppend => 0,
         FusedOp::Rope => 3 * n_out,
@@ -217,7 +223,9 @@ fn fused_flops(
                 _ => 0,
             };
             let hd = last_dim(operands[0], b)?.max(1);
-            4 * n_in0 * len + 5 * (n_in0 / hd) * len
+            (4 * n_in0)
+                .saturating_mul(len)
+                .saturating_add((5 * (n_in0 / hd)).saturating_mul(len))
         }
     })
 }
@@ -275,7 +283,10 @@ pub struct Floor {
 
 impl Floor {
     pub fn total(&self) -> u64 {
-        self.weight_bytes + self.kv_read_bytes + self.kv_write_bytes + self.io_bytes
+        self.weight_bytes
+            .saturating_add(self.kv_read_bytes)
+            .saturating_add(self.kv_write_bytes)
+            .saturating_add(self.io_bytes)
     }
 }
 
@@ -328,7 +339,7 @@ pub fn graph_cost(graph: &Graph, b: &Bindings) -> Result<GraphCost, UnboundSymbo
             }
         }
     }
-    cost.floor.weight_bytes = weight_read.values().sum();
+    cost.floor.weight_bytes = weight_read.values().fold(0, |a, &v| a.saturating_add(v));
     let mut state_in = HashMap::new();
     for (id, name, kind) in graph.inputs() {
         let bytes = graph.ty(id).bytes(b)?;

@@ -54,7 +54,7 @@ impl Dim {
             Dim::Fixed(v) => Ok(*v),
             Dim::Sym { name, plus } => bindings
                 .get(name)
-                .map(|v| v + plus)
+                .map(|v| v.saturating_add(*plus))
                 .ok_or_else(|| UnboundSymbol(name.clone())),
         }
     }
@@ -150,9 +150,14 @@ impl Shape {
         self.0.iter().map(|d| d.eval(bindings)).collect()
     }
 
-    /// The number of elements under `bindings`.
+    /// The number of elements under `bindings`, saturating at `u64::MAX` rather than
+    /// wrapping (the frontends' limits keep models far below; see
+    /// `fusec_model::frontend::Limits`).
     pub fn numel(&self, bindings: &Bindings) -> Result<u64, UnboundSymbol> {
-        Ok(self.eval(bindings)?.iter().product())
+        Ok(self
+            .eval(bindings)?
+            .iter()
+            .fold(1u64, |n, &d| n.saturating_mul(d)))
     }
 
     /// The element count as a symbolic product: the product of the fixed dimensions and

@@ -24,7 +24,10 @@ impl TensorType {
 
     /// Bytes the tensor occupies under `bindings`.
     pub fn bytes(&self, bindings: &Bindings) -> Result<u64, UnboundSymbol> {
-        Ok(self.shape.numel(bindings)? * self.dtype.size_bytes())
+        Ok(self
+            .shape
+            .numel(bindings)?
+            .saturating_mul(self.dtype.size_bytes()))
     }
 }
 
@@ -60,7 +63,9 @@ impl Type {
 
     /// Bytes all of this value's tensors occupy under `bindings`.
     pub fn bytes(&self, bindings: &Bindings) -> Result<u64, UnboundSymbol> {
-        self.tensors().iter().map(|t| t.bytes(bindings)).sum()
+        self.tensors()
+            .iter()
+            .try_fold(0u64, |n, t| Ok(n.saturating_add(t.bytes(bindings)?)))
     }
 }
 

@@ -77,3 +77,35 @@ fn dot_export_draws_every_node_and_edge() {
     assert!(dot.contains("n0 -> n1 [label=\"0\"];"), "{dot}");
     assert!(dot.contains("n1 -> \"out:y\";"), "{dot}");
 }
+
+/// Found by `tests/fuzz_parsers.rs`: names are printed with Rust's `{:?}` quoting, and
+/// the parser did not read all of its escapes back (`\0`), so a parsed graph printed
+/// text that no longer parsed.
+#[test]
+fn names_with_any_character_print_and_parse_back() {
+    let src = "graph \"g\\u{1}\\0\\r'\u{7f}\" {\n  %0 = input{name=\"a\\0b\\u{fffd}\"} : f32[B,4]\n  output \"y\\t\" = %0\n}\n";
+    let g = parse(src).expect("parses");
+    let printed = fusec_ir::text::print(&g).expect("prints");
+    let again = parse(&printed).expect("printed text parses");
+    assert_eq!(fusec_ir::text::print(&again).expect("prints"), printed);
+    assert_eq!(again.name, "g\u{1}\0\r'\u{7f}");
+    for bad in ["\\u{110000}", "\\u{}", "\\u{1234567}", "\\u12", "\\q"] {
+        let src = format!("graph \"{bad}\" {{\n}}\n");
+        assert!(parse(&src).is_err(), "{bad}");
+    }
+}
+
+/// Shapes are bounded so that element and byte counts cannot overflow.
+#[test]
+fn huge_dimensions_are_rejected_with_a_position() {
+    for shape in [
+        "[1099511627777]",
+        "[1048576,1048576,1048576]",
+        "[B+18446744073709551615]",
+    ] {
+        let src = format!("graph \"g\" {{\n  %0 = input{{name=\"a\"}} : f32{shape}\n}}\n");
+        let (line, _, message) = err(&src);
+        assert_eq!(line, 2, "{shape}: {message}");
+        assert!(message.contains("too large"), "{shape}: {message}");
+    }
+}

@@ -125,6 +125,58 @@ fn dtype(args: &[CondArg], i: usize) -> Result<DType, CondError> {
     }
 }
 
+/// The kind of one argument of a condition, checked when a rule is loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ArgKind {
+    /// A `?variable`.
+    Class,
+    /// An integer: a literal or a `$variable`.
+    Int,
+    /// A shape: a literal or a `$variable`.
+    Shape,
+    /// A dtype: a literal or a `$variable`.
+    DType,
+}
+
+impl ArgKind {
+    pub fn describe(self) -> &'static str {
+        match self {
+            ArgKind::Class => "a ?variable",
+            ArgKind::Int => "an integer",
+            ArgKind::Shape => "a shape",
+            ArgKind::DType => "a dtype",
+        }
+    }
+
+    /// Whether a literal is of this kind.
+    pub fn accepts(self, lit: &Attr) -> bool {
+        matches!(
+            (self, lit),
+            (ArgKind::Int, Attr::Int(_))
+                | (ArgKind::Shape, Attr::Shape(_))
+                | (ArgKind::DType, Attr::DType(_))
+        )
+    }
+}
+
+/// The argument kinds of each built-in condition (see [`builtin_conditions`]).
+pub fn builtin_signatures() -> BTreeMap<String, Vec<ArgKind>> {
+    use ArgKind::{Class, DType as D, Int, Shape as Sh};
+    [
+        ("is-state", vec![Class]),
+        ("is-scalar", vec![Class]),
+        ("has-dtype", vec![Class, D]),
+        ("same-type", vec![Class, Class]),
+        ("norm-weight", vec![Class, Class]),
+        ("gemv-out", vec![Class, Class, Class]),
+        ("rotate-half", vec![Int, Int, Class]),
+        ("repeat-kv", vec![Sh, Sh, Class]),
+    ]
+    .into_iter()
+    .map(|(n, k)| (n.to_string(), k))
+    .collect()
+}
+
 /// The built-in conditions:
 ///
 /// - `(is-state ?x)`: `?x` is KV-cache state read at the start of the step;

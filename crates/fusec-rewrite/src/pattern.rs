@@ -49,18 +49,33 @@ pub struct PatError {
 impl Pat {
     /// Parses one pattern from `src` starting at `*pos`, advancing it.
     pub fn parse_at(src: &str, pos: &mut usize) -> Result<Pat, PatError> {
+        Self::parse_nested(src, pos, 0)
+    }
+
+    /// [`Pat::parse_at`] at nesting `depth`: deeper than [`MAX_PATTERN_DEPTH`] is an
+    /// error, so that a hostile rule cannot overflow the stack.
+    fn parse_nested(src: &str, pos: &mut usize, depth: usize) -> Result<Pat, PatError> {
         skip_ws(src, pos);
         let rest = &src[*pos..];
+        if depth > MAX_PATTERN_DEPTH {
+            return Err(PatError {
+                offset: *pos,
+                message: format!("the pattern nests deeper than {MAX_PATTERN_DEPTH} levels"),
+            });
+        }
         if rest.starts_with('(') {
             *pos += 1;
             skip_ws(src, pos);
             let head_at = *pos;
-            let Pat::Op {
-                name,
-                attrs,
-                weight,
-                ..
-            } = parse_atom(src, pos)?
+            let (
+                Pat::Op {
+                    name,
+                    attrs,
+                    weight,
+                    ..
+                },
+                Some(op),
+            ) = parse_atom(src, pos)?
             else {
                 return Err(PatError {
                     offset: head_at,
@@ -75,7 +90,7 @@ impl Pat {
                         *pos += 1;
                         break;
                     }
-                    Some(_) => children.push(Pat::parse_at(src, pos)?),
+                    Some(_) => children.push(Pat::parse_nested(src, pos, depth + 1)?),
                     None => {
                         return Err(PatError {
                             offset: *pos,
@@ -84,6 +99,7 @@ impl Pat {
                     }
                 }
             }
+            check_arity(&op, children.len(), head_at)?;
             Ok(Pat::Op {
                 name,
                 attrs,
@@ -96,7 +112,12 @@ impl Pat {
                 message: "expected a pattern".into(),
             })
         } else {
-            parse_atom(src, pos)
+            let at = *pos;
+            let (pat, op) = parse_atom(src, pos)?;
+            if let Some(op) = op {
+                check_arity(&op, 0, at)?;
+            }
+            Ok(pat)
         }
     }
 
@@ -184,8 +205,33 @@ fn skip_ws(src: &str, pos: &mut usize) {
     }
 }
 
-/// `?x`, or an op token whose attribute values may be `$var` or `_`.
-fn parse_atom(src: &str, pos: &mut usize) -> Result<Pat, PatError> {
+/// How deep patterns may nest: the deepest built-in rule nests 8 levels.
+pub const MAX_PATTERN_DEPTH: usize = 64;
+
+/// An op applied to `n` operands in a pattern must take `n` (the op table's arity).
+fn check_arity(op: &Op, n: usize, at: usize) -> Result<(), PatError> {
+    let arity = op.arity();
+    if arity.accepts(n) {
+        Ok(())
+    } else {
+        Err(PatError {
+            offset: at,
+            message: format!(
+                "`{}` takes {arity} operand{}, the pattern gives it {n}",
+                op.name(),
+                if arity == fusec_ir::op::Arity::Exactly(1) {
+                    ""
+                } else {
+                    "s"
+                }
+            ),
+        })
+    }
+}
+
+/// `?x`, or an op token whose attribute values may be `$var` or `_`, with the op it
+/// names (built with placeholder attributes where the pattern has variables).
+fn parse_atom(src: &str, pos: &mut usize) -> Result<(Pat, Option<Op>), PatError> {
     let start = *pos;
     let rest = &src[start..];
     if let Some(var) = rest.strip_prefix('?') {
@@ -199,7 +245,7 @@ fn parse_atom(src: &str, pos: &mut usize) -> Result<Pat, PatError> {
             });
         }
         *pos += 1 + len;
-        return Ok(Pat::Var(var[..len].to_string()));
+        return Ok((Pat::Var(var[..len].to_string()), None));
     }
     let mut c = Cursor::new(src);
     c.pos = start;
@@ -218,7 +264,10 @@ fn parse_atom(src: &str, pos: &mut usize) -> Result<Pat, PatError> {
             } else if c.eat("$") {
                 AttrPat::Var(c.ident().map_err(err)?.to_string())
             } else {
-                AttrPat::Lit(c.attr_value().map_err(err)?)
+                let at = c.pos;
+                let lit = c.attr_value().map_err(err)?;
+                check_literal(&lit, at)?;
+                AttrPat::Lit(lit)
             };
             attrs.push((key, value));
             if c.eat("}") {
@@ -243,19 +292,31 @@ fn parse_atom(src: &str, pos: &mut usize) -> Result<Pat, PatError> {
         };
         probe.insert(k.clone(), lit);
     }
-    let op_check = op_from_parts(&name, probe, weight.clone());
-    if let Err(e) = op_check {
-        return Err(PatError {
-            offset: start,
-            message: e.to_string(),
-        });
+    let op = op_from_parts(&name, probe, weight.clone()).map_err(|e| PatError {
+        offset: start,
+        message: e.to_string(),
+    })?;
+    Ok((
+        Pat::Op {
+            name,
+            attrs,
+            weight,
+            children: Vec::new(),
+        },
+        Some(op),
+    ))
+}
+
+/// A literal in a rule must be a value a graph can hold: no infinity or NaN (`1e999`
+/// parses as infinity), which no rewrite of finite arithmetic may introduce.
+pub fn check_literal(lit: &Attr, at: usize) -> Result<(), PatError> {
+    match lit {
+        Attr::Float(v) if !v.is_finite() => Err(PatError {
+            offset: at,
+            message: format!("the literal {v} is not a finite number"),
+        }),
+        _ => Ok(()),
     }
-    Ok(Pat::Op {
-        name,
-        attrs,
-        weight,
-        children: Vec::new(),
-    })
 }
 
 /// A value of the right kind for attribute `key` of op `name`, to validate patterns.

@@ -69,6 +69,8 @@ pub struct Rule {
     pub lhs: Pat,
     pub rhs: Pat,
     pub conditions: Vec<Condition>,
+    /// Where a rule file defines it (`file:line`), for errors found after loading.
+    pub location: Option<String>,
 }
 
 /// Why a rule is malformed, or failed when applied.
@@ -94,6 +96,7 @@ impl Rule {
             lhs: Pat::parse(lhs).map_err(|e| err("left-hand side", e))?,
             rhs: Pat::parse(rhs).map_err(|e| err("right-hand side", e))?,
             conditions: Vec::new(),
+            location: None,
         })
     }
 
@@ -441,6 +444,21 @@ impl Applier<ENode, TypeAnalysis> for EggRule {
         let Some(id) = self.instantiate(egraph, &self.rule.rhs, &m, origin) else {
             return Vec::new();
         };
+        // The result must have the type of the value it replaces, or every user of
+        // that value would stop type-checking when extraction picks it.
+        let (want, got) = (&egraph[eclass].data.ty, &egraph[id].data.ty);
+        if want != got {
+            let show = |t: &Option<fusec_ir::Type>| {
+                t.as_ref()
+                    .map_or_else(|| "no type".to_string(), ToString::to_string)
+            };
+            self.fail(format!(
+                "its result has type {} where the matched value has type {}",
+                show(got),
+                show(want)
+            ));
+            return Vec::new();
+        }
         if egraph.union(eclass, id) {
             vec![id]
         } else {

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use fusec_ir::text::token::Cursor;
 
-use crate::condition::{builtin_conditions, CondFn};
+use crate::condition::{builtin_conditions, builtin_signatures, ArgKind, CondFn};
 use crate::pattern::Pat;
 use crate::rule::{ArgPat, Condition, Rule, RuleError};
 
@@ -50,6 +50,9 @@ pub struct RuleFileError {
 pub struct RuleSet {
     rules: Vec<Arc<Rule>>,
     conditions: BTreeMap<String, CondFn>,
+    /// The argument kinds of the conditions whose signature is known (the built-in
+    /// ones), checked when a rule is added.
+    signatures: BTreeMap<String, Vec<ArgKind>>,
 }
 
 impl std::fmt::Debug for RuleSet {
@@ -76,6 +79,7 @@ impl RuleSet {
         Self {
             rules: Vec::new(),
             conditions: builtin_conditions(),
+            signatures: builtin_signatures(),
         }
     }
 
@@ -99,11 +103,14 @@ impl RuleSet {
     /// Registers a condition that rule files can call as `(name args...)`.
     pub fn register_condition(&mut self, name: &str, f: CondFn) {
         self.conditions.insert(name.to_string(), f);
+        // A replaced built-in may take other arguments.
+        self.signatures.remove(name);
     }
 
     /// Adds a rule written in Rust, after validating it.
     pub fn add_rule(&mut self, rule: Rule) -> Result<(), RuleError> {
         rule.validate(&|n| self.conditions.contains_key(n))?;
+        self.check_signatures(&rule)?;
         if self.rules.iter().any(|r| r.name == rule.name) {
             return Err(RuleError {
                 rule: rule.name,
@@ -111,6 +118,50 @@ impl RuleSet {
             });
         }
         self.rules.push(Arc::new(rule));
+        Ok(())
+    }
+
+    /// Every call of a condition whose signature is known passes as many arguments as
+    /// it takes, each of the right kind.
+    fn check_signatures(&self, rule: &Rule) -> Result<(), RuleError> {
+        let fail = |message: String| {
+            Err(RuleError {
+                rule: rule.name.clone(),
+                message,
+            })
+        };
+        for c in &rule.conditions {
+            let Condition::Named { name, args } = c else {
+                continue;
+            };
+            let Some(kinds) = self.signatures.get(name) else {
+                continue;
+            };
+            if kinds.len() != args.len() {
+                let wanted: Vec<&str> = kinds.iter().map(|k| k.describe()).collect();
+                return fail(format!(
+                    "condition `{name}` takes {} argument{} ({}), the rule gives {}",
+                    kinds.len(),
+                    if kinds.len() == 1 { "" } else { "s" },
+                    wanted.join(", "),
+                    args.len()
+                ));
+            }
+            for (i, (kind, arg)) in kinds.iter().zip(args).enumerate() {
+                let ok = match arg {
+                    ArgPat::Var(_) => *kind == ArgKind::Class,
+                    ArgPat::AttrVar(_) => *kind != ArgKind::Class,
+                    ArgPat::Lit(lit) => kind.accepts(lit),
+                };
+                if !ok {
+                    return fail(format!(
+                        "argument {} of condition `{name}` must be {}",
+                        i + 1,
+                        kind.describe()
+                    ));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -149,7 +200,15 @@ fn strip_comments(text: &str) -> (String, Vec<(usize, String)>) {
             Some(i) => {
                 code.push_str(&line[..i]);
                 let rest = &line[i..];
-                code.extend(rest.chars().map(|c| if c == '\n' { '\n' } else { ' ' }));
+                // One space per byte, so that offsets into `code` are offsets into
+                // `text` even where a comment holds multi-byte characters.
+                for c in rest.chars() {
+                    if c == '\n' {
+                        code.push('\n');
+                    } else {
+                        code.extend(std::iter::repeat_n(' ', c.len_utf8()));
+                    }
+                }
                 if line[..i].trim().is_empty() {
                     comments.push((offset, rest[1..].trim().to_string()));
                 }
@@ -242,7 +301,18 @@ fn parse_rules(file: &str, topic: &str, text: &str) -> Result<Vec<(Rule, usize)>
         skip_ws(body, &mut pos);
         let mut conditions = Vec::new();
         if body[pos..].starts_with("if") {
+            let if_at = pos;
             pos += 2;
+            if body[pos..end].trim().is_empty() {
+                return Err(err(if_at, Some(&name), "`if` without a condition".into()));
+            }
+            if !body[pos..end].starts_with(char::is_whitespace) {
+                return Err(err(
+                    if_at,
+                    Some(&name),
+                    "`if` must be followed by conditions `(name args...)`".into(),
+                ));
+            }
             loop {
                 skip_ws(body, &mut pos);
                 if pos >= end {
@@ -269,6 +339,10 @@ fn parse_rules(file: &str, topic: &str, text: &str) -> Result<Vec<(Rule, usize)>
                 lhs,
                 rhs,
                 conditions,
+                location: Some(format!(
+                    "{file}:{}",
+                    fusec_ir::text::line_col(text, start).0
+                )),
             },
             start,
         ));
@@ -319,7 +393,10 @@ fn parse_condition(body: &str, pos: &mut usize) -> Result<Condition, (usize, Str
         } else if c.eat("$") {
             ArgPat::AttrVar(c.ident().map_err(|e| (e.offset, e.message))?.to_string())
         } else {
-            ArgPat::Lit(c.attr_value().map_err(|e| (e.offset, e.message))?)
+            let at = c.pos;
+            let lit = c.attr_value().map_err(|e| (e.offset, e.message))?;
+            crate::pattern::check_literal(&lit, at).map_err(|e| (e.offset, e.message))?;
+            ArgPat::Lit(lit)
         };
         args.push(arg);
     }

@@ -110,3 +110,53 @@ fn a_rust_rule_with_a_condition_fires() {
     let (after, _) = common::fuse_text(SWAPPED_SWIGLU, &set);
     assert!(after.contains("rules=[swiglu-up-first-rust]"), "{after}");
 }
+
+/// Found by `tests/fuzz_parsers.rs`: a comment with multi-byte characters shifted the
+/// offsets of everything after it, and slicing the text there panicked.
+#[test]
+fn comments_with_multibyte_characters_keep_offsets() {
+    let mut set = RuleSet::builtin().expect("built-in rules load");
+    set.add_file(
+        "user.rules",
+        "# é ü → ∑ all the way\n# x * 1 = x\nrule times-one-é\n  (binary.mul ?x (scalar{value=1.0})) => ?x\n",
+    )
+    .expect("loads");
+    let e = add_err("# ∑∑∑∑∑∑∑∑∑∑∑∑∑∑∑∑\nrule r\n  (binary.mul ?x) => ?x\n");
+    assert!(e.starts_with("user.rules:3:4: rule `r`"), "{e}");
+}
+
+/// Arity, condition signatures, literals and nesting are checked when a rule loads.
+#[test]
+fn rules_are_checked_against_the_op_table_and_the_conditions() {
+    for (body, needle) in [
+        (
+            "(binary.mul ?x) => ?x",
+            "`binary.mul` takes 2 operands, the pattern gives it 1",
+        ),
+        ("(unary.neg ?x) => (binary.add ?x)", "takes 2 operands"),
+        (
+            "(binary.mul ?a ?b) => ?a if (same-type ?a)",
+            "condition `same-type` takes 2",
+        ),
+        (
+            "(binary.mul ?a ?b) => ?a if (rotate-half ?a ?b ?a)",
+            "argument 1 of condition `rotate-half` must be an integer",
+        ),
+        ("(binary.mul ?a ?b) => ?a if", "`if` without a condition"),
+        ("(binary.mul ?a ?b) => ?a iffy", "`if` must be followed"),
+        (
+            "(binary.mul ?a (scalar{value=1e999})) => ?a",
+            "not a finite number",
+        ),
+        (
+            "(binary.mul ?a ?b) => ?a if (has-dtype ?a -inf)",
+            "not a finite number",
+        ),
+    ] {
+        let e = add_err(&format!("# algebra\nrule r\n  {body}\n"));
+        assert!(e.contains("rule `r`") && e.contains(needle), "{body}: {e}");
+    }
+    let deep = format!("{}?x{}", "(unary.neg ".repeat(100), ")".repeat(100));
+    let e = add_err(&format!("# algebra\nrule r\n  {deep} => ?x\n"));
+    assert!(e.contains("deeper than 64"), "{e}");
+}

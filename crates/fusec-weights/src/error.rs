@@ -18,6 +18,8 @@ pub enum Error {
     },
     #[error("{}: no weights found: expected a .safetensors file, a model.safetensors.index.json, or a directory holding one", path.display())]
     NoWeights { path: PathBuf },
+    #[error("{}: not a checkpoint: neither a file nor a directory (a device, pipe or socket)", path.display())]
+    NotACheckpoint { path: PathBuf },
     #[error("{}: bad shard index: {message}", file.display())]
     BadIndex { file: PathBuf, message: String },
     #[error("{}: cannot read tensor `{tensor}`: the file is truncated or corrupt ({message})", file.display())]
@@ -73,6 +75,7 @@ impl Error {
         match self {
             Error::Io { .. }
             | Error::NoWeights { .. }
+            | Error::NotACheckpoint { .. }
             | Error::BadIndex { .. }
             | Error::Corrupt { .. }
             | Error::MissingWeight { .. }

@@ -27,6 +27,6 @@ pub mod weights;
 pub use error::Error;
 pub use quant::{derived_weights, lower_weights, quantize, Derived, KvScales};
 pub use random::SplitMix64;
-pub use save::save_weights;
+pub use save::{save_weights, save_weights_to};
 pub use tensor::{Storage, WeightTensor};
 pub use weights::{WeightSource, Weights};

@@ -154,6 +154,12 @@ impl Layout {
             Layout::sharded(path)
         } else if path.is_file() {
             Ok(Layout::Single(path.to_path_buf()))
+        } else if path.exists() {
+            // A device, a pipe or a socket (`/dev/null`): it exists, but no
+            // checkpoint can be memory-mapped from it.
+            Err(Error::NotACheckpoint {
+                path: path.to_path_buf(),
+            })
         } else {
             Err(Error::Io {
                 file: path.to_path_buf(),

@@ -56,14 +56,26 @@ pub fn save_weights(
     metadata: &BTreeMap<String, String>,
 ) -> Result<PathBuf, Error> {
     let path = dir.join("model.safetensors");
-    let io = |source| Error::Io {
-        file: path.clone(),
-        source,
-    };
     std::fs::create_dir_all(dir).map_err(|source| Error::Io {
         file: dir.to_path_buf(),
         source,
     })?;
+    save_weights_to(&path, graph, weights, metadata)?;
+    Ok(path)
+}
+
+/// Writes the weights as [`save_weights`] does, to the file `path` itself (a caller
+/// that writes through a temporary file and renames it passes the temporary's path).
+pub fn save_weights_to(
+    path: &Path,
+    graph: &Graph,
+    weights: &Weights,
+    metadata: &BTreeMap<String, String>,
+) -> Result<(), Error> {
+    let io = |source| Error::Io {
+        file: path.to_path_buf(),
+        source,
+    };
     let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     for (id, name) in graph.weights() {
         let ty = graph
@@ -89,7 +101,7 @@ pub fn save_weights(
     let mut info: HashMap<String, String> = metadata.clone().into_iter().collect();
     info.insert("format".into(), "pt".into());
     info.insert("fusec.format".into(), "fusec-weights/1".into());
-    safetensors::serialize_to_file(views, Some(info), &path)
+    safetensors::serialize_to_file(views, Some(info), path)
         .map_err(|e| io(std::io::Error::other(e.to_string())))?;
-    Ok(path)
+    Ok(())
 }

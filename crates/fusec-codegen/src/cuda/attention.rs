@@ -537,7 +537,15 @@ pub(crate) fn attention(
         let _ = writeln!(b, "  if (threadIdx.x == 0) {pc}[ticket] = 0;");
     }
     let grid = [sh.kv_heads * sh.hblk, sh.batch * sh.queries, sh.splits];
-    let g32 = |v: u64| u32::try_from(v).map_err(|_| format!("grid dimension {v} is too large"));
+    // CUDA allows 2^31 - 1 blocks along x and 65535 along y and z (CUDA C++
+    // Programming Guide, "Compute capabilities", table of technical specifications).
+    let limits = [(1u64 << 31) - 1, 65_535, 65_535];
+    let g32 = |(v, max): (u64, u64)| {
+        u32::try_from(v)
+            .ok()
+            .filter(|_| v <= max)
+            .ok_or_else(|| format!("grid dimension {v} is beyond CUDA's limit of {max}"))
+    };
     Ok(KernelCode {
         family: if a.decode.is_some() {
             "decode_attention"
@@ -545,7 +553,11 @@ pub(crate) fn attention(
             "attention"
         },
         body: b,
-        grid: [g32(grid[0])?, g32(grid[1])?, g32(grid[2])?],
+        grid: [
+            g32((grid[0], limits[0]))?,
+            g32((grid[1], limits[1]))?,
+            g32((grid[2], limits[2]))?,
+        ],
         block: u32::try_from(sh.threads).map_err(|_| "too many threads".to_string())?,
         shared: 0,
     })

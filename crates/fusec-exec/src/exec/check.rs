@@ -73,3 +73,44 @@ fn shape_matches(actual: &[usize], shape: &Shape, b: &Bindings) -> Result<bool, 
 pub(super) fn describe(t: &Tensor) -> String {
     format!("{}{:?}", t.dtype(), t.shape())
 }
+
+/// With the executor's finiteness check on: the first infinity or NaN in a node's
+/// result fails the step, naming the node (integer values and quantized weights hold
+/// none).
+pub(super) fn check_finite(node: &Planned, value: &Value) -> Result<(), Error> {
+    let tensors: &[Tensor] = match value {
+        Value::Tensor(t) => std::slice::from_ref(t),
+        Value::Tuple(ts) => ts,
+        Value::Scalar(v) if !v.is_finite() => {
+            return Err(node_error(
+                node,
+                KernelError::NonFinite {
+                    index: 0,
+                    value: *v,
+                },
+            ))
+        }
+        Value::Scalar(_) | Value::Quant(_) => return Ok(()),
+    };
+    for t in tensors {
+        if t.dtype() == fusec_ir::DType::I32 {
+            continue;
+        }
+        let found = match t.view_f32() {
+            Some(view) => view
+                .iter()
+                .enumerate()
+                .find(|(_, v)| !v.is_finite())
+                .map(|(i, v)| (i, *v)),
+            None => t
+                .to_vec_f32()
+                .into_iter()
+                .enumerate()
+                .find(|(_, v)| !v.is_finite()),
+        };
+        if let Some((index, value)) = found {
+            return Err(node_error(node, KernelError::NonFinite { index, value }));
+        }
+    }
+    Ok(())
+}

@@ -63,17 +63,26 @@ pub struct Executor {
     /// allocates none (see [`reuse_refs`]).
     pub(super) spare_args: Vec<Option<&'static Value>>,
     pub(super) spare_owned: Vec<Option<Tensor>>,
+    /// Whether every result is checked for infinities and NaNs (a diagnosis mode: it
+    /// reads every value once more).
+    pub(super) check_finite: bool,
 }
 
 pub(super) fn node_error(node: &Planned, source: KernelError) -> Error {
     Error::Node {
         node: node.number,
         op: node.op.to_string(),
-        source,
+        kernel: source,
     }
 }
 
 impl Executor {
+    /// Checks every result of every step for infinities and NaNs; the first one found
+    /// fails the step with [`KernelError::NonFinite`], naming its node and op.
+    pub fn set_check_finite(&mut self, on: bool) {
+        self.check_finite = on;
+    }
+
     pub fn graph(&self) -> &Graph {
         &self.graph
     }

@@ -151,6 +151,7 @@ impl Executor {
             slots,
             spare_args: Vec::with_capacity(widest),
             spare_owned: Vec::with_capacity(widest),
+            check_finite: false,
         })
     }
 }

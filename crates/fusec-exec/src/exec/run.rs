@@ -8,7 +8,7 @@ use std::time::Instant;
 use fusec_ir::shape::Bindings;
 use fusec_ir::Op;
 
-use super::check::check_result;
+use super::check::{check_finite, check_result};
 use super::dispatch::{dispatch, Operands};
 use super::executor::Executor;
 use super::traffic::read_bytes;
@@ -186,6 +186,9 @@ impl Executor {
             }
             let (value, launched, (bytes_read, bytes_written)) = outcome?;
             check_result(node, &value, b)?;
+            if self.check_finite {
+                check_finite(node, &value)?;
+            }
             if launched {
                 stats.launches += 1;
                 stats.bytes_read += bytes_read;

@@ -30,6 +30,10 @@ use crate::tensor::{Buffer, Tensor, TensorError};
 pub enum KernelError {
     #[error("token id {id} is out of range for a vocabulary of {vocab}")]
     TokenOutOfRange { id: i64, vocab: usize },
+    /// With [`crate::Executor::set_check_finite`]: the first infinity or NaN a node
+    /// produced.
+    #[error("element {index} of its result is {value}")]
+    NonFinite { index: usize, value: f32 },
     #[error(transparent)]
     Tensor(#[from] TensorError),
     #[error("{0}")]
@@ -39,7 +43,10 @@ pub enum KernelError {
 impl KernelError {
     /// Whether the error comes from the run's inputs rather than from the graph.
     pub fn is_input_error(&self) -> bool {
-        matches!(self, KernelError::TokenOutOfRange { .. })
+        matches!(
+            self,
+            KernelError::TokenOutOfRange { .. } | KernelError::NonFinite { .. }
+        )
     }
 }
 

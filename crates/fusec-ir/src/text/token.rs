@@ -9,6 +9,11 @@ use crate::op::{op_from_parts, Attr, Op, OpParseError};
 use crate::shape::{Dim, Shape};
 use crate::types::{TensorType, Type};
 
+/// The largest dimension (or symbol offset) the text form accepts.
+pub const MAX_DIM: u64 = 1 << 40;
+/// The most elements the fixed dimensions of one shape may hold together.
+pub const MAX_FIXED_ELEMENTS: u64 = 1 << 50;
+
 /// A position-tracking reader over a string. Errors carry the byte offset at which
 /// they occurred; callers turn offsets into line and column.
 #[derive(Debug, Clone)]
@@ -142,7 +147,9 @@ impl<'a> Cursor<'a> {
         })
     }
 
-    /// A double-quoted string with `\"`, `\\`, `\n` and `\t` escapes.
+    /// A double-quoted string with the escapes Rust's `{:?}` writes, which is how the
+    /// printer quotes names: `\"`, `\\`, `\n`, `\t`, `\r`, `\0`, `\'` and `\u{HEX}`
+    /// (a name holding any character then prints and parses back).
     pub fn string(&mut self) -> LexResult<String> {
         self.expect("\"")?;
         let mut out = String::new();
@@ -163,12 +170,42 @@ impl<'a> Cursor<'a> {
                         '\\' => '\\',
                         'n' => '\n',
                         't' => '\t',
+                        'r' => '\r',
+                        '0' => '\0',
+                        '\'' => '\'',
+                        'u' => self.unicode_escape()?,
                         other => return self.error(format!("unknown escape `\\{other}`")),
                     });
                 }
                 c => out.push(c),
             }
         }
+    }
+
+    /// The `{HEX}` of a `\u{HEX}` escape, as a character.
+    fn unicode_escape(&mut self) -> LexResult<char> {
+        let start = self.pos;
+        if !self.eat("{") {
+            return self.error("expected `{` after `\\u`");
+        }
+        let digits = self.pos;
+        while matches!(self.peek(), Some(c) if c.is_ascii_hexdigit()) {
+            self.pos += 1;
+        }
+        let hex = &self.src[digits..self.pos];
+        if !self.eat("}") || hex.is_empty() || hex.len() > 6 {
+            return Err(LexError {
+                offset: start,
+                message: "expected `{HEX}` after `\\u`".into(),
+            });
+        }
+        u32::from_str_radix(hex, 16)
+            .ok()
+            .and_then(char::from_u32)
+            .ok_or_else(|| LexError {
+                offset: start,
+                message: format!("`\\u{{{hex}}}` is not a character"),
+            })
     }
 
     /// A shape: `[64,B,S+1]`.
@@ -178,7 +215,11 @@ impl<'a> Cursor<'a> {
         if self.eat("]") {
             return Ok(Shape(dims));
         }
+        // The product of the fixed dimensions so far, bounded so that element and byte
+        // counts of parsed graphs stay far from 64-bit overflow.
+        let mut fixed: u64 = 1;
         loop {
+            let dim_at = self.pos;
             let dim = if matches!(self.peek(), Some(c) if c.is_ascii_digit()) {
                 Dim::Fixed(self.uint()?)
             } else {
@@ -196,6 +237,19 @@ impl<'a> Cursor<'a> {
                     plus,
                 }
             };
+            let value = match &dim {
+                Dim::Fixed(v) => *v,
+                Dim::Sym { plus, .. } => *plus,
+            };
+            fixed = fixed.saturating_mul(value.max(1));
+            if value > MAX_DIM || fixed > MAX_FIXED_ELEMENTS {
+                return Err(LexError {
+                    offset: dim_at,
+                    message: format!(
+                        "dimension {value} makes the shape too large (at most {MAX_DIM} a dimension and {MAX_FIXED_ELEMENTS} elements)"
+                    ),
+                });
+            }
             dims.push(dim);
             if self.eat("]") {
                 return Ok(Shape(dims));

@@ -145,6 +145,10 @@ impl Precision {
 pub struct TargetConfig {
     pub gpu: String,
     pub precision: Precision,
+    /// Where the description names `gpu` (`file:line:column`), for errors about it;
+    /// `None` for the default or a GPU named on the command line.
+    #[serde(skip)]
+    pub gpu_at: Option<String>,
 }
 
 /// Everything a frontend reads from a model description.
@@ -171,6 +175,121 @@ pub const DEFAULT_GPU: &str = "h100-sxm";
 /// the base every Llama-family config extends).
 pub const DEFAULT_ARCHITECTURE: &str = "llama";
 
+/// The largest sizes fusec accepts. Each bound is far above every published model
+/// (Llama 3.1 405B: hidden 16384, 126 layers, 128 heads, vocabulary 128256, 131072
+/// positions), and together with [`Limits::COUNT`] they keep every element, byte and
+/// FLOP count the pipeline computes in 64-bit arithmetic clear of overflow: the
+/// parameters, the KV cache, the attention scores and the FLOPs of a step each stay
+/// within 2^53, so their bytes (at most 4 an element) fit in 2^55 and the step's totals,
+/// sums of a few such, in 2^63.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits;
+
+impl Limits {
+    pub const HIDDEN_SIZE: u64 = 1 << 20;
+    pub const NUM_LAYERS: u64 = 1 << 12;
+    pub const NUM_HEADS: u64 = 1 << 14;
+    pub const HEAD_DIM: u64 = 1 << 14;
+    pub const INTERMEDIATE_SIZE: u64 = 1 << 22;
+    /// Token ids are `i32`.
+    pub const VOCAB_SIZE: u64 = 1 << 24;
+    /// `max_seq_len` and `context`.
+    pub const POSITIONS: u64 = 1 << 24;
+    /// Below CUDA's limit of 65535 blocks along a grid's y axis, where generated
+    /// attention kernels put the sequences.
+    pub const BATCH: u64 = 1 << 15;
+    /// The most elements (or FLOPs) of any one derived quantity below.
+    pub const COUNT: u128 = 1 << 53;
+
+    /// The first derived count beyond [`Limits::COUNT`]: the key to lower, what the
+    /// count is, and its value, computed in 128 bits so that it cannot wrap.
+    pub fn derived(
+        model: &ModelConfig,
+        decode: &DecodeConfig,
+    ) -> Option<(&'static str, &'static str, u128)> {
+        let w = |v: u64| u128::from(v);
+        let (d, l, h, kv, hd, i, v) = (
+            w(model.hidden_size),
+            w(model.num_layers),
+            w(model.num_heads),
+            w(model.num_kv_heads),
+            w(model.head_dim),
+            w(model.intermediate_size),
+            w(model.vocab_size),
+        );
+        let (b, s) = (w(decode.batch), w(decode.context));
+        let layer = d * (h + kv) * hd * 2 + 3 * d * i + 2 * d;
+        let m = w(model.max_seq_len);
+        let checks: [(&'static str, &'static str, u128); 8] = [
+            ("vocab_size", "the embedding table's elements", v * d),
+            ("num_layers", "the parameter count", l * layer + 2 * v * d),
+            ("intermediate_size", "one layer's parameter count", layer),
+            (
+                "context",
+                "the KV cache's elements",
+                2 * l * b * s * kv * hd,
+            ),
+            // Generated kernels allocate each layer's cache at its capacity.
+            (
+                "max_seq_len",
+                "one layer's KV cache at max_seq_len",
+                b * m * kv * hd,
+            ),
+            ("context", "the attention scores' elements", l * b * h * s),
+            (
+                "batch",
+                "the GEMV FLOPs of a step",
+                2 * b * (l * layer + 2 * v * d),
+            ),
+            (
+                "context",
+                "the attention FLOPs of a step",
+                4 * l * b * h * hd * s,
+            ),
+        ];
+        checks.into_iter().find(|&(_, _, n)| n > Self::COUNT)
+    }
+}
+
+/// Whether `name` can name a directory under an output root: one plain path
+/// component, never `..` or an absolute path.
+pub fn valid_model_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '+'))
+}
+
+/// A model name made from a file or directory name: every character
+/// [`valid_model_name`] refuses becomes `_`, and leading dots go.
+pub fn model_name_from(file_name: &str) -> String {
+    let name: String = file_name
+        .trim_start_matches('.')
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '+') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(128)
+        .collect();
+    if name.is_empty() {
+        "model".into()
+    } else {
+        name
+    }
+}
+
+/// Whether `v` is finite once rounded to f32, the widest precision the graph computes
+/// in.
+fn in_f32(v: f64) -> bool {
+    v.is_finite() && v.abs() <= f64::from(f32::MAX)
+}
+
 /// Cross-field checks shared by both frontends. Each error names the field at fault
 /// (returned as its key, so the caller can point at it in the file).
 pub(super) fn check(
@@ -193,6 +312,47 @@ pub(super) fn check(
             return Err((key, format!("`{key}` must be positive")));
         }
     }
+    for (key, v, max) in [
+        ("hidden_size", model.hidden_size, Limits::HIDDEN_SIZE),
+        ("num_layers", model.num_layers, Limits::NUM_LAYERS),
+        ("num_heads", model.num_heads, Limits::NUM_HEADS),
+        ("num_kv_heads", model.num_kv_heads, Limits::NUM_HEADS),
+        ("head_dim", model.head_dim, Limits::HEAD_DIM),
+        (
+            "intermediate_size",
+            model.intermediate_size,
+            Limits::INTERMEDIATE_SIZE,
+        ),
+        ("vocab_size", model.vocab_size, Limits::VOCAB_SIZE),
+        ("max_seq_len", model.max_seq_len, Limits::POSITIONS),
+        ("batch", decode.batch, Limits::BATCH),
+        ("context", decode.context, Limits::POSITIONS),
+    ] {
+        if v > max {
+            return Err((
+                key,
+                format!("`{key}` = {v} is beyond fusec's limit of {max}"),
+            ));
+        }
+    }
+    if let Some((key, what, count)) = Limits::derived(model, decode) {
+        return Err((
+            key,
+            format!(
+                "{what} would be {count}, beyond fusec's limit of {} (lower `{key}`)",
+                Limits::COUNT
+            ),
+        ));
+    }
+    if !valid_model_name(&model.name) {
+        return Err((
+            "name",
+            format!(
+                "model name `{}` must be a plain name (letters, digits, `-`, `_`, `.` and `+`, not starting with `.`): it names the output directory",
+                model.name.escape_debug()
+            ),
+        ));
+    }
     if !model.num_heads.is_multiple_of(model.num_kv_heads) {
         return Err((
             "num_kv_heads",
@@ -211,17 +371,46 @@ pub(super) fn check(
             ),
         ));
     }
-    if !(model.rope_theta.is_finite() && model.rope_theta > 0.0) {
+    // RoPE's inverse frequencies are theta^(-2i/d) (Su et al., 2021, "RoFormer",
+    // eq. 15): a base at or below 1 makes them grow with i, and a tiny one overflows
+    // them to infinity, so the angles are no longer rotations the model was trained on.
+    // The graph computes in f32 at most, so the base must be finite there too.
+    if !(in_f32(model.rope_theta) && model.rope_theta > 1.0) {
         return Err((
             "rope_theta",
-            "`rope_theta` must be a positive number".into(),
+            format!(
+                "`rope_theta` must be a number above 1 and finite in f32, got {:e}",
+                model.rope_theta
+            ),
         ));
     }
-    if !(model.rms_norm_eps.is_finite() && model.rms_norm_eps > 0.0) {
+    // RMSNorm adds eps to the mean square (Zhang & Sennrich, 2019): a value of 1 or
+    // more dominates it, and the published models use 1e-5 or 1e-6. It is added in
+    // f32 (transformers' LlamaRMSNorm upcasts), where a value below the smallest
+    // normal number rounds towards 0 and a zero input then divides by zero.
+    if !(model.rms_norm_eps >= f64::from(f32::MIN_POSITIVE) && model.rms_norm_eps < 1.0) {
         return Err((
             "rms_norm_eps",
-            "`rms_norm_eps` must be a positive number".into(),
+            format!(
+                "`rms_norm_eps` must be a number in [1.2e-38, 1) (positive and normal in f32), got {:e}",
+                model.rms_norm_eps
+            ),
         ));
+    }
+    if let Some(m) = &model.multipliers {
+        for (key, v) in [
+            ("embedding_multiplier", m.embedding),
+            ("attention_multiplier", m.attention),
+            ("residual_multiplier", m.residual),
+            ("logits_scaling", m.logits_scaling),
+        ] {
+            if !(in_f32(v) && v != 0.0) {
+                return Err((
+                    key,
+                    format!("`{key}` must be a non-zero number, finite in f32, got {v:e}"),
+                ));
+            }
+        }
     }
     if !matches!(model.dtype, DType::F32 | DType::F16 | DType::Bf16) {
         return Err((

@@ -16,7 +16,8 @@ use fusec_ir::DType;
 use serde_json::{Map, Value};
 
 use super::config::{
-    check, DecodeConfig, ModelConfig, ModelSpec, Precision, RopeScaling, TargetConfig, DEFAULT_GPU,
+    check, model_name_from, DecodeConfig, ModelConfig, ModelSpec, Precision, RopeScaling,
+    TargetConfig, DEFAULT_GPU,
 };
 use super::error::ConfigError;
 
@@ -171,7 +172,7 @@ pub fn decoder_config(j: &HfConfig<'_>) -> Result<ModelConfig, ConfigError> {
         name: path
             .parent()
             .and_then(|p| p.file_name())
-            .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned()),
+            .map_or_else(|| "model".into(), |s| model_name_from(&s.to_string_lossy())),
         hidden_size,
         num_layers,
         num_heads,
@@ -232,6 +233,7 @@ pub fn spec_from_hf(
         target: TargetConfig {
             gpu: DEFAULT_GPU.to_string(),
             precision: Precision::of_dtype(dtype),
+            gpu_at: None,
         },
         weights: has_weights.then(|| dir.to_path_buf()),
         source: path.to_path_buf(),

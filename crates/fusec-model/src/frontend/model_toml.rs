@@ -11,8 +11,8 @@ use toml::Spanned;
 use fusec_ir::DType;
 
 use super::config::{
-    check, DecodeConfig, ModelConfig, ModelSpec, Precision, RopeScaling, TargetConfig,
-    DEFAULT_ARCHITECTURE, DEFAULT_GPU,
+    check, model_name_from, DecodeConfig, ModelConfig, ModelSpec, Precision, RopeScaling,
+    TargetConfig, DEFAULT_ARCHITECTURE, DEFAULT_GPU,
 };
 use super::error::{english_list, ConfigError};
 
@@ -28,7 +28,7 @@ struct RawFile {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawModel {
-    name: Option<String>,
+    name: Option<Spanned<String>>,
     architecture: Option<Spanned<String>>,
     hidden_size: Spanned<i64>,
     num_layers: Spanned<i64>,
@@ -187,10 +187,15 @@ pub fn parse(path: &Path, src: &str, architectures: &[&str]) -> Result<ModelSpec
     }
 
     let model = ModelConfig {
-        name: m.name.unwrap_or_else(|| {
-            path.file_stem()
-                .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
-        }),
+        name: match m.name {
+            Some(n) => {
+                spans.insert("name", n.span().start);
+                n.into_inner()
+            }
+            None => path
+                .file_stem()
+                .map_or_else(|| "model".into(), |s| model_name_from(&s.to_string_lossy())),
+        },
         hidden_size,
         num_layers,
         num_heads,
@@ -216,9 +221,12 @@ pub fn parse(path: &Path, src: &str, architectures: &[&str]) -> Result<ModelSpec
     let mut target = TargetConfig {
         gpu: DEFAULT_GPU.to_string(),
         precision: Precision::of_dtype(dtype),
+        gpu_at: None,
     };
     if let Some(t) = raw.target {
         if let Some(g) = t.gpu {
+            let (line, column) = fusec_ir::text::line_col(src, g.span().start);
+            target.gpu_at = Some(format!("{}:{line}:{column}", path.display()));
             target.gpu = g.into_inner();
         }
         if let Some(p) = t.precision {
