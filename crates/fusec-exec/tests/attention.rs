@@ -301,8 +301,8 @@ proptest! {
         let scaled = |x: f32| round_to(E4M3, x / s);
         let (mut wide, mut bytes) = (past.clone(), compact(&past));
         drop(past);
-        let (want, copied_f32) = append(&mut wide, &new, 2, scaled).expect("appends");
-        let (got, copied) = append(&mut bytes, &new, 2, scaled).expect("appends");
+        let (want, copied_f32) = append(&mut wide, &new, 2, scaled, None).expect("appends");
+        let (got, copied) = append(&mut bytes, &new, 2, scaled, None).expect("appends");
         prop_assert!(matches!(got.buffer(), Buffer::U8(_)));
         prop_assert_eq!(bits(&got), bits(&want));
         // The same bytes are counted, in place or copied to grow.
@@ -313,8 +313,8 @@ proptest! {
         let codes = codes(&new, 1.0);
         let (mut wide, mut bytes) = (want.clone(), compact(&want));
         drop((want, got));
-        let (want, _) = kv_append(&mut wide, &codes).expect("appends");
-        let (got, _) = kv_append(&mut bytes, &codes).expect("appends");
+        let (want, _) = kv_append(&mut wide, &codes, None).expect("appends");
+        let (got, _) = kv_append(&mut bytes, &codes, None).expect("appends");
         prop_assert_eq!(bits(&got), bits(&want));
     }
 }
@@ -340,6 +340,7 @@ fn decode_attention_over_compact_caches_appends_in_place_and_equals_f32_storage(
             past_k: &mut ck,
             past_v: &mut cv,
             scales: Some((0.02, 0.03)),
+            ring: None,
         };
         decode_attention(&q, &k, &v, &cos, &sin, caches, 0.2, &mask).expect("runs")
     };
@@ -428,6 +429,7 @@ fn decode_attention_over_an_fp8_cache_matches_the_reference() {
         past_k: &mut ck,
         past_v: &mut cv,
         scales: Some((ks, vs)),
+        ring: None,
     };
     let ([out, k_all, v_all], copied) =
         decode_attention(&q, &k, &v, &cos, &sin, caches, 0.3, &mask).expect("runs");
@@ -466,7 +468,7 @@ fn append_reads_strided_inputs_in_place() {
     assert!(!new.is_contiguous());
     let expected = cat(&[&cache, &new], 2).expect("cats");
     let mut owned = cache.with_capacity(2, 8).expect("axis");
-    let (all, copied) = kv_append(&mut owned, &new).expect("appends");
+    let (all, copied) = kv_append(&mut owned, &new, None).expect("appends");
     assert_eq!(copied, 0);
     assert_eq!(all.to_vec_f32(), expected.to_vec_f32());
     // Along the last axis too, where a row of the input is the appended span.
@@ -475,7 +477,7 @@ fn append_reads_strided_inputs_in_place() {
         .transpose(0, 1)
         .expect("axes");
     let mut owned = row.with_capacity(1, 6).expect("axis");
-    let (all, _) = append(&mut owned, &more, 1, |x| x).expect("appends");
+    let (all, _) = append(&mut owned, &more, 1, |x| x, None).expect("appends");
     assert_eq!(
         all.to_vec_f32(),
         cat(&[&row, &more], 1).expect("cats").to_vec_f32()
@@ -508,6 +510,7 @@ fn an_e4m3_cache_stores_what_the_generic_rounding_gives() {
         past_k: &mut ck,
         past_v: &mut cv,
         scales: Some((ks, vs)),
+        ring: None,
     };
     // cos 1 and sin 0 make RoPE the identity, so the cache holds fp8(k / ks).
     let ([_, k_all, v_all], _) =

@@ -218,14 +218,6 @@ fn check(inputs: &Inputs<'_>) -> Result<(), ReportError> {
                 model.max_seq_len, model.name
             ));
         }
-        if let Some(w) = model.sliding_window {
-            if c > w {
-                return bad(format!(
-                    "--context: context {c} is beyond the sliding window ({w}) of {}",
-                    model.name
-                ));
-            }
-        }
     }
     if inputs.batches.is_empty() {
         return bad("the batch sweep needs at least one batch size".into());

@@ -12,8 +12,8 @@ mod hf;
 mod model_toml;
 
 pub use config::{
-    DecodeConfig, ModelConfig, ModelSpec, Multipliers, Precision, RopeScaling, TargetConfig,
-    DEFAULT_ARCHITECTURE, DEFAULT_GPU,
+    DecodeConfig, LayerType, ModelConfig, ModelSpec, Multipliers, Precision, RopeScaling,
+    TargetConfig, DEFAULT_ARCHITECTURE, DEFAULT_GPU,
 };
 pub(crate) use error::english_list;
 pub use error::ConfigError;
