@@ -39,11 +39,13 @@ impl WeightSource for Source<'_> {
 
 const PROMPT: [i32; 5] = [1, 17, 42, 99, 7];
 /// The Mistral fixture has a sliding window of 8 positions: prompt and generated tokens
-/// run past it, so the kernels write and read its ring-buffer caches.
-const FIXTURES: [&str; 3] = [
+/// run past it, so the kernels write and read its ring-buffer caches. Phi-3's
+/// checkpoint holds packed projections, split at load.
+const FIXTURES: [&str; 4] = [
     "hf-tiny-olmo2-s0",
     "hf-tiny-granite-s3",
     "hf-tiny-mistral-window-s0",
+    "hf-tiny-phi3-s0",
 ];
 
 fn fixture(name: &str) -> PathBuf {
