@@ -305,3 +305,81 @@ fn mistral_7b_fuses_like_llama_at_every_context() {
     // bytes per position in bf16), which no windowed layer reads.
     assert!(far - past < 64 * 1024, "{past} vs {far}");
 }
+
+/// `model.toml` spells the same window (`sliding_window`, `layer_types`): the Mistral
+/// fixture's shape pointed at its weights decodes as transformers does; a
+/// `layer_types` of the wrong length or with an unknown type is refused with exit 2,
+/// naming the key, from `model.toml` and from `config.json` alike.
+#[test]
+fn model_toml_and_config_json_spell_windows_alike() {
+    let dir = scratch("window-toml");
+    let fixture = root().join(MISTRAL);
+    let toml = |extra: &str| {
+        format!(
+            "[model]\nname = \"tiny-mistral\"\narchitecture = \"mistral\"\nhidden_size = 64\n\
+             num_layers = 2\nnum_heads = 4\nnum_kv_heads = 2\nhead_dim = 16\n\
+             intermediate_size = 176\nvocab_size = 256\nrope_theta = 10000.0\n\
+             rms_norm_eps = 1e-5\nmax_seq_len = 128\ndtype = \"f32\"\nsliding_window = 8\n\
+             {extra}\n[weights]\npath = \"{}\"\n",
+            fixture.display()
+        )
+    };
+    let model = dir.join("mistral.toml");
+    std::fs::write(
+        &model,
+        toml("layer_types = [\"sliding_attention\", \"sliding_attention\"]"),
+    )
+    .expect("writes");
+    let out = dir.join("out.json");
+    ok(&[
+        "run",
+        path_str(&model),
+        "--prompt",
+        "1,17,42,99,7",
+        "--tokens",
+        "16",
+        "--json",
+        path_str(&out),
+    ]);
+    let check = Command::new("python3")
+        .arg(root().join("scripts/check_reference.py"))
+        .arg(fixture.join("expected.json"))
+        .arg(&out)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    for (i, (types, says)) in [
+        (
+            "[\"sliding_attention\"]",
+            "lists 1 layer type(s) for 2 layers",
+        ),
+        (
+            "[\"sliding_attention\", \"chunked_attention\"]",
+            "unsupported layer type",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let bad = dir.join(format!("bad{i}.toml"));
+        std::fs::write(&bad, toml(&format!("layer_types = {types}"))).expect("writes");
+        let text = std::fs::read_to_string(fixture.join("config.json")).expect("config");
+        let mut v: serde_json::Value = serde_json::from_str(&text).expect("json");
+        v["layer_types"] = serde_json::from_str(types).expect("a JSON value");
+        let case = dir.join(format!("json{i}"));
+        std::fs::create_dir_all(&case).expect("dir");
+        let config = case.join("config.json");
+        std::fs::write(&config, serde_json::to_string_pretty(&v).expect("prints")).expect("w");
+        for path in [&bad, &config] {
+            let out = fusec(&["compile", path_str(path), "--out", path_str(&dir)]);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{path:?}: {stderr}");
+            assert!(stderr.contains("layer_types"), "{path:?}: {stderr}");
+            assert!(stderr.contains(says), "{path:?}: {stderr}");
+        }
+    }
+}

@@ -396,7 +396,7 @@ impl<D: Device> Runner<D> {
                     let Some(window) = step::mask_window(other) else {
                         return Err(RunError::Plan(format!("cannot feed data input `{other}`")));
                     };
-                    let len = self.past as u64 + 1;
+                    let len = self.past + 1;
                     let len = window.map_or(len, |w| len.min(w));
                     let n = batch * len as usize;
                     self.upload(&name, &vec![0.0; n])?;

@@ -83,7 +83,7 @@ impl Weights {
                 _ => want(name, ty.clone()),
             }
         }
-        let (wanted, splits) = packed_wanted(wanted, packed_home)?;
+        let (wanted, splits) = packed_wanted(wanted, packed_home);
         let mut by_file: BTreeMap<PathBuf, Vec<(String, TensorType)>> = BTreeMap::new();
         for (name, ty) in wanted {
             let file = layout.file_of(&name)?;
@@ -249,11 +249,14 @@ impl Layout {
     }
 }
 
+/// Tensors to read, by name, with the types the graph wants.
+type Wanted = Vec<(String, TensorType)>;
+
 /// A packed tensor to cut into its parts after loading.
 struct Split {
     packed: String,
     /// The parts' names and types, rows in order.
-    parts: Vec<(String, TensorType)>,
+    parts: Wanted,
 }
 
 impl Split {
@@ -283,9 +286,9 @@ impl Split {
 /// A part whose siblings the graph does not all name, or whose siblings differ in
 /// dtype or width, stays wanted under its own name, which then is reported missing.
 fn packed_wanted(
-    wanted: Vec<(String, TensorType)>,
+    wanted: Wanted,
     home: impl Fn(&str) -> Option<packed::PackedHome>,
-) -> Result<(Vec<(String, TensorType)>, Vec<Split>), Error> {
+) -> (Wanted, Vec<Split>) {
     let types: HashMap<String, TensorType> = wanted.iter().cloned().collect();
     let mut out = Vec::with_capacity(wanted.len());
     let mut splits: Vec<Split> = Vec::new();
@@ -328,7 +331,7 @@ fn packed_wanted(
             _ => out.push((name, ty)),
         }
     }
-    Ok((out, splits))
+    (out, splits)
 }
 
 /// Maps `file` read-only.

@@ -288,7 +288,7 @@ pub(super) fn check(
         return Err((
             "layer_types",
             format!(
-                "{} layer types for {} layers",
+                "`layer_types` lists {} layer type(s) for {} layers",
                 model.layer_types.len(),
                 model.num_layers
             ),
