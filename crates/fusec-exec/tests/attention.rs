@@ -6,7 +6,9 @@
 //! E4M3 caches; and E4M3 caches in compact storage (one byte per value), which must
 //! give what the same values stored as `f32` give, bit for bit.
 
-use fusec_exec::kernels::attention::{append, attention, decode_attention, kv_append, Caches};
+use fusec_exec::kernels::attention::{
+    append, attention, decode_attention, kv_append, Caches, Ring,
+};
 use fusec_exec::kernels::fused::rope;
 use fusec_exec::kernels::movement::cat;
 use fusec_exec::tensor::Buffer;
@@ -482,6 +484,38 @@ fn append_reads_strided_inputs_in_place() {
         all.to_vec_f32(),
         cat(&[&row, &more], 1).expect("cats").to_vec_f32()
     );
+}
+
+/// A sliding window's ring of `W` positions: it grows like any cache until it holds
+/// `W`, then the entry of step `S` overwrites slot `S mod W` in place, and the ring
+/// always holds the last `W` entries (in slot order, not position order).
+#[test]
+fn a_full_ring_overwrites_the_slot_that_left_the_window() {
+    const W: usize = 4;
+    let mut rng = SplitMix64::new(11);
+    let entries: Vec<Tensor> = (0..11)
+        .map(|_| random(DType::F32, &[1, 2, 1, 3], &mut rng))
+        .collect();
+    let mut cache = Tensor::zeros_with_capacity(DType::F32, &[1, 2, 0, 3], 2, W).expect("c");
+    for (written, entry) in entries.iter().enumerate() {
+        let ring = Some(Ring { window: W, written });
+        let (all, copied) = kv_append(&mut cache, entry, ring).expect("appends");
+        assert_eq!(copied, 0, "step {written}: the ring never grows its buffer");
+        assert_eq!(all.shape(), [1, 2, (written + 1).min(W), 3]);
+        // Slot `p mod W` holds position `p` for the last `W` positions.
+        for p in (written + 1).saturating_sub(W)..=written {
+            let slot = all.slice(2, p % W, p % W + 1).expect("a slot");
+            assert_eq!(slot.to_vec_f32(), entries[p].to_vec_f32(), "step {written}");
+        }
+        cache = all;
+    }
+    // More than one entry into a full ring is refused.
+    let two = random(DType::F32, &[1, 2, 2, 3], &mut rng);
+    let ring = Some(Ring {
+        window: W,
+        written: 11,
+    });
+    assert!(kv_append(&mut cache, &two, ring).is_err());
 }
 
 #[test]
