@@ -503,9 +503,10 @@ fn a_full_ring_overwrites_the_slot_that_left_the_window() {
         assert_eq!(copied, 0, "step {written}: the ring never grows its buffer");
         assert_eq!(all.shape(), [1, 2, (written + 1).min(W), 3]);
         // Slot `p mod W` holds position `p` for the last `W` positions.
-        for p in (written + 1).saturating_sub(W)..=written {
+        let first = (written + 1).saturating_sub(W);
+        for (p, entry) in entries.iter().enumerate().take(written + 1).skip(first) {
             let slot = all.slice(2, p % W, p % W + 1).expect("a slot");
-            assert_eq!(slot.to_vec_f32(), entries[p].to_vec_f32(), "step {written}");
+            assert_eq!(slot.to_vec_f32(), entry.to_vec_f32(), "step {written}");
         }
         cache = all;
     }
