@@ -45,8 +45,8 @@ impl Dim {
                 name: name.clone(),
                 plus: plus + n,
             },
-            // `min(S, W) + n` is no dimension of this form; callers that add to a
-            // window's length mean [`Dim::appended`].
+            // `min(S + p, W) + n = min(S + p + n, W + n)`, exactly. A ring's length
+            // after an append is [`Dim::appended`] instead: it stays capped at `W`.
             Dim::Window { name, plus, window } => Dim::Window {
                 name: name.clone(),
                 plus: plus + n,
