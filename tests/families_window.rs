@@ -383,3 +383,44 @@ fn model_toml_and_config_json_spell_windows_alike() {
         }
     }
 }
+
+/// `fusec report` states the window and what it does, and its context sweep shows it:
+/// KV bytes read and the memory held are the same at every context beyond the window.
+#[test]
+fn the_report_states_the_window_and_its_sweep_is_flat_beyond_it() {
+    let model = root().join("examples/mistral-7b.toml");
+    let args = |format: &str| {
+        let out = fusec(&[
+            "report",
+            path_str(&model),
+            "--context",
+            "1024,8192,32768",
+            "--format",
+            format,
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let text = args("text");
+    assert!(
+        text.contains("Sliding window: 32 of 32 layers attend to the last 4096 positions"),
+        "{text}"
+    );
+    let r: serde_json::Value = serde_json::from_str(&args("json")).expect("json");
+    assert_eq!(r["model"]["window"]["positions"], 4096);
+    let points = r["context_sweep"]["points"].as_array().expect("points");
+    let fused = |i: usize, key: &str| {
+        points[i]["variants"]
+            .as_array()
+            .and_then(|v| v.iter().find(|v| v["variant"] == "fused"))
+            .map(|v| v[key].as_u64().expect("a count"))
+            .expect("the fused variant")
+    };
+    assert!(fused(0, "kv_read_bytes") < fused(1, "kv_read_bytes"));
+    assert_eq!(fused(1, "kv_read_bytes"), fused(2, "kv_read_bytes"));
+    assert_eq!(fused(1, "resident_bytes"), fused(2, "resident_bytes"));
+}
