@@ -304,14 +304,9 @@ fn unsupported_qwen_settings_are_rejected_by_name() {
         "tests/fixtures/hf-tiny-qwen2-s0",
         &[
             (
-                "\"use_sliding_window\": false",
-                "\"use_sliding_window\": true",
-                "`use_sliding_window` = true is not supported",
-            ),
-            (
                 "\"full_attention\",\n    \"full_attention\"",
-                "\"sliding_attention\",\n    \"full_attention\"",
-                "`layer_types`",
+                "\"chunked_attention\",\n    \"full_attention\"",
+                "unsupported layer type \"chunked_attention\" in `layer_types`",
             ),
             (
                 "\"model_type\": \"qwen2\"",
@@ -340,11 +335,6 @@ fn unsupported_qwen_settings_are_rejected_by_name() {
                 "\"attention_bias\": false",
                 "\"attention_bias\": true",
                 "`attention_bias` = true is not supported",
-            ),
-            (
-                "\"use_sliding_window\": false",
-                "\"use_sliding_window\": true",
-                "`use_sliding_window` = true is not supported",
             ),
             (
                 "\"hidden_act\": \"silu\"",

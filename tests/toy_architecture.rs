@@ -118,7 +118,7 @@ fn layer_forward(
         qkv.push(split_heads(b, y, count, hd, dims)?);
     }
     let (q, k) = rope.apply(b, qkv[0], qkv[1])?;
-    let (k_all, v_all) = kv_cache_append(b, layer, k, qkv[2], dims)?;
+    let (k_all, v_all) = kv_cache_append(b, layer, k, qkv[2], None, dims)?;
     let o = eager_attention(b, q, k_all, v_all, mask, &heads, dims)?;
     let o_proj = Linear::new(
         b,

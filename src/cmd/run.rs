@@ -293,13 +293,6 @@ pub fn run(args: Args) -> Result<(), Failure> {
             model.max_seq_len
         )));
     }
-    if let Some(window) = model.sliding_window.filter(|&w| positions > w) {
-        return Err(Failure::Input(anyhow!(
-            "{} prompt tokens and {} new tokens need {positions} positions, beyond the sliding window ({window}); fusec attends to the whole cache",
-            prompt.len(),
-            args.tokens,
-        )));
-    }
     fusec::memory::check(
         fusec::memory::least_bytes(&spec, precision, 1, positions),
         &format!("decoding {}", model.name),

@@ -18,6 +18,12 @@ pub enum Extent {
     Fixed(u64),
     /// `S + k`.
     Past(u64),
+    /// `min(S + plus, window)`: a sliding window's ring-buffer cache, which holds at
+    /// most `window` positions and writes slot `S mod window`.
+    Window {
+        plus: u64,
+        window: u64,
+    },
 }
 
 impl Extent {
@@ -29,7 +35,13 @@ impl Extent {
                 Ok(Extent::Fixed(shape.batch + plus))
             }
             Dim::Sym { name, plus } if name == fusec_ir::step::PAST => Ok(Extent::Past(*plus)),
-            Dim::Sym { name, .. } => Err(name.clone()),
+            Dim::Window { name, plus, window } if name == fusec_ir::step::PAST => {
+                Ok(Extent::Window {
+                    plus: *plus,
+                    window: *window,
+                })
+            }
+            Dim::Sym { name, .. } | Dim::Window { name, .. } => Err(name.clone()),
         }
     }
 
@@ -38,13 +50,41 @@ impl Extent {
         match self {
             Extent::Fixed(v) => v,
             Extent::Past(k) => shape.capacity(k),
+            Extent::Window { plus, window } => shape.capacity(plus).min(window),
         }
     }
 
     pub fn fixed(self) -> Option<u64> {
         match self {
             Extent::Fixed(v) => Some(v),
-            Extent::Past(_) => None,
+            Extent::Past(_) | Extent::Window { .. } => None,
+        }
+    }
+
+    /// Whether the extent depends on `S`.
+    pub fn is_symbolic(self) -> bool {
+        self.fixed().is_none()
+    }
+
+    /// The extent of a cache of this length after one entry is written to it: `S + k + 1`,
+    /// or `min(S + k + 1, W)` for a ring.
+    pub fn appended(self) -> Extent {
+        match self {
+            Extent::Fixed(v) => Extent::Fixed(v + 1),
+            Extent::Past(k) => Extent::Past(k + 1),
+            Extent::Window { plus, window } => Extent::Window {
+                plus: plus + 1,
+                window,
+            },
+        }
+    }
+
+    /// A C expression for the position a step's entry is written to in a cache of this
+    /// length (`S` positions written before it): `S`, or `S mod W` for a ring.
+    pub fn write_slot(self) -> String {
+        match self {
+            Extent::Window { window, .. } => format!("((long long)S % {window}LL)"),
+            Extent::Fixed(_) | Extent::Past(_) => "(long long)S".to_string(),
         }
     }
 
@@ -58,6 +98,10 @@ impl Extent {
             Extent::Fixed(v) => format!("{v}LL"),
             Extent::Past(0) => "(long long)S".to_string(),
             Extent::Past(k) => format!("((long long)S + {k}LL)"),
+            Extent::Window { plus, window } => {
+                let s = Extent::Past(plus).c();
+                format!("({s} < {window}LL ? {s} : {window}LL)")
+            }
         }
     }
 
@@ -67,6 +111,8 @@ impl Extent {
             Extent::Fixed(v) => v.to_string(),
             Extent::Past(0) => "S".to_string(),
             Extent::Past(k) => format!("S+{k}"),
+            Extent::Window { plus: 0, window } => format!("min(S,{window})"),
+            Extent::Window { plus, window } => format!("min(S+{plus},{window})"),
         }
     }
 }
@@ -246,7 +292,7 @@ impl View {
             if i >= src.len() || j >= dst.len() {
                 return Err(fail());
             }
-            if let Extent::Past(_) = src[i].0 {
+            if src[i].0.is_symbolic() {
                 if to[dst[j]] != src[i].0 {
                     return Err(fail());
                 }
@@ -261,7 +307,7 @@ impl View {
             i += 1;
             let mut pd = match to[dst[j]] {
                 Extent::Fixed(v) => v,
-                Extent::Past(_) => return Err(fail()),
+                Extent::Past(_) | Extent::Window { .. } => return Err(fail()),
             };
             j += 1;
             while ps != pd {

@@ -127,22 +127,30 @@ pub struct Runner<D: Device> {
     past: u64,
 }
 
+/// The value of an extent as the plan writes it (`16`, `S`, `S+1`, or a sliding
+/// window's `min(S+1,8)`) for `S = past`.
+fn extent(d: &str, past: u64) -> Option<u64> {
+    if let Some(inner) = d.strip_prefix("min(").and_then(|r| r.strip_suffix(')')) {
+        let (len, window) = inner.split_once(',')?;
+        return Some(extent(len, past)?.min(window.parse().ok()?));
+    }
+    match d.strip_prefix('S') {
+        Some("") => Some(past),
+        Some(rest) => rest
+            .strip_prefix('+')?
+            .parse::<u64>()
+            .ok()
+            .map(|k| past + k),
+        None => d.parse().ok(),
+    }
+}
+
 /// The element offsets of a view's elements in row-major order, for `S = past`.
 fn offsets(v: &ViewInfo, past: u64) -> Result<Vec<u64>, RunError> {
     let dims: Vec<u64> = v
         .shape
         .iter()
-        .map(|d| match d.strip_prefix('S') {
-            Some("") => Ok(past),
-            Some(rest) => rest
-                .trim_start_matches('+')
-                .parse::<u64>()
-                .map(|k| past + k)
-                .map_err(|_| RunError::Plan(format!("dimension `{d}`"))),
-            None => d
-                .parse::<u64>()
-                .map_err(|_| RunError::Plan(format!("dimension `{d}`"))),
-        })
+        .map(|d| extent(d, past).ok_or_else(|| RunError::Plan(format!("dimension `{d}`"))))
         .collect::<Result<_, _>>()?;
     let n: u64 = dims.iter().product();
     let mut out = Vec::with_capacity(n as usize);
@@ -381,13 +389,17 @@ impl<D: Device> Runner<D> {
                     self.upload(&name, &v)?;
                 }
                 step::POSITION_IDS => self.upload(&name, &vec![self.past as f32; batch])?,
-                // Every cached position is visible: the additive mask is zero.
-                step::ATTENTION_MASK => {
-                    let n = batch * (self.past as usize + 1);
-                    self.upload(&name, &vec![0.0; n])?;
-                }
+                // Every cached position is visible: the additive mask is zero. A
+                // sliding window's ring holds only positions inside the window, so its
+                // mask, one entry per slot, is zero too.
                 other => {
-                    return Err(RunError::Plan(format!("cannot feed data input `{other}`")));
+                    let Some(window) = step::mask_window(other) else {
+                        return Err(RunError::Plan(format!("cannot feed data input `{other}`")));
+                    };
+                    let len = self.past + 1;
+                    let len = window.map_or(len, |w| len.min(w));
+                    let n = batch * len as usize;
+                    self.upload(&name, &vec![0.0; n])?;
                 }
             }
         }

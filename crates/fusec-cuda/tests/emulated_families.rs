@@ -37,7 +37,15 @@ impl WeightSource for Source<'_> {
 }
 
 const PROMPT: [i32; 5] = [1, 17, 42, 99, 7];
-const FIXTURES: [&str; 2] = ["hf-tiny-olmo2-s0", "hf-tiny-granite-s3"];
+/// The Mistral fixture has a sliding window of 8 positions: prompt and generated tokens
+/// run past it, so the kernels write and read its ring-buffer caches. Phi-3's
+/// checkpoint holds packed projections, split at load.
+const FIXTURES: [&str; 4] = [
+    "hf-tiny-olmo2-s0",
+    "hf-tiny-granite-s3",
+    "hf-tiny-mistral-window-s0",
+    "hf-tiny-phi3-s0",
+];
 
 fn fixture(name: &str) -> PathBuf {
     common::root().join("tests/fixtures").join(name)
@@ -56,7 +64,18 @@ fn cpu(graph: &Graph, weights: &Weights, new_tokens: usize) -> Decode {
 }
 
 fn emulated(cxx: &str, label: &str, graph: &Graph, weights: &Weights, n: usize) -> Decode {
-    let out = generate(graph, &DecodeShape::new(1, 128), &Options::default()).expect("generates");
+    emulated_with(cxx, label, graph, weights, n, &Options::default())
+}
+
+fn emulated_with(
+    cxx: &str,
+    label: &str,
+    graph: &Graph,
+    weights: &Weights,
+    n: usize,
+    options: &Options,
+) -> Decode {
+    let out = generate(graph, &DecodeShape::new(1, 128), options).expect("generates");
     let dir = std::env::temp_dir().join(format!("fusec-emu-fam-{}-{label}", std::process::id()));
     let dev = emulate::Emulator::new(cxx.to_string(), &dir);
     let mut r = Runner::new(dev, &out, &Source(weights)).unwrap_or_else(|e| panic!("{label}: {e}"));
@@ -140,4 +159,31 @@ fn bf16_and_fp8_fused_kernels_follow_the_cpu_executor() {
         let r = max_rel(&g8, &cpu(&lowered, &w8, 6));
         assert!(r < 5e-3, "{name} fp8: {r}");
     }
+}
+
+/// Split-KV attention over a sliding window's ring: the splits cover the ring's
+/// `min(S+1, W)` slots (two per split at most), past the window too, and decode as one
+/// block per head does.
+#[test]
+fn split_kv_attention_over_a_ring_matches_one_block_per_head() {
+    let Some(cxx) = compiler() else { return };
+    let rules = stages::rules().expect("rules");
+    let name = "hf-tiny-mistral-window-s0";
+    let spec = common::spec(&fixture(name));
+    let fused =
+        stages::fused_in(&spec, Precision::F32, &rules, &Fp8Options::default()).expect("fused");
+    let weights = Weights::load(&fixture(name), &fused).expect("fixture weights");
+    let split = Options {
+        split_kv_min_len: 4,
+        split_kv_min_chunk: 2,
+        target_blocks: 64,
+        ..Options::default()
+    };
+    let out = generate(&fused, &DecodeShape::new(1, 128), &split).expect("generates");
+    assert!(out.plan.launches.iter().any(|l| l.grid[2] > 1), "splits");
+    let a = emulated_with(&cxx, "ring-split", &fused, &weights, 10, &split);
+    let b = emulated(&cxx, "ring-nosplit", &fused, &weights, 10);
+    assert_eq!(tokens(&a), tokens(&b));
+    let r = max_rel(&a, &b);
+    assert!(r < 1e-5, "{r}");
 }

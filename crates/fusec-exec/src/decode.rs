@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use fusec_ir::shape::Bindings;
 use fusec_ir::step;
-use fusec_ir::{DType, Dim, FusedOp, Graph, InputKind, NodeId, Op, OutputKind, TensorType};
+use fusec_ir::{DType, FusedOp, Graph, InputKind, NodeId, Op, OutputKind, TensorType};
 use ndarray::{Array2, Array3, ArrayView2, Axis};
 
 use crate::error::Error;
@@ -157,6 +157,9 @@ struct State {
     name: Arc<str>,
     /// The axis that grows by one position per step, if any.
     axis: Option<usize>,
+    /// The sliding window of a ring-buffer cache: it stops growing at this many
+    /// positions and the oldest are overwritten.
+    window: Option<usize>,
 }
 
 /// What a data input holds.
@@ -185,12 +188,15 @@ fn bad(name: &str, message: impl Into<String>) -> Error {
     }
 }
 
-/// The axis of a state type that holds the cached positions (the one sized by `S`).
-fn growing_axis(ty: &TensorType) -> Option<usize> {
-    ty.shape
-        .dims()
-        .iter()
-        .position(|d| matches!(d, Dim::Sym { name, .. } if name == step::PAST))
+/// The axis of a state type that holds the cached positions (the one sized by `S`,
+/// or by `min(S, W)` for a sliding window's ring), and the ring's window.
+fn growing_axis(ty: &TensorType) -> (Option<usize>, Option<usize>) {
+    let dims = ty.shape.dims();
+    let axis = dims.iter().position(|d| d.symbol() == Some(step::PAST));
+    let window = axis
+        .and_then(|a| dims[a].window())
+        .and_then(|w| usize::try_from(w).ok());
+    (axis, window)
 }
 
 /// Whether every reader of the state input `id` is a `fused.decode_attention` that
@@ -252,9 +258,11 @@ impl Session {
             match kind {
                 InputKind::State => {
                     let shape = exec::dims(&ty.shape, &b)?;
-                    let axis = growing_axis(ty);
+                    let (axis, window) = growing_axis(ty);
+                    // A ring never holds more than its window.
+                    let room = window.map_or(positions, |w| positions.min(w));
                     let t = match axis {
-                        Some(a) => Tensor::zeros_with_capacity(ty.dtype, &shape, a, positions),
+                        Some(a) => Tensor::zeros_with_capacity(ty.dtype, &shape, a, room),
                         None => Tensor::zeros(ty.dtype, &shape),
                     }
                     .map_err(|e| Error::InvalidGraph(format!("state `{name}`: {e}")))?;
@@ -267,6 +275,7 @@ impl Session {
                         index,
                         name: Arc::from(name),
                         axis,
+                        window,
                     });
                     continue;
                 }
@@ -275,7 +284,7 @@ impl Session {
                     data.push(feed(Feed::Ids));
                 }
                 InputKind::Data if name == step::POSITION_IDS => data.push(feed(Feed::Positions)),
-                InputKind::Data if name == step::ATTENTION_MASK => data.push(feed(Feed::Mask)),
+                InputKind::Data if step::is_attention_mask(name) => data.push(feed(Feed::Mask)),
                 InputKind::Data => {
                     return Err(Error::InvalidGraph(format!(
                         "a decode session cannot feed data input `{name}`"
@@ -345,6 +354,18 @@ impl Session {
                     self.past
                 ),
             ));
+        }
+        // A ring that has wrapped holds no prefix of the sequence to rewind to.
+        for state in &self.states {
+            if let Some(w) = state.window.filter(|&w| self.past > w) {
+                return Err(bad(
+                    &state.name,
+                    format!(
+                        "its sliding window's ring has overwritten the positions before {}; cannot rewind to {positions}",
+                        self.past - w
+                    ),
+                ));
+            }
         }
         for state in &self.states {
             let Some(axis) = state.axis else {

@@ -379,9 +379,19 @@ impl Tensor {
     }
 
     /// Bytes a kernel reads when it reads this tensor once: the smaller of the view's
-    /// and the buffer's size (an expanded view reads its source once).
+    /// and the buffer's size (an expanded view reads its source once), and no more than
+    /// the elements the view addresses (an expanded view of a cache with spare
+    /// capacity reads the cached entries, not the room after them).
     pub fn read_bytes(&self) -> u64 {
-        self.numel().min(self.storage_len()) as u64 * self.dtype.size_bytes()
+        let addressed: usize = self
+            .shape
+            .iter()
+            .zip(self.strides.iter())
+            .filter(|(_, &stride)| stride != 0)
+            .map(|(&d, _)| d)
+            .product();
+        let elements = self.numel().min(self.storage_len()).min(addressed);
+        elements as u64 * self.dtype.size_bytes()
     }
 
     /// Whether the elements lie row-major and dense from the offset on; size-1

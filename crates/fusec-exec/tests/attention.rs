@@ -6,7 +6,9 @@
 //! E4M3 caches; and E4M3 caches in compact storage (one byte per value), which must
 //! give what the same values stored as `f32` give, bit for bit.
 
-use fusec_exec::kernels::attention::{append, attention, decode_attention, kv_append, Caches};
+use fusec_exec::kernels::attention::{
+    append, attention, decode_attention, kv_append, Caches, Ring,
+};
 use fusec_exec::kernels::fused::rope;
 use fusec_exec::kernels::movement::cat;
 use fusec_exec::tensor::Buffer;
@@ -301,8 +303,8 @@ proptest! {
         let scaled = |x: f32| round_to(E4M3, x / s);
         let (mut wide, mut bytes) = (past.clone(), compact(&past));
         drop(past);
-        let (want, copied_f32) = append(&mut wide, &new, 2, scaled).expect("appends");
-        let (got, copied) = append(&mut bytes, &new, 2, scaled).expect("appends");
+        let (want, copied_f32) = append(&mut wide, &new, 2, scaled, None).expect("appends");
+        let (got, copied) = append(&mut bytes, &new, 2, scaled, None).expect("appends");
         prop_assert!(matches!(got.buffer(), Buffer::U8(_)));
         prop_assert_eq!(bits(&got), bits(&want));
         // The same bytes are counted, in place or copied to grow.
@@ -313,8 +315,8 @@ proptest! {
         let codes = codes(&new, 1.0);
         let (mut wide, mut bytes) = (want.clone(), compact(&want));
         drop((want, got));
-        let (want, _) = kv_append(&mut wide, &codes).expect("appends");
-        let (got, _) = kv_append(&mut bytes, &codes).expect("appends");
+        let (want, _) = kv_append(&mut wide, &codes, None).expect("appends");
+        let (got, _) = kv_append(&mut bytes, &codes, None).expect("appends");
         prop_assert_eq!(bits(&got), bits(&want));
     }
 }
@@ -340,6 +342,7 @@ fn decode_attention_over_compact_caches_appends_in_place_and_equals_f32_storage(
             past_k: &mut ck,
             past_v: &mut cv,
             scales: Some((0.02, 0.03)),
+            ring: None,
         };
         decode_attention(&q, &k, &v, &cos, &sin, caches, 0.2, &mask).expect("runs")
     };
@@ -428,6 +431,7 @@ fn decode_attention_over_an_fp8_cache_matches_the_reference() {
         past_k: &mut ck,
         past_v: &mut cv,
         scales: Some((ks, vs)),
+        ring: None,
     };
     let ([out, k_all, v_all], copied) =
         decode_attention(&q, &k, &v, &cos, &sin, caches, 0.3, &mask).expect("runs");
@@ -466,7 +470,7 @@ fn append_reads_strided_inputs_in_place() {
     assert!(!new.is_contiguous());
     let expected = cat(&[&cache, &new], 2).expect("cats");
     let mut owned = cache.with_capacity(2, 8).expect("axis");
-    let (all, copied) = kv_append(&mut owned, &new).expect("appends");
+    let (all, copied) = kv_append(&mut owned, &new, None).expect("appends");
     assert_eq!(copied, 0);
     assert_eq!(all.to_vec_f32(), expected.to_vec_f32());
     // Along the last axis too, where a row of the input is the appended span.
@@ -475,11 +479,44 @@ fn append_reads_strided_inputs_in_place() {
         .transpose(0, 1)
         .expect("axes");
     let mut owned = row.with_capacity(1, 6).expect("axis");
-    let (all, _) = append(&mut owned, &more, 1, |x| x).expect("appends");
+    let (all, _) = append(&mut owned, &more, 1, |x| x, None).expect("appends");
     assert_eq!(
         all.to_vec_f32(),
         cat(&[&row, &more], 1).expect("cats").to_vec_f32()
     );
+}
+
+/// A sliding window's ring of `W` positions: it grows like any cache until it holds
+/// `W`, then the entry of step `S` overwrites slot `S mod W` in place, and the ring
+/// always holds the last `W` entries (in slot order, not position order).
+#[test]
+fn a_full_ring_overwrites_the_slot_that_left_the_window() {
+    const W: usize = 4;
+    let mut rng = SplitMix64::new(11);
+    let entries: Vec<Tensor> = (0..11)
+        .map(|_| random(DType::F32, &[1, 2, 1, 3], &mut rng))
+        .collect();
+    let mut cache = Tensor::zeros_with_capacity(DType::F32, &[1, 2, 0, 3], 2, W).expect("c");
+    for (written, entry) in entries.iter().enumerate() {
+        let ring = Some(Ring { window: W, written });
+        let (all, copied) = kv_append(&mut cache, entry, ring).expect("appends");
+        assert_eq!(copied, 0, "step {written}: the ring never grows its buffer");
+        assert_eq!(all.shape(), [1, 2, (written + 1).min(W), 3]);
+        // Slot `p mod W` holds position `p` for the last `W` positions.
+        let first = (written + 1).saturating_sub(W);
+        for (p, entry) in entries.iter().enumerate().take(written + 1).skip(first) {
+            let slot = all.slice(2, p % W, p % W + 1).expect("a slot");
+            assert_eq!(slot.to_vec_f32(), entry.to_vec_f32(), "step {written}");
+        }
+        cache = all;
+    }
+    // More than one entry into a full ring is refused.
+    let two = random(DType::F32, &[1, 2, 2, 3], &mut rng);
+    let ring = Some(Ring {
+        window: W,
+        written: 11,
+    });
+    assert!(kv_append(&mut cache, &two, ring).is_err());
 }
 
 #[test]
@@ -508,6 +545,7 @@ fn an_e4m3_cache_stores_what_the_generic_rounding_gives() {
         past_k: &mut ck,
         past_v: &mut cv,
         scales: Some((ks, vs)),
+        ring: None,
     };
     // cos 1 and sin 0 make RoPE the identity, so the cache holds fp8(k / ks).
     let ([_, k_all, v_all], _) =

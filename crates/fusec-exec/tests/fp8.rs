@@ -192,6 +192,7 @@ fn an_fp8_kv_cache_stores_x_over_scale_and_reads_back_q_times_scale() {
         past_k: &mut ck,
         past_v: &mut cv,
         scales: Some((ks, vs)),
+        ring: None,
     };
     let ([out, k_all, v_all], copied) =
         decode_attention(&q, &k, &v, &cos, &sin, caches, 0.35, &mask).expect("runs");
@@ -230,6 +231,7 @@ fn an_fp8_kv_cache_stores_x_over_scale_and_reads_back_q_times_scale() {
         past_k: &mut ck,
         past_v: &mut cv,
         scales: None,
+        ring: None,
     };
     assert!(decode_attention(&q, &k, &v, &cos, &sin, caches, 0.35, &mask).is_err());
 }

@@ -170,7 +170,7 @@ proptest! {
         let expected = cat(&[&cache, &x], 2).expect("cats");
         // With room and no other owner, the append writes in place.
         let mut owned = cache.with_capacity(2, past + 3).expect("axis in range");
-        let (all, copied) = kv_append(&mut owned, &x).expect("appends");
+        let (all, copied) = kv_append(&mut owned, &x, None).expect("appends");
         assert_same(&all, &expected, "kv.append in place");
         assert_eq!(copied, 0);
         assert!(std::ptr::eq(
@@ -179,7 +179,7 @@ proptest! {
         ));
         // A shared cache is copied first, and the copy is counted.
         let mut shared = cache.clone();
-        let (all, copied) = kv_append(&mut shared, &x).expect("appends");
+        let (all, copied) = kv_append(&mut shared, &x, None).expect("appends");
         assert_same(&all, &expected, "kv.append after a copy");
         assert_eq!(copied, cache.bytes());
         assert_eq!(cache.to_vec_f32(), shared.to_vec_f32());
@@ -246,7 +246,7 @@ proptest! {
             pk.with_capacity(2, past + 1).expect("axis"),
             pv.with_capacity(2, past + 1).expect("axis"),
         );
-        let caches = Caches { past_k: &mut ck, past_v: &mut cv, scales: None };
+        let caches = Caches { past_k: &mut ck, past_v: &mut cv, scales: None, ring: None };
         let ([out, ka, va], copied) =
             decode_attention(&q, &k, &v, &cos, &sin, caches, scale, &mask).expect("runs");
         prop_assert_eq!(copied, 0);
@@ -276,7 +276,7 @@ fn fused_kernels_reject_bad_operands() {
         "3 heads over 2 KV heads"
     );
     let mut past = random(DType::F32, &[1, 2, 5, 3], &mut rng, 1.0);
-    assert!(kv_append(&mut past, &k).is_err(), "head_dim differs");
+    assert!(kv_append(&mut past, &k, None).is_err(), "head_dim differs");
 }
 
 /// Greedy decoding of a prompt by a graph, with its logits.

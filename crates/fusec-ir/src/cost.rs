@@ -127,9 +127,15 @@ pub fn op_cost(
         return Ok(Cost::default());
     }
     let mut bytes_written = out.bytes(b)?;
-    // The appended caches are written in place: only the new entries are stored.
-    for (past, _) in op.in_place() {
-        bytes_written = bytes_written.saturating_sub(operands[past].bytes(b)?);
+    // The appended caches are written in place: only the new entries are stored (one
+    // position of a sliding-window ring, also once it is full).
+    for (past, result) in op.in_place() {
+        if let (Some(grown), Some(Type::Tensor(before))) =
+            (out.tensors().get(result), operands.get(past))
+        {
+            bytes_written =
+                bytes_written.saturating_sub(grown.bytes(b)?) + grown.appended_bytes(before, b)?;
+        }
     }
     let n_out = numel(out, b)?;
     let n_in0 = match operands.first() {
@@ -347,17 +353,21 @@ pub fn graph_cost(graph: &Graph, b: &Bindings) -> Result<GraphCost, UnboundSymbo
             InputKind::Data => cost.floor.io_bytes += bytes,
             InputKind::State => {
                 cost.floor.kv_read_bytes += bytes;
-                state_in.insert(name.to_string(), bytes);
+                state_in.insert(name.to_string(), graph.ty(id));
             }
         }
     }
     for o in graph.outputs() {
-        let bytes = graph.ty(o.value).bytes(b)?;
+        let ty = graph.ty(o.value);
         match o.kind {
-            OutputKind::Data => cost.floor.io_bytes += bytes,
+            OutputKind::Data => cost.floor.io_bytes += ty.bytes(b)?,
             OutputKind::State => {
-                let before = state_in.get(&o.name).copied().unwrap_or(0);
-                cost.floor.kv_write_bytes += bytes.saturating_sub(before);
+                cost.floor.kv_write_bytes += match (ty, state_in.get(&o.name)) {
+                    (Type::Tensor(grown), Some(Type::Tensor(before))) => {
+                        grown.appended_bytes(before, b)?
+                    }
+                    _ => ty.bytes(b)?,
+                };
             }
         }
     }

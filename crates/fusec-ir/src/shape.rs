@@ -5,6 +5,10 @@
 //! (`B`). A dimension is either a constant or a symbol plus a constant offset (`S+1` is
 //! the cache length after this step's append). Symbols are bound to numbers only when
 //! costs are computed or a graph is run, through [`Bindings`].
+//!
+//! A layer with a sliding attention window of `W` positions keeps at most `W` of them:
+//! its cache length is `min(S, W)` ([`Dim::Window`]), a ring buffer whose next write
+//! goes to slot `S mod W` ([`Dim::ring_slot`]).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -16,6 +20,13 @@ pub enum Dim {
     Fixed(u64),
     /// A named size plus a constant offset, e.g. `S+1`.
     Sym { name: String, plus: u64 },
+    /// `min(name + plus, window)`: the length of a ring buffer of `window` positions
+    /// after `name + plus` writes (a sliding-window layer's KV cache).
+    Window {
+        name: String,
+        plus: u64,
+        window: u64,
+    },
 }
 
 impl Dim {
@@ -34,13 +45,82 @@ impl Dim {
                 name: name.clone(),
                 plus: plus + n,
             },
+            // `min(S + p, W) + n = min(S + p + n, W + n)`, exactly. A ring's length
+            // after an append is [`Dim::appended`] instead: it stays capped at `W`.
+            Dim::Window { name, plus, window } => Dim::Window {
+                name: name.clone(),
+                plus: plus + n,
+                window: window + n,
+            },
+        }
+    }
+
+    /// This dimension capped at `window` positions: `min(self, window)`.
+    pub fn windowed(&self, window: u64) -> Dim {
+        match self {
+            Dim::Fixed(v) => Dim::Fixed((*v).min(window)),
+            Dim::Sym { name, plus } => Dim::Window {
+                name: name.clone(),
+                plus: *plus,
+                window,
+            },
+            Dim::Window {
+                name,
+                plus,
+                window: w,
+            } => Dim::Window {
+                name: name.clone(),
+                plus: *plus,
+                window: window.min(*w),
+            },
+        }
+    }
+
+    /// The length of a cache of this length after one more entry is written: `n + 1`,
+    /// or for a ring buffer `min(S + plus + 1, W)` (the entry overwrites the oldest
+    /// one once the ring is full).
+    pub fn appended(&self) -> Dim {
+        match self {
+            Dim::Window { name, plus, window } => Dim::Window {
+                name: name.clone(),
+                plus: plus + 1,
+                window: *window,
+            },
+            d => d.plus(1),
+        }
+    }
+
+    /// The window of a ring buffer's length, `None` for any other dimension.
+    pub fn window(&self) -> Option<u64> {
+        match self {
+            Dim::Window { window, .. } => Some(*window),
+            Dim::Fixed(_) | Dim::Sym { .. } => None,
+        }
+    }
+
+    /// The symbol this dimension depends on, if any.
+    pub fn symbol(&self) -> Option<&str> {
+        match self {
+            Dim::Fixed(_) => None,
+            Dim::Sym { name, .. } | Dim::Window { name, .. } => Some(name),
+        }
+    }
+
+    /// The slot of a ring buffer of this length that the entry of the step with
+    /// `written` entries before it goes to: `written mod W` (Mistral's rolling buffer
+    /// cache, Jiang et al., 2023, section 2). Any other cache is written at its end,
+    /// `written`.
+    pub fn ring_slot(&self, written: u64) -> u64 {
+        match self.window() {
+            Some(w) if w > 0 => written % w,
+            _ => written,
         }
     }
 
     pub fn as_fixed(&self) -> Option<u64> {
         match self {
             Dim::Fixed(v) => Some(*v),
-            Dim::Sym { .. } => None,
+            Dim::Sym { .. } | Dim::Window { .. } => None,
         }
     }
 
@@ -55,6 +135,10 @@ impl Dim {
             Dim::Sym { name, plus } => bindings
                 .get(name)
                 .map(|v| v.saturating_add(*plus))
+                .ok_or_else(|| UnboundSymbol(name.clone())),
+            Dim::Window { name, plus, window } => bindings
+                .get(name)
+                .map(|v| (v + plus).min(*window))
                 .ok_or_else(|| UnboundSymbol(name.clone())),
         }
     }
@@ -72,6 +156,12 @@ impl fmt::Display for Dim {
             Dim::Fixed(v) => write!(f, "{v}"),
             Dim::Sym { name, plus: 0 } => f.write_str(name),
             Dim::Sym { name, plus } => write!(f, "{name}+{plus}"),
+            Dim::Window {
+                name,
+                plus: 0,
+                window,
+            } => write!(f, "min({name},{window})"),
+            Dim::Window { name, plus, window } => write!(f, "min({name}+{plus},{window})"),
         }
     }
 }
@@ -240,6 +330,23 @@ mod tests {
             sh.eval(&Bindings::new().with("B", 1)),
             Err(UnboundSymbol("S".into()))
         );
+    }
+
+    #[test]
+    fn window_dims_cap_and_append_as_a_ring() {
+        let w = Dim::sym("S").windowed(8);
+        assert_eq!(w.to_string(), "min(S,8)");
+        let after = w.appended();
+        assert_eq!(after.to_string(), "min(S+1,8)");
+        for (s, len, next) in [(0, 0, 1), (7, 7, 8), (8, 8, 8), (20, 8, 8)] {
+            let b = Bindings::new().with("S", s);
+            assert_eq!(w.eval(&b), Ok(len));
+            assert_eq!(after.eval(&b), Ok(next));
+        }
+        assert_eq!(w.ring_slot(5), 5);
+        assert_eq!(w.ring_slot(8), 0);
+        assert_eq!(w.ring_slot(21), 5);
+        assert_eq!(Dim::sym("S").ring_slot(21), 21);
     }
 
     #[test]

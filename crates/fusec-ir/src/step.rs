@@ -29,6 +29,32 @@ pub const BATCH: &str = "B";
 /// The symbol for the number of cached positions before the step.
 pub const PAST: &str = "S";
 
+/// The additive mask of the layers with a sliding window of `window` positions,
+/// `[B,1,1,min(S+1,W)]`: one entry per slot of their ring-buffer caches (which hold
+/// only positions inside the window, so a decode step masks none of them).
+pub fn window_mask(window: u64) -> String {
+    format!("{ATTENTION_MASK}.window{window}")
+}
+
+/// Whether a data input is an additive attention mask: the whole cache's or a
+/// window's.
+pub fn is_attention_mask(name: &str) -> bool {
+    mask_window(name).is_some()
+}
+
+/// What the additive mask input `name` covers: `Some(None)` for `attention_mask` (the
+/// whole cache), `Some(Some(W))` for [`window_mask`]`(W)`, `None` for any other name.
+pub fn mask_window(name: &str) -> Option<Option<u64>> {
+    if name == ATTENTION_MASK {
+        return Some(None);
+    }
+    let w = name.strip_prefix(ATTENTION_MASK)?.strip_prefix(".window")?;
+    match w.bytes().all(|c| c.is_ascii_digit()) {
+        true => w.parse().ok().map(Some),
+        false => None,
+    }
+}
+
 /// State name of layer `layer`'s key cache.
 pub fn past_key(layer: u64) -> String {
     format!("past.{layer}.key")

@@ -29,6 +29,24 @@ impl TensorType {
             .numel(bindings)?
             .saturating_mul(self.dtype.size_bytes()))
     }
+
+    /// The bytes one step writes into a cache of this type, grown from `past`: the
+    /// new entries, `self - past`; for a sliding-window ring (a [`Dim::Window`] axis)
+    /// one position along that axis, also once the ring is full and its length no
+    /// longer grows.
+    ///
+    /// [`Dim::Window`]: crate::shape::Dim::Window
+    pub fn appended_bytes(
+        &self,
+        past: &TensorType,
+        bindings: &Bindings,
+    ) -> Result<u64, UnboundSymbol> {
+        let bytes = self.bytes(bindings)?;
+        match self.shape.dims().iter().find(|d| d.window().is_some()) {
+            Some(ring) => Ok(bytes / ring.eval(bindings)?.max(1)),
+            None => Ok(bytes.saturating_sub(past.bytes(bindings)?)),
+        }
+    }
 }
 
 impl fmt::Display for TensorType {

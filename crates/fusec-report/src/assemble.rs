@@ -39,6 +39,17 @@ pub struct ModelInfo {
     pub max_seq_len: u64,
     /// The checkpoint dtype.
     pub dtype: String,
+    /// The sliding window, if any layer has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window: Option<WindowInfo>,
+}
+
+/// A sliding attention window: how many layers attend to the last `positions` only
+/// (their KV caches are rings of at most that many positions).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct WindowInfo {
+    pub positions: u64,
+    pub windowed_layers: u64,
 }
 
 /// The formulas behind the estimates, with the figures they used.
@@ -218,14 +229,6 @@ fn check(inputs: &Inputs<'_>) -> Result<(), ReportError> {
                 model.max_seq_len, model.name
             ));
         }
-        if let Some(w) = model.sliding_window {
-            if c > w {
-                return bad(format!(
-                    "--context: context {c} is beyond the sliding window ({w}) of {}",
-                    model.name
-                ));
-            }
-        }
     }
     if inputs.batches.is_empty() {
         return bad("the batch sweep needs at least one batch size".into());
@@ -305,6 +308,15 @@ pub fn build(inputs: &Inputs<'_>) -> Result<Report, ReportError> {
             vocab_size: m.vocab_size,
             max_seq_len: m.max_seq_len,
             dtype: m.dtype.to_string(),
+            window: m.sliding_window.and_then(|positions| {
+                let windowed_layers = (0..m.num_layers)
+                    .filter(|&l| m.layer_window(l).is_some())
+                    .count() as u64;
+                (windowed_layers > 0).then_some(WindowInfo {
+                    positions,
+                    windowed_layers,
+                })
+            }),
         },
         batch,
         context,

@@ -99,6 +99,14 @@ pub fn document(r: &Report) -> Vec<Block> {
         r.context,
         r.precision
     )));
+    if let Some(w) = &m.window {
+        d.push(Block::Para(format!(
+            "Sliding window: {} of {} layers attend to the last {} positions only, and their \
+             KV caches hold at most {} positions, so the KV bytes a step reads and the cache \
+             memory stop growing at context {}.",
+            w.windowed_layers, m.layers, w.positions, w.positions, w.positions
+        )));
+    }
     let c = &r.cost_model;
     d.push(Block::Para(format!(
         "GPU {} ({}). Cost model: each kernel takes {}, with bandwidth {} GB/s ({}), \

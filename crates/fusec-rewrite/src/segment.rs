@@ -56,8 +56,11 @@ pub fn split(graph: &Graph) -> Result<Vec<Segment>, SegmentError> {
     let order = graph.topo_order()?;
     let position: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
     let first_layer = order.iter().position(|&n| graph.node(n).layer.is_some());
+    // A step input outside any layer belongs to the prologue wherever it was declared:
+    // a sliding window's mask is declared by the first layer that reads it.
     let key_of = |n: NodeId| match graph.node(n).layer {
         Some(l) => SegmentKey::Layer(l),
+        None if matches!(graph.op(n), Op::Input { .. }) => SegmentKey::Prologue,
         None if first_layer.is_some_and(|f| position[&n] > f) => SegmentKey::Epilogue,
         None => SegmentKey::Prologue,
     };

@@ -6,6 +6,7 @@
 //! - [`rounding`]: rounding of `f32` values to an IR dtype, and the compact codes;
 //! - [`weights`]: the named set ([`Weights`]), checked against a graph's types;
 //! - [`load`]: Hugging Face safetensors checkpoints by memory map ([`Weights::load`]);
+//!   [`packed`]: the packed projections (Phi-3's `qkv_proj`, `gate_up_proj`) it splits;
 //! - [`random`]: seeded random weights with a documented distribution
 //!   ([`Weights::random`]);
 //! - [`quant`]: the FP8 weights of a lowered graph (`W.fp8`, `W.scale`) derived from
@@ -17,6 +18,7 @@
 
 pub mod error;
 pub mod load;
+pub mod packed;
 pub mod quant;
 pub mod random;
 pub mod rounding;

@@ -12,6 +12,10 @@
 //! A lowered (FP8) graph names derived weights (`W.fp8`, `W.scale`; see
 //! [`crate::quant`]): those the checkpoint lacks are made at load from their base `W`.
 //! KV-cache scales cannot be made from weights and must be calibrated or saved.
+//!
+//! A weight the checkpoint lacks that is part of a packed projection the checkpoint
+//! has (Phi-3's `qkv_proj`, `gate_up_proj`; see [`crate::packed`]) is cut out of it:
+//! the packed tensor is read and checked as the parts stacked along rows.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
@@ -22,6 +26,7 @@ use half::{bf16, f16};
 use safetensors::{Dtype, SafeTensorError, SafeTensors};
 
 use crate::error::Error;
+use crate::packed;
 use crate::quant::{self, Derived, KvScales};
 use crate::rounding;
 use crate::tensor::WeightTensor;
@@ -36,6 +41,14 @@ impl Weights {
         let layout = Layout::resolve(path)?;
         let present = layout.names();
         let has = |name: &str| present.as_ref().is_none_or(|p| p.contains(name));
+        // The packed tensor a weight the checkpoint lacks can be cut from.
+        let packed_home = |name: &str| {
+            if has(name) {
+                return None;
+            }
+            packed::home(name).filter(|h| has(&h.packed))
+        };
+        let available = |name: &str| has(name) || packed_home(name).is_some();
         let derived = quant::derived_weights(graph)?;
         // In the graph's order, so that the first problem reported is the first weight
         // the step needs.
@@ -56,7 +69,7 @@ impl Weights {
                 _ if has(name) => want(name, ty.clone()),
                 Some(Derived::Gemv {
                     base, to, shape, ..
-                }) if has(base) => {
+                }) if available(base) => {
                     let dims = shape.iter().map(|&d| fusec_ir::Dim::Fixed(d as u64));
                     let base_ty = TensorType::new(*to, fusec_ir::Shape::new(dims));
                     want(base, base_ty);
@@ -70,6 +83,7 @@ impl Weights {
                 _ => want(name, ty.clone()),
             }
         }
+        let (wanted, splits) = packed_wanted(wanted, packed_home);
         let mut by_file: BTreeMap<PathBuf, Vec<(String, TensorType)>> = BTreeMap::new();
         for (name, ty) in wanted {
             let file = layout.file_of(&name)?;
@@ -78,6 +92,9 @@ impl Weights {
         let mut weights = Weights::new(WeightSource::File(layout.origin()));
         for (file, wanted) in &by_file {
             load_file(file, wanted, &mut weights)?;
+        }
+        for split in &splits {
+            split.apply(&mut weights)?;
         }
         if derives {
             weights = quant::lower_weights(&weights, graph, &KvScales::new())?;
@@ -236,6 +253,91 @@ impl Layout {
             Layout::Sharded { index, .. } => index.clone(),
         }
     }
+}
+
+/// Tensors to read, by name, with the types the graph wants.
+type Wanted = Vec<(String, TensorType)>;
+
+/// A packed tensor to cut into its parts after loading.
+struct Split {
+    packed: String,
+    /// The parts' names and types, rows in order.
+    parts: Wanted,
+}
+
+impl Split {
+    fn apply(&self, weights: &mut Weights) -> Result<(), Error> {
+        let source = weights.source(&self.packed).cloned();
+        let tensor = weights
+            .remove(&self.packed)
+            .ok_or_else(|| Error::InvalidGraph(format!("`{}` was not loaded", self.packed)))?;
+        let values = tensor.to_vec_f32();
+        let width = tensor.shape().get(1).copied().unwrap_or(0);
+        let mut row = 0;
+        for (name, ty) in &self.parts {
+            let shape = fixed_shape(name, ty)?;
+            let rows = shape.first().copied().unwrap_or(0);
+            let part = values[row * width..(row + rows) * width].to_vec();
+            row += rows;
+            let part = WeightTensor::from_f32(ty.dtype, &shape, part)?;
+            let source = source.clone().unwrap_or(WeightSource::Memory);
+            weights.insert(name.clone(), part, source);
+        }
+        Ok(())
+    }
+}
+
+/// `wanted` with every weight that lies in a packed tensor replaced by that tensor
+/// (once), typed as its parts stacked along rows, and the splits to make after loading.
+/// A part whose siblings the graph does not all name, or whose siblings differ in
+/// dtype or width, stays wanted under its own name, which then is reported missing.
+fn packed_wanted(
+    wanted: Wanted,
+    home: impl Fn(&str) -> Option<packed::PackedHome>,
+) -> (Wanted, Vec<Split>) {
+    let types: HashMap<String, TensorType> = wanted.iter().cloned().collect();
+    let mut out = Vec::with_capacity(wanted.len());
+    let mut splits: Vec<Split> = Vec::new();
+    for (name, ty) in wanted {
+        let Some(h) = home(&name) else {
+            out.push((name, ty));
+            continue;
+        };
+        if splits.iter().any(|s| s.packed == h.packed) {
+            continue;
+        }
+        let parts: Option<Vec<(String, TensorType)>> = h
+            .parts
+            .iter()
+            .map(|p| types.get(p).map(|t| (p.clone(), t.clone())))
+            .collect();
+        let stacked = parts.as_ref().and_then(|parts| {
+            let mut rows = 0;
+            for (p, t) in parts {
+                let shape = fixed_shape(p, t).ok()?;
+                let [r, width] = shape[..] else { return None };
+                let same =
+                    t.dtype == ty.dtype && Some(width as u64) == ty.shape.0.get(1)?.as_fixed();
+                if !same {
+                    return None;
+                }
+                rows += r as u64;
+            }
+            let shape = fusec_ir::Shape::new([rows.into(), ty.shape.0[1].clone()]);
+            Some(TensorType::new(ty.dtype, shape))
+        });
+        match (parts, stacked) {
+            (Some(parts), Some(stacked)) => {
+                out.push((h.packed.clone(), stacked));
+                splits.push(Split {
+                    packed: h.packed,
+                    parts,
+                });
+            }
+            _ => out.push((name, ty)),
+        }
+    }
+    (out, splits)
 }
 
 /// Maps `file` read-only.

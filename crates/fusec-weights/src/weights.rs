@@ -69,6 +69,11 @@ impl Weights {
         self.tensors.insert(name, (tensor, source));
     }
 
+    /// Removes and returns the tensor `name`.
+    pub fn remove(&mut self, name: &str) -> Option<WeightTensor> {
+        self.tensors.remove(name).map(|(t, _)| t)
+    }
+
     pub fn get(&self, name: &str) -> Option<&WeightTensor> {
         self.tensors.get(name).map(|(t, _)| t)
     }

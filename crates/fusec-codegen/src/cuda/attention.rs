@@ -107,7 +107,7 @@ pub(crate) fn shape(
             if !hd.is_multiple_of(2) {
                 return Err("RoPE needs an even head_dim".into());
             }
-            (d.past_k, decode.max_seq_len)
+            (d.past_k, d.past_k.dims[2].appended().capacity(decode))
         }
         None => (k, k.dims[2].capacity(decode)),
     };
@@ -169,7 +169,7 @@ pub(crate) fn attention(
     let tc = ctype(t);
     let hd = sh.hd;
     let len_ext = match &a.decode {
-        Some(_) => Extent::Past(1),
+        Some(d) => d.past_k.dims[2].appended(),
         None => a.k.dims[2],
     };
     let score_dims = vec![
@@ -264,10 +264,17 @@ pub(crate) fn attention(
         }
     }
     let _ = writeln!(b, "  }}");
-    // The new entry: rotated key and value, appended in place by one block.
+    // The new entry: rotated key and value, appended in place by one block at `slot`:
+    // `S`, or `S mod W` of a sliding window's ring (whose entry there has left the
+    // window; every block reads the new entry from shared memory, never from there).
     let mut ksc = String::new();
     let mut vsc = String::new();
     if let Some(d) = &a.decode {
+        let _ = writeln!(
+            b,
+            "  const long long slot = {};",
+            d.past_k.dims[2].write_slot()
+        );
         let _ = writeln!(b, "  __shared__ float ks[HD], vs[HD];");
         if let Some((sk, sv)) = d.scales {
             let (p1, p2) = (params.bind(sk, Access::Read), params.bind(sv, Access::Read));
@@ -288,10 +295,10 @@ pub(crate) fn attention(
         let c = [bb.clone(), kvc.clone(), s("0LL"), dd.clone()];
         let cp = [bb.clone(), kvc.clone(), s("0LL"), dpc.clone()];
         let mut whole_k = d.past_k.clone();
-        whole_k.dims[2] = Extent::Past(1);
+        whole_k.dims[2] = d.past_k.dims[2].appended();
         let mut whole_v = d.past_v.clone();
-        whole_v.dims[2] = Extent::Past(1);
-        let cs = [bb.clone(), kvc.clone(), s("(long long)S"), dd.clone()];
+        whole_v.dims[2] = d.past_v.dims[2].appended();
+        let cs = [bb.clone(), kvc.clone(), s("slot"), dd.clone()];
         let _ = writeln!(b, "  for (int d = threadIdx.x; d < HD; d += blockDim.x) {{");
         let _ = writeln!(
             b,
@@ -370,7 +377,7 @@ pub(crate) fn attention(
         let _ = writeln!(b, "#pragma unroll");
         let _ = writeln!(b, "      for (int e = 0; e < VE; ++e) {name}[e] = 0.0f;");
         if a.decode.is_some() {
-            let _ = writeln!(b, "    }} else if (t == (long long)S) {{");
+            let _ = writeln!(b, "    }} else if (t == slot) {{");
             let _ = writeln!(b, "#pragma unroll");
             let _ = writeln!(b, "      for (int e = 0; e < VE; ++e) {name}[e] = sub * VE + e < HD ? {shared}[sub * VE + e] : 0.0f;");
         }

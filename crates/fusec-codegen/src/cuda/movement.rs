@@ -95,10 +95,11 @@ pub(crate) fn kv_append(
     let pp = params.bind(past, Access::Write);
     let (split, coords) = decompose(&new.dims, "i", "c", "    ");
     let mut dst = coords.clone();
-    dst[r - 2] = "(long long)S".to_string();
+    // Slot `S`, or `S mod W` of a sliding window's ring.
+    dst[r - 2] = past.dims[r - 2].write_slot();
     // The entry's extent along the sequence axis is 1, so its coordinate there is 0.
     let mut past_view = past.clone();
-    past_view.dims[r - 2] = crate::layout::Extent::Past(1);
+    past_view.dims[r - 2] = past.dims[r - 2].appended();
     let mut body = String::new();
     let _ = writeln!(body, "  const long long n = {};", numel(&new.dims));
     let _ = writeln!(

@@ -5,14 +5,14 @@ use std::borrow::Cow;
 
 use fusec_ir::op::resolve_axis;
 use fusec_ir::shape::Bindings;
-use fusec_ir::{FusedOp, Op};
+use fusec_ir::{FusedOp, Op, Type};
 
 use super::check::{describe, matches_type};
 use super::executor::{node_error, Planned};
 use super::plan::dims;
 use super::value::{StepInputs, Value};
 use crate::error::Error;
-use crate::kernels::attention::{self, Caches};
+use crate::kernels::attention::{self, Caches, Ring};
 use crate::kernels::elementwise::Arg;
 use crate::kernels::gemv::{self, GemvWeight, QuantWeight};
 use crate::kernels::{elementwise, fused, gather, matmul, movement, reduce, KernelError};
@@ -129,6 +129,34 @@ fn gemv_arg<'a>(node: &Planned, v: &'a Value, i: usize) -> Result<GemvWeight<'a>
             KernelError::Invalid(format!("operand {i} is not a GEMV weight")),
         )),
     }
+}
+
+/// The ring of a sliding-window cache that result `result` of a node of type `ty`
+/// is (a `min(S+1, W)` length along its sequence axis), written at the step with `S`
+/// entries before it; `None` for a cache that grows.
+fn ring(ty: &Type, result: usize, b: &Bindings) -> Option<Ring> {
+    let dims = ty.tensors().get(result)?.shape.dims();
+    let window = dims.get(dims.len().checked_sub(2)?)?.window()?;
+    Some(Ring {
+        window: usize::try_from(window).ok()?,
+        written: usize::try_from(b.get(fusec_ir::step::PAST)?).ok()?,
+    })
+}
+
+/// The bytes an in-place append wrote into the cache `all` (`[.., len, hd]`), which held
+/// `past_bytes` before: the growth, or one position of a full ring, whose length does
+/// not grow.
+fn appended_bytes(all: &Tensor, past_bytes: u64) -> u64 {
+    let grown = all.bytes().saturating_sub(past_bytes);
+    if grown > 0 {
+        return grown;
+    }
+    let len = all
+        .shape()
+        .get(all.rank().wrapping_sub(2))
+        .copied()
+        .unwrap_or(1);
+    all.bytes() / (len.max(1) as u64)
 }
 
 /// Operand lists up to this long (`cat` operands, the weights of
@@ -392,12 +420,12 @@ pub(super) fn dispatch(
             FusedOp::KvAppend => {
                 let new = t(1)?;
                 let mut past = ops.take_tensor(node, 0)?;
-                let result = attention::kv_append(&mut past, &new);
+                let result = attention::kv_append(&mut past, &new, ring(&node.ty, 0, b));
                 let past_bytes = past.bytes();
                 ops.give_back(0, past);
                 let (all, copied) = result.map_err(kernel)?;
                 // Only the new entries are read and written, plus any copy made to grow.
-                let written = all.bytes().saturating_sub(past_bytes) + copied;
+                let written = appended_bytes(&all, past_bytes) + copied;
                 Ok(Outcome {
                     value: Value::Tensor(all),
                     launched: true,
@@ -419,7 +447,8 @@ pub(super) fn dispatch(
                 let (scale, mask) = (scalar(7)?, t(8)?);
                 let mut past_k = ops.take_tensor(node, 5)?;
                 let mut past_v = ops.take_tensor(node, 6)?;
-                let past_bytes = past_k.bytes() + past_v.bytes();
+                let (past_k_bytes, past_v_bytes) = (past_k.bytes(), past_v.bytes());
+                let past_bytes = past_k_bytes + past_v_bytes;
                 let past_read = past_k.read_bytes() + past_v.read_bytes();
                 let result = attention::decode_attention(
                     &q,
@@ -431,6 +460,7 @@ pub(super) fn dispatch(
                         past_k: &mut past_k,
                         past_v: &mut past_v,
                         scales: fp8_scales,
+                        ring: ring(&node.ty, 1, b),
                     },
                     scale,
                     &mask,
@@ -444,7 +474,14 @@ pub(super) fn dispatch(
                 // Attention reads the whole caches; the append writes the new entries
                 // only, plus any copy made to grow.
                 let read = ops.borrowed_read_bytes() + past_read + copied;
-                let written = value.bytes().saturating_sub(past_bytes) + copied;
+                let written = match &value {
+                    Value::Tuple(list) if list.len() == 3 => {
+                        list[0].bytes()
+                            + appended_bytes(&list[1], past_k_bytes)
+                            + appended_bytes(&list[2], past_v_bytes)
+                    }
+                    _ => value.bytes().saturating_sub(past_bytes),
+                } + copied;
                 Ok(Outcome {
                     value,
                     launched: true,

@@ -57,6 +57,7 @@ impl Cfg {
             tie_word_embeddings: self.tied,
             dtype: self.dtype,
             sliding_window: None,
+            layer_types: Vec::new(),
             rope_scaling: None,
             multipliers: None,
         }

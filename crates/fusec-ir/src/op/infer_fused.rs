@@ -91,13 +91,29 @@ fn gqa(q: &TensorType, k: &TensorType) -> R<()> {
 
 /// The cache after appending `new` to `past` along axis -2.
 fn appended(past: &TensorType, new: &TensorType) -> R<TensorType> {
-    match (Op::Cat { axis: -2 }).infer(
+    let cat = match (Op::Cat { axis: -2 }).infer(
         &[&Type::Tensor(past.clone()), &Type::Tensor(new.clone())],
         None,
     ) {
-        Ok(Type::Tensor(t)) => Ok(t),
-        Ok(Type::Tuple(_)) => Err("cat gave a tuple".into()),
-        Err(e) => Err(e.message),
+        Ok(Type::Tensor(t)) => t,
+        Ok(Type::Tuple(_)) => return Err("cat gave a tuple".into()),
+        Err(e) => return Err(e.message),
+    };
+    // A sliding-window layer's cache is a ring of `W` positions: one new entry
+    // overwrites the oldest once it is full, so its length goes from `min(S, W)` to
+    // `min(S+1, W)`, not to `min(S, W) + 1` as a `cat` would.
+    let axis = past.rank() - 2;
+    match past.shape.0[axis].window() {
+        None => Ok(cat),
+        Some(_) if new.shape.0[axis].is_one() => {
+            let mut shape = cat.shape;
+            shape.0[axis] = past.shape.0[axis].appended();
+            Ok(TensorType::new(cat.dtype, shape))
+        }
+        Some(w) => Err(format!(
+            "a cache windowed to {w} positions takes one entry per step, not {}",
+            new.shape.0[axis]
+        )),
     }
 }
 

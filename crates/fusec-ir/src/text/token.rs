@@ -222,6 +222,21 @@ impl<'a> Cursor<'a> {
             let dim_at = self.pos;
             let dim = if matches!(self.peek(), Some(c) if c.is_ascii_digit()) {
                 Dim::Fixed(self.uint()?)
+            } else if self.eat("min(") {
+                // A ring buffer's length, `min(S+1,8)`.
+                let start = self.pos;
+                while matches!(self.peek(), Some(c) if c.is_ascii_alphanumeric() || c == '_') {
+                    self.pos += 1;
+                }
+                if start == self.pos {
+                    return self.error("expected a symbol in `min(..)`");
+                }
+                let name = self.src[start..self.pos].to_string();
+                let plus = if self.eat("+") { self.uint()? } else { 0 };
+                self.expect(",")?;
+                let window = self.uint()?;
+                self.expect(")")?;
+                Dim::Window { name, plus, window }
             } else {
                 let start = self.pos;
                 while matches!(self.peek(), Some(c) if c.is_ascii_alphanumeric() || c == '_') {
@@ -240,6 +255,7 @@ impl<'a> Cursor<'a> {
             let value = match &dim {
                 Dim::Fixed(v) => *v,
                 Dim::Sym { plus, .. } => *plus,
+                Dim::Window { plus, window, .. } => (*plus).max(*window),
             };
             fixed = fixed.saturating_mul(value.max(1));
             if value > MAX_DIM || fixed > MAX_FIXED_ELEMENTS {

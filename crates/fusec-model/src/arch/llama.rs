@@ -151,6 +151,7 @@ mod tests {
             tie_word_embeddings,
             dtype,
             sliding_window: None,
+            layer_types: Vec::new(),
             rope_scaling: None,
             multipliers: None,
         }

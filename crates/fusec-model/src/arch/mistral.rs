@@ -1,8 +1,9 @@
 //! Mistral (Jiang et al., 2023, "Mistral 7B"; transformers' `MistralForCausalLM`).
 //!
 //! Its decoder is Llama's (RMSNorm, RoPE, GQA, SwiGLU, no biases) plus a sliding
-//! attention window. fusec's decode graph attends to the whole cache, so the frontend
-//! rejects contexts beyond the window, and within it the graph is Llama's.
+//! attention window on every layer: a query attends to the last `sliding_window`
+//! positions only, and each layer's KV cache is a ring of that many positions (see
+//! [`crate::blocks::attention`]). The graph is Llama's with those caches.
 
 use fusec_ir::Graph;
 

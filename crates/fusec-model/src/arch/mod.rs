@@ -1,5 +1,5 @@
 //! Architectures as plug-ins: the [`Architecture`] trait, the built-in [`Llama`],
-//! [`Mistral`], [`Qwen2`], [`Qwen3`], [`Olmo2`] and [`Granite`], and the [`Registry`] that
+//! [`Mistral`], [`Qwen2`], [`Qwen3`], [`Olmo2`], [`Granite`] and [`Phi3`], and the [`Registry`] that
 //! finds one by `model_type`.
 
 mod architecture;
@@ -7,6 +7,7 @@ pub mod granite;
 pub mod llama;
 pub mod mistral;
 pub mod olmo2;
+pub mod phi3;
 pub mod qwen2;
 pub mod qwen3;
 mod registry;
@@ -16,6 +17,7 @@ pub use granite::Granite;
 pub use llama::Llama;
 pub use mistral::Mistral;
 pub use olmo2::Olmo2;
+pub use phi3::Phi3;
 pub use qwen2::Qwen2;
 pub use qwen3::Qwen3;
 pub use registry::{

@@ -11,11 +11,11 @@ use fusec_ir::{step, BinaryOp, Graph, NodeId, WeightRole};
 
 use super::architecture::Architecture;
 use crate::blocks::{
-    eager_attention, greedy_outputs, kv_cache_append, Attention, Embedding, GatedMlp, LmHead,
-    RmsNorm, RopeTables, StepDims, StepInputs,
+    eager_attention, greedy_outputs, kv_cache_append, layer_mask, Attention, Embedding, GatedMlp,
+    LmHead, RmsNorm, RopeTables, StepDims, StepInputs,
 };
 use crate::build::{BuildError, Builder};
-use crate::frontend::{decoder_config, ConfigError, HfConfig, ModelConfig};
+use crate::frontend::{decoder_config, ConfigError, HfConfig, LayerType, ModelConfig};
 
 /// The Qwen2 architecture, `model_type` `qwen2` (Qwen2 and Qwen2.5).
 #[derive(Clone, Copy, Debug, Default)]
@@ -35,10 +35,12 @@ impl Architecture for Qwen2 {
     }
 }
 
-/// The keys `Qwen2Config` and `Qwen3Config` share beyond Llama's: SiLU only, and no
-/// sliding window. With `use_sliding_window` false transformers drops
-/// `sliding_window` (`self.sliding_window = ... if self.use_sliding_window else None`)
-/// and every layer is `full_attention`; a window fusec would have to honour is rejected.
+/// The keys `Qwen2Config` and `Qwen3Config` share beyond Llama's: SiLU only, and the
+/// sliding window as transformers' models/qwen2/configuration_qwen2.py reads it:
+/// `sliding_window` only when `use_sliding_window` is true (`self.sliding_window =
+/// sliding_window if self.use_sliding_window else None`), on the layers `layer_types`
+/// names, by default those from `max_window_layers` on (`"sliding_attention" if
+/// self.sliding_window is not None and i >= self.max_window_layers`).
 pub fn parse_qwen_config(j: &HfConfig<'_>) -> Result<ModelConfig, ConfigError> {
     if let Some(act) = j.string("hidden_act")? {
         if act != "silu" {
@@ -48,13 +50,6 @@ pub fn parse_qwen_config(j: &HfConfig<'_>) -> Result<ModelConfig, ConfigError> {
             ));
         }
     }
-    if j.bool("use_sliding_window")? == Some(true) {
-        return Err(j.err_at(
-            "use_sliding_window",
-            "`use_sliding_window` = true is not supported (fusec attends to the whole cache)"
-                .into(),
-        ));
-    }
     // Qwen2-VL's multimodal RoPE (sections of the head rotated by different positions).
     if j.bool("use_mrope")? == Some(true) {
         return Err(j.err_at(
@@ -62,20 +57,19 @@ pub fn parse_qwen_config(j: &HfConfig<'_>) -> Result<ModelConfig, ConfigError> {
             "`use_mrope` = true is not supported (fusec implements 1-D RoPE)".into(),
         ));
     }
-    if let Some(types) = j.get("layer_types") {
-        let all_full = types
-            .as_array()
-            .is_some_and(|t| t.iter().all(|v| v.as_str() == Some("full_attention")));
-        if !all_full {
-            return Err(j.err_at(
-                "layer_types",
-                "`layer_types` other than `full_attention` are not supported".into(),
-            ));
-        }
-    }
     let mut model = decoder_config(j)?;
-    // `sliding_window` is only read when `use_sliding_window` is true.
-    model.sliding_window = None;
+    if j.bool("use_sliding_window")? != Some(true) {
+        model.sliding_window = None;
+    } else if model.layer_types.is_empty() {
+        // `Qwen2Config`'s default `max_window_layers`.
+        let first_windowed = j.uint("max_window_layers")?.unwrap_or(28);
+        model.layer_types = (0..model.num_layers)
+            .map(|i| match i >= first_windowed {
+                true => LayerType::Sliding,
+                false => LayerType::Full,
+            })
+            .collect();
+    }
     Ok(model)
 }
 
@@ -163,7 +157,8 @@ impl QwenAttention {
         }
         let (q, k, v) = (qkv[0], qkv[1], qkv[2]);
         let (q, k) = rope.apply(b, q, k)?;
-        let (k_all, v_all) = kv_cache_append(b, a.layer, k, v, dims)?;
+        let (k_all, v_all) = kv_cache_append(b, a.layer, k, v, a.window, dims)?;
+        let mask = layer_mask(b, mask, a.window, dims)?;
         let o = eager_attention(b, q, k_all, v_all, mask, &a.heads, dims)?;
         let o_proj = a.projection(b, "o_proj", WeightRole::AttnOut, d, h * hd, a.o_bias)?;
         o_proj.forward(b, o)
@@ -268,19 +263,38 @@ mod tests {
     }
 
     #[test]
-    fn a_sliding_window_is_rejected_by_name() {
+    fn use_sliding_window_windows_the_layers_from_max_window_layers_on() {
         let path = Path::new("q/config.json");
-        let on = JSON.replace(
-            "\"use_sliding_window\": false",
-            "\"use_sliding_window\": true",
-        );
-        let e = parse_hf_config(path, &on).expect_err("rejected");
-        assert!(e.message.contains("`use_sliding_window`"), "{e}");
-        let mixed = JSON.replace(
+        let on = JSON
+            .replace(
+                "\"use_sliding_window\": false",
+                "\"use_sliding_window\": true",
+            )
+            .replace("\"sliding_window\": 131072", "\"sliding_window\": 16")
+            .replace("\"max_window_layers\": 28", "\"max_window_layers\": 1");
+        let spec = parse_hf_config(path, &on).expect("parses");
+        assert_eq!(spec.model.layer_window(0), None);
+        assert_eq!(spec.model.layer_window(1), Some(16));
+        let g = Qwen2.build(&spec.model).expect("builds");
+        verify(&g).expect("verifies");
+        let key = |layer: u64| {
+            let (id, _, _) = g
+                .inputs()
+                .into_iter()
+                .find(|(_, n, _)| *n == step::past_key(layer))
+                .expect("a key cache");
+            g.ty(id).to_string()
+        };
+        assert_eq!(key(0), "f32[B,2,S,8]");
+        assert_eq!(key(1), "f32[B,2,min(S,16),8]");
+        // Without `use_sliding_window`, no layer is windowed.
+        let spec = parse_hf_config(path, JSON).expect("parses");
+        assert!((0..2).all(|l| spec.model.layer_window(l).is_none()));
+        let bad = JSON.replace(
             "\"hidden_act\"",
-            "\"layer_types\": [\"sliding_attention\", \"full_attention\"], \"hidden_act\"",
+            "\"layer_types\": [\"chunked_attention\", \"full_attention\"], \"hidden_act\"",
         );
-        let e = parse_hf_config(path, &mixed).expect_err("rejected");
+        let e = parse_hf_config(path, &bad).expect_err("rejected");
         assert!(e.message.contains("`layer_types`"), "{e}");
     }
 }

@@ -10,6 +10,7 @@ use super::granite::Granite;
 use super::llama::Llama;
 use super::mistral::Mistral;
 use super::olmo2::Olmo2;
+use super::phi3::Phi3;
 use super::qwen2::Qwen2;
 use super::qwen3::Qwen3;
 use crate::build::BuildError;
@@ -19,7 +20,7 @@ use crate::frontend::{
 };
 
 /// The architectures fusec knows, by `model_type`. [`Registry::builtin`] holds Llama,
-/// Mistral, Qwen2, Qwen3, OLMo 2 and Granite; a library user extends [`Registry::with_builtins`] with
+/// Mistral, Qwen2, Qwen3, OLMo 2, Granite and Phi-3; a library user extends [`Registry::with_builtins`] with
 /// [`Registry::register`] and passes it to the frontends and the pipeline.
 #[derive(Clone, Debug, Default)]
 pub struct Registry {
@@ -74,6 +75,7 @@ impl Registry {
             Arc::new(Qwen3),
             Arc::new(Olmo2),
             Arc::new(Granite),
+            Arc::new(Phi3),
         ];
         Self { architectures }
     }
@@ -222,7 +224,7 @@ mod tests {
     fn builtins_are_the_families() {
         assert_eq!(
             Registry::builtin().model_types(),
-            ["llama", "mistral", "qwen2", "qwen3", "olmo2", "granite"]
+            ["llama", "mistral", "qwen2", "qwen3", "olmo2", "granite", "phi3"]
         );
         assert!(Registry::new().model_types().is_empty());
     }
@@ -239,7 +241,7 @@ mod tests {
         let e = parse_model_toml(path, &bad).expect_err("gpt2 is not registered");
         assert_eq!(
             e.message,
-            "unsupported architecture `gpt2` (fusec compiles \"llama\", \"mistral\", \"qwen2\", \"qwen3\", \"olmo2\" and \"granite\")"
+            "unsupported architecture `gpt2` (fusec compiles \"llama\", \"mistral\", \"qwen2\", \"qwen3\", \"olmo2\", \"granite\" and \"phi3\")"
         );
         assert_eq!(e.location, Some((2, 16)));
     }
@@ -252,14 +254,17 @@ mod tests {
         let e = parse_hf_config(path, &JSON.replace("MT", "custom")).expect_err("unknown");
         assert_eq!(
             e.message,
-            "unsupported model_type `custom` (fusec compiles llama, mistral, qwen2, qwen3, olmo2 and granite)"
+            "unsupported model_type `custom` (fusec compiles llama, mistral, qwen2, qwen3, olmo2, granite and phi3)"
         );
 
         let mut registry = Registry::with_builtins();
         registry.register(Arc::new(Custom)).expect("registers");
         assert_eq!(
             registry.model_types(),
-            ["llama", "mistral", "qwen2", "qwen3", "olmo2", "granite", "custom", "custom2"]
+            [
+                "llama", "mistral", "qwen2", "qwen3", "olmo2", "granite", "phi3", "custom",
+                "custom2"
+            ]
         );
         let spec = registry
             .parse_hf_config(path, &JSON.replace("MT", "custom2"))
@@ -272,7 +277,7 @@ mod tests {
             .expect_err("unknown");
         assert!(
             e.message.ends_with(
-                "(fusec compiles llama, mistral, qwen2, qwen3, olmo2, granite, custom and custom2)"
+                "(fusec compiles llama, mistral, qwen2, qwen3, olmo2, granite, phi3, custom and custom2)"
             ),
             "{e}"
         );
@@ -299,7 +304,7 @@ mod tests {
         let e = Registry::builtin().build(&spec).expect_err("unknown");
         assert_eq!(
             e.to_string(),
-            "unknown architecture `custom` (registered: llama, mistral, qwen2, qwen3, olmo2, granite)"
+            "unknown architecture `custom` (registered: llama, mistral, qwen2, qwen3, olmo2, granite, phi3)"
         );
     }
 }

@@ -3,9 +3,21 @@
 //! cache grown by `cat` (a copy of the whole cache, as `DynamicCache.update` does),
 //! `repeat_kv` for grouped-query attention (Ainslie et al., 2023), `QK^T` scaled by
 //! `head_dim^-0.5`, the additive mask, softmax in f32, `PV`, and `o_proj`.
+//!
+//! A layer with a sliding window of `W` positions (Mistral; Gemma 2/3's and Qwen2's
+//! `sliding_attention` layers) attends only to the keys at positions `p - W < k <= p`
+//! (transformers' `sliding_window_overlay` in masking_utils.py). Its cache keeps just
+//! those: a ring of `min(S, W)` entries ([`fusec_ir::Dim::Window`]) into which
+//! `kv.append` writes the step's entry at slot `S mod W`, overwriting the one that
+//! left the window. RoPE is applied before caching, so the order of the slots changes
+//! no score, only the summation order of softmax and `PV`; every slot is inside the
+//! window, so the layer's mask ([`layer_mask`]) masks none of them. transformers'
+//! `DynamicSlidingWindowLayer` keeps the last `W - 1` entries and concatenates the
+//! new one, which attends to the same `W` keys.
 
 use fusec_ir::{
-    step, BinaryOp, DType, Dim, InputKind, NodeId, Op, OutputKind, Shape, TensorType, WeightRole,
+    step, BinaryOp, DType, Dim, FusedOp, InputKind, NodeId, Op, OutputKind, Shape, TensorType,
+    WeightRole,
 };
 
 use super::linear::Linear;
@@ -50,6 +62,8 @@ pub struct Attention {
     /// `attention_bias` puts one on `o_proj` too).
     pub qkv_bias: bool,
     pub o_bias: bool,
+    /// The sliding window of this layer in positions; `None`: the whole cache.
+    pub window: Option<u64>,
 }
 
 impl Attention {
@@ -62,6 +76,7 @@ impl Attention {
             dtype: cfg.dtype,
             qkv_bias: false,
             o_bias: false,
+            window: cfg.layer_window(layer),
         }
     }
 
@@ -118,7 +133,8 @@ impl Attention {
         }
         let (q, k, v) = (qkv[0], qkv[1], qkv[2]);
         let (q, k) = rope.apply(b, q, k)?;
-        let (k_all, v_all) = kv_cache_append(b, self.layer, k, v, dims)?;
+        let (k_all, v_all) = kv_cache_append(b, self.layer, k, v, self.window, dims)?;
+        let mask = layer_mask(b, mask, self.window, dims)?;
         let o = eager_attention(b, q, k_all, v_all, mask, &self.heads, dims)?;
         let o_proj = self.projection(b, "o_proj", WeightRole::AttnOut, d, h * hd, self.o_bias)?;
         o_proj.forward(b, o)
@@ -150,11 +166,16 @@ pub fn split_heads(
 /// `DynamicCache.update`: appends this step's k and v `[B,KV,1,hd]` to layer
 /// `layer`'s caches (state inputs `past.L.key`/`past.L.value` `[B,KV,S,hd]`, state
 /// outputs of the same names `[B,KV,S+1,hd]`) with `torch.cat` along the sequence.
+///
+/// With a sliding `window` of `W` positions the caches are rings of `[B,KV,min(S,W),hd]`
+/// (`[B,KV,min(S+1,W),hd]` after the step) and the entry is written by `kv.append`
+/// at slot `S mod W` (see the module documentation): no `cat` can express a ring.
 pub fn kv_cache_append(
     b: &mut Builder,
     layer: u64,
     k: NodeId,
     v: NodeId,
+    window: Option<u64>,
     dims: &StepDims,
 ) -> Result<(NodeId, NodeId), BuildError> {
     let mut all = [k, v];
@@ -165,14 +186,41 @@ pub fn kv_cache_append(
         let new = b.ty(*slot);
         let mut shape = new.shape.clone();
         if let Some(seq) = shape.0.get_mut(2) {
-            *seq = dims.past.clone();
+            *seq = match window {
+                Some(w) => dims.past.windowed(w),
+                None => dims.past.clone(),
+            };
         }
         let past = b.input(&name, InputKind::State, TensorType::new(new.dtype, shape))?;
-        let cat = b.op(Op::Cat { axis: -2 }, &[past, *slot])?;
-        b.output(&name, OutputKind::State, cat);
-        *slot = cat;
+        let append = match window {
+            Some(_) => Op::Fused(FusedOp::KvAppend),
+            None => Op::Cat { axis: -2 },
+        };
+        let all = b.op(append, &[past, *slot])?;
+        b.output(&name, OutputKind::State, all);
+        *slot = all;
     }
     Ok((all[0], all[1]))
+}
+
+/// The additive mask of a layer: the step's `attention_mask` `[B,1,1,S+1]`, or for a
+/// layer with a sliding window of `W` positions the window's mask
+/// [`step::window_mask`] `[B,1,1,min(S+1,W)]`, one entry per slot of its ring caches
+/// (a step input shared by every layer with that window).
+pub fn layer_mask(
+    b: &mut Builder,
+    mask: NodeId,
+    window: Option<u64>,
+    dims: &StepDims,
+) -> Result<NodeId, BuildError> {
+    let Some(w) = window else {
+        return Ok(mask);
+    };
+    let mut ty = b.ty(mask);
+    if let Some(last) = ty.shape.0.last_mut() {
+        *last = dims.kv_len().windowed(w);
+    }
+    b.shared_input(&step::window_mask(w), ty)
 }
 
 /// `repeat_kv`: `[B,KV,S+1,hd]` to `[B,H,S+1,hd]`, nothing when `H == KV`.
@@ -186,10 +234,17 @@ pub fn repeat_kv(
     if n_rep == 1 {
         return Ok(x);
     }
-    let (bd, kv, len, hd) = (
+    // The cache's length: `S+1`, or `min(S+1,W)` for a sliding window's ring.
+    let len = b
+        .ty(x)
+        .shape
+        .0
+        .get(2)
+        .cloned()
+        .unwrap_or_else(|| dims.kv_len());
+    let (bd, kv, hd) = (
         dims.batch.clone(),
         Dim::Fixed(heads.num_kv_heads),
-        dims.kv_len(),
         Dim::Fixed(heads.head_dim),
     );
     let e = b.op(Op::Unsqueeze { axis: 2 }, &[x])?;

@@ -93,6 +93,25 @@ impl Builder {
         Ok(self.tag(id))
     }
 
+    /// The data input `name` that several layers read, created on first use and
+    /// outside any layer (like the step's inputs declared before the first layer), so
+    /// that every layer that reads it reads the same node.
+    pub fn shared_input(&mut self, name: &str, ty: TensorType) -> R {
+        let existing = self
+            .graph
+            .inputs()
+            .into_iter()
+            .find(|(_, n, _)| *n == name)
+            .map(|(id, _, _)| id);
+        if let Some(id) = existing {
+            return Ok(id);
+        }
+        let layer = self.layer.take();
+        let id = self.input(name, InputKind::Data, ty);
+        self.layer = layer;
+        id
+    }
+
     /// The weight `name`, created on first use, with what it is in the model (later
     /// stages read the role instead of guessing from the graph's shape).
     pub fn weight(&mut self, name: &str, role: WeightRole, dtype: DType, shape: Shape) -> R {

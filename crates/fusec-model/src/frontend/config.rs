@@ -23,9 +23,14 @@ pub struct ModelConfig {
     pub tie_word_embeddings: bool,
     /// The dtype the checkpoint is stored and run in eagerly.
     pub dtype: DType,
-    /// Mistral's sliding attention window, if any: contexts beyond it are rejected,
-    /// since the decode graph attends to the whole cache.
+    /// The sliding attention window, in positions (transformers' `sliding_window`): a
+    /// windowed layer's query at position `p` attends to the keys at `p - W < k <= p`
+    /// only, and its KV cache is a ring of at most `W` positions.
     pub sliding_window: Option<u64>,
+    /// Which layers the window applies to (transformers' `layer_types`); empty: every
+    /// layer, when there is a window (Mistral). See [`ModelConfig::layer_window`].
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub layer_types: Vec<LayerType>,
     /// A scaling of the RoPE inverse frequencies (none: the default RoPE).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<RopeScaling>,
@@ -33,6 +38,29 @@ pub struct ModelConfig {
     /// families that have none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub multipliers: Option<Multipliers>,
+}
+
+/// The attention of one decoder layer, as transformers' `layer_types` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum LayerType {
+    /// `full_attention`: the whole cache.
+    #[serde(rename = "full_attention")]
+    Full,
+    /// `sliding_attention`: the last `sliding_window` positions.
+    #[serde(rename = "sliding_attention")]
+    Sliding,
+}
+
+impl LayerType {
+    /// The type of a `layer_types` entry, `None` for a name transformers does not use
+    /// for decoder self-attention.
+    pub fn parse(name: &str) -> Option<LayerType> {
+        match name {
+            "full_attention" => Some(LayerType::Full),
+            "sliding_attention" => Some(LayerType::Sliding),
+            _ => None,
+        }
+    }
 }
 
 /// A RoPE type other than the default: how the inverse frequencies are scaled.
@@ -68,6 +96,21 @@ impl Default for Multipliers {
 }
 
 impl ModelConfig {
+    /// The attention window of layer `layer`: `sliding_window` for a
+    /// `sliding_attention` layer (every layer when `layer_types` is empty), `None` for
+    /// a layer that attends to the whole cache.
+    pub fn layer_window(&self, layer: u64) -> Option<u64> {
+        let w = self.sliding_window?;
+        if self.layer_types.is_empty() {
+            return Some(w);
+        }
+        let i = usize::try_from(layer).ok()?;
+        match self.layer_types.get(i) {
+            Some(LayerType::Sliding) => Some(w),
+            Some(LayerType::Full) | None => None,
+        }
+    }
+
     /// Query heads per KV head (the GQA group size).
     pub fn group_size(&self) -> u64 {
         self.num_heads / self.num_kv_heads
@@ -430,16 +473,15 @@ pub(super) fn check(
             ),
         ));
     }
-    if let Some(w) = model.sliding_window {
-        if decode.context > w {
-            return Err((
-                "context",
-                format!(
-                    "context {} is beyond the sliding window ({w}); fusec attends to the whole cache",
-                    decode.context
-                ),
-            ));
-        }
+    if !model.layer_types.is_empty() && model.layer_types.len() as u64 != model.num_layers {
+        return Err((
+            "layer_types",
+            format!(
+                "`layer_types` lists {} layer type(s) for {} layers",
+                model.layer_types.len(),
+                model.num_layers
+            ),
+        ));
     }
     Ok(())
 }

@@ -16,8 +16,8 @@ use fusec_ir::DType;
 use serde_json::{Map, Value};
 
 use super::config::{
-    check, model_name_from, DecodeConfig, ModelConfig, ModelSpec, Precision, RopeScaling,
-    TargetConfig, DEFAULT_GPU,
+    check, model_name_from, DecodeConfig, LayerType, ModelConfig, ModelSpec, Precision,
+    RopeScaling, TargetConfig, DEFAULT_GPU,
 };
 use super::error::ConfigError;
 
@@ -100,6 +100,31 @@ impl<'a> HfConfig<'a> {
             Some(Value::String(s)) => Ok(Some(s)),
             Some(v) => Err(self.err_at(key, format!("`{key}` must be a string, got {v}"))),
         }
+    }
+
+    /// `layer_types` (transformers 4.5x and 5.x): the attention of each layer,
+    /// `full_attention` or `sliding_attention`; empty when absent.
+    pub fn layer_types(&self) -> Result<Vec<LayerType>, ConfigError> {
+        const KEY: &str = "layer_types";
+        let Some(v) = self.get(KEY) else {
+            return Ok(Vec::new());
+        };
+        let Value::Array(items) = v else {
+            return Err(self.err_at(KEY, format!("`{KEY}` must be a list of strings, got {v}")));
+        };
+        items
+            .iter()
+            .map(|item| {
+                item.as_str().and_then(LayerType::parse).ok_or_else(|| {
+                    self.err_at(
+                        KEY,
+                        format!(
+                            "unsupported layer type {item} in `{KEY}` (expected \"full_attention\" or \"sliding_attention\")"
+                        ),
+                    )
+                })
+            })
+            .collect()
     }
 
     /// A boolean, if present.
@@ -186,6 +211,7 @@ pub fn decoder_config(j: &HfConfig<'_>) -> Result<ModelConfig, ConfigError> {
         tie_word_embeddings: j.bool("tie_word_embeddings")?.unwrap_or(false),
         dtype,
         sliding_window: j.uint("sliding_window")?,
+        layer_types: j.layer_types()?,
         rope_scaling,
         multipliers: None,
     };

@@ -12,8 +12,8 @@ mod hf;
 mod model_toml;
 
 pub use config::{
-    model_name_from, valid_model_name, DecodeConfig, Limits, ModelConfig, ModelSpec, Multipliers,
-    Precision, RopeScaling, TargetConfig, DEFAULT_ARCHITECTURE, DEFAULT_GPU,
+    model_name_from, valid_model_name, DecodeConfig, LayerType, Limits, ModelConfig, ModelSpec,
+    Multipliers, Precision, RopeScaling, TargetConfig, DEFAULT_ARCHITECTURE, DEFAULT_GPU,
 };
 pub(crate) use error::english_list;
 pub use error::ConfigError;

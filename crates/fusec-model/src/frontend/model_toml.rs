@@ -11,8 +11,8 @@ use toml::Spanned;
 use fusec_ir::DType;
 
 use super::config::{
-    check, model_name_from, DecodeConfig, ModelConfig, ModelSpec, Precision, RopeScaling,
-    TargetConfig, DEFAULT_ARCHITECTURE, DEFAULT_GPU,
+    check, model_name_from, DecodeConfig, LayerType, ModelConfig, ModelSpec, Precision,
+    RopeScaling, TargetConfig, DEFAULT_ARCHITECTURE, DEFAULT_GPU,
 };
 use super::error::{english_list, ConfigError};
 
@@ -44,6 +44,9 @@ struct RawModel {
     tie_word_embeddings: bool,
     dtype: Option<Spanned<String>>,
     sliding_window: Option<Spanned<i64>>,
+    /// `full_attention` or `sliding_attention` per layer, as in Hugging Face's
+    /// `layer_types`.
+    layer_types: Option<Spanned<Vec<String>>>,
     rope_scaling: Option<RawRopeScaling>,
 }
 
@@ -151,6 +154,27 @@ pub fn parse(path: &Path, src: &str, architectures: &[&str]) -> Result<ModelSpec
         .as_ref()
         .map(|v| size("sliding_window", v))
         .transpose()?;
+    let layer_types = match &m.layer_types {
+        None => Vec::new(),
+        Some(types) => {
+            types
+                .get_ref()
+                .iter()
+                .map(|name| {
+                    LayerType::parse(name).ok_or_else(|| {
+                        ConfigError::at(
+                            path,
+                            src,
+                            types.span().start,
+                            format!(
+                                "unsupported layer type `{name}` in `layer_types` (expected full_attention or sliding_attention)"
+                            ),
+                        )
+                    })
+                })
+                .collect::<Result<_, _>>()?
+        }
+    };
     let rope_scaling = match &m.rope_scaling {
         None => None,
         Some(r) => Some(rope_scaling(path, src, r)?),
@@ -181,6 +205,9 @@ pub fn parse(path: &Path, src: &str, architectures: &[&str]) -> Result<ModelSpec
         .unwrap_or_else(|| max_seq_len.min(1024));
 
     spans.insert("rope_theta", m.rope_theta.span().start);
+    if let Some(types) = &m.layer_types {
+        spans.insert("layer_types", types.span().start);
+    }
     spans.insert("rms_norm_eps", m.rms_norm_eps.span().start);
     if let Some(d) = &m.dtype {
         spans.insert("dtype", d.span().start);
@@ -209,6 +236,7 @@ pub fn parse(path: &Path, src: &str, architectures: &[&str]) -> Result<ModelSpec
         tie_word_embeddings: m.tie_word_embeddings,
         dtype,
         sliding_window,
+        layer_types,
         rope_scaling,
         multipliers: None,
     };

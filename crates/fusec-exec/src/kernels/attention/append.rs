@@ -12,6 +12,16 @@ use crate::tensor::{Buffer, Tensor};
 /// The smallest capacity, in positions, of a cache that has to be copied to grow.
 pub(super) const MIN_CAPACITY: usize = 16;
 
+/// A sliding window's ring-buffer cache (see `fusec_ir::Dim::Window`): at most
+/// `window` positions; the entry of the step with `written` entries before it goes to
+/// slot `written mod window`, over the entry that has left the window once the ring
+/// is full.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Ring {
+    pub window: usize,
+    pub written: usize,
+}
+
 /// `past` with `new` appended along `axis`: written in place into `past`'s buffer when
 /// it has room and is not shared, else into a new buffer with room. Values of `new`
 /// are stored through `store` (the cache's rounding, or FP8 quantization); a cache in
@@ -19,11 +29,15 @@ pub(super) const MIN_CAPACITY: usize = 16;
 /// `store` has made an E4M3 value. Returns the appended view and the bytes of `past`
 /// copied (0 in place). `past` is left viewing the buffer the result shares (a copy of
 /// its values if it was copied).
+///
+/// With a `ring` that is full (`past` holds `window` positions) the entry is written
+/// over slot `written mod window` instead, and the result has `past`'s length.
 pub fn append(
     past: &mut Tensor,
     new: &Tensor,
     axis: usize,
     store: impl Fn(f32) -> f32,
+    ring: Option<Ring>,
 ) -> Result<(Tensor, u64), KernelError> {
     let op = "kv.append";
     let compact = matches!(past.buffer(), Buffer::U8(_));
@@ -53,11 +67,28 @@ pub fn append(
         )));
     }
     let (len, n) = (past.shape()[axis], new.shape()[axis]);
+    // Where the entries go, and the length after them.
+    let (at, grown) = match ring {
+        Some(r) if len >= r.window => {
+            if n != 1 || len != r.window {
+                return Err(KernelError::Invalid(format!(
+                    "{op}: a ring of {} positions holds {len} and takes one entry per step, not {n}",
+                    r.window
+                )));
+            }
+            (r.written % r.window, len)
+        }
+        _ => (len, len + n),
+    };
     let mut copied = 0;
-    let room = past.capacity_along(axis).is_some_and(|c| c >= len + n);
+    let room = past.capacity_along(axis).is_some_and(|c| c >= grown);
     if !room || !past.is_unique() {
         copied = past.bytes();
-        *past = past.with_capacity(axis, (2 * (len + n)).max(MIN_CAPACITY))?;
+        let mut capacity = (2 * grown).max(MIN_CAPACITY);
+        if let Some(r) = ring {
+            capacity = capacity.min(r.window).max(grown);
+        }
+        *past = past.with_capacity(axis, capacity)?;
     }
     let capacity = past.capacity_along(axis).ok_or_else(|| {
         KernelError::Invalid(format!("{op}: the grown cache is not a prefix view"))
@@ -70,7 +101,7 @@ pub fn append(
         outer,
         span: n * block,
         capacity,
-        len,
+        len: at,
         block,
     };
     let shared = || KernelError::Invalid(format!("{op}: the cache buffer is shared after copying"));
@@ -82,7 +113,7 @@ pub fn append(
         entries.write(buf, store);
     }
     let mut shape = past.dims();
-    shape[axis] = len + n;
+    shape[axis] = grown;
     Ok((past.with_layout(shape, past.stride_dims(), 0), copied))
 }
 
@@ -102,6 +133,7 @@ pub(super) struct Entries<'a> {
     /// Values of `new` per outer index.
     pub(super) span: usize,
     pub(super) capacity: usize,
+    /// The position along the appended axis the first entry goes to.
     pub(super) len: usize,
     pub(super) block: usize,
 }
@@ -161,8 +193,13 @@ pub(super) fn storer(dtype: DType, scale: Option<f32>) -> impl Fn(f32) -> f32 {
     }
 }
 
-/// `kv.append(past, new)` along axis -2, in place (see [`append`]).
-pub fn kv_append(past: &mut Tensor, new: &Tensor) -> Result<(Tensor, u64), KernelError> {
+/// `kv.append(past, new)` along axis -2, in place (see [`append`]); into a sliding
+/// window's `ring`, if the cache is one.
+pub fn kv_append(
+    past: &mut Tensor,
+    new: &Tensor,
+    ring: Option<Ring>,
+) -> Result<(Tensor, u64), KernelError> {
     if past.dtype() != new.dtype() || past.rank() < 2 {
         return Err(KernelError::Invalid(format!(
             "kv.append: cannot append {}{:?} to {}{:?}",
@@ -174,5 +211,5 @@ pub fn kv_append(past: &mut Tensor, new: &Tensor) -> Result<(Tensor, u64), Kerne
     }
     let axis = past.rank() - 2;
     let dtype = past.dtype();
-    append(past, new, axis, storer(dtype, None))
+    append(past, new, axis, storer(dtype, None), ring)
 }

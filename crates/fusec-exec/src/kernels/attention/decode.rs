@@ -2,7 +2,7 @@
 
 use super::super::fused::rope;
 use super::super::KernelError;
-use super::append::{append, storer};
+use super::append::{append, storer, Ring};
 use super::full::attention;
 use crate::recycle;
 use crate::tensor::Tensor;
@@ -14,6 +14,8 @@ pub struct Caches<'a> {
     pub past_v: &'a mut Tensor,
     /// `(key scale, value scale)` of FP8 caches.
     pub scales: Option<(f32, f32)>,
+    /// The sliding window's ring, if the caches are one.
+    pub ring: Option<Ring>,
 }
 
 /// `fused.decode_attention`: RoPE on `q` and `k`, the in-place append of the rotated
@@ -60,8 +62,9 @@ pub fn decode_attention(
     let q_rot = rope(q, cos, sin)?;
     let k_rot = rope(k, cos, sin)?;
     let (ks, vs) = caches.scales.unzip();
-    let (k_all, copied_k) = append(caches.past_k, &k_rot, 2, storer(cache, ks))?;
-    let (v_all, copied_v) = append(caches.past_v, v, 2, storer(cache, vs))?;
+    let ring = caches.ring;
+    let (k_all, copied_k) = append(caches.past_k, &k_rot, 2, storer(cache, ks), ring)?;
+    let (v_all, copied_v) = append(caches.past_v, v, 2, storer(cache, vs), ring)?;
     let out = attention(&q_rot, &k_all, &v_all, scale, mask, caches.scales)?;
     // The rotated q and k are this kernel's own scratch: back to the pool, so that the
     // next step takes them again instead of allocating.

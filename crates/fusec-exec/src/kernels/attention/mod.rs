@@ -104,7 +104,7 @@ mod plan;
 mod portable;
 mod storage;
 
-pub use self::append::{append, kv_append};
+pub use self::append::{append, kv_append, Ring};
 pub use self::decode::{decode_attention, Caches};
 pub use self::full::attention;
 pub use self::plan::ROW_TILE;
