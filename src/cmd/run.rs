@@ -273,6 +273,17 @@ pub fn run(args: Args) -> Result<(), Failure> {
             model.max_seq_len
         )));
     }
+    // The decode graph attends to the whole cache: past the sliding window it would
+    // silently compute something other than the model (as `compile` refuses too).
+    if let Some(w) = model.context_window() {
+        if positions > w {
+            return Err(Failure::Input(anyhow!(
+                "{} prompt tokens and {} new tokens need {positions} positions, beyond the sliding window ({w}); fusec attends to the whole cache",
+                prompt.len(),
+                args.tokens,
+            )));
+        }
+    }
 
     let source = match args.weights.as_ref().or(spec.weights.as_ref()) {
         Some(path) => Source::File(path.clone()),

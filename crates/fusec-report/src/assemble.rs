@@ -218,7 +218,7 @@ fn check(inputs: &Inputs<'_>) -> Result<(), ReportError> {
                 model.max_seq_len, model.name
             ));
         }
-        if let Some(w) = model.sliding_window {
+        if let Some(w) = model.context_window() {
             if c > w {
                 return bad(format!(
                     "--context: context {c} is beyond the sliding window ({w}) of {}",

@@ -57,8 +57,10 @@ impl Cfg {
             tie_word_embeddings: self.tied,
             dtype: self.dtype,
             sliding_window: None,
+            layer_types: None,
             rope_scaling: None,
             multipliers: None,
+            gemma: None,
         }
     }
 }

@@ -48,10 +48,16 @@ pub enum UnaryOp {
     Silu,
     Cos,
     Sin,
+    /// The hyperbolic tangent (Gemma 2's soft-capping, `tanh(x / c) * c`).
+    Tanh,
+    /// GELU with the tanh approximation (Hendrycks & Gimpel, 2016), PyTorch's
+    /// `gelu(x, approximate="tanh")`: `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`,
+    /// transformers' `gelu_pytorch_tanh` (Gemma's `hidden_activation`).
+    GeluTanh,
 }
 
 impl UnaryOp {
-    pub const ALL: [UnaryOp; 7] = [
+    pub const ALL: [UnaryOp; 9] = [
         UnaryOp::Neg,
         UnaryOp::Rsqrt,
         UnaryOp::Sqrt,
@@ -59,6 +65,8 @@ impl UnaryOp {
         UnaryOp::Silu,
         UnaryOp::Cos,
         UnaryOp::Sin,
+        UnaryOp::Tanh,
+        UnaryOp::GeluTanh,
     ];
 
     /// FLOPs charged per element (a transcendental counts as a few).
@@ -67,7 +75,8 @@ impl UnaryOp {
             UnaryOp::Neg => 1,
             UnaryOp::Rsqrt | UnaryOp::Sqrt => 2,
             UnaryOp::Exp | UnaryOp::Cos | UnaryOp::Sin => 4,
-            UnaryOp::Silu => 6,
+            UnaryOp::Silu | UnaryOp::Tanh => 6,
+            UnaryOp::GeluTanh => 10,
         }
     }
 
@@ -81,8 +90,19 @@ impl UnaryOp {
             UnaryOp::Silu => x / (1.0 + (-x).exp()),
             UnaryOp::Cos => x.cos(),
             UnaryOp::Sin => x.sin(),
+            UnaryOp::Tanh => x.tanh(),
+            UnaryOp::GeluTanh => gelu_tanh(x),
         }
     }
+}
+
+/// `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`, the tanh approximation of GELU
+/// as PyTorch's `GeluType::Tanh` kernel writes it (aten/src/ATen/native/cpu/
+/// Activation.cpp: `kBeta = M_SQRT2 * M_2_SQRTPI * 0.5`, `kKappa = 0.044715`).
+pub fn gelu_tanh(x: f64) -> f64 {
+    let beta = std::f64::consts::SQRT_2 * std::f64::consts::FRAC_2_SQRT_PI * 0.5;
+    let inner = beta * (x + 0.044715 * x * x * x);
+    0.5 * x * (1.0 + inner.tanh())
 }
 
 /// Elementwise functions of two tensors, with numpy broadcasting.

@@ -179,6 +179,8 @@ pub fn graph(kind: OpKind) -> Result<Graph, TypeError> {
         OpKind::UnarySqrt => e.unary(UnaryOp::Sqrt)?,
         OpKind::UnaryExp => e.unary(UnaryOp::Exp)?,
         OpKind::UnarySilu => e.unary(UnaryOp::Silu)?,
+        OpKind::UnaryTanh => e.unary(UnaryOp::Tanh)?,
+        OpKind::UnaryGeluTanh => e.unary(UnaryOp::GeluTanh)?,
         OpKind::UnaryCos => e.unary(UnaryOp::Cos)?,
         OpKind::UnarySin => e.unary(UnaryOp::Sin)?,
         OpKind::BinaryAdd => e.binary(BinaryOp::Add)?,

@@ -155,6 +155,8 @@ pub fn op_from_parts(
         OpKind::UnarySqrt => Op::Unary(UnaryOp::Sqrt),
         OpKind::UnaryExp => Op::Unary(UnaryOp::Exp),
         OpKind::UnarySilu => Op::Unary(UnaryOp::Silu),
+        OpKind::UnaryTanh => Op::Unary(UnaryOp::Tanh),
+        OpKind::UnaryGeluTanh => Op::Unary(UnaryOp::GeluTanh),
         OpKind::UnaryCos => Op::Unary(UnaryOp::Cos),
         OpKind::UnarySin => Op::Unary(UnaryOp::Sin),
         OpKind::BinaryAdd => Op::Binary(BinaryOp::Add),

@@ -189,6 +189,8 @@ op_table! {
     UnarySilu = "unary.silu", Exactly(1), [Act], None, Kernel(Elementwise), [];
     UnaryCos = "unary.cos", Exactly(1), [Act], None, Kernel(Elementwise), [];
     UnarySin = "unary.sin", Exactly(1), [Act], None, Kernel(Elementwise), [];
+    UnaryTanh = "unary.tanh", Exactly(1), [Act], None, Kernel(Elementwise), [];
+    UnaryGeluTanh = "unary.gelu_tanh", Exactly(1), [Act], None, Kernel(Elementwise), [];
     BinaryAdd = "binary.add", Exactly(2), [Act, Act], None, Kernel(Elementwise), [];
     BinarySub = "binary.sub", Exactly(2), [Act, Act], None, Kernel(Elementwise), [];
     BinaryMul = "binary.mul", Exactly(2), [Act, Act], None, Kernel(Elementwise), [];
@@ -268,6 +270,8 @@ impl Op {
                 UnaryOp::Silu => OpKind::UnarySilu,
                 UnaryOp::Cos => OpKind::UnaryCos,
                 UnaryOp::Sin => OpKind::UnarySin,
+                UnaryOp::Tanh => OpKind::UnaryTanh,
+                UnaryOp::GeluTanh => OpKind::UnaryGeluTanh,
             },
             Op::Binary(b) => match b {
                 BinaryOp::Add => OpKind::BinaryAdd,

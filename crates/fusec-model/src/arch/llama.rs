@@ -151,8 +151,10 @@ mod tests {
             tie_word_embeddings,
             dtype,
             sliding_window: None,
+            layer_types: None,
             rope_scaling: None,
             multipliers: None,
+            gemma: None,
         }
     }
 

@@ -191,8 +191,10 @@ mod tests {
             tie_word_embeddings: false,
             dtype,
             sliding_window: None,
+            layer_types: None,
             rope_scaling: None,
             multipliers: None,
+            gemma: None,
         }
     }
 

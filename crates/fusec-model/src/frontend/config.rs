@@ -23,9 +23,14 @@ pub struct ModelConfig {
     pub tie_word_embeddings: bool,
     /// The dtype the checkpoint is stored and run in eagerly.
     pub dtype: DType,
-    /// Mistral's sliding attention window, if any: contexts beyond it are rejected,
-    /// since the decode graph attends to the whole cache.
+    /// The sliding attention window, if any (Mistral, Gemma 2/3): contexts beyond it
+    /// are rejected, since the decode graph attends to the whole cache.
     pub sliding_window: Option<u64>,
+    /// Which layers attend through the window (transformers' `layer_types`, Gemma 2
+    /// and 3 alternate windowed and global layers); `None`: every layer does when
+    /// `sliding_window` is set (Mistral).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layer_types: Option<Vec<LayerType>>,
     /// A scaling of the RoPE inverse frequencies (none: the default RoPE).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<RopeScaling>,
@@ -33,6 +38,50 @@ pub struct ModelConfig {
     /// families that have none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub multipliers: Option<Multipliers>,
+    /// Gemma 2/3's attention scale, soft-capping and local RoPE base; `None` for the
+    /// families that have none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gemma: Option<GemmaParams>,
+}
+
+/// How a layer attends: transformers' `layer_types` entries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LayerType {
+    /// `sliding_attention`: the last `sliding_window` positions.
+    SlidingAttention,
+    /// `full_attention`: the whole context.
+    FullAttention,
+}
+
+impl LayerType {
+    /// The type `name` spells in `layer_types`, if fusec knows it.
+    pub fn parse(name: &str) -> Option<LayerType> {
+        match name {
+            "sliding_attention" => Some(LayerType::SlidingAttention),
+            "full_attention" => Some(LayerType::FullAttention),
+            _ => None,
+        }
+    }
+}
+
+/// What Gemma 2 (transformers' `Gemma2Config`, models/gemma2/modeling_gemma2.py) and
+/// Gemma 3 (`Gemma3TextConfig`, models/gemma3/modeling_gemma3.py) add to the shared
+/// decoder keys.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct GemmaParams {
+    /// The attention scores are scaled by `query_pre_attn_scalar^-0.5` instead of
+    /// `head_dim^-0.5` (`Gemma2Attention.scaling`).
+    pub query_pre_attn_scalar: f64,
+    /// `scores = tanh(scores / c) * c` before the mask (`eager_attention_forward`'s
+    /// `softcap`); `None`: no capping.
+    pub attn_logit_softcapping: Option<f64>,
+    /// `logits = tanh(logits / c) * c` after the LM head; `None`: no capping.
+    pub final_logit_softcapping: Option<f64>,
+    /// Gemma 3's RoPE base of the sliding layers (`rope_local_base_freq`, or
+    /// `rope_parameters.sliding_attention.rope_theta`); `None`: one RoPE for every
+    /// layer (Gemma 2).
+    pub rope_local_theta: Option<f64>,
 }
 
 /// A RoPE type other than the default: how the inverse frequencies are scaled.
@@ -68,6 +117,28 @@ impl Default for Multipliers {
 }
 
 impl ModelConfig {
+    /// The window of layer `layer`'s attention: `sliding_window` for a windowed layer,
+    /// `None` for a global one. This is what a windowed attention kernel would bound
+    /// its keys by; the decode graph still attends to the whole cache (see
+    /// [`ModelConfig::context_window`]).
+    pub fn layer_window(&self, layer: u64) -> Option<u64> {
+        let w = self.sliding_window?;
+        match &self.layer_types {
+            None => Some(w),
+            Some(types) => match types.get(layer as usize) {
+                Some(LayerType::SlidingAttention) => Some(w),
+                Some(LayerType::FullAttention) | None => None,
+            },
+        }
+    }
+
+    /// The longest context the decode graph computes exactly: the sliding window when
+    /// any layer has one (its graph attends to the whole cache, which equals the
+    /// windowed attention only while the context fits in the window).
+    pub fn context_window(&self) -> Option<u64> {
+        (0..self.num_layers).find_map(|l| self.layer_window(l))
+    }
+
     /// Query heads per KV head (the GQA group size).
     pub fn group_size(&self) -> u64 {
         self.num_heads / self.num_kv_heads
@@ -241,7 +312,19 @@ pub(super) fn check(
             ),
         ));
     }
-    if let Some(w) = model.sliding_window {
+    if let Some(types) = &model.layer_types {
+        if types.len() as u64 != model.num_layers {
+            return Err((
+                "layer_types",
+                format!(
+                    "`layer_types` has {} entries for {} layers",
+                    types.len(),
+                    model.num_layers
+                ),
+            ));
+        }
+    }
+    if let Some(w) = model.context_window() {
         if decode.context > w {
             return Err((
                 "context",

@@ -16,7 +16,8 @@ use fusec_ir::DType;
 use serde_json::{Map, Value};
 
 use super::config::{
-    check, DecodeConfig, ModelConfig, ModelSpec, Precision, RopeScaling, TargetConfig, DEFAULT_GPU,
+    check, DecodeConfig, LayerType, ModelConfig, ModelSpec, Precision, RopeScaling, TargetConfig,
+    DEFAULT_GPU,
 };
 use super::error::ConfigError;
 
@@ -55,9 +56,22 @@ impl<'a> HfConfig<'a> {
         self.string("model_type")
     }
 
-    /// An error at the key's position in the source (its first occurrence).
+    /// An error at the key's position in the source (its first occurrence). A dotted
+    /// key (`rope_parameters.full_attention`) is found part by part, each after the
+    /// one before.
     pub fn err_at(&self, key: &str, message: String) -> ConfigError {
-        match self.src.find(&format!("\"{key}\"")) {
+        let mut found = None;
+        let mut from = 0;
+        for part in key.split('.') {
+            match self.src[from..].find(&format!("\"{part}\"")) {
+                Some(i) => {
+                    from += i;
+                    found = Some(from);
+                }
+                None => break,
+            }
+        }
+        match found {
             Some(at) => ConfigError::at(self.path, self.src, at, message),
             None => ConfigError::new(self.path, message),
         }
@@ -66,6 +80,17 @@ impl<'a> HfConfig<'a> {
     /// The value of `key`; `null` counts as absent, as transformers reads it.
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.root.get(key).filter(|v| !v.is_null())
+    }
+
+    /// Whether `key` is written out as `null` (which, for a key whose default is a
+    /// value, turns the feature off: Gemma 2's soft-capping).
+    pub fn is_null(&self, key: &str) -> bool {
+        self.root.get(key).is_some_and(Value::is_null)
+    }
+
+    /// The raw value of `key`, `null` included.
+    pub fn raw(&self, key: &str) -> Option<&Value> {
+        self.root.get(key)
     }
 
     /// A positive integer, if present.
@@ -185,10 +210,43 @@ pub fn decoder_config(j: &HfConfig<'_>) -> Result<ModelConfig, ConfigError> {
         tie_word_embeddings: j.bool("tie_word_embeddings")?.unwrap_or(false),
         dtype,
         sliding_window: j.uint("sliding_window")?,
+        layer_types: layer_types(j)?,
         rope_scaling,
         multipliers: None,
+        gemma: None,
     };
     Ok(model)
+}
+
+/// `layer_types` (transformers 4.5x and 5.x): per layer, `sliding_attention` or
+/// `full_attention`; other types (Qwen3-Next's `linear_attention`, ...) are rejected by
+/// name.
+fn layer_types(j: &HfConfig<'_>) -> Result<Option<Vec<LayerType>>, ConfigError> {
+    let Some(v) = j.get("layer_types") else {
+        return Ok(None);
+    };
+    let Value::Array(items) = v else {
+        return Err(j.err_at(
+            "layer_types",
+            format!("`layer_types` must be a list of strings, got {v}"),
+        ));
+    };
+    items
+        .iter()
+        .map(|item| {
+            item.as_str()
+                .and_then(LayerType::parse)
+                .ok_or_else(|| {
+                    j.err_at(
+                        "layer_types",
+                        format!(
+                            "`layer_types`: unsupported layer type {item} (fusec implements sliding_attention and full_attention)"
+                        ),
+                    )
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
 }
 
 /// The spec of an HF model whose config `j` an architecture read into `model`: the
@@ -209,7 +267,11 @@ pub fn spec_from_hf(
     let dtype = model.dtype;
     let decode = DecodeConfig {
         batch: 1,
-        context: max_seq_len.min(1024),
+        // The default context fits the sliding window, which the decode graph does
+        // not implement (see `ModelConfig::context_window`).
+        context: max_seq_len
+            .min(1024)
+            .min(model.context_window().unwrap_or(u64::MAX)),
     };
     check(&model, &decode).map_err(|(key, message)| {
         let hf_key = match key {
@@ -218,6 +280,7 @@ pub fn spec_from_hf(
             "num_kv_heads" => "num_key_value_heads",
             "max_seq_len" => "max_position_embeddings",
             "dtype" => dtype_key,
+            "context" if model.context_window().is_some() => "sliding_window",
             other => other,
         };
         j.err_at(hf_key, message)
@@ -287,6 +350,29 @@ fn rope_config(j: &HfConfig<'_>) -> Result<(f64, Option<RopeScaling>), ConfigErr
         }
     }
     Ok((rope_theta, scaling))
+}
+
+/// One RoPE dict `p`, found under `key` (Gemma 3's `rope_parameters` in transformers
+/// 5.x holds one per layer type, `rope_parameters.full_attention` and
+/// `rope_parameters.sliding_attention`): its `rope_theta`, if given, and its scaling.
+pub fn rope_dict(
+    j: &HfConfig<'_>,
+    key: &str,
+    p: &Map<String, Value>,
+) -> Result<(Option<f64>, Option<RopeScaling>), ConfigError> {
+    let theta = match p.get("rope_theta").filter(|v| !v.is_null()) {
+        Some(t) => Some(j.float_in(key, t)?),
+        None => None,
+    };
+    if p.get("partial_rotary_factor")
+        .is_some_and(|v| !v.is_null() && v.as_f64() != Some(1.0))
+    {
+        return Err(j.err_at(
+            key,
+            format!("`{key}.partial_rotary_factor` other than 1.0 is not supported"),
+        ));
+    }
+    Ok((theta, parse_scaling(j, key, p)?))
 }
 
 /// The scaling `p` (the object under `key`) asks for.

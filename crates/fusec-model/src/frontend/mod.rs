@@ -12,11 +12,11 @@ mod hf;
 mod model_toml;
 
 pub use config::{
-    DecodeConfig, ModelConfig, ModelSpec, Multipliers, Precision, RopeScaling, TargetConfig,
-    DEFAULT_ARCHITECTURE, DEFAULT_GPU,
+    DecodeConfig, GemmaParams, LayerType, ModelConfig, ModelSpec, Multipliers, Precision,
+    RopeScaling, TargetConfig, DEFAULT_ARCHITECTURE, DEFAULT_GPU,
 };
 pub(crate) use error::english_list;
 pub use error::ConfigError;
 pub use gpu_file::{load_gpu_file, parse_gpu_file};
-pub use hf::{decoder_config, spec_from_hf, HfConfig};
+pub use hf::{decoder_config, rope_dict, spec_from_hf, HfConfig};
 pub use model_toml::parse as parse_model_toml_with;

@@ -11,8 +11,8 @@ use toml::Spanned;
 use fusec_ir::DType;
 
 use super::config::{
-    check, DecodeConfig, ModelConfig, ModelSpec, Precision, RopeScaling, TargetConfig,
-    DEFAULT_ARCHITECTURE, DEFAULT_GPU,
+    check, DecodeConfig, GemmaParams, LayerType, ModelConfig, ModelSpec, Precision, RopeScaling,
+    TargetConfig, DEFAULT_ARCHITECTURE, DEFAULT_GPU,
 };
 use super::error::{english_list, ConfigError};
 
@@ -44,7 +44,22 @@ struct RawModel {
     tie_word_embeddings: bool,
     dtype: Option<Spanned<String>>,
     sliding_window: Option<Spanned<i64>>,
+    /// Per layer, `"sliding_attention"` or `"full_attention"` (transformers'
+    /// `layer_types`).
+    layer_types: Option<Spanned<Vec<String>>>,
     rope_scaling: Option<RawRopeScaling>,
+    gemma: Option<RawGemma>,
+}
+
+/// `[model.gemma]`: Gemma 2/3's keys, as `Gemma2Config` and `Gemma3TextConfig` name
+/// them (`rope_local_base_freq` is Gemma 3's RoPE base of the sliding layers).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGemma {
+    query_pre_attn_scalar: Spanned<f64>,
+    attn_logit_softcapping: Option<Spanned<f64>>,
+    final_logit_softcapping: Option<Spanned<f64>>,
+    rope_local_base_freq: Option<Spanned<f64>>,
 }
 
 /// `[model.rope_scaling]`: the keys of Hugging Face's `rope_parameters` for a RoPE
@@ -178,8 +193,69 @@ pub fn parse(path: &Path, src: &str, architectures: &[&str]) -> Result<ModelSpec
         .as_ref()
         .map(|v| size("context", v))
         .transpose()?
-        .unwrap_or_else(|| max_seq_len.min(1024));
+        .unwrap_or_else(|| {
+            max_seq_len
+                .min(1024)
+                .min(sliding_window.unwrap_or(u64::MAX))
+        });
 
+    let layer_types = match &m.layer_types {
+        None => None,
+        Some(v) => {
+            spans.insert("layer_types", v.span().start);
+            let types = v
+                .get_ref()
+                .iter()
+                .map(|name| {
+                    LayerType::parse(name).ok_or_else(|| {
+                        ConfigError::at(
+                            path,
+                            src,
+                            v.span().start,
+                            format!("unknown layer type `{name}` (expected sliding_attention or full_attention)"),
+                        )
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Some(types)
+        }
+    };
+    let gemma = match &m.gemma {
+        None => None,
+        Some(g) => {
+            let positive = |key: &str, v: &Spanned<f64>| -> Result<f64, ConfigError> {
+                let x = *v.get_ref();
+                if x.is_finite() && x > 0.0 {
+                    Ok(x)
+                } else {
+                    Err(ConfigError::at(
+                        path,
+                        src,
+                        v.span().start,
+                        format!("`{key}` must be a positive number, got {x}"),
+                    ))
+                }
+            };
+            Some(GemmaParams {
+                query_pre_attn_scalar: positive("query_pre_attn_scalar", &g.query_pre_attn_scalar)?,
+                attn_logit_softcapping: g
+                    .attn_logit_softcapping
+                    .as_ref()
+                    .map(|v| positive("attn_logit_softcapping", v))
+                    .transpose()?,
+                final_logit_softcapping: g
+                    .final_logit_softcapping
+                    .as_ref()
+                    .map(|v| positive("final_logit_softcapping", v))
+                    .transpose()?,
+                rope_local_theta: g
+                    .rope_local_base_freq
+                    .as_ref()
+                    .map(|v| positive("rope_local_base_freq", v))
+                    .transpose()?,
+            })
+        }
+    };
     spans.insert("rope_theta", m.rope_theta.span().start);
     spans.insert("rms_norm_eps", m.rms_norm_eps.span().start);
     if let Some(d) = &m.dtype {
@@ -204,8 +280,10 @@ pub fn parse(path: &Path, src: &str, architectures: &[&str]) -> Result<ModelSpec
         tie_word_embeddings: m.tie_word_embeddings,
         dtype,
         sliding_window,
+        layer_types,
         rope_scaling,
         multipliers: None,
+        gemma,
     };
     let decode = DecodeConfig { batch, context };
     check(&model, &decode).map_err(|(key, message)| match spans.get(key) {

