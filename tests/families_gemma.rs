@@ -264,7 +264,7 @@ fn compile(model: &str, precision: &str, tag: &str) -> (serde_json::Value, PathB
 }
 
 /// The fused launches per layer of Gemma 2 (see README's table).
-const GEMMA2_LAUNCHES_PER_LAYER: f64 = 62.0;
+const GEMMA2_LAUNCHES_PER_LAYER: f64 = 13.0;
 
 /// The published Gemma 2 9B configuration compiles in every precision, with the fused
 /// launches per layer the README states and within 2% of its memory floor.
@@ -279,6 +279,6 @@ fn the_published_configuration_fuses_to_its_launch_count() {
             "{precision}"
         );
         let ratio = fused["floor_ratio"].as_f64().expect("a ratio");
-        assert!(ratio <= 1.10, "{precision}: {ratio}x the floor");
+        assert!(ratio <= 1.02, "{precision}: {ratio}x the floor");
     }
 }

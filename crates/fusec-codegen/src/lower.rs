@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use fusec_ir::op::resolve_axis;
-use fusec_ir::{verify, DType, FusedOp, Graph, InputKind, NodeId, Op, OutputKind, Type};
+use fusec_ir::{verify, DType, FusedOp, Graph, InputKind, NodeId, Op, OutputKind, Type, UnaryOp};
 
 use crate::cuda::Cuda;
 use crate::emit::{
@@ -401,7 +401,15 @@ impl Lower<'_> {
                         Some(_) => Some(view(3)?),
                         None => None,
                     };
-                    e.post_rms_norm(x, view(1)?, scalar(2)?, residual, out0, cx!())
+                    e.post_rms_norm(x, view(1)?, scalar(2)?, None, residual, out0, cx!())
+                }),
+                FusedOp::OffsetRmsNorm => view(0).and_then(|x| {
+                    let residual = match ops.get(4) {
+                        Some(_) => Some(view(4)?),
+                        None => None,
+                    };
+                    let offset = Some(scalar(3)?);
+                    e.post_rms_norm(x, view(1)?, scalar(2)?, offset, residual, out0, cx!())
                 }),
                 FusedOp::RmsNormLinear => view(0).and_then(|x| {
                     let g = Gemv {
@@ -428,7 +436,17 @@ impl Lower<'_> {
                         x,
                         norm: None,
                         weights: vec![&ops[1], &ops[2]],
-                        epilogue: Epilogue::Swiglu,
+                        epilogue: Epilogue::Gated(UnaryOp::Silu),
+                        outs: &outs,
+                    };
+                    e.gemv(&g, cx!())
+                }),
+                FusedOp::Geglu => view(0).and_then(|x| {
+                    let g = Gemv {
+                        x,
+                        norm: None,
+                        weights: vec![&ops[1], &ops[2]],
+                        epilogue: Epilogue::Gated(UnaryOp::GeluTanh),
                         outs: &outs,
                     };
                     e.gemv(&g, cx!())
@@ -438,7 +456,7 @@ impl Lower<'_> {
                         x,
                         norm: Some((view(1)?, scalar(2)?)),
                         weights: vec![&ops[3], &ops[4]],
-                        epilogue: Epilogue::Swiglu,
+                        epilogue: Epilogue::Gated(UnaryOp::Silu),
                         outs: &outs,
                     };
                     e.gemv(&g, cx!())
@@ -505,6 +523,10 @@ impl Lower<'_> {
                             v: view(2)?,
                             decode: dec,
                             scale: scalar(scale_i)?,
+                            softcap: match (*f, ops.get(5)) {
+                                (FusedOp::Attention, Some(_)) => Some(scalar(5)?),
+                                _ => None,
+                            },
                             mask: ops.get(mask_i).ok_or("missing mask")?,
                             out: out0,
                         })

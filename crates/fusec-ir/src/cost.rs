@@ -186,6 +186,8 @@ fn fused_flops(
         FusedOp::Rope => 3 * n_out,
         FusedOp::RmsNorm => 5 * n_out,
         FusedOp::PostRmsNorm => (5 + operands.len().saturating_sub(3) as u64) * n_out,
+        // The offset add and the multiply by the offset weight, and the residual add.
+        FusedOp::OffsetRmsNorm => (6 + operands.len().saturating_sub(4) as u64) * n_out,
         FusedOp::RmsNormLinear => {
             let mut total = 4 * n_in0;
             for w in &operands[3..] {
@@ -201,6 +203,7 @@ fn fused_flops(
             total
         }
         FusedOp::Swiglu => gemv(operands[1])? + gemv(operands[2])? + 8 * n_out,
+        FusedOp::Geglu => gemv(operands[1])? + gemv(operands[2])? + 12 * n_out,
         FusedOp::RmsNormSwiglu => 4 * n_in0 + gemv(operands[3])? + gemv(operands[4])? + 8 * n_out,
         FusedOp::LinearAdd => gemv(operands[1])? + n_out,
         FusedOp::LinearScaleAdd => gemv(operands[1])? + 2 * n_out,
@@ -217,7 +220,14 @@ fn fused_flops(
                 _ => 0,
             };
             let hd = last_dim(operands[0], b)?.max(1);
-            4 * n_in0 * len + 5 * (n_in0 / hd) * len
+            // Gemma 2's soft-cap (a sixth operand of `fused.attention`): a division, a
+            // tanh and a product per score.
+            let cap = if f == FusedOp::Attention && operands.len() == 6 {
+                8
+            } else {
+                0
+            };
+            4 * n_in0 * len + (5 + cap) * (n_in0 / hd) * len
         }
     })
 }

@@ -66,6 +66,11 @@ pub fn absorb_kv_append(graph: &mut Graph) -> Result<usize, PassError> {
     let mut fused = 0;
     for att in attentions {
         let ops = graph.operands(att);
+        // A soft-capped attention (Gemma 2's, a sixth operand) has no decode kernel
+        // yet: its RoPE and appends stay separate kernels.
+        if ops.len() != 5 {
+            continue;
+        }
         let (q, k_all, v_all, scale, mask) = (ops[0], ops[1], ops[2], ops[3], ops[4]);
         if !(is(graph, q, FusedOp::Rope)
             && is(graph, k_all, FusedOp::KvAppend)

@@ -82,7 +82,7 @@ pub(crate) fn read(
     }
 }
 
-fn unary_expr(op: UnaryOp, x: &str) -> String {
+pub(crate) fn unary_expr(op: UnaryOp, x: &str) -> String {
     match op {
         UnaryOp::Neg => format!("(-{x})"),
         UnaryOp::Rsqrt => format!("fu_rsqrt({x})"),

@@ -11,8 +11,9 @@
 
 use std::fmt::Write;
 
-use fusec_ir::DType;
+use fusec_ir::{DType, UnaryOp};
 
+use super::elementwise::unary_expr;
 use super::{ctype, flit, KernelCode, Operand, Params};
 pub(crate) use crate::emit::{Epilogue, Gemv};
 use crate::layout::{Extent, View};
@@ -208,7 +209,7 @@ pub(crate) fn gemv(
     let _ = writeln!(b, "  __syncthreads();");
 
     // Rows: one index space over the weights (gate and up share rows).
-    let swiglu = matches!(g.epilogue, Epilogue::Swiglu);
+    let swiglu = matches!(g.epilogue, Epilogue::Gated(_));
     if swiglu && (weights.len() != 2 || weights[0].rows != weights[1].rows) {
         return Err("swiglu needs two weights of one shape".into());
     }
@@ -263,7 +264,9 @@ pub(crate) fn gemv(
     let blocks = total.div_ceil(u64::from(warps) * rows_per_warp).max(1);
     Ok(KernelCode {
         family: match g.epilogue {
-            Epilogue::Swiglu => "gemv_swiglu",
+            Epilogue::Gated(UnaryOp::Silu) => "gemv_swiglu",
+            Epilogue::Gated(UnaryOp::GeluTanh) => "gemv_geglu",
+            Epilogue::Gated(_) => "gemv_gated",
             Epilogue::Residual(_) => "gemv_add",
             Epilogue::ScaledResidual(..) => "gemv_scale_add",
             Epilogue::PostNorm { .. } => "gemv_post_norm",
@@ -499,16 +502,17 @@ fn epilogue(
             let o = g.outs.get(group).ok_or("a GEMV output per weight")?;
             let _ = writeln!(b, "          {} = fu_from<{tc}>(y0);", out_at(params, o)?);
         }
-        Epilogue::Swiglu => {
-            let o = g.outs.first().ok_or("a SwiGLU output")?;
+        Epilogue::Gated(act) => {
+            let o = g.outs.first().ok_or("a gated-MLP output")?;
             let _ = writeln!(
                 b,
                 "          const float gt = fu_round<{tc}>(y0), up = fu_round<{tc}>(y1);"
             );
             let _ = writeln!(
                 b,
-                "          {} = fu_from<{tc}>(fu_round<{tc}>(fu_silu(gt)) * up);",
-                out_at(params, o)?
+                "          {} = fu_from<{tc}>(fu_round<{tc}>({}) * up);",
+                out_at(params, o)?,
+                unary_expr(act, "gt")
             );
         }
         Epilogue::Residual(res) => {

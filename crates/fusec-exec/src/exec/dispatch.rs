@@ -347,6 +347,7 @@ pub(super) fn dispatch(
                 Ok(done(Value::Tuple(outs), true))
             }
             FusedOp::Swiglu => launch(fused::swiglu(&*t(0)?, gemv_w(1)?, gemv_w(2)?)),
+            FusedOp::Geglu => launch(fused::geglu(&*t(0)?, gemv_w(1)?, gemv_w(2)?)),
             FusedOp::RmsNormSwiglu => launch(fused::rms_norm_swiglu(
                 &*t(0)?,
                 &*t(1)?,
@@ -366,6 +367,19 @@ pub(super) fn dispatch(
                     residual.as_deref(),
                 ))
             }
+            FusedOp::OffsetRmsNorm => {
+                let residual = match ops.len() {
+                    4 => None,
+                    _ => Some(t(4)?),
+                };
+                launch(fused::offset_rms_norm(
+                    &*t(0)?,
+                    &*t(1)?,
+                    scalar(2)?,
+                    scalar(3)?,
+                    residual.as_deref(),
+                ))
+            }
             FusedOp::LinearPostRmsNorm => launch(fused::linear_post_rms_norm(
                 &*t(0)?,
                 gemv_w(1)?,
@@ -381,14 +395,21 @@ pub(super) fn dispatch(
                 &*t(3)?,
             )),
             FusedOp::Rope => launch(fused::rope(&*t(0)?, &*t(1)?, &*t(2)?)),
-            FusedOp::Attention => launch(attention::attention(
-                &*t(0)?,
-                &*t(1)?,
-                &*t(2)?,
-                scalar(3)?,
-                &*t(4)?,
-                None,
-            )),
+            FusedOp::Attention => {
+                let softcap = match ops.len() {
+                    5 => None,
+                    _ => Some(scalar(5)?),
+                };
+                launch(attention::attention_capped(
+                    &*t(0)?,
+                    &*t(1)?,
+                    &*t(2)?,
+                    scalar(3)?,
+                    softcap,
+                    &*t(4)?,
+                    None,
+                ))
+            }
             FusedOp::KvAppend => {
                 let new = t(1)?;
                 let mut past = ops.take_tensor(node, 0)?;

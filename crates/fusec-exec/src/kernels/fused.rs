@@ -10,6 +10,7 @@
 
 use fusec_ir::DType;
 
+use super::elementwise::gelu_tanh;
 use super::gemv::{self, Epilogue, GemvWeight};
 use super::strided::{broadcast_shape, broadcast_strides, walk};
 use super::{float_buffer, KernelError};
@@ -95,7 +96,33 @@ pub fn post_rms_norm(
     eps: f32,
     residual: Option<&Tensor>,
 ) -> Result<Tensor, KernelError> {
-    let op = "fused.post_rms_norm";
+    norm_f32_weight("fused.post_rms_norm", x, w, eps, None, residual)
+}
+
+/// `fused.offset_rms_norm(x, w, eps, c[, r])`: `[r +] to(T)(x32 * rsqrt(mean(x32^2) +
+/// eps) * (w32 + c))`, Gemma's RMSNorm (transformers' `Gemma2RMSNorm.forward`), each
+/// step rounded as the eager graph rounds it: the offset weight in f32, the product in
+/// f32, one rounding to `T`, then the residual add.
+pub fn offset_rms_norm(
+    x: &Tensor,
+    w: &Tensor,
+    eps: f32,
+    offset: f32,
+    residual: Option<&Tensor>,
+) -> Result<Tensor, KernelError> {
+    norm_f32_weight("fused.offset_rms_norm", x, w, eps, Some(offset), residual)
+}
+
+/// The RMSNorms whose weight multiplies in f32 before the one rounding: OLMo 2's
+/// (`offset` `None`: `w32 * (x32 * r)`) and Gemma's (`(x32 * r) * (w32 + c)`).
+fn norm_f32_weight(
+    op: &str,
+    x: &Tensor,
+    w: &Tensor,
+    eps: f32,
+    offset: Option<f32>,
+    residual: Option<&Tensor>,
+) -> Result<Tensor, KernelError> {
     let (xs, rows, d) = gemv::rows_of(x, op)?;
     float_buffer(w, op)?;
     if w.shape() != [d] || w.dtype() != x.dtype() {
@@ -132,11 +159,18 @@ pub fn post_rms_norm(
         let sum: f64 = row.iter().map(|&v| f64::from(v * v)).sum();
         let mean = (sum / d as f64) as f32;
         let r = 1.0 / (mean + eps).sqrt();
-        out.extend(
-            row.iter()
-                .zip(ws.iter())
-                .map(|(&v, &g)| round(dtype, g * (v * r))),
-        );
+        match offset {
+            None => out.extend(
+                row.iter()
+                    .zip(ws.iter())
+                    .map(|(&v, &g)| round(dtype, g * (v * r))),
+            ),
+            Some(c) => out.extend(
+                row.iter()
+                    .zip(ws.iter())
+                    .map(|(&v, &g)| round(dtype, (v * r) * (g + c))),
+            ),
+        }
     }
     if let Some(rs) = rs {
         for (y, &res) in out.iter_mut().zip(rs.iter()) {
@@ -208,14 +242,17 @@ pub fn multi_linear(x: &Tensor, weights: &[GemvWeight<'_>]) -> Result<Vec<Tensor
     Ok(outs)
 }
 
-/// `silu(round(g)) * round(u)` with the eager roundings, for the SwiGLU kernels.
-fn swiglu_rows(
+/// `act(round(g)) * round(u)` with the eager roundings, for the gated-MLP kernels
+/// (SwiGLU with `silu`, GeGLU with `gelu_tanh`).
+#[allow(clippy::too_many_arguments)]
+fn gated_rows(
     xs: &[f32],
     rows: usize,
     ins: usize,
     dtype: DType,
     wg: GemvWeight<'_>,
     wu: GemvWeight<'_>,
+    act: fn(f32) -> f32,
     op: &str,
 ) -> Result<Vec<f32>, KernelError> {
     gemv::check(op, dtype, ins, wg)?;
@@ -231,7 +268,7 @@ fn swiglu_rows(
     // parallel loop (the `exp` of SiLU is most of this kernel's work outside them).
     let combine = |g: &mut [f32], u: &[f32]| {
         for (a, &b) in g.iter_mut().zip(u) {
-            let s = round(dtype, silu(round(dtype, *a)));
+            let s = round(dtype, act(round(dtype, *a)));
             *a = round(dtype, s * round(dtype, b));
         }
     };
@@ -253,7 +290,15 @@ fn swiglu_rows(
 /// `fused.swiglu(x, Wg, Wu) = silu(x @ Wg^T) * (x @ Wu^T)`.
 pub fn swiglu(x: &Tensor, wg: GemvWeight<'_>, wu: GemvWeight<'_>) -> Result<Tensor, KernelError> {
     let (xs, rows, ins) = gemv::rows_of(x, "fused.swiglu")?;
-    let out = swiglu_rows(&xs, rows, ins, x.dtype(), wg, wu, "fused.swiglu")?;
+    let out = gated_rows(&xs, rows, ins, x.dtype(), wg, wu, silu, "fused.swiglu")?;
+    Ok(rounded(x.dtype(), with_last(x, wg.shape()[0]), out))
+}
+
+/// `fused.geglu(x, Wg, Wu) = gelu_tanh(x @ Wg^T) * (x @ Wu^T)`, the GELU as the eager
+/// `unary.gelu_tanh` computes it.
+pub fn geglu(x: &Tensor, wg: GemvWeight<'_>, wu: GemvWeight<'_>) -> Result<Tensor, KernelError> {
+    let (xs, rows, ins) = gemv::rows_of(x, "fused.geglu")?;
+    let out = gated_rows(&xs, rows, ins, x.dtype(), wg, wu, gelu_tanh, "fused.geglu")?;
     Ok(rounded(x.dtype(), with_last(x, wg.shape()[0]), out))
 }
 
@@ -267,7 +312,7 @@ pub fn rms_norm_swiglu(
 ) -> Result<Tensor, KernelError> {
     let op = "fused.rms_norm_swiglu";
     let (n, rows, d) = norm_rows(x, w, eps, op)?;
-    let out = swiglu_rows(&n, rows, d, x.dtype(), wg, wu, op)?;
+    let out = gated_rows(&n, rows, d, x.dtype(), wg, wu, silu, op)?;
     pool::give(n);
     Ok(rounded(x.dtype(), with_last(x, wg.shape()[0]), out))
 }

@@ -301,6 +301,12 @@ pub enum FusedOp {
     /// add after it, as OLMo 2's post-norm decoder layer applies it to each sublayer's
     /// output. For an f32 `x` it is [`FusedOp::RmsNorm`]'s value.
     PostRmsNorm,
+    /// `(x, w, eps, c[, r]) -> [r +] to(x.dtype)(x32 * rsqrt(mean(x32^2, -1) + eps) *
+    /// (w32 + c))`: transformers' `Gemma2RMSNorm` (models/gemma2/modeling_gemma2.py,
+    /// and Gemma 3's), whose weight is an offset from `c = 1` and multiplies the f32
+    /// values before the one cast back, with `r` the residual add after it (Gemma's
+    /// post-norms before each residual add, `Gemma2DecoderLayer.forward`).
+    OffsetRmsNorm,
     /// `(x, w, eps, W1, .., Wn)`: RMSNorm in the prologue of n GEMVs sharing it. One
     /// weight gives a tensor, several a tuple.
     RmsNormLinear,
@@ -310,6 +316,9 @@ pub enum FusedOp {
     MultiLinear,
     /// `(x, Wg, Wu) -> silu(x @ Wg^T) * (x @ Wu^T)`.
     Swiglu,
+    /// `(x, Wg, Wu) -> gelu_tanh(x @ Wg^T) * (x @ Wu^T)`: the gated MLP with GELU's
+    /// tanh approximation (GeGLU, Shazeer, 2020), Gemma's `gelu_pytorch_tanh` gate.
+    Geglu,
     /// `(x, w, eps, Wg, Wu)`: RMSNorm then SwiGLU in one kernel.
     RmsNormSwiglu,
     /// `(x, W, r) -> r + x @ W^T`: a GEMV with a residual-add epilogue.
@@ -333,14 +342,16 @@ pub enum FusedOp {
 }
 
 impl FusedOp {
-    pub const ALL: [FusedOp; 13] = [
+    pub const ALL: [FusedOp; 15] = [
         FusedOp::KvAppend,
         FusedOp::Rope,
         FusedOp::RmsNorm,
         FusedOp::PostRmsNorm,
+        FusedOp::OffsetRmsNorm,
         FusedOp::RmsNormLinear,
         FusedOp::MultiLinear,
         FusedOp::Swiglu,
+        FusedOp::Geglu,
         FusedOp::RmsNormSwiglu,
         FusedOp::LinearAdd,
         FusedOp::LinearScaleAdd,

@@ -301,6 +301,12 @@ pub fn graph(kind: OpKind) -> Result<Graph, TypeError> {
             let y = e.op(Op::Fused(FusedOp::Swiglu), &[x, ws[0], ws[1]])?;
             e.out(y)
         }
+        OpKind::Geglu => {
+            let x = e.x("x", &[1, 1, 8])?;
+            let ws = e.gemv_weights(2)?;
+            let y = e.op(Op::Fused(FusedOp::Geglu), &[x, ws[0], ws[1]])?;
+            e.out(y)
+        }
         OpKind::RmsNormSwiglu => {
             let [x, w, eps] = e.norm_operands()?;
             let ws = e.gemv_weights(2)?;
@@ -344,6 +350,13 @@ pub fn graph(kind: OpKind) -> Result<Graph, TypeError> {
             let [x, w, eps] = e.norm_operands()?;
             let r = e.x("r", &[1, 1, 8])?;
             let y = e.op(Op::Fused(FusedOp::PostRmsNorm), &[x, w, eps, r])?;
+            e.out(y)
+        }
+        OpKind::OffsetRmsNorm => {
+            let [x, w, eps] = e.norm_operands()?;
+            let c = e.scalar(1.0)?;
+            let r = e.x("r", &[1, 1, 8])?;
+            let y = e.op(Op::Fused(FusedOp::OffsetRmsNorm), &[x, w, eps, c, r])?;
             e.out(y)
         }
         OpKind::LinearScaleAdd => {

@@ -138,6 +138,19 @@ pub(crate) fn infer(op: FusedOp, t: &[&TensorType]) -> R<Type> {
             }
             Ok(Type::Tensor(t[0].clone()))
         }
+        FusedOp::OffsetRmsNorm => {
+            norm(t[0], t[1], t[2])?;
+            scalar(t[3], "offset")?;
+            match t.get(4..) {
+                Some([]) => {}
+                Some([r]) if *r == t[0] => {}
+                Some([r]) => {
+                    return Err(format!("residual {r} does not match the input {}", t[0]));
+                }
+                _ => return Err(format!("expected 4 or 5 operands, got {}", t.len())),
+            }
+            Ok(Type::Tensor(t[0].clone()))
+        }
         FusedOp::RmsNormLinear => {
             norm(t[0], t[1], t[2])?;
             let outs = t[3..]
@@ -157,8 +170,8 @@ pub(crate) fn infer(op: FusedOp, t: &[&TensorType]) -> R<Type> {
                 .collect::<R<Vec<_>>>()?;
             Ok(Type::Tuple(outs))
         }
-        FusedOp::Swiglu | FusedOp::RmsNormSwiglu => {
-            let (x, wg, wu) = if op == FusedOp::Swiglu {
+        FusedOp::Swiglu | FusedOp::Geglu | FusedOp::RmsNormSwiglu => {
+            let (x, wg, wu) = if op != FusedOp::RmsNormSwiglu {
                 (t[0], t[1], t[2])
             } else {
                 norm(t[0], t[1], t[2])?;
@@ -204,6 +217,11 @@ pub(crate) fn infer(op: FusedOp, t: &[&TensorType]) -> R<Type> {
             }
             same_dtype(q, k)?;
             scalar(scale, "scale")?;
+            match t.get(5..) {
+                Some([]) => {}
+                Some([cap]) => scalar(cap, "softcap")?,
+                _ => return Err(format!("expected 5 or 6 operands, got {}", t.len())),
+            }
             let (_, tq, _) = heads(q, "q")?;
             let (_, len, _) = heads(k, "k")?;
             let scores = TensorType::new(

@@ -225,10 +225,13 @@ op_table! {
     RmsNorm = "fused.rms_norm", Exactly(3), [Act, NormW, Sc], None, Kernel(Elementwise), [];
     PostRmsNorm = "fused.post_rms_norm", AtLeast(3), [Act, NormW, Sc], Some(Act),
         Kernel(Elementwise), [];
+    OffsetRmsNorm = "fused.offset_rms_norm", AtLeast(4), [Act, NormW, Sc, Sc], Some(Act),
+        Kernel(Elementwise), [];
     RmsNormLinear = "fused.rms_norm_linear", AtLeast(4), [Act, NormW, Sc], Some(W),
         Kernel(Gemv), [];
     MultiLinear = "fused.multi_linear", AtLeast(3), [Act, W, W], Some(W), Kernel(Gemv), [];
     Swiglu = "fused.swiglu", Exactly(3), [Act, W, W], None, Kernel(Gemv), [];
+    Geglu = "fused.geglu", Exactly(3), [Act, W, W], None, Kernel(Gemv), [];
     RmsNormSwiglu = "fused.rms_norm_swiglu", Exactly(5), [Act, NormW, Sc, W, W], None,
         Kernel(Gemv), [];
     LinearAdd = "fused.linear_add", Exactly(3), [Act, W, Act], None, Kernel(Gemv), [];
@@ -236,7 +239,7 @@ op_table! {
         Kernel(Gemv), [];
     LinearPostRmsNorm = "fused.linear_post_rms_norm", Exactly(5), [Act, W, NormW, Sc, Act],
         None, Kernel(Gemv), [];
-    Attention = "fused.attention", Exactly(5), [Act, Act, Act, Sc, Mask], None,
+    Attention = "fused.attention", AtLeast(5), [Act, Act, Act, Sc, Mask], Some(Sc),
         Kernel(Attention), [];
     DecodeAttention = "fused.decode_attention", AtLeast(9),
         [
@@ -377,9 +380,11 @@ impl FusedOp {
             FusedOp::Rope => OpKind::Rope,
             FusedOp::RmsNorm => OpKind::RmsNorm,
             FusedOp::PostRmsNorm => OpKind::PostRmsNorm,
+            FusedOp::OffsetRmsNorm => OpKind::OffsetRmsNorm,
             FusedOp::RmsNormLinear => OpKind::RmsNormLinear,
             FusedOp::MultiLinear => OpKind::MultiLinear,
             FusedOp::Swiglu => OpKind::Swiglu,
+            FusedOp::Geglu => OpKind::Geglu,
             FusedOp::RmsNormSwiglu => OpKind::RmsNormSwiglu,
             FusedOp::LinearAdd => OpKind::LinearAdd,
             FusedOp::LinearScaleAdd => OpKind::LinearScaleAdd,

@@ -106,5 +106,5 @@ mod storage;
 
 pub use self::append::{append, kv_append};
 pub use self::decode::{decode_attention, Caches};
-pub use self::full::attention;
+pub use self::full::{attention, attention_capped};
 pub use self::plan::ROW_TILE;
