@@ -1,5 +1,6 @@
-//! The generated kernels of OLMo 2 and Granite 3 (`fused.post_rms_norm`,
-//! `fused.linear_scale_add` and the rest), run on the CPU emulation of
+//! The generated kernels of OLMo 2, Granite 3, Gemma 2 and Gemma 3 (`fused.post_rms_norm`,
+//! `fused.linear_scale_add`, `fused.offset_rms_norm`, `fused.geglu`, the soft-capped
+//! `fused.attention` and the rest), run on the CPU emulation of
 //! `tests/emulate`, decode their tiny Hugging Face references as the CPU executor does:
 //! fused in f32 (ids exact, 1e-4), bf16 and FP8. Needs a C++20 compiler (`$CXX` or
 //! `g++`); without one the test says so loudly and passes.
@@ -38,7 +39,15 @@ impl WeightSource for Source<'_> {
 }
 
 const PROMPT: [i32; 5] = [1, 17, 42, 99, 7];
-const FIXTURES: [&str; 2] = ["hf-tiny-olmo2-s0", "hf-tiny-granite-s3"];
+/// The fixtures and the tokens each decodes: Gemma's stay within their sliding window
+/// of 8 positions (5 prompt tokens and 4 new ones; the decode graph attends to the
+/// whole cache, so `fusec` refuses longer contexts).
+const FIXTURES: [(&str, usize); 4] = [
+    ("hf-tiny-olmo2-s0", 8),
+    ("hf-tiny-granite-s3", 8),
+    ("hf-tiny-gemma2-s0", 4),
+    ("hf-tiny-gemma3-s0", 4),
+];
 
 fn fixture(name: &str) -> PathBuf {
     common::root().join("tests/fixtures").join(name)
@@ -105,14 +114,14 @@ fn compiler() -> Option<String> {
 fn f32_fused_kernels_decode_the_references() {
     let Some(cxx) = compiler() else { return };
     let rules = stages::rules().expect("rules");
-    for name in FIXTURES {
+    for (name, n) in FIXTURES {
         let spec = common::spec(&fixture(name));
         let eager = stages::eager(&stages::in_precision(&spec, Precision::F32)).expect("eager");
         let weights = Weights::load(&fixture(name), &eager).expect("fixture weights");
-        let reference = cpu(&eager, &weights, 8);
+        let reference = cpu(&eager, &weights, n);
         let fused =
             stages::fused_in(&spec, Precision::F32, &rules, &Fp8Options::default()).expect("fused");
-        let f = emulated(&cxx, &format!("{name}-f32"), &fused, &weights, 8);
+        let f = emulated(&cxx, &format!("{name}-f32"), &fused, &weights, n);
         assert_eq!(tokens(&f), tokens(&reference), "{name}");
         let r = max_rel(&f, &reference);
         assert!(r < 1e-4, "{name}: {r}");
@@ -123,13 +132,14 @@ fn f32_fused_kernels_decode_the_references() {
 fn bf16_and_fp8_fused_kernels_follow_the_cpu_executor() {
     let Some(cxx) = compiler() else { return };
     let rules = stages::rules().expect("rules");
-    for name in FIXTURES {
+    for (name, n) in FIXTURES {
+        let n = n.min(6);
         let spec = common::spec(&fixture(name));
         let fused = stages::fused_in(&spec, Precision::Bf16, &rules, &Fp8Options::default())
             .expect("fused");
         let weights = Weights::load(&fixture(name), &fused).expect("fixture weights");
-        let f = emulated(&cxx, &format!("{name}-bf16"), &fused, &weights, 6);
-        let r = max_rel(&f, &cpu(&fused, &weights, 6));
+        let f = emulated(&cxx, &format!("{name}-bf16"), &fused, &weights, n);
+        let r = max_rel(&f, &cpu(&fused, &weights, n));
         assert!(r < 5e-3, "{name} bf16: {r}");
 
         let lowered = stages::fused_in(&spec, Precision::Fp8, &rules, &Fp8Options::default())
@@ -142,8 +152,8 @@ fn bf16_and_fp8_fused_kernels_follow_the_cpu_executor() {
         )
         .expect("calibrates");
         let w8 = fusec_weights::lower_weights(&weights, &lowered, &kv).expect("quantizes");
-        let g8 = emulated(&cxx, &format!("{name}-fp8"), &lowered, &w8, 6);
-        let r = max_rel(&g8, &cpu(&lowered, &w8, 6));
+        let g8 = emulated(&cxx, &format!("{name}-fp8"), &lowered, &w8, n);
+        let r = max_rel(&g8, &cpu(&lowered, &w8, n));
         assert!(r < 5e-3, "{name} fp8: {r}");
     }
 }

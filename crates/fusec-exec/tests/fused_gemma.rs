@@ -1,0 +1,208 @@
+//! The kernels Gemma 2 and Gemma 3 fuse into, against the primitive ops they replace
+//! (as the eager graph composes them, roundings included), in f32 and bf16:
+//!
+//! - `fused.offset_rms_norm(x, w, eps, c[, r])`: transformers' `Gemma2RMSNorm`
+//!   (models/gemma2/modeling_gemma2.py: `(x32 * rsqrt(...) * (1.0 +
+//!   weight.float())).type_as(x)`) and the residual add after Gemma's post-norms, bit
+//!   for bit;
+//! - `fused.geglu(x, Wg, Wu)`: `down_proj`'s input in `Gemma2MLP.forward`,
+//!   `gelu_pytorch_tanh(gate_proj(x)) * up_proj(x)`, bit for bit;
+//! - `fused.attention(q, k, v, scale, mask, c)`: `eager_attention_forward` with
+//!   `softcap`, `tanh(scores / c) * c` before the mask: bit for bit in f32 (with
+//!   `head_dim > 1`, as the plain attention), to the probabilities' bf16 rounding in
+//!   bf16.
+
+use fusec_exec::kernels::attention::attention_capped;
+use fusec_exec::kernels::elementwise::{binary, cast, unary, Arg};
+use fusec_exec::kernels::fused::{geglu, offset_rms_norm};
+use fusec_exec::kernels::gemv::GemvWeight;
+use fusec_exec::kernels::matmul::{linear, matmul};
+use fusec_exec::kernels::movement::copy;
+use fusec_exec::kernels::reduce::{reduce, softmax};
+use fusec_exec::{SplitMix64, Tensor};
+use fusec_ir::{BinaryOp, DType, ReduceOp, UnaryOp};
+use proptest::prelude::*;
+
+fn random(dtype: DType, shape: &[usize], rng: &mut SplitMix64, std: f64) -> Tensor {
+    let n = shape.iter().product();
+    Tensor::from_f32(
+        dtype,
+        shape,
+        (0..n).map(|_| (rng.normal() * std) as f32).collect(),
+    )
+    .expect("sizes match")
+}
+
+fn bin(op: BinaryOp, a: &Tensor, b: &Tensor) -> Tensor {
+    binary(op, Arg::Tensor(a), Arg::Tensor(b)).expect("operands broadcast")
+}
+
+fn bin_s(op: BinaryOp, a: &Tensor, s: f32) -> Tensor {
+    binary(op, Arg::Tensor(a), Arg::Scalar(s)).expect("scalar operand")
+}
+
+fn dtype_of(half: bool) -> DType {
+    if half {
+        DType::Bf16
+    } else {
+        DType::F32
+    }
+}
+
+/// `Gemma2RMSNorm` as the eager graph spells it.
+fn eager_gemma_norm(x: &Tensor, w: &Tensor, eps: f32) -> Tensor {
+    let x32 = cast(x, DType::F32).expect("casts");
+    let sq = bin_s(BinaryOp::Pow, &x32, 2.0);
+    let mean = reduce(ReduceOp::Mean, &sq, x.rank() - 1, true).expect("reduces");
+    let r = unary(UnaryOp::Rsqrt, &bin_s(BinaryOp::Add, &mean, eps)).expect("rsqrt");
+    let n = bin(BinaryOp::Mul, &x32, &r);
+    let w1 = bin_s(BinaryOp::Add, &cast(w, DType::F32).expect("casts"), 1.0);
+    cast(&bin(BinaryOp::Mul, &n, &w1), x.dtype()).expect("casts")
+}
+
+/// `repeat_kv`: `[B, KV, L, hd]` to `[B, KV * group, L, hd]` by expand and copy.
+fn repeat_kv(k: &Tensor, group: usize) -> Tensor {
+    let [b, kv, l, hd] = [k.shape()[0], k.shape()[1], k.shape()[2], k.shape()[3]];
+    let e = k
+        .unsqueeze(2)
+        .and_then(|t| t.expand(&[b, kv, group, l, hd]))
+        .expect("views");
+    copy(&e)
+        .expect("copies")
+        .reshape(&[b, kv * group, l, hd])
+        .expect("viewable")
+}
+
+/// `eager_attention_forward` with `scaling` and `softcap`.
+fn eager_capped_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+    cap: f32,
+    mask: &Tensor,
+) -> Tensor {
+    let group = q.shape()[1] / k.shape()[1];
+    let (k, v) = (repeat_kv(k, group), repeat_kv(v, group));
+    let scores = matmul(q, &k.transpose(2, 3).expect("axes")).expect("matmul");
+    let scores = bin_s(BinaryOp::Mul, &scores, scale);
+    let scores = bin_s(BinaryOp::Div, &scores, cap);
+    let scores = unary(UnaryOp::Tanh, &scores).expect("tanh");
+    let scores = bin_s(BinaryOp::Mul, &scores, cap);
+    let scores = bin(BinaryOp::Add, &scores, mask);
+    let p = softmax(&cast(&scores, DType::F32).expect("casts"), 3).expect("softmax");
+    matmul(&cast(&p, q.dtype()).expect("casts"), &v).expect("matmul")
+}
+
+fn assert_same(a: &Tensor, b: &Tensor, what: &str) {
+    assert_eq!(a.dtype(), b.dtype(), "{what}: dtype");
+    assert_eq!(a.shape(), b.shape(), "{what}: shape");
+    assert_eq!(a.to_vec_f32(), b.to_vec_f32(), "{what}: values");
+}
+
+fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    let (mut num, mut den) = (0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        num += f64::from(x - y).powi(2);
+        den += f64::from(*y).powi(2);
+    }
+    if den == 0.0 {
+        num.sqrt()
+    } else {
+        (num / den).sqrt()
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+
+    #[test]
+    fn offset_rms_norm_equals_gemmas_norm_and_residual_add(
+        seed in 0u64..1000,
+        rows in 1usize..4,
+        heads in 1usize..3,
+        d in 1usize..40,
+        half in any::<bool>(),
+    ) {
+        let dtype = dtype_of(half);
+        let mut rng = SplitMix64::new(seed);
+        // [rows, heads, 1, d]: Gemma 3's per-head q/k norms as well as the [B,1,D] ones.
+        let x = random(dtype, &[rows, heads, 1, d], &mut rng, 1.0);
+        let w = random(dtype, &[d], &mut rng, 0.5);
+        let r = random(dtype, &[rows, heads, 1, d], &mut rng, 1.0);
+        let eps = 1e-6;
+        let n = eager_gemma_norm(&x, &w, eps);
+        assert_same(&offset_rms_norm(&x, &w, eps, 1.0, None).expect("runs"), &n, "offset_rms_norm");
+        assert_same(
+            &offset_rms_norm(&x, &w, eps, 1.0, Some(&r)).expect("runs"),
+            &bin(BinaryOp::Add, &r, &n),
+            "offset_rms_norm with a residual",
+        );
+    }
+
+    #[test]
+    fn geglu_equals_gemmas_gated_mlp(
+        seed in 0u64..1000,
+        rows in 1usize..4,
+        d in 1usize..40,
+        outs in 1usize..24,
+        half in any::<bool>(),
+    ) {
+        let dtype = dtype_of(half);
+        let mut rng = SplitMix64::new(seed);
+        let x = random(dtype, &[rows, 1, d], &mut rng, 1.0);
+        let wg = random(dtype, &[outs, d], &mut rng, 0.3);
+        let wu = random(dtype, &[outs, d], &mut rng, 0.3);
+        let g = unary(UnaryOp::GeluTanh, &linear(&x, &wg).expect("linear")).expect("gelu");
+        let eager = bin(BinaryOp::Mul, &g, &linear(&x, &wu).expect("linear"));
+        let fused = geglu(&x, GemvWeight::Dense(&wg), GemvWeight::Dense(&wu)).expect("runs");
+        assert_same(&fused, &eager, "geglu");
+    }
+
+    #[test]
+    fn soft_capped_attention_equals_its_eager_composition(
+        seed in 0u64..1000,
+        kv_heads in 1usize..4,
+        group in 1usize..4,
+        hd in 2usize..20,
+        len in 1usize..12,
+        half in any::<bool>(),
+        cap in 0.5f32..60.0,
+    ) {
+        let dtype = dtype_of(half);
+        let heads = kv_heads * group;
+        let mut rng = SplitMix64::new(seed);
+        // Large enough scores that the cap bends them.
+        let q = random(dtype, &[2, heads, 1, hd], &mut rng, 4.0);
+        let k = random(dtype, &[2, kv_heads, len, hd], &mut rng, 4.0);
+        let v = random(dtype, &[2, kv_heads, len, hd], &mut rng, 1.0);
+        let mut m = vec![0.0f32; 2 * len];
+        if len > 1 {
+            m[len] = f32::NEG_INFINITY;
+        }
+        let mask = Tensor::from_f32(dtype, &[2, 1, 1, len], m).expect("sizes match");
+        let scale = 1.0 / (hd as f32).sqrt();
+        let got = attention_capped(&q, &k, &v, scale, Some(cap), &mask, None).expect("runs");
+        let want = eager_capped_attention(&q, &k, &v, scale, cap, &mask);
+        if !half {
+            assert_same(&got, &want, "soft-capped attention");
+        }
+        // bf16: the eager graph rounds the probabilities to bf16, the kernel does not.
+        let err = rel_l2(&got.to_vec_f32(), &want.to_vec_f32());
+        prop_assert!(err <= 1e-2, "relative L2 error {}", err);
+    }
+}
+
+/// The cap changes the result (so the tests above exercise it): a small cap flattens
+/// the scores, which without it would differ.
+#[test]
+fn the_cap_changes_attention() {
+    let mut rng = SplitMix64::new(3);
+    let q = random(DType::F32, &[1, 2, 1, 8], &mut rng, 4.0);
+    let k = random(DType::F32, &[1, 1, 6, 8], &mut rng, 4.0);
+    let v = random(DType::F32, &[1, 1, 6, 8], &mut rng, 1.0);
+    let mask = Tensor::from_f32(DType::F32, &[1, 1, 1, 6], vec![0.0; 6]).expect("sizes");
+    let capped = attention_capped(&q, &k, &v, 0.35, Some(0.5), &mask, None).expect("runs");
+    let plain = attention_capped(&q, &k, &v, 0.35, None, &mask, None).expect("runs");
+    assert!(rel_l2(&capped.to_vec_f32(), &plain.to_vec_f32()) > 1e-2);
+}
