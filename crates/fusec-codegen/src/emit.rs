@@ -136,6 +136,9 @@ pub(crate) enum Epilogue<'a> {
     PostNorm {
         weight: &'a View,
         eps: f32,
+        /// Gemma's weight offset (the values times `w + c`, `Gemma2RMSNorm`); `None`:
+        /// OLMo 2's `w`.
+        offset: Option<f32>,
         residual: &'a View,
         ticket: &'a View,
     },

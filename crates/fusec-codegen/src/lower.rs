@@ -491,7 +491,27 @@ impl Lower<'_> {
                             epilogue: Epilogue::PostNorm {
                                 weight: view(2)?,
                                 eps: scalar(3)?,
+                                offset: None,
                                 residual: view(4)?,
+                                ticket: &ticket,
+                            },
+                            outs: &outs,
+                        };
+                        e.gemv(&g, cx!())
+                    })
+                }
+                FusedOp::LinearOffsetRmsNorm => {
+                    let (_, ticket) = self.workspace(0, 1);
+                    view(0).and_then(|x| {
+                        let g = Gemv {
+                            x,
+                            norm: None,
+                            weights: vec![&ops[1]],
+                            epilogue: Epilogue::PostNorm {
+                                weight: view(2)?,
+                                eps: scalar(3)?,
+                                offset: Some(scalar(4)?),
+                                residual: view(5)?,
                                 ticket: &ticket,
                             },
                             outs: &outs,

@@ -5,6 +5,8 @@
 //!   (models/gemma2/modeling_gemma2.py: `(x32 * rsqrt(...) * (1.0 +
 //!   weight.float())).type_as(x)`) and the residual add after Gemma's post-norms, bit
 //!   for bit;
+//! - `fused.linear_offset_rms_norm(x, W, w, eps, c, r)`: Gemma's `o_proj` and
+//!   `down_proj` with their post-norm and residual add, bit for bit;
 //! - `fused.geglu(x, Wg, Wu)`: `down_proj`'s input in `Gemma2MLP.forward`,
 //!   `gelu_pytorch_tanh(gate_proj(x)) * up_proj(x)`, bit for bit;
 //! - `fused.attention(q, k, v, scale, mask, c)`: `eager_attention_forward` with
@@ -14,7 +16,7 @@
 
 use fusec_exec::kernels::attention::attention_capped;
 use fusec_exec::kernels::elementwise::{binary, cast, unary, Arg};
-use fusec_exec::kernels::fused::{geglu, offset_rms_norm};
+use fusec_exec::kernels::fused::{geglu, linear_offset_rms_norm, offset_rms_norm};
 use fusec_exec::kernels::gemv::GemvWeight;
 use fusec_exec::kernels::matmul::{linear, matmul};
 use fusec_exec::kernels::movement::copy;
@@ -138,6 +140,28 @@ proptest! {
             &bin(BinaryOp::Add, &r, &n),
             "offset_rms_norm with a residual",
         );
+    }
+
+    #[test]
+    fn linear_offset_rms_norm_equals_gemmas_projection_norm_and_add(
+        seed in 0u64..1000,
+        rows in 1usize..4,
+        d in 1usize..40,
+        outs in 1usize..24,
+        half in any::<bool>(),
+    ) {
+        let dtype = dtype_of(half);
+        let mut rng = SplitMix64::new(seed);
+        let x = random(dtype, &[rows, 1, d], &mut rng, 1.0);
+        let wt = random(dtype, &[outs, d], &mut rng, 0.1);
+        let w = random(dtype, &[outs], &mut rng, 0.5);
+        let r = random(dtype, &[rows, 1, outs], &mut rng, 1.0);
+        let eps = 1e-6;
+        let y = linear(&x, &wt).expect("linear");
+        let eager = bin(BinaryOp::Add, &r, &eager_gemma_norm(&y, &w, eps));
+        let fused = linear_offset_rms_norm(&x, GemvWeight::Dense(&wt), &w, eps, 1.0, &r)
+            .expect("runs");
+        assert_same(&fused, &eager, "linear_offset_rms_norm");
     }
 
     #[test]

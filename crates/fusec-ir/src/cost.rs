@@ -208,6 +208,7 @@ fn fused_flops(
         FusedOp::LinearAdd => gemv(operands[1])? + n_out,
         FusedOp::LinearScaleAdd => gemv(operands[1])? + 2 * n_out,
         FusedOp::LinearPostRmsNorm => gemv(operands[1])? + 6 * n_out,
+        FusedOp::LinearOffsetRmsNorm => gemv(operands[1])? + 7 * n_out,
         FusedOp::Attention | FusedOp::DecodeAttention => {
             let (k, extra) = if f == FusedOp::Attention {
                 (operands[1], 0)

@@ -249,11 +249,19 @@ pub(crate) fn gemv(
     if let Epilogue::PostNorm {
         weight,
         eps,
+        offset,
         residual,
         ticket,
     } = g.epilogue
     {
-        post_norm_tail(&mut b, params, g, weight, eps, residual, ticket, total, t)?;
+        let norm = PostNormTail {
+            weight,
+            eps,
+            offset,
+            residual,
+            ticket,
+        };
+        post_norm_tail(&mut b, params, g, &norm, total, t)?;
     }
 
     // As many rows per warp as keep the grid within target_blocks, then just enough
@@ -269,7 +277,10 @@ pub(crate) fn gemv(
             Epilogue::Gated(_) => "gemv_gated",
             Epilogue::Residual(_) => "gemv_add",
             Epilogue::ScaledResidual(..) => "gemv_scale_add",
-            Epilogue::PostNorm { .. } => "gemv_post_norm",
+            Epilogue::PostNorm { offset: None, .. } => "gemv_post_norm",
+            Epilogue::PostNorm {
+                offset: Some(_), ..
+            } => "gemv_offset_post_norm",
             Epilogue::Plain => "gemv",
         },
         body: b,
@@ -291,17 +302,30 @@ pub(crate) fn gemv(
 /// residual, and resets the ticket, so one launch does the op and the workspace is
 /// left as found.
 #[allow(clippy::too_many_arguments)]
+/// The post-norm a GEMV's last block applies: OLMo 2's, or Gemma's with an offset.
+struct PostNormTail<'a> {
+    weight: &'a View,
+    eps: f32,
+    offset: Option<f32>,
+    residual: &'a View,
+    ticket: &'a View,
+}
+
 fn post_norm_tail(
     b: &mut String,
     params: &mut Params,
     g: &Gemv<'_>,
-    weight: &View,
-    eps: f32,
-    residual: &View,
-    ticket: &View,
+    norm: &PostNormTail<'_>,
     n_out: u64,
     t: DType,
 ) -> Result<(), String> {
+    let PostNormTail {
+        weight,
+        eps,
+        offset,
+        residual,
+        ticket,
+    } = *norm;
     let tc = ctype(t);
     let o = g.outs.first().ok_or("a GEMV output")?;
     let po = params.bind(o, Access::Write);
@@ -344,7 +368,14 @@ fn post_norm_tail(
     );
     let _ = writeln!(
         b,
-        "      for (int n = threadIdx.x; n < {n_out}; n += blockDim.x) {oy} = fu_from<{tc}>(fu_f32({rv}) + fu_round<{tc}>(__fmul_rn({wv}, fu_f32(__ldcg(&{oy})) * inv)));"
+        "      for (int n = threadIdx.x; n < {n_out}; n += blockDim.x) {oy} = fu_from<{tc}>(fu_f32({rv}) + fu_round<{tc}>({}));",
+        match offset {
+            None => format!("__fmul_rn({wv}, fu_f32(__ldcg(&{oy})) * inv)"),
+            Some(c) => format!(
+                "__fmul_rn(fu_f32(__ldcg(&{oy})) * inv, __fadd_rn({wv}, {}))",
+                flit(c)
+            ),
+        }
     );
     let _ = writeln!(b, "      __syncthreads();");
     let _ = writeln!(b, "    }}");

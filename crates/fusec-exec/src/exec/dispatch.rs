@@ -387,6 +387,14 @@ pub(super) fn dispatch(
                 scalar(3)?,
                 &*t(4)?,
             )),
+            FusedOp::LinearOffsetRmsNorm => launch(fused::linear_offset_rms_norm(
+                &*t(0)?,
+                gemv_w(1)?,
+                &*t(2)?,
+                scalar(3)?,
+                scalar(4)?,
+                &*t(5)?,
+            )),
             FusedOp::LinearAdd => launch(fused::linear_add(&*t(0)?, gemv_w(1)?, &*t(2)?)),
             FusedOp::LinearScaleAdd => launch(fused::linear_scale_add(
                 &*t(0)?,

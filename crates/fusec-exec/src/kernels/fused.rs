@@ -189,7 +189,41 @@ pub fn linear_post_rms_norm(
     eps: f32,
     r: &Tensor,
 ) -> Result<Tensor, KernelError> {
-    let op = "fused.linear_post_rms_norm";
+    linear_then_norm("fused.linear_post_rms_norm", x, wt, w, eps, None, r)
+}
+
+/// `fused.linear_offset_rms_norm(x, W, w, eps, c, r)`: the GEMV rounded to the dtype,
+/// as `linear` gives it, then [`offset_rms_norm`] with the residual.
+pub fn linear_offset_rms_norm(
+    x: &Tensor,
+    wt: GemvWeight<'_>,
+    w: &Tensor,
+    eps: f32,
+    offset: f32,
+    r: &Tensor,
+) -> Result<Tensor, KernelError> {
+    linear_then_norm(
+        "fused.linear_offset_rms_norm",
+        x,
+        wt,
+        w,
+        eps,
+        Some(offset),
+        r,
+    )
+}
+
+/// The GEMV, rounded, then the norm whose weight multiplies in f32 (OLMo 2's without
+/// an offset, Gemma's with one) and the residual add.
+fn linear_then_norm(
+    op: &str,
+    x: &Tensor,
+    wt: GemvWeight<'_>,
+    w: &Tensor,
+    eps: f32,
+    offset: Option<f32>,
+    r: &Tensor,
+) -> Result<Tensor, KernelError> {
     let (xs, rows, ins) = gemv::rows_of(x, op)?;
     gemv::check(op, x.dtype(), ins, wt)?;
     let mut y = None;
@@ -200,7 +234,7 @@ pub fn linear_post_rms_norm(
     })?;
     let y = y.ok_or_else(|| KernelError::Invalid(format!("{op}: the GEMV gave no result")))?;
     let y = rounded(x.dtype(), with_last(x, wt.shape()[0]), y);
-    post_rms_norm(&y, w, eps, Some(r))
+    norm_f32_weight(op, &y, w, eps, offset, Some(r))
 }
 
 /// `fused.rms_norm_linear(x, w, eps, W1, .., Wn)`: one result per weight.

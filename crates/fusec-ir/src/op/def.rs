@@ -332,6 +332,11 @@ pub enum FusedOp {
     /// residual: OLMo 2's `o_proj` and `down_proj` with their post-norms
     /// (`Olmo2DecoderLayer.forward`). The norm reads the whole GEMV result.
     LinearPostRmsNorm,
+    /// `(x, W, w, eps, c, r) -> offset_rms_norm(x @ W^T, w, eps, c, r)`: a GEMV whose
+    /// result, rounded to the dtype, is normalised as `Gemma2RMSNorm` does and added to
+    /// the residual: Gemma's `o_proj` and `down_proj` with their post-norms
+    /// (`Gemma2DecoderLayer.forward`). The norm reads the whole GEMV result.
+    LinearOffsetRmsNorm,
     /// `(q [B,H,T,hd], k [B,KV,L,hd], v [B,KV,L,hd], scale, mask [B,1,T,L]) ->
     /// softmax(q k^T * scale + mask) v`, with query head `h` reading KV head
     /// `h / (H/KV)` (GQA), computed with an online softmax.
@@ -342,7 +347,7 @@ pub enum FusedOp {
 }
 
 impl FusedOp {
-    pub const ALL: [FusedOp; 15] = [
+    pub const ALL: [FusedOp; 16] = [
         FusedOp::KvAppend,
         FusedOp::Rope,
         FusedOp::RmsNorm,
@@ -356,6 +361,7 @@ impl FusedOp {
         FusedOp::LinearAdd,
         FusedOp::LinearScaleAdd,
         FusedOp::LinearPostRmsNorm,
+        FusedOp::LinearOffsetRmsNorm,
         FusedOp::Attention,
         FusedOp::DecodeAttention,
     ];

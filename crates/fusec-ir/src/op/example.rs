@@ -346,6 +346,19 @@ pub fn graph(kind: OpKind) -> Result<Graph, TypeError> {
             )?;
             e.out(y)
         }
+        OpKind::LinearOffsetRmsNorm => {
+            let x = e.x("x", &[1, 1, 8])?;
+            let ws = e.gemv_weights(1)?;
+            let w = e.weight("norm", DType::F32, &[6])?;
+            let eps = e.scalar(1e-6)?;
+            let c = e.scalar(1.0)?;
+            let r = e.x("r", &[1, 1, 6])?;
+            let y = e.op(
+                Op::Fused(FusedOp::LinearOffsetRmsNorm),
+                &[x, ws[0], w, eps, c, r],
+            )?;
+            e.out(y)
+        }
         OpKind::PostRmsNorm => {
             let [x, w, eps] = e.norm_operands()?;
             let r = e.x("r", &[1, 1, 8])?;

@@ -198,14 +198,17 @@ pub(crate) fn infer(op: FusedOp, t: &[&TensorType]) -> R<Type> {
             }
             Ok(Type::Tensor(y))
         }
-        FusedOp::LinearPostRmsNorm => {
+        FusedOp::LinearPostRmsNorm | FusedOp::LinearOffsetRmsNorm => {
             let y = linear(t[0], t[1])?;
             norm(&y, t[2], t[3])?;
-            if &y != t[4] {
-                return Err(format!(
-                    "residual {} does not match the GEMV result {y}",
-                    t[4]
-                ));
+            let r = if op == FusedOp::LinearOffsetRmsNorm {
+                scalar(t[4], "offset")?;
+                t[5]
+            } else {
+                t[4]
+            };
+            if &y != r {
+                return Err(format!("residual {r} does not match the GEMV result {y}"));
             }
             Ok(Type::Tensor(y))
         }

@@ -219,6 +219,7 @@ pub fn op_from_parts(
         OpKind::LinearAdd => Op::Fused(FusedOp::LinearAdd),
         OpKind::LinearScaleAdd => Op::Fused(FusedOp::LinearScaleAdd),
         OpKind::LinearPostRmsNorm => Op::Fused(FusedOp::LinearPostRmsNorm),
+        OpKind::LinearOffsetRmsNorm => Op::Fused(FusedOp::LinearOffsetRmsNorm),
         OpKind::Attention => Op::Fused(FusedOp::Attention),
         OpKind::DecodeAttention => Op::Fused(FusedOp::DecodeAttention),
     };

@@ -239,6 +239,8 @@ op_table! {
         Kernel(Gemv), [];
     LinearPostRmsNorm = "fused.linear_post_rms_norm", Exactly(5), [Act, W, NormW, Sc, Act],
         None, Kernel(Gemv), [];
+    LinearOffsetRmsNorm = "fused.linear_offset_rms_norm", Exactly(6),
+        [Act, W, NormW, Sc, Sc, Act], None, Kernel(Gemv), [];
     Attention = "fused.attention", AtLeast(5), [Act, Act, Act, Sc, Mask], Some(Sc),
         Kernel(Attention), [];
     DecodeAttention = "fused.decode_attention", AtLeast(9),
@@ -389,6 +391,7 @@ impl FusedOp {
             FusedOp::LinearAdd => OpKind::LinearAdd,
             FusedOp::LinearScaleAdd => OpKind::LinearScaleAdd,
             FusedOp::LinearPostRmsNorm => OpKind::LinearPostRmsNorm,
+            FusedOp::LinearOffsetRmsNorm => OpKind::LinearOffsetRmsNorm,
             FusedOp::Attention => OpKind::Attention,
             FusedOp::DecodeAttention => OpKind::DecodeAttention,
         }
