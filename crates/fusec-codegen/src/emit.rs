@@ -147,11 +147,20 @@ pub(crate) enum Epilogue<'a> {
 /// A GEMV node's operands.
 pub(crate) struct Gemv<'a> {
     pub x: &'a View,
-    /// The RMSNorm weight and eps of a normalised prologue.
-    pub norm: Option<(&'a View, f32)>,
+    /// The RMSNorm of a normalised prologue.
+    pub norm: Option<NormPrologue<'a>>,
     pub weights: Vec<&'a Operand>,
     pub epilogue: Epilogue<'a>,
     pub outs: &'a [View],
+}
+
+/// The RMSNorm in a GEMV's prologue: Llama's (`offset` `None`: `w * to(T)(x * r)`,
+/// rounded twice) or Gemma's (`to(T)((x * r) * (w + c))` in f32, rounded once).
+#[derive(Clone, Copy)]
+pub(crate) struct NormPrologue<'a> {
+    pub weight: &'a View,
+    pub eps: f32,
+    pub offset: Option<f32>,
 }
 
 /// A decode attention's operands beyond plain attention's.

@@ -9,7 +9,8 @@ use fusec_ir::{verify, DType, FusedOp, Graph, InputKind, NodeId, Op, OutputKind,
 
 use crate::cuda::Cuda;
 use crate::emit::{
-    Attention, Ctx, Decode, Epilogue, Gemv, KernelCode, KernelEmitter, Operand, Params, NAME,
+    Attention, Ctx, Decode, Epilogue, Gemv, KernelCode, KernelEmitter, NormPrologue, Operand,
+    Params, NAME,
 };
 use crate::error::Error;
 use crate::layout::{extents, Extent, View};
@@ -414,9 +415,41 @@ impl Lower<'_> {
                 FusedOp::RmsNormLinear => view(0).and_then(|x| {
                     let g = Gemv {
                         x,
-                        norm: Some((view(1)?, scalar(2)?)),
+                        norm: Some(NormPrologue {
+                            weight: view(1)?,
+                            eps: scalar(2)?,
+                            offset: None,
+                        }),
                         weights: ops[3..].iter().collect(),
                         epilogue: Epilogue::Plain,
+                        outs: &outs,
+                    };
+                    e.gemv(&g, cx!())
+                }),
+                FusedOp::OffsetRmsNormLinear => view(0).and_then(|x| {
+                    let g = Gemv {
+                        x,
+                        norm: Some(NormPrologue {
+                            weight: view(1)?,
+                            eps: scalar(2)?,
+                            offset: Some(scalar(3)?),
+                        }),
+                        weights: ops[4..].iter().collect(),
+                        epilogue: Epilogue::Plain,
+                        outs: &outs,
+                    };
+                    e.gemv(&g, cx!())
+                }),
+                FusedOp::OffsetRmsNormGeglu => view(0).and_then(|x| {
+                    let g = Gemv {
+                        x,
+                        norm: Some(NormPrologue {
+                            weight: view(1)?,
+                            eps: scalar(2)?,
+                            offset: Some(scalar(3)?),
+                        }),
+                        weights: vec![&ops[4], &ops[5]],
+                        epilogue: Epilogue::Gated(UnaryOp::GeluTanh),
                         outs: &outs,
                     };
                     e.gemv(&g, cx!())
@@ -454,7 +487,11 @@ impl Lower<'_> {
                 FusedOp::RmsNormSwiglu => view(0).and_then(|x| {
                     let g = Gemv {
                         x,
-                        norm: Some((view(1)?, scalar(2)?)),
+                        norm: Some(NormPrologue {
+                            weight: view(1)?,
+                            eps: scalar(2)?,
+                            offset: None,
+                        }),
                         weights: vec![&ops[3], &ops[4]],
                         epilogue: Epilogue::Gated(UnaryOp::Silu),
                         outs: &outs,

@@ -7,6 +7,10 @@
 //!   for bit;
 //! - `fused.linear_offset_rms_norm(x, W, w, eps, c, r)`: Gemma's `o_proj` and
 //!   `down_proj` with their post-norm and residual add, bit for bit;
+//! - `fused.offset_rms_norm_linear(x, w, eps, c, W1, .., Wn)` and
+//!   `fused.offset_rms_norm_geglu(x, w, eps, c, Wg, Wu)`: the norm in the GEMVs'
+//!   prologue (`input_layernorm` before q, k and v; `pre_feedforward_layernorm`
+//!   before the MLP), bit for bit;
 //! - `fused.geglu(x, Wg, Wu)`: `down_proj`'s input in `Gemma2MLP.forward`,
 //!   `gelu_pytorch_tanh(gate_proj(x)) * up_proj(x)`, bit for bit;
 //! - `fused.attention(q, k, v, scale, mask, c)`: `eager_attention_forward` with
@@ -16,7 +20,9 @@
 
 use fusec_exec::kernels::attention::attention_capped;
 use fusec_exec::kernels::elementwise::{binary, cast, unary, Arg};
-use fusec_exec::kernels::fused::{geglu, linear_offset_rms_norm, offset_rms_norm};
+use fusec_exec::kernels::fused::{
+    geglu, linear_offset_rms_norm, offset_rms_norm, offset_rms_norm_geglu, offset_rms_norm_linear,
+};
 use fusec_exec::kernels::gemv::GemvWeight;
 use fusec_exec::kernels::matmul::{linear, matmul};
 use fusec_exec::kernels::movement::copy;
@@ -162,6 +168,35 @@ proptest! {
         let fused = linear_offset_rms_norm(&x, GemvWeight::Dense(&wt), &w, eps, 1.0, &r)
             .expect("runs");
         assert_same(&fused, &eager, "linear_offset_rms_norm");
+    }
+
+    #[test]
+    fn offset_norm_prologues_equal_the_norm_then_the_gemvs(
+        seed in 0u64..1000,
+        rows in 1usize..4,
+        d in 1usize..40,
+        outs in 1usize..24,
+        half in any::<bool>(),
+    ) {
+        let dtype = dtype_of(half);
+        let mut rng = SplitMix64::new(seed);
+        let x = random(dtype, &[rows, 1, d], &mut rng, 1.0);
+        let w = random(dtype, &[d], &mut rng, 0.5);
+        let ws: Vec<Tensor> = (0..3).map(|i| random(dtype, &[outs + i, d], &mut rng, 0.2)).collect();
+        let eps = 1e-6;
+        let n = eager_gemma_norm(&x, &w, eps);
+        let gw: Vec<GemvWeight<'_>> = ws.iter().map(GemvWeight::Dense).collect();
+        let fused = offset_rms_norm_linear(&x, &w, eps, 1.0, &gw).expect("runs");
+        prop_assert_eq!(fused.len(), 3);
+        for (f, wt) in fused.iter().zip(&ws) {
+            assert_same(f, &linear(&n, wt).expect("linear"), "offset_rms_norm_linear");
+        }
+        let (wg, wu) = (&ws[0], &random(dtype, &[outs, d], &mut rng, 0.2));
+        let g = unary(UnaryOp::GeluTanh, &linear(&n, wg).expect("linear")).expect("gelu");
+        let eager = bin(BinaryOp::Mul, &g, &linear(&n, wu).expect("linear"));
+        let fused = offset_rms_norm_geglu(&x, &w, eps, 1.0, GemvWeight::Dense(wg), GemvWeight::Dense(wu))
+            .expect("runs");
+        assert_same(&fused, &eager, "offset_rms_norm_geglu");
     }
 
     #[test]

@@ -195,6 +195,16 @@ fn fused_flops(
             }
             total
         }
+        FusedOp::OffsetRmsNormLinear => {
+            let mut total = 5 * n_in0;
+            for w in &operands[4..] {
+                total += gemv(w)?;
+            }
+            total
+        }
+        FusedOp::OffsetRmsNormGeglu => {
+            5 * n_in0 + gemv(operands[4])? + gemv(operands[5])? + 12 * n_out
+        }
         FusedOp::MultiLinear => {
             let mut total = 0;
             for w in &operands[1..] {

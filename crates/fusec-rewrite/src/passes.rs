@@ -123,13 +123,22 @@ pub fn absorb_kv_append(graph: &mut Graph) -> Result<usize, PassError> {
 
 /// `merge-gemv`; returns how many kernels it removed.
 pub fn merge_gemv(graph: &mut Graph) -> Result<usize, PassError> {
-    // Single-weight norm GEMVs, grouped by their (x, w, eps) prologue.
-    let mut groups: BTreeMap<Vec<NodeId>, Vec<NodeId>> = BTreeMap::new();
+    // Single-weight norm GEMVs, grouped by kind and by their (x, w, eps) prologue
+    // (Llama's), or (x, w, eps, c) (Gemma's offset norm).
+    let mut groups: BTreeMap<(FusedOp, Vec<NodeId>), Vec<NodeId>> = BTreeMap::new();
     for n in graph.node_ids().collect::<Vec<_>>() {
-        if is(graph, n, FusedOp::RmsNormLinear) {
-            let ops = graph.operands(n);
-            if ops.len() == 4 {
-                groups.entry(ops[..3].to_vec()).or_default().push(n);
+        for (kind, prologue) in [
+            (FusedOp::RmsNormLinear, 3),
+            (FusedOp::OffsetRmsNormLinear, 4),
+        ] {
+            if is(graph, n, kind) {
+                let ops = graph.operands(n);
+                if ops.len() == prologue + 1 {
+                    groups
+                        .entry((kind, ops[..prologue].to_vec()))
+                        .or_default()
+                        .push(n);
+                }
             }
         }
     }
@@ -142,9 +151,12 @@ pub fn merge_gemv(graph: &mut Graph) -> Result<usize, PassError> {
         }
     }
     let mut removed = 0;
-    let normed = groups.into_iter().map(|(prologue, members)| {
-        let weights: Vec<NodeId> = members.iter().map(|&m| graph.operands(m)[3]).collect();
-        (FusedOp::RmsNormLinear, prologue, weights, members)
+    let normed = groups.into_iter().map(|((kind, prologue), members)| {
+        let weights: Vec<NodeId> = members
+            .iter()
+            .map(|&m| graph.operands(m)[prologue.len()])
+            .collect();
+        (kind, prologue, weights, members)
     });
     let plain = plain.into_iter().map(|(x, members)| {
         let weights: Vec<NodeId> = members.iter().map(|&m| graph.operands(m)[1]).collect();

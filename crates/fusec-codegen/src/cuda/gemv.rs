@@ -143,16 +143,25 @@ pub(crate) fn gemv(
     // The normalised activation XN(m, k) and the value the GEMV multiplies, XQ(m, k).
     let xn = |p: &mut Params, kk: &str| -> String {
         match g.norm {
-            Some((w, _)) => {
+            Some(n) => {
+                let w = n.weight;
                 let pw = p.bind(w, Access::Read);
                 let wk = format!(
                     "fu_f32({pw}[{}LL + (long long)({kk}) * {}LL])",
                     w.offset, w.strides[0]
                 );
-                format!(
-                    "fu_round<{tc}>({wk} * fu_round<{tc}>({} * fu_rs[m]))",
-                    xv(kk)
-                )
+                match n.offset {
+                    None => format!(
+                        "fu_round<{tc}>({wk} * fu_round<{tc}>({} * fu_rs[m]))",
+                        xv(kk)
+                    ),
+                    // Gemma's norm: the offset weight in f32, one rounding.
+                    Some(c) => format!(
+                        "fu_round<{tc}>(__fmul_rn({} * fu_rs[m], __fadd_rn({wk}, {})))",
+                        xv(kk),
+                        flit(c)
+                    ),
+                }
             }
             None => xv(kk),
         }
@@ -168,7 +177,8 @@ pub(crate) fn gemv(
 
     // Prologue.
     let _ = writeln!(b, "  for (int m = 0; m < M; ++m) {{");
-    if let Some((_, eps)) = g.norm {
+    if let Some(n) = g.norm {
+        let eps = n.eps;
         let _ = writeln!(b, "    float ss = 0.0f;");
         let _ = writeln!(b, "    for (int k = threadIdx.x; k < K; k += blockDim.x) {{ const float v = {}; ss += v * v; }}", xv("k"));
         let _ = writeln!(b, "    ss = fu_block_sum(ss);");

@@ -293,27 +293,37 @@ pub(super) fn dispatch(
         }
         Op::Fused(f) => match f {
             FusedOp::RmsNorm => launch(fused::rms_norm(&*t(0)?, &*t(1)?, scalar(2)?)),
-            FusedOp::RmsNormLinear => {
-                let n = ops.len().saturating_sub(3);
+            FusedOp::RmsNormLinear | FusedOp::OffsetRmsNormLinear => {
+                // The weights follow the prologue (x, w, eps[, offset]).
+                let first = if *f == FusedOp::OffsetRmsNormLinear {
+                    4
+                } else {
+                    3
+                };
+                let n = ops.len().saturating_sub(first);
                 // The weights on the stack when they fit, as for `cat`.
                 let heap;
                 let mut inline;
                 let ws: &[GemvWeight<'_>] = if n == 0 {
                     &[]
                 } else if n <= MAX_INLINE_OPERANDS {
-                    inline = [gemv_w(3)?; MAX_INLINE_OPERANDS];
+                    inline = [gemv_w(first)?; MAX_INLINE_OPERANDS];
                     for (i, w) in inline.iter_mut().enumerate().take(n).skip(1) {
-                        *w = gemv_w(3 + i)?;
+                        *w = gemv_w(first + i)?;
                     }
                     &inline[..n]
                 } else {
-                    heap = (3..ops.len())
+                    heap = (first..ops.len())
                         .map(gemv_w)
                         .collect::<Result<Vec<_>, Error>>()?;
                     &heap
                 };
-                let mut outs =
-                    fused::rms_norm_linear(&*t(0)?, &*t(1)?, scalar(2)?, ws).map_err(kernel)?;
+                let mut outs = if first == 4 {
+                    fused::offset_rms_norm_linear(&*t(0)?, &*t(1)?, scalar(2)?, scalar(3)?, ws)
+                } else {
+                    fused::rms_norm_linear(&*t(0)?, &*t(1)?, scalar(2)?, ws)
+                }
+                .map_err(kernel)?;
                 let value = if outs.len() == 1 {
                     let single = outs.swap_remove(0);
                     // The emptied list goes back to the pool for the next kernel.
@@ -348,6 +358,14 @@ pub(super) fn dispatch(
             }
             FusedOp::Swiglu => launch(fused::swiglu(&*t(0)?, gemv_w(1)?, gemv_w(2)?)),
             FusedOp::Geglu => launch(fused::geglu(&*t(0)?, gemv_w(1)?, gemv_w(2)?)),
+            FusedOp::OffsetRmsNormGeglu => launch(fused::offset_rms_norm_geglu(
+                &*t(0)?,
+                &*t(1)?,
+                scalar(2)?,
+                scalar(3)?,
+                gemv_w(4)?,
+                gemv_w(5)?,
+            )),
             FusedOp::RmsNormSwiglu => launch(fused::rms_norm_swiglu(
                 &*t(0)?,
                 &*t(1)?,

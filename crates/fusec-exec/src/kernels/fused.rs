@@ -34,6 +34,19 @@ fn norm_rows(
     eps: f32,
     op: &str,
 ) -> Result<(Vec<f32>, usize, usize), KernelError> {
+    norm_rows_with(x, w, eps, None, op)
+}
+
+/// [`norm_rows`], or with an `offset` `c` Gemma's norm (transformers'
+/// `Gemma2RMSNorm`): `y = to(x.dtype)((x * r) * (w + c))`, the weight and its offset in
+/// f32 and one rounding.
+fn norm_rows_with(
+    x: &Tensor,
+    w: &Tensor,
+    eps: f32,
+    offset: Option<f32>,
+    op: &str,
+) -> Result<(Vec<f32>, usize, usize), KernelError> {
     let (xs, rows, d) = gemv::rows_of(x, op)?;
     float_buffer(w, op)?;
     if w.shape() != [d] {
@@ -57,11 +70,18 @@ fn norm_rows(
         let sum: f64 = row.iter().map(|&v| f64::from(v * v)).sum();
         let mean = (sum / d as f64) as f32;
         let r = 1.0 / (mean + eps).sqrt();
-        out.extend(
-            row.iter()
-                .zip(ws.iter())
-                .map(|(&v, &g)| round(dtype, g * round(dtype, v * r))),
-        );
+        match offset {
+            None => out.extend(
+                row.iter()
+                    .zip(ws.iter())
+                    .map(|(&v, &g)| round(dtype, g * round(dtype, v * r))),
+            ),
+            Some(c) => out.extend(
+                row.iter()
+                    .zip(ws.iter())
+                    .map(|(&v, &g)| round(dtype, (v * r) * (g + c))),
+            ),
+        }
     }
     Ok((out, rows, d))
 }
@@ -244,8 +264,37 @@ pub fn rms_norm_linear(
     eps: f32,
     weights: &[GemvWeight<'_>],
 ) -> Result<Vec<Tensor>, KernelError> {
-    let op = "fused.rms_norm_linear";
-    let (n, rows, d) = norm_rows(x, w, eps, op)?;
+    norm_linear("fused.rms_norm_linear", x, w, eps, None, weights)
+}
+
+/// `fused.offset_rms_norm_linear(x, w, eps, c, W1, .., Wn)`: Gemma's norm in the
+/// GEMVs' prologue; one result per weight.
+pub fn offset_rms_norm_linear(
+    x: &Tensor,
+    w: &Tensor,
+    eps: f32,
+    offset: f32,
+    weights: &[GemvWeight<'_>],
+) -> Result<Vec<Tensor>, KernelError> {
+    norm_linear(
+        "fused.offset_rms_norm_linear",
+        x,
+        w,
+        eps,
+        Some(offset),
+        weights,
+    )
+}
+
+fn norm_linear(
+    op: &str,
+    x: &Tensor,
+    w: &Tensor,
+    eps: f32,
+    offset: Option<f32>,
+    weights: &[GemvWeight<'_>],
+) -> Result<Vec<Tensor>, KernelError> {
+    let (n, rows, d) = norm_rows_with(x, w, eps, offset, op)?;
     for &wt in weights {
         gemv::check(op, x.dtype(), d, wt)?;
     }
@@ -333,6 +382,22 @@ pub fn swiglu(x: &Tensor, wg: GemvWeight<'_>, wu: GemvWeight<'_>) -> Result<Tens
 pub fn geglu(x: &Tensor, wg: GemvWeight<'_>, wu: GemvWeight<'_>) -> Result<Tensor, KernelError> {
     let (xs, rows, ins) = gemv::rows_of(x, "fused.geglu")?;
     let out = gated_rows(&xs, rows, ins, x.dtype(), wg, wu, gelu_tanh, "fused.geglu")?;
+    Ok(rounded(x.dtype(), with_last(x, wg.shape()[0]), out))
+}
+
+/// `fused.offset_rms_norm_geglu(x, w, eps, c, Wg, Wu)`: Gemma's norm, then GeGLU.
+pub fn offset_rms_norm_geglu(
+    x: &Tensor,
+    w: &Tensor,
+    eps: f32,
+    offset: f32,
+    wg: GemvWeight<'_>,
+    wu: GemvWeight<'_>,
+) -> Result<Tensor, KernelError> {
+    let op = "fused.offset_rms_norm_geglu";
+    let (n, rows, d) = norm_rows_with(x, w, eps, Some(offset), op)?;
+    let out = gated_rows(&n, rows, d, x.dtype(), wg, wu, gelu_tanh, op)?;
+    pool::give(n);
     Ok(rounded(x.dtype(), with_last(x, wg.shape()[0]), out))
 }
 

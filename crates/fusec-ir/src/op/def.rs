@@ -310,6 +310,10 @@ pub enum FusedOp {
     /// `(x, w, eps, W1, .., Wn)`: RMSNorm in the prologue of n GEMVs sharing it. One
     /// weight gives a tensor, several a tuple.
     RmsNormLinear,
+    /// `(x, w, eps, c, W1, .., Wn)`: Gemma's RMSNorm ([`FusedOp::OffsetRmsNorm`]) in
+    /// the prologue of n GEMVs sharing it (`input_layernorm` before q, k and v). One
+    /// weight gives a tensor, several a tuple.
+    OffsetRmsNormLinear,
     /// `(x, W1, .., Wn) -> (x @ W1^T, .., x @ Wn^T)`, n >= 2: GEMVs over one
     /// un-normalised input in one kernel (OLMo 2's q, k and v projections read the
     /// residual stream itself), a tuple.
@@ -319,6 +323,9 @@ pub enum FusedOp {
     /// `(x, Wg, Wu) -> gelu_tanh(x @ Wg^T) * (x @ Wu^T)`: the gated MLP with GELU's
     /// tanh approximation (GeGLU, Shazeer, 2020), Gemma's `gelu_pytorch_tanh` gate.
     Geglu,
+    /// `(x, w, eps, c, Wg, Wu)`: Gemma's RMSNorm then GeGLU in one kernel
+    /// (`pre_feedforward_layernorm` and the gated MLP).
+    OffsetRmsNormGeglu,
     /// `(x, w, eps, Wg, Wu)`: RMSNorm then SwiGLU in one kernel.
     RmsNormSwiglu,
     /// `(x, W, r) -> r + x @ W^T`: a GEMV with a residual-add epilogue.
@@ -347,16 +354,18 @@ pub enum FusedOp {
 }
 
 impl FusedOp {
-    pub const ALL: [FusedOp; 16] = [
+    pub const ALL: [FusedOp; 18] = [
         FusedOp::KvAppend,
         FusedOp::Rope,
         FusedOp::RmsNorm,
         FusedOp::PostRmsNorm,
         FusedOp::OffsetRmsNorm,
         FusedOp::RmsNormLinear,
+        FusedOp::OffsetRmsNormLinear,
         FusedOp::MultiLinear,
         FusedOp::Swiglu,
         FusedOp::Geglu,
+        FusedOp::OffsetRmsNormGeglu,
         FusedOp::RmsNormSwiglu,
         FusedOp::LinearAdd,
         FusedOp::LinearScaleAdd,

@@ -295,6 +295,27 @@ pub fn graph(kind: OpKind) -> Result<Graph, TypeError> {
             let y = e.op(Op::Fused(FusedOp::RmsNormLinear), &[x, w, eps, ws[0]])?;
             e.out(y)
         }
+        OpKind::OffsetRmsNormLinear => {
+            let [x, w, eps] = e.norm_operands()?;
+            let c = e.scalar(1.0)?;
+            let ws = e.gemv_weights(2)?;
+            let t = e.op(
+                Op::Fused(FusedOp::OffsetRmsNormLinear),
+                &[x, w, eps, c, ws[0], ws[1]],
+            )?;
+            let y = e.op(Op::Get { index: 0 }, &[t])?;
+            e.out(y)
+        }
+        OpKind::OffsetRmsNormGeglu => {
+            let [x, w, eps] = e.norm_operands()?;
+            let c = e.scalar(1.0)?;
+            let ws = e.gemv_weights(2)?;
+            let y = e.op(
+                Op::Fused(FusedOp::OffsetRmsNormGeglu),
+                &[x, w, eps, c, ws[0], ws[1]],
+            )?;
+            e.out(y)
+        }
         OpKind::Swiglu => {
             let x = e.x("x", &[1, 1, 8])?;
             let ws = e.gemv_weights(2)?;

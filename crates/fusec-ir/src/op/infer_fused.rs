@@ -151,9 +151,18 @@ pub(crate) fn infer(op: FusedOp, t: &[&TensorType]) -> R<Type> {
             }
             Ok(Type::Tensor(t[0].clone()))
         }
-        FusedOp::RmsNormLinear => {
+        FusedOp::RmsNormLinear | FusedOp::OffsetRmsNormLinear => {
             norm(t[0], t[1], t[2])?;
-            let outs = t[3..]
+            let first = if op == FusedOp::OffsetRmsNormLinear {
+                scalar(t[3], "offset")?;
+                4
+            } else {
+                3
+            };
+            if t.len() <= first {
+                return Err("expected at least one GEMV weight".into());
+            }
+            let outs = t[first..]
                 .iter()
                 .map(|w| linear(t[0], w))
                 .collect::<R<Vec<_>>>()?;
@@ -170,12 +179,18 @@ pub(crate) fn infer(op: FusedOp, t: &[&TensorType]) -> R<Type> {
                 .collect::<R<Vec<_>>>()?;
             Ok(Type::Tuple(outs))
         }
-        FusedOp::Swiglu | FusedOp::Geglu | FusedOp::RmsNormSwiglu => {
-            let (x, wg, wu) = if op != FusedOp::RmsNormSwiglu {
-                (t[0], t[1], t[2])
-            } else {
-                norm(t[0], t[1], t[2])?;
-                (t[0], t[3], t[4])
+        FusedOp::Swiglu | FusedOp::Geglu | FusedOp::RmsNormSwiglu | FusedOp::OffsetRmsNormGeglu => {
+            let (x, wg, wu) = match op {
+                FusedOp::RmsNormSwiglu => {
+                    norm(t[0], t[1], t[2])?;
+                    (t[0], t[3], t[4])
+                }
+                FusedOp::OffsetRmsNormGeglu => {
+                    norm(t[0], t[1], t[2])?;
+                    scalar(t[3], "offset")?;
+                    (t[0], t[4], t[5])
+                }
+                _ => (t[0], t[1], t[2]),
             };
             if wg.shape != wu.shape {
                 return Err(format!(

@@ -215,6 +215,8 @@ pub fn op_from_parts(
         OpKind::MultiLinear => Op::Fused(FusedOp::MultiLinear),
         OpKind::Swiglu => Op::Fused(FusedOp::Swiglu),
         OpKind::Geglu => Op::Fused(FusedOp::Geglu),
+        OpKind::OffsetRmsNormGeglu => Op::Fused(FusedOp::OffsetRmsNormGeglu),
+        OpKind::OffsetRmsNormLinear => Op::Fused(FusedOp::OffsetRmsNormLinear),
         OpKind::RmsNormSwiglu => Op::Fused(FusedOp::RmsNormSwiglu),
         OpKind::LinearAdd => Op::Fused(FusedOp::LinearAdd),
         OpKind::LinearScaleAdd => Op::Fused(FusedOp::LinearScaleAdd),

@@ -229,9 +229,13 @@ op_table! {
         Kernel(Elementwise), [];
     RmsNormLinear = "fused.rms_norm_linear", AtLeast(4), [Act, NormW, Sc], Some(W),
         Kernel(Gemv), [];
+    OffsetRmsNormLinear = "fused.offset_rms_norm_linear", AtLeast(5), [Act, NormW, Sc, Sc],
+        Some(W), Kernel(Gemv), [];
     MultiLinear = "fused.multi_linear", AtLeast(3), [Act, W, W], Some(W), Kernel(Gemv), [];
     Swiglu = "fused.swiglu", Exactly(3), [Act, W, W], None, Kernel(Gemv), [];
     Geglu = "fused.geglu", Exactly(3), [Act, W, W], None, Kernel(Gemv), [];
+    OffsetRmsNormGeglu = "fused.offset_rms_norm_geglu", Exactly(6), [Act, NormW, Sc, Sc, W, W],
+        None, Kernel(Gemv), [];
     RmsNormSwiglu = "fused.rms_norm_swiglu", Exactly(5), [Act, NormW, Sc, W, W], None,
         Kernel(Gemv), [];
     LinearAdd = "fused.linear_add", Exactly(3), [Act, W, Act], None, Kernel(Gemv), [];
@@ -387,6 +391,8 @@ impl FusedOp {
             FusedOp::MultiLinear => OpKind::MultiLinear,
             FusedOp::Swiglu => OpKind::Swiglu,
             FusedOp::Geglu => OpKind::Geglu,
+            FusedOp::OffsetRmsNormGeglu => OpKind::OffsetRmsNormGeglu,
+            FusedOp::OffsetRmsNormLinear => OpKind::OffsetRmsNormLinear,
             FusedOp::RmsNormSwiglu => OpKind::RmsNormSwiglu,
             FusedOp::LinearAdd => OpKind::LinearAdd,
             FusedOp::LinearScaleAdd => OpKind::LinearScaleAdd,
