@@ -556,10 +556,17 @@ impl Lower<'_> {
                         e.gemv(&g, cx!())
                     })
                 }
-                FusedOp::Attention | FusedOp::DecodeAttention => {
+                FusedOp::Attention | FusedOp::DecodeAttention | FusedOp::DecodeAttentionCapped => {
                     let built = (|| -> Result<Attention<'_>, String> {
-                        let dec = if *f == FusedOp::DecodeAttention {
-                            let scales = match (ops.get(9), ops.get(10)) {
+                        // The soft-capped decode attention has its cap after the mask,
+                        // before any FP8 cache scales.
+                        let base = if *f == FusedOp::DecodeAttentionCapped {
+                            10
+                        } else {
+                            9
+                        };
+                        let dec = if *f != FusedOp::Attention {
+                            let scales = match (ops.get(base), ops.get(base + 1)) {
                                 (Some(k), Some(v)) => Some((k.view()?, v.view()?)),
                                 _ => None,
                             };
@@ -582,6 +589,7 @@ impl Lower<'_> {
                             scale: scalar(scale_i)?,
                             softcap: match (*f, ops.get(5)) {
                                 (FusedOp::Attention, Some(_)) => Some(scalar(5)?),
+                                (FusedOp::DecodeAttentionCapped, _) => Some(scalar(9)?),
                                 _ => None,
                             },
                             mask: ops.get(mask_i).ok_or("missing mask")?,

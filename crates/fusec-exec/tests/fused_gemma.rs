@@ -16,16 +16,18 @@
 //! - `fused.attention(q, k, v, scale, mask, c)`: `eager_attention_forward` with
 //!   `softcap`, `tanh(scores / c) * c` before the mask: bit for bit in f32 (with
 //!   `head_dim > 1`, as the plain attention), to the probabilities' bf16 rounding in
-//!   bf16.
+//!   bf16; and `fused.decode_attention_capped`, RoPE, the appends and that attention
+//!   in one kernel, bit for bit.
 
-use fusec_exec::kernels::attention::attention_capped;
+use fusec_exec::kernels::attention::{attention_capped, decode_attention_capped, Caches};
 use fusec_exec::kernels::elementwise::{binary, cast, unary, Arg};
 use fusec_exec::kernels::fused::{
     geglu, linear_offset_rms_norm, offset_rms_norm, offset_rms_norm_geglu, offset_rms_norm_linear,
+    rope,
 };
 use fusec_exec::kernels::gemv::GemvWeight;
 use fusec_exec::kernels::matmul::{linear, matmul};
-use fusec_exec::kernels::movement::copy;
+use fusec_exec::kernels::movement::{cat, copy};
 use fusec_exec::kernels::reduce::{reduce, softmax};
 use fusec_exec::{SplitMix64, Tensor};
 use fusec_ir::{BinaryOp, DType, ReduceOp, UnaryOp};
@@ -264,4 +266,55 @@ fn the_cap_changes_attention() {
     let capped = attention_capped(&q, &k, &v, 0.35, Some(0.5), &mask, None).expect("runs");
     let plain = attention_capped(&q, &k, &v, 0.35, None, &mask, None).expect("runs");
     assert!(rel_l2(&capped.to_vec_f32(), &plain.to_vec_f32()) > 1e-2);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+
+    /// `fused.decode_attention_capped` is RoPE, the appends and the soft-capped
+    /// attention, bit for bit in f32.
+    #[test]
+    fn capped_decode_attention_equals_rope_append_and_capped_attention(
+        seed in 0u64..1000,
+        kv_heads in 1usize..3,
+        group in 1usize..4,
+        half_dim in 1usize..6,
+        past in 0usize..8,
+        cap in 0.5f32..60.0,
+    ) {
+        let dtype = DType::F32;
+        let (heads, hd) = (kv_heads * group, 2 * half_dim);
+        let mut rng = SplitMix64::new(seed);
+        let q = random(dtype, &[1, heads, 1, hd], &mut rng, 4.0);
+        let k = random(dtype, &[1, kv_heads, 1, hd], &mut rng, 4.0);
+        let v = random(dtype, &[1, kv_heads, 1, hd], &mut rng, 1.0);
+        let cos = random(dtype, &[1, 1, 1, hd], &mut rng, 1.0);
+        let sin = random(dtype, &[1, 1, 1, hd], &mut rng, 1.0);
+        let pk = random(dtype, &[1, kv_heads, past, hd], &mut rng, 4.0);
+        let pv = random(dtype, &[1, kv_heads, past, hd], &mut rng, 1.0);
+        let mask = Tensor::from_f32(dtype, &[1, 1, 1, past + 1], vec![0.0; past + 1])
+            .expect("sizes");
+        let scale = 1.0 / (hd as f32).sqrt();
+        let (mut ck, mut cv) = (pk.clone(), pv.clone());
+        let ([out, k_all, v_all], _) = decode_attention_capped(
+            &q,
+            &k,
+            &v,
+            &cos,
+            &sin,
+            Caches { past_k: &mut ck, past_v: &mut cv, scales: None },
+            (scale, Some(cap)),
+            &mask,
+        )
+        .expect("runs");
+        let q_rot = rope(&q, &cos, &sin).expect("rope");
+        let k_rot = rope(&k, &cos, &sin).expect("rope");
+        let want_k = cat(&[&pk, &k_rot], 2).expect("cat");
+        let want_v = cat(&[&pv, &v], 2).expect("cat");
+        assert_same(&k_all, &want_k, "k_all");
+        assert_same(&v_all, &want_v, "v_all");
+        let want = attention_capped(&q_rot, &want_k, &want_v, scale, Some(cap), &mask, None)
+            .expect("runs");
+        assert_same(&out, &want, "capped decode attention");
+    }
 }

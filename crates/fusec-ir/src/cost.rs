@@ -219,7 +219,7 @@ fn fused_flops(
         FusedOp::LinearScaleAdd => gemv(operands[1])? + 2 * n_out,
         FusedOp::LinearPostRmsNorm => gemv(operands[1])? + 6 * n_out,
         FusedOp::LinearOffsetRmsNorm => gemv(operands[1])? + 7 * n_out,
-        FusedOp::Attention | FusedOp::DecodeAttention => {
+        FusedOp::Attention | FusedOp::DecodeAttention | FusedOp::DecodeAttentionCapped => {
             let (k, extra) = if f == FusedOp::Attention {
                 (operands[1], 0)
             } else {
@@ -233,11 +233,11 @@ fn fused_flops(
             let hd = last_dim(operands[0], b)?.max(1);
             // Gemma 2's soft-cap (a sixth operand of `fused.attention`): a division, a
             // tanh and a product per score.
-            let cap = if f == FusedOp::Attention && operands.len() == 6 {
-                8
-            } else {
-                0
+            let capped = match f {
+                FusedOp::Attention => operands.len() == 6,
+                _ => f == FusedOp::DecodeAttentionCapped,
             };
+            let cap = if capped { 8 } else { 0 };
             4 * n_in0 * len + (5 + cap) * (n_in0 / hd) * len
         }
     })

@@ -66,12 +66,10 @@ pub fn absorb_kv_append(graph: &mut Graph) -> Result<usize, PassError> {
     let mut fused = 0;
     for att in attentions {
         let ops = graph.operands(att);
-        // A soft-capped attention (Gemma 2's, a sixth operand) has no decode kernel
-        // yet: its RoPE and appends stay separate kernels.
-        if ops.len() != 5 {
-            continue;
-        }
+        // A soft-capped attention (Gemma 2's, a sixth operand) becomes the soft-capped
+        // decode kernel.
         let (q, k_all, v_all, scale, mask) = (ops[0], ops[1], ops[2], ops[3], ops[4]);
+        let softcap = ops.get(5).copied();
         if !(is(graph, q, FusedOp::Rope)
             && is(graph, k_all, FusedOp::KvAppend)
             && is(graph, v_all, FusedOp::KvAppend))
@@ -100,11 +98,18 @@ pub fn absorb_kv_append(graph: &mut Graph) -> Result<usize, PassError> {
         if !only_here(k_all) || !only_here(v_all) {
             continue;
         }
-        let operands = [
+        let mut operands = vec![
             q_ops[0], k_ops[0], v, q_ops[1], q_ops[2], pk, pv, scale, mask,
         ];
+        let kind = match softcap {
+            None => FusedOp::DecodeAttention,
+            Some(c) => {
+                operands.push(c);
+                FusedOp::DecodeAttentionCapped
+            }
+        };
         let new = graph
-            .add(Op::Fused(FusedOp::DecodeAttention), &operands)
+            .add(Op::Fused(kind), &operands)
             .map_err(|source| PassError::Fused {
                 pass: "absorb-kv-append",
                 source,

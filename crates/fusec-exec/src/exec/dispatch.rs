@@ -451,14 +451,25 @@ pub(super) fn dispatch(
                     traffic: Some((new.read_bytes() + copied, written)),
                 })
             }
-            FusedOp::DecodeAttention => {
-                let fp8_scales = match ops.len() {
-                    9 => None,
-                    11 => Some((scalar(9)?, scalar(10)?)),
-                    n => {
+            FusedOp::DecodeAttention | FusedOp::DecodeAttentionCapped => {
+                // The soft-capped variant has its cap after the mask, before any FP8
+                // cache scales.
+                let (softcap, base) = if *f == FusedOp::DecodeAttentionCapped {
+                    (Some(scalar(9)?), 10)
+                } else {
+                    (None, 9)
+                };
+                let fp8_scales = match ops.len() - base {
+                    0 => None,
+                    2 => Some((scalar(base)?, scalar(base + 1)?)),
+                    _ => {
                         return Err(node_error(
                             node,
-                            KernelError::Invalid(format!("takes 9 or 11 operands, got {n}")),
+                            KernelError::Invalid(format!(
+                                "takes {base} or {} operands, got {}",
+                                base + 2,
+                                ops.len()
+                            )),
                         ))
                     }
                 };
@@ -468,7 +479,7 @@ pub(super) fn dispatch(
                 let mut past_v = ops.take_tensor(node, 6)?;
                 let past_bytes = past_k.bytes() + past_v.bytes();
                 let past_read = past_k.read_bytes() + past_v.read_bytes();
-                let result = attention::decode_attention(
+                let result = attention::decode_attention_capped(
                     &q,
                     &k,
                     &v,
@@ -479,7 +490,7 @@ pub(super) fn dispatch(
                         past_v: &mut past_v,
                         scales: fp8_scales,
                     },
-                    scale,
+                    (scale, softcap),
                     &mask,
                 );
                 ops.give_back(5, past_k);

@@ -351,10 +351,14 @@ pub enum FusedOp {
     /// `(q, k, v, cos, sin, past_k, past_v, scale, mask) -> (out, k_all, v_all)`: RoPE
     /// on q and k, the KV append in place, and attention, in one kernel.
     DecodeAttention,
+    /// `(q, k, v, cos, sin, past_k, past_v, scale, mask, c) -> (out, k_all, v_all)`:
+    /// [`FusedOp::DecodeAttention`] with Gemma 2's soft-cap `tanh(s / c) * c` on the
+    /// scaled scores before the mask (FP8 cache scales, when lowered, follow `c`).
+    DecodeAttentionCapped,
 }
 
 impl FusedOp {
-    pub const ALL: [FusedOp; 18] = [
+    pub const ALL: [FusedOp; 19] = [
         FusedOp::KvAppend,
         FusedOp::Rope,
         FusedOp::RmsNorm,
@@ -373,6 +377,7 @@ impl FusedOp {
         FusedOp::LinearOffsetRmsNorm,
         FusedOp::Attention,
         FusedOp::DecodeAttention,
+        FusedOp::DecodeAttentionCapped,
     ];
 }
 

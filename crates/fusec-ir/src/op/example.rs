@@ -441,6 +441,38 @@ pub fn graph(kind: OpKind) -> Result<Graph, TypeError> {
             e.g.add_output("past.0.value", OutputKind::State, v_all);
             e.out(out)
         }
+        OpKind::DecodeAttentionCapped => {
+            let q = e.x("q", &[1, 4, 1, 8])?;
+            let k = e.input("k", DType::F32, cache_new(2, 8))?;
+            let v = e.input("v", DType::F32, cache_new(2, 8))?;
+            let cos = e.x("cos", &[1, 1, 1, 8])?;
+            let sin = e.x("sin", &[1, 1, 1, 8])?;
+            let past_k = e.state("past.0.key", cache_shape(2, 0, 8))?;
+            let past_v = e.state("past.0.value", cache_shape(2, 0, 8))?;
+            let scale = e.scalar(0.125f64.sqrt())?;
+            let mask = e.input(
+                "mask",
+                DType::F32,
+                Shape(vec![
+                    Dim::Fixed(1),
+                    Dim::Fixed(1),
+                    Dim::Fixed(1),
+                    Dim::sym(step::PAST).plus(1),
+                ]),
+            )?;
+            let cap = e.scalar(50.0)?;
+            let t = e.op(
+                Op::Fused(FusedOp::DecodeAttentionCapped),
+                &[q, k, v, cos, sin, past_k, past_v, scale, mask, cap],
+            )?;
+            // In the order extraction gives them back: state outputs first.
+            let k_all = e.op(Op::Get { index: 1 }, &[t])?;
+            let v_all = e.op(Op::Get { index: 2 }, &[t])?;
+            let out = e.op(Op::Get { index: 0 }, &[t])?;
+            e.g.add_output("past.0.key", OutputKind::State, k_all);
+            e.g.add_output("past.0.value", OutputKind::State, v_all);
+            e.out(out)
+        }
     })
 }
 

@@ -254,26 +254,38 @@ pub(crate) fn infer(op: FusedOp, t: &[&TensorType]) -> R<Type> {
             broadcasts_to(mask, &scores, "mask")?;
             Ok(Type::Tensor(q.clone()))
         }
-        FusedOp::DecodeAttention => {
+        FusedOp::DecodeAttention | FusedOp::DecodeAttentionCapped => {
             let (q, k, v, cos, sin, pk, pv, scale, mask) =
                 (t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[8]);
             infer(FusedOp::Rope, &[q, cos, sin])?;
             infer(FusedOp::Rope, &[k, cos, sin])?;
+            // The soft-capped variant has its cap after the mask.
+            let base = if op == FusedOp::DecodeAttentionCapped {
+                scalar(t[9], "softcap")?;
+                10
+            } else {
+                9
+            };
             // A cache in FP8 carries a per-tensor scale for keys and one for values:
             // entries are stored as `x / scale` and read back as `q * scale`.
             let cache = pk.dtype;
-            match (cache.is_fp8(), t.len()) {
-                (false, 9) => {}
-                (true, 11) => {
-                    scalar(t[9], "key cache scale")?;
-                    scalar(t[10], "value cache scale")?;
+            match (cache.is_fp8(), t.len() - base) {
+                (false, 0) => {}
+                (true, 2) => {
+                    scalar(t[base], "key cache scale")?;
+                    scalar(t[base + 1], "value cache scale")?;
                 }
-                (false, n) => {
-                    return Err(format!("takes 9 operands with a {cache} cache, got {n}"))
-                }
-                (true, n) => {
+                (false, _) => {
                     return Err(format!(
-                    "takes 11 operands (the two cache scales last) with a {cache} cache, got {n}"
+                        "takes {base} operands with a {cache} cache, got {}",
+                        t.len()
+                    ))
+                }
+                (true, _) => {
+                    return Err(format!(
+                    "takes {} operands (the two cache scales last) with a {cache} cache, got {}",
+                    base + 2,
+                    t.len()
                 ))
                 }
             }

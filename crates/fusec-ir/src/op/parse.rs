@@ -224,6 +224,7 @@ pub fn op_from_parts(
         OpKind::LinearOffsetRmsNorm => Op::Fused(FusedOp::LinearOffsetRmsNorm),
         OpKind::Attention => Op::Fused(FusedOp::Attention),
         OpKind::DecodeAttention => Op::Fused(FusedOp::DecodeAttention),
+        OpKind::DecodeAttentionCapped => Op::Fused(FusedOp::DecodeAttentionCapped),
     };
     if let Some(key) = a.map.keys().next() {
         return Err(OpPartsError::UnknownAttr {

@@ -253,6 +253,12 @@ op_table! {
             Cache { result: 1, reads: true }, Cache { result: 2, reads: true }, Sc, Mask,
         ],
         Some(CacheScale), Kernel(Attention), [];
+    DecodeAttentionCapped = "fused.decode_attention_capped", AtLeast(10),
+        [
+            Act, Act, Act, Rope, Rope,
+            Cache { result: 1, reads: true }, Cache { result: 2, reads: true }, Sc, Mask, Sc,
+        ],
+        Some(CacheScale), Kernel(Attention), [];
 }
 
 impl Op {
@@ -400,6 +406,7 @@ impl FusedOp {
             FusedOp::LinearOffsetRmsNorm => OpKind::LinearOffsetRmsNorm,
             FusedOp::Attention => OpKind::Attention,
             FusedOp::DecodeAttention => OpKind::DecodeAttention,
+            FusedOp::DecodeAttentionCapped => OpKind::DecodeAttentionCapped,
         }
     }
 
