@@ -274,8 +274,8 @@ pub fn build(cfg: &ModelConfig, gen: Generation) -> Result<Graph, BuildError> {
     let embed = Embedding::new(&mut b, step::EMBED, cfg.vocab_size, cfg.hidden_size, dt)?;
     let x = embed.forward(&mut b, inputs.input_ids)?;
     // `torch.tensor(hidden_size**0.5, dtype=hidden_states.dtype)`: the factor is
-    // rounded to the activations' dtype before the multiply (sqrt(3584) is 59.866 in
-    // f32 and 60.0 in bf16).
+    // rounded to the activations' dtype before the multiply (sqrt(3584) is 59.867 in
+    // f32 and 59.75 in bf16).
     let normalizer = f64::from(round_to(dt, (cfg.hidden_size as f64).sqrt() as f32));
     let global = |b: &mut Builder| {
         RopeTables::scaled(
@@ -308,7 +308,7 @@ pub fn build(cfg: &ModelConfig, gen: Generation) -> Result<Graph, BuildError> {
             let local = |b: &mut Builder| {
                 RopeTables::new(b, inputs.position_ids, local_theta, cfg.head_dim, &dims, dt)
             };
-            let local_first = cfg.layer_window(0).is_some();
+            let local_first = cfg.layer_type(0) == LayerType::SlidingAttention;
             let ropes = if local_first {
                 let l = local(&mut b)?;
                 LayerRopes {
@@ -329,10 +329,11 @@ pub fn build(cfg: &ModelConfig, gen: Generation) -> Result<Graph, BuildError> {
     for layer in 0..cfg.num_layers {
         b.set_layer(Some(layer as u32));
         let window = cfg.layer_window(layer);
-        let rope = if window.is_some() {
-            &ropes.local
-        } else {
-            &ropes.global
+        // The RoPE follows the layer's type (`Gemma3TextModel.forward`), the window
+        // the type and `sliding_window`.
+        let rope = match cfg.layer_type(layer) {
+            LayerType::SlidingAttention => &ropes.local,
+            LayerType::FullAttention => &ropes.global,
         };
         let scores = Scores {
             scale: p.query_pre_attn_scalar.powf(-0.5),

@@ -117,18 +117,28 @@ impl Default for Multipliers {
 }
 
 impl ModelConfig {
+    /// How layer `layer` attends: its `layer_types` entry, or, without `layer_types`,
+    /// through the window when there is one (Mistral).
+    pub fn layer_type(&self, layer: u64) -> LayerType {
+        match &self.layer_types {
+            Some(types) => types
+                .get(layer as usize)
+                .copied()
+                .unwrap_or(LayerType::FullAttention),
+            None if self.sliding_window.is_some() => LayerType::SlidingAttention,
+            None => LayerType::FullAttention,
+        }
+    }
+
     /// The window of layer `layer`'s attention: `sliding_window` for a windowed layer,
     /// `None` for a global one. This is what a windowed attention kernel would bound
     /// its keys by; the decode graph still attends to the whole cache (see
     /// [`ModelConfig::context_window`]).
     pub fn layer_window(&self, layer: u64) -> Option<u64> {
         let w = self.sliding_window?;
-        match &self.layer_types {
-            None => Some(w),
-            Some(types) => match types.get(layer as usize) {
-                Some(LayerType::SlidingAttention) => Some(w),
-                Some(LayerType::FullAttention) | None => None,
-            },
+        match self.layer_type(layer) {
+            LayerType::SlidingAttention => Some(w),
+            LayerType::FullAttention => None,
         }
     }
 
