@@ -122,8 +122,9 @@ pub(crate) struct KernelCode {
 pub(crate) enum Epilogue<'a> {
     /// One output per weight.
     Plain,
-    /// Two weights, gate and up: `silu(x Wg^T) * (x Wu^T)`.
-    Swiglu,
+    /// Two weights, gate and up: `act(x Wg^T) * (x Wu^T)` (SwiGLU with `silu`, GeGLU
+    /// with `gelu_tanh`).
+    Gated(fusec_ir::UnaryOp),
     /// One weight: `r + x W^T`.
     Residual(&'a View),
     /// One weight: `r + c * (x W^T)`, each step rounded to the dtype.
@@ -135,6 +136,9 @@ pub(crate) enum Epilogue<'a> {
     PostNorm {
         weight: &'a View,
         eps: f32,
+        /// Gemma's weight offset (the values times `w + c`, `Gemma2RMSNorm`); `None`:
+        /// OLMo 2's `w`.
+        offset: Option<f32>,
         residual: &'a View,
         ticket: &'a View,
     },
@@ -143,11 +147,20 @@ pub(crate) enum Epilogue<'a> {
 /// A GEMV node's operands.
 pub(crate) struct Gemv<'a> {
     pub x: &'a View,
-    /// The RMSNorm weight and eps of a normalised prologue.
-    pub norm: Option<(&'a View, f32)>,
+    /// The RMSNorm of a normalised prologue.
+    pub norm: Option<NormPrologue<'a>>,
     pub weights: Vec<&'a Operand>,
     pub epilogue: Epilogue<'a>,
     pub outs: &'a [View],
+}
+
+/// The RMSNorm in a GEMV's prologue: Llama's (`offset` `None`: `w * to(T)(x * r)`,
+/// rounded twice) or Gemma's (`to(T)((x * r) * (w + c))` in f32, rounded once).
+#[derive(Clone, Copy)]
+pub(crate) struct NormPrologue<'a> {
+    pub weight: &'a View,
+    pub eps: f32,
+    pub offset: Option<f32>,
 }
 
 /// A decode attention's operands beyond plain attention's.
@@ -167,6 +180,8 @@ pub(crate) struct Attention<'a> {
     pub v: &'a View,
     pub decode: Option<Decode<'a>>,
     pub scale: f32,
+    /// Gemma 2's soft-cap `c` of the scaled scores, `tanh(s / c) * c`, if any.
+    pub softcap: Option<f32>,
     pub mask: &'a Operand,
     pub out: &'a View,
 }
@@ -258,12 +273,15 @@ pub(crate) trait KernelEmitter {
         cx: Ctx<'_, '_>,
     ) -> Result<KernelCode, String>;
     /// `Olmo2RMSNorm` (the weight applied in f32 before the cast), then `+ residual`
-    /// when there is one.
+    /// when there is one; with an `offset` `c`, Gemma's (`Gemma2RMSNorm`: the values
+    /// times `w + c` in f32).
+    #[allow(clippy::too_many_arguments)]
     fn post_rms_norm(
         &self,
         x: &View,
         weight: &View,
         eps: f32,
+        offset: Option<f32>,
         residual: Option<&View>,
         out: &View,
         cx: Ctx<'_, '_>,

@@ -5,11 +5,12 @@
 use std::collections::{BTreeMap, HashMap};
 
 use fusec_ir::op::resolve_axis;
-use fusec_ir::{verify, DType, FusedOp, Graph, InputKind, NodeId, Op, OutputKind, Type};
+use fusec_ir::{verify, DType, FusedOp, Graph, InputKind, NodeId, Op, OutputKind, Type, UnaryOp};
 
 use crate::cuda::Cuda;
 use crate::emit::{
-    Attention, Ctx, Decode, Epilogue, Gemv, KernelCode, KernelEmitter, Operand, Params, NAME,
+    Attention, Ctx, Decode, Epilogue, Gemv, KernelCode, KernelEmitter, NormPrologue, Operand,
+    Params, NAME,
 };
 use crate::error::Error;
 use crate::layout::{extents, Extent, View};
@@ -401,14 +402,54 @@ impl Lower<'_> {
                         Some(_) => Some(view(3)?),
                         None => None,
                     };
-                    e.post_rms_norm(x, view(1)?, scalar(2)?, residual, out0, cx!())
+                    e.post_rms_norm(x, view(1)?, scalar(2)?, None, residual, out0, cx!())
+                }),
+                FusedOp::OffsetRmsNorm => view(0).and_then(|x| {
+                    let residual = match ops.get(4) {
+                        Some(_) => Some(view(4)?),
+                        None => None,
+                    };
+                    let offset = Some(scalar(3)?);
+                    e.post_rms_norm(x, view(1)?, scalar(2)?, offset, residual, out0, cx!())
                 }),
                 FusedOp::RmsNormLinear => view(0).and_then(|x| {
                     let g = Gemv {
                         x,
-                        norm: Some((view(1)?, scalar(2)?)),
+                        norm: Some(NormPrologue {
+                            weight: view(1)?,
+                            eps: scalar(2)?,
+                            offset: None,
+                        }),
                         weights: ops[3..].iter().collect(),
                         epilogue: Epilogue::Plain,
+                        outs: &outs,
+                    };
+                    e.gemv(&g, cx!())
+                }),
+                FusedOp::OffsetRmsNormLinear => view(0).and_then(|x| {
+                    let g = Gemv {
+                        x,
+                        norm: Some(NormPrologue {
+                            weight: view(1)?,
+                            eps: scalar(2)?,
+                            offset: Some(scalar(3)?),
+                        }),
+                        weights: ops[4..].iter().collect(),
+                        epilogue: Epilogue::Plain,
+                        outs: &outs,
+                    };
+                    e.gemv(&g, cx!())
+                }),
+                FusedOp::OffsetRmsNormGeglu => view(0).and_then(|x| {
+                    let g = Gemv {
+                        x,
+                        norm: Some(NormPrologue {
+                            weight: view(1)?,
+                            eps: scalar(2)?,
+                            offset: Some(scalar(3)?),
+                        }),
+                        weights: vec![&ops[4], &ops[5]],
+                        epilogue: Epilogue::Gated(UnaryOp::GeluTanh),
                         outs: &outs,
                     };
                     e.gemv(&g, cx!())
@@ -428,7 +469,17 @@ impl Lower<'_> {
                         x,
                         norm: None,
                         weights: vec![&ops[1], &ops[2]],
-                        epilogue: Epilogue::Swiglu,
+                        epilogue: Epilogue::Gated(UnaryOp::Silu),
+                        outs: &outs,
+                    };
+                    e.gemv(&g, cx!())
+                }),
+                FusedOp::Geglu => view(0).and_then(|x| {
+                    let g = Gemv {
+                        x,
+                        norm: None,
+                        weights: vec![&ops[1], &ops[2]],
+                        epilogue: Epilogue::Gated(UnaryOp::GeluTanh),
                         outs: &outs,
                     };
                     e.gemv(&g, cx!())
@@ -436,9 +487,13 @@ impl Lower<'_> {
                 FusedOp::RmsNormSwiglu => view(0).and_then(|x| {
                     let g = Gemv {
                         x,
-                        norm: Some((view(1)?, scalar(2)?)),
+                        norm: Some(NormPrologue {
+                            weight: view(1)?,
+                            eps: scalar(2)?,
+                            offset: None,
+                        }),
                         weights: vec![&ops[3], &ops[4]],
-                        epilogue: Epilogue::Swiglu,
+                        epilogue: Epilogue::Gated(UnaryOp::Silu),
                         outs: &outs,
                     };
                     e.gemv(&g, cx!())
@@ -473,6 +528,7 @@ impl Lower<'_> {
                             epilogue: Epilogue::PostNorm {
                                 weight: view(2)?,
                                 eps: scalar(3)?,
+                                offset: None,
                                 residual: view(4)?,
                                 ticket: &ticket,
                             },
@@ -481,10 +537,36 @@ impl Lower<'_> {
                         e.gemv(&g, cx!())
                     })
                 }
-                FusedOp::Attention | FusedOp::DecodeAttention => {
+                FusedOp::LinearOffsetRmsNorm => {
+                    let (_, ticket) = self.workspace(0, 1);
+                    view(0).and_then(|x| {
+                        let g = Gemv {
+                            x,
+                            norm: None,
+                            weights: vec![&ops[1]],
+                            epilogue: Epilogue::PostNorm {
+                                weight: view(2)?,
+                                eps: scalar(3)?,
+                                offset: Some(scalar(4)?),
+                                residual: view(5)?,
+                                ticket: &ticket,
+                            },
+                            outs: &outs,
+                        };
+                        e.gemv(&g, cx!())
+                    })
+                }
+                FusedOp::Attention | FusedOp::DecodeAttention | FusedOp::DecodeAttentionCapped => {
                     let built = (|| -> Result<Attention<'_>, String> {
-                        let dec = if *f == FusedOp::DecodeAttention {
-                            let scales = match (ops.get(9), ops.get(10)) {
+                        // The soft-capped decode attention has its cap after the mask,
+                        // before any FP8 cache scales.
+                        let base = if *f == FusedOp::DecodeAttentionCapped {
+                            10
+                        } else {
+                            9
+                        };
+                        let dec = if *f != FusedOp::Attention {
+                            let scales = match (ops.get(base), ops.get(base + 1)) {
                                 (Some(k), Some(v)) => Some((k.view()?, v.view()?)),
                                 _ => None,
                             };
@@ -505,6 +587,11 @@ impl Lower<'_> {
                             v: view(2)?,
                             decode: dec,
                             scale: scalar(scale_i)?,
+                            softcap: match (*f, ops.get(5)) {
+                                (FusedOp::Attention, Some(_)) => Some(scalar(5)?),
+                                (FusedOp::DecodeAttentionCapped, _) => Some(scalar(9)?),
+                                _ => None,
+                            },
                             mask: ops.get(mask_i).ok_or("missing mask")?,
                             out: out0,
                         })

@@ -1,5 +1,6 @@
-//! The generated kernels of OLMo 2 and Granite 3 (`fused.post_rms_norm`,
-//! `fused.linear_scale_add` and the rest), run on the CPU emulation of
+//! The generated kernels of OLMo 2, Granite 3, Gemma 2 and Gemma 3 (`fused.post_rms_norm`,
+//! `fused.linear_scale_add`, `fused.offset_rms_norm`, `fused.geglu`, the soft-capped
+//! `fused.attention` and the rest), run on the CPU emulation of
 //! `tests/emulate`, decode their tiny Hugging Face references as the CPU executor does:
 //! fused in f32 (ids exact, 1e-4), bf16 and FP8. Needs a C++20 compiler (`$CXX` or
 //! `g++`); without one the test says so loudly and passes.
@@ -37,14 +38,17 @@ impl WeightSource for Source<'_> {
 }
 
 const PROMPT: [i32; 5] = [1, 17, 42, 99, 7];
-/// The Mistral fixture has a sliding window of 8 positions: prompt and generated tokens
-/// run past it, so the kernels write and read its ring-buffer caches. Phi-3's
-/// checkpoint holds packed projections, split at load.
-const FIXTURES: [&str; 4] = [
-    "hf-tiny-olmo2-s0",
-    "hf-tiny-granite-s3",
-    "hf-tiny-mistral-window-s0",
-    "hf-tiny-phi3-s0",
+/// The fixtures and the tokens each decodes. The Mistral fixture and both Gemmas have a
+/// sliding window of 8 positions: prompt and generated tokens run past it, so the
+/// kernels write and read ring-buffer caches. Phi-3's checkpoint holds packed
+/// projections, split at load.
+const FIXTURES: [(&str, usize); 6] = [
+    ("hf-tiny-olmo2-s0", 8),
+    ("hf-tiny-granite-s3", 8),
+    ("hf-tiny-mistral-window-s0", 8),
+    ("hf-tiny-phi3-s0", 8),
+    ("hf-tiny-gemma2-s0", 8),
+    ("hf-tiny-gemma3-s0", 8),
 ];
 
 fn fixture(name: &str) -> PathBuf {
@@ -118,14 +122,14 @@ fn compiler() -> Option<String> {
 fn f32_fused_kernels_decode_the_references() {
     let Some(cxx) = compiler() else { return };
     let rules = stages::rules().expect("rules");
-    for name in FIXTURES {
+    for (name, n) in FIXTURES {
         let spec = common::spec(&fixture(name));
         let eager = stages::eager(&stages::in_precision(&spec, Precision::F32)).expect("eager");
         let weights = Weights::load(&fixture(name), &eager).expect("fixture weights");
-        let reference = cpu(&eager, &weights, 8);
+        let reference = cpu(&eager, &weights, n);
         let fused =
             stages::fused_in(&spec, Precision::F32, &rules, &Fp8Options::default()).expect("fused");
-        let f = emulated(&cxx, &format!("{name}-f32"), &fused, &weights, 8);
+        let f = emulated(&cxx, &format!("{name}-f32"), &fused, &weights, n);
         assert_eq!(tokens(&f), tokens(&reference), "{name}");
         let r = max_rel(&f, &reference);
         assert!(r < 1e-4, "{name}: {r}");
@@ -136,13 +140,14 @@ fn f32_fused_kernels_decode_the_references() {
 fn bf16_and_fp8_fused_kernels_follow_the_cpu_executor() {
     let Some(cxx) = compiler() else { return };
     let rules = stages::rules().expect("rules");
-    for name in FIXTURES {
+    for (name, n) in FIXTURES {
+        let n = n.min(6);
         let spec = common::spec(&fixture(name));
         let fused = stages::fused_in(&spec, Precision::Bf16, &rules, &Fp8Options::default())
             .expect("fused");
         let weights = Weights::load(&fixture(name), &fused).expect("fixture weights");
-        let f = emulated(&cxx, &format!("{name}-bf16"), &fused, &weights, 6);
-        let r = max_rel(&f, &cpu(&fused, &weights, 6));
+        let f = emulated(&cxx, &format!("{name}-bf16"), &fused, &weights, n);
+        let r = max_rel(&f, &cpu(&fused, &weights, n));
         assert!(r < 5e-3, "{name} bf16: {r}");
 
         let lowered = stages::fused_in(&spec, Precision::Fp8, &rules, &Fp8Options::default())
@@ -155,8 +160,8 @@ fn bf16_and_fp8_fused_kernels_follow_the_cpu_executor() {
         )
         .expect("calibrates");
         let w8 = fusec_weights::lower_weights(&weights, &lowered, &kv).expect("quantizes");
-        let g8 = emulated(&cxx, &format!("{name}-fp8"), &lowered, &w8, 6);
-        let r = max_rel(&g8, &cpu(&lowered, &w8, 6));
+        let g8 = emulated(&cxx, &format!("{name}-fp8"), &lowered, &w8, n);
+        let r = max_rel(&g8, &cpu(&lowered, &w8, n));
         assert!(r < 5e-3, "{name} fp8: {r}");
     }
 }

@@ -1,4 +1,5 @@
-//! Every kernel fusec emits, for every example model in every precision, eager and
+//! Every kernel fusec emits, for every example model (the `.toml` ones, and Gemma's,
+//! `common::hf_models`) in every precision, eager and
 //! fused, compiles with NVRTC to CUBIN for sm_80 and sm_90 (so the assembler checks
 //! registers and shared memory too). Kernels with identical text are compiled once:
 //! the layers of a model, and the models that share shapes, emit the same kernels.
@@ -21,7 +22,7 @@ use fusec_model::frontend::Precision;
 /// Distinct kernel functions (with a neutral name) and where each first came from.
 fn distinct_kernels() -> BTreeMap<String, String> {
     let mut kernels = BTreeMap::new();
-    for path in common::examples() {
+    for path in common::examples().into_iter().chain(common::hf_models()) {
         for precision in common::PRECISIONS {
             for case in common::cases(&path, precision) {
                 let out = common::output(&case);

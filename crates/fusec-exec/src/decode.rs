@@ -204,12 +204,14 @@ fn growing_axis(ty: &TensorType) -> (Option<usize>, Option<usize>) {
 /// storage; any other reader (an unfused graph's `cat`, say) needs `f32` values.
 fn only_decode_attention_reads(graph: &Graph, id: NodeId) -> bool {
     graph.users(id).into_iter().all(|user| {
-        graph.op(user) == &Op::Fused(FusedOp::DecodeAttention)
-            && graph
-                .operands(user)
-                .iter()
-                .enumerate()
-                .all(|(i, &o)| o != id || i == 5 || i == 6)
+        matches!(
+            graph.op(user),
+            Op::Fused(FusedOp::DecodeAttention | FusedOp::DecodeAttentionCapped)
+        ) && graph
+            .operands(user)
+            .iter()
+            .enumerate()
+            .all(|(i, &o)| o != id || i == 5 || i == 6)
     })
 }
 

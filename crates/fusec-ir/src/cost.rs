@@ -198,12 +198,24 @@ fn fused_flops(
         FusedOp::Rope => 3 * n_out,
         FusedOp::RmsNorm => 5 * n_out,
         FusedOp::PostRmsNorm => (5 + operands.len().saturating_sub(3) as u64) * n_out,
+        // The offset add and the multiply by the offset weight, and the residual add.
+        FusedOp::OffsetRmsNorm => (6 + operands.len().saturating_sub(4) as u64) * n_out,
         FusedOp::RmsNormLinear => {
             let mut total = 4 * n_in0;
             for w in &operands[3..] {
                 total += gemv(w)?;
             }
             total
+        }
+        FusedOp::OffsetRmsNormLinear => {
+            let mut total = 5 * n_in0;
+            for w in &operands[4..] {
+                total += gemv(w)?;
+            }
+            total
+        }
+        FusedOp::OffsetRmsNormGeglu => {
+            5 * n_in0 + gemv(operands[4])? + gemv(operands[5])? + 12 * n_out
         }
         FusedOp::MultiLinear => {
             let mut total = 0;
@@ -213,11 +225,13 @@ fn fused_flops(
             total
         }
         FusedOp::Swiglu => gemv(operands[1])? + gemv(operands[2])? + 8 * n_out,
+        FusedOp::Geglu => gemv(operands[1])? + gemv(operands[2])? + 12 * n_out,
         FusedOp::RmsNormSwiglu => 4 * n_in0 + gemv(operands[3])? + gemv(operands[4])? + 8 * n_out,
         FusedOp::LinearAdd => gemv(operands[1])? + n_out,
         FusedOp::LinearScaleAdd => gemv(operands[1])? + 2 * n_out,
         FusedOp::LinearPostRmsNorm => gemv(operands[1])? + 6 * n_out,
-        FusedOp::Attention | FusedOp::DecodeAttention => {
+        FusedOp::LinearOffsetRmsNorm => gemv(operands[1])? + 7 * n_out,
+        FusedOp::Attention | FusedOp::DecodeAttention | FusedOp::DecodeAttentionCapped => {
             let (k, extra) = if f == FusedOp::Attention {
                 (operands[1], 0)
             } else {
@@ -229,9 +243,16 @@ fn fused_flops(
                 _ => 0,
             };
             let hd = last_dim(operands[0], b)?.max(1);
+            // Gemma 2's soft-cap (a sixth operand of `fused.attention`): a division, a
+            // tanh and a product per score.
+            let capped = match f {
+                FusedOp::Attention => operands.len() == 6,
+                _ => f == FusedOp::DecodeAttentionCapped,
+            };
+            let cap = if capped { 8 } else { 0 };
             (4 * n_in0)
                 .saturating_mul(len)
-                .saturating_add((5 * (n_in0 / hd)).saturating_mul(len))
+                .saturating_add(((5 + cap) * (n_in0 / hd)).saturating_mul(len))
         }
     })
 }

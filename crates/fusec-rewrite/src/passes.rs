@@ -66,7 +66,10 @@ pub fn absorb_kv_append(graph: &mut Graph) -> Result<usize, PassError> {
     let mut fused = 0;
     for att in attentions {
         let ops = graph.operands(att);
+        // A soft-capped attention (Gemma 2's, a sixth operand) becomes the soft-capped
+        // decode kernel.
         let (q, k_all, v_all, scale, mask) = (ops[0], ops[1], ops[2], ops[3], ops[4]);
+        let softcap = ops.get(5).copied();
         if !(is(graph, q, FusedOp::Rope)
             && is(graph, k_all, FusedOp::KvAppend)
             && is(graph, v_all, FusedOp::KvAppend))
@@ -95,11 +98,18 @@ pub fn absorb_kv_append(graph: &mut Graph) -> Result<usize, PassError> {
         if !only_here(k_all) || !only_here(v_all) {
             continue;
         }
-        let operands = [
+        let mut operands = vec![
             q_ops[0], k_ops[0], v, q_ops[1], q_ops[2], pk, pv, scale, mask,
         ];
+        let kind = match softcap {
+            None => FusedOp::DecodeAttention,
+            Some(c) => {
+                operands.push(c);
+                FusedOp::DecodeAttentionCapped
+            }
+        };
         let new = graph
-            .add(Op::Fused(FusedOp::DecodeAttention), &operands)
+            .add(Op::Fused(kind), &operands)
             .map_err(|source| PassError::Fused {
                 pass: "absorb-kv-append",
                 source,
@@ -118,13 +128,22 @@ pub fn absorb_kv_append(graph: &mut Graph) -> Result<usize, PassError> {
 
 /// `merge-gemv`; returns how many kernels it removed.
 pub fn merge_gemv(graph: &mut Graph) -> Result<usize, PassError> {
-    // Single-weight norm GEMVs, grouped by their (x, w, eps) prologue.
-    let mut groups: BTreeMap<Vec<NodeId>, Vec<NodeId>> = BTreeMap::new();
+    // Single-weight norm GEMVs, grouped by kind and by their (x, w, eps) prologue
+    // (Llama's), or (x, w, eps, c) (Gemma's offset norm).
+    let mut groups: BTreeMap<(FusedOp, Vec<NodeId>), Vec<NodeId>> = BTreeMap::new();
     for n in graph.node_ids().collect::<Vec<_>>() {
-        if is(graph, n, FusedOp::RmsNormLinear) {
-            let ops = graph.operands(n);
-            if ops.len() == 4 {
-                groups.entry(ops[..3].to_vec()).or_default().push(n);
+        for (kind, prologue) in [
+            (FusedOp::RmsNormLinear, 3),
+            (FusedOp::OffsetRmsNormLinear, 4),
+        ] {
+            if is(graph, n, kind) {
+                let ops = graph.operands(n);
+                if ops.len() == prologue + 1 {
+                    groups
+                        .entry((kind, ops[..prologue].to_vec()))
+                        .or_default()
+                        .push(n);
+                }
             }
         }
     }
@@ -137,9 +156,12 @@ pub fn merge_gemv(graph: &mut Graph) -> Result<usize, PassError> {
         }
     }
     let mut removed = 0;
-    let normed = groups.into_iter().map(|(prologue, members)| {
-        let weights: Vec<NodeId> = members.iter().map(|&m| graph.operands(m)[3]).collect();
-        (FusedOp::RmsNormLinear, prologue, weights, members)
+    let normed = groups.into_iter().map(|((kind, prologue), members)| {
+        let weights: Vec<NodeId> = members
+            .iter()
+            .map(|&m| graph.operands(m)[prologue.len()])
+            .collect();
+        (kind, prologue, weights, members)
     });
     let plain = plain.into_iter().map(|(x, members)| {
         let weights: Vec<NodeId> = members.iter().map(|&m| graph.operands(m)[1]).collect();

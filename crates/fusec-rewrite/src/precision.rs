@@ -228,11 +228,21 @@ pub fn lower_fp8(fused: &Graph, opts: &Fp8Options) -> Result<Graph, PrecisionErr
     if !opts.keep.contains(&OpClass::KvCache) {
         let attentions: Vec<NodeId> = g
             .node_ids()
-            .filter(|&n| g.op(n) == &Op::Fused(FusedOp::DecodeAttention))
+            .filter(|&n| {
+                matches!(
+                    g.op(n),
+                    Op::Fused(FusedOp::DecodeAttention | FusedOp::DecodeAttentionCapped)
+                )
+            })
             .collect();
         for att in attentions {
             let operands = g.operands(att);
-            if operands.len() != 9 {
+            // Not yet lowered: no cache scales after the mask (and the cap).
+            let unscaled = match g.op(att) {
+                Op::Fused(FusedOp::DecodeAttentionCapped) => 10,
+                _ => 9,
+            };
+            if operands.len() != unscaled {
                 continue;
             }
             let layer = g.node(att).layer;

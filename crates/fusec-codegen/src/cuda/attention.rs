@@ -419,10 +419,18 @@ pub(crate) fn attention(
         }
         None => flit(a.mask.scalar()?),
     };
+    let scaled = format!("fu_round<{tc}>(fu_round<{tc}>(dot) * {})", flit(a.scale));
+    // Gemma 2's soft-cap, rounded as the eager div, tanh and mul are.
+    let scaled = match a.softcap {
+        None => scaled,
+        Some(c) => format!(
+            "fu_round<{tc}>(fu_round<{tc}>(tanhf(fu_round<{tc}>({scaled} / {c}))) * {c})",
+            c = flit(c)
+        ),
+    };
     let _ = writeln!(
         b,
-        "        const float sc = fu_round<{tc}>(fu_round<{tc}>(fu_round<{tc}>(dot) * {}) + {mask});",
-        flit(a.scale)
+        "        const float sc = fu_round<{tc}>({scaled} + {mask});"
     );
     let _ = writeln!(b, "        if (sc > -FU_INF) {{");
     let _ = writeln!(

@@ -82,7 +82,7 @@ pub(crate) fn read(
     }
 }
 
-fn unary_expr(op: UnaryOp, x: &str) -> String {
+pub(crate) fn unary_expr(op: UnaryOp, x: &str) -> String {
     match op {
         UnaryOp::Neg => format!("(-{x})"),
         UnaryOp::Rsqrt => format!("fu_rsqrt({x})"),
@@ -91,6 +91,8 @@ fn unary_expr(op: UnaryOp, x: &str) -> String {
         UnaryOp::Silu => format!("fu_silu({x})"),
         UnaryOp::Cos => format!("cosf({x})"),
         UnaryOp::Sin => format!("sinf({x})"),
+        UnaryOp::Tanh => format!("tanhf({x})"),
+        UnaryOp::GeluTanh => format!("fu_gelu_tanh({x})"),
     }
 }
 

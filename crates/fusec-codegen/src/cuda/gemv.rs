@@ -11,8 +11,9 @@
 
 use std::fmt::Write;
 
-use fusec_ir::DType;
+use fusec_ir::{DType, UnaryOp};
 
+use super::elementwise::unary_expr;
 use super::{ctype, flit, KernelCode, Operand, Params};
 pub(crate) use crate::emit::{Epilogue, Gemv};
 use crate::layout::{Extent, View};
@@ -142,16 +143,25 @@ pub(crate) fn gemv(
     // The normalised activation XN(m, k) and the value the GEMV multiplies, XQ(m, k).
     let xn = |p: &mut Params, kk: &str| -> String {
         match g.norm {
-            Some((w, _)) => {
+            Some(n) => {
+                let w = n.weight;
                 let pw = p.bind(w, Access::Read);
                 let wk = format!(
                     "fu_f32({pw}[{}LL + (long long)({kk}) * {}LL])",
                     w.offset, w.strides[0]
                 );
-                format!(
-                    "fu_round<{tc}>({wk} * fu_round<{tc}>({} * fu_rs[m]))",
-                    xv(kk)
-                )
+                match n.offset {
+                    None => format!(
+                        "fu_round<{tc}>({wk} * fu_round<{tc}>({} * fu_rs[m]))",
+                        xv(kk)
+                    ),
+                    // Gemma's norm: the offset weight in f32, one rounding.
+                    Some(c) => format!(
+                        "fu_round<{tc}>(__fmul_rn({} * fu_rs[m], __fadd_rn({wk}, {})))",
+                        xv(kk),
+                        flit(c)
+                    ),
+                }
             }
             None => xv(kk),
         }
@@ -167,7 +177,8 @@ pub(crate) fn gemv(
 
     // Prologue.
     let _ = writeln!(b, "  for (int m = 0; m < M; ++m) {{");
-    if let Some((_, eps)) = g.norm {
+    if let Some(n) = g.norm {
+        let eps = n.eps;
         let _ = writeln!(b, "    float ss = 0.0f;");
         let _ = writeln!(b, "    for (int k = threadIdx.x; k < K; k += blockDim.x) {{ const float v = {}; ss += v * v; }}", xv("k"));
         let _ = writeln!(b, "    ss = fu_block_sum(ss);");
@@ -208,7 +219,7 @@ pub(crate) fn gemv(
     let _ = writeln!(b, "  __syncthreads();");
 
     // Rows: one index space over the weights (gate and up share rows).
-    let swiglu = matches!(g.epilogue, Epilogue::Swiglu);
+    let swiglu = matches!(g.epilogue, Epilogue::Gated(_));
     if swiglu && (weights.len() != 2 || weights[0].rows != weights[1].rows) {
         return Err("swiglu needs two weights of one shape".into());
     }
@@ -248,11 +259,19 @@ pub(crate) fn gemv(
     if let Epilogue::PostNorm {
         weight,
         eps,
+        offset,
         residual,
         ticket,
     } = g.epilogue
     {
-        post_norm_tail(&mut b, params, g, weight, eps, residual, ticket, total, t)?;
+        let norm = PostNormTail {
+            weight,
+            eps,
+            offset,
+            residual,
+            ticket,
+        };
+        post_norm_tail(&mut b, params, g, &norm, total, t)?;
     }
 
     // As many rows per warp as keep the grid within target_blocks, then just enough
@@ -263,10 +282,15 @@ pub(crate) fn gemv(
     let blocks = total.div_ceil(u64::from(warps) * rows_per_warp).max(1);
     Ok(KernelCode {
         family: match g.epilogue {
-            Epilogue::Swiglu => "gemv_swiglu",
+            Epilogue::Gated(UnaryOp::Silu) => "gemv_swiglu",
+            Epilogue::Gated(UnaryOp::GeluTanh) => "gemv_geglu",
+            Epilogue::Gated(_) => "gemv_gated",
             Epilogue::Residual(_) => "gemv_add",
             Epilogue::ScaledResidual(..) => "gemv_scale_add",
-            Epilogue::PostNorm { .. } => "gemv_post_norm",
+            Epilogue::PostNorm { offset: None, .. } => "gemv_post_norm",
+            Epilogue::PostNorm {
+                offset: Some(_), ..
+            } => "gemv_offset_post_norm",
             Epilogue::Plain => "gemv",
         },
         body: b,
@@ -288,17 +312,30 @@ pub(crate) fn gemv(
 /// residual, and resets the ticket, so one launch does the op and the workspace is
 /// left as found.
 #[allow(clippy::too_many_arguments)]
+/// The post-norm a GEMV's last block applies: OLMo 2's, or Gemma's with an offset.
+struct PostNormTail<'a> {
+    weight: &'a View,
+    eps: f32,
+    offset: Option<f32>,
+    residual: &'a View,
+    ticket: &'a View,
+}
+
 fn post_norm_tail(
     b: &mut String,
     params: &mut Params,
     g: &Gemv<'_>,
-    weight: &View,
-    eps: f32,
-    residual: &View,
-    ticket: &View,
+    norm: &PostNormTail<'_>,
     n_out: u64,
     t: DType,
 ) -> Result<(), String> {
+    let PostNormTail {
+        weight,
+        eps,
+        offset,
+        residual,
+        ticket,
+    } = *norm;
     let tc = ctype(t);
     let o = g.outs.first().ok_or("a GEMV output")?;
     let po = params.bind(o, Access::Write);
@@ -341,7 +378,14 @@ fn post_norm_tail(
     );
     let _ = writeln!(
         b,
-        "      for (int n = threadIdx.x; n < {n_out}; n += blockDim.x) {oy} = fu_from<{tc}>(fu_f32({rv}) + fu_round<{tc}>(__fmul_rn({wv}, fu_f32(__ldcg(&{oy})) * inv)));"
+        "      for (int n = threadIdx.x; n < {n_out}; n += blockDim.x) {oy} = fu_from<{tc}>(fu_f32({rv}) + fu_round<{tc}>({}));",
+        match offset {
+            None => format!("__fmul_rn({wv}, fu_f32(__ldcg(&{oy})) * inv)"),
+            Some(c) => format!(
+                "__fmul_rn(fu_f32(__ldcg(&{oy})) * inv, __fadd_rn({wv}, {}))",
+                flit(c)
+            ),
+        }
     );
     let _ = writeln!(b, "      __syncthreads();");
     let _ = writeln!(b, "    }}");
@@ -499,16 +543,17 @@ fn epilogue(
             let o = g.outs.get(group).ok_or("a GEMV output per weight")?;
             let _ = writeln!(b, "          {} = fu_from<{tc}>(y0);", out_at(params, o)?);
         }
-        Epilogue::Swiglu => {
-            let o = g.outs.first().ok_or("a SwiGLU output")?;
+        Epilogue::Gated(act) => {
+            let o = g.outs.first().ok_or("a gated-MLP output")?;
             let _ = writeln!(
                 b,
                 "          const float gt = fu_round<{tc}>(y0), up = fu_round<{tc}>(y1);"
             );
             let _ = writeln!(
                 b,
-                "          {} = fu_from<{tc}>(fu_round<{tc}>(fu_silu(gt)) * up);",
-                out_at(params, o)?
+                "          {} = fu_from<{tc}>(fu_round<{tc}>({}) * up);",
+                out_at(params, o)?,
+                unary_expr(act, "gt")
             );
         }
         Epilogue::Residual(res) => {

@@ -317,11 +317,17 @@ impl KernelEmitter for Cuda {
         x: &View,
         weight: &View,
         eps: f32,
+        offset: Option<f32>,
         residual: Option<&View>,
         out: &View,
         cx: Ctx<'_, '_>,
     ) -> Result<KernelCode, String> {
-        norm::post_rms_norm(x, weight, eps, residual, out, cx.params, cx.decode, cx.opts)
+        let n = norm::Norm {
+            eps,
+            offset,
+            residual,
+        };
+        norm::post_rms_norm(x, weight, &n, out, cx.params, cx.decode, cx.opts)
     }
 
     fn rope(

@@ -67,16 +67,24 @@ pub(crate) fn rms_norm(
     })
 }
 
+/// The scalars and residual of a norm whose weight multiplies in f32.
+pub(crate) struct Norm<'a> {
+    pub eps: f32,
+    /// Gemma's weight offset `c` (the values times `w + c`); `None`: OLMo 2's `w`.
+    pub offset: Option<f32>,
+    pub residual: Option<&'a View>,
+}
+
 /// `[r +] to(T)(w * (x * rsqrt(mean(x^2) + eps)))`, one block per row, as transformers'
 /// `Olmo2RMSNorm` (models/olmo2/modeling_olmo2.py) with the residual add of OLMo 2's
 /// post-norm layer: the weight multiplies the f32 values, and the product is rounded
-/// once. `__fmul_rn` keeps the product from contracting into the add.
-#[allow(clippy::too_many_arguments)]
+/// once. `__fmul_rn` keeps the product from contracting into the add. With an offset
+/// `c`, Gemma's `Gemma2RMSNorm` (models/gemma2/modeling_gemma2.py):
+/// `to(T)((x * rsqrt(..)) * (w + c))`, the offset added in f32 with `__fadd_rn`.
 pub(crate) fn post_rms_norm(
     x: &View,
     w: &View,
-    eps: f32,
-    residual: Option<&View>,
+    n: &Norm<'_>,
     out: &View,
     params: &mut Params,
     decode: &DecodeShape,
@@ -86,6 +94,7 @@ pub(crate) fn post_rms_norm(
     if r == 0 || w.rank() != 1 {
         return Err("post_rms_norm needs x [.., D] and w [D]".into());
     }
+    let (eps, residual) = (n.eps, n.residual);
     let d = x.dims[r - 1];
     let t = ctype(out.dtype);
     let px = params.bind(x, Access::Read);
@@ -97,7 +106,13 @@ pub(crate) fn post_rms_norm(
     coords.push("j".into());
     let xv = load(&px, x, &coords);
     let wv = load(&pw, w, &["j".to_string()]);
-    let normed = format!("fu_round<{t}>(__fmul_rn({wv}, {xv} * inv))");
+    let normed = match n.offset {
+        None => format!("fu_round<{t}>(__fmul_rn({wv}, {xv} * inv))"),
+        Some(c) => format!(
+            "fu_round<{t}>(__fmul_rn({xv} * inv, __fadd_rn({wv}, {})))",
+            flit(c)
+        ),
+    };
     let value = match (residual, &pr) {
         (Some(res), Some(pr)) => format!("{} + {normed}", load(pr, res, &coords)),
         _ => normed,
@@ -124,10 +139,11 @@ pub(crate) fn post_rms_norm(
     );
     body.push_str("  }\n");
     Ok(KernelCode {
-        family: if residual.is_some() {
-            "post_rms_norm_add"
-        } else {
-            "post_rms_norm"
+        family: match (n.offset, residual) {
+            (None, Some(_)) => "post_rms_norm_add",
+            (None, None) => "post_rms_norm",
+            (Some(_), Some(_)) => "offset_rms_norm_add",
+            (Some(_), None) => "offset_rms_norm",
         },
         body,
         grid: [grid_for(numel_capacity(outer, decode), 1, opts), 1, 1],

@@ -35,6 +35,12 @@ template <> __device__ __forceinline__ int fu_from<int>(float x) { return __floa
 template <typename T> __device__ __forceinline__ float fu_round(float x) { return fu_f32(fu_from<T>(x)); }
 
 __device__ __forceinline__ float fu_silu(float x) { return x / (1.0f + expf(-x)); }
+// PyTorch's gelu(x, approximate="tanh") in its CPU kernel's order
+// (aten/src/ATen/native/cpu/Activation.cpp): 0.5 x (1 + tanh(kBeta (x + kKappa x^3))).
+__device__ __forceinline__ float fu_gelu_tanh(float x) {
+  const float kBeta = 0.7978845608028654f, kKappa = 0.044715f;
+  return 0.5f * x * (1.0f + tanhf(kBeta * (x + kKappa * (x * x * x))));
+}
 __device__ __forceinline__ float fu_rsqrt(float x) { return 1.0f / sqrtf(x); }
 
 // The larger of two values, NaN winning, as torch.amax.

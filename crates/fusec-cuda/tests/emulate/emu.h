@@ -229,6 +229,8 @@ template <class T> inline T __shfl_xor_sync(unsigned, T v, int o) {
 
 // A product rounded once, never contracted into an FMA (CUDA's `__fmul_rn`).
 inline float __fmul_rn(float a, float b) { volatile float p = a * b; return p; }
+// A sum rounded once, never contracted into an FMA (CUDA's `__fadd_rn`).
+inline float __fadd_rn(float a, float b) { volatile float s = a + b; return s; }
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline int __float2int_rz(float x) {
   if (x != x) return 0;

@@ -321,27 +321,37 @@ pub(super) fn dispatch(
         }
         Op::Fused(f) => match f {
             FusedOp::RmsNorm => launch(fused::rms_norm(&*t(0)?, &*t(1)?, scalar(2)?)),
-            FusedOp::RmsNormLinear => {
-                let n = ops.len().saturating_sub(3);
+            FusedOp::RmsNormLinear | FusedOp::OffsetRmsNormLinear => {
+                // The weights follow the prologue (x, w, eps[, offset]).
+                let first = if *f == FusedOp::OffsetRmsNormLinear {
+                    4
+                } else {
+                    3
+                };
+                let n = ops.len().saturating_sub(first);
                 // The weights on the stack when they fit, as for `cat`.
                 let heap;
                 let mut inline;
                 let ws: &[GemvWeight<'_>] = if n == 0 {
                     &[]
                 } else if n <= MAX_INLINE_OPERANDS {
-                    inline = [gemv_w(3)?; MAX_INLINE_OPERANDS];
+                    inline = [gemv_w(first)?; MAX_INLINE_OPERANDS];
                     for (i, w) in inline.iter_mut().enumerate().take(n).skip(1) {
-                        *w = gemv_w(3 + i)?;
+                        *w = gemv_w(first + i)?;
                     }
                     &inline[..n]
                 } else {
-                    heap = (3..ops.len())
+                    heap = (first..ops.len())
                         .map(gemv_w)
                         .collect::<Result<Vec<_>, Error>>()?;
                     &heap
                 };
-                let mut outs =
-                    fused::rms_norm_linear(&*t(0)?, &*t(1)?, scalar(2)?, ws).map_err(kernel)?;
+                let mut outs = if first == 4 {
+                    fused::offset_rms_norm_linear(&*t(0)?, &*t(1)?, scalar(2)?, scalar(3)?, ws)
+                } else {
+                    fused::rms_norm_linear(&*t(0)?, &*t(1)?, scalar(2)?, ws)
+                }
+                .map_err(kernel)?;
                 let value = if outs.len() == 1 {
                     let single = outs.swap_remove(0);
                     // The emptied list goes back to the pool for the next kernel.
@@ -375,6 +385,15 @@ pub(super) fn dispatch(
                 Ok(done(Value::Tuple(outs), true))
             }
             FusedOp::Swiglu => launch(fused::swiglu(&*t(0)?, gemv_w(1)?, gemv_w(2)?)),
+            FusedOp::Geglu => launch(fused::geglu(&*t(0)?, gemv_w(1)?, gemv_w(2)?)),
+            FusedOp::OffsetRmsNormGeglu => launch(fused::offset_rms_norm_geglu(
+                &*t(0)?,
+                &*t(1)?,
+                scalar(2)?,
+                scalar(3)?,
+                gemv_w(4)?,
+                gemv_w(5)?,
+            )),
             FusedOp::RmsNormSwiglu => launch(fused::rms_norm_swiglu(
                 &*t(0)?,
                 &*t(1)?,
@@ -394,12 +413,33 @@ pub(super) fn dispatch(
                     residual.as_deref(),
                 ))
             }
+            FusedOp::OffsetRmsNorm => {
+                let residual = match ops.len() {
+                    4 => None,
+                    _ => Some(t(4)?),
+                };
+                launch(fused::offset_rms_norm(
+                    &*t(0)?,
+                    &*t(1)?,
+                    scalar(2)?,
+                    scalar(3)?,
+                    residual.as_deref(),
+                ))
+            }
             FusedOp::LinearPostRmsNorm => launch(fused::linear_post_rms_norm(
                 &*t(0)?,
                 gemv_w(1)?,
                 &*t(2)?,
                 scalar(3)?,
                 &*t(4)?,
+            )),
+            FusedOp::LinearOffsetRmsNorm => launch(fused::linear_offset_rms_norm(
+                &*t(0)?,
+                gemv_w(1)?,
+                &*t(2)?,
+                scalar(3)?,
+                scalar(4)?,
+                &*t(5)?,
             )),
             FusedOp::LinearAdd => launch(fused::linear_add(&*t(0)?, gemv_w(1)?, &*t(2)?)),
             FusedOp::LinearScaleAdd => launch(fused::linear_scale_add(
@@ -409,14 +449,21 @@ pub(super) fn dispatch(
                 &*t(3)?,
             )),
             FusedOp::Rope => launch(fused::rope(&*t(0)?, &*t(1)?, &*t(2)?)),
-            FusedOp::Attention => launch(attention::attention(
-                &*t(0)?,
-                &*t(1)?,
-                &*t(2)?,
-                scalar(3)?,
-                &*t(4)?,
-                None,
-            )),
+            FusedOp::Attention => {
+                let softcap = match ops.len() {
+                    5 => None,
+                    _ => Some(scalar(5)?),
+                };
+                launch(attention::attention_capped(
+                    &*t(0)?,
+                    &*t(1)?,
+                    &*t(2)?,
+                    scalar(3)?,
+                    softcap,
+                    &*t(4)?,
+                    None,
+                ))
+            }
             FusedOp::KvAppend => {
                 let new = t(1)?;
                 let mut past = ops.take_tensor(node, 0)?;
@@ -432,14 +479,25 @@ pub(super) fn dispatch(
                     traffic: Some((new.read_bytes() + copied, written)),
                 })
             }
-            FusedOp::DecodeAttention => {
-                let fp8_scales = match ops.len() {
-                    9 => None,
-                    11 => Some((scalar(9)?, scalar(10)?)),
-                    n => {
+            FusedOp::DecodeAttention | FusedOp::DecodeAttentionCapped => {
+                // The soft-capped variant has its cap after the mask, before any FP8
+                // cache scales.
+                let (softcap, base) = if *f == FusedOp::DecodeAttentionCapped {
+                    (Some(scalar(9)?), 10)
+                } else {
+                    (None, 9)
+                };
+                let fp8_scales = match ops.len() - base {
+                    0 => None,
+                    2 => Some((scalar(base)?, scalar(base + 1)?)),
+                    _ => {
                         return Err(node_error(
                             node,
-                            KernelError::Invalid(format!("takes 9 or 11 operands, got {n}")),
+                            KernelError::Invalid(format!(
+                                "takes {base} or {} operands, got {}",
+                                base + 2,
+                                ops.len()
+                            )),
                         ))
                     }
                 };
@@ -450,7 +508,7 @@ pub(super) fn dispatch(
                 let (past_k_bytes, past_v_bytes) = (past_k.bytes(), past_v.bytes());
                 let past_bytes = past_k_bytes + past_v_bytes;
                 let past_read = past_k.read_bytes() + past_v.read_bytes();
-                let result = attention::decode_attention(
+                let result = attention::decode_attention_capped(
                     &q,
                     &k,
                     &v,
@@ -462,7 +520,7 @@ pub(super) fn dispatch(
                         scales: fp8_scales,
                         ring: ring(&node.ty, 1, b),
                     },
-                    scale,
+                    (scale, softcap),
                     &mask,
                 );
                 ops.give_back(5, past_k);

@@ -24,7 +24,20 @@ fn unary_fn(op: UnaryOp) -> fn(f32) -> f32 {
         UnaryOp::Silu => |x| x / (1.0 + (-x).exp()),
         UnaryOp::Cos => f32::cos,
         UnaryOp::Sin => f32::sin,
+        UnaryOp::Tanh => f32::tanh,
+        UnaryOp::GeluTanh => gelu_tanh,
     }
+}
+
+/// PyTorch's `gelu(x, approximate="tanh")` in f32, in the order its CPU kernel
+/// computes it (aten/src/ATen/native/cpu/Activation.cpp, `GeluType::Tanh`):
+/// `0.5 * x * (1 + tanh(kBeta * (x + kKappa * x^3)))`.
+pub fn gelu_tanh(x: f32) -> f32 {
+    const BETA: f32 = (std::f64::consts::SQRT_2 * std::f64::consts::FRAC_2_SQRT_PI * 0.5) as f32;
+    const KAPPA: f32 = 0.044715;
+    let cube = x * x * x;
+    let inner = BETA * (x + KAPPA * cube);
+    0.5 * x * (1.0 + inner.tanh())
 }
 
 /// `op(x)` elementwise.

@@ -10,6 +10,7 @@
 
 use fusec_ir::DType;
 
+use super::elementwise::gelu_tanh;
 use super::gemv::{self, Epilogue, GemvWeight};
 use super::strided::{broadcast_shape, broadcast_strides, walk};
 use super::{float_buffer, KernelError};
@@ -31,6 +32,19 @@ fn norm_rows(
     x: &Tensor,
     w: &Tensor,
     eps: f32,
+    op: &str,
+) -> Result<(Vec<f32>, usize, usize), KernelError> {
+    norm_rows_with(x, w, eps, None, op)
+}
+
+/// [`norm_rows`], or with an `offset` `c` Gemma's norm (transformers'
+/// `Gemma2RMSNorm`): `y = to(x.dtype)((x * r) * (w + c))`, the weight and its offset in
+/// f32 and one rounding.
+fn norm_rows_with(
+    x: &Tensor,
+    w: &Tensor,
+    eps: f32,
+    offset: Option<f32>,
     op: &str,
 ) -> Result<(Vec<f32>, usize, usize), KernelError> {
     let (xs, rows, d) = gemv::rows_of(x, op)?;
@@ -56,11 +70,18 @@ fn norm_rows(
         let sum: f64 = row.iter().map(|&v| f64::from(v * v)).sum();
         let mean = (sum / d as f64) as f32;
         let r = 1.0 / (mean + eps).sqrt();
-        out.extend(
-            row.iter()
-                .zip(ws.iter())
-                .map(|(&v, &g)| round(dtype, g * round(dtype, v * r))),
-        );
+        match offset {
+            None => out.extend(
+                row.iter()
+                    .zip(ws.iter())
+                    .map(|(&v, &g)| round(dtype, g * round(dtype, v * r))),
+            ),
+            Some(c) => out.extend(
+                row.iter()
+                    .zip(ws.iter())
+                    .map(|(&v, &g)| round(dtype, (v * r) * (g + c))),
+            ),
+        }
     }
     Ok((out, rows, d))
 }
@@ -95,7 +116,33 @@ pub fn post_rms_norm(
     eps: f32,
     residual: Option<&Tensor>,
 ) -> Result<Tensor, KernelError> {
-    let op = "fused.post_rms_norm";
+    norm_f32_weight("fused.post_rms_norm", x, w, eps, None, residual)
+}
+
+/// `fused.offset_rms_norm(x, w, eps, c[, r])`: `[r +] to(T)(x32 * rsqrt(mean(x32^2) +
+/// eps) * (w32 + c))`, Gemma's RMSNorm (transformers' `Gemma2RMSNorm.forward`), each
+/// step rounded as the eager graph rounds it: the offset weight in f32, the product in
+/// f32, one rounding to `T`, then the residual add.
+pub fn offset_rms_norm(
+    x: &Tensor,
+    w: &Tensor,
+    eps: f32,
+    offset: f32,
+    residual: Option<&Tensor>,
+) -> Result<Tensor, KernelError> {
+    norm_f32_weight("fused.offset_rms_norm", x, w, eps, Some(offset), residual)
+}
+
+/// The RMSNorms whose weight multiplies in f32 before the one rounding: OLMo 2's
+/// (`offset` `None`: `w32 * (x32 * r)`) and Gemma's (`(x32 * r) * (w32 + c)`).
+fn norm_f32_weight(
+    op: &str,
+    x: &Tensor,
+    w: &Tensor,
+    eps: f32,
+    offset: Option<f32>,
+    residual: Option<&Tensor>,
+) -> Result<Tensor, KernelError> {
     let (xs, rows, d) = gemv::rows_of(x, op)?;
     float_buffer(w, op)?;
     if w.shape() != [d] || w.dtype() != x.dtype() {
@@ -132,11 +179,18 @@ pub fn post_rms_norm(
         let sum: f64 = row.iter().map(|&v| f64::from(v * v)).sum();
         let mean = (sum / d as f64) as f32;
         let r = 1.0 / (mean + eps).sqrt();
-        out.extend(
-            row.iter()
-                .zip(ws.iter())
-                .map(|(&v, &g)| round(dtype, g * (v * r))),
-        );
+        match offset {
+            None => out.extend(
+                row.iter()
+                    .zip(ws.iter())
+                    .map(|(&v, &g)| round(dtype, g * (v * r))),
+            ),
+            Some(c) => out.extend(
+                row.iter()
+                    .zip(ws.iter())
+                    .map(|(&v, &g)| round(dtype, (v * r) * (g + c))),
+            ),
+        }
     }
     if let Some(rs) = rs {
         for (y, &res) in out.iter_mut().zip(rs.iter()) {
@@ -155,7 +209,41 @@ pub fn linear_post_rms_norm(
     eps: f32,
     r: &Tensor,
 ) -> Result<Tensor, KernelError> {
-    let op = "fused.linear_post_rms_norm";
+    linear_then_norm("fused.linear_post_rms_norm", x, wt, w, eps, None, r)
+}
+
+/// `fused.linear_offset_rms_norm(x, W, w, eps, c, r)`: the GEMV rounded to the dtype,
+/// as `linear` gives it, then [`offset_rms_norm`] with the residual.
+pub fn linear_offset_rms_norm(
+    x: &Tensor,
+    wt: GemvWeight<'_>,
+    w: &Tensor,
+    eps: f32,
+    offset: f32,
+    r: &Tensor,
+) -> Result<Tensor, KernelError> {
+    linear_then_norm(
+        "fused.linear_offset_rms_norm",
+        x,
+        wt,
+        w,
+        eps,
+        Some(offset),
+        r,
+    )
+}
+
+/// The GEMV, rounded, then the norm whose weight multiplies in f32 (OLMo 2's without
+/// an offset, Gemma's with one) and the residual add.
+fn linear_then_norm(
+    op: &str,
+    x: &Tensor,
+    wt: GemvWeight<'_>,
+    w: &Tensor,
+    eps: f32,
+    offset: Option<f32>,
+    r: &Tensor,
+) -> Result<Tensor, KernelError> {
     let (xs, rows, ins) = gemv::rows_of(x, op)?;
     gemv::check(op, x.dtype(), ins, wt)?;
     let mut y = None;
@@ -166,7 +254,7 @@ pub fn linear_post_rms_norm(
     })?;
     let y = y.ok_or_else(|| KernelError::Invalid(format!("{op}: the GEMV gave no result")))?;
     let y = rounded(x.dtype(), with_last(x, wt.shape()[0]), y);
-    post_rms_norm(&y, w, eps, Some(r))
+    norm_f32_weight(op, &y, w, eps, offset, Some(r))
 }
 
 /// `fused.rms_norm_linear(x, w, eps, W1, .., Wn)`: one result per weight.
@@ -176,8 +264,37 @@ pub fn rms_norm_linear(
     eps: f32,
     weights: &[GemvWeight<'_>],
 ) -> Result<Vec<Tensor>, KernelError> {
-    let op = "fused.rms_norm_linear";
-    let (n, rows, d) = norm_rows(x, w, eps, op)?;
+    norm_linear("fused.rms_norm_linear", x, w, eps, None, weights)
+}
+
+/// `fused.offset_rms_norm_linear(x, w, eps, c, W1, .., Wn)`: Gemma's norm in the
+/// GEMVs' prologue; one result per weight.
+pub fn offset_rms_norm_linear(
+    x: &Tensor,
+    w: &Tensor,
+    eps: f32,
+    offset: f32,
+    weights: &[GemvWeight<'_>],
+) -> Result<Vec<Tensor>, KernelError> {
+    norm_linear(
+        "fused.offset_rms_norm_linear",
+        x,
+        w,
+        eps,
+        Some(offset),
+        weights,
+    )
+}
+
+fn norm_linear(
+    op: &str,
+    x: &Tensor,
+    w: &Tensor,
+    eps: f32,
+    offset: Option<f32>,
+    weights: &[GemvWeight<'_>],
+) -> Result<Vec<Tensor>, KernelError> {
+    let (n, rows, d) = norm_rows_with(x, w, eps, offset, op)?;
     for &wt in weights {
         gemv::check(op, x.dtype(), d, wt)?;
     }
@@ -208,14 +325,17 @@ pub fn multi_linear(x: &Tensor, weights: &[GemvWeight<'_>]) -> Result<Vec<Tensor
     Ok(outs)
 }
 
-/// `silu(round(g)) * round(u)` with the eager roundings, for the SwiGLU kernels.
-fn swiglu_rows(
+/// `act(round(g)) * round(u)` with the eager roundings, for the gated-MLP kernels
+/// (SwiGLU with `silu`, GeGLU with `gelu_tanh`).
+#[allow(clippy::too_many_arguments)]
+fn gated_rows(
     xs: &[f32],
     rows: usize,
     ins: usize,
     dtype: DType,
     wg: GemvWeight<'_>,
     wu: GemvWeight<'_>,
+    act: fn(f32) -> f32,
     op: &str,
 ) -> Result<Vec<f32>, KernelError> {
     gemv::check(op, dtype, ins, wg)?;
@@ -231,7 +351,7 @@ fn swiglu_rows(
     // parallel loop (the `exp` of SiLU is most of this kernel's work outside them).
     let combine = |g: &mut [f32], u: &[f32]| {
         for (a, &b) in g.iter_mut().zip(u) {
-            let s = round(dtype, silu(round(dtype, *a)));
+            let s = round(dtype, act(round(dtype, *a)));
             *a = round(dtype, s * round(dtype, b));
         }
     };
@@ -253,7 +373,31 @@ fn swiglu_rows(
 /// `fused.swiglu(x, Wg, Wu) = silu(x @ Wg^T) * (x @ Wu^T)`.
 pub fn swiglu(x: &Tensor, wg: GemvWeight<'_>, wu: GemvWeight<'_>) -> Result<Tensor, KernelError> {
     let (xs, rows, ins) = gemv::rows_of(x, "fused.swiglu")?;
-    let out = swiglu_rows(&xs, rows, ins, x.dtype(), wg, wu, "fused.swiglu")?;
+    let out = gated_rows(&xs, rows, ins, x.dtype(), wg, wu, silu, "fused.swiglu")?;
+    Ok(rounded(x.dtype(), with_last(x, wg.shape()[0]), out))
+}
+
+/// `fused.geglu(x, Wg, Wu) = gelu_tanh(x @ Wg^T) * (x @ Wu^T)`, the GELU as the eager
+/// `unary.gelu_tanh` computes it.
+pub fn geglu(x: &Tensor, wg: GemvWeight<'_>, wu: GemvWeight<'_>) -> Result<Tensor, KernelError> {
+    let (xs, rows, ins) = gemv::rows_of(x, "fused.geglu")?;
+    let out = gated_rows(&xs, rows, ins, x.dtype(), wg, wu, gelu_tanh, "fused.geglu")?;
+    Ok(rounded(x.dtype(), with_last(x, wg.shape()[0]), out))
+}
+
+/// `fused.offset_rms_norm_geglu(x, w, eps, c, Wg, Wu)`: Gemma's norm, then GeGLU.
+pub fn offset_rms_norm_geglu(
+    x: &Tensor,
+    w: &Tensor,
+    eps: f32,
+    offset: f32,
+    wg: GemvWeight<'_>,
+    wu: GemvWeight<'_>,
+) -> Result<Tensor, KernelError> {
+    let op = "fused.offset_rms_norm_geglu";
+    let (n, rows, d) = norm_rows_with(x, w, eps, Some(offset), op)?;
+    let out = gated_rows(&n, rows, d, x.dtype(), wg, wu, gelu_tanh, op)?;
+    pool::give(n);
     Ok(rounded(x.dtype(), with_last(x, wg.shape()[0]), out))
 }
 
@@ -267,7 +411,7 @@ pub fn rms_norm_swiglu(
 ) -> Result<Tensor, KernelError> {
     let op = "fused.rms_norm_swiglu";
     let (n, rows, d) = norm_rows(x, w, eps, op)?;
-    let out = swiglu_rows(&n, rows, d, x.dtype(), wg, wu, op)?;
+    let out = gated_rows(&n, rows, d, x.dtype(), wg, wu, silu, op)?;
     pool::give(n);
     Ok(rounded(x.dtype(), with_last(x, wg.shape()[0]), out))
 }

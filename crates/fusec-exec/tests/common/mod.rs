@@ -60,6 +60,7 @@ impl Cfg {
             layer_types: Vec::new(),
             rope_scaling: None,
             multipliers: None,
+            gemma: None,
         }
     }
 }

@@ -48,10 +48,16 @@ pub enum UnaryOp {
     Silu,
     Cos,
     Sin,
+    /// The hyperbolic tangent (Gemma 2's soft-capping, `tanh(x / c) * c`).
+    Tanh,
+    /// GELU with the tanh approximation (Hendrycks & Gimpel, 2016), PyTorch's
+    /// `gelu(x, approximate="tanh")`: `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`,
+    /// transformers' `gelu_pytorch_tanh` (Gemma's `hidden_activation`).
+    GeluTanh,
 }
 
 impl UnaryOp {
-    pub const ALL: [UnaryOp; 7] = [
+    pub const ALL: [UnaryOp; 9] = [
         UnaryOp::Neg,
         UnaryOp::Rsqrt,
         UnaryOp::Sqrt,
@@ -59,6 +65,8 @@ impl UnaryOp {
         UnaryOp::Silu,
         UnaryOp::Cos,
         UnaryOp::Sin,
+        UnaryOp::Tanh,
+        UnaryOp::GeluTanh,
     ];
 
     /// FLOPs charged per element (a transcendental counts as a few).
@@ -67,7 +75,8 @@ impl UnaryOp {
             UnaryOp::Neg => 1,
             UnaryOp::Rsqrt | UnaryOp::Sqrt => 2,
             UnaryOp::Exp | UnaryOp::Cos | UnaryOp::Sin => 4,
-            UnaryOp::Silu => 6,
+            UnaryOp::Silu | UnaryOp::Tanh => 6,
+            UnaryOp::GeluTanh => 10,
         }
     }
 
@@ -81,8 +90,19 @@ impl UnaryOp {
             UnaryOp::Silu => x / (1.0 + (-x).exp()),
             UnaryOp::Cos => x.cos(),
             UnaryOp::Sin => x.sin(),
+            UnaryOp::Tanh => x.tanh(),
+            UnaryOp::GeluTanh => gelu_tanh(x),
         }
     }
+}
+
+/// `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`, the tanh approximation of GELU
+/// as PyTorch's `GeluType::Tanh` kernel writes it (aten/src/ATen/native/cpu/
+/// Activation.cpp: `kBeta = M_SQRT2 * M_2_SQRTPI * 0.5`, `kKappa = 0.044715`).
+pub fn gelu_tanh(x: f64) -> f64 {
+    let beta = std::f64::consts::SQRT_2 * std::f64::consts::FRAC_2_SQRT_PI * 0.5;
+    let inner = beta * (x + 0.044715 * x * x * x);
+    0.5 * x * (1.0 + inner.tanh())
 }
 
 /// Elementwise functions of two tensors, with numpy broadcasting.
@@ -281,15 +301,31 @@ pub enum FusedOp {
     /// add after it, as OLMo 2's post-norm decoder layer applies it to each sublayer's
     /// output. For an f32 `x` it is [`FusedOp::RmsNorm`]'s value.
     PostRmsNorm,
+    /// `(x, w, eps, c[, r]) -> [r +] to(x.dtype)(x32 * rsqrt(mean(x32^2, -1) + eps) *
+    /// (w32 + c))`: transformers' `Gemma2RMSNorm` (models/gemma2/modeling_gemma2.py,
+    /// and Gemma 3's), whose weight is an offset from `c = 1` and multiplies the f32
+    /// values before the one cast back, with `r` the residual add after it (Gemma's
+    /// post-norms before each residual add, `Gemma2DecoderLayer.forward`).
+    OffsetRmsNorm,
     /// `(x, w, eps, W1, .., Wn)`: RMSNorm in the prologue of n GEMVs sharing it. One
     /// weight gives a tensor, several a tuple.
     RmsNormLinear,
+    /// `(x, w, eps, c, W1, .., Wn)`: Gemma's RMSNorm ([`FusedOp::OffsetRmsNorm`]) in
+    /// the prologue of n GEMVs sharing it (`input_layernorm` before q, k and v). One
+    /// weight gives a tensor, several a tuple.
+    OffsetRmsNormLinear,
     /// `(x, W1, .., Wn) -> (x @ W1^T, .., x @ Wn^T)`, n >= 2: GEMVs over one
     /// un-normalised input in one kernel (OLMo 2's q, k and v projections read the
     /// residual stream itself), a tuple.
     MultiLinear,
     /// `(x, Wg, Wu) -> silu(x @ Wg^T) * (x @ Wu^T)`.
     Swiglu,
+    /// `(x, Wg, Wu) -> gelu_tanh(x @ Wg^T) * (x @ Wu^T)`: the gated MLP with GELU's
+    /// tanh approximation (GeGLU, Shazeer, 2020), Gemma's `gelu_pytorch_tanh` gate.
+    Geglu,
+    /// `(x, w, eps, c, Wg, Wu)`: Gemma's RMSNorm then GeGLU in one kernel
+    /// (`pre_feedforward_layernorm` and the gated MLP).
+    OffsetRmsNormGeglu,
     /// `(x, w, eps, Wg, Wu)`: RMSNorm then SwiGLU in one kernel.
     RmsNormSwiglu,
     /// `(x, W, r) -> r + x @ W^T`: a GEMV with a residual-add epilogue.
@@ -303,6 +339,11 @@ pub enum FusedOp {
     /// residual: OLMo 2's `o_proj` and `down_proj` with their post-norms
     /// (`Olmo2DecoderLayer.forward`). The norm reads the whole GEMV result.
     LinearPostRmsNorm,
+    /// `(x, W, w, eps, c, r) -> offset_rms_norm(x @ W^T, w, eps, c, r)`: a GEMV whose
+    /// result, rounded to the dtype, is normalised as `Gemma2RMSNorm` does and added to
+    /// the residual: Gemma's `o_proj` and `down_proj` with their post-norms
+    /// (`Gemma2DecoderLayer.forward`). The norm reads the whole GEMV result.
+    LinearOffsetRmsNorm,
     /// `(q [B,H,T,hd], k [B,KV,L,hd], v [B,KV,L,hd], scale, mask [B,1,T,L]) ->
     /// softmax(q k^T * scale + mask) v`, with query head `h` reading KV head
     /// `h / (H/KV)` (GQA), computed with an online softmax.
@@ -310,23 +351,33 @@ pub enum FusedOp {
     /// `(q, k, v, cos, sin, past_k, past_v, scale, mask) -> (out, k_all, v_all)`: RoPE
     /// on q and k, the KV append in place, and attention, in one kernel.
     DecodeAttention,
+    /// `(q, k, v, cos, sin, past_k, past_v, scale, mask, c) -> (out, k_all, v_all)`:
+    /// [`FusedOp::DecodeAttention`] with Gemma 2's soft-cap `tanh(s / c) * c` on the
+    /// scaled scores before the mask (FP8 cache scales, when lowered, follow `c`).
+    DecodeAttentionCapped,
 }
 
 impl FusedOp {
-    pub const ALL: [FusedOp; 13] = [
+    pub const ALL: [FusedOp; 19] = [
         FusedOp::KvAppend,
         FusedOp::Rope,
         FusedOp::RmsNorm,
         FusedOp::PostRmsNorm,
+        FusedOp::OffsetRmsNorm,
         FusedOp::RmsNormLinear,
+        FusedOp::OffsetRmsNormLinear,
         FusedOp::MultiLinear,
         FusedOp::Swiglu,
+        FusedOp::Geglu,
+        FusedOp::OffsetRmsNormGeglu,
         FusedOp::RmsNormSwiglu,
         FusedOp::LinearAdd,
         FusedOp::LinearScaleAdd,
         FusedOp::LinearPostRmsNorm,
+        FusedOp::LinearOffsetRmsNorm,
         FusedOp::Attention,
         FusedOp::DecodeAttention,
+        FusedOp::DecodeAttentionCapped,
     ];
 }
 

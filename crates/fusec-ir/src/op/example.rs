@@ -179,6 +179,8 @@ pub fn graph(kind: OpKind) -> Result<Graph, TypeError> {
         OpKind::UnarySqrt => e.unary(UnaryOp::Sqrt)?,
         OpKind::UnaryExp => e.unary(UnaryOp::Exp)?,
         OpKind::UnarySilu => e.unary(UnaryOp::Silu)?,
+        OpKind::UnaryTanh => e.unary(UnaryOp::Tanh)?,
+        OpKind::UnaryGeluTanh => e.unary(UnaryOp::GeluTanh)?,
         OpKind::UnaryCos => e.unary(UnaryOp::Cos)?,
         OpKind::UnarySin => e.unary(UnaryOp::Sin)?,
         OpKind::BinaryAdd => e.binary(BinaryOp::Add)?,
@@ -293,10 +295,37 @@ pub fn graph(kind: OpKind) -> Result<Graph, TypeError> {
             let y = e.op(Op::Fused(FusedOp::RmsNormLinear), &[x, w, eps, ws[0]])?;
             e.out(y)
         }
+        OpKind::OffsetRmsNormLinear => {
+            let [x, w, eps] = e.norm_operands()?;
+            let c = e.scalar(1.0)?;
+            let ws = e.gemv_weights(2)?;
+            let t = e.op(
+                Op::Fused(FusedOp::OffsetRmsNormLinear),
+                &[x, w, eps, c, ws[0], ws[1]],
+            )?;
+            let y = e.op(Op::Get { index: 0 }, &[t])?;
+            e.out(y)
+        }
+        OpKind::OffsetRmsNormGeglu => {
+            let [x, w, eps] = e.norm_operands()?;
+            let c = e.scalar(1.0)?;
+            let ws = e.gemv_weights(2)?;
+            let y = e.op(
+                Op::Fused(FusedOp::OffsetRmsNormGeglu),
+                &[x, w, eps, c, ws[0], ws[1]],
+            )?;
+            e.out(y)
+        }
         OpKind::Swiglu => {
             let x = e.x("x", &[1, 1, 8])?;
             let ws = e.gemv_weights(2)?;
             let y = e.op(Op::Fused(FusedOp::Swiglu), &[x, ws[0], ws[1]])?;
+            e.out(y)
+        }
+        OpKind::Geglu => {
+            let x = e.x("x", &[1, 1, 8])?;
+            let ws = e.gemv_weights(2)?;
+            let y = e.op(Op::Fused(FusedOp::Geglu), &[x, ws[0], ws[1]])?;
             e.out(y)
         }
         OpKind::RmsNormSwiglu => {
@@ -338,10 +367,30 @@ pub fn graph(kind: OpKind) -> Result<Graph, TypeError> {
             )?;
             e.out(y)
         }
+        OpKind::LinearOffsetRmsNorm => {
+            let x = e.x("x", &[1, 1, 8])?;
+            let ws = e.gemv_weights(1)?;
+            let w = e.weight("norm", DType::F32, &[6])?;
+            let eps = e.scalar(1e-6)?;
+            let c = e.scalar(1.0)?;
+            let r = e.x("r", &[1, 1, 6])?;
+            let y = e.op(
+                Op::Fused(FusedOp::LinearOffsetRmsNorm),
+                &[x, ws[0], w, eps, c, r],
+            )?;
+            e.out(y)
+        }
         OpKind::PostRmsNorm => {
             let [x, w, eps] = e.norm_operands()?;
             let r = e.x("r", &[1, 1, 8])?;
             let y = e.op(Op::Fused(FusedOp::PostRmsNorm), &[x, w, eps, r])?;
+            e.out(y)
+        }
+        OpKind::OffsetRmsNorm => {
+            let [x, w, eps] = e.norm_operands()?;
+            let c = e.scalar(1.0)?;
+            let r = e.x("r", &[1, 1, 8])?;
+            let y = e.op(Op::Fused(FusedOp::OffsetRmsNorm), &[x, w, eps, c, r])?;
             e.out(y)
         }
         OpKind::LinearScaleAdd => {
@@ -383,6 +432,38 @@ pub fn graph(kind: OpKind) -> Result<Graph, TypeError> {
             let t = e.op(
                 Op::Fused(FusedOp::DecodeAttention),
                 &[q, k, v, cos, sin, past_k, past_v, scale, mask],
+            )?;
+            // In the order extraction gives them back: state outputs first.
+            let k_all = e.op(Op::Get { index: 1 }, &[t])?;
+            let v_all = e.op(Op::Get { index: 2 }, &[t])?;
+            let out = e.op(Op::Get { index: 0 }, &[t])?;
+            e.g.add_output("past.0.key", OutputKind::State, k_all);
+            e.g.add_output("past.0.value", OutputKind::State, v_all);
+            e.out(out)
+        }
+        OpKind::DecodeAttentionCapped => {
+            let q = e.x("q", &[1, 4, 1, 8])?;
+            let k = e.input("k", DType::F32, cache_new(2, 8))?;
+            let v = e.input("v", DType::F32, cache_new(2, 8))?;
+            let cos = e.x("cos", &[1, 1, 1, 8])?;
+            let sin = e.x("sin", &[1, 1, 1, 8])?;
+            let past_k = e.state("past.0.key", cache_shape(2, 0, 8))?;
+            let past_v = e.state("past.0.value", cache_shape(2, 0, 8))?;
+            let scale = e.scalar(0.125f64.sqrt())?;
+            let mask = e.input(
+                "mask",
+                DType::F32,
+                Shape(vec![
+                    Dim::Fixed(1),
+                    Dim::Fixed(1),
+                    Dim::Fixed(1),
+                    Dim::sym(step::PAST).plus(1),
+                ]),
+            )?;
+            let cap = e.scalar(50.0)?;
+            let t = e.op(
+                Op::Fused(FusedOp::DecodeAttentionCapped),
+                &[q, k, v, cos, sin, past_k, past_v, scale, mask, cap],
             )?;
             // In the order extraction gives them back: state outputs first.
             let k_all = e.op(Op::Get { index: 1 }, &[t])?;

@@ -154,9 +154,31 @@ pub(crate) fn infer(op: FusedOp, t: &[&TensorType]) -> R<Type> {
             }
             Ok(Type::Tensor(t[0].clone()))
         }
-        FusedOp::RmsNormLinear => {
+        FusedOp::OffsetRmsNorm => {
             norm(t[0], t[1], t[2])?;
-            let outs = t[3..]
+            scalar(t[3], "offset")?;
+            match t.get(4..) {
+                Some([]) => {}
+                Some([r]) if *r == t[0] => {}
+                Some([r]) => {
+                    return Err(format!("residual {r} does not match the input {}", t[0]));
+                }
+                _ => return Err(format!("expected 4 or 5 operands, got {}", t.len())),
+            }
+            Ok(Type::Tensor(t[0].clone()))
+        }
+        FusedOp::RmsNormLinear | FusedOp::OffsetRmsNormLinear => {
+            norm(t[0], t[1], t[2])?;
+            let first = if op == FusedOp::OffsetRmsNormLinear {
+                scalar(t[3], "offset")?;
+                4
+            } else {
+                3
+            };
+            if t.len() <= first {
+                return Err("expected at least one GEMV weight".into());
+            }
+            let outs = t[first..]
                 .iter()
                 .map(|w| linear(t[0], w))
                 .collect::<R<Vec<_>>>()?;
@@ -173,12 +195,18 @@ pub(crate) fn infer(op: FusedOp, t: &[&TensorType]) -> R<Type> {
                 .collect::<R<Vec<_>>>()?;
             Ok(Type::Tuple(outs))
         }
-        FusedOp::Swiglu | FusedOp::RmsNormSwiglu => {
-            let (x, wg, wu) = if op == FusedOp::Swiglu {
-                (t[0], t[1], t[2])
-            } else {
-                norm(t[0], t[1], t[2])?;
-                (t[0], t[3], t[4])
+        FusedOp::Swiglu | FusedOp::Geglu | FusedOp::RmsNormSwiglu | FusedOp::OffsetRmsNormGeglu => {
+            let (x, wg, wu) = match op {
+                FusedOp::RmsNormSwiglu => {
+                    norm(t[0], t[1], t[2])?;
+                    (t[0], t[3], t[4])
+                }
+                FusedOp::OffsetRmsNormGeglu => {
+                    norm(t[0], t[1], t[2])?;
+                    scalar(t[3], "offset")?;
+                    (t[0], t[4], t[5])
+                }
+                _ => (t[0], t[1], t[2]),
             };
             if wg.shape != wu.shape {
                 return Err(format!(
@@ -201,14 +229,17 @@ pub(crate) fn infer(op: FusedOp, t: &[&TensorType]) -> R<Type> {
             }
             Ok(Type::Tensor(y))
         }
-        FusedOp::LinearPostRmsNorm => {
+        FusedOp::LinearPostRmsNorm | FusedOp::LinearOffsetRmsNorm => {
             let y = linear(t[0], t[1])?;
             norm(&y, t[2], t[3])?;
-            if &y != t[4] {
-                return Err(format!(
-                    "residual {} does not match the GEMV result {y}",
-                    t[4]
-                ));
+            let r = if op == FusedOp::LinearOffsetRmsNorm {
+                scalar(t[4], "offset")?;
+                t[5]
+            } else {
+                t[4]
+            };
+            if &y != r {
+                return Err(format!("residual {r} does not match the GEMV result {y}"));
             }
             Ok(Type::Tensor(y))
         }
@@ -220,6 +251,11 @@ pub(crate) fn infer(op: FusedOp, t: &[&TensorType]) -> R<Type> {
             }
             same_dtype(q, k)?;
             scalar(scale, "scale")?;
+            match t.get(5..) {
+                Some([]) => {}
+                Some([cap]) => scalar(cap, "softcap")?,
+                _ => return Err(format!("expected 5 or 6 operands, got {}", t.len())),
+            }
             let (_, tq, _) = heads(q, "q")?;
             let (_, len, _) = heads(k, "k")?;
             let scores = TensorType::new(
@@ -234,26 +270,38 @@ pub(crate) fn infer(op: FusedOp, t: &[&TensorType]) -> R<Type> {
             broadcasts_to(mask, &scores, "mask")?;
             Ok(Type::Tensor(q.clone()))
         }
-        FusedOp::DecodeAttention => {
+        FusedOp::DecodeAttention | FusedOp::DecodeAttentionCapped => {
             let (q, k, v, cos, sin, pk, pv, scale, mask) =
                 (t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[8]);
             infer(FusedOp::Rope, &[q, cos, sin])?;
             infer(FusedOp::Rope, &[k, cos, sin])?;
+            // The soft-capped variant has its cap after the mask.
+            let base = if op == FusedOp::DecodeAttentionCapped {
+                scalar(t[9], "softcap")?;
+                10
+            } else {
+                9
+            };
             // A cache in FP8 carries a per-tensor scale for keys and one for values:
             // entries are stored as `x / scale` and read back as `q * scale`.
             let cache = pk.dtype;
-            match (cache.is_fp8(), t.len()) {
-                (false, 9) => {}
-                (true, 11) => {
-                    scalar(t[9], "key cache scale")?;
-                    scalar(t[10], "value cache scale")?;
+            match (cache.is_fp8(), t.len() - base) {
+                (false, 0) => {}
+                (true, 2) => {
+                    scalar(t[base], "key cache scale")?;
+                    scalar(t[base + 1], "value cache scale")?;
                 }
-                (false, n) => {
-                    return Err(format!("takes 9 operands with a {cache} cache, got {n}"))
-                }
-                (true, n) => {
+                (false, _) => {
                     return Err(format!(
-                    "takes 11 operands (the two cache scales last) with a {cache} cache, got {n}"
+                        "takes {base} operands with a {cache} cache, got {}",
+                        t.len()
+                    ))
+                }
+                (true, _) => {
+                    return Err(format!(
+                    "takes {} operands (the two cache scales last) with a {cache} cache, got {}",
+                    base + 2,
+                    t.len()
                 ))
                 }
             }

@@ -189,6 +189,8 @@ op_table! {
     UnarySilu = "unary.silu", Exactly(1), [Act], None, Kernel(Elementwise), [];
     UnaryCos = "unary.cos", Exactly(1), [Act], None, Kernel(Elementwise), [];
     UnarySin = "unary.sin", Exactly(1), [Act], None, Kernel(Elementwise), [];
+    UnaryTanh = "unary.tanh", Exactly(1), [Act], None, Kernel(Elementwise), [];
+    UnaryGeluTanh = "unary.gelu_tanh", Exactly(1), [Act], None, Kernel(Elementwise), [];
     BinaryAdd = "binary.add", Exactly(2), [Act, Act], None, Kernel(Elementwise), [];
     BinarySub = "binary.sub", Exactly(2), [Act, Act], None, Kernel(Elementwise), [];
     BinaryMul = "binary.mul", Exactly(2), [Act, Act], None, Kernel(Elementwise), [];
@@ -223,10 +225,17 @@ op_table! {
     RmsNorm = "fused.rms_norm", Exactly(3), [Act, NormW, Sc], None, Kernel(Elementwise), [];
     PostRmsNorm = "fused.post_rms_norm", AtLeast(3), [Act, NormW, Sc], Some(Act),
         Kernel(Elementwise), [];
+    OffsetRmsNorm = "fused.offset_rms_norm", AtLeast(4), [Act, NormW, Sc, Sc], Some(Act),
+        Kernel(Elementwise), [];
     RmsNormLinear = "fused.rms_norm_linear", AtLeast(4), [Act, NormW, Sc], Some(W),
         Kernel(Gemv), [];
+    OffsetRmsNormLinear = "fused.offset_rms_norm_linear", AtLeast(5), [Act, NormW, Sc, Sc],
+        Some(W), Kernel(Gemv), [];
     MultiLinear = "fused.multi_linear", AtLeast(3), [Act, W, W], Some(W), Kernel(Gemv), [];
     Swiglu = "fused.swiglu", Exactly(3), [Act, W, W], None, Kernel(Gemv), [];
+    Geglu = "fused.geglu", Exactly(3), [Act, W, W], None, Kernel(Gemv), [];
+    OffsetRmsNormGeglu = "fused.offset_rms_norm_geglu", Exactly(6), [Act, NormW, Sc, Sc, W, W],
+        None, Kernel(Gemv), [];
     RmsNormSwiglu = "fused.rms_norm_swiglu", Exactly(5), [Act, NormW, Sc, W, W], None,
         Kernel(Gemv), [];
     LinearAdd = "fused.linear_add", Exactly(3), [Act, W, Act], None, Kernel(Gemv), [];
@@ -234,12 +243,20 @@ op_table! {
         Kernel(Gemv), [];
     LinearPostRmsNorm = "fused.linear_post_rms_norm", Exactly(5), [Act, W, NormW, Sc, Act],
         None, Kernel(Gemv), [];
-    Attention = "fused.attention", Exactly(5), [Act, Act, Act, Sc, Mask], None,
+    LinearOffsetRmsNorm = "fused.linear_offset_rms_norm", Exactly(6),
+        [Act, W, NormW, Sc, Sc, Act], None, Kernel(Gemv), [];
+    Attention = "fused.attention", AtLeast(5), [Act, Act, Act, Sc, Mask], Some(Sc),
         Kernel(Attention), [];
     DecodeAttention = "fused.decode_attention", AtLeast(9),
         [
             Act, Act, Act, Rope, Rope,
             Cache { result: 1, reads: true }, Cache { result: 2, reads: true }, Sc, Mask,
+        ],
+        Some(CacheScale), Kernel(Attention), [];
+    DecodeAttentionCapped = "fused.decode_attention_capped", AtLeast(10),
+        [
+            Act, Act, Act, Rope, Rope,
+            Cache { result: 1, reads: true }, Cache { result: 2, reads: true }, Sc, Mask, Sc,
         ],
         Some(CacheScale), Kernel(Attention), [];
 }
@@ -268,6 +285,8 @@ impl Op {
                 UnaryOp::Silu => OpKind::UnarySilu,
                 UnaryOp::Cos => OpKind::UnaryCos,
                 UnaryOp::Sin => OpKind::UnarySin,
+                UnaryOp::Tanh => OpKind::UnaryTanh,
+                UnaryOp::GeluTanh => OpKind::UnaryGeluTanh,
             },
             Op::Binary(b) => match b {
                 BinaryOp::Add => OpKind::BinaryAdd,
@@ -373,15 +392,21 @@ impl FusedOp {
             FusedOp::Rope => OpKind::Rope,
             FusedOp::RmsNorm => OpKind::RmsNorm,
             FusedOp::PostRmsNorm => OpKind::PostRmsNorm,
+            FusedOp::OffsetRmsNorm => OpKind::OffsetRmsNorm,
             FusedOp::RmsNormLinear => OpKind::RmsNormLinear,
             FusedOp::MultiLinear => OpKind::MultiLinear,
             FusedOp::Swiglu => OpKind::Swiglu,
+            FusedOp::Geglu => OpKind::Geglu,
+            FusedOp::OffsetRmsNormGeglu => OpKind::OffsetRmsNormGeglu,
+            FusedOp::OffsetRmsNormLinear => OpKind::OffsetRmsNormLinear,
             FusedOp::RmsNormSwiglu => OpKind::RmsNormSwiglu,
             FusedOp::LinearAdd => OpKind::LinearAdd,
             FusedOp::LinearScaleAdd => OpKind::LinearScaleAdd,
             FusedOp::LinearPostRmsNorm => OpKind::LinearPostRmsNorm,
+            FusedOp::LinearOffsetRmsNorm => OpKind::LinearOffsetRmsNorm,
             FusedOp::Attention => OpKind::Attention,
             FusedOp::DecodeAttention => OpKind::DecodeAttention,
+            FusedOp::DecodeAttentionCapped => OpKind::DecodeAttentionCapped,
         }
     }
 

@@ -1,8 +1,10 @@
 //! Architectures as plug-ins: the [`Architecture`] trait, the built-in [`Llama`],
-//! [`Mistral`], [`Qwen2`], [`Qwen3`], [`Olmo2`], [`Granite`] and [`Phi3`], and the [`Registry`] that
+//! [`Mistral`], [`Qwen2`], [`Qwen3`], [`Olmo2`], [`Granite`], [`Phi3`], [`Gemma2`] and
+//! [`Gemma3`], and the [`Registry`] that
 //! finds one by `model_type`.
 
 mod architecture;
+pub mod gemma;
 pub mod granite;
 pub mod llama;
 pub mod mistral;
@@ -13,6 +15,7 @@ pub mod qwen3;
 mod registry;
 
 pub use architecture::Architecture;
+pub use gemma::{Gemma2, Gemma3};
 pub use granite::Granite;
 pub use llama::Llama;
 pub use mistral::Mistral;

@@ -195,6 +195,7 @@ mod tests {
             layer_types: Vec::new(),
             rope_scaling: None,
             multipliers: None,
+            gemma: None,
         }
     }
 

@@ -6,6 +6,7 @@ use std::sync::{Arc, LazyLock};
 use fusec_ir::Graph;
 
 use super::architecture::Architecture;
+use super::gemma::{Gemma2, Gemma3};
 use super::granite::Granite;
 use super::llama::Llama;
 use super::mistral::Mistral;
@@ -20,7 +21,7 @@ use crate::frontend::{
 };
 
 /// The architectures fusec knows, by `model_type`. [`Registry::builtin`] holds Llama,
-/// Mistral, Qwen2, Qwen3, OLMo 2, Granite and Phi-3; a library user extends [`Registry::with_builtins`] with
+/// Mistral, Qwen2, Qwen3, OLMo 2, Granite, Phi-3, Gemma 2 and Gemma 3 (text); a library user extends [`Registry::with_builtins`] with
 /// [`Registry::register`] and passes it to the frontends and the pipeline.
 #[derive(Clone, Debug, Default)]
 pub struct Registry {
@@ -76,6 +77,8 @@ impl Registry {
             Arc::new(Olmo2),
             Arc::new(Granite),
             Arc::new(Phi3),
+            Arc::new(Gemma2),
+            Arc::new(Gemma3),
         ];
         Self { architectures }
     }
@@ -224,7 +227,17 @@ mod tests {
     fn builtins_are_the_families() {
         assert_eq!(
             Registry::builtin().model_types(),
-            ["llama", "mistral", "qwen2", "qwen3", "olmo2", "granite", "phi3"]
+            [
+                "llama",
+                "mistral",
+                "qwen2",
+                "qwen3",
+                "olmo2",
+                "granite",
+                "phi3",
+                "gemma2",
+                "gemma3_text"
+            ]
         );
         assert!(Registry::new().model_types().is_empty());
     }
@@ -241,7 +254,7 @@ mod tests {
         let e = parse_model_toml(path, &bad).expect_err("gpt2 is not registered");
         assert_eq!(
             e.message,
-            "unsupported architecture `gpt2` (fusec compiles \"llama\", \"mistral\", \"qwen2\", \"qwen3\", \"olmo2\", \"granite\" and \"phi3\")"
+            "unsupported architecture `gpt2` (fusec compiles \"llama\", \"mistral\", \"qwen2\", \"qwen3\", \"olmo2\", \"granite\", \"phi3\", \"gemma2\" and \"gemma3_text\")"
         );
         assert_eq!(e.location, Some((2, 16)));
     }
@@ -254,7 +267,7 @@ mod tests {
         let e = parse_hf_config(path, &JSON.replace("MT", "custom")).expect_err("unknown");
         assert_eq!(
             e.message,
-            "unsupported model_type `custom` (fusec compiles llama, mistral, qwen2, qwen3, olmo2, granite and phi3)"
+            "unsupported model_type `custom` (fusec compiles llama, mistral, qwen2, qwen3, olmo2, granite, phi3, gemma2 and gemma3_text)"
         );
 
         let mut registry = Registry::with_builtins();
@@ -262,7 +275,16 @@ mod tests {
         assert_eq!(
             registry.model_types(),
             [
-                "llama", "mistral", "qwen2", "qwen3", "olmo2", "granite", "phi3", "custom",
+                "llama",
+                "mistral",
+                "qwen2",
+                "qwen3",
+                "olmo2",
+                "granite",
+                "phi3",
+                "gemma2",
+                "gemma3_text",
+                "custom",
                 "custom2"
             ]
         );
@@ -277,7 +299,7 @@ mod tests {
             .expect_err("unknown");
         assert!(
             e.message.ends_with(
-                "(fusec compiles llama, mistral, qwen2, qwen3, olmo2, granite, phi3, custom and custom2)"
+                "(fusec compiles llama, mistral, qwen2, qwen3, olmo2, granite, phi3, gemma2, gemma3_text, custom and custom2)"
             ),
             "{e}"
         );
@@ -304,7 +326,7 @@ mod tests {
         let e = Registry::builtin().build(&spec).expect_err("unknown");
         assert_eq!(
             e.to_string(),
-            "unknown architecture `custom` (registered: llama, mistral, qwen2, qwen3, olmo2, granite, phi3)"
+            "unknown architecture `custom` (registered: llama, mistral, qwen2, qwen3, olmo2, granite, phi3, gemma2, gemma3_text)"
         );
     }
 }

@@ -17,7 +17,7 @@
 
 use fusec_ir::{
     step, BinaryOp, DType, Dim, FusedOp, InputKind, NodeId, Op, OutputKind, Shape, TensorType,
-    WeightRole,
+    UnaryOp, WeightRole,
 };
 
 use super::linear::Linear;
@@ -265,6 +265,14 @@ pub fn repeat_kv(
     b.reshape(e, Shape(vec![bd, Dim::Fixed(heads.num_heads), len, hd]))
 }
 
+/// `tanh(x / c) * c`: Gemma 2's soft-capping of attention scores and final logits
+/// (transformers' models/gemma2/modeling_gemma2.py).
+pub fn soft_cap(b: &mut Builder, x: NodeId, c: f64) -> Result<NodeId, BuildError> {
+    let x = b.binary_scalar(BinaryOp::Div, x, c)?;
+    let x = b.unary(UnaryOp::Tanh, x)?;
+    b.binary_scalar(BinaryOp::Mul, x, c)
+}
+
 /// `eager_attention_forward` and the head merge: q `[B,H,1,hd]` against the whole
 /// caches `[B,KV,S+1,hd]`, to `[B,1,H*hd]`.
 pub fn eager_attention(
@@ -294,12 +302,54 @@ pub fn eager_attention_scaled(
     dims: &StepDims,
     scale: f64,
 ) -> Result<NodeId, BuildError> {
+    let scores = Scores {
+        scale,
+        softcap: None,
+        window: None,
+    };
+    eager_attention_with(b, q, k_all, v_all, mask, heads, dims, &scores)
+}
+
+/// How one layer forms its attention scores: the scale, an optional soft-cap, and the
+/// layer's sliding window.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Scores {
+    /// The factor on `q k^T` (`head_dim^-0.5`, Granite's `attention_multiplier`,
+    /// Gemma's `query_pre_attn_scalar^-0.5`).
+    pub scale: f64,
+    /// Gemma 2's `attn_logit_softcapping` `c`: `scores = tanh(scores / c) * c` before
+    /// the mask (transformers' models/gemma2/modeling_gemma2.py,
+    /// `eager_attention_forward`).
+    pub softcap: Option<f64>,
+    /// The layer's sliding window (`ModelConfig::layer_window`), which its caller
+    /// gives [`kv_cache_append`] and [`layer_mask`]: the caches are then rings of
+    /// `min(S+1,W)` entries and the mask the window's, and the scores follow their
+    /// shapes.
+    pub window: Option<u64>,
+}
+
+/// `eager_attention_forward` with `scores`' scale and soft-cap, and the head merge:
+/// q `[B,H,1,hd]` against the whole caches `[B,KV,S+1,hd]`, to `[B,1,H*hd]`.
+#[allow(clippy::too_many_arguments)]
+pub fn eager_attention_with(
+    b: &mut Builder,
+    q: NodeId,
+    k_all: NodeId,
+    v_all: NodeId,
+    mask: NodeId,
+    heads: &Heads,
+    dims: &StepDims,
+    scores_spec: &Scores,
+) -> Result<NodeId, BuildError> {
     let dtype = b.ty(q).dtype;
     let k_all = repeat_kv(b, k_all, heads, dims)?;
     let v_all = repeat_kv(b, v_all, heads, dims)?;
     let kt = b.transpose(k_all, 2, 3)?;
     let scores = b.op(Op::MatMul, &[q, kt])?;
-    let scores = b.binary_scalar(BinaryOp::Mul, scores, scale)?;
+    let mut scores = b.binary_scalar(BinaryOp::Mul, scores, scores_spec.scale)?;
+    if let Some(c) = scores_spec.softcap {
+        scores = soft_cap(b, scores, c)?;
+    }
     let scores = b.binary(BinaryOp::Add, scores, mask)?;
     let scores = b.to_dtype(scores, DType::F32)?;
     let probs = b.op(Op::Softmax { axis: -1 }, &[scores])?;

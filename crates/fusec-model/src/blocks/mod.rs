@@ -24,8 +24,8 @@ pub mod rope;
 pub mod step;
 
 pub use attention::{
-    eager_attention, eager_attention_scaled, kv_cache_append, layer_mask, repeat_kv, split_heads,
-    Attention, Heads,
+    eager_attention, eager_attention_scaled, eager_attention_with, kv_cache_append, layer_mask,
+    repeat_kv, soft_cap, split_heads, Attention, Heads, Scores,
 };
 pub use embedding::Embedding;
 pub use head::LmHead;

@@ -55,4 +55,24 @@ impl RmsNorm {
         let h = b.binary(BinaryOp::Mul, w, h)?;
         b.to_dtype(h, input_dtype)
     }
+
+    /// Gemma's order and offset (transformers' models/gemma2/modeling_gemma2.py
+    /// `Gemma2RMSNorm.forward`, and Gemma 3's, which is the same): the weight is
+    /// stored as an offset from 1 (initialised to zeros) and the f32 normalised values
+    /// are multiplied by `1 + w` in f32 before the one cast back,
+    /// `(x32 * rsqrt(...) * (1.0 + w.float())).type_as(x)`.
+    pub fn forward_offset_weight(&self, b: &mut Builder, x: NodeId) -> Result<NodeId, BuildError> {
+        let input_dtype = b.ty(x).dtype;
+        let h = b.to_dtype(x, DType::F32)?;
+        let sq = b.binary_scalar(BinaryOp::Pow, h, 2.0)?;
+        let var = b.reduce(ReduceOp::Mean, sq, -1, true)?;
+        let var = b.binary_scalar(BinaryOp::Add, var, self.eps)?;
+        let r = b.unary(UnaryOp::Rsqrt, var)?;
+        let h = b.binary(BinaryOp::Mul, h, r)?;
+        let w = b.to_dtype(self.weight, DType::F32)?;
+        // `1.0 + w` is PyTorch's add of a Python scalar, `w + 1.0`.
+        let w = b.binary_scalar(BinaryOp::Add, w, 1.0)?;
+        let h = b.binary(BinaryOp::Mul, h, w)?;
+        b.to_dtype(h, input_dtype)
+    }
 }

@@ -38,6 +38,29 @@ pub struct ModelConfig {
     /// families that have none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub multipliers: Option<Multipliers>,
+    /// Gemma 2/3's attention scale, soft-capping and local RoPE base; `None` for the
+    /// families that have none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gemma: Option<GemmaParams>,
+}
+
+/// What Gemma 2 (transformers' `Gemma2Config`, models/gemma2/modeling_gemma2.py) and
+/// Gemma 3 (`Gemma3TextConfig`, models/gemma3/modeling_gemma3.py) add to the shared
+/// decoder keys.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct GemmaParams {
+    /// The attention scores are scaled by `query_pre_attn_scalar^-0.5` instead of
+    /// `head_dim^-0.5` (`Gemma2Attention.scaling`).
+    pub query_pre_attn_scalar: f64,
+    /// `scores = tanh(scores / c) * c` before the mask (`eager_attention_forward`'s
+    /// `softcap`); `None`: no capping.
+    pub attn_logit_softcapping: Option<f64>,
+    /// `logits = tanh(logits / c) * c` after the LM head; `None`: no capping.
+    pub final_logit_softcapping: Option<f64>,
+    /// Gemma 3's RoPE base of the sliding layers (`rope_local_base_freq`, or
+    /// `rope_parameters.sliding_attention.rope_theta`); `None`: one RoPE for every
+    /// layer (Gemma 2).
+    pub rope_local_theta: Option<f64>,
 }
 
 /// The attention of one decoder layer, as transformers' `layer_types` names it.
@@ -96,18 +119,29 @@ impl Default for Multipliers {
 }
 
 impl ModelConfig {
+    /// How layer `layer` attends: its `layer_types` entry, or, without `layer_types`,
+    /// through the window when there is one (Mistral).
+    pub fn layer_type(&self, layer: u64) -> LayerType {
+        if self.layer_types.is_empty() {
+            return match self.sliding_window {
+                Some(_) => LayerType::Sliding,
+                None => LayerType::Full,
+            };
+        }
+        usize::try_from(layer)
+            .ok()
+            .and_then(|i| self.layer_types.get(i).copied())
+            .unwrap_or(LayerType::Full)
+    }
+
     /// The attention window of layer `layer`: `sliding_window` for a
     /// `sliding_attention` layer (every layer when `layer_types` is empty), `None` for
     /// a layer that attends to the whole cache.
     pub fn layer_window(&self, layer: u64) -> Option<u64> {
         let w = self.sliding_window?;
-        if self.layer_types.is_empty() {
-            return Some(w);
-        }
-        let i = usize::try_from(layer).ok()?;
-        match self.layer_types.get(i) {
-            Some(LayerType::Sliding) => Some(w),
-            Some(LayerType::Full) | None => None,
+        match self.layer_type(layer) {
+            LayerType::Sliding => Some(w),
+            LayerType::Full => None,
         }
     }
 

@@ -56,9 +56,22 @@ impl<'a> HfConfig<'a> {
         self.string("model_type")
     }
 
-    /// An error at the key's position in the source (its first occurrence).
+    /// An error at the key's position in the source (its first occurrence). A dotted
+    /// key (`rope_parameters.full_attention`) is found part by part, each after the
+    /// one before.
     pub fn err_at(&self, key: &str, message: String) -> ConfigError {
-        match self.src.find(&format!("\"{key}\"")) {
+        let mut found = None;
+        let mut from = 0;
+        for part in key.split('.') {
+            match self.src[from..].find(&format!("\"{part}\"")) {
+                Some(i) => {
+                    from += i;
+                    found = Some(from);
+                }
+                None => break,
+            }
+        }
+        match found {
             Some(at) => ConfigError::at(self.path, self.src, at, message),
             None => ConfigError::new(self.path, message),
         }
@@ -67,6 +80,17 @@ impl<'a> HfConfig<'a> {
     /// The value of `key`; `null` counts as absent, as transformers reads it.
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.root.get(key).filter(|v| !v.is_null())
+    }
+
+    /// Whether `key` is written out as `null` (which, for a key whose default is a
+    /// value, turns the feature off: Gemma 2's soft-capping).
+    pub fn is_null(&self, key: &str) -> bool {
+        self.root.get(key).is_some_and(Value::is_null)
+    }
+
+    /// The raw value of `key`, `null` included.
+    pub fn raw(&self, key: &str) -> Option<&Value> {
+        self.root.get(key)
     }
 
     /// A positive integer, if present.
@@ -214,6 +238,7 @@ pub fn decoder_config(j: &HfConfig<'_>) -> Result<ModelConfig, ConfigError> {
         layer_types: j.layer_types()?,
         rope_scaling,
         multipliers: None,
+        gemma: None,
     };
     Ok(model)
 }
@@ -315,6 +340,29 @@ fn rope_config(j: &HfConfig<'_>) -> Result<(f64, Option<RopeScaling>), ConfigErr
         }
     }
     Ok((rope_theta, scaling))
+}
+
+/// One RoPE dict `p`, found under `key` (Gemma 3's `rope_parameters` in transformers
+/// 5.x holds one per layer type, `rope_parameters.full_attention` and
+/// `rope_parameters.sliding_attention`): its `rope_theta`, if given, and its scaling.
+pub fn rope_dict(
+    j: &HfConfig<'_>,
+    key: &str,
+    p: &Map<String, Value>,
+) -> Result<(Option<f64>, Option<RopeScaling>), ConfigError> {
+    let theta = match p.get("rope_theta").filter(|v| !v.is_null()) {
+        Some(t) => Some(j.float_in(key, t)?),
+        None => None,
+    };
+    if p.get("partial_rotary_factor")
+        .is_some_and(|v| !v.is_null() && v.as_f64() != Some(1.0))
+    {
+        return Err(j.err_at(
+            key,
+            format!("`{key}.partial_rotary_factor` other than 1.0 is not supported"),
+        ));
+    }
+    Ok((theta, parse_scaling(j, key, p)?))
 }
 
 /// The scaling `p` (the object under `key`) asks for.

@@ -12,11 +12,12 @@ mod hf;
 mod model_toml;
 
 pub use config::{
-    model_name_from, valid_model_name, DecodeConfig, LayerType, Limits, ModelConfig, ModelSpec,
-    Multipliers, Precision, RopeScaling, TargetConfig, DEFAULT_ARCHITECTURE, DEFAULT_GPU,
+    model_name_from, valid_model_name, DecodeConfig, GemmaParams, LayerType, Limits, ModelConfig,
+    ModelSpec, Multipliers, Precision, RopeScaling, TargetConfig, DEFAULT_ARCHITECTURE,
+    DEFAULT_GPU,
 };
 pub(crate) use error::english_list;
 pub use error::ConfigError;
 pub use gpu_file::{load_gpu_file, parse_gpu_file};
-pub use hf::{decoder_config, spec_from_hf, HfConfig};
+pub use hf::{decoder_config, rope_dict, spec_from_hf, HfConfig};
 pub use model_toml::parse as parse_model_toml_with;

@@ -11,8 +11,8 @@ use toml::Spanned;
 use fusec_ir::DType;
 
 use super::config::{
-    check, model_name_from, DecodeConfig, LayerType, ModelConfig, ModelSpec, Precision,
-    RopeScaling, TargetConfig, DEFAULT_ARCHITECTURE, DEFAULT_GPU,
+    check, model_name_from, DecodeConfig, GemmaParams, LayerType, ModelConfig, ModelSpec,
+    Precision, RopeScaling, TargetConfig, DEFAULT_ARCHITECTURE, DEFAULT_GPU,
 };
 use super::error::{english_list, ConfigError};
 
@@ -48,6 +48,18 @@ struct RawModel {
     /// `layer_types`.
     layer_types: Option<Spanned<Vec<String>>>,
     rope_scaling: Option<RawRopeScaling>,
+    gemma: Option<RawGemma>,
+}
+
+/// `[model.gemma]`: Gemma 2/3's keys, as `Gemma2Config` and `Gemma3TextConfig` name
+/// them (`rope_local_base_freq` is Gemma 3's RoPE base of the sliding layers).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGemma {
+    query_pre_attn_scalar: Spanned<f64>,
+    attn_logit_softcapping: Option<Spanned<f64>>,
+    final_logit_softcapping: Option<Spanned<f64>>,
+    rope_local_base_freq: Option<Spanned<f64>>,
 }
 
 /// `[model.rope_scaling]`: the keys of Hugging Face's `rope_parameters` for a RoPE
@@ -204,6 +216,42 @@ pub fn parse(path: &Path, src: &str, architectures: &[&str]) -> Result<ModelSpec
         .transpose()?
         .unwrap_or_else(|| max_seq_len.min(1024));
 
+    let gemma = match &m.gemma {
+        None => None,
+        Some(g) => {
+            let positive = |key: &str, v: &Spanned<f64>| -> Result<f64, ConfigError> {
+                let x = *v.get_ref();
+                if x.is_finite() && x > 0.0 {
+                    Ok(x)
+                } else {
+                    Err(ConfigError::at(
+                        path,
+                        src,
+                        v.span().start,
+                        format!("`{key}` must be a positive number, got {x}"),
+                    ))
+                }
+            };
+            Some(GemmaParams {
+                query_pre_attn_scalar: positive("query_pre_attn_scalar", &g.query_pre_attn_scalar)?,
+                attn_logit_softcapping: g
+                    .attn_logit_softcapping
+                    .as_ref()
+                    .map(|v| positive("attn_logit_softcapping", v))
+                    .transpose()?,
+                final_logit_softcapping: g
+                    .final_logit_softcapping
+                    .as_ref()
+                    .map(|v| positive("final_logit_softcapping", v))
+                    .transpose()?,
+                rope_local_theta: g
+                    .rope_local_base_freq
+                    .as_ref()
+                    .map(|v| positive("rope_local_base_freq", v))
+                    .transpose()?,
+            })
+        }
+    };
     spans.insert("rope_theta", m.rope_theta.span().start);
     if let Some(types) = &m.layer_types {
         spans.insert("layer_types", types.span().start);
@@ -239,6 +287,7 @@ pub fn parse(path: &Path, src: &str, architectures: &[&str]) -> Result<ModelSpec
         layer_types,
         rope_scaling,
         multipliers: None,
+        gemma,
     };
     let decode = DecodeConfig { batch, context };
     check(&model, &decode).map_err(|(key, message)| match spans.get(key) {

@@ -3,7 +3,7 @@
 use super::super::fused::rope;
 use super::super::KernelError;
 use super::append::{append, storer, Ring};
-use super::full::attention;
+use super::full::attention_capped;
 use crate::recycle;
 use crate::tensor::Tensor;
 
@@ -31,6 +31,23 @@ pub fn decode_attention(
     sin: &Tensor,
     caches: Caches<'_>,
     scale: f32,
+    mask: &Tensor,
+) -> Result<([Tensor; 3], u64), KernelError> {
+    decode_attention_capped(q, k, v, cos, sin, caches, (scale, None), mask)
+}
+
+/// [`decode_attention`] with the scaled scores soft-capped, `tanh(s / c) * c`, when
+/// the cap is `Some(c)` (Gemma 2's `attn_logit_softcapping`; see
+/// [`attention_capped`]).
+#[allow(clippy::too_many_arguments)]
+pub fn decode_attention_capped(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    caches: Caches<'_>,
+    (scale, softcap): (f32, Option<f32>),
     mask: &Tensor,
 ) -> Result<([Tensor; 3], u64), KernelError> {
     let op = "fused.decode_attention";
@@ -65,7 +82,7 @@ pub fn decode_attention(
     let ring = caches.ring;
     let (k_all, copied_k) = append(caches.past_k, &k_rot, 2, storer(cache, ks), ring)?;
     let (v_all, copied_v) = append(caches.past_v, v, 2, storer(cache, vs), ring)?;
-    let out = attention(&q_rot, &k_all, &v_all, scale, mask, caches.scales)?;
+    let out = attention_capped(&q_rot, &k_all, &v_all, scale, softcap, mask, caches.scales)?;
     // The rotated q and k are this kernel's own scratch: back to the pool, so that the
     // next step takes them again instead of allocating.
     recycle::recycle(q_rot);

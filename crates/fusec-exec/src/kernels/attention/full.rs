@@ -31,12 +31,29 @@ pub fn attention(
     mask: &Tensor,
     kv_scales: Option<(f32, f32)>,
 ) -> Result<Tensor, KernelError> {
+    attention_capped(q, k, v, scale, None, mask, kv_scales)
+}
+
+/// [`attention`] with the scaled scores soft-capped before the mask when `softcap` is
+/// `Some(c)`: `tanh(s / c) * c`, each step rounded as the eager `div`, `tanh` and `mul`
+/// round (Gemma 2's `attn_logit_softcapping`, transformers'
+/// models/gemma2/modeling_gemma2.py `eager_attention_forward`).
+pub fn attention_capped(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+    softcap: Option<f32>,
+    mask: &Tensor,
+    kv_scales: Option<(f32, f32)>,
+) -> Result<Tensor, KernelError> {
+    let s = (scale, softcap);
     let compact = |t: &Tensor| matches!(t.buffer(), Buffer::U8(_));
     match (compact(k), compact(v)) {
-        (true, true) => attention_in::<u8>(q, k, v, scale, mask, kv_scales),
-        (false, false) => attention_in::<f32>(q, k, v, scale, mask, kv_scales),
-        (true, false) => attention_in::<f32>(q, &decoded(k), v, scale, mask, kv_scales),
-        (false, true) => attention_in::<f32>(q, k, &decoded(v), scale, mask, kv_scales),
+        (true, true) => attention_in::<u8>(q, k, v, s, mask, kv_scales),
+        (false, false) => attention_in::<f32>(q, k, v, s, mask, kv_scales),
+        (true, false) => attention_in::<f32>(q, &decoded(k), v, s, mask, kv_scales),
+        (false, true) => attention_in::<f32>(q, k, &decoded(v), s, mask, kv_scales),
     }
 }
 
@@ -50,7 +67,7 @@ fn attention_in<T: Kv>(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    scale: f32,
+    (scale, softcap): (f32, Option<f32>),
     mask: &Tensor,
     kv_scales: Option<(f32, f32)>,
 ) -> Result<Tensor, KernelError> {
@@ -103,6 +120,7 @@ fn attention_in<T: Kv>(
         mask_strides,
         dtype,
         scale,
+        softcap,
         k_scale: kv_scales.map(|s| s.0).filter(|_| k.dtype().is_fp8()),
         v_scale: kv_scales.map(|s| s.1).filter(|_| v.dtype().is_fp8()),
         heads,

@@ -105,6 +105,6 @@ mod portable;
 mod storage;
 
 pub use self::append::{append, kv_append, Ring};
-pub use self::decode::{decode_attention, Caches};
-pub use self::full::attention;
+pub use self::decode::{decode_attention, decode_attention_capped, Caches};
+pub use self::full::{attention, attention_capped};
 pub use self::plan::ROW_TILE;

@@ -31,6 +31,8 @@ pub(super) struct Plan<'a, T> {
     pub(super) mask_strides: [usize; 4],
     pub(super) dtype: DType,
     pub(super) scale: f32,
+    /// Gemma 2's soft-cap `c` of the scaled scores, `tanh(s / c) * c`, if any.
+    pub(super) softcap: Option<f32>,
     /// The scales of FP8 caches: keys, values.
     pub(super) k_scale: Option<f32>,
     pub(super) v_scale: Option<f32>,
@@ -154,7 +156,16 @@ impl<T: Kv> Plan<'_, T> {
         let ks = self.k_scale.unwrap_or(1.0);
         let fp8 = self.k_scale.is_some();
         let mask = |j: usize| self.mask[mask_base + j * step];
-        if dtype == DType::F32 {
+        if let Some(c) = self.softcap {
+            // The eager graph's roundings: the scaled score, the division, tanh, the
+            // product and the masked sum, each to the dtype (no-ops in f32).
+            for (j, s) in row.iter_mut().enumerate() {
+                let raw = if fp8 { *s * ks } else { *s };
+                let scaled = round(dtype, round(dtype, raw) * scale);
+                let capped = round(dtype, round(dtype, round(dtype, scaled / c).tanh()) * c);
+                *s = round(dtype, capped + mask(j));
+            }
+        } else if dtype == DType::F32 {
             // Rounding to f32 changes nothing; a loop without it vectorizes.
             match (fp8, step) {
                 (false, 1) => {
