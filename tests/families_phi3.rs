@@ -117,6 +117,7 @@ fn compile(model: &Path, precision: &str, context: &str) -> serde_json::Value {
         "ir,cuda",
         "--context",
         context,
+        "--force",
         "--report-json",
         path_str(&report),
     ];

@@ -269,6 +269,7 @@ fn compile(model: &Path, precision: &str, context: &str, tag: &str) -> serde_jso
         "ir,cuda",
         "--context",
         context,
+        "--force",
         "--report-json",
         path_str(&report),
     ];
