@@ -6,6 +6,7 @@
 //! - [`rounding`]: rounding of `f32` values to an IR dtype, and the compact codes;
 //! - [`weights`]: the named set ([`Weights`]), checked against a graph's types;
 //! - [`load`]: Hugging Face safetensors checkpoints by memory map ([`Weights::load`]);
+//! - [`gguf`]: GGUF checkpoints, dequantized at load, named as Hugging Face names them;
 //! - [`random`]: seeded random weights with a documented distribution
 //!   ([`Weights::random`]);
 //! - [`quant`]: the FP8 weights of a lowered graph (`W.fp8`, `W.scale`) derived from
@@ -16,6 +17,7 @@
 //! and binds its weights without copying them.
 
 pub mod error;
+pub mod gguf;
 pub mod load;
 pub mod quant;
 pub mod random;

@@ -33,43 +33,13 @@ impl Weights {
     /// base (see [`crate::quant`]); a KV-cache scale it lacks is an
     /// [`Error::Uncalibrated`].
     pub fn load(path: &Path, graph: &Graph) -> Result<Weights, Error> {
+        if crate::gguf::is_gguf(path) {
+            return crate::gguf::load(path, graph);
+        }
         let layout = Layout::resolve(path)?;
         let present = layout.names();
         let has = |name: &str| present.as_ref().is_none_or(|p| p.contains(name));
-        let derived = quant::derived_weights(graph)?;
-        // In the graph's order, so that the first problem reported is the first weight
-        // the step needs.
-        let mut wanted: Vec<(String, TensorType)> = Vec::new();
-        let mut seen: HashSet<String> = HashSet::new();
-        let mut want = |name: &str, ty: TensorType| {
-            if seen.insert(name.to_string()) {
-                wanted.push((name.to_string(), ty));
-            }
-        };
-        let mut derives = false;
-        for (id, name) in graph.weights() {
-            let ty = graph
-                .ty(id)
-                .tensor()
-                .ok_or_else(|| Error::InvalidGraph(format!("weight `{name}` has a tuple type")))?;
-            match derived.get(name) {
-                _ if has(name) => want(name, ty.clone()),
-                Some(Derived::Gemv {
-                    base, to, shape, ..
-                }) if has(base) => {
-                    let dims = shape.iter().map(|&d| fusec_ir::Dim::Fixed(d as u64));
-                    let base_ty = TensorType::new(*to, fusec_ir::Shape::new(dims));
-                    want(base, base_ty);
-                    derives = true;
-                }
-                Some(Derived::KvScale { .. }) => {
-                    return Err(Error::Uncalibrated {
-                        tensor: name.to_string(),
-                    })
-                }
-                _ => want(name, ty.clone()),
-            }
-        }
+        let (wanted, derives) = wanted_weights(graph, has)?;
         let mut by_file: BTreeMap<PathBuf, Vec<(String, TensorType)>> = BTreeMap::new();
         for (name, ty) in wanted {
             let file = layout.file_of(&name)?;
@@ -109,6 +79,48 @@ impl Weights {
         })?;
         Ok(meta.metadata().clone().unwrap_or_default())
     }
+}
+
+/// The tensors to read for `graph`, in its order (so that the first problem reported
+/// is the first weight the step needs), given which names the checkpoint `has`; and
+/// whether derived weights must then be made from their bases.
+pub(crate) fn wanted_weights(
+    graph: &Graph,
+    has: impl Fn(&str) -> bool,
+) -> Result<(Vec<(String, TensorType)>, bool), Error> {
+    let derived = quant::derived_weights(graph)?;
+    let mut wanted: Vec<(String, TensorType)> = Vec::new();
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut want = |name: &str, ty: TensorType| {
+        if seen.insert(name.to_string()) {
+            wanted.push((name.to_string(), ty));
+        }
+    };
+    let mut derives = false;
+    for (id, name) in graph.weights() {
+        let ty = graph
+            .ty(id)
+            .tensor()
+            .ok_or_else(|| Error::InvalidGraph(format!("weight `{name}` has a tuple type")))?;
+        match derived.get(name) {
+            _ if has(name) => want(name, ty.clone()),
+            Some(Derived::Gemv {
+                base, to, shape, ..
+            }) if has(base) => {
+                let dims = shape.iter().map(|&d| fusec_ir::Dim::Fixed(d as u64));
+                let base_ty = TensorType::new(*to, fusec_ir::Shape::new(dims));
+                want(base, base_ty);
+                derives = true;
+            }
+            Some(Derived::KvScale { .. }) => {
+                return Err(Error::Uncalibrated {
+                    tensor: name.to_string(),
+                })
+            }
+            _ => want(name, ty.clone()),
+        }
+    }
+    Ok((wanted, derives))
 }
 
 /// How a checkpoint is laid out on disk.
@@ -283,7 +295,7 @@ fn load_file(
                 found: view.shape().to_vec(),
             });
         }
-        let mut values = decode(view.dtype(), view.data()).ok_or_else(|| Error::WrongDtype {
+        let values = decode(view.dtype(), view.data()).ok_or_else(|| Error::WrongDtype {
             tensor: name.clone(),
             file: file.to_path_buf(),
             expected: format!(
@@ -292,24 +304,42 @@ fn load_file(
             ),
             found: format!("{:?}", view.dtype()),
         })?;
-        rounding::round_slice(ty.dtype, &mut values);
-        if let Some((index, &value)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-            return Err(Error::NonFinite {
-                tensor: name.clone(),
-                file: file.to_path_buf(),
-                index,
-                value,
-            });
-        }
-        let tensor =
-            WeightTensor::from_f32(ty.dtype, &expected, values).map_err(|e| Error::WrongDtype {
-                tensor: name.clone(),
-                file: file.to_path_buf(),
-                expected: ty.dtype.to_string(),
-                found: e.to_string(),
-            })?;
-        weights.insert(name.clone(), tensor, WeightSource::File(file.to_path_buf()));
+        insert_checked(weights, file, name, ty, &expected, values)?;
     }
+    Ok(())
+}
+
+/// Rounds `values` to the dtype of `ty`, checks them finite, and inserts them as the
+/// weight `name` read from `file`.
+pub(crate) fn insert_checked(
+    weights: &mut Weights,
+    file: &Path,
+    name: &str,
+    ty: &TensorType,
+    shape: &[usize],
+    mut values: Vec<f32>,
+) -> Result<(), Error> {
+    rounding::round_slice(ty.dtype, &mut values);
+    if let Some((index, &value)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        return Err(Error::NonFinite {
+            tensor: name.to_string(),
+            file: file.to_path_buf(),
+            index,
+            value,
+        });
+    }
+    let tensor =
+        WeightTensor::from_f32(ty.dtype, shape, values).map_err(|e| Error::WrongDtype {
+            tensor: name.to_string(),
+            file: file.to_path_buf(),
+            expected: ty.dtype.to_string(),
+            found: e.to_string(),
+        })?;
+    weights.insert(
+        name.to_string(),
+        tensor,
+        WeightSource::File(file.to_path_buf()),
+    );
     Ok(())
 }
 

@@ -1,0 +1,118 @@
+//! `fusec run --prompt`: text in, text out. The prompt is tokenized with the
+//! checkpoint's tokenizer (through its chat template with `--chat`), the executor's
+//! logits go through the sampler, and each token's text is written as soon as it is
+//! whole, until an end-of-sequence id (unless `--ignore-eos`) or `--tokens`.
+
+use std::io::Write;
+use std::time::Instant;
+
+use anyhow::anyhow;
+use fusec::exec::{Executor, Session};
+use fusec::text::{ChatTemplate, Message, Sampler, SamplingOptions, TextStream, Tokenizer};
+use serde::Serialize;
+
+use crate::Failure;
+
+fn text_failure(e: fusec::text::Error) -> Failure {
+    Failure::Input(e.into())
+}
+
+/// The prompt's ids: `text` encoded with the tokenizer's special tokens, or with
+/// `chat`, rendered as a user message (after `system`, if given) by the chat template
+/// with the assistant's turn opened, then encoded without adding special tokens, as
+/// transformers' `apply_chat_template(..., tokenize=True)` does.
+pub fn prompt_ids(
+    tokenizer: &Tokenizer,
+    text: &str,
+    chat: bool,
+    system: Option<&str>,
+) -> Result<(String, Vec<u32>), Failure> {
+    if !chat {
+        let ids = tokenizer.encode(text, true).map_err(text_failure)?;
+        return Ok((text.to_string(), ids));
+    }
+    let template = ChatTemplate::of(tokenizer).map_err(text_failure)?;
+    let mut messages = Vec::new();
+    if let Some(system) = system {
+        messages.push(Message::new("system", system));
+    }
+    messages.push(Message::new("user", text));
+    let rendered = template.render(&messages, true).map_err(text_failure)?;
+    let ids = tokenizer.encode(&rendered, false).map_err(text_failure)?;
+    Ok((rendered, ids))
+}
+
+/// What a text run produced (the `--json` of a text run).
+#[derive(Serialize, Debug)]
+pub struct TextRun {
+    pub schema: &'static str,
+    pub model: String,
+    /// The text fed to the tokenizer (the rendered chat with --chat).
+    pub prompt_text: String,
+    pub prompt: Vec<u32>,
+    pub generated: Vec<u32>,
+    pub text: String,
+    /// Whether generation ended at an end-of-sequence id (which `generated` holds).
+    pub stopped_at_eos: bool,
+    pub tokens_per_s: f64,
+}
+
+/// Prefills `prompt` and generates up to `max_tokens` ids, writing each one's text to
+/// `out` as it completes.
+pub fn generate(
+    exec: Executor,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    max_tokens: usize,
+    stop_at_eos: bool,
+    sampling: SamplingOptions,
+    out: &mut dyn Write,
+) -> Result<(Vec<u32>, String, bool, f64), Failure> {
+    let mut sampler = Sampler::new(sampling).map_err(text_failure)?;
+    let mut session = Session::with_capacity(exec, 1, prompt.len() + max_tokens)
+        .map_err(crate::cmd::exec_failure)?;
+    let ids: Vec<i32> = prompt.iter().map(|&id| id as i32).collect();
+    let started = Instant::now();
+    let mut logits = Vec::new();
+    for &id in &ids {
+        let step = session.step(&[id]).map_err(crate::cmd::exec_failure)?;
+        logits.clear();
+        logits.extend(step.logits.row(0).iter());
+    }
+    let mut seen: Vec<u32> = prompt.to_vec();
+    let mut generated = Vec::new();
+    let mut text = String::new();
+    let mut stream = TextStream::new(tokenizer, true);
+    let mut stopped = false;
+    let eos = tokenizer.eos_ids();
+    while generated.len() < max_tokens {
+        let next = sampler.next(&logits, &seen);
+        generated.push(next);
+        seen.push(next);
+        if stop_at_eos && eos.contains(&next) {
+            stopped = true;
+            break;
+        }
+        if let Some(piece) = stream.step(next).map_err(text_failure)? {
+            text.push_str(&piece);
+            // A closed pipe ends the output, not the run.
+            let _ = out.write_all(piece.as_bytes()).and_then(|()| out.flush());
+        }
+        if generated.len() == max_tokens {
+            break;
+        }
+        let step = session
+            .step(&[next as i32])
+            .map_err(crate::cmd::exec_failure)?;
+        logits.clear();
+        logits.extend(step.logits.row(0).iter());
+    }
+    let _ = writeln!(out);
+    let steps = prompt.len() + generated.len().saturating_sub(1);
+    let secs = started.elapsed().as_secs_f64();
+    let tokens_per_s = if secs > 0.0 { steps as f64 / secs } else { 0.0 };
+    if generated.is_empty() {
+        return Err(Failure::Internal(anyhow!("no token was generated")));
+    }
+    Ok((generated, text, stopped, tokens_per_s))
+}
