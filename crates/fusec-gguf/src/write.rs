@@ -18,8 +18,12 @@ impl GgufWriter {
         GgufWriter::default()
     }
 
+    /// Sets a metadata key (replacing its value if already set).
     pub fn meta(&mut self, key: &str, value: Value) -> &mut GgufWriter {
-        self.metadata.push((key.to_string(), value));
+        match self.metadata.iter_mut().find(|(k, _)| k == key) {
+            Some((_, v)) => *v = value,
+            None => self.metadata.push((key.to_string(), value)),
+        }
         self
     }
 
