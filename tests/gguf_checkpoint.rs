@@ -104,7 +104,7 @@ fn tiny_gguf(dir: &Path, edit: impl FnOnce(&mut GgufWriter)) -> PathBuf {
         .meta("tokenizer.ggml.eos_token_id", Value::U32(10))
         .meta("tokenizer.chat_template", Value::String(TEMPLATE.into()));
     edit(&mut w);
-    let mut names: Vec<&str> = graph.weights().map(|(_, n)| n).collect();
+    let mut names: Vec<&str> = graph.weights().into_iter().map(|(_, n)| n).collect();
     names.sort();
     names.dedup();
     for name in names {

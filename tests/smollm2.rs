@@ -290,3 +290,29 @@ fn run_chat_answers_and_stops_at_end_of_sequence() {
 fn scratch_json(name: &str) -> PathBuf {
     common::scratch(&format!("smollm2-{name}")).join("run.json")
 }
+
+/// Streaming: tokens that end inside a UTF-8 character give no text until the token
+/// that completes it; the pieces add up to the whole decode.
+#[test]
+fn streamed_text_waits_for_whole_characters() {
+    let Some(path) = common::smollm2() else {
+        return;
+    };
+    let tokenizer = Tokenizer::for_model(&path).expect("tokenizer");
+    for text in ["Emoji: 🎉🚀👩‍👩‍👧‍👦", "日本語のテキスト", "naïve café ½ Ⅻ"]
+    {
+        let ids = tokenizer.encode(text, false).expect("encodes");
+        let mut stream = fusec::text::TextStream::new(&tokenizer, true);
+        let mut pieces = Vec::new();
+        let mut held = 0;
+        for &id in &ids {
+            match stream.step(id).expect("decodes") {
+                Some(piece) => pieces.push(piece),
+                None => held += 1,
+            }
+        }
+        assert!(held > 0, "{text:?}: some token ends inside a character");
+        assert!(pieces.iter().all(|p| !p.contains('\u{FFFD}')), "{pieces:?}");
+        assert_eq!(pieces.concat(), text);
+    }
+}

@@ -85,6 +85,9 @@ pub fn generate(
     let mut stream = TextStream::new(tokenizer, true);
     let mut stopped = false;
     let eos = tokenizer.eos_ids();
+    if max_tokens == 0 {
+        return Err(Failure::Internal(anyhow!("no token to generate")));
+    }
     while generated.len() < max_tokens {
         let next = sampler.next(&logits, &seen);
         generated.push(next);
@@ -107,12 +110,22 @@ pub fn generate(
         logits.clear();
         logits.extend(step.logits.row(0).iter());
     }
+    // Bytes held back for a character that never completed: written as the whole
+    // decode writes them (U+FFFD), so that the text is the generated ids' decode.
+    let shown: Vec<u32> = match stopped {
+        true => generated[..generated.len() - 1].to_vec(),
+        false => generated.clone(),
+    };
+    let whole = tokenizer.decode(&shown, true).map_err(text_failure)?;
+    if let Some(rest) = whole.strip_prefix(text.as_str()) {
+        if !rest.is_empty() {
+            let _ = out.write_all(rest.as_bytes());
+            text.push_str(rest);
+        }
+    }
     let _ = writeln!(out);
     let steps = prompt.len() + generated.len().saturating_sub(1);
     let secs = started.elapsed().as_secs_f64();
     let tokens_per_s = if secs > 0.0 { steps as f64 / secs } else { 0.0 };
-    if generated.is_empty() {
-        return Err(Failure::Internal(anyhow!("no token was generated")));
-    }
     Ok((generated, text, stopped, tokens_per_s))
 }
