@@ -221,7 +221,7 @@ fn greedy_ids_and_logits_match_transformers_float32() {
         let mut session =
             Session::with_capacity(exec, 1, prompt.len() + new_tokens).expect("session");
         let generation = session
-            .generate(&[prompt.clone()], new_tokens)
+            .generate(std::slice::from_ref(&prompt), new_tokens)
             .expect("decodes");
         let want = ids(&case["generated"]);
         let got: Vec<u32> = generation.generated[0].iter().map(|&i| i as u32).collect();

@@ -257,7 +257,7 @@ mod tests {
             assert_eq!(*v, want, "weight {i}");
         }
         // Q5_K: the same nibbles, and the fifth bit set on every third weight.
-        let high = |i: usize| i % 3 == 0;
+        let high = |i: usize| i.is_multiple_of(3);
         let mut qh = [0u8; 32];
         for i in 0..256 {
             if high(i) {

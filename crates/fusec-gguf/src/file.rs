@@ -402,7 +402,7 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed, Error> {
                 ty.block_len()
             ))
         })?;
-        if dims[0] % ty.block_len() as u64 != 0 {
+        if !dims[0].is_multiple_of(ty.block_len() as u64) {
             return Err(tensor_err(format!(
                 "rows of {} weights do not fill whole {} blocks of {}",
                 dims[0],
@@ -410,7 +410,7 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed, Error> {
                 ty.block_len()
             )));
         }
-        if offset % alignment != 0 {
+        if !offset.is_multiple_of(alignment) {
             return Err(tensor_err(format!(
                 "data offset {offset} is not a multiple of the alignment {alignment}"
             )));

@@ -103,7 +103,9 @@ impl GgmlType {
     /// Bytes of `elements` weights, or `None` when they do not fill whole blocks.
     pub fn bytes_of(self, elements: u64) -> Option<u64> {
         let block = self.block_len() as u64;
-        (elements % block == 0).then(|| elements / block * self.block_bytes() as u64)
+        elements
+            .is_multiple_of(block)
+            .then(|| elements / block * self.block_bytes() as u64)
     }
 }
 

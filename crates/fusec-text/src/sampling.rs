@@ -13,8 +13,8 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::error::Error;
 
-/// The options of `fusec run`, with transformers' defaults where they do nothing.
-#[derive(Clone, Debug, PartialEq)]
+/// The options of `fusec run`; the default is greedy decoding.
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct SamplingOptions {
     /// `None`: greedy (argmax), whatever the other options say.
     pub temperature: Option<f32>,
@@ -23,19 +23,6 @@ pub struct SamplingOptions {
     pub min_p: Option<f32>,
     pub repetition_penalty: Option<f32>,
     pub seed: u64,
-}
-
-impl Default for SamplingOptions {
-    fn default() -> Self {
-        SamplingOptions {
-            temperature: None,
-            top_k: None,
-            top_p: None,
-            min_p: None,
-            repetition_penalty: None,
-            seed: 0,
-        }
-    }
 }
 
 impl SamplingOptions {

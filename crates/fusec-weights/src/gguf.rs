@@ -66,7 +66,11 @@ pub enum Permuted {
 /// Undoes `LlamaModel.permute` on a `[rows, cols]` matrix of `heads` heads: the GGUF
 /// row `h * d + 2 * i + j` is the Hugging Face row `h * d + j * d / 2 + i`.
 pub fn unpermute_rows(values: &[f32], rows: usize, cols: usize, heads: usize) -> Option<Vec<f32>> {
-    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 || values.len() != rows * cols {
+    if heads == 0
+        || !rows.is_multiple_of(heads)
+        || !(rows / heads).is_multiple_of(2)
+        || values.len() != rows * cols
+    {
         return None;
     }
     let d = rows / heads;
