@@ -17,7 +17,9 @@ Writes tests/fixtures/smollm2/*.json (small: top logits only, a sample of each t
 - tokenizer_corpus.json: ids of a test corpus by transformers' tokenizer built from the GGUF,
   and the decoded text;
 - chat.json: conversations rendered by apply_chat_template;
-- sampling.json: transformers' logits processors on fixed logits.
+- sampling.json: transformers' logits processors on fixed logits;
+- ../tiny-spm/: a small SentencePiece vocabulary as a GGUF file (written by gguf-py) and
+  transformers' encodings with it.
 """
 
 import json
@@ -44,7 +46,8 @@ assert torch.__version__.startswith("2.11.0"), torch.__version__
 assert transformers.__version__ == "5.24.0", transformers.__version__
 
 GGUF = sys.argv[1]
-# `sampling` as a second argument: only sampling.json, which needs no model.
+# A second argument `sampling` and/or `spm` (comma-separated): only those parts, which
+# need no model.
 PARTS = set(sys.argv[2].split(",")) if len(sys.argv) > 2 else {"all"}
 OUT = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "smollm2")
 os.makedirs(OUT, exist_ok=True)
@@ -93,7 +96,42 @@ write(
     "sampling.json",
     {"logits": [f32(v) for v in logits[0].tolist()], "seen": seen[0].tolist(), "cases": samp_cases},
 )
-if PARTS == {"sampling"}:
+# ---- a SentencePiece vocabulary in GGUF (tests/fixtures/tiny-spm) ------------------
+def write_to(directory, name, data):
+    with open(os.path.join(directory, name), "w") as f:
+        json.dump(data, f, ensure_ascii=False, indent=1)
+        f.write("\n")
+
+
+if "spm" in PARTS or "all" in PARTS:
+    from gguf import GGUFWriter, TokenType
+
+    out_dir = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "tiny-spm")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "tiny-spm.gguf")
+    # A small SentencePiece vocabulary: specials, the 256 byte tokens, then pieces with
+    # scores (higher merges first), no merges in the file, as llama.cpp writes Llama 2's.
+    pieces = ["▁", "e", "t", "h", "a", "o", "n", "s", "i", "r", "l", "d", "c", "u", "▁t", "he",
+              "▁the", "▁a", "in", "er", "an", "on", "▁s", "▁c", "at", "en", "re", "▁th", "is",
+              "▁is", "it", "▁it", "or", "ar", "▁w", "ll", "▁o", "ou", "▁on", "ing", "▁in", "ed",
+              "▁and", "nd", "▁h", "▁he", "le", "es", "st", "▁be", "1", "2", "3", "é", "日", "本"]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    scores = [0.0, 0.0, 0.0] + [0.0] * 256 + [-float(i) for i in range(len(pieces))]
+    types = [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL] + [TokenType.BYTE] * 256 + [TokenType.NORMAL] * len(pieces)
+    w = GGUFWriter(path, "llama")
+    w.add_block_count(1); w.add_context_length(64); w.add_embedding_length(8)
+    w.add_feed_forward_length(16); w.add_head_count(2); w.add_head_count_kv(2)
+    w.add_layer_norm_rms_eps(1e-5); w.add_rope_freq_base(10000.0); w.add_vocab_size(len(tokens))
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens); w.add_token_scores(scores); w.add_token_types(types)
+    w.add_bos_token_id(1); w.add_eos_token_id(2); w.add_unk_token_id(0)
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    tok = AutoTokenizer.from_pretrained(out_dir, gguf_file="tiny-spm.gguf")
+    corpus = ["the cat is on the hat", " the", "  leading", "hello world", "tin 123 é 日本 ü",
+              "</s> and <s> in text", "it is in the\nnext line", "", "a", "ouch!"]
+    cases = [{"text": t, "ids": tok(t)["input_ids"], "decoded": tok.decode(tok(t)["input_ids"])} for t in corpus]
+    write_to(out_dir, "expected.json", {"cases": cases})
+if PARTS <= {"sampling", "spm"}:
     sys.exit(0)
 
 directory, name = os.path.split(GGUF)

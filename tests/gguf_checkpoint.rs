@@ -277,12 +277,12 @@ fn bad_gguf_files_tokenizers_and_templates_exit_2_naming_the_fault() {
         std::fs::create_dir_all(&d).expect("dir");
         d
     };
-    let spm = tiny_gguf(&sub("spm"), |w| {
-        w.meta("tokenizer.ggml.model", Value::String("llama".into()));
+    let unigram = tiny_gguf(&sub("unigram"), |w| {
+        w.meta("tokenizer.ggml.model", Value::String("t5".into()));
     });
     fails_with(
-        &["run", spm.to_str().expect("utf-8"), "--prompt", "hi"],
-        &["unsupported tokenizer", "`tokenizer.ggml.model` is `llama`"],
+        &["run", unigram.to_str().expect("utf-8"), "--prompt", "hi"],
+        &["unsupported tokenizer", "`tokenizer.ggml.model` is `t5`"],
     );
     let raising = tiny_gguf(&sub("raise"), |w| {
         w.meta(

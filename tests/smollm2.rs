@@ -316,3 +316,56 @@ fn streamed_text_waits_for_whole_characters() {
         assert_eq!(pieces.concat(), text);
     }
 }
+
+/// A Hugging Face directory's tokenizer files (`tokenizer.json` as `tokenizers` saves
+/// the GGUF-built one, `tokenizer_config.json`, `generation_config.json`,
+/// `chat_template.jinja`) read back to the same encodings, EOS ids and template.
+#[test]
+fn a_tokenizer_json_directory_reads_as_transformers_files_say() {
+    let Some(path) = common::smollm2() else {
+        return;
+    };
+    let gguf = Tokenizer::for_model(&path).expect("tokenizer");
+    let dir = common::scratch("smollm2-tokenizer-dir");
+    gguf.inner()
+        .save(dir.join("tokenizer.json"), false)
+        .expect("saves tokenizer.json");
+    let template = gguf.chat_template().expect("template");
+    let config = serde_json::json!({
+        "bos_token": "<|im_start|>",
+        "eos_token": {"content": "<|im_end|>", "special": true},
+        "chat_template": "{{ 'not this one: chat_template.jinja takes precedence' }}",
+    });
+    std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).expect("write");
+    std::fs::write(dir.join("chat_template.jinja"), template).expect("write");
+    std::fs::write(
+        dir.join("generation_config.json"),
+        r#"{"eos_token_id": [2, 0]}"#,
+    )
+    .expect("write");
+    let from_dir = Tokenizer::for_model(&dir.join("config.json")).expect("tokenizer.json");
+    assert_eq!(from_dir.eos_ids(), &[2, 0], "generation_config.json's list");
+    assert_eq!(from_dir.eos_token(), Some("<|im_end|>"));
+    for case in fixture("tokenizer_corpus.json")["cases"]
+        .as_array()
+        .expect("cases")
+    {
+        let text = case["text"].as_str().expect("text");
+        assert_eq!(
+            from_dir.encode(text, true).expect("encodes"),
+            ids(&case["ids"]),
+            "{text:?}"
+        );
+    }
+    let chat = &fixture("chat.json")["cases"][0];
+    let messages = [Message::new("user", "What is the capital of France?")];
+    let rendered = ChatTemplate::of(&from_dir)
+        .expect("template")
+        .render(&messages, true)
+        .expect("renders");
+    assert_eq!(rendered, chat["rendered"].as_str().expect("rendered"));
+    // Without generation_config.json, the tokenizer's eos_token ends a sequence.
+    std::fs::remove_file(dir.join("generation_config.json")).expect("remove");
+    let from_dir = Tokenizer::for_model(&dir).expect("tokenizer.json");
+    assert_eq!(from_dir.eos_ids(), &[2]);
+}

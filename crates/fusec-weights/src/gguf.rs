@@ -16,8 +16,8 @@ use std::path::Path;
 use fusec_gguf::GgufFile;
 use fusec_ir::Graph;
 
+use crate::checked::{insert_checked, wanted_weights};
 use crate::error::Error;
-use crate::load::{insert_checked, wanted_weights};
 use crate::quant::{self, KvScales};
 use crate::weights::{fixed_shape, WeightSource, Weights};
 

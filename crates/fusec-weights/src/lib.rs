@@ -16,6 +16,7 @@
 //! that lives with the executor (`fusec_exec::calibrate`), which depends on this crate
 //! and binds its weights without copying them.
 
+pub mod checked;
 pub mod error;
 pub mod gguf;
 pub mod load;
