@@ -18,6 +18,8 @@ Writes tests/fixtures/smollm2/*.json (small: top logits only, a sample of each t
   and the decoded text;
 - chat.json: conversations rendered by apply_chat_template;
 - sampling.json: transformers' logits processors on fixed logits;
+- ../gguf-blocks.json: random blocks of every quantized type fusec reads, dequantized
+  by gguf-py;
 - ../tiny-spm/: a small SentencePiece vocabulary as a GGUF file (written by gguf-py) and
   transformers' encodings with it.
 """
@@ -46,7 +48,7 @@ assert torch.__version__.startswith("2.11.0"), torch.__version__
 assert transformers.__version__ == "5.24.0", transformers.__version__
 
 GGUF = sys.argv[1]
-# A second argument `sampling` and/or `spm` (comma-separated): only those parts, which
+# A second argument `sampling`, `spm` and/or `blocks` (comma-separated): only those parts, which
 # need no model.
 PARTS = set(sys.argv[2].split(",")) if len(sys.argv) > 2 else {"all"}
 OUT = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "smollm2")
@@ -131,7 +133,42 @@ if "spm" in PARTS or "all" in PARTS:
               "</s> and <s> in text", "it is in the\nnext line", "", "a", "ouch!"]
     cases = [{"text": t, "ids": tok(t)["input_ids"], "decoded": tok.decode(tok(t)["input_ids"])} for t in corpus]
     write_to(out_dir, "expected.json", {"cases": cases})
-if PARTS <= {"sampling", "spm"}:
+# ---- dequantization of every block type, by gguf-py (tests/fixtures/gguf-blocks.json) --
+if "blocks" in PARTS or "all" in PARTS:
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import dequantize as gguf_dequantize
+
+    block_rng = np.random.default_rng(0)
+    # (type, blocks, bytes per block, offsets of its f16 scales)
+    layouts = [
+        (Q.Q4_0, 2, 18, [0]),
+        (Q.Q4_1, 2, 20, [0, 2]),
+        (Q.Q8_0, 2, 34, [0]),
+        (Q.Q4_K, 1, 144, [0, 2]),
+        (Q.Q5_K, 1, 176, [0, 2]),
+        (Q.Q6_K, 1, 210, [208]),
+    ]
+    block_cases = []
+    for ty, n, size, halves in layouts:
+        raw = block_rng.integers(0, 256, size=n * size, dtype=np.uint8)
+        for b in range(n):
+            for at in halves:
+                h = np.float16(block_rng.uniform(-0.1, 0.1)).view(np.uint16)
+                raw[b * size + at] = h & 0xFF
+                raw[b * size + at + 1] = h >> 8
+        values = gguf_dequantize(raw, ty).astype(np.float32).reshape(-1)
+        block_cases.append({"type": ty.name, "hex": raw.tobytes().hex(), "values": [f32(v) for v in values]})
+    for ty, dt in [(Q.F16, np.float16), (Q.BF16, None)]:
+        if dt is not None:
+            raw = block_rng.standard_normal(32).astype(np.float16).view(np.uint8)
+        else:
+            bits = (block_rng.standard_normal(32).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+            raw = bits.view(np.uint8)
+        values = gguf_dequantize(raw, ty).astype(np.float32).reshape(-1)
+        block_cases.append({"type": ty.name, "hex": raw.tobytes().hex(), "values": [f32(v) for v in values]})
+    write_to(os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"), "gguf-blocks.json", {"cases": block_cases})
+
+if PARTS <= {"sampling", "spm", "blocks"}:
     sys.exit(0)
 
 directory, name = os.path.split(GGUF)
