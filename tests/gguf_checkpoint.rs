@@ -224,6 +224,16 @@ fn text_in_text_out_through_the_gguf_vocabulary_and_template() {
         &dir.join("chat.json"),
     );
     assert_eq!(chat["prompt_text"], "<user>hi\n<assistant>");
+    let system = run_json(
+        &[
+            "run", g, "--chat", "--system", "be brief", "--prompt", "hi", "--tokens", "1",
+        ],
+        &dir.join("system.json"),
+    );
+    assert_eq!(
+        system["prompt_text"],
+        "<system>be brief\n<user>hi\n<assistant>"
+    );
 
     // Sampling is deterministic for a seed.
     let sample = |seed: &str, name: &str| {
@@ -306,6 +316,34 @@ fn bad_gguf_files_tokenizers_and_templates_exit_2_naming_the_fault() {
     fails_with(
         &["compile", qwen.to_str().expect("utf-8")],
         &["unsupported GGUF architecture `mamba`"],
+    );
+    // Sampling options are for text runs; ids runs are greedy references.
+    let out = fusec(&[
+        "run",
+        good.to_str().expect("utf-8"),
+        "--prompt-ids",
+        "1",
+        "--temperature",
+        "0.5",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fails_with(
+        &[
+            "run",
+            good.to_str().expect("utf-8"),
+            "--prompt",
+            "hi",
+            "--temperature",
+            "0.5",
+            "--top-p",
+            "2",
+        ],
+        &["--top-p must be in [0, 1]"],
     );
     // A template-less checkpoint cannot --chat.
     fails_with(

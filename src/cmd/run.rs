@@ -281,6 +281,14 @@ pub fn run(args: Args) -> Result<(), Failure> {
     if args.tokens == 0 {
         return Err(Failure::Input(anyhow!("--tokens must be at least 1")));
     }
+    let sampling = &args.sampling;
+    if args.prompt.is_none()
+        && (sampling.temperature.is_some() || sampling.repetition_penalty.is_some())
+    {
+        return Err(Failure::Input(anyhow!(
+            "sampling options need --prompt: a --prompt-ids run decodes greedily"
+        )));
+    }
     // Text: the checkpoint's tokenizer (the GGUF file's own, or tokenizer.json beside
     // the config).
     let text = match &args.prompt {
