@@ -123,7 +123,7 @@ pub fn generate(
             text.push_str(rest);
         }
     }
-    let _ = writeln!(out);
+    let _ = writeln!(out).and_then(|()| out.flush());
     let steps = prompt.len() + generated.len().saturating_sub(1);
     let secs = started.elapsed().as_secs_f64();
     let tokens_per_s = if secs > 0.0 { steps as f64 / secs } else { 0.0 };
