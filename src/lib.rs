@@ -8,10 +8,12 @@
 pub use fusec_codegen as codegen;
 pub use fusec_cuda as cuda;
 pub use fusec_exec as exec;
+pub use fusec_gguf as gguf;
 pub use fusec_ir as ir;
 pub use fusec_model as model;
 pub use fusec_report as report;
 pub use fusec_rewrite as rewrite;
+pub use fusec_text as text;
 pub use fusec_weights as weights;
 
 pub mod bench;

@@ -82,7 +82,7 @@ fn no_output_replaces_what_the_run_reads() {
         s(&ckpt),
         "--precision",
         "fp8",
-        "--prompt",
+        "--prompt-ids",
         "1,2",
         "--tokens",
         "2",
@@ -98,7 +98,7 @@ fn no_output_replaces_what_the_run_reads() {
         s(&ckpt),
         "--weights",
         s(&ckpt.join("model.safetensors")),
-        "--prompt",
+        "--prompt-ids",
         "1",
         "--tokens",
         "2",
@@ -127,7 +127,7 @@ fn no_output_replaces_what_the_run_reads() {
         "the weights changed"
     );
     // The checkpoint still runs.
-    let out = fusec(&["run", s(&ckpt), "--prompt", "1", "--tokens", "2"]);
+    let out = fusec(&["run", s(&ckpt), "--prompt-ids", "1", "--tokens", "2"]);
     assert!(out.status.success(), "{}", stderr(&out));
 }
 
@@ -144,7 +144,7 @@ fn existing_outputs_are_replaced_only_with_force_and_keep_their_mode() {
     let args = [
         "run",
         s(&fixture),
-        "--prompt",
+        "--prompt-ids",
         "1",
         "--tokens",
         "2",
@@ -165,7 +165,7 @@ fn existing_outputs_are_replaced_only_with_force_and_keep_their_mode() {
     let out = fusec(&[
         "run",
         s(&fixture),
-        "--prompt",
+        "--prompt-ids",
         "1",
         "--tokens",
         "2",
@@ -244,7 +244,7 @@ fn a_closed_pipe_ends_quietly_and_a_full_disk_is_an_error() {
         .args([
             "run",
             s(&fixture()),
-            "--prompt",
+            "--prompt-ids",
             "1,2",
             "--tokens",
             "3",
@@ -259,7 +259,7 @@ fn a_closed_pipe_ends_quietly_and_a_full_disk_is_an_error() {
     // Standard output on a full disk.
     for args in [
         vec!["report", s(&fixture())],
-        vec!["run", s(&fixture()), "--prompt", "1", "--tokens", "2"],
+        vec!["run", s(&fixture()), "--prompt-ids", "1", "--tokens", "2"],
         vec!["compile", s(&fixture()), "--out", s(&scratch("full"))],
     ] {
         let full = std::fs::OpenOptions::new()
@@ -306,7 +306,7 @@ fn sizes_beyond_the_limits_are_refused_by_key_and_position() {
         let model = tiny_with(&dir, &[(key, value)]);
         for cmd in ["compile", "run"] {
             let args: Vec<&str> = if cmd == "run" {
-                vec!["run", s(&model), "--prompt", "1", "--tokens", "1"]
+                vec!["run", s(&model), "--prompt-ids", "1", "--tokens", "1"]
             } else {
                 vec!["compile", s(&model), "--out", s(&dir)]
             };
@@ -361,7 +361,7 @@ fn sizes_beyond_the_limits_are_refused_by_key_and_position() {
         vec![
             "run",
             s(&tiny),
-            "--prompt",
+            "--prompt-ids",
             "1",
             "--tokens",
             "18446744073709551615",
@@ -395,7 +395,7 @@ fn a_run_that_cannot_fit_in_memory_is_refused_before_it_allocates() {
     let out = fusec(&[
         "run",
         s(&root().join("examples/llama-3-8b.toml")),
-        "--prompt",
+        "--prompt-ids",
         "1",
         "--tokens",
         "1",
@@ -459,7 +459,7 @@ fn non_finite_logits_stop_the_run_naming_the_step_and_the_op() {
     let out = fusec(&[
         "run",
         s(&ckpt),
-        "--prompt",
+        "--prompt-ids",
         "1,17,42",
         "--tokens",
         "4",
@@ -478,7 +478,7 @@ fn non_finite_logits_stop_the_run_naming_the_step_and_the_op() {
     let out = fusec(&[
         "run",
         s(&ckpt),
-        "--prompt",
+        "--prompt-ids",
         "1,17,42",
         "--tokens",
         "4",
@@ -501,7 +501,7 @@ fn model_maths_out_of_range_is_refused() {
         ("rms_norm_eps", "1e-300"),
     ] {
         let model = tiny_with(&dir, &[(key, value)]);
-        let out = fusec(&["run", s(&model), "--prompt", "1", "--tokens", "2"]);
+        let out = fusec(&["run", s(&model), "--prompt-ids", "1", "--tokens", "2"]);
         assert_input_error(&out, &["model.toml:", key]);
     }
     // Decoding past Mistral's sliding window is real: the windowed layers attend to the
@@ -517,13 +517,13 @@ fn model_maths_out_of_range_is_refused() {
     let out = fusec(&[
         "run",
         s(&mistral),
-        "--prompt",
+        "--prompt-ids",
         "1,17,42,99,7",
         "--tokens",
         "16",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let out = fusec(&["run", s(&mistral), "--prompt", "1,17", "--tokens", "4"]);
+    let out = fusec(&["run", s(&mistral), "--prompt-ids", "1,17", "--tokens", "4"]);
     assert!(out.status.success(), "{}", stderr(&out));
 }
 
@@ -629,7 +629,7 @@ fn errors_name_the_file_and_position() {
         s(&fixture()),
         "--weights",
         "/dev/null",
-        "--prompt",
+        "--prompt-ids",
         "1",
         "--tokens",
         "1",

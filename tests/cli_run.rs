@@ -35,7 +35,7 @@ fn the_fixture_decodes_like_hugging_face() {
     let out = fusec(&[
         "run",
         fixture().to_str().expect("utf-8 path"),
-        "--prompt",
+        "--prompt-ids",
         "1,17,42,99,7",
         "--tokens",
         "16",
@@ -79,7 +79,7 @@ fn random_weights_run_with_a_profile() {
     let out = fusec(&[
         "run",
         model.to_str().expect("utf-8 path"),
-        "--prompt",
+        "--prompt-ids",
         "3,1,4",
         "--tokens",
         "4",
@@ -119,7 +119,7 @@ fn run_with_weights(weights: &Path) -> (i32, String) {
         fixture().to_str().expect("utf-8 path"),
         "--weights",
         weights.to_str().expect("utf-8 path"),
-        "--prompt",
+        "--prompt-ids",
         "1,2",
         "--tokens",
         "2",
@@ -171,7 +171,7 @@ fn bad_prompts_exit_2() {
         let out = fusec(&[
             "run",
             fixture().to_str().expect("utf-8 path"),
-            "--prompt",
+            "--prompt-ids",
             prompt,
             "--tokens",
             tokens,

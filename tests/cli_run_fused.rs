@@ -55,7 +55,7 @@ fn run_json(name: &str, extra: &[&str]) -> serde_json::Value {
     let mut args = vec![
         "run",
         &f,
-        "--prompt",
+        "--prompt-ids",
         "1,17,42,99,7",
         "--tokens",
         "16",
@@ -142,7 +142,7 @@ fn compile_predicts_what_run_measures() {
         let mut args = vec![
             "run",
             &f,
-            "--prompt",
+            "--prompt-ids",
             "1,17,42,99,7",
             "--tokens",
             "17",
@@ -249,7 +249,7 @@ fn bad_precision_requests_exit_2() {
         (vec!["--precision", "fp9"], "unknown precision"),
         (vec!["--precision", "fp8", "--keep", "frobs"], "frobs"),
     ] {
-        let mut args = vec!["run", &f, "--prompt", "1,2", "--tokens", "2"];
+        let mut args = vec!["run", &f, "--prompt-ids", "1,2", "--tokens", "2"];
         args.extend(&extra);
         let out = fusec(&args);
         let stderr = String::from_utf8_lossy(&out.stderr);

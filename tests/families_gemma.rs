@@ -208,7 +208,7 @@ fn run_decodes_past_the_window() {
         ok(&[
             "run",
             path_str(&dir),
-            "--prompt",
+            "--prompt-ids",
             "1,17,42,99,7",
             "--tokens",
             "16",
@@ -346,7 +346,7 @@ fn fp8_runs_both_gemmas() {
         ok(&[
             "run",
             path_str(&dir),
-            "--prompt",
+            "--prompt-ids",
             "1,17,42,99,7",
             "--tokens",
             "4",
@@ -480,7 +480,7 @@ fn compile_predicts_the_launches_run_measures() {
             let mut args = vec![
                 "run",
                 path_str(&model),
-                "--prompt",
+                "--prompt-ids",
                 "1,17,42,99,7",
                 "--tokens",
                 "4",

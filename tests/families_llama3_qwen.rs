@@ -47,7 +47,7 @@ fn checked(fixture: &str, name: &str, extra: &[&str]) -> String {
     let mut args = vec![
         "run",
         path_str(&dir),
-        "--prompt",
+        "--prompt-ids",
         &prompt,
         "--tokens",
         &tokens,
@@ -94,7 +94,7 @@ fn fixtures_lower_to_fp8_and_bf16_and_run() {
             let run = fusec(&[
                 "run",
                 path_str(&dir),
-                "--prompt",
+                "--prompt-ids",
                 "1,17,42",
                 "--tokens",
                 "4",
@@ -385,7 +385,7 @@ fn model_toml_spells_the_same_models() {
         let run = fusec(&[
             "run",
             path_str(&model),
-            "--prompt",
+            "--prompt-ids",
             &prompt.join(","),
             "--tokens",
             &tokens,

@@ -61,7 +61,7 @@ fn checked(fixture: &str, name: &str, extra: &[&str]) -> String {
     let mut args = vec![
         "run",
         path_str(&dir),
-        "--prompt",
+        "--prompt-ids",
         &prompt,
         "--tokens",
         &tokens,
@@ -205,7 +205,7 @@ fn fp8_runs_both_families() {
         ok(&[
             "run",
             path_str(&dir),
-            "--prompt",
+            "--prompt-ids",
             "1,17,42,99,7",
             "--tokens",
             "16",
@@ -351,7 +351,7 @@ fn compile_predicts_what_run_measures() {
             let mut args = vec![
                 "run",
                 path_str(&model),
-                "--prompt",
+                "--prompt-ids",
                 "1,17,42,99,7",
                 "--tokens",
                 "17",

@@ -48,7 +48,7 @@ fn phi3_matches_hugging_face_eager_and_fused() {
         let mut args = vec![
             "run",
             path_str(&dir),
-            "--prompt",
+            "--prompt-ids",
             "1,17,42,99,7",
             "--tokens",
             "16",
@@ -149,7 +149,7 @@ fn fp8_runs_phi3() {
     ok(&[
         "run",
         path_str(&root().join(PHI3)),
-        "--prompt",
+        "--prompt-ids",
         "1,17,42,99,7",
         "--tokens",
         "16",

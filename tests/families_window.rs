@@ -54,7 +54,7 @@ fn checked(name: &str, extra: &[&str]) -> String {
     let mut args = vec![
         "run",
         path_str(&dir),
-        "--prompt",
+        "--prompt-ids",
         "1,17,42,99,7",
         "--tokens",
         "16",
@@ -236,7 +236,7 @@ fn fp8_lowers_a_windowed_model() {
     ok(&[
         "run",
         path_str(&root().join(MISTRAL)),
-        "--prompt",
+        "--prompt-ids",
         "1,17,42,99,7",
         "--tokens",
         "16",
@@ -335,7 +335,7 @@ fn model_toml_and_config_json_spell_windows_alike() {
     ok(&[
         "run",
         path_str(&model),
-        "--prompt",
+        "--prompt-ids",
         "1,17,42,99,7",
         "--tokens",
         "16",

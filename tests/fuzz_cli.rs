@@ -47,7 +47,7 @@ fn invocation() -> impl Strategy<Value = Vec<String>> {
             match cmd {
                 0 => args.extend(["--out".into(), scratch("fuzz-cli").display().to_string()]),
                 1 => args.extend([
-                    "--prompt".into(),
+                    "--prompt-ids".into(),
                     "1,2".into(),
                     "--max-memory".into(),
                     "2G".into(),

@@ -18,7 +18,9 @@ use petgraph::graph::DiGraph;
 /// The stages in pipeline order: each may depend only on the ones before it.
 const STAGES: &[&str] = &[
     "fusec-ir",
+    "fusec-gguf",
     "fusec-model",
+    "fusec-text",
     "fusec-weights",
     "fusec-rewrite",
     "fusec-exec",

@@ -30,7 +30,14 @@ fn checked(name: &str, extra: &[&str]) -> String {
     let (fixture_s, out_s) = (path_str(&fixture), path_str(&out_path));
     let prompt = prompt.join(",");
     let mut args = vec![
-        "run", fixture_s, "--prompt", &prompt, "--tokens", &tokens, "--json", out_s,
+        "run",
+        fixture_s,
+        "--prompt-ids",
+        &prompt,
+        "--tokens",
+        &tokens,
+        "--json",
+        out_s,
     ];
     args.extend_from_slice(extra);
     let run = fusec(&args);

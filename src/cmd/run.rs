@@ -18,6 +18,7 @@ use fusec::exec::calibrate::{self, KV_SCALE_MARGIN};
 use fusec::exec::ndarray::Axis;
 use fusec::exec::{Error as ExecError, Executor, Generation, Session};
 use fusec::pipeline;
+use fusec::text::{SamplingOptions, Tokenizer};
 use fusec::weights::{self, Error as WeightError, KvScales, Weights};
 use fusec_ir::Graph;
 use fusec_model::frontend::{ModelSpec, Precision};
@@ -26,27 +27,46 @@ use serde::Serialize;
 
 use fusec::output::{Outputs, Replace};
 
+use crate::cmd::exec_failure;
+use crate::cmd::generate;
 use crate::cmd::options::{FusionArgs, PrecisionArgs, WeightScales};
 use crate::Failure;
 
 /// Decode greedily from a prompt on the CPU and report tokens/s (and optionally logits).
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A model.toml, a Hugging Face config.json, or a model directory holding one.
+    /// A model.toml, a Hugging Face config.json, a model directory holding one, or a
+    /// GGUF file.
     pub model: PathBuf,
-    /// Safetensors weights: a file, a shard index, or a directory holding either
-    /// [default: the model's weights; seeded random weights if it has none].
+    /// Weights: a .safetensors file, a shard index, a directory holding either, or a
+    /// .gguf file [default: the model's weights; seeded random weights if it has none].
     #[arg(long)]
     pub weights: Option<PathBuf>,
-    /// Prompt token ids, comma-separated, e.g. 1,17,42,99,7.
+    /// The prompt as text, tokenized with the checkpoint's tokenizer; the answer is
+    /// streamed as text and stops at an end-of-sequence token.
     #[arg(
         long,
-        value_delimiter = ',',
-        required = true,
-        allow_negative_numbers = true
+        conflicts_with = "prompt_ids",
+        required_unless_present = "prompt_ids"
     )]
-    pub prompt: Vec<i64>,
-    /// Tokens to generate (greedy, no end-of-sequence stop).
+    pub prompt: Option<String>,
+    /// The prompt as token ids, comma-separated, e.g. 1,17,42,99,7: greedy, exactly
+    /// --tokens ids out, no end-of-sequence stop (for references and benchmarks).
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
+    pub prompt_ids: Vec<i64>,
+    /// With --prompt: render the prompt as a user message with the checkpoint's chat
+    /// template (and open the assistant's turn).
+    #[arg(long, requires = "prompt")]
+    pub chat: bool,
+    /// With --prompt: a system message before the user's (--chat).
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
+    /// With --prompt: keep generating past end-of-sequence tokens.
+    #[arg(long, requires = "prompt")]
+    pub ignore_eos: bool,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Tokens to generate (at most, with --prompt).
     #[arg(long, default_value_t = 16)]
     pub tokens: usize,
     /// Write the prompt, generated ids, every step's logits and the stats as JSON.
@@ -55,7 +75,8 @@ pub struct Args {
     /// Print launches, bytes, time and GB/s per op kind.
     #[arg(long)]
     pub profile: bool,
-    /// Seed of the random weights used when there are no weights.
+    /// Seed of the sampler (with --temperature) and of the random weights used when
+    /// there are no weights.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     #[command(flatten)]
@@ -83,6 +104,27 @@ pub struct Args {
     /// machine can give].
     #[arg(long, value_name = "BYTES", value_parser = fusec::memory::parse_bytes)]
     pub max_memory: Option<u64>,
+}
+
+/// Sampling instead of greedy decoding, with transformers' logits processors (see
+/// `fusec_text::sampling`). Only with --prompt.
+#[derive(clap::Args, Debug)]
+pub struct SamplingArgs {
+    /// Sample at this temperature (greedy when absent).
+    #[arg(long, requires = "prompt")]
+    pub temperature: Option<f32>,
+    /// With --temperature: keep the k most likely tokens.
+    #[arg(long, requires = "temperature")]
+    pub top_k: Option<usize>,
+    /// With --temperature: keep the smallest set of tokens whose probability reaches p.
+    #[arg(long, requires = "temperature")]
+    pub top_p: Option<f32>,
+    /// With --temperature: drop tokens less likely than min_p times the most likely.
+    #[arg(long, requires = "temperature")]
+    pub min_p: Option<f32>,
+    /// Penalise the logits of tokens already in the sequence (1.0: none).
+    #[arg(long, requires = "prompt")]
+    pub repetition_penalty: Option<f32>,
 }
 
 /// The `--json` file: the fields of the reference schema (`llm-reference/1`) that a
@@ -129,15 +171,6 @@ struct AccuracyReport<'a> {
     forced_tokens: &'a [i32],
     #[serde(flatten)]
     accuracy: &'a Accuracy,
-}
-
-fn exec_failure(e: impl Into<ExecError>) -> Failure {
-    let e = e.into();
-    if e.is_input_error() {
-        Failure::Input(e.into())
-    } else {
-        Failure::Internal(e.into())
-    }
 }
 
 /// Builds the graphs a run needs, all from one spec, rules and FP8 options.
@@ -264,8 +297,38 @@ pub fn run(args: Args) -> Result<(), Failure> {
     if args.tokens == 0 {
         return Err(Failure::Input(anyhow!("--tokens must be at least 1")));
     }
-    let prompt = args
-        .prompt
+    let sampling = &args.sampling;
+    if args.prompt.is_none()
+        && (sampling.temperature.is_some() || sampling.repetition_penalty.is_some())
+    {
+        return Err(Failure::Input(anyhow!(
+            "sampling options need --prompt: a --prompt-ids run decodes greedily"
+        )));
+    }
+    // Text: the checkpoint's tokenizer (the GGUF file's own, or tokenizer.json beside
+    // the config).
+    let text = match &args.prompt {
+        Some(text) => {
+            let tokenizer_path = match (&args.weights, args.model.extension()) {
+                (Some(w), _) if w.extension().is_some_and(|e| e == "gguf") => w.clone(),
+                _ => args.model.clone(),
+            };
+            let tokenizer =
+                Tokenizer::for_model(&tokenizer_path).map_err(|e| Failure::Input(e.into()))?;
+            let (rendered, ids) =
+                generate::prompt_ids(&tokenizer, text, args.chat, args.system.as_deref())?;
+            Some((tokenizer, rendered, ids))
+        }
+        None => None,
+    };
+    let prompt_ids: Vec<i64> = match &text {
+        Some((_, _, ids)) => ids.iter().map(|&id| i64::from(id)).collect(),
+        None => args.prompt_ids.clone(),
+    };
+    if prompt_ids.is_empty() {
+        return Err(Failure::Input(anyhow!("the prompt is empty")));
+    }
+    let prompt = prompt_ids
         .iter()
         .map(|&id| {
             i32::try_from(id)
@@ -333,6 +396,10 @@ pub fn run(args: Args) -> Result<(), Failure> {
         )?;
     }
     let exec = Executor::new(graph.clone(), &weights).map_err(exec_failure)?;
+    if let Some((tokenizer, rendered, ids)) = &text {
+        drop(weights);
+        return run_text(&outputs, &args, &spec, exec, tokenizer, rendered, ids);
+    }
     // The executor holds what it reads (packed, compact copies of the GEMV weights):
     // the loaded values are only needed again to compare, and freeing them here keeps
     // a large checkpoint from being resident twice while it decodes.
@@ -439,6 +506,63 @@ pub fn run(args: Args) -> Result<(), Failure> {
         let json = serde_json::to_string(&report).map_err(|e| Failure::Internal(e.into()))?;
         outputs.write(path, (json + "\n").as_bytes(), Replace::IfForced)?;
         crate::say(&format!("wrote {}\n", path.display()));
+    }
+    Ok(())
+}
+
+/// The text path of `run`: generation streamed to standard output, a summary on
+/// standard error, and with `--json` the ids and text.
+fn run_text(
+    outputs: &Outputs,
+    args: &Args,
+    spec: &ModelSpec,
+    exec: Executor,
+    tokenizer: &Tokenizer,
+    rendered: &str,
+    prompt: &[u32],
+) -> Result<(), Failure> {
+    let sampling = SamplingOptions {
+        temperature: args.sampling.temperature,
+        top_k: args.sampling.top_k,
+        top_p: args.sampling.top_p,
+        min_p: args.sampling.min_p,
+        repetition_penalty: args.sampling.repetition_penalty,
+        seed: args.seed,
+    };
+    let mut stdout = std::io::stdout();
+    let (generated, text, stopped_at_eos, tokens_per_s) = generate::generate(
+        exec,
+        tokenizer,
+        prompt,
+        args.tokens,
+        !args.ignore_eos,
+        sampling,
+        &mut stdout,
+    )?;
+    crate::complain(&format!(
+        "{} prompt tokens, {} generated{}, {tokens_per_s:.1} tokens/s\n",
+        prompt.len(),
+        generated.len(),
+        if stopped_at_eos {
+            " (stopped at end of sequence)"
+        } else {
+            ""
+        }
+    ));
+    if let Some(path) = &args.json {
+        let run = generate::TextRun {
+            schema: "fusec-text-run/1",
+            model: spec.model.name.clone(),
+            prompt_text: rendered.to_string(),
+            prompt: prompt.to_vec(),
+            generated,
+            text,
+            stopped_at_eos,
+            tokens_per_s,
+        };
+        let json = serde_json::to_string(&run).map_err(|e| Failure::Internal(e.into()))?;
+        outputs.write(path, (json + "\n").as_bytes(), Replace::IfForced)?;
+        crate::complain(&format!("wrote {}\n", path.display()));
     }
     Ok(())
 }

@@ -69,3 +69,34 @@ pub fn scratch(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).expect("temp dir");
     dir
 }
+
+/// The real SmolLM2-135M-Instruct GGUF, fetched by `scripts/fetch-smollm2.sh` into its
+/// cache (outside the repository) when not there yet. `None` only outside CI, after
+/// saying loudly that the real-model test did not run; in CI (`CI` set) a file that
+/// cannot be fetched fails the test.
+pub fn smollm2() -> Option<PathBuf> {
+    let script = root().join("scripts/fetch-smollm2.sh");
+    let out = std::process::Command::new("bash").arg(&script).output();
+    let found = match &out {
+        Ok(o) if o.status.success() => {
+            let path = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
+            path.is_file().then_some(path)
+        }
+        _ => None,
+    };
+    if found.is_none() {
+        let why = match &out {
+            Ok(o) => String::from_utf8_lossy(&o.stderr).into_owned(),
+            Err(e) => e.to_string(),
+        };
+        let message = format!(
+            "\n!!!! the real-model test could NOT fetch SmolLM2 (scripts/fetch-smollm2.sh): {why}\n"
+        );
+        // `.ci/run` sets FUSEC_REQUIRE_TOOLS: CI never passes without the real model.
+        if std::env::var_os("CI").is_some() || std::env::var_os("FUSEC_REQUIRE_TOOLS").is_some() {
+            panic!("{message}");
+        }
+        eprintln!("{message}!!!! NOT RUN: the real-model checks of this test were skipped\n");
+    }
+    found
+}

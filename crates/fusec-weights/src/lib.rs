@@ -7,6 +7,7 @@
 //! - [`weights`]: the named set ([`Weights`]), checked against a graph's types;
 //! - [`load`]: Hugging Face safetensors checkpoints by memory map ([`Weights::load`]);
 //!   [`packed`]: the packed projections (Phi-3's `qkv_proj`, `gate_up_proj`) it splits;
+//! - [`gguf`]: GGUF checkpoints, dequantized at load, named as Hugging Face names them;
 //! - [`random`]: seeded random weights with a documented distribution
 //!   ([`Weights::random`]);
 //! - [`quant`]: the FP8 weights of a lowered graph (`W.fp8`, `W.scale`) derived from
@@ -16,7 +17,9 @@
 //! that lives with the executor (`fusec_exec::calibrate`), which depends on this crate
 //! and binds its weights without copying them.
 
+pub mod checked;
 pub mod error;
+pub mod gguf;
 pub mod load;
 pub mod packed;
 pub mod quant;

@@ -25,10 +25,10 @@ use fusec_ir::{numerics, Graph, TensorType};
 use half::{bf16, f16};
 use safetensors::{Dtype, SafeTensorError, SafeTensors};
 
+use crate::checked::{insert_checked, wanted_weights};
 use crate::error::Error;
 use crate::packed;
-use crate::quant::{self, Derived, KvScales};
-use crate::rounding;
+use crate::quant::{self, KvScales};
 use crate::tensor::WeightTensor;
 use crate::weights::{fixed_shape, WeightSource, Weights};
 
@@ -38,6 +38,9 @@ impl Weights {
     /// base (see [`crate::quant`]); a KV-cache scale it lacks is an
     /// [`Error::Uncalibrated`].
     pub fn load(path: &Path, graph: &Graph) -> Result<Weights, Error> {
+        if crate::gguf::is_gguf(path) {
+            return crate::gguf::load(path, graph);
+        }
         let layout = Layout::resolve(path)?;
         let present = layout.names();
         let has = |name: &str| present.as_ref().is_none_or(|p| p.contains(name));
@@ -49,40 +52,7 @@ impl Weights {
             packed::home(name).filter(|h| has(&h.packed))
         };
         let available = |name: &str| has(name) || packed_home(name).is_some();
-        let derived = quant::derived_weights(graph)?;
-        // In the graph's order, so that the first problem reported is the first weight
-        // the step needs.
-        let mut wanted: Vec<(String, TensorType)> = Vec::new();
-        let mut seen: HashSet<String> = HashSet::new();
-        let mut want = |name: &str, ty: TensorType| {
-            if seen.insert(name.to_string()) {
-                wanted.push((name.to_string(), ty));
-            }
-        };
-        let mut derives = false;
-        for (id, name) in graph.weights() {
-            let ty = graph
-                .ty(id)
-                .tensor()
-                .ok_or_else(|| Error::InvalidGraph(format!("weight `{name}` has a tuple type")))?;
-            match derived.get(name) {
-                _ if has(name) => want(name, ty.clone()),
-                Some(Derived::Gemv {
-                    base, to, shape, ..
-                }) if available(base) => {
-                    let dims = shape.iter().map(|&d| fusec_ir::Dim::Fixed(d as u64));
-                    let base_ty = TensorType::new(*to, fusec_ir::Shape::new(dims));
-                    want(base, base_ty);
-                    derives = true;
-                }
-                Some(Derived::KvScale { .. }) => {
-                    return Err(Error::Uncalibrated {
-                        tensor: name.to_string(),
-                    })
-                }
-                _ => want(name, ty.clone()),
-            }
-        }
+        let (wanted, derives) = wanted_weights(graph, available)?;
         let (wanted, splits) = packed_wanted(wanted, packed_home);
         let mut by_file: BTreeMap<PathBuf, Vec<(String, TensorType)>> = BTreeMap::new();
         for (name, ty) in wanted {
@@ -391,7 +361,7 @@ fn load_file(
                 found: view.shape().to_vec(),
             });
         }
-        let mut values = decode(view.dtype(), view.data()).ok_or_else(|| Error::WrongDtype {
+        let values = decode(view.dtype(), view.data()).ok_or_else(|| Error::WrongDtype {
             tensor: name.clone(),
             file: file.to_path_buf(),
             expected: format!(
@@ -400,23 +370,7 @@ fn load_file(
             ),
             found: format!("{:?}", view.dtype()),
         })?;
-        rounding::round_slice(ty.dtype, &mut values);
-        if let Some((index, &value)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-            return Err(Error::NonFinite {
-                tensor: name.clone(),
-                file: file.to_path_buf(),
-                index,
-                value,
-            });
-        }
-        let tensor =
-            WeightTensor::from_f32(ty.dtype, &expected, values).map_err(|e| Error::WrongDtype {
-                tensor: name.clone(),
-                file: file.to_path_buf(),
-                expected: ty.dtype.to_string(),
-                found: e.to_string(),
-            })?;
-        weights.insert(name.clone(), tensor, WeightSource::File(file.to_path_buf()));
+        insert_checked(weights, file, name, ty, &expected, values)?;
     }
     Ok(())
 }

