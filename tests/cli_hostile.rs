@@ -426,7 +426,7 @@ fn a_run_that_cannot_fit_in_memory_is_refused_before_it_allocates() {
     let out = Command::new("sh")
         .arg("-c")
         .arg(format!(
-            "ulimit -v 4000000 && exec '{}' run '{}' --prompt 1 --tokens 1",
+            "ulimit -v 4000000 && exec '{}' run '{}' --prompt-ids 1 --tokens 1",
             env!("CARGO_BIN_EXE_fusec"),
             root().join("examples/llama-3-8b.toml").display()
         ))

@@ -1,5 +1,5 @@
-//! Every kernel fusec emits, for every example model (the `.toml` ones, and Gemma's,
-//! `common::hf_models`) in every precision, eager and
+//! Every kernel fusec emits, for every example model (the `.toml` ones, Gemma 2's, and
+//! the tiny reference of every family, `common::hf_models`) in every precision, eager and
 //! fused, compiles with NVRTC to CUBIN for sm_80 and sm_90 (so the assembler checks
 //! registers and shared memory too). Kernels with identical text are compiled once:
 //! the layers of a model, and the models that share shapes, emit the same kernels.

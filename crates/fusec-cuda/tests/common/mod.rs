@@ -33,11 +33,23 @@ pub fn examples() -> Vec<PathBuf> {
 /// would more than double the NVRTC test's time for kernels that differ from these
 /// and the `.toml` examples' only in their sizes.)
 pub fn hf_models() -> Vec<PathBuf> {
-    vec![
-        root().join("examples/gemma-2-9b"),
-        root().join("tests/fixtures/hf-tiny-gemma2-s0"),
-        root().join("tests/fixtures/hf-tiny-gemma3-s0"),
-    ]
+    let mut models = vec![root().join("examples/gemma-2-9b")];
+    // The tiny reference of every family: each family's kernel variants (biases, q/k
+    // norms, post-norms, multipliers, soft-caps, sliding-window rings) at small sizes.
+    for fixture in [
+        "hf-tiny-gemma2-s0",
+        "hf-tiny-gemma3-s0",
+        "hf-tiny-llama3-rope-s0",
+        "hf-tiny-qwen2-s0",
+        "hf-tiny-qwen3-s0",
+        "hf-tiny-olmo2-s0",
+        "hf-tiny-granite-s3",
+        "hf-tiny-mistral-window-s0",
+        "hf-tiny-phi3-s0",
+    ] {
+        models.push(root().join("tests/fixtures").join(fixture));
+    }
+    models
 }
 
 pub fn spec(path: &Path) -> ModelSpec {
