@@ -26,7 +26,11 @@ pub const ACCUMULATORS: usize = 4;
 /// 2. the four accumulators are combined lane by lane as `(a0 + a1) + (a2 + a3)`;
 /// 3. the eight lanes `v` are reduced as `((v0 + v4) + (v1 + v5)) + ((v2 + v6) + (v3 + v7))`;
 /// 4. the products of the last `len % LANES` values are added in order.
-#[inline]
+///
+/// Never inlined: inlined into the eager `linear`'s per-feature closure, LLVM kept the
+/// 32 accumulator lanes in spilled registers and the loop ran at half the speed
+/// (`fusec bench`, eager f32: 14.5 against 26 tokens/s out of line).
+#[inline(never)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
