@@ -27,7 +27,6 @@ const STAGES: &[&str] = &[
     "fusec-codegen",
     "fusec-cuda",
     "fusec-report",
-    "fusec-pipeline",
 ];
 
 fn root() -> PathBuf {
