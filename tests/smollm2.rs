@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use fusec::exec::{Executor, Session};
 use fusec::gguf::GgufFile;
@@ -368,4 +368,71 @@ fn a_tokenizer_json_directory_reads_as_transformers_files_say() {
     std::fs::remove_file(dir.join("generation_config.json")).expect("remove");
     let from_dir = Tokenizer::for_model(&dir).expect("tokenizer.json");
     assert_eq!(from_dir.eos_ids(), &[2]);
+}
+
+/// The same weights from the GGUF file and from an equivalent safetensors checkpoint
+/// give identical ids and logits. The checkpoint is what `--save-weights` writes from
+/// the GGUF run (dequantized, q/k rows unpermuted, Hugging Face names), beside
+/// SmolLM2-135M-Instruct's published `config.json` (in float32, the GGUF run's dtype).
+#[test]
+fn gguf_and_its_safetensors_checkpoint_decode_identically() {
+    let Some(path) = common::smollm2() else {
+        return;
+    };
+    let dir = common::scratch("smollm2-safetensors");
+    let checkpoint = dir.join("checkpoint");
+    std::fs::create_dir_all(&checkpoint).expect("checkpoint dir");
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "attention_bias": false,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "hidden_act": "silu",
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "max_position_embeddings": 8192,
+        "mlp_bias": false,
+        "model_type": "llama",
+        "num_attention_heads": 9,
+        "num_hidden_layers": 30,
+        "num_key_value_heads": 3,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": null,
+        "rope_theta": 100000,
+        "tie_word_embeddings": true,
+        "torch_dtype": "float32",
+        "vocab_size": 49152
+    });
+    std::fs::write(
+        checkpoint.join("config.json"),
+        serde_json::to_string_pretty(&config).expect("json"),
+    )
+    .expect("config.json");
+    let prompt = "1,504,3458,282,4649,314";
+    let run = |model: &str, extra: &[&str], json: &Path| {
+        let mut args = vec!["run", model, "--prompt-ids", prompt, "--tokens", "16"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--json", json.to_str().expect("utf-8")]);
+        let out = fusec(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = std::fs::read_to_string(json).expect("json");
+        serde_json::from_str::<Value>(&text).expect("json")
+    };
+    let from_gguf = run(
+        path.to_str().expect("utf-8"),
+        &["--save-weights", checkpoint.to_str().expect("utf-8")],
+        &dir.join("gguf.json"),
+    );
+    let from_safetensors = run(
+        checkpoint.to_str().expect("utf-8"),
+        &[],
+        &dir.join("safetensors.json"),
+    );
+    assert_eq!(ids(&from_gguf["generated"]).len(), 16);
+    assert_eq!(from_gguf["generated"], from_safetensors["generated"]);
+    assert_eq!(from_gguf["logits"], from_safetensors["logits"]);
 }
