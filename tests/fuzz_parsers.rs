@@ -1,5 +1,6 @@
 //! Fuzz targets for every parser, on the stable toolchain (the text IR, `model.toml`,
-//! `config.json`, rule files, safetensors headers, GPU files and measurement files):
+//! `config.json`, rule files, safetensors headers, GGUF files, GPU files and measurement
+//! files):
 //! property tests that mutate
 //! the seed corpus in `tests/fuzz/corpus/` (and the bundled examples) and assert that
 //! parsing never panics, that every rejection is a typed error that says where, and
@@ -332,6 +333,92 @@ fn fuzz_safetensors_headers() {
                 prop_assert!(e.to_string().contains("model.safetensors"), "{e}");
             }
             let _ = Weights::metadata(&file);
+            Ok(())
+        })
+        .expect("no finding");
+}
+
+/// One edit of a GGUF file's bytes.
+#[derive(Clone, Debug)]
+enum ByteEdit {
+    /// Set one byte (a type code, a length's low byte, a character).
+    Byte(usize, u8),
+    /// Write a little-endian `u64` (a count, length, offset or dimension) at a position.
+    Word(usize, u64),
+    /// Cut the file at a position.
+    Truncate(usize),
+}
+
+fn byte_edit() -> impl Strategy<Value = ByteEdit> {
+    let word = prop_oneof![
+        Just(0u64),
+        Just(1),
+        Just(u64::MAX),
+        Just(1 << 32),
+        Just(1 << 62),
+        any::<u64>(),
+    ];
+    prop_oneof![
+        6 => (any::<usize>(), any::<u8>()).prop_map(|(i, b)| ByteEdit::Byte(i, b)),
+        3 => (any::<usize>(), word).prop_map(|(i, w)| ByteEdit::Word(i, w)),
+        1 => any::<usize>().prop_map(ByteEdit::Truncate),
+    ]
+}
+
+/// The tiny fixture as a GGUF file (tests/common/tiny_gguf.rs) with its bytes edited,
+/// mostly in the header and metadata where the lengths and counts live: opening,
+/// reading the model config, the tokenizer and the weights never panic, and every
+/// rejection names the file.
+#[test]
+fn fuzz_gguf_files() {
+    let dir = common::scratch("fuzz-gguf");
+    let seed = std::fs::read(common::tiny_gguf::tiny_gguf(&dir, |_| {})).expect("seed");
+    // The metadata and tensor infos end where the first tensor's data starts; edits
+    // land there nine times in ten.
+    let header = seed.len().min(8 << 10);
+    let file = dir.join("fuzzed.gguf");
+    let name = file.to_string_lossy().into_owned();
+    let edits = proptest::collection::vec((byte_edit(), 0u8..10), 1..6);
+    runner()
+        .run(&edits, |edits| {
+            let mut bytes = seed.clone();
+            for (edit, in_header) in edits {
+                let span = if in_header < 9 { header } else { bytes.len() };
+                let at = |i: usize| i % span.clamp(1, bytes.len().max(1));
+                match edit {
+                    ByteEdit::Byte(i, b) => {
+                        let i = at(i);
+                        if let Some(x) = bytes.get_mut(i) {
+                            *x = b;
+                        }
+                    }
+                    ByteEdit::Word(i, w) => {
+                        let i = at(i);
+                        let end = (i + 8).min(bytes.len());
+                        bytes[i..end].copy_from_slice(&w.to_le_bytes()[..end - i]);
+                    }
+                    ByteEdit::Truncate(i) => bytes.truncate(at(i)),
+                }
+            }
+            std::fs::write(&file, &bytes).expect("write");
+            let names_file = |e: &dyn std::fmt::Display| e.to_string().contains(&name);
+            match fusec::gguf::GgufFile::open(&file) {
+                Err(e) => prop_assert!(names_file(&e), "{e}"),
+                Ok(_) => {
+                    let _ = fusec::text::Tokenizer::for_model(&file);
+                    match fusec::pipeline::load(&file, None, None) {
+                        Err(e) => prop_assert!(names_file(&e), "{e}"),
+                        Ok(spec) if spec.model.num_layers <= 64 => {
+                            if let Ok(graph) = fusec::pipeline::eager(&spec) {
+                                if let Err(e) = Weights::load(&file, &graph) {
+                                    prop_assert!(names_file(&e), "{e}");
+                                }
+                            }
+                        }
+                        Ok(_) => {}
+                    }
+                }
+            }
             Ok(())
         })
         .expect("no finding");

@@ -4,6 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod tiny_gguf;
+
 /// The repository root.
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

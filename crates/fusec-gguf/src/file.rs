@@ -397,7 +397,8 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed, Error> {
             .ok_or_else(|| tensor_err(format!("dimensions {dims:?} overflow")))?;
         let bytes = ty.bytes_of(elements).ok_or_else(|| {
             tensor_err(format!(
-                "{elements} weights do not fill whole {} blocks of {}",
+                "{elements} weights do not fill whole {} blocks of {}, or take more than \
+                 2^64 bytes",
                 ty.name(),
                 ty.block_len()
             ))

@@ -100,12 +100,14 @@ impl GgmlType {
         }
     }
 
-    /// Bytes of `elements` weights, or `None` when they do not fill whole blocks.
+    /// Bytes of `elements` weights, or `None` when they do not fill whole blocks or
+    /// their size does not fit in 64 bits.
     pub fn bytes_of(self, elements: u64) -> Option<u64> {
         let block = self.block_len() as u64;
-        elements
-            .is_multiple_of(block)
-            .then(|| elements / block * self.block_bytes() as u64)
+        if !elements.is_multiple_of(block) {
+            return None;
+        }
+        (elements / block).checked_mul(self.block_bytes() as u64)
     }
 }
 
@@ -136,5 +138,20 @@ fn unsupported_name(id: u32) -> &'static str {
         35 => "TQ2_0",
         39 => "MXFP4",
         _ => "unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::GgmlType;
+
+    /// A tensor's size in bytes: whole blocks only, and `None` rather than a wrapped
+    /// count when it does not fit in 64 bits (found by the GGUF fuzz target).
+    #[test]
+    fn bytes_of_counts_whole_blocks_without_overflow() {
+        assert_eq!(GgmlType::Q8_0.bytes_of(64), Some(2 * 34));
+        assert_eq!(GgmlType::Q8_0.bytes_of(33), None);
+        assert_eq!(GgmlType::F32.bytes_of(1 << 62), None);
+        assert_eq!(GgmlType::F32.bytes_of(1 << 61), Some(1 << 63));
     }
 }
