@@ -185,6 +185,19 @@ fn awkward_widths_two_sequences_every_dtype() {
     let want = cpu(&lowered, &w8);
     let got = emulated(&cxx, "fp8-fused", &lowered, &w8, &options);
     check("fp8-fused", &got, &want, tolerance(Precision::Fp8));
+    // The FP8 GEMV's activations staged as f16 rather than f32 (the form for rows too
+    // long for f32 staging).
+    let f16_staged = Options {
+        fp8_f32_stage_bytes: 0,
+        ..Options::default()
+    };
+    let got = emulated(&cxx, "fp8-fused-f16-staged", &lowered, &w8, &f16_staged);
+    check(
+        "fp8-fused-f16-staged",
+        &got,
+        &want,
+        tolerance(Precision::Fp8),
+    );
 }
 
 #[test]

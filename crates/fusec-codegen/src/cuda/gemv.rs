@@ -110,13 +110,19 @@ pub(crate) fn gemv(
     let act = act.ok_or("a GEMV needs a weight")?;
     let act_fp8 = act.is_fp8();
     // The activations as the kernel stages them in shared memory, in the form the dot
-    // products read: the compute dtype, or for FP8 the quantized values held as f32
-    // (exact), so that no row converts them again; FP8 codes where f32 does not fit.
-    let fits = |ty: DType| (m_rows * k * ty.size_bytes()).div_ceil(16) * 16 <= u64::from(opts.max_shared_bytes);
+    // products read: the compute dtype; for FP8 the quantized values as f32 (exact), so
+    // that no row converts them again, while that stays within a bound, else as
+    // f16 (every FP8 code is exact in f16: one conversion per element, not two), else
+    // the FP8 codes themselves (`Options::fp8_f32_stage_bytes`).
+    let fits = |ty: DType| {
+        (m_rows * k * ty.size_bytes()).div_ceil(16) * 16 <= u64::from(opts.max_shared_bytes)
+    };
     let a_ty = if !act_fp8 {
         t
-    } else if fits(DType::F32) {
+    } else if m_rows * k * 4 <= u64::from(opts.fp8_f32_stage_bytes) {
         DType::F32
+    } else if fits(DType::F16) {
+        DType::F16
     } else {
         act
     };
@@ -179,15 +185,17 @@ pub(crate) fn gemv(
     if staged && (a_ty == t || a_ty == DType::F32) {
         staged_prologue(&mut b, params, g, x, k, t, act, a_ty)?;
     } else {
-        // The activations do not fit in shared memory as the dot products read them:
-        // the statistics in passes over global memory, then the FP8 codes staged, or
-        // nothing staged and every row normalising (and quantizing) as it reads.
+        // The activations are not staged in a type that holds the raw row: the
+        // statistics in passes over global memory (16 bytes per thread per load where
+        // the row allows), then the quantized values staged, or nothing staged and every
+        // row normalising (and quantizing) as it reads.
+        let vec = rows_vectorizable(x, k, 16 / t.size_bytes());
+        let pass = |b: &mut String, body: &str| row_pass(b, &px, &xrow, sx, t, vec, body);
         let _ = writeln!(b, "  for (int m = 0; m < M; ++m) {{");
         if let Some(n) = g.norm {
             let eps = n.eps;
             let _ = writeln!(b, "    float ss = 0.0f;");
-            let _ = writeln!(b, "#pragma unroll 4");
-            let _ = writeln!(b, "    for (int k = threadIdx.x; k < K; k += blockDim.x) {{ const float v = {}; ss += v * v; }}", xv("k"));
+            pass(&mut b, "ss = fmaf(v, v, ss);");
             let _ = writeln!(b, "    ss = fu_block_sum(ss);");
             let _ = writeln!(
                 b,
@@ -197,13 +205,9 @@ pub(crate) fn gemv(
             let _ = writeln!(b, "    __syncthreads();");
         }
         if act_fp8 {
-            let e = xn(params, "k");
+            let e = norm_of(params, "v", "k");
             let _ = writeln!(b, "    float am = 0.0f;");
-            let _ = writeln!(b, "#pragma unroll 4");
-            let _ = writeln!(
-                b,
-                "    for (int k = threadIdx.x; k < K; k += blockDim.x) am = fmaxf(am, fabsf({e}));"
-            );
+            pass(&mut b, &format!("am = fmaxf(am, fabsf({e}));"));
             let _ = writeln!(b, "    am = fu_block_max(am);");
             let _ = writeln!(
                 b,
@@ -213,16 +217,17 @@ pub(crate) fn gemv(
             let _ = writeln!(b, "    __syncthreads();");
         }
         if staged {
+            let e = norm_of(params, "v", "k");
             let raw = if act_fp8 {
-                format!("fu_from<{}>({} / fu_as[m])", ctype(a_ty), xn(params, "k"))
+                format!(
+                    "fu_from<{}>(fu_round<{}>({e} / fu_as[m]))",
+                    ctype(a_ty),
+                    ctype(act)
+                )
             } else {
-                format!("fu_from<{}>({})", ctype(a_ty), xn(params, "k"))
+                format!("fu_from<{}>({e})", ctype(a_ty))
             };
-            let _ = writeln!(b, "#pragma unroll 4");
-            let _ = writeln!(
-                b,
-                "    for (int k = threadIdx.x; k < K; k += blockDim.x) xs[m * K + k] = {raw};"
-            );
+            pass(&mut b, &format!("xs[m * K + k] = {raw};"));
         }
         let _ = writeln!(b, "  }}");
     }
@@ -328,6 +333,37 @@ fn norm_expr(offset: Option<f32>, xe: &str, we: &str, tc: &str) -> String {
     }
 }
 
+/// A loop over row `m` of the activations in which `body` sees the element `v` (f32)
+/// at column `k`: 16 bytes per thread per load when `vec`, else one element, unrolled
+/// so that several loads are in flight.
+fn row_pass(b: &mut String, px: &str, xrow: &str, sx: u64, t: DType, vec: bool, body: &str) {
+    let _ = writeln!(b, "#pragma unroll 4");
+    if vec {
+        let ve = 16 / t.size_bytes();
+        let _ = writeln!(
+            b,
+            "    for (int k0 = threadIdx.x * {ve}; k0 < K; k0 += blockDim.x * {ve}) {{"
+        );
+        let _ = writeln!(b, "      float xv[{ve}];");
+        let _ = writeln!(
+            b,
+            "      fu_load<{}, {ve}>({px} + {xrow} + k0, xv);",
+            ctype(t)
+        );
+        let _ = writeln!(b, "#pragma unroll");
+        let _ = writeln!(
+            b,
+            "      for (int e = 0; e < {ve}; ++e) {{ const int k = k0 + e; const float v = xv[e]; {body} }}"
+        );
+        let _ = writeln!(b, "    }}");
+    } else {
+        let _ = writeln!(
+            b,
+            "    for (int k = threadIdx.x; k < K; k += blockDim.x) {{ const float v = fu_f32({px}[{xrow} + (long long)k * {sx}LL]); {body} }}"
+        );
+    }
+}
+
 /// Whether the `[.., K]` view `v` can be read `ve` elements (one 16-byte load) at a time
 /// from the start of every row: unit stride, every row start a multiple of `ve`.
 fn rows_vectorizable(v: &View, k: u64, ve: u64) -> bool {
@@ -398,7 +434,10 @@ fn staged_prologue(
         let _ = writeln!(b, "    }}");
     } else {
         let _ = writeln!(b, "#pragma unroll 4");
-        let _ = writeln!(b, "    for (int k = threadIdx.x; k < K; k += blockDim.x) {{");
+        let _ = writeln!(
+            b,
+            "    for (int k = threadIdx.x; k < K; k += blockDim.x) {{"
+        );
         let _ = writeln!(
             b,
             "      const float v = fu_f32({px}[{xrow} + (long long)k * {sx}LL]);"
