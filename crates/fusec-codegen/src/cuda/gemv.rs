@@ -165,7 +165,7 @@ pub(crate) fn gemv(
                     "fu_f32({pw}[{}LL + (long long)({kk}) * {}LL])",
                     w.offset, w.strides[0]
                 );
-                norm_expr(n.offset, xe, &wk, &tc)
+                norm_expr(n.offset, xe, &wk, tc)
             }
             None => xe.to_string(),
         }
