@@ -222,4 +222,19 @@ fn split_kv_at_awkward_widths_matches_one_block_per_head() {
     let want = cpu(&fused, &weights);
     let got = emulated(&cxx, "split-awkward", &fused, &weights, &split);
     check("split-KV awkward", &got, &want, tolerance(Precision::F32));
+    // One warp per block: head_dim 14 takes all 32 lanes per position, so one thread
+    // group walks every position, two at a time (the positions in flight), through
+    // several rounds of the main loop; with 128 threads the 7 positions of this test
+    // would all fall in the first round.
+    let one_group = Options {
+        attention_threads: 32,
+        ..Options::default()
+    };
+    let got = emulated(&cxx, "one-group-awkward", &fused, &weights, &one_group);
+    check(
+        "one thread group awkward",
+        &got,
+        &want,
+        tolerance(Precision::F32),
+    );
 }
