@@ -3,9 +3,12 @@
 # fixture, then time eager, fused and fused-FP8 decode of an 8B-shaped and a
 # 1B-shaped Llama with random weights (tokens/s, achieved GB/s, MBU against a copy
 # bandwidth measured in the same run), and PyTorch eager decode of the same shapes
-# where torch is installed. Needs an NVIDIA GPU (sm_80 or newer) and its driver;
+# where torch is installed; then the ptxas table of every kernel and, where Nsight
+# Compute is installed, `ncu` on the GEMV and attention kernels. Needs an NVIDIA GPU (sm_80 or newer) and its driver;
 # NVRTC comes from the CUDA toolkit or, failing that, from pip wheels (the `nvidia-cuda-nvrtc-cu12` wheels, as in .ci/run).
-# Runs in well under 8 minutes; every phase has its own time limit.
+# Runs in about 10 minutes with ncu, under 8 without; every phase has its own time
+# limit. The lines to copy into BENCHMARKS.md are the bench lines (tokens/s, GB/s, MBU
+# against the copy measured here), the ptxas tables and the ncu DRAM throughputs.
 #
 #   scripts/gpu-check.sh [--steps N] [--context N]
 #
@@ -51,8 +54,10 @@ if [ -z "${FUSEC_NVRTC:-}" ]; then
     else
         venv="${CARGO_TARGET_DIR:-target}/cuda-venv"
         { [ -x "$venv/bin/pip" ] || python3 -m venv "$venv"; }
-        "$venv/bin/pip" install -q --disable-pip-version-check nvidia-cuda-nvrtc-cu12 nvidia-cuda-runtime-cu12
+        "$venv/bin/pip" install -q --disable-pip-version-check nvidia-cuda-nvrtc-cu12 nvidia-cuda-runtime-cu12 nvidia-cuda-nvcc-cu12
         site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/nvidia
+        # ptxas, for the per-kernel register and occupancy tables.
+        export PATH="$PATH:$site/cuda_nvcc/bin"
         export FUSEC_NVRTC="$site/cuda_nvrtc/lib/libnvrtc.so.12"
         export FUSEC_CUDA_INCLUDE="$site/cuda_runtime/include"
         export LD_LIBRARY_PATH="$site/cuda_nvrtc/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
@@ -106,6 +111,33 @@ for model in examples/llama-3-8b.toml "$one_b"; do
             echo "bench $model $variant failed (exit $?)"
     done
 done
+
+phase "ptxas: registers, spills, shared memory and occupancy per kernel (8B, bf16 and fp8)"
+fusec_bin="${CARGO_TARGET_DIR:-target}/release/fusec"
+if [ -x "$fusec_bin" ]; then
+    for p in bf16 fp8; do
+        out="${CARGO_TARGET_DIR:-target}/gpu-check/8b-$p"
+        timeout 60 "$fusec_bin" compile examples/llama-3-8b.toml --precision "$p" --emit ptx --out "$out" >/dev/null &&
+            cat "$out/kernels.sm_90.resources.txt" || echo "ptx for $p failed (exit $?)"
+    done
+else
+    echo "no $fusec_bin (prebuilt check binary only): skipped"
+fi
+
+phase "ncu: the GEMV and attention kernels of one fused decode step (8B, bf16 and fp8)"
+# Achieved DRAM throughput against the peak (SpeedOfLight), and what limits the memory
+# pipeline, for the kernels the cost model treats as bandwidth-bound.
+if command -v ncu >/dev/null 2>&1; then
+    for variant in fused fused-fp8; do
+        timeout 240 ncu --kernel-name regex:'gemv|decode_attention' --launch-skip 20 --launch-count 6 \
+            --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+            "$check" bench examples/llama-3-8b.toml "$variant" --context "$context" --steps 1 2>&1 |
+            grep -E '^  [a-z_0-9]+|fusec_k|DRAM Throughput|Memory Throughput|Duration|Achieved Occupancy|Registers Per Thread|Theoretical Occupancy' ||
+            echo "ncu $variant failed (exit $?)"
+    done
+else
+    echo "ncu is not installed: skipped"
+fi
 
 phase "PyTorch eager decode of the same shapes"
 if python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then

@@ -90,6 +90,22 @@ fn emit_ptx_compiles_every_kernel_or_says_nvrtc_is_missing() {
             kernels,
             "{arch}: every kernel"
         );
+        // ptxas's figures per kernel, or a file that says ptxas is missing.
+        let res = std::fs::read_to_string(dir.join(format!("kernels.{arch}.resources.txt")))
+            .unwrap_or_else(|e| panic!("kernels.{arch}.resources.txt: {e}"));
+        if res.contains("ptxas not found") {
+            assert!(
+                std::env::var_os("FUSEC_REQUIRE_TOOLS").is_none(),
+                "ptxas NOT FOUND (FUSEC_REQUIRE_TOOLS is set)"
+            );
+            let _ = writeln!(std::io::stderr(), "\nptxas NOT FOUND: no resource table\n");
+        } else {
+            assert!(res.starts_with(&format!("# ptxas -v, {arch}")), "{res}");
+            // One row per distinct kernel, each with its registers and an occupancy.
+            let rows: Vec<&str> = res.lines().filter(|l| l.starts_with("fusec_k")).collect();
+            assert_eq!(rows.len(), kernels, "{arch}: {res}");
+            assert!(rows.iter().all(|r| r.contains('%')), "{res}");
+        }
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -7,6 +7,7 @@ use std::time::Instant;
 use anyhow::Context;
 use fusec::codegen::{self, DecodeShape};
 use fusec::cuda::nvrtc::{Nvrtc, Target};
+use fusec::cuda::ptxas;
 use fusec::output::{Outputs, Replace};
 use fusec::pipeline;
 use fusec::summary::Summary;
@@ -139,6 +140,23 @@ fn cuda(
             &path,
             String::from_utf8_lossy(&ptx.image).into_owned(),
         )?;
+        written.push(path);
+        // Registers, spills, shared memory and occupancy per kernel, where ptxas is
+        // installed; the file says so where it is not.
+        let table = match ptxas::find() {
+            Some(p) => {
+                let version = ptxas::version(&p).map_err(|e| Failure::Internal(e.into()))?;
+                let res = ptxas::resources(&p, &ptx.image, *arch)
+                    .map_err(|e| Failure::Internal(e.into()))?;
+                ptxas::table(&res, &code.plan, *arch, &version)
+            }
+            None => format!(
+                "# {}: no register or occupancy figures\n",
+                ptxas::PtxasError::NotFound
+            ),
+        };
+        let path = out.join(format!("{prefix}kernels.{arch}.resources.txt"));
+        write(outputs, &path, table)?;
         written.push(path);
     }
     Ok(written)

@@ -122,8 +122,18 @@ pub struct Options {
     /// the kernel's dynamic shared memory limit (the plan records what each launch
     /// needs); larger activations are read from global memory instead.
     pub max_shared_bytes: u32,
+    /// The most shared memory an FP8 GEMV stages its quantized activations in as f32
+    /// (read with no conversion); beyond it they are staged as f16 (exact for every FP8
+    /// code, one conversion per element). The default keeps four 256-thread GEMV blocks
+    /// per SM on sm_80 and sm_90, as many as the grid has per SM.
+    #[serde(default = "default_fp8_f32_stage_bytes")]
+    pub fp8_f32_stage_bytes: u32,
     /// The largest grid of a grid-stride kernel.
     pub max_grid: u32,
+}
+
+fn default_fp8_f32_stage_bytes() -> u32 {
+    32 * 1024
 }
 
 impl Default for Options {
@@ -137,6 +147,7 @@ impl Default for Options {
             split_kv_min_len: 1024,
             split_kv_min_chunk: 256,
             max_shared_bytes: 96 * 1024,
+            fp8_f32_stage_bytes: default_fp8_f32_stage_bytes(),
             max_grid: 65_535,
         }
     }

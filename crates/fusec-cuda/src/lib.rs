@@ -16,4 +16,5 @@
 #[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod nvrtc;
+pub mod ptxas;
 pub mod runtime;

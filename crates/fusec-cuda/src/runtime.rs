@@ -259,13 +259,24 @@ impl<D: Device> Runner<D> {
         Ok(())
     }
 
-    /// Empties the KV caches.
+    /// Empties the KV caches and zeroes every kernel workspace (the split-KV partials
+    /// and tickets, the post-norm tickets): the kernels leave a workspace as they found
+    /// it only when every launch of a step ran to its end, so a step cut short (an error,
+    /// an interrupted run) could leave a ticket counted and the next combine wrong.
     pub fn reset(&mut self) -> Result<(), RunError> {
-        for s in self.plan.states.clone() {
-            for b in [s.input.buffer, s.output.buffer] {
-                let bytes = self.plan.buffers[b].bytes as usize;
-                self.device.write(self.addr[b], &vec![0u8; bytes])?;
-            }
+        let mut clear: Vec<usize> = Vec::new();
+        for s in &self.plan.states {
+            clear.extend([s.input.buffer, s.output.buffer]);
+        }
+        clear.extend(
+            (0..self.plan.buffers.len())
+                .filter(|&b| self.plan.buffers[b].kind == BufferKind::Workspace),
+        );
+        clear.sort_unstable();
+        clear.dedup();
+        for b in clear {
+            let bytes = self.plan.buffers[b].bytes as usize;
+            self.device.write(self.addr[b], &vec![0u8; bytes])?;
         }
         self.past = 0;
         Ok(())

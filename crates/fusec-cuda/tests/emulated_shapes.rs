@@ -185,6 +185,19 @@ fn awkward_widths_two_sequences_every_dtype() {
     let want = cpu(&lowered, &w8);
     let got = emulated(&cxx, "fp8-fused", &lowered, &w8, &options);
     check("fp8-fused", &got, &want, tolerance(Precision::Fp8));
+    // The FP8 GEMV's activations staged as f16 rather than f32 (the form for rows too
+    // long for f32 staging).
+    let f16_staged = Options {
+        fp8_f32_stage_bytes: 0,
+        ..Options::default()
+    };
+    let got = emulated(&cxx, "fp8-fused-f16-staged", &lowered, &w8, &f16_staged);
+    check(
+        "fp8-fused-f16-staged",
+        &got,
+        &want,
+        tolerance(Precision::Fp8),
+    );
 }
 
 #[test]
@@ -209,4 +222,19 @@ fn split_kv_at_awkward_widths_matches_one_block_per_head() {
     let want = cpu(&fused, &weights);
     let got = emulated(&cxx, "split-awkward", &fused, &weights, &split);
     check("split-KV awkward", &got, &want, tolerance(Precision::F32));
+    // One warp per block: head_dim 14 takes all 32 lanes per position, so one thread
+    // group walks every position, two at a time (the positions in flight), through
+    // several rounds of the main loop; with 128 threads the 7 positions of this test
+    // would all fall in the first round.
+    let one_group = Options {
+        attention_threads: 32,
+        ..Options::default()
+    };
+    let got = emulated(&cxx, "one-group-awkward", &fused, &weights, &one_group);
+    check(
+        "one thread group awkward",
+        &got,
+        &want,
+        tolerance(Precision::F32),
+    );
 }

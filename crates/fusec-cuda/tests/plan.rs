@@ -373,3 +373,124 @@ fn fp8_kernels_dequantize_with_their_scales() {
     // Seven GEMV weights per layer, the lm_head, and a key and a value scale per layer.
     assert_eq!(weights, 7 * 2 + 1 + 2 * 2, "scale buffers");
 }
+
+/// Device memory on the host, launches recorded and not run.
+#[derive(Default)]
+struct Memory {
+    blocks: BTreeMap<u64, Vec<u8>>,
+    next: u64,
+}
+
+impl Memory {
+    fn block(&mut self, addr: u64) -> (&mut Vec<u8>, usize) {
+        let (&base, v) = self
+            .blocks
+            .range_mut(..=addr)
+            .next_back()
+            .expect("an allocated address");
+        (v, (addr - base) as usize)
+    }
+}
+
+impl fusec_cuda::runtime::Device for Memory {
+    fn alloc(&mut self, bytes: u64) -> Result<u64, fusec_cuda::runtime::RunError> {
+        let a = self.next + 256;
+        self.next = a + bytes.div_ceil(256) * 256;
+        self.blocks.insert(a, vec![0; bytes as usize]);
+        Ok(a)
+    }
+    fn write(&mut self, addr: u64, data: &[u8]) -> Result<(), fusec_cuda::runtime::RunError> {
+        let (v, o) = self.block(addr);
+        v[o..o + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+    fn read(&mut self, addr: u64, len: usize) -> Result<Vec<u8>, fusec_cuda::runtime::RunError> {
+        let (v, o) = self.block(addr);
+        Ok(v[o..o + len].to_vec())
+    }
+    fn load(&mut self, _: &fusec_codegen::Output) -> Result<(), fusec_cuda::runtime::RunError> {
+        Ok(())
+    }
+    fn launch(
+        &mut self,
+        _: &str,
+        _: [u32; 3],
+        _: [u32; 3],
+        _: u32,
+        _: &[u64],
+        _: i32,
+    ) -> Result<(), fusec_cuda::runtime::RunError> {
+        Ok(())
+    }
+    fn sync(&mut self) -> Result<(), fusec_cuda::runtime::RunError> {
+        Ok(())
+    }
+}
+
+struct Zeros;
+
+impl fusec_cuda::runtime::WeightSource for Zeros {
+    fn bytes(
+        &self,
+        _: &str,
+        dtype: DType,
+        dims: &[u64],
+    ) -> Result<Vec<u8>, fusec_cuda::runtime::RunError> {
+        Ok(vec![
+            0;
+            (dims.iter().product::<u64>() * dtype.size_bytes())
+                as usize
+        ])
+    }
+}
+
+#[test]
+fn reset_zeroes_the_caches_and_the_split_kv_workspace() {
+    let case = common::cases(&common::root().join("examples/tiny.toml"), Precision::F32).remove(1);
+    let split = fusec_codegen::Options {
+        split_kv_min_len: 2,
+        split_kv_min_chunk: 2,
+        ..fusec_codegen::Options::default()
+    };
+    let out = fusec_codegen::generate(&case.graph, &case.shape, &split).expect("generates");
+    let mut runner =
+        fusec_cuda::runtime::Runner::new(Memory::default(), &out, &Zeros).expect("runner");
+    let plan = runner.plan().clone();
+    let kept: Vec<(usize, &str)> = plan
+        .buffers
+        .iter()
+        .enumerate()
+        .filter_map(|(i, b)| match &b.kind {
+            BufferKind::Workspace => Some((i, "workspace")),
+            BufferKind::State { .. } => Some((i, "state")),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        kept.iter().any(|(_, k)| *k == "workspace"),
+        "split-KV has a workspace"
+    );
+    // Every byte of the caches and the workspace dirtied (a step cut short leaves
+    // tickets counted), then reset.
+    let mem = runner.device();
+    for v in mem.blocks.values_mut() {
+        v.iter_mut().for_each(|x| *x = 0xab);
+    }
+    runner.reset().expect("reset");
+    // Every workspace and state buffer reads back zero; the weights (dirtied too, and
+    // not the runner's to clear) still read 0xab.
+    let dirty: usize = runner
+        .device()
+        .blocks
+        .values()
+        .map(|v| v.iter().filter(|&&x| x == 0xab).count())
+        .sum();
+    let cleared: u64 = kept.iter().map(|&(i, _)| plan.buffers[i].bytes).sum();
+    let total: usize = runner.device().blocks.values().map(Vec::len).sum();
+    assert_eq!(
+        total - dirty,
+        cleared as usize,
+        "exactly the kept buffers are zeroed"
+    );
+    assert_eq!(runner.past(), 0);
+}

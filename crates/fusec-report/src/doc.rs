@@ -110,7 +110,7 @@ pub fn document(r: &Report) -> Vec<Block> {
     let c = &r.cost_model;
     d.push(Block::Para(format!(
         "GPU {} ({}). Cost model: each kernel takes {}, with bandwidth {} GB/s ({}), \
-         launch overhead {} us, and {}; a step takes {}.",
+         launch overhead {} us, and {}; a step takes {}. This is {}.",
         g.name,
         g.description,
         c.kernel_time,
@@ -118,11 +118,12 @@ pub fn document(r: &Report) -> Vec<Block> {
         c.bandwidth_source,
         c.launch_us,
         c.math_peaks,
-        c.step_time
+        c.step_time,
+        c.bound
     )));
     d.push(Block::Para(format!(
         "Cost per million tokens at ${}/GPU-hour: $/Mtok = {}, where tokens_per_s = {}. \
-         MBU (model bandwidth utilisation) = {}.",
+         MBU (model bandwidth utilisation, an upper bound here) = {}.",
         sig(r.price_per_hour),
         c.dollars_per_million_tokens,
         c.tokens_per_s,
@@ -153,7 +154,7 @@ pub fn document(r: &Report) -> Vec<Block> {
                 )
             });
             format!(
-                "{}: {} us/token, {} tokens/s, {} per million tokens, MBU {}, {} launches \
+                "{}: {} us/token, {} tokens/s, {} per million tokens, roofline MBU {}, {} launches \
                  and {} per step{vs}.",
                 v.name,
                 us(v.us_per_token),
@@ -243,7 +244,7 @@ fn per_step(d: &mut Vec<Block>, r: &Report) {
     line(&mut t, r, "$/M tokens", |v| {
         dollars(v.dollars_per_million_tokens)
     });
-    line(&mut t, r, "MBU", |v| pct(v.mbu));
+    line(&mut t, r, "MBU (roofline bound)", |v| pct(v.mbu));
     line(&mut t, r, "weights + KV cache", |v| bytes(v.resident_bytes));
     line(&mut t, r, "fits in GPU memory", |v| s(fits(v.fits)));
     d.push(Block::Table(t));

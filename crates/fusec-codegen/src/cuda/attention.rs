@@ -155,6 +155,9 @@ pub(crate) fn shape(
     })
 }
 
+/// Positions each thread group has in flight in the main loop.
+const IN_FLIGHT: u32 = 2;
+
 /// The kernel. `workspace` holds the split-KV partials (f32) and tickets (i32) when
 /// `sh.splits > 1`.
 pub(crate) fn attention(
@@ -163,7 +166,7 @@ pub(crate) fn attention(
     workspace: Option<(&View, &View)>,
     params: &mut Params,
     _decode: &DecodeShape,
-    _opts: &Options,
+    opts: &Options,
 ) -> Result<KernelCode, String> {
     let t = a.out.dtype;
     let tc = ctype(t);
@@ -195,7 +198,7 @@ pub(crate) fn attention(
     let mut b = String::new();
     let _ = writeln!(
         b,
-        "  constexpr int HD = {hd}, G = {}, HB = {}, HBLK = {}, TPK = {}, VE = {}, NG = {} / TPK, SPLITS = {}, H = {}, T = {};",
+        "  constexpr int HD = {hd}, G = {}, HB = {}, HBLK = {}, TPK = {}, VE = {}, NG = {} / TPK, SPLITS = {}, H = {}, T = {}, P = {IN_FLIGHT};",
         sh.heads / sh.kv_heads,
         sh.hb,
         sh.hblk,
@@ -337,9 +340,23 @@ pub(crate) fn attention(
     }
     let _ = writeln!(b, "  __syncthreads();");
 
-    // The positions of this split.
+    // The positions of this split. The grid has room for SPLITS splits (sized for the
+    // full cache); the splits in use are chosen from the length at run time, at least
+    // `split_kv_min_chunk` positions each, so a short context is not cut into slivers
+    // whose combine costs more than they save (flash-decoding, Dao et al. 2023, picks
+    // the split count from the sequence length). The others leave at once.
     let _ = writeln!(b, "  const long long L = {};", len_ext.c());
-    let _ = writeln!(b, "  const long long chunk = (L + SPLITS - 1) / SPLITS;");
+    let _ = writeln!(
+        b,
+        "  const long long want = (L + {mc}LL - 1) / {mc}LL;",
+        mc = opts.split_kv_min_chunk.max(1)
+    );
+    let _ = writeln!(
+        b,
+        "  const int NS = want < 1 ? 1 : want > SPLITS ? SPLITS : (int)want;"
+    );
+    let _ = writeln!(b, "  if (z >= NS) return;");
+    let _ = writeln!(b, "  const long long chunk = (L + NS - 1) / NS;");
     let _ = writeln!(b, "  const long long start = (long long)z * chunk;");
     let _ = writeln!(
         b,
@@ -359,13 +376,19 @@ pub(crate) fn attention(
         Operand::Scalar(_) => None,
         Operand::Dequant { .. } => return Err("the mask cannot be a quantized weight".into()),
     };
+    // P positions in flight per thread group: all their key and value loads are issued
+    // before any is used, so a group waits on memory once per P positions instead of
+    // once per position (the pipelining of FlashAttention-2/3's K/V loads, done with
+    // registers; `cp.async` staging is not used).
     let _ = writeln!(
         b,
-        "  for (long long base = start; base < end; base += NG) {{"
+        "  for (long long base = start; base < end; base += NG * P) {{"
     );
-    let _ = writeln!(b, "    const long long t = base + gi;");
+    let _ = writeln!(b, "    float kv[P][VE], vv[P][VE];");
+    let _ = writeln!(b, "#pragma unroll");
+    let _ = writeln!(b, "    for (int u = 0; u < P; ++u) {{");
+    let _ = writeln!(b, "    const long long t = base + u * NG + gi;");
     let _ = writeln!(b, "    const bool valid = t < end;");
-    let _ = writeln!(b, "    float kv[VE], vv[VE];");
     let cache_at = |c: &str| [bb.clone(), kvc.clone(), s("t"), s(c)];
     let load_entry = |b: &mut String,
                       name: &str,
@@ -399,26 +422,42 @@ pub(crate) fn attention(
         }
         let _ = writeln!(b, "    }}");
     };
-    load_entry(&mut b, "kv", &pck, cache_k, "ks", &ksc);
-    load_entry(&mut b, "vv", &pcv, cache_v, "vs", &vsc);
+    load_entry(&mut b, "kv[u]", &pck, cache_k, "ks", &ksc);
+    load_entry(&mut b, "vv[u]", &pcv, cache_v, "vs", &vsc);
+    let _ = writeln!(b, "    }}");
+    // The mask: once per position when it is the same for every head (a decode or
+    // causal mask broadcast over heads), not once per head.
+    let mask_at = |p: &mut Params, m: &View| {
+        let pm = p.bind(m, Access::Read);
+        super::load(&pm, m, &[bb.clone(), hh.clone(), tqc.clone(), s("t")])
+    };
+    let head_invariant = mask_view
+        .as_ref()
+        .is_some_and(|m| m.dims[1].is_one() || m.strides[1] == 0);
+    let _ = writeln!(b, "#pragma unroll");
+    let _ = writeln!(b, "    for (int u = 0; u < P; ++u) {{");
+    let _ = writeln!(b, "    const long long t = base + u * NG + gi;");
+    let _ = writeln!(b, "    const bool valid = t < end;");
+    let mask = match &mask_view {
+        Some(m) if head_invariant => {
+            let e = mask_at(params, m);
+            let _ = writeln!(b, "    const float mk = valid ? {e} : 0.0f;");
+            "mk".to_string()
+        }
+        Some(m) => mask_at(params, m),
+        None => flit(a.mask.scalar()?),
+    };
     let _ = writeln!(b, "#pragma unroll");
     let _ = writeln!(b, "    for (int j = 0; j < HB; ++j) {{");
     let _ = writeln!(b, "      float dot = 0.0f;");
     let _ = writeln!(b, "#pragma unroll");
     let _ = writeln!(
         b,
-        "      for (int e = 0; e < VE; ++e) dot = fmaf(q[j][e], kv[e], dot);"
+        "      for (int e = 0; e < VE; ++e) dot = fmaf(q[j][e], kv[u][e], dot);"
     );
     let _ = writeln!(b, "      dot = fu_group_sum<TPK>(dot);");
     let _ = writeln!(b, "      if (valid) {{");
     let _ = writeln!(b, "        const int h = kvh * G + hb * HB + j;");
-    let mask = match &mask_view {
-        Some(m) => {
-            let pm = params.bind(m, Access::Read);
-            super::load(&pm, m, &[bb.clone(), hh.clone(), tqc.clone(), s("t")])
-        }
-        None => flit(a.mask.scalar()?),
-    };
     let scaled = format!("fu_round<{tc}>(fu_round<{tc}>(dot) * {})", flit(a.scale));
     // Gemma 2's soft-cap, rounded as the eager div, tanh and mul are.
     let scaled = match a.softcap {
@@ -441,11 +480,12 @@ pub(crate) fn attention(
     let _ = writeln!(b, "#pragma unroll");
     let _ = writeln!(
         b,
-        "          for (int e = 0; e < VE; ++e) acc[j][e] = fmaf(p, vv[e], acc[j][e] * corr);"
+        "          for (int e = 0; e < VE; ++e) acc[j][e] = fmaf(p, vv[u][e], acc[j][e] * corr);"
     );
     let _ = writeln!(b, "          mx[j] = mn;");
     let _ = writeln!(b, "        }}");
     let _ = writeln!(b, "      }}");
+    let _ = writeln!(b, "    }}");
     let _ = writeln!(b, "    }}");
     let _ = writeln!(b, "  }}");
 
@@ -517,7 +557,7 @@ pub(crate) fn attention(
         );
         let _ = writeln!(
             b,
-            "  if (threadIdx.x == 0) fu_last = atomicAdd({pc} + ticket, 1) == SPLITS - 1;"
+            "  if (threadIdx.x == 0) fu_last = atomicAdd({pc} + ticket, 1) == NS - 1;"
         );
         let _ = writeln!(b, "  __syncthreads();");
         let _ = writeln!(b, "  if (!fu_last) return;");
@@ -537,10 +577,10 @@ pub(crate) fn attention(
         let _ = writeln!(b, "    float M = -FU_INF;");
         let _ = writeln!(
             b,
-            "    for (int sp = 0; sp < SPLITS; ++sp) M = fmaxf(M, __ldcg(wm + row + sp));"
+            "    for (int sp = 0; sp < NS; ++sp) M = fmaxf(M, __ldcg(wm + row + sp));"
         );
         let _ = writeln!(b, "    float lsum = 0.0f, o = 0.0f;");
-        let _ = writeln!(b, "    for (int sp = 0; sp < SPLITS; ++sp) {{");
+        let _ = writeln!(b, "    for (int sp = 0; sp < NS; ++sp) {{");
         let _ = writeln!(b, "      const float ms = __ldcg(wm + row + sp);");
         let _ = writeln!(b, "      if (ms > -FU_INF) {{ const float w = expf(ms - M); lsum += __ldcg(wl + row + sp) * w; o += __ldcg(wo + (row + sp) * HD + d) * w; }}");
         let _ = writeln!(b, "    }}");

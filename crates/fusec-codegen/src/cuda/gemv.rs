@@ -109,10 +109,25 @@ pub(crate) fn gemv(
     }
     let act = act.ok_or("a GEMV needs a weight")?;
     let act_fp8 = act.is_fp8();
-    // The activations as the kernel stages them: quantized, or in the compute dtype.
-    let a_ty = if act_fp8 { act } else { t };
+    // The activations as the kernel stages them in shared memory, in the form the dot
+    // products read: the compute dtype; for FP8 the quantized values as f32 (exact), so
+    // that no row converts them again, while that stays within a bound, else as
+    // f16 (every FP8 code is exact in f16: one conversion per element, not two), else
+    // the FP8 codes themselves (`Options::fp8_f32_stage_bytes`).
+    let fits = |ty: DType| {
+        (m_rows * k * ty.size_bytes()).div_ceil(16) * 16 <= u64::from(opts.max_shared_bytes)
+    };
+    let a_ty = if !act_fp8 {
+        t
+    } else if m_rows * k * 4 <= u64::from(opts.fp8_f32_stage_bytes) {
+        DType::F32
+    } else if fits(DType::F16) {
+        DType::F16
+    } else {
+        act
+    };
     let staged_bytes = m_rows * k * a_ty.size_bytes();
-    let staged = staged_bytes.div_ceil(16) * 16 <= u64::from(opts.max_shared_bytes);
+    let staged = fits(a_ty);
     let warps = opts.gemv_warps;
 
     let px = params.bind(x, Access::Read);
@@ -140,8 +155,8 @@ pub(crate) fn gemv(
     let xrow = row_offset(x, "m")?;
     let sx = x.strides[r - 1];
     let xv = |kk: &str| format!("fu_f32({px}[{xrow} + (long long)({kk}) * {sx}LL])");
-    // The normalised activation XN(m, k) and the value the GEMV multiplies, XQ(m, k).
-    let xn = |p: &mut Params, kk: &str| -> String {
+    // The normalised activation of the value `xe` at column `kk`.
+    let norm_of = |p: &mut Params, xe: &str, kk: &str| -> String {
         match g.norm {
             Some(n) => {
                 let w = n.weight;
@@ -150,72 +165,72 @@ pub(crate) fn gemv(
                     "fu_f32({pw}[{}LL + (long long)({kk}) * {}LL])",
                     w.offset, w.strides[0]
                 );
-                match n.offset {
-                    None => format!(
-                        "fu_round<{tc}>({wk} * fu_round<{tc}>({} * fu_rs[m]))",
-                        xv(kk)
-                    ),
-                    // Gemma's norm: the offset weight in f32, one rounding.
-                    Some(c) => format!(
-                        "fu_round<{tc}>(__fmul_rn({} * fu_rs[m], __fadd_rn({wk}, {})))",
-                        xv(kk),
-                        flit(c)
-                    ),
-                }
+                norm_expr(n.offset, xe, &wk, tc)
             }
-            None => xv(kk),
+            None => xe.to_string(),
         }
     };
+    // The normalised activation XN(m, k) and the value the GEMV multiplies, XQ(m, k).
+    let xn = |p: &mut Params, kk: &str| -> String { norm_of(p, &xv(kk), kk) };
     let xq = |p: &mut Params, kk: &str| -> String {
         let n = xn(p, kk);
         if act_fp8 {
-            format!("fu_round<{}>({n} / fu_as[m])", ctype(a_ty))
+            format!("fu_round<{}>({n} / fu_as[m])", ctype(act))
         } else {
             n
         }
     };
 
     // Prologue.
-    let _ = writeln!(b, "  for (int m = 0; m < M; ++m) {{");
-    if let Some(n) = g.norm {
-        let eps = n.eps;
-        let _ = writeln!(b, "    float ss = 0.0f;");
-        let _ = writeln!(b, "    for (int k = threadIdx.x; k < K; k += blockDim.x) {{ const float v = {}; ss += v * v; }}", xv("k"));
-        let _ = writeln!(b, "    ss = fu_block_sum(ss);");
-        let _ = writeln!(
-            b,
-            "    if (threadIdx.x == 0) fu_rs[m] = fu_rsqrt(ss / (float)K + {});",
-            flit(eps)
-        );
-        let _ = writeln!(b, "    __syncthreads();");
+    if staged && (a_ty == t || a_ty == DType::F32) {
+        staged_prologue(&mut b, params, g, x, k, t, act, a_ty)?;
+    } else {
+        // The activations are not staged in a type that holds the raw row: the
+        // statistics in passes over global memory (16 bytes per thread per load where
+        // the row allows), then the quantized values staged, or nothing staged and every
+        // row normalising (and quantizing) as it reads.
+        let vec = rows_vectorizable(x, k, 16 / t.size_bytes());
+        let pass = |b: &mut String, body: &str| row_pass(b, &px, &xrow, sx, t, vec, body);
+        let _ = writeln!(b, "  for (int m = 0; m < M; ++m) {{");
+        if let Some(n) = g.norm {
+            let eps = n.eps;
+            let _ = writeln!(b, "    float ss = 0.0f;");
+            pass(&mut b, "ss = fmaf(v, v, ss);");
+            let _ = writeln!(b, "    ss = fu_block_sum(ss);");
+            let _ = writeln!(
+                b,
+                "    if (threadIdx.x == 0) fu_rs[m] = fu_rsqrt(ss / (float)K + {});",
+                flit(eps)
+            );
+            let _ = writeln!(b, "    __syncthreads();");
+        }
+        if act_fp8 {
+            let e = norm_of(params, "v", "k");
+            let _ = writeln!(b, "    float am = 0.0f;");
+            pass(&mut b, &format!("am = fmaxf(am, fabsf({e}));"));
+            let _ = writeln!(b, "    am = fu_block_max(am);");
+            let _ = writeln!(
+                b,
+                "    if (threadIdx.x == 0) fu_as[m] = am > 0.0f ? am / {} : 1.0f;",
+                flit(fp8_max(act))
+            );
+            let _ = writeln!(b, "    __syncthreads();");
+        }
+        if staged {
+            let e = norm_of(params, "v", "k");
+            let raw = if act_fp8 {
+                format!(
+                    "fu_from<{}>(fu_round<{}>({e} / fu_as[m]))",
+                    ctype(a_ty),
+                    ctype(act)
+                )
+            } else {
+                format!("fu_from<{}>({e})", ctype(a_ty))
+            };
+            pass(&mut b, &format!("xs[m * K + k] = {raw};"));
+        }
+        let _ = writeln!(b, "  }}");
     }
-    if act_fp8 {
-        let e = xn(params, "k");
-        let _ = writeln!(b, "    float am = 0.0f;");
-        let _ = writeln!(
-            b,
-            "    for (int k = threadIdx.x; k < K; k += blockDim.x) am = fmaxf(am, fabsf({e}));"
-        );
-        let _ = writeln!(b, "    am = fu_block_max(am);");
-        let _ = writeln!(
-            b,
-            "    if (threadIdx.x == 0) fu_as[m] = am > 0.0f ? am / {} : 1.0f;",
-            flit(fp8_max(act))
-        );
-        let _ = writeln!(b, "    __syncthreads();");
-    }
-    if staged {
-        let raw = if act_fp8 {
-            format!("fu_from<{}>({} / fu_as[m])", ctype(a_ty), xn(params, "k"))
-        } else {
-            format!("fu_from<{}>({})", ctype(a_ty), xn(params, "k"))
-        };
-        let _ = writeln!(
-            b,
-            "    for (int k = threadIdx.x; k < K; k += blockDim.x) xs[m * K + k] = {raw};"
-        );
-    }
-    let _ = writeln!(b, "  }}");
     let _ = writeln!(b, "  __syncthreads();");
 
     // Rows: one index space over the weights (gate and up share rows).
@@ -303,6 +318,210 @@ pub(crate) fn gemv(
             0
         },
     })
+}
+
+/// The RMSNorm of the value `xe` with the weight value `we`, the statistic in `fu_rs[m]`:
+/// Llama's (`w * to(T)(x * r)`, rounded twice) or Gemma's (`to(T)((x * r) * (w + c))`
+/// in f32, rounded once).
+fn norm_expr(offset: Option<f32>, xe: &str, we: &str, tc: &str) -> String {
+    match offset {
+        None => format!("fu_round<{tc}>({we} * fu_round<{tc}>({xe} * fu_rs[m]))"),
+        Some(c) => format!(
+            "fu_round<{tc}>(__fmul_rn({xe} * fu_rs[m], __fadd_rn({we}, {})))",
+            flit(c)
+        ),
+    }
+}
+
+/// A loop over row `m` of the activations in which `body` sees the element `v` (f32)
+/// at column `k`: 16 bytes per thread per load when `vec`, else one element, unrolled
+/// so that several loads are in flight.
+fn row_pass(b: &mut String, px: &str, xrow: &str, sx: u64, t: DType, vec: bool, body: &str) {
+    let _ = writeln!(b, "#pragma unroll 4");
+    if vec {
+        let ve = 16 / t.size_bytes();
+        let _ = writeln!(
+            b,
+            "    for (int k0 = threadIdx.x * {ve}; k0 < K; k0 += blockDim.x * {ve}) {{"
+        );
+        let _ = writeln!(b, "      float xv[{ve}];");
+        let _ = writeln!(
+            b,
+            "      fu_load<{}, {ve}>({px} + {xrow} + k0, xv);",
+            ctype(t)
+        );
+        let _ = writeln!(b, "#pragma unroll");
+        let _ = writeln!(
+            b,
+            "      for (int e = 0; e < {ve}; ++e) {{ const int k = k0 + e; const float v = xv[e]; {body} }}"
+        );
+        let _ = writeln!(b, "    }}");
+    } else {
+        let _ = writeln!(
+            b,
+            "    for (int k = threadIdx.x; k < K; k += blockDim.x) {{ const float v = fu_f32({px}[{xrow} + (long long)k * {sx}LL]); {body} }}"
+        );
+    }
+}
+
+/// Whether the `[.., K]` view `v` can be read `ve` elements (one 16-byte load) at a time
+/// from the start of every row: unit stride, every row start a multiple of `ve`.
+fn rows_vectorizable(v: &View, k: u64, ve: u64) -> bool {
+    let r = v.rank();
+    r >= 1
+        && v.strides[r - 1] == 1
+        && k.is_multiple_of(ve)
+        && v.offset.is_multiple_of(ve)
+        && v.dims[..r - 1]
+            .iter()
+            .zip(&v.strides[..r - 1])
+            .all(|(d, s)| d.is_one() || *s == 0 || s.is_multiple_of(ve))
+}
+
+/// The prologue when the activations fit in shared memory in a type that holds the
+/// input exactly (the compute dtype, or f32 for FP8): one pass over global memory in
+/// which every thread of the block reads 16 bytes at a time (unrolled, so several loads
+/// are in flight) and stages the raw row while summing its squares (or, for FP8 with no
+/// norm, its largest magnitude); then, in shared memory, the norm (reading its weight
+/// 16 bytes at a time) and the FP8 quantization in place. The serial scalar passes it
+/// replaces read the row from global memory two or three times, 2 bytes per thread per
+/// iteration, while no weight byte moved (cf. llama.cpp's `mmv.cu`, which reads the
+/// activation vectorised in the dot-product loop itself).
+#[allow(clippy::too_many_arguments)]
+fn staged_prologue(
+    b: &mut String,
+    params: &mut Params,
+    g: &Gemv<'_>,
+    x: &View,
+    k: u64,
+    t: DType,
+    act: DType,
+    a_ty: DType,
+) -> Result<(), String> {
+    let tc = ctype(t);
+    let sc = ctype(a_ty);
+    let act_fp8 = act.is_fp8();
+    let px = params.bind(x, Access::Read);
+    let xrow = row_offset(x, "m")?;
+    let sx = x.strides[x.rank() - 1];
+    let ve = 16 / t.size_bytes();
+    let _ = writeln!(b, "  for (int m = 0; m < M; ++m) {{");
+    let _ = writeln!(b, "    float ss = 0.0f, am = 0.0f;");
+    // The statistic pass A accumulates: squares for the norm, magnitudes for FP8 alone.
+    let stat = if g.norm.is_some() {
+        "ss = fmaf(v, v, ss)"
+    } else if act_fp8 {
+        "am = fmaxf(am, fabsf(v))"
+    } else {
+        ""
+    };
+    if rows_vectorizable(x, k, ve) {
+        let _ = writeln!(b, "#pragma unroll 4");
+        let _ = writeln!(
+            b,
+            "    for (int k = threadIdx.x * {ve}; k < K; k += blockDim.x * {ve}) {{"
+        );
+        let _ = writeln!(b, "      float xv[{ve}];");
+        let _ = writeln!(b, "      fu_load<{tc}, {ve}>({px} + {xrow} + k, xv);");
+        if !stat.is_empty() {
+            let _ = writeln!(b, "#pragma unroll");
+            let _ = writeln!(
+                b,
+                "      for (int e = 0; e < {ve}; ++e) {{ const float v = xv[e]; {stat}; }}"
+            );
+        }
+        let _ = writeln!(b, "      fu_store_shared<{sc}, {ve}>(xs + m * K + k, xv);");
+        let _ = writeln!(b, "    }}");
+    } else {
+        let _ = writeln!(b, "#pragma unroll 4");
+        let _ = writeln!(
+            b,
+            "    for (int k = threadIdx.x; k < K; k += blockDim.x) {{"
+        );
+        let _ = writeln!(
+            b,
+            "      const float v = fu_f32({px}[{xrow} + (long long)k * {sx}LL]);"
+        );
+        if !stat.is_empty() {
+            let _ = writeln!(b, "      {stat};");
+        }
+        let _ = writeln!(b, "      xs[m * K + k] = fu_from<{sc}>(v);");
+        let _ = writeln!(b, "    }}");
+    }
+    if let Some(n) = g.norm {
+        let _ = writeln!(b, "    ss = fu_block_sum(ss);");
+        let _ = writeln!(
+            b,
+            "    if (threadIdx.x == 0) fu_rs[m] = fu_rsqrt(ss / (float)K + {});",
+            flit(n.eps)
+        );
+        let _ = writeln!(b, "    __syncthreads();");
+        // Pass B, in shared memory: the norm in place, the FP8 magnitude beside it.
+        let w = n.weight;
+        let pw = params.bind(w, Access::Read);
+        let track = if act_fp8 {
+            " am = fmaxf(am, fabsf(y));"
+        } else {
+            ""
+        };
+        // An offset that is a multiple of `ve` aligns the load of `ve` weights (4 to
+        // 32 bytes) to its size, which is what `fu_load` needs.
+        let wvec = w.rank() == 1
+            && w.strides[0] == 1
+            && w.offset.is_multiple_of(ve)
+            && k.is_multiple_of(ve);
+        if wvec {
+            let e = norm_expr(n.offset, "fu_f32(xs[m * K + k + e])", "wv[e]", tc);
+            let _ = writeln!(b, "#pragma unroll 4");
+            let _ = writeln!(
+                b,
+                "    for (int k = threadIdx.x * {ve}; k < K; k += blockDim.x * {ve}) {{"
+            );
+            let _ = writeln!(b, "      float wv[{ve}];");
+            let _ = writeln!(
+                b,
+                "      fu_load<{}, {ve}>({pw} + {}LL + k, wv);",
+                ctype(w.dtype),
+                w.offset
+            );
+            let _ = writeln!(b, "#pragma unroll");
+            let _ = writeln!(
+                b,
+                "      for (int e = 0; e < {ve}; ++e) {{ const float y = {e}; xs[m * K + k + e] = fu_from<{sc}>(y);{track} }}"
+            );
+            let _ = writeln!(b, "    }}");
+        } else {
+            let we = format!(
+                "fu_f32({pw}[{}LL + (long long)k * {}LL])",
+                w.offset, w.strides[0]
+            );
+            let e = norm_expr(n.offset, "fu_f32(xs[m * K + k])", &we, tc);
+            let _ = writeln!(b, "#pragma unroll 4");
+            let _ = writeln!(
+                b,
+                "    for (int k = threadIdx.x; k < K; k += blockDim.x) {{ const float y = {e}; xs[m * K + k] = fu_from<{sc}>(y);{track} }}"
+            );
+        }
+    }
+    if act_fp8 {
+        // Pass C: the per-row scale, then the codes in place (as f32, exact), so the
+        // rows read them with no conversion. The division is the executor's rounding.
+        let _ = writeln!(b, "    am = fu_block_max(am);");
+        let _ = writeln!(
+            b,
+            "    if (threadIdx.x == 0) fu_as[m] = am > 0.0f ? am / {} : 1.0f;",
+            flit(fp8_max(act))
+        );
+        let _ = writeln!(b, "    __syncthreads();");
+        let _ = writeln!(b, "#pragma unroll 4");
+        let _ = writeln!(
+            b,
+            "    for (int k = threadIdx.x; k < K; k += blockDim.x) xs[m * K + k] = fu_round<{}>(xs[m * K + k] / fu_as[m]);",
+            ctype(act)
+        );
+    }
+    let _ = writeln!(b, "  }}");
+    Ok(())
 }
 
 /// The post-norm after the rows: every block has written its rounded results; the one

@@ -122,6 +122,32 @@ __device__ __forceinline__ int fu_block_argmax(float v, int i) {
   return i;
 }
 
+// FP8 element types, and the hardware conversion of a pair of them: on sm_89 and later
+// one `cvt.rn.f16x2.e4m3x2` (or `.e5m2x2`) turns two codes into two halves (PTX ISA,
+// "cvt"), where converting one value at a time spends that instruction on each element
+// (CUDA Math API, `__nv_cvt_fp8x2_to_halfraw2`). Every FP8 code is exact in f16.
+template <typename T> struct fu_fp8 { static constexpr bool is = false; };
+template <> struct fu_fp8<__nv_fp8_e4m3> {
+  static constexpr bool is = true;
+  static constexpr __nv_fp8_interpretation_t kind = __NV_E4M3;
+};
+template <> struct fu_fp8<__nv_fp8_e5m2> {
+  static constexpr bool is = true;
+  static constexpr __nv_fp8_interpretation_t kind = __NV_E5M2;
+};
+
+// Elements 2i and 2i + 1 of the FP8 codes in `raw` (little-endian: the lower byte is the
+// first element), as f32.
+template <typename T, int N>
+__device__ __forceinline__ void fu_fp8_pairs(const unsigned short* raw, float* out) {
+#pragma unroll
+  for (int i = 0; i < N / 2; ++i) {
+    const float2 f = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(raw[i], fu_fp8<T>::kind)));
+    out[2 * i] = f.x;
+    out[2 * i + 1] = f.y;
+  }
+}
+
 // N consecutive elements from global memory, converted to f32, in 16-, 8- or 4-byte
 // loads through the read-only cache. `p` must be aligned to the load size.
 template <typename T, int N>
@@ -132,23 +158,56 @@ __device__ __forceinline__ void fu_load(const T* __restrict__ p, float (&out)[N]
 #pragma unroll
     for (int c = 0; c < BYTES / 16; ++c) {
       const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p) + c);
-      const T* e = reinterpret_cast<const T*>(&raw);
+      if constexpr (fu_fp8<T>::is) {
+        fu_fp8_pairs<T, PER>(reinterpret_cast<const unsigned short*>(&raw), out + c * PER);
+      } else {
+        const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-      for (int k = 0; k < PER; ++k) out[c * PER + k] = fu_f32(e[k]);
+        for (int k = 0; k < PER; ++k) out[c * PER + k] = fu_f32(e[k]);
+      }
     }
   } else if constexpr (BYTES == 8) {
     const uint2 raw = __ldg(reinterpret_cast<const uint2*>(p));
-    const T* e = reinterpret_cast<const T*>(&raw);
+    if constexpr (fu_fp8<T>::is) {
+      fu_fp8_pairs<T, N>(reinterpret_cast<const unsigned short*>(&raw), out);
+    } else {
+      const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-    for (int k = 0; k < N; ++k) out[k] = fu_f32(e[k]);
+      for (int k = 0; k < N; ++k) out[k] = fu_f32(e[k]);
+    }
   } else if constexpr (BYTES == 4) {
     const unsigned int raw = __ldg(reinterpret_cast<const unsigned int*>(p));
-    const T* e = reinterpret_cast<const T*>(&raw);
+    if constexpr (fu_fp8<T>::is) {
+      fu_fp8_pairs<T, N>(reinterpret_cast<const unsigned short*>(&raw), out);
+    } else {
+      const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-    for (int k = 0; k < N; ++k) out[k] = fu_f32(e[k]);
+      for (int k = 0; k < N; ++k) out[k] = fu_f32(e[k]);
+    }
   } else {
 #pragma unroll
     for (int k = 0; k < N; ++k) out[k] = fu_f32(p[k]);
+  }
+}
+
+// N values rounded to T and stored at `p` in shared memory, 16 bytes at a time where
+// the size allows (`p` then 16-byte aligned).
+template <typename T, int N>
+__device__ __forceinline__ void fu_store_shared(T* p, const float (&v)[N]) {
+  constexpr int BYTES = N * (int)sizeof(T);
+  if constexpr (BYTES % 16 == 0) {
+    constexpr int PER = 16 / (int)sizeof(T);
+#pragma unroll
+    for (int c = 0; c < BYTES / 16; ++c) {
+      uint4 raw;
+      T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+      for (int k = 0; k < PER; ++k) e[k] = fu_from<T>(v[c * PER + k]);
+      reinterpret_cast<uint4*>(p)[c] = raw;
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < N; ++k) p[k] = fu_from<T>(v[k]);
   }
 }
 

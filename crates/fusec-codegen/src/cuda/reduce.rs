@@ -112,7 +112,17 @@ pub(crate) fn reduce(
     })
 }
 
+/// Independent candidates each argmax thread keeps: its loads of one round are issued
+/// together instead of one dependent load-and-compare per element.
+const ARGMAX_ILP: u64 = 4;
+
 /// The index of the largest element (NaN largest, ties to the lowest index), as i32.
+///
+/// One block per row, as wide as the row needs up to 1024 threads (the greedy step's
+/// single row of logits would otherwise be read 256 elements at a time, hundreds of
+/// rounds of dependent loads); each thread keeps `ARGMAX_ILP` candidates fed by
+/// independent loads, merged at the end. The merge is a total order (value, NaN
+/// largest, then the lower index), so the result does not depend on the grouping.
 pub(crate) fn argmax(
     x: &View,
     axis: usize,
@@ -124,12 +134,51 @@ pub(crate) fn argmax(
     let r = rows(x, axis, decode, opts);
     let px = params.bind(x, Access::Read);
     let po = params.bind(out, Access::Write);
-    let v = load(&px, x, &r.coords);
+    let mut coords = r.coords.clone();
+    coords[axis] = "jj".to_string();
+    let vj = load(&px, x, &coords);
+    let u = ARGMAX_ILP;
     let mut body = r.head.clone();
-    let _ = writeln!(body, "    float best = -FU_INF;");
-    let _ = writeln!(body, "    int best_i = FU_NO_INDEX;");
-    let _ = writeln!(body, "    for (long long j = threadIdx.x; j < {}; j += blockDim.x) fu_argmax_merge(best, best_i, {v}, (int)j);", r.len);
-    let _ = writeln!(body, "    best_i = fu_block_argmax(best, best_i);");
+    let _ = writeln!(body, "    float bv[{u}];");
+    let _ = writeln!(body, "    int bi[{u}];");
+    let _ = writeln!(body, "#pragma unroll");
+    let _ = writeln!(
+        body,
+        "    for (int c = 0; c < {u}; ++c) {{ bv[c] = -FU_INF; bi[c] = FU_NO_INDEX; }}"
+    );
+    let _ = writeln!(body, "    long long j = threadIdx.x;");
+    let _ = writeln!(
+        body,
+        "    for (; j + {}LL * blockDim.x < {}; j += {u}LL * blockDim.x) {{",
+        u - 1,
+        r.len
+    );
+    let _ = writeln!(body, "      float v[{u}];");
+    let _ = writeln!(body, "#pragma unroll");
+    let _ = writeln!(
+        body,
+        "      for (int c = 0; c < {u}; ++c) {{ const long long jj = j + (long long)c * blockDim.x; v[c] = {vj}; }}"
+    );
+    let _ = writeln!(body, "#pragma unroll");
+    let _ = writeln!(
+        body,
+        "      for (int c = 0; c < {u}; ++c) fu_argmax_merge(bv[c], bi[c], v[c], (int)(j + (long long)c * blockDim.x));"
+    );
+    let _ = writeln!(body, "    }}");
+    let _ = writeln!(
+        body,
+        "    for (; j < {}; j += blockDim.x) {{ const long long jj = j; fu_argmax_merge(bv[0], bi[0], {vj}, (int)j); }}",
+        r.len
+    );
+    let _ = writeln!(body, "#pragma unroll");
+    let _ = writeln!(
+        body,
+        "    for (int c = 1; c < {u}; ++c) fu_argmax_merge(bv[0], bi[0], bv[c], bi[c]);"
+    );
+    let _ = writeln!(
+        body,
+        "    const int best_i = fu_block_argmax(bv[0], bi[0]);"
+    );
     let oc = reduced_coords(&r.outer, axis, false);
     let _ = writeln!(
         body,
@@ -137,11 +186,16 @@ pub(crate) fn argmax(
         at(&po, out, &oc)
     );
     body.push_str("  }\n");
+    // Up to 1024 threads (CUDA's limit per block), fewer for short rows.
+    let block = x.dims[axis]
+        .capacity(decode)
+        .next_power_of_two()
+        .clamp(32, 1024) as u32;
     Ok(KernelCode {
         family: "argmax",
         body,
         grid: [r.grid, 1, 1],
-        block: r.block,
+        block,
         shared: 0,
     })
 }

@@ -297,6 +297,28 @@ struct __nv_fp8_e5m2 {
   explicit operator float() const { return emu::Fp8<5, 2>::decode(__x); }
 };
 
+// The pair conversion of cuda_fp8.h: two FP8 codes (the lower byte first) to two
+// halves, every code exact in f16; then the halves to f32.
+enum __nv_fp8_interpretation_t { __NV_E4M3, __NV_E5M2 };
+typedef unsigned short __nv_fp8x2_storage_t;
+struct float2 { float x, y; };
+struct __half2_raw { unsigned short x, y; };
+struct __half2 {
+  __half x, y;
+  explicit __half2(__half2_raw r) { std::memcpy(&x, &r.x, 2); std::memcpy(&y, &r.y, 2); }
+};
+inline __half2_raw __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t v, __nv_fp8_interpretation_t k) {
+  auto one = [k](uint8_t c) {
+    const float f = k == __NV_E4M3 ? emu::Fp8<4, 3>::decode(c) : emu::Fp8<5, 2>::decode(c);
+    const _Float16 h = (_Float16)f;
+    unsigned short bits;
+    std::memcpy(&bits, &h, 2);
+    return bits;
+  };
+  return __half2_raw{one((uint8_t)(v & 0xff)), one((uint8_t)(v >> 8))};
+}
+inline float2 __half22float2(__half2 h) { return float2{(float)h.x.v, (float)h.y.v}; }
+
 extern "C" unsigned long long emu_alloc(unsigned long long bytes) {
   const unsigned long long n = (bytes + 255) / 256 * 256;
   void* p = std::aligned_alloc(256, n ? n : 256);
