@@ -41,15 +41,19 @@ pub(crate) fn pack(weights: &mut [&mut Tensor]) {
             |v| Buffer::U16(Arc::new(v)),
         );
     }
-    pack_format(
-        weights,
-        DType::Fp8E4M3,
-        |b| match b {
-            Buffer::U8(v) => Some(&v[..]),
-            _ => None,
-        },
-        |v| Buffer::U8(Arc::new(v)),
-    );
+    // `i8` codes too (one byte per element, as E4M3); packed `i4` codes keep their
+    // own buffers, whose elements are not bytes.
+    for dtype in [DType::Fp8E4M3, DType::I8] {
+        pack_format(
+            weights,
+            dtype,
+            |b| match b {
+                Buffer::U8(v) => Some(&v[..]),
+                _ => None,
+            },
+            |v| Buffer::U8(Arc::new(v)),
+        );
+    }
 }
 
 /// Packs the tensors of `dtype` whose buffers `values` reads as `T`.

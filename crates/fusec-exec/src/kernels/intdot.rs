@@ -40,8 +40,8 @@ pub const BLOCK: usize = 32;
 /// Consecutive weight rows of integer codes with their per-block scales.
 #[derive(Copy, Clone, Debug)]
 pub enum IntRows<'a> {
-    /// One `i8` code per weight.
-    Q8 { codes: &'a [i8], scales: &'a [f32] },
+    /// One `i8` code per weight (the bytes of the two's complement codes).
+    Q8 { codes: &'a [u8], scales: &'a [f32] },
     /// Two codes per byte in Q4_0's block order (`fusec_weights::tensor::i4_code`).
     Q4 { packed: &'a [u8], scales: &'a [f32] },
 }
@@ -94,7 +94,11 @@ impl<'a> IntRows<'a> {
     fn block(&self, b: usize) -> [i8; BLOCK] {
         let mut out = [0i8; BLOCK];
         match *self {
-            IntRows::Q8 { codes, .. } => out.copy_from_slice(&codes[b * BLOCK..(b + 1) * BLOCK]),
+            IntRows::Q8 { codes, .. } => {
+                for (o, &c) in out.iter_mut().zip(&codes[b * BLOCK..(b + 1) * BLOCK]) {
+                    *o = c as i8;
+                }
+            }
             IntRows::Q4 { packed, .. } => {
                 let bytes = &packed[b * BLOCK / 2..(b + 1) * BLOCK / 2];
                 for (j, &byte) in bytes.iter().enumerate() {
@@ -107,14 +111,34 @@ impl<'a> IntRows<'a> {
     }
 }
 
-/// A row of activations quantized to 8-bit blocks: codes, each block's scale, and each
-/// block's sum of codes (for the Q4_0 kernel). The vectors come from the executor's
-/// pool and go back to it on drop.
+/// Rows of activations quantized to 8-bit blocks: codes, each block's scale, and each
+/// block's sum of codes (for the Q4_0 kernel), row-major. The vectors come from the
+/// executor's pool and go back to it on drop.
 #[derive(Debug)]
 pub struct Q8Acts {
     pub codes: Vec<i8>,
     pub scales: Vec<f32>,
     pub sums: Vec<i32>,
+}
+
+/// One row of [`Q8Acts`].
+#[derive(Copy, Clone, Debug)]
+pub struct Q8Row<'a> {
+    pub codes: &'a [i8],
+    pub scales: &'a [f32],
+    pub sums: &'a [i32],
+}
+
+impl Q8Acts {
+    /// Row `r` of the rows of `len` activations.
+    pub fn row(&self, r: usize, len: usize) -> Q8Row<'_> {
+        let blocks = len / BLOCK;
+        Q8Row {
+            codes: &self.codes[r * len..(r + 1) * len],
+            scales: &self.scales[r * blocks..(r + 1) * blocks],
+            sums: &self.sums[r * blocks..(r + 1) * blocks],
+        }
+    }
 }
 
 impl Drop for Q8Acts {
@@ -153,7 +177,7 @@ pub fn quantize_q8(x: &[f32]) -> Result<Q8Acts, KernelError> {
 /// `out[o]` = the arithmetic of the module documentation for row `o` of `w`, on the
 /// fastest path this machine has. `w` holds `out.len()` rows of `acts.codes.len()`
 /// weights.
-pub fn dots(acts: &Q8Acts, w: IntRows<'_>, out: &mut [f32]) {
+pub fn dots(acts: Q8Row<'_>, w: IntRows<'_>, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         if x86::path() != x86::Path::None && x86::dots(acts, w, out) {
@@ -164,7 +188,7 @@ pub fn dots(acts: &Q8Acts, w: IntRows<'_>, out: &mut [f32]) {
 }
 
 /// The plain reference of the arithmetic (see the module documentation).
-pub fn dots_reference(acts: &Q8Acts, w: IntRows<'_>, out: &mut [f32]) {
+pub fn dots_reference(acts: Q8Row<'_>, w: IntRows<'_>, out: &mut [f32]) {
     let blocks = acts.scales.len();
     let scales = w.scales();
     for (o, y) in out.iter_mut().enumerate() {
@@ -195,7 +219,7 @@ mod x86 {
     use std::arch::x86_64::*;
     use std::sync::OnceLock;
 
-    use super::{IntRows, Q8Acts, BLOCK};
+    use super::{IntRows, Q8Row, BLOCK};
 
     #[derive(Copy, Clone, Debug, PartialEq, Eq)]
     pub(super) enum Path {
@@ -223,11 +247,11 @@ mod x86 {
 
     /// Runs the kernel of [`path`]; `false` (nothing written) when the lengths do not
     /// fit, which the GEMV never gives, so that the reference reports it.
-    pub(super) fn dots(acts: &Q8Acts, w: IntRows<'_>, out: &mut [f32]) -> bool {
+    pub(super) fn dots(acts: Q8Row<'_>, w: IntRows<'_>, out: &mut [f32]) -> bool {
         dots_with(path(), acts, w, out)
     }
 
-    pub(super) fn dots_with(path: Path, acts: &Q8Acts, w: IntRows<'_>, out: &mut [f32]) -> bool {
+    pub(super) fn dots_with(path: Path, acts: Q8Row<'_>, w: IntRows<'_>, out: &mut [f32]) -> bool {
         let blocks = acts.scales.len();
         let ins = blocks * BLOCK;
         let fits = acts.codes.len() == ins
@@ -277,7 +301,7 @@ mod x86 {
     macro_rules! kernel {
         ($name:ident, $features:literal, $sum:ident) => {
             #[target_feature(enable = $features)]
-            unsafe fn $name(acts: &Q8Acts, w: IntRows<'_>, out: &mut [f32]) {
+            unsafe fn $name(acts: Q8Row<'_>, w: IntRows<'_>, out: &mut [f32]) {
                 let blocks = acts.scales.len();
                 let scales = w.scales();
                 let q4 = matches!(w, IntRows::Q4 { .. });
@@ -345,7 +369,7 @@ mod tests {
     }
 
     /// Every path this machine has, against the reference, bit for bit.
-    fn check_all_paths(acts: &Q8Acts, w: IntRows<'_>, rows: usize) {
+    fn check_all_paths(acts: Q8Row<'_>, w: IntRows<'_>, rows: usize) {
         let mut want = vec![0.0f32; rows];
         dots_reference(acts, w, &mut want);
         let mut got = vec![0.0f32; rows];
@@ -371,7 +395,7 @@ mod tests {
 
     /// Each weight row's result against the dequantized dot product in f64: the
     /// reference really computes Σ (dw q_w) (dx q_x).
-    fn check_meaning(acts: &Q8Acts, codes: &[i8], dw: &[f32], rows: usize, ins: usize) {
+    fn check_meaning(acts: Q8Row<'_>, codes: &[u8], dw: &[f32], rows: usize, ins: usize) {
         let mut got = vec![0.0f32; rows];
         let blocks = ins / BLOCK;
         let w = IntRows::Q8 { codes, scales: dw };
@@ -379,7 +403,7 @@ mod tests {
         for (o, &y) in got.iter().enumerate() {
             let exact: f64 = (0..ins)
                 .map(|j| {
-                    f64::from(codes[o * ins + j])
+                    f64::from(codes[o * ins + j] as i8)
                         * f64::from(dw[o * blocks + j / BLOCK])
                         * f64::from(acts.codes[j])
                         * f64::from(acts.scales[j / BLOCK])
@@ -387,7 +411,7 @@ mod tests {
                 .sum();
             let mag: f64 = (0..ins)
                 .map(|j| {
-                    (f64::from(codes[o * ins + j])
+                    (f64::from(codes[o * ins + j] as i8)
                         * f64::from(dw[o * blocks + j / BLOCK])
                         * f64::from(acts.codes[j])
                         * f64::from(acts.scales[j / BLOCK]))
@@ -406,16 +430,17 @@ mod tests {
         let rows = 7;
         let x: Vec<f32> = (0..ins).map(|j| (j as f32 - 127.5) * 0.37).collect();
         let acts = quantize_q8(&x).expect("blocks");
-        let codes: Vec<i8> = (0..rows * ins).map(|k| (k % 256) as u8 as i8).collect();
+        let codes: Vec<u8> = (0..rows * ins).map(|k| (k % 256) as u8).collect();
         let dw: Vec<f32> = (0..rows * ins / BLOCK).map(|_| rng.normal() as f32).collect();
-        check_all_paths(&acts, IntRows::Q8 { codes: &codes, scales: &dw }, rows);
-        check_meaning(&acts, &codes, &dw, rows, ins);
+        let a = acts.row(0, ins);
+        check_all_paths(a, IntRows::Q8 { codes: &codes, scales: &dw }, rows);
+        check_meaning(a, &codes, &dw, rows, ins);
         // Extreme activation codes (±127) against extreme weights (-128).
         let x: Vec<f32> = (0..ins).map(|j| if j % 2 == 0 { 5.0 } else { -5.0 }).collect();
         let acts = quantize_q8(&x).expect("blocks");
         assert!(acts.codes.iter().all(|&c| c.abs() == 127));
-        let codes = vec![-128i8; rows * ins];
-        check_all_paths(&acts, IntRows::Q8 { codes: &codes, scales: &dw }, rows);
+        let codes = vec![0x80u8; rows * ins];
+        check_all_paths(acts.row(0, ins), IntRows::Q8 { codes: &codes, scales: &dw }, rows);
         // Q4_0: every code -8..=7 in every position.
         let codes: Vec<i8> = (0..rows * ins).map(|k| (k % 16) as i8 - 8).collect();
         let packed = q4_pack(&codes);
@@ -423,11 +448,13 @@ mod tests {
         for (k, &c) in codes.iter().enumerate() {
             assert_eq!(fusec_weights::tensor::i4_code(&packed, k), c);
         }
-        check_all_paths(&acts, w, rows);
+        let a = acts.row(0, ins);
+        check_all_paths(a, w, rows);
         let mut from_q4 = vec![0.0f32; rows];
-        dots_reference(&acts, w, &mut from_q4);
+        dots_reference(a, w, &mut from_q4);
+        let bytes: Vec<u8> = codes.iter().map(|&c| c as u8).collect();
         let mut from_q8 = vec![0.0f32; rows];
-        dots_reference(&acts, IntRows::Q8 { codes: &codes, scales: &dw }, &mut from_q8);
+        dots_reference(a, IntRows::Q8 { codes: &bytes, scales: &dw }, &mut from_q8);
         assert_eq!(from_q4, from_q8, "Q4_0 rows mean their codes");
     }
 
@@ -460,14 +487,15 @@ mod tests {
             let s = 2f32.powi(scale);
             let x: Vec<f32> = (0..ins).map(|_| rng.normal() as f32 * s).collect();
             let acts = quantize_q8(&x).expect("blocks");
-            let codes: Vec<i8> = (0..rows * ins).map(|_| (rng.next_u64() >> 56) as u8 as i8).collect();
+            let codes: Vec<u8> = (0..rows * ins).map(|_| (rng.next_u64() >> 56) as u8).collect();
             let dw: Vec<f32> = (0..rows * blocks)
                 .map(|_| half::f16::from_f32(rng.normal() as f32 * 0.01).to_f32())
                 .collect();
-            check_all_paths(&acts, IntRows::Q8 { codes: &codes, scales: &dw }, rows);
-            let c4: Vec<i8> = codes.iter().map(|&c| c >> 4).collect();
+            let a = acts.row(0, ins);
+            check_all_paths(a, IntRows::Q8 { codes: &codes, scales: &dw }, rows);
+            let c4: Vec<i8> = codes.iter().map(|&c| (c as i8) >> 4).collect();
             let packed = q4_pack(&c4);
-            check_all_paths(&acts, IntRows::Q4 { packed: &packed, scales: &dw }, rows);
+            check_all_paths(a, IntRows::Q4 { packed: &packed, scales: &dw }, rows);
         }
     }
 }
