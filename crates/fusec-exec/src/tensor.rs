@@ -204,9 +204,13 @@ impl Tensor {
     }
 
     /// A contiguous tensor over `buffer`, whose length must be the shape's element
-    /// count and whose kind must match `dtype` (kernels uphold both).
+    /// count (half of it for packed `i4` codes) and whose kind must match `dtype`
+    /// (kernels uphold both).
     pub(crate) fn contiguous(dtype: DType, shape: Dims, buffer: Buffer) -> Tensor {
-        debug_assert_eq!(shape.iter().product::<usize>(), buffer.len());
+        debug_assert_eq!(
+            fusec_weights::tensor::stored_len(dtype, shape.iter().product::<usize>()),
+            buffer.len()
+        );
         debug_assert_eq!(dtype == DType::I32, matches!(buffer, Buffer::I32(_)));
         Tensor {
             dtype,
