@@ -384,7 +384,7 @@ fn requantized(path: &std::path::Path, ty: fusec::gguf::GgmlType) -> PathBuf {
     for info in file.tensors() {
         let (_, values) = file.dequantize(&info.name).expect("dequantizes");
         let shape = info.shape();
-        if shape.len() != 2 || shape[1] % 32 != 0 {
+        if shape.len() != 2 || !shape[1].is_multiple_of(32) {
             w.f32_tensor(&info.name, &shape, &values);
             continue;
         }
@@ -440,8 +440,15 @@ fn gguf_q8_0_and_q4_0_files_run_natively_with_the_ids_of_their_dequantization() 
     // KL(p || q) of two rows of logits, in nats.
     let kl = |p: &[f32], q: &[f32]| -> f64 {
         let log_softmax = |x: &[f32]| {
-            let m = x.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(f64::from(v)));
-            let z = x.iter().map(|&v| (f64::from(v) - m).exp()).sum::<f64>().ln() + m;
+            let m = x
+                .iter()
+                .fold(f64::NEG_INFINITY, |m, &v| m.max(f64::from(v)));
+            let z = x
+                .iter()
+                .map(|&v| (f64::from(v) - m).exp())
+                .sum::<f64>()
+                .ln()
+                + m;
             x.iter().map(|&v| f64::from(v) - z).collect::<Vec<f64>>()
         };
         let (lp, lq) = (log_softmax(p), log_softmax(q));
@@ -455,7 +462,10 @@ fn gguf_q8_0_and_q4_0_files_run_natively_with_the_ids_of_their_dequantization() 
         let spec = pipeline::load(&file, None, None).expect("spec");
         let (f32_graph, _) =
             pipeline::fused_in(&spec, Precision::F32, &rules, &Default::default()).expect("f32");
-        let want = decode(&f32_graph, &Weights::load(&file, &f32_graph).expect("f32 weights"));
+        let want = decode(
+            &f32_graph,
+            &Weights::load(&file, &f32_graph).expect("f32 weights"),
+        );
         let (graph, _) =
             pipeline::fused_in(&spec, precision, &rules, &Default::default()).expect("lowered");
         let weights = Weights::load(&file, &graph).expect("native weights");
@@ -474,12 +484,24 @@ fn gguf_q8_0_and_q4_0_files_run_natively_with_the_ids_of_their_dequantization() 
             .chunks(ty.block_bytes())
             .flat_map(|b| b[2..2 + per].to_vec())
             .collect();
-        assert!(bytes.as_slice() == from_file.as_slice(), "{}: codes", ty.name());
+        assert!(
+            bytes.as_slice() == from_file.as_slice(),
+            "{}: codes",
+            ty.name()
+        );
         let got = decode(&graph, &weights);
         let first = kl(&want.1, &got.1);
-        eprintln!("{}: first-step KL(f32 || native) {first:.4} nats", ty.name());
+        eprintln!(
+            "{}: first-step KL(f32 || native) {first:.4} nats",
+            ty.name()
+        );
         if ty == GgmlType::Q8_0 {
-            assert_eq!(got.0, want.0, "{}: native ids against its dequantization", ty.name());
+            assert_eq!(
+                got.0,
+                want.0,
+                "{}: native ids against its dequantization",
+                ty.name()
+            );
         }
         assert!(first <= 0.05, "{}: first-step KL {first}", ty.name());
         let _ = std::fs::remove_file(&file);

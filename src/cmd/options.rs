@@ -88,10 +88,7 @@ impl PrecisionArgs {
             .weight_scales
             .or(saved_scales)
             .unwrap_or(WeightScales::PerChannel);
-        let parse = |k: &String| {
-            k.parse::<OpClass>()
-                .map_err(|e| Failure::Input(anyhow!(e)))
-        };
+        let parse = |k: &String| k.parse::<OpClass>().map_err(|e| Failure::Input(anyhow!(e)));
         let keep: BTreeSet<OpClass> = match (self.keep.is_empty(), saved_keep) {
             (false, _) => self.keep.iter().map(parse).collect::<Result<_, _>>()?,
             (true, Some(saved)) => saved.iter().map(parse).collect::<Result<_, _>>()?,
@@ -99,9 +96,12 @@ impl PrecisionArgs {
         };
         let quantize: BTreeSet<OpClass> =
             self.quantize.iter().map(parse).collect::<Result<_, _>>()?;
-        if let Some(both) = self.keep.iter().map(parse).find_map(|c| {
-            c.ok().filter(|c| quantize.contains(c))
-        }) {
+        if let Some(both) = self
+            .keep
+            .iter()
+            .map(parse)
+            .find_map(|c| c.ok().filter(|c| quantize.contains(c)))
+        {
             return Err(Failure::Input(anyhow!(
                 "--keep {both} and --quantize {both} contradict each other"
             )));

@@ -252,11 +252,7 @@ fn weights_for(
 }
 
 /// The FP8 options: the command line's, else what saved weights say, else defaults.
-fn fp8_from(
-    args: &Args,
-    source: &Source,
-    precision: Precision,
-) -> Result<Fp8Options, Failure> {
+fn fp8_from(args: &Args, source: &Source, precision: Precision) -> Result<Fp8Options, Failure> {
     let saved = match source {
         Source::File(p) => Weights::metadata(p).unwrap_or_default(),
         Source::Random(_) => Default::default(),

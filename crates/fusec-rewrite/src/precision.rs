@@ -282,7 +282,11 @@ pub fn lower_int(
 ) -> Result<Graph, PrecisionError> {
     let mut g = fused.clone();
     lower_gemv_weights(&mut g, keep, |name, t| {
-        let ins = t.shape.dim(1).as_fixed().filter(|i| i % INT_BLOCK == 0);
+        let ins = t
+            .shape
+            .dim(1)
+            .as_fixed()
+            .filter(|i| i.is_multiple_of(INT_BLOCK));
         let Some(ins) = ins else {
             return Err(PrecisionError::NotBlocks {
                 weight: name.to_string(),

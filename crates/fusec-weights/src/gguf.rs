@@ -185,8 +185,7 @@ pub fn load(path: &Path, graph: &Graph) -> Result<Weights, Error> {
         }
     }
     let present = |name: &str| {
-        native.contains_key(name)
-            || gguf_name(name).is_some_and(|(g, _)| file.tensor(&g).is_some())
+        native.contains_key(name) || gguf_name(name).is_some_and(|(g, _)| file.tensor(&g).is_some())
     };
     let (wanted, derives) = wanted_weights(graph, present)?;
     let mut weights = Weights::new(WeightSource::File(path.to_path_buf()));
@@ -274,9 +273,11 @@ fn native_blocks(
     };
     let shape = info.shape();
     let [rows, cols] = shape[..] else {
-        return Err(corrupt(format!("a GEMV weight must be a matrix, got {shape:?}")));
+        return Err(corrupt(format!(
+            "a GEMV weight must be a matrix, got {shape:?}"
+        )));
     };
-    if cols % I4_BLOCK != 0 {
+    if !cols.is_multiple_of(I4_BLOCK) {
         return Err(corrupt(format!(
             "{cols} columns are not whole blocks of {I4_BLOCK}"
         )));
@@ -317,7 +318,11 @@ fn native_blocks(
                 Err(_) => heads("attention.head_count")?,
             },
         };
-        let split = || corrupt(format!("{rows} rows do not split into {n} heads of two RoPE halves"));
+        let split = || {
+            corrupt(format!(
+                "{rows} rows do not split into {n} heads of two RoPE halves"
+            ))
+        };
         codes = unpermute_rows(&codes, rows, cols / I4_BLOCK * per, n).ok_or_else(split)?;
         scales = unpermute_rows(&scales, rows, cols / I4_BLOCK, n).ok_or_else(split)?;
     }

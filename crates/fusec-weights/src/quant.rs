@@ -224,12 +224,15 @@ pub fn q4_0_block(x: &[f32], packed: &mut [u8]) -> half::f16 {
 /// Quantizes `w [out, in]` to integer codes (`i8`: Q8_0, `i4`: Q4_0) with one `f16`
 /// scale per block of 32 along `in` ([`q8_0_block`], [`q4_0_block`]): returns the
 /// codes and the scales `f16 [out, in / 32]`. `in` must be a multiple of 32.
-pub fn quantize_blocks(w: &WeightTensor, format: DType) -> Result<(WeightTensor, WeightTensor), Error> {
+pub fn quantize_blocks(
+    w: &WeightTensor,
+    format: DType,
+) -> Result<(WeightTensor, WeightTensor), Error> {
     let bad = |message: String| Error::InvalidGraph(format!("quantize: {message}"));
     let [o, i] = *w.shape() else {
         return Err(bad(format!("needs a matrix, got {:?}", w.shape())));
     };
-    if i % I4_BLOCK != 0 {
+    if !i.is_multiple_of(I4_BLOCK) {
         return Err(bad(format!(
             "{format} blocks need an input dimension that is a multiple of {I4_BLOCK}, got {i}"
         )));
@@ -422,7 +425,10 @@ mod tests {
             // The error is at most half a step of each block's scale (a full step for
             // Q4_0's clamped top code).
             for (k, (&a, &b)) in w.to_vec_f32().iter().zip(&got).enumerate() {
-                assert!((a - b).abs() <= sv[k / 32].abs() * 1.01, "{format} {k}: {a} {b}");
+                assert!(
+                    (a - b).abs() <= sv[k / 32].abs() * 1.01,
+                    "{format} {k}: {a} {b}"
+                );
             }
         }
         let odd = WeightTensor::from_f32(DType::F32, &[1, 40], vec![0.5; 40]).expect("sizes");

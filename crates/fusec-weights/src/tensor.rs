@@ -135,7 +135,7 @@ impl WeightTensor {
             });
         }
         let numel: usize = shape.iter().product();
-        if dtype == DType::I4 && numel % I4_BLOCK != 0 {
+        if dtype == DType::I4 && !numel.is_multiple_of(I4_BLOCK) {
             return Err(Error::Storage {
                 dtype,
                 what: "a count of elements that is not whole blocks of 32",
@@ -259,7 +259,10 @@ mod tests {
         let w = WeightTensor::from_storage(DType::I4, &[32], Storage::U8(Arc::new(packed)))
             .expect("fits");
         let v = w.to_vec_f32();
-        assert_eq!((v[0], v[16], v[15], v[31], v[1]), (-8.0, 7.0, 6.0, -7.0, 0.0));
+        assert_eq!(
+            (v[0], v[16], v[15], v[31], v[1]),
+            (-8.0, 7.0, 6.0, -7.0, 0.0)
+        );
         let short = Storage::U8(Arc::new(vec![0u8; 8]));
         assert!(WeightTensor::from_storage(DType::I4, &[16], short).is_err());
     }

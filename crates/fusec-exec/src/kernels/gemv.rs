@@ -103,7 +103,7 @@ impl QuantWeight {
                 values.shape()
             )));
         };
-        if i % intdot::BLOCK != 0 {
+        if !i.is_multiple_of(intdot::BLOCK) {
             return Err(KernelError::Invalid(format!(
                 "dequant: {} codes need an input dimension that is a multiple of {}, got {i}",
                 values.dtype(),
@@ -164,7 +164,9 @@ impl QuantWeight {
             .ok_or_else(bad)?;
         match v.dtype() {
             DType::I8 => Ok(IntRows::Q8 {
-                codes: codes.get(v.offset()..v.offset() + v.numel()).ok_or_else(bad)?,
+                codes: codes
+                    .get(v.offset()..v.offset() + v.numel())
+                    .ok_or_else(bad)?,
                 scales,
             }),
             _ if v.offset() % 2 == 0 => Ok(IntRows::Q4 {
@@ -565,7 +567,11 @@ pub fn gemv_many(
         }
     };
     // The activations quantized to 8-bit blocks, once for every integer weight.
-    let int_acts = match parts.iter().flatten().any(|p| matches!(p.rows, Stored::Int(_))) {
+    let int_acts = match parts
+        .iter()
+        .flatten()
+        .any(|p| matches!(p.rows, Stored::Int(_)))
+    {
         true => Some(intdot::quantize_q8(xs)?),
         false => None,
     };
@@ -575,13 +581,12 @@ pub fn gemv_many(
         *slot = match (p.rows, p.quantized, fp8_act, &int_acts) {
             (Stored::Int(_), _, _, Some(q)) => Some(Prepared::Int(q)),
             (Stored::Int(_), _, _, None) => None,
-            (Stored::Float(rows), true, Some(DType::Fp8E4M3), _) => Some(Prepared::Float(
-                rowdot::Activations::fp8(plain_x(p), rows),
-            )),
-            (Stored::Float(rows), _, _, _) => Some(Prepared::Float(rowdot::Activations::new(
-                plain_x(p),
-                rows,
-            ))),
+            (Stored::Float(rows), true, Some(DType::Fp8E4M3), _) => {
+                Some(Prepared::Float(rowdot::Activations::fp8(plain_x(p), rows)))
+            }
+            (Stored::Float(rows), _, _, _) => {
+                Some(Prepared::Float(rowdot::Activations::new(plain_x(p), rows)))
+            }
         };
     }
     let result = if rows == 1 {
@@ -643,15 +648,17 @@ fn decode_gemvs(
 ) -> Result<(), KernelError> {
     let parts = || parts.iter().flatten();
     let total: usize = parts().map(|p| p.outs).sum();
-    let row_bytes = parts()
-        .map(|p| p.rows.row_bytes(ins))
-        .max()
-        .unwrap_or(1);
+    let row_bytes = parts().map(|p| p.rows.row_bytes(ins)).max().unwrap_or(1);
     let chunk_rows = chunk_rows(total, row_bytes);
     let parallel = total * ins >= PARALLEL_MIN_WORK;
     // Rows `first..first + dst.len()` of part `p`, scaled.
     let dots = |p: &Part<'_>, a: &Prepared<'_>, first: usize, dst: &mut [f32]| {
-        a.dots(0, ins, p.rows.range(first * ins, (first + dst.len()) * ins), dst);
+        a.dots(
+            0,
+            ins,
+            p.rows.range(first * ins, (first + dst.len()) * ins),
+            dst,
+        );
         if p.scales.is_some() {
             let s = sx(p, 0);
             for (k, y) in dst.iter_mut().enumerate() {

@@ -3,33 +3,37 @@
 //! llama.cpp multiplies them (`ggml_vec_dot_q8_0_q8_0` and `ggml_vec_dot_q4_0_q8_0` in
 //! ggml-cpu's quants.c, after `quantize_row_q8_0` of the activations).
 //!
-//! **The arithmetic** ([`dots_reference`]), for a weight row `w` and the activations
-//! `x`, over the blocks `b` in order:
+//! **The arithmetic** ([`dots_reference`]). The products of a block are summed in
+//! groups of four consecutive elements (`g = 0..8`), exactly, in `i32`; each group's
+//! sum is scaled by the product of the two blocks' scales and accumulated in one of 16
+//! `f32` lanes: lane `g` for the even blocks, lane `8 + g` for the odd ones, in block
+//! order; the 16 lanes are then summed by a fixed tree (`k` and `k + 8`, then `k` and
+//! `k + 4`, `k` and `k + 2`, the last two):
 //!
 //! ```text
-//! sumi = Σ_j xq[b][j] * wq[b][j]          exact, in i32 (|sumi| <= 32 * 127 * 128)
-//! acc  = acc + (sumi as f32) * (dw[b] * dx[b])   each product and the sum rounded
+//! s    = Σ_{j<4} xq[b][4g + j] * wq[b][4g + j]          exact, in i32
+//! lane = lane + (s as f32) * (dw[b] * dx[b])            each product and sum rounded
 //! ```
 //!
 //! where `xq`, `dx` are the activation codes and their `f16` block scale (as `f32`),
-//! `wq`, `dw` the weight's, and `acc` starts at 0. It is llama.cpp's scalar reference
-//! operation for operation. Its SIMD paths sum each block's products across lanes in
-//! another order, which for integers changes nothing, but accumulate the blocks in
-//! lanes before one final reduction, so their last bits differ from the scalar code;
-//! here every path accumulates a row's blocks in order, so every path is bit-identical
-//! to the reference (checked by the tests on every code).
+//! `wq`, `dw` the weight's. This is the shape of llama.cpp's AVX2 `ggml_vec_dot_q8_0_q8_0`
+//! (eight lanes of four-product sums scaled per block and accumulated across blocks,
+//! one reduction at the end), with a second set of eight lanes for odd blocks so that
+//! one 512-bit instruction takes two blocks, and without its fused multiply-add (a
+//! rounded product, then a rounded sum, as the float kernels do). Every path computes
+//! exactly this, so all are bit-identical to the reference (checked on every code).
 //!
-//! **The kernels** run four weight rows at a time, one lane per row: each block's
-//! 32 products of a row are summed as integers in one 256-bit vector (`vpdpbusd` with
-//! AVX-512 VNNI; `vpmaddubsw` then `vpmaddwd` with AVX2), the four rows' vectors are
-//! reduced to one lane each by horizontal adds, and the four accumulators advance by
-//! one block in the order above. Both instructions multiply an unsigned byte by a
-//! signed one, so a Q8_0 block multiplies `|w|` by `x` carrying the sign of `w` (the
-//! sign trick of llama.cpp's AVX2 code; `|-128|` is 128 as an unsigned byte, and the
-//! activation codes lie in `[-127, 127]`, so no product overflows and no pair of
-//! products saturates 16 bits: `2 * 128 * 127 < 2^15`), and a Q4_0 block multiplies
-//! its unsigned nibbles `n` by `x` and subtracts `8 * Σ x` (precomputed per activation
-//! block): `Σ (n - 8) x = Σ n x - 8 Σ x`.
+//! **The kernels** take one weight row at a time, two blocks per step with AVX-512
+//! (`vpdpbusd` on 64 bytes gives the 16 lanes' integer sums at once) and one block per
+//! step with AVX2 (`vpmaddubsw` then `vpmaddwd`). Both instructions multiply an
+//! unsigned byte by a signed one. With VNNI the weight is made unsigned by an offset
+//! that is taken back per group: a Q8_0 code `w` as the byte `w + 128` (`w ^ 0x80`),
+//! `Σ (w + 128) x - 128 Σ x`, and a Q4_0 nibble `n` as it is, `Σ n x - 8 Σ x`, with the
+//! activations' four-element sums `Σ x` computed once per GEMV. `vpmaddubsw` adds pairs
+//! of products in saturating 16 bits, so with AVX2 a Q8_0 block multiplies `|w|` by `x`
+//! carrying the sign of `w` instead (llama.cpp's AVX2 sign trick; `|-128|` is 128 as an
+//! unsigned byte and the activation codes lie in `[-127, 127]`, so a pair stays within
+//! `2 * 128 * 127 < 2^15`), and Q4_0 nibbles as they are (`2 * 15 * 127`).
 
 use super::KernelError;
 use crate::pool;
@@ -111,32 +115,45 @@ impl<'a> IntRows<'a> {
     }
 }
 
-/// Rows of activations quantized to 8-bit blocks: codes, each block's scale, and each
-/// block's sum of codes (for the Q4_0 kernel), row-major. The vectors come from the
-/// executor's pool and go back to it on drop.
+/// Rows of activations quantized to 8-bit blocks, row-major: the codes, each block's
+/// scale repeated for its eight lanes (`scales8`), and each group of four codes' sum
+/// (`sums4`, for the offsets of the VNNI kernel). The vectors come from the executor's
+/// pool and go back to it on drop.
 #[derive(Debug)]
 pub struct Q8Acts {
     pub codes: Vec<i8>,
-    pub scales: Vec<f32>,
-    pub sums: Vec<i32>,
+    pub scales8: Vec<f32>,
+    pub sums4: Vec<i32>,
 }
 
 /// One row of [`Q8Acts`].
 #[derive(Copy, Clone, Debug)]
 pub struct Q8Row<'a> {
     pub codes: &'a [i8],
-    pub scales: &'a [f32],
-    pub sums: &'a [i32],
+    pub scales8: &'a [f32],
+    pub sums4: &'a [i32],
+}
+
+impl Q8Row<'_> {
+    /// Blocks in the row.
+    pub fn blocks(&self) -> usize {
+        self.codes.len() / BLOCK
+    }
+
+    /// The scale of block `b`.
+    pub fn scale(&self, b: usize) -> f32 {
+        self.scales8[b * 8]
+    }
 }
 
 impl Q8Acts {
     /// Row `r` of the rows of `len` activations.
     pub fn row(&self, r: usize, len: usize) -> Q8Row<'_> {
-        let blocks = len / BLOCK;
+        let groups = len / 4;
         Q8Row {
             codes: &self.codes[r * len..(r + 1) * len],
-            scales: &self.scales[r * blocks..(r + 1) * blocks],
-            sums: &self.sums[r * blocks..(r + 1) * blocks],
+            scales8: &self.scales8[r * groups..(r + 1) * groups],
+            sums4: &self.sums4[r * groups..(r + 1) * groups],
         }
     }
 }
@@ -144,8 +161,8 @@ impl Q8Acts {
 impl Drop for Q8Acts {
     fn drop(&mut self) {
         pool::give(std::mem::take(&mut self.codes));
-        pool::give(std::mem::take(&mut self.scales));
-        pool::give(std::mem::take(&mut self.sums));
+        pool::give(std::mem::take(&mut self.scales8));
+        pool::give(std::mem::take(&mut self.sums4));
     }
 }
 
@@ -154,24 +171,42 @@ impl Drop for Q8Acts {
 /// arithmetic as [`fusec_weights::quant::q8_0_block`], whose `f16` scales are kept as
 /// `f32` values.
 pub fn quantize_q8(x: &[f32]) -> Result<Q8Acts, KernelError> {
-    if x.len() % BLOCK != 0 {
+    if !x.len().is_multiple_of(BLOCK) {
         return Err(KernelError::Invalid(format!(
             "integer GEMV: {} activations are not whole blocks of {BLOCK}",
             x.len()
         )));
     }
-    let blocks = x.len() / BLOCK;
+    let groups = x.len() / 4;
     let mut acts = Q8Acts {
         codes: pool::zeros(x.len()),
-        scales: pool::take(blocks),
-        sums: pool::take(blocks),
+        scales8: pool::take(groups),
+        sums4: pool::take(groups),
     };
-    for (xb, qb) in x.chunks_exact(BLOCK).zip(acts.codes.chunks_exact_mut(BLOCK)) {
-        let d = fusec_weights::quant::q8_0_block(xb, qb);
-        acts.scales.push(d.to_f32());
-        acts.sums.push(qb.iter().map(|&q| i32::from(q)).sum());
+    for (xb, qb) in x
+        .chunks_exact(BLOCK)
+        .zip(acts.codes.chunks_exact_mut(BLOCK))
+    {
+        let d = fusec_weights::quant::q8_0_block(xb, qb).to_f32();
+        acts.scales8.extend([d; 8]);
+        acts.sums4.extend(
+            qb.chunks_exact(4)
+                .map(|g| g.iter().map(|&q| i32::from(q)).sum::<i32>()),
+        );
     }
     Ok(acts)
+}
+
+/// The fixed reduction tree of the 16 lanes (see the module documentation).
+#[inline]
+fn reduce16(acc: &[f32; 16]) -> f32 {
+    let mut a8 = [0.0f32; 8];
+    for k in 0..8 {
+        a8[k] = acc[k] + acc[k + 8];
+    }
+    let a4 = [a8[0] + a8[4], a8[1] + a8[5], a8[2] + a8[6], a8[3] + a8[7]];
+    let a2 = [a4[0] + a4[2], a4[1] + a4[3]];
+    a2[0] + a2[1]
 }
 
 /// `out[o]` = the arithmetic of the module documentation for row `o` of `w`, on the
@@ -189,21 +224,23 @@ pub fn dots(acts: Q8Row<'_>, w: IntRows<'_>, out: &mut [f32]) {
 
 /// The plain reference of the arithmetic (see the module documentation).
 pub fn dots_reference(acts: Q8Row<'_>, w: IntRows<'_>, out: &mut [f32]) {
-    let blocks = acts.scales.len();
+    let blocks = acts.blocks();
     let scales = w.scales();
     for (o, y) in out.iter_mut().enumerate() {
-        let mut acc = 0.0f32;
+        let mut acc = [0.0f32; 16];
         for b in 0..blocks {
             let wq = w.block(o * blocks + b);
             let xq = &acts.codes[b * BLOCK..(b + 1) * BLOCK];
-            let sumi: i32 = wq
-                .iter()
-                .zip(xq)
-                .map(|(&a, &c)| i32::from(a) * i32::from(c))
-                .sum();
-            acc += sumi as f32 * (scales[o * blocks + b] * acts.scales[b]);
+            let d = scales[o * blocks + b] * acts.scale(b);
+            for g in 0..8 {
+                let s: i32 = (4 * g..4 * g + 4)
+                    .map(|j| i32::from(wq[j]) * i32::from(xq[j]))
+                    .sum();
+                let lane = 8 * (b % 2) + g;
+                acc[lane] += s as f32 * d;
+            }
         }
-        *y = acc;
+        *y = reduce16(&acc);
     }
 }
 
@@ -213,7 +250,7 @@ mod x86 {
     //!
     //! `unsafe` is confined to this module: the kernels carry `#[target_feature]` and
     //! run only after [`path`] detected those features, and every load is an unaligned
-    //! load of 16 or 32 bytes inside slices whose lengths [`dots`] checked first.
+    //! load inside slices whose lengths [`dots_with`] checked first.
     #![allow(unsafe_code)]
 
     use std::arch::x86_64::*;
@@ -233,6 +270,7 @@ mod x86 {
         static PATH: OnceLock<Path> = OnceLock::new();
         *PATH.get_or_init(|| {
             if is_x86_feature_detected!("avx512vnni")
+                && is_x86_feature_detected!("avx512bw")
                 && is_x86_feature_detected!("avx512vl")
                 && is_x86_feature_detected!("avx2")
             {
@@ -252,10 +290,11 @@ mod x86 {
     }
 
     pub(super) fn dots_with(path: Path, acts: Q8Row<'_>, w: IntRows<'_>, out: &mut [f32]) -> bool {
-        let blocks = acts.scales.len();
+        let blocks = acts.blocks();
         let ins = blocks * BLOCK;
         let fits = acts.codes.len() == ins
-            && acts.sums.len() == blocks
+            && acts.sums4.len() == ins / 4
+            && acts.scales8.len() == ins / 4
             && w.len() >= out.len() * ins
             && w.scales().len() >= out.len() * blocks;
         if !fits {
@@ -265,94 +304,121 @@ mod x86 {
         // test checked it), and the lengths were checked above.
         unsafe {
             match path {
-                Path::Vnni => kernel_vnni(acts, w, out),
-                Path::Avx2 => kernel_avx2(acts, w, out),
+                Path::Vnni => vnni(acts, w, out),
+                Path::Avx2 => avx2(acts, w, out),
                 Path::None => return false,
             }
         }
         true
     }
 
-    /// One block of row `r` of the rows as a vector of 32 unsigned bytes and the
-    /// activations as 32 signed bytes whose products are the block's products (Q8_0:
-    /// `|w|` and `x` with the sign of `w`; Q4_0: the nibbles `n` and `x`).
+    /// The tree of `super::reduce16` on the lanes `lo` (0..8) and `hi` (8..16).
     #[inline(always)]
-    unsafe fn operands(w: IntRows<'_>, row_block: usize, x: __m256i) -> (__m256i, __m256i) {
+    unsafe fn reduce(lo: __m256, hi: __m256) -> f32 {
+        let a8 = _mm256_add_ps(lo, hi);
+        let a4 = _mm_add_ps(_mm256_castps256_ps128(a8), _mm256_extractf128_ps(a8, 1));
+        let a2 = _mm_add_ps(a4, _mm_movehl_ps(a4, a4));
+        _mm_cvtss_f32(_mm_add_ss(a2, _mm_shuffle_ps(a2, a2, 1)))
+    }
+
+    /// Two blocks of a row and the activations' integer lane sums: 16 lanes of
+    /// four-product sums, in the module documentation's lane order.
+    #[inline(always)]
+    unsafe fn pair_vnni(w: IntRows<'_>, row_block: usize, x: __m512i, sums: __m512i) -> __m512i {
         match w {
             IntRows::Q8 { codes, .. } => {
-                let q = _mm256_loadu_si256(codes.as_ptr().add(row_block * BLOCK) as *const __m256i);
-                (_mm256_abs_epi8(q), _mm256_sign_epi8(x, q))
+                let q = _mm512_loadu_si512(codes.as_ptr().add(row_block * BLOCK) as *const _);
+                let u = _mm512_xor_si512(q, _mm512_set1_epi8(-128));
+                let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, x);
+                _mm512_sub_epi32(dot, _mm512_slli_epi32(sums, 7))
             }
             IntRows::Q4 { packed, .. } => {
-                let q = _mm_loadu_si128(packed.as_ptr().add(row_block * BLOCK / 2) as *const __m128i);
-                let both = _mm256_set_m128i(_mm_srli_epi16(q, 4), q);
-                (_mm256_and_si256(both, _mm256_set1_epi8(0x0F)), x)
+                // Bytes of blocks b and b + 1: low nibbles are elements 0..16 of each,
+                // high nibbles 16..32.
+                let q = _mm256_loadu_si256(packed.as_ptr().add(row_block * BLOCK / 2) as *const _);
+                let lo = _mm256_and_si256(q, _mm256_set1_epi8(0x0F));
+                let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), _mm256_set1_epi8(0x0F));
+                // [b.lo, b+1.lo, b.hi, b+1.hi] to [b.lo, b.hi, b+1.lo, b+1.hi].
+                let both = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+                let n = _mm512_shuffle_i64x2(both, both, 0b11_01_10_00);
+                let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), n, x);
+                _mm512_sub_epi32(dot, _mm512_slli_epi32(sums, 3))
             }
         }
     }
 
-    /// The four rows' eight-lane integer sums reduced to one lane per row, in row order.
+    /// One block of a row: eight lanes of four-product sums.
     #[inline(always)]
-    unsafe fn reduce4(v: [__m256i; 4]) -> __m128i {
-        let h = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
-        _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1))
-    }
-
-    macro_rules! kernel {
-        ($name:ident, $features:literal, $sum:ident) => {
-            #[target_feature(enable = $features)]
-            unsafe fn $name(acts: Q8Row<'_>, w: IntRows<'_>, out: &mut [f32]) {
-                let blocks = acts.scales.len();
-                let scales = w.scales();
-                let q4 = matches!(w, IntRows::Q4 { .. });
-                let groups = out.len() / 4;
-                for g in 0..groups {
-                    let o = 4 * g;
-                    let mut acc = _mm_setzero_ps();
-                    for b in 0..blocks {
-                        let x = _mm256_loadu_si256(acts.codes.as_ptr().add(b * BLOCK) as *const __m256i);
-                        let mut v = [_mm256_setzero_si256(); 4];
-                        for (r, v) in v.iter_mut().enumerate() {
-                            let (a, s) = operands(w, (o + r) * blocks + b, x);
-                            *v = $sum(a, s);
-                        }
-                        let mut sumi = reduce4(v);
-                        if q4 {
-                            sumi = _mm_sub_epi32(sumi, _mm_set1_epi32(8 * acts.sums[b]));
-                        }
-                        let dw = _mm_set_ps(
-                            scales[(o + 3) * blocks + b],
-                            scales[(o + 2) * blocks + b],
-                            scales[(o + 1) * blocks + b],
-                            scales[o * blocks + b],
-                        );
-                        let d = _mm_mul_ps(dw, _mm_set1_ps(acts.scales[b]));
-                        acc = _mm_add_ps(acc, _mm_mul_ps(_mm_cvtepi32_ps(sumi), d));
-                    }
-                    _mm_storeu_ps(out.as_mut_ptr().add(o), acc);
-                }
-                // The last rows, fewer than four, by the reference (the same arithmetic).
-                let done = 4 * groups;
-                let rest = w.range(done * blocks * BLOCK, out.len() * blocks * BLOCK);
-                super::dots_reference(acts, rest, &mut out[done..]);
+    unsafe fn block_avx2(w: IntRows<'_>, row_block: usize, x: __m256i, sums: __m256i) -> __m256i {
+        let ones = _mm256_set1_epi16(1);
+        match w {
+            IntRows::Q8 { codes, .. } => {
+                let q = _mm256_loadu_si256(codes.as_ptr().add(row_block * BLOCK) as *const _);
+                let p = _mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(x, q));
+                _mm256_madd_epi16(p, ones)
             }
-        };
+            IntRows::Q4 { packed, .. } => {
+                let q = _mm_loadu_si128(packed.as_ptr().add(row_block * BLOCK / 2) as *const _);
+                let both = _mm256_set_m128i(_mm_srli_epi16(q, 4), q);
+                let n = _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+                let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(n, x), ones);
+                _mm256_sub_epi32(dot, _mm256_slli_epi32(sums, 3))
+            }
+        }
     }
 
-    /// `vpdpbusd`: the 32 byte products summed four at a time into eight lanes.
-    #[inline(always)]
-    unsafe fn sum_vnni(a: __m256i, s: __m256i) -> __m256i {
-        _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, s)
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn vnni(acts: Q8Row<'_>, w: IntRows<'_>, out: &mut [f32]) {
+        let blocks = acts.blocks();
+        let scales = w.scales();
+        let pairs = blocks / 2;
+        for (o, y) in out.iter_mut().enumerate() {
+            let mut acc = _mm512_setzero_ps();
+            let row = o * blocks;
+            for p in 0..pairs {
+                let b = 2 * p;
+                let x = _mm512_loadu_si512(acts.codes.as_ptr().add(b * BLOCK) as *const _);
+                let sums = _mm512_loadu_si512(acts.sums4.as_ptr().add(b * 8) as *const _);
+                let s = pair_vnni(w, row + b, x, sums);
+                // Lanes 0..8 take block b's weight scale, 8..16 block b + 1's.
+                let dw2 = _mm_castpd_ps(_mm_load_sd(scales.as_ptr().add(row + b) as *const f64));
+                let idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+                let dw = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(dw2));
+                let d = _mm512_mul_ps(dw, _mm512_loadu_ps(acts.scales8.as_ptr().add(b * 8)));
+                acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_cvtepi32_ps(s), d));
+            }
+            let (mut lo, hi) = (_mm512_castps512_ps256(acc), _mm512_extractf32x8_ps(acc, 1));
+            if blocks % 2 == 1 {
+                // The last block, even-numbered: lanes 0..8.
+                let b = blocks - 1;
+                let x = _mm256_loadu_si256(acts.codes.as_ptr().add(b * BLOCK) as *const _);
+                let sums = _mm256_loadu_si256(acts.sums4.as_ptr().add(b * 8) as *const _);
+                let s = block_avx2(w, row + b, x, sums);
+                let d = _mm256_set1_ps(scales[row + b] * acts.scale(b));
+                lo = _mm256_add_ps(lo, _mm256_mul_ps(_mm256_cvtepi32_ps(s), d));
+            }
+            *y = reduce(lo, hi);
+        }
     }
 
-    /// `vpmaddubsw` (pairs, exact: see the module documentation) then `vpmaddwd`.
-    #[inline(always)]
-    unsafe fn sum_avx2(a: __m256i, s: __m256i) -> __m256i {
-        _mm256_madd_epi16(_mm256_maddubs_epi16(a, s), _mm256_set1_epi16(1))
+    #[target_feature(enable = "avx2")]
+    unsafe fn avx2(acts: Q8Row<'_>, w: IntRows<'_>, out: &mut [f32]) {
+        let blocks = acts.blocks();
+        let scales = w.scales();
+        for (o, y) in out.iter_mut().enumerate() {
+            let mut acc = [_mm256_setzero_ps(); 2];
+            let row = o * blocks;
+            for b in 0..blocks {
+                let x = _mm256_loadu_si256(acts.codes.as_ptr().add(b * BLOCK) as *const _);
+                let sums = _mm256_loadu_si256(acts.sums4.as_ptr().add(b * 8) as *const _);
+                let s = block_avx2(w, row + b, x, sums);
+                let d = _mm256_set1_ps(scales[row + b] * acts.scale(b));
+                let lane = &mut acc[b % 2];
+                *lane = _mm256_add_ps(*lane, _mm256_mul_ps(_mm256_cvtepi32_ps(s), d));
+            }
+            *y = reduce(acc[0], acc[1]);
+        }
     }
-
-    kernel!(kernel_vnni, "avx2,avx512f,avx512vl,avx512vnni", sum_vnni);
-    kernel!(kernel_avx2, "avx2", sum_avx2);
 }
 
 #[cfg(test)]
@@ -406,7 +472,7 @@ mod tests {
                     f64::from(codes[o * ins + j] as i8)
                         * f64::from(dw[o * blocks + j / BLOCK])
                         * f64::from(acts.codes[j])
-                        * f64::from(acts.scales[j / BLOCK])
+                        * f64::from(acts.scale(j / BLOCK))
                 })
                 .sum();
             let mag: f64 = (0..ins)
@@ -414,11 +480,14 @@ mod tests {
                     (f64::from(codes[o * ins + j] as i8)
                         * f64::from(dw[o * blocks + j / BLOCK])
                         * f64::from(acts.codes[j])
-                        * f64::from(acts.scales[j / BLOCK]))
+                        * f64::from(acts.scale(j / BLOCK)))
                     .abs()
                 })
                 .sum();
-            assert!((f64::from(y) - exact).abs() <= 1e-5 * mag + 1e-30, "{y} {exact}");
+            assert!(
+                (f64::from(y) - exact).abs() <= 1e-5 * mag + 1e-30,
+                "{y} {exact}"
+            );
         }
     }
 
@@ -431,20 +500,41 @@ mod tests {
         let x: Vec<f32> = (0..ins).map(|j| (j as f32 - 127.5) * 0.37).collect();
         let acts = quantize_q8(&x).expect("blocks");
         let codes: Vec<u8> = (0..rows * ins).map(|k| (k % 256) as u8).collect();
-        let dw: Vec<f32> = (0..rows * ins / BLOCK).map(|_| rng.normal() as f32).collect();
+        let dw: Vec<f32> = (0..rows * ins / BLOCK)
+            .map(|_| rng.normal() as f32)
+            .collect();
         let a = acts.row(0, ins);
-        check_all_paths(a, IntRows::Q8 { codes: &codes, scales: &dw }, rows);
+        check_all_paths(
+            a,
+            IntRows::Q8 {
+                codes: &codes,
+                scales: &dw,
+            },
+            rows,
+        );
         check_meaning(a, &codes, &dw, rows, ins);
         // Extreme activation codes (±127) against extreme weights (-128).
-        let x: Vec<f32> = (0..ins).map(|j| if j % 2 == 0 { 5.0 } else { -5.0 }).collect();
+        let x: Vec<f32> = (0..ins)
+            .map(|j| if j % 2 == 0 { 5.0 } else { -5.0 })
+            .collect();
         let acts = quantize_q8(&x).expect("blocks");
         assert!(acts.codes.iter().all(|&c| c.abs() == 127));
         let codes = vec![0x80u8; rows * ins];
-        check_all_paths(acts.row(0, ins), IntRows::Q8 { codes: &codes, scales: &dw }, rows);
+        check_all_paths(
+            acts.row(0, ins),
+            IntRows::Q8 {
+                codes: &codes,
+                scales: &dw,
+            },
+            rows,
+        );
         // Q4_0: every code -8..=7 in every position.
         let codes: Vec<i8> = (0..rows * ins).map(|k| (k % 16) as i8 - 8).collect();
         let packed = q4_pack(&codes);
-        let w = IntRows::Q4 { packed: &packed, scales: &dw };
+        let w = IntRows::Q4 {
+            packed: &packed,
+            scales: &dw,
+        };
         for (k, &c) in codes.iter().enumerate() {
             assert_eq!(fusec_weights::tensor::i4_code(&packed, k), c);
         }
@@ -454,7 +544,14 @@ mod tests {
         dots_reference(a, w, &mut from_q4);
         let bytes: Vec<u8> = codes.iter().map(|&c| c as u8).collect();
         let mut from_q8 = vec![0.0f32; rows];
-        dots_reference(a, IntRows::Q8 { codes: &bytes, scales: &dw }, &mut from_q8);
+        dots_reference(
+            a,
+            IntRows::Q8 {
+                codes: &bytes,
+                scales: &dw,
+            },
+            &mut from_q8,
+        );
         assert_eq!(from_q4, from_q8, "Q4_0 rows mean their codes");
     }
 
@@ -463,12 +560,17 @@ mod tests {
         let x: Vec<f32> = (0..64).map(|j| (j as f32 - 20.0) * 0.5).collect();
         let acts = quantize_q8(&x).expect("blocks");
         // Block 0: absmax 10, d = 10 / 127; x = 0 at j = 20 gives 0.
-        assert_eq!(acts.scales[0], half::f16::from_f32(10.0 / 127.0).to_f32());
+        let row = acts.row(0, 64);
+        assert_eq!(row.scale(0), half::f16::from_f32(10.0 / 127.0).to_f32());
+        assert_eq!(row.scales8[..8], [row.scale(0); 8]);
         assert_eq!(acts.codes[0], -127);
         assert_eq!(acts.codes[20], 0);
-        assert_eq!(acts.sums[0], acts.codes[..32].iter().map(|&c| i32::from(c)).sum::<i32>());
+        assert_eq!(
+            acts.sums4[1],
+            acts.codes[4..8].iter().map(|&c| i32::from(c)).sum::<i32>()
+        );
         let zeros = quantize_q8(&[0.0; 32]).expect("blocks");
-        assert_eq!((zeros.scales[0], zeros.codes[5]), (0.0, 0));
+        assert_eq!((zeros.row(0, 32).scale(0), zeros.codes[5]), (0.0, 0));
         let err = quantize_q8(&[1.0; 40]).unwrap_err().to_string();
         assert!(err.contains("blocks of 32"), "{err}");
     }

@@ -325,12 +325,18 @@ fn infer_int_dequant(
         ));
     }
     let [o, i] = q.shape.dims() else {
-        return Err(format!("{} codes must be a matrix, got {}", q.dtype, q.shape));
+        return Err(format!(
+            "{} codes must be a matrix, got {}",
+            q.dtype, q.shape
+        ));
     };
     let Some(ins) = i.as_fixed() else {
-        return Err(format!("{} codes need a fixed input dimension, got {i}", q.dtype));
+        return Err(format!(
+            "{} codes need a fixed input dimension, got {i}",
+            q.dtype
+        ));
     };
-    if ins % INT_BLOCK != 0 {
+    if !ins.is_multiple_of(INT_BLOCK) {
         return Err(format!(
             "{} codes need an input dimension that is a multiple of {INT_BLOCK}, got {ins}",
             q.dtype
