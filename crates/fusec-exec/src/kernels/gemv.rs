@@ -169,7 +169,7 @@ impl QuantWeight {
                     .ok_or_else(bad)?,
                 scales,
             }),
-            _ if v.offset() % 2 == 0 => Ok(IntRows::Q4 {
+            _ if v.offset().is_multiple_of(2) => Ok(IntRows::Q4 {
                 packed: codes
                     .get(v.offset() / 2..(v.offset() + v.numel()) / 2)
                     .ok_or_else(bad)?,
