@@ -595,9 +595,17 @@ mod tests {
                 .collect();
             let a = acts.row(0, ins);
             check_all_paths(a, IntRows::Q8 { codes: &codes, scales: &dw }, rows);
+            check_meaning(a, &codes, &dw, rows, ins);
             let c4: Vec<i8> = codes.iter().map(|&c| (c as i8) >> 4).collect();
             let packed = q4_pack(&c4);
             check_all_paths(a, IntRows::Q4 { packed: &packed, scales: &dw }, rows);
+            // The Q4_0 rows mean their codes: the same results as those codes in i8.
+            let mut from_q4 = vec![0.0f32; rows];
+            dots(a, IntRows::Q4 { packed: &packed, scales: &dw }, &mut from_q4);
+            let bytes: Vec<u8> = c4.iter().map(|&c| c as u8).collect();
+            let mut from_q8 = vec![0.0f32; rows];
+            dots(a, IntRows::Q8 { codes: &bytes, scales: &dw }, &mut from_q8);
+            prop_assert_eq!(from_q4, from_q8);
         }
     }
 }
