@@ -95,10 +95,10 @@ fn integer_graphs_lower_cost_decode_and_stay_off_cuda() {
         assert!(first < limit, "{precision:?}: first step rel L2 {first}");
         // No CUDA kernels read integer codes: codegen says so instead of emitting any.
         let shape = DecodeShape::new(1, spec.model.max_seq_len);
-        let err = codegen::generate(&graph, &shape, &codegen::Options::default())
-            .err()
-            .expect("refused")
-            .to_string();
+        let err = match codegen::generate(&graph, &shape, &codegen::Options::default()) {
+            Ok(_) => panic!("{precision:?}: codegen emitted kernels for integer codes"),
+            Err(e) => e.to_string(),
+        };
         assert!(err.contains("integer weight codes"), "{err}");
     }
 }
@@ -170,5 +170,5 @@ fn int8_runs_and_compares_from_the_command_line() {
     let acc = &run["accuracy"];
     assert_eq!(acc["reference"], "f32");
     let kl = acc["mean_kl"].as_f64().expect("a number");
-    assert!(kl >= 0.0 && kl < 0.05, "mean KL {kl}");
+    assert!((0.0..0.05).contains(&kl), "mean KL {kl}");
 }
