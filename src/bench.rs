@@ -81,7 +81,7 @@ pub enum BenchError {
 /// One variant's figures.
 #[derive(Clone, Debug)]
 pub struct VariantResult {
-    /// `eager f32`, `fused f32`, `fused bf16` or `fused fp8`.
+    /// `eager f32`, `fused f32`, `fused bf16`, `fused fp8`, `fused int8` or `fused int4`.
     pub name: &'static str,
     pub tokens_per_s: f64,
     /// Weight bytes of the memory floor: what one token must stream.
@@ -111,6 +111,9 @@ pub struct ModelResult {
     /// The measured read bandwidth, GB/s.
     pub ceiling_gb_per_s: f64,
     pub variants: Vec<VariantResult>,
+    /// Variants the model's shapes do not allow (an integer format needs input
+    /// dimensions in whole blocks of 32), with why; left out unless asked for by name.
+    pub skipped: Vec<(&'static str, String)>,
 }
 
 impl ModelResult {
@@ -158,11 +161,17 @@ impl ModelResult {
                 v.rss as f64 / 1e6
             );
         }
+        for (name, why) in &self.skipped {
+            s += &format!("{name:<11} skipped: {why}\n");
+        }
         for (a, b) in [
             ("fused f32", "eager f32"),
             ("fused bf16", "fused f32"),
             ("fused fp8", "fused f32"),
             ("fused fp8", "fused bf16"),
+            ("fused int8", "fused f32"),
+            ("fused int4", "fused f32"),
+            ("fused int8", "fused fp8"),
         ] {
             if let Some(r) = self.ratio(a, b) {
                 s += &format!("{a} / {b}: {r:.2}x\n");
@@ -173,11 +182,13 @@ impl ModelResult {
 }
 
 /// The variants in the order they run.
-const VARIANTS: [(&str, bool, Precision); 4] = [
+const VARIANTS: [(&str, bool, Precision); 6] = [
     ("eager f32", false, Precision::F32),
     ("fused f32", true, Precision::F32),
     ("fused bf16", true, Precision::Bf16),
     ("fused fp8", true, Precision::Fp8),
+    ("fused int8", true, Precision::Int8),
+    ("fused int4", true, Precision::Int4),
 ];
 
 /// A variant ready to time: its session, with the KV cache filled to the context.
@@ -235,15 +246,26 @@ pub fn run_model(spec: &ModelSpec, opts: &Options) -> Result<ModelResult, BenchE
     )
     .map_err(BenchError::Invalid)?;
     let rules = pipeline::rules(&[])?;
-    let fp8 = Fp8Options::default();
     let mut prepared = Vec::new();
+    let mut skipped = Vec::new();
     let selected = VARIANTS
         .into_iter()
         .filter(|(name, _, _)| opts.only.is_empty() || opts.only.iter().any(|o| o == name));
     for (name, fused, precision) in selected {
+        // Each precision's default recipe, as `fusec run` applies it.
+        let fp8 = Fp8Options {
+            keep: pipeline::default_keep(precision),
+            ..Fp8Options::default()
+        };
         let rss_before = resident_bytes();
         let graph = if fused {
-            pipeline::fused_in(spec, precision, &rules, &fp8)?.0
+            match pipeline::fused_in(spec, precision, &rules, &fp8) {
+                Err(PipelineError::Precision(why)) if opts.only.is_empty() => {
+                    skipped.push((name, why));
+                    continue;
+                }
+                other => other?.0,
+            }
         } else {
             pipeline::eager(&pipeline::in_precision(spec, precision))?
         };
@@ -302,6 +324,7 @@ pub fn run_model(spec: &ModelSpec, opts: &Options) -> Result<ModelResult, BenchE
         rounds: opts.rounds.max(1),
         ceiling_gb_per_s: probe.gb_per_s(),
         variants,
+        skipped,
     })
 }
 

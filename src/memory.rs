@@ -13,12 +13,15 @@ use fusec_model::ModelSpec;
 
 /// Bytes per weight and KV-cache element a precision holds. An FP8 run makes its
 /// weights from 16-bit ones (the checkpoint's, or the calibration graph's), so it
-/// holds both while it starts: 2 + 1 bytes.
+/// holds both while it starts: 2 + 1 bytes; an integer run likewise from `f32` ones.
 fn element_bytes(precision: Precision) -> u128 {
     match precision {
         Precision::F32 => 4,
         Precision::F16 | Precision::Bf16 => 2,
         Precision::Fp8 => 3,
+        // Integer weights are made from the f32 ones, held while they start, and the
+        // KV cache stays f32: 4 + 1 bytes (at most) per weight.
+        Precision::Int8 | Precision::Int4 => 5,
     }
 }
 

@@ -339,8 +339,8 @@ fn bad_input_exits_2_with_a_clear_message() {
             "invalid value 'pdf'",
         ),
         (
-            vec!["report", &model, "--precision", "int4"],
-            "unknown precision `int4`",
+            vec!["report", &model, "--precision", "int3"],
+            "unknown precision `int3`",
         ),
         (
             vec!["report", &model, "--gpu", "a100-sxm", "--precision", "fp8"],

@@ -28,8 +28,9 @@ pub struct Args {
     /// Seed of the random weights.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Run only this variant (repeatable): "eager f32", "fused f32", "fused bf16" or
-    /// "fused fp8" [default: all four].
+    /// Run only this variant (repeatable): "eager f32", "fused f32", "fused bf16",
+    /// "fused fp8", "fused int8" or "fused int4" [default: all; an integer variant that
+    /// the model's shapes do not allow is skipped with the reason].
     #[arg(long = "variant", value_name = "NAME")]
     pub only: Vec<String>,
     /// The most memory the variants may hold (e.g. 8G) [default: what the machine

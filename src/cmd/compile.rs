@@ -169,7 +169,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
         spec.target.gpu_at = None;
     }
     args.precision.apply(&mut spec)?;
-    let fp8 = args.precision.fp8(&[], None)?;
+    let fp8 = args.precision.fp8(None, None, spec.target.precision)?;
     let gpu = pipeline::target_gpu(&spec)?;
     let eager = pipeline::eager(&spec)?;
     let fused = if args.fusion.no_fuse {

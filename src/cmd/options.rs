@@ -1,5 +1,6 @@
 //! Options shared by subcommands, flattened into each one's arguments.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use anyhow::anyhow;
@@ -36,14 +37,19 @@ pub fn warn_fusion(report: &fusec_rewrite::FuseReport) {
 /// The precision, and the FP8 recipe.
 #[derive(clap::Args, Debug)]
 pub struct PrecisionArgs {
-    /// Precision (overrides [target] precision): f32, f16, bf16, fp8.
+    /// Precision (overrides [target] precision): f32, f16, bf16, fp8, int8 (Q8_0-like
+    /// weights: 8-bit codes, one f16 scale per block of 32 inputs) or int4 (Q4_0-like).
     #[arg(long)]
     pub precision: Option<String>,
-    /// With fp8: keep this op class at the compute precision (repeatable): qkv,
-    /// attn-out, mlp-up, mlp-down, lm-head, kv-cache [default: none, or what saved FP8
-    /// weights say].
+    /// With fp8, int8 or int4: keep this op class at the compute precision
+    /// (repeatable): qkv, attn-out, mlp-up, mlp-down, lm-head, kv-cache [default: what
+    /// saved FP8 weights say, else lm-head for fp8 and none for int8/int4].
     #[arg(long = "keep", value_name = "CLASS")]
     pub keep: Vec<String>,
+    /// Quantize this op class after all (repeatable; takes it out of the default or
+    /// saved kept classes): `--quantize lm-head` quantizes the LM head with fp8.
+    #[arg(long = "quantize", value_name = "CLASS")]
+    pub quantize: Vec<String>,
     /// With fp8: weight scales per output channel or per tensor [default: per-channel,
     /// or what saved FP8 weights say].
     #[arg(long, value_enum)]
@@ -62,29 +68,44 @@ impl PrecisionArgs {
         if let Some(p) = &self.precision {
             spec.target.precision = Precision::parse(p).ok_or_else(|| {
                 Failure::Input(anyhow!(
-                    "unknown precision `{p}` (expected f32, f16, bf16 or fp8)"
+                    "unknown precision `{p}` (expected f32, f16, bf16, fp8, int8 or int4)"
                 ))
             })?;
         }
         Ok(())
     }
 
-    /// The FP8 options: the command line's, else `saved` ones (from saved weights),
-    /// else per-channel scales and no class kept.
+    /// The lowering options: the command line's, else `saved` ones (from saved
+    /// weights; `None` when they say nothing), else per-channel scales and
+    /// [`fusec::pipeline::default_keep`] of `precision`; less the classes of `--quantize`.
     pub fn fp8(
         &self,
-        saved_keep: &[String],
+        saved_keep: Option<&[String]>,
         saved_scales: Option<WeightScales>,
+        precision: Precision,
     ) -> Result<Fp8Options, Failure> {
         let scales = self
             .weight_scales
             .or(saved_scales)
             .unwrap_or(WeightScales::PerChannel);
-        let keep = if self.keep.is_empty() {
-            saved_keep
-        } else {
-            &self.keep
+        let parse = |k: &String| k.parse::<OpClass>().map_err(|e| Failure::Input(anyhow!(e)));
+        let keep: BTreeSet<OpClass> = match (self.keep.is_empty(), saved_keep) {
+            (false, _) => self.keep.iter().map(parse).collect::<Result<_, _>>()?,
+            (true, Some(saved)) => saved.iter().map(parse).collect::<Result<_, _>>()?,
+            (true, None) => fusec::pipeline::default_keep(precision),
         };
+        let quantize: BTreeSet<OpClass> =
+            self.quantize.iter().map(parse).collect::<Result<_, _>>()?;
+        if let Some(both) = self
+            .keep
+            .iter()
+            .map(parse)
+            .find_map(|c| c.ok().filter(|c| quantize.contains(c)))
+        {
+            return Err(Failure::Input(anyhow!(
+                "--keep {both} and --quantize {both} contradict each other"
+            )));
+        }
         let mut opts = Fp8Options {
             granularity: match scales {
                 WeightScales::PerChannel => Granularity::PerChannel,
@@ -92,12 +113,7 @@ impl PrecisionArgs {
             },
             ..Fp8Options::default()
         };
-        for k in keep {
-            opts.keep.insert(
-                k.parse::<OpClass>()
-                    .map_err(|e| Failure::Input(anyhow!(e)))?,
-            );
-        }
+        opts.keep = keep.difference(&quantize).copied().collect();
         Ok(opts)
     }
 }

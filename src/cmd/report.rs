@@ -266,7 +266,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
     let precision = match &args.precision {
         Some(p) => Precision::parse(p).ok_or_else(|| {
             Failure::Input(anyhow!(
-                "unknown precision `{p}` (expected f32, f16, bf16 or fp8)"
+                "unknown precision `{p}` (expected f32, f16, bf16, fp8, int8 or int4)"
             ))
         })?,
         None => spec.target.precision,

@@ -184,9 +184,13 @@ struct Builder<'a> {
 impl Builder<'_> {
     fn graph(&self, precision: Precision) -> Result<Graph, Failure> {
         if !self.fuse {
-            if precision == Precision::Fp8 {
+            if matches!(
+                precision,
+                Precision::Fp8 | Precision::Int8 | Precision::Int4
+            ) {
                 return Err(Failure::Input(anyhow!(
-                    "--no-fuse cannot run fp8: the FP8 lowering applies to the fused graph"
+                    "--no-fuse cannot run {}: the weight lowering applies to the fused graph",
+                    precision.name()
                 )));
             }
             return Ok(pipeline::eager(&pipeline::in_precision(
@@ -248,7 +252,7 @@ fn weights_for(
 }
 
 /// The FP8 options: the command line's, else what saved weights say, else defaults.
-fn fp8_from(args: &Args, source: &Source) -> Result<Fp8Options, Failure> {
+fn fp8_from(args: &Args, source: &Source, precision: Precision) -> Result<Fp8Options, Failure> {
     let saved = match source {
         Source::File(p) => Weights::metadata(p).unwrap_or_default(),
         Source::Random(_) => Default::default(),
@@ -258,16 +262,14 @@ fn fp8_from(args: &Args, source: &Source) -> Result<Fp8Options, Failure> {
         Some(_) => Some(WeightScales::PerChannel),
         None => None,
     };
-    let keep: Vec<String> = saved
-        .get("fusec.keep")
-        .map(|k| {
-            k.split(',')
-                .filter(|c| !c.is_empty())
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default();
-    args.precision.fp8(&keep, scales)
+    // Saved weights say what they kept, even nothing (an empty list).
+    let keep: Option<Vec<String>> = saved.get("fusec.keep").map(|k| {
+        k.split(',')
+            .filter(|c| !c.is_empty())
+            .map(str::to_string)
+            .collect()
+    });
+    args.precision.fp8(keep.as_deref(), scales, precision)
 }
 
 fn run_session(
@@ -370,7 +372,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
     let builder = Builder {
         spec: &spec,
         rules: pipeline::rules(&args.fusion.rules)?,
-        fp8: fp8_from(&args, &source)?,
+        fp8: fp8_from(&args, &source, precision)?,
         fuse: !args.fusion.no_fuse,
     };
     let mut outputs = Outputs::new(args.force);

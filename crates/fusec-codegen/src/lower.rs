@@ -70,6 +70,17 @@ pub fn generate(graph: &Graph, shape: &DecodeShape, options: &Options) -> Result
         workspace: None,
     };
     for &id in &order {
+        if graph
+            .ty(id)
+            .tensors()
+            .iter()
+            .any(|t| t.dtype.is_int_codes())
+        {
+            return Err(l.unsupported(
+                id,
+                "integer weight codes (int8/int4) have no CUDA kernels yet; run them on the CPU",
+            ));
+        }
         l.node(id)?;
     }
     l.finish()

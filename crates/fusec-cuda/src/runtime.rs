@@ -12,7 +12,7 @@
 //! addresses: the arena's intermediates are offsets into one allocation.
 
 use fusec_ir::step;
-use fusec_ir::DType;
+use fusec_ir::{numerics, DType};
 use half::{bf16, f16};
 
 use fusec_codegen::plan::{Arg, BufferKind, ConstantInit, LaunchPlan, ViewInfo};
@@ -70,6 +70,15 @@ pub trait WeightSource {
 /// even, FP8 saturating to its largest finite value as CUDA's `__NV_SATFINITE` does.
 pub fn encode(dtype: DType, values: &[f32]) -> Vec<u8> {
     let mut out = Vec::with_capacity(values.len() * dtype.size_bytes() as usize);
+    if dtype == DType::I4 {
+        // Two codes a byte in GGUF's Q4_0 block order (`fusec_weights::tensor::i4_code`).
+        let nibble = |v: f32| (numerics::round_to(DType::I4, v) as i8 + 8) as u8;
+        for block in values.chunks(32) {
+            let at = |j: usize| block.get(j).copied().map_or(8, nibble);
+            out.extend((0..16).map(|j| at(j) | (at(j + 16) << 4)));
+        }
+        return out;
+    }
     for &v in values {
         match dtype {
             DType::F32 => out.extend_from_slice(&v.to_le_bytes()),
@@ -78,6 +87,8 @@ pub fn encode(dtype: DType, values: &[f32]) -> Vec<u8> {
             DType::Bf16 => out.extend_from_slice(&bf16::from_f32(v).to_le_bytes()),
             DType::Fp8E4M3 => out.push(float8::F8E4M3::from_f32(v).to_bits()),
             DType::Fp8E5M2 => out.push(float8::F8E5M2::from_f32(v).to_bits()),
+            DType::I8 => out.push(numerics::round_to(DType::I8, v) as i8 as u8),
+            DType::I4 => {}
         }
     }
     out
@@ -85,6 +96,12 @@ pub fn encode(dtype: DType, values: &[f32]) -> Vec<u8> {
 
 /// The values of `bytes` encoded as `dtype`.
 pub fn decode(dtype: DType, bytes: &[u8]) -> Vec<f32> {
+    if dtype == DType::I4 {
+        let codes = bytes.len() / 16 * 32;
+        return (0..codes)
+            .map(|i| f32::from(fusec_weights::tensor::i4_code(bytes, i)))
+            .collect();
+    }
     let n = dtype.size_bytes() as usize;
     bytes
         .chunks_exact(n)
@@ -95,6 +112,8 @@ pub fn decode(dtype: DType, bytes: &[u8]) -> Vec<f32> {
             DType::Bf16 => bf16::from_le_bytes([c[0], c[1]]).to_f32(),
             DType::Fp8E4M3 => float8::F8E4M3::from_bits(c[0]).to_f32(),
             DType::Fp8E5M2 => float8::F8E5M2::from_bits(c[0]).to_f32(),
+            DType::I8 => f32::from(c[0] as i8),
+            DType::I4 => 0.0,
         })
         .collect()
 }

@@ -41,15 +41,28 @@ pub(crate) fn pack(weights: &mut [&mut Tensor]) {
             |v| Buffer::U16(Arc::new(v)),
         );
     }
-    pack_format(
-        weights,
-        DType::Fp8E4M3,
-        |b| match b {
-            Buffer::U8(v) => Some(&v[..]),
-            _ => None,
-        },
-        |v| Buffer::U8(Arc::new(v)),
-    );
+    // `i8` codes too (one byte per element, as E4M3), and `i4` codes, two elements a
+    // byte: their views' offsets and lengths count elements, so they stay even.
+    for dtype in [DType::Fp8E4M3, DType::I8, DType::I4] {
+        pack_format(
+            weights,
+            dtype,
+            |b| match b {
+                Buffer::U8(v) => Some(&v[..]),
+                _ => None,
+            },
+            |v| Buffer::U8(Arc::new(v)),
+        );
+    }
+}
+
+/// Elements of `dtype` one stored value holds.
+fn per_value(dtype: DType) -> usize {
+    if dtype == DType::I4 {
+        2
+    } else {
+        1
+    }
 }
 
 /// Packs the tensors of `dtype` whose buffers `values` reads as `T`.
@@ -59,13 +72,19 @@ fn pack_format<T: Copy>(
     values: impl Fn(&Buffer) -> Option<&[T]>,
     wrap: impl Fn(Vec<T>) -> Buffer,
 ) {
+    let per = per_value(dtype);
     let alone = |t: &Tensor| {
         t.dtype() == dtype
             && t.is_contiguous()
             && t.offset() == 0
-            && values(t.buffer()).is_some_and(|v| v.len() == t.numel())
+            && t.numel().is_multiple_of(per)
+            && values(t.buffer()).is_some_and(|v| v.len() * per == t.numel())
     };
-    let total: usize = weights.iter().filter(|t| alone(t)).map(|t| t.numel()).sum();
+    let total: usize = weights
+        .iter()
+        .filter(|t| alone(t))
+        .map(|t| t.numel() / per)
+        .sum();
     if total * std::mem::size_of::<T>() < hugepages::HUGE_PAGE {
         return;
     }
@@ -81,13 +100,13 @@ fn pack_format<T: Copy>(
             ranges.push((i, start, arena.len()));
         }
     }
-    let Ok(shape) = Dims::from_slice(&[total]) else {
+    let Ok(shape) = Dims::from_slice(&[total * per]) else {
         return;
     };
     let whole = Tensor::contiguous(dtype, shape, wrap(arena));
     for (i, start, end) in ranges {
         let view = whole
-            .slice(0, start, end)
+            .slice(0, start * per, end * per)
             .and_then(|v| v.reshape(weights[i].shape()));
         // Slicing a 1-D buffer and reshaping the contiguous slice cannot fail; if it
         // did, the weight would simply stay in its own buffer.
@@ -132,5 +151,27 @@ mod tests {
         assert_eq!(small2.offset(), 2 * n);
         assert_eq!(b2.storage_len(), 2 * n + 3);
         assert_eq!(view2.offset(), view.offset());
+    }
+
+    /// Packed `i4` codes (two a byte) keep their values, with offsets in elements.
+    #[test]
+    fn packed_i4_codes_keep_their_values() {
+        let n = 1 << 22; // 2 MiB of bytes in each
+        let codes = |seed: u8| {
+            let bytes: Vec<u8> = (0..n / 2).map(|i| (i as u8).wrapping_mul(seed)).collect();
+            Tensor::contiguous(
+                DType::I4,
+                Dims::from_slice(&[n / 64, 64]).expect("dims"),
+                Buffer::U8(Arc::new(bytes)),
+            )
+        };
+        let (a, b) = (codes(3), codes(7));
+        let (mut a2, mut b2) = (a.clone(), b.clone());
+        pack(&mut [&mut a2, &mut b2]);
+        assert_eq!(b2.offset(), n, "offsets count elements");
+        for (before, after) in [(&a, &a2), (&b, &b2)] {
+            assert_eq!(before.shape(), after.shape());
+            assert_eq!(before.to_vec_f32(), after.to_vec_f32());
+        }
     }
 }

@@ -56,6 +56,14 @@ pub(crate) trait Pooled: Copy + Default + 'static {
 thread_local! {
     static F32: RefCell<Pool<f32>> = const { RefCell::new(Pool::new()) };
     static I32: RefCell<Pool<i32>> = const { RefCell::new(Pool::new()) };
+    static I8: RefCell<Pool<i8>> = const { RefCell::new(Pool::new()) };
+}
+
+/// The 8-bit codes of activations quantized for integer weights.
+impl Pooled for i8 {
+    fn pool() -> &'static LocalKey<RefCell<Pool<i8>>> {
+        &I8
+    }
 }
 
 impl Pooled for f32 {

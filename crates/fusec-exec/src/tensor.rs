@@ -141,7 +141,9 @@ impl Tensor {
     /// This tensor's values as a weight: its buffer shared when the tensor is the
     /// whole of a dense buffer, else a copy of its values; an error for `i32` values.
     pub fn to_weight(&self) -> Result<WeightTensor, TensorError> {
-        let whole = self.is_contiguous() && self.offset == 0 && self.storage_len() == self.numel();
+        let whole = self.is_contiguous()
+            && self.offset == 0
+            && self.storage_len() == fusec_weights::tensor::stored_len(self.dtype, self.numel());
         let storage = match &self.buffer {
             Buffer::F32(b) if whole => Storage::F32(Arc::clone(b)),
             Buffer::U16(b) if whole => Storage::U16(Arc::clone(b)),
@@ -202,9 +204,13 @@ impl Tensor {
     }
 
     /// A contiguous tensor over `buffer`, whose length must be the shape's element
-    /// count and whose kind must match `dtype` (kernels uphold both).
+    /// count (half of it for packed `i4` codes) and whose kind must match `dtype`
+    /// (kernels uphold both).
     pub(crate) fn contiguous(dtype: DType, shape: Dims, buffer: Buffer) -> Tensor {
-        debug_assert_eq!(shape.iter().product::<usize>(), buffer.len());
+        debug_assert_eq!(
+            fusec_weights::tensor::stored_len(dtype, shape.iter().product::<usize>()),
+            buffer.len()
+        );
         debug_assert_eq!(dtype == DType::I32, matches!(buffer, Buffer::I32(_)));
         Tensor {
             dtype,
@@ -363,6 +369,18 @@ impl Tensor {
                     .map(|v| rounding::from_u16_bits(dt, v))
                     .collect(),
             ),
+            // Integer codes, bound whole and contiguous (as the loaders bind them).
+            Buffer::U8(b) if dt == DType::I8 => Some(
+                gather(b, &self.shape, &self.strides, self.offset)
+                    .into_iter()
+                    .map(|c| f32::from(c as i8))
+                    .collect(),
+            ),
+            Buffer::U8(b) if dt == DType::I4 => Some(
+                (0..self.numel())
+                    .map(|i| f32::from(fusec_weights::tensor::i4_code(b, self.offset + i)))
+                    .collect(),
+            ),
             Buffer::U8(b) => Some(
                 gather(b, &self.shape, &self.strides, self.offset)
                     .into_iter()
@@ -375,7 +393,7 @@ impl Tensor {
 
     /// Bytes of the logical value at its IR dtype.
     pub fn bytes(&self) -> u64 {
-        self.numel() as u64 * self.dtype.size_bytes()
+        self.dtype.bytes_for(self.numel() as u64)
     }
 
     /// Bytes a kernel reads when it reads this tensor once: the smaller of the view's
@@ -390,8 +408,12 @@ impl Tensor {
             .filter(|(_, &stride)| stride != 0)
             .map(|(&d, _)| d)
             .product();
-        let elements = self.numel().min(self.storage_len()).min(addressed);
-        elements as u64 * self.dtype.size_bytes()
+        let stored = match self.dtype {
+            DType::I4 => self.storage_len().saturating_mul(2),
+            _ => self.storage_len(),
+        };
+        let elements = self.numel().min(stored).min(addressed);
+        self.dtype.bytes_for(elements as u64)
     }
 
     /// Whether the elements lie row-major and dense from the offset on; size-1

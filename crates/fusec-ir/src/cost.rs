@@ -400,7 +400,7 @@ pub fn graph_cost(graph: &Graph, b: &Bindings) -> Result<GraphCost, UnboundSymbo
 pub fn math_dtype(graph: &Graph, id: NodeId) -> crate::DType {
     for o in graph.operands(id) {
         if let Op::Dequant { act, .. } = graph.op(o) {
-            if act.is_fp8() {
+            if act.is_fp8() || act.is_int_codes() {
                 return *act;
             }
         }

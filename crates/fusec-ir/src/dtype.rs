@@ -6,8 +6,12 @@ use std::str::FromStr;
 /// The element type of a tensor value.
 ///
 /// The set is closed: it is what a Llama decode step needs in full precision (`f32`),
-/// in the half formats (`f16`, `bf16`), in the two OCP FP8 formats, and `i32` for token
-/// ids and positions.
+/// in the half formats (`f16`, `bf16`), in the two OCP FP8 formats, `i32` for token
+/// ids and positions, and the integer codes of block-quantized weights: `i8` (the
+/// values of llama.cpp's Q8_0 blocks) and `i4` (4-bit codes `n - 8` for a nibble `n`,
+/// Q4_0's). Integer codes are only ever the values operand of a `dequant`, whose
+/// scales (one `f16` per block of 32 along the input dimension) say what they stand
+/// for.
 #[derive(
     Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
 )]
@@ -19,26 +23,42 @@ pub enum DType {
     Fp8E4M3,
     Fp8E5M2,
     I32,
+    I8,
+    I4,
 }
 
 impl DType {
     /// Every dtype, in a fixed order (used by parsers and tests).
-    pub const ALL: [DType; 6] = [
+    pub const ALL: [DType; 8] = [
         DType::F32,
         DType::F16,
         DType::Bf16,
         DType::Fp8E4M3,
         DType::Fp8E5M2,
         DType::I32,
+        DType::I8,
+        DType::I4,
     ];
 
-    /// Bytes per element.
-    pub const fn size_bytes(self) -> u64 {
+    /// Bits per element.
+    pub const fn size_bits(self) -> u64 {
         match self {
-            DType::F32 | DType::I32 => 4,
-            DType::F16 | DType::Bf16 => 2,
-            DType::Fp8E4M3 | DType::Fp8E5M2 => 1,
+            DType::F32 | DType::I32 => 32,
+            DType::F16 | DType::Bf16 => 16,
+            DType::Fp8E4M3 | DType::Fp8E5M2 | DType::I8 => 8,
+            DType::I4 => 4,
         }
+    }
+
+    /// Bytes per element, rounded up to a whole byte (`i4` packs two elements in one:
+    /// count the bytes of several elements with [`DType::bytes_for`]).
+    pub const fn size_bytes(self) -> u64 {
+        self.size_bits().div_ceil(8)
+    }
+
+    /// Bytes `n` elements occupy, packed (`i4` two to a byte), saturating.
+    pub const fn bytes_for(self, n: u64) -> u64 {
+        n.saturating_mul(self.size_bits()).div_ceil(8)
     }
 
     /// The canonical name used in the text IR and in configuration files.
@@ -50,11 +70,18 @@ impl DType {
             DType::Fp8E4M3 => "fp8e4m3",
             DType::Fp8E5M2 => "fp8e5m2",
             DType::I32 => "i32",
+            DType::I8 => "i8",
+            DType::I4 => "i4",
         }
     }
 
     pub const fn is_float(self) -> bool {
-        !matches!(self, DType::I32)
+        !matches!(self, DType::I32 | DType::I8 | DType::I4)
+    }
+
+    /// Whether this is the dtype of the integer codes of a block-quantized weight.
+    pub const fn is_int_codes(self) -> bool {
+        matches!(self, DType::I8 | DType::I4)
     }
 
     pub const fn is_fp8(self) -> bool {
@@ -70,7 +97,7 @@ impl fmt::Display for DType {
 
 /// The error for a dtype name that is not one of [`DType::ALL`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown dtype `{0}` (expected one of f32, f16, bf16, fp8e4m3, fp8e5m2, i32)")]
+#[error("unknown dtype `{0}` (expected one of f32, f16, bf16, fp8e4m3, fp8e5m2, i32, i8, i4)")]
 pub struct UnknownDType(pub String);
 
 impl FromStr for DType {
@@ -102,5 +129,9 @@ mod tests {
         assert_eq!(DType::Bf16.size_bytes(), 2);
         assert_eq!(DType::Fp8E4M3.size_bytes(), 1);
         assert_eq!(DType::I32.size_bytes(), 4);
+        assert_eq!(DType::I8.bytes_for(32), 32);
+        assert_eq!(DType::I4.bytes_for(32), 16);
+        assert_eq!(DType::I4.bytes_for(3), 2);
+        assert!(!DType::I4.is_float() && DType::I4.is_int_codes());
     }
 }

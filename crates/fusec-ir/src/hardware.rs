@@ -77,7 +77,10 @@ impl GpuSpec {
     pub fn peak_tflops(&self, dtype: DType) -> f64 {
         match dtype {
             DType::F16 | DType::Bf16 => self.bf16_tflops,
-            DType::Fp8E4M3 | DType::Fp8E5M2 => self.fp8_tflops.unwrap_or(self.bf16_tflops),
+            // Integer tensor-core math runs at the FP8 rate on the GPUs of the table.
+            DType::Fp8E4M3 | DType::Fp8E5M2 | DType::I8 | DType::I4 => {
+                self.fp8_tflops.unwrap_or(self.bf16_tflops)
+            }
             DType::F32 | DType::I32 => self.f32_tflops,
         }
     }

@@ -24,10 +24,7 @@ impl TensorType {
 
     /// Bytes the tensor occupies under `bindings`.
     pub fn bytes(&self, bindings: &Bindings) -> Result<u64, UnboundSymbol> {
-        Ok(self
-            .shape
-            .numel(bindings)?
-            .saturating_mul(self.dtype.size_bytes()))
+        Ok(self.dtype.bytes_for(self.shape.numel(bindings)?))
     }
 
     /// The bytes one step writes into a cache of this type, grown from `past`: the

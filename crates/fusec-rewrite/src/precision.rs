@@ -21,8 +21,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::str::FromStr;
 
-use fusec_ir::op::{Execution, TypeError};
-use fusec_ir::{DType, FusedOp, Graph, NodeId, Op, Shape, TensorType, Type, WeightRole};
+use fusec_ir::op::{Execution, TypeError, INT_BLOCK};
+use fusec_ir::{DType, Dim, FusedOp, Graph, NodeId, Op, Shape, TensorType, Type, WeightRole};
 
 /// Groups of GEMVs (and the KV cache) that can be kept at the higher precision.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -92,6 +92,12 @@ pub enum PrecisionError {
     Type(#[from] TypeError),
     #[error("decode attention reads a cache that is not a state input")]
     CacheNotState,
+    #[error("weight `{weight}` {shape} cannot be {format:?}: its input dimension must be a multiple of 32 (one scale per block of 32)")]
+    NotBlocks {
+        weight: String,
+        shape: String,
+        format: IntFormat,
+    },
 }
 
 /// Scale granularity of quantized weights.
@@ -112,7 +118,7 @@ pub struct Fp8Options {
 
 /// The suffixes of derived weight names (defined with the decode-step interface, which
 /// the weights that derive them read too).
-pub use fusec_ir::step::{FP8_SUFFIX, SCALE_SUFFIX};
+pub use fusec_ir::step::{FP8_SUFFIX, Q4_0_SUFFIX, Q8_0_SUFFIX, SCALE_SUFFIX};
 
 /// The op class of a weight in role `role` when a GEMV multiplies by it; `None` for
 /// roles that are never GEMV weights.
@@ -163,16 +169,29 @@ fn weight(
     graph.add_leaf(Op::Weight { name }, TensorType::new(dtype, shape))
 }
 
-/// Lowers the GEMV weights and the KV cache of a fused graph to FP8 E4M3.
-pub fn lower_fp8(fused: &Graph, opts: &Fp8Options) -> Result<Graph, PrecisionError> {
-    let mut g = fused.clone();
+/// What one GEMV weight becomes: the dtype and name suffix of its stored values, the
+/// shape of its scales, and the GEMV's activation recipe.
+struct Lowered {
+    suffix: &'static str,
+    values: DType,
+    scale: TensorType,
+    act: DType,
+}
+
+/// Replaces every GEMV weight of a class not in `keep` by a `dequant` of the stored
+/// values and scales `lower` says, once per weight however many GEMVs read it.
+fn lower_gemv_weights(
+    g: &mut Graph,
+    keep: &BTreeSet<OpClass>,
+    lower: impl Fn(&str, &TensorType) -> Result<Lowered, PrecisionError>,
+) -> Result<(), PrecisionError> {
     let mut quantized: HashMap<NodeId, NodeId> = HashMap::new();
     let nodes: Vec<NodeId> = g.node_ids().collect();
     for id in nodes {
-        let Some(class) = classify(&g, id) else {
+        let Some(class) = classify(g, id) else {
             continue;
         };
-        if opts.keep.contains(&class) {
+        if keep.contains(&class) {
             continue;
         }
         let operands = g.operands(id);
@@ -191,26 +210,23 @@ pub fn lower_fp8(fused: &Graph, opts: &Fp8Options) -> Result<Graph, PrecisionErr
             let deq = match quantized.get(&w) {
                 Some(&d) => d,
                 None => {
-                    let q_name = format!("{name}{FP8_SUFFIX}");
+                    let how = lower(&name, &t)?;
+                    let q_name = format!("{name}{}", how.suffix);
                     if let Some(role) = g.weight_role(&name) {
                         g.set_weight_role(q_name.clone(), role);
                     }
                     g.set_weight_role(format!("{name}{SCALE_SUFFIX}"), WeightRole::Scale);
-                    let q = weight(&mut g, q_name, DType::Fp8E4M3, t.shape.clone())?;
-                    let scale_shape = match opts.granularity {
-                        Granularity::PerChannel => Shape(vec![t.shape.dim(0).clone()]),
-                        Granularity::PerTensor => Shape::scalar(),
-                    };
+                    let q = weight(g, q_name, how.values, t.shape.clone())?;
                     let s = weight(
-                        &mut g,
+                        g,
                         format!("{name}{SCALE_SUFFIX}"),
-                        DType::F32,
-                        scale_shape,
+                        how.scale.dtype,
+                        how.scale.shape,
                     )?;
                     let d = g.add(
                         Op::Dequant {
                             to: t.dtype,
-                            act: DType::Fp8E4M3,
+                            act: how.act,
                         },
                         &[q, s],
                     )?;
@@ -225,6 +241,93 @@ pub fn lower_fp8(fused: &Graph, opts: &Fp8Options) -> Result<Graph, PrecisionErr
             g.set_operand(id, slot, deq);
         }
     }
+    Ok(())
+}
+
+/// An integer weight format: codes and one `f16` scale per block of 32 inputs.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum IntFormat {
+    /// 8-bit codes, llama.cpp's Q8_0.
+    Q8_0,
+    /// 4-bit codes, llama.cpp's Q4_0.
+    Q4_0,
+}
+
+impl IntFormat {
+    /// The dtype of the codes.
+    pub fn codes(self) -> DType {
+        match self {
+            IntFormat::Q8_0 => DType::I8,
+            IntFormat::Q4_0 => DType::I4,
+        }
+    }
+
+    /// The suffix of the codes' weight name.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            IntFormat::Q8_0 => Q8_0_SUFFIX,
+            IntFormat::Q4_0 => Q4_0_SUFFIX,
+        }
+    }
+}
+
+/// Lowers the GEMV weights of a fused graph to integer codes with one `f16` scale per
+/// block of 32 inputs (`dequant{act=i8}`: the GEMVs quantize their activations to
+/// 8-bit blocks as llama.cpp does). The KV cache stays at the graph's precision.
+/// Every quantized weight's input dimension must be a multiple of 32.
+pub fn lower_int(
+    fused: &Graph,
+    format: IntFormat,
+    keep: &BTreeSet<OpClass>,
+) -> Result<Graph, PrecisionError> {
+    let mut g = fused.clone();
+    lower_gemv_weights(&mut g, keep, |name, t| {
+        let ins = t
+            .shape
+            .dim(1)
+            .as_fixed()
+            .filter(|i| i.is_multiple_of(INT_BLOCK));
+        let Some(ins) = ins else {
+            return Err(PrecisionError::NotBlocks {
+                weight: name.to_string(),
+                shape: t.shape.to_string(),
+                format,
+            });
+        };
+        Ok(Lowered {
+            suffix: format.suffix(),
+            values: format.codes(),
+            scale: TensorType::new(
+                DType::F16,
+                Shape(vec![t.shape.dim(0).clone(), Dim::Fixed(ins / INT_BLOCK)]),
+            ),
+            act: DType::I8,
+        })
+    })?;
+    g.reinfer_types()?;
+    let name = match format {
+        IntFormat::Q8_0 => "int8",
+        IntFormat::Q4_0 => "int4",
+    };
+    g.attrs.insert("precision".into(), name.into());
+    Ok(g.reordered())
+}
+
+/// Lowers the GEMV weights and the KV cache of a fused graph to FP8 E4M3.
+pub fn lower_fp8(fused: &Graph, opts: &Fp8Options) -> Result<Graph, PrecisionError> {
+    let mut g = fused.clone();
+    lower_gemv_weights(&mut g, &opts.keep, |_, t| {
+        let scale_shape = match opts.granularity {
+            Granularity::PerChannel => Shape(vec![t.shape.dim(0).clone()]),
+            Granularity::PerTensor => Shape::scalar(),
+        };
+        Ok(Lowered {
+            suffix: FP8_SUFFIX,
+            values: DType::Fp8E4M3,
+            scale: TensorType::new(DType::F32, scale_shape),
+            act: DType::Fp8E4M3,
+        })
+    })?;
     if !opts.keep.contains(&OpClass::KvCache) {
         let attentions: Vec<NodeId> = g
             .node_ids()

@@ -10,15 +10,25 @@
 //! .swapaxes(1, 2)`), with `n_head` the query heads for `q_proj` and the KV heads for
 //! `k_proj`; transformers undoes it the same way (`TensorProcessor` for llama in
 //! `modeling_gguf_pytorch_utils.py`).
+//!
+//! **Native blocks.** A graph lowered to integer codes (`--precision int8|int4`) names
+//! `W.q8_0` / `W.q4_0` and `W.scale` for a GEMV weight `W`. When the file holds `W` in
+//! that very format (Q8_0 for `i8`, Q4_0 for `i4`), its blocks are split into the codes
+//! and the `f16` scales as they are: no dequantized copy is made and nothing is
+//! quantized again, so the bytes a step streams are the file's. Any other tensor type
+//! is dequantized and quantized to the format as for a float checkpoint.
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
-use fusec_gguf::GgufFile;
-use fusec_ir::Graph;
+use fusec_gguf::{GgmlType, GgufFile};
+use fusec_ir::{DType, Graph};
 
 use crate::checked::{insert_checked, wanted_weights};
 use crate::error::Error;
-use crate::quant::{self, KvScales};
+use crate::quant::{self, Derived, KvScales};
+use crate::tensor::{Storage, WeightTensor, I4_BLOCK};
 use crate::weights::{fixed_shape, WeightSource, Weights};
 
 /// Whether `path` names a GGUF file (by its extension, as llama.cpp's tools do).
@@ -65,7 +75,12 @@ pub enum Permuted {
 
 /// Undoes `LlamaModel.permute` on a `[rows, cols]` matrix of `heads` heads: the GGUF
 /// row `h * d + 2 * i + j` is the Hugging Face row `h * d + j * d / 2 + i`.
-pub fn unpermute_rows(values: &[f32], rows: usize, cols: usize, heads: usize) -> Option<Vec<f32>> {
+pub fn unpermute_rows<T: Copy + Default>(
+    values: &[T],
+    rows: usize,
+    cols: usize,
+    heads: usize,
+) -> Option<Vec<T>> {
     if heads == 0
         || !rows.is_multiple_of(heads)
         || !(rows / heads).is_multiple_of(2)
@@ -75,7 +90,7 @@ pub fn unpermute_rows(values: &[f32], rows: usize, cols: usize, heads: usize) ->
     }
     let d = rows / heads;
     let half = d / 2;
-    let mut out = vec![0.0f32; values.len()];
+    let mut out = vec![T::default(); values.len()];
     for h in 0..heads {
         for i in 0..half {
             for j in 0..2 {
@@ -144,10 +159,50 @@ pub fn load(path: &Path, graph: &Graph) -> Result<Weights, Error> {
                 message: format!("metadata key `{full}` is missing; it is needed to undo the q/k row permutation"),
             })
     };
-    let present = |name: &str| gguf_name(name).is_some_and(|(g, _)| file.tensor(&g).is_some());
+    // The derived integer weights whose bases the file holds in their format.
+    let mut native: HashMap<String, (String, String, DType)> = HashMap::new();
+    for d in quant::derived_weights(graph)?.into_values() {
+        if let Derived::Gemv {
+            base,
+            values,
+            scale,
+            format,
+            ..
+        } = d
+        {
+            let ty = match format {
+                DType::I8 => GgmlType::Q8_0,
+                DType::I4 => GgmlType::Q4_0,
+                _ => continue,
+            };
+            let held = gguf_name(&base)
+                .and_then(|(g, _)| file.tensor(&g))
+                .is_some_and(|t| t.ty == ty);
+            if held {
+                native.insert(values.clone(), (base.clone(), scale.clone(), format));
+                native.insert(scale, (base, values, format));
+            }
+        }
+    }
+    let present = |name: &str| {
+        native.contains_key(name) || gguf_name(name).is_some_and(|(g, _)| file.tensor(&g).is_some())
+    };
     let (wanted, derives) = wanted_weights(graph, present)?;
     let mut weights = Weights::new(WeightSource::File(path.to_path_buf()));
     for (name, ty) in &wanted {
+        if let Some((base, other, format)) = native.get(name) {
+            if weights.get(name).is_none() {
+                let (codes, scales) = native_blocks(&file, base, *format, &heads)?;
+                let (values, scale) = match codes.dtype() == ty.dtype {
+                    true => (name, other),
+                    false => (other, name),
+                };
+                let source = WeightSource::File(path.to_path_buf());
+                weights.insert(values.clone(), codes, source.clone());
+                weights.insert(scale.clone(), scales, source);
+            }
+            continue;
+        }
         let Some((gguf, permuted)) = gguf_name(name) else {
             return Err(Error::MissingWeight {
                 tensor: format!("{name} (no GGUF tensor corresponds to it)"),
@@ -190,6 +245,92 @@ pub fn load(path: &Path, graph: &Graph) -> Result<Weights, Error> {
         weights = quant::lower_weights(&weights, graph, &KvScales::new())?;
     }
     Ok(weights)
+}
+
+/// The codes and `f16` scales of the Q8_0 or Q4_0 tensor holding the Hugging Face
+/// weight `base`, split from its blocks (`block_q8_0`, `block_q4_0` in ggml-common.h:
+/// an `f16` scale, then 32 one-byte or 16 two-nibble codes) with the converter's q/k
+/// row permutation undone (a block never spans two rows).
+fn native_blocks(
+    file: &GgufFile,
+    base: &str,
+    format: DType,
+    heads: &dyn Fn(&str) -> Result<usize, Error>,
+) -> Result<(WeightTensor, WeightTensor), Error> {
+    let path = file.path().to_path_buf();
+    let (gguf, permuted) = gguf_name(base).ok_or_else(|| Error::MissingWeight {
+        tensor: base.to_string(),
+        file: path.clone(),
+    })?;
+    let info = file.tensor(&gguf).ok_or_else(|| Error::MissingWeight {
+        tensor: gguf.clone(),
+        file: path.clone(),
+    })?;
+    let corrupt = |message: String| Error::Corrupt {
+        tensor: gguf.clone(),
+        file: path.clone(),
+        message,
+    };
+    let shape = info.shape();
+    let [rows, cols] = shape[..] else {
+        return Err(corrupt(format!(
+            "a GEMV weight must be a matrix, got {shape:?}"
+        )));
+    };
+    if !cols.is_multiple_of(I4_BLOCK) {
+        return Err(corrupt(format!(
+            "{cols} columns are not whole blocks of {I4_BLOCK}"
+        )));
+    }
+    let per = match format {
+        DType::I8 => I4_BLOCK,
+        _ => I4_BLOCK / 2,
+    };
+    let bytes = file.bytes(info);
+    let blocks = rows * cols / I4_BLOCK;
+    if bytes.len() != blocks * (per + 2) {
+        return Err(corrupt(format!(
+            "{} bytes are not {blocks} blocks of {}",
+            bytes.len(),
+            per + 2
+        )));
+    }
+    let mut codes = Vec::with_capacity(blocks * per);
+    let mut scales = Vec::with_capacity(blocks);
+    for (k, block) in bytes.chunks_exact(per + 2).enumerate() {
+        let d = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
+        if !d.is_finite() {
+            return Err(Error::NonFinite {
+                tensor: gguf.clone(),
+                file: path.clone(),
+                index: k * I4_BLOCK,
+                value: d,
+            });
+        }
+        scales.push(d);
+        codes.extend_from_slice(&block[2..]);
+    }
+    if let Some(p) = permuted {
+        let n = match p {
+            Permuted::QueryHeads => heads("attention.head_count")?,
+            Permuted::KvHeads => match heads("attention.head_count_kv") {
+                Ok(n) => n,
+                Err(_) => heads("attention.head_count")?,
+            },
+        };
+        let split = || {
+            corrupt(format!(
+                "{rows} rows do not split into {n} heads of two RoPE halves"
+            ))
+        };
+        codes = unpermute_rows(&codes, rows, cols / I4_BLOCK * per, n).ok_or_else(split)?;
+        scales = unpermute_rows(&scales, rows, cols / I4_BLOCK, n).ok_or_else(split)?;
+    }
+    let codes = WeightTensor::from_storage(format, &[rows, cols], Storage::U8(Arc::new(codes)))
+        .map_err(|e| corrupt(e.to_string()))?;
+    let scales = WeightTensor::from_f32(DType::F16, &[rows, cols / I4_BLOCK], scales)
+        .map_err(|e| corrupt(e.to_string()))?;
+    Ok((codes, scales))
 }
 
 #[cfg(test)]

@@ -10,6 +10,10 @@
 //!   tensor for an `f32[]` scale) `s = absmax / 448` (`numerics::scale_for`; 1 for an
 //!   all-zero row) and `q = e4m3(w / s)`, IEEE division then round to nearest even with
 //!   saturation, exactly as a CUDA kernel converting with `__NV_SATFINITE` would.
+//! - `W.q8_0 : i8[o, i]` or `W.q4_0 : i4[o, i]` with `W.scale : f16[o, i / 32]`: the
+//!   integer lowering's blocks of 32 along the input dimension, made exactly as
+//!   llama.cpp's `quantize_row_q8_0_ref` and `quantize_row_q4_0_ref` (ggml-quants.c)
+//!   make GGUF's Q8_0 and Q4_0 blocks (see [`quantize_blocks`]).
 //! - `past.L.key.scale` and `past.L.value.scale : f32[]`, the static scales of an FP8
 //!   KV cache (operands 9 and 10 of `fused.decode_attention`). They depend on the
 //!   activations, not on the weights, so a run calibrates them (`fusec_exec::calibrate`)
@@ -20,12 +24,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use fusec_ir::step::FP8_SUFFIX;
+use std::sync::Arc;
+
+use fusec_ir::step::{FP8_SUFFIX, Q4_0_SUFFIX, Q8_0_SUFFIX};
 use fusec_ir::{numerics, DType, Graph, InputKind, NodeId, Op, OperandRole, TensorType};
 
 use crate::error::Error;
 use crate::rounding;
-use crate::tensor::WeightTensor;
+use crate::tensor::{Storage, WeightTensor, I4_BLOCK};
 use crate::weights::{fixed_shape, WeightSource, Weights};
 
 /// How a weight of a lowered graph is made when no checkpoint holds it.
@@ -66,7 +72,11 @@ pub fn derived_weights(graph: &Graph) -> Result<HashMap<String, Derived>, Error>
                 ) else {
                     continue;
                 };
-                let Some(base) = values.strip_suffix(FP8_SUFFIX).map(str::to_string) else {
+                let Some(base) = [FP8_SUFFIX, Q8_0_SUFFIX, Q4_0_SUFFIX]
+                    .iter()
+                    .find_map(|suffix| values.strip_suffix(suffix))
+                    .map(str::to_string)
+                else {
                     continue;
                 };
                 let (Some(q), Some(s)) = (
@@ -131,8 +141,11 @@ pub fn quantize(
         return Err(bad(format!("needs a matrix, got {:?}", w.shape())));
     };
     let (o, i) = (*o, *i);
+    if format.is_int_codes() {
+        return quantize_blocks(w, format);
+    }
     if !format.is_fp8() {
-        return Err(bad(format!("{format} is not an FP8 format")));
+        return Err(bad(format!("{format} is not an FP8 or integer format")));
     }
     let values = w.to_vec_f32();
     let absmax = |xs: &[f32]| xs.iter().fold(0.0f32, |m, v| m.max(v.abs()));
@@ -167,6 +180,87 @@ pub fn quantize(
     let q = WeightTensor::from_f32(format, &[o, i], q).map_err(|e| bad(e.to_string()))?;
     let s =
         WeightTensor::from_f32(DType::F32, scale_shape, scales).map_err(|e| bad(e.to_string()))?;
+    Ok((q, s))
+}
+
+/// One block of 32 values quantized to Q8_0 as `quantize_row_q8_0_ref` does
+/// (ggml-quants.c): `d = absmax / 127`, codes `roundf(x / d)` computed as `x * (1 / d)`
+/// (`roundf` rounds half away from zero), and the scale stored as `f16`. Returns the
+/// `f16` scale and fills `codes`.
+pub fn q8_0_block(x: &[f32], codes: &mut [i8]) -> half::f16 {
+    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    for (q, &v) in codes.iter_mut().zip(x) {
+        // In [-127, 127] (NaN, which a checked weight never holds, becomes 0).
+        *q = (v * id).round() as i8;
+    }
+    half::f16::from_f32(d)
+}
+
+/// One block of 32 values quantized to Q4_0 as `quantize_row_q4_0_ref` does
+/// (ggml-quants.c): the value of largest magnitude `max` (the first one on ties) gives
+/// `d = max / -8`, each nibble is `min(15, trunc(x / d + 8.5))` computed as
+/// `x * (1 / d)`, value `j` in the low nibble of byte `j` and value `j + 16` in its high
+/// nibble, and the scale is stored as `f16`. Returns the `f16` scale and fills the 16
+/// bytes of `packed`.
+pub fn q4_0_block(x: &[f32], packed: &mut [u8]) -> half::f16 {
+    let (mut amax, mut max) = (0.0f32, 0.0f32);
+    for &v in x {
+        if amax < v.abs() {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    let d = max / -8.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let nibble = |v: f32| ((v * id + 8.5) as i8).clamp(0, 15) as u8;
+    for (j, byte) in packed.iter_mut().enumerate().take(16) {
+        *byte = nibble(x[j]) | (nibble(x[j + 16]) << 4);
+    }
+    half::f16::from_f32(d)
+}
+
+/// Quantizes `w [out, in]` to integer codes (`i8`: Q8_0, `i4`: Q4_0) with one `f16`
+/// scale per block of 32 along `in` ([`q8_0_block`], [`q4_0_block`]): returns the
+/// codes and the scales `f16 [out, in / 32]`. `in` must be a multiple of 32.
+pub fn quantize_blocks(
+    w: &WeightTensor,
+    format: DType,
+) -> Result<(WeightTensor, WeightTensor), Error> {
+    let bad = |message: String| Error::InvalidGraph(format!("quantize: {message}"));
+    let [o, i] = *w.shape() else {
+        return Err(bad(format!("needs a matrix, got {:?}", w.shape())));
+    };
+    if !i.is_multiple_of(I4_BLOCK) {
+        return Err(bad(format!(
+            "{format} blocks need an input dimension that is a multiple of {I4_BLOCK}, got {i}"
+        )));
+    }
+    let values = w.to_vec_f32();
+    let blocks = o * i / I4_BLOCK;
+    let mut scales = Vec::with_capacity(blocks);
+    let bytes = match format {
+        DType::I8 => {
+            let mut codes = vec![0i8; o * i];
+            for (x, q) in values.chunks(I4_BLOCK).zip(codes.chunks_mut(I4_BLOCK)) {
+                scales.push(q8_0_block(x, q).to_f32());
+            }
+            codes.into_iter().map(|c| c as u8).collect()
+        }
+        DType::I4 => {
+            let mut packed = vec![0u8; o * i / 2];
+            for (x, q) in values.chunks(I4_BLOCK).zip(packed.chunks_mut(I4_BLOCK / 2)) {
+                scales.push(q4_0_block(x, q).to_f32());
+            }
+            packed
+        }
+        other => return Err(bad(format!("{other} is not an integer code format"))),
+    };
+    let q = WeightTensor::from_storage(format, &[o, i], Storage::U8(Arc::new(bytes)))
+        .map_err(|e| bad(e.to_string()))?;
+    let s = WeightTensor::from_f32(DType::F16, &[o, i / I4_BLOCK], scales)
+        .map_err(|e| bad(e.to_string()))?;
     Ok((q, s))
 }
 
@@ -296,5 +390,49 @@ mod tests {
         // 0.1 / (3 / 448) = 14.93..., between the E4M3 values 14 and 15: nearest is 15.
         assert_eq!(q.to_vec_f32()[0], 15.0);
         assert!(quantize(&w, DType::Bf16, true).is_err());
+    }
+
+    /// The blocks follow ggml's reference quantizers: checked against GGUF's own
+    /// dequantization (fusec-gguf, bit-exact with gguf-py) of the same bytes laid out
+    /// as Q8_0 and Q4_0 blocks.
+    #[test]
+    fn blocks_dequantize_as_gguf_does() {
+        let mut rng = crate::SplitMix64::new(3);
+        let (o, i) = (3, 64);
+        let w: Vec<f32> = (0..o * i).map(|_| rng.normal() as f32).collect();
+        let w = WeightTensor::from_f32(DType::F32, &[o, i], w).expect("sizes");
+        for (format, ty, block_bytes) in [
+            (DType::I8, fusec_gguf::GgmlType::Q8_0, 34),
+            (DType::I4, fusec_gguf::GgmlType::Q4_0, 18),
+        ] {
+            let (q, s) = quantize(&w, format, true).expect("quantizes");
+            assert_eq!(q.shape(), &[o, i]);
+            assert_eq!(s.shape(), &[o, i / 32]);
+            let Storage::U8(codes) = q.storage() else {
+                panic!("codes are bytes")
+            };
+            let per = block_bytes - 2;
+            let mut gguf = Vec::new();
+            for (b, d) in s.to_vec_f32().iter().enumerate() {
+                gguf.extend(half::f16::from_f32(*d).to_le_bytes());
+                gguf.extend(&codes[b * per..(b + 1) * per]);
+            }
+            let mut want = vec![0.0f32; o * i];
+            fusec_gguf::dequant::dequantize(ty, &gguf, &mut want);
+            let (qv, sv) = (q.to_vec_f32(), s.to_vec_f32());
+            let got: Vec<f32> = qv.iter().enumerate().map(|(k, c)| c * sv[k / 32]).collect();
+            assert_eq!(got, want, "{format}");
+            // The error is at most half a step of each block's scale (a full step for
+            // Q4_0's clamped top code).
+            for (k, (&a, &b)) in w.to_vec_f32().iter().zip(&got).enumerate() {
+                assert!(
+                    (a - b).abs() <= sv[k / 32].abs() * 1.01,
+                    "{format} {k}: {a} {b}"
+                );
+            }
+        }
+        let odd = WeightTensor::from_f32(DType::F32, &[1, 40], vec![0.5; 40]).expect("sizes");
+        let err = quantize(&odd, DType::I8, true).unwrap_err().to_string();
+        assert!(err.contains("multiple of 32"), "{err}");
     }
 }

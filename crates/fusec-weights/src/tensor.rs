@@ -3,7 +3,9 @@
 //!
 //! Float weights are held as `f32` values already rounded to their dtype (what
 //! `torch_dtype` gives when a checkpoint loads), or compactly in the bits of their
-//! dtype: `u16` for `f16` and `bf16`, `u8` for FP8 E4M3. The buffer is an
+//! dtype: `u16` for `f16` and `bf16`, `u8` for FP8 E4M3 and for the integer codes of
+//! block-quantized weights (`i8` one per byte; `i4` two per byte in GGUF's Q4_0 order,
+//! see [`i4_code`]). The buffer is an
 //! `Arc<Vec<_>>` so that the executor binds a weight into its own tensors by sharing
 //! it, without a copy.
 
@@ -22,7 +24,7 @@ pub enum Storage {
     F32(Arc<Vec<f32>>),
     /// The bits of `f16` or `bf16` values (which one is the tensor's dtype).
     U16(Arc<Vec<u16>>),
-    /// FP8 E4M3 codes.
+    /// FP8 E4M3 codes, `i8` codes (two's complement) or packed `i4` codes.
     U8(Arc<Vec<u8>>),
 }
 
@@ -47,6 +49,30 @@ pub struct WeightTensor {
     dtype: DType,
     shape: Vec<usize>,
     storage: Storage,
+}
+
+/// Elements of `dtype` along one block of packed `i4` codes.
+pub const I4_BLOCK: usize = 32;
+
+/// The `i4` code at index `i` of a packed buffer, in GGUF's Q4_0 block order
+/// (`dequantize_row_q4_0` in ggml-quants.c): in each block of 32 elements, byte `j`
+/// holds element `j` in its low nibble and element `j + 16` in its high one, and a
+/// nibble `n` is the code `n - 8`.
+#[inline]
+pub fn i4_code(packed: &[u8], i: usize) -> i8 {
+    let (block, k) = (i / I4_BLOCK, i % I4_BLOCK);
+    let byte = packed[block * (I4_BLOCK / 2) + k % 16];
+    let nibble = if k < 16 { byte & 0x0F } else { byte >> 4 };
+    nibble as i8 - 8
+}
+
+/// Stored elements of a buffer holding `numel` values of `dtype`.
+pub fn stored_len(dtype: DType, numel: usize) -> usize {
+    if dtype == DType::I4 {
+        numel.div_ceil(2)
+    } else {
+        numel
+    }
 }
 
 fn check_len(shape: &[usize], len: usize) -> Result<(), Error> {
@@ -100,7 +126,7 @@ impl WeightTensor {
         let fits = match &storage {
             Storage::F32(_) => dtype.is_float(),
             Storage::U16(_) => matches!(dtype, DType::F16 | DType::Bf16),
-            Storage::U8(_) => dtype == DType::Fp8E4M3,
+            Storage::U8(_) => matches!(dtype, DType::Fp8E4M3 | DType::I8 | DType::I4),
         };
         if !fits {
             return Err(Error::Storage {
@@ -108,7 +134,19 @@ impl WeightTensor {
                 what: "this storage",
             });
         }
-        check_len(shape, storage.len())?;
+        let numel: usize = shape.iter().product();
+        if dtype == DType::I4 && !numel.is_multiple_of(I4_BLOCK) {
+            return Err(Error::Storage {
+                dtype,
+                what: "a count of elements that is not whole blocks of 32",
+            });
+        }
+        if stored_len(dtype, numel) != storage.len() {
+            return Err(Error::Length {
+                shape: shape.to_vec(),
+                len: storage.len(),
+            });
+        }
         Ok(WeightTensor {
             dtype,
             shape: shape.to_vec(),
@@ -170,7 +208,13 @@ impl WeightTensor {
                 .iter()
                 .map(|&v| rounding::from_u16_bits(self.dtype, v))
                 .collect(),
-            Storage::U8(b) => b.iter().map(|&v| rounding::e4m3_value(v)).collect(),
+            Storage::U8(b) => match self.dtype {
+                DType::I8 => b.iter().map(|&v| f32::from(v as i8)).collect(),
+                DType::I4 => (0..self.numel())
+                    .map(|i| f32::from(i4_code(b, i)))
+                    .collect(),
+                _ => b.iter().map(|&v| rounding::e4m3_value(v)).collect(),
+            },
         }
     }
 }
@@ -205,5 +249,21 @@ mod tests {
         assert!(WeightTensor::from_storage(DType::Fp8E4M3, &[1], bits.clone()).is_err());
         let w = WeightTensor::from_storage(DType::Bf16, &[1], bits).expect("fits");
         assert_eq!(w.to_vec_f32(), [1.0]);
+        let codes = Storage::U8(Arc::new(vec![0x80, 0x7f]));
+        let w = WeightTensor::from_storage(DType::I8, &[2], codes).expect("fits");
+        assert_eq!(w.to_vec_f32(), [-128.0, 127.0]);
+        // Byte j of a Q4_0 block: element j low, element j + 16 high, nibble - 8.
+        let mut packed = vec![0x88u8; 16];
+        packed[0] = 0xf0;
+        packed[15] = 0x1e;
+        let w = WeightTensor::from_storage(DType::I4, &[32], Storage::U8(Arc::new(packed)))
+            .expect("fits");
+        let v = w.to_vec_f32();
+        assert_eq!(
+            (v[0], v[16], v[15], v[31], v[1]),
+            (-8.0, 7.0, 6.0, -7.0, 0.0)
+        );
+        let short = Storage::U8(Arc::new(vec![0u8; 8]));
+        assert!(WeightTensor::from_storage(DType::I4, &[16], short).is_err());
     }
 }

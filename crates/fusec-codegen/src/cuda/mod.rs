@@ -39,6 +39,10 @@ pub fn ctype(dtype: DType) -> &'static str {
         DType::Fp8E4M3 => "__nv_fp8_e4m3",
         DType::Fp8E5M2 => "__nv_fp8_e5m2",
         DType::I32 => "int",
+        // Integer weight codes: lowering refuses them before any kernel is emitted
+        // (no CUDA kernels read them yet); these are their storage types.
+        DType::I8 => "signed char",
+        DType::I4 => "unsigned char",
     }
 }
 

@@ -46,7 +46,9 @@ pub(super) fn compact_gemv_weights(plan: &mut [Planned], last_use: &[usize]) {
     for node in plan.iter() {
         // A packed weight's buffer was put on huge pages as it was written.
         if let Some(Value::Tensor(t)) = node.bound.as_ref().filter(|v| match v {
-            Value::Tensor(t) => t.storage_len() == t.numel(),
+            Value::Tensor(t) => {
+                t.storage_len() == fusec_weights::tensor::stored_len(t.dtype(), t.numel())
+            }
             _ => false,
         }) {
             match t.buffer() {

@@ -20,6 +20,11 @@
 //!
 //! With `act` equal to the weight's compute dtype, activations stay as they are and
 //! `y = acc * s_w[o]`.
+//!
+//! A weight of integer codes (`i8`, `i4`) with one scale per block of 32 inputs is
+//! multiplied as llama.cpp multiplies GGUF's Q8_0 and Q4_0 weights: the activations are
+//! quantized once per GEMV to 8 bits per block of 32 ([`intdot::quantize_q8`]) and
+//! each output is [`intdot`]'s arithmetic, the block scales applied inside the dot.
 
 use std::borrow::Cow;
 
@@ -27,6 +32,7 @@ use fusec_ir::{numerics, DType};
 
 #[cfg(doc)]
 use super::dot::dot;
+use super::intdot::{self, IntRows, Q8Acts};
 use super::rowdot::{self, Rows};
 use super::{float_buffer, KernelError};
 use crate::pool;
@@ -40,9 +46,11 @@ const PARALLEL_MIN_WORK: usize = 1 << 16;
 /// read by the GEMV that consumes it.
 #[derive(Clone, Debug)]
 pub struct QuantWeight {
-    /// The FP8 values `[out, in]` (an FP8 dtype, values exact in that format).
+    /// The FP8 values `[out, in]` (an FP8 dtype, values exact in that format), or the
+    /// integer codes (`i8`, `i4`).
     pub values: Tensor,
-    /// `f32[out]` (per output channel) or `f32[]` (per tensor).
+    /// `f32[out]` (per output channel) or `f32[]` (per tensor); for integer codes
+    /// `f16[out, in / 32]`, one per block.
     pub scale: Tensor,
     /// The compute dtype the weight stands for.
     pub to: DType,
@@ -54,6 +62,9 @@ pub struct QuantWeight {
 impl QuantWeight {
     /// Checks the parts against each other, as the IR's type rule for `dequant` does.
     pub fn new(values: Tensor, scale: Tensor, to: DType, act: DType) -> Result<Self, KernelError> {
+        if values.dtype().is_int_codes() {
+            return QuantWeight::new_int(values, scale, to, act);
+        }
         if !values.dtype().is_fp8() || values.rank() != 2 {
             return Err(KernelError::Invalid(format!(
                 "dequant: values must be an FP8 matrix, got {}{:?}",
@@ -83,9 +94,89 @@ impl QuantWeight {
         })
     }
 
+    /// [`QuantWeight::new`] for integer codes.
+    fn new_int(values: Tensor, scale: Tensor, to: DType, act: DType) -> Result<Self, KernelError> {
+        let &[o, i] = values.shape() else {
+            return Err(KernelError::Invalid(format!(
+                "dequant: {} codes must be a matrix, got {:?}",
+                values.dtype(),
+                values.shape()
+            )));
+        };
+        if !i.is_multiple_of(intdot::BLOCK) {
+            return Err(KernelError::Invalid(format!(
+                "dequant: {} codes need an input dimension that is a multiple of {}, got {i}",
+                values.dtype(),
+                intdot::BLOCK
+            )));
+        }
+        if scale.dtype() != DType::F16 || scale.shape() != [o, i / intdot::BLOCK] {
+            return Err(KernelError::Invalid(format!(
+                "dequant: scales of {} codes must be f16[{o}, {}], got {}{:?}",
+                values.dtype(),
+                i / intdot::BLOCK,
+                scale.dtype(),
+                scale.shape()
+            )));
+        }
+        if act != DType::I8 {
+            return Err(KernelError::Invalid(format!(
+                "dequant: {} codes multiply i8 activations, not {act}",
+                values.dtype()
+            )));
+        }
+        Ok(QuantWeight {
+            values,
+            scale,
+            to,
+            act,
+        })
+    }
+
     /// `[out, in]`.
     pub fn shape(&self) -> &[usize] {
         self.values.shape()
+    }
+
+    /// Whether the values are integer codes with block scales.
+    fn is_int(&self) -> bool {
+        self.values.dtype().is_int_codes()
+    }
+
+    /// The codes and block scales of an integer weight, borrowed from their buffers.
+    fn int_rows(&self) -> Result<IntRows<'_>, KernelError> {
+        let bad = || {
+            KernelError::Invalid(format!(
+                "dequant: {} codes and their scales must be bound whole and contiguous",
+                self.values.dtype()
+            ))
+        };
+        let v = &self.values;
+        let s = &self.scale;
+        let (Buffer::U8(codes), Buffer::F32(scales)) = (v.buffer(), s.buffer()) else {
+            return Err(bad());
+        };
+        if !v.is_contiguous() || !s.is_contiguous() {
+            return Err(bad());
+        }
+        let scales = scales
+            .get(s.offset()..s.offset() + s.numel())
+            .ok_or_else(bad)?;
+        match v.dtype() {
+            DType::I8 => Ok(IntRows::Q8 {
+                codes: codes
+                    .get(v.offset()..v.offset() + v.numel())
+                    .ok_or_else(bad)?,
+                scales,
+            }),
+            _ if v.offset().is_multiple_of(2) => Ok(IntRows::Q4 {
+                packed: codes
+                    .get(v.offset() / 2..(v.offset() + v.numel()) / 2)
+                    .ok_or_else(bad)?,
+                scales,
+            }),
+            _ => Err(bad()),
+        }
     }
 
     /// Bytes a GEMV reads: the stored values and the scales.
@@ -229,10 +320,58 @@ pub fn gemv(
     out.ok_or_else(|| KernelError::Invalid("gemv: no result".into()))
 }
 
+/// A weight's rows as stored: float values or integer codes.
+#[derive(Copy, Clone, Debug)]
+enum Stored<'a> {
+    Float(Rows<'a>),
+    Int(IntRows<'a>),
+}
+
+impl<'a> Stored<'a> {
+    fn len(&self) -> usize {
+        match self {
+            Stored::Float(r) => r.len(),
+            Stored::Int(r) => r.len(),
+        }
+    }
+
+    fn range(&self, start: usize, end: usize) -> Stored<'a> {
+        match self {
+            Stored::Float(r) => Stored::Float(r.range(start, end)),
+            Stored::Int(r) => Stored::Int(r.range(start, end)),
+        }
+    }
+
+    fn row_bytes(&self, ins: usize) -> usize {
+        match self {
+            Stored::Float(r) => ins * r.value_bytes(),
+            Stored::Int(r) => r.row_bytes(ins),
+        }
+    }
+}
+
+/// A weight's activations, prepared for its storage.
+enum Prepared<'a> {
+    Float(rowdot::Activations<'a>),
+    Int(&'a Q8Acts),
+}
+
+impl Prepared<'_> {
+    /// `out[k]` = row `r` of the activations (rows of `ins`) times row `k` of `w`.
+    fn dots(&self, r: usize, ins: usize, w: Stored<'_>, out: &mut [f32]) {
+        match (self, w) {
+            (Prepared::Float(a), Stored::Float(rows)) => a.row(r, ins).dots(rows, out),
+            (Prepared::Int(q), Stored::Int(rows)) => intdot::dots(q.row(r, ins), rows, out),
+            // Each part is prepared for its own storage just below where it is made.
+            _ => out.fill(f32::NAN),
+        }
+    }
+}
+
 /// One weight of a batch of GEMVs over the same rows, resolved: its stored rows, which
 /// activations it multiplies, and its epilogue scales.
 struct Part<'a> {
-    rows: Rows<'a>,
+    rows: Stored<'a>,
     outs: usize,
     /// Whether it multiplies the FP8-quantized activations (else the rows as given).
     quantized: bool,
@@ -340,7 +479,7 @@ pub fn gemv_many(
     }
     // The activation format of the quantized weights with FP8 activations.
     let fp8_act = ws.iter().find_map(|w| match w {
-        GemvWeight::Quant(q) if q.act != q.to => Some(q.act),
+        GemvWeight::Quant(q) if q.act.is_fp8() && q.act != q.to => Some(q.act),
         _ => None,
     });
     let mut parts: [Option<Part<'_>>; 4] = Default::default();
@@ -356,7 +495,13 @@ pub fn gemv_many(
         let outs = w.shape()[0];
         let part = match w {
             GemvWeight::Dense(t) => Part {
-                rows: stored(t, buf, "gemv")?,
+                rows: Stored::Float(stored(t, buf, "gemv")?),
+                outs,
+                quantized: false,
+                scales: None,
+            },
+            GemvWeight::Quant(q) if q.is_int() => Part {
+                rows: Stored::Int(q.int_rows()?),
                 outs,
                 quantized: false,
                 scales: None,
@@ -370,7 +515,7 @@ pub fn gemv_many(
                     )));
                 }
                 Part {
-                    rows: stored(&q.values, buf, "gemv")?,
+                    rows: Stored::Float(stored(&q.values, buf, "gemv")?),
                     outs,
                     quantized: q.act != q.to,
                     scales: Some(q.scale.contiguous_f32().unwrap_or_default()),
@@ -421,13 +566,28 @@ pub fn gemv_many(
             _ => None,
         }
     };
+    // The activations quantized to 8-bit blocks, once for every integer weight.
+    let int_acts = match parts
+        .iter()
+        .flatten()
+        .any(|p| matches!(p.rows, Stored::Int(_)))
+    {
+        true => Some(intdot::quantize_q8(xs)?),
+        false => None,
+    };
     // Each weight's activations, prepared once for its storage format.
-    let mut prepared: [Option<rowdot::Activations<'_>>; 4] = Default::default();
+    let mut prepared: [Option<Prepared<'_>>; 4] = Default::default();
     for (p, slot) in parts.iter().flatten().zip(prepared.iter_mut()) {
-        *slot = Some(match (p.quantized, fp8_act) {
-            (true, Some(DType::Fp8E4M3)) => rowdot::Activations::fp8(plain_x(p), p.rows),
-            _ => rowdot::Activations::new(plain_x(p), p.rows),
-        });
+        *slot = match (p.rows, p.quantized, fp8_act, &int_acts) {
+            (Stored::Int(_), _, _, Some(q)) => Some(Prepared::Int(q)),
+            (Stored::Int(_), _, _, None) => None,
+            (Stored::Float(rows), true, Some(DType::Fp8E4M3), _) => {
+                Some(Prepared::Float(rowdot::Activations::fp8(plain_x(p), rows)))
+            }
+            (Stored::Float(rows), _, _, _) => {
+                Some(Prepared::Float(rowdot::Activations::new(plain_x(p), rows)))
+            }
+        };
     }
     let result = if rows == 1 {
         decode_gemvs(ins, parts, &prepared, &sx, epilogue, &mut emit)
@@ -441,8 +601,7 @@ pub fn gemv_many(
         {
             *slot = Some(by_output_feature(p.outs, rows, ins, |o, r| {
                 let mut y = [0.0f32];
-                a.row(r, ins)
-                    .dots(p.rows.range(o * ins, (o + 1) * ins), &mut y);
+                a.dots(r, ins, p.rows.range(o * ins, (o + 1) * ins), &mut y);
                 p.scale(y[0], o, sx(p, r))
             }));
         }
@@ -470,6 +629,7 @@ pub fn gemv_many(
     // when they are dropped here.
     drop(prepared);
     drop(owned);
+    drop(int_acts);
     result
 }
 
@@ -481,23 +641,24 @@ pub fn gemv_many(
 fn decode_gemvs(
     ins: usize,
     parts: &[Option<Part<'_>>],
-    prepared: &[Option<rowdot::Activations<'_>>],
+    prepared: &[Option<Prepared<'_>>],
     sx: &(impl Fn(&Part<'_>, usize) -> Option<f32> + Sync),
     epilogue: Epilogue<'_>,
     emit: &mut impl FnMut(usize, Vec<f32>) -> Result<(), KernelError>,
 ) -> Result<(), KernelError> {
     let parts = || parts.iter().flatten();
     let total: usize = parts().map(|p| p.outs).sum();
-    let row_bytes = parts()
-        .map(|p| ins * p.rows.value_bytes())
-        .max()
-        .unwrap_or(1);
+    let row_bytes = parts().map(|p| p.rows.row_bytes(ins)).max().unwrap_or(1);
     let chunk_rows = chunk_rows(total, row_bytes);
     let parallel = total * ins >= PARALLEL_MIN_WORK;
     // Rows `first..first + dst.len()` of part `p`, scaled.
-    let dots = |p: &Part<'_>, a: &rowdot::Activations<'_>, first: usize, dst: &mut [f32]| {
-        a.row(0, ins)
-            .dots(p.rows.range(first * ins, (first + dst.len()) * ins), dst);
+    let dots = |p: &Part<'_>, a: &Prepared<'_>, first: usize, dst: &mut [f32]| {
+        a.dots(
+            0,
+            ins,
+            p.rows.range(first * ins, (first + dst.len()) * ins),
+            dst,
+        );
         if p.scales.is_some() {
             let s = sx(p, 0);
             for (k, y) in dst.iter_mut().enumerate() {

@@ -15,6 +15,7 @@ pub mod elementwise;
 pub mod fused;
 pub mod gather;
 pub mod gemv;
+pub mod intdot;
 pub mod matmul;
 pub mod movement;
 pub mod reduce;

@@ -273,11 +273,17 @@ fn infer_tensor(
         }
         Op::Dequant { to, act } => {
             let (q, scale) = (t[0], t[1]);
-            if !q.dtype.is_fp8() {
-                return Err(format!("quantized values must be fp8, got {}", q.dtype));
-            }
             if !matches!(to, DType::F32 | DType::F16 | DType::Bf16) {
                 return Err(format!("dequantizes to f32, f16 or bf16, not {to}"));
+            }
+            if q.dtype.is_int_codes() {
+                return infer_int_dequant(q, scale, *to, *act);
+            }
+            if !q.dtype.is_fp8() {
+                return Err(format!(
+                    "quantized values must be fp8, i8 or i4, got {}",
+                    q.dtype
+                ));
             }
             if act != to && !act.is_fp8() {
                 return Err(format!("activations are {to} or fp8, not {act}"));
@@ -296,4 +302,58 @@ fn infer_tensor(
         }
         Op::Get { .. } | Op::Fused(_) => Err(format!("{} is typed by Op::infer", op.name())),
     }
+}
+
+/// Elements along the input dimension that share one scale of integer codes: a block
+/// of llama.cpp's Q8_0 and Q4_0 formats (`QK8_0`, `QK4_0` in ggml-common.h).
+pub const INT_BLOCK: u64 = 32;
+
+/// `dequant` of integer codes (`i8`, `i4`) `[o, i]` with one `f16` scale per block of
+/// [`INT_BLOCK`] along `i`, `[o, i / 32]`: GGUF's Q8_0 and Q4_0 split into their codes
+/// and their scales. Such a weight is multiplied as llama.cpp multiplies it, with the
+/// activations quantized to 8 bits per block (`act = i8`).
+fn infer_int_dequant(
+    q: &TensorType,
+    scale: &TensorType,
+    to: DType,
+    act: DType,
+) -> Result<TensorType, String> {
+    if act != DType::I8 {
+        return Err(format!(
+            "{} codes multiply activations quantized to i8 blocks (act=i8), not {act}",
+            q.dtype
+        ));
+    }
+    let [o, i] = q.shape.dims() else {
+        return Err(format!(
+            "{} codes must be a matrix, got {}",
+            q.dtype, q.shape
+        ));
+    };
+    let Some(ins) = i.as_fixed() else {
+        return Err(format!(
+            "{} codes need a fixed input dimension, got {i}",
+            q.dtype
+        ));
+    };
+    if !ins.is_multiple_of(INT_BLOCK) {
+        return Err(format!(
+            "{} codes need an input dimension that is a multiple of {INT_BLOCK}, got {ins}",
+            q.dtype
+        ));
+    }
+    if scale.dtype != DType::F16 {
+        return Err(format!(
+            "scales of {} codes must be f16, got {}",
+            q.dtype, scale.dtype
+        ));
+    }
+    let want = Shape(vec![o.clone(), Dim::Fixed(ins / INT_BLOCK)]);
+    if scale.shape != want {
+        return Err(format!(
+            "scales {} must be one per block of {INT_BLOCK}, {want}",
+            scale.shape
+        ));
+    }
+    Ok(TensorType::new(to, q.shape.clone()))
 }

@@ -24,5 +24,6 @@ pub use def::{
     resolve_axis, Arity, Attr, AxisError, BinaryOp, FusedOp, InputKind, Op, OpParseError, ReduceOp,
     TypeError, UnaryOp, F64,
 };
+pub use infer::INT_BLOCK;
 pub use parse::{kind_named, op_from_parts, OpPartsError};
 pub use table::{op_names, Execution, KernelClass, OpInfo, OpKind, OperandRole};

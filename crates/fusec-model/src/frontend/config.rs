@@ -185,6 +185,12 @@ pub enum Precision {
     F16,
     Bf16,
     Fp8,
+    /// 8-bit integer weights, one `f16` scale per block of 32 inputs (GGUF's Q8_0),
+    /// in an `f32` graph.
+    Int8,
+    /// 4-bit integer weights, one `f16` scale per block of 32 inputs (GGUF's Q4_0),
+    /// in an `f32` graph.
+    Int4,
 }
 
 impl Precision {
@@ -194,6 +200,8 @@ impl Precision {
             "f16" => Some(Precision::F16),
             "bf16" => Some(Precision::Bf16),
             "fp8" => Some(Precision::Fp8),
+            "int8" => Some(Precision::Int8),
+            "int4" => Some(Precision::Int4),
             _ => None,
         }
     }
@@ -204,11 +212,14 @@ impl Precision {
             Precision::F16 => "f16",
             Precision::Bf16 => "bf16",
             Precision::Fp8 => "fp8",
+            Precision::Int8 => "int8",
+            Precision::Int4 => "int4",
         }
     }
 
     /// The precision a checkpoint stored in `dtype` runs in by default.
     pub fn of_dtype(dtype: DType) -> Precision {
+        // (Integer precisions are lowerings of an f32 graph, never a checkpoint's.)
         match dtype {
             DType::F16 => Precision::F16,
             DType::Bf16 => Precision::Bf16,

@@ -313,7 +313,7 @@ pub fn parse(path: &Path, src: &str, architectures: &[&str]) -> Result<ModelSpec
                     src,
                     p.span().start,
                     format!(
-                        "unknown precision `{}` (expected f32, f16, bf16 or fp8)",
+                        "unknown precision `{}` (expected f32, f16, bf16, fp8, int8 or int4)",
                         p.get_ref()
                     ),
                 )

@@ -1,0 +1,611 @@
+//! Dot products of activations quantized to 8 bits per block of 32 with weight rows of
+//! integer codes (`i8`, GGUF's Q8_0; `i4`, Q4_0) with one scale per block of 32, as
+//! llama.cpp multiplies them (`ggml_vec_dot_q8_0_q8_0` and `ggml_vec_dot_q4_0_q8_0` in
+//! ggml-cpu's quants.c, after `quantize_row_q8_0` of the activations).
+//!
+//! **The arithmetic** ([`dots_reference`]). The products of a block are summed in
+//! groups of four consecutive elements (`g = 0..8`), exactly, in `i32`; each group's
+//! sum is scaled by the product of the two blocks' scales and accumulated in one of 16
+//! `f32` lanes: lane `g` for the even blocks, lane `8 + g` for the odd ones, in block
+//! order; the 16 lanes are then summed by a fixed tree (`k` and `k + 8`, then `k` and
+//! `k + 4`, `k` and `k + 2`, the last two):
+//!
+//! ```text
+//! s    = Σ_{j<4} xq[b][4g + j] * wq[b][4g + j]          exact, in i32
+//! lane = lane + (s as f32) * (dw[b] * dx[b])            each product and sum rounded
+//! ```
+//!
+//! where `xq`, `dx` are the activation codes and their `f16` block scale (as `f32`),
+//! `wq`, `dw` the weight's. This is the shape of llama.cpp's AVX2 `ggml_vec_dot_q8_0_q8_0`
+//! (eight lanes of four-product sums scaled per block and accumulated across blocks,
+//! one reduction at the end), with a second set of eight lanes for odd blocks so that
+//! one 512-bit instruction takes two blocks, and without its fused multiply-add (a
+//! rounded product, then a rounded sum, as the float kernels do). Every path computes
+//! exactly this, so all are bit-identical to the reference (checked on every code).
+//!
+//! **The kernels** take one weight row at a time, two blocks per step with AVX-512
+//! (`vpdpbusd` on 64 bytes gives the 16 lanes' integer sums at once) and one block per
+//! step with AVX2 (`vpmaddubsw` then `vpmaddwd`). Both instructions multiply an
+//! unsigned byte by a signed one. With VNNI the weight is made unsigned by an offset
+//! that is taken back per group: a Q8_0 code `w` as the byte `w + 128` (`w ^ 0x80`),
+//! `Σ (w + 128) x - 128 Σ x`, and a Q4_0 nibble `n` as it is, `Σ n x - 8 Σ x`, with the
+//! activations' four-element sums `Σ x` computed once per GEMV. `vpmaddubsw` adds pairs
+//! of products in saturating 16 bits, so with AVX2 a Q8_0 block multiplies `|w|` by `x`
+//! carrying the sign of `w` instead (llama.cpp's AVX2 sign trick; `|-128|` is 128 as an
+//! unsigned byte and the activation codes lie in `[-127, 127]`, so a pair stays within
+//! `2 * 128 * 127 < 2^15`), and Q4_0 nibbles as they are (`2 * 15 * 127`).
+
+use super::KernelError;
+use crate::pool;
+
+/// Elements per block (`QK8_0`, `QK4_0` in ggml-common.h).
+pub const BLOCK: usize = 32;
+
+/// Consecutive weight rows of integer codes with their per-block scales.
+#[derive(Copy, Clone, Debug)]
+pub enum IntRows<'a> {
+    /// One `i8` code per weight (the bytes of the two's complement codes).
+    Q8 { codes: &'a [u8], scales: &'a [f32] },
+    /// Two codes per byte in Q4_0's block order (`fusec_weights::tensor::i4_code`).
+    Q4 { packed: &'a [u8], scales: &'a [f32] },
+}
+
+impl<'a> IntRows<'a> {
+    /// Weights held.
+    pub fn len(&self) -> usize {
+        match self {
+            IntRows::Q8 { codes, .. } => codes.len(),
+            IntRows::Q4 { packed, .. } => packed.len() * 2,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Weights `start..end`, both multiples of [`BLOCK`].
+    pub fn range(&self, start: usize, end: usize) -> IntRows<'a> {
+        let blocks = start / BLOCK..end / BLOCK;
+        match *self {
+            IntRows::Q8 { codes, scales } => IntRows::Q8 {
+                codes: &codes[start..end],
+                scales: &scales[blocks],
+            },
+            IntRows::Q4 { packed, scales } => IntRows::Q4 {
+                packed: &packed[start / 2..end / 2],
+                scales: &scales[blocks],
+            },
+        }
+    }
+
+    /// Bytes a row of `ins` weights streams: its codes and its scales as GGUF stores
+    /// them (`f16`).
+    pub fn row_bytes(&self, ins: usize) -> usize {
+        let blocks = ins / BLOCK;
+        match self {
+            IntRows::Q8 { .. } => blocks * (BLOCK + 2),
+            IntRows::Q4 { .. } => blocks * (BLOCK / 2 + 2),
+        }
+    }
+
+    fn scales(&self) -> &'a [f32] {
+        match *self {
+            IntRows::Q8 { scales, .. } | IntRows::Q4 { scales, .. } => scales,
+        }
+    }
+
+    /// The codes of block `b` of the rows, as `i8` values.
+    fn block(&self, b: usize) -> [i8; BLOCK] {
+        let mut out = [0i8; BLOCK];
+        match *self {
+            IntRows::Q8 { codes, .. } => {
+                for (o, &c) in out.iter_mut().zip(&codes[b * BLOCK..(b + 1) * BLOCK]) {
+                    *o = c as i8;
+                }
+            }
+            IntRows::Q4 { packed, .. } => {
+                let bytes = &packed[b * BLOCK / 2..(b + 1) * BLOCK / 2];
+                for (j, &byte) in bytes.iter().enumerate() {
+                    out[j] = (byte & 0x0F) as i8 - 8;
+                    out[j + 16] = (byte >> 4) as i8 - 8;
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Rows of activations quantized to 8-bit blocks, row-major: the codes, each block's
+/// scale repeated for its eight lanes (`scales8`), and each group of four codes' sum
+/// (`sums4`, for the offsets of the VNNI kernel). The vectors come from the executor's
+/// pool and go back to it on drop.
+#[derive(Debug)]
+pub struct Q8Acts {
+    pub codes: Vec<i8>,
+    pub scales8: Vec<f32>,
+    pub sums4: Vec<i32>,
+}
+
+/// One row of [`Q8Acts`].
+#[derive(Copy, Clone, Debug)]
+pub struct Q8Row<'a> {
+    pub codes: &'a [i8],
+    pub scales8: &'a [f32],
+    pub sums4: &'a [i32],
+}
+
+impl Q8Row<'_> {
+    /// Blocks in the row.
+    pub fn blocks(&self) -> usize {
+        self.codes.len() / BLOCK
+    }
+
+    /// The scale of block `b`.
+    pub fn scale(&self, b: usize) -> f32 {
+        self.scales8[b * 8]
+    }
+}
+
+impl Q8Acts {
+    /// Row `r` of the rows of `len` activations.
+    pub fn row(&self, r: usize, len: usize) -> Q8Row<'_> {
+        let groups = len / 4;
+        Q8Row {
+            codes: &self.codes[r * len..(r + 1) * len],
+            scales8: &self.scales8[r * groups..(r + 1) * groups],
+            sums4: &self.sums4[r * groups..(r + 1) * groups],
+        }
+    }
+}
+
+impl Drop for Q8Acts {
+    fn drop(&mut self) {
+        pool::give(std::mem::take(&mut self.codes));
+        pool::give(std::mem::take(&mut self.scales8));
+        pool::give(std::mem::take(&mut self.sums4));
+    }
+}
+
+/// Quantizes rows of activations (row-major, row length a multiple of [`BLOCK`]) to
+/// 8 bits per block as `quantize_row_q8_0_ref` (ggml-quants.c) does: the same
+/// arithmetic as [`fusec_weights::quant::q8_0_block`], whose `f16` scales are kept as
+/// `f32` values.
+pub fn quantize_q8(x: &[f32]) -> Result<Q8Acts, KernelError> {
+    if !x.len().is_multiple_of(BLOCK) {
+        return Err(KernelError::Invalid(format!(
+            "integer GEMV: {} activations are not whole blocks of {BLOCK}",
+            x.len()
+        )));
+    }
+    let groups = x.len() / 4;
+    let mut acts = Q8Acts {
+        codes: pool::zeros(x.len()),
+        scales8: pool::take(groups),
+        sums4: pool::take(groups),
+    };
+    for (xb, qb) in x
+        .chunks_exact(BLOCK)
+        .zip(acts.codes.chunks_exact_mut(BLOCK))
+    {
+        let d = fusec_weights::quant::q8_0_block(xb, qb).to_f32();
+        acts.scales8.extend([d; 8]);
+        acts.sums4.extend(
+            qb.chunks_exact(4)
+                .map(|g| g.iter().map(|&q| i32::from(q)).sum::<i32>()),
+        );
+    }
+    Ok(acts)
+}
+
+/// The fixed reduction tree of the 16 lanes (see the module documentation).
+#[inline]
+fn reduce16(acc: &[f32; 16]) -> f32 {
+    let mut a8 = [0.0f32; 8];
+    for k in 0..8 {
+        a8[k] = acc[k] + acc[k + 8];
+    }
+    let a4 = [a8[0] + a8[4], a8[1] + a8[5], a8[2] + a8[6], a8[3] + a8[7]];
+    let a2 = [a4[0] + a4[2], a4[1] + a4[3]];
+    a2[0] + a2[1]
+}
+
+/// `out[o]` = the arithmetic of the module documentation for row `o` of `w`, on the
+/// fastest path this machine has. `w` holds `out.len()` rows of `acts.codes.len()`
+/// weights.
+pub fn dots(acts: Q8Row<'_>, w: IntRows<'_>, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if x86::path() != x86::Path::None && x86::dots(acts, w, out) {
+            return;
+        }
+    }
+    dots_reference(acts, w, out);
+}
+
+/// The plain reference of the arithmetic (see the module documentation).
+pub fn dots_reference(acts: Q8Row<'_>, w: IntRows<'_>, out: &mut [f32]) {
+    let blocks = acts.blocks();
+    let scales = w.scales();
+    for (o, y) in out.iter_mut().enumerate() {
+        let mut acc = [0.0f32; 16];
+        for b in 0..blocks {
+            let wq = w.block(o * blocks + b);
+            let xq = &acts.codes[b * BLOCK..(b + 1) * BLOCK];
+            let d = scales[o * blocks + b] * acts.scale(b);
+            for g in 0..8 {
+                let s: i32 = (4 * g..4 * g + 4)
+                    .map(|j| i32::from(wq[j]) * i32::from(xq[j]))
+                    .sum();
+                let lane = 8 * (b % 2) + g;
+                acc[lane] += s as f32 * d;
+            }
+        }
+        *y = reduce16(&acc);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    //! The AVX-512 VNNI and AVX2 kernels; see the module documentation above.
+    //!
+    //! `unsafe` is confined to this module: the kernels carry `#[target_feature]` and
+    //! run only after [`path`] detected those features, and every load is an unaligned
+    //! load inside slices whose lengths [`dots_with`] checked first.
+    #![allow(unsafe_code)]
+
+    use std::arch::x86_64::*;
+    use std::sync::OnceLock;
+
+    use super::{IntRows, Q8Row, BLOCK};
+
+    #[derive(Copy, Clone, Debug, PartialEq, Eq)]
+    pub(super) enum Path {
+        Vnni,
+        Avx2,
+        None,
+    }
+
+    /// The best path this CPU runs, detected once.
+    pub(super) fn path() -> Path {
+        static PATH: OnceLock<Path> = OnceLock::new();
+        *PATH.get_or_init(|| {
+            if is_x86_feature_detected!("avx512vnni")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx2")
+            {
+                Path::Vnni
+            } else if is_x86_feature_detected!("avx2") {
+                Path::Avx2
+            } else {
+                Path::None
+            }
+        })
+    }
+
+    /// Runs the kernel of [`path`]; `false` (nothing written) when the lengths do not
+    /// fit, which the GEMV never gives, so that the reference reports it.
+    pub(super) fn dots(acts: Q8Row<'_>, w: IntRows<'_>, out: &mut [f32]) -> bool {
+        dots_with(path(), acts, w, out)
+    }
+
+    pub(super) fn dots_with(path: Path, acts: Q8Row<'_>, w: IntRows<'_>, out: &mut [f32]) -> bool {
+        let blocks = acts.blocks();
+        let ins = blocks * BLOCK;
+        let fits = acts.codes.len() == ins
+            && acts.sums4.len() == ins / 4
+            && acts.scales8.len() == ins / 4
+            && w.len() >= out.len() * ins
+            && w.scales().len() >= out.len() * blocks;
+        if !fits {
+            return false;
+        }
+        // SAFETY: the features of `path` were detected (`path()` returned it, or a
+        // test checked it), and the lengths were checked above.
+        unsafe {
+            match path {
+                Path::Vnni => vnni(acts, w, out),
+                Path::Avx2 => avx2(acts, w, out),
+                Path::None => return false,
+            }
+        }
+        true
+    }
+
+    /// The tree of `super::reduce16` on the lanes `lo` (0..8) and `hi` (8..16).
+    #[inline(always)]
+    unsafe fn reduce(lo: __m256, hi: __m256) -> f32 {
+        let a8 = _mm256_add_ps(lo, hi);
+        let a4 = _mm_add_ps(_mm256_castps256_ps128(a8), _mm256_extractf128_ps(a8, 1));
+        let a2 = _mm_add_ps(a4, _mm_movehl_ps(a4, a4));
+        _mm_cvtss_f32(_mm_add_ss(a2, _mm_shuffle_ps(a2, a2, 1)))
+    }
+
+    /// Two blocks of a row and the activations' integer lane sums: 16 lanes of
+    /// four-product sums, in the module documentation's lane order.
+    #[inline(always)]
+    unsafe fn pair_vnni(w: IntRows<'_>, row_block: usize, x: __m512i, sums: __m512i) -> __m512i {
+        match w {
+            IntRows::Q8 { codes, .. } => {
+                let q = _mm512_loadu_si512(codes.as_ptr().add(row_block * BLOCK) as *const _);
+                let u = _mm512_xor_si512(q, _mm512_set1_epi8(-128));
+                let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, x);
+                _mm512_sub_epi32(dot, _mm512_slli_epi32(sums, 7))
+            }
+            IntRows::Q4 { packed, .. } => {
+                // Bytes of blocks b and b + 1: low nibbles are elements 0..16 of each,
+                // high nibbles 16..32.
+                let q = _mm256_loadu_si256(packed.as_ptr().add(row_block * BLOCK / 2) as *const _);
+                let lo = _mm256_and_si256(q, _mm256_set1_epi8(0x0F));
+                let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), _mm256_set1_epi8(0x0F));
+                // [b.lo, b+1.lo, b.hi, b+1.hi] to [b.lo, b.hi, b+1.lo, b+1.hi].
+                let both = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+                let n = _mm512_shuffle_i64x2(both, both, 0b11_01_10_00);
+                let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), n, x);
+                _mm512_sub_epi32(dot, _mm512_slli_epi32(sums, 3))
+            }
+        }
+    }
+
+    /// One block of a row: eight lanes of four-product sums.
+    #[inline(always)]
+    unsafe fn block_avx2(w: IntRows<'_>, row_block: usize, x: __m256i, sums: __m256i) -> __m256i {
+        let ones = _mm256_set1_epi16(1);
+        match w {
+            IntRows::Q8 { codes, .. } => {
+                let q = _mm256_loadu_si256(codes.as_ptr().add(row_block * BLOCK) as *const _);
+                let p = _mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(x, q));
+                _mm256_madd_epi16(p, ones)
+            }
+            IntRows::Q4 { packed, .. } => {
+                let q = _mm_loadu_si128(packed.as_ptr().add(row_block * BLOCK / 2) as *const _);
+                let both = _mm256_set_m128i(_mm_srli_epi16(q, 4), q);
+                let n = _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+                let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(n, x), ones);
+                _mm256_sub_epi32(dot, _mm256_slli_epi32(sums, 3))
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn vnni(acts: Q8Row<'_>, w: IntRows<'_>, out: &mut [f32]) {
+        let blocks = acts.blocks();
+        let scales = w.scales();
+        let pairs = blocks / 2;
+        for (o, y) in out.iter_mut().enumerate() {
+            let mut acc = _mm512_setzero_ps();
+            let row = o * blocks;
+            for p in 0..pairs {
+                let b = 2 * p;
+                let x = _mm512_loadu_si512(acts.codes.as_ptr().add(b * BLOCK) as *const _);
+                let sums = _mm512_loadu_si512(acts.sums4.as_ptr().add(b * 8) as *const _);
+                let s = pair_vnni(w, row + b, x, sums);
+                // Lanes 0..8 take block b's weight scale, 8..16 block b + 1's.
+                let dw2 = _mm_castpd_ps(_mm_load_sd(scales.as_ptr().add(row + b) as *const f64));
+                let idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+                let dw = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(dw2));
+                let d = _mm512_mul_ps(dw, _mm512_loadu_ps(acts.scales8.as_ptr().add(b * 8)));
+                acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_cvtepi32_ps(s), d));
+            }
+            let (mut lo, hi) = (_mm512_castps512_ps256(acc), _mm512_extractf32x8_ps(acc, 1));
+            if blocks % 2 == 1 {
+                // The last block, even-numbered: lanes 0..8.
+                let b = blocks - 1;
+                let x = _mm256_loadu_si256(acts.codes.as_ptr().add(b * BLOCK) as *const _);
+                let sums = _mm256_loadu_si256(acts.sums4.as_ptr().add(b * 8) as *const _);
+                let s = block_avx2(w, row + b, x, sums);
+                let d = _mm256_set1_ps(scales[row + b] * acts.scale(b));
+                lo = _mm256_add_ps(lo, _mm256_mul_ps(_mm256_cvtepi32_ps(s), d));
+            }
+            *y = reduce(lo, hi);
+        }
+    }
+
+    #[target_feature(enable = "avx2")]
+    unsafe fn avx2(acts: Q8Row<'_>, w: IntRows<'_>, out: &mut [f32]) {
+        let blocks = acts.blocks();
+        let scales = w.scales();
+        for (o, y) in out.iter_mut().enumerate() {
+            let mut acc = [_mm256_setzero_ps(); 2];
+            let row = o * blocks;
+            for b in 0..blocks {
+                let x = _mm256_loadu_si256(acts.codes.as_ptr().add(b * BLOCK) as *const _);
+                let sums = _mm256_loadu_si256(acts.sums4.as_ptr().add(b * 8) as *const _);
+                let s = block_avx2(w, row + b, x, sums);
+                let d = _mm256_set1_ps(scales[row + b] * acts.scale(b));
+                let lane = &mut acc[b % 2];
+                *lane = _mm256_add_ps(*lane, _mm256_mul_ps(_mm256_cvtepi32_ps(s), d));
+            }
+            *y = reduce(acc[0], acc[1]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fusec_weights::SplitMix64;
+    use proptest::prelude::*;
+
+    fn q4_pack(codes: &[i8]) -> Vec<u8> {
+        codes
+            .chunks(BLOCK)
+            .flat_map(|b| (0..16).map(move |j| ((b[j] + 8) as u8) | (((b[j + 16] + 8) as u8) << 4)))
+            .collect()
+    }
+
+    /// Every path this machine has, against the reference, bit for bit.
+    fn check_all_paths(acts: Q8Row<'_>, w: IntRows<'_>, rows: usize) {
+        let mut want = vec![0.0f32; rows];
+        dots_reference(acts, w, &mut want);
+        let mut got = vec![0.0f32; rows];
+        dots(acts, w, &mut got);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got), bits(&want), "dispatched path");
+        #[cfg(target_arch = "x86_64")]
+        {
+            let mut paths = vec![];
+            if is_x86_feature_detected!("avx2") {
+                paths.push(x86::Path::Avx2);
+            }
+            if x86::path() == x86::Path::Vnni {
+                paths.push(x86::Path::Vnni);
+            }
+            for p in paths {
+                let mut got = vec![f32::NAN; rows];
+                assert!(x86::dots_with(p, acts, w, &mut got));
+                assert_eq!(bits(&got), bits(&want), "{p:?}");
+            }
+        }
+    }
+
+    /// Each weight row's result against the dequantized dot product in f64: the
+    /// reference really computes Σ (dw q_w) (dx q_x).
+    fn check_meaning(acts: Q8Row<'_>, codes: &[u8], dw: &[f32], rows: usize, ins: usize) {
+        let mut got = vec![0.0f32; rows];
+        let blocks = ins / BLOCK;
+        let w = IntRows::Q8 { codes, scales: dw };
+        dots_reference(acts, w, &mut got);
+        for (o, &y) in got.iter().enumerate() {
+            let exact: f64 = (0..ins)
+                .map(|j| {
+                    f64::from(codes[o * ins + j] as i8)
+                        * f64::from(dw[o * blocks + j / BLOCK])
+                        * f64::from(acts.codes[j])
+                        * f64::from(acts.scale(j / BLOCK))
+                })
+                .sum();
+            let mag: f64 = (0..ins)
+                .map(|j| {
+                    (f64::from(codes[o * ins + j] as i8)
+                        * f64::from(dw[o * blocks + j / BLOCK])
+                        * f64::from(acts.codes[j])
+                        * f64::from(acts.scale(j / BLOCK)))
+                    .abs()
+                })
+                .sum();
+            assert!(
+                (f64::from(y) - exact).abs() <= 1e-5 * mag + 1e-30,
+                "{y} {exact}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_code_of_both_formats_matches_the_reference() {
+        let mut rng = SplitMix64::new(11);
+        // Q8_0: every byte, -128 included, against every activation code.
+        let ins = 256;
+        let rows = 7;
+        let x: Vec<f32> = (0..ins).map(|j| (j as f32 - 127.5) * 0.37).collect();
+        let acts = quantize_q8(&x).expect("blocks");
+        let codes: Vec<u8> = (0..rows * ins).map(|k| (k % 256) as u8).collect();
+        let dw: Vec<f32> = (0..rows * ins / BLOCK)
+            .map(|_| rng.normal() as f32)
+            .collect();
+        let a = acts.row(0, ins);
+        check_all_paths(
+            a,
+            IntRows::Q8 {
+                codes: &codes,
+                scales: &dw,
+            },
+            rows,
+        );
+        check_meaning(a, &codes, &dw, rows, ins);
+        // Extreme activation codes (±127) against extreme weights (-128).
+        let x: Vec<f32> = (0..ins)
+            .map(|j| if j % 2 == 0 { 5.0 } else { -5.0 })
+            .collect();
+        let acts = quantize_q8(&x).expect("blocks");
+        assert!(acts.codes.iter().all(|&c| c.abs() == 127));
+        let codes = vec![0x80u8; rows * ins];
+        check_all_paths(
+            acts.row(0, ins),
+            IntRows::Q8 {
+                codes: &codes,
+                scales: &dw,
+            },
+            rows,
+        );
+        // Q4_0: every code -8..=7 in every position.
+        let codes: Vec<i8> = (0..rows * ins).map(|k| (k % 16) as i8 - 8).collect();
+        let packed = q4_pack(&codes);
+        let w = IntRows::Q4 {
+            packed: &packed,
+            scales: &dw,
+        };
+        for (k, &c) in codes.iter().enumerate() {
+            assert_eq!(fusec_weights::tensor::i4_code(&packed, k), c);
+        }
+        let a = acts.row(0, ins);
+        check_all_paths(a, w, rows);
+        let mut from_q4 = vec![0.0f32; rows];
+        dots_reference(a, w, &mut from_q4);
+        let bytes: Vec<u8> = codes.iter().map(|&c| c as u8).collect();
+        let mut from_q8 = vec![0.0f32; rows];
+        dots_reference(
+            a,
+            IntRows::Q8 {
+                codes: &bytes,
+                scales: &dw,
+            },
+            &mut from_q8,
+        );
+        assert_eq!(from_q4, from_q8, "Q4_0 rows mean their codes");
+    }
+
+    #[test]
+    fn activations_are_quantized_as_ggml_does() {
+        let x: Vec<f32> = (0..64).map(|j| (j as f32 - 20.0) * 0.5).collect();
+        let acts = quantize_q8(&x).expect("blocks");
+        // Block 0: absmax 10, d = 10 / 127; x = 0 at j = 20 gives 0.
+        let row = acts.row(0, 64);
+        assert_eq!(row.scale(0), half::f16::from_f32(10.0 / 127.0).to_f32());
+        assert_eq!(row.scales8[..8], [row.scale(0); 8]);
+        assert_eq!(acts.codes[0], -127);
+        assert_eq!(acts.codes[20], 0);
+        assert_eq!(
+            acts.sums4[1],
+            acts.codes[4..8].iter().map(|&c| i32::from(c)).sum::<i32>()
+        );
+        let zeros = quantize_q8(&[0.0; 32]).expect("blocks");
+        assert_eq!((zeros.row(0, 32).scale(0), zeros.codes[5]), (0.0, 0));
+        let err = quantize_q8(&[1.0; 40]).unwrap_err().to_string();
+        assert!(err.contains("blocks of 32"), "{err}");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn random_rows_match_the_reference(
+            seed in any::<u64>(),
+            blocks in 1usize..12,
+            rows in 1usize..13,
+            scale in -20i32..20,
+        ) {
+            let mut rng = SplitMix64::new(seed);
+            let ins = blocks * BLOCK;
+            let s = 2f32.powi(scale);
+            let x: Vec<f32> = (0..ins).map(|_| rng.normal() as f32 * s).collect();
+            let acts = quantize_q8(&x).expect("blocks");
+            let codes: Vec<u8> = (0..rows * ins).map(|_| (rng.next_u64() >> 56) as u8).collect();
+            let dw: Vec<f32> = (0..rows * blocks)
+                .map(|_| half::f16::from_f32(rng.normal() as f32 * 0.01).to_f32())
+                .collect();
+            let a = acts.row(0, ins);
+            check_all_paths(a, IntRows::Q8 { codes: &codes, scales: &dw }, rows);
+            check_meaning(a, &codes, &dw, rows, ins);
+            let c4: Vec<i8> = codes.iter().map(|&c| (c as i8) >> 4).collect();
+            let packed = q4_pack(&c4);
+            check_all_paths(a, IntRows::Q4 { packed: &packed, scales: &dw }, rows);
+            // The Q4_0 rows mean their codes: the same results as those codes in i8.
+            let mut from_q4 = vec![0.0f32; rows];
+            dots(a, IntRows::Q4 { packed: &packed, scales: &dw }, &mut from_q4);
+            let bytes: Vec<u8> = c4.iter().map(|&c| c as u8).collect();
+            let mut from_q8 = vec![0.0f32; rows];
+            dots(a, IntRows::Q8 { codes: &bytes, scales: &dw }, &mut from_q8);
+            prop_assert_eq!(from_q4, from_q8);
+        }
+    }
+}
