@@ -85,6 +85,10 @@ impl Architecture for Gemma2 {
     fn build(&self, model: &ModelConfig) -> Result<Graph, BuildError> {
         build(model, Generation::Gemma2)
     }
+
+    fn build_step(&self, model: &ModelConfig, dims: &StepDims) -> Result<Graph, BuildError> {
+        build_with(model, Generation::Gemma2, dims)
+    }
 }
 
 impl Architecture for Gemma3 {
@@ -98,6 +102,10 @@ impl Architecture for Gemma3 {
 
     fn build(&self, model: &ModelConfig) -> Result<Graph, BuildError> {
         build(model, Generation::Gemma3)
+    }
+
+    fn build_step(&self, model: &ModelConfig, dims: &StepDims) -> Result<Graph, BuildError> {
+        build_with(model, Generation::Gemma3, dims)
     }
 }
 
@@ -264,8 +272,16 @@ fn params(cfg: &ModelConfig) -> GemmaParams {
 
 /// The eager decode step of `cfg` in its checkpoint dtype.
 pub fn build(cfg: &ModelConfig, gen: Generation) -> Result<Graph, BuildError> {
+    build_with(cfg, gen, &StepDims::default())
+}
+
+/// The eager step of `cfg` over `dims` (decode, or prefill of `dims.query` tokens).
+pub fn build_with(
+    cfg: &ModelConfig,
+    gen: Generation,
+    dims: &StepDims,
+) -> Result<Graph, BuildError> {
     let p = params(cfg);
-    let dims = StepDims::default();
     let dt = cfg.dtype;
     let mut b = Builder::new(&cfg.name);
     b.set_layer_count(cfg.num_layers);
@@ -360,6 +376,7 @@ pub fn build(cfg: &ModelConfig, gen: Generation) -> Result<Graph, BuildError> {
         dt,
     )?;
     let h = norm.forward_offset_weight(&mut b, x)?;
+    let h = dims.head_rows(&mut b, h)?;
     let head = LmHead::new(
         &mut b,
         &embed,

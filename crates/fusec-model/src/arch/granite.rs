@@ -41,6 +41,10 @@ impl Architecture for Granite {
     fn build(&self, model: &ModelConfig) -> Result<Graph, BuildError> {
         build(model)
     }
+
+    fn build_step(&self, model: &ModelConfig, dims: &StepDims) -> Result<Graph, BuildError> {
+        build_with(model, dims)
+    }
 }
 
 /// `GraniteConfig`'s keys: Llama's (no biases, SiLU) and the four multipliers, each
@@ -72,8 +76,12 @@ pub fn parse_hf_config(j: &HfConfig<'_>) -> Result<ModelConfig, ConfigError> {
 /// The eager decode step of `cfg` in its checkpoint dtype (multipliers of 1 when the
 /// config has none, as `GraniteConfig`'s defaults).
 pub fn build(cfg: &ModelConfig) -> Result<Graph, BuildError> {
+    build_with(cfg, &StepDims::default())
+}
+
+/// The eager step of `cfg` over `dims` (decode, or prefill of `dims.query` tokens).
+pub fn build_with(cfg: &ModelConfig, dims: &StepDims) -> Result<Graph, BuildError> {
     let m = cfg.multipliers.unwrap_or_default();
-    let dims = StepDims::default();
     let dt = cfg.dtype;
     let mut b = Builder::new(&cfg.name);
     b.set_layer_count(cfg.num_layers);
@@ -111,6 +119,7 @@ pub fn build(cfg: &ModelConfig) -> Result<Graph, BuildError> {
         dt,
     )?;
     let h = norm.forward(&mut b, x)?;
+    let h = dims.head_rows(&mut b, h)?;
     let head = LmHead::new(
         &mut b,
         &embed,

@@ -37,6 +37,10 @@ impl Architecture for Llama {
     fn build(&self, model: &ModelConfig) -> Result<Graph, BuildError> {
         build(model)
     }
+
+    fn build_step(&self, model: &ModelConfig, dims: &StepDims) -> Result<Graph, BuildError> {
+        build_with(model, dims)
+    }
 }
 
 /// `LlamaConfig`'s keys: the shared decoder keys, without biases, with SiLU.
@@ -59,7 +63,11 @@ pub fn parse_hf_config(j: &HfConfig<'_>) -> Result<ModelConfig, ConfigError> {
 
 /// The eager decode step of `cfg` in its checkpoint dtype.
 pub fn build(cfg: &ModelConfig) -> Result<Graph, BuildError> {
-    let dims = StepDims::default();
+    build_with(cfg, &StepDims::default())
+}
+
+/// The eager step of `cfg` over `dims` (decode, or prefill of `dims.query` tokens).
+pub fn build_with(cfg: &ModelConfig, dims: &StepDims) -> Result<Graph, BuildError> {
     let dt = cfg.dtype;
     let mut b = Builder::new(&cfg.name);
     b.set_layer_count(cfg.num_layers);
@@ -88,6 +96,7 @@ pub fn build(cfg: &ModelConfig) -> Result<Graph, BuildError> {
         dt,
     )?;
     let h = norm.forward(&mut b, x)?;
+    let h = dims.head_rows(&mut b, h)?;
     let head = LmHead::new(
         &mut b,
         &embed,
