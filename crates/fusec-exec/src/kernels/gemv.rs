@@ -27,6 +27,7 @@ use fusec_ir::{numerics, DType};
 
 #[cfg(doc)]
 use super::dot::dot;
+use super::gemm;
 use super::rowdot::{self, Rows};
 use super::{float_buffer, KernelError};
 use crate::pool;
@@ -35,6 +36,13 @@ use crate::tensor::{Buffer, Tensor};
 
 /// Multiply-adds below which a GEMV runs on the calling thread (as in `matmul`).
 const PARALLEL_MIN_WORK: usize = 1 << 16;
+
+/// Activation rows from which a linear layer runs as a GEMM ([`gemm::gemm`], its own
+/// summation order, checked to a tolerance) rather than as row dots in the order of
+/// [`dot`] (bit-identical to the eager reference): a prefill step's `T` tokens, not a
+/// decode step's few sequences, whose results stay bit-identical to decoding them one
+/// at a time.
+pub const GEMM_MIN_ROWS: usize = 4;
 
 /// A quantized GEMV weight: the value of a `dequant` node. It launches nothing and is
 /// read by the GEMV that consumes it.
@@ -439,12 +447,19 @@ pub fn gemv_many(
             .zip(prepared.iter().flatten())
             .zip(results.iter_mut())
         {
-            *slot = Some(by_output_feature(p.outs, rows, ins, |o, r| {
-                let mut y = [0.0f32];
-                a.row(r, ins)
-                    .dots(p.rows.range(o * ins, (o + 1) * ins), &mut y);
-                p.scale(y[0], o, sx(p, r))
-            }));
+            *slot = Some(if rows >= GEMM_MIN_ROWS {
+                // Prefill: the weights reused across rows (see `super::gemm`).
+                gemm::gemm(plain_x(p), rows, ins, p.rows, p.outs, &|o, r, acc| {
+                    p.scale(acc, o, sx(p, r))
+                })
+            } else {
+                by_output_feature(p.outs, rows, ins, |o, r| {
+                    let mut y = [0.0f32];
+                    a.row(r, ins)
+                        .dots(p.rows.range(o * ins, (o + 1) * ins), &mut y);
+                    p.scale(y[0], o, sx(p, r))
+                })
+            });
         }
         match (epilogue, &mut results) {
             (Epilogue::Round(dtype), _) => results
