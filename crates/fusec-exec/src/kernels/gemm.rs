@@ -214,6 +214,37 @@ pub fn gemm_portable(xs: &[f32], rows: usize, ins: usize, w: Rows<'_>, outs: usi
     out
 }
 
+/// Floating-point operations per second one thread reaches with independent fused
+/// multiply-adds on the widest vectors this machine has (AVX-512, else AVX2+FMA,
+/// else scalar `mul_add`): the peak a GEMM is measured against. Runs `iterations`
+/// rounds of 16 independent accumulators (enough to cover the FMA latency of two
+/// pipes, 4 cycles each), and counts 2 operations per lane per FMA.
+pub fn fma_flops_one_thread(iterations: usize) -> f64 {
+    let start = std::time::Instant::now();
+    let (lanes, sink) = fma_loop(iterations);
+    let secs = start.elapsed().as_secs_f64().max(f64::MIN_POSITIVE);
+    std::hint::black_box(sink);
+    (iterations * 16 * lanes * 2) as f64 / secs
+}
+
+/// Runs the FMA loop; returns the lanes per vector and a value that depends on it.
+fn fma_loop(iterations: usize) -> (usize, f32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if let Some(r) = x86::fma_loop(iterations) {
+            return r;
+        }
+    }
+    let mut acc = [1.0f32; 16];
+    let (a, b) = (std::hint::black_box(0.999_999f32), std::hint::black_box(1e-7f32));
+    for _ in 0..iterations {
+        for v in &mut acc {
+            *v = v.mul_add(a, b);
+        }
+    }
+    (1, acc.iter().sum())
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     //! `unsafe` is confined to this module: the micro-kernels carry
@@ -469,6 +500,45 @@ mod x86 {
         }
     }
 
+    /// [`super::fma_loop`] on AVX-512 or AVX2+FMA; `None` without either.
+    pub(super) fn fma_loop(iterations: usize) -> Option<(usize, f32)> {
+        if has_avx512() {
+            // SAFETY: AVX-512F is detected.
+            return Some((16, unsafe { fma512(iterations) }));
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: AVX2 and FMA are detected.
+            return Some((8, unsafe { fma256(iterations) }));
+        }
+        None
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn fma512(iterations: usize) -> f32 {
+        let a = _mm512_set1_ps(std::hint::black_box(0.999_999));
+        let b = _mm512_set1_ps(std::hint::black_box(1e-7));
+        let mut acc = [_mm512_set1_ps(1.0); 16];
+        for _ in 0..iterations {
+            for v in &mut acc {
+                *v = _mm512_fmadd_ps(*v, a, b);
+            }
+        }
+        acc.iter().map(|&v| _mm512_reduce_add_ps(v)).sum()
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn fma256(iterations: usize) -> f32 {
+        let a = _mm256_set1_ps(std::hint::black_box(0.999_999));
+        let b = _mm256_set1_ps(std::hint::black_box(1e-7));
+        let mut acc = [_mm256_set1_ps(1.0); 16];
+        for _ in 0..iterations {
+            for v in &mut acc {
+                *v = _mm256_fmadd_ps(*v, a, b);
+            }
+        }
+        acc.iter().map(|&v| hsum256(v)).sum()
+    }
+
     /// Whether the AVX-512 path runs here.
     pub(super) fn has_avx512() -> bool {
         std::arch::is_x86_feature_detected!("avx512f")
@@ -568,6 +638,14 @@ mod tests {
         let a = one.install(|| gemm(&xs, rows, ins, Rows::F32(&wf), outs, &|_, _, v| v));
         let b = gemm(&xs, rows, ins, Rows::F32(&wf), outs, &|_, _, v| v);
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn fma_loop_counts_work() {
+        // 1 + small increments stay finite and near 1 per lane: the loop really ran.
+        let (lanes, sum) = fma_loop(1000);
+        assert!(lanes >= 1 && sum.is_finite() && sum > 0.0);
+        assert!(fma_flops_one_thread(1000) > 0.0);
     }
 
     #[test]
