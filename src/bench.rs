@@ -27,8 +27,8 @@ use std::time::Instant;
 use fusec_exec::calibrate;
 use fusec_exec::kernels::{gemm, rowdot::Rows};
 use fusec_exec::{Executor, Prefill, Session, SplitMix64, Weights};
-use fusec_model::blocks::{Logits, StepDims};
 use fusec_ir::Graph;
+use fusec_model::blocks::{Logits, StepDims};
 use fusec_model::frontend::{ModelSpec, Precision};
 use fusec_rewrite::precision::Fp8Options;
 
@@ -131,7 +131,8 @@ impl PrefillResult {
 pub fn prefill_flops(m: &fusec_model::ModelConfig, tokens: usize) -> f64 {
     let (d, hd) = (m.hidden_size as f64, m.head_dim as f64);
     let (h, kv) = (m.num_heads as f64, m.num_kv_heads as f64);
-    let per_layer = d * h * hd + 2.0 * d * kv * hd + h * hd * d + 3.0 * d * m.intermediate_size as f64;
+    let per_layer =
+        d * h * hd + 2.0 * d * kv * hd + h * hd * d + 3.0 * d * m.intermediate_size as f64;
     let t = tokens as f64;
     let linear = 2.0 * per_layer * t;
     let attention = 4.0 * h * hd * t * (t + 1.0) / 2.0;
@@ -348,14 +349,23 @@ pub fn run_model(spec: &ModelSpec, opts: &Options) -> Result<ModelResult, BenchE
         drop(weights);
         let mut graphs = Vec::new();
         for &t in &opts.prefill {
-            let eager = pipeline::eager_prefill(&f32_spec, &StepDims::prefill(t as u64, Logits::Last))?;
+            let eager =
+                pipeline::eager_prefill(&f32_spec, &StepDims::prefill(t as u64, Logits::Last))?;
             let graph = pipeline::fuse(&f32_spec, &eager, &rules)?.0;
             let weights = Weights::random(&graph, opts.seed)?;
-            graphs.push((t, Prefill::new(Executor::new(graph, &weights)?)?, Vec::new()));
+            graphs.push((
+                t,
+                Prefill::new(Executor::new(graph, &weights)?)?,
+                Vec::new(),
+            ));
         }
         prefills.push((session, graphs));
     }
-    let tokens = random_tokens(spec.model.vocab_size, opts.prefill.iter().copied().max().unwrap_or(0), 3);
+    let tokens = random_tokens(
+        spec.model.vocab_size,
+        opts.prefill.iter().copied().max().unwrap_or(0),
+        3,
+    );
     // The GEMM of the MLP's up projection over the longest prompt, on its own.
     let gemm_shape = (
         opts.prefill.iter().copied().max().unwrap_or(0),

@@ -236,7 +236,10 @@ fn fma_loop(iterations: usize) -> (usize, f32) {
         }
     }
     let mut acc = [1.0f32; 16];
-    let (a, b) = (std::hint::black_box(0.999_999f32), std::hint::black_box(1e-7f32));
+    let (a, b) = (
+        std::hint::black_box(0.999_999f32),
+        std::hint::black_box(1e-7f32),
+    );
     for _ in 0..iterations {
         for v in &mut acc {
             *v = v.mul_add(a, b);
@@ -578,7 +581,10 @@ mod tests {
                     .sum();
                 let bound = 2.0 * ins as f64 * f32::EPSILON as f64 * mag + 1e-30;
                 let (g, e) = (got[r * outs + o] as f64, want[r * outs + o]);
-                assert!((g - e).abs() <= bound, "[{r},{o}]: {g} vs {e} (bound {bound:e})");
+                assert!(
+                    (g - e).abs() <= bound,
+                    "[{r},{o}]: {g} vs {e} (bound {bound:e})"
+                );
             }
         }
     }
@@ -634,7 +640,10 @@ mod tests {
         let mut rng = fusec_weights::SplitMix64::new(7);
         let xs: Vec<f32> = (0..rows * ins).map(|_| rng.normal() as f32).collect();
         let wf: Vec<f32> = (0..outs * ins).map(|_| rng.normal() as f32).collect();
-        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().expect("pool");
+        let one = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .expect("pool");
         let a = one.install(|| gemm(&xs, rows, ins, Rows::F32(&wf), outs, &|_, _, v| v));
         let b = gemm(&xs, rows, ins, Rows::F32(&wf), outs, &|_, _, v| v);
         assert_eq!(a, b);

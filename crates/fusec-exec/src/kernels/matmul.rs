@@ -154,7 +154,14 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor, KernelError> {
     // weight row with every input row, computed feature-major so that each weight row
     // streams from memory once.
     let out = if rows >= super::gemv::GEMM_MIN_ROWS {
-        super::gemm::gemm(&xs, rows, ins, super::rowdot::Rows::F32(&ws), outs, &|_, _, v| v)
+        super::gemm::gemm(
+            &xs,
+            rows,
+            ins,
+            super::rowdot::Rows::F32(&ws),
+            outs,
+            &|_, _, v| v,
+        )
     } else {
         super::gemv::by_output_feature(outs, rows, ins, |o, r| {
             dot(&xs[r * ins..(r + 1) * ins], &ws[o * ins..(o + 1) * ins])
