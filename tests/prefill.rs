@@ -273,3 +273,71 @@ fn prefill_graphs_print_parse_and_fuse() {
         assert!(u < e, "{name}: fused {u} launches, eager {e}");
     }
 }
+
+/// `fusec run --prefill-chunk 2`: chunks of 2, 2 and a decode step for the last
+/// token; the fixture's ids and logits, and the prefill's figures in `--json`.
+#[test]
+fn run_prefills_in_chunks() {
+    let dir = root().join("tests/fixtures/hf-tiny-llama-s0");
+    let f = fixture("hf-tiny-llama-s0");
+    let out = common::scratch("prefill-run").join("out.json");
+    let args = [
+        "run",
+        dir.to_str().expect("utf-8"),
+        "--prompt-ids",
+        "1,17,42,99,7",
+        "--tokens",
+        "16",
+        "--prefill-chunk",
+        "2",
+        "--json",
+        out.to_str().expect("utf-8"),
+        "--force",
+    ];
+    let run = common::fusec(&args);
+    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stdout}{stderr}");
+    assert!(
+        format!("{stdout}{stderr}").contains("time to first token"),
+        "{stdout}{stderr}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).expect("written")).expect("JSON");
+    let generated: Vec<i32> = json["generated"]
+        .as_array()
+        .expect("ids")
+        .iter()
+        .map(|v| v.as_i64().expect("id") as i32)
+        .collect();
+    assert_eq!(generated, f.generated);
+    let first: Vec<f32> = json["logits"][0]
+        .as_array()
+        .expect("row")
+        .iter()
+        .map(|v| v.as_f64().expect("logit") as f32)
+        .collect();
+    let err = max_rel_err(&first, &f.prefill_logits[f.prompt.len() - 1..]);
+    assert!(err <= 1e-4, "{err:e}");
+    let p = &json["stats"]["prefill"];
+    assert_eq!(p["chunk"], 2);
+    assert_eq!(p["tokens"], 5);
+    assert_eq!(
+        p["steps"], 3,
+        "2 + 2 through the prefill graph, 1 decode step"
+    );
+    assert!(p["time_to_first_token_ms"].as_f64().expect("ms") > 0.0);
+    assert!(p["tokens_per_s"].as_f64().expect("rate") > 0.0);
+    // Every step is a graph run: 3 for the prompt, 15 for the generated tokens.
+    assert_eq!(json["stats"]["steps"], 18);
+    // A chunk of 0 tokens is refused.
+    let mut bad = args;
+    bad[7] = "0";
+    let run = common::fusec(&bad);
+    assert_eq!(
+        run.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+}
