@@ -113,6 +113,10 @@ pub struct PrefillResult {
     pub tokens: usize,
     /// Prompt tokens per second (median of the rounds).
     pub tokens_per_s: f64,
+    /// Operations per second of process CPU time (all threads, spinning included;
+    /// median of the rounds), GFLOP/s: what the cores did while they ran, whatever
+    /// other tenants of the machine took.
+    pub gflops_per_cpu_s: f64,
     /// Floating-point operations the prompt needs (see [`prefill_flops`]).
     pub flops: f64,
 }
@@ -151,6 +155,8 @@ pub struct ModelResult {
     pub variants: Vec<VariantResult>,
     /// Measured FMA peak of all threads together, GFLOP/s (median of the rounds).
     pub fma_peak_gflops: f64,
+    /// The same per second of CPU time of one core (median of the rounds).
+    pub fma_peak_gflops_per_cpu_s: f64,
     /// One GEMM of the model's MLP shape (`rows`, hidden, intermediate), GFLOP/s.
     pub gemm_gflops: f64,
     /// `(rows, ins, outs)` of that GEMM.
@@ -225,18 +231,31 @@ impl ModelResult {
             100.0 * self.gemm_gflops / self.fma_peak_gflops
         );
         s += &format!(
-            "{:<16} {:>10} {:>14} {:>9} {:>8} {:>16}\n",
-            "prefill", "tokens/s", "TTFT ms", "GFLOP/s", "% peak", "x fused f32 dec"
+            "FMA peak per CPU-second of one core: {:.1} GFLOP/s\n",
+            self.fma_peak_gflops_per_cpu_s
+        );
+        s += &format!(
+            "{:<16} {:>10} {:>10} {:>9} {:>8} {:>12} {:>9} {:>16}\n",
+            "prefill",
+            "tokens/s",
+            "TTFT ms",
+            "GFLOP/s",
+            "% peak",
+            "GFLOP/cpu-s",
+            "% cpu-pk",
+            "x fused f32 dec"
         );
         let decode = self.get("fused f32").map(|v| v.tokens_per_s);
         for p in &self.prefill {
             s += &format!(
-                "{:<16} {:>10.1} {:>14.1} {:>9.1} {:>7.1}% {:>16}\n",
+                "{:<16} {:>10.1} {:>10.1} {:>9.1} {:>7.1}% {:>12.1} {:>8.1}% {:>16}\n",
                 format!("fused f32 {}", p.tokens),
                 p.tokens_per_s,
                 1e3 * p.tokens as f64 / p.tokens_per_s,
                 p.gflops(),
                 100.0 * p.gflops() / self.fma_peak_gflops,
+                p.gflops_per_cpu_s,
+                100.0 * p.gflops_per_cpu_s / self.fma_peak_gflops_per_cpu_s,
                 decode.map_or("-".into(), |d| format!("{:.1}x", p.tokens_per_s / d))
             );
         }
@@ -357,6 +376,7 @@ pub fn run_model(spec: &ModelSpec, opts: &Options) -> Result<ModelResult, BenchE
                 t,
                 Prefill::new(Executor::new(graph, &weights)?)?,
                 Vec::new(),
+                Vec::new(),
             ));
         }
         prefills.push((session, graphs));
@@ -379,7 +399,8 @@ pub fn run_model(spec: &ModelSpec, opts: &Options) -> Result<ModelResult, BenchE
         let w: Vec<f32> = (0..outs * ins).map(|_| rng.normal() as f32).collect();
         (x, w)
     };
-    let (mut fma_rounds, mut gemm_rounds) = (Vec::new(), Vec::new());
+    let (mut fma_rounds, mut fma_cpu_rounds, mut gemm_rounds) =
+        (Vec::new(), Vec::new(), Vec::new());
     // Rounds that the variants take in turn, each decoding the same `steps` tokens
     // from the same context (the session rewinds its caches to it), so that a slow
     // spell of this machine (other tenants, frequency changes) falls on every variant
@@ -405,18 +426,23 @@ pub fn run_model(spec: &ModelSpec, opts: &Options) -> Result<ModelResult, BenchE
             v.rounds.push(start.elapsed().as_secs_f64());
         }
         for (session, graphs) in &mut prefills {
-            for (t, prefill, rounds) in graphs.iter_mut() {
+            for (t, prefill, rounds, cpu) in graphs.iter_mut() {
                 session.rewind(0)?;
                 // Untimed first, as for decode.
                 session.prefill(prefill, &tokens[..*t])?;
                 session.rewind(0)?;
-                let start = Instant::now();
+                let (start, cpu_start) = (Instant::now(), cpu_seconds());
                 session.prefill(prefill, &tokens[..*t])?;
                 rounds.push(start.elapsed().as_secs_f64());
+                if let (Some(a), Some(b)) = (cpu_start, cpu_seconds()) {
+                    cpu.push(prefill_flops(&spec.model, *t) / (b - a).max(0.01) / 1e9);
+                }
             }
         }
         if !opts.prefill.is_empty() {
-            fma_rounds.push(fma_peak_gflops());
+            let (wall, per_cpu) = fma_peak_gflops();
+            fma_rounds.push(wall);
+            fma_cpu_rounds.push(per_cpu);
             let (rows, ins, outs) = gemm_shape;
             let start = Instant::now();
             let y = fusec_exec::team::region(|| {
@@ -430,9 +456,10 @@ pub fn run_model(spec: &ModelSpec, opts: &Options) -> Result<ModelResult, BenchE
     let prefill = prefills
         .into_iter()
         .flat_map(|(_, graphs)| graphs)
-        .map(|(t, _, mut rounds)| PrefillResult {
+        .map(|(t, _, mut rounds, mut cpu)| PrefillResult {
             tokens: t,
             tokens_per_s: t as f64 / median(&mut rounds),
+            gflops_per_cpu_s: median(&mut cpu),
             flops: prefill_flops(&spec.model, t),
         })
         .collect();
@@ -455,6 +482,7 @@ pub fn run_model(spec: &ModelSpec, opts: &Options) -> Result<ModelResult, BenchE
         ceiling_gb_per_s: probe.gb_per_s(),
         variants,
         fma_peak_gflops: median(&mut fma_rounds),
+        fma_peak_gflops_per_cpu_s: median(&mut fma_cpu_rounds),
         gemm_gflops: median(&mut gemm_rounds),
         gemm_shape,
         prefill,
@@ -462,14 +490,16 @@ pub fn run_model(spec: &ModelSpec, opts: &Options) -> Result<ModelResult, BenchE
 }
 
 /// The FMA peak of the machine's cores, GFLOP/s: one thread per core, each running
-/// [`gemm::fma_flops_one_thread`] for about 50 ms at once, summed.
-pub fn fma_peak_gflops() -> f64 {
+/// [`gemm::fma_flops_one_thread`] for about 50 ms at once, summed; and the operations
+/// per second of CPU time those threads took, per core.
+pub fn fma_peak_gflops() -> (f64, f64) {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     // Iterations for about 50 ms on one thread, from a short calibration run.
     let probe = 20_000;
     let rate = gemm::fma_flops_one_thread(probe);
     let iterations = ((0.05 * rate) / (16.0 * 16.0 * 2.0)).clamp(1e4, 1e9) as usize;
-    std::thread::scope(|s| {
+    let cpu_start = cpu_seconds();
+    let wall = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|_| s.spawn(move || gemm::fma_flops_one_thread(iterations)))
             .collect();
@@ -477,7 +507,29 @@ pub fn fma_peak_gflops() -> f64 {
             .into_iter()
             .map(|h| h.join().unwrap_or(0.0))
             .sum::<f64>()
-    }) / 1e9
+    }) / 1e9;
+    // The work done is known: the rate one core does it at per CPU-second.
+    let lanes = gemm::fma_lanes() as f64;
+    let flops = (threads * iterations) as f64 * 16.0 * lanes * 2.0;
+    let per_cpu = match (cpu_start, cpu_seconds()) {
+        (Some(a), Some(b)) if b > a => flops / (b - a) / 1e9,
+        _ => 0.0,
+    };
+    (wall, per_cpu)
+}
+
+/// CPU time this process has used (user and system, all threads), in seconds, from
+/// `/proc/self/stat` (fields 14 and 15, in clock ticks of 1/100 s, Linux's fixed
+/// `USER_HZ`); `None` where there is no such file.
+pub fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3: utime is field 14, stime field 15.
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
 }
 
 fn random_tokens(vocab: u64, n: usize, seed: u64) -> Vec<i32> {

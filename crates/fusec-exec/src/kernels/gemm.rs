@@ -229,6 +229,20 @@ pub fn fma_flops_one_thread(iterations: usize) -> f64 {
     (iterations * 16 * lanes * 2) as f64 / secs
 }
 
+/// Lanes per vector of the FMA loop [`fma_flops_one_thread`] runs on this machine.
+pub fn fma_lanes() -> usize {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if x86::has_avx512() {
+            return 16;
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            return 8;
+        }
+    }
+    1
+}
+
 /// Runs the FMA loop; returns the lanes per vector and a value that depends on it.
 fn fma_loop(iterations: usize) -> (usize, f32) {
     #[cfg(target_arch = "x86_64")]

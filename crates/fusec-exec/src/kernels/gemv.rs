@@ -461,13 +461,28 @@ pub fn gemv_many(
                 })
             });
         }
+        // The epilogue in parallel chunks of results (a prefill step's SiLU over
+        // `T x intermediate` values costs as much as a GEMM on one thread).
+        const EPILOGUE_CHUNK: usize = 1 << 14;
+        let parallel = rows * ins >= PARALLEL_MIN_WORK;
         match (epilogue, &mut results) {
-            (Epilogue::Round(dtype), _) => results
-                .iter_mut()
-                .flatten()
-                .for_each(|y| crate::rounding::round_slice(dtype, y)),
-            (Epilogue::Each(f), [Some(y), ..]) => f(0, y),
-            (Epilogue::Pair(f), [Some(a), Some(b), ..]) => f(a, b),
+            (Epilogue::Round(dtype), _) => results.iter_mut().flatten().for_each(|y| {
+                team::for_each_chunk_mut(y, EPILOGUE_CHUNK, parallel, |_, c| {
+                    crate::rounding::round_slice(dtype, c)
+                })
+            }),
+            (Epilogue::Each(f), [Some(y), ..]) => {
+                team::for_each_chunk_mut(y, EPILOGUE_CHUNK, parallel, |c, part| {
+                    f(c * EPILOGUE_CHUNK, part)
+                })
+            }
+            (Epilogue::Pair(f), [Some(a), Some(b), ..]) => {
+                let b = &*b;
+                team::for_each_chunk_mut(a, EPILOGUE_CHUNK, parallel, |c, part| {
+                    let start = c * EPILOGUE_CHUNK;
+                    f(part, &b[start..start + part.len()])
+                })
+            }
             _ => {}
         }
         let paired = matches!(epilogue, Epilogue::Pair(_));
