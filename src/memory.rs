@@ -161,18 +161,3 @@ mod tests {
         assert!(check(1 << 20, "x", Some(1 << 30)).is_ok());
     }
 }
-
-/// The process's peak resident memory so far (`VmHWM` of `/proc/self/status`, Linux),
-/// in bytes; `None` where the kernel does not say.
-pub fn peak_rss() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: u64 = line
-        .trim_start_matches("VmHWM:")
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    kib.checked_mul(1024)
-}

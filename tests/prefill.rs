@@ -136,7 +136,7 @@ fn generation_after_chunked_prefill_equals_token_by_token() {
         let w = weights(&f.spec, &decode);
         let n = f.generated.len();
         let reference = session(decode.clone(), &w)
-            .generate(&[f.prompt.clone()], n)
+            .generate(std::slice::from_ref(&f.prompt), n)
             .expect("decodes");
         assert_eq!(
             reference.generated[0], f.generated,
@@ -157,7 +157,7 @@ fn generation_after_chunked_prefill_equals_token_by_token() {
                 })
                 .collect();
             // The whole prompt at once, then 3 + 2, then 2 + 2 + one decode step.
-            for skip in 0..chunks.len() {
+            for (skip, first) in chunks.iter().enumerate() {
                 let decoder = match fused {
                     true => decode_fused.clone(),
                     false => decode.clone(),
@@ -165,12 +165,11 @@ fn generation_after_chunked_prefill_equals_token_by_token() {
                 let mut s = session(decoder, &w);
                 let mut use_: Vec<&mut Prefill> = prefills.iter_mut().skip(skip).collect();
                 let (gen, stats) = s
-                    .generate_prefilled(&mut use_, &[f.prompt.clone()], n)
+                    .generate_prefilled(&mut use_, std::slice::from_ref(&f.prompt), n)
                     .expect("generates");
                 assert_eq!(
                     gen.generated[0], f.generated,
-                    "{name} fused={fused}, chunks from {}",
-                    chunks[skip]
+                    "{name} fused={fused}, chunks from {first}"
                 );
                 assert_eq!(stats.tokens, f.prompt.len() as u64);
                 let expected_steps = match skip {
@@ -196,7 +195,7 @@ fn chunked_prefill_past_the_window() {
     let decode = pipeline::eager(&f.spec).expect("builds");
     let w = weights(&f.spec, &decode);
     let reference = session(decode.clone(), &w)
-        .generate(&[prompt.clone()], 6)
+        .generate(std::slice::from_ref(&prompt), 6)
         .expect("decodes");
     assert_eq!(reference.generated[0], f.generated[8..14]);
     for chunk in [13u64, 10, 6, 4] {
@@ -205,7 +204,7 @@ fn chunked_prefill_past_the_window() {
         let mut p = prefill(g, &w);
         let mut s = session(decode.clone(), &w);
         let (gen, _) = s
-            .generate_prefilled(&mut [&mut p], &[prompt.clone()], 6)
+            .generate_prefilled(&mut [&mut p], std::slice::from_ref(&prompt), 6)
             .expect("generates");
         assert_eq!(gen.generated[0], reference.generated[0], "chunk {chunk}");
         let err = max_rel_err(

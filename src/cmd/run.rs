@@ -524,7 +524,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
         other => other?,
     };
 
-    let peak_rss_bytes = fusec::memory::peak_rss();
+    let peak_rss_bytes = fusec::bench::proc_status_bytes("VmHWM:");
     let rates = Rates::of(&gen, &prefill);
     print_summary(
         &model.name,

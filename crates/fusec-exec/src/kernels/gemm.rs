@@ -421,10 +421,11 @@ mod x86 {
             for (i, b) in xb.iter_mut().enumerate() {
                 *b = _mm256_set1_ps(*x.add(i * ins + k));
             }
-            for j in 0..4 {
-                let w = _mm256_loadu_ps(panel.add(k * NR + 8 * j));
-                for i in 0..M {
-                    acc[i][j] = _mm256_fmadd_ps(xb[i], w, acc[i][j]);
+            let w: [__m256; 4] =
+                std::array::from_fn(|j| _mm256_loadu_ps(panel.add(k * NR + 8 * j)));
+            for (a, &b) in acc.iter_mut().zip(&xb) {
+                for (aj, &wj) in a.iter_mut().zip(&w) {
+                    *aj = _mm256_fmadd_ps(b, wj, *aj);
                 }
             }
         }

@@ -285,7 +285,7 @@ pub fn build_with(
     let dt = cfg.dtype;
     let mut b = Builder::new(&cfg.name);
     b.set_layer_count(cfg.num_layers);
-    let inputs = StepInputs::new(&mut b, &dims, dt)?;
+    let inputs = StepInputs::new(&mut b, dims, dt)?;
     let embed = Embedding::new(&mut b, step::EMBED, cfg.vocab_size, cfg.hidden_size, dt)?;
     let x = embed.forward(&mut b, inputs.input_ids)?;
     // `torch.tensor(hidden_size**0.5, dtype=hidden_states.dtype)`: the factor is
@@ -299,7 +299,7 @@ pub fn build_with(
             cfg.rope_theta,
             cfg.rope_scaling,
             cfg.head_dim,
-            &dims,
+            dims,
             dt,
         )
     };
@@ -321,7 +321,7 @@ pub fn build_with(
         Some(local_theta) => {
             let x = b.binary_scalar(BinaryOp::Mul, x, normalizer)?;
             let local = |b: &mut Builder| {
-                RopeTables::new(b, inputs.position_ids, local_theta, cfg.head_dim, &dims, dt)
+                RopeTables::new(b, inputs.position_ids, local_theta, cfg.head_dim, dims, dt)
             };
             let local_first = cfg.layer_type(0) == LayerType::Sliding;
             let ropes = if local_first {
@@ -364,7 +364,7 @@ pub fn build_with(
             rope,
             &scores,
             inputs.attention_mask,
-            &dims,
+            dims,
         )?;
     }
     b.set_layer(None);

@@ -85,7 +85,7 @@ pub fn build_with(cfg: &ModelConfig, dims: &StepDims) -> Result<Graph, BuildErro
     let dt = cfg.dtype;
     let mut b = Builder::new(&cfg.name);
     b.set_layer_count(cfg.num_layers);
-    let inputs = StepInputs::new(&mut b, &dims, dt)?;
+    let inputs = StepInputs::new(&mut b, dims, dt)?;
     let embed = Embedding::new(&mut b, step::EMBED, cfg.vocab_size, cfg.hidden_size, dt)?;
     let x = embed.forward(&mut b, inputs.input_ids)?;
     let mut x = b.binary_scalar(BinaryOp::Mul, x, m.embedding)?;
@@ -94,7 +94,7 @@ pub fn build_with(cfg: &ModelConfig, dims: &StepDims) -> Result<Graph, BuildErro
         inputs.position_ids,
         cfg.rope_theta,
         cfg.head_dim,
-        &dims,
+        dims,
         dt,
     )?;
     for layer in 0..cfg.num_layers {
@@ -107,7 +107,7 @@ pub fn build_with(cfg: &ModelConfig, dims: &StepDims) -> Result<Graph, BuildErro
             x,
             &rope,
             inputs.attention_mask,
-            &dims,
+            dims,
         )?;
     }
     b.set_layer(None);

@@ -63,7 +63,7 @@ pub fn build_with(cfg: &ModelConfig, dims: &StepDims) -> Result<Graph, BuildErro
     let dt = cfg.dtype;
     let mut b = Builder::new(&cfg.name);
     b.set_layer_count(cfg.num_layers);
-    let inputs = StepInputs::new(&mut b, &dims, dt)?;
+    let inputs = StepInputs::new(&mut b, dims, dt)?;
     let embed = Embedding::new(&mut b, step::EMBED, cfg.vocab_size, cfg.hidden_size, dt)?;
     let mut x = embed.forward(&mut b, inputs.input_ids)?;
     let rope = RopeTables::new(
@@ -71,12 +71,12 @@ pub fn build_with(cfg: &ModelConfig, dims: &StepDims) -> Result<Graph, BuildErro
         inputs.position_ids,
         cfg.rope_theta,
         cfg.head_dim,
-        &dims,
+        dims,
         dt,
     )?;
     for layer in 0..cfg.num_layers {
         b.set_layer(Some(layer as u32));
-        x = decoder_layer(&mut b, cfg, layer, x, &rope, inputs.attention_mask, &dims)?;
+        x = decoder_layer(&mut b, cfg, layer, x, &rope, inputs.attention_mask, dims)?;
     }
     b.set_layer(None);
     let norm = RmsNorm::new(

@@ -184,7 +184,7 @@ pub fn build_with(
     let dt = cfg.dtype;
     let mut b = Builder::new(&cfg.name);
     b.set_layer_count(cfg.num_layers);
-    let inputs = StepInputs::new(&mut b, &dims, dt)?;
+    let inputs = StepInputs::new(&mut b, dims, dt)?;
     let embed = Embedding::new(&mut b, step::EMBED, cfg.vocab_size, cfg.hidden_size, dt)?;
     let mut x = embed.forward(&mut b, inputs.input_ids)?;
     let rope = RopeTables::scaled(
@@ -193,7 +193,7 @@ pub fn build_with(
         cfg.rope_theta,
         cfg.rope_scaling,
         cfg.head_dim,
-        &dims,
+        dims,
         dt,
     )?;
     let (d, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
@@ -212,7 +212,7 @@ pub fn build_with(
             n,
             &rope,
             inputs.attention_mask,
-            &dims,
+            dims,
         )?;
         x = b.binary(BinaryOp::Add, x, o)?;
         let norm = RmsNorm::new(
