@@ -369,9 +369,11 @@ fn run_prefilled(
     check_finite: bool,
 ) -> Result<(Session, Generation, PrefillStats), Failure> {
     exec.set_check_finite(check_finite);
-    // Prefill graphs read the caches as f32 values (no compact FP8 storage).
-    let mut session =
-        Session::with_cache_storage(exec, 1, prompt.len() + tokens, false).map_err(exec_failure)?;
+    // Prefill graphs read the caches as f32 values: compact FP8 storage only when
+    // the prompt goes through the decode graph.
+    let compact = prefills.is_empty();
+    let mut session = Session::with_cache_storage(exec, 1, prompt.len() + tokens, compact)
+        .map_err(exec_failure)?;
     let mut refs: Vec<&mut Prefill> = prefills.iter_mut().collect();
     let (gen, stats) = session
         .generate_prefilled(&mut refs, &[prompt.to_vec()], tokens)
