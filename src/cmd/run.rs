@@ -159,7 +159,8 @@ struct Report<'a> {
 
 #[derive(Serialize, Debug)]
 struct Stats {
-    /// Graph runs: every prompt token and every generated token but the last.
+    /// Graph runs: the prefill steps (one per prompt token with --prefill-chunk 1) and
+    /// one per generated token but the last.
     steps: u64,
     launches_per_step: u64,
     /// Bytes read and written per step, averaged over the steps (the KV cache grows).
