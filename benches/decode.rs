@@ -27,6 +27,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             seed: 0,
             only: Vec::new(),
             max_memory: None,
+            prefill: [128, 512]
+                .into_iter()
+                .filter(|&t| t as u64 <= spec.model.max_seq_len)
+                .collect(),
         };
         print!("{}", bench::run_model(&spec, &opts)?.render());
     }

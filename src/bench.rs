@@ -25,8 +25,10 @@
 use std::time::Instant;
 
 use fusec_exec::calibrate;
-use fusec_exec::{Executor, Session, SplitMix64, Weights};
+use fusec_exec::kernels::{gemm, rowdot::Rows};
+use fusec_exec::{Executor, Prefill, Session, SplitMix64, Weights};
 use fusec_ir::Graph;
+use fusec_model::blocks::{Logits, StepDims};
 use fusec_model::frontend::{ModelSpec, Precision};
 use fusec_rewrite::precision::Fp8Options;
 
@@ -50,6 +52,9 @@ pub struct Options {
     /// The most memory the variants may hold together; `None`: what the machine can
     /// give (see [`crate::memory`]).
     pub max_memory: Option<u64>,
+    /// Prompt lengths to time prefill at (the fused f32 prefill graph, one chunk of
+    /// the whole prompt, from an empty cache); empty: no prefill.
+    pub prefill: Vec<usize>,
 }
 
 impl Default for Options {
@@ -61,6 +66,7 @@ impl Default for Options {
             seed: 0,
             only: Vec::new(),
             max_memory: None,
+            prefill: vec![128, 512],
         }
     }
 }
@@ -101,6 +107,42 @@ impl VariantResult {
     }
 }
 
+/// Prefill of one prompt length.
+#[derive(Clone, Debug)]
+pub struct PrefillResult {
+    pub tokens: usize,
+    /// Prompt tokens per second (median of the rounds).
+    pub tokens_per_s: f64,
+    /// Operations per second of process CPU time (all threads, spinning included;
+    /// median of the rounds), GFLOP/s: what the cores did while they ran, whatever
+    /// other tenants of the machine took.
+    pub gflops_per_cpu_s: f64,
+    /// Floating-point operations the prompt needs (see [`prefill_flops`]).
+    pub flops: f64,
+}
+
+impl PrefillResult {
+    pub fn gflops(&self) -> f64 {
+        self.flops * self.tokens_per_s / self.tokens as f64 / 1e9
+    }
+}
+
+/// The floating-point operations a prefill of `tokens` tokens from an empty cache
+/// needs: two per multiply-add of every projection and MLP weight for every token,
+/// of the causal attention (`q k` and `p v` over the keys each query sees, `i + 1`
+/// for the token at position `i`), and of the LM head for the last position only (as
+/// generation needs). Norms, RoPE and the softmax are left out (under 1%).
+pub fn prefill_flops(m: &fusec_model::ModelConfig, tokens: usize) -> f64 {
+    let (d, hd) = (m.hidden_size as f64, m.head_dim as f64);
+    let (h, kv) = (m.num_heads as f64, m.num_kv_heads as f64);
+    let per_layer =
+        d * h * hd + 2.0 * d * kv * hd + h * hd * d + 3.0 * d * m.intermediate_size as f64;
+    let t = tokens as f64;
+    let linear = 2.0 * per_layer * t;
+    let attention = 4.0 * h * hd * t * (t + 1.0) / 2.0;
+    m.num_layers as f64 * (linear + attention) + 2.0 * m.vocab_size as f64 * d
+}
+
 /// One model's results.
 #[derive(Clone, Debug)]
 pub struct ModelResult {
@@ -114,6 +156,15 @@ pub struct ModelResult {
     /// Variants the model's shapes do not allow (an integer format needs input
     /// dimensions in whole blocks of 32), with why; left out unless asked for by name.
     pub skipped: Vec<(&'static str, String)>,
+    /// Measured FMA peak of all threads together, GFLOP/s (median of the rounds).
+    pub fma_peak_gflops: f64,
+    /// The same per second of CPU time of one core (median of the rounds).
+    pub fma_peak_gflops_per_cpu_s: f64,
+    /// One GEMM of the model's MLP shape (`rows`, hidden, intermediate), GFLOP/s.
+    pub gemm_gflops: f64,
+    /// `(rows, ins, outs)` of that GEMM.
+    pub gemm_shape: (usize, usize, usize),
+    pub prefill: Vec<PrefillResult>,
 }
 
 impl ModelResult {
@@ -176,6 +227,46 @@ impl ModelResult {
             if let Some(r) = self.ratio(a, b) {
                 s += &format!("{a} / {b}: {r:.2}x\n");
             }
+        }
+        if self.prefill.is_empty() {
+            return s;
+        }
+        let (rows, ins, outs) = self.gemm_shape;
+        s += &format!(
+            "FMA peak (measured, {} threads): {:.1} GFLOP/s; GEMM {rows}x{ins} by {outs}x{ins}: {:.1} GFLOP/s ({:.1}% of peak)\n",
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+            self.fma_peak_gflops,
+            self.gemm_gflops,
+            100.0 * self.gemm_gflops / self.fma_peak_gflops
+        );
+        s += &format!(
+            "FMA peak per CPU-second of one core: {:.1} GFLOP/s\n",
+            self.fma_peak_gflops_per_cpu_s
+        );
+        s += &format!(
+            "{:<16} {:>10} {:>10} {:>9} {:>8} {:>12} {:>9} {:>16}\n",
+            "prefill",
+            "tokens/s",
+            "TTFT ms",
+            "GFLOP/s",
+            "% peak",
+            "GFLOP/cpu-s",
+            "% cpu-pk",
+            "x fused f32 dec"
+        );
+        let decode = self.get("fused f32").map(|v| v.tokens_per_s);
+        for p in &self.prefill {
+            s += &format!(
+                "{:<16} {:>10.1} {:>10.1} {:>9.1} {:>7.1}% {:>12.1} {:>8.1}% {:>16}\n",
+                format!("fused f32 {}", p.tokens),
+                p.tokens_per_s,
+                1e3 * p.tokens as f64 / p.tokens_per_s,
+                p.gflops(),
+                100.0 * p.gflops() / self.fma_peak_gflops,
+                p.gflops_per_cpu_s,
+                100.0 * p.gflops_per_cpu_s / self.fma_peak_gflops_per_cpu_s,
+                decode.map_or("-".into(), |d| format!("{:.1}x", p.tokens_per_s / d))
+            );
         }
         s
     }
@@ -281,6 +372,57 @@ pub fn run_model(spec: &ModelSpec, opts: &Options) -> Result<ModelResult, BenchE
         };
         prepared.push(prepare(name, graph, weights, rss_before, opts)?);
     }
+    // Prefill: the fused f32 prefill graph of each prompt length over a session of the
+    // fused f32 decode graph, whose caches rewind to empty before every timing.
+    let mut prefills = Vec::new();
+    if !opts.prefill.is_empty() {
+        let f32_spec = pipeline::in_precision(spec, Precision::F32);
+        let decode = pipeline::fused_in(spec, Precision::F32, &rules, &Fp8Options::default())?.0;
+        let longest = opts.prefill.iter().copied().max().unwrap_or(1);
+        if longest as u64 > spec.model.max_seq_len || opts.prefill.contains(&0) {
+            return Err(BenchError::Invalid(format!(
+                "prefill lengths must be 1 to max_seq_len {}",
+                spec.model.max_seq_len
+            )));
+        }
+        let weights = Weights::random(&decode, opts.seed)?;
+        let session = Session::with_capacity(Executor::new(decode, &weights)?, 1, longest)?;
+        drop(weights);
+        let mut graphs = Vec::new();
+        for &t in &opts.prefill {
+            let eager =
+                pipeline::eager_prefill(&f32_spec, &StepDims::prefill(t as u64, Logits::Last))?;
+            let graph = pipeline::fuse(&f32_spec, &eager, &rules)?.0;
+            let weights = Weights::random(&graph, opts.seed)?;
+            graphs.push((
+                t,
+                Prefill::new(Executor::new(graph, &weights)?)?,
+                Vec::new(),
+                Vec::new(),
+            ));
+        }
+        prefills.push((session, graphs));
+    }
+    let tokens = random_tokens(
+        spec.model.vocab_size,
+        opts.prefill.iter().copied().max().unwrap_or(0),
+        3,
+    );
+    // The GEMM of the MLP's up projection over the longest prompt, on its own.
+    let gemm_shape = (
+        opts.prefill.iter().copied().max().unwrap_or(0),
+        spec.model.hidden_size as usize,
+        spec.model.intermediate_size as usize,
+    );
+    let (gx, gw) = {
+        let mut rng = SplitMix64::new(opts.seed ^ 0x6e77);
+        let (rows, ins, outs) = gemm_shape;
+        let x: Vec<f32> = (0..rows * ins).map(|_| rng.normal() as f32).collect();
+        let w: Vec<f32> = (0..outs * ins).map(|_| rng.normal() as f32).collect();
+        (x, w)
+    };
+    let (mut fma_rounds, mut fma_cpu_rounds, mut gemm_rounds) =
+        (Vec::new(), Vec::new(), Vec::new());
     // Rounds that the variants take in turn, each decoding the same `steps` tokens
     // from the same context (the session rewinds its caches to it), so that a slow
     // spell of this machine (other tenants, frequency changes) falls on every variant
@@ -305,7 +447,44 @@ pub fn run_model(spec: &ModelSpec, opts: &Options) -> Result<ModelResult, BenchE
             }
             v.rounds.push(start.elapsed().as_secs_f64());
         }
+        for (session, graphs) in &mut prefills {
+            for (t, prefill, rounds, cpu) in graphs.iter_mut() {
+                session.rewind(0)?;
+                // Untimed first, as for decode.
+                session.prefill(prefill, &tokens[..*t])?;
+                session.rewind(0)?;
+                let (start, cpu_start) = (Instant::now(), cpu_seconds());
+                session.prefill(prefill, &tokens[..*t])?;
+                rounds.push(start.elapsed().as_secs_f64());
+                if let (Some(a), Some(b)) = (cpu_start, cpu_seconds()) {
+                    cpu.push(prefill_flops(&spec.model, *t) / (b - a).max(0.01) / 1e9);
+                }
+            }
+        }
+        if !opts.prefill.is_empty() {
+            let (wall, per_cpu) = fma_peak_gflops();
+            fma_rounds.push(wall);
+            fma_cpu_rounds.push(per_cpu);
+            let (rows, ins, outs) = gemm_shape;
+            let start = Instant::now();
+            let y = fusec_exec::team::region(|| {
+                gemm::gemm(&gx, rows, ins, Rows::F32(&gw), outs, &|_, _, v| v)
+            });
+            let secs = start.elapsed().as_secs_f64();
+            std::hint::black_box(y);
+            gemm_rounds.push(2.0 * (rows * ins * outs) as f64 / secs / 1e9);
+        }
     }
+    let prefill = prefills
+        .into_iter()
+        .flat_map(|(_, graphs)| graphs)
+        .map(|(t, _, mut rounds, mut cpu)| PrefillResult {
+            tokens: t,
+            tokens_per_s: t as f64 / median(&mut rounds),
+            gflops_per_cpu_s: median(&mut cpu),
+            flops: prefill_flops(&spec.model, t),
+        })
+        .collect();
     let variants = prepared
         .into_iter()
         .map(|mut v| VariantResult {
@@ -325,7 +504,55 @@ pub fn run_model(spec: &ModelSpec, opts: &Options) -> Result<ModelResult, BenchE
         ceiling_gb_per_s: probe.gb_per_s(),
         variants,
         skipped,
+        fma_peak_gflops: median(&mut fma_rounds),
+        fma_peak_gflops_per_cpu_s: median(&mut fma_cpu_rounds),
+        gemm_gflops: median(&mut gemm_rounds),
+        gemm_shape,
+        prefill,
     })
+}
+
+/// The FMA peak of the machine's cores, GFLOP/s: one thread per core, each running
+/// [`gemm::fma_flops_one_thread`] for about 50 ms at once, summed; and the operations
+/// per second of CPU time those threads took, per core.
+pub fn fma_peak_gflops() -> (f64, f64) {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Iterations for about 50 ms on one thread, from a short calibration run.
+    let probe = 20_000;
+    let rate = gemm::fma_flops_one_thread(probe);
+    let iterations = ((0.05 * rate) / (16.0 * 16.0 * 2.0)).clamp(1e4, 1e9) as usize;
+    let cpu_start = cpu_seconds();
+    let wall = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| s.spawn(move || gemm::fma_flops_one_thread(iterations)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or(0.0))
+            .sum::<f64>()
+    }) / 1e9;
+    // The work done is known: the rate one core does it at per CPU-second.
+    let lanes = gemm::fma_lanes() as f64;
+    let flops = (threads * iterations) as f64 * 16.0 * lanes * 2.0;
+    let per_cpu = match (cpu_start, cpu_seconds()) {
+        (Some(a), Some(b)) if b > a => flops / (b - a) / 1e9,
+        _ => 0.0,
+    };
+    (wall, per_cpu)
+}
+
+/// CPU time this process has used (user and system, all threads), in seconds, from
+/// `/proc/self/stat` (fields 14 and 15, in clock ticks of 1/100 s, Linux's fixed
+/// `USER_HZ`); `None` where there is no such file.
+pub fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3: utime is field 14, stime field 15.
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
 }
 
 fn random_tokens(vocab: u64, n: usize, seed: u64) -> Vec<i32> {

@@ -8,6 +8,7 @@ use fusec_ir::shape::Bindings;
 use fusec_ir::step;
 use fusec_ir::DType;
 use fusec_ir::{verify, Graph};
+use fusec_model::blocks::StepDims;
 use fusec_model::frontend::Precision;
 use fusec_model::{Architecture, ConfigError, ModelSpec, Registry, UnknownArchitecture};
 use fusec_rewrite::precision::{
@@ -105,6 +106,19 @@ pub fn eager_with(registry: &Registry, spec: &ModelSpec) -> Result<Graph, Pipeli
 pub fn eager_by(arch: &dyn Architecture, spec: &ModelSpec) -> Result<Graph, PipelineError> {
     let graph = arch
         .build(&spec.model)
+        .map_err(|e| PipelineError::Internal {
+            phase: "build",
+            message: e.to_string(),
+        })?;
+    verified("build", graph)
+}
+
+/// The eager prefill graph of a model over `dims` (`T` tokens per sequence, the
+/// logits of the last position or of every one), verified.
+pub fn eager_prefill(spec: &ModelSpec, dims: &StepDims) -> Result<Graph, PipelineError> {
+    let arch = Registry::builtin().architecture(&spec.architecture)?;
+    let graph = arch
+        .build_step(&spec.model, dims)
         .map_err(|e| PipelineError::Internal {
             phase: "build",
             message: e.to_string(),

@@ -456,6 +456,29 @@ fn non_finite_logits_stop_the_run_naming_the_step_and_the_op() {
     std::fs::write(&path, bytes).expect("write");
     let json = scratch("nonfinite").join("out.json");
     let _ = std::fs::remove_file(&json);
+    // Token by token, the last prompt position's logits are those of graph run 3.
+    let out = fusec(&[
+        "run",
+        s(&ckpt),
+        "--prompt-ids",
+        "1,17,42",
+        "--tokens",
+        "4",
+        "--json",
+        s(&json),
+        "--prefill-chunk",
+        "1",
+    ]);
+    assert_input_error(
+        &out,
+        &[
+            "decode step 3",
+            "not a finite number",
+            "fused.rms_norm_linear",
+        ],
+    );
+    assert!(!json.exists(), "a JSON of NaN logits was written");
+    // Prefilled in one chunk, they are those of graph run 1.
     let out = fusec(&[
         "run",
         s(&ckpt),
@@ -469,7 +492,7 @@ fn non_finite_logits_stop_the_run_naming_the_step_and_the_op() {
     assert_input_error(
         &out,
         &[
-            "decode step 3",
+            "decode step 1",
             "not a finite number",
             "fused.rms_norm_linear",
         ],

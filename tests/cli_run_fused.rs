@@ -148,6 +148,9 @@ fn compile_predicts_what_run_measures() {
             "17",
             "--json",
             out.to_str().expect("utf-8"),
+            // Every step a decode step, as compile predicts them.
+            "--prefill-chunk",
+            "1",
         ];
         args.extend(&run_extra);
         ok(&args);

@@ -486,6 +486,9 @@ fn compile_predicts_the_launches_run_measures() {
                 "4",
                 "--json",
                 path_str(&out),
+                // Every step a decode step, as compile predicts them.
+                "--prefill-chunk",
+                "1",
             ];
             args.extend_from_slice(extra);
             ok(&args);

@@ -357,6 +357,9 @@ fn compile_predicts_what_run_measures() {
                 "17",
                 "--json",
                 path_str(&out),
+                // Every step a decode step, as compile predicts them.
+                "--prefill-chunk",
+                "1",
             ];
             args.extend_from_slice(extra);
             ok(&args);

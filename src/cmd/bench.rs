@@ -1,6 +1,7 @@
 //! `fusec bench`: CPU decode throughput of the eager graph and of the fused graph in
 //! f32, bf16 and FP8, on random weights, against the read bandwidth measured by the
-//! same run (see `fusec::bench` for the method).
+//! same run, and fused f32 prefill against the FMA peak measured by the same run (see
+//! `fusec::bench` for the method).
 
 use std::path::PathBuf;
 
@@ -37,6 +38,13 @@ pub struct Args {
     /// can give].
     #[arg(long, value_name = "BYTES", value_parser = fusec::memory::parse_bytes)]
     pub max_memory: Option<u64>,
+    /// Prompt lengths to time the fused f32 prefill at, comma-separated, beside the
+    /// measured FMA peak [default: 128,512, those within the model's max_seq_len].
+    #[arg(long, value_delimiter = ',', conflicts_with = "no_prefill")]
+    pub prefill: Vec<usize>,
+    /// Time decode only.
+    #[arg(long)]
+    pub no_prefill: bool,
 }
 
 pub fn run(args: Args) -> Result<(), Failure> {
@@ -48,6 +56,14 @@ pub fn run(args: Args) -> Result<(), Failure> {
         seed: args.seed,
         only: args.only,
         max_memory: args.max_memory,
+        prefill: match (args.no_prefill, args.prefill.is_empty()) {
+            (true, _) => Vec::new(),
+            (false, false) => args.prefill,
+            (false, true) => [128, 512]
+                .into_iter()
+                .filter(|&t| t as u64 <= spec.model.max_seq_len)
+                .collect(),
+        },
     };
     let result = bench::run_model(&spec, &opts).map_err(|e| match e {
         BenchError::Pipeline(p) => Failure::from(p),

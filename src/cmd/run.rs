@@ -16,7 +16,8 @@ use anyhow::{anyhow, Context};
 use fusec::exec::accuracy::{self, Accuracy};
 use fusec::exec::calibrate::{self, KV_SCALE_MARGIN};
 use fusec::exec::ndarray::Axis;
-use fusec::exec::{Error as ExecError, Executor, Generation, Session};
+use fusec::exec::{Error as ExecError, Executor, Generation, Prefill, PrefillStats, Session};
+use fusec::model::blocks::{Logits, StepDims};
 use fusec::pipeline;
 use fusec::text::{SamplingOptions, Tokenizer};
 use fusec::weights::{self, Error as WeightError, KvScales, Weights};
@@ -100,6 +101,11 @@ pub struct Args {
     /// check to name the op).
     #[arg(long)]
     pub check_finite: bool,
+    /// Prefill the prompt through a prefill graph in chunks of this many tokens (the
+    /// last chunk shorter), then decode; 1 feeds the prompt token by token through
+    /// the decode graph. FP8 runs and --compare prefill token by token.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    pub prefill_chunk: u64,
     /// The most memory the weights and KV cache may take (e.g. 8G) [default: what the
     /// machine can give].
     #[arg(long, value_name = "BYTES", value_parser = fusec::memory::parse_bytes)]
@@ -153,12 +159,30 @@ struct Report<'a> {
 
 #[derive(Serialize, Debug)]
 struct Stats {
-    /// Graph runs: every prompt token and every generated token but the last.
+    /// Graph runs: the prefill steps (one per prompt token with --prefill-chunk 1) and
+    /// one per generated token but the last.
     steps: u64,
     launches_per_step: u64,
     /// Bytes read and written per step, averaged over the steps (the KV cache grows).
     bytes_per_step: u64,
-    /// Tokens processed per second over all steps.
+    /// Tokens processed per second over all steps (prompt tokens and generated ones).
+    tokens_per_s: f64,
+    /// The prompt's part: chunk size, graph runs, time to first token, tokens/s.
+    prefill: PrefillReport,
+    /// Generated tokens per second over the decode steps after the prompt.
+    decode_tokens_per_s: f64,
+    /// The process's peak resident memory after the run (`VmHWM`), if known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    peak_rss_bytes: Option<u64>,
+}
+
+#[derive(Serialize, Debug)]
+struct PrefillReport {
+    /// Tokens per prefill step (1: token by token through the decode graph).
+    chunk: u64,
+    tokens: u64,
+    steps: u64,
+    time_to_first_token_ms: f64,
     tokens_per_s: f64,
 }
 
@@ -200,6 +224,53 @@ impl Builder<'_> {
         let (graph, report) = pipeline::fused_in(self.spec, precision, &self.rules, &self.fp8)?;
         crate::cmd::options::warn_fusion(&report);
         Ok(graph)
+    }
+
+    /// The prefill graph of `tokens` tokens per step (logits of the last position),
+    /// eager or fused like the decode graph.
+    fn prefill_graph(&self, precision: Precision, tokens: u64) -> Result<Graph, Failure> {
+        let spec = pipeline::in_precision(self.spec, precision);
+        let eager = pipeline::eager_prefill(&spec, &StepDims::prefill(tokens, Logits::Last))?;
+        if !self.fuse {
+            return Ok(eager);
+        }
+        let (graph, report) = pipeline::fuse(&spec, &eager, &self.rules)?;
+        crate::cmd::options::warn_fusion(&report);
+        Ok(graph)
+    }
+
+    /// The prefill executors for a prompt of `len` tokens in chunks of `chunk`: one of
+    /// `chunk` tokens when the prompt holds one, and one of the remainder when it is
+    /// more than one token (a last single token takes a decode step). None for a
+    /// chunk of 1 and for FP8, whose lowering does not take prefill graphs yet.
+    fn prefills(
+        &self,
+        precision: Precision,
+        weights: &Weights,
+        len: usize,
+        chunk: u64,
+        check_finite: bool,
+    ) -> Result<Vec<Prefill>, Failure> {
+        if chunk <= 1 || precision == Precision::Fp8 {
+            return Ok(Vec::new());
+        }
+        let len = len as u64;
+        let mut sizes = Vec::new();
+        if len >= chunk {
+            sizes.push(chunk);
+        }
+        if len % chunk > 1 {
+            sizes.push(len % chunk);
+        }
+        sizes
+            .into_iter()
+            .map(|t| {
+                let graph = self.prefill_graph(precision, t)?;
+                let mut exec = Executor::new(graph, weights).map_err(exec_failure)?;
+                exec.set_check_finite(check_finite);
+                Prefill::new(exec).map_err(exec_failure)
+            })
+            .collect()
     }
 }
 
@@ -289,6 +360,28 @@ fn run_session(
     }
     .map_err(exec_failure)?;
     Ok((session, gen))
+}
+
+/// [`run_session`] with the prompt prefilled through `prefills` (token by token when
+/// there are none), and the prompt's statistics.
+fn run_prefilled(
+    mut exec: Executor,
+    prefills: &mut [Prefill],
+    prompt: &[i32],
+    tokens: usize,
+    check_finite: bool,
+) -> Result<(Session, Generation, PrefillStats), Failure> {
+    exec.set_check_finite(check_finite);
+    // Prefill graphs read the caches as f32 values: compact FP8 storage only when
+    // the prompt goes through the decode graph.
+    let compact = prefills.is_empty();
+    let mut session = Session::with_cache_storage(exec, 1, prompt.len() + tokens, compact)
+        .map_err(exec_failure)?;
+    let mut refs: Vec<&mut Prefill> = prefills.iter_mut().collect();
+    let (gen, stats) = session
+        .generate_prefilled(&mut refs, &[prompt.to_vec()], tokens)
+        .map_err(exec_failure)?;
+    Ok((session, gen, stats))
 }
 
 pub fn run(args: Args) -> Result<(), Failure> {
@@ -398,6 +491,16 @@ pub fn run(args: Args) -> Result<(), Failure> {
         )?;
     }
     let exec = Executor::new(graph.clone(), &weights).map_err(exec_failure)?;
+    // --compare teacher-forces token by token, and so prefills that way too.
+    let chunk = match args.compare || precision == Precision::Fp8 {
+        true => 1,
+        false => args.prefill_chunk,
+    };
+    let mut prefills = match text {
+        Some(_) => Vec::new(),
+        None => builder.prefills(precision, &weights, prompt.len(), chunk, args.check_finite)?,
+    };
+    let chunk = if prefills.is_empty() { 1 } else { chunk };
     if let Some((tokenizer, rendered, ids)) = &text {
         drop(weights);
         return run_text(&outputs, &args, &spec, exec, tokenizer, rendered, ids);
@@ -406,7 +509,9 @@ pub fn run(args: Args) -> Result<(), Failure> {
     // the loaded values are only needed again to compare, and freeing them here keeps
     // a large checkpoint from being resident twice while it decodes.
     let weights = args.compare.then_some(weights);
-    let (session, gen) = match run_session(exec, &prompt, args.tokens, None, args.check_finite) {
+    let run = run_prefilled(exec, &mut prefills, &prompt, args.tokens, args.check_finite);
+    drop(prefills);
+    let (session, gen, prefill) = match run {
         Err(Failure::Input(e))
             if !args.check_finite
                 && matches!(e.downcast_ref(), Some(ExecError::NonFiniteLogits { .. })) =>
@@ -424,6 +529,8 @@ pub fn run(args: Args) -> Result<(), Failure> {
         other => other?,
     };
 
+    let peak_rss_bytes = fusec::bench::proc_status_bytes("VmHWM:");
+    let rates = Rates::of(&gen, &prefill);
     print_summary(
         &model.name,
         &source.describe(),
@@ -431,7 +538,19 @@ pub fn run(args: Args) -> Result<(), Failure> {
         precision,
         &prompt,
         &gen,
+        rates.all,
     );
+    crate::say(&format!(
+        "prefill   {} tokens in {} step(s) of up to {chunk}: time to first token {:.1} ms, {:.1} tokens/s; decode {:.1} tokens/s{}\n",
+        prefill.tokens,
+        prefill.steps,
+        rates.ttft_ms,
+        prefill.tokens_per_s(),
+        rates.decode,
+        peak_rss_bytes
+            .map(|b| format!("; peak memory {:.1} MiB", b as f64 / (1u64 << 20) as f64))
+            .unwrap_or_default()
+    ));
     if args.profile {
         crate::say(&session.profile().render());
     }
@@ -495,7 +614,16 @@ pub fn run(args: Args) -> Result<(), Failure> {
                 steps: gen.steps,
                 launches_per_step: gen.launches_per_step,
                 bytes_per_step: gen.bytes_per_step().round() as u64,
-                tokens_per_s: gen.tokens_per_s(),
+                tokens_per_s: rates.all,
+                prefill: PrefillReport {
+                    chunk,
+                    tokens: prefill.tokens,
+                    steps: prefill.steps,
+                    time_to_first_token_ms: rates.ttft_ms,
+                    tokens_per_s: prefill.tokens_per_s(),
+                },
+                decode_tokens_per_s: rates.decode,
+                peak_rss_bytes,
             },
             kv_scales: kv_scales.as_ref(),
             accuracy: compared.as_ref().map(|(forced, acc)| AccuracyReport {
@@ -641,6 +769,28 @@ fn first_non_finite(
     }
 }
 
+/// The rates of a run whose prompt `prefill` took the first graph runs of `gen`.
+struct Rates {
+    /// Tokens processed (prompt and generated but the last) per second.
+    all: f64,
+    /// Generated tokens per second after the first.
+    decode: f64,
+    ttft_ms: f64,
+}
+
+impl Rates {
+    fn of(gen: &Generation, prefill: &PrefillStats) -> Rates {
+        let per_s = |n: u64, secs: f64| if secs > 0.0 { n as f64 / secs } else { 0.0 };
+        let decode_steps = gen.steps.saturating_sub(prefill.steps);
+        let decode_secs = gen.elapsed.saturating_sub(prefill.elapsed).as_secs_f64();
+        Rates {
+            all: per_s(prefill.tokens + decode_steps, gen.elapsed.as_secs_f64()),
+            decode: per_s(decode_steps, decode_secs),
+            ttft_ms: prefill.elapsed.as_secs_f64() * 1e3,
+        }
+    }
+}
+
 fn ids(v: &[i32]) -> String {
     v.iter().map(i32::to_string).collect::<Vec<_>>().join(",")
 }
@@ -652,6 +802,7 @@ fn print_summary(
     precision: Precision,
     prompt: &[i32],
     gen: &Generation,
+    tokens_per_s: f64,
 ) {
     let graph = if args.fusion.no_fuse {
         "eager"
@@ -666,6 +817,6 @@ fn print_summary(
         gen.steps,
         gen.launches_per_step,
         gen.bytes_per_step() / 1e6,
-        gen.tokens_per_s()
+        tokens_per_s
     ));
 }

@@ -131,19 +131,19 @@ pub const DEFAULT_CAPACITY: usize = 64;
 #[derive(Debug)]
 pub struct Session {
     exec: Executor,
-    batch: usize,
+    pub(crate) batch: usize,
     /// Positions cached so far.
-    past: usize,
+    pub(crate) past: usize,
     /// The step's inputs by their position among the graph's inputs
     /// (`Executor::input_names`): the states (KV caches) between steps, and during a
     /// step the data inputs too.
-    inputs: Vec<Option<Tensor>>,
+    pub(crate) inputs: Vec<Option<Tensor>>,
     /// The states, at their input positions.
-    states: Vec<State>,
+    pub(crate) states: Vec<State>,
     /// The data inputs fed every step, at their input positions.
     data: Vec<DataInput>,
-    vocab: usize,
-    profile: Profile,
+    pub(crate) vocab: usize,
+    pub(crate) profile: Profile,
     /// `B` and `S`, updated in place every step.
     bindings: Bindings,
     /// The executor's outputs, kept for the capacity of their lists.
@@ -152,14 +152,14 @@ pub struct Session {
 
 /// A state input, carried from the output of the same name to the next step.
 #[derive(Debug)]
-struct State {
-    index: usize,
-    name: Arc<str>,
+pub(crate) struct State {
+    pub(crate) index: usize,
+    pub(crate) name: Arc<str>,
     /// The axis that grows by one position per step, if any.
-    axis: Option<usize>,
+    pub(crate) axis: Option<usize>,
     /// The sliding window of a ring-buffer cache: it stops growing at this many
     /// positions and the oldest are overwritten.
-    window: Option<usize>,
+    pub(crate) window: Option<usize>,
 }
 
 /// What a data input holds.
@@ -181,7 +181,7 @@ struct DataInput {
     ty: TensorType,
 }
 
-fn bad(name: &str, message: impl Into<String>) -> Error {
+pub(crate) fn bad(name: &str, message: impl Into<String>) -> Error {
     Error::BadInput {
         name: name.to_string(),
         message: message.into(),
@@ -725,7 +725,7 @@ impl Session {
 
 /// A non-finite result found by the executor's finiteness check, with the decode step
 /// (counted from 1) it happened in; other errors as they are.
-fn at_step(e: Error, step: u64) -> Error {
+pub(crate) fn at_step(e: Error, step: u64) -> Error {
     match e {
         Error::Node {
             node,

@@ -510,12 +510,40 @@ fn a_full_ring_overwrites_the_slot_that_left_the_window() {
         }
         cache = all;
     }
-    // More than one entry into a full ring is refused.
+    // A prefill step's entries into a full ring go to consecutive slots mod `W`:
+    // positions 11 and 12 to slots 3 and 0; six at once (positions 13..19) keep only
+    // the last four, in slots 1, 2, 3, 0.
     let two = random(DType::F32, &[1, 2, 2, 3], &mut rng);
     let ring = Some(Ring {
         window: W,
         written: 11,
     });
+    let (all, copied) = kv_append(&mut cache, &two, ring).expect("appends two");
+    assert_eq!((all.shape(), copied), (&[1, 2, W, 3][..], 0));
+    for (i, slot) in [3, 0].into_iter().enumerate() {
+        let got = all.slice(2, slot, slot + 1).expect("a slot").to_vec_f32();
+        let want = two.slice(2, i, i + 1).expect("an entry").to_vec_f32();
+        assert_eq!(got, want, "position {}", 11 + i);
+    }
+    let six = random(DType::F32, &[1, 2, 6, 3], &mut rng);
+    let mut cache = all;
+    let ring = Some(Ring {
+        window: W,
+        written: 13,
+    });
+    let (all, _) = kv_append(&mut cache, &six, ring).expect("appends six");
+    for i in 2..6 {
+        let slot = (13 + i) % W;
+        let got = all.slice(2, slot, slot + 1).expect("a slot").to_vec_f32();
+        let want = six.slice(2, i, i + 1).expect("an entry").to_vec_f32();
+        assert_eq!(got, want, "position {}", 13 + i);
+    }
+    // A ring whose length disagrees with the entries written before is refused.
+    let ring = Some(Ring {
+        window: W,
+        written: 2,
+    });
+    let mut cache = all;
     assert!(kv_append(&mut cache, &two, ring).is_err());
 }
 

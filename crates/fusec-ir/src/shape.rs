@@ -80,13 +80,21 @@ impl Dim {
     /// or for a ring buffer `min(S + plus + 1, W)` (the entry overwrites the oldest
     /// one once the ring is full).
     pub fn appended(&self) -> Dim {
+        self.appended_by(1)
+    }
+
+    /// The length of a cache of this length after `n` more entries are written (a
+    /// prefill step of `n` tokens): `len + n`, or for a ring buffer
+    /// `min(S + plus + n, W)`: the entries go to consecutive slots modulo `W`, each
+    /// over the oldest once the ring is full.
+    pub fn appended_by(&self, n: u64) -> Dim {
         match self {
             Dim::Window { name, plus, window } => Dim::Window {
                 name: name.clone(),
-                plus: plus + 1,
+                plus: plus + n,
                 window: *window,
             },
-            d => d.plus(1),
+            d => d.plus(n),
         }
     }
 

@@ -164,6 +164,7 @@ pub fn builtin_signatures() -> BTreeMap<String, Vec<ArgKind>> {
     use ArgKind::{Class, DType as D, Int, Shape as Sh};
     [
         ("is-state", vec![Class]),
+        ("grows", vec![Class]),
         ("is-scalar", vec![Class]),
         ("has-dtype", vec![Class, D]),
         ("same-type", vec![Class, Class]),
@@ -180,6 +181,8 @@ pub fn builtin_signatures() -> BTreeMap<String, Vec<ArgKind>> {
 /// The built-in conditions:
 ///
 /// - `(is-state ?x)`: `?x` is KV-cache state read at the start of the step;
+/// - `(grows ?x)`: `?x`'s sequence axis (-2) grows with each append, not a sliding
+///   window's ring (`fusec_ir::Dim::Window`), after which `cat` and `kv.append` differ;
 /// - `(is-scalar ?x)`: `?x` is a scalar (`f32[]`);
 /// - `(has-dtype ?x $t)`: `?x` has dtype `$t`;
 /// - `(rotate-half $h $d ?x)`: `2 * $h == $d ==` the last dimension of `?x`;
@@ -197,6 +200,25 @@ pub fn builtin_conditions() -> BTreeMap<String, CondFn> {
                 Ok(())
             } else {
                 Err("the operand is not KV-cache state".into())
+            }
+        }),
+    );
+    m.insert(
+        "grows".into(),
+        Arc::new(|ctx, args| {
+            let t = ctx.tensor(class(args, 0)?)?;
+            let ring = t
+                .shape
+                .dims()
+                .len()
+                .checked_sub(2)
+                .and_then(|axis| t.shape.dims()[axis].window());
+            match ring {
+                None => Ok(()),
+                Some(w) => Err(format!(
+                    "the operand is a ring of {w} positions: appending to it is not a cat"
+                )
+                .into()),
             }
         }),
     );

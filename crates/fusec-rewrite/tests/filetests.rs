@@ -20,6 +20,8 @@
 //!   reason containing TEXT (at eager position `%N` when given);
 //! - `; no-near-miss: RULE`: RULE is not reported as a near miss;
 //! - `; rejected: TEXT`: an application was rejected with an error containing TEXT;
+//! - `; no-rejection:`: no application was rejected (a condition kept the rule from
+//!   matching where its result would not type-check);
 //! - `; output:`: the rest of the file is the whole expected fused IR, each line
 //!   prefixed by `; `. Run with `FUSEC_BLESS=1` to write it from the current output
 //!   (only files that have the marker are rewritten); review the diff.
@@ -49,6 +51,7 @@ enum Directive {
     },
     NoNearMiss(String),
     Rejected(String),
+    NoRejection,
 }
 
 /// A parsed test file.
@@ -177,6 +180,7 @@ impl FileTest {
                 "rejected" => t
                     .directives
                     .push((line_no, Directive::Rejected(value.into()))),
+                "no-rejection" => t.directives.push((line_no, Directive::NoRejection)),
                 other => return Err(err(format!("unknown directive `{other}:`"))),
             }
         }
@@ -311,6 +315,12 @@ fn run(src: &str, bless: bool) -> Outcome {
                 if let Some(m) = report.near_misses.iter().find(|m| &m.rule == rule) {
                     out.failures
                         .push(fail(format!("`{rule}` is a near miss: {m:?}")));
+                }
+            }
+            Directive::NoRejection => {
+                if !report.rejected.is_empty() {
+                    out.failures
+                        .push(fail(format!("rejected: {:?}", report.rejected)));
                 }
             }
             Directive::Rejected(s) => {

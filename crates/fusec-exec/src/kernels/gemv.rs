@@ -32,6 +32,7 @@ use fusec_ir::{numerics, DType};
 
 #[cfg(doc)]
 use super::dot::dot;
+use super::gemm;
 use super::intdot::{self, IntRows, Q8Acts};
 use super::rowdot::{self, Rows};
 use super::{float_buffer, KernelError};
@@ -41,6 +42,13 @@ use crate::tensor::{Buffer, Tensor};
 
 /// Multiply-adds below which a GEMV runs on the calling thread (as in `matmul`).
 const PARALLEL_MIN_WORK: usize = 1 << 16;
+
+/// Activation rows from which a linear layer runs as a GEMM ([`gemm::gemm`], its own
+/// summation order, checked to a tolerance) rather than as row dots in the order of
+/// [`dot`] (bit-identical to the eager reference): a prefill step's `T` tokens, not a
+/// decode step's few sequences, whose results stay bit-identical to decoding them one
+/// at a time.
+pub const GEMM_MIN_ROWS: usize = 4;
 
 /// A quantized GEMV weight: the value of a `dequant` node. It launches nothing and is
 /// read by the GEMV that consumes it.
@@ -599,19 +607,43 @@ pub fn gemv_many(
             .zip(prepared.iter().flatten())
             .zip(results.iter_mut())
         {
-            *slot = Some(by_output_feature(p.outs, rows, ins, |o, r| {
-                let mut y = [0.0f32];
-                a.dots(r, ins, p.rows.range(o * ins, (o + 1) * ins), &mut y);
-                p.scale(y[0], o, sx(p, r))
-            }));
+            *slot = Some(match p.rows {
+                // Prefill: the weights reused across rows (see `super::gemm`). Integer
+                // codes have no GEMM yet and take the row dots below.
+                Stored::Float(w) if rows >= GEMM_MIN_ROWS => {
+                    gemm::gemm(plain_x(p), rows, ins, w, p.outs, &|o, r, acc| {
+                        p.scale(acc, o, sx(p, r))
+                    })
+                }
+                _ => by_output_feature(p.outs, rows, ins, |o, r| {
+                    let mut y = [0.0f32];
+                    a.dots(r, ins, p.rows.range(o * ins, (o + 1) * ins), &mut y);
+                    p.scale(y[0], o, sx(p, r))
+                }),
+            });
         }
+        // The epilogue in parallel chunks of results (a prefill step's SiLU over
+        // `T x intermediate` values costs as much as a GEMM on one thread).
+        const EPILOGUE_CHUNK: usize = 1 << 14;
+        let parallel = rows * ins >= PARALLEL_MIN_WORK;
         match (epilogue, &mut results) {
-            (Epilogue::Round(dtype), _) => results
-                .iter_mut()
-                .flatten()
-                .for_each(|y| crate::rounding::round_slice(dtype, y)),
-            (Epilogue::Each(f), [Some(y), ..]) => f(0, y),
-            (Epilogue::Pair(f), [Some(a), Some(b), ..]) => f(a, b),
+            (Epilogue::Round(dtype), _) => results.iter_mut().flatten().for_each(|y| {
+                team::for_each_chunk_mut(y, EPILOGUE_CHUNK, parallel, |_, c| {
+                    crate::rounding::round_slice(dtype, c)
+                })
+            }),
+            (Epilogue::Each(f), [Some(y), ..]) => {
+                team::for_each_chunk_mut(y, EPILOGUE_CHUNK, parallel, |c, part| {
+                    f(c * EPILOGUE_CHUNK, part)
+                })
+            }
+            (Epilogue::Pair(f), [Some(a), Some(b), ..]) => {
+                let b = &*b;
+                team::for_each_chunk_mut(a, EPILOGUE_CHUNK, parallel, |c, part| {
+                    let start = c * EPILOGUE_CHUNK;
+                    f(part, &b[start..start + part.len()])
+                })
+            }
             _ => {}
         }
         let paired = matches!(epilogue, Epilogue::Pair(_));

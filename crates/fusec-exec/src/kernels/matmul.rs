@@ -149,11 +149,24 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor, KernelError> {
     let rows = x.numel() / ins.max(1);
     let xs = x.contiguous_f32().unwrap_or_default();
     let ws = w.contiguous_f32().unwrap_or_default();
-    // Each output feature is a dot product of one weight row with every input row;
-    // computing feature-major streams each weight row from memory once.
-    let out = super::gemv::by_output_feature(outs, rows, ins, |o, r| {
-        dot(&xs[r * ins..(r + 1) * ins], &ws[o * ins..(o + 1) * ins])
-    });
+    // A prefill step's rows run as a GEMM (its own summation order); a decode step's
+    // as dot products in `dot`'s order, each output feature a dot product of one
+    // weight row with every input row, computed feature-major so that each weight row
+    // streams from memory once.
+    let out = if rows >= super::gemv::GEMM_MIN_ROWS {
+        super::gemm::gemm(
+            &xs,
+            rows,
+            ins,
+            super::rowdot::Rows::F32(&ws),
+            outs,
+            &|_, _, v| v,
+        )
+    } else {
+        super::gemv::by_output_feature(outs, rows, ins, |o, r| {
+            dot(&xs[r * ins..(r + 1) * ins], &ws[o * ins..(o + 1) * ins])
+        })
+    };
     let mut shape = x.dims();
     if let Some(last) = shape.last_mut() {
         *last = outs;

@@ -14,6 +14,7 @@ pub mod dot;
 pub mod elementwise;
 pub mod fused;
 pub mod gather;
+pub mod gemm;
 pub mod gemv;
 pub mod intdot;
 pub mod matmul;

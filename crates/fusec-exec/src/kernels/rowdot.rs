@@ -95,7 +95,7 @@ impl<'a> Rows<'a> {
 
     /// The value at index `i`, decoded.
     #[inline]
-    fn value(&self, i: usize) -> f32 {
+    pub(crate) fn value(&self, i: usize) -> f32 {
         match self {
             Rows::F32(w) => w[i],
             Rows::Bf16(w) => rounding::from_u16_bits(DType::Bf16, w[i]),

@@ -99,19 +99,20 @@ fn appended(past: &TensorType, new: &TensorType) -> R<TensorType> {
         Ok(Type::Tuple(_)) => return Err("cat gave a tuple".into()),
         Err(e) => return Err(e.message),
     };
-    // A sliding-window layer's cache is a ring of `W` positions: one new entry
-    // overwrites the oldest once it is full, so its length goes from `min(S, W)` to
-    // `min(S+1, W)`, not to `min(S, W) + 1` as a `cat` would.
+    // A sliding-window layer's cache is a ring of `W` positions: each new entry
+    // overwrites the oldest once it is full, so `T` entries (one per token of a
+    // step) take its length from `min(S, W)` to `min(S+T, W)`, not to `min(S, W) + T`
+    // as a `cat` would.
     let axis = past.rank() - 2;
-    match past.shape.0[axis].window() {
-        None => Ok(cat),
-        Some(_) if new.shape.0[axis].is_one() => {
+    match (past.shape.0[axis].window(), new.shape.0[axis].as_fixed()) {
+        (None, _) => Ok(cat),
+        (Some(_), Some(n)) => {
             let mut shape = cat.shape;
-            shape.0[axis] = past.shape.0[axis].appended();
+            shape.0[axis] = past.shape.0[axis].appended_by(n);
             Ok(TensorType::new(cat.dtype, shape))
         }
-        Some(w) => Err(format!(
-            "a cache windowed to {w} positions takes one entry per step, not {}",
+        (Some(w), None) => Err(format!(
+            "a cache windowed to {w} positions takes a fixed number of entries per step, not {}",
             new.shape.0[axis]
         )),
     }

@@ -4,6 +4,7 @@ use std::fmt;
 
 use fusec_ir::Graph;
 
+use crate::blocks::StepDims;
 use crate::build::BuildError;
 use crate::frontend::{ConfigError, HfConfig, ModelConfig};
 
@@ -25,4 +26,23 @@ pub trait Architecture: fmt::Debug + Send + Sync {
 
     /// The eager decode step of `model`, in its checkpoint dtype.
     fn build(&self, model: &ModelConfig) -> Result<Graph, BuildError>;
+
+    /// The eager step of `model` over `dims`: the decode step for one token, or a
+    /// prefill step of `dims.query` tokens (transformers' multi-token forward, causal
+    /// mask, RoPE per position, the caches appended by `T` entries).
+    ///
+    /// The built-in families build both from the same blocks. An architecture that
+    /// only implements [`Architecture::build`] has no prefill step: this refuses any
+    /// `T` other than 1.
+    fn build_step(&self, model: &ModelConfig, dims: &StepDims) -> Result<Graph, BuildError> {
+        if *dims == StepDims::default() {
+            self.build(model)
+        } else {
+            Err(BuildError::Unsupported(format!(
+                "architecture `{}` builds no prefill step ({} tokens)",
+                self.model_types().first().copied().unwrap_or("?"),
+                dims.query
+            )))
+        }
+    }
 }

@@ -85,6 +85,10 @@ impl Architecture for Gemma2 {
     fn build(&self, model: &ModelConfig) -> Result<Graph, BuildError> {
         build(model, Generation::Gemma2)
     }
+
+    fn build_step(&self, model: &ModelConfig, dims: &StepDims) -> Result<Graph, BuildError> {
+        build_with(model, Generation::Gemma2, dims)
+    }
 }
 
 impl Architecture for Gemma3 {
@@ -98,6 +102,10 @@ impl Architecture for Gemma3 {
 
     fn build(&self, model: &ModelConfig) -> Result<Graph, BuildError> {
         build(model, Generation::Gemma3)
+    }
+
+    fn build_step(&self, model: &ModelConfig, dims: &StepDims) -> Result<Graph, BuildError> {
+        build_with(model, Generation::Gemma3, dims)
     }
 }
 
@@ -264,12 +272,20 @@ fn params(cfg: &ModelConfig) -> GemmaParams {
 
 /// The eager decode step of `cfg` in its checkpoint dtype.
 pub fn build(cfg: &ModelConfig, gen: Generation) -> Result<Graph, BuildError> {
+    build_with(cfg, gen, &StepDims::default())
+}
+
+/// The eager step of `cfg` over `dims` (decode, or prefill of `dims.query` tokens).
+pub fn build_with(
+    cfg: &ModelConfig,
+    gen: Generation,
+    dims: &StepDims,
+) -> Result<Graph, BuildError> {
     let p = params(cfg);
-    let dims = StepDims::default();
     let dt = cfg.dtype;
     let mut b = Builder::new(&cfg.name);
     b.set_layer_count(cfg.num_layers);
-    let inputs = StepInputs::new(&mut b, &dims, dt)?;
+    let inputs = StepInputs::new(&mut b, dims, dt)?;
     let embed = Embedding::new(&mut b, step::EMBED, cfg.vocab_size, cfg.hidden_size, dt)?;
     let x = embed.forward(&mut b, inputs.input_ids)?;
     // `torch.tensor(hidden_size**0.5, dtype=hidden_states.dtype)`: the factor is
@@ -283,7 +299,7 @@ pub fn build(cfg: &ModelConfig, gen: Generation) -> Result<Graph, BuildError> {
             cfg.rope_theta,
             cfg.rope_scaling,
             cfg.head_dim,
-            &dims,
+            dims,
             dt,
         )
     };
@@ -305,7 +321,7 @@ pub fn build(cfg: &ModelConfig, gen: Generation) -> Result<Graph, BuildError> {
         Some(local_theta) => {
             let x = b.binary_scalar(BinaryOp::Mul, x, normalizer)?;
             let local = |b: &mut Builder| {
-                RopeTables::new(b, inputs.position_ids, local_theta, cfg.head_dim, &dims, dt)
+                RopeTables::new(b, inputs.position_ids, local_theta, cfg.head_dim, dims, dt)
             };
             let local_first = cfg.layer_type(0) == LayerType::Sliding;
             let ropes = if local_first {
@@ -348,7 +364,7 @@ pub fn build(cfg: &ModelConfig, gen: Generation) -> Result<Graph, BuildError> {
             rope,
             &scores,
             inputs.attention_mask,
-            &dims,
+            dims,
         )?;
     }
     b.set_layer(None);
@@ -360,6 +376,7 @@ pub fn build(cfg: &ModelConfig, gen: Generation) -> Result<Graph, BuildError> {
         dt,
     )?;
     let h = norm.forward_offset_weight(&mut b, x)?;
+    let h = dims.head_rows(&mut b, h)?;
     let head = LmHead::new(
         &mut b,
         &embed,

@@ -41,6 +41,10 @@ impl Architecture for Granite {
     fn build(&self, model: &ModelConfig) -> Result<Graph, BuildError> {
         build(model)
     }
+
+    fn build_step(&self, model: &ModelConfig, dims: &StepDims) -> Result<Graph, BuildError> {
+        build_with(model, dims)
+    }
 }
 
 /// `GraniteConfig`'s keys: Llama's (no biases, SiLU) and the four multipliers, each
@@ -72,12 +76,16 @@ pub fn parse_hf_config(j: &HfConfig<'_>) -> Result<ModelConfig, ConfigError> {
 /// The eager decode step of `cfg` in its checkpoint dtype (multipliers of 1 when the
 /// config has none, as `GraniteConfig`'s defaults).
 pub fn build(cfg: &ModelConfig) -> Result<Graph, BuildError> {
+    build_with(cfg, &StepDims::default())
+}
+
+/// The eager step of `cfg` over `dims` (decode, or prefill of `dims.query` tokens).
+pub fn build_with(cfg: &ModelConfig, dims: &StepDims) -> Result<Graph, BuildError> {
     let m = cfg.multipliers.unwrap_or_default();
-    let dims = StepDims::default();
     let dt = cfg.dtype;
     let mut b = Builder::new(&cfg.name);
     b.set_layer_count(cfg.num_layers);
-    let inputs = StepInputs::new(&mut b, &dims, dt)?;
+    let inputs = StepInputs::new(&mut b, dims, dt)?;
     let embed = Embedding::new(&mut b, step::EMBED, cfg.vocab_size, cfg.hidden_size, dt)?;
     let x = embed.forward(&mut b, inputs.input_ids)?;
     let mut x = b.binary_scalar(BinaryOp::Mul, x, m.embedding)?;
@@ -86,7 +94,7 @@ pub fn build(cfg: &ModelConfig) -> Result<Graph, BuildError> {
         inputs.position_ids,
         cfg.rope_theta,
         cfg.head_dim,
-        &dims,
+        dims,
         dt,
     )?;
     for layer in 0..cfg.num_layers {
@@ -99,7 +107,7 @@ pub fn build(cfg: &ModelConfig) -> Result<Graph, BuildError> {
             x,
             &rope,
             inputs.attention_mask,
-            &dims,
+            dims,
         )?;
     }
     b.set_layer(None);
@@ -111,6 +119,7 @@ pub fn build(cfg: &ModelConfig) -> Result<Graph, BuildError> {
         dt,
     )?;
     let h = norm.forward(&mut b, x)?;
+    let h = dims.head_rows(&mut b, h)?;
     let head = LmHead::new(
         &mut b,
         &embed,

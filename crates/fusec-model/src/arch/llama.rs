@@ -37,6 +37,10 @@ impl Architecture for Llama {
     fn build(&self, model: &ModelConfig) -> Result<Graph, BuildError> {
         build(model)
     }
+
+    fn build_step(&self, model: &ModelConfig, dims: &StepDims) -> Result<Graph, BuildError> {
+        build_with(model, dims)
+    }
 }
 
 /// `LlamaConfig`'s keys: the shared decoder keys, without biases, with SiLU.
@@ -59,11 +63,15 @@ pub fn parse_hf_config(j: &HfConfig<'_>) -> Result<ModelConfig, ConfigError> {
 
 /// The eager decode step of `cfg` in its checkpoint dtype.
 pub fn build(cfg: &ModelConfig) -> Result<Graph, BuildError> {
-    let dims = StepDims::default();
+    build_with(cfg, &StepDims::default())
+}
+
+/// The eager step of `cfg` over `dims` (decode, or prefill of `dims.query` tokens).
+pub fn build_with(cfg: &ModelConfig, dims: &StepDims) -> Result<Graph, BuildError> {
     let dt = cfg.dtype;
     let mut b = Builder::new(&cfg.name);
     b.set_layer_count(cfg.num_layers);
-    let inputs = StepInputs::new(&mut b, &dims, dt)?;
+    let inputs = StepInputs::new(&mut b, dims, dt)?;
     let embed = Embedding::new(&mut b, step::EMBED, cfg.vocab_size, cfg.hidden_size, dt)?;
     let mut x = embed.forward(&mut b, inputs.input_ids)?;
     let rope = RopeTables::scaled(
@@ -72,12 +80,12 @@ pub fn build(cfg: &ModelConfig) -> Result<Graph, BuildError> {
         cfg.rope_theta,
         cfg.rope_scaling,
         cfg.head_dim,
-        &dims,
+        dims,
         dt,
     )?;
     for layer in 0..cfg.num_layers {
         b.set_layer(Some(layer as u32));
-        x = decoder_layer(&mut b, cfg, layer, x, &rope, inputs.attention_mask, &dims)?;
+        x = decoder_layer(&mut b, cfg, layer, x, &rope, inputs.attention_mask, dims)?;
     }
     b.set_layer(None);
     let norm = RmsNorm::new(
@@ -88,6 +96,7 @@ pub fn build(cfg: &ModelConfig) -> Result<Graph, BuildError> {
         dt,
     )?;
     let h = norm.forward(&mut b, x)?;
+    let h = dims.head_rows(&mut b, h)?;
     let head = LmHead::new(
         &mut b,
         &embed,

@@ -9,6 +9,7 @@ use fusec_ir::Graph;
 
 use super::architecture::Architecture;
 use super::llama;
+use crate::blocks::StepDims;
 use crate::build::BuildError;
 use crate::frontend::{ConfigError, HfConfig, ModelConfig};
 
@@ -27,5 +28,9 @@ impl Architecture for Mistral {
 
     fn build(&self, model: &ModelConfig) -> Result<Graph, BuildError> {
         llama::build(model)
+    }
+
+    fn build_step(&self, model: &ModelConfig, dims: &StepDims) -> Result<Graph, BuildError> {
+        llama::build_with(model, dims)
     }
 }

@@ -33,6 +33,10 @@ impl Architecture for Qwen2 {
     fn build(&self, model: &ModelConfig) -> Result<Graph, BuildError> {
         build(model, QwenAttentionKind::QKV_BIAS)
     }
+
+    fn build_step(&self, model: &ModelConfig, dims: &StepDims) -> Result<Graph, BuildError> {
+        build_with(model, QwenAttentionKind::QKV_BIAS, dims)
+    }
 }
 
 /// The keys `Qwen2Config` and `Qwen3Config` share beyond Llama's: SiLU only, and the
@@ -136,12 +140,12 @@ impl QwenAttention {
         ] {
             let p = a.projection(b, module, role, count * hd, d, a.qkv_bias)?;
             let y = p.forward(b, x)?;
-            // .view(B, 1, heads, head_dim)
+            // .view(B, T, heads, head_dim)
             let y = b.reshape(
                 y,
                 fusec_ir::Shape(vec![
                     dims.batch.clone(),
-                    fusec_ir::Dim::Fixed(1),
+                    dims.query_len(),
                     fusec_ir::Dim::Fixed(count),
                     fusec_ir::Dim::Fixed(hd),
                 ]),
@@ -168,11 +172,19 @@ impl QwenAttention {
 /// The eager decode step of a Qwen model in its checkpoint dtype: Llama's skeleton
 /// (`Qwen2Model.forward`, `Qwen2DecoderLayer.forward`) with `kind`'s attention.
 pub fn build(cfg: &ModelConfig, kind: QwenAttentionKind) -> Result<Graph, BuildError> {
-    let dims = StepDims::default();
+    build_with(cfg, kind, &StepDims::default())
+}
+
+/// The eager step of `cfg` over `dims` (decode, or prefill of `dims.query` tokens).
+pub fn build_with(
+    cfg: &ModelConfig,
+    kind: QwenAttentionKind,
+    dims: &StepDims,
+) -> Result<Graph, BuildError> {
     let dt = cfg.dtype;
     let mut b = Builder::new(&cfg.name);
     b.set_layer_count(cfg.num_layers);
-    let inputs = StepInputs::new(&mut b, &dims, dt)?;
+    let inputs = StepInputs::new(&mut b, dims, dt)?;
     let embed = Embedding::new(&mut b, step::EMBED, cfg.vocab_size, cfg.hidden_size, dt)?;
     let mut x = embed.forward(&mut b, inputs.input_ids)?;
     let rope = RopeTables::scaled(
@@ -181,7 +193,7 @@ pub fn build(cfg: &ModelConfig, kind: QwenAttentionKind) -> Result<Graph, BuildE
         cfg.rope_theta,
         cfg.rope_scaling,
         cfg.head_dim,
-        &dims,
+        dims,
         dt,
     )?;
     let (d, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
@@ -200,7 +212,7 @@ pub fn build(cfg: &ModelConfig, kind: QwenAttentionKind) -> Result<Graph, BuildE
             n,
             &rope,
             inputs.attention_mask,
-            &dims,
+            dims,
         )?;
         x = b.binary(BinaryOp::Add, x, o)?;
         let norm = RmsNorm::new(
@@ -217,6 +229,7 @@ pub fn build(cfg: &ModelConfig, kind: QwenAttentionKind) -> Result<Graph, BuildE
     b.set_layer(None);
     let norm = RmsNorm::new(&mut b, step::FINAL_NORM, d, eps, dt)?;
     let h = norm.forward(&mut b, x)?;
+    let h = dims.head_rows(&mut b, h)?;
     let head = LmHead::new(
         &mut b,
         &embed,

@@ -9,6 +9,7 @@ use fusec_ir::Graph;
 
 use super::architecture::Architecture;
 use super::qwen2::{self, QwenAttentionKind};
+use crate::blocks::StepDims;
 use crate::build::BuildError;
 use crate::frontend::{ConfigError, HfConfig, ModelConfig};
 
@@ -32,13 +33,18 @@ impl Architecture for Qwen3 {
     }
 
     fn build(&self, model: &ModelConfig) -> Result<Graph, BuildError> {
-        qwen2::build(
+        self.build_step(model, &StepDims::default())
+    }
+
+    fn build_step(&self, model: &ModelConfig, dims: &StepDims) -> Result<Graph, BuildError> {
+        qwen2::build_with(
             model,
             QwenAttentionKind {
                 qkv_bias: false,
                 o_bias: false,
                 qk_norm: true,
             },
+            dims,
         )
     }
 }

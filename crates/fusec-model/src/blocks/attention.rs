@@ -106,7 +106,7 @@ impl Attention {
         }
     }
 
-    /// `x` `[B,1,hidden]` to the attention output `[B,1,hidden]`.
+    /// `x` `[B,T,hidden]` to the attention output `[B,T,hidden]`.
     pub fn forward(
         &self,
         b: &mut Builder,
@@ -141,8 +141,8 @@ impl Attention {
     }
 }
 
-/// `x.view(B, 1, heads, head_dim).transpose(1, 2)`: `[B,1,heads*hd]` to
-/// `[B,heads,1,hd]`.
+/// `x.view(B, T, heads, head_dim).transpose(1, 2)`: `[B,T,heads*hd]` to
+/// `[B,heads,T,hd]`.
 pub fn split_heads(
     b: &mut Builder,
     x: NodeId,
@@ -150,12 +150,11 @@ pub fn split_heads(
     head_dim: u64,
     dims: &StepDims,
 ) -> Result<NodeId, BuildError> {
-    let one = Dim::Fixed(1);
     let y = b.reshape(
         x,
         Shape(vec![
             dims.batch.clone(),
-            one,
+            dims.query_len(),
             Dim::Fixed(heads),
             Dim::Fixed(head_dim),
         ]),
@@ -170,6 +169,15 @@ pub fn split_heads(
 /// With a sliding `window` of `W` positions the caches are rings of `[B,KV,min(S,W),hd]`
 /// (`[B,KV,min(S+1,W),hd]` after the step) and the entry is written by `kv.append`
 /// at slot `S mod W` (see the module documentation): no `cat` can express a ring.
+///
+/// A prefill step appends its `T` entries the same way (the ring's `T` entries go to
+/// slots `S .. S+T-1 mod W`). Its queries, though, attend to the keys that were in the
+/// cache before the step as well as to all `T` new ones, which a ring of `W` may no
+/// longer hold together; transformers' `DynamicSlidingWindowLayer.update` attends to
+/// `cat(past, new)` and keeps only the last entries. So for `T > 1` the returned keys
+/// and values are `cat(past, new)`, `[B,KV,min(S,W)+T,hd]`, whose positions the
+/// window's mask ([`layer_mask`]) restricts per query, and the state output is the
+/// ring after `kv.append`.
 pub fn kv_cache_append(
     b: &mut Builder,
     layer: u64,
@@ -198,15 +206,20 @@ pub fn kv_cache_append(
         };
         let all = b.op(append, &[past, *slot])?;
         b.output(&name, OutputKind::State, all);
-        *slot = all;
+        *slot = match (window, dims.query) {
+            (Some(_), t) if t > 1 => b.op(Op::Cat { axis: -2 }, &[past, *slot])?,
+            _ => all,
+        };
     }
     Ok((all[0], all[1]))
 }
 
-/// The additive mask of a layer: the step's `attention_mask` `[B,1,1,S+1]`, or for a
+/// The additive mask of a layer: the step's `attention_mask` `[B,1,T,S+T]`, or for a
 /// layer with a sliding window of `W` positions the window's mask
-/// [`step::window_mask`] `[B,1,1,min(S+1,W)]`, one entry per slot of its ring caches
-/// (a step input shared by every layer with that window).
+/// [`step::window_mask`], one entry per key [`kv_cache_append`] returns (a step input
+/// shared by every layer with that window): `[B,1,1,min(S+1,W)]` at decode, one per
+/// slot of the ring; `[B,1,T,min(S,W)+T]` for a prefill step, the ring before the
+/// step and then the new tokens.
 pub fn layer_mask(
     b: &mut Builder,
     mask: NodeId,
@@ -218,7 +231,10 @@ pub fn layer_mask(
     };
     let mut ty = b.ty(mask);
     if let Some(last) = ty.shape.0.last_mut() {
-        *last = dims.kv_len().windowed(w);
+        *last = match dims.query {
+            1 => dims.kv_len().windowed(w),
+            t => dims.past.windowed(w).plus(t),
+        };
     }
     b.shared_input(&step::window_mask(w), ty)
 }
@@ -273,8 +289,8 @@ pub fn soft_cap(b: &mut Builder, x: NodeId, c: f64) -> Result<NodeId, BuildError
     b.binary_scalar(BinaryOp::Mul, x, c)
 }
 
-/// `eager_attention_forward` and the head merge: q `[B,H,1,hd]` against the whole
-/// caches `[B,KV,S+1,hd]`, to `[B,1,H*hd]`.
+/// `eager_attention_forward` and the head merge: q `[B,H,T,hd]` against the whole
+/// caches `[B,KV,S+T,hd]`, to `[B,T,H*hd]`.
 pub fn eager_attention(
     b: &mut Builder,
     q: NodeId,
@@ -356,11 +372,18 @@ pub fn eager_attention_with(
     let probs = b.to_dtype(probs, dtype)?;
     let o = b.op(Op::MatMul, &[probs, v_all])?;
     let o = b.transpose(o, 1, 2)?;
+    // `attn_output.transpose(1, 2).contiguous()`: a copy once there is more than one
+    // position (for one, the transposed tensor is already contiguous and PyTorch
+    // copies nothing).
+    let o = match dims.query {
+        1 => o,
+        _ => b.op(Op::Copy, &[o])?,
+    };
     b.reshape(
         o,
         Shape(vec![
             dims.batch.clone(),
-            Dim::Fixed(1),
+            dims.query_len(),
             Dim::Fixed(heads.num_heads * heads.head_dim),
         ]),
     )

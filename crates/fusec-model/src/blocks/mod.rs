@@ -33,4 +33,4 @@ pub use linear::Linear;
 pub use mlp::GatedMlp;
 pub use norm::RmsNorm;
 pub use rope::{rotate_half_apply, RopeTables};
-pub use step::{greedy_outputs, StepDims, StepInputs};
+pub use step::{greedy_outputs, Logits, StepDims, StepInputs};

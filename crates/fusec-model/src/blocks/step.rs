@@ -1,15 +1,38 @@
-//! The decode step's symbolic dimensions, inputs and outputs (names and shapes in
-//! [`fusec_ir::step`]).
+//! The step's symbolic dimensions, inputs and outputs (names and shapes in
+//! [`fusec_ir::step`]): a decode step of one token per sequence, or a prefill step of
+//! `T` tokens per sequence at positions `S .. S+T-1` (transformers' multi-token
+//! forward: `input_ids` `[B,T]`, a causal 4-D mask `[B,1,T,S+T]`).
 
 use fusec_ir::{step, DType, Dim, InputKind, NodeId, Op, OutputKind, Shape, TensorType};
 
 use crate::build::{BuildError, Builder};
 
-/// The symbolic dimensions of a decode step: `B` sequences with `S` positions cached.
+/// The symbolic dimensions of a step: `B` sequences with `S` positions cached, and
+/// the `T` new tokens of each (1 for a decode step).
+///
+/// `T` is fixed when the graph is built (one graph per chunk length), so that the
+/// caches after the step are `S+T` long, a dimension the IR's shapes can state (a
+/// symbol plus a constant, or `min(S+T,W)` for a sliding window's ring).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StepDims {
     pub batch: Dim,
     pub past: Dim,
+    /// The new tokens per sequence, `T`.
+    pub query: u64,
+    /// Which positions get logits.
+    pub logits: Logits,
+}
+
+/// The positions of a step whose logits the graph computes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Logits {
+    /// The last position only, `[B,1,V]`: what generation needs (transformers'
+    /// `logits_to_keep=1`, which `generate` passes).
+    #[default]
+    Last,
+    /// Every position, `[B,T,V]` (`logits_to_keep=0`): for checking a prefill
+    /// against a reference position by position.
+    All,
 }
 
 impl Default for StepDims {
@@ -17,19 +40,54 @@ impl Default for StepDims {
         Self {
             batch: Dim::sym(step::BATCH),
             past: Dim::sym(step::PAST),
+            query: 1,
+            logits: Logits::Last,
         }
     }
 }
 
 impl StepDims {
-    /// The KV length after the step's append, `S+1`.
+    /// A prefill step of `tokens` tokens per sequence (a decode step for 1).
+    pub fn prefill(tokens: u64, logits: Logits) -> Self {
+        Self {
+            query: tokens,
+            logits,
+            ..Self::default()
+        }
+    }
+
+    /// The new tokens' axis, `T`.
+    pub fn query_len(&self) -> Dim {
+        Dim::Fixed(self.query)
+    }
+
+    /// The KV length after the step's append, `S+T`.
     pub fn kv_len(&self) -> Dim {
-        self.past.plus(1)
+        self.past.plus(self.query)
+    }
+
+    /// The rows of the final hidden state `[B,T,hidden]` the LM head reads: the last
+    /// position's `[B,1,hidden]` for [`Logits::Last`] (`hidden_states[:, -1:, :]`, as
+    /// transformers' `logits_to_keep` slices before `lm_head`), all of them for
+    /// [`Logits::All`]. A decode step has one position and slices nothing.
+    pub fn head_rows(&self, b: &mut Builder, h: NodeId) -> Result<NodeId, BuildError> {
+        match self.logits {
+            Logits::Last if self.query > 1 => b.op(
+                Op::Slice {
+                    axis: 1,
+                    start: self.query - 1,
+                    end: self.query,
+                },
+                &[h],
+            ),
+            _ => Ok(h),
+        }
     }
 }
 
-/// The step's data inputs: token ids and positions `[B,1]` (i32), and the additive
-/// attention mask `[B,1,1,S+1]` the caller builds once per step.
+/// The step's data inputs: token ids and positions `[B,T]` (i32), and the additive
+/// attention mask `[B,1,T,S+T]` the caller builds once per step (a decode step's is
+/// `[B,1,1,S+1]`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StepInputs {
     pub input_ids: NodeId,
@@ -40,14 +98,14 @@ pub struct StepInputs {
 impl StepInputs {
     /// Declares the inputs; the mask is in `dtype`, the model's activation dtype.
     pub fn new(b: &mut Builder, dims: &StepDims, dtype: DType) -> Result<Self, BuildError> {
-        let (bd, one) = (dims.batch.clone(), Dim::Fixed(1));
-        let ids_ty = TensorType::new(DType::I32, Shape(vec![bd.clone(), one.clone()]));
+        let (bd, one, t) = (dims.batch.clone(), Dim::Fixed(1), dims.query_len());
+        let ids_ty = TensorType::new(DType::I32, Shape(vec![bd.clone(), t.clone()]));
         let input_ids = b.input(step::INPUT_IDS, InputKind::Data, ids_ty.clone())?;
         let position_ids = b.input(step::POSITION_IDS, InputKind::Data, ids_ty)?;
         let attention_mask = b.input(
             step::ATTENTION_MASK,
             InputKind::Data,
-            TensorType::new(dtype, Shape(vec![bd, one.clone(), one, dims.kv_len()])),
+            TensorType::new(dtype, Shape(vec![bd, one, t, dims.kv_len()])),
         )?;
         Ok(Self {
             input_ids,
@@ -57,7 +115,7 @@ impl StepInputs {
     }
 }
 
-/// Returns `logits` `[B,1,V]` and the greedy `next_token` (their argmax).
+/// Returns `logits` `[B,1,V]` (`[B,T,V]` for [`Logits::All`]) and the greedy `next_token` (their argmax).
 pub fn greedy_outputs(b: &mut Builder, logits: NodeId) -> Result<(), BuildError> {
     let next = b.op(Op::Argmax { axis: -1 }, &[logits])?;
     b.output(step::LOGITS, OutputKind::Data, logits);

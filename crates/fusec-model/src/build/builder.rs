@@ -9,13 +9,21 @@ use fusec_ir::{
     UnaryOp, WeightRole, F64,
 };
 
-/// A builder produced an ill-typed node: a bug in the builder, not in the user's input.
+/// A graph could not be built.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("internal error building `{graph}`: {source}")]
-pub struct BuildError {
-    pub graph: String,
-    #[source]
-    pub source: TypeError,
+pub enum BuildError {
+    /// A builder produced an ill-typed node: a bug in the builder, not in the user's
+    /// input.
+    #[error("internal error building `{graph}`: {source}")]
+    Type {
+        graph: String,
+        #[source]
+        source: TypeError,
+    },
+    /// The architecture does not build the step asked for (a prefill step from an
+    /// architecture that only builds the decode step).
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 /// Appends nodes in order; every node gets the current layer tag, every weight the role
@@ -63,7 +71,7 @@ impl Builder {
     }
 
     fn wrap(&self, r: Result<NodeId, TypeError>) -> R {
-        r.map_err(|source| BuildError {
+        r.map_err(|source| BuildError::Type {
             graph: self.graph.name.clone(),
             source,
         })

@@ -67,18 +67,22 @@ pub fn append(
         )));
     }
     let (len, n) = (past.shape()[axis], new.shape()[axis]);
-    // Where the entries go, and the length after them.
-    let (at, grown) = match ring {
-        Some(r) if len >= r.window => {
-            if n != 1 || len != r.window {
+    // Where the entries go, and the length after them. A ring that fills (or is full)
+    // takes entry `i` at slot `(written + i) mod W`, over the oldest; a prefill step of
+    // more than `W` tokens overwrites its own first entries, as the last `W` are what
+    // the window keeps.
+    let wraps = ring.filter(|r| len + n > r.window);
+    let (at, grown) = match wraps {
+        Some(r) => {
+            if len != r.written.min(r.window) {
                 return Err(KernelError::Invalid(format!(
-                    "{op}: a ring of {} positions holds {len} and takes one entry per step, not {n}",
-                    r.window
+                    "{op}: a ring of {} positions holds {len} after {} entries",
+                    r.window, r.written
                 )));
             }
-            (r.written % r.window, len)
+            (r.written % r.window.max(1), r.window)
         }
-        _ => (len, len + n),
+        None => (len, len + n),
     };
     let mut copied = 0;
     let room = past.capacity_along(axis).is_some_and(|c| c >= grown);
@@ -95,22 +99,38 @@ pub fn append(
     })?;
     let outer: usize = past.shape()[..axis].iter().product();
     let block: usize = past.shape()[axis + 1..].iter().product();
-    let entries = Entries {
-        new,
-        src,
-        outer,
-        span: n * block,
-        capacity,
-        len: at,
-        block,
-    };
+    // One run of consecutive slots, or for a wrapping ring one run per entry (an
+    // entry along `axis` of `new`, each to its slot).
     let shared = || KernelError::Invalid(format!("{op}: the cache buffer is shared after copying"));
-    if compact {
-        let buf = past.unique_u8_mut().ok_or_else(shared)?;
-        entries.write(buf, |v| e4m3_code(store(v)));
-    } else {
-        let buf = past.unique_f32_mut().ok_or_else(shared)?;
-        entries.write(buf, store);
+    let mut write = |part: &Tensor, slot: usize| -> Result<(), KernelError> {
+        let entries = Entries {
+            new: part,
+            src,
+            outer,
+            span: part.shape()[axis] * block,
+            capacity,
+            len: slot,
+            block,
+        };
+        if compact {
+            let buf = past.unique_u8_mut().ok_or_else(shared)?;
+            entries.write(buf, |v| e4m3_code(store(v)));
+        } else {
+            let buf = past.unique_f32_mut().ok_or_else(shared)?;
+            entries.write(buf, &store);
+        }
+        Ok(())
+    };
+    match wraps {
+        None => write(new, at)?,
+        Some(r) => {
+            for i in n - n.min(r.window)..n {
+                let row = new
+                    .slice(axis, i, i + 1)
+                    .map_err(|e| KernelError::Invalid(format!("{op}: {e}")))?;
+                write(&row, (r.written + i) % r.window)?;
+            }
+        }
     }
     let mut shape = past.dims();
     shape[axis] = grown;
