@@ -255,11 +255,17 @@ pub fn fused_in_with(
     let s = in_precision(spec, precision);
     let eager = eager_with(registry, &s)?;
     let (fused, report) = fuse(&s, &eager, rules)?;
+    Ok((lower(fused, precision, fp8)?, report))
+}
+
+/// A fused graph lowered to `precision`'s weight storage: FP8 weights and caches with
+/// their scales, or integer codes in blocks; a float precision's graph unchanged.
+pub fn lower(fused: Graph, precision: Precision, fp8: &Fp8Options) -> Result<Graph, PipelineError> {
     let format = match precision {
         Precision::Fp8 => None,
         Precision::Int8 => Some(IntFormat::Q8_0),
         Precision::Int4 => Some(IntFormat::Q4_0),
-        Precision::F32 | Precision::F16 | Precision::Bf16 => return Ok((fused, report)),
+        Precision::F32 | Precision::F16 | Precision::Bf16 => return Ok(fused),
     };
     if let Some(format) = format {
         let lowered = lower_int(&fused, format, &fp8.keep).map_err(|e| match e {
@@ -269,11 +275,11 @@ pub fn fused_in_with(
                 message: e.to_string(),
             },
         })?;
-        return Ok((verified("lower-int", lowered)?, report));
+        return verified("lower-int", lowered);
     }
     let lowered = lower_fp8(&fused, fp8).map_err(|e| PipelineError::Internal {
         phase: "lower-fp8",
         message: e.to_string(),
     })?;
-    Ok((verified("lower-fp8", lowered)?, report))
+    verified("lower-fp8", lowered)
 }

@@ -172,3 +172,56 @@ fn int8_runs_and_compares_from_the_command_line() {
     let kl = acc["mean_kl"].as_f64().expect("a number");
     assert!((0.0..0.05).contains(&kl), "mean KL {kl}");
 }
+
+/// Integer codes prefill through a prefill graph lowered as the decode graph is: the
+/// ids equal those of a token-by-token prefill, and the logits agree to 1e-4 (the
+/// prefill's activations are quantized per row exactly as a decode step's are).
+#[test]
+fn integer_runs_prefill_in_chunks_as_token_by_token() {
+    let dir = common::scratch("int-prefill");
+    let model = blocky_model(&dir);
+    for precision in ["int8", "int4"] {
+        let run = |chunk: &str| {
+            let json = dir.join(format!("{precision}-{chunk}.json"));
+            let out = common::fusec(&[
+                "run",
+                model.to_str().expect("utf-8"),
+                "--precision",
+                precision,
+                "--prompt-ids",
+                "1,17,42,99,7,3",
+                "--tokens",
+                "8",
+                "--prefill-chunk",
+                chunk,
+                "--json",
+                json.to_str().expect("utf-8"),
+            ]);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let text = std::fs::read_to_string(&json).expect("json");
+            serde_json::from_str::<serde_json::Value>(&text).expect("parses")
+        };
+        let (chunked, stepwise) = (run("4"), run("1"));
+        assert_eq!(chunked["stats"]["prefill"]["steps"], 2, "{precision}");
+        assert_eq!(chunked["generated"], stepwise["generated"], "{precision}");
+        let rows = |v: &serde_json::Value| -> Vec<f64> {
+            v["logits"]
+                .as_array()
+                .expect("logits")
+                .iter()
+                .flat_map(|r| r.as_array().expect("a row").clone())
+                .map(|x| x.as_f64().expect("a number"))
+                .collect()
+        };
+        for (a, b) in rows(&chunked).iter().zip(rows(&stepwise)) {
+            assert!(
+                (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                "{precision}: {a} vs {b}"
+            );
+        }
+    }
+}

@@ -236,13 +236,16 @@ impl Builder<'_> {
         }
         let (graph, report) = pipeline::fuse(&spec, &eager, &self.rules)?;
         crate::cmd::options::warn_fusion(&report);
-        Ok(graph)
+        // Integer codes lower a prefill graph's GEMV weights as they do the decode
+        // graph's, so both bind the same weights.
+        Ok(pipeline::lower(graph, precision, &self.fp8)?)
     }
 
     /// The prefill executors for a prompt of `len` tokens in chunks of `chunk`: one of
     /// `chunk` tokens when the prompt holds one, and one of the remainder when it is
     /// more than one token (a last single token takes a decode step). None for a
-    /// chunk of 1 and for FP8, whose lowering does not take prefill graphs yet.
+    /// chunk of 1, for FP8, whose lowering does not take prefill graphs yet, and
+    /// without fusion for the lowered precisions (their lowering takes fused graphs).
     fn prefills(
         &self,
         precision: Precision,
@@ -251,7 +254,8 @@ impl Builder<'_> {
         chunk: u64,
         check_finite: bool,
     ) -> Result<Vec<Prefill>, Failure> {
-        if chunk <= 1 || precision == Precision::Fp8 {
+        let lowered = matches!(precision, Precision::Int8 | Precision::Int4);
+        if chunk <= 1 || precision == Precision::Fp8 || (lowered && !self.fuse) {
             return Ok(Vec::new());
         }
         let len = len as u64;
