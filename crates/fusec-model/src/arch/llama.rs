@@ -14,10 +14,7 @@
 use fusec_ir::{step, BinaryOp, Graph, NodeId};
 
 use super::architecture::Architecture;
-use crate::blocks::{
-    greedy_outputs, Attention, Embedding, GatedMlp, LmHead, RmsNorm, RopeTables, StepDims,
-    StepInputs,
-};
+use crate::blocks::{decoder_step, Attention, FinalNorm, GatedMlp, RmsNorm, RopeTables, StepDims};
 use crate::build::{BuildError, Builder};
 use crate::frontend::{decoder_config, ConfigError, HfConfig, ModelConfig};
 
@@ -68,46 +65,12 @@ pub fn build(cfg: &ModelConfig) -> Result<Graph, BuildError> {
 
 /// The eager step of `cfg` over `dims` (decode, or prefill of `dims.query` tokens).
 pub fn build_with(cfg: &ModelConfig, dims: &StepDims) -> Result<Graph, BuildError> {
-    let dt = cfg.dtype;
-    let mut b = Builder::new(&cfg.name);
-    b.set_layer_count(cfg.num_layers);
-    let inputs = StepInputs::new(&mut b, dims, dt)?;
-    let embed = Embedding::new(&mut b, step::EMBED, cfg.vocab_size, cfg.hidden_size, dt)?;
-    let mut x = embed.forward(&mut b, inputs.input_ids)?;
-    let rope = RopeTables::scaled(
-        &mut b,
-        inputs.position_ids,
-        cfg.rope_theta,
-        cfg.rope_scaling,
-        cfg.head_dim,
+    decoder_step(
+        cfg,
         dims,
-        dt,
-    )?;
-    for layer in 0..cfg.num_layers {
-        b.set_layer(Some(layer as u32));
-        x = decoder_layer(&mut b, cfg, layer, x, &rope, inputs.attention_mask, dims)?;
-    }
-    b.set_layer(None);
-    let norm = RmsNorm::new(
-        &mut b,
-        step::FINAL_NORM,
-        cfg.hidden_size,
-        cfg.rms_norm_eps,
-        dt,
-    )?;
-    let h = norm.forward(&mut b, x)?;
-    let h = dims.head_rows(&mut b, h)?;
-    let head = LmHead::new(
-        &mut b,
-        &embed,
-        cfg.tie_word_embeddings,
-        cfg.vocab_size,
-        cfg.hidden_size,
-        dt,
-    )?;
-    let logits = head.forward(&mut b, h)?;
-    greedy_outputs(&mut b, logits)?;
-    Ok(b.finish())
+        FinalNorm::Llama,
+        &mut |b, layer, x, rope, mask| decoder_layer(b, cfg, layer, x, rope, mask, dims),
+    )
 }
 
 /// `LlamaDecoderLayer.forward`: pre-norm attention and MLP, each with a residual add.

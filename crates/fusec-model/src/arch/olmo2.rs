@@ -18,8 +18,8 @@ use fusec_ir::{step, BinaryOp, Graph, NodeId, WeightRole};
 use super::architecture::Architecture;
 use super::llama;
 use crate::blocks::{
-    eager_attention, greedy_outputs, kv_cache_append, layer_mask, split_heads, Attention,
-    Embedding, GatedMlp, Heads, LmHead, RmsNorm, RopeTables, StepDims, StepInputs,
+    decoder_step, eager_attention, kv_cache_append, layer_mask, split_heads, Attention, FinalNorm,
+    GatedMlp, Heads, RmsNorm, RopeTables, StepDims,
 };
 use crate::build::{BuildError, Builder};
 use crate::frontend::{ConfigError, HfConfig, ModelConfig};
@@ -60,45 +60,12 @@ pub fn build(cfg: &ModelConfig) -> Result<Graph, BuildError> {
 
 /// The eager step of `cfg` over `dims` (decode, or prefill of `dims.query` tokens).
 pub fn build_with(cfg: &ModelConfig, dims: &StepDims) -> Result<Graph, BuildError> {
-    let dt = cfg.dtype;
-    let mut b = Builder::new(&cfg.name);
-    b.set_layer_count(cfg.num_layers);
-    let inputs = StepInputs::new(&mut b, dims, dt)?;
-    let embed = Embedding::new(&mut b, step::EMBED, cfg.vocab_size, cfg.hidden_size, dt)?;
-    let mut x = embed.forward(&mut b, inputs.input_ids)?;
-    let rope = RopeTables::new(
-        &mut b,
-        inputs.position_ids,
-        cfg.rope_theta,
-        cfg.head_dim,
+    decoder_step(
+        cfg,
         dims,
-        dt,
-    )?;
-    for layer in 0..cfg.num_layers {
-        b.set_layer(Some(layer as u32));
-        x = decoder_layer(&mut b, cfg, layer, x, &rope, inputs.attention_mask, dims)?;
-    }
-    b.set_layer(None);
-    let norm = RmsNorm::new(
-        &mut b,
-        step::FINAL_NORM,
-        cfg.hidden_size,
-        cfg.rms_norm_eps,
-        dt,
-    )?;
-    let h = norm.forward_weight_in_f32(&mut b, x)?;
-    let h = dims.head_rows(&mut b, h)?;
-    let head = LmHead::new(
-        &mut b,
-        &embed,
-        cfg.tie_word_embeddings,
-        cfg.vocab_size,
-        cfg.hidden_size,
-        dt,
-    )?;
-    let logits = head.forward(&mut b, h)?;
-    greedy_outputs(&mut b, logits)?;
-    Ok(b.finish())
+        FinalNorm::WeightInF32,
+        &mut |b, layer, x, rope, mask| decoder_layer(b, cfg, layer, x, rope, mask, dims),
+    )
 }
 
 /// `Olmo2DecoderLayer.forward`: attention and MLP on the residual stream itself, each

@@ -11,8 +11,8 @@ use fusec_ir::{step, BinaryOp, Graph, NodeId, WeightRole};
 
 use super::architecture::Architecture;
 use crate::blocks::{
-    eager_attention, greedy_outputs, kv_cache_append, layer_mask, Attention, Embedding, GatedMlp,
-    LmHead, RmsNorm, RopeTables, StepDims, StepInputs,
+    decoder_step, eager_attention, kv_cache_append, layer_mask, Attention, FinalNorm, GatedMlp,
+    RmsNorm, RopeTables, StepDims,
 };
 use crate::build::{BuildError, Builder};
 use crate::frontend::{decoder_config, ConfigError, HfConfig, LayerType, ModelConfig};
@@ -181,66 +181,28 @@ pub fn build_with(
     kind: QwenAttentionKind,
     dims: &StepDims,
 ) -> Result<Graph, BuildError> {
-    let dt = cfg.dtype;
-    let mut b = Builder::new(&cfg.name);
-    b.set_layer_count(cfg.num_layers);
-    let inputs = StepInputs::new(&mut b, dims, dt)?;
-    let embed = Embedding::new(&mut b, step::EMBED, cfg.vocab_size, cfg.hidden_size, dt)?;
-    let mut x = embed.forward(&mut b, inputs.input_ids)?;
-    let rope = RopeTables::scaled(
-        &mut b,
-        inputs.position_ids,
-        cfg.rope_theta,
-        cfg.rope_scaling,
-        cfg.head_dim,
+    let (d, eps, dt) = (cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype);
+    decoder_step(
+        cfg,
         dims,
-        dt,
-    )?;
-    let (d, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
-    for layer in 0..cfg.num_layers {
-        b.set_layer(Some(layer as u32));
-        let norm = RmsNorm::new(
-            &mut b,
-            &step::layer_weight(layer, "input_layernorm"),
-            d,
-            eps,
-            dt,
-        )?;
-        let n = norm.forward(&mut b, x)?;
-        let o = QwenAttention::new(cfg, layer, kind).forward(
-            &mut b,
-            n,
-            &rope,
-            inputs.attention_mask,
-            dims,
-        )?;
-        x = b.binary(BinaryOp::Add, x, o)?;
-        let norm = RmsNorm::new(
-            &mut b,
-            &step::layer_weight(layer, "post_attention_layernorm"),
-            d,
-            eps,
-            dt,
-        )?;
-        let n = norm.forward(&mut b, x)?;
-        let m = GatedMlp::llama(cfg, layer).forward(&mut b, n)?;
-        x = b.binary(BinaryOp::Add, x, m)?;
-    }
-    b.set_layer(None);
-    let norm = RmsNorm::new(&mut b, step::FINAL_NORM, d, eps, dt)?;
-    let h = norm.forward(&mut b, x)?;
-    let h = dims.head_rows(&mut b, h)?;
-    let head = LmHead::new(
-        &mut b,
-        &embed,
-        cfg.tie_word_embeddings,
-        cfg.vocab_size,
-        d,
-        dt,
-    )?;
-    let logits = head.forward(&mut b, h)?;
-    greedy_outputs(&mut b, logits)?;
-    Ok(b.finish())
+        FinalNorm::Llama,
+        &mut |b, layer, x, rope, mask| {
+            let norm = RmsNorm::new(b, &step::layer_weight(layer, "input_layernorm"), d, eps, dt)?;
+            let n = norm.forward(b, x)?;
+            let o = QwenAttention::new(cfg, layer, kind).forward(b, n, rope, mask, dims)?;
+            let x = b.binary(BinaryOp::Add, x, o)?;
+            let norm = RmsNorm::new(
+                b,
+                &step::layer_weight(layer, "post_attention_layernorm"),
+                d,
+                eps,
+                dt,
+            )?;
+            let n = norm.forward(b, x)?;
+            let m = GatedMlp::llama(cfg, layer).forward(b, n)?;
+            b.binary(BinaryOp::Add, x, m)
+        },
+    )
 }
 
 #[cfg(test)]

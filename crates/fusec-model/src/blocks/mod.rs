@@ -12,9 +12,11 @@
 //! - [`norm`]: RMSNorm; [`rope`]: rotary tables and their application;
 //! - [`linear`]: a projection with an optional bias;
 //! - [`attention`]: projections, KV-cache append, GQA `repeat_kv`, masked softmax;
-//! - [`mlp`]: the gated (SwiGLU) MLP.
+//! - [`mlp`]: the gated (SwiGLU) MLP;
+//! - [`decoder`]: the step around the decoder layers that Llama-shaped families share.
 
 pub mod attention;
+pub mod decoder;
 pub mod embedding;
 pub mod head;
 pub mod linear;
@@ -27,6 +29,7 @@ pub use attention::{
     eager_attention, eager_attention_scaled, eager_attention_with, kv_cache_append, layer_mask,
     repeat_kv, soft_cap, split_heads, Attention, Heads, Scores,
 };
+pub use decoder::{decoder_step, FinalNorm};
 pub use embedding::Embedding;
 pub use head::LmHead;
 pub use linear::Linear;
