@@ -18,7 +18,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{fusec, root, scratch};
+use common::{fusec, path_str, root, scratch};
 use fusec::exec::{Executor, Session, Weights};
 use fusec::pipeline;
 use fusec_ir::Graph;
@@ -27,10 +27,6 @@ use fusec_model::frontend::Precision;
 const GEMMA2: &str = "tests/fixtures/hf-tiny-gemma2-s0";
 const GEMMA3: &str = "tests/fixtures/hf-tiny-gemma3-s0";
 const FIXTURES: [&str; 2] = [GEMMA2, GEMMA3];
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
 
 fn read_json(p: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(p).expect("readable")).expect("valid JSON")
@@ -419,20 +415,13 @@ fn unimplemented_keys_are_rejected_by_name() {
         ),
         (GEMMA3, "query_pre_attn_scalar", "-1"),
     ] {
-        let text =
-            std::fs::read_to_string(root().join(fixture).join("config.json")).expect("config");
-        let mut v: serde_json::Value = serde_json::from_str(&text).expect("json");
-        v[key] = serde_json::from_str(value).expect("a JSON value");
         let case = dir.join(format!(
             "{}-{key}",
             fixture.rsplit('/').next().unwrap_or("m")
         ));
-        std::fs::create_dir_all(&case).expect("dir");
-        let config = case.join("config.json");
-        std::fs::write(&config, serde_json::to_string_pretty(&v).expect("prints")).expect("w");
-        let out = fusec(&["compile", path_str(&config), "--out", path_str(&case)]);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{fixture} {key}: {stderr}");
+        let config = root().join(fixture).join("config.json");
+        let (code, stderr) = common::compile_edited_config(&config, key, value, &case);
+        assert_eq!(code, Some(2), "{fixture} {key}: {stderr}");
         assert!(stderr.contains(key), "{fixture} {key}: {stderr}");
     }
 }

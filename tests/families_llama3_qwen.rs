@@ -13,7 +13,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{fusec, root, scratch};
+use common::{fusec, path_str, root, scratch};
 
 const FIXTURES: [&str; 3] = [
     "hf-tiny-llama3-rope-s0",
@@ -22,10 +22,6 @@ const FIXTURES: [&str; 3] = [
 ];
 
 const EXAMPLES: [&str; 4] = ["llama-3.1-8b", "llama-3.2-1b", "qwen2.5-7b", "qwen3-8b"];
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
 
 /// `fusec run` on a fixture with `extra` flags, then the checker; its last line.
 fn checked(fixture: &str, name: &str, extra: &[&str]) -> String {

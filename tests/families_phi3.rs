@@ -16,15 +16,11 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{fusec, root, scratch};
+use common::{fusec, path_str, root, scratch};
 use fusec::exec::Weights;
 use fusec::pipeline;
 
 const PHI3: &str = "tests/fixtures/hf-tiny-phi3-s0";
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
 
 fn read_json(p: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(p).expect("readable")).expect("valid JSON")
@@ -186,17 +182,10 @@ fn unimplemented_phi3_settings_are_rejected_by_name() {
         ),
         ("partial_rotary_factor", "0.75", "partial_rotary_factor"),
     ] {
-        let text = std::fs::read_to_string(root().join("examples/phi-3-mini-4k/config.json"))
-            .expect("config");
-        let mut v: serde_json::Value = serde_json::from_str(&text).expect("json");
-        v[key] = serde_json::from_str(value).expect("a JSON value");
         let case = dir.join(format!("{key}-{}", says.trim_matches('`')));
-        std::fs::create_dir_all(&case).expect("dir");
-        let config = case.join("config.json");
-        std::fs::write(&config, serde_json::to_string_pretty(&v).expect("prints")).expect("w");
-        let out = fusec(&["compile", path_str(&config), "--out", path_str(&case)]);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{key}: {stderr}");
+        let config = root().join("examples/phi-3-mini-4k/config.json");
+        let (code, stderr) = common::compile_edited_config(&config, key, value, &case);
+        assert_eq!(code, Some(2), "{key}: {stderr}");
         assert!(stderr.contains(key), "{key}: {stderr}");
         assert!(stderr.contains(says), "{key}: {stderr}");
     }

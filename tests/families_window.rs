@@ -18,7 +18,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{fusec, root, scratch};
+use common::{fusec, path_str, root, scratch};
 use fusec::exec::{Executor, Session, Weights};
 use fusec::pipeline;
 use fusec_ir::{cost, step, Graph, InputKind};
@@ -27,10 +27,6 @@ use fusec_model::frontend::{LayerType, ModelSpec, Precision};
 const MISTRAL: &str = "tests/fixtures/hf-tiny-mistral-window-s0";
 const WINDOW: u64 = 8;
 const PROMPT: [i32; 5] = [1, 17, 42, 99, 7];
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
 
 fn read_json(p: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(p).expect("readable")).expect("valid JSON")

@@ -102,3 +102,30 @@ pub fn smollm2() -> Option<PathBuf> {
     }
     found
 }
+
+/// A path as a command-line argument.
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// `fusec compile` of the Hugging Face `config.json` at `config` with `key` set to the
+/// JSON `value`, written into `case` (created) with the compile's outputs: the exit
+/// code and standard error.
+pub fn compile_edited_config(
+    config: &Path,
+    key: &str,
+    value: &str,
+    case: &Path,
+) -> (Option<i32>, String) {
+    let text = std::fs::read_to_string(config).expect("config");
+    let mut v: serde_json::Value = serde_json::from_str(&text).expect("json");
+    v[key] = serde_json::from_str(value).expect("a JSON value");
+    std::fs::create_dir_all(case).expect("dir");
+    let edited = case.join("config.json");
+    std::fs::write(&edited, serde_json::to_string_pretty(&v).expect("prints")).expect("w");
+    let out = fusec(&["compile", path_str(&edited), "--out", path_str(case)]);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
