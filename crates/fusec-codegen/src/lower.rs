@@ -70,16 +70,13 @@ pub fn generate(graph: &Graph, shape: &DecodeShape, options: &Options) -> Result
         workspace: None,
     };
     for &id in &order {
-        if graph
-            .ty(id)
-            .tensors()
-            .iter()
-            .any(|t| t.dtype.is_int_codes())
-        {
-            return Err(l.unsupported(
-                id,
-                "integer weight codes (int8/int4) have no CUDA kernels yet; run them on the CPU",
-            ));
+        let ty = graph.ty(id);
+        if let Some(t) = ty.tensors().iter().find(|t| t.dtype.is_int_codes()) {
+            return Err(Error::NoKernels {
+                value: l.number.get(&id).copied().unwrap_or(usize::MAX),
+                op: graph.op(id).to_string(),
+                dtype: t.dtype.to_string(),
+            });
         }
         l.node(id)?;
     }
