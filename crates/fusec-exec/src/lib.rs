@@ -59,6 +59,6 @@ pub use error::Error;
 pub use exec::{Executor, RunOutput, Value};
 pub use fusec_weights::{SplitMix64, WeightSource, WeightTensor, Weights};
 pub use kernels::KernelError;
-pub use prefill::{Prefill, PrefillOutput, PrefillStats};
+pub use prefill::{Prefill, PrefillOutput, PrefillStats, PromptFed};
 pub use profile::{KindStats, NodeStats, Profile, StepStats};
 pub use tensor::{Tensor, TensorError};
