@@ -28,6 +28,7 @@ use ndarray::{Array2, Array3};
 use crate::decode::{at_step, bad, bindings, Generation, Session, StepOutput};
 use crate::error::Error;
 use crate::exec::{self, Executor, RunOutput, Value};
+use crate::kernels::attention::masked;
 use crate::pool;
 use crate::profile::StepStats;
 use crate::tensor::Tensor;
@@ -67,17 +68,6 @@ pub struct PrefillOutput {
     /// The greedy next token of each sequence (after the step's last position).
     pub next: Vec<i32>,
     pub stats: StepStats,
-}
-
-/// The most negative finite value of `dtype`, the masked entries of an additive
-/// mask (transformers fills them with `torch.finfo(dtype).min`).
-fn masked(dtype: DType) -> f32 {
-    match dtype {
-        DType::F16 => -65504.0,
-        // 0xff7f: the largest finite bf16 magnitude, negative.
-        DType::Bf16 => f32::from_bits(0xff7f_0000),
-        _ => f32::MIN,
-    }
 }
 
 impl Prefill {

@@ -38,6 +38,11 @@
 //! 3. per row, the weighted sum of the value rows, read in place, into the output
 //!    row, which the AVX2 path keeps in registers across all keys.
 //!
+//! A row skips the keys after its last visible one (its mask at or below the dtype's
+//! `finfo.min` from there on: a causal mask's future positions) in all three passes,
+//! which halves a prefill chunk's work over its own keys and changes no bit (see
+//! `Plan::visible_end`).
+//!
 //! This replaces an online softmax, which kept a running maximum and paid an extra
 //! `exp` and a rescale of the whole accumulator every time the maximum grew, and
 //! copied every key and value row before using it. The scratch comes from the
@@ -108,3 +113,18 @@ pub use self::append::{append, kv_append, Ring};
 pub use self::decode::{decode_attention, decode_attention_capped, Caches};
 pub use self::full::{attention, attention_capped};
 pub use self::plan::ROW_TILE;
+
+use fusec_ir::DType;
+
+/// The most negative finite value of `dtype`, the masked entries of an additive
+/// mask (transformers fills them with `torch.finfo(dtype).min`). Attention skips the
+/// keys a row's mask holds at or below it after the row's last visible key (see
+/// `plan.rs`).
+pub(crate) fn masked(dtype: DType) -> f32 {
+    match dtype {
+        DType::F16 => -65504.0,
+        // 0xff7f: the largest finite bf16 magnitude, negative.
+        DType::Bf16 => f32::from_bits(0xff7f_0000),
+        _ => f32::MIN,
+    }
+}
