@@ -137,6 +137,13 @@ pub fn op_cost(
                 bytes_written.saturating_sub(grown.bytes(b)?) + grown.appended_bytes(before, b)?;
         }
     }
+    // A paged pool keeps its shape; what the step writes into it is one entry per
+    // sequence, the new k and v (operands 1 and 2).
+    if *op == Op::Fused(FusedOp::PagedAttention) {
+        for new in operands.iter().skip(1).take(2) {
+            bytes_written = bytes_written.saturating_add(new.bytes(b)?);
+        }
+    }
     let n_out = numel(out, b)?;
     let n_in0 = match operands.first() {
         Some(t) => numel(t, b)?,
@@ -253,6 +260,22 @@ fn fused_flops(
             (4 * n_in0)
                 .saturating_mul(len)
                 .saturating_add(((5 + cap) * (n_in0 / hd)).saturating_mul(len))
+        }
+        FusedOp::PagedAttention => {
+            // As decode attention, over every position the block table can address
+            // (`M * BS`): an upper bound, since the real lengths are not in the types.
+            let positions = match (tensor(operands[5]), tensor(operands[3])) {
+                (Some(table), Some(pool)) if table.rank() == 2 && pool.rank() == 4 => table
+                    .shape
+                    .dim(1)
+                    .eval(b)?
+                    .saturating_mul(pool.shape.dim(2).eval(b)?),
+                _ => 0,
+            };
+            let hd = last_dim(operands[0], b)?.max(1);
+            (4 * n_in0)
+                .saturating_mul(positions)
+                .saturating_add((5 * (n_in0 / hd)).saturating_mul(positions))
         }
     })
 }

@@ -479,6 +479,60 @@ pub(super) fn dispatch(
                     traffic: Some((new.read_bytes() + copied, written)),
                 })
             }
+            FusedOp::PagedAttention => {
+                let window = match ops.len() {
+                    8 => None,
+                    _ => {
+                        let w = scalar(8)?;
+                        // A window is a whole number of positions, at least one.
+                        if !(w >= 1.0 && w.fract() == 0.0 && w < 16_777_216.0) {
+                            return Err(node_error(
+                                node,
+                                KernelError::Invalid(format!("window {w} is not a length")),
+                            ));
+                        }
+                        Some(w as usize)
+                    }
+                };
+                let (q, k, v, table, positions) = (t(0)?, t(1)?, t(2)?, t(5)?, t(6)?);
+                let scale = scalar(7)?;
+                let mut pool_k = ops.take_tensor(node, 3)?;
+                let mut pool_v = ops.take_tensor(node, 4)?;
+                let result = attention::paged_attention(
+                    &q,
+                    attention::Pages {
+                        k: &k,
+                        v: &v,
+                        pool_k: &mut pool_k,
+                        pool_v: &mut pool_v,
+                        table: &table,
+                        positions: &positions,
+                    },
+                    scale,
+                    window,
+                );
+                // The executor keeps a handle on the inputs to the end of the step (the
+                // pools' buffers, now holding the new entries, are shared until then).
+                ops.give_back(3, pool_k.clone());
+                ops.give_back(4, pool_v.clone());
+                let (out, copied, pools_read) = result.map_err(kernel)?;
+                // The live blocks are read, the new entries written, plus any copy.
+                let read = q.read_bytes()
+                    + k.read_bytes()
+                    + v.read_bytes()
+                    + table.read_bytes()
+                    + positions.read_bytes()
+                    + pools_read
+                    + copied;
+                let written = out.bytes() + k.bytes() + v.bytes() + copied;
+                let mut list = crate::recycle::tensors(3);
+                list.extend([out, pool_k, pool_v]);
+                Ok(Outcome {
+                    value: Value::Tuple(list),
+                    launched: true,
+                    traffic: Some((read, written)),
+                })
+            }
             FusedOp::DecodeAttention | FusedOp::DecodeAttentionCapped => {
                 // The soft-capped variant has its cap after the mask, before any FP8
                 // cache scales.

@@ -225,6 +225,7 @@ pub fn op_from_parts(
         OpKind::Attention => Op::Fused(FusedOp::Attention),
         OpKind::DecodeAttention => Op::Fused(FusedOp::DecodeAttention),
         OpKind::DecodeAttentionCapped => Op::Fused(FusedOp::DecodeAttentionCapped),
+        OpKind::PagedAttention => Op::Fused(FusedOp::PagedAttention),
     };
     if let Some(key) = a.map.keys().next() {
         return Err(OpPartsError::UnknownAttr {
