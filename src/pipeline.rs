@@ -161,13 +161,7 @@ pub fn fuse(
     rules: &RuleSet,
 ) -> Result<(Graph, FuseReport), PipelineError> {
     let gpu = target_gpu(spec)?;
-    // A paged step's pool and block-table widths (`P`, `M`) are run-time sizes; give
-    // extraction finite costs with an upper bound (one block per position of the
-    // decode shape's context for every sequence). Dense graphs have no such symbols.
-    let context = spec.decode.context.max(1);
-    let bindings = bindings(spec)
-        .with(step::MAX_BLOCKS, context)
-        .with(step::POOL_BLOCKS, spec.decode.batch.saturating_mul(context));
+    let bindings = bindings(spec);
     let opts = fusec_rewrite::Options {
         rules,
         gpu,

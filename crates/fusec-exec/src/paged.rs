@@ -368,7 +368,10 @@ impl PagedSession {
                 prompt: prompt.to_vec(),
                 generated: Vec::new(),
                 len: 0,
-                blocks: vec![Vec::new(); self.tables.len()],
+                // Room for every block it may hold, so that growing allocates nothing.
+                blocks: (0..self.tables.len())
+                    .map(|_| Vec::with_capacity(self.max_blocks))
+                    .collect(),
             },
         );
         Ok(seq)
@@ -645,9 +648,13 @@ impl PagedSession {
                     exec::recycle(Value::Tensor(t));
                 }
                 (OutputKind::Data, Value::Tensor(t)) if &*name == step::NEXT_TOKEN => {
-                    if let Some(ids) = t.to_vec_i32().filter(|ids| ids.len() == batch) {
+                    let ids = match (t.is_contiguous(), t.i32_buffer()) {
+                        (true, Some(ids)) => ids.get(t.offset()..t.offset() + t.numel()),
+                        _ => None,
+                    };
+                    if let Some(ids) = ids.filter(|ids| ids.len() == batch) {
                         out.outputs
-                            .extend(self.order.iter().zip(ids).map(|(&seq, next)| SeqOutput {
+                            .extend(self.order.iter().zip(ids).map(|(&seq, &next)| SeqOutput {
                                 seq,
                                 position: 0,
                                 next,

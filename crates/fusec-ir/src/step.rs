@@ -108,8 +108,16 @@ pub fn layer_bias(layer: u64, module: &str) -> String {
 }
 
 /// The bindings of a step of `batch` sequences with `past` positions cached before it.
+/// A paged step's sizes are bound too, to what the same context needs at most (blocks
+/// of one position: `M = S+1` per sequence, `P = B * M`), so that the cost model and
+/// extraction see finite sizes; a paged session binds the real ones.
 pub fn bindings(batch: u64, past: u64) -> Bindings {
-    Bindings::new().with(BATCH, batch).with(PAST, past)
+    let blocks = past.saturating_add(1);
+    Bindings::new()
+        .with(BATCH, batch)
+        .with(PAST, past)
+        .with(MAX_BLOCKS, blocks)
+        .with(POOL_BLOCKS, batch.saturating_mul(blocks))
 }
 
 /// The bindings of a step of `batch` sequences whose KV length is `context` after it
