@@ -114,7 +114,7 @@ fn the_cpu_executor_runs_every_op() {
 
 /// Ops with no CUDA kernel yet, which codegen refuses by name: the paged KV cache runs
 /// on the CPU executor only.
-const CPU_ONLY: [OpKind; 1] = [OpKind::PagedAttention];
+const CPU_ONLY: [OpKind; 2] = [OpKind::PagedAttention, OpKind::PagedDecodeAttention];
 
 #[test]
 fn codegen_emits_every_op() {

@@ -139,7 +139,10 @@ pub fn op_cost(
     }
     // A paged pool keeps its shape; what the step writes into it is one entry per
     // sequence, the new k and v (operands 1 and 2).
-    if *op == Op::Fused(FusedOp::PagedAttention) {
+    if matches!(
+        op,
+        Op::Fused(FusedOp::PagedAttention | FusedOp::PagedDecodeAttention)
+    ) {
         for new in operands.iter().skip(1).take(2) {
             bytes_written = bytes_written.saturating_add(new.bytes(b)?);
         }
@@ -261,10 +264,16 @@ fn fused_flops(
                 .saturating_mul(len)
                 .saturating_add(((5 + cap) * (n_in0 / hd)).saturating_mul(len))
         }
-        FusedOp::PagedAttention => {
+        FusedOp::PagedAttention | FusedOp::PagedDecodeAttention => {
+            // The paged decode kernel's operands after RoPE's tables line up with the
+            // plain one's from its caches on.
+            let at = |i: usize| match f {
+                FusedOp::PagedAttention => operands[i],
+                _ => operands[i + 2],
+            };
             // As decode attention, over every position the block table can address
             // (`M * BS`): an upper bound, since the real lengths are not in the types.
-            let positions = match (tensor(operands[5]), tensor(operands[3])) {
+            let positions = match (tensor(at(5)), tensor(at(3))) {
                 (Some(table), Some(pool)) if table.rank() == 2 && pool.rank() == 4 => table
                     .shape
                     .dim(1)
@@ -273,9 +282,14 @@ fn fused_flops(
                 _ => 0,
             };
             let hd = last_dim(operands[0], b)?.max(1);
+            let rope = match f {
+                FusedOp::PagedAttention => 0,
+                _ => 3 * (n_in0 + numel(operands[1], b)?),
+            };
             (4 * n_in0)
                 .saturating_mul(positions)
                 .saturating_add((5 * (n_in0 / hd)).saturating_mul(positions))
+                .saturating_add(rope)
         }
     })
 }

@@ -370,10 +370,14 @@ pub enum FusedOp {
     /// block through its row of the table. No mask: the table and the position say
     /// which entries a sequence sees, so sequences of one batch may have any lengths.
     PagedAttention,
+    /// `(q, k, v, cos, sin, k_pool, v_pool, block_table, positions, scale[, window]) ->
+    /// (out, k_pool, v_pool)`: RoPE on q and k, then [`FusedOp::PagedAttention`], in
+    /// one kernel (the paged step's counterpart of [`FusedOp::DecodeAttention`]).
+    PagedDecodeAttention,
 }
 
 impl FusedOp {
-    pub const ALL: [FusedOp; 20] = [
+    pub const ALL: [FusedOp; 21] = [
         FusedOp::KvAppend,
         FusedOp::Rope,
         FusedOp::RmsNorm,
@@ -394,6 +398,7 @@ impl FusedOp {
         FusedOp::DecodeAttention,
         FusedOp::DecodeAttentionCapped,
         FusedOp::PagedAttention,
+        FusedOp::PagedDecodeAttention,
     ];
 }
 

@@ -320,6 +320,14 @@ pub(crate) fn infer(op: FusedOp, t: &[&TensorType]) -> R<Type> {
             let stored = |t: TensorType| TensorType::new(cache, t.shape);
             Ok(Type::Tuple(vec![q.clone(), stored(k_all), stored(v_all)]))
         }
+        FusedOp::PagedDecodeAttention => {
+            let (q, k, cos, sin) = (t[0], t[1], t[3], t[4]);
+            infer(FusedOp::Rope, &[q, cos, sin])?;
+            infer(FusedOp::Rope, &[k, cos, sin])?;
+            let mut rest = vec![q, k, t[2]];
+            rest.extend_from_slice(&t[5..]);
+            infer(FusedOp::PagedAttention, &rest)
+        }
         FusedOp::PagedAttention => {
             let (q, k, v, pk, pv, table, positions, scale) =
                 (t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7]);

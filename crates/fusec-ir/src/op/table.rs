@@ -269,6 +269,13 @@ op_table! {
             Paging, Paging, Sc,
         ],
         Some(Sc), Kernel(Attention), [];
+    PagedDecodeAttention = "fused.paged_decode_attention", AtLeast(10),
+        [
+            Act, Act, Act, Rope, Rope,
+            Cache { result: 1, reads: true }, Cache { result: 2, reads: true },
+            Paging, Paging, Sc,
+        ],
+        Some(Sc), Kernel(Attention), [];
 }
 
 impl Op {
@@ -418,6 +425,7 @@ impl FusedOp {
             FusedOp::DecodeAttention => OpKind::DecodeAttention,
             FusedOp::DecodeAttentionCapped => OpKind::DecodeAttentionCapped,
             FusedOp::PagedAttention => OpKind::PagedAttention,
+            FusedOp::PagedDecodeAttention => OpKind::PagedDecodeAttention,
         }
     }
 
