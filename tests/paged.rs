@@ -285,6 +285,10 @@ fn bad_requests_are_typed_errors_that_change_nothing() {
     }
     assert_eq!((s.len(a).expect("a"), s.len(b).expect("b")), (4, 4));
     assert_eq!(s.blocks_in_use(), 2);
+    // Both blocks, in the key and value pools of every layer.
+    let cfg = &m.spec.model;
+    let block = BLOCK * cfg.num_kv_heads * cfg.head_dim * 4;
+    assert_eq!(s.kv_bytes_in_use(), 2 * 2 * cfg.num_layers * block);
     // Position 4 starts a second block each: none left.
     assert!(matches!(s.step(), Err(PagedError::OutOfBlocks { .. })));
     s.remove(b).expect("removes");
@@ -332,4 +336,19 @@ fn the_paged_graph_verifies_round_trips_and_fuses() {
         m
     };
     assert_eq!(kinds(&fused), kinds(&dense));
+    // The cost model reads a pool through the block table: `B x M` blocks at most,
+    // not the whole pool.
+    let b = fusec_ir::Bindings::new()
+        .with(fusec_ir::step::BATCH, 2)
+        .with(fusec_ir::step::MAX_BLOCKS, 3)
+        .with(fusec_ir::step::POOL_BLOCKS, 100);
+    let cfg = &m.spec.model;
+    let block = BLOCK * cfg.num_kv_heads * cfg.head_dim * 4;
+    for n in fused.node_ids() {
+        if *fused.op(n) == Op::Fused(FusedOp::PagedDecodeAttention) {
+            let pool = fused.operands(n)[5];
+            let read = fusec_ir::cost::operand_read_bytes(&fused, n, 5, pool, &b).expect("bound");
+            assert_eq!(read, 2 * 3 * block);
+        }
+    }
 }

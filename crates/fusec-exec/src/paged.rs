@@ -43,7 +43,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use fusec_ir::shape::Bindings;
-use fusec_ir::{step, DType, Dim, FusedOp, Graph, InputKind, Op, OutputKind};
+use fusec_ir::{step, DType, Dim, FusedOp, Graph, InputKind, Op, OperandRole, OutputKind};
 use ndarray::{Array2, ArrayView1};
 
 use crate::error::Error;
@@ -291,8 +291,18 @@ impl PagedSession {
         // attention that takes the pool.
         let mut pools_per_table = vec![0; tables.len()];
         for n in graph.node_ids() {
-            if graph.op(n) == &Op::Fused(FusedOp::PagedAttention) {
-                let table = graph.operands(n)[5];
+            let op = graph.op(n);
+            if matches!(
+                op,
+                Op::Fused(FusedOp::PagedAttention | FusedOp::PagedDecodeAttention)
+            ) {
+                // The block table: the first operand in the paging role.
+                let Some(table) = (0..graph.operands(n).len())
+                    .find(|&i| op.operand_role(i) == Some(OperandRole::Paging))
+                    .map(|i| graph.operands(n)[i])
+                else {
+                    continue;
+                };
                 if let Op::Input { name, .. } = graph.op(table) {
                     if let Some(t) = tables.iter().position(|t| &*t.name == name.as_str()) {
                         pools_per_table[t] += 2;

@@ -94,6 +94,36 @@ pub fn operand_read_bytes(
         Some(OperandRole::Cache { reads: false, .. }) => Ok(0),
         // A gather reads one row of the table per id: as many bytes as it writes.
         Some(OperandRole::EmbeddingTable) => graph.ty(id).bytes(b),
+        // A paged pool is read only through the block table: at most the blocks its
+        // `B x M` entries name (the real lengths are the host's; see
+        // `fusec_exec::paged`).
+        Some(OperandRole::Cache { reads: true, .. })
+            if matches!(
+                graph.op(id),
+                Op::Fused(FusedOp::PagedAttention | FusedOp::PagedDecodeAttention)
+            ) =>
+        {
+            let pool = graph.ty(operand);
+            let table = graph
+                .operands(id)
+                .into_iter()
+                .enumerate()
+                .find(|&(i, _)| graph.op(id).operand_role(i) == Some(OperandRole::Paging))
+                .map(|(_, t)| graph.ty(t));
+            let whole = read_bytes(graph, operand, b)?;
+            match (pool.tensor(), table.and_then(Type::tensor)) {
+                (Some(p), Some(t)) if p.rank() == 4 && t.rank() == 2 => {
+                    let blocks = p.shape.dim(0).eval(b)?.max(1);
+                    let entries = t
+                        .shape
+                        .dim(0)
+                        .eval(b)?
+                        .saturating_mul(t.shape.dim(1).eval(b)?);
+                    Ok(whole.min((whole / blocks).saturating_mul(entries)))
+                }
+                _ => Ok(whole),
+            }
+        }
         _ => read_bytes(graph, operand, b),
     }
 }
