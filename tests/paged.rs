@@ -119,18 +119,18 @@ fn schedule() -> Vec<Join> {
     ]
 }
 
-/// Runs `joins` through a paged session, checking the blocks after every step; returns
-/// each join's generated ids and their logits rows.
-fn run_ragged(
-    m: &Model,
-    joins: &[Join],
-    config: PagedConfig,
-) -> (Vec<Vec<i32>>, Vec<Vec<Vec<f32>>>, usize) {
+/// What each join of a ragged run generated: its ids and their logits rows.
+struct Ragged {
+    generated: Vec<Vec<i32>>,
+    logits: Vec<Vec<Vec<f32>>>,
+}
+
+/// Runs `joins` through a paged session, checking the blocks after every step.
+fn run_ragged(m: &Model, joins: &[Join], config: PagedConfig) -> Ragged {
     let mut s = m.session(config);
     let mut ids: BTreeMap<SeqId, usize> = BTreeMap::new();
     let mut generated = vec![Vec::new(); joins.len()];
     let mut logits = vec![Vec::new(); joins.len()];
-    let mut most_blocks = 0;
     let mut step = 0;
     while step < 200 {
         for (j, join) in joins.iter().enumerate() {
@@ -165,11 +165,10 @@ fn run_ragged(
             s.blocks_needed(),
             "step {step}: blocks in use are what the live sequences need"
         );
-        most_blocks = most_blocks.max(s.blocks_in_use());
         step += 1;
     }
     assert_eq!(s.blocks_in_use(), 0, "every block back once all have left");
-    (generated, logits, most_blocks)
+    Ragged { generated, logits }
 }
 
 /// Every sequence of the ragged run against its run alone in the dense session.
@@ -180,7 +179,7 @@ fn ragged_matches_alone(fixture: &str, fused: bool) {
         pool_blocks: 64,
         max_len: 64,
     };
-    let (generated, logits, _) = run_ragged(&m, &joins, config);
+    let Ragged { generated, logits } = run_ragged(&m, &joins, config);
     for (j, join) in joins.iter().enumerate() {
         let (ids, rows) = m.alone(&join.prompt, join.tokens);
         assert_eq!(

@@ -555,7 +555,7 @@ impl PagedSession {
     /// is allocated.
     fn allocate(&mut self) -> Result<Vec<(usize, SeqId)>, PagedError> {
         let bs = self.block_size;
-        let starting = |s: &Seq| s.len % bs == 0;
+        let starting = |s: &Seq| s.len.is_multiple_of(bs);
         let needed = self.seqs.values().filter(|s| starting(s)).count();
         for table in &self.tables {
             if table.free.len() < needed {

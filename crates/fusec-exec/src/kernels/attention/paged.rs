@@ -239,7 +239,7 @@ fn geometry(q: &Tensor, pages: &Pages<'_>, op: &str) -> Result<Geometry, KernelE
         && pages.pool_v.shape() == ps
         && g.block_size > 0
         && g.kv_heads > 0
-        && g.heads % g.kv_heads == 0
+        && g.heads.is_multiple_of(g.kv_heads)
         && pages.table.shape()[0] == g.batch
         && pages.positions.numel() == g.batch;
     if !agree {
