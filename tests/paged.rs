@@ -4,8 +4,9 @@
 //! - sequences of different prompt lengths join at different steps and leave, new
 //!   ones take the freed blocks, and every sequence generates exactly the ids it
 //!   generates alone in a dense `Session` at batch 1, its logits within 1e-5
-//!   relative, eager and fused, for every family built on `decoder_step` (Llama,
-//!   Qwen2, OLMo 2) and for Mistral's sliding window;
+//!   relative, eager and fused, for Llama, Qwen2, OLMo 2, Granite, Gemma 3 (sliding
+//!   and global layers mixed) and Mistral's sliding window; Gemma 2's soft-capped
+//!   attention refuses a paged step;
 //! - the blocks in use equal what the live sequences need after every step (whole
 //!   blocks of their positions; for a window only those the next step reads), and a
 //!   windowed model's stay bounded however long a sequence grows;
@@ -208,6 +209,37 @@ fn ragged_llama_matches_each_sequence_alone() {
 fn ragged_qwen2_and_olmo2_match_each_sequence_alone() {
     ragged_matches_alone("tests/fixtures/hf-tiny-qwen2-s0", true);
     ragged_matches_alone("tests/fixtures/hf-tiny-olmo2-s0", true);
+}
+
+/// Granite's multipliers, and Gemma 3's sliding-window and global layers mixed (two
+/// block tables, the window's freeing its blocks as the sequences pass 8 positions).
+#[test]
+fn ragged_granite_and_gemma3_match_each_sequence_alone() {
+    ragged_matches_alone("tests/fixtures/hf-tiny-granite-s3", true);
+    ragged_matches_alone("tests/fixtures/hf-tiny-gemma3-s0", false);
+    ragged_matches_alone("tests/fixtures/hf-tiny-gemma3-s0", true);
+    let m = model("tests/fixtures/hf-tiny-gemma3-s0", true);
+    let inputs: Vec<String> = m
+        .paged
+        .inputs()
+        .into_iter()
+        .map(|(_, n, _)| n.to_string())
+        .collect();
+    assert!(inputs.contains(&"block_table".to_string()), "{inputs:?}");
+    assert!(
+        inputs.contains(&"block_table.window8".to_string()),
+        "{inputs:?}"
+    );
+}
+
+/// Gemma 2's soft-capped scores have no paged kernel: building its paged step is a
+/// typed refusal.
+#[test]
+fn soft_capped_attention_refuses_a_paged_step() {
+    let spec = pipeline::load(&root().join("tests/fixtures/hf-tiny-gemma2-s0"), None, None)
+        .expect("loads");
+    let err = pipeline::eager_prefill(&spec, &StepDims::paged(BLOCK)).expect_err("refused");
+    assert!(err.to_string().contains("soft-capped"), "{err}");
 }
 
 /// Mistral's window of 8: the ragged run matches the dense ring, and blocks that
