@@ -232,6 +232,47 @@ fn ragged_granite_and_gemma3_match_each_sequence_alone() {
     );
 }
 
+/// A caller that samples: `set_next` replaces each greedy token by its own choice,
+/// and the sequence's logits follow the dense session's teacher-forced run, while a
+/// greedy neighbour in the batch is unaffected.
+#[test]
+fn set_next_feeds_the_callers_tokens() {
+    let m = model("tests/fixtures/hf-tiny-llama-s0", true);
+    let mut s = m.session(PagedConfig {
+        pool_blocks: 16,
+        max_len: 32,
+    });
+    let prompt = [4, 8, 15];
+    let forced = [16, 23, 42, 7, 99];
+    let a = s.add(&prompt).expect("joins");
+    let b = s.add(&[1, 17, 42]).expect("joins");
+    let mut rows = Vec::new();
+    while rows.len() < forced.len() + 1 {
+        let out = s.step().expect("steps");
+        if !s.is_prefilling(a).expect("live") {
+            rows.push(out.logits_of(a).expect("a row").to_vec());
+            if let Some(&t) = forced.get(rows.len() - 1) {
+                s.set_next(a, t).expect("a token");
+            }
+        }
+    }
+    let exec = Executor::new(m.dense.clone(), &m.weights).expect("plans");
+    let mut dense = Session::with_capacity(exec, 1, 64).expect("session");
+    let g = dense
+        .generate_forced(&[prompt.to_vec()], &[forced.to_vec()])
+        .expect("forced");
+    for (t, (got, e)) in rows.iter().zip(g.rows(0)).enumerate() {
+        assert!(rel_err(got, e) <= 1e-5, "token {t}");
+    }
+    assert_eq!(&s.generated(a).expect("live")[..forced.len()], &forced[..]);
+    let (ids, _) = m.alone(&[1, 17, 42], 6);
+    assert_eq!(s.generated(b).expect("live"), &ids[..]);
+    assert!(matches!(
+        s.set_next(a, -3),
+        Err(PagedError::TokenOutOfRange { token: -3, .. })
+    ));
+}
+
 /// Gemma 2's soft-capped scores have no paged kernel: building its paged step is a
 /// typed refusal.
 #[test]
@@ -296,6 +337,10 @@ fn bad_requests_are_typed_errors_that_change_nothing() {
         s.len(SeqId(99)),
         Err(PagedError::UnknownSequence(_))
     ));
+    assert!(matches!(
+        s.set_next(SeqId(99), 1),
+        Err(PagedError::UnknownSequence(_))
+    ));
     // No live sequence: a step runs nothing.
     assert!(s.step().expect("an empty step").outputs.is_empty());
     // Three sequences starting a block each, a pool of two: out of blocks, and the
@@ -303,6 +348,8 @@ fn bad_requests_are_typed_errors_that_change_nothing() {
     let a = s.add(&[1, 2]).expect("joins");
     let b = s.add(&[3, 4]).expect("joins");
     let c = s.add(&[5, 6]).expect("joins");
+    assert!(matches!(s.set_next(a, 1), Err(PagedError::Prefilling(x)) if x == a));
+    assert_eq!((s.blocks_for_next_step(), s.free_blocks()), (3, 2));
     match s.step() {
         Err(PagedError::OutOfBlocks { needed, free, .. }) => assert_eq!((needed, free), (3, 2)),
         other => panic!("expected out of blocks, got {other:?}"),

@@ -71,6 +71,9 @@ pub enum PagedError {
     UnknownSequence(SeqId),
     #[error("a prompt needs at least one token")]
     EmptyPrompt,
+    /// [`PagedSession::set_next`] on a sequence still feeding its prompt.
+    #[error("{0} has not finished its prompt: it has no generated token to replace")]
+    Prefilling(SeqId),
     #[error("token {token} is outside the vocabulary of {vocab}")]
     TokenOutOfRange { token: i32, vocab: usize },
     /// The step needs more blocks of a pool than are free. A scheduler would remove
@@ -410,6 +413,50 @@ impl PagedSession {
     /// The tokens `seq` has generated so far.
     pub fn generated(&self, seq: SeqId) -> Result<&[i32], PagedError> {
         self.seq(seq).map(|s| s.generated.as_slice())
+    }
+
+    /// Replaces the token `seq` generated last, which the next step feeds, by `token`:
+    /// for a caller that samples from [`PagedStep::logits`] instead of taking the
+    /// greedy token (the returned and [`PagedSession::generated`] ids follow).
+    pub fn set_next(&mut self, seq: SeqId, token: i32) -> Result<(), PagedError> {
+        let vocab = self.vocab;
+        let s = self
+            .seqs
+            .get_mut(&seq)
+            .ok_or(PagedError::UnknownSequence(seq))?;
+        if usize::try_from(token).map_or(true, |t| t >= vocab) {
+            return Err(PagedError::TokenOutOfRange { token, vocab });
+        }
+        match s.generated.last_mut() {
+            Some(last) => {
+                *last = token;
+                Ok(())
+            }
+            None => Err(PagedError::Prefilling(seq)),
+        }
+    }
+
+    /// Whether `seq` is still feeding its prompt (its next step's output will not be a
+    /// generated token unless that step feeds the prompt's last token).
+    pub fn is_prefilling(&self, seq: SeqId) -> Result<bool, PagedError> {
+        self.seq(seq).map(|s| s.generated.is_empty())
+    }
+
+    /// Free blocks: the fewest of any block table's pool.
+    pub fn free_blocks(&self) -> usize {
+        self.tables.iter().map(|t| t.free.len()).min().unwrap_or(0)
+    }
+
+    /// Blocks the next step takes from each table's pool: one per live sequence that
+    /// starts a new block. A scheduler removes (preempts) sequences while this exceeds
+    /// [`PagedSession::free_blocks`], or the step fails with
+    /// [`PagedError::OutOfBlocks`].
+    pub fn blocks_for_next_step(&self) -> usize {
+        let bs = self.block_size;
+        self.seqs
+            .values()
+            .filter(|s| s.len.is_multiple_of(bs))
+            .count()
     }
 
     /// Positions cached for `seq`.
