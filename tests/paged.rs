@@ -4,7 +4,7 @@
 //! - sequences of different prompt lengths join at different steps and leave, new
 //!   ones take the freed blocks, and every sequence generates exactly the ids it
 //!   generates alone in a dense `Session` at batch 1, its logits within 1e-5
-//!   relative, eager and fused, for Llama, Qwen2, OLMo 2, Granite, Gemma 3 (sliding
+//!   relative, eager and fused, for Llama, Qwen2, Qwen3, Phi-3, OLMo 2, Granite, Gemma 3 (sliding
 //!   and global layers mixed) and Mistral's sliding window; Gemma 2's soft-capped
 //!   attention refuses a paged step;
 //! - the blocks in use equal what the live sequences need after every step (whole
@@ -211,6 +211,13 @@ fn ragged_qwen2_and_olmo2_match_each_sequence_alone() {
     ragged_matches_alone("tests/fixtures/hf-tiny-olmo2-s0", true);
 }
 
+/// Qwen3's per-head q/k norms and Phi-3's packed projections (Llama's graph).
+#[test]
+fn ragged_qwen3_and_phi3_match_each_sequence_alone() {
+    ragged_matches_alone("tests/fixtures/hf-tiny-qwen3-s0", true);
+    ragged_matches_alone("tests/fixtures/hf-tiny-phi3-s0", true);
+}
+
 /// Granite's multipliers, and Gemma 3's sliding-window and global layers mixed (two
 /// block tables, the window's freeing its blocks as the sequences pass 8 positions).
 #[test]
@@ -318,6 +325,16 @@ fn bad_requests_are_typed_errors_that_change_nothing() {
         pool_blocks: 2,
         max_len: 8,
     });
+    // A dense graph is no paged graph.
+    let dense = Executor::new(m.dense.clone(), &m.weights).expect("plans");
+    let config = PagedConfig {
+        pool_blocks: 2,
+        max_len: 8,
+    };
+    assert!(matches!(
+        PagedSession::new(dense, config),
+        Err(PagedError::Config(_))
+    ));
     assert!(matches!(s.add(&[]), Err(PagedError::EmptyPrompt)));
     let vocab = s.vocab() as i32;
     assert!(matches!(
