@@ -37,7 +37,9 @@
 //!
 //! **Errors.** Bad requests (an unknown [`SeqId`], an empty prompt, a token outside
 //! the vocabulary, a sequence past `max_len`, a pool without enough free blocks) are
-//! [`PagedError`]s, and leave the session as it was.
+//! [`PagedError`]s, and leave the session as it was. (A step that fails inside the
+//! graph may already have written its new entries into the pools, at positions no
+//! sequence has committed; the next step writes them again.)
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
