@@ -401,6 +401,10 @@ impl Lower<'_> {
             }),
             Op::Fused(f) => match f {
                 FusedOp::KvAppend => view(0).and_then(|past| e.kv_append(past, view(1)?, cx!())),
+                // The paged KV cache runs on the CPU executor only for now.
+                FusedOp::PagedAttention | FusedOp::PagedDecodeAttention => Err(
+                    "no CUDA kernel reads a paged KV cache yet (the CPU executor runs it)".into(),
+                ),
                 FusedOp::Rope => view(0).and_then(|x| e.rope(x, &ops[1], &ops[2], out0, cx!())),
                 FusedOp::RmsNorm => {
                     view(0).and_then(|x| e.rms_norm(x, view(1)?, scalar(2)?, out0, cx!()))

@@ -8,7 +8,9 @@
 //!   `plan.rs`: the three passes over one chunk of query rows;
 //! - `inner.rs`: the inner loops each path provides; `portable.rs` and `avx2.rs`
 //!   (x86-64, detected at run time): the two paths;
-//! - `decode.rs`: [`decode_attention`], RoPE, append and attention in one kernel.
+//! - `decode.rs`: [`decode_attention`], RoPE, append and attention in one kernel;
+//! - `paged.rs`: [`paged_attention`], the append and attention over a paged KV cache
+//!   (blocks of a pool read through a block table).
 //!
 //! **The in-place append.** A KV cache is a prefix view of a buffer with spare
 //! capacity along its sequence axis (`Tensor::with_capacity`). Appending writes only
@@ -105,6 +107,7 @@ mod avx2;
 mod decode;
 mod full;
 mod inner;
+mod paged;
 mod plan;
 mod portable;
 mod storage;
@@ -112,6 +115,7 @@ mod storage;
 pub use self::append::{append, kv_append, Ring};
 pub use self::decode::{decode_attention, decode_attention_capped, Caches};
 pub use self::full::{attention, attention_capped};
+pub use self::paged::{paged_attention, Pages};
 pub use self::plan::ROW_TILE;
 
 use fusec_ir::DType;
