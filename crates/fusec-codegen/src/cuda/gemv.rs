@@ -130,7 +130,7 @@ pub(crate) fn gemv(
     let staged = fits(a_ty);
     // FP8 activations staged as f32 are read 16 per lane (64 bytes, four 16-byte
     // shared loads) at a 64-byte stride between lanes: each quarter-warp's loads fall
-    // on the same banks four ways over. Staged in `XS_PERMUTED` order instead, the
+    // on the same banks four ways over. Staged in warp order instead (`xs_index`), the
     // warp's k-th 16-byte loads are contiguous across lanes, conflict-free (CUDA C++
     // Programming Guide, "Shared memory" of compute capability 5.x and later).
     let permuted = act_fp8
