@@ -239,6 +239,49 @@ fn ragged_granite_and_gemma3_match_each_sequence_alone() {
     );
 }
 
+/// `step_some_into` runs only the listed sequences: one sequence feeds its whole
+/// prompt alone while the other waits, then both decode together, and each generates
+/// what it generates alone; a repeated or unknown id is an error that changes nothing.
+#[test]
+fn a_step_over_some_sequences_leaves_the_others_waiting() {
+    let m = model("tests/fixtures/hf-tiny-llama-s0", true);
+    let mut s = m.session(PagedConfig {
+        pool_blocks: 16,
+        max_len: 32,
+    });
+    let (pa, pb) = (vec![5, 9, 33, 2, 61, 7, 12], vec![1, 17, 42]);
+    let (a, b) = (s.add(&pa).expect("adds"), s.add(&pb).expect("adds"));
+    let mut out = fusec::exec::PagedStep::default();
+    assert!(matches!(
+        s.step_some_into(&[a, a], &mut out),
+        Err(PagedError::Repeated(id)) if id == a
+    ));
+    assert!(matches!(
+        s.step_some_into(&[SeqId(99)], &mut out),
+        Err(PagedError::UnknownSequence(_))
+    ));
+    for _ in 0..pa.len() {
+        s.step_some_into(&[a], &mut out).expect("steps a");
+        assert_eq!(out.outputs.len(), 1);
+    }
+    assert_eq!(s.len(b).expect("live"), 0, "b waited");
+    assert_eq!(s.len(a).expect("live"), pa.len());
+    // b's prompt, with a decoding beside it; then both decode.
+    let mut got = (vec![out.outputs[0].next], Vec::new());
+    while got.1.len() < 6 || got.0.len() < 6 {
+        s.step_some_into(&[b, a], &mut out).expect("steps both");
+        assert_eq!(out.outputs[0].seq, b, "outputs follow the order given");
+        for o in &out.outputs {
+            let list = if o.seq == a { &mut got.0 } else { &mut got.1 };
+            if o.generated && list.len() < 6 {
+                list.push(o.next);
+            }
+        }
+    }
+    assert_eq!(got.0, m.alone(&pa, 6).0, "a");
+    assert_eq!(got.1, m.alone(&pb, 6).0, "b");
+}
+
 /// A caller that samples: `set_next` replaces each greedy token by its own choice,
 /// and the sequence's logits follow the dense session's teacher-forced run, while a
 /// greedy neighbour in the batch is unaffected.

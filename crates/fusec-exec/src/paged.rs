@@ -71,6 +71,9 @@ impl std::fmt::Display for SeqId {
 pub enum PagedError {
     #[error("{0} is not live in this session")]
     UnknownSequence(SeqId),
+    /// [`PagedSession::step_some_into`] given a sequence twice.
+    #[error("{0} is listed twice for one step")]
+    Repeated(SeqId),
     #[error("a prompt needs at least one token")]
     EmptyPrompt,
     /// [`PagedSession::set_next`] on a sequence still feeding its prompt.
@@ -525,9 +528,38 @@ impl PagedSession {
     /// writes the results into `out`. With no live sequence it runs nothing and `out`
     /// is empty. On error the session is unchanged.
     pub fn step_into(&mut self, out: &mut PagedStep) -> Result<(), PagedError> {
-        out.outputs.clear();
         self.order.clear();
         self.order.extend(self.seqs.keys().copied());
+        self.run_order(out)
+    }
+
+    /// [`PagedSession::step_into`] over the listed sequences only (each at most once,
+    /// in the order given, which `out` follows); the others wait, their caches as they
+    /// are. A scheduler that feeds one sequence a chunk of its prompt while others
+    /// decode runs the decoders and the chunk's first token in one step, then the rest
+    /// of the chunk alone. Each sequence's results do not depend on which others share
+    /// its steps (the kernels compute every row as they compute it alone).
+    pub fn step_some_into(
+        &mut self,
+        seqs: &[SeqId],
+        out: &mut PagedStep,
+    ) -> Result<(), PagedError> {
+        for (i, id) in seqs.iter().enumerate() {
+            if !self.seqs.contains_key(id) {
+                return Err(PagedError::UnknownSequence(*id));
+            }
+            if seqs[..i].contains(id) {
+                return Err(PagedError::Repeated(*id));
+            }
+        }
+        self.order.clear();
+        self.order.extend_from_slice(seqs);
+        self.run_order(out)
+    }
+
+    /// One step over `self.order`.
+    fn run_order(&mut self, out: &mut PagedStep) -> Result<(), PagedError> {
+        out.outputs.clear();
         let batch = self.order.len();
         if batch == 0 {
             out.logits = Array2::zeros((0, self.vocab));
@@ -605,7 +637,11 @@ impl PagedSession {
     fn allocate(&mut self) -> Result<Vec<(usize, SeqId)>, PagedError> {
         let bs = self.block_size;
         let starting = |s: &Seq| s.len.is_multiple_of(bs);
-        let needed = self.seqs.values().filter(|s| starting(s)).count();
+        let needed = self
+            .order
+            .iter()
+            .filter(|id| self.seqs.get(id).is_some_and(starting))
+            .count();
         for table in &self.tables {
             if table.free.len() < needed {
                 return Err(PagedError::OutOfBlocks {
@@ -618,7 +654,10 @@ impl PagedSession {
         let mut fresh = std::mem::take(&mut self.fresh);
         fresh.clear();
         for (t, table) in self.tables.iter_mut().enumerate() {
-            for (&id, s) in self.seqs.iter_mut().filter(|(_, s)| starting(s)) {
+            for &id in &self.order {
+                let Some(s) = self.seqs.get_mut(&id).filter(|s| starting(s)) else {
+                    continue;
+                };
                 // Checked above: every table has `needed` free blocks.
                 let Some(block) = table.free.pop() else { break };
                 s.blocks[t].push(Some(block));
