@@ -148,22 +148,102 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let m = state.worker.metrics();
     let s = &m.scheduler;
     let rows: [(&str, &str, &str, String); 16] = [
-        ("fusec_queue_length", "gauge", "Requests waiting to be admitted.", s.waiting.to_string()),
-        ("fusec_running_sequences", "gauge", "Sequences in the engine.", s.running.to_string()),
-        ("fusec_kv_blocks_used", "gauge", "KV blocks the sequences hold.", s.blocks_in_use.to_string()),
-        ("fusec_kv_blocks_total", "gauge", "KV blocks in all.", s.total_blocks.to_string()),
-        ("fusec_kv_block_size", "gauge", "Positions per KV block.", s.block_size.to_string()),
-        ("fusec_tokens_per_second", "gauge", "Tokens fed per second (prompt and generated), over the last 10 s of steps.", format!("{:.3}", m.tokens_per_s)),
-        ("fusec_generated_tokens_per_second", "gauge", "Tokens generated per second, over the last 10 s of steps.", format!("{:.3}", m.generated_per_s)),
-        ("fusec_requests_submitted_total", "counter", "Requests accepted.", m.requests_submitted.to_string()),
-        ("fusec_requests_refused_total", "counter", "Requests refused by the scheduler (context, capacity).", m.requests_refused.to_string()),
-        ("fusec_requests_finished_total", "counter", "Requests that ran to a stop id or max_tokens.", s.finished.to_string()),
-        ("fusec_requests_failed_total", "counter", "Requests failed by an engine error.", s.failed.to_string()),
-        ("fusec_requests_cancelled_total", "counter", "Requests cancelled (client gone, or a stop string).", s.cancelled.to_string()),
-        ("fusec_preemptions_total", "counter", "Sequences evicted for recompute when KV blocks ran out.", s.preemptions.to_string()),
-        ("fusec_steps_total", "counter", "Engine steps.", s.steps.to_string()),
-        ("fusec_tokens_fed_total", "counter", "Tokens fed to the engine.", s.tokens_fed.to_string()),
-        ("fusec_tokens_generated_total", "counter", "Tokens generated.", s.tokens_generated.to_string()),
+        (
+            "fusec_queue_length",
+            "gauge",
+            "Requests waiting to be admitted.",
+            s.waiting.to_string(),
+        ),
+        (
+            "fusec_running_sequences",
+            "gauge",
+            "Sequences in the engine.",
+            s.running.to_string(),
+        ),
+        (
+            "fusec_kv_blocks_used",
+            "gauge",
+            "KV blocks the sequences hold.",
+            s.blocks_in_use.to_string(),
+        ),
+        (
+            "fusec_kv_blocks_total",
+            "gauge",
+            "KV blocks in all.",
+            s.total_blocks.to_string(),
+        ),
+        (
+            "fusec_kv_block_size",
+            "gauge",
+            "Positions per KV block.",
+            s.block_size.to_string(),
+        ),
+        (
+            "fusec_tokens_per_second",
+            "gauge",
+            "Tokens fed per second (prompt and generated), over the last 10 s of steps.",
+            format!("{:.3}", m.tokens_per_s),
+        ),
+        (
+            "fusec_generated_tokens_per_second",
+            "gauge",
+            "Tokens generated per second, over the last 10 s of steps.",
+            format!("{:.3}", m.generated_per_s),
+        ),
+        (
+            "fusec_requests_submitted_total",
+            "counter",
+            "Requests accepted.",
+            m.requests_submitted.to_string(),
+        ),
+        (
+            "fusec_requests_refused_total",
+            "counter",
+            "Requests refused by the scheduler (context, capacity).",
+            m.requests_refused.to_string(),
+        ),
+        (
+            "fusec_requests_finished_total",
+            "counter",
+            "Requests that ran to a stop id or max_tokens.",
+            s.finished.to_string(),
+        ),
+        (
+            "fusec_requests_failed_total",
+            "counter",
+            "Requests failed by an engine error.",
+            s.failed.to_string(),
+        ),
+        (
+            "fusec_requests_cancelled_total",
+            "counter",
+            "Requests cancelled (client gone, or a stop string).",
+            s.cancelled.to_string(),
+        ),
+        (
+            "fusec_preemptions_total",
+            "counter",
+            "Sequences evicted for recompute when KV blocks ran out.",
+            s.preemptions.to_string(),
+        ),
+        (
+            "fusec_steps_total",
+            "counter",
+            "Engine steps.",
+            s.steps.to_string(),
+        ),
+        (
+            "fusec_tokens_fed_total",
+            "counter",
+            "Tokens fed to the engine.",
+            s.tokens_fed.to_string(),
+        ),
+        (
+            "fusec_tokens_generated_total",
+            "counter",
+            "Tokens generated.",
+            s.tokens_generated.to_string(),
+        ),
     ];
     let mut text = String::new();
     for (name, kind, help, value) in rows {
@@ -171,11 +251,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
         ));
     }
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        text,
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 /// The body as JSON of type `T`, whatever the content type says.
@@ -297,7 +373,10 @@ async fn chat_request(state: &Arc<AppState>, body: &Bytes) -> Result<Response, A
         .check_greedy()
         .map_err(|(m, p)| ApiError::bad(m, Some(p)))?;
     if req.messages.is_empty() {
-        return Err(ApiError::bad("messages must not be empty", Some("messages")));
+        return Err(ApiError::bad(
+            "messages must not be empty",
+            Some("messages"),
+        ));
     }
     let messages: Vec<Message> = req
         .messages
@@ -468,7 +547,13 @@ async fn respond(
         tokenizer: state.tokenizer.clone(),
         detok: Detokenizer::new(),
         decoded: String::new(),
-        stop: StopText::new(decoding.stop.clone().map(|s| s.into_vec()).unwrap_or_default()),
+        stop: StopText::new(
+            decoding
+                .stop
+                .clone()
+                .map(|s| s.into_vec())
+                .unwrap_or_default(),
+        ),
         pending: VecDeque::new(),
         ended: false,
         generated: 0,
@@ -483,7 +568,12 @@ async fn respond(
         kind,
     };
     if decoding.stream {
-        Ok(stream(chunk, output, prompt_tokens, decoding.include_usage()))
+        Ok(stream(
+            chunk,
+            output,
+            prompt_tokens,
+            decoding.include_usage(),
+        ))
     } else {
         whole(chunk, output, prompt_tokens).await
     }
@@ -535,7 +625,11 @@ impl Chunk {
     }
 }
 
-async fn whole(chunk: Chunk, mut output: Output, prompt_tokens: usize) -> Result<Response, ApiError> {
+async fn whole(
+    chunk: Chunk,
+    mut output: Output,
+    prompt_tokens: usize,
+) -> Result<Response, ApiError> {
     let mut text = String::new();
     let mut ids = Vec::new();
     let mut finish = "length";

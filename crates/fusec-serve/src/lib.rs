@@ -23,6 +23,8 @@ pub mod worker;
 
 pub use engine::{Engine, SeqId, SessionEngine, SessionEngineConfig, Work};
 pub use error::{ConfigError, EngineError, ServeError, SubmitError};
-pub use scheduler::{Event, Finish, Request, RequestId, Scheduler, SchedulerConfig, SchedulerStats};
+pub use scheduler::{
+    Event, Finish, Request, RequestId, Scheduler, SchedulerConfig, SchedulerStats,
+};
 pub use server::{Server, ServerConfig};
 pub use worker::{Metrics, Worker};

@@ -363,11 +363,7 @@ impl<E: Engine> Scheduler<E> {
         }
         let work: Vec<Work> = plan
             .iter()
-            .filter_map(|&(i, n)| {
-                self.running[i]
-                    .seq
-                    .map(|seq| Work { seq, tokens: n })
-            })
+            .filter_map(|&(i, n)| self.running[i].seq.map(|seq| Work { seq, tokens: n }))
             .collect();
         let result = self.engine.step(&work);
         self.stats.steps += 1;

@@ -125,7 +125,9 @@ impl Engine for Fake {
 
 fn req(prompt_len: usize, seed: u32, max_tokens: usize) -> Request {
     Request {
-        prompt: (0..prompt_len as u32).map(|i| (i * 7 + seed) % 900).collect(),
+        prompt: (0..prompt_len as u32)
+            .map(|i| (i * 7 + seed) % 900)
+            .collect(),
         max_tokens,
         stop_ids: Vec::new(),
     }
@@ -224,7 +226,9 @@ fn the_token_budget_is_shared_by_prompt_chunks_and_decodes() {
         assert!(step.iter().all(|w| w.tokens <= 6), "step {i}: {step:?}");
     }
     // The decoding sequence advanced every step, beside the chunks.
-    assert!(log.iter().all(|step| step.iter().any(|w| w.seq == SeqId(0))));
+    assert!(log
+        .iter()
+        .all(|step| step.iter().any(|w| w.seq == SeqId(0))));
     // Step 2 fed 1 decode + a 6-token chunk + 3 of the next prompt.
     let mut sizes: Vec<usize> = log[1].iter().map(|w| w.tokens).collect();
     sizes.sort_unstable();
@@ -241,8 +245,13 @@ fn preemption_loses_nothing_and_changes_no_output() {
         prefill_chunk: 5,
     };
     let mut s = Scheduler::new(Fake::new(4, 12, 64), config).unwrap();
-    let requests: Vec<Request> = (0..20).map(|i| req(3 + i % 9, i as u32, 8 + (i * 5) % 13)).collect();
-    let ids: Vec<RequestId> = requests.iter().map(|r| s.submit(r.clone()).unwrap()).collect();
+    let requests: Vec<Request> = (0..20)
+        .map(|i| req(3 + i % 9, i as u32, 8 + (i * 5) % 13))
+        .collect();
+    let ids: Vec<RequestId> = requests
+        .iter()
+        .map(|r| s.submit(r.clone()).unwrap())
+        .collect();
     let mut out = HashMap::new();
     drain(&mut s, &mut out);
     let st = s.stats();
@@ -302,11 +311,19 @@ fn requests_that_cannot_fit_are_refused_at_submission() {
     let mut s = Scheduler::new(Fake::new(4, 10, 64), SchedulerConfig::default()).unwrap();
     assert!(matches!(
         s.submit(req(60, 1, 5)),
-        Err(SubmitError::OverContext { needed: 65, max: 64, .. })
+        Err(SubmitError::OverContext {
+            needed: 65,
+            max: 64,
+            ..
+        })
     ));
     assert!(matches!(
         s.submit(req(30, 1, 20)),
-        Err(SubmitError::OverCapacity { needed: 13, total: 10, .. })
+        Err(SubmitError::OverCapacity {
+            needed: 13,
+            total: 10,
+            ..
+        })
     ));
     assert_eq!(s.submit(req(0, 1, 5)), Err(SubmitError::EmptyPrompt));
     assert_eq!(s.submit(req(3, 1, 0)), Err(SubmitError::NoTokens));
@@ -315,7 +332,13 @@ fn requests_that_cannot_fit_are_refused_at_submission() {
         max_tokens: 1,
         stop_ids: Vec::new(),
     };
-    assert_eq!(s.submit(bad), Err(SubmitError::BadToken { id: 1000, vocab: 1000 }));
+    assert_eq!(
+        s.submit(bad),
+        Err(SubmitError::BadToken {
+            id: 1000,
+            vocab: 1000
+        })
+    );
     assert!(s.is_idle());
 }
 
@@ -338,7 +361,10 @@ fn an_engine_error_fails_that_steps_requests_and_the_rest_go_on() {
         }
     }
     // The bad one shared a step with `good`: both failed, and nothing was lost.
-    let failed = out.values().filter(|v| matches!(v.last(), Some(Event::Failed { .. }))).count();
+    let failed = out
+        .values()
+        .filter(|v| matches!(v.last(), Some(Event::Failed { .. })))
+        .count();
     assert_eq!(failed, 2);
     assert!(matches!(out[&good].last(), Some(Event::Failed { .. })));
     assert_eq!(s.stats().failed, 2);

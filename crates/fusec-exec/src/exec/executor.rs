@@ -93,7 +93,12 @@ impl Executor {
     /// sessions decode over one copy of the weights. Only the plan's small per-node
     /// records and the graph are copied.
     pub fn fork(&self) -> Executor {
-        let widest = self.plan.iter().map(|n| n.operands.len()).max().unwrap_or(0);
+        let widest = self
+            .plan
+            .iter()
+            .map(|n| n.operands.len())
+            .max()
+            .unwrap_or(0);
         Executor {
             graph: self.graph.clone(),
             plan: self.plan.clone(),
