@@ -8,6 +8,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::anyhow;
 use fusec::exec::Executor;
@@ -15,7 +16,9 @@ use fusec::pipeline;
 use fusec::text::{Error as TextError, Tokenizer};
 use fusec::weights::{Error as WeightError, Weights};
 use fusec_model::frontend::Precision;
-use fusec_serve::{SchedulerConfig, Server, ServerConfig, SessionEngine, SessionEngineConfig};
+use fusec_serve::{
+    Paced, SchedulerConfig, Server, ServerConfig, SessionEngine, SessionEngineConfig,
+};
 
 use crate::cmd::exec_failure;
 use crate::cmd::options::{FusionArgs, PrecisionArgs};
@@ -76,6 +79,10 @@ pub struct Args {
     /// machine can give].
     #[arg(long, value_name = "BYTES", value_parser = fusec::memory::parse_bytes)]
     pub max_memory: Option<u64>,
+    /// Wait this long before every model step: a slower model's pace, for tests of
+    /// what happens while requests run (scripts/serve-test.sh).
+    #[arg(long, hide = true, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    pub step_delay_ms: u64,
 }
 
 /// The default KV capacity, in positions, when --kv-blocks is not given.
@@ -194,8 +201,18 @@ pub fn run(args: Args) -> Result<(), Failure> {
         scheduler,
         http_threads: 2,
     };
-    let server = Server::start(SocketAddr::new(host, args.port), engine, tokenizer, config)
-        .map_err(|e| Failure::Input(e.into()))?;
+    let addr = SocketAddr::new(host, args.port);
+    let server = match args.step_delay_ms {
+        0 => Server::start(addr, engine, tokenizer, config),
+        ms => {
+            let paced = Paced {
+                engine,
+                delay: Duration::from_millis(ms),
+            };
+            Server::start(addr, paced, tokenizer, config)
+        }
+    }
+    .map_err(|e| Failure::Input(e.into()))?;
     crate::say(&format!(
         "fusec serve: {name} on http://{} ({} in {}; {kv_blocks} KV blocks of {block_size} positions, up to {} sequences, context {max_context})\n",
         server.local_addr(),

@@ -253,3 +253,46 @@ impl Engine for SessionEngine {
         }
     }
 }
+
+/// An engine that waits a fixed time before every step: a slower model's pace, for
+/// tests of what happens while requests run (`fusec serve --step-delay-ms`).
+#[derive(Debug)]
+pub struct Paced<E> {
+    pub engine: E,
+    pub delay: std::time::Duration,
+}
+
+impl<E: Engine> Engine for Paced<E> {
+    fn max_context(&self) -> usize {
+        self.engine.max_context()
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.engine.vocab_size()
+    }
+
+    fn block_size(&self) -> usize {
+        self.engine.block_size()
+    }
+
+    fn total_blocks(&self) -> usize {
+        self.engine.total_blocks()
+    }
+
+    fn blocks_in_use(&self) -> usize {
+        self.engine.blocks_in_use()
+    }
+
+    fn add(&mut self, tokens: &[u32], reserve: usize) -> Result<SeqId, EngineError> {
+        self.engine.add(tokens, reserve)
+    }
+
+    fn step(&mut self, work: &[Work]) -> Result<Vec<(SeqId, u32)>, EngineError> {
+        std::thread::sleep(self.delay);
+        self.engine.step(work)
+    }
+
+    fn remove(&mut self, seq: SeqId) -> bool {
+        self.engine.remove(seq)
+    }
+}

@@ -21,7 +21,7 @@ pub mod server;
 pub mod text;
 pub mod worker;
 
-pub use engine::{Engine, SeqId, SessionEngine, SessionEngineConfig, Work};
+pub use engine::{Engine, Paced, SeqId, SessionEngine, SessionEngineConfig, Work};
 pub use error::{ConfigError, EngineError, ServeError, SubmitError};
 pub use scheduler::{
     Event, Finish, Request, RequestId, Scheduler, SchedulerConfig, SchedulerStats,

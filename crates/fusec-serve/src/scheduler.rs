@@ -152,6 +152,15 @@ struct Entry {
     admitted: u64,
 }
 
+/// A step's plan: (index in `running`, tokens to feed), and the token budget and free
+/// blocks left after it.
+#[derive(Debug)]
+struct Plan {
+    work: Vec<(usize, usize)>,
+    budget: usize,
+    free: usize,
+}
+
 /// The scheduler over an engine. See the module documentation.
 #[derive(Debug)]
 pub struct Scheduler<E> {
@@ -286,7 +295,7 @@ impl<E: Engine> Scheduler<E> {
 
     /// The running sequences' work for this step (step 1 of the module documentation),
     /// with the budget and blocks it leaves; None when it needs more blocks than are free.
-    fn plan_running(&self) -> Option<(Vec<(usize, usize)>, usize, usize)> {
+    fn plan_running(&self) -> Option<Plan> {
         let block_size = self.engine.block_size();
         let free = self
             .engine
@@ -308,14 +317,22 @@ impl<E: Engine> Scheduler<E> {
             budget -= n;
             plan.push((i, n));
         }
-        (need <= free).then(|| (plan, budget, free - need))
+        (need <= free).then(|| Plan {
+            work: plan,
+            budget,
+            free: free - need,
+        })
     }
 
     /// One step (see the module documentation): the events of the requests it ran.
     /// Nothing to run is an empty step.
     pub fn step(&mut self) -> Vec<Event> {
         let mut events = Vec::new();
-        let (mut plan, mut budget, mut free) = loop {
+        let Plan {
+            work: mut plan,
+            mut budget,
+            mut free,
+        } = loop {
             match self.plan_running() {
                 Some(p) => break p,
                 None => self.preempt_youngest(),

@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 
 use fusec_exec::{Executor, Session};
 use fusec_serve::{
-    Engine, EngineError, SchedulerConfig, SeqId, Server, ServerConfig, SessionEngine,
-    SessionEngineConfig, Work,
+    Engine, Paced, SchedulerConfig, Server, ServerConfig, SessionEngine, SessionEngineConfig,
 };
 use fusec_text::Tokenizer;
 use fusec_weights::Weights;
@@ -63,39 +62,6 @@ fn start<E: Engine + Send + 'static>(engine: E, scheduler: SchedulerConfig) -> S
         config,
     )
     .expect("the server starts")
-}
-
-/// An engine that sleeps before every step: slow enough that a test can act while a
-/// request is still running.
-#[derive(Debug)]
-struct Slow<E>(E, Duration);
-
-impl<E: Engine> Engine for Slow<E> {
-    fn max_context(&self) -> usize {
-        self.0.max_context()
-    }
-    fn vocab_size(&self) -> usize {
-        self.0.vocab_size()
-    }
-    fn block_size(&self) -> usize {
-        self.0.block_size()
-    }
-    fn total_blocks(&self) -> usize {
-        self.0.total_blocks()
-    }
-    fn blocks_in_use(&self) -> usize {
-        self.0.blocks_in_use()
-    }
-    fn add(&mut self, tokens: &[u32], reserve: usize) -> Result<SeqId, EngineError> {
-        self.0.add(tokens, reserve)
-    }
-    fn step(&mut self, work: &[Work]) -> Result<Vec<(SeqId, u32)>, EngineError> {
-        std::thread::sleep(self.1);
-        self.0.step(work)
-    }
-    fn remove(&mut self, seq: SeqId) -> bool {
-        self.0.remove(seq)
-    }
 }
 
 /// A response: status, headers (lowercase names) and the body, de-chunked.
@@ -163,10 +129,7 @@ fn parse_reply(raw: &[u8]) -> Reply {
 
 fn dechunk(mut raw: &[u8]) -> String {
     let mut out = Vec::new();
-    loop {
-        let Some(eol) = raw.windows(2).position(|w| w == b"\r\n") else {
-            break;
-        };
+    while let Some(eol) = raw.windows(2).position(|w| w == b"\r\n") {
         let size = usize::from_str_radix(String::from_utf8_lossy(&raw[..eol]).trim(), 16)
             .expect("a chunk size");
         if size == 0 {
@@ -548,7 +511,10 @@ fn stop_strings_end_the_text_and_the_request() {
 #[test]
 fn a_client_that_disconnects_frees_its_sequence() {
     // 20 ms per step: 100 tokens take 2 s, long after the client is gone.
-    let slow = Slow(engine(64), Duration::from_millis(20));
+    let slow = Paced {
+        engine: engine(64),
+        delay: Duration::from_millis(20),
+    };
     let server = start(slow, SchedulerConfig::default());
     let addr = server.local_addr();
     let body = json!({"model": "tiny-chat", "prompt": "the cat", "max_tokens": 100, "ignore_eos": true, "stream": true});

@@ -165,11 +165,12 @@ fn drain<E: Engine>(
 
 /// Each request alone, on an engine with room for it.
 fn alone(r: &Request) -> Vec<u32> {
-    let mut s = Scheduler::new(Fake::new(4, 1000, 4096), SchedulerConfig::default()).unwrap();
-    s.submit(r.clone()).unwrap();
+    let mut s = Scheduler::new(Fake::new(4, 1000, 4096), SchedulerConfig::default())
+        .expect("default settings");
+    s.submit(r.clone()).expect("the request fits");
     let mut out = HashMap::new();
     drain(&mut s, &mut out);
-    out.into_values().next().unwrap().0
+    out.into_values().next().expect("its output").0
 }
 
 #[test]
