@@ -174,11 +174,20 @@ impl<E: Engine> Loop<E> {
             self.cancel_abandoned();
             let before = self.scheduler.stats();
             let events = self.scheduler.step();
+            // Published before the events go out, so that a client that has seen a
+            // token sees metrics as of that step or later; and again after, when a
+            // receiver found gone cancelled a request.
+            let after = self.scheduler.stats();
+            self.record(&before, &after);
+            self.publish(after);
+            let cancelled = self.scheduler.stats().cancelled;
             for event in events {
                 self.deliver(event);
             }
-            let after = self.scheduler.stats();
-            self.publish(&before, &after);
+            let now = self.scheduler.stats();
+            if now.cancelled != cancelled {
+                self.publish(now);
+            }
         }
     }
 
@@ -230,7 +239,8 @@ impl<E: Engine> Loop<E> {
         }
     }
 
-    fn publish(&mut self, before: &SchedulerStats, after: &SchedulerStats) {
+    /// Adds a step's tokens to the window the rates are measured over.
+    fn record(&mut self, before: &SchedulerStats, after: &SchedulerStats) {
         let now = Instant::now();
         if after.steps > before.steps {
             self.recent.push_back((
@@ -246,6 +256,11 @@ impl<E: Engine> Loop<E> {
         {
             self.recent.pop_front();
         }
+    }
+
+    /// Publishes the metrics: the scheduler's `stats` and the rates.
+    fn publish(&mut self, stats: SchedulerStats) {
+        let now = Instant::now();
         let (tokens_per_s, generated_per_s) = match self.recent.front() {
             Some((first, _, _)) if self.recent.len() > 1 => {
                 let secs = now.duration_since(*first).as_secs_f64();
@@ -262,7 +277,7 @@ impl<E: Engine> Loop<E> {
         };
         let mut m = self.metrics.lock().unwrap_or_else(PoisonError::into_inner);
         *m = Metrics {
-            scheduler: after.clone(),
+            scheduler: stats,
             requests_submitted: self.submitted,
             requests_refused: self.refused,
             tokens_per_s,

@@ -543,6 +543,25 @@ fn a_client_that_disconnects_frees_its_sequence() {
     assert_eq!(m.scheduler.blocks_in_use, 0);
     assert_eq!(m.scheduler.finished, 0);
     assert!(m.scheduler.tokens_generated < 100, "{m:?}");
+    // A client waiting for a whole response that hangs up is cancelled too.
+    let mut whole = body.clone();
+    whole["stream"] = json!(false);
+    let mut s = TcpStream::connect(addr).expect("connect");
+    let text = whole.to_string();
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{text}",
+        text.len()
+    );
+    s.write_all(head.as_bytes()).expect("write");
+    wait_until("the whole request runs", || {
+        server.metrics().scheduler.running == 1
+    });
+    drop(s);
+    wait_until("the hung-up request is cancelled", || {
+        let m = server.metrics();
+        m.scheduler.cancelled == 2 && m.scheduler.running == 0
+    });
+    assert_eq!(server.metrics().scheduler.blocks_in_use, 0);
     // The server goes on serving.
     let ok = post(
         addr,
