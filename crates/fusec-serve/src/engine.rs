@@ -61,6 +61,9 @@ pub trait Engine {
     fn remove(&mut self, seq: SeqId) -> bool;
 }
 
+/// Positions beyond its tokens a new session's caches have room for at first.
+const INITIAL_ROOM: usize = 256;
+
 /// The settings of a [`SessionEngine`].
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct SessionEngineConfig {
@@ -77,7 +80,8 @@ pub struct SessionEngineConfig {
 /// ([`Executor::fork`]). A step feeds each sequence's tokens one at a time through the
 /// decode graph, as `fusec run --prompt` does, so a sequence's tokens never depend on
 /// which others share its steps. Blocks are an accounting of positions: each session
-/// allocates its caches for the positions it was added with (`reserve`).
+/// allocates its caches for its tokens and a stretch of generation (at most `reserve`),
+/// and doubles them when they fill.
 #[derive(Debug)]
 pub struct SessionEngine {
     base: Executor,
@@ -162,7 +166,12 @@ impl Engine for SessionEngine {
                 max: self.config.max_context,
             });
         }
-        let room = reserve.clamp(tokens.len().max(1), self.config.max_context.max(1));
+        // Room for the tokens and a first stretch of generation; a cache that outgrows
+        // it doubles (a request's `reserve` may be the whole context, which most never
+        // reach).
+        let room = reserve
+            .min(tokens.len() + INITIAL_ROOM)
+            .clamp(tokens.len().max(1), self.config.max_context.max(1));
         let session = Session::with_capacity(self.base.fork(), 1, room)?;
         self.next += 1;
         self.seqs.insert(
