@@ -471,6 +471,16 @@ fn bad_requests_get_a_4xx_with_a_json_error() {
         ),
         400,
     );
+    // A body over the limit (2 MiB), and a method the endpoint does not take.
+    let huge = format!(
+        "{{\"model\": \"tiny-chat\", \"prompt\": \"{}\"}}",
+        "a".repeat(3 << 20)
+    );
+    assert_eq!(
+        error(&send(addr, "POST", "/v1/completions", huge.as_bytes()), 413)["error"]["type"],
+        "invalid_request_error"
+    );
+    error(&send(addr, "GET", "/v1/completions", b""), 405);
     // Greedy values are accepted, and the server still serves after all that.
     let ok = post(
         addr,
