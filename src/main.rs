@@ -22,6 +22,7 @@ enum Command {
     Explain(cmd::explain::Args),
     Report(cmd::report::Args),
     Run(cmd::run::Args),
+    Serve(cmd::serve::Args),
 }
 
 /// How a command failed: bad input (exit 2) or an internal error (exit 1).
@@ -80,6 +81,7 @@ fn main() -> ExitCode {
         Command::Explain(args) => cmd::explain::run(args),
         Command::Report(args) => cmd::report::run(args),
         Command::Run(args) => cmd::run::run(args),
+        Command::Serve(args) => cmd::serve::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

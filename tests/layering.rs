@@ -27,6 +27,7 @@ const STAGES: &[&str] = &[
     "fusec-codegen",
     "fusec-cuda",
     "fusec-report",
+    "fusec-serve",
 ];
 
 fn root() -> PathBuf {

@@ -7,6 +7,7 @@ pub mod generate;
 pub mod options;
 pub mod report;
 pub mod run;
+pub mod serve;
 
 use fusec::exec::Error as ExecError;
 

@@ -23,7 +23,7 @@ pub(super) fn is_gemv_weight_operand(op: &Op, i: usize) -> bool {
 }
 
 /// One node of the plan.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(super) struct Planned {
     pub(super) id: NodeId,
     /// The position in the canonical order: the value's `%N` in the text form.
@@ -85,6 +85,31 @@ impl Executor {
 
     pub fn graph(&self) -> &Graph {
         &self.graph
+    }
+
+    /// Another executor of the same plan, for another session: it shares every bound
+    /// leaf (the packed weights, the RoPE tables: their buffers are reference-counted,
+    /// and nothing writes them) and has its own slots and operand lists, so that many
+    /// sessions decode over one copy of the weights. Only the plan's small per-node
+    /// records and the graph are copied.
+    pub fn fork(&self) -> Executor {
+        let widest = self
+            .plan
+            .iter()
+            .map(|n| n.operands.len())
+            .max()
+            .unwrap_or(0);
+        Executor {
+            graph: self.graph.clone(),
+            plan: self.plan.clone(),
+            outputs: self.outputs.clone(),
+            input_names: self.input_names.clone(),
+            input_index: self.input_index.clone(),
+            slots: vec![None; self.plan.len()],
+            spare_args: Vec::with_capacity(widest),
+            spare_owned: Vec::with_capacity(widest),
+            check_finite: self.check_finite,
+        }
     }
 
     /// The graph's inputs, in the order of `Graph::inputs`: the positions by which a

@@ -1,0 +1,307 @@
+//! The [`Engine`] trait: what the scheduler needs of a model runner, and
+//! [`SessionEngine`], the engine over the CPU executor.
+//!
+//! An engine holds sequences. Each has a queue of tokens not yet fed to the model: the
+//! prompt when it is added, then each token the model produces. A step feeds every
+//! listed sequence the next `tokens` of its queue (a chunk of its prompt, or its one
+//! last generated token) and, for each sequence whose queue that step empties,
+//! returns the next token (greedy), which goes into its queue to be fed next.
+//!
+//! KV memory is counted in blocks of [`Engine::block_size`] positions: a sequence that
+//! has been fed `n` tokens holds `ceil(n / block_size)` blocks. The scheduler plans
+//! every step so that it fits in the free blocks (preempting sequences when it would
+//! not); a step that would not fit fails with [`EngineError::OutOfBlocks`] and
+//! changes nothing.
+
+use std::collections::{HashMap, VecDeque};
+
+use fusec_exec::{Executor, Session, StepOutput};
+
+use crate::error::EngineError;
+
+/// A sequence held by an engine.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SeqId(pub u64);
+
+/// One sequence's part of a step: feed it the next `tokens` tokens of its queue.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Work {
+    pub seq: SeqId,
+    pub tokens: usize,
+}
+
+/// The blocks `positions` positions take.
+pub fn blocks_for(positions: usize, block_size: usize) -> usize {
+    positions.div_ceil(block_size.max(1))
+}
+
+/// A model runner the scheduler drives (see the module documentation).
+///
+/// Implementations: [`SessionEngine`] (one batch-1 session per sequence); a paged,
+/// batched engine implements the same calls.
+pub trait Engine {
+    /// The most positions one sequence may hold (prompt and generated tokens).
+    fn max_context(&self) -> usize;
+    /// Token ids are below this.
+    fn vocab_size(&self) -> usize;
+    /// Positions per KV block.
+    fn block_size(&self) -> usize;
+    /// KV blocks in all.
+    fn total_blocks(&self) -> usize;
+    /// KV blocks the sequences hold now.
+    fn blocks_in_use(&self) -> usize;
+    /// Starts a sequence with `tokens` queued (nothing runs yet). `reserve` is the most
+    /// positions it will reach, a hint for allocation.
+    fn add(&mut self, tokens: &[u32], reserve: usize) -> Result<SeqId, EngineError>;
+    /// One step over the listed sequences (see the module documentation): the next
+    /// token of every sequence whose queue it emptied, in the order of `work`. On
+    /// error the sequences of the step are in an unspecified state: remove them.
+    fn step(&mut self, work: &[Work]) -> Result<Vec<(SeqId, u32)>, EngineError>;
+    /// Forgets a sequence and frees its blocks; false if there was none.
+    fn remove(&mut self, seq: SeqId) -> bool;
+}
+
+/// Positions beyond its tokens a new session's caches have room for at first.
+const INITIAL_ROOM: usize = 256;
+
+/// The settings of a [`SessionEngine`].
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct SessionEngineConfig {
+    /// Positions per KV block.
+    pub block_size: usize,
+    /// KV blocks in all: the positions all sequences together may hold, in blocks.
+    pub total_blocks: usize,
+    /// The most positions one sequence may hold (the model's context).
+    pub max_context: usize,
+}
+
+/// An [`Engine`] over the CPU executor: one batch-1 [`Session`] per sequence, each on
+/// a fork of one executor, so that every session reads the same packed weights
+/// ([`Executor::fork`]). A step feeds each sequence's tokens one at a time through the
+/// decode graph, as `fusec run --prompt` does, so a sequence's tokens never depend on
+/// which others share its steps. Blocks are an accounting of positions: each session
+/// allocates its caches for its tokens and a stretch of generation (at most `reserve`),
+/// and doubles them when they fill.
+#[derive(Debug)]
+pub struct SessionEngine {
+    base: Executor,
+    config: SessionEngineConfig,
+    vocab: usize,
+    seqs: HashMap<SeqId, Seq>,
+    next: u64,
+    used: usize,
+    out: StepOutput,
+}
+
+#[derive(Debug)]
+struct Seq {
+    session: Session,
+    queue: VecDeque<u32>,
+    fed: usize,
+}
+
+impl SessionEngine {
+    /// An engine over `exec` (a decode-step executor; see `fusec_exec::decode`).
+    pub fn new(exec: Executor, config: SessionEngineConfig) -> Result<SessionEngine, EngineError> {
+        // A throwaway session checks the graph's decode interface and reads its vocabulary.
+        let probe = Session::with_capacity(exec.fork(), 1, 1)?;
+        let vocab = probe.vocab();
+        Ok(SessionEngine {
+            base: exec,
+            config: SessionEngineConfig {
+                block_size: config.block_size.max(1),
+                ..config
+            },
+            vocab,
+            seqs: HashMap::new(),
+            next: 0,
+            used: 0,
+            out: StepOutput::default(),
+        })
+    }
+
+    /// Sequences held now.
+    pub fn sequences(&self) -> usize {
+        self.seqs.len()
+    }
+
+    fn blocks(&self, positions: usize) -> usize {
+        blocks_for(positions, self.config.block_size)
+    }
+}
+
+impl Engine for SessionEngine {
+    fn max_context(&self) -> usize {
+        self.config.max_context
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.vocab
+    }
+
+    fn block_size(&self) -> usize {
+        self.config.block_size
+    }
+
+    fn total_blocks(&self) -> usize {
+        self.config.total_blocks
+    }
+
+    fn blocks_in_use(&self) -> usize {
+        self.used
+    }
+
+    fn add(&mut self, tokens: &[u32], reserve: usize) -> Result<SeqId, EngineError> {
+        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= self.vocab) {
+            return Err(EngineError::BadToken {
+                id,
+                vocab: self.vocab,
+            });
+        }
+        let seq = SeqId(self.next);
+        if tokens.len() > self.config.max_context {
+            return Err(EngineError::ContextFull {
+                seq: seq.0,
+                positions: tokens.len(),
+                max: self.config.max_context,
+            });
+        }
+        // Room for the tokens and a first stretch of generation; a cache that outgrows
+        // it doubles (a request's `reserve` may be the whole context, which most never
+        // reach).
+        let room = reserve
+            .min(tokens.len() + INITIAL_ROOM)
+            .clamp(tokens.len().max(1), self.config.max_context.max(1));
+        let session = Session::with_capacity(self.base.fork(), 1, room)?;
+        self.next += 1;
+        self.seqs.insert(
+            seq,
+            Seq {
+                session,
+                queue: tokens.iter().copied().collect(),
+                fed: 0,
+            },
+        );
+        Ok(seq)
+    }
+
+    fn step(&mut self, work: &[Work]) -> Result<Vec<(SeqId, u32)>, EngineError> {
+        // Checked whole before anything runs, so that a refused step changes nothing.
+        let mut needed = 0;
+        for w in work {
+            let s = self
+                .seqs
+                .get(&w.seq)
+                .ok_or(EngineError::UnknownSequence(w.seq.0))?;
+            if w.tokens == 0 || w.tokens > s.queue.len() {
+                return Err(EngineError::NothingToFeed {
+                    seq: w.seq.0,
+                    asked: w.tokens,
+                    queued: s.queue.len(),
+                });
+            }
+            let positions = s.fed + w.tokens;
+            if positions > self.config.max_context {
+                return Err(EngineError::ContextFull {
+                    seq: w.seq.0,
+                    positions,
+                    max: self.config.max_context,
+                });
+            }
+            needed += self.blocks(positions) - self.blocks(s.fed);
+        }
+        let free = self.config.total_blocks.saturating_sub(self.used);
+        if needed > free {
+            return Err(EngineError::OutOfBlocks { needed, free });
+        }
+        let block_size = self.config.block_size;
+        let mut produced = Vec::new();
+        for w in work {
+            let s = self
+                .seqs
+                .get_mut(&w.seq)
+                .ok_or(EngineError::UnknownSequence(w.seq.0))?;
+            for _ in 0..w.tokens {
+                let Some(token) = s.queue.pop_front() else {
+                    break;
+                };
+                let before = blocks_for(s.fed, block_size);
+                s.session.step_into(&[token as i32], &mut self.out)?;
+                s.fed += 1;
+                self.used += blocks_for(s.fed, block_size) - before;
+            }
+            if s.queue.is_empty() {
+                let row = self.out.logits.row(0);
+                if let Some((index, &value)) = row.iter().enumerate().find(|(_, v)| !v.is_finite())
+                {
+                    return Err(EngineError::NonFinite {
+                        seq: w.seq.0,
+                        index,
+                        value,
+                    });
+                }
+                let next = self.out.next.first().copied().unwrap_or(0);
+                let next = u32::try_from(next).map_err(|_| EngineError::BadToken {
+                    id: 0,
+                    vocab: self.vocab,
+                })?;
+                s.queue.push_back(next);
+                produced.push((w.seq, next));
+            }
+        }
+        Ok(produced)
+    }
+
+    fn remove(&mut self, seq: SeqId) -> bool {
+        match self.seqs.remove(&seq) {
+            Some(s) => {
+                self.used -= self.blocks(s.fed);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// An engine that waits a fixed time before every step: a slower model's pace, for
+/// tests of what happens while requests run (`fusec serve --step-delay-ms`).
+#[derive(Debug)]
+pub struct Paced<E> {
+    pub engine: E,
+    pub delay: std::time::Duration,
+}
+
+impl<E: Engine> Engine for Paced<E> {
+    fn max_context(&self) -> usize {
+        self.engine.max_context()
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.engine.vocab_size()
+    }
+
+    fn block_size(&self) -> usize {
+        self.engine.block_size()
+    }
+
+    fn total_blocks(&self) -> usize {
+        self.engine.total_blocks()
+    }
+
+    fn blocks_in_use(&self) -> usize {
+        self.engine.blocks_in_use()
+    }
+
+    fn add(&mut self, tokens: &[u32], reserve: usize) -> Result<SeqId, EngineError> {
+        self.engine.add(tokens, reserve)
+    }
+
+    fn step(&mut self, work: &[Work]) -> Result<Vec<(SeqId, u32)>, EngineError> {
+        std::thread::sleep(self.delay);
+        self.engine.step(work)
+    }
+
+    fn remove(&mut self, seq: SeqId) -> bool {
+        self.engine.remove(seq)
+    }
+}

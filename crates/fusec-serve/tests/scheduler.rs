@@ -1,0 +1,388 @@
+//! The scheduler over a fake engine: requests join between steps and leave at once, the
+//! token budget is shared by prompt chunks and decodes, and preemption when blocks run
+//! out loses no request and changes no output.
+
+use std::collections::{HashMap, VecDeque};
+
+use fusec_serve::engine::blocks_for;
+use fusec_serve::{
+    Engine, EngineError, Event, Finish, Request, RequestId, Scheduler, SchedulerConfig, SeqId,
+    SubmitError, Work,
+};
+
+/// A deterministic engine: the next token is a hash of every token fed before it, so a
+/// sequence's tokens depend on its whole history (a recompute that fed anything else
+/// would show), and never on other sequences.
+#[derive(Debug)]
+struct Fake {
+    block_size: usize,
+    total_blocks: usize,
+    max_context: usize,
+    vocab: usize,
+    seqs: HashMap<SeqId, FakeSeq>,
+    next: u64,
+    /// Every step's work, for the tests to inspect.
+    log: Vec<Vec<Work>>,
+    /// Fail any step that feeds this token.
+    poison: Option<u32>,
+}
+
+#[derive(Debug)]
+struct FakeSeq {
+    queue: VecDeque<u32>,
+    hash: u64,
+    fed: usize,
+}
+
+impl Fake {
+    fn new(block_size: usize, total_blocks: usize, max_context: usize) -> Fake {
+        Fake {
+            block_size,
+            total_blocks,
+            max_context,
+            vocab: 1000,
+            seqs: HashMap::new(),
+            next: 0,
+            log: Vec::new(),
+            poison: None,
+        }
+    }
+}
+
+impl Engine for Fake {
+    fn max_context(&self) -> usize {
+        self.max_context
+    }
+    fn vocab_size(&self) -> usize {
+        self.vocab
+    }
+    fn block_size(&self) -> usize {
+        self.block_size
+    }
+    fn total_blocks(&self) -> usize {
+        self.total_blocks
+    }
+    fn blocks_in_use(&self) -> usize {
+        self.seqs
+            .values()
+            .map(|s| blocks_for(s.fed, self.block_size))
+            .sum()
+    }
+    fn add(&mut self, tokens: &[u32], _reserve: usize) -> Result<SeqId, EngineError> {
+        let id = SeqId(self.next);
+        self.next += 1;
+        self.seqs.insert(
+            id,
+            FakeSeq {
+                queue: tokens.iter().copied().collect(),
+                hash: 0xcbf2_9ce4_8422_2325,
+                fed: 0,
+            },
+        );
+        Ok(id)
+    }
+    fn step(&mut self, work: &[Work]) -> Result<Vec<(SeqId, u32)>, EngineError> {
+        let needed: usize = work
+            .iter()
+            .map(|w| {
+                let s = &self.seqs[&w.seq];
+                blocks_for(s.fed + w.tokens, self.block_size) - blocks_for(s.fed, self.block_size)
+            })
+            .sum();
+        let free = self.total_blocks - self.blocks_in_use();
+        if needed > free {
+            return Err(EngineError::OutOfBlocks { needed, free });
+        }
+        self.log.push(work.to_vec());
+        let mut out = Vec::new();
+        for w in work {
+            let s = self
+                .seqs
+                .get_mut(&w.seq)
+                .ok_or(EngineError::UnknownSequence(w.seq.0))?;
+            assert!(w.tokens >= 1 && w.tokens <= s.queue.len(), "bad work {w:?}");
+            for _ in 0..w.tokens {
+                let t = s.queue.pop_front().expect("queued");
+                if Some(t) == self.poison {
+                    return Err(EngineError::BadToken { id: t, vocab: 0 });
+                }
+                s.hash = (s.hash ^ u64::from(t)).wrapping_mul(0x100_0000_01b3);
+                s.fed += 1;
+            }
+            assert!(s.fed <= self.max_context);
+            if s.queue.is_empty() {
+                let next = (s.hash >> 33) as u32 % 997;
+                s.queue.push_back(next);
+                out.push((w.seq, next));
+            }
+        }
+        Ok(out)
+    }
+    fn remove(&mut self, seq: SeqId) -> bool {
+        self.seqs.remove(&seq).is_some()
+    }
+}
+
+fn req(prompt_len: usize, seed: u32, max_tokens: usize) -> Request {
+    Request {
+        prompt: (0..prompt_len as u32)
+            .map(|i| (i * 7 + seed) % 900)
+            .collect(),
+        max_tokens,
+        stop_ids: Vec::new(),
+    }
+}
+
+/// Runs to completion, checking every step's invariants; each request's tokens and end.
+fn drain<E: Engine>(
+    s: &mut Scheduler<E>,
+    out: &mut HashMap<RequestId, (Vec<u32>, Option<Finish>)>,
+) -> usize {
+    let mut steps = 0;
+    while !s.is_idle() {
+        for e in s.step() {
+            match e {
+                Event::Token { id, token } => {
+                    let entry = out.entry(id).or_default();
+                    assert!(entry.1.is_none(), "token after the end of {id:?}");
+                    entry.0.push(token);
+                }
+                Event::Finished { id, reason } => {
+                    let entry = out.entry(id).or_default();
+                    assert!(entry.1.is_none(), "{id:?} finished twice");
+                    entry.1 = Some(reason);
+                }
+                Event::Failed { id, error } => panic!("{id:?} failed: {error}"),
+            }
+        }
+        let st = s.stats();
+        assert!(st.blocks_in_use <= st.total_blocks);
+        steps += 1;
+        assert!(steps < 100_000, "no progress");
+    }
+    steps
+}
+
+/// Each request alone, on an engine with room for it.
+fn alone(r: &Request) -> Vec<u32> {
+    let mut s = Scheduler::new(Fake::new(4, 1000, 4096), SchedulerConfig::default())
+        .expect("default settings");
+    s.submit(r.clone()).expect("the request fits");
+    let mut out = HashMap::new();
+    drain(&mut s, &mut out);
+    out.into_values().next().expect("its output").0
+}
+
+#[test]
+fn requests_join_between_steps_and_leave_at_once() {
+    let config = SchedulerConfig {
+        max_running: 4,
+        token_budget: 64,
+        prefill_chunk: 64,
+    };
+    let mut s = Scheduler::new(Fake::new(4, 1000, 4096), config).unwrap();
+    let a = s.submit(req(5, 1, 3)).unwrap();
+    // Step 1: a's prompt whole, and its first token.
+    let ev = s.step();
+    assert!(matches!(ev[..], [Event::Token { id, .. }] if id == a));
+    // b joins between steps and is prefilled while a decodes.
+    let b = s.submit(req(3, 2, 10)).unwrap();
+    let ev = s.step();
+    assert_eq!(ev.iter().filter(|e| e.request() == a).count(), 1);
+    assert_eq!(ev.iter().filter(|e| e.request() == b).count(), 1);
+    assert_eq!(s.engine().log[1].len(), 2);
+    // a's third token ends it: it leaves in the same step.
+    let ev = s.step();
+    assert!(ev.contains(&Event::Finished {
+        id: a,
+        reason: Finish::Length
+    }));
+    assert_eq!(s.stats().running, 1);
+    assert_eq!(s.engine().seqs.len(), 1, "a left the engine at once");
+    let ev = s.step();
+    assert!(ev.iter().all(|e| e.request() == b));
+    assert_eq!(s.engine().log[3].len(), 1);
+}
+
+#[test]
+fn the_token_budget_is_shared_by_prompt_chunks_and_decodes() {
+    let config = SchedulerConfig {
+        max_running: 4,
+        token_budget: 10,
+        prefill_chunk: 6,
+    };
+    let mut s = Scheduler::new(Fake::new(4, 1000, 4096), config).unwrap();
+    s.submit(req(2, 1, 50)).unwrap();
+    s.step();
+    // Two long prompts arrive while the first decodes.
+    s.submit(req(20, 2, 5)).unwrap();
+    s.submit(req(20, 3, 5)).unwrap();
+    for _ in 0..8 {
+        s.step();
+    }
+    let log = &s.engine().log;
+    for (i, step) in log.iter().enumerate() {
+        let total: usize = step.iter().map(|w| w.tokens).sum();
+        assert!(total <= 10, "step {i} fed {total} tokens: {step:?}");
+        assert!(step.iter().all(|w| w.tokens <= 6), "step {i}: {step:?}");
+    }
+    // The decoding sequence advanced every step, beside the chunks.
+    assert!(log
+        .iter()
+        .all(|step| step.iter().any(|w| w.seq == SeqId(0))));
+    // Step 2 fed 1 decode + a 6-token chunk + 3 of the next prompt.
+    let mut sizes: Vec<usize> = log[1].iter().map(|w| w.tokens).collect();
+    sizes.sort_unstable();
+    assert_eq!(sizes, [1, 3, 6]);
+}
+
+#[test]
+fn preemption_loses_nothing_and_changes_no_output() {
+    // 12 blocks of 4 positions: far fewer than 8 requests of up to 30 positions need
+    // together, so sequences are evicted and recomputed again and again.
+    let config = SchedulerConfig {
+        max_running: 8,
+        token_budget: 16,
+        prefill_chunk: 5,
+    };
+    let mut s = Scheduler::new(Fake::new(4, 12, 64), config).unwrap();
+    let requests: Vec<Request> = (0..20)
+        .map(|i| req(3 + i % 9, i as u32, 8 + (i * 5) % 13))
+        .collect();
+    let ids: Vec<RequestId> = requests
+        .iter()
+        .map(|r| s.submit(r.clone()).unwrap())
+        .collect();
+    let mut out = HashMap::new();
+    drain(&mut s, &mut out);
+    let st = s.stats();
+    assert!(st.preemptions > 0, "the test must preempt: {st:?}");
+    assert_eq!(st.finished, 20);
+    assert_eq!((st.running, st.waiting, st.blocks_in_use), (0, 0, 0));
+    for (id, r) in ids.iter().zip(&requests) {
+        let (tokens, end) = &out[id];
+        assert_eq!(*end, Some(Finish::Length), "{id:?}");
+        assert_eq!(tokens.len(), r.max_tokens);
+        assert_eq!(tokens, &alone(r), "{id:?} differs from its run alone");
+    }
+}
+
+#[test]
+fn stop_ids_end_a_request_without_being_emitted() {
+    let r = req(4, 9, 20);
+    let full = alone(&r);
+    let stop = full[5];
+    let first = full.iter().position(|&t| t == stop).unwrap();
+    let mut s = Scheduler::new(Fake::new(4, 100, 256), SchedulerConfig::default()).unwrap();
+    let id = s
+        .submit(Request {
+            stop_ids: vec![stop],
+            ..r
+        })
+        .unwrap();
+    let mut out = HashMap::new();
+    drain(&mut s, &mut out);
+    assert_eq!(out[&id].0, full[..first].to_vec());
+    assert_eq!(out[&id].1, Some(Finish::Stop));
+}
+
+#[test]
+fn cancel_frees_the_sequence_and_its_blocks() {
+    let mut s = Scheduler::new(Fake::new(4, 100, 256), SchedulerConfig::default()).unwrap();
+    let a = s.submit(req(10, 1, 50)).unwrap();
+    let b = s.submit(req(10, 2, 50)).unwrap();
+    s.step();
+    s.step();
+    assert_eq!(s.stats().blocks_in_use, 6);
+    assert!(s.cancel(a));
+    assert!(!s.cancel(a));
+    assert_eq!(s.stats().blocks_in_use, 3);
+    assert_eq!(s.engine().seqs.len(), 1);
+    let ev = s.step();
+    assert!(ev.iter().all(|e| e.request() == b));
+    assert_eq!(s.stats().cancelled, 1);
+    // A waiting request cancels too.
+    let c = s.submit(req(3, 3, 5)).unwrap();
+    assert!(s.cancel(c));
+    assert_eq!(s.stats().waiting, 0);
+}
+
+#[test]
+fn requests_that_cannot_fit_are_refused_at_submission() {
+    let mut s = Scheduler::new(Fake::new(4, 10, 64), SchedulerConfig::default()).unwrap();
+    assert!(matches!(
+        s.submit(req(60, 1, 5)),
+        Err(SubmitError::OverContext {
+            needed: 65,
+            max: 64,
+            ..
+        })
+    ));
+    assert!(matches!(
+        s.submit(req(30, 1, 20)),
+        Err(SubmitError::OverCapacity {
+            needed: 13,
+            total: 10,
+            ..
+        })
+    ));
+    assert_eq!(s.submit(req(0, 1, 5)), Err(SubmitError::EmptyPrompt));
+    assert_eq!(s.submit(req(3, 1, 0)), Err(SubmitError::NoTokens));
+    let bad = Request {
+        prompt: vec![5, 1000],
+        max_tokens: 1,
+        stop_ids: Vec::new(),
+    };
+    assert_eq!(
+        s.submit(bad),
+        Err(SubmitError::BadToken {
+            id: 1000,
+            vocab: 1000
+        })
+    );
+    assert!(s.is_idle());
+}
+
+#[test]
+fn an_engine_error_fails_that_steps_requests_and_the_rest_go_on() {
+    let mut fake = Fake::new(4, 100, 256);
+    fake.poison = Some(999);
+    let mut s = Scheduler::new(fake, SchedulerConfig::default()).unwrap();
+    let good = s.submit(req(3, 1, 5)).unwrap();
+    let mut out = HashMap::new();
+    while !s.is_idle() {
+        for e in s.step() {
+            out.entry(e.request()).or_insert_with(Vec::new).push(e);
+        }
+        if s.stats().steps == 1 {
+            let mut p = req(3, 2, 5);
+            p.prompt[1] = 999;
+            let bad = s.submit(p).unwrap();
+            out.insert(bad, Vec::new());
+        }
+    }
+    // The bad one shared a step with `good`: both failed, and nothing was lost.
+    let failed = out
+        .values()
+        .filter(|v| matches!(v.last(), Some(Event::Failed { .. })))
+        .count();
+    assert_eq!(failed, 2);
+    assert!(matches!(out[&good].last(), Some(Event::Failed { .. })));
+    assert_eq!(s.stats().failed, 2);
+    assert_eq!(s.stats().blocks_in_use, 0);
+}
+
+#[test]
+fn bad_settings_are_refused() {
+    let bad = SchedulerConfig {
+        max_running: 8,
+        token_budget: 4,
+        prefill_chunk: 4,
+    };
+    assert!(Scheduler::new(Fake::new(4, 10, 64), bad).is_err());
+    let zero = SchedulerConfig {
+        max_running: 0,
+        ..SchedulerConfig::default()
+    };
+    assert!(Scheduler::new(Fake::new(4, 10, 64), zero).is_err());
+}

@@ -1,0 +1,228 @@
+//! `fusec serve`: an OpenAI-compatible HTTP server over the CPU executor, with
+//! continuous batching (see `fusec_serve`).
+//!
+//! It builds the decode graph as `fusec run` does (fused by default, in the precision
+//! asked), binds the weights once, and serves every request from sessions that share
+//! them. The tokenizer is the checkpoint's (a GGUF file's own, or `tokenizer.json`
+//! beside the model), or `--tokenizer`; without one, prompts must be token ids.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::anyhow;
+use fusec::exec::Executor;
+use fusec::pipeline;
+use fusec::text::{Error as TextError, Tokenizer};
+use fusec::weights::{Error as WeightError, Weights};
+use fusec_model::frontend::Precision;
+use fusec_serve::{
+    Paced, SchedulerConfig, Server, ServerConfig, SessionEngine, SessionEngineConfig,
+};
+
+use crate::cmd::exec_failure;
+use crate::cmd::options::{FusionArgs, PrecisionArgs};
+use crate::Failure;
+
+/// Serve a model over HTTP: OpenAI-compatible /v1/completions and
+/// /v1/chat/completions (streamed or whole), /v1/models, /health and /metrics.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A model.toml, a Hugging Face config.json, a model directory holding one, or a
+    /// GGUF file.
+    pub model: PathBuf,
+    /// Weights: a .safetensors file, a shard index, a directory holding either, or a
+    /// .gguf file [default: the model's weights; seeded random weights if it has none].
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// The tokenizer: a tokenizer.json's directory or a file beside it, or a .gguf file
+    /// [default: the model's; without one, prompts must be token ids].
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// The model name clients send as `model` [default: the model's name].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// The address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// The port to listen on (0: any free port; the address is printed).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Sequences decoded at once.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub max_running: u64,
+    /// Tokens fed per step, prompt chunks and decodes together (at least
+    /// --max-running).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
+    pub token_budget: u64,
+    /// The most prompt tokens one sequence is fed per step.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
+    pub prefill_chunk: u64,
+    /// Positions per KV block.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    pub block_size: u64,
+    /// KV blocks in all: the positions all sequences may hold together, in blocks
+    /// [default: --max-running full contexts, at most 16384 positions].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=16_777_216))]
+    pub kv_blocks: Option<u64>,
+    /// The most positions one sequence may hold [default: the model's max_seq_len].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=16_777_216))]
+    pub max_context: Option<u64>,
+    /// Seed of the random weights used when there are no weights.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub fusion: FusionArgs,
+    #[command(flatten)]
+    pub precision: PrecisionArgs,
+    /// The most memory the weights and KV cache may take (e.g. 8G) [default: what the
+    /// machine can give].
+    #[arg(long, value_name = "BYTES", value_parser = fusec::memory::parse_bytes)]
+    pub max_memory: Option<u64>,
+    /// Wait this long before every model step: a slower model's pace, for tests of
+    /// what happens while requests run (scripts/serve-test.sh).
+    #[arg(long, hide = true, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    pub step_delay_ms: u64,
+}
+
+/// The default KV capacity, in positions, when --kv-blocks is not given.
+const DEFAULT_KV_POSITIONS: u64 = 16384;
+
+fn tokenizer(args: &Args) -> Result<Option<Tokenizer>, Failure> {
+    if let Some(path) = &args.tokenizer {
+        return Tokenizer::for_model(path)
+            .map(Some)
+            .map_err(|e| Failure::Input(e.into()));
+    }
+    let path = match (&args.weights, args.model.extension()) {
+        (Some(w), _) if w.extension().is_some_and(|e| e == "gguf") => w.clone(),
+        _ => args.model.clone(),
+    };
+    match Tokenizer::for_model(&path) {
+        Ok(t) => Ok(Some(t)),
+        Err(TextError::NoTokenizer { .. }) => {
+            crate::complain(&format!(
+                "warning: no tokenizer for {}: prompts must be token ids (--tokenizer gives one)\n",
+                path.display()
+            ));
+            Ok(None)
+        }
+        Err(e) => Err(Failure::Input(e.into())),
+    }
+}
+
+pub fn run(args: Args) -> Result<(), Failure> {
+    let host: IpAddr = args
+        .host
+        .parse()
+        .map_err(|_| Failure::Input(anyhow!("--host `{}` is not an IP address", args.host)))?;
+    let mut spec = pipeline::load(&args.model, None, None)?;
+    args.precision.apply(&mut spec)?;
+    let precision = spec.target.precision;
+    let max_context = args
+        .max_context
+        .unwrap_or(spec.model.max_seq_len)
+        .min(spec.model.max_seq_len);
+    let block_size = args.block_size;
+    let kv_blocks = args.kv_blocks.unwrap_or_else(|| {
+        let positions = (args.max_running.saturating_mul(max_context)).min(DEFAULT_KV_POSITIONS);
+        positions
+            .div_ceil(block_size)
+            .max(max_context.div_ceil(block_size))
+    });
+    let scheduler = SchedulerConfig {
+        max_running: args.max_running as usize,
+        token_budget: args.token_budget as usize,
+        prefill_chunk: args.prefill_chunk as usize,
+    };
+    scheduler
+        .validate()
+        .map_err(|e| Failure::Input(anyhow!("{e} (--token-budget, --max-running)")))?;
+    fusec::memory::check(
+        fusec::memory::least_bytes(&spec, precision, 1, kv_blocks.saturating_mul(block_size)),
+        &format!("serving {} with {kv_blocks} KV blocks", spec.model.name),
+        args.max_memory,
+    )
+    .map_err(|m| Failure::Input(anyhow!(m)))?;
+    let tokenizer = tokenizer(&args)?;
+    if let Some(t) = &tokenizer {
+        if t.vocab_size() as u64 > spec.model.vocab_size {
+            crate::complain(&format!(
+                "warning: the tokenizer has {} ids, the model {}: prompts with ids beyond the model's are refused\n",
+                t.vocab_size(),
+                spec.model.vocab_size
+            ));
+        }
+    }
+
+    let rules = pipeline::rules(&args.fusion.rules)?;
+    let fp8 = args.precision.fp8(None, None, precision)?;
+    let graph = if args.fusion.no_fuse {
+        if matches!(
+            precision,
+            Precision::Fp8 | Precision::Int8 | Precision::Int4
+        ) {
+            return Err(Failure::Input(anyhow!(
+                "--no-fuse cannot serve {}: the weight lowering applies to the fused graph",
+                precision.name()
+            )));
+        }
+        pipeline::eager(&pipeline::in_precision(&spec, precision))?
+    } else {
+        let (graph, report) = pipeline::fused_in(&spec, precision, &rules, &fp8)?;
+        crate::cmd::options::warn_fusion(&report);
+        graph
+    };
+    let weights = match args.weights.as_ref().or(spec.weights.as_ref()) {
+        Some(path) => Weights::load(path, &graph),
+        None => Weights::random(&graph, args.seed),
+    }
+    .map_err(|e| match e {
+        WeightError::Uncalibrated { .. } => Failure::Input(anyhow!(
+            "{e}: serving FP8 needs weights saved with their KV-cache scales (fusec run --precision fp8 --save-weights DIR, then --weights DIR)"
+        )),
+        other => exec_failure(other),
+    })?;
+    let exec = Executor::new(graph, &weights).map_err(exec_failure)?;
+    // The executor holds what it reads: the loaded values are not needed again.
+    drop(weights);
+    let engine = SessionEngine::new(
+        exec,
+        SessionEngineConfig {
+            block_size: block_size as usize,
+            total_blocks: kv_blocks as usize,
+            max_context: max_context as usize,
+        },
+    )
+    .map_err(|e| Failure::Internal(e.into()))?;
+    let name = args.name.clone().unwrap_or_else(|| spec.model.name.clone());
+    let config = ServerConfig {
+        model: name.clone(),
+        scheduler,
+        http_threads: 2,
+    };
+    let addr = SocketAddr::new(host, args.port);
+    let server = match args.step_delay_ms {
+        0 => Server::start(addr, engine, tokenizer, config),
+        ms => {
+            let paced = Paced {
+                engine,
+                delay: Duration::from_millis(ms),
+            };
+            Server::start(addr, paced, tokenizer, config)
+        }
+    }
+    .map_err(|e| Failure::Input(e.into()))?;
+    crate::say(&format!(
+        "fusec serve: {name} on http://{} ({} in {}; {kv_blocks} KV blocks of {block_size} positions, up to {} sequences, context {max_context})\n",
+        server.local_addr(),
+        spec.model.name,
+        precision.name(),
+        args.max_running,
+    ));
+    server
+        .run_until_signal()
+        .map_err(|e| Failure::Internal(anyhow!("waiting for a signal: {e}")))?;
+    crate::complain("fusec serve: stopping\n");
+    Ok(())
+}
