@@ -372,6 +372,11 @@ pub fn run_model(spec: &ModelSpec, opts: &Options) -> Result<ModelResult, BenchE
             "--context, --steps and --rounds must be at least 1".into(),
         ));
     }
+    if opts.batches.contains(&0) {
+        return Err(BenchError::Invalid(
+            "--batch: batches must be at least 1".into(),
+        ));
+    }
     let positions = u64::try_from(opts.context)
         .ok()
         .zip(u64::try_from(opts.steps).ok())
@@ -447,9 +452,6 @@ pub fn run_model(spec: &ModelSpec, opts: &Options) -> Result<ModelResult, BenchE
         prepared.push(prepare(name, graph, weights, rss_before, opts)?);
     }
     // Batched decode: fused f32, one session (and executor) per batch.
-    if opts.batches.contains(&0) {
-        return Err(BenchError::Invalid("batches must be at least 1".into()));
-    }
     let mut batched = Vec::new();
     if !opts.batches.is_empty() {
         let graph = pipeline::fused_in(spec, Precision::F32, &rules, &Fp8Options::default())?.0;
@@ -457,7 +459,14 @@ pub fn run_model(spec: &ModelSpec, opts: &Options) -> Result<ModelResult, BenchE
         for &b in &opts.batches {
             let rss_before = resident_bytes();
             let exec = Executor::new(graph.clone(), &weights)?;
-            batched.push(prepare_session("fused f32", &graph, exec, b, rss_before, opts)?);
+            batched.push(prepare_session(
+                "fused f32",
+                &graph,
+                exec,
+                b,
+                rss_before,
+                opts,
+            )?);
         }
     }
     // Prefill: the fused f32 prefill graph of each prompt length over a session of the

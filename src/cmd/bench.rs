@@ -98,7 +98,11 @@ pub fn run(args: Args) -> Result<(), Failure> {
     })?;
     say(&result.render());
     if let Some(path) = &args.json {
-        outputs.write(path, (result.to_json() + "\n").as_bytes(), Replace::IfForced)?;
+        outputs.write(
+            path,
+            (result.to_json() + "\n").as_bytes(),
+            Replace::IfForced,
+        )?;
     }
     if let Some(hwm) = bench::proc_status_bytes("VmHWM:") {
         say(&format!(
