@@ -372,10 +372,11 @@ pub fn run_model(spec: &ModelSpec, opts: &Options) -> Result<ModelResult, BenchE
             "--context, --steps and --rounds must be at least 1".into(),
         ));
     }
-    if opts.batches.contains(&0) {
-        return Err(BenchError::Invalid(
-            "--batch: batches must be at least 1".into(),
-        ));
+    // A model's batch is bounded at the door (`fusec_model::frontend::Limits`).
+    if let Some(b) = opts.batches.iter().find(|&&b| b == 0 || b > 1 << 15) {
+        return Err(BenchError::Invalid(format!(
+            "--batch: a batch of {b}; batches must be 1 to 32768"
+        )));
     }
     let positions = u64::try_from(opts.context)
         .ok()
