@@ -31,6 +31,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .into_iter()
                 .filter(|&t| t as u64 <= spec.model.max_seq_len)
                 .collect(),
+            batches: bench::DEFAULT_BATCHES.to_vec(),
         };
         print!("{}", bench::run_model(&spec, &opts)?.render());
     }

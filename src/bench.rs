@@ -21,6 +21,13 @@
 //! does. (A best-of-passes figure moved between 33 and 54 GB/s from run to run.) The
 //! buffer is on huge pages, as the executor's weights are (`fusec_exec::hugepages`),
 //! since on a virtual machine that alone moved both figures by a third.
+//!
+//! Batched decode. Beside the variants, fused f32 decode runs at each batch of
+//! [`Options::batches`] (1, 4, 8 and 16 by default), one session per batch with its
+//! own executor, every sequence with a cache of `context` positions of its own random
+//! tokens, taking its turn in the same rounds as the variants. A batch's tokens/s
+//! counts every sequence's token, so its ratio to batch 1 of the same run is what
+//! batching buys: a memory-bound step reads each weight once for all the sequences.
 
 use std::time::Instant;
 
@@ -55,7 +62,12 @@ pub struct Options {
     /// Prompt lengths to time prefill at (the fused f32 prefill graph, one chunk of
     /// the whole prompt, from an empty cache); empty: no prefill.
     pub prefill: Vec<usize>,
+    /// Batches to time fused f32 decode at (sequences per step); empty: none.
+    pub batches: Vec<usize>,
 }
+
+/// The batches [`Options::batches`] holds by default.
+pub const DEFAULT_BATCHES: [usize; 4] = [1, 4, 8, 16];
 
 impl Default for Options {
     fn default() -> Self {
@@ -67,6 +79,7 @@ impl Default for Options {
             only: Vec::new(),
             max_memory: None,
             prefill: vec![128, 512],
+            batches: DEFAULT_BATCHES.to_vec(),
         }
     }
 }
@@ -85,7 +98,7 @@ pub enum BenchError {
 }
 
 /// One variant's figures.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize)]
 pub struct VariantResult {
     /// `eager f32`, `fused f32`, `fused bf16`, `fused fp8`, `fused int8` or `fused int4`.
     pub name: &'static str,
@@ -108,7 +121,7 @@ impl VariantResult {
 }
 
 /// Prefill of one prompt length.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize)]
 pub struct PrefillResult {
     pub tokens: usize,
     /// Prompt tokens per second (median of the rounds).
@@ -143,8 +156,26 @@ pub fn prefill_flops(m: &fusec_model::ModelConfig, tokens: usize) -> f64 {
     m.num_layers as f64 * (linear + attention) + 2.0 * m.vocab_size as f64 * d
 }
 
+/// Fused f32 decode at one batch.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BatchResult {
+    /// Sequences per step.
+    pub batch: usize,
+    /// Tokens of all the sequences per second (median of the rounds).
+    pub tokens_per_s: f64,
+    /// `tokens_per_s` over that of batch 1 in the same run, when batch 1 ran.
+    pub ratio_to_batch_1: Option<f64>,
+    /// Milliseconds per step (median of the rounds).
+    pub step_ms: f64,
+    /// Weight bytes of the memory floor per token: one step's over the batch.
+    pub weight_bytes_per_token: u64,
+    /// Bytes the executor measured moving per token (reads and writes), the KV caches
+    /// of every sequence included.
+    pub measured_bytes_per_token: u64,
+}
+
 /// One model's results.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize)]
 pub struct ModelResult {
     pub model: String,
     pub context: usize,
@@ -165,6 +196,8 @@ pub struct ModelResult {
     /// `(rows, ins, outs)` of that GEMM.
     pub gemm_shape: (usize, usize, usize),
     pub prefill: Vec<PrefillResult>,
+    /// Fused f32 decode at each batch of [`Options::batches`].
+    pub batched: Vec<BatchResult>,
 }
 
 impl ModelResult {
@@ -228,6 +261,7 @@ impl ModelResult {
                 s += &format!("{a} / {b}: {r:.2}x\n");
             }
         }
+        s += &self.render_batched();
         if self.prefill.is_empty() {
             return s;
         }
@@ -272,6 +306,38 @@ impl ModelResult {
     }
 }
 
+impl ModelResult {
+    /// The batched decode table (empty when no batch ran).
+    pub fn render_batched(&self) -> String {
+        if self.batched.is_empty() {
+            return String::new();
+        }
+        let mut s = format!(
+            "{:<16} {:>10} {:>10} {:>9} {:>14} {:>14}\n",
+            "fused f32 decode", "tokens/s", "x batch 1", "step ms", "weights/token", "bytes/token"
+        );
+        for b in &self.batched {
+            s += &format!(
+                "{:<16} {:>10.1} {:>10} {:>9.2} {:>11.2} MB {:>11.2} MB\n",
+                format!("batch {}", b.batch),
+                b.tokens_per_s,
+                b.ratio_to_batch_1
+                    .map_or("-".into(), |r| format!("{r:.2}x")),
+                b.step_ms,
+                b.weight_bytes_per_token as f64 / 1e6,
+                b.measured_bytes_per_token as f64 / 1e6
+            );
+        }
+        s
+    }
+
+    /// The result as JSON: every figure of [`ModelResult::render`], with the read
+    /// bandwidth probe's and the FMA peak's.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
 /// The variants in the order they run.
 const VARIANTS: [(&str, bool, Precision); 6] = [
     ("eager f32", false, Precision::F32),
@@ -288,8 +354,11 @@ struct Prepared {
     session: Session,
     weight_bytes: u64,
     rss: u64,
-    /// The token that follows the context.
-    first: i32,
+    /// The token of each sequence that follows the context.
+    first: Vec<i32>,
+    /// The tokens of the next step, and the step's results, kept from step to step.
+    tokens: Vec<i32>,
+    out: fusec_exec::decode::StepOutput,
     /// Seconds of each round.
     rounds: Vec<f64>,
     bytes: u64,
@@ -302,6 +371,12 @@ pub fn run_model(spec: &ModelSpec, opts: &Options) -> Result<ModelResult, BenchE
         return Err(BenchError::Invalid(
             "--context, --steps and --rounds must be at least 1".into(),
         ));
+    }
+    // A model's batch is bounded at the door (`fusec_model::frontend::Limits`).
+    if let Some(b) = opts.batches.iter().find(|&&b| b == 0 || b > 1 << 15) {
+        return Err(BenchError::Invalid(format!(
+            "--batch: a batch of {b}; batches must be 1 to 32768"
+        )));
     }
     let positions = u64::try_from(opts.context)
         .ok()
@@ -329,7 +404,12 @@ pub fn run_model(spec: &ModelSpec, opts: &Options) -> Result<ModelResult, BenchE
         .iter()
         .filter(|(name, _, _)| opts.only.is_empty() || opts.only.iter().any(|o| o == name))
         .map(|(_, _, precision)| crate::memory::least_bytes(spec, *precision, 1, positions))
-        .sum();
+        .sum::<u128>()
+        + opts
+            .batches
+            .iter()
+            .map(|&b| crate::memory::least_bytes(spec, Precision::F32, b as u64, positions))
+            .sum::<u128>();
     crate::memory::check(
         need,
         &format!("benchmarking {}", spec.model.name),
@@ -371,6 +451,24 @@ pub fn run_model(spec: &ModelSpec, opts: &Options) -> Result<ModelResult, BenchE
             Weights::random(&graph, opts.seed)?
         };
         prepared.push(prepare(name, graph, weights, rss_before, opts)?);
+    }
+    // Batched decode: fused f32, one session (and executor) per batch.
+    let mut batched = Vec::new();
+    if !opts.batches.is_empty() {
+        let graph = pipeline::fused_in(spec, Precision::F32, &rules, &Fp8Options::default())?.0;
+        let weights = Weights::random(&graph, opts.seed)?;
+        for &b in &opts.batches {
+            let rss_before = resident_bytes();
+            let exec = Executor::new(graph.clone(), &weights)?;
+            batched.push(prepare_session(
+                "fused f32",
+                &graph,
+                exec,
+                b,
+                rss_before,
+                opts,
+            )?);
+        }
     }
     // Prefill: the fused f32 prefill graph of each prompt length over a session of the
     // fused f32 decode graph, whose caches rewind to empty before every timing.
@@ -429,21 +527,21 @@ pub fn run_model(spec: &ModelSpec, opts: &Options) -> Result<ModelResult, BenchE
     // alike instead of on whichever ran then.
     let mut probe = ReadProbe::new();
     for _ in 0..opts.rounds.max(1) {
-        for v in &mut prepared {
+        for v in prepared.iter_mut().chain(batched.iter_mut()) {
             probe.pass();
             // One untimed step first: the probe evicted the caches, and a model whose
             // weights fit in them (the fixture-sized one) would otherwise time a cold
             // start that its steady state never has.
             v.session.rewind(opts.context)?;
-            v.session.step(&[v.first])?;
+            v.session.step_into(&v.first, &mut v.out)?;
             v.session.rewind(opts.context)?;
-            let mut token = v.first;
+            v.tokens.clone_from(&v.first);
             let start = Instant::now();
             for _ in 0..opts.steps {
-                let out = v.session.step(&[token])?;
-                v.bytes += out.stats.bytes();
-                v.launches = out.stats.launches;
-                token = out.next.first().copied().unwrap_or(0);
+                v.session.step_into(&v.tokens, &mut v.out)?;
+                v.bytes += v.out.stats.bytes();
+                v.launches = v.out.stats.launches;
+                v.tokens.copy_from_slice(&v.out.next);
             }
             v.rounds.push(start.elapsed().as_secs_f64());
         }
@@ -501,6 +599,29 @@ pub fn run_model(spec: &ModelSpec, opts: &Options) -> Result<ModelResult, BenchE
             rss: v.rss,
         })
         .collect();
+    let mut batched: Vec<BatchResult> = batched
+        .into_iter()
+        .map(|mut v| {
+            let b = v.session.batch();
+            let step = median(&mut v.rounds) / opts.steps as f64;
+            let steps = (opts.steps * opts.rounds.max(1)) as u64;
+            BatchResult {
+                batch: b,
+                tokens_per_s: b as f64 / step,
+                ratio_to_batch_1: None,
+                step_ms: 1e3 * step,
+                weight_bytes_per_token: v.weight_bytes / b as u64,
+                measured_bytes_per_token: v.bytes / steps / b as u64,
+            }
+        })
+        .collect();
+    let one = batched
+        .iter()
+        .find(|b| b.batch == 1)
+        .map(|b| b.tokens_per_s);
+    for b in &mut batched {
+        b.ratio_to_batch_1 = one.map(|t| b.tokens_per_s / t);
+    }
     Ok(ModelResult {
         model: spec.model.name.clone(),
         context: opts.context,
@@ -514,6 +635,7 @@ pub fn run_model(spec: &ModelSpec, opts: &Options) -> Result<ModelResult, BenchE
         gemm_gflops: median(&mut gemm_rounds),
         gemm_shape,
         prefill,
+        batched,
     })
 }
 
@@ -575,25 +697,51 @@ fn prepare(
     rss_before: u64,
     opts: &Options,
 ) -> Result<Prepared, BenchError> {
-    let cost = fusec_ir::cost::graph_cost(&graph, &fusec_exec::decode::bindings(1, opts.context))
-        .map_err(|e| BenchError::Invalid(format!("unbound symbol {}", e.0)))?;
-    let exec = Executor::new(graph, &weights)?;
+    let exec = Executor::new(graph.clone(), &weights)?;
     // The executor holds what it reads (its packed, compact copies of the GEMV
     // weights included); the loaded values it does not need are freed here.
     drop(weights);
-    let mut session = Session::with_capacity(exec, 1, opts.context + opts.steps + 1)?;
+    prepare_session(name, &graph, exec, 1, rss_before, opts)
+}
+
+/// A session of `batch` sequences over `exec`, each sequence's KV cache filled to the
+/// context with its own random tokens.
+fn prepare_session(
+    name: &'static str,
+    graph: &Graph,
+    exec: Executor,
+    batch: usize,
+    rss_before: u64,
+    opts: &Options,
+) -> Result<Prepared, BenchError> {
+    let cost = fusec_ir::cost::graph_cost(graph, &fusec_exec::decode::bindings(1, opts.context))
+        .map_err(|e| BenchError::Invalid(format!("unbound symbol {}", e.0)))?;
+    let mut session = Session::with_capacity(exec, batch, opts.context + opts.steps + 1)?;
     let vocab = session.vocab() as u64;
-    // The context; its last step gives the token the timed rounds decode from.
-    let mut first = 0;
-    for &t in &random_tokens(vocab, opts.context, 1) {
-        first = session.step(&[t])?.next.first().copied().unwrap_or(0);
+    // The context, sequence after sequence (sequence 0's tokens are batch 1's); its
+    // last step gives the tokens the timed rounds decode from.
+    let contexts: Vec<Vec<i32>> = (0..batch as u64)
+        .map(|s| random_tokens(vocab, opts.context, 1 + s))
+        .collect();
+    let mut out = fusec_exec::decode::StepOutput::default();
+    let mut tokens = vec![0; batch];
+    for t in 0..opts.context {
+        for (k, c) in tokens.iter_mut().zip(&contexts) {
+            *k = c[t];
+        }
+        session.step_into(&tokens, &mut out)?;
     }
+    let first = out.next.clone();
     Ok(Prepared {
         name,
         session,
+        // The weights of one step: the floor at batch 1 (the embedding rows of
+        // every sequence aside, each weight is read once whatever the batch).
         weight_bytes: cost.floor.weight_bytes,
         rss: resident_bytes().saturating_sub(rss_before),
+        tokens: first.clone(),
         first,
+        out,
         rounds: Vec::new(),
         bytes: 0,
         launches: 0,

@@ -196,3 +196,70 @@ fn bench_times_every_variant_with_the_predicted_launches() {
     let _ = std::fs::remove_dir_all(&dir);
     assert!(stdout.contains("fused f32 / eager f32:"), "{stdout}");
 }
+
+#[test]
+fn bench_times_batched_decode_and_writes_json() {
+    let dir = scratch("bench-batched");
+    let json = dir.join("bench.json");
+    let out = fusec(&[
+        "bench",
+        &tiny(),
+        "--steps",
+        "2",
+        "--rounds",
+        "1",
+        "--context",
+        "4",
+        "--no-prefill",
+        "--variant",
+        "fused f32",
+        "--batch",
+        "1,3",
+        "--json",
+        json.to_str().expect("utf8"),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for batch in ["batch 1 ", "batch 3 "] {
+        assert!(
+            stdout.lines().any(|l| l.starts_with(batch)),
+            "no row for {batch}:\n{stdout}"
+        );
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("json written")).expect("json");
+    let batched = v["batched"].as_array().expect("batched results");
+    assert_eq!(batched.len(), 2, "{v}");
+    assert_eq!(batched[1]["batch"].as_u64(), Some(3));
+    assert!(batched[1]["tokens_per_s"].as_f64().is_some_and(|t| t > 0.0));
+    assert!(batched[1]["ratio_to_batch_1"]
+        .as_f64()
+        .is_some_and(|r| r > 0.0));
+    assert_eq!(batched[0]["ratio_to_batch_1"].as_f64(), Some(1.0));
+    assert!(v["variants"][0]["tokens_per_s"].as_f64().is_some());
+    // An existing file is replaced only with --force; a batch of 0 is bad input.
+    let again = fusec(&[
+        "bench",
+        &tiny(),
+        "--steps",
+        "1",
+        "--rounds",
+        "1",
+        "--context",
+        "2",
+        "--no-prefill",
+        "--variant",
+        "fused f32",
+        "--no-batch",
+        "--json",
+        json.to_str().expect("utf8"),
+    ]);
+    assert_eq!(again.status.code(), Some(2), "{again:?}");
+    let zero = fusec(&["bench", &tiny(), "--no-prefill", "--batch", "0"]);
+    assert_eq!(zero.status.code(), Some(2), "{zero:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::anyhow;
 use fusec::bench::{self, BenchError, Options};
+use fusec::output::{Outputs, Replace};
 use fusec::pipeline;
 
 use crate::{say, Failure};
@@ -45,10 +46,30 @@ pub struct Args {
     /// Time decode only.
     #[arg(long)]
     pub no_prefill: bool,
+    /// Batches to time fused f32 decode at, comma-separated (sequences per step, each
+    /// with its own tokens), reported as tokens/s of all sequences and as the ratio to
+    /// batch 1 of the same run [default: 1,4,8,16].
+    #[arg(long = "batch", value_delimiter = ',', conflicts_with = "no_batch")]
+    pub batches: Vec<usize>,
+    /// Time no batched decode.
+    #[arg(long)]
+    pub no_batch: bool,
+    /// Also write every figure as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Replace an existing --json file.
+    #[arg(long)]
+    pub force: bool,
 }
 
 pub fn run(args: Args) -> Result<(), Failure> {
     let spec = pipeline::load(&args.model, None, None)?;
+    let mut outputs = Outputs::new(args.force);
+    outputs.reads(&args.model);
+    // Checked before the run, so that a refused output costs no benchmark.
+    if let Some(path) = &args.json {
+        outputs.check(path, Replace::IfForced)?;
+    }
     let opts = Options {
         context: args.context,
         steps: args.steps,
@@ -64,6 +85,11 @@ pub fn run(args: Args) -> Result<(), Failure> {
                 .filter(|&t| t as u64 <= spec.model.max_seq_len)
                 .collect(),
         },
+        batches: match (args.no_batch, args.batches.is_empty()) {
+            (true, _) => Vec::new(),
+            (false, false) => args.batches,
+            (false, true) => bench::DEFAULT_BATCHES.to_vec(),
+        },
     };
     let result = bench::run_model(&spec, &opts).map_err(|e| match e {
         BenchError::Pipeline(p) => Failure::from(p),
@@ -71,6 +97,13 @@ pub fn run(args: Args) -> Result<(), Failure> {
         e @ (BenchError::Exec(_) | BenchError::Weights(_)) => Failure::Internal(e.into()),
     })?;
     say(&result.render());
+    if let Some(path) = &args.json {
+        outputs.write(
+            path,
+            (result.to_json() + "\n").as_bytes(),
+            Replace::IfForced,
+        )?;
+    }
     if let Some(hwm) = bench::proc_status_bytes("VmHWM:") {
         say(&format!(
             "peak resident memory (VmHWM): {:.0} MB\n",

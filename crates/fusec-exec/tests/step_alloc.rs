@@ -1,8 +1,9 @@
 //! Heap allocations of steady-state decode steps, counted by a global allocator: a
 //! steady-state step of the CPU executor allocates nothing, for the eager graph and
 //! for the fused graph in `f32`, in `bf16` and lowered to FP8, whether it is driven
-//! through [`Executor::run_into`] or through [`Session::step_into`], and for a ragged
-//! batch over a paged KV cache through [`PagedSession::step_into`].
+//! through [`Executor::run_into`] or through [`Session::step_into`], at batch 1 and at
+//! batch 4, and for a ragged batch over a paged KV cache through
+//! [`PagedSession::step_into`].
 //!
 //! This file holds a single test on purpose: the counting allocator is global to the
 //! test binary, and a second test running on another thread would add its own
@@ -165,17 +166,17 @@ fn executor_steps(graph: &Graph, weights: &Weights) -> Vec<usize> {
 /// The allocations of each of [`STEPS`] steps of `graph` driven through
 /// [`Session::step_into`], with one [`StepOutput`] reused. Everything the session does
 /// is counted, its inputs and the new caches included.
-fn session_steps(graph: &Graph, weights: &Weights) -> Vec<usize> {
+fn session_steps(graph: &Graph, weights: &Weights, batch: usize) -> Vec<usize> {
     let exec = Executor::new(graph.clone(), weights).expect("plans");
-    let mut session = Session::with_capacity(exec, 1, STEPS + 1).expect("session");
+    let mut session = Session::with_capacity(exec, batch, STEPS + 1).expect("session");
     let mut out = StepOutput::default();
-    let mut token = [1];
+    let mut tokens: Vec<i32> = (1..=batch as i32).collect();
     let mut counts = Vec::new();
     for _ in 0..STEPS {
-        let (result, n) = count(|| session.step_into(&token, &mut out));
+        let (result, n) = count(|| session.step_into(&tokens, &mut out));
         counts.push(n);
         result.expect("step runs");
-        token = [out.next[0]];
+        tokens.copy_from_slice(&out.next);
     }
     counts
 }
@@ -250,13 +251,19 @@ fn a_steady_state_decode_step_allocates_nothing() {
         .expect("thread pool");
     let mut failures = Vec::new();
     for (name, graph, weights) in variants() {
-        let (exec, session) = threads.install(|| {
+        let (exec, session, batched) = threads.install(|| {
             (
                 executor_steps(&graph, &weights),
-                session_steps(&graph, &weights),
+                session_steps(&graph, &weights, 1),
+                // A batched step: the GEMVs' multi-row kernels and gathers.
+                session_steps(&graph, &weights, 4),
             )
         });
-        for (driver, counts) in [("executor", exec), ("session", session)] {
+        for (driver, counts) in [
+            ("executor", exec),
+            ("session", session),
+            ("session, batch 4", batched),
+        ] {
             let steady = &counts[WARM_UP..];
             eprintln!(
                 "{name} ({driver}): allocations per steady-state step: {:?}",

@@ -43,12 +43,16 @@ use crate::tensor::{Buffer, Tensor};
 /// Multiply-adds below which a GEMV runs on the calling thread (as in `matmul`).
 const PARALLEL_MIN_WORK: usize = 1 << 16;
 
+/// The most activation rows that run as row dots in the order of [`dot`]
+/// (bit-identical to the eager reference and to each row alone): a batched decode
+/// step's sequences, up to 16 of them, or a prefill chunk that short. Each weight row
+/// is read from memory once for all the rows ([`rowdot::Activations::dots_rows`]).
+pub const MAX_ROW_DOT_ROWS: usize = 16;
+
 /// Activation rows from which a linear layer runs as a GEMM ([`gemm::gemm`], its own
-/// summation order, checked to a tolerance) rather than as row dots in the order of
-/// [`dot`] (bit-identical to the eager reference): a prefill step's `T` tokens, not a
-/// decode step's few sequences, whose results stay bit-identical to decoding them one
-/// at a time.
-pub const GEMM_MIN_ROWS: usize = 4;
+/// summation order, checked to a tolerance) rather than as row dots: a prefill step's
+/// `T` tokens, whose rows reuse each weight enough to pay for packing it into panels.
+pub const GEMM_MIN_ROWS: usize = MAX_ROW_DOT_ROWS + 1;
 
 /// A quantized GEMV weight: the value of a `dequant` node. It launches nothing and is
 /// read by the GEMV that consumes it.
@@ -374,6 +378,28 @@ impl Prepared<'_> {
             _ => out.fill(f32::NAN),
         }
     }
+
+    /// `out[r * k + o]` = row `r` of the `rows` activation rows (of `ins`) times row
+    /// `o` of the `k` rows of `w`: each weight row read from memory once for all of
+    /// them, each result as [`Prepared::dots`] gives it.
+    fn dots_rows(&self, rows: usize, ins: usize, w: Stored<'_>, out: &mut [f32]) {
+        match (self, w) {
+            (Prepared::Float(a), Stored::Float(ws)) => a.dots_rows(rows, ins, ws, out),
+            (Prepared::Int(q), Stored::Int(ws)) => {
+                // No multi-row integer kernel yet: the rows take turns on each weight
+                // row, which they then find in L1.
+                let k = ws.len().checked_div(ins).unwrap_or(0);
+                for o in 0..k {
+                    let row = ws.range(o * ins, (o + 1) * ins);
+                    for r in 0..rows {
+                        let at = r * k + o;
+                        intdot::dots(q.row(r, ins), row, &mut out[at..at + 1]);
+                    }
+                }
+            }
+            _ => out.fill(f32::NAN),
+        }
+    }
 }
 
 /// One weight of a batch of GEMVs over the same rows, resolved: its stored rows, which
@@ -597,8 +623,8 @@ pub fn gemv_many(
             }
         };
     }
-    let result = if rows == 1 {
-        decode_gemvs(ins, parts, &prepared, &sx, epilogue, &mut emit)
+    let result = if rows <= MAX_ROW_DOT_ROWS {
+        decode_gemvs(ins, rows, parts, &prepared, &sx, epilogue, &mut emit)
     } else {
         let mut results: [Option<Vec<f32>>; 4] = Default::default();
         for ((p, a), slot) in parts
@@ -610,11 +636,9 @@ pub fn gemv_many(
             *slot = Some(match p.rows {
                 // Prefill: the weights reused across rows (see `super::gemm`). Integer
                 // codes have no GEMM yet and take the row dots below.
-                Stored::Float(w) if rows >= GEMM_MIN_ROWS => {
-                    gemm::gemm(plain_x(p), rows, ins, w, p.outs, &|o, r, acc| {
-                        p.scale(acc, o, sx(p, r))
-                    })
-                }
+                Stored::Float(w) => gemm::gemm(plain_x(p), rows, ins, w, p.outs, &|o, r, acc| {
+                    p.scale(acc, o, sx(p, r))
+                }),
                 _ => by_output_feature(p.outs, rows, ins, |o, r| {
                     let mut y = [0.0f32];
                     a.dots(r, ins, p.rows.range(o * ins, (o + 1) * ins), &mut y);
@@ -665,13 +689,18 @@ pub fn gemv_many(
     result
 }
 
-/// The decode case of [`gemv_many`]: one activation row, every weight's outputs laid
-/// end to end and computed by one parallel loop, with the epilogue applied to each
-/// chunk inside the loop. For [`Epilogue::Pair`] the two weights' outputs are
-/// interleaved by chunk instead (chunk `c` holds rows `c * k..` of the first weight,
-/// then the same rows of the second), so that each chunk holds matching pairs.
+/// The decode case of [`gemv_many`]: a few activation rows (one per sequence of a
+/// batch), every weight's outputs laid end to end and computed by one parallel loop,
+/// with the epilogue applied to each chunk inside the loop. A chunk covers some output
+/// features of every row: each weight row is read from memory once for all the rows
+/// ([`Prepared::dots_rows`]), and the chunk holds, for each weight it spans, that
+/// weight's features of row 0, then of row 1, and so on. For [`Epilogue::Pair`] the
+/// two weights' outputs are interleaved by chunk instead (chunk `c` holds rows
+/// `c * k..` of the first weight for every row, then the same of the second), so that
+/// each chunk holds matching pairs. The results are then gathered row-major.
 fn decode_gemvs(
     ins: usize,
+    rows: usize,
     parts: &[Option<Part<'_>>],
     prepared: &[Option<Prepared<'_>>],
     sx: &(impl Fn(&Part<'_>, usize) -> Option<f32> + Sync),
@@ -681,24 +710,41 @@ fn decode_gemvs(
     let parts = || parts.iter().flatten();
     let total: usize = parts().map(|p| p.outs).sum();
     let row_bytes = parts().map(|p| p.rows.row_bytes(ins)).max().unwrap_or(1);
+    // Output features per chunk.
     let chunk_rows = chunk_rows(total, row_bytes);
     let parallel = total * ins >= PARALLEL_MIN_WORK;
-    // Rows `first..first + dst.len()` of part `p`, scaled.
+    // Features `first..first + k` of part `p` for every row, scaled: `dst` holds
+    // `rows` runs of `k` results.
     let dots = |p: &Part<'_>, a: &Prepared<'_>, first: usize, dst: &mut [f32]| {
-        a.dots(
-            0,
-            ins,
-            p.rows.range(first * ins, (first + dst.len()) * ins),
-            dst,
-        );
+        let k = dst.len() / rows;
+        a.dots_rows(rows, ins, p.rows.range(first * ins, (first + k) * ins), dst);
         if p.scales.is_some() {
-            let s = sx(p, 0);
-            for (k, y) in dst.iter_mut().enumerate() {
-                *y = p.scale(*y, first + k, s);
+            for (r, run) in dst.chunks_mut(k.max(1)).enumerate() {
+                let s = sx(p, r);
+                for (o, y) in run.iter_mut().enumerate() {
+                    *y = p.scale(*y, first + o, s);
+                }
             }
         }
     };
-    let mut out = pool::zeros(total);
+    // A part's row-major result gathered from the chunks, from chunk `c0` on:
+    // `piece(c)` says where in `out` chunk `c`'s run of that part's features starts
+    // for row 0, which feature it starts at and how many it holds (the runs of the
+    // rows follow each other), or `None` past the part's last chunk.
+    type Piece<'p> = &'p (dyn Fn(usize) -> Option<(usize, usize, usize)> + Sync);
+    let gather = |outs: usize, c0: usize, piece: Piece<'_>, out: &[f32]| {
+        let mut y = pool::zeros(rows * outs);
+        team::for_each_chunk_mut(&mut y, outs.max(1), parallel, |r, yr| {
+            let mut c = c0;
+            while let Some((at, first, k)) = piece(c) {
+                let from = at + r * k;
+                yr[first..first + k].copy_from_slice(&out[from..from + k]);
+                c += 1;
+            }
+        });
+        y
+    };
+    let mut out = pool::zeros(total * rows);
     if let Epilogue::Pair(f) = epilogue {
         let (Some((pa, aa)), Some((pb, ab))) = (
             parts().zip(prepared.iter().flatten()).next(),
@@ -708,46 +754,81 @@ fn decode_gemvs(
                 "gemv: a pair needs two weights".into(),
             ));
         };
-        team::for_each_chunk_mut(&mut out, 2 * chunk_rows, parallel, |c, chunk| {
+        team::for_each_chunk_mut(&mut out, 2 * chunk_rows * rows, parallel, |c, chunk| {
             let (a, b) = chunk.split_at_mut(chunk.len() / 2);
             dots(pa, aa, c * chunk_rows, a);
             dots(pb, ab, c * chunk_rows, b);
             f(a, b);
         });
-        // The first half of every chunk, in order.
-        let mut y = pool::take(pa.outs);
-        for chunk in out.chunks(2 * chunk_rows) {
-            y.extend_from_slice(&chunk[..chunk.len() / 2]);
+        if rows == 1 {
+            // The first half of every chunk, in order.
+            let mut y = pool::take(pa.outs);
+            for chunk in out.chunks(2 * chunk_rows) {
+                y.extend_from_slice(&chunk[..chunk.len() / 2]);
+            }
+            pool::give(out);
+            return emit(0, y);
         }
+        let outs = pa.outs;
+        let piece = |c: usize| {
+            let first = c * chunk_rows;
+            (first < outs).then(|| (2 * first * rows, first, chunk_rows.min(outs - first)))
+        };
+        let y = gather(outs, 0, &piece, &out);
         pool::give(out);
         return emit(0, y);
     }
-    team::for_each_chunk_mut(&mut out, chunk_rows, parallel, |c, chunk| {
-        // The chunk covers outputs `start..start + chunk.len()` of the weights laid
-        // end to end; it may span the end of one weight and the start of the next.
+    team::for_each_chunk_mut(&mut out, chunk_rows * rows, parallel, |c, chunk| {
+        // The chunk covers features `start..start + width` of the weights laid end to
+        // end, for every row; it may span the end of one weight and the start of the
+        // next.
         let start = c * chunk_rows;
+        let width = chunk.len() / rows;
         let mut base = 0;
         for (p, a) in parts().zip(prepared.iter().flatten()) {
-            let (lo, hi) = (start.max(base), (start + chunk.len()).min(base + p.outs));
+            let (lo, hi) = (start.max(base), (start + width).min(base + p.outs));
             if lo < hi {
-                dots(p, a, lo - base, &mut chunk[lo - start..hi - start]);
+                dots(
+                    p,
+                    a,
+                    lo - base,
+                    &mut chunk[rows * (lo - start)..rows * (hi - start)],
+                );
             }
             base += p.outs;
         }
         match epilogue {
-            Epilogue::Each(f) => f(start, chunk),
+            // A single weight: the chunk is `rows` runs of `width` results.
+            Epilogue::Each(f) => {
+                for (r, run) in chunk.chunks_mut(width.max(1)).enumerate() {
+                    f(r * total + start, run);
+                }
+            }
             Epilogue::Round(dtype) => crate::rounding::round_slice(dtype, chunk),
             Epilogue::None | Epilogue::Pair(_) => {}
         }
     });
     let count = parts().count();
-    if count == 1 {
+    if count == 1 && rows == 1 {
         return emit(0, out);
     }
     let mut base = 0;
     for (i, p) in parts().enumerate() {
-        let mut y = pool::take(p.outs);
-        y.extend_from_slice(&out[base..base + p.outs]);
+        let y = if rows == 1 {
+            let mut y = pool::take(p.outs);
+            y.extend_from_slice(&out[base..base + p.outs]);
+            y
+        } else {
+            // Chunk `c` holds features `c * chunk_rows..` of the weights laid end to
+            // end, `rows` runs each; this part's share of it, if any.
+            let end = base + p.outs;
+            let piece = |c: usize| {
+                let start = c * chunk_rows;
+                let (lo, hi) = (start.max(base), (start + chunk_rows).min(end));
+                (start < end).then(|| (rows * lo, lo - base, hi - lo))
+            };
+            gather(p.outs, base / chunk_rows, &piece, &out)
+        };
         base += p.outs;
         emit(i, y)?;
     }
@@ -979,5 +1060,117 @@ mod tests {
         let xs = random(&mut rng, ins);
         let one = [GemvWeight::Dense(&g_dense)];
         assert!(gemv_many(&xs, 1, &one, None, Epilogue::Pair(&combine), |_, _| Ok(())).is_err());
+    }
+
+    /// A batch of rows (a batched decode step) through every epilogue and a kernel of
+    /// three weights whose chunks span two of them, against each row run alone, bit
+    /// for bit, with plain, FP8 and integer weights, in a team region and outside one.
+    #[test]
+    fn a_batch_of_rows_gives_each_row_its_results_alone() {
+        let mut rng = SplitMix64::new(23);
+        let ins = 320;
+        let (a_dense, a_quant) = weights(&mut rng, 1003, ins);
+        let (b_dense, b_quant) = weights(&mut rng, 1003, ins);
+        let (c_dense, c_quant) = weights(&mut rng, 61, ins);
+        // Integer codes: random bytes, with random `f16` block scales.
+        let mut int_of = |o: usize, dtype: DType| {
+            let bytes = if dtype == DType::I8 {
+                o * ins
+            } else {
+                o * ins / 2
+            };
+            let codes: Vec<u8> = (0..bytes).map(|_| rng.below(256) as u8).collect();
+            let dims = crate::tensor::Dims::from_slice(&[o, ins]).expect("dims");
+            let values = Tensor::contiguous(dtype, dims, Buffer::U8(std::sync::Arc::new(codes)));
+            let scales: Vec<f32> = (0..o * ins / intdot::BLOCK)
+                .map(|_| half::f16::from_f32(rng.normal() as f32 / 64.0).to_f32())
+                .collect();
+            let scale =
+                Tensor::from_f32(DType::F16, &[o, ins / intdot::BLOCK], scales).expect("scales");
+            QuantWeight::new(values, scale, DType::F32, DType::I8).expect("int weight")
+        };
+        let ints: Vec<(QuantWeight, QuantWeight, QuantWeight)> = [DType::I8, DType::I4]
+            .into_iter()
+            .map(|t| (int_of(1003, t), int_of(1003, t), int_of(61, t)))
+            .collect();
+        let residual = random(&mut rng, 16 * 1003);
+        let combine = |a: &mut [f32], b: &[f32]| {
+            for (x, &y) in a.iter_mut().zip(b) {
+                *x = x.sin() * y;
+            }
+        };
+        let mut sets: Vec<[GemvWeight<'_>; 3]> = vec![
+            [
+                GemvWeight::Dense(&a_dense),
+                GemvWeight::Dense(&b_dense),
+                GemvWeight::Dense(&c_dense),
+            ],
+            [
+                GemvWeight::Quant(&a_quant),
+                GemvWeight::Quant(&b_quant),
+                GemvWeight::Quant(&c_quant),
+            ],
+        ];
+        for (a, b, c) in &ints {
+            sets.push([
+                GemvWeight::Quant(a),
+                GemvWeight::Quant(b),
+                GemvWeight::Quant(c),
+            ]);
+        }
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        // Every epilogue over `rows` rows whose first is row `first` of the batch (for
+        // the residual): the three weights rounded, the pair, the residual add.
+        let run = |ws: &[GemvWeight<'_>; 3], xs: &[f32], rows: usize, first: usize| {
+            let add = |at: usize, ys: &mut [f32]| {
+                for (k, y) in ys.iter_mut().enumerate() {
+                    *y += residual[first * 1003 + at + k];
+                }
+            };
+            let mut got: Vec<Vec<f32>> = Vec::new();
+            let mut keep = |_: usize, y: Vec<f32>| {
+                got.push(y);
+                Ok(())
+            };
+            gemv_many(xs, rows, ws, None, Epilogue::Round(DType::Bf16), &mut keep).expect("three");
+            gemv_many(
+                xs,
+                rows,
+                &ws[..2],
+                None,
+                Epilogue::Pair(&combine),
+                &mut keep,
+            )
+            .expect("pair");
+            gemv_many(xs, rows, &ws[..1], None, Epilogue::Each(&add), &mut keep).expect("each");
+            got
+        };
+        for ws in &sets {
+            for rows in [2, 3, 5, 8, 9, 16] {
+                let xs = random(&mut rng, rows * ins);
+                let mut alone: Vec<Vec<f32>> = Vec::new();
+                for r in 0..rows {
+                    let row = run(ws, &xs[r * ins..(r + 1) * ins], 1, r);
+                    alone.resize(row.len(), Vec::new());
+                    for (all, y) in alone.iter_mut().zip(row) {
+                        all.extend(y);
+                    }
+                }
+                for in_region in [false, true] {
+                    let batch = match in_region {
+                        true => team::region(|| run(ws, &xs, rows, 0)),
+                        false => run(ws, &xs, rows, 0),
+                    };
+                    assert_eq!(batch.len(), alone.len());
+                    for (i, (got, want)) in batch.iter().zip(&alone).enumerate() {
+                        assert_eq!(
+                            bits(got),
+                            bits(want),
+                            "result {i}, {rows} rows, in a region: {in_region}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }
