@@ -56,6 +56,31 @@ fn emit_cuda_writes_kernels_and_plans_matching_the_predicted_launches() {
 }
 
 #[test]
+fn emit_cuda_of_integer_weights_is_refused_as_bad_input() {
+    // Integer weight codes have no CUDA kernels: the user's choice of precision, exit 2
+    // naming the node and the way out, not an internal error.
+    let dir = scratch("emit-cuda-int8");
+    let model = root().join("examples/llama-125m.toml");
+    let out = fusec(&[
+        "compile",
+        model.to_str().expect("utf8"),
+        "--precision",
+        "int8",
+        "--out",
+        dir.to_str().expect("utf8"),
+        "--emit",
+        "cuda",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("i8 has no CUDA kernels yet") && stderr.contains("fusec run"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn emit_ptx_compiles_every_kernel_or_says_nvrtc_is_missing() {
     let dir = scratch("emit-ptx");
     let out = fusec(&[

@@ -82,6 +82,29 @@ fn text_in_text_out_through_the_gguf_vocabulary_and_template() {
         text["generated"], ids["generated"],
         "greedy text run = ids run"
     );
+    // The text prompt prefilled in one chunk (the default), in chunks of two plus a
+    // token, and token by token: the same ids.
+    for chunk in ["1", "2"] {
+        let chunked = run_json(
+            &[
+                "run",
+                g,
+                "--prompt",
+                "hello",
+                "--tokens",
+                "6",
+                "--ignore-eos",
+                "--prefill-chunk",
+                chunk,
+            ],
+            &dir.join(format!("text-{chunk}.json")),
+        );
+        assert_eq!(
+            chunked["generated"], text["generated"],
+            "--prefill-chunk {chunk}"
+        );
+        assert!(chunked["ttft_ms"].as_f64().is_some_and(|t| t > 0.0));
+    }
     let generated: Vec<u8> = text["generated"]
         .as_array()
         .expect("ids")

@@ -1,12 +1,14 @@
 //! The data-driven snapshot harness: for every model in `tests/in/` (a `.toml` spec or
 //! a directory holding a Hugging Face `config.json`), the eager IR dump, the fused IR
-//! dump and the compile summary, checked against `tests/snapshots/`.
+//! dump, the compile summary and the eager and fused dumps of a 4-token prefill step,
+//! checked against `tests/snapshots/`.
 //!
 //! Each input and dump is its own case: `insta::glob!` runs every input and reports
 //! every failing snapshot, and a pipeline error becomes the text compared with the
 //! snapshot, so one broken input or dump hides no other. Bless changes with
 //! `INSTA_UPDATE=always cargo test --test snapshots` and review the diff.
 
+use fusec::model::blocks::{Logits, StepDims};
 use fusec::pipeline;
 use fusec::summary::Summary;
 use fusec_ir::text;
@@ -44,5 +46,24 @@ fn eager_and_fused_dumps_and_summaries() {
             (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => Err(e.clone()),
         };
         insta::assert_snapshot!("summary", summary.unwrap_or_else(|e| e));
+
+        // The prefill step of a 4-token chunk (logits of the last position), eager and
+        // fused: the graph `fusec run --prefill-chunk 4` runs.
+        let prefill = spec.as_ref().map_err(Clone::clone).and_then(|spec| {
+            pipeline::eager_prefill(spec, &StepDims::prefill(4, Logits::Last))
+                .map_err(|e| format!("prefill: {e}"))
+                .map(|g| (spec, g))
+        });
+        insta::assert_snapshot!(
+            "prefill_eager",
+            prefill.as_ref().map_or_else(Clone::clone, |(_, g)| dump(g))
+        );
+        let prefill_fused = match (&prefill, &rules) {
+            (Ok((spec, eager)), Ok(rules)) => pipeline::fuse(spec, eager, rules)
+                .map(|(g, _)| dump(&g))
+                .map_err(|e| format!("fuse prefill: {e}")),
+            (Err(e), _) | (_, Err(e)) => Err(e.clone()),
+        };
+        insta::assert_snapshot!("prefill_fused", prefill_fused.unwrap_or_else(|e| e));
     });
 }

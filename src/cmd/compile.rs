@@ -109,8 +109,10 @@ fn cuda(
         format!("{stem}_")
     };
     let options = codegen::Options::default();
-    let code =
-        codegen::generate(graph, shape, &options).map_err(|e| Failure::Internal(e.into()))?;
+    let code = codegen::generate(graph, shape, &options).map_err(|e| match e {
+        codegen::Error::NoKernels { .. } => Failure::Input(anyhow::anyhow!("--emit cuda/ptx: {e}")),
+        _ => Failure::Internal(e.into()),
+    })?;
     let mut written = Vec::new();
     if !ptx {
         let plan = code

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::time::Instant;
 
 use anyhow::anyhow;
-use fusec::exec::{Executor, Session};
+use fusec::exec::{Executor, Prefill, Session};
 use fusec::text::{ChatTemplate, Message, Sampler, SamplingOptions, TextStream, Tokenizer};
 use serde::Serialize;
 
@@ -55,31 +55,51 @@ pub struct TextRun {
     /// Whether generation ended at an end-of-sequence id (which `generated` holds).
     pub stopped_at_eos: bool,
     pub tokens_per_s: f64,
+    /// Wall time from the start to the first generated token's logits.
+    pub ttft_ms: f64,
 }
 
-/// Prefills `prompt` and generates up to `max_tokens` ids, writing each one's text to
-/// `out` as it completes.
+/// What [`generate`] produced.
+pub struct TextOutcome {
+    pub generated: Vec<u32>,
+    pub text: String,
+    /// Whether generation ended at an end-of-sequence id (which `generated` holds).
+    pub stopped_at_eos: bool,
+    /// Prompt and generated tokens fed through the graphs per second.
+    pub tokens_per_s: f64,
+    /// Wall time from the start to the first generated token's logits.
+    pub ttft_ms: f64,
+}
+
+/// Prefills `prompt` (in chunks through `prefills`, the longest first; token by
+/// token through the decode graph where none fits) and generates up to `max_tokens`
+/// ids, writing each one's text to `out` as it completes.
+#[allow(clippy::too_many_arguments)]
 pub fn generate(
     exec: Executor,
+    prefills: &mut [Prefill],
     tokenizer: &Tokenizer,
     prompt: &[u32],
     max_tokens: usize,
     stop_at_eos: bool,
     sampling: SamplingOptions,
     out: &mut dyn Write,
-) -> Result<(Vec<u32>, String, bool, f64), Failure> {
+) -> Result<TextOutcome, Failure> {
     let mut sampler = Sampler::new(sampling).map_err(text_failure)?;
-    let mut session = Session::with_capacity(exec, 1, prompt.len() + max_tokens)
+    // Prefill graphs read the caches as f32 values: compact FP8 storage only when
+    // the prompt goes through the decode graph.
+    let compact = prefills.is_empty();
+    let mut session = Session::with_cache_storage(exec, 1, prompt.len() + max_tokens, compact)
         .map_err(crate::cmd::exec_failure)?;
     let ids: Vec<i32> = prompt.iter().map(|&id| id as i32).collect();
     let started = Instant::now();
-    let mut logits = Vec::new();
-    for (position, &id) in ids.iter().enumerate() {
-        let step = session.step(&[id]).map_err(crate::cmd::exec_failure)?;
-        logits.clear();
-        logits.extend(step.logits.row(0).iter());
-        finite(&logits, position)?;
-    }
+    let mut refs: Vec<&mut Prefill> = prefills.iter_mut().collect();
+    let fed = session
+        .prefill_prompts(&mut refs, std::slice::from_ref(&ids))
+        .map_err(crate::cmd::exec_failure)?;
+    let ttft_ms = started.elapsed().as_secs_f64() * 1e3;
+    let mut logits: Vec<f32> = fed.last.logits.row(0).to_vec();
+    finite(&logits, ids.len() - 1)?;
     let mut seen: Vec<u32> = prompt.to_vec();
     let mut generated = Vec::new();
     let mut text = String::new();
@@ -128,7 +148,13 @@ pub fn generate(
     let steps = prompt.len() + generated.len().saturating_sub(1);
     let secs = started.elapsed().as_secs_f64();
     let tokens_per_s = if secs > 0.0 { steps as f64 / secs } else { 0.0 };
-    Ok((generated, text, stopped, tokens_per_s))
+    Ok(TextOutcome {
+        generated,
+        text,
+        stopped_at_eos: stopped,
+        tokens_per_s,
+        ttft_ms,
+    })
 }
 
 /// Writes generated text as `crate::say` writes standard output: a closed pipe ends the

@@ -500,14 +500,17 @@ pub fn run(args: Args) -> Result<(), Failure> {
         true => 1,
         false => args.prefill_chunk,
     };
-    let mut prefills = match text {
-        Some(_) => Vec::new(),
-        None => builder.prefills(precision, &weights, prompt.len(), chunk, args.check_finite)?,
-    };
+    let mut prefills =
+        builder.prefills(precision, &weights, prompt.len(), chunk, args.check_finite)?;
     let chunk = if prefills.is_empty() { 1 } else { chunk };
     if let Some((tokenizer, rendered, ids)) = &text {
         drop(weights);
-        return run_text(&outputs, &args, &spec, exec, tokenizer, rendered, ids);
+        let prompt = TextPrompt {
+            tokenizer,
+            rendered,
+            ids,
+        };
+        return run_text(&outputs, &args, &spec, exec, &mut prefills, &prompt);
     }
     // The executor holds what it reads (packed, compact copies of the GEMV weights):
     // the loaded values are only needed again to compare, and freeing them here keeps
@@ -644,16 +647,23 @@ pub fn run(args: Args) -> Result<(), Failure> {
     Ok(())
 }
 
-/// The text path of `run`: generation streamed to standard output, a summary on
-/// standard error, and with `--json` the ids and text.
+/// A text prompt: its tokenizer, the rendered text and its ids.
+struct TextPrompt<'a> {
+    tokenizer: &'a Tokenizer,
+    rendered: &'a str,
+    ids: &'a [u32],
+}
+
+/// The text path of `run`: the prompt prefilled in chunks through `prefills`,
+/// generation streamed to standard output, a summary on standard error, and with
+/// `--json` the ids and text.
 fn run_text(
     outputs: &Outputs,
     args: &Args,
     spec: &ModelSpec,
     exec: Executor,
-    tokenizer: &Tokenizer,
-    rendered: &str,
-    prompt: &[u32],
+    prefills: &mut [Prefill],
+    prompt: &TextPrompt<'_>,
 ) -> Result<(), Failure> {
     let sampling = SamplingOptions {
         temperature: args.sampling.temperature,
@@ -664,35 +674,39 @@ fn run_text(
         seed: args.seed,
     };
     let mut stdout = std::io::stdout();
-    let (generated, text, stopped_at_eos, tokens_per_s) = generate::generate(
+    let outcome = generate::generate(
         exec,
-        tokenizer,
-        prompt,
+        prefills,
+        prompt.tokenizer,
+        prompt.ids,
         args.tokens,
         !args.ignore_eos,
         sampling,
         &mut stdout,
     )?;
     crate::complain(&format!(
-        "{} prompt tokens, {} generated{}, {tokens_per_s:.1} tokens/s\n",
-        prompt.len(),
-        generated.len(),
-        if stopped_at_eos {
+        "{} prompt tokens (time to first token {:.1} ms), {} generated{}, {:.1} tokens/s\n",
+        prompt.ids.len(),
+        outcome.ttft_ms,
+        outcome.generated.len(),
+        if outcome.stopped_at_eos {
             " (stopped at end of sequence)"
         } else {
             ""
-        }
+        },
+        outcome.tokens_per_s
     ));
     if let Some(path) = &args.json {
         let run = generate::TextRun {
             schema: "fusec-text-run/1",
             model: spec.model.name.clone(),
-            prompt_text: rendered.to_string(),
-            prompt: prompt.to_vec(),
-            generated,
-            text,
-            stopped_at_eos,
-            tokens_per_s,
+            prompt_text: prompt.rendered.to_string(),
+            prompt: prompt.ids.to_vec(),
+            generated: outcome.generated,
+            text: outcome.text,
+            stopped_at_eos: outcome.stopped_at_eos,
+            tokens_per_s: outcome.tokens_per_s,
+            ttft_ms: outcome.ttft_ms,
         };
         let json = serde_json::to_string(&run).map_err(|e| Failure::Internal(e.into()))?;
         outputs.write(path, (json + "\n").as_bytes(), Replace::IfForced)?;

@@ -70,16 +70,13 @@ pub fn generate(graph: &Graph, shape: &DecodeShape, options: &Options) -> Result
         workspace: None,
     };
     for &id in &order {
-        if graph
-            .ty(id)
-            .tensors()
-            .iter()
-            .any(|t| t.dtype.is_int_codes())
-        {
-            return Err(l.unsupported(
-                id,
-                "integer weight codes (int8/int4) have no CUDA kernels yet; run them on the CPU",
-            ));
+        let ty = graph.ty(id);
+        if let Some(t) = ty.tensors().iter().find(|t| t.dtype.is_int_codes()) {
+            return Err(Error::NoKernels {
+                value: l.number.get(&id).copied().unwrap_or(usize::MAX),
+                op: graph.op(id).to_string(),
+                dtype: t.dtype.to_string(),
+            });
         }
         l.node(id)?;
     }
@@ -404,6 +401,10 @@ impl Lower<'_> {
             }),
             Op::Fused(f) => match f {
                 FusedOp::KvAppend => view(0).and_then(|past| e.kv_append(past, view(1)?, cx!())),
+                // The paged KV cache runs on the CPU executor only for now.
+                FusedOp::PagedAttention | FusedOp::PagedDecodeAttention => Err(
+                    "no CUDA kernel reads a paged KV cache yet (the CPU executor runs it)".into(),
+                ),
                 FusedOp::Rope => view(0).and_then(|x| e.rope(x, &ops[1], &ops[2], out0, cx!())),
                 FusedOp::RmsNorm => {
                     view(0).and_then(|x| e.rms_norm(x, view(1)?, scalar(2)?, out0, cx!()))

@@ -116,7 +116,10 @@ pub struct Options {
     /// Decode attention splits the KV length over several blocks (flash-decoding)
     /// when a cache can hold at least this many positions.
     pub split_kv_min_len: u64,
-    /// The fewest positions one split handles when the cache is full.
+    /// The fewest positions one split handles. The default, 64, gives 512 blocks at
+    /// context 4096 for an 8-KV-head model (about 4 per SM of an H100 or H200): with
+    /// 256, an H200 ran 128 blocks there, walking positions one dependent chain at a
+    /// time at 4% of the DRAM bandwidth (BENCHMARKS.md, "GPU decode on an NVIDIA H200").
     pub split_kv_min_chunk: u64,
     /// The most shared memory a kernel may ask for. Above 48 KiB the runner must raise
     /// the kernel's dynamic shared memory limit (the plan records what each launch
@@ -145,7 +148,7 @@ impl Default for Options {
             attention_threads: 128,
             target_blocks: 528,
             split_kv_min_len: 1024,
-            split_kv_min_chunk: 256,
+            split_kv_min_chunk: 64,
             max_shared_bytes: 96 * 1024,
             fp8_f32_stage_bytes: default_fp8_f32_stage_bytes(),
             max_grid: 65_535,

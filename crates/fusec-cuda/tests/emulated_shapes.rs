@@ -44,6 +44,29 @@ batch = 2
 context = 32
 "#;
 
+/// Hidden 512 and intermediate 1024: whole spans of a warp's 16-byte FP8 weight loads
+/// (32 lanes of 16), the widths at which the FP8 GEMV stages its activations in warp
+/// order (see `xs_index` in the GEMV emitter); tokens stay below the vocabulary of 97.
+const WIDE: &str = r#"
+[model]
+name = "wide"
+hidden_size = 512
+num_layers = 1
+num_heads = 4
+num_kv_heads = 2
+head_dim = 128
+intermediate_size = 1024
+vocab_size = 97
+rope_theta = 10000.0
+rms_norm_eps = 1e-5
+max_seq_len = 32
+dtype = "f32"
+
+[decode]
+batch = 2
+context = 32
+"#;
+
 const BATCH: usize = 2;
 const STEPS: usize = 7;
 
@@ -132,9 +155,30 @@ fn check(label: &str, got: &Logits, want: &Logits, tol: f32) {
 }
 
 fn spec(dir: &std::path::Path) -> ModelSpec {
-    let path = dir.join("awkward.toml");
-    std::fs::write(&path, AWKWARD).expect("writes the model");
+    spec_of(dir, AWKWARD)
+}
+
+fn spec_of(dir: &std::path::Path, toml: &str) -> ModelSpec {
+    let path = dir.join("model.toml");
+    std::fs::write(&path, toml).expect("writes the model");
     common::spec(&path)
+}
+
+/// The fused bf16 graph lowered to FP8 with its derived weights and calibrated KV
+/// scales, as `fusec run --precision fp8` makes them, and the CPU executor's logits.
+fn fp8_lowered(spec: &ModelSpec) -> (Graph, Weights, Logits) {
+    let rules = stages::rules().expect("rules");
+    let bf16 = stages::fused_in(spec, Precision::Bf16, &rules, &Fp8Options::default())
+        .expect("fused bf16");
+    let lowered =
+        stages::fused_in(spec, Precision::Fp8, &rules, &Fp8Options::default()).expect("fp8");
+    let base = Weights::random(&bf16, 11).expect("random weights");
+    let prompt: Vec<i32> = (0..STEPS).map(|s| token(0, s)).collect();
+    let (kv, _) = fusec_exec::calibrate::calibrate_kv_scales(&lowered, &bf16, &base, &[prompt])
+        .expect("calibrates");
+    let w8 = fusec_weights::lower_weights(&base, &lowered, &kv).expect("quantizes");
+    let want = cpu(&lowered, &w8);
+    (lowered, w8, want)
 }
 
 fn compiler() -> Option<String> {
@@ -173,18 +217,7 @@ fn awkward_widths_two_sequences_every_dtype() {
             check(&label, &got, &want, tolerance(p));
         }
     }
-    // FP8: the fused bf16 graph lowered, with its derived weights and calibrated KV
-    // scales, as `fusec run --precision fp8` makes them.
-    let bf16 = stages::fused_in(&spec, Precision::Bf16, &rules, &Fp8Options::default())
-        .expect("fused bf16");
-    let lowered =
-        stages::fused_in(&spec, Precision::Fp8, &rules, &Fp8Options::default()).expect("fp8");
-    let base = Weights::random(&bf16, 11).expect("random weights");
-    let prompt: Vec<i32> = (0..STEPS).map(|s| token(0, s)).collect();
-    let (kv, _) = fusec_exec::calibrate::calibrate_kv_scales(&lowered, &bf16, &base, &[prompt])
-        .expect("calibrates");
-    let w8 = fusec_weights::lower_weights(&base, &lowered, &kv).expect("quantizes");
-    let want = cpu(&lowered, &w8);
+    let (lowered, w8, want) = fp8_lowered(&spec);
     let got = emulated(&cxx, "fp8-fused", &lowered, &w8, &options);
     check("fp8-fused", &got, &want, tolerance(Precision::Fp8));
     // The FP8 GEMV's activations staged as f16 rather than f32 (the form for rows too
@@ -200,6 +233,26 @@ fn awkward_widths_two_sequences_every_dtype() {
         &want,
         tolerance(Precision::Fp8),
     );
+}
+
+#[test]
+fn fp8_gemv_staged_in_warp_order_at_whole_spans() {
+    let Some(cxx) = compiler() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (lowered, w8, want) = fp8_lowered(&spec_of(dir.path(), WIDE));
+    let options = Options::default();
+    let out = generate(&lowered, &DecodeShape::new(BATCH as u64, 32), &options).expect("generates");
+    let permuted = out
+        .kernels
+        .iter()
+        .filter(|k| k.family.starts_with("gemv") && k.function.contains("(k & ~511) + lane * 4"))
+        .count();
+    assert!(
+        permuted >= 3,
+        "{permuted} FP8 GEMVs read warp-ordered activations"
+    );
+    let got = emulated(&cxx, "fp8-wide", &lowered, &w8, &options);
+    check("fp8-wide", &got, &want, tolerance(Precision::Fp8));
 }
 
 #[test]

@@ -11,6 +11,8 @@
 //!   accounting), which measures launches, bytes and time per node;
 //! - [`decode`]: a greedy-decoding [`Session`] that carries the KV cache across steps,
 //!   with logits as `ndarray` arrays;
+//! - [`paged`]: a [`PagedSession`] decoding a ragged batch over a paged KV cache,
+//!   sequences joining and leaving between steps;
 //! - [`calibrate`]: the KV-cache scales of an FP8 graph, calibrated by a run;
 //!   [`accuracy`]: logits of a lowered run against a reference run;
 //! - [`team`]: how kernels split work across cores; [`hugepages`] and `pack`:
@@ -41,6 +43,7 @@ pub mod exec;
 pub mod hugepages;
 pub mod kernels;
 mod pack;
+pub mod paged;
 mod pool;
 pub mod prefill;
 pub mod profile;
@@ -59,6 +62,7 @@ pub use error::Error;
 pub use exec::{Executor, RunOutput, Value};
 pub use fusec_weights::{SplitMix64, WeightSource, WeightTensor, Weights};
 pub use kernels::KernelError;
-pub use prefill::{Prefill, PrefillOutput, PrefillStats};
+pub use paged::{PagedConfig, PagedError, PagedSession, PagedStep, SeqId, SeqOutput};
+pub use prefill::{Prefill, PrefillOutput, PrefillStats, PromptFed};
 pub use profile::{KindStats, NodeStats, Profile, StepStats};
 pub use tensor::{Tensor, TensorError};

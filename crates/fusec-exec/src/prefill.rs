@@ -28,6 +28,7 @@ use ndarray::{Array2, Array3};
 use crate::decode::{at_step, bad, bindings, Generation, Session, StepOutput};
 use crate::error::Error;
 use crate::exec::{self, Executor, RunOutput, Value};
+use crate::kernels::attention::masked;
 use crate::pool;
 use crate::profile::StepStats;
 use crate::tensor::Tensor;
@@ -67,17 +68,6 @@ pub struct PrefillOutput {
     /// The greedy next token of each sequence (after the step's last position).
     pub next: Vec<i32>,
     pub stats: StepStats,
-}
-
-/// The most negative finite value of `dtype`, the masked entries of an additive
-/// mask (transformers fills them with `torch.finfo(dtype).min`).
-fn masked(dtype: DType) -> f32 {
-    match dtype {
-        DType::F16 => -65504.0,
-        // 0xff7f: the largest finite bf16 magnitude, negative.
-        DType::Bf16 => f32::from_bits(0xff7f_0000),
-        _ => f32::MIN,
-    }
 }
 
 impl Prefill {
@@ -397,18 +387,16 @@ impl Session {
         Ok(out)
     }
 
-    /// [`Session::generate`] with the prompts prefilled in chunks: each of
+    /// Feeds the prompts (one per sequence, of one length) into the caches: each of
     /// `prefills` (tried in order, the longest first) takes its `T` tokens while at
     /// least `T` prompt tokens are left; the tokens no prefill takes go through decode
-    /// steps. Then `new_tokens` tokens are generated greedily. `Generation::steps`
-    /// counts prefill steps and decode steps; `prefill` returns the time and steps of
-    /// the prompt alone.
-    pub fn generate_prefilled(
+    /// steps. Returns the last position's logits and greedy next tokens, and what the
+    /// prompt cost.
+    pub fn prefill_prompts(
         &mut self,
         prefills: &mut [&mut Prefill],
         prompts: &[Vec<i32>],
-        new_tokens: usize,
-    ) -> Result<(Generation, PrefillStats), Error> {
+    ) -> Result<PromptFed, Error> {
         if prompts.len() != self.batch {
             return Err(bad(
                 step::INPUT_IDS,
@@ -422,17 +410,8 @@ impl Session {
                 "prompts must be non-empty and of one length",
             ));
         }
-        let mut gen = Generation {
-            generated: vec![Vec::with_capacity(new_tokens); self.batch],
-            logits: Array3::zeros((self.batch, 0, self.vocab)),
-            batch: self.batch,
-            ..Generation::default()
-        };
         let mut stats = PrefillStats::default();
-        if new_tokens == 0 {
-            return Ok((gen, stats));
-        }
-        let mut rows: Vec<Vec<f32>> = vec![Vec::with_capacity(new_tokens * self.vocab); self.batch];
+        let (mut bytes, mut decode_launches) = (0u64, 0u64);
         // The last prompt position's logits and next tokens.
         let mut last = StepOutput::default();
         let mut done = 0;
@@ -451,12 +430,10 @@ impl Session {
                     }
                     let out = self
                         .prefill(p, &chunk)
-                        .map_err(|e| at_step(e, gen.steps + 1))?;
-                    gen.steps += 1;
+                        .map_err(|e| at_step(e, stats.steps + 1))?;
                     stats.steps += 1;
                     stats.elapsed += out.stats.time;
-                    gen.elapsed += out.stats.time;
-                    gen.bytes += out.stats.bytes();
+                    bytes += out.stats.bytes();
                     let r = out.logits.dim().1;
                     last.logits = out.logits.slice(ndarray::s![.., r - 1, ..]).to_owned();
                     last.next = out.next;
@@ -465,19 +442,59 @@ impl Session {
                 None => {
                     chunk.clear();
                     chunk.extend(prompts.iter().map(|p| p[done]));
-                    let out = self.step(&chunk).map_err(|e| at_step(e, gen.steps + 1))?;
-                    gen.steps += 1;
+                    let out = self.step(&chunk).map_err(|e| at_step(e, stats.steps + 1))?;
                     stats.steps += 1;
                     stats.elapsed += out.stats.time;
-                    gen.elapsed += out.stats.time;
-                    gen.bytes += out.stats.bytes();
-                    gen.launches_per_step = out.stats.launches;
+                    bytes += out.stats.bytes();
+                    decode_launches = out.stats.launches;
                     last = out;
                     done += 1;
                 }
             }
         }
         stats.tokens = (len * self.batch) as u64;
+        Ok(PromptFed {
+            last,
+            stats,
+            bytes,
+            decode_launches,
+        })
+    }
+
+    /// [`Session::generate`] with the prompts prefilled in chunks: each of
+    /// `prefills` (tried in order, the longest first) takes its `T` tokens while at
+    /// least `T` prompt tokens are left; the tokens no prefill takes go through decode
+    /// steps. Then `new_tokens` tokens are generated greedily. `Generation::steps`
+    /// counts prefill steps and decode steps; `prefill` returns the time and steps of
+    /// the prompt alone.
+    pub fn generate_prefilled(
+        &mut self,
+        prefills: &mut [&mut Prefill],
+        prompts: &[Vec<i32>],
+        new_tokens: usize,
+    ) -> Result<(Generation, PrefillStats), Error> {
+        if prompts.len() != self.batch {
+            return Err(bad(
+                step::INPUT_IDS,
+                format!("{} prompt(s) for a batch of {}", prompts.len(), self.batch),
+            ));
+        }
+        let mut gen = Generation {
+            generated: vec![Vec::with_capacity(new_tokens); self.batch],
+            logits: Array3::zeros((self.batch, 0, self.vocab)),
+            batch: self.batch,
+            ..Generation::default()
+        };
+        if new_tokens == 0 {
+            return Ok((gen, PrefillStats::default()));
+        }
+        let mut rows: Vec<Vec<f32>> = vec![Vec::with_capacity(new_tokens * self.vocab); self.batch];
+        let fed = self.prefill_prompts(prefills, prompts)?;
+        let (last, stats) = (fed.last, fed.stats);
+        gen.steps += stats.steps;
+        gen.elapsed += stats.elapsed;
+        gen.bytes += fed.bytes;
+        gen.launches_per_step = fed.decode_launches;
         let mut keep = |gen: &mut Generation, logits: &Array2<f32>, next: &[i32]| {
             for (sequence, row) in logits.rows().into_iter().enumerate() {
                 if let Some((index, &value)) = row.iter().enumerate().find(|(_, v)| !v.is_finite())
@@ -518,6 +535,19 @@ impl Session {
             .map_err(|e| Error::InvalidGraph(format!("logits: {e}")))?;
         Ok((gen, stats))
     }
+}
+
+/// What [`Session::prefill_prompts`] leaves: the last prompt position's logits and
+/// greedy next tokens, and what the prompt cost.
+#[derive(Debug)]
+pub struct PromptFed {
+    pub last: StepOutput,
+    pub stats: PrefillStats,
+    /// Bytes the prompt's graph runs moved.
+    pub bytes: u64,
+    /// Launches of the last decode step that took a prompt token (0 when prefill
+    /// graphs took them all).
+    pub decode_launches: u64,
 }
 
 /// The prompt's part of [`Session::generate_prefilled`].

@@ -205,6 +205,60 @@ proptest! {
     }
 }
 
+/// A causal mask over `past` cached positions and `tq` new ones (key `j` visible to
+/// query `t` when `j <= past + t`), the others `masked`: `[b, 1, tq, past + tq]`.
+fn causal_mask(dtype: DType, b: usize, tq: usize, past: usize, masked: f32) -> Tensor {
+    let len = past + tq;
+    let m: Vec<f32> = (0..b * tq * len)
+        .map(|i| {
+            let (t, j) = (i / len % tq, i % len);
+            if j <= past + t {
+                0.0
+            } else {
+                masked
+            }
+        })
+        .collect();
+    Tensor::from_f32(dtype, &[b, 1, tq, len], m).expect("sizes match")
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    /// A prefill chunk's causal mask (transformers' `torch.finfo(dtype).min`) lets
+    /// attention skip each row's future keys; the result must be the one with no
+    /// skipping, bit for bit: the same mask with its masked entries a quarter of the
+    /// way up, which no row skips and which makes their probabilities 0 all the same.
+    #[test]
+    fn skipping_the_future_keys_of_a_causal_mask_changes_no_bit(
+        seed in 0u64..10_000,
+        batch in 1usize..3,
+        kv_heads in 1usize..3,
+        group in prop_oneof![Just(1usize), Just(2), Just(4)],
+        hd in prop_oneof![1usize..20, 60usize..70],
+        tq in 2usize..20,
+        past in 0usize..12,
+        half in any::<bool>(),
+    ) {
+        let heads = kv_heads * group;
+        let dtype = if half { DType::Bf16 } else { DType::F32 };
+        let mut rng = SplitMix64::new(seed);
+        let len = past + tq;
+        let q = random(dtype, &[batch, heads, tq, hd], &mut rng);
+        let k = random(dtype, &[batch, kv_heads, len, hd], &mut rng);
+        let v = random(dtype, &[batch, kv_heads, len, hd], &mut rng);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let floor = if half { f32::from_bits(0xff7f_0000) } else { f32::MIN };
+        let skipped = causal_mask(dtype, batch, tq, past, floor);
+        let whole = causal_mask(dtype, batch, tq, past, floor / 4.0);
+        let got = attention(&q, &k, &v, scale, &skipped, None).expect("runs");
+        let want = attention(&q, &k, &v, scale, &whole, None).expect("runs");
+        prop_assert_eq!(bits(&got), bits(&want));
+        assert_close(&got, &reference(&q, &k, &v, scale, &skipped, (1.0, 1.0)), &v, 1.0,
+            if half { 3e-2 } else { 2e-5 });
+    }
+}
+
 /// The bits of `t`'s values, with every NaN as one pattern (compact storage keeps that
 /// a value is NaN, not its payload).
 fn bits(t: &Tensor) -> Vec<u32> {

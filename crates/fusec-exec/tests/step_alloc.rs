@@ -1,7 +1,8 @@
 //! Heap allocations of steady-state decode steps, counted by a global allocator: a
 //! steady-state step of the CPU executor allocates nothing, for the eager graph and
 //! for the fused graph in `f32`, in `bf16` and lowered to FP8, whether it is driven
-//! through [`Executor::run_into`] or through [`Session::step_into`].
+//! through [`Executor::run_into`] or through [`Session::step_into`], and for a ragged
+//! batch over a paged KV cache through [`PagedSession::step_into`].
 //!
 //! This file holds a single test on purpose: the counting allocator is global to the
 //! test binary, and a second test running on another thread would add its own
@@ -15,9 +16,13 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use common::fuse;
-use fusec_exec::{calibrate, Executor, RunOutput, Session, StepOutput, Tensor, Weights};
+use fusec_exec::{
+    calibrate, Executor, PagedConfig, PagedSession, PagedStep, RunOutput, Session, StepOutput,
+    Tensor, Weights,
+};
 use fusec_ir::{DType, Graph, InputKind, OutputKind};
 use fusec_model::arch::llama;
+use fusec_model::blocks::StepDims;
 use fusec_model::load_model;
 use fusec_rewrite::precision::{lower_fp8, Fp8Options};
 
@@ -175,6 +180,38 @@ fn session_steps(graph: &Graph, weights: &Weights) -> Vec<usize> {
     counts
 }
 
+/// The steps of a paged session not counted: as [`WARM_UP`], and the second sequence
+/// joins at step 4, so its buffers settle four steps later.
+const PAGED_WARM_UP: usize = 22;
+
+/// The allocations of each of [`STEPS`] steps of the tiny example's fused paged graph
+/// driven through [`PagedSession::step_into`]: a ragged batch of two sequences, the
+/// second joining at step 4, blocks of 4 positions taken from the pool as they grow.
+fn paged_steps() -> Vec<usize> {
+    let spec = load_model(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/tiny.toml"))
+        .expect("tiny example loads");
+    let paged = fuse(&llama::build_with(&spec.model, &StepDims::paged(4)).expect("builds"));
+    let weights = Weights::random(&paged, 0).expect("random weights");
+    let exec = Executor::new(paged, &weights).expect("plans");
+    let config = PagedConfig {
+        pool_blocks: 32,
+        max_len: STEPS + 1,
+    };
+    let mut session = PagedSession::new(exec, config).expect("paged session");
+    session.add(&[1, 2, 3, 4, 5]).expect("joins");
+    let mut out = PagedStep::default();
+    let mut counts = Vec::new();
+    for step in 0..STEPS {
+        if step == 4 {
+            session.add(&[7, 8]).expect("joins");
+        }
+        let (result, n) = count(|| session.step_into(&mut out));
+        counts.push(n);
+        result.expect("step runs");
+    }
+    counts
+}
+
 /// The tiny example's graphs with random weights: eager and fused in `f32`, fused in
 /// `bf16`, and fused in `bf16` lowered to FP8 (weights quantized from the `bf16` ones,
 /// KV-cache scales calibrated on a short prompt, as `fusec run` does).
@@ -231,6 +268,16 @@ fn a_steady_state_decode_step_allocates_nothing() {
                 ));
             }
         }
+    }
+    let paged = threads.install(paged_steps);
+    eprintln!(
+        "fused f32 paged (paged session): allocations per steady-state step: {:?}",
+        &paged[PAGED_WARM_UP..]
+    );
+    if paged[PAGED_WARM_UP..].iter().any(|&c| c != 0) {
+        failures.push(format!(
+            "fused f32 paged (paged session): expected 0 per steady-state step, counted {paged:?}"
+        ));
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

@@ -94,6 +94,36 @@ pub fn operand_read_bytes(
         Some(OperandRole::Cache { reads: false, .. }) => Ok(0),
         // A gather reads one row of the table per id: as many bytes as it writes.
         Some(OperandRole::EmbeddingTable) => graph.ty(id).bytes(b),
+        // A paged pool is read only through the block table: at most the blocks its
+        // `B x M` entries name (the real lengths are the host's; see
+        // `fusec_exec::paged`).
+        Some(OperandRole::Cache { reads: true, .. })
+            if matches!(
+                graph.op(id),
+                Op::Fused(FusedOp::PagedAttention | FusedOp::PagedDecodeAttention)
+            ) =>
+        {
+            let pool = graph.ty(operand);
+            let table = graph
+                .operands(id)
+                .into_iter()
+                .enumerate()
+                .find(|&(i, _)| graph.op(id).operand_role(i) == Some(OperandRole::Paging))
+                .map(|(_, t)| graph.ty(t));
+            let whole = read_bytes(graph, operand, b)?;
+            match (pool.tensor(), table.and_then(Type::tensor)) {
+                (Some(p), Some(t)) if p.rank() == 4 && t.rank() == 2 => {
+                    let blocks = p.shape.dim(0).eval(b)?.max(1);
+                    let entries = t
+                        .shape
+                        .dim(0)
+                        .eval(b)?
+                        .saturating_mul(t.shape.dim(1).eval(b)?);
+                    Ok(whole.min((whole / blocks).saturating_mul(entries)))
+                }
+                _ => Ok(whole),
+            }
+        }
         _ => read_bytes(graph, operand, b),
     }
 }
@@ -135,6 +165,16 @@ pub fn op_cost(
         {
             bytes_written =
                 bytes_written.saturating_sub(grown.bytes(b)?) + grown.appended_bytes(before, b)?;
+        }
+    }
+    // A paged pool keeps its shape; what the step writes into it is one entry per
+    // sequence, the new k and v (operands 1 and 2).
+    if matches!(
+        op,
+        Op::Fused(FusedOp::PagedAttention | FusedOp::PagedDecodeAttention)
+    ) {
+        for new in operands.iter().skip(1).take(2) {
+            bytes_written = bytes_written.saturating_add(new.bytes(b)?);
         }
     }
     let n_out = numel(out, b)?;
@@ -253,6 +293,33 @@ fn fused_flops(
             (4 * n_in0)
                 .saturating_mul(len)
                 .saturating_add(((5 + cap) * (n_in0 / hd)).saturating_mul(len))
+        }
+        FusedOp::PagedAttention | FusedOp::PagedDecodeAttention => {
+            // The paged decode kernel's operands after RoPE's tables line up with the
+            // plain one's from its caches on.
+            let at = |i: usize| match f {
+                FusedOp::PagedAttention => operands[i],
+                _ => operands[i + 2],
+            };
+            // As decode attention, over every position the block table can address
+            // (`M * BS`): an upper bound, since the real lengths are not in the types.
+            let positions = match (tensor(at(5)), tensor(at(3))) {
+                (Some(table), Some(pool)) if table.rank() == 2 && pool.rank() == 4 => table
+                    .shape
+                    .dim(1)
+                    .eval(b)?
+                    .saturating_mul(pool.shape.dim(2).eval(b)?),
+                _ => 0,
+            };
+            let hd = last_dim(operands[0], b)?.max(1);
+            let rope = match f {
+                FusedOp::PagedAttention => 0,
+                _ => 3 * (n_in0 + numel(operands[1], b)?),
+            };
+            (4 * n_in0)
+                .saturating_mul(positions)
+                .saturating_add((5 * (n_in0 / hd)).saturating_mul(positions))
+                .saturating_add(rope)
         }
     })
 }

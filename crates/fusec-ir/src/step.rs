@@ -34,6 +34,36 @@ pub const BATCH: &str = "B";
 /// The symbol for the number of cached positions before the step.
 pub const PAST: &str = "S";
 
+/// The paged step's symbol for the blocks of each layer's KV pool.
+pub const POOL_BLOCKS: &str = "P";
+/// The paged step's symbol for the width of the block table: the most blocks one
+/// sequence may hold.
+pub const MAX_BLOCKS: &str = "M";
+/// The paged step's block table, `[B,M]` i32: row `b` lists the pool blocks of
+/// sequence `b` in order (its positions `i*BS .. (i+1)*BS - 1` are in block
+/// `block_table[b, i]`). Layers with a sliding window of `W` positions read their own
+/// table, [`window_block_table`], since they keep fewer blocks.
+pub const BLOCK_TABLE: &str = "block_table";
+
+/// The block table of the layers with a sliding window of `window` positions, `[B,M]`:
+/// the blocks before the window are freed, so their entries are not read.
+pub fn window_block_table(window: u64) -> String {
+    format!("{BLOCK_TABLE}.window{window}")
+}
+
+/// What the block-table input `name` covers: `Some(None)` for [`BLOCK_TABLE`],
+/// `Some(Some(W))` for [`window_block_table`]`(W)`, `None` for any other name.
+pub fn table_window(name: &str) -> Option<Option<u64>> {
+    if name == BLOCK_TABLE {
+        return Some(None);
+    }
+    let w = name.strip_prefix(BLOCK_TABLE)?.strip_prefix(".window")?;
+    match w.bytes().all(|c| c.is_ascii_digit()) {
+        true => w.parse().ok().map(Some),
+        false => None,
+    }
+}
+
 /// The additive mask of the layers with a sliding window of `window` positions,
 /// `[B,1,1,min(S+1,W)]`: one entry per slot of their ring-buffer caches (which hold
 /// only positions inside the window, so a decode step masks none of them).
@@ -78,8 +108,16 @@ pub fn layer_bias(layer: u64, module: &str) -> String {
 }
 
 /// The bindings of a step of `batch` sequences with `past` positions cached before it.
+/// A paged step's sizes are bound too, to what the same context needs at most (blocks
+/// of one position: `M = S+1` per sequence, `P = B * M`), so that the cost model and
+/// extraction see finite sizes; a paged session binds the real ones.
 pub fn bindings(batch: u64, past: u64) -> Bindings {
-    Bindings::new().with(BATCH, batch).with(PAST, past)
+    let blocks = past.saturating_add(1);
+    Bindings::new()
+        .with(BATCH, batch)
+        .with(PAST, past)
+        .with(MAX_BLOCKS, blocks)
+        .with(POOL_BLOCKS, batch.saturating_mul(blocks))
 }
 
 /// The bindings of a step of `batch` sequences whose KV length is `context` after it

@@ -296,6 +296,11 @@ fn fuse_segment(
         message: e.to_string(),
     })?;
     let mut graph = verified("absorb-kv-append", graph)?;
+    passes::absorb_paged_rope(&mut graph).map_err(|e| FuseError {
+        phase: "absorb-paged-rope",
+        message: e.to_string(),
+    })?;
+    let mut graph = verified("absorb-paged-rope", graph)?;
     passes::merge_gemv(&mut graph).map_err(|e| FuseError {
         phase: "merge-gemv",
         message: e.to_string(),

@@ -5,6 +5,9 @@
 //!   appended in place becomes one `fused.decode_attention` that returns the output
 //!   and both updated caches. The KV write is a side effect of the kernel, so it is
 //!   done here, in a pass over the ordered graph, not by a rule in the e-graph.
+//! - `absorb-paged-rope`: paged attention whose query and key carry RoPE (with the
+//!   same tables) becomes one `fused.paged_decode_attention`, as `absorb-kv-append`
+//!   folds RoPE into dense decode attention.
 //! - `merge-gemv`: GEMVs with the same normalised input (`q`, `k`, `v`) become one
 //!   kernel with several weights and a tuple result; so do plain GEMVs with the same
 //!   input (`fused.multi_linear`).
@@ -120,6 +123,46 @@ pub fn absorb_kv_append(graph: &mut Graph) -> Result<usize, PassError> {
         node.provenance = provenance;
         node.layer = layer;
         replace_with_tuple(graph, new, &[att, k_all, v_all])?;
+        fused += 1;
+    }
+    graph.remove_dead();
+    Ok(fused)
+}
+
+/// `absorb-paged-rope`; returns how many paged attentions it fused.
+pub fn absorb_paged_rope(graph: &mut Graph) -> Result<usize, PassError> {
+    let attentions: Vec<NodeId> = graph
+        .node_ids()
+        .filter(|&n| is(graph, n, FusedOp::PagedAttention))
+        .collect();
+    let mut fused = 0;
+    for att in attentions {
+        let ops = graph.operands(att);
+        let (q, k) = (ops[0], ops[1]);
+        if !(is(graph, q, FusedOp::Rope) && is(graph, k, FusedOp::Rope)) {
+            continue;
+        }
+        let (q_ops, k_ops) = (graph.operands(q), graph.operands(k));
+        // The same tables rotate q and k, and nothing else reads the rotated values.
+        let only_here = |n: NodeId| graph.users(n).iter().all(|&u| u == att);
+        if q_ops[1..] != k_ops[1..] || !only_here(q) || !only_here(k) {
+            continue;
+        }
+        let mut operands = vec![q_ops[0], k_ops[0], ops[2], q_ops[1], q_ops[2]];
+        operands.extend_from_slice(&ops[3..]);
+        let new = graph
+            .add(Op::Fused(FusedOp::PagedDecodeAttention), &operands)
+            .map_err(|source| PassError::Fused {
+                pass: "absorb-paged-rope",
+                source,
+            })?;
+        let provenance = merged(graph, &[att, q, k], "absorb-paged-rope");
+        let layer = graph.node(att).layer;
+        let node = graph.node_mut(new);
+        node.provenance = provenance;
+        node.layer = layer;
+        // The same tuple: its `get`s now read the new node.
+        graph.replace_all_uses(att, new);
         fused += 1;
     }
     graph.remove_dead();

@@ -137,7 +137,9 @@ pub(crate) fn shape(
     let mut splits = 1;
     if len_cap >= opts.split_kv_min_len {
         let want = u64::from(opts.target_blocks).div_ceil(base_blocks.max(1));
-        splits = want.min(len_cap / opts.split_kv_min_chunk).max(1);
+        splits = want
+            .min(len_cap / opts.split_kv_min_chunk)
+            .clamp(1, MAX_SPLITS);
     }
     Ok(Shape {
         batch,
@@ -154,6 +156,10 @@ pub(crate) fn shape(
         threads,
     })
 }
+
+/// The most splits of one head: more than a GPU has SMs never helps a decode step, and
+/// the combine's shared memory (three floats per split and head) stays small.
+const MAX_SPLITS: u64 = 128;
 
 /// Positions each thread group has in flight in the main loop.
 const IN_FLIGHT: u32 = 2;
@@ -562,6 +568,47 @@ pub(crate) fn attention(
         let _ = writeln!(b, "  __syncthreads();");
         let _ = writeln!(b, "  if (!fu_last) return;");
         let _ = writeln!(b, "  __threadfence();");
+        // The splits' maxima and sums to shared memory, then each head's weights
+        // exp(m_s - M) once, so that the output loop makes one independent load per
+        // split (the reduction of flash-decoding, Dao et al. 2023).
+        let _ = writeln!(
+            b,
+            "  __shared__ float fu_cm[HB][SPLITS], fu_cl[HB][SPLITS], fu_cw[HB][SPLITS];"
+        );
+        let _ = writeln!(
+            b,
+            "  for (int i = threadIdx.x; i < HB * NS; i += blockDim.x) {{"
+        );
+        let _ = writeln!(
+            b,
+            "    const int j = i / NS, sp = i % NS, h = kvh * G + hb * HB + j;"
+        );
+        let _ = writeln!(
+            b,
+            "    const long long row = (long long)(bt * H + h) * SPLITS;"
+        );
+        let _ = writeln!(
+            b,
+            "    fu_cm[j][sp] = __ldcg(wm + row + sp); fu_cl[j][sp] = __ldcg(wl + row + sp);"
+        );
+        let _ = writeln!(b, "  }}");
+        let _ = writeln!(b, "  __syncthreads();");
+        let _ = writeln!(
+            b,
+            "  for (int i = threadIdx.x; i < HB * NS; i += blockDim.x) {{"
+        );
+        let _ = writeln!(b, "    const int j = i / NS, sp = i % NS;");
+        let _ = writeln!(b, "    float M = -FU_INF;");
+        let _ = writeln!(
+            b,
+            "    for (int s2 = 0; s2 < NS; ++s2) M = fmaxf(M, fu_cm[j][s2]);"
+        );
+        let _ = writeln!(
+            b,
+            "    fu_cw[j][sp] = fu_cm[j][sp] > -FU_INF ? expf(fu_cm[j][sp] - M) : 0.0f;"
+        );
+        let _ = writeln!(b, "  }}");
+        let _ = writeln!(b, "  __syncthreads();");
         let _ = writeln!(
             b,
             "  for (int i = threadIdx.x; i < HB * HD; i += blockDim.x) {{"
@@ -574,15 +621,14 @@ pub(crate) fn attention(
             b,
             "    const long long row = (long long)(bt * H + h) * SPLITS;"
         );
-        let _ = writeln!(b, "    float M = -FU_INF;");
+        let _ = writeln!(b, "    float lsum = 0.0f, o = 0.0f;");
+        let _ = writeln!(b, "#pragma unroll 8");
+        let _ = writeln!(b, "    for (int sp = 0; sp < NS; ++sp) {{");
+        let _ = writeln!(b, "      const float w = fu_cw[j][sp];");
         let _ = writeln!(
             b,
-            "    for (int sp = 0; sp < NS; ++sp) M = fmaxf(M, __ldcg(wm + row + sp));"
+            "      lsum += fu_cl[j][sp] * w; o += __ldcg(wo + (row + sp) * HD + d) * w;"
         );
-        let _ = writeln!(b, "    float lsum = 0.0f, o = 0.0f;");
-        let _ = writeln!(b, "    for (int sp = 0; sp < NS; ++sp) {{");
-        let _ = writeln!(b, "      const float ms = __ldcg(wm + row + sp);");
-        let _ = writeln!(b, "      if (ms > -FU_INF) {{ const float w = expf(ms - M); lsum += __ldcg(wl + row + sp) * w; o += __ldcg(wo + (row + sp) * HD + d) * w; }}");
         let _ = writeln!(b, "    }}");
         let _ = writeln!(
             b,

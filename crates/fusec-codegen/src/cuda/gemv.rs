@@ -128,6 +128,22 @@ pub(crate) fn gemv(
     };
     let staged_bytes = m_rows * k * a_ty.size_bytes();
     let staged = fits(a_ty);
+    // FP8 activations staged as f32 are read 16 per lane (64 bytes, four 16-byte
+    // shared loads) at a 64-byte stride between lanes: each quarter-warp's loads fall
+    // on the same banks four ways over. Staged in warp order instead (`xs_index`), the
+    // warp's k-th 16-byte loads are contiguous across lanes, conflict-free (CUDA C++
+    // Programming Guide, "Shared memory" of compute capability 5.x and later).
+    let permuted = act_fp8
+        && a_ty == DType::F32
+        && staged
+        && k.is_multiple_of(PERMUTED_SPAN)
+        && weights.iter().all(|w| vector_width(&[w], k) == Some(16));
+    let staging = Staging {
+        staged,
+        ty: a_ty,
+        permuted,
+    };
+    let xs_at = |idx: &str| xs_index(permuted, idx);
     let warps = opts.gemv_warps;
 
     let px = params.bind(x, Access::Read);
@@ -181,9 +197,26 @@ pub(crate) fn gemv(
         }
     };
 
+    // Rows: one index space over the weights (gate and up share rows).
+    let swiglu = matches!(g.epilogue, Epilogue::Gated(_));
+    if swiglu && (weights.len() != 2 || weights[0].rows != weights[1].rows) {
+        return Err("swiglu needs two weights of one shape".into());
+    }
+    let total: u64 = if swiglu {
+        weights[0].rows
+    } else {
+        weights.iter().map(|w| w.rows).sum()
+    };
+    let groups: Vec<Vec<usize>> = if swiglu {
+        vec![vec![0, 1]]
+    } else {
+        (0..weights.len()).map(|i| vec![i]).collect()
+    };
+    prefetch_first_row(&mut b, params, &weights, &groups, k, warps);
+
     // Prologue.
     if staged && (a_ty == t || a_ty == DType::F32) {
-        staged_prologue(&mut b, params, g, x, k, t, act, a_ty)?;
+        staged_prologue(&mut b, params, g, x, k, t, act, staging)?;
     } else {
         // The activations are not staged in a type that holds the raw row: the
         // statistics in passes over global memory (16 bytes per thread per load where
@@ -227,28 +260,13 @@ pub(crate) fn gemv(
             } else {
                 format!("fu_from<{}>({e})", ctype(a_ty))
             };
-            pass(&mut b, &format!("xs[m * K + k] = {raw};"));
+            pass(&mut b, &format!("xs[{}] = {raw};", xs_at("k")));
         }
         let _ = writeln!(b, "  }}");
     }
     let _ = writeln!(b, "  __syncthreads();");
 
-    // Rows: one index space over the weights (gate and up share rows).
-    let swiglu = matches!(g.epilogue, Epilogue::Gated(_));
-    if swiglu && (weights.len() != 2 || weights[0].rows != weights[1].rows) {
-        return Err("swiglu needs two weights of one shape".into());
-    }
-    let total: u64 = if swiglu {
-        weights[0].rows
-    } else {
-        weights.iter().map(|w| w.rows).sum()
-    };
     let _ = writeln!(b, "  for (int row = blockIdx.x * {warps} + warp; row < {total}; row += gridDim.x * {warps}) {{");
-    let groups: Vec<Vec<usize>> = if swiglu {
-        vec![vec![0, 1]]
-    } else {
-        (0..weights.len()).map(|i| vec![i]).collect()
-    };
     let mut base = 0u64;
     for (gi, group) in groups.iter().enumerate() {
         let rows = weights[group[0]].rows;
@@ -265,7 +283,7 @@ pub(crate) fn gemv(
         let _ = writeln!(b, "{opener}{cond}{{");
         let _ = writeln!(b, "      const int n = row - {base};");
         let ws: Vec<&Weight<'_>> = group.iter().map(|&i| &weights[i]).collect();
-        row_body(&mut b, params, &ws, k, staged, a_ty, &xq)?;
+        row_body(&mut b, params, &ws, k, staging, &xq)?;
         epilogue(&mut b, params, g, &ws, gi, t, act_fp8)?;
         let _ = writeln!(b, "    }}");
         base += rows;
@@ -396,8 +414,12 @@ fn staged_prologue(
     k: u64,
     t: DType,
     act: DType,
-    a_ty: DType,
+    staging: Staging,
 ) -> Result<(), String> {
+    let Staging {
+        ty: a_ty, permuted, ..
+    } = staging;
+    let xs_at = |idx: &str| xs_index(permuted, idx);
     let tc = ctype(t);
     let sc = ctype(a_ty);
     let act_fp8 = act.is_fp8();
@@ -430,7 +452,16 @@ fn staged_prologue(
                 "      for (int e = 0; e < {ve}; ++e) {{ const float v = xv[e]; {stat}; }}"
             );
         }
-        let _ = writeln!(b, "      fu_store_shared<{sc}, {ve}>(xs + m * K + k, xv);");
+        if !permuted {
+            let _ = writeln!(b, "      fu_store_shared<{sc}, {ve}>(xs + m * K + k, xv);");
+        } else {
+            let _ = writeln!(b, "#pragma unroll");
+            let _ = writeln!(
+                b,
+                "      for (int e = 0; e < {ve}; ++e) xs[{}] = fu_from<{sc}>(xv[e]);",
+                xs_at("k + e")
+            );
+        }
         let _ = writeln!(b, "    }}");
     } else {
         let _ = writeln!(b, "#pragma unroll 4");
@@ -445,7 +476,7 @@ fn staged_prologue(
         if !stat.is_empty() {
             let _ = writeln!(b, "      {stat};");
         }
-        let _ = writeln!(b, "      xs[m * K + k] = fu_from<{sc}>(v);");
+        let _ = writeln!(b, "      xs[{}] = fu_from<{sc}>(v);", xs_at("k"));
         let _ = writeln!(b, "    }}");
     }
     if let Some(n) = g.norm {
@@ -471,7 +502,12 @@ fn staged_prologue(
             && w.offset.is_multiple_of(ve)
             && k.is_multiple_of(ve);
         if wvec {
-            let e = norm_expr(n.offset, "fu_f32(xs[m * K + k + e])", "wv[e]", tc);
+            let e = norm_expr(
+                n.offset,
+                &format!("fu_f32(xs[{}])", xs_at("k + e")),
+                "wv[e]",
+                tc,
+            );
             let _ = writeln!(b, "#pragma unroll 4");
             let _ = writeln!(
                 b,
@@ -487,7 +523,8 @@ fn staged_prologue(
             let _ = writeln!(b, "#pragma unroll");
             let _ = writeln!(
                 b,
-                "      for (int e = 0; e < {ve}; ++e) {{ const float y = {e}; xs[m * K + k + e] = fu_from<{sc}>(y);{track} }}"
+                "      for (int e = 0; e < {ve}; ++e) {{ const float y = {e}; xs[{}] = fu_from<{sc}>(y);{track} }}",
+                xs_at("k + e")
             );
             let _ = writeln!(b, "    }}");
         } else {
@@ -495,11 +532,12 @@ fn staged_prologue(
                 "fu_f32({pw}[{}LL + (long long)k * {}LL])",
                 w.offset, w.strides[0]
             );
-            let e = norm_expr(n.offset, "fu_f32(xs[m * K + k])", &we, tc);
+            let e = norm_expr(n.offset, &format!("fu_f32(xs[{}])", xs_at("k")), &we, tc);
             let _ = writeln!(b, "#pragma unroll 4");
             let _ = writeln!(
                 b,
-                "    for (int k = threadIdx.x; k < K; k += blockDim.x) {{ const float y = {e}; xs[m * K + k] = fu_from<{sc}>(y);{track} }}"
+                "    for (int k = threadIdx.x; k < K; k += blockDim.x) {{ const float y = {e}; xs[{}] = fu_from<{sc}>(y);{track} }}",
+                xs_at("k")
             );
         }
     }
@@ -516,8 +554,9 @@ fn staged_prologue(
         let _ = writeln!(b, "#pragma unroll 4");
         let _ = writeln!(
             b,
-            "    for (int k = threadIdx.x; k < K; k += blockDim.x) xs[m * K + k] = fu_round<{}>(xs[m * K + k] / fu_as[m]);",
-            ctype(act)
+            "    for (int k = threadIdx.x; k < K; k += blockDim.x) xs[{i}] = fu_round<{}>(xs[{i}] / fu_as[m]);",
+            ctype(act),
+            i = xs_at("k")
         );
     }
     let _ = writeln!(b, "  }}");
@@ -629,20 +668,18 @@ fn row_body(
     params: &mut Params,
     ws: &[&Weight<'_>],
     k: u64,
-    staged: bool,
-    a_ty: DType,
+    staging: Staging,
     xq: &dyn Fn(&mut Params, &str) -> String,
 ) -> Result<(), String> {
+    let Staging {
+        staged,
+        ty: a_ty,
+        permuted,
+    } = staging;
     let ac = ctype(a_ty);
-    // 16-byte loads when every weight row starts 16-byte aligned and is unit-stride.
     let wdt = ws[0].values.dtype;
     let v = 16 / wdt.size_bytes();
-    let vector = ws.iter().all(|w| {
-        w.values.dtype == wdt
-            && w.values.strides[1] == 1
-            && w.values.offset.is_multiple_of(v)
-            && w.values.strides[0].is_multiple_of(v)
-    }) && k.is_multiple_of(v);
+    let vector = vector_width(ws, k).is_some();
     let mut ptrs = Vec::new();
     for (i, w) in ws.iter().enumerate() {
         let p = params.bind(w.values, Access::Read);
@@ -667,7 +704,17 @@ fn row_body(
         let _ = writeln!(b, "#pragma unroll");
         let _ = writeln!(b, "        for (int m = 0; m < M; ++m) {{");
         let _ = writeln!(b, "          float xv[{v}];");
-        if staged {
+        if permuted {
+            // Chunk c of this lane's 16 values sits at c * 128 + lane * 4 of the
+            // iteration's 512 (see `xs_index`).
+            let _ = writeln!(
+                b,
+                "          const float* xp = xs + m * K + (k & ~{m}) + lane * 4;",
+                m = PERMUTED_SPAN - 1
+            );
+            let _ = writeln!(b, "#pragma unroll");
+            let _ = writeln!(b, "          for (int c = 0; c < 4; ++c) {{ float x4[4]; fu_load_shared<float, 4>(xp + c * 128, x4); for (int e = 0; e < 4; ++e) xv[c * 4 + e] = x4[e]; }}");
+        } else if staged {
             let _ = writeln!(
                 b,
                 "          fu_load_shared<{ac}, {v}>(xs + m * K + k, xv);"
@@ -717,6 +764,93 @@ fn row_body(
         );
     }
     Ok(())
+}
+
+/// Each warp asks L2 for every line of its first row (of each weight of the row's
+/// group) before the prologue, so that the first weight bytes are on their way while
+/// the block stages and normalises the activations (no weight byte moved during the
+/// prologue before; llama.cpp's `mmv.cu` overlaps the two by reading the activations
+/// inside its dot-product loop, programmatic dependent launch by starting early).
+fn prefetch_first_row(
+    b: &mut String,
+    params: &mut Params,
+    weights: &[Weight<'_>],
+    groups: &[Vec<usize>],
+    k: u64,
+    warps: u32,
+) {
+    let _ = writeln!(b, "  {{");
+    let _ = writeln!(b, "    const int n0 = blockIdx.x * {warps} + warp;");
+    let mut base = 0u64;
+    for group in groups {
+        let rows = weights[group[0]].rows;
+        let _ = writeln!(b, "    if (n0 >= {base} && n0 < {}) {{", base + rows);
+        for &i in group {
+            let w = &weights[i];
+            let p = params.bind(w.values, Access::Read);
+            // Elements per 128-byte line.
+            let line = (128 / w.values.dtype.size_bytes()).max(1);
+            let _ = writeln!(
+                b,
+                "      const {}* pw{i} = {p} + {}LL + (long long)(n0 - {base}) * {}LL;",
+                ctype(w.values.dtype),
+                w.values.offset,
+                w.values.strides[0]
+            );
+            let _ = writeln!(
+                b,
+                "      for (long long k = lane * {line}LL; k < {k}LL; k += 32 * {line}LL) fu_prefetch_l2(pw{i} + k * {}LL);",
+                w.values.strides[1]
+            );
+        }
+        let _ = writeln!(b, "    }}");
+        base += rows;
+    }
+    let _ = writeln!(b, "  }}");
+}
+
+/// How a GEMV holds its activations for the rows to read.
+#[derive(Copy, Clone)]
+struct Staging {
+    /// In shared memory (else every row reads them from global memory).
+    staged: bool,
+    /// The staged element type.
+    ty: DType,
+    /// In warp order (see [`xs_index`]).
+    permuted: bool,
+}
+
+/// The elements of one iteration of a warp over a row of FP8 weights (32 lanes of 16).
+const PERMUTED_SPAN: u64 = 512;
+
+/// The index in the staged activations of element `k` of row `m`. Permuted (FP8 as
+/// f32), element `k` of each span of 512 (a warp's iteration: lane `k / 16`, chunk
+/// `k % 16 / 4` of its four 16-byte loads) is stored at `chunk * 128 + lane * 4 +
+/// k % 4`, so that the warp's c-th loads read 512 contiguous bytes.
+fn xs_index(permuted: bool, k: &str) -> String {
+    if permuted {
+        let span = PERMUTED_SPAN;
+        format!(
+            "m * K + ((({k}) & ~{}) | ((({k}) & 15) >> 2 << 7) | (((({k}) >> 4) & 31) << 2) | (({k}) & 3))",
+            span - 1
+        )
+    } else {
+        format!("m * K + {k}")
+    }
+}
+
+/// The elements of the 16-byte loads of the weights `ws` when every row starts
+/// 16-byte aligned and is unit-stride, else `None`.
+fn vector_width(ws: &[&Weight<'_>], k: u64) -> Option<u64> {
+    let wdt = ws[0].values.dtype;
+    let v = 16 / wdt.size_bytes();
+    let vector = ws.iter().all(|w| {
+        w.values.dtype == wdt
+            && w.values.strides[1] == 1
+            && w.values.offset.is_multiple_of(v)
+            && w.values.strides[0].is_multiple_of(v)
+    }) && k.is_multiple_of(v);
+    vector.then_some(v)
 }
 
 /// Lane 0 scales the sums and stores the results of row `n`.

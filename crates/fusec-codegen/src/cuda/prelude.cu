@@ -43,6 +43,13 @@ __device__ __forceinline__ float fu_gelu_tanh(float x) {
 }
 __device__ __forceinline__ float fu_rsqrt(float x) { return 1.0f / sqrtf(x); }
 
+// Asks L2 for the 128-byte line holding `p` (PTX ISA, `prefetch`) and goes on: a GEMV
+// issues its first row's lines before its prologue so that weight bytes stream while
+// the prologue stages the activations. The CPU emulation has its own (a no-op).
+#ifndef FUSEC_EMULATED
+__device__ __forceinline__ void fu_prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+#endif
+
 // The larger of two values, NaN winning, as torch.amax.
 __device__ __forceinline__ float fu_max_nan(float a, float b) { return (a > b || a != a) ? a : b; }
 

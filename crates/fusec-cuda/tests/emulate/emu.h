@@ -206,6 +206,9 @@ void launch(dim3 grid, unsigned bdim, unsigned shared, F body) {
 inline void __syncthreads() { emu::wait(emu::block_bar); }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+// The prelude's L2 prefetch is PTX; here there is no cache to warm.
+#define FUSEC_EMULATED 1
+inline void fu_prefetch_l2(const void*) {}
 template <class T> inline T __ldg(const T* p) { return *p; }
 // A load that bypasses L1, used for what other blocks wrote: an acquire load here.
 template <class T> inline T __ldcg(const T* p) {

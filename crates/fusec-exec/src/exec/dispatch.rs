@@ -479,6 +479,90 @@ pub(super) fn dispatch(
                     traffic: Some((new.read_bytes() + copied, written)),
                 })
             }
+            FusedOp::PagedAttention | FusedOp::PagedDecodeAttention => {
+                // The decode variant has RoPE's tables after v; the operands from the
+                // pools on are the same, two places later.
+                let (rope, o) = match f {
+                    FusedOp::PagedAttention => (false, 0),
+                    _ => (true, 2),
+                };
+                let window = match ops.len() - o {
+                    8 => None,
+                    _ => {
+                        let w = scalar(8 + o)?;
+                        // A window is a whole number of positions, at least one.
+                        if !(w >= 1.0 && w.fract() == 0.0 && w < 16_777_216.0) {
+                            return Err(node_error(
+                                node,
+                                KernelError::Invalid(format!("window {w} is not a length")),
+                            ));
+                        }
+                        Some(w as usize)
+                    }
+                };
+                let (q, k, v) = (t(0)?, t(1)?, t(2)?);
+                let (table, positions) = (t(5 + o)?, t(6 + o)?);
+                let scale = scalar(7 + o)?;
+                let rotated = match rope {
+                    true => {
+                        let (cos, sin) = (t(3)?, t(4)?);
+                        let q_rot = fused::rope(&q, &cos, &sin).map_err(kernel)?;
+                        match fused::rope(&k, &cos, &sin) {
+                            Ok(k_rot) => Some((q_rot, k_rot)),
+                            Err(e) => {
+                                crate::recycle::recycle(q_rot);
+                                return Err(kernel(e));
+                            }
+                        }
+                    }
+                    false => None,
+                };
+                let (q_in, k_in) = match &rotated {
+                    Some((q_rot, k_rot)) => (q_rot, k_rot),
+                    None => (&*q, &*k),
+                };
+                let mut pool_k = ops.take_tensor(node, 3 + o)?;
+                let mut pool_v = ops.take_tensor(node, 4 + o)?;
+                let result = attention::paged_attention(
+                    q_in,
+                    attention::Pages {
+                        k: k_in,
+                        v: &v,
+                        pool_k: &mut pool_k,
+                        pool_v: &mut pool_v,
+                        table: &table,
+                        positions: &positions,
+                    },
+                    scale,
+                    window,
+                );
+                // The rotated q and k are this kernel's own scratch: back to the pool.
+                if let Some((q_rot, k_rot)) = rotated {
+                    crate::recycle::recycle(q_rot);
+                    crate::recycle::recycle(k_rot);
+                }
+                // The executor keeps a handle on the inputs to the end of the step (the
+                // pools' buffers, now holding the new entries, are shared until then).
+                ops.give_back(3 + o, pool_k.clone());
+                ops.give_back(4 + o, pool_v.clone());
+                let (out, copied, pools_read) = result.map_err(kernel)?;
+                // The live blocks are read, the new entries written, plus any copy.
+                let mut read = pools_read + copied;
+                for x in [&q, &k, &v, &table, &positions] {
+                    read += x.read_bytes();
+                }
+                if rope {
+                    read += t(3)?.read_bytes() + t(4)?.read_bytes();
+                }
+                let written = out.bytes() + k.bytes() + v.bytes() + copied;
+                let mut list = crate::recycle::tensors(3);
+                list.extend([out, pool_k, pool_v]);
+                Ok(Outcome {
+                    value: Value::Tuple(list),
+                    launched: true,
+                    traffic: Some((read, written)),
+                })
+            }
             FusedOp::DecodeAttention | FusedOp::DecodeAttentionCapped => {
                 // The soft-capped variant has its cap after the mask, before any FP8
                 // cache scales.

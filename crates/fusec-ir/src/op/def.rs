@@ -359,10 +359,25 @@ pub enum FusedOp {
     /// [`FusedOp::DecodeAttention`] with Gemma 2's soft-cap `tanh(s / c) * c` on the
     /// scaled scores before the mask (FP8 cache scales, when lowered, follow `c`).
     DecodeAttentionCapped,
+    /// `(q [B,H,1,hd], k [B,KV,1,hd], v [B,KV,1,hd], k_pool [P,KV,BS,hd], v_pool
+    /// [P,KV,BS,hd], block_table [B,M], positions [B,1], scale[, window]) -> (out,
+    /// k_pool, v_pool)`: decode attention over a paged KV cache (Kwon et al. 2023,
+    /// "Efficient Memory Management for Large Language Model Serving with
+    /// PagedAttention", section 4.1). Sequence `b` is at position `p = positions[b]`:
+    /// its rotated `k` and its `v` are written in place into slot `p mod BS` of block
+    /// `block_table[b, p / BS]` of each pool, and its queries attend to its positions
+    /// `0 ..= p` (with a sliding `window` `W`, to `p - W < j <= p`), read block by
+    /// block through its row of the table. No mask: the table and the position say
+    /// which entries a sequence sees, so sequences of one batch may have any lengths.
+    PagedAttention,
+    /// `(q, k, v, cos, sin, k_pool, v_pool, block_table, positions, scale[, window]) ->
+    /// (out, k_pool, v_pool)`: RoPE on q and k, then [`FusedOp::PagedAttention`], in
+    /// one kernel (the paged step's counterpart of [`FusedOp::DecodeAttention`]).
+    PagedDecodeAttention,
 }
 
 impl FusedOp {
-    pub const ALL: [FusedOp; 19] = [
+    pub const ALL: [FusedOp; 21] = [
         FusedOp::KvAppend,
         FusedOp::Rope,
         FusedOp::RmsNorm,
@@ -382,6 +397,8 @@ impl FusedOp {
         FusedOp::Attention,
         FusedOp::DecodeAttention,
         FusedOp::DecodeAttentionCapped,
+        FusedOp::PagedAttention,
+        FusedOp::PagedDecodeAttention,
     ];
 }
 

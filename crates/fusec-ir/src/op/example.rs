@@ -473,6 +473,54 @@ pub fn graph(kind: OpKind) -> Result<Graph, TypeError> {
             e.g.add_output("past.0.value", OutputKind::State, v_all);
             e.out(out)
         }
+        OpKind::PagedDecodeAttention => {
+            let q = e.x("q", &[2, 4, 1, 8])?;
+            let k = e.x("k", &[2, 2, 1, 8])?;
+            let v = e.x("v", &[2, 2, 1, 8])?;
+            let cos = e.x("cos", &[2, 1, 1, 8])?;
+            let sin = e.x("sin", &[2, 1, 1, 8])?;
+            let pool = fixed(&[3, 2, 4, 8]);
+            let pool_k = e.state("past.0.key", pool.clone())?;
+            let pool_v = e.state("past.0.value", pool)?;
+            let table = e.input(step::BLOCK_TABLE, DType::I32, fixed(&[2, 2]))?;
+            let positions = e.input(step::POSITION_IDS, DType::I32, fixed(&[2, 1]))?;
+            let scale = e.scalar(0.125f64.sqrt())?;
+            let window = e.scalar(6.0)?;
+            let t = e.op(
+                Op::Fused(FusedOp::PagedDecodeAttention),
+                &[
+                    q, k, v, cos, sin, pool_k, pool_v, table, positions, scale, window,
+                ],
+            )?;
+            let k_all = e.op(Op::Get { index: 1 }, &[t])?;
+            let v_all = e.op(Op::Get { index: 2 }, &[t])?;
+            let out = e.op(Op::Get { index: 0 }, &[t])?;
+            e.g.add_output("past.0.key", OutputKind::State, k_all);
+            e.g.add_output("past.0.value", OutputKind::State, v_all);
+            e.out(out)
+        }
+        OpKind::PagedAttention => {
+            // Two sequences, a pool of 3 blocks of 4 positions, tables of 2 blocks.
+            let q = e.x("q", &[2, 4, 1, 8])?;
+            let k = e.x("k", &[2, 2, 1, 8])?;
+            let v = e.x("v", &[2, 2, 1, 8])?;
+            let pool = fixed(&[3, 2, 4, 8]);
+            let pool_k = e.state("past.0.key", pool.clone())?;
+            let pool_v = e.state("past.0.value", pool)?;
+            let table = e.input(step::BLOCK_TABLE, DType::I32, fixed(&[2, 2]))?;
+            let positions = e.input(step::POSITION_IDS, DType::I32, fixed(&[2, 1]))?;
+            let scale = e.scalar(0.125f64.sqrt())?;
+            let t = e.op(
+                Op::Fused(FusedOp::PagedAttention),
+                &[q, k, v, pool_k, pool_v, table, positions, scale],
+            )?;
+            let k_all = e.op(Op::Get { index: 1 }, &[t])?;
+            let v_all = e.op(Op::Get { index: 2 }, &[t])?;
+            let out = e.op(Op::Get { index: 0 }, &[t])?;
+            e.g.add_output("past.0.key", OutputKind::State, k_all);
+            e.g.add_output("past.0.value", OutputKind::State, v_all);
+            e.out(out)
+        }
     })
 }
 

@@ -1,6 +1,7 @@
 //! Type rules of the fused ops ([`FusedOp`]).
 
 use super::def::{FusedOp, Op};
+use crate::dtype::DType;
 use crate::shape::{Dim, Shape};
 use crate::types::{TensorType, Type};
 
@@ -318,6 +319,63 @@ pub(crate) fn infer(op: FusedOp, t: &[&TensorType]) -> R<Type> {
             infer(FusedOp::Attention, &[q, &k_all, &v_all, scale, mask])?;
             let stored = |t: TensorType| TensorType::new(cache, t.shape);
             Ok(Type::Tuple(vec![q.clone(), stored(k_all), stored(v_all)]))
+        }
+        FusedOp::PagedDecodeAttention => {
+            let (q, k, cos, sin) = (t[0], t[1], t[3], t[4]);
+            infer(FusedOp::Rope, &[q, cos, sin])?;
+            infer(FusedOp::Rope, &[k, cos, sin])?;
+            let mut rest = vec![q, k, t[2]];
+            rest.extend_from_slice(&t[5..]);
+            infer(FusedOp::PagedAttention, &rest)
+        }
+        FusedOp::PagedAttention => {
+            let (q, k, v, pk, pv, table, positions, scale) =
+                (t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7]);
+            match t.get(8..) {
+                Some([]) => {}
+                Some([w]) => scalar(w, "window")?,
+                _ => return Err(format!("expected 8 or 9 operands, got {}", t.len())),
+            }
+            scalar(scale, "scale")?;
+            // One new position per sequence, k and v alike.
+            gqa(q, k)?;
+            if k != v {
+                return Err(format!("k {k} and v {v} differ"));
+            }
+            let (_, tq, _) = heads(q, "q")?;
+            let (kv, tk, hd) = heads(k, "k")?;
+            if tq != Dim::Fixed(1) || tk != Dim::Fixed(1) {
+                return Err(format!(
+                    "paged attention decodes one position per sequence, got q {} and k {}",
+                    q.shape, k.shape
+                ));
+            }
+            same_dtype(q, k)?;
+            // The pools: `[blocks, KV, block_size, head_dim]`, in the compute dtype.
+            let (pkv, bs, phd) = heads(pk, "key pool")?;
+            if pk != pv {
+                return Err(format!("key pool {pk} and value pool {pv} differ"));
+            }
+            if pkv != kv || phd != hd || pk.dtype != q.dtype || bs.as_fixed().is_none() {
+                return Err(format!(
+                    "pool {pk} must be [blocks, {kv}, fixed block size, {hd}] in {}",
+                    q.dtype
+                ));
+            }
+            let batch = q.shape.dim(0);
+            for (what, ty, width) in [
+                ("block table", table, None),
+                ("positions", positions, Some(Dim::Fixed(1))),
+            ] {
+                let ok = ty.dtype == DType::I32
+                    && ty.rank() == 2
+                    && ty.shape.dim(0) == batch
+                    && width.as_ref().is_none_or(|w| ty.shape.dim(1) == w);
+                if !ok {
+                    return Err(format!("{what} must be [{batch}, ..] i32, got {ty}"));
+                }
+            }
+            Ok(Type::Tuple(vec![q.clone(), pk.clone(), pv.clone()]))
         }
     }
 }

@@ -225,6 +225,8 @@ pub fn op_from_parts(
         OpKind::Attention => Op::Fused(FusedOp::Attention),
         OpKind::DecodeAttention => Op::Fused(FusedOp::DecodeAttention),
         OpKind::DecodeAttentionCapped => Op::Fused(FusedOp::DecodeAttentionCapped),
+        OpKind::PagedAttention => Op::Fused(FusedOp::PagedAttention),
+        OpKind::PagedDecodeAttention => Op::Fused(FusedOp::PagedDecodeAttention),
     };
     if let Some(key) = a.map.keys().next() {
         return Err(OpPartsError::UnknownAttr {

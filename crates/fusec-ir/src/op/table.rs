@@ -47,6 +47,9 @@ pub enum OperandRole {
     QuantScale,
     /// A tuple, read element by element.
     Tuple,
+    /// A paged KV cache's addressing: the block table `[B,M]` or the sequences'
+    /// positions `[B,1]` (i32), which say where each sequence's entries are.
+    Paging,
 }
 
 impl OperandRole {
@@ -168,7 +171,8 @@ use Execution::{Folded, Kernel, Leaf, View};
 use KernelClass::{Attention, Copies, Elementwise, Gemv};
 use OperandRole::{
     Activation as Act, Cache, CacheScale, EmbeddingTable, GemvWeight as W, Ids, Mask,
-    NormWeight as NormW, QuantScale, QuantValues, RopeTable as Rope, Scalar as Sc, Tuple as Tup,
+    NormWeight as NormW, Paging, QuantScale, QuantValues, RopeTable as Rope, Scalar as Sc,
+    Tuple as Tup,
 };
 
 op_table! {
@@ -259,6 +263,19 @@ op_table! {
             Cache { result: 1, reads: true }, Cache { result: 2, reads: true }, Sc, Mask, Sc,
         ],
         Some(CacheScale), Kernel(Attention), [];
+    PagedAttention = "fused.paged_attention", AtLeast(8),
+        [
+            Act, Act, Act, Cache { result: 1, reads: true }, Cache { result: 2, reads: true },
+            Paging, Paging, Sc,
+        ],
+        Some(Sc), Kernel(Attention), [];
+    PagedDecodeAttention = "fused.paged_decode_attention", AtLeast(10),
+        [
+            Act, Act, Act, Rope, Rope,
+            Cache { result: 1, reads: true }, Cache { result: 2, reads: true },
+            Paging, Paging, Sc,
+        ],
+        Some(Sc), Kernel(Attention), [];
 }
 
 impl Op {
@@ -407,6 +424,8 @@ impl FusedOp {
             FusedOp::Attention => OpKind::Attention,
             FusedOp::DecodeAttention => OpKind::DecodeAttention,
             FusedOp::DecodeAttentionCapped => OpKind::DecodeAttentionCapped,
+            FusedOp::PagedAttention => OpKind::PagedAttention,
+            FusedOp::PagedDecodeAttention => OpKind::PagedDecodeAttention,
         }
     }
 

@@ -32,15 +32,19 @@ pub trait Architecture: fmt::Debug + Send + Sync {
     /// mask, RoPE per position, the caches appended by `T` entries).
     ///
     /// The built-in families build both from the same blocks. An architecture that
-    /// only implements [`Architecture::build`] has no prefill step: this refuses any
-    /// `T` other than 1.
+    /// only implements [`Architecture::build`] has no prefill step and no paged step
+    /// ([`StepDims::paged`]): this refuses any `T` other than 1, and paging.
     fn build_step(&self, model: &ModelConfig, dims: &StepDims) -> Result<Graph, BuildError> {
+        let name = self.model_types().first().copied().unwrap_or("?");
         if *dims == StepDims::default() {
             self.build(model)
+        } else if let Some(block_size) = dims.paged {
+            Err(BuildError::Unsupported(format!(
+                "architecture `{name}` builds no paged step (blocks of {block_size})"
+            )))
         } else {
             Err(BuildError::Unsupported(format!(
-                "architecture `{}` builds no prefill step ({} tokens)",
-                self.model_types().first().copied().unwrap_or("?"),
+                "architecture `{name}` builds no prefill step ({} tokens)",
                 dims.query
             )))
         }

@@ -34,9 +34,8 @@ use serde_json::Value;
 
 use super::architecture::Architecture;
 use crate::blocks::{
-    eager_attention_with, greedy_outputs, kv_cache_append, layer_mask, soft_cap, split_heads,
-    Attention, Embedding, GatedMlp, Heads, LmHead, RmsNorm, RopeTables, Scores, StepDims,
-    StepInputs,
+    attend, greedy_outputs, soft_cap, split_heads, Attention, Embedding, GatedMlp, Heads, LmHead,
+    RmsNorm, RopeTables, Scores, StepDims, StepInputs,
 };
 use crate::build::{BuildError, Builder};
 use crate::frontend::{
@@ -478,9 +477,7 @@ fn attention(
         k = norm(b, cfg, layer, "self_attn.k_norm", hd)?.forward_offset_weight(b, k)?;
     }
     let (q, k) = rope.apply(b, q, k)?;
-    let (k_all, v_all) = kv_cache_append(b, layer, k, qkv[2], scores.window, dims)?;
-    let mask = layer_mask(b, mask, scores.window, dims)?;
-    let o = eager_attention_with(b, q, k_all, v_all, mask, &att.heads, dims, scores)?;
+    let o = attend(b, layer, (q, k, qkv[2]), mask, &att.heads, dims, scores)?;
     let o_proj = att.projection(b, "o_proj", WeightRole::AttnOut, d, h * hd, false)?;
     o_proj.forward(b, o)
 }

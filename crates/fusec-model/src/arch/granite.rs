@@ -19,8 +19,8 @@ use fusec_ir::{step, BinaryOp, Graph, NodeId, WeightRole};
 use super::architecture::Architecture;
 use super::llama;
 use crate::blocks::{
-    eager_attention_scaled, greedy_outputs, kv_cache_append, layer_mask, split_heads, Attention,
-    Embedding, GatedMlp, Heads, LmHead, RmsNorm, RopeTables, StepDims, StepInputs,
+    attend, greedy_outputs, split_heads, Attention, Embedding, GatedMlp, Heads, LmHead, RmsNorm,
+    RopeTables, Scores, StepDims, StepInputs,
 };
 use crate::build::{BuildError, Builder};
 use crate::frontend::{ConfigError, HfConfig, ModelConfig, Multipliers};
@@ -198,9 +198,12 @@ fn attention(
         qkv.push(split_heads(b, y, count, hd, dims)?);
     }
     let (q, k) = rope.apply(b, qkv[0], qkv[1])?;
-    let (k_all, v_all) = kv_cache_append(b, layer, k, qkv[2], att.window, dims)?;
-    let mask = layer_mask(b, mask, att.window, dims)?;
-    let o = eager_attention_scaled(b, q, k_all, v_all, mask, &att.heads, dims, scale)?;
+    let scores = Scores {
+        scale,
+        softcap: None,
+        window: att.window,
+    };
+    let o = attend(b, layer, (q, k, qkv[2]), mask, &att.heads, dims, &scores)?;
     let o_proj = att.projection(b, "o_proj", WeightRole::AttnOut, d, h * hd, false)?;
     o_proj.forward(b, o)
 }

@@ -18,8 +18,8 @@ use fusec_ir::{step, BinaryOp, Graph, NodeId, WeightRole};
 use super::architecture::Architecture;
 use super::llama;
 use crate::blocks::{
-    decoder_step, eager_attention, kv_cache_append, layer_mask, split_heads, Attention, FinalNorm,
-    GatedMlp, Heads, RmsNorm, RopeTables, StepDims,
+    attend, decoder_step, split_heads, Attention, FinalNorm, GatedMlp, Heads, RmsNorm, RopeTables,
+    Scores, StepDims,
 };
 use crate::build::{BuildError, Builder};
 use crate::frontend::{ConfigError, HfConfig, ModelConfig};
@@ -139,9 +139,12 @@ fn attention(
         qkv.push(split_heads(b, y, count, hd, dims)?);
     }
     let (q, k) = rope.apply(b, qkv[0], qkv[1])?;
-    let (k_all, v_all) = kv_cache_append(b, layer, k, qkv[2], att.window, dims)?;
-    let mask = layer_mask(b, mask, att.window, dims)?;
-    let o = eager_attention(b, q, k_all, v_all, mask, &att.heads, dims)?;
+    let scores = Scores {
+        scale: (att.heads.head_dim as f64).powf(-0.5),
+        softcap: None,
+        window: att.window,
+    };
+    let o = attend(b, layer, (q, k, qkv[2]), mask, &att.heads, dims, &scores)?;
     let o_proj = att.projection(b, "o_proj", WeightRole::AttnOut, d, h * hd, false)?;
     o_proj.forward(b, o)
 }

@@ -11,8 +11,7 @@ use fusec_ir::{step, BinaryOp, Graph, NodeId, WeightRole};
 
 use super::architecture::Architecture;
 use crate::blocks::{
-    decoder_step, eager_attention, kv_cache_append, layer_mask, Attention, FinalNorm, GatedMlp,
-    RmsNorm, RopeTables, StepDims,
+    attend, decoder_step, Attention, FinalNorm, GatedMlp, RmsNorm, RopeTables, Scores, StepDims,
 };
 use crate::build::{BuildError, Builder};
 use crate::frontend::{decoder_config, ConfigError, HfConfig, LayerType, ModelConfig};
@@ -161,9 +160,12 @@ impl QwenAttention {
         }
         let (q, k, v) = (qkv[0], qkv[1], qkv[2]);
         let (q, k) = rope.apply(b, q, k)?;
-        let (k_all, v_all) = kv_cache_append(b, a.layer, k, v, a.window, dims)?;
-        let mask = layer_mask(b, mask, a.window, dims)?;
-        let o = eager_attention(b, q, k_all, v_all, mask, &a.heads, dims)?;
+        let scores = Scores {
+            scale: (a.heads.head_dim as f64).powf(-0.5),
+            softcap: None,
+            window: a.window,
+        };
+        let o = attend(b, a.layer, (q, k, v), mask, &a.heads, dims, &scores)?;
         let o_proj = a.projection(b, "o_proj", WeightRole::AttnOut, d, h * hd, a.o_bias)?;
         o_proj.forward(b, o)
     }

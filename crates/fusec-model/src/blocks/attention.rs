@@ -133,12 +133,106 @@ impl Attention {
         }
         let (q, k, v) = (qkv[0], qkv[1], qkv[2]);
         let (q, k) = rope.apply(b, q, k)?;
-        let (k_all, v_all) = kv_cache_append(b, self.layer, k, v, self.window, dims)?;
-        let mask = layer_mask(b, mask, self.window, dims)?;
-        let o = eager_attention(b, q, k_all, v_all, mask, &self.heads, dims)?;
+        let scores = Scores {
+            scale: (hd as f64).powf(-0.5),
+            softcap: None,
+            window: self.window,
+        };
+        let o = attend(b, self.layer, (q, k, v), mask, &self.heads, dims, &scores)?;
         let o_proj = self.projection(b, "o_proj", WeightRole::AttnOut, d, h * hd, self.o_bias)?;
         o_proj.forward(b, o)
     }
+}
+
+/// A layer's attention after RoPE: the cache append, the layer's mask and
+/// [`eager_attention_with`] for dense caches, or [`paged_attention`] when `dims` is a
+/// paged step (where `mask` is not read).
+pub fn attend(
+    b: &mut Builder,
+    layer: u64,
+    (q, k, v): (NodeId, NodeId, NodeId),
+    mask: NodeId,
+    heads: &Heads,
+    dims: &StepDims,
+    scores: &Scores,
+) -> Result<NodeId, BuildError> {
+    if dims.paged.is_some() {
+        return paged_attention(b, layer, (q, k, v), heads, dims, scores);
+    }
+    let (k_all, v_all) = kv_cache_append(b, layer, k, v, scores.window, dims)?;
+    let mask = layer_mask(b, mask, scores.window, dims)?;
+    eager_attention_with(b, q, k_all, v_all, mask, heads, dims, scores)
+}
+
+/// Decode attention over a paged KV cache (see [`StepDims::paged`]): the rotated `q`
+/// `[B,H,1,hd]`, `k` and `v` `[B,KV,1,hd]` into one `fused.paged_attention`, which
+/// writes the new entries into layer `layer`'s pools (state `past.L.key` and
+/// `past.L.value`, `[P,KV,BS,hd]`, returned as the state outputs of the same names)
+/// and attends over the sequence's blocks, to `[B,1,H*hd]`.
+///
+/// No eager composition of primitives can write through a block table, so the eager
+/// graph already holds the fused op, as it holds `kv.append` for a sliding window's
+/// ring; the rules fuse everything around it as in the dense step. The scores are
+/// those of [`eager_attention_with`] (scale, then softmax in f32); a soft-cap is not
+/// supported.
+pub fn paged_attention(
+    b: &mut Builder,
+    layer: u64,
+    (q, k, v): (NodeId, NodeId, NodeId),
+    heads: &Heads,
+    dims: &StepDims,
+    scores: &Scores,
+) -> Result<NodeId, BuildError> {
+    let Some(block_size) = dims.paged else {
+        return Err(BuildError::Unsupported("not a paged step".into()));
+    };
+    if scores.softcap.is_some() {
+        return Err(BuildError::Unsupported(
+            "a paged KV cache with soft-capped attention scores".into(),
+        ));
+    }
+    let dtype = b.ty(k).dtype;
+    let pool = TensorType::new(
+        dtype,
+        Shape(vec![
+            Dim::sym(step::POOL_BLOCKS),
+            Dim::Fixed(heads.num_kv_heads),
+            Dim::Fixed(block_size),
+            Dim::Fixed(heads.head_dim),
+        ]),
+    );
+    let pool_k = b.input(&step::past_key(layer), InputKind::State, pool.clone())?;
+    let pool_v = b.input(&step::past_value(layer), InputKind::State, pool)?;
+    let table_name = match scores.window {
+        Some(w) => step::window_block_table(w),
+        None => step::BLOCK_TABLE.to_string(),
+    };
+    let table = b.shared_input(
+        &table_name,
+        TensorType::new(DType::I32, super::step::paged_table_shape(dims)),
+    )?;
+    let ids = TensorType::new(DType::I32, Shape(vec![dims.batch.clone(), Dim::Fixed(1)]));
+    let positions = b.shared_input(step::POSITION_IDS, ids)?;
+    let scale = b.scalar(scores.scale)?;
+    let mut operands = vec![q, k, v, pool_k, pool_v, table, positions, scale];
+    if let Some(w) = scores.window {
+        operands.push(b.scalar(w as f64)?);
+    }
+    let t = b.op(Op::Fused(FusedOp::PagedAttention), &operands)?;
+    for (index, name) in [(1, step::past_key(layer)), (2, step::past_value(layer))] {
+        let pool = b.op(Op::Get { index }, &[t])?;
+        b.output(&name, OutputKind::State, pool);
+    }
+    let o = b.op(Op::Get { index: 0 }, &[t])?;
+    let o = b.transpose(o, 1, 2)?;
+    b.reshape(
+        o,
+        Shape(vec![
+            dims.batch.clone(),
+            dims.query_len(),
+            Dim::Fixed(heads.num_heads * heads.head_dim),
+        ]),
+    )
 }
 
 /// `x.view(B, T, heads, head_dim).transpose(1, 2)`: `[B,T,heads*hd]` to
@@ -186,6 +280,12 @@ pub fn kv_cache_append(
     window: Option<u64>,
     dims: &StepDims,
 ) -> Result<(NodeId, NodeId), BuildError> {
+    if dims.paged.is_some() {
+        // A family that appends to dense caches itself has no paged attention yet.
+        return Err(BuildError::Unsupported(
+            "a paged KV cache for this family's attention (see blocks::attend)".into(),
+        ));
+    }
     let mut all = [k, v];
     for (slot, name) in all
         .iter_mut()

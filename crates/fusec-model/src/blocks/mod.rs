@@ -26,8 +26,8 @@ pub mod rope;
 pub mod step;
 
 pub use attention::{
-    eager_attention, eager_attention_scaled, eager_attention_with, kv_cache_append, layer_mask,
-    repeat_kv, soft_cap, split_heads, Attention, Heads, Scores,
+    attend, eager_attention, eager_attention_scaled, eager_attention_with, kv_cache_append,
+    layer_mask, paged_attention, repeat_kv, soft_cap, split_heads, Attention, Heads, Scores,
 };
 pub use decoder::{decoder_step, FinalNorm};
 pub use embedding::Embedding;
@@ -36,4 +36,4 @@ pub use linear::Linear;
 pub use mlp::GatedMlp;
 pub use norm::RmsNorm;
 pub use rope::{rotate_half_apply, RopeTables};
-pub use step::{greedy_outputs, Logits, StepDims, StepInputs};
+pub use step::{greedy_outputs, paged_table_shape, Logits, StepDims, StepInputs};

@@ -21,6 +21,9 @@ pub struct StepDims {
     pub query: u64,
     /// Which positions get logits.
     pub logits: Logits,
+    /// A paged KV cache of blocks of this many positions, in place of the dense
+    /// caches (see [`StepDims::paged`]); `None`: dense caches.
+    pub paged: Option<u64>,
 }
 
 /// The positions of a step whose logits the graph computes.
@@ -42,6 +45,7 @@ impl Default for StepDims {
             past: Dim::sym(step::PAST),
             query: 1,
             logits: Logits::Last,
+            paged: None,
         }
     }
 }
@@ -52,6 +56,21 @@ impl StepDims {
         Self {
             query: tokens,
             logits,
+            ..Self::default()
+        }
+    }
+
+    /// A ragged decode step over a paged KV cache (Kwon et al. 2023, "Efficient Memory
+    /// Management for Large Language Model Serving with PagedAttention"): each layer's
+    /// keys and values live in a pool of blocks of `block_size` positions, state
+    /// `[P,KV,block_size,hd]`, addressed through the step's block table `[B,M]`, and
+    /// each sequence decodes its token at its own position (`position_ids` `[B,1]`),
+    /// so sequences of one batch may have any lengths. There is no attention mask and
+    /// no `S`: a sequence at position `p` sees its positions `0 ..= p` (the window's
+    /// last `W` for a sliding-window layer, through that window's block table).
+    pub fn paged(block_size: u64) -> Self {
+        Self {
+            paged: Some(block_size),
             ..Self::default()
         }
     }
@@ -96,12 +115,33 @@ pub struct StepInputs {
 }
 
 impl StepInputs {
-    /// Declares the inputs; the mask is in `dtype`, the model's activation dtype.
+    /// Declares the inputs; the mask is in `dtype`, the model's activation dtype. A
+    /// paged step ([`StepDims::paged`]) has no mask: its `attention_mask` is the
+    /// block table [`step::BLOCK_TABLE`] `[B,M]` i32, which says what each sequence
+    /// sees in its place (layers with a sliding window declare their own table).
     pub fn new(b: &mut Builder, dims: &StepDims, dtype: DType) -> Result<Self, BuildError> {
         let (bd, one, t) = (dims.batch.clone(), Dim::Fixed(1), dims.query_len());
         let ids_ty = TensorType::new(DType::I32, Shape(vec![bd.clone(), t.clone()]));
+        if dims.paged.is_some() && dims.query != 1 {
+            return Err(BuildError::Unsupported(format!(
+                "a paged step decodes one token per sequence, not {}",
+                dims.query
+            )));
+        }
         let input_ids = b.input(step::INPUT_IDS, InputKind::Data, ids_ty.clone())?;
         let position_ids = b.input(step::POSITION_IDS, InputKind::Data, ids_ty)?;
+        if dims.paged.is_some() {
+            let attention_mask = b.input(
+                step::BLOCK_TABLE,
+                InputKind::Data,
+                TensorType::new(DType::I32, paged_table_shape(dims)),
+            )?;
+            return Ok(Self {
+                input_ids,
+                position_ids,
+                attention_mask,
+            });
+        }
         let attention_mask = b.input(
             step::ATTENTION_MASK,
             InputKind::Data,
@@ -113,6 +153,11 @@ impl StepInputs {
             attention_mask,
         })
     }
+}
+
+/// The shape of a paged step's block tables, `[B,M]`.
+pub fn paged_table_shape(dims: &StepDims) -> Shape {
+    Shape(vec![dims.batch.clone(), Dim::sym(step::MAX_BLOCKS)])
 }
 
 /// Returns `logits` `[B,1,V]` (`[B,T,V]` for [`Logits::All`]) and the greedy `next_token` (their argmax).

@@ -8,7 +8,9 @@
 //!   `plan.rs`: the three passes over one chunk of query rows;
 //! - `inner.rs`: the inner loops each path provides; `portable.rs` and `avx2.rs`
 //!   (x86-64, detected at run time): the two paths;
-//! - `decode.rs`: [`decode_attention`], RoPE, append and attention in one kernel.
+//! - `decode.rs`: [`decode_attention`], RoPE, append and attention in one kernel;
+//! - `paged.rs`: [`paged_attention`], the append and attention over a paged KV cache
+//!   (blocks of a pool read through a block table).
 //!
 //! **The in-place append.** A KV cache is a prefix view of a buffer with spare
 //! capacity along its sequence axis (`Tensor::with_capacity`). Appending writes only
@@ -37,6 +39,11 @@
 //!    and the normalized probabilities, all in place in the scratch buffer;
 //! 3. per row, the weighted sum of the value rows, read in place, into the output
 //!    row, which the AVX2 path keeps in registers across all keys.
+//!
+//! A row skips the keys after its last visible one (its mask at or below the dtype's
+//! `finfo.min` from there on: a causal mask's future positions) in all three passes,
+//! which halves a prefill chunk's work over its own keys and changes no bit (see
+//! `Plan::visible_end`).
 //!
 //! This replaces an online softmax, which kept a running maximum and paid an extra
 //! `exp` and a rescale of the whole accumulator every time the maximum grew, and
@@ -100,6 +107,7 @@ mod avx2;
 mod decode;
 mod full;
 mod inner;
+mod paged;
 mod plan;
 mod portable;
 mod storage;
@@ -107,4 +115,20 @@ mod storage;
 pub use self::append::{append, kv_append, Ring};
 pub use self::decode::{decode_attention, decode_attention_capped, Caches};
 pub use self::full::{attention, attention_capped};
+pub use self::paged::{paged_attention, Pages};
 pub use self::plan::ROW_TILE;
+
+use fusec_ir::DType;
+
+/// The most negative finite value of `dtype`, the masked entries of an additive
+/// mask (transformers fills them with `torch.finfo(dtype).min`). Attention skips the
+/// keys a row's mask holds at or below it after the row's last visible key (see
+/// `plan.rs`).
+pub(crate) fn masked(dtype: DType) -> f32 {
+    match dtype {
+        DType::F16 => -65504.0,
+        // 0xff7f: the largest finite bf16 magnitude, negative.
+        DType::Bf16 => f32::from_bits(0xff7f_0000),
+        _ => f32::MIN,
+    }
+}

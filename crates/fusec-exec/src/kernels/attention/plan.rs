@@ -91,20 +91,33 @@ impl<T: Kv> Plan<'_, T> {
                 let (h, t) = at(r);
                 qrow.copy_from_slice(self.q.row(inner, (b, h, t), ktmp, false));
             }
+            let mut ends = [len; ROW_TILE];
+            for (r, end) in ends.iter_mut().take(n).enumerate() {
+                let (h, t) = at(r);
+                *end = self.visible_end(b, h, t);
+            }
+            let tile_end = ends[..n].iter().copied().max().unwrap_or(len);
             // Pass 1: every score of the tile, one key row read per key (a compact
-            // row is decoded once, into `ktmp`, for all the rows of the tile).
-            for j in 0..len {
+            // row is decoded once, into `ktmp`, for all the rows of the tile), up to
+            // the last key a row sees (the others' probabilities are set to 0 below).
+            for j in 0..tile_end {
                 let krow = self.k.row(inner, (b, kvh, j), ktmp, k_nan);
                 for (r, qrow) in queries.chunks_exact(hd).take(n).enumerate() {
-                    scores[r * len + j] = inner.dot(qrow, krow);
+                    if j < ends[r] {
+                        scores[r * len + j] = inner.dot(qrow, krow);
+                    }
                 }
             }
-            // Pass 2: each row's softmax, in place.
+            // Pass 2: each row's softmax, in place, over its visible keys: a masked
+            // key's `exp(mask - max)` is 0 and adds nothing to the sum.
             for r in 0..n {
                 let (h, t) = at(r);
                 let ms = self.mask_strides;
                 let mask_base = self.mask_offset + b * ms[0] + h * ms[1] + t * ms[2];
-                self.softmax(&mut scores[r * len..(r + 1) * len], mask_base);
+                let row = &mut scores[r * len..(r + 1) * len];
+                let (visible, hidden) = row.split_at_mut(ends[r]);
+                self.softmax(visible, mask_base);
+                hidden.fill(0.0);
             }
             // Pass 3: the weighted sum of the value rows.
             let outs = &mut out[start * hd..(start + n) * hd];
@@ -114,8 +127,8 @@ impl<T: Kv> Plan<'_, T> {
                 // output value still sums its keys in key order, so the blocks change
                 // no bit.
                 let (base, stride) = (self.v.base(b, kvh, 0), self.v.strides[2]);
-                for first in (0..len).step_by(VALUE_BLOCK) {
-                    let keys = VALUE_BLOCK.min(len - first);
+                for first in (0..tile_end).step_by(VALUE_BLOCK) {
+                    let keys = VALUE_BLOCK.min(tile_end - first);
                     for (i, dst) in vblock.chunks_exact_mut(hd).take(keys).enumerate() {
                         let at = base + (first + i) * stride;
                         T::values(inner, &self.v.data[at..at + hd], dst, v_nan);
@@ -131,12 +144,12 @@ impl<T: Kv> Plan<'_, T> {
                 // L1 or L2 by then).
                 let base = self.v.base(b, kvh, 0);
                 for (r, o) in outs.chunks_exact_mut(hd).enumerate() {
-                    let probs = &scores[r * len..(r + 1) * len];
+                    let probs = &scores[r * len..r * len + ends[r]];
                     let stride = self.v.strides[2];
                     T::accumulate(inner, o, probs, self.v.data, base, stride, v_nan);
                 }
             } else {
-                for j in 0..len {
+                for j in 0..tile_end {
                     let vrow = self.v.row(inner, (b, kvh, j), vtmp, true);
                     for (r, o) in outs.chunks_exact_mut(hd).enumerate() {
                         Portable.accumulate(o, &scores[r * len + j..][..1], vrow, 0, 0);
@@ -145,6 +158,31 @@ impl<T: Kv> Plan<'_, T> {
             }
         }
         pool::give(scratch);
+    }
+
+    /// One past the last key that query row `(b, h, t)` can see: the keys after it
+    /// are masked (the mask at or below [`super::masked`] of the dtype, a causal
+    /// mask's future positions), and a row with no visible key sees them all. Their
+    /// eager probability is `exp(s * scale + mask - max)` with a mask of -65504 or
+    /// less and a maximum from a visible key: exactly 0, whatever the score, so the
+    /// passes skip their dot products and value rows (the causal skipping of
+    /// FlashAttention-2, Dao 2023) and every bit of the result stays. Only a non-finite
+    /// score differs: eager turns a NaN or infinite product with a masked key into a
+    /// NaN row, the skip does not look at it.
+    #[inline(always)]
+    fn visible_end(&self, b: usize, h: usize, t: usize) -> usize {
+        let ms = self.mask_strides;
+        let base = self.mask_offset + b * ms[0] + h * ms[1] + t * ms[2];
+        let floor = super::masked(self.dtype);
+        let mut end = self.len;
+        while end > 0 && self.mask[base + (end - 1) * ms[3]] <= floor {
+            end -= 1;
+        }
+        if end == 0 {
+            self.len
+        } else {
+            end
+        }
     }
 
     /// Turns one row's raw dot products into probabilities, in place: the scores
