@@ -1,6 +1,7 @@
 //! `fusec serve` as a process: it prints where it listens, serves the fused graph with
-//! the outputs `fusec run --prompt` gives (the tiny example, and SmolLM2 when present),
-//! and refuses bad settings with exit 2.
+//! the outputs `fusec run --prompt` gives (the tiny example through the paged engine
+//! and through one session per sequence, and SmolLM2 when present), and refuses bad
+//! settings with exit 2.
 
 mod common;
 
@@ -17,6 +18,8 @@ use serde_json::{json, Value};
 struct Served {
     child: Child,
     addr: String,
+    /// The line it printed first (the address, the engine, the KV blocks).
+    banner: String,
 }
 
 impl Drop for Served {
@@ -46,7 +49,11 @@ fn serve(model: &Path, extra: &[&str]) -> Served {
         .and_then(|rest| rest.split_whitespace().next())
         .unwrap_or_else(|| panic!("no address in {line:?}"))
         .to_string();
-    Served { child, addr }
+    Served {
+        child,
+        addr,
+        banner: line,
+    }
 }
 
 fn post(addr: &str, path: &str, body: &Value) -> (u16, Value) {
@@ -118,6 +125,22 @@ fn serves_what_fusec_run_generates() {
         "serve-tiny",
     );
     assert_eq!(choice_ids(&v), want);
+    assert!(server.banner.contains("paged engine"), "{}", server.banner);
+    // The same from one session per sequence.
+    let sessions = serve(&model, &["--engine", "sessions"]);
+    assert!(
+        sessions.banner.contains("sessions engine"),
+        "{}",
+        sessions.banner
+    );
+    let (status, v) = post(
+        &sessions.addr,
+        "/v1/completions",
+        &json!({"model": "tiny-chat", "prompt": prompt, "max_tokens": 12, "ignore_eos": true}),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(choice_ids(&v), want);
+    drop(sessions);
     // Chat: the template's rendering, stopped at the end of sequence as `run --chat`.
     let (status, v) = post(
         &server.addr,

@@ -12,12 +12,17 @@ use std::time::Duration;
 
 use anyhow::anyhow;
 use fusec::exec::Executor;
+use fusec::exec::{PagedConfig, PagedSession};
+use fusec::model::blocks::StepDims;
 use fusec::pipeline;
 use fusec::text::{Error as TextError, Tokenizer};
 use fusec::weights::{Error as WeightError, Weights};
-use fusec_model::frontend::Precision;
+use fusec_ir::Graph;
+use fusec_model::frontend::{ModelSpec, Precision};
+use fusec_rewrite::precision::Fp8Options;
 use fusec_serve::{
-    Paced, SchedulerConfig, Server, ServerConfig, SessionEngine, SessionEngineConfig,
+    Engine, Paced, PagedEngine, SchedulerConfig, Server, ServerConfig, SessionEngine,
+    SessionEngineConfig,
 };
 
 use crate::cmd::exec_failure;
@@ -68,6 +73,12 @@ pub struct Args {
     /// The most positions one sequence may hold [default: the model's max_seq_len].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=16_777_216))]
     pub max_context: Option<u64>,
+    /// The engine: `paged` runs the running sequences as one batch per step over a
+    /// paged KV cache (the weights read once for all of them); `sessions` gives each
+    /// sequence its own batch-1 session; `auto` takes `paged` where the family has a
+    /// paged step (not Gemma 2's soft-capped attention) and says so otherwise.
+    #[arg(long, value_enum, default_value_t = EngineKind::Auto)]
+    pub engine: EngineKind,
     /// Seed of the random weights used when there are no weights.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -83,6 +94,13 @@ pub struct Args {
     /// what happens while requests run (scripts/serve-test.sh).
     #[arg(long, hide = true, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=60_000))]
     pub step_delay_ms: u64,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EngineKind {
+    Auto,
+    Paged,
+    Sessions,
 }
 
 /// The default KV capacity, in positions, when --kv-blocks is not given.
@@ -157,22 +175,43 @@ pub fn run(args: Args) -> Result<(), Failure> {
 
     let rules = pipeline::rules(&args.fusion.rules)?;
     let fp8 = args.precision.fp8(None, None, precision)?;
-    let graph = if args.fusion.no_fuse {
-        if matches!(
-            precision,
-            Precision::Fp8 | Precision::Int8 | Precision::Int4
-        ) {
-            return Err(Failure::Input(anyhow!(
-                "--no-fuse cannot serve {}: the weight lowering applies to the fused graph",
-                precision.name()
-            )));
-        }
-        pipeline::eager(&pipeline::in_precision(&spec, precision))?
-    } else {
-        let (graph, report) = pipeline::fused_in(&spec, precision, &rules, &fp8)?;
-        crate::cmd::options::warn_fusion(&report);
-        graph
+    let lowered = matches!(
+        precision,
+        Precision::Fp8 | Precision::Int8 | Precision::Int4
+    );
+    if args.fusion.no_fuse && lowered {
+        return Err(Failure::Input(anyhow!(
+            "--no-fuse cannot serve {}: the weight lowering applies to the fused graph",
+            precision.name()
+        )));
+    }
+    let paged = match args.engine {
+        EngineKind::Sessions => None,
+        kind => match paged_graph(&spec, precision, block_size, &args, &rules, &fp8) {
+            Ok(graph) => Some(graph),
+            Err(e) if kind == EngineKind::Auto => {
+                crate::complain(&format!(
+                    "note: {}: no paged step ({e}); each sequence gets its own session\n",
+                    spec.model.name
+                ));
+                None
+            }
+            Err(e) => return Err(Failure::Input(anyhow!("--engine paged: {e}"))),
+        },
     };
+    let graph = match paged {
+        Some(graph) => graph,
+        None if args.fusion.no_fuse => pipeline::eager(&pipeline::in_precision(&spec, precision))?,
+        None => {
+            let (graph, report) = pipeline::fused_in(&spec, precision, &rules, &fp8)?;
+            crate::cmd::options::warn_fusion(&report);
+            graph
+        }
+    };
+    let is_paged = graph
+        .inputs()
+        .into_iter()
+        .any(|(_, name, _)| name.starts_with("block_table"));
     let weights = match args.weights.as_ref().or(spec.weights.as_ref()) {
         Some(path) => Weights::load(path, &graph),
         None => Weights::random(&graph, args.seed),
@@ -186,15 +225,26 @@ pub fn run(args: Args) -> Result<(), Failure> {
     let exec = Executor::new(graph, &weights).map_err(exec_failure)?;
     // The executor holds what it reads: the loaded values are not needed again.
     drop(weights);
-    let engine = SessionEngine::new(
-        exec,
-        SessionEngineConfig {
-            block_size: block_size as usize,
-            total_blocks: kv_blocks as usize,
-            max_context: max_context as usize,
-        },
-    )
-    .map_err(|e| Failure::Internal(e.into()))?;
+    let engine: Box<dyn Engine + Send> = if is_paged {
+        let config = PagedConfig {
+            pool_blocks: kv_blocks as usize,
+            max_len: max_context as usize,
+        };
+        let session = PagedSession::new(exec, config).map_err(|e| Failure::Input(e.into()))?;
+        Box::new(PagedEngine::new(session))
+    } else {
+        Box::new(
+            SessionEngine::new(
+                exec,
+                SessionEngineConfig {
+                    block_size: block_size as usize,
+                    total_blocks: kv_blocks as usize,
+                    max_context: max_context as usize,
+                },
+            )
+            .map_err(|e| Failure::Internal(e.into()))?,
+        )
+    };
     let name = args.name.clone().unwrap_or_else(|| spec.model.name.clone());
     let config = ServerConfig {
         model: name.clone(),
@@ -214,10 +264,11 @@ pub fn run(args: Args) -> Result<(), Failure> {
     }
     .map_err(|e| Failure::Input(e.into()))?;
     crate::say(&format!(
-        "fusec serve: {name} on http://{} ({} in {}; {kv_blocks} KV blocks of {block_size} positions, up to {} sequences, context {max_context})\n",
+        "fusec serve: {name} on http://{} ({} in {}; {} engine, {kv_blocks} KV blocks of {block_size} positions, up to {} sequences, context {max_context})\n",
         server.local_addr(),
         spec.model.name,
         precision.name(),
+        if is_paged { "paged" } else { "sessions" },
         args.max_running,
     ));
     server
@@ -225,4 +276,24 @@ pub fn run(args: Args) -> Result<(), Failure> {
         .map_err(|e| Failure::Internal(anyhow!("waiting for a signal: {e}")))?;
     crate::complain("fusec serve: stopping\n");
     Ok(())
+}
+
+/// The paged step of the spec (`StepDims::paged`), fused and lowered like the decode
+/// graph unless --no-fuse.
+fn paged_graph(
+    spec: &ModelSpec,
+    precision: Precision,
+    block_size: u64,
+    args: &Args,
+    rules: &fusec_rewrite::RuleSet,
+    fp8: &Fp8Options,
+) -> Result<Graph, fusec::pipeline::PipelineError> {
+    let spec = pipeline::in_precision(spec, precision);
+    let eager = pipeline::eager_prefill(&spec, &StepDims::paged(block_size))?;
+    if args.fusion.no_fuse {
+        return Ok(eager);
+    }
+    let (fused, report) = pipeline::fuse(&spec, &eager, rules)?;
+    crate::cmd::options::warn_fusion(&report);
+    pipeline::lower(fused, precision, fp8)
 }

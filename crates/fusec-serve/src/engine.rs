@@ -305,3 +305,39 @@ impl<E: Engine> Engine for Paced<E> {
         self.engine.remove(seq)
     }
 }
+
+/// A boxed engine is an engine: a server whose engine is chosen at run time
+/// (`fusec serve --engine`).
+impl<E: Engine + ?Sized> Engine for Box<E> {
+    fn max_context(&self) -> usize {
+        (**self).max_context()
+    }
+
+    fn vocab_size(&self) -> usize {
+        (**self).vocab_size()
+    }
+
+    fn block_size(&self) -> usize {
+        (**self).block_size()
+    }
+
+    fn total_blocks(&self) -> usize {
+        (**self).total_blocks()
+    }
+
+    fn blocks_in_use(&self) -> usize {
+        (**self).blocks_in_use()
+    }
+
+    fn add(&mut self, tokens: &[u32], reserve: usize) -> Result<SeqId, EngineError> {
+        (**self).add(tokens, reserve)
+    }
+
+    fn step(&mut self, work: &[Work]) -> Result<Vec<(SeqId, u32)>, EngineError> {
+        (**self).step(work)
+    }
+
+    fn remove(&mut self, seq: SeqId) -> bool {
+        (**self).remove(seq)
+    }
+}

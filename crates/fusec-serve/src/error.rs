@@ -28,6 +28,8 @@ pub enum EngineError {
     NonFinite { seq: u64, index: usize, value: f32 },
     #[error(transparent)]
     Exec(#[from] fusec_exec::Error),
+    #[error(transparent)]
+    Paged(#[from] fusec_exec::PagedError),
 }
 
 /// A request the scheduler refuses when it is submitted.

@@ -4,6 +4,8 @@
 //! - [`engine`]: the [`Engine`] trait (add a sequence, step the running ones, remove
 //!   one, KV capacity in blocks) and [`SessionEngine`], one batch-1 CPU session per
 //!   sequence over one shared copy of the weights;
+//! - [`paged`]: [`PagedEngine`], the sequences' caches in blocks of one pool per layer
+//!   and every step one batched run over the listed sequences;
 //! - [`scheduler`]: the [`Scheduler`]: requests join between steps and leave when they
 //!   finish, a token budget per step shared by prompt chunks and decodes, preemption
 //!   by evict-and-recompute when KV blocks run out;
@@ -16,6 +18,7 @@ pub mod engine;
 mod error;
 pub mod http;
 pub mod openai;
+pub mod paged;
 pub mod scheduler;
 pub mod server;
 pub mod text;
@@ -23,6 +26,7 @@ pub mod worker;
 
 pub use engine::{Engine, Paced, SeqId, SessionEngine, SessionEngineConfig, Work};
 pub use error::{ConfigError, EngineError, ServeError, SubmitError};
+pub use paged::PagedEngine;
 pub use scheduler::{
     Event, Finish, Request, RequestId, Scheduler, SchedulerConfig, SchedulerStats,
 };

@@ -10,9 +10,11 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use fusec_exec::{Executor, Session};
+use fusec_exec::{Executor, PagedConfig, PagedSession, Session};
+use fusec_model::blocks::StepDims;
 use fusec_serve::{
-    Engine, Paced, SchedulerConfig, Server, ServerConfig, SessionEngine, SessionEngineConfig,
+    Engine, Paced, PagedEngine, SchedulerConfig, Server, ServerConfig, SessionEngine,
+    SessionEngineConfig,
 };
 use fusec_text::Tokenizer;
 use fusec_weights::Weights;
@@ -43,6 +45,25 @@ fn engine(total_blocks: usize) -> SessionEngine {
         },
     )
     .expect("engine")
+}
+
+/// The tiny model's paged step (eager, blocks of 16 positions) over a pool of
+/// `pool_blocks` blocks.
+fn paged_engine(pool_blocks: usize) -> PagedEngine {
+    let spec = fusec_model::load_model(&example()).expect("the example loads");
+    let graph = fusec_model::Registry::builtin()
+        .architecture(&spec.architecture)
+        .expect("a known family")
+        .build_step(&spec.model, &StepDims::paged(16))
+        .expect("the paged step builds");
+    let weights =
+        Weights::load(spec.weights.as_ref().expect("weights"), &graph).expect("weights load");
+    let exec = Executor::new(graph, &weights).expect("executor");
+    let config = PagedConfig {
+        pool_blocks,
+        max_len: 128,
+    };
+    PagedEngine::new(PagedSession::new(exec, config).expect("paged session"))
 }
 
 fn tokenizer() -> Tokenizer {
@@ -697,5 +718,30 @@ fn sixty_four_requests_at_concurrency_16_equal_their_outputs_served_alone() {
             .collect();
         let n = body["max_tokens"].as_u64().expect("max_tokens") as usize;
         assert_eq!(concurrent[i].0, direct(&prompt, n), "request {i}");
+    }
+}
+
+#[test]
+fn sixty_four_requests_batched_in_the_paged_engine_equal_their_outputs_served_alone() {
+    // The same run through the paged engine: every step one batched run of the
+    // running sequences over one pool of 40 blocks, with preemptions; each output
+    // equals the session engine's alone.
+    let config = SchedulerConfig {
+        max_running: 16,
+        token_budget: 48,
+        prefill_chunk: 8,
+    };
+    let server = start(paged_engine(40), config);
+    let concurrent = serve_all(server.local_addr(), 16);
+    let m = server.metrics();
+    assert_eq!(m.scheduler.finished, 64, "{m:?}");
+    assert_eq!(m.scheduler.failed + m.scheduler.cancelled, 0);
+    assert!(m.scheduler.preemptions > 0, "the run must preempt: {m:?}");
+    assert_eq!((m.scheduler.running, m.scheduler.blocks_in_use), (0, 0));
+    drop(server);
+    let alone_server = start(engine(40), config);
+    let alone = serve_all(alone_server.local_addr(), 1);
+    for (i, (c, a)) in concurrent.iter().zip(&alone).enumerate() {
+        assert_eq!(c, a, "request {i}: {:?}", requests()[i].1);
     }
 }

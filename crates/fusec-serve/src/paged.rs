@@ -1,0 +1,208 @@
+//! [`PagedEngine`]: the [`Engine`] over a paged, batched CPU session
+//! ([`fusec_exec::PagedSession`]): every sequence's KV cache lives in blocks of one
+//! pool per layer, and each step runs the listed sequences together, so the weights
+//! stream once for all of them (vLLM's PagedAttention with Orca's iteration-level
+//! batching; see `fusec_exec::paged`).
+//!
+//! A paged step feeds each of its sequences one token. An engine step whose work
+//! feeds one sequence a chunk of `n` prompt tokens therefore runs as `n` session
+//! steps: the first over every listed sequence (the decodes and each chunk's first
+//! token), the next ones over the sequences with tokens left. A sequence's results
+//! do not depend on which others share its steps (the paged kernel and the batched
+//! GEMVs compute each row as they compute it alone), so a request's tokens are its
+//! tokens served alone.
+
+use std::collections::{HashMap, VecDeque};
+
+use fusec_exec::{PagedConfig, PagedError, PagedSession, PagedStep};
+
+use crate::engine::{blocks_for, Engine, SeqId, Work};
+use crate::error::EngineError;
+
+/// A sequence: its id in the session, its queue, and the positions fed.
+#[derive(Debug)]
+struct Seq {
+    id: fusec_exec::SeqId,
+    queue: VecDeque<u32>,
+    fed: usize,
+}
+
+/// The [`Engine`] over a [`PagedSession`] (see the module documentation).
+#[derive(Debug)]
+pub struct PagedEngine {
+    session: PagedSession,
+    config: PagedConfig,
+    seqs: HashMap<SeqId, Seq>,
+    next: u64,
+    out: PagedStep,
+    /// The session ids of one session step, and the work items they belong to.
+    order: Vec<fusec_exec::SeqId>,
+    items: Vec<usize>,
+}
+
+impl PagedEngine {
+    /// An engine over `session` (a fresh one: no sequence added yet).
+    pub fn new(session: PagedSession) -> PagedEngine {
+        let config = session.config();
+        PagedEngine {
+            session,
+            config,
+            seqs: HashMap::new(),
+            next: 0,
+            out: PagedStep::default(),
+            order: Vec::new(),
+            items: Vec::new(),
+        }
+    }
+
+    /// Sequences held now.
+    pub fn sequences(&self) -> usize {
+        self.seqs.len()
+    }
+
+    fn paged_error(e: PagedError) -> EngineError {
+        EngineError::Paged(e)
+    }
+}
+
+impl Engine for PagedEngine {
+    fn max_context(&self) -> usize {
+        self.config.max_len
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.session.vocab()
+    }
+
+    fn block_size(&self) -> usize {
+        self.session.block_size()
+    }
+
+    fn total_blocks(&self) -> usize {
+        self.config.pool_blocks
+    }
+
+    /// The blocks of the fullest pool (the whole-cache layers'; a sliding window's
+    /// pools hold fewer).
+    fn blocks_in_use(&self) -> usize {
+        self.config.pool_blocks - self.session.free_blocks()
+    }
+
+    fn add(&mut self, tokens: &[u32], _reserve: usize) -> Result<SeqId, EngineError> {
+        let vocab = self.session.vocab();
+        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(EngineError::BadToken { id, vocab });
+        }
+        let seq = SeqId(self.next);
+        if tokens.len() > self.config.max_len {
+            return Err(EngineError::ContextFull {
+                seq: seq.0,
+                positions: tokens.len(),
+                max: self.config.max_len,
+            });
+        }
+        // Checked above: every id is below the vocabulary, so it fits an i32.
+        let prompt: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+        let id = self.session.add(&prompt).map_err(Self::paged_error)?;
+        self.next += 1;
+        self.seqs.insert(
+            seq,
+            Seq {
+                id,
+                queue: tokens.iter().copied().collect(),
+                fed: 0,
+            },
+        );
+        Ok(seq)
+    }
+
+    fn step(&mut self, work: &[Work]) -> Result<Vec<(SeqId, u32)>, EngineError> {
+        // Checked whole before anything runs, so that a refused step changes nothing.
+        let bs = self.session.block_size();
+        let mut needed = 0;
+        for (i, w) in work.iter().enumerate() {
+            let s = self
+                .seqs
+                .get(&w.seq)
+                .ok_or(EngineError::UnknownSequence(w.seq.0))?;
+            if w.tokens == 0 || w.tokens > s.queue.len() || work[..i].iter().any(|o| o.seq == w.seq)
+            {
+                return Err(EngineError::NothingToFeed {
+                    seq: w.seq.0,
+                    asked: w.tokens,
+                    queued: s.queue.len(),
+                });
+            }
+            let positions = s.fed + w.tokens;
+            if positions > self.config.max_len {
+                return Err(EngineError::ContextFull {
+                    seq: w.seq.0,
+                    positions,
+                    max: self.config.max_len,
+                });
+            }
+            needed += blocks_for(positions, bs) - blocks_for(s.fed, bs);
+        }
+        let free = self.session.free_blocks();
+        if needed > free {
+            return Err(EngineError::OutOfBlocks { needed, free });
+        }
+        let rounds = work.iter().map(|w| w.tokens).max().unwrap_or(0);
+        let mut produced = Vec::new();
+        for round in 0..rounds {
+            self.order.clear();
+            self.items.clear();
+            for (i, w) in work.iter().enumerate() {
+                if w.tokens > round {
+                    let s = self
+                        .seqs
+                        .get(&w.seq)
+                        .ok_or(EngineError::UnknownSequence(w.seq.0))?;
+                    self.order.push(s.id);
+                    self.items.push(i);
+                }
+            }
+            self.session
+                .step_some_into(&self.order, &mut self.out)
+                .map_err(Self::paged_error)?;
+            for (row, (&item, o)) in self.items.iter().zip(&self.out.outputs).enumerate() {
+                let w = &work[item];
+                let s = self
+                    .seqs
+                    .get_mut(&w.seq)
+                    .ok_or(EngineError::UnknownSequence(w.seq.0))?;
+                s.queue.pop_front();
+                s.fed += 1;
+                if !s.queue.is_empty() {
+                    continue;
+                }
+                // The queue is empty: this step fed the prompt's last token or the
+                // last generated one, so the session's greedy token is the next.
+                let logits = self.out.logits.row(row);
+                if let Some((index, &value)) =
+                    logits.iter().enumerate().find(|(_, v)| !v.is_finite())
+                {
+                    return Err(EngineError::NonFinite {
+                        seq: w.seq.0,
+                        index,
+                        value,
+                    });
+                }
+                let next = u32::try_from(o.next).map_err(|_| EngineError::BadToken {
+                    id: 0,
+                    vocab: self.session.vocab(),
+                })?;
+                s.queue.push_back(next);
+                produced.push((w.seq, next));
+            }
+        }
+        Ok(produced)
+    }
+
+    fn remove(&mut self, seq: SeqId) -> bool {
+        match self.seqs.remove(&seq) {
+            Some(s) => self.session.remove(s.id).is_ok(),
+            None => false,
+        }
+    }
+}
