@@ -14,6 +14,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
+use fusec_exec::kernels::gemv::MAX_ROW_DOT_ROWS;
 use fusec_exec::{PagedConfig, PagedError, PagedSession, PagedStep};
 
 use crate::engine::{blocks_for, Engine, SeqId, Work};
@@ -162,38 +163,15 @@ impl Engine for PagedEngine {
                     self.items.push(i);
                 }
             }
-            self.session
-                .step_some_into(&self.order, &mut self.out)
-                .map_err(Self::paged_error)?;
-            for (row, (&item, o)) in self.items.iter().zip(&self.out.outputs).enumerate() {
-                let w = &work[item];
-                let s = self
-                    .seqs
-                    .get_mut(&w.seq)
-                    .ok_or(EngineError::UnknownSequence(w.seq.0))?;
-                s.queue.pop_front();
-                s.fed += 1;
-                if !s.queue.is_empty() {
-                    continue;
-                }
-                // The queue is empty: this step fed the prompt's last token or the
-                // last generated one, so the session's greedy token is the next.
-                let logits = self.out.logits.row(row);
-                if let Some((index, &value)) =
-                    logits.iter().enumerate().find(|(_, v)| !v.is_finite())
-                {
-                    return Err(EngineError::NonFinite {
-                        seq: w.seq.0,
-                        index,
-                        value,
-                    });
-                }
-                let next = u32::try_from(o.next).map_err(|_| EngineError::BadToken {
-                    id: 0,
-                    vocab: self.session.vocab(),
-                })?;
-                s.queue.push_back(next);
-                produced.push((w.seq, next));
+            // At most MAX_ROW_DOT_ROWS sequences a session step: the multi-row GEMVs
+            // give each row its batch-1 bits up to there (the GEMM beyond it does
+            // not), so a request's output never depends on how many share its step.
+            for start in (0..self.order.len()).step_by(MAX_ROW_DOT_ROWS) {
+                let end = (start + MAX_ROW_DOT_ROWS).min(self.order.len());
+                self.session
+                    .step_some_into(&self.order[start..end], &mut self.out)
+                    .map_err(Self::paged_error)?;
+                self.take_outputs(work, start, &mut produced)?;
             }
         }
         Ok(produced)
@@ -204,5 +182,48 @@ impl Engine for PagedEngine {
             Some(s) => self.session.remove(s.id).is_ok(),
             None => false,
         }
+    }
+}
+
+impl PagedEngine {
+    /// The results of a session step over `self.order[start..]`: each sequence's
+    /// queue advances by the token fed, and one whose queue that empties yields the
+    /// session's greedy token, which is queued to be fed next.
+    fn take_outputs(
+        &mut self,
+        work: &[Work],
+        start: usize,
+        produced: &mut Vec<(SeqId, u32)>,
+    ) -> Result<(), EngineError> {
+        let items = &self.items[start..];
+        for (row, (&item, o)) in items.iter().zip(&self.out.outputs).enumerate() {
+            let w = &work[item];
+            let s = self
+                .seqs
+                .get_mut(&w.seq)
+                .ok_or(EngineError::UnknownSequence(w.seq.0))?;
+            s.queue.pop_front();
+            s.fed += 1;
+            if !s.queue.is_empty() {
+                continue;
+            }
+            // The queue is empty: this step fed the prompt's last token or the
+            // last generated one, so the session's greedy token is the next.
+            let logits = self.out.logits.row(row);
+            if let Some((index, &value)) = logits.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+                return Err(EngineError::NonFinite {
+                    seq: w.seq.0,
+                    index,
+                    value,
+                });
+            }
+            let next = u32::try_from(o.next).map_err(|_| EngineError::BadToken {
+                id: 0,
+                vocab: self.session.vocab(),
+            })?;
+            s.queue.push_back(next);
+            produced.push((w.seq, next));
+        }
+        Ok(())
     }
 }

@@ -723,11 +723,11 @@ fn sixty_four_requests_at_concurrency_16_equal_their_outputs_served_alone() {
 
 #[test]
 fn sixty_four_requests_batched_in_the_paged_engine_equal_their_outputs_served_alone() {
-    // The same run through the paged engine: every step one batched run of the
-    // running sequences over one pool of 40 blocks, with preemptions; each output
-    // equals the session engine's alone.
+    // The same run through the paged engine: every step batched runs of the running
+    // sequences (20: a run of 16 and one of 4) over one pool of 40 blocks, with
+    // preemptions; each output equals the session engine's alone.
     let config = SchedulerConfig {
-        max_running: 16,
+        max_running: 20,
         token_budget: 48,
         prefill_chunk: 8,
     };
