@@ -35,6 +35,46 @@ pub fn blocks_for(positions: usize, block_size: usize) -> usize {
     positions.div_ceil(block_size.max(1))
 }
 
+/// Checks a step's work whole before anything runs, so that a refused step changes
+/// nothing: every sequence known and listed once, fed between 1 and its queued tokens,
+/// within `max_context` positions, and the blocks it starts at most `free`. `state`
+/// gives a sequence's queued and fed tokens.
+pub(crate) fn check_work(
+    work: &[Work],
+    state: impl Fn(SeqId) -> Option<(usize, usize)>,
+    max_context: usize,
+    block_size: usize,
+    free: usize,
+) -> Result<(), EngineError> {
+    let mut needed = 0;
+    for (i, w) in work.iter().enumerate() {
+        let (queued, fed) = state(w.seq).ok_or(EngineError::UnknownSequence(w.seq.0))?;
+        if work[..i].iter().any(|o| o.seq == w.seq) {
+            return Err(EngineError::Repeated(w.seq.0));
+        }
+        if w.tokens == 0 || w.tokens > queued {
+            return Err(EngineError::NothingToFeed {
+                seq: w.seq.0,
+                asked: w.tokens,
+                queued,
+            });
+        }
+        let positions = fed + w.tokens;
+        if positions > max_context {
+            return Err(EngineError::ContextFull {
+                seq: w.seq.0,
+                positions,
+                max: max_context,
+            });
+        }
+        needed += blocks_for(positions, block_size) - blocks_for(fed, block_size);
+    }
+    if needed > free {
+        return Err(EngineError::OutOfBlocks { needed, free });
+    }
+    Ok(())
+}
+
 /// A model runner the scheduler drives (see the module documentation).
 ///
 /// Implementations: [`SessionEngine`] (one batch-1 session per sequence); a paged,
@@ -186,34 +226,14 @@ impl Engine for SessionEngine {
     }
 
     fn step(&mut self, work: &[Work]) -> Result<Vec<(SeqId, u32)>, EngineError> {
-        // Checked whole before anything runs, so that a refused step changes nothing.
-        let mut needed = 0;
-        for w in work {
-            let s = self
-                .seqs
-                .get(&w.seq)
-                .ok_or(EngineError::UnknownSequence(w.seq.0))?;
-            if w.tokens == 0 || w.tokens > s.queue.len() {
-                return Err(EngineError::NothingToFeed {
-                    seq: w.seq.0,
-                    asked: w.tokens,
-                    queued: s.queue.len(),
-                });
-            }
-            let positions = s.fed + w.tokens;
-            if positions > self.config.max_context {
-                return Err(EngineError::ContextFull {
-                    seq: w.seq.0,
-                    positions,
-                    max: self.config.max_context,
-                });
-            }
-            needed += self.blocks(positions) - self.blocks(s.fed);
-        }
         let free = self.config.total_blocks.saturating_sub(self.used);
-        if needed > free {
-            return Err(EngineError::OutOfBlocks { needed, free });
-        }
+        check_work(
+            work,
+            |seq| self.seqs.get(&seq).map(|s| (s.queue.len(), s.fed)),
+            self.config.max_context,
+            self.config.block_size,
+            free,
+        )?;
         let block_size = self.config.block_size;
         let mut produced = Vec::new();
         for w in work {

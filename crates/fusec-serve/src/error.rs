@@ -8,6 +8,8 @@ use std::net::SocketAddr;
 pub enum EngineError {
     #[error("no sequence {0}")]
     UnknownSequence(u64),
+    #[error("sequence {0} is listed twice in one step")]
+    Repeated(u64),
     #[error("sequence {seq}: asked to feed {asked} tokens, {queued} are queued")]
     NothingToFeed {
         seq: u64,

@@ -17,7 +17,7 @@ use std::collections::{HashMap, VecDeque};
 use fusec_exec::kernels::gemv::MAX_ROW_DOT_ROWS;
 use fusec_exec::{PagedConfig, PagedError, PagedSession, PagedStep};
 
-use crate::engine::{blocks_for, Engine, SeqId, Work};
+use crate::engine::{check_work, Engine, SeqId, Work};
 use crate::error::EngineError;
 
 /// A sequence: its id in the session, its queue, and the positions fed.
@@ -63,6 +63,47 @@ impl PagedEngine {
 
     fn paged_error(e: PagedError) -> EngineError {
         EngineError::Paged(e)
+    }
+
+    /// The results of a session step over `self.order[start..]`: each sequence's
+    /// queue advances by the token fed, and one whose queue that empties yields the
+    /// session's greedy token, which is queued to be fed next.
+    fn take_outputs(
+        &mut self,
+        work: &[Work],
+        start: usize,
+        produced: &mut Vec<(SeqId, u32)>,
+    ) -> Result<(), EngineError> {
+        let items = &self.items[start..];
+        for (row, (&item, o)) in items.iter().zip(&self.out.outputs).enumerate() {
+            let w = &work[item];
+            let s = self
+                .seqs
+                .get_mut(&w.seq)
+                .ok_or(EngineError::UnknownSequence(w.seq.0))?;
+            s.queue.pop_front();
+            s.fed += 1;
+            if !s.queue.is_empty() {
+                continue;
+            }
+            // The queue is empty: this step fed the prompt's last token or the
+            // last generated one, so the session's greedy token is the next.
+            let logits = self.out.logits.row(row);
+            if let Some((index, &value)) = logits.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+                return Err(EngineError::NonFinite {
+                    seq: w.seq.0,
+                    index,
+                    value,
+                });
+            }
+            let next = u32::try_from(o.next).map_err(|_| EngineError::BadToken {
+                id: 0,
+                vocab: self.session.vocab(),
+            })?;
+            s.queue.push_back(next);
+            produced.push((w.seq, next));
+        }
+        Ok(())
     }
 }
 
@@ -118,36 +159,13 @@ impl Engine for PagedEngine {
     }
 
     fn step(&mut self, work: &[Work]) -> Result<Vec<(SeqId, u32)>, EngineError> {
-        // Checked whole before anything runs, so that a refused step changes nothing.
-        let bs = self.session.block_size();
-        let mut needed = 0;
-        for (i, w) in work.iter().enumerate() {
-            let s = self
-                .seqs
-                .get(&w.seq)
-                .ok_or(EngineError::UnknownSequence(w.seq.0))?;
-            if w.tokens == 0 || w.tokens > s.queue.len() || work[..i].iter().any(|o| o.seq == w.seq)
-            {
-                return Err(EngineError::NothingToFeed {
-                    seq: w.seq.0,
-                    asked: w.tokens,
-                    queued: s.queue.len(),
-                });
-            }
-            let positions = s.fed + w.tokens;
-            if positions > self.config.max_len {
-                return Err(EngineError::ContextFull {
-                    seq: w.seq.0,
-                    positions,
-                    max: self.config.max_len,
-                });
-            }
-            needed += blocks_for(positions, bs) - blocks_for(s.fed, bs);
-        }
-        let free = self.session.free_blocks();
-        if needed > free {
-            return Err(EngineError::OutOfBlocks { needed, free });
-        }
+        check_work(
+            work,
+            |seq| self.seqs.get(&seq).map(|s| (s.queue.len(), s.fed)),
+            self.config.max_len,
+            self.session.block_size(),
+            self.session.free_blocks(),
+        )?;
         let rounds = work.iter().map(|w| w.tokens).max().unwrap_or(0);
         let mut produced = Vec::new();
         for round in 0..rounds {
@@ -182,48 +200,5 @@ impl Engine for PagedEngine {
             Some(s) => self.session.remove(s.id).is_ok(),
             None => false,
         }
-    }
-}
-
-impl PagedEngine {
-    /// The results of a session step over `self.order[start..]`: each sequence's
-    /// queue advances by the token fed, and one whose queue that empties yields the
-    /// session's greedy token, which is queued to be fed next.
-    fn take_outputs(
-        &mut self,
-        work: &[Work],
-        start: usize,
-        produced: &mut Vec<(SeqId, u32)>,
-    ) -> Result<(), EngineError> {
-        let items = &self.items[start..];
-        for (row, (&item, o)) in items.iter().zip(&self.out.outputs).enumerate() {
-            let w = &work[item];
-            let s = self
-                .seqs
-                .get_mut(&w.seq)
-                .ok_or(EngineError::UnknownSequence(w.seq.0))?;
-            s.queue.pop_front();
-            s.fed += 1;
-            if !s.queue.is_empty() {
-                continue;
-            }
-            // The queue is empty: this step fed the prompt's last token or the
-            // last generated one, so the session's greedy token is the next.
-            let logits = self.out.logits.row(row);
-            if let Some((index, &value)) = logits.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-                return Err(EngineError::NonFinite {
-                    seq: w.seq.0,
-                    index,
-                    value,
-                });
-            }
-            let next = u32::try_from(o.next).map_err(|_| EngineError::BadToken {
-                id: 0,
-                vocab: self.session.vocab(),
-            })?;
-            s.queue.push_back(next);
-            produced.push((w.seq, next));
-        }
-        Ok(())
     }
 }
