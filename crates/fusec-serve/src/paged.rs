@@ -15,7 +15,7 @@
 use std::collections::{HashMap, VecDeque};
 
 use fusec_exec::kernels::gemv::MAX_ROW_DOT_ROWS;
-use fusec_exec::{PagedConfig, PagedError, PagedSession, PagedStep};
+use fusec_exec::{PagedConfig, PagedSession, PagedStep};
 
 use crate::engine::{check_work, Engine, SeqId, Work};
 use crate::error::EngineError;
@@ -59,10 +59,6 @@ impl PagedEngine {
     /// Sequences held now.
     pub fn sequences(&self) -> usize {
         self.seqs.len()
-    }
-
-    fn paged_error(e: PagedError) -> EngineError {
-        EngineError::Paged(e)
     }
 
     /// The results of a session step over `self.order[start..]`: each sequence's
@@ -145,7 +141,7 @@ impl Engine for PagedEngine {
         }
         // Checked above: every id is below the vocabulary, so it fits an i32.
         let prompt: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
-        let id = self.session.add(&prompt).map_err(Self::paged_error)?;
+        let id = self.session.add(&prompt)?;
         self.next += 1;
         self.seqs.insert(
             seq,
@@ -187,8 +183,7 @@ impl Engine for PagedEngine {
             for start in (0..self.order.len()).step_by(MAX_ROW_DOT_ROWS) {
                 let end = (start + MAX_ROW_DOT_ROWS).min(self.order.len());
                 self.session
-                    .step_some_into(&self.order[start..end], &mut self.out)
-                    .map_err(Self::paged_error)?;
+                    .step_some_into(&self.order[start..end], &mut self.out)?;
                 self.take_outputs(work, start, &mut produced)?;
             }
         }
