@@ -116,19 +116,5 @@ pub use self::append::{append, kv_append, Ring};
 pub use self::decode::{decode_attention, decode_attention_capped, Caches};
 pub use self::full::{attention, attention_capped};
 pub use self::paged::{paged_attention, Pages};
+pub(crate) use self::plan::masked;
 pub use self::plan::ROW_TILE;
-
-use fusec_ir::DType;
-
-/// The most negative finite value of `dtype`, the masked entries of an additive
-/// mask (transformers fills them with `torch.finfo(dtype).min`). Attention skips the
-/// keys a row's mask holds at or below it after the row's last visible key (see
-/// `plan.rs`).
-pub(crate) fn masked(dtype: DType) -> f32 {
-    match dtype {
-        DType::F16 => -65504.0,
-        // 0xff7f: the largest finite bf16 magnitude, negative.
-        DType::Bf16 => f32::from_bits(0xff7f_0000),
-        _ => f32::MIN,
-    }
-}

@@ -19,6 +19,19 @@ pub const ROW_TILE: usize = 8;
 /// the tile adds them).
 pub(super) const VALUE_BLOCK: usize = 32;
 
+/// The most negative finite value of `dtype`, the masked entries of an additive
+/// mask (transformers fills them with `torch.finfo(dtype).min`). Attention skips the
+/// keys a row's mask holds at or below it after the row's last visible key
+/// ([`Plan::visible_end`]).
+pub(crate) fn masked(dtype: DType) -> f32 {
+    match dtype {
+        DType::F16 => -65504.0,
+        // 0xff7f: the largest finite bf16 magnitude, negative.
+        DType::Bf16 => f32::from_bits(0xff7f_0000),
+        _ => f32::MIN,
+    }
+}
+
 /// One attention call's operands and geometry, shared by every chunk of rows.
 pub(super) struct Plan<'a, T> {
     pub(super) q: View4<'a, f32>,
@@ -161,7 +174,7 @@ impl<T: Kv> Plan<'_, T> {
     }
 
     /// One past the last key that query row `(b, h, t)` can see: the keys after it
-    /// are masked (the mask at or below [`super::masked`] of the dtype, a causal
+    /// are masked (the mask at or below [`masked`] of the dtype, a causal
     /// mask's future positions), and a row with no visible key sees them all. Their
     /// eager probability is `exp(s * scale + mask - max)` with a mask of -65504 or
     /// less and a maximum from a visible key: exactly 0, whatever the score, so the
@@ -173,7 +186,7 @@ impl<T: Kv> Plan<'_, T> {
     fn visible_end(&self, b: usize, h: usize, t: usize) -> usize {
         let ms = self.mask_strides;
         let base = self.mask_offset + b * ms[0] + h * ms[1] + t * ms[2];
-        let floor = super::masked(self.dtype);
+        let floor = masked(self.dtype);
         let mut end = self.len;
         while end > 0 && self.mask[base + (end - 1) * ms[3]] <= floor {
             end -= 1;
