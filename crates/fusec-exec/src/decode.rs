@@ -636,90 +636,23 @@ impl Session {
         new_tokens: usize,
         forced: Option<&[Vec<i32>]>,
     ) -> Result<Generation, Error> {
-        if prompts.len() != self.batch {
-            return Err(bad(
-                step::INPUT_IDS,
-                format!("{} prompt(s) for a batch of {}", prompts.len(), self.batch),
-            ));
+        self.check_prompts(prompts)?;
+        if new_tokens == 0 {
+            return Ok(self.no_generation());
         }
-        let len = prompts[0].len();
-        if len == 0 || prompts.iter().any(|p| p.len() != len) {
-            return Err(bad(
-                step::INPUT_IDS,
-                "prompts must be non-empty and of one length",
-            ));
-        }
-        let mut gen = Generation {
-            generated: vec![Vec::with_capacity(new_tokens); self.batch],
+        // The prompt token by token through the decode graph (no prefill graph).
+        let fed = self.prefill_prompts(&mut [], prompts)?;
+        self.decode_after(fed, new_tokens, forced)
+    }
+
+    /// A generation of no tokens.
+    pub(crate) fn no_generation(&self) -> Generation {
+        Generation {
             logits: Array3::zeros((self.batch, 0, self.vocab)),
+            generated: vec![Vec::new(); self.batch],
             batch: self.batch,
             ..Generation::default()
-        };
-        if new_tokens == 0 {
-            return Ok(gen);
         }
-        // Each sequence's rows, `[token, vocab]` row-major, made into `gen.logits` at
-        // the end.
-        let mut rows: Vec<Vec<f32>> = vec![Vec::with_capacity(new_tokens * self.vocab); self.batch];
-        let record = |gen: &mut Generation, out: &StepOutput| {
-            gen.steps += 1;
-            gen.launches_per_step = out.stats.launches;
-            gen.bytes += out.stats.bytes();
-            gen.elapsed += out.stats.time;
-        };
-        // A non-finite logit makes the greedy choice meaningless (every comparison
-        // with NaN is false), so it stops the run instead of yielding a token.
-        let keep =
-            |gen: &mut Generation, rows: &mut [Vec<f32>], out: StepOutput| -> Result<(), Error> {
-                for (sequence, row) in out.logits.rows().into_iter().enumerate() {
-                    if let Some((index, &value)) =
-                        row.iter().enumerate().find(|(_, v)| !v.is_finite())
-                    {
-                        return Err(Error::NonFiniteLogits {
-                            step: gen.steps,
-                            token: gen.generated[sequence].len(),
-                            sequence,
-                            index,
-                            value,
-                        });
-                    }
-                }
-                for (seq, row) in rows.iter_mut().zip(out.logits.rows()) {
-                    seq.extend(row.iter());
-                }
-                for (s, &t) in out.next.iter().enumerate() {
-                    gen.generated[s].push(t);
-                }
-                Ok(())
-            };
-        let mut tokens = Vec::with_capacity(self.batch);
-        for pos in 0..len {
-            tokens.clear();
-            tokens.extend(prompts.iter().map(|p| p[pos]));
-            let out = self.step(&tokens).map_err(|e| at_step(e, gen.steps + 1))?;
-            record(&mut gen, &out);
-            if pos + 1 == len {
-                keep(&mut gen, &mut rows, out)?;
-            }
-        }
-        for i in 1..new_tokens {
-            tokens.clear();
-            match forced {
-                Some(f) => tokens.extend(f.iter().map(|seq| seq[i - 1])),
-                None => tokens.extend(gen.generated.iter().map(|g| g[i - 1])),
-            }
-            let out = self.step(&tokens).map_err(|e| at_step(e, gen.steps + 1))?;
-            record(&mut gen, &out);
-            keep(&mut gen, &mut rows, out)?;
-        }
-        let tokens = rows
-            .first()
-            .map_or(0, Vec::len)
-            .checked_div(self.vocab)
-            .unwrap_or(0);
-        gen.logits = Array3::from_shape_vec((self.batch, tokens, self.vocab), rows.concat())
-            .map_err(|e| Error::InvalidGraph(format!("logits: {e}")))?;
-        Ok(gen)
     }
 }
 

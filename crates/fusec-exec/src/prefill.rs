@@ -387,16 +387,9 @@ impl Session {
         Ok(out)
     }
 
-    /// Feeds the prompts (one per sequence, of one length) into the caches: each of
-    /// `prefills` (tried in order, the longest first) takes its `T` tokens while at
-    /// least `T` prompt tokens are left; the tokens no prefill takes go through decode
-    /// steps. Returns the last position's logits and greedy next tokens, and what the
-    /// prompt cost.
-    pub fn prefill_prompts(
-        &mut self,
-        prefills: &mut [&mut Prefill],
-        prompts: &[Vec<i32>],
-    ) -> Result<PromptFed, Error> {
+    /// Checks that there is one prompt per sequence, all non-empty and of one
+    /// length; returns the length.
+    pub(crate) fn check_prompts(&self, prompts: &[Vec<i32>]) -> Result<usize, Error> {
         if prompts.len() != self.batch {
             return Err(bad(
                 step::INPUT_IDS,
@@ -410,6 +403,20 @@ impl Session {
                 "prompts must be non-empty and of one length",
             ));
         }
+        Ok(len)
+    }
+
+    /// Feeds the prompts (one per sequence, of one length) into the caches: each of
+    /// `prefills` (tried in order, the longest first) takes its `T` tokens while at
+    /// least `T` prompt tokens are left; the tokens no prefill takes go through decode
+    /// steps. Returns the last position's logits and greedy next tokens, and what the
+    /// prompt cost.
+    pub fn prefill_prompts(
+        &mut self,
+        prefills: &mut [&mut Prefill],
+        prompts: &[Vec<i32>],
+    ) -> Result<PromptFed, Error> {
+        let len = self.check_prompts(prompts)?;
         let mut stats = PrefillStats::default();
         let (mut bytes, mut decode_launches) = (0u64, 0u64);
         // The last prompt position's logits and next tokens.
@@ -479,22 +486,38 @@ impl Session {
                 format!("{} prompt(s) for a batch of {}", prompts.len(), self.batch),
             ));
         }
+        if new_tokens == 0 {
+            return Ok((self.no_generation(), PrefillStats::default()));
+        }
+        let fed = self.prefill_prompts(prefills, prompts)?;
+        let stats = fed.stats;
+        Ok((self.decode_after(fed, new_tokens, None)?, stats))
+    }
+
+    /// The generation after a prompt fed by [`Session::prefill_prompts`]: the last
+    /// prompt position's logits and greedy tokens, then `new_tokens - 1` decode steps,
+    /// each feeding every sequence its own last token, or `forced[s]`'s next (teacher
+    /// forcing). `Generation` counts the prompt's graph runs too.
+    pub(crate) fn decode_after(
+        &mut self,
+        fed: PromptFed,
+        new_tokens: usize,
+        forced: Option<&[Vec<i32>]>,
+    ) -> Result<Generation, Error> {
         let mut gen = Generation {
             generated: vec![Vec::with_capacity(new_tokens); self.batch],
             logits: Array3::zeros((self.batch, 0, self.vocab)),
             batch: self.batch,
-            ..Generation::default()
+            steps: fed.stats.steps,
+            elapsed: fed.stats.elapsed,
+            bytes: fed.bytes,
+            launches_per_step: fed.decode_launches,
         };
-        if new_tokens == 0 {
-            return Ok((gen, PrefillStats::default()));
-        }
+        // Each sequence's rows, `[token, vocab]` row-major, made into `gen.logits` at
+        // the end.
         let mut rows: Vec<Vec<f32>> = vec![Vec::with_capacity(new_tokens * self.vocab); self.batch];
-        let fed = self.prefill_prompts(prefills, prompts)?;
-        let (last, stats) = (fed.last, fed.stats);
-        gen.steps += stats.steps;
-        gen.elapsed += stats.elapsed;
-        gen.bytes += fed.bytes;
-        gen.launches_per_step = fed.decode_launches;
+        // A non-finite logit makes the greedy choice meaningless (every comparison
+        // with NaN is false), so it stops the run instead of yielding a token.
         let mut keep = |gen: &mut Generation, logits: &Array2<f32>, next: &[i32]| {
             for (sequence, row) in logits.rows().into_iter().enumerate() {
                 if let Some((index, &value)) = row.iter().enumerate().find(|(_, v)| !v.is_finite())
@@ -514,11 +537,14 @@ impl Session {
             }
             Ok(())
         };
-        keep(&mut gen, &last.logits, &last.next)?;
+        keep(&mut gen, &fed.last.logits, &fed.last.next)?;
         let mut tokens = Vec::with_capacity(self.batch);
         for i in 1..new_tokens {
             tokens.clear();
-            tokens.extend(gen.generated.iter().map(|g| g[i - 1]));
+            match forced {
+                Some(f) => tokens.extend(f.iter().map(|seq| seq[i - 1])),
+                None => tokens.extend(gen.generated.iter().map(|g| g[i - 1])),
+            }
             let out = self.step(&tokens).map_err(|e| at_step(e, gen.steps + 1))?;
             gen.steps += 1;
             gen.launches_per_step = out.stats.launches;
@@ -533,7 +559,7 @@ impl Session {
             .unwrap_or(0);
         gen.logits = Array3::from_shape_vec((self.batch, tokens, self.vocab), rows.concat())
             .map_err(|e| Error::InvalidGraph(format!("logits: {e}")))?;
-        Ok((gen, stats))
+        Ok(gen)
     }
 }
 
