@@ -69,14 +69,7 @@ impl Architecture for QkvBias {
             dt,
         )?;
         let h = norm.forward(&mut b, x)?;
-        let head = LmHead::new(
-            &mut b,
-            &embed,
-            cfg.tie_word_embeddings,
-            cfg.vocab_size,
-            cfg.hidden_size,
-            dt,
-        )?;
+        let head = LmHead::of_model(&mut b, &embed, cfg, dt)?;
         let logits = head.forward(&mut b, h)?;
         greedy_outputs(&mut b, logits)?;
         Ok(b.finish())

@@ -376,14 +376,7 @@ pub fn build_with(
     )?;
     let h = norm.forward_offset_weight(&mut b, x)?;
     let h = dims.head_rows(&mut b, h)?;
-    let head = LmHead::new(
-        &mut b,
-        &embed,
-        cfg.tie_word_embeddings,
-        cfg.vocab_size,
-        cfg.hidden_size,
-        dt,
-    )?;
+    let head = LmHead::of_model(&mut b, &embed, cfg, dt)?;
     let mut logits = head.forward(&mut b, h)?;
     if let Some(c) = p.final_logit_softcapping {
         logits = soft_cap(&mut b, logits, c)?;

@@ -120,14 +120,7 @@ pub fn build_with(cfg: &ModelConfig, dims: &StepDims) -> Result<Graph, BuildErro
     )?;
     let h = norm.forward(&mut b, x)?;
     let h = dims.head_rows(&mut b, h)?;
-    let head = LmHead::new(
-        &mut b,
-        &embed,
-        cfg.tie_word_embeddings,
-        cfg.vocab_size,
-        cfg.hidden_size,
-        dt,
-    )?;
+    let head = LmHead::of_model(&mut b, &embed, cfg, dt)?;
     let logits = head.forward(&mut b, h)?;
     let logits = b.binary_scalar(BinaryOp::Div, logits, m.logits_scaling)?;
     greedy_outputs(&mut b, logits)?;

@@ -66,14 +66,7 @@ pub fn decoder_step(
         FinalNorm::WeightInF32 => norm.forward_weight_in_f32(&mut b, x)?,
     };
     let h = dims.head_rows(&mut b, h)?;
-    let head = LmHead::new(
-        &mut b,
-        &embed,
-        cfg.tie_word_embeddings,
-        cfg.vocab_size,
-        cfg.hidden_size,
-        dt,
-    )?;
+    let head = LmHead::of_model(&mut b, &embed, cfg, dt)?;
     let logits = head.forward(&mut b, h)?;
     greedy_outputs(&mut b, logits)?;
     Ok(b.finish())

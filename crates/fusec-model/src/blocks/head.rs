@@ -5,6 +5,7 @@ use fusec_ir::{step, DType, NodeId, Shape, WeightRole};
 
 use super::embedding::Embedding;
 use crate::build::{BuildError, Builder};
+use crate::frontend::ModelConfig;
 
 /// The output projection to vocabulary logits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,6 +34,23 @@ impl LmHead {
             )?
         };
         Ok(Self { weight })
+    }
+
+    /// The head a config asks for: tied to `embedding` when `tie_word_embeddings`.
+    pub fn of_model(
+        b: &mut Builder,
+        embedding: &Embedding,
+        cfg: &ModelConfig,
+        dtype: DType,
+    ) -> Result<Self, BuildError> {
+        Self::new(
+            b,
+            embedding,
+            cfg.tie_word_embeddings,
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype,
+        )
     }
 
     /// Logits `[B,1,vocab]` of the final hidden state.
