@@ -10,6 +10,9 @@
 //! - the blocks in use equal what the live sequences need after every step (whole
 //!   blocks of their positions; for a window only those the next step reads), and a
 //!   windowed model's stay bounded however long a sequence grows;
+//! - prompt chunks mixed with decodes in one step (`step_chunks_into`: a row per
+//!   token) give every row bit for bit the logits of feeding the sequence alone one
+//!   token a step, with a window's blocks freed as they fall out of it;
 //! - bad requests are typed errors that leave the session as it was;
 //! - the paged graph verifies, prints and parses back, and fuses like the dense step.
 
@@ -237,6 +240,158 @@ fn ragged_granite_and_gemma3_match_each_sequence_alone() {
         inputs.contains(&"block_table.window8".to_string()),
         "{inputs:?}"
     );
+}
+
+/// Every row of a sequence, position to (fed token's next, logits): what a run gave.
+type Rows = BTreeMap<usize, (i32, Vec<f32>)>;
+
+/// Prompt chunks mixed with decodes: three sequences of 11, 3 and 9 prompt tokens fed
+/// in chunks of different sizes beside each other's decodes (the same sequence's
+/// chunk straddling steps, a chunk ending its prompt beside one starting another),
+/// then all decode. Every row (prompt rows too) has bit for bit the logits and next
+/// token of the same sequence fed alone, one token a step, and the blocks in use stay
+/// what the live sequences need.
+fn chunks_match_token_by_token(fixture: &str, fused: bool) {
+    let m = model(fixture, fused);
+    let config = PagedConfig {
+        pool_blocks: 32,
+        max_len: 32,
+    };
+    let prompts: [Vec<i32>; 3] = [
+        vec![5, 9, 33, 2, 61, 7, 12, 8, 40, 21, 90],
+        vec![1, 17, 42],
+        vec![3, 14, 15, 92, 65, 35, 89, 79, 32],
+    ];
+    let generate = 6;
+    let record = |rows: &mut Rows, out: &fusec::exec::PagedStep, seq: SeqId| {
+        for (i, o) in out.outputs.iter().enumerate().filter(|(_, o)| o.seq == seq) {
+            let previous = rows.insert(o.position, (o.next, out.logits.row(i).to_vec()));
+            assert!(previous.is_none(), "position {} fed twice", o.position);
+        }
+    };
+    // Alone, a token a step.
+    let alone: Vec<Rows> = prompts
+        .iter()
+        .map(|p| {
+            let mut s = m.session(config);
+            let id = s.add(p).expect("joins");
+            let mut rows = Rows::new();
+            while s.generated(id).expect("live").len() < generate {
+                let out = s.step().expect("steps");
+                record(&mut rows, &out, id);
+            }
+            rows
+        })
+        .collect();
+    // Together, in chunks.
+    let mut s = m.session(config);
+    let ids: Vec<SeqId> = prompts.iter().map(|p| s.add(p).expect("joins")).collect();
+    let (a, b, c) = (ids[0], ids[1], ids[2]);
+    let mut out = fusec::exec::PagedStep::default();
+    let mut rows = vec![Rows::new(); 3];
+    let plan: [&[(SeqId, usize)]; 4] = [
+        &[(b, 3), (a, 5)],
+        &[(a, 4), (b, 1), (c, 2)],
+        &[(c, 7), (a, 2), (b, 1)],
+        &[(a, 1), (c, 1)],
+    ];
+    let mut steps = plan
+        .iter()
+        .map(|p| p.to_vec())
+        .collect::<Vec<_>>()
+        .into_iter();
+    loop {
+        let feeds = match steps.next() {
+            Some(feeds) => feeds,
+            None => ids
+                .iter()
+                .filter(|&&id| s.generated(id).expect("live").len() < generate)
+                .map(|&id| (id, 1))
+                .collect(),
+        };
+        if feeds.is_empty() {
+            break;
+        }
+        s.step_chunks_into(&feeds, &mut out)
+            .expect("steps in chunks");
+        let fed: usize = feeds.iter().map(|&(_, n)| n).sum();
+        assert_eq!(out.outputs.len(), fed, "a row per token");
+        for (rows, &id) in rows.iter_mut().zip(&ids) {
+            record(rows, &out, id);
+        }
+        assert_eq!(s.blocks_in_use(), s.blocks_needed());
+    }
+    for (j, (got, want)) in rows.iter().zip(&alone).enumerate() {
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            want.keys().collect::<Vec<_>>(),
+            "{fixture} (fused {fused}): sequence {j} fed the same positions"
+        );
+        for (p, (g, w)) in got.values().zip(want.values()).enumerate() {
+            assert_eq!(g.0, w.0, "{fixture}: sequence {j} position {p}: next token");
+            assert!(
+                g.1.iter()
+                    .zip(&w.1)
+                    .all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{fixture} (fused {fused}): sequence {j} position {p}: logits differ"
+            );
+        }
+        assert_eq!(
+            s.generated(ids[j]).expect("live").len(),
+            generate,
+            "sequence {j}"
+        );
+    }
+}
+
+#[test]
+fn prompt_chunks_mixed_with_decodes_match_token_by_token() {
+    chunks_match_token_by_token("tests/fixtures/hf-tiny-llama-s0", false);
+    chunks_match_token_by_token("tests/fixtures/hf-tiny-llama-s0", true);
+}
+
+/// Chunks longer than a window of 8 (Mistral's) and Gemma 3's windowed and global
+/// layers mixed: a chunk's later rows read its earlier rows' entries within the
+/// window, and the blocks behind it are freed after the step.
+#[test]
+fn prompt_chunks_across_a_sliding_window_match_token_by_token() {
+    chunks_match_token_by_token("tests/fixtures/hf-tiny-mistral-window-s0", true);
+    chunks_match_token_by_token("tests/fixtures/hf-tiny-gemma3-s0", true);
+}
+
+/// A chunk asks at most the rest of the prompt, or the one generated token; a bad
+/// chunk is refused and changes nothing.
+#[test]
+fn a_chunk_past_what_a_sequence_can_feed_is_refused() {
+    let m = model("tests/fixtures/hf-tiny-llama-s0", true);
+    let mut s = m.session(PagedConfig {
+        pool_blocks: 16,
+        max_len: 32,
+    });
+    let a = s.add(&[1, 2, 3]).expect("joins");
+    let mut out = fusec::exec::PagedStep::default();
+    for (asked, available) in [(4, 3), (0, 3)] {
+        assert!(matches!(
+            s.step_chunks_into(&[(a, asked)], &mut out),
+            Err(PagedError::TooManyTokens { seq, asked: x, available: y })
+                if seq == a && x == asked && y == available
+        ));
+    }
+    assert!(matches!(
+        s.step_chunks_into(&[(a, 1), (a, 1)], &mut out),
+        Err(PagedError::Repeated(x)) if x == a
+    ));
+    assert_eq!((s.len(a).expect("live"), s.blocks_in_use()), (0, 0));
+    s.step_chunks_into(&[(a, 3)], &mut out)
+        .expect("the whole prompt");
+    assert_eq!(s.generated(a).expect("live").len(), 1);
+    // Generated: one token a step, the next ones do not exist yet.
+    assert!(matches!(
+        s.step_chunks_into(&[(a, 2)], &mut out),
+        Err(PagedError::TooManyTokens { available: 1, .. })
+    ));
+    s.step_chunks_into(&[(a, 1)], &mut out).expect("decodes");
+    assert_eq!(s.len(a).expect("live"), 4);
 }
 
 /// `step_some_into` runs only the listed sequences: one sequence feeds its whole

@@ -10,13 +10,24 @@
 //! sequences run.
 //!
 //! **The graph's interface.** Data inputs `input_ids` `[B,1]`, `position_ids` `[B,1]`
-//! (each sequence's position, which is also where its new entry goes), the block table
-//! `block_table` `[B,M]` and, for layers with a sliding window of `W` positions, their
-//! own `block_table.windowW`; state inputs `past.L.key`/`past.L.value`, the pools
-//! `[P,KV,BS,hd]`, carried to the state outputs of the same names; outputs `logits`
-//! `[B,1,V]` and `next_token` `[B,1]`. `B` is the number of live sequences this step,
-//! `P` the pool's blocks and `M` the most blocks one sequence may hold (`max_len / BS`,
-//! rounded up).
+//! (each row's position, which is also where its new entry goes), the block table
+//! `block_table` `[B,M]` (each row's sequence's blocks) and, for layers with a sliding
+//! window of `W` positions, their own `block_table.windowW`; state inputs
+//! `past.L.key`/`past.L.value`, the pools `[P,KV,BS,hd]`, carried to the state outputs
+//! of the same names; outputs `logits` `[B,1,V]` and `next_token` `[B,1]`. `B` is the
+//! number of token rows this step, `P` the pool's blocks and `M` the most blocks one
+//! sequence may hold (`max_len / BS`, rounded up).
+//!
+//! **Ragged rows.** A row is one token of one sequence, so a step mixes decodes (one
+//! row of a sequence) with prompt chunks (several rows of one sequence at consecutive
+//! positions, each carrying a copy of the sequence's block-table row): the flattened
+//! token batch of vLLM and Sarathi-Serve (Agrawal et al. 2024, "Taming
+//! Throughput-Latency Tradeoff in LLM Inference with Sarathi-Serve", chunked prefills
+//! batched with decodes). Causality within a chunk needs no mask: the paged attention
+//! writes every row's new entry before any row reads, and a row at position `p` reads
+//! positions `..= p` only. Every other op computes each row alone, so a row gets the
+//! bits it gets fed on its own, and a chunked prompt the bits of token-by-token
+//! prefill.
 //!
 //! **Blocks.** There is one free list per block table (the whole-cache layers', and
 //! one per window): block `i` of every pool of that table's layers belongs to the same
@@ -29,9 +40,10 @@
 //!
 //! **A sequence's life.** [`PagedSession::add`] registers a prompt; each
 //! [`PagedSession::step`] feeds every live sequence one token: the next prompt token
-//! while the prompt lasts (token-by-token prefill), then its own last greedy token.
-//! The step's output for a sequence is a prediction once its whole prompt has been
-//! fed ([`SeqOutput::generated`]). [`PagedSession::remove`] ends a sequence and frees
+//! while the prompt lasts, then its own last greedy token;
+//! [`PagedSession::step_chunks_into`] feeds chosen sequences a chunk of their prompts
+//! (or their one generated token) instead. A row's output is a prediction once it fed
+//! the prompt's last token or a generated one ([`SeqOutput::generated`]). [`PagedSession::remove`] ends a sequence and frees
 //! its blocks. Everything is deterministic: live sequences run in the order of their
 //! ids, and the pools' block ids are handed out lowest first.
 //!
@@ -74,6 +86,15 @@ pub enum PagedError {
     /// [`PagedSession::step_some_into`] given a sequence twice.
     #[error("{0} is listed twice for one step")]
     Repeated(SeqId),
+    /// [`PagedSession::step_chunks_into`] asked a sequence for more tokens than it
+    /// has to feed: the rest of its prompt, or its one generated token (the tokens
+    /// after it do not exist yet), and at least one.
+    #[error("{seq} cannot be fed {asked} tokens in one step: it has {available}")]
+    TooManyTokens {
+        seq: SeqId,
+        asked: usize,
+        available: usize,
+    },
     #[error("a prompt needs at least one token")]
     EmptyPrompt,
     /// [`PagedSession::set_next`] on a sequence still feeding its prompt.
@@ -113,34 +134,35 @@ pub struct PagedConfig {
     pub max_len: usize,
 }
 
-/// One live sequence's result of a step.
+/// One row's result of a step: one token fed to one sequence.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct SeqOutput {
     pub seq: SeqId,
-    /// The position this step fed.
+    /// The position this row fed.
     pub position: usize,
     /// The greedy next token.
     pub next: i32,
-    /// Whether this step fed the last prompt token or a generated one, so that `next`
+    /// Whether this row fed the last prompt token or a generated one, so that `next`
     /// is a generated token (it was appended to the sequence's output and is fed
     /// next step); `false` while the prompt is being fed.
     pub generated: bool,
 }
 
-/// One step's results, in the order of the sequences' ids. Kept from step to step and
-/// handed to [`PagedSession::step_into`], its buffers keep their capacity.
+/// One step's results, a row per token fed: in the order of the sequences' ids (or
+/// the order asked for), a sequence's rows together in position order. Kept from step
+/// to step and handed to [`PagedSession::step_into`], its buffers keep their capacity.
 #[derive(Clone, Debug, Default)]
 pub struct PagedStep {
     pub outputs: Vec<SeqOutput>,
-    /// `[live sequences, vocab]`, row `i` for `outputs[i]`.
+    /// `[rows, vocab]`, row `i` for `outputs[i]`.
     pub logits: Array2<f32>,
     pub stats: StepStats,
 }
 
 impl PagedStep {
-    /// The logits row of `seq`, if it ran this step.
+    /// The logits row of `seq`'s last token this step, if it ran.
     pub fn logits_of(&self, seq: SeqId) -> Option<ArrayView1<'_, f32>> {
-        let i = self.outputs.iter().position(|o| o.seq == seq)?;
+        let i = self.outputs.iter().rposition(|o| o.seq == seq)?;
         Some(self.logits.row(i))
     }
 }
@@ -169,12 +191,19 @@ struct Seq {
 }
 
 impl Seq {
-    /// The token fed at position `len`.
-    fn next_token(&self) -> i32 {
-        match self.prompt.get(self.len) {
+    /// The token fed at position `position` (at least `len`, and `len` itself once
+    /// the prompt is fed: see [`Seq::feedable`]).
+    fn token_at(&self, position: usize) -> i32 {
+        match self.prompt.get(position) {
             Some(&t) => t,
             None => self.generated.last().copied().unwrap_or(0),
         }
+    }
+
+    /// Tokens one step can feed: the rest of the prompt, or the last generated token
+    /// (the ones after it are this step's outputs).
+    fn feedable(&self) -> usize {
+        self.prompt.len().saturating_sub(self.len).max(1)
     }
 }
 
@@ -209,8 +238,8 @@ pub struct PagedSession {
     pools_per_table: Vec<usize>,
     bindings: Bindings,
     run: RunOutput,
-    /// The sequences of the running step, in order.
-    order: Vec<SeqId>,
+    /// The sequences of the running step, in order, and the tokens each is fed.
+    order: Vec<(SeqId, usize)>,
     /// The blocks given out by the running step, `(table, sequence)`.
     fresh: Vec<(usize, SeqId)>,
 }
@@ -452,8 +481,8 @@ impl PagedSession {
         self.tables.iter().map(|t| t.free.len()).min().unwrap_or(0)
     }
 
-    /// Blocks the next step takes from each table's pool: one per live sequence that
-    /// starts a new block. A scheduler removes (preempts) sequences while this exceeds
+    /// Blocks the next [`PagedSession::step`] takes from each table's pool: one per
+    /// live sequence that starts a new block. A scheduler removes (preempts) sequences while this exceeds
     /// [`PagedSession::free_blocks`], or the step fails with
     /// [`PagedError::OutOfBlocks`].
     pub fn blocks_for_next_step(&self) -> usize {
@@ -529,55 +558,78 @@ impl PagedSession {
     /// is empty. On error the session is unchanged.
     pub fn step_into(&mut self, out: &mut PagedStep) -> Result<(), PagedError> {
         self.order.clear();
-        self.order.extend(self.seqs.keys().copied());
+        self.order.extend(self.seqs.keys().map(|&id| (id, 1)));
         self.run_order(out)
     }
 
     /// [`PagedSession::step_into`] over the listed sequences only (each at most once,
     /// in the order given, which `out` follows); the others wait, their caches as they
-    /// are. A scheduler that feeds one sequence a chunk of its prompt while others
-    /// decode runs the decoders and the chunk's first token in one step, then the rest
-    /// of the chunk alone. Each sequence's results do not depend on which others share
-    /// its steps (the kernels compute every row as they compute it alone).
+    /// are. Each sequence's results do not depend on which others share its steps
+    /// (the kernels compute every row as they compute it alone).
     pub fn step_some_into(
         &mut self,
         seqs: &[SeqId],
         out: &mut PagedStep,
     ) -> Result<(), PagedError> {
-        for (i, id) in seqs.iter().enumerate() {
-            if !self.seqs.contains_key(id) {
-                return Err(PagedError::UnknownSequence(*id));
+        self.order.clear();
+        self.order.extend(seqs.iter().map(|&id| (id, 1)));
+        self.run_listed(out)
+    }
+
+    /// Feeds each listed `(sequence, tokens)` that many tokens in one step: a chunk of
+    /// its prompt (up to the rest of it), or its one generated token, as consecutive
+    /// rows (see "Ragged rows" in the module documentation). Sequences run in the order
+    /// given, each at most once; `out` has a row per token. A chunked prompt gives
+    /// the bits token-by-token prefill gives. On error the session is unchanged.
+    pub fn step_chunks_into(
+        &mut self,
+        feeds: &[(SeqId, usize)],
+        out: &mut PagedStep,
+    ) -> Result<(), PagedError> {
+        self.order.clear();
+        self.order.extend_from_slice(feeds);
+        self.run_listed(out)
+    }
+
+    /// Checks `self.order` as a caller listed it, then runs it.
+    fn run_listed(&mut self, out: &mut PagedStep) -> Result<(), PagedError> {
+        for (i, &(id, tokens)) in self.order.iter().enumerate() {
+            let s = self.seq(id)?;
+            if self.order[..i].iter().any(|&(o, _)| o == id) {
+                return Err(PagedError::Repeated(id));
             }
-            if seqs[..i].contains(id) {
-                return Err(PagedError::Repeated(*id));
+            if tokens == 0 || tokens > s.feedable() {
+                return Err(PagedError::TooManyTokens {
+                    seq: id,
+                    asked: tokens,
+                    available: s.feedable(),
+                });
             }
         }
-        self.order.clear();
-        self.order.extend_from_slice(seqs);
         self.run_order(out)
     }
 
     /// One step over `self.order`.
     fn run_order(&mut self, out: &mut PagedStep) -> Result<(), PagedError> {
         out.outputs.clear();
-        let batch = self.order.len();
-        if batch == 0 {
+        let rows: usize = self.order.iter().map(|&(_, n)| n).sum();
+        if rows == 0 {
             out.logits = Array2::zeros((0, self.vocab));
             return Ok(());
         }
-        for &id in &self.order {
+        for &(id, tokens) in &self.order {
             let s = &self.seqs[&id];
-            if s.len >= self.config.max_len {
+            if s.len + tokens > self.config.max_len {
                 return Err(PagedError::TooLong {
                     seq: id,
-                    position: s.len,
+                    position: s.len + tokens - 1,
                     max_len: self.config.max_len,
                 });
             }
         }
         let fresh = self.allocate()?;
-        self.bindings.set(step::BATCH, batch as u64);
-        if let Err(e) = self.feed(batch) {
+        self.bindings.set(step::BATCH, rows as u64);
+        if let Err(e) = self.feed(rows) {
             self.drop_data();
             self.release(fresh);
             return Err(e);
@@ -590,20 +642,23 @@ impl PagedSession {
             self.release(fresh);
             return Err(e.into());
         }
-        if let Err(e) = self.take_outputs(batch, out) {
+        if let Err(e) = self.take_outputs(rows, out) {
             self.release(fresh);
             return Err(e);
         }
         self.fresh = fresh;
-        for (o, id) in out.outputs.iter_mut().zip(&self.order) {
-            let Some(s) = self.seqs.get_mut(id) else {
+        let mut outputs = out.outputs.iter_mut();
+        for &(id, tokens) in &self.order {
+            let Some(s) = self.seqs.get_mut(&id) else {
                 continue;
             };
-            o.position = s.len;
-            s.len += 1;
-            o.generated = s.len >= s.prompt.len();
-            if o.generated {
-                s.generated.push(o.next);
+            for o in outputs.by_ref().take(tokens) {
+                o.position = s.len;
+                s.len += 1;
+                o.generated = s.len >= s.prompt.len();
+                if o.generated {
+                    s.generated.push(o.next);
+                }
             }
         }
         // Between steps every sequence holds exactly the blocks the next step reads.
@@ -631,17 +686,18 @@ impl PagedSession {
         }
     }
 
-    /// Gives every sequence starting a new block one from each table's pool. Returns
-    /// the `(table, sequence)` pairs given one, to undo on failure; on error nothing
-    /// is allocated.
+    /// Gives every sequence a block from each table's pool for each of its new
+    /// positions that starts one. Returns the `(table, sequence)` pairs given one, in
+    /// order, to undo on failure; on error nothing is allocated.
     fn allocate(&mut self) -> Result<Vec<(usize, SeqId)>, PagedError> {
         let bs = self.block_size;
-        let starting = |s: &Seq| s.len.is_multiple_of(bs);
-        let needed = self
+        // Positions `len .. len + tokens` that start a block.
+        let starting = |len: usize, tokens: usize| (len + tokens).div_ceil(bs) - len.div_ceil(bs);
+        let needed: usize = self
             .order
             .iter()
-            .filter(|id| self.seqs.get(id).is_some_and(starting))
-            .count();
+            .filter_map(|&(id, tokens)| Some(starting(self.seqs.get(&id)?.len, tokens)))
+            .sum();
         for table in &self.tables {
             if table.free.len() < needed {
                 return Err(PagedError::OutOfBlocks {
@@ -654,14 +710,16 @@ impl PagedSession {
         let mut fresh = std::mem::take(&mut self.fresh);
         fresh.clear();
         for (t, table) in self.tables.iter_mut().enumerate() {
-            for &id in &self.order {
-                let Some(s) = self.seqs.get_mut(&id).filter(|s| starting(s)) else {
+            for &(id, tokens) in &self.order {
+                let Some(s) = self.seqs.get_mut(&id) else {
                     continue;
                 };
-                // Checked above: every table has `needed` free blocks.
-                let Some(block) = table.free.pop() else { break };
-                s.blocks[t].push(Some(block));
-                fresh.push((t, id));
+                for _ in 0..starting(s.len, tokens) {
+                    // Checked above: every table has `needed` free blocks.
+                    let Some(block) = table.free.pop() else { break };
+                    s.blocks[t].push(Some(block));
+                    fresh.push((t, id));
+                }
             }
         }
         Ok(fresh)
@@ -680,30 +738,34 @@ impl PagedSession {
         self.fresh = fresh;
     }
 
-    /// Makes the step's data inputs in their slots, in buffers from the pool.
-    fn feed(&mut self, batch: usize) -> Result<(), PagedError> {
+    /// Makes the step's data inputs in their slots, in buffers from the pool: a row
+    /// per token, a sequence's rows at its consecutive positions, each with the
+    /// sequence's block-table row.
+    fn feed(&mut self, rows: usize) -> Result<(), PagedError> {
         let width = self.max_blocks;
         for &(index, feed) in &self.data {
             let (shape, values) = match feed {
                 Feed::Ids | Feed::Positions => {
-                    let mut v = pool::take(batch);
-                    for id in &self.order {
-                        let s = &self.seqs[id];
-                        v.push(match feed {
-                            Feed::Ids => s.next_token(),
-                            _ => s.len as i32,
-                        });
+                    let mut v = pool::take(rows);
+                    for &(id, tokens) in &self.order {
+                        let s = &self.seqs[&id];
+                        v.extend((s.len..s.len + tokens).map(|p| match feed {
+                            Feed::Ids => s.token_at(p),
+                            _ => p as i32,
+                        }));
                     }
-                    ([batch, 1], v)
+                    ([rows, 1], v)
                 }
                 Feed::Table(t) => {
-                    let mut v = pool::take(batch * width);
-                    for id in &self.order {
-                        let blocks = &self.seqs[id].blocks[t];
-                        v.extend(blocks.iter().map(|b| b.unwrap_or(-1)));
-                        v.resize(v.len() + width - blocks.len(), -1);
+                    let mut v = pool::take(rows * width);
+                    for &(id, tokens) in &self.order {
+                        let blocks = &self.seqs[&id].blocks[t];
+                        for _ in 0..tokens {
+                            v.extend(blocks.iter().map(|b| b.unwrap_or(-1)));
+                            v.resize(v.len() + width - blocks.len(), -1);
+                        }
                     }
-                    ([batch, width], v)
+                    ([rows, width], v)
                 }
             };
             self.inputs[index] = Some(Tensor::from_kernel_i32(Dims::from(shape), values));
@@ -721,6 +783,7 @@ impl PagedSession {
 
     /// Moves the new pools back into their slots and the logits and tokens into `out`.
     fn take_outputs(&mut self, batch: usize, out: &mut PagedStep) -> Result<(), PagedError> {
+        let order = &self.order;
         let vocab = self.vocab;
         if out.logits.dim() != (batch, vocab) {
             out.logits = Array2::zeros((batch, vocab));
@@ -751,8 +814,11 @@ impl PagedSession {
                         _ => None,
                     };
                     if let Some(ids) = ids.filter(|ids| ids.len() == batch) {
+                        let seqs = order
+                            .iter()
+                            .flat_map(|&(seq, tokens)| std::iter::repeat_n(seq, tokens));
                         out.outputs
-                            .extend(self.order.iter().zip(ids).map(|(&seq, &next)| SeqOutput {
+                            .extend(seqs.zip(ids).map(|(seq, &next)| SeqOutput {
                                 seq,
                                 position: 0,
                                 next,

@@ -4,13 +4,15 @@
 //! stream once for all of them (vLLM's PagedAttention with Orca's iteration-level
 //! batching; see `fusec_exec::paged`).
 //!
-//! A paged step feeds each of its sequences one token. An engine step whose work
-//! feeds one sequence a chunk of `n` prompt tokens therefore runs as `n` session
-//! steps: the first over every listed sequence (the decodes and each chunk's first
-//! token), the next ones over the sequences with tokens left. A sequence's results
-//! do not depend on which others share its steps (the paged kernel and the batched
-//! GEMVs compute each row as they compute it alone), so a request's tokens are its
-//! tokens served alone.
+//! A paged step runs ragged rows, one token each: a decoding sequence is one row, a
+//! prompt chunk of `n` tokens `n` rows at consecutive positions
+//! ([`PagedSession::step_chunks_into`]). An engine step lays its work out as rows in
+//! order and runs them in session steps of at most [`MAX_ROW_DOT_ROWS`] rows (a chunk
+//! may straddle two: its later rows see the earlier ones' entries in the pools). A
+//! row's results do not depend on which others share its step (the paged kernel and
+//! the multi-row GEMVs compute each row as they compute it alone), so a request's
+//! tokens are its tokens served alone, and a chunked prompt gives the bits of
+//! token-by-token prefill.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -36,8 +38,8 @@ pub struct PagedEngine {
     seqs: HashMap<SeqId, Seq>,
     next: u64,
     out: PagedStep,
-    /// The session ids of one session step, and the work items they belong to.
-    order: Vec<fusec_exec::SeqId>,
+    /// One session step's sequences and their tokens, and the work item of each row.
+    feeds: Vec<(fusec_exec::SeqId, usize)>,
     items: Vec<usize>,
 }
 
@@ -51,7 +53,7 @@ impl PagedEngine {
             seqs: HashMap::new(),
             next: 0,
             out: PagedStep::default(),
-            order: Vec::new(),
+            feeds: Vec::new(),
             items: Vec::new(),
         }
     }
@@ -61,17 +63,16 @@ impl PagedEngine {
         self.seqs.len()
     }
 
-    /// The results of a session step over `self.order[start..]`: each sequence's
-    /// queue advances by the token fed, and one whose queue that empties yields the
-    /// session's greedy token, which is queued to be fed next.
-    fn take_outputs(
+    /// Runs `self.feeds` as one session step, then takes its results: each row
+    /// advances its sequence's queue by the token fed, and a row that empties the
+    /// queue yields the session's greedy token, which is queued to be fed next.
+    fn run_rows(
         &mut self,
         work: &[Work],
-        start: usize,
         produced: &mut Vec<(SeqId, u32)>,
     ) -> Result<(), EngineError> {
-        let items = &self.items[start..];
-        for (row, (&item, o)) in items.iter().zip(&self.out.outputs).enumerate() {
+        self.session.step_chunks_into(&self.feeds, &mut self.out)?;
+        for (row, (&item, o)) in self.items.iter().zip(&self.out.outputs).enumerate() {
             let w = &work[item];
             let s = self
                 .seqs
@@ -162,30 +163,33 @@ impl Engine for PagedEngine {
             self.session.block_size(),
             self.session.free_blocks(),
         )?;
-        let rounds = work.iter().map(|w| w.tokens).max().unwrap_or(0);
         let mut produced = Vec::new();
-        for round in 0..rounds {
-            self.order.clear();
-            self.items.clear();
-            for (i, w) in work.iter().enumerate() {
-                if w.tokens > round {
-                    let s = self
-                        .seqs
-                        .get(&w.seq)
-                        .ok_or(EngineError::UnknownSequence(w.seq.0))?;
-                    self.order.push(s.id);
-                    self.items.push(i);
+        self.feeds.clear();
+        self.items.clear();
+        for (item, w) in work.iter().enumerate() {
+            let id = self
+                .seqs
+                .get(&w.seq)
+                .ok_or(EngineError::UnknownSequence(w.seq.0))?
+                .id;
+            let mut left = w.tokens;
+            while left > 0 {
+                // At most MAX_ROW_DOT_ROWS rows a session step: the multi-row GEMVs
+                // give each row its batch-1 bits up to there (the GEMM beyond it does
+                // not), so a request's output never depends on what shares its step.
+                let n = left.min(MAX_ROW_DOT_ROWS - self.items.len());
+                self.feeds.push((id, n));
+                self.items.extend(std::iter::repeat_n(item, n));
+                left -= n;
+                if self.items.len() == MAX_ROW_DOT_ROWS {
+                    self.run_rows(work, &mut produced)?;
+                    self.feeds.clear();
+                    self.items.clear();
                 }
             }
-            // At most MAX_ROW_DOT_ROWS sequences a session step: the multi-row GEMVs
-            // give each row its batch-1 bits up to there (the GEMM beyond it does
-            // not), so a request's output never depends on how many share its step.
-            for start in (0..self.order.len()).step_by(MAX_ROW_DOT_ROWS) {
-                let end = (start + MAX_ROW_DOT_ROWS).min(self.order.len());
-                self.session
-                    .step_some_into(&self.order[start..end], &mut self.out)?;
-                self.take_outputs(work, start, &mut produced)?;
-            }
+        }
+        if !self.items.is_empty() {
+            self.run_rows(work, &mut produced)?;
         }
         Ok(produced)
     }
