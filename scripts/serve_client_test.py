@@ -109,6 +109,22 @@ def test_basics(client):
     print("ok  models, completion whole and streamed, chat")
 
 
+def test_sampling(client):
+    # The client's own sampling parameters: a seed gives the same text every time.
+    def sample(seed, stream=False):
+        args = dict(model=MODEL, messages=[{"role": "user", "content": "tell me a story"}],
+                    max_tokens=16, temperature=0.9, top_p=0.95, seed=seed)
+        if not stream:
+            return client.chat.completions.create(**args).choices[0].message.content
+        return "".join(c.choices[0].delta.content or "" for c in
+                       client.chat.completions.create(stream=True, **args) if c.choices)
+    first = sample(11)
+    assert first == sample(11) == sample(11, stream=True), first
+    others = {sample(s) for s in (12, 13, 14)}
+    assert others != {first}, (first, others)
+    print("ok  sampling with temperature, top_p and seed")
+
+
 def test_concurrent(client, base):
     before = metrics(base)
     alone = [run(client, i) for i in range(64)]
@@ -186,6 +202,7 @@ def main():
                                  timeout=120)
     print(f"openai {openai.__version__} against {base} and {paced}")
     test_basics(client)
+    test_sampling(client)
     test_concurrent(client, base)
     test_disconnect(paced_client, paced)
     test_errors(client, base)

@@ -5,7 +5,9 @@
 //! prompt when it is added, then each token the model produces. A step feeds every
 //! listed sequence the next `tokens` of its queue (a chunk of its prompt, or its one
 //! last generated token) and, for each sequence whose queue that step empties,
-//! returns the next token (greedy), which goes into its queue to be fed next.
+//! returns the next token, which goes into its queue to be fed next: the one a
+//! [`Choose`] picks from the logits row (the scheduler's per-request sampler), given
+//! the greedy one the graph computed.
 //!
 //! KV memory is counted in blocks of [`Engine::block_size`] positions: a sequence that
 //! has been fed `n` tokens holds `ceil(n / block_size)` blocks. The scheduler plans
@@ -28,6 +30,41 @@ pub struct SeqId(pub u64);
 pub struct Work {
     pub seq: SeqId,
     pub tokens: usize,
+}
+
+/// Picks a sequence's next token from its logits row and the greedy token (the
+/// graph's argmax): `|seq, logits, greedy| token`. [`greedy`] takes the greedy one.
+pub type Choose<'a> = dyn FnMut(SeqId, &[f32], u32) -> u32 + 'a;
+
+/// The [`Choose`] of greedy decoding.
+pub fn greedy(_: SeqId, _: &[f32], greedy: u32) -> u32 {
+    greedy
+}
+
+/// The token `choose` picks for `seq` from `logits`, checked: every logit finite
+/// (a NaN or infinity means the model's numbers broke, and no choice is right), and
+/// the token in the vocabulary.
+pub(crate) fn choose_checked(
+    choose: &mut Choose<'_>,
+    seq: SeqId,
+    logits: ndarray::ArrayView1<'_, f32>,
+    greedy: i32,
+) -> Result<u32, EngineError> {
+    let vocab = logits.len();
+    let logits = logits.as_slice().ok_or(EngineError::NonContiguous(seq.0))?;
+    if let Some((index, &value)) = logits.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        return Err(EngineError::NonFinite {
+            seq: seq.0,
+            index,
+            value,
+        });
+    }
+    let greedy = u32::try_from(greedy).map_err(|_| EngineError::BadToken { id: 0, vocab })?;
+    let token = choose(seq, logits, greedy);
+    if token as usize >= vocab {
+        return Err(EngineError::BadToken { id: token, vocab });
+    }
+    Ok(token)
 }
 
 /// The blocks `positions` positions take.
@@ -94,9 +131,14 @@ pub trait Engine {
     /// positions it will reach, a hint for allocation.
     fn add(&mut self, tokens: &[u32], reserve: usize) -> Result<SeqId, EngineError>;
     /// One step over the listed sequences (see the module documentation): the next
-    /// token of every sequence whose queue it emptied, in the order of `work`. On
-    /// error the sequences of the step are in an unspecified state: remove them.
-    fn step(&mut self, work: &[Work]) -> Result<Vec<(SeqId, u32)>, EngineError>;
+    /// token of every sequence whose queue it emptied, as `choose` picks it, in the
+    /// order of `work`. On error the sequences of the step are in an unspecified
+    /// state: remove them.
+    fn step(
+        &mut self,
+        work: &[Work],
+        choose: &mut Choose<'_>,
+    ) -> Result<Vec<(SeqId, u32)>, EngineError>;
     /// Forgets a sequence and frees its blocks; false if there was none.
     fn remove(&mut self, seq: SeqId) -> bool;
 }
@@ -225,7 +267,11 @@ impl Engine for SessionEngine {
         Ok(seq)
     }
 
-    fn step(&mut self, work: &[Work]) -> Result<Vec<(SeqId, u32)>, EngineError> {
+    fn step(
+        &mut self,
+        work: &[Work],
+        choose: &mut Choose<'_>,
+    ) -> Result<Vec<(SeqId, u32)>, EngineError> {
         let free = self.config.total_blocks.saturating_sub(self.used);
         check_work(
             work,
@@ -251,20 +297,8 @@ impl Engine for SessionEngine {
                 self.used += blocks_for(s.fed, block_size) - before;
             }
             if s.queue.is_empty() {
-                let row = self.out.logits.row(0);
-                if let Some((index, &value)) = row.iter().enumerate().find(|(_, v)| !v.is_finite())
-                {
-                    return Err(EngineError::NonFinite {
-                        seq: w.seq.0,
-                        index,
-                        value,
-                    });
-                }
-                let next = self.out.next.first().copied().unwrap_or(0);
-                let next = u32::try_from(next).map_err(|_| EngineError::BadToken {
-                    id: 0,
-                    vocab: self.vocab,
-                })?;
+                let greedy = self.out.next.first().copied().unwrap_or(-1);
+                let next = choose_checked(choose, w.seq, self.out.logits.row(0), greedy)?;
                 s.queue.push_back(next);
                 produced.push((w.seq, next));
             }
@@ -316,9 +350,13 @@ impl<E: Engine> Engine for Paced<E> {
         self.engine.add(tokens, reserve)
     }
 
-    fn step(&mut self, work: &[Work]) -> Result<Vec<(SeqId, u32)>, EngineError> {
+    fn step(
+        &mut self,
+        work: &[Work],
+        choose: &mut Choose<'_>,
+    ) -> Result<Vec<(SeqId, u32)>, EngineError> {
         std::thread::sleep(self.delay);
-        self.engine.step(work)
+        self.engine.step(work, choose)
     }
 
     fn remove(&mut self, seq: SeqId) -> bool {
@@ -353,8 +391,12 @@ impl<E: Engine + ?Sized> Engine for Box<E> {
         (**self).add(tokens, reserve)
     }
 
-    fn step(&mut self, work: &[Work]) -> Result<Vec<(SeqId, u32)>, EngineError> {
-        (**self).step(work)
+    fn step(
+        &mut self,
+        work: &[Work],
+        choose: &mut Choose<'_>,
+    ) -> Result<Vec<(SeqId, u32)>, EngineError> {
+        (**self).step(work, choose)
     }
 
     fn remove(&mut self, seq: SeqId) -> bool {

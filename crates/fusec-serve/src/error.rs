@@ -28,6 +28,9 @@ pub enum EngineError {
     BadToken { id: u32, vocab: usize },
     #[error("sequence {seq}: logit {index} is {value}")]
     NonFinite { seq: u64, index: usize, value: f32 },
+    /// An engine handed over a logits row not laid out in one slice (its own bug).
+    #[error("sequence {0}: the logits row is not contiguous")]
+    NonContiguous(u64),
     #[error(transparent)]
     Exec(#[from] fusec_exec::Error),
     #[error(transparent)]
@@ -60,6 +63,9 @@ pub enum SubmitError {
     },
     #[error("token id {id} is out of range for the vocabulary of {vocab} tokens")]
     BadToken { id: u32, vocab: usize },
+    /// The sampling options are out of range (the message names the option).
+    #[error("{0}")]
+    Sampling(String),
     #[error("the server is shutting down")]
     ShuttingDown,
 }

@@ -12,6 +12,7 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -23,7 +24,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use fusec_text::{ChatTemplate, Message, Tokenizer};
+use fusec_text::{ChatTemplate, Message, SamplingOptions, Tokenizer};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
@@ -46,6 +47,9 @@ pub struct AppState {
     pub chat: Option<ChatTemplate>,
     /// The most positions a sequence may hold.
     pub max_context: usize,
+    /// The seed of the next sampled request that gives none: each such request
+    /// draws from a generator of its own.
+    pub next_seed: AtomicU64,
 }
 
 /// The server's routes over `state`.
@@ -114,6 +118,7 @@ impl From<SubmitError> for ApiError {
             SubmitError::EmptyPrompt | SubmitError::BadToken { .. } => {
                 (StatusCode::BAD_REQUEST, Some("prompt"), None)
             }
+            SubmitError::Sampling(_) => (StatusCode::BAD_REQUEST, Some("temperature"), None),
             SubmitError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, None, None),
         };
         ApiError {
@@ -293,6 +298,14 @@ fn now() -> u64 {
 }
 
 impl AppState {
+    /// The request's sampling options (see [`Decoding::sampling`]), a refusal naming
+    /// the field at fault.
+    fn sampling(&self, decoding: &Decoding) -> Result<SamplingOptions, ApiError> {
+        decoding
+            .sampling(self.next_seed.fetch_add(1, Ordering::Relaxed))
+            .map_err(|(m, p)| ApiError::bad(m, Some(p)))
+    }
+
     fn check_model(&self, model: &str) -> Result<(), ApiError> {
         if model == self.model {
             return Ok(());
@@ -377,9 +390,7 @@ async fn chat_completions(
 async fn completion_request(state: &Arc<AppState>, body: &Bytes) -> Result<Response, ApiError> {
     let req: CompletionRequest = parse(body)?;
     state.check_model(&req.model)?;
-    req.decoding
-        .check_greedy()
-        .map_err(|(m, p)| ApiError::bad(m, Some(p)))?;
+    let sampling = state.sampling(&req.decoding)?;
     let one = |n: usize| {
         (n == 1)
             .then_some(())
@@ -398,15 +409,21 @@ async fn completion_request(state: &Arc<AppState>, body: &Bytes) -> Result<Respo
         }
     };
     let max_tokens = state.max_tokens(req.max_tokens, prompt.len(), Some(16));
-    respond(state, Kind::Completion, prompt, max_tokens, req.decoding).await
+    respond(
+        state,
+        Kind::Completion,
+        prompt,
+        max_tokens,
+        sampling,
+        req.decoding,
+    )
+    .await
 }
 
 async fn chat_request(state: &Arc<AppState>, body: &Bytes) -> Result<Response, ApiError> {
     let req: ChatRequest = parse(body)?;
     state.check_model(&req.model)?;
-    req.decoding
-        .check_greedy()
-        .map_err(|(m, p)| ApiError::bad(m, Some(p)))?;
+    let sampling = state.sampling(&req.decoding)?;
     if req.messages.is_empty() {
         return Err(ApiError::bad(
             "messages must not be empty",
@@ -454,7 +471,15 @@ async fn chat_request(state: &Arc<AppState>, body: &Bytes) -> Result<Response, A
         prompt.len(),
         None,
     );
-    respond(state, Kind::Chat, prompt, max_tokens, req.decoding).await
+    respond(
+        state,
+        Kind::Chat,
+        prompt,
+        max_tokens,
+        sampling,
+        req.decoding,
+    )
+    .await
 }
 
 /// A piece of a response as it is produced.
@@ -565,6 +590,7 @@ async fn respond(
     kind: Kind,
     prompt: Vec<u32>,
     max_tokens: usize,
+    sampling: SamplingOptions,
     decoding: Decoding,
 ) -> Result<Response, ApiError> {
     let prompt_tokens = prompt.len();
@@ -575,6 +601,7 @@ async fn respond(
             true => Vec::new(),
             false => state.stop_ids(),
         },
+        sampling,
     };
     let (id, events) = state.worker.submit(request).await?;
     let output = Output {

@@ -3,6 +3,7 @@
 //! Unknown fields are ignored, as OpenAI-compatible servers do. Sampling fields are
 //! accepted only at their greedy values (the server decodes greedily); `n` only at 1.
 
+use fusec_text::SamplingOptions;
 use serde::{Deserialize, Serialize};
 
 /// A prompt: text or token ids, one or a list of one.
@@ -61,18 +62,21 @@ pub struct Decoding {
 }
 
 impl Decoding {
-    /// Refuses what greedy decoding of one choice cannot honour, naming the field.
-    pub fn check_greedy(&self) -> Result<(), (String, &'static str)> {
-        let off = |v: Option<f64>, greedy: f64| v.is_some_and(|v| v != greedy);
-        if off(self.temperature, 0.0) {
+    /// How to choose tokens: greedy at temperature 0 or without one, else sampling
+    /// at that temperature with top_p, from a generator seeded with `seed` (or with
+    /// `default_seed` when the request gives none). Refuses, naming the field, what
+    /// is out of the API's ranges or what one sampled choice cannot honour.
+    pub fn sampling(&self, default_seed: u64) -> Result<SamplingOptions, (String, &'static str)> {
+        let off = |v: Option<f64>, neutral: f64| v.is_some_and(|v| v != neutral);
+        if let Some(t) = self.temperature.filter(|t| !(0.0..=2.0).contains(t)) {
             return Err((
-                "fusec serve decodes greedily: temperature must be 0 or absent".into(),
+                format!("temperature must be between 0 and 2, got {t}"),
                 "temperature",
             ));
         }
-        if off(self.top_p, 1.0) {
+        if let Some(p) = self.top_p.filter(|p| !(*p > 0.0 && *p <= 1.0)) {
             return Err((
-                "fusec serve decodes greedily: top_p must be 1 or absent".into(),
+                format!("top_p must be greater than 0 and at most 1, got {p}"),
                 "top_p",
             ));
         }
@@ -96,7 +100,14 @@ impl Decoding {
         if self.echo == Some(true) {
             return Err(("echo is not supported".into(), "echo"));
         }
-        Ok(())
+        let temperature = self.temperature.filter(|&t| t > 0.0);
+        Ok(SamplingOptions {
+            temperature: temperature.map(|t| t as f32),
+            top_p: temperature.and(self.top_p).map(|p| p as f32),
+            // The bits of a negative seed: every i64 is a seed of its own.
+            seed: self.seed.map_or(default_seed, |s| s as u64),
+            ..SamplingOptions::default()
+        })
     }
 
     pub fn include_usage(&self) -> bool {

@@ -19,7 +19,7 @@ use std::collections::{HashMap, VecDeque};
 use fusec_exec::kernels::gemv::MAX_ROW_DOT_ROWS;
 use fusec_exec::{PagedConfig, PagedSession, PagedStep};
 
-use crate::engine::{check_work, Engine, SeqId, Work};
+use crate::engine::{check_work, choose_checked, Choose, Engine, SeqId, Work};
 use crate::error::EngineError;
 
 /// A sequence: its id in the session, its queue, and the positions fed.
@@ -65,10 +65,12 @@ impl PagedEngine {
 
     /// Runs `self.feeds` as one session step, then takes its results: each row
     /// advances its sequence's queue by the token fed, and a row that empties the
-    /// queue yields the session's greedy token, which is queued to be fed next.
+    /// queue yields the token `choose` picks, which is queued to be fed next (and
+    /// replaces the session's greedy one when it differs).
     fn run_rows(
         &mut self,
         work: &[Work],
+        choose: &mut Choose<'_>,
         produced: &mut Vec<(SeqId, u32)>,
     ) -> Result<(), EngineError> {
         self.session.step_chunks_into(&self.feeds, &mut self.out)?;
@@ -84,19 +86,11 @@ impl PagedEngine {
                 continue;
             }
             // The queue is empty: this step fed the prompt's last token or the
-            // last generated one, so the session's greedy token is the next.
-            let logits = self.out.logits.row(row);
-            if let Some((index, &value)) = logits.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-                return Err(EngineError::NonFinite {
-                    seq: w.seq.0,
-                    index,
-                    value,
-                });
+            // last generated one, so the row's prediction is the next token.
+            let next = choose_checked(choose, w.seq, self.out.logits.row(row), o.next)?;
+            if i64::from(next) != i64::from(o.next) {
+                self.session.set_next(s.id, next as i32)?;
             }
-            let next = u32::try_from(o.next).map_err(|_| EngineError::BadToken {
-                id: 0,
-                vocab: self.session.vocab(),
-            })?;
             s.queue.push_back(next);
             produced.push((w.seq, next));
         }
@@ -155,7 +149,11 @@ impl Engine for PagedEngine {
         Ok(seq)
     }
 
-    fn step(&mut self, work: &[Work]) -> Result<Vec<(SeqId, u32)>, EngineError> {
+    fn step(
+        &mut self,
+        work: &[Work],
+        choose: &mut Choose<'_>,
+    ) -> Result<Vec<(SeqId, u32)>, EngineError> {
         check_work(
             work,
             |seq| self.seqs.get(&seq).map(|s| (s.queue.len(), s.fed)),
@@ -182,14 +180,14 @@ impl Engine for PagedEngine {
                 self.items.extend(std::iter::repeat_n(item, n));
                 left -= n;
                 if self.items.len() == MAX_ROW_DOT_ROWS {
-                    self.run_rows(work, &mut produced)?;
+                    self.run_rows(work, choose, &mut produced)?;
                     self.feeds.clear();
                     self.items.clear();
                 }
             }
         }
         if !self.items.is_empty() {
-            self.run_rows(work, &mut produced)?;
+            self.run_rows(work, choose, &mut produced)?;
         }
         Ok(produced)
     }

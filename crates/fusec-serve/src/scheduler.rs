@@ -26,6 +26,8 @@
 
 use std::collections::VecDeque;
 
+use fusec_text::{Sampler, SamplingOptions};
+
 use crate::engine::{blocks_for, Engine, SeqId, Work};
 use crate::error::{ConfigError, EngineError, SubmitError};
 
@@ -70,7 +72,7 @@ impl SchedulerConfig {
 }
 
 /// What to generate.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Request {
     /// The prompt's token ids.
     pub prompt: Vec<u32>,
@@ -78,6 +80,23 @@ pub struct Request {
     pub max_tokens: usize,
     /// Ids that end the request (end-of-sequence ids); the id itself is not emitted.
     pub stop_ids: Vec<u32>,
+    /// How each token is chosen: greedy by default; with a temperature, drawn from
+    /// the request's own generator seeded with `seed`, so that a request's tokens do
+    /// not depend on what shares its steps (nor on a preemption: the generator stays
+    /// with the request, and recomputed tokens are fed again, not drawn again).
+    pub sampling: SamplingOptions,
+}
+
+impl Request {
+    /// A greedy request.
+    pub fn greedy(prompt: Vec<u32>, max_tokens: usize, stop_ids: Vec<u32>) -> Request {
+        Request {
+            prompt,
+            max_tokens,
+            stop_ids,
+            sampling: SamplingOptions::default(),
+        }
+    }
 }
 
 /// A request, by the order it was submitted in.
@@ -141,6 +160,9 @@ pub struct SchedulerStats {
 struct Entry {
     id: RequestId,
     request: Request,
+    /// The request's sampler; `None` for greedy decoding, which takes the graph's
+    /// argmax as it is.
+    sampler: Option<Sampler>,
     generated: Vec<u32>,
     /// The engine's sequence while admitted.
     seq: Option<SeqId>,
@@ -200,8 +222,13 @@ impl<E: Engine> Scheduler<E> {
         self.waiting.is_empty() && self.running.is_empty()
     }
 
-    /// Checks `request` against the engine's vocabulary, context and capacity.
+    /// Checks `request` against the engine's vocabulary, context and capacity, and
+    /// its sampling options.
     pub fn check(&self, request: &Request) -> Result<(), SubmitError> {
+        request
+            .sampling
+            .validate()
+            .map_err(|e| SubmitError::Sampling(e.to_string()))?;
         let prompt = request.prompt.len();
         if prompt == 0 {
             return Err(SubmitError::EmptyPrompt);
@@ -239,9 +266,18 @@ impl<E: Engine> Scheduler<E> {
         self.check(&request)?;
         let id = RequestId(self.next_id);
         self.next_id += 1;
+        let sampling = &request.sampling;
+        let sampler = match sampling.temperature.is_some() || sampling.repetition_penalty.is_some()
+        {
+            true => Some(
+                Sampler::new(sampling.clone()).map_err(|e| SubmitError::Sampling(e.to_string()))?,
+            ),
+            false => None,
+        };
         self.waiting.push_back(Entry {
             id,
             request,
+            sampler,
             generated: Vec::new(),
             seq: None,
             fed: 0,
@@ -382,7 +418,25 @@ impl<E: Engine> Scheduler<E> {
             .iter()
             .filter_map(|&(i, n)| self.running[i].seq.map(|seq| Work { seq, tokens: n }))
             .collect();
-        let result = self.engine.step(&work);
+        let running = &mut self.running;
+        let result = self.engine.step(&work, &mut |seq, logits, greedy| {
+            match running.iter_mut().find(|e| e.seq == Some(seq)) {
+                Some(Entry {
+                    sampler: Some(sampler),
+                    request,
+                    generated,
+                    ..
+                }) => {
+                    // What the repetition penalty counts: the prompt and the output.
+                    let seen = match request.sampling.repetition_penalty {
+                        Some(_) => [&request.prompt[..], &generated[..]].concat(),
+                        None => Vec::new(),
+                    };
+                    sampler.next(logits, &seen)
+                }
+                _ => greedy,
+            }
+        });
         self.stats.steps += 1;
         match result {
             Ok(produced) => {

@@ -78,6 +78,7 @@ impl Server {
             tokenizer: tokenizer.map(Arc::new),
             chat,
             max_context,
+            next_seed: Default::default(),
         });
         let app = router(Arc::clone(&state));
         let (tx, rx) = oneshot::channel::<()>();

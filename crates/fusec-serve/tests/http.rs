@@ -443,7 +443,7 @@ fn bad_requests_get_a_4xx_with_a_json_error() {
         400,
     );
     assert_eq!(v["error"]["code"], "context_length_exceeded");
-    // Ids beyond the vocabulary, sampling, several choices, an empty prompt.
+    // Ids beyond the vocabulary, sampling out of range, several choices, an empty prompt.
     error(
         &post(
             addr,
@@ -456,10 +456,19 @@ fn bad_requests_get_a_4xx_with_a_json_error() {
         &post(
             addr,
             "/v1/completions",
-            &json!({"model": "tiny-chat", "prompt": "a", "temperature": 0.7}),
+            &json!({"model": "tiny-chat", "prompt": "a", "temperature": 2.5}),
         ),
         400,
     );
+    let v = error(
+        &post(
+            addr,
+            "/v1/completions",
+            &json!({"model": "tiny-chat", "prompt": "a", "temperature": 1, "top_p": 0}),
+        ),
+        400,
+    );
+    assert_eq!(v["error"]["param"], "top_p");
     error(
         &post(
             addr,
@@ -511,6 +520,37 @@ fn bad_requests_get_a_4xx_with_a_json_error() {
     assert_eq!(ok.status, 200, "{}", ok.body);
     let m = server.metrics();
     assert_eq!((m.scheduler.running, m.scheduler.blocks_in_use), (0, 0));
+}
+
+/// A sampled request with a seed gives the same tokens every time, streamed or whole;
+/// another seed or none gives others, and temperature 0 is greedy.
+#[test]
+fn sampled_requests_follow_their_seed() {
+    let server = start(engine(64), SchedulerConfig::default());
+    let addr = server.local_addr();
+    let body = |extra: Value| {
+        let mut b = json!({"model": "tiny-chat", "prompt": "the cat is", "max_tokens": 16, "ignore_eos": true});
+        for (k, v) in extra.as_object().expect("an object") {
+            b[k] = v.clone();
+        }
+        b
+    };
+    let ids = |extra: Value| output(&post(addr, "/v1/completions", &body(extra))).0;
+    let seeded = ids(json!({"temperature": 1.0, "seed": 7}));
+    assert_eq!(seeded, ids(json!({"temperature": 1.0, "seed": 7})));
+    assert_eq!(
+        seeded,
+        ids(json!({"temperature": 1.0, "seed": 7, "stream": true}))
+    );
+    assert_ne!(seeded, ids(json!({"temperature": 1.0, "seed": 8})));
+    let greedy = ids(json!({}));
+    assert_ne!(seeded, greedy, "sampling chose other tokens than greedy");
+    assert_eq!(greedy, ids(json!({"temperature": 0, "seed": 7})));
+    // Without a seed, each request draws from a generator of its own.
+    assert_ne!(
+        ids(json!({"temperature": 1.0})),
+        ids(json!({"temperature": 1.0}))
+    );
 }
 
 #[test]
@@ -602,8 +642,8 @@ fn a_client_that_disconnects_frees_its_sequence() {
     assert_eq!(ok.status, 200);
 }
 
-/// The 64 requests: prompts as text or ids, whole or streamed, completions or chat, of
-/// various lengths.
+/// The 64 requests: prompts as text or ids, whole or streamed, completions or chat
+/// (greedy or sampled with a seed), of various lengths.
 fn requests() -> Vec<(&'static str, Value)> {
     let words = [
         "the", "cat", "is", "on", "hat", "hello", "world", "what", "capital", "of", "France",
@@ -638,13 +678,19 @@ fn requests() -> Vec<(&'static str, Value)> {
                         }),
                     )
                 }
-                _ => (
-                    "/v1/chat/completions",
-                    json!({
+                _ => {
+                    let mut body = json!({
                         "model": "tiny-chat", "messages": [{"role": "user", "content": text}],
                         "max_tokens": max_tokens, "stream": stream,
-                    }),
-                ),
+                    });
+                    // Every other chat request samples, with a seed of its own.
+                    if i % 8 == 7 {
+                        body["temperature"] = json!(0.8);
+                        body["top_p"] = json!(0.95);
+                        body["seed"] = json!(i);
+                    }
+                    ("/v1/chat/completions", body)
+                }
             }
         })
         .collect()

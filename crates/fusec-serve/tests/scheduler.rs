@@ -1,18 +1,20 @@
 //! The scheduler over a fake engine: requests join between steps and leave at once, the
 //! token budget is shared by prompt chunks and decodes, and preemption when blocks run
-//! out loses no request and changes no output.
+//! out loses no request and changes no output, sampled requests included.
 
 use std::collections::{HashMap, VecDeque};
 
-use fusec_serve::engine::blocks_for;
+use fusec_serve::engine::{blocks_for, Choose};
 use fusec_serve::{
     Engine, EngineError, Event, Finish, Request, RequestId, Scheduler, SchedulerConfig, SeqId,
     SubmitError, Work,
 };
+use fusec_text::SamplingOptions;
 
 /// A deterministic engine: the next token is a hash of every token fed before it, so a
 /// sequence's tokens depend on its whole history (a recompute that fed anything else
-/// would show), and never on other sequences.
+/// would show), and never on other sequences. Its logits row is a pseudo-random row
+/// seeded by the same hash, for a sampler to draw from.
 #[derive(Debug)]
 struct Fake {
     block_size: usize,
@@ -81,7 +83,11 @@ impl Engine for Fake {
         );
         Ok(id)
     }
-    fn step(&mut self, work: &[Work]) -> Result<Vec<(SeqId, u32)>, EngineError> {
+    fn step(
+        &mut self,
+        work: &[Work],
+        choose: &mut Choose<'_>,
+    ) -> Result<Vec<(SeqId, u32)>, EngineError> {
         let needed: usize = work
             .iter()
             .map(|w| {
@@ -111,7 +117,14 @@ impl Engine for Fake {
             }
             assert!(s.fed <= self.max_context);
             if s.queue.is_empty() {
-                let next = (s.hash >> 33) as u32 % 997;
+                let greedy = (s.hash >> 33) as u32 % 997;
+                let logits: Vec<f32> = (0..self.vocab as u64)
+                    .map(|i| {
+                        let h = (s.hash ^ i).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                        (h >> 40) as f32 / (1u64 << 22) as f32
+                    })
+                    .collect();
+                let next = choose(w.seq, &logits, greedy);
                 s.queue.push_back(next);
                 out.push((w.seq, next));
             }
@@ -124,12 +137,25 @@ impl Engine for Fake {
 }
 
 fn req(prompt_len: usize, seed: u32, max_tokens: usize) -> Request {
-    Request {
-        prompt: (0..prompt_len as u32)
+    Request::greedy(
+        (0..prompt_len as u32)
             .map(|i| (i * 7 + seed) % 900)
             .collect(),
         max_tokens,
-        stop_ids: Vec::new(),
+        Vec::new(),
+    )
+}
+
+/// [`req`], sampled at temperature 1 from a generator seeded with `seed`.
+fn sampled(prompt_len: usize, seed: u32, max_tokens: usize) -> Request {
+    Request {
+        sampling: SamplingOptions {
+            temperature: Some(1.0),
+            top_p: Some(0.9),
+            seed: u64::from(seed),
+            ..SamplingOptions::default()
+        },
+        ..req(prompt_len, seed, max_tokens)
     }
 }
 
@@ -328,11 +354,7 @@ fn requests_that_cannot_fit_are_refused_at_submission() {
     ));
     assert_eq!(s.submit(req(0, 1, 5)), Err(SubmitError::EmptyPrompt));
     assert_eq!(s.submit(req(3, 1, 0)), Err(SubmitError::NoTokens));
-    let bad = Request {
-        prompt: vec![5, 1000],
-        max_tokens: 1,
-        stop_ids: Vec::new(),
-    };
+    let bad = Request::greedy(vec![5, 1000], 1, Vec::new());
     assert_eq!(
         s.submit(bad),
         Err(SubmitError::BadToken {
@@ -340,7 +362,52 @@ fn requests_that_cannot_fit_are_refused_at_submission() {
             vocab: 1000
         })
     );
+    let mut cold = sampled(3, 1, 5);
+    cold.sampling.temperature = Some(-1.0);
+    assert!(matches!(s.submit(cold), Err(SubmitError::Sampling(m)) if m.contains("temperature")));
     assert!(s.is_idle());
+}
+
+/// Sampled requests, greedy ones beside them, and preemption: every request's tokens
+/// are its tokens alone (its generator stays with it through an eviction, and the
+/// recomputed tokens are fed, not drawn again), and sampling does choose tokens other
+/// than the greedy ones.
+#[test]
+fn sampled_requests_give_their_tokens_alone_through_preemption() {
+    let config = SchedulerConfig {
+        max_running: 8,
+        token_budget: 16,
+        prefill_chunk: 5,
+    };
+    let mut s = Scheduler::new(Fake::new(4, 12, 64), config).unwrap();
+    let requests: Vec<Request> = (0..16)
+        .map(|i| match i % 2 {
+            0 => sampled(3 + i % 7, i as u32, 8 + (i * 5) % 11),
+            _ => req(3 + i % 7, i as u32, 8 + (i * 5) % 11),
+        })
+        .collect();
+    let ids: Vec<RequestId> = requests
+        .iter()
+        .map(|r| s.submit(r.clone()).unwrap())
+        .collect();
+    let mut out = HashMap::new();
+    drain(&mut s, &mut out);
+    assert!(s.stats().preemptions > 0, "the test must preempt");
+    let mut differ = 0;
+    for (id, r) in ids.iter().zip(&requests) {
+        let tokens = &out[id].0;
+        assert_eq!(tokens.len(), r.max_tokens);
+        assert_eq!(tokens, &alone(r), "{id:?} differs from its run alone");
+        if r.sampling.temperature.is_some() {
+            let greedy = alone(&Request::greedy(r.prompt.clone(), r.max_tokens, Vec::new()));
+            differ += usize::from(*tokens != greedy);
+        }
+    }
+    assert_eq!(differ, 8, "every sampled request left the greedy path");
+    // Another seed, other tokens.
+    let mut other = requests[0].clone();
+    other.sampling.seed += 100;
+    assert_ne!(alone(&other), alone(&requests[0]));
 }
 
 #[test]
