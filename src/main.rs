@@ -17,6 +17,7 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    Accuracy(cmd::accuracy::Args),
     Bench(cmd::bench::Args),
     Compile(cmd::compile::Args),
     Explain(cmd::explain::Args),
@@ -76,6 +77,7 @@ pub fn complain(text: &str) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Accuracy(args) => cmd::accuracy::run(args),
         Command::Bench(args) => cmd::bench::run(args),
         Command::Compile(args) => cmd::compile::run(args),
         Command::Explain(args) => cmd::explain::run(args),

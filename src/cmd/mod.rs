@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+pub mod accuracy;
 pub mod bench;
 pub mod compile;
 pub mod explain;
@@ -7,6 +8,7 @@ pub mod generate;
 pub mod options;
 pub mod report;
 pub mod run;
+pub mod runner;
 pub mod serve;
 
 use fusec::exec::Error as ExecError;
