@@ -371,3 +371,69 @@ fn the_plan_counts_the_attended_positions() {
     // A row past the table's reach reads nothing.
     assert_eq!(plan.paged_kv_bytes_read(&[16, -1, 99]), 0);
 }
+
+/// A position past the table's reach and a block id outside the pool write nothing and
+/// read nothing (the CPU executor refuses such a step): the valid row of that step
+/// matches the CPU executor running it alone, and the next step, whose rows read the
+/// slots a wrapped position (`16 % 16 = 0`) or a wrapped block id (`13 % 12 = 1`)
+/// would have hit, matches the CPU executor that never ran the bad rows.
+#[test]
+fn bad_positions_and_block_ids_touch_nothing() {
+    let Some(cxx) = compiler() else { return };
+    let (graph, weights) = paged_graph("hf-tiny-gemma3-s0", true);
+    let out = generate(&graph, &shape(), &Options::default()).expect("generates");
+    let dir = std::env::temp_dir().join(format!("fusec-emu-{}-paged-bad", std::process::id()));
+    let dev = emulate::Emulator::new(cxx, &dir);
+    let mut gpu = Runner::new(dev, &out, &Source(&weights)).expect("runner");
+    let mut cpu = Cpu::new(&graph, &weights);
+    let names = table_names(&graph);
+    // One step on the device: `rows`, with `bad` replacing table row `r` entirely.
+    let mut run = |rows: &[(usize, i32)], bad: Option<(usize, [i32; WIDTH])>| {
+        let tokens: Vec<i32> = rows.iter().map(|&(s, p)| token(s, p)).collect();
+        let positions: Vec<i32> = rows.iter().map(|&(_, p)| p).collect();
+        let values: Vec<Vec<i32>> = names
+            .iter()
+            .map(|n| {
+                let mut v = table_rows(n, rows);
+                if let Some((r, row)) = bad {
+                    v[r * WIDTH..(r + 1) * WIDTH].copy_from_slice(&row);
+                }
+                v
+            })
+            .collect();
+        let tables: Vec<(&str, &[i32])> = names
+            .iter()
+            .zip(&values)
+            .map(|(n, v)| (n.as_str(), v.as_slice()))
+            .collect();
+        gpu.step_paged(&PagedInputs {
+            tokens: &tokens,
+            positions: &positions,
+            tables: &tables,
+        })
+        .expect("the device runs a step with bad rows")
+    };
+    let first = [(0, 0), (1, 0), (2, 0)];
+    let got = run(&first, None);
+    let want = cpu.step(&graph, &first);
+    for (g, w) in got.logits.iter().zip(&want) {
+        assert!(max_rel(g, w) < 1e-4);
+    }
+    // Row 1 past the reach; row 2 (sequence 2 at position 0) through block 13 of 12.
+    let bad = [(0, 1), (1, 16), (2, 0)];
+    let got = run(&bad, Some((2, [13, 10, 6, 8])));
+    let want = cpu.step(&graph, &bad[..1]);
+    assert!(max_rel(&got.logits[0], &want[0]) < 1e-4, "the valid row");
+    for row in &got.logits[1..] {
+        assert!(row.iter().all(|x| x.is_finite()), "the bad rows' logits");
+    }
+    // Sequence 2 feeds position 0 again: its bad write went nowhere.
+    let next = [(0, 2), (1, 1), (2, 0)];
+    let got = run(&next, None);
+    let want = cpu.step(&graph, &next);
+    for (r, (g, w)) in got.logits.iter().zip(&want).enumerate() {
+        let rel = max_rel(g, w);
+        assert!(rel < 1e-4, "row {r} after the bad step: {rel:.2e}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
