@@ -495,6 +495,12 @@ impl<D: Device> Runner<D> {
         }
         let width = paged.max_blocks as usize;
         for (name, values) in inputs.tables {
+            if !self.plan.inputs.iter().any(|b| b.name == *name) {
+                return Err(RunError::Input {
+                    name: (*name).into(),
+                    message: "not an input of the plan".into(),
+                });
+            }
             if values.len() != batch * width {
                 return Err(RunError::Input {
                     name: (*name).into(),

@@ -566,3 +566,82 @@ fn a_paged_step_writes_every_row_before_attending() {
         }
     }
 }
+
+/// `Runner::step_paged` refuses inputs that do not fit the plan, and a dense plan.
+#[test]
+fn step_paged_checks_its_inputs() {
+    use fusec_cuda::runtime::{PagedInputs, RunError, Runner};
+    let path = common::root().join("examples/tiny.toml");
+    let case = common::paged_cases(&path, Precision::F32).remove(1);
+    let out = common::output(&case);
+    let batch = case.shape.batch as usize;
+    let width = out.plan.shape.paged.expect("paged").max_blocks as usize;
+    let mut runner = Runner::new(Memory::default(), &out, &Zeros).expect("runner");
+    let (tokens, positions) = (vec![1; batch], vec![0; batch]);
+    let table = vec![0; batch * width];
+    let ok = runner.step_paged(&PagedInputs {
+        tokens: &tokens,
+        positions: &positions,
+        tables: &[(fusec_ir::step::BLOCK_TABLE, &table)],
+    });
+    assert!(ok.is_ok(), "{ok:?}");
+    let bad = |r: Result<_, RunError>, what: &str| {
+        assert!(
+            matches!(&r, Err(RunError::Input { name, .. }) if name == what),
+            "{what}: {r:?}"
+        )
+    };
+    let short = vec![0; batch * width - 1];
+    bad(
+        runner.step_paged(&PagedInputs {
+            tokens: &tokens,
+            positions: &positions,
+            tables: &[(fusec_ir::step::BLOCK_TABLE, &short)],
+        }),
+        fusec_ir::step::BLOCK_TABLE,
+    );
+    bad(
+        runner.step_paged(&PagedInputs {
+            tokens: &tokens,
+            positions: &positions,
+            tables: &[],
+        }),
+        fusec_ir::step::BLOCK_TABLE,
+    );
+    bad(
+        runner.step_paged(&PagedInputs {
+            tokens: &tokens,
+            positions: &positions,
+            tables: &[
+                (fusec_ir::step::BLOCK_TABLE, &table),
+                ("block_table.window8", &table),
+            ],
+        }),
+        "block_table.window8",
+    );
+    bad(
+        runner.step_paged(&PagedInputs {
+            tokens: &[],
+            positions: &positions,
+            tables: &[(fusec_ir::step::BLOCK_TABLE, &table)],
+        }),
+        fusec_ir::step::INPUT_IDS,
+    );
+    bad(
+        runner.step_paged(&PagedInputs {
+            tokens: &[-1; 64][..batch],
+            positions: &positions,
+            tables: &[(fusec_ir::step::BLOCK_TABLE, &table)],
+        }),
+        fusec_ir::step::INPUT_IDS,
+    );
+    // A dense plan has no paged step.
+    let dense = common::output(&common::cases(&path, Precision::F32).remove(1));
+    let mut runner = Runner::new(Memory::default(), &dense, &Zeros).expect("runner");
+    let r = runner.step_paged(&PagedInputs {
+        tokens: &tokens,
+        positions: &positions,
+        tables: &[],
+    });
+    assert!(matches!(r, Err(RunError::Plan(_))), "{r:?}");
+}
