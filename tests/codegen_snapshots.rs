@@ -60,3 +60,44 @@ case!(f32_fused, "f32", true, "fused");
 case!(bf16_eager, "bf16", false, "eager");
 case!(bf16_fused, "bf16", true, "fused");
 case!(fp8_fused, "fp8", true, "fused");
+
+/// Codegen's output for the tiny example's paged step (`StepDims::paged`, blocks of 16
+/// positions), fused, in `precision`: the kernels that write into and read through the
+/// paged KV cache.
+fn generated_paged(precision: &str) -> codegen::Output {
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/tiny.toml");
+    let spec = pipeline::load(&example, None, None).expect("the tiny example loads");
+    let precision = Precision::parse(precision).expect("a precision");
+    let spec = pipeline::in_precision(&spec, precision);
+    let eager = pipeline::eager_prefill(&spec, &fusec_model::blocks::StepDims::paged(16))
+        .expect("the paged step builds");
+    let rules = pipeline::rules(&[]).expect("built-in rules load");
+    let (graph, report) = pipeline::fuse(&spec, &eager, &rules).expect("the paged step fuses");
+    assert!(!report.hit_limit, "{}", report.stop_reason);
+    let shape = DecodeShape::new(spec.decode.batch, spec.model.max_seq_len);
+    codegen::generate(&graph, &shape, &codegen::Options::default()).expect("codegen succeeds")
+}
+
+mod bf16_paged {
+    /// The paged kernels alone (the write into the blocks and the attention through
+    /// the tables; every layer's are the same text).
+    #[test]
+    fn kernels() {
+        let code = super::generated_paged("bf16");
+        let paged: Vec<&str> = code
+            .kernels
+            .iter()
+            .filter(|k| k.family.starts_with("paged_"))
+            .map(|k| k.function.as_str())
+            .collect();
+        assert_eq!(paged.len(), 2, "one write and one attention kernel");
+        insta::assert_snapshot!("tiny.bf16.paged.cu", paged.join("\n"));
+    }
+
+    #[test]
+    fn launch_plan() {
+        let code = super::generated_paged("bf16");
+        let plan = code.plan.to_json().expect("the plan serialises");
+        insta::assert_snapshot!("tiny.bf16.paged.plan.json", plan);
+    }
+}

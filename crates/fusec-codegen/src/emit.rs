@@ -173,12 +173,30 @@ pub(crate) struct Decode<'a> {
     pub scales: Option<(&'a View, &'a View)>,
 }
 
-/// An attention node's operands. For decode, `k` and `v` are the new entries.
+/// A paged attention's operands beyond plain attention's (`fused.paged_attention`,
+/// and `fused.paged_decode_attention` with its RoPE tables): the pools `[P, KV, BS,
+/// hd]`, each row's block table row `[B, M]` and position `[B, 1]` (i32).
+pub(crate) struct Paged<'a> {
+    pub pool_k: &'a View,
+    pub pool_v: &'a View,
+    pub table: &'a View,
+    pub positions: &'a View,
+    /// RoPE's cos and sin tables, applied to q and the new k.
+    pub rope: Option<(&'a Operand, &'a Operand)>,
+    /// A sliding window, in positions.
+    pub window: Option<u64>,
+}
+
+/// An attention node's operands. For decode and paged attention, `k` and `v` are the
+/// new entries.
 pub(crate) struct Attention<'a> {
     pub q: &'a View,
     pub k: &'a View,
     pub v: &'a View,
     pub decode: Option<Decode<'a>>,
+    /// Attention through a paged cache's block tables (then `decode` is `None` and the
+    /// mask is the scalar 0: a row sees exactly its positions).
+    pub paged: Option<Paged<'a>>,
     pub scale: f32,
     /// Gemma 2's soft-cap `c` of the scaled scores, `tanh(s / c) * c`, if any.
     pub softcap: Option<f32>,
@@ -308,7 +326,12 @@ pub(crate) trait KernelEmitter {
     ) -> Result<Option<(u64, u64)>, String>;
     /// The dtype of the workspace's partials.
     fn workspace_dtype(&self) -> DType;
-    /// Attention (plain or decode), with the workspace views where one was asked for.
+    /// Writes a paged step's new keys and values (`a.k`, `a.v`, rotated when
+    /// `paged.rope` is set) into their blocks of the pools; launched before the paged
+    /// [`KernelEmitter::attention`] of the same node.
+    fn paged_write(&self, a: &Attention<'_>, cx: Ctx<'_, '_>) -> Result<KernelCode, String>;
+    /// Attention (plain, decode or paged), with the workspace views where one was
+    /// asked for.
     fn attention(
         &self,
         a: &Attention<'_>,

@@ -35,6 +35,15 @@ impl Extent {
                 Ok(Extent::Fixed(shape.batch + plus))
             }
             Dim::Sym { name, plus } if name == fusec_ir::step::PAST => Ok(Extent::Past(*plus)),
+            // A paged cache's pool and table sizes are baked in like the batch.
+            Dim::Sym { name, plus } if name == fusec_ir::step::POOL_BLOCKS => shape
+                .paged
+                .map(|p| Extent::Fixed(p.pool_blocks + plus))
+                .ok_or_else(|| name.clone()),
+            Dim::Sym { name, plus } if name == fusec_ir::step::MAX_BLOCKS => shape
+                .paged
+                .map(|p| Extent::Fixed(p.max_blocks + plus))
+                .ok_or_else(|| name.clone()),
             Dim::Window { name, plus, window } if name == fusec_ir::step::PAST => {
                 Ok(Extent::Window {
                     plus: *plus,
@@ -368,6 +377,7 @@ mod tests {
     const D: DecodeShape = DecodeShape {
         batch: 1,
         max_seq_len: 8,
+        paged: None,
     };
 
     fn fixed(v: &[u64]) -> Vec<Extent> {

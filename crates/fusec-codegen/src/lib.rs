@@ -32,6 +32,6 @@ pub mod plan;
 
 pub use error::Error;
 pub use lower::generate;
-pub use options::{Arch, DecodeShape, Options};
+pub use options::{Arch, DecodeShape, Options, PagedShape};
 pub use output::{Kernel, Output};
 pub use plan::LaunchPlan;

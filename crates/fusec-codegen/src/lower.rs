@@ -10,14 +10,15 @@ use fusec_ir::{verify, DType, FusedOp, Graph, InputKind, NodeId, Op, OutputKind,
 use crate::cuda::Cuda;
 use crate::emit::{
     Attention, Ctx, Decode, Epilogue, Gemv, KernelCode, KernelEmitter, NormPrologue, Operand,
-    Params, NAME,
+    Paged, Params, NAME,
 };
 use crate::error::Error;
 use crate::layout::{extents, Extent, View};
-use crate::options::{DecodeShape, Options};
+use crate::options::{DecodeShape, Options, PagedShape};
 use crate::output::{Kernel, Output};
 use crate::plan::{
-    Arg, Binding, Buffer, BufferId, BufferKind, ConstantInit, Launch, LaunchPlan, StateBinding,
+    Arg, Binding, Buffer, BufferId, BufferKind, ConstantInit, Launch, LaunchPlan, PagedReads,
+    StateBinding,
 };
 
 /// Arena placements are aligned for 16-byte vector loads and for coalescing.
@@ -50,8 +51,9 @@ struct Lower<'a> {
 /// Lowers `graph` to CUDA C and a launch plan. See the crate documentation.
 pub fn generate(graph: &Graph, shape: &DecodeShape, options: &Options) -> Result<Output, Error> {
     options.check()?;
-    shape.check()?;
     verify(graph).map_err(|e| Error::InvalidGraph(e.to_string()))?;
+    let shape = &with_paged_default(graph, shape);
+    shape.check()?;
     let order = graph
         .topo_order()
         .map_err(|e| Error::InvalidGraph(e.to_string()))?;
@@ -81,6 +83,28 @@ pub fn generate(graph: &Graph, shape: &DecodeShape, options: &Options) -> Result
         l.node(id)?;
     }
     l.finish()
+}
+
+/// `shape`, with a paged cache covering `max_seq_len` for every sequence
+/// ([`PagedShape::covering`]) when the graph attends through block tables and the
+/// caller gave no paged sizes.
+fn with_paged_default(graph: &Graph, shape: &DecodeShape) -> DecodeShape {
+    if shape.paged.is_some() {
+        return *shape;
+    }
+    let block_size = graph.node_ids().into_iter().find_map(|id| {
+        let pool = match graph.op(id) {
+            Op::Fused(FusedOp::PagedAttention) => 3,
+            Op::Fused(FusedOp::PagedDecodeAttention) => 5,
+            _ => return None,
+        };
+        let t = graph.ty(*graph.operands(id).get(pool)?).tensor()?;
+        t.shape.dims().get(2)?.as_fixed()
+    });
+    match block_size {
+        Some(bs) => shape.with_paged(PagedShape::covering(shape.batch, shape.max_seq_len, bs)),
+        None => *shape,
+    }
 }
 
 impl Lower<'_> {
@@ -339,6 +363,9 @@ impl Lower<'_> {
             }
         }
         let outs = self.results(id)?;
+        if let Op::Fused(f @ (FusedOp::PagedAttention | FusedOp::PagedDecodeAttention)) = op {
+            return self.launch_paged(id, f, &ops, outs);
+        }
         let (decode, opts) = (self.decode, self.opts);
         let mut params = Params::default();
         let e = self.emitter;
@@ -401,10 +428,10 @@ impl Lower<'_> {
             }),
             Op::Fused(f) => match f {
                 FusedOp::KvAppend => view(0).and_then(|past| e.kv_append(past, view(1)?, cx!())),
-                // The paged KV cache runs on the CPU executor only for now.
-                FusedOp::PagedAttention | FusedOp::PagedDecodeAttention => Err(
-                    "no CUDA kernel reads a paged KV cache yet (the CPU executor runs it)".into(),
-                ),
+                // Two kernels: see `launch_paged`, which the node took above.
+                FusedOp::PagedAttention | FusedOp::PagedDecodeAttention => {
+                    Err("paged attention is lowered by launch_paged".into())
+                }
                 FusedOp::Rope => view(0).and_then(|x| e.rope(x, &ops[1], &ops[2], out0, cx!())),
                 FusedOp::RmsNorm => {
                     view(0).and_then(|x| e.rms_norm(x, view(1)?, scalar(2)?, out0, cx!()))
@@ -598,6 +625,7 @@ impl Lower<'_> {
                             k: view(1)?,
                             v: view(2)?,
                             decode: dec,
+                            paged: None,
                             scale: scalar(scale_i)?,
                             softcap: match (*f, ops.get(5)) {
                                 (FusedOp::Attention, Some(_)) => Some(scalar(5)?),
@@ -656,6 +684,147 @@ impl Lower<'_> {
                     .ok_or_else(|| self.unsupported(id, "no result"))?,
             ))
         })
+    }
+
+    /// `fused.paged_attention` and `fused.paged_decode_attention`: two launches, the
+    /// write of every row's new key and value into its block, then the attention
+    /// through the block tables (Kwon et al. 2023, "Efficient Memory Management for
+    /// Large Language Model Serving with PagedAttention", section 4.1; vLLM likewise
+    /// runs its `reshape_and_cache` kernel before `paged_attention`).
+    ///
+    /// Why two kernels: the rows of one step need not be distinct sequences. A prefill
+    /// chunk run as decode rows puts one sequence in consecutive rows at positions `p`
+    /// and `p + 1`, each with a copy of the sequence's block table row, and the row at
+    /// `p + 1` must read the entry the row at `p` writes. Blocks of one launch have no
+    /// order and cannot wait for each other, so one kernel could read a slot before the
+    /// block writing it ran; two launches on one stream complete every write before any
+    /// read (the CPU kernel likewise writes every row before attending).
+    fn launch_paged(
+        &mut self,
+        id: NodeId,
+        f: FusedOp,
+        ops: &[Operand],
+        outs: Vec<View>,
+    ) -> Result<Val, Error> {
+        let (decode, opts, e) = (self.decode, self.opts, self.emitter);
+        // The decode variant has RoPE's tables after v; the operands from the pools on
+        // are the same, two places later.
+        let o = match f {
+            FusedOp::PagedAttention => 0,
+            _ => 2,
+        };
+        // No mask: the scores get `+ 0`, rounded as the CPU kernel rounds them.
+        let zero = Operand::Scalar(0.0);
+        let built = (|| -> Result<Attention<'_>, String> {
+            let view = |i: usize| -> Result<&View, String> {
+                ops.get(i)
+                    .ok_or_else(|| format!("missing operand {i}"))?
+                    .view()
+            };
+            let scalar = |i: usize| -> Result<f32, String> {
+                ops.get(i)
+                    .ok_or_else(|| format!("missing operand {i}"))?
+                    .scalar()
+            };
+            let window = match ops.get(8 + o) {
+                None => None,
+                Some(w) => {
+                    let w = w.scalar()?;
+                    // A window is a whole number of positions, at least one (as the CPU
+                    // executor checks it).
+                    if !(w >= 1.0 && w.fract() == 0.0 && w < 16_777_216.0) {
+                        return Err(format!("window {w} is not a length"));
+                    }
+                    Some(w as u64)
+                }
+            };
+            let rope = match o {
+                0 => None,
+                _ => Some((
+                    ops.get(3).ok_or("missing cos")?,
+                    ops.get(4).ok_or("missing sin")?,
+                )),
+            };
+            Ok(Attention {
+                q: view(0)?,
+                k: view(1)?,
+                v: view(2)?,
+                decode: None,
+                paged: Some(Paged {
+                    pool_k: view(3 + o)?,
+                    pool_v: view(4 + o)?,
+                    table: view(5 + o)?,
+                    positions: view(6 + o)?,
+                    rope,
+                    window,
+                }),
+                scale: scalar(7 + o)?,
+                softcap: None,
+                mask: &zero,
+                out: outs.first().ok_or("no result")?,
+            })
+        })()
+        .map_err(|m| self.unsupported(id, m))?;
+        let mut write_params = Params::default();
+        let write = e
+            .paged_write(
+                &built,
+                Ctx {
+                    params: &mut write_params,
+                    decode: &decode,
+                    opts,
+                },
+            )
+            .map_err(|m| self.unsupported(id, m))?;
+        let ws = e
+            .attention_workspace(&built, &decode, opts)
+            .map_err(|m| self.unsupported(id, m))?
+            .map(|(fl, t)| self.workspace(fl, t));
+        let mut attend_params = Params::default();
+        let attend = e
+            .attention(
+                &built,
+                ws.as_ref().map(|(f, t)| (f, t)),
+                Ctx {
+                    params: &mut attend_params,
+                    decode: &decode,
+                    opts,
+                },
+            )
+            .map_err(|m| self.unsupported(id, m))?;
+        let mut views = Vec::new();
+        for x in ops {
+            if let Operand::View(v) = x {
+                views.push(v.clone());
+            }
+        }
+        views.extend(outs.iter().cloned());
+        // Each launch records the views of the buffers it binds, operands first.
+        for (code, params) in [(&write, &write_params), (&attend, &attend_params)] {
+            let bound: Vec<_> = views
+                .iter()
+                .filter(|v| params.list().iter().any(|(b, _, _)| *b == v.buffer))
+                .map(|v| v.info(&decode))
+                .collect();
+            self.add_launch(id, code, params, bound);
+        }
+        // The attention launch (the last) reads the pools through the tables.
+        let paged = built
+            .paged
+            .as_ref()
+            .ok_or_else(|| self.unsupported(id, "not paged"))?;
+        let dim = |i: usize| paged.pool_k.dims[i].capacity(&decode);
+        let reads = PagedReads {
+            kv_heads: dim(1),
+            head_dim: dim(3),
+            element_bytes: paged.pool_k.dtype.size_bytes(),
+            reach: dim(2).saturating_mul(paged.table.dims[1].capacity(&decode)),
+            window: paged.window,
+        };
+        if let Some(l) = self.launches.last_mut() {
+            l.paged = Some(reads);
+        }
+        Ok(Val::Tuple(outs))
     }
 
     /// The shared workspace (split-KV attention's partials and tickets, the post-norm
@@ -731,6 +900,7 @@ impl Lower<'_> {
             shared_bytes: code.shared,
             args: params.args(),
             views,
+            paged: None,
         });
     }
 

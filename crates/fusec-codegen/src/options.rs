@@ -74,11 +74,53 @@ pub struct DecodeShape {
     pub batch: u64,
     /// The most positions a KV cache holds after a step (`S + 1 <= max_seq_len`).
     pub max_seq_len: u64,
+    /// The sizes of a paged KV cache's symbols (`P` blocks in each pool, `M` entries per
+    /// block table row), for a paged step's graph; `None` for a dense step, and for a
+    /// paged one [`crate::generate`] fills in [`PagedShape::covering`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paged: Option<PagedShape>,
+}
+
+/// The static sizes of a paged KV cache (Kwon et al. 2023, "Efficient Memory
+/// Management for Large Language Model Serving with PagedAttention", section 4.2): the
+/// pools `[P, KV, BS, hd]` are allocated once for `P` blocks, and each sequence's
+/// block table row has `M` entries, so a sequence reaches at most `M * BS` positions.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PagedShape {
+    /// Blocks in each layer's pool (the symbol `P`).
+    pub pool_blocks: u64,
+    /// Blocks per sequence in the block table (the symbol `M`).
+    pub max_blocks: u64,
+}
+
+impl PagedShape {
+    /// Tables wide enough for `max_seq_len` positions in blocks of `block_size`, and a
+    /// pool with a block for every entry of every sequence's table: what a dense cache
+    /// of the same batch and length would hold, so no step can run out of blocks.
+    pub fn covering(batch: u64, max_seq_len: u64, block_size: u64) -> PagedShape {
+        let max_blocks = max_seq_len.div_ceil(block_size.max(1)).max(1);
+        PagedShape {
+            pool_blocks: batch.saturating_mul(max_blocks).max(1),
+            max_blocks,
+        }
+    }
 }
 
 impl DecodeShape {
     pub fn new(batch: u64, max_seq_len: u64) -> DecodeShape {
-        DecodeShape { batch, max_seq_len }
+        DecodeShape {
+            batch,
+            max_seq_len,
+            paged: None,
+        }
+    }
+
+    /// This shape with a paged cache of the given sizes.
+    pub fn with_paged(self, paged: PagedShape) -> DecodeShape {
+        DecodeShape {
+            paged: Some(paged),
+            ..self
+        }
     }
 
     /// The allocated extent of the dimension `S + plus`: `S` and `S + 1` share one
@@ -94,6 +136,20 @@ impl DecodeShape {
                 "batch ({}) and max_seq_len ({}) must be positive",
                 self.batch, self.max_seq_len
             )));
+        }
+        if let Some(p) = self.paged {
+            // The kernels index blocks and table entries with 32-bit ints.
+            let limit = i32::MAX as u64;
+            if p.pool_blocks == 0
+                || p.max_blocks == 0
+                || p.pool_blocks > limit
+                || p.max_blocks > limit
+            {
+                return Err(Error::Options(format!(
+                    "a paged cache of {} blocks and tables of {} must have 1..={limit} of each",
+                    p.pool_blocks, p.max_blocks
+                )));
+            }
         }
         Ok(())
     }

@@ -161,12 +161,65 @@ pub struct Launch {
     pub args: Vec<Arg>,
     /// The operand and result views the kernel has baked in, operands first.
     pub views: Vec<ViewInfo>,
+    /// For the attention kernel of a paged KV cache: what it reads per attended
+    /// position, so that its traffic can be counted from the step's real positions
+    /// ([`LaunchPlan::paged_kv_bytes_read`]); the types give only the table's reach.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paged: Option<PagedReads>,
+}
+
+/// What one paged attention launch reads: each row at position `p` reads the key and
+/// value rows of its positions `start ..= p` (`start = p + 1 - W` for a sliding
+/// window `W`, else 0), `kv_heads * head_dim` elements each.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PagedReads {
+    pub kv_heads: u64,
+    pub head_dim: u64,
+    /// Bytes per element of the pools.
+    pub element_bytes: u64,
+    /// Positions the block table reaches, `M * BS`: a row at or past it reads nothing.
+    pub reach: u64,
+    pub window: Option<u64>,
+}
+
+impl PagedReads {
+    /// Positions a row at `position` attends (0 for a position the kernel skips).
+    pub fn attended(&self, position: i32) -> u64 {
+        match u64::try_from(position) {
+            Ok(p) if p < self.reach => {
+                let start = self.window.map_or(0, |w| (p + 1).saturating_sub(w.max(1)));
+                p + 1 - start
+            }
+            _ => 0,
+        }
+    }
+
+    /// Bytes of keys and values the launch reads for rows at `positions`.
+    pub fn bytes_read(&self, positions: &[i32]) -> u64 {
+        let row = 2 * self.kv_heads * self.head_dim * self.element_bytes;
+        positions
+            .iter()
+            .map(|&p| self.attended(p).saturating_mul(row))
+            .fold(0, u64::saturating_add)
+    }
 }
 
 impl LaunchPlan {
     /// The plan as pretty-printed JSON.
     pub fn to_json(&self) -> Result<String, serde_json::Error> {
         serde_json::to_string_pretty(self)
+    }
+
+    /// Bytes of the paged KV pools the step's attention launches read, for rows at
+    /// `positions` (one per row of the batch): the positions actually attended, as the
+    /// CPU executor's paged kernel counts them (`fusec_exec`'s `paged_attention`
+    /// counts f32 elements, the buffers it holds; here the pools' own dtype).
+    pub fn paged_kv_bytes_read(&self, positions: &[i32]) -> u64 {
+        self.launches
+            .iter()
+            .filter_map(|l| l.paged.as_ref())
+            .map(|p| p.bytes_read(positions))
+            .fold(0, u64::saturating_add)
     }
 
     /// Total bytes the runner allocates: every buffer outside the arena, plus the arena.

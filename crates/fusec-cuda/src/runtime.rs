@@ -7,6 +7,11 @@
 //! KV-cache buffers that the step did not update in place, and reads the logits and
 //! the greedy tokens back.
 //!
+//! A paged step's plan (a graph of `fusec_model::blocks::StepDims::paged`) runs with
+//! [`Runner::step_paged`] instead: the caller gives every row's token, position and
+//! block table rows (the host side of Kwon et al. 2023's PagedAttention, as
+//! `fusec_exec::PagedSession` keeps it), and the pools are updated in place.
+//!
 //! The device is a trait so that the same runner drives a CUDA GPU (this crate's
 //! `gpu` module) and, in the tests, a CPU emulation of the kernels. Devices deal in raw
 //! addresses: the arena's intermediates are offsets into one allocation.
@@ -133,6 +138,18 @@ pub struct Step {
     pub logits: Vec<Vec<f32>>,
     /// The greedy next token per sequence.
     pub next: Vec<i32>,
+}
+
+/// One paged step's data inputs, one entry per row of the plan's batch. Rows are
+/// independent: one sequence may take several rows at consecutive positions (a prompt
+/// chunk), each with a copy of the sequence's table rows.
+#[derive(Clone, Copy, Debug)]
+pub struct PagedInputs<'a> {
+    pub tokens: &'a [i32],
+    pub positions: &'a [i32],
+    /// Every block table input of the plan (`block_table`, `block_table.windowW`) by
+    /// name, row-major `[B, M]`; `-1` (or any id outside the pool) for no block.
+    pub tables: &'a [(&'a str, &'a [i32])],
 }
 
 /// Runs a plan step by step on a device. See the module documentation.
@@ -443,6 +460,118 @@ impl<D: Device> Runner<D> {
             logits: logits.chunks(vocab.max(1)).map(<[f32]>::to_vec).collect(),
             next: next.into_iter().map(|t| t as i32).collect(),
         })
+    }
+
+    /// One step of a paged plan (see the module documentation): uploads `inputs`,
+    /// launches every kernel, and reads the logits and greedy tokens back. The pools
+    /// are states updated in place; [`Runner::past`] is not used and stays as it is.
+    /// A position or block id the kernels cannot use reads and writes nothing there
+    /// (the CPU executor refuses such a step): check them on the host first.
+    pub fn step_paged(&mut self, inputs: &PagedInputs<'_>) -> Result<Step, RunError> {
+        let batch = self.plan.shape.batch as usize;
+        let paged = self
+            .plan
+            .shape
+            .paged
+            .ok_or_else(|| RunError::Plan("not a paged step's plan".into()))?;
+        for (name, n) in [
+            (step::INPUT_IDS, inputs.tokens.len()),
+            (step::POSITION_IDS, inputs.positions.len()),
+        ] {
+            if n != batch {
+                return Err(RunError::Input {
+                    name: name.into(),
+                    message: format!("{n} values for a batch of {batch}"),
+                });
+            }
+        }
+        if let Some(vocab) = self.vocab() {
+            if let Some(t) = inputs.tokens.iter().find(|&&t| t < 0 || t as u64 >= vocab) {
+                return Err(RunError::Input {
+                    name: step::INPUT_IDS.into(),
+                    message: format!("token id {t} is out of range for a vocabulary of {vocab}"),
+                });
+            }
+        }
+        let width = paged.max_blocks as usize;
+        for (name, values) in inputs.tables {
+            if !self.plan.inputs.iter().any(|b| b.name == *name) {
+                return Err(RunError::Input {
+                    name: (*name).into(),
+                    message: "not an input of the plan".into(),
+                });
+            }
+            if values.len() != batch * width {
+                return Err(RunError::Input {
+                    name: (*name).into(),
+                    message: format!("{} entries for {batch} rows of {width}", values.len()),
+                });
+            }
+        }
+        let names_in: Vec<String> = self.plan.inputs.iter().map(|b| b.name.clone()).collect();
+        for name in names_in {
+            let values: &[i32] = match name.as_str() {
+                step::INPUT_IDS => inputs.tokens,
+                step::POSITION_IDS => inputs.positions,
+                other => inputs
+                    .tables
+                    .iter()
+                    .find(|(n, _)| *n == other)
+                    .map(|(_, v)| *v)
+                    .ok_or_else(|| RunError::Input {
+                        name: other.into(),
+                        message: "no values given for this input of the plan".into(),
+                    })?,
+            };
+            self.upload_i32(&name, values)?;
+        }
+        self.launch_all()?;
+        self.device.sync()?;
+        let logits = self.download(step::LOGITS)?;
+        let next = self.download(step::NEXT_TOKEN)?;
+        let vocab = logits.len() / batch.max(1);
+        Ok(Step {
+            logits: logits.chunks(vocab.max(1)).map(<[f32]>::to_vec).collect(),
+            next: next.into_iter().map(|t| t as i32).collect(),
+        })
+    }
+
+    /// Writes an i32 data input's values (row-major over its shape), exactly.
+    fn upload_i32(&mut self, name: &str, values: &[i32]) -> Result<(), RunError> {
+        let binding = self
+            .plan
+            .inputs
+            .iter()
+            .find(|b| b.name == name)
+            .cloned()
+            .ok_or_else(|| RunError::Input {
+                name: name.into(),
+                message: "not an input of the plan".into(),
+            })?;
+        let v = &binding.view;
+        let buf = &self.plan.buffers[v.buffer];
+        if buf.dtype != DType::I32 {
+            return Err(RunError::Input {
+                name: name.into(),
+                message: format!("a paged step's inputs are i32, this one is {}", buf.dtype),
+            });
+        }
+        let offs = offsets(v, self.past)?;
+        if offs.len() != values.len() {
+            return Err(RunError::Input {
+                name: name.into(),
+                message: format!("{} values for {} elements", values.len(), offs.len()),
+            });
+        }
+        let mut bytes = vec![0u8; buf.bytes as usize];
+        for (o, x) in offs.iter().zip(values) {
+            let at = (o * 4) as usize;
+            bytes
+                .get_mut(at..at + 4)
+                .ok_or_else(|| RunError::Plan(format!("input `{name}` overruns its buffer")))?
+                .copy_from_slice(&x.to_le_bytes());
+        }
+        self.device.write(self.addr[v.buffer], &bytes)
     }
 
     /// The vocabulary: the embedding table's rows.

@@ -4,6 +4,8 @@
 //! registers and shared memory too). Kernels with identical text are compiled once:
 //! the layers of a model, and the models that share shapes, emit the same kernels.
 //!
+//! The paged step's kernels (`common::paged_cases`) are compiled too.
+//!
 //! Without NVRTC the test passes but says so loudly on stderr and stdout.
 
 mod common;
@@ -53,6 +55,31 @@ fn distinct_kernels() -> BTreeMap<String, String> {
             }
         }
     }
+    // The paged KV cache's kernels (the write into the blocks, and attention through
+    // the block tables), with and without RoPE fused in, and with Gemma 3's sliding
+    // windows beside its global layers.
+    let paged = [
+        (common::root().join("examples/tiny.toml"), Precision::F32),
+        (common::root().join("examples/tiny.toml"), Precision::Bf16),
+        (common::root().join("examples/tiny.toml"), Precision::F16),
+        (
+            common::root().join("tests/fixtures/hf-tiny-gemma3-s0"),
+            Precision::Bf16,
+        ),
+    ];
+    let mut paged_kernels = 0;
+    for (path, precision) in paged {
+        for case in common::paged_cases(&path, precision) {
+            for k in &common::output(&case).kernels {
+                paged_kernels += usize::from(k.family.starts_with("paged_"));
+                let text = k.function.replace(&k.name, "FUSEC_KERNEL");
+                kernels
+                    .entry(text)
+                    .or_insert_with(|| format!("{} {}", case.label, k.name));
+            }
+        }
+    }
+    assert!(paged_kernels >= 16, "{paged_kernels} paged kernels");
     // No rule set builds a lone fused.rms_norm for Llama; compile one by hand.
     for dtype in [DType::F32, DType::Bf16] {
         let case = common::Case {

@@ -494,3 +494,154 @@ fn reset_zeroes_the_caches_and_the_split_kv_workspace() {
     );
     assert_eq!(runner.past(), 0);
 }
+
+/// A paged step's plan: each paged attention node is two launches, the write into the
+/// pools first (binding them read-write) and the attention through the tables after
+/// it (reading them only, and recording what it reads); the pools are states updated
+/// in place; the pool and table sizes are the default covering `max_seq_len`; and the
+/// plan is deterministic.
+#[test]
+fn a_paged_step_writes_every_row_before_attending() {
+    let path = common::root().join("examples/tiny.toml");
+    for case in common::paged_cases(&path, Precision::Bf16) {
+        let out = common::output(&case);
+        let again = common::output(&case);
+        assert_eq!(out.source(), again.source(), "{}", case.label);
+        let plan = &out.plan;
+        let paged = plan.shape.paged.expect("the default paged sizes");
+        assert_eq!(paged.max_blocks, case.shape.max_seq_len.div_ceil(16));
+        assert_eq!(paged.pool_blocks, case.shape.batch * paged.max_blocks);
+        let family = |l: &fusec_codegen::plan::Launch| {
+            out.kernels
+                .iter()
+                .find(|k| k.name == l.kernel)
+                .map(|k| k.family.clone())
+                .expect("kernel")
+        };
+        let mut pairs = 0;
+        for (i, l) in plan.launches.iter().enumerate() {
+            if family(l) != "paged_write" {
+                continue;
+            }
+            let next = &plan.launches[i + 1];
+            assert_eq!(family(next), "paged_attention", "{}", case.label);
+            assert_eq!(next.value, l.value, "{}: one node", case.label);
+            assert!(l.paged.is_none() && next.paged.is_some());
+            let pools: Vec<usize> = plan
+                .states
+                .iter()
+                .map(|s| {
+                    assert_eq!(s.input.buffer, s.output.buffer, "{}: in place", s.name);
+                    s.input.buffer
+                })
+                .collect();
+            let access = |l: &fusec_codegen::plan::Launch, access| {
+                l.args
+                    .iter()
+                    .filter(|a| {
+                        matches!(a, Arg::Buffer { buffer, access: x } if pools.contains(buffer) && *x == access)
+                    })
+                    .count()
+            };
+            use fusec_codegen::plan::Access;
+            assert_eq!(access(l, Access::ReadWrite), 2, "{}", case.label);
+            assert_eq!(access(next, Access::Read), 2, "{}", case.label);
+            assert_eq!(
+                access(next, Access::ReadWrite) + access(next, Access::Write),
+                0
+            );
+            pairs += 1;
+        }
+        let layers = plan.states.len() / 2;
+        assert!(layers > 0, "{}: pools", case.label);
+        assert_eq!(pairs, layers, "{}", case.label);
+        // Both launches of a layer record views of the buffers they bind only.
+        for l in &plan.launches {
+            for v in &l.views {
+                assert!(l
+                    .args
+                    .iter()
+                    .any(|a| matches!(a, Arg::Buffer { buffer, .. } if *buffer == v.buffer)));
+            }
+        }
+    }
+}
+
+/// `Runner::step_paged` refuses inputs that do not fit the plan, and a dense plan.
+#[test]
+fn step_paged_checks_its_inputs() {
+    use fusec_cuda::runtime::{PagedInputs, RunError, Runner};
+    let path = common::root().join("examples/tiny.toml");
+    let case = common::paged_cases(&path, Precision::F32).remove(1);
+    let out = common::output(&case);
+    let batch = case.shape.batch as usize;
+    let width = out.plan.shape.paged.expect("paged").max_blocks as usize;
+    let mut runner = Runner::new(Memory::default(), &out, &Zeros).expect("runner");
+    let (tokens, positions) = (vec![1; batch], vec![0; batch]);
+    let table = vec![0; batch * width];
+    let ok = runner.step_paged(&PagedInputs {
+        tokens: &tokens,
+        positions: &positions,
+        tables: &[(fusec_ir::step::BLOCK_TABLE, &table)],
+    });
+    assert!(ok.is_ok(), "{ok:?}");
+    let bad = |r: Result<_, RunError>, what: &str| {
+        assert!(
+            matches!(&r, Err(RunError::Input { name, .. }) if name == what),
+            "{what}: {r:?}"
+        )
+    };
+    let short = vec![0; batch * width - 1];
+    bad(
+        runner.step_paged(&PagedInputs {
+            tokens: &tokens,
+            positions: &positions,
+            tables: &[(fusec_ir::step::BLOCK_TABLE, &short)],
+        }),
+        fusec_ir::step::BLOCK_TABLE,
+    );
+    bad(
+        runner.step_paged(&PagedInputs {
+            tokens: &tokens,
+            positions: &positions,
+            tables: &[],
+        }),
+        fusec_ir::step::BLOCK_TABLE,
+    );
+    bad(
+        runner.step_paged(&PagedInputs {
+            tokens: &tokens,
+            positions: &positions,
+            tables: &[
+                (fusec_ir::step::BLOCK_TABLE, &table),
+                ("block_table.window8", &table),
+            ],
+        }),
+        "block_table.window8",
+    );
+    bad(
+        runner.step_paged(&PagedInputs {
+            tokens: &[],
+            positions: &positions,
+            tables: &[(fusec_ir::step::BLOCK_TABLE, &table)],
+        }),
+        fusec_ir::step::INPUT_IDS,
+    );
+    bad(
+        runner.step_paged(&PagedInputs {
+            tokens: &[-1; 64][..batch],
+            positions: &positions,
+            tables: &[(fusec_ir::step::BLOCK_TABLE, &table)],
+        }),
+        fusec_ir::step::INPUT_IDS,
+    );
+    // A dense plan has no paged step.
+    let dense = common::output(&common::cases(&path, Precision::F32).remove(1));
+    let mut runner = Runner::new(Memory::default(), &dense, &Zeros).expect("runner");
+    let r = runner.step_paged(&PagedInputs {
+        tokens: &tokens,
+        positions: &positions,
+        tables: &[],
+    });
+    assert!(matches!(r, Err(RunError::Plan(_))), "{r:?}");
+}

@@ -13,6 +13,16 @@
 //! block that finishes last, known by an atomic ticket, combines them and resets its
 //! ticket, so one launch does the whole op and the workspace is left as it was found.
 //!
+//! Paged attention (`fused.paged_attention`, Kwon et al. 2023, "Efficient Memory
+//! Management for Large Language Model Serving with PagedAttention", section 4.1) is
+//! the same kernel reading its keys and values through the block table: row `b` at
+//! position `p` reads position `j` from slot `j % BS` of block `table[b, j / BS]`, for
+//! `j` in `start ..= p` (`start = p + 1 - W` for a sliding window, else 0), the split
+//! count chosen from that row's own length. As vLLM's `paged_attention` kernel, a
+//! thread group reads whole key rows of one block (consecutive `hd` elements), so the
+//! loads stay 16-byte vectors; the table lookup is one cached `int` per position. The
+//! new entries were written by `super::paged::write`, launched before this kernel.
+//!
 //! Roundings follow the eager graph: the rotated q and k, the scores (`q k`, times the
 //! scale, plus the mask) are rounded to the compute dtype before the f32 softmax, and
 //! the output on store. An FP8 cache stores `x / scale` and reads `q * scale`; the new
@@ -23,7 +33,7 @@ use std::fmt::Write;
 use fusec_ir::DType;
 
 use super::{at, ctype, flit, KernelCode, Operand, Params};
-pub(crate) use crate::emit::Attention;
+pub(crate) use crate::emit::{Attention, Paged};
 use crate::layout::{Extent, View};
 use crate::options::{DecodeShape, Options};
 use crate::plan::Access;
@@ -99,8 +109,20 @@ pub(crate) fn shape(
             "{heads} query heads are not a multiple of {kv_heads} KV heads"
         ));
     }
-    let (cache, len_cap) = match &a.decode {
-        Some(d) => {
+    let (cache, len_cap) = match (&a.paged, &a.decode) {
+        (Some(p), _) => {
+            if queries != 1 || k.dims[2] != Extent::Fixed(1) {
+                return Err("paged attention takes one new position per row".into());
+            }
+            if p.rope.is_some() && !hd.is_multiple_of(2) {
+                return Err("RoPE needs an even head_dim".into());
+            }
+            let geo = paged_geometry(p)?;
+            // The most positions one row reads: the table's reach, or the window.
+            let reach = geo.block_size.saturating_mul(geo.max_blocks);
+            (p.pool_k, p.window.map_or(reach, |w| w.min(reach)))
+        }
+        (None, Some(d)) => {
             if queries != 1 || k.dims[2] != Extent::Fixed(1) {
                 return Err("decode attention takes one new position".into());
             }
@@ -109,14 +131,15 @@ pub(crate) fn shape(
             }
             (d.past_k, d.past_k.dims[2].appended().capacity(decode))
         }
-        None => (k, k.dims[2].capacity(decode)),
+        (None, None) => (k, k.dims[2].capacity(decode)),
     };
     let es = cache.dtype.size_bytes();
     let mut ve = (16 / es).min(8);
     let mut tpk = hd / ve;
-    let cache_views: Vec<&View> = match &a.decode {
-        Some(d) => vec![d.past_k, d.past_v],
-        None => vec![a.k, a.v],
+    let cache_views: Vec<&View> = match (&a.paged, &a.decode) {
+        (Some(p), _) => vec![p.pool_k, p.pool_v],
+        (None, Some(d)) => vec![d.past_k, d.past_v],
+        (None, None) => vec![a.k, a.v],
     };
     let vector = hd.is_multiple_of(ve)
         && tpk.is_power_of_two()
@@ -161,6 +184,46 @@ pub(crate) fn shape(
 /// the combine's shared memory (three floats per split and head) stays small.
 const MAX_SPLITS: u64 = 128;
 
+/// The static sizes of a paged cache, from its views.
+#[derive(Copy, Clone, Debug)]
+pub(crate) struct PagedGeometry {
+    /// `P`, `BS` and `M`.
+    pub pool_blocks: u64,
+    pub block_size: u64,
+    pub max_blocks: u64,
+}
+
+/// Checks the pools `[P, KV, BS, hd]`, the table `[B, M]` and the positions `[B, 1]`.
+pub(crate) fn paged_geometry(p: &Paged<'_>) -> Result<PagedGeometry, String> {
+    let (pk, pv) = (p.pool_k, p.pool_v);
+    if pk.rank() != 4 || pv.dims != pk.dims || pv.dtype != pk.dtype {
+        return Err("the pools must be two [blocks, KV, block size, head_dim] tensors".into());
+    }
+    if p.table.rank() != 2 || p.positions.rank() != 2 {
+        return Err("the block table and positions must be [batch, ..]".into());
+    }
+    if p.table.dtype != DType::I32 || p.positions.dtype != DType::I32 {
+        return Err("the block table and positions must be i32".into());
+    }
+    let geo = PagedGeometry {
+        pool_blocks: fixed(pk.dims[0], "the pool's blocks")?,
+        block_size: fixed(pk.dims[2], "the block size")?,
+        max_blocks: fixed(p.table.dims[1], "the block table's width")?,
+    };
+    // Block ids and positions are 32-bit in the table and in the kernels.
+    let limit = i32::MAX as u64;
+    if geo.block_size == 0
+        || geo.pool_blocks > limit
+        || geo.block_size.saturating_mul(geo.max_blocks) > limit
+    {
+        return Err(format!(
+            "a pool of {} blocks of {} positions and tables of {} do not fit 32-bit indices",
+            geo.pool_blocks, geo.block_size, geo.max_blocks
+        ));
+    }
+    Ok(geo)
+}
+
 /// Positions each thread group has in flight in the main loop.
 const IN_FLIGHT: u32 = 2;
 
@@ -187,9 +250,10 @@ pub(crate) fn attention(
         Extent::Fixed(sh.queries),
         len_ext,
     ];
-    let (cache_k, cache_v) = match &a.decode {
-        Some(d) => (d.past_k, d.past_v),
-        None => (a.k, a.v),
+    let (cache_k, cache_v) = match (&a.paged, &a.decode) {
+        (Some(p), _) => (p.pool_k, p.pool_v),
+        (None, Some(d)) => (d.past_k, d.past_v),
+        (None, None) => (a.k, a.v),
     };
     let ct = cache_k.dtype;
     if cache_v.dtype != ct {
@@ -246,15 +310,20 @@ pub(crate) fn attention(
         "    const int j = i / HD, d = i % HD, h = kvh * G + hb * HB + j;"
     );
     let qd = super::load(&pq, a.q, &[bb.clone(), hh.clone(), tqc.clone(), dd.clone()]);
-    match &a.decode {
-        Some(d) => {
+    let rope = match (&a.decode, &a.paged) {
+        (Some(d), _) => Some((d.cos, d.sin)),
+        (None, Some(p)) => p.rope,
+        (None, None) => None,
+    };
+    match rope {
+        Some((cos, sin)) => {
             let qdp = super::load(
                 &pq,
                 a.q,
                 &[bb.clone(), hh.clone(), tqc.clone(), dpc.clone()],
             );
             let qdims = a.q.dims.clone();
-            let (cq, sq) = (table(params, d.cos, &qdims)?, table(params, d.sin, &qdims)?);
+            let (cq, sq) = (table(params, cos, &qdims)?, table(params, sin, &qdims)?);
             let c = [bb.clone(), hh.clone(), tqc.clone(), dd.clone()];
             let _ = writeln!(
                 b,
@@ -351,7 +420,39 @@ pub(crate) fn attention(
     // `split_kv_min_chunk` positions each, so a short context is not cut into slivers
     // whose combine costs more than they save (flash-decoding, Dao et al. 2023, picks
     // the split count from the sequence length). The others leave at once.
-    let _ = writeln!(b, "  const long long L = {};", len_ext.c());
+    match &a.paged {
+        // A paged row reads its positions `lo ..= pos`: `t` below counts from `lo`. A
+        // position outside the table's reach reads nothing (the row's output is 0)
+        // where the CPU executor refuses the step: a kernel has no error to return.
+        Some(p) => {
+            let geo = paged_geometry(p)?;
+            let pp = params.bind(p.positions, Access::Read);
+            let _ = writeln!(
+                b,
+                "  const long long pos = (long long){};",
+                at(&pp, p.positions, &[bb.clone(), s("0LL")])
+            );
+            match p.window {
+                Some(w) => {
+                    let _ = writeln!(
+                        b,
+                        "  const long long lo = pos + 1 - {w}LL > 0 ? pos + 1 - {w}LL : 0;"
+                    );
+                }
+                None => {
+                    let _ = writeln!(b, "  const long long lo = 0;");
+                }
+            }
+            let _ = writeln!(
+                b,
+                "  const long long L = pos >= 0 && pos < {}LL ? pos + 1 - lo : 0;",
+                geo.block_size * geo.max_blocks
+            );
+        }
+        None => {
+            let _ = writeln!(b, "  const long long L = {};", len_ext.c());
+        }
+    }
     let _ = writeln!(
         b,
         "  const long long want = (L + {mc}LL - 1) / {mc}LL;",
@@ -391,11 +492,48 @@ pub(crate) fn attention(
         "  for (long long base = start; base < end; base += NG * P) {{"
     );
     let _ = writeln!(b, "    float kv[P][VE], vv[P][VE];");
+    if a.paged.is_some() {
+        let _ = writeln!(b, "    bool okv[P];");
+    }
     let _ = writeln!(b, "#pragma unroll");
     let _ = writeln!(b, "    for (int u = 0; u < P; ++u) {{");
     let _ = writeln!(b, "    const long long t = base + u * NG + gi;");
-    let _ = writeln!(b, "    const bool valid = t < end;");
-    let cache_at = |c: &str| [bb.clone(), kvc.clone(), s("t"), s(c)];
+    match &a.paged {
+        // Position `j`'s block, from the row's table; an id outside the pool (a bad
+        // table) is skipped, never read (the CPU executor refuses the step).
+        Some(p) => {
+            let geo = paged_geometry(p)?;
+            let pt = params.bind(p.table, Access::Read);
+            let _ = writeln!(b, "    const long long j = lo + t;");
+            let _ = writeln!(
+                b,
+                "    const int blk = t < end ? {} : -1;",
+                at(
+                    &pt,
+                    p.table,
+                    &[bb.clone(), format!("(j / {}LL)", geo.block_size)]
+                )
+            );
+            let _ = writeln!(
+                b,
+                "    const bool valid = blk >= 0 && blk < {};",
+                geo.pool_blocks
+            );
+            let _ = writeln!(b, "    okv[u] = valid;");
+        }
+        None => {
+            let _ = writeln!(b, "    const bool valid = t < end;");
+        }
+    }
+    let slot_of = match &a.paged {
+        Some(p) => format!("(j % {}LL)", paged_geometry(p)?.block_size),
+        None => s("t"),
+    };
+    let row_of = match &a.paged {
+        Some(_) => s("(long long)blk"),
+        None => bb.clone(),
+    };
+    let cache_at = |c: &str| [row_of.clone(), kvc.clone(), slot_of.clone(), s(c)];
     let load_entry = |b: &mut String,
                       name: &str,
                       ptr: &str,
@@ -443,7 +581,11 @@ pub(crate) fn attention(
     let _ = writeln!(b, "#pragma unroll");
     let _ = writeln!(b, "    for (int u = 0; u < P; ++u) {{");
     let _ = writeln!(b, "    const long long t = base + u * NG + gi;");
-    let _ = writeln!(b, "    const bool valid = t < end;");
+    if a.paged.is_some() {
+        let _ = writeln!(b, "    const bool valid = okv[u];");
+    } else {
+        let _ = writeln!(b, "    const bool valid = t < end;");
+    }
     let mask = match &mask_view {
         Some(m) if head_invariant => {
             let e = mask_at(params, m);
@@ -648,7 +790,9 @@ pub(crate) fn attention(
             .ok_or_else(|| format!("grid dimension {v} is beyond CUDA's limit of {max}"))
     };
     Ok(KernelCode {
-        family: if a.decode.is_some() {
+        family: if a.paged.is_some() {
+            "paged_attention"
+        } else if a.decode.is_some() {
             "decode_attention"
         } else {
             "attention"
@@ -665,14 +809,14 @@ pub(crate) fn attention(
 }
 
 /// A RoPE table (cos or sin) broadcast to the rotated tensor's dims.
-struct Table {
+pub(super) struct Table {
     ptr: String,
     view: Option<View>,
     literal: String,
 }
 
 impl Table {
-    fn at(&self, c: &[String]) -> String {
+    pub(super) fn at(&self, c: &[String]) -> String {
         match &self.view {
             Some(v) => super::load(&self.ptr, v, c),
             None => self.literal.clone(),
@@ -680,7 +824,7 @@ impl Table {
     }
 }
 
-fn table(params: &mut Params, x: &Operand, dims: &[Extent]) -> Result<Table, String> {
+pub(super) fn table(params: &mut Params, x: &Operand, dims: &[Extent]) -> Result<Table, String> {
     match x {
         Operand::View(v) => {
             let b = v.broadcast_to(dims)?;

@@ -13,6 +13,7 @@ pub(crate) mod gemv;
 pub(crate) mod matmul;
 pub(crate) mod movement;
 pub(crate) mod norm;
+pub(crate) mod paged;
 pub(crate) mod reduce;
 
 use std::fmt::Write;
@@ -357,6 +358,10 @@ impl KernelEmitter for Cuda {
     ) -> Result<Option<(u64, u64)>, String> {
         let sh = attention::shape(a, decode, opts)?;
         Ok((sh.splits > 1).then(|| (sh.workspace_floats(), sh.tickets())))
+    }
+
+    fn paged_write(&self, a: &Attention<'_>, cx: Ctx<'_, '_>) -> Result<KernelCode, String> {
+        paged::write(a, cx.params, cx.decode, cx.opts)
     }
 
     fn workspace_dtype(&self) -> DType {

@@ -93,6 +93,35 @@ pub fn cases(path: &Path, precision: Precision) -> Vec<Case> {
     ]
 }
 
+/// The paged step graphs of `path` in `precision` (`StepDims::paged` with blocks of
+/// 16 positions, eager and fused): the kernels reading a paged KV cache. The pool and
+/// table sizes are `generate`'s default for the spec's batch and length.
+pub fn paged_cases(path: &Path, precision: Precision) -> Vec<Case> {
+    let spec = stages::in_precision(&spec(path), precision);
+    let shape = DecodeShape::new(spec.decode.batch, spec.model.max_seq_len);
+    let arch = fusec_model::Registry::builtin()
+        .architecture(&spec.architecture)
+        .expect("architecture");
+    let eager = arch
+        .build_step(&spec.model, &fusec_model::blocks::StepDims::paged(16))
+        .expect("builds the paged step");
+    let rules = stages::rules().expect("built-in rules");
+    let fused = stages::fuse(&spec, &eager, &rules).expect("fuses the paged step");
+    let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
+    vec![
+        Case {
+            label: format!("{name}/{}/paged-eager", precision.name()),
+            graph: eager,
+            shape,
+        },
+        Case {
+            label: format!("{name}/{}/paged-fused", precision.name()),
+            graph: fused,
+            shape,
+        },
+    ]
+}
+
 pub fn output(case: &Case) -> Output {
     generate(&case.graph, &case.shape, &Options::default())
         .unwrap_or_else(|e| panic!("{}: {e}", case.label))
