@@ -681,17 +681,19 @@ mod tests {
 
     #[test]
     fn preempted_requests_still_generate_every_token() {
-        // Three sequences of up to 9 positions in blocks of 4 need 9 blocks; 5 force
-        // preemption.
+        // Three prompts of 3 positions fit in 5 blocks of 4 and are admitted together;
+        // growing to 5 positions each they need 6 blocks, so one is preempted.
         let opts = ServingOptions {
             requests: 6,
             concurrency: 3,
-            prompt_len: 5,
-            output_len: 4,
+            prompt_len: 3,
+            output_len: 6,
             seed: 1,
         };
         let r = run(scheduler(Fake::new(4, 5), 3), &opts, "fake", "f32").expect("runs");
-        assert_eq!((r.finished, r.output_tokens), (6, 24));
+        assert_eq!((r.finished, r.output_tokens), (6, 36));
+        assert_eq!(r.ttft.samples, 6);
+        assert_eq!(r.itl.as_ref().map(|l| l.samples), Some(6 * 5));
         assert!(r.preemptions > 0, "{r:?}");
         assert!(r.peak_kv_blocks <= 5, "{r:?}");
     }
