@@ -1,7 +1,8 @@
 //! `fusec bench`: CPU decode throughput of the eager graph and of the fused graph in
 //! f32, bf16 and FP8, on random weights, against the read bandwidth measured by the
 //! same run, and fused f32 prefill against the FMA peak measured by the same run (see
-//! `fusec::bench` for the method).
+//! `fusec::bench` for the method); with `--serve`, `fusec serve`'s scheduler and engine
+//! driven in-process (see `fusec::serving`).
 
 use std::path::PathBuf;
 
@@ -17,7 +18,8 @@ use fusec_serve::{Scheduler, SchedulerConfig};
 use crate::cmd::serve::{self, EngineKind};
 use crate::{say, Failure};
 
-/// Benchmark CPU decode: eager, fused f32, fused bf16 and fused fp8, side by side.
+/// Benchmark CPU decode: eager, fused f32, fused bf16 and fused fp8, side by side
+/// (and, with --serve, the serving engine under concurrent requests).
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// A model.toml, a Hugging Face config.json, or a model directory holding one.
