@@ -39,6 +39,9 @@ pub struct ServingOptions {
     pub seed: u64,
 }
 
+/// The most requests in one run.
+pub const MAX_REQUESTS: usize = 1_000_000;
+
 /// The most requests in flight (`fusec serve --max-running`'s bound).
 pub const MAX_CONCURRENCY: usize = 4096;
 
@@ -46,8 +49,11 @@ impl ServingOptions {
     /// Checks the options against the model's context (`max_context` positions); the
     /// message names the option at fault.
     pub fn check(&self, max_context: u64) -> Result<(), String> {
-        if self.requests == 0 {
-            return Err("--serve: the number of requests must be at least 1".into());
+        if self.requests == 0 || self.requests > MAX_REQUESTS {
+            return Err(format!(
+                "--serve {}: the number of requests must be 1 to {MAX_REQUESTS}",
+                self.requests
+            ));
         }
         if self.concurrency == 0 || self.concurrency > MAX_CONCURRENCY {
             return Err(format!(
@@ -77,17 +83,16 @@ impl ServingOptions {
         Ok(())
     }
 
-    /// The prompts, request after request: `prompt_len` token ids below `vocab` each,
-    /// from one stream seeded by [`ServingOptions::seed`].
-    pub fn prompts(&self, vocab: usize) -> Vec<Vec<u32>> {
+    /// The prompts, request after request, drawn as they are asked for: `prompt_len`
+    /// token ids below `vocab` each, from one stream seeded by [`ServingOptions::seed`].
+    pub fn prompts(&self, vocab: usize) -> impl Iterator<Item = Vec<u32>> {
         let mut rng = SplitMix64::new(self.seed ^ 0x5e4e_be4c);
-        (0..self.requests)
-            .map(|_| {
-                (0..self.prompt_len)
-                    .map(|_| u32::try_from(rng.below(vocab.max(1) as u64)).unwrap_or(0))
-                    .collect()
-            })
-            .collect()
+        let len = self.prompt_len;
+        (0..self.requests).map(move |_| {
+            (0..len)
+                .map(|_| u32::try_from(rng.below(vocab.max(1) as u64)).unwrap_or(0))
+                .collect()
+        })
     }
 }
 
@@ -303,56 +308,81 @@ impl<E: Engine> Engine for Metered<E> {
     }
 }
 
-/// One request's times.
+/// A request in flight: its id in the scheduler, when it was submitted, and when its
+/// last token came.
 #[derive(Debug)]
-struct Timing {
+struct InFlight {
+    id: u64,
     submitted: Instant,
-    tokens: Vec<Instant>,
+    last: Option<Instant>,
 }
 
-/// Serves `prompts` through `scheduler` with `concurrency` requests in flight, each
-/// generating `output_len` tokens (see the module documentation): each request's
-/// submission time and token times, in submission order.
+/// What [`serve`] measured: every request's TTFT and end-to-end latency (in the order
+/// they finished), every inter-token gap, the tokens, and when the last came.
+#[derive(Debug, Default)]
+struct Served {
+    ttft: Vec<Duration>,
+    itl: Vec<Duration>,
+    e2e: Vec<Duration>,
+    output_tokens: u64,
+    end: Option<Instant>,
+}
+
+/// Serves `requests` requests of `prompts` (drawn as they are submitted) through
+/// `scheduler` with `concurrency` in flight, each generating `output_len` tokens (see
+/// the module documentation). Only the requests in flight are held, not all of them.
 fn serve(
     scheduler: &mut Scheduler<Metered<impl Engine>>,
-    prompts: &[Vec<u32>],
+    mut prompts: impl Iterator<Item = Vec<u32>>,
+    requests: usize,
     concurrency: usize,
     output_len: usize,
-) -> Result<Vec<Timing>, ServingError> {
-    let mut timings: Vec<Timing> = Vec::with_capacity(prompts.len());
-    // Request id of the scheduler -> index in `timings`, for the requests in flight.
-    let mut in_flight: Vec<(u64, usize)> = Vec::new();
-    let mut next = prompts.iter();
-    let mut done = 0;
-    while done < prompts.len() {
-        while in_flight.len() < concurrency {
-            let Some(prompt) = next.next() else {
+) -> Result<Served, ServingError> {
+    let mut served = Served::default();
+    let mut in_flight: Vec<InFlight> = Vec::with_capacity(concurrency.min(requests));
+    let (mut submitted, mut done) = (0, 0);
+    while done < requests {
+        while in_flight.len() < concurrency && submitted < requests {
+            let Some(prompt) = prompts.next() else {
                 break;
             };
             let id = scheduler.submit(Request {
-                prompt: prompt.clone(),
+                prompt,
                 max_tokens: output_len,
                 stop_ids: Vec::new(),
             })?;
-            in_flight.push((id.0, timings.len()));
-            timings.push(Timing {
+            submitted += 1;
+            in_flight.push(InFlight {
+                id: id.0,
                 submitted: Instant::now(),
-                tokens: Vec::with_capacity(output_len),
+                last: None,
             });
         }
         if scheduler.is_idle() {
-            return Err(ServingError::Stalled(prompts.len() - done));
+            return Err(ServingError::Stalled(requests - done));
         }
         let events = scheduler.step();
         let now = Instant::now();
         for event in events {
             let id = event.request().0;
-            let Some(k) = in_flight.iter().position(|&(r, _)| r == id) else {
+            let Some(k) = in_flight.iter().position(|r| r.id == id) else {
                 continue;
             };
+            let r = &mut in_flight[k];
             match event {
-                Event::Token { .. } => timings[in_flight[k].1].tokens.push(now),
+                Event::Token { .. } => {
+                    match r.last {
+                        Some(last) => served.itl.push(now.duration_since(last)),
+                        None => served.ttft.push(now.duration_since(r.submitted)),
+                    }
+                    r.last = Some(now);
+                    served.output_tokens += 1;
+                    served.end = Some(now);
+                }
                 Event::Finished { .. } => {
+                    served
+                        .e2e
+                        .push(r.last.unwrap_or(now).duration_since(r.submitted));
                     in_flight.swap_remove(k);
                     done += 1;
                 }
@@ -360,7 +390,7 @@ fn serve(
             }
         }
     }
-    Ok(timings)
+    Ok(served)
 }
 
 /// Runs the serving benchmark of `opts` on `scheduler` (see the module documentation).
@@ -371,46 +401,31 @@ pub fn run<E: Engine>(
     engine: &'static str,
     precision: &str,
 ) -> Result<ServingResult, ServingError> {
-    let prompts = opts.prompts(scheduler.engine().vocab_size());
-    // One untimed request of the same shape first.
-    if let Some(first) = prompts.first() {
-        serve(
-            &mut scheduler,
-            std::slice::from_ref(first),
-            1,
-            opts.output_len,
-        )?;
-    }
+    let vocab = scheduler.engine().vocab_size();
+    // One untimed request of the same shape first (the first prompt).
+    serve(&mut scheduler, opts.prompts(vocab), 1, 1, opts.output_len)?;
     let before = scheduler.stats();
     // The peak of the timed run alone.
     scheduler.engine().take_peak();
     let start = Instant::now();
-    let timings = serve(&mut scheduler, &prompts, opts.concurrency, opts.output_len)?;
-    let end = timings
-        .iter()
-        .filter_map(|t| t.tokens.last().copied())
-        .max()
-        .unwrap_or(start);
+    let served = serve(
+        &mut scheduler,
+        opts.prompts(vocab),
+        opts.requests,
+        opts.concurrency,
+        opts.output_len,
+    )?;
     let after = scheduler.stats();
     let peak = scheduler.engine().take_peak();
-    let seconds = end
+    let seconds = served
+        .end
+        .unwrap_or(start)
         .duration_since(start)
         .as_secs_f64()
         .max(f64::MIN_POSITIVE);
-    let ttft: Vec<Duration> = timings
-        .iter()
-        .filter_map(|t| Some(t.tokens.first()?.duration_since(t.submitted)))
-        .collect();
-    let e2e: Vec<Duration> = timings
-        .iter()
-        .filter_map(|t| Some(t.tokens.last()?.duration_since(t.submitted)))
-        .collect();
-    let itl: Vec<Duration> = timings
-        .iter()
-        .flat_map(|t| t.tokens.windows(2).map(|w| w[1].duration_since(w[0])))
-        .collect();
-    let output_tokens: u64 = timings.iter().map(|t| t.tokens.len() as u64).sum();
-    let prompt_tokens = (opts.requests * opts.prompt_len) as u64;
+    let (ttft, itl, e2e, output_tokens) =
+        (served.ttft, served.itl, served.e2e, served.output_tokens);
+    let prompt_tokens = (opts.requests as u64).saturating_mul(opts.prompt_len as u64);
     let config = *scheduler.config();
     let none = Latency {
         samples: 0,
@@ -515,6 +530,13 @@ mod tests {
         );
         bad(
             ServingOptions {
+                requests: MAX_REQUESTS + 1,
+                ..ok.clone()
+            },
+            "--serve",
+        );
+        bad(
+            ServingOptions {
                 concurrency: 0,
                 ..ok.clone()
             },
@@ -566,12 +588,17 @@ mod tests {
             output_len: 1,
             seed: 3,
         };
-        let a = o.prompts(11);
-        assert_eq!(a, o.prompts(11));
+        let a: Vec<Vec<u32>> = o.prompts(11).collect();
+        assert_eq!(a, o.prompts(11).collect::<Vec<_>>());
         assert_eq!(a.len(), 4);
         assert!(a.iter().all(|p| p.len() == 7 && p.iter().all(|&t| t < 11)));
         assert_ne!(a[0], a[1]);
-        assert_ne!(a, ServingOptions { seed: 4, ..o }.prompts(11));
+        assert_ne!(
+            a,
+            ServingOptions { seed: 4, ..o }
+                .prompts(11)
+                .collect::<Vec<_>>()
+        );
     }
 
     /// An engine without a model: every sequence's next token is 7.

@@ -380,6 +380,7 @@ fn bench_serve_finishes_every_request_with_every_token() {
 fn bench_serve_refuses_bad_options_naming_them() {
     for (extra, named) in [
         (&["--serve", "0"][..], "--serve"),
+        (&["--serve", "18446744073709551615"][..], "--serve"),
         (&["--serve", "2", "--concurrency", "0"][..], "--concurrency"),
         (&["--serve", "2", "--prompt-len", "0"][..], "--prompt-len"),
         (&["--serve", "2", "--output-len", "0"][..], "--output-len"),
