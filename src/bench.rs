@@ -40,6 +40,7 @@ use fusec_model::frontend::{ModelSpec, Precision};
 use fusec_rewrite::precision::Fp8Options;
 
 use crate::pipeline::{self, PipelineError};
+use crate::serving::ServingResult;
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -198,6 +199,9 @@ pub struct ModelResult {
     pub prefill: Vec<PrefillResult>,
     /// Fused f32 decode at each batch of [`Options::batches`].
     pub batched: Vec<BatchResult>,
+    /// The serving benchmark (`fusec bench --serve`, see [`crate::serving`]), when it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub serving: Option<ServingResult>,
 }
 
 impl ModelResult {
@@ -262,6 +266,16 @@ impl ModelResult {
             }
         }
         s += &self.render_batched();
+        s += &self.render_prefill();
+        if let Some(serving) = &self.serving {
+            s += &serving.render();
+        }
+        s
+    }
+
+    /// The prefill table, with the FMA peak and the GEMM (empty when no prefill ran).
+    pub fn render_prefill(&self) -> String {
+        let mut s = String::new();
         if self.prefill.is_empty() {
             return s;
         }
@@ -636,6 +650,7 @@ pub fn run_model(spec: &ModelSpec, opts: &Options) -> Result<ModelResult, BenchE
         gemm_shape,
         prefill,
         batched,
+        serving: None,
     })
 }
 

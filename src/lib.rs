@@ -21,4 +21,5 @@ pub mod explain;
 pub mod memory;
 pub mod output;
 pub mod pipeline;
+pub mod serving;
 pub mod summary;

@@ -263,3 +263,148 @@ fn bench_times_batched_decode_and_writes_json() {
     assert_eq!(zero.status.code(), Some(2), "{zero:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `fusec bench --serve` on the tiny model: the short decode run beside it, and the
+/// serving options given.
+fn bench_serve(extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "bench",
+        "--steps",
+        "1",
+        "--rounds",
+        "1",
+        "--context",
+        "2",
+        "--no-prefill",
+        "--no-batch",
+        "--variant",
+        "fused f32",
+    ];
+    args.extend_from_slice(extra);
+    let model = tiny();
+    args.insert(1, &model);
+    fusec(&args)
+}
+
+#[test]
+fn bench_serve_finishes_every_request_with_every_token() {
+    for engine in ["paged", "sessions"] {
+        let dir = scratch(&format!("bench-serve-{engine}"));
+        let json = dir.join("bench.json");
+        let out = bench_serve(&[
+            "--serve",
+            "6",
+            "--concurrency",
+            "3",
+            "--prompt-len",
+            "5",
+            "--output-len",
+            "4",
+            "--engine",
+            engine,
+            "--json",
+            json.to_str().expect("utf8"),
+        ]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains(&format!("serving: {engine} engine (f32), 6 requests")),
+            "{stdout}"
+        );
+        assert!(stdout.contains("6 finished, 24 output tokens"), "{stdout}");
+        for row in ["TTFT", "ITL", "E2E"] {
+            assert!(
+                stdout.lines().any(|l| l.trim_start().starts_with(row)),
+                "no {row} row:\n{stdout}"
+            );
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).expect("json written"))
+                .expect("json");
+        let s = &v["serving"];
+        let n = |key: &str| s[key].as_u64().unwrap_or_else(|| panic!("{key}: {s}"));
+        let f = |l: &str, key: &str| {
+            s[l][key]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{l}.{key}: {s}"))
+        };
+        assert_eq!(s["engine"].as_str(), Some(engine), "{s}");
+        assert_eq!(
+            (
+                n("requests"),
+                n("concurrency"),
+                n("prompt_len"),
+                n("output_len")
+            ),
+            (6, 3, 5, 4)
+        );
+        // No request lost, every one generated exactly --output-len tokens.
+        assert_eq!(n("finished"), 6, "{s}");
+        assert_eq!(n("output_tokens"), 24, "{s}");
+        assert_eq!(n("prompt_tokens"), 30, "{s}");
+        assert_eq!(s["ttft"]["samples"].as_u64(), Some(6), "{s}");
+        assert_eq!(s["e2e"]["samples"].as_u64(), Some(6), "{s}");
+        assert_eq!(s["itl"]["samples"].as_u64(), Some(6 * 3), "{s}");
+        for l in ["ttft", "itl", "e2e"] {
+            let (p50, p90, p99) = (f(l, "p50_ms"), f(l, "p90_ms"), f(l, "p99_ms"));
+            assert!(p50 <= p90 && p90 <= p99, "{l}: {s}");
+            assert!(f(l, "mean_ms") > 0.0, "{l}: {s}");
+        }
+        assert!(f("ttft", "p50_ms") > 0.0, "{s}");
+        // The first token comes no later than the last.
+        assert!(f("ttft", "p99_ms") <= f("e2e", "p99_ms"), "{s}");
+        assert!(s["output_tokens_per_s"].as_f64().is_some_and(|t| t > 0.0));
+        assert!(
+            s["total_tokens_per_s"].as_f64() > s["output_tokens_per_s"].as_f64(),
+            "{s}"
+        );
+        assert!(s["requests_per_s"].as_f64().is_some_and(|t| t > 0.0));
+        assert_eq!(n("max_running"), 3, "{s}");
+        assert_eq!(n("preemptions"), 0, "{s}");
+        // Every token fed once: the prompts, and each generated token but the last.
+        assert_eq!(n("tokens_fed"), 6 * (5 + 3), "{s}");
+        assert!(n("steps") >= 8, "{s}");
+        assert!(
+            n("peak_kv_blocks") > 0 && n("peak_kv_blocks") <= n("kv_blocks"),
+            "{s}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[test]
+fn bench_serve_refuses_bad_options_naming_them() {
+    for (extra, named) in [
+        (&["--serve", "0"][..], "--serve"),
+        (&["--serve", "18446744073709551615"][..], "--serve"),
+        (&["--serve", "2", "--concurrency", "0"][..], "--concurrency"),
+        (&["--serve", "2", "--prompt-len", "0"][..], "--prompt-len"),
+        (&["--serve", "2", "--output-len", "0"][..], "--output-len"),
+        // The tiny model's context is 128 positions.
+        (
+            &["--serve", "2", "--prompt-len", "200"][..],
+            "--prompt-len 200",
+        ),
+        (
+            &["--serve", "2", "--prompt-len", "100", "--output-len", "29"][..],
+            "--output-len 29",
+        ),
+    ] {
+        let out = bench_serve(extra);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {stderr}");
+        assert!(
+            stderr.starts_with("error: ") && stderr.contains(named),
+            "{extra:?}: {stderr}"
+        );
+        // Refused before any benchmark ran.
+        assert!(out.stdout.is_empty(), "{extra:?}");
+    }
+    // The serving options need --serve.
+    let out = bench_serve(&["--concurrency", "2"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}

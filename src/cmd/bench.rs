@@ -1,7 +1,8 @@
 //! `fusec bench`: CPU decode throughput of the eager graph and of the fused graph in
 //! f32, bf16 and FP8, on random weights, against the read bandwidth measured by the
 //! same run, and fused f32 prefill against the FMA peak measured by the same run (see
-//! `fusec::bench` for the method).
+//! `fusec::bench` for the method); with `--serve`, `fusec serve`'s scheduler and engine
+//! driven in-process (see `fusec::serving`).
 
 use std::path::PathBuf;
 
@@ -9,10 +10,16 @@ use anyhow::anyhow;
 use fusec::bench::{self, BenchError, Options};
 use fusec::output::{Outputs, Replace};
 use fusec::pipeline;
+use fusec::serving::{self, Metered, ServingError, ServingOptions, ServingResult};
+use fusec_model::frontend::ModelSpec;
+use fusec_rewrite::precision::Fp8Options;
+use fusec_serve::{Scheduler, SchedulerConfig};
 
+use crate::cmd::serve::{self, EngineKind};
 use crate::{say, Failure};
 
-/// Benchmark CPU decode: eager, fused f32, fused bf16 and fused fp8, side by side.
+/// Benchmark CPU decode: eager, fused f32, fused bf16 and fused fp8, side by side
+/// (and, with --serve, the serving engine under concurrent requests).
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// A model.toml, a Hugging Face config.json, or a model directory holding one.
@@ -60,6 +67,26 @@ pub struct Args {
     /// Replace an existing --json file.
     #[arg(long)]
     pub force: bool,
+    /// Also run a serving benchmark of this many requests: `fusec serve`'s scheduler
+    /// and engine driven in-process (no HTTP), --concurrency requests in flight, each
+    /// a seeded random prompt of --prompt-len tokens generating --output-len tokens;
+    /// reports throughput, time to first token, inter-token and end-to-end latency.
+    #[arg(long, value_name = "REQUESTS")]
+    pub serve: Option<usize>,
+    /// Serving: requests in flight at once (also the scheduler's --max-running).
+    #[arg(long, default_value_t = 8, requires = "serve")]
+    pub concurrency: usize,
+    /// Serving: prompt tokens of every request.
+    #[arg(long, default_value_t = 128, requires = "serve")]
+    pub prompt_len: usize,
+    /// Serving: tokens every request generates (no stop id ends one early).
+    #[arg(long, default_value_t = 128, requires = "serve")]
+    pub output_len: usize,
+    /// Serving: the engine, as `fusec serve --engine`: `paged` (one batched step over
+    /// a paged KV cache), `sessions` (a batch-1 session per sequence) or `auto` (paged
+    /// where the family has a paged step).
+    #[arg(long, value_enum, default_value_t = EngineKind::Auto, requires = "serve")]
+    pub engine: EngineKind,
 }
 
 pub fn run(args: Args) -> Result<(), Failure> {
@@ -91,11 +118,33 @@ pub fn run(args: Args) -> Result<(), Failure> {
             (false, true) => bench::DEFAULT_BATCHES.to_vec(),
         },
     };
-    let result = bench::run_model(&spec, &opts).map_err(|e| match e {
+    // The serving options are checked before any benchmark runs.
+    let serving = match args.serve {
+        Some(requests) => {
+            let serving = ServingOptions {
+                requests,
+                concurrency: args.concurrency,
+                prompt_len: args.prompt_len,
+                output_len: args.output_len,
+                seed: args.seed,
+            };
+            serving
+                .check(spec.model.max_seq_len)
+                .map_err(|m| Failure::Input(anyhow!(m)))?;
+            let kv_blocks = serve_kv_blocks(&spec, &serving);
+            serve::check_memory(&spec, kv_blocks, serve::DEFAULT_BLOCK_SIZE, args.max_memory)?;
+            Some((serving, kv_blocks))
+        }
+        None => None,
+    };
+    let mut result = bench::run_model(&spec, &opts).map_err(|e| match e {
         BenchError::Pipeline(p) => Failure::from(p),
         BenchError::Invalid(m) => Failure::Input(anyhow!(m)),
         e @ (BenchError::Exec(_) | BenchError::Weights(_)) => Failure::Internal(e.into()),
     })?;
+    if let Some((serving, kv_blocks)) = serving {
+        result.serving = Some(run_serving(&spec, &serving, kv_blocks, args.engine)?);
+    }
     say(&result.render());
     if let Some(path) = &args.json {
         outputs.write(
@@ -111,4 +160,58 @@ pub fn run(args: Args) -> Result<(), Failure> {
         ));
     }
     Ok(())
+}
+
+/// The serving benchmark's KV capacity: `fusec serve`'s default for --concurrency
+/// sequences of the model's context.
+fn serve_kv_blocks(spec: &ModelSpec, opts: &ServingOptions) -> u64 {
+    serve::default_kv_blocks(
+        opts.concurrency as u64,
+        spec.model.max_seq_len,
+        serve::DEFAULT_BLOCK_SIZE,
+    )
+}
+
+/// Builds `fusec serve`'s engine of `kind` for the spec (in its target precision, on
+/// seeded random weights, as the decode variants), with `fusec serve`'s scheduler
+/// settings but --concurrency sequences running, and runs the serving benchmark on it.
+fn run_serving(
+    spec: &ModelSpec,
+    opts: &ServingOptions,
+    kv_blocks: u64,
+    kind: EngineKind,
+) -> Result<ServingResult, Failure> {
+    let precision = spec.target.precision;
+    let rules = pipeline::rules(&[])?;
+    let fp8 = Fp8Options {
+        keep: pipeline::default_keep(precision),
+        ..Fp8Options::default()
+    };
+    let built = serve::build_engine(
+        spec,
+        &serve::EngineSetup {
+            kind,
+            block_size: serve::DEFAULT_BLOCK_SIZE,
+            kv_blocks,
+            max_context: spec.model.max_seq_len,
+            no_fuse: false,
+            rules: &rules,
+            fp8: &fp8,
+            weights: None,
+            seed: opts.seed,
+        },
+    )?;
+    let defaults = SchedulerConfig::default();
+    let config = SchedulerConfig {
+        max_running: opts.concurrency,
+        token_budget: defaults.token_budget.max(opts.concurrency),
+        ..defaults
+    };
+    let scheduler = Scheduler::new(Metered::new(built.engine), config)
+        .map_err(|e| Failure::Input(anyhow!("{e} (--concurrency)")))?;
+    let engine = if built.paged { "paged" } else { "sessions" };
+    serving::run(scheduler, opts, engine, precision.name()).map_err(|e| match e {
+        ServingError::Submit(e) => Failure::Input(anyhow!("--serve: {e}")),
+        e => Failure::Internal(e.into()),
+    })
 }

@@ -7,7 +7,7 @@
 //! beside the model), or `--tokenizer`; without one, prompts must be token ids.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::anyhow;
@@ -64,7 +64,7 @@ pub struct Args {
     #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
     pub prefill_chunk: u64,
     /// Positions per KV block.
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    #[arg(long, default_value_t = DEFAULT_BLOCK_SIZE, value_parser = clap::value_parser!(u64).range(1..=65536))]
     pub block_size: u64,
     /// KV blocks in all: the positions all sequences may hold together, in blocks
     /// [default: --max-running full contexts, at most 16384 positions].
@@ -106,6 +106,9 @@ pub enum EngineKind {
 /// The default KV capacity, in positions, when --kv-blocks is not given.
 const DEFAULT_KV_POSITIONS: u64 = 16384;
 
+/// Positions per KV block when --block-size is not given.
+pub const DEFAULT_BLOCK_SIZE: u64 = 16;
+
 fn tokenizer(args: &Args) -> Result<Option<Tokenizer>, Failure> {
     if let Some(path) = &args.tokenizer {
         return Tokenizer::for_model(path)
@@ -142,12 +145,9 @@ pub fn run(args: Args) -> Result<(), Failure> {
         .unwrap_or(spec.model.max_seq_len)
         .min(spec.model.max_seq_len);
     let block_size = args.block_size;
-    let kv_blocks = args.kv_blocks.unwrap_or_else(|| {
-        let positions = (args.max_running.saturating_mul(max_context)).min(DEFAULT_KV_POSITIONS);
-        positions
-            .div_ceil(block_size)
-            .max(max_context.div_ceil(block_size))
-    });
+    let kv_blocks = args
+        .kv_blocks
+        .unwrap_or_else(|| default_kv_blocks(args.max_running, max_context, block_size));
     let scheduler = SchedulerConfig {
         max_running: args.max_running as usize,
         token_budget: args.token_budget as usize,
@@ -156,12 +156,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
     scheduler
         .validate()
         .map_err(|e| Failure::Input(anyhow!("{e} (--token-budget, --max-running)")))?;
-    fusec::memory::check(
-        fusec::memory::least_bytes(&spec, precision, 1, kv_blocks.saturating_mul(block_size)),
-        &format!("serving {} with {kv_blocks} KV blocks", spec.model.name),
-        args.max_memory,
-    )
-    .map_err(|m| Failure::Input(anyhow!(m)))?;
+    check_memory(&spec, kv_blocks, block_size, args.max_memory)?;
     let tokenizer = tokenizer(&args)?;
     if let Some(t) = &tokenizer {
         if t.vocab_size() as u64 > spec.model.vocab_size {
@@ -175,76 +170,21 @@ pub fn run(args: Args) -> Result<(), Failure> {
 
     let rules = pipeline::rules(&args.fusion.rules)?;
     let fp8 = args.precision.fp8(None, None, precision)?;
-    let lowered = matches!(
-        precision,
-        Precision::Fp8 | Precision::Int8 | Precision::Int4
-    );
-    if args.fusion.no_fuse && lowered {
-        return Err(Failure::Input(anyhow!(
-            "--no-fuse cannot serve {}: the weight lowering applies to the fused graph",
-            precision.name()
-        )));
-    }
-    let paged = match args.engine {
-        EngineKind::Sessions => None,
-        kind => match paged_graph(&spec, precision, block_size, &args, &rules, &fp8) {
-            Ok(graph) => Some(graph),
-            Err(e) if kind == EngineKind::Auto => {
-                crate::complain(&format!(
-                    "note: {}: no paged step ({e}); each sequence gets its own session\n",
-                    spec.model.name
-                ));
-                None
-            }
-            Err(e) => return Err(Failure::Input(anyhow!("--engine paged: {e}"))),
+    let built = build_engine(
+        &spec,
+        &EngineSetup {
+            kind: args.engine,
+            block_size,
+            kv_blocks,
+            max_context,
+            no_fuse: args.fusion.no_fuse,
+            rules: &rules,
+            fp8: &fp8,
+            weights: args.weights.as_deref().or(spec.weights.as_deref()),
+            seed: args.seed,
         },
-    };
-    let graph = match paged {
-        Some(graph) => graph,
-        None if args.fusion.no_fuse => pipeline::eager(&pipeline::in_precision(&spec, precision))?,
-        None => {
-            let (graph, report) = pipeline::fused_in(&spec, precision, &rules, &fp8)?;
-            crate::cmd::options::warn_fusion(&report);
-            graph
-        }
-    };
-    let is_paged = graph
-        .inputs()
-        .into_iter()
-        .any(|(_, name, _)| name.starts_with("block_table"));
-    let weights = match args.weights.as_ref().or(spec.weights.as_ref()) {
-        Some(path) => Weights::load(path, &graph),
-        None => Weights::random(&graph, args.seed),
-    }
-    .map_err(|e| match e {
-        WeightError::Uncalibrated { .. } => Failure::Input(anyhow!(
-            "{e}: serving FP8 needs weights saved with their KV-cache scales (fusec run --precision fp8 --save-weights DIR, then --weights DIR)"
-        )),
-        other => exec_failure(other),
-    })?;
-    let exec = Executor::new(graph, &weights).map_err(exec_failure)?;
-    // The executor holds what it reads: the loaded values are not needed again.
-    drop(weights);
-    let engine: Box<dyn Engine + Send> = if is_paged {
-        let config = PagedConfig {
-            pool_blocks: kv_blocks as usize,
-            max_len: max_context as usize,
-        };
-        let session = PagedSession::new(exec, config).map_err(|e| Failure::Input(e.into()))?;
-        Box::new(PagedEngine::new(session))
-    } else {
-        Box::new(
-            SessionEngine::new(
-                exec,
-                SessionEngineConfig {
-                    block_size: block_size as usize,
-                    total_blocks: kv_blocks as usize,
-                    max_context: max_context as usize,
-                },
-            )
-            .map_err(|e| Failure::Internal(e.into()))?,
-        )
-    };
+    )?;
+    let (engine, is_paged) = (built.engine, built.paged);
     let name = args.name.clone().unwrap_or_else(|| spec.model.name.clone());
     let config = ServerConfig {
         model: name.clone(),
@@ -278,19 +218,166 @@ pub fn run(args: Args) -> Result<(), Failure> {
     Ok(())
 }
 
+/// The KV blocks of `block_size` positions that `max_running` full contexts of
+/// `max_context` positions take, at most [`DEFAULT_KV_POSITIONS`] positions, and at
+/// least one full context: the default of `--kv-blocks`.
+pub fn default_kv_blocks(max_running: u64, max_context: u64, block_size: u64) -> u64 {
+    let positions = (max_running.saturating_mul(max_context)).min(DEFAULT_KV_POSITIONS);
+    positions
+        .div_ceil(block_size)
+        .max(max_context.div_ceil(block_size))
+}
+
+/// Refuses, as bad input, an engine whose weights and `kv_blocks` blocks of
+/// `block_size` positions would not fit in the memory the machine can give (or
+/// `max_memory`).
+pub fn check_memory(
+    spec: &ModelSpec,
+    kv_blocks: u64,
+    block_size: u64,
+    max_memory: Option<u64>,
+) -> Result<(), Failure> {
+    fusec::memory::check(
+        fusec::memory::least_bytes(
+            spec,
+            spec.target.precision,
+            1,
+            kv_blocks.saturating_mul(block_size),
+        ),
+        &format!("serving {} with {kv_blocks} KV blocks", spec.model.name),
+        max_memory,
+    )
+    .map_err(|m| Failure::Input(anyhow!(m)))
+}
+
+/// What engine to build over a spec (in its target precision): `fusec serve`'s
+/// settings, shared with `fusec bench --serve`.
+#[derive(Debug)]
+pub struct EngineSetup<'a> {
+    pub kind: EngineKind,
+    pub block_size: u64,
+    pub kv_blocks: u64,
+    pub max_context: u64,
+    /// Serve the eager graph.
+    pub no_fuse: bool,
+    pub rules: &'a fusec_rewrite::RuleSet,
+    pub fp8: &'a Fp8Options,
+    /// Weights to load; `None`: seeded random weights.
+    pub weights: Option<&'a Path>,
+    pub seed: u64,
+}
+
+/// A built engine, and whether it is the paged one.
+pub struct BuiltEngine {
+    pub engine: Box<dyn Engine + Send>,
+    pub paged: bool,
+}
+
+impl std::fmt::Debug for BuiltEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BuiltEngine")
+            .field("paged", &self.paged)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds the engine `setup` asks for: the paged step over a [`PagedSession`] where
+/// the kind allows it and the family has one (`auto` says so when it has not, and
+/// falls back), else a [`SessionEngine`] over the decode graph; the weights bound once.
+pub fn build_engine(spec: &ModelSpec, setup: &EngineSetup) -> Result<BuiltEngine, Failure> {
+    let precision = spec.target.precision;
+    let (block_size, kv_blocks, max_context) =
+        (setup.block_size, setup.kv_blocks, setup.max_context);
+    let (rules, fp8) = (setup.rules, setup.fp8);
+    let lowered = matches!(
+        precision,
+        Precision::Fp8 | Precision::Int8 | Precision::Int4
+    );
+    if setup.no_fuse && lowered {
+        return Err(Failure::Input(anyhow!(
+            "--no-fuse cannot serve {}: the weight lowering applies to the fused graph",
+            precision.name()
+        )));
+    }
+    let paged = match setup.kind {
+        EngineKind::Sessions => None,
+        kind => match paged_graph(spec, precision, block_size, setup.no_fuse, rules, fp8) {
+            Ok(graph) => Some(graph),
+            Err(e) if kind == EngineKind::Auto => {
+                crate::complain(&format!(
+                    "note: {}: no paged step ({e}); each sequence gets its own session\n",
+                    spec.model.name
+                ));
+                None
+            }
+            Err(e) => return Err(Failure::Input(anyhow!("--engine paged: {e}"))),
+        },
+    };
+    let graph = match paged {
+        Some(graph) => graph,
+        None if setup.no_fuse => pipeline::eager(&pipeline::in_precision(spec, precision))?,
+        None => {
+            let (graph, report) = pipeline::fused_in(spec, precision, rules, fp8)?;
+            crate::cmd::options::warn_fusion(&report);
+            graph
+        }
+    };
+    let is_paged = graph
+        .inputs()
+        .into_iter()
+        .any(|(_, name, _)| name.starts_with("block_table"));
+    let weights = match setup.weights {
+        Some(path) => Weights::load(path, &graph),
+        None => Weights::random(&graph, setup.seed),
+    }
+    .map_err(|e| match e {
+        WeightError::Uncalibrated { .. } => Failure::Input(anyhow!(
+            "{e}: serving FP8 needs weights saved with their KV-cache scales (fusec run --precision fp8 --save-weights DIR, then --weights DIR)"
+        )),
+        other => exec_failure(other),
+    })?;
+    let exec = Executor::new(graph, &weights).map_err(exec_failure)?;
+    // The executor holds what it reads: the loaded values are not needed again.
+    drop(weights);
+    let engine: Box<dyn Engine + Send> = if is_paged {
+        let config = PagedConfig {
+            pool_blocks: kv_blocks as usize,
+            max_len: max_context as usize,
+        };
+        let session = PagedSession::new(exec, config).map_err(|e| Failure::Input(e.into()))?;
+        Box::new(PagedEngine::new(session))
+    } else {
+        Box::new(
+            SessionEngine::new(
+                exec,
+                SessionEngineConfig {
+                    block_size: block_size as usize,
+                    total_blocks: kv_blocks as usize,
+                    max_context: max_context as usize,
+                },
+            )
+            .map_err(|e| Failure::Internal(e.into()))?,
+        )
+    };
+    Ok(BuiltEngine {
+        engine,
+        paged: is_paged,
+    })
+}
+
 /// The paged step of the spec (`StepDims::paged`), fused and lowered like the decode
-/// graph unless --no-fuse.
+/// graph unless `no_fuse`.
 fn paged_graph(
     spec: &ModelSpec,
     precision: Precision,
     block_size: u64,
-    args: &Args,
+    no_fuse: bool,
     rules: &fusec_rewrite::RuleSet,
     fp8: &Fp8Options,
 ) -> Result<Graph, fusec::pipeline::PipelineError> {
     let spec = pipeline::in_precision(spec, precision);
     let eager = pipeline::eager_prefill(&spec, &StepDims::paged(block_size))?;
-    if args.fusion.no_fuse {
+    if no_fuse {
         return Ok(eager);
     }
     let (fused, report) = pipeline::fuse(&spec, &eager, rules)?;
