@@ -28,28 +28,54 @@ fn codes(t: &Tensor, s: f32) -> Tensor {
 /// step, where the weights streamed between two calls of a layer evict its cache).
 fn main() {
     let mut rng = SplitMix64::new(1);
-    for (name, kv_heads, group, fp8, compact, layers) in [
-        ("llama-125m f32, in L3", 12, 1, false, false, 12),
-        ("llama-125m f32, from memory", 12, 1, false, false, 120),
+    // `cargo bench` passes `--bench`; any other argument keeps only the cases whose
+    // names contain it (and skips the prefill).
+    let only = std::env::args().skip(1).find(|a| !a.starts_with("--"));
+    for (name, batch, kv_heads, group, fp8, compact, layers) in [
+        ("llama-125m f32, in L3", 1, 12, 1, false, false, 12),
+        ("llama-125m f32, from memory", 1, 12, 1, false, false, 120),
         (
             "llama-125m fp8 in f32, from memory",
+            1,
             12,
             1,
             true,
             false,
             120,
         ),
-        ("llama-125m fp8 bytes, from memory", 12, 1, true, true, 120),
-        ("gqa 32/8 fp8 bytes, from memory", 8, 4, true, true, 120),
-        ("gqa 32/8 f32, from memory", 8, 4, false, false, 120),
+        (
+            "llama-125m fp8 bytes, from memory",
+            1,
+            12,
+            1,
+            true,
+            true,
+            120,
+        ),
+        ("gqa 32/8 fp8 bytes, from memory", 1, 8, 4, true, true, 120),
+        ("gqa 32/8 f32, from memory", 1, 8, 4, false, false, 120),
+        // A batched decode step (issue 15): eight sequences, each with its own cache.
+        ("llama-125m f32 batch 8, in L3", 8, 12, 1, false, false, 2),
+        (
+            "llama-125m f32 batch 8, from memory",
+            8,
+            12,
+            1,
+            false,
+            false,
+            60,
+        ),
     ] {
+        if only.as_ref().is_some_and(|o| !name.contains(o.as_str())) {
+            continue;
+        }
         let (len, hd) = (164, 64);
         let heads = kv_heads * group;
         let scales = fp8.then_some((0.01f32, 0.02f32));
         let caches: Vec<(Tensor, Tensor)> = (0..layers)
             .map(|_| {
-                let k = random(DType::F32, &[1, kv_heads, len, hd], &mut rng);
-                let v = random(DType::F32, &[1, kv_heads, len, hd], &mut rng);
+                let k = random(DType::F32, &[batch, kv_heads, len, hd], &mut rng);
+                let v = random(DType::F32, &[batch, kv_heads, len, hd], &mut rng);
                 // A session stores FP8 caches compactly, one byte per value.
                 let store = |t: Tensor| match compact {
                     true => t.to_compact_storage().expect("E4M3 values"),
@@ -61,7 +87,7 @@ fn main() {
                 }
             })
             .collect();
-        let q = random(DType::F32, &[1, heads, 1, hd], &mut rng);
+        let q = random(DType::F32, &[batch, heads, 1, hd], &mut rng);
         let mask = Tensor::zeros(DType::F32, &[1, 1, 1, len]).expect("valid");
         let pass = || {
             let t = std::time::Instant::now();
@@ -77,7 +103,7 @@ fn main() {
         // The bytes the caches' buffers hold: 4 per value stored as f32, 1 per value
         // of a compact FP8 cache.
         let size = if compact { 1 } else { 4 };
-        let bytes = (2 * 12 * kv_heads * len * hd * size) as f64;
+        let bytes = (2 * 12 * batch * kv_heads * len * hd * size) as f64;
         eprintln!(
             "{name}: {:.3} ms per step (best {:.3}), {:.1} GB/s at the best",
             mean * 1e3,
@@ -85,7 +111,9 @@ fn main() {
             bytes / best / 1e9
         );
     }
-    prefill(&mut rng);
+    if only.is_none() {
+        prefill(&mut rng);
+    }
 }
 
 /// A 512-token prefill chunk's attention at the 125M example's heads (12 of 64), with

@@ -50,6 +50,13 @@ impl Inner for Avx2 {
     }
 
     #[inline(always)]
+    fn dots(&self, q: &[f32], k: &[f32], base: usize, stride: usize, out: &mut [f32]) {
+        // SAFETY: as for `dot`; `dots` checks that every key row it reads lies
+        // inside `k`.
+        unsafe { dots(q, k, base, stride, out) }
+    }
+
+    #[inline(always)]
     fn accumulate(&self, out: &mut [f32], probs: &[f32], v: &[f32], base: usize, stride: usize) {
         checked_accumulate::<f32, false>(out, probs, v, base, stride);
     }
@@ -203,9 +210,28 @@ impl Load for u8 {
 #[inline]
 unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
+    let main = n - n % 8;
+    // SAFETY: `a` and `b` hold at least `n` values each.
+    let acc = combined(a.as_ptr(), b.as_ptr(), n);
+    let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
+    let h = _mm_hadd_ps(s, s);
+    let mut s = _mm_cvtss_f32(h) + _mm_cvtss_f32(_mm_shuffle_ps::<1>(h, h));
+    for t in main..n {
+        s += a[t] * b[t];
+    }
+    s
+}
+
+/// Steps 1 and 2 of `dot::dot`'s order over the full chunks of eight of the first `n`
+/// values at `pa` and `pb`: the four accumulators, combined as `(a0 + a1) + (a2 + a3)`.
+///
+/// # Safety
+/// The CPU has AVX2, and `pa` and `pb` point to at least `n` readable values each.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn combined(pa: *const f32, pb: *const f32, n: usize) -> __m256 {
     let (main, quad) = (n - n % 8, n - n % 32);
-    let (pa, pb) = (a.as_ptr(), b.as_ptr());
-    // Every load reads `j..j + 8` with `j + 8 <= main <= n`, inside both slices.
+    // Every load reads `j..j + 8` with `j + 8 <= main <= n`.
     let madd = |acc: __m256, j: usize| {
         _mm256_add_ps(
             acc,
@@ -238,14 +264,69 @@ unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
     if j < main {
         a2 = madd(a2, j);
     }
-    let acc = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
-    let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
-    let h = _mm_hadd_ps(s, s);
-    let mut s = _mm_cvtss_f32(h) + _mm_cvtss_f32(_mm_shuffle_ps::<1>(h, h));
-    for t in main..n {
-        s += a[t] * b[t];
+    _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))
+}
+
+/// Step 3 of `dot::dot`'s order for eight dot products at once: lane `i` of the
+/// result is `((v0 + v4) + (v1 + v5)) + ((v2 + v6) + (v3 + v7))` of `v[i]`, the
+/// horizontal sums of the eight registers transposed into one (four cross-lane
+/// shuffles and adds, three horizontal adds and a permutation, instead of eight
+/// separate reductions to a scalar).
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn reduce8(v: [__m256; 8]) -> __m256 {
+    // `[va0 + va4, .., va3 + va7, vb0 + vb4, .., vb3 + vb7]`.
+    let halves = |a: __m256, b: __m256| {
+        _mm256_add_ps(
+            _mm256_permute2f128_ps::<0x20>(a, b),
+            _mm256_permute2f128_ps::<0x31>(a, b),
+        )
+    };
+    let (w01, w23) = (halves(v[0], v[1]), halves(v[2], v[3]));
+    let (w45, w67) = (halves(v[4], v[5]), halves(v[6], v[7]));
+    // Pairs: `[w0_0 + w0_1, w0_2 + w0_3, w2.., w2.., w1.., w1.., w3.., w3..]`.
+    let (p0123, p4567) = (_mm256_hadd_ps(w01, w23), _mm256_hadd_ps(w45, w67));
+    // Sums in the order `[0, 2, 4, 6, 1, 3, 5, 7]`, then in key order.
+    let s = _mm256_hadd_ps(p0123, p4567);
+    _mm256_permutevar8x32_ps(s, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
+}
+
+/// `Inner::dots` on AVX2: eight key rows at a time, each row's accumulators as in
+/// [`dot`] and the eight reduced together by [`reduce8`], then each row's tail
+/// added in order; the keys after the last eight by [`dot`].
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn dots(q: &[f32], k: &[f32], base: usize, stride: usize, out: &mut [f32]) {
+    let (hd, keys) = (q.len(), out.len());
+    let main = hd - hd % 8;
+    if keys > 0 && base + (keys - 1) * stride + hd > k.len() {
+        // Not reachable for a valid view; the portable loop's bounds checks report
+        // the bug as a panic instead of reading out of bounds here.
+        Portable.dots(q, k, base, stride, out);
+        return;
     }
-    s
+    let pq = q.as_ptr();
+    let mut j = 0;
+    while j + 8 <= keys {
+        let mut v = [_mm256_setzero_ps(); 8];
+        for (i, acc) in v.iter_mut().enumerate() {
+            *acc = combined(pq, k.as_ptr().add(base + (j + i) * stride), hd);
+        }
+        _mm256_storeu_ps(out.as_mut_ptr().add(j), reduce8(v));
+        if main < hd {
+            for (i, s) in out[j..j + 8].iter_mut().enumerate() {
+                let at = base + (j + i) * stride;
+                for (x, y) in q[main..].iter().zip(&k[at + main..at + hd]) {
+                    *s += x * y;
+                }
+            }
+        }
+        j += 8;
+    }
+    for (i, s) in out[j..].iter_mut().enumerate() {
+        let at = base + (j + i) * stride;
+        *s = dot(q, &k[at..at + hd]);
+    }
 }
 
 /// Keys per block of [`accumulate`]: the value rows of a block (16 KB at a
@@ -392,6 +473,39 @@ mod tests {
                     .collect::<Vec<_>>()
             };
             assert_eq!(canonical(&fast), canonical(&slow), "e4m3, hd = {hd}");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// The scores of several key rows at once (eight reduced together, then the
+        /// rest one by one) are bit for bit `dot::dot` of each row alone, on AVX2
+        /// and on the portable path, for every `head_dim` remainder and key count.
+        #[test]
+        fn several_scores_at_once_equal_each_dot_alone(
+            hd in 1usize..140,
+            keys in 0usize..40,
+            pad in 0usize..9,
+            base in 0usize..5,
+            seed in 1u32..u32::MAX,
+        ) {
+            let mut seed = seed;
+            let stride = hd + pad;
+            let q = values(hd, &mut seed);
+            let k = values(base + keys * stride, &mut seed);
+            let want: Vec<u32> = (0..keys)
+                .map(|j| dot::dot(&q, &k[base + j * stride..][..hd]).to_bits())
+                .collect();
+            let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            let mut slow = vec![f32::NAN; keys];
+            Portable.dots(&q, &k, base, stride, &mut slow);
+            proptest::prop_assert_eq!(bits(&slow), want.clone());
+            if super::available() {
+                let mut fast = vec![f32::NAN; keys];
+                Avx2.dots(&q, &k, base, stride, &mut fast);
+                proptest::prop_assert_eq!(bits(&fast), want);
+            }
         }
     }
 

@@ -5,6 +5,18 @@ pub(super) trait Inner {
     /// [`super::dot::dot`] of `a` and `b`, bit for bit.
     fn dot(&self, a: &[f32], b: &[f32]) -> f32;
 
+    /// `out[j]` = [`Inner::dot`] of `q` and the key row `k[base + j * stride..][..q.len()]`
+    /// for every `j < out.len()`, bit for bit: the scores of one query row against
+    /// consecutive key rows. A path may compute several of them at once (the AVX2 one
+    /// reduces eight rows' accumulators together), each still in `dot`'s order.
+    fn dots(&self, q: &[f32], k: &[f32], base: usize, stride: usize, out: &mut [f32]) {
+        let hd = q.len();
+        for (j, s) in out.iter_mut().enumerate() {
+            let at = base + j * stride;
+            *s = self.dot(q, &k[at..at + hd]);
+        }
+    }
+
     /// `out[d] += probs[j] * v[base + j * stride + d]` for every key `j` in order, each
     /// product and sum rounded, skipping keys of probability exactly 0 (a masked key
     /// adds nothing to a finite sum; a NaN weight, of a fully masked row, still

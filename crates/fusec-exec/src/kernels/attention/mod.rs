@@ -31,10 +31,14 @@
 //! time, so that one pass over that head's cache serves the whole tile and a GQA
 //! group reads its cache once instead of once per head:
 //!
-//! 1. every score of every row of the tile, key by key, into a scratch buffer: the
-//!    key row is read in place from the cache (no copy when its `head_dim` values are
+//! 1. every score of every row of the tile, into a scratch buffer: the key rows are
+//!    read in place from the cache (no copy when their `head_dim` values are
 //!    contiguous, as a cache's are; a strided view is gathered row by row) and dotted
-//!    with each query row in the order of [`super::dot::dot`];
+//!    with each query row in the order of [`super::dot::dot`]; rows of `f32` values in
+//!    place are scored a block of 32 keys at a time by every row of the tile, and the
+//!    AVX2 path reduces eight keys' accumulators together (one transposition of eight
+//!    registers instead of eight reductions to a scalar), each score still in `dot`'s
+//!    order;
 //! 2. per row, the rounding of the scores, their maximum, one `exp` per key, the sum
 //!    and the normalized probabilities, all in place in the scratch buffer;
 //! 3. per row, the weighted sum of the value rows, read in place, into the output

@@ -19,6 +19,10 @@ pub const ROW_TILE: usize = 8;
 /// the tile adds them).
 pub(super) const VALUE_BLOCK: usize = 32;
 
+/// Key rows of `f32` values that every query row of a tile scores before the next
+/// block (8 KB at a `head_dim` of 64, which stay in L1 meanwhile).
+const KEY_BLOCK: usize = 32;
+
 /// The most negative finite value of `dtype`, the masked entries of an additive
 /// mask (transformers fills them with `torch.finfo(dtype).min`). Attention skips the
 /// keys a row's mask holds at or below it after the row's last visible key
@@ -110,14 +114,33 @@ impl<T: Kv> Plan<'_, T> {
                 *end = self.visible_end(b, h, t);
             }
             let tile_end = ends[..n].iter().copied().max().unwrap_or(len);
-            // Pass 1: every score of the tile, one key row read per key (a compact
-            // row is decoded once, into `ktmp`, for all the rows of the tile), up to
-            // the last key a row sees (the others' probabilities are set to 0 below).
-            for j in 0..tile_end {
-                let krow = self.k.row(inner, (b, kvh, j), ktmp, k_nan);
-                for (r, qrow) in queries.chunks_exact(hd).take(n).enumerate() {
-                    if j < ends[r] {
-                        scores[r * len + j] = inner.dot(qrow, krow);
+            // Pass 1: every score of the tile, up to the last key a row sees (the
+            // others' probabilities are set to 0 below). Key rows of `f32` values in
+            // place are taken a block at a time, which every row of the tile scores
+            // while the block is in L1, several keys at once (`Inner::dots`);
+            // otherwise one key row is read per key (a compact row is decoded once,
+            // into `ktmp`, for all the rows of the tile).
+            match T::as_f32(self.k.data) {
+                Some(keys) if self.k.strides[3] == 1 => {
+                    let (base, stride) = (self.k.base(b, kvh, 0), self.k.strides[2]);
+                    for from in (0..tile_end).step_by(KEY_BLOCK) {
+                        for (r, qrow) in queries.chunks_exact(hd).take(n).enumerate() {
+                            let to = ends[r].min(from + KEY_BLOCK);
+                            if from < to {
+                                let out = &mut scores[r * len + from..r * len + to];
+                                inner.dots(qrow, keys, base + from * stride, stride, out);
+                            }
+                        }
+                    }
+                }
+                _ => {
+                    for j in 0..tile_end {
+                        let krow = self.k.row(inner, (b, kvh, j), ktmp, k_nan);
+                        for (r, qrow) in queries.chunks_exact(hd).take(n).enumerate() {
+                            if j < ends[r] {
+                                scores[r * len + j] = inner.dot(qrow, krow);
+                            }
+                        }
                     }
                 }
             }

@@ -21,6 +21,9 @@ pub(super) trait Kv: Copy + Send + Sync + 'static {
     /// The value of one stored entry.
     fn value(self) -> f32;
 
+    /// `data` itself when it holds `f32` values (no decoding needed).
+    fn as_f32(data: &[Self]) -> Option<&[f32]>;
+
     /// Whether `data` may hold a NaN code, which the fast decoding does not read as NaN
     /// (always false for `f32` values, which need no decoding).
     fn may_hold_nan(inner: &impl Inner, data: &[Self]) -> bool;
@@ -53,6 +56,11 @@ impl Kv for f32 {
     #[inline(always)]
     fn value(self) -> f32 {
         self
+    }
+
+    #[inline(always)]
+    fn as_f32(data: &[f32]) -> Option<&[f32]> {
+        Some(data)
     }
 
     fn may_hold_nan(_: &impl Inner, _: &[f32]) -> bool {
@@ -91,6 +99,11 @@ impl Kv for u8 {
     #[inline(always)]
     fn value(self) -> f32 {
         e4m3_table()[usize::from(self)]
+    }
+
+    #[inline(always)]
+    fn as_f32(_: &[u8]) -> Option<&[f32]> {
+        None
     }
 
     #[inline(always)]
