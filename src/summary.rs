@@ -109,7 +109,14 @@ impl Summary {
         eager: &Graph,
         fused: Option<&Graph>,
     ) -> Result<Self, UnboundSymbol> {
-        Self::with_bindings(spec, gpu, eager, fused, &crate::pipeline::bindings(spec), None)
+        Self::with_bindings(
+            spec,
+            gpu,
+            eager,
+            fused,
+            &crate::pipeline::bindings(spec),
+            None,
+        )
     }
 
     /// The summary of a paged step of blocks of `block_size` positions whose

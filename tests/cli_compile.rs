@@ -312,7 +312,10 @@ fn paged_report(name: &str, extra: &[&str]) -> (serde_json::Value, PathBuf) {
         String::from_utf8_lossy(&out.stderr)
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("paged KV cache: blocks of 4 positions"), "{stdout}");
+    assert!(
+        stdout.contains("paged KV cache: blocks of 4 positions"),
+        "{stdout}"
+    );
     let r = serde_json::from_str(&std::fs::read_to_string(json).expect("report written"))
         .expect("json");
     (r, dir)
@@ -338,7 +341,10 @@ fn paged_step_compiles_with_costs_from_the_real_lengths() {
     // CUDA: the write of the new entries, then the attention, for each layer.
     let cu = read("kernels.cu");
     assert!(cu.contains("_paged_write("), "no paged write kernel");
-    assert!(cu.contains("_paged_attention("), "no paged attention kernel");
+    assert!(
+        cu.contains("_paged_attention("),
+        "no paged attention kernel"
+    );
     let plan: serde_json::Value = serde_json::from_str(&read("launch_plan.json")).expect("json");
     let launches = plan["launches"].as_array().expect("launches");
     let named = |k: &str| {
@@ -351,7 +357,10 @@ fn paged_step_compiles_with_costs_from_the_real_lengths() {
     assert_eq!(named("_paged_attention"), TINY_LAYERS);
     // The report counts the launches as CUDA makes them: two per paged attention.
     let fused = &r["fused"];
-    assert_eq!(fused["launches_total"].as_u64(), Some(launches.len() as u64));
+    assert_eq!(
+        fused["launches_total"].as_u64(),
+        Some(launches.len() as u64)
+    );
     assert!(read("eager_kernels.cu").contains("_paged_write("));
     // The KV traffic, by hand: 2 sequences x 16 positions x every layer.
     assert_eq!(r["batch"], 2);
@@ -401,10 +410,16 @@ fn bad_paged_options() {
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec![tiny, "--paged", "0"], "--paged"),
         (vec![tiny, "--paged", "256"], "--paged"),
-        (vec![tiny, "--paged", "4", "--lengths", "1,129"], "--lengths"),
+        (
+            vec![tiny, "--paged", "4", "--lengths", "1,129"],
+            "--lengths",
+        ),
         (vec![tiny, "--paged", "4", "--lengths", "0"], "--lengths"),
         (vec![tiny, "--lengths", "3,4"], "--paged"),
-        (vec![tiny, "--paged", "4", "--lengths", "3", "--batch", "2"], "--batch"),
+        (
+            vec![tiny, "--paged", "4", "--lengths", "3", "--batch", "2"],
+            "--batch",
+        ),
         (vec![tiny, "--paged", "4", "--context", "129"], "context"),
         (
             vec![gemma.to_str().expect("utf8"), "--paged", "16"],
@@ -418,7 +433,10 @@ fn bad_paged_options() {
         let out = fusec(&all);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
-        assert!(stderr.contains(needle), "{args:?}: expected `{needle}` in {stderr}");
+        assert!(
+            stderr.contains(needle),
+            "{args:?}: expected `{needle}` in {stderr}"
+        );
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 }

@@ -232,7 +232,9 @@ pub fn run(args: Args) -> Result<(), Failure> {
     let fp8 = args.precision.fp8(None, None, spec.target.precision)?;
     let gpu = pipeline::target_gpu(&spec)?;
     let eager = match &paged {
-        Some((block_size, _)) => pipeline::eager_paged(&spec, *block_size).map_err(no_paged_step)?,
+        Some((block_size, _)) => {
+            pipeline::eager_paged(&spec, *block_size).map_err(no_paged_step)?
+        }
         None => pipeline::eager(&spec)?,
     };
     let fused = if args.fusion.no_fuse {

@@ -76,7 +76,10 @@ fn paged_positions_come_from_the_bound_lengths() {
     let uniform = step::bindings(2, 15);
     assert_eq!(paged_positions(&uniform, 2, 64, None), Some(2 * 16));
     assert_eq!(paged_positions(&uniform, 2, 64, Some(4)), Some(2 * 4));
-    assert_eq!(paged_positions(&fusec_ir::Bindings::new(), 2, 64, None), None);
+    assert_eq!(
+        paged_positions(&fusec_ir::Bindings::new(), 2, 64, None),
+        None
+    );
     // A row without its own length takes `L`, and without `L` the lengths are unknown.
     let some = fusec_ir::Bindings::new().with(&step::seq_len(0), 5);
     assert_eq!(paged_positions(&some, 2, 64, None), None);
