@@ -698,3 +698,41 @@ fn the_cost_model_reads_a_window_at_most() {
     assert_eq!(more(&[4, 20, 8]), base + 2 * position * cfg.num_layers);
     assert_eq!(more(&[3, 21, 8]), base);
 }
+
+/// What the CPU session measures a paged attention reading is what the cost model
+/// counts from the sequences' lengths: a ragged batch, with a window and without.
+#[test]
+fn the_cost_model_counts_what_a_paged_step_reads() {
+    for fixture in [
+        "tests/fixtures/hf-tiny-llama-s0",
+        "tests/fixtures/hf-tiny-mistral-window-s0",
+    ] {
+        let m = model(fixture, true);
+        let config = PagedConfig {
+            pool_blocks: 64,
+            max_len: 64,
+        };
+        let mut s = m.session(config);
+        let a = s.add(&[1; 12]).expect("adds");
+        for _ in 0..10 {
+            s.step().expect("steps");
+        }
+        s.add(&[2; 3]).expect("adds");
+        let step = s.step().expect("steps");
+        // `a` fed its 11th token (position 10), the other its first.
+        assert_eq!(s.len(a).expect("a"), 11);
+        let lengths = [11, 1];
+        let b = fusec_ir::step::paged_bindings(&lengths, BLOCK, 64)
+            .with(fusec_ir::step::POOL_BLOCKS, 64);
+        let mut checked = 0;
+        for n in &step.stats.nodes {
+            if !m.paged.op(n.node).name().starts_with("fused.paged") {
+                continue;
+            }
+            let cost = fusec_ir::cost::node_cost(&m.paged, n.node, &b).expect("bound");
+            assert_eq!(n.bytes_read, cost.bytes_read, "{fixture}: {:?}", n.node);
+            checked += 1;
+        }
+        assert_eq!(checked as u64, m.spec.model.num_layers, "{fixture}");
+    }
+}

@@ -80,7 +80,9 @@ fn eager_and_fused_dumps_and_summaries() {
         };
         insta::assert_snapshot!(
             "paged_fused",
-            paged.as_ref().map_or_else(Clone::clone, |(_, _, g)| dump(g))
+            paged
+                .as_ref()
+                .map_or_else(Clone::clone, |(_, _, g)| dump(g))
         );
         let paged_summary = paged.and_then(|(spec, eager, fused)| {
             let gpu = pipeline::target_gpu(spec).map_err(|e| format!("gpu: {e}"))?;
