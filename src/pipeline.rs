@@ -49,6 +49,9 @@ pub enum PipelineError {
     /// A precision the model's shapes do not allow (an integer format's blocks).
     #[error("{0}")]
     Precision(String),
+    /// A family whose step builder has no paged KV cache (the builder's reason).
+    #[error("no paged step: {0}")]
+    NoPagedStep(String),
     #[error("{phase}: {message}")]
     Internal {
         phase: &'static str,
@@ -254,6 +257,39 @@ pub fn fused_in_with(
     }
     let s = in_precision(spec, precision);
     let eager = eager_with(registry, &s)?;
+    let (fused, report) = fuse(&s, &eager, rules)?;
+    Ok((lower(fused, precision, fp8)?, report))
+}
+
+/// The eager paged decode step of `spec` (`StepDims::paged`, blocks of `block_size`
+/// positions), verified. A family without a paged step (Gemma 2's soft-capped
+/// attention) is [`PipelineError::NoPagedStep`].
+pub fn eager_paged(spec: &ModelSpec, block_size: u64) -> Result<Graph, PipelineError> {
+    eager_prefill(spec, &StepDims::paged(block_size)).map_err(|e| match e {
+        PipelineError::Internal {
+            phase: "build",
+            message,
+        } => PipelineError::NoPagedStep(message),
+        e => e,
+    })
+}
+
+/// [`fused_in`] for the paged decode step of blocks of `block_size` positions.
+pub fn fused_paged_in(
+    spec: &ModelSpec,
+    precision: Precision,
+    block_size: u64,
+    rules: &RuleSet,
+    fp8: &Fp8Options,
+) -> Result<(Graph, FuseReport), PipelineError> {
+    let gpu = target_gpu(spec)?;
+    if precision == Precision::Fp8 && gpu.fp8_tflops.is_none() {
+        return Err(PipelineError::NoFp8 {
+            gpu: gpu.name.to_string(),
+        });
+    }
+    let s = in_precision(spec, precision);
+    let eager = eager_paged(&s, block_size)?;
     let (fused, report) = fuse(&s, &eager, rules)?;
     Ok((lower(fused, precision, fp8)?, report))
 }

@@ -4,7 +4,8 @@ use std::fmt::Write;
 
 use fusec_ir::cost::{estimate_seconds, graph_cost, GraphCost};
 use fusec_ir::hardware::GpuSpec;
-use fusec_ir::shape::UnboundSymbol;
+use fusec_ir::shape::{Bindings, UnboundSymbol};
+use fusec_ir::step;
 use fusec_ir::Graph;
 use fusec_model::frontend::ModelSpec;
 use serde::Serialize;
@@ -28,12 +29,24 @@ pub struct VariantSummary {
 
 impl VariantSummary {
     pub fn new(graph: &Graph, spec: &ModelSpec, gpu: &GpuSpec) -> Result<Self, UnboundSymbol> {
-        let c = graph_cost(graph, &crate::pipeline::bindings(spec))?;
+        Self::with_bindings(graph, spec, gpu, &crate::pipeline::bindings(spec))
+    }
+
+    /// The costs of `graph` under `bindings` (a paged step's real lengths,
+    /// [`PagedSummary::bindings`]). The launches are the target GPU's: the kernels
+    /// CUDA launches (`GraphCost::cuda_launches`), two for a paged attention.
+    pub fn with_bindings(
+        graph: &Graph,
+        spec: &ModelSpec,
+        gpu: &GpuSpec,
+        bindings: &Bindings,
+    ) -> Result<Self, UnboundSymbol> {
+        let c = graph_cost(graph, bindings)?;
         // One step yields one token per sequence.
         let us = estimate_seconds(graph, &c, gpu) * 1e6 / spec.decode.batch as f64;
         Ok(Self {
-            launches_total: c.total.launches,
-            launches_per_layer: c.launches_per_layer(),
+            launches_total: c.cuda_launches,
+            launches_per_layer: c.cuda_launches_per_layer(),
             bytes_read: c.total.bytes_read,
             bytes_written: c.total.bytes_written,
             flops: c.total.flops,
@@ -61,6 +74,32 @@ pub struct Summary {
     pub eager: VariantSummary,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fused: Option<VariantSummary>,
+    /// The paged KV cache of a paged step (`fusec compile --paged`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub paged: Option<PagedSummary>,
+}
+
+/// A paged step's KV cache: its blocks, the sequences' lengths the costs are counted
+/// from, and the KV traffic they give.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PagedSummary {
+    /// Positions per block.
+    pub block_size: u64,
+    /// Positions each sequence holds after the step, its new entry included.
+    pub lengths: Vec<u64>,
+    /// Bytes of keys and values the step's attention reads: every layer's attended
+    /// positions (a sliding window's at most the window).
+    pub kv_read_bytes: u64,
+    /// Bytes of keys and values the step writes: one entry per sequence and layer.
+    pub kv_write_bytes: u64,
+}
+
+impl PagedSummary {
+    /// The bindings of the step: `B` sequences of these lengths, tables as wide as the
+    /// model's `max_seq_len` needs (`fusec_ir::step::paged_bindings`).
+    pub fn bindings(block_size: u64, lengths: &[u64], spec: &ModelSpec) -> Bindings {
+        step::paged_bindings(lengths, block_size, spec.model.max_seq_len)
+    }
 }
 
 impl Summary {
@@ -70,6 +109,49 @@ impl Summary {
         eager: &Graph,
         fused: Option<&Graph>,
     ) -> Result<Self, UnboundSymbol> {
+        Self::with_bindings(
+            spec,
+            gpu,
+            eager,
+            fused,
+            &crate::pipeline::bindings(spec),
+            None,
+        )
+    }
+
+    /// The summary of a paged step of blocks of `block_size` positions whose
+    /// sequences hold `lengths` positions after it (`spec.decode.batch` of them).
+    pub fn paged(
+        spec: &ModelSpec,
+        gpu: &GpuSpec,
+        eager: &Graph,
+        fused: Option<&Graph>,
+        block_size: u64,
+        lengths: Vec<u64>,
+    ) -> Result<Self, UnboundSymbol> {
+        let b = PagedSummary::bindings(block_size, &lengths, spec);
+        let paged = PagedSummary {
+            block_size,
+            lengths,
+            kv_read_bytes: 0,
+            kv_write_bytes: 0,
+        };
+        Self::with_bindings(spec, gpu, eager, fused, &b, Some(paged))
+    }
+
+    fn with_bindings(
+        spec: &ModelSpec,
+        gpu: &GpuSpec,
+        eager: &Graph,
+        fused: Option<&Graph>,
+        b: &Bindings,
+        mut paged: Option<PagedSummary>,
+    ) -> Result<Self, UnboundSymbol> {
+        let eager = VariantSummary::with_bindings(eager, spec, gpu, b)?;
+        if let Some(p) = &mut paged {
+            p.kv_read_bytes = eager.cost.floor.kv_read_bytes;
+            p.kv_write_bytes = eager.cost.floor.kv_write_bytes;
+        }
         Ok(Self {
             model: spec.model.name.clone(),
             layers: spec.model.num_layers,
@@ -77,10 +159,11 @@ impl Summary {
             context: spec.decode.context,
             precision: spec.target.precision.name().to_string(),
             gpu: gpu.name.to_string(),
-            eager: VariantSummary::new(eager, spec, gpu)?,
+            eager,
             fused: fused
-                .map(|f| VariantSummary::new(f, spec, gpu))
+                .map(|f| VariantSummary::with_bindings(f, spec, gpu, b))
                 .transpose()?,
+            paged,
         })
     }
 
@@ -92,6 +175,17 @@ impl Summary {
             "model {}: {} layers, batch {}, context {}, precision {}, gpu {}",
             self.model, self.layers, self.batch, self.context, self.precision, self.gpu
         );
+        if let Some(p) = &self.paged {
+            let lengths: Vec<String> = p.lengths.iter().map(u64::to_string).collect();
+            let _ = writeln!(
+                out,
+                "paged KV cache: blocks of {} positions, sequence lengths {}: KV read {}, KV write {} per step",
+                p.block_size,
+                lengths.join(","),
+                human_bytes(p.kv_read_bytes),
+                human_bytes(p.kv_write_bytes)
+            );
+        }
         let e = &self.eager;
         let mut cols = vec![("eager", e)];
         if let Some(f) = &self.fused {

@@ -285,3 +285,158 @@ fn explain_says_why_and_what() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("has no value %9999"));
 }
+
+/// `fusec compile examples/tiny.toml --paged 4` with `extra` flags, writing IR, CUDA
+/// and the report into a scratch directory: (report, directory).
+fn paged_report(name: &str, extra: &[&str]) -> (serde_json::Value, PathBuf) {
+    let dir = scratch(name);
+    let json = dir.join("r.json");
+    let tiny = common::root().join("examples/tiny.toml");
+    let mut args = vec![
+        "compile",
+        tiny.to_str().expect("utf8"),
+        "--paged",
+        "4",
+        "--out",
+        dir.to_str().expect("utf8"),
+        "--emit",
+        "ir,cuda",
+        "--report-json",
+        json.to_str().expect("utf8"),
+    ];
+    args.extend_from_slice(extra);
+    let out = fusec(&args);
+    assert!(
+        out.status.success(),
+        "{name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("paged KV cache: blocks of 4 positions"),
+        "{stdout}"
+    );
+    let r = serde_json::from_str(&std::fs::read_to_string(json).expect("report written"))
+        .expect("json");
+    (r, dir)
+}
+
+// The tiny example: 2 layers, 2 KV heads of 16 dimensions, f32. One position of one
+// layer's keys and values is 2 (K,V) x 2 x 16 x 4 bytes.
+const TINY_LAYERS: u64 = 2;
+const TINY_KV_POSITION: u64 = 2 * 2 * 16 * 4;
+
+#[test]
+fn paged_step_compiles_with_costs_from_the_real_lengths() {
+    let (r, dir) = paged_report("paged-16", &["--context", "16", "--batch", "2"]);
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).expect(f);
+    // The IR reads the cache through the block table.
+    for fir in ["eager.fir", "fused.fir"] {
+        let ir = read(fir);
+        assert!(ir.contains("block_table"), "{fir}");
+        assert!(ir.contains("fused.paged"), "{fir}");
+        assert!(!ir.contains("attention_mask"), "{fir}");
+    }
+    assert!(read("fused.fir").contains("fused.paged_decode_attention"));
+    // CUDA: the write of the new entries, then the attention, for each layer.
+    let cu = read("kernels.cu");
+    assert!(cu.contains("_paged_write("), "no paged write kernel");
+    assert!(
+        cu.contains("_paged_attention("),
+        "no paged attention kernel"
+    );
+    let plan: serde_json::Value = serde_json::from_str(&read("launch_plan.json")).expect("json");
+    let launches = plan["launches"].as_array().expect("launches");
+    let named = |k: &str| {
+        launches
+            .iter()
+            .filter(|l| l["kernel"].as_str().is_some_and(|n| n.ends_with(k)))
+            .count() as u64
+    };
+    assert_eq!(named("_paged_write"), TINY_LAYERS);
+    assert_eq!(named("_paged_attention"), TINY_LAYERS);
+    // The report counts the launches as CUDA makes them: two per paged attention.
+    let fused = &r["fused"];
+    assert_eq!(
+        fused["launches_total"].as_u64(),
+        Some(launches.len() as u64)
+    );
+    assert!(read("eager_kernels.cu").contains("_paged_write("));
+    // The KV traffic, by hand: 2 sequences x 16 positions x every layer.
+    assert_eq!(r["batch"], 2);
+    assert_eq!(r["context"], 16);
+    let paged = &r["paged"];
+    assert_eq!(paged["block_size"], 4);
+    assert_eq!(paged["lengths"], serde_json::json!([16, 16]));
+    assert_eq!(
+        paged["kv_read_bytes"].as_u64(),
+        Some(2 * 16 * TINY_KV_POSITION * TINY_LAYERS)
+    );
+    assert_eq!(
+        paged["kv_write_bytes"].as_u64(),
+        Some(2 * TINY_KV_POSITION * TINY_LAYERS)
+    );
+
+    // Twice the context: twice the KV read, and nothing else read changes.
+    let (r32, _) = paged_report("paged-32", &["--context", "32", "--batch", "2"]);
+    let kv = |r: &serde_json::Value| r["paged"]["kv_read_bytes"].as_u64().expect("u64");
+    assert_eq!(kv(&r32), 2 * kv(&r));
+    for variant in ["eager", "fused"] {
+        let bytes = |r: &serde_json::Value| r[variant]["bytes_read"].as_u64().expect("u64");
+        assert_eq!(bytes(&r32) - bytes(&r), kv(&r32) - kv(&r), "{variant}");
+        assert_eq!(r32[variant]["launches_total"], r[variant]["launches_total"]);
+    }
+}
+
+#[test]
+fn paged_step_of_a_ragged_batch() {
+    let (r, _) = paged_report("paged-ragged", &["--lengths", "3,16,1"]);
+    assert_eq!(r["batch"], 3);
+    assert_eq!(r["context"], 16);
+    assert_eq!(r["paged"]["lengths"], serde_json::json!([3, 16, 1]));
+    assert_eq!(
+        r["paged"]["kv_read_bytes"].as_u64(),
+        Some((3 + 16 + 1) * TINY_KV_POSITION * TINY_LAYERS)
+    );
+}
+
+#[test]
+fn bad_paged_options() {
+    let tiny = common::root().join("examples/tiny.toml");
+    let tiny = tiny.to_str().expect("utf8");
+    let dir = scratch("paged-bad");
+    let dir = dir.to_str().expect("utf8");
+    let gemma = common::root().join("examples/gemma-2-9b");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec![tiny, "--paged", "0"], "--paged"),
+        (vec![tiny, "--paged", "256"], "--paged"),
+        (
+            vec![tiny, "--paged", "4", "--lengths", "1,129"],
+            "--lengths",
+        ),
+        (vec![tiny, "--paged", "4", "--lengths", "0"], "--lengths"),
+        (vec![tiny, "--lengths", "3,4"], "--paged"),
+        (
+            vec![tiny, "--paged", "4", "--lengths", "3", "--batch", "2"],
+            "--batch",
+        ),
+        (vec![tiny, "--paged", "4", "--context", "129"], "context"),
+        (
+            vec![gemma.to_str().expect("utf8"), "--paged", "16"],
+            "--paged: no paged step",
+        ),
+    ];
+    for (args, needle) in cases {
+        let mut all = vec!["compile"];
+        all.extend(args.iter().copied());
+        all.extend(["--out", dir]);
+        let out = fusec(&all);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(needle),
+            "{args:?}: expected `{needle}` in {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}

@@ -644,4 +644,95 @@ fn the_paged_graph_verifies_round_trips_and_fuses() {
             assert_eq!(read, 2 * 3 * block);
         }
     }
+    // With the sequences' lengths bound, the positions they hold: 5 and 9 here.
+    let b = b
+        .with(&fusec_ir::step::seq_len(0), 5)
+        .with(&fusec_ir::step::seq_len(1), 9);
+    let position = cfg.num_kv_heads * cfg.head_dim * 4;
+    for n in fused.node_ids() {
+        if *fused.op(n) == Op::Fused(FusedOp::PagedDecodeAttention) {
+            for i in [5, 6] {
+                let pool = fused.operands(n)[i];
+                let read =
+                    fusec_ir::cost::operand_read_bytes(&fused, n, i, pool, &b).expect("bound");
+                assert_eq!(read, (5 + 9) * position);
+            }
+        }
+    }
+    // The floor reads that of every layer and writes one entry per sequence.
+    let cost = fusec_ir::cost::graph_cost(&fused, &b).expect("bound");
+    let layers = cfg.num_layers;
+    assert_eq!(cost.floor.kv_read_bytes, 2 * (5 + 9) * position * layers);
+    assert_eq!(cost.floor.kv_write_bytes, 2 * 2 * position * layers);
+    // CUDA launches each paged attention as two kernels, the CPU executor as one.
+    assert_eq!(cost.cuda_launches, cost.total.launches + layers);
+}
+
+/// A sliding window's layers read at most the window's positions of each sequence,
+/// however long it is, as the paged kernels do.
+#[test]
+fn the_cost_model_reads_a_window_at_most() {
+    let m = model("tests/fixtures/hf-tiny-mistral-window-s0", true);
+    let cfg = &m.spec.model;
+    let window = 8;
+    let position = cfg.num_kv_heads * cfg.head_dim * 4;
+    let lengths = [3, 20, 8];
+    let b = fusec_ir::step::paged_bindings(&lengths, BLOCK, cfg.max_seq_len);
+    let cost = fusec_ir::cost::graph_cost(&m.paged, &b).expect("bound");
+    let attended: u64 = lengths.iter().map(|&l| l.min(window)).sum();
+    assert_eq!(attended, 3 + 8 + 8);
+    assert_eq!(
+        cost.floor.kv_read_bytes,
+        2 * attended * position * cfg.num_layers
+    );
+    // One more position of the short sequence reads one more position per layer; one
+    // more of the long one, nothing more.
+    let more = |lengths: &[u64]| {
+        let b = fusec_ir::step::paged_bindings(lengths, BLOCK, cfg.max_seq_len);
+        fusec_ir::cost::graph_cost(&m.paged, &b)
+            .expect("bound")
+            .total
+            .bytes_read
+    };
+    let base = more(&lengths);
+    assert_eq!(more(&[4, 20, 8]), base + 2 * position * cfg.num_layers);
+    assert_eq!(more(&[3, 21, 8]), base);
+}
+
+/// What the CPU session measures a paged attention reading is what the cost model
+/// counts from the sequences' lengths: a ragged batch, with a window and without.
+#[test]
+fn the_cost_model_counts_what_a_paged_step_reads() {
+    for fixture in [
+        "tests/fixtures/hf-tiny-llama-s0",
+        "tests/fixtures/hf-tiny-mistral-window-s0",
+    ] {
+        let m = model(fixture, true);
+        let config = PagedConfig {
+            pool_blocks: 64,
+            max_len: 64,
+        };
+        let mut s = m.session(config);
+        let a = s.add(&[1; 12]).expect("adds");
+        for _ in 0..10 {
+            s.step().expect("steps");
+        }
+        s.add(&[2; 3]).expect("adds");
+        let step = s.step().expect("steps");
+        // `a` fed its 11th token (position 10), the other its first.
+        assert_eq!(s.len(a).expect("a"), 11);
+        let lengths = [11, 1];
+        let b = fusec_ir::step::paged_bindings(&lengths, BLOCK, 64)
+            .with(fusec_ir::step::POOL_BLOCKS, 64);
+        let mut checked = 0;
+        for n in &step.stats.nodes {
+            if !m.paged.op(n.node).name().starts_with("fused.paged") {
+                continue;
+            }
+            let cost = fusec_ir::cost::node_cost(&m.paged, n.node, &b).expect("bound");
+            assert_eq!(n.bytes_read, cost.bytes_read, "{fixture}: {:?}", n.node);
+            checked += 1;
+        }
+        assert_eq!(checked as u64, m.spec.model.num_layers, "{fixture}");
+    }
 }

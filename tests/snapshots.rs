@@ -1,7 +1,7 @@
 //! The data-driven snapshot harness: for every model in `tests/in/` (a `.toml` spec or
 //! a directory holding a Hugging Face `config.json`), the eager IR dump, the fused IR
-//! dump, the compile summary and the eager and fused dumps of a 4-token prefill step,
-//! checked against `tests/snapshots/`.
+//! dump, the compile summary, the eager and fused dumps of a 4-token prefill step, and
+//! the fused dump and summary of the paged step, checked against `tests/snapshots/`.
 //!
 //! Each input and dump is its own case: `insta::glob!` runs every input and reports
 //! every failing snapshot, and a pipeline error becomes the text compared with the
@@ -65,5 +65,32 @@ fn eager_and_fused_dumps_and_summaries() {
             (Err(e), _) | (_, Err(e)) => Err(e.clone()),
         };
         insta::assert_snapshot!("prefill_fused", prefill_fused.unwrap_or_else(|e| e));
+
+        // The paged decode step of blocks of 16 positions, fused, and its summary with
+        // every sequence holding the spec's context: what `fusec compile --paged 16`
+        // dumps and prints.
+        let paged = match (&spec, &rules) {
+            (Ok(spec), Ok(rules)) => pipeline::eager_paged(spec, 16)
+                .and_then(|eager| {
+                    let (fused, _) = pipeline::fuse(spec, &eager, rules)?;
+                    Ok((spec, eager, fused))
+                })
+                .map_err(|e| format!("paged: {e}")),
+            (Err(e), _) | (_, Err(e)) => Err(e.clone()),
+        };
+        insta::assert_snapshot!(
+            "paged_fused",
+            paged
+                .as_ref()
+                .map_or_else(Clone::clone, |(_, _, g)| dump(g))
+        );
+        let paged_summary = paged.and_then(|(spec, eager, fused)| {
+            let gpu = pipeline::target_gpu(spec).map_err(|e| format!("gpu: {e}"))?;
+            let lengths = vec![spec.decode.context; spec.decode.batch as usize];
+            Summary::paged(spec, gpu, &eager, Some(&fused), 16, lengths)
+                .map(|s| s.render())
+                .map_err(|e| format!("summary: {e}"))
+        });
+        insta::assert_snapshot!("paged_summary", paged_summary.unwrap_or_else(|e| e));
     });
 }

@@ -1,5 +1,5 @@
-//! `fusec compile`: build the eager decode graph, fuse it, write the dumps, print the
-//! summary of eager next to fused.
+//! `fusec compile`: build the eager decode graph (or with `--paged` the paged step),
+//! fuse it, write the dumps, print the summary of eager next to fused.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -9,10 +9,10 @@ use fusec::codegen::{self, DecodeShape};
 use fusec::cuda::nvrtc::{Nvrtc, Target};
 use fusec::cuda::ptxas;
 use fusec::output::{Outputs, Replace};
-use fusec::pipeline;
+use fusec::pipeline::{self, PipelineError};
 use fusec::summary::Summary;
 use fusec_ir::{dot, text, Graph};
-use fusec_model::frontend::valid_model_name;
+use fusec_model::frontend::{valid_model_name, ModelSpec};
 
 use crate::cmd::options::{FusionArgs, PrecisionArgs};
 use crate::Failure;
@@ -40,6 +40,20 @@ pub struct Args {
     /// Sequences per step (overrides [decode] batch).
     #[arg(long)]
     pub batch: Option<u64>,
+    /// Compile the paged decode step, its KV cache in blocks of BLOCK_SIZE positions
+    /// read through a block table, instead of the dense one. Its costs count the
+    /// positions the sequences hold: --context for each of --batch, or --lengths.
+    #[arg(long, value_name = "BLOCK_SIZE")]
+    pub paged: Option<u64>,
+    /// With --paged, a ragged batch: the positions each sequence holds after the step,
+    /// comma-separated (the batch is the list's length).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        requires = "paged",
+        conflicts_with_all = ["batch", "context"]
+    )]
+    pub lengths: Vec<u64>,
     /// Target GPU for the cost model (overrides [target] gpu): h100-sxm, h200-sxm,
     /// a100-sxm, l40s, l4.
     #[arg(long)]
@@ -164,6 +178,45 @@ fn cuda(
     Ok(written)
 }
 
+/// The paged step's block size and the positions each sequence holds after it, from
+/// --paged and --lengths (or --context for each of --batch), checked against the
+/// model; the spec's decode shape set to the batch and its longest sequence.
+fn paged_lengths(args: &Args, spec: &mut ModelSpec) -> Result<Option<(u64, Vec<u64>)>, Failure> {
+    let Some(block_size) = args.paged else {
+        return Ok(None);
+    };
+    let bad = |m: String| Err(Failure::Input(anyhow::anyhow!(m)));
+    let max = spec.model.max_seq_len;
+    if block_size == 0 {
+        return bad("--paged: a block holds at least 1 position, not 0".into());
+    }
+    if block_size > max {
+        return bad(format!(
+            "--paged: a block of {block_size} positions is longer than the model's max_seq_len {max}"
+        ));
+    }
+    if args.lengths.is_empty() {
+        let lengths = vec![spec.decode.context; spec.decode.batch as usize];
+        return Ok(Some((block_size, lengths)));
+    }
+    for (i, &len) in args.lengths.iter().enumerate() {
+        if len == 0 {
+            return bad(format!(
+                "--lengths: sequence {i} holds 0 positions; each holds at least its new token"
+            ));
+        }
+        if len > max {
+            return bad(format!(
+                "--lengths: sequence {i} holds {len} positions, beyond the model's max_seq_len {max}"
+            ));
+        }
+    }
+    let longest = args.lengths.iter().copied().max().unwrap_or(1);
+    spec.set_decode(Some(args.lengths.len() as u64), Some(longest))
+        .map_err(|e| Failure::Input(anyhow::anyhow!("--lengths: {e}")))?;
+    Ok(Some((block_size, args.lengths.clone())))
+}
+
 pub fn run(args: Args) -> Result<(), Failure> {
     let mut spec = pipeline::load(&args.model, args.batch, args.context)?;
     if let Some(g) = &args.gpu {
@@ -171,15 +224,32 @@ pub fn run(args: Args) -> Result<(), Failure> {
         spec.target.gpu_at = None;
     }
     args.precision.apply(&mut spec)?;
+    let paged = paged_lengths(&args, &mut spec)?;
+    let no_paged_step = |e: PipelineError| match e {
+        PipelineError::NoPagedStep(_) => Failure::Input(anyhow::anyhow!("--paged: {e}")),
+        e => e.into(),
+    };
     let fp8 = args.precision.fp8(None, None, spec.target.precision)?;
     let gpu = pipeline::target_gpu(&spec)?;
-    let eager = pipeline::eager(&spec)?;
+    let eager = match &paged {
+        Some((block_size, _)) => {
+            pipeline::eager_paged(&spec, *block_size).map_err(no_paged_step)?
+        }
+        None => pipeline::eager(&spec)?,
+    };
     let fused = if args.fusion.no_fuse {
         None
     } else {
         let rules = pipeline::rules(&args.fusion.rules)?;
         let start = Instant::now();
-        let (graph, report) = pipeline::fused_in(&spec, spec.target.precision, &rules, &fp8)?;
+        let precision = spec.target.precision;
+        let (graph, report) = match &paged {
+            Some((block_size, _)) => {
+                pipeline::fused_paged_in(&spec, precision, *block_size, &rules, &fp8)
+                    .map_err(no_paged_step)?
+            }
+            None => pipeline::fused_in(&spec, precision, &rules, &fp8)?,
+        };
         let elapsed = start.elapsed();
         crate::cmd::options::warn_fusion(&report);
         Some((graph, report, elapsed))
@@ -216,8 +286,14 @@ pub fn run(args: Args) -> Result<(), Failure> {
         written.extend(dumps(&outputs, &out, "fused", graph, &shape, &args.emit)?);
     }
 
-    let summary = Summary::new(&spec, gpu, &eager, fused.as_ref().map(|(g, _, _)| g))
-        .map_err(|e| Failure::Internal(e.into()))?;
+    let fused_graph = fused.as_ref().map(|(g, _, _)| g);
+    let summary = match paged {
+        Some((block_size, lengths)) => {
+            Summary::paged(&spec, gpu, &eager, fused_graph, block_size, lengths)
+        }
+        None => Summary::new(&spec, gpu, &eager, fused_graph),
+    }
+    .map_err(|e| Failure::Internal(e.into()))?;
     crate::say(&summary.render());
     if let Some((_, report, elapsed)) = &fused {
         crate::say(&format!(

@@ -567,6 +567,35 @@ fn a_paged_step_writes_every_row_before_attending() {
     }
 }
 
+/// The cost model counts what a paged plan launches and reads: its CUDA launches are
+/// the plan's (two per paged attention), and from the rows' lengths (position + 1) it
+/// reads the pools' bytes `LaunchPlan::paged_kv_bytes_read` counts for their positions.
+#[test]
+fn the_cost_model_counts_a_paged_plan() {
+    let path = common::root().join("examples/tiny.toml");
+    for case in common::paged_cases(&path, Precision::Bf16) {
+        let out = common::output(&case);
+        let paged = out.plan.shape.paged.expect("paged");
+        let positions: [i32; 3] = [0, 37, 100];
+        let lengths: Vec<u64> = positions.iter().map(|&p| p as u64 + 1).collect();
+        let b = fusec_ir::step::paged_bindings(&lengths, 16, case.shape.max_seq_len);
+        assert_eq!(b.get(fusec_ir::step::MAX_BLOCKS), Some(paged.max_blocks));
+        let cost = fusec_ir::cost::graph_cost(&case.graph, &b).expect("bound");
+        assert_eq!(
+            cost.cuda_launches,
+            out.plan.launches.len() as u64,
+            "{}",
+            case.label
+        );
+        assert_eq!(
+            cost.floor.kv_read_bytes,
+            out.plan.paged_kv_bytes_read(&positions),
+            "{}",
+            case.label
+        );
+    }
+}
+
 /// `Runner::step_paged` refuses inputs that do not fit the plan, and a dense plan.
 #[test]
 fn step_paged_checks_its_inputs() {

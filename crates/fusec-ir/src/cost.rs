@@ -6,17 +6,23 @@
 //! - it reads each operand once, where reading through a chain of views costs the
 //!   smaller of the view's and the underlying storage's size (an expanded tensor reads
 //!   its source once); scalars are kernel arguments and read nothing;
-//! - an embedding gather reads only the rows it gathers.
+//! - an embedding gather reads only the rows it gathers;
+//! - a paged attention reads its pools at the positions its rows attend, from the
+//!   lengths bound for them (`step::SEQ_LEN`, per row `step::seq_len`; a sliding
+//!   window's layers at most the window), and writes the new entries only. CUDA
+//!   launches it as two kernels (`Op::cuda_launches`), which [`GraphCost`] counts
+//!   apart from the CPU executor's one launch per node.
 //!
 //! The *memory floor* is what any implementation must move: every weight byte that some
-//! op needs, the whole KV cache read, the new KV entries written, the graph's data
-//! inputs and outputs.
+//! op needs, the whole KV cache read (a paged pool: the positions attended), the new
+//! KV entries written, the graph's data inputs and outputs.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::graph::{Graph, NodeId, OutputKind};
 use crate::op::{BinaryOp, Execution, FusedOp, InputKind, Op, OperandRole, ReduceOp};
 use crate::shape::{Bindings, UnboundSymbol};
+use crate::step;
 use crate::types::{TensorType, Type};
 
 /// The cost of one node, or a sum of them.
@@ -94,37 +100,59 @@ pub fn operand_read_bytes(
         Some(OperandRole::Cache { reads: false, .. }) => Ok(0),
         // A gather reads one row of the table per id: as many bytes as it writes.
         Some(OperandRole::EmbeddingTable) => graph.ty(id).bytes(b),
-        // A paged pool is read only through the block table: at most the blocks its
-        // `B x M` entries name (the real lengths are the host's; see
-        // `fusec_exec::paged`).
-        Some(OperandRole::Cache { reads: true, .. })
-            if matches!(
-                graph.op(id),
-                Op::Fused(FusedOp::PagedAttention | FusedOp::PagedDecodeAttention)
-            ) =>
-        {
-            let pool = graph.ty(operand);
-            let table = graph
-                .operands(id)
-                .into_iter()
-                .enumerate()
-                .find(|&(i, _)| graph.op(id).operand_role(i) == Some(OperandRole::Paging))
-                .map(|(_, t)| graph.ty(t));
+        // A paged pool is read only through the block table: the positions the rows
+        // hold (`step::SEQ_LEN`, capped by a window), or where their lengths are not
+        // bound at most the blocks the table's `B x M` entries name.
+        Some(OperandRole::Cache { reads: true, .. }) if is_paged(graph.op(id)) => {
             let whole = read_bytes(graph, operand, b)?;
-            match (pool.tensor(), table.and_then(Type::tensor)) {
-                (Some(p), Some(t)) if p.rank() == 4 && t.rank() == 2 => {
-                    let blocks = p.shape.dim(0).eval(b)?.max(1);
-                    let entries = t
-                        .shape
-                        .dim(0)
-                        .eval(b)?
-                        .saturating_mul(t.shape.dim(1).eval(b)?);
-                    Ok(whole.min((whole / blocks).saturating_mul(entries)))
-                }
-                _ => Ok(whole),
+            let (Some(p), Some(t)) = (
+                graph.ty(operand).tensor(),
+                paged_table(graph, id).and_then(|t| graph.ty(t).tensor()),
+            ) else {
+                return Ok(whole);
+            };
+            if p.rank() != 4 || t.rank() != 2 {
+                return Ok(whole);
             }
+            let blocks = p.shape.dim(0).eval(b)?.max(1);
+            let block_size = p.shape.dim(2).eval(b)?.max(1);
+            let (rows, width) = (t.shape.dim(0).eval(b)?, t.shape.dim(1).eval(b)?);
+            let reach = width.saturating_mul(block_size);
+            let per_block = whole / blocks;
+            Ok(
+                match step::paged_positions(b, rows, reach, paged_window(graph, id)) {
+                    Some(positions) => (per_block / block_size).saturating_mul(positions),
+                    None => whole.min(per_block.saturating_mul(rows.saturating_mul(width))),
+                },
+            )
         }
         _ => read_bytes(graph, operand, b),
+    }
+}
+
+fn is_paged(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Fused(FusedOp::PagedAttention | FusedOp::PagedDecodeAttention)
+    )
+}
+
+/// The block table a paged attention `id` reads (its first `Paging` operand).
+fn paged_table(graph: &Graph, id: NodeId) -> Option<NodeId> {
+    graph
+        .operands(id)
+        .into_iter()
+        .enumerate()
+        .find(|&(i, _)| graph.op(id).operand_role(i) == Some(OperandRole::Paging))
+        .map(|(_, t)| t)
+}
+
+/// The sliding window of a paged attention `id`, which its block table's name says
+/// (`step::window_block_table`).
+fn paged_window(graph: &Graph, id: NodeId) -> Option<u64> {
+    match graph.op(paged_table(graph, id)?) {
+        Op::Input { name, .. } => step::table_window(name).flatten(),
+        _ => None,
     }
 }
 
@@ -140,7 +168,7 @@ pub fn node_cost(graph: &Graph, id: NodeId, b: &Bindings) -> Result<Cost, Unboun
         reads.push(operand_read_bytes(graph, id, i, o, b)?);
     }
     let types: Vec<&Type> = operands.iter().map(|&o| graph.ty(o)).collect();
-    op_cost(op, &types, &reads, graph.ty(id), b)
+    cost_of(op, &types, &reads, graph.ty(id), b, paged_window(graph, id))
 }
 
 /// The cost of running `op` on operands of the given types, of which it reads
@@ -152,6 +180,19 @@ pub fn op_cost(
     reads: &[u64],
     out: &Type,
     b: &Bindings,
+) -> Result<Cost, UnboundSymbol> {
+    cost_of(op, operands, reads, out, b, None)
+}
+
+/// [`op_cost`] for a paged attention whose layer has a sliding `window` (which only
+/// the graph says, by its block table's name).
+fn cost_of(
+    op: &Op,
+    operands: &[&Type],
+    reads: &[u64],
+    out: &Type,
+    b: &Bindings,
+    window: Option<u64>,
 ) -> Result<Cost, UnboundSymbol> {
     if !op.launches_kernel() {
         return Ok(Cost::default());
@@ -169,10 +210,7 @@ pub fn op_cost(
     }
     // A paged pool keeps its shape; what the step writes into it is one entry per
     // sequence, the new k and v (operands 1 and 2).
-    if matches!(
-        op,
-        Op::Fused(FusedOp::PagedAttention | FusedOp::PagedDecodeAttention)
-    ) {
+    if is_paged(op) {
         for new in operands.iter().skip(1).take(2) {
             bytes_written = bytes_written.saturating_add(new.bytes(b)?);
         }
@@ -193,7 +231,7 @@ pub fn op_cost(
         // keep real models far below; a hand-written graph may not be).
         Op::MatMul => (2 * n_out).saturating_mul(last_dim(operands[0], b)?),
         Op::Linear => (2 * n_out).saturating_mul(last_dim(operands[1], b)?),
-        Op::Fused(f) => fused_flops(*f, operands, n_out, n_in0, b)?,
+        Op::Fused(f) => fused_flops(*f, operands, n_out, n_in0, b, window)?,
         // Data movement and conversions are charged bytes, not FLOPs.
         Op::Input { .. }
         | Op::Weight { .. }
@@ -228,6 +266,7 @@ fn fused_flops(
     n_out: u64,
     n_in0: u64,
     b: &Bindings,
+    window: Option<u64>,
 ) -> Result<u64, UnboundSymbol> {
     // 2 FLOPs per weight element per row of x (operand 0).
     let rows = n_in0 / last_dim(operands[0], b)?.max(1);
@@ -301,24 +340,34 @@ fn fused_flops(
                 FusedOp::PagedAttention => operands[i],
                 _ => operands[i + 2],
             };
-            // As decode attention, over every position the block table can address
-            // (`M * BS`): an upper bound, since the real lengths are not in the types.
-            let positions = match (tensor(at(5)), tensor(at(3))) {
-                (Some(table), Some(pool)) if table.rank() == 2 && pool.rank() == 4 => table
-                    .shape
-                    .dim(1)
-                    .eval(b)?
-                    .saturating_mul(pool.shape.dim(2).eval(b)?),
-                _ => 0,
+            // As decode attention, over the positions the rows hold (`step::SEQ_LEN`,
+            // capped by the window); where their lengths are not bound, over every
+            // position the block table can address (`M * BS`), an upper bound.
+            let (rows, reach) = match (tensor(at(5)), tensor(at(3))) {
+                (Some(table), Some(pool)) if table.rank() == 2 && pool.rank() == 4 => (
+                    table.shape.dim(0).eval(b)?,
+                    table
+                        .shape
+                        .dim(1)
+                        .eval(b)?
+                        .saturating_mul(pool.shape.dim(2).eval(b)?),
+                ),
+                _ => (0, 0),
+            };
+            // Operand 0 is `q` `[B,H,1,hd]`: per row, `n_in0 / rows` elements.
+            let per_row = n_in0 / rows.max(1);
+            let (q, positions) = match step::paged_positions(b, rows, reach, window) {
+                Some(p) if rows > 0 => (per_row, p),
+                _ => (n_in0, reach),
             };
             let hd = last_dim(operands[0], b)?.max(1);
             let rope = match f {
                 FusedOp::PagedAttention => 0,
                 _ => 3 * (n_in0 + numel(operands[1], b)?),
             };
-            (4 * n_in0)
+            (4 * q)
                 .saturating_mul(positions)
-                .saturating_add((5 * (n_in0 / hd)).saturating_mul(positions))
+                .saturating_add((5 * (q / hd)).saturating_mul(positions))
                 .saturating_add(rope)
         }
     })
@@ -339,6 +388,11 @@ pub struct GraphCost {
     /// The sum over nodes that belong to a decoder layer.
     pub in_layers: Cost,
     pub layers: u32,
+    /// Kernels the CUDA backend launches for the step, and for its decoder layers:
+    /// the launches of `total` and `in_layers` are the CPU executor's, one per
+    /// launching node, and CUDA launches some nodes as more (`Op::cuda_launches`).
+    pub cuda_launches: u64,
+    pub cuda_launches_in_layers: u64,
     pub floor: Floor,
     /// The cost of each kernel-launching node, in canonical order.
     #[serde(skip)]
@@ -352,6 +406,15 @@ impl GraphCost {
             0.0
         } else {
             self.in_layers.launches as f64 / f64::from(self.layers)
+        }
+    }
+
+    /// Average CUDA launches per decoder layer.
+    pub fn cuda_launches_per_layer(&self) -> f64 {
+        if self.layers == 0 {
+            0.0
+        } else {
+            self.cuda_launches_in_layers as f64 / f64::from(self.layers)
         }
     }
 
@@ -395,14 +458,41 @@ pub fn graph_cost(graph: &Graph, b: &Bindings) -> Result<GraphCost, UnboundSymbo
     };
     // For each weight, the most of it that any one consumer reads.
     let mut weight_read: HashMap<NodeId, u64> = HashMap::new();
+    // The state inputs a paged attention reads, counted with it.
+    let mut paged_pools: HashSet<NodeId> = HashSet::new();
     for &id in &order {
         let c = node_cost(graph, id, b)?;
         if c.launches > 0 {
             cost.total += c;
+            let cuda = graph.op(id).cuda_launches();
+            cost.cuda_launches = cost.cuda_launches.saturating_add(cuda);
             if graph.node(id).layer.is_some() {
                 cost.in_layers += c;
+                cost.cuda_launches_in_layers = cost.cuda_launches_in_layers.saturating_add(cuda);
             }
             cost.nodes.push((id, c));
+            if is_paged(graph.op(id)) {
+                // Its pools are read at the positions attended and written at the new
+                // entries only, as the node's own cost counts them.
+                let operands = graph.operands(id);
+                for (i, &o) in operands.iter().enumerate() {
+                    if let Some(OperandRole::Cache { reads: true, .. }) =
+                        graph.op(id).operand_role(i)
+                    {
+                        paged_pools.insert(o);
+                        cost.floor.kv_read_bytes = cost
+                            .floor
+                            .kv_read_bytes
+                            .saturating_add(operand_read_bytes(graph, id, i, o, b)?);
+                    }
+                }
+                for &new in operands.iter().skip(1).take(2) {
+                    cost.floor.kv_write_bytes = cost
+                        .floor
+                        .kv_write_bytes
+                        .saturating_add(graph.ty(new).bytes(b)?);
+                }
+            }
             for (i, o) in graph.operands(id).into_iter().enumerate() {
                 // A quantized weight credits its values and its scales.
                 let read: Vec<(usize, NodeId)> =
@@ -435,10 +525,14 @@ pub fn graph_cost(graph: &Graph, b: &Bindings) -> Result<GraphCost, UnboundSymbo
     }
     cost.floor.weight_bytes = weight_read.values().fold(0, |a, &v| a.saturating_add(v));
     let mut state_in = HashMap::new();
+    let mut paged_names = HashSet::new();
     for (id, name, kind) in graph.inputs() {
         let bytes = graph.ty(id).bytes(b)?;
         match kind {
             InputKind::Data => cost.floor.io_bytes += bytes,
+            InputKind::State if paged_pools.contains(&id) => {
+                paged_names.insert(name.to_string());
+            }
             InputKind::State => {
                 cost.floor.kv_read_bytes += bytes;
                 state_in.insert(name.to_string(), graph.ty(id));
@@ -449,6 +543,7 @@ pub fn graph_cost(graph: &Graph, b: &Bindings) -> Result<GraphCost, UnboundSymbo
         let ty = graph.ty(o.value);
         match o.kind {
             OutputKind::Data => cost.floor.io_bytes += ty.bytes(b)?,
+            OutputKind::State if paged_names.contains(&o.name) => {}
             OutputKind::State => {
                 cost.floor.kv_write_bytes += match (ty, state_in.get(&o.name)) {
                     (Type::Tensor(grown), Some(Type::Tensor(before))) => {
@@ -479,11 +574,17 @@ pub fn math_dtype(graph: &Graph, id: NodeId) -> crate::DType {
         .map_or(crate::DType::F32, |t| t.dtype)
 }
 
-/// Estimated seconds per step on `gpu`: every kernel's launch overhead plus the larger
-/// of its memory and math time, summed.
+/// Estimated seconds per step on `gpu`: every kernel's launch overhead (each of the
+/// kernels CUDA launches for a node) plus the larger of its memory and math time,
+/// summed.
 pub fn estimate_seconds(graph: &Graph, cost: &GraphCost, gpu: &crate::hardware::GpuSpec) -> f64 {
     cost.nodes
         .iter()
-        .map(|(id, c)| gpu.kernel_seconds(c.bytes(), c.flops, math_dtype(graph, *id)))
+        .map(|(id, c)| {
+            // A node CUDA launches as more than one kernel pays each launch.
+            let extra = graph.op(*id).cuda_launches().saturating_sub(1) as f64;
+            gpu.kernel_seconds(c.bytes(), c.flops, math_dtype(graph, *id))
+                + extra * gpu.launch_us * 1e-6
+        })
         .sum()
 }

@@ -45,6 +45,54 @@ pub const MAX_BLOCKS: &str = "M";
 /// table, [`window_block_table`], since they keep fewer blocks.
 pub const BLOCK_TABLE: &str = "block_table";
 
+/// The paged step's symbol for the positions every sequence holds after the step
+/// (its new entry included): a row at position `p` attends `p + 1` of them (the last
+/// `W` in a sliding-window layer). The types of a paged step do not hold it; the cost
+/// model reads it from the bindings, per row from [`seq_len`] where bound.
+pub const SEQ_LEN: &str = "L";
+
+/// The symbol for the positions row `row` of a paged step holds after the step: a
+/// ragged batch's own length, which overrides [`SEQ_LEN`] for that row.
+pub fn seq_len(row: u64) -> String {
+    format!("{SEQ_LEN}.{row}")
+}
+
+/// The bindings of a paged step (blocks of `block_size` positions, tables wide enough
+/// for `max_seq_len`) whose rows hold `lengths` positions after it: `B` rows, each
+/// row's [`seq_len`], `M = ceil(max_seq_len / BS)` and a pool `P` of the blocks the
+/// rows hold. A length of 0 is taken as 1 (the row's new entry).
+pub fn paged_bindings(lengths: &[u64], block_size: u64, max_seq_len: u64) -> Bindings {
+    let bs = block_size.max(1);
+    let mut b = Bindings::new()
+        .with(BATCH, lengths.len() as u64)
+        .with(MAX_BLOCKS, max_seq_len.div_ceil(bs).max(1));
+    let mut blocks = 0u64;
+    for (row, &len) in lengths.iter().enumerate() {
+        let len = len.max(1);
+        b.set(&seq_len(row as u64), len);
+        blocks = blocks.saturating_add(len.div_ceil(bs));
+    }
+    b.set(POOL_BLOCKS, blocks.max(1));
+    b
+}
+
+/// The positions a paged attention reads over the rows of a step of `rows` rows whose
+/// tables reach `reach` positions (`M * BS`): each row's length (its [`seq_len`], else
+/// [`SEQ_LEN`]) capped at the reach and at `window`. `None` where neither is bound:
+/// the lengths are not known.
+pub fn paged_positions(b: &Bindings, rows: u64, reach: u64, window: Option<u64>) -> Option<u64> {
+    let cap = window.map_or(reach, |w| w.max(1).min(reach));
+    if b.get(&seq_len(0)).is_none() {
+        return b.get(SEQ_LEN).map(|l| rows.saturating_mul(l.min(cap)));
+    }
+    let uniform = b.get(SEQ_LEN);
+    let mut total = 0u64;
+    for row in 0..rows {
+        total = total.saturating_add(b.get(&seq_len(row)).or(uniform)?.min(cap));
+    }
+    Some(total)
+}
+
 /// The block table of the layers with a sliding window of `window` positions, `[B,M]`:
 /// the blocks before the window are freed, so their entries are not read.
 pub fn window_block_table(window: u64) -> String {
@@ -109,8 +157,9 @@ pub fn layer_bias(layer: u64, module: &str) -> String {
 
 /// The bindings of a step of `batch` sequences with `past` positions cached before it.
 /// A paged step's sizes are bound too, to what the same context needs at most (blocks
-/// of one position: `M = S+1` per sequence, `P = B * M`), so that the cost model and
-/// extraction see finite sizes; a paged session binds the real ones.
+/// of one position: `M = S+1` per sequence, `P = B * M`, every row holding
+/// [`SEQ_LEN`] `= S+1` positions), so that the cost model and extraction see finite
+/// sizes; a paged session binds the real ones.
 pub fn bindings(batch: u64, past: u64) -> Bindings {
     let blocks = past.saturating_add(1);
     Bindings::new()
@@ -118,6 +167,7 @@ pub fn bindings(batch: u64, past: u64) -> Bindings {
         .with(PAST, past)
         .with(MAX_BLOCKS, blocks)
         .with(POOL_BLOCKS, batch.saturating_mul(blocks))
+        .with(SEQ_LEN, blocks)
 }
 
 /// The bindings of a step of `batch` sequences whose KV length is `context` after it

@@ -58,3 +58,43 @@ fn a_small_graph_costs_what_is_counted_by_hand() {
     let got = estimate_seconds(&g, &c, h100);
     assert!((got - want).abs() < 1e-15, "{got} against {want}");
 }
+
+/// A paged step's lengths: per row where bound, else every row's `L`, each capped by
+/// the table's reach and a window.
+#[test]
+fn paged_positions_come_from_the_bound_lengths() {
+    use fusec_ir::step::{self, paged_bindings, paged_positions};
+    let b = paged_bindings(&[3, 20, 0], 4, 30);
+    assert_eq!(b.get(step::BATCH), Some(3));
+    assert_eq!(b.get(step::MAX_BLOCKS), Some(8));
+    // 1 + 5 + 1 blocks: a length of 0 is the row's new entry.
+    assert_eq!(b.get(step::POOL_BLOCKS), Some(7));
+    assert_eq!(paged_positions(&b, 3, 32, None), Some(3 + 20 + 1));
+    assert_eq!(paged_positions(&b, 3, 32, Some(8)), Some(3 + 8 + 1));
+    assert_eq!(paged_positions(&b, 3, 16, None), Some(3 + 16 + 1));
+    // Every row's length, and none bound.
+    let uniform = step::bindings(2, 15);
+    assert_eq!(paged_positions(&uniform, 2, 64, None), Some(2 * 16));
+    assert_eq!(paged_positions(&uniform, 2, 64, Some(4)), Some(2 * 4));
+    assert_eq!(
+        paged_positions(&fusec_ir::Bindings::new(), 2, 64, None),
+        None
+    );
+    // A row without its own length takes `L`, and without `L` the lengths are unknown.
+    let some = fusec_ir::Bindings::new().with(&step::seq_len(0), 5);
+    assert_eq!(paged_positions(&some, 2, 64, None), None);
+    assert_eq!(
+        paged_positions(&some.with(step::SEQ_LEN, 7), 2, 64, None),
+        Some(5 + 7)
+    );
+}
+
+/// CUDA launches a paged attention as two kernels; every other launching op as one.
+#[test]
+fn cuda_launches_per_op() {
+    use fusec_ir::{FusedOp, Op};
+    assert_eq!(Op::Fused(FusedOp::PagedAttention).cuda_launches(), 2);
+    assert_eq!(Op::Fused(FusedOp::PagedDecodeAttention).cuda_launches(), 2);
+    assert_eq!(Op::Fused(FusedOp::DecodeAttention).cuda_launches(), 1);
+    assert_eq!(Op::Copy.cuda_launches(), 1);
+}

@@ -367,6 +367,18 @@ impl Op {
         self.info().launches()
     }
 
+    /// Kernels the CUDA backend launches for the op, where the CPU executor runs each
+    /// launching op as one: a paged attention is two, the write of every row's new
+    /// entry into the pools and then the attention, which must see all of them (a row
+    /// of a prompt chunk reads its predecessors' entries); any other launching op one,
+    /// the rest none.
+    pub fn cuda_launches(&self) -> u64 {
+        match self {
+            Op::Fused(FusedOp::PagedAttention | FusedOp::PagedDecodeAttention) => 2,
+            op => u64::from(op.launches_kernel()),
+        }
+    }
+
     /// The class of work of a kernel-launching op; `None` for ops that launch nothing.
     pub fn kernel_class(&self) -> Option<KernelClass> {
         match self.info().execution {
