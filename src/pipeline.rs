@@ -10,7 +10,9 @@ use fusec_ir::DType;
 use fusec_ir::{verify, Graph};
 use fusec_model::blocks::StepDims;
 use fusec_model::frontend::Precision;
-use fusec_model::{Architecture, ConfigError, ModelSpec, Registry, UnknownArchitecture};
+use fusec_model::{
+    Architecture, BuildError, ConfigError, ModelSpec, Registry, UnknownArchitecture,
+};
 use fusec_rewrite::precision::{
     lower_fp8, lower_int, Fp8Options, IntFormat, OpClass, PrecisionError,
 };
@@ -249,6 +251,18 @@ pub fn fused_in_with(
     rules: &RuleSet,
     fp8: &Fp8Options,
 ) -> Result<(Graph, FuseReport), PipelineError> {
+    fused_from(spec, precision, rules, fp8, |s| eager_with(registry, s))
+}
+
+/// The graph `eager` builds from `spec` in `precision`, fused and lowered; FP8 only
+/// for a target GPU with FP8 math.
+fn fused_from(
+    spec: &ModelSpec,
+    precision: Precision,
+    rules: &RuleSet,
+    fp8: &Fp8Options,
+    eager: impl FnOnce(&ModelSpec) -> Result<Graph, PipelineError>,
+) -> Result<(Graph, FuseReport), PipelineError> {
     let gpu = target_gpu(spec)?;
     if precision == Precision::Fp8 && gpu.fp8_tflops.is_none() {
         return Err(PipelineError::NoFp8 {
@@ -256,22 +270,27 @@ pub fn fused_in_with(
         });
     }
     let s = in_precision(spec, precision);
-    let eager = eager_with(registry, &s)?;
+    let eager = eager(&s)?;
     let (fused, report) = fuse(&s, &eager, rules)?;
     Ok((lower(fused, precision, fp8)?, report))
 }
 
 /// The eager paged decode step of `spec` (`StepDims::paged`, blocks of `block_size`
-/// positions), verified. A family without a paged step (Gemma 2's soft-capped
-/// attention) is [`PipelineError::NoPagedStep`].
+/// positions), verified. A family whose builder has no paged step (Gemma 2's
+/// soft-capped attention says so) is [`PipelineError::NoPagedStep`]; any other build
+/// failure is fusec's own.
 pub fn eager_paged(spec: &ModelSpec, block_size: u64) -> Result<Graph, PipelineError> {
-    eager_prefill(spec, &StepDims::paged(block_size)).map_err(|e| match e {
-        PipelineError::Internal {
-            phase: "build",
-            message,
-        } => PipelineError::NoPagedStep(message),
-        e => e,
-    })
+    let arch = Registry::builtin().architecture(&spec.architecture)?;
+    let graph = arch
+        .build_step(&spec.model, &StepDims::paged(block_size))
+        .map_err(|e| match e {
+            BuildError::Unsupported(reason) => PipelineError::NoPagedStep(reason),
+            e => PipelineError::Internal {
+                phase: "build",
+                message: e.to_string(),
+            },
+        })?;
+    verified("build", graph)
 }
 
 /// [`fused_in`] for the paged decode step of blocks of `block_size` positions.
@@ -282,16 +301,7 @@ pub fn fused_paged_in(
     rules: &RuleSet,
     fp8: &Fp8Options,
 ) -> Result<(Graph, FuseReport), PipelineError> {
-    let gpu = target_gpu(spec)?;
-    if precision == Precision::Fp8 && gpu.fp8_tflops.is_none() {
-        return Err(PipelineError::NoFp8 {
-            gpu: gpu.name.to_string(),
-        });
-    }
-    let s = in_precision(spec, precision);
-    let eager = eager_paged(&s, block_size)?;
-    let (fused, report) = fuse(&s, &eager, rules)?;
-    Ok((lower(fused, precision, fp8)?, report))
+    fused_from(spec, precision, rules, fp8, |s| eager_paged(s, block_size))
 }
 
 /// A fused graph lowered to `precision`'s weight storage: FP8 weights and caches with

@@ -13,8 +13,7 @@ use std::time::Duration;
 use anyhow::anyhow;
 use fusec::exec::Executor;
 use fusec::exec::{PagedConfig, PagedSession};
-use fusec::model::blocks::StepDims;
-use fusec::pipeline;
+use fusec::pipeline::{self, PipelineError};
 use fusec::text::{Error as TextError, Tokenizer};
 use fusec::weights::{Error as WeightError, Weights};
 use fusec_ir::Graph;
@@ -303,14 +302,18 @@ pub fn build_engine(spec: &ModelSpec, setup: &EngineSetup) -> Result<BuiltEngine
         EngineKind::Sessions => None,
         kind => match paged_graph(spec, precision, block_size, setup.no_fuse, rules, fp8) {
             Ok(graph) => Some(graph),
-            Err(e) if kind == EngineKind::Auto => {
+            // Only a family without a paged step falls back; any other failure is one.
+            Err(PipelineError::NoPagedStep(reason)) if kind == EngineKind::Auto => {
                 crate::complain(&format!(
-                    "note: {}: no paged step ({e}); each sequence gets its own session\n",
+                    "note: {}: no paged step ({reason}); each sequence gets its own session\n",
                     spec.model.name
                 ));
                 None
             }
-            Err(e) => return Err(Failure::Input(anyhow!("--engine paged: {e}"))),
+            Err(e @ PipelineError::NoPagedStep(_)) => {
+                return Err(Failure::Input(anyhow!("--engine paged: {e}")))
+            }
+            Err(e) => return Err(e.into()),
         },
     };
     let graph = match paged {
@@ -374,13 +377,11 @@ fn paged_graph(
     no_fuse: bool,
     rules: &fusec_rewrite::RuleSet,
     fp8: &Fp8Options,
-) -> Result<Graph, fusec::pipeline::PipelineError> {
-    let spec = pipeline::in_precision(spec, precision);
-    let eager = pipeline::eager_prefill(&spec, &StepDims::paged(block_size))?;
+) -> Result<Graph, PipelineError> {
     if no_fuse {
-        return Ok(eager);
+        return pipeline::eager_paged(&pipeline::in_precision(spec, precision), block_size);
     }
-    let (fused, report) = pipeline::fuse(&spec, &eager, rules)?;
+    let (graph, report) = pipeline::fused_paged_in(spec, precision, block_size, rules, fp8)?;
     crate::cmd::options::warn_fusion(&report);
-    pipeline::lower(fused, precision, fp8)
+    Ok(graph)
 }
