@@ -20,7 +20,7 @@ use fusec_ir::step;
 use fusec_ir::{numerics, DType};
 use half::{bf16, f16};
 
-use fusec_codegen::plan::{Arg, BufferKind, ConstantInit, LaunchPlan, ViewInfo};
+use fusec_codegen::plan::{Arg, Binding, BufferKind, ConstantInit, LaunchPlan, ViewInfo};
 use fusec_codegen::Output;
 
 /// Why a plan could not run.
@@ -318,10 +318,9 @@ impl<D: Device> Runner<D> {
         Ok(())
     }
 
-    /// Writes a data input's values (row-major over its shape at this step).
-    fn upload(&mut self, name: &str, values: &[f32]) -> Result<(), RunError> {
-        let binding = self
-            .plan
+    /// The plan's data input `name` (cloned: the caller writes buffers meanwhile).
+    fn input(&self, name: &str) -> Result<Binding, RunError> {
+        self.plan
             .inputs
             .iter()
             .find(|b| b.name == name)
@@ -329,7 +328,12 @@ impl<D: Device> Runner<D> {
             .ok_or_else(|| RunError::Input {
                 name: name.into(),
                 message: "not an input of the plan".into(),
-            })?;
+            })
+    }
+
+    /// Writes a data input's values (row-major over its shape at this step).
+    fn upload(&mut self, name: &str, values: &[f32]) -> Result<(), RunError> {
+        let binding = self.input(name)?;
         let v = &binding.view;
         let offs = offsets(v, self.past)?;
         if offs.len() != values.len() {
@@ -538,16 +542,7 @@ impl<D: Device> Runner<D> {
 
     /// Writes an i32 data input's values (row-major over its shape), exactly.
     fn upload_i32(&mut self, name: &str, values: &[i32]) -> Result<(), RunError> {
-        let binding = self
-            .plan
-            .inputs
-            .iter()
-            .find(|b| b.name == name)
-            .cloned()
-            .ok_or_else(|| RunError::Input {
-                name: name.into(),
-                message: "not an input of the plan".into(),
-            })?;
+        let binding = self.input(name)?;
         let v = &binding.view;
         let buf = &self.plan.buffers[v.buffer];
         if buf.dtype != DType::I32 {
