@@ -51,6 +51,20 @@ impl Operand {
         }
     }
 
+    /// Operand `i` of `ops` as a tensor.
+    pub fn view_at(ops: &[Operand], i: usize) -> Result<&View, String> {
+        ops.get(i)
+            .ok_or_else(|| format!("missing operand {i}"))?
+            .view()
+    }
+
+    /// Operand `i` of `ops` as a scalar.
+    pub fn scalar_at(ops: &[Operand], i: usize) -> Result<f32, String> {
+        ops.get(i)
+            .ok_or_else(|| format!("missing operand {i}"))?
+            .scalar()
+    }
+
     /// The dtype of the values the operand stands for.
     pub fn dtype(&self) -> DType {
         match self {

@@ -379,16 +379,8 @@ impl Lower<'_> {
                 }
             };
         }
-        let view = |i: usize| -> Result<&View, String> {
-            ops.get(i)
-                .ok_or_else(|| format!("missing operand {i}"))?
-                .view()
-        };
-        let scalar = |i: usize| -> Result<f32, String> {
-            ops.get(i)
-                .ok_or_else(|| format!("missing operand {i}"))?
-                .scalar()
-        };
+        let view = |i: usize| Operand::view_at(&ops, i);
+        let scalar = |i: usize| Operand::scalar_at(&ops, i);
         let axis = |a: i64| -> Result<usize, String> {
             resolve_axis(a, view(0)?.rank()).map_err(|e| e.to_string())
         };
@@ -716,16 +708,8 @@ impl Lower<'_> {
         // No mask: the scores get `+ 0`, rounded as the CPU kernel rounds them.
         let zero = Operand::Scalar(0.0);
         let built = (|| -> Result<Attention<'_>, String> {
-            let view = |i: usize| -> Result<&View, String> {
-                ops.get(i)
-                    .ok_or_else(|| format!("missing operand {i}"))?
-                    .view()
-            };
-            let scalar = |i: usize| -> Result<f32, String> {
-                ops.get(i)
-                    .ok_or_else(|| format!("missing operand {i}"))?
-                    .scalar()
-            };
+            let view = |i: usize| Operand::view_at(ops, i);
+            let scalar = |i: usize| Operand::scalar_at(ops, i);
             let window = match ops.get(8 + o) {
                 None => None,
                 Some(w) => {
