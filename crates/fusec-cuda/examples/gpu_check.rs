@@ -18,7 +18,8 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use fusec_codegen::{generate, DecodeShape, Options};
-use fusec_cuda::gpu::{CheckpointWeights, CudaDevice};
+use fusec_cuda::gpu::CudaDevice;
+use fusec_cuda::runtime::CheckpointWeights;
 use fusec_cuda::runtime::{encode, Device, RunError, Runner, WeightSource};
 use fusec_exec::{Executor, Session, Weights};
 use fusec_ir::shape::Bindings;

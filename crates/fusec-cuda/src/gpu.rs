@@ -23,16 +23,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::nvrtc::{Nvrtc, NvrtcError, Target};
-use crate::runtime::{encode, Device, RunError, WeightSource};
+use crate::runtime::{Device, RunError};
 use cudarc::driver::{
     result, sys, CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg,
 };
 use fusec_codegen::{Arch, Output};
-use fusec_ir::DType;
 
 pub use crate::runtime::{Runner, Step};
-
-use fusec_weights::Weights;
 
 /// Why the GPU cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -227,27 +224,5 @@ impl Device for CudaDevice {
 
     fn sync(&mut self) -> Result<(), RunError> {
         self.stream.synchronize().map_err(driver)
-    }
-}
-
-/// A [`Weights`] set as the runner's weight source: values converted to the dtype the
-/// plan allocates (an FP8 weight's values are exact FP8 values already).
-#[derive(Debug)]
-pub struct CheckpointWeights<'a>(pub &'a Weights);
-
-impl WeightSource for CheckpointWeights<'_> {
-    fn bytes(&self, name: &str, dtype: DType, dims: &[u64]) -> Result<Vec<u8>, RunError> {
-        let t = self.0.get(name).ok_or_else(|| RunError::Weight {
-            name: name.into(),
-            message: "not in the weights".into(),
-        })?;
-        let shape: Vec<u64> = t.shape().iter().map(|&d| d as u64).collect();
-        if shape != dims {
-            return Err(RunError::Weight {
-                name: name.into(),
-                message: format!("shape {shape:?}, the plan wants {dims:?}"),
-            });
-        }
-        Ok(encode(dtype, &t.to_vec_f32()))
     }
 }

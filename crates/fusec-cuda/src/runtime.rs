@@ -22,6 +22,7 @@ use half::{bf16, f16};
 
 use fusec_codegen::plan::{Arg, Binding, BufferKind, ConstantInit, LaunchPlan, ViewInfo};
 use fusec_codegen::Output;
+use fusec_weights::Weights;
 
 /// Why a plan could not run.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -575,5 +576,27 @@ impl<D: Device> Runner<D> {
             BufferKind::Weight { name } if name == step::EMBED => b.dims.first().copied(),
             _ => None,
         })
+    }
+}
+
+/// A [`Weights`] set as the runner's weight source: values converted to the dtype the
+/// plan allocates (an FP8 weight's values are exact FP8 values already).
+#[derive(Debug)]
+pub struct CheckpointWeights<'a>(pub &'a Weights);
+
+impl WeightSource for CheckpointWeights<'_> {
+    fn bytes(&self, name: &str, dtype: DType, dims: &[u64]) -> Result<Vec<u8>, RunError> {
+        let t = self.0.get(name).ok_or_else(|| RunError::Weight {
+            name: name.into(),
+            message: "not in the weights".into(),
+        })?;
+        let shape: Vec<u64> = t.shape().iter().map(|&d| d as u64).collect();
+        if shape != dims {
+            return Err(RunError::Weight {
+                name: name.into(),
+                message: format!("shape {shape:?}, the plan wants {dims:?}"),
+            });
+        }
+        Ok(encode(dtype, &t.to_vec_f32()))
     }
 }

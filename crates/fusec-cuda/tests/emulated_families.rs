@@ -12,30 +12,11 @@ use std::path::PathBuf;
 
 use common::stages;
 use fusec_codegen::{generate, DecodeShape, Options};
-use fusec_cuda::runtime::{encode, RunError, Runner, WeightSource};
+use fusec_cuda::runtime::{CheckpointWeights, Runner};
 use fusec_exec::{Executor, Session, Weights};
-use fusec_ir::{DType, Graph};
+use fusec_ir::Graph;
 use fusec_model::frontend::Precision;
 use fusec_rewrite::precision::Fp8Options;
-
-struct Source<'a>(&'a Weights);
-
-impl WeightSource for Source<'_> {
-    fn bytes(&self, name: &str, dtype: DType, dims: &[u64]) -> Result<Vec<u8>, RunError> {
-        let t = self.0.get(name).ok_or_else(|| RunError::Weight {
-            name: name.into(),
-            message: "missing".into(),
-        })?;
-        let shape: Vec<u64> = t.shape().iter().map(|&d| d as u64).collect();
-        if shape != dims {
-            return Err(RunError::Weight {
-                name: name.into(),
-                message: format!("shape {shape:?}, want {dims:?}"),
-            });
-        }
-        Ok(encode(dtype, &t.to_vec_f32()))
-    }
-}
 
 const PROMPT: [i32; 5] = [1, 17, 42, 99, 7];
 /// The fixtures and the tokens each decodes. The Mistral fixture and both Gemmas have a
@@ -82,7 +63,8 @@ fn emulated_with(
     let out = generate(graph, &DecodeShape::new(1, 128), options).expect("generates");
     let dir = std::env::temp_dir().join(format!("fusec-emu-fam-{}-{label}", std::process::id()));
     let dev = emulate::Emulator::new(cxx.to_string(), &dir);
-    let mut r = Runner::new(dev, &out, &Source(weights)).unwrap_or_else(|e| panic!("{label}: {e}"));
+    let mut r = Runner::new(dev, &out, &CheckpointWeights(weights))
+        .unwrap_or_else(|e| panic!("{label}: {e}"));
     let mut result = Vec::new();
     let mut token = PROMPT[0];
     for pos in 0..PROMPT.len() + n - 1 {

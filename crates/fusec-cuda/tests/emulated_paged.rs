@@ -16,32 +16,13 @@ use std::path::PathBuf;
 
 use common::stages;
 use fusec_codegen::{generate, DecodeShape, LaunchPlan, Options, PagedShape};
-use fusec_cuda::runtime::{encode, PagedInputs, RunError, Runner, WeightSource};
+use fusec_cuda::runtime::{CheckpointWeights, PagedInputs, Runner};
 use fusec_exec::{Executor, Tensor, Value, Weights};
 use fusec_ir::shape::Bindings;
-use fusec_ir::{step, DType, FusedOp, Graph, InputKind, Op, OutputKind};
+use fusec_ir::{step, FusedOp, Graph, InputKind, Op, OutputKind};
 use fusec_model::blocks::StepDims;
 use fusec_model::frontend::Precision;
 use fusec_model::Registry;
-
-struct Source<'a>(&'a Weights);
-
-impl WeightSource for Source<'_> {
-    fn bytes(&self, name: &str, dtype: DType, dims: &[u64]) -> Result<Vec<u8>, RunError> {
-        let t = self.0.get(name).ok_or_else(|| RunError::Weight {
-            name: name.into(),
-            message: "missing".into(),
-        })?;
-        let shape: Vec<u64> = t.shape().iter().map(|&d| d as u64).collect();
-        if shape != dims {
-            return Err(RunError::Weight {
-                name: name.into(),
-                message: format!("shape {shape:?}, want {dims:?}"),
-            });
-        }
-        Ok(encode(dtype, &t.to_vec_f32()))
-    }
-}
 
 /// Positions per block, blocks per table row (so 16 positions a sequence), blocks in
 /// each pool, rows per step.
@@ -234,8 +215,8 @@ fn compare(cxx: &str, label: &str, graph: &Graph, weights: &Weights, options: &O
     assert!(paged_launches > 0, "{label}: paged attention launches");
     let dir = std::env::temp_dir().join(format!("fusec-emu-{}-{label}", std::process::id()));
     let dev = emulate::Emulator::new(cxx.to_string(), &dir);
-    let mut gpu =
-        Runner::new(dev, &out, &Source(weights)).unwrap_or_else(|e| panic!("{label}: {e}"));
+    let mut gpu = Runner::new(dev, &out, &CheckpointWeights(weights))
+        .unwrap_or_else(|e| panic!("{label}: {e}"));
     let mut cpu = Cpu::new(graph, weights);
     let names = table_names(graph);
     let mut worst = 0f32;
@@ -384,7 +365,7 @@ fn bad_positions_and_block_ids_touch_nothing() {
     let out = generate(&graph, &shape(), &Options::default()).expect("generates");
     let dir = std::env::temp_dir().join(format!("fusec-emu-{}-paged-bad", std::process::id()));
     let dev = emulate::Emulator::new(cxx, &dir);
-    let mut gpu = Runner::new(dev, &out, &Source(&weights)).expect("runner");
+    let mut gpu = Runner::new(dev, &out, &CheckpointWeights(&weights)).expect("runner");
     let mut cpu = Cpu::new(&graph, &weights);
     let names = table_names(&graph);
     // One step on the device: `rows`, with `bad` replacing table row `r` entirely.

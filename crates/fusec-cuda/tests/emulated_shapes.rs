@@ -15,9 +15,9 @@ mod emulate;
 
 use common::stages;
 use fusec_codegen::{generate, DecodeShape, Options};
-use fusec_cuda::runtime::{encode, RunError, Runner, WeightSource};
+use fusec_cuda::runtime::{CheckpointWeights, Runner};
 use fusec_exec::{Executor, Session, Weights};
-use fusec_ir::{DType, Graph};
+use fusec_ir::Graph;
 use fusec_model::frontend::{ModelSpec, Precision};
 use fusec_rewrite::precision::Fp8Options;
 
@@ -70,31 +70,6 @@ context = 32
 const BATCH: usize = 2;
 const STEPS: usize = 7;
 
-struct Source<'a>(&'a Weights);
-
-impl WeightSource for Source<'_> {
-    fn bytes(&self, name: &str, dtype: DType, dims: &[u64]) -> Result<Vec<u8>, RunError> {
-        let t = self.0.get(name).ok_or_else(|| RunError::Weight {
-            name: name.into(),
-            message: "missing".into(),
-        })?;
-        check_dims(name, t.shape(), dims)?;
-        Ok(encode(dtype, &t.to_vec_f32()))
-    }
-}
-
-fn check_dims(name: &str, shape: &[usize], dims: &[u64]) -> Result<(), RunError> {
-    let have: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
-    if have == dims {
-        Ok(())
-    } else {
-        Err(RunError::Weight {
-            name: name.into(),
-            message: format!("shape {have:?}, want {dims:?}"),
-        })
-    }
-}
-
 /// The tokens of sequence `seq` at step `step`: fixed, different per sequence.
 fn token(seq: usize, step: usize) -> i32 {
     ((seq * 31 + step * 17 + 5) % 97) as i32
@@ -120,7 +95,8 @@ fn emulated(cxx: &str, label: &str, graph: &Graph, weights: &Weights, options: &
         .unwrap_or_else(|e| panic!("{label}: {e}"));
     let dir = std::env::temp_dir().join(format!("fusec-emu-{}-{label}", std::process::id()));
     let dev = emulate::Emulator::new(cxx.to_string(), &dir);
-    let mut r = Runner::new(dev, &out, &Source(weights)).unwrap_or_else(|e| panic!("{label}: {e}"));
+    let mut r = Runner::new(dev, &out, &CheckpointWeights(weights))
+        .unwrap_or_else(|e| panic!("{label}: {e}"));
     let logits = (0..STEPS)
         .map(|step| {
             let tokens: Vec<i32> = (0..BATCH).map(|q| token(q, step)).collect();
