@@ -246,9 +246,9 @@ fn ragged_granite_and_gemma3_match_each_sequence_alone() {
 type Rows = BTreeMap<usize, (i32, Vec<f32>)>;
 
 /// Prompt chunks mixed with decodes: three sequences of 11, 3 and 9 prompt tokens fed
-/// in chunks of different sizes beside each other's decodes (the same sequence's
-/// chunk straddling steps, a chunk ending its prompt beside one starting another),
-/// then all decode. Every row (prompt rows too) has bit for bit the logits and next
+/// in chunks of different sizes (10 rows of one prompt at once) beside each other's
+/// decodes (a prompt spread over steps, a chunk ending its prompt beside one starting
+/// another), then all decode. Every row (prompt rows too) has bit for bit the logits and next
 /// token of the same sequence fed alone, one token a step, and the blocks in use stay
 /// what the live sequences need.
 fn chunks_match_token_by_token(fixture: &str, fused: bool) {
@@ -290,9 +290,9 @@ fn chunks_match_token_by_token(fixture: &str, fused: bool) {
     let mut out = fusec::exec::PagedStep::default();
     let mut rows = vec![Rows::new(); 3];
     let plan: [&[(SeqId, usize)]; 4] = [
-        &[(b, 3), (a, 5)],
-        &[(a, 4), (b, 1), (c, 2)],
-        &[(c, 7), (a, 2), (b, 1)],
+        &[(b, 3), (a, 10)],
+        &[(a, 1), (b, 1), (c, 2)],
+        &[(c, 7), (a, 1), (b, 1)],
         &[(a, 1), (c, 1)],
     ];
     let mut steps = plan
@@ -350,9 +350,9 @@ fn prompt_chunks_mixed_with_decodes_match_token_by_token() {
     chunks_match_token_by_token("tests/fixtures/hf-tiny-llama-s0", true);
 }
 
-/// Chunks longer than a window of 8 (Mistral's) and Gemma 3's windowed and global
-/// layers mixed: a chunk's later rows read its earlier rows' entries within the
-/// window, and the blocks behind it are freed after the step.
+/// A chunk of 10 rows, longer than a window of 8 (Mistral's, and Gemma 3's windowed
+/// layers beside its global ones): a chunk's later rows read its earlier rows'
+/// entries within the window, and the blocks behind it are freed after the step.
 #[test]
 fn prompt_chunks_across_a_sliding_window_match_token_by_token() {
     chunks_match_token_by_token("tests/fixtures/hf-tiny-mistral-window-s0", true);

@@ -43,9 +43,10 @@
 //! while the prompt lasts, then its own last greedy token;
 //! [`PagedSession::step_chunks_into`] feeds chosen sequences a chunk of their prompts
 //! (or their one generated token) instead. A row's output is a prediction once it fed
-//! the prompt's last token or a generated one ([`SeqOutput::generated`]). [`PagedSession::remove`] ends a sequence and frees
-//! its blocks. Everything is deterministic: live sequences run in the order of their
-//! ids, and the pools' block ids are handed out lowest first.
+//! the prompt's last token or a generated one ([`SeqOutput::generated`]).
+//! [`PagedSession::remove`] ends a sequence and frees its blocks. Everything is
+//! deterministic: live sequences run in the order of their ids, and the pools' block
+//! ids are handed out lowest first.
 //!
 //! **Errors.** Bad requests (an unknown [`SeqId`], an empty prompt, a token outside
 //! the vocabulary, a sequence past `max_len`, a pool without enough free blocks) are
@@ -83,7 +84,8 @@ impl std::fmt::Display for SeqId {
 pub enum PagedError {
     #[error("{0} is not live in this session")]
     UnknownSequence(SeqId),
-    /// [`PagedSession::step_some_into`] given a sequence twice.
+    /// [`PagedSession::step_some_into`] or [`PagedSession::step_chunks_into`] given a
+    /// sequence twice.
     #[error("{0} is listed twice for one step")]
     Repeated(SeqId),
     /// [`PagedSession::step_chunks_into`] asked a sequence for more tokens than it
@@ -482,8 +484,8 @@ impl PagedSession {
     }
 
     /// Blocks the next [`PagedSession::step`] takes from each table's pool: one per
-    /// live sequence that starts a new block. A scheduler removes (preempts) sequences while this exceeds
-    /// [`PagedSession::free_blocks`], or the step fails with
+    /// live sequence that starts a new block. A scheduler removes (preempts) sequences
+    /// while this exceeds [`PagedSession::free_blocks`], or the step fails with
     /// [`PagedError::OutOfBlocks`].
     pub fn blocks_for_next_step(&self) -> usize {
         let bs = self.block_size;
