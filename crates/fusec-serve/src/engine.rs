@@ -33,13 +33,8 @@ pub struct Work {
 }
 
 /// Picks a sequence's next token from its logits row and the greedy token (the
-/// graph's argmax): `|seq, logits, greedy| token`. [`greedy`] takes the greedy one.
+/// graph's argmax): `|seq, logits, greedy| token`.
 pub type Choose<'a> = dyn FnMut(SeqId, &[f32], u32) -> u32 + 'a;
-
-/// The [`Choose`] of greedy decoding.
-pub fn greedy(_: SeqId, _: &[f32], greedy: u32) -> u32 {
-    greedy
-}
 
 /// The token `choose` picks for `seq` from `logits`, checked: every logit finite
 /// (a NaN or infinity means the model's numbers broke, and no choice is right), and

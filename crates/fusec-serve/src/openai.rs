@@ -1,7 +1,8 @@
 //! The OpenAI API's request and response bodies, as far as `fusec serve` takes them.
 //!
-//! Unknown fields are ignored, as OpenAI-compatible servers do. Sampling fields are
-//! accepted only at their greedy values (the server decodes greedily); `n` only at 1.
+//! Unknown fields are ignored, as OpenAI-compatible servers do. `temperature`, `top_p`
+//! and `seed` choose greedy decoding or sampling ([`Decoding::sampling`]); `n` and
+//! `best_of` only at 1, penalties only at 0, no `logprobs` or `echo`.
 
 use fusec_text::SamplingOptions;
 use serde::{Deserialize, Serialize};
