@@ -49,37 +49,41 @@ pub const MAX_CONCURRENCY: usize = 4096;
 impl ServingOptions {
     /// Checks the options against the model's context (`max_context` positions); the
     /// message names the option at fault.
-    pub fn check(&self, max_context: u64) -> Result<(), String> {
+    pub fn check(&self, max_context: u64) -> Result<(), BadOption> {
         if self.requests == 0 || self.requests > MAX_REQUESTS {
-            return Err(format!(
+            return Err(BadOption(format!(
                 "--serve {}: the number of requests must be 1 to {MAX_REQUESTS}",
                 self.requests
-            ));
+            )));
         }
         if self.concurrency == 0 || self.concurrency > MAX_CONCURRENCY {
-            return Err(format!(
+            return Err(BadOption(format!(
                 "--concurrency {}: requests in flight must be 1 to {MAX_CONCURRENCY}",
                 self.concurrency
-            ));
+            )));
         }
         if self.prompt_len == 0 {
-            return Err("--prompt-len: a prompt must have at least 1 token".into());
+            return Err(BadOption(
+                "--prompt-len: a prompt must have at least 1 token".into(),
+            ));
         }
         if self.output_len == 0 {
-            return Err("--output-len: a request must generate at least 1 token".into());
+            return Err(BadOption(
+                "--output-len: a request must generate at least 1 token".into(),
+            ));
         }
         if self.prompt_len as u64 > max_context {
-            return Err(format!(
+            return Err(BadOption(format!(
                 "--prompt-len {}: longer than the model's context of {max_context} positions",
                 self.prompt_len
-            ));
+            )));
         }
         let needed = self.prompt_len as u64 + self.output_len as u64;
         if needed > max_context {
-            return Err(format!(
+            return Err(BadOption(format!(
                 "--prompt-len {} plus --output-len {} need {needed} positions, beyond the model's context of {max_context}",
                 self.prompt_len, self.output_len
-            ));
+            )));
         }
         Ok(())
     }
@@ -96,6 +100,11 @@ impl ServingOptions {
         })
     }
 }
+
+/// A serving option out of range; the message starts with the option's name.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BadOption(pub String);
 
 /// Why a serving benchmark could not finish.
 #[derive(Debug, thiserror::Error)]
@@ -519,7 +528,7 @@ mod tests {
         };
         assert_eq!(ok.check(9), Ok(()));
         let bad = |o: ServingOptions, flag: &str| {
-            let e = o.check(9).expect_err("refused");
+            let e = o.check(9).expect_err("refused").0;
             assert!(e.starts_with(flag), "{e}");
         };
         bad(
