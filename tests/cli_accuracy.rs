@@ -228,6 +228,31 @@ fn bad_options_exit_2_naming_what_is_wrong() {
         assert_eq!(out.status.code(), Some(2), "{all:?}: {stderr}");
         assert!(stderr.contains(message), "{all:?}: {stderr}");
     }
+    // A model too large for the memory allowed, and a run past the context.
+    let big = root().join("examples/llama-3-8b.toml");
+    let big = big.to_str().expect("utf-8");
+    for (args, message) in [
+        (
+            vec!["accuracy", big, "--prompt-ids", "1,2", "--max-memory", "2G"],
+            "--max-memory",
+        ),
+        (
+            vec![
+                "accuracy",
+                fixture,
+                "--prompt-ids",
+                "1,2",
+                "--tokens",
+                "18446744073709551615",
+            ],
+            "beyond max_seq_len",
+        ),
+    ] {
+        let out = fusec(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(message), "{args:?}: {stderr}");
+    }
     // Only precisions the model cannot take: nothing measured is an error too.
     let out = fusec(&[
         "accuracy",

@@ -35,13 +35,13 @@ fn invocation() -> impl Strategy<Value = Vec<String>> {
         "examples/llama-3-8b.toml",
     ]);
     (
-        0usize..4,
+        0usize..5,
         model,
         proptest::collection::vec((0usize..6, number()), 0..4),
     )
         .prop_map(|(cmd, model, flags)| {
             let mut args: Vec<String> = vec![
-                ["compile", "run", "bench", "report"][cmd].to_string(),
+                ["compile", "run", "bench", "report", "accuracy"][cmd].to_string(),
                 root().join(model).display().to_string(),
             ];
             match cmd {
@@ -57,6 +57,14 @@ fn invocation() -> impl Strategy<Value = Vec<String>> {
                     "2G".into(),
                     "--rounds".into(),
                     "1".into(),
+                ]),
+                4 => args.extend([
+                    "--prompt-ids".into(),
+                    "1,2".into(),
+                    "--precisions".into(),
+                    "bf16".into(),
+                    "--max-memory".into(),
+                    "2G".into(),
                 ]),
                 _ => {}
             }
@@ -84,6 +92,14 @@ fn invocation() -> impl Strategy<Value = Vec<String>> {
                     "--seed",
                     "--steps",
                     "--context",
+                ],
+                4 => &[
+                    "--tokens",
+                    "--seed",
+                    "--tokens",
+                    "--max-memory",
+                    "--tokens",
+                    "--seed",
                 ],
                 _ => &[
                     "--context",

@@ -65,6 +65,10 @@ pub struct Args {
     /// Seed of the random weights used when there are no weights.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// The most memory the weights and KV cache may take (e.g. 8G) [default: what the
+    /// machine can give].
+    #[arg(long, value_name = "BYTES", value_parser = fusec::memory::parse_bytes)]
+    pub max_memory: Option<u64>,
     #[command(flatten)]
     pub fusion: FusionArgs,
     /// `--keep`, `--quantize` and `--weight-scales` apply to every lowered precision
@@ -145,7 +149,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
                 model.vocab_size
             )));
         }
-        if (p.len() + args.tokens) as u64 > model.max_seq_len {
+        if p.len().saturating_add(args.tokens) as u64 > model.max_seq_len {
             return Err(input(format!(
                 "prompt {}: {} tokens and {} new ones are beyond max_seq_len {}",
                 i + 1,
@@ -155,6 +159,15 @@ pub fn run(args: Args) -> Result<(), Failure> {
             )));
         }
     }
+    // The f32 reference is the largest run: checked before anything is allocated.
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let longest = longest.saturating_add(args.tokens);
+    fusec::memory::check(
+        fusec::memory::least_bytes(&spec, Precision::F32, 1, longest as u64),
+        &format!("the f32 reference of {}", model.name),
+        args.max_memory,
+    )
+    .map_err(input)?;
     let mut outputs = Outputs::new(args.force);
     outputs.reads(&args.model);
     if let Source::File(p) = &source {
