@@ -75,6 +75,16 @@ impl Ex {
         self.g.add_output("out", OutputKind::Data, value);
         self.g
     }
+    /// An attention's `(out, keys, values)` tuple `t` as the graph's outputs, in the
+    /// order extraction gives them back: the state outputs first.
+    fn attention_out(mut self, t: NodeId) -> R<Graph> {
+        let k_all = self.op(Op::Get { index: 1 }, &[t])?;
+        let v_all = self.op(Op::Get { index: 2 }, &[t])?;
+        let out = self.op(Op::Get { index: 0 }, &[t])?;
+        self.g.add_output("past.0.key", OutputKind::State, k_all);
+        self.g.add_output("past.0.value", OutputKind::State, v_all);
+        Ok(self.out(out))
+    }
     fn unary(mut self, u: UnaryOp) -> R<Graph> {
         let x = self.x("x", &[2, 8])?;
         let y = self.op(Op::Unary(u), &[x])?;
@@ -433,13 +443,7 @@ pub fn graph(kind: OpKind) -> Result<Graph, TypeError> {
                 Op::Fused(FusedOp::DecodeAttention),
                 &[q, k, v, cos, sin, past_k, past_v, scale, mask],
             )?;
-            // In the order extraction gives them back: state outputs first.
-            let k_all = e.op(Op::Get { index: 1 }, &[t])?;
-            let v_all = e.op(Op::Get { index: 2 }, &[t])?;
-            let out = e.op(Op::Get { index: 0 }, &[t])?;
-            e.g.add_output("past.0.key", OutputKind::State, k_all);
-            e.g.add_output("past.0.value", OutputKind::State, v_all);
-            e.out(out)
+            e.attention_out(t)?
         }
         OpKind::DecodeAttentionCapped => {
             let q = e.x("q", &[1, 4, 1, 8])?;
@@ -465,13 +469,7 @@ pub fn graph(kind: OpKind) -> Result<Graph, TypeError> {
                 Op::Fused(FusedOp::DecodeAttentionCapped),
                 &[q, k, v, cos, sin, past_k, past_v, scale, mask, cap],
             )?;
-            // In the order extraction gives them back: state outputs first.
-            let k_all = e.op(Op::Get { index: 1 }, &[t])?;
-            let v_all = e.op(Op::Get { index: 2 }, &[t])?;
-            let out = e.op(Op::Get { index: 0 }, &[t])?;
-            e.g.add_output("past.0.key", OutputKind::State, k_all);
-            e.g.add_output("past.0.value", OutputKind::State, v_all);
-            e.out(out)
+            e.attention_out(t)?
         }
         OpKind::PagedDecodeAttention => {
             let q = e.x("q", &[2, 4, 1, 8])?;
@@ -492,12 +490,7 @@ pub fn graph(kind: OpKind) -> Result<Graph, TypeError> {
                     q, k, v, cos, sin, pool_k, pool_v, table, positions, scale, window,
                 ],
             )?;
-            let k_all = e.op(Op::Get { index: 1 }, &[t])?;
-            let v_all = e.op(Op::Get { index: 2 }, &[t])?;
-            let out = e.op(Op::Get { index: 0 }, &[t])?;
-            e.g.add_output("past.0.key", OutputKind::State, k_all);
-            e.g.add_output("past.0.value", OutputKind::State, v_all);
-            e.out(out)
+            e.attention_out(t)?
         }
         OpKind::PagedAttention => {
             // Two sequences, a pool of 3 blocks of 4 positions, tables of 2 blocks.
@@ -514,12 +507,7 @@ pub fn graph(kind: OpKind) -> Result<Graph, TypeError> {
                 Op::Fused(FusedOp::PagedAttention),
                 &[q, k, v, pool_k, pool_v, table, positions, scale],
             )?;
-            let k_all = e.op(Op::Get { index: 1 }, &[t])?;
-            let v_all = e.op(Op::Get { index: 2 }, &[t])?;
-            let out = e.op(Op::Get { index: 0 }, &[t])?;
-            e.g.add_output("past.0.key", OutputKind::State, k_all);
-            e.g.add_output("past.0.value", OutputKind::State, v_all);
-            e.out(out)
+            e.attention_out(t)?
         }
     })
 }
