@@ -260,6 +260,26 @@ impl Row<'_> {
     }
 }
 
+/// Whether a multi-row call's operands hold every value its vector kernels touch:
+/// `rows` rows of `n` in `x` (and in its scaled copy), `k` weight rows of `n` and
+/// `rows * k` results. Where they do not, the kernels fall back to the portable path,
+/// which indexes with bounds checks.
+#[cfg(target_arch = "x86_64")]
+fn rows_fit(
+    x: &[f32],
+    scaled: Option<&[f32]>,
+    rows: usize,
+    n: usize,
+    w: Rows<'_>,
+    out: &[f32],
+) -> bool {
+    let k = w.len().checked_div(n).unwrap_or(0);
+    n != 0
+        && x.len() >= rows * n
+        && out.len() >= rows * k
+        && scaled.is_none_or(|s| s.len() == x.len())
+}
+
 /// [`dots`] in portable Rust: the reference the fast paths are tested against.
 pub fn dots_portable(x: &[f32], w: Rows<'_>, out: &mut [f32]) {
     let n = x.len();
@@ -589,12 +609,7 @@ mod avx2 {
         w: Rows<'_>,
         out: &mut [f32],
     ) {
-        let k = w.len().checked_div(n).unwrap_or(0);
-        if n == 0
-            || x.len() < rows * n
-            || out.len() < rows * k
-            || scaled.is_some_and(|s| s.len() != x.len())
-        {
+        if !super::rows_fit(x, scaled, rows, n, w, out) {
             // Not reachable from the GEMV, which sizes every operand (see `dots`).
             super::dots_rows_portable(x, rows, n, w, out);
             return;
@@ -788,12 +803,7 @@ mod avx512 {
         w: Rows<'_>,
         out: &mut [f32],
     ) {
-        let k = w.len().checked_div(n).unwrap_or(0);
-        if n == 0
-            || x.len() < rows * n
-            || out.len() < rows * k
-            || scaled.is_some_and(|s| s.len() != x.len())
-        {
+        if !super::rows_fit(x, scaled, rows, n, w, out) {
             super::dots_rows_portable(x, rows, n, w, out);
             return;
         }
