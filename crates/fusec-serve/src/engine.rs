@@ -67,6 +67,27 @@ pub fn blocks_for(positions: usize, block_size: usize) -> usize {
     positions.div_ceil(block_size.max(1))
 }
 
+/// Checks the tokens a new sequence `seq` starts with: every id in the vocabulary,
+/// and no more than `max_context` of them.
+pub(crate) fn check_tokens(
+    tokens: &[u32],
+    vocab: usize,
+    max_context: usize,
+    seq: SeqId,
+) -> Result<(), EngineError> {
+    if let Some(&id) = tokens.iter().find(|&&t| t as usize >= vocab) {
+        return Err(EngineError::BadToken { id, vocab });
+    }
+    if tokens.len() > max_context {
+        return Err(EngineError::ContextFull {
+            seq: seq.0,
+            positions: tokens.len(),
+            max: max_context,
+        });
+    }
+    Ok(())
+}
+
 /// Checks a step's work whole before anything runs, so that a refused step changes
 /// nothing: every sequence known and listed once, fed between 1 and its queued tokens,
 /// within `max_context` positions, and the blocks it starts at most `free`. `state`
@@ -229,20 +250,8 @@ impl Engine for SessionEngine {
     }
 
     fn add(&mut self, tokens: &[u32], reserve: usize) -> Result<SeqId, EngineError> {
-        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= self.vocab) {
-            return Err(EngineError::BadToken {
-                id,
-                vocab: self.vocab,
-            });
-        }
         let seq = SeqId(self.next);
-        if tokens.len() > self.config.max_context {
-            return Err(EngineError::ContextFull {
-                seq: seq.0,
-                positions: tokens.len(),
-                max: self.config.max_context,
-            });
-        }
+        check_tokens(tokens, self.vocab, self.config.max_context, seq)?;
         // Room for the tokens and a first stretch of generation; a cache that outgrows
         // it doubles (a request's `reserve` may be the whole context, which most never
         // reach).

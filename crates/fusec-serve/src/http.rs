@@ -363,32 +363,26 @@ async fn completions(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let body = match body_of(body) {
-        Ok(b) => b,
-        Err(e) => return e.into_response(),
-    };
-    match completion_request(&state, &body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
+    answer(completion_request(&state, body).await)
 }
 
 async fn chat_completions(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let body = match body_of(body) {
-        Ok(b) => b,
-        Err(e) => return e.into_response(),
-    };
-    match chat_request(&state, &body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
+    answer(chat_request(&state, body).await)
 }
 
-async fn completion_request(state: &Arc<AppState>, body: &Bytes) -> Result<Response, ApiError> {
-    let req: CompletionRequest = parse(body)?;
+/// A response, or the refusal as an OpenAI error body.
+fn answer(result: Result<Response, ApiError>) -> Response {
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn completion_request(
+    state: &Arc<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: CompletionRequest = parse(&body_of(body)?)?;
     state.check_model(&req.model)?;
     let sampling = state.sampling(&req.decoding)?;
     let one = |n: usize| {
@@ -420,8 +414,11 @@ async fn completion_request(state: &Arc<AppState>, body: &Bytes) -> Result<Respo
     .await
 }
 
-async fn chat_request(state: &Arc<AppState>, body: &Bytes) -> Result<Response, ApiError> {
-    let req: ChatRequest = parse(body)?;
+async fn chat_request(
+    state: &Arc<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: ChatRequest = parse(&body_of(body)?)?;
     state.check_model(&req.model)?;
     let sampling = state.sampling(&req.decoding)?;
     if req.messages.is_empty() {

@@ -19,7 +19,7 @@ use std::collections::{HashMap, VecDeque};
 use fusec_exec::kernels::gemv::MAX_ROW_DOT_ROWS;
 use fusec_exec::{PagedConfig, PagedSession, PagedStep};
 
-use crate::engine::{check_work, choose_checked, Choose, Engine, SeqId, Work};
+use crate::engine::{check_tokens, check_work, choose_checked, Choose, Engine, SeqId, Work};
 use crate::error::EngineError;
 
 /// A sequence: its id in the session, its queue, and the positions fed.
@@ -122,18 +122,8 @@ impl Engine for PagedEngine {
     }
 
     fn add(&mut self, tokens: &[u32], _reserve: usize) -> Result<SeqId, EngineError> {
-        let vocab = self.session.vocab();
-        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(EngineError::BadToken { id, vocab });
-        }
         let seq = SeqId(self.next);
-        if tokens.len() > self.config.max_len {
-            return Err(EngineError::ContextFull {
-                seq: seq.0,
-                positions: tokens.len(),
-                max: self.config.max_len,
-            });
-        }
+        check_tokens(tokens, self.session.vocab(), self.config.max_len, seq)?;
         // Checked above: every id is below the vocabulary, so it fits an i32.
         let prompt: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
         let id = self.session.add(&prompt)?;
