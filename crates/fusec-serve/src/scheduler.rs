@@ -266,13 +266,12 @@ impl<E: Engine> Scheduler<E> {
         self.check(&request)?;
         let id = RequestId(self.next_id);
         self.next_id += 1;
-        let sampling = &request.sampling;
-        let sampler = match sampling.temperature.is_some() || sampling.repetition_penalty.is_some()
-        {
-            true => Some(
-                Sampler::new(sampling.clone()).map_err(|e| SubmitError::Sampling(e.to_string()))?,
+        let sampler = match request.sampling.is_greedy() {
+            true => None,
+            false => Some(
+                Sampler::new(request.sampling.clone())
+                    .map_err(|e| SubmitError::Sampling(e.to_string()))?,
             ),
-            false => None,
         };
         self.waiting.push_back(Entry {
             id,

@@ -26,6 +26,13 @@ pub struct SamplingOptions {
 }
 
 impl SamplingOptions {
+    /// Whether the options choose anything but the plain argmax of the logits (a
+    /// temperature samples; a repetition penalty changes the logits first), so that a
+    /// caller holding the argmax already needs no [`Sampler`] otherwise.
+    pub fn is_greedy(&self) -> bool {
+        self.temperature.is_none() && self.repetition_penalty.is_none()
+    }
+
     /// Checks the ranges transformers' processors accept.
     pub fn validate(&self) -> Result<(), Error> {
         let bad = |m: String| Err(Error::Sampling(m));
