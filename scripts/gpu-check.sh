@@ -110,16 +110,16 @@ TOML
 
 phase "fusec decode: random weights, batch 1, context $context, $steps timed steps"
 for model in examples/llama-3-8b.toml "$one_b"; do
-    for variant in eager fused fused-fp8; do
+    for variant in eager fused fused-fp8 fused-int8 fused-int4; do
         timeout 90 "$check" bench "$model" "$variant" --context "$context" --steps "$steps" ||
             echo "bench $model $variant failed (exit $?)"
     done
 done
 
-phase "ptxas: registers, spills, shared memory and occupancy per kernel (8B, bf16 and fp8)"
+phase "ptxas: registers, spills, shared memory and occupancy per kernel (8B, bf16, fp8, int8 and int4)"
 fusec_bin="${CARGO_TARGET_DIR:-target}/release/fusec"
 if [ -x "$fusec_bin" ]; then
-    for p in bf16 fp8; do
+    for p in bf16 fp8 int8 int4; do
         out="${CARGO_TARGET_DIR:-target}/gpu-check/8b-$p"
         timeout 60 "$fusec_bin" compile examples/llama-3-8b.toml --precision "$p" --emit ptx --out "$out" >/dev/null &&
             cat "$out/kernels.sm_90.resources.txt" || echo "ptx for $p failed (exit $?)"

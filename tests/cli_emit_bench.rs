@@ -56,28 +56,30 @@ fn emit_cuda_writes_kernels_and_plans_matching_the_predicted_launches() {
 }
 
 #[test]
-fn emit_cuda_of_integer_weights_is_refused_as_bad_input() {
-    // Integer weight codes have no CUDA kernels: the user's choice of precision, exit 2
-    // naming the node and the way out, not an internal error.
-    let dir = scratch("emit-cuda-int8");
-    let model = root().join("examples/llama-125m.toml");
-    let out = fusec(&[
-        "compile",
-        model.to_str().expect("utf8"),
-        "--precision",
-        "int8",
-        "--out",
-        dir.to_str().expect("utf8"),
-        "--emit",
-        "cuda",
-    ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(
-        stderr.contains("i8 has no CUDA kernels yet") && stderr.contains("fusec run"),
-        "{stderr}"
-    );
-    let _ = std::fs::remove_dir_all(&dir);
+fn emit_cuda_of_integer_weights_writes_the_integer_gemv() {
+    // Q8_0 and Q4_0 codes: the GEMVs read them with `__dp4a` (`fu_dot_q8`, `fu_dot_q4`)
+    // after quantizing their activations per block, and the plan streams the codes.
+    for (precision, dot) in [("int8", "fu_dot_q8("), ("int4", "fu_dot_q4(")] {
+        let dir = scratch(&format!("emit-cuda-{precision}"));
+        let model = root().join("examples/llama-125m.toml");
+        let out = fusec(&[
+            "compile",
+            model.to_str().expect("utf8"),
+            "--precision",
+            precision,
+            "--out",
+            dir.to_str().expect("utf8"),
+            "--emit",
+            "cuda",
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{precision}: {stderr}");
+        let cu = std::fs::read_to_string(dir.join("kernels.cu")).expect("kernels.cu");
+        // q/k/v, the attention output, gate/up, down and the LM head.
+        let gemvs = cu.lines().filter(|l| l.contains(dot)).count();
+        assert!(gemvs >= 5, "{precision}: {gemvs} integer dot products");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
 
 #[test]

@@ -12,8 +12,8 @@ pub enum Error {
     /// The options are inconsistent.
     #[error("bad codegen options: {0}")]
     Options(String),
-    /// A dtype the backend has no kernels for yet (integer weight codes): a limit of
-    /// the backend that the user's choice of precision meets, not a bug.
+    /// A dtype the backend has no kernels for yet: a limit of the backend that the
+    /// user's choice of precision meets, not a bug.
     #[error("%{value} = {op}: {dtype} has no CUDA kernels yet: emit CUDA for bf16, f16, f32 or fp8, or run {dtype} on the CPU (`fusec run`)")]
     NoKernels {
         value: usize,

@@ -73,7 +73,7 @@ pub fn generate(graph: &Graph, shape: &DecodeShape, options: &Options) -> Result
     };
     for &id in &order {
         let ty = graph.ty(id);
-        if let Some(t) = ty.tensors().iter().find(|t| t.dtype.is_int_codes()) {
+        if let Some(t) = ty.tensors().iter().find(|t| !has_kernels(t.dtype)) {
             return Err(Error::NoKernels {
                 value: l.number.get(&id).copied().unwrap_or(usize::MAX),
                 op: graph.op(id).to_string(),
@@ -83,6 +83,22 @@ pub fn generate(graph: &Graph, shape: &DecodeShape, options: &Options) -> Result
         l.node(id)?;
     }
     l.finish()
+}
+
+/// Whether the backend has kernels reading `dtype`. Exhaustive, so that a new storage
+/// format meets this decision: integer codes are read by the integer GEMV only
+/// (`cuda::gemv_int`), which refuses any other use of them.
+fn has_kernels(dtype: DType) -> bool {
+    match dtype {
+        DType::F32
+        | DType::F16
+        | DType::Bf16
+        | DType::Fp8E4M3
+        | DType::Fp8E5M2
+        | DType::I32
+        | DType::I8
+        | DType::I4 => true,
+    }
 }
 
 /// `shape`, with a paged cache covering `max_seq_len` for every sequence
@@ -131,7 +147,8 @@ impl Lower<'_> {
         dims: &[Extent],
     ) -> BufferId {
         let cap: Vec<u64> = dims.iter().map(|d| d.capacity(&self.decode)).collect();
-        let bytes = cap.iter().product::<u64>() * dtype.size_bytes();
+        // Packed: `i4` codes two a byte.
+        let bytes = dtype.bytes_for(cap.iter().product::<u64>());
         self.buffers.push(Buffer {
             name,
             kind,

@@ -186,6 +186,8 @@ impl RandomWeights {
                         let u = (state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
                         match (dtype, vector) {
                             (DType::Fp8E4M3 | DType::Fp8E5M2, _) => u * 400.0,
+                            (DType::I8, _) => (u * 127.0).round(),
+                            (DType::I4, _) => (u * 7.5 - 0.5).round(),
                             (_, true) => 1.0 + 0.1 * u,
                             _ => 0.05 * u,
                         }
@@ -199,13 +201,16 @@ impl RandomWeights {
 
 impl WeightSource for RandomWeights {
     fn bytes(&self, name: &str, dtype: DType, dims: &[u64]) -> Result<Vec<u8>, RunError> {
-        let n: u64 = dims.iter().product::<u64>() * dtype.size_bytes();
+        // Packed: `i4` codes two a byte.
+        let n: u64 = dtype.bytes_for(dims.iter().product::<u64>());
         let n = usize::try_from(n).map_err(|_| RunError::Weight {
             name: name.into(),
             message: "too large".into(),
         })?;
         if name.ends_with(".scale") {
-            // Weight scales: absmax/448 of rows of ±0.05; KV-cache scales: 1/64.
+            // Weight scales: absmax/448 of rows of ±0.05 (integer codes' block scales
+            // too: weights within about ±0.014, a sane range for a timing run);
+            // KV-cache scales: 1/64.
             let v = if name.starts_with("past.") {
                 1.0 / 64.0
             } else {
@@ -232,7 +237,7 @@ fn flag(args: &[String], name: &str) -> Option<u64> {
 
 fn bench(args: &[String]) -> Result<bool, Fail> {
     let (Some(model), Some(variant)) = (args.first(), args.get(1)) else {
-        return Err("usage: gpu_check bench MODEL.toml eager|fused|fused-fp8 [--context N] [--batch N] [--steps N]".into());
+        return Err("usage: gpu_check bench MODEL.toml eager|fused|fused-fp8|fused-int8|fused-int4 [--context N] [--batch N] [--steps N]".into());
     };
     let spec = stages::load(
         Path::new(model),
@@ -249,6 +254,9 @@ fn bench(args: &[String]) -> Result<bool, Fail> {
         ),
         "fused" => (fused_in(&spec, Precision::Bf16)?, "fused bf16"),
         "fused-fp8" => (fused_in(&spec, Precision::Fp8)?, "fused fp8"),
+        // Q8_0 and Q4_0 codes, computing in f32 (the CPU executor's integer recipe).
+        "fused-int8" => (fused_in(&spec, Precision::Int8)?, "fused int8"),
+        "fused-int4" => (fused_in(&spec, Precision::Int4)?, "fused int4"),
         other => return Err(format!("unknown variant `{other}`")),
     };
     let context = spec.decode.context;

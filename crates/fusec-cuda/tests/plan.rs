@@ -134,7 +134,7 @@ fn check_plan(label: &str, g: &Graph, plan: &LaunchPlan, shape: &DecodeShape) {
     for (i, buf) in plan.buffers.iter().enumerate() {
         assert_eq!(
             buf.bytes,
-            buf.dims.iter().product::<u64>() * buf.dtype.size_bytes(),
+            buf.dtype.bytes_for(buf.dims.iter().product::<u64>()),
             "{label}: {}",
             buf.name
         );
@@ -188,7 +188,7 @@ fn check_plan(label: &str, g: &Graph, plan: &LaunchPlan, shape: &DecodeShape) {
                 last += d.saturating_sub(1) * s;
             }
             assert!(
-                (last + 1) * buf.dtype.size_bytes() <= buf.bytes,
+                buf.dtype.bytes_for(last + 1) <= buf.bytes,
                 "{label}: %{} view overruns {}",
                 l.value,
                 buf.name
@@ -244,6 +244,10 @@ fn buffers_and_views_match_the_ir_types() {
                 check_plan(&case.label, &case.graph, &out.plan, &case.shape);
             }
         }
+    }
+    for case in common::int_cases() {
+        let out = common::output(&case);
+        check_plan(&case.label, &case.graph, &out.plan, &case.shape);
     }
 }
 

@@ -1,6 +1,7 @@
 //! GEMV kernels: `linear` and the fused GEMV family (`fused.rms_norm_linear`,
 //! `fused.swiglu`, `fused.rms_norm_swiglu`, `fused.linear_add`), for f32, f16 and
-//! bf16 weights and for FP8 weights with their scales (`dequant`).
+//! bf16 weights, for FP8 weights with their scales (`dequant`), and for block-quantized
+//! integer weights, whose prologue and dot products are [`super::gemv_int`]'s.
 //!
 //! One template: a prologue per activation row (the RMSNorm statistics, the dynamic
 //! FP8 activation scale) stages the prepared activations in shared memory; then each
@@ -14,6 +15,7 @@ use std::fmt::Write;
 use fusec_ir::{DType, UnaryOp};
 
 use super::elementwise::unary_expr;
+use super::gemv_int::{self, IntWeight};
 use super::{ctype, flit, KernelCode, Operand, Params};
 pub(crate) use crate::emit::{Epilogue, Gemv};
 use crate::layout::{Extent, View};
@@ -109,6 +111,31 @@ pub(crate) fn gemv(
     }
     let act = act.ok_or("a GEMV needs a weight")?;
     let act_fp8 = act.is_fp8();
+    // Integer codes: the scales are per block, applied inside the dot products.
+    let int_weights: Vec<IntWeight<'_>> = if act.is_int_codes() {
+        let ws = weights
+            .iter_mut()
+            .map(|w| {
+                let scale = w.scale.take().ok_or("integer weights need their scales")?;
+                Ok(IntWeight {
+                    values: w.values,
+                    scale,
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        gemv_int::check(&ws, k)?;
+        if gemv_int::staged_bytes(m_rows, k) > u64::from(opts.max_shared_bytes) {
+            return Err(format!(
+                "an integer GEMV of {m_rows} rows of {k} inputs needs {} bytes of shared memory for its quantized activations, more than the {} allowed",
+                gemv_int::staged_bytes(m_rows, k),
+                opts.max_shared_bytes
+            ));
+        }
+        ws
+    } else {
+        Vec::new()
+    };
+    let int = !int_weights.is_empty();
     // The activations as the kernel stages them in shared memory, in the form the dot
     // products read: the compute dtype; for FP8 the quantized values as f32 (exact), so
     // that no row converts them again, while that stays within a bound, else as
@@ -127,7 +154,7 @@ pub(crate) fn gemv(
         act
     };
     let staged_bytes = m_rows * k * a_ty.size_bytes();
-    let staged = fits(a_ty);
+    let staged = !int && fits(a_ty);
     // FP8 activations staged as f32 are read 16 per lane (64 bytes, four 16-byte
     // shared loads) at a 64-byte stride between lanes: each quarter-warp's loads fall
     // on the same banks four ways over. Staged in warp order instead (`xs_index`), the
@@ -156,7 +183,9 @@ pub(crate) fn gemv(
     );
     let _ = writeln!(b, "  __shared__ float fu_rs[M];");
     let _ = writeln!(b, "  __shared__ float fu_as[M];");
-    if staged {
+    if int {
+        gemv_int::declare_staging(&mut b, m_rows, k);
+    } else if staged {
         let _ = writeln!(
             b,
             "  extern __shared__ __align__(16) unsigned char fu_dyn[];"
@@ -212,10 +241,28 @@ pub(crate) fn gemv(
     } else {
         (0..weights.len()).map(|i| vec![i]).collect()
     };
-    prefetch_first_row(&mut b, params, &weights, &groups, k, warps);
+    prefetch_first_row(&mut b, params, &weights, &int_weights, &groups, k, warps);
 
     // Prologue.
-    if staged && (a_ty == t || a_ty == DType::F32) {
+    if int {
+        let vec = rows_vectorizable(x, k, 16 / t.size_bytes());
+        let norm = g.norm;
+        let mut stat_pass = |b: &mut String| {
+            if let Some(n) = norm {
+                let _ = writeln!(b, "    float ss = 0.0f;");
+                row_pass(b, &px, &xrow, sx, t, vec, "ss = fmaf(v, v, ss);");
+                let _ = writeln!(b, "    ss = fu_block_sum(ss);");
+                let _ = writeln!(
+                    b,
+                    "    if (threadIdx.x == 0) fu_rs[m] = fu_rsqrt(ss / (float)K + {});",
+                    flit(n.eps)
+                );
+                let _ = writeln!(b, "    __syncthreads();");
+            }
+        };
+        let value = xn(params, "k");
+        gemv_int::prologue(&mut b, k, &mut stat_pass, &value);
+    } else if staged && (a_ty == t || a_ty == DType::F32) {
         staged_prologue(&mut b, params, g, x, k, t, act, staging)?;
     } else {
         // The activations are not staged in a type that holds the raw row: the
@@ -283,7 +330,18 @@ pub(crate) fn gemv(
         let _ = writeln!(b, "{opener}{cond}{{");
         let _ = writeln!(b, "      const int n = row - {base};");
         let ws: Vec<&Weight<'_>> = group.iter().map(|&i| &weights[i]).collect();
-        row_body(&mut b, params, &ws, k, staging, &xq)?;
+        if int {
+            let iws: Vec<IntWeight<'_>> = group
+                .iter()
+                .map(|&i| IntWeight {
+                    values: int_weights[i].values,
+                    scale: int_weights[i].scale,
+                })
+                .collect();
+            gemv_int::row_body(&mut b, params, &iws, k)?;
+        } else {
+            row_body(&mut b, params, &ws, k, staging, &xq)?;
+        }
         epilogue(&mut b, params, g, &ws, gi, t, act_fp8)?;
         let _ = writeln!(b, "    }}");
         base += rows;
@@ -330,7 +388,10 @@ pub(crate) fn gemv(
         // At most target_blocks, a u32.
         grid: [blocks as u32, 1, 1],
         block: warps * 32,
-        shared: if staged {
+        // Within max_shared_bytes, a u32.
+        shared: if int {
+            gemv_int::staged_bytes(m_rows, k) as u32
+        } else if staged {
             (staged_bytes.div_ceil(16) * 16) as u32
         } else {
             0
@@ -775,6 +836,7 @@ fn prefetch_first_row(
     b: &mut String,
     params: &mut Params,
     weights: &[Weight<'_>],
+    int_weights: &[IntWeight<'_>],
     groups: &[Vec<usize>],
     k: u64,
     warps: u32,
@@ -786,6 +848,10 @@ fn prefetch_first_row(
         let rows = weights[group[0]].rows;
         let _ = writeln!(b, "    if (n0 >= {base} && n0 < {}) {{", base + rows);
         for &i in group {
+            if let Some(iw) = int_weights.get(i) {
+                gemv_int::prefetch_row(b, params, iw, i, k, base);
+                continue;
+            }
             let w = &weights[i];
             let p = params.bind(w.values, Access::Read);
             // Elements per 128-byte line.

@@ -10,6 +10,7 @@
 pub(crate) mod attention;
 pub(crate) mod elementwise;
 pub(crate) mod gemv;
+pub(crate) mod gemv_int;
 pub(crate) mod matmul;
 pub(crate) mod movement;
 pub(crate) mod norm;
@@ -40,8 +41,8 @@ pub fn ctype(dtype: DType) -> &'static str {
         DType::Fp8E4M3 => "__nv_fp8_e4m3",
         DType::Fp8E5M2 => "__nv_fp8_e5m2",
         DType::I32 => "int",
-        // Integer weight codes: lowering refuses them before any kernel is emitted
-        // (no CUDA kernels read them yet); these are their storage types.
+        // Integer weight codes, read as bytes by the integer GEMV (`gemv_int`; `i4`
+        // packs two a byte).
         DType::I8 => "signed char",
         DType::I4 => "unsigned char",
     }

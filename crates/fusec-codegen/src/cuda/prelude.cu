@@ -73,6 +73,45 @@ template <int W> __device__ __forceinline__ float fu_group_sum(float v) {
   return v;
 }
 
+// Block-quantized integer GEMVs (`gemv_int.rs`). A warp holds a block of 32 values,
+// one a lane: returns the lane's 8-bit code and the block's scale, rounded to f16, in
+// `*d`, as `quantize_row_q8_0_ref` (ggml-quants.c) and the CPU executor quantize:
+// `d = amax / 127`, code `round(y * (1 / d))`, half away from zero.
+__device__ __forceinline__ signed char fu_q8_block(float y, float* d) {
+  const float am = fu_warp_max(fabsf(y));
+  const float s = am / 127.0f;
+  const float inv = s != 0.0f ? 1.0f / s : 0.0f;
+  *d = __half2float(__float2half_rn(s));
+  return (signed char)(int)roundf(y * inv);
+}
+
+// The exact integer dot product of 16 Q8_0 weight codes with 16 activation codes.
+__device__ __forceinline__ int fu_dot_q8(uint4 w, uint4 x) {
+  int s = __dp4a((int)w.x, (int)x.x, 0);
+  s = __dp4a((int)w.y, (int)x.y, s);
+  s = __dp4a((int)w.z, (int)x.z, s);
+  return __dp4a((int)w.w, (int)x.w, s);
+}
+
+// The exact integer dot product of one Q4_0 block (16 bytes: value j in the low nibble
+// of byte j, value j + 16 in its high nibble, each stored as code + 8) with its 32
+// activation codes (`lo` values 0..15, `hi` 16..31): the nibbles as they are, less
+// 8 times the activations' sum (llama.cpp's `vec_dot_q4_0_q8_1_impl` likewise).
+__device__ __forceinline__ int fu_dot_q4(uint4 w, uint4 lo, uint4 hi) {
+  const unsigned wr[4] = {w.x, w.y, w.z, w.w};
+  const unsigned l[4] = {lo.x, lo.y, lo.z, lo.w};
+  const unsigned h[4] = {hi.x, hi.y, hi.z, hi.w};
+  int s = 0, sx = 0;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    s = __dp4a((int)(wr[i] & 0x0F0F0F0Fu), (int)l[i], s);
+    s = __dp4a((int)((wr[i] >> 4) & 0x0F0F0F0Fu), (int)h[i], s);
+    sx = __dp4a(0x01010101, (int)l[i], sx);
+    sx = __dp4a(0x01010101, (int)h[i], sx);
+  }
+  return s - 8 * sx;
+}
+
 // Block-wide reductions: every thread of the block calls them and gets the result.
 __device__ __forceinline__ float fu_block_sum(float v) {
   __shared__ float red[32];

@@ -93,6 +93,22 @@ pub fn cases(path: &Path, precision: Precision) -> Vec<Case> {
     ]
 }
 
+/// The fused graphs of the examples whose GEMV widths are whole blocks of 32 (the 125M
+/// Llama and Llama 3 8B), lowered to Q8_0 and Q4_0 codes: the integer GEMV kernels.
+pub fn int_cases() -> Vec<Case> {
+    let mut v = Vec::new();
+    for name in ["llama-125m.toml", "llama-3-8b.toml"] {
+        for precision in [Precision::Int8, Precision::Int4] {
+            v.extend(
+                cases(&root().join("examples").join(name), precision)
+                    .into_iter()
+                    .filter(|c| c.label.ends_with("/fused")),
+            );
+        }
+    }
+    v
+}
+
 /// The paged step graphs of `path` in `precision` (`StepDims::paged` with blocks of
 /// 16 positions, eager and fused): the kernels reading a paged KV cache. The pool and
 /// table sizes are `generate`'s default for the spec's batch and length.

@@ -1,6 +1,7 @@
 //! The compile pipeline's stages, called directly from the stage crates (the root
 //! package's `fusec::pipeline` is a later stage than this crate): load a model, build
-//! its eager graph in a precision, fuse it with the built-in rules, lower it to FP8,
+//! its eager graph in a precision, fuse it with the built-in rules, lower it to FP8 or
+//! integer codes,
 //! with the verifier after every phase. Shared by the tests and the `gpu_check`
 //! example (included by path), so that both compile exactly what `fusec` compiles.
 
@@ -11,7 +12,7 @@ use std::path::Path;
 use fusec_ir::{hardware, step, verify, DType, Graph};
 use fusec_model::frontend::{ModelSpec, Precision};
 use fusec_model::{load_model, Registry};
-use fusec_rewrite::precision::{lower_fp8, Fp8Options};
+use fusec_rewrite::precision::{lower_fp8, lower_int, Fp8Options, IntFormat};
 use fusec_rewrite::{Limits, RuleSet};
 
 /// Loads a model description with the decode shape overridden where given.
@@ -37,7 +38,7 @@ pub fn in_precision(spec: &ModelSpec, precision: Precision) -> ModelSpec {
         Precision::Bf16 => DType::Bf16,
         Precision::Fp8 if spec.model.dtype == DType::F16 => DType::F16,
         Precision::Fp8 => DType::Bf16,
-        // Integer codes have no CUDA kernels; their graphs compute in f32.
+        // Integer codes (Q8_0, Q4_0 weights): their graphs compute in f32.
         Precision::Int8 | Precision::Int4 => DType::F32,
     };
     s.target.precision = precision;
@@ -73,7 +74,9 @@ pub fn fuse(spec: &ModelSpec, eager: &Graph, rules: &RuleSet) -> Result<Graph, S
     verified("fuse", graph)
 }
 
-/// The fused graph of `spec` in `precision`, lowered to FP8 for [`Precision::Fp8`].
+/// The fused graph of `spec` in `precision`, lowered to FP8 for [`Precision::Fp8`]
+/// and to Q8_0 or Q4_0 codes for [`Precision::Int8`] and [`Precision::Int4`] (as
+/// `fusec::pipeline::lower` does).
 pub fn fused_in(
     spec: &ModelSpec,
     precision: Precision,
@@ -82,11 +85,19 @@ pub fn fused_in(
 ) -> Result<Graph, String> {
     let s = in_precision(spec, precision);
     let fused = fuse(&s, &eager(&s)?, rules)?;
-    if precision != Precision::Fp8 {
-        return Ok(fused);
-    }
+    let format = match precision {
+        Precision::F32 | Precision::F16 | Precision::Bf16 => return Ok(fused),
+        Precision::Fp8 => {
+            return verified(
+                "lower-fp8",
+                lower_fp8(&fused, fp8).map_err(|e| e.to_string())?,
+            )
+        }
+        Precision::Int8 => IntFormat::Q8_0,
+        Precision::Int4 => IntFormat::Q4_0,
+    };
     verified(
-        "lower-fp8",
-        lower_fp8(&fused, fp8).map_err(|e| e.to_string())?,
+        "lower-int",
+        lower_int(&fused, format, &fp8.keep).map_err(|e| e.to_string())?,
     )
 }

@@ -242,6 +242,12 @@ inline int __float2int_rz(float x) {
   return (int)x;
 }
 
+// Four signed-byte products added to `c` (sm_61's `dp4a.s32.s32`), exactly.
+inline int __dp4a(int a, int b, int c) {
+  for (int i = 0; i < 4; ++i) c += (int)(int8_t)(a >> (8 * i)) * (int)(int8_t)(b >> (8 * i));
+  return c;
+}
+
 struct __half { _Float16 v; };
 inline float __half2float(__half h) { return (float)h.v; }
 inline __half __float2half_rn(float f) { return __half{(_Float16)f}; }
