@@ -224,6 +224,9 @@ fn the_report_agrees_with_the_compile_pipeline() {
         price_per_hour: 2.5,
         contexts: &[4096],
         batches: &[1],
+        prefill: &[],
+        prompts: &[],
+        prefill_chunk: 512,
         measurements: &[],
         measurements_file: None,
         cpu: None,
@@ -347,6 +350,19 @@ fn bad_input_exits_2_with_a_clear_message() {
             "a100-sxm has no FP8 tensor cores",
         ),
         (vec!["report", &model, "--batch", "0"], "--batch: 0"),
+        (
+            vec!["report", &model, "--prompt-len", "128,8192"],
+            "--prompt-len: a prompt must be 1 to 8191 tokens (max_seq_len 8192, one position left for the first generated token), got 8192",
+        ),
+        (vec!["report", &model, "--prompt-len", "0"], "got 0"),
+        (
+            vec!["report", &model, "--prefill-chunk", "0"],
+            "--prefill-chunk must be at least 1 token",
+        ),
+        (
+            vec!["report", &model, "--no-prefill", "--prompt-len", "64"],
+            "cannot be used with",
+        ),
         (
             vec!["report", &model, "--price-per-hour", "0"],
             "--price-per-hour",

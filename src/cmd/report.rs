@@ -1,14 +1,18 @@
 //! `fusec report`: what a decode step costs eager, fused and fused in FP8 on one GPU,
 //! per kernel, per layer and per step, with cost per million tokens, context and batch
-//! sweeps, and charts.
+//! sweeps, the time to first token of prompts, and charts.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context};
 use fusec::exec::{Executor, Session, Weights};
+use fusec::model::blocks::{Logits, StepDims};
 use fusec::output::{Outputs, Replace};
 use fusec::pipeline;
-use fusec::report::{self, CpuMeasurement, Format, MeasuredNode, Measurement, Variant};
+use fusec::report::{
+    self, CpuMeasurement, Format, MeasuredNode, Measurement, PrefillGraph, Variant,
+};
 use fusec_ir::hardware::{self, GpuSpec};
 use fusec_model::frontend::{ModelSpec, Precision};
 use fusec_rewrite::precision::Fp8Options;
@@ -18,7 +22,8 @@ use crate::Failure;
 /// Report what one decode step of MODEL costs in each compiled variant on a GPU: per
 /// kernel (the eager ops it replaced, launches, bytes, FLOPs, roofline bound, time), per
 /// layer and per step (savings, time per token, tokens/s, $ per million tokens, MBU),
-/// and swept over context length and batch size.
+/// and swept over context length and batch size; and the time to first token of
+/// prompts, prefilled in chunks.
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// A model.toml, a Hugging Face config.json, or a model directory holding one.
@@ -43,6 +48,16 @@ pub struct Args {
     /// Batch sizes of the batch sweep, comma-separated [default: 1,2,4,...,1024].
     #[arg(long, value_delimiter = ',')]
     pub batch: Vec<u64>,
+    /// Prompt lengths of the prefill sweep (time to first token), comma-separated
+    /// [default: 128,512,2048, those shorter than max_seq_len].
+    #[arg(long = "prompt-len", value_delimiter = ',')]
+    pub prompt_len: Vec<u64>,
+    /// The most tokens one prefill chunk feeds, as `fusec run --prefill-chunk`.
+    #[arg(long, default_value_t = 512)]
+    pub prefill_chunk: u64,
+    /// Leave out the prefill sweep (it compiles a prefill graph per chunk length).
+    #[arg(long, conflicts_with = "prompt_len")]
+    pub no_prefill: bool,
     /// Dollars per GPU-hour, for the cost per million tokens.
     #[arg(long, default_value_t = 2.5)]
     pub price_per_hour: f64,
@@ -177,6 +192,47 @@ fn variants(spec: &ModelSpec, precision: Precision) -> Result<Vec<Variant>, Fail
                  scales and an FP8 KV cache, other math in {dtype}"
             ),
             graph: fp8,
+        });
+    }
+    Ok(out)
+}
+
+/// The prefill graphs of the variants `variants` builds, for every chunk length the
+/// prompts are fed in: eager and fused in the precision's compute dtype, plus
+/// fused+fp8 for FP8.
+fn prefill_graphs(
+    spec: &ModelSpec,
+    precision: Precision,
+    prompts: &[u64],
+    chunk: u64,
+) -> Result<Vec<PrefillGraph>, Failure> {
+    let rules = pipeline::rules(&[])?;
+    let s = pipeline::in_precision(spec, precision);
+    let lengths: BTreeSet<u64> = prompts
+        .iter()
+        .flat_map(|&p| report::prefill::chunks(p, chunk))
+        .collect();
+    let mut out = Vec::new();
+    for tokens in lengths {
+        let eager = pipeline::eager_prefill(&s, &StepDims::prefill(tokens, Logits::Last))?;
+        let (fused, _) = pipeline::fuse(&s, &eager, &rules)?;
+        if precision == Precision::Fp8 {
+            let fp8 = pipeline::lower(fused.clone(), precision, &Fp8Options::default())?;
+            out.push(PrefillGraph {
+                variant: "fused+fp8".to_string(),
+                tokens,
+                graph: fp8,
+            });
+        }
+        out.push(PrefillGraph {
+            variant: "eager".to_string(),
+            tokens,
+            graph: eager,
+        });
+        out.push(PrefillGraph {
+            variant: "fused".to_string(),
+            tokens,
+            graph: fused,
         });
     }
     Ok(out)
@@ -319,6 +375,28 @@ pub fn run(args: Args) -> Result<(), Failure> {
             .set_decode(Some(b), None)
             .map_err(|e| Failure::Input(e.into()))?;
     }
+    let max_len = spec.model.max_seq_len;
+    let prompts = if args.prompt_len.is_empty() {
+        report::prefill::default_prompts(max_len)
+    } else {
+        args.prompt_len.clone()
+    };
+    if let Some(&p) = prompts.iter().find(|&&p| p == 0 || p >= max_len) {
+        return Err(Failure::Input(anyhow!(
+            "--prompt-len: a prompt must be 1 to {} tokens (max_seq_len {max_len}, one position left for the first generated token), got {p}",
+            max_len.saturating_sub(1)
+        )));
+    }
+    if args.prefill_chunk == 0 {
+        return Err(Failure::Input(anyhow!(
+            "--prefill-chunk must be at least 1 token"
+        )));
+    }
+    let prefill = if args.no_prefill {
+        Vec::new()
+    } else {
+        prefill_graphs(&spec, precision, &prompts, args.prefill_chunk)?
+    };
     let mut outputs = Outputs::new(args.force);
     outputs.reads(&args.model);
     if let Some(w) = &spec.weights {
@@ -347,6 +425,9 @@ pub fn run(args: Args) -> Result<(), Failure> {
         price_per_hour: args.price_per_hour,
         contexts: &contexts,
         batches: &batches,
+        prefill: &prefill,
+        prompts: &prompts,
+        prefill_chunk: args.prefill_chunk,
         measurements: &measurements,
         measurements_file: measurements_file.as_deref(),
         cpu: cpu.as_ref(),

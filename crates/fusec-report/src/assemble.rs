@@ -19,6 +19,7 @@ use crate::eval::{fits, Eval};
 use crate::inputs::{Inputs, Variant, MAX_BATCH};
 use crate::kernel::{class_of, Bound};
 use crate::measure::{self, Measured};
+use crate::prefill::{self, PrefillSweep};
 use crate::sweep::{self, BatchSweep, ContextSweep};
 use fusec_ir::KernelClass;
 
@@ -203,6 +204,9 @@ pub struct Report {
     pub variants: Vec<VariantReport>,
     pub context_sweep: ContextSweep,
     pub batch_sweep: BatchSweep,
+    /// Time to first token against prompt length, when prefill graphs were given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefill: Option<PrefillSweep>,
     pub gpus: Vec<GpuSpec>,
     pub measured: Measured,
     pub notes: Vec<String>,
@@ -281,6 +285,7 @@ pub fn build(inputs: &Inputs<'_>) -> Result<Report, ReportError> {
     let context_sweep = sweep::context_sweep(inputs, batch, &contexts)?;
     let batch_sweep = sweep::batch_sweep(inputs, context, &batches)?;
     let measured = measure::compare(inputs)?;
+    let prefill = prefill::prefill_sweep(inputs)?;
 
     let m = &spec.model;
     let mut notes: Vec<String> = inputs.notes.to_vec();
@@ -351,6 +356,7 @@ pub fn build(inputs: &Inputs<'_>) -> Result<Report, ReportError> {
         variants,
         context_sweep,
         batch_sweep,
+        prefill,
         gpus: inputs.gpus.to_vec(),
         measured,
         notes,

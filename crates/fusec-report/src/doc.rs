@@ -185,6 +185,7 @@ pub fn document(r: &Report) -> Vec<Block> {
         svg: svg::roofline(r),
     });
     context_sweep(&mut d, r);
+    prefill(&mut d, r);
     batch_sweep(&mut d, r);
     gpus(&mut d, r);
     measured(&mut d, r);
@@ -454,6 +455,48 @@ fn context_sweep(d: &mut Vec<Block>, r: &Report) {
         ),
         svg: svg::context_lines(r),
     });
+}
+
+fn prefill(d: &mut Vec<Block>, r: &Report) {
+    let Some(p) = &r.prefill else { return };
+    d.push(Block::Heading(format!(
+        "Prefill: time to first token against prompt length (batch {}, chunks of at most {} tokens)",
+        p.batch, p.chunk
+    )));
+    d.push(Block::Para(s(
+        "Each chunk is the prefill graph of its tokens after the ones before it, under \
+         the same kernel time model as the decode step (a roofline bound); the first \
+         token comes with the last chunk. `then us/token` is the decode step that \
+         follows, at the prompt's length.",
+    )));
+    let header = [
+        "prompt",
+        "variant",
+        "chunks",
+        "TTFT ms",
+        "prefill tokens/s",
+        "bound",
+        "launches",
+        "FLOPs",
+        "then us/token",
+    ];
+    let mut t = Table::new(header.iter().map(|h| s(*h)).collect(), 2);
+    for point in &p.points {
+        for v in &point.variants {
+            t.row(vec![
+                point.prompt.to_string(),
+                v.variant.clone(),
+                v.chunks.to_string(),
+                sig(v.ttft_us / 1e3),
+                sig(v.prefill_tokens_per_s),
+                s(v.bound.name()),
+                count(v.launches),
+                count(v.flops),
+                us(v.decode_us_per_token),
+            ]);
+        }
+    }
+    d.push(Block::Table(t));
 }
 
 fn batch_sweep(d: &mut Vec<Block>, r: &Report) {

@@ -21,6 +21,17 @@ pub struct Variant {
     pub graph: Graph,
 }
 
+/// The prefill graph of one variant for `tokens` new tokens per sequence (one chunk
+/// length), logits of the last position only: what the prefill sweep
+/// (`crate::prefill`) evaluates.
+#[derive(Clone, Debug)]
+pub struct PrefillGraph {
+    /// The decode variant it belongs to (`eager`, `fused`, `fused+fp8`).
+    pub variant: String,
+    pub tokens: u64,
+    pub graph: Graph,
+}
+
 /// Everything the report is built from (by `build`).
 #[derive(Clone, Copy, Debug)]
 pub struct Inputs<'a> {
@@ -40,6 +51,13 @@ pub struct Inputs<'a> {
     pub contexts: &'a [u64],
     /// Batch sizes of the batch sweep.
     pub batches: &'a [u64],
+    /// Prefill graphs for the prefill sweep: every chunk length the prompts need, per
+    /// variant that has them (none: no prefill sweep).
+    pub prefill: &'a [PrefillGraph],
+    /// Prompt lengths of the prefill sweep.
+    pub prompts: &'a [u64],
+    /// The most tokens one prefill chunk feeds.
+    pub prefill_chunk: u64,
     /// GPU measurements, of any model and GPU (the report picks its own).
     pub measurements: &'a [Measurement],
     /// Where the measurements came from, for the report's text.

@@ -1,5 +1,6 @@
 //! fusec's report: what one decode step of a model costs in each compiled variant
-//! (eager, fused, fused in FP8...) on one GPU, and why.
+//! (eager, fused, fused in FP8...) on one GPU, and why; and, given prefill graphs, the
+//! time to the first token of a prompt.
 //!
 //! [`build`] takes the model's [`ModelSpec`](fusec_model::frontend::ModelSpec) (its
 //! shape and the decode point), a list of named [`Variant`] graphs (the first is the
@@ -16,6 +17,7 @@
 //! - [`kernel`]: one kernel's estimated time, what bounds it, and its class;
 //! - `eval`: one graph evaluated at one decode point;
 //! - [`sweep`]: time per token against context length and against batch size;
+//! - [`prefill`]: time to first token against prompt length, chunk by chunk;
 //! - [`measure`]: the measurements paired with the predictions;
 //! - [`assemble`]: the report's data and [`build`], which assembles it;
 //! - `render`: the text, Markdown and HTML forms; `svg`: the charts.
@@ -33,6 +35,7 @@ pub mod inputs;
 pub mod kernel;
 pub mod measure;
 pub mod measurement;
+pub mod prefill;
 mod render;
 mod svg;
 pub mod sweep;
@@ -40,7 +43,7 @@ pub mod sweep;
 pub use assemble::{build, dollars_per_million_tokens, Report};
 pub use error::ReportError;
 pub use fusec_ir::KernelClass;
-pub use inputs::{Inputs, Variant};
+pub use inputs::{Inputs, PrefillGraph, Variant};
 pub use kernel::{class_of, Bound, KernelTime};
 pub use measurement::{parse_measurements, CpuMeasurement, MeasuredNode, Measurement};
 
