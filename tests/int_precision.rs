@@ -50,6 +50,7 @@ fn integer_graphs_lower_cost_decode_and_stay_off_cuda() {
     for (precision, codes, bits) in [
         (Precision::Int8, DType::I8, 8.5),
         (Precision::Int4, DType::I4, 4.5),
+        (Precision::Q4_1, DType::U4, 5.0),
     ] {
         let (graph, _) =
             pipeline::fused_in(&spec, precision, &rules, &Fp8Options::default()).expect("lowers");
@@ -65,7 +66,9 @@ fn integer_graphs_lower_cost_decode_and_stay_off_cuda() {
                 assert_eq!(q.dtype, codes);
                 assert_eq!(s.dtype, DType::F16);
                 let n = q.shape.numel(&bindings).expect("fixed");
-                assert_eq!(s.shape.numel(&bindings).expect("fixed") * 32, n);
+                // One f16 per block (Q4_1: a scale and a minimum).
+                let per = if codes == DType::U4 { 2 } else { 1 };
+                assert_eq!(s.shape.numel(&bindings).expect("fixed") * 32, n * per);
                 gemv_weights += n;
                 gemv_bytes +=
                     q.bytes(&bindings).expect("fixed") + s.bytes(&bindings).expect("fixed");

@@ -266,7 +266,8 @@ pub fn run(args: Args) -> Result<(), Failure> {
     let precision = match &args.precision {
         Some(p) => Precision::parse(p).ok_or_else(|| {
             Failure::Input(anyhow!(
-                "unknown precision `{p}` (expected f32, f16, bf16, fp8, int8 or int4)"
+                "unknown precision `{p}` (expected one of {})",
+                Precision::names()
             ))
         })?,
         None => spec.target.precision,

@@ -10,10 +10,12 @@
 //!   tensor for an `f32[]` scale) `s = absmax / 448` (`numerics::scale_for`; 1 for an
 //!   all-zero row) and `q = e4m3(w / s)`, IEEE division then round to nearest even with
 //!   saturation, exactly as a CUDA kernel converting with `__NV_SATFINITE` would.
-//! - `W.q8_0 : i8[o, i]` or `W.q4_0 : i4[o, i]` with `W.scale : f16[o, i / 32]`: the
-//!   integer lowering's blocks of 32 along the input dimension, made exactly as
-//!   llama.cpp's `quantize_row_q8_0_ref` and `quantize_row_q4_0_ref` (ggml-quants.c)
-//!   make GGUF's Q8_0 and Q4_0 blocks (see [`quantize_blocks`]).
+//! - `W.q8_0 : i8[o, i]` or `W.q4_0 : i4[o, i]` with `W.scale : f16[o, i / 32]`, or
+//!   `W.q4_1 : u4[o, i]` with `W.scale : f16[o, i / 32, 2]` (scale, minimum): the
+//!   integer lowering's blocks of 32 along the input dimension
+//!   ([`fusec_ir::quant::IntFormat`]), made exactly as llama.cpp's
+//!   `quantize_row_q8_0_ref`, `quantize_row_q4_0_ref` and `quantize_row_q4_1_ref`
+//!   (ggml-quants.c) make GGUF's blocks (see [`quantize_blocks`]).
 //! - `past.L.key.scale` and `past.L.value.scale : f32[]`, the static scales of an FP8
 //!   KV cache (operands 9 and 10 of `fused.decode_attention`). They depend on the
 //!   activations, not on the weights, so a run calibrates them (`fusec_exec::calibrate`)
@@ -26,7 +28,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use std::sync::Arc;
 
-use fusec_ir::step::{FP8_SUFFIX, Q4_0_SUFFIX, Q8_0_SUFFIX};
+use fusec_ir::quant::IntFormat;
+use fusec_ir::step::FP8_SUFFIX;
 use fusec_ir::{numerics, DType, Graph, InputKind, NodeId, Op, OperandRole, TensorType};
 
 use crate::error::Error;
@@ -72,8 +75,9 @@ pub fn derived_weights(graph: &Graph) -> Result<HashMap<String, Derived>, Error>
                 ) else {
                     continue;
                 };
-                let Some(base) = [FP8_SUFFIX, Q8_0_SUFFIX, Q4_0_SUFFIX]
-                    .iter()
+                let suffixes = IntFormat::ALL.map(IntFormat::suffix);
+                let Some(base) = std::iter::once(FP8_SUFFIX)
+                    .chain(suffixes)
                     .find_map(|suffix| values.strip_suffix(suffix))
                     .map(str::to_string)
                 else {
@@ -221,9 +225,36 @@ pub fn q4_0_block(x: &[f32], packed: &mut [u8]) -> half::f16 {
     half::f16::from_f32(d)
 }
 
-/// Quantizes `w [out, in]` to integer codes (`i8`: Q8_0, `i4`: Q4_0) with one `f16`
-/// scale per block of 32 along `in` ([`q8_0_block`], [`q4_0_block`]): returns the
-/// codes and the scales `f16 [out, in / 32]`. `in` must be a multiple of 32.
+/// One block of 32 values quantized to Q4_1 as `quantize_row_q4_1_ref` does
+/// (ggml-quants.c): `d = (max - min) / 15`, each nibble `min(15, trunc((x - min) / d
+/// + 0.5))` computed as `(x - min) * (1 / d)` with the `f32` minimum, value `j` in the
+/// low nibble of byte `j` and value `j + 16` in its high nibble; the scale and the
+/// minimum are stored as `f16`. Returns them and fills the 16 bytes of `packed`.
+pub fn q4_1_block(x: &[f32], packed: &mut [u8]) -> (half::f16, half::f16) {
+    let (mut min, mut max) = (f32::MAX, -f32::MAX);
+    for &v in x {
+        if v < min {
+            min = v;
+        }
+        if v > max {
+            max = v;
+        }
+    }
+    let d = (max - min) / 15.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    // `(int8_t)` truncates toward zero; `x - min >= 0`, so this is a floor.
+    let nibble = |v: f32| (((v - min) * id + 0.5) as i8).min(15) as u8;
+    for (j, byte) in packed.iter_mut().enumerate().take(16) {
+        *byte = nibble(x[j]) | (nibble(x[j + 16]) << 4);
+    }
+    (half::f16::from_f32(d), half::f16::from_f32(min))
+}
+
+/// Quantizes `w [out, in]` to the integer format whose codes are `format` (`i8`: Q8_0,
+/// `i4`: Q4_0, `u4`: Q4_1) per block of 32 along `in` ([`q8_0_block`],
+/// [`q4_0_block`], [`q4_1_block`]): returns the codes and the side data
+/// (`IntFormat::scales`: `f16 [out, in / 32]`, or `[out, in / 32, 2]` scales and
+/// minimums for Q4_1). `in` must be a multiple of 32.
 pub fn quantize_blocks(
     w: &WeightTensor,
     format: DType,
@@ -255,12 +286,24 @@ pub fn quantize_blocks(
             }
             packed
         }
+        DType::U4 => {
+            let mut packed = vec![0u8; o * i / 2];
+            for (x, q) in values.chunks(I4_BLOCK).zip(packed.chunks_mut(I4_BLOCK / 2)) {
+                let (d, m) = q4_1_block(x, q);
+                scales.extend([d.to_f32(), m.to_f32()]);
+            }
+            packed
+        }
         other => return Err(bad(format!("{other} is not an integer code format"))),
     };
     let q = WeightTensor::from_storage(format, &[o, i], Storage::U8(Arc::new(bytes)))
         .map_err(|e| bad(e.to_string()))?;
-    let s = WeightTensor::from_f32(DType::F16, &[o, i / I4_BLOCK], scales)
-        .map_err(|e| bad(e.to_string()))?;
+    let mut scale_shape = vec![o, i / I4_BLOCK];
+    if let Some(f) = IntFormat::of_codes(format).filter(|f| f.scales_per_block() > 1) {
+        scale_shape.push(f.scales_per_block() as usize);
+    }
+    let s =
+        WeightTensor::from_f32(DType::F16, &scale_shape, scales).map_err(|e| bad(e.to_string()))?;
     Ok((q, s))
 }
 
@@ -401,34 +444,49 @@ mod tests {
         let (o, i) = (3, 64);
         let w: Vec<f32> = (0..o * i).map(|_| rng.normal() as f32).collect();
         let w = WeightTensor::from_f32(DType::F32, &[o, i], w).expect("sizes");
-        for (format, ty, block_bytes) in [
-            (DType::I8, fusec_gguf::GgmlType::Q8_0, 34),
-            (DType::I4, fusec_gguf::GgmlType::Q4_0, 18),
+        for (format, ty) in [
+            (DType::I8, fusec_gguf::GgmlType::Q8_0),
+            (DType::I4, fusec_gguf::GgmlType::Q4_0),
+            (DType::U4, fusec_gguf::GgmlType::Q4_1),
         ] {
+            let f = IntFormat::of_codes(format).expect("a format");
+            let per_block = f.scales_per_block() as usize;
             let (q, s) = quantize(&w, format, true).expect("quantizes");
             assert_eq!(q.shape(), &[o, i]);
-            assert_eq!(s.shape(), &[o, i / 32]);
+            assert_eq!(s.shape()[..2], [o, i / 32]);
+            assert_eq!(s.numel(), o * i / 32 * per_block);
             let Storage::U8(codes) = q.storage() else {
                 panic!("codes are bytes")
             };
-            let per = block_bytes - 2;
+            let per = f.block_bytes() as usize - 2 * per_block;
             let mut gguf = Vec::new();
-            for (b, d) in s.to_vec_f32().iter().enumerate() {
-                gguf.extend(half::f16::from_f32(*d).to_le_bytes());
+            let sv = s.to_vec_f32();
+            for (b, side) in sv.chunks(per_block).enumerate() {
+                for v in side {
+                    gguf.extend(half::f16::from_f32(*v).to_le_bytes());
+                }
                 gguf.extend(&codes[b * per..(b + 1) * per]);
             }
             let mut want = vec![0.0f32; o * i];
             fusec_gguf::dequant::dequantize(ty, &gguf, &mut want);
-            let (qv, sv) = (q.to_vec_f32(), s.to_vec_f32());
-            let got: Vec<f32> = qv.iter().enumerate().map(|(k, c)| c * sv[k / 32]).collect();
+            let qv = q.to_vec_f32();
+            let got: Vec<f32> = qv
+                .iter()
+                .enumerate()
+                .map(|(k, c)| {
+                    let side = &sv[k / 32 * per_block..];
+                    match per_block {
+                        1 => c * side[0],
+                        _ => c * side[0] + side[1],
+                    }
+                })
+                .collect();
             assert_eq!(got, want, "{format}");
             // The error is at most half a step of each block's scale (a full step for
-            // Q4_0's clamped top code).
+            // Q4_0's clamped top code; Q4_1's f16 minimum adds its own rounding).
             for (k, (&a, &b)) in w.to_vec_f32().iter().zip(&got).enumerate() {
-                assert!(
-                    (a - b).abs() <= sv[k / 32].abs() * 1.01,
-                    "{format} {k}: {a} {b}"
-                );
+                let d = sv[k / 32 * per_block].abs();
+                assert!((a - b).abs() <= d * 1.01, "{format} {k}: {a} {b}");
             }
         }
         let odd = WeightTensor::from_f32(DType::F32, &[1, 40], vec![0.5; 40]).expect("sizes");

@@ -21,13 +21,15 @@
 //! With `act` equal to the weight's compute dtype, activations stay as they are and
 //! `y = acc * s_w[o]`.
 //!
-//! A weight of integer codes (`i8`, `i4`) with one scale per block of 32 inputs is
-//! multiplied as llama.cpp multiplies GGUF's Q8_0 and Q4_0 weights: the activations are
+//! A weight of integer codes (`i8`, `i4`, `u4`) with one scale (and minimum) per block
+//! of 32 inputs is multiplied as llama.cpp multiplies GGUF's Q8_0, Q4_0 and Q4_1
+//! weights: the activations are
 //! quantized once per GEMV to 8 bits per block of 32 ([`intdot::quantize_q8`]) and
 //! each output is [`intdot`]'s arithmetic, the block scales applied inside the dot.
 
 use std::borrow::Cow;
 
+use fusec_ir::quant::IntFormat;
 use fusec_ir::{numerics, DType};
 
 #[cfg(doc)]
@@ -122,11 +124,22 @@ impl QuantWeight {
                 intdot::BLOCK
             )));
         }
-        if scale.dtype() != DType::F16 || scale.shape() != [o, i / intdot::BLOCK] {
+        let format = IntFormat::of_codes(values.dtype()).ok_or_else(|| {
+            KernelError::Invalid(format!(
+                "dequant: {} are not the codes of a block format",
+                values.dtype()
+            ))
+        })?;
+        let want = format.scales(fusec_ir::Dim::Fixed(o as u64), i as u64);
+        let want_shape: Vec<usize> = want
+            .shape
+            .dims()
+            .iter()
+            .filter_map(|d| d.as_fixed().map(|v| v as usize))
+            .collect();
+        if scale.dtype() != want.dtype || scale.shape() != want_shape.as_slice() {
             return Err(KernelError::Invalid(format!(
-                "dequant: scales of {} codes must be f16[{o}, {}], got {}{:?}",
-                values.dtype(),
-                i / intdot::BLOCK,
+                "dequant: scales of {format} codes must be {want}, got {}{:?}",
                 scale.dtype(),
                 scale.shape()
             )));
@@ -181,7 +194,13 @@ impl QuantWeight {
                     .ok_or_else(bad)?,
                 scales,
             }),
-            _ if v.offset().is_multiple_of(2) => Ok(IntRows::Q4 {
+            DType::I4 if v.offset().is_multiple_of(2) => Ok(IntRows::Q4 {
+                packed: codes
+                    .get(v.offset() / 2..(v.offset() + v.numel()) / 2)
+                    .ok_or_else(bad)?,
+                scales,
+            }),
+            DType::U4 if v.offset().is_multiple_of(2) => Ok(IntRows::Q41 {
                 packed: codes
                     .get(v.offset() / 2..(v.offset() + v.numel()) / 2)
                     .ok_or_else(bad)?,
@@ -1082,14 +1101,19 @@ mod tests {
             let codes: Vec<u8> = (0..bytes).map(|_| rng.below(256) as u8).collect();
             let dims = crate::tensor::Dims::from_slice(&[o, ins]).expect("dims");
             let values = Tensor::contiguous(dtype, dims, Buffer::U8(std::sync::Arc::new(codes)));
-            let scales: Vec<f32> = (0..o * ins / intdot::BLOCK)
+            // Q4_1's side data is a scale and a minimum per block.
+            let per = if dtype == DType::U4 { 2 } else { 1 };
+            let scales: Vec<f32> = (0..o * ins / intdot::BLOCK * per)
                 .map(|_| half::f16::from_f32(rng.normal() as f32 / 64.0).to_f32())
                 .collect();
-            let scale =
-                Tensor::from_f32(DType::F16, &[o, ins / intdot::BLOCK], scales).expect("scales");
+            let mut shape = vec![o, ins / intdot::BLOCK];
+            if per > 1 {
+                shape.push(per);
+            }
+            let scale = Tensor::from_f32(DType::F16, &shape, scales).expect("scales");
             QuantWeight::new(values, scale, DType::F32, DType::I8).expect("int weight")
         };
-        let ints: Vec<(QuantWeight, QuantWeight, QuantWeight)> = [DType::I8, DType::I4]
+        let ints: Vec<(QuantWeight, QuantWeight, QuantWeight)> = [DType::I8, DType::I4, DType::U4]
             .into_iter()
             .map(|t| (int_of(1003, t), int_of(1003, t), int_of(61, t)))
             .collect();
