@@ -207,7 +207,9 @@ pub fn compute_dtype(spec: &ModelSpec, precision: Precision) -> DType {
         Precision::Fp8 if spec.model.dtype == DType::F16 => DType::F16,
         Precision::Fp8 => DType::Bf16,
         // llama.cpp's Q8_0, Q4_0 and Q4_1 GEMVs (and a GGUF file run as it is) compute in f32 around the integer dots.
-        Precision::Int8 | Precision::Int4 | Precision::Q4_1 | Precision::Gguf => DType::F32,
+        Precision::Int8 | Precision::Int4 | Precision::Q4_1 | Precision::Q4K | Precision::Gguf => {
+            DType::F32
+        }
     }
 }
 
@@ -339,6 +341,7 @@ pub fn lower(
         Precision::Int8 => Some(IntFormat::Q8_0),
         Precision::Int4 => Some(IntFormat::Q4_0),
         Precision::Q4_1 => Some(IntFormat::Q4_1),
+        Precision::Q4K => Some(IntFormat::Q4K),
         Precision::Gguf => None,
         Precision::F32 | Precision::F16 | Precision::Bf16 => return Ok(fused),
     };

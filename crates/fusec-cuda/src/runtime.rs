@@ -96,6 +96,7 @@ pub fn encode(dtype: DType, values: &[f32]) -> Vec<u8> {
             DType::Fp8E4M3 => out.push(float8::F8E4M3::from_f32(v).to_bits()),
             DType::Fp8E5M2 => out.push(float8::F8E5M2::from_f32(v).to_bits()),
             DType::I8 => out.push(numerics::round_to(DType::I8, v) as i8 as u8),
+            DType::U8 => out.push(numerics::round_to(DType::U8, v) as u8),
             DType::I4 | DType::U4 => {}
         }
     }
@@ -121,6 +122,7 @@ pub fn decode(dtype: DType, bytes: &[u8]) -> Vec<f32> {
             DType::Fp8E4M3 => float8::F8E4M3::from_bits(c[0]).to_f32(),
             DType::Fp8E5M2 => float8::F8E5M2::from_bits(c[0]).to_f32(),
             DType::I8 => f32::from(c[0] as i8),
+            DType::U8 => f32::from(c[0]),
             DType::I4 | DType::U4 => 0.0,
         })
         .collect()

@@ -171,7 +171,9 @@ fn tolerance(p: Precision) -> f32 {
         Precision::Bf16 => 1e-2,
         Precision::Fp8 => 2e-2,
         // Not emulated: integer codes have no CUDA kernels (codegen refuses them).
-        Precision::Int8 | Precision::Int4 | Precision::Q4_1 | Precision::Gguf => 0.0,
+        Precision::Int8 | Precision::Int4 | Precision::Q4_1 | Precision::Q4K | Precision::Gguf => {
+            0.0
+        }
     }
 }
 

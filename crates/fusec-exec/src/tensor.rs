@@ -376,6 +376,12 @@ impl Tensor {
                     .map(|c| f32::from(c as i8))
                     .collect(),
             ),
+            Buffer::U8(b) if dt == DType::U8 => Some(
+                gather(b, &self.shape, &self.strides, self.offset)
+                    .into_iter()
+                    .map(f32::from)
+                    .collect(),
+            ),
             Buffer::U8(b) if dt.is_nibbles() => Some(
                 (0..self.numel())
                     .map(|i| f32::from(fusec_weights::tensor::nibble_code(dt, b, self.offset + i)))

@@ -10,8 +10,10 @@ use std::str::FromStr;
 /// ids and positions, and the integer codes of block-quantized weights: `i8` (the
 /// values of llama.cpp's Q8_0 blocks), `i4` (4-bit codes `n - 8` for a nibble `n`,
 /// Q4_0's) and `u4` (4-bit codes `n` for a nibble `n`, Q4_1's, which a per-block
-/// minimum offsets). Integer codes are only ever the values operand of a `dequant`,
-/// whose scales say what they stand for ([`crate::quant::IntFormat`]).
+/// minimum offsets), and `u8`, raw bytes: the packed side data of a K-quant
+/// super-block (its `f16` scales and 6-bit sub-block scales and minimums). Integer
+/// codes are only ever the values operand of a `dequant`, whose scales say what they
+/// stand for ([`crate::quant::IntFormat`]).
 #[derive(
     Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
 )]
@@ -26,11 +28,12 @@ pub enum DType {
     I8,
     I4,
     U4,
+    U8,
 }
 
 impl DType {
     /// Every dtype, in a fixed order (used by parsers and tests).
-    pub const ALL: [DType; 9] = [
+    pub const ALL: [DType; 10] = [
         DType::F32,
         DType::F16,
         DType::Bf16,
@@ -40,6 +43,7 @@ impl DType {
         DType::I8,
         DType::I4,
         DType::U4,
+        DType::U8,
     ];
 
     /// Bits per element.
@@ -47,7 +51,7 @@ impl DType {
         match self {
             DType::F32 | DType::I32 => 32,
             DType::F16 | DType::Bf16 => 16,
-            DType::Fp8E4M3 | DType::Fp8E5M2 | DType::I8 => 8,
+            DType::Fp8E4M3 | DType::Fp8E5M2 | DType::I8 | DType::U8 => 8,
             DType::I4 | DType::U4 => 4,
         }
     }
@@ -75,11 +79,15 @@ impl DType {
             DType::I8 => "i8",
             DType::I4 => "i4",
             DType::U4 => "u4",
+            DType::U8 => "u8",
         }
     }
 
     pub const fn is_float(self) -> bool {
-        !matches!(self, DType::I32 | DType::I8 | DType::I4 | DType::U4)
+        !matches!(
+            self,
+            DType::I32 | DType::I8 | DType::I4 | DType::U4 | DType::U8
+        )
     }
 
     /// Whether this is the dtype of the integer codes of a block-quantized weight.
@@ -105,7 +113,9 @@ impl fmt::Display for DType {
 
 /// The error for a dtype name that is not one of [`DType::ALL`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown dtype `{0}` (expected one of f32, f16, bf16, fp8e4m3, fp8e5m2, i32, i8, i4, u4)")]
+#[error(
+    "unknown dtype `{0}` (expected one of f32, f16, bf16, fp8e4m3, fp8e5m2, i32, i8, i4, u4, u8)"
+)]
 pub struct UnknownDType(pub String);
 
 impl FromStr for DType {

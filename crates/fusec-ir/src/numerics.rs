@@ -35,6 +35,7 @@ pub fn round_to(dtype: DType, x: f32) -> f32 {
         DType::I8 => saturate_int(x, -128.0, 127.0),
         DType::I4 => saturate_int(x, -8.0, 7.0),
         DType::U4 => saturate_int(x, 0.0, 15.0),
+        DType::U8 => saturate_int(x, 0.0, 255.0),
         DType::F16 => f16::from_f32(x).to_f32(),
         DType::Bf16 => bf16::from_f32(x).to_f32(),
         DType::Fp8E4M3 => F8E4M3::from_f32(x).to_f32(),

@@ -28,6 +28,7 @@ pub const FP8_SUFFIX: &str = ".fp8";
 pub const Q8_0_SUFFIX: &str = ".q8_0";
 pub const Q4_0_SUFFIX: &str = ".q4_0";
 pub const Q4_1_SUFFIX: &str = ".q4_1";
+pub const Q4_K_SUFFIX: &str = ".q4_k";
 /// The suffix of a scale: of a quantized weight (`W.scale`), or of a KV cache
 /// (`past.L.key.scale`).
 pub const SCALE_SUFFIX: &str = ".scale";

@@ -92,7 +92,7 @@ pub enum PrecisionError {
     Type(#[from] TypeError),
     #[error("decode attention reads a cache that is not a state input")]
     CacheNotState,
-    #[error("weight `{weight}` {shape} cannot be {format}: its input dimension must be a multiple of 32 (one scale per block of 32)")]
+    #[error("weight `{weight}` {shape} cannot be {format}: its input dimension must be a multiple of 32 (whole blocks of 32)")]
     NotBlocks {
         weight: String,
         shape: String,
@@ -252,7 +252,7 @@ pub use fusec_ir::quant::IntFormat;
 
 /// The `--precision` that lowers to `format`: `int8` and `int4` for Q8_0 and Q4_0 (the
 /// names TensorRT-LLM's W8A16/W4A16 users know, kept for compatibility), ggml's own
-/// type name for the others (`q4_1`).
+/// type name for the others (`q4_1`, `q4_k`).
 pub fn precision_name(format: IntFormat) -> &'static str {
     match format {
         IntFormat::Q8_0 => "int8",

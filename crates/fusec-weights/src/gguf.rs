@@ -11,9 +11,9 @@
 //! `k_proj`; transformers undoes it the same way (`TensorProcessor` for llama in
 //! `modeling_gguf_pytorch_utils.py`).
 //!
-//! **Native blocks.** A graph lowered to integer codes (`--precision int8|int4|q4_1`)
-//! names `W.q8_0` / `W.q4_0` / `W.q4_1` and `W.scale` for a GEMV weight `W`. When the
-//! file holds `W` in that very format (Q8_0 for `i8`, Q4_0 for `i4`, Q4_1 for `u4`),
+//! **Native blocks.** A graph lowered to integer codes (`--precision
+//! int8|int4|q4_1|q4_k|gguf`) names `W.q8_0` / `W.q4_0` / `W.q4_1` / `W.q4_k` and
+//! `W.scale` for a GEMV weight `W`. When the file holds `W` in that very format,
 //! its blocks are split into the codes and the `f16` side data as they are: no
 //! dequantized copy is made and nothing is quantized again, so the bytes a step
 //! streams are the file's. Any other tensor type is dequantized and quantized to the
@@ -168,13 +168,10 @@ pub fn load(path: &Path, graph: &Graph) -> Result<Weights, Error> {
             base,
             values,
             scale,
-            format,
+            int: Some(format),
             ..
         } = d
         {
-            let Some(format) = IntFormat::of_codes(format) else {
-                continue;
-            };
             let ty = ggml_type(format);
             let held = gguf_name(&base)
                 .and_then(|(g, _)| file.tensor(&g))
@@ -274,14 +271,16 @@ pub fn ggml_type(format: IntFormat) -> GgmlType {
         IntFormat::Q8_0 => GgmlType::Q8_0,
         IntFormat::Q4_0 => GgmlType::Q4_0,
         IntFormat::Q4_1 => GgmlType::Q4_1,
+        IntFormat::Q4K => GgmlType::Q4_K,
     }
 }
 
-/// The codes and `f16` side data of the Q8_0, Q4_0 or Q4_1 tensor holding the Hugging
-/// Face weight `base`, split from its blocks (`block_q8_0`, `block_q4_0`,
-/// `block_q4_1` in ggml-common.h: an `f16` scale (and for Q4_1 an `f16` minimum), then
-/// 32 one-byte or 16 two-nibble codes) with the converter's q/k row permutation undone
-/// (a block never spans two rows).
+/// The codes and side data of the Q8_0, Q4_0, Q4_1 or Q4_K tensor holding the
+/// Hugging Face weight `base`, split from its blocks (`block_q8_0`, `block_q4_0`,
+/// `block_q4_1`, `block_q4_K` in ggml-common.h: an `f16` scale (and for Q4_1 an `f16`
+/// minimum) then 32 one-byte or 16 two-nibble codes; for Q4_K 16 bytes of side data,
+/// kept as bytes, then 128 bytes of codes, rearranged into Q4_0's nibble order) with
+/// the converter's q/k row permutation undone (a block never spans two rows).
 fn native_blocks(
     file: &GgufFile,
     base: &str,
@@ -308,38 +307,50 @@ fn native_blocks(
             "a GEMV weight must be a matrix, got {shape:?}"
         )));
     };
-    if !cols.is_multiple_of(I4_BLOCK) {
+    let per_block = format.block_weights() as usize;
+    if !cols.is_multiple_of(per_block) {
         return Err(corrupt(format!(
-            "{cols} columns are not whole blocks of {I4_BLOCK}"
+            "{cols} columns are not whole blocks of {per_block}"
         )));
     }
     let sides = format.scales_per_block() as usize;
+    let side_bytes = format.side_bytes() as usize;
     let block_bytes = format.block_bytes() as usize;
-    let per = block_bytes - 2 * sides;
     let bytes = file.bytes(info);
-    let blocks = rows * cols / I4_BLOCK;
+    let blocks = rows * cols / per_block;
     if bytes.len() != blocks * block_bytes {
         return Err(corrupt(format!(
             "{} bytes are not {blocks} blocks of {block_bytes}",
             bytes.len(),
         )));
     }
-    let mut codes = Vec::with_capacity(blocks * per);
+    let mut codes = Vec::with_capacity(rows * cols / 2);
     let mut scales = Vec::with_capacity(blocks * sides);
+    let mut raw_side = Vec::new();
     for (k, block) in bytes.chunks_exact(block_bytes).enumerate() {
-        for s in 0..sides {
+        // The f16 values leading the block: its scale (and minimum), or Q4_K's `d`
+        // and `dmin`.
+        for s in 0..side_bytes.min(4) / 2 {
             let d = half::f16::from_le_bytes([block[2 * s], block[2 * s + 1]]).to_f32();
             if !d.is_finite() {
                 return Err(Error::NonFinite {
                     tensor: gguf.clone(),
                     file: path.clone(),
-                    index: k * I4_BLOCK,
+                    index: k * per_block,
                     value: d,
                 });
             }
-            scales.push(d);
+            if s < sides {
+                scales.push(d);
+            }
         }
-        codes.extend_from_slice(&block[2 * sides..]);
+        match format {
+            IntFormat::Q4K => {
+                raw_side.extend_from_slice(&block[..side_bytes]);
+                codes.extend(quant::q4_k_codes_to_block_order(&block[side_bytes..]));
+            }
+            _ => codes.extend_from_slice(&block[side_bytes..]),
+        }
     }
     if let Some(p) = permuted {
         let n = match p {
@@ -354,8 +365,11 @@ fn native_blocks(
                 "{rows} rows do not split into {n} heads of two RoPE halves"
             ))
         };
-        codes = unpermute_rows(&codes, rows, cols / I4_BLOCK * per, n).ok_or_else(split)?;
+        let row_codes = codes.len() / rows.max(1);
+        codes = unpermute_rows(&codes, rows, row_codes, n).ok_or_else(split)?;
         scales = unpermute_rows(&scales, rows, cols / I4_BLOCK * sides, n).ok_or_else(split)?;
+        raw_side =
+            unpermute_rows(&raw_side, rows, raw_side.len() / rows.max(1), n).ok_or_else(split)?;
     }
     let codes =
         WeightTensor::from_storage(format.codes(), &[rows, cols], Storage::U8(Arc::new(codes)))
@@ -367,8 +381,13 @@ fn native_blocks(
         .iter()
         .filter_map(|d| d.as_fixed().map(|v| v as usize))
         .collect();
-    let scales =
-        WeightTensor::from_f32(side.dtype, &shape, scales).map_err(|e| corrupt(e.to_string()))?;
+    let scales = match format {
+        IntFormat::Q4K => {
+            WeightTensor::from_storage(side.dtype, &shape, Storage::U8(Arc::new(raw_side)))
+        }
+        _ => WeightTensor::from_f32(side.dtype, &shape, scales),
+    }
+    .map_err(|e| corrupt(e.to_string()))?;
     Ok((codes, scales))
 }
 

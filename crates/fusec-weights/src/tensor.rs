@@ -147,7 +147,7 @@ impl WeightTensor {
         let fits = match &storage {
             Storage::F32(_) => dtype.is_float(),
             Storage::U16(_) => matches!(dtype, DType::F16 | DType::Bf16),
-            Storage::U8(_) => dtype == DType::Fp8E4M3 || dtype.is_int_codes(),
+            Storage::U8(_) => matches!(dtype, DType::Fp8E4M3 | DType::U8) || dtype.is_int_codes(),
         };
         if !fits {
             return Err(Error::Storage {
@@ -231,6 +231,7 @@ impl WeightTensor {
                 .collect(),
             Storage::U8(b) => match self.dtype {
                 DType::I8 => b.iter().map(|&v| f32::from(v as i8)).collect(),
+                DType::U8 => b.iter().map(|&v| f32::from(v)).collect(),
                 DType::I4 | DType::U4 => (0..self.numel())
                     .map(|i| f32::from(nibble_code(self.dtype, b, i)))
                     .collect(),

@@ -43,7 +43,7 @@ pub fn ctype(dtype: DType) -> &'static str {
         // Integer weight codes: lowering refuses them before any kernel is emitted
         // (no CUDA kernels read them yet); these are their storage types.
         DType::I8 => "signed char",
-        DType::I4 | DType::U4 => "unsigned char",
+        DType::I4 | DType::U4 | DType::U8 => "unsigned char",
     }
 }
 

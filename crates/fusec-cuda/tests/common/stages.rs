@@ -38,7 +38,9 @@ pub fn in_precision(spec: &ModelSpec, precision: Precision) -> ModelSpec {
         Precision::Fp8 if spec.model.dtype == DType::F16 => DType::F16,
         Precision::Fp8 => DType::Bf16,
         // Integer codes have no CUDA kernels; their graphs compute in f32.
-        Precision::Int8 | Precision::Int4 | Precision::Q4_1 | Precision::Gguf => DType::F32,
+        Precision::Int8 | Precision::Int4 | Precision::Q4_1 | Precision::Q4K | Precision::Gguf => {
+            DType::F32
+        }
     };
     s.target.precision = precision;
     s

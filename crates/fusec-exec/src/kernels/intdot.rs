@@ -308,7 +308,7 @@ pub fn dots_reference(acts: Q8Row<'_>, w: IntRows<'_>, out: &mut [f32]) {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     //! The AVX-512 VNNI and AVX2 kernels; see the module documentation above.
     //!
     //! `unsafe` is confined to this module: the kernels carry `#[target_feature]` and
@@ -321,15 +321,16 @@ mod x86 {
 
     use super::{IntRows, Q8Row, BLOCK};
 
+    /// The integer kernels' paths (shared with `super::super::kdot`).
     #[derive(Copy, Clone, Debug, PartialEq, Eq)]
-    pub(super) enum Path {
+    pub(crate) enum Path {
         Vnni,
         Avx2,
         None,
     }
 
     /// The best path this CPU runs, detected once.
-    pub(super) fn path() -> Path {
+    pub(crate) fn path() -> Path {
         static PATH: OnceLock<Path> = OnceLock::new();
         *PATH.get_or_init(|| {
             if is_x86_feature_detected!("avx512vnni")

@@ -320,8 +320,11 @@ fn infer_int_dequant(
     to: DType,
     act: DType,
 ) -> Result<TensorType, String> {
-    let Some(format) = IntFormat::of_codes(q.dtype) else {
-        return Err(format!("{} are not the codes of a block format", q.dtype));
+    let Some(format) = IntFormat::of(q.dtype, scale.dtype) else {
+        return Err(format!(
+            "{} codes with {} side data are no block format",
+            q.dtype, scale.dtype
+        ));
     };
     if act != DType::I8 {
         return Err(format!(

@@ -194,8 +194,11 @@ pub enum Precision {
     /// 4-bit unsigned integer weights, an `f16` scale and an `f16` minimum per block
     /// of 32 inputs (GGUF's Q4_1), in an `f32` graph.
     Q4_1,
+    /// 4-bit unsigned integer weights in super-blocks of 256 with 6-bit sub-block
+    /// scales and minimums (GGUF's Q4_K), in an `f32` graph.
+    Q4K,
     /// A GGUF file's tensors as they are: each GEMV weight in the file's own integer
-    /// block format where fusec runs it natively (Q8_0, Q4_0, Q4_1), any other
+    /// block format where fusec runs it natively (Q8_0, Q4_0, Q4_1, Q4_K), any other
     /// dequantized to `f32`; an `f32` graph.
     Gguf,
 }
@@ -210,6 +213,7 @@ impl Precision {
             "int8" => Some(Precision::Int8),
             "int4" => Some(Precision::Int4),
             "q4_1" => Some(Precision::Q4_1),
+            "q4_k" => Some(Precision::Q4K),
             "gguf" => Some(Precision::Gguf),
             _ => None,
         }
@@ -224,12 +228,13 @@ impl Precision {
             Precision::Int8 => "int8",
             Precision::Int4 => "int4",
             Precision::Q4_1 => "q4_1",
+            Precision::Q4K => "q4_k",
             Precision::Gguf => "gguf",
         }
     }
 
     /// Every precision, in the order the CLI lists them.
-    pub const ALL: [Precision; 8] = [
+    pub const ALL: [Precision; 9] = [
         Precision::F32,
         Precision::F16,
         Precision::Bf16,
@@ -237,6 +242,7 @@ impl Precision {
         Precision::Int8,
         Precision::Int4,
         Precision::Q4_1,
+        Precision::Q4K,
         Precision::Gguf,
     ];
 
@@ -250,7 +256,7 @@ impl Precision {
     pub fn is_int(self) -> bool {
         matches!(
             self,
-            Precision::Int8 | Precision::Int4 | Precision::Q4_1 | Precision::Gguf
+            Precision::Int8 | Precision::Int4 | Precision::Q4_1 | Precision::Q4K | Precision::Gguf
         )
     }
 
