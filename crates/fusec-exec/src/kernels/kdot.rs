@@ -281,10 +281,27 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
     unsafe fn vnni(acts: Q8KRow<'_>, w: KRows<'_>, out: &mut [f32]) {
         let ins = w.ins;
+        // The 16-bit lanes of sub-blocks j and j + 1 (j = 2k): the permutation taking
+        // their scales from the eight scales, lanes 0..16 then 16..32.
+        let idx: [__m512i; 4] = std::array::from_fn(|k| {
+            let (a, b) = (2 * k as i16, 2 * k as i16 + 1);
+            _mm512_inserti64x4(_mm512_set1_epi16(a), _mm256_set1_epi16(b), 1)
+        });
         for (o, y) in out.iter_mut().enumerate() {
             let row = w.packed.as_ptr().add(o * ins / 2);
             *y = finish(acts, w, o, |s, sc| {
                 let subs = (ins - s * SUPER).min(SUPER) / SUB;
+                let scales = _mm_setr_epi16(
+                    sc[0] as i16,
+                    sc[1] as i16,
+                    sc[2] as i16,
+                    sc[3] as i16,
+                    sc[4] as i16,
+                    sc[5] as i16,
+                    sc[6] as i16,
+                    sc[7] as i16,
+                );
+                let scales = _mm512_castsi128_si512(scales);
                 let mut acc = _mm512_setzero_si512();
                 let mut j = 0;
                 while j + 2 <= subs {
@@ -297,13 +314,11 @@ mod x86 {
                     let both = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
                     let n = _mm512_shuffle_i64x2(both, both, 0b11_01_10_00);
                     let x = _mm512_loadu_si512(acts.codes.as_ptr().add(at) as *const _);
-                    let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), n, x);
-                    let scale = _mm512_inserti64x4(
-                        _mm512_set1_epi32(sc[j]),
-                        _mm256_set1_epi32(sc[j + 1]),
-                        1,
-                    );
-                    acc = _mm512_add_epi32(acc, _mm512_mullo_epi32(dot, scale));
+                    // Pairs of products in 16 bits (at most 2 * 15 * 127), then times
+                    // the sub-block's 6-bit scale and paired again into 32 bits.
+                    let pairs = _mm512_maddubs_epi16(n, x);
+                    let scale = _mm512_permutexvar_epi16(idx[j / 2], scales);
+                    acc = _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, scale));
                     j += 2;
                 }
                 let mut sumi = _mm512_reduce_add_epi32(acc);
