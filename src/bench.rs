@@ -101,7 +101,7 @@ pub enum BenchError {
 /// One variant's figures.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct VariantResult {
-    /// `eager f32`, `fused f32`, `fused bf16`, `fused fp8`, `fused int8` or `fused int4`.
+    /// `eager f32`, `fused f32`, `fused bf16`, `fused fp8`, `fused int8`, `fused int4`, `fused q4_1` or `fused q4_k`.
     pub name: &'static str,
     pub tokens_per_s: f64,
     /// Weight bytes of the memory floor: what one token must stream.
@@ -259,6 +259,10 @@ impl ModelResult {
             ("fused fp8", "fused bf16"),
             ("fused int8", "fused f32"),
             ("fused int4", "fused f32"),
+            ("fused q4_1", "fused f32"),
+            ("fused q4_1", "fused int4"),
+            ("fused q4_k", "fused f32"),
+            ("fused q4_k", "fused int4"),
             ("fused int8", "fused fp8"),
         ] {
             if let Some(r) = self.ratio(a, b) {
@@ -353,13 +357,15 @@ impl ModelResult {
 }
 
 /// The variants in the order they run.
-const VARIANTS: [(&str, bool, Precision); 6] = [
+const VARIANTS: [(&str, bool, Precision); 8] = [
     ("eager f32", false, Precision::F32),
     ("fused f32", true, Precision::F32),
     ("fused bf16", true, Precision::Bf16),
     ("fused fp8", true, Precision::Fp8),
     ("fused int8", true, Precision::Int8),
     ("fused int4", true, Precision::Int4),
+    ("fused q4_1", true, Precision::Q4_1),
+    ("fused q4_k", true, Precision::Q4K),
 ];
 
 /// A variant ready to time: its session, with the KV cache filled to the context.

@@ -21,7 +21,7 @@ fn element_bytes(precision: Precision) -> u128 {
         Precision::Fp8 => 3,
         // Integer weights are made from the f32 ones, held while they start, and the
         // KV cache stays f32: 4 + 1 bytes (at most) per weight.
-        Precision::Int8 | Precision::Int4 => 5,
+        Precision::Int8 | Precision::Int4 | Precision::Q4_1 | Precision::Q4K | Precision::Gguf => 5,
     }
 }
 

@@ -1,6 +1,6 @@
 //! The compile pipeline, phase by phase, with the verifier after every phase.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use fusec_ir::hardware::{gpu, gpu_names, GpuSpec};
@@ -14,7 +14,7 @@ use fusec_model::{
     Architecture, BuildError, ConfigError, ModelSpec, Registry, UnknownArchitecture,
 };
 use fusec_rewrite::precision::{
-    lower_fp8, lower_int, Fp8Options, IntFormat, OpClass, PrecisionError,
+    lower_fp8, lower_int, lower_int_by, Fp8Options, IntFormat, OpClass, PrecisionError,
 };
 use fusec_rewrite::{FuseReport, Limits, RuleError, RuleFileError, RuleSet};
 
@@ -206,8 +206,10 @@ pub fn compute_dtype(spec: &ModelSpec, precision: Precision) -> DType {
         Precision::Bf16 => DType::Bf16,
         Precision::Fp8 if spec.model.dtype == DType::F16 => DType::F16,
         Precision::Fp8 => DType::Bf16,
-        // llama.cpp's Q8_0 and Q4_0 GEMVs compute in f32 around the integer dots.
-        Precision::Int8 | Precision::Int4 => DType::F32,
+        // llama.cpp's Q8_0, Q4_0 and Q4_1 GEMVs (and a GGUF file run as it is) compute in f32 around the integer dots.
+        Precision::Int8 | Precision::Int4 | Precision::Q4_1 | Precision::Q4K | Precision::Gguf => {
+            DType::F32
+        }
     }
 }
 
@@ -272,7 +274,7 @@ fn fused_from(
     let s = in_precision(spec, precision);
     let eager = eager(&s)?;
     let (fused, report) = fuse(&s, &eager, rules)?;
-    Ok((lower(fused, precision, fp8)?, report))
+    Ok((lower(spec, fused, precision, fp8)?, report))
 }
 
 /// The eager paged decode step of `spec` (`StepDims::paged`, blocks of `block_size`
@@ -304,17 +306,59 @@ pub fn fused_paged_in(
     fused_from(spec, precision, rules, fp8, |s| eager_paged(s, block_size))
 }
 
+/// The integer format of each GEMV weight of `graph` that `spec`'s GGUF file holds in
+/// a format fusec runs natively: what the `gguf` precision lowers to. Any other
+/// checkpoint is an error.
+pub fn file_formats(
+    spec: &ModelSpec,
+    graph: &Graph,
+) -> Result<HashMap<String, IntFormat>, PipelineError> {
+    let Some(path) = spec
+        .weights
+        .as_deref()
+        .filter(|p| fusec_weights::gguf::is_gguf(p))
+    else {
+        return Err(PipelineError::Precision(
+            "--precision gguf runs a GGUF file's own blocks: the model's weights are not a .gguf file"
+                .into(),
+        ));
+    };
+    fusec_weights::gguf::int_formats(path, graph)
+        .map_err(|e| PipelineError::Precision(format!("--precision gguf: {e}")))
+}
+
 /// A fused graph lowered to `precision`'s weight storage: FP8 weights and caches with
-/// their scales, or integer codes in blocks; a float precision's graph unchanged.
-pub fn lower(fused: Graph, precision: Precision, fp8: &Fp8Options) -> Result<Graph, PipelineError> {
+/// their scales, or integer codes in blocks (for `gguf`, each weight in `spec`'s GGUF
+/// file's own format, see [`file_formats`]); a float precision's graph unchanged.
+pub fn lower(
+    spec: &ModelSpec,
+    fused: Graph,
+    precision: Precision,
+    fp8: &Fp8Options,
+) -> Result<Graph, PipelineError> {
     let format = match precision {
         Precision::Fp8 => None,
         Precision::Int8 => Some(IntFormat::Q8_0),
         Precision::Int4 => Some(IntFormat::Q4_0),
+        Precision::Q4_1 => Some(IntFormat::Q4_1),
+        Precision::Q4K => Some(IntFormat::Q4K),
+        Precision::Gguf => None,
         Precision::F32 | Precision::F16 | Precision::Bf16 => return Ok(fused),
     };
-    if let Some(format) = format {
-        let lowered = lower_int(&fused, format, &fp8.keep).map_err(|e| match e {
+    if precision.is_int() {
+        let lowered = match format {
+            Some(format) => lower_int(&fused, format, &fp8.keep),
+            None => {
+                let formats = file_formats(spec, &fused)?;
+                lower_int_by(
+                    &fused,
+                    &|name| formats.get(name).copied(),
+                    &fp8.keep,
+                    precision.name(),
+                )
+            }
+        };
+        let lowered = lowered.map_err(|e| match e {
             PrecisionError::NotBlocks { .. } => PipelineError::Precision(e.to_string()),
             e => PipelineError::Internal {
                 phase: "lower-int",

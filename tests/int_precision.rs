@@ -50,6 +50,10 @@ fn integer_graphs_lower_cost_decode_and_emit_cuda() {
     for (precision, codes, bits) in [
         (Precision::Int8, DType::I8, 8.5),
         (Precision::Int4, DType::I4, 4.5),
+        (Precision::Q4_1, DType::U4, 5.0),
+        // 4.5 bits over whole super-blocks of 256; these rows of 64 and 128 are one
+        // short super-block each, 16 bytes of side data a row (checked below).
+        (Precision::Q4K, DType::U4, f64::NAN),
     ] {
         let (graph, _) =
             pipeline::fused_in(&spec, precision, &rules, &Fp8Options::default()).expect("lowers");
@@ -63,16 +67,32 @@ fn integer_graphs_lower_cost_decode_and_emit_cuda() {
                 let q = graph.ty(ops[0]).tensor().expect("tensor").clone();
                 let s = graph.ty(ops[1]).tensor().expect("tensor").clone();
                 assert_eq!(q.dtype, codes);
-                assert_eq!(s.dtype, DType::F16);
                 let n = q.shape.numel(&bindings).expect("fixed");
-                assert_eq!(s.shape.numel(&bindings).expect("fixed") * 32, n);
+                let side = s.shape.numel(&bindings).expect("fixed");
+                match precision {
+                    // 16 bytes per super-block of 256.
+                    Precision::Q4K => {
+                        assert_eq!(s.dtype, DType::U8);
+                        let (o, i) = (q.shape.0[0].as_fixed(), q.shape.0[1].as_fixed());
+                        let (o, i) = (o.expect("fixed"), i.expect("fixed"));
+                        assert_eq!(side, o * i.div_ceil(256) * 16);
+                    }
+                    // One f16 per block (Q4_1: a scale and a minimum).
+                    _ => {
+                        assert_eq!(s.dtype, DType::F16);
+                        let per = if codes == DType::U4 { 2 } else { 1 };
+                        assert_eq!(side * 32, n * per);
+                    }
+                }
                 gemv_weights += n;
                 gemv_bytes +=
                     q.bytes(&bindings).expect("fixed") + s.bytes(&bindings).expect("fixed");
             }
         }
         assert!(gemv_weights > 0);
-        assert_eq!(gemv_bytes as f64 * 8.0 / gemv_weights as f64, bits);
+        if !bits.is_nan() {
+            assert_eq!(gemv_bytes as f64 * 8.0 / gemv_weights as f64, bits);
+        }
         // The cost model reads those bytes in place of the f32 weights' 32 bits each.
         let cost = fusec::ir::cost::graph_cost(&graph, &bindings).expect("cost");
         assert_eq!(

@@ -49,8 +49,8 @@ pub struct Args {
     /// tokenizer.
     #[arg(long, value_name = "IDS")]
     pub prompt_ids: Vec<String>,
-    /// The precisions to measure, comma-separated: f16, bf16, fp8, int8, int4 (f32 is
-    /// the reference).
+    /// The precisions to measure, comma-separated: f16, bf16, fp8, int8, int4, q4_1,
+    /// q4_k, gguf (f32 is the reference).
     #[arg(long, value_delimiter = ',', default_value = "bf16,fp8,int8,int4")]
     pub precisions: Vec<String>,
     /// Tokens per prompt: the f32 run's greedy tokens, fed to every precision.
@@ -124,7 +124,8 @@ pub fn run(args: Args) -> Result<(), Failure> {
             )),
             Some(p) => Ok(p),
             None => Err(input(format!(
-                "unknown precision `{p}` in --precisions (expected f16, bf16, fp8, int8 or int4)"
+                "unknown precision `{p}` in --precisions (expected one of {} but f32)",
+                Precision::names()
             ))),
         })
         .collect::<Result<Vec<_>, _>>()?;

@@ -38,7 +38,7 @@ pub struct Args {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Run only this variant (repeatable): "eager f32", "fused f32", "fused bf16",
-    /// "fused fp8", "fused int8" or "fused int4" [default: all; an integer variant that
+    /// "fused fp8", "fused int8", "fused int4", "fused q4_1" or "fused q4_k" [default: all; an integer variant that
     /// the model's shapes do not allow is skipped with the reason].
     #[arg(long = "variant", value_name = "NAME")]
     pub only: Vec<String>,

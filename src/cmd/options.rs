@@ -38,10 +38,15 @@ pub fn warn_fusion(report: &fusec_rewrite::FuseReport) {
 #[derive(clap::Args, Debug)]
 pub struct PrecisionArgs {
     /// Precision (overrides [target] precision): f32, f16, bf16, fp8, int8 (Q8_0-like
-    /// weights: 8-bit codes, one f16 scale per block of 32 inputs) or int4 (Q4_0-like).
+    /// weights: 8-bit codes, one f16 scale per block of 32 inputs), int4 (Q4_0-like)
+    /// q4_1 (GGUF's Q4_1: 4-bit codes, an f16 scale and minimum per block of 32), q4_k
+    /// (GGUF's Q4_K: super-blocks of 256 with 6-bit sub-block scales and minimums) or
+    /// gguf (a GGUF file's matrices each in its own format, those fusec cannot run
+    /// natively in f32). A GGUF tensor already in the precision's format is run on its
+    /// own blocks.
     #[arg(long)]
     pub precision: Option<String>,
-    /// With fp8, int8 or int4: keep this op class at the compute precision
+    /// With fp8 or an integer precision: keep this op class at the compute precision
     /// (repeatable): qkv, attn-out, mlp-up, mlp-down, lm-head, kv-cache [default: what
     /// saved FP8 weights say, else lm-head for fp8 and none for int8/int4].
     #[arg(long = "keep", value_name = "CLASS")]
@@ -68,7 +73,8 @@ impl PrecisionArgs {
         if let Some(p) = &self.precision {
             spec.target.precision = Precision::parse(p).ok_or_else(|| {
                 Failure::Input(anyhow!(
-                    "unknown precision `{p}` (expected f32, f16, bf16, fp8, int8 or int4)"
+                    "unknown precision `{p}` (expected one of {})",
+                    Precision::names()
                 ))
             })?;
         }

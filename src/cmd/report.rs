@@ -217,7 +217,7 @@ fn prefill_graphs(
         let eager = pipeline::eager_prefill(&s, &StepDims::prefill(tokens, Logits::Last))?;
         let (fused, _) = pipeline::fuse(&s, &eager, &rules)?;
         if precision == Precision::Fp8 {
-            let fp8 = pipeline::lower(fused.clone(), precision, &Fp8Options::default())?;
+            let fp8 = pipeline::lower(&s, fused.clone(), precision, &Fp8Options::default())?;
             out.push(PrefillGraph {
                 variant: "fused+fp8".to_string(),
                 tokens,
@@ -322,7 +322,8 @@ pub fn run(args: Args) -> Result<(), Failure> {
     let precision = match &args.precision {
         Some(p) => Precision::parse(p).ok_or_else(|| {
             Failure::Input(anyhow!(
-                "unknown precision `{p}` (expected f32, f16, bf16, fp8, int8 or int4)"
+                "unknown precision `{p}` (expected one of {})",
+                Precision::names()
             ))
         })?,
         None => spec.target.precision,

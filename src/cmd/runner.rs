@@ -30,10 +30,7 @@ pub struct Builder<'a> {
 impl Builder<'_> {
     pub fn graph(&self, precision: Precision) -> Result<Graph, Failure> {
         if !self.fuse {
-            if matches!(
-                precision,
-                Precision::Fp8 | Precision::Int8 | Precision::Int4
-            ) {
+            if precision == Precision::Fp8 || precision.is_int() {
                 return Err(Failure::Input(anyhow!(
                     "--no-fuse cannot run {}: the weight lowering applies to the fused graph",
                     precision.name()
@@ -60,7 +57,7 @@ impl Builder<'_> {
         crate::cmd::options::warn_fusion(&report);
         // Integer codes lower a prefill graph's GEMV weights as they do the decode
         // graph's, so both bind the same weights.
-        Ok(pipeline::lower(graph, precision, &self.fp8)?)
+        Ok(pipeline::lower(self.spec, graph, precision, &self.fp8)?)
     }
 
     /// The prefill executors for a prompt of `len` tokens in chunks of `chunk`: one of
@@ -76,7 +73,7 @@ impl Builder<'_> {
         chunk: u64,
         check_finite: bool,
     ) -> Result<Vec<Prefill>, Failure> {
-        let lowered = matches!(precision, Precision::Int8 | Precision::Int4);
+        let lowered = precision.is_int();
         if chunk <= 1 || precision == Precision::Fp8 || (lowered && !self.fuse) {
             return Ok(Vec::new());
         }

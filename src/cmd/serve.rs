@@ -288,10 +288,7 @@ pub fn build_engine(spec: &ModelSpec, setup: &EngineSetup) -> Result<BuiltEngine
     let (block_size, kv_blocks, max_context) =
         (setup.block_size, setup.kv_blocks, setup.max_context);
     let (rules, fp8) = (setup.rules, setup.fp8);
-    let lowered = matches!(
-        precision,
-        Precision::Fp8 | Precision::Int8 | Precision::Int4
-    );
+    let lowered = precision == Precision::Fp8 || precision.is_int();
     if setup.no_fuse && lowered {
         return Err(Failure::Input(anyhow!(
             "--no-fuse cannot serve {}: the weight lowering applies to the fused graph",

@@ -98,6 +98,7 @@ fn has_kernels(dtype: DType) -> bool {
         | DType::I32
         | DType::I8
         | DType::I4 => true,
+        DType::U4 | DType::U8 => false,
     }
 }
 

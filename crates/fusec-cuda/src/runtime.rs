@@ -76,11 +76,13 @@ pub trait WeightSource {
 /// even, FP8 saturating to its largest finite value as CUDA's `__NV_SATFINITE` does.
 pub fn encode(dtype: DType, values: &[f32]) -> Vec<u8> {
     let mut out = Vec::with_capacity(values.len() * dtype.size_bytes() as usize);
-    if dtype == DType::I4 {
-        // Two codes a byte in GGUF's Q4_0 block order (`fusec_weights::tensor::i4_code`).
-        let nibble = |v: f32| (numerics::round_to(DType::I4, v) as i8 + 8) as u8;
+    if dtype.is_nibbles() {
+        // Two codes a byte in GGUF's Q4_0/Q4_1 block order
+        // (`fusec_weights::tensor::nibble_code`): `i4` codes offset by 8.
+        let offset = if dtype == DType::I4 { 8 } else { 0 };
+        let nibble = |v: f32| (numerics::round_to(dtype, v) as i8 + offset) as u8;
         for block in values.chunks(32) {
-            let at = |j: usize| block.get(j).copied().map_or(8, nibble);
+            let at = |j: usize| block.get(j).copied().map_or(offset as u8, nibble);
             out.extend((0..16).map(|j| at(j) | (at(j + 16) << 4)));
         }
         return out;
@@ -94,7 +96,8 @@ pub fn encode(dtype: DType, values: &[f32]) -> Vec<u8> {
             DType::Fp8E4M3 => out.push(float8::F8E4M3::from_f32(v).to_bits()),
             DType::Fp8E5M2 => out.push(float8::F8E5M2::from_f32(v).to_bits()),
             DType::I8 => out.push(numerics::round_to(DType::I8, v) as i8 as u8),
-            DType::I4 => {}
+            DType::U8 => out.push(numerics::round_to(DType::U8, v) as u8),
+            DType::I4 | DType::U4 => {}
         }
     }
     out
@@ -102,10 +105,10 @@ pub fn encode(dtype: DType, values: &[f32]) -> Vec<u8> {
 
 /// The values of `bytes` encoded as `dtype`.
 pub fn decode(dtype: DType, bytes: &[u8]) -> Vec<f32> {
-    if dtype == DType::I4 {
+    if dtype.is_nibbles() {
         let codes = bytes.len() / 16 * 32;
         return (0..codes)
-            .map(|i| f32::from(fusec_weights::tensor::i4_code(bytes, i)))
+            .map(|i| f32::from(fusec_weights::tensor::nibble_code(dtype, bytes, i)))
             .collect();
     }
     let n = dtype.size_bytes() as usize;
@@ -119,7 +122,8 @@ pub fn decode(dtype: DType, bytes: &[u8]) -> Vec<f32> {
             DType::Fp8E4M3 => float8::F8E4M3::from_bits(c[0]).to_f32(),
             DType::Fp8E5M2 => float8::F8E5M2::from_bits(c[0]).to_f32(),
             DType::I8 => f32::from(c[0] as i8),
-            DType::I4 => 0.0,
+            DType::U8 => f32::from(c[0]),
+            DType::I4 | DType::U4 => 0.0,
         })
         .collect()
 }

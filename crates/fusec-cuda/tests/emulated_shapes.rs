@@ -172,7 +172,9 @@ fn tolerance(p: Precision) -> f32 {
         Precision::Fp8 => 2e-2,
         // Not emulated here: integer codes need whole blocks of 32, which these
         // awkward widths are not (`emulated.rs` runs them on whole blocks).
-        Precision::Int8 | Precision::Int4 => 0.0,
+        Precision::Int8 | Precision::Int4 | Precision::Q4_1 | Precision::Q4K | Precision::Gguf => {
+            0.0
+        }
     }
 }
 

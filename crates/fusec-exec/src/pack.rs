@@ -41,9 +41,9 @@ pub(crate) fn pack(weights: &mut [&mut Tensor]) {
             |v| Buffer::U16(Arc::new(v)),
         );
     }
-    // `i8` codes too (one byte per element, as E4M3), and `i4` codes, two elements a
+    // `i8` codes too (one byte per element, as E4M3), and `i4`/`u4` codes, two elements a
     // byte: their views' offsets and lengths count elements, so they stay even.
-    for dtype in [DType::Fp8E4M3, DType::I8, DType::I4] {
+    for dtype in [DType::Fp8E4M3, DType::I8, DType::I4, DType::U4] {
         pack_format(
             weights,
             dtype,
@@ -58,7 +58,7 @@ pub(crate) fn pack(weights: &mut [&mut Tensor]) {
 
 /// Elements of `dtype` one stored value holds.
 fn per_value(dtype: DType) -> usize {
-    if dtype == DType::I4 {
+    if dtype.is_nibbles() {
         2
     } else {
         1

@@ -376,9 +376,15 @@ impl Tensor {
                     .map(|c| f32::from(c as i8))
                     .collect(),
             ),
-            Buffer::U8(b) if dt == DType::I4 => Some(
+            Buffer::U8(b) if dt == DType::U8 => Some(
+                gather(b, &self.shape, &self.strides, self.offset)
+                    .into_iter()
+                    .map(f32::from)
+                    .collect(),
+            ),
+            Buffer::U8(b) if dt.is_nibbles() => Some(
                 (0..self.numel())
-                    .map(|i| f32::from(fusec_weights::tensor::i4_code(b, self.offset + i)))
+                    .map(|i| f32::from(fusec_weights::tensor::nibble_code(dt, b, self.offset + i)))
                     .collect(),
             ),
             Buffer::U8(b) => Some(
@@ -409,7 +415,7 @@ impl Tensor {
             .map(|(&d, _)| d)
             .product();
         let stored = match self.dtype {
-            DType::I4 => self.storage_len().saturating_mul(2),
+            DType::I4 | DType::U4 => self.storage_len().saturating_mul(2),
             _ => self.storage_len(),
         };
         let elements = self.numel().min(stored).min(addressed);

@@ -8,10 +8,12 @@ use std::str::FromStr;
 /// The set is closed: it is what a Llama decode step needs in full precision (`f32`),
 /// in the half formats (`f16`, `bf16`), in the two OCP FP8 formats, `i32` for token
 /// ids and positions, and the integer codes of block-quantized weights: `i8` (the
-/// values of llama.cpp's Q8_0 blocks) and `i4` (4-bit codes `n - 8` for a nibble `n`,
-/// Q4_0's). Integer codes are only ever the values operand of a `dequant`, whose
-/// scales (one `f16` per block of 32 along the input dimension) say what they stand
-/// for.
+/// values of llama.cpp's Q8_0 blocks), `i4` (4-bit codes `n - 8` for a nibble `n`,
+/// Q4_0's) and `u4` (4-bit codes `n` for a nibble `n`, Q4_1's, which a per-block
+/// minimum offsets), and `u8`, raw bytes: the packed side data of a K-quant
+/// super-block (its `f16` scales and 6-bit sub-block scales and minimums). Integer
+/// codes are only ever the values operand of a `dequant`, whose scales say what they
+/// stand for ([`crate::quant::IntFormat`]).
 #[derive(
     Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
 )]
@@ -25,11 +27,13 @@ pub enum DType {
     I32,
     I8,
     I4,
+    U4,
+    U8,
 }
 
 impl DType {
     /// Every dtype, in a fixed order (used by parsers and tests).
-    pub const ALL: [DType; 8] = [
+    pub const ALL: [DType; 10] = [
         DType::F32,
         DType::F16,
         DType::Bf16,
@@ -38,6 +42,8 @@ impl DType {
         DType::I32,
         DType::I8,
         DType::I4,
+        DType::U4,
+        DType::U8,
     ];
 
     /// Bits per element.
@@ -45,18 +51,18 @@ impl DType {
         match self {
             DType::F32 | DType::I32 => 32,
             DType::F16 | DType::Bf16 => 16,
-            DType::Fp8E4M3 | DType::Fp8E5M2 | DType::I8 => 8,
-            DType::I4 => 4,
+            DType::Fp8E4M3 | DType::Fp8E5M2 | DType::I8 | DType::U8 => 8,
+            DType::I4 | DType::U4 => 4,
         }
     }
 
-    /// Bytes per element, rounded up to a whole byte (`i4` packs two elements in one:
+    /// Bytes per element, rounded up to a whole byte (`i4` and `u4` pack two elements in one:
     /// count the bytes of several elements with [`DType::bytes_for`]).
     pub const fn size_bytes(self) -> u64 {
         self.size_bits().div_ceil(8)
     }
 
-    /// Bytes `n` elements occupy, packed (`i4` two to a byte), saturating.
+    /// Bytes `n` elements occupy, packed (`i4` and `u4` two to a byte), saturating.
     pub const fn bytes_for(self, n: u64) -> u64 {
         n.saturating_mul(self.size_bits()).div_ceil(8)
     }
@@ -72,16 +78,26 @@ impl DType {
             DType::I32 => "i32",
             DType::I8 => "i8",
             DType::I4 => "i4",
+            DType::U4 => "u4",
+            DType::U8 => "u8",
         }
     }
 
     pub const fn is_float(self) -> bool {
-        !matches!(self, DType::I32 | DType::I8 | DType::I4)
+        !matches!(
+            self,
+            DType::I32 | DType::I8 | DType::I4 | DType::U4 | DType::U8
+        )
     }
 
     /// Whether this is the dtype of the integer codes of a block-quantized weight.
     pub const fn is_int_codes(self) -> bool {
-        matches!(self, DType::I8 | DType::I4)
+        matches!(self, DType::I8 | DType::I4 | DType::U4)
+    }
+
+    /// Whether the codes are packed two to a byte (`i4`, `u4`).
+    pub const fn is_nibbles(self) -> bool {
+        matches!(self, DType::I4 | DType::U4)
     }
 
     pub const fn is_fp8(self) -> bool {
@@ -97,7 +113,9 @@ impl fmt::Display for DType {
 
 /// The error for a dtype name that is not one of [`DType::ALL`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown dtype `{0}` (expected one of f32, f16, bf16, fp8e4m3, fp8e5m2, i32, i8, i4)")]
+#[error(
+    "unknown dtype `{0}` (expected one of f32, f16, bf16, fp8e4m3, fp8e5m2, i32, i8, i4, u4, u8)"
+)]
 pub struct UnknownDType(pub String);
 
 impl FromStr for DType {
@@ -133,5 +151,7 @@ mod tests {
         assert_eq!(DType::I4.bytes_for(32), 16);
         assert_eq!(DType::I4.bytes_for(3), 2);
         assert!(!DType::I4.is_float() && DType::I4.is_int_codes());
+        assert_eq!(DType::U4.bytes_for(32), 16);
+        assert!(!DType::U4.is_float() && DType::U4.is_int_codes() && DType::U4.is_nibbles());
     }
 }

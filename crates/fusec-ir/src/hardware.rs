@@ -78,7 +78,7 @@ impl GpuSpec {
         match dtype {
             DType::F16 | DType::Bf16 => self.bf16_tflops,
             // Integer tensor-core math runs at the FP8 rate on the GPUs of the table.
-            DType::Fp8E4M3 | DType::Fp8E5M2 | DType::I8 | DType::I4 => {
+            DType::Fp8E4M3 | DType::Fp8E5M2 | DType::I8 | DType::I4 | DType::U4 | DType::U8 => {
                 self.fp8_tflops.unwrap_or(self.bf16_tflops)
             }
             DType::F32 | DType::I32 => self.f32_tflops,

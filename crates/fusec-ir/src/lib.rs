@@ -8,7 +8,8 @@
 //! - [`cost`]: launches, bytes and FLOPs per node, and the memory floor;
 //! - [`step`]: the decode step's interface (input, state and output names, symbols);
 //! - [`role`]: what each weight is in the model, as its builder recorded it;
-//! - [`hardware`]: the target GPUs the cost model knows.
+//! - [`hardware`]: the target GPUs the cost model knows;
+//! - [`quant`]: the integer block formats of quantized weights.
 //!
 //! Model frontends and graph builders live in `fusec-model`, on top of this crate.
 
@@ -19,6 +20,7 @@ pub mod graph;
 pub mod hardware;
 pub mod numerics;
 pub mod op;
+pub mod quant;
 pub mod role;
 pub mod rope;
 pub mod shape;

@@ -27,13 +27,15 @@ pub fn fp8_max(dtype: DType) -> Option<f32> {
 }
 
 /// `x` rounded to the nearest value of `dtype` (f32 and i32 unchanged; the integer
-/// codes `i8` and `i4` to the nearest integer, ties to even, saturating to their range,
+/// codes `i8`, `i4` and `u4` to the nearest integer, ties to even, saturating to their range,
 /// NaN to 0).
 pub fn round_to(dtype: DType, x: f32) -> f32 {
     match dtype {
         DType::F32 | DType::I32 => x,
         DType::I8 => saturate_int(x, -128.0, 127.0),
         DType::I4 => saturate_int(x, -8.0, 7.0),
+        DType::U4 => saturate_int(x, 0.0, 15.0),
+        DType::U8 => saturate_int(x, 0.0, 255.0),
         DType::F16 => f16::from_f32(x).to_f32(),
         DType::Bf16 => bf16::from_f32(x).to_f32(),
         DType::Fp8E4M3 => F8E4M3::from_f32(x).to_f32(),

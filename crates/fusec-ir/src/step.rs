@@ -22,10 +22,13 @@ pub const LM_HEAD: &str = "lm_head.weight";
 /// FP8 lowering names them and the weights derive them.
 pub const FP8_SUFFIX: &str = ".fp8";
 /// The suffixes of the integer codes of a weight quantized to 8 bits (`W.q8_0`) or 4
-/// bits (`W.q4_0`) per block of 32, as the integer lowering names them and the weights
-/// derive them (or read them from a GGUF file's Q8_0 and Q4_0 tensors).
+/// bits (`W.q4_0`, `W.q4_1`) per block of 32, as the integer lowering names them and
+/// the weights derive them (or read them from a GGUF file's tensors of that type);
+/// [`crate::quant::IntFormat::suffix`] says which is which.
 pub const Q8_0_SUFFIX: &str = ".q8_0";
 pub const Q4_0_SUFFIX: &str = ".q4_0";
+pub const Q4_1_SUFFIX: &str = ".q4_1";
+pub const Q4_K_SUFFIX: &str = ".q4_k";
 /// The suffix of a scale: of a quantized weight (`W.scale`), or of a KV cache
 /// (`past.L.key.scale`).
 pub const SCALE_SUFFIX: &str = ".scale";

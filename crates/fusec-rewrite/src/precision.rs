@@ -21,8 +21,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::str::FromStr;
 
-use fusec_ir::op::{Execution, TypeError, INT_BLOCK};
-use fusec_ir::{DType, Dim, FusedOp, Graph, NodeId, Op, Shape, TensorType, Type, WeightRole};
+use fusec_ir::op::{Execution, TypeError};
+use fusec_ir::{DType, FusedOp, Graph, NodeId, Op, Shape, TensorType, Type, WeightRole};
 
 /// Groups of GEMVs (and the KV cache) that can be kept at the higher precision.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -92,7 +92,7 @@ pub enum PrecisionError {
     Type(#[from] TypeError),
     #[error("decode attention reads a cache that is not a state input")]
     CacheNotState,
-    #[error("weight `{weight}` {shape} cannot be {format:?}: its input dimension must be a multiple of 32 (one scale per block of 32)")]
+    #[error("weight `{weight}` {shape} cannot be {format}: its input dimension must be a multiple of 32 (whole blocks of 32)")]
     NotBlocks {
         weight: String,
         shape: String,
@@ -118,7 +118,7 @@ pub struct Fp8Options {
 
 /// The suffixes of derived weight names (defined with the decode-step interface, which
 /// the weights that derive them read too).
-pub use fusec_ir::step::{FP8_SUFFIX, Q4_0_SUFFIX, Q8_0_SUFFIX, SCALE_SUFFIX};
+pub use fusec_ir::step::{FP8_SUFFIX, Q4_0_SUFFIX, Q4_1_SUFFIX, Q8_0_SUFFIX, SCALE_SUFFIX};
 
 /// The op class of a weight in role `role` when a GEMV multiplies by it; `None` for
 /// roles that are never GEMV weights.
@@ -179,11 +179,12 @@ struct Lowered {
 }
 
 /// Replaces every GEMV weight of a class not in `keep` by a `dequant` of the stored
-/// values and scales `lower` says, once per weight however many GEMVs read it.
+/// values and scales `lower` says (`None`: the weight stays as it is), once per weight
+/// however many GEMVs read it.
 fn lower_gemv_weights(
     g: &mut Graph,
     keep: &BTreeSet<OpClass>,
-    lower: impl Fn(&str, &TensorType) -> Result<Lowered, PrecisionError>,
+    lower: impl Fn(&str, &TensorType) -> Result<Option<Lowered>, PrecisionError>,
 ) -> Result<(), PrecisionError> {
     let mut quantized: HashMap<NodeId, NodeId> = HashMap::new();
     let nodes: Vec<NodeId> = g.node_ids().collect();
@@ -210,7 +211,9 @@ fn lower_gemv_weights(
             let deq = match quantized.get(&w) {
                 Some(&d) => d,
                 None => {
-                    let how = lower(&name, &t)?;
+                    let Some(how) = lower(&name, &t)? else {
+                        continue;
+                    };
                     let q_name = format!("{name}{}", how.suffix);
                     if let Some(role) = g.weight_role(&name) {
                         g.set_weight_role(q_name.clone(), role);
@@ -244,35 +247,22 @@ fn lower_gemv_weights(
     Ok(())
 }
 
-/// An integer weight format: codes and one `f16` scale per block of 32 inputs.
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
-pub enum IntFormat {
-    /// 8-bit codes, llama.cpp's Q8_0.
-    Q8_0,
-    /// 4-bit codes, llama.cpp's Q4_0.
-    Q4_0,
-}
+/// The integer weight formats, stated once in the IR.
+pub use fusec_ir::quant::IntFormat;
 
-impl IntFormat {
-    /// The dtype of the codes.
-    pub fn codes(self) -> DType {
-        match self {
-            IntFormat::Q8_0 => DType::I8,
-            IntFormat::Q4_0 => DType::I4,
-        }
-    }
-
-    /// The suffix of the codes' weight name.
-    pub fn suffix(self) -> &'static str {
-        match self {
-            IntFormat::Q8_0 => Q8_0_SUFFIX,
-            IntFormat::Q4_0 => Q4_0_SUFFIX,
-        }
+/// The `--precision` that lowers to `format`: `int8` and `int4` for Q8_0 and Q4_0 (the
+/// names TensorRT-LLM's W8A16/W4A16 users know, kept for compatibility), ggml's own
+/// type name for the others (`q4_1`, `q4_k`).
+pub fn precision_name(format: IntFormat) -> &'static str {
+    match format {
+        IntFormat::Q8_0 => "int8",
+        IntFormat::Q4_0 => "int4",
+        f => f.name(),
     }
 }
 
-/// Lowers the GEMV weights of a fused graph to integer codes with one `f16` scale per
-/// block of 32 inputs (`dequant{act=i8}`: the GEMVs quantize their activations to
+/// Lowers the GEMV weights of a fused graph to integer codes with their per-block
+/// side data (`format`'s scales) (`dequant{act=i8}`: the GEMVs quantize their activations to
 /// 8-bit blocks as llama.cpp does). The KV cache stays at the graph's precision.
 /// Every quantized weight's input dimension must be a multiple of 32.
 pub fn lower_int(
@@ -280,13 +270,28 @@ pub fn lower_int(
     format: IntFormat,
     keep: &BTreeSet<OpClass>,
 ) -> Result<Graph, PrecisionError> {
+    lower_int_by(fused, &|_| Some(format), keep, precision_name(format))
+}
+
+/// [`lower_int`] with each GEMV weight's format chosen by name (`None`: it stays at
+/// the graph's precision), as the `gguf` precision runs a file's tensors each in its
+/// own format; the graph's `precision` attribute is `precision`.
+pub fn lower_int_by(
+    fused: &Graph,
+    choose: &dyn Fn(&str) -> Option<IntFormat>,
+    keep: &BTreeSet<OpClass>,
+    precision: &str,
+) -> Result<Graph, PrecisionError> {
     let mut g = fused.clone();
     lower_gemv_weights(&mut g, keep, |name, t| {
+        let Some(format) = choose(name) else {
+            return Ok(None);
+        };
         let ins = t
             .shape
             .dim(1)
             .as_fixed()
-            .filter(|i| i.is_multiple_of(INT_BLOCK));
+            .filter(|&i| format.check_width(i).is_ok());
         let Some(ins) = ins else {
             return Err(PrecisionError::NotBlocks {
                 weight: name.to_string(),
@@ -294,22 +299,15 @@ pub fn lower_int(
                 format,
             });
         };
-        Ok(Lowered {
+        Ok(Some(Lowered {
             suffix: format.suffix(),
             values: format.codes(),
-            scale: TensorType::new(
-                DType::F16,
-                Shape(vec![t.shape.dim(0).clone(), Dim::Fixed(ins / INT_BLOCK)]),
-            ),
+            scale: format.scales(t.shape.dim(0).clone(), ins),
             act: DType::I8,
-        })
+        }))
     })?;
     g.reinfer_types()?;
-    let name = match format {
-        IntFormat::Q8_0 => "int8",
-        IntFormat::Q4_0 => "int4",
-    };
-    g.attrs.insert("precision".into(), name.into());
+    g.attrs.insert("precision".into(), precision.into());
     Ok(g.reordered())
 }
 
@@ -321,12 +319,12 @@ pub fn lower_fp8(fused: &Graph, opts: &Fp8Options) -> Result<Graph, PrecisionErr
             Granularity::PerChannel => Shape(vec![t.shape.dim(0).clone()]),
             Granularity::PerTensor => Shape::scalar(),
         };
-        Ok(Lowered {
+        Ok(Some(Lowered {
             suffix: FP8_SUFFIX,
             values: DType::Fp8E4M3,
             scale: TensorType::new(DType::F32, scale_shape),
             act: DType::Fp8E4M3,
-        })
+        }))
     })?;
     if !opts.keep.contains(&OpClass::KvCache) {
         let attentions: Vec<NodeId> = g

@@ -11,19 +11,21 @@
 //! `k_proj`; transformers undoes it the same way (`TensorProcessor` for llama in
 //! `modeling_gguf_pytorch_utils.py`).
 //!
-//! **Native blocks.** A graph lowered to integer codes (`--precision int8|int4`) names
-//! `W.q8_0` / `W.q4_0` and `W.scale` for a GEMV weight `W`. When the file holds `W` in
-//! that very format (Q8_0 for `i8`, Q4_0 for `i4`), its blocks are split into the codes
-//! and the `f16` scales as they are: no dequantized copy is made and nothing is
-//! quantized again, so the bytes a step streams are the file's. Any other tensor type
-//! is dequantized and quantized to the format as for a float checkpoint.
+//! **Native blocks.** A graph lowered to integer codes (`--precision
+//! int8|int4|q4_1|q4_k|gguf`) names `W.q8_0` / `W.q4_0` / `W.q4_1` / `W.q4_k` and
+//! `W.scale` for a GEMV weight `W`. When the file holds `W` in that very format,
+//! its blocks are split into the codes and the `f16` side data as they are: no
+//! dequantized copy is made and nothing is quantized again, so the bytes a step
+//! streams are the file's. Any other tensor type is dequantized and quantized to the
+//! format as for a float checkpoint.
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use fusec_gguf::{GgmlType, GgufFile};
-use fusec_ir::{DType, Graph};
+use fusec_ir::quant::IntFormat;
+use fusec_ir::Graph;
 
 use crate::checked::{insert_checked, wanted_weights};
 use crate::error::Error;
@@ -160,21 +162,17 @@ pub fn load(path: &Path, graph: &Graph) -> Result<Weights, Error> {
             })
     };
     // The derived integer weights whose bases the file holds in their format.
-    let mut native: HashMap<String, (String, String, DType)> = HashMap::new();
+    let mut native: HashMap<String, (String, String, IntFormat)> = HashMap::new();
     for d in quant::derived_weights(graph)?.into_values() {
         if let Derived::Gemv {
             base,
             values,
             scale,
-            format,
+            int: Some(format),
             ..
         } = d
         {
-            let ty = match format {
-                DType::I8 => GgmlType::Q8_0,
-                DType::I4 => GgmlType::Q4_0,
-                _ => continue,
-            };
+            let ty = ggml_type(format);
             let held = gguf_name(&base)
                 .and_then(|(g, _)| file.tensor(&g))
                 .is_some_and(|t| t.ty == ty);
@@ -247,14 +245,46 @@ pub fn load(path: &Path, graph: &Graph) -> Result<Weights, Error> {
     Ok(weights)
 }
 
-/// The codes and `f16` scales of the Q8_0 or Q4_0 tensor holding the Hugging Face
-/// weight `base`, split from its blocks (`block_q8_0`, `block_q4_0` in ggml-common.h:
-/// an `f16` scale, then 32 one-byte or 16 two-nibble codes) with the converter's q/k
-/// row permutation undone (a block never spans two rows).
+/// The integer format of each GEMV-shaped weight (a matrix) `graph` names that the
+/// GGUF file at `path` holds in a format fusec runs natively (the `gguf` precision's
+/// formats), by the graph's weight name.
+pub fn int_formats(path: &Path, graph: &Graph) -> Result<HashMap<String, IntFormat>, Error> {
+    let file = GgufFile::open(path).map_err(reader_error)?;
+    let mut out = HashMap::new();
+    for (_, name) in graph.weights() {
+        let Some(info) = gguf_name(name).and_then(|(g, _)| file.tensor(&g)) else {
+            continue;
+        };
+        let format = IntFormat::ALL
+            .into_iter()
+            .find(|&f| ggml_type(f) == info.ty);
+        if let Some(f) = format.filter(|_| info.shape().len() == 2) {
+            out.insert(name.to_string(), f);
+        }
+    }
+    Ok(out)
+}
+
+/// The GGUF tensor type of an integer format.
+pub fn ggml_type(format: IntFormat) -> GgmlType {
+    match format {
+        IntFormat::Q8_0 => GgmlType::Q8_0,
+        IntFormat::Q4_0 => GgmlType::Q4_0,
+        IntFormat::Q4_1 => GgmlType::Q4_1,
+        IntFormat::Q4K => GgmlType::Q4_K,
+    }
+}
+
+/// The codes and side data of the Q8_0, Q4_0, Q4_1 or Q4_K tensor holding the
+/// Hugging Face weight `base`, split from its blocks (`block_q8_0`, `block_q4_0`,
+/// `block_q4_1`, `block_q4_K` in ggml-common.h: an `f16` scale (and for Q4_1 an `f16`
+/// minimum) then 32 one-byte or 16 two-nibble codes; for Q4_K 16 bytes of side data,
+/// kept as bytes, then 128 bytes of codes, rearranged into Q4_0's nibble order) with
+/// the converter's q/k row permutation undone (a block never spans two rows).
 fn native_blocks(
     file: &GgufFile,
     base: &str,
-    format: DType,
+    format: IntFormat,
     heads: &dyn Fn(&str) -> Result<usize, Error>,
 ) -> Result<(WeightTensor, WeightTensor), Error> {
     let path = file.path().to_path_buf();
@@ -277,38 +307,50 @@ fn native_blocks(
             "a GEMV weight must be a matrix, got {shape:?}"
         )));
     };
-    if !cols.is_multiple_of(I4_BLOCK) {
+    let per_block = format.block_weights() as usize;
+    if !cols.is_multiple_of(per_block) {
         return Err(corrupt(format!(
-            "{cols} columns are not whole blocks of {I4_BLOCK}"
+            "{cols} columns are not whole blocks of {per_block}"
         )));
     }
-    let per = match format {
-        DType::I8 => I4_BLOCK,
-        _ => I4_BLOCK / 2,
-    };
+    let sides = format.scales_per_block() as usize;
+    let side_bytes = format.side_bytes() as usize;
+    let block_bytes = format.block_bytes() as usize;
     let bytes = file.bytes(info);
-    let blocks = rows * cols / I4_BLOCK;
-    if bytes.len() != blocks * (per + 2) {
+    let blocks = rows * cols / per_block;
+    if bytes.len() != blocks * block_bytes {
         return Err(corrupt(format!(
-            "{} bytes are not {blocks} blocks of {}",
+            "{} bytes are not {blocks} blocks of {block_bytes}",
             bytes.len(),
-            per + 2
         )));
     }
-    let mut codes = Vec::with_capacity(blocks * per);
-    let mut scales = Vec::with_capacity(blocks);
-    for (k, block) in bytes.chunks_exact(per + 2).enumerate() {
-        let d = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
-        if !d.is_finite() {
-            return Err(Error::NonFinite {
-                tensor: gguf.clone(),
-                file: path.clone(),
-                index: k * I4_BLOCK,
-                value: d,
-            });
+    let mut codes = Vec::with_capacity(rows * cols / 2);
+    let mut scales = Vec::with_capacity(blocks * sides);
+    let mut raw_side = Vec::new();
+    for (k, block) in bytes.chunks_exact(block_bytes).enumerate() {
+        // The f16 values leading the block: its scale (and minimum), or Q4_K's `d`
+        // and `dmin`.
+        for s in 0..side_bytes.min(4) / 2 {
+            let d = half::f16::from_le_bytes([block[2 * s], block[2 * s + 1]]).to_f32();
+            if !d.is_finite() {
+                return Err(Error::NonFinite {
+                    tensor: gguf.clone(),
+                    file: path.clone(),
+                    index: k * per_block,
+                    value: d,
+                });
+            }
+            if s < sides {
+                scales.push(d);
+            }
         }
-        scales.push(d);
-        codes.extend_from_slice(&block[2..]);
+        match format {
+            IntFormat::Q4K => {
+                raw_side.extend_from_slice(&block[..side_bytes]);
+                codes.extend(quant::q4_k_codes_to_block_order(&block[side_bytes..]));
+            }
+            _ => codes.extend_from_slice(&block[side_bytes..]),
+        }
     }
     if let Some(p) = permuted {
         let n = match p {
@@ -323,13 +365,29 @@ fn native_blocks(
                 "{rows} rows do not split into {n} heads of two RoPE halves"
             ))
         };
-        codes = unpermute_rows(&codes, rows, cols / I4_BLOCK * per, n).ok_or_else(split)?;
-        scales = unpermute_rows(&scales, rows, cols / I4_BLOCK, n).ok_or_else(split)?;
+        let row_codes = codes.len() / rows.max(1);
+        codes = unpermute_rows(&codes, rows, row_codes, n).ok_or_else(split)?;
+        scales = unpermute_rows(&scales, rows, cols / I4_BLOCK * sides, n).ok_or_else(split)?;
+        raw_side =
+            unpermute_rows(&raw_side, rows, raw_side.len() / rows.max(1), n).ok_or_else(split)?;
     }
-    let codes = WeightTensor::from_storage(format, &[rows, cols], Storage::U8(Arc::new(codes)))
-        .map_err(|e| corrupt(e.to_string()))?;
-    let scales = WeightTensor::from_f32(DType::F16, &[rows, cols / I4_BLOCK], scales)
-        .map_err(|e| corrupt(e.to_string()))?;
+    let codes =
+        WeightTensor::from_storage(format.codes(), &[rows, cols], Storage::U8(Arc::new(codes)))
+            .map_err(|e| corrupt(e.to_string()))?;
+    let side = format.scales(fusec_ir::Dim::Fixed(rows as u64), cols as u64);
+    let shape: Vec<usize> = side
+        .shape
+        .dims()
+        .iter()
+        .filter_map(|d| d.as_fixed().map(|v| v as usize))
+        .collect();
+    let scales = match format {
+        IntFormat::Q4K => {
+            WeightTensor::from_storage(side.dtype, &shape, Storage::U8(Arc::new(raw_side)))
+        }
+        _ => WeightTensor::from_f32(side.dtype, &shape, scales),
+    }
+    .map_err(|e| corrupt(e.to_string()))?;
     Ok((codes, scales))
 }
 

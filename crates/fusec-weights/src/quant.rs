@@ -10,10 +10,12 @@
 //!   tensor for an `f32[]` scale) `s = absmax / 448` (`numerics::scale_for`; 1 for an
 //!   all-zero row) and `q = e4m3(w / s)`, IEEE division then round to nearest even with
 //!   saturation, exactly as a CUDA kernel converting with `__NV_SATFINITE` would.
-//! - `W.q8_0 : i8[o, i]` or `W.q4_0 : i4[o, i]` with `W.scale : f16[o, i / 32]`: the
-//!   integer lowering's blocks of 32 along the input dimension, made exactly as
-//!   llama.cpp's `quantize_row_q8_0_ref` and `quantize_row_q4_0_ref` (ggml-quants.c)
-//!   make GGUF's Q8_0 and Q4_0 blocks (see [`quantize_blocks`]).
+//! - `W.q8_0 : i8[o, i]` or `W.q4_0 : i4[o, i]` with `W.scale : f16[o, i / 32]`, or
+//!   `W.q4_1 : u4[o, i]` with `W.scale : f16[o, i / 32, 2]` (scale, minimum): the
+//!   integer lowering's blocks of 32 along the input dimension
+//!   ([`fusec_ir::quant::IntFormat`]), made exactly as llama.cpp's
+//!   `quantize_row_q8_0_ref`, `quantize_row_q4_0_ref` and `quantize_row_q4_1_ref`
+//!   (ggml-quants.c) make GGUF's blocks (see [`quantize_blocks`]).
 //! - `past.L.key.scale` and `past.L.value.scale : f32[]`, the static scales of an FP8
 //!   KV cache (operands 9 and 10 of `fused.decode_attention`). They depend on the
 //!   activations, not on the weights, so a run calibrates them (`fusec_exec::calibrate`)
@@ -26,7 +28,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use std::sync::Arc;
 
-use fusec_ir::step::{FP8_SUFFIX, Q4_0_SUFFIX, Q8_0_SUFFIX};
+use fusec_ir::quant::IntFormat;
+use fusec_ir::step::FP8_SUFFIX;
 use fusec_ir::{numerics, DType, Graph, InputKind, NodeId, Op, OperandRole, TensorType};
 
 use crate::error::Error;
@@ -42,8 +45,10 @@ pub enum Derived {
         base: String,
         values: String,
         scale: String,
-        /// The FP8 format of the values.
+        /// The FP8 format of the values, or the dtype of integer codes.
         format: DType,
+        /// The integer format, for integer codes.
+        int: Option<IntFormat>,
         /// The dtype the compute-precision graph holds `base` in.
         to: DType,
         /// `[out, in]`.
@@ -72,8 +77,9 @@ pub fn derived_weights(graph: &Graph) -> Result<HashMap<String, Derived>, Error>
                 ) else {
                     continue;
                 };
-                let Some(base) = [FP8_SUFFIX, Q8_0_SUFFIX, Q4_0_SUFFIX]
-                    .iter()
+                let suffixes = IntFormat::ALL.map(IntFormat::suffix);
+                let Some(base) = std::iter::once(FP8_SUFFIX)
+                    .chain(suffixes)
                     .find_map(|suffix| values.strip_suffix(suffix))
                     .map(str::to_string)
                 else {
@@ -90,6 +96,7 @@ pub fn derived_weights(graph: &Graph) -> Result<HashMap<String, Derived>, Error>
                     values: values.clone(),
                     scale: scale.clone(),
                     format: q.dtype,
+                    int: IntFormat::of(q.dtype, s.dtype),
                     to: *to,
                     shape: fixed_shape(&values, q)?,
                     per_channel: s.rank() == 1,
@@ -141,8 +148,8 @@ pub fn quantize(
         return Err(bad(format!("needs a matrix, got {:?}", w.shape())));
     };
     let (o, i) = (*o, *i);
-    if format.is_int_codes() {
-        return quantize_blocks(w, format);
+    if let Some(f) = IntFormat::of(format, DType::F16) {
+        return quantize_format(w, f);
     }
     if !format.is_fp8() {
         return Err(bad(format!("{format} is not an FP8 or integer format")));
@@ -221,9 +228,260 @@ pub fn q4_0_block(x: &[f32], packed: &mut [u8]) -> half::f16 {
     half::f16::from_f32(d)
 }
 
-/// Quantizes `w [out, in]` to integer codes (`i8`: Q8_0, `i4`: Q4_0) with one `f16`
-/// scale per block of 32 along `in` ([`q8_0_block`], [`q4_0_block`]): returns the
-/// codes and the scales `f16 [out, in / 32]`. `in` must be a multiple of 32.
+/// One block of 32 values quantized to Q4_1 as `quantize_row_q4_1_ref` does
+/// (ggml-quants.c): `d = (max - min) / 15`, each nibble `min(15, trunc((x - min) / d
+/// + 0.5))` computed as `(x - min) * (1 / d)` with the `f32` minimum, value `j` in the
+/// low nibble of byte `j` and value `j + 16` in its high nibble; the scale and the
+/// minimum are stored as `f16`. Returns them and fills the 16 bytes of `packed`.
+pub fn q4_1_block(x: &[f32], packed: &mut [u8]) -> (half::f16, half::f16) {
+    let (mut min, mut max) = (f32::MAX, -f32::MAX);
+    for &v in x {
+        if v < min {
+            min = v;
+        }
+        if v > max {
+            max = v;
+        }
+    }
+    let d = (max - min) / 15.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    // `(int8_t)` truncates toward zero; `x - min >= 0`, so this is a floor.
+    let nibble = |v: f32| (((v - min) * id + 0.5) as i8).min(15) as u8;
+    for (j, byte) in packed.iter_mut().enumerate().take(16) {
+        *byte = nibble(x[j]) | (nibble(x[j + 16]) << 4);
+    }
+    (half::f16::from_f32(d), half::f16::from_f32(min))
+}
+
+/// `nearest_int` of ggml-quants.c: round to nearest, ties to even (its magic-number
+/// addition does that for the magnitudes it is given).
+#[inline]
+fn nearest_int(v: f32) -> i32 {
+    v.round_ties_even() as i32
+}
+
+/// `make_qkx2_quants` of ggml-quants.c: codes `0..=nmax` for `x` with a scale and a
+/// minimum, the minimum at most 0, searching `nstep + 1` scales around
+/// `nmax / (max - min)` for the least weighted squared error (`use_mad` false).
+/// Returns the scale and `-min`, and fills `l`.
+fn make_qkx2_quants(
+    x: &[f32],
+    weights: &[f32],
+    l: &mut [u8],
+    nmax: i32,
+    (rmin, rdelta, nstep): (f32, f32, i32),
+) -> (f32, f32) {
+    let n = x.len();
+    let (mut min, mut max) = (x[0], x[0]);
+    let mut sum_w = weights[0];
+    let mut sum_x = sum_w * x[0];
+    for i in 1..n {
+        if x[i] < min {
+            min = x[i];
+        }
+        if x[i] > max {
+            max = x[i];
+        }
+        let w = weights[i];
+        sum_w += w;
+        sum_x += w * x[i];
+    }
+    if min > 0.0 {
+        min = 0.0;
+    }
+    if max == min {
+        l.iter_mut().for_each(|v| *v = 0);
+        return (0.0, -min);
+    }
+    let mut iscale = nmax as f32 / (max - min);
+    let mut scale = 1.0 / iscale;
+    let mut best_mad = 0.0f32;
+    for i in 0..n {
+        let q = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
+        l[i] = q as u8;
+        let diff = scale * l[i] as f32 + min - x[i];
+        best_mad += weights[i] * (diff * diff);
+    }
+    let mut laux = [0u8; 32];
+    for is in 0..=nstep {
+        iscale = (rmin + rdelta * is as f32 + nmax as f32) / (max - min);
+        let (mut sum_l, mut sum_l2, mut sum_xl) = (0.0f32, 0.0f32, 0.0f32);
+        for i in 0..n {
+            let q = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
+            laux[i] = q as u8;
+            let (w, lf) = (weights[i], q as f32);
+            sum_l += w * lf;
+            sum_l2 += w * lf * lf;
+            sum_xl += w * lf * x[i];
+        }
+        let d = sum_w * sum_l2 - sum_l * sum_l;
+        if d > 0.0 {
+            let mut this_scale = (sum_w * sum_xl - sum_x * sum_l) / d;
+            let mut this_min = (sum_l2 * sum_x - sum_l * sum_xl) / d;
+            if this_min > 0.0 {
+                this_min = 0.0;
+                this_scale = sum_xl / sum_l2;
+            }
+            let mut mad = 0.0f32;
+            for i in 0..n {
+                let diff = this_scale * laux[i] as f32 + this_min - x[i];
+                mad += weights[i] * (diff * diff);
+            }
+            if mad < best_mad {
+                l[..n].copy_from_slice(&laux[..n]);
+                best_mad = mad;
+                scale = this_scale;
+                min = this_min;
+            }
+        }
+    }
+    (scale, -min)
+}
+
+/// One Q4_K super-block of `x` (256 values, or fewer whole sub-blocks of 32 for a
+/// short last one, see `fusec_ir::quant`) as `quantize_row_q4_K_ref` (ggml-quants.c)
+/// makes it: per sub-block a scale and minimum by [`make_qkx2_quants`] (weights
+/// `sqrt(Σx²/32) + |x|`), those quantized to 6 bits against the largest (`d =
+/// max_scale / 63`, `dmin = max_min / 63`, stored `f16`) and packed as
+/// `get_scale_min_k4` reads them, then each code `nearest_int((x + dmin * m) / (d *
+/// sc))` clamped to `0..=15`. Writes the 16 bytes of side data (`d`, `dmin`, the 12
+/// packed bytes) and the codes in Q4_0's nibble order (`x.len() / 2` bytes).
+pub fn q4_k_superblock(x: &[f32], side: &mut [u8], packed: &mut [u8]) {
+    let subs = x.len() / I4_BLOCK;
+    let mut l = [0u8; 256];
+    let mut scales = [0.0f32; 8];
+    let mut mins = [0.0f32; 8];
+    let (mut max_scale, mut max_min) = (0.0f32, 0.0f32);
+    for j in 0..subs {
+        let xs = &x[32 * j..32 * j + 32];
+        let sum_x2: f32 = xs.iter().fold(0.0, |s, v| s + v * v);
+        let av_x = (sum_x2 / 32.0).sqrt();
+        let weights: Vec<f32> = xs.iter().map(|v| av_x + v.abs()).collect();
+        let (s, m) = make_qkx2_quants(
+            xs,
+            &weights,
+            &mut l[32 * j..32 * j + 32],
+            15,
+            (-1.0, 0.1, 20),
+        );
+        scales[j] = s;
+        mins[j] = m;
+        if s > max_scale {
+            max_scale = s;
+        }
+        if m > max_min {
+            max_min = m;
+        }
+    }
+    let inv_scale = if max_scale > 0.0 {
+        63.0 / max_scale
+    } else {
+        0.0
+    };
+    let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
+    let q = &mut side[4..16];
+    q.iter_mut().for_each(|b| *b = 0);
+    for j in 0..subs {
+        // `(uint8_t)nearest_int(...)` then `MIN(63, ...)`.
+        let ls = (nearest_int(inv_scale * scales[j]) as u8).min(63);
+        let lm = (nearest_int(inv_min * mins[j]) as u8).min(63);
+        if j < 4 {
+            q[j] = ls;
+            q[j + 4] = lm;
+        } else {
+            q[j + 4] = (ls & 0xF) | ((lm & 0xF) << 4);
+            q[j - 4] |= (ls >> 4) << 6;
+            q[j] |= (lm >> 4) << 6;
+        }
+    }
+    let d = half::f16::from_f32(max_scale / 63.0);
+    let dmin = half::f16::from_f32(max_min / 63.0);
+    side[0..2].copy_from_slice(&d.to_le_bytes());
+    side[2..4].copy_from_slice(&dmin.to_le_bytes());
+    for j in 0..subs {
+        let (sc, m) = fusec_ir::quant::q4k_scale_min(j, &side[4..16]);
+        let d = d.to_f32() * f32::from(sc);
+        if d == 0.0 {
+            continue;
+        }
+        let dm = dmin.to_f32() * f32::from(m);
+        for ii in 0..32 {
+            l[32 * j + ii] = nearest_int((x[32 * j + ii] + dm) / d).clamp(0, 15) as u8;
+        }
+    }
+    for (j, block) in packed.chunks_exact_mut(I4_BLOCK / 2).take(subs).enumerate() {
+        for (k, byte) in block.iter_mut().enumerate() {
+            *byte = l[32 * j + k] | (l[32 * j + k + 16] << 4);
+        }
+    }
+}
+
+/// Q4_K's codes of the file's order (byte `l` of each 64 weights holding weight `l` in
+/// its low nibble and `l + 32` in its high one, `dequantize_row_q4_K`) in Q4_0's block
+/// order (see `fusec_ir::quant`); `qs` is whole 64-weight chunks.
+pub fn q4_k_codes_to_block_order(qs: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(qs.len());
+    for q in qs.chunks_exact(32) {
+        out.extend((0..16).map(|j| (q[j] & 0xF) | ((q[j + 16] & 0xF) << 4)));
+        out.extend((0..16).map(|j| (q[j] >> 4) | (q[j + 16] & 0xF0)));
+    }
+    out
+}
+
+/// The inverse of [`q4_k_codes_to_block_order`]: codes in Q4_0's block order laid out
+/// as a `block_q4_K`'s `qs` (whole 64-weight chunks), for writing GGUF files.
+pub fn q4_k_codes_to_file_order(packed: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(packed.len());
+    for c in packed.chunks_exact(32) {
+        let (a, b) = c.split_at(16);
+        out.extend((0..16).map(|j| (a[j] & 0xF) | ((b[j] & 0xF) << 4)));
+        out.extend((0..16).map(|j| (a[j] >> 4) | (b[j] & 0xF0)));
+    }
+    out
+}
+
+/// Quantizes `w [out, in]` to the integer format `format`: the block-of-32 formats by
+/// [`quantize_blocks`], Q4_K by [`q4_k_superblock`] per super-block of each row (the
+/// side data `u8 [out, ceil(in / 256), 16]`). `in` must be a multiple of 32.
+pub fn quantize_format(
+    w: &WeightTensor,
+    format: IntFormat,
+) -> Result<(WeightTensor, WeightTensor), Error> {
+    if format != IntFormat::Q4K {
+        return quantize_blocks(w, format.codes());
+    }
+    let bad = |message: String| Error::InvalidGraph(format!("quantize: {message}"));
+    let [o, i] = *w.shape() else {
+        return Err(bad(format!("needs a matrix, got {:?}", w.shape())));
+    };
+    format.check_width(i as u64).map_err(bad)?;
+    let values = w.to_vec_f32();
+    let supers = i.div_ceil(256);
+    let mut side = vec![0u8; o * supers * 16];
+    let mut packed = vec![0u8; o * i / 2];
+    for r in 0..o {
+        for s in 0..supers {
+            let (a, b) = (r * i + 256 * s, r * i + (256 * (s + 1)).min(i));
+            let at = (r * supers + s) * 16;
+            q4_k_superblock(
+                &values[a..b],
+                &mut side[at..at + 16],
+                &mut packed[a / 2..b / 2],
+            );
+        }
+    }
+    let q = WeightTensor::from_storage(DType::U4, &[o, i], Storage::U8(Arc::new(packed)))
+        .map_err(|e| bad(e.to_string()))?;
+    let s = WeightTensor::from_storage(DType::U8, &[o, supers, 16], Storage::U8(Arc::new(side)))
+        .map_err(|e| bad(e.to_string()))?;
+    Ok((q, s))
+}
+
+/// Quantizes `w [out, in]` to the integer format whose codes are `format` (`i8`: Q8_0,
+/// `i4`: Q4_0, `u4`: Q4_1) per block of 32 along `in` ([`q8_0_block`],
+/// [`q4_0_block`], [`q4_1_block`]): returns the codes and the side data
+/// (`IntFormat::scales`: `f16 [out, in / 32]`, or `[out, in / 32, 2]` scales and
+/// minimums for Q4_1). `in` must be a multiple of 32.
 pub fn quantize_blocks(
     w: &WeightTensor,
     format: DType,
@@ -255,12 +513,24 @@ pub fn quantize_blocks(
             }
             packed
         }
+        DType::U4 => {
+            let mut packed = vec![0u8; o * i / 2];
+            for (x, q) in values.chunks(I4_BLOCK).zip(packed.chunks_mut(I4_BLOCK / 2)) {
+                let (d, m) = q4_1_block(x, q);
+                scales.extend([d.to_f32(), m.to_f32()]);
+            }
+            packed
+        }
         other => return Err(bad(format!("{other} is not an integer code format"))),
     };
     let q = WeightTensor::from_storage(format, &[o, i], Storage::U8(Arc::new(bytes)))
         .map_err(|e| bad(e.to_string()))?;
-    let s = WeightTensor::from_f32(DType::F16, &[o, i / I4_BLOCK], scales)
-        .map_err(|e| bad(e.to_string()))?;
+    let mut scale_shape = vec![o, i / I4_BLOCK];
+    if let Some(f) = IntFormat::of(format, DType::F16).filter(|f| f.scales_per_block() > 1) {
+        scale_shape.push(f.scales_per_block() as usize);
+    }
+    let s =
+        WeightTensor::from_f32(DType::F16, &scale_shape, scales).map_err(|e| bad(e.to_string()))?;
     Ok((q, s))
 }
 
@@ -292,6 +562,7 @@ pub fn lower_weights(base: &Weights, graph: &Graph, kv: &KvScales) -> Result<Wei
                 values,
                 scale,
                 format,
+                int,
                 to,
                 shape,
                 per_channel,
@@ -314,7 +585,10 @@ pub fn lower_weights(base: &Weights, graph: &Graph, kv: &KvScales) -> Result<Wei
                 // Quantize what the compute-precision graph would hold.
                 let w = WeightTensor::from_f32(*to, w.shape(), w.to_vec_f32())
                     .map_err(|e| Error::InvalidGraph(format!("weight `{b}`: {e}")))?;
-                let (q, s) = quantize(&w, *format, *per_channel)?;
+                let (q, s) = match int {
+                    Some(f) => quantize_format(&w, *f)?,
+                    None => quantize(&w, *format, *per_channel)?,
+                };
                 let source = base.source(b).cloned().unwrap_or(WeightSource::Memory);
                 out.insert(values.clone(), q, source.clone());
                 out.insert(scale.clone(), s, source);
@@ -401,37 +675,97 @@ mod tests {
         let (o, i) = (3, 64);
         let w: Vec<f32> = (0..o * i).map(|_| rng.normal() as f32).collect();
         let w = WeightTensor::from_f32(DType::F32, &[o, i], w).expect("sizes");
-        for (format, ty, block_bytes) in [
-            (DType::I8, fusec_gguf::GgmlType::Q8_0, 34),
-            (DType::I4, fusec_gguf::GgmlType::Q4_0, 18),
+        for (format, ty) in [
+            (DType::I8, fusec_gguf::GgmlType::Q8_0),
+            (DType::I4, fusec_gguf::GgmlType::Q4_0),
+            (DType::U4, fusec_gguf::GgmlType::Q4_1),
         ] {
+            let f = IntFormat::of(format, DType::F16).expect("a format");
+            let per_block = f.scales_per_block() as usize;
             let (q, s) = quantize(&w, format, true).expect("quantizes");
             assert_eq!(q.shape(), &[o, i]);
-            assert_eq!(s.shape(), &[o, i / 32]);
+            assert_eq!(s.shape()[..2], [o, i / 32]);
+            assert_eq!(s.numel(), o * i / 32 * per_block);
             let Storage::U8(codes) = q.storage() else {
                 panic!("codes are bytes")
             };
-            let per = block_bytes - 2;
+            let per = f.block_bytes() as usize - 2 * per_block;
             let mut gguf = Vec::new();
-            for (b, d) in s.to_vec_f32().iter().enumerate() {
-                gguf.extend(half::f16::from_f32(*d).to_le_bytes());
+            let sv = s.to_vec_f32();
+            for (b, side) in sv.chunks(per_block).enumerate() {
+                for v in side {
+                    gguf.extend(half::f16::from_f32(*v).to_le_bytes());
+                }
                 gguf.extend(&codes[b * per..(b + 1) * per]);
             }
             let mut want = vec![0.0f32; o * i];
             fusec_gguf::dequant::dequantize(ty, &gguf, &mut want);
-            let (qv, sv) = (q.to_vec_f32(), s.to_vec_f32());
-            let got: Vec<f32> = qv.iter().enumerate().map(|(k, c)| c * sv[k / 32]).collect();
+            let qv = q.to_vec_f32();
+            let got: Vec<f32> = qv
+                .iter()
+                .enumerate()
+                .map(|(k, c)| {
+                    let side = &sv[k / 32 * per_block..];
+                    match per_block {
+                        1 => c * side[0],
+                        _ => c * side[0] + side[1],
+                    }
+                })
+                .collect();
             assert_eq!(got, want, "{format}");
             // The error is at most half a step of each block's scale (a full step for
-            // Q4_0's clamped top code).
+            // Q4_0's clamped top code; Q4_1's f16 minimum adds its own rounding).
             for (k, (&a, &b)) in w.to_vec_f32().iter().zip(&got).enumerate() {
-                assert!(
-                    (a - b).abs() <= sv[k / 32].abs() * 1.01,
-                    "{format} {k}: {a} {b}"
-                );
+                let d = sv[k / 32 * per_block].abs();
+                assert!((a - b).abs() <= d * 1.01, "{format} {k}: {a} {b}");
             }
         }
+        // Q4_K: the side data and the codes laid out as `block_q4_K`s dequantize as
+        // GGUF does to `d * sc * q - dmin * m`, within a sub-block's step of `w`.
+        let (o, i) = (3, 512);
+        let w: Vec<f32> = (0..o * i).map(|_| rng.normal() as f32).collect();
+        let w = WeightTensor::from_f32(DType::F32, &[o, i], w).expect("sizes");
+        let (q, s) = quantize_format(&w, IntFormat::Q4K).expect("quantizes");
+        assert_eq!(
+            (q.dtype(), s.dtype(), s.shape()),
+            (DType::U4, DType::U8, &[o, 2, 16][..])
+        );
+        let (Storage::U8(codes), Storage::U8(side)) = (q.storage(), s.storage()) else {
+            panic!("bytes")
+        };
+        assert_eq!(
+            q4_k_codes_to_block_order(&q4_k_codes_to_file_order(codes)),
+            **codes
+        );
+        let mut gguf = Vec::new();
+        for (b, h) in side.chunks(16).enumerate() {
+            gguf.extend_from_slice(h);
+            gguf.extend(q4_k_codes_to_file_order(&codes[b * 128..(b + 1) * 128]));
+        }
+        let mut want = vec![0.0f32; o * i];
+        fusec_gguf::dequant::dequantize(fusec_gguf::GgmlType::Q4_K, &gguf, &mut want);
+        let qv = q.to_vec_f32();
+        for (k, (&x, &y)) in w.to_vec_f32().iter().zip(&want).enumerate() {
+            let h = &side[k / 256 * 16..][..16];
+            let f = |at: usize| half::f16::from_le_bytes([h[at], h[at + 1]]).to_f32();
+            let (sc, m) = fusec_ir::quant::q4k_scale_min(k % 256 / 32, &h[4..]);
+            let meant = f(0) * f32::from(sc) * qv[k] - f(2) * f32::from(m);
+            assert!(
+                (meant - y).abs() <= 1e-6 * y.abs().max(1.0),
+                "{k}: {meant} {y}"
+            );
+            let step = f(0) * f32::from(sc);
+            assert!((x - y).abs() <= step.max(1e-3), "{k}: {x} {y} step {step}");
+        }
+        // A short last super-block: 96 inputs, three sub-blocks.
+        let w96 = WeightTensor::from_f32(DType::F32, &[2, 96], vec![0.25; 192]).expect("sizes");
+        let (q, s) = quantize_format(&w96, IntFormat::Q4K).expect("quantizes");
+        assert_eq!((q.shape(), s.shape()), (&[2, 96][..], &[2, 1, 16][..]));
         let odd = WeightTensor::from_f32(DType::F32, &[1, 40], vec![0.5; 40]).expect("sizes");
+        let err = quantize_format(&odd, IntFormat::Q4K)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("multiple of 32"), "{err}");
         let err = quantize(&odd, DType::I8, true).unwrap_err().to_string();
         assert!(err.contains("multiple of 32"), "{err}");
     }

@@ -30,6 +30,8 @@ pub fn is_supported(dtype: DType) -> bool {
             | DType::Fp8E5M2
             | DType::I8
             | DType::I4
+            | DType::U4
+            | DType::U8
     )
 }
 
@@ -44,7 +46,9 @@ pub fn round(dtype: DType, x: f32) -> f32 {
         DType::F16 => round_f16(x),
         DType::Bf16 => round_bf16(x),
         DType::Fp8E4M3 => round_e4m3(x),
-        DType::Fp8E5M2 | DType::I8 | DType::I4 => numerics::round_to(dtype, x),
+        DType::Fp8E5M2 | DType::I8 | DType::I4 | DType::U4 | DType::U8 => {
+            numerics::round_to(dtype, x)
+        }
         DType::F32 | DType::I32 => x,
     }
 }
@@ -96,9 +100,13 @@ fn round_f16(x: f32) -> f32 {
 pub fn round_slice(dtype: DType, data: &mut [f32]) {
     match dtype {
         DType::Bf16 => data.iter_mut().for_each(|x| *x = round_bf16(*x)),
-        DType::F16 | DType::Fp8E4M3 | DType::Fp8E5M2 | DType::I8 | DType::I4 => {
-            data.iter_mut().for_each(|x| *x = round(dtype, *x))
-        }
+        DType::F16
+        | DType::Fp8E4M3
+        | DType::Fp8E5M2
+        | DType::I8
+        | DType::I4
+        | DType::U4
+        | DType::U8 => data.iter_mut().for_each(|x| *x = round(dtype, *x)),
         DType::F32 | DType::I32 => {}
     }
 }

@@ -25,7 +25,7 @@ fn file_dtype(dtype: DType) -> Option<Dtype> {
         DType::Fp8E4M3 => Some(Dtype::F8_E4M3),
         DType::Fp8E5M2 => Some(Dtype::F8_E5M2),
         // Integer codes are saved by the GGUF writer, in their own block layout.
-        DType::I32 | DType::I8 | DType::I4 => None,
+        DType::I32 | DType::I8 | DType::I4 | DType::U4 | DType::U8 => None,
     }
 }
 
@@ -43,7 +43,7 @@ fn encode(t: &WeightTensor) -> Vec<u8> {
             .collect(),
         DType::Fp8E4M3 => values.iter().map(|&v| numerics::e4m3_encode(v)).collect(),
         DType::Fp8E5M2 => values.iter().map(|&v| numerics::e5m2_encode(v)).collect(),
-        DType::F32 | DType::I32 | DType::I8 | DType::I4 => {
+        DType::F32 | DType::I32 | DType::I8 | DType::I4 | DType::U4 | DType::U8 => {
             values.iter().flat_map(|v| v.to_le_bytes()).collect()
         }
     }

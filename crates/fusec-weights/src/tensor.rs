@@ -4,8 +4,8 @@
 //! Float weights are held as `f32` values already rounded to their dtype (what
 //! `torch_dtype` gives when a checkpoint loads), or compactly in the bits of their
 //! dtype: `u16` for `f16` and `bf16`, `u8` for FP8 E4M3 and for the integer codes of
-//! block-quantized weights (`i8` one per byte; `i4` two per byte in GGUF's Q4_0 order,
-//! see [`i4_code`]). The buffer is an
+//! block-quantized weights (`i8` one per byte; `i4` and `u4` two per byte in GGUF's
+//! Q4_0 and Q4_1 order, see [`nibble_code`]). The buffer is an
 //! `Arc<Vec<_>>` so that the executor binds a weight into its own tensors by sharing
 //! it, without a copy.
 
@@ -24,7 +24,7 @@ pub enum Storage {
     F32(Arc<Vec<f32>>),
     /// The bits of `f16` or `bf16` values (which one is the tensor's dtype).
     U16(Arc<Vec<u16>>),
-    /// FP8 E4M3 codes, `i8` codes (two's complement) or packed `i4` codes.
+    /// FP8 E4M3 codes, `i8` codes (two's complement) or packed `i4`/`u4` codes.
     U8(Arc<Vec<u8>>),
 }
 
@@ -51,24 +51,45 @@ pub struct WeightTensor {
     storage: Storage,
 }
 
-/// Elements of `dtype` along one block of packed `i4` codes.
-pub const I4_BLOCK: usize = 32;
+/// Elements of `dtype` along one block of packed `i4` or `u4` codes
+/// ([`fusec_ir::quant::BLOCK`]).
+pub const I4_BLOCK: usize = fusec_ir::quant::BLOCK as usize;
 
-/// The `i4` code at index `i` of a packed buffer, in GGUF's Q4_0 block order
-/// (`dequantize_row_q4_0` in ggml-quants.c): in each block of 32 elements, byte `j`
-/// holds element `j` in its low nibble and element `j + 16` in its high one, and a
-/// nibble `n` is the code `n - 8`.
+/// The nibble at index `i` of a packed buffer, in GGUF's Q4_0 and Q4_1 block order
+/// (`dequantize_row_q4_0`, `dequantize_row_q4_1` in ggml-quants.c): in each block of
+/// 32 elements, byte `j` holds element `j` in its low nibble and element `j + 16` in
+/// its high one.
 #[inline]
-pub fn i4_code(packed: &[u8], i: usize) -> i8 {
+pub fn nibble(packed: &[u8], i: usize) -> u8 {
     let (block, k) = (i / I4_BLOCK, i % I4_BLOCK);
     let byte = packed[block * (I4_BLOCK / 2) + k % 16];
-    let nibble = if k < 16 { byte & 0x0F } else { byte >> 4 };
-    nibble as i8 - 8
+    if k < 16 {
+        byte & 0x0F
+    } else {
+        byte >> 4
+    }
+}
+
+/// The `i4` code at index `i` of a packed buffer: its [`nibble`] `n` is the code
+/// `n - 8` (Q4_0).
+#[inline]
+pub fn i4_code(packed: &[u8], i: usize) -> i8 {
+    nibble(packed, i) as i8 - 8
+}
+
+/// The code at index `i` of packed nibble codes of `dtype`: `n - 8` for `i4`, `n` for
+/// `u4` (Q4_1).
+#[inline]
+pub fn nibble_code(dtype: DType, packed: &[u8], i: usize) -> i8 {
+    match dtype {
+        DType::U4 => nibble(packed, i) as i8,
+        _ => i4_code(packed, i),
+    }
 }
 
 /// Stored elements of a buffer holding `numel` values of `dtype`.
 pub fn stored_len(dtype: DType, numel: usize) -> usize {
-    if dtype == DType::I4 {
+    if dtype.is_nibbles() {
         numel.div_ceil(2)
     } else {
         numel
@@ -126,7 +147,7 @@ impl WeightTensor {
         let fits = match &storage {
             Storage::F32(_) => dtype.is_float(),
             Storage::U16(_) => matches!(dtype, DType::F16 | DType::Bf16),
-            Storage::U8(_) => matches!(dtype, DType::Fp8E4M3 | DType::I8 | DType::I4),
+            Storage::U8(_) => matches!(dtype, DType::Fp8E4M3 | DType::U8) || dtype.is_int_codes(),
         };
         if !fits {
             return Err(Error::Storage {
@@ -135,7 +156,7 @@ impl WeightTensor {
             });
         }
         let numel: usize = shape.iter().product();
-        if dtype == DType::I4 && !numel.is_multiple_of(I4_BLOCK) {
+        if dtype.is_nibbles() && !numel.is_multiple_of(I4_BLOCK) {
             return Err(Error::Storage {
                 dtype,
                 what: "a count of elements that is not whole blocks of 32",
@@ -210,8 +231,9 @@ impl WeightTensor {
                 .collect(),
             Storage::U8(b) => match self.dtype {
                 DType::I8 => b.iter().map(|&v| f32::from(v as i8)).collect(),
-                DType::I4 => (0..self.numel())
-                    .map(|i| f32::from(i4_code(b, i)))
+                DType::U8 => b.iter().map(|&v| f32::from(v)).collect(),
+                DType::I4 | DType::U4 => (0..self.numel())
+                    .map(|i| f32::from(nibble_code(self.dtype, b, i)))
                     .collect(),
                 _ => b.iter().map(|&v| rounding::e4m3_value(v)).collect(),
             },

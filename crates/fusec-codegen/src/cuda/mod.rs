@@ -44,7 +44,7 @@ pub fn ctype(dtype: DType) -> &'static str {
         // Integer weight codes, read as bytes by the integer GEMV (`gemv_int`; `i4`
         // packs two a byte).
         DType::I8 => "signed char",
-        DType::I4 => "unsigned char",
+        DType::I4 | DType::U4 | DType::U8 => "unsigned char",
     }
 }
 

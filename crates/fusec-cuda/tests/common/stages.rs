@@ -38,8 +38,10 @@ pub fn in_precision(spec: &ModelSpec, precision: Precision) -> ModelSpec {
         Precision::Bf16 => DType::Bf16,
         Precision::Fp8 if spec.model.dtype == DType::F16 => DType::F16,
         Precision::Fp8 => DType::Bf16,
-        // Integer codes (Q8_0, Q4_0 weights): their graphs compute in f32.
-        Precision::Int8 | Precision::Int4 => DType::F32,
+        // Integer codes (Q8_0, Q4_0, Q4_1, Q4_K weights): their graphs compute in f32.
+        Precision::Int8 | Precision::Int4 | Precision::Q4_1 | Precision::Q4K | Precision::Gguf => {
+            DType::F32
+        }
     };
     s.target.precision = precision;
     s
@@ -95,6 +97,9 @@ pub fn fused_in(
         }
         Precision::Int8 => IntFormat::Q8_0,
         Precision::Int4 => IntFormat::Q4_0,
+        Precision::Q4_1 => IntFormat::Q4_1,
+        Precision::Q4K => IntFormat::Q4K,
+        Precision::Gguf => return Err("gguf lowers each weight to its file's format: give a GGUF checkpoint".into()),
     };
     verified(
         "lower-int",

@@ -21,19 +21,22 @@
 //! With `act` equal to the weight's compute dtype, activations stay as they are and
 //! `y = acc * s_w[o]`.
 //!
-//! A weight of integer codes (`i8`, `i4`) with one scale per block of 32 inputs is
-//! multiplied as llama.cpp multiplies GGUF's Q8_0 and Q4_0 weights: the activations are
+//! A weight of integer codes (`i8`, `i4`, `u4`) with one scale (and minimum) per block
+//! of 32 inputs is multiplied as llama.cpp multiplies GGUF's Q8_0, Q4_0 and Q4_1
+//! weights: the activations are
 //! quantized once per GEMV to 8 bits per block of 32 ([`intdot::quantize_q8`]) and
 //! each output is [`intdot`]'s arithmetic, the block scales applied inside the dot.
 
 use std::borrow::Cow;
 
+use fusec_ir::quant::IntFormat;
 use fusec_ir::{numerics, DType};
 
 #[cfg(doc)]
 use super::dot::dot;
 use super::gemm;
 use super::intdot::{self, IntRows, Q8Acts};
+use super::kdot::{self, KRows, Q8KActs};
 use super::rowdot::{self, Rows};
 use super::{float_buffer, KernelError};
 use crate::pool;
@@ -122,11 +125,23 @@ impl QuantWeight {
                 intdot::BLOCK
             )));
         }
-        if scale.dtype() != DType::F16 || scale.shape() != [o, i / intdot::BLOCK] {
-            return Err(KernelError::Invalid(format!(
-                "dequant: scales of {} codes must be f16[{o}, {}], got {}{:?}",
+        let format = IntFormat::of(values.dtype(), scale.dtype()).ok_or_else(|| {
+            KernelError::Invalid(format!(
+                "dequant: {} codes with {} side data are no block format",
                 values.dtype(),
-                i / intdot::BLOCK,
+                scale.dtype()
+            ))
+        })?;
+        let want = format.scales(fusec_ir::Dim::Fixed(o as u64), i as u64);
+        let want_shape: Vec<usize> = want
+            .shape
+            .dims()
+            .iter()
+            .filter_map(|d| d.as_fixed().map(|v| v as usize))
+            .collect();
+        if scale.dtype() != want.dtype || scale.shape() != want_shape.as_slice() {
+            return Err(KernelError::Invalid(format!(
+                "dequant: scales of {format} codes must be {want}, got {}{:?}",
                 scale.dtype(),
                 scale.shape()
             )));
@@ -155,6 +170,36 @@ impl QuantWeight {
         self.values.dtype().is_int_codes()
     }
 
+    /// Whether the weight is Q4_K (codes with super-block side data in bytes).
+    fn is_k(&self) -> bool {
+        IntFormat::of(self.values.dtype(), self.scale.dtype()) == Some(IntFormat::Q4K)
+    }
+
+    /// The codes and side data of a Q4_K weight, borrowed from their buffers.
+    fn k_rows(&self) -> Result<KRows<'_>, KernelError> {
+        let bad = || {
+            KernelError::Invalid(
+                "dequant: Q4_K codes and their side data must be bound whole and contiguous".into(),
+            )
+        };
+        let (v, s) = (&self.values, &self.scale);
+        let (Buffer::U8(codes), Buffer::U8(side)) = (v.buffer(), s.buffer()) else {
+            return Err(bad());
+        };
+        if !v.is_contiguous() || !s.is_contiguous() || !v.offset().is_multiple_of(2) {
+            return Err(bad());
+        }
+        Ok(KRows {
+            packed: codes
+                .get(v.offset() / 2..(v.offset() + v.numel()) / 2)
+                .ok_or_else(bad)?,
+            side: side
+                .get(s.offset()..s.offset() + s.numel())
+                .ok_or_else(bad)?,
+            ins: self.shape()[1],
+        })
+    }
+
     /// The codes and block scales of an integer weight, borrowed from their buffers.
     fn int_rows(&self) -> Result<IntRows<'_>, KernelError> {
         let bad = || {
@@ -181,7 +226,13 @@ impl QuantWeight {
                     .ok_or_else(bad)?,
                 scales,
             }),
-            _ if v.offset().is_multiple_of(2) => Ok(IntRows::Q4 {
+            DType::I4 if v.offset().is_multiple_of(2) => Ok(IntRows::Q4 {
+                packed: codes
+                    .get(v.offset() / 2..(v.offset() + v.numel()) / 2)
+                    .ok_or_else(bad)?,
+                scales,
+            }),
+            DType::U4 if v.offset().is_multiple_of(2) => Ok(IntRows::Q41 {
                 packed: codes
                     .get(v.offset() / 2..(v.offset() + v.numel()) / 2)
                     .ok_or_else(bad)?,
@@ -337,6 +388,7 @@ pub fn gemv(
 enum Stored<'a> {
     Float(Rows<'a>),
     Int(IntRows<'a>),
+    K(KRows<'a>),
 }
 
 impl<'a> Stored<'a> {
@@ -344,6 +396,7 @@ impl<'a> Stored<'a> {
         match self {
             Stored::Float(r) => r.len(),
             Stored::Int(r) => r.len(),
+            Stored::K(r) => r.len(),
         }
     }
 
@@ -351,6 +404,7 @@ impl<'a> Stored<'a> {
         match self {
             Stored::Float(r) => Stored::Float(r.range(start, end)),
             Stored::Int(r) => Stored::Int(r.range(start, end)),
+            Stored::K(r) => Stored::K(r.range(start, end)),
         }
     }
 
@@ -358,6 +412,7 @@ impl<'a> Stored<'a> {
         match self {
             Stored::Float(r) => ins * r.value_bytes(),
             Stored::Int(r) => r.row_bytes(ins),
+            Stored::K(r) => r.row_bytes(),
         }
     }
 }
@@ -366,6 +421,7 @@ impl<'a> Stored<'a> {
 enum Prepared<'a> {
     Float(rowdot::Activations<'a>),
     Int(&'a Q8Acts),
+    K(&'a Q8KActs),
 }
 
 impl Prepared<'_> {
@@ -374,6 +430,7 @@ impl Prepared<'_> {
         match (self, w) {
             (Prepared::Float(a), Stored::Float(rows)) => a.row(r, ins).dots(rows, out),
             (Prepared::Int(q), Stored::Int(rows)) => intdot::dots(q.row(r, ins), rows, out),
+            (Prepared::K(q), Stored::K(rows)) => kdot::dots(q.row(r, ins), rows, out),
             // Each part is prepared for its own storage just below where it is made.
             _ => out.fill(f32::NAN),
         }
@@ -394,6 +451,16 @@ impl Prepared<'_> {
                     for r in 0..rows {
                         let at = r * k + o;
                         intdot::dots(q.row(r, ins), row, &mut out[at..at + 1]);
+                    }
+                }
+            }
+            (Prepared::K(q), Stored::K(ws)) => {
+                let k = ws.len().checked_div(ins).unwrap_or(0);
+                for o in 0..k {
+                    let row = ws.range(o * ins, (o + 1) * ins);
+                    for r in 0..rows {
+                        let at = r * k + o;
+                        kdot::dots(q.row(r, ins), row, &mut out[at..at + 1]);
                     }
                 }
             }
@@ -534,6 +601,12 @@ pub fn gemv_many(
                 quantized: false,
                 scales: None,
             },
+            GemvWeight::Quant(q) if q.is_k() => Part {
+                rows: Stored::K(q.k_rows()?),
+                outs,
+                quantized: false,
+                scales: None,
+            },
             GemvWeight::Quant(q) if q.is_int() => Part {
                 rows: Stored::Int(q.int_rows()?),
                 outs,
@@ -609,12 +682,22 @@ pub fn gemv_many(
         true => Some(intdot::quantize_q8(xs)?),
         false => None,
     };
+    // And to Q8_K super-blocks, once for every Q4_K weight.
+    let k_acts = match parts
+        .iter()
+        .flatten()
+        .any(|p| matches!(p.rows, Stored::K(_)))
+    {
+        true => Some(kdot::quantize_q8k(xs, rows)?),
+        false => None,
+    };
     // Each weight's activations, prepared once for its storage format.
     let mut prepared: [Option<Prepared<'_>>; 4] = Default::default();
     for (p, slot) in parts.iter().flatten().zip(prepared.iter_mut()) {
         *slot = match (p.rows, p.quantized, fp8_act, &int_acts) {
             (Stored::Int(_), _, _, Some(q)) => Some(Prepared::Int(q)),
             (Stored::Int(_), _, _, None) => None,
+            (Stored::K(_), _, _, _) => k_acts.as_ref().map(Prepared::K),
             (Stored::Float(rows), true, Some(DType::Fp8E4M3), _) => {
                 Some(Prepared::Float(rowdot::Activations::fp8(plain_x(p), rows)))
             }
@@ -686,6 +769,7 @@ pub fn gemv_many(
     drop(prepared);
     drop(owned);
     drop(int_acts);
+    drop(k_acts);
     result
 }
 
@@ -1082,17 +1166,43 @@ mod tests {
             let codes: Vec<u8> = (0..bytes).map(|_| rng.below(256) as u8).collect();
             let dims = crate::tensor::Dims::from_slice(&[o, ins]).expect("dims");
             let values = Tensor::contiguous(dtype, dims, Buffer::U8(std::sync::Arc::new(codes)));
-            let scales: Vec<f32> = (0..o * ins / intdot::BLOCK)
+            // Q4_1's side data is a scale and a minimum per block.
+            let per = if dtype == DType::U4 { 2 } else { 1 };
+            let scales: Vec<f32> = (0..o * ins / intdot::BLOCK * per)
                 .map(|_| half::f16::from_f32(rng.normal() as f32 / 64.0).to_f32())
                 .collect();
-            let scale =
-                Tensor::from_f32(DType::F16, &[o, ins / intdot::BLOCK], scales).expect("scales");
+            let mut shape = vec![o, ins / intdot::BLOCK];
+            if per > 1 {
+                shape.push(per);
+            }
+            let scale = Tensor::from_f32(DType::F16, &shape, scales).expect("scales");
             QuantWeight::new(values, scale, DType::F32, DType::I8).expect("int weight")
         };
-        let ints: Vec<(QuantWeight, QuantWeight, QuantWeight)> = [DType::I8, DType::I4]
-            .into_iter()
-            .map(|t| (int_of(1003, t), int_of(1003, t), int_of(61, t)))
-            .collect();
+        let mut ints: Vec<(QuantWeight, QuantWeight, QuantWeight)> =
+            [DType::I8, DType::I4, DType::U4]
+                .into_iter()
+                .map(|t| (int_of(1003, t), int_of(1003, t), int_of(61, t)))
+                .collect();
+        // Q4_K: random codes and side bytes with small f16 `d` and `dmin`; 320 inputs
+        // end in a short super-block.
+        let mut k_of = |o: usize| {
+            let codes: Vec<u8> = (0..o * ins / 2).map(|_| rng.below(256) as u8).collect();
+            let dims = crate::tensor::Dims::from_slice(&[o, ins]).expect("dims");
+            let values =
+                Tensor::contiguous(DType::U4, dims, Buffer::U8(std::sync::Arc::new(codes)));
+            let supers = ins.div_ceil(256);
+            let mut side: Vec<u8> = (0..o * supers * 16).map(|_| rng.below(256) as u8).collect();
+            for h in side.chunks_mut(16) {
+                for k in [0, 2] {
+                    let v = half::f16::from_f32(rng.normal() as f32 / 1024.0);
+                    h[k..k + 2].copy_from_slice(&v.to_le_bytes());
+                }
+            }
+            let dims = crate::tensor::Dims::from_slice(&[o, supers, 16]).expect("dims");
+            let scale = Tensor::contiguous(DType::U8, dims, Buffer::U8(std::sync::Arc::new(side)));
+            QuantWeight::new(values, scale, DType::F32, DType::I8).expect("Q4_K weight")
+        };
+        ints.push((k_of(1003), k_of(1003), k_of(61)));
         let residual = random(&mut rng, 16 * 1003);
         let combine = |a: &mut [f32], b: &[f32]| {
             for (x, &y) in a.iter_mut().zip(b) {

@@ -1,7 +1,9 @@
 //! Dot products of activations quantized to 8 bits per block of 32 with weight rows of
-//! integer codes (`i8`, GGUF's Q8_0; `i4`, Q4_0) with one scale per block of 32, as
-//! llama.cpp multiplies them (`ggml_vec_dot_q8_0_q8_0` and `ggml_vec_dot_q4_0_q8_0` in
-//! ggml-cpu's quants.c, after `quantize_row_q8_0` of the activations).
+//! integer codes (`i8`, GGUF's Q8_0; `i4`, Q4_0; `u4`, Q4_1) with one scale (and for
+//! Q4_1 one minimum) per block of 32, as llama.cpp multiplies them
+//! (`ggml_vec_dot_q8_0_q8_0`, `ggml_vec_dot_q4_0_q8_0` and `ggml_vec_dot_q4_1_q8_1` in
+//! ggml-cpu's quants.c, after `quantize_row_q8_0` or `quantize_row_q8_1` of the
+//! activations, which give the same codes and scales).
 //!
 //! **The arithmetic** ([`dots_reference`]). The products of a block are summed in
 //! groups of four consecutive elements (`g = 0..8`), exactly, in `i32`; each group's
@@ -16,7 +18,18 @@
 //! ```
 //!
 //! where `xq`, `dx` are the activation codes and their `f16` block scale (as `f32`),
-//! `wq`, `dw` the weight's. This is the shape of llama.cpp's AVX2 `ggml_vec_dot_q8_0_q8_0`
+//! `wq`, `dw` the weight's.
+//!
+//! **Q4_1's minimum.** A Q4_1 weight is `dw * q + mw` with `q` in `0..16`, so its dot
+//! is `Σ_b dw dx Σ q xq + Σ_b mw (dx Σ xq)`: the first sum is the lanes above with the
+//! nibbles as codes, and the second takes each activation block's `sx = f16(dx' *
+//! Σ xq)` (Q8_1's `s`, with `dx'` the unrounded scale), summed in block order in one
+//! `f32` and added to the lanes' total at the end:
+//!
+//! ```text
+//! m = m + mw[b] * sx[b]                                 in block order
+//! y = reduce16(lanes) + m
+//! ``` This is the shape of llama.cpp's AVX2 `ggml_vec_dot_q8_0_q8_0`
 //! (eight lanes of four-product sums scaled per block and accumulated across blocks,
 //! one reduction at the end), with a second set of eight lanes for odd blocks so that
 //! one 512-bit instruction takes two blocks, and without its fused multiply-add (a
@@ -33,7 +46,8 @@
 //! of products in saturating 16 bits, so with AVX2 a Q8_0 block multiplies `|w|` by `x`
 //! carrying the sign of `w` instead (llama.cpp's AVX2 sign trick; `|-128|` is 128 as an
 //! unsigned byte and the activation codes lie in `[-127, 127]`, so a pair stays within
-//! `2 * 128 * 127 < 2^15`), and Q4_0 nibbles as they are (`2 * 15 * 127`).
+//! `2 * 128 * 127 < 2^15`), and Q4_0 nibbles as they are (`2 * 15 * 127`). Q4_1's
+//! nibbles are its codes: both instructions take them as they are, with no offset.
 
 use super::KernelError;
 use crate::pool;
@@ -48,6 +62,9 @@ pub enum IntRows<'a> {
     Q8 { codes: &'a [u8], scales: &'a [f32] },
     /// Two codes per byte in Q4_0's block order (`fusec_weights::tensor::i4_code`).
     Q4 { packed: &'a [u8], scales: &'a [f32] },
+    /// Q4_1: two codes per byte in the same order, each nibble its code, and per block
+    /// its scale and its minimum, interleaved (`[d0, m0, d1, m1, ...]`).
+    Q41 { packed: &'a [u8], scales: &'a [f32] },
 }
 
 impl<'a> IntRows<'a> {
@@ -55,8 +72,22 @@ impl<'a> IntRows<'a> {
     pub fn len(&self) -> usize {
         match self {
             IntRows::Q8 { codes, .. } => codes.len(),
-            IntRows::Q4 { packed, .. } => packed.len() * 2,
+            IntRows::Q4 { packed, .. } | IntRows::Q41 { packed, .. } => packed.len() * 2,
         }
+    }
+
+    /// Side values per block: a scale, or a scale and a minimum.
+    fn per_block(&self) -> usize {
+        match self {
+            IntRows::Q41 { .. } => 2,
+            IntRows::Q8 { .. } | IntRows::Q4 { .. } => 1,
+        }
+    }
+
+    /// The scale of block `b`.
+    #[inline]
+    fn scale(&self, b: usize) -> f32 {
+        self.scales()[b * self.per_block()]
     }
 
     pub fn is_empty(&self) -> bool {
@@ -75,6 +106,10 @@ impl<'a> IntRows<'a> {
                 packed: &packed[start / 2..end / 2],
                 scales: &scales[blocks],
             },
+            IntRows::Q41 { packed, scales } => IntRows::Q41 {
+                packed: &packed[start / 2..end / 2],
+                scales: &scales[2 * blocks.start..2 * blocks.end],
+            },
         }
     }
 
@@ -82,15 +117,18 @@ impl<'a> IntRows<'a> {
     /// them (`f16`).
     pub fn row_bytes(&self, ins: usize) -> usize {
         let blocks = ins / BLOCK;
+        let side = 2 * self.per_block();
         match self {
-            IntRows::Q8 { .. } => blocks * (BLOCK + 2),
-            IntRows::Q4 { .. } => blocks * (BLOCK / 2 + 2),
+            IntRows::Q8 { .. } => blocks * (BLOCK + side),
+            IntRows::Q4 { .. } | IntRows::Q41 { .. } => blocks * (BLOCK / 2 + side),
         }
     }
 
     fn scales(&self) -> &'a [f32] {
         match *self {
-            IntRows::Q8 { scales, .. } | IntRows::Q4 { scales, .. } => scales,
+            IntRows::Q8 { scales, .. }
+            | IntRows::Q4 { scales, .. }
+            | IntRows::Q41 { scales, .. } => scales,
         }
     }
 
@@ -103,11 +141,16 @@ impl<'a> IntRows<'a> {
                     *o = c as i8;
                 }
             }
-            IntRows::Q4 { packed, .. } => {
+            IntRows::Q4 { packed, .. } | IntRows::Q41 { packed, .. } => {
+                let offset = if matches!(self, IntRows::Q4 { .. }) {
+                    8
+                } else {
+                    0
+                };
                 let bytes = &packed[b * BLOCK / 2..(b + 1) * BLOCK / 2];
                 for (j, &byte) in bytes.iter().enumerate() {
-                    out[j] = (byte & 0x0F) as i8 - 8;
-                    out[j + 16] = (byte >> 4) as i8 - 8;
+                    out[j] = (byte & 0x0F) as i8 - offset;
+                    out[j + 16] = (byte >> 4) as i8 - offset;
                 }
             }
         }
@@ -116,14 +159,16 @@ impl<'a> IntRows<'a> {
 }
 
 /// Rows of activations quantized to 8-bit blocks, row-major: the codes, each block's
-/// scale repeated for its eight lanes (`scales8`), and each group of four codes' sum
-/// (`sums4`, for the offsets of the VNNI kernel). The vectors come from the executor's
-/// pool and go back to it on drop.
+/// scale repeated for its eight lanes (`scales8`), each group of four codes' sum
+/// (`sums4`, for the offsets of the VNNI kernel), and each block's scaled sum
+/// (`sums`, Q8_1's `s` for Q4_1's minimums). The vectors come from the executor's pool
+/// and go back to it on drop.
 #[derive(Debug)]
 pub struct Q8Acts {
     pub codes: Vec<i8>,
     pub scales8: Vec<f32>,
     pub sums4: Vec<i32>,
+    pub sums: Vec<f32>,
 }
 
 /// One row of [`Q8Acts`].
@@ -132,6 +177,7 @@ pub struct Q8Row<'a> {
     pub codes: &'a [i8],
     pub scales8: &'a [f32],
     pub sums4: &'a [i32],
+    pub sums: &'a [f32],
 }
 
 impl Q8Row<'_> {
@@ -150,10 +196,12 @@ impl Q8Acts {
     /// Row `r` of the rows of `len` activations.
     pub fn row(&self, r: usize, len: usize) -> Q8Row<'_> {
         let groups = len / 4;
+        let blocks = len / BLOCK;
         Q8Row {
             codes: &self.codes[r * len..(r + 1) * len],
             scales8: &self.scales8[r * groups..(r + 1) * groups],
             sums4: &self.sums4[r * groups..(r + 1) * groups],
+            sums: &self.sums[r * blocks..(r + 1) * blocks],
         }
     }
 }
@@ -163,13 +211,15 @@ impl Drop for Q8Acts {
         pool::give(std::mem::take(&mut self.codes));
         pool::give(std::mem::take(&mut self.scales8));
         pool::give(std::mem::take(&mut self.sums4));
+        pool::give(std::mem::take(&mut self.sums));
     }
 }
 
 /// Quantizes rows of activations (row-major, row length a multiple of [`BLOCK`]) to
 /// 8 bits per block as `quantize_row_q8_0_ref` (ggml-quants.c) does: the same
 /// arithmetic as [`fusec_weights::quant::q8_0_block`], whose `f16` scales are kept as
-/// `f32` values.
+/// `f32` values; and each block's `s` as `quantize_row_q8_1_ref` computes it,
+/// `f16(Σ xq * d)` with the unrounded `d = absmax / 127`.
 pub fn quantize_q8(x: &[f32]) -> Result<Q8Acts, KernelError> {
     if !x.len().is_multiple_of(BLOCK) {
         return Err(KernelError::Invalid(format!(
@@ -182,6 +232,7 @@ pub fn quantize_q8(x: &[f32]) -> Result<Q8Acts, KernelError> {
         codes: pool::zeros(x.len()),
         scales8: pool::take(groups),
         sums4: pool::take(groups),
+        sums: pool::take(x.len() / BLOCK),
     };
     for (xb, qb) in x
         .chunks_exact(BLOCK)
@@ -189,6 +240,10 @@ pub fn quantize_q8(x: &[f32]) -> Result<Q8Acts, KernelError> {
     {
         let d = fusec_weights::quant::q8_0_block(xb, qb).to_f32();
         acts.scales8.extend([d; 8]);
+        let unrounded = xb.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 127.0;
+        let sum: i32 = qb.iter().map(|&q| i32::from(q)).sum();
+        acts.sums
+            .push(half::f16::from_f32(sum as f32 * unrounded).to_f32());
         acts.sums4.extend(
             qb.chunks_exact(4)
                 .map(|g| g.iter().map(|&q| i32::from(q)).sum::<i32>()),
@@ -228,10 +283,12 @@ pub fn dots_reference(acts: Q8Row<'_>, w: IntRows<'_>, out: &mut [f32]) {
     let scales = w.scales();
     for (o, y) in out.iter_mut().enumerate() {
         let mut acc = [0.0f32; 16];
+        let mut mins = 0.0f32;
         for b in 0..blocks {
-            let wq = w.block(o * blocks + b);
+            let wb = o * blocks + b;
+            let wq = w.block(wb);
             let xq = &acts.codes[b * BLOCK..(b + 1) * BLOCK];
-            let d = scales[o * blocks + b] * acts.scale(b);
+            let d = w.scale(wb) * acts.scale(b);
             for g in 0..8 {
                 let s: i32 = (4 * g..4 * g + 4)
                     .map(|j| i32::from(wq[j]) * i32::from(xq[j]))
@@ -239,13 +296,19 @@ pub fn dots_reference(acts: Q8Row<'_>, w: IntRows<'_>, out: &mut [f32]) {
                 let lane = 8 * (b % 2) + g;
                 acc[lane] += s as f32 * d;
             }
+            if let IntRows::Q41 { .. } = w {
+                mins += scales[2 * wb + 1] * acts.sums[b];
+            }
         }
-        *y = reduce16(&acc);
+        *y = match w {
+            IntRows::Q41 { .. } => reduce16(&acc) + mins,
+            IntRows::Q8 { .. } | IntRows::Q4 { .. } => reduce16(&acc),
+        };
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     //! The AVX-512 VNNI and AVX2 kernels; see the module documentation above.
     //!
     //! `unsafe` is confined to this module: the kernels carry `#[target_feature]` and
@@ -258,15 +321,16 @@ mod x86 {
 
     use super::{IntRows, Q8Row, BLOCK};
 
+    /// The integer kernels' paths (shared with `super::super::kdot`).
     #[derive(Copy, Clone, Debug, PartialEq, Eq)]
-    pub(super) enum Path {
+    pub(crate) enum Path {
         Vnni,
         Avx2,
         None,
     }
 
     /// The best path this CPU runs, detected once.
-    pub(super) fn path() -> Path {
+    pub(crate) fn path() -> Path {
         static PATH: OnceLock<Path> = OnceLock::new();
         *PATH.get_or_init(|| {
             if is_x86_feature_detected!("avx512vnni")
@@ -295,8 +359,9 @@ mod x86 {
         let fits = acts.codes.len() == ins
             && acts.sums4.len() == ins / 4
             && acts.scales8.len() == ins / 4
+            && acts.sums.len() == blocks
             && w.len() >= out.len() * ins
-            && w.scales().len() >= out.len() * blocks;
+            && w.scales().len() >= out.len() * blocks * w.per_block();
         if !fits {
             return false;
         }
@@ -344,6 +409,15 @@ mod x86 {
                 let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), n, x);
                 _mm512_sub_epi32(dot, _mm512_slli_epi32(sums, 3))
             }
+            IntRows::Q41 { packed, .. } => {
+                // As Q4_0, each nibble its code: no offset to take back.
+                let q = _mm256_loadu_si256(packed.as_ptr().add(row_block * BLOCK / 2) as *const _);
+                let lo = _mm256_and_si256(q, _mm256_set1_epi8(0x0F));
+                let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), _mm256_set1_epi8(0x0F));
+                let both = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+                let n = _mm512_shuffle_i64x2(both, both, 0b11_01_10_00);
+                _mm512_dpbusd_epi32(_mm512_setzero_si512(), n, x)
+            }
         }
     }
 
@@ -364,6 +438,35 @@ mod x86 {
                 let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(n, x), ones);
                 _mm256_sub_epi32(dot, _mm256_slli_epi32(sums, 3))
             }
+            IntRows::Q41 { packed, .. } => {
+                let q = _mm_loadu_si128(packed.as_ptr().add(row_block * BLOCK / 2) as *const _);
+                let both = _mm256_set_m128i(_mm_srli_epi16(q, 4), q);
+                let n = _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+                _mm256_madd_epi16(_mm256_maddubs_epi16(n, x), ones)
+            }
+        }
+    }
+
+    /// Q4_1's minimums of a row, in block order (see the module documentation); `0`
+    /// and unused for the formats without them.
+    #[inline(always)]
+    fn mins(acts: Q8Row<'_>, w: IntRows<'_>, row: usize) -> f32 {
+        let mut m = 0.0f32;
+        if let IntRows::Q41 { scales, .. } = w {
+            for (b, &s) in acts.sums.iter().enumerate() {
+                m += scales[2 * (row + b) + 1] * s;
+            }
+        }
+        m
+    }
+
+    /// The row's total: the lanes' tree, plus Q4_1's minimums.
+    #[inline(always)]
+    unsafe fn finish(w: IntRows<'_>, lo: __m256, hi: __m256, mins: f32) -> f32 {
+        let y = reduce(lo, hi);
+        match w {
+            IntRows::Q41 { .. } => y + mins,
+            IntRows::Q8 { .. } | IntRows::Q4 { .. } => y,
         }
     }
 
@@ -371,7 +474,14 @@ mod x86 {
     unsafe fn vnni(acts: Q8Row<'_>, w: IntRows<'_>, out: &mut [f32]) {
         let blocks = acts.blocks();
         let scales = w.scales();
+        let per = w.per_block();
         let pairs = blocks / 2;
+        // Lanes 0..8 take block b's weight scale, 8..16 block b + 1's: elements 0 and
+        // 1 of the scales, or 0 and 2 when a minimum follows each.
+        let second = per as i32;
+        let idx = _mm512_set_epi32(
+            second, second, second, second, second, second, second, second, 0, 0, 0, 0, 0, 0, 0, 0,
+        );
         for (o, y) in out.iter_mut().enumerate() {
             let mut acc = _mm512_setzero_ps();
             let row = o * blocks;
@@ -380,9 +490,11 @@ mod x86 {
                 let x = _mm512_loadu_si512(acts.codes.as_ptr().add(b * BLOCK) as *const _);
                 let sums = _mm512_loadu_si512(acts.sums4.as_ptr().add(b * 8) as *const _);
                 let s = pair_vnni(w, row + b, x, sums);
-                // Lanes 0..8 take block b's weight scale, 8..16 block b + 1's.
-                let dw2 = _mm_castpd_ps(_mm_load_sd(scales.as_ptr().add(row + b) as *const f64));
-                let idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+                let at = scales.as_ptr().add((row + b) * per);
+                let dw2 = match per {
+                    1 => _mm_castpd_ps(_mm_load_sd(at as *const f64)),
+                    _ => _mm_loadu_ps(at),
+                };
                 let dw = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(dw2));
                 let d = _mm512_mul_ps(dw, _mm512_loadu_ps(acts.scales8.as_ptr().add(b * 8)));
                 acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_cvtepi32_ps(s), d));
@@ -394,17 +506,16 @@ mod x86 {
                 let x = _mm256_loadu_si256(acts.codes.as_ptr().add(b * BLOCK) as *const _);
                 let sums = _mm256_loadu_si256(acts.sums4.as_ptr().add(b * 8) as *const _);
                 let s = block_avx2(w, row + b, x, sums);
-                let d = _mm256_set1_ps(scales[row + b] * acts.scale(b));
+                let d = _mm256_set1_ps(w.scale(row + b) * acts.scale(b));
                 lo = _mm256_add_ps(lo, _mm256_mul_ps(_mm256_cvtepi32_ps(s), d));
             }
-            *y = reduce(lo, hi);
+            *y = finish(w, lo, hi, mins(acts, w, row));
         }
     }
 
     #[target_feature(enable = "avx2")]
     unsafe fn avx2(acts: Q8Row<'_>, w: IntRows<'_>, out: &mut [f32]) {
         let blocks = acts.blocks();
-        let scales = w.scales();
         for (o, y) in out.iter_mut().enumerate() {
             let mut acc = [_mm256_setzero_ps(); 2];
             let row = o * blocks;
@@ -412,11 +523,11 @@ mod x86 {
                 let x = _mm256_loadu_si256(acts.codes.as_ptr().add(b * BLOCK) as *const _);
                 let sums = _mm256_loadu_si256(acts.sums4.as_ptr().add(b * 8) as *const _);
                 let s = block_avx2(w, row + b, x, sums);
-                let d = _mm256_set1_ps(scales[row + b] * acts.scale(b));
+                let d = _mm256_set1_ps(w.scale(row + b) * acts.scale(b));
                 let lane = &mut acc[b % 2];
                 *lane = _mm256_add_ps(*lane, _mm256_mul_ps(_mm256_cvtepi32_ps(s), d));
             }
-            *y = reduce(acc[0], acc[1]);
+            *y = finish(w, acc[0], acc[1], mins(acts, w, row));
         }
     }
 }
@@ -553,6 +664,64 @@ mod tests {
             &mut from_q8,
         );
         assert_eq!(from_q4, from_q8, "Q4_0 rows mean their codes");
+        // Q4_1: every nibble 0..=15 in every position, with random scales and minimums.
+        let codes: Vec<i8> = (0..rows * ins).map(|k| (k % 16) as i8).collect();
+        let packed = q4_pack(&codes.iter().map(|&c| c - 8).collect::<Vec<_>>());
+        let sides: Vec<f32> = (0..2 * rows * ins / BLOCK)
+            .map(|_| half::f16::from_f32(rng.normal() as f32).to_f32())
+            .collect();
+        for (k, &c) in codes.iter().enumerate() {
+            assert_eq!(
+                fusec_weights::tensor::nibble_code(fusec_ir::DType::U4, &packed, k),
+                c
+            );
+        }
+        let w = IntRows::Q41 {
+            packed: &packed,
+            scales: &sides,
+        };
+        check_all_paths(a, w, rows);
+        check_q4_1_meaning(a, &codes, &sides, rows, ins);
+    }
+
+    /// Q4_1 rows against `Σ_b (dw dx Σ q xq + mw sx)` in f64: the reference computes
+    /// the weight `dw q + mw` times the activations, with Q8_1's block sums.
+    fn check_q4_1_meaning(acts: Q8Row<'_>, codes: &[i8], sides: &[f32], rows: usize, ins: usize) {
+        let packed = q4_pack(&codes.iter().map(|&c| c - 8).collect::<Vec<_>>());
+        let mut got = vec![0.0f32; rows];
+        dots_reference(
+            acts,
+            IntRows::Q41 {
+                packed: &packed,
+                scales: sides,
+            },
+            &mut got,
+        );
+        let blocks = ins / BLOCK;
+        for (o, &y) in got.iter().enumerate() {
+            let (mut exact, mut mag) = (0.0f64, 0.0f64);
+            for b in 0..blocks {
+                let (dw, mw) = (
+                    f64::from(sides[2 * (o * blocks + b)]),
+                    f64::from(sides[2 * (o * blocks + b) + 1]),
+                );
+                for j in b * BLOCK..(b + 1) * BLOCK {
+                    let t = dw
+                        * f64::from(codes[o * ins + j])
+                        * f64::from(acts.codes[j])
+                        * f64::from(acts.scale(b));
+                    exact += t;
+                    mag += t.abs();
+                }
+                let m = mw * f64::from(acts.sums[b]);
+                exact += m;
+                mag += m.abs();
+            }
+            assert!(
+                (f64::from(y) - exact).abs() <= 1e-5 * mag + 1e-30,
+                "{y} {exact}"
+            );
+        }
     }
 
     #[test]
@@ -568,6 +737,12 @@ mod tests {
         assert_eq!(
             acts.sums4[1],
             acts.codes[4..8].iter().map(|&c| i32::from(c)).sum::<i32>()
+        );
+        // Q8_1's s: the codes' sum times the unrounded scale, rounded to f16.
+        let sum: i32 = acts.codes[..32].iter().map(|&c| i32::from(c)).sum();
+        assert_eq!(
+            row.sums[0],
+            half::f16::from_f32(sum as f32 * (10.0 / 127.0)).to_f32()
         );
         let zeros = quantize_q8(&[0.0; 32]).expect("blocks");
         assert_eq!((zeros.row(0, 32).scale(0), zeros.codes[5]), (0.0, 0));
@@ -606,6 +781,17 @@ mod tests {
             let mut from_q8 = vec![0.0f32; rows];
             dots(a, IntRows::Q8 { codes: &bytes, scales: &dw }, &mut from_q8);
             prop_assert_eq!(from_q4, from_q8);
+            // Q4_1: the same nibbles as codes 0..=15, a scale and a minimum per block.
+            // (Q8_1's f16 block sums overflow for activations beyond about 2^11 per
+            // element, as they do in ggml; those rows have no finite result to check.)
+            prop_assume!(a.sums.iter().all(|s| s.is_finite()));
+            let u4: Vec<i8> = c4.iter().map(|&c| c + 8).collect();
+            let sides: Vec<f32> = (0..2 * rows * blocks)
+                .map(|_| half::f16::from_f32(rng.normal() as f32 * 0.01).to_f32())
+                .collect();
+            let w = IntRows::Q41 { packed: &packed, scales: &sides };
+            check_all_paths(a, w, rows);
+            check_q4_1_meaning(a, &u4, &sides, rows, ins);
         }
     }
 }

@@ -17,6 +17,7 @@ pub mod gather;
 pub mod gemm;
 pub mod gemv;
 pub mod intdot;
+pub mod kdot;
 pub mod matmul;
 pub mod movement;
 pub mod reduce;

@@ -268,10 +268,12 @@ pub enum Op {
     /// that GEMV's activations: `fp8e4m3` quantizes each activation row (token) to E4M3
     /// with a dynamic scale `absmax / 448` and multiplies in FP8 with f32 accumulation,
     /// folding both scales into the epilogue; `act == to` keeps activations unquantized.
-    /// With integer codes (`i8`, `i4`) the scales are `f16 [out, in / 32]`, one per
-    /// block of 32 inputs (GGUF's Q8_0 and Q4_0), and `act` is `i8`: the activations
-    /// are quantized to 8 bits per block of 32 and each block's integer dot product is
-    /// scaled by both blocks' scales, as llama.cpp's `ggml_vec_dot_q8_0_q8_0` does.
+    /// With integer codes (`i8`, `i4`, `u4`) the scales are the block format's side
+    /// data (`crate::quant::IntFormat`: `f16 [out, in / 32]`, one per block of 32
+    /// inputs for GGUF's Q8_0 and Q4_0, a scale and a minimum for Q4_1), and `act` is
+    /// `i8`: the activations are quantized to 8 bits per block of 32 and each block's
+    /// integer dot product is scaled by both blocks' scales, as llama.cpp's
+    /// `ggml_vec_dot_q8_0_q8_0` does.
     Dequant {
         to: DType,
         act: DType,

@@ -3,6 +3,7 @@
 
 use super::def::{resolve_axis, Op, TypeError};
 use crate::dtype::DType;
+use crate::quant::IntFormat;
 use crate::shape::{Dim, Shape};
 use crate::types::{TensorType, Type};
 
@@ -304,20 +305,27 @@ fn infer_tensor(
     }
 }
 
-/// Elements along the input dimension that share one scale of integer codes: a block
-/// of llama.cpp's Q8_0 and Q4_0 formats (`QK8_0`, `QK4_0` in ggml-common.h).
-pub const INT_BLOCK: u64 = 32;
+/// Elements along the input dimension that share one scale of integer codes
+/// ([`crate::quant::BLOCK`]).
+pub use crate::quant::BLOCK as INT_BLOCK;
 
-/// `dequant` of integer codes (`i8`, `i4`) `[o, i]` with one `f16` scale per block of
-/// [`INT_BLOCK`] along `i`, `[o, i / 32]`: GGUF's Q8_0 and Q4_0 split into their codes
-/// and their scales. Such a weight is multiplied as llama.cpp multiplies it, with the
-/// activations quantized to 8 bits per block (`act = i8`).
+/// `dequant` of integer codes `[o, i]` with their per-block side data, of the type
+/// [`IntFormat::scales`] says for the format of the codes' dtype: GGUF's Q8_0, Q4_0
+/// and Q4_1 split into their codes and their scales (and minimums). Such a weight is
+/// multiplied as llama.cpp multiplies it, with the activations quantized to 8 bits
+/// per block (`act = i8`).
 fn infer_int_dequant(
     q: &TensorType,
     scale: &TensorType,
     to: DType,
     act: DType,
 ) -> Result<TensorType, String> {
+    let Some(format) = IntFormat::of(q.dtype, scale.dtype) else {
+        return Err(format!(
+            "{} codes with {} side data are no block format",
+            q.dtype, scale.dtype
+        ));
+    };
     if act != DType::I8 {
         return Err(format!(
             "{} codes multiply activations quantized to i8 blocks (act=i8), not {act}",
@@ -336,23 +344,20 @@ fn infer_int_dequant(
             q.dtype
         ));
     };
-    if !ins.is_multiple_of(INT_BLOCK) {
+    format
+        .check_width(ins)
+        .map_err(|e| format!("{} codes: {e}", q.dtype))?;
+    let want = format.scales(o.clone(), ins);
+    if scale.dtype != want.dtype {
         return Err(format!(
-            "{} codes need an input dimension that is a multiple of {INT_BLOCK}, got {ins}",
-            q.dtype
+            "scales of {} codes must be {}, got {}",
+            q.dtype, want.dtype, scale.dtype
         ));
     }
-    if scale.dtype != DType::F16 {
+    if scale.shape != want.shape {
         return Err(format!(
-            "scales of {} codes must be f16, got {}",
-            q.dtype, scale.dtype
-        ));
-    }
-    let want = Shape(vec![o.clone(), Dim::Fixed(ins / INT_BLOCK)]);
-    if scale.shape != want {
-        return Err(format!(
-            "scales {} must be one per block of {INT_BLOCK}, {want}",
-            scale.shape
+            "scales {} of {format} codes must be {}",
+            scale.shape, want.shape
         ));
     }
     Ok(TensorType::new(to, q.shape.clone()))

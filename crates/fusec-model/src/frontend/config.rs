@@ -191,6 +191,16 @@ pub enum Precision {
     /// 4-bit integer weights, one `f16` scale per block of 32 inputs (GGUF's Q4_0),
     /// in an `f32` graph.
     Int4,
+    /// 4-bit unsigned integer weights, an `f16` scale and an `f16` minimum per block
+    /// of 32 inputs (GGUF's Q4_1), in an `f32` graph.
+    Q4_1,
+    /// 4-bit unsigned integer weights in super-blocks of 256 with 6-bit sub-block
+    /// scales and minimums (GGUF's Q4_K), in an `f32` graph.
+    Q4K,
+    /// A GGUF file's tensors as they are: each GEMV weight in the file's own integer
+    /// block format where fusec runs it natively (Q8_0, Q4_0, Q4_1, Q4_K), any other
+    /// dequantized to `f32`; an `f32` graph.
+    Gguf,
 }
 
 impl Precision {
@@ -202,6 +212,9 @@ impl Precision {
             "fp8" => Some(Precision::Fp8),
             "int8" => Some(Precision::Int8),
             "int4" => Some(Precision::Int4),
+            "q4_1" => Some(Precision::Q4_1),
+            "q4_k" => Some(Precision::Q4K),
+            "gguf" => Some(Precision::Gguf),
             _ => None,
         }
     }
@@ -214,7 +227,37 @@ impl Precision {
             Precision::Fp8 => "fp8",
             Precision::Int8 => "int8",
             Precision::Int4 => "int4",
+            Precision::Q4_1 => "q4_1",
+            Precision::Q4K => "q4_k",
+            Precision::Gguf => "gguf",
         }
+    }
+
+    /// Every precision, in the order the CLI lists them.
+    pub const ALL: [Precision; 9] = [
+        Precision::F32,
+        Precision::F16,
+        Precision::Bf16,
+        Precision::Fp8,
+        Precision::Int8,
+        Precision::Int4,
+        Precision::Q4_1,
+        Precision::Q4K,
+        Precision::Gguf,
+    ];
+
+    /// The names of [`Precision::ALL`], comma-separated, for messages.
+    pub fn names() -> String {
+        Precision::ALL.map(Precision::name).join(", ")
+    }
+
+    /// Whether this precision stores GEMV weights as integer codes in blocks (a
+    /// lowering of an `f32` graph).
+    pub fn is_int(self) -> bool {
+        matches!(
+            self,
+            Precision::Int8 | Precision::Int4 | Precision::Q4_1 | Precision::Q4K | Precision::Gguf
+        )
     }
 
     /// The precision a checkpoint stored in `dtype` runs in by default.

@@ -313,8 +313,9 @@ pub fn parse(path: &Path, src: &str, architectures: &[&str]) -> Result<ModelSpec
                     src,
                     p.span().start,
                     format!(
-                        "unknown precision `{}` (expected f32, f16, bf16, fp8, int8 or int4)",
-                        p.get_ref()
+                        "unknown precision `{}` (expected one of {})",
+                        p.get_ref(),
+                        Precision::names()
                     ),
                 )
             })?;
