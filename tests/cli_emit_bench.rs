@@ -57,9 +57,14 @@ fn emit_cuda_writes_kernels_and_plans_matching_the_predicted_launches() {
 
 #[test]
 fn emit_cuda_of_integer_weights_writes_the_integer_gemv() {
-    // Q8_0 and Q4_0 codes: the GEMVs read them with `__dp4a` (`fu_dot_q8`, `fu_dot_q4`)
+    // Q8_0, Q4_0 and Q4_1 codes: the GEMVs read them with `__dp4a` (`fu_dot_q8`,
+    // `fu_dot_q4`, `fu_dot_u4`)
     // after quantizing their activations per block, and the plan streams the codes.
-    for (precision, dot) in [("int8", "fu_dot_q8("), ("int4", "fu_dot_q4(")] {
+    for (precision, dot) in [
+        ("int8", "fu_dot_q8("),
+        ("int4", "fu_dot_q4("),
+        ("q4_1", "fu_dot_u4("),
+    ] {
         let dir = scratch(&format!("emit-cuda-{precision}"));
         let model = root().join("examples/llama-125m.toml");
         let out = fusec(&[
@@ -80,6 +85,31 @@ fn emit_cuda_of_integer_weights_writes_the_integer_gemv() {
         assert!(gemvs >= 5, "{precision}: {gemvs} integer dot products");
         let _ = std::fs::remove_dir_all(&dir);
     }
+}
+
+#[test]
+fn emit_cuda_of_k_quants_is_refused_as_bad_input() {
+    // Q4_K has no CUDA kernel yet: the user's choice of precision, exit 2 naming the
+    // node and the way out, not an internal error.
+    let dir = scratch("emit-cuda-q4k");
+    let model = root().join("examples/llama-125m.toml");
+    let out = fusec(&[
+        "compile",
+        model.to_str().expect("utf8"),
+        "--precision",
+        "q4_k",
+        "--out",
+        dir.to_str().expect("utf8"),
+        "--emit",
+        "cuda",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("u8 has no CUDA kernels yet") && stderr.contains("fusec run"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

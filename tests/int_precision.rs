@@ -130,8 +130,13 @@ fn integer_graphs_lower_cost_decode_and_emit_cuda() {
             gemv_weights * codes.size_bits(),
             "{precision:?}"
         );
+        let dot = match codes {
+            DType::I8 => "fu_dot_q8(",
+            DType::I4 => "fu_dot_q4(",
+            _ => "fu_dot_u4(",
+        };
         assert!(
-            out.kernels.iter().any(|k| k.function.contains("fu_dot_q")),
+            out.kernels.iter().any(|k| k.function.contains(dot)),
             "{precision:?}: no integer GEMV kernel"
         );
     }

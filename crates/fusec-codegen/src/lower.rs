@@ -86,8 +86,9 @@ pub fn generate(graph: &Graph, shape: &DecodeShape, options: &Options) -> Result
 }
 
 /// Whether the backend has kernels reading `dtype`. Exhaustive, so that a new storage
-/// format meets this decision: integer codes are read by the integer GEMV only
-/// (`cuda::gemv_int`), which refuses any other use of them.
+/// format meets this decision: integer codes and their side data are read by the
+/// integer GEMV only (`cuda::gemv_int`), which refuses any other use of them and the
+/// formats it has no kernel for.
 fn has_kernels(dtype: DType) -> bool {
     match dtype {
         DType::F32
@@ -97,8 +98,10 @@ fn has_kernels(dtype: DType) -> bool {
         | DType::Fp8E5M2
         | DType::I32
         | DType::I8
-        | DType::I4 => true,
-        DType::U4 | DType::U8 => false,
+        | DType::I4
+        | DType::U4 => true,
+        // Q4_K's packed side data: no CUDA kernel reads the K-quants yet.
+        DType::U8 => false,
     }
 }
 

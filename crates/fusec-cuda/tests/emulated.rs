@@ -283,8 +283,8 @@ fn llama3_and_qwen_kernels_decode_like_the_cpu_executor() {
     }
 }
 
-/// Integer weights (Q8_0 and Q4_0 codes with an `f16` scale per block of 32): the
-/// integer GEMV's kernels (activations quantized per block in the prologue, `__dp4a`
+/// Integer weights (Q8_0 and Q4_0 codes with an `f16` scale per block of 32, Q4_1's
+/// with a scale and a minimum): the integer GEMV's kernels (activations quantized per block in the prologue, `__dp4a`
 /// over the codes) decode as the CPU executor's integer GEMV does. The two sum in
 /// different orders, and nothing else differs.
 #[test]
@@ -296,7 +296,7 @@ fn int8_and_int4_kernels_follow_the_cpu_executor() {
     m.spec.model.intermediate_size = 128;
     m.spec.weights = None;
     let weights = Weights::random(&m.eager(Precision::F32), 11).expect("random weights");
-    for precision in [Precision::Int8, Precision::Int4] {
+    for precision in [Precision::Int8, Precision::Int4, Precision::Q4_1] {
         let lowered = m.fused(precision);
         let codes = fusec_weights::lower_weights(&weights, &lowered, &Default::default())
             .expect("quantizes");

@@ -1,6 +1,6 @@
 //! The GEMV family over block-quantized integer weights (`i8` codes: GGUF's Q8_0;
-//! `i4` codes: Q4_0; one `f16` scale per block of 32 inputs), as the CPU executor
-//! multiplies them: the activations quantized to 8 bits per block of 32
+//! `i4` codes: Q4_0; one `f16` scale per block of 32 inputs; `u4` codes with an `f16`
+//! scale and minimum per block: Q4_1), as the CPU executor multiplies them: the activations quantized to 8 bits per block of 32
 //! (`quantize_row_q8_0_ref` in ggml-quants.c: `d = amax / 127`, codes
 //! `round(x / d)` computed as `x * (1 / d)`, `d` kept as `f16`), each block's integer
 //! dot product exact in `i32` and scaled by both blocks' scales.
@@ -8,9 +8,11 @@
 //! The shape follows llama.cpp's `mul_mat_vec_q` (ggml-cuda's mmvq.cu with
 //! `vec_dot_q8_0_q8_1` and `vec_dot_q4_0_q8_1` in vecdotq.cuh): `__dp4a` multiplies four
 //! signed bytes and adds them to an `i32` in one instruction (sm_61 and later), so a
-//! lane reads 16 bytes of a weight row (16 Q8_0 codes, or one whole Q4_0 block of 32
-//! nibbles) and needs four (Q8_0) or eight (Q4_0) of them, plus one scale load per
-//! block. Where llama.cpp quantizes the activations in a kernel of its own
+//! lane reads 16 bytes of a weight row (16 Q8_0 codes, or one whole Q4_0 or Q4_1 block
+//! of 32 nibbles) and needs four (Q8_0), eight (Q4_0) or four (Q4_1) of them, plus one
+//! scale load per block. A Q4_1 weight `d * q + m` adds `m` times the activation
+//! block's sum `s = f16(d_x * Σ x_q)` (Q8_1's `s`, `vec_dot_q4_1_q8_1`), which the
+//! prologue stages beside each block's scale. Where llama.cpp quantizes the activations in a kernel of its own
 //! (`quantize_q8_1`), this prologue does it in shared memory, once per block of
 //! threads, so the fused GEMV stays one launch: one warp per block of 32 values takes
 //! the block's largest magnitude with warp shuffles.
@@ -25,6 +27,7 @@
 
 use std::fmt::Write;
 
+use fusec_ir::quant::IntFormat;
 use fusec_ir::DType;
 
 use crate::emit::Params;
@@ -40,17 +43,33 @@ pub(crate) struct IntWeight<'a> {
     pub scale: &'a View,
 }
 
-/// Why the integer GEMV cannot take these weights, if it cannot.
-pub(crate) fn check(ws: &[IntWeight<'_>], k: u64) -> Result<(), String> {
+/// The format of the weights `ws`, or why the integer GEMV cannot take them.
+pub(crate) fn check(ws: &[IntWeight<'_>], k: u64) -> Result<IntFormat, String> {
     if !k.is_multiple_of(BLOCK) {
         return Err(format!(
             "an integer GEMV needs whole blocks of {BLOCK} inputs, got {k}"
         ));
     }
-    let dtype = ws.first().ok_or("a GEMV needs a weight")?.values.dtype;
+    let first = ws.first().ok_or("a GEMV needs a weight")?;
+    let format = IntFormat::of(first.values.dtype, first.scale.dtype).ok_or_else(|| {
+        format!(
+            "{} codes with {} side data are no integer format",
+            first.values.dtype, first.scale.dtype
+        )
+    })?;
+    // Per block of 32: the scale, or the scale and the minimum.
+    let side = match format {
+        IntFormat::Q8_0 | IntFormat::Q4_0 => None,
+        IntFormat::Q4_1 => Some(2),
+        other => {
+            return Err(format!(
+                "{other} has no CUDA kernel yet: run it on the CPU (`fusec run`)"
+            ))
+        }
+    };
     for w in ws {
         let v = w.values;
-        if v.dtype != dtype {
+        if IntFormat::of(v.dtype, w.scale.dtype) != Some(format) {
             return Err("weights of one integer GEMV must share a format".into());
         }
         // Every row starts on a block, whole blocks are 16-byte aligned.
@@ -64,26 +83,32 @@ pub(crate) fn check(ws: &[IntWeight<'_>], k: u64) -> Result<(), String> {
                 v.dtype
             ));
         }
-        if w.scale.rank() != 2 || w.scale.dims[1].fixed() != Some(k / BLOCK) {
+        let sides_ok = match side {
+            None => w.scale.rank() == 2,
+            Some(n) => w.scale.rank() == 3 && w.scale.dims[2].fixed() == Some(n),
+        };
+        if !sides_ok || w.scale.dims[1].fixed() != Some(k / BLOCK) {
             return Err(format!(
-                "{} weight scales must be [rows, {}]",
-                v.dtype,
-                k / BLOCK
+                "{format} side data must be [rows, {}{}]",
+                k / BLOCK,
+                side.map_or(String::new(), |n| format!(", {n}"))
             ));
         }
     }
-    Ok(())
+    Ok(format)
 }
 
 /// Shared memory the prologue stages for `m_rows` rows of `k` activations: the codes,
-/// padded to 16 bytes, then one `f32` scale per block.
+/// padded to 16 bytes, then one `f32` scale and one `f32` sum per block.
 pub(crate) fn staged_bytes(m_rows: u64, k: u64) -> u64 {
-    (m_rows * k).div_ceil(16) * 16 + m_rows * (k / BLOCK) * 4
+    (m_rows * k).div_ceil(16) * 16 + 2 * m_rows * (k / BLOCK) * 4
 }
 
-/// Declares the staged codes `xq` and block scales `xd` in the dynamic shared memory.
+/// Declares the staged codes `xq`, block scales `xd` and block sums `xs` in the dynamic
+/// shared memory.
 pub(crate) fn declare_staging(b: &mut String, m_rows: u64, k: u64) {
     let codes = (m_rows * k).div_ceil(16) * 16;
+    let scales = m_rows * (k / BLOCK) * 4;
     let _ = writeln!(
         b,
         "  extern __shared__ __align__(16) unsigned char fu_dyn[];"
@@ -96,11 +121,17 @@ pub(crate) fn declare_staging(b: &mut String, m_rows: u64, k: u64) {
         b,
         "  float* xd = reinterpret_cast<float*>(fu_dyn + {codes});"
     );
+    let _ = writeln!(
+        b,
+        "  float* xs = reinterpret_cast<float*>(fu_dyn + {});",
+        codes + scales
+    );
 }
 
 /// The prologue: per activation row `m`, the RMSNorm statistic if there is a norm
 /// (`stat_pass` writes `fu_rs[m]`), then one warp per block of 32: each lane the
-/// normalised value `value(k)` of its element, the block's scale, the lane's code.
+/// normalised value `value(k)` of its element, the block's scale and sum, the lane's
+/// code.
 pub(crate) fn prologue(
     b: &mut String,
     k: u64,
@@ -116,9 +147,12 @@ pub(crate) fn prologue(
     );
     let _ = writeln!(b, "      const int k = bk * {BLOCK} + lane;");
     let _ = writeln!(b, "      const float y = {value};");
-    let _ = writeln!(b, "      float d;");
-    let _ = writeln!(b, "      xq[m * K + k] = fu_q8_block(y, &d);");
-    let _ = writeln!(b, "      if (lane == 0) xd[m * {blocks} + bk] = d;");
+    let _ = writeln!(b, "      float d, sum;");
+    let _ = writeln!(b, "      xq[m * K + k] = fu_q8_block(y, &d, &sum);");
+    let _ = writeln!(
+        b,
+        "      if (lane == 0) {{ xd[m * {blocks} + bk] = d; xs[m * {blocks} + bk] = sum; }}"
+    );
     let _ = writeln!(b, "    }}");
     let _ = writeln!(b, "  }}");
 }
@@ -132,7 +166,8 @@ pub(crate) fn row_body(
     k: u64,
 ) -> Result<(), String> {
     let blocks = k / BLOCK;
-    let dtype = ws.first().ok_or("a GEMV needs a weight")?.values.dtype;
+    let format = check(ws, k)?;
+    let dtype = format.codes();
     for (i, w) in ws.iter().enumerate() {
         let p = params.bind(w.values, Access::Read);
         let s = params.bind(w.scale, Access::Read);
@@ -155,8 +190,7 @@ pub(crate) fn row_body(
     // Values per lane per iteration: 16 bytes of codes.
     let per = match dtype {
         DType::I8 => 16,
-        DType::I4 => 32,
-        other => return Err(format!("{other} is not an integer weight format")),
+        _ => 32,
     };
     let _ = writeln!(b, "#pragma unroll 2");
     let _ = writeln!(
@@ -165,7 +199,7 @@ pub(crate) fn row_body(
     );
     let _ = writeln!(b, "        const int bk = k / {BLOCK};");
     for (i, w) in ws.iter().enumerate() {
-        let at = if dtype == DType::I4 { "k >> 1" } else { "k" };
+        let at = if dtype == DType::I8 { "k" } else { "k >> 1" };
         let _ = writeln!(
             b,
             "        const uint4 wv{i} = __ldg(reinterpret_cast<const uint4*>(w{i} + ({at})));"
@@ -175,6 +209,13 @@ pub(crate) fn row_body(
             "        const float sw{i} = fu_f32(s{i}[(long long)bk * {}LL]);",
             w.scale.strides[1]
         );
+        if format == IntFormat::Q4_1 {
+            let _ = writeln!(
+                b,
+                "        const float mw{i} = fu_f32(s{i}[(long long)bk * {}LL + {}LL]);",
+                w.scale.strides[1], w.scale.strides[2]
+            );
+        }
     }
     let _ = writeln!(b, "#pragma unroll");
     let _ = writeln!(b, "        for (int m = 0; m < M; ++m) {{");
@@ -184,14 +225,21 @@ pub(crate) fn row_body(
     );
     let _ = writeln!(b, "          const float dx = xd[m * {blocks} + bk];");
     for (i, _) in ws.iter().enumerate() {
-        let dot = match dtype {
-            DType::I8 => format!("fu_dot_q8(wv{i}, xp[0])"),
-            _ => format!("fu_dot_q4(wv{i}, xp[0], xp[1])"),
+        let dot = match format {
+            IntFormat::Q8_0 => format!("fu_dot_q8(wv{i}, xp[0])"),
+            IntFormat::Q4_0 => format!("fu_dot_q4(wv{i}, xp[0], xp[1])"),
+            _ => format!("fu_dot_u4(wv{i}, xp[0], xp[1])"),
         };
         let _ = writeln!(
             b,
             "          acc{i}[m] = fmaf((float){dot}, sw{i} * dx, acc{i}[m]);"
         );
+        if format == IntFormat::Q4_1 {
+            let _ = writeln!(
+                b,
+                "          acc{i}[m] = fmaf(mw{i}, xs[m * {blocks} + bk], acc{i}[m]);"
+            );
+        }
     }
     let _ = writeln!(b, "        }}");
     let _ = writeln!(b, "      }}");

@@ -76,13 +76,17 @@ template <int W> __device__ __forceinline__ float fu_group_sum(float v) {
 // Block-quantized integer GEMVs (`gemv_int.rs`). A warp holds a block of 32 values,
 // one a lane: returns the lane's 8-bit code and the block's scale, rounded to f16, in
 // `*d`, as `quantize_row_q8_0_ref` (ggml-quants.c) and the CPU executor quantize:
-// `d = amax / 127`, code `round(y * (1 / d))`, half away from zero.
-__device__ __forceinline__ signed char fu_q8_block(float y, float* d) {
+// `d = amax / 127`, code `round(y * (1 / d))`, half away from zero; and in `*sum` the
+// block's `f16(d * Σ codes)` with the unrounded `d` (Q8_1's `s`, for Q4_1's minimums).
+__device__ __forceinline__ signed char fu_q8_block(float y, float* d, float* sum) {
   const float am = fu_warp_max(fabsf(y));
   const float s = am / 127.0f;
   const float inv = s != 0.0f ? 1.0f / s : 0.0f;
   *d = __half2float(__float2half_rn(s));
-  return (signed char)(int)roundf(y * inv);
+  const signed char q = (signed char)(int)roundf(y * inv);
+  // At most 32 * 127 in magnitude: exact in f32.
+  *sum = __half2float(__float2half_rn(s * fu_warp_sum((float)q)));
+  return q;
 }
 
 // The exact integer dot product of 16 Q8_0 weight codes with 16 activation codes.
@@ -110,6 +114,21 @@ __device__ __forceinline__ int fu_dot_q4(uint4 w, uint4 lo, uint4 hi) {
     sx = __dp4a(0x01010101, (int)h[i], sx);
   }
   return s - 8 * sx;
+}
+
+// The exact integer dot product of one Q4_1 block (the nibble order of Q4_0, each
+// nibble its code) with its 32 activation codes.
+__device__ __forceinline__ int fu_dot_u4(uint4 w, uint4 lo, uint4 hi) {
+  const unsigned wr[4] = {w.x, w.y, w.z, w.w};
+  const unsigned l[4] = {lo.x, lo.y, lo.z, lo.w};
+  const unsigned h[4] = {hi.x, hi.y, hi.z, hi.w};
+  int s = 0;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    s = __dp4a((int)(wr[i] & 0x0F0F0F0Fu), (int)l[i], s);
+    s = __dp4a((int)((wr[i] >> 4) & 0x0F0F0F0Fu), (int)h[i], s);
+  }
+  return s;
 }
 
 // Block-wide reductions: every thread of the block calls them and gets the result.

@@ -94,11 +94,12 @@ pub fn cases(path: &Path, precision: Precision) -> Vec<Case> {
 }
 
 /// The fused graphs of the examples whose GEMV widths are whole blocks of 32 (the 125M
-/// Llama and Llama 3 8B), lowered to Q8_0 and Q4_0 codes: the integer GEMV kernels.
+/// Llama and Llama 3 8B), lowered to Q8_0, Q4_0 and Q4_1 codes: the integer GEMV
+/// kernels.
 pub fn int_cases() -> Vec<Case> {
     let mut v = Vec::new();
     for name in ["llama-125m.toml", "llama-3-8b.toml"] {
-        for precision in [Precision::Int8, Precision::Int4] {
+        for precision in [Precision::Int8, Precision::Int4, Precision::Q4_1] {
             v.extend(
                 cases(&root().join("examples").join(name), precision)
                     .into_iter()

@@ -99,7 +99,11 @@ pub fn fused_in(
         Precision::Int4 => IntFormat::Q4_0,
         Precision::Q4_1 => IntFormat::Q4_1,
         Precision::Q4K => IntFormat::Q4K,
-        Precision::Gguf => return Err("gguf lowers each weight to its file's format: give a GGUF checkpoint".into()),
+        Precision::Gguf => {
+            return Err(
+                "gguf lowers each weight to its file's format: give a GGUF checkpoint".into(),
+            )
+        }
     };
     verified(
         "lower-int",
