@@ -116,8 +116,20 @@ fn integer_graphs_lower_cost_decode_and_emit_cuda() {
         // CUDA: the integer GEMV reads the codes as they are stored, packed (`i4` two a
         // byte), beside their f16 scales: the plan's buffers hold the cost model's bytes.
         let shape = DecodeShape::new(1, spec.model.max_seq_len);
-        let out = codegen::generate(&graph, &shape, &codegen::Options::default())
-            .unwrap_or_else(|e| panic!("{precision:?}: {e}"));
+        let generated = codegen::generate(&graph, &shape, &codegen::Options::default());
+        if precision == Precision::Q4K {
+            // No CUDA kernel reads the K-quants yet: codegen says so, naming the side
+            // data, instead of emitting any.
+            match generated {
+                Err(e @ codegen::Error::NoKernels { .. }) => {
+                    assert!(e.to_string().contains("u8 has no CUDA kernels yet"), "{e}")
+                }
+                Err(e) => panic!("{precision:?}: not a NoKernels error: {e}"),
+                Ok(_) => panic!("{precision:?}: codegen emitted kernels for Q4_K"),
+            }
+            continue;
+        }
+        let out = generated.unwrap_or_else(|e| panic!("{precision:?}: {e}"));
         let int_buffers: u64 = out
             .plan
             .buffers
