@@ -99,9 +99,7 @@ fn main() {
         }
     }
     let (peak, cpu_peak) = (median(&mut peaks), median(&mut cpu_peaks));
-    println!(
-        "FMA peak, {threads} threads: {peak:.1} GFLOP/s wall, {cpu_peak:.1} per CPU-second"
-    );
+    println!("FMA peak, {threads} threads: {peak:.1} GFLOP/s wall, {cpu_peak:.1} per CPU-second");
     for ((&(rows, ins, outs), r), c) in shapes.iter().zip(&mut rates).zip(&mut cpu_rates) {
         let (g, gc) = (median(r), median(c));
         println!(

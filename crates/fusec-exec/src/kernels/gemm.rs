@@ -497,32 +497,56 @@ mod x86 {
         first: bool,
     ) {
         let (m0, m1) = (lanes_mask(n), lanes_mask(n.saturating_sub(16)));
+        // Loops over all `MR512` rows (a constant bound, unrolled) with the row
+        // count as a condition, so that the accumulators stay in registers.
         let mut acc = [[_mm512_setzero_ps(); 2]; MR512];
         if !first {
-            for (i, a) in acc.iter_mut().enumerate().take(m) {
-                let row = c.add(i * ld);
-                a[0] = _mm512_maskz_loadu_ps(m0, row);
-                a[1] = _mm512_maskz_loadu_ps(m1, row.add(16));
+            for (i, a) in acc.iter_mut().enumerate() {
+                if i < m {
+                    let row = c.add(i * ld);
+                    a[0] = _mm512_maskz_loadu_ps(m0, row);
+                    a[1] = _mm512_maskz_loadu_ps(m1, row.add(16));
+                }
             }
         }
-        for k in 0..kc {
-            let w0 = _mm512_loadu_ps(b.add(k * NR512));
-            let w1 = _mm512_loadu_ps(b.add(k * NR512 + 16));
-            let x = a.add(k * MR512);
+        // One step of `k`: the panel's 32 weights, each row's activation broadcast.
+        macro_rules! step {
+            ($k:expr) => {{
+                let k = $k;
+                let w0 = _mm512_loadu_ps(b.add(k * NR512));
+                let w1 = _mm512_loadu_ps(b.add(k * NR512 + 16));
+                let x = a.add(k * MR512);
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let xb = _mm512_set1_ps(*x.add(i));
+                    acc[0] = _mm512_fmadd_ps(xb, w0, acc[0]);
+                    acc[1] = _mm512_fmadd_ps(xb, w1, acc[1]);
+                }
+            }};
+        }
+        // Four steps per iteration: the loop's integer work issues on the ports
+        // that also run the 512-bit FMAs, so it is spread over more of them.
+        let mut k = 0;
+        while k + 4 <= kc {
             // The activation micro-panel streams from L2 (the weights' stays in L1):
             // ask for it a few hundred cycles ahead. A prefetch never faults, so
             // running past the panel's end is harmless.
-            _mm_prefetch::<_MM_HINT_T0>(x.wrapping_add(PREFETCH_K * MR512).cast());
-            for (i, acc) in acc.iter_mut().enumerate() {
-                let xb = _mm512_set1_ps(*x.add(i));
-                acc[0] = _mm512_fmadd_ps(xb, w0, acc[0]);
-                acc[1] = _mm512_fmadd_ps(xb, w1, acc[1]);
-            }
+            _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add((k + PREFETCH_K) * MR512).cast());
+            step!(k);
+            step!(k + 1);
+            step!(k + 2);
+            step!(k + 3);
+            k += 4;
         }
-        for (i, a) in acc.iter().enumerate().take(m) {
-            let row = c.add(i * ld);
-            _mm512_mask_storeu_ps(row, m0, a[0]);
-            _mm512_mask_storeu_ps(row.add(16), m1, a[1]);
+        while k < kc {
+            step!(k);
+            k += 1;
+        }
+        for (i, a) in acc.iter().enumerate() {
+            if i < m {
+                let row = c.add(i * ld);
+                _mm512_mask_storeu_ps(row, m0, a[0]);
+                _mm512_mask_storeu_ps(row.add(16), m1, a[1]);
+            }
         }
     }
 
@@ -540,10 +564,12 @@ mod x86 {
     ) {
         let mut acc = [[_mm256_setzero_ps(); 2]; MR256];
         if !first {
-            for (i, a) in acc.iter_mut().enumerate().take(m) {
-                let row = c.add(i * ld);
-                a[0] = _mm256_loadu_ps(row);
-                a[1] = _mm256_loadu_ps(row.add(8));
+            for (i, a) in acc.iter_mut().enumerate() {
+                if i < m {
+                    let row = c.add(i * ld);
+                    a[0] = _mm256_loadu_ps(row);
+                    a[1] = _mm256_loadu_ps(row.add(8));
+                }
             }
         }
         for k in 0..kc {
@@ -556,10 +582,12 @@ mod x86 {
                 acc[1] = _mm256_fmadd_ps(xb, w1, acc[1]);
             }
         }
-        for (i, a) in acc.iter().enumerate().take(m) {
-            let row = c.add(i * ld);
-            _mm256_storeu_ps(row, a[0]);
-            _mm256_storeu_ps(row.add(8), a[1]);
+        for (i, a) in acc.iter().enumerate() {
+            if i < m {
+                let row = c.add(i * ld);
+                _mm256_storeu_ps(row, a[0]);
+                _mm256_storeu_ps(row.add(8), a[1]);
+            }
         }
     }
 
