@@ -430,7 +430,11 @@ mod x86 {
                 let load = lanes_mask(kv);
                 let mut r = [_mm512_setzero_ps(); 16];
                 for (i, v) in r.iter_mut().enumerate().take(rg) {
-                    *v = _mm512_maskz_loadu_ps(load, src.add((g + i) * ins + k0));
+                    let row = src.add((g + i) * ins);
+                    // The weights come from memory, sixteen rows at a time: fetch
+                    // each row's lines well ahead (a prefetch never faults).
+                    _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(k0 + 128).cast());
+                    *v = _mm512_maskz_loadu_ps(load, row.add(k0));
                 }
                 let cols = transpose16(r);
                 for (kk, v) in cols.iter().enumerate().take(kv) {
