@@ -418,10 +418,10 @@ pub fn for_each_column_block_mut<T: Send>(
             },
         )
     };
-    // The blocks as chunks of an index range: the same scheduling as every other
-    // parallel loop of a kernel.
-    let mut indices: Vec<usize> = (0..blocks).collect();
-    for_each_chunk_mut(&mut indices, 1, parallel, |i, _| block(i));
+    // The blocks as the chunks of a slice of `()` (which allocates nothing): the same
+    // scheduling as every other parallel loop of a kernel.
+    let mut units = vec![(); blocks];
+    for_each_chunk_mut(&mut units, 1, parallel, |i, _| block(i));
 }
 
 #[cfg(test)]
