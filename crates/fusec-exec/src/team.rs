@@ -43,6 +43,7 @@
 #![allow(unsafe_code)]
 
 use std::cell::Cell;
+use std::marker::PhantomData;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock, TryLockError};
@@ -330,6 +331,99 @@ pub fn for_each_chunk_mut<T: Send>(
     run_job(chunks, &chunk);
 }
 
+/// `cols` consecutive columns of a row-major matrix, borrowed mutably: one thread's
+/// block of [`for_each_column_block_mut`]. Its rows are `width()` long and `stride()`
+/// apart in the matrix.
+#[derive(Debug)]
+pub struct ColumnsMut<'a, T> {
+    base: *mut T,
+    rows: usize,
+    width: usize,
+    stride: usize,
+    _borrow: PhantomData<&'a mut T>,
+}
+
+// SAFETY: a block is only ever reachable through one `ColumnsMut`, which holds the
+// exclusive borrow of its elements; with `T: Send` it may move to another thread.
+unsafe impl<T: Send> Send for ColumnsMut<'_, T> {}
+
+impl<T> ColumnsMut<'_, T> {
+    /// Rows of the block (the matrix's rows).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Columns of the block.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    /// Elements from one row of the matrix to the next.
+    pub fn stride(&self) -> usize {
+        self.stride
+    }
+
+    /// Row `r` of the block (panics past the last row).
+    pub fn row_mut(&mut self, r: usize) -> &mut [T] {
+        assert!(r < self.rows, "row {r} of a {}-row block", self.rows);
+        // SAFETY: row `r` of the block is `width` elements inside the matrix, owned
+        // by this block alone (see `for_each_column_block_mut`).
+        unsafe { std::slice::from_raw_parts_mut(self.base.add(r * self.stride), self.width) }
+    }
+
+    /// A pointer to element `(r, c)` of the block, for a kernel that writes the
+    /// `m x n` tile from there with this block's [`stride`](Self::stride): `None`
+    /// unless the tile lies inside the block. Writing through it is the caller's
+    /// `unsafe`; the block's exclusive borrow makes the tile its alone.
+    pub fn tile_ptr(&mut self, r: usize, m: usize, c: usize, n: usize) -> Option<*mut T> {
+        if m == 0 || n == 0 || r + m > self.rows || c + n > self.width {
+            return None;
+        }
+        // SAFETY: `(r, c)` is inside the block (checked above), so inside the matrix.
+        Some(unsafe { self.base.add(r * self.stride + c) })
+    }
+}
+
+/// Calls `f(index, block)` for every block of `block_cols` consecutive columns of the
+/// row-major matrix `out` (rows of `row_len`; the last block may be narrower), in
+/// parallel when `parallel` is true, else in order on this thread. Each block, every
+/// row's slice of its columns, is written by one thread: a kernel whose threads split
+/// the output features (a GEMM) writes row-major results in place.
+pub fn for_each_column_block_mut<T: Send>(
+    out: &mut [T],
+    row_len: usize,
+    block_cols: usize,
+    parallel: bool,
+    f: impl Fn(usize, ColumnsMut<'_, T>) + Sync,
+) {
+    let row_len = row_len.max(1);
+    let block_cols = block_cols.max(1);
+    let rows = out.len() / row_len;
+    let blocks = row_len.div_ceil(block_cols);
+    let base = SendPtr(out.as_mut_ptr());
+    let block = move |i: usize| {
+        let c0 = i * block_cols;
+        let width = block_cols.min(row_len - c0);
+        // SAFETY: block `i` is columns `c0..c0 + width` of the `rows` full rows of
+        // `out`, disjoint from every other block, and handed to one call of `f` while
+        // `out` stays borrowed by this function, which returns after every block.
+        f(
+            i,
+            ColumnsMut {
+                base: unsafe { base.get().add(c0) },
+                rows,
+                width,
+                stride: row_len,
+                _borrow: PhantomData,
+            },
+        )
+    };
+    // The blocks as the chunks of a slice of `()` (which allocates nothing): the same
+    // scheduling as every other parallel loop of a kernel.
+    let mut units = vec![(); blocks];
+    for_each_chunk_mut(&mut units, 1, parallel, |i, _| block(i));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -372,6 +466,33 @@ mod tests {
             }
             for (j, v) in out.iter().enumerate() {
                 assert_eq!(*v, 50 * (j + 1), "inside {inside}");
+            }
+        }
+    }
+
+    #[test]
+    fn column_blocks_cover_each_element_once() {
+        for inside in [false, true] {
+            let (rows, row_len) = (7, 23);
+            let mut out = vec![0usize; rows * row_len];
+            let fill = |out: &mut [usize]| {
+                for_each_column_block_mut(out, row_len, 5, true, |i, mut cols| {
+                    assert_eq!(cols.width(), 5.min(row_len - i * 5));
+                    assert!(cols.tile_ptr(0, rows + 1, 0, 1).is_none());
+                    for r in 0..cols.rows() {
+                        for (j, v) in cols.row_mut(r).iter_mut().enumerate() {
+                            *v += r * row_len + i * 5 + j + 1;
+                        }
+                    }
+                })
+            };
+            if inside {
+                region(|| fill(&mut out));
+            } else {
+                fill(&mut out);
+            }
+            for (j, v) in out.iter().enumerate() {
+                assert_eq!(*v, j + 1, "inside {inside}");
             }
         }
     }
