@@ -8,11 +8,10 @@
 //!
 //! **Fused multiply-add.** Each product is added to its accumulator by one fused
 //! multiply-add (`acc = fma(x, y, acc)`, the product and the sum rounded once, IEEE
-//! 754-2008 fusedMultiplyAdd), not by a multiply and an add each rounded. A batched
-//! decode step multiplies each weight into up to eight activation rows, and with
-//! separate operations a core issues 16 vector instructions per 16 weights, as fast as
-//! two cores stream weights from memory, so the multiplies and the loads stopped
-//! overlapping; fused, it is 8 (BENCHMARKS.md, "Batched decode"). One rounding per
+//! 754-2008 fusedMultiplyAdd), not by a multiply and an add each rounded: one vector
+//! instruction per product where there were two, which is what a batched decode step's
+//! multi-row kernel issues most of (each weight multiplied into up to eight activation
+//! rows; BENCHMARKS.md, "CPU batched decode", for what it measured). One rounding per
 //! term is also never less accurate: the classic bound of a sum of `n` rounded
 //! products (Higham, "Accuracy and Stability of Numerical Algorithms", 2002, §3.1)
 //! holds with one rounding fewer per term. The vector kernels require FMA besides AVX2

@@ -58,9 +58,8 @@
 //! halves, exactly as the AVX2 kernel does. On AVX2 (16 registers) a block is 3 rows
 //! of 4 accumulators. Weights are read once from memory whatever the batch, so a step
 //! of `B` sequences costs about one step of one until the multiplies bind: one fused
-//! multiply-add per weight and row, half the instructions that a multiply and an add
-//! each rounded took (the order was unfused until 8 activation rows against `f32`
-//! weights kept two AVX-512 cores as busy as the memory; see `super::dot`).
+//! multiply-add per weight and row (see `super::dot`). `cargo bench -p fusec-exec
+//! --bench rowdot` times 8 rows against 1 from memory and in L2.
 
 use std::sync::OnceLock;
 
@@ -388,7 +387,7 @@ mod avx2 {
     /// the single-row kernel's does, and `perf` put 60% of the AVX-512 kernel's
     /// samples on its weight load without this; 2 KiB is a few memory latencies'
     /// worth of lines at the per-core bandwidth.
-    const PREFETCH_BYTES: usize = 2048;
+    pub(super) const PREFETCH_BYTES: usize = 2048;
 
     /// Asks for the cache lines of the 32 weights [`PREFETCH_BYTES`] past `p` (a
     /// hint: it never faults, so the address may run past the weights).
@@ -758,18 +757,15 @@ mod avx512 {
     use std::sync::OnceLock;
 
     use super::avx2::{
-        load_bf16, load_e4m3, load_e4m3_f32, load_f16, load_f32, mul_add, prefetch,
-        reduce, same, times_1024, times_256, value_bf16, value_e4m3, value_e4m3_f32, value_f16,
-        value_f32,
+        load_bf16, load_e4m3, load_e4m3_f32, load_f16, load_f32, mul_add, reduce, same, times_1024,
+        times_256, value_bf16, value_e4m3, value_e4m3_f32, value_f16, value_f32,
     };
     use super::Rows;
 
     /// Whether this CPU has AVX-512F besides the AVX2 kernels' features, detected once.
     pub(super) fn available() -> bool {
         static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| {
-            super::avx2::available() && is_x86_feature_detected!("avx512f")
-        })
+        *HAS.get_or_init(|| super::avx2::available() && is_x86_feature_detected!("avx512f"))
     }
 
     /// Activation rows per register block: 8 rows of two 16-lane accumulators are 16
@@ -850,6 +846,30 @@ mod avx512 {
         ))
     }
 
+    /// The row of a block at which [`prefetch_half`] asks for the first half of the
+    /// weights ahead; the second half is asked for two rows before the block's last.
+    /// Both hints at the top of the row loop (where the compiler puts
+    /// `avx2::prefetch`'s two) made the fused loop stall on the second and on the weight
+    /// load after it, and stream from memory slower than the unfused loop did, whose
+    /// hints the compiler had spread among its multiplies; spread by hand, the two
+    /// stream alike (BENCHMARKS.md, "dot's order with fused multiply-add").
+    const FIRST_HINT_ROW: usize = 1;
+
+    /// Half `h` (0 or 1) of `avx2::prefetch` for the 32 weights at `p`: the cache
+    /// lines of its 16 weights `16 h..16 h + 16`, [`avx2::PREFETCH_BYTES`] ahead.
+    #[inline(always)]
+    unsafe fn prefetch_half<T>(p: *const T, h: usize) {
+        let bytes = 16 * std::mem::size_of::<T>();
+        let at = p
+            .cast::<i8>()
+            .wrapping_add(super::avx2::PREFETCH_BYTES + h * bytes);
+        let mut off = 0;
+        while off < bytes {
+            _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(off));
+            off += 64;
+        }
+    }
+
     /// Generates a multi-row kernel: `$load16`/`$madd16` for the main loop, and the
     /// AVX2 kernel's `$load`, `$madd`, `$value` and `$post` for the rest.
     macro_rules! multi_kernel {
@@ -871,12 +891,17 @@ mod avx512 {
                 let mut a23 = [_mm512_setzero_ps(); R];
                 let mut j = 0;
                 while j < quad {
-                    prefetch(pr.add(j));
                     let w01 = $load16(pr.add(j));
                     let w23 = $load16(pr.add(j + 16));
                     for r in 0..R {
                         let xr = xp.add(r * n + j);
+                        if r == FIRST_HINT_ROW.min(R - 1) {
+                            prefetch_half(pr.add(j), 0);
+                        }
                         a01[r] = $madd16(a01[r], _mm512_loadu_ps(xr), w01);
+                        if r + 2 == R.max(2) {
+                            prefetch_half(pr.add(j), 1);
+                        }
                         a23[r] = $madd16(a23[r], _mm512_loadu_ps(xr.add(16)), w23);
                     }
                     j += 32;
