@@ -9,8 +9,8 @@
 //! so a fast path gives bit-identical results to the portable one and to the eager
 //! `linear`.
 //!
-//! On x86-64 with AVX2, F16C and FMA (detected at run time) each row is four 8-lane vector
-//! accumulators over the row, read as one sequential stream; four accumulators keep
+//! On x86-64 with AVX2, F16C and FMA (detected at run time) each row is four 8-lane
+//! vector accumulators over the row, read as one sequential stream; four accumulators keep
 //! four additions in flight where one made a single add-latency chain, which capped
 //! the E4M3 kernel at about 9.5 GB/s per thread. Processing four rows at
 //! once (four streams, the activations loaded once for four rows) was measured faster
@@ -141,8 +141,8 @@ pub fn dots(x: &[f32], w: Rows<'_>, out: &mut [f32]) {
 }
 
 /// Activation rows prepared once for every row-dot of a GEMV: the checks and the
-/// scaled copy that the E4M3 kernel's `f32` decoding needs are made here, once, rather than in each
-/// of the many chunks a GEMV is split into.
+/// scaled copy that the E4M3 kernel's `f32` decoding needs are made here, once,
+/// rather than in each of the many chunks a GEMV is split into.
 #[derive(Debug)]
 pub struct Activations<'a> {
     /// The rows, row-major.
@@ -299,10 +299,10 @@ pub fn dots_portable(x: &[f32], w: Rows<'_>, out: &mut [f32]) {
 /// product of a value of `x` with an E4M3 value must be exact in `f32`, and stay exact
 /// and normal after the kernel's power-of-two scalings (`x` times `2^110`, the weight
 /// times `2^-120`; see the module documentation), so that every partial sum is a
-/// multiple of the same small power of two in both domains and rounds alike. E4M3 values have at most 4
-/// significant bits and magnitudes in `[2^-9, 448]`, so it holds when each `x` is zero
-/// or has at most 20 significant bits (the low 4 mantissa bits clear) and a magnitude
-/// in `[2^-90, 2^17]`. FP8-quantized activations (at most 448) always qualify.
+/// multiple of the same small power of two in both domains and rounds alike. E4M3
+/// values have at most 4 significant bits and magnitudes in `[2^-9, 448]`, so it
+/// holds when each `x` is zero or has at most 20 significant bits (the low 4 mantissa
+/// bits clear) and a magnitude in `[2^-90, 2^17]`. FP8-quantized activations (at most 448) always qualify.
 pub fn e4m3_products_exact(x: &[f32]) -> bool {
     const LOW: f32 = 1.0 / (1u128 << 90) as f32;
     const HIGH: f32 = (1u32 << 17) as f32;
@@ -338,9 +338,9 @@ mod avx2 {
         })
     }
 
-    /// The factor the `f32`-decoding E4M3 kernel's activations are scaled by, `2^110`, and the one its
-    /// sums are scaled back by, `2^10` (the weights come out of the decoding times
-    /// `2^-120`).
+    /// The factor the `f32`-decoding E4M3 kernel's activations are scaled by, `2^110`,
+    /// and the one its sums are scaled back by, `2^10` (the weights come out of the
+    /// decoding times `2^-120`).
     pub(super) const X_SCALE: f32 = (1u128 << 110) as f32;
     pub(super) const SUM_SCALE: f32 = 1024.0;
 
@@ -516,8 +516,8 @@ mod avx2 {
         Rows::E4M3(w).value(i) * (1.0 / 256.0)
     }
 
-    /// The tail in the same `2^-120` domain as the `f32`-decoding kernel's body; exact, since an
-    /// E4M3 value's 4 significant bits stay above the `f32` subnormal quantum.
+    /// The tail in the same `2^-120` domain as the `f32`-decoding kernel's body; exact,
+    /// since an E4M3 value's 4 significant bits stay above the `f32` subnormal quantum.
     pub(super) fn value_e4m3_f32(w: &[u8], i: usize) -> f32 {
         Rows::E4M3(w).value(i) * (1.0 / (1u128 << 120) as f32)
     }

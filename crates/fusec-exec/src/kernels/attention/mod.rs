@@ -103,7 +103,8 @@
 //! product in `dot::dot`'s order, fused multiply-adds included (which the compiler
 //! does not vectorize once it is inlined into the passes), and the weighted sum with
 //! the output row in registers, over `f32` or E4M3 value rows, with a multiply and an
-//! add each rounded as the portable loop does. So every path gives the same bits. The portable path decodes E4M3 bytes by table.
+//! add each rounded as the portable loop does. So every path gives the same bits. The
+//! portable path decodes E4M3 bytes by table.
 
 mod append;
 #[cfg(target_arch = "x86_64")]
