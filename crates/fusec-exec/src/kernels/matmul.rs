@@ -1,7 +1,7 @@
 //! Contractions: batched `matmul` with broadcast batch axes, and `linear` (`x @ W^T`).
 //!
-//! Products accumulate in `f32` over four accumulators of eight lanes
-//! ([`super::dot::dot`]); each
+//! Products accumulate in `f32` by fused multiply-adds over four accumulators of
+//! eight lanes ([`super::dot::dot`]); each
 //! output element is computed by one thread in a fixed order, so results do not depend
 //! on the thread count.
 

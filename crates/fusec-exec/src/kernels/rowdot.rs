@@ -4,15 +4,13 @@
 //! time, and never into a temporary copy of the weights.
 //!
 //! Every path sums in exactly the order of [`super::dot::dot`] (four independent
-//! 8-lane accumulators taking the chunks of eight round-robin, a fixed reduction tree,
-//! then the tail in order, each product and sum rounded separately), so a fast path
-//! gives bit-identical results to the portable one and to the eager `linear`. The one
-//! exception is the E4M3 kernel, which fuses multiply and add when every product is
-//! exact in `f32` ([`e4m3_products_exact`], true for FP8-quantized activations): an
-//! exact product makes the fused operation round exactly like the separate ones.
+//! 8-lane accumulators taking the chunks of eight round-robin, each product added by
+//! one fused multiply-add, a fixed reduction tree, then the tail in order, fused too),
+//! so a fast path gives bit-identical results to the portable one and to the eager
+//! `linear`.
 //!
-//! On x86-64 with AVX2 and F16C (detected at run time) each row is four 8-lane vector
-//! accumulators over the row, read as one sequential stream; four accumulators keep
+//! On x86-64 with AVX2, F16C and FMA (detected at run time) each row is four 8-lane
+//! vector accumulators over the row, read as one sequential stream; four accumulators keep
 //! four additions in flight where one made a single add-latency chain, which capped
 //! the E4M3 kernel at about 9.5 GB/s per thread. Processing four rows at
 //! once (four streams, the activations loaded once for four rows) was measured faster
@@ -25,19 +23,21 @@
 //! bound by the instructions that widen bytes to `f32`, not by memory. Two decodings
 //! are used, both exact:
 //!
-//! - With FMA and FP8-exact activations (the FP8 GEMV's case), a byte `s eeee mmm` is
+//! - With FP8-exact activations (the FP8 GEMV's case), a byte `s eeee mmm` is
 //!   sign-extended to 32 bits, shifted left 20 and masked to `s 0000eeee mmm 0..0`:
 //!   the `f32` whose value is the E4M3 value times `2^-120`, subnormals included (an
 //!   E4M3 subnormal lands on an `f32` subnormal with the same factor). Three
 //!   instructions per eight weights. The activations are pre-scaled by `2^110` (exact),
 //!   so every product is the true product times `2^-10`, exact and normal, and the
 //!   row's sum is multiplied by `2^10` at the end. Because all these factors are powers
-//!   of two and no value leaves the normal range, every sum rounds exactly as the
-//!   unscaled one: the kernel stays bit-identical to [`dots_portable`].
+//!   of two and no value leaves the normal range ([`e4m3_products_exact`]), every
+//!   fused multiply-add rounds exactly as the unscaled one: the kernel stays
+//!   bit-identical to [`dots_portable`].
 //! - Otherwise a byte is sign-extended to 16 bits, shifted left 7 and masked to the
 //!   `f16` bits `s 0eeee mmm0000000`, and converted by `vcvtph2ps`: the E4M3 value
 //!   times `2^-8` (the `f16` exponent bias is 15, E4M3's 7), subnormals included; the
-//!   row's sum is multiplied by 256 at the end. Sixteen bytes are widened at once.
+//!   row's sum is multiplied by 256 at the end (the same power-of-two argument, for
+//!   activations of ordinary magnitude). Sixteen bytes are widened at once.
 //!
 //! Measured in cache on one thread of that machine (thread CPU time, so other tenants
 //! do not count): the `f16` decoding at 11.6 GB/s with eight bytes per load and 16.0
@@ -57,9 +57,9 @@
 //! block of 8 rows 16 of the 32; the last chunks and the reduction run on their 8-lane
 //! halves, exactly as the AVX2 kernel does. On AVX2 (16 registers) a block is 3 rows
 //! of 4 accumulators. Weights are read once from memory whatever the batch, so a step
-//! of `B` sequences costs about one step of one until the multiplies bind: without
-//! FMA (the order rounds each product) a core does 16 multiply-adds per cycle on
-//! AVX-512, which is 8 activation rows against `f32` weights at about 20 GB/s.
+//! of `B` sequences costs about one step of one until the multiplies bind: one fused
+//! multiply-add per weight and row (see `super::dot`). `cargo bench -p fusec-exec
+//! --bench rowdot` times 8 rows against 1 from memory and in L2.
 
 use std::sync::OnceLock;
 
@@ -141,13 +141,13 @@ pub fn dots(x: &[f32], w: Rows<'_>, out: &mut [f32]) {
 }
 
 /// Activation rows prepared once for every row-dot of a GEMV: the checks and the
-/// scaled copy that the E4M3 FMA kernel needs are made here, once, rather than in each
-/// of the many chunks a GEMV is split into.
+/// scaled copy that the E4M3 kernel's `f32` decoding needs are made here, once,
+/// rather than in each of the many chunks a GEMV is split into.
 #[derive(Debug)]
 pub struct Activations<'a> {
     /// The rows, row-major.
     x: &'a [f32],
-    /// `x` times `2^110`, when the weights are E4M3 and the FMA kernel applies (see
+    /// `x` times `2^110`, when the weights are E4M3 and the `f32` decoding applies (see
     /// the module documentation); a buffer of the executor's pool.
     scaled: Option<Vec<f32>>,
 }
@@ -166,7 +166,7 @@ impl<'a> Activations<'a> {
     }
 
     /// [`Activations::new`] for rows of FP8 E4M3 values (activations quantized by
-    /// `gemv::quantize_rows`), which always qualify for the E4M3 FMA kernel, so the
+    /// `gemv::quantize_rows`), which always qualify for the E4M3 `f32` decoding, so the
     /// check of every value is skipped (it stays as a debug assertion).
     pub fn fp8(x: &'a [f32], w: Rows<'_>) -> Self {
         Activations::prepare(x, w, |x| {
@@ -178,7 +178,7 @@ impl<'a> Activations<'a> {
     fn prepare(x: &'a [f32], w: Rows<'_>, exact: impl Fn(&[f32]) -> bool) -> Self {
         #[cfg(target_arch = "x86_64")]
         {
-            if matches!(w, Rows::E4M3(_)) && avx2::fma_kernel_available() && exact(x) {
+            if matches!(w, Rows::E4M3(_)) && avx2::available() && exact(x) {
                 let mut scaled = crate::pool::take(x.len());
                 scaled.extend(x.iter().map(|&v| v * avx2::X_SCALE));
                 return Activations {
@@ -291,18 +291,18 @@ pub fn dots_portable(x: &[f32], w: Rows<'_>, out: &mut [f32]) {
     }
     for (o, y) in out.iter_mut().enumerate() {
         let base = o * n;
-        *y = dot_by(n, |j| x[j] * w.value(base + j));
+        *y = dot_by(n, |j| (x[j], w.value(base + j)));
     }
 }
 
-/// Whether the E4M3 kernel may take its fast, fused multiply-add path over `x`: every
-/// product of a value of `x` with an E4M3 value must be exact in `f32` (then a fused
-/// multiply-add rounds exactly as a multiply followed by an add), and stay exact and
-/// normal after the kernel's power-of-two scalings (`x` times `2^110`, the weight
-/// times `2^-120`; see the module documentation). E4M3 values have at most 4
-/// significant bits and magnitudes in `[2^-9, 448]`, so it holds when each `x` is zero
-/// or has at most 20 significant bits (the low 4 mantissa bits clear) and a magnitude
-/// in `[2^-90, 2^17]`. FP8-quantized activations (at most 448) always qualify.
+/// Whether the E4M3 kernel may take its fast path, the `f32` decoding, over `x`: every
+/// product of a value of `x` with an E4M3 value must be exact in `f32`, and stay exact
+/// and normal after the kernel's power-of-two scalings (`x` times `2^110`, the weight
+/// times `2^-120`; see the module documentation), so that every partial sum is a
+/// multiple of the same small power of two in both domains and rounds alike. E4M3
+/// values have at most 4 significant bits and magnitudes in `[2^-9, 448]`, so it
+/// holds when each `x` is zero or has at most 20 significant bits (the low 4 mantissa
+/// bits clear) and a magnitude in `[2^-90, 2^17]`. FP8-quantized activations (at most 448) always qualify.
 pub fn e4m3_products_exact(x: &[f32]) -> bool {
     const LOW: f32 = 1.0 / (1u128 << 90) as f32;
     const HIGH: f32 = (1u32 << 17) as f32;
@@ -327,31 +327,25 @@ mod avx2 {
 
     use super::Rows;
 
-    /// Whether this CPU has AVX2 and F16C, detected once.
+    /// Whether this CPU has AVX2, F16C and FMA (the order's fused multiply-add),
+    /// detected once.
     pub(super) fn available() -> bool {
         static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c"))
+        *HAS.get_or_init(|| {
+            is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("f16c")
+                && crate::kernels::dot::fma_available()
+        })
     }
 
-    /// The factor the FMA kernel's activations are scaled by, `2^110`, and the one its
-    /// sums are scaled back by, `2^10` (the weights come out of the decoding times
-    /// `2^-120`).
+    /// The factor the `f32`-decoding E4M3 kernel's activations are scaled by, `2^110`,
+    /// and the one its sums are scaled back by, `2^10` (the weights come out of the
+    /// decoding times `2^-120`).
     pub(super) const X_SCALE: f32 = (1u128 << 110) as f32;
     pub(super) const SUM_SCALE: f32 = 1024.0;
 
-    /// Whether this CPU also has FMA, detected once.
-    fn fma_available() -> bool {
-        static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| is_x86_feature_detected!("fma"))
-    }
-
-    /// Whether the E4M3 FMA kernel can run here.
-    pub(super) fn fma_kernel_available() -> bool {
-        available() && fma_available()
-    }
-
     /// `super::dots` on AVX2; the caller has checked [`available`]. `scaled` is `x`
-    /// times [`X_SCALE`] when the E4M3 FMA kernel applies (see
+    /// times [`X_SCALE`] when the E4M3 kernel's `f32` decoding applies (see
     /// `super::Activations::new`).
     pub(super) fn dots(x: &[f32], scaled: Option<&[f32]>, w: Rows<'_>, out: &mut [f32]) {
         let n = x.len();
@@ -363,16 +357,14 @@ mod avx2 {
             return;
         }
         // SAFETY: `available()` returned true (the caller checks it), so the CPU runs
-        // AVX2 and F16C instructions, and the FMA kernel runs only with a scaled copy,
-        // which `Activations::new` makes only after `fma_kernel_available()` said yes;
-        // `w` holds at least `out.len() * n` values, which is every value the kernels
-        // read.
+        // AVX2, F16C and FMA instructions; `w` holds at least `out.len() * n` values,
+        // which is every value the kernels read.
         unsafe {
             match (w, scaled) {
                 (Rows::F32(ws), _) => rows_f32(x, ws, out),
                 (Rows::Bf16(ws), _) => rows_bf16(x, ws, out),
                 (Rows::F16(ws), _) => rows_f16(x, ws, out),
-                (Rows::E4M3(ws), Some(xs)) => rows_e4m3_fma(xs, ws, out),
+                (Rows::E4M3(ws), Some(xs)) => rows_e4m3_f32(xs, ws, out),
                 (Rows::E4M3(ws), None) => rows_e4m3(x, ws, out),
             }
         }
@@ -395,7 +387,7 @@ mod avx2 {
     /// the single-row kernel's does, and `perf` put 60% of the AVX-512 kernel's
     /// samples on its weight load without this; 2 KiB is a few memory latencies'
     /// worth of lines at the per-core bandwidth.
-    const PREFETCH_BYTES: usize = 2048;
+    pub(super) const PREFETCH_BYTES: usize = 2048;
 
     /// Asks for the cache lines of the 32 weights [`PREFETCH_BYTES`] past `p` (a
     /// hint: it never faults, so the address may run past the weights).
@@ -410,16 +402,9 @@ mod avx2 {
         }
     }
 
-    /// `acc + x * w`, the product and the sum each rounded.
+    /// `acc + x * w` rounded once: the order's step.
     #[inline(always)]
     pub(super) unsafe fn mul_add(acc: __m256, x: __m256, w: __m256) -> __m256 {
-        _mm256_add_ps(acc, _mm256_mul_ps(x, w))
-    }
-
-    /// `acc + x * w` rounded once: only for products that are exact in `f32`, where it
-    /// equals [`mul_add`].
-    #[inline(always)]
-    pub(super) unsafe fn fused_mul_add(acc: __m256, x: __m256, w: __m256) -> __m256 {
         _mm256_fmadd_ps(x, w, acc)
     }
 
@@ -467,7 +452,7 @@ mod avx2 {
                     let mut s = reduce(a0, a1, a2, a3);
                     let row = &w[o * n..(o + 1) * n];
                     for t in main..n {
-                        s += x[t] * $value(row, t);
+                        s = x[t].mul_add($value(row, t), s);
                     }
                     out[o] = $post(s);
                     o += 1;
@@ -531,8 +516,8 @@ mod avx2 {
         Rows::E4M3(w).value(i) * (1.0 / 256.0)
     }
 
-    /// The tail in the same `2^-120` domain as the FMA kernel's body; exact, since an
-    /// E4M3 value's 4 significant bits stay above the `f32` subnormal quantum.
+    /// The tail in the same `2^-120` domain as the `f32`-decoding kernel's body; exact,
+    /// since an E4M3 value's 4 significant bits stay above the `f32` subnormal quantum.
     pub(super) fn value_e4m3_f32(w: &[u8], i: usize) -> f32 {
         Rows::E4M3(w).value(i) * (1.0 / (1u128 << 120) as f32)
     }
@@ -551,7 +536,7 @@ mod avx2 {
 
     kernel!(
         rows_f32,
-        "avx2,f16c",
+        "avx2,f16c,fma",
         f32,
         load_f32,
         mul_add,
@@ -560,7 +545,7 @@ mod avx2 {
     );
     kernel!(
         rows_bf16,
-        "avx2,f16c",
+        "avx2,f16c,fma",
         u16,
         load_bf16,
         mul_add,
@@ -569,7 +554,7 @@ mod avx2 {
     );
     kernel!(
         rows_f16,
-        "avx2,f16c",
+        "avx2,f16c,fma",
         u16,
         load_f16,
         mul_add,
@@ -578,7 +563,7 @@ mod avx2 {
     );
     kernel!(
         rows_e4m3,
-        "avx2,f16c",
+        "avx2,f16c,fma",
         u8,
         load_e4m3,
         mul_add,
@@ -586,11 +571,11 @@ mod avx2 {
         times_256
     );
     kernel!(
-        rows_e4m3_fma,
+        rows_e4m3_f32,
         "avx2,f16c,fma",
         u8,
         load_e4m3_f32,
-        fused_mul_add,
+        mul_add,
         value_e4m3_f32,
         times_1024
     );
@@ -614,8 +599,8 @@ mod avx2 {
             super::dots_rows_portable(x, rows, n, w, out);
             return;
         }
-        // SAFETY: `available()` returned true (the caller checks it), and the scaled
-        // copy exists only where the FMA kernel may run (see `dots`); `x` holds
+        // SAFETY: `available()` returned true (the caller checks it), so the CPU runs
+        // AVX2, F16C and FMA instructions; `x` holds
         // `rows * n` values, `w` holds `k` rows of `n` and `out` `rows * k` results,
         // which is every value the kernels touch.
         unsafe {
@@ -623,7 +608,7 @@ mod avx2 {
                 (Rows::F32(ws), _) => multi_f32(x, rows, n, ws, out),
                 (Rows::Bf16(ws), _) => multi_bf16(x, rows, n, ws, out),
                 (Rows::F16(ws), _) => multi_f16(x, rows, n, ws, out),
-                (Rows::E4M3(ws), Some(xs)) => multi_e4m3_fma(xs, rows, n, ws, out),
+                (Rows::E4M3(ws), Some(xs)) => multi_e4m3_f32(xs, rows, n, ws, out),
                 (Rows::E4M3(ws), None) => multi_e4m3(x, rows, n, ws, out),
             }
         }
@@ -675,7 +660,7 @@ mod avx2 {
                     let mut s = reduce(a[0], a[1], a[2], a[3]);
                     let xr = &x[r * n..(r + 1) * n];
                     for t in main..n {
-                        s += xr[t] * $value(w, t);
+                        s = xr[t].mul_add($value(w, t), s);
                     }
                     *out.add(r * k) = $post(s);
                 }
@@ -706,7 +691,7 @@ mod avx2 {
     multi_kernel!(
         multi_f32,
         block_f32,
-        "avx2,f16c",
+        "avx2,f16c,fma",
         f32,
         load_f32,
         mul_add,
@@ -716,7 +701,7 @@ mod avx2 {
     multi_kernel!(
         multi_bf16,
         block_bf16,
-        "avx2,f16c",
+        "avx2,f16c,fma",
         u16,
         load_bf16,
         mul_add,
@@ -726,7 +711,7 @@ mod avx2 {
     multi_kernel!(
         multi_f16,
         block_f16,
-        "avx2,f16c",
+        "avx2,f16c,fma",
         u16,
         load_f16,
         mul_add,
@@ -736,7 +721,7 @@ mod avx2 {
     multi_kernel!(
         multi_e4m3,
         block_e4m3,
-        "avx2,f16c",
+        "avx2,f16c,fma",
         u8,
         load_e4m3,
         mul_add,
@@ -744,12 +729,12 @@ mod avx2 {
         times_256
     );
     multi_kernel!(
-        multi_e4m3_fma,
-        block_e4m3_fma,
+        multi_e4m3_f32,
+        block_e4m3_f32,
         "avx2,f16c,fma",
         u8,
         load_e4m3_f32,
-        fused_mul_add,
+        mul_add,
         value_e4m3_f32,
         times_1024
     );
@@ -772,20 +757,15 @@ mod avx512 {
     use std::sync::OnceLock;
 
     use super::avx2::{
-        fused_mul_add, load_bf16, load_e4m3, load_e4m3_f32, load_f16, load_f32, mul_add, prefetch,
-        reduce, same, times_1024, times_256, value_bf16, value_e4m3, value_e4m3_f32, value_f16,
-        value_f32,
+        load_bf16, load_e4m3, load_e4m3_f32, load_f16, load_f32, mul_add, reduce, same, times_1024,
+        times_256, value_bf16, value_e4m3, value_e4m3_f32, value_f16, value_f32,
     };
     use super::Rows;
 
     /// Whether this CPU has AVX-512F besides the AVX2 kernels' features, detected once.
     pub(super) fn available() -> bool {
         static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| {
-            super::avx2::available()
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("avx512f")
-        })
+        *HAS.get_or_init(|| super::avx2::available() && is_x86_feature_detected!("avx512f"))
     }
 
     /// Activation rows per register block: 8 rows of two 16-lane accumulators are 16
@@ -813,7 +793,7 @@ mod avx512 {
                 (Rows::F32(ws), _) => multi_f32(x, rows, n, ws, out),
                 (Rows::Bf16(ws), _) => multi_bf16(x, rows, n, ws, out),
                 (Rows::F16(ws), _) => multi_f16(x, rows, n, ws, out),
-                (Rows::E4M3(ws), Some(xs)) => multi_e4m3_fma(xs, rows, n, ws, out),
+                (Rows::E4M3(ws), Some(xs)) => multi_e4m3_f32(xs, rows, n, ws, out),
                 (Rows::E4M3(ws), None) => multi_e4m3(x, rows, n, ws, out),
             }
         }
@@ -826,14 +806,9 @@ mod avx512 {
         (_mm512_castps512_ps256(v), _mm256_castpd_ps(hi))
     }
 
+    /// `acc + x * w` rounded once, as `avx2::mul_add`.
     #[inline(always)]
     unsafe fn mul_add16(acc: __m512, x: __m512, w: __m512) -> __m512 {
-        _mm512_add_ps(acc, _mm512_mul_ps(x, w))
-    }
-
-    /// Only for products exact in `f32`, as `avx2::fused_mul_add`.
-    #[inline(always)]
-    unsafe fn fused_mul_add16(acc: __m512, x: __m512, w: __m512) -> __m512 {
         _mm512_fmadd_ps(x, w, acc)
     }
 
@@ -871,6 +846,30 @@ mod avx512 {
         ))
     }
 
+    /// The row of a block at which [`prefetch_half`] asks for the first half of the
+    /// weights ahead; the second half is asked for two rows before the block's last.
+    /// Both hints at the top of the row loop (where the compiler puts
+    /// `avx2::prefetch`'s two) made the fused loop stall on the second and on the weight
+    /// load after it, and stream from memory slower than the unfused loop did, whose
+    /// hints the compiler had spread among its multiplies; spread by hand, the two
+    /// stream alike (BENCHMARKS.md, "dot's order with fused multiply-add").
+    const FIRST_HINT_ROW: usize = 1;
+
+    /// Half `h` (0 or 1) of `avx2::prefetch` for the 32 weights at `p`: the cache
+    /// lines of its 16 weights `16 h..16 h + 16`, [`avx2::PREFETCH_BYTES`] ahead.
+    #[inline(always)]
+    unsafe fn prefetch_half<T>(p: *const T, h: usize) {
+        let bytes = 16 * std::mem::size_of::<T>();
+        let at = p
+            .cast::<i8>()
+            .wrapping_add(super::avx2::PREFETCH_BYTES + h * bytes);
+        let mut off = 0;
+        while off < bytes {
+            _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(off));
+            off += 64;
+        }
+    }
+
     /// Generates a multi-row kernel: `$load16`/`$madd16` for the main loop, and the
     /// AVX2 kernel's `$load`, `$madd`, `$value` and `$post` for the rest.
     macro_rules! multi_kernel {
@@ -892,12 +891,17 @@ mod avx512 {
                 let mut a23 = [_mm512_setzero_ps(); R];
                 let mut j = 0;
                 while j < quad {
-                    prefetch(pr.add(j));
                     let w01 = $load16(pr.add(j));
                     let w23 = $load16(pr.add(j + 16));
                     for r in 0..R {
                         let xr = xp.add(r * n + j);
+                        if r == FIRST_HINT_ROW.min(R - 1) {
+                            prefetch_half(pr.add(j), 0);
+                        }
                         a01[r] = $madd16(a01[r], _mm512_loadu_ps(xr), w01);
+                        if r + 2 == R.max(2) {
+                            prefetch_half(pr.add(j), 1);
+                        }
                         a23[r] = $madd16(a23[r], _mm512_loadu_ps(xr.add(16)), w23);
                     }
                     j += 32;
@@ -938,7 +942,7 @@ mod avx512 {
                     let mut s = reduce(a0, a1, a2, a3);
                     let xs = &x[r * n..(r + 1) * n];
                     for t in main..n {
-                        s += xs[t] * $value(w, t);
+                        s = xs[t].mul_add($value(w, t), s);
                     }
                     *out.add(r * k) = $post(s);
                 }
@@ -1001,13 +1005,13 @@ mod avx512 {
         times_256
     );
     multi_kernel!(
-        multi_e4m3_fma,
-        block_e4m3_fma,
+        multi_e4m3_f32,
+        block_e4m3_f32,
         u8,
         load16_e4m3_f32,
-        fused_mul_add16,
+        mul_add16,
         load_e4m3_f32,
-        fused_mul_add,
+        mul_add,
         value_e4m3_f32,
         times_1024
     );
@@ -1043,12 +1047,11 @@ mod tests {
     #[test]
     fn fast_paths_match_the_portable_kernel_bit_for_bit() {
         let mut rng = SplitMix64::new(7);
-        // Widths below, at and off the vector width; row counts off the block of 4.
         // Widths below, at and off the vector width and the 32 values of one round of
         // the four accumulators (one, two and three leftover chunks, with and without a
         // tail); row counts off the block of 4. Each shape runs with FP8-exact
-        // activations (the E4M3 kernel's FMA path) and with arbitrary ones (its
-        // separate multiply and add).
+        // activations (the E4M3 kernel's `f32` decoding) and with arbitrary ones (its
+        // `f16` decoding).
         let shapes = [
             (1, 1),
             (3, 7),
@@ -1277,21 +1280,23 @@ mod tests {
             let b: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
             assert_eq!(
                 dot(&a, &b).to_bits(),
-                dot_by(n, |i| a[i] * b[i]).to_bits(),
+                dot_by(n, |i| (a[i], b[i])).to_bits(),
                 "n {n}"
             );
-            // The order written out: chunk c into accumulator c % 4, the tree, the tail.
+            // The order written out: chunk c into accumulator c % 4 by fused
+            // multiply-adds, the tree, the tail fused in order.
             let mut acc = [[0.0f32; 8]; 4];
             let main = n - n % 8;
             for j in 0..main {
-                acc[(j / 8) % 4][j % 8] += a[j] * b[j];
+                let l = &mut acc[(j / 8) % 4][j % 8];
+                *l = a[j].mul_add(b[j], *l);
             }
             let v: Vec<f32> = (0..8)
                 .map(|i| (acc[0][i] + acc[1][i]) + (acc[2][i] + acc[3][i]))
                 .collect();
             let mut s = ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
             for j in main..n {
-                s += a[j] * b[j];
+                s = a[j].mul_add(b[j], s);
             }
             assert_eq!(dot(&a, &b).to_bits(), s.to_bits(), "n {n}");
         }

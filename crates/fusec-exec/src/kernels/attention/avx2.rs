@@ -2,9 +2,10 @@
 //! intrinsics: the dot product in the order of `dot::dot` (the compiler does
 //! not vectorize that order by itself once it is inlined into the passes), and the
 //! weighted sum of value rows with the output row held in registers across all
-//! keys, where the compiler's loop loaded and stored it once per key. Only
-//! separate multiplies and adds are used, never FMA, so this path rounds exactly
-//! as the portable one does.
+//! keys, where the compiler's loop loaded and stored it once per key. The dot
+//! product fuses each multiply and add, as `dot::dot`'s order does; the weighted sum
+//! rounds each product and sum separately, as the portable loop does (its order is
+//! its own, not a dot product's), so this path rounds exactly as the portable one.
 //!
 //! `unsafe` is confined to this module: the `#[target_feature]` functions run only
 //! after run-time detection said the CPU has AVX2, and their loads and stores are
@@ -15,25 +16,27 @@
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
+use super::super::dot;
 use super::inner::Inner;
 use super::plan::Plan;
 use super::portable::Portable;
 use super::storage::Kv;
 
-/// Whether this CPU has AVX2, detected once.
+/// Whether this CPU has AVX2 and FMA (`dot::dot`'s fused multiply-add), detected
+/// once.
 pub(super) fn available() -> bool {
     static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| is_x86_feature_detected!("avx2"))
+    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && dot::fma_available())
 }
 
 /// `Plan::chunk_body` on AVX2; the caller has checked [`available`].
 pub(super) fn chunk<T: Kv>(plan: &Plan<'_, T>, index: usize, out: &mut [f32]) {
     // SAFETY: `available()` returned true (the caller checks it), so this CPU runs
-    // the AVX2 instructions `chunk_avx2` contains.
+    // the AVX2 and FMA instructions `chunk_avx2` contains.
     unsafe { chunk_avx2(plan, index, out) }
 }
 
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 fn chunk_avx2<T: Kv>(plan: &Plan<'_, T>, index: usize, out: &mut [f32]) {
     plan.chunk_body(index, out, &Avx2);
 }
@@ -45,7 +48,7 @@ impl Inner for Avx2 {
     #[inline(always)]
     fn dot(&self, a: &[f32], b: &[f32]) -> f32 {
         // SAFETY: an `Avx2` exists only inside `chunk_avx2`, which runs on CPUs
-        // with AVX2.
+        // with AVX2 and FMA.
         unsafe { dot(a, b) }
     }
 
@@ -202,11 +205,11 @@ impl Load for u8 {
     }
 }
 
-/// `dot::dot` on AVX2: chunk `c` of eight values goes to accumulator `c % 4`,
-/// the accumulators are combined as `(a0 + a1) + (a2 + a3)`, the lanes reduced as
-/// `((v0 + v4) + (v1 + v5)) + ((v2 + v6) + (v3 + v7))`, then the tail added in
-/// order; every product and sum rounded separately.
-#[target_feature(enable = "avx2")]
+/// `dot::dot` on AVX2: chunk `c` of eight values goes to accumulator `c % 4` by
+/// fused multiply-adds, the accumulators are combined as `(a0 + a1) + (a2 + a3)`, the
+/// lanes reduced as `((v0 + v4) + (v1 + v5)) + ((v2 + v6) + (v3 + v7))`, then the
+/// tail's products fused into the sum in order.
+#[target_feature(enable = "avx2,fma")]
 #[inline]
 unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
@@ -217,7 +220,7 @@ unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
     let h = _mm_hadd_ps(s, s);
     let mut s = _mm_cvtss_f32(h) + _mm_cvtss_f32(_mm_shuffle_ps::<1>(h, h));
     for t in main..n {
-        s += a[t] * b[t];
+        s = a[t].mul_add(b[t], s);
     }
     s
 }
@@ -226,17 +229,14 @@ unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// values at `pa` and `pb`: the four accumulators, combined as `(a0 + a1) + (a2 + a3)`.
 ///
 /// # Safety
-/// The CPU has AVX2, and `pa` and `pb` point to at least `n` readable values each.
-#[target_feature(enable = "avx2")]
+/// The CPU has AVX2 and FMA, and `pa` and `pb` point to at least `n` readable values each.
+#[target_feature(enable = "avx2,fma")]
 #[inline]
 unsafe fn combined(pa: *const f32, pb: *const f32, n: usize) -> __m256 {
     let (main, quad) = (n - n % 8, n - n % 32);
     // Every load reads `j..j + 8` with `j + 8 <= main <= n`.
     let madd = |acc: __m256, j: usize| {
-        _mm256_add_ps(
-            acc,
-            _mm256_mul_ps(_mm256_loadu_ps(pa.add(j)), _mm256_loadu_ps(pb.add(j))),
-        )
+        _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(j)), _mm256_loadu_ps(pb.add(j)), acc)
     };
     let (mut a0, mut a1, mut a2, mut a3) = (
         _mm256_setzero_ps(),
@@ -272,7 +272,7 @@ unsafe fn combined(pa: *const f32, pb: *const f32, n: usize) -> __m256 {
 /// horizontal sums of the eight registers transposed into one (four cross-lane
 /// shuffles and adds, three horizontal adds and a permutation, instead of eight
 /// separate reductions to a scalar).
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 #[inline]
 unsafe fn reduce8(v: [__m256; 8]) -> __m256 {
     // `[va0 + va4, .., va3 + va7, vb0 + vb4, .., vb3 + vb7]`.
@@ -294,7 +294,7 @@ unsafe fn reduce8(v: [__m256; 8]) -> __m256 {
 /// `Inner::dots` on AVX2: eight key rows at a time, each row's accumulators as in
 /// [`dot`] and the eight reduced together by [`reduce8`], then each row's tail
 /// added in order; the keys after the last eight by [`dot`].
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 #[inline]
 unsafe fn dots(q: &[f32], k: &[f32], base: usize, stride: usize, out: &mut [f32]) {
     let (hd, keys) = (q.len(), out.len());
@@ -317,7 +317,7 @@ unsafe fn dots(q: &[f32], k: &[f32], base: usize, stride: usize, out: &mut [f32]
             for (i, s) in out[j..j + 8].iter_mut().enumerate() {
                 let at = base + (j + i) * stride;
                 for (x, y) in q[main..].iter().zip(&k[at + main..at + hd]) {
-                    *s += x * y;
+                    *s = x.mul_add(*y, *s);
                 }
             }
         }
@@ -339,7 +339,7 @@ const KEY_BLOCK: usize = 32;
 /// of up to 64 values is one strip, read once; a longer one is read once per strip,
 /// which the key blocks keep in L1. The caller has checked that every value row
 /// read lies inside `v`.
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 #[inline]
 unsafe fn accumulate<T: Load, const NAN: bool>(
     out: &mut [f32],
@@ -380,7 +380,7 @@ unsafe fn accumulate<T: Load, const NAN: bool>(
 
 /// Values `d..d + 8 N` of the output row, accumulated over every key in registers:
 /// `out[d + i] += probs[j] * v[from + j * stride + i]`, in key order.
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 #[inline]
 unsafe fn strip<T: Load, const NAN: bool, const N: usize>(
     out: &mut [f32],
@@ -412,8 +412,7 @@ unsafe fn strip<T: Load, const NAN: bool, const N: usize>(
 
 #[cfg(test)]
 mod tests {
-    use super::{Avx2, Inner, Portable};
-    use crate::kernels::dot;
+    use super::{dot, Avx2, Inner, Portable};
 
     fn values(n: usize, seed: &mut u32) -> Vec<f32> {
         (0..n)

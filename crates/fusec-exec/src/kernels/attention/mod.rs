@@ -98,12 +98,13 @@
 //! (the normalization times the value scale), so the two differ by a few `f32` ulps,
 //! far below the FP8 quantization itself.
 //!
-//! **Vector code.** On x86-64 with AVX2 (detected at run time) the passes are
-//! compiled for AVX2 and their two inner loops are written with intrinsics: the dot
-//! product in `dot::dot`'s order (which the compiler does not vectorize once it is
-//! inlined into the passes), and the weighted sum with the output row in registers,
-//! over `f32` or E4M3 value rows. Both use separate multiplies and adds, never FMA,
-//! so every path gives the same bits. The portable path decodes E4M3 bytes by table.
+//! **Vector code.** On x86-64 with AVX2 and FMA (detected at run time) the passes are
+//! compiled for both and their two inner loops are written with intrinsics: the dot
+//! product in `dot::dot`'s order, fused multiply-adds included (which the compiler
+//! does not vectorize once it is inlined into the passes), and the weighted sum with
+//! the output row in registers, over `f32` or E4M3 value rows, with a multiply and an
+//! add each rounded as the portable loop does. So every path gives the same bits. The
+//! portable path decodes E4M3 bytes by table.
 
 mod append;
 #[cfg(target_arch = "x86_64")]
