@@ -32,6 +32,7 @@
 use std::time::Instant;
 
 use fusec_exec::calibrate;
+use fusec_exec::cputime::process_cpu_seconds;
 use fusec_exec::kernels::{gemm, rowdot::Rows};
 use fusec_exec::{Executor, Prefill, Session, SplitMix64, Weights};
 use fusec_ir::Graph;
@@ -571,10 +572,10 @@ pub fn run_model(spec: &ModelSpec, opts: &Options) -> Result<ModelResult, BenchE
                 // Untimed first, as for decode.
                 session.prefill(prefill, &tokens[..*t])?;
                 session.rewind(0)?;
-                let (start, cpu_start) = (Instant::now(), cpu_seconds());
+                let (start, cpu_start) = (Instant::now(), process_cpu_seconds());
                 session.prefill(prefill, &tokens[..*t])?;
                 rounds.push(start.elapsed().as_secs_f64());
-                if let (Some(a), Some(b)) = (cpu_start, cpu_seconds()) {
+                if let (Some(a), Some(b)) = (cpu_start, process_cpu_seconds()) {
                     cpu.push(prefill_flops(&spec.model, *t) / (b - a).max(0.01) / 1e9);
                 }
             }
@@ -660,47 +661,10 @@ pub fn run_model(spec: &ModelSpec, opts: &Options) -> Result<ModelResult, BenchE
     })
 }
 
-/// The FMA peak of the machine's cores, GFLOP/s: one thread per core, each running
-/// [`gemm::fma_flops_one_thread`] for about 50 ms at once, summed; and the operations
-/// per second of CPU time those threads took, per core.
+/// The FMA peak of the machine's cores, GFLOP/s: one thread per core
+/// ([`gemm::fma_peak`]), per wall second and per CPU-second of one core.
 pub fn fma_peak_gflops() -> (f64, f64) {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    // Iterations for about 50 ms on one thread, from a short calibration run.
-    let probe = 20_000;
-    let rate = gemm::fma_flops_one_thread(probe);
-    let iterations = ((0.05 * rate) / (16.0 * 16.0 * 2.0)).clamp(1e4, 1e9) as usize;
-    let cpu_start = cpu_seconds();
-    let wall = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|_| s.spawn(move || gemm::fma_flops_one_thread(iterations)))
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or(0.0))
-            .sum::<f64>()
-    }) / 1e9;
-    // The work done is known: the rate one core does it at per CPU-second.
-    let lanes = gemm::fma_lanes() as f64;
-    let flops = (threads * iterations) as f64 * 16.0 * lanes * 2.0;
-    let per_cpu = match (cpu_start, cpu_seconds()) {
-        (Some(a), Some(b)) if b > a => flops / (b - a) / 1e9,
-        _ => 0.0,
-    };
-    (wall, per_cpu)
-}
-
-/// CPU time this process has used (user and system, all threads), in seconds, from
-/// `/proc/self/stat` (fields 14 and 15, in clock ticks of 1/100 s, Linux's fixed
-/// `USER_HZ`); `None` where there is no such file.
-pub fn cpu_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // The command name (field 2) is in parentheses and may hold spaces.
-    let rest = stat.get(stat.rfind(')')? + 2..)?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // `rest` starts at field 3: utime is field 14, stime field 15.
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) / 100.0)
+    gemm::fma_peak(std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 fn random_tokens(vocab: u64, n: usize, seed: u64) -> Vec<i32> {

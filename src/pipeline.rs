@@ -206,7 +206,8 @@ pub fn compute_dtype(spec: &ModelSpec, precision: Precision) -> DType {
         Precision::Bf16 => DType::Bf16,
         Precision::Fp8 if spec.model.dtype == DType::F16 => DType::F16,
         Precision::Fp8 => DType::Bf16,
-        // llama.cpp's Q8_0, Q4_0 and Q4_1 GEMVs (and a GGUF file run as it is) compute in f32 around the integer dots.
+        // llama.cpp's integer GEMVs (Q8_0, Q4_0, Q4_1, Q4_K; and a GGUF file run as
+        // it is) compute in f32 around the integer dots.
         Precision::Int8 | Precision::Int4 | Precision::Q4_1 | Precision::Q4K | Precision::Gguf => {
             DType::F32
         }

@@ -592,12 +592,7 @@ fn the_q4_1_file_runs_natively_with_the_ids_of_its_dequantization() {
     };
     let reference = fixture("greedy.json");
     let rules = pipeline::rules(&[]).expect("rules");
-    let decode = |graph: &fusec::ir::Graph, weights: &Weights, prompt: &[i32]| {
-        let exec = Executor::new(graph.clone(), weights).expect("executor");
-        let mut session = Session::with_capacity(exec, 1, prompt.len() + 16).expect("session");
-        let g = session.generate(&[prompt.to_vec()], 16).expect("decodes");
-        (g.generated[0].clone(), g.row(0, 0).to_vec())
-    };
+    let decode = greedy16;
     let spec = pipeline::load(&path, None, None).expect("spec");
     let (f32_graph, _) =
         pipeline::fused_in(&spec, Precision::F32, &rules, &Default::default()).expect("f32");
@@ -679,6 +674,14 @@ fn the_q4_1_file_runs_natively_with_the_ids_of_its_dequantization() {
     }
 }
 
+/// The 16 greedy ids `graph` decodes after `prompt`, and its first step's logits.
+fn greedy16(graph: &fusec::ir::Graph, weights: &Weights, prompt: &[i32]) -> (Vec<i32>, Vec<f32>) {
+    let exec = Executor::new(graph.clone(), weights).expect("executor");
+    let mut session = Session::with_capacity(exec, 1, prompt.len() + 16).expect("session");
+    let g = session.generate(&[prompt.to_vec()], 16).expect("decodes");
+    (g.generated[0].clone(), g.row(0, 0).to_vec())
+}
+
 /// KL(p || q) of two rows of logits, in nats.
 fn kl(p: &[f32], q: &[f32]) -> f64 {
     let log_softmax = |x: &[f32]| {
@@ -714,12 +717,7 @@ fn gguf_q4_k_tensors_run_natively() {
     let file = requantized(&path, GgmlType::Q4_K);
     let reference = fixture("greedy.json");
     let rules = pipeline::rules(&[]).expect("rules");
-    let decode = |graph: &fusec::ir::Graph, weights: &Weights, prompt: &[i32]| {
-        let exec = Executor::new(graph.clone(), weights).expect("executor");
-        let mut session = Session::with_capacity(exec, 1, prompt.len() + 16).expect("session");
-        let g = session.generate(&[prompt.to_vec()], 16).expect("decodes");
-        (g.generated[0].clone(), g.row(0, 0).to_vec())
-    };
+    let decode = greedy16;
     let spec = pipeline::load(&file, None, None).expect("spec");
     let (f32_graph, _) =
         pipeline::fused_in(&spec, Precision::F32, &rules, &Default::default()).expect("f32");

@@ -38,7 +38,7 @@ pub fn warn_fusion(report: &fusec_rewrite::FuseReport) {
 #[derive(clap::Args, Debug)]
 pub struct PrecisionArgs {
     /// Precision (overrides [target] precision): f32, f16, bf16, fp8, int8 (Q8_0-like
-    /// weights: 8-bit codes, one f16 scale per block of 32 inputs), int4 (Q4_0-like)
+    /// weights: 8-bit codes, one f16 scale per block of 32 inputs), int4 (Q4_0-like),
     /// q4_1 (GGUF's Q4_1: 4-bit codes, an f16 scale and minimum per block of 32), q4_k
     /// (GGUF's Q4_K: super-blocks of 256 with 6-bit sub-block scales and minimums) or
     /// gguf (a GGUF file's matrices each in its own format, those fusec cannot run

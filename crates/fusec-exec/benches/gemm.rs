@@ -16,42 +16,12 @@ use fusec_exec::{team, SplitMix64};
 
 /// CPU seconds this process has used, all threads.
 fn cpu_seconds() -> f64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec for the call to fill.
-    #[allow(unsafe_code)]
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
-    if rc != 0 {
-        return 0.0;
-    }
-    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+    fusec_exec::cputime::process_cpu_seconds().unwrap_or(0.0)
 }
 
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
-}
-
-/// GFLOP/s of `threads` threads each running the FMA loop for about 50 ms at once,
-/// per wall second and per CPU second of one thread.
-fn fma_peak(threads: usize) -> (f64, f64) {
-    let rate = gemm::fma_flops_one_thread(20_000);
-    let lanes = gemm::fma_lanes() as f64;
-    let iterations = ((0.05 * rate) / (16.0 * lanes * 2.0)).clamp(1e4, 1e9) as usize;
-    let cpu = cpu_seconds();
-    let wall = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|_| s.spawn(move || gemm::fma_flops_one_thread(iterations)))
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or(0.0))
-            .sum::<f64>()
-    }) / 1e9;
-    let flops = (threads * iterations) as f64 * 16.0 * lanes * 2.0;
-    (wall, flops / (cpu_seconds() - cpu).max(1e-9) / 1e9)
 }
 
 fn main() {
@@ -77,7 +47,7 @@ fn main() {
     let mut rates = vec![Vec::new(); shapes.len()];
     let mut cpu_rates = vec![Vec::new(); shapes.len()];
     for _ in 0..rounds {
-        let (wall, cpu) = fma_peak(threads);
+        let (wall, cpu) = gemm::fma_peak(threads);
         peaks.push(wall);
         cpu_peaks.push(cpu);
         for (i, (&(rows, ins, outs), (x, w))) in shapes.iter().zip(&data).enumerate() {

@@ -36,6 +36,7 @@
 
 pub mod accuracy;
 pub mod calibrate;
+pub mod cputime;
 pub mod decode;
 mod dims;
 mod error;

@@ -281,6 +281,35 @@ pub fn fma_flops_one_thread(iterations: usize) -> f64 {
     (iterations * 16 * lanes * 2) as f64 / secs
 }
 
+/// The FMA peak of `threads` threads running [`fma_flops_one_thread`] at once for
+/// about 50 ms, GFLOP/s: summed over the wall clock, and the operations per second of
+/// this process's CPU time per core ([`crate::cputime`]; 0 where that clock is
+/// missing), which other tenants of a shared machine do not move.
+pub fn fma_peak(threads: usize) -> (f64, f64) {
+    let threads = threads.max(1);
+    // Iterations for about 50 ms on one thread, from a short calibration run.
+    let rate = fma_flops_one_thread(20_000);
+    let lanes = fma_lanes() as f64;
+    let iterations = ((0.05 * rate) / (16.0 * lanes * 2.0)).clamp(1e4, 1e9) as usize;
+    let cpu_start = crate::cputime::process_cpu_seconds();
+    let wall = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| s.spawn(move || fma_flops_one_thread(iterations)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or(0.0))
+            .sum::<f64>()
+    }) / 1e9;
+    // The work done is known: the rate one core does it at per CPU-second.
+    let flops = (threads * iterations) as f64 * 16.0 * lanes * 2.0;
+    let per_cpu = match (cpu_start, crate::cputime::process_cpu_seconds()) {
+        (Some(a), Some(b)) if b > a => flops / (b - a) / 1e9,
+        _ => 0.0,
+    };
+    (wall, per_cpu)
+}
+
 /// Lanes per vector of the FMA loop [`fma_flops_one_thread`] runs on this machine.
 pub fn fma_lanes() -> usize {
     #[cfg(target_arch = "x86_64")]
