@@ -143,6 +143,41 @@ fn cost_per_million_tokens_follows_the_stated_price_and_rate() {
 }
 
 #[test]
+fn an_integer_precision_reports_its_lowered_variant() {
+    // The integer precisions add their lowered graph, as fp8 adds fused+fp8, in the
+    // decode figures and in the prefill sweep.
+    let model = example("llama-125m.toml");
+    let r = json_report(&[
+        "report",
+        &model,
+        "--precision",
+        "int4",
+        "--format",
+        "json",
+        "--prompt-len",
+        "64",
+    ]);
+    let variants = r["variants"].as_array().expect("variants");
+    let names: Vec<&str> = variants
+        .iter()
+        .map(|v| v["name"].as_str().expect("name"))
+        .collect();
+    assert_eq!(names, ["eager", "fused", "fused+int4"]);
+    let floor: Vec<f64> = variants.iter().map(|v| f(&v["floor_bytes"])).collect();
+    // Q4_0's weights are 4.5 of 32 bits; the f32 KV cache stays (75 MB of the 514 MB
+    // floor at the example's context).
+    assert!(floor[2] < 0.3 * floor[1], "{floor:?}");
+    let prefill = r["prefill"]["points"][0]["variants"]
+        .as_array()
+        .expect("prefill variants");
+    let names: Vec<&str> = prefill
+        .iter()
+        .map(|v| v["variant"].as_str().expect("name"))
+        .collect();
+    assert_eq!(names, ["eager", "fused", "fused+int4"]);
+}
+
+#[test]
 fn the_8b_page_has_every_variant_and_chart_and_a_growing_context_sweep() {
     let dir = scratch("html");
     let page = dir.join("r.html");

@@ -38,7 +38,8 @@ pub struct Args {
     pub gpu_file: Vec<PathBuf>,
     /// Precision of the compiled variants (overrides [target] precision): f32, f16 or
     /// bf16 report eager and fused in that dtype; fp8 adds fused+fp8 to bf16 eager and
-    /// fused.
+    /// fused; an integer precision (int8, int4, q4_1, q4_k, gguf) adds fused+int8 (and
+    /// so on) to f32 eager and fused.
     #[arg(long)]
     pub precision: Option<String>,
     /// Context lengths of the context sweep, comma-separated [default: powers of two up
@@ -160,7 +161,7 @@ fn measurements(arg: Option<&Path>) -> Result<(Vec<Measurement>, Option<String>)
 }
 
 /// The variants to report: eager and fused in the precision's compute dtype, plus
-/// fused+fp8 for FP8.
+/// fused+fp8 for FP8 and fused+int8 (int4, q4_1, ...) for the integer precisions.
 fn variants(spec: &ModelSpec, precision: Precision) -> Result<Vec<Variant>, Failure> {
     let rules = pipeline::rules(&[])?;
     let s = pipeline::in_precision(spec, precision);
@@ -193,13 +194,24 @@ fn variants(spec: &ModelSpec, precision: Precision) -> Result<Vec<Variant>, Fail
             ),
             graph: fp8,
         });
+    } else if precision.is_int() {
+        let (lowered, _) = pipeline::fused_in(spec, precision, &rules, &Fp8Options::default())?;
+        out.push(Variant {
+            name: format!("fused+{}", precision.name()),
+            description: format!(
+                "the fused graph lowered to {} integer weights in blocks, activations \
+                 quantized to 8 bits per block inside each GEMV, other math in {dtype}",
+                precision.name()
+            ),
+            graph: lowered,
+        });
     }
     Ok(out)
 }
 
 /// The prefill graphs of the variants `variants` builds, for every chunk length the
-/// prompts are fed in: eager and fused in the precision's compute dtype, plus
-/// fused+fp8 for FP8.
+/// prompts are fed in: eager and fused in the precision's compute dtype, plus the
+/// lowered variant of FP8 and the integer precisions.
 fn prefill_graphs(
     spec: &ModelSpec,
     precision: Precision,
@@ -216,12 +228,12 @@ fn prefill_graphs(
     for tokens in lengths {
         let eager = pipeline::eager_prefill(&s, &StepDims::prefill(tokens, Logits::Last))?;
         let (fused, _) = pipeline::fuse(&s, &eager, &rules)?;
-        if precision == Precision::Fp8 {
-            let fp8 = pipeline::lower(&s, fused.clone(), precision, &Fp8Options::default())?;
+        if precision == Precision::Fp8 || precision.is_int() {
+            let lowered = pipeline::lower(&s, fused.clone(), precision, &Fp8Options::default())?;
             out.push(PrefillGraph {
-                variant: "fused+fp8".to_string(),
+                variant: format!("fused+{}", precision.name()),
                 tokens,
-                graph: fp8,
+                graph: lowered,
             });
         }
         out.push(PrefillGraph {
