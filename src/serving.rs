@@ -21,8 +21,7 @@
 use std::cell::Cell;
 use std::time::{Duration, Instant};
 
-use fusec_serve::engine::Choose;
-use fusec_serve::{Engine, EngineError, Event, Request, Scheduler, SeqId, SubmitError, Work};
+use fusec_serve::{Engine, Event, Hooked, Request, Scheduler, StepHook, SubmitError};
 use fusec_weights::SplitMix64;
 
 /// What to serve.
@@ -257,69 +256,31 @@ impl ServingResult {
     }
 }
 
-/// An engine that records the most KV blocks its sequences hold at the end of a step
-/// (before the scheduler lets finished ones go). The scheduler lends its engine only
-/// by shared reference, so the peak is a [`Cell`] that [`Metered::take_peak`] reads
-/// and restarts.
-#[derive(Debug)]
-pub struct Metered<E> {
-    pub engine: E,
-    peak_blocks: Cell<usize>,
-}
+/// A step hook that records the most KV blocks the engine's sequences hold at the end
+/// of a step (before the scheduler lets finished ones go), in a [`Cell`] that
+/// [`PeakBlocks::take_peak`] reads and restarts.
+#[derive(Debug, Default)]
+pub struct PeakBlocks(Cell<usize>);
 
-impl<E> Metered<E> {
-    pub fn new(engine: E) -> Metered<E> {
-        Metered {
-            engine,
-            peak_blocks: Cell::new(0),
-        }
-    }
-
+impl PeakBlocks {
     /// The peak since the last call, restarting it.
     pub fn take_peak(&self) -> usize {
-        self.peak_blocks.take()
+        self.0.take()
     }
 }
 
-impl<E: Engine> Engine for Metered<E> {
-    fn max_context(&self) -> usize {
-        self.engine.max_context()
+impl<E: Engine + ?Sized> StepHook<E> for PeakBlocks {
+    fn after_step(&self, engine: &E) {
+        self.0.set(self.0.get().max(engine.blocks_in_use()));
     }
+}
 
-    fn vocab_size(&self) -> usize {
-        self.engine.vocab_size()
-    }
+/// An engine whose peak KV blocks are metered.
+pub type Metered<E> = Hooked<E, PeakBlocks>;
 
-    fn block_size(&self) -> usize {
-        self.engine.block_size()
-    }
-
-    fn total_blocks(&self) -> usize {
-        self.engine.total_blocks()
-    }
-
-    fn blocks_in_use(&self) -> usize {
-        self.engine.blocks_in_use()
-    }
-
-    fn add(&mut self, tokens: &[u32], reserve: usize) -> Result<SeqId, EngineError> {
-        self.engine.add(tokens, reserve)
-    }
-
-    fn step(
-        &mut self,
-        work: &[Work],
-        choose: &mut Choose<'_>,
-    ) -> Result<Vec<(SeqId, u32)>, EngineError> {
-        let out = self.engine.step(work, choose);
-        let peak = self.peak_blocks.get().max(self.engine.blocks_in_use());
-        self.peak_blocks.set(peak);
-        out
-    }
-
-    fn remove(&mut self, seq: SeqId) -> bool {
-        self.engine.remove(seq)
-    }
+/// `engine`, metered.
+pub fn metered<E: Engine>(engine: E) -> Metered<E> {
+    Hooked::new(engine, PeakBlocks::default())
 }
 
 /// A request in flight: its id in the scheduler, when it was submitted, and when its
@@ -416,7 +377,7 @@ pub fn run<E: Engine>(
     serve(&mut scheduler, opts.prompts(vocab), 1, 1, opts.output_len)?;
     let before = scheduler.stats();
     // The peak of the timed run alone.
-    scheduler.engine().take_peak();
+    scheduler.engine().hook.take_peak();
     let start = Instant::now();
     let served = serve(
         &mut scheduler,
@@ -426,7 +387,7 @@ pub fn run<E: Engine>(
         opts.output_len,
     )?;
     let after = scheduler.stats();
-    let peak = scheduler.engine().take_peak();
+    let peak = scheduler.engine().hook.take_peak();
     let seconds = served
         .end
         .unwrap_or(start)
@@ -476,12 +437,14 @@ pub fn run<E: Engine>(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
-    use fusec_serve::engine::blocks_for;
-    use fusec_serve::SchedulerConfig;
+    use fusec_serve::{SchedulerConfig, SyntheticEngine};
 
     use super::*;
+
+    /// The engines of these tests: context 64, vocabulary 16.
+    fn fake(block_size: usize, total_blocks: usize) -> SyntheticEngine {
+        SyntheticEngine::new(block_size, total_blocks, 64, 16)
+    }
 
     #[test]
     fn percentile_is_nearest_rank() {
@@ -611,84 +574,16 @@ mod tests {
         );
     }
 
-    /// An engine without a model: every sequence's next token is 7.
-    #[derive(Debug)]
-    struct Fake {
-        block_size: usize,
-        total_blocks: usize,
-        /// Queued and fed tokens of each sequence.
-        seqs: HashMap<SeqId, (usize, usize)>,
-        next: u64,
-    }
-
-    impl Fake {
-        fn new(block_size: usize, total_blocks: usize) -> Fake {
-            Fake {
-                block_size,
-                total_blocks,
-                seqs: HashMap::new(),
-                next: 0,
-            }
-        }
-    }
-
-    impl Engine for Fake {
-        fn max_context(&self) -> usize {
-            64
-        }
-        fn vocab_size(&self) -> usize {
-            16
-        }
-        fn block_size(&self) -> usize {
-            self.block_size
-        }
-        fn total_blocks(&self) -> usize {
-            self.total_blocks
-        }
-        fn blocks_in_use(&self) -> usize {
-            self.seqs
-                .values()
-                .map(|&(_, fed)| blocks_for(fed, self.block_size))
-                .sum()
-        }
-        fn add(&mut self, tokens: &[u32], _reserve: usize) -> Result<SeqId, EngineError> {
-            let seq = SeqId(self.next);
-            self.next += 1;
-            self.seqs.insert(seq, (tokens.len(), 0));
-            Ok(seq)
-        }
-        fn step(
-            &mut self,
-            work: &[Work],
-            _: &mut Choose<'_>,
-        ) -> Result<Vec<(SeqId, u32)>, EngineError> {
-            let mut out = Vec::new();
-            for w in work {
-                let s = self
-                    .seqs
-                    .get_mut(&w.seq)
-                    .ok_or(EngineError::UnknownSequence(w.seq.0))?;
-                s.0 -= w.tokens;
-                s.1 += w.tokens;
-                if s.0 == 0 {
-                    s.0 = 1;
-                    out.push((w.seq, 7));
-                }
-            }
-            Ok(out)
-        }
-        fn remove(&mut self, seq: SeqId) -> bool {
-            self.seqs.remove(&seq).is_some()
-        }
-    }
-
-    fn scheduler(engine: Fake, max_running: usize) -> Scheduler<Metered<Fake>> {
+    fn scheduler(
+        engine: SyntheticEngine,
+        max_running: usize,
+    ) -> Scheduler<Metered<SyntheticEngine>> {
         let config = SchedulerConfig {
             max_running,
             token_budget: 256,
             prefill_chunk: 128,
         };
-        Scheduler::new(Metered::new(engine), config).expect("config")
+        Scheduler::new(metered(engine), config).expect("config")
     }
 
     #[test]
@@ -700,7 +595,7 @@ mod tests {
             output_len: 4,
             seed: 0,
         };
-        let r = run(scheduler(Fake::new(4, 100), 3), &opts, "fake", "f32").expect("runs");
+        let r = run(scheduler(fake(4, 100), 3), &opts, "fake", "f32").expect("runs");
         assert_eq!(r.finished, 7);
         assert_eq!(r.output_tokens, 28);
         assert_eq!(r.prompt_tokens, 35);
@@ -731,7 +626,7 @@ mod tests {
             output_len: 6,
             seed: 1,
         };
-        let r = run(scheduler(Fake::new(4, 5), 3), &opts, "fake", "f32").expect("runs");
+        let r = run(scheduler(fake(4, 5), 3), &opts, "fake", "f32").expect("runs");
         assert_eq!((r.finished, r.output_tokens), (6, 36));
         assert_eq!(r.ttft.samples, 6);
         assert_eq!(r.itl.as_ref().map(|l| l.samples), Some(6 * 5));
@@ -748,7 +643,7 @@ mod tests {
             output_len: 1,
             seed: 0,
         };
-        let r = run(scheduler(Fake::new(4, 100), 4), &opts, "fake", "f32").expect("runs");
+        let r = run(scheduler(fake(4, 100), 4), &opts, "fake", "f32").expect("runs");
         assert_eq!((r.finished, r.output_tokens), (2, 2));
         assert_eq!(r.itl, None);
         assert!(r.render().contains("ITL"));

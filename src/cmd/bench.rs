@@ -10,7 +10,7 @@ use anyhow::anyhow;
 use fusec::bench::{self, BenchError, Options};
 use fusec::output::{Outputs, Replace};
 use fusec::pipeline;
-use fusec::serving::{self, Metered, ServingError, ServingOptions, ServingResult};
+use fusec::serving::{self, metered, ServingError, ServingOptions, ServingResult};
 use fusec_model::frontend::ModelSpec;
 use fusec_rewrite::precision::Fp8Options;
 use fusec_serve::{Scheduler, SchedulerConfig};
@@ -207,7 +207,7 @@ fn run_serving(
         token_budget: defaults.token_budget.max(opts.concurrency),
         ..defaults
     };
-    let scheduler = Scheduler::new(Metered::new(built.engine), config)
+    let scheduler = Scheduler::new(metered(built.engine), config)
         .map_err(|e| Failure::Input(anyhow!("{e} (--concurrency)")))?;
     let engine = if built.paged { "paged" } else { "sessions" };
     serving::run(scheduler, opts, engine, precision.name()).map_err(|e| match e {

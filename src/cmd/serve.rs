@@ -20,7 +20,7 @@ use fusec_ir::Graph;
 use fusec_model::frontend::{ModelSpec, Precision};
 use fusec_rewrite::precision::Fp8Options;
 use fusec_serve::{
-    Engine, Paced, PagedEngine, SchedulerConfig, Server, ServerConfig, SessionEngine,
+    Engine, Pace, Paced, PagedEngine, SchedulerConfig, Server, ServerConfig, SessionEngine,
     SessionEngineConfig,
 };
 
@@ -194,10 +194,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
     let server = match args.step_delay_ms {
         0 => Server::start(addr, engine, tokenizer, config),
         ms => {
-            let paced = Paced {
-                engine,
-                delay: Duration::from_millis(ms),
-            };
+            let paced = Paced::new(engine, Pace(Duration::from_millis(ms)));
             Server::start(addr, paced, tokenizer, config)
         }
     }

@@ -321,15 +321,31 @@ impl Engine for SessionEngine {
     }
 }
 
-/// An engine that waits a fixed time before every step: a slower model's pace, for
-/// tests of what happens while requests run (`fusec serve --step-delay-ms`).
-#[derive(Debug)]
-pub struct Paced<E> {
-    pub engine: E,
-    pub delay: std::time::Duration,
+/// What a [`Hooked`] engine does around every step of the engine it wraps. Both
+/// calls get the engine by shared reference, as the scheduler lends its engine only
+/// that way between steps; a hook that keeps figures holds them in cells.
+pub trait StepHook<E: ?Sized> {
+    /// Runs before every step.
+    fn before_step(&self, _engine: &E) {}
+    /// Runs after every step, whether it succeeded or not, before the scheduler lets
+    /// finished sequences go.
+    fn after_step(&self, _engine: &E) {}
 }
 
-impl<E: Engine> Engine for Paced<E> {
+/// An engine with a [`StepHook`] around its steps; everything else passes through.
+#[derive(Debug)]
+pub struct Hooked<E, H> {
+    pub engine: E,
+    pub hook: H,
+}
+
+impl<E, H> Hooked<E, H> {
+    pub fn new(engine: E, hook: H) -> Hooked<E, H> {
+        Hooked { engine, hook }
+    }
+}
+
+impl<E: Engine, H: StepHook<E>> Engine for Hooked<E, H> {
     fn max_context(&self) -> usize {
         self.engine.max_context()
     }
@@ -359,14 +375,30 @@ impl<E: Engine> Engine for Paced<E> {
         work: &[Work],
         choose: &mut Choose<'_>,
     ) -> Result<Vec<(SeqId, u32)>, EngineError> {
-        std::thread::sleep(self.delay);
-        self.engine.step(work, choose)
+        self.hook.before_step(&self.engine);
+        let out = self.engine.step(work, choose);
+        self.hook.after_step(&self.engine);
+        out
     }
 
     fn remove(&mut self, seq: SeqId) -> bool {
         self.engine.remove(seq)
     }
 }
+
+/// A hook that waits a fixed time before every step: a slower model's pace, for tests
+/// of what happens while requests run (`fusec serve --step-delay-ms`).
+#[derive(Copy, Clone, Debug)]
+pub struct Pace(pub std::time::Duration);
+
+impl<E: ?Sized> StepHook<E> for Pace {
+    fn before_step(&self, _engine: &E) {
+        std::thread::sleep(self.0);
+    }
+}
+
+/// An engine at a [`Pace`].
+pub type Paced<E> = Hooked<E, Pace>;
 
 /// A boxed engine is an engine: a server whose engine is chosen at run time
 /// (`fusec serve --engine`).

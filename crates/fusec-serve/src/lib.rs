@@ -21,14 +21,18 @@ pub mod openai;
 pub mod paged;
 pub mod scheduler;
 pub mod server;
+pub mod synthetic;
 pub mod text;
 pub mod worker;
 
-pub use engine::{Engine, Paced, SeqId, SessionEngine, SessionEngineConfig, Work};
+pub use engine::{
+    Engine, Hooked, Pace, Paced, SeqId, SessionEngine, SessionEngineConfig, StepHook, Work,
+};
 pub use error::{ConfigError, EngineError, ServeError, SubmitError};
 pub use paged::PagedEngine;
 pub use scheduler::{
     Event, Finish, Request, RequestId, Scheduler, SchedulerConfig, SchedulerStats,
 };
 pub use server::{Server, ServerConfig};
+pub use synthetic::SyntheticEngine;
 pub use worker::{Metrics, Worker};

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use fusec_exec::{Executor, PagedConfig, PagedSession, Session};
 use fusec_model::blocks::StepDims;
 use fusec_serve::{
-    Engine, Paced, PagedEngine, SchedulerConfig, Server, ServerConfig, SessionEngine,
+    Engine, Pace, Paced, PagedEngine, SchedulerConfig, Server, ServerConfig, SessionEngine,
     SessionEngineConfig,
 };
 use fusec_text::Tokenizer;
@@ -582,10 +582,7 @@ fn stop_strings_end_the_text_and_the_request() {
 #[test]
 fn a_client_that_disconnects_frees_its_sequence() {
     // 20 ms per step: 100 tokens take 2 s, long after the client is gone.
-    let slow = Paced {
-        engine: engine(64),
-        delay: Duration::from_millis(20),
-    };
+    let slow = Paced::new(engine(64), Pace(Duration::from_millis(20)));
     let server = start(slow, SchedulerConfig::default());
     let addr = server.local_addr();
     let body = json!({"model": "tiny-chat", "prompt": "the cat", "max_tokens": 100, "ignore_eos": true, "stream": true});

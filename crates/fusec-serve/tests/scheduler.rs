@@ -1,139 +1,18 @@
-//! The scheduler over a fake engine: requests join between steps and leave at once, the
+//! The scheduler over a [`SyntheticEngine`]: requests join between steps and leave at once, the
 //! token budget is shared by prompt chunks and decodes, and preemption when blocks run
 //! out loses no request and changes no output, sampled requests included.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 
-use fusec_serve::engine::{blocks_for, Choose};
 use fusec_serve::{
-    Engine, EngineError, Event, Finish, Request, RequestId, Scheduler, SchedulerConfig, SeqId,
-    SubmitError, Work,
+    Engine, Event, Finish, Request, RequestId, Scheduler, SchedulerConfig, SeqId, SubmitError,
+    SyntheticEngine,
 };
 use fusec_text::SamplingOptions;
 
-/// A deterministic engine: the next token is a hash of every token fed before it, so a
-/// sequence's tokens depend on its whole history (a recompute that fed anything else
-/// would show), and never on other sequences. Its logits row is a pseudo-random row
-/// seeded by the same hash, for a sampler to draw from.
-#[derive(Debug)]
-struct Fake {
-    block_size: usize,
-    total_blocks: usize,
-    max_context: usize,
-    vocab: usize,
-    seqs: HashMap<SeqId, FakeSeq>,
-    next: u64,
-    /// Every step's work, for the tests to inspect.
-    log: Vec<Vec<Work>>,
-    /// Fail any step that feeds this token.
-    poison: Option<u32>,
-}
-
-#[derive(Debug)]
-struct FakeSeq {
-    queue: VecDeque<u32>,
-    hash: u64,
-    fed: usize,
-}
-
-impl Fake {
-    fn new(block_size: usize, total_blocks: usize, max_context: usize) -> Fake {
-        Fake {
-            block_size,
-            total_blocks,
-            max_context,
-            vocab: 1000,
-            seqs: HashMap::new(),
-            next: 0,
-            log: Vec::new(),
-            poison: None,
-        }
-    }
-}
-
-impl Engine for Fake {
-    fn max_context(&self) -> usize {
-        self.max_context
-    }
-    fn vocab_size(&self) -> usize {
-        self.vocab
-    }
-    fn block_size(&self) -> usize {
-        self.block_size
-    }
-    fn total_blocks(&self) -> usize {
-        self.total_blocks
-    }
-    fn blocks_in_use(&self) -> usize {
-        self.seqs
-            .values()
-            .map(|s| blocks_for(s.fed, self.block_size))
-            .sum()
-    }
-    fn add(&mut self, tokens: &[u32], _reserve: usize) -> Result<SeqId, EngineError> {
-        let id = SeqId(self.next);
-        self.next += 1;
-        self.seqs.insert(
-            id,
-            FakeSeq {
-                queue: tokens.iter().copied().collect(),
-                hash: 0xcbf2_9ce4_8422_2325,
-                fed: 0,
-            },
-        );
-        Ok(id)
-    }
-    fn step(
-        &mut self,
-        work: &[Work],
-        choose: &mut Choose<'_>,
-    ) -> Result<Vec<(SeqId, u32)>, EngineError> {
-        let needed: usize = work
-            .iter()
-            .map(|w| {
-                let s = &self.seqs[&w.seq];
-                blocks_for(s.fed + w.tokens, self.block_size) - blocks_for(s.fed, self.block_size)
-            })
-            .sum();
-        let free = self.total_blocks - self.blocks_in_use();
-        if needed > free {
-            return Err(EngineError::OutOfBlocks { needed, free });
-        }
-        self.log.push(work.to_vec());
-        let mut out = Vec::new();
-        for w in work {
-            let s = self
-                .seqs
-                .get_mut(&w.seq)
-                .ok_or(EngineError::UnknownSequence(w.seq.0))?;
-            assert!(w.tokens >= 1 && w.tokens <= s.queue.len(), "bad work {w:?}");
-            for _ in 0..w.tokens {
-                let t = s.queue.pop_front().expect("queued");
-                if Some(t) == self.poison {
-                    return Err(EngineError::BadToken { id: t, vocab: 0 });
-                }
-                s.hash = (s.hash ^ u64::from(t)).wrapping_mul(0x100_0000_01b3);
-                s.fed += 1;
-            }
-            assert!(s.fed <= self.max_context);
-            if s.queue.is_empty() {
-                let greedy = (s.hash >> 33) as u32 % 997;
-                let logits: Vec<f32> = (0..self.vocab as u64)
-                    .map(|i| {
-                        let h = (s.hash ^ i).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-                        (h >> 40) as f32 / (1u64 << 22) as f32
-                    })
-                    .collect();
-                let next = choose(w.seq, &logits, greedy);
-                s.queue.push_back(next);
-                out.push((w.seq, next));
-            }
-        }
-        Ok(out)
-    }
-    fn remove(&mut self, seq: SeqId) -> bool {
-        self.seqs.remove(&seq).is_some()
-    }
+/// The engines of these tests: vocabulary 1000.
+fn fake(block_size: usize, total_blocks: usize, max_context: usize) -> SyntheticEngine {
+    SyntheticEngine::new(block_size, total_blocks, max_context, 1000)
 }
 
 fn req(prompt_len: usize, seed: u32, max_tokens: usize) -> Request {
@@ -191,8 +70,8 @@ fn drain<E: Engine>(
 
 /// Each request alone, on an engine with room for it.
 fn alone(r: &Request) -> Vec<u32> {
-    let mut s = Scheduler::new(Fake::new(4, 1000, 4096), SchedulerConfig::default())
-        .expect("default settings");
+    let mut s =
+        Scheduler::new(fake(4, 1000, 4096), SchedulerConfig::default()).expect("default settings");
     s.submit(r.clone()).expect("the request fits");
     let mut out = HashMap::new();
     drain(&mut s, &mut out);
@@ -206,7 +85,7 @@ fn requests_join_between_steps_and_leave_at_once() {
         token_budget: 64,
         prefill_chunk: 64,
     };
-    let mut s = Scheduler::new(Fake::new(4, 1000, 4096), config).unwrap();
+    let mut s = Scheduler::new(fake(4, 1000, 4096), config).unwrap();
     let a = s.submit(req(5, 1, 3)).unwrap();
     // Step 1: a's prompt whole, and its first token.
     let ev = s.step();
@@ -224,7 +103,7 @@ fn requests_join_between_steps_and_leave_at_once() {
         reason: Finish::Length
     }));
     assert_eq!(s.stats().running, 1);
-    assert_eq!(s.engine().seqs.len(), 1, "a left the engine at once");
+    assert_eq!(s.engine().sequences(), 1, "a left the engine at once");
     let ev = s.step();
     assert!(ev.iter().all(|e| e.request() == b));
     assert_eq!(s.engine().log[3].len(), 1);
@@ -237,7 +116,7 @@ fn the_token_budget_is_shared_by_prompt_chunks_and_decodes() {
         token_budget: 10,
         prefill_chunk: 6,
     };
-    let mut s = Scheduler::new(Fake::new(4, 1000, 4096), config).unwrap();
+    let mut s = Scheduler::new(fake(4, 1000, 4096), config).unwrap();
     s.submit(req(2, 1, 50)).unwrap();
     s.step();
     // Two long prompts arrive while the first decodes.
@@ -271,7 +150,7 @@ fn preemption_loses_nothing_and_changes_no_output() {
         token_budget: 16,
         prefill_chunk: 5,
     };
-    let mut s = Scheduler::new(Fake::new(4, 12, 64), config).unwrap();
+    let mut s = Scheduler::new(fake(4, 12, 64), config).unwrap();
     let requests: Vec<Request> = (0..20)
         .map(|i| req(3 + i % 9, i as u32, 8 + (i * 5) % 13))
         .collect();
@@ -299,7 +178,7 @@ fn stop_ids_end_a_request_without_being_emitted() {
     let full = alone(&r);
     let stop = full[5];
     let first = full.iter().position(|&t| t == stop).unwrap();
-    let mut s = Scheduler::new(Fake::new(4, 100, 256), SchedulerConfig::default()).unwrap();
+    let mut s = Scheduler::new(fake(4, 100, 256), SchedulerConfig::default()).unwrap();
     let id = s
         .submit(Request {
             stop_ids: vec![stop],
@@ -314,7 +193,7 @@ fn stop_ids_end_a_request_without_being_emitted() {
 
 #[test]
 fn cancel_frees_the_sequence_and_its_blocks() {
-    let mut s = Scheduler::new(Fake::new(4, 100, 256), SchedulerConfig::default()).unwrap();
+    let mut s = Scheduler::new(fake(4, 100, 256), SchedulerConfig::default()).unwrap();
     let a = s.submit(req(10, 1, 50)).unwrap();
     let b = s.submit(req(10, 2, 50)).unwrap();
     s.step();
@@ -323,7 +202,7 @@ fn cancel_frees_the_sequence_and_its_blocks() {
     assert!(s.cancel(a));
     assert!(!s.cancel(a));
     assert_eq!(s.stats().blocks_in_use, 3);
-    assert_eq!(s.engine().seqs.len(), 1);
+    assert_eq!(s.engine().sequences(), 1);
     let ev = s.step();
     assert!(ev.iter().all(|e| e.request() == b));
     assert_eq!(s.stats().cancelled, 1);
@@ -335,7 +214,7 @@ fn cancel_frees_the_sequence_and_its_blocks() {
 
 #[test]
 fn requests_that_cannot_fit_are_refused_at_submission() {
-    let mut s = Scheduler::new(Fake::new(4, 10, 64), SchedulerConfig::default()).unwrap();
+    let mut s = Scheduler::new(fake(4, 10, 64), SchedulerConfig::default()).unwrap();
     assert!(matches!(
         s.submit(req(60, 1, 5)),
         Err(SubmitError::OverContext {
@@ -379,7 +258,7 @@ fn sampled_requests_give_their_tokens_alone_through_preemption() {
         token_budget: 16,
         prefill_chunk: 5,
     };
-    let mut s = Scheduler::new(Fake::new(4, 12, 64), config).unwrap();
+    let mut s = Scheduler::new(fake(4, 12, 64), config).unwrap();
     let requests: Vec<Request> = (0..16)
         .map(|i| match i % 2 {
             0 => sampled(3 + i % 7, i as u32, 8 + (i * 5) % 11),
@@ -412,7 +291,7 @@ fn sampled_requests_give_their_tokens_alone_through_preemption() {
 
 #[test]
 fn an_engine_error_fails_that_steps_requests_and_the_rest_go_on() {
-    let mut fake = Fake::new(4, 100, 256);
+    let mut fake = fake(4, 100, 256);
     fake.poison = Some(999);
     let mut s = Scheduler::new(fake, SchedulerConfig::default()).unwrap();
     let good = s.submit(req(3, 1, 5)).unwrap();
@@ -446,10 +325,10 @@ fn bad_settings_are_refused() {
         token_budget: 4,
         prefill_chunk: 4,
     };
-    assert!(Scheduler::new(Fake::new(4, 10, 64), bad).is_err());
+    assert!(Scheduler::new(fake(4, 10, 64), bad).is_err());
     let zero = SchedulerConfig {
         max_running: 0,
         ..SchedulerConfig::default()
     };
-    assert!(Scheduler::new(Fake::new(4, 10, 64), zero).is_err());
+    assert!(Scheduler::new(fake(4, 10, 64), zero).is_err());
 }
