@@ -17,7 +17,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{fusec, path_str, root, scratch};
+use common::{fusec, misses_only_near_ties, path_str, root, scratch};
 use fusec::exec::{Executor, Session, Weights};
 use fusec::pipeline;
 use fusec_model::frontend::Precision;
@@ -215,8 +215,7 @@ fn fp8_runs_both_families() {
         assert_eq!(run["precision"], "fp8", "{name}");
         assert_eq!(run["generated"].as_array().map(Vec::len), Some(16));
         let acc = &run["accuracy"];
-        let agree = acc["top1_agreement"].as_u64().expect("a count");
-        assert!(agree >= 13, "{name}: {agree}/16");
+        misses_only_near_ties(acc, name);
         let kl = acc["mean_kl"].as_f64().expect("a number");
         assert!(kl < 0.05, "{name}: mean KL {kl}");
     }

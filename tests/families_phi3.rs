@@ -16,7 +16,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{fusec, path_str, root, scratch};
+use common::{fusec, misses_only_near_ties, path_str, root, scratch};
 use fusec::exec::Weights;
 use fusec::pipeline;
 
@@ -158,8 +158,7 @@ fn fp8_runs_phi3() {
     let run = read_json(&out);
     assert_eq!(run["generated"].as_array().map(Vec::len), Some(16));
     let acc = &run["accuracy"];
-    let agree = acc["top1_agreement"].as_u64().expect("a count");
-    assert!(agree >= 12, "{agree}/16");
+    misses_only_near_ties(acc, "phi3");
     let kl = acc["mean_kl"].as_f64().expect("a number");
     assert!(kl < 0.05, "mean KL {kl}");
 }

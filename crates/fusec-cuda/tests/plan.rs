@@ -363,7 +363,10 @@ fn fp8_kernels_dequantize_with_their_scales() {
         src.contains("fu_load<__nv_fp8_e4m3, 16>"),
         "16-byte FP8 weight loads"
     );
-    assert!(src.contains("fu_as[m]"), "per-token activation scales");
+    assert!(
+        src.contains("fu_act_block_scale(") && src.contains("fu_as[m * NB + k / 32]"),
+        "activation scales per block of 32 inputs"
+    );
     assert!(
         src.contains("kr / ksc"),
         "FP8 KV cache quantized with its scale"

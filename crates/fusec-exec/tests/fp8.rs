@@ -12,7 +12,7 @@ use fusec_exec::kernels::fused::rope;
 use fusec_exec::kernels::gemv::{self, GemvWeight, QuantWeight};
 use fusec_exec::tensor::Buffer;
 use fusec_exec::{Executor, Session, SplitMix64, Tensor, Weights};
-use fusec_ir::numerics::{round_to, scale_for};
+use fusec_ir::numerics::{act_block_scale, round_to, scale_for, FP8_ACT_BLOCK};
 use fusec_ir::DType;
 use fusec_model::arch::llama;
 use fusec_rewrite::precision::{lower_fp8, Fp8Options};
@@ -46,8 +46,9 @@ fn quant_weight(w: &Tensor, per_channel: bool) -> QuantWeight {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
 
-    /// `y = (sum x_q w_q) * s_x * s_w` with the products exact and an f32 sum, and
-    /// within the bound that E4M3 rounding of both operands allows of the exact `x . w`.
+    /// `y = (sum x̂ w_q) * s_w`, `x̂` each activation quantized with its block's scale
+    /// and multiplied back in `f32`, with an `f32` sum, and within the bound that E4M3
+    /// rounding of both operands allows of the exact `x . w`.
     #[test]
     fn the_fp8_gemv_is_cuda_exact_and_within_its_error_bound(
         seed in 0u64..10_000,
@@ -65,36 +66,48 @@ proptest! {
         let (wq, sw) = (qw.values.to_vec_f32(), qw.scale.to_vec_f32());
         for r in 0..rows {
             let xrow = &xs[r * ins..(r + 1) * ins];
-            let sx = scale_for(xrow.iter().fold(0.0f32, |m, v| m.max(v.abs())), E4M3);
-            let xq: Vec<f32> = xrow.iter().map(|&v| round_to(E4M3, v / sx)).collect();
+            // Each input's block scale, and the activations as the GEMV multiplies them.
+            let sx: Vec<f32> = xrow
+                .chunks(FP8_ACT_BLOCK)
+                .flat_map(|b| {
+                    let s = act_block_scale(b.iter().fold(0.0f32, |m, v| m.max(v.abs())), E4M3);
+                    std::iter::repeat_n(s, b.len())
+                })
+                .collect();
+            let xq: Vec<f32> = xrow.iter().zip(&sx).map(|(&v, &s)| round_to(E4M3, v / s) * s).collect();
             for o in 0..outs {
                 let s_w = if per_channel { sw[o] } else { sw[0] };
                 let wrow = &ws[o * ins..(o + 1) * ins];
                 let qrow = &wq[o * ins..(o + 1) * ins];
                 let got = f64::from(y[r * outs + o]);
-                // The emulation: exact products and sum in f64, the scale product in f32.
+                // The emulation: the products and their sum in f64 (exact), the weight
+                // scale after; the kernel's products are exact too (`act_block_scale`),
+                // its partial sums rounded to f32.
                 let exact: f64 = xq.iter().zip(qrow).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
                 let abs: f64 = xq.iter().zip(qrow).map(|(&a, &b)| (f64::from(a) * f64::from(b)).abs()).sum();
-                let scale = f64::from(sx * s_w);
-                let emulated = exact * scale;
-                let sum_err = (ins as f64 + 2.0) * F32_EPS * abs * scale;
+                let s_w = f64::from(s_w);
+                let emulated = exact * s_w;
+                let sum_err = (ins as f64 + 2.0) * F32_EPS * abs * s_w;
                 prop_assert!((got - emulated).abs() <= sum_err + 1e-30,
                     "r{} o{}: {} vs emulation {}", r, o, got, emulated);
                 // The analytic bound against the unquantized weights and activations:
                 // each operand is off by at most max(2^-4 |v|, 2^-10 s) (normal or
-                // subnormal E4M3), so each product by e_x (|w| + e_w) + |x| e_w.
-                let (sx, s_w) = (f64::from(sx), f64::from(s_w));
+                // subnormal E4M3, `s` its block's scale), so each product by
+                // e_x (|w| + e_w) + |x| e_w.
                 let mut bound = sum_err;
                 let mut magnitude = 0.0;
                 let mut reference = 0.0;
-                for (&a, &b) in xrow.iter().zip(wrow) {
-                    let (a, b) = (f64::from(a), f64::from(b));
-                    let ex = (U * a.abs()).max(SUB * sx) * (1.0 + 4.0 * F32_EPS);
+                let mut largest_scale = 0.0f64;
+                for ((&a, &b), &s) in xrow.iter().zip(wrow).zip(&sx) {
+                    let (a, b, s) = (f64::from(a), f64::from(b), f64::from(s));
+                    let ex = (U * a.abs()).max(SUB * s) * (1.0 + 4.0 * F32_EPS);
                     let ew = (U * b.abs()).max(SUB * s_w) * (1.0 + 4.0 * F32_EPS);
                     bound += ex * (b.abs() + ew) + a.abs() * ew;
                     magnitude += (a * b).abs();
                     reference += a * b;
+                    largest_scale = largest_scale.max(s);
                 }
+                let sx = largest_scale;
                 prop_assert!((got - reference).abs() <= bound,
                     "r{} o{}: {} vs {}: error {} over the bound {}", r, o, got, reference,
                     (got - reference).abs(), bound);
@@ -150,15 +163,38 @@ fn per_channel_scales_keep_small_rows_precise() {
 }
 
 #[test]
-fn activations_are_quantized_per_row() {
-    let rows = gemv::quantize_rows(&[1.0, -2.0, 0.0, 0.0, 100.0, 0.5], 3, E4M3);
-    assert_eq!(rows.scales, [2.0 / 448.0, 100.0 / 448.0]);
-    assert_eq!(rows.values[..3], [224.0, -448.0, 0.0]);
-    assert_eq!(rows.values[4], 448.0);
-    // 0.5 / (100 / 448) = 2.24: E4M3 has 2.25 (spacing 0.25 in [2, 4)).
-    assert_eq!(rows.values[5], 2.25);
-    let zeros = gemv::quantize_rows(&[0.0; 4], 4, E4M3);
-    assert_eq!(zeros.scales, [1.0]);
+fn activations_are_quantized_per_block_of_32() {
+    // One row of 40 inputs: a block of 32 holding a large value, then a block of 8
+    // holding only small ones.
+    let mut x = vec![0.0f32; 40];
+    (x[0], x[1], x[2]) = (448.0, 2.24, -3.3);
+    (x[32], x[33]) = (0.01, -0.02);
+    let q = gemv::quantize_rows(&x, 40, E4M3);
+    assert_eq!(q.values.len(), 40);
+    // The first block's scale is 448 / 448 = 1: its values are E4M3's own (spacing
+    // 0.25 in [2, 4)).
+    assert_eq!(q.values[..3], [448.0, 2.25, -3.25]);
+    assert!(q.values[3..32].iter().all(|&v| v == 0.0));
+    // The second block has its own scale, 0.02 / 448 (rounded up to 16 significant
+    // bits, `act_block_scale`): its largest value maps onto
+    // -448 and back, and 0.01 keeps E4M3's relative precision (2^-4) instead of
+    // falling among the subnormals, as it would under the first block's scale
+    // (spacing 2^-9 there, an error of 2.3%).
+    let s = act_block_scale(0.02, E4M3);
+    assert!(s >= 0.02 / 448.0 && s.to_bits() & 0xFF == 0, "{s}");
+    assert_eq!(q.values[33], -448.0 * s);
+    assert!(
+        (q.values[32] - 0.01).abs() <= 0.01 / 16.0,
+        "{}",
+        q.values[32]
+    );
+    assert!(q.values[34..].iter().all(|&v| v == 0.0));
+    // Every quantized value times an E4M3 value is exact in f32.
+    assert!(fusec_exec::kernels::rowdot::e4m3_products_exact(&q.values));
+    // Rows are quantized independently, and an all-zero block stays zero.
+    let two = gemv::quantize_rows(&[x.clone(), vec![0.0; 40]].concat(), 40, E4M3);
+    assert_eq!(two.values[..40], q.values[..]);
+    assert!(two.values[40..].iter().all(|&v| v == 0.0));
 }
 
 #[test]

@@ -12,7 +12,7 @@
 //!   `dequant{act=fp8e4m3,to=T}(weight@W.fp8 : fp8e4m3[o,i], weight@W.scale : f32[o])`:
 //!   E4M3 values with per-output-channel scales `absmax(row) / 448` (per tensor on
 //!   request), computed from the weights when they are loaded; the GEMV quantizes its
-//!   activations per token;
+//!   activations per block of 32 inputs (`numerics::FP8_ACT_BLOCK`);
 //! - the KV caches become E4M3 with one static scale per layer for keys and one for
 //!   values (`weight@past.L.key.scale : f32[]`), calibrated on a short run before
 //!   decoding, and `fused.decode_attention` takes them as two more operands.

@@ -4,14 +4,23 @@
 //! integer weights, whose prologue and dot products are [`super::gemv_int`]'s.
 //!
 //! One template: a prologue per activation row (the RMSNorm statistics, the dynamic
-//! FP8 activation scale) stages the prepared activations in shared memory; then each
+//! FP8 activation scales) stages the prepared activations in shared memory; then each
 //! warp computes whole output rows, its lanes reading 16 bytes of the weight row at a
 //! time (coalesced), accumulating in f32, reducing with warp shuffles; the epilogue
 //! applies the scales and the op's rounding, SiLU-and-multiply or residual add. The
 //! rows of several weights sharing the prologue (q, k, v) are one index space.
+//!
+//! FP8 activations are quantized per block of [`FP8_ACT_BLOCK`] inputs, as the
+//! executor quantizes them (`gemv::quantize_rows`): a warp takes a block at a time,
+//! its lanes one input each, and finds the block's scale with shuffles
+//! (`fu_act_block_scale`) into `fu_as[m * NB + block]`; the staged activations are
+//! the FP8 codes (exact in every staging type), and the value the dot products
+//! multiply is `code * fu_as[..]` in `f32`, the executor's `round(x / s) * s` bit for
+//! bit.
 
 use std::fmt::Write;
 
+use fusec_ir::numerics::FP8_ACT_BLOCK;
 use fusec_ir::{DType, UnaryOp};
 
 use super::elementwise::unary_expr;
@@ -141,8 +150,13 @@ pub(crate) fn gemv(
     // that no row converts them again, while that stays within a bound, else as
     // f16 (every FP8 code is exact in f16: one conversion per element, not two), else
     // the FP8 codes themselves (`Options::fp8_f32_stage_bytes`).
+    // FP8 activation scales, one per block of inputs of each row, in static shared
+    // memory beside the staged values.
+    let act_blocks = k.div_ceil(FP8_ACT_BLOCK as u64);
+    let scale_bytes = if act_fp8 { m_rows * act_blocks * 4 } else { 0 };
     let fits = |ty: DType| {
-        (m_rows * k * ty.size_bytes()).div_ceil(16) * 16 <= u64::from(opts.max_shared_bytes)
+        (m_rows * k * ty.size_bytes()).div_ceil(16) * 16 + scale_bytes
+            <= u64::from(opts.max_shared_bytes)
     };
     let a_ty = if !act_fp8 {
         t
@@ -169,6 +183,7 @@ pub(crate) fn gemv(
         staged,
         ty: a_ty,
         permuted,
+        fp8_codes: act_fp8,
     };
     let xs_at = |idx: &str| xs_index(permuted, idx);
     let warps = opts.gemv_warps;
@@ -182,7 +197,10 @@ pub(crate) fn gemv(
         "  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;"
     );
     let _ = writeln!(b, "  __shared__ float fu_rs[M];");
-    let _ = writeln!(b, "  __shared__ float fu_as[M];");
+    if act_fp8 {
+        let _ = writeln!(b, "  constexpr int NB = {act_blocks};");
+        let _ = writeln!(b, "  __shared__ float fu_as[M * NB];");
+    }
     if int {
         gemv_int::declare_staging(&mut b, m_rows, k);
     } else if staged {
@@ -220,7 +238,8 @@ pub(crate) fn gemv(
     let xq = |p: &mut Params, kk: &str| -> String {
         let n = xn(p, kk);
         if act_fp8 {
-            format!("fu_round<{}>({n} / fu_as[m])", ctype(act))
+            let s = format!("fu_as[m * NB + ({kk}) / {FP8_ACT_BLOCK}]");
+            format!("fu_round<{}>({n} / {s}) * {s}", ctype(act))
         } else {
             n
         }
@@ -285,22 +304,25 @@ pub(crate) fn gemv(
             let _ = writeln!(b, "    __syncthreads();");
         }
         if act_fp8 {
-            let e = norm_of(params, "v", "k");
-            let _ = writeln!(b, "    float am = 0.0f;");
-            pass(&mut b, &format!("am = fmaxf(am, fabsf({e}));"));
-            let _ = writeln!(b, "    am = fu_block_max(am);");
+            // The block scales: a warp per block of inputs, a lane per input.
+            let e = xn(params, "kk");
+            let _ = writeln!(b, "    for (int c = warp; c < NB; c += blockDim.x >> 5) {{");
+            let _ = writeln!(b, "      const int kk = c * {FP8_ACT_BLOCK} + lane;");
+            let _ = writeln!(b, "      const float v = kk < K ? {e} : 0.0f;");
             let _ = writeln!(
                 b,
-                "    if (threadIdx.x == 0) fu_as[m] = am > 0.0f ? am / {} : 1.0f;",
+                "      const float s = fu_act_block_scale(v, {});",
                 flit(fp8_max(act))
             );
+            let _ = writeln!(b, "      if (lane == 0) fu_as[m * NB + c] = s;");
+            let _ = writeln!(b, "    }}");
             let _ = writeln!(b, "    __syncthreads();");
         }
         if staged {
             let e = norm_of(params, "v", "k");
             let raw = if act_fp8 {
                 format!(
-                    "fu_from<{}>(fu_round<{}>({e} / fu_as[m]))",
+                    "fu_from<{}>(fu_round<{}>({e} / fu_as[m * NB + k / {FP8_ACT_BLOCK}]))",
                     ctype(a_ty),
                     ctype(act)
                 )
@@ -342,7 +364,7 @@ pub(crate) fn gemv(
         } else {
             row_body(&mut b, params, &ws, k, staging, &xq)?;
         }
-        epilogue(&mut b, params, g, &ws, gi, t, act_fp8)?;
+        epilogue(&mut b, params, g, &ws, gi, t)?;
         let _ = writeln!(b, "    }}");
         base += rows;
     }
@@ -489,12 +511,11 @@ fn staged_prologue(
     let sx = x.strides[x.rank() - 1];
     let ve = 16 / t.size_bytes();
     let _ = writeln!(b, "  for (int m = 0; m < M; ++m) {{");
-    let _ = writeln!(b, "    float ss = 0.0f, am = 0.0f;");
-    // The statistic pass A accumulates: squares for the norm, magnitudes for FP8 alone.
+    let _ = writeln!(b, "    float ss = 0.0f;");
+    // The statistic pass A accumulates: squares for the norm (the FP8 scales come
+    // after, per block, in pass C).
     let stat = if g.norm.is_some() {
         "ss = fmaf(v, v, ss)"
-    } else if act_fp8 {
-        "am = fmaxf(am, fabsf(v))"
     } else {
         ""
     };
@@ -548,14 +569,9 @@ fn staged_prologue(
             flit(n.eps)
         );
         let _ = writeln!(b, "    __syncthreads();");
-        // Pass B, in shared memory: the norm in place, the FP8 magnitude beside it.
+        // Pass B, in shared memory: the norm in place.
         let w = n.weight;
         let pw = params.bind(w, Access::Read);
-        let track = if act_fp8 {
-            " am = fmaxf(am, fabsf(y));"
-        } else {
-            ""
-        };
         // An offset that is a multiple of `ve` aligns the load of `ve` weights (4 to
         // 32 bytes) to its size, which is what `fu_load` needs.
         let wvec = w.rank() == 1
@@ -584,7 +600,7 @@ fn staged_prologue(
             let _ = writeln!(b, "#pragma unroll");
             let _ = writeln!(
                 b,
-                "      for (int e = 0; e < {ve}; ++e) {{ const float y = {e}; xs[{}] = fu_from<{sc}>(y);{track} }}",
+                "      for (int e = 0; e < {ve}; ++e) {{ const float y = {e}; xs[{}] = fu_from<{sc}>(y); }}",
                 xs_at("k + e")
             );
             let _ = writeln!(b, "    }}");
@@ -597,28 +613,35 @@ fn staged_prologue(
             let _ = writeln!(b, "#pragma unroll 4");
             let _ = writeln!(
                 b,
-                "    for (int k = threadIdx.x; k < K; k += blockDim.x) {{ const float y = {e}; xs[{}] = fu_from<{sc}>(y);{track} }}",
+                "    for (int k = threadIdx.x; k < K; k += blockDim.x) {{ const float y = {e}; xs[{}] = fu_from<{sc}>(y); }}",
                 xs_at("k")
             );
         }
     }
     if act_fp8 {
-        // Pass C: the per-row scale, then the codes in place (as f32, exact), so the
-        // rows read them with no conversion. The division is the executor's rounding.
-        let _ = writeln!(b, "    am = fu_block_max(am);");
+        // Pass C: a warp per block of inputs finds the block's scale and puts the codes
+        // in place (as f32, exact). The division is the executor's rounding.
+        let _ = writeln!(b, "    __syncthreads();");
+        let _ = writeln!(b, "    for (int c = warp; c < NB; c += blockDim.x >> 5) {{");
+        let _ = writeln!(b, "      const int k = c * {FP8_ACT_BLOCK} + lane;");
         let _ = writeln!(
             b,
-            "    if (threadIdx.x == 0) fu_as[m] = am > 0.0f ? am / {} : 1.0f;",
+            "      const float v = k < K ? fu_f32(xs[{i}]) : 0.0f;",
+            i = xs_at("k")
+        );
+        let _ = writeln!(
+            b,
+            "      const float s = fu_act_block_scale(v, {});",
             flit(fp8_max(act))
         );
-        let _ = writeln!(b, "    __syncthreads();");
-        let _ = writeln!(b, "#pragma unroll 4");
+        let _ = writeln!(b, "      if (lane == 0) fu_as[m * NB + c] = s;");
         let _ = writeln!(
             b,
-            "    for (int k = threadIdx.x; k < K; k += blockDim.x) xs[{i}] = fu_round<{}>(xs[{i}] / fu_as[m]);",
+            "      if (k < K) xs[{i}] = fu_round<{}>(v / s);",
             ctype(act),
             i = xs_at("k")
         );
+        let _ = writeln!(b, "    }}");
     }
     let _ = writeln!(b, "  }}");
     Ok(())
@@ -736,6 +759,7 @@ fn row_body(
         staged,
         ty: a_ty,
         permuted,
+        fp8_codes,
     } = staging;
     let ac = ctype(a_ty);
     let wdt = ws[0].values.dtype;
@@ -780,7 +804,18 @@ fn row_body(
                 b,
                 "          fu_load_shared<{ac}, {v}>(xs + m * K + k, xv);"
             );
-        } else {
+        }
+        if staged && fp8_codes {
+            // Staged FP8 codes times their block's scale. `v` (4, 8 or 16) divides the
+            // block and `k` is a multiple of `v`: the vector lies in one block.
+            let _ = writeln!(
+                b,
+                "          const float sb = fu_as[m * NB + k / {FP8_ACT_BLOCK}];"
+            );
+            let _ = writeln!(b, "#pragma unroll");
+            let _ = writeln!(b, "          for (int e = 0; e < {v}; ++e) xv[e] *= sb;");
+        }
+        if !staged {
             let e = xq(params, "k + e");
             let _ = writeln!(b, "#pragma unroll");
             let _ = writeln!(b, "          for (int e = 0; e < {v}; ++e) xv[e] = {e};");
@@ -806,7 +841,9 @@ fn row_body(
             );
         }
         let _ = writeln!(b, "        for (int m = 0; m < M; ++m) {{");
-        let xe = if staged {
+        let xe = if staged && fp8_codes {
+            format!("fu_f32(xs[m * K + k]) * fu_as[m * NB + k / {FP8_ACT_BLOCK}]")
+        } else if staged {
             "fu_f32(xs[m * K + k])".to_string()
         } else {
             xq(params, "k")
@@ -884,6 +921,8 @@ struct Staging {
     ty: DType,
     /// In warp order (see [`xs_index`]).
     permuted: bool,
+    /// FP8 codes, each to be multiplied by its block's scale (`fu_as`) when read.
+    fp8_codes: bool,
 }
 
 /// The elements of one iteration of a warp over a row of FP8 weights (32 lanes of 16).
@@ -927,16 +966,12 @@ fn epilogue(
     ws: &[&Weight<'_>],
     group: usize,
     t: DType,
-    act_fp8: bool,
 ) -> Result<(), String> {
     let tc = ctype(t);
     let _ = writeln!(b, "      if (lane == 0) {{");
     let _ = writeln!(b, "        for (int m = 0; m < M; ++m) {{");
     for (i, w) in ws.iter().enumerate() {
         let mut y = format!("acc{i}[m]");
-        if act_fp8 {
-            y = format!("{y} * fu_as[m]");
-        }
         if let Some(s) = w.scale {
             let ps = params.bind(s, Access::Read);
             let idx = if s.rank() == 0 {

@@ -65,6 +65,21 @@ __device__ __forceinline__ float fu_warp_max(float v) {
   return v;
 }
 
+// The scale of one block of 32 FP8 activations (`dequant{act=fp8}`; the executor's
+// `gemv::quantize_rows`), one value per lane, 0 past the row's end: the block's
+// largest magnitude over `max` (NaN ignored, as the executor's fold of `f32::max`
+// ignores it), or 1 for a block with no finite nonzero magnitude, rounded up to 16
+// significant bits so that code times scale is exact, as
+// `numerics::act_block_scale` says. Every lane of the warp must call it.
+__device__ __forceinline__ float fu_act_block_scale(float v, float max) {
+  float am = fabsf(v);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) am = fmaxf(am, __shfl_xor_sync(FU_FULL_MASK, am, o));
+  unsigned u = __float_as_uint((am > 0.0f && am < FU_INF) ? am / max : 1.0f);
+  if (u & 0xFFu) u = (u | 0xFFu) + 1u;
+  return __uint_as_float(u);
+}
+
 // Sum over the `W` lanes of an aligned group of lanes (W a power of two, at most 32).
 // Every lane of the warp must call it.
 template <int W> __device__ __forceinline__ float fu_group_sum(float v) {

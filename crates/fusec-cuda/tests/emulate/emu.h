@@ -235,6 +235,8 @@ inline float __fmul_rn(float a, float b) { volatile float p = a * b; return p; }
 // A sum rounded once, never contracted into an FMA (CUDA's `__fadd_rn`).
 inline float __fadd_rn(float a, float b) { volatile float s = a + b; return s; }
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
+inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
+inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline int __float2int_rz(float x) {
   if (x != x) return 0;
   if (x >= 2147483648.0f) return 2147483647;

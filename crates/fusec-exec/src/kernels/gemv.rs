@@ -8,18 +8,24 @@
 //! A quantized weight `W = q * s_w` ([`QuantWeight`]) is never expanded into a
 //! dequantized copy: each output reads the stored FP8 values of its row, and the scales
 //! are applied once per output in the epilogue. With `act` an FP8 format the
-//! activations are quantized too, per row (token), as CUDA would do it:
+//! activations are quantized too, per block of [`numerics::FP8_ACT_BLOCK`] inputs of a
+//! row, as the CUDA kernels do it:
 //!
-//! 1. `s_x = absmax(x_row) / max(act)` (`numerics::scale_for`; 1 for an all-zero row);
-//! 2. `x_q = act(x / s_x)`: IEEE division, then round to nearest even with saturation
-//!    (a CUDA kernel must divide with `__fdiv_rn`, not multiply by `1 / s_x`, to match
-//!    element by element);
-//! 3. `acc = sum(x_q * q)` in `f32`: each product of two E4M3 values (4 significant bits
-//!    each) is exact in `f32`, so only the accumulation order can differ from a GPU;
-//! 4. `y = acc * (s_x * s_w[o])`, the scale product rounded once to `f32`.
+//! 1. `s_b = absmax(x_block) / max(act)` rounded up to 16 significant bits
+//!    (`numerics::act_block_scale`; 1 for an all-zero block);
+//! 2. `x̂ = act(x / s_b) * s_b`: IEEE division, round to nearest even with saturation,
+//!    then the product, exact in `f32` (a CUDA kernel must divide with `__fdiv_rn`,
+//!    not multiply by `1 / s_b`, to match element by element). The block scales are
+//!    applied to the activations before the dot rather than to partial sums after
+//!    it, so every GEMV kernel (row dots, the batched rows, the prefill GEMM) takes
+//!    them unchanged;
+//! 3. `acc = sum(x̂ * q)` in `f32`, in the order of [`dot`]: `x̂` has at most 20
+//!    significant bits and `q` 4, so every product is exact and only the order of
+//!    the sum can differ from a GPU's (and [`rowdot`]'s exact E4M3 path applies);
+//! 4. `y = acc * s_w[o]`.
 //!
 //! With `act` equal to the weight's compute dtype, activations stay as they are and
-//! `y = acc * s_w[o]`.
+//! `y = acc * s_w[o]` too.
 //!
 //! A weight of integer codes (`i8`, `i4`, `u4`) with one scale (and minimum) per block
 //! of 32 inputs is multiplied as llama.cpp multiplies GGUF's Q8_0, Q4_0 and Q4_1
@@ -283,40 +289,40 @@ impl GemvWeight<'_> {
     }
 }
 
-/// Activations quantized per row: the FP8 values and each row's scale. The vectors
-/// come from the buffer pool and go back to it when this is dropped.
+/// Activations quantized to an FP8 format per block of inputs, as `f32` values (see
+/// the module documentation). The vector comes from the buffer pool and goes back to
+/// it when this is dropped.
 #[derive(Debug)]
 pub struct QuantRows {
     pub values: Vec<f32>,
-    pub scales: Vec<f32>,
 }
 
 impl Drop for QuantRows {
     fn drop(&mut self) {
         pool::give(std::mem::take(&mut self.values));
-        pool::give(std::mem::take(&mut self.scales));
     }
 }
 
-/// Quantizes each row of `xs` (`rows x ins`, row-major) to `act` with a dynamic scale
-/// `absmax / max(act)` (see the module documentation).
+/// Quantizes each row of `xs` (`rows x ins`, row-major) to `act`, each block of
+/// [`numerics::FP8_ACT_BLOCK`] inputs with its own dynamic scale `absmax / max(act)`
+/// (see the module documentation).
 pub fn quantize_rows(xs: &[f32], ins: usize, act: DType) -> QuantRows {
     let rows = xs.len().checked_div(ins).unwrap_or(0);
     let mut values = pool::take(xs.len());
-    let mut scales = pool::take(rows);
     for row in xs.chunks(ins.max(1)).take(rows) {
-        let absmax = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let s = numerics::scale_for(absmax, act);
-        if act == DType::Fp8E4M3 && !row.iter().any(|v| v.is_nan()) {
-            values.extend(row.iter().map(|&v| round_e4m3_finite(v / s)));
-        } else if act == DType::Fp8E4M3 {
-            values.extend(row.iter().map(|&v| round_e4m3(v / s)));
-        } else {
-            values.extend(row.iter().map(|&v| numerics::round_to(act, v / s)));
+        for block in row.chunks(numerics::FP8_ACT_BLOCK) {
+            let absmax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let s = numerics::act_block_scale(absmax, act);
+            if act == DType::Fp8E4M3 && !block.iter().any(|v| v.is_nan()) {
+                values.extend(block.iter().map(|&v| round_e4m3_finite(v / s) * s));
+            } else if act == DType::Fp8E4M3 {
+                values.extend(block.iter().map(|&v| round_e4m3(v / s) * s));
+            } else {
+                values.extend(block.iter().map(|&v| numerics::round_to(act, v / s) * s));
+            }
         }
-        scales.push(s);
     }
-    QuantRows { values, scales }
+    QuantRows { values }
 }
 
 pub use crate::rounding::round_e4m3;
@@ -484,9 +490,9 @@ impl Part<'_> {
     /// The finished output `o` of row `r` from its row-dot `acc` (see the module
     /// documentation): scaled for a quantized weight, as it is for a plain one.
     #[inline]
-    fn scale(&self, acc: f32, o: usize, sx: Option<f32>) -> f32 {
+    fn scale(&self, acc: f32, o: usize) -> f32 {
         match &self.scales {
-            Some(s) => acc * (sx.unwrap_or(1.0) * QuantWeight::scale_of(s, o)),
+            Some(s) => acc * QuantWeight::scale_of(s, o),
             None => acc,
         }
     }
@@ -652,7 +658,7 @@ pub fn gemv_many(
     }
     // The FP8 activations, quantized once for every weight that reads them.
     let owned = match (fp8_act, act) {
-        (Some(_), Some(a)) if a.values.len() == xs.len() && a.scales.len() == rows => None,
+        (Some(_), Some(a)) if a.values.len() == xs.len() => None,
         (Some(fmt), _) => Some(quantize_rows(xs, ins, fmt)),
         (None, _) => None,
     };
@@ -665,12 +671,6 @@ pub fn gemv_many(
         match (p.quantized, quant) {
             (true, Some(q)) => &q.values,
             _ => xs,
-        }
-    };
-    let sx = |p: &Part<'_>, r: usize| -> Option<f32> {
-        match (p.quantized, quant) {
-            (true, Some(q)) => Some(q.scales[r]),
-            _ => None,
         }
     };
     // The activations quantized to 8-bit blocks, once for every integer weight.
@@ -698,16 +698,13 @@ pub fn gemv_many(
             (Stored::Int(_), _, _, Some(q)) => Some(Prepared::Int(q)),
             (Stored::Int(_), _, _, None) => None,
             (Stored::K(_), _, _, _) => k_acts.as_ref().map(Prepared::K),
-            (Stored::Float(rows), true, Some(DType::Fp8E4M3), _) => {
-                Some(Prepared::Float(rowdot::Activations::fp8(plain_x(p), rows)))
-            }
             (Stored::Float(rows), _, _, _) => {
                 Some(Prepared::Float(rowdot::Activations::new(plain_x(p), rows)))
             }
         };
     }
     let result = if rows <= MAX_ROW_DOT_ROWS {
-        decode_gemvs(ins, rows, parts, &prepared, &sx, epilogue, &mut emit)
+        decode_gemvs(ins, rows, parts, &prepared, epilogue, &mut emit)
     } else {
         let mut results: [Option<Vec<f32>>; 4] = Default::default();
         for ((p, a), slot) in parts
@@ -719,13 +716,13 @@ pub fn gemv_many(
             *slot = Some(match p.rows {
                 // Prefill: the weights reused across rows (see `super::gemm`). Integer
                 // codes have no GEMM yet and take the row dots below.
-                Stored::Float(w) => gemm::gemm(plain_x(p), rows, ins, w, p.outs, &|o, r, acc| {
-                    p.scale(acc, o, sx(p, r))
+                Stored::Float(w) => gemm::gemm(plain_x(p), rows, ins, w, p.outs, &|o, _, acc| {
+                    p.scale(acc, o)
                 }),
                 _ => by_output_feature(p.outs, rows, ins, |o, r| {
                     let mut y = [0.0f32];
                     a.dots(r, ins, p.rows.range(o * ins, (o + 1) * ins), &mut y);
-                    p.scale(y[0], o, sx(p, r))
+                    p.scale(y[0], o)
                 }),
             });
         }
@@ -787,7 +784,6 @@ fn decode_gemvs(
     rows: usize,
     parts: &[Option<Part<'_>>],
     prepared: &[Option<Prepared<'_>>],
-    sx: &(impl Fn(&Part<'_>, usize) -> Option<f32> + Sync),
     epilogue: Epilogue<'_>,
     emit: &mut impl FnMut(usize, Vec<f32>) -> Result<(), KernelError>,
 ) -> Result<(), KernelError> {
@@ -803,10 +799,9 @@ fn decode_gemvs(
         let k = dst.len() / rows;
         a.dots_rows(rows, ins, p.rows.range(first * ins, (first + k) * ins), dst);
         if p.scales.is_some() {
-            for (r, run) in dst.chunks_mut(k.max(1)).enumerate() {
-                let s = sx(p, r);
+            for run in dst.chunks_mut(k.max(1)) {
                 for (o, y) in run.iter_mut().enumerate() {
-                    *y = p.scale(*y, first + o, s);
+                    *y = p.scale(*y, first + o);
                 }
             }
         }

@@ -165,16 +165,6 @@ impl<'a> Activations<'a> {
         Activations::prepare(x, w, e4m3_products_exact)
     }
 
-    /// [`Activations::new`] for rows of FP8 E4M3 values (activations quantized by
-    /// `gemv::quantize_rows`), which always qualify for the E4M3 `f32` decoding, so the
-    /// check of every value is skipped (it stays as a debug assertion).
-    pub fn fp8(x: &'a [f32], w: Rows<'_>) -> Self {
-        Activations::prepare(x, w, |x| {
-            debug_assert!(e4m3_products_exact(x));
-            true
-        })
-    }
-
     fn prepare(x: &'a [f32], w: Rows<'_>, exact: impl Fn(&[f32]) -> bool) -> Self {
         #[cfg(target_arch = "x86_64")]
         {

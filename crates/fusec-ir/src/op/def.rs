@@ -265,9 +265,11 @@ pub enum Op {
     /// `(q [.., in], scale [..] or []) -> to[.., in]`: a quantized weight with its
     /// per-output-channel (or per-tensor) scales, `w = q * scale`. It launches nothing:
     /// only GEMV-family ops consume it, dequantizing in registers. `act` is the recipe of
-    /// that GEMV's activations: `fp8e4m3` quantizes each activation row (token) to E4M3
-    /// with a dynamic scale `absmax / 448` and multiplies in FP8 with f32 accumulation,
-    /// folding both scales into the epilogue; `act == to` keeps activations unquantized.
+    /// that GEMV's activations: `fp8e4m3` quantizes each activation row to E4M3 per
+    /// block of [`crate::numerics::FP8_ACT_BLOCK`] inputs, each block with a dynamic
+    /// scale `absmax / 448`, multiplies the codes times their block's scale by the
+    /// weight codes with f32 accumulation, and applies the weight's scale in the
+    /// epilogue; `act == to` keeps activations unquantized.
     /// With integer codes (`i8`, `i4`, `u4`) the scales are the block format's side
     /// data (`crate::quant::IntFormat`: `f16 [out, in / 32]`, one per block of 32
     /// inputs for GGUF's Q8_0 and Q4_0, a scale and a minimum for Q4_1), and `act` is
