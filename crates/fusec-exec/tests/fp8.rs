@@ -12,7 +12,7 @@ use fusec_exec::kernels::fused::rope;
 use fusec_exec::kernels::gemv::{self, GemvWeight, QuantWeight};
 use fusec_exec::tensor::Buffer;
 use fusec_exec::{Executor, Session, SplitMix64, Tensor, Weights};
-use fusec_ir::numerics::{act_block_scale, round_to, scale_for, FP8_ACT_BLOCK};
+use fusec_ir::numerics::{act_block_scale, round_to, FP8_ACT_BLOCK};
 use fusec_ir::DType;
 use fusec_model::arch::llama;
 use fusec_rewrite::precision::{lower_fp8, Fp8Options};
