@@ -488,9 +488,11 @@ impl<D: Device> Runner<D> {
                         }
                         self.upload(&name, &row.repeat(batch))?;
                     }
-                    Some(Some(w)) => return Err(RunError::Plan(format!(
+                    Some(Some(w)) => {
+                        return Err(RunError::Plan(format!(
                         "a prefill with a sliding window of {w} positions is not supported on CUDA"
-                    ))),
+                    )))
+                    }
                     None => {
                         return Err(RunError::Plan(format!("cannot feed data input `{other}`")))
                     }

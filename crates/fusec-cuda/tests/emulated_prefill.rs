@@ -335,3 +335,45 @@ fn f32_prefill_kernels_follow_the_cpu_executor() {
     // f32 throughout: only the order of the sums differs.
     assert!(r < 1e-4, "{r}");
 }
+
+/// Integer weights and sliding-window rings have no prefill kernels: codegen says so
+/// with its typed error (the CLI's exit 2), never a panic or a wrong kernel.
+#[test]
+fn prefill_without_kernels_is_a_typed_error() {
+    let spec = common::spec(&common::root().join("examples/llama-125m.toml"));
+    let s = stages::in_precision(&spec, Precision::Int8);
+    let arch = fusec_model::Registry::builtin()
+        .architecture(&s.architecture)
+        .expect("architecture");
+    let eager = arch
+        .build_step(&s.model, &StepDims::prefill(16, Logits::Last))
+        .expect("prefill graph");
+    let rules = stages::rules().expect("rules");
+    let fused = stages::fuse(&s, &eager, &rules).expect("fuses");
+    let lowered = fusec_rewrite::precision::lower_int(
+        &fused,
+        fusec_rewrite::precision::IntFormat::Q8_0,
+        &Default::default(),
+    )
+    .expect("lowers to Q8_0");
+    let shape = DecodeShape::new(1, 256);
+    match generate(&lowered, &shape, &Options::default()) {
+        Err(e @ fusec_codegen::Error::NoPrefillKernels { .. }) => {
+            assert!(e.to_string().contains("integer weights"), "{e}");
+        }
+        other => panic!("expected NoPrefillKernels, got {other:?}"),
+    }
+    // Mistral's 4096-position window: a ring cache, eager and fused.
+    for case in common::prefill_cases(
+        &common::root().join("examples/mistral-7b.toml"),
+        Precision::Bf16,
+        16,
+    ) {
+        match generate(&case.graph, &case.shape, &Options::default()) {
+            Err(e @ fusec_codegen::Error::NoPrefillKernels { .. }) => {
+                assert!(e.to_string().contains("sliding-window"), "{e}");
+            }
+            other => panic!("{}: expected NoPrefillKernels, got {other:?}", case.label),
+        }
+    }
+}

@@ -92,6 +92,48 @@ fn distinct_kernels() -> BTreeMap<String, String> {
         }
     }
     assert!(int_kernels >= 12, "{int_kernels} integer GEMV kernels");
+    // The prefill steps of every `.toml` example (64 tokens per sequence): the
+    // tensor-core GEMMs (bf16 and FP8 weights) and the causal prefill attention. A
+    // model with sliding-window layers has no CUDA prefill attention yet and is
+    // refused with its typed error (Mistral 7B's 4096-position ring).
+    let (mut gemm_kernels, mut prefill_attention, mut refused) = (0, 0, Vec::new());
+    for path in common::examples() {
+        for precision in common::PRECISIONS {
+            for case in common::prefill_cases(&path, precision, 64) {
+                let out = match fusec_codegen::generate(
+                    &case.graph,
+                    &case.shape,
+                    &fusec_codegen::Options::default(),
+                ) {
+                    Ok(out) => out,
+                    Err(fusec_codegen::Error::NoPrefillKernels { what, .. })
+                        if what.contains("sliding-window") =>
+                    {
+                        refused.push(case.label.clone());
+                        continue;
+                    }
+                    Err(e) => panic!("{}: {e}", case.label),
+                };
+                for k in &out.kernels {
+                    gemm_kernels += usize::from(k.family.starts_with("gemm"));
+                    prefill_attention += usize::from(k.family.starts_with("prefill_attention"));
+                    let text = k.function.replace(&k.name, "FUSEC_KERNEL");
+                    kernels
+                        .entry(text)
+                        .or_insert_with(|| format!("{} {}", case.label, k.name));
+                }
+            }
+        }
+    }
+    assert!(gemm_kernels >= 12, "{gemm_kernels} GEMM kernels");
+    assert!(
+        prefill_attention >= 8,
+        "{prefill_attention} prefill attention kernels"
+    );
+    assert!(
+        refused.iter().all(|l| l.starts_with("mistral-7b/")),
+        "refused: {refused:?}"
+    );
     // No rule set builds a lone fused.rms_norm for Llama; compile one by hand.
     for dtype in [DType::F32, DType::Bf16] {
         let case = common::Case {
