@@ -257,6 +257,18 @@ pub fn fused_in_with(
     fused_from(spec, precision, rules, fp8, |s| eager_with(registry, s))
 }
 
+/// The prefill step of `spec` over `dims` in `precision`, fused and lowered as
+/// [`fused_in`] does the decode step.
+pub fn fused_prefill_in(
+    spec: &ModelSpec,
+    precision: Precision,
+    dims: &StepDims,
+    rules: &RuleSet,
+    fp8: &Fp8Options,
+) -> Result<(Graph, FuseReport), PipelineError> {
+    fused_from(spec, precision, rules, fp8, |s| eager_prefill(s, dims))
+}
+
 /// The graph `eager` builds from `spec` in `precision`, fused and lowered; FP8 only
 /// for a target GPU with FP8 math.
 fn fused_from(

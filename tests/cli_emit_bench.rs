@@ -440,3 +440,75 @@ fn bench_serve_refuses_bad_options_naming_them() {
     let out = bench_serve(&["--concurrency", "2"]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
 }
+
+#[test]
+fn emit_cuda_with_prefill_writes_the_prefill_kernels() {
+    // bf16: the prefill step's projections are tensor-core GEMMs, its attention the
+    // causal prefill kernel; the decode step's files are written as without --prefill.
+    let dir = scratch("emit-cuda-prefill");
+    let out = fusec(&[
+        "compile",
+        &tiny(),
+        "--out",
+        dir.to_str().expect("utf8"),
+        "--emit",
+        "cuda",
+        "--precision",
+        "bf16",
+        "--prefill",
+        "16",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dir.join("kernels.cu").exists(), "the decode kernels");
+    // The eager step is the checkpoint's f32, as the decode step's eager dump is.
+    let eager = std::fs::read_to_string(dir.join("prefill_eager_kernels.cu")).expect("written");
+    assert!(eager.contains("__global__"), "eager prefill kernels");
+    let fused = std::fs::read_to_string(dir.join("prefill_fused_kernels.cu")).expect("written");
+    assert!(fused.contains("fu_mma_bf16_16x8x16(acc0"), "a GEMM");
+    assert!(
+        fused.contains("// prefill_attention"),
+        "the prefill attention"
+    );
+    assert!(launches(&dir.join("prefill_fused_launch_plan.json")) > 0);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // What has no prefill kernel is bad input (exit 2), as is a step of 0 tokens.
+    let dir = scratch("emit-cuda-prefill-int8");
+    let out = fusec(&[
+        "compile",
+        &root()
+            .join("examples/llama-125m.toml")
+            .display()
+            .to_string(),
+        "--out",
+        dir.to_str().expect("utf8"),
+        "--emit",
+        "cuda",
+        "--precision",
+        "int8",
+        "--prefill",
+        "16",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("no CUDA prefill kernels"), "{err}");
+    let out = fusec(&[
+        "compile",
+        &tiny(),
+        "--out",
+        dir.to_str().expect("utf8"),
+        "--prefill",
+        "0",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -101,3 +101,42 @@ mod bf16_paged {
         insta::assert_snapshot!("tiny.bf16.paged.plan.json", plan);
     }
 }
+
+/// Codegen's output for the tiny example's prefill step of 16 tokens per sequence
+/// (`StepDims::prefill`, the last position's logits), fused, in bf16: the tensor-core
+/// GEMMs and the causal prefill attention (`fusec compile --prefill 16 --emit cuda`'s
+/// `prefill_fused_kernels.cu`).
+fn generated_prefill(precision: &str) -> codegen::Output {
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/tiny.toml");
+    let spec = pipeline::load(&example, None, None).expect("the tiny example loads");
+    let precision = Precision::parse(precision).expect("a precision");
+    let dims = fusec_model::blocks::StepDims::prefill(16, fusec_model::blocks::Logits::Last);
+    let rules = pipeline::rules(&[]).expect("built-in rules load");
+    let (graph, report) =
+        pipeline::fused_prefill_in(&spec, precision, &dims, &rules, &Fp8Options::default())
+            .expect("the prefill step fuses");
+    assert!(!report.hit_limit, "{}", report.stop_reason);
+    let shape = DecodeShape::new(spec.decode.batch, spec.model.max_seq_len);
+    codegen::generate(&graph, &shape, &codegen::Options::default()).expect("codegen succeeds")
+}
+
+mod bf16_prefill {
+    #[test]
+    fn source() {
+        let code = super::generated_prefill("bf16");
+        let families: Vec<&str> = code.kernels.iter().map(|k| k.family.as_str()).collect();
+        assert!(families.contains(&"prefill_attention"), "{families:?}");
+        assert!(
+            families.iter().any(|f| f.starts_with("gemm")),
+            "{families:?}"
+        );
+        insta::assert_snapshot!("tiny.bf16.prefill.cu", code.source());
+    }
+
+    #[test]
+    fn launch_plan() {
+        let code = super::generated_prefill("bf16");
+        let plan = code.plan.to_json().expect("the plan serialises");
+        insta::assert_snapshot!("tiny.bf16.prefill.plan.json", plan);
+    }
+}

@@ -12,6 +12,7 @@ use fusec::output::{Outputs, Replace};
 use fusec::pipeline::{self, PipelineError};
 use fusec::summary::Summary;
 use fusec_ir::{dot, text, Graph};
+use fusec_model::blocks::{Logits, StepDims};
 use fusec_model::frontend::{valid_model_name, ModelSpec};
 
 use crate::cmd::options::{FusionArgs, PrecisionArgs};
@@ -54,6 +55,13 @@ pub struct Args {
         conflicts_with_all = ["batch", "context"]
     )]
     pub lengths: Vec<u64>,
+    /// Also compile the prefill step of TOKENS tokens per sequence (the last
+    /// position's logits): its dumps are prefill_eager.* and prefill_fused.*, its CUDA
+    /// (--emit cuda) prefill_eager_kernels.cu and prefill_fused_kernels.cu with their
+    /// launch plans. Its bf16 projections run as tensor-core GEMMs, its attention as the
+    /// causal prefill kernel. The summary stays the decode step's.
+    #[arg(long, value_name = "TOKENS", conflicts_with = "paged")]
+    pub prefill: Option<u64>,
     /// Target GPU for the cost model (overrides [target] gpu): h100-sxm, h200-sxm,
     /// a100-sxm, l40s, l4.
     #[arg(long)]
@@ -124,7 +132,9 @@ fn cuda(
     };
     let options = codegen::Options::default();
     let code = codegen::generate(graph, shape, &options).map_err(|e| match e {
-        codegen::Error::NoKernels { .. } => Failure::Input(anyhow::anyhow!("--emit cuda/ptx: {e}")),
+        codegen::Error::NoKernels { .. } | codegen::Error::NoPrefillKernels { .. } => {
+            Failure::Input(anyhow::anyhow!("--emit cuda/ptx: {e}"))
+        }
         _ => Failure::Internal(e.into()),
     })?;
     let mut written = Vec::new();
@@ -174,6 +184,42 @@ fn cuda(
         let path = out.join(format!("{prefix}kernels.{arch}.resources.txt"));
         write(outputs, &path, table)?;
         written.push(path);
+    }
+    Ok(written)
+}
+
+/// `--prefill TOKENS`: the prefill step's eager and fused graphs, dumped as the decode
+/// step's are (stems `prefill_eager` and `prefill_fused`).
+fn prefill_dumps(
+    args: &Args,
+    spec: &ModelSpec,
+    fp8: &fusec_rewrite::precision::Fp8Options,
+    tokens: u64,
+    outputs: &Outputs,
+    out: &Path,
+    shape: &DecodeShape,
+) -> Result<Vec<PathBuf>, Failure> {
+    let max = spec.model.max_seq_len;
+    if tokens == 0 || tokens > max {
+        return Err(Failure::Input(anyhow::anyhow!(
+            "--prefill: a step of {tokens} tokens; it takes 1 to the model's max_seq_len {max}"
+        )));
+    }
+    let dims = StepDims::prefill(tokens, Logits::Last);
+    let eager = pipeline::eager_prefill(spec, &dims)?;
+    let mut written = dumps(outputs, out, "prefill_eager", &eager, shape, &args.emit)?;
+    if !args.fusion.no_fuse {
+        let rules = pipeline::rules(&args.fusion.rules)?;
+        let (fused, _) =
+            pipeline::fused_prefill_in(spec, spec.target.precision, &dims, &rules, fp8)?;
+        written.extend(dumps(
+            outputs,
+            out,
+            "prefill_fused",
+            &fused,
+            shape,
+            &args.emit,
+        )?);
     }
     Ok(written)
 }
@@ -284,6 +330,12 @@ pub fn run(args: Args) -> Result<(), Failure> {
     let mut written = dumps(&outputs, &out, "eager", &eager, &shape, &args.emit)?;
     if let Some((graph, _, _)) = &fused {
         written.extend(dumps(&outputs, &out, "fused", graph, &shape, &args.emit)?);
+    }
+
+    if let Some(tokens) = args.prefill {
+        written.extend(prefill_dumps(
+            &args, &spec, &fp8, tokens, &outputs, &out, &shape,
+        )?);
     }
 
     let fused_graph = fused.as_ref().map(|(g, _, _)| g);

@@ -20,6 +20,14 @@ pub enum Error {
         op: String,
         dtype: String,
     },
+    /// A prefill step (`T > 1` tokens per sequence) needs a kernel the backend has only
+    /// for decode: a limit of the backend that the user's choice meets, not a bug.
+    #[error("%{value} = {op}: {what} have no CUDA prefill kernels yet: compile the decode step alone, or prefill on the CPU (`fusec run --prefill-chunk`)")]
+    NoPrefillKernels {
+        value: usize,
+        op: String,
+        what: String,
+    },
     /// A node the backend cannot lower, with the reason; `value` is its `%N` in the
     /// canonical text form.
     #[error("%{value} = {op}: {message}")]

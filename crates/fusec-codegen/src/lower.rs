@@ -105,6 +105,48 @@ fn has_kernels(dtype: DType) -> bool {
     }
 }
 
+/// What a prefill node (more than one token per sequence) needs that the backend has
+/// no prefill kernel for, if anything: integer weight codes (the integer GEMV stages
+/// every activation row, and no tensor-core GEMM reads the codes), or a sliding
+/// window's ring cache in the prefill attention.
+fn prefill_refusal(op: &Op, ops: &[Operand]) -> Option<&'static str> {
+    let rows = |i: usize, axis_from_end: usize| -> Option<u64> {
+        let v = ops.get(i)?.view().ok()?;
+        let r = v.rank();
+        (r > axis_from_end).then(|| v.dims[r - 1 - axis_from_end].fixed())?
+    };
+    let int = ops
+        .iter()
+        .any(|o| matches!(o, Operand::Dequant { act, .. } if act.is_int_codes()));
+    if int
+        && ops
+            .first()
+            .and_then(|o| o.view().ok())
+            .is_some_and(|v| v.rank() >= 3)
+        && rows(0, 1).is_some_and(|t| t > 1)
+    {
+        return Some("integer weights (Q8_0, Q4_0, Q4_1)");
+    }
+    if let Op::Fused(FusedOp::KvAppend) = op {
+        let ring = ops.first().and_then(|o| o.view().ok()).is_some_and(|v| {
+            v.rank() >= 2 && matches!(v.dims[v.rank() - 2], Extent::Window { .. })
+        });
+        if ring && rows(1, 1).is_some_and(|t| t > 1) {
+            return Some("sliding-window KV caches");
+        }
+    }
+    if let Op::Fused(FusedOp::DecodeAttention | FusedOp::DecodeAttentionCapped) = op {
+        let ring = ops
+            .get(5)
+            .and_then(|o| o.view().ok())
+            .is_some_and(|v| v.rank() == 4 && matches!(v.dims[2], Extent::Window { .. }));
+        if ring && rows(0, 1).is_some_and(|t| t > 1) {
+            return Some("sliding-window KV caches");
+        }
+    }
+    None
+}
+
 /// `shape`, with a paged cache covering `max_seq_len` for every sequence
 /// ([`PagedShape::covering`]) when the graph attends through block tables and the
 /// caller gave no paged sizes.
@@ -382,6 +424,13 @@ impl Lower<'_> {
                     return Err(self.unsupported(id, "a tuple operand must be read through get"))
                 }
             }
+        }
+        if let Some(what) = prefill_refusal(&op, &ops) {
+            return Err(Error::NoPrefillKernels {
+                value: self.number[&id],
+                op: op.to_string(),
+                what: what.into(),
+            });
         }
         let outs = self.results(id)?;
         if let Op::Fused(f @ (FusedOp::PagedAttention | FusedOp::PagedDecodeAttention)) = op {

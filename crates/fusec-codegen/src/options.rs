@@ -123,11 +123,15 @@ impl DecodeShape {
         }
     }
 
-    /// The allocated extent of the dimension `S + plus`: `S` and `S + 1` share one
-    /// capacity, so that a cache read as `[.., S, hd]` and appended in place to
-    /// `[.., S + 1, hd]` is one buffer with one layout.
+    /// The allocated extent of the dimension `S + plus`: `max_seq_len` for every
+    /// `plus`, so that a cache read as `[.., S, hd]` and appended in place to
+    /// `[.., S + 1, hd]` (or, in a prefill step of `T` tokens, `[.., S + T, hd]`) is one
+    /// buffer with one layout. A step caching `plus` new positions runs only while
+    /// `S + plus <= max_seq_len` (the runner checks it), so every `S + k` of its graph
+    /// fits.
     pub fn capacity(&self, plus: u64) -> u64 {
-        self.max_seq_len + plus.saturating_sub(1)
+        let _ = plus;
+        self.max_seq_len
     }
 
     pub(crate) fn check(&self) -> Result<(), Error> {

@@ -403,12 +403,112 @@ impl<D: Device> Runner<D> {
     /// After a step, the KV caches that were copied rather than appended in place
     /// hold their next value in the other buffer: swap the two.
     fn commit(&mut self) {
+        self.commit_positions(1);
+    }
+
+    /// [`Runner::commit`] after a step that cached `n` positions.
+    fn commit_positions(&mut self, n: u64) {
         for s in &self.plan.states {
             if s.input.buffer != s.output.buffer {
                 self.addr.swap(s.input.buffer, s.output.buffer);
             }
         }
-        self.past += 1;
+        self.past += n;
+    }
+
+    /// One step of a prefill plan (a graph of `fusec_model::blocks::StepDims::prefill`):
+    /// `T` tokens per sequence, sequence by sequence, at the next `T` positions. It
+    /// uploads the ids, the positions `S .. S + T` and the causal mask `[B, 1, T, S + T]`
+    /// (row `t` sees positions `..= S + t`, as `fusec_exec`'s `Session::prefill` builds
+    /// it), launches every kernel, and reads back the logits (per sequence: the last
+    /// position's, or every position's one after another) and the greedy tokens.
+    pub fn step_prefill(&mut self, tokens: &[i32]) -> Result<Step, RunError> {
+        let batch = self.plan.shape.batch as usize;
+        let ids = self.input(step::INPUT_IDS)?;
+        let t = match ids.view.dims_at_capacity.as_slice() {
+            [_, t] => *t,
+            _ => {
+                return Err(RunError::Plan(format!(
+                    "`{}` is not [B,T]",
+                    step::INPUT_IDS
+                )))
+            }
+        };
+        let tu = t as usize;
+        if tokens.len() != batch * tu {
+            return Err(RunError::Input {
+                name: step::INPUT_IDS.into(),
+                message: format!(
+                    "{} tokens for a batch of {batch} with {t} per sequence",
+                    tokens.len()
+                ),
+            });
+        }
+        if self.past + t > self.plan.shape.max_seq_len {
+            return Err(RunError::Input {
+                name: step::POSITION_IDS.into(),
+                message: format!(
+                    "the caches hold at most {} positions",
+                    self.plan.shape.max_seq_len
+                ),
+            });
+        }
+        if let Some(vocab) = self.vocab() {
+            if let Some(x) = tokens.iter().find(|&&x| x < 0 || x as u64 >= vocab) {
+                return Err(RunError::Input {
+                    name: step::INPUT_IDS.into(),
+                    message: format!("token id {x} is out of range for a vocabulary of {vocab}"),
+                });
+            }
+        }
+        let past = self.past;
+        let names_in: Vec<String> = self.plan.inputs.iter().map(|b| b.name.clone()).collect();
+        for name in names_in {
+            match name.as_str() {
+                step::INPUT_IDS => {
+                    let v: Vec<f32> = tokens.iter().map(|&x| x as f32).collect();
+                    self.upload(&name, &v)?;
+                }
+                step::POSITION_IDS => {
+                    let row: Vec<f32> = (0..t).map(|i| (past + i) as f32).collect();
+                    self.upload(&name, &row.repeat(batch))?;
+                }
+                other => match step::mask_window(other) {
+                    Some(None) => {
+                        let len = past + t;
+                        let mut row = Vec::with_capacity((t * len) as usize);
+                        for i in 0..t {
+                            row.extend((0..len).map(|j| {
+                                if j <= past + i {
+                                    0.0
+                                } else {
+                                    f32::NEG_INFINITY
+                                }
+                            }));
+                        }
+                        self.upload(&name, &row.repeat(batch))?;
+                    }
+                    Some(Some(w)) => {
+                        return Err(RunError::Plan(format!(
+                        "a prefill with a sliding window of {w} positions is not supported on CUDA"
+                    )))
+                    }
+                    None => {
+                        return Err(RunError::Plan(format!("cannot feed data input `{other}`")))
+                    }
+                },
+            }
+        }
+        self.launch_all()?;
+        self.device.sync()?;
+        let logits = self.download(step::LOGITS)?;
+        let next = self.download(step::NEXT_TOKEN)?;
+        self.commit_positions(t);
+        let per = logits.len() / batch.max(1);
+        Ok(Step {
+            logits: logits.chunks(per.max(1)).map(<[f32]>::to_vec).collect(),
+            next: next.into_iter().map(|x| x as i32).collect(),
+        })
     }
 
     /// One decode step: one token per sequence at the next position.

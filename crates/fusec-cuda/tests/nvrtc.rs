@@ -4,7 +4,9 @@
 //! registers and shared memory too). Kernels with identical text are compiled once:
 //! the layers of a model, and the models that share shapes, emit the same kernels.
 //!
-//! The paged step's kernels (`common::paged_cases`) are compiled too.
+//! The paged step's kernels (`common::paged_cases`) are compiled too, and in a test of
+//! their own the prefill step's (`common::prefill_cases`: tensor-core GEMMs and the
+//! causal prefill attention) of every `.toml` example.
 //!
 //! Without NVRTC the test passes but says so loudly on stderr and stdout.
 
@@ -109,6 +111,69 @@ fn distinct_kernels() -> BTreeMap<String, String> {
     kernels
 }
 
+/// The distinct kernels of the prefill steps of every `.toml` example (64 tokens per
+/// sequence, every precision, eager and fused): the tensor-core GEMMs (bf16 and FP8
+/// weights) and the causal prefill attention. A model with sliding-window layers has no
+/// CUDA prefill attention yet and is refused with its typed error (Mistral 7B's
+/// 4096-position ring).
+fn distinct_prefill_kernels() -> BTreeMap<String, String> {
+    let mut kernels = BTreeMap::new();
+    // The prefill steps of every `.toml` example (64 tokens per sequence): the
+    // tensor-core GEMMs (bf16 and FP8 weights) and the causal prefill attention. A
+    // model with sliding-window layers has no CUDA prefill attention yet and is
+    // refused with its typed error (Mistral 7B's 4096-position ring).
+    let (mut gemm_kernels, mut prefill_attention, mut refused) = (0, 0, Vec::new());
+    // Every example in bf16 and FP8 (the GEMMs' two weight formats); the f32 and f16
+    // prefill attention (beside the GEMV template) on the tiny example, whose kernels
+    // differ from the others' only in their sizes (fusing every example's prefill step
+    // in every precision would more than double the test's time).
+    let mut cases = Vec::new();
+    for path in common::examples() {
+        let tiny = path.ends_with("tiny.toml");
+        for precision in common::PRECISIONS {
+            if tiny || matches!(precision, Precision::Bf16 | Precision::Fp8) {
+                cases.push((path.clone(), precision));
+            }
+        }
+    }
+    for (path, precision) in cases {
+        for case in common::prefill_cases(&path, precision, 64) {
+            let out = match fusec_codegen::generate(
+                &case.graph,
+                &case.shape,
+                &fusec_codegen::Options::default(),
+            ) {
+                Ok(out) => out,
+                Err(fusec_codegen::Error::NoPrefillKernels { what, .. })
+                    if what.contains("sliding-window") =>
+                {
+                    refused.push(case.label.clone());
+                    continue;
+                }
+                Err(e) => panic!("{}: {e}", case.label),
+            };
+            for k in &out.kernels {
+                gemm_kernels += usize::from(k.family.starts_with("gemm"));
+                prefill_attention += usize::from(k.family.starts_with("prefill_attention"));
+                let text = k.function.replace(&k.name, "FUSEC_KERNEL");
+                kernels
+                    .entry(text)
+                    .or_insert_with(|| format!("{} {}", case.label, k.name));
+            }
+        }
+    }
+    assert!(gemm_kernels >= 12, "{gemm_kernels} GEMM kernels");
+    assert!(
+        prefill_attention >= 8,
+        "{prefill_attention} prefill attention kernels"
+    );
+    assert!(
+        !refused.is_empty() && refused.iter().all(|l| l.starts_with("mistral-7b/")),
+        "refused: {refused:?}"
+    );
+    kernels
+}
+
 /// `fused.rms_norm(x [B,1,64], w [64], 1e-5)` as a graph output.
 fn lone_rms_norm(dtype: DType) -> Graph {
     let mut g = Graph::new("rms_norm");
@@ -148,6 +213,19 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
         "only {} distinct kernels",
         kernels.len()
     );
+    compile_all(&kernels, start);
+}
+
+#[test]
+fn every_prefill_kernel_compiles_for_sm80_and_sm90() {
+    let start = Instant::now();
+    let kernels = distinct_prefill_kernels();
+    compile_all(&kernels, start);
+}
+
+/// Compiles `kernels` with NVRTC for sm_80 and sm_90 and fails on any error or warning;
+/// without NVRTC says so loudly (and fails with `FUSEC_REQUIRE_TOOLS`).
+fn compile_all(kernels: &BTreeMap<String, String>, start: Instant) {
     let nvrtc = match Nvrtc::load() {
         Ok(n) => n,
         Err(e) => {

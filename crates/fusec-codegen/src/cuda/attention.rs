@@ -809,14 +809,14 @@ pub(crate) fn attention(
 }
 
 /// A RoPE table (cos or sin) broadcast to the rotated tensor's dims.
-pub(super) struct Table {
+pub(crate) struct Table {
     ptr: String,
     view: Option<View>,
     literal: String,
 }
 
 impl Table {
-    pub(super) fn at(&self, c: &[String]) -> String {
+    pub(crate) fn at(&self, c: &[String]) -> String {
         match &self.view {
             Some(v) => super::load(&self.ptr, v, c),
             None => self.literal.clone(),
@@ -824,7 +824,7 @@ impl Table {
     }
 }
 
-pub(super) fn table(params: &mut Params, x: &Operand, dims: &[Extent]) -> Result<Table, String> {
+pub(crate) fn table(params: &mut Params, x: &Operand, dims: &[Extent]) -> Result<Table, String> {
     match x {
         Operand::View(v) => {
             let b = v.broadcast_to(dims)?;

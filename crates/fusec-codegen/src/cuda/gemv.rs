@@ -39,7 +39,7 @@ struct Weight<'a> {
 }
 
 /// The largest finite value of an FP8 format.
-fn fp8_max(dtype: DType) -> f32 {
+pub(super) fn fp8_max(dtype: DType) -> f32 {
     match dtype {
         DType::Fp8E5M2 => 57344.0,
         _ => 448.0,
@@ -48,7 +48,7 @@ fn fp8_max(dtype: DType) -> f32 {
 
 /// The element offset of row `m` of a view whose last dimension is the row, with the
 /// leading dimensions all static.
-fn row_offset(v: &View, m: &str) -> Result<String, String> {
+pub(super) fn row_offset(v: &View, m: &str) -> Result<String, String> {
     let r = v.rank();
     let mut terms = vec![format!("{}LL", v.offset)];
     let mut inner = 1u64;
@@ -425,10 +425,21 @@ pub(crate) fn gemv(
 /// Llama's (`w * to(T)(x * r)`, rounded twice) or Gemma's (`to(T)((x * r) * (w + c))`
 /// in f32, rounded once).
 fn norm_expr(offset: Option<f32>, xe: &str, we: &str, tc: &str) -> String {
+    norm_expr_with(offset, xe, we, tc, "fu_rs[m]")
+}
+
+/// [`norm_expr`] with the row's statistic `1 / rms` in the expression `rs`.
+pub(super) fn norm_expr_with(
+    offset: Option<f32>,
+    xe: &str,
+    we: &str,
+    tc: &str,
+    rs: &str,
+) -> String {
     match offset {
-        None => format!("fu_round<{tc}>({we} * fu_round<{tc}>({xe} * fu_rs[m]))"),
+        None => format!("fu_round<{tc}>({we} * fu_round<{tc}>({xe} * {rs}))"),
         Some(c) => format!(
-            "fu_round<{tc}>(__fmul_rn({xe} * fu_rs[m], __fadd_rn({we}, {})))",
+            "fu_round<{tc}>(__fmul_rn({xe} * {rs}, __fadd_rn({we}, {})))",
             flit(c)
         ),
     }
@@ -737,7 +748,7 @@ fn post_norm_tail(
 }
 
 /// The dtype of the GEMV's results.
-fn out_dtype(g: &Gemv<'_>) -> Result<DType, String> {
+pub(super) fn out_dtype(g: &Gemv<'_>) -> Result<DType, String> {
     let t = g.outs.first().ok_or("a GEMV needs an output")?.dtype;
     if g.outs.iter().any(|o| o.dtype != t) || g.x.dtype != t {
         return Err("GEMV input and outputs must share a dtype".into());
@@ -967,7 +978,6 @@ fn epilogue(
     group: usize,
     t: DType,
 ) -> Result<(), String> {
-    let tc = ctype(t);
     let _ = writeln!(b, "      if (lane == 0) {{");
     let _ = writeln!(b, "        for (int m = 0; m < M; ++m) {{");
     for (i, w) in ws.iter().enumerate() {
@@ -983,6 +993,23 @@ fn epilogue(
         }
         let _ = writeln!(b, "          const float y{i} = {y};");
     }
+    store(b, params, g, group, t)?;
+    let _ = writeln!(b, "        }}");
+    let _ = writeln!(b, "      }}");
+    Ok(())
+}
+
+/// The stores of a GEMV or GEMM epilogue: with the products of output row `m`, column
+/// `n` (of weight group `group`) in `y0` (and the up projection's in `y1`), the op's
+/// rounding, activation and residual add, and the store.
+pub(super) fn store(
+    b: &mut String,
+    params: &mut Params,
+    g: &Gemv<'_>,
+    group: usize,
+    t: DType,
+) -> Result<(), String> {
+    let tc = ctype(t);
     let out_at = |params: &mut Params, o: &View| -> Result<String, String> {
         let p = params.bind(o, Access::Write);
         let r = o.rank();
@@ -1042,7 +1069,5 @@ fn epilogue(
             );
         }
     }
-    let _ = writeln!(b, "        }}");
-    let _ = writeln!(b, "      }}");
     Ok(())
 }

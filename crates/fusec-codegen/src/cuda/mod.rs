@@ -9,12 +9,14 @@
 
 pub(crate) mod attention;
 pub(crate) mod elementwise;
+pub(crate) mod gemm;
 pub(crate) mod gemv;
 pub(crate) mod gemv_int;
 pub(crate) mod matmul;
 pub(crate) mod movement;
 pub(crate) mod norm;
 pub(crate) mod paged;
+pub(crate) mod prefill_attention;
 pub(crate) mod reduce;
 
 use std::fmt::Write;
@@ -348,6 +350,11 @@ impl KernelEmitter for Cuda {
     }
 
     fn gemv(&self, g: &Gemv<'_>, cx: Ctx<'_, '_>) -> Result<KernelCode, String> {
+        // A prefill's many rows in bf16: the tensor-core GEMM; decode's few rows (and
+        // the prefill cases it does not take) the GEMV template.
+        if gemm::applies(g) {
+            return gemm::gemm(g, cx.params);
+        }
         gemv::gemv(g, cx.params, cx.decode, cx.opts)
     }
 
@@ -357,6 +364,10 @@ impl KernelEmitter for Cuda {
         decode: &DecodeShape,
         opts: &Options,
     ) -> Result<Option<(u64, u64)>, String> {
+        // A prefill's attention splits over query tiles, never over the cache.
+        if prefill_attention::applies(a) {
+            return Ok(None);
+        }
         let sh = attention::shape(a, decode, opts)?;
         Ok((sh.splits > 1).then(|| (sh.workspace_floats(), sh.tickets())))
     }
@@ -375,6 +386,9 @@ impl KernelEmitter for Cuda {
         workspace: Option<(&View, &View)>,
         cx: Ctx<'_, '_>,
     ) -> Result<KernelCode, String> {
+        if prefill_attention::applies(a) {
+            return prefill_attention::attention(a, cx.params);
+        }
         // The layout is a pure function of the operands, so recomputing it here gives
         // the one `attention_workspace` sized the workspace for.
         let sh = attention::shape(a, cx.decode, cx.opts)?;

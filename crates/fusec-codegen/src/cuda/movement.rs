@@ -4,7 +4,7 @@ use std::fmt::Write;
 
 use super::elementwise::{pointwise, Value};
 use super::{at, ctype, decompose, grid_for, numel, numel_capacity, KernelCode, Params};
-use crate::layout::View;
+use crate::layout::{Extent, View};
 use crate::options::{DecodeShape, Options};
 use crate::plan::Access;
 
@@ -95,11 +95,23 @@ pub(crate) fn kv_append(
     let pp = params.bind(past, Access::Write);
     let (split, coords) = decompose(&new.dims, "i", "c", "    ");
     let mut dst = coords.clone();
-    // Slot `S`, or `S mod W` of a sliding window's ring.
-    dst[r - 2] = past.dims[r - 2].write_slot();
+    // Slot `S`, or `S mod W` of a sliding window's ring. A prefill's `T` entries go to
+    // `S + t` (a ring's are refused before codegen gets here: `lower.rs`'s
+    // `prefill_refusal`).
+    dst[r - 2] = if new.dims[r - 2].is_one() {
+        past.dims[r - 2].write_slot()
+    } else {
+        if matches!(past.dims[r - 2], Extent::Window { .. }) {
+            return Err("a ring cache takes one entry per step".into());
+        }
+        format!("({} + {})", past.dims[r - 2].write_slot(), coords[r - 2])
+    };
     // The entry's extent along the sequence axis is 1, so its coordinate there is 0.
     let mut past_view = past.clone();
-    past_view.dims[r - 2] = past.dims[r - 2].appended();
+    past_view.dims[r - 2] = match (past.dims[r - 2], new.dims[r - 2]) {
+        (Extent::Past(k), Extent::Fixed(t)) => Extent::Past(k + t),
+        (d, _) => d.appended(),
+    };
     let mut body = String::new();
     let _ = writeln!(body, "  const long long n = {};", numel(&new.dims));
     let _ = writeln!(

@@ -50,6 +50,25 @@ __device__ __forceinline__ float fu_rsqrt(float x) { return 1.0f / sqrtf(x); }
 __device__ __forceinline__ void fu_prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 #endif
 
+// One warp-wide tensor-core product D = A B + D: A a 16x16 bf16 tile (row-major), B a
+// 16x8 bf16 tile (column-major), D 16x8 f32 accumulators; PTX ISA
+// `mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32` (sm_80 and later). Each lane
+// holds fragments as the PTX ISA's "Matrix Fragments for mma.m16n8k16 with floating
+// point type" lays them out: with g = lane / 4 and t = lane % 4, a[0] = A[g][2t..2t+1],
+// a[1] = A[g+8][2t..2t+1], a[2] = A[g][2t+8..2t+9], a[3] = A[g+8][2t+8..2t+9];
+// b[0] = B[2t..2t+1][g], b[1] = B[2t+8..2t+9][g]; c[0], c[1] = D[g][2t], D[g][2t+1] and
+// c[2], c[3] = D[g+8][2t], D[g+8][2t+1]. The lower 16 bits of a register hold the lower
+// index. Every lane of the warp must call it (`.sync.aligned`). The CPU emulation
+// (fusec-cuda's tests/emulate/emu.h) has its own, per the same table.
+#ifndef FUSEC_EMULATED
+__device__ __forceinline__ void fu_mma_bf16_16x8x16(float (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+#endif
+
 // The larger of two values, NaN winning, as torch.amax.
 __device__ __forceinline__ float fu_max_nan(float a, float b) { return (a > b || a != a) ? a : b; }
 

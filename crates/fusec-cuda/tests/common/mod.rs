@@ -139,6 +139,41 @@ pub fn paged_cases(path: &Path, precision: Precision) -> Vec<Case> {
     ]
 }
 
+/// The prefill step graphs of `path` in `precision` (`StepDims::prefill` of `tokens`
+/// tokens per sequence, the last position's logits), eager and fused (FP8 lowered as
+/// the decode graph is): the tensor-core GEMMs and the prefill attention.
+pub fn prefill_cases(path: &Path, precision: Precision, tokens: u64) -> Vec<Case> {
+    let spec = spec(path);
+    let shape = DecodeShape::new(spec.decode.batch, spec.model.max_seq_len);
+    let s = stages::in_precision(&spec, precision);
+    let arch = fusec_model::Registry::builtin()
+        .architecture(&s.architecture)
+        .expect("architecture");
+    let dims = fusec_model::blocks::StepDims::prefill(tokens, fusec_model::blocks::Logits::Last);
+    let eager = arch
+        .build_step(&s.model, &dims)
+        .expect("builds the prefill step");
+    let rules = stages::rules().expect("built-in rules");
+    let mut fused = stages::fuse(&s, &eager, &rules).expect("fuses the prefill step");
+    if precision == Precision::Fp8 {
+        fused = fusec_rewrite::precision::lower_fp8(&fused, &Fp8Options::default())
+            .expect("lowers the prefill step");
+    }
+    let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
+    vec![
+        Case {
+            label: format!("{name}/{}/prefill{tokens}-eager", precision.name()),
+            graph: eager,
+            shape,
+        },
+        Case {
+            label: format!("{name}/{}/prefill{tokens}-fused", precision.name()),
+            graph: fused,
+            shape,
+        },
+    ]
+}
+
 pub fn output(case: &Case) -> Output {
     generate(&case.graph, &case.shape, &Options::default())
         .unwrap_or_else(|e| panic!("{}: {e}", case.label))

@@ -230,6 +230,21 @@ template <class T> inline T __shfl_xor_sync(unsigned, T v, int o) {
   return out;
 }
 
+// Lane `src`'s value, to every lane of the warp.
+template <class T> inline T __shfl_sync(unsigned, T v, int src) {
+  const unsigned lane = emu::current->t.lane, base = emu::current->t.warp * 32;
+  emu::Barrier& w = emu::warp_bars[emu::current->t.warp];
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  emu::slots[base + lane] = bits;
+  emu::wait(w);
+  const uint64_t r = emu::slots[base + ((unsigned)src & 31u)];
+  emu::wait(w);
+  T out;
+  std::memcpy(&out, &r, sizeof(T));
+  return out;
+}
+
 // A product rounded once, never contracted into an FMA (CUDA's `__fmul_rn`).
 inline float __fmul_rn(float a, float b) { volatile float p = a * b; return p; }
 // A sum rounded once, never contracted into an FMA (CUDA's `__fadd_rn`).
@@ -261,6 +276,52 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) {
   if (f != f) return __nv_bfloat16{0x7fc0};
   b += 0x7fffu + ((b >> 16) & 1u);
   return __nv_bfloat16{(uint16_t)(b >> 16)};
+}
+
+namespace emu {
+// Per lane of the block: the six 32-bit fragment registers of a warp's mma (four of A,
+// two of B), exchanged through this storage as the shuffles exchange theirs.
+inline thread_local std::vector<uint32_t> mma_regs;
+inline float bf16_lo(uint32_t r) { return __bfloat162float(__nv_bfloat16{(uint16_t)(r & 0xffffu)}); }
+inline float bf16_hi(uint32_t r) { return __bfloat162float(__nv_bfloat16{(uint16_t)(r >> 16)}); }
+inline float bf16_half(uint32_t r, int k) { return (k & 1) ? bf16_hi(r) : bf16_lo(r); }
+}  // namespace emu
+
+// `mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32`, emulated per the PTX ISA's
+// fragment table for m16n8k16 (the layout the prelude's comment restates): every lane
+// deposits its A and B registers, the warp meets at a barrier, and each lane gathers
+// the A row and B column its four accumulators need from the lanes that hold them.
+// A(r, k) sits in lane (r % 8) * 4 + (k % 8) / 2, register (r >= 8) + 2 (k >= 8), half
+// k % 2; B(k, n) in lane n * 4 + (k % 8) / 2, register (k >= 8), half k % 2. The PTX ISA
+// does not fix the order or the internal precision of the tensor cores' sums; here the
+// 16 products (each exact) and the accumulator are summed in double and rounded to f32
+// once, which is within the reordering any hardware does, and the tests' tolerances
+// hold either way.
+inline void fu_mma_bf16_16x8x16(float (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+  const unsigned lane = emu::current->t.lane, base = emu::current->t.warp * 32;
+  emu::Barrier& w = emu::warp_bars[emu::current->t.warp];
+  const size_t need = (size_t)(base + 32) * 6;
+  if (emu::mma_regs.size() < need) emu::mma_regs.resize(need);
+  uint32_t* mine = &emu::mma_regs[(size_t)(base + lane) * 6];
+  for (int i = 0; i < 4; ++i) mine[i] = a[i];
+  for (int i = 0; i < 2; ++i) mine[4 + i] = b[i];
+  emu::wait(w);
+  const unsigned g = lane / 4, t = lane % 4;
+  float out[4];
+  for (int i = 0; i < 4; ++i) {
+    const unsigned row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
+    double s = c[i];
+    for (int k = 0; k < 16; ++k) {
+      const uint32_t* al = &emu::mma_regs[(size_t)(base + (row % 8) * 4 + (k % 8) / 2) * 6];
+      const uint32_t* bl = &emu::mma_regs[(size_t)(base + col * 4 + (k % 8) / 2) * 6];
+      const float av = emu::bf16_half(al[(row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)], k);
+      const float bv = emu::bf16_half(bl[4 + (k >= 8 ? 1 : 0)], k);
+      s += (double)av * (double)bv;
+    }
+    out[i] = (float)s;
+  }
+  emu::wait(w);
+  for (int i = 0; i < 4; ++i) c[i] = out[i];
 }
 
 namespace emu {
