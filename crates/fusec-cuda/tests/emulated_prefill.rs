@@ -302,7 +302,11 @@ fn fp8_prefill_kernels_follow_the_cpu_executor() {
     println!("fp8 fused prefill: max relative logit difference {r:.2e}");
     // As bf16, and an activation whose f32 sum moved can also land on the other side
     // of an E4M3 rounding boundary (2^-4 relative) in the next GEMM's quantization.
-    assert!(r < 5e-2, "{r}");
+    // The GEMM also applies each FP8 block scale to a K step's partial sum where the
+    // executor applies it to each activation: the same products, summed and scaled
+    // in another order, so more sums move (5.0e-2 seen). A 1% error in the
+    // activation scales gives 2.1e-1.
+    assert!(r < 1e-1, "{r}");
 }
 
 #[test]

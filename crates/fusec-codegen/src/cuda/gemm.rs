@@ -20,14 +20,20 @@
 //!
 //! - the activations through the op's prologue: the RMSNorm (its statistic per row from
 //!   a pass of the block's warps over the rows first) and, for FP8 weights, the dynamic
-//!   per-row FP8 quantization the GEMV applies (`x / s` rounded to E4M3). Each staged
-//!   value is exact in bf16: the compute dtype is bf16, and every E4M3 value is a bf16
-//!   value (3 mantissa bits of bf16's 7, its exponents within bf16's);
+//!   FP8 quantization the GEMV applies, per block of 32 inputs (`x / s` rounded to
+//!   E4M3, `s` the block's scale, `fu_act_block_scale`): a K step is exactly one such
+//!   block of each row, so the step's products go into partial sums that are scaled
+//!   by their rows' block scales and added to the accumulators (the promotion of FP8
+//!   partial sums in DeepSeek-V3, arXiv:2412.19437 §3.3). Each staged value is exact
+//!   in bf16: the compute dtype is bf16, and every E4M3 value is a bf16 value (3
+//!   mantissa bits of bf16's 7, its exponents within bf16's);
 //! - the weights: bf16 as they are, E4M3 codes to their (exact) bf16 values; the
 //!   per-channel (or per-tensor) FP8 scale is applied in the epilogue, as the GEMV does.
 //!
-//! So the products are exactly the GEMV's; only the order of the f32 sums differs (the
-//! tensor cores' order is unspecified), which is why the tests compare with tolerances.
+//! So the products are exactly the GEMV's (FP8's before its block scale, which the
+//! GEMV applies to each activation and the GEMM to each step's partial sum); only the
+//! order of the f32 sums and of FP8's scaling differs (the tensor cores' order is
+//! unspecified), which is why the tests compare with tolerances.
 //! The epilogue runs on the accumulators in registers (each lane knows the row and
 //! column of its four, per the PTX fragment table) through the GEMV's own `store`.
 //!
@@ -37,6 +43,7 @@
 
 use std::fmt::Write;
 
+use fusec_ir::numerics::FP8_ACT_BLOCK;
 use fusec_ir::DType;
 
 use super::gemv::{fp8_max, norm_expr_with, out_dtype, row_offset, store, Epilogue, Gemv};
@@ -167,6 +174,8 @@ pub(crate) fn gemm(g: &Gemv<'_>, params: &mut Params) -> Result<KernelCode, Stri
     );
     let _ = writeln!(b, "  const int m0 = blockIdx.y * BM;");
     let _ = writeln!(b, "  __shared__ float fu_rs_t[BM], fu_as_t[BM];");
+    // An FP8 activation block is one K step of each row (see the module documentation).
+    const _: () = assert!(BK == FP8_ACT_BLOCK as u64);
     // Rows padded by 8 elements (16 bytes): the fragment loads of the eight row groups
     // of a warp then fall on distinct banks.
     let _ = writeln!(b, "  __align__(16) __shared__ {tc} As[BM][LDS];");
@@ -193,7 +202,7 @@ pub(crate) fn gemm(g: &Gemv<'_>, params: &mut Params) -> Result<KernelCode, Stri
     // Prologue: each warp takes rows of the tile; its lanes stride over K.
     let _ = writeln!(b, "  for (int r = warp; r < BM; r += {}) {{", THREADS / 32);
     let _ = writeln!(b, "    const int m = m0 + r;");
-    let _ = writeln!(b, "    float rs = 1.0f, as = 1.0f;");
+    let _ = writeln!(b, "    float rs = 1.0f;");
     let _ = writeln!(b, "    if (m < M) {{");
     if let Some(n) = g.norm {
         let _ = writeln!(b, "      float ss = 0.0f;");
@@ -207,35 +216,12 @@ pub(crate) fn gemm(g: &Gemv<'_>, params: &mut Params) -> Result<KernelCode, Stri
     }
     let _ = writeln!(b, "    }}");
     let _ = writeln!(b, "    if (lane == 0) fu_rs_t[r] = rs;");
-    if let Some(act) = act_fp8 {
-        // Every lane holds the row's `rs` (the warp sum gives each the total).
-        let e = norm_of(params, &xv("k"), "k", "rs");
-        let _ = writeln!(b, "    if (m < M) {{");
-        let _ = writeln!(b, "      float am = 0.0f;");
-        let _ = writeln!(
-            b,
-            "      for (int k = lane; k < K; k += 32) am = fmaxf(am, fabsf({e}));"
-        );
-        let _ = writeln!(b, "      am = fu_warp_max(am);");
-        let _ = writeln!(
-            b,
-            "      as = am > 0.0f ? am / {} : 1.0f;",
-            flit(fp8_max(act))
-        );
-        let _ = writeln!(b, "    }}");
-    }
-    let _ = writeln!(b, "    if (lane == 0) fu_as_t[r] = as;");
     let _ = writeln!(b, "  }}");
     let _ = writeln!(b, "  __syncthreads();");
 
-    // The activation tile's staged value.
-    let xq = {
-        let e = norm_of(params, &xv("k"), "k", "fu_rs_t[r]");
-        match act_fp8 {
-            Some(act) => format!("fu_round<{}>({e} / fu_as_t[r])", ctype(act)),
-            None => e,
-        }
-    };
+    // The activation tile's staged value: the normalised activation (FP8 quantizes it
+    // after, per block, as it stages).
+    let xn = norm_of(params, &xv("k"), "k", "fu_rs_t[r]");
 
     // Column tiles: each group's own run of blocks along x.
     let mut tile_base = 0u64;
@@ -260,19 +246,44 @@ pub(crate) fn gemm(g: &Gemv<'_>, params: &mut Params) -> Result<KernelCode, Stri
         }
         let _ = writeln!(b, "    for (int k0 = 0; k0 < K; k0 += BK) {{");
         // Stage the activations, converted.
-        let _ = writeln!(
-            b,
-            "      for (int i = threadIdx.x; i < BM * BK; i += blockDim.x) {{"
-        );
-        let _ = writeln!(
-            b,
-            "        const int r = i / BK, c = i % BK, m = m0 + r, k = k0 + c;"
-        );
-        let _ = writeln!(
-            b,
-            "        As[r][c] = fu_from<{tc}>(m < M && k < K ? {xq} : 0.0f);"
-        );
-        let _ = writeln!(b, "      }}");
+        if let Some(act) = act_fp8 {
+            // A warp per row, a lane per input: the step's 32 inputs of a row are one
+            // FP8 activation block, its scale found with shuffles; the codes staged
+            // (exact in bf16), the scale kept for the step's partial sums.
+            let _ = writeln!(
+                b,
+                "      for (int r = warp; r < BM; r += {}) {{",
+                THREADS / 32
+            );
+            let _ = writeln!(b, "        const int m = m0 + r, k = k0 + lane;");
+            let _ = writeln!(b, "        const float v = m < M && k < K ? {xn} : 0.0f;");
+            let _ = writeln!(
+                b,
+                "        const float s = fu_act_block_scale(v, {});",
+                flit(fp8_max(act))
+            );
+            let _ = writeln!(
+                b,
+                "        As[r][lane] = fu_from<{tc}>(fu_round<{}>(v / s));",
+                ctype(act)
+            );
+            let _ = writeln!(b, "        if (lane == 0) fu_as_t[r] = s;");
+            let _ = writeln!(b, "      }}");
+        } else {
+            let _ = writeln!(
+                b,
+                "      for (int i = threadIdx.x; i < BM * BK; i += blockDim.x) {{"
+            );
+            let _ = writeln!(
+                b,
+                "        const int r = i / BK, c = i % BK, m = m0 + r, k = k0 + c;"
+            );
+            let _ = writeln!(
+                b,
+                "        As[r][c] = fu_from<{tc}>(m < M && k < K ? {xn} : 0.0f);"
+            );
+            let _ = writeln!(b, "      }}");
+        }
         // Stage the weights, converted.
         for (i, &wi) in group.iter().enumerate() {
             let w = &weights[wi];
@@ -293,6 +304,17 @@ pub(crate) fn gemm(g: &Gemv<'_>, params: &mut Params) -> Result<KernelCode, Stri
             let _ = writeln!(b, "      }}");
         }
         let _ = writeln!(b, "      __syncthreads();");
+        // FP8: the step's products into partial sums of their own, scaled by the rows'
+        // block scales after (DeepSeek-V3's promotion of FP8 partial sums,
+        // arXiv:2412.19437 §3.3); otherwise straight into the accumulators.
+        let into = if act_fp8.is_some() {
+            for (i, _) in group.iter().enumerate() {
+                let _ = writeln!(b, "      float part{i}[8][4] = {{}};");
+            }
+            "part"
+        } else {
+            "acc"
+        };
         let _ = writeln!(b, "#pragma unroll");
         let _ = writeln!(b, "      for (int ks = 0; ks < BK; ks += 16) {{");
         let _ = writeln!(b, "        const int ra = warp * 16 + g;");
@@ -326,11 +348,31 @@ pub(crate) fn gemm(g: &Gemv<'_>, params: &mut Params) -> Result<KernelCode, Stri
                 b,
                 "            bf[1] = *reinterpret_cast<const unsigned*>(&Bs{i}[j * 8 + g][ks + 2 * t4 + 8]);"
             );
-            let _ = writeln!(b, "            fu_mma_bf16_16x8x16(acc{i}[j], a, bf);");
+            let _ = writeln!(b, "            fu_mma_bf16_16x8x16({into}{i}[j], a, bf);");
             let _ = writeln!(b, "          }}");
         }
         let _ = writeln!(b, "        }}");
         let _ = writeln!(b, "      }}");
+        if act_fp8.is_some() {
+            // c[e] of tile j is row g (+8 for e >= 2) of the warp's 16.
+            let _ = writeln!(
+                b,
+                "      const float s_lo = fu_as_t[warp * 16 + g], s_hi = fu_as_t[warp * 16 + g + 8];"
+            );
+            let _ = writeln!(b, "#pragma unroll");
+            let _ = writeln!(b, "      for (int j = 0; j < 8; ++j) {{");
+            for (i, _) in group.iter().enumerate() {
+                let _ = writeln!(
+                    b,
+                    "        acc{i}[j][0] = fmaf(part{i}[j][0], s_lo, acc{i}[j][0]); acc{i}[j][1] = fmaf(part{i}[j][1], s_lo, acc{i}[j][1]);"
+                );
+                let _ = writeln!(
+                    b,
+                    "        acc{i}[j][2] = fmaf(part{i}[j][2], s_hi, acc{i}[j][2]); acc{i}[j][3] = fmaf(part{i}[j][3], s_hi, acc{i}[j][3]);"
+                );
+            }
+            let _ = writeln!(b, "      }}");
+        }
         let _ = writeln!(b, "      __syncthreads();");
         let _ = writeln!(b, "    }}");
         // The epilogue, from the accumulators: c[e] is row g (+8 for e >= 2), column
@@ -347,9 +389,6 @@ pub(crate) fn gemm(g: &Gemv<'_>, params: &mut Params) -> Result<KernelCode, Stri
         for (i, &wi) in group.iter().enumerate() {
             let w = &weights[wi];
             let mut y = format!("acc{i}[j][e]");
-            if act_fp8.is_some() {
-                y = format!("{y} * fu_as_t[r]");
-            }
             if let Some(s) = w.scale {
                 let ps = params.bind(s, Access::Read);
                 let idx = if s.rank() == 0 {
