@@ -442,9 +442,14 @@ impl Prepared<'_> {
     fn dots_rows(&self, rows: usize, ins: usize, w: Stored<'_>, out: &mut [f32]) {
         match (self, w) {
             (Prepared::Float(a), Stored::Float(ws)) => a.dots_rows(rows, ins, ws, out),
+            // One activation row (a decode step): the kernel takes the weight rows
+            // several at a time, one load of each activation block feeding them all.
+            (Prepared::Int(q), Stored::Int(ws)) if rows == 1 => {
+                intdot::dots(q.row(0, ins), ws, out)
+            }
             (Prepared::Int(q), Stored::Int(ws)) => {
-                // No multi-row integer kernel yet: the rows take turns on each weight
-                // row, which they then find in L1.
+                // No kernel for several activation rows yet: the rows take turns on
+                // each weight row, which they then find in L1.
                 let k = ws.len().checked_div(ins).unwrap_or(0);
                 for o in 0..k {
                     let row = ws.range(o * ins, (o + 1) * ins);
