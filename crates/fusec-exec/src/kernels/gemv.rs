@@ -684,7 +684,7 @@ pub fn gemv_many(
         .flatten()
         .any(|p| matches!(p.rows, Stored::Int(_)))
     {
-        true => Some(intdot::quantize_q8(xs)?),
+        true => Some(intdot::quantize_q8(xs, ins)?),
         false => None,
     };
     // And to Q8_K super-blocks, once for every Q4_K weight.

@@ -160,9 +160,12 @@ impl<'a> IntRows<'a> {
 
 /// Rows of activations quantized to 8-bit blocks, row-major: the codes, each block's
 /// scale (`scales`) and the same repeated for its eight lanes (`scales8`), each group of four codes' sum
-/// (`sums4`, for the offsets of the VNNI kernel), and each block's scaled sum
-/// (`sums`, Q8_1's `s` for Q4_1's minimums). The vectors come from the executor's pool
-/// and go back to it on drop.
+/// (`sums4`, for the offsets of the VNNI kernel), each block's scaled sum (`sums`,
+/// Q8_1's `s` for Q4_1's minimums), and the codes and group sums of each row's pairs
+/// of blocks again with the two blocks' groups interleaved (`pair_codes`,
+/// `pair_sums4`: group `g` of block `2p` then group `g` of block `2p + 1`, for `g` in
+/// `0..8`), the order in which the VNNI kernel unpacks a pair of 4-bit blocks. The
+/// vectors come from the executor's pool and go back to it on drop.
 #[derive(Debug)]
 pub struct Q8Acts {
     pub codes: Vec<i8>,
@@ -170,6 +173,8 @@ pub struct Q8Acts {
     pub scales8: Vec<f32>,
     pub sums4: Vec<i32>,
     pub sums: Vec<f32>,
+    pub pair_codes: Vec<i8>,
+    pub pair_sums4: Vec<i32>,
 }
 
 /// One row of [`Q8Acts`].
@@ -180,6 +185,8 @@ pub struct Q8Row<'a> {
     pub scales8: &'a [f32],
     pub sums4: &'a [i32],
     pub sums: &'a [f32],
+    pub pair_codes: &'a [i8],
+    pub pair_sums4: &'a [i32],
 }
 
 impl Q8Row<'_> {
@@ -199,12 +206,16 @@ impl Q8Acts {
     pub fn row(&self, r: usize, len: usize) -> Q8Row<'_> {
         let groups = len / 4;
         let blocks = len / BLOCK;
+        let pair_len = blocks / 2 * 2 * BLOCK;
+        let pair_groups = pair_len / 4;
         Q8Row {
             codes: &self.codes[r * len..(r + 1) * len],
             scales: &self.scales[r * blocks..(r + 1) * blocks],
             scales8: &self.scales8[r * groups..(r + 1) * groups],
             sums4: &self.sums4[r * groups..(r + 1) * groups],
             sums: &self.sums[r * blocks..(r + 1) * blocks],
+            pair_codes: &self.pair_codes[r * pair_len..(r + 1) * pair_len],
+            pair_sums4: &self.pair_sums4[r * pair_groups..(r + 1) * pair_groups],
         }
     }
 }
@@ -216,6 +227,8 @@ impl Drop for Q8Acts {
         pool::give(std::mem::take(&mut self.scales8));
         pool::give(std::mem::take(&mut self.sums4));
         pool::give(std::mem::take(&mut self.sums));
+        pool::give(std::mem::take(&mut self.pair_codes));
+        pool::give(std::mem::take(&mut self.pair_sums4));
     }
 }
 
@@ -223,11 +236,16 @@ impl Drop for Q8Acts {
 /// 8 bits per block as `quantize_row_q8_0_ref` (ggml-quants.c) does: the same
 /// arithmetic as [`fusec_weights::quant::q8_0_block`], whose `f16` scales are kept as
 /// `f32` values; and each block's `s` as `quantize_row_q8_1_ref` computes it,
-/// `f16(Σ xq * d)` with the unrounded `d = absmax / 127`.
-pub fn quantize_q8(x: &[f32]) -> Result<Q8Acts, KernelError> {
-    if !x.len().is_multiple_of(BLOCK) {
+/// `f16(Σ xq * d)` with the unrounded `d = absmax / 127`. `x` holds rows of `len`
+/// activations.
+pub fn quantize_q8(x: &[f32], len: usize) -> Result<Q8Acts, KernelError> {
+    let rows_fit = match len {
+        0 => x.is_empty(),
+        _ => x.len().is_multiple_of(len),
+    };
+    if !len.is_multiple_of(BLOCK) || !rows_fit {
         return Err(KernelError::Invalid(format!(
-            "integer GEMV: {} activations are not whole blocks of {BLOCK}",
+            "integer GEMV: {} activations are not rows of whole blocks of {BLOCK} ({len} a row)",
             x.len()
         )));
     }
@@ -238,6 +256,8 @@ pub fn quantize_q8(x: &[f32]) -> Result<Q8Acts, KernelError> {
         scales8: pool::take(groups),
         sums4: pool::take(groups),
         sums: pool::take(x.len() / BLOCK),
+        pair_codes: pool::take(x.len()),
+        pair_sums4: pool::take(groups),
     };
     for (xb, qb) in x
         .chunks_exact(BLOCK)
@@ -254,6 +274,25 @@ pub fn quantize_q8(x: &[f32]) -> Result<Q8Acts, KernelError> {
             qb.chunks_exact(4)
                 .map(|g| g.iter().map(|&q| i32::from(q)).sum::<i32>()),
         );
+    }
+    // Each row's whole pairs of blocks, their groups interleaved.
+    for (row, sums) in acts
+        .codes
+        .chunks_exact(len.max(BLOCK))
+        .zip(acts.sums4.chunks_exact(len.max(BLOCK) / 4))
+    {
+        for (pair, psums) in row
+            .chunks_exact(2 * BLOCK)
+            .zip(sums.chunks_exact(2 * BLOCK / 4))
+        {
+            for g in 0..8 {
+                for b in 0..2 {
+                    let at = b * BLOCK + 4 * g;
+                    acts.pair_codes.extend_from_slice(&pair[at..at + 4]);
+                    acts.pair_sums4.push(psums[b * 8 + g]);
+                }
+            }
+        }
     }
     Ok(acts)
 }
@@ -367,6 +406,8 @@ pub(crate) mod x86 {
             && acts.scales8.len() == ins / 4
             && acts.scales.len() == blocks
             && acts.sums.len() == blocks
+            && acts.pair_codes.len() == blocks / 2 * 2 * BLOCK
+            && acts.pair_sums4.len() == blocks / 2 * 16
             && w.len() >= out.len() * ins
             && w.scales().len() >= out.len() * blocks * w.per_block();
         if !fits {
@@ -421,6 +462,24 @@ pub(crate) mod x86 {
                 _mm512_dpbusd_epi32(init, n, x)
             }
         }
+    }
+
+    /// The integer lane sums of two blocks of a row of 4-bit codes plus `init` (as
+    /// [`pair_vnni`]), in the interleaved lane order of [`Q8Row::pair_codes`]: lane
+    /// `2 g + p` holds group `g` of block `row_block + p`. Group `g < 4` of a block is
+    /// the low nibbles of its bytes `4g..4g + 4`, group `g >= 4` the high nibbles of
+    /// bytes `4(g - 4)..`: one shuffle of 32-bit words puts word `g % 4` of block `p`
+    /// in lane `2 g + p`, and the upper eight lanes are shifted right by 4.
+    #[inline(always)]
+    unsafe fn pair_nibbles(packed: &[u8], row_block: usize, x: __m512i, init: __m512i) -> __m512i {
+        let q = _mm512_castsi256_si512(_mm256_loadu_si256(
+            packed.as_ptr().add(row_block * BLOCK / 2) as *const _,
+        ));
+        let words = _mm512_set_epi32(7, 3, 6, 2, 5, 1, 4, 0, 7, 3, 6, 2, 5, 1, 4, 0);
+        let spread = _mm512_permutexvar_epi32(words, q);
+        let shifted = _mm512_mask_srli_epi16(spread, 0xFFFF_0000, spread, 4);
+        let n = _mm512_and_si512(shifted, _mm512_set1_epi8(0x0F));
+        _mm512_dpbusd_epi32(init, n, x)
     }
 
     /// The negated offset of [`pair_vnni`] for two blocks whose activations' group
@@ -605,6 +664,31 @@ pub(crate) mod x86 {
                 prefetch_scales(w, row + PREFETCH_ROWS * blocks + b0);
                 *dr = _mm512_mul_ps(weight_scales(w, row + b0, count), dx);
             }
+            if let IntRows::Q4 { packed, .. } | IntRows::Q41 { packed, .. } = w {
+                // 4-bit codes: the pair's groups interleaved (see `pair_nibbles`), so
+                // that the lanes alternate between the two blocks and one 64-bit
+                // broadcast of the pair's two scale products (a load, no shuffle)
+                // scales them.
+                let mut dm = [[0.0f32; SPAN]; R];
+                for (dst, dr) in dm.iter_mut().zip(&d) {
+                    _mm512_storeu_ps(dst.as_mut_ptr(), *dr);
+                }
+                for b in (b0..b0 + count).step_by(2) {
+                    let x = _mm512_loadu_si512(acts.pair_codes.as_ptr().add(b * BLOCK) as *const _);
+                    let sums = _mm512_loadu_si512(acts.pair_sums4.as_ptr().add(b * 8) as *const _);
+                    let init = offset_vnni(w, sums);
+                    for r in 0..R {
+                        let row = (first + r) * blocks;
+                        prefetch_codes(w, row + PREFETCH_ROWS * blocks + b);
+                        let s = pair_nibbles(packed, row + b, x, init);
+                        let at = dm[r].as_ptr().add(b - b0) as *const f64;
+                        let dr = _mm512_castpd_ps(_mm512_set1_pd(at.read_unaligned()));
+                        acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(_mm512_cvtepi32_ps(s), dr));
+                    }
+                }
+                b0 += count;
+                continue;
+            }
             // Lanes 0..8 take the pair's first product, 8..16 its second.
             let mut idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
             for b in (b0..b0 + count).step_by(2) {
@@ -621,6 +705,14 @@ pub(crate) mod x86 {
                 idx = _mm512_add_epi32(idx, _mm512_set1_epi32(2));
             }
             b0 += count;
+        }
+        if let IntRows::Q4 { .. } | IntRows::Q41 { .. } = w {
+            // Back from the interleaved lanes: lane `8 p + g` of the module
+            // documentation is lane `2 g + p` here.
+            let back = _mm512_set_epi32(15, 13, 11, 9, 7, 5, 3, 1, 14, 12, 10, 8, 6, 4, 2, 0);
+            for a in acc.iter_mut() {
+                *a = _mm512_permutexvar_ps(back, *a);
+            }
         }
         for (r, (a, y)) in acc.iter().zip(ys.iter_mut()).enumerate() {
             let row = (first + r) * blocks;
@@ -766,7 +858,7 @@ mod tests {
         let ins = 33 * BLOCK;
         let rows = 19;
         let x: Vec<f32> = (0..ins).map(|j| (j as f32 - 127.5) * 0.37).collect();
-        let acts = quantize_q8(&x).expect("blocks");
+        let acts = quantize_q8(&x, x.len()).expect("blocks");
         let codes: Vec<u8> = (0..rows * ins).map(|k| (k % 256) as u8).collect();
         let dw: Vec<f32> = (0..rows * ins / BLOCK)
             .map(|_| rng.normal() as f32)
@@ -785,7 +877,7 @@ mod tests {
         let x: Vec<f32> = (0..ins)
             .map(|j| if j % 2 == 0 { 5.0 } else { -5.0 })
             .collect();
-        let acts = quantize_q8(&x).expect("blocks");
+        let acts = quantize_q8(&x, x.len()).expect("blocks");
         assert!(acts.codes.iter().all(|&c| c.abs() == 127));
         let codes = vec![0x80u8; rows * ins];
         check_all_paths(
@@ -884,7 +976,7 @@ mod tests {
     #[test]
     fn activations_are_quantized_as_ggml_does() {
         let x: Vec<f32> = (0..64).map(|j| (j as f32 - 20.0) * 0.5).collect();
-        let acts = quantize_q8(&x).expect("blocks");
+        let acts = quantize_q8(&x, x.len()).expect("blocks");
         // Block 0: absmax 10, d = 10 / 127; x = 0 at j = 20 gives 0.
         let row = acts.row(0, 64);
         assert_eq!(row.scale(0), half::f16::from_f32(10.0 / 127.0).to_f32());
@@ -901,10 +993,37 @@ mod tests {
             row.sums[0],
             half::f16::from_f32(sum as f32 * (10.0 / 127.0)).to_f32()
         );
-        let zeros = quantize_q8(&[0.0; 32]).expect("blocks");
+        let zeros = quantize_q8(&[0.0; 32], 32).expect("blocks");
         assert_eq!((zeros.row(0, 32).scale(0), zeros.codes[5]), (0.0, 0));
-        let err = quantize_q8(&[1.0; 40]).unwrap_err().to_string();
+        let err = quantize_q8(&[1.0; 40], 40).unwrap_err().to_string();
         assert!(err.contains("blocks of 32"), "{err}");
+    }
+
+    #[test]
+    fn pairs_interleave_the_groups_of_each_rows_blocks() {
+        // Two rows of three blocks: one whole pair each, the odd block left out.
+        let len = 3 * BLOCK;
+        let x: Vec<f32> = (0..2 * len).map(|j| (j as f32 * 0.77).sin()).collect();
+        let acts = quantize_q8(&x, len).expect("rows of blocks");
+        assert_eq!(acts.pair_codes.len(), 2 * 2 * BLOCK);
+        for r in 0..2 {
+            let row = acts.row(r, len);
+            let alone = quantize_q8(&x[r * len..(r + 1) * len], len).expect("blocks");
+            assert_eq!(row.codes, &alone.codes[..]);
+            assert_eq!(row.pair_codes, &alone.pair_codes[..]);
+            for g in 0..8 {
+                for b in 0..2 {
+                    let lane = 2 * g + b;
+                    assert_eq!(
+                        row.pair_codes[4 * lane..4 * lane + 4],
+                        row.codes[b * BLOCK + 4 * g..b * BLOCK + 4 * g + 4]
+                    );
+                    assert_eq!(row.pair_sums4[lane], row.sums4[8 * b + g]);
+                }
+            }
+        }
+        let err = quantize_q8(&x[..len + BLOCK], len).unwrap_err().to_string();
+        assert!(err.contains("rows of whole blocks"), "{err}");
     }
 
     proptest! {
@@ -920,7 +1039,7 @@ mod tests {
             let ins = blocks * BLOCK;
             let s = 2f32.powi(scale);
             let x: Vec<f32> = (0..ins).map(|_| rng.normal() as f32 * s).collect();
-            let acts = quantize_q8(&x).expect("blocks");
+            let acts = quantize_q8(&x, x.len()).expect("blocks");
             let codes: Vec<u8> = (0..rows * ins).map(|_| (rng.next_u64() >> 56) as u8).collect();
             let dw: Vec<f32> = (0..rows * blocks)
                 .map(|_| half::f16::from_f32(rng.normal() as f32 * 0.01).to_f32())
