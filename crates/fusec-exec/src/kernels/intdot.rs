@@ -569,7 +569,13 @@ pub(crate) mod x86 {
             vnni_rows::<ROWS_VNNI>(acts, w, first, ys);
             first += ROWS_VNNI;
         }
-        for y in chunks.into_remainder() {
+        // A decode chunk is a multiple of four rows: the rest by four, then one.
+        let mut rest = chunks.into_remainder().chunks_exact_mut(4);
+        for ys in &mut rest {
+            vnni_rows::<4>(acts, w, first, ys);
+            first += 4;
+        }
+        for y in rest.into_remainder() {
             vnni_rows::<1>(acts, w, first, std::slice::from_mut(y));
             first += 1;
         }
@@ -766,6 +772,9 @@ pub(crate) mod x86 {
             let dx = acts.scale(b);
             for (r, a) in acc.iter_mut().enumerate() {
                 let row = (first + r) * blocks;
+                if b % 2 == 0 {
+                    prefetch_codes(w, row + PREFETCH_ROWS * blocks + b);
+                }
                 let s = _mm256_sub_epi32(block_avx2(w, row + b, x), off);
                 let d = _mm256_set1_ps(w.scale(row + b) * dx);
                 let lane = &mut a[b % 2];
