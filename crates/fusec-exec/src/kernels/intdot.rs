@@ -36,9 +36,18 @@
 //! rounded product, then a rounded sum, as the float kernels do). Every path computes
 //! exactly this, so all are bit-identical to the reference (checked on every code).
 //!
-//! **The kernels** take one weight row at a time, two blocks per step with AVX-512
-//! (`vpdpbusd` on 64 bytes gives the 16 lanes' integer sums at once) and one block per
-//! step with AVX2 (`vpmaddubsw` then `vpmaddwd`). Both instructions multiply an
+//! **The kernels** take eight weight rows at a time with AVX-512 and four with AVX2,
+//! each activation load feeding all of them (as llama.cpp's repacked
+//! `ggml_gemv_q4_0_8x8_q8_0` in ggml-cpu/repack.cpp does, here without repacking: a
+//! weight's rows are consecutive, so the rows taken together are still one stream),
+//! two blocks per step with AVX-512 (`vpdpbusd` on 64 bytes gives the 16 lanes'
+//! integer sums at once) and one block per step with AVX2 (`vpmaddubsw` then
+//! `vpmaddwd`). The VNNI kernel multiplies the scales of 16 blocks of a row with one
+//! instruction, and takes a pair of 4-bit blocks in an interleaved lane order (lane
+//! `2 g + p` for group `g` of block `p` of the pair, against activations laid out the
+//! same way, [`Q8Row::pair_codes`]) so that a 64-bit broadcast load gives the pair's
+//! two scale products their lanes; the lanes are put back in the order above before
+//! the reduction. Both instructions multiply an
 //! unsigned byte by a signed one. With VNNI the weight is made unsigned by an offset
 //! that is taken back per group: a Q8_0 code `w` as the byte `w + 128` (`w ^ 0x80`),
 //! `Σ (w + 128) x - 128 Σ x`, and a Q4_0 nibble `n` as it is, `Σ n x - 8 Σ x`, with the
@@ -587,15 +596,15 @@ pub(crate) mod x86 {
     const PREFETCH_ROWS: usize = 16;
 
     /// Asks for the cache line holding the codes of block `row_block` to be brought
-    /// into the cache, when that block starts a line (`row_block` is even): every
-    /// pair of Q8_0 blocks fills a line of 64 bytes, every other pair of 4-bit ones.
+    /// into the cache (called for even blocks: a pair of Q8_0 blocks fills a line of
+    /// 64 bytes; for 4-bit codes only every other pair asks).
     /// No access, so an address past the weight is harmless.
     #[inline(always)]
     unsafe fn prefetch_codes(w: IntRows<'_>, row_block: usize) {
         let at = match w {
             IntRows::Q8 { codes, .. } => codes.as_ptr().wrapping_add(row_block * BLOCK),
             IntRows::Q4 { packed, .. } | IntRows::Q41 { packed, .. } => {
-                if row_block % 4 != 0 {
+                if !row_block.is_multiple_of(4) {
                     return;
                 }
                 packed.as_ptr().wrapping_add(row_block * BLOCK / 2)
@@ -772,7 +781,7 @@ pub(crate) mod x86 {
             let dx = acts.scale(b);
             for (r, a) in acc.iter_mut().enumerate() {
                 let row = (first + r) * blocks;
-                if b % 2 == 0 {
+                if b.is_multiple_of(2) {
                     prefetch_codes(w, row + PREFETCH_ROWS * blocks + b);
                 }
                 let s = _mm256_sub_epi32(block_avx2(w, row + b, x), off);
