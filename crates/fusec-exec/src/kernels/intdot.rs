@@ -443,38 +443,20 @@ pub(crate) mod x86 {
         _mm_cvtss_f32(_mm_add_ss(a2, _mm_shuffle_ps(a2, a2, 1)))
     }
 
-    /// The integer lane sums of two blocks of a row plus `init`, in the module
-    /// documentation's lane order: `init` is [`offset_vnni`]'s value, the offset that
-    /// makes the weight bytes unsigned taken back (`vpdpbusd` adds its four products to
-    /// each lane of `init` in wrapping `i32`, so adding the negated offset first gives
-    /// the same sum as subtracting it after).
+    /// The integer lane sums of two blocks of a row of Q8_0 codes plus `init`, in the
+    /// module documentation's lane order: `init` is [`offset_vnni`]'s value, the
+    /// offset that makes the weight bytes unsigned taken back (`vpdpbusd` adds its
+    /// four products to each lane of `init` in wrapping `i32`, so adding the negated
+    /// offset first gives the same sum as subtracting it after).
     #[inline(always)]
-    unsafe fn pair_vnni(w: IntRows<'_>, row_block: usize, x: __m512i, init: __m512i) -> __m512i {
-        match w {
-            IntRows::Q8 { codes, .. } => {
-                let q = _mm512_loadu_si512(codes.as_ptr().add(row_block * BLOCK) as *const _);
-                let u = _mm512_xor_si512(q, _mm512_set1_epi8(-128));
-                _mm512_dpbusd_epi32(init, u, x)
-            }
-            IntRows::Q4 { packed, .. } | IntRows::Q41 { packed, .. } => {
-                // The 16 bytes of block b and the 16 of b + 1, each twice:
-                // [b, b, b+1, b+1]; their low nibbles are elements 0..16 of the block
-                // and their high nibbles 16..32, so shifting the second and fourth
-                // quarters right by 4 and masking gives [b.lo, b.hi, b+1.lo, b+1.hi],
-                // the activations' order (one shuffle, one shift, one mask).
-                let q = _mm512_castsi256_si512(_mm256_loadu_si256(
-                    packed.as_ptr().add(row_block * BLOCK / 2) as *const _,
-                ));
-                let twice = _mm512_permutexvar_epi64(_mm512_set_epi64(3, 2, 3, 2, 1, 0, 1, 0), q);
-                let shifted = _mm512_mask_srli_epi16(twice, 0xFF00_FF00, twice, 4);
-                let n = _mm512_and_si512(shifted, _mm512_set1_epi8(0x0F));
-                _mm512_dpbusd_epi32(init, n, x)
-            }
-        }
+    unsafe fn pair_q8(codes: &[u8], row_block: usize, x: __m512i, init: __m512i) -> __m512i {
+        let q = _mm512_loadu_si512(codes.as_ptr().add(row_block * BLOCK) as *const _);
+        let u = _mm512_xor_si512(q, _mm512_set1_epi8(-128));
+        _mm512_dpbusd_epi32(init, u, x)
     }
 
     /// The integer lane sums of two blocks of a row of 4-bit codes plus `init` (as
-    /// [`pair_vnni`]), in the interleaved lane order of [`Q8Row::pair_codes`]: lane
+    /// [`pair_q8`]), in the interleaved lane order of [`Q8Row::pair_codes`]: lane
     /// `2 g + p` holds group `g` of block `row_block + p`. Group `g < 4` of a block is
     /// the low nibbles of its bytes `4g..4g + 4`, group `g >= 4` the high nibbles of
     /// bytes `4(g - 4)..`: one shuffle of 32-bit words puts word `g % 4` of block `p`
@@ -491,7 +473,7 @@ pub(crate) mod x86 {
         _mm512_dpbusd_epi32(init, n, x)
     }
 
-    /// The negated offset of [`pair_vnni`] for two blocks whose activations' group
+    /// The negated offset of [`pair_q8`] and [`pair_nibbles`] for two blocks whose activations' group
     /// sums are `sums`: `-128 Σ x` for a Q8_0 code `w` read as `w + 128`, `-8 Σ x` for
     /// a Q4_0 nibble, none for Q4_1's nibbles (they are the codes).
     #[inline(always)]
@@ -657,8 +639,8 @@ pub(crate) mod x86 {
     ///
     /// The blocks go by spans of [`SPAN`]: for each row, one multiplication gives the
     /// scale products `dw[b] * dx[b]` of the span's sixteen blocks (each rounded once,
-    /// as the reference rounds it), and one permutation per pair of blocks puts the
-    /// pair's two products in its lanes.
+    /// as the reference rounds it); for Q8_0 one permutation per pair of blocks puts
+    /// the pair's two products in its lanes, for 4-bit codes a broadcast load.
     #[inline(always)]
     unsafe fn vnni_rows<const R: usize>(
         acts: Q8Row<'_>,
@@ -704,6 +686,11 @@ pub(crate) mod x86 {
                 b0 += count;
                 continue;
             }
+            let IntRows::Q8 { codes, .. } = w else {
+                // The 4-bit formats took the branch above.
+                b0 += count;
+                continue;
+            };
             // Lanes 0..8 take the pair's first product, 8..16 its second.
             let mut idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
             for b in (b0..b0 + count).step_by(2) {
@@ -713,7 +700,7 @@ pub(crate) mod x86 {
                 for r in 0..R {
                     let row = (first + r) * blocks;
                     prefetch_codes(w, row + PREFETCH_ROWS * blocks + b);
-                    let s = pair_vnni(w, row + b, x, init);
+                    let s = pair_q8(codes, row + b, x, init);
                     let dr = _mm512_permutexvar_ps(idx, d[r]);
                     acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(_mm512_cvtepi32_ps(s), dr));
                 }
