@@ -448,26 +448,20 @@ impl Prepared<'_> {
     fn dots_rows(&self, rows: usize, ins: usize, w: Stored<'_>, out: &mut [f32]) {
         match (self, w) {
             (Prepared::Float(a), Stored::Float(ws)) => a.dots_rows(rows, ins, ws, out),
+            // Each activation row over the chunk's weight rows, several weight rows at
+            // a time (one load of each activation block feeding them all): the chunk
+            // (at most `CHUNK_BYTES`) is read from memory for the first activation
+            // row and found in L2 by the others.
             (Prepared::Int(q), Stored::Int(ws)) => {
-                // No multi-row integer kernel yet: the rows take turns on each weight
-                // row, which they then find in L1.
                 let k = ws.len().checked_div(ins).unwrap_or(0);
-                for o in 0..k {
-                    let row = ws.range(o * ins, (o + 1) * ins);
-                    for r in 0..rows {
-                        let at = r * k + o;
-                        intdot::dots(q.row(r, ins), row, &mut out[at..at + 1]);
-                    }
+                for (r, dst) in out.chunks_exact_mut(k.max(1)).take(rows).enumerate() {
+                    intdot::dots(q.row(r, ins), ws, dst);
                 }
             }
             (Prepared::K(q), Stored::K(ws)) => {
                 let k = ws.len().checked_div(ins).unwrap_or(0);
-                for o in 0..k {
-                    let row = ws.range(o * ins, (o + 1) * ins);
-                    for r in 0..rows {
-                        let at = r * k + o;
-                        kdot::dots(q.row(r, ins), row, &mut out[at..at + 1]);
-                    }
+                for (r, dst) in out.chunks_exact_mut(k.max(1)).take(rows).enumerate() {
+                    kdot::dots(q.row(r, ins), ws, dst);
                 }
             }
             _ => out.fill(f32::NAN),
@@ -679,7 +673,7 @@ pub fn gemv_many(
         .flatten()
         .any(|p| matches!(p.rows, Stored::Int(_)))
     {
-        true => Some(intdot::quantize_q8(xs)?),
+        true => Some(intdot::quantize_q8(xs, ins)?),
         false => None,
     };
     // And to Q8_K super-blocks, once for every Q4_K weight.

@@ -36,9 +36,18 @@
 //! rounded product, then a rounded sum, as the float kernels do). Every path computes
 //! exactly this, so all are bit-identical to the reference (checked on every code).
 //!
-//! **The kernels** take one weight row at a time, two blocks per step with AVX-512
-//! (`vpdpbusd` on 64 bytes gives the 16 lanes' integer sums at once) and one block per
-//! step with AVX2 (`vpmaddubsw` then `vpmaddwd`). Both instructions multiply an
+//! **The kernels** take eight weight rows at a time with AVX-512 and four with AVX2,
+//! each activation load feeding all of them (as llama.cpp's repacked
+//! `ggml_gemv_q4_0_8x8_q8_0` in ggml-cpu/repack.cpp does, here without repacking: a
+//! weight's rows are consecutive, so the rows taken together are still one stream),
+//! two blocks per step with AVX-512 (`vpdpbusd` on 64 bytes gives the 16 lanes'
+//! integer sums at once) and one block per step with AVX2 (`vpmaddubsw` then
+//! `vpmaddwd`). The VNNI kernel multiplies the scales of 16 blocks of a row with one
+//! instruction, and takes a pair of 4-bit blocks in an interleaved lane order (lane
+//! `2 g + p` for group `g` of block `p` of the pair, against activations laid out the
+//! same way, [`Q8Row::pair_codes`]) so that a 64-bit broadcast load gives the pair's
+//! two scale products their lanes; the lanes are put back in the order above before
+//! the reduction. Both instructions multiply an
 //! unsigned byte by a signed one. With VNNI the weight is made unsigned by an offset
 //! that is taken back per group: a Q8_0 code `w` as the byte `w + 128` (`w ^ 0x80`),
 //! `Σ (w + 128) x - 128 Σ x`, and a Q4_0 nibble `n` as it is, `Σ n x - 8 Σ x`, with the
@@ -159,25 +168,34 @@ impl<'a> IntRows<'a> {
 }
 
 /// Rows of activations quantized to 8-bit blocks, row-major: the codes, each block's
-/// scale repeated for its eight lanes (`scales8`), each group of four codes' sum
-/// (`sums4`, for the offsets of the VNNI kernel), and each block's scaled sum
-/// (`sums`, Q8_1's `s` for Q4_1's minimums). The vectors come from the executor's pool
-/// and go back to it on drop.
+/// scale (`scales`) and the same repeated for its eight lanes (`scales8`), each group of four codes' sum
+/// (`sums4`, for the offsets of the VNNI kernel), each block's scaled sum (`sums`,
+/// Q8_1's `s` for Q4_1's minimums), and the codes and group sums of each row's pairs
+/// of blocks again with the two blocks' groups interleaved (`pair_codes`,
+/// `pair_sums4`: group `g` of block `2p` then group `g` of block `2p + 1`, for `g` in
+/// `0..8`), the order in which the VNNI kernel unpacks a pair of 4-bit blocks. The
+/// vectors come from the executor's pool and go back to it on drop.
 #[derive(Debug)]
 pub struct Q8Acts {
     pub codes: Vec<i8>,
+    pub scales: Vec<f32>,
     pub scales8: Vec<f32>,
     pub sums4: Vec<i32>,
     pub sums: Vec<f32>,
+    pub pair_codes: Vec<i8>,
+    pub pair_sums4: Vec<i32>,
 }
 
 /// One row of [`Q8Acts`].
 #[derive(Copy, Clone, Debug)]
 pub struct Q8Row<'a> {
     pub codes: &'a [i8],
+    pub scales: &'a [f32],
     pub scales8: &'a [f32],
     pub sums4: &'a [i32],
     pub sums: &'a [f32],
+    pub pair_codes: &'a [i8],
+    pub pair_sums4: &'a [i32],
 }
 
 impl Q8Row<'_> {
@@ -188,7 +206,7 @@ impl Q8Row<'_> {
 
     /// The scale of block `b`.
     pub fn scale(&self, b: usize) -> f32 {
-        self.scales8[b * 8]
+        self.scales[b]
     }
 }
 
@@ -197,11 +215,16 @@ impl Q8Acts {
     pub fn row(&self, r: usize, len: usize) -> Q8Row<'_> {
         let groups = len / 4;
         let blocks = len / BLOCK;
+        let pair_len = blocks / 2 * 2 * BLOCK;
+        let pair_groups = pair_len / 4;
         Q8Row {
             codes: &self.codes[r * len..(r + 1) * len],
+            scales: &self.scales[r * blocks..(r + 1) * blocks],
             scales8: &self.scales8[r * groups..(r + 1) * groups],
             sums4: &self.sums4[r * groups..(r + 1) * groups],
             sums: &self.sums[r * blocks..(r + 1) * blocks],
+            pair_codes: &self.pair_codes[r * pair_len..(r + 1) * pair_len],
+            pair_sums4: &self.pair_sums4[r * pair_groups..(r + 1) * pair_groups],
         }
     }
 }
@@ -209,9 +232,12 @@ impl Q8Acts {
 impl Drop for Q8Acts {
     fn drop(&mut self) {
         pool::give(std::mem::take(&mut self.codes));
+        pool::give(std::mem::take(&mut self.scales));
         pool::give(std::mem::take(&mut self.scales8));
         pool::give(std::mem::take(&mut self.sums4));
         pool::give(std::mem::take(&mut self.sums));
+        pool::give(std::mem::take(&mut self.pair_codes));
+        pool::give(std::mem::take(&mut self.pair_sums4));
     }
 }
 
@@ -219,26 +245,35 @@ impl Drop for Q8Acts {
 /// 8 bits per block as `quantize_row_q8_0_ref` (ggml-quants.c) does: the same
 /// arithmetic as [`fusec_weights::quant::q8_0_block`], whose `f16` scales are kept as
 /// `f32` values; and each block's `s` as `quantize_row_q8_1_ref` computes it,
-/// `f16(Σ xq * d)` with the unrounded `d = absmax / 127`.
-pub fn quantize_q8(x: &[f32]) -> Result<Q8Acts, KernelError> {
-    if !x.len().is_multiple_of(BLOCK) {
+/// `f16(Σ xq * d)` with the unrounded `d = absmax / 127`. `x` holds rows of `len`
+/// activations.
+pub fn quantize_q8(x: &[f32], len: usize) -> Result<Q8Acts, KernelError> {
+    let rows_fit = match len {
+        0 => x.is_empty(),
+        _ => x.len().is_multiple_of(len),
+    };
+    if !len.is_multiple_of(BLOCK) || !rows_fit {
         return Err(KernelError::Invalid(format!(
-            "integer GEMV: {} activations are not whole blocks of {BLOCK}",
+            "integer GEMV: {} activations are not rows of whole blocks of {BLOCK} ({len} a row)",
             x.len()
         )));
     }
     let groups = x.len() / 4;
     let mut acts = Q8Acts {
         codes: pool::zeros(x.len()),
+        scales: pool::take(x.len() / BLOCK),
         scales8: pool::take(groups),
         sums4: pool::take(groups),
         sums: pool::take(x.len() / BLOCK),
+        pair_codes: pool::take(x.len()),
+        pair_sums4: pool::take(groups),
     };
     for (xb, qb) in x
         .chunks_exact(BLOCK)
         .zip(acts.codes.chunks_exact_mut(BLOCK))
     {
         let d = fusec_weights::quant::q8_0_block(xb, qb).to_f32();
+        acts.scales.push(d);
         acts.scales8.extend([d; 8]);
         let unrounded = xb.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 127.0;
         let sum: i32 = qb.iter().map(|&q| i32::from(q)).sum();
@@ -248,6 +283,25 @@ pub fn quantize_q8(x: &[f32]) -> Result<Q8Acts, KernelError> {
             qb.chunks_exact(4)
                 .map(|g| g.iter().map(|&q| i32::from(q)).sum::<i32>()),
         );
+    }
+    // Each row's whole pairs of blocks, their groups interleaved.
+    for (row, sums) in acts
+        .codes
+        .chunks_exact(len.max(BLOCK))
+        .zip(acts.sums4.chunks_exact(len.max(BLOCK) / 4))
+    {
+        for (pair, psums) in row
+            .chunks_exact(2 * BLOCK)
+            .zip(sums.chunks_exact(2 * BLOCK / 4))
+        {
+            for g in 0..8 {
+                for b in 0..2 {
+                    let at = b * BLOCK + 4 * g;
+                    acts.pair_codes.extend_from_slice(&pair[at..at + 4]);
+                    acts.pair_sums4.push(psums[b * 8 + g]);
+                }
+            }
+        }
     }
     Ok(acts)
 }
@@ -359,7 +413,10 @@ pub(crate) mod x86 {
         let fits = acts.codes.len() == ins
             && acts.sums4.len() == ins / 4
             && acts.scales8.len() == ins / 4
+            && acts.scales.len() == blocks
             && acts.sums.len() == blocks
+            && acts.pair_codes.len() == blocks / 2 * 2 * BLOCK
+            && acts.pair_sums4.len() == blocks / 2 * 16
             && w.len() >= out.len() * ins
             && w.scales().len() >= out.len() * blocks * w.per_block();
         if !fits {
@@ -386,44 +443,55 @@ pub(crate) mod x86 {
         _mm_cvtss_f32(_mm_add_ss(a2, _mm_shuffle_ps(a2, a2, 1)))
     }
 
-    /// Two blocks of a row and the activations' integer lane sums: 16 lanes of
-    /// four-product sums, in the module documentation's lane order.
+    /// The integer lane sums of two blocks of a row of Q8_0 codes plus `init`, in the
+    /// module documentation's lane order: `init` is [`offset_vnni`]'s value, the
+    /// offset that makes the weight bytes unsigned taken back (`vpdpbusd` adds its
+    /// four products to each lane of `init` in wrapping `i32`, so adding the negated
+    /// offset first gives the same sum as subtracting it after).
     #[inline(always)]
-    unsafe fn pair_vnni(w: IntRows<'_>, row_block: usize, x: __m512i, sums: __m512i) -> __m512i {
-        match w {
-            IntRows::Q8 { codes, .. } => {
-                let q = _mm512_loadu_si512(codes.as_ptr().add(row_block * BLOCK) as *const _);
-                let u = _mm512_xor_si512(q, _mm512_set1_epi8(-128));
-                let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, x);
-                _mm512_sub_epi32(dot, _mm512_slli_epi32(sums, 7))
-            }
-            IntRows::Q4 { packed, .. } => {
-                // Bytes of blocks b and b + 1: low nibbles are elements 0..16 of each,
-                // high nibbles 16..32.
-                let q = _mm256_loadu_si256(packed.as_ptr().add(row_block * BLOCK / 2) as *const _);
-                let lo = _mm256_and_si256(q, _mm256_set1_epi8(0x0F));
-                let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), _mm256_set1_epi8(0x0F));
-                // [b.lo, b+1.lo, b.hi, b+1.hi] to [b.lo, b.hi, b+1.lo, b+1.hi].
-                let both = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-                let n = _mm512_shuffle_i64x2(both, both, 0b11_01_10_00);
-                let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), n, x);
-                _mm512_sub_epi32(dot, _mm512_slli_epi32(sums, 3))
-            }
-            IntRows::Q41 { packed, .. } => {
-                // As Q4_0, each nibble its code: no offset to take back.
-                let q = _mm256_loadu_si256(packed.as_ptr().add(row_block * BLOCK / 2) as *const _);
-                let lo = _mm256_and_si256(q, _mm256_set1_epi8(0x0F));
-                let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), _mm256_set1_epi8(0x0F));
-                let both = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-                let n = _mm512_shuffle_i64x2(both, both, 0b11_01_10_00);
-                _mm512_dpbusd_epi32(_mm512_setzero_si512(), n, x)
-            }
-        }
+    unsafe fn pair_q8(codes: &[u8], row_block: usize, x: __m512i, init: __m512i) -> __m512i {
+        let q = _mm512_loadu_si512(codes.as_ptr().add(row_block * BLOCK) as *const _);
+        let u = _mm512_xor_si512(q, _mm512_set1_epi8(-128));
+        _mm512_dpbusd_epi32(init, u, x)
     }
 
-    /// One block of a row: eight lanes of four-product sums.
+    /// The integer lane sums of two blocks of a row of 4-bit codes plus `init` (as
+    /// [`pair_q8`]), in the interleaved lane order of [`Q8Row::pair_codes`]: lane
+    /// `2 g + p` holds group `g` of block `row_block + p`. Group `g < 4` of a block is
+    /// the low nibbles of its bytes `4g..4g + 4`, group `g >= 4` the high nibbles of
+    /// bytes `4(g - 4)..`: one shuffle of 32-bit words puts word `g % 4` of block `p`
+    /// in lane `2 g + p`, and the upper eight lanes are shifted right by 4.
     #[inline(always)]
-    unsafe fn block_avx2(w: IntRows<'_>, row_block: usize, x: __m256i, sums: __m256i) -> __m256i {
+    unsafe fn pair_nibbles(packed: &[u8], row_block: usize, x: __m512i, init: __m512i) -> __m512i {
+        let q = _mm512_castsi256_si512(_mm256_loadu_si256(
+            packed.as_ptr().add(row_block * BLOCK / 2) as *const _,
+        ));
+        let words = _mm512_set_epi32(7, 3, 6, 2, 5, 1, 4, 0, 7, 3, 6, 2, 5, 1, 4, 0);
+        let spread = _mm512_permutexvar_epi32(words, q);
+        let shifted = _mm512_mask_srli_epi16(spread, 0xFFFF_0000, spread, 4);
+        let n = _mm512_and_si512(shifted, _mm512_set1_epi8(0x0F));
+        _mm512_dpbusd_epi32(init, n, x)
+    }
+
+    /// The negated offset of [`pair_q8`] and [`pair_nibbles`] for two blocks whose activations' group
+    /// sums are `sums`: `-128 Σ x` for a Q8_0 code `w` read as `w + 128`, `-8 Σ x` for
+    /// a Q4_0 nibble, none for Q4_1's nibbles (they are the codes).
+    #[inline(always)]
+    unsafe fn offset_vnni(w: IntRows<'_>, sums: __m512i) -> __m512i {
+        let shift = match w {
+            IntRows::Q8 { .. } => 7,
+            IntRows::Q4 { .. } => 3,
+            IntRows::Q41 { .. } => return _mm512_setzero_si512(),
+        };
+        _mm512_sub_epi32(
+            _mm512_setzero_si512(),
+            _mm512_sll_epi32(sums, _mm_cvtsi32_si128(shift)),
+        )
+    }
+
+    /// One block of a row: eight lanes of four-product sums, before [`offset_avx2`].
+    #[inline(always)]
+    unsafe fn block_avx2(w: IntRows<'_>, row_block: usize, x: __m256i) -> __m256i {
         let ones = _mm256_set1_epi16(1);
         match w {
             IntRows::Q8 { codes, .. } => {
@@ -431,19 +499,22 @@ pub(crate) mod x86 {
                 let p = _mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(x, q));
                 _mm256_madd_epi16(p, ones)
             }
-            IntRows::Q4 { packed, .. } => {
-                let q = _mm_loadu_si128(packed.as_ptr().add(row_block * BLOCK / 2) as *const _);
-                let both = _mm256_set_m128i(_mm_srli_epi16(q, 4), q);
-                let n = _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
-                let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(n, x), ones);
-                _mm256_sub_epi32(dot, _mm256_slli_epi32(sums, 3))
-            }
-            IntRows::Q41 { packed, .. } => {
+            IntRows::Q4 { packed, .. } | IntRows::Q41 { packed, .. } => {
                 let q = _mm_loadu_si128(packed.as_ptr().add(row_block * BLOCK / 2) as *const _);
                 let both = _mm256_set_m128i(_mm_srli_epi16(q, 4), q);
                 let n = _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
                 _mm256_madd_epi16(_mm256_maddubs_epi16(n, x), ones)
             }
+        }
+    }
+
+    /// The offset [`block_avx2`]'s sums carry, to subtract: `8 Σ x` for Q4_0's
+    /// nibbles; none for Q8_0 (the sign trick) and Q4_1.
+    #[inline(always)]
+    unsafe fn offset_avx2(w: IntRows<'_>, sums: __m256i) -> __m256i {
+        match w {
+            IntRows::Q4 { .. } => _mm256_slli_epi32(sums, 3),
+            IntRows::Q8 { .. } | IntRows::Q41 { .. } => _mm256_setzero_si256(),
         }
     }
 
@@ -470,42 +541,193 @@ pub(crate) mod x86 {
         }
     }
 
+    /// Weight rows the kernels take at once. Each step loads one pair of activation
+    /// blocks (codes, group sums, scales) and multiplies it into this many rows, each
+    /// with its own accumulators, as llama.cpp's repacked `ggml_gemv_q4_0_8x8_q8_0`
+    /// (ggml-cpu/repack.cpp) feeds one activation load to several rows. The rows of a
+    /// weight are consecutive in memory, so the rows taken together are still one
+    /// sequential stream. Eight rows need 8 of AVX-512's 32 registers for the
+    /// accumulators; AVX2 has 16 registers and two accumulators per row, so it takes
+    /// four.
+    const ROWS_VNNI: usize = 8;
+    const ROWS_AVX2: usize = 4;
+
     #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
     unsafe fn vnni(acts: Q8Row<'_>, w: IntRows<'_>, out: &mut [f32]) {
-        let blocks = acts.blocks();
-        let scales = w.scales();
+        let mut chunks = out.chunks_exact_mut(ROWS_VNNI);
+        let mut first = 0;
+        for ys in &mut chunks {
+            vnni_rows::<ROWS_VNNI>(acts, w, first, ys);
+            first += ROWS_VNNI;
+        }
+        // A decode chunk is a multiple of four rows: the rest by four, then one.
+        let mut rest = chunks.into_remainder().chunks_exact_mut(4);
+        for ys in &mut rest {
+            vnni_rows::<4>(acts, w, first, ys);
+            first += 4;
+        }
+        for y in rest.into_remainder() {
+            vnni_rows::<1>(acts, w, first, std::slice::from_mut(y));
+            first += 1;
+        }
+    }
+
+    /// How far ahead of the rows it multiplies a kernel asks for weight rows: the
+    /// rows taken together read several short runs at once, which the hardware
+    /// prefetchers follow less far ahead than one long run.
+    const PREFETCH_ROWS: usize = 16;
+
+    /// Asks for the cache line holding the codes of block `row_block` to be brought
+    /// into the cache (called for even blocks: a pair of Q8_0 blocks fills a line of
+    /// 64 bytes; for 4-bit codes only every other pair asks).
+    /// No access, so an address past the weight is harmless.
+    #[inline(always)]
+    unsafe fn prefetch_codes(w: IntRows<'_>, row_block: usize) {
+        let at = match w {
+            IntRows::Q8 { codes, .. } => codes.as_ptr().wrapping_add(row_block * BLOCK),
+            IntRows::Q4 { packed, .. } | IntRows::Q41 { packed, .. } => {
+                if !row_block.is_multiple_of(4) {
+                    return;
+                }
+                packed.as_ptr().wrapping_add(row_block * BLOCK / 2)
+            }
+        };
+        _mm_prefetch::<_MM_HINT_T0>(at as *const i8);
+    }
+
+    /// [`prefetch_codes`] for the side values of a span of [`SPAN`] blocks from
+    /// `row_block`: one line of 16 scales, two of Q4_1's scales and minimums.
+    #[inline(always)]
+    unsafe fn prefetch_scales(w: IntRows<'_>, row_block: usize) {
         let per = w.per_block();
+        let at = w.scales().as_ptr().wrapping_add(row_block * per);
+        _mm_prefetch::<_MM_HINT_T0>(at as *const i8);
+        if per == 2 {
+            _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(SPAN) as *const i8);
+        }
+    }
+
+    /// Blocks whose scale products one step of [`vnni_rows`] computes together.
+    const SPAN: usize = 16;
+
+    /// The weight scales of blocks `at..at + count` of a row (`count <= 16`), in
+    /// lanes `0..count`, zero beyond: every other side value for Q4_1, whose minimums
+    /// are interleaved with them.
+    #[inline(always)]
+    unsafe fn weight_scales(w: IntRows<'_>, at: usize, count: usize) -> __m512 {
+        let scales = w.scales();
+        match w.per_block() {
+            1 => _mm512_maskz_loadu_ps(lanes(count), scales.as_ptr().add(at)),
+            _ => {
+                let p = scales.as_ptr().add(2 * at);
+                let lo = _mm512_maskz_loadu_ps(lanes((2 * count).min(16)), p);
+                let hi = _mm512_maskz_loadu_ps(lanes(2 * count.saturating_sub(8)), p.add(16));
+                let even =
+                    _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+                _mm512_permutex2var_ps(lo, even, hi)
+            }
+        }
+    }
+
+    /// The mask of lanes `0..count` (`count <= 16`).
+    #[inline(always)]
+    fn lanes(count: usize) -> __mmask16 {
+        ((1u32 << count) - 1) as __mmask16
+    }
+
+    /// Rows `first..first + R` of `w` into `ys` (see [`vnni`]).
+    ///
+    /// The blocks go by spans of [`SPAN`]: for each row, one multiplication gives the
+    /// scale products `dw[b] * dx[b]` of the span's sixteen blocks (each rounded once,
+    /// as the reference rounds it); for Q8_0 one permutation per pair of blocks puts
+    /// the pair's two products in its lanes, for 4-bit codes a broadcast load.
+    #[inline(always)]
+    unsafe fn vnni_rows<const R: usize>(
+        acts: Q8Row<'_>,
+        w: IntRows<'_>,
+        first: usize,
+        ys: &mut [f32],
+    ) {
+        let blocks = acts.blocks();
         let pairs = blocks / 2;
-        // Lanes 0..8 take block b's weight scale, 8..16 block b + 1's: elements 0 and
-        // 1 of the scales, or 0 and 2 when a minimum follows each.
-        let second = per as i32;
-        let idx = _mm512_set_epi32(
-            second, second, second, second, second, second, second, second, 0, 0, 0, 0, 0, 0, 0, 0,
-        );
-        for (o, y) in out.iter_mut().enumerate() {
-            let mut acc = _mm512_setzero_ps();
-            let row = o * blocks;
-            for p in 0..pairs {
-                let b = 2 * p;
+        let mut acc = [_mm512_setzero_ps(); R];
+        let mut b0 = 0;
+        while b0 < 2 * pairs {
+            let count = (2 * pairs - b0).min(SPAN);
+            let dx = _mm512_maskz_loadu_ps(lanes(count), acts.scales.as_ptr().add(b0));
+            let mut d = [_mm512_setzero_ps(); R];
+            for (r, dr) in d.iter_mut().enumerate() {
+                let row = (first + r) * blocks;
+                prefetch_scales(w, row + PREFETCH_ROWS * blocks + b0);
+                *dr = _mm512_mul_ps(weight_scales(w, row + b0, count), dx);
+            }
+            if let IntRows::Q4 { packed, .. } | IntRows::Q41 { packed, .. } = w {
+                // 4-bit codes: the pair's groups interleaved (see `pair_nibbles`), so
+                // that the lanes alternate between the two blocks and one 64-bit
+                // broadcast of the pair's two scale products (a load, no shuffle)
+                // scales them.
+                let mut dm = [[0.0f32; SPAN]; R];
+                for (dst, dr) in dm.iter_mut().zip(&d) {
+                    _mm512_storeu_ps(dst.as_mut_ptr(), *dr);
+                }
+                for b in (b0..b0 + count).step_by(2) {
+                    let x = _mm512_loadu_si512(acts.pair_codes.as_ptr().add(b * BLOCK) as *const _);
+                    let sums = _mm512_loadu_si512(acts.pair_sums4.as_ptr().add(b * 8) as *const _);
+                    let init = offset_vnni(w, sums);
+                    for r in 0..R {
+                        let row = (first + r) * blocks;
+                        prefetch_codes(w, row + PREFETCH_ROWS * blocks + b);
+                        let s = pair_nibbles(packed, row + b, x, init);
+                        let at = dm[r].as_ptr().add(b - b0) as *const f64;
+                        let dr = _mm512_castpd_ps(_mm512_set1_pd(at.read_unaligned()));
+                        acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(_mm512_cvtepi32_ps(s), dr));
+                    }
+                }
+                b0 += count;
+                continue;
+            }
+            let IntRows::Q8 { codes, .. } = w else {
+                // The 4-bit formats took the branch above.
+                b0 += count;
+                continue;
+            };
+            // Lanes 0..8 take the pair's first product, 8..16 its second.
+            let mut idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+            for b in (b0..b0 + count).step_by(2) {
                 let x = _mm512_loadu_si512(acts.codes.as_ptr().add(b * BLOCK) as *const _);
                 let sums = _mm512_loadu_si512(acts.sums4.as_ptr().add(b * 8) as *const _);
-                let s = pair_vnni(w, row + b, x, sums);
-                let at = scales.as_ptr().add((row + b) * per);
-                let dw2 = match per {
-                    1 => _mm_castpd_ps(_mm_load_sd(at as *const f64)),
-                    _ => _mm_loadu_ps(at),
-                };
-                let dw = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(dw2));
-                let d = _mm512_mul_ps(dw, _mm512_loadu_ps(acts.scales8.as_ptr().add(b * 8)));
-                acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_cvtepi32_ps(s), d));
+                let init = offset_vnni(w, sums);
+                for r in 0..R {
+                    let row = (first + r) * blocks;
+                    prefetch_codes(w, row + PREFETCH_ROWS * blocks + b);
+                    let s = pair_q8(codes, row + b, x, init);
+                    let dr = _mm512_permutexvar_ps(idx, d[r]);
+                    acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(_mm512_cvtepi32_ps(s), dr));
+                }
+                idx = _mm512_add_epi32(idx, _mm512_set1_epi32(2));
             }
-            let (mut lo, hi) = (_mm512_castps512_ps256(acc), _mm512_extractf32x8_ps(acc, 1));
+            b0 += count;
+        }
+        if let IntRows::Q4 { .. } | IntRows::Q41 { .. } = w {
+            // Back from the interleaved lanes: lane `8 p + g` of the module
+            // documentation is lane `2 g + p` here.
+            let back = _mm512_set_epi32(15, 13, 11, 9, 7, 5, 3, 1, 14, 12, 10, 8, 6, 4, 2, 0);
+            for a in acc.iter_mut() {
+                *a = _mm512_permutexvar_ps(back, *a);
+            }
+        }
+        for (r, (a, y)) in acc.iter().zip(ys.iter_mut()).enumerate() {
+            let row = (first + r) * blocks;
+            // The upper eight lanes, with AVX-512F's 64-bit extract (the 32-bit one
+            // is AVX-512DQ's, which this path does not require).
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(*a), 1));
+            let mut lo = _mm512_castps512_ps256(*a);
             if blocks % 2 == 1 {
                 // The last block, even-numbered: lanes 0..8.
                 let b = blocks - 1;
                 let x = _mm256_loadu_si256(acts.codes.as_ptr().add(b * BLOCK) as *const _);
                 let sums = _mm256_loadu_si256(acts.sums4.as_ptr().add(b * 8) as *const _);
-                let s = block_avx2(w, row + b, x, sums);
+                let s = _mm256_sub_epi32(block_avx2(w, row + b, x), offset_avx2(w, sums));
                 let d = _mm256_set1_ps(w.scale(row + b) * acts.scale(b));
                 lo = _mm256_add_ps(lo, _mm256_mul_ps(_mm256_cvtepi32_ps(s), d));
             }
@@ -515,19 +737,48 @@ pub(crate) mod x86 {
 
     #[target_feature(enable = "avx2")]
     unsafe fn avx2(acts: Q8Row<'_>, w: IntRows<'_>, out: &mut [f32]) {
+        let mut chunks = out.chunks_exact_mut(ROWS_AVX2);
+        let mut first = 0;
+        for ys in &mut chunks {
+            avx2_rows::<ROWS_AVX2>(acts, w, first, ys);
+            first += ROWS_AVX2;
+        }
+        for y in chunks.into_remainder() {
+            avx2_rows::<1>(acts, w, first, std::slice::from_mut(y));
+            first += 1;
+        }
+    }
+
+    /// Rows `first..first + R` of `w` into `ys` (see [`avx2`]).
+    #[inline(always)]
+    unsafe fn avx2_rows<const R: usize>(
+        acts: Q8Row<'_>,
+        w: IntRows<'_>,
+        first: usize,
+        ys: &mut [f32],
+    ) {
+        // SSSE3's `_mm256_sign_epi8` and friends are AVX2 instructions; this runs
+        // inside `avx2`'s target feature.
         let blocks = acts.blocks();
-        for (o, y) in out.iter_mut().enumerate() {
-            let mut acc = [_mm256_setzero_ps(); 2];
-            let row = o * blocks;
-            for b in 0..blocks {
-                let x = _mm256_loadu_si256(acts.codes.as_ptr().add(b * BLOCK) as *const _);
-                let sums = _mm256_loadu_si256(acts.sums4.as_ptr().add(b * 8) as *const _);
-                let s = block_avx2(w, row + b, x, sums);
-                let d = _mm256_set1_ps(w.scale(row + b) * acts.scale(b));
-                let lane = &mut acc[b % 2];
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        for b in 0..blocks {
+            let x = _mm256_loadu_si256(acts.codes.as_ptr().add(b * BLOCK) as *const _);
+            let sums = _mm256_loadu_si256(acts.sums4.as_ptr().add(b * 8) as *const _);
+            let off = offset_avx2(w, sums);
+            let dx = acts.scale(b);
+            for (r, a) in acc.iter_mut().enumerate() {
+                let row = (first + r) * blocks;
+                if b.is_multiple_of(2) {
+                    prefetch_codes(w, row + PREFETCH_ROWS * blocks + b);
+                }
+                let s = _mm256_sub_epi32(block_avx2(w, row + b, x), off);
+                let d = _mm256_set1_ps(w.scale(row + b) * dx);
+                let lane = &mut a[b % 2];
                 *lane = _mm256_add_ps(*lane, _mm256_mul_ps(_mm256_cvtepi32_ps(s), d));
             }
-            *y = finish(w, acc[0], acc[1], mins(acts, w, row));
+        }
+        for (r, (a, y)) in acc.iter().zip(ys.iter_mut()).enumerate() {
+            *y = finish(w, a[0], a[1], mins(acts, w, (first + r) * blocks));
         }
     }
 }
@@ -606,10 +857,13 @@ mod tests {
     fn every_code_of_both_formats_matches_the_reference() {
         let mut rng = SplitMix64::new(11);
         // Q8_0: every byte, -128 included, against every activation code.
-        let ins = 256;
-        let rows = 7;
+        // 33 blocks: two spans of the VNNI kernel's scale products, the second
+        // partial, and an odd block last; 19 rows: two groups of its eight rows and
+        // three more, four of the AVX2 kernel's four and three more.
+        let ins = 33 * BLOCK;
+        let rows = 19;
         let x: Vec<f32> = (0..ins).map(|j| (j as f32 - 127.5) * 0.37).collect();
-        let acts = quantize_q8(&x).expect("blocks");
+        let acts = quantize_q8(&x, x.len()).expect("blocks");
         let codes: Vec<u8> = (0..rows * ins).map(|k| (k % 256) as u8).collect();
         let dw: Vec<f32> = (0..rows * ins / BLOCK)
             .map(|_| rng.normal() as f32)
@@ -628,7 +882,7 @@ mod tests {
         let x: Vec<f32> = (0..ins)
             .map(|j| if j % 2 == 0 { 5.0 } else { -5.0 })
             .collect();
-        let acts = quantize_q8(&x).expect("blocks");
+        let acts = quantize_q8(&x, x.len()).expect("blocks");
         assert!(acts.codes.iter().all(|&c| c.abs() == 127));
         let codes = vec![0x80u8; rows * ins];
         check_all_paths(
@@ -727,7 +981,7 @@ mod tests {
     #[test]
     fn activations_are_quantized_as_ggml_does() {
         let x: Vec<f32> = (0..64).map(|j| (j as f32 - 20.0) * 0.5).collect();
-        let acts = quantize_q8(&x).expect("blocks");
+        let acts = quantize_q8(&x, x.len()).expect("blocks");
         // Block 0: absmax 10, d = 10 / 127; x = 0 at j = 20 gives 0.
         let row = acts.row(0, 64);
         assert_eq!(row.scale(0), half::f16::from_f32(10.0 / 127.0).to_f32());
@@ -744,10 +998,37 @@ mod tests {
             row.sums[0],
             half::f16::from_f32(sum as f32 * (10.0 / 127.0)).to_f32()
         );
-        let zeros = quantize_q8(&[0.0; 32]).expect("blocks");
+        let zeros = quantize_q8(&[0.0; 32], 32).expect("blocks");
         assert_eq!((zeros.row(0, 32).scale(0), zeros.codes[5]), (0.0, 0));
-        let err = quantize_q8(&[1.0; 40]).unwrap_err().to_string();
+        let err = quantize_q8(&[1.0; 40], 40).unwrap_err().to_string();
         assert!(err.contains("blocks of 32"), "{err}");
+    }
+
+    #[test]
+    fn pairs_interleave_the_groups_of_each_rows_blocks() {
+        // Two rows of three blocks: one whole pair each, the odd block left out.
+        let len = 3 * BLOCK;
+        let x: Vec<f32> = (0..2 * len).map(|j| (j as f32 * 0.77).sin()).collect();
+        let acts = quantize_q8(&x, len).expect("rows of blocks");
+        assert_eq!(acts.pair_codes.len(), 2 * 2 * BLOCK);
+        for r in 0..2 {
+            let row = acts.row(r, len);
+            let alone = quantize_q8(&x[r * len..(r + 1) * len], len).expect("blocks");
+            assert_eq!(row.codes, &alone.codes[..]);
+            assert_eq!(row.pair_codes, &alone.pair_codes[..]);
+            for g in 0..8 {
+                for b in 0..2 {
+                    let lane = 2 * g + b;
+                    assert_eq!(
+                        row.pair_codes[4 * lane..4 * lane + 4],
+                        row.codes[b * BLOCK + 4 * g..b * BLOCK + 4 * g + 4]
+                    );
+                    assert_eq!(row.pair_sums4[lane], row.sums4[8 * b + g]);
+                }
+            }
+        }
+        let err = quantize_q8(&x[..len + BLOCK], len).unwrap_err().to_string();
+        assert!(err.contains("rows of whole blocks"), "{err}");
     }
 
     proptest! {
@@ -755,15 +1036,15 @@ mod tests {
         #[test]
         fn random_rows_match_the_reference(
             seed in any::<u64>(),
-            blocks in 1usize..12,
-            rows in 1usize..13,
+            blocks in 1usize..40,
+            rows in 1usize..20,
             scale in -20i32..20,
         ) {
             let mut rng = SplitMix64::new(seed);
             let ins = blocks * BLOCK;
             let s = 2f32.powi(scale);
             let x: Vec<f32> = (0..ins).map(|_| rng.normal() as f32 * s).collect();
-            let acts = quantize_q8(&x).expect("blocks");
+            let acts = quantize_q8(&x, x.len()).expect("blocks");
             let codes: Vec<u8> = (0..rows * ins).map(|_| (rng.next_u64() >> 56) as u8).collect();
             let dw: Vec<f32> = (0..rows * blocks)
                 .map(|_| half::f16::from_f32(rng.normal() as f32 * 0.01).to_f32())
