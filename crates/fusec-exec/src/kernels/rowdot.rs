@@ -56,7 +56,14 @@
 //! `c + 1` of a round are 16 consecutive values), so a row needs two registers and a
 //! block of 8 rows 16 of the 32; the last chunks and the reduction run on their 8-lane
 //! halves, exactly as the AVX2 kernel does. On AVX2 (16 registers) a block is 3 rows
-//! of 4 accumulators. Weights are read once from memory whatever the batch, so a step
+//! of 4 accumulators. `f32` weights on AVX-512 go in tiles instead: 4 activation rows
+//! by 2 weight rows (16 accumulator registers), each activation vector loaded once for
+//! both weight rows and each weight vector once for the 4 activation rows, so the
+//! loads per fused multiply-add fall from 9 per 8 to 6 per 8; the second tile over the
+//! same two weight rows finds them in L1, and the first asks for them 8 KiB ahead. In
+//! `perf`'s share of a batch-8 step against the single-row kernel the tiles take
+//! 1.17x to 1.26x, the blocks 1.32x to 1.36x (BENCHMARKS.md, "The f32 multi-row kernel
+//! in tiles"). Weights are read once from memory whatever the batch, so a step
 //! of `B` sequences costs about one step of one until the multiplies bind: one fused
 //! multiply-add per weight and row (see `super::dot`). `cargo bench -p fusec-exec
 //! --bench rowdot` times 8 rows against 1 from memory and in L2.
@@ -851,7 +858,7 @@ mod avx512 {
                 for (i, v) in wv.iter_mut().enumerate() {
                     *v = _mm512_loadu_ps(pr.add(i * n + at));
                 }
-                for r in 0..R {
+                for (r, ar) in acc.iter_mut().enumerate() {
                     if PF && r < W {
                         _mm_prefetch::<_MM_HINT_T0>(
                             pr.add(r * n + at)
@@ -860,8 +867,8 @@ mod avx512 {
                         );
                     }
                     let xv = _mm512_loadu_ps(xp.add(r * n + at));
-                    for i in 0..W {
-                        acc[r][i][h] = _mm512_fmadd_ps(xv, wv[i], acc[r][i][h]);
+                    for (a, &wi) in ar.iter_mut().zip(&wv) {
+                        a[h] = _mm512_fmadd_ps(xv, wi, a[h]);
                     }
                 }
             }
