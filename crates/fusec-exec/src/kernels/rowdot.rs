@@ -56,7 +56,14 @@
 //! `c + 1` of a round are 16 consecutive values), so a row needs two registers and a
 //! block of 8 rows 16 of the 32; the last chunks and the reduction run on their 8-lane
 //! halves, exactly as the AVX2 kernel does. On AVX2 (16 registers) a block is 3 rows
-//! of 4 accumulators. Weights are read once from memory whatever the batch, so a step
+//! of 4 accumulators. `f32` weights on AVX-512 go in tiles instead: 4 activation rows
+//! by 2 weight rows (16 accumulator registers), each activation vector loaded once for
+//! both weight rows and each weight vector once for the 4 activation rows, so the
+//! loads per fused multiply-add fall from 9 per 8 to 6 per 8; the second tile over the
+//! same two weight rows finds them in L1, and the first asks for them 8 KiB ahead. In
+//! `perf`'s share of a batch-8 step against the single-row kernel the tiles take
+//! 1.17x to 1.26x, the blocks 1.32x to 1.36x (BENCHMARKS.md, "The f32 multi-row kernel
+//! in tiles"). Weights are read once from memory whatever the batch, so a step
 //! of `B` sequences costs about one step of one until the multiplies bind: one fused
 //! multiply-add per weight and row (see `super::dot`). `cargo bench -p fusec-exec
 //! --bench rowdot` times 8 rows against 1 from memory and in L2.
@@ -780,13 +787,173 @@ mod avx512 {
         // SAFETY: as in `avx2::dots_rows`, with AVX-512F checked by `available()`.
         unsafe {
             match (w, scaled) {
-                (Rows::F32(ws), _) => multi_f32(x, rows, n, ws, out),
+                // One weight row makes no tile.
+                (Rows::F32(ws), _) if ws.len() < TILE_WEIGHT_ROWS * n => {
+                    multi_f32(x, rows, n, ws, out)
+                }
+                (Rows::F32(ws), _) => tiles_f32(x, rows, n, ws, out),
                 (Rows::Bf16(ws), _) => multi_bf16(x, rows, n, ws, out),
                 (Rows::F16(ws), _) => multi_f16(x, rows, n, ws, out),
                 (Rows::E4M3(ws), Some(xs)) => multi_e4m3_f32(xs, rows, n, ws, out),
                 (Rows::E4M3(ws), None) => multi_e4m3(x, rows, n, ws, out),
             }
         }
+    }
+
+    /// Activation rows of a tile of [`tiles_f32`]: 4 rows by [`TILE_WEIGHT_ROWS`]
+    /// weight rows are 16 accumulator registers, besides the 2 weight registers and
+    /// the activation one.
+    const TILE_ROWS: usize = 4;
+
+    /// Weight rows of a tile of [`tiles_f32`]. Three (24 accumulators, 4 activation
+    /// rows) spend fewer loads per multiply-add still, but measured slower in the
+    /// decode step (BENCHMARKS.md, "The f32 multi-row kernel in tiles").
+    const TILE_WEIGHT_ROWS: usize = 2;
+
+    /// Bytes ahead of its weights that a tile's first pass asks for, one cache line
+    /// per line it loads, in each of its weight rows. In `perf`'s share of the batch-8
+    /// step against the single-row kernel's (alternating runs), 2 KiB (the blocks'
+    /// [`super::avx2::PREFETCH_BYTES`]) gave the tiles 1.52x, 4 and 8 KiB 1.20x to
+    /// 1.26x, 16 KiB 1.30x, and no hint at all 1.71x: each weight row is a stream
+    /// of its own, so the hints must cover a memory latency of two streams' lines.
+    /// The packed weights lie on 2 MiB pages (`crate::pack`), so a hint past a 4 KiB
+    /// boundary costs no page walk of its own.
+    const TILE_PREFETCH_BYTES: usize = 8192;
+
+    /// `W` weight rows of `f32` (`n` values, `n` apart from `w`) times `R` activation
+    /// rows of `x` (`n` apart), each result in `dot::dot`'s order; result `(r, i)` to
+    /// `out[r * k + i]`. Each activation vector is loaded once for the `W` weight rows
+    /// and each weight vector once for the `R` activation rows, so a tile of 4 by 2
+    /// spends 6 loads per 8 fused multiply-adds where a block of 8 rows of one weight
+    /// row spends 9 per 8. `PF`: ask for the weights [`TILE_PREFETCH_BYTES`] ahead (the
+    /// first tile over these weight rows; the next finds them in L1).
+    #[target_feature(enable = "avx512f,avx2,f16c,fma")]
+    unsafe fn tile_f32<const R: usize, const W: usize, const PF: bool>(
+        x: &[f32],
+        n: usize,
+        w: &[f32],
+        out: *mut f32,
+        k: usize,
+    ) {
+        let main = n - n % 8;
+        let quad = n - n % 32;
+        let (xp, pr) = (x.as_ptr(), w.as_ptr());
+        // acc[r][i][h]: accumulators 2h and 2h + 1 of result (r, i).
+        let mut acc = [[[_mm512_setzero_ps(); 2]; W]; R];
+        let mut j = 0;
+        while j < quad {
+            for h in 0..2 {
+                let at = j + 16 * h;
+                let mut wv = [_mm512_setzero_ps(); W];
+                for (i, v) in wv.iter_mut().enumerate() {
+                    *v = _mm512_loadu_ps(pr.add(i * n + at));
+                }
+                for (r, ar) in acc.iter_mut().enumerate() {
+                    if PF && r < W {
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            pr.add(r * n + at)
+                                .cast::<i8>()
+                                .wrapping_add(TILE_PREFETCH_BYTES),
+                        );
+                    }
+                    let xv = _mm512_loadu_ps(xp.add(r * n + at));
+                    for (a, &wi) in ar.iter_mut().zip(&wv) {
+                        a[h] = _mm512_fmadd_ps(xv, wi, a[h]);
+                    }
+                }
+            }
+            j += 32;
+        }
+        // The last full chunks (at most three) go to accumulators 0, 1, 2, the 8-lane
+        // halves of the two registers; then the reduction and the tail, as in the
+        // blocks of `multi_kernel!`.
+        let left = (main - j) / 8;
+        for r in 0..R {
+            let xs = &x[r * n..(r + 1) * n];
+            for i in 0..W {
+                let ws = &w[i * n..(i + 1) * n];
+                let (mut a0, mut a1) = halves(acc[r][i][0]);
+                let (mut a2, a3) = halves(acc[r][i][1]);
+                let (xr, wr) = (xs.as_ptr().add(j), ws.as_ptr().add(j));
+                if left > 0 {
+                    a0 = mul_add(a0, _mm256_loadu_ps(xr), load_f32(wr));
+                }
+                if left > 1 {
+                    a1 = mul_add(a1, _mm256_loadu_ps(xr.add(8)), load_f32(wr.add(8)));
+                }
+                if left > 2 {
+                    a2 = mul_add(a2, _mm256_loadu_ps(xr.add(16)), load_f32(wr.add(16)));
+                }
+                let mut s = reduce(a0, a1, a2, a3);
+                for t in main..n {
+                    s = xs[t].mul_add(ws[t], s);
+                }
+                *out.add(r * k + i) = s;
+            }
+        }
+    }
+
+    /// `multi_f32` in tiles of [`TILE_ROWS`] activation rows by [`TILE_WEIGHT_ROWS`]
+    /// weight rows (see the module documentation): each group of weight rows is read
+    /// from memory by its first tile and from L1 by the others; a last weight row
+    /// left over goes to the blocks of `block_f32`, as in `multi_f32`. Every result
+    /// is the one `multi_f32` gives, bit for bit: only the order in which the results
+    /// are computed changes, not any result's sum.
+    #[target_feature(enable = "avx512f,avx2,f16c,fma")]
+    unsafe fn tiles_f32(x: &[f32], rows: usize, n: usize, w: &[f32], out: &mut [f32]) {
+        const W: usize = TILE_WEIGHT_ROWS;
+        let k = w.len() / n;
+        let groups = k / W;
+        let o_ptr = out.as_mut_ptr();
+        for g in 0..groups {
+            let o = g * W;
+            let wr = &w[o * n..(o + W) * n];
+            let mut r = 0;
+            while r < rows {
+                let (xr, dst) = (&x[r * n..], o_ptr.add(r * k + o));
+                let first = r == 0;
+                match (rows - r).min(TILE_ROWS) {
+                    4 if first => tile_f32::<4, W, true>(xr, n, wr, dst, k),
+                    4 => tile_f32::<4, W, false>(xr, n, wr, dst, k),
+                    3 if first => tile_f32::<3, W, true>(xr, n, wr, dst, k),
+                    3 => tile_f32::<3, W, false>(xr, n, wr, dst, k),
+                    2 if first => tile_f32::<2, W, true>(xr, n, wr, dst, k),
+                    2 => tile_f32::<2, W, false>(xr, n, wr, dst, k),
+                    _ if first => tile_f32::<1, W, true>(xr, n, wr, dst, k),
+                    _ => tile_f32::<1, W, false>(xr, n, wr, dst, k),
+                }
+                r += TILE_ROWS;
+            }
+        }
+        for o in groups * W..k {
+            let wr = &w[o * n..(o + 1) * n];
+            let mut r = 0;
+            while r + BLOCK_ROWS <= rows {
+                block_f32::<BLOCK_ROWS>(&x[r * n..], n, wr, o_ptr.add(r * k + o), k);
+                r += BLOCK_ROWS;
+            }
+            let (xr, dst) = (&x[r * n..], o_ptr.add(r * k + o));
+            match rows - r {
+                1 => block_f32::<1>(xr, n, wr, dst, k),
+                2 => block_f32::<2>(xr, n, wr, dst, k),
+                3 => block_f32::<3>(xr, n, wr, dst, k),
+                4 => block_f32::<4>(xr, n, wr, dst, k),
+                5 => block_f32::<5>(xr, n, wr, dst, k),
+                6 => block_f32::<6>(xr, n, wr, dst, k),
+                7 => block_f32::<7>(xr, n, wr, dst, k),
+                _ => {}
+            }
+        }
+    }
+
+    /// `multi_f32` alone (blocks of 8 activation rows of one weight row), for the
+    /// tests that compare the tiles with it.
+    #[cfg(test)]
+    pub(super) fn blocks_f32(x: &[f32], rows: usize, n: usize, w: &[f32], out: &mut [f32]) {
+        assert!(available() && super::rows_fit(x, None, rows, n, Rows::F32(w), out));
+        // SAFETY: AVX-512F and the AVX2 kernels' features were detected, and every
+        // operand holds what the kernel touches (both asserted above).
+        unsafe { multi_f32(x, rows, n, w, out) }
     }
 
     /// The low and high 8 lanes of `v`.
@@ -1205,6 +1372,51 @@ mod tests {
                         );
                         proptest::prop_assert_eq!(got.to_bits(), alone[o].to_bits());
                     }
+                }
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(96))]
+
+        /// The `f32` multi-row path a batched step takes (on AVX-512, tiles of 4
+        /// activation rows by 2 weight rows, and the blocks of one weight row for an
+        /// odd last one) against `dots_portable` of each row alone, bit for bit, and
+        /// against the blocks of 8 rows it replaced: row counts across and off the
+        /// tiles, even and odd weight-row counts, widths off the vector width and the
+        /// 32 values of a round, and values of wide range.
+        #[test]
+        fn f32_multi_row_tiles_equal_each_row_alone_bit_for_bit(
+            rows in 2usize..=16,
+            k in 1usize..10,
+            n in 1usize..300,
+            seed in 0u64..1_000_000,
+        ) {
+            let mut rng = SplitMix64::new(seed);
+            let mut value = || (rng.normal() * 2f64.powi((rng.normal() * 8.0) as i32)) as f32;
+            let x: Vec<f32> = (0..rows * n).map(|_| value()).collect();
+            let w: Vec<f32> = (0..k * n).map(|_| value()).collect();
+            let mut all = vec![0.0f32; rows * k];
+            Activations::new(&x, Rows::F32(&w)).dots_rows(rows, n, Rows::F32(&w), &mut all);
+            for r in 0..rows {
+                let mut alone = vec![0.0f32; k];
+                dots_portable(&x[r * n..(r + 1) * n], Rows::F32(&w), &mut alone);
+                for o in 0..k {
+                    proptest::prop_assert_eq!(
+                        all[r * k + o].to_bits(),
+                        alone[o].to_bits(),
+                        "row {} out {}", r, o
+                    );
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            {
+                if avx512::available() {
+                    let mut blocks = vec![0.0f32; rows * k];
+                    avx512::blocks_f32(&x, rows, n, &w, &mut blocks);
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    proptest::prop_assert_eq!(bits(&all), bits(&blocks));
                 }
             }
         }
