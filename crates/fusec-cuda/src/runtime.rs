@@ -416,32 +416,19 @@ impl<D: Device> Runner<D> {
         self.past += n;
     }
 
-    /// One step of a prefill plan (a graph of `fusec_model::blocks::StepDims::prefill`):
-    /// `T` tokens per sequence, sequence by sequence, at the next `T` positions. It
-    /// uploads the ids, the positions `S .. S + T` and the causal mask `[B, 1, T, S + T]`
-    /// (row `t` sees positions `..= S + t`, as `fusec_exec`'s `Session::prefill` builds
-    /// it), launches every kernel, and reads back the logits (per sequence: the last
-    /// position's, or every position's one after another) and the greedy tokens.
-    pub fn step_prefill(&mut self, tokens: &[i32]) -> Result<Step, RunError> {
+    /// Checks `tokens` for a step of `t` per sequence: `batch * t` of them, room in the
+    /// caches for `t` more positions, every id in the vocabulary.
+    fn check_tokens(&self, tokens: &[i32], t: u64) -> Result<(), RunError> {
         let batch = self.plan.shape.batch as usize;
-        let ids = self.input(step::INPUT_IDS)?;
-        let t = match ids.view.dims_at_capacity.as_slice() {
-            [_, t] => *t,
-            _ => {
-                return Err(RunError::Plan(format!(
-                    "`{}` is not [B,T]",
-                    step::INPUT_IDS
-                )))
-            }
-        };
-        let tu = t as usize;
-        if tokens.len() != batch * tu {
+        if tokens.len() != batch * t as usize {
+            let per = if t == 1 {
+                String::new()
+            } else {
+                format!(" with {t} per sequence")
+            };
             return Err(RunError::Input {
                 name: step::INPUT_IDS.into(),
-                message: format!(
-                    "{} tokens for a batch of {batch} with {t} per sequence",
-                    tokens.len()
-                ),
+                message: format!("{} tokens for a batch of {batch}{per}", tokens.len()),
             });
         }
         if self.past + t > self.plan.shape.max_seq_len {
@@ -461,6 +448,28 @@ impl<D: Device> Runner<D> {
                 });
             }
         }
+        Ok(())
+    }
+
+    /// One step of a prefill plan (a graph of `fusec_model::blocks::StepDims::prefill`):
+    /// `T` tokens per sequence, sequence by sequence, at the next `T` positions. It
+    /// uploads the ids, the positions `S .. S + T` and the causal mask `[B, 1, T, S + T]`
+    /// (row `t` sees positions `..= S + t`, as `fusec_exec`'s `Session::prefill` builds
+    /// it), launches every kernel, and reads back the logits (per sequence: the last
+    /// position's, or every position's one after another) and the greedy tokens.
+    pub fn step_prefill(&mut self, tokens: &[i32]) -> Result<Step, RunError> {
+        let batch = self.plan.shape.batch as usize;
+        let ids = self.input(step::INPUT_IDS)?;
+        let t = match ids.view.dims_at_capacity.as_slice() {
+            [_, t] => *t,
+            _ => {
+                return Err(RunError::Plan(format!(
+                    "`{}` is not [B,T]",
+                    step::INPUT_IDS
+                )))
+            }
+        };
+        self.check_tokens(tokens, t)?;
         let past = self.past;
         let names_in: Vec<String> = self.plan.inputs.iter().map(|b| b.name.clone()).collect();
         for name in names_in {
@@ -514,29 +523,7 @@ impl<D: Device> Runner<D> {
     /// One decode step: one token per sequence at the next position.
     pub fn step(&mut self, tokens: &[i32]) -> Result<Step, RunError> {
         let batch = self.plan.shape.batch as usize;
-        if tokens.len() != batch {
-            return Err(RunError::Input {
-                name: step::INPUT_IDS.into(),
-                message: format!("{} tokens for a batch of {batch}", tokens.len()),
-            });
-        }
-        if self.past + 1 > self.plan.shape.max_seq_len {
-            return Err(RunError::Input {
-                name: step::POSITION_IDS.into(),
-                message: format!(
-                    "the caches hold at most {} positions",
-                    self.plan.shape.max_seq_len
-                ),
-            });
-        }
-        if let Some(vocab) = self.vocab() {
-            if let Some(t) = tokens.iter().find(|&&t| t < 0 || t as u64 >= vocab) {
-                return Err(RunError::Input {
-                    name: step::INPUT_IDS.into(),
-                    message: format!("token id {t} is out of range for a vocabulary of {vocab}"),
-                });
-            }
-        }
+        self.check_tokens(tokens, 1)?;
         let names_in: Vec<String> = self.plan.inputs.iter().map(|b| b.name.clone()).collect();
         for name in names_in {
             match name.as_str() {

@@ -77,7 +77,7 @@ impl Shape {
     }
 }
 
-fn fixed(e: Extent, what: &str) -> Result<u64, String> {
+pub(crate) fn fixed(e: Extent, what: &str) -> Result<u64, String> {
     e.fixed().ok_or_else(|| format!("{what} must be static"))
 }
 

@@ -46,9 +46,8 @@ use std::fmt::Write;
 use fusec_ir::numerics::FP8_ACT_BLOCK;
 use fusec_ir::DType;
 
-use super::gemv::{fp8_max, norm_expr_with, out_dtype, row_offset, store, Epilogue, Gemv};
+use super::gemv::{fp8_max, norm_expr_with, out_dtype, row_offset, store, Epilogue, Gemv, Weight};
 use super::{ctype, flit, KernelCode, Operand, Params};
-use crate::layout::{Extent, View};
 use crate::plan::Access;
 
 /// Output rows per block: four warps of one 16-row mma tile each.
@@ -74,13 +73,6 @@ pub(crate) fn applies(g: &Gemv<'_>) -> bool {
             Operand::Dequant { values, act, .. } => values.dtype.is_fp8() && act.is_fp8(),
             Operand::Scalar(_) => false,
         })
-}
-
-/// One weight as the GEMM stages it.
-struct Weight<'a> {
-    values: &'a View,
-    scale: Option<&'a View>,
-    rows: u64,
 }
 
 pub(crate) fn gemm(g: &Gemv<'_>, params: &mut Params) -> Result<KernelCode, String> {
@@ -130,18 +122,7 @@ pub(crate) fn gemm(g: &Gemv<'_>, params: &mut Params) -> Result<KernelCode, Stri
                 values.dtype
             ));
         }
-        if values.rank() != 2 || values.dims[1] != Extent::Fixed(k) {
-            return Err(format!(
-                "weight {:?} does not match {k} features",
-                values.dims
-            ));
-        }
-        let rows = values.dims[0].fixed().ok_or("weight rows must be static")?;
-        weights.push(Weight {
-            values,
-            scale,
-            rows,
-        });
+        weights.push(Weight::new(values, scale, k)?);
     }
     if weights.is_empty() {
         return Err("a GEMM needs a weight".into());

@@ -31,11 +31,34 @@ use crate::layout::{Extent, View};
 use crate::options::{DecodeShape, Options};
 use crate::plan::Access;
 
-/// One weight as the kernel reads it.
-struct Weight<'a> {
-    values: &'a View,
-    scale: Option<&'a View>,
-    rows: u64,
+/// One weight as the kernel (this GEMV's, or the prefill GEMM's) reads it.
+pub(crate) struct Weight<'a> {
+    pub(crate) values: &'a View,
+    pub(crate) scale: Option<&'a View>,
+    pub(crate) rows: u64,
+}
+
+impl<'a> Weight<'a> {
+    /// `values` (with its FP8 or block `scale`), checked to be a static
+    /// `[rows, k]` matrix.
+    pub(crate) fn new(
+        values: &'a View,
+        scale: Option<&'a View>,
+        k: u64,
+    ) -> Result<Weight<'a>, String> {
+        if values.rank() != 2 || values.dims[1] != Extent::Fixed(k) {
+            return Err(format!(
+                "weight {:?} does not match {k} features",
+                values.dims
+            ));
+        }
+        let rows = values.dims[0].fixed().ok_or("weight rows must be static")?;
+        Ok(Weight {
+            values,
+            scale,
+            rows,
+        })
+    }
 }
 
 /// The largest finite value of an FP8 format.
@@ -105,18 +128,7 @@ pub(crate) fn gemv(
             return Err("weights of one GEMV quantize their activations differently".into());
         }
         act = Some(a);
-        if values.rank() != 2 || values.dims[1] != Extent::Fixed(k) {
-            return Err(format!(
-                "weight {:?} does not match {k} features",
-                values.dims
-            ));
-        }
-        let rows = values.dims[0].fixed().ok_or("weight rows must be static")?;
-        weights.push(Weight {
-            values,
-            scale,
-            rows,
-        });
+        weights.push(Weight::new(values, scale, k)?);
     }
     let act = act.ok_or("a GEMV needs a weight")?;
     let act_fp8 = act.is_fp8();

@@ -35,7 +35,7 @@
 
 use std::fmt::Write;
 
-use super::attention::table;
+use super::attention::{fixed, table};
 use super::{at, ctype, flit, load, KernelCode, Operand, Params};
 use crate::emit::Attention;
 use crate::layout::Extent;
@@ -49,10 +49,6 @@ const SHARED_LIMIT: u64 = 48 * 1024;
 /// Whether `a` is a prefill's attention: a decode attention with more than one query.
 pub(crate) fn applies(a: &Attention<'_>) -> bool {
     a.decode.is_some() && a.paged.is_none() && a.q.rank() == 4 && a.q.dims[2].fixed() != Some(1)
-}
-
-fn fixed(e: Extent, what: &str) -> Result<u64, String> {
-    e.fixed().ok_or_else(|| format!("{what} must be static"))
 }
 
 /// Query rows and key positions per tile: the largest that fit the shared memory (the

@@ -216,33 +216,32 @@ template <class T> inline T __ldcg(const T* p) {
   T v; std::memcpy(&v, (const void*)p, sizeof(T)); return v;
 }
 
-template <class T> inline T __shfl_xor_sync(unsigned, T v, int o) {
-  const unsigned lane = emu::current->t.lane, base = emu::current->t.warp * 32;
-  emu::Barrier& w = emu::warp_bars[emu::current->t.warp];
+namespace emu {
+// The value lane `src` of the calling lane's warp holds: every lane posts its own and
+// waits for the warp, then reads, then waits again so that no lane posts its next
+// value before all have read.
+template <class T> inline T shuffle_from(T v, unsigned src) {
+  const unsigned lane = current->t.lane, base = current->t.warp * 32;
+  Barrier& w = warp_bars[current->t.warp];
   uint64_t bits = 0;
   std::memcpy(&bits, &v, sizeof(T));
-  emu::slots[base + lane] = bits;
-  emu::wait(w);
-  const uint64_t r = emu::slots[base + (lane ^ (unsigned)o)];
-  emu::wait(w);
+  slots[base + lane] = bits;
+  wait(w);
+  const uint64_t r = slots[base + src];
+  wait(w);
   T out;
   std::memcpy(&out, &r, sizeof(T));
   return out;
 }
+}  // namespace emu
+
+template <class T> inline T __shfl_xor_sync(unsigned, T v, int o) {
+  return emu::shuffle_from(v, emu::current->t.lane ^ (unsigned)o);
+}
 
 // Lane `src`'s value, to every lane of the warp.
 template <class T> inline T __shfl_sync(unsigned, T v, int src) {
-  const unsigned lane = emu::current->t.lane, base = emu::current->t.warp * 32;
-  emu::Barrier& w = emu::warp_bars[emu::current->t.warp];
-  uint64_t bits = 0;
-  std::memcpy(&bits, &v, sizeof(T));
-  emu::slots[base + lane] = bits;
-  emu::wait(w);
-  const uint64_t r = emu::slots[base + ((unsigned)src & 31u)];
-  emu::wait(w);
-  T out;
-  std::memcpy(&out, &r, sizeof(T));
-  return out;
+  return emu::shuffle_from(v, (unsigned)src & 31u);
 }
 
 // A product rounded once, never contracted into an FMA (CUDA's `__fmul_rn`).
