@@ -58,8 +58,8 @@ impl Extent {
     pub fn capacity(self, shape: &DecodeShape) -> u64 {
         match self {
             Extent::Fixed(v) => v,
-            Extent::Past(k) => shape.capacity(k),
-            Extent::Window { plus, window } => shape.capacity(plus).min(window),
+            Extent::Past(_) => shape.capacity(),
+            Extent::Window { window, .. } => shape.capacity().min(window),
         }
     }
 

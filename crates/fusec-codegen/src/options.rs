@@ -123,14 +123,12 @@ impl DecodeShape {
         }
     }
 
-    /// The allocated extent of the dimension `S + plus`: `max_seq_len` for every
-    /// `plus`, so that a cache read as `[.., S, hd]` and appended in place to
-    /// `[.., S + 1, hd]` (or, in a prefill step of `T` tokens, `[.., S + T, hd]`) is one
-    /// buffer with one layout. A step caching `plus` new positions runs only while
-    /// `S + plus <= max_seq_len` (the runner checks it), so every `S + k` of its graph
-    /// fits.
-    pub fn capacity(&self, plus: u64) -> u64 {
-        let _ = plus;
+    /// The allocated extent of every dimension `S + k`: `max_seq_len`, so that a cache
+    /// read as `[.., S, hd]` and appended in place to `[.., S + 1, hd]` (or, in a
+    /// prefill step of `T` tokens, `[.., S + T, hd]`) is one buffer with one layout. A
+    /// step caching `k` new positions runs only while `S + k <= max_seq_len` (the
+    /// runner checks it), so every `S + k` of its graph fits.
+    pub fn capacity(&self) -> u64 {
         self.max_seq_len
     }
 
