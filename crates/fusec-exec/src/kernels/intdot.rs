@@ -387,10 +387,13 @@ pub(crate) mod x86 {
     pub(crate) fn path() -> Path {
         static PATH: OnceLock<Path> = OnceLock::new();
         *PATH.get_or_init(|| {
+            // Every feature the VNNI kernel's `target_feature` list enables.
             if is_x86_feature_detected!("avx512vnni")
+                && is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512bw")
                 && is_x86_feature_detected!("avx512vl")
                 && is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
             {
                 Path::Vnni
             } else if is_x86_feature_detected!("avx2") {
