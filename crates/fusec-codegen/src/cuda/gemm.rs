@@ -368,17 +368,7 @@ pub(crate) fn gemm(g: &Gemv<'_>, params: &mut Params) -> Result<KernelCode, Stri
         );
         let _ = writeln!(b, "        if (m < M && n < N) {{");
         for (i, &wi) in group.iter().enumerate() {
-            let w = &weights[wi];
-            let mut y = format!("acc{i}[j][e]");
-            if let Some(s) = w.scale {
-                let ps = params.bind(s, Access::Read);
-                let idx = if s.rank() == 0 {
-                    format!("{}LL", s.offset)
-                } else {
-                    format!("{}LL + (long long)n * {}LL", s.offset, s.strides[0])
-                };
-                y = format!("{y} * fu_f32({ps}[{idx}])");
-            }
+            let y = weights[wi].scaled(params, &format!("acc{i}[j][e]"));
             let _ = writeln!(b, "          const float y{i} = {y};");
         }
         store(&mut b, params, g, gi, t)?;

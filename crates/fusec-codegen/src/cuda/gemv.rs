@@ -59,6 +59,21 @@ impl<'a> Weight<'a> {
             rows,
         })
     }
+
+    /// `acc`, the dot product of output row `n`, times that row's FP8 scale (per
+    /// channel or per tensor) if the weight has one.
+    pub(crate) fn scaled(&self, params: &mut Params, acc: &str) -> String {
+        let Some(s) = self.scale else {
+            return acc.to_string();
+        };
+        let ps = params.bind(s, Access::Read);
+        let idx = if s.rank() == 0 {
+            format!("{}LL", s.offset)
+        } else {
+            format!("{}LL + (long long)n * {}LL", s.offset, s.strides[0])
+        };
+        format!("{acc} * fu_f32({ps}[{idx}])")
+    }
 }
 
 /// The largest finite value of an FP8 format.
@@ -993,16 +1008,7 @@ fn epilogue(
     let _ = writeln!(b, "      if (lane == 0) {{");
     let _ = writeln!(b, "        for (int m = 0; m < M; ++m) {{");
     for (i, w) in ws.iter().enumerate() {
-        let mut y = format!("acc{i}[m]");
-        if let Some(s) = w.scale {
-            let ps = params.bind(s, Access::Read);
-            let idx = if s.rank() == 0 {
-                format!("{}LL", s.offset)
-            } else {
-                format!("{}LL + (long long)n * {}LL", s.offset, s.strides[0])
-            };
-            y = format!("{y} * fu_f32({ps}[{idx}])");
-        }
+        let y = w.scaled(params, &format!("acc{i}[m]"));
         let _ = writeln!(b, "          const float y{i} = {y};");
     }
     store(b, params, g, group, t)?;
